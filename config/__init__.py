@@ -1,0 +1,1 @@
+"""Configuration: engine settings and the agent configuration schema."""

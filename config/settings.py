@@ -1,0 +1,112 @@
+"""Engine settings from environment variables and an optional `dialtone.toml`, validated at start."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "DIALTONE_CONFIG"
+DEFAULT_CONFIG_FILE = Path("dialtone.toml")
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; the message names each bad setting and what is wrong with it."""
+
+
+def _env(name: str, field: str, default: Any = None, **constraints: Any) -> Any:
+    # The environment variable comes first: error messages name it. The settings file uses the field name.
+    return Field(default, validation_alias=AliasChoices(name, field), **constraints)
+
+
+class Settings(BaseSettings):
+    """Everything the engine reads at start. Environment variables win over the settings file."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    database_url: str | None = _env("DATABASE_URL", "database_url")
+    state_dir: Path = _env("DIALTONE_STATE_DIR", "state_dir", Path(".dialtone"))
+    host: str = _env("DIALTONE_HOST", "host", "127.0.0.1")
+    port: int = _env("DIALTONE_PORT", "port", 8080, ge=1, le=65535)
+    public_url: str | None = _env("DIALTONE_PUBLIC_URL", "public_url")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env("DIALTONE_LOG_LEVEL", "log_level", "INFO")
+    db_pool_min: int = _env("DIALTONE_DB_POOL_MIN", "db_pool_min", 1, ge=0, le=100)
+    db_pool_max: int = _env("DIALTONE_DB_POOL_MAX", "db_pool_max", 10, ge=1, le=500)
+    db_connect_timeout: float = _env("DIALTONE_DB_CONNECT_TIMEOUT", "db_connect_timeout", 10.0, gt=0)
+    twilio_account_sid: str | None = _env("TWILIO_ACCOUNT_SID", "twilio_account_sid")
+    twilio_auth_token: SecretStr | None = _env("TWILIO_AUTH_TOKEN", "twilio_auth_token")
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, the address Twilio reaches this engine at")
+        return value.rstrip("/")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = Path(os.environ.get(CONFIG_FILE_ENV) or DEFAULT_CONFIG_FILE)
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+
+
+def _setting_name(field: str) -> str:
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return field
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate the settings; raise SettingsError naming every bad setting."""
+    config_file = os.environ.get(CONFIG_FILE_ENV)
+    if config_file and not Path(config_file).is_file():
+        raise SettingsError(f"{CONFIG_FILE_ENV}: no settings file at {config_file}")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+    except ValueError as exc:  # a settings file that is not valid TOML
+        raise SettingsError(f"{config_file or DEFAULT_CONFIG_FILE}: {exc}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "settings"
+        name = _setting_name(field) if field in Settings.model_fields else field
+        message = str(error["msg"]).removeprefix("Value error, ")
+        given = error.get("input")
+        shown = "" if given is None or "SECRET" in name or "TOKEN" in name else f" (got {given!r})"
+        lines.append(f"{name}: {message}{shown}")
+    return "; ".join(lines)

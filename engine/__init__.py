@@ -1,0 +1,1 @@
+"""The server: aiohttp app, Twilio webhooks, media WebSocket, call sessions, REST API, dispatcher, CLI."""

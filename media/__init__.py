@@ -1,0 +1,1 @@
+"""Audio and the Twilio Media Streams protocol, with no network I/O."""

@@ -1,0 +1,1 @@
+"""PostgreSQL storage: the pool, the embedded server, migrations and one module per aggregate."""

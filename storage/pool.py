@@ -1,0 +1,152 @@
+"""The engine's connection to PostgreSQL: an asyncpg pool, on DATABASE_URL or on the embedded server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+
+from config.settings import Settings
+from storage.embedded import EmbeddedServer, start_embedded
+from storage.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DATABASE = "dialtone"
+
+
+@dataclass(frozen=True, slots=True)
+class Database:
+    """An open pool, where it points (for messages and /health), and the embedded server if one runs."""
+
+    pool: asyncpg.Pool
+    location: str
+    embedded: EmbeddedServer | None = None
+
+    async def close(self) -> None:
+        """Close every connection of the pool, waiting for queries in flight (at most 10 s)."""
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout=10)
+        except TimeoutError:
+            self.pool.terminate()
+
+
+def describe_location(url: str) -> str:
+    """host:port/database of a libpq URL (the socket path for Unix sockets), without credentials."""
+    parts = urlsplit(url)
+    database = parts.path.lstrip("/") or "postgres"
+    socket_host = parse_qs(parts.query).get("host", [None])[0]
+    if socket_host:
+        return f"{socket_host} (socket)/{database}"
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}/{database}"
+
+
+def describe_failure(exc: BaseException, timeout: float) -> str:
+    """Words for why a connection attempt failed."""
+    match exc:
+        case ConnectionRefusedError():
+            return "connection refused"
+        case socket.gaierror():
+            return "host name not found"
+        case TimeoutError():
+            return f"no answer within {timeout:g}s"
+        case FileNotFoundError():
+            return "no server socket there"
+        case asyncpg.InvalidPasswordError() | asyncpg.InvalidAuthorizationSpecificationError():
+            return "authentication failed"
+        case asyncpg.InvalidCatalogNameError():
+            return "database does not exist"
+        case asyncpg.TooManyConnectionsError():
+            return "the server has too many connections"
+        case asyncpg.PostgresError():
+            return str(exc)
+        case OSError() if exc.strerror:
+            return exc.strerror.lower()
+        case _:
+            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # json/jsonb travel as Python objects, not strings, in both directions.
+    for type_name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            type_name, encoder=_dump_json, decoder=json.loads, schema="pg_catalog", format="text"
+        )
+
+
+def _dump_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0) -> asyncpg.Pool:
+    """An asyncpg pool with the engine's codecs; DatabaseUnavailable with one clear line if it cannot connect."""
+    try:
+        return await asyncpg.create_pool(
+            url, min_size=min_size, max_size=max_size, timeout=timeout, init=_init_connection
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise DatabaseUnavailable(
+            f"{source_name(url)}: could not connect to {describe_location(url)} ({describe_failure(exc, timeout)})"
+        ) from None
+
+
+def source_name(url: str) -> str:
+    """The setting a URL came from, for messages."""
+    return "embedded PostgreSQL" if "host=/" in url and "@/" in url else "DATABASE_URL"
+
+
+async def ensure_database(server_url: str, name: str, *, timeout: float = 10.0) -> None:
+    """Create database `name` on the server unless it exists; safe when several processes race."""
+    try:
+        conn = await asyncpg.connect(server_url, timeout=timeout)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise DatabaseUnavailable(
+            f"embedded PostgreSQL: could not connect to {describe_location(server_url)} "
+            f"({describe_failure(exc, timeout)})"
+        ) from None
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            try:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+                pass  # another process created it first
+    finally:
+        await conn.close()
+
+
+async def open_database(settings: Settings) -> Database:
+    """Open the pool the settings ask for, starting the embedded server first when DATABASE_URL is unset."""
+    embedded: EmbeddedServer | None = None
+    if settings.database_url:
+        url = settings.database_url
+    else:
+        embedded = await asyncio.to_thread(start_embedded, Path(settings.state_dir))
+        await ensure_database(embedded.url(), EMBEDDED_DATABASE, timeout=settings.db_connect_timeout)
+        url = embedded.url(EMBEDDED_DATABASE)
+    pool = await create_pool(
+        url,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        timeout=settings.db_connect_timeout,
+    )
+    return Database(pool=pool, location=describe_location(url), embedded=embedded)
+
+
+@asynccontextmanager
+async def database(settings: Settings) -> AsyncIterator[Database]:
+    """Open the database for the length of a block."""
+    db = await open_database(settings)
+    try:
+        yield db
+    finally:
+        await db.close()

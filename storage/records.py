@@ -1,0 +1,50 @@
+"""Typed records that cross module boundaries, the query interface repositories take, and row ids."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, Self
+
+import asyncpg
+from cuid2 import Cuid
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+_cuid = Cuid(length=25)
+
+
+def new_id() -> str:
+    """A new CUID for a row's primary key (text, collision-resistant, safe to expose)."""
+    return _cuid.generate()
+
+
+class Queryable(Protocol):
+    """What repositories need of a connection or a pool: asyncpg's query methods."""
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str: ...
+
+    async def fetch(
+        self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None
+    ) -> list[asyncpg.Record]: ...
+
+    async def fetchrow(
+        self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None
+    ) -> asyncpg.Record | None: ...
+
+    async def fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any: ...
+
+
+class Record(BaseModel):
+    """A row as the engine sees it: snake_case attributes over the schema's camelCase columns."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any] | asyncpg.Record) -> Self:
+        """Build the record from a database row whose keys are the table's column names."""
+        return cls.model_validate(dict(row.items()))
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[asyncpg.Record]) -> list[Self]:
+        """Build one record per row."""
+        return [cls.from_row(row) for row in rows]

@@ -1,0 +1,53 @@
+"""Shared fixtures: a real PostgreSQL (embedded, or TEST_DATABASE_URL) and a fresh database per test module."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from storage.embedded import start_embedded
+from tests.databases import TestDatabases
+
+
+@pytest.fixture(scope="session")
+async def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A server the tests may create databases on: TEST_DATABASE_URL, or an embedded one in a temp folder."""
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        return url
+    server = start_embedded(Path(tmp_path_factory.mktemp("embedded-pg")), stop_at_exit=True)
+    conn = await asyncpg.connect(server.url())
+    try:
+        # Throwaway data: trade durability for speed, on this test server only.
+        for setting in ("fsync = off", "synchronous_commit = off", "full_page_writes = off"):
+            await conn.execute(f"ALTER SYSTEM SET {setting}")
+        await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()
+    return server.url()
+
+
+@pytest.fixture(scope="session")
+async def databases(postgres_server_url: str) -> AsyncIterator[TestDatabases]:
+    """Factory of fresh databases, all dropped at the end of the session."""
+    factory = TestDatabases(postgres_server_url)
+    yield factory
+    await factory.drop_all()
+
+
+@pytest.fixture(scope="module")
+async def db_url(databases: TestDatabases) -> str:
+    """A migrated database of this test module's own."""
+    return await databases.migrated()
+
+
+@pytest.fixture(scope="module")
+async def pool(databases: TestDatabases, db_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on this module's migrated database."""
+    pool = await databases.pool(db_url)
+    yield pool
+    await pool.close()
