@@ -52,12 +52,12 @@ def start_embedded(state_dir: Path, *, stop_at_exit: bool = True) -> EmbeddedSer
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI) and falls back to /tmp: fine here.
         warnings.simplefilter("ignore")
-        import pgserver
+        from pgserver.postgres_server import get_server
 
     with (state_dir / LOCK_FILENAME).open("a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
-            server = pgserver.get_server(pgdata, cleanup_mode="stop" if stop_at_exit else None)
+            server = get_server(pgdata, cleanup_mode="stop" if stop_at_exit else None)
         except Exception as exc:
             log_tail = _log_tail(pgdata / "log")
             raise DatabaseUnavailable(

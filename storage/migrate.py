@@ -142,8 +142,10 @@ async def migrate(conn: asyncpg.Connection, shipped: list[Migration] | None = No
                 "the database has migrations this engine does not know (%s): it was migrated by a newer version",
                 ", ".join(f"{m.version:04d}_{m.name}" for m in status.unknown),
             )
-        if status.pending and status.unknown and min(m.version for m in status.pending) < max(
-            m.version for m in status.unknown
+        if (
+            status.pending
+            and status.unknown
+            and min(m.version for m in status.pending) < max(m.version for m in status.unknown)
         ):
             raise MigrationError("pending migrations are older than ones a newer engine already applied")
         for migration in status.pending:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -78,9 +79,7 @@ def describe_failure(exc: BaseException, timeout: float) -> str:
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # json/jsonb travel as Python objects, not strings, in both directions.
     for type_name in ("json", "jsonb"):
-        await conn.set_type_codec(
-            type_name, encoder=_dump_json, decoder=json.loads, schema="pg_catalog", format="text"
-        )
+        await conn.set_type_codec(type_name, encoder=_dump_json, decoder=json.loads, schema="pg_catalog", format="text")
 
 
 def _dump_json(value: Any) -> str:
@@ -116,10 +115,9 @@ async def ensure_database(server_url: str, name: str, *, timeout: float = 10.0) 
     try:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
-            try:
+            # Another process may create it between the look and the CREATE: that is success too.
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
                 await conn.execute(f'CREATE DATABASE "{name}"')
-            except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
-                pass  # another process created it first
     finally:
         await conn.close()
 
