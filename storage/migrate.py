@@ -18,6 +18,7 @@ from importlib import resources
 import asyncpg
 
 from storage.errors import MigrationError
+from storage.records import Connection
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def load_migrations() -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def _applied(conn: asyncpg.Connection) -> list[AppliedMigration]:
+async def _applied(conn: Connection) -> list[AppliedMigration]:
     exists = await conn.fetchval("SELECT to_regclass('\"SchemaMigration\"') IS NOT NULL")
     if not exists:
         return []
@@ -125,12 +126,12 @@ def _compare(applied: list[AppliedMigration], shipped: list[Migration]) -> Migra
     )
 
 
-async def migration_status(conn: asyncpg.Connection, shipped: list[Migration] | None = None) -> MigrationStatus:
+async def migration_status(conn: Connection, shipped: list[Migration] | None = None) -> MigrationStatus:
     """Compare the database's history with the shipped migrations."""
     return _compare(await _applied(conn), load_migrations() if shipped is None else shipped)
 
 
-async def migrate(conn: asyncpg.Connection, shipped: list[Migration] | None = None) -> list[Migration]:
+async def migrate(conn: Connection, shipped: list[Migration] | None = None) -> list[Migration]:
     """Apply every pending migration, each in its own transaction; return those this call applied."""
     migrations = load_migrations() if shipped is None else shipped
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
@@ -155,7 +156,7 @@ async def migrate(conn: asyncpg.Connection, shipped: list[Migration] | None = No
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
 
 
-async def _apply(conn: asyncpg.Connection, migration: Migration) -> None:
+async def _apply(conn: Connection, migration: Migration) -> None:
     began = time.perf_counter()
     try:
         async with conn.transaction():

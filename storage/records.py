@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, Protocol, Self
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from cuid2 import Cuid
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
@@ -16,6 +18,10 @@ _cuid = Cuid(length=25)
 def new_id() -> str:
     """A new CUID for a row's primary key (text, collision-resistant, safe to expose)."""
     return _cuid.generate()
+
+
+Connection = asyncpg.Connection | PoolConnectionProxy
+"""One connection: opened directly, or acquired from a pool."""
 
 
 class Queryable(Protocol):
@@ -32,6 +38,19 @@ class Queryable(Protocol):
     ) -> asyncpg.Record | None: ...
 
     async def fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any: ...
+
+
+@asynccontextmanager
+async def transaction(db: Queryable) -> AsyncIterator[Connection]:
+    """A connection inside a transaction: a pool's own, or a savepoint on the caller's connection."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn, conn.transaction():
+            yield conn
+    elif isinstance(db, Connection):
+        async with db.transaction():
+            yield db
+    else:
+        raise TypeError(f"expected an asyncpg pool or connection, got {type(db).__name__}")
 
 
 class Record(BaseModel):

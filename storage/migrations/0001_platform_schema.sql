@@ -315,7 +315,7 @@ CREATE TABLE "AgentKnowledgeBase" (
     "organizationId" TEXT NOT NULL,
     "createdAt" TIMESTAMPTZ(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
 
-    CONSTRAINT "AgentKnowledgeBase_pkey" PRIMARY KEY ("agentId","knowledgeBaseId")
+    CONSTRAINT "AgentKnowledgeBase_pkey" PRIMARY KEY ("agentId","organizationId","knowledgeBaseId")
 );
 
 -- CreateTable
@@ -325,7 +325,7 @@ CREATE TABLE "AgentTool" (
     "organizationId" TEXT NOT NULL,
     "createdAt" TIMESTAMPTZ(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
 
-    CONSTRAINT "AgentTool_pkey" PRIMARY KEY ("agentId","toolId")
+    CONSTRAINT "AgentTool_pkey" PRIMARY KEY ("agentId","organizationId","toolId")
 );
 
 -- CreateTable
@@ -335,7 +335,7 @@ CREATE TABLE "AgentConversationPath" (
     "organizationId" TEXT NOT NULL,
     "createdAt" TIMESTAMPTZ(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
 
-    CONSTRAINT "AgentConversationPath_pkey" PRIMARY KEY ("agentId","conversationPathId")
+    CONSTRAINT "AgentConversationPath_pkey" PRIMARY KEY ("agentId","organizationId","conversationPathId")
 );
 
 -- CreateIndex
@@ -372,7 +372,7 @@ CREATE INDEX "Campaign_conversationPathId_idx" ON "Campaign"("conversationPathId
 CREATE UNIQUE INDEX "Campaign_id_organizationId_key" ON "Campaign"("id", "organizationId");
 
 -- CreateIndex
-CREATE INDEX "CampaignRecipient_campaignId_status_idx" ON "CampaignRecipient"("campaignId", "status");
+CREATE INDEX "CampaignRecipient_campaignId_organizationId_status_idx" ON "CampaignRecipient"("campaignId", "organizationId", "status");
 
 -- CreateIndex
 CREATE INDEX "CampaignRecipient_organizationId_idx" ON "CampaignRecipient"("organizationId");
@@ -408,7 +408,7 @@ CREATE INDEX "KnowledgeBase_organizationId_idx" ON "KnowledgeBase"("organization
 CREATE UNIQUE INDEX "KnowledgeBase_id_organizationId_key" ON "KnowledgeBase"("id", "organizationId");
 
 -- CreateIndex
-CREATE INDEX "KnowledgeBaseDocument_knowledgeBaseId_idx" ON "KnowledgeBaseDocument"("knowledgeBaseId");
+CREATE INDEX "KnowledgeBaseDocument_knowledgeBaseId_organizationId_idx" ON "KnowledgeBaseDocument"("knowledgeBaseId", "organizationId");
 
 -- CreateIndex
 CREATE INDEX "KnowledgeBaseDocument_organizationId_idx" ON "KnowledgeBaseDocument"("organizationId");
@@ -450,19 +450,19 @@ CREATE INDEX "ApiKey_organizationId_idx" ON "ApiKey"("organizationId");
 CREATE INDEX "ApiKey_userId_idx" ON "ApiKey"("userId");
 
 -- CreateIndex
-CREATE INDEX "AgentKnowledgeBase_knowledgeBaseId_idx" ON "AgentKnowledgeBase"("knowledgeBaseId");
+CREATE INDEX "AgentKnowledgeBase_knowledgeBaseId_organizationId_idx" ON "AgentKnowledgeBase"("knowledgeBaseId", "organizationId");
 
 -- CreateIndex
 CREATE INDEX "AgentKnowledgeBase_organizationId_idx" ON "AgentKnowledgeBase"("organizationId");
 
 -- CreateIndex
-CREATE INDEX "AgentTool_toolId_idx" ON "AgentTool"("toolId");
+CREATE INDEX "AgentTool_toolId_organizationId_idx" ON "AgentTool"("toolId", "organizationId");
 
 -- CreateIndex
 CREATE INDEX "AgentTool_organizationId_idx" ON "AgentTool"("organizationId");
 
 -- CreateIndex
-CREATE INDEX "AgentConversationPath_conversationPathId_idx" ON "AgentConversationPath"("conversationPathId");
+CREATE INDEX "AgentConversationPath_conversationPathId_organizationId_idx" ON "AgentConversationPath"("conversationPathId", "organizationId");
 
 -- CreateIndex
 CREATE INDEX "AgentConversationPath_organizationId_idx" ON "AgentConversationPath"("organizationId");
