@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -77,7 +79,18 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         config_file = Path(os.environ.get(CONFIG_FILE_ENV) or DEFAULT_CONFIG_FILE)
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        environment = _EnvironmentVariables(settings_cls)
+        return (init_settings, environment, TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+
+
+class _EnvironmentVariables(EnvSettingsSource):
+    """Reads each setting from its own environment variable only."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        # The stock source also reads the field's other names, so a bare PORT, HOST or LOG_LEVEL exported for
+        # another program would configure the engine, and its errors would name a variable nobody set.
+        name = _setting_name(field_name)
+        return self.env_vars.get(name if self.case_sensitive else name.lower()), name, False
 
 
 def _setting_name(field: str) -> str:

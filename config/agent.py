@@ -1,0 +1,522 @@
+"""The agent's `configuration` JSON as a typed, validated schema: providers per stage, call behaviour, defaults.
+
+`parse_agent_configuration` turns the stored JSON into a frozen `AgentConfiguration` or raises
+`AgentConfigurationError` naming every bad field by its JSON path. Provider options keep the vendors' own
+snake_case names; call-behaviour keys are camelCase (the dashboard is JavaScript) and snake_case is accepted too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel, to_snake
+from pydantic_core import ErrorDetails
+
+_Number = TypeVar("_Number", int, float)
+
+
+def _between(low: _Number, high: _Number) -> AfterValidator:
+    def check(value: _Number) -> _Number:
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _at_least(low: int) -> AfterValidator:
+    def check(value: int) -> int:
+        if value < low:
+            raise ValueError(f"must be at least {low}")
+        return value
+
+    return AfterValidator(check)
+
+
+_KEY_REF = re.compile(r"env:[A-Za-z_][A-Za-z0-9_]*|tool:[A-Za-z0-9_-]+")
+
+
+def _key_ref(value: str) -> str:
+    if not _KEY_REF.fullmatch(value):
+        raise ValueError("must be 'env:<VARIABLE>' or 'tool:<toolId>', naming where the key is kept, not the key")
+    return value
+
+
+def _deepgram_endpointing(value: object) -> object:
+    # A union of int and Literal[False] would report one error per member; one sentence reads better.
+    if value is False:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be a whole number of milliseconds, or false to turn endpointing off")
+    if value < 10:
+        raise ValueError("must be at least 10 ms, or false to turn endpointing off")
+    return value
+
+
+KeyRef = Annotated[str, AfterValidator(_key_ref)]
+"""Where a provider's API key comes from: `env:<VARIABLE>` or `tool:<toolId>`."""
+
+Words = Annotated[tuple[str, ...], Field(strict=False)]
+"""A list of strings in the JSON, kept as a tuple."""
+
+
+class _ProviderConfig(BaseModel):
+    """Options of one provider; keys are the vendor's own names and unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
+
+    provider: str
+    """Which vendor or engine serves the stage; each subclass narrows it to its own name."""
+
+
+class _CloudProviderConfig(_ProviderConfig):
+    """A provider that needs an API key."""
+
+    key_name: ClassVar[str]
+    """The setting that holds the key when `api_key_ref` is not given."""
+
+    api_key_ref: KeyRef | None = None
+    """Where the key comes from (`env:<VARIABLE>` or `tool:<toolId>`); default: the provider's setting."""
+
+
+# Speech to text
+
+
+class DeepgramSTTConfig(_CloudProviderConfig):
+    """Deepgram live streaming speech-to-text; options are Deepgram's `/v1/listen` query parameters."""
+
+    key_name: ClassVar[str] = "DEEPGRAM_API_KEY"
+
+    provider: Literal["deepgram"] = "deepgram"
+    model: str = "nova-3"
+    language: str = "en-US"
+    endpointing: Annotated[int | Literal[False], BeforeValidator(_deepgram_endpointing)] = 300
+    """Milliseconds of silence before Deepgram marks `speech_final`, or false to turn it off."""
+    interim_results: bool = True
+    utterance_end_ms: Annotated[int, _at_least(1000)] | None = 1000
+    """Gap after the last final word before Deepgram sends `UtteranceEnd`; null turns it off."""
+    vad_events: bool = True
+    smart_format: bool = True
+    keywords: Words = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_utterance_end_by_default_without_interim_results(cls, data: Any) -> Any:
+        # Deepgram sends UtteranceEnd only with interim results, so the default must give way.
+        if isinstance(data, dict) and data.get("interim_results") is False and "utterance_end_ms" not in data:
+            return {**data, "utterance_end_ms": None}
+        return data
+
+    @field_validator("utterance_end_ms")
+    @classmethod
+    def _needs_interim_results(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("interim_results") is False:
+            raise ValueError("needs interim_results: true (Deepgram sends UtteranceEnd only then); or use null")
+        return value
+
+
+class SphinxSTTConfig(_ProviderConfig):
+    """PocketSphinx offline speech-to-text: no network, no key."""
+
+    provider: Literal["sphinx"] = "sphinx"
+    language: str = "en-us"
+    keyphrases: Words = ()
+    """Phrases the recogniser should favour (names, product words)."""
+
+
+# Language model
+
+
+class OpenAILLMConfig(_CloudProviderConfig):
+    """OpenAI streaming Chat Completions with tools."""
+
+    key_name: ClassVar[str] = "OPENAI_API_KEY"
+
+    provider: Literal["openai"] = "openai"
+    model: str = "gpt-4o-mini"
+    temperature: Annotated[float, _between(0, 2)] = 0.6
+    max_tokens: Annotated[int, _between(1, 4096)] | None = None
+    top_p: Annotated[float, _between(0, 1)] | None = None
+
+
+class ConversationPathLLMConfig(_ProviderConfig):
+    """The offline conversation-path runner: the agent's ConversationPath nodes, keyword routing, knowledge base."""
+
+    provider: Literal["conversation_path"] = "conversation_path"
+    conversation_path_id: str | None = None
+    """The ConversationPath to run; default: the agent's first linked path."""
+    fallback_reply: str = "Sorry, I didn't catch that. Could you say it another way?"
+    """What the agent says when no edge of the path matches the caller's words."""
+
+
+# Text to speech
+
+
+class ElevenLabsTTSConfig(_CloudProviderConfig):
+    """ElevenLabs WebSocket stream-input text-to-speech."""
+
+    key_name: ClassVar[str] = "ELEVENLABS_API_KEY"
+
+    provider: Literal["elevenlabs"] = "elevenlabs"
+    voice: str | None = None
+    """Voice name or voice id; default: the agent's Voice."""
+    model: str = "eleven_flash_v2_5"
+    stability: Annotated[float, _between(0, 1)] | None = None
+    """Null keeps the voice's own saved setting, as do `similarity_boost` and `speed`."""
+    similarity_boost: Annotated[float, _between(0, 1)] | None = None
+    speed: Annotated[float, _between(0.7, 1.2)] | None = None
+    optimize_streaming_latency: Annotated[int, _between(0, 4)] | None = None
+
+
+class EspeakTTSConfig(_ProviderConfig):
+    """eSpeak NG offline text-to-speech: no network, no key."""
+
+    provider: Literal["espeak"] = "espeak"
+    voice: str = "en-us"
+    rate: Annotated[int, _between(80, 450)] = 175
+    """Words per minute."""
+    pitch: Annotated[int, _between(0, 99)] = 50
+
+
+# Speech to speech
+
+
+class OpenAIRealtimeConfig(_CloudProviderConfig):
+    """OpenAI Realtime (GA) speech-to-speech, in place of the stt, llm and tts stages."""
+
+    key_name: ClassVar[str] = "OPENAI_API_KEY"
+
+    provider: Literal["openai"] = "openai"
+    model: str = "gpt-realtime"
+    voice: str = "marin"
+    turn_detection: Literal["server_vad", "semantic_vad"] = "server_vad"
+    eagerness: Literal["low", "medium", "high", "auto"] | None = None
+    """How soon `semantic_vad` answers; only with that turn detection."""
+    silence_duration_ms: Annotated[int, _between(100, 5000)] | None = None
+    """Silence that ends the caller's turn under `server_vad`; only with that turn detection."""
+    speed: Annotated[float, _between(0.25, 1.5)] | None = None
+    transcription_model: str | None = None
+    """Model that transcribes the caller for the call log (e.g. `gpt-4o-mini-transcribe`); null: none."""
+
+    @field_validator("eagerness")
+    @classmethod
+    def _eagerness_needs_semantic_vad(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("turn_detection", "semantic_vad") != "semantic_vad":
+            raise ValueError("applies only with turn_detection 'semantic_vad'")
+        return value
+
+    @field_validator("silence_duration_ms")
+    @classmethod
+    def _silence_needs_server_vad(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("turn_detection", "server_vad") != "server_vad":
+            raise ValueError("applies only with turn_detection 'server_vad'")
+        return value
+
+
+STTConfig = Annotated[DeepgramSTTConfig | SphinxSTTConfig, Field(discriminator="provider")]
+"""One speech-to-text provider, chosen by its `provider` key."""
+LLMConfig = Annotated[OpenAILLMConfig | ConversationPathLLMConfig, Field(discriminator="provider")]
+"""One language-model provider, chosen by its `provider` key."""
+TTSConfig = Annotated[ElevenLabsTTSConfig | EspeakTTSConfig, Field(discriminator="provider")]
+"""One text-to-speech provider, chosen by its `provider` key."""
+RealtimeConfig = Annotated[OpenAIRealtimeConfig, Field(discriminator="provider")]
+"""One speech-to-speech provider, chosen by its `provider` key."""
+
+
+def _members(stage_type: Any) -> tuple[type[BaseModel], ...]:
+    chosen = get_args(stage_type)[0]  # Annotated[<union or model>, Field(discriminator=...)]
+    return get_args(chosen) or (chosen,)
+
+
+_STAGE_MODELS: dict[str, dict[str, type[BaseModel]]] = {
+    stage: {model.model_fields["provider"].default: model for model in _members(stage_type)}
+    for stage, stage_type in {"stt": STTConfig, "llm": LLMConfig, "tts": TTSConfig, "realtime": RealtimeConfig}.items()
+}
+PROVIDERS: dict[str, tuple[str, ...]] = {stage: tuple(models) for stage, models in _STAGE_MODELS.items()}
+"""The provider names each stage accepts, e.g. `PROVIDERS["stt"] == ("deepgram", "sphinx")`."""
+
+_OFFLINE_DEFAULTS = {
+    "stt": {"provider": "sphinx"},
+    "llm": {"provider": "conversation_path"},
+    "tts": {"provider": "espeak"},
+}
+
+
+def _one_or_more(value: Any) -> Any:
+    # A stage is one provider object or a list of them tried in order; inside, it is always a tuple.
+    if isinstance(value, dict):
+        return (value,)
+    if isinstance(value, list | tuple):
+        if not value:
+            raise ValueError("must name at least one provider (an empty fallback list has none to try)")
+        return tuple(value)
+    raise ValueError('must be a provider object such as {"provider": "..."} or a list of them')
+
+
+_ONE_OR_MORE = BeforeValidator(_one_or_more)
+
+
+# Call behaviour
+
+
+class _CallBehaviour(BaseModel):
+    """Call-behaviour keys: camelCase in the JSON, snake_case accepted, snake_case attributes."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        frozen=True,
+        strict=True,
+        use_attribute_docstrings=True,
+    )
+
+
+_BACKCHANNEL_WORDS = ("uh-huh", "mm-hmm", "yeah", "right", "okay", "ok", "sure", "yes")
+
+
+class InterruptionConfig(_CallBehaviour):
+    """When the caller's speech makes the agent stop talking (barge-in)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    threshold_ms: Annotated[int, _between(0, 3000)] = 300
+    """Caller speech needed before the agent yields."""
+    min_words: Annotated[int, _between(1, 20)] = 1
+    """Words the caller must say before the agent yields."""
+    backchannel_words: Words = _BACKCHANNEL_WORDS
+    """Words that acknowledge without interrupting ("uh-huh") when said alone."""
+
+
+class EndpointingConfig(_CallBehaviour):
+    """When the caller's turn is over."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    silence_ms: Annotated[int, _between(100, 5000)] = 700
+    """VAD silence that ends the caller's turn when the speech-to-text gives no end of turn."""
+    wait_for_greeting: bool = True
+    """On outbound calls, let the callee speak first."""
+
+
+class VoicemailConfig(_CallBehaviour):
+    """What to do when an outbound call reaches an answering machine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["leave_message", "hang_up"] = "hang_up"
+    message: str | None = None
+
+
+class AgentConfiguration(_CallBehaviour):
+    """An agent's complete configuration: providers per stage (primary first, then fallbacks) and call behaviour."""
+
+    # Unknown top-level keys are the dashboard's own (UI state and the like): kept and stored back.
+    model_config = ConfigDict(extra="allow")
+
+    # Declared first: the stage validators below read it.
+    realtime: Annotated[tuple[RealtimeConfig, ...], _ONE_OR_MORE] | None = None
+    """Speech-to-speech providers in place of stt, llm and tts; null for the stt → llm → tts pipeline."""
+    stt: Annotated[tuple[STTConfig, ...], _ONE_OR_MORE] = ()
+    """Speech-to-text providers, primary first; empty only with `realtime`. Default: sphinx."""
+    llm: Annotated[tuple[LLMConfig, ...], _ONE_OR_MORE] = ()
+    """Language-model providers, primary first; empty only with `realtime`. Default: conversation_path."""
+    tts: Annotated[tuple[TTSConfig, ...], _ONE_OR_MORE] = ()
+    """Text-to-speech providers, primary first; empty only with `realtime`. Default: espeak."""
+
+    first_sentence: str | None = None
+    """What the agent says first; null lets the caller speak first."""
+    prompt: str | None = None
+    """The system prompt; `{name}` placeholders are filled from `variables`."""
+    language: str = "en-US"
+    """The language the agent speaks (BCP 47); each provider's own `language` picks its model."""
+    max_duration_seconds: Annotated[int, _between(10, 14400)] = 1800
+    silence_timeout_seconds: Annotated[int, _between(5, 600)] = 30
+    """The agent hangs up after this long with nobody speaking."""
+    goodbye_sentence: str | None = None
+    interruption: InterruptionConfig = InterruptionConfig()
+    endpointing: EndpointingConfig = EndpointingConfig()
+    voicemail: VoicemailConfig = VoicemailConfig()
+    recording: bool = True
+    variables: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, data: Any) -> Any:
+        # Without `realtime`, a stage left out (or null) gets its offline provider; with it, it stays empty.
+        if not isinstance(data, dict):
+            return data
+        given = {key: value for key, value in data.items() if key not in _OFFLINE_DEFAULTS or value is not None}
+        if data.get("realtime") is not None:
+            return given
+        return {**_OFFLINE_DEFAULTS, **given}
+
+    @field_validator("stt", "llm", "tts")
+    @classmethod
+    def _not_with_realtime(cls, value: tuple[Any, ...], info: ValidationInfo) -> tuple[Any, ...]:
+        if value and info.data.get("realtime"):
+            raise ValueError("not allowed together with realtime, which hears, thinks and speaks itself")
+        return value
+
+    def to_json(self) -> dict[str, Any]:
+        """The normalised configuration as a JSON object (camelCase keys, stages as lists) to store back."""
+        unused = {"stt", "llm", "tts"} if self.realtime else {"realtime"}
+        return self.model_dump(mode="json", by_alias=True, exclude=unused)
+
+
+class AgentConfigurationError(ValueError):
+    """An agent configuration that cannot be used; `problems` lists (JSON path, message) for each bad field."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems: list[tuple[str, str]] = list(problems)
+        super().__init__("; ".join(f"{path}: {message}" for path, message in self.problems))
+
+
+def parse_agent_configuration(data: Any) -> AgentConfiguration:
+    """Validate an agent's configuration JSON (object, JSON text, or null for all defaults), filling defaults."""
+    if isinstance(data, str | bytes | bytearray):
+        try:
+            data = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise AgentConfigurationError([("configuration", f"not valid JSON ({exc})")]) from None
+    if data is None:
+        data = {}
+    try:
+        return AgentConfiguration.model_validate(data)
+    except ValidationError as exc:
+        raise AgentConfigurationError([_describe(error, data) for error in exc.errors()]) from None
+
+
+def required_keys(config: AgentConfiguration) -> list[str]:
+    """The keys the primary providers need: a setting name (`DEEPGRAM_API_KEY`) or `tool:<toolId>`, in stage order."""
+    primaries = [config.realtime[0]] if config.realtime else [config.stt[0], config.llm[0], config.tts[0]]
+    keys: list[str] = []
+    for provider in primaries:
+        if isinstance(provider, _CloudProviderConfig):
+            key = (provider.api_key_ref or provider.key_name).removeprefix("env:")
+            if key not in keys:
+                keys.append(key)
+    return keys
+
+
+# Error messages
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "interruption": InterruptionConfig,
+    "endpointing": EndpointingConfig,
+    "voicemail": VoicemailConfig,
+}
+
+_PLAIN_MESSAGES = {
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "dict_type": "must be an object",
+    "model_type": "must be an object",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+}
+
+
+def _describe(error: ErrorDetails, data: Any) -> tuple[str, str]:
+    loc = error["loc"]
+    path = _json_path(loc, data)
+    stage = str(loc[0]) if loc else ""
+    match error["type"]:
+        case "union_tag_invalid":
+            tag = error.get("ctx", {}).get("tag")
+            return f"{path}.provider", f"unknown provider {tag!r} (expected one of: {_providers(stage)})"
+        case "union_tag_not_found":
+            return f"{path}.provider", f"missing: name the provider (one of: {_providers(stage)})"
+        case "model_attributes_type":
+            example = PROVIDERS.get(stage, ("...",))[0]
+            return path, f'must be a provider object such as {{"provider": "{example}"}}'
+        case "extra_forbidden":
+            return path, _unknown_option(loc)
+        case "literal_error":
+            return path, f"must be {error.get('ctx', {}).get('expected')}" + _shown(error, path)
+        case "value_error":
+            return path, str(error["msg"]).removeprefix("Value error, ") + _shown(error, path)
+        case kind:
+            return path, _PLAIN_MESSAGES.get(kind, str(error["msg"])) + _shown(error, path)
+
+
+def _json_path(loc: tuple[int | str, ...], data: Any) -> str:
+    # pydantic's location has extra steps the JSON lacks (the discriminator's tag, index 0 of a stage given as one
+    # object) and spells keys by alias; walk the caller's data to name each step the way they wrote it.
+    path, node = "", data
+    for part in loc:
+        if isinstance(part, int):
+            if isinstance(node, list):
+                path += f"[{part}]"
+                node = node[part] if 0 <= part < len(node) else None
+            continue
+        if isinstance(node, dict) and node.get("provider") == part and _is_tag(part):
+            continue
+        key = part
+        if isinstance(node, dict) and part not in node and to_snake(part) in node:
+            key = to_snake(part)
+        path = f"{path}.{key}" if path else key
+        node = node.get(key) if isinstance(node, dict) else None
+    return path or "configuration"
+
+
+def _is_tag(part: str) -> bool:
+    return any(part in names for names in PROVIDERS.values())
+
+
+def _providers(stage: str) -> str:
+    return ", ".join(PROVIDERS.get(stage, ()))
+
+
+def _owner(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    stage = str(loc[0]) if loc else ""
+    if stage in _STAGE_MODELS:
+        return next((_STAGE_MODELS[stage][part] for part in loc[1:] if part in _STAGE_MODELS[stage]), None)
+    return _SECTIONS.get(stage)
+
+
+def _unknown_option(loc: tuple[int | str, ...]) -> str:
+    owner = _owner(loc)
+    if owner is None:
+        return "unknown option"
+    allowed = [field.alias or name for name, field in owner.model_fields.items()]
+    given = str(loc[-1])
+    spellings: list[Callable[[str], str]] = [to_snake, to_camel]
+    close = [spell(given) for spell in spellings if spell(given) in allowed] or difflib.get_close_matches(
+        given, allowed, n=1
+    )
+    if close:
+        return f"unknown option; did you mean {close[0]!r}?"
+    return f"unknown option (expected one of: {', '.join(allowed)})"
+
+
+_SECRET_LOOKING = re.compile(r"api_?key|secret|token|password", re.IGNORECASE)
+
+
+def _shown(error: ErrorDetails, path: str) -> str:
+    # Echo short scalar inputs so the user sees what was read; never what may be a key pasted in the wrong place.
+    given = error.get("input")
+    if _SECRET_LOOKING.search(path) or isinstance(given, dict | list | tuple) or given is None:
+        return ""
+    text = repr(given) if not isinstance(given, bool) else str(given).lower()
+    return f" (got {text})" if len(text) <= 40 else ""
