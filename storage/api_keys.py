@@ -1,0 +1,144 @@
+"""API keys: issued once in plaintext, stored only as a SHA-256 hash, checked on every API request."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pydantic import Field
+
+from storage.enums import ApiKeyStatus
+from storage.errors import NotFound, translate_errors
+from storage.records import Queryable, Record, new_id
+
+LIVE_PREFIX = "sk_live_"
+TEST_PREFIX = "sk_test_"
+DISPLAY_PREFIX_LENGTH = 12
+
+# A prefix, then secrets.token_urlsafe(32): 32 random bytes as 43 characters of unpadded urlsafe base64.
+_KEY_FORMAT = re.compile(r"sk_(?:live|test)_[A-Za-z0-9_-]{43}")
+_COLUMNS = (
+    '"id", "organizationId", "userId", "name", "key", "keyPrefix", "expirationDate", "status", "lastUsedAt", '
+    '"createdAt", "updatedAt"'
+)
+
+
+class ApiKey(Record):
+    """An API key as stored: its hash (never shown), a display prefix, and whether it may be used."""
+
+    id: str
+    organization_id: str
+    user_id: str
+    name: str
+    key: str = Field(repr=False)
+    key_prefix: str
+    expiration_date: datetime | None
+    status: ApiKeyStatus
+    last_used_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def live(self) -> bool:
+        """Whether this is a live key (sk_live_) rather than a test key (sk_test_)."""
+        return self.key_prefix.startswith(LIVE_PREFIX)
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedApiKey:
+    """A key just created: its record and the plaintext, which is returned this once and never again."""
+
+    api_key: ApiKey
+    plaintext: str = field(repr=False)
+
+
+def hash_key(plaintext: str) -> str:
+    """The stored form of a key: SHA-256, hex."""
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+async def create_api_key(
+    db: Queryable,
+    *,
+    organization_id: str,
+    user_id: str,
+    name: str,
+    live: bool,
+    expiration_date: datetime | None = None,
+    id: str | None = None,
+) -> CreatedApiKey:
+    """Issue a new key for an organization; the plaintext is in the result and nowhere else."""
+    plaintext = (LIVE_PREFIX if live else TEST_PREFIX) + secrets.token_urlsafe(32)
+    with translate_errors(hide_values=frozenset({"key"})):
+        row = await db.fetchrow(
+            f"""
+            INSERT INTO "ApiKey" ("id", "organizationId", "userId", "name", "key", "keyPrefix", "expirationDate")
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            RETURNING {_COLUMNS}
+            """,
+            id or new_id(),
+            organization_id,
+            user_id,
+            name,
+            hash_key(plaintext),
+            plaintext[:DISPLAY_PREFIX_LENGTH],
+            expiration_date,
+        )
+    assert row is not None
+    return CreatedApiKey(api_key=ApiKey.from_row(row), plaintext=plaintext)
+
+
+async def authenticate(db: Queryable, plaintext: str, *, now: datetime) -> ApiKey | None:
+    """The active, unexpired key matching `plaintext`, with its use at `now` recorded; else None.
+
+    Unscoped by design: the key is what tells which organization is calling.
+    """
+    if not _KEY_FORMAT.fullmatch(plaintext):
+        return None
+    row = await db.fetchrow(
+        f"""
+        UPDATE "ApiKey" SET "lastUsedAt" = $2
+        WHERE "key" = $1 AND "status" = 'ACTIVE' AND ("expirationDate" IS NULL OR "expirationDate" > $2)
+        RETURNING {_COLUMNS}
+        """,
+        hash_key(plaintext),
+        now,
+    )
+    return ApiKey.from_row(row) if row is not None else None
+
+
+async def get_api_key(db: Queryable, organization_id: str, key_id: str) -> ApiKey:
+    """One of the organization's keys; NotFound if it has no key with that id."""
+    row = await db.fetchrow(
+        f'SELECT {_COLUMNS} FROM "ApiKey" WHERE "organizationId" = $1 AND "id" = $2', organization_id, key_id
+    )
+    if row is None:
+        raise NotFound("ApiKey", key_id)
+    return ApiKey.from_row(row)
+
+
+async def list_api_keys(db: Queryable, organization_id: str) -> list[ApiKey]:
+    """The organization's keys, revoked ones included, oldest first."""
+    rows = await db.fetch(
+        f'SELECT {_COLUMNS} FROM "ApiKey" WHERE "organizationId" = $1 ORDER BY "createdAt", "id"', organization_id
+    )
+    return ApiKey.from_rows(rows)
+
+
+async def revoke_api_key(db: Queryable, organization_id: str, key_id: str) -> ApiKey:
+    """Revoke one of the organization's keys for good (revoking twice is harmless); NotFound if not its key."""
+    row = await db.fetchrow(
+        f"""
+        UPDATE "ApiKey" SET "status" = 'REVOKED'
+        WHERE "organizationId" = $1 AND "id" = $2
+        RETURNING {_COLUMNS}
+        """,
+        organization_id,
+        key_id,
+    )
+    if row is None:
+        raise NotFound("ApiKey", key_id)
+    return ApiKey.from_row(row)

@@ -1,0 +1,309 @@
+"""Call logs: one row per call, written while the call runs, whose status moves only along allowed edges.
+
+A call starts IN_PROGRESS and ends once, as COMPLETED, FAILED or MISSED; every move is a single conditional
+UPDATE, so two writers racing to end the same call cannot both win.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from storage.enums import CallStatus, CallType
+from storage.errors import InvalidReference, NotFound, StorageError, translate_errors
+from storage.records import Queryable, Record, new_id
+
+_FIELDS = (
+    "id",
+    "organizationId",
+    "callType",
+    "agentId",
+    "campaignId",
+    "callId",
+    "customer",
+    "phoneNumber",
+    "timestamp",
+    "duration",
+    "status",
+    "transcript",
+    "recordingUrl",
+    "metadata",
+    "createdAt",
+    "updatedAt",
+)
+_COLUMNS = ", ".join(f'"{field}"' for field in _FIELDS)
+_CALL_COLUMNS = ", ".join(f'c."{field}"' for field in _FIELDS)
+
+CALL_TRANSITIONS: Mapping[CallStatus, frozenset[CallStatus]] = {
+    CallStatus.IN_PROGRESS: frozenset({CallStatus.COMPLETED, CallStatus.FAILED, CallStatus.MISSED}),
+    CallStatus.COMPLETED: frozenset(),
+    CallStatus.FAILED: frozenset(),
+    CallStatus.MISSED: frozenset(),
+}
+"""The statuses each status may move to: only IN_PROGRESS moves, and only to a final status."""
+
+
+class CallLog(Record):
+    """A call: who, when, how it went, what was said, and where its recording is."""
+
+    id: str
+    organization_id: str
+    call_type: CallType
+    agent_id: str | None
+    campaign_id: str | None
+    call_id: str
+    customer: str | None
+    phone_number: str | None
+    timestamp: datetime
+    duration: int | None
+    status: CallStatus
+    transcript: str | None
+    recording_url: str | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class CallLogEntry(CallLog):
+    """A call log as the call history lists it, with its agent's name and type and its campaign's name."""
+
+    agent_name: str | None
+    agent_type: str | None
+    campaign_batch_name: str | None
+
+
+class InvalidCallTransition(StorageError):
+    """A call log was asked to move to a status its current status does not lead to; nothing changed."""
+
+    def __init__(self, call_log_id: str, current: CallStatus, requested: CallStatus) -> None:
+        super().__init__(
+            f"CallLog {call_log_id} is {current}; it cannot become {requested} "
+            "(only an IN_PROGRESS call moves, to COMPLETED, FAILED or MISSED)"
+        )
+        self.call_log_id = call_log_id
+        self.current = current
+        self.requested = requested
+
+
+async def create_call_log(
+    db: Queryable,
+    *,
+    organization_id: str,
+    call_type: CallType,
+    call_id: str,
+    agent_id: str | None = None,
+    campaign_id: str | None = None,
+    customer: str | None = None,
+    phone_number: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> CallLog:
+    """Open the log of a call that starts now (IN_PROGRESS).
+
+    AlreadyExists if a log has that callId; InvalidReference if the agent or campaign is not the organization's.
+    """
+    with translate_errors():
+        row = await db.fetchrow(
+            f"""
+            INSERT INTO "CallLog"
+                ("id", "organizationId", "callType", "callId", "agentId", "campaignId", "customer", "phoneNumber",
+                 "metadata")
+            SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+            WHERE ($5::text IS NULL OR EXISTS (
+                    SELECT 1 FROM "Agent" WHERE "id" = $5 AND "organizationId" = $2))
+              AND ($6::text IS NULL OR EXISTS (
+                    SELECT 1 FROM "Campaign" WHERE "id" = $6 AND "organizationId" = $2))
+            RETURNING {_COLUMNS}
+            """,
+            new_id(),
+            organization_id,
+            call_type,
+            call_id,
+            agent_id,
+            campaign_id,
+            customer,
+            phone_number,
+            metadata if metadata is not None else {},
+        )
+    if row is None:
+        raise await _foreign_reference(db, organization_id, agent_id, campaign_id)
+    return CallLog.from_row(row)
+
+
+async def _foreign_reference(
+    db: Queryable, organization_id: str, agent_id: str | None, campaign_id: str | None
+) -> InvalidReference:
+    # Only reached when the guarded INSERT refused a reference: name which one.
+    if agent_id is not None and not await db.fetchval(
+        'SELECT EXISTS (SELECT 1 FROM "Agent" WHERE "id" = $1 AND "organizationId" = $2)', agent_id, organization_id
+    ):
+        return InvalidReference(f"Agent {agent_id} does not exist in organization {organization_id}")
+    return InvalidReference(f"Campaign {campaign_id} does not exist in organization {organization_id}")
+
+
+async def get_call_log(db: Queryable, *, organization_id: str, call_log_id: str) -> CallLog:
+    """The organization's call log with that id; NotFound otherwise."""
+    row = await db.fetchrow(
+        f'SELECT {_COLUMNS} FROM "CallLog" WHERE "id" = $1 AND "organizationId" = $2', call_log_id, organization_id
+    )
+    if row is None:
+        raise NotFound("CallLog", call_log_id)
+    return CallLog.from_row(row)
+
+
+async def get_by_call_id(db: Queryable, call_id: str) -> CallLog | None:
+    """The call log of a provider's call id (Twilio's CallSid), or None.
+
+    Unscoped by design: a status callback knows only the CallSid; scope later calls by the log's organization.
+    """
+    row = await db.fetchrow(f'SELECT {_COLUMNS} FROM "CallLog" WHERE "callId" = $1', call_id)
+    return CallLog.from_row(row) if row is not None else None
+
+
+async def append_transcript(db: Queryable, *, organization_id: str, call_log_id: str, text: str) -> None:
+    """Add a line to the call's transcript in one UPDATE, so concurrent appends all land."""
+    with translate_errors():
+        status = await db.execute(
+            """
+            UPDATE "CallLog"
+            SET "transcript" = CASE WHEN "transcript" IS NULL OR "transcript" = '' THEN $3
+                                    ELSE "transcript" || E'\\n' || $3 END
+            WHERE "id" = $1 AND "organizationId" = $2
+            """,
+            call_log_id,
+            organization_id,
+            text,
+        )
+    if status == "UPDATE 0":
+        raise NotFound("CallLog", call_log_id)
+
+
+async def finalize_call_log(
+    db: Queryable,
+    *,
+    organization_id: str,
+    call_log_id: str,
+    status: CallStatus,
+    duration: int | None = None,
+    recording_url: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> CallLog:
+    """End an IN_PROGRESS call with a final status, its duration (s), recording and metadata merged in.
+
+    Ending it again with the same status returns the row unchanged; with another status, or to a status that
+    is not final, raises InvalidCallTransition and changes nothing.
+    """
+    if status not in CALL_TRANSITIONS[CallStatus.IN_PROGRESS]:
+        current = await get_call_log(db, organization_id=organization_id, call_log_id=call_log_id)
+        raise InvalidCallTransition(call_log_id, current.status, status)
+    with translate_errors():
+        row = await db.fetchrow(
+            f"""
+            UPDATE "CallLog" SET
+                "status" = $3,
+                "duration" = COALESCE($4, "duration"),
+                "recordingUrl" = COALESCE($5, "recordingUrl"),
+                "metadata" = "metadata" || $6::jsonb
+            WHERE "id" = $1 AND "organizationId" = $2 AND "status" = 'IN_PROGRESS'
+            RETURNING {_COLUMNS}
+            """,
+            call_log_id,
+            organization_id,
+            status,
+            duration,
+            recording_url,
+            metadata if metadata is not None else {},
+        )
+    if row is not None:
+        return CallLog.from_row(row)
+    current = await get_call_log(db, organization_id=organization_id, call_log_id=call_log_id)
+    if current.status == status:
+        return current
+    raise InvalidCallTransition(call_log_id, current.status, status)
+
+
+async def list_call_logs(
+    db: Queryable,
+    organization_id: str,
+    *,
+    call_type: CallType | None = None,
+    status: CallStatus | None = None,
+    agent_id: str | None = None,
+    campaign_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 50,
+    before: tuple[datetime, str] | None = None,
+) -> list[CallLogEntry]:
+    """The organization's call history, newest first, filtered, with agent and campaign names.
+
+    `since` and `until` bound the start time inclusively. For the next page pass
+    `before=(entry.timestamp, entry.id)` of the last entry of this one.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    conditions = ['c."organizationId" = $1']
+    args: list[Any] = [organization_id]
+    for condition, value in (
+        ('c."callType" = ${}', call_type),
+        ('c."status" = ${}', status),
+        ('c."agentId" = ${}', agent_id),
+        ('c."campaignId" = ${}', campaign_id),
+        ('c."timestamp" >= ${}', since),
+        ('c."timestamp" <= ${}', until),
+    ):
+        if value is not None:
+            args.append(value)
+            conditions.append(condition.format(len(args)))
+    if before is not None:
+        args.extend(before)
+        conditions.append(f'(c."timestamp", c."id") < (${len(args) - 1}, ${len(args)})')
+    args.append(limit)
+    rows = await db.fetch(
+        f"""
+        SELECT {_CALL_COLUMNS},
+            a."name" AS "agentName", a."type" AS "agentType", k."batchName" AS "campaignBatchName"
+        FROM "CallLog" c
+        LEFT JOIN "Agent" a ON a."id" = c."agentId"
+        LEFT JOIN "Campaign" k ON k."id" = c."campaignId"
+        WHERE {" AND ".join(conditions)}
+        ORDER BY c."timestamp" DESC, c."id" DESC
+        LIMIT ${len(args)}
+        """,
+        *args,
+    )
+    return CallLogEntry.from_rows(rows)
+
+
+async def list_in_progress(db: Queryable, *, older_than: datetime) -> list[CallLog]:
+    """Every organization's calls still IN_PROGRESS that started before `older_than`, oldest first.
+
+    Unscoped by design: crash recovery at start-up looks across all tenants.
+    """
+    rows = await db.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM "CallLog"
+        WHERE "status" = 'IN_PROGRESS' AND "timestamp" < $1
+        ORDER BY "timestamp", "id"
+        """,
+        older_than,
+    )
+    return CallLog.from_rows(rows)
+
+
+async def fail_stale_in_progress(db: Queryable, *, older_than: datetime, reason: str) -> int:
+    """Mark FAILED (metadata.endReason = reason) every call still IN_PROGRESS that started before `older_than`.
+
+    Returns how many were marked. Unscoped by design, like list_in_progress: nothing stays IN_PROGRESS forever.
+    """
+    with translate_errors():
+        status = await db.execute(
+            """
+            UPDATE "CallLog"
+            SET "status" = 'FAILED', "metadata" = "metadata" || jsonb_build_object('endReason', $2::text)
+            WHERE "status" = 'IN_PROGRESS' AND "timestamp" < $1
+            """,
+            older_than,
+            reason,
+        )
+    return int(status.rsplit(" ", 1)[1])

@@ -1,0 +1,161 @@
+"""Webhook subscriptions: which URL hears which call event, for a whole organization or one of its agents."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from urllib.parse import urlsplit
+
+from storage.errors import NotFound, translate_errors
+from storage.records import Queryable, Record, new_id
+
+_COLUMNS = (
+    '"id", "organizationId", "name", "description", "isEnabled", "agentId", "webhookUrl", "triggerCount", '
+    '"createdAt", "updatedAt"'
+)
+
+
+class InvalidWebhookUrl(ValueError):
+    """A webhook URL that cannot be delivered to."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(f"webhook URL must be an absolute http:// or https:// URL, got {url!r}")
+        self.url = url
+
+
+class Event(Record):
+    """A subscription: when the event `name` happens (for `agent_id`, or any agent if None), POST to `webhook_url`."""
+
+    id: str
+    organization_id: str
+    name: str
+    description: str | None
+    is_enabled: bool
+    agent_id: str | None
+    webhook_url: str
+    trigger_count: int
+    created_at: datetime
+    updated_at: datetime
+
+
+def check_webhook_url(url: str) -> str:
+    """The URL unchanged if it is absolute http(s) with a host; InvalidWebhookUrl otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise InvalidWebhookUrl(url)
+    return url
+
+
+async def create_event(
+    db: Queryable,
+    *,
+    organization_id: str,
+    name: str,
+    webhook_url: str,
+    description: str | None = None,
+    agent_id: str | None = None,
+    is_enabled: bool = True,
+    id: str | None = None,
+) -> Event:
+    """Subscribe a webhook to an event, organization-wide or for one of its agents (NotFound if not its agent)."""
+    with translate_errors():
+        # The agent must be this organization's: the schema's foreign key alone would accept anyone's.
+        row = await db.fetchrow(
+            f"""
+            INSERT INTO "Event" ("id", "organizationId", "name", "description", "isEnabled", "agentId", "webhookUrl")
+            SELECT $1::text, $2::text, $3::text, $4::text, $5::boolean, $6::text, $7::text
+            WHERE $6::text IS NULL
+               OR EXISTS (SELECT 1 FROM "Agent" WHERE "id" = $6::text AND "organizationId" = $2::text)
+            RETURNING {_COLUMNS}
+            """,
+            id or new_id(),
+            organization_id,
+            name,
+            description,
+            is_enabled,
+            agent_id,
+            check_webhook_url(webhook_url),
+        )
+    if row is None:
+        raise NotFound("Agent", str(agent_id))
+    return Event.from_row(row)
+
+
+async def get_event(db: Queryable, organization_id: str, event_id: str) -> Event:
+    """One of the organization's subscriptions; NotFound if it has none with that id."""
+    row = await db.fetchrow(
+        f'SELECT {_COLUMNS} FROM "Event" WHERE "organizationId" = $1 AND "id" = $2', organization_id, event_id
+    )
+    if row is None:
+        raise NotFound("Event", event_id)
+    return Event.from_row(row)
+
+
+async def list_events(db: Queryable, organization_id: str) -> list[Event]:
+    """The organization's subscriptions, enabled or not, by event name then age."""
+    rows = await db.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM "Event"
+        WHERE "organizationId" = $1
+        ORDER BY "name", "createdAt", "id"
+        """,
+        organization_id,
+    )
+    return Event.from_rows(rows)
+
+
+async def subscriptions_for(db: Queryable, organization_id: str, event_name: str, agent_id: str | None) -> list[Event]:
+    """The enabled subscriptions to notify when `event_name` happens: organization-wide ones and the agent's own."""
+    rows = await db.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM "Event"
+        WHERE "organizationId" = $1 AND "name" = $2 AND "isEnabled"
+          AND ("agentId" IS NULL OR "agentId" = $3)
+        ORDER BY "createdAt", "id"
+        """,
+        organization_id,
+        event_name,
+        agent_id,
+    )
+    return Event.from_rows(rows)
+
+
+async def increment_trigger_count(db: Queryable, organization_id: str, event_id: str) -> int:
+    """Count one more firing of a subscription; return the new count."""
+    count: int | None = await db.fetchval(
+        """
+        UPDATE "Event" SET "triggerCount" = "triggerCount" + 1
+        WHERE "organizationId" = $1 AND "id" = $2
+        RETURNING "triggerCount"
+        """,
+        organization_id,
+        event_id,
+    )
+    if count is None:
+        raise NotFound("Event", event_id)
+    return count
+
+
+async def set_event_enabled(db: Queryable, organization_id: str, event_id: str, enabled: bool) -> Event:
+    """Switch a subscription on or off without deleting it."""
+    row = await db.fetchrow(
+        f"""
+        UPDATE "Event" SET "isEnabled" = $3
+        WHERE "organizationId" = $1 AND "id" = $2
+        RETURNING {_COLUMNS}
+        """,
+        organization_id,
+        event_id,
+        enabled,
+    )
+    if row is None:
+        raise NotFound("Event", event_id)
+    return Event.from_row(row)
+
+
+async def delete_event(db: Queryable, organization_id: str, event_id: str) -> None:
+    """Delete one of the organization's subscriptions."""
+    deleted = await db.fetchval(
+        'DELETE FROM "Event" WHERE "organizationId" = $1 AND "id" = $2 RETURNING "id"', organization_id, event_id
+    )
+    if deleted is None:
+        raise NotFound("Event", event_id)

@@ -1,0 +1,169 @@
+"""Organizations, the tenants: creation, lookup and the credit balance that pays for calls.
+
+Every credit change is one UPDATE statement, so concurrent calls can never spend the same credit twice.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+
+from storage.enums import Plan
+from storage.errors import ConstraintViolation, NotFound, StorageError, translate_errors
+from storage.records import Queryable, Record, new_id
+
+_COLUMNS = '"id", "name", "slug", "plan", "credits", "createdAt", "updatedAt"'
+
+
+class Organization(Record):
+    """A tenant: every agent, number, call and key belongs to one."""
+
+    id: str
+    name: str
+    slug: str
+    plan: Plan
+    credits: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class InsufficientCredits(StorageError):
+    """The organization's balance does not cover a charge; nothing was charged."""
+
+    def __init__(self, organization_id: str, balance: int, amount: int) -> None:
+        super().__init__(
+            f"Organization {organization_id} has {balance} credits, not enough for a charge of {amount}; "
+            "add credits and try again"
+        )
+        self.organization_id = organization_id
+        self.balance = balance
+        self.amount = amount
+
+
+async def create_organization(
+    db: Queryable,
+    *,
+    name: str,
+    slug: str,
+    plan: Plan = Plan.FREE,
+    credits: int = 0,
+    id: str | None = None,
+) -> Organization:
+    """Create an organization; AlreadyExists when the slug is taken."""
+    with translate_errors():
+        row = await db.fetchrow(
+            f"""
+            INSERT INTO "Organization" ("id", "name", "slug", "plan", "credits")
+            VALUES ($1, $2, $3, $4, $5)
+            RETURNING {_COLUMNS}
+            """,
+            id or new_id(),
+            name,
+            slug,
+            plan,
+            credits,
+        )
+    assert row is not None
+    return Organization.from_row(row)
+
+
+async def get_organization(db: Queryable, organization_id: str) -> Organization:
+    """The organization with that id; NotFound if there is none."""
+    row = await db.fetchrow(f'SELECT {_COLUMNS} FROM "Organization" WHERE "id" = $1', organization_id)
+    if row is None:
+        raise NotFound("Organization", organization_id)
+    return Organization.from_row(row)
+
+
+async def get_organization_by_slug(db: Queryable, slug: str) -> Organization | None:
+    """The organization with that slug, or None."""
+    row = await db.fetchrow(f'SELECT {_COLUMNS} FROM "Organization" WHERE "slug" = $1', slug)
+    return Organization.from_row(row) if row is not None else None
+
+
+async def delete_organization(db: Queryable, organization_id: str) -> None:
+    """Delete an organization and, through the schema's cascades, everything it owns."""
+    with translate_errors():
+        deleted = await db.fetchval('DELETE FROM "Organization" WHERE "id" = $1 RETURNING "id"', organization_id)
+    if deleted is None:
+        raise NotFound("Organization", organization_id)
+
+
+async def add_credits(db: Queryable, organization_id: str, amount: int) -> int:
+    """Add `amount` (> 0) credits; return the new balance."""
+    if amount <= 0:
+        raise ValueError(f"credits to add must be positive, got {amount}")
+    balance = await _update_credits(
+        db,
+        'UPDATE "Organization" SET "credits" = "credits" + $2 WHERE "id" = $1 RETURNING "credits"',
+        organization_id,
+        amount,
+    )
+    if balance is None:
+        raise NotFound("Organization", organization_id)
+    return balance
+
+
+async def charge_credits(db: Queryable, organization_id: str, amount: int) -> int:
+    """Take `amount` (> 0) credits only if the balance covers it; return the new balance.
+
+    Raises InsufficientCredits (and charges nothing) when it does not.
+    """
+    if amount <= 0:
+        raise ValueError(f"credits to charge must be positive, got {amount}")
+    balance = await _update_credits(
+        db,
+        """
+        UPDATE "Organization" SET "credits" = "credits" - $2
+        WHERE "id" = $1 AND "credits" >= $2
+        RETURNING "credits"
+        """,
+        organization_id,
+        amount,
+    )
+    if balance is not None:
+        return balance
+    # The charge did not apply: either there is no such organization or the balance is short.
+    current = await db.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', organization_id)
+    if current is None:
+        raise NotFound("Organization", organization_id)
+    raise InsufficientCredits(organization_id, current, amount)
+
+
+async def charge_usage(db: Queryable, organization_id: str, amount: int) -> int:
+    """Record `amount` (>= 0) credits of usage already consumed, even below zero; return the new balance.
+
+    A finished call's minutes are owed whatever the balance, so this never refuses for lack of credits.
+    """
+    if amount < 0:
+        raise ValueError(f"usage to charge cannot be negative, got {amount}")
+    balance = await _update_credits(
+        db,
+        'UPDATE "Organization" SET "credits" = "credits" - $2 WHERE "id" = $1 RETURNING "credits"',
+        organization_id,
+        amount,
+    )
+    if balance is None:
+        raise NotFound("Organization", organization_id)
+    return balance
+
+
+async def has_credits(db: Queryable, organization_id: str) -> bool:
+    """Whether the organization's balance is above zero (enough to start a call)."""
+    positive: bool | None = await db.fetchval(
+        'SELECT "credits" > 0 FROM "Organization" WHERE "id" = $1', organization_id
+    )
+    if positive is None:
+        raise NotFound("Organization", organization_id)
+    return positive
+
+
+async def _update_credits(db: Queryable, sql: str, organization_id: str, amount: int) -> int | None:
+    try:
+        balance: int | None = await db.fetchval(sql, organization_id, amount)
+    except asyncpg.NumericValueOutOfRangeError as exc:
+        raise ConstraintViolation(
+            f"Organization {organization_id}: a change of {amount} credits is out of range"
+        ) from exc
+    return balance

@@ -1,0 +1,166 @@
+"""Phone numbers an organization owns, stored in E.164, each switched on or off per direction."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+import phonenumbers
+
+from storage.enums import PhoneNumberStatus
+from storage.errors import NotFound, translate_errors
+from storage.records import Queryable, Record, new_id
+
+_StatusColumn = Literal["inboundStatus", "outboundStatus"]
+_COLUMNS = '"id", "organizationId", "label", "phoneNumber", "inboundStatus", "outboundStatus", "createdAt", "updatedAt"'
+
+
+class InvalidPhoneNumber(ValueError):
+    """The text given is not a phone number in international form."""
+
+    def __init__(self, number: str, reason: str) -> None:
+        super().__init__(f"not a usable phone number: {number!r} ({reason})")
+        self.number = number
+        self.reason = reason
+
+
+class PhoneNumber(Record):
+    """A number that rings an organization's agents, and which ways it may be used."""
+
+    id: str
+    organization_id: str
+    label: str | None
+    phone_number: str
+    inbound_status: PhoneNumberStatus
+    outbound_status: PhoneNumberStatus
+    created_at: datetime
+    updated_at: datetime
+
+
+def normalize_number(number: str) -> str:
+    """The E.164 form of an international number (e.g. "+1 (555) 555-0100" → "+15555550100").
+
+    Numbers only need a possible length for their country, not an assigned range, so the fictional
+    +1 555 numbers used in demos are accepted. Raises InvalidPhoneNumber for anything else.
+    """
+    try:
+        parsed = phonenumbers.parse(number, None)
+    except phonenumbers.NumberParseException as exc:
+        if exc.error_type == phonenumbers.NumberParseException.INVALID_COUNTRY_CODE:
+            raise InvalidPhoneNumber(
+                number, "give it in international form with its country code, e.g. +14155550100"
+            ) from None
+        raise InvalidPhoneNumber(number, "it does not look like a phone number") from None
+    if parsed.extension:
+        raise InvalidPhoneNumber(number, "extensions cannot be dialed directly")
+    if not phonenumbers.is_possible_number(parsed):
+        raise InvalidPhoneNumber(number, "wrong number of digits for its country")
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+async def create_phone_number(
+    db: Queryable,
+    *,
+    organization_id: str,
+    phone_number: str,
+    label: str | None = None,
+    inbound_status: PhoneNumberStatus = PhoneNumberStatus.ENABLED,
+    outbound_status: PhoneNumberStatus = PhoneNumberStatus.ENABLED,
+    id: str | None = None,
+) -> PhoneNumber:
+    """Add a number to an organization, normalised to E.164; AlreadyExists if any organization has it."""
+    with translate_errors():
+        row = await db.fetchrow(
+            f"""
+            INSERT INTO "PhoneNumber"
+                ("id", "organizationId", "label", "phoneNumber", "inboundStatus", "outboundStatus")
+            VALUES ($1, $2, $3, $4, $5, $6)
+            RETURNING {_COLUMNS}
+            """,
+            id or new_id(),
+            organization_id,
+            label,
+            normalize_number(phone_number),
+            inbound_status,
+            outbound_status,
+        )
+    assert row is not None
+    return PhoneNumber.from_row(row)
+
+
+async def find_by_number(db: Queryable, number: str) -> PhoneNumber | None:
+    """The number record for a dialed number, whichever organization owns it, or None.
+
+    Unscoped by design: an inbound call names only the number, and the number tells the organization.
+    Text that is not a phone number (a SIP URI, a client name) matches nothing.
+    """
+    try:
+        normalized = normalize_number(number)
+    except InvalidPhoneNumber:
+        return None
+    row = await db.fetchrow(f'SELECT {_COLUMNS} FROM "PhoneNumber" WHERE "phoneNumber" = $1', normalized)
+    return PhoneNumber.from_row(row) if row is not None else None
+
+
+async def get_phone_number(db: Queryable, organization_id: str, phone_number_id: str) -> PhoneNumber:
+    """One of the organization's numbers; NotFound if it has none with that id."""
+    row = await db.fetchrow(
+        f'SELECT {_COLUMNS} FROM "PhoneNumber" WHERE "organizationId" = $1 AND "id" = $2',
+        organization_id,
+        phone_number_id,
+    )
+    if row is None:
+        raise NotFound("PhoneNumber", phone_number_id)
+    return PhoneNumber.from_row(row)
+
+
+async def list_phone_numbers(db: Queryable, organization_id: str) -> list[PhoneNumber]:
+    """The organization's numbers, in number order."""
+    rows = await db.fetch(
+        f'SELECT {_COLUMNS} FROM "PhoneNumber" WHERE "organizationId" = $1 ORDER BY "phoneNumber"', organization_id
+    )
+    return PhoneNumber.from_rows(rows)
+
+
+async def set_inbound_status(
+    db: Queryable, organization_id: str, phone_number_id: str, status: PhoneNumberStatus
+) -> PhoneNumber:
+    """Switch whether the number answers incoming calls."""
+    return await _set_status(db, "inboundStatus", organization_id, phone_number_id, status)
+
+
+async def set_outbound_status(
+    db: Queryable, organization_id: str, phone_number_id: str, status: PhoneNumberStatus
+) -> PhoneNumber:
+    """Switch whether the number may place outgoing calls."""
+    return await _set_status(db, "outboundStatus", organization_id, phone_number_id, status)
+
+
+async def delete_phone_number(db: Queryable, organization_id: str, phone_number_id: str) -> None:
+    """Remove one of the organization's numbers (agents using it are left without one)."""
+    with translate_errors():
+        deleted = await db.fetchval(
+            'DELETE FROM "PhoneNumber" WHERE "organizationId" = $1 AND "id" = $2 RETURNING "id"',
+            organization_id,
+            phone_number_id,
+        )
+    if deleted is None:
+        raise NotFound("PhoneNumber", phone_number_id)
+
+
+async def _set_status(
+    db: Queryable, column: _StatusColumn, organization_id: str, phone_number_id: str, status: PhoneNumberStatus
+) -> PhoneNumber:
+    row = await db.fetchrow(
+        f"""
+        UPDATE "PhoneNumber" SET "{column}" = $3
+        WHERE "organizationId" = $1 AND "id" = $2
+        RETURNING {_COLUMNS}
+        """,
+        organization_id,
+        phone_number_id,
+        status,
+    )
+    if row is None:
+        raise NotFound("PhoneNumber", phone_number_id)
+    return PhoneNumber.from_row(row)

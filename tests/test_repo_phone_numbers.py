@@ -1,0 +1,195 @@
+"""Phone numbers: stored in E.164, unique across organizations, found unscoped for inbound calls only."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import asyncpg
+import pytest
+
+from storage.enums import PhoneNumberStatus
+from storage.errors import AlreadyExists, NotFound
+from storage.organizations import Organization, create_organization
+from storage.phone_numbers import (
+    InvalidPhoneNumber,
+    PhoneNumber,
+    create_phone_number,
+    delete_phone_number,
+    find_by_number,
+    get_phone_number,
+    list_phone_numbers,
+    normalize_number,
+    set_inbound_status,
+    set_outbound_status,
+)
+from storage.records import new_id
+
+# Fictional +1 555 01xx numbers, one per test so the module's shared database never sees a number twice.
+_numbers = (f"+1555555{n:04d}" for n in itertools.count(100))
+
+
+def fresh_number() -> str:
+    return next(_numbers)
+
+
+async def new_organization(pool: asyncpg.Pool) -> Organization:
+    return await create_organization(pool, name="Acme", slug=f"acme-{new_id()}")
+
+
+async def test_a_phone_number_keeps_every_column_through_a_round_trip(pool: asyncpg.Pool) -> None:
+    organization = await new_organization(pool)
+    number = fresh_number()
+    created = await create_phone_number(
+        pool,
+        organization_id=organization.id,
+        phone_number=number,
+        label="Support Line",
+        inbound_status=PhoneNumberStatus.ENABLED,
+        outbound_status=PhoneNumberStatus.DISABLED,
+    )
+
+    fetched = await get_phone_number(pool, organization.id, created.id)
+    row = await pool.fetchrow('SELECT * FROM "PhoneNumber" WHERE "id" = $1', created.id)
+
+    assert fetched == created
+    assert (fetched.organization_id, fetched.label, fetched.phone_number) == (organization.id, "Support Line", number)
+    assert (fetched.inbound_status, fetched.outbound_status) == (PhoneNumberStatus.ENABLED, PhoneNumberStatus.DISABLED)
+    assert row is not None
+    assert set(row.keys()) == {field.alias for field in PhoneNumber.model_fields.values()}
+    assert PhoneNumber.from_row(row) == fetched
+
+
+async def test_a_new_number_is_enabled_both_ways(pool: asyncpg.Pool) -> None:
+    organization = await new_organization(pool)
+
+    created = await create_phone_number(pool, organization_id=organization.id, phone_number=fresh_number())
+
+    assert (created.inbound_status, created.outbound_status) == (PhoneNumberStatus.ENABLED, PhoneNumberStatus.ENABLED)
+
+
+async def test_a_formatted_number_is_stored_in_e164(pool: asyncpg.Pool) -> None:
+    organization = await new_organization(pool)
+
+    created = await create_phone_number(pool, organization_id=organization.id, phone_number="+1 (555) 555-0199")
+
+    assert created.phone_number == "+15555550199"
+
+
+@pytest.mark.parametrize(
+    ("given", "e164"),
+    [("+15555550100", "+15555550100"), ("+44 20 7183 8750", "+442071838750"), ("tel:+1-555-555-0100", "+15555550100")],
+)
+def test_international_numbers_normalise_to_e164(given: str, e164: str) -> None:
+    assert normalize_number(given) == e164
+
+
+@pytest.mark.parametrize("garbage", ["abc", "123", "", "+123", "+1555555010", "+15555550100 ext. 12"])
+def test_text_that_is_not_a_dialable_number_is_refused_naming_it(garbage: str) -> None:
+    with pytest.raises(InvalidPhoneNumber) as raised:
+        normalize_number(garbage)
+
+    assert raised.value.number == garbage
+    assert repr(garbage) in str(raised.value)
+
+
+def test_a_number_without_its_country_code_is_refused_asking_for_international_form() -> None:
+    with pytest.raises(InvalidPhoneNumber, match="international form"):
+        normalize_number("(555) 555-0100")
+
+
+async def test_an_invalid_number_is_never_stored(pool: asyncpg.Pool) -> None:
+    organization = await new_organization(pool)
+
+    with pytest.raises(InvalidPhoneNumber):
+        await create_phone_number(pool, organization_id=organization.id, phone_number="call me maybe")
+
+    assert await list_phone_numbers(pool, organization.id) == []
+
+
+async def test_a_number_another_organization_has_is_refused_however_it_is_written(pool: asyncpg.Pool) -> None:
+    first, second = await new_organization(pool), await new_organization(pool)
+    number = fresh_number()
+    await create_phone_number(pool, organization_id=first.id, phone_number=number)
+    spaced = f"{number[:2]} {number[2:5]} {number[5:8]} {number[8:]}"
+
+    with pytest.raises(AlreadyExists) as raised:
+        await create_phone_number(pool, organization_id=second.id, phone_number=spaced)
+
+    assert raised.value.field == "phoneNumber"
+    assert str(raised.value) == f"PhoneNumber with phoneNumber {number!r} already exists"
+
+
+async def test_an_inbound_call_finds_its_number_however_the_number_is_written(pool: asyncpg.Pool) -> None:
+    organization = await new_organization(pool)
+    number = fresh_number()
+    created = await create_phone_number(pool, organization_id=organization.id, phone_number=number)
+
+    assert await find_by_number(pool, number) == created
+    assert await find_by_number(pool, f"{number[:2]} ({number[2:5]}) {number[5:8]}-{number[8:]}") == created
+
+
+async def test_an_unknown_or_unparseable_number_finds_nothing(pool: asyncpg.Pool) -> None:
+    assert await find_by_number(pool, fresh_number()) is None
+    assert await find_by_number(pool, "client:alice") is None
+
+
+async def test_another_organization_cannot_get_a_number(pool: asyncpg.Pool) -> None:
+    owner, other = await new_organization(pool), await new_organization(pool)
+    created = await create_phone_number(pool, organization_id=owner.id, phone_number=fresh_number())
+
+    with pytest.raises(NotFound, match=f"PhoneNumber {created.id} not found"):
+        await get_phone_number(pool, other.id, created.id)
+
+
+async def test_an_organization_lists_only_its_own_numbers(pool: asyncpg.Pool) -> None:
+    owner, other = await new_organization(pool), await new_organization(pool)
+    first = await create_phone_number(pool, organization_id=owner.id, phone_number=fresh_number())
+    second = await create_phone_number(pool, organization_id=owner.id, phone_number=fresh_number())
+    await create_phone_number(pool, organization_id=other.id, phone_number=fresh_number())
+
+    assert await list_phone_numbers(pool, owner.id) == [first, second]
+
+
+async def test_inbound_and_outbound_are_switched_separately(pool: asyncpg.Pool) -> None:
+    organization = await new_organization(pool)
+    created = await create_phone_number(pool, organization_id=organization.id, phone_number=fresh_number())
+    await asyncio.sleep(0.01)  # updatedAt is kept to the millisecond
+
+    inbound_off = await set_inbound_status(pool, organization.id, created.id, PhoneNumberStatus.DISABLED)
+    outbound_off = await set_outbound_status(pool, organization.id, created.id, PhoneNumberStatus.DISABLED)
+
+    assert (inbound_off.inbound_status, inbound_off.outbound_status) == ("DISABLED", "ENABLED")
+    assert (outbound_off.inbound_status, outbound_off.outbound_status) == ("DISABLED", "DISABLED")
+    assert outbound_off.updated_at > created.updated_at
+
+
+async def test_another_organization_cannot_switch_a_number(pool: asyncpg.Pool) -> None:
+    owner, other = await new_organization(pool), await new_organization(pool)
+    created = await create_phone_number(pool, organization_id=owner.id, phone_number=fresh_number())
+
+    with pytest.raises(NotFound):
+        await set_inbound_status(pool, other.id, created.id, PhoneNumberStatus.DISABLED)
+    with pytest.raises(NotFound):
+        await set_outbound_status(pool, other.id, created.id, PhoneNumberStatus.DISABLED)
+
+    assert await get_phone_number(pool, owner.id, created.id) == created
+
+
+async def test_a_deleted_number_no_longer_answers(pool: asyncpg.Pool) -> None:
+    organization = await new_organization(pool)
+    created = await create_phone_number(pool, organization_id=organization.id, phone_number=fresh_number())
+
+    await delete_phone_number(pool, organization.id, created.id)
+
+    assert await find_by_number(pool, created.phone_number) is None
+
+
+async def test_another_organization_cannot_delete_a_number(pool: asyncpg.Pool) -> None:
+    owner, other = await new_organization(pool), await new_organization(pool)
+    created = await create_phone_number(pool, organization_id=owner.id, phone_number=fresh_number())
+
+    with pytest.raises(NotFound):
+        await delete_phone_number(pool, other.id, created.id)
+
+    assert await find_by_number(pool, created.phone_number) == created
