@@ -17,6 +17,11 @@ def with_database(server_url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+def database_name(url: str) -> str:
+    """The database a URL points at."""
+    return urlsplit(url).path.lstrip("/")
+
+
 class TestDatabases:
     """Creates uniquely named databases on one server and drops them all at the end."""
 

@@ -1,0 +1,151 @@
+"""The `dialtone` command: serve the engine, migrate and inspect the database, seed a demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+from aiohttp import web
+
+from config.settings import Settings, SettingsError, load_settings
+from engine.app import create_app
+from storage.errors import StorageError
+from storage.migrate import migrate, migration_status
+from storage.pool import database
+
+log = logging.getLogger("dialtone")
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dialtone", description="Dialtone real-time telephony call engine.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="start the engine")
+    serve.add_argument("--host", help="address to listen on (default: DIALTONE_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: DIALTONE_PORT or 8080)")
+    serve.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations at start")
+
+    db = commands.add_parser("db", help="database schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_commands.add_parser("migrate", help="apply pending migrations")
+    db_commands.add_parser("status", help="show applied and pending migrations")
+
+    seed = commands.add_parser("seed-demo", help="create the demo organization, agent and number (idempotent)")
+    seed.add_argument("--phone-number", default=None, help="the demo's inbound number, E.164 (default +15555550100)")
+    return parser
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+async def _serve(settings: Settings, *, apply_migrations: bool) -> None:
+    app = create_app(settings, apply_migrations=apply_migrations)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()  # opens (and migrates) the database before any request is accepted
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=10)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        log.info("Dialtone listening on http://%s:%d (Ctrl-C or SIGTERM to stop)", host, port)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        await stopping.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+
+
+async def _migrate(settings: Settings) -> None:
+    async with database(settings) as db, db.pool.acquire() as conn:
+        applied = await migrate(conn)
+        status = await migration_status(conn)
+    if applied:
+        for migration in applied:
+            print(f"applied {migration.label}")
+    print(f"schema version {status.current_version} on {db.location}")
+
+
+async def _status(settings: Settings) -> None:
+    async with database(settings) as db, db.pool.acquire() as conn:
+        status = await migration_status(conn)
+    print(f"database: {db.location}")
+    print(f"schema version: {status.current_version}")
+    for applied in status.applied:
+        when = applied.applied_at.strftime("%Y-%m-%d %H:%M:%S %Z")
+        print(f"  applied  {applied.version:04d}_{applied.name}  {when}  {applied.execution_ms} ms")
+    for pending in status.pending:
+        print(f"  pending  {pending.label}")
+    for unknown in status.unknown:
+        print(f"  unknown  {unknown.version:04d}_{unknown.name}  (applied by a newer engine)")
+    if not status.pending:
+        print("up to date")
+
+
+async def _seed_demo(settings: Settings, phone_number: str | None) -> None:
+    from storage.demo import DEMO_PHONE_NUMBER, seed_demo
+
+    async with database(settings) as db:
+        async with db.pool.acquire() as conn:
+            await migrate(conn)
+        result = await seed_demo(db.pool, phone_number=phone_number or DEMO_PHONE_NUMBER)
+    print(result.describe())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `dialtone` command; return the process exit code."""
+    args = _parser().parse_args(argv)
+    overrides: dict[str, object] = {}
+    if getattr(args, "host", None):
+        overrides["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        overrides["port"] = args.port
+    try:
+        settings = load_settings(**overrides)
+    except SettingsError as exc:
+        print(f"dialtone: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _configure_logging(settings)
+
+    command: Callable[[], Awaitable[None]]
+    match args.command, getattr(args, "db_command", None):
+        case "serve", _:
+            command = lambda: _serve(settings, apply_migrations=not args.no_migrate)  # noqa: E731
+        case "db", "migrate":
+            command = lambda: _migrate(settings)  # noqa: E731
+        case "db", "status":
+            command = lambda: _status(settings)  # noqa: E731
+        case "seed-demo", _:
+            command = lambda: _seed_demo(settings, args.phone_number)  # noqa: E731
+        case _:
+            raise AssertionError(f"unhandled command {args.command}")
+    try:
+        asyncio.run(command())
+    except (StorageError, ValueError) as exc:
+        print(f"dialtone: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:  # e.g. the port is taken
+        print(f"dialtone: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""GET /health: is the database reachable, and is its schema the one this engine expects."""
+
+from __future__ import annotations
+
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+import asyncpg
+from aiohttp import web
+
+from engine.appkeys import DATABASE
+from storage.migrate import migration_status
+
+HEALTH_TIMEOUT_SECONDS = 2.0
+
+
+def engine_version() -> str:
+    """The installed distribution's version."""
+    try:
+        return version("dialtone")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    """200 with the database's state when all is well; 503 with the reason when it is not."""
+    db = request.app[DATABASE]
+    began = time.perf_counter()
+    database: dict[str, object] = {"location": db.location, "embedded": db.embedded is not None}
+    try:
+        async with db.pool.acquire(timeout=HEALTH_TIMEOUT_SECONDS) as conn:
+            await conn.fetchval("SELECT 1", timeout=HEALTH_TIMEOUT_SECONDS)
+            status = await migration_status(conn)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        database |= {"reachable": False, "error": f"{type(exc).__name__}: {exc}".rstrip(": ")}
+        return web.json_response(
+            {"status": "unavailable", "version": engine_version(), "database": database}, status=503
+        )
+    database |= {
+        "reachable": True,
+        "latencyMs": round((time.perf_counter() - began) * 1000, 2),
+        "schemaVersion": status.current_version,
+        "pendingMigrations": [m.label for m in status.pending],
+    }
+    healthy = not status.pending
+    body = {"status": "ok" if healthy else "schema-outdated", "version": engine_version(), "database": database}
+    return web.json_response(body, status=200 if healthy else 503)

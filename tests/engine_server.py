@@ -1,0 +1,27 @@
+"""The real engine application served on a free loopback port, for tests that speak HTTP to it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+
+from config.settings import load_settings
+from engine.app import create_app
+
+
+@asynccontextmanager
+async def running_engine(database_url: str, *, apply_migrations: bool = True, **settings: Any) -> AsyncIterator[str]:
+    """Serve the engine on 127.0.0.1 with a port the OS picks; yield its base URL."""
+    app = create_app(load_settings(database_url=database_url, **settings), apply_migrations=apply_migrations)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()

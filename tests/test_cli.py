@@ -1,0 +1,112 @@
+"""The `dialtone` command as a user runs it: real processes, the embedded database, clear one-line errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from storage.migrate import load_migrations
+
+DIALTONE = [sys.executable, "-m", "engine.cli"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIALTONE_", "DATABASE_URL", "TWILIO_"))}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+async def _run(*args: str, env: dict[str, str], cwd: Path, timeout: float = 60) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *DIALTONE, *args, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_an_unreachable_database_gives_one_line_naming_host_and_cause(tmp_path: Path) -> None:
+    env = _clean_env(DATABASE_URL="postgresql://dialtone:hunter2@127.0.0.1:1/dialtone")
+    code, _, stderr = await _run("db", "status", env=env, cwd=tmp_path)
+    assert code == 1
+    assert stderr.strip() == "dialtone: DATABASE_URL: could not connect to 127.0.0.1:1/dialtone (connection refused)"
+    assert "hunter2" not in stderr
+
+
+async def test_a_bad_setting_is_named_and_nothing_starts(tmp_path: Path) -> None:
+    code, _, stderr = await _run("db", "status", env=_clean_env(DIALTONE_PORT="eighty"), cwd=tmp_path)
+    assert code == 2
+    assert stderr.startswith("dialtone: DIALTONE_PORT:")
+    assert "Traceback" not in stderr
+
+
+async def test_two_processes_starting_the_embedded_database_at_once_both_succeed(tmp_path: Path) -> None:
+    env = _clean_env(DIALTONE_STATE_DIR=str(tmp_path / "state"))
+    results = await asyncio.gather(
+        _run("db", "migrate", env=env, cwd=tmp_path), _run("db", "migrate", env=env, cwd=tmp_path)
+    )
+    for code, _, stderr in results:
+        assert code == 0, stderr
+    applied_lines = [line for _, stdout, _ in results for line in stdout.splitlines() if line.startswith("applied")]
+    assert applied_lines == [f"applied {m.label}" for m in load_migrations()]
+
+
+async def test_embedded_data_is_kept_across_restarts(tmp_path: Path) -> None:
+    env = _clean_env(DIALTONE_STATE_DIR=str(tmp_path / "state"))
+    first = await _run("db", "migrate", env=env, cwd=tmp_path)
+    second = await _run("db", "status", env=env, cwd=tmp_path)
+    assert first[0] == 0, first[2]
+    assert second[0] == 0, second[2]
+    assert f"schema version: {load_migrations()[-1].version}" in second[1]
+    assert "up to date" in second[1]
+
+
+async def test_serve_answers_health_and_stops_cleanly_on_sigterm(db_url: str, tmp_path: Path) -> None:
+    port = _free_port()
+    process = await asyncio.create_subprocess_exec(
+        *DIALTONE,
+        "serve",
+        "--port",
+        str(port),
+        env=_clean_env(DATABASE_URL=db_url),
+        cwd=tmp_path,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        status = await _poll_health(f"http://127.0.0.1:{port}/health")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert status == 200
+    assert process.returncode == 0
+    log = stderr.decode()
+    assert f"listening on http://127.0.0.1:{port}" in log
+    assert log.rstrip().endswith("stopped")
+    assert "Traceback" not in log
+
+
+async def _poll_health(url: str, attempts: int = 100) -> int:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(attempts):
+            try:
+                async with http.get(url) as response:
+                    return response.status
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.1)
+    pytest.fail(f"nothing answered at {url}")
