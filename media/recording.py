@@ -1,0 +1,173 @@
+"""Stream a call's stereo WAV recording (caller left, agent right, 8 kHz PCM16) to disk as it happens.
+
+`write_caller`/`write_agent` only touch memory and are safe on the event loop. `flush` and `close` do
+blocking file I/O: an asyncio caller runs them with `asyncio.to_thread`, calling `flush` about once a
+second so the queue of finished audio stays small.
+"""
+
+from __future__ import annotations
+
+import wave
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from media.g711 import ulaw_to_pcm16
+
+SAMPLE_RATE = 8000
+"""Sample rate, in Hz, of the recording."""
+
+_SAMPLES_PER_MS = SAMPLE_RATE // 1000
+_BYTES_PER_FRAME = 4  # two channels of 16-bit samples
+_SILENCE_BLOCK_FRAMES = SAMPLE_RATE  # zeros are written a second at a time
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingInfo:
+    """A finished recording: where it is, how long it lasts and its size on disk."""
+
+    path: Path
+    duration_ms: int
+    bytes: int
+
+
+class RecorderClosedError(RuntimeError):
+    """Raised when audio is written to, or flushed from, a recorder that was closed."""
+
+
+class StereoWavRecorder:
+    """Place caller and agent audio on one timeline and stream it to a stereo WAV file.
+
+    Audio lives in a fixed window of `window_ms`; when a write reaches past the window's end, the oldest
+    half is handed to an outbox that `flush` writes to disk. Audio that arrives for a position already
+    handed out (more than half a window behind the newest audio) is dropped and counted in `dropped_ms`.
+    Overlapping writes to one channel replace what is there: audio is placed by `at_ms`, never appended.
+    """
+
+    def __init__(self, path: Path | str, window_ms: int = 10_000) -> None:
+        """Prepare a recording to `path`; no file is touched until the first `flush` or `close`."""
+        if window_ms < 40:
+            raise ValueError(f"window_ms must be at least 40, got {window_ms}")
+        self.path = Path(path)
+        self.window_ms = window_ms
+        self._capacity = window_ms * _SAMPLES_PER_MS
+        self._buffer: npt.NDArray[np.int16] = np.zeros((self._capacity, 2), dtype=np.int16)
+        self._start = 0  # timeline sample at buffer row 0
+        self._head = 0  # one past the newest sample written on either channel
+        # bytes are finished interleaved frames; an int is that many frames of silence
+        self._outbox: deque[bytes | int] = deque()
+        self._writer: wave.Wave_write | None = None
+        self._dropped_samples = 0
+        self._closed = False
+
+    @property
+    def buffered_ms(self) -> int:
+        """Milliseconds of timeline held in the in-memory window (never more than `window_ms`)."""
+        return (self._head - self._start) // _SAMPLES_PER_MS if self._head > self._start else 0
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Size in bytes of the in-memory window; fixed for the recorder's life."""
+        return self._buffer.nbytes
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of finished audio waiting for the next `flush` (silence gaps not counted)."""
+        return sum(len(item) for item in self._outbox if isinstance(item, bytes))
+
+    @property
+    def dropped_ms(self) -> int:
+        """Milliseconds of audio discarded because they arrived too late for the window."""
+        return self._dropped_samples // _SAMPLES_PER_MS
+
+    def write_caller(self, ulaw: bytes, at_ms: int) -> None:
+        """Place caller mu-law audio on the left channel starting at `at_ms` of the call."""
+        self._place(0, ulaw, at_ms)
+
+    def write_agent(self, ulaw: bytes, at_ms: int) -> None:
+        """Place agent mu-law audio on the right channel starting at `at_ms` of the call."""
+        self._place(1, ulaw, at_ms)
+
+    def flush(self) -> None:
+        """Write finished audio to the file (blocking I/O; run it with `asyncio.to_thread`)."""
+        if self._closed:
+            raise RecorderClosedError(f"recording {self.path} is closed")
+        writer = self._open()
+        # popleft is atomic, so writes from the event loop may go on while this runs in a thread.
+        while self._outbox:
+            item = self._outbox.popleft()
+            if isinstance(item, int):
+                self._write_silence(writer, item)
+            else:
+                writer.writeframesraw(item)
+
+    def close(self) -> RecordingInfo:
+        """Write everything left, finalise the WAV header and describe the file (blocking I/O)."""
+        self.flush()
+        writer = self._open()
+        if self._head > self._start:
+            writer.writeframesraw(self._buffer[: self._head - self._start].tobytes())
+        writer.close()
+        self._closed = True
+        return RecordingInfo(
+            path=self.path,
+            duration_ms=self._head * 1000 // SAMPLE_RATE,
+            bytes=self.path.stat().st_size,
+        )
+
+    def _place(self, channel: int, ulaw: bytes, at_ms: int) -> None:
+        if self._closed:
+            raise RecorderClosedError(f"recording {self.path} is closed")
+        if at_ms < 0:
+            raise ValueError(f"at_ms must not be negative, got {at_ms}")
+        samples = ulaw_to_pcm16(ulaw)
+        position = at_ms * _SAMPLES_PER_MS
+        if position < self._start:
+            late = min(self._start - position, samples.size)
+            self._dropped_samples += late
+            samples = samples[late:]
+            position += late
+        half = self._capacity // 2
+        # A piece of at most half a window always fits once the window has slid to end it.
+        for offset in range(0, samples.size, half):
+            piece = samples[offset : offset + half]
+            begin = position + offset
+            end = begin + piece.size
+            if end > self._start + self._capacity:
+                self._slide_to(end - half)
+            self._buffer[begin - self._start : end - self._start, channel] = piece
+            self._head = max(self._head, end)
+
+    def _slide_to(self, new_start: int) -> None:
+        shift = new_start - self._start
+        if shift >= self._capacity:
+            self._outbox.append(self._buffer.tobytes())
+            if shift > self._capacity:
+                self._outbox.append(shift - self._capacity)
+            self._buffer[:] = 0
+        else:
+            self._outbox.append(self._buffer[:shift].tobytes())
+            self._buffer[: self._capacity - shift] = self._buffer[shift:]
+            self._buffer[self._capacity - shift :] = 0
+        self._start = new_start
+
+    def _open(self) -> wave.Wave_write:
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            writer = wave.open(str(self.path), "wb")  # noqa: SIM115 - closed in close()
+            writer.setnchannels(2)
+            writer.setsampwidth(2)
+            writer.setframerate(SAMPLE_RATE)
+            self._writer = writer
+        return self._writer
+
+    @staticmethod
+    def _write_silence(writer: wave.Wave_write, frames: int) -> None:
+        block = bytes(_SILENCE_BLOCK_FRAMES * _BYTES_PER_FRAME)
+        while frames > 0:
+            count = min(frames, _SILENCE_BLOCK_FRAMES)
+            writer.writeframesraw(block[: count * _BYTES_PER_FRAME])
+            frames -= count

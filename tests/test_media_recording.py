@@ -1,0 +1,160 @@
+"""StereoWavRecorder: a streamed stereo WAV with both parties on one timeline, in bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import wave
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from media.g711 import ulaw_to_pcm16
+from media.recording import RecorderClosedError, StereoWavRecorder
+
+RATE = 8000
+CALL_MS = 10_000
+WINDOW_MS = 4000
+
+
+def random_ulaw(n_bytes: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n_bytes, dtype=np.uint8).tobytes()
+
+
+def read_wav(path: Path) -> tuple[wave._wave_params, npt.NDArray[np.int16]]:
+    with wave.open(str(path), "rb") as wav:
+        params = wav.getparams()
+        frames = np.frombuffer(wav.readframes(params.nframes), dtype=np.int16).reshape(-1, 2)
+    return params, frames
+
+
+def record_synthetic_call(
+    recorder: StereoWavRecorder,
+) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.int16], list[int]]:
+    """Caller frames every 20 ms (gap at 3-4 s); agent talks 4-8 s in 100 ms chunks sent up to 1 s ahead."""
+    left = np.zeros(CALL_MS * 8, dtype=np.int16)
+    right = np.zeros(CALL_MS * 8, dtype=np.int16)
+    buffered = []
+    agent_sent_to = 4000
+    for now_ms in range(0, CALL_MS, 20):
+        if not 3000 <= now_ms < 4000:
+            frame = random_ulaw(160, now_ms)
+            recorder.write_caller(frame, now_ms)
+            left[now_ms * 8 : now_ms * 8 + 160] = ulaw_to_pcm16(frame)
+        while agent_sent_to < min(now_ms + 1000, 8000):
+            chunk = random_ulaw(800, 100_000 + agent_sent_to)
+            recorder.write_agent(chunk, agent_sent_to)
+            right[agent_sent_to * 8 : agent_sent_to * 8 + 800] = ulaw_to_pcm16(chunk)
+            agent_sent_to += 100
+        buffered.append(recorder.buffered_ms)
+        if now_ms % 1000 == 0:
+            recorder.flush()
+    return left, right, buffered
+
+
+def test_a_call_produces_a_valid_8khz_stereo_wav(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    record_synthetic_call(recorder)
+    recorder.close()
+    params, frames = read_wav(tmp_path / "call.wav")
+    assert (params.nchannels, params.sampwidth, params.framerate) == (2, 2, RATE)
+    assert params.nframes == CALL_MS * 8 == len(frames)
+
+
+def test_each_party_is_on_its_channel_at_its_offsets_with_silence_in_gaps(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    left, right, _ = record_synthetic_call(recorder)
+    recorder.close()
+    _, frames = read_wav(tmp_path / "call.wav")
+    assert np.array_equal(frames[:, 0], left)
+    assert np.array_equal(frames[:, 1], right)
+    assert not frames[3000 * 8 : 4000 * 8, 0].any()
+
+
+def test_close_reports_duration_and_size(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    record_synthetic_call(recorder)
+    info = recorder.close()
+    assert info.path == tmp_path / "call.wav"
+    assert info.duration_ms == CALL_MS
+    assert info.bytes == (tmp_path / "call.wav").stat().st_size == 44 + CALL_MS * 8 * 4
+
+
+def test_memory_stays_within_the_window(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    window_bytes = WINDOW_MS * 8 * 4
+    _, _, buffered = record_synthetic_call(recorder)
+    assert max(buffered) <= WINDOW_MS
+    assert recorder.buffer_bytes == window_bytes
+    recorder.close()
+
+
+def test_audio_reaches_the_file_before_the_call_ends(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    record_synthetic_call(recorder)
+    recorder.flush()
+    assert recorder.pending_bytes == 0
+    assert (tmp_path / "call.wav").stat().st_size > WINDOW_MS * 8 * 4
+    recorder.close()
+
+
+def test_a_write_far_ahead_fills_the_gap_with_silence(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    frame = random_ulaw(160, 1)
+    recorder.write_caller(frame, 60_000)
+    info = recorder.close()
+    _, frames = read_wav(tmp_path / "call.wav")
+    assert info.duration_ms == 60_020
+    assert not frames[: 60_000 * 8].any()
+    assert np.array_equal(frames[60_000 * 8 :, 0], ulaw_to_pcm16(frame))
+
+
+def test_a_chunk_longer_than_the_window_is_recorded_whole(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    chunk = random_ulaw(3 * WINDOW_MS * 8, 2)
+    recorder.write_agent(chunk, 500)
+    recorder.close()
+    _, frames = read_wav(tmp_path / "call.wav")
+    assert np.array_equal(frames[500 * 8 :, 1], ulaw_to_pcm16(chunk))
+
+
+def test_audio_older_than_half_the_window_is_dropped_and_counted(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    recorder.write_agent(random_ulaw(160, 3), 10_000)
+    recorder.write_caller(random_ulaw(160, 4), 1000)
+    assert recorder.dropped_ms == 20
+    recorder.close()
+
+
+def test_a_later_write_at_the_same_position_replaces_the_earlier(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    recorder.write_caller(random_ulaw(160, 5), 0)
+    second = random_ulaw(160, 6)
+    recorder.write_caller(second, 0)
+    recorder.close()
+    _, frames = read_wav(tmp_path / "call.wav")
+    assert np.array_equal(frames[:, 0], ulaw_to_pcm16(second))
+
+
+def test_an_empty_recording_is_a_valid_wav_of_zero_length(tmp_path: Path) -> None:
+    info = StereoWavRecorder(tmp_path / "empty.wav").close()
+    params, _ = read_wav(tmp_path / "empty.wav")
+    assert (params.nchannels, params.nframes, info.duration_ms) == (2, 0, 0)
+
+
+def test_writing_after_close_is_an_error(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav")
+    recorder.close()
+    with pytest.raises(RecorderClosedError):
+        recorder.write_caller(b"\xff" * 160, 0)
+
+
+async def test_flush_and_close_run_in_a_thread_from_asyncio(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    for now_ms in range(0, 6000, 20):
+        recorder.write_caller(b"\x00" * 160, now_ms)
+        if now_ms % 1000 == 0:
+            await asyncio.to_thread(recorder.flush)
+    info = await asyncio.to_thread(recorder.close)
+    assert info.duration_ms == 6000
