@@ -134,8 +134,8 @@ async def get_agent(db: Queryable, *, organization_id: str, agent_id: str) -> Ag
 
 async def list_agents(
     db: Queryable,
-    organization_id: str,
     *,
+    organization_id: str,
     status: AgentStatus | None = None,
     caller_type: CallerType | None = None,
 ) -> list[Agent]:
@@ -345,7 +345,7 @@ WHERE a."id" = $1 AND a."organizationId" = $2
 """
 
 
-async def load_agent_bundle(db: Queryable, organization_id: str, agent_id: str) -> AgentBundle:
+async def load_agent_bundle(db: Queryable, *, organization_id: str, agent_id: str) -> AgentBundle:
     """The agent with its phone number, voice, knowledge bases (with documents), tools and paths, in one query."""
     row = await db.fetchrow(_BUNDLE, agent_id, organization_id)
     if row is None:
@@ -361,7 +361,7 @@ async def load_agent_bundle(db: Queryable, organization_id: str, agent_id: str) 
     )
 
 
-async def find_inbound_agent(db: Queryable, phone_number_id: str) -> Agent | None:
+async def find_inbound_agent(db: Queryable, *, phone_number_id: str) -> Agent | None:
     """The ACTIVE INBOUND agent answering a number (the most recently updated if several), or None.
 
     Unscoped by design: the inbound webhook knows only the number it was called on.

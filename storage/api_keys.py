@@ -91,7 +91,7 @@ async def create_api_key(
     return CreatedApiKey(api_key=ApiKey.from_row(row), plaintext=plaintext)
 
 
-async def authenticate(db: Queryable, plaintext: str, *, now: datetime) -> ApiKey | None:
+async def authenticate(db: Queryable, *, plaintext: str, now: datetime) -> ApiKey | None:
     """The active, unexpired key matching `plaintext`, with its use at `now` recorded; else None.
 
     Unscoped by design: the key is what tells which organization is calling.
@@ -110,7 +110,7 @@ async def authenticate(db: Queryable, plaintext: str, *, now: datetime) -> ApiKe
     return ApiKey.from_row(row) if row is not None else None
 
 
-async def get_api_key(db: Queryable, organization_id: str, key_id: str) -> ApiKey:
+async def get_api_key(db: Queryable, *, organization_id: str, key_id: str) -> ApiKey:
     """One of the organization's keys; NotFound if it has no key with that id."""
     row = await db.fetchrow(
         f'SELECT {_COLUMNS} FROM "ApiKey" WHERE "organizationId" = $1 AND "id" = $2', organization_id, key_id
@@ -120,7 +120,7 @@ async def get_api_key(db: Queryable, organization_id: str, key_id: str) -> ApiKe
     return ApiKey.from_row(row)
 
 
-async def list_api_keys(db: Queryable, organization_id: str) -> list[ApiKey]:
+async def list_api_keys(db: Queryable, *, organization_id: str) -> list[ApiKey]:
     """The organization's keys, revoked ones included, oldest first."""
     rows = await db.fetch(
         f'SELECT {_COLUMNS} FROM "ApiKey" WHERE "organizationId" = $1 ORDER BY "createdAt", "id"', organization_id
@@ -128,7 +128,7 @@ async def list_api_keys(db: Queryable, organization_id: str) -> list[ApiKey]:
     return ApiKey.from_rows(rows)
 
 
-async def revoke_api_key(db: Queryable, organization_id: str, key_id: str) -> ApiKey:
+async def revoke_api_key(db: Queryable, *, organization_id: str, key_id: str) -> ApiKey:
     """Revoke one of the organization's keys for good (revoking twice is harmless); NotFound if not its key."""
     row = await db.fetchrow(
         f"""

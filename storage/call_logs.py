@@ -151,7 +151,7 @@ async def get_call_log(db: Queryable, *, organization_id: str, call_log_id: str)
     return CallLog.from_row(row)
 
 
-async def get_by_call_id(db: Queryable, call_id: str) -> CallLog | None:
+async def get_by_call_id(db: Queryable, *, call_id: str) -> CallLog | None:
     """The call log of a provider's call id (Twilio's CallSid), or None.
 
     Unscoped by design: a status callback knows only the CallSid; scope later calls by the log's organization.
@@ -224,8 +224,8 @@ async def finalize_call_log(
 
 async def list_call_logs(
     db: Queryable,
-    organization_id: str,
     *,
+    organization_id: str,
     call_type: CallType | None = None,
     status: CallStatus | None = None,
     agent_id: str | None = None,

@@ -177,7 +177,7 @@ async def get_campaign(db: Queryable, *, organization_id: str, campaign_id: str)
 
 
 async def list_campaigns(
-    db: Queryable, organization_id: str, *, status: CampaignStatus | None = None
+    db: Queryable, *, organization_id: str, status: CampaignStatus | None = None
 ) -> list[Campaign]:
     """The organization's campaigns, newest first, optionally only those in one status."""
     conditions = ['"organizationId" = $1']

@@ -67,7 +67,7 @@ async def get_conversation_path(db: Queryable, *, organization_id: str, conversa
     return ConversationPath.from_row(row)
 
 
-async def list_conversation_paths(db: Queryable, organization_id: str) -> list[ConversationPath]:
+async def list_conversation_paths(db: Queryable, *, organization_id: str) -> list[ConversationPath]:
     """The organization's conversation paths, newest first."""
     rows = await db.fetch(
         f"""

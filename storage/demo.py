@@ -145,7 +145,7 @@ async def seed_demo(db: Queryable, *, phone_number: str = DEMO_PHONE_NUMBER) -> 
     async with transaction(db) as conn:
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", _SEED_LOCK)
 
-        organization = await organizations.get_organization_by_slug(conn, DEMO_SLUG)
+        organization = await organizations.get_organization_by_slug(conn, slug=DEMO_SLUG)
         if organization is None:
             organization = await organizations.create_organization(
                 conn, name=DEMO_ORGANIZATION_NAME, slug=DEMO_SLUG, plan=Plan.PRO, credits=DEMO_CREDITS
@@ -154,7 +154,7 @@ async def seed_demo(db: Queryable, *, phone_number: str = DEMO_PHONE_NUMBER) -> 
         org_id = organization.id
 
         password: str | None = None
-        owner = await users.get_user_by_email(conn, DEMO_OWNER_EMAIL)
+        owner = await users.get_user_by_email(conn, email=DEMO_OWNER_EMAIL)
         if owner is None:
             password = secrets.token_urlsafe(12)
             owner = await users.create_user(
@@ -167,11 +167,11 @@ async def seed_demo(db: Queryable, *, phone_number: str = DEMO_PHONE_NUMBER) -> 
                 status=UserStatus.ACTIVE,
             )
             created.append("owner")
-        if await users.find_membership(conn, org_id, owner.id) is None:
+        if await users.find_membership(conn, organization_id=org_id, user_id=owner.id) is None:
             await users.add_member(conn, user_id=owner.id, organization_id=org_id, role=UserRole.OWNER)
 
         api_key: str | None = None
-        if not any(key.name == DEMO_API_KEY_NAME for key in await api_keys.list_api_keys(conn, org_id)):
+        if not any(key.name == DEMO_API_KEY_NAME for key in await api_keys.list_api_keys(conn, organization_id=org_id)):
             made = await api_keys.create_api_key(
                 conn, organization_id=org_id, user_id=owner.id, name=DEMO_API_KEY_NAME, live=False
             )
@@ -191,7 +191,7 @@ async def seed_demo(db: Queryable, *, phone_number: str = DEMO_PHONE_NUMBER) -> 
             )
             voice_ids[(voice.provider, voice.provider_voice_id)] = row.id
 
-        number = await phone_numbers.find_by_number(conn, phone_number)
+        number = await phone_numbers.find_by_number(conn, number=phone_number)
         if number is None:
             number = await phone_numbers.create_phone_number(
                 conn, organization_id=org_id, phone_number=phone_number, label="Demo line"
@@ -200,7 +200,11 @@ async def seed_demo(db: Queryable, *, phone_number: str = DEMO_PHONE_NUMBER) -> 
         elif number.organization_id != org_id:
             raise AlreadyExists("PhoneNumber", "phoneNumber", number.phone_number)
 
-        paths = [p for p in await conversation_paths.list_conversation_paths(conn, org_id) if p.name == DEMO_PATH_NAME]
+        paths = [
+            p
+            for p in await conversation_paths.list_conversation_paths(conn, organization_id=org_id)
+            if p.name == DEMO_PATH_NAME
+        ]
         if paths:
             path = paths[0]
         else:
@@ -215,7 +219,7 @@ async def seed_demo(db: Queryable, *, phone_number: str = DEMO_PHONE_NUMBER) -> 
             )
             created.append("conversation path")
 
-        existing = [a for a in await agents.list_agents(conn, org_id) if a.name == DEMO_AGENT_NAME]
+        existing = [a for a in await agents.list_agents(conn, organization_id=org_id) if a.name == DEMO_AGENT_NAME]
         if existing:
             agent = existing[0]
         else:

@@ -80,7 +80,7 @@ async def create_event(
     return Event.from_row(row)
 
 
-async def get_event(db: Queryable, organization_id: str, event_id: str) -> Event:
+async def get_event(db: Queryable, *, organization_id: str, event_id: str) -> Event:
     """One of the organization's subscriptions; NotFound if it has none with that id."""
     row = await db.fetchrow(
         f'SELECT {_COLUMNS} FROM "Event" WHERE "organizationId" = $1 AND "id" = $2', organization_id, event_id
@@ -90,7 +90,7 @@ async def get_event(db: Queryable, organization_id: str, event_id: str) -> Event
     return Event.from_row(row)
 
 
-async def list_events(db: Queryable, organization_id: str) -> list[Event]:
+async def list_events(db: Queryable, *, organization_id: str) -> list[Event]:
     """The organization's subscriptions, enabled or not, by event name then age."""
     rows = await db.fetch(
         f"""
@@ -103,7 +103,9 @@ async def list_events(db: Queryable, organization_id: str) -> list[Event]:
     return Event.from_rows(rows)
 
 
-async def subscriptions_for(db: Queryable, organization_id: str, event_name: str, agent_id: str | None) -> list[Event]:
+async def subscriptions_for(
+    db: Queryable, *, organization_id: str, event_name: str, agent_id: str | None
+) -> list[Event]:
     """The enabled subscriptions to notify when `event_name` happens: organization-wide ones and the agent's own."""
     rows = await db.fetch(
         f"""
@@ -119,7 +121,7 @@ async def subscriptions_for(db: Queryable, organization_id: str, event_name: str
     return Event.from_rows(rows)
 
 
-async def increment_trigger_count(db: Queryable, organization_id: str, event_id: str) -> int:
+async def increment_trigger_count(db: Queryable, *, organization_id: str, event_id: str) -> int:
     """Count one more firing of a subscription; return the new count."""
     count: int | None = await db.fetchval(
         """
@@ -135,7 +137,7 @@ async def increment_trigger_count(db: Queryable, organization_id: str, event_id:
     return count
 
 
-async def set_event_enabled(db: Queryable, organization_id: str, event_id: str, enabled: bool) -> Event:
+async def set_event_enabled(db: Queryable, *, organization_id: str, event_id: str, enabled: bool) -> Event:
     """Switch a subscription on or off without deleting it."""
     row = await db.fetchrow(
         f"""
@@ -152,7 +154,7 @@ async def set_event_enabled(db: Queryable, organization_id: str, event_id: str, 
     return Event.from_row(row)
 
 
-async def delete_event(db: Queryable, organization_id: str, event_id: str) -> None:
+async def delete_event(db: Queryable, *, organization_id: str, event_id: str) -> None:
     """Delete one of the organization's subscriptions."""
     deleted = await db.fetchval(
         'DELETE FROM "Event" WHERE "organizationId" = $1 AND "id" = $2 RETURNING "id"', organization_id, event_id

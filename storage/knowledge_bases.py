@@ -88,7 +88,7 @@ async def get_knowledge_base(db: Queryable, *, organization_id: str, knowledge_b
     return KnowledgeBase.from_row(row)
 
 
-async def list_knowledge_bases(db: Queryable, organization_id: str) -> list[KnowledgeBase]:
+async def list_knowledge_bases(db: Queryable, *, organization_id: str) -> list[KnowledgeBase]:
     """The organization's knowledge bases, newest first."""
     rows = await db.fetch(
         f"""

@@ -68,7 +68,7 @@ async def create_organization(
     return Organization.from_row(row)
 
 
-async def get_organization(db: Queryable, organization_id: str) -> Organization:
+async def get_organization(db: Queryable, *, organization_id: str) -> Organization:
     """The organization with that id; NotFound if there is none."""
     row = await db.fetchrow(f'SELECT {_COLUMNS} FROM "Organization" WHERE "id" = $1', organization_id)
     if row is None:
@@ -76,13 +76,13 @@ async def get_organization(db: Queryable, organization_id: str) -> Organization:
     return Organization.from_row(row)
 
 
-async def get_organization_by_slug(db: Queryable, slug: str) -> Organization | None:
+async def get_organization_by_slug(db: Queryable, *, slug: str) -> Organization | None:
     """The organization with that slug, or None."""
     row = await db.fetchrow(f'SELECT {_COLUMNS} FROM "Organization" WHERE "slug" = $1', slug)
     return Organization.from_row(row) if row is not None else None
 
 
-async def delete_organization(db: Queryable, organization_id: str) -> None:
+async def delete_organization(db: Queryable, *, organization_id: str) -> None:
     """Delete an organization and, through the schema's cascades, everything it owns."""
     with translate_errors():
         deleted = await db.fetchval('DELETE FROM "Organization" WHERE "id" = $1 RETURNING "id"', organization_id)
@@ -90,7 +90,7 @@ async def delete_organization(db: Queryable, organization_id: str) -> None:
         raise NotFound("Organization", organization_id)
 
 
-async def add_credits(db: Queryable, organization_id: str, amount: int) -> int:
+async def add_credits(db: Queryable, *, organization_id: str, amount: int) -> int:
     """Add `amount` (> 0) credits; return the new balance."""
     if amount <= 0:
         raise ValueError(f"credits to add must be positive, got {amount}")
@@ -105,7 +105,7 @@ async def add_credits(db: Queryable, organization_id: str, amount: int) -> int:
     return balance
 
 
-async def charge_credits(db: Queryable, organization_id: str, amount: int) -> int:
+async def charge_credits(db: Queryable, *, organization_id: str, amount: int) -> int:
     """Take `amount` (> 0) credits only if the balance covers it; return the new balance.
 
     Raises InsufficientCredits (and charges nothing) when it does not.
@@ -131,7 +131,7 @@ async def charge_credits(db: Queryable, organization_id: str, amount: int) -> in
     raise InsufficientCredits(organization_id, current, amount)
 
 
-async def charge_usage(db: Queryable, organization_id: str, amount: int) -> int:
+async def charge_usage(db: Queryable, *, organization_id: str, amount: int) -> int:
     """Record `amount` (>= 0) credits of usage already consumed, even below zero; return the new balance.
 
     A finished call's minutes are owed whatever the balance, so this never refuses for lack of credits.
@@ -149,7 +149,7 @@ async def charge_usage(db: Queryable, organization_id: str, amount: int) -> int:
     return balance
 
 
-async def has_credits(db: Queryable, organization_id: str) -> bool:
+async def has_credits(db: Queryable, *, organization_id: str) -> bool:
     """Whether the organization's balance is above zero (enough to start a call)."""
     positive: bool | None = await db.fetchval(
         'SELECT "credits" > 0 FROM "Organization" WHERE "id" = $1', organization_id

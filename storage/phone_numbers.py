@@ -88,7 +88,7 @@ async def create_phone_number(
     return PhoneNumber.from_row(row)
 
 
-async def find_by_number(db: Queryable, number: str) -> PhoneNumber | None:
+async def find_by_number(db: Queryable, *, number: str) -> PhoneNumber | None:
     """The number record for a dialed number, whichever organization owns it, or None.
 
     Unscoped by design: an inbound call names only the number, and the number tells the organization.
@@ -102,7 +102,7 @@ async def find_by_number(db: Queryable, number: str) -> PhoneNumber | None:
     return PhoneNumber.from_row(row) if row is not None else None
 
 
-async def get_phone_number(db: Queryable, organization_id: str, phone_number_id: str) -> PhoneNumber:
+async def get_phone_number(db: Queryable, *, organization_id: str, phone_number_id: str) -> PhoneNumber:
     """One of the organization's numbers; NotFound if it has none with that id."""
     row = await db.fetchrow(
         f'SELECT {_COLUMNS} FROM "PhoneNumber" WHERE "organizationId" = $1 AND "id" = $2',
@@ -114,7 +114,7 @@ async def get_phone_number(db: Queryable, organization_id: str, phone_number_id:
     return PhoneNumber.from_row(row)
 
 
-async def list_phone_numbers(db: Queryable, organization_id: str) -> list[PhoneNumber]:
+async def list_phone_numbers(db: Queryable, *, organization_id: str) -> list[PhoneNumber]:
     """The organization's numbers, in number order."""
     rows = await db.fetch(
         f'SELECT {_COLUMNS} FROM "PhoneNumber" WHERE "organizationId" = $1 ORDER BY "phoneNumber"', organization_id
@@ -123,20 +123,20 @@ async def list_phone_numbers(db: Queryable, organization_id: str) -> list[PhoneN
 
 
 async def set_inbound_status(
-    db: Queryable, organization_id: str, phone_number_id: str, status: PhoneNumberStatus
+    db: Queryable, *, organization_id: str, phone_number_id: str, status: PhoneNumberStatus
 ) -> PhoneNumber:
     """Switch whether the number answers incoming calls."""
     return await _set_status(db, "inboundStatus", organization_id, phone_number_id, status)
 
 
 async def set_outbound_status(
-    db: Queryable, organization_id: str, phone_number_id: str, status: PhoneNumberStatus
+    db: Queryable, *, organization_id: str, phone_number_id: str, status: PhoneNumberStatus
 ) -> PhoneNumber:
     """Switch whether the number may place outgoing calls."""
     return await _set_status(db, "outboundStatus", organization_id, phone_number_id, status)
 
 
-async def delete_phone_number(db: Queryable, organization_id: str, phone_number_id: str) -> None:
+async def delete_phone_number(db: Queryable, *, organization_id: str, phone_number_id: str) -> None:
     """Remove one of the organization's numbers (agents using it are left without one)."""
     with translate_errors():
         deleted = await db.fetchval(

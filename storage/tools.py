@@ -78,7 +78,7 @@ async def get_tool(db: Queryable, *, organization_id: str, tool_id: str) -> Tool
     return Tool.from_row(row)
 
 
-async def list_tools(db: Queryable, organization_id: str) -> list[Tool]:
+async def list_tools(db: Queryable, *, organization_id: str) -> list[Tool]:
     """The organization's tools, newest first."""
     rows = await db.fetch(
         f"""

@@ -110,7 +110,7 @@ async def create_user(
     return User.from_row(row)
 
 
-async def get_user(db: Queryable, user_id: str) -> User:
+async def get_user(db: Queryable, *, user_id: str) -> User:
     """The user with that id; NotFound if there is none."""
     row = await db.fetchrow(f'SELECT {_USER_COLUMNS} FROM "User" WHERE "id" = $1', user_id)
     if row is None:
@@ -118,7 +118,7 @@ async def get_user(db: Queryable, user_id: str) -> User:
     return User.from_row(row)
 
 
-async def get_user_by_email(db: Queryable, email: str) -> User | None:
+async def get_user_by_email(db: Queryable, *, email: str) -> User | None:
     """The user with that email address, whatever its case, or None."""
     try:
         normalized = normalize_email(email)
@@ -128,7 +128,7 @@ async def get_user_by_email(db: Queryable, email: str) -> User | None:
     return User.from_row(row) if row is not None else None
 
 
-async def set_password(db: Queryable, user_id: str, password: str) -> User:
+async def set_password(db: Queryable, *, user_id: str, password: str) -> User:
     """Replace a user's password (stored hashed)."""
     password_hash = await hash_password(password)
     row = await db.fetchrow(
@@ -139,12 +139,12 @@ async def set_password(db: Queryable, user_id: str, password: str) -> User:
     return User.from_row(row)
 
 
-async def verify_password(db: Queryable, email: str, password: str) -> User | None:
+async def verify_password(db: Queryable, *, email: str, password: str) -> User | None:
     """The user if the email and password match, else None; as slow for an unknown email as for a wrong password.
 
     A hash made with older argon2 parameters is upgraded on a successful check.
     """
-    user = await get_user_by_email(db, email)
+    user = await get_user_by_email(db, email=email)
     matches = await asyncio.to_thread(_check, user.password if user is not None else None, password)
     if not matches or user is None or user.password is None:
         return None
@@ -160,7 +160,7 @@ async def verify_password(db: Queryable, email: str, password: str) -> User | No
     return User.from_row(row) if row is not None else user
 
 
-async def delete_user(db: Queryable, user_id: str) -> None:
+async def delete_user(db: Queryable, *, user_id: str) -> None:
     """Delete a user, with their memberships and API keys (the schema cascades)."""
     with translate_errors():
         deleted = await db.fetchval('DELETE FROM "User" WHERE "id" = $1 RETURNING "id"', user_id)
@@ -187,7 +187,7 @@ async def add_member(
     return Membership.from_row(row)
 
 
-async def find_membership(db: Queryable, organization_id: str, user_id: str) -> Membership | None:
+async def find_membership(db: Queryable, *, organization_id: str, user_id: str) -> Membership | None:
     """The user's membership of that organization, or None if they are not a member."""
     row = await db.fetchrow(
         f'SELECT {_MEMBERSHIP_COLUMNS} FROM "UserOrganization" WHERE "organizationId" = $1 AND "userId" = $2',
@@ -197,7 +197,7 @@ async def find_membership(db: Queryable, organization_id: str, user_id: str) -> 
     return Membership.from_row(row) if row is not None else None
 
 
-async def list_members(db: Queryable, organization_id: str) -> list[Membership]:
+async def list_members(db: Queryable, *, organization_id: str) -> list[Membership]:
     """Every membership of an organization, oldest first."""
     rows = await db.fetch(
         f"""
@@ -210,7 +210,7 @@ async def list_members(db: Queryable, organization_id: str) -> list[Membership]:
     return Membership.from_rows(rows)
 
 
-async def list_memberships(db: Queryable, user_id: str) -> list[Membership]:
+async def list_memberships(db: Queryable, *, user_id: str) -> list[Membership]:
     """Every organization a user belongs to, as memberships, oldest first."""
     rows = await db.fetch(
         f"""

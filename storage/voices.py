@@ -135,7 +135,7 @@ async def upsert_system_voice(
     return Voice.from_row(row)
 
 
-async def list_voices(db: Queryable, organization_id: str) -> list[Voice]:
+async def list_voices(db: Queryable, *, organization_id: str) -> list[Voice]:
     """The voices an organization can use: every system voice, then its own custom voices, each by name."""
     rows = await db.fetch(
         f"""
@@ -148,7 +148,7 @@ async def list_voices(db: Queryable, organization_id: str) -> list[Voice]:
     return Voice.from_rows(rows)
 
 
-async def get_voice_for_organization(db: Queryable, organization_id: str, voice_id: str) -> Voice:
+async def get_voice_for_organization(db: Queryable, *, organization_id: str, voice_id: str) -> Voice:
     """A voice the organization may use (a system voice or its own); NotFound otherwise."""
     row = await db.fetchrow(
         f"""
@@ -163,7 +163,7 @@ async def get_voice_for_organization(db: Queryable, organization_id: str, voice_
     return Voice.from_row(row)
 
 
-async def set_custom_voice_status(db: Queryable, organization_id: str, voice_id: str, status: VoiceStatus) -> Voice:
+async def set_custom_voice_status(db: Queryable, *, organization_id: str, voice_id: str, status: VoiceStatus) -> Voice:
     """Move one of the organization's custom voices to a status (e.g. READY when cloning finishes)."""
     row = await db.fetchrow(
         f"""
@@ -180,7 +180,7 @@ async def set_custom_voice_status(db: Queryable, organization_id: str, voice_id:
     return Voice.from_row(row)
 
 
-async def delete_custom_voice(db: Queryable, organization_id: str, voice_id: str) -> None:
+async def delete_custom_voice(db: Queryable, *, organization_id: str, voice_id: str) -> None:
     """Delete one of the organization's custom voices (agents using it are left without one)."""
     with translate_errors():
         deleted = await db.fetchval(

@@ -143,7 +143,7 @@ async def test_deleting_a_knowledge_base_removes_its_documents_and_agent_links(p
     await knowledge_bases.delete_knowledge_base(pool, organization_id=org, knowledge_base_id=tenant.knowledge_base.id)
 
     assert await count(pool, "KnowledgeBaseDocument", "knowledgeBaseId", tenant.knowledge_base.id) == 0
-    bundle = await agents.load_agent_bundle(pool, org, tenant.agent.id)
+    bundle = await agents.load_agent_bundle(pool, organization_id=org, agent_id=tenant.agent.id)
     assert bundle.knowledge_bases == []
     assert [t.id for t in bundle.tools] == [tenant.tool.id]
 
@@ -154,7 +154,7 @@ async def test_deleting_a_tool_or_path_removes_only_their_agent_links(pool: asyn
     await tools.delete_tool(pool, organization_id=org, tool_id=tenant.tool.id)
     await conversation_paths.delete_conversation_path(pool, organization_id=org, conversation_path_id=tenant.path.id)
 
-    bundle = await agents.load_agent_bundle(pool, org, tenant.agent.id)
+    bundle = await agents.load_agent_bundle(pool, organization_id=org, agent_id=tenant.agent.id)
     assert (bundle.tools, bundle.conversation_paths) == ([], [])
     assert [kb.id for kb in bundle.knowledge_bases] == [tenant.knowledge_base.id]
     campaign = await campaigns.get_campaign(pool, organization_id=org, campaign_id=tenant.campaign.id)

@@ -22,9 +22,9 @@ async def _counts(pool: asyncpg.Pool) -> dict[str, int]:
 
 async def test_the_demo_agent_answers_the_demo_number_with_offline_providers(pool: asyncpg.Pool) -> None:
     seed = await seed_demo(pool)
-    number = await phone_numbers.find_by_number(pool, DEMO_PHONE_NUMBER)
+    number = await phone_numbers.find_by_number(pool, number=DEMO_PHONE_NUMBER)
     assert number is not None
-    agent = await agents.find_inbound_agent(pool, number.id)
+    agent = await agents.find_inbound_agent(pool, phone_number_id=number.id)
     assert agent is not None
     assert agent.id == seed.agent_id
     assert (agent.status, agent.caller_type) == (AgentStatus.ACTIVE, CallerType.INBOUND)
@@ -34,7 +34,7 @@ async def test_the_demo_agent_answers_the_demo_number_with_offline_providers(poo
         "conversation_path",
         "espeak",
     )
-    bundle = await agents.load_agent_bundle(pool, seed.organization_id, seed.agent_id)
+    bundle = await agents.load_agent_bundle(pool, organization_id=seed.organization_id, agent_id=seed.agent_id)
     assert [path.name for path in bundle.conversation_paths] == ["Front desk"]
     assert bundle.voice is not None
     assert bundle.voice.provider == "espeak"
@@ -46,8 +46,8 @@ async def test_the_first_run_shows_working_secrets_that_are_stored_only_as_hashe
         seed = await seed_demo(pool)
         assert seed.api_key is not None
         assert seed.owner_password is not None
-        key = await api_keys.authenticate(pool, seed.api_key, now=datetime.now(UTC))
-        owner = await users.verify_password(pool, DEMO_OWNER_EMAIL, seed.owner_password)
+        key = await api_keys.authenticate(pool, plaintext=seed.api_key, now=datetime.now(UTC))
+        owner = await users.verify_password(pool, email=DEMO_OWNER_EMAIL, password=seed.owner_password)
         stored = await pool.fetchrow('SELECT "key" FROM "ApiKey" WHERE "organizationId" = $1', seed.organization_id)
         password_hash = await pool.fetchval('SELECT "password" FROM "User" WHERE "email" = $1', DEMO_OWNER_EMAIL)
     finally:

@@ -86,11 +86,15 @@ async def test_list_agents_filters_by_status_and_caller_type(pool: asyncpg.Pool)
     idle = await agents.create_agent(pool, organization_id=org, name="Idle", status=AgentStatus.INACTIVE)
     await agents.create_agent(pool, organization_id=await insert_organization(pool), name="Elsewhere")
 
-    assert {a.id for a in await agents.list_agents(pool, org)} == {inbound.id, outbound.id, idle.id}
-    active_inbound = await agents.list_agents(pool, org, status=AgentStatus.ACTIVE, caller_type=CallerType.INBOUND)
+    assert {a.id for a in await agents.list_agents(pool, organization_id=org)} == {inbound.id, outbound.id, idle.id}
+    active_inbound = await agents.list_agents(
+        pool, organization_id=org, status=AgentStatus.ACTIVE, caller_type=CallerType.INBOUND
+    )
     assert [a.id for a in active_inbound] == [inbound.id]
-    assert [a.id for a in await agents.list_agents(pool, org, caller_type=CallerType.OUTBOUND)] == [outbound.id]
-    assert [a.id for a in await agents.list_agents(pool, org, status=AgentStatus.INACTIVE)] == [idle.id]
+    assert [a.id for a in await agents.list_agents(pool, organization_id=org, caller_type=CallerType.OUTBOUND)] == [
+        outbound.id
+    ]
+    assert [a.id for a in await agents.list_agents(pool, organization_id=org, status=AgentStatus.INACTIVE)] == [idle.id]
 
 
 async def test_agent_cannot_use_another_organizations_phone_number(pool: asyncpg.Pool) -> None:
@@ -98,7 +102,7 @@ async def test_agent_cannot_use_another_organizations_phone_number(pool: asyncpg
     foreign_number = await insert_phone_number(pool, await insert_organization(pool))
     with pytest.raises(InvalidReference, match=f"PhoneNumber {foreign_number}"):
         await agents.create_agent(pool, organization_id=org, name="Support", phone_number_id=foreign_number)
-    assert await agents.list_agents(pool, org) == []
+    assert await agents.list_agents(pool, organization_id=org) == []
 
 
 async def test_agent_may_use_a_system_voice_but_not_another_organizations(pool: asyncpg.Pool) -> None:
@@ -136,7 +140,7 @@ async def test_linking_another_organizations_tool_is_an_invalid_reference(pool: 
     foreign_tool = await tools.create_tool(pool, organization_id=await insert_organization(pool), name="Stripe")
     with pytest.raises(InvalidReference, match=f"Tool {foreign_tool.id} does not exist in organization {org}"):
         await agents.link_tool(pool, organization_id=org, agent_id=agent.id, tool_id=foreign_tool.id)
-    assert (await agents.load_agent_bundle(pool, org, agent.id)).tools == []
+    assert (await agents.load_agent_bundle(pool, organization_id=org, agent_id=agent.id)).tools == []
 
 
 async def test_linking_to_another_organizations_agent_is_not_found(pool: asyncpg.Pool) -> None:
@@ -153,11 +157,13 @@ async def test_linking_twice_keeps_one_link_and_unlinking_removes_it(pool: async
     kb = await knowledge_bases.create_knowledge_base(pool, organization_id=org, name="FAQ")
     for _ in range(2):
         await agents.link_knowledge_base(pool, organization_id=org, agent_id=agent.id, knowledge_base_id=kb.id)
-    assert [k.id for k in (await agents.load_agent_bundle(pool, org, agent.id)).knowledge_bases] == [kb.id]
+    assert [
+        k.id for k in (await agents.load_agent_bundle(pool, organization_id=org, agent_id=agent.id)).knowledge_bases
+    ] == [kb.id]
 
     assert await agents.unlink_knowledge_base(pool, organization_id=org, agent_id=agent.id, knowledge_base_id=kb.id)
     assert not await agents.unlink_knowledge_base(pool, organization_id=org, agent_id=agent.id, knowledge_base_id=kb.id)
-    assert (await agents.load_agent_bundle(pool, org, agent.id)).knowledge_bases == []
+    assert (await agents.load_agent_bundle(pool, organization_id=org, agent_id=agent.id)).knowledge_bases == []
 
 
 async def test_bundle_carries_every_resource_of_the_agent(pool: asyncpg.Pool) -> None:
@@ -184,7 +190,7 @@ async def test_bundle_carries_every_resource_of_the_agent(pool: asyncpg.Pool) ->
     await agents.link_conversation_path(pool, organization_id=org, agent_id=agent.id, conversation_path_id=path.id)
     unlinked_tool = await tools.create_tool(pool, organization_id=org, name="Unused")
 
-    bundle = await agents.load_agent_bundle(pool, org, agent.id)
+    bundle = await agents.load_agent_bundle(pool, organization_id=org, agent_id=agent.id)
 
     assert bundle.agent == agent
     assert bundle.phone_number is not None and bundle.phone_number.id == number_id
@@ -203,7 +209,7 @@ async def test_bundle_carries_every_resource_of_the_agent(pool: asyncpg.Pool) ->
 async def test_bundle_of_a_bare_agent_has_no_resources(pool: asyncpg.Pool) -> None:
     org = await insert_organization(pool)
     agent = await agents.create_agent(pool, organization_id=org, name="Bare")
-    bundle = await agents.load_agent_bundle(pool, org, agent.id)
+    bundle = await agents.load_agent_bundle(pool, organization_id=org, agent_id=agent.id)
     assert (bundle.phone_number, bundle.voice) == (None, None)
     assert (bundle.knowledge_bases, bundle.tools, bundle.conversation_paths) == ([], [], [])
 
@@ -211,7 +217,7 @@ async def test_bundle_of_a_bare_agent_has_no_resources(pool: asyncpg.Pool) -> No
 async def test_bundle_of_another_organizations_agent_is_not_found(pool: asyncpg.Pool) -> None:
     agent = await agents.create_agent(pool, organization_id=await insert_organization(pool), name="Support")
     with pytest.raises(NotFound):
-        await agents.load_agent_bundle(pool, await insert_organization(pool), agent.id)
+        await agents.load_agent_bundle(pool, organization_id=await insert_organization(pool), agent_id=agent.id)
 
 
 async def test_inbound_agent_is_the_most_recently_updated_active_inbound_one(pool: asyncpg.Pool) -> None:
@@ -226,13 +232,13 @@ async def test_inbound_agent_is_the_most_recently_updated_active_inbound_one(poo
     await agents.create_agent(
         pool, organization_id=org, name="Off", phone_number_id=number, status=AgentStatus.INACTIVE
     )
-    assert (await agents.find_inbound_agent(pool, number)) == newer
+    assert (await agents.find_inbound_agent(pool, phone_number_id=number)) == newer
 
     await asyncio.sleep(0.01)  # updatedAt has millisecond precision
     touched = await agents.update_agent_configuration(
         pool, organization_id=org, agent_id=older.id, configuration={"stt": {"provider": "deepgram"}}
     )
-    assert (await agents.find_inbound_agent(pool, number)) == touched
+    assert (await agents.find_inbound_agent(pool, phone_number_id=number)) == touched
 
 
 async def test_a_number_without_an_active_inbound_agent_has_none(pool: asyncpg.Pool) -> None:
@@ -241,8 +247,8 @@ async def test_a_number_without_an_active_inbound_agent_has_none(pool: asyncpg.P
     await agents.create_agent(
         pool, organization_id=org, name="Off", phone_number_id=number, status=AgentStatus.INACTIVE
     )
-    assert await agents.find_inbound_agent(pool, number) is None
-    assert await agents.find_inbound_agent(pool, new_id()) is None
+    assert await agents.find_inbound_agent(pool, phone_number_id=number) is None
+    assert await agents.find_inbound_agent(pool, phone_number_id=new_id()) is None
 
 
 async def test_concurrent_increments_count_every_call(pool: asyncpg.Pool) -> None:
@@ -316,9 +322,9 @@ async def test_resources_are_listed_only_for_their_organization(pool: asyncpg.Po
     await tools.create_tool(pool, organization_id=other, name="Theirs")
     await conversation_paths.create_conversation_path(pool, organization_id=other, name="Theirs")
 
-    assert await knowledge_bases.list_knowledge_bases(pool, org) == [kb]
-    assert await tools.list_tools(pool, org) == [tool]
-    assert await conversation_paths.list_conversation_paths(pool, org) == [path]
+    assert await knowledge_bases.list_knowledge_bases(pool, organization_id=org) == [kb]
+    assert await tools.list_tools(pool, organization_id=org) == [tool]
+    assert await conversation_paths.list_conversation_paths(pool, organization_id=org) == [path]
     with pytest.raises(NotFound):
         await tools.get_tool(pool, organization_id=other, tool_id=tool.id)
     with pytest.raises(NotFound):

@@ -41,7 +41,7 @@ async def test_an_api_key_keeps_every_column_through_a_round_trip(pool: asyncpg.
         pool, organization_id=organization.id, user_id=user.id, name="CI", live=True, expiration_date=expires
     )
 
-    fetched = await get_api_key(pool, organization.id, created.api_key.id)
+    fetched = await get_api_key(pool, organization_id=organization.id, key_id=created.api_key.id)
     row = await pool.fetchrow('SELECT * FROM "ApiKey" WHERE "id" = $1', fetched.id)
 
     assert fetched == created.api_key
@@ -113,16 +113,16 @@ async def test_a_valid_key_authenticates_and_records_when_it_was_used(pool: asyn
     organization, user = await new_owner(pool)
     created = await create_api_key(pool, organization_id=organization.id, user_id=user.id, name="prod", live=True)
 
-    authenticated = await authenticate(pool, created.plaintext, now=NOW)
+    authenticated = await authenticate(pool, plaintext=created.plaintext, now=NOW)
 
     assert authenticated is not None
     assert (authenticated.id, authenticated.organization_id) == (created.api_key.id, organization.id)
     assert authenticated.last_used_at == NOW
-    assert (await get_api_key(pool, organization.id, created.api_key.id)).last_used_at == NOW
+    assert (await get_api_key(pool, organization_id=organization.id, key_id=created.api_key.id)).last_used_at == NOW
 
 
 async def test_an_unknown_key_does_not_authenticate(pool: asyncpg.Pool) -> None:
-    assert await authenticate(pool, "sk_live_" + "B" * 43, now=NOW) is None
+    assert await authenticate(pool, plaintext="sk_live_" + "B" * 43, now=NOW) is None
 
 
 @pytest.mark.parametrize(
@@ -130,7 +130,7 @@ async def test_an_unknown_key_does_not_authenticate(pool: asyncpg.Pool) -> None:
     ["", "sk_live_", "sk_live_short", "pk_live_" + "C" * 43, "sk_prod_" + "C" * 43, "sk_live_" + "C" * 44],
 )
 async def test_a_malformed_key_does_not_authenticate(pool: asyncpg.Pool, plaintext: str) -> None:
-    assert await authenticate(pool, plaintext, now=NOW) is None
+    assert await authenticate(pool, plaintext=plaintext, now=NOW) is None
 
 
 async def test_a_revoked_key_no_longer_authenticates(pool: asyncpg.Pool) -> None:
@@ -138,19 +138,19 @@ async def test_a_revoked_key_no_longer_authenticates(pool: asyncpg.Pool) -> None
     created = await create_api_key(pool, organization_id=organization.id, user_id=user.id, name="prod", live=True)
     await asyncio.sleep(0.01)  # updatedAt is kept to the millisecond
 
-    revoked = await revoke_api_key(pool, organization.id, created.api_key.id)
+    revoked = await revoke_api_key(pool, organization_id=organization.id, key_id=created.api_key.id)
 
     assert revoked.status is ApiKeyStatus.REVOKED
     assert revoked.updated_at > created.api_key.updated_at
-    assert await authenticate(pool, created.plaintext, now=NOW) is None
+    assert await authenticate(pool, plaintext=created.plaintext, now=NOW) is None
 
 
 async def test_revoking_a_key_twice_is_harmless(pool: asyncpg.Pool) -> None:
     organization, user = await new_owner(pool)
     created = await create_api_key(pool, organization_id=organization.id, user_id=user.id, name="prod", live=True)
-    await revoke_api_key(pool, organization.id, created.api_key.id)
+    await revoke_api_key(pool, organization_id=organization.id, key_id=created.api_key.id)
 
-    again = await revoke_api_key(pool, organization.id, created.api_key.id)
+    again = await revoke_api_key(pool, organization_id=organization.id, key_id=created.api_key.id)
 
     assert again.status is ApiKeyStatus.REVOKED
 
@@ -162,9 +162,9 @@ async def test_a_key_authenticates_until_its_expiration_date_and_not_from_then_o
         pool, organization_id=organization.id, user_id=user.id, name="temp", live=True, expiration_date=expires
     )
 
-    assert await authenticate(pool, created.plaintext, now=expires - timedelta(seconds=1)) is not None
-    assert await authenticate(pool, created.plaintext, now=expires) is None
-    assert await authenticate(pool, created.plaintext, now=expires + timedelta(days=1)) is None
+    assert await authenticate(pool, plaintext=created.plaintext, now=expires - timedelta(seconds=1)) is not None
+    assert await authenticate(pool, plaintext=created.plaintext, now=expires) is None
+    assert await authenticate(pool, plaintext=created.plaintext, now=expires + timedelta(days=1)) is None
 
 
 async def test_another_organization_can_neither_see_nor_revoke_a_key(pool: asyncpg.Pool) -> None:
@@ -173,11 +173,11 @@ async def test_another_organization_can_neither_see_nor_revoke_a_key(pool: async
     created = await create_api_key(pool, organization_id=organization.id, user_id=user.id, name="prod", live=True)
 
     with pytest.raises(NotFound):
-        await get_api_key(pool, other.id, created.api_key.id)
+        await get_api_key(pool, organization_id=other.id, key_id=created.api_key.id)
     with pytest.raises(NotFound):
-        await revoke_api_key(pool, other.id, created.api_key.id)
+        await revoke_api_key(pool, organization_id=other.id, key_id=created.api_key.id)
 
-    assert await authenticate(pool, created.plaintext, now=NOW) is not None
+    assert await authenticate(pool, plaintext=created.plaintext, now=NOW) is not None
 
 
 async def test_an_organization_lists_only_its_own_keys_revoked_ones_included(pool: asyncpg.Pool) -> None:
@@ -186,8 +186,8 @@ async def test_an_organization_lists_only_its_own_keys_revoked_ones_included(poo
     first = await create_api_key(pool, organization_id=organization.id, user_id=user.id, name="a", live=True)
     second = await create_api_key(pool, organization_id=organization.id, user_id=user.id, name="b", live=False)
     await create_api_key(pool, organization_id=other.id, user_id=other_user.id, name="c", live=True)
-    await revoke_api_key(pool, organization.id, first.api_key.id)
+    await revoke_api_key(pool, organization_id=organization.id, key_id=first.api_key.id)
 
-    listed = await list_api_keys(pool, organization.id)
+    listed = await list_api_keys(pool, organization_id=organization.id)
 
     assert {key.id for key in listed} == {first.api_key.id, second.api_key.id}

@@ -92,7 +92,7 @@ async def test_a_call_cannot_name_another_organizations_agent_or_campaign(pool: 
         await open_call(pool, org, agent_id=foreign_agent.id)
     with pytest.raises(InvalidReference, match=f"Campaign {foreign_campaign.id}"):
         await open_call(pool, org, campaign_id=foreign_campaign.id)
-    assert await call_logs.list_call_logs(pool, org) == []
+    assert await call_logs.list_call_logs(pool, organization_id=org) == []
 
 
 async def test_another_organizations_call_log_is_not_found(pool: asyncpg.Pool) -> None:
@@ -103,8 +103,8 @@ async def test_another_organizations_call_log_is_not_found(pool: asyncpg.Pool) -
 
 async def test_a_call_is_found_by_its_call_id_alone(pool: asyncpg.Pool) -> None:
     log = await open_call(pool, await insert_organization(pool))
-    assert await call_logs.get_by_call_id(pool, log.call_id) == log
-    assert await call_logs.get_by_call_id(pool, "CA-unknown") is None
+    assert await call_logs.get_by_call_id(pool, call_id=log.call_id) == log
+    assert await call_logs.get_by_call_id(pool, call_id="CA-unknown") is None
 
 
 async def test_fifty_concurrent_appends_keep_every_line(pool: asyncpg.Pool) -> None:
@@ -234,15 +234,15 @@ async def test_call_history_filters_and_carries_agent_and_campaign_names(pool: a
     await open_call(pool, await insert_organization(pool), call_type=CallType.OUTBOUND)
 
     completed_outbound = await call_logs.list_call_logs(
-        pool, org, call_type=CallType.OUTBOUND, status=CallStatus.COMPLETED
+        pool, organization_id=org, call_type=CallType.OUTBOUND, status=CallStatus.COMPLETED
     )
     assert [entry.id for entry in completed_outbound] == [sale.id]
     entry = completed_outbound[0]
     assert (entry.agent_name, entry.agent_type, entry.campaign_batch_name) == ("Seller", "Outbound Sales", "November")
-    assert [e.id for e in await call_logs.list_call_logs(pool, org, agent_id=helper.id)] == [support.id]
-    assert len(await call_logs.list_call_logs(pool, org, campaign_id=campaign.id)) == 2
-    assert len(await call_logs.list_call_logs(pool, org)) == 3
-    standalone = await call_logs.list_call_logs(pool, org, call_type=CallType.INBOUND)
+    assert [e.id for e in await call_logs.list_call_logs(pool, organization_id=org, agent_id=helper.id)] == [support.id]
+    assert len(await call_logs.list_call_logs(pool, organization_id=org, campaign_id=campaign.id)) == 2
+    assert len(await call_logs.list_call_logs(pool, organization_id=org)) == 3
+    standalone = await call_logs.list_call_logs(pool, organization_id=org, call_type=CallType.INBOUND)
     assert (standalone[0].agent_name, standalone[0].campaign_batch_name) == ("Helper", None)
 
 
@@ -258,7 +258,7 @@ async def test_call_history_pages_newest_first_with_a_cursor(pool: asyncpg.Pool)
 
     seen: list[str] = []
     cursor: tuple[datetime, str] | None = None
-    while page := await call_logs.list_call_logs(pool, org, limit=3, before=cursor):
+    while page := await call_logs.list_call_logs(pool, organization_id=org, limit=3, before=cursor):
         seen += [entry.id for entry in page]
         cursor = (page[-1].timestamp, page[-1].id)
     assert seen == expected
@@ -272,7 +272,7 @@ async def test_call_history_time_window_includes_both_ends(pool: asyncpg.Pool) -
         log = await open_call(pool, org)
         await set_started_at(pool, log.id, at)
         inside[log.id] = start <= at <= end
-    window = await call_logs.list_call_logs(pool, org, since=start, until=end)
+    window = await call_logs.list_call_logs(pool, organization_id=org, since=start, until=end)
     assert {entry.id for entry in window} == {log_id for log_id, within in inside.items() if within}
 
 

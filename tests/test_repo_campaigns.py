@@ -81,7 +81,7 @@ async def test_a_calling_window_time_must_be_hh_mm(pool: asyncpg.Pool, bad_time:
         await campaigns.create_campaign(
             pool, organization_id=org, batch_name="Bad", agent_id=agent.id, call_end_time=bad_time
         )
-    assert await campaigns.list_campaigns(pool, org) == []
+    assert await campaigns.list_campaigns(pool, organization_id=org) == []
 
 
 async def test_a_campaign_cannot_use_another_organizations_agent_or_path(pool: asyncpg.Pool) -> None:
@@ -95,7 +95,7 @@ async def test_a_campaign_cannot_use_another_organizations_agent_or_path(pool: a
         await campaigns.create_campaign(
             pool, organization_id=org, batch_name="X", agent_id=agent.id, conversation_path_id=foreign_path.id
         )
-    assert await campaigns.list_campaigns(pool, org) == []
+    assert await campaigns.list_campaigns(pool, organization_id=org) == []
 
 
 async def test_another_organizations_campaign_is_not_found(pool: asyncpg.Pool) -> None:
@@ -108,8 +108,8 @@ async def test_campaigns_are_listed_by_status(pool: asyncpg.Pool) -> None:
     org = await insert_organization(pool)
     draft, planned = await new_campaign(pool, org), await new_campaign(pool, org)
     await campaigns.transition_campaign(pool, organization_id=org, campaign_id=planned.id, status=PLANNED)
-    assert {c.id for c in await campaigns.list_campaigns(pool, org)} == {draft.id, planned.id}
-    assert [c.id for c in await campaigns.list_campaigns(pool, org, status=PLANNED)] == [planned.id]
+    assert {c.id for c in await campaigns.list_campaigns(pool, organization_id=org)} == {draft.id, planned.id}
+    assert [c.id for c in await campaigns.list_campaigns(pool, organization_id=org, status=PLANNED)] == [planned.id]
 
 
 async def test_a_campaign_runs_from_draft_to_completed(pool: asyncpg.Pool) -> None:

@@ -51,7 +51,7 @@ async def test_an_event_keeps_every_column_through_a_round_trip(pool: asyncpg.Po
         is_enabled=False,
     )
 
-    fetched = await get_event(pool, organization.id, created.id)
+    fetched = await get_event(pool, organization_id=organization.id, event_id=created.id)
     row = await pool.fetchrow('SELECT * FROM "Event" WHERE "id" = $1', created.id)
 
     assert fetched == created
@@ -79,7 +79,7 @@ async def test_a_webhook_url_that_cannot_be_posted_to_is_refused(pool: asyncpg.P
     with pytest.raises(InvalidWebhookUrl, match="absolute http:// or https:// URL"):
         await create_event(pool, organization_id=organization.id, name="call.completed", webhook_url=url)
 
-    assert await list_events(pool, organization.id) == []
+    assert await list_events(pool, organization_id=organization.id) == []
 
 
 async def test_an_event_cannot_be_tied_to_another_organizations_agent(pool: asyncpg.Pool) -> None:
@@ -89,7 +89,7 @@ async def test_an_event_cannot_be_tied_to_another_organizations_agent(pool: asyn
     with pytest.raises(NotFound, match=f"Agent {their_agent} not found"):
         await create_event(pool, organization_id=mine.id, name="call.completed", webhook_url=HOOK, agent_id=their_agent)
 
-    assert await list_events(pool, mine.id) == []
+    assert await list_events(pool, organization_id=mine.id) == []
 
 
 async def test_subscriptions_are_the_enabled_organization_wide_ones_and_the_agents_own(pool: asyncpg.Pool) -> None:
@@ -108,7 +108,7 @@ async def test_subscriptions_are_the_enabled_organization_wide_ones_and_the_agen
     await subscribe(organization.id, "call.started")
     await subscribe(other.id, "call.completed")
 
-    found = await subscriptions_for(pool, organization.id, "call.completed", agent)
+    found = await subscriptions_for(pool, organization_id=organization.id, event_name="call.completed", agent_id=agent)
 
     assert {event.id for event in found} == {org_wide.id, agents_own.id}
 
@@ -119,7 +119,7 @@ async def test_an_event_without_an_agent_reaches_only_organization_wide_subscrip
     org_wide = await create_event(pool, organization_id=organization.id, name="credits.low", webhook_url=HOOK)
     await create_event(pool, organization_id=organization.id, name="credits.low", webhook_url=HOOK, agent_id=agent)
 
-    found = await subscriptions_for(pool, organization.id, "credits.low", None)
+    found = await subscriptions_for(pool, organization_id=organization.id, event_name="credits.low", agent_id=None)
 
     assert [event.id for event in found] == [org_wide.id]
 
@@ -128,10 +128,10 @@ async def test_each_trigger_counts_once(pool: asyncpg.Pool) -> None:
     organization = await new_organization(pool)
     event = await create_event(pool, organization_id=organization.id, name="call.completed", webhook_url=HOOK)
 
-    counts = [await increment_trigger_count(pool, organization.id, event.id) for _ in range(3)]
+    counts = [await increment_trigger_count(pool, organization_id=organization.id, event_id=event.id) for _ in range(3)]
 
     assert counts == [1, 2, 3]
-    assert (await get_event(pool, organization.id, event.id)).trigger_count == 3
+    assert (await get_event(pool, organization_id=organization.id, event_id=event.id)).trigger_count == 3
 
 
 async def test_a_disabled_event_is_kept_but_not_notified_until_enabled_again(pool: asyncpg.Pool) -> None:
@@ -139,13 +139,16 @@ async def test_a_disabled_event_is_kept_but_not_notified_until_enabled_again(poo
     event = await create_event(pool, organization_id=organization.id, name="call.failed", webhook_url=HOOK)
     await asyncio.sleep(0.01)  # updatedAt is kept to the millisecond
 
-    disabled = await set_event_enabled(pool, organization.id, event.id, False)
+    disabled = await set_event_enabled(pool, organization_id=organization.id, event_id=event.id, enabled=False)
 
     assert not disabled.is_enabled
     assert disabled.updated_at > event.updated_at
-    assert await subscriptions_for(pool, organization.id, "call.failed", None) == []
-    await set_event_enabled(pool, organization.id, event.id, True)
-    assert [e.id for e in await subscriptions_for(pool, organization.id, "call.failed", None)] == [event.id]
+    assert await subscriptions_for(pool, organization_id=organization.id, event_name="call.failed", agent_id=None) == []
+    await set_event_enabled(pool, organization_id=organization.id, event_id=event.id, enabled=True)
+    assert [
+        e.id
+        for e in await subscriptions_for(pool, organization_id=organization.id, event_name="call.failed", agent_id=None)
+    ] == [event.id]
 
 
 async def test_another_organization_can_neither_see_nor_change_an_event(pool: asyncpg.Pool) -> None:
@@ -153,16 +156,16 @@ async def test_another_organization_can_neither_see_nor_change_an_event(pool: as
     event = await create_event(pool, organization_id=owner.id, name="call.completed", webhook_url=HOOK)
 
     with pytest.raises(NotFound, match=f"Event {event.id} not found"):
-        await get_event(pool, other.id, event.id)
+        await get_event(pool, organization_id=other.id, event_id=event.id)
     with pytest.raises(NotFound):
-        await increment_trigger_count(pool, other.id, event.id)
+        await increment_trigger_count(pool, organization_id=other.id, event_id=event.id)
     with pytest.raises(NotFound):
-        await set_event_enabled(pool, other.id, event.id, False)
+        await set_event_enabled(pool, organization_id=other.id, event_id=event.id, enabled=False)
     with pytest.raises(NotFound):
-        await delete_event(pool, other.id, event.id)
+        await delete_event(pool, organization_id=other.id, event_id=event.id)
 
-    assert await list_events(pool, other.id) == []
-    assert await get_event(pool, owner.id, event.id) == event
+    assert await list_events(pool, organization_id=other.id) == []
+    assert await get_event(pool, organization_id=owner.id, event_id=event.id) == event
 
 
 async def test_an_organization_lists_its_events(pool: asyncpg.Pool) -> None:
@@ -170,17 +173,17 @@ async def test_an_organization_lists_its_events(pool: asyncpg.Pool) -> None:
     completed = await create_event(pool, organization_id=organization.id, name="call.completed", webhook_url=HOOK)
     started = await create_event(pool, organization_id=organization.id, name="call.started", webhook_url=HOOK)
 
-    assert await list_events(pool, organization.id) == [completed, started]
+    assert await list_events(pool, organization_id=organization.id) == [completed, started]
 
 
 async def test_a_deleted_event_is_gone(pool: asyncpg.Pool) -> None:
     organization = await new_organization(pool)
     event = await create_event(pool, organization_id=organization.id, name="call.completed", webhook_url=HOOK)
 
-    await delete_event(pool, organization.id, event.id)
+    await delete_event(pool, organization_id=organization.id, event_id=event.id)
 
     with pytest.raises(NotFound):
-        await get_event(pool, organization.id, event.id)
+        await get_event(pool, organization_id=organization.id, event_id=event.id)
 
 
 async def test_deleting_an_agent_removes_its_own_events_but_not_organization_wide_ones(pool: asyncpg.Pool) -> None:
@@ -191,4 +194,4 @@ async def test_deleting_an_agent_removes_its_own_events_but_not_organization_wid
 
     await pool.execute('DELETE FROM "Agent" WHERE "id" = $1', agent)
 
-    assert [event.id for event in await list_events(pool, organization.id)] == [org_wide.id]
+    assert [event.id for event in await list_events(pool, organization_id=organization.id)] == [org_wide.id]

@@ -37,7 +37,7 @@ async def test_an_organization_keeps_every_column_through_a_round_trip(pool: asy
     slug = f"globex-{new_id()}"
     created = await create_organization(pool, name="Globex", slug=slug, plan=Plan.ENTERPRISE, credits=250)
 
-    fetched = await get_organization(pool, created.id)
+    fetched = await get_organization(pool, organization_id=created.id)
     row = await pool.fetchrow('SELECT * FROM "Organization" WHERE "id" = $1', created.id)
 
     assert fetched == created
@@ -75,23 +75,23 @@ async def test_a_taken_slug_is_refused_naming_the_slug(pool: asyncpg.Pool) -> No
 
 async def test_getting_an_unknown_organization_is_not_found(pool: asyncpg.Pool) -> None:
     with pytest.raises(NotFound, match="Organization nope not found"):
-        await get_organization(pool, "nope")
+        await get_organization(pool, organization_id="nope")
 
 
 async def test_an_organization_is_found_by_its_slug(pool: asyncpg.Pool) -> None:
     organization = await new_organization(pool)
 
-    assert await get_organization_by_slug(pool, organization.slug) == organization
-    assert await get_organization_by_slug(pool, f"absent-{new_id()}") is None
+    assert await get_organization_by_slug(pool, slug=organization.slug) == organization
+    assert await get_organization_by_slug(pool, slug=f"absent-{new_id()}") is None
 
 
 async def test_adding_credits_returns_and_keeps_the_new_balance(pool: asyncpg.Pool) -> None:
     organization = await new_organization(pool, credits=5)
 
-    balance = await add_credits(pool, organization.id, 20)
+    balance = await add_credits(pool, organization_id=organization.id, amount=20)
 
     assert balance == 25
-    assert (await get_organization(pool, organization.id)).credits == 25
+    assert (await get_organization(pool, organization_id=organization.id)).credits == 25
 
 
 @pytest.mark.parametrize("amount", [0, -3])
@@ -99,36 +99,36 @@ async def test_adding_a_non_positive_amount_of_credits_is_refused(pool: asyncpg.
     organization = await new_organization(pool, credits=5)
 
     with pytest.raises(ValueError, match="must be positive"):
-        await add_credits(pool, organization.id, amount)
+        await add_credits(pool, organization_id=organization.id, amount=amount)
 
-    assert (await get_organization(pool, organization.id)).credits == 5
+    assert (await get_organization(pool, organization_id=organization.id)).credits == 5
 
 
 async def test_charging_credits_takes_them_from_the_balance(pool: asyncpg.Pool) -> None:
     organization = await new_organization(pool, credits=10)
 
-    balance = await charge_credits(pool, organization.id, 4)
+    balance = await charge_credits(pool, organization_id=organization.id, amount=4)
 
     assert balance == 6
-    assert (await get_organization(pool, organization.id)).credits == 6
+    assert (await get_organization(pool, organization_id=organization.id)).credits == 6
 
 
 async def test_a_charge_the_balance_cannot_cover_is_refused_and_charges_nothing(pool: asyncpg.Pool) -> None:
     organization = await new_organization(pool, credits=3)
 
     with pytest.raises(InsufficientCredits) as raised:
-        await charge_credits(pool, organization.id, 5)
+        await charge_credits(pool, organization_id=organization.id, amount=5)
 
     assert (raised.value.balance, raised.value.amount) == (3, 5)
     assert "has 3 credits, not enough for a charge of 5" in str(raised.value)
-    assert (await get_organization(pool, organization.id)).credits == 3
+    assert (await get_organization(pool, organization_id=organization.id)).credits == 3
 
 
 async def test_concurrent_charges_never_spend_more_than_the_balance(pool: asyncpg.Pool) -> None:
     organization = await new_organization(pool, credits=10)
 
     results = await asyncio.gather(
-        *(charge_credits(pool, organization.id, 1) for _ in range(20)), return_exceptions=True
+        *(charge_credits(pool, organization_id=organization.id, amount=1) for _ in range(20)), return_exceptions=True
     )
 
     successes = [result for result in results if isinstance(result, int)]
@@ -136,50 +136,50 @@ async def test_concurrent_charges_never_spend_more_than_the_balance(pool: asyncp
     assert len(successes) == 10
     assert len(refusals) == 10
     assert sorted(successes) == list(range(10))
-    assert (await get_organization(pool, organization.id)).credits == 0
+    assert (await get_organization(pool, organization_id=organization.id)).credits == 0
 
 
 async def test_usage_is_charged_even_when_it_takes_the_balance_below_zero(pool: asyncpg.Pool) -> None:
     organization = await new_organization(pool, credits=2)
 
-    balance = await charge_usage(pool, organization.id, 7)
+    balance = await charge_usage(pool, organization_id=organization.id, amount=7)
 
     assert balance == -5
-    assert (await get_organization(pool, organization.id)).credits == -5
+    assert (await get_organization(pool, organization_id=organization.id)).credits == -5
 
 
 async def test_negative_usage_is_refused(pool: asyncpg.Pool) -> None:
     organization = await new_organization(pool, credits=2)
 
     with pytest.raises(ValueError, match="cannot be negative"):
-        await charge_usage(pool, organization.id, -1)
+        await charge_usage(pool, organization_id=organization.id, amount=-1)
 
 
 async def test_an_organization_has_credits_only_while_its_balance_is_positive(pool: asyncpg.Pool) -> None:
     organization = await new_organization(pool, credits=1)
 
-    assert await has_credits(pool, organization.id)
-    await charge_usage(pool, organization.id, 1)
-    assert not await has_credits(pool, organization.id)
-    await charge_usage(pool, organization.id, 1)
-    assert not await has_credits(pool, organization.id)
+    assert await has_credits(pool, organization_id=organization.id)
+    await charge_usage(pool, organization_id=organization.id, amount=1)
+    assert not await has_credits(pool, organization_id=organization.id)
+    await charge_usage(pool, organization_id=organization.id, amount=1)
+    assert not await has_credits(pool, organization_id=organization.id)
 
 
 async def test_credit_operations_on_an_unknown_organization_are_not_found(pool: asyncpg.Pool) -> None:
     for operation in (add_credits, charge_credits, charge_usage):
         with pytest.raises(NotFound):
-            await operation(pool, "nope", 1)
+            await operation(pool, organization_id="nope", amount=1)
     with pytest.raises(NotFound):
-        await has_credits(pool, "nope")
+        await has_credits(pool, organization_id="nope")
 
 
 async def test_changing_the_balance_advances_updated_at(pool: asyncpg.Pool) -> None:
     organization = await new_organization(pool, credits=1)
     await asyncio.sleep(0.01)  # updatedAt is kept to the millisecond
 
-    await add_credits(pool, organization.id, 1)
+    await add_credits(pool, organization_id=organization.id, amount=1)
 
-    assert (await get_organization(pool, organization.id)).updated_at > organization.updated_at
+    assert (await get_organization(pool, organization_id=organization.id)).updated_at > organization.updated_at
 
 
 async def test_deleting_an_organization_removes_everything_it_owns(pool: asyncpg.Pool) -> None:
@@ -192,7 +192,7 @@ async def test_deleting_an_organization_removes_everything_it_owns(pool: asyncpg
     await create_custom_voice(pool, organization_id=organization.id, name="Clone")
     system_voice = await upsert_system_voice(pool, name="June", provider="elevenlabs", provider_voice_id=new_id())
 
-    await delete_organization(pool, organization.id)
+    await delete_organization(pool, organization_id=organization.id)
 
     for table in ("ApiKey", "PhoneNumber", "Event", "Voice", "UserOrganization"):
         left = await pool.fetchval(f'SELECT count(*) FROM "{table}" WHERE "organizationId" = $1', organization.id)
@@ -200,9 +200,9 @@ async def test_deleting_an_organization_removes_everything_it_owns(pool: asyncpg
     assert await pool.fetchval('SELECT count(*) FROM "User" WHERE "id" = $1', user.id) == 1
     assert await pool.fetchval('SELECT count(*) FROM "Voice" WHERE "id" = $1', system_voice.id) == 1
     with pytest.raises(NotFound):
-        await get_organization(pool, organization.id)
+        await get_organization(pool, organization_id=organization.id)
 
 
 async def test_deleting_an_unknown_organization_is_not_found(pool: asyncpg.Pool) -> None:
     with pytest.raises(NotFound):
-        await delete_organization(pool, "nope")
+        await delete_organization(pool, organization_id="nope")

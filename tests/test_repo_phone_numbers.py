@@ -49,7 +49,7 @@ async def test_a_phone_number_keeps_every_column_through_a_round_trip(pool: asyn
         outbound_status=PhoneNumberStatus.DISABLED,
     )
 
-    fetched = await get_phone_number(pool, organization.id, created.id)
+    fetched = await get_phone_number(pool, organization_id=organization.id, phone_number_id=created.id)
     row = await pool.fetchrow('SELECT * FROM "PhoneNumber" WHERE "id" = $1', created.id)
 
     assert fetched == created
@@ -104,7 +104,7 @@ async def test_an_invalid_number_is_never_stored(pool: asyncpg.Pool) -> None:
     with pytest.raises(InvalidPhoneNumber):
         await create_phone_number(pool, organization_id=organization.id, phone_number="call me maybe")
 
-    assert await list_phone_numbers(pool, organization.id) == []
+    assert await list_phone_numbers(pool, organization_id=organization.id) == []
 
 
 async def test_a_number_another_organization_has_is_refused_however_it_is_written(pool: asyncpg.Pool) -> None:
@@ -125,13 +125,13 @@ async def test_an_inbound_call_finds_its_number_however_the_number_is_written(po
     number = fresh_number()
     created = await create_phone_number(pool, organization_id=organization.id, phone_number=number)
 
-    assert await find_by_number(pool, number) == created
-    assert await find_by_number(pool, f"{number[:2]} ({number[2:5]}) {number[5:8]}-{number[8:]}") == created
+    assert await find_by_number(pool, number=number) == created
+    assert await find_by_number(pool, number=f"{number[:2]} ({number[2:5]}) {number[5:8]}-{number[8:]}") == created
 
 
 async def test_an_unknown_or_unparseable_number_finds_nothing(pool: asyncpg.Pool) -> None:
-    assert await find_by_number(pool, fresh_number()) is None
-    assert await find_by_number(pool, "client:alice") is None
+    assert await find_by_number(pool, number=fresh_number()) is None
+    assert await find_by_number(pool, number="client:alice") is None
 
 
 async def test_another_organization_cannot_get_a_number(pool: asyncpg.Pool) -> None:
@@ -139,7 +139,7 @@ async def test_another_organization_cannot_get_a_number(pool: asyncpg.Pool) -> N
     created = await create_phone_number(pool, organization_id=owner.id, phone_number=fresh_number())
 
     with pytest.raises(NotFound, match=f"PhoneNumber {created.id} not found"):
-        await get_phone_number(pool, other.id, created.id)
+        await get_phone_number(pool, organization_id=other.id, phone_number_id=created.id)
 
 
 async def test_an_organization_lists_only_its_own_numbers(pool: asyncpg.Pool) -> None:
@@ -148,7 +148,7 @@ async def test_an_organization_lists_only_its_own_numbers(pool: asyncpg.Pool) ->
     second = await create_phone_number(pool, organization_id=owner.id, phone_number=fresh_number())
     await create_phone_number(pool, organization_id=other.id, phone_number=fresh_number())
 
-    assert await list_phone_numbers(pool, owner.id) == [first, second]
+    assert await list_phone_numbers(pool, organization_id=owner.id) == [first, second]
 
 
 async def test_inbound_and_outbound_are_switched_separately(pool: asyncpg.Pool) -> None:
@@ -156,8 +156,12 @@ async def test_inbound_and_outbound_are_switched_separately(pool: asyncpg.Pool) 
     created = await create_phone_number(pool, organization_id=organization.id, phone_number=fresh_number())
     await asyncio.sleep(0.01)  # updatedAt is kept to the millisecond
 
-    inbound_off = await set_inbound_status(pool, organization.id, created.id, PhoneNumberStatus.DISABLED)
-    outbound_off = await set_outbound_status(pool, organization.id, created.id, PhoneNumberStatus.DISABLED)
+    inbound_off = await set_inbound_status(
+        pool, organization_id=organization.id, phone_number_id=created.id, status=PhoneNumberStatus.DISABLED
+    )
+    outbound_off = await set_outbound_status(
+        pool, organization_id=organization.id, phone_number_id=created.id, status=PhoneNumberStatus.DISABLED
+    )
 
     assert (inbound_off.inbound_status, inbound_off.outbound_status) == ("DISABLED", "ENABLED")
     assert (outbound_off.inbound_status, outbound_off.outbound_status) == ("DISABLED", "DISABLED")
@@ -169,20 +173,24 @@ async def test_another_organization_cannot_switch_a_number(pool: asyncpg.Pool) -
     created = await create_phone_number(pool, organization_id=owner.id, phone_number=fresh_number())
 
     with pytest.raises(NotFound):
-        await set_inbound_status(pool, other.id, created.id, PhoneNumberStatus.DISABLED)
+        await set_inbound_status(
+            pool, organization_id=other.id, phone_number_id=created.id, status=PhoneNumberStatus.DISABLED
+        )
     with pytest.raises(NotFound):
-        await set_outbound_status(pool, other.id, created.id, PhoneNumberStatus.DISABLED)
+        await set_outbound_status(
+            pool, organization_id=other.id, phone_number_id=created.id, status=PhoneNumberStatus.DISABLED
+        )
 
-    assert await get_phone_number(pool, owner.id, created.id) == created
+    assert await get_phone_number(pool, organization_id=owner.id, phone_number_id=created.id) == created
 
 
 async def test_a_deleted_number_no_longer_answers(pool: asyncpg.Pool) -> None:
     organization = await new_organization(pool)
     created = await create_phone_number(pool, organization_id=organization.id, phone_number=fresh_number())
 
-    await delete_phone_number(pool, organization.id, created.id)
+    await delete_phone_number(pool, organization_id=organization.id, phone_number_id=created.id)
 
-    assert await find_by_number(pool, created.phone_number) is None
+    assert await find_by_number(pool, number=created.phone_number) is None
 
 
 async def test_another_organization_cannot_delete_a_number(pool: asyncpg.Pool) -> None:
@@ -190,6 +198,6 @@ async def test_another_organization_cannot_delete_a_number(pool: asyncpg.Pool) -
     created = await create_phone_number(pool, organization_id=owner.id, phone_number=fresh_number())
 
     with pytest.raises(NotFound):
-        await delete_phone_number(pool, other.id, created.id)
+        await delete_phone_number(pool, organization_id=other.id, phone_number_id=created.id)
 
-    assert await find_by_number(pool, created.phone_number) == created
+    assert await find_by_number(pool, number=created.phone_number) == created

@@ -53,7 +53,7 @@ async def test_a_user_keeps_every_column_through_a_round_trip(pool: asyncpg.Pool
         two_factor_secret="JBSWY3DPEHPK3PXP",
     )
 
-    fetched = await get_user(pool, created.id)
+    fetched = await get_user(pool, user_id=created.id)
     row = await pool.fetchrow('SELECT * FROM "User" WHERE "id" = $1', created.id)
 
     assert fetched == created
@@ -103,8 +103,8 @@ async def test_emails_are_stored_lower_cased_and_found_whatever_their_case(pool:
     user = await create_user(pool, email=f"  Grace.Hopper-{suffix}@Example.COM ")
 
     assert user.email == f"grace.hopper-{suffix}@example.com"
-    assert await get_user_by_email(pool, f"GRACE.HOPPER-{suffix}@example.com") == user
-    assert await get_user_by_email(pool, f"nobody-{suffix}@example.com") is None
+    assert await get_user_by_email(pool, email=f"GRACE.HOPPER-{suffix}@example.com") == user
+    assert await get_user_by_email(pool, email=f"nobody-{suffix}@example.com") is None
 
 
 async def test_an_email_already_taken_in_any_case_is_refused_naming_the_email(pool: asyncpg.Pool) -> None:
@@ -126,32 +126,32 @@ async def test_a_malformed_email_is_refused(pool: asyncpg.Pool, email: str) -> N
 
 async def test_getting_an_unknown_user_is_not_found(pool: asyncpg.Pool) -> None:
     with pytest.raises(NotFound, match="User nope not found"):
-        await get_user(pool, "nope")
+        await get_user(pool, user_id="nope")
 
 
 async def test_the_right_password_signs_the_user_in(pool: asyncpg.Pool) -> None:
     email = unique_email()
     user = await create_user(pool, email=email, password="correct horse")
 
-    assert await verify_password(pool, email.upper(), "correct horse") == user
+    assert await verify_password(pool, email=email.upper(), password="correct horse") == user
 
 
 async def test_a_wrong_password_signs_nobody_in(pool: asyncpg.Pool) -> None:
     email = unique_email()
     await create_user(pool, email=email, password="correct horse")
 
-    assert await verify_password(pool, email, "battery staple") is None
+    assert await verify_password(pool, email=email, password="battery staple") is None
 
 
 async def test_an_unknown_email_signs_nobody_in(pool: asyncpg.Pool) -> None:
-    assert await verify_password(pool, unique_email(), "correct horse") is None
+    assert await verify_password(pool, email=unique_email(), password="correct horse") is None
 
 
 async def test_a_user_without_a_password_cannot_sign_in_with_one(pool: asyncpg.Pool) -> None:
     email = unique_email()
     await create_user(pool, email=email)
 
-    assert await verify_password(pool, email, "") is None
+    assert await verify_password(pool, email=email, password="") is None
 
 
 async def test_signing_in_upgrades_a_hash_made_with_weaker_parameters(pool: asyncpg.Pool) -> None:
@@ -160,14 +160,14 @@ async def test_signing_in_upgrades_a_hash_made_with_weaker_parameters(pool: asyn
     weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash("correct horse")
     await pool.execute('UPDATE "User" SET "password" = $2 WHERE "id" = $1', user.id, weak)
 
-    signed_in = await verify_password(pool, email, "correct horse")
+    signed_in = await verify_password(pool, email=email, password="correct horse")
 
     stored = await pool.fetchval('SELECT "password" FROM "User" WHERE "id" = $1', user.id)
     assert signed_in is not None
     assert stored != weak
     assert signed_in.password == stored
     assert not PasswordHasher().check_needs_rehash(stored)
-    assert await verify_password(pool, email, "correct horse") is not None
+    assert await verify_password(pool, email=email, password="correct horse") is not None
 
 
 async def test_setting_a_password_replaces_the_old_one_and_advances_updated_at(pool: asyncpg.Pool) -> None:
@@ -175,11 +175,11 @@ async def test_setting_a_password_replaces_the_old_one_and_advances_updated_at(p
     user = await create_user(pool, email=email, password="old secret")
     await asyncio.sleep(0.01)  # updatedAt is kept to the millisecond
 
-    updated = await set_password(pool, user.id, "new secret")
+    updated = await set_password(pool, user_id=user.id, password="new secret")
 
     assert updated.updated_at > user.updated_at
-    assert await verify_password(pool, email, "old secret") is None
-    assert await verify_password(pool, email, "new secret") is not None
+    assert await verify_password(pool, email=email, password="old secret") is None
+    assert await verify_password(pool, email=email, password="new secret") is not None
 
 
 async def test_a_member_has_a_role_in_an_organization(pool: asyncpg.Pool) -> None:
@@ -193,7 +193,7 @@ async def test_a_member_has_a_role_in_an_organization(pool: asyncpg.Pool) -> Non
         organization.id,
         UserRole.ADMIN,
     )
-    assert await find_membership(pool, organization.id, user.id) == membership
+    assert await find_membership(pool, organization_id=organization.id, user_id=user.id) == membership
 
 
 async def test_a_user_is_no_member_of_an_organization_they_were_not_added_to(pool: asyncpg.Pool) -> None:
@@ -201,7 +201,7 @@ async def test_a_user_is_no_member_of_an_organization_they_were_not_added_to(poo
     user = await create_user(pool, email=unique_email())
     await add_member(pool, user_id=user.id, organization_id=mine.id)
 
-    assert await find_membership(pool, theirs.id, user.id) is None
+    assert await find_membership(pool, organization_id=theirs.id, user_id=user.id) is None
 
 
 async def test_adding_a_member_twice_is_refused(pool: asyncpg.Pool) -> None:
@@ -227,9 +227,9 @@ async def test_memberships_are_listed_per_user_and_per_organization(pool: asyncp
     await add_member(pool, user_id=ada.id, organization_id=second.id)
     await add_member(pool, user_id=grace.id, organization_id=first.id)
 
-    assert {m.organization_id for m in await list_memberships(pool, ada.id)} == {first.id, second.id}
-    assert {m.user_id for m in await list_members(pool, first.id)} == {ada.id, grace.id}
-    assert [m.user_id for m in await list_members(pool, second.id)] == [ada.id]
+    assert {m.organization_id for m in await list_memberships(pool, user_id=ada.id)} == {first.id, second.id}
+    assert {m.user_id for m in await list_members(pool, organization_id=first.id)} == {ada.id, grace.id}
+    assert [m.user_id for m in await list_members(pool, organization_id=second.id)] == [ada.id]
 
 
 async def test_deleting_a_user_removes_their_memberships_and_api_keys(pool: asyncpg.Pool) -> None:
@@ -238,14 +238,14 @@ async def test_deleting_a_user_removes_their_memberships_and_api_keys(pool: asyn
     await add_member(pool, user_id=user.id, organization_id=organization.id)
     await create_api_key(pool, organization_id=organization.id, user_id=user.id, name="ci", live=True)
 
-    await delete_user(pool, user.id)
+    await delete_user(pool, user_id=user.id)
 
-    assert await find_membership(pool, organization.id, user.id) is None
+    assert await find_membership(pool, organization_id=organization.id, user_id=user.id) is None
     assert await pool.fetchval('SELECT count(*) FROM "ApiKey" WHERE "userId" = $1', user.id) == 0
     with pytest.raises(NotFound):
-        await get_user(pool, user.id)
+        await get_user(pool, user_id=user.id)
 
 
 async def test_deleting_an_unknown_user_is_not_found(pool: asyncpg.Pool) -> None:
     with pytest.raises(NotFound):
-        await delete_user(pool, "nope")
+        await delete_user(pool, user_id="nope")

@@ -46,7 +46,7 @@ async def test_a_custom_voice_keeps_every_column_through_a_round_trip(pool: asyn
         audio_url="https://example.com/sample.mp3",
     )
 
-    fetched = await get_voice_for_organization(pool, organization.id, created.id)
+    fetched = await get_voice_for_organization(pool, organization_id=organization.id, voice_id=created.id)
     row = await pool.fetchrow('SELECT * FROM "Voice" WHERE "id" = $1', created.id)
 
     assert fetched == created
@@ -134,7 +134,7 @@ async def test_a_custom_voice_with_the_same_provider_voice_id_is_not_taken_for_t
     system = await upsert_system_voice(pool, name="June", provider="elevenlabs", provider_voice_id=provider_voice_id)
 
     assert system.id != custom.id
-    assert (await get_voice_for_organization(pool, organization.id, custom.id)).name == "Clone"
+    assert (await get_voice_for_organization(pool, organization_id=organization.id, voice_id=custom.id)).name == "Clone"
 
 
 async def test_an_upsert_inside_the_callers_transaction_rolls_back_with_it(pool: asyncpg.Pool) -> None:
@@ -155,7 +155,7 @@ async def test_an_organization_lists_system_voices_and_its_own_custom_voices_onl
     own = await create_custom_voice(pool, organization_id=mine.id, name="Mine")
     other = await create_custom_voice(pool, organization_id=theirs.id, name="Theirs")
 
-    listed = await list_voices(pool, mine.id)
+    listed = await list_voices(pool, organization_id=mine.id)
 
     ids = [voice.id for voice in listed]
     assert system.id in ids
@@ -169,7 +169,7 @@ async def test_an_organization_may_use_a_system_voice(pool: asyncpg.Pool) -> Non
     organization = await new_organization(pool)
     system = await new_system_voice(pool)
 
-    assert await get_voice_for_organization(pool, organization.id, system.id) == system
+    assert await get_voice_for_organization(pool, organization_id=organization.id, voice_id=system.id) == system
 
 
 async def test_another_organizations_custom_voice_is_not_found(pool: asyncpg.Pool) -> None:
@@ -177,7 +177,7 @@ async def test_another_organizations_custom_voice_is_not_found(pool: asyncpg.Poo
     voice = await create_custom_voice(pool, organization_id=owner.id, name="Private")
 
     with pytest.raises(NotFound, match=f"Voice {voice.id} not found"):
-        await get_voice_for_organization(pool, other.id, voice.id)
+        await get_voice_for_organization(pool, organization_id=other.id, voice_id=voice.id)
 
 
 async def test_a_custom_voice_becomes_ready_when_cloning_finishes(pool: asyncpg.Pool) -> None:
@@ -187,7 +187,9 @@ async def test_a_custom_voice_becomes_ready_when_cloning_finishes(pool: asyncpg.
     )
     await asyncio.sleep(0.01)  # updatedAt is kept to the millisecond
 
-    ready = await set_custom_voice_status(pool, organization.id, voice.id, VoiceStatus.READY)
+    ready = await set_custom_voice_status(
+        pool, organization_id=organization.id, voice_id=voice.id, status=VoiceStatus.READY
+    )
 
     assert ready.status is VoiceStatus.READY
     assert ready.updated_at > voice.updated_at
@@ -199,21 +201,23 @@ async def test_an_organization_cannot_change_a_system_voice_or_anothers_custom_v
     custom = await create_custom_voice(pool, organization_id=owner.id, name="Clone")
 
     with pytest.raises(NotFound):
-        await set_custom_voice_status(pool, other.id, system.id, VoiceStatus.ERROR)
+        await set_custom_voice_status(pool, organization_id=other.id, voice_id=system.id, status=VoiceStatus.ERROR)
     with pytest.raises(NotFound):
-        await set_custom_voice_status(pool, other.id, custom.id, VoiceStatus.ERROR)
+        await set_custom_voice_status(pool, organization_id=other.id, voice_id=custom.id, status=VoiceStatus.ERROR)
 
-    assert (await get_voice_for_organization(pool, owner.id, custom.id)).status is VoiceStatus.READY
+    assert (
+        await get_voice_for_organization(pool, organization_id=owner.id, voice_id=custom.id)
+    ).status is VoiceStatus.READY
 
 
 async def test_an_organization_deletes_its_own_custom_voice(pool: asyncpg.Pool) -> None:
     organization = await new_organization(pool)
     voice = await create_custom_voice(pool, organization_id=organization.id, name="Clone")
 
-    await delete_custom_voice(pool, organization.id, voice.id)
+    await delete_custom_voice(pool, organization_id=organization.id, voice_id=voice.id)
 
     with pytest.raises(NotFound):
-        await get_voice_for_organization(pool, organization.id, voice.id)
+        await get_voice_for_organization(pool, organization_id=organization.id, voice_id=voice.id)
 
 
 async def test_an_organization_cannot_delete_a_system_voice_or_anothers_custom_voice(pool: asyncpg.Pool) -> None:
@@ -222,9 +226,9 @@ async def test_an_organization_cannot_delete_a_system_voice_or_anothers_custom_v
     custom = await create_custom_voice(pool, organization_id=owner.id, name="Clone")
 
     with pytest.raises(NotFound):
-        await delete_custom_voice(pool, other.id, system.id)
+        await delete_custom_voice(pool, organization_id=other.id, voice_id=system.id)
     with pytest.raises(NotFound):
-        await delete_custom_voice(pool, other.id, custom.id)
+        await delete_custom_voice(pool, organization_id=other.id, voice_id=custom.id)
 
-    assert await get_voice_for_organization(pool, other.id, system.id) == system
-    assert await get_voice_for_organization(pool, owner.id, custom.id) == custom
+    assert await get_voice_for_organization(pool, organization_id=other.id, voice_id=system.id) == system
+    assert await get_voice_for_organization(pool, organization_id=owner.id, voice_id=custom.id) == custom
