@@ -6,13 +6,14 @@ live catalog of a freshly migrated database.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
 from enum import StrEnum
 
 import asyncpg
 import pytest
 
 import storage.enums
+from tests.catalog import Catalog, ForeignKey, Index, read_catalog
 
 # Every field the seed lists, per table. The seed names the agent join tables without fields: their columns are
 # the two ids they join.
@@ -167,128 +168,19 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Column:
-    """A column, as information_schema.columns describes it."""
-
-    data_type: str  # e.g. text, USER-DEFINED (an enum), ARRAY, timestamp with time zone
-    nullable: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Index:
-    """An index and its key columns in order, each with " DESC" when it sorts descending."""
-
-    table: str
-    name: str
-    columns: tuple[str, ...]
-    unique: bool
-    primary: bool
-    partial: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ForeignKey:
-    """A foreign key constraint."""
-
-    table: str
-    name: str
-    columns: tuple[str, ...]
-    referenced_table: str
-    referenced_columns: tuple[str, ...]
-    on_delete: str
-
-
 @pytest.fixture(scope="module")
-async def columns(pool: asyncpg.Pool) -> dict[str, dict[str, Column]]:
-    """Table → column name → column, for every table of the current schema."""
-    rows = await pool.fetch(
-        """
-        SELECT table_name, column_name, data_type, is_nullable = 'YES' AS nullable
-        FROM information_schema.columns
-        WHERE table_schema = current_schema()
-        """
-    )
-    tables: dict[str, dict[str, Column]] = {}
-    for row in rows:
-        tables.setdefault(row["table_name"], {})[row["column_name"]] = Column(row["data_type"], row["nullable"])
-    return tables
+async def catalog(pool: asyncpg.Pool) -> Catalog:
+    """The catalog of this module's freshly migrated database."""
+    return await read_catalog(pool)
 
 
-@pytest.fixture(scope="module")
-async def indexes(pool: asyncpg.Pool) -> list[Index]:
-    """Every index on a table of the current schema."""
-    rows = await pool.fetch(
-        """
-        SELECT t.relname AS table, i.relname AS name, x.indisunique AS unique, x.indisprimary AS primary,
-               x.indpred IS NOT NULL AS partial,
-               array_agg(a.attname || CASE WHEN x.indoption[k.position::int - 1] & 1 = 1 THEN ' DESC' ELSE '' END
-                         ORDER BY k.position) AS columns
-        FROM pg_index x
-        JOIN pg_class i ON i.oid = x.indexrelid
-        JOIN pg_class t ON t.oid = x.indrelid
-        CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY AS k(attnum, position)
-        JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum
-        WHERE t.relnamespace = current_schema()::regnamespace AND k.position <= x.indnkeyatts
-        GROUP BY t.relname, i.relname, x.indisunique, x.indisprimary, x.indpred
-        """
-    )
-    return [Index(r["table"], r["name"], tuple(r["columns"]), r["unique"], r["primary"], r["partial"]) for r in rows]
-
-
-@pytest.fixture(scope="module")
-async def foreign_keys(pool: asyncpg.Pool) -> list[ForeignKey]:
-    """Every foreign key of the current schema."""
-    rows = await pool.fetch(
-        """
-        SELECT t.relname AS table, c.conname AS name, r.relname AS referenced_table,
-               CASE c.confdeltype WHEN 'a' THEN 'NO ACTION' WHEN 'r' THEN 'RESTRICT' WHEN 'c' THEN 'CASCADE'
-                                  WHEN 'n' THEN 'SET NULL' WHEN 'd' THEN 'SET DEFAULT' END AS on_delete,
-               ARRAY(SELECT a.attname FROM unnest(c.conkey) WITH ORDINALITY AS k(attnum, position)
-                     JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
-                     ORDER BY k.position) AS columns,
-               ARRAY(SELECT a.attname FROM unnest(c.confkey) WITH ORDINALITY AS k(attnum, position)
-                     JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum
-                     ORDER BY k.position) AS referenced_columns
-        FROM pg_constraint c
-        JOIN pg_class t ON t.oid = c.conrelid
-        JOIN pg_class r ON r.oid = c.confrelid
-        WHERE c.contype = 'f' AND c.connamespace = current_schema()::regnamespace
-        """
-    )
-    return [
-        ForeignKey(
-            r["table"],
-            r["name"],
-            tuple(r["columns"]),
-            r["referenced_table"],
-            tuple(r["referenced_columns"]),
-            r["on_delete"],
-        )
-        for r in rows
-    ]
-
-
-@pytest.fixture(scope="module")
-async def enum_types(pool: asyncpg.Pool) -> dict[str, tuple[str, ...]]:
-    """Every enum type of the current schema: name → values in order."""
-    rows = await pool.fetch(
-        """
-        SELECT t.typname AS name, array_agg(e.enumlabel ORDER BY e.enumsortorder) AS values
-        FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid
-        WHERE t.typnamespace = current_schema()::regnamespace
-        GROUP BY t.typname
-        """
-    )
-    return {row["name"]: tuple(row["values"]) for row in rows}
-
-
-def has_index_leading_with(indexes: list[Index], table: str, leading: tuple[str, ...]) -> bool:
+def has_index_leading_with(indexes: Iterable[Index], table: str, leading: tuple[str, ...]) -> bool:
     """Whether some full (not partial) index of `table` starts with these columns ("name DESC" for descending)."""
-    return any(i.table == table and not i.partial and i.columns[: len(leading)] == leading for i in indexes)
+    return any(i.table == table and not i.partial and i.sorted_columns[: len(leading)] == leading for i in indexes)
 
 
-def test_every_table_of_the_seed_has_every_field_it_lists(columns: dict[str, dict[str, Column]]) -> None:
+def test_every_table_of_the_seed_has_every_field_it_lists(catalog: Catalog) -> None:
+    columns = catalog.tables
     missing_tables = [table for table in SEED_FIELDS if table not in columns]
     missing_fields = [
         f"{table}.{field}"
@@ -300,18 +192,13 @@ def test_every_table_of_the_seed_has_every_field_it_lists(columns: dict[str, dic
     assert missing_fields == [], f"fields missing: {', '.join(missing_fields)}"
 
 
-async def test_every_enum_field_takes_exactly_the_values_the_seed_lists(pool: asyncpg.Pool) -> None:
-    rows = await pool.fetch(
-        """
-        SELECT c.table_name, c.column_name, array_agg(e.enumlabel ORDER BY e.enumsortorder) AS values
-        FROM information_schema.columns c
-        JOIN pg_type t ON t.typname = c.udt_name AND t.typnamespace = c.udt_schema::regnamespace
-        JOIN pg_enum e ON e.enumtypid = t.oid
-        WHERE c.table_schema = current_schema()
-        GROUP BY c.table_name, c.column_name
-        """
-    )
-    actual = {(row["table_name"], row["column_name"]): tuple(row["values"]) for row in rows}
+def test_every_enum_field_takes_exactly_the_values_the_seed_lists(catalog: Catalog) -> None:
+    actual = {
+        (table, name): catalog.enums[column.type]
+        for table, columns in catalog.tables.items()
+        for name, column in columns.items()
+        if column.type in catalog.enums
+    }
     wrong = [
         f"{table}.{column}: {', '.join(actual[table, column]) if (table, column) in actual else 'not an enum'}"
         f" instead of {', '.join(values)}"
@@ -331,12 +218,16 @@ async def test_every_enum_field_takes_exactly_the_values_the_seed_lists(pool: as
         ("ApiKey", "key"),
     ],
 )
-def test_unique_fields_have_a_unique_index_on_them_alone(indexes: list[Index], table: str, column: str) -> None:
-    unique = [i.name for i in indexes if i.table == table and i.unique and not i.partial and i.columns == (column,)]
+def test_unique_fields_have_a_unique_index_on_them_alone(catalog: Catalog, table: str, column: str) -> None:
+    unique = [
+        i.name
+        for i in catalog.indexes
+        if i.table == table and i.unique and not i.partial and i.sorted_columns == (column,)
+    ]
     assert unique, f'no unique index on "{table}"("{column}") alone'
 
 
-def test_every_foreign_key_is_served_by_an_index(indexes: list[Index], foreign_keys: list[ForeignKey]) -> None:
+def test_every_foreign_key_is_served_by_an_index(catalog: Catalog) -> None:
     """Some index leads with exactly the foreign key's columns (in any order), so finding a parent's children
     (joins, ON DELETE, ON UPDATE) never scans the table.
     """
@@ -344,36 +235,37 @@ def test_every_foreign_key_is_served_by_an_index(indexes: list[Index], foreign_k
     def served(key: ForeignKey) -> bool:
         wanted = set(key.columns)
         return any(
-            {c.removesuffix(" DESC") for c in index.columns[: len(wanted)]} == wanted
-            for index in indexes
+            set(index.columns[: len(wanted)]) == wanted
+            for index in catalog.indexes
             if index.table == key.table and not index.partial
         )
 
-    unserved = [f"{k.name}: {k.table}({', '.join(k.columns)})" for k in foreign_keys if not served(k)]
-    assert foreign_keys, "the database has no foreign keys at all"
+    unserved = [f"{k.name}: {k.table}({', '.join(k.columns)})" for k in catalog.foreign_keys if not served(k)]
+    assert catalog.foreign_keys, "the database has no foreign keys at all"
     assert unserved == [], "foreign keys without an index leading with their columns:\n" + "\n".join(unserved)
 
 
-def test_every_tenant_table_has_organization_id_not_null_except_voice(columns: dict[str, dict[str, Column]]) -> None:
+def test_every_tenant_table_has_organization_id_not_null_except_voice(catalog: Catalog) -> None:
+    columns = catalog.tables
     missing = [table for table in TENANT_TABLES if "organizationId" not in columns.get(table, {})]
     assert missing == [], f"tenant tables without organizationId: {', '.join(missing)}"
-    nullable = [table for table in TENANT_TABLES if columns[table]["organizationId"].nullable]
+    nullable = [table for table in TENANT_TABLES if not columns[table]["organizationId"].not_null]
     assert nullable == ["Voice"], f"organizationId is nullable in {nullable}; only Voice (system voices) may be"
 
 
-def test_every_tenant_table_references_its_organization(foreign_keys: list[ForeignKey]) -> None:
+def test_every_tenant_table_references_its_organization(catalog: Catalog) -> None:
     referencing = {
         k.table
-        for k in foreign_keys
+        for k in catalog.foreign_keys
         if k.columns == ("organizationId",) and (k.referenced_table, k.referenced_columns) == ("Organization", ("id",))
     }
     missing = [table for table in TENANT_TABLES if table not in referencing]
     assert missing == [], f'tables whose organizationId does not reference "Organization"("id"): {", ".join(missing)}'
 
 
-def test_call_log_is_indexed_on_each_column_the_seed_filters_by(indexes: list[Index]) -> None:
+def test_call_log_is_indexed_on_each_column_the_seed_filters_by(catalog: Catalog) -> None:
     filters = ("organizationId", "agentId", "campaignId", "callId", "status", "callType", "timestamp", "phoneNumber")
-    unindexed = [column for column in filters if not has_index_leading_with(indexes, "CallLog", (column,))]
+    unindexed = [column for column in filters if not has_index_leading_with(catalog.indexes, "CallLog", (column,))]
     assert unindexed == [], f"CallLog columns no index leads with: {', '.join(unindexed)}"
 
 
@@ -385,15 +277,15 @@ def test_call_log_is_indexed_on_each_column_the_seed_filters_by(indexes: list[In
         ("Agent", ("organizationId", "status", "callerType")),
     ],
 )
-def test_the_seeds_composite_indexes_exist(indexes: list[Index], table: str, leading: tuple[str, ...]) -> None:
-    on_table = [f"{i.name}({', '.join(i.columns)})" for i in indexes if i.table == table]
-    assert has_index_leading_with(indexes, table, leading), (
+def test_the_seeds_composite_indexes_exist(catalog: Catalog, table: str, leading: tuple[str, ...]) -> None:
+    on_table = [f"{i.name}({', '.join(i.sorted_columns)})" for i in catalog.indexes if i.table == table]
+    assert has_index_leading_with(catalog.indexes, table, leading), (
         f"no index on {table}({', '.join(leading)}); the table has: {'; '.join(on_table)}"
     )
 
 
-def test_deleting_an_organization_deletes_every_row_that_references_it(foreign_keys: list[ForeignKey]) -> None:
-    to_organization = [k for k in foreign_keys if k.referenced_table == "Organization"]
+def test_deleting_an_organization_deletes_every_row_that_references_it(catalog: Catalog) -> None:
+    to_organization = [k for k in catalog.foreign_keys if k.referenced_table == "Organization"]
     not_cascading = [f"{k.name} (ON DELETE {k.on_delete})" for k in to_organization if k.on_delete != "CASCADE"]
     assert to_organization, "no foreign key references Organization"
     assert not_cascading == [], "foreign keys to Organization that do not cascade: " + ", ".join(not_cascading)
@@ -408,32 +300,34 @@ def test_deleting_an_organization_deletes_every_row_that_references_it(foreign_k
         ("KnowledgeBaseDocument", "KnowledgeBase"),
     ],
 )
-def test_deleting_a_parent_deletes_its_owned_rows(foreign_keys: list[ForeignKey], table: str, parent: str) -> None:
-    keys = [k for k in foreign_keys if k.table == table and k.referenced_table == parent]
+def test_deleting_a_parent_deletes_its_owned_rows(catalog: Catalog, table: str, parent: str) -> None:
+    keys = [k for k in catalog.foreign_keys if k.table == table and k.referenced_table == parent]
     assert keys, f"{table} has no foreign key to {parent}"
     assert all(k.on_delete == "CASCADE" for k in keys), f"{table} → {parent}: {[(k.name, k.on_delete) for k in keys]}"
 
 
-def test_every_table_has_a_text_primary_key(indexes: list[Index], columns: dict[str, dict[str, Column]]) -> None:
-    actual = {i.table: i.columns for i in indexes if i.primary}
+def test_every_table_has_a_text_primary_key(catalog: Catalog) -> None:
+    actual = {i.table: i.sorted_columns for i in catalog.indexes if i.primary}
     wrong = [f"{t}: {actual.get(t)} instead of {key}" for t, key in PRIMARY_KEYS.items() if actual.get(t) != key]
     assert wrong == [], "primary keys differ:\n" + "\n".join(wrong)
+    columns = catalog.tables
     not_text = [
-        f"{t}.{c} is {columns[t][c].data_type}"
+        f"{t}.{c} is {columns[t][c].type}"
         for t, key in PRIMARY_KEYS.items()
         for c in key
-        if columns[t][c].data_type != "text"
+        if columns[t][c].type != "text"
     ]
     assert not_text == [], "primary key columns that are not text: " + ", ".join(not_text)
 
 
-def test_every_table_records_when_its_rows_were_created_and_updated(columns: dict[str, dict[str, Column]]) -> None:
+def test_every_table_records_when_its_rows_were_created_and_updated(catalog: Catalog) -> None:
+    columns = catalog.tables
     expected = {t: ("createdAt",) if t in JOIN_TABLES else ("createdAt", "updatedAt") for t in SEED_FIELDS}
     wrong = [
         f"{table}.{column}: {'missing' if column not in columns[table] else 'nullable'}"
         for table, stamps in expected.items()
         for column in stamps
-        if column not in columns[table] or columns[table][column].nullable
+        if column not in columns[table] or not columns[table][column].not_null
     ]
     assert wrong == [], "timestamps missing or nullable: " + ", ".join(wrong)
 
@@ -474,7 +368,8 @@ async def test_every_table_with_updated_at_keeps_it_current_on_update(pool: asyn
     assert untouched == [], f"tables whose updatedAt no BEFORE UPDATE trigger keeps current: {', '.join(untouched)}"
 
 
-def test_storage_enums_mirror_the_database_enum_types(enum_types: dict[str, tuple[str, ...]]) -> None:
+def test_storage_enums_mirror_the_database_enum_types(catalog: Catalog) -> None:
+    enum_types = catalog.enums
     mirrors = {
         name: tuple(member.value for member in value)
         for name, value in vars(storage.enums).items()

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import asyncpg
 import pytest
 
+from tests.catalog import Catalog, Column, ForeignKey, Index, read_catalog
 from tests.prisma_schema import SCHEMA_PATH, Field, Model, PrismaSchema, load_schema, parse_schema
 
 # Prisma's PostgreSQL type for each scalar type of a field without a @db attribute (format_type's spelling).
@@ -36,147 +36,8 @@ REFERENTIAL_ACTIONS = {
     "Restrict": "RESTRICT",
     "SetDefault": "SET DEFAULT",
 }
-# pg_constraint.confdeltype / confupdtype codes.
-CATALOG_ACTIONS = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
 # @default functions Prisma Client evaluates itself: the column gets no database default.
 CLIENT_SIDE_DEFAULT = re.compile(r"(cuid|uuid|nanoid|ulid)\(.*\)")
-
-
-@dataclass(frozen=True, slots=True)
-class Column:
-    """A column as the catalog describes it."""
-
-    type: str  # format_type's spelling; an enum (or enum array) by its bare type name, e.g. CallStatus
-    not_null: bool
-    default: str | None  # pg_get_expr's text, e.g. 'free'::"Plan"
-
-
-@dataclass(frozen=True, slots=True)
-class Index:
-    """An index (primary keys and uniques included) and the columns it is on, in order."""
-
-    table: str
-    columns: tuple[str, ...]
-    descending: tuple[bool, ...]
-    unique: bool
-    primary: bool
-
-    def describe(self) -> str:
-        """E.g. `UNIQUE (id, organizationId)`, `(organizationId, timestamp DESC)`."""
-        kind = "PRIMARY KEY " if self.primary else "UNIQUE " if self.unique else ""
-        columns = ", ".join(c + (" DESC" if d else "") for c, d in zip(self.columns, self.descending, strict=True))
-        return f"{kind}({columns})"
-
-
-@dataclass(frozen=True, slots=True)
-class ForeignKey:
-    """A foreign key constraint."""
-
-    table: str
-    columns: tuple[str, ...]
-    referenced_table: str
-    referenced_columns: tuple[str, ...]
-    on_delete: str
-    on_update: str
-
-    def describe(self) -> str:
-        """E.g. `(agentId) → Agent(id) ON DELETE SET NULL ON UPDATE CASCADE`."""
-        return (
-            f"({', '.join(self.columns)}) → {self.referenced_table}({', '.join(self.referenced_columns)}) "
-            f"ON DELETE {self.on_delete} ON UPDATE {self.on_update}"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Catalog:
-    """What the database holds in the current schema: enum types, tables' columns, indexes, foreign keys."""
-
-    enums: dict[str, tuple[str, ...]]
-    tables: dict[str, dict[str, Column]]
-    indexes: dict[str, Index]
-    foreign_keys: dict[str, ForeignKey]
-
-
-async def read_catalog(conn: asyncpg.Pool | asyncpg.Connection) -> Catalog:
-    """Introspect pg_catalog for the current schema."""
-    enums = await conn.fetch(
-        """
-        SELECT t.typname AS name, array_agg(e.enumlabel ORDER BY e.enumsortorder) AS values
-        FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid
-        WHERE t.typnamespace = current_schema()::regnamespace
-        GROUP BY t.typname
-        """
-    )
-    columns = await conn.fetch(
-        """
-        SELECT c.relname AS table, a.attname AS column, a.attnotnull AS not_null,
-               pg_get_expr(d.adbin, d.adrelid) AS default,
-               CASE WHEN t.typtype = 'e' THEN t.typname
-                    WHEN element.typtype = 'e' THEN element.typname || '[]'
-                    ELSE format_type(a.atttypid, a.atttypmod) END AS type
-        FROM pg_class c
-        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-        JOIN pg_type t ON t.oid = a.atttypid
-        LEFT JOIN pg_type element ON element.oid = t.typelem
-        LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
-        WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'
-        ORDER BY c.relname, a.attnum
-        """
-    )
-    indexes = await conn.fetch(
-        """
-        SELECT i.relname AS name, t.relname AS table, x.indisunique AS unique, x.indisprimary AS primary,
-               array_agg(a.attname ORDER BY k.position) AS columns,
-               array_agg(x.indoption[k.position::int - 1] & 1 = 1 ORDER BY k.position) AS descending
-        FROM pg_index x
-        JOIN pg_class i ON i.oid = x.indexrelid
-        JOIN pg_class t ON t.oid = x.indrelid
-        CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY AS k(attnum, position)
-        JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum
-        WHERE t.relnamespace = current_schema()::regnamespace AND k.position <= x.indnkeyatts
-        GROUP BY i.relname, t.relname, x.indisunique, x.indisprimary
-        """
-    )
-    foreign_keys = await conn.fetch(
-        """
-        SELECT c.conname AS name, t.relname AS table, r.relname AS referenced_table,
-               c.confdeltype::text AS on_delete, c.confupdtype::text AS on_update,
-               ARRAY(SELECT a.attname FROM unnest(c.conkey) WITH ORDINALITY AS k(attnum, position)
-                     JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
-                     ORDER BY k.position) AS columns,
-               ARRAY(SELECT a.attname FROM unnest(c.confkey) WITH ORDINALITY AS k(attnum, position)
-                     JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum
-                     ORDER BY k.position) AS referenced_columns
-        FROM pg_constraint c
-        JOIN pg_class t ON t.oid = c.conrelid
-        JOIN pg_class r ON r.oid = c.confrelid
-        WHERE c.contype = 'f' AND c.connamespace = current_schema()::regnamespace
-        """
-    )
-    tables: dict[str, dict[str, Column]] = {}
-    for row in columns:
-        tables.setdefault(row["table"], {})[row["column"]] = Column(row["type"], row["not_null"], row["default"])
-    return Catalog(
-        enums={row["name"]: tuple(row["values"]) for row in enums},
-        tables=tables,
-        indexes={
-            row["name"]: Index(
-                row["table"], tuple(row["columns"]), tuple(row["descending"]), row["unique"], row["primary"]
-            )
-            for row in indexes
-        },
-        foreign_keys={
-            row["name"]: ForeignKey(
-                row["table"],
-                tuple(row["columns"]),
-                row["referenced_table"],
-                tuple(row["referenced_columns"]),
-                CATALOG_ACTIONS[row["on_delete"]],
-                CATALOG_ACTIONS[row["on_update"]],
-            )
-            for row in foreign_keys
-        },
-    )
 
 
 def schema_differences(schema: PrismaSchema, catalog: Catalog) -> list[str]:
@@ -230,15 +91,22 @@ def column_differences(model: Model, columns: dict[str, Column], enums: dict[str
 
 def index_differences(model: Model, catalog: Catalog) -> Iterable[str]:
     """The primary key, unique keys and @@index are the table's indexes, under Prisma's names; no others."""
-    expected = {
-        f"{model.name}_pkey": Index(model.name, model.primary_key, (False,) * len(model.primary_key), True, True)
-    }
+    expected: dict[str, Index] = {}
+
+    def expect(
+        suffix: str, columns: tuple[str, ...], descending: tuple[bool, ...], unique: bool, primary: bool
+    ) -> None:
+        """Prisma's index `<model>_<suffix>`: never partial."""
+        name = f"{model.name}_{suffix}"
+        expected[name] = Index(name, model.name, columns, descending, unique, primary, partial=False)
+
+    expect("pkey", model.primary_key, (False,) * len(model.primary_key), True, True)
     for key in model.unique_keys:
-        expected[f"{model.name}_{'_'.join(key)}_key"] = Index(model.name, key, (False,) * len(key), True, False)
+        expect(f"{'_'.join(key)}_key", key, (False,) * len(key), True, False)
     for fields in model.indexes:
         columns, descending = tuple(f.name for f in fields), tuple(f.descending for f in fields)
-        expected[f"{model.name}_{'_'.join(columns)}_idx"] = Index(model.name, columns, descending, False, False)
-    actual = {name: index for name, index in catalog.indexes.items() if index.table == model.name}
+        expect(f"{'_'.join(columns)}_idx", columns, descending, False, False)
+    actual = {index.name: index for index in catalog.indexes if index.table == model.name}
     where = f"model {model.name}: index"
     for name, index in expected.items():
         if name not in actual:
@@ -257,7 +125,9 @@ def foreign_key_differences(model: Model, catalog: Catalog) -> Iterable[str]:
             continue
         # Prisma's defaults: a required relation restricts deletes, an optional one sets null; updates cascade.
         on_delete = relation.on_delete or ("SetNull" if field.optional else "Restrict")
+        name = f"{model.name}_{'_'.join(relation.fields)}_fkey"
         foreign_key = ForeignKey(
+            name,
             model.name,
             relation.fields,
             field.type,
@@ -265,8 +135,8 @@ def foreign_key_differences(model: Model, catalog: Catalog) -> Iterable[str]:
             REFERENTIAL_ACTIONS[on_delete],
             REFERENTIAL_ACTIONS[relation.on_update or "Cascade"],
         )
-        expected[f"{model.name}_{'_'.join(relation.fields)}_fkey"] = (field.name, foreign_key)
-    actual = {name: key for name, key in catalog.foreign_keys.items() if key.table == model.name}
+        expected[name] = (field.name, foreign_key)
+    actual = {key.name: key for key in catalog.foreign_keys if key.table == model.name}
     for name, (field_name, key) in expected.items():
         where = f"model {model.name}, field {field_name}"
         if name not in actual:
