@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     db_connect_timeout: float = _env("DIALTONE_DB_CONNECT_TIMEOUT", "db_connect_timeout", 10.0, gt=0)
     twilio_account_sid: str | None = _env("TWILIO_ACCOUNT_SID", "twilio_account_sid")
     twilio_auth_token: SecretStr | None = _env("TWILIO_AUTH_TOKEN", "twilio_auth_token")
+    # Signs recording URLs; unset, a random key is made once and kept in the state folder.
+    secret_key: SecretStr | None = _env("DIALTONE_SECRET_KEY", "secret_key", min_length=32)
 
     @field_validator("database_url")
     @classmethod

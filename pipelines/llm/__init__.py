@@ -1,0 +1,1 @@
+"""Language-model providers: what the agent says next."""

@@ -1,0 +1,48 @@
+"""The language-model seam: given the conversation so far, stream what the agent says next."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationTurn:
+    """One turn as the agent should remember it: the agent's turns cut to what the caller actually heard."""
+
+    role: Literal["caller", "agent"]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """More of the agent's reply, to be spoken in order."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndCall:
+    """The agent ends the call once what it said so far has been played."""
+
+    reason: str
+
+
+LLMEvent = TextDelta | EndCall
+
+
+class LLMError(Exception):
+    """The model failed to produce a reply."""
+
+
+class LanguageModel(Protocol):
+    """A call's conversation logic. It may keep state across turns (e.g. where it is on a path)."""
+
+    def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncIterator[LLMEvent]:
+        """Stream the reply to the conversation, whose last turn is the caller's; cancelling stops it."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the model holds; idempotent."""
+        ...

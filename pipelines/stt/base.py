@@ -1,0 +1,58 @@
+"""The speech-to-text seam: one streaming recognizer per call, μ-law 8 kHz in, transcript events out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStarted:
+    """The recognizer heard the caller start speaking (feeds barge-in)."""
+
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptUpdate:
+    """Words recognized so far in the caller's current turn; `is_final` once they will not change."""
+
+    text: str
+    is_final: bool
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfTurn:
+    """The recognizer judges the caller's turn over; `text` is the turn's whole final transcript."""
+
+    text: str
+    at_ms: int
+
+
+STTEvent = SpeechStarted | TranscriptUpdate | EndOfTurn
+
+
+class STTError(Exception):
+    """The recognizer failed and cannot go on (the session may fall back to another one)."""
+
+
+class SpeechToText(Protocol):
+    """A call's streaming recognizer. Times (`at_ms`) are milliseconds of caller audio since the stream began."""
+
+    async def start(self) -> None:
+        """Open the recognizer (connect, take a decoder); raise STTError if it cannot."""
+        ...
+
+    def send_audio(self, ulaw: bytes) -> None:
+        """Queue one chunk of caller audio (μ-law 8 kHz); never blocks, called on every 20 ms frame."""
+        ...
+
+    def events(self) -> AsyncIterator[STTEvent]:
+        """The recognizer's events, in order, until it is closed."""
+        ...
+
+    async def close(self) -> None:
+        """Flush and release everything; idempotent."""
+        ...
