@@ -1,0 +1,392 @@
+"""PocketSphinx offline speech-to-text: VAD-cut utterances decoded on a shared decoder pool, biased to keyphrases."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import tempfile
+import threading
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from media.framing import FRAME_MS, FrameSplitter
+from media.g711 import ulaw_to_pcm16
+from media.resample import StreamResampler
+from media.vad import SpeechStarted as VadSpeechStarted
+from media.vad import SpeechStopped, VoiceActivityDetector
+from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, STTEvent, TranscriptUpdate
+
+MODEL_SAMPLE_RATE = 16000
+"""The en-us acoustic model's rate; caller audio is upsampled to it (decoding at 8 kHz measured far worse)."""
+
+PRE_ROLL_MS = 300
+"""Audio kept from before the VAD's speech start, so the first phoneme and some silence reach the decoder."""
+
+TAIL_MS = 200
+"""Silence kept after the VAD's speech end; more trailing silence measured worse (spurious short words)."""
+
+MAX_UTTERANCE_MS = 20_000
+"""An utterance this long is decoded as a turn even if the caller has not paused."""
+
+KEYPHRASE_WEIGHT = 30
+"""How many times each keyphrase (and each of its words) counts in the vocabulary's language-model corpus."""
+
+# Everyday phone-call words and phrases, so callers who stray from the keyphrases still get sensible text.
+BASE_PHRASES = (
+    "yes",
+    "no",
+    "yes please",
+    "no thank you",
+    "thank you",
+    "thanks",
+    "goodbye",
+    "bye",
+    "hello",
+    "hi",
+    "okay",
+    "sure",
+    "maybe",
+    "i don't know",
+    "what",
+    "sorry",
+    "can you repeat that",
+    "i would like to",
+    "i want to",
+    "can i",
+    "could you",
+    "please",
+    # Lists as one word per line: a line "one two three" would make "two three" a likely pair.
+    *["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "today", "tomorrow"],
+    *["morning", "afternoon", "evening"],
+    *["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"],
+    "o'clock",
+    "my name is",
+    "speak to someone",
+    "how much",
+    "when",
+    "where",
+    "help",
+)
+
+_WORD = re.compile(r"[a-z][a-z']*")
+
+
+def normalize_words(text: str) -> list[str]:
+    """Lower-case words of `text` as the dictionary spells them (letters and apostrophes)."""
+    return _WORD.findall(text.lower())
+
+
+@dataclass(frozen=True, slots=True)
+class Vocabulary:
+    """What a decoder search recognizes: pronunciations for its words and an ARPA language model."""
+
+    key: tuple[str, ...]
+    pronunciations: tuple[tuple[str, str], ...]
+    arpa: str
+    unknown_words: tuple[str, ...]
+
+
+def _dictionary_path() -> Path:
+    from pocketsphinx import get_model_path
+
+    return Path(get_model_path("en-us/cmudict-en-us.dict"))
+
+
+def _build_vocabulary(keyphrases: tuple[str, ...]) -> Vocabulary:
+    # Runs on a worker thread: scans the 3 MB dictionary once per distinct set of keyphrases.
+    from pocketsphinx.lm import ArpaBoLM
+
+    key_lines = [" ".join(normalize_words(phrase)) for phrase in keyphrases]
+    key_words = [word for line in key_lines for word in line.split()]
+    wanted = {word for phrase in BASE_PHRASES for word in phrase.split()} | set(key_words)
+    pronunciations: list[tuple[str, str]] = []
+    found: set[str] = set()
+    with _dictionary_path().open(encoding="utf-8") as dictionary:
+        for line in dictionary:
+            entry, _, phones = line.partition(" ")
+            word = entry.split("(", 1)[0]
+            if word in wanted:
+                pronunciations.append((entry, phones.strip()))
+                found.add(word)
+    unknown = tuple(sorted(wanted - found))
+    # Words the dictionary cannot pronounce would make the language model unusable: leave them out.
+    corpus = [*BASE_PHRASES, *([*key_lines, *key_words] * KEYPHRASE_WEIGHT)]
+    sentences = [" ".join(w for w in line.split() if w in found) for line in corpus]
+    model = ArpaBoLM(text="\n".join(s for s in sentences if s), add_start=True)
+    model.compute()
+    arpa = _StringSink()
+    model.write(arpa)
+    return Vocabulary(key=keyphrases, pronunciations=tuple(pronunciations), arpa=arpa.text(), unknown_words=unknown)
+
+
+class _StringSink:
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._parts.append(text)
+        return len(text)
+
+    def text(self) -> str:
+        return "".join(self._parts)
+
+
+class SphinxDecoder:
+    """One PocketSphinx decoder with the searches it has built, used by one thread at a time."""
+
+    MAX_SEARCHES = 16
+
+    def __init__(self, vocabulary: Vocabulary) -> None:
+        """Load the acoustic model with `vocabulary`'s words (slow: call on a worker thread)."""
+        from pocketsphinx import Decoder
+
+        with _temporary_file(
+            ".dict", "".join(f"{entry} {phones}\n" for entry, phones in vocabulary.pronunciations)
+        ) as path:
+            self._decoder: Any = Decoder(lm=None, dict=path, loglevel="FATAL")
+        self._searches: OrderedDict[tuple[str, ...], str] = OrderedDict()
+        self._serial = 0
+
+    def recognize(self, pcm8k: npt.NDArray[np.int16], vocabulary: Vocabulary) -> str:
+        """The words in one utterance of 8 kHz PCM, lower case, empty when none were recognized."""
+        self._decoder.activate_search(self._search(vocabulary))
+        resampler = StreamResampler(8000, MODEL_SAMPLE_RATE)
+        audio = np.concatenate([resampler.process(pcm8k), resampler.flush()]).astype(np.float32)
+        # Digital silence (a gateway's idle μ-law) skews the model's per-utterance cepstral mean; a faint floor of
+        # noise like a real line's measured several points better on the keyphrases. Seeded: same audio, same words.
+        audio += np.random.default_rng(0).normal(0.0, 20.0, len(audio)).astype(np.float32)
+        samples = np.clip(audio, -32768, 32767).astype(np.int16)
+        self._decoder.start_utt()
+        self._decoder.process_raw(samples.tobytes(), False, True)
+        self._decoder.end_utt()
+        hypothesis = self._decoder.hyp()
+        return " ".join(normalize_words(hypothesis.hypstr)) if hypothesis is not None else ""
+
+    def _search(self, vocabulary: Vocabulary) -> str:
+        name = self._searches.get(vocabulary.key)
+        if name is not None:
+            self._searches.move_to_end(vocabulary.key)
+            return name
+        for entry, phones in vocabulary.pronunciations:
+            if self._decoder.lookup_word(entry) is None:
+                self._decoder.add_word(entry, phones, False)
+        self._serial += 1
+        name = f"vocabulary{self._serial}"
+        with _temporary_file(".arpa", vocabulary.arpa) as path:
+            self._decoder.add_lm_file(name, path)
+        self._searches[vocabulary.key] = name
+        if len(self._searches) > self.MAX_SEARCHES:
+            _, evicted = self._searches.popitem(last=False)
+            self._decoder.remove_search(evicted)
+        return name
+
+
+@contextmanager
+def _temporary_file(suffix: str, content: str) -> Iterator[str]:
+    # PocketSphinx reads dictionaries and language models only from files.
+    handle, path = tempfile.mkstemp(prefix="dialtone-sphinx-", suffix=suffix)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(content)
+        yield path
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+class SphinxDecoderPool:
+    """A process's PocketSphinx decoders: created lazily up to `size`, lent per utterance, run on worker threads."""
+
+    MAX_VOCABULARIES = 64
+
+    def __init__(self, size: int | None = None) -> None:
+        """Create an empty pool of at most `size` decoders (default: twice the CPU count)."""
+        self.size = size or 2 * (os.cpu_count() or 1)
+        self._executor = ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="sphinx")
+        self._idle: asyncio.Queue[SphinxDecoder] = asyncio.Queue()
+        self._created = 0
+        self._vocabularies: OrderedDict[tuple[str, ...], asyncio.Future[Vocabulary]] = OrderedDict()
+
+    @property
+    def created(self) -> int:
+        """Decoders created so far."""
+        return self._created
+
+    @property
+    def idle(self) -> int:
+        """Decoders waiting in the pool, not lent to anyone."""
+        return self._idle.qsize()
+
+    async def vocabulary(self, keyphrases: Iterable[str]) -> Vocabulary:
+        """The vocabulary for a set of keyphrases, built once per process on a worker thread."""
+        key = tuple(sorted({" ".join(normalize_words(phrase)) for phrase in keyphrases} - {""}))
+        pending = self._vocabularies.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().run_in_executor(self._executor, _build_vocabulary, key)
+            self._vocabularies[key] = pending
+            if len(self._vocabularies) > self.MAX_VOCABULARIES:
+                self._vocabularies.popitem(last=False)
+        else:
+            self._vocabularies.move_to_end(key)
+        try:
+            return await asyncio.shield(pending)
+        except Exception as exc:
+            self._vocabularies.pop(key, None)
+            raise STTError(f"PocketSphinx: cannot build the vocabulary for keyphrases {list(key)} ({exc})") from exc
+
+    async def warm(self, vocabulary: Vocabulary) -> None:
+        """Make sure one decoder exists, so a call's first utterance does not wait for a model load."""
+        decoder = await self._acquire(vocabulary)
+        self._release(decoder)
+
+    async def recognize(self, pcm8k: npt.NDArray[np.int16], vocabulary: Vocabulary) -> str:
+        """Decode one utterance of 8 kHz PCM on a free decoder, waiting for one if all are busy."""
+        decoder = await self._acquire(vocabulary)
+        try:
+            job = asyncio.get_running_loop().run_in_executor(self._executor, decoder.recognize, pcm8k, vocabulary)
+            # Shielded: a cancelled caller must not return a decoder that is still decoding.
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            await asyncio.wait([job])
+            raise
+        except Exception as exc:
+            raise STTError(f"PocketSphinx: decoding failed ({exc})") from exc
+        finally:
+            self._release(decoder)
+
+    async def _acquire(self, vocabulary: Vocabulary) -> SphinxDecoder:
+        if not self._idle.empty() or self._created >= self.size:
+            return await self._idle.get()
+        self._created += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, SphinxDecoder, vocabulary)
+        except Exception as exc:
+            self._created -= 1
+            raise STTError(f"PocketSphinx: cannot load the en-us model from the pocketsphinx wheel ({exc})") from exc
+
+    def _release(self, decoder: SphinxDecoder) -> None:
+        self._idle.put_nowait(decoder)
+
+
+_pool: SphinxDecoderPool | None = None
+_pool_lock = threading.Lock()
+
+
+def get_sphinx_decoder_pool() -> SphinxDecoderPool:
+    """The process's one SphinxDecoderPool, created on first use."""
+    global _pool  # noqa: PLW0603 - decoders are shared by every call in the process
+    with _pool_lock:
+        if _pool is None:
+            _pool = SphinxDecoderPool()
+        return _pool
+
+
+_CLOSED = object()
+
+
+class SphinxSTT:
+    """A call's PocketSphinx recognizer (SpeechToText): VAD per frame on the loop, one decode per utterance."""
+
+    def __init__(
+        self,
+        *,
+        keyphrases: Iterable[str] = (),
+        end_silence_ms: int = 700,
+        pool: SphinxDecoderPool | None = None,
+    ) -> None:
+        """Create a recognizer favouring `keyphrases`; a turn ends after `end_silence_ms` of silence."""
+        self._keyphrases = tuple(keyphrases)
+        self._pool = pool or get_sphinx_decoder_pool()
+        self._vad = VoiceActivityDetector(stop_ms=end_silence_ms)
+        self._splitter = FrameSplitter()
+        self._pre_roll: deque[npt.NDArray[np.int16]] = deque(maxlen=PRE_ROLL_MS // FRAME_MS)
+        self._utterance: list[npt.NDArray[np.int16]] = []
+        self._utterance_start_ms = 0
+        self._utterances: asyncio.Queue[tuple[npt.NDArray[np.int16], int] | object] = asyncio.Queue()
+        self._events: asyncio.Queue[STTEvent | STTError | object] = asyncio.Queue()
+        self._vocabulary: Vocabulary | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        """Build (or reuse) the keyphrase vocabulary and make sure a decoder is loaded."""
+        self._vocabulary = await self._pool.vocabulary(self._keyphrases)
+        await self._pool.warm(self._vocabulary)
+        self._worker = asyncio.create_task(self._recognize_utterances())
+
+    def send_audio(self, ulaw: bytes) -> None:
+        """Run the VAD on the caller's audio and collect utterances; decoding happens elsewhere, per utterance."""
+        if self._closed:
+            return
+        for frame in self._splitter.push(ulaw):
+            self._process_frame(ulaw_to_pcm16(frame))
+
+    async def events(self) -> AsyncIterator[STTEvent]:
+        """Speech starts, final transcripts and ends of turn, in order, until the recognizer is closed."""
+        while True:
+            event = await self._events.get()
+            if event is _CLOSED:
+                self._events.put_nowait(_CLOSED)  # later readers end too
+                return
+            if isinstance(event, STTError):
+                raise event
+            assert isinstance(event, SpeechStarted | TranscriptUpdate | EndOfTurn)
+            yield event
+
+    async def close(self) -> None:
+        """Decode the utterance in progress, if any, then end the events; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._vad.speaking and self._utterance:
+            self._end_utterance(self._vad.elapsed_ms)
+        self._utterances.put_nowait(_CLOSED)
+        if self._worker is not None:
+            await self._worker
+        self._events.put_nowait(_CLOSED)
+
+    def _process_frame(self, pcm: npt.NDArray[np.int16]) -> None:
+        event = self._vad.process(pcm.tobytes())
+        if self._vad.speaking or isinstance(event, SpeechStopped):
+            self._utterance.append(pcm)
+        else:
+            self._pre_roll.append(pcm)
+        match event:
+            case VadSpeechStarted(at_ms=at_ms):
+                self._utterance = [*self._pre_roll, pcm]
+                self._utterance_start_ms = self._vad.elapsed_ms - FRAME_MS * len(self._utterance)
+                self._pre_roll.clear()
+                self._events.put_nowait(SpeechStarted(at_ms=at_ms))
+            case SpeechStopped(at_ms=at_ms):
+                self._end_utterance(at_ms)
+            case None if self._vad.speaking and self._vad.elapsed_ms - self._utterance_start_ms >= MAX_UTTERANCE_MS:
+                self._end_utterance(self._vad.elapsed_ms)
+                self._utterance_start_ms = self._vad.elapsed_ms
+
+    def _end_utterance(self, speech_end_ms: int) -> None:
+        keep_frames = (speech_end_ms + TAIL_MS - self._utterance_start_ms) // FRAME_MS
+        frames = self._utterance[: max(keep_frames, 1)]
+        self._utterance = []
+        self._utterances.put_nowait((np.concatenate(frames), speech_end_ms))
+
+    async def _recognize_utterances(self) -> None:
+        assert self._vocabulary is not None
+        while (item := await self._utterances.get()) is not _CLOSED:
+            assert isinstance(item, tuple)
+            pcm, at_ms = item
+            try:
+                text = await self._pool.recognize(pcm, self._vocabulary)
+            except STTError as exc:
+                self._events.put_nowait(exc)
+                return
+            if text:
+                self._events.put_nowait(TranscriptUpdate(text=text, is_final=True, at_ms=at_ms))
+                self._events.put_nowait(EndOfTurn(text=text, at_ms=at_ms))

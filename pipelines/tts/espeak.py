@@ -1,0 +1,293 @@
+"""eSpeak NG offline text-to-speech: one process-wide engine on one worker thread, μ-law 8 kHz out, cached."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from media.g711 import pcm16_to_ulaw
+from media.resample import StreamResampler
+from pipelines.tts.base import TTSError
+
+NATIVE_SAMPLE_RATE = 22050
+"""eSpeak NG's own output rate, in Hz."""
+
+CHUNK_BYTES = 800
+"""μ-law bytes per chunk `EspeakTTS.synthesize` yields: 100 ms at 8 kHz."""
+
+# speak_lib.h
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_INITIALIZE_DONT_EXIT = 0x8000  # report errors instead of calling exit() inside the library
+_POS_CHARACTER = 1
+_CHARS_UTF8 = 1
+_PARAM_RATE = 1
+_PARAM_PITCH = 3
+_EE_OK = 0
+_EE_NOT_FOUND = 2
+_ERRORS = {-1: "internal error", 1: "buffer full", 2: "not found"}
+
+
+class _VoiceSpec(ctypes.Structure):
+    # espeak_VOICE: a voice selected by its properties, here only by language ("en-gb").
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("languages", ctypes.c_char_p),
+        ("identifier", ctypes.c_char_p),
+        ("gender", ctypes.c_ubyte),
+        ("age", ctypes.c_ubyte),
+        ("variant", ctypes.c_ubyte),
+        ("xx1", ctypes.c_ubyte),
+        ("score", ctypes.c_int),
+        ("spare", ctypes.c_void_p),
+    ]
+
+
+_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PcmAudio:
+    """Mono 16-bit PCM samples at `sample_rate` Hz."""
+
+    samples: npt.NDArray[np.int16]
+    sample_rate: int
+
+    @property
+    def duration_ms(self) -> float:
+        """Length of the audio in milliseconds."""
+        return 1000.0 * len(self.samples) / self.sample_rate
+
+
+class EspeakEngine:
+    """The process's eSpeak NG library, driven from one dedicated worker thread (eSpeak is not thread-safe)."""
+
+    def __init__(self) -> None:
+        """Create the engine; the library is loaded on the worker thread at the first synthesis."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="espeak")
+        # Everything below is touched only on the worker thread.
+        self._lib: ctypes.CDLL | None = None
+        self._callback: Any = None  # the ctypes callback must outlive every espeak_Synth call
+        self._chunks: list[npt.NDArray[np.int16]] = []
+        self._settings: tuple[str, int, int] | None = None
+
+    async def synthesize_pcm(
+        self,
+        text: str,
+        *,
+        voice: str = "en-us",
+        rate: int = 175,
+        pitch: int = 50,
+        sample_rate: int = NATIVE_SAMPLE_RATE,
+    ) -> PcmAudio:
+        """Speak `text` as PCM at `sample_rate` (resampled on the worker thread); raise TTSError on failure."""
+        job = self._job(text, voice, rate, pitch, sample_rate)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, job)
+
+    def close(self) -> None:
+        """Stop the worker thread once pending syntheses finish."""
+        self._executor.shutdown(wait=False)
+
+    def _job(self, text: str, voice: str, rate: int, pitch: int, sample_rate: int) -> Callable[[], PcmAudio]:
+        def run() -> PcmAudio:
+            samples = self._synthesize(text, voice, rate, pitch)
+            if sample_rate != NATIVE_SAMPLE_RATE:
+                resampler = StreamResampler(NATIVE_SAMPLE_RATE, sample_rate)
+                samples = np.concatenate([resampler.process(samples), resampler.flush()])
+            return PcmAudio(samples=samples, sample_rate=sample_rate)
+
+        return run
+
+    def _synthesize(self, text: str, voice: str, rate: int, pitch: int) -> npt.NDArray[np.int16]:
+        lib = self._library()
+        self._configure(lib, voice, rate, pitch)
+        if not text.strip():
+            return np.zeros(0, dtype=np.int16)
+        encoded = text.encode("utf-8") + b"\0"
+        self._chunks = []
+        _check(
+            lib.espeak_Synth(encoded, len(encoded), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None),
+            f"speaking {text[:40]!r}",
+        )
+        _check(lib.espeak_Synchronize(), "finishing synthesis")
+        chunks, self._chunks = self._chunks, []
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+
+    def _library(self) -> ctypes.CDLL:
+        if self._lib is not None:
+            return self._lib
+        import espeakng_loader
+
+        try:
+            lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        except OSError as exc:
+            raise TTSError(f"eSpeak NG: cannot load the library from the espeakng-loader wheel ({exc})") from None
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_Initialize.restype = ctypes.c_int
+        lib.espeak_SetSynthCallback.argtypes = [_SynthCallback]
+        lib.espeak_SetSynthCallback.restype = None
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetVoiceByName.restype = ctypes.c_int
+        lib.espeak_SetVoiceByProperties.argtypes = [ctypes.POINTER(_VoiceSpec)]
+        lib.espeak_SetVoiceByProperties.restype = ctypes.c_int
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_SetParameter.restype = ctypes.c_int
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+        lib.espeak_Synth.restype = ctypes.c_int
+        lib.espeak_Synchronize.argtypes = []
+        lib.espeak_Synchronize.restype = ctypes.c_int
+        data_path = espeakng_loader.get_data_path().encode()
+        sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path, _INITIALIZE_DONT_EXIT)
+        if sample_rate != NATIVE_SAMPLE_RATE:
+            raise TTSError(
+                f"eSpeak NG: initialisation with data {data_path.decode()!r} failed (returned {sample_rate}); "
+                "reinstall the espeakng-loader wheel"
+            )
+        self._callback = _SynthCallback(self._receive)
+        lib.espeak_SetSynthCallback(self._callback)
+        self._lib = lib
+        return lib
+
+    def _receive(self, wav: Any, count: int, _events: int | None) -> int:
+        # Called by espeak_Synth on the worker thread with each buffer; a null `wav` marks the end.
+        if wav and count > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).astype(np.int16))
+        return 0
+
+    def _configure(self, lib: ctypes.CDLL, voice: str, rate: int, pitch: int) -> None:
+        if self._settings == (voice, rate, pitch):
+            return
+        self._settings = None
+        # A voice file name ("en-us") first, then a language ("en-gb" lives in the file "en").
+        result = lib.espeak_SetVoiceByName(voice.encode("utf-8"))
+        if result == _EE_NOT_FOUND:
+            spec = _VoiceSpec(languages=voice.encode("utf-8"))
+            result = lib.espeak_SetVoiceByProperties(ctypes.byref(spec))
+        if result == _EE_NOT_FOUND:
+            raise TTSError(f"eSpeak NG: unknown voice {voice!r}; use a voice name such as 'en-us' or 'en-gb'")
+        _check(result, f"selecting voice {voice!r}")
+        _check(lib.espeak_SetParameter(_PARAM_RATE, rate, 0), f"setting rate {rate}")
+        _check(lib.espeak_SetParameter(_PARAM_PITCH, pitch, 0), f"setting pitch {pitch}")
+        self._settings = (voice, rate, pitch)
+
+
+def _check(result: int, action: str) -> None:
+    if result != _EE_OK:
+        raise TTSError(f"eSpeak NG: {action} failed ({_ERRORS.get(result, f'error {result}')})")
+
+
+_engine: EspeakEngine | None = None
+_engine_lock = threading.Lock()
+
+
+def get_espeak_engine() -> EspeakEngine:
+    """The process's one EspeakEngine, created on first use."""
+    global _engine  # noqa: PLW0603 - eSpeak's state is process-global, so its engine is too
+    with _engine_lock:
+        if _engine is None:
+            _engine = EspeakEngine()
+        return _engine
+
+
+_SpeechKey = tuple[str, str, int, int]
+
+
+class SpeechCache:
+    """A bounded LRU of finished μ-law audio keyed by (text, voice, rate, pitch); used from one event loop."""
+
+    def __init__(self, max_entries: int = 256, max_bytes: int = 8 * 1024 * 1024) -> None:
+        """Create a cache holding at most `max_entries` texts and `max_bytes` of audio."""
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[_SpeechKey, bytes] = OrderedDict()
+        self._bytes = 0
+        self._pending: dict[_SpeechKey, asyncio.Future[bytes]] = {}
+
+    def __len__(self) -> int:
+        """Number of texts held."""
+        return len(self._entries)
+
+    async def get_or_render(self, key: _SpeechKey, render: Callable[[], asyncio.Future[bytes]]) -> bytes:
+        """The audio for `key`, rendering it once however many callers ask for it at the same time."""
+        audio = self._entries.get(key)
+        if audio is not None:
+            self._entries.move_to_end(key)
+            return audio
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = render()
+            self._pending[key] = pending
+            pending.add_done_callback(lambda done: self._settle(key, done))
+        # Shielded: one caller hanging up must not cancel the audio others are waiting for.
+        return await asyncio.shield(pending)
+
+    def _settle(self, key: _SpeechKey, done: asyncio.Future[bytes]) -> None:
+        del self._pending[key]
+        if done.cancelled() or done.exception() is not None:
+            return
+        audio = done.result()
+        if len(audio) > self.max_bytes:
+            return
+        self._entries[key] = audio
+        self._bytes += len(audio)
+        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= len(evicted)
+
+
+_speech_cache = SpeechCache()
+
+
+class EspeakTTS:
+    """A call's eSpeak NG synthesizer (TextToSpeech): μ-law 8 kHz in 100 ms chunks, from the shared cache if it can."""
+
+    def __init__(
+        self,
+        *,
+        voice: str = "en-us",
+        rate: int = 175,
+        pitch: int = 50,
+        engine: EspeakEngine | None = None,
+        cache: SpeechCache | None = None,
+    ) -> None:
+        """Create a synthesizer; `engine` and `cache` default to the process's shared ones."""
+        self.voice = voice
+        self.rate = rate
+        self.pitch = pitch
+        self._engine = engine or get_espeak_engine()
+        self._cache = _speech_cache if cache is None else cache
+
+    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        """Speak one text as μ-law 8 kHz chunks of CHUNK_BYTES (the last may be shorter); raise TTSError on failure."""
+        audio = await self._cache.get_or_render((text, self.voice, self.rate, self.pitch), lambda: self._render(text))
+        for start in range(0, len(audio), CHUNK_BYTES):
+            yield audio[start : start + CHUNK_BYTES]
+
+    async def close(self) -> None:
+        """Nothing to release: the engine and cache belong to the process."""
+
+    def _render(self, text: str) -> asyncio.Future[bytes]:
+        async def render() -> bytes:
+            pcm = await self._engine.synthesize_pcm(
+                text, voice=self.voice, rate=self.rate, pitch=self.pitch, sample_rate=8000
+            )
+            return pcm16_to_ulaw(pcm.samples)
+
+        return asyncio.ensure_future(render())

@@ -1,0 +1,151 @@
+"""eSpeak NG text-to-speech: real synthesis through the wheel's library, μ-law 8 kHz chunks, shared cache."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from pipelines.tts.base import TTSError
+from pipelines.tts.espeak import (
+    CHUNK_BYTES,
+    NATIVE_SAMPLE_RATE,
+    EspeakEngine,
+    EspeakTTS,
+    PcmAudio,
+    SpeechCache,
+    get_espeak_engine,
+)
+
+SENTENCE = "Thank you for calling, how can I help you today?"
+
+
+class CountingEngine(EspeakEngine):
+    """The process's engine, counting the texts it is asked to speak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    async def synthesize_pcm(
+        self,
+        text: str,
+        *,
+        voice: str = "en-us",
+        rate: int = 175,
+        pitch: int = 50,
+        sample_rate: int = NATIVE_SAMPLE_RATE,
+    ) -> PcmAudio:
+        self.calls.append(text)
+        return await get_espeak_engine().synthesize_pcm(
+            text, voice=voice, rate=rate, pitch=pitch, sample_rate=sample_rate
+        )
+
+
+async def speak(tts: EspeakTTS, text: str) -> list[bytes]:
+    return [chunk async for chunk in tts.synthesize(text)]
+
+
+async def test_a_sentence_is_spoken_with_plausible_duration() -> None:
+    audio = await get_espeak_engine().synthesize_pcm(SENTENCE)
+    assert audio.sample_rate == NATIVE_SAMPLE_RATE
+    assert 20 * len(SENTENCE) < audio.duration_ms < 200 * len(SENTENCE)
+    assert int(abs(audio.samples.astype("int32")).max()) > 1000
+
+
+@pytest.mark.parametrize("voice", ["en-us", "en-gb"])
+async def test_english_voices_both_speak(voice: str) -> None:
+    audio = await get_espeak_engine().synthesize_pcm("Tuesday at ten", voice=voice)
+    assert audio.duration_ms > 300
+
+
+async def test_an_unknown_voice_raises_naming_it() -> None:
+    with pytest.raises(TTSError, match="xx-nowhere"):
+        await get_espeak_engine().synthesize_pcm("hello", voice="xx-nowhere")
+
+
+async def test_the_engine_speaks_again_after_an_unknown_voice() -> None:
+    with pytest.raises(TTSError):
+        await get_espeak_engine().synthesize_pcm("hello", voice="xx-nowhere")
+    audio = await get_espeak_engine().synthesize_pcm("hello")
+    assert audio.duration_ms > 100
+
+
+async def test_ulaw_output_comes_in_100_ms_chunks_of_8khz_audio() -> None:
+    chunks = await speak(EspeakTTS(cache=SpeechCache()), SENTENCE)
+    assert len(chunks) > 1
+    assert all(len(chunk) == CHUNK_BYTES for chunk in chunks[:-1])
+    assert 0 < len(chunks[-1]) <= CHUNK_BYTES
+    native = await get_espeak_engine().synthesize_pcm(SENTENCE)
+    ulaw_ms = sum(map(len, chunks)) / 8
+    assert abs(ulaw_ms - native.duration_ms) < 100
+
+
+async def test_empty_text_yields_no_audio() -> None:
+    assert await speak(EspeakTTS(cache=SpeechCache()), "  ") == []
+
+
+async def test_a_repeated_text_comes_from_the_cache_without_the_engine() -> None:
+    engine = CountingEngine()
+    cache = SpeechCache()
+    first = await speak(EspeakTTS(engine=engine, cache=cache), SENTENCE)
+    again = await speak(EspeakTTS(engine=engine, cache=cache), SENTENCE)
+    assert again == first
+    assert engine.calls == [SENTENCE]
+
+
+async def test_different_settings_are_cached_apart() -> None:
+    engine = CountingEngine()
+    cache = SpeechCache()
+    await speak(EspeakTTS(engine=engine, cache=cache), "yes")
+    await speak(EspeakTTS(engine=engine, cache=cache, rate=220), "yes")
+    assert len(engine.calls) == 2
+
+
+async def test_calls_asking_for_the_same_text_at_once_share_one_synthesis() -> None:
+    engine = CountingEngine()
+    cache = SpeechCache()
+    results = await asyncio.gather(*(speak(EspeakTTS(engine=engine, cache=cache), SENTENCE) for _ in range(20)))
+    assert all(result == results[0] for result in results)
+    assert engine.calls == [SENTENCE]
+
+
+async def test_the_cache_evicts_the_least_recently_used_text() -> None:
+    engine = CountingEngine()
+    cache = SpeechCache(max_entries=2)
+    tts = EspeakTTS(engine=engine, cache=cache)
+    for text in ("one", "two", "one", "three", "one", "two"):
+        await speak(tts, text)
+    assert engine.calls == ["one", "two", "three", "two"]
+    assert len(cache) == 2
+
+
+async def test_many_concurrent_syntheses_all_complete() -> None:
+    texts = [f"This is caller number {n}." for n in range(40)]
+    results = await asyncio.gather(*(speak(EspeakTTS(cache=SpeechCache()), text) for text in texts))
+    assert all(sum(map(len, chunks)) > 4000 for chunks in results)
+
+
+async def test_the_event_loop_keeps_ticking_during_a_long_synthesis() -> None:
+    long_text = " ".join([SENTENCE] * 60)
+    longest_gap = 0.0
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        nonlocal longest_gap
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            longest_gap = max(longest_gap, now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        chunks = await speak(EspeakTTS(cache=SpeechCache()), long_text)
+    finally:
+        done.set()
+        await ticker
+    assert sum(map(len, chunks)) > 8000 * 60
+    assert longest_gap < 0.2
