@@ -45,8 +45,12 @@ class Settings(BaseSettings):
     db_connect_timeout: float = _env("DIALTONE_DB_CONNECT_TIMEOUT", "db_connect_timeout", 10.0, gt=0)
     twilio_account_sid: str | None = _env("TWILIO_ACCOUNT_SID", "twilio_account_sid")
     twilio_auth_token: SecretStr | None = _env("TWILIO_AUTH_TOKEN", "twilio_auth_token")
+    # Twilio's REST API root; a setting so tests and regional proxies can point it elsewhere.
+    twilio_api_base: str = _env("TWILIO_API_BASE", "twilio_api_base", "https://api.twilio.com")
     # Signs recording URLs; unset, a random key is made once and kept in the state folder.
     secret_key: SecretStr | None = _env("DIALTONE_SECRET_KEY", "secret_key", min_length=32)
+    # How long the signed recording URL stored in CallLog.recordingUrl stays valid.
+    recording_url_ttl_days: int = _env("DIALTONE_RECORDING_URL_TTL_DAYS", "recording_url_ttl_days", 30, ge=1, le=3650)
 
     @field_validator("database_url")
     @classmethod

@@ -1,0 +1,367 @@
+"""The per-call CallLog writer: turns and metadata reach PostgreSQL from a background task, off the audio path.
+
+The call's session hands over finished turns with a synchronous, O(1) `record_turn`; a background task writes
+them in batches, retrying with exponential backoff while the database is slow or away. `finish` flushes what is
+left and ends the call in one transaction: final status, duration, recording, metadata, the agent's counters and
+the organization's credits. Every write is idempotent, so a retry after a lost acknowledgement changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import asyncpg
+
+from storage import agents, call_logs, call_turns, organizations
+from storage.call_logs import CallLog
+from storage.call_turns import TurnRecord
+from storage.enums import CallStatus
+from storage.errors import DatabaseUnavailable, NotFound, StorageError
+from storage.records import transaction
+
+__all__ = ["TRANSIENT_ERRORS", "CallLogWriter", "CallLogWriterClosed", "CallOutcome", "TurnRecord", "latency_summary"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # includes a connection closed under a query
+    asyncpg.exceptions.OperatorInterventionError,  # server shutting down, or starting up
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    OSError,
+    TimeoutError,
+)
+"""Errors after which the same write may succeed later: the writer retries them."""
+
+_BATCH_SIZE = 100
+_SPEAKERS = frozenset({"caller", "agent"})
+
+
+@dataclass(frozen=True, slots=True)
+class CallOutcome:
+    """How a call ended: its final status and why, how long it lasted (s), its recording and extra metadata."""
+
+    status: CallStatus
+    end_reason: str
+    duration_s: float
+    recording_url: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+class CallLogWriterClosed(RuntimeError):
+    """Something was recorded after `finish` began: the call's log is already being closed."""
+
+
+class _Stopped(Exception):
+    """The background task was asked to stop while waiting to retry."""
+
+
+def latency_summary(latencies_ms: Sequence[int]) -> dict[str, int | None]:
+    """p50, p95 (nearest rank), max and count of response latencies in ms; None values when there are none."""
+    ordered = sorted(latencies_ms)
+    if not ordered:
+        return {"p50": None, "p95": None, "max": None, "count": 0}
+
+    def rank(percent: int) -> int:
+        return ordered[max(math.ceil(percent / 100 * len(ordered)) - 1, 0)]
+
+    return {"p50": rank(50), "p95": rank(95), "max": ordered[-1], "count": len(ordered)}
+
+
+def credits_for(duration_s: int) -> int:
+    """Credits a call of that many seconds costs: one per started minute."""
+    return math.ceil(duration_s / 60)
+
+
+class CallLogWriter:
+    """Writes one call's turns, metadata and ending to its CallLog, in the background and without losing any."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        organization_id: str,
+        call_log_id: str,
+        agent_id: str | None,
+        node_id: str,
+        max_pending: int = 500,
+        retry_initial: float = 0.2,
+        retry_max: float = 5.0,
+        finish_timeout: float = 60.0,
+        attempt_timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
+        self._pool = pool
+        self._organization_id = organization_id
+        self._call_log_id = call_log_id
+        self._agent_id = agent_id
+        self._max_pending = max_pending
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._finish_timeout = finish_timeout
+        self._attempt_timeout = attempt_timeout
+        self._clock = clock
+        self._pending: deque[TurnRecord] = deque()
+        # Metadata not yet written; the first write tags the call with the node that runs it.
+        self._metadata: dict[str, Any] = {"engineNode": node_id}
+        self._agent_latencies: list[int] = []
+        self._lost_turns = 0
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._finish_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._result: CallLog | None = None
+
+    @property
+    def pending_turns(self) -> int:
+        """Turns recorded but not yet written."""
+        return len(self._pending)
+
+    @property
+    def lost_turns(self) -> int:
+        """Turns that could not be kept (buffer full, or refused by the database); also in metadata.lostTurns."""
+        return self._lost_turns
+
+    def start(self) -> None:
+        """Start the background task that writes what is recorded; call once, on the running event loop."""
+        if self._task is not None:
+            raise RuntimeError(f"the writer of CallLog {self._call_log_id} is already started")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"call-log-writer-{self._call_log_id}")
+        self._wake.set()
+
+    def record_turn(self, turn: TurnRecord) -> None:
+        """Queue a finished turn for writing; never waits. A full buffer drops the turn and counts it as lost."""
+        self._check_open()
+        _validate(turn)
+        if turn.speaker == "agent" and turn.latency_ms is not None:
+            self._agent_latencies.append(turn.latency_ms)
+        if len(self._pending) >= self._max_pending:
+            self._lost_turns += 1
+            self._metadata["lostTurns"] = self._lost_turns
+            if self._lost_turns == 1:
+                log.error(
+                    "CallLog %s: %d turns are waiting for the database, the most the writer keeps; "
+                    "further turns are dropped and counted in metadata.lostTurns until it catches up",
+                    self._call_log_id,
+                    self._max_pending,
+                )
+        else:
+            self._pending.append(turn)
+        self._wake.set()
+
+    def record_metadata(self, **items: Any) -> None:
+        """Merge items into CallLog.metadata with the next write; never waits."""
+        self._check_open()
+        self._metadata.update(items)
+        self._wake.set()
+
+    async def finish(self, outcome: CallOutcome) -> CallLog:
+        """Write every pending turn, then end the call in one transaction; return the final CallLog.
+
+        Finishing again returns the same log and charges nothing more. If the database stays away for
+        `finish_timeout` seconds, raises DatabaseUnavailable: crash recovery will close the call as FAILED.
+        """
+        if outcome.status is CallStatus.IN_PROGRESS:
+            raise ValueError("a call cannot finish IN_PROGRESS; end it COMPLETED, FAILED or MISSED")
+        if outcome.duration_s < 0:
+            raise ValueError(f"a call cannot last {outcome.duration_s} s")
+        async with self._finish_lock:
+            if self._result is not None:
+                return self._result
+            self._closing = True
+            await self._stop_background()
+            deadline = self._clock() + self._finish_timeout
+            try:
+                await self._flush(deadline)
+                self._result = await self._with_retries(functools.partial(self._finalize, outcome), deadline=deadline)
+            except DatabaseUnavailable:
+                log.error(
+                    "CallLog %s could not be finished: %d turns are unwritten and the call stays IN_PROGRESS "
+                    "until crash recovery closes it as FAILED",
+                    self._call_log_id,
+                    len(self._pending),
+                )
+                raise
+            return self._result
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise CallLogWriterClosed(f"CallLog {self._call_log_id} is being finished; nothing more can be recorded")
+
+    async def _stop_background(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                await self._flush(deadline=None)
+            except _Stopped:
+                return
+            except Exception:  # a bug must not kill the call; finish retries what is left
+                log.exception("CallLog %s: the background writer failed", self._call_log_id)
+
+    async def _flush(self, deadline: float | None) -> None:
+        """Write pending turns and metadata in batches until none are left."""
+        while self._pending or self._metadata:
+            if deadline is None and self._stop.is_set():
+                raise _Stopped
+            batch = list(itertools.islice(self._pending, _BATCH_SIZE))
+            metadata = dict(self._metadata)
+            try:
+                await self._with_retries(functools.partial(self._write, batch, metadata), deadline=deadline)
+            except DatabaseUnavailable:
+                raise
+            except NotFound:
+                # The call is gone (deleted with its organization): nothing of it can ever be written.
+                log.error("CallLog %s no longer exists; %d unwritten turns dropped", self._call_log_id, len(batch))
+                self._lost_turns += len(self._pending)
+                self._pending.clear()
+                self._metadata.clear()
+                return
+            except (StorageError, asyncpg.PostgresError):
+                # Refused, not failed: retrying the same batch would block every later turn and the call's end.
+                log.exception("CallLog %s: the database refused %d turns; dropped", self._call_log_id, len(batch))
+                self._lost_turns += len(batch)
+                self._metadata["lostTurns"] = self._lost_turns
+            for _ in batch:
+                self._pending.popleft()
+            for key, value in metadata.items():
+                # A value replaced while the write was in flight is still to be written.
+                if key in self._metadata and self._metadata[key] is value:
+                    del self._metadata[key]
+
+    async def _write(self, batch: list[TurnRecord], metadata: dict[str, Any]) -> None:
+        await call_turns.insert_turns(
+            self._pool,
+            organization_id=self._organization_id,
+            call_log_id=self._call_log_id,
+            turns=batch,
+            metadata=metadata,
+        )
+
+    async def _finalize(self, outcome: CallOutcome) -> CallLog:
+        async with transaction(self._pool) as conn:
+            current = await call_turns.lock_call_log(
+                conn, organization_id=self._organization_id, call_log_id=self._call_log_id
+            )
+            if current is not CallStatus.IN_PROGRESS:
+                # Ended already: by an earlier attempt whose acknowledgement was lost, or by crash recovery.
+                if current is not outcome.status:
+                    log.warning("CallLog %s was already %s; left as it is", self._call_log_id, current)
+                return await call_logs.get_call_log(
+                    conn, organization_id=self._organization_id, call_log_id=self._call_log_id
+                )
+            duration = math.ceil(outcome.duration_s)
+            metadata: dict[str, Any] = {
+                **self._metadata,
+                **outcome.metadata,
+                "endReason": outcome.end_reason,
+                "latencyMs": latency_summary(self._agent_latencies),
+            }
+            if self._lost_turns:
+                metadata["lostTurns"] = self._lost_turns
+            ended = await call_logs.finalize_call_log(
+                conn,
+                organization_id=self._organization_id,
+                call_log_id=self._call_log_id,
+                status=outcome.status,
+                duration=duration,
+                recording_url=outcome.recording_url,
+                metadata=metadata,
+            )
+            if self._agent_id is not None:
+                try:
+                    await agents.increment_total_calls(
+                        conn, organization_id=self._organization_id, agent_id=self._agent_id
+                    )
+                    await agents.refresh_success_rate(
+                        conn, organization_id=self._organization_id, agent_id=self._agent_id
+                    )
+                except NotFound:
+                    log.warning("CallLog %s: its agent %s was deleted during the call", ended.id, self._agent_id)
+            await organizations.charge_usage(conn, organization_id=self._organization_id, amount=credits_for(duration))
+        self._metadata.clear()
+        return ended
+
+    async def _with_retries(self, operation: Callable[[], Awaitable[T]], *, deadline: float | None) -> T:
+        """Run `operation` until it succeeds, backing off after transient errors.
+
+        With a deadline, raise DatabaseUnavailable once the next attempt would start after it; without one, retry
+        until the writer is stopped (then raise _Stopped).
+        """
+        delay = self._retry_initial
+        failures = 0
+        while True:
+            timeout = self._attempt_timeout
+            if deadline is not None:
+                timeout = max(min(timeout, deadline - self._clock()), 0.001)
+            try:
+                async with asyncio.timeout(timeout):
+                    result = await operation()
+            except TRANSIENT_ERRORS as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "CallLog %s: database write failed (%s: %s); retrying in the background",
+                        self._call_log_id,
+                        type(exc).__name__,
+                        exc,
+                    )
+                if deadline is not None and self._clock() + delay > deadline:
+                    raise DatabaseUnavailable(
+                        f"CallLog {self._call_log_id}: the database did not accept writes for "
+                        f"{self._finish_timeout:g} s ({type(exc).__name__}: {exc})"
+                    ) from exc
+                await self._pause(delay, interruptible=deadline is None)
+                delay = min(delay * 2, self._retry_max)
+            else:
+                if failures:
+                    log.info("CallLog %s: database writes resumed after %d failures", self._call_log_id, failures)
+                return result
+
+    async def _pause(self, delay: float, *, interruptible: bool) -> None:
+        if not interruptible:
+            await asyncio.sleep(delay)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), delay)
+        if self._stop.is_set():
+            raise _Stopped
+
+
+def _validate(turn: TurnRecord) -> None:
+    # Checked here, where the mistake is made, rather than found later by a CHECK constraint in a batch.
+    if turn.speaker not in _SPEAKERS:
+        raise ValueError(f"turn {turn.index}: speaker must be 'caller' or 'agent', not {turn.speaker!r}")
+    if turn.index < 0:
+        raise ValueError(f"turn index must be 0 or more, got {turn.index}")
+    if not 0 <= turn.start_ms <= turn.end_ms:
+        raise ValueError(
+            f"turn {turn.index}: offsets must satisfy 0 <= start_ms <= end_ms, got {turn.start_ms}..{turn.end_ms}"
+        )
+    if turn.latency_ms is not None and turn.latency_ms < 0:
+        raise ValueError(f"turn {turn.index}: latency_ms cannot be negative, got {turn.latency_ms}")

@@ -1,0 +1,100 @@
+"""GET /recordings/{id}.wav: a call's recording, for a valid signed URL or an API key of its organization."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from config.settings import Settings
+from engine.appkeys import DATABASE, SETTINGS
+from storage.api_keys import authenticate
+from storage.recordings import (
+    RECORDING_ID,
+    load_secret_key,
+    recording_owner,
+    recording_path,
+    sign_recording_url,
+    verify_recording_signature,
+)
+
+log = logging.getLogger(__name__)
+
+RECORDING_ROUTE = "/recordings/{call_log_id}.wav"
+"""The route `handle_recording` serves."""
+
+RECORDING_KEY = web.AppKey("recording_key", bytes)
+"""The key that signs and checks recording URLs (set by `recordings_context`)."""
+
+_DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def base_url(settings: Settings) -> str:
+    """Where this engine is reached from outside: DIALTONE_PUBLIC_URL, else its own host and port."""
+    return settings.public_url or f"http://{settings.host}:{settings.port}"
+
+
+def recording_url(settings: Settings, call_log_id: str, *, key: bytes, now: datetime) -> str:
+    """The signed URL to store in CallLog.recordingUrl, valid for DIALTONE_RECORDING_URL_TTL_DAYS from `now`."""
+    expires_at = now + timedelta(days=settings.recording_url_ttl_days)
+    return sign_recording_url(base_url(settings), call_log_id, key=key, expires_at=expires_at)
+
+
+async def recordings_context(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: load (or make, once) the signing key and keep it under RECORDING_KEY."""
+    app[RECORDING_KEY] = await asyncio.to_thread(load_secret_key, app[SETTINGS])
+    yield
+
+
+async def handle_recording(request: web.Request) -> web.StreamResponse:
+    """200 with the WAV (ranges honoured) for a valid signature or an owner's API key.
+
+    403 for a bad or expired signature, 401 for a missing or invalid key, 404 for a recording that does not
+    exist or is another organization's (never saying which).
+    """
+    call_log_id = request.match_info["call_log_id"]
+    if not RECORDING_ID.fullmatch(call_log_id):
+        return _error(404, "no such recording")
+    db = request.app[DATABASE].pool
+    now = datetime.now(UTC)
+    query = request.rel_url.query
+    try:
+        if "signature" in query or "expires" in query:
+            signed = verify_recording_signature(
+                call_log_id,
+                expires=query.get("expires", ""),
+                signature=query.get("signature", ""),
+                key=request.app[RECORDING_KEY],
+                now=now,
+            )
+            if not signed:
+                return _error(403, "the recording link is invalid or has expired")
+            organization_id = await recording_owner(db, call_log_id=call_log_id)
+        else:
+            scheme, _, plaintext = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not plaintext:
+                return _error(401, "send a signed recording link, or an API key as 'Authorization: Bearer <key>'")
+            api_key = await authenticate(db, plaintext=plaintext.strip(), now=now)
+            if api_key is None:
+                return _error(401, "the API key is invalid, revoked or expired")
+            owner = await recording_owner(db, call_log_id=call_log_id)
+            organization_id = owner if owner == api_key.organization_id else None
+    except _DATABASE_ERRORS as exc:
+        log.warning("recording %s: database unavailable (%s: %s)", call_log_id, type(exc).__name__, exc)
+        return _error(503, "the database is unavailable; try again shortly")
+    if organization_id is None:
+        return _error(404, "no such recording")
+    path = recording_path(request.app[SETTINGS], organization_id, call_log_id)
+    if not await asyncio.to_thread(path.is_file):
+        return _error(404, "no such recording")
+    return web.FileResponse(path, headers={"Content-Type": "audio/wav", "Cache-Control": "private, no-store"})
+
+
+def _error(status: int, message: str) -> web.Response:
+    headers: dict[str, Any] = {"WWW-Authenticate": 'Bearer realm="dialtone"'} if status == 401 else {}
+    return web.json_response({"error": message}, status=status, headers=headers)

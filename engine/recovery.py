@@ -1,0 +1,140 @@
+"""Crash recovery: this process's heartbeat as an engine node, and closing calls that dead nodes left open.
+
+Every engine process registers as an EngineNode with a fresh id and heartbeats while it runs. At start and then
+every minute, it closes as FAILED the IN_PROGRESS calls of nodes that stopped heartbeating (a crash, a lost host)
+and of calls whose media stream never started, so nothing stays IN_PROGRESS forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+from aiohttp import web
+
+from engine.appkeys import DATABASE
+from engine.call_log_writer import TRANSIENT_ERRORS
+from storage import engine_nodes
+from storage.records import new_id
+
+log = logging.getLogger(__name__)
+
+NODE_ID = web.AppKey("node_id", str)
+"""This process's EngineNode id, which its call log writers tag calls with."""
+
+HEARTBEAT_INTERVAL = timedelta(seconds=10)
+RECOVERY_INTERVAL = timedelta(minutes=1)
+NODE_TIMEOUT = timedelta(seconds=60)
+STREAM_TIMEOUT = timedelta(minutes=10)
+FORGET_NODES_AFTER = timedelta(days=1)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class NodeHeartbeat:
+    """This process as an engine node: registered at start, heartbeating, recovering orphaned calls, then gone."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        node_id: str | None = None,
+        heartbeat_interval: timedelta = HEARTBEAT_INTERVAL,
+        recovery_interval: timedelta = RECOVERY_INTERVAL,
+        node_timeout: timedelta = NODE_TIMEOUT,
+        stream_timeout: timedelta = STREAM_TIMEOUT,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        if heartbeat_interval >= node_timeout:
+            raise ValueError("the heartbeat interval must be shorter than the node timeout, or live nodes look dead")
+        self.node_id = node_id or new_id()
+        self._pool = pool
+        self._heartbeat_interval = heartbeat_interval
+        self._recovery_interval = recovery_interval
+        self._node_timeout = node_timeout
+        self._stream_timeout = stream_timeout
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Register this node, close what dead nodes left open, and start heartbeating in the background."""
+        await engine_nodes.register_node(
+            self._pool, node_id=self.node_id, hostname=socket.gethostname(), pid=os.getpid(), now=self._clock()
+        )
+        await self.recover()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"engine-node-{self.node_id}")
+        log.info("engine node %s registered", self.node_id)
+
+    async def recover(self) -> int:
+        """Close the calls no live node runs; how many were closed."""
+        now = self._clock()
+        closed = await engine_nodes.fail_orphaned_calls(
+            self._pool, now=now, node_timeout=self._node_timeout, stream_timeout=self._stream_timeout
+        )
+        if closed:
+            log.warning("closed %d calls left IN_PROGRESS by engine processes that stopped, as FAILED", closed)
+        await engine_nodes.forget_dead_nodes(self._pool, now=now, older_than=FORGET_NODES_AFTER)
+        return closed
+
+    async def stop(self) -> None:
+        """Stop heartbeating and deregister; calls this node still holds are closed by the next node's recovery."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        try:
+            await engine_nodes.deregister_node(self._pool, node_id=self.node_id)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # Whatever the database says at shutdown, the node times out instead: nothing is lost.
+            log.warning("engine node %s could not deregister (%s); it will time out instead", self.node_id, exc)
+
+    async def _run(self) -> None:
+        next_recovery = self._clock() + self._recovery_interval
+        while True:
+            await asyncio.sleep(self._heartbeat_interval.total_seconds())
+            try:
+                # Heartbeat first: after an outage, this node must look alive before it judges the others.
+                if not await engine_nodes.heartbeat(self._pool, node_id=self.node_id, now=self._clock()):
+                    log.warning("engine node %s was forgotten by the database; registering again", self.node_id)
+                    await engine_nodes.register_node(
+                        self._pool,
+                        node_id=self.node_id,
+                        hostname=socket.gethostname(),
+                        pid=os.getpid(),
+                        now=self._clock(),
+                    )
+                if self._clock() >= next_recovery:
+                    next_recovery = self._clock() + self._recovery_interval
+                    await self.recover()
+            except TRANSIENT_ERRORS as exc:
+                log.warning(
+                    "engine node %s: heartbeat failed (%s: %s); retrying", self.node_id, type(exc).__name__, exc
+                )
+            except Exception:  # the heartbeat must outlive any one bad pass
+                log.exception("engine node %s: heartbeat pass failed", self.node_id)
+
+
+async def recovery_context(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: run this process as an engine node for the app's lifetime; its id under NODE_ID."""
+    heartbeat = NodeHeartbeat(app[DATABASE].pool)
+    app[NODE_ID] = heartbeat.node_id
+    try:
+        await heartbeat.start()
+    except asyncpg.UndefinedTableError:
+        # Started on a schema that is not migrated (`serve --no-migrate`): /health says so; no recovery runs.
+        log.error("the database schema is not migrated: engine node liveness and call recovery are off")
+        yield
+        return
+    try:
+        yield
+    finally:
+        await heartbeat.stop()

@@ -1,0 +1,111 @@
+"""Engine nodes: the processes sharing the database, their heartbeats, and the calls a dead one left behind.
+
+A node tags each call it runs with metadata.engineNode. When a node stops heartbeating, every call still
+IN_PROGRESS under its tag is closed as FAILED by whichever node looks next, so no call stays IN_PROGRESS forever.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from storage.records import Queryable, Record
+
+_COLUMNS = '"id", "hostname", "pid", "startedAt", "lastSeenAt"'
+
+ENGINE_LOST = "engine_lost"
+"""metadata.endReason of a call whose engine process stopped heartbeating while it ran."""
+STREAM_NEVER_STARTED = "stream_never_started"
+"""metadata.endReason of a call no engine process ever picked up (its media stream never opened)."""
+
+
+class EngineNode(Record):
+    """An engine process: where it runs, when it started, and when it last proved it was alive."""
+
+    id: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    last_seen_at: datetime
+
+
+async def register_node(db: Queryable, *, node_id: str, hostname: str, pid: int, now: datetime) -> EngineNode:
+    """Record a process as a live node, seen `now` (registering again only refreshes it)."""
+    row = await db.fetchrow(
+        f"""
+        INSERT INTO "EngineNode" ("id", "hostname", "pid", "startedAt", "lastSeenAt") VALUES ($1, $2, $3, $4, $4)
+        ON CONFLICT ("id") DO UPDATE SET "lastSeenAt" = GREATEST("EngineNode"."lastSeenAt", EXCLUDED."lastSeenAt")
+        RETURNING {_COLUMNS}
+        """,
+        node_id,
+        hostname,
+        pid,
+        now,
+    )
+    assert row is not None
+    return EngineNode.from_row(row)
+
+
+async def heartbeat(db: Queryable, *, node_id: str, now: datetime) -> bool:
+    """Record that the node is alive at `now`; False if it is not registered (it must register again)."""
+    status = await db.execute(
+        'UPDATE "EngineNode" SET "lastSeenAt" = GREATEST("lastSeenAt", $2) WHERE "id" = $1', node_id, now
+    )
+    return status != "UPDATE 0"
+
+
+async def deregister_node(db: Queryable, *, node_id: str) -> None:
+    """Forget a node that stops; calls it still holds are then closed by the next recovery pass."""
+    await db.execute('DELETE FROM "EngineNode" WHERE "id" = $1', node_id)
+
+
+async def list_alive_nodes(db: Queryable, *, now: datetime, node_timeout: timedelta) -> list[EngineNode]:
+    """The nodes seen within `node_timeout` before `now`, oldest first."""
+    rows = await db.fetch(
+        f'SELECT {_COLUMNS} FROM "EngineNode" WHERE "lastSeenAt" >= $1 ORDER BY "startedAt", "id"',
+        now - node_timeout,
+    )
+    return EngineNode.from_rows(rows)
+
+
+async def fail_orphaned_calls(
+    db: Queryable, *, now: datetime, node_timeout: timedelta, stream_timeout: timedelta
+) -> int:
+    """Close as FAILED every IN_PROGRESS call no live node runs; return how many.
+
+    A call tagged with a node not seen within `node_timeout` ends with endReason "engine_lost"; an untagged call
+    that started more than `stream_timeout` ago ends with "stream_never_started". Calls of live nodes, and
+    untagged calls younger than `stream_timeout` (still waiting for their stream), are left alone.
+    Unscoped by design: recovery looks across every organization.
+    """
+    status = await db.execute(
+        """
+        UPDATE "CallLog" c SET
+            "status" = 'FAILED',
+            "metadata" = c."metadata" || jsonb_build_object(
+                'endReason', CASE WHEN c."metadata" ? 'engineNode' THEN $3::text ELSE $4::text END)
+        WHERE c."status" = 'IN_PROGRESS'
+          AND CASE WHEN c."metadata" ? 'engineNode'
+                   THEN NOT EXISTS (SELECT 1 FROM "EngineNode" n
+                                    WHERE n."id" = c."metadata"->>'engineNode' AND n."lastSeenAt" >= $1)
+                   ELSE c."timestamp" < $2 END
+        """,
+        now - node_timeout,
+        now - stream_timeout,
+        ENGINE_LOST,
+        STREAM_NEVER_STARTED,
+    )
+    return int(status.rsplit(" ", 1)[1])
+
+
+async def forget_dead_nodes(db: Queryable, *, now: datetime, older_than: timedelta) -> int:
+    """Delete nodes not seen for `older_than` that no IN_PROGRESS call names; return how many."""
+    status = await db.execute(
+        """
+        DELETE FROM "EngineNode" n
+        WHERE n."lastSeenAt" < $1
+          AND NOT EXISTS (SELECT 1 FROM "CallLog" c
+                          WHERE c."status" = 'IN_PROGRESS' AND c."metadata"->>'engineNode' = n."id")
+        """,
+        now - older_than,
+    )
+    return int(status.rsplit(" ", 1)[1])

@@ -1,0 +1,364 @@
+"""The per-call CallLog writer: turns land while the call runs, the end is one transaction, and a database that is
+slow or away delays no turn and loses none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from engine.call_log_writer import CallLogWriter, CallLogWriterClosed, CallOutcome, TurnRecord, latency_summary
+from storage import agents, call_logs, organizations
+from storage.call_logs import CallLog
+from storage.call_turns import list_turns
+from storage.enums import CallStatus
+from storage.errors import DatabaseUnavailable
+from storage.pool import create_pool
+from storage.records import new_id
+from tests.databases import database_name
+from tests.test_repo_call_logs import open_call
+
+FAST_RETRIES: dict[str, Any] = {"retry_initial": 0.02, "retry_max": 0.1, "attempt_timeout": 2.0}
+
+
+class OnOffProxy:
+    """A TCP proxy in front of PostgreSQL that can go away (dropping every connection, refusing new ones) and
+    come back on the same port: a database outage as the engine sees it.
+    """
+
+    def __init__(self, server_url: str) -> None:
+        parts = urlsplit(server_url)
+        self._server_url = parts
+        socket_dir = parse_qs(parts.query).get("host", [None])[0]
+        if socket_dir:
+            sockets = [p for p in Path(socket_dir).glob(".s.PGSQL.*") if not p.name.endswith(".lock")]
+            self._unix_path: str | None = str(sockets[0])
+        else:
+            self._unix_path = None
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._transports: set[asyncio.WriteTransport] = set()
+
+    def url(self, database: str) -> str:
+        """A URL for `database` through the proxy, with the server's credentials."""
+        parts = self._server_url
+        credentials = parts.netloc.rpartition("@")[0]
+        netloc = f"{credentials}@127.0.0.1:{self.port}" if credentials else f"127.0.0.1:{self.port}"
+        return urlunsplit((parts.scheme, netloc, f"/{database}", "", ""))
+
+    async def up(self) -> None:
+        """Accept connections (again, on the same port)."""
+        self._server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def down(self) -> None:
+        """Drop every open connection and refuse new ones."""
+        assert self._server is not None
+        self._server.close()
+        for transport in list(self._transports):
+            transport.abort()
+        await self._server.wait_closed()
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._unix_path is not None:
+            return await asyncio.open_unix_connection(self._unix_path)
+        return await asyncio.open_connection(self._server_url.hostname, self._server_url.port or 5432)
+
+    async def _link(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await self._open_upstream()
+        transports = {client_writer.transport, upstream_writer.transport}
+        self._transports |= transports
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except OSError:
+                pass
+            finally:
+                writer.transport.abort()
+
+        await asyncio.gather(pipe(client_reader, upstream_writer), pipe(upstream_reader, client_writer))
+        self._transports -= transports
+
+
+@pytest.fixture
+async def proxy(postgres_server_url: str) -> AsyncIterator[OnOffProxy]:
+    """A running proxy to the test server."""
+    proxy = OnOffProxy(postgres_server_url)
+    await proxy.up()
+    yield proxy
+    if proxy._server is not None and proxy._server.is_serving():
+        await proxy.down()
+
+
+@pytest.fixture
+async def proxied_pool(proxy: OnOffProxy, db_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on this module's database, through the proxy."""
+    pool = await create_pool(proxy.url(database_name(db_url)), min_size=1, max_size=3, timeout=2)
+    yield pool
+    pool.terminate()
+
+
+async def new_organization(pool: asyncpg.Pool, *, credits: int = 100) -> str:
+    """A new organization with some credits; its id."""
+    organization = await organizations.create_organization(pool, name="Acme", slug=f"acme-{new_id()}", credits=credits)
+    return organization.id
+
+
+async def new_call(pool: asyncpg.Pool, *, credits: int = 100) -> tuple[CallLog, str]:
+    """An IN_PROGRESS call of a new organization, taken by a new agent; the call and its agent's id."""
+    org = await new_organization(pool, credits=credits)
+    agent = await agents.create_agent(pool, organization_id=org, name="Support")
+    return await open_call(pool, org, agent_id=agent.id), agent.id
+
+
+def writer_for(pool: asyncpg.Pool, call: CallLog, **options: Any) -> CallLogWriter:
+    """A writer for the call, on this node."""
+    return CallLogWriter(
+        pool,
+        organization_id=call.organization_id,
+        call_log_id=call.id,
+        agent_id=call.agent_id,
+        node_id="node-a",
+        **options,
+    )
+
+
+def turn(index: int, *, speaker: str = "caller", latency_ms: int | None = None) -> TurnRecord:
+    """The index-th turn of a call, two seconds each."""
+    return TurnRecord(
+        index=index,
+        speaker=speaker,  # type: ignore[arg-type]
+        text=f"turn {index}",
+        start_ms=index * 2000,
+        end_ms=index * 2000 + 1500,
+        latency_ms=latency_ms,
+    )
+
+
+def completed(duration_s: float, **fields: Any) -> CallOutcome:
+    """A call that ended normally after `duration_s`."""
+    return CallOutcome(status=CallStatus.COMPLETED, end_reason="caller_hung_up", duration_s=duration_s, **fields)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float = 5.0) -> None:
+    """Wait until `check` holds, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        await asyncio.sleep(0.02)
+
+
+async def turn_indexes(pool: asyncpg.Pool, call: CallLog) -> list[int]:
+    """The indexes of the call's stored turns, in order."""
+    return [t.index for t in await list_turns(pool, organization_id=call.organization_id, call_log_id=call.id)]
+
+
+async def test_turns_are_in_the_database_while_the_call_is_still_open(pool: asyncpg.Pool) -> None:
+    call, _ = await new_call(pool)
+    writer = writer_for(pool, call)
+    writer.start()
+    for index in range(3):
+        writer.record_turn(turn(index))
+
+    async def all_written() -> bool:
+        return await turn_indexes(pool, call) == [0, 1, 2]
+
+    await eventually(all_written)
+    stored = await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)
+    assert stored.status is CallStatus.IN_PROGRESS
+    assert stored.transcript == "Caller: turn 0\nCaller: turn 1\nCaller: turn 2"
+    await writer.finish(completed(10))
+
+
+async def test_the_call_is_tagged_with_its_engine_node_and_running_metadata(pool: asyncpg.Pool) -> None:
+    call, _ = await new_call(pool)
+    writer = writer_for(pool, call)
+    writer.record_metadata(stt="deepgram")
+    writer.start()
+
+    async def tagged() -> bool:
+        stored = await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)
+        return stored.metadata.get("engineNode") == "node-a" and stored.metadata.get("stt") == "deepgram"
+
+    await eventually(tagged)
+    await writer.finish(completed(1))
+
+
+async def test_finish_ends_the_call_with_everything_in_one_go(pool: asyncpg.Pool) -> None:
+    call, agent_id = await new_call(pool, credits=10)
+    writer = writer_for(pool, call)
+    writer.start()
+    latencies = [300, 500, 700, 900]
+    for index, latency in enumerate(latencies):
+        writer.record_turn(turn(2 * index, speaker="caller"))
+        writer.record_turn(turn(2 * index + 1, speaker="agent", latency_ms=latency))
+    ended = await writer.finish(
+        completed(61, recording_url="https://engine.example/recordings/x.wav", metadata={"recordingMs": 61000})
+    )
+
+    stored = await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)
+    assert stored == ended
+    assert (stored.status, stored.duration, stored.recording_url) == (
+        CallStatus.COMPLETED,
+        61,
+        "https://engine.example/recordings/x.wav",
+    )
+    assert stored.metadata["endReason"] == "caller_hung_up"
+    assert stored.metadata["recordingMs"] == 61000
+    assert stored.metadata["latencyMs"] == {"p50": 500, "p95": 900, "max": 900, "count": 4}
+    assert "lostTurns" not in stored.metadata
+    assert await turn_indexes(pool, call) == list(range(8))
+    agent = await agents.get_agent(pool, organization_id=call.organization_id, agent_id=agent_id)
+    assert (agent.total_calls, agent.success_rate) == (1, 100.0)
+    organization = await organizations.get_organization(pool, organization_id=call.organization_id)
+    assert organization.credits == 8  # 61 s is two started minutes
+
+
+async def test_a_failed_call_keeps_its_end_reason(pool: asyncpg.Pool) -> None:
+    call, _ = await new_call(pool)
+    writer = writer_for(pool, call)
+    ended = await writer.finish(CallOutcome(status=CallStatus.FAILED, end_reason="stt_unavailable", duration_s=3))
+    assert (ended.status, ended.metadata["endReason"]) == (CallStatus.FAILED, "stt_unavailable")
+
+
+@pytest.mark.parametrize(("duration_s", "credits"), [(0, 0), (1, 1), (60, 1), (61, 2), (119.5, 2), (180, 3)])
+async def test_credits_are_charged_per_started_minute(pool: asyncpg.Pool, duration_s: float, credits: int) -> None:
+    call, _ = await new_call(pool, credits=10)
+    await writer_for(pool, call).finish(completed(duration_s))
+    organization = await organizations.get_organization(pool, organization_id=call.organization_id)
+    assert organization.credits == 10 - credits
+
+
+async def test_finishing_twice_returns_the_same_log_and_charges_once(pool: asyncpg.Pool) -> None:
+    call, agent_id = await new_call(pool, credits=10)
+    writer = writer_for(pool, call)
+    first = await writer.finish(completed(61))
+    assert await writer.finish(completed(61)) == first
+    # Another writer finishing the same call (a retry whose first commit did land) changes nothing either.
+    assert await writer_for(pool, call).finish(completed(61)) == first
+    organization = await organizations.get_organization(pool, organization_id=call.organization_id)
+    agent = await agents.get_agent(pool, organization_id=call.organization_id, agent_id=agent_id)
+    assert (organization.credits, agent.total_calls) == (8, 1)
+
+
+async def test_a_database_outage_mid_call_delays_no_turn_and_loses_none(
+    pool: asyncpg.Pool, proxied_pool: asyncpg.Pool, proxy: OnOffProxy
+) -> None:
+    call, _ = await new_call(pool)
+    writer = writer_for(proxied_pool, call, **FAST_RETRIES)
+    writer.start()
+    for index in range(5):
+        writer.record_turn(turn(index))
+
+    async def first_five_written() -> bool:
+        return await turn_indexes(pool, call) == [0, 1, 2, 3, 4]
+
+    await eventually(first_five_written)
+
+    await proxy.down()
+    began = time.perf_counter()
+    for index in range(5, 105):
+        writer.record_turn(turn(index))
+    elapsed = time.perf_counter() - began
+    await asyncio.sleep(0.5)  # the writer keeps failing and backing off meanwhile
+    assert writer.pending_turns > 0
+    assert await turn_indexes(pool, call) == [0, 1, 2, 3, 4]
+
+    await proxy.up()
+    ended = await writer.finish(completed(200))
+    assert elapsed < 0.05, f"100 turns took {elapsed * 1000:.1f} ms to record while the database was away"
+    assert await turn_indexes(pool, call) == list(range(105))
+    assert ended.transcript is not None and len(ended.transcript.splitlines()) == 105
+    assert "lostTurns" not in ended.metadata
+
+
+async def test_a_turn_recorded_during_an_outage_is_written_without_waiting_for_finish(
+    pool: asyncpg.Pool, proxied_pool: asyncpg.Pool, proxy: OnOffProxy
+) -> None:
+    call, _ = await new_call(pool)
+    writer = writer_for(proxied_pool, call, **FAST_RETRIES)
+    await proxy.down()
+    writer.start()
+    writer.record_turn(turn(0))
+    await asyncio.sleep(0.3)
+    await proxy.up()
+
+    async def written() -> bool:
+        return await turn_indexes(pool, call) == [0]
+
+    await eventually(written)
+    await writer.finish(completed(5))
+
+
+async def test_a_full_buffer_drops_new_turns_and_counts_them_as_lost(pool: asyncpg.Pool) -> None:
+    call, _ = await new_call(pool)
+    writer = writer_for(pool, call, max_pending=10)
+    for index in range(15):  # not started: nothing is written until finish
+        writer.record_turn(turn(index))
+    assert (writer.pending_turns, writer.lost_turns) == (10, 5)
+    ended = await writer.finish(completed(30))
+    assert await turn_indexes(pool, call) == list(range(10))
+    assert ended.metadata["lostTurns"] == 5
+
+
+async def test_finish_gives_up_after_its_time_limit_while_the_database_stays_away(
+    pool: asyncpg.Pool, proxied_pool: asyncpg.Pool, proxy: OnOffProxy
+) -> None:
+    call, _ = await new_call(pool)
+    writer = writer_for(proxied_pool, call, finish_timeout=0.5, **FAST_RETRIES)
+    writer.record_turn(turn(0))
+    await proxy.down()
+    began = time.monotonic()
+    with pytest.raises(DatabaseUnavailable, match=call.id):
+        await writer.finish(completed(5))
+    assert time.monotonic() - began < 3
+    stored = await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)
+    assert stored.status is CallStatus.IN_PROGRESS  # left for crash recovery to close
+
+
+async def test_nothing_can_be_recorded_once_the_call_is_finished(pool: asyncpg.Pool) -> None:
+    call, _ = await new_call(pool)
+    writer = writer_for(pool, call)
+    await writer.finish(completed(5))
+    with pytest.raises(CallLogWriterClosed):
+        writer.record_turn(turn(0))
+    with pytest.raises(CallLogWriterClosed):
+        writer.record_metadata(late=True)
+
+
+async def test_a_call_cannot_finish_in_progress(pool: asyncpg.Pool) -> None:
+    call, _ = await new_call(pool)
+    with pytest.raises(ValueError, match="IN_PROGRESS"):
+        await writer_for(pool, call).finish(CallOutcome(CallStatus.IN_PROGRESS, "still talking", 5))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        TurnRecord(index=-1, speaker="caller", text="x", start_ms=0, end_ms=1),
+        TurnRecord(index=0, speaker="caller", text="x", start_ms=500, end_ms=100),
+        TurnRecord(index=0, speaker="agent", text="x", start_ms=0, end_ms=1, latency_ms=-5),
+        TurnRecord(index=0, speaker="robot", text="x", start_ms=0, end_ms=1),  # type: ignore[arg-type]
+    ],
+)
+def test_an_impossible_turn_is_refused_where_it_is_recorded(bad: TurnRecord) -> None:
+    writer = CallLogWriter(None, organization_id="o", call_log_id="c", agent_id=None, node_id="n")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        writer.record_turn(bad)
+    assert writer.pending_turns == 0
+
+
+def test_latency_summary_uses_nearest_rank_percentiles() -> None:
+    assert latency_summary(list(range(1, 101))) == {"p50": 50, "p95": 95, "max": 100, "count": 100}
+    assert latency_summary([250]) == {"p50": 250, "p95": 250, "max": 250, "count": 1}
+    assert latency_summary([]) == {"p50": None, "p95": None, "max": None, "count": 0}

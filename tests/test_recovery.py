@@ -1,0 +1,174 @@
+"""Crash recovery: engine nodes heartbeat, and calls left IN_PROGRESS by a node that died are closed as FAILED,
+while calls of live nodes are never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+from aiohttp import web
+
+from engine.appkeys import DATABASE
+from engine.recovery import NODE_ID, NodeHeartbeat, recovery_context
+from storage import call_logs, engine_nodes
+from storage.call_logs import CallLog
+from storage.enums import CallStatus
+from storage.pool import Database
+from tests.databases import TestDatabases
+from tests.test_repo_agents import insert_organization
+from tests.test_repo_call_logs import open_call, set_started_at
+
+NODE_TIMEOUT = timedelta(seconds=60)
+STREAM_TIMEOUT = timedelta(minutes=10)
+
+
+@pytest.fixture
+async def own_pool(databases: TestDatabases) -> AsyncIterator[asyncpg.Pool]:
+    """A database of this test's own: recovery looks across every organization."""
+    pool = await databases.pool(await databases.migrated())
+    yield pool
+    await pool.close()
+
+
+async def register(pool: asyncpg.Pool, node_id: str, *, last_seen: datetime) -> None:
+    """A node last seen at `last_seen`."""
+    await engine_nodes.register_node(pool, node_id=node_id, hostname="host", pid=1, now=last_seen)
+
+
+async def call_on(pool: asyncpg.Pool, organization_id: str, node_id: str | None) -> CallLog:
+    """An IN_PROGRESS call, tagged with the node running it (untagged: its stream has not started)."""
+    return await open_call(pool, organization_id, metadata={"engineNode": node_id} if node_id else None)
+
+
+async def reread(pool: asyncpg.Pool, call: CallLog) -> CallLog:
+    """The call as stored now."""
+    return await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)
+
+
+async def test_only_calls_no_live_node_runs_are_failed_with_the_reason(own_pool: asyncpg.Pool) -> None:
+    now = datetime.now(UTC)
+    await register(own_pool, "alive", last_seen=now - timedelta(seconds=5))
+    await register(own_pool, "dead", last_seen=now - timedelta(minutes=5))
+    org = await insert_organization(own_pool)
+    of_live_node = await call_on(own_pool, org, "alive")
+    of_dead_node = await call_on(own_pool, org, "dead")
+    of_unknown_node = await call_on(own_pool, org, "never-registered")
+    never_streamed = await call_on(own_pool, org, None)
+    await set_started_at(own_pool, never_streamed.id, now - timedelta(minutes=20))
+    still_ringing = await call_on(own_pool, org, None)
+
+    closed = await engine_nodes.fail_orphaned_calls(
+        own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT
+    )
+
+    assert closed == 3
+    for call, reason in [
+        (of_dead_node, "engine_lost"),
+        (of_unknown_node, "engine_lost"),
+        (never_streamed, "stream_never_started"),
+    ]:
+        stored = await reread(own_pool, call)
+        assert (stored.status, stored.metadata["endReason"]) == (CallStatus.FAILED, reason)
+    for call in (of_live_node, still_ringing):
+        assert await reread(own_pool, call) == call
+
+
+async def test_a_finished_call_of_a_dead_node_is_left_as_it_ended(own_pool: asyncpg.Pool) -> None:
+    now = datetime.now(UTC)
+    await register(own_pool, "dead", last_seen=now - timedelta(minutes=5))
+    org = await insert_organization(own_pool)
+    call = await call_on(own_pool, org, "dead")
+    ended = await call_logs.finalize_call_log(
+        own_pool, organization_id=org, call_log_id=call.id, status=CallStatus.COMPLETED, duration=30
+    )
+    assert (
+        await engine_nodes.fail_orphaned_calls(
+            own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT
+        )
+        == 0
+    )
+    assert await reread(own_pool, call) == ended
+
+
+async def test_alive_nodes_are_those_seen_within_the_timeout(own_pool: asyncpg.Pool) -> None:
+    now = datetime.now(UTC)
+    await register(own_pool, "alive", last_seen=now - timedelta(seconds=59))
+    await register(own_pool, "dead", last_seen=now - timedelta(seconds=61))
+    alive = await engine_nodes.list_alive_nodes(own_pool, now=now, node_timeout=NODE_TIMEOUT)
+    assert [node.id for node in alive] == ["alive"]
+
+
+async def test_a_heartbeat_moves_last_seen_forward_and_tells_an_unregistered_node_to_register(
+    own_pool: asyncpg.Pool,
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=250_000)  # the columns keep milliseconds
+    assert not await engine_nodes.heartbeat(own_pool, node_id="stranger", now=now)
+    await register(own_pool, "node", last_seen=now - timedelta(minutes=5))
+    assert await engine_nodes.heartbeat(own_pool, node_id="node", now=now)
+    [node] = await engine_nodes.list_alive_nodes(own_pool, now=now, node_timeout=NODE_TIMEOUT)
+    assert (node.id, node.started_at, node.last_seen_at) == ("node", now - timedelta(minutes=5), now)
+
+
+async def test_dead_nodes_are_forgotten_only_once_none_of_their_calls_is_open(own_pool: asyncpg.Pool) -> None:
+    now = datetime.now(UTC)
+    await register(own_pool, "idle", last_seen=now - timedelta(days=2))
+    await register(own_pool, "busy", last_seen=now - timedelta(days=2))
+    await call_on(own_pool, await insert_organization(own_pool), "busy")
+    forgotten = await engine_nodes.forget_dead_nodes(own_pool, now=now, older_than=timedelta(days=1))
+    remaining = await own_pool.fetch('SELECT "id" FROM "EngineNode"')
+    assert (forgotten, [row["id"] for row in remaining]) == (1, ["busy"])
+
+
+async def test_at_start_the_engine_fails_a_dead_nodes_call_and_leaves_a_live_nodes_call(
+    own_pool: asyncpg.Pool,
+) -> None:
+    now = datetime.now(UTC)
+    await register(own_pool, "crashed", last_seen=now - timedelta(minutes=3))
+    await register(own_pool, "neighbour", last_seen=now)
+    org = await insert_organization(own_pool)
+    stale = await call_on(own_pool, org, "crashed")
+    live = await call_on(own_pool, org, "neighbour")
+
+    app = web.Application()
+    app[DATABASE] = Database(pool=own_pool, location="test")
+    app.cleanup_ctx.append(recovery_context)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    try:
+        stored = await reread(own_pool, stale)
+        assert (stored.status, stored.metadata["endReason"]) == (CallStatus.FAILED, "engine_lost")
+        assert await reread(own_pool, live) == live
+        alive = await engine_nodes.list_alive_nodes(own_pool, now=datetime.now(UTC), node_timeout=NODE_TIMEOUT)
+        assert app[NODE_ID] in {node.id for node in alive}
+    finally:
+        await runner.cleanup()
+    # A node that stops cleanly leaves the table: its calls, if any were left, are for the next recovery.
+    assert await own_pool.fetchval('SELECT count(*) FROM "EngineNode" WHERE "id" = $1', app[NODE_ID]) == 0
+
+
+async def test_a_running_node_keeps_heartbeating_and_recovers_calls_of_nodes_that_die_later(
+    own_pool: asyncpg.Pool,
+) -> None:
+    heartbeat = NodeHeartbeat(
+        own_pool,
+        heartbeat_interval=timedelta(seconds=0.05),
+        recovery_interval=timedelta(seconds=0.1),
+        node_timeout=timedelta(seconds=1),
+    )
+    await heartbeat.start()
+    try:
+        org = await insert_organization(own_pool)
+        mine = await call_on(own_pool, org, heartbeat.node_id)
+        await register(own_pool, "doomed", last_seen=datetime.now(UTC))
+        doomed_call = await call_on(own_pool, org, "doomed")
+        await asyncio.sleep(1.5)  # "doomed" stops heartbeating; this node goes on
+        assert (await reread(own_pool, doomed_call)).status is CallStatus.FAILED
+        assert await reread(own_pool, mine) == mine
+        alive = await engine_nodes.list_alive_nodes(own_pool, now=datetime.now(UTC), node_timeout=timedelta(seconds=1))
+        assert [node.id for node in alive] == [heartbeat.node_id]
+    finally:
+        await heartbeat.stop()
