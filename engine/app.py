@@ -8,8 +8,12 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from config.settings import Settings
-from engine import health
-from engine.appkeys import DATABASE, SETTINGS
+from engine import health, media_socket, twilio_webhooks
+from engine.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
+from engine.live_calls import LiveCalls
+from engine.recordings import handle_recording, recordings_context
+from engine.recovery import recovery_context
+from engine.twilio_rest import TwilioCalls
 from storage.migrate import migrate
 from storage.pool import open_database
 
@@ -23,8 +27,40 @@ def create_app(settings: Settings, *, apply_migrations: bool = True) -> web.Appl
     app = web.Application()
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_database_context(apply_migrations))
+    app.cleanup_ctx.append(recovery_context)
+    app.cleanup_ctx.append(recordings_context)
+    app.cleanup_ctx.append(_calls_context)
+    # Before connections close at shutdown, running calls end and their CallLogs are finished.
+    app.on_shutdown.append(_end_live_calls)
+
     app.router.add_get("/health", health.handle_health)
+    app.router.add_post("/twilio/voice", twilio_webhooks.handle_voice)
+    app.router.add_post("/twilio/status", twilio_webhooks.handle_status)
+    app.router.add_get(twilio_webhooks.MEDIA_PATH, media_socket.handle_media)
+    app.router.add_get("/recordings/{call_log_id}.wav", handle_recording)
     return app
+
+
+async def _calls_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[LIVE_CALLS] = LiveCalls()
+    twilio = TwilioCalls.from_settings(settings)
+    if twilio is not None:
+        app[TWILIO] = twilio
+    if settings.twilio_auth_token is None:
+        log.warning("TWILIO_AUTH_TOKEN is unset: Twilio webhook signatures are NOT checked")
+    if twilio is None:
+        log.info("no Twilio credentials: calls the agent ends are ended by closing their media stream")
+    try:
+        yield
+    finally:
+        await app[LIVE_CALLS].end_all("engine_shutdown")
+        if twilio is not None:
+            await twilio.close()
+
+
+async def _end_live_calls(app: web.Application) -> None:
+    await app[LIVE_CALLS].end_all("engine_shutdown")
 
 
 def _database_context(apply_migrations: bool) -> CleanupContext:

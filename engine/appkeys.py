@@ -5,7 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from config.settings import Settings
+from engine.live_calls import LiveCalls
+from engine.twilio_rest import TwilioCalls
 from storage.pool import Database
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
+LIVE_CALLS = web.AppKey("live_calls", LiveCalls)
+TWILIO = web.AppKey("twilio", TwilioCalls)  # set only when Twilio credentials are configured

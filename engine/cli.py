@@ -13,6 +13,7 @@ from aiohttp import web
 
 from config.settings import Settings, SettingsError, load_settings
 from engine.app import create_app
+from engine.simulator import add_call_command, run_call_command
 from storage.errors import StorageError
 from storage.migrate import migrate, migration_status
 from storage.pool import database
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_commands.add_parser("migrate", help="apply pending migrations")
     db_commands.add_parser("status", help="show applied and pending migrations")
+
+    add_call_command(commands)
 
     seed = commands.add_parser("seed-demo", help="create the demo organization, agent and number (idempotent)")
     seed.add_argument("--phone-number", default=None, help="the demo's inbound number, E.164 (default +15555550100)")
@@ -107,6 +110,12 @@ async def _seed_demo(settings: Settings, phone_number: str | None) -> None:
     print(result.describe())
 
 
+async def _call(settings: Settings, args: argparse.Namespace) -> None:
+    code = await run_call_command(args, settings)
+    if code:
+        raise SystemExit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `dialtone` command; return the process exit code."""
     args = _parser().parse_args(argv)
@@ -130,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = lambda: _migrate(settings)  # noqa: E731
         case "db", "status":
             command = lambda: _status(settings)  # noqa: E731
+        case "call", _:
+            command = lambda: _call(settings, args)  # noqa: E731
         case "seed-demo", _:
             command = lambda: _seed_demo(settings, args.phone_number)  # noqa: E731
         case _:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,7 +15,18 @@ from engine.app import create_app
 
 @asynccontextmanager
 async def running_engine(database_url: str, *, apply_migrations: bool = True, **settings: Any) -> AsyncIterator[str]:
-    """Serve the engine on 127.0.0.1 with a port the OS picks; yield its base URL."""
+    """Serve the engine on 127.0.0.1 with a port the OS picks; yield its base URL.
+
+    Its state (recordings, signing key) goes to a temporary folder unless `state_dir` is given.
+    """
+    with tempfile.TemporaryDirectory(prefix="dialtone-engine-") as scratch:
+        settings.setdefault("state_dir", scratch)
+        async with _serve(database_url, apply_migrations, settings) as base:
+            yield base
+
+
+@asynccontextmanager
+async def _serve(database_url: str, apply_migrations: bool, settings: dict[str, Any]) -> AsyncIterator[str]:
     app = create_app(load_settings(database_url=database_url, **settings), apply_migrations=apply_migrations)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()

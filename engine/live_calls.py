@@ -1,0 +1,59 @@
+"""The calls this process is running right now: for listing, hanging up, and ending them at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+class LiveCall(Protocol):
+    """What the registry needs of a running call session."""
+
+    def end_from_outside(self, reason: str) -> None:
+        """End the call for a reason outside it."""
+        ...
+
+
+class LiveCalls:
+    """Running sessions by CallLog id, and the tasks that run them."""
+
+    def __init__(self) -> None:
+        """An empty registry."""
+        self._sessions: dict[str, LiveCall] = {}
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    def __len__(self) -> int:
+        """How many calls are running."""
+        return len(self._sessions)
+
+    def __contains__(self, call_log_id: object) -> bool:
+        """Whether that call runs here."""
+        return call_log_id in self._sessions
+
+    def add(self, call_log_id: str, session: LiveCall) -> None:
+        """Register a running call; the current task is the one that runs it."""
+        self._sessions[call_log_id] = session
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def remove(self, call_log_id: str) -> None:
+        """Forget a call that has finished."""
+        self._sessions.pop(call_log_id, None)
+
+    async def end_all(self, reason: str, *, timeout: float = 30.0) -> None:
+        """End every running call and wait (bounded) until their CallLogs are finished."""
+        if not self._sessions:
+            return
+        log.info("ending %d running call(s): %s", len(self._sessions), reason)
+        for session in list(self._sessions.values()):
+            session.end_from_outside(reason)
+        tasks = [t for t in self._tasks if not t.done()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            if pending:
+                log.error("%d call(s) did not finish within %.0f s of shutdown", len(pending), timeout)

@@ -1,0 +1,163 @@
+"""The media WebSocket Twilio opens for each call: find the call, build its pipeline, run its CallSession."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from aiohttp import WSMsgType, web
+
+from config.agent import AgentConfigurationError, parse_agent_configuration
+from engine.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
+from engine.call_log_writer import CallLogWriter, CallOutcome
+from engine.call_session import CallContext, CallSession
+from engine.recordings import RECORDING_KEY, recording_url
+from engine.recovery import NODE_ID
+from engine.twilio_signature import SIGNATURE_HEADER, signature_is_valid
+from engine.twilio_webhooks import CALL_LOG_PARAMETER
+from media.recording import StereoWavRecorder
+from media.twilio_stream import MalformedMessage, Started, StreamProtocolError, TwilioStream
+from pipelines.registry import PathSource, PipelineUnavailable, VoiceChoice, build_pipeline
+from storage import agents, call_logs
+from storage.call_logs import InvalidCallTransition
+from storage.enums import CallStatus
+from storage.recordings import recording_path
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_SECONDS = 10.0
+# aiohttp's own limit sits above the protocol's, so an oversized frame is a protocol error of that call
+# (FAILED with a reason) rather than a bare connection drop.
+WEBSOCKET_MAX_MESSAGE = 1 << 20
+
+
+async def _text_frames(ws: web.WebSocketResponse) -> AsyncIterator[str]:
+    """The socket's text frames; a binary frame is a protocol error, a close or error ends the stream."""
+    async for message in ws:
+        if message.type is WSMsgType.TEXT:
+            yield message.data
+        elif message.type is WSMsgType.BINARY:
+            raise MalformedMessage("Twilio sends text frames only; got a binary frame")
+        else:
+            return
+
+
+async def _await_start(stream: TwilioStream, frames: AsyncIterator[str]) -> Started:
+    async with asyncio.timeout(START_TIMEOUT_SECONDS):
+        async for text in frames:
+            for event in stream.receive_text(text):
+                if isinstance(event, Started):
+                    return event
+    raise MalformedMessage("the stream ended before Twilio's start message")
+
+
+async def handle_media(request: web.Request) -> web.StreamResponse:
+    """GET /twilio/media (WebSocket): one call's audio both ways, for as long as the call lasts."""
+    settings = request.app[SETTINGS]
+    if SIGNATURE_HEADER in request.headers and not signature_is_valid(request, settings):
+        log.warning("media WebSocket with a bad signature from %s: refused", request.remote)
+        raise web.HTTPForbidden(text="invalid Twilio signature")
+    ws = web.WebSocketResponse(max_msg_size=WEBSOCKET_MAX_MESSAGE, autoping=True)
+    await ws.prepare(request)
+    try:
+        await _run_call(request, ws)
+    finally:
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
+    app = request.app
+    settings, pool = app[SETTINGS], app[DATABASE].pool
+    stream = TwilioStream()
+    frames = _text_frames(ws)
+    try:
+        started = await _await_start(stream, frames)
+    except (StreamProtocolError, TimeoutError) as exc:
+        log.warning("media stream from %s never started properly: %s", request.remote, exc)
+        return
+
+    # The call must be one our voice webhook answered, still in progress, and not streaming already:
+    # the CallSid and the CallLog id (both unguessable) have to match.
+    call_log = await call_logs.get_by_call_id(pool, call_id=started.call_sid)
+    wanted_id = started.custom_parameters.get(CALL_LOG_PARAMETER)
+    if call_log is None or call_log.id != wanted_id or call_log.status != CallStatus.IN_PROGRESS:
+        log.warning("media stream for unknown or finished call %s (CallLog %s): closed", started.call_sid, wanted_id)
+        return
+    if call_log.id in app[LIVE_CALLS] or "engineNode" in call_log.metadata:
+        log.warning("a second media stream for call %s: closed", started.call_sid)
+        return
+
+    async def fail(reason: str) -> None:
+        with contextlib.suppress(InvalidCallTransition):
+            await call_logs.finalize_call_log(
+                pool,
+                organization_id=call_log.organization_id,
+                call_log_id=call_log.id,
+                status=CallStatus.FAILED,
+                duration=0,
+                metadata={"endReason": reason},
+            )
+
+    if call_log.agent_id is None:
+        await fail("agent_deleted")
+        return
+    bundle = await agents.load_agent_bundle(pool, organization_id=call_log.organization_id, agent_id=call_log.agent_id)
+    try:
+        config = parse_agent_configuration(bundle.agent.configuration)
+        pipeline = build_pipeline(
+            config,
+            paths=[PathSource(p.id, p.nodes, p.edges) for p in bundle.conversation_paths],
+            voice=VoiceChoice(bundle.voice.provider, bundle.voice.provider_voice_id) if bundle.voice else None,
+        )
+    except (AgentConfigurationError, PipelineUnavailable) as exc:
+        log.error("call %s: cannot build the agent's pipeline: %s", started.call_sid, exc)
+        await fail(f"pipeline_unavailable: {exc}")
+        return
+
+    recorder = None
+    path = recording_path(settings, call_log.organization_id, call_log.id)
+    if config.recording:
+        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        recorder = StereoWavRecorder(path)
+
+    async def send(text: str) -> None:
+        await ws.send_str(text)
+
+    writer = CallLogWriter(
+        pool,
+        organization_id=call_log.organization_id,
+        call_log_id=call_log.id,
+        agent_id=call_log.agent_id,
+        node_id=app[NODE_ID],
+    )
+    twilio = app.get(TWILIO)
+    session = CallSession(
+        context=CallContext(call_log.id, call_log.organization_id, call_log.agent_id, started.call_sid),
+        config=config,
+        pipeline=pipeline,
+        stream=stream,
+        send=send,
+        writer=writer,
+        recorder=recorder,
+        hang_up=twilio.hang_up if twilio is not None else None,
+    )
+    app[LIVE_CALLS].add(call_log.id, session)
+    try:
+        outcome = await session.run(frames)
+    finally:
+        app[LIVE_CALLS].remove(call_log.id)
+    if recorder is not None:
+        url = recording_url(settings, call_log.id, key=app[RECORDING_KEY], now=datetime.now(UTC))
+        outcome = CallOutcome(
+            status=outcome.status,
+            end_reason=outcome.end_reason,
+            duration_s=outcome.duration_s,
+            recording_url=url,
+            metadata=outcome.metadata,
+        )
+    await writer.finish(outcome)

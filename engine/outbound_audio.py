@@ -1,0 +1,102 @@
+"""The agent's voice on its way out: paced a little ahead of real time to Twilio, with marks, and recorded.
+
+Twilio buffers whatever it is sent and plays it in order, so audio could go out all at once; pacing it
+`lead_ms` ahead instead keeps Twilio's buffer (and what a `clear` throws away) short, and puts the agent's
+audio in the recording where the caller heard it. Marks every `mark_every_ms` of an utterance and at its
+end let the PlaybackClock say how much of it the caller heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from media.recording import StereoWavRecorder
+from media.twilio_stream import TwilioStream
+
+BYTES_PER_MS = 8
+SendText = Callable[[str], Awaitable[None]]
+
+
+class StreamTimeline:
+    """Maps the engine's monotonic clock onto the stream's own milliseconds (Twilio's media timestamps)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        """Start the timeline at the present moment."""
+        self._clock = clock
+        self._origin = clock()
+
+    def observe(self, timestamp_ms: int) -> None:
+        """A caller frame stamped `timestamp_ms` arrived now; frames delayed in transit never move the origin later."""
+        self._origin = min(self._origin, self._clock() - timestamp_ms / 1000)
+
+    def stream_ms(self, at: float | None = None) -> int:
+        """The stream time of a monotonic instant (now by default)."""
+        return max(0, round(((self._clock() if at is None else at) - self._origin) * 1000))
+
+
+class OutboundAudio:
+    """Sends one call's agent audio: paced, chunked, marked, and written to the recording's agent channel."""
+
+    def __init__(
+        self,
+        stream: TwilioStream,
+        send: SendText,
+        timeline: StreamTimeline,
+        recorder: StereoWavRecorder | None = None,
+        *,
+        lead_ms: int = 300,
+        chunk_ms: int = 100,
+        mark_every_ms: int = 500,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Prepare to send through `send`, the text frames of `stream`'s protocol."""
+        self._stream = stream
+        self._send = send
+        self._timeline = timeline
+        self._recorder = recorder
+        self._lead = lead_ms / 1000
+        self._chunk_bytes = chunk_ms * BYTES_PER_MS
+        self._mark_every_bytes = mark_every_ms * BYTES_PER_MS
+        self._clock = clock
+        self._cursor = clock()  # when the audio sent so far will have finished playing
+        self._since_mark: dict[int, int] = {}
+        self.first_audio_at: dict[int, float] = {}
+
+    @property
+    def queued_ms(self) -> int:
+        """Audio sent that Twilio has probably not played yet, by the clock (marks give the exact figure)."""
+        return max(0, round((self._cursor - self._clock()) * 1000))
+
+    async def play(self, utterance_id: int, audio: bytes) -> None:
+        """Send audio of one utterance, waiting only as needed to stay `lead_ms` ahead of playback."""
+        view = memoryview(audio)
+        for offset in range(0, len(view), self._chunk_bytes):
+            chunk = bytes(view[offset : offset + self._chunk_bytes])
+            now = self._clock()
+            self._cursor = max(self._cursor, now)
+            ahead = self._cursor - now
+            if ahead > self._lead:
+                await asyncio.sleep(ahead - self._lead)
+            self.first_audio_at.setdefault(utterance_id, self._clock())
+            await self._send(self._stream.send_media(chunk, utterance_id))
+            if self._recorder is not None:
+                self._recorder.write_agent(chunk, self._timeline.stream_ms(self._cursor))
+            self._cursor += len(chunk) / BYTES_PER_MS / 1000
+            sent = self._since_mark.get(utterance_id, 0) + len(chunk)
+            if sent >= self._mark_every_bytes:
+                await self._send(self._stream.send_mark(utterance_id))
+                sent = 0
+            self._since_mark[utterance_id] = sent
+
+    async def finish(self, utterance_id: int) -> None:
+        """Mark the end of an utterance; its echo says the caller heard all of it."""
+        self._since_mark.pop(utterance_id, None)
+        await self._send(self._stream.send_mark(utterance_id, final=True))
+
+    async def clear(self) -> None:
+        """Drop whatever Twilio has not played yet (barge-in); pending marks come back flushed."""
+        self._cursor = self._clock()
+        self._since_mark.clear()
+        await self._send(self._stream.send_clear())
