@@ -49,6 +49,19 @@ async def test_a_scripted_phrase_ends_a_turn_containing_its_key_words(
     assert all(word in text.split() for word in key_words), text
 
 
+async def test_tuesday_is_recognized_across_natural_renditions(pool: SphinxDecoderPool) -> None:
+    # Successive eSpeak syntheses differ (pitch flutter): without the n-best keyphrase rescue about one in four of
+    # these came out as "two please". With the demo's keyphrases 20/20 keep it now; with this smaller vocabulary
+    # rendition 7 still reads "two please", so allow one miss in 8 as for any real recognizer.
+    texts = []
+    for variant in range(1, 9):
+        stt = SphinxSTT(keyphrases=KEYPHRASES, pool=pool)
+        await stt.start()
+        frames = silent_frames(500) + await spoken_frames("tuesday please", variant=variant) + silent_frames(1200)
+        texts += turns(await events_after(stt, frames))
+    assert len(texts) == 8 and sum("tuesday" in text.split() for text in texts) >= 7, " | ".join(texts)
+
+
 async def test_a_turn_reports_speech_start_then_final_transcript_then_end_of_turn(pool: SphinxDecoderPool) -> None:
     events = await recognize(pool, "yes")
     assert [type(event) for event in events] == [SpeechStarted, TranscriptUpdate, EndOfTurn]

@@ -36,10 +36,11 @@ class CountingEngine(EspeakEngine):
         rate: int = 175,
         pitch: int = 50,
         sample_rate: int = NATIVE_SAMPLE_RATE,
+        variant: int = 0,
     ) -> PcmAudio:
         self.calls.append(text)
         return await get_espeak_engine().synthesize_pcm(
-            text, voice=voice, rate=rate, pitch=pitch, sample_rate=sample_rate
+            text, voice=voice, rate=rate, pitch=pitch, sample_rate=sample_rate, variant=variant
         )
 
 
@@ -58,6 +59,21 @@ async def test_a_sentence_is_spoken_with_plausible_duration() -> None:
 async def test_english_voices_both_speak(voice: str) -> None:
     audio = await get_espeak_engine().synthesize_pcm("Tuesday at ten", voice=voice)
     assert audio.duration_ms > 300
+
+
+async def test_the_same_text_is_the_same_audio_every_time() -> None:
+    engine = get_espeak_engine()
+    first = await engine.synthesize_pcm("tuesday please")
+    await engine.synthesize_pcm(SENTENCE, voice="en-gb")  # eSpeak state from another text must not leak
+    again = await engine.synthesize_pcm("tuesday please")
+    assert first.samples.tobytes() == again.samples.tobytes()
+
+
+async def test_variants_are_other_renditions_each_repeatable() -> None:
+    engine = get_espeak_engine()
+    plain, one, two = [(await engine.synthesize_pcm("tuesday please", variant=n)).samples for n in (0, 1, 2)]
+    assert len({plain.tobytes(), one.tobytes(), two.tobytes()}) == 3
+    assert (await engine.synthesize_pcm("tuesday please", variant=1)).samples.tobytes() == one.tobytes()
 
 
 async def test_an_unknown_voice_raises_naming_it() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import os
 import re
 import tempfile
@@ -39,6 +41,12 @@ MAX_UTTERANCE_MS = 20_000
 
 KEYPHRASE_WEIGHT = 30
 """How many times each keyphrase (and each of its words) counts in the vocabulary's language-model corpus."""
+
+NBEST_DEPTH = 10
+"""Alternative hypotheses searched for a keyphrase when the best one has none ("two please" for "tuesday please")."""
+
+KEYPHRASE_MARGIN = 0.04
+"""How much worse (natural log of the lattice path score) a hypothesis with a keyphrase may score and still win."""
 
 # Everyday phone-call words and phrases, so callers who stray from the keyphrases still get sensible text.
 BASE_PHRASES = (
@@ -152,7 +160,9 @@ class SphinxDecoder:
         with _temporary_file(
             ".dict", "".join(f"{entry} {phones}\n" for entry, phones in vocabulary.pronunciations)
         ) as path:
-            self._decoder: Any = Decoder(lm=None, dict=path, loglevel="FATAL")
+            # Utterances are decoded whole: normalise each by its own cepstral mean ("batch"), so a pooled
+            # decoder carries nothing from one caller's utterance into the next.
+            self._decoder: Any = Decoder(lm=None, dict=path, cmn="batch", loglevel="FATAL")
         self._searches: OrderedDict[tuple[str, ...], str] = OrderedDict()
         self._serial = 0
 
@@ -169,7 +179,32 @@ class SphinxDecoder:
         self._decoder.process_raw(samples.tobytes(), False, True)
         self._decoder.end_utt()
         hypothesis = self._decoder.hyp()
-        return " ".join(normalize_words(hypothesis.hypstr)) if hypothesis is not None else ""
+        if hypothesis is None:
+            return ""
+        words = " ".join(normalize_words(hypothesis.hypstr))
+        if not words or _has_keyphrase(words, vocabulary.key):
+            return words
+        return self._keyphrase_alternative(vocabulary.key) or words
+
+    def _keyphrase_alternative(self, keyphrases: tuple[str, ...]) -> str | None:
+        # eSpeak's "tuesday please" comes out as "two please" about one time in four, with "tuesday" a close second:
+        # the best-scoring of the first NBEST_DEPTH paths through the lattice that has a keyphrase, if it is close.
+        # Scores are probabilities (logmath.exp of a log score): compared as logs; underflowed ones are skipped.
+        if not keyphrases:
+            return None
+        best = -math.inf
+        found: tuple[float, str] | None = None
+        for alternative in itertools.islice(self._decoder.nbest(), NBEST_DEPTH):
+            if alternative is None:  # the n-best iterator ends with None when the lattice runs out of paths
+                break
+            if alternative.score <= 0.0:
+                continue
+            score = math.log(alternative.score)
+            best = max(best, score)
+            words = " ".join(normalize_words(alternative.hypstr))
+            if (found is None or score > found[0]) and _has_keyphrase(words, keyphrases):
+                found = (score, words)
+        return found[1] if found is not None and best - found[0] <= KEYPHRASE_MARGIN else None
 
     def _search(self, vocabulary: Vocabulary) -> str:
         name = self._searches.get(vocabulary.key)
@@ -188,6 +223,12 @@ class SphinxDecoder:
             _, evicted = self._searches.popitem(last=False)
             self._decoder.remove_search(evicted)
         return name
+
+
+def _has_keyphrase(words: str, keyphrases: tuple[str, ...]) -> bool:
+    # Whole words only: "open" is not in "opening", "no" not in "know".
+    padded = f" {words} "
+    return any(f" {phrase} " in padded for phrase in keyphrases)
 
 
 @contextmanager

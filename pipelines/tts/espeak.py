@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +25,15 @@ NATIVE_SAMPLE_RATE = 22050
 
 CHUNK_BYTES = 800
 """μ-law bytes per chunk `EspeakTTS.synthesize` yields: 100 ms at 8 kHz."""
+
+SYNTHESIS_SEED = 1
+"""Seed for eSpeak NG's noise generators (its own, and libc's rand() for speechPlayer voices) before each synthesis."""
+
+# Wavegen state that eSpeak NG carries from one synthesis into the next (function-local statics, not in its API): the
+# pitch-flutter index, glottal-cycle count, harmonic-spectrum switch and wave phase, with their values at load time.
+# Left alone they make each synthesis of a text differ from the last; reset, the same text is the same audio.
+_WAVEGEN_STATE = {"Flutter_ix": 0, "cycle_count": 0, "hswitch": 0, "wavephase": 0x7FFFFFFF}
+_N_FLUTTER_STEPS = 0x170 * 64  # Flutter_ix wraps here (wavegen.c: N_FLUTTER * 64)
 
 # speak_lib.h
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -78,6 +89,8 @@ class EspeakEngine:
         self._callback: Any = None  # the ctypes callback must outlive every espeak_Synth call
         self._chunks: list[npt.NDArray[np.int16]] = []
         self._settings: tuple[str, int, int] | None = None
+        self._srand: Callable[[int], None] | None = None
+        self._wavegen_state: dict[str, ctypes.c_int] = {}
 
     async def synthesize_pcm(
         self,
@@ -87,18 +100,25 @@ class EspeakEngine:
         rate: int = 175,
         pitch: int = 50,
         sample_rate: int = NATIVE_SAMPLE_RATE,
+        variant: int = 0,
     ) -> PcmAudio:
-        """Speak `text` as PCM at `sample_rate` (resampled on the worker thread); raise TTSError on failure."""
-        job = self._job(text, voice, rate, pitch, sample_rate)
+        """Speak `text` as PCM at `sample_rate` (resampled on the worker thread); raise TTSError on failure.
+
+        The audio depends only on the arguments. `variant` 0 is the one rendition the cache holds; another starts
+        eSpeak's pitch flutter and noise elsewhere, as an earlier synthesis would, for naturally varied test speech.
+        """
+        job = self._job(text, voice, rate, pitch, sample_rate=sample_rate, variant=variant)
         return await asyncio.get_running_loop().run_in_executor(self._executor, job)
 
     def close(self) -> None:
         """Stop the worker thread once pending syntheses finish."""
         self._executor.shutdown(wait=False)
 
-    def _job(self, text: str, voice: str, rate: int, pitch: int, sample_rate: int) -> Callable[[], PcmAudio]:
+    def _job(
+        self, text: str, voice: str, rate: int, pitch: int, *, sample_rate: int, variant: int
+    ) -> Callable[[], PcmAudio]:
         def run() -> PcmAudio:
-            samples = self._synthesize(text, voice, rate, pitch)
+            samples = self._synthesize(text, voice, rate, pitch, variant)
             if sample_rate != NATIVE_SAMPLE_RATE:
                 resampler = StreamResampler(NATIVE_SAMPLE_RATE, sample_rate)
                 samples = np.concatenate([resampler.process(samples), resampler.flush()])
@@ -106,13 +126,14 @@ class EspeakEngine:
 
         return run
 
-    def _synthesize(self, text: str, voice: str, rate: int, pitch: int) -> npt.NDArray[np.int16]:
+    def _synthesize(self, text: str, voice: str, rate: int, pitch: int, variant: int) -> npt.NDArray[np.int16]:
         lib = self._library()
         self._configure(lib, voice, rate, pitch)
         if not text.strip():
             return np.zeros(0, dtype=np.int16)
         encoded = text.encode("utf-8") + b"\0"
         self._chunks = []
+        self._reset_generators(lib, variant)
         _check(
             lib.espeak_Synth(encoded, len(encoded), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None),
             f"speaking {text[:40]!r}",
@@ -153,6 +174,9 @@ class EspeakEngine:
         lib.espeak_Synth.restype = ctypes.c_int
         lib.espeak_Synchronize.argtypes = []
         lib.espeak_Synchronize.restype = ctypes.c_int
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        lib.espeak_ng_SetRandSeed.restype = ctypes.c_int
+        srand = _libc_srand()
         data_path = espeakng_loader.get_data_path().encode()
         sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path, _INITIALIZE_DONT_EXIT)
         if sample_rate != NATIVE_SAMPLE_RATE:
@@ -162,8 +186,22 @@ class EspeakEngine:
             )
         self._callback = _SynthCallback(self._receive)
         lib.espeak_SetSynthCallback(self._callback)
+        self._srand = srand
+        self._wavegen_state = _wavegen_state(lib, espeakng_loader.get_library_path())
         self._lib = lib
         return lib
+
+    def _reset_generators(self, lib: ctypes.CDLL, variant: int) -> None:
+        # Only the worker thread synthesizes, so nothing else touches these between here and espeak_Synth.
+        seed = (SYNTHESIS_SEED + variant) & 0x7FFFFFFF
+        lib.espeak_ng_SetRandSeed(seed)  # eSpeak's own generator: breath and Klatt noise (seeded from the clock)
+        assert self._srand is not None
+        self._srand(seed)  # libc's rand(): the speechPlayer voices' frication noise
+        for name, start in _WAVEGEN_STATE.items():
+            if name in self._wavegen_state:
+                self._wavegen_state[name].value = start
+        if variant and "Flutter_ix" in self._wavegen_state:
+            self._wavegen_state["Flutter_ix"].value = variant * 4099 % _N_FLUTTER_STEPS
 
     def _receive(self, wav: Any, count: int, _events: int | None) -> int:
         # Called by espeak_Synth on the worker thread with each buffer; a null `wav` marks the end.
@@ -186,6 +224,59 @@ class EspeakEngine:
         _check(lib.espeak_SetParameter(_PARAM_RATE, rate, 0), f"setting rate {rate}")
         _check(lib.espeak_SetParameter(_PARAM_PITCH, pitch, 0), f"setting pitch {pitch}")
         self._settings = (voice, rate, pitch)
+
+
+def _libc_srand() -> Callable[[int], None]:
+    # The wheel's libespeak-ng calls the C library's rand(), whose state is process-wide: the process's own libc.
+    try:
+        srand = ctypes.CDLL(None).srand
+    except (OSError, AttributeError) as exc:
+        raise TTSError(f"eSpeak NG: cannot find the C library's srand() to make synthesis repeatable ({exc})") from None
+    srand.argtypes = [ctypes.c_uint]
+    srand.restype = None
+    return cast("Callable[[int], None]", srand)
+
+
+def _wavegen_state(lib: ctypes.CDLL, path: str) -> dict[str, ctypes.c_int]:
+    # The statics in _WAVEGEN_STATE are found through the library file's ELF symbol table (local symbols such as
+    # "Flutter_ix.5965"), relative to the exported espeak_Synth. A library without them (stripped, another build)
+    # yields {}: synthesis still works, only not repeatably.
+    wanted = {*_WAVEGEN_STATE, "espeak_Synth"}
+    try:
+        symbols = _elf_symbols(Path(path).read_bytes(), wanted)
+    except (OSError, ValueError, struct.error):
+        return {}
+    if set(symbols) != wanted:
+        return {}
+    base = ctypes.cast(lib.espeak_Synth, ctypes.c_void_p).value
+    if base is None:
+        return {}
+    base -= symbols.pop("espeak_Synth")
+    return {name: ctypes.c_int.from_address(base + address) for name, address in symbols.items()}
+
+
+def _elf_symbols(image: bytes, wanted: set[str]) -> dict[str, int]:
+    # Values of the symbols named in `wanted` (ignoring a ".N" suffix) in a little-endian ELF64 image's .symtab;
+    # a name defined more than once is left out.
+    if image[:4] != b"\x7fELF" or image[4] != 2 or image[5] != 1:
+        raise ValueError("not a little-endian ELF64 file")
+    (section_offset,) = struct.unpack_from("<Q", image, 0x28)
+    section_size, section_count = struct.unpack_from("<HH", image, 0x3A)
+    sections = [
+        struct.unpack_from("<IIQQQQIIQQ", image, section_offset + i * section_size) for i in range(section_count)
+    ]
+    found: dict[str, list[int]] = {}
+    for _, kind, _, _, offset, size, link, _, _, entry_size in sections:
+        if kind != 2 or not entry_size:  # SHT_SYMTAB
+            continue
+        names = sections[link][4]
+        for start in range(offset, offset + size, entry_size):
+            name_offset, _, _, shndx, value, _ = struct.unpack_from("<IBBHQQ", image, start)
+            name = image[names + name_offset : image.index(b"\0", names + name_offset)].decode("ascii", "replace")
+            name = name.split(".", 1)[0]
+            if name in wanted and shndx != 0:
+                found.setdefault(name, []).append(value)
+    return {name: values[0] for name, values in found.items() if len(set(values)) == 1}
 
 
 def _check(result: int, action: str) -> None:
