@@ -13,9 +13,9 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from config.agent import AgentConfiguration
 from engine.call_log_writer import CallLogWriter, CallOutcome, TurnRecord
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GOODBYE = "Thank you for calling. Goodbye."
 HANGUP_GRACE_SECONDS = 5.0
+DEFAULT_MS_PER_CHAR = 65.0  # about 170 words a minute, until the call's own speech says otherwise
 
 
 class SessionState(enum.Enum):
@@ -70,30 +71,44 @@ _ALLOWED = {
 
 
 @dataclass(slots=True)
+class _Span:
+    """Where one sentence falls in its utterance's audio."""
+
+    text: str
+    start_ms: int
+    end_ms: int
+    complete: bool = False
+
+
+@dataclass(slots=True)
 class _AgentUtterance:
     """One agent turn being spoken: its sentences and where each falls in the utterance's audio."""
 
     utterance_id: int
     reply_to_ms: float | None  # monotonic time the caller's turn ended, for latency
-    sentences: list[tuple[str, int, int]] = field(default_factory=list)  # text, start ms, end ms
+    sentences: list[_Span] = field(default_factory=list)
     audio_ms: int = 0
     started_stream_ms: int | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     recorded: bool = False
 
-    def heard_text(self, played_ms: int) -> str:
-        """The words the caller heard when playback stopped at `played_ms` of this utterance."""
+    def heard_text(self, played_ms: int, ms_per_char: float) -> str:
+        """The words the caller heard when playback stopped at `played_ms` of this utterance.
+
+        A sentence still being synthesized has no known end yet: it is taken to last `ms_per_char` per character
+        (this call's speaking rate so far), or as long as its audio already sent, whichever is longer.
+        """
         heard: list[str] = []
-        for text, start, end in self.sentences:
+        for span in self.sentences:
+            end = span.end_ms if span.complete else max(span.end_ms, span.start_ms + len(span.text) * ms_per_char)
             if end <= played_ms:
-                heard.append(text)
-            elif start < played_ms:
-                words = text.split()
-                share = (played_ms - start) / max(1, end - start)
+                heard.append(span.text)
+                continue
+            if span.start_ms < played_ms:
+                words = span.text.split()
+                share = (played_ms - span.start_ms) / max(1.0, end - span.start_ms)
                 heard.append(" ".join(words[: int(len(words) * share)]))
-                break
-            else:
-                break
+            break
         return " ".join(h for h in heard if h).strip()
 
 
@@ -158,6 +173,8 @@ class CallSession:
         self._end_reason = ""
         self._tasks: list[asyncio.Task[None]] = []
         self._latencies: list[int] = []
+        self._spoken_ms = 0
+        self._spoken_chars = 0
 
     # ------------------------------------------------------------------------------------------- lifecycle
 
@@ -169,8 +186,8 @@ class CallSession:
             self._end(CallStatus.FAILED, f"stt_unavailable: {exc}")
         self._writer.start()
         self._tasks = [
-            asyncio.create_task(self._read(frames), name=f"call-{self.context.call_sid}-read"),
-            asyncio.create_task(self._listen(), name=f"call-{self.context.call_sid}-stt"),
+            self._spawn(self._read(frames), "read"),
+            self._spawn(self._listen(), "stt"),
         ]
         loop = asyncio.get_running_loop()
         max_duration = loop.call_later(self._config.max_duration_seconds, self._on_max_duration)
@@ -183,6 +200,19 @@ class CallSession:
             max_duration.cancel()
             outcome = await self._shut_down()
         return outcome
+
+    def _spawn(self, work: Coroutine[Any, Any, None], role: str) -> asyncio.Task[None]:
+        """Run part of the call as a task whose unexpected failure ends this call (FAILED), never the engine."""
+        task = asyncio.create_task(work, name=f"call-{self.context.call_sid}-{role}")
+        task.add_done_callback(self._supervise)
+        return task
+
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("call %s: %s failed", self.context.call_sid, task.get_name(), exc_info=exc)
+        self._end(CallStatus.FAILED, f"internal_error: {type(exc).__name__}")
 
     def _end(self, status: CallStatus, reason: str) -> None:
         """Decide the call is over (first reason wins); run() then shuts everything down."""
@@ -367,16 +397,17 @@ class CallSession:
         self._next_utterance += 1
         self._utterances[utterance.utterance_id] = utterance
         self._set_state(SessionState.RESPONDING)
-        self._reply = asyncio.create_task(
-            self._respond(utterance, sentences, ask_model), name=f"call-{self.context.call_sid}-reply"
-        )
+        self._reply = self._spawn(self._respond(utterance, sentences, ask_model), "reply")
 
     async def _respond(self, utterance: _AgentUtterance, sentences: list[str], ask_model: bool) -> None:
         """Speak fixed sentences, then the model's reply sentence by sentence; end the call if it says so."""
         end_reason: str | None = None
         try:
-            for sentence in sentences:
-                await self._speak(utterance, sentence)
+            chunker = SentenceChunker()
+            for text in sentences:
+                for sentence in [*chunker.push(text + " "), chunker.flush()]:
+                    if sentence:
+                        await self._speak(utterance, sentence)
             if ask_model:
                 end_reason = await self._speak_model_reply(utterance)
             if utterance.audio_ms:
@@ -416,13 +447,17 @@ class CallSession:
 
     async def _speak(self, utterance: _AgentUtterance, sentence: str) -> None:
         self._current = utterance
-        start = utterance.audio_ms
+        span = _Span(sentence, utterance.audio_ms, utterance.audio_ms)
+        utterance.sentences.append(span)
         async for chunk in self._pipeline.tts.synthesize(sentence):
             if utterance.started_stream_ms is None:
                 utterance.started_stream_ms = self._timeline.stream_ms()
             await self._out.play(utterance.utterance_id, chunk)
             utterance.audio_ms += len(chunk) // 8
-        utterance.sentences.append((sentence, start, utterance.audio_ms))
+            span.end_ms = utterance.audio_ms
+        span.complete = True
+        self._spoken_ms += span.end_ms - span.start_ms
+        self._spoken_chars += len(sentence)
 
     def _on_mark(self, event: MarkPlayed | MarkFlushed) -> None:
         utterance = self._utterances.get(event.utterance_id)
@@ -443,7 +478,7 @@ class CallSession:
             self._reply.cancel()
             self._reply = None
         self._current = None
-        self._tasks.append(asyncio.create_task(self._out.clear()))
+        self._tasks.append(self._spawn(self._out.clear(), "clear"))
         self._record_agent_turn(utterance, interrupted=True)
         self._set_state(SessionState.LISTENING)
 
@@ -454,7 +489,12 @@ class CallSession:
         if self._current is utterance:
             self._current = None
         played_ms = self._stream.playback.utterance(utterance.utterance_id).played_ms
-        text = utterance.heard_text(played_ms) if interrupted else " ".join(s for s, _, _ in utterance.sentences)
+        ms_per_char = self._spoken_ms / self._spoken_chars if self._spoken_chars else DEFAULT_MS_PER_CHAR
+        text = (
+            utterance.heard_text(played_ms, ms_per_char)
+            if interrupted
+            else " ".join(span.text for span in utterance.sentences)
+        )
         if not text and not interrupted:
             return
         latency_ms = None
@@ -510,7 +550,7 @@ class CallSession:
         self._next_utterance += 1
         self._utterances[utterance.utterance_id] = utterance
         self._set_state(SessionState.ENDING)
-        self._reply = asyncio.create_task(self._goodbye(utterance, goodbye, reason))
+        self._reply = self._spawn(self._goodbye(utterance, goodbye, reason), "goodbye")
 
     async def _goodbye(self, utterance: _AgentUtterance, text: str, reason: str) -> None:
         try:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import asyncpg
 from aiohttp import WSMsgType, web
 
 from config.agent import AgentConfigurationError, parse_agent_configuration
@@ -16,13 +18,13 @@ from engine.call_log_writer import CallLogWriter, CallOutcome
 from engine.call_session import CallContext, CallSession
 from engine.recordings import RECORDING_KEY, recording_url
 from engine.recovery import NODE_ID
-from engine.twilio_signature import SIGNATURE_HEADER, signature_is_valid
+from engine.twilio_signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
 from engine.twilio_webhooks import CALL_LOG_PARAMETER
 from media.recording import StereoWavRecorder
 from media.twilio_stream import MalformedMessage, Started, StreamProtocolError, TwilioStream
 from pipelines.registry import PathSource, PipelineUnavailable, VoiceChoice, build_pipeline
 from storage import agents, call_logs
-from storage.call_logs import InvalidCallTransition
+from storage.call_logs import CallLog, InvalidCallTransition
 from storage.enums import CallStatus
 from storage.recordings import recording_path
 
@@ -70,6 +72,36 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+async def _streamable_call_log(app: web.Application, started: Started) -> CallLog | None:
+    """The call's CallLog if this stream may run it, else None (logged).
+
+    The call must be one our voice webhook answered, still in progress, and not streaming already: the CallSid
+    and the CallLog id (both unguessable) have to match.
+    """
+    call_log = await call_logs.get_by_call_id(app[DATABASE].pool, call_id=started.call_sid)
+    wanted_id = started.custom_parameters.get(CALL_LOG_PARAMETER)
+    if call_log is None or call_log.id != wanted_id or call_log.status != CallStatus.IN_PROGRESS:
+        log.warning("media stream for unknown or finished call %s (CallLog %s): closed", started.call_sid, wanted_id)
+        return None
+    if call_log.id in app[LIVE_CALLS] or "engineNode" in call_log.metadata:
+        log.warning("a second media stream for call %s: closed", started.call_sid)
+        return None
+    return call_log
+
+
+async def _fail(pool: asyncpg.Pool, call_log: CallLog, reason: str) -> None:
+    """Finish a call that could not run as FAILED with `reason` (unless something finished it already)."""
+    with contextlib.suppress(InvalidCallTransition):
+        await call_logs.finalize_call_log(
+            pool,
+            organization_id=call_log.organization_id,
+            call_log_id=call_log.id,
+            status=CallStatus.FAILED,
+            duration=0,
+            metadata={"endReason": reason},
+        )
+
+
 async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     app = request.app
     settings, pool = app[SETTINGS], app[DATABASE].pool
@@ -81,30 +113,11 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         log.warning("media stream from %s never started properly: %s", request.remote, exc)
         return
 
-    # The call must be one our voice webhook answered, still in progress, and not streaming already:
-    # the CallSid and the CallLog id (both unguessable) have to match.
-    call_log = await call_logs.get_by_call_id(pool, call_id=started.call_sid)
-    wanted_id = started.custom_parameters.get(CALL_LOG_PARAMETER)
-    if call_log is None or call_log.id != wanted_id or call_log.status != CallStatus.IN_PROGRESS:
-        log.warning("media stream for unknown or finished call %s (CallLog %s): closed", started.call_sid, wanted_id)
+    call_log = await _streamable_call_log(app, started)
+    if call_log is None:
         return
-    if call_log.id in app[LIVE_CALLS] or "engineNode" in call_log.metadata:
-        log.warning("a second media stream for call %s: closed", started.call_sid)
-        return
-
-    async def fail(reason: str) -> None:
-        with contextlib.suppress(InvalidCallTransition):
-            await call_logs.finalize_call_log(
-                pool,
-                organization_id=call_log.organization_id,
-                call_log_id=call_log.id,
-                status=CallStatus.FAILED,
-                duration=0,
-                metadata={"endReason": reason},
-            )
-
     if call_log.agent_id is None:
-        await fail("agent_deleted")
+        await _fail(pool, call_log, "agent_deleted")
         return
     bundle = await agents.load_agent_bundle(pool, organization_id=call_log.organization_id, agent_id=call_log.agent_id)
     try:
@@ -116,7 +129,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         )
     except (AgentConfigurationError, PipelineUnavailable) as exc:
         log.error("call %s: cannot build the agent's pipeline: %s", started.call_sid, exc)
-        await fail(f"pipeline_unavailable: {exc}")
+        await _fail(pool, call_log, f"pipeline_unavailable: {exc}")
         return
 
     recorder = None
@@ -147,12 +160,21 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         hang_up=twilio.hang_up if twilio is not None else None,
     )
     app[LIVE_CALLS].add(call_log.id, session)
+    began = time.monotonic()
     try:
         outcome = await session.run(frames)
+    except Exception as exc:  # a bug in one call must still leave its CallLog finished, and the engine serving
+        log.exception("call %s: session failed", started.call_sid)
+        outcome = CallOutcome(
+            status=CallStatus.FAILED,
+            end_reason=f"internal_error: {type(exc).__name__}",
+            duration_s=time.monotonic() - began,
+        )
     finally:
         app[LIVE_CALLS].remove(call_log.id)
     if recorder is not None:
-        url = recording_url(settings, call_log.id, key=app[RECORDING_KEY], now=datetime.now(UTC))
+        base = public_base_url(request, settings)
+        url = recording_url(settings, base, call_log.id, key=app[RECORDING_KEY], now=datetime.now(UTC))
         outcome = CallOutcome(
             status=outcome.status,
             end_reason=outcome.end_reason,

@@ -34,15 +34,13 @@ RECORDING_KEY = web.AppKey("recording_key", bytes)
 _DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
-def base_url(settings: Settings) -> str:
-    """Where this engine is reached from outside: DIALTONE_PUBLIC_URL, else its own host and port."""
-    return settings.public_url or f"http://{settings.host}:{settings.port}"
+def recording_url(settings: Settings, base_url: str, call_log_id: str, *, key: bytes, now: datetime) -> str:
+    """The signed URL to store in CallLog.recordingUrl, valid for DIALTONE_RECORDING_URL_TTL_DAYS from `now`.
 
-
-def recording_url(settings: Settings, call_log_id: str, *, key: bytes, now: datetime) -> str:
-    """The signed URL to store in CallLog.recordingUrl, valid for DIALTONE_RECORDING_URL_TTL_DAYS from `now`."""
+    `base_url` is where this engine is reached from outside (see engine.twilio_signature.public_base_url).
+    """
     expires_at = now + timedelta(days=settings.recording_url_ttl_days)
-    return sign_recording_url(base_url(settings), call_log_id, key=key, expires_at=expires_at)
+    return sign_recording_url(base_url, call_log_id, key=key, expires_at=expires_at)
 
 
 async def recordings_context(app: web.Application) -> AsyncIterator[None]:

@@ -82,7 +82,7 @@ def test_a_signature_is_refused_once_it_has_expired() -> None:
 
 def test_the_stored_recording_url_lasts_the_configured_number_of_days(tmp_path: Path) -> None:
     settings = settings_in(tmp_path, public_url="https://engine.example", recording_url_ttl_days=7)
-    url = recording_url(settings, CALL_ID, key=KEY, now=NOW)
+    url = recording_url(settings, "https://engine.example", CALL_ID, key=KEY, now=NOW)
     expires = int((NOW + timedelta(days=7)).timestamp())
     assert url.startswith(f"https://engine.example/recordings/{CALL_ID}.wav?expires={expires}&signature=")
 

@@ -1,0 +1,360 @@
+"""Whole calls through the real server: Twilio's webhook and media stream (the simulator), real providers,
+real PostgreSQL. Each test reads the outcome a user would see: the CallLog, its turns, the frames sent."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from twilio.request_validator import RequestValidator
+
+from config.agent import parse_agent_configuration
+from engine.simulator import CallResult, Dtmf, HangUp, Pause, Say, simulate_call
+from storage import agents, conversation_paths, organizations, phone_numbers
+from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
+from storage.enums import AgentStatus, CallerType
+from tests.engine_server import running_engine
+
+TOKEN = "test-auth-token-0123456789abcdef"
+CALLER = "+15005550006"
+_numbers = itertools.count(200)
+
+
+@pytest.fixture(scope="module")
+async def engine(db_url: str) -> AsyncIterator[str]:
+    """The engine on loopback, checking Twilio signatures with TOKEN."""
+    async with running_engine(db_url, twilio_auth_token=TOKEN) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+async def organization_id(pool: asyncpg.Pool) -> str:
+    """One organization with credits for every line of this module."""
+    org = await organizations.create_organization(pool, name="Calls", slug="calls-e2e", credits=500)
+    return org.id
+
+
+async def make_line(
+    pool: asyncpg.Pool,
+    organization_id: str,
+    *,
+    nodes: list[dict[str, Any]] | None = None,
+    edges: list[dict[str, Any]] | None = None,
+    **behaviour: Any,
+) -> tuple[str, str]:
+    """A phone number answered by a new offline agent following the given path; returns (number, agent id)."""
+    number = await phone_numbers.create_phone_number(
+        pool, organization_id=organization_id, phone_number=f"+1555555{next(_numbers):04d}"
+    )
+    config = {"stt": {"provider": "sphinx"}, "llm": {"provider": "conversation_path"}, "tts": {"provider": "espeak"}}
+    agent = await agents.create_agent(
+        pool,
+        organization_id=organization_id,
+        name=f"agent for {number.phone_number}",
+        status=AgentStatus.ACTIVE,
+        caller_type=CallerType.INBOUND,
+        phone_number_id=number.id,
+        configuration=parse_agent_configuration({**config, **behaviour}).to_json(),
+    )
+    path = await conversation_paths.create_conversation_path(
+        pool,
+        organization_id=organization_id,
+        name="path",
+        nodes=nodes if nodes is not None else DEMO_PATH_NODES,
+        edges=edges if edges is not None else DEMO_PATH_EDGES,
+    )
+    await agents.link_conversation_path(
+        pool, organization_id=organization_id, agent_id=agent.id, conversation_path_id=path.id
+    )
+    return number.phone_number, agent.id
+
+
+async def call(engine: str, number: str, *steps: Any, timeout_s: float = 90) -> CallResult:
+    """Place one simulated call."""
+    return await simulate_call(engine, to=number, from_=CALLER, script=steps, auth_token=TOKEN, timeout_s=timeout_s)
+
+
+async def call_log(pool: asyncpg.Pool, result: CallResult) -> asyncpg.Record:
+    """The call's CallLog row once its session has finished it (the writer may still be at work briefly)."""
+    for _ in range(100):
+        row = await pool.fetchrow('SELECT * FROM "CallLog" WHERE "callId" = $1', result.call_sid)
+        if row is not None and row["status"] != "IN_PROGRESS":
+            return row
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"CallLog of {result.call_sid} never finished")
+
+
+async def turns(pool: asyncpg.Pool, call_log_id: str) -> list[asyncpg.Record]:
+    """The call's turns, in order."""
+    return await pool.fetch('SELECT * FROM "CallTurn" WHERE "callLogId" = $1 ORDER BY "index"', call_log_id)
+
+
+async def test_an_inbound_call_walks_the_path_and_its_call_log_is_written_while_it_runs(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    number, agent_id = await make_line(pool, organization_id, firstSentence="Hello from the test line.")
+    credits_before = await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', organization_id)
+    running = asyncio.create_task(
+        call(engine, number, Say("I would like to book an appointment"), Say("tuesday please"))
+    )
+    seen_live: list[tuple[str, int]] = []
+    while not running.done():
+        row = await pool.fetchrow(
+            'SELECT l."status", count(t."id") AS n FROM "CallLog" l LEFT JOIN "CallTurn" t ON t."callLogId" = l."id"'
+            ' WHERE l."agentId" = $1 GROUP BY l."status"',
+            agent_id,
+        )
+        if row is not None:
+            seen_live.append((row["status"], row["n"]))
+        await asyncio.sleep(0.25)
+    result = await running
+
+    assert any(status == "IN_PROGRESS" and n >= 2 for status, n in seen_live), seen_live
+    log = await call_log(pool, result)
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
+    assert log["callType"] == "INBOUND"
+    assert log["phoneNumber"] == CALLER
+    assert log["duration"] >= 5
+    rows = await turns(pool, log["id"])
+    assert [r["speaker"] for r in rows] == ["agent", "caller", "agent", "caller", "agent"]
+    assert rows[0]["text"].startswith("Hello from the test line. Would you like to book an appointment")
+    assert "book" in rows[1]["text"]
+    assert rows[2]["text"] == "Sure. Which day would suit you, Monday to Friday?"
+    assert "tuesday" in rows[3]["text"]
+    assert rows[4]["text"].startswith("Great, you are booked in.")
+    assert all(r["latencyMs"] is not None for r in rows[2::2])
+    assert all(r["startMs"] <= r["endMs"] for r in rows)
+    assert [r["startMs"] for r in rows] == sorted(r["startMs"] for r in rows)
+    assert log["transcript"].splitlines()[1].startswith("Caller:")
+    assert await pool.fetchval('SELECT "totalCalls" FROM "Agent" WHERE "id" = $1', agent_id) == 1
+    charged = credits_before - await pool.fetchval(
+        'SELECT "credits" FROM "Organization" WHERE "id" = $1', organization_id
+    )
+    assert charged == -(-log["duration"] // 60)
+    async with aiohttp.ClientSession() as http, http.get(log["recordingUrl"]) as response:
+        wav = await response.read()
+    assert response.status == 200
+    assert wav[:4] == b"RIFF"
+
+
+async def test_the_caller_talking_over_the_agent_clears_playback_and_keeps_only_what_was_heard(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    long_opening = (
+        "Welcome to the test line. This opening is long on purpose, so that the caller has plenty of time to "
+        "interrupt it before it ends, which is exactly what this test is about."
+    )
+    number, _ = await make_line(pool, organization_id, firstSentence=long_opening)
+    result = await call(engine, number, Say("I would like to book an appointment", barge_in_after_ms=2000))
+    log = await call_log(pool, result)
+    rows = await turns(pool, log["id"])
+
+    assert result.clears, "the engine never sent clear"
+    assert any(mark.flushed for mark in result.marks)
+    opening = rows[0]
+    assert opening["speaker"] == "agent"
+    assert opening["interrupted"] is True
+    heard = opening["text"]
+    assert heard and long_opening.startswith(heard)
+    assert len(heard) < len(long_opening) / 2
+    assert rows[1]["speaker"] == "caller"
+    assert "book" in rows[1]["text"]
+    assert rows[2]["text"] == "Sure. Which day would suit you, Monday to Friday?"
+
+
+async def test_dtmf_digits_are_caller_input(engine: str, pool: asyncpg.Pool, organization_id: str) -> None:
+    nodes = [
+        {"id": "menu", "data": {"isStart": True, "text": "Press one for sales or two for support."}},
+        {"id": "sales", "data": {"text": "Connecting you to sales. Goodbye.", "endCall": True}},
+        {"id": "support", "data": {"text": "Connecting you to support. Goodbye.", "endCall": True}},
+    ]
+    edges = [
+        {"id": "1", "source": "menu", "target": "sales", "data": {"digit": "1"}},
+        {"id": "2", "source": "menu", "target": "support", "data": {"digit": "2"}},
+    ]
+    number, _ = await make_line(pool, organization_id, nodes=nodes, edges=edges)
+    result = await call(engine, number, Dtmf("2"))
+    log = await call_log(pool, result)
+    rows = await turns(pool, log["id"])
+
+    assert result.dtmf_sent == ["2"]
+    assert [(r["speaker"], r["text"]) for r in rows[1:]] == [
+        ("caller", "[DTMF 2]"),
+        ("agent", "Connecting you to support. Goodbye."),
+    ]
+    assert log["metadata"]["endReason"] == "path_end"
+
+
+async def test_a_call_reaching_its_maximum_duration_ends_with_a_goodbye(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    number, _ = await make_line(pool, organization_id, maxDurationSeconds=10, goodbyeSentence="Time is up. Goodbye.")
+    result = await call(engine, number, Pause(20_000))
+    log = await call_log(pool, result)
+    rows = await turns(pool, log["id"])
+
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "max_duration")
+    assert rows[-1]["speaker"] == "agent"
+    assert rows[-1]["text"] == "Time is up. Goodbye."
+    assert 10 <= log["duration"] <= 20
+
+
+async def test_a_silent_caller_is_said_goodbye_to_after_the_silence_timeout(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    number, _ = await make_line(pool, organization_id, silenceTimeoutSeconds=5)
+    result = await call(engine, number, Pause(30_000))
+    log = await call_log(pool, result)
+
+    assert log["metadata"]["endReason"] == "silence_timeout"
+    assert log["duration"] < 25
+
+
+async def test_a_caller_hanging_up_mid_sentence_completes_the_call_with_what_was_heard(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    number, _ = await make_line(
+        pool, organization_id, firstSentence="This is a long welcome that the caller will not wait to hear the end of."
+    )
+    result = await call(engine, number, Pause(1500), HangUp())
+    log = await call_log(pool, result)
+    rows = await turns(pool, log["id"])
+
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "caller_hangup")
+    assert len(rows) == 1
+    assert rows[0]["interrupted"] is True
+
+
+async def test_a_forged_signature_is_refused_and_creates_nothing(engine: str, pool: asyncpg.Pool) -> None:
+    count_before = await pool.fetchval('SELECT count(*) FROM "CallLog"')
+    form = {"CallSid": "CA" + "f" * 32, "AccountSid": "AC" + "0" * 32, "From": CALLER, "To": "+15555550999"}
+    forged = RequestValidator("not-the-token").compute_signature(f"{engine}/twilio/voice", form)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{engine}/twilio/voice", data=form, headers={"X-Twilio-Signature": forged}) as bad:
+            bad_status = bad.status
+        async with http.post(f"{engine}/twilio/voice", data=form) as unsigned:
+            unsigned_status = unsigned.status
+    assert (bad_status, unsigned_status) == (403, 403)
+    assert await pool.fetchval('SELECT count(*) FROM "CallLog"') == count_before
+
+
+async def _answered_call(engine: str, number: str) -> tuple[str, str, str]:
+    """Ring the engine as Twilio would; return (CallSid, CallLog id, media URL) from its TwiML."""
+    call_sid = "CA" + secrets.token_hex(16)
+    form = {"CallSid": call_sid, "AccountSid": "AC" + "1" * 32, "From": CALLER, "To": number}
+    signature = RequestValidator(TOKEN).compute_signature(f"{engine}/twilio/voice", form)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{engine}/twilio/voice", data=form, headers={"X-Twilio-Signature": signature}) as response,
+    ):
+        twiml = await response.text()
+    call_log_id = twiml.split('name="callLogId" value="')[1].split('"')[0]
+    media_url = twiml.split('url="')[1].split('"')[0]
+    return call_sid, call_log_id, media_url
+
+
+def _start(call_sid: str, call_log_id: str) -> str:
+    return json.dumps(
+        {
+            "event": "start",
+            "sequenceNumber": "1",
+            "streamSid": "MZ" + "2" * 32,
+            "start": {
+                "streamSid": "MZ" + "2" * 32,
+                "accountSid": "AC" + "1" * 32,
+                "callSid": call_sid,
+                "tracks": ["inbound"],
+                "customParameters": {"callLogId": call_log_id},
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            },
+        }
+    )
+
+
+_MALFORMED = {
+    "bad_json": "{not json",
+    "invalid_base64": json.dumps(
+        {
+            "event": "media",
+            "sequenceNumber": "2",
+            "streamSid": "MZ" + "2" * 32,
+            "media": {"track": "inbound", "chunk": "1", "timestamp": "0", "payload": "%%%not base64%%%"},
+        }
+    ),
+    "unknown_event": json.dumps({"event": "teleport", "sequenceNumber": "2", "streamSid": "MZ" + "2" * 32}),
+    "oversized": json.dumps({"event": "media", "padding": "x" * 200_000}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_MALFORMED))
+async def test_malformed_input_fails_only_that_call_while_another_carries_on(
+    engine: str, pool: asyncpg.Pool, organization_id: str, kind: str
+) -> None:
+    good_number, _ = await make_line(pool, organization_id)
+    bad_number, _ = await make_line(pool, organization_id)
+    good = asyncio.create_task(call(engine, good_number, Say("what are your opening hours"), Say("no thanks bye")))
+    await asyncio.sleep(1.0)
+
+    call_sid, call_log_id, media_url = await _answered_call(engine, bad_number)
+    async with aiohttp.ClientSession() as http, http.ws_connect(media_url) as ws:
+        await ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await ws.send_str(_start(call_sid, call_log_id))
+        await asyncio.sleep(0.3)
+        await ws.send_str(_MALFORMED[kind])
+        closed = await ws.receive(timeout=10)
+        while closed.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+            closed = await ws.receive(timeout=10)
+    bad_log = await pool.fetchrow('SELECT * FROM "CallLog" WHERE "id" = $1', call_log_id)
+    result = await good
+
+    assert bad_log is not None
+    assert bad_log["status"] == "FAILED"
+    assert bad_log["metadata"]["endReason"].startswith("protocol_error")
+    good_log = await call_log(pool, result)
+    assert (good_log["status"], good_log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
+
+
+async def test_media_before_start_closes_the_stream_and_the_status_callback_fails_the_call(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    number, _ = await make_line(pool, organization_id)
+    call_sid, call_log_id, media_url = await _answered_call(engine, number)
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(media_url) as ws:
+            await ws.send_str(_MALFORMED["invalid_base64"].replace("%%%not base64%%%", "//8="))
+            message = await ws.receive(timeout=10)
+        assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        form = {"CallSid": call_sid, "AccountSid": "AC" + "1" * 32, "CallStatus": "completed", "CallDuration": "3"}
+        signature = RequestValidator(TOKEN).compute_signature(f"{engine}/twilio/status", form)
+        async with http.post(f"{engine}/twilio/status", data=form, headers={"X-Twilio-Signature": signature}) as r:
+            assert r.status == 204
+    row = await pool.fetchrow('SELECT * FROM "CallLog" WHERE "id" = $1', call_log_id)
+    assert row is not None
+    assert (row["status"], row["metadata"]["endReason"]) == ("FAILED", "stream_never_started")
+
+
+async def test_twenty_concurrent_calls_all_complete_with_their_own_call_logs(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    number, agent_id = await make_line(pool, organization_id)
+    results = await asyncio.gather(
+        *(call(engine, number, Say("I would like to book an appointment"), Say("tuesday please")) for _ in range(20))
+    )
+    logs = [await call_log(pool, result) for result in results]
+
+    assert len({log["id"] for log in logs}) == 20
+    assert [log["status"] for log in logs] == ["COMPLETED"] * 20
+    off_path = [
+        (log["metadata"]["endReason"], log["transcript"]) for log in logs if log["metadata"]["endReason"] != "path_end"
+    ]
+    assert off_path == []
+    for log in logs:
+        assert [r["speaker"] for r in await turns(pool, log["id"])] == ["agent", "caller", "agent", "caller", "agent"]
+    assert await pool.fetchval('SELECT "totalCalls" FROM "Agent" WHERE "id" = $1', agent_id) == 20
