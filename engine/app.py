@@ -11,6 +11,7 @@ from config.settings import Settings
 from engine import health, media_socket, twilio_webhooks
 from engine.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
 from engine.live_calls import LiveCalls
+from engine.recording_io import recording_io_context
 from engine.recordings import handle_recording, recordings_context
 from engine.recovery import recovery_context
 from engine.twilio_rest import TwilioCalls
@@ -29,6 +30,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True) -> web.Appl
     app.cleanup_ctx.append(_database_context(apply_migrations))
     app.cleanup_ctx.append(recovery_context)
     app.cleanup_ctx.append(recordings_context)
+    app.cleanup_ctx.append(recording_io_context)
     app.cleanup_ctx.append(_calls_context)
     # Before connections close at shutdown, running calls end and their CallLogs are finished.
     app.on_shutdown.append(_end_live_calls)

@@ -241,17 +241,12 @@ class CallSession:
                 await closer()
             except Exception:  # a provider failing to close must not stop the CallLog being finished
                 log.exception("call %s: closing a provider failed", self.context.call_sid)
-        recording_ms = None
-        if self._recorder is not None:
-            info = await asyncio.to_thread(self._recorder.close)
-            recording_ms = info.duration_ms
         duration_s = round(self._clock() - self._started_at)
         outcome = CallOutcome(
             status=self._end_status,
             end_reason=self._end_reason,
             duration_s=duration_s,
             recording_url=None,
-            metadata={"recordingMs": recording_ms} if recording_ms is not None else {},
         )
         log.info("call %s ended: %s (%s, %d s)", self.context.call_sid, self._end_reason, self._end_status, duration_s)
         return outcome

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from config.agent import AgentConfigurationError, parse_agent_configuration
 from engine.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
 from engine.call_log_writer import CallLogWriter, CallOutcome
 from engine.call_session import CallContext, CallSession
+from engine.recording_io import RECORDING_IO
 from engine.recordings import RECORDING_KEY, recording_url
 from engine.recovery import NODE_ID
 from engine.twilio_signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
@@ -137,6 +139,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     if config.recording:
         await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
         recorder = StereoWavRecorder(path)
+        app[RECORDING_IO].add(recorder)
 
     async def send(text: str) -> None:
         await ws.send_str(text)
@@ -173,13 +176,10 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     finally:
         app[LIVE_CALLS].remove(call_log.id)
     if recorder is not None:
+        info = await app[RECORDING_IO].close(recorder)
         base = public_base_url(request, settings)
         url = recording_url(settings, base, call_log.id, key=app[RECORDING_KEY], now=datetime.now(UTC))
-        outcome = CallOutcome(
-            status=outcome.status,
-            end_reason=outcome.end_reason,
-            duration_s=outcome.duration_s,
-            recording_url=url,
-            metadata=outcome.metadata,
+        outcome = dataclasses.replace(
+            outcome, recording_url=url, metadata={**outcome.metadata, "recordingMs": info.duration_ms}
         )
     await writer.finish(outcome)
