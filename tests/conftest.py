@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,12 +17,17 @@ from tests.databases import TestDatabases
 
 
 @pytest.fixture(scope="session")
-async def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+async def postgres_server_url() -> str:
     """A server the tests may create databases on: TEST_DATABASE_URL, or an embedded one in a temp folder."""
     url = os.environ.get("TEST_DATABASE_URL")
     if url:
         return url
-    server = start_embedded(Path(tmp_path_factory.mktemp("embedded-pg")), stop_at_exit=True)
+    # A folder of our own, not pytest's basetemp: pytest deletes old basetemp folders, and another pytest run
+    # on the machine would delete this one from under the running server. Removed at exit, after the server
+    # stops (atexit runs last-registered first, and pgserver registers its stop after this).
+    folder = Path(tempfile.mkdtemp(prefix="dialtone-test-pg-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    server = start_embedded(folder, stop_at_exit=True)
     conn = await asyncpg.connect(server.url())
     try:
         # Throwaway data: trade durability for speed, on this test server only.

@@ -6,13 +6,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import secrets
+import sys
+from base64 import b64encode
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 from twilio.request_validator import RequestValidator
 
 from config.agent import parse_agent_configuration
@@ -25,6 +30,7 @@ from tests.engine_server import running_engine
 TOKEN = "test-auth-token-0123456789abcdef"
 CALLER = "+15005550006"
 _numbers = itertools.count(200)
+REPO = str(Path(__file__).resolve().parent.parent)
 
 
 @pytest.fixture(scope="module")
@@ -358,3 +364,59 @@ async def test_twenty_concurrent_calls_all_complete_with_their_own_call_logs(
     for log in logs:
         assert [r["speaker"] for r in await turns(pool, log["id"])] == ["agent", "caller", "agent", "caller", "agent"]
     assert await pool.fetchval('SELECT "totalCalls" FROM "Agent" WHERE "id" = $1', agent_id) == 20
+
+
+async def test_the_agent_hangs_up_through_twilios_rest_api_when_it_has_credentials(
+    db_url: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    account_sid = "AC" + "9" * 32
+    hang_ups: list[tuple[str, str, str]] = []
+
+    async def update_call(request: web.Request) -> web.Response:
+        form = await request.post()
+        hang_ups.append((request.match_info["call_sid"], str(form.get("Status")), request.headers["Authorization"]))
+        return web.json_response({"sid": request.match_info["call_sid"], "status": "completed"})
+
+    fake_twilio = web.Application()
+    fake_twilio.router.add_post("/2010-04-01/Accounts/{account}/Calls/{call_sid}.json", update_call)
+    runner = web.AppRunner(fake_twilio)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    api_base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    nodes = [{"id": "bye", "data": {"isStart": True, "text": "We are closed today. Goodbye.", "endCall": True}}]
+    number, _ = await make_line(pool, organization_id, nodes=nodes, edges=[])
+    try:
+        async with running_engine(
+            db_url, twilio_auth_token=TOKEN, twilio_account_sid=account_sid, twilio_api_base=api_base
+        ) as engine:
+            result = await call(engine, number)
+    finally:
+        await runner.cleanup()
+    log = await call_log(pool, result)
+
+    assert [(sid, status) for sid, status, _ in hang_ups] == [(result.call_sid, "completed")]
+    assert hang_ups[0][2] == "Basic " + b64encode(f"{account_sid}:{TOKEN}".encode()).decode()
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
+
+
+async def test_dialtone_call_places_a_call_from_the_command_line(
+    engine: str, pool: asyncpg.Pool, organization_id: str, tmp_path: Path
+) -> None:
+    number, agent_id = await make_line(pool, organization_id)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIALTONE_", "DATABASE_URL", "TWILIO_"))}
+    env |= {"PYTHONPATH": REPO, "TWILIO_AUTH_TOKEN": TOKEN}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine.cli", "call", "--url", engine, "--to", number,
+        "--say", "what are your opening hours", "--say", "no thanks bye", "--save", str(tmp_path / "heard.wav"),
+        env=env, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(process.communicate(), 90)
+    printed = output.decode()
+
+    assert process.returncode == 0, printed
+    assert "caller: what are your opening hours" in printed
+    assert (tmp_path / "heard.wav").stat().st_size > 44
+    row = await pool.fetchrow('SELECT * FROM "CallLog" WHERE "agentId" = $1', agent_id)
+    assert row is not None
+    assert (row["status"], row["metadata"]["endReason"]) == ("COMPLETED", "path_end")
