@@ -1,0 +1,173 @@
+"""Twilio's voice and status webhooks over real HTTP: who gets a media stream, who a polite refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator
+
+import aiohttp
+import asyncpg
+import pytest
+from twilio.request_validator import RequestValidator
+
+from storage import agents, organizations, phone_numbers
+from storage.enums import AgentStatus, CallerType, PhoneNumberStatus
+from tests.engine_server import running_engine
+
+TOKEN = "webhook-test-token-0123456789abcd"
+CALLER = "+15005550006"
+
+
+@pytest.fixture(scope="module")
+async def engine(db_url: str) -> AsyncIterator[str]:
+    """The engine on loopback, checking signatures with TOKEN."""
+    async with running_engine(db_url, twilio_auth_token=TOKEN) as base:
+        yield base
+
+
+async def _line(
+    pool: asyncpg.Pool,
+    *,
+    credits: int = 100,
+    agent_status: AgentStatus = AgentStatus.ACTIVE,
+    inbound: PhoneNumberStatus = PhoneNumberStatus.ENABLED,
+) -> str:
+    suffix = secrets.token_hex(4)
+    org = await organizations.create_organization(pool, name="Hooks", slug=f"hooks-{suffix}", credits=credits)
+    number = await phone_numbers.create_phone_number(
+        pool, organization_id=org.id, phone_number=f"+1555{int(suffix, 16) % 10_000_000:07d}", inbound_status=inbound
+    )
+    await agents.create_agent(
+        pool,
+        organization_id=org.id,
+        name="front desk",
+        status=agent_status,
+        caller_type=CallerType.INBOUND,
+        phone_number_id=number.id,
+        configuration={},
+    )
+    return number.phone_number
+
+
+async def _post(engine: str, path: str, form: dict[str, str]) -> tuple[int, str]:
+    signature = RequestValidator(TOKEN).compute_signature(f"{engine}{path}", form)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{engine}{path}", data=form, headers={"X-Twilio-Signature": signature}) as response,
+    ):
+        return response.status, await response.text()
+
+
+def _ring(to: str, call_sid: str | None = None) -> dict[str, str]:
+    return {
+        "CallSid": call_sid or "CA" + secrets.token_hex(16),
+        "AccountSid": "AC" + "3" * 32,
+        "From": CALLER,
+        "To": to,
+        "CallStatus": "ringing",
+        "Direction": "inbound",
+    }
+
+
+async def test_an_answered_call_gets_a_media_stream_naming_its_new_call_log(engine: str, pool: asyncpg.Pool) -> None:
+    number = await _line(pool)
+    form = _ring(number)
+    status, twiml = await _post(engine, "/twilio/voice", form)
+    row = await pool.fetchrow('SELECT * FROM "CallLog" WHERE "callId" = $1', form["CallSid"])
+
+    assert status == 200
+    assert row is not None
+    assert (row["status"], row["callType"], row["phoneNumber"]) == ("IN_PROGRESS", "INBOUND", CALLER)
+    assert "<Connect><Stream" in twiml
+    assert f'url="{engine.replace("http://", "ws://")}/twilio/media"' in twiml
+    assert f'<Parameter name="callLogId" value="{row["id"]}" />' in twiml
+
+
+@pytest.mark.parametrize(
+    ("case", "line", "heard"),
+    [
+        ("unknown number", None, "not in service"),
+        ("number disabled for inbound calls", {"inbound": PhoneNumberStatus.DISABLED}, "not in service"),
+        ("agent inactive", {"agent_status": AgentStatus.INACTIVE}, "nobody is available"),
+        ("organization out of credits", {"credits": 0}, "cannot take calls"),
+    ],
+)
+async def test_calls_that_cannot_be_taken_are_refused_politely_and_logged_nowhere(
+    engine: str, pool: asyncpg.Pool, case: str, line: dict[str, object] | None, heard: str
+) -> None:
+    number = await _line(pool, **line) if line is not None else "+15555559876"  # type: ignore[arg-type]
+    form = _ring(number)
+    status, twiml = await _post(engine, "/twilio/voice", form)
+
+    assert status == 200, case
+    assert "<Say>" in twiml and heard in twiml and twiml.rstrip().endswith("<Hangup /></Response>"), twiml
+    assert await pool.fetchval('SELECT count(*) FROM "CallLog" WHERE "callId" = $1', form["CallSid"]) == 0
+
+
+async def test_a_retried_webhook_answers_again_with_the_same_call_log(engine: str, pool: asyncpg.Pool) -> None:
+    number = await _line(pool)
+    form = _ring(number)
+    first = await _post(engine, "/twilio/voice", form)
+    again = await _post(engine, "/twilio/voice", form)
+
+    assert first == again
+    assert await pool.fetchval('SELECT count(*) FROM "CallLog" WHERE "callId" = $1', form["CallSid"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("twilio_status", "status", "reason"),
+    [("busy", "MISSED", "busy"), ("no-answer", "MISSED", "no_answer"), ("failed", "FAILED", "twilio_failed")],
+)
+async def test_status_callbacks_close_calls_that_never_streamed(
+    engine: str, pool: asyncpg.Pool, twilio_status: str, status: str, reason: str
+) -> None:
+    number = await _line(pool)
+    form = _ring(number)
+    await _post(engine, "/twilio/voice", form)
+    code, _ = await _post(
+        engine,
+        "/twilio/status",
+        {"CallSid": form["CallSid"], "AccountSid": form["AccountSid"], "CallStatus": twilio_status},
+    )
+    row = await pool.fetchrow('SELECT * FROM "CallLog" WHERE "callId" = $1', form["CallSid"])
+
+    assert code == 204
+    assert row is not None
+    assert (row["status"], row["metadata"]["endReason"]) == (status, reason)
+
+
+async def test_a_media_socket_lost_without_stop_fails_the_call_with_that_reason(
+    engine: str, pool: asyncpg.Pool
+) -> None:
+    number = await _line(pool)
+    form = _ring(number)
+    _, twiml = await _post(engine, "/twilio/voice", form)
+    call_log_id = twiml.split('name="callLogId" value="')[1].split('"')[0]
+    start = {
+        "event": "start",
+        "sequenceNumber": "1",
+        "streamSid": "MZ" + "4" * 32,
+        "start": {
+            "streamSid": "MZ" + "4" * 32,
+            "accountSid": form["AccountSid"],
+            "callSid": form["CallSid"],
+            "tracks": ["inbound"],
+            "customParameters": {"callLogId": call_log_id},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        },
+    }
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(engine.replace("http://", "ws://") + "/twilio/media")
+        await ws.send_str(json.dumps(start))
+        await ws.receive(timeout=10)  # the agent starts speaking
+        await ws.close()
+    for _ in range(100):
+        row = await pool.fetchrow('SELECT * FROM "CallLog" WHERE "id" = $1', call_log_id)
+        if row is not None and row["status"] != "IN_PROGRESS":
+            break
+        await asyncio.sleep(0.1)
+
+    assert row is not None
+    assert (row["status"], row["metadata"]["endReason"]) == ("FAILED", "stream_lost")
