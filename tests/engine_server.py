@@ -7,10 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from aiohttp import web
-
 from config.settings import load_settings
 from engine.app import create_app
+from tests.fakes.server import serve
 
 
 @asynccontextmanager
@@ -28,12 +27,5 @@ async def running_engine(database_url: str, *, apply_migrations: bool = True, **
 @asynccontextmanager
 async def _serve(database_url: str, apply_migrations: bool, settings: dict[str, Any]) -> AsyncIterator[str]:
     app = create_app(load_settings(database_url=database_url, **settings), apply_migrations=apply_migrations)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serve(app) as base:
+        yield base

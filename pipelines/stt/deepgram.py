@@ -1,0 +1,380 @@
+"""Deepgram live speech-to-text: the caller's μ-law streamed over the SDK's WebSocket, reconnecting with a replay.
+
+One `DeepgramSTT` per call. Audio goes out as it arrives (μ-law 8 kHz, no transcoding) from one sender task;
+results come back through one receiver task. Every `at_ms` is on the caller's stream timeline: when the socket
+drops, the audio that no final result has covered yet is sent again on a new socket, and that socket's times are
+shifted by where the replay starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from deepgram import AsyncDeepgramClient
+from deepgram.core.api_error import ApiError
+from deepgram.environment import DeepgramClientEnvironment
+from deepgram.listen.v1.socket_client import AsyncV1SocketClient
+from deepgram.listen.v1.types import ListenV1Error, ListenV1Results, ListenV1SpeechStarted, ListenV1UtteranceEnd
+from websockets.exceptions import ConnectionClosed, WebSocketException
+
+from config.agent import DeepgramSTTConfig
+from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, STTEvent, TranscriptUpdate
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_MS = 8
+"""μ-law at 8 kHz: one byte per sample."""
+
+CLOSE_GRACE_SECONDS = 1.0
+"""How long `close()` waits for Deepgram to send its last results and close the socket."""
+
+_SCHEMES = {"ws": ("ws", "http"), "http": ("ws", "http"), "wss": ("wss", "https"), "https": ("wss", "https")}
+
+
+def deepgram_environment(url: str) -> DeepgramClientEnvironment:
+    """The SDK's endpoints for a Deepgram base URL given as http(s):// or ws(s):// (e.g. `wss://api.deepgram.com`)."""
+    parts = urlsplit(url)
+    if parts.scheme not in _SCHEMES or not parts.netloc:
+        raise ValueError(f"DEEPGRAM_URL: {url!r} is not an http(s):// or ws(s):// URL with a host")
+    ws_scheme, http_scheme = _SCHEMES[parts.scheme]
+    rest = f"{parts.netloc}{parts.path.rstrip('/')}"
+    return DeepgramClientEnvironment(
+        base=f"{http_scheme}://{rest}",
+        production=f"{ws_scheme}://{rest}",
+        agent=f"{ws_scheme}://{rest}",
+        agent_rest=f"{http_scheme}://{rest}",
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def shared_deepgram_client(api_key: str, url: str) -> AsyncDeepgramClient:
+    """The process's one SDK client for a key and base URL, shared by every call that uses them."""
+    return AsyncDeepgramClient(api_key=api_key, environment=deepgram_environment(url))
+
+
+def listen_parameters(config: DeepgramSTTConfig) -> dict[str, Any]:
+    """The `/v1/listen` query for a call's configuration: Twilio's μ-law 8 kHz mono as it arrives."""
+    params: dict[str, Any] = {
+        "model": config.model,
+        "language": config.language,
+        "encoding": "mulaw",
+        "sample_rate": 8000,
+        "channels": 1,
+        "interim_results": config.interim_results,
+        "endpointing": config.endpointing,
+        "vad_events": config.vad_events,
+        "smart_format": config.smart_format,
+    }
+    if config.utterance_end_ms is not None:
+        params["utterance_end_ms"] = config.utterance_end_ms
+    if config.keywords:
+        # Nova-3 takes `keyterm` and rejects the older `keywords`; one query parameter per term either way.
+        params["keyterm" if config.model.startswith("nova-3") else "keywords"] = list(config.keywords)
+    return params
+
+
+_CLOSED = object()
+
+
+class DeepgramSTT:
+    """A call's Deepgram live recognizer (SpeechToText), reconnecting and replaying unconfirmed audio on a drop."""
+
+    def __init__(
+        self,
+        config: DeepgramSTTConfig,
+        *,
+        api_key: str,
+        url: str,
+        reconnect_delays: Sequence[float] = (0.1, 0.3, 1.0),
+        max_replay_ms: int = 10_000,
+        keepalive_seconds: float = 3.0,
+    ) -> None:
+        """Create a recognizer for `config` at Deepgram base `url`; nothing connects until `start()`.
+
+        After a drop it reconnects after each of `reconnect_delays` in turn, replaying at most the last
+        `max_replay_ms` of audio no final result has covered; `KeepAlive` goes out after `keepalive_seconds`
+        without audio.
+        """
+        self._client = shared_deepgram_client(api_key, url)
+        self._host = urlsplit(url).netloc
+        self._params = listen_parameters(config)
+        self._reconnect_delays = tuple(reconnect_delays)
+        self._max_replay_bytes = max_replay_ms * BYTES_PER_MS
+        self._keepalive_seconds = keepalive_seconds
+        # The caller's audio not yet covered by a final result; `_audio_start` is where it begins on the stream,
+        # in bytes since the stream began. `_sent_to` is how far the current socket has been sent, `_origin`
+        # where that socket's own timeline starts, `_replayed_to` where its replay ends.
+        self._audio = bytearray()
+        self._audio_start = 0
+        self._sent_to = 0
+        self._origin = 0
+        self._replayed_to = 0
+        self._wake = asyncio.Event()
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._last_sent = 0.0
+        self._events: asyncio.Queue[STTEvent | STTError | object] = asyncio.Queue()
+        self._turn: list[str] = []
+        self._heard_to_ms = 0
+        self._last_speech_start_ms: int | None = None
+        self._socket: AsyncV1SocketClient | None = None
+        self._opened: asyncio.Future[None] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        """Open the socket; raise STTError naming the cause (refused key, unreachable host) if it cannot."""
+        if self._runner is not None:
+            raise RuntimeError("DeepgramSTT.start() was already called")
+        self._opened = asyncio.get_running_loop().create_future()
+        self._runner = asyncio.create_task(self._run(), name=f"deepgram-stt {self._host}")
+        try:
+            await asyncio.shield(self._opened)
+        except asyncio.CancelledError:
+            self._opened.cancel()
+            self._runner.cancel()
+            raise
+
+    def send_audio(self, ulaw: bytes) -> None:
+        """Queue one chunk of caller audio for the sender task; cheap enough for every 20 ms frame."""
+        if self._closing:
+            return
+        audio = self._audio
+        audio += ulaw
+        excess = len(audio) - self._max_replay_bytes
+        if excess > 0:
+            # bytearray drops its head without copying the rest.
+            del audio[:excess]
+            self._audio_start += excess
+        self._wake.set()
+
+    def replay_audio(self) -> bytes:
+        """The caller's recent audio that no final result has covered (at most `max_replay_ms`), for a fallback."""
+        return bytes(self._audio)
+
+    async def events(self) -> AsyncIterator[STTEvent]:
+        """Speech starts, transcripts and ends of turn, in order; raises STTError once reconnecting has failed."""
+        while True:
+            event = await self._events.get()
+            if event is _CLOSED:
+                self._events.put_nowait(_CLOSED)  # later readers end too
+                return
+            if isinstance(event, STTError):
+                self._events.put_nowait(event)  # and later readers fail too
+                raise event
+            assert isinstance(event, SpeechStarted | TranscriptUpdate | EndOfTurn)
+            yield event
+
+    async def close(self) -> None:
+        """Send the rest of the audio, `Finalize` and `CloseStream`; wait briefly for the last results; idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        runner = self._runner
+        if runner is None:
+            self._events.put_nowait(_CLOSED)
+            return
+        if self._socket is not None:
+            self._wake.set()
+            await asyncio.wait({runner}, timeout=CLOSE_GRACE_SECONDS)
+        if not runner.done():
+            # Reconnecting, or the server never closed: stop here. The websockets library finishes any close
+            # handshake in the background with its own timeouts.
+            runner.cancel()
+            await asyncio.wait({runner}, timeout=0.1)
+            self._events.put_nowait(_CLOSED)
+
+    # ------------------------------------------------------------------------------------------- connection
+
+    async def _run(self) -> None:
+        """Own the connection until closed; end the events with STTError if it is lost for good."""
+        failure: STTError | None = None
+        try:
+            failure = await self._connect_and_serve()
+        except Exception as exc:  # a bug or a reply we cannot read must end the events, not leave the call hanging
+            log.exception("deepgram at %s: the recognizer failed", self._host)
+            failure = STTError(f"deepgram at {self._host}: the recognizer failed ({exc!r})")
+        finally:
+            if self._opened is not None and not self._opened.done():
+                self._opened.set_exception(failure or STTError(f"closed before deepgram at {self._host} answered"))
+            if failure is not None:
+                self._events.put_nowait(failure)
+            else:
+                self._end_turn(self._heard_to_ms)  # words the last results left without an end of turn
+                self._events.put_nowait(_CLOSED)
+
+    async def _connect_and_serve(self) -> STTError | None:
+        """Connect, serve the socket, and after a drop reconnect with backoff; the failure that ended it, if any."""
+        attempt = 0
+        while not self._closing:
+            try:
+                async with self._client.listen.v1.connect(**self._params) as socket:
+                    attempt = 0
+                    cause = await self._stream(socket)
+            except (ApiError, OSError, WebSocketException) as exc:
+                # TimeoutError (the handshake's own timeout) is an OSError.
+                cause = self._connect_failure(exc)
+                if self._opened is not None and not self._opened.done():
+                    return STTError(cause)
+            if self._closing:
+                break
+            if attempt == len(self._reconnect_delays):
+                return STTError(f"{cause}; could not reconnect after {attempt} attempts")
+            delay = self._reconnect_delays[attempt]
+            attempt += 1
+            log.warning("%s; reconnecting in %g s (attempt %d)", cause, delay, attempt)
+            await asyncio.sleep(delay)
+        return None
+
+    async def _stream(self, socket: AsyncV1SocketClient) -> str:
+        """Serve one socket until it closes; return why it closed."""
+        # A new socket hears the unconfirmed audio again from its beginning: its time zero is there.
+        self._origin = self._sent_to = self._audio_start
+        self._replayed_to = self._audio_start + len(self._audio)
+        self._socket = socket
+        if self._opened is not None and not self._opened.done():
+            self._opened.set_result(None)
+        self._wake.set()
+        sender = asyncio.create_task(self._send(socket), name=f"deepgram-stt sender {self._host}")
+        try:
+            return await self._receive(socket)
+        finally:
+            self._socket = None
+            sender.cancel()
+            await asyncio.wait({sender})
+            if self._keepalive_timer is not None:
+                self._keepalive_timer.cancel()
+                self._keepalive_timer = None
+
+    async def _send(self, socket: AsyncV1SocketClient) -> None:
+        """The one sender: whatever audio is pending as one message, `KeepAlive` when idle, the close messages."""
+        loop = asyncio.get_running_loop()
+        self._last_sent = loop.time()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                end = self._audio_start + len(self._audio)
+                if self._sent_to < end:
+                    skipped = self._audio_start - self._sent_to
+                    if skipped > 0:
+                        log.warning("deepgram at %s: %d ms of audio dropped unsent", self._host, skipped // 8)
+                    chunk = bytes(self._audio[max(-skipped, 0) :])
+                    self._sent_to = end
+                    await socket.send_media(chunk)
+                    self._last_sent = loop.time()
+                if self._closing:
+                    await socket.send_finalize()
+                    await socket.send_close_stream()
+                    return
+                if loop.time() - self._last_sent >= self._keepalive_seconds:
+                    await socket.send_keep_alive()
+                    self._last_sent = loop.time()
+                if self._keepalive_timer is None:
+                    self._keepalive_timer = loop.call_at(self._last_sent + self._keepalive_seconds, self._keepalive_due)
+        except ConnectionClosed:
+            return  # the receiver sees it too and reports why
+
+    def _keepalive_due(self) -> None:
+        self._keepalive_timer = None
+        self._wake.set()
+
+    async def _receive(self, socket: AsyncV1SocketClient) -> str:
+        """Turn Deepgram's messages into events until the socket closes; return why it closed."""
+        while True:
+            try:
+                message = await socket.recv()
+            except ConnectionClosed as exc:
+                return self._close_cause(exc)
+            except ValueError:
+                log.warning("deepgram at %s sent a message that is not JSON; skipped", self._host)
+                continue
+            try:
+                self._handle(message)
+            except (AttributeError, TypeError, IndexError, ValueError) as exc:
+                log.warning("deepgram at %s sent a %s it could not read; skipped (%r)", self._host, type(message), exc)
+
+    def _handle(self, message: object) -> None:
+        match message:
+            case ListenV1Results():
+                self._on_results(message)
+            case ListenV1SpeechStarted(timestamp=timestamp):
+                self._on_speech_started(self._socket_ms(timestamp))
+            case ListenV1UtteranceEnd(last_word_end=last_word_end):
+                # The fallback when endpointing never fires (noisy lines): the words stopped a while ago.
+                self._end_turn(self._socket_ms(last_word_end))
+            case ListenV1Error(description=description, variant=variant):
+                log.warning("deepgram at %s reported an error: %s (%s)", self._host, description, variant)
+            case _:
+                pass  # Metadata at the end of the stream, Configure replies
+
+    # ------------------------------------------------------------------------------------------- results
+
+    def _socket_ms(self, seconds: float) -> int:
+        """A time on the current socket's timeline (seconds) as milliseconds on the stream's timeline."""
+        return self._origin // BYTES_PER_MS + round(seconds * 1000)
+
+    def _on_results(self, result: ListenV1Results) -> None:
+        alternatives = result.channel.alternatives
+        text = alternatives[0].transcript.strip() if alternatives else ""
+        end = result.start + result.duration
+        at_ms = self._socket_ms(end)
+        if not result.is_final:
+            if text:
+                self._events.put_nowait(TranscriptUpdate(text=text, is_final=False, at_ms=at_ms))
+            return
+        self._heard_to_ms = at_ms
+        self._confirm(self._origin + round(end * 8000))
+        if text:
+            self._turn.append(text)
+            self._events.put_nowait(TranscriptUpdate(text=text, is_final=True, at_ms=at_ms))
+        if result.speech_final:
+            self._end_turn(at_ms)
+
+    def _confirm(self, through: int) -> None:
+        """Forget the audio up to stream offset `through`: a final result covers it, it will never be replayed."""
+        drop = min(through - self._audio_start, len(self._audio))
+        if drop > 0:
+            del self._audio[:drop]
+            self._audio_start += drop
+
+    def _on_speech_started(self, at_ms: int) -> None:
+        replaying = at_ms < self._replayed_to // BYTES_PER_MS
+        if (
+            replaying
+            and self._last_speech_start_ms is not None
+            and self._last_speech_start_ms >= self._origin // BYTES_PER_MS
+        ):
+            return  # the previous socket already announced this speech
+        self._last_speech_start_ms = at_ms
+        self._events.put_nowait(SpeechStarted(at_ms=at_ms))
+
+    def _end_turn(self, at_ms: int) -> None:
+        if self._turn:
+            self._events.put_nowait(EndOfTurn(text=" ".join(self._turn), at_ms=at_ms))
+            self._turn.clear()
+
+    def _close_cause(self, exc: ConnectionClosed) -> str:
+        frame = exc.rcvd
+        if frame is None:
+            return f"the connection to deepgram at {self._host} was lost (no close frame)"
+        reason = f" ({frame.reason})" if frame.reason else ""
+        return f"deepgram at {self._host} closed the connection with code {frame.code}{reason}"
+
+    def _connect_failure(self, exc: Exception) -> str:
+        # Never the exception's text for ApiError: it carries the request headers (redacted, but still).
+        match exc:
+            case ApiError(status_code=401 | 403 as status):
+                return f"deepgram refused the API key (HTTP {status}); check the key configured for Deepgram"
+            case ApiError(status_code=status):
+                return f"deepgram at {self._host} refused the connection (HTTP {status})"
+            case TimeoutError():
+                return f"could not reach deepgram at {self._host}: the connection timed out"
+            case OSError():
+                return f"could not reach deepgram at {self._host}: {exc.strerror or exc}"
+            case _:
+                return f"deepgram at {self._host}: the WebSocket handshake failed ({exc})"

@@ -1,0 +1,357 @@
+"""Deepgram live speech-to-text through the real SDK, against a local fake Deepgram: turns, timing, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import pytest
+
+from config.agent import DeepgramSTTConfig
+from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, STTEvent, TranscriptUpdate
+from pipelines.stt.deepgram import DeepgramSTT
+from tests.fakes.deepgram import FakeDeepgram
+from tests.speech import noise_frames, silent_frames
+
+API_KEY = "dg-test-key-4f9a"
+FAST_RECONNECT = (0.02, 0.05, 0.1)
+
+
+def speech(ms: int) -> list[bytes]:
+    """Loud broadband noise: speech to an energy detector."""
+    return noise_frames(ms, level=4000)
+
+
+def config(**options: Any) -> DeepgramSTTConfig:
+    return DeepgramSTTConfig.model_validate({"endpointing": 300, **options})
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDeepgram]:
+    async with FakeDeepgram(api_key=API_KEY, transcripts=["i need to reschedule"]) as fake:
+        yield fake
+
+
+def recognizer(fake: FakeDeepgram, **options: Any) -> DeepgramSTT:
+    """A recognizer on `fake`: options named like DeepgramSTTConfig fields configure Deepgram, the rest DeepgramSTT."""
+    settings = {"reconnect_delays": FAST_RECONNECT, **options}
+    stt_options = {key: settings.pop(key) for key in list(settings) if key in DeepgramSTTConfig.model_fields}
+    return DeepgramSTT(config(**stt_options), api_key=API_KEY, url=fake.url, **settings)
+
+
+async def feed(stt: DeepgramSTT, frames: Sequence[bytes]) -> None:
+    """Send frames faster than real time (the fake keeps audio time), yielding to the loop as Twilio's reader does."""
+    for frame in frames:
+        stt.send_audio(frame)
+        await asyncio.sleep(0)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until the fake has seen something (it offers counters, not events)."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+async def collect(stt: DeepgramSTT, until_event: Callable[[STTEvent], bool], timeout: float = 5.0) -> list[STTEvent]:
+    """Events up to and including the first one `until_event` accepts."""
+    events: list[STTEvent] = []
+    async with asyncio.timeout(timeout):
+        async for event in stt.events():
+            events.append(event)
+            if until_event(event):
+                return events
+    raise AssertionError(f"the events ended first: {events}")
+
+
+def is_end_of_turn(event: STTEvent) -> bool:
+    return isinstance(event, EndOfTurn)
+
+
+async def test_the_socket_asks_for_mulaw_8khz_with_the_configured_options(fake: FakeDeepgram) -> None:
+    stt = recognizer(
+        fake,
+        model="nova-2-phonecall",
+        language="es",
+        endpointing=450,
+        utterance_end_ms=1200,
+        keywords=["Dialtone", "reschedule"],
+    )
+    await stt.start()
+    await stt.close()
+    [query] = fake.queries
+    assert query == {
+        "model": "nova-2-phonecall",
+        "language": "es",
+        "encoding": "mulaw",
+        "sample_rate": "8000",
+        "channels": "1",
+        "interim_results": "true",
+        "endpointing": "450",
+        "utterance_end_ms": "1200",
+        "vad_events": "true",
+        "smart_format": "true",
+        "keywords": "Dialtone",
+    }
+    assert fake.listens[0].query_lists["keywords"] == ["Dialtone", "reschedule"]
+
+
+async def test_nova_3_keywords_go_as_keyterms_and_off_switches_as_false(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake, endpointing=False, interim_results=False, vad_events=False, keywords=["a b", "c"])
+    await stt.start()
+    await stt.close()
+    [query] = fake.queries
+    assert query["model"] == "nova-3"
+    assert (query["endpointing"], query["interim_results"], query["vad_events"]) == ("false", "false", "false")
+    assert "utterance_end_ms" not in query
+    assert fake.listens[0].query_lists["keyterm"] == ["a b", "c"]
+
+
+async def test_speech_gives_speech_started_interims_a_final_and_the_end_of_turn(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake)
+    await stt.start()
+    await feed(stt, silent_frames(500) + speech(1000) + silent_frames(600))
+    events = await collect(stt, is_end_of_turn)
+    await stt.close()
+
+    assert events[0] == SpeechStarted(at_ms=500)
+    interims = [e for e in events if isinstance(e, TranscriptUpdate) and not e.is_final]
+    assert [e.text for e in interims] == ["i", "i need", "i need to"]
+    assert all(500 < e.at_ms <= 1500 for e in interims)
+    *_, final, end = events
+    # The final's span ends where the 300 ms of endpointing silence does: 500 + 1000 + 300.
+    assert final == TranscriptUpdate(text="i need to reschedule", is_final=True, at_ms=1800)
+    assert end == EndOfTurn(text="i need to reschedule", at_ms=1800)
+
+
+async def test_two_turns_each_end_with_their_own_transcript(fake: FakeDeepgram) -> None:
+    fake.transcripts.append("tuesday please")
+    stt = recognizer(fake, interim_results=False, utterance_end_ms=None)
+    await stt.start()
+    await feed(stt, speech(400) + silent_frames(500) + speech(400) + silent_frames(500))
+    first = await collect(stt, is_end_of_turn)
+    second = await collect(stt, is_end_of_turn)
+    await stt.close()
+    assert first[-1] == EndOfTurn(text="i need to reschedule", at_ms=700)
+    assert second[-1] == EndOfTurn(text="tuesday please", at_ms=1600)
+
+
+async def test_without_endpointing_utterance_end_closes_the_turn(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake, endpointing=False, utterance_end_ms=1000)
+    await stt.start()
+    await feed(stt, silent_frames(200) + speech(600) + silent_frames(1200))
+    events = await collect(stt, is_end_of_turn)
+    await stt.close()
+    finals = [e for e in events if isinstance(e, TranscriptUpdate) and e.is_final]
+    assert [e.text for e in finals] == ["i need to reschedule"]
+    # UtteranceEnd carries the last word's end: the end of the speech, 200 + 600 ms in.
+    assert events[-1] == EndOfTurn(text="i need to reschedule", at_ms=800)
+    assert sum(isinstance(e, EndOfTurn) for e in events) == 1
+
+
+async def test_short_noise_is_not_a_turn(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake)
+    await stt.start()
+    await feed(stt, speech(60) + silent_frames(600) + speech(400) + silent_frames(400))
+    events = await collect(stt, is_end_of_turn)
+    await stt.close()
+    assert [e for e in events if isinstance(e, SpeechStarted)] == [SpeechStarted(at_ms=660)]
+    assert events[-1] == EndOfTurn(text="i need to reschedule", at_ms=1360)
+
+
+async def test_keepalive_is_sent_while_no_audio_flows_and_keeps_the_socket_open() -> None:
+    async with FakeDeepgram(api_key=API_KEY, idle_timeout_seconds=0.3) as fake:
+        stt = recognizer(fake, keepalive_seconds=0.1)
+        await stt.start()
+        await until(lambda: fake.keepalives >= 6)
+        await stt.close()
+    assert fake.connections == 1
+    assert fake.listens[0].close_code == 1000
+
+
+async def test_a_socket_closed_by_the_server_is_reopened() -> None:
+    async with FakeDeepgram(api_key=API_KEY, idle_timeout_seconds=0.2) as fake:
+        stt = recognizer(fake, keepalive_seconds=60)
+        await stt.start()
+        await until(lambda: fake.connections == 2)
+        await stt.close()
+    assert fake.listens[0].close_code == 1011
+
+
+async def test_keepalive_is_not_sent_while_audio_flows(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake, keepalive_seconds=0.2)
+    await stt.start()
+    for frame in silent_frames(1000):
+        stt.send_audio(frame)
+        await asyncio.sleep(0.01)
+    await stt.close()
+    assert fake.keepalives == 0
+
+
+async def test_a_dropped_socket_mid_utterance_reconnects_and_the_turn_still_ends_once(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake)
+    await stt.start()
+    before_drop = silent_frames(500) + speech(400)
+    await feed(stt, before_drop)
+    await until(lambda: fake.bytes_received[0] == 160 * len(before_drop))
+    await fake.drop_all()
+    await feed(stt, speech(600) + silent_frames(600))
+    events = await collect(stt, is_end_of_turn)
+    await asyncio.sleep(0.1)  # room for a duplicate to show up
+    await stt.close()
+    events += [event async for event in stt.events()]
+
+    assert fake.connections == 2
+    # The second socket heard the whole utterance again, from the start of the stream (nothing was final yet).
+    assert fake.bytes_received[1] >= 160 * (len(before_drop) + 30)
+    assert [e for e in events if isinstance(e, EndOfTurn)] == [EndOfTurn(text="i need to reschedule", at_ms=1800)]
+    assert [e for e in events if isinstance(e, SpeechStarted)] == [SpeechStarted(at_ms=500)]
+
+
+async def test_after_a_drop_between_turns_times_stay_on_the_stream_timeline(fake: FakeDeepgram) -> None:
+    fake.transcripts.append("tuesday please")
+    stt = recognizer(fake, interim_results=False, utterance_end_ms=None)
+    await stt.start()
+    await feed(stt, speech(400) + silent_frames(400))
+    first = await collect(stt, is_end_of_turn)
+    await fake.drop_all()
+    await feed(stt, silent_frames(200) + speech(400) + silent_frames(400))
+    second = await collect(stt, is_end_of_turn)
+    # Only the audio after the first final's span (from 700 ms) went to the new socket; its times start there.
+    await until(lambda: fake.bytes_received[1] == (1800 - 700) * 8)
+    await stt.close()
+    assert fake.connections == 2
+    assert first[-1] == EndOfTurn(text="i need to reschedule", at_ms=700)
+    assert second[-1] == EndOfTurn(text="tuesday please", at_ms=1700)
+
+
+async def test_replay_audio_holds_only_what_no_final_result_covers(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake)
+    await stt.start()
+    await feed(stt, speech(400))
+    assert len(stt.replay_audio()) == 400 * 8
+    await feed(stt, silent_frames(500))
+    await collect(stt, is_end_of_turn)
+    assert len(stt.replay_audio()) == (500 - 300) * 8  # the silence after the final's span
+    await stt.close()
+
+
+def test_replay_audio_is_bounded() -> None:
+    stt = DeepgramSTT(config(), api_key=API_KEY, url="ws://127.0.0.1:9", max_replay_ms=1000)
+    for frame in speech(3000):
+        stt.send_audio(frame)
+    assert len(stt.replay_audio()) == 1000 * 8
+
+
+async def test_when_every_reconnect_is_refused_events_raise_stt_error(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake)
+    await stt.start()
+    await feed(stt, speech(400) + silent_frames(400))
+    await collect(stt, is_end_of_turn)
+    fake.refuse = True
+    await fake.drop_all()
+    with pytest.raises(STTError, match="could not reconnect"):
+        async with asyncio.timeout(5):
+            async for _event in stt.events():
+                pass
+    assert fake.refused == len(FAST_RECONNECT)
+    await stt.close()
+
+
+async def test_events_already_received_are_yielded_before_the_stt_error(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake, interim_results=False, utterance_end_ms=None)
+    await stt.start()
+    await feed(stt, speech(400) + silent_frames(400))
+    await until(lambda: any(m["type"] == "Results" for m in fake.listens[0].sent))
+    await asyncio.sleep(0.05)
+    fake.refuse = True
+    await fake.drop_all()
+    events: list[STTEvent] = []
+    with pytest.raises(STTError):
+        async with asyncio.timeout(5):
+            async for event in stt.events():
+                events.append(event)
+    assert events[-1] == EndOfTurn(text="i need to reschedule", at_ms=700)
+
+
+async def test_a_wrong_key_fails_start_naming_the_cause_not_the_key(fake: FakeDeepgram) -> None:
+    stt = DeepgramSTT(config(), api_key="dg-wrong-secret-123", url=fake.url)
+    with pytest.raises(STTError) as failure:
+        await stt.start()
+    assert "API key" in str(failure.value)
+    assert "401" in str(failure.value)
+    assert "dg-wrong-secret-123" not in repr(failure.value)
+    assert fake.connections == 0
+    await stt.close()
+
+
+async def test_an_unreachable_host_fails_start_naming_the_host(unused_port: int) -> None:
+    stt = DeepgramSTT(config(), api_key=API_KEY, url=f"ws://127.0.0.1:{unused_port}")
+    with pytest.raises(STTError, match=f"could not reach deepgram at 127.0.0.1:{unused_port}"):
+        await stt.start()
+
+
+async def test_close_sends_the_audio_then_finalize_then_close_stream(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake)
+    await stt.start()
+    await feed(stt, silent_frames(200) + speech(500))
+    await stt.close()
+    events = [event async for event in stt.events()]
+    [listen] = fake.listens
+    assert listen.bytes_received == 700 * 8
+    assert listen.controls == ["Finalize", "CloseStream"]
+    assert listen.close_code == 1000
+    assert fake.closed_cleanly == 1
+    # The words in progress come back final (from Finalize) and end the turn.
+    assert events[-2:] == [
+        TranscriptUpdate(text="i need to reschedule", is_final=True, at_ms=700),
+        EndOfTurn(text="i need to reschedule", at_ms=700),
+    ]
+
+
+async def test_close_is_idempotent_and_safe_on_a_dead_socket(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake, reconnect_delays=(5.0,))
+    await stt.start()
+    await fake.drop_all()
+    await asyncio.sleep(0.05)
+    async with asyncio.timeout(2):
+        await stt.close()
+        await stt.close()
+    assert [event async for event in stt.events()] == []
+
+
+async def test_close_while_connecting_ends_start_with_stt_error() -> None:
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        stt = DeepgramSTT(config(), api_key=API_KEY, url=f"ws://127.0.0.1:{port}")
+        starting = asyncio.create_task(stt.start())
+        await asyncio.sleep(0.1)
+        async with asyncio.timeout(2):
+            await stt.close()
+            with pytest.raises(STTError, match="closed before deepgram"):
+                await starting
+
+
+async def test_audio_after_close_is_ignored(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake)
+    await stt.start()
+    await stt.close()
+    stt.send_audio(b"\xff" * 160)
+    assert stt.replay_audio() == b""
+
+
+@pytest.fixture
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
