@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -10,11 +11,28 @@ class TTSError(Exception):
     """The synthesizer failed to speak a text."""
 
 
+@dataclass(frozen=True, slots=True)
+class Alignment:
+    """When characters of the text start in the audio, so a barge-in can cut the transcript at the word heard.
+
+    `chars` is a run of the text being spoken (consecutive alignments concatenate to the text as the vendor
+    normalised it); `start_ms[i]` is when `chars[i]` starts, in milliseconds from the start of the audio of
+    this `synthesize` call (not of the vendor's chunk).
+    """
+
+    chars: str
+    start_ms: tuple[int, ...]
+
+
 class TextToSpeech(Protocol):
     """A call's synthesizer."""
 
-    def synthesize(self, text: str) -> AsyncIterator[bytes]:
-        """Speak one text (a sentence or clause) as μ-law 8 kHz chunks of any size; cancelling stops it."""
+    def synthesize(self, text: str) -> AsyncIterator[bytes | Alignment]:
+        """Speak one text (a sentence or clause) as μ-law 8 kHz chunks of any size; cancelling stops it.
+
+        Synthesizers that know their timing also yield an `Alignment`, before or after the audio it describes.
+        A cancelled synthesis never leaks its audio into a later one.
+        """
         ...
 
     async def close(self) -> None:
