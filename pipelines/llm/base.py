@@ -29,7 +29,22 @@ class EndCall:
     reason: str
 
 
-LLMEvent = TextDelta | EndCall
+@dataclass(frozen=True, slots=True)
+class TransferCall:
+    """Transfer the caller (cold) to `to`, an E.164 number, once what was said so far has been played."""
+
+    to: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendDtmf:
+    """Play touch tones (`0-9`, `*`, `#`, `w` for a half-second pause) into the call, in order with the speech."""
+
+    digits: str
+
+
+LLMEvent = TextDelta | EndCall | TransferCall | SendDtmf
 
 
 class LLMError(Exception):
@@ -38,6 +53,14 @@ class LLMError(Exception):
 
 class LanguageModel(Protocol):
     """A call's conversation logic. It may keep state across turns (e.g. where it is on a path)."""
+
+    @property
+    def scripted_opening(self) -> bool:
+        """Whether `respond([])` gives scripted opening words to say after the agent's first sentence (a path does).
+
+        A chat model is asked for an opening only when the agent has no first sentence.
+        """
+        ...
 
     def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncIterator[LLMEvent]:
         """Stream the reply to the conversation, whose last turn is the caller's; cancelling stops it."""

@@ -272,6 +272,9 @@ class _CompiledEdge:
 class ConversationPathLLM:
     """One call's walk along a ConversationPath: say the node's text, follow the edge the caller's words pick."""
 
+    scripted_opening = True
+    """respond([]) gives the opening words."""
+
     def __init__(
         self,
         nodes: Sequence[Any],

@@ -35,6 +35,9 @@ def _has_phrase(words: Sequence[str], phrases: Sequence[tuple[str, ...]]) -> boo
 class SimpleResponder:
     """Deterministic replies by rule (goodbye, thanks, greeting, question, anything else); no network."""
 
+    scripted_opening = True
+    """respond([]) gives the opening words."""
+
     def __init__(self, *, goodbye: str = GOODBYE) -> None:
         """Create the responder; `goodbye` is what it says before ending the call."""
         self._goodbye = goodbye

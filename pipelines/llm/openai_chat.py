@@ -1,0 +1,382 @@
+"""OpenAI streaming Chat Completions as the agent's language model, with the call-control and webhook functions.
+
+Text is yielded as it streams. Function calls are gathered by their `index`; call controls (`end_call`,
+`transfer_call`, `send_dtmf`) become call events, the organization's functions go to the ToolRunner, and the
+model continues with their results. Those exchanges are remembered, so later turns see what the tools answered.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar, cast
+
+import openai
+import phonenumbers
+from openai import AsyncOpenAI
+from openai.types import CompletionUsage
+from openai.types.chat import (
+    ChatCompletionAssistantMessageParam,
+    ChatCompletionChunk,
+    ChatCompletionMessageFunctionToolCallParam,
+    ChatCompletionMessageParam,
+    ChatCompletionToolMessageParam,
+    ChatCompletionToolUnionParam,
+)
+
+from config.agent import OpenAILLMConfig
+from pipelines.llm.base import ConversationTurn, EndCall, LLMError, LLMEvent, SendDtmf, TextDelta, TransferCall
+from pipelines.tools import (
+    BUILTIN_FUNCTIONS,
+    END_CALL,
+    SEND_DTMF,
+    TRANSFER_CALL,
+    ToolRunner,
+    chat_tools,
+    parse_arguments,
+)
+
+__all__ = [
+    "MAX_TOOL_ROUNDS",
+    "OPENAI_BASE_URL",
+    "OpenAIChatLLM",
+    "TokenUsage",
+    "close_openai_clients",
+    "openai_client",
+]
+
+log = logging.getLogger(__name__)
+
+OPENAI_BASE_URL: Final = "https://api.openai.com/v1"
+MAX_TOOL_ROUNDS: Final = 5
+"""Completions per `respond()` that may end in function calls; the one after them is told to just talk."""
+DTMF_SENT: Final = "sent"
+"""The tool result the model gets once its keypresses are queued into the call."""
+
+# A phone call cannot wait long: fail fast on connect, and give up on a stream that goes quiet.
+_TIMEOUT: Final = openai.Timeout(20.0, connect=5.0)
+_DTMF = re.compile(r"^[0-9*#wW]{1,32}$")
+_CLIENTS: dict[tuple[str, str], AsyncOpenAI] = {}
+
+
+def openai_client(api_key: str, base_url: str = OPENAI_BASE_URL) -> AsyncOpenAI:
+    """The process's one `AsyncOpenAI` for this key and base URL (one connection pool shared by every call)."""
+    key = (api_key, base_url.rstrip("/"))
+    client = _CLIENTS.get(key)
+    if client is None:
+        # One retry covers a dropped keep-alive connection; more would leave the caller in silence.
+        client = AsyncOpenAI(api_key=api_key, base_url=key[1], max_retries=1, timeout=_TIMEOUT)
+        _CLIENTS[key] = client
+    return client
+
+
+async def close_openai_clients() -> None:
+    """Close every client `openai_client()` made (at engine shutdown)."""
+    clients = list(_CLIENTS.values())
+    _CLIENTS.clear()
+    for client in clients:
+        await client.close()
+
+
+@dataclass(slots=True)
+class TokenUsage:
+    """Tokens a model has used so far, summed over its completions."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    completions: int = 0
+
+    def add(self, usage: CompletionUsage) -> None:
+        """Count one completion's usage."""
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
+        self.total_tokens += usage.total_tokens
+        self.completions += 1
+
+
+@dataclass(slots=True)
+class _FunctionCall:
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(slots=True)
+class _Completion:
+    """One streamed completion as it arrives: its text so far and its function calls by index."""
+
+    text: list[str] = field(default_factory=list)
+    calls: dict[int, _FunctionCall] = field(default_factory=dict)
+    finish_reason: str | None = None
+
+    def absorb(self, chunk: ChatCompletionChunk) -> list[str]:
+        """Take in one chunk; return the text to speak now."""
+        spoken: list[str] = []
+        for choice in chunk.choices:
+            delta = choice.delta
+            # A refusal is what the model says instead of an answer: the caller should hear it too.
+            for text in (delta.content, delta.refusal):
+                if text:
+                    spoken.append(text)
+            for fragment in delta.tool_calls or ():
+                call = self.calls.setdefault(fragment.index, _FunctionCall())
+                call.id = fragment.id or call.id
+                if fragment.function is not None:
+                    # The name comes whole in a call's first fragment; the arguments come in pieces.
+                    call.name = call.name or fragment.function.name or ""
+                    call.arguments += fragment.function.arguments or ""
+            if choice.finish_reason is not None:
+                self.finish_reason = choice.finish_reason
+        self.text.extend(spoken)
+        return spoken
+
+    def function_calls(self, ids: Iterator[int]) -> list[_FunctionCall]:
+        """The complete function calls in index order, each with an id (made up if the server sent none)."""
+        calls = [self.calls[index] for index in sorted(self.calls) if self.calls[index].name]
+        for call in calls:
+            call.id = call.id or f"call_{next(ids)}"
+        return calls
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What carrying out one function call gives: an event for the call, and the result the model gets."""
+
+    event: LLMEvent | None = None
+    result: str = ""
+    ends_reply: bool = False
+
+
+class OpenAIChatLLM:
+    """A call's conversation with an OpenAI chat model (or any server speaking Chat Completions).
+
+    `usage` holds the tokens used so far. The client is shared and not closed here: see `openai_client()`.
+    """
+
+    scripted_opening = False
+    """A chat model greets only when asked to (no first sentence)."""
+
+    def __init__(
+        self,
+        config: OpenAILLMConfig,
+        *,
+        client: AsyncOpenAI,
+        instructions: str,
+        tools: ToolRunner | None = None,
+        default_region: str | None = None,
+    ) -> None:
+        """Talk to `config.model` through `client` with `instructions` as the system prompt.
+
+        `tools` runs the agent's own functions; `default_region` (e.g. "US") reads transfer numbers the model
+        gives without a country code; with None, only international numbers (+...) are accepted.
+        """
+        self._config = config
+        self._client = client
+        self._instructions = instructions
+        self._tools = tools
+        self._default_region = default_region
+        specs = [*BUILTIN_FUNCTIONS, *(tools.specs if tools is not None else ())]
+        self._tool_params = cast(list[ChatCompletionToolUnionParam], chat_tools(specs))
+        # Function-call exchanges of this call, each with the number of conversation turns it came after.
+        self._exchanges: list[tuple[int, list[ChatCompletionMessageParam]]] = []
+        self._call_ids = itertools.count(1)
+        self._controls: dict[str, Callable[[Mapping[str, Any]], _Outcome]] = {
+            END_CALL: self._end,
+            TRANSFER_CALL: self._transfer,
+            SEND_DTMF: self._dtmf,
+        }
+        self.usage = TokenUsage()
+
+    async def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncGenerator[LLMEvent, None]:
+        """Stream the reply: text as it comes, call controls as events, agent functions run in between."""
+        anchor = len(conversation)
+        messages = self._messages(conversation)
+        spoken_tail = ""  # the last text said, so rounds of one reply join with a space
+        for round_number in range(MAX_TOOL_ROUNDS + 1):
+            last_round = round_number == MAX_TOOL_ROUNDS
+            # "...is free." then, after a tool round, " Tuesday works.": rounds join with a space.
+            separator = " " if spoken_tail and not spoken_tail[-1].isspace() else ""
+            completion = _Completion()
+            try:
+                stream = await self._client.chat.completions.create(
+                    model=self._config.model,
+                    messages=messages,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    tools=self._tool_params,
+                    tool_choice="none" if last_round else openai.omit,
+                    temperature=self._config.temperature,
+                    max_completion_tokens=_given(self._config.max_tokens),
+                    top_p=_given(self._config.top_p),
+                )
+                # Leaving this block any way (end, error, barge-in cancellation) closes the HTTP stream.
+                async with stream:
+                    async for chunk in stream:
+                        if chunk.usage is not None:
+                            self.usage.add(chunk.usage)
+                        for text in completion.absorb(chunk):
+                            delta = separator + text if not text[:1].isspace() else text
+                            separator, spoken_tail = "", delta
+                            yield TextDelta(delta)
+            except openai.APIError as exc:
+                raise self._error(exc) from (None if isinstance(exc, openai.AuthenticationError) else exc)
+            except json.JSONDecodeError as exc:
+                raise LLMError(f"openai sent a malformed stream ({exc})") from None
+            if completion.finish_reason in {"length", "content_filter"}:
+                log.warning("openai %s stopped early: finish_reason=%s", self._config.model, completion.finish_reason)
+
+            calls = completion.function_calls(self._call_ids)
+            if not calls:
+                return
+            if last_round:
+                log.warning("openai %s kept calling functions after %d rounds", self._config.model, MAX_TOOL_ROUNDS)
+                return
+            results: list[ChatCompletionMessageParam] = []
+            for call in calls:
+                outcome = await self._carry_out(call)
+                if outcome.event is not None:
+                    yield outcome.event
+                if outcome.ends_reply:
+                    return
+                results.append(_tool_result(call, outcome.result))
+            # Later turns get the exchange without its text: the agent turn that follows holds what was heard.
+            self._exchanges.append((anchor, [_assistant_calls(None, calls), *results]))
+            messages = [*messages, _assistant_calls("".join(completion.text) or None, calls), *results]
+
+    async def close(self) -> None:
+        """Nothing to release: the client is shared by every call (see `close_openai_clients()`)."""
+
+    # ------------------------------------------------------------------------------------------- messages
+
+    def _messages(self, conversation: Sequence[ConversationTurn]) -> list[ChatCompletionMessageParam]:
+        exchanges_at: dict[int, list[ChatCompletionMessageParam]] = {}
+        for anchor, exchange in self._exchanges:
+            exchanges_at.setdefault(min(anchor, len(conversation)), []).extend(exchange)
+        messages: list[ChatCompletionMessageParam] = []
+        if self._instructions:
+            messages.append({"role": "system", "content": self._instructions})
+        for index, turn in enumerate(conversation):
+            messages.extend(exchanges_at.get(index, ()))
+            if not turn.text:
+                continue
+            if turn.role == "caller":
+                messages.append({"role": "user", "content": turn.text})
+            else:
+                messages.append({"role": "assistant", "content": turn.text})
+        messages.extend(exchanges_at.get(len(conversation), ()))
+        return messages
+
+    # ------------------------------------------------------------------------------------------- functions
+
+    async def _carry_out(self, call: _FunctionCall) -> _Outcome:
+        arguments = parse_arguments(call.arguments)
+        log.info("openai %s called %s", self._config.model, call.name)
+        control = self._controls.get(call.name)
+        if control is not None:
+            return control(arguments)
+        if _malformed(call.arguments, arguments):
+            return _Outcome(result=f"error: the arguments were not a JSON object; call {call.name} again")
+        if self._tools is None:
+            return _Outcome(result=f"error: there is no function named {call.name!r}")
+        return _Outcome(result=await self._tools.run(call.name, arguments))
+
+    def _end(self, arguments: Mapping[str, Any]) -> _Outcome:
+        return _Outcome(EndCall(_text(arguments.get("reason")) or "the agent ended the call"), ends_reply=True)
+
+    def _transfer(self, arguments: Mapping[str, Any]) -> _Outcome:
+        number = _text(arguments.get("phone_number"))
+        reason = _text(arguments.get("reason")) or "the agent transferred the call"
+        to = self._e164(number)
+        if to is None:
+            return _Outcome(
+                result=f"error: {number!r} is not a valid phone number, so the call was not transferred. "
+                "Ask the caller for the full number with its country code, or tell them you cannot transfer."
+            )
+        return _Outcome(TransferCall(to, reason), ends_reply=True)
+
+    def _dtmf(self, arguments: Mapping[str, Any]) -> _Outcome:
+        digits = _text(arguments.get("digits")).replace(" ", "")
+        if not _DTMF.match(digits):
+            return _Outcome(result=f"error: {digits!r} cannot be dialled; use 1 to 32 of 0-9, *, # and w")
+        return _Outcome(SendDtmf(digits.replace("W", "w")), DTMF_SENT)
+
+    def _e164(self, number: str) -> str | None:
+        try:
+            parsed = phonenumbers.parse(number, None if number.startswith("+") else self._default_region)
+        except phonenumbers.NumberParseException:
+            return None
+        if not phonenumbers.is_valid_number(parsed):
+            return None
+        return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+    # ------------------------------------------------------------------------------------------- errors
+
+    def _error(self, exc: openai.APIError) -> LLMError:
+        detail = _scrubbed(_message(exc), self._client.api_key)
+        model = self._config.model
+        match exc:
+            case openai.AuthenticationError():
+                # OpenAI's own text quotes part of the key; none of it goes into logs or call records.
+                message = "openai refused the API key (HTTP 401): check the key the agent's llm uses (OPENAI_API_KEY)"
+            case openai.PermissionDeniedError():
+                message = f"openai denied access to {model!r} (HTTP 403): {detail}"
+            case openai.NotFoundError():
+                message = f"openai has no model {model!r} at {self._client.base_url} (HTTP 404): {detail}"
+            case openai.RateLimitError():
+                message = f"openai rate limit or quota exceeded for {model!r} (HTTP 429): {detail}"
+            case openai.APIStatusError(status_code=status):
+                message = f"openai answered HTTP {status} for {model!r}: {detail}"
+            case openai.APITimeoutError():
+                message = f"openai did not answer in time ({self._client.base_url}); try again or check its status"
+            case openai.APIConnectionError():
+                message = f"openai could not be reached at {self._client.base_url}: {detail}"
+            case _:
+                message = f"openai stream for {model!r} failed: {detail}"
+        return LLMError(message)
+
+
+_T = TypeVar("_T")
+
+
+def _given(value: _T | None) -> _T | openai.Omit:
+    return openai.omit if value is None else value
+
+
+def _text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else "" if value is None else str(value)
+
+
+def _malformed(raw: str, parsed: Mapping[str, Any]) -> bool:
+    # parse_arguments gives {} both for "{}" and for text that is no JSON object.
+    return not parsed and re.sub(r"\s", "", raw) not in {"", "{}"}
+
+
+def _message(exc: openai.APIError) -> str:
+    body = exc.body
+    if isinstance(body, Mapping) and isinstance(body.get("message"), str) and body["message"]:
+        return str(body["message"])
+    cause = exc.__cause__
+    if isinstance(exc, openai.APIConnectionError) and cause is not None:
+        return f"{exc.message} ({type(cause).__name__}: {cause})"
+    return exc.message
+
+
+def _scrubbed(text: str, api_key: str) -> str:
+    return text.replace(api_key, "***") if api_key else text
+
+
+def _assistant_calls(text: str | None, calls: Sequence[_FunctionCall]) -> ChatCompletionAssistantMessageParam:
+    tool_calls: list[ChatCompletionMessageFunctionToolCallParam] = [
+        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        for call in calls
+    ]
+    return {"role": "assistant", "content": text, "tool_calls": tool_calls}
+
+
+def _tool_result(call: _FunctionCall, result: str) -> ChatCompletionToolMessageParam:
+    return {"role": "tool", "tool_call_id": call.id, "content": result}

@@ -1,0 +1,262 @@
+"""Functions an agent's model may call: the built-in call controls and the organization's webhook Tools.
+
+Built-ins act on the call itself (`end_call`, `transfer_call`, `send_dtmf`); the session carries them out.
+An organization's Tool becomes a function when its configuration has a `function` (name, description, JSON
+schema of the arguments) and a `webhook` to POST the arguments to; the webhook's reply goes back to the model.
+A Tool without `function` only holds credentials (`apiKey`) for `api_key_ref: "tool:<id>"`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger(__name__)
+
+END_CALL = "end_call"
+TRANSFER_CALL = "transfer_call"
+SEND_DTMF = "send_dtmf"
+MAX_RESULT_CHARS = 4000
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionSpec:
+    """A function as the model sees it."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+BUILTIN_FUNCTIONS: tuple[FunctionSpec, ...] = (
+    FunctionSpec(
+        END_CALL,
+        "Hang up the call once your last words have been heard. Use it when the conversation is over.",
+        {
+            "type": "object",
+            "properties": {"reason": {"type": "string", "description": "Why the call ends, in a few words."}},
+            "required": ["reason"],
+        },
+    ),
+    FunctionSpec(
+        TRANSFER_CALL,
+        "Transfer the caller to a person at another phone number (a cold transfer); the call with you ends.",
+        {
+            "type": "object",
+            "properties": {
+                "phone_number": {
+                    "type": "string",
+                    "description": "The number to transfer to, in E.164 (+15551234567).",
+                },
+                "reason": {"type": "string", "description": "Why the caller is transferred."},
+            },
+            "required": ["phone_number"],
+        },
+    ),
+    FunctionSpec(
+        SEND_DTMF,
+        "Press keys on the phone keypad, e.g. to navigate a phone menu. Digits 0-9, * and #; w waits half a second.",
+        {
+            "type": "object",
+            "properties": {"digits": {"type": "string", "pattern": "^[0-9*#wW]{1,32}$"}},
+            "required": ["digits"],
+        },
+    ),
+)
+BUILTIN_NAMES = frozenset(spec.name for spec in BUILTIN_FUNCTIONS)
+
+
+class ToolConfigurationError(ValueError):
+    """A Tool's configuration cannot be used as a function."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class _FunctionPart(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class _WebhookPart(_Strict):
+    url: str = Field(pattern=r"^https?://")
+    method: Literal["POST", "PUT", "PATCH"] = "POST"
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_seconds: float = Field(10.0, gt=0, le=60, alias="timeoutSeconds")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentFunction:
+    """An organization's Tool exposed to the model: its spec and the webhook that answers it."""
+
+    tool_id: str
+    spec: FunctionSpec
+    url: str
+    method: str
+    headers: Mapping[str, str]
+    timeout_seconds: float
+
+
+def agent_functions(tools: Sequence[Any]) -> list[AgentFunction]:
+    """The functions among an agent's Tools (rows with `id`, `name` and `configuration`).
+
+    Tools without a `function` are skipped; a malformed one raises ToolConfigurationError naming the Tool.
+    """
+    functions: list[AgentFunction] = []
+    for tool in tools:
+        configuration = tool.configuration or {}
+        if "function" not in configuration:
+            continue
+        try:
+            function = _FunctionPart.model_validate(configuration["function"])
+            webhook = _WebhookPart.model_validate(configuration.get("webhook"))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ToolConfigurationError(f"tool {tool.name!r} ({tool.id}): {problems}") from None
+        if function.name in BUILTIN_NAMES:
+            raise ToolConfigurationError(f"tool {tool.name!r} ({tool.id}): {function.name!r} is a built-in function")
+        functions.append(
+            AgentFunction(
+                tool_id=tool.id,
+                spec=FunctionSpec(function.name, function.description, function.parameters),
+                url=webhook.url,
+                method=webhook.method,
+                headers=webhook.headers,
+                timeout_seconds=webhook.timeout_seconds,
+            )
+        )
+    return functions
+
+
+def chat_tools(specs: Sequence[FunctionSpec]) -> list[dict[str, Any]]:
+    """Function specs in Chat Completions' `tools` shape."""
+    return [
+        {
+            "type": "function",
+            "function": {"name": s.name, "description": s.description, "parameters": dict(s.parameters)},
+        }
+        for s in specs
+    ]
+
+
+def realtime_tools(specs: Sequence[FunctionSpec]) -> list[dict[str, Any]]:
+    """Function specs in the Realtime session's `tools` shape."""
+    return [
+        {"type": "function", "name": s.name, "description": s.description, "parameters": dict(s.parameters)}
+        for s in specs
+    ]
+
+
+class UnsafeURL(ValueError):
+    """A URL resolving to an address the engine must not call (loopback, private, link-local...)."""
+
+
+async def ensure_public_url(url: str, *, allow_private: bool) -> None:
+    """Refuse URLs whose host resolves to a non-public address, unless `allow_private` (tests, private clouds)."""
+    if allow_private:
+        return
+    host = urlsplit(url).hostname
+    if not host:
+        raise UnsafeURL(f"{url}: no host")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UnsafeURL(f"{host}: cannot be resolved ({exc})") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global:
+            raise UnsafeURL(f"{host} resolves to {address}, which is not a public address")
+
+
+class ToolRunner:
+    """Runs one call's agent functions: POSTs the arguments to the Tool's webhook and returns its reply as text.
+
+    Failures come back as text the model can act on ("error: ..."), never as exceptions: a broken CRM must not
+    end the call.
+    """
+
+    def __init__(
+        self,
+        functions: Sequence[AgentFunction],
+        *,
+        call: Mapping[str, Any],
+        allow_private: bool = False,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        """Serve `functions`; `call` (ids of the call) is sent with every request."""
+        self._functions = {f.spec.name: f for f in functions}
+        self._call = dict(call)
+        self._allow_private = allow_private
+        self._session = session
+
+    @property
+    def specs(self) -> list[FunctionSpec]:
+        """The agent's function specs (without the built-ins)."""
+        return [f.spec for f in self._functions.values()]
+
+    async def run(self, name: str, arguments: Mapping[str, Any]) -> str:
+        """Call function `name` with `arguments`; return the webhook's reply (or an error) as text."""
+        function = self._functions.get(name)
+        if function is None:
+            return f"error: there is no function named {name!r}"
+        try:
+            await ensure_public_url(function.url, allow_private=self._allow_private)
+            session = self._session or _shared_session()
+            async with session.request(
+                function.method,
+                function.url,
+                json={"function": name, "arguments": dict(arguments), "call": self._call},
+                headers=dict(function.headers),
+                timeout=aiohttp.ClientTimeout(total=function.timeout_seconds),
+            ) as response:
+                body = await response.text()
+                if response.status >= 400:
+                    log.warning("tool %s answered HTTP %d", function.tool_id, response.status)
+                    return f"error: the {name} service answered HTTP {response.status}: {body[:500]}"
+                return body[:MAX_RESULT_CHARS]
+        except UnsafeURL as exc:
+            log.warning("tool %s refused: %s", function.tool_id, exc)
+            return f"error: the {name} service address is not allowed"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("tool %s failed: %s", function.tool_id, type(exc).__name__)
+            return f"error: the {name} service could not be reached ({type(exc).__name__})"
+
+
+def parse_arguments(raw: str) -> dict[str, Any]:
+    """A function call's JSON arguments as a dict; invalid JSON (models do emit it) gives an empty dict."""
+    try:
+        value = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+_SESSION: aiohttp.ClientSession | None = None
+
+
+def _shared_session() -> aiohttp.ClientSession:
+    # One connection pool for every call's tool webhooks in this process.
+    global _SESSION  # noqa: PLW0603
+    if _SESSION is None or _SESSION.closed:
+        _SESSION = aiohttp.ClientSession()
+    return _SESSION
+
+
+async def close_shared_session() -> None:
+    """Close the process-wide HTTP session (at engine shutdown)."""
+    global _SESSION  # noqa: PLW0603
+    if _SESSION is not None:
+        await _SESSION.close()
+        _SESSION = None
