@@ -1,0 +1,455 @@
+"""OpenAI Realtime (GA) over the SDK's WebSocket: a phone call's session, the events it acts on, the ones it sends.
+
+Twilio's mu-law goes in and comes out as it is (`audio/pcmu` both ways), so nothing is transcoded. Server events
+are read as raw JSON and turned into the few small typed events below through a table keyed by event type (the
+SDK's pydantic models cost more per audio delta than a call can spare); the rest are skipped. Client events are
+sent as prebuilt JSON through the SDK connection, which owns the URL, the headers and the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from openai import AsyncOpenAI, OpenAIError
+from openai.resources.realtime.realtime import AsyncRealtimeConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from config.agent import OpenAIRealtimeConfig
+from pipelines.llm.openai_chat import OPENAI_BASE_URL, openai_client
+from pipelines.tools import FunctionSpec, realtime_tools
+
+__all__ = [
+    "AudioDelta",
+    "AudioDone",
+    "CallerTranscript",
+    "CallerTranscriptFailed",
+    "FunctionCall",
+    "OutputItemAdded",
+    "RealtimeChannel",
+    "RealtimeConnectionLost",
+    "RealtimeError",
+    "RealtimeEvent",
+    "RealtimeUnavailable",
+    "ResponseCreated",
+    "ResponseDone",
+    "ServerError",
+    "SpeechStarted",
+    "SpeechStopped",
+    "TranscriptDelta",
+    "TranscriptDone",
+    "open_realtime",
+    "parse_event",
+    "realtime_client",
+    "say_exactly",
+    "session_update",
+]
+
+log = logging.getLogger(__name__)
+
+MULAW: Final = {"type": "audio/pcmu"}
+"""G.711 mu-law at 8 kHz, Twilio's own format, for input and output."""
+
+CLOSE_TIMEOUT_SECONDS: Final = 2.0
+"""How long closing waits for the server's close frame; the call is over either way."""
+
+_APPEND_PREFIX: Final = '{"type":"input_audio_buffer.append","audio":"'
+
+
+# --------------------------------------------------------------------------------------------------- errors
+
+
+class RealtimeError(Exception):
+    """Base class of the errors of a Realtime session."""
+
+
+class RealtimeUnavailable(RealtimeError):
+    """The Realtime API could not be reached or refused the connection; the call cannot start on it."""
+
+
+class RealtimeConnectionLost(RealtimeError):
+    """The Realtime connection closed during the call."""
+
+
+# --------------------------------------------------------------------------------------------------- client
+
+
+def realtime_client(api_key: str, base_url: str = OPENAI_BASE_URL) -> AsyncOpenAI:
+    """The process's one `AsyncOpenAI` for this key and base URL (the Realtime URL is derived from `base_url`)."""
+    # The same client as the chat model's: one per key and URL in the process, closed at engine shutdown.
+    return openai_client(api_key, base_url)
+
+
+def session_update(
+    config: OpenAIRealtimeConfig,
+    *,
+    instructions: str,
+    tools: Sequence[FunctionSpec] = (),
+    interrupt_response: bool = True,
+) -> dict[str, Any]:
+    """The GA `session.update` for a phone call: mu-law in and out, the configured turn detection, voice and tools.
+
+    `interrupt_response` lets the server cancel its reply when the caller starts talking (barge-in enabled).
+    """
+    turn_detection: dict[str, Any] = {
+        "type": config.turn_detection,
+        "create_response": True,
+        "interrupt_response": interrupt_response,
+    }
+    if config.turn_detection == "server_vad" and config.silence_duration_ms is not None:
+        turn_detection["silence_duration_ms"] = config.silence_duration_ms
+    if config.turn_detection == "semantic_vad" and config.eagerness is not None:
+        turn_detection["eagerness"] = config.eagerness
+    audio_input: dict[str, Any] = {"format": dict(MULAW), "turn_detection": turn_detection}
+    if config.transcription_model:
+        audio_input["transcription"] = {"model": config.transcription_model}
+    audio_output: dict[str, Any] = {"format": dict(MULAW), "voice": config.voice}
+    if config.speed is not None:
+        audio_output["speed"] = config.speed
+    session: dict[str, Any] = {
+        "type": "realtime",
+        "model": config.model,
+        "instructions": instructions,
+        "output_modalities": ["audio"],
+        "audio": {"input": audio_input, "output": audio_output},
+    }
+    if tools:
+        session["tools"] = realtime_tools(tools)
+        session["tool_choice"] = "auto"
+    return {"type": "session.update", "session": session}
+
+
+def say_exactly(sentence: str) -> str:
+    """Response instructions that make the model speak `sentence` word for word (greetings, goodbyes)."""
+    return f"Say exactly this sentence, word for word, and nothing else: {json.dumps(sentence, ensure_ascii=False)}"
+
+
+# --------------------------------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStarted:
+    """The server's VAD heard the caller start talking; `audio_start_ms` counts from the session's first audio."""
+
+    item_id: str
+    audio_start_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStopped:
+    """The server's VAD decided the caller stopped talking (its silence included in `audio_end_ms`)."""
+
+    item_id: str
+    audio_end_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallerTranscript:
+    """The transcription of one of the caller's turns."""
+
+    item_id: str
+    transcript: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallerTranscriptFailed:
+    """One of the caller's turns could not be transcribed."""
+
+    item_id: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseCreated:
+    """The model started a response."""
+
+    response_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutputItemAdded:
+    """A response has a new output item: `message` (speech) or `function_call`."""
+
+    response_id: str
+    item_id: str
+    item_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class AudioDelta:
+    """More of an assistant item's audio, mu-law 8 kHz."""
+
+    response_id: str
+    item_id: str
+    audio: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AudioDone:
+    """An assistant item's audio is complete."""
+
+    response_id: str
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptDelta:
+    """More of the transcript of what an assistant item says."""
+
+    response_id: str
+    item_id: str
+    delta: str
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptDone:
+    """The whole transcript of an assistant item."""
+
+    response_id: str
+    item_id: str
+    transcript: str
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCall:
+    """The model calls a function; `arguments` is JSON text (possibly invalid: models do emit that)."""
+
+    response_id: str
+    item_id: str
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseDone:
+    """A response ended: `completed`, `cancelled`, `failed` or `incomplete`, with its function calls."""
+
+    response_id: str
+    status: str
+    function_calls: tuple[FunctionCall, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerError:
+    """The server refused a client event; the connection stays open."""
+
+    code: str
+    message: str
+
+
+RealtimeEvent = (
+    SpeechStarted
+    | SpeechStopped
+    | CallerTranscript
+    | CallerTranscriptFailed
+    | ResponseCreated
+    | OutputItemAdded
+    | AudioDelta
+    | AudioDone
+    | TranscriptDelta
+    | TranscriptDone
+    | FunctionCall
+    | ResponseDone
+    | ServerError
+)
+
+
+def _text(event: Mapping[str, Any], key: str) -> str:
+    value = event.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _number(event: Mapping[str, Any], key: str) -> int:
+    value = event.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _object(event: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = event.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _audio(event: Mapping[str, Any]) -> AudioDelta:
+    try:
+        audio = base64.b64decode(_text(event, "delta"))
+    except (binascii.Error, ValueError):
+        log.warning("Realtime audio delta with invalid base64 dropped")
+        audio = b""
+    return AudioDelta(_text(event, "response_id"), _text(event, "item_id"), audio)
+
+
+def _function_call(response_id: str, item: Mapping[str, Any]) -> FunctionCall:
+    return FunctionCall(
+        response_id, _text(item, "id"), _text(item, "call_id"), _text(item, "name"), _text(item, "arguments")
+    )
+
+
+def _response_done(event: Mapping[str, Any]) -> ResponseDone:
+    response = _object(event, "response")
+    response_id = _text(response, "id")
+    output = response.get("output")
+    items = [item for item in output if isinstance(item, dict)] if isinstance(output, list) else []
+    calls = tuple(_function_call(response_id, item) for item in items if item.get("type") == "function_call")
+    return ResponseDone(response_id, _text(response, "status"), calls)
+
+
+def _server_error(event: Mapping[str, Any]) -> ServerError:
+    error = _object(event, "error")
+    return ServerError(_text(error, "code") or _text(error, "type"), _text(error, "message"))
+
+
+_PARSERS: dict[str, Callable[[Mapping[str, Any]], RealtimeEvent]] = {
+    "input_audio_buffer.speech_started": lambda e: SpeechStarted(_text(e, "item_id"), _number(e, "audio_start_ms")),
+    "input_audio_buffer.speech_stopped": lambda e: SpeechStopped(_text(e, "item_id"), _number(e, "audio_end_ms")),
+    "conversation.item.input_audio_transcription.completed": lambda e: CallerTranscript(
+        _text(e, "item_id"), _text(e, "transcript")
+    ),
+    "conversation.item.input_audio_transcription.failed": lambda e: CallerTranscriptFailed(
+        _text(e, "item_id"), _text(_object(e, "error"), "message")
+    ),
+    "response.created": lambda e: ResponseCreated(_text(_object(e, "response"), "id")),
+    "response.output_item.added": lambda e: OutputItemAdded(
+        _text(e, "response_id"), _text(_object(e, "item"), "id"), _text(_object(e, "item"), "type")
+    ),
+    "response.output_audio.delta": _audio,
+    "response.output_audio.done": lambda e: AudioDone(_text(e, "response_id"), _text(e, "item_id")),
+    "response.output_audio_transcript.delta": lambda e: TranscriptDelta(
+        _text(e, "response_id"), _text(e, "item_id"), _text(e, "delta")
+    ),
+    "response.output_audio_transcript.done": lambda e: TranscriptDone(
+        _text(e, "response_id"), _text(e, "item_id"), _text(e, "transcript")
+    ),
+    "response.function_call_arguments.done": lambda e: FunctionCall(
+        _text(e, "response_id"), _text(e, "item_id"), _text(e, "call_id"), _text(e, "name"), _text(e, "arguments")
+    ),
+    "response.done": _response_done,
+    "error": _server_error,
+}
+
+
+def parse_event(data: str | bytes) -> RealtimeEvent | None:
+    """One server event as a typed event, or None for the types a call does not act on (and for garbage, logged)."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        log.warning("Realtime sent a frame that is not JSON; skipped")
+        return None
+    if not isinstance(event, dict):
+        return None
+    parser = _PARSERS.get(event.get("type", ""))
+    return parser(event) if parser is not None else None
+
+
+# --------------------------------------------------------------------------------------------------- channel
+
+
+def _host(client: AsyncOpenAI) -> str:
+    url = str(client.websocket_base_url or client.base_url)
+    return urlsplit(url).netloc or url
+
+
+async def open_realtime(client: AsyncOpenAI, model: str) -> RealtimeChannel:
+    """Open a Realtime session for `model`; RealtimeUnavailable says why not (never quoting the key)."""
+    host = _host(client)
+    try:
+        connection = await client.realtime.connect(model=model).enter()
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        hint = ": check the OpenAI API key the agent's realtime uses" if status in (401, 403) else ""
+        raise RealtimeUnavailable(f"{host} refused the connection with HTTP {status}{hint}") from exc
+    except (InvalidHandshake, InvalidURI, OSError, TimeoutError) as exc:
+        raise RealtimeUnavailable(f"could not connect to {host}: {type(exc).__name__}: {exc}") from exc
+    except OpenAIError as exc:
+        raise RealtimeUnavailable(f"could not connect to {host}: {exc}") from exc
+    return RealtimeChannel(connection, host)
+
+
+class RealtimeChannel:
+    """One open Realtime session: the client events a call sends and the server events it reads.
+
+    The SDK's reconnect is not used: a new socket is a new session that has forgotten the conversation, so a drop
+    surfaces as RealtimeConnectionLost and the call decides.
+    """
+
+    def __init__(self, connection: AsyncRealtimeConnection, host: str) -> None:
+        """Wrap an open SDK connection to `host`."""
+        self._connection = connection
+        self._host = host
+
+    async def send_event(self, event: Mapping[str, Any]) -> None:
+        """Send any client event (e.g. the `session_update`)."""
+        await self._send(json.dumps(event))
+
+    async def append_audio(self, ulaw: bytes) -> None:
+        """Add caller audio (mu-law 8 kHz) to the input buffer; the call's hot path, so one string, no dict."""
+        await self._send(_APPEND_PREFIX + base64.b64encode(ulaw).decode("ascii") + '"}')
+
+    async def create_response(self, instructions: str | None = None) -> None:
+        """Ask for a response, with instructions for this one only if given."""
+        event: dict[str, Any] = {"type": "response.create"}
+        if instructions is not None:
+            event["response"] = {"instructions": instructions}
+        await self.send_event(event)
+
+    async def cancel_response(self, response_id: str | None = None) -> None:
+        """Stop a response that is still generating."""
+        event: dict[str, Any] = {"type": "response.cancel"}
+        if response_id:
+            event["response_id"] = response_id
+        await self.send_event(event)
+
+    async def truncate(self, item_id: str, audio_end_ms: int) -> None:
+        """Cut an assistant item's audio (and the transcript the model remembers) at what the caller heard."""
+        await self.send_event(
+            {"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": audio_end_ms}
+        )
+
+    async def send_function_output(self, call_id: str, output: str) -> None:
+        """Give the model a function call's result."""
+        item = {"type": "function_call_output", "call_id": call_id, "output": output}
+        await self.send_event({"type": "conversation.item.create", "item": item})
+
+    async def send_caller_text(self, text: str) -> None:
+        """Add something the caller did that the model cannot hear (keys pressed) as a caller message."""
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+        await self.send_event({"type": "conversation.item.create", "item": item})
+
+    async def events(self) -> AsyncIterator[RealtimeEvent]:
+        """The server events a call acts on, until the connection closes (RealtimeConnectionLost)."""
+        while True:
+            try:
+                data = await self._connection.recv_bytes()
+            except ConnectionClosed as exc:
+                raise self._lost(exc) from exc
+            event = parse_event(data)
+            if event is not None:
+                yield event
+
+    async def close(self) -> None:
+        """Close the connection (the session ends with it), not waiting long for the server's goodbye."""
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                await self._connection.close()
+        except TimeoutError:
+            log.warning("%s did not acknowledge the close within %g s", self._host, CLOSE_TIMEOUT_SECONDS)
+
+    async def _send(self, data: str) -> None:
+        try:
+            await self._connection.send_raw(data)
+        except ConnectionClosed as exc:
+            raise self._lost(exc) from exc
+
+    def _lost(self, exc: ConnectionClosed) -> RealtimeConnectionLost:
+        close = exc.rcvd or exc.sent
+        if close is None:
+            return RealtimeConnectionLost(f"the connection to {self._host} was lost (no close frame)")
+        reason = f": {close.reason}" if close.reason else ""
+        return RealtimeConnectionLost(f"{self._host} closed the connection (code {close.code}{reason})")

@@ -1,0 +1,600 @@
+"""Specifications of the OpenAI Realtime call session: a scripted Twilio line in real time, a fake Realtime server,
+and the CallLog in the test database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import asyncpg
+import numpy as np
+import pytest
+from aiohttp import web
+from openai import AsyncOpenAI
+
+from config.agent import AgentConfiguration, parse_agent_configuration
+from engine.call_log_writer import CallOutcome
+from engine.call_session import CallContext
+from engine.realtime_session import UNTRANSCRIBED, RealtimeCallSession
+from engine.simulator import PlaybackQueue
+from media.dtmf import dtmf_audio
+from media.g711 import ULAW_SILENCE, pcm16_to_ulaw
+from media.twilio_stream import TwilioStream
+from pipelines.tools import AgentFunction, FunctionSpec, ToolRunner
+from storage import call_logs
+from storage.call_logs import CallLog
+from storage.call_turns import CallTurn, list_turns
+from storage.enums import CallStatus
+from tests.fakes.openai_realtime import FakeRealtime
+from tests.fakes.server import serve
+from tests.test_call_log_writer import new_call, writer_for
+
+FRAME_BYTES = 160
+BYTES_PER_MS = 8
+PROMPT = "You are the front desk of Acme Dental. Be brief."
+ANSWER = "Sure, what day works for you?"
+
+
+def speech(ms: int) -> bytes:
+    """Speech-like caller audio: two tones under a syllable-rate envelope, well above any VAD's threshold."""
+    t = np.arange(ms * 8) / 8000
+    envelope = 0.6 + 0.4 * np.sin(2 * np.pi * 4 * t)
+    wave = envelope * (0.6 * np.sin(2 * np.pi * 220 * t) + 0.4 * np.sin(2 * np.pi * 660 * t))
+    return pcm16_to_ulaw((9000 * wave).astype(np.int16))
+
+
+class TwilioLine:
+    """Twilio's side of one media stream: caller frames every 20 ms in real time, the agent's audio played from a
+    FIFO at 8 bytes per ms with its marks echoed as playback reaches them, `clear` honoured.
+    """
+
+    def __init__(self) -> None:
+        self.stream_sid = "MZ" + secrets.token_hex(16)
+        self.call_sid = "CA" + secrets.token_hex(16)
+        self.playback = PlaybackQueue()
+        self.agent_bytes_received = 0
+        self.heard = 0  # agent audio played, in bytes
+        self.clears: list[int] = []  # agent bytes heard when each clear came
+        self.received_since_clear = 0
+        self.marks_played: list[str] = []
+        self.marks_flushed: list[str] = []
+        self._caller_audio = bytearray()
+        self._inbox: asyncio.Queue[str | None] = asyncio.Queue()
+        self._chunk = 0
+        self._sequence = 1
+        self._clock: asyncio.Task[None] | None = None
+        self._hung_up = False
+
+    def stream(self) -> TwilioStream:
+        """The engine's protocol object, past `connected` and `start` as the media socket hands it over."""
+        stream = TwilioStream()
+        stream.receive_text(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        start = {
+            "streamSid": self.stream_sid,
+            "accountSid": "AC" + "0" * 32,
+            "callSid": self.call_sid,
+            "tracks": ["inbound"],
+            "customParameters": {},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        }
+        stream.receive_text(json.dumps(self._numbered({"event": "start", "start": start})))
+        return stream
+
+    def start(self) -> None:
+        self._clock = asyncio.create_task(self._run_clock())
+
+    async def stop(self) -> None:
+        if self._clock is not None:
+            self._clock.cancel()
+            await asyncio.gather(self._clock, return_exceptions=True)
+
+    async def frames(self) -> AsyncIterator[str]:
+        """What Twilio sends the engine, until the socket closes."""
+        while (text := await self._inbox.get()) is not None:
+            yield text
+
+    async def send(self, text: str) -> None:
+        """The engine sends a frame to Twilio."""
+        message = json.loads(text)
+        assert message["streamSid"] == self.stream_sid
+        match message["event"]:
+            case "media":
+                audio = base64.b64decode(message["media"]["payload"])
+                self.agent_bytes_received += len(audio)
+                self.received_since_clear += len(audio)
+                self.playback.push_audio(audio)
+            case "mark":
+                self._echo(self.playback.push_mark(message["mark"]["name"]), flushed=False)
+            case "clear":
+                self.clears.append(self.heard)
+                self.received_since_clear = 0
+                _, marks = self.playback.clear()
+                self._echo(marks, flushed=True)
+            case other:
+                raise AssertionError(f"the engine sent Twilio an unsupported {other!r} frame")
+
+    def say(self, audio: bytes) -> None:
+        """The caller speaks (from the next frame on)."""
+        self._caller_audio += audio
+
+    def press(self, digit: str) -> None:
+        """The caller presses a key."""
+        dtmf = {"track": "inbound_track", "digit": digit}
+        self._inbox.put_nowait(json.dumps(self._numbered({"event": "dtmf", "dtmf": dtmf})))
+
+    def hang_up(self) -> None:
+        """The call ends on Twilio's side: `stop`, then the socket closes."""
+        if self._hung_up:
+            return
+        self._hung_up = True
+        stop = {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid}
+        self._inbox.put_nowait(json.dumps(self._numbered({"event": "stop", "stop": stop})))
+        self._inbox.put_nowait(None)
+
+    @property
+    def heard_ms(self) -> int:
+        return self.heard // BYTES_PER_MS
+
+    def _numbered(self, message: dict[str, Any]) -> dict[str, Any]:
+        self._sequence += 1
+        return {**message, "sequenceNumber": str(self._sequence - 1), "streamSid": self.stream_sid}
+
+    def _echo(self, names: list[str], *, flushed: bool) -> None:
+        for name in names:
+            (self.marks_flushed if flushed else self.marks_played).append(name)
+            if not self._hung_up:
+                self._inbox.put_nowait(json.dumps(self._numbered({"event": "mark", "mark": {"name": name}})))
+
+    async def _run_clock(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time()
+        while not self._hung_up:
+            played, reached = self.playback.advance(FRAME_BYTES)
+            self.heard += len(played)
+            self._echo(reached, flushed=False)
+            frame = bytes(self._caller_audio[:FRAME_BYTES])
+            del self._caller_audio[:FRAME_BYTES]
+            frame += bytes([ULAW_SILENCE]) * (FRAME_BYTES - len(frame))
+            self._chunk += 1
+            media = {
+                "track": "inbound",
+                "chunk": str(self._chunk),
+                "timestamp": str((self._chunk - 1) * 20),
+                "payload": base64.b64encode(frame).decode(),
+            }
+            self._inbox.put_nowait(json.dumps(self._numbered({"event": "media", "media": media})))
+            next_tick += 0.02
+            await asyncio.sleep(max(0.0, next_tick - loop.time()))
+
+
+def agent_configuration(**changes: Any) -> AgentConfiguration:
+    realtime = {
+        "provider": "openai",
+        "model": "gpt-realtime",
+        "voice": "marin",
+        "silence_duration_ms": 300,
+        "transcription_model": "gpt-4o-mini-transcribe",
+        **changes.pop("realtime", {}),
+    }
+    return parse_agent_configuration({"realtime": realtime, "prompt": PROMPT, **changes})
+
+
+@dataclass
+class Call:
+    """One session under test, with its Twilio line, its CallLog and what it did."""
+
+    line: TwilioLine
+    session: RealtimeCallSession
+    log: CallLog
+    task: asyncio.Task[CallOutcome]
+    pool: asyncpg.Pool
+    hang_ups: list[tuple[str, int, int]] = field(default_factory=list)  # call sid, ms heard, bytes still queued
+    transfers: list[tuple[str, str]] = field(default_factory=list)
+
+    async def outcome(self, timeout: float = 15.0) -> CallOutcome:
+        return await asyncio.wait_for(asyncio.shield(self.task), timeout)
+
+    async def turns(self) -> list[CallTurn]:
+        return await list_turns(self.pool, organization_id=self.log.organization_id, call_log_id=self.log.id)
+
+    async def wait_for_turns(self, count: int, timeout: float = 10.0) -> list[CallTurn]:
+        deadline = time.monotonic() + timeout
+        while len(turns := await self.turns()) < count:
+            assert time.monotonic() < deadline, f"only {len(turns)} of {count} turns were recorded: {turns}"
+            await asyncio.sleep(0.05)
+        return turns
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until `condition` holds, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def realtime_call(
+    pool: asyncpg.Pool,
+    fake: FakeRealtime,
+    config: AgentConfiguration | None = None,
+    *,
+    api_key: str | None = None,
+    hang_up: bool = True,
+    transfer: bool = True,
+    tools: ToolRunner | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[Call]:
+    """Run a RealtimeCallSession against `fake` on a Twilio line; on exit the caller hangs up if the call still runs,
+    and the CallLog is finished with the outcome.
+    """
+    line = TwilioLine()
+    log, agent_id = await new_call(pool)
+    writer = writer_for(pool, log)
+    client = AsyncOpenAI(api_key=api_key or fake.api_key, base_url=fake.base_url)
+    hang_ups: list[tuple[str, int, int]] = []
+    transfers: list[tuple[str, str]] = []
+
+    async def hang_up_call(call_sid: str) -> bool:
+        hang_ups.append((call_sid, line.heard_ms, line.playback.queued_bytes))
+        line.hang_up()
+        return True
+
+    async def transfer_call(call_sid: str, to: str) -> bool:
+        transfers.append((call_sid, to))
+        line.hang_up()  # the call leaves the stream for the <Dial>
+        return True
+
+    session = RealtimeCallSession(
+        context=CallContext(log.id, log.organization_id, agent_id, line.call_sid),
+        config=config or agent_configuration(),
+        client=client,
+        instructions=PROMPT,
+        stream=line.stream(),
+        send=line.send,
+        writer=writer,
+        hang_up=hang_up_call if hang_up else None,
+        transfer=transfer_call if transfer else None,
+        tools=tools,
+        clock=clock,
+    )
+    line.start()
+    task = asyncio.create_task(session.run(line.frames()))
+    call = Call(line, session, log, task, pool, hang_ups, transfers)
+    try:
+        yield call
+    finally:
+        line.hang_up()
+        outcome = await call.outcome()
+        await line.stop()
+        await writer.finish(outcome)
+        await client.close()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeRealtime]:
+    async with FakeRealtime() as server:
+        yield server
+
+
+async def stored(call: Call) -> CallLog:
+    return await call_logs.get_call_log(call.pool, organization_id=call.log.organization_id, call_log_id=call.log.id)
+
+
+# --------------------------------------------------------------------------------------------------- session
+
+
+async def test_the_session_asks_for_mulaw_both_ways_server_vad_the_prompt_and_the_tools(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    async with realtime_call(pool, fake) as call:
+        await until(lambda: bool(fake.of_type("session.update")))
+        call.line.hang_up()
+        assert (await call.outcome()).end_reason == "caller_hangup"
+
+    assert fake.models == ["gpt-realtime"]
+    session = fake.of_type("session.update")[0]["session"]
+    assert session["type"] == "realtime"
+    assert session["instructions"] == PROMPT
+    assert session["output_modalities"] == ["audio"]
+    audio_in, audio_out = session["audio"]["input"], session["audio"]["output"]
+    assert audio_in["format"] == {"type": "audio/pcmu"}
+    assert audio_out["format"] == {"type": "audio/pcmu"}
+    assert audio_out["voice"] == "marin"
+    assert audio_in["turn_detection"] == {
+        "type": "server_vad",
+        "silence_duration_ms": 300,
+        "create_response": True,
+        "interrupt_response": True,
+    }
+    assert audio_in["transcription"] == {"model": "gpt-4o-mini-transcribe"}
+    assert {tool["name"] for tool in session["tools"]} == {"end_call", "transfer_call", "send_dtmf"}
+    assert all(tool["type"] == "function" and tool["parameters"]["type"] == "object" for tool in session["tools"])
+    assert session["tool_choice"] == "auto"
+
+
+async def test_caller_audio_reaches_the_model_as_twilio_sent_it(pool: asyncpg.Pool, fake: FakeRealtime) -> None:
+    async with realtime_call(pool, fake) as call:
+        await until(lambda: len(fake.of_type("input_audio_buffer.append")) >= 5)
+    appended = fake.of_type("input_audio_buffer.append")[0]["audio"]
+    assert base64.b64decode(appended) == bytes([ULAW_SILENCE]) * FRAME_BYTES
+    assert (await stored(call)).status is CallStatus.COMPLETED
+
+
+# --------------------------------------------------------------------------------------------------- turns
+
+
+async def test_a_caller_turn_is_answered_aloud_and_both_turns_are_recorded(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    fake.caller_says("I'd like to book a cleaning")
+    fake.reply(ANSWER)
+    async with realtime_call(pool, fake) as call:
+        call.line.say(speech(500))
+        turns = await call.wait_for_turns(2)
+
+    assert [(t.speaker, t.text, t.interrupted) for t in turns] == [
+        ("caller", "I'd like to book a cleaning", False),
+        ("agent", ANSWER, False),
+    ]
+    caller, agent = turns
+    assert 300 <= caller.end_ms - caller.start_ms <= 1000  # the caller spoke 500 ms (plus the VAD's silence)
+    assert agent.latency_ms is not None and agent.latency_ms >= 0
+    assert agent.latency is not None and agent.latency["firstFrameSent"] == agent.latency_ms
+    assert agent.start_ms >= caller.end_ms
+    reply_ms = fake.duration_ms(ANSWER)
+    assert agent.end_ms - agent.start_ms == reply_ms
+    assert call.line.agent_bytes_received == reply_ms * BYTES_PER_MS
+    assert call.line.heard_ms == reply_ms  # all of it was played before the turn was recorded
+    assert call.line.marks_played and not call.line.marks_flushed
+    assert call.session.latencies_ms == [agent.latency_ms]
+    log = await stored(call)
+    assert log.status is CallStatus.COMPLETED
+    assert log.metadata["endReason"] == "caller_hangup"
+    assert log.metadata["latencyMs"]["count"] == 1
+
+
+async def test_without_a_transcription_model_caller_turns_are_marked_untranscribed(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    fake.reply(ANSWER)
+    config = agent_configuration(realtime={"transcription_model": None})
+    async with realtime_call(pool, fake, config) as call:
+        call.line.say(speech(500))
+        turns = await call.wait_for_turns(2)
+    assert [(t.speaker, t.text) for t in turns] == [("caller", UNTRANSCRIBED), ("agent", ANSWER)]
+    assert "transcription" not in fake.of_type("session.update")[0]["session"]["audio"]["input"]
+
+
+async def test_the_first_sentence_is_spoken_before_the_caller_says_anything(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    greeting = "Thanks for calling Acme Dental, how can I help?"
+    fake.reply(greeting)
+    async with realtime_call(pool, fake, agent_configuration(firstSentence=greeting)) as call:
+        turns = await call.wait_for_turns(1)
+    instructions = fake.of_type("response.create")[0]["response"]["instructions"]
+    assert greeting in instructions
+    assert [(t.speaker, t.text, t.latency_ms) for t in turns] == [("agent", greeting, None)]
+
+
+async def test_a_key_the_caller_presses_is_a_turn_the_model_is_told_about(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    fake.reply("You pressed five.")
+    async with realtime_call(pool, fake) as call:
+        await until(lambda: bool(fake.of_type("session.update")))
+        call.line.press("5")
+        turns = await call.wait_for_turns(2)
+    assert [(t.speaker, t.text) for t in turns] == [("caller", "[DTMF 5]"), ("agent", "You pressed five.")]
+    (told,) = fake.of_type("conversation.item.create")
+    assert told["item"]["role"] == "user" and "5" in told["item"]["content"][0]["text"]
+    assert turns[1].latency_ms is not None
+
+
+async def test_after_the_silence_timeout_the_agent_says_goodbye_and_hangs_up(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    skipped = 0.0  # seconds the session's clock is ahead of real time
+
+    def clock() -> float:
+        return time.monotonic() + skipped
+
+    goodbye = "It seems you have stepped away. Goodbye."
+    fake.reply(goodbye)
+    config = agent_configuration(silenceTimeoutSeconds=5, goodbyeSentence=goodbye)
+    async with realtime_call(pool, fake, config, clock=clock) as call:
+        await until(lambda: bool(fake.of_type("session.update")))
+        skipped = 6.0  # six silent seconds pass
+        outcome = await call.outcome()
+    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, "silence_timeout")
+    assert goodbye in fake.of_type("response.create")[0]["response"]["instructions"]
+    assert call.hang_ups and call.hang_ups[0][1] == fake.duration_ms(goodbye)
+    assert [(t.speaker, t.text) for t in await call.turns()] == [("agent", goodbye)]
+
+
+# --------------------------------------------------------------------------------------------------- barge-in
+
+
+async def test_a_caller_who_talks_over_the_agent_cuts_it_off_where_they_stopped_hearing_it(pool: asyncpg.Pool) -> None:
+    long_answer = (
+        "We are open from nine in the morning to five in the evening on weekdays, "
+        "from ten to four on Saturdays, and we are closed on Sundays and public holidays."
+    )
+    # Real-time generation: the reply is still being generated when the caller interrupts, and two audio deltas
+    # already on the wire arrive after the interruption.
+    async with FakeRealtime(speedup=1.0, in_flight_deltas=2) as fake:
+        fake.reply(long_answer)
+        async with realtime_call(pool, fake) as call:
+            line = call.line
+            line.say(speech(400))
+            await until(lambda: line.heard_ms >= 1200)
+            line.say(speech(2000))  # still talking when the call ends: no second reply
+            await until(lambda: bool(line.clears) and bool(fake.truncations))
+            turns = await call.wait_for_turns(2)
+            await asyncio.sleep(0.3)  # the late deltas arrive meanwhile
+            assert line.received_since_clear == 0  # nothing of the cut reply played after the clear
+
+        assert len(fake.of_type("response.cancel")) == 1
+        (truncation,) = fake.truncations
+        assert truncation.accepted
+        assert truncation.audio_end_ms <= truncation.item_audio_ms
+        heard_at_clear_ms = line.clears[0] // BYTES_PER_MS
+        # The marks (every 500 ms of audio) say what was played: never more than the caller heard, and about a
+        # mark interval less at most (with slack for a busy machine).
+        assert heard_at_clear_ms - 1000 <= truncation.audio_end_ms <= heard_at_clear_ms
+        caller, agent = turns[:2]
+        assert caller.speaker == "caller"
+        assert agent.speaker == "agent" and agent.interrupted
+        assert agent.end_ms - agent.start_ms == truncation.audio_end_ms
+        heard_words, all_words = agent.text.split(), long_answer.split()
+        assert 0 < len(heard_words) < len(all_words)
+        assert heard_words == all_words[: len(heard_words)]
+
+
+# --------------------------------------------------------------------------------------------------- functions
+
+
+async def test_end_call_hangs_up_once_the_goodbye_has_been_heard(pool: asyncpg.Pool, fake: FakeRealtime) -> None:
+    goodbye = "Thanks for calling, goodbye!"
+    fake.reply_tool("end_call", {"reason": "the caller is done"}, text=goodbye)
+    async with realtime_call(pool, fake) as call:
+        call.line.say(speech(500))
+        outcome = await call.outcome()
+
+    assert outcome.status is CallStatus.COMPLETED
+    assert outcome.end_reason == "agent_hangup: the caller is done"
+    ((call_sid, heard_ms, queued),) = call.hang_ups
+    assert call_sid == call.line.call_sid
+    assert heard_ms == fake.duration_ms(goodbye) and queued == 0
+    turns = await call.turns()
+    assert [(t.speaker, t.text, t.interrupted) for t in turns][-1] == ("agent", goodbye, False)
+    assert (await stored(call)).metadata["endReason"] == "agent_hangup: the caller is done"
+
+
+async def test_without_twilio_credentials_end_call_ends_by_closing_the_stream(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    fake.reply_tool("end_call", {"reason": "done"}, text="Goodbye!")
+    async with realtime_call(pool, fake, hang_up=False) as call:
+        call.line.say(speech(500))
+        outcome = await call.outcome()
+    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, "agent_hangup: done")
+    assert call.line.heard_ms == fake.duration_ms("Goodbye!")
+
+
+async def test_transfer_call_hands_the_caller_to_the_e164_number(pool: asyncpg.Pool, fake: FakeRealtime) -> None:
+    fake.reply_tool("transfer_call", {"phone_number": "+1 (415) 555-0123", "reason": "billing"}, text="One moment.")
+    async with realtime_call(pool, fake) as call:
+        call.line.say(speech(500))
+        outcome = await call.outcome()
+    assert call.transfers == [(call.line.call_sid, "+14155550123")]
+    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, "transferred: billing")
+    assert call.line.heard_ms == fake.duration_ms("One moment.")
+
+
+async def test_a_transfer_to_an_invalid_number_is_refused_back_to_the_model(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    fake.reply_tool("transfer_call", {"phone_number": "12"})
+    fake.reply("Could you give me the full number?")
+    async with realtime_call(pool, fake) as call:
+        call.line.say(speech(500))
+        turns = await call.wait_for_turns(2)
+    assert call.transfers == []
+    (created,) = fake.of_type("conversation.item.create")
+    assert created["item"]["type"] == "function_call_output"
+    assert created["item"]["output"].startswith("error: '12' is not a valid phone number")
+    assert turns[-1].text == "Could you give me the full number?"
+
+
+async def test_send_dtmf_plays_the_tones_and_tells_the_model_they_were_sent(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    fake.reply_tool("send_dtmf", {"digits": "12#"})
+    fake.reply("Done.")
+    async with realtime_call(pool, fake) as call:
+        call.line.say(speech(500))
+        turns = await call.wait_for_turns(3)
+    assert [(t.speaker, t.text) for t in turns][1:] == [("agent", "[DTMF 12#]"), ("agent", "Done.")]
+    assert call.line.agent_bytes_received == len(dtmf_audio("12#")) + fake.duration_ms("Done.") * BYTES_PER_MS
+    (output,) = fake.of_type("conversation.item.create")
+    assert output["item"]["output"] == "sent"
+
+
+async def test_an_agent_function_calls_its_webhook_and_the_model_answers_with_the_result(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    requests: list[dict[str, Any]] = []
+
+    async def availability(request: web.Request) -> web.Response:
+        requests.append(await request.json())
+        return web.json_response({"free": ["19:00"]})
+
+    app = web.Application()
+    app.router.add_post("/availability", availability)
+    async with serve(app) as url:
+        spec = FunctionSpec(
+            "check_availability",
+            "Free slots on a day.",
+            {"type": "object", "properties": {"day": {"type": "string"}}, "required": ["day"]},
+        )
+        function = AgentFunction("tool_1", spec, f"{url}/availability", "POST", {}, 5.0)
+        fake.reply_tool("check_availability", {"day": "friday"})
+        fake.reply("Friday at seven is free.")
+        async with (
+            aiohttp.ClientSession() as http,
+            realtime_call(
+                pool, fake, tools=ToolRunner([function], call={"callSid": "CA-test"}, allow_private=True, session=http)
+            ) as call,
+        ):
+            call.line.say(speech(500))
+            turns = await call.wait_for_turns(2)
+
+    assert requests == [
+        {"function": "check_availability", "arguments": {"day": "friday"}, "call": {"callSid": "CA-test"}}
+    ]
+    session = fake.of_type("session.update")[0]["session"]
+    assert "check_availability" in {tool["name"] for tool in session["tools"]}
+    (output,) = fake.of_type("conversation.item.create")
+    call_id = fake.sent_of_type("response.function_call_arguments.done")[0]["call_id"]
+    assert output["item"] == {"type": "function_call_output", "call_id": call_id, "output": '{"free": ["19:00"]}'}
+    assert fake.received.index(output) < max(i for i, e in enumerate(fake.received) if e["type"] == "response.create")
+    assert [(t.speaker, t.text) for t in turns] == [("caller", "hello"), ("agent", "Friday at seven is free.")]
+    assert turns[1].latency_ms is not None  # the caller waited through the function call too
+
+
+# --------------------------------------------------------------------------------------------------- failures
+
+
+async def test_a_dropped_realtime_connection_fails_the_call(pool: asyncpg.Pool, fake: FakeRealtime) -> None:
+    async with realtime_call(pool, fake) as call:
+        await until(lambda: bool(fake.of_type("session.update")))
+        await fake.drop_all()
+        outcome = await call.outcome()
+    assert outcome.status is CallStatus.FAILED
+    assert outcome.end_reason.startswith("realtime_failed: ")
+    log = await stored(call)
+    assert log.status is CallStatus.FAILED
+    assert log.metadata["endReason"] == outcome.end_reason
+
+
+async def test_a_wrong_api_key_fails_the_call_without_quoting_the_key(pool: asyncpg.Pool, fake: FakeRealtime) -> None:
+    key = "sk-wrong-" + secrets.token_hex(8)
+    async with realtime_call(pool, fake, api_key=key) as call:
+        outcome = await call.outcome()
+    assert outcome.status is CallStatus.FAILED
+    assert outcome.end_reason.startswith("realtime_unavailable: ")
+    assert "HTTP 401" in outcome.end_reason
+    assert key not in outcome.end_reason and "sk-wrong" not in outcome.end_reason
+    assert fake.refused == 1
+    assert (await stored(call)).status is CallStatus.FAILED
