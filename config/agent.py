@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import zoneinfo
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
@@ -65,6 +66,14 @@ def _deepgram_endpointing(value: object) -> object:
         raise ValueError("must be a whole number of milliseconds, or false to turn endpointing off")
     if value < 10:
         raise ValueError("must be at least 10 ms, or false to turn endpointing off")
+    return value
+
+
+def _time_zone(value: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError("must be an IANA time zone such as 'America/New_York'") from None
     return value
 
 
@@ -343,9 +352,12 @@ class AgentConfiguration(_CallBehaviour):
     first_sentence: str | None = None
     """What the agent says first; null lets the caller speak first."""
     prompt: str | None = None
-    """The system prompt; `{name}` placeholders are filled from `variables`."""
+    """The system prompt; `{{name}}` placeholders are filled from `variables` and the call (`{{customer.name}}`,
+    `{{now}}`...)."""
     language: str = "en-US"
     """The language the agent speaks (BCP 47); each provider's own `language` picks its model."""
+    timezone: Annotated[str, AfterValidator(_time_zone)] = "UTC"
+    """The IANA time zone `{{now}}` and `{{today}}` are told in (e.g. `America/New_York`)."""
     max_duration_seconds: Annotated[int, _between(10, 14400)] = 1800
     silence_timeout_seconds: Annotated[int, _between(5, 600)] = 30
     """The agent hangs up after this long with nobody speaking."""

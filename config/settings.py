@@ -52,6 +52,24 @@ class Settings(BaseSettings):
     # How long the signed recording URL stored in CallLog.recordingUrl stays valid.
     recording_url_ttl_days: int = _env("DIALTONE_RECORDING_URL_TTL_DAYS", "recording_url_ttl_days", 30, ge=1, le=3650)
 
+    # Cloud providers: keys (an agent may name another place with `api_key_ref`) and endpoints, which are
+    # settings for proxies, regional hosts and tests.
+    deepgram_api_key: SecretStr | None = _env("DEEPGRAM_API_KEY", "deepgram_api_key")
+    openai_api_key: SecretStr | None = _env("OPENAI_API_KEY", "openai_api_key")
+    elevenlabs_api_key: SecretStr | None = _env("ELEVENLABS_API_KEY", "elevenlabs_api_key")
+    deepgram_url: str = _env("DEEPGRAM_URL", "deepgram_url", "wss://api.deepgram.com")
+    openai_base_url: str = _env("OPENAI_BASE_URL", "openai_base_url", "https://api.openai.com/v1")
+    elevenlabs_url: str = _env("ELEVENLABS_URL", "elevenlabs_url", "https://api.elevenlabs.io")
+    # Agent tools may call webhooks; addresses on loopback or private networks are refused unless allowed.
+    allow_private_tool_urls: bool = _env("DIALTONE_ALLOW_PRIVATE_TOOL_URLS", "allow_private_tool_urls", False)
+
+    @field_validator("deepgram_url", "openai_base_url", "elevenlabs_url")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://", "ws://", "wss://")):
+            raise ValueError("must be an http(s):// or ws(s):// URL")
+        return value.rstrip("/")
+
     @field_validator("database_url")
     @classmethod
     def _postgres_url(cls, value: str | None) -> str | None:
@@ -126,6 +144,6 @@ def _describe(exc: ValidationError) -> str:
         name = _setting_name(field) if field in Settings.model_fields else field
         message = str(error["msg"]).removeprefix("Value error, ")
         given = error.get("input")
-        shown = "" if given is None or "SECRET" in name or "TOKEN" in name else f" (got {given!r})"
+        shown = "" if given is None or any(word in name for word in ("SECRET", "TOKEN", "KEY")) else f" (got {given!r})"
         lines.append(f"{name}: {message}{shown}")
     return "; ".join(lines)

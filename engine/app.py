@@ -8,13 +8,16 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from config.settings import Settings
-from engine import health, media_socket, twilio_webhooks
+from engine import health, media_socket, metrics, twilio_webhooks
 from engine.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
 from engine.live_calls import LiveCalls
 from engine.recording_io import recording_io_context
 from engine.recordings import handle_recording, recordings_context
 from engine.recovery import recovery_context
 from engine.twilio_rest import TwilioCalls
+from pipelines.llm.openai_chat import close_openai_clients
+from pipelines.tools import close_shared_session
+from pipelines.tts.elevenlabs import close_http_clients as close_elevenlabs_clients
 from storage.migrate import migrate
 from storage.pool import open_database
 
@@ -36,6 +39,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True) -> web.Appl
     app.on_shutdown.append(_end_live_calls)
 
     app.router.add_get("/health", health.handle_health)
+    app.router.add_get("/metrics", metrics.handle_metrics)
     app.router.add_post("/twilio/voice", twilio_webhooks.handle_voice)
     app.router.add_post("/twilio/status", twilio_webhooks.handle_status)
     app.router.add_get(twilio_webhooks.MEDIA_PATH, media_socket.handle_media)
@@ -57,6 +61,9 @@ async def _calls_context(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await app[LIVE_CALLS].end_all("engine_shutdown")
+        await close_shared_session()
+        await close_openai_clients()
+        await close_elevenlabs_clients()
         if twilio is not None:
             await twilio.close()
 

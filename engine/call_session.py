@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from config.agent import AgentConfiguration
+from engine import metrics
 from engine.call_log_writer import CallLogWriter, CallOutcome, TurnRecord
 from engine.outbound_audio import OutboundAudio, SendText, StreamTimeline
+from media.dtmf import InvalidDigits, dtmf_audio
 from media.g711 import ulaw_to_pcm16
 from media.recording import StereoWavRecorder
 from media.twilio_stream import (
@@ -36,16 +38,19 @@ from media.twilio_stream import (
 from media.vad import SpeechStarted as VadSpeechStarted
 from media.vad import VoiceActivityDetector
 from pipelines.chunker import SentenceChunker
-from pipelines.llm.base import ConversationTurn, EndCall, LLMError, TextDelta
+from pipelines.fallback import Prewarmable
+from pipelines.llm.base import ConversationTurn, EndCall, LLMError, SendDtmf, TextDelta, TransferCall
 from pipelines.registry import Pipeline
 from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, TranscriptUpdate
-from pipelines.tts.base import TTSError
+from pipelines.tts.base import Alignment, TTSError
 from storage.enums import CallStatus
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GOODBYE = "Thank you for calling. Goodbye."
+TRANSFER_FAILED = "I'm sorry, I couldn't transfer your call right now."
 HANGUP_GRACE_SECONDS = 5.0
+OVERLAP_RESET_MS = 240  # a pause this long between the caller's sounds starts a new count toward barge-in
 DEFAULT_MS_PER_CHAR = 65.0  # about 170 words a minute, until the call's own speech says otherwise
 
 
@@ -72,12 +77,37 @@ _ALLOWED = {
 
 @dataclass(slots=True)
 class _Span:
-    """Where one sentence falls in its utterance's audio."""
+    """Where one sentence falls in its utterance's audio, and when its characters start if the TTS said so."""
 
     text: str
     start_ms: int
     end_ms: int
     complete: bool = False
+    aligned_chars: list[str] = field(default_factory=list)
+    aligned_ms: list[int] = field(default_factory=list)  # from the span's start
+
+    def heard_by_alignment(self, played_ms: int) -> str | None:
+        """The whole words of the span started before `played_ms` (utterance time), if alignment is known."""
+        if not self.aligned_chars:
+            return None
+        cutoff = played_ms - self.start_ms
+        count = sum(1 for ms in self.aligned_ms if ms < cutoff)
+        spoken = "".join(self.aligned_chars)
+        heard = spoken[:count]
+        if count < len(spoken) and not spoken[count].isspace():
+            heard = heard.rsplit(maxsplit=1)[0] if " " in heard.strip() else ""  # drop the word cut in half
+        return " ".join(self.text.split()[: len(heard.split())])
+
+
+_STAGES = ("sttEndOfTurn", "llmFirstToken", "firstSentence", "ttsFirstByte", "firstFrameSent", "firstMarkEchoed")
+
+
+@dataclass(slots=True)
+class _Ending:
+    """How the agent ends the call once its last words have played."""
+
+    reason: str
+    transfer_to: str | None = None
 
 
 @dataclass(slots=True)
@@ -85,8 +115,9 @@ class _AgentUtterance:
     """One agent turn being spoken: its sentences and where each falls in the utterance's audio."""
 
     utterance_id: int
-    reply_to_ms: float | None  # monotonic time the caller's turn ended, for latency
+    reply_to_ms: float | None  # monotonic time the caller stopped speaking, for latency
     sentences: list[_Span] = field(default_factory=list)
+    stage_at: dict[str, float] = field(default_factory=dict)  # monotonic time each latency stage was reached
     audio_ms: int = 0
     started_stream_ms: int | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -105,6 +136,10 @@ class _AgentUtterance:
                 heard.append(span.text)
                 continue
             if span.start_ms < played_ms:
+                aligned = span.heard_by_alignment(played_ms)
+                if aligned is not None:
+                    heard.append(aligned)
+                    break
                 words = span.text.split()
                 share = (played_ms - span.start_ms) / max(1.0, end - span.start_ms)
                 heard.append(" ".join(words[: int(len(words) * share)]))
@@ -123,6 +158,7 @@ class CallContext:
 
 
 HangUp = Callable[[str], Awaitable[bool]]
+Transfer = Callable[[str, str], Awaitable[bool]]
 
 
 class CallSession:
@@ -139,6 +175,7 @@ class CallSession:
         writer: CallLogWriter,
         recorder: StereoWavRecorder | None = None,
         hang_up: HangUp | None = None,
+        transfer: Transfer | None = None,
         first_sentence: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -151,6 +188,7 @@ class CallSession:
         self._writer = writer
         self._recorder = recorder
         self._hang_up = hang_up
+        self._transfer = transfer
         self._first_sentence = first_sentence if first_sentence is not None else config.first_sentence
         self._clock = clock
         self._timeline = StreamTimeline(clock)
@@ -163,9 +201,13 @@ class CallSession:
         self._conversation: list[ConversationTurn] = []
         self._utterances: dict[int, _AgentUtterance] = {}
         self._reply: asyncio.Task[None] | None = None
+        self._current_reply_utterance: _AgentUtterance | None = None
         self._current: _AgentUtterance | None = None
         self._caller_speech_started_ms: int | None = None
         self._caller_speech_ended_at: float | None = None
+        self._last_voiced_at: float | None = None
+        self._overlap_ms = 0
+        self._overlap_silence_ms = 0
         self._pending_caller_text: list[str] = []
         self._last_activity = clock()
         self._ended = asyncio.Event()
@@ -180,10 +222,15 @@ class CallSession:
 
     async def run(self, frames: AsyncIterator[str]) -> CallOutcome:
         """Run the call until it ends; return how it ended (the CallLog is finished by then)."""
+        tts = self._pipeline.tts
+        prewarm = asyncio.ensure_future(tts.prewarm()) if isinstance(tts, Prewarmable) else None
         try:
             await self._pipeline.stt.start()
         except STTError as exc:
             self._end(CallStatus.FAILED, f"stt_unavailable: {exc}")
+        if prewarm is not None:
+            with contextlib.suppress(Exception):
+                await prewarm  # a synthesizer that cannot connect yet fails (or falls back) on first use
         self._writer.start()
         self._tasks = [
             self._spawn(self._read(frames), "read"),
@@ -193,7 +240,8 @@ class CallSession:
         max_duration = loop.call_later(self._config.max_duration_seconds, self._on_max_duration)
         if not self._ended.is_set():
             opening = [self._first_sentence] if self._first_sentence else []
-            self._start_reply(opening, ask_model=True, reply_to=None)
+            ask_model = not opening or self._pipeline.llm.scripted_opening
+            self._start_reply(opening, ask_model=ask_model, reply_to=None)
         try:
             await self._ended.wait()
         finally:
@@ -307,18 +355,21 @@ class CallSession:
             return  # the VAD takes 20 ms frames; Twilio sends those in practice
         vad_event = self._vad.process(ulaw_to_pcm16(media.payload).tobytes())
         now = self._clock()
+        if self._vad.last_frame_voiced:
+            self._last_voiced_at = now
         if isinstance(vad_event, VadSpeechStarted):
             self._caller_speech_started_ms = vad_event.at_ms
         elif vad_event is not None:  # speech stopped
-            self._caller_speech_ended_at = now - self._config.endpointing.silence_ms / 1000
+            self._caller_speech_ended_at = self._last_voiced_at or now
             self._last_activity = now
             if self._pending_caller_text:
                 # The recognizer gave final words but no end of turn: the silence decides.
                 self._take_pending_caller_turn(vad_event.at_ms)
+        self._count_overlap(self._vad.last_frame_voiced)
         if self._vad.speaking:
             self._last_activity = now
             interruption = self._config.interruption
-            if interruption.enabled and self._agent_is_speaking() and self._vad.speech_ms >= interruption.threshold_ms:
+            if interruption.enabled and self._overlap_ms >= interruption.threshold_ms:
                 self._barge_in("caller speech")
         elif (
             self.state is SessionState.LISTENING
@@ -326,6 +377,18 @@ class CallSession:
             and now - self._last_activity > self._config.silence_timeout_seconds
         ):
             self._say_goodbye("silence_timeout")
+
+    def _count_overlap(self, voiced: bool) -> None:
+        """Caller speech heard while the agent talks; the tail of the caller's own turn does not count."""
+        if not self._agent_is_speaking():
+            self._overlap_ms = self._overlap_silence_ms = 0
+        elif voiced:
+            self._overlap_ms += 20
+            self._overlap_silence_ms = 0
+        else:
+            self._overlap_silence_ms += 20
+            if self._overlap_silence_ms >= OVERLAP_RESET_MS:
+                self._overlap_ms = 0
 
     async def _listen(self) -> None:
         """Consume the recognizer's events."""
@@ -371,10 +434,16 @@ class CallSession:
         self._record_turn("caller", text, start_ms, end_ms, interrupted=False, latency_ms=None)
         self._conversation.append(ConversationTurn(role="caller", text=text))
         self._caller_speech_started_ms = None
-        self._last_activity = self._clock()
-        reply_to = self._caller_speech_ended_at or self._clock()
+        now = self._clock()
+        self._last_activity = now
+        # The caller stopped speaking at their last voiced frame (the recognizer may decide before our VAD does).
+        reply_to = self._last_voiced_at or self._caller_speech_ended_at or now
+        reply_to = min(reply_to, now)
         self._caller_speech_ended_at = None
+        self._last_voiced_at = None
         self._start_reply([], ask_model=True, reply_to=reply_to)
+        if self._reply is not None and self._current_reply_utterance is not None:
+            self._current_reply_utterance.stage_at["sttEndOfTurn"] = now
 
     def _is_backchannel(self, text: str) -> bool:
         words = [w.strip(".,!?").lower() for w in text.split()]
@@ -391,12 +460,13 @@ class CallSession:
         utterance = _AgentUtterance(self._next_utterance, reply_to)
         self._next_utterance += 1
         self._utterances[utterance.utterance_id] = utterance
+        self._current_reply_utterance = utterance
         self._set_state(SessionState.RESPONDING)
         self._reply = self._spawn(self._respond(utterance, sentences, ask_model), "reply")
 
     async def _respond(self, utterance: _AgentUtterance, sentences: list[str], ask_model: bool) -> None:
         """Speak fixed sentences, then the model's reply sentence by sentence; end the call if it says so."""
-        end_reason: str | None = None
+        ending: _Ending | None = None
         try:
             chunker = SentenceChunker()
             for text in sentences:
@@ -404,7 +474,7 @@ class CallSession:
                     if sentence:
                         await self._speak(utterance, sentence)
             if ask_model:
-                end_reason = await self._speak_model_reply(utterance)
+                ending = await self._speak_model_reply(utterance)
             if utterance.audio_ms:
                 await self._out.finish(utterance.utterance_id)
                 await utterance.done.wait()  # the final mark came back: the caller heard it all
@@ -419,45 +489,82 @@ class CallSession:
             if self._reply is asyncio.current_task():
                 self._reply = None
         self._last_activity = self._clock()
-        if end_reason is not None:
-            await self._hang_up_after_speaking(end_reason)
+        if ending is not None and ending.transfer_to is not None:
+            await self._transfer_after_speaking(ending.transfer_to, ending.reason)
+        elif ending is not None:
+            await self._hang_up_after_speaking(ending.reason)
         elif self.state is SessionState.RESPONDING:
             self._set_state(SessionState.LISTENING)
 
-    async def _speak_model_reply(self, utterance: _AgentUtterance) -> str | None:
-        """Speak the model's reply as its sentences complete; return why it ends the call, if it does."""
-        end_reason: str | None = None
+    async def _speak_model_reply(self, utterance: _AgentUtterance) -> _Ending | None:
+        """Speak the model's reply as its sentences complete; return how it ends the call, if it does."""
+        ending: _Ending | None = None
         chunker = SentenceChunker()
+        stages = utterance.stage_at
         async for event in self._pipeline.llm.respond(list(self._conversation)):
+            stages.setdefault("llmFirstToken", self._clock())
             match event:
                 case TextDelta(text=text):
                     for sentence in chunker.push(text):
+                        stages.setdefault("firstSentence", self._clock())
                         await self._speak(utterance, sentence)
+                case SendDtmf(digits=digits):
+                    tail = chunker.flush()  # what was said before the keys is spoken before them
+                    if tail:
+                        await self._speak(utterance, tail)
+                    await self._press_keys(utterance, digits)
                 case EndCall(reason=reason):
-                    end_reason = reason
+                    ending = _Ending(reason)
+                case TransferCall(to=to, reason=reason):
+                    ending = _Ending(f"transferred: {reason}" if reason else "transferred", transfer_to=to)
         tail = chunker.flush()
         if tail:
+            stages.setdefault("firstSentence", self._clock())
             await self._speak(utterance, tail)
-        return end_reason
+        return ending
 
     async def _speak(self, utterance: _AgentUtterance, sentence: str) -> None:
         self._current = utterance
         span = _Span(sentence, utterance.audio_ms, utterance.audio_ms)
         utterance.sentences.append(span)
         async for chunk in self._pipeline.tts.synthesize(sentence):
-            if utterance.started_stream_ms is None:
-                utterance.started_stream_ms = self._timeline.stream_ms()
-            await self._out.play(utterance.utterance_id, chunk)
-            utterance.audio_ms += len(chunk) // 8
+            if isinstance(chunk, Alignment):
+                span.aligned_chars.extend(chunk.chars)
+                span.aligned_ms.extend(chunk.start_ms)
+                continue
+            await self._play(utterance, chunk)
             span.end_ms = utterance.audio_ms
         span.complete = True
         self._spoken_ms += span.end_ms - span.start_ms
         self._spoken_chars += len(sentence)
 
+    async def _play(self, utterance: _AgentUtterance, chunk: bytes) -> None:
+        if utterance.started_stream_ms is None:
+            utterance.started_stream_ms = self._timeline.stream_ms()
+            utterance.stage_at.setdefault("ttsFirstByte", self._clock())
+        await self._out.play(utterance.utterance_id, chunk)
+        utterance.audio_ms += len(chunk) // 8
+
+    async def _press_keys(self, utterance: _AgentUtterance, digits: str) -> None:
+        """Play touch tones in the agent's audio (Twilio's stream has no other way to send them)."""
+        try:
+            tones = dtmf_audio(digits)
+        except InvalidDigits as exc:
+            log.warning("call %s: %s", self.context.call_sid, exc)
+            return
+        self._current = utterance
+        span = _Span(f"[DTMF {digits}]", utterance.audio_ms, utterance.audio_ms)
+        utterance.sentences.append(span)
+        await self._play(utterance, tones)
+        span.end_ms = utterance.audio_ms
+        span.complete = True
+
     def _on_mark(self, event: MarkPlayed | MarkFlushed) -> None:
         utterance = self._utterances.get(event.utterance_id)
         if utterance is None:
             return
+        if isinstance(event, MarkPlayed):
+            utterance.stage_at.setdefault("firstMarkEchoed", self._clock())
         if isinstance(event, MarkPlayed) and event.final:
             utterance.done.set()
             if self._current is utterance:
@@ -469,6 +576,7 @@ class CallSession:
         if utterance is None or self.state is not SessionState.RESPONDING:
             return
         log.info("call %s: barge-in (%s)", self.context.call_sid, why)
+        metrics.BARGE_INS.inc()
         if self._reply is not None:
             self._reply.cancel()
             self._reply = None
@@ -493,13 +601,24 @@ class CallSession:
         if not text and not interrupted:
             return
         latency_ms = None
+        breakdown: dict[str, int] | None = None
         first_audio = self._out.first_audio_at.get(utterance.utterance_id)
+        if first_audio is not None:
+            utterance.stage_at.setdefault("firstFrameSent", first_audio)
         if utterance.reply_to_ms is not None and first_audio is not None:
             latency_ms = max(0, round((first_audio - utterance.reply_to_ms) * 1000))
             self._latencies.append(latency_ms)
+            breakdown = {
+                stage: max(0, round((utterance.stage_at[stage] - utterance.reply_to_ms) * 1000))
+                for stage in _STAGES
+                if stage in utterance.stage_at
+            }
+            metrics.observe_turn(breakdown)
         start_ms = utterance.started_stream_ms or 0
         end_ms = start_ms + (played_ms if interrupted else utterance.audio_ms)
-        self._record_turn("agent", text, start_ms, end_ms, interrupted=interrupted, latency_ms=latency_ms)
+        self._record_turn(
+            "agent", text, start_ms, end_ms, interrupted=interrupted, latency_ms=latency_ms, latency=breakdown
+        )
         if text:
             self._conversation.append(ConversationTurn(role="agent", text=text))
 
@@ -512,6 +631,7 @@ class CallSession:
         *,
         interrupted: bool,
         latency_ms: int | None,
+        latency: dict[str, int] | None = None,
     ) -> None:
         self._writer.record_turn(
             TurnRecord(
@@ -522,6 +642,7 @@ class CallSession:
                 end_ms=end_ms,
                 interrupted=interrupted,
                 latency_ms=latency_ms,
+                latency=latency,
             )
         )
         self._turn_index += 1
@@ -562,6 +683,22 @@ class CallSession:
         if self.state is not SessionState.ENDED:
             self._set_state(SessionState.ENDING)
         await self._hang_up_now(reason)
+
+    async def _transfer_after_speaking(self, to: str, reason: str) -> None:
+        """Hand the caller to `to` through Twilio; if that fails the agent says so and the call goes on."""
+        if self._transfer is not None and await self._transfer(self.context.call_sid, to):
+            if self.state is not SessionState.ENDED:
+                self._set_state(SessionState.ENDING)
+            self._end_reason = reason
+            # Twilio leaves our stream for the <Dial> and sends `stop`; wait a little for it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), timeout=HANGUP_GRACE_SECONDS)
+            self._end(CallStatus.COMPLETED, reason)
+            return
+        log.warning("call %s: transfer to %s failed", self.context.call_sid, to)
+        if self.state is SessionState.RESPONDING:
+            self._set_state(SessionState.LISTENING)
+        self._start_reply([TRANSFER_FAILED], ask_model=False, reply_to=None)
 
     async def _hang_up_now(self, reason: str) -> None:
         """End the call from our side: through Twilio's REST API when we can, else by closing the stream."""

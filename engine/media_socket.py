@@ -9,14 +9,18 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import asyncpg
 from aiohttp import WSMsgType, web
 
-from config.agent import AgentConfigurationError, parse_agent_configuration
+from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
+from engine import metrics
 from engine.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
 from engine.call_log_writer import CallLogWriter, CallOutcome
 from engine.call_session import CallContext, CallSession
+from engine.call_setup import PreparedCall, prepare_call
+from engine.outbound_audio import SendText
 from engine.recording_io import RECORDING_IO
 from engine.recordings import RECORDING_KEY, recording_url
 from engine.recovery import NODE_ID
@@ -24,11 +28,15 @@ from engine.twilio_signature import SIGNATURE_HEADER, public_base_url, signature
 from engine.twilio_webhooks import CALL_LOG_PARAMETER
 from media.recording import StereoWavRecorder
 from media.twilio_stream import MalformedMessage, Started, StreamProtocolError, TwilioStream
-from pipelines.registry import PathSource, PipelineUnavailable, VoiceChoice, build_pipeline
+from pipelines.registry import Pipeline, PipelineUnavailable, RealtimePlan, build_pipeline, plan_realtime
+from pipelines.tools import ToolConfigurationError
 from storage import agents, call_logs
 from storage.call_logs import CallLog, InvalidCallTransition
 from storage.enums import CallStatus
 from storage.recordings import recording_path
+
+if TYPE_CHECKING:
+    from engine.realtime_session import RealtimeCallSession
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +112,57 @@ async def _fail(pool: asyncpg.Pool, call_log: CallLog, reason: str) -> None:
         )
 
 
+def _make_session(
+    app: web.Application,
+    context: CallContext,
+    config: AgentConfiguration,
+    *,
+    prepared: PreparedCall,
+    realtime: RealtimePlan | None,
+    pipeline: Pipeline | None,
+    stream: TwilioStream,
+    send: SendText,
+    writer: CallLogWriter,
+    recorder: StereoWavRecorder | None,
+) -> CallSession | RealtimeCallSession:
+    """The call's session: speech to speech for a realtime agent, else the stt → llm → tts pipeline."""
+    twilio = app.get(TWILIO)
+    hang_up = twilio.hang_up if twilio is not None else None
+    transfer = twilio.transfer if twilio is not None else None
+    if realtime is not None:
+        from engine.realtime_session import RealtimeCallSession  # speech-to-speech agents only
+        from pipelines.realtime.openai_realtime import realtime_client
+
+        return RealtimeCallSession(
+            context=context,
+            config=config,
+            client=realtime_client(realtime.api_key, realtime.base_url),
+            instructions=prepared.context.instructions,
+            stream=stream,
+            send=send,
+            writer=writer,
+            recorder=recorder,
+            hang_up=hang_up,
+            transfer=transfer,
+            tools=prepared.context.tools,
+            first_sentence=prepared.first_sentence,
+            realtime=realtime.config,
+        )
+    assert pipeline is not None
+    return CallSession(
+        context=context,
+        config=config,
+        pipeline=pipeline,
+        stream=stream,
+        send=send,
+        writer=writer,
+        recorder=recorder,
+        hang_up=hang_up,
+        transfer=transfer,
+        first_sentence=prepared.first_sentence,
+    )
+
+
 async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     app = request.app
     settings, pool = app[SETTINGS], app[DATABASE].pool
@@ -124,12 +183,14 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     bundle = await agents.load_agent_bundle(pool, organization_id=call_log.organization_id, agent_id=call_log.agent_id)
     try:
         config = parse_agent_configuration(bundle.agent.configuration)
-        pipeline = build_pipeline(
-            config,
-            paths=[PathSource(p.id, p.nodes, p.edges) for p in bundle.conversation_paths],
-            voice=VoiceChoice(bundle.voice.provider, bundle.voice.provider_voice_id) if bundle.voice else None,
+        prepared = await prepare_call(pool, settings=settings, config=config, bundle=bundle, call_log=call_log)
+        realtime = plan_realtime(config, prepared.context) if config.realtime else None
+        pipeline = (
+            None
+            if realtime
+            else build_pipeline(config, paths=prepared.paths, voice=prepared.voice, context=prepared.context)
         )
-    except (AgentConfigurationError, PipelineUnavailable) as exc:
+    except (AgentConfigurationError, PipelineUnavailable, ToolConfigurationError) as exc:
         log.error("call %s: cannot build the agent's pipeline: %s", started.call_sid, exc)
         await _fail(pool, call_log, f"pipeline_unavailable: {exc}")
         return
@@ -151,18 +212,20 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         agent_id=call_log.agent_id,
         node_id=app[NODE_ID],
     )
-    twilio = app.get(TWILIO)
-    session = CallSession(
-        context=CallContext(call_log.id, call_log.organization_id, call_log.agent_id, started.call_sid),
-        config=config,
+    session = _make_session(
+        app,
+        CallContext(call_log.id, call_log.organization_id, call_log.agent_id, started.call_sid),
+        config,
+        prepared=prepared,
+        realtime=realtime,
         pipeline=pipeline,
         stream=stream,
         send=send,
         writer=writer,
         recorder=recorder,
-        hang_up=twilio.hang_up if twilio is not None else None,
     )
     app[LIVE_CALLS].add(call_log.id, session)
+    metrics.CALLS_LIVE.inc()
     began = time.monotonic()
     try:
         outcome = await session.run(frames)
@@ -175,6 +238,8 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         )
     finally:
         app[LIVE_CALLS].remove(call_log.id)
+        metrics.CALLS_LIVE.dec()
+    metrics.CALLS_ENDED.labels(outcome.status.value).inc()
     if recorder is not None:
         info = await app[RECORDING_IO].close(recorder)
         base = public_base_url(request, settings)

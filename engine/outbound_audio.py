@@ -2,8 +2,9 @@
 
 Twilio buffers whatever it is sent and plays it in order, so audio could go out all at once; pacing it
 `lead_ms` ahead instead keeps Twilio's buffer (and what a `clear` throws away) short, and puts the agent's
-audio in the recording where the caller heard it. Marks every `mark_every_ms` of an utterance and at its
-end let the PlaybackClock say how much of it the caller heard.
+audio in the recording where the caller heard it. Marks after an utterance's first chunk, every
+`mark_every_ms` and at its end let the PlaybackClock say when the caller began hearing it and how much they
+heard.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ class OutboundAudio:
             if self._recorder is not None:
                 self._recorder.write_agent(chunk, self._timeline.stream_ms(self._cursor))
             self._cursor += len(chunk) / BYTES_PER_MS / 1000
+            first = utterance_id not in self._since_mark
             sent = self._since_mark.get(utterance_id, 0) + len(chunk)
-            if sent >= self._mark_every_bytes:
+            if first or sent >= self._mark_every_bytes:  # the first mark's echo: the caller hears the agent
                 await self._send(self._stream.send_mark(utterance_id))
                 sent = 0
             self._since_mark[utterance_id] = sent

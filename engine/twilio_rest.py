@@ -1,4 +1,4 @@
-"""Twilio's REST API through the twilio package's async client: hanging up (and, later, placing) calls."""
+"""Twilio's REST API through the twilio package's async client: hanging up and transferring (later, placing) calls."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 from twilio.base.exceptions import TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
+from twilio.twiml.voice_response import VoiceResponse
 
 from config.settings import Settings
 
@@ -42,6 +43,21 @@ class TwilioCalls:
             return False
         except (OSError, TimeoutError) as exc:
             log.warning("could not reach Twilio to hang up %s: %s", call_sid, exc)
+            return False
+        return True
+
+    async def transfer(self, call_sid: str, to: str, *, caller_id: str | None = None) -> bool:
+        """Cold-transfer a call: Twilio leaves our media stream and dials `to`; False (logged) if it refused."""
+        twiml = VoiceResponse()
+        dial = twiml.dial(caller_id=caller_id) if caller_id else twiml.dial()
+        dial.number(to)
+        try:
+            await self._client.calls(call_sid).update_async(twiml=str(twiml))
+        except TwilioRestException as exc:
+            log.warning("Twilio refused to transfer %s: %s %s", call_sid, exc.status, exc.msg)
+            return False
+        except (OSError, TimeoutError) as exc:
+            log.warning("could not reach Twilio to transfer %s: %s", call_sid, exc)
             return False
         return True
 

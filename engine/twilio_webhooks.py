@@ -11,7 +11,9 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from config.agent import AgentConfigurationError, parse_agent_configuration
 from engine.appkeys import DATABASE, SETTINGS
+from engine.call_setup import provider_context
 from engine.twilio_signature import public_base_url, signature_is_valid
+from pipelines.registry import PipelineUnavailable, check_pipeline
 from storage import agents, call_logs, organizations, phone_numbers
 from storage.call_logs import InvalidCallTransition
 from storage.enums import CallStatus, CallType, PhoneNumberStatus
@@ -88,9 +90,16 @@ async def handle_voice(request: web.Request) -> web.Response:
         log.info("call %s to %s: no active inbound agent", call_sid, called)
         return refusal(NO_AGENT)
     try:
-        parse_agent_configuration(agent.configuration)
+        config = parse_agent_configuration(agent.configuration)
     except AgentConfigurationError as exc:
         log.error("call %s: agent %s has an invalid configuration: %s", call_sid, agent.id, exc)
+        return refusal(MISCONFIGURED)
+    bundle = await agents.load_agent_bundle(pool, organization_id=agent.organization_id, agent_id=agent.id)
+    try:
+        check_pipeline(config, provider_context(settings, bundle))
+    except PipelineUnavailable as exc:
+        # Most often a missing API key: the caller hears an apology, the operator reads which key in the log.
+        log.error("call %s: agent %s cannot run: %s", call_sid, agent.id, exc)
         return refusal(MISCONFIGURED)
     if not await organizations.has_credits(pool, organization_id=agent.organization_id):
         log.info("call %s: organization %s is out of credits", call_sid, agent.organization_id)

@@ -63,6 +63,8 @@ class VoiceActivityDetector:
         # Compare the sum of squares of a frame directly, so no sqrt or log per frame.
         samples_per_frame = PCM_FRAME_BYTES // 2
         self._energy_floor = samples_per_frame * (32768.0 * 10 ** (energy_floor_dbfs / 20)) ** 2
+        self.last_frame_voiced = False
+        """Whether the frame just processed was speech (for timing when the caller stopped talking)."""
         self._frames = 0
         self._voiced_run = 0
         self._silent_run = 0
@@ -97,6 +99,7 @@ class VoiceActivityDetector:
         """Feed one 20 ms frame of 8 kHz PCM16 (320 bytes) and return the event it causes, if any."""
         voiced = self.is_voiced(pcm_frame)
         self._frames += 1
+        self.last_frame_voiced = voiced
         if not self._speaking:
             self._voiced_run = self._voiced_run + 1 if voiced else 0
             if self._voiced_run < self._start_frames:

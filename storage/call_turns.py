@@ -22,7 +22,7 @@ Speaker = Literal["caller", "agent"]
 
 _COLUMNS = (
     '"id", "organizationId", "callLogId", "index", "speaker", "text", "startMs", "endMs", "interrupted", '
-    '"latencyMs", "createdAt"'
+    '"latencyMs", "latency", "createdAt"'
 )
 _SPEAKER_LABELS: Mapping[str, str] = {"caller": "Caller", "agent": "Agent"}
 
@@ -38,6 +38,8 @@ class TurnRecord:
     end_ms: int
     interrupted: bool = False
     latency_ms: int | None = None
+    latency: Mapping[str, int] | None = None
+    """An agent turn's stages, ms after the caller stopped speaking (sttEndOfTurn, llmFirstToken, ...)."""
 
 
 class CallTurn(Record):
@@ -53,6 +55,7 @@ class CallTurn(Record):
     end_ms: int
     interrupted: bool
     latency_ms: int | None
+    latency: dict[str, int] | None
     created_at: datetime
 
 
@@ -97,11 +100,12 @@ async def insert_turns(
                     f"""
                     INSERT INTO "CallTurn"
                         ("id", "organizationId", "callLogId", "index", "speaker", "text", "startMs", "endMs",
-                         "interrupted", "latencyMs")
-                    SELECT t.id, $1, $2, t.index, t.speaker, t.text, t.start_ms, t.end_ms, t.interrupted, t.latency_ms
+                         "interrupted", "latencyMs", "latency")
+                    SELECT t.id, $1, $2, t.index, t.speaker, t.text, t.start_ms, t.end_ms, t.interrupted, t.latency_ms,
+                           t.latency
                     FROM unnest($3::text[], $4::int[], $5::text[], $6::text[], $7::int[], $8::int[], $9::bool[],
-                                $10::int[])
-                        AS t(id, index, speaker, text, start_ms, end_ms, interrupted, latency_ms)
+                                $10::int[], $11::jsonb[])
+                        AS t(id, index, speaker, text, start_ms, end_ms, interrupted, latency_ms, latency)
                     ORDER BY t.index
                     ON CONFLICT ("callLogId", "index") DO NOTHING
                     RETURNING {_COLUMNS}
@@ -116,6 +120,7 @@ async def insert_turns(
                     [t.end_ms for t in turns],
                     [t.interrupted for t in turns],
                     [t.latency_ms for t in turns],
+                    [dict(t.latency) if t.latency is not None else None for t in turns],
                 )
         inserted = sorted(CallTurn.from_rows(rows), key=lambda turn: turn.index)
         lines = "\n".join(transcript_line(t.speaker, t.text, interrupted=t.interrupted) for t in inserted)

@@ -1,0 +1,150 @@
+"""What a call needs before its first word: the agent's configuration, prompt, functions, keys and voice.
+
+The voice webhook uses `provider_context` with `check_pipeline` to refuse a call its agent cannot run (a
+missing key) before answering it; the media socket uses `prepare_call` to build the call's providers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import phonenumbers
+
+from config.agent import AgentConfiguration, ElevenLabsTTSConfig
+from config.settings import Settings
+from engine import metrics
+from pipelines.fallback import OnFailover
+from pipelines.llm.prompt import call_variables, render_prompt
+from pipelines.registry import PathSource, ProviderContext, VoiceChoice
+from pipelines.tools import ToolRunner, agent_functions
+from storage import campaigns, voices
+from storage.agents import AgentBundle
+from storage.call_logs import CallLog
+from storage.records import Queryable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INSTRUCTIONS = (
+    "You are a helpful, concise phone agent. Speak in short, natural sentences; never use lists, markdown or emoji. "
+    "When the caller is done, say goodbye and use end_call."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedCall:
+    """Everything the session of one call is built from."""
+
+    context: ProviderContext
+    first_sentence: str | None
+    paths: list[PathSource]
+    voice: VoiceChoice | None
+    variables: Mapping[str, Any]
+
+
+def tool_keys(bundle: AgentBundle) -> dict[str, str]:
+    """API keys kept in the agent's Tools (`configuration.apiKey`), by Tool id."""
+    keys = {}
+    for tool in bundle.tools:
+        key = tool.configuration.get("apiKey") if isinstance(tool.configuration, dict) else None
+        if isinstance(key, str) and key:
+            keys[tool.id] = key
+    return keys
+
+
+def provider_context(settings: Settings, bundle: AgentBundle) -> ProviderContext:
+    """Keys and endpoints only: enough to tell whether the agent's providers can run."""
+    return ProviderContext(settings=settings, tool_keys=tool_keys(bundle))
+
+
+async def prepare_call(
+    db: Queryable,
+    *,
+    settings: Settings,
+    config: AgentConfiguration,
+    bundle: AgentBundle,
+    call_log: CallLog,
+    on_failover: OnFailover | None = None,
+    now: datetime | None = None,
+) -> PreparedCall:
+    """Fill the prompt, gather the agent's functions and voices, and pick the first sentence for one call.
+
+    A campaign call speaks its campaign's taskPrompt and firstSentence when they are set; per-call variables
+    (CallLog.metadata.variables, e.g. a recipient's columns) fill `{{...}}` placeholders with the agent's own.
+    """
+    campaign = None
+    if call_log.campaign_id is not None:
+        campaign = await campaigns.get_campaign(
+            db, organization_id=call_log.organization_id, campaign_id=call_log.campaign_id
+        )
+    extra: dict[str, Any] = dict(config.variables)
+    per_call = call_log.metadata.get("variables")
+    if isinstance(per_call, dict):
+        extra.update(per_call)
+    variables = call_variables(
+        now=now or datetime.now(UTC),
+        timezone=config.timezone,
+        customer_number=call_log.phone_number,
+        customer_name=call_log.customer,
+        direction=call_log.call_type.value.lower(),
+        extra=extra,
+    )
+    template = (campaign.task_prompt if campaign and campaign.task_prompt else None) or config.prompt
+    rendered = render_prompt(template or DEFAULT_INSTRUCTIONS, variables)
+    if rendered.missing:
+        log.warning("call %s: prompt variables without a value: %s", call_log.call_id, ", ".join(rendered.missing))
+    first_template = (
+        campaign.first_sentence if campaign and campaign.first_sentence else None
+    ) or config.first_sentence
+    first_sentence = render_prompt(first_template, variables).text if first_template else None
+
+    runner = ToolRunner(
+        agent_functions(bundle.tools),
+        call={
+            "callLogId": call_log.id,
+            "callSid": call_log.call_id,
+            "agentId": call_log.agent_id,
+            "customer": call_log.phone_number,
+        },
+        allow_private=settings.allow_private_tool_urls,
+    )
+    voice_ids: dict[str, str] = {}
+    if any(isinstance(option, ElevenLabsTTSConfig) and option.voice for option in config.tts):
+        for voice in await voices.list_voices(db, organization_id=call_log.organization_id):
+            if voice.provider == "elevenlabs" and voice.provider_voice_id:
+                voice_ids.setdefault(voice.name.lower(), voice.provider_voice_id)
+    context = ProviderContext(
+        settings=settings,
+        tool_keys=tool_keys(bundle),
+        instructions=rendered.text,
+        tools=runner,
+        voice_ids=voice_ids,
+        on_failover=on_failover or count_failover,
+        default_region=_region(bundle.phone_number.phone_number if bundle.phone_number else call_log.phone_number),
+    )
+    return PreparedCall(
+        context=context,
+        first_sentence=first_sentence,
+        paths=[PathSource(p.id, p.nodes, p.edges) for p in bundle.conversation_paths],
+        voice=VoiceChoice(bundle.voice.provider, bundle.voice.provider_voice_id) if bundle.voice else None,
+        variables=variables,
+    )
+
+
+def _region(number: str | None) -> str | None:
+    if not number:
+        return None
+    try:
+        return phonenumbers.region_code_for_number(phonenumbers.parse(number)) or None
+    except phonenumbers.NumberParseException:
+        return None
+
+
+def count_failover(stage: str, failed: str, replacement: str) -> None:
+    """Count a provider switch (and log it: operators want to know their primary is failing)."""
+    log.warning("%s provider %s failed; the call goes on with %s", stage, failed, replacement)
+    metrics.PROVIDER_FAILOVERS.labels(stage, replacement).inc()
+    metrics.PROVIDER_ERRORS.labels(stage, failed).inc()

@@ -1,0 +1,60 @@
+"""Prometheus metrics of the engine, served at `/metrics`.
+
+Per-turn latency is exported stage by stage (the same stages each agent turn stores in CallTurn.latency),
+so a dashboard shows where response time goes: recognizer, model, synthesizer or the engine itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# Voice-agent latencies live between ~50 ms and a few seconds.
+_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+TURN_STAGE_SECONDS = Histogram(
+    "dialtone_turn_stage_seconds",
+    "Time from the caller stopping speaking to each stage of the agent's answer.",
+    ["stage"],
+    buckets=_BUCKETS,
+    registry=REGISTRY,
+)
+TURN_LATENCY_SECONDS = Histogram(
+    "dialtone_turn_latency_seconds",
+    "Voice to voice: the caller stopping speaking to the agent's first audio frame sent to Twilio.",
+    buckets=_BUCKETS,
+    registry=REGISTRY,
+)
+CALLS_LIVE = Gauge("dialtone_calls_live", "Calls with a media stream running on this engine.", registry=REGISTRY)
+CALLS_ENDED = Counter(
+    "dialtone_calls_ended_total", "Calls finished by this engine, by final status.", ["status"], registry=REGISTRY
+)
+BARGE_INS = Counter("dialtone_barge_ins_total", "Times a caller interrupted the agent.", registry=REGISTRY)
+PROVIDER_FAILOVERS = Counter(
+    "dialtone_provider_failovers_total",
+    "Times a call moved to its next provider for a stage.",
+    ["stage", "provider"],
+    registry=REGISTRY,
+)
+PROVIDER_ERRORS = Counter(
+    "dialtone_provider_errors_total", "Provider failures seen by calls.", ["stage", "provider"], registry=REGISTRY
+)
+
+
+def observe_turn(stages_ms: Mapping[str, int]) -> None:
+    """Record one agent turn's stage latencies (ms after the caller stopped speaking)."""
+    for stage, ms in stages_ms.items():
+        TURN_STAGE_SECONDS.labels(stage).observe(ms / 1000)
+    first_frame = stages_ms.get("firstFrameSent")
+    if first_frame is not None:
+        TURN_LATENCY_SECONDS.observe(first_frame / 1000)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    """GET /metrics: every metric in Prometheus' text format."""
+    body = generate_latest(REGISTRY)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,202 @@
+"""Providers tried in order: when one fails, the call goes on with the next, losing no turn.
+
+A stage configured as a list (`"stt": [{"provider": "deepgram"}, {"provider": "sphinx"}]`) becomes one of
+these wrappers. Each moves on only when its current provider fails before it delivered anything it cannot take
+back: a recognizer's failure mid-turn replays the caller's current turn into the next one; a model or
+synthesizer that fails before its first output is simply replaced for this reply and the rest of the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+from pipelines.llm.base import ConversationTurn, LanguageModel, LLMError, LLMEvent
+from pipelines.stt.base import EndOfTurn, SpeechToText, STTError, STTEvent
+from pipelines.tts.base import Alignment, TextToSpeech, TTSError
+
+log = logging.getLogger(__name__)
+
+OnFailover = Callable[[str, str, str], None]
+"""Called as (stage, failed provider, next provider) when a call moves on."""
+
+BYTES_PER_MS = 8
+
+
+@runtime_checkable
+class Prewarmable(Protocol):
+    """A provider that can open its connections before the first use, off the latency path."""
+
+    async def prewarm(self) -> None:
+        """Open what the first request will need."""
+        ...
+
+
+class FallbackSTT:
+    """Speech-to-text over several recognizers, in order; the caller's current turn survives a switch."""
+
+    def __init__(
+        self,
+        providers: Sequence[tuple[str, Callable[[], SpeechToText]]],
+        *,
+        replay_ms: int = 10_000,
+        on_failover: OnFailover | None = None,
+    ) -> None:
+        """`providers` are (name, factory) pairs; at most `replay_ms` of the current turn is replayed on a switch."""
+        self._providers = list(providers)
+        self._index = -1
+        self._active: SpeechToText | None = None
+        self._recent = bytearray()  # the caller's audio since the last end of turn, bounded
+        self._max_recent = replay_ms * BYTES_PER_MS
+        self._received_bytes = 0
+        self._offset_ms = 0  # where the active recognizer's stream began on the call's timeline
+        self._on_failover = on_failover
+
+    @property
+    def active_name(self) -> str | None:
+        """The provider now listening."""
+        return self._providers[self._index][0] if self._active is not None else None
+
+    async def start(self) -> None:
+        """Start the first provider that starts."""
+        await self._start_next(replay=False)
+
+    async def _start_next(self, *, replay: bool) -> None:
+        errors: list[str] = []
+        while self._index + 1 < len(self._providers):
+            self._index += 1
+            name, factory = self._providers[self._index]
+            candidate = factory()
+            try:
+                await candidate.start()
+            except STTError as exc:
+                log.warning("stt %s could not start: %s", name, exc)
+                errors.append(f"{name}: {exc}")
+                continue
+            self._active = candidate
+            self._offset_ms = (self._received_bytes - (len(self._recent) if replay else 0)) // BYTES_PER_MS
+            if replay and self._recent:
+                candidate.send_audio(bytes(self._recent))
+            return
+        self._active = None
+        raise STTError("; ".join(errors) or "no speech-to-text provider left")
+
+    def send_audio(self, ulaw: bytes) -> None:
+        """Pass audio to the active recognizer and keep it for a replay."""
+        self._received_bytes += len(ulaw)
+        self._recent += ulaw
+        if len(self._recent) > 2 * self._max_recent:  # trimmed in bulk: no memmove per frame
+            del self._recent[: len(self._recent) - self._max_recent]
+        if self._active is not None:
+            self._active.send_audio(ulaw)
+
+    async def events(self) -> AsyncIterator[STTEvent]:
+        """The active recognizer's events, on the call's timeline, across switches."""
+        while self._active is not None:
+            active = self._active
+            try:
+                async for event in active.events():
+                    if isinstance(event, EndOfTurn):
+                        self._recent.clear()
+                    yield dataclasses.replace(event, at_ms=event.at_ms + self._offset_ms)
+                return
+            except STTError as exc:
+                failed = self._providers[self._index][0]
+                log.warning("stt %s failed mid-call: %s; trying the next provider", failed, exc)
+                await _quietly(active.close)
+                await self._start_next(replay=True)  # raises STTError when none is left
+                if self._on_failover is not None:
+                    self._on_failover("stt", failed, self._providers[self._index][0])
+
+    async def close(self) -> None:
+        """Close the active recognizer."""
+        if self._active is not None:
+            await _quietly(self._active.close)
+
+
+class FallbackLLM:
+    """A language model over several providers: one that fails before saying anything is replaced."""
+
+    def __init__(
+        self, providers: Sequence[tuple[str, LanguageModel]], *, on_failover: OnFailover | None = None
+    ) -> None:
+        """`providers` are (name, model) pairs in order of preference."""
+        self._providers = list(providers)
+        self._index = 0
+        self._on_failover = on_failover
+
+    @property
+    def scripted_opening(self) -> bool:
+        """As the current provider says."""
+        return self._providers[self._index][1].scripted_opening
+
+    async def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncIterator[LLMEvent]:
+        """The current provider's reply; on a failure before its first event, the next provider's."""
+        while True:
+            name, model = self._providers[self._index]
+            produced = False
+            try:
+                async for event in model.respond(conversation):
+                    produced = True
+                    yield event
+                return
+            except LLMError as exc:
+                if produced or self._index + 1 >= len(self._providers):
+                    raise
+                log.warning("llm %s failed: %s; trying the next provider", name, exc)
+                self._index += 1
+                if self._on_failover is not None:
+                    self._on_failover("llm", name, self._providers[self._index][0])
+
+    async def close(self) -> None:
+        """Close every provider."""
+        for _, model in self._providers:
+            await _quietly(model.close)
+
+
+class FallbackTTS:
+    """A synthesizer over several providers: one that fails before its first audio is replaced."""
+
+    def __init__(self, providers: Sequence[tuple[str, TextToSpeech]], *, on_failover: OnFailover | None = None) -> None:
+        """`providers` are (name, synthesizer) pairs in order of preference."""
+        self._providers = list(providers)
+        self._index = 0
+        self._on_failover = on_failover
+
+    async def prewarm(self) -> None:
+        """Let the current provider open its connections."""
+        current = self._providers[self._index][1]
+        if isinstance(current, Prewarmable):
+            await current.prewarm()
+
+    async def synthesize(self, text: str) -> AsyncIterator[bytes | Alignment]:
+        """The current provider's audio; on a failure before its first audio, the next provider's."""
+        while True:
+            name, tts = self._providers[self._index]
+            produced = False
+            try:
+                async for chunk in tts.synthesize(text):
+                    produced = produced or isinstance(chunk, bytes)
+                    yield chunk
+                return
+            except TTSError as exc:
+                if produced or self._index + 1 >= len(self._providers):
+                    raise
+                log.warning("tts %s failed: %s; trying the next provider", name, exc)
+                self._index += 1
+                if self._on_failover is not None:
+                    self._on_failover("tts", name, self._providers[self._index][0])
+
+    async def close(self) -> None:
+        """Close every provider."""
+        for _, tts in self._providers:
+            await _quietly(tts.close)
+
+
+async def _quietly(close: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await close()
+    except Exception:
+        log.exception("closing a provider failed")

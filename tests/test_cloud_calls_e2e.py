@@ -1,0 +1,356 @@
+"""Whole calls through the real server on the cloud pipelines: Deepgram, OpenAI and ElevenLabs through their real
+SDKs (and our own ElevenLabs WebSocket client), each pointed at a local fake speaking the vendor's wire protocol;
+Twilio's side played by the simulator; real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+
+from config.agent import parse_agent_configuration
+from engine.simulator import CallResult, Pause, Say, simulate_call
+from storage import agents, organizations, phone_numbers, tools
+from storage.enums import AgentStatus, CallerType
+from tests.engine_server import running_engine
+from tests.fakes.deepgram import FakeDeepgram
+from tests.fakes.elevenlabs import FakeElevenLabs
+from tests.fakes.openai_chat import FakeOpenAI, ToolCall
+from tests.fakes.openai_realtime import FakeRealtime
+from tests.fakes.server import serve
+from tests.test_calls_e2e import call_log as finished_log
+from tests.test_calls_e2e import turns
+
+TOKEN = "cloud-auth-token-0123456789abcdef"
+CALLER = "+14155550123"
+DG_KEY, OPENAI_KEY, EL_KEY = "dg-key-e2e", "sk-key-e2e", "el-key-e2e"
+_numbers = itertools.count(300)
+
+CLOUD = {
+    "stt": {"provider": "deepgram", "endpointing": 300},
+    "llm": {"provider": "openai", "model": "gpt-4o-mini", "temperature": 0.4},
+    "tts": {"provider": "elevenlabs", "voice": "june"},
+}
+
+
+class Fakes:
+    """The three vendors' fakes of one test module."""
+
+    def __init__(self, deepgram: FakeDeepgram, openai: FakeOpenAI, elevenlabs: FakeElevenLabs) -> None:
+        self.deepgram, self.openai, self.elevenlabs = deepgram, openai, elevenlabs
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "deepgram_api_key": DG_KEY,
+            "openai_api_key": OPENAI_KEY,
+            "elevenlabs_api_key": EL_KEY,
+            "deepgram_url": self.deepgram.url,
+            "openai_base_url": self.openai.base_url,
+            "elevenlabs_url": self.elevenlabs.url,
+            "allow_private_tool_urls": True,  # the tools' webhooks below listen on 127.0.0.1
+        }
+
+
+@pytest.fixture(scope="module")
+async def fakes() -> AsyncIterator[Fakes]:
+    async with (
+        FakeDeepgram(api_key=DG_KEY) as deepgram,
+        FakeOpenAI(api_key=OPENAI_KEY) as openai,
+        FakeElevenLabs(api_key=EL_KEY, ms_per_char=40) as elevenlabs,
+    ):
+        yield Fakes(deepgram, openai, elevenlabs)
+
+
+@pytest.fixture(scope="module")
+async def engine(db_url: str, fakes: Fakes) -> AsyncIterator[str]:
+    async with running_engine(db_url, twilio_auth_token=TOKEN, **fakes.settings()) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+async def organization_id(pool: asyncpg.Pool) -> str:
+    org = await organizations.create_organization(pool, name="Cloud", slug="cloud-e2e", credits=500)
+    return org.id
+
+
+async def make_line(pool: asyncpg.Pool, organization_id: str, **configuration: Any) -> tuple[str, str]:
+    """A number answered by a new agent with the cloud pipeline (overridable); returns (number, agent id)."""
+    number = await phone_numbers.create_phone_number(
+        pool, organization_id=organization_id, phone_number=f"+1555556{next(_numbers):04d}"
+    )
+    agent = await agents.create_agent(
+        pool,
+        organization_id=organization_id,
+        name=f"cloud agent {number.phone_number}",
+        status=AgentStatus.ACTIVE,
+        caller_type=CallerType.INBOUND,
+        phone_number_id=number.id,
+        configuration=parse_agent_configuration({**CLOUD, **configuration}).to_json(),
+    )
+    return number.phone_number, agent.id
+
+
+async def call(engine: str, number: str, *steps: Any, timeout_s: float = 60) -> CallResult:
+    return await simulate_call(engine, to=number, from_=CALLER, script=steps, auth_token=TOKEN, timeout_s=timeout_s)
+
+
+async def test_a_call_through_deepgram_openai_and_elevenlabs(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    number, _ = await make_line(
+        pool,
+        organization_id,
+        firstSentence="Hello, this is the clinic.",
+        prompt="You book appointments. The caller's number is {{customer.number}}.",
+    )
+    fakes.deepgram.transcripts.extend(["I need to reschedule my appointment."])
+    fakes.openai.replies.extend(["Of course. Which day works best for you?"])
+    result = await call(engine, number, Say("I need to reschedule my appointment"), Pause(300))
+    log = await finished_log(pool, result)
+    assert log["status"] == "COMPLETED", log["metadata"]
+    rows = await turns(pool, log["id"])
+    assert [(r["speaker"], r["text"]) for r in rows] == [
+        ("agent", "Hello, this is the clinic."),
+        ("caller", "I need to reschedule my appointment."),
+        ("agent", "Of course. Which day works best for you?"),
+    ]
+    # The model saw the filled-in prompt and the conversation in its roles.
+    request = fakes.openai.requests[-1]
+    assert request["messages"][0] == {
+        "role": "system",
+        "content": f"You book appointments. The caller's number is {CALLER}.",
+    }
+    assert request["messages"][1:] == [
+        {"role": "assistant", "content": "Hello, this is the clinic."},
+        {"role": "user", "content": "I need to reschedule my appointment."},
+    ]
+    assert {tool["function"]["name"] for tool in request["tools"]} >= {"end_call", "transfer_call", "send_dtmf"}
+    # Deepgram got μ-law 8 kHz straight from Twilio, configured as the agent says.
+    query = fakes.deepgram.queries[-1]
+    assert (query["encoding"], query["sample_rate"], query["endpointing"]) == ("mulaw", "8000", "300")
+    assert fakes.elevenlabs.queries[-1]["output_format"] == "ulaw_8000"
+    # Every stage of the answer's latency is stored, in order, and exported.
+    breakdown = rows[2]["latency"]
+    stages = ["sttEndOfTurn", "llmFirstToken", "firstSentence", "ttsFirstByte", "firstFrameSent", "firstMarkEchoed"]
+    assert set(breakdown) == set(stages), breakdown
+    assert [breakdown[s] for s in stages] == sorted(breakdown[s] for s in stages)
+    assert rows[2]["latencyMs"] == breakdown["firstFrameSent"]
+    async with aiohttp.ClientSession() as http, http.get(f"{engine}/metrics") as response:
+        text = await response.text()
+    assert 'dialtone_turn_stage_seconds_count{stage="llmFirstToken"}' in text
+    assert "dialtone_turn_latency_seconds_count" in text
+
+
+async def test_barge_in_mid_sentence_cuts_the_agent_turn_at_the_words_heard(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    number, _ = await make_line(pool, organization_id, firstSentence="Hi.")
+    long_reply = (
+        "We are open every weekday from eight in the morning until six in the evening, and on Saturdays "
+        "from nine until one, except on public holidays when the whole clinic stays closed all day long."
+    )
+    fakes.deepgram.transcripts.extend(["What are your hours?", "Thanks, that's all."])
+    fakes.openai.replies.extend([long_reply, "You're welcome."])
+    result = await call(
+        engine, number, Say("What are your hours"), Say("thanks that is all", barge_in_after_ms=2500), Pause(300)
+    )
+    log = await finished_log(pool, result)
+    rows = await turns(pool, log["id"])
+    interrupted = [r for r in rows if r["speaker"] == "agent" and r["interrupted"]]
+    assert len(interrupted) == 1, [(r["speaker"], r["text"], r["interrupted"]) for r in rows]
+    heard = interrupted[0]["text"]
+    assert heard and long_reply.startswith(heard) and len(heard) < len(long_reply) // 2
+    assert long_reply[len(heard)] == " "  # cut between words, by ElevenLabs' alignment
+    assert result.clears and result.marks_flushed
+    # No stale audio: the caller heard nothing of the long reply after the clear but the next answer.
+    assert rows[-1]["speaker"] == "agent" and rows[-1]["text"] == "You're welcome."
+
+
+@pytest.fixture
+async def fake_twilio_rest() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+    """Twilio's REST API for call updates: records each update's form."""
+    updates: list[dict[str, str]] = []
+
+    async def update_call(request: web.Request) -> web.Response:
+        form = await request.post()
+        updates.append({"sid": request.match_info["call_sid"], **{k: str(v) for k, v in form.items()}})
+        return web.json_response({"sid": request.match_info["call_sid"], "status": "in-progress"})
+
+    app = web.Application()
+    app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{call_sid}.json", update_call)
+    async with serve(app) as base:
+        yield base, updates
+
+
+async def test_end_call_and_transfer_tools_control_the_call_through_twilio(
+    db_url: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str, fake_twilio_rest: Any
+) -> None:
+    api_base, updates = fake_twilio_rest
+    account = "AC" + "1" * 32
+    async with running_engine(
+        db_url, twilio_auth_token=TOKEN, twilio_account_sid=account, twilio_api_base=api_base, **fakes.settings()
+    ) as base:
+        number, _ = await make_line(pool, organization_id, firstSentence="Hi.")
+        fakes.deepgram.transcripts.extend(["That's all, bye."])
+        fakes.openai.replies.extend([["Goodbye!", ToolCall("end_call", {"reason": "caller is done"})]])
+        ended = await call(base, number, Say("that is all bye"), Pause(4000))
+
+        fakes.deepgram.transcripts.extend(["Put me through to billing."])
+        fakes.openai.replies.extend(
+            [
+                [
+                    "Transferring you now.",
+                    ToolCall("transfer_call", {"phone_number": "+14155550199", "reason": "billing"}),
+                ]
+            ]
+        )
+        transferred = await call(base, number, Say("put me through to billing"), Pause(4000))
+
+    log = await finished_log(pool, ended)
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "caller is done")
+    assert (await turns(pool, log["id"]))[-1]["text"] == "Goodbye!"
+    log = await finished_log(pool, transferred)
+    assert log["status"] == "COMPLETED"
+    assert log["metadata"]["endReason"] == "transferred: billing"
+    assert updates[0] == {"sid": ended.call_sid, "Status": "completed"}
+    assert updates[1]["sid"] == transferred.call_sid
+    assert "<Dial><Number>+14155550199</Number></Dial>" in updates[1]["Twiml"]
+
+
+async def test_an_agent_function_calls_the_organizations_webhook(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    received: list[dict[str, Any]] = []
+
+    async def availability(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.json_response({"slots": ["Tuesday 10:00"]})
+
+    app = web.Application()
+    app.router.add_post("/availability", availability)
+    async with serve(app) as hook:
+        number, agent_id = await make_line(pool, organization_id, firstSentence="Hi.")
+        tool = await tools.create_tool(
+            pool,
+            organization_id=organization_id,
+            name="Calendar",
+            configuration={
+                "function": {
+                    "name": "check_availability",
+                    "description": "Free appointment slots.",
+                    "parameters": {"type": "object", "properties": {"day": {"type": "string"}}},
+                },
+                "webhook": {"url": f"{hook}/availability"},
+            },
+        )
+        await agents.link_tool(pool, organization_id=organization_id, agent_id=agent_id, tool_id=tool.id)
+        fakes.deepgram.transcripts.extend(["Is Tuesday free?"])
+        fakes.openai.replies.extend([[ToolCall("check_availability", {"day": "Tuesday"})], "Tuesday at ten is free."])
+        result = await call(engine, number, Say("is tuesday free"), Pause(300))
+    log = await finished_log(pool, result)
+    assert received and received[0]["arguments"] == {"day": "Tuesday"}
+    assert received[0]["call"]["callLogId"] == log["id"]
+    assert [r["text"] for r in await turns(pool, log["id"])][-1] == "Tuesday at ten is free."
+    tool_messages = [m for m in fakes.openai.requests[-1]["messages"] if m["role"] == "tool"]
+    assert tool_messages and "Tuesday 10:00" in tool_messages[0]["content"]
+
+
+async def test_deepgram_dropping_mid_call_reconnects_then_falls_back_without_losing_a_turn(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    number, _ = await make_line(
+        pool,
+        organization_id,
+        firstSentence="Hi.",
+        stt=[{"provider": "deepgram", "endpointing": 300}, {"provider": "sphinx"}],
+    )
+    fakes.deepgram.transcripts.extend(["First question."])
+    fakes.openai.default_reply = "I heard you."
+    running = asyncio.create_task(
+        call(engine, number, Say("first question"), Say("second question"), Say("third question"), Pause(300))
+    )
+    # Wait for the first answer, then drop Deepgram's socket: the engine reconnects and goes on.
+    for _ in range(200):
+        if fakes.openai.requests:
+            break
+        await asyncio.sleep(0.05)
+    connections = fakes.deepgram.connections
+    await fakes.deepgram.drop_all()
+    for _ in range(100):
+        if fakes.deepgram.connections > connections:
+            break
+        await asyncio.sleep(0.05)
+    assert fakes.deepgram.connections > connections, "the engine did not reconnect to Deepgram"
+    # Now Deepgram goes away for good: the call falls back to PocketSphinx.
+    await asyncio.sleep(2.5)
+    fakes.deepgram.refuse = True
+    await fakes.deepgram.drop_all()
+    result = await running
+    fakes.deepgram.refuse = False
+    log = await finished_log(pool, result)
+    assert log["status"] == "COMPLETED", log["metadata"]
+    rows = await turns(pool, log["id"])
+    callers = [r for r in rows if r["speaker"] == "caller"]
+    agents_ = [r for r in rows if r["speaker"] == "agent"]
+    assert len(callers) == 3, [(r["speaker"], r["text"]) for r in rows]
+    assert [r["text"] for r in agents_] == ["Hi."] + ["I heard you."] * 3
+
+
+async def test_a_missing_key_refuses_the_call_politely_and_logs_which_key(
+    db_url: str, pool: asyncpg.Pool, organization_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_engine(db_url, twilio_auth_token=TOKEN) as base:  # no provider keys
+        number, _ = await make_line(pool, organization_id)
+        with caplog.at_level(logging.ERROR):
+            result = await call(base, number)
+    assert result.refusal is not None and "not set up correctly" in result.refusal
+    assert "DEEPGRAM_API_KEY, which is not set" in caplog.text
+    assert await pool.fetchval('SELECT count(*) FROM "CallLog" WHERE "callId" = $1', result.call_sid) == 0
+
+
+async def test_a_realtime_agent_answers_speech_to_speech_with_both_sides_in_the_call_log(
+    db_url: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    async with FakeRealtime(api_key=OPENAI_KEY) as realtime:
+        realtime.caller_says("What time do you open?")
+        realtime.reply("We open at nine.")
+        settings: dict[str, Any] = {"openai_api_key": OPENAI_KEY, "openai_base_url": realtime.base_url}
+        async with running_engine(db_url, twilio_auth_token=TOKEN, **settings) as base:
+            number = await phone_numbers.create_phone_number(
+                pool, organization_id=organization_id, phone_number=f"+1555556{next(_numbers):04d}"
+            )
+            await agents.create_agent(
+                pool,
+                organization_id=organization_id,
+                name="realtime agent",
+                status=AgentStatus.ACTIVE,
+                caller_type=CallerType.INBOUND,
+                phone_number_id=number.id,
+                configuration=parse_agent_configuration(
+                    {
+                        "realtime": {"provider": "openai", "transcription_model": "gpt-4o-mini-transcribe"},
+                        "prompt": "You answer for the bakery on {{today}}.",
+                    }
+                ).to_json(),
+            )
+            result = await call(base, number.phone_number, Say("what time do you open"), Pause(300))
+        updates = realtime.of_type("session.update")
+    log = await finished_log(pool, result)
+    assert log["status"] == "COMPLETED", log["metadata"]
+    rows = await turns(pool, log["id"])
+    assert [(r["speaker"], r["text"]) for r in rows] == [
+        ("caller", "What time do you open?"),
+        ("agent", "We open at nine."),
+    ]
+    session = updates[0]["session"]
+    assert session["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+    assert session["audio"]["output"]["format"] == {"type": "audio/pcmu"}
+    assert session["instructions"].startswith("You answer for the bakery on ")
+    assert rows[1]["latencyMs"] is not None and result.utterances
