@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 DEFAULT_GOODBYE = "Thank you for calling. Goodbye."
 TRANSFER_FAILED = "I'm sorry, I couldn't transfer your call right now."
 HANGUP_GRACE_SECONDS = 5.0
+GREETING_WAIT_SECONDS = 3.0  # an outbound callee who says nothing this long still hears the agent
 OVERLAP_RESET_MS = 240  # a pause this long between the caller's sounds starts a new count toward barge-in
 DEFAULT_MS_PER_CHAR = 65.0  # about 170 words a minute, until the call's own speech says otherwise
 
@@ -155,6 +156,7 @@ class CallContext:
     organization_id: str
     agent_id: str
     call_sid: str
+    outbound: bool = False
 
 
 HangUp = Callable[[str], Awaitable[bool]]
@@ -207,6 +209,7 @@ class CallSession:
         self._caller_speech_ended_at: float | None = None
         self._last_voiced_at: float | None = None
         self._overlap_ms = 0
+        self._awaiting_greeting = False
         self._overlap_silence_ms = 0
         self._pending_caller_text: list[str] = []
         self._last_activity = clock()
@@ -238,16 +241,30 @@ class CallSession:
         ]
         loop = asyncio.get_running_loop()
         max_duration = loop.call_later(self._config.max_duration_seconds, self._on_max_duration)
-        if not self._ended.is_set():
-            opening = [self._first_sentence] if self._first_sentence else []
-            ask_model = not opening or self._pipeline.llm.scripted_opening
-            self._start_reply(opening, ask_model=ask_model, reply_to=None)
+        greeting_wait = None
+        if self.context.outbound and self._config.endpointing.wait_for_greeting:
+            # Let the callee answer first ("Hello?"); speak anyway if they stay silent.
+            self._awaiting_greeting = True
+            greeting_wait = loop.call_later(GREETING_WAIT_SECONDS, self._open_conversation)
+        elif not self._ended.is_set():
+            self._open_conversation()
         try:
             await self._ended.wait()
         finally:
             max_duration.cancel()
+            if greeting_wait is not None:
+                greeting_wait.cancel()
             outcome = await self._shut_down()
         return outcome
+
+    def _open_conversation(self) -> None:
+        """Say the first sentence (and a path's opening), or let the model greet when there is none."""
+        self._awaiting_greeting = False
+        if self.state is not SessionState.LISTENING or self._reply is not None:
+            return
+        opening = [self._first_sentence] if self._first_sentence else []
+        ask_model = not opening or self._pipeline.llm.scripted_opening
+        self._start_reply(opening, ask_model=ask_model, reply_to=None)
 
     def _spawn(self, work: Coroutine[Any, Any, None], role: str) -> asyncio.Task[None]:
         """Run part of the call as a task whose unexpected failure ends this call (FAILED), never the engine."""
@@ -441,6 +458,9 @@ class CallSession:
         reply_to = min(reply_to, now)
         self._caller_speech_ended_at = None
         self._last_voiced_at = None
+        if self._awaiting_greeting:  # the callee said hello: now the agent opens
+            self._open_conversation()
+            return
         self._start_reply([], ask_model=True, reply_to=reply_to)
         if self._reply is not None and self._current_reply_utterance is not None:
             self._current_reply_utterance.stage_at["sttEndOfTurn"] = now

@@ -32,7 +32,7 @@ from pipelines.registry import Pipeline, PipelineUnavailable, RealtimePlan, buil
 from pipelines.tools import ToolConfigurationError
 from storage import agents, call_logs
 from storage.call_logs import CallLog, InvalidCallTransition
-from storage.enums import CallStatus
+from storage.enums import CallStatus, CallType
 from storage.recordings import recording_path
 
 if TYPE_CHECKING:
@@ -214,7 +214,13 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     )
     session = _make_session(
         app,
-        CallContext(call_log.id, call_log.organization_id, call_log.agent_id, started.call_sid),
+        CallContext(
+            call_log.id,
+            call_log.organization_id,
+            call_log.agent_id,
+            started.call_sid,
+            outbound=call_log.call_type is CallType.OUTBOUND,
+        ),
         config,
         prepared=prepared,
         realtime=realtime,
