@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
 
+import httpx2
 import openai
 import phonenumbers
 from openai import AsyncOpenAI
@@ -59,6 +60,9 @@ DTMF_SENT: Final = "sent"
 
 # A phone call cannot wait long: fail fast on connect, and give up on a stream that goes quiet.
 _TIMEOUT: Final = openai.Timeout(20.0, connect=5.0)
+# The SDK's pool forgets an idle connection after 5 s, shorter than a caller's turn, so every reply would pay a new
+# TCP+TLS handshake; keep connections for a minute and enough of them for every live call.
+_POOL_LIMITS: Final = httpx2.Limits(max_connections=2000, max_keepalive_connections=1000, keepalive_expiry=60.0)
 _DTMF = re.compile(r"^[0-9*#wW]{1,32}$")
 _CLIENTS: dict[tuple[str, str], AsyncOpenAI] = {}
 
@@ -69,7 +73,13 @@ def openai_client(api_key: str, base_url: str = OPENAI_BASE_URL) -> AsyncOpenAI:
     client = _CLIENTS.get(key)
     if client is None:
         # One retry covers a dropped keep-alive connection; more would leave the caller in silence.
-        client = AsyncOpenAI(api_key=api_key, base_url=key[1], max_retries=1, timeout=_TIMEOUT)
+        client = AsyncOpenAI(
+            api_key=api_key,
+            base_url=key[1],
+            max_retries=1,
+            timeout=_TIMEOUT,
+            http_client=openai.DefaultAsyncHttpx2Client(timeout=_TIMEOUT, limits=_POOL_LIMITS),
+        )
         _CLIENTS[key] = client
     return client
 
