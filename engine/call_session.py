@@ -653,6 +653,10 @@ class CallSession:
         latency_ms: int | None,
         latency: dict[str, int] | None = None,
     ) -> None:
+        # Offsets come from different clocks (Twilio's timestamps, the recognizer's, ours); an overloaded moment can
+        # make them disagree by a frame or two. A turn is never lost over that: clamp it onto the timeline.
+        start_ms = max(0, start_ms)
+        end_ms = max(start_ms, end_ms)
         self._writer.record_turn(
             TurnRecord(
                 index=self._turn_index,

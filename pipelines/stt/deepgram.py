@@ -263,6 +263,8 @@ class DeepgramSTT:
                     skipped = self._audio_start - self._sent_to
                     if skipped > 0:
                         log.warning("deepgram at %s: %d ms of audio dropped unsent", self._host, skipped // 8)
+                        # Deepgram's clock runs on the audio it gets: what it never got moves its origin on ours.
+                        self._origin += skipped
                     chunk = bytes(self._audio[max(-skipped, 0) :])
                     self._sent_to = end
                     await socket.send_media(chunk)

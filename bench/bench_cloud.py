@@ -1,0 +1,1190 @@
+"""Whole cloud-pipeline calls under load: voice-to-voice latency, playback gaps, engine CPU and memory per call.
+
+    .venv/bin/python -m bench.bench_cloud --calls 1,10,50,100 --seconds 60
+
+The fake providers (Deepgram, OpenAI, ElevenLabs; tests/fakes) run in this process with fixed, realistic delays:
+end of turn after `endpointing` = 300 ms of audio silence, the model's first token after 300 ms, the
+synthesizer's first byte after 150 ms. For each N, a fresh `dialtone serve` process (pinned to one CPU) takes N
+concurrent calls from Twilio-protocol callers (bench/cloud_callers.py; this process, pinned to the other CPU,
+with the fakes) that speak, wait for the reply, hear it out and speak again, for a fixed measured window.
+
+Per N it prints and stores (bench/results/cloud-<timestamp>.json, and a PNG plot when matplotlib is installed):
+voice-to-voice latency percentiles and the engine's share of it, turns answered, playback gaps and lateness,
+engine CPU seconds per call-minute, engine RSS per call, the engine's own per-stage breakdown (CallTurn.latency),
+and this process's own load (so a saturated harness is visible rather than silently blamed on the engine).
+
+The harness keeps out of the way: its cyclic garbage collector is off during a round (a full collection of a few
+hundred calls' objects stalled it for 50-250 ms, which showed up as engine latency and playback gaps), and the
+fakes' request records are emptied as it goes. The engine gets a `sitecustomize` (written to a temporary folder
+put first on its PYTHONPATH; no engine code changes) that records its own GC pauses, reported per round.
+Options: --endpointing-ms/--llm-first-token-ms/--tts-first-byte-ms change the delays, --no-recording turns the
+agent's recording off, --profile-calls N runs the engine under cProfile in round N (slower: figures distorted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import math
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+import asyncpg
+import psutil
+
+from bench.bench_calls import REPO, _free_port, _wait_healthy
+from bench.cloud_callers import (
+    CallerResult,
+    CloudCaller,
+    ReplyBook,
+    TurnStats,
+    Utterance,
+    speech_utterance,
+    tone_utterance,
+)
+from config.agent import parse_agent_configuration
+from pipelines.chunker import SentenceChunker
+from storage import agents, organizations, phone_numbers
+from storage.embedded import start_embedded
+from storage.enums import AgentStatus, CallerType, Plan
+from storage.errors import AlreadyExists
+from storage.migrate import migrate
+from storage.pool import create_pool, ensure_database
+from tests.fakes.deepgram import FakeDeepgram
+from tests.fakes.elevenlabs import FakeElevenLabs
+from tests.fakes.openai_chat import FakeOpenAI, Step
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+MS_PER_CHAR: Final = 60
+"""The fake ElevenLabs speaks 60 ms per character (about 170 words a minute)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delays:
+    """The providers' fixed delays (ms): the part of voice-to-voice latency the engine cannot do anything about."""
+
+    endpointing: int = 300
+    """Deepgram `endpointing`: the fake's final (speech_final) result comes after this much audio silence."""
+    llm_first_token: int = 300
+    tts_first_byte: int = 150
+
+    @property
+    def total(self) -> int:
+        """Their sum, subtracted from voice-to-voice to get the engine's share."""
+        return self.endpointing + self.llm_first_token + self.tts_first_byte
+
+    def formula(self) -> str:
+        """How engine-added latency is computed, in words."""
+        return (
+            "voice-to-voice = arrival of the reply's first media frame at the caller - send time of the caller's "
+            f"last voiced frame (both on the bench's clock). engine-added = voice-to-voice - {self.endpointing} "
+            f"(Deepgram endpointing: the fake finalizes on the window that ends {self.endpointing} ms of audio after "
+            f"the last voiced frame, i.e. on the silent frame sent {self.endpointing} ms after it) - "
+            f"{self.llm_first_token} (LLM first token) - {self.tts_first_byte} (TTS first byte) = voice-to-voice - "
+            f"{self.total} ms. The fakes add no other pacing: all of a reply's tokens follow the first at once "
+            "(token_interval_ms=0), so the first sentence is complete at the first token, and all TTS chunks follow "
+            "the first byte at once (chunk_interval_ms=0). So engine-added also holds loopback transport and the "
+            "bench process's own event-loop delay (see 'bench tick lag')."
+        )
+
+
+DEFAULT_DELAYS = Delays()
+FIRST_SENTENCE = "Hello, thanks for calling Dialtone."
+REPLIES = (
+    "Sure, I can help with that.",
+    "Of course. Which day would suit you best?",
+    "Thanks, I have noted that down. Is there anything else?",
+)
+"""The model's reply to a conversation holding k caller turns is REPLIES[k % 3]: one or two sentences."""
+CALLER_TEXT = "Can you tell me your opening hours"
+TRANSCRIPT = "Can you tell me your opening hours?"
+VOICE_ID = "21m00Tcm4TlvDq8ikWAM"
+
+# --------------------------------------------------------------------------------------------------- fakes
+
+
+class BenchOpenAI(FakeOpenAI):
+    """The fake OpenAI, answering REPLIES[k % 3] to a conversation with k caller turns (so callers know the reply).
+
+    It overrides the fake's private reply picker: `default_reply` sees only the last user message, and the
+    benchmark needs the reply to depend on the turn.
+    """
+
+    def _next_reply(self, messages: Sequence[Mapping[str, Any]]) -> list[Step]:
+        caller_turns = sum(1 for message in messages if message.get("role") == "user")
+        return [REPLIES[caller_turns % len(REPLIES)]]
+
+
+def spoken_bytes(text: str) -> int:
+    """μ-law bytes of the fake ElevenLabs' speech of `text`, as the engine cuts it into sentences."""
+    chunker = SentenceChunker()
+    sentences = [*chunker.push(text), chunker.flush()]
+    return sum(len(s.strip()) for s in sentences if s) * MS_PER_CHAR * 8
+
+
+def reply_book() -> ReplyBook:
+    """Audio per reply: the opening is the first sentence and the reply to no caller turn, in one utterance."""
+    return ReplyBook(spoken_bytes(FIRST_SENTENCE) + spoken_bytes(REPLIES[0]), [spoken_bytes(r) for r in REPLIES])
+
+
+@contextlib.asynccontextmanager
+async def fakes(delays: Delays) -> AsyncIterator[tuple[FakeDeepgram, BenchOpenAI, FakeElevenLabs]]:
+    """The three providers on loopback, with the benchmark's fixed delays (endpointing is the agent's setting)."""
+    async with (
+        FakeDeepgram(api_key="dg-bench", default_transcript=TRANSCRIPT, idle_timeout_seconds=30) as deepgram,
+        BenchOpenAI(api_key="sk-bench", first_token_delay_ms=delays.llm_first_token, token_interval_ms=0) as openai,
+        FakeElevenLabs(
+            api_key="el-bench", first_byte_delay_ms=delays.tts_first_byte, ms_per_char=MS_PER_CHAR
+        ) as eleven,
+    ):
+        yield deepgram, openai, eleven
+
+
+# --------------------------------------------------------------------------------------------------- CPUs
+
+
+class GcPauses:
+    """This process's garbage-collector pauses (the harness's own stalls), recorded through gc.callbacks."""
+
+    def __init__(self) -> None:
+        """Start recording."""
+        self.pauses_ms: list[tuple[int, float]] = []  # (generation, ms)
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: Mapping[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses_ms.append((int(info["generation"]), (time.perf_counter() - self._started) * 1000))
+
+    def mark(self) -> int:
+        """A position to measure from."""
+        return len(self.pauses_ms)
+
+    def since(self, mark: int) -> dict[str, Any]:
+        """Count, total and longest pause since `mark`, and how many were full (generation 2) collections."""
+        pauses = self.pauses_ms[mark:]
+        return {
+            "count": len(pauses),
+            "full": sum(1 for generation, _ in pauses if generation == 2),
+            "totalMs": round(sum(ms for _, ms in pauses), 1),
+            "maxMs": round(max((ms for _, ms in pauses), default=0.0), 1),
+        }
+
+
+GC_PAUSES: GcPauses | None = None
+
+
+def pin_threads(pid: int, cpu: int) -> None:
+    """Pin every thread of process `pid` to `cpu` (sched_setaffinity on a pid moves only its main thread)."""
+    for thread in psutil.Process(pid).threads():
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(thread.id, {cpu})
+
+
+def affinity_of(pid: int) -> list[int]:
+    """The CPUs any thread of `pid` may run on."""
+    cpus: set[int] = set()
+    for thread in psutil.Process(pid).threads():
+        with contextlib.suppress(OSError):
+            cpus |= os.sched_getaffinity(thread.id)
+    return sorted(cpus)
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU seconds of a process (threads included)."""
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def postgres_processes(pgdata: Path | None) -> list[psutil.Process]:
+    """The embedded server's postmaster and its backends (empty when DATABASE_URL was given)."""
+    if pgdata is None:
+        return []
+    try:
+        postmaster = psutil.Process(int((pgdata / "postmaster.pid").read_text().split()[0]))
+        return [postmaster, *postmaster.children(recursive=True)]
+    except (OSError, ValueError, psutil.Error):
+        return []
+
+
+def postgres_cpu(pgdata: Path | None) -> float:
+    """CPU seconds of the embedded server's processes alive now."""
+    total = 0.0
+    for process in postgres_processes(pgdata):
+        with contextlib.suppress(psutil.Error):
+            total += cpu_seconds(process)
+    return total
+
+
+# --------------------------------------------------------------------------------------------------- engine
+
+
+@dataclass(slots=True)
+class Engine:
+    """A running `dialtone serve`."""
+
+    process: asyncio.subprocess.Process
+    ps: psutil.Process
+    base: str
+    log_path: Path
+
+
+async def start_engine(
+    *, env: dict[str, str], cwd: Path, port: int, cpu: int | None, log_path: Path, profile: Path | None
+) -> Engine:
+    """Start `dialtone serve` on 127.0.0.1:`port`, pinned to `cpu`; under cProfile when `profile` is given."""
+    command = [sys.executable]
+    if profile is not None:
+        command += ["-m", "cProfile", "-o", str(profile)]
+    command += ["-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    taskset = shutil.which("taskset")
+    if cpu is not None and taskset:
+        command = [taskset, "-c", str(cpu), *command]
+    with log_path.open("ab") as log:
+        process = await asyncio.create_subprocess_exec(*command, env=env, cwd=cwd, stderr=log, stdout=log)
+    if cpu is not None and not taskset:
+        pin_threads(process.pid, cpu)
+    engine = Engine(process, psutil.Process(process.pid), f"http://127.0.0.1:{port}", log_path)
+    try:
+        await asyncio.wait_for(_wait_healthy(engine.base), timeout=60)
+    except BaseException:
+        await stop_engine(engine)
+        raise RuntimeError(f"the engine did not become healthy; its log:\n{_tail(log_path, 30)}") from None
+    return engine
+
+
+async def stop_engine(engine: Engine, timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it has not stopped within `timeout`."""
+    if engine.process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        engine.process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(engine.process.wait(), timeout=timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            engine.process.kill()
+        await engine.process.wait()
+
+
+def _tail(path: Path, lines: int) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def engine_env(base: Mapping[str, str], **values: str) -> dict[str, str]:
+    """The bench's environment without Dialtone, Twilio or provider settings, plus `values`."""
+    prefixes = ("DIALTONE_", "TWILIO_", "DEEPGRAM_", "OPENAI_", "ELEVENLABS_", "DATABASE_URL")
+    env = {k: v for k, v in base.items() if not k.startswith(prefixes)}
+    return env | values
+
+
+# --------------------------------------------------------------------------------------------------- database
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """The seeded organization's number, which every caller dials."""
+
+    organization_id: str
+    number: str
+
+
+def agent_configuration(recording: bool, delays: Delays) -> dict[str, Any]:
+    """The cloud agent: Deepgram (endpointing 300 ms), OpenAI, ElevenLabs."""
+    return {
+        "stt": {"provider": "deepgram", "endpointing": delays.endpointing},
+        "llm": {"provider": "openai"},
+        "tts": {"provider": "elevenlabs", "voice": VOICE_ID},
+        "firstSentence": FIRST_SENTENCE,
+        "prompt": "You are a concise phone agent for a benchmark.",
+        "recording": recording,
+    }
+
+
+async def seed(pool: asyncpg.Pool, *, recording: bool, delays: Delays) -> Line:
+    """One organization with plenty of credits, one inbound number, and the cloud agent answering it."""
+    tag = secrets.token_hex(4)
+    organization = await organizations.create_organization(
+        pool, name=f"Cloud bench {tag}", slug=f"bench-cloud-{tag}", plan=Plan.PRO, credits=10**9
+    )
+    for _ in range(50):
+        try:
+            number = await phone_numbers.create_phone_number(
+                pool,
+                organization_id=organization.id,
+                phone_number=f"+1555555{random.randrange(100, 200):04d}",
+                label="Cloud bench line",
+            )
+            break
+        except AlreadyExists:
+            continue
+    else:
+        raise RuntimeError("no free +155555501xx number to seed")
+    await agents.create_agent(
+        pool,
+        organization_id=organization.id,
+        name="Cloud bench agent",
+        status=AgentStatus.ACTIVE,
+        caller_type=CallerType.INBOUND,
+        phone_number_id=number.id,
+        configuration=parse_agent_configuration(agent_configuration(recording, delays)).to_json(),
+    )
+    return Line(organization.id, number.phone_number)
+
+
+async def engine_turns(
+    pool: asyncpg.Pool, calls: Mapping[str, float], since: float, until: float
+) -> list[dict[str, Any]]:
+    """The agent turns with a latency breakdown whose audio started between `since` and `until` (loop clock).
+
+    `calls` maps each CallLog id to when its media stream connected (loop clock), where the stream's own
+    milliseconds (CallTurn.startMs) begin, give or take the first frame's trip.
+    """
+    rows = await pool.fetch(
+        'SELECT "callLogId", "startMs", "latencyMs", "latency" FROM "CallTurn" WHERE "callLogId" = ANY($1::text[])'
+        ' AND "speaker" = \'agent\' AND "latency" IS NOT NULL',
+        list(calls),
+    )
+    turns = []
+    for row in rows:
+        started = calls[row["callLogId"]] + row["startMs"] / 1000
+        if not since <= started < until:
+            continue
+        latency = row["latency"]
+        if isinstance(latency, str):
+            latency = json.loads(latency)
+        turns.append({"latencyMs": row["latencyMs"], **latency})
+    return turns
+
+
+async def call_endings(pool: asyncpg.Pool, call_log_ids: Sequence[str]) -> dict[str, int]:
+    """How this round's CallLogs ended: status/endReason → count."""
+    rows = await pool.fetch(
+        'SELECT "status", "metadata" FROM "CallLog" WHERE "id" = ANY($1::text[])', list(call_log_ids)
+    )
+    endings: dict[str, int] = {}
+    for row in rows:
+        metadata = row["metadata"] if isinstance(row["metadata"], dict) else json.loads(row["metadata"] or "{}")
+        key = f"{row['status']}/{metadata.get('endReason', '?')}"
+        endings[key] = endings.get(key, 0) + 1
+    return endings
+
+
+# --------------------------------------------------------------------------------------------------- figures
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (linear interpolation), None when there are no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def spread(values: Sequence[float]) -> dict[str, float | None]:
+    """p50, p95, p99, max and count."""
+    return {
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else None,
+        "n": len(values),
+    }
+
+
+def median_or_none(values: Iterable[float]) -> float | None:
+    """The median, None when empty."""
+    values = list(values)
+    return statistics.median(values) if values else None
+
+
+STAGES = ("sttEndOfTurn", "llmFirstToken", "firstSentence", "ttsFirstByte", "firstFrameSent", "firstMarkEchoed")
+
+
+def stage_figures(turns: Sequence[Mapping[str, Any]], delays: Delays) -> dict[str, Any]:
+    """Medians of the engine's stages (ms after the caller's last voiced frame, by the engine's VAD) and of the
+    engine's own share of each step (the step minus the provider delay inside it)."""
+
+    def step(turn: Mapping[str, Any], end: str, start: str | None, provider_ms: int) -> float | None:
+        if end not in turn or (start is not None and start not in turn):
+            return None
+        return float(turn[end] - (turn[start] if start else 0) - provider_ms)
+
+    overheads: dict[str, Callable[[Mapping[str, Any]], float | None]] = {
+        "endOfTurn-endpointing": lambda t: step(t, "sttEndOfTurn", None, delays.endpointing),
+        "firstToken-llm": lambda t: step(t, "llmFirstToken", "sttEndOfTurn", delays.llm_first_token),
+        "sentence": lambda t: step(t, "firstSentence", "llmFirstToken", 0),
+        "ttsFirstByte-tts": lambda t: step(t, "ttsFirstByte", "firstSentence", delays.tts_first_byte),
+        "frameSent": lambda t: step(t, "firstFrameSent", "ttsFirstByte", 0),
+    }
+    p95_overheads = {}
+    medians = {}
+    for name, how in overheads.items():
+        values = [v for v in (how(t) for t in turns) if v is not None]
+        medians[name] = median_or_none(values)
+        p95_overheads[name] = percentile(values, 95)
+    return {
+        "n": len(turns),
+        "stageMedianMs": {s: median_or_none(t[s] for t in turns if s in t) for s in STAGES},
+        "engineVoiceToVoiceMs": spread([float(t["latencyMs"]) for t in turns if t.get("latencyMs") is not None]),
+        "engineStepMedianMs": medians,
+        "engineStepP95Ms": p95_overheads,
+    }
+
+
+@dataclass(slots=True)
+class Window:
+    """The measured window of one round, on the loop clock and the wall clock."""
+
+    start: float = 0.0
+    end: float = 0.0
+    wall_start: datetime = field(default_factory=lambda: datetime.now(UTC))
+    wall_end: datetime = field(default_factory=lambda: datetime.now(UTC))
+    lag_marks: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        """Length of the window."""
+        return self.end - self.start
+
+    def holds(self, at: float | None) -> bool:
+        """Whether a loop-clock instant falls inside the window."""
+        return at is not None and self.start <= at < self.end
+
+
+def turn_figures(turns: Sequence[TurnStats], delays: Delays) -> dict[str, Any]:
+    """Latency, answering and playback figures of the caller turns asked in the window."""
+    answered = [t for t in turns if t.first_audio_at is not None]
+    v2v = [t.voice_to_voice_s * 1000 for t in answered if t.voice_to_voice_s is not None]
+    heard = [t for t in answered if t.ended_by in ("expected", "silence")]
+    lateness = [max(t.max_lateness_s, 0.0) * 1000 for t in heard if t.first_played_at is not None]
+    return {
+        "asked": len(turns),
+        "answered": len(answered),
+        "voiceToVoiceMs": spread(v2v),
+        "engineAddedMs": spread([v - delays.total for v in v2v]),
+        "utterances": len(heard),
+        "utterancesWithGap": sum(1 for t in heard if t.gaps),
+        "gapMsTotal": round(sum(t.gap_s for t in heard) * 1000, 1),
+        "worstLatenessMs": spread(lateness),
+        "minLeadMs": min((-t.max_lateness_s * 1000 for t in heard if math.isfinite(t.max_lateness_s)), default=None),
+        "incompleteReplies": sum(1 for t in heard if t.received_bytes != t.expected_bytes),
+        "endedBy": {how: sum(1 for t in turns if t.ended_by == how) for how in {t.ended_by for t in turns}},
+    }
+
+
+# --------------------------------------------------------------------------------------------------- a round
+
+
+@dataclass(slots=True)
+class RoundSetup:
+    """What every round shares."""
+
+    args: argparse.Namespace
+    line: Line
+    pool: asyncpg.Pool
+    database_url: str
+    pgdata: Path | None
+    state_root: Path
+    auth_token: str
+    utterance: Utterance
+    replies: ReplyBook
+    delays: Delays
+    stamp: str
+
+
+ENGINE_GC_HOOK = """\
+# Written by bench/bench_cloud.py into a temporary folder on the engine's PYTHONPATH: records the engine
+# process's garbage-collector pauses (wall time, generation, ms) and writes them out when it exits.
+import atexit, gc, json, os, time
+
+_path = os.environ.get("BENCH_ENGINE_GC_LOG")
+if _path:
+    _pauses, _started = [], [0.0]
+
+    def _on_gc(phase, info):
+        if phase == "start":
+            _started[0] = time.perf_counter()
+        else:
+            _pauses.append((time.time(), info["generation"], (time.perf_counter() - _started[0]) * 1000))
+
+    def _dump():
+        with open(_path, "w") as out:
+            json.dump(_pauses, out)
+
+    gc.callbacks.append(_on_gc)
+    atexit.register(_dump)
+"""
+
+
+def engine_gc_pauses(path: Path, since: datetime, until: datetime) -> dict[str, Any]:
+    """The engine's GC pauses between two instants, from the log its hook wrote at exit (empty if none)."""
+    try:
+        pauses = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    inside = [(generation, ms) for at, generation, ms in pauses if since.timestamp() <= at < until.timestamp()]
+    return {
+        "count": len(inside),
+        "full": sum(1 for generation, _ in inside if generation == 2),
+        "totalMs": round(sum(ms for _, ms in inside), 1),
+        "maxMs": round(max((ms for _, ms in inside), default=0.0), 1),
+    }
+
+
+async def run_round(setup: RoundSetup, calls: int, profile: Path | None) -> dict[str, Any]:
+    """Start fresh fakes and a fresh engine, warm it with one call, then measure `calls` concurrent calls."""
+    args = setup.args
+    state_dir = setup.state_root / f"n{calls}"
+    hooks = state_dir / "hooks"
+    hooks.mkdir(parents=True, exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(ENGINE_GC_HOOK)
+    gc_log = state_dir / "engine-gc.json"
+    async with fakes(setup.delays) as (deepgram, openai, eleven):
+        env = engine_env(
+            os.environ,
+            DATABASE_URL=setup.database_url,
+            DIALTONE_STATE_DIR=str(state_dir),
+            DIALTONE_LOG_LEVEL="WARNING",
+            TWILIO_AUTH_TOKEN=setup.auth_token,
+            DEEPGRAM_API_KEY="dg-bench",
+            OPENAI_API_KEY="sk-bench",
+            ELEVENLABS_API_KEY="el-bench",
+            DEEPGRAM_URL=deepgram.url,
+            OPENAI_BASE_URL=openai.base_url,
+            ELEVENLABS_URL=eleven.url,
+            PYTHONPATH=os.pathsep.join([str(hooks), str(REPO)]),
+            BENCH_ENGINE_GC_LOG=str(gc_log),
+        )
+        engine = await start_engine(
+            env=env,
+            cwd=state_dir,
+            port=_free_port(),
+            cpu=None if args.no_pin else args.engine_cpu,
+            log_path=state_dir / "engine.log",
+            profile=profile,
+        )
+        try:
+            connector = aiohttp.TCPConnector(limit=0)
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=20)
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+                await _warm_up(setup, http, engine)
+                await asyncio.sleep(1.0)
+                idle_rss = statistics.median([engine.ps.memory_info().rss for _ in range(3)])
+                idle_cpu = cpu_seconds(engine.ps)
+                await asyncio.sleep(3.0)
+                idle_cpu_pct = 100 * (cpu_seconds(engine.ps) - idle_cpu) / 3.0
+                # The harness must not stall: its cyclic GC is off for the round (full collections of a few
+                # hundred calls' objects pause it for 50-250 ms), and the fakes' records, which only grow, are
+                # emptied as it goes. What little cyclic garbage piles up meanwhile is collected afterwards.
+                gc.collect()
+                gc.disable()
+                janitor = asyncio.create_task(_sweep_fakes(deepgram, openai, eleven))
+                try:
+                    result = await _measure(setup, http, engine, calls, idle_rss)
+                finally:
+                    janitor.cancel()
+                    gc.enable()
+                    gc.collect()
+                result["engineIdleCpuPercent"] = round(idle_cpu_pct, 2)
+        finally:
+            await stop_engine(engine)
+            problems = log_problems(engine.log_path)
+            for line, count in list(problems.items())[:5]:
+                print(f"      engine log ({count}x): {line}")
+            if any(line.startswith("ERROR") for line in problems):
+                kept = args.out / f"{setup.stamp}-engine-n{calls}.log"
+                shutil.copyfile(engine.log_path, kept)
+                print(f"      engine errors: its log is kept as {kept}")
+    since, until = (datetime.fromisoformat(at) for at in result["windowUtc"])
+    result["engineGcPauses"] = engine_gc_pauses(gc_log, since, until)
+    result["engineLogProblems"] = problems
+    return result
+
+
+def log_problems(path: Path) -> dict[str, int]:
+    """The engine log's WARNING and ERROR lines, without their time and with digits blurred, counted."""
+    counts: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            if " WARNING " not in line and " ERROR " not in line:
+                continue
+            key = re.sub(r"\b(CA|MZ)[0-9a-f]{32}\b", "<sid>", line.split(" ", 1)[-1])
+            key = re.sub(r"\b[a-z0-9]{20,}\b", "<id>", key)
+            key = re.sub(r"\d+", "#", key)[:200]
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+async def _sweep_fakes(deepgram: FakeDeepgram, openai: BenchOpenAI, eleven: FakeElevenLabs) -> None:
+    """Empty the fakes' records of past requests every few seconds (the benchmark never reads them)."""
+    while True:
+        await asyncio.sleep(2.0)
+        deepgram.listens.clear()  # each live socket's handler keeps its own record
+        openai.requests.clear()
+        eleven.texts.clear()
+        eleven.sockets.clear()
+        eleven.http_requests.clear()
+
+
+def _caller(
+    setup: RoundSetup,
+    http: aiohttp.ClientSession,
+    base: str,
+    stop: asyncio.Event,
+    *,
+    seed: int,
+    max_turns: int | None = None,
+) -> CloudCaller:
+    return CloudCaller(
+        http,
+        base_url=base,
+        to=setup.line.number,
+        from_=f"+1500555{seed % 10000:04d}",
+        auth_token=setup.auth_token,
+        utterance=setup.utterance,
+        replies=setup.replies,
+        stop=stop,
+        rng=random.Random(seed),
+        reply_timeout_s=setup.args.reply_timeout,
+        max_turns=max_turns,
+    )
+
+
+async def _warm_up(setup: RoundSetup, http: aiohttp.ClientSession, engine: Engine) -> None:
+    """One short call (opening and two turns) so imports, SDK clients and pools are warm before measuring."""
+    result = await _caller(setup, http, engine.base, asyncio.Event(), seed=-1, max_turns=2).run()
+    if result.error or not any(t.first_audio_at for t in result.turns[1:]):
+        raise RuntimeError(
+            f"the warm-up call failed ({result.error or 'no reply'}); engine log:\n{_tail(engine.log_path, 30)}"
+        )
+
+
+@dataclass(slots=True)
+class Observed:
+    """What was sampled of the processes over the measured window."""
+
+    window: Window
+    engine_cpu: float = 0.0
+    bench_cpu: float = 0.0
+    postgres_cpu: float = 0.0
+    core_busy: list[float] = field(default_factory=list)
+    rss: list[int] = field(default_factory=list)
+    engine_cpu_percent: list[float] = field(default_factory=list)
+    live: list[int] = field(default_factory=list)
+    gc: dict[str, Any] = field(default_factory=dict)
+    calls_live_metric: float | None = None
+
+
+async def _observe(
+    setup: RoundSetup,
+    engine: Engine,
+    http: aiohttp.ClientSession,
+    callers: Sequence[CloudCaller],
+    tasks: Sequence[asyncio.Task[CallerResult]],
+) -> Observed:
+    """Sample the engine, this process and the database for `--seconds`, with the calls running."""
+    loop = asyncio.get_running_loop()
+    bench = psutil.Process()
+    window = Window()
+    seen = Observed(window)
+    window.start, window.wall_start = loop.time(), datetime.now(UTC)
+    lag_from = [len(c.result.tick_lag_ms) for c in callers]
+    gc_from = GC_PAUSES.mark() if GC_PAUSES is not None else 0
+    engine0, bench0, pg0 = cpu_seconds(engine.ps), cpu_seconds(bench), postgres_cpu(setup.pgdata)
+    cores0 = psutil.cpu_times(percpu=True)
+    last_cpu, last_t = engine0, loop.time()
+    while (left := setup.args.seconds - (loop.time() - window.start)) > 0:
+        await asyncio.sleep(min(1.0, left))
+        seen.rss.append(engine.ps.memory_info().rss)
+        cpu_now, t_now = cpu_seconds(engine.ps), loop.time()
+        seen.engine_cpu_percent.append(100 * (cpu_now - last_cpu) / max(t_now - last_t, 1e-6))
+        last_cpu, last_t = cpu_now, t_now
+        seen.live.append(sum(1 for t in tasks if not t.done()))
+    seen.engine_cpu = cpu_seconds(engine.ps) - engine0
+    seen.bench_cpu = cpu_seconds(bench) - bench0
+    seen.postgres_cpu = postgres_cpu(setup.pgdata) - pg0
+    cores1 = psutil.cpu_times(percpu=True)
+    window.end, window.wall_end = loop.time(), datetime.now(UTC)
+    seen.core_busy = [round(_busy_percent(a, b), 1) for a, b in zip(cores0, cores1, strict=True)]
+    window.lag_marks = {i: (lag_from[i], len(c.result.tick_lag_ms)) for i, c in enumerate(callers)}
+    seen.gc = GC_PAUSES.since(gc_from) if GC_PAUSES is not None else {}
+    seen.calls_live_metric = await _calls_live(http, engine.base)
+    return seen
+
+
+async def _measure(
+    setup: RoundSetup, http: aiohttp.ClientSession, engine: Engine, calls: int, idle_rss: float
+) -> dict[str, Any]:
+    """Run `calls` concurrent callers: stagger their starts, measure a window once all are talking, then stop."""
+    args = setup.args
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    ramp_s = args.ramp if args.ramp is not None else min(15.0, max(1.0, calls / 10))
+    callers = [_caller(setup, http, engine.base, stop, seed=i) for i in range(calls)]
+
+    async def place(index: int, caller: CloudCaller) -> CallerResult:
+        await asyncio.sleep(ramp_s * index / calls)
+        return await caller.run()
+
+    tasks = [asyncio.create_task(place(i, c)) for i, c in enumerate(callers)]
+    try:
+        # The window opens once every call has heard its opening (or failed), plus a short settle.
+        deadline = loop.time() + ramp_s + 30
+        while loop.time() < deadline:
+            if all(c.result.opening_done_at is not None or t.done() for c, t in zip(callers, tasks, strict=True)):
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(args.settle)
+        live_at_start = sum(1 for t in tasks if not t.done())
+        seen = await _observe(setup, engine, http, callers, tasks)
+    finally:
+        stop.set()
+        _, pending = await asyncio.wait(tasks, timeout=args.reply_timeout + 20) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.sleep(1.5)  # the last CallLogs and turns are written after the hang-ups
+    return {
+        "calls": calls,
+        "rampSeconds": ramp_s,
+        "liveAtWindowStart": live_at_start,
+        **await _summarise(setup, engine, [c.result for c in callers], seen, idle_rss),
+    }
+
+
+async def _summarise(
+    setup: RoundSetup, engine: Engine, results: Sequence[CallerResult], seen: Observed, idle_rss: float
+) -> dict[str, Any]:
+    """The round's figures from the callers' turns, the process samples and the engine's CallTurns."""
+    window = seen.window
+    in_window = [t for r in results for t in r.turns if t.index > 0 and window.holds(t.asked_at)]
+    all_asked = [t for r in results for t in r.turns if t.index > 0]
+    lags = [lag for i, r in enumerate(results) for lag in r.tick_lag_ms[slice(*window.lag_marks[i])]]
+    call_log_ids = [r.call_log_id for r in results if r.call_log_id]
+    connected = {r.call_log_id: r.connected_at for r in results if r.call_log_id and r.connected_at is not None}
+    shift = setup.delays.total / 1000  # a reply starts about this long after its question
+    turns = await engine_turns(setup.pool, connected, window.start + shift, window.end + shift)
+    stages = stage_figures(turns, setup.delays)
+    mean_live = statistics.fmean(seen.live) if seen.live else 0.0
+    call_minutes = mean_live * window.seconds / 60
+    calls = len(results)
+    busy = seen.engine_cpu + seen.bench_cpu + seen.postgres_cpu
+    return {
+        "windowSeconds": round(window.seconds, 2),
+        "windowUtc": [window.wall_start.isoformat(), window.wall_end.isoformat()],
+        "meanLiveCalls": round(mean_live, 2),
+        "engineCallsLiveMetric": seen.calls_live_metric,
+        "callErrors": [r.error for r in results if r.error],
+        "engineClosedCalls": sum(1 for r in results if r.engine_closed),
+        "protocolErrors": sum(len(r.protocol_errors) for r in results),
+        "protocolErrorSamples": [e for r in results for e in r.protocol_errors][:5],
+        "unexpectedAudioBytes": sum(r.unexpected_audio_bytes for r in results),
+        "turnsWholeRun": {
+            "asked": len(all_asked),
+            "answered": sum(1 for t in all_asked if t.first_audio_at is not None),
+            "openingsHeard": sum(1 for r in results if r.turns and r.turns[0].index == 0 and r.turns[0].first_audio_at),
+        },
+        **turn_figures(in_window, setup.delays),
+        "engineCpuSeconds": round(seen.engine_cpu, 3),
+        "engineCpuPerCallMinute": round(seen.engine_cpu / call_minutes, 3) if call_minutes else None,
+        "engineCpuPercent": round(100 * seen.engine_cpu / window.seconds, 1),
+        "engineCpuPercentPeak": round(max(seen.engine_cpu_percent), 1) if seen.engine_cpu_percent else None,
+        "engineIdleRssMb": round(idle_rss / 2**20, 1),
+        "engineRssMaxMb": round(max(seen.rss) / 2**20, 1) if seen.rss else None,
+        "engineRssPerCallMb": round((max(seen.rss) - idle_rss) / 2**20 / calls, 3) if seen.rss else None,
+        "engineAffinity": affinity_of(engine.ps.pid),
+        "postgresCpuPercent": round(100 * seen.postgres_cpu / window.seconds, 1) if setup.pgdata else None,
+        "benchCpuPercent": round(100 * seen.bench_cpu / window.seconds, 1),
+        "benchAffinity": affinity_of(os.getpid()),
+        "benchTickLagMs": spread(lags),
+        "benchGcPauses": seen.gc,
+        "coreBusyPercent": seen.core_busy,
+        "otherCpuPercent": round(sum(seen.core_busy) - 100 * busy / window.seconds, 1),
+        "loadAverage": list(os.getloadavg()),
+        "engine": stages,
+        "callEndings": await call_endings(setup.pool, call_log_ids),
+        "turns": [t.as_json() for t in in_window],
+    }
+
+
+def _busy_percent(before: Any, after: Any) -> float:
+    """How busy one core was between two psutil.cpu_times samples (100 = fully)."""
+    total = sum(after) - sum(before)
+    idle = (after.idle + getattr(after, "iowait", 0.0)) - (before.idle + getattr(before, "iowait", 0.0))
+    return 100 * (total - idle) / total if total > 0 else 0.0
+
+
+async def _calls_live(http: aiohttp.ClientSession, base: str) -> float | None:
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+        async with http.get(f"{base}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as response:
+            for line in (await response.text()).splitlines():
+                if line.startswith("dialtone_calls_live "):
+                    return float(line.split()[1])
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def print_table(rounds: Sequence[Mapping[str, Any]]) -> None:
+    """The per-N tables."""
+    print()
+    print(
+        f"{'N':>4} {'answered':>10} {'voice-to-voice ms':>18} {'engine-added ms':>17} {'gaps':>8} "
+        f"{'late ms':>9} {'CPU s/':>7} {'engine':>7} {'RSS MB':>7} {'bench':>6} {'bench lag':>10}"
+    )
+    print(
+        f"{'':>4} {'/asked':>10} {'p50/p95/p99':>18} {'p50/p95/p99':>17} {'utt.':>8} "
+        f"{'worst':>9} {'call-min':>7} {'CPU%':>7} {'/call':>7} {'CPU%':>6} {'p99 ms':>10}"
+    )
+    for r in rounds:
+        v, e, late = r["voiceToVoiceMs"], r["engineAddedMs"], r["worstLatenessMs"]
+        print(
+            f"{r['calls']:>4} {str(r['answered']) + '/' + str(r['asked']):>10} "
+            f"{_ms(v['p50']) + '/' + _ms(v['p95']) + '/' + _ms(v['p99']):>18} "
+            f"{_ms(e['p50']) + '/' + _ms(e['p95']) + '/' + _ms(e['p99']):>17} "
+            f"{str(r['utterancesWithGap']) + '/' + str(r['utterances']):>8} {_ms(late['max']):>9} "
+            f"{r['engineCpuPerCallMinute'] if r['engineCpuPerCallMinute'] is not None else '-':>7} "
+            f"{r['engineCpuPercent']:>7} {r['engineRssPerCallMb'] if r['engineRssPerCallMb'] is not None else '-':>7} "
+            f"{r['benchCpuPercent']:>6} {_ms(r['benchTickLagMs']['p99']):>10}"
+        )
+    print()
+    print(
+        "engine's own breakdown (CallTurn.latency medians, ms after the caller's last voiced frame per the engine VAD):"
+    )
+    print(f"{'N':>4} {'turns':>6} " + " ".join(f"{s:>15}" for s in STAGES) + f" {'engine v2v p50/p95':>19}")
+    for r in rounds:
+        st = r["engine"]
+        ev = st["engineVoiceToVoiceMs"]
+        print(
+            f"{r['calls']:>4} {st['n']:>6} "
+            + " ".join(f"{_ms(st['stageMedianMs'][s]):>15}" for s in STAGES)
+            + f" {_ms(ev['p50']) + '/' + _ms(ev['p95']):>19}"
+        )
+    print()
+    print("engine's share of each step (step minus its provider delay), median / p95 ms:")
+    names = list(rounds[0]["engine"]["engineStepMedianMs"]) if rounds else []
+    print(f"{'N':>4} " + " ".join(f"{n:>17}" for n in names))
+    for r in rounds:
+        st = r["engine"]
+        print(
+            f"{r['calls']:>4} "
+            + " ".join(f"{_ms(st['engineStepMedianMs'][n]) + ' / ' + _ms(st['engineStepP95Ms'][n]):>17}" for n in names)
+        )
+
+
+def print_harness(rounds: Sequence[Mapping[str, Any]]) -> None:
+    """Who else used the CPUs: this process (callers + fakes), PostgreSQL, other tenants of the machine."""
+    print()
+    print("harness and machine over the window (CPU% of one core):")
+    print(
+        f"{'N':>4} {'bench CPU%':>10} {'bench tick lag ms p50/p95/p99/max':>34} {'core busy% 0/1':>15} "
+        f"{'others CPU%':>11} {'postgres%':>9} {'engine peak%':>12} {'engine idle%':>12} {'min lead ms':>11} "
+        f"{'engine GC full/max ms':>21}"
+    )
+    for r in rounds:
+        lag = r["benchTickLagMs"]
+        lags = "/".join(_ms(lag[k]) for k in ("p50", "p95", "p99", "max"))
+        cores = "/".join(f"{c:.0f}" for c in r["coreBusyPercent"])
+        postgres = "-" if r["postgresCpuPercent"] is None else r["postgresCpuPercent"]
+        peak = "-" if r["engineCpuPercentPeak"] is None else r["engineCpuPercentPeak"]
+        gc_stats = r.get("engineGcPauses") or {}
+        engine_gc = f"{gc_stats.get('full', '-')}/{_ms(gc_stats.get('maxMs'))}"
+        print(
+            f"{r['calls']:>4} {r['benchCpuPercent']:>10} {lags:>34} {cores:>15} {r['otherCpuPercent']:>11} "
+            f"{postgres:>9} {peak:>12} {r.get('engineIdleCpuPercent', '-'):>12} {_ms(r['minLeadMs']):>11} "
+            f"{engine_gc:>21}"
+        )
+
+
+def plot(rounds: Sequence[Mapping[str, Any]], path: Path, delays: Delays) -> bool:
+    """Latency percentiles and CPU/RSS per call against N; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ns = [r["calls"] for r in rounds]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
+        left.plot(ns, [r["voiceToVoiceMs"][key] for r in rounds], style, label=f"voice-to-voice {key}")
+        left.plot(ns, [r["engineAddedMs"][key] for r in rounds], style, alpha=0.6, label=f"engine-added {key}")
+    left.set_xscale("log")
+    left.set_xlabel("concurrent calls")
+    left.set_ylabel("ms")
+    left.set_title(f"latency (provider delays {delays.total} ms)")
+    left.grid(True, alpha=0.3)
+    left.legend(fontsize=7)
+    right.plot(ns, [r["engineCpuPerCallMinute"] for r in rounds], "o-", color="tab:red", label="CPU s / call-minute")
+    right.set_xscale("log")
+    right.set_xlabel("concurrent calls")
+    right.set_ylabel("engine CPU s per call-minute", color="tab:red")
+    twin = right.twinx()
+    twin.plot(ns, [r["engineRssPerCallMb"] for r in rounds], "s--", color="tab:blue", label="RSS MB / call")
+    twin.set_ylabel("engine RSS MB per call", color="tab:blue")
+    right.set_ylim(bottom=0)
+    twin.set_ylim(bottom=0)
+    right.set_title("engine cost per call")
+    right.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--calls", default="1,10,50,100", help="concurrent calls per round, comma-separated")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured window per round (default 60)")
+    parser.add_argument(
+        "--ramp", type=float, default=None, help="stagger call starts over this many seconds (default N/10, 1 to 15)"
+    )
+    parser.add_argument("--endpointing-ms", type=int, default=DEFAULT_DELAYS.endpointing, help="Deepgram endpointing")
+    parser.add_argument("--llm-first-token-ms", type=int, default=DEFAULT_DELAYS.llm_first_token, help="fake LLM delay")
+    parser.add_argument("--tts-first-byte-ms", type=int, default=DEFAULT_DELAYS.tts_first_byte, help="fake TTS delay")
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds after every opening before measuring")
+    parser.add_argument("--reply-timeout", type=float, default=10.0, help="a turn unanswered this long is lost")
+    parser.add_argument("--recording", action=argparse.BooleanOptionalAction, default=True, help="agent records calls")
+    parser.add_argument("--engine-cpu", type=int, default=0, help="CPU the engine is pinned to (default 0)")
+    parser.add_argument("--bench-cpu", type=int, default=1, help="CPU this process (callers, fakes) is pinned to")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin anything")
+    parser.add_argument("--tone", action="store_true", help="callers play a tone burst instead of eSpeak speech")
+    parser.add_argument("--profile-calls", type=int, default=None, help="run the engine under cProfile in this round")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    return parser.parse_args(argv)
+
+
+def _delays(args: argparse.Namespace) -> Delays:
+    return Delays(args.endpointing_ms, args.llm_first_token_ms, args.tts_first_byte_ms)
+
+
+async def _utterance(tone: bool, delays: Delays) -> Utterance:
+    if tone:
+        return tone_utterance()
+    try:
+        return await speech_utterance(CALLER_TEXT, max_inner_quiet_ms=delays.endpointing - 100)
+    except Exception as exc:  # eSpeak missing or unsuitable: the fake Deepgram only needs energy
+        print(f"eSpeak utterance unusable ({exc}); using a tone burst")
+        return tone_utterance()
+
+
+async def _database(tmp: Path) -> tuple[str, Path | None]:
+    """DATABASE_URL if set, else a fresh embedded server in `tmp`; migrated. Returns its URL and data folder."""
+    given_url = os.environ.get("DATABASE_URL")
+    pgdata: Path | None = None
+    if given_url:
+        database_url = given_url
+    else:
+        server = await asyncio.to_thread(start_embedded, tmp / "db")
+        await ensure_database(server.url(), "bench")
+        database_url, pgdata = server.url("bench"), server.pgdata
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return database_url, pgdata
+
+
+def _stop_embedded(pgdata: Path | None) -> None:
+    """Stop the embedded server now, while its data folder still exists (pgserver's own exit hook needs it)."""
+    if pgdata is None:
+        return
+    from pgserver.postgres_server import get_server
+
+    with contextlib.suppress(Exception):
+        get_server(pgdata).cleanup()
+
+
+def _print_header(args: argparse.Namespace, pgdata: Path | None, utterance: Utterance) -> None:
+    d = _delays(args)
+    engine_cpu, bench_cpu = ("-", "-") if args.no_pin else (args.engine_cpu, args.bench_cpu)
+    database = "embedded (temp)" if pgdata else "DATABASE_URL"
+    print(
+        f"cloud-pipeline calls through `dialtone serve`: {os.cpu_count()} CPUs, engine on CPU {engine_cpu}, "
+        f"callers + fakes on CPU {bench_cpu}; database {database}; recording {'on' if args.recording else 'off'}"
+    )
+    print(
+        f"provider delays: endpointing {d.endpointing} ms, LLM first token {d.llm_first_token} ms, TTS first "
+        f"byte {d.tts_first_byte} ms; caller says {utterance.source} ({utterance.duration_s:.2f} s); "
+        f"window {args.seconds:g} s per N; load average {os.getloadavg()[0]:.2f}"
+    )
+
+
+async def _rounds(setup: RoundSetup, wanted: Sequence[int], stamp: str, rounds: list[dict[str, Any]]) -> None:
+    for calls in wanted:
+        print(f"  N={calls}: running …", flush=True)
+        profile = None
+        if setup.args.profile_calls == calls:
+            profile = setup.args.out / f"cloud-{stamp}-engine-n{calls}.prof"
+        result = await run_round(setup, calls, profile)
+        if profile is not None:
+            result["engineProfile"] = str(profile)
+        rounds.append(result)
+        v = result["voiceToVoiceMs"]
+        print(
+            f"  N={calls}: {result['answered']}/{result['asked']} turns answered, voice-to-voice p50 "
+            f"{_ms(v['p50'])} ms p95 {_ms(v['p95'])} ms, engine CPU {result['engineCpuPercent']}%, bench CPU "
+            f"{result['benchCpuPercent']}%, call errors {len(result['callErrors'])}",
+            flush=True,
+        )
+
+
+async def main(argv: Sequence[str] | None = None) -> int:
+    """Run the rounds; print, store and plot the figures."""
+    global GC_PAUSES  # noqa: PLW0603 - one recorder per process, read by every round
+    args = _parse_args(argv)
+    GC_PAUSES = GcPauses()
+    wanted = [int(n) for n in str(args.calls).split(",") if n.strip()]
+    if not args.no_pin:
+        available = os.sched_getaffinity(0)
+        if {args.engine_cpu, args.bench_cpu} - available or args.engine_cpu == args.bench_cpu:
+            print(f"cannot pin to CPUs {args.engine_cpu} and {args.bench_cpu} (available: {sorted(available)})")
+            return 2
+        pin_threads(os.getpid(), args.bench_cpu)  # threads made later (executor, pgserver) inherit it
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    gitignore = args.out / ".gitignore"
+    if not gitignore.exists():
+        gitignore.write_text("*\n!.gitignore\n")
+
+    delays = _delays(args)
+    utterance = await _utterance(args.tone, delays)
+    with tempfile.TemporaryDirectory(prefix="dialtone-bench-cloud-") as tmp:
+        database_url, pgdata = await _database(Path(tmp))
+        pool = await create_pool(database_url)
+        rounds: list[dict[str, Any]] = []
+        try:
+            setup = RoundSetup(
+                args=args,
+                line=await seed(pool, recording=args.recording, delays=delays),
+                pool=pool,
+                database_url=database_url,
+                pgdata=pgdata,
+                state_root=Path(tmp) / "state",
+                auth_token=secrets.token_hex(16),
+                utterance=utterance,
+                replies=reply_book(),
+                delays=delays,
+                stamp=f"cloud-{stamp}",
+            )
+            _print_header(args, pgdata, utterance)
+            await _rounds(setup, wanted, stamp, rounds)
+        finally:
+            await pool.close()
+            await asyncio.to_thread(_stop_embedded, pgdata)
+            if rounds:
+                _report(args, stamp, utterance, rounds)
+    return 0
+
+
+def _report(args: argparse.Namespace, stamp: str, utterance: Utterance, rounds: list[dict[str, Any]]) -> None:
+    delays = _delays(args)
+    print_table(rounds)
+    print_harness(rounds)
+    print()
+    saturated = [r["calls"] for r in rounds if r["engineCpuPercent"] >= 90]
+    distorted = [r["calls"] for r in rounds if r["benchCpuPercent"] >= 85 or (r["benchTickLagMs"]["p99"] or 0) > 20]
+    unanswered = [r["calls"] for r in rounds if r["answered"] < r["asked"]]
+    print()
+    if saturated:
+        print(f"ENGINE SATURATED (>= 90% of its CPU) at N = {saturated}: its CPU per call-minute is capped there.")
+    if distorted:
+        print(f"HARNESS BUSY (bench CPU >= 85% or tick lag p99 > 20 ms) at N = {distorted}: latency overstated.")
+    if unanswered:
+        print(f"UNANSWERED TURNS at N = {unanswered}.")
+    print("engine-added latency:", delays.formula())
+    print(
+        "gaps: utterances whose playback buffer ran dry before their audio ended / utterances heard; "
+        "late ms: worst chunk lateness against an uninterrupted schedule from the first byte played. "
+        "CPU s/call-min: engine user+sys CPU over the window / (mean live calls x window minutes); "
+        "RSS/call: (max RSS in the window - idle RSS after warm-up) / N; bench CPU%: this process (callers + "
+        "fakes) over the window, 100 = one core saturated; bench lag: how late the callers' 20 ms ticks ran; "
+        "others CPU%: both cores' busy time not spent by the engine, this process or PostgreSQL (other tenants); "
+        "min lead: the least any reply's audio arrived ahead of its playback (negative: late)."
+    )
+    report = {
+        "started": stamp,
+        "command": " ".join([Path(sys.executable).name, "-m", "bench.bench_cloud", *sys.argv[1:]]),
+        "machine": {"cpus": os.cpu_count(), "loadAverage": list(os.getloadavg())},
+        "config": {
+            "endpointingMs": delays.endpointing,
+            "llmFirstTokenMs": delays.llm_first_token,
+            "ttsFirstByteMs": delays.tts_first_byte,
+            "ttsMsPerChar": MS_PER_CHAR,
+            "firstSentence": FIRST_SENTENCE,
+            "replies": list(REPLIES),
+            "callerUtterance": utterance.source,
+            "callerUtteranceSeconds": utterance.duration_s,
+            "windowSeconds": args.seconds,
+            "recording": args.recording,
+            "engineCpu": None if args.no_pin else args.engine_cpu,
+            "benchCpu": None if args.no_pin else args.bench_cpu,
+            "agentConfiguration": agent_configuration(args.recording, delays),
+        },
+        "engineAddedFormula": delays.formula(),
+        "rounds": rounds,
+    }
+    json_path = args.out / f"cloud-{stamp}.json"
+    json_path.write_text(json.dumps(report, indent=1, default=str))
+    print(f"\nwrote {json_path}")
+    png = args.out / f"cloud-{stamp}.png"
+    if plot(rounds, png, delays):
+        print(f"wrote {png}")
+    else:
+        print("plot skipped: matplotlib is not installed")
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run main() and stop cleanly on Ctrl-C or SIGTERM (the engine is stopped, the fakes closed)."""
+
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        if task is not None:
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        return await main(argv)
+
+    try:
+        return asyncio.run(guarded())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted: engine stopped, fakes closed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(run())
