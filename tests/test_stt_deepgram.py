@@ -355,3 +355,20 @@ def unused_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+async def test_audio_trimmed_before_deepgram_got_it_keeps_later_times_on_the_stream_timeline(
+    fake: FakeDeepgram,
+) -> None:
+    # Unsent audio beyond the replay bound is dropped, oldest first (here: before the socket opened); Deepgram's
+    # clock then starts later on the stream, and the times it reports must say so.
+    stt = recognizer(fake, max_replay_ms=1000)
+    for frame in silent_frames(3000):  # 3 s arrive before the socket is open; only the last second is kept
+        stt.send_audio(frame)
+    await stt.start()
+    await feed(stt, silent_frames(200) + speech(1000) + silent_frames(600))
+    events = await collect(stt, is_end_of_turn)
+    await stt.close()
+
+    assert events[0] == SpeechStarted(at_ms=3200)
+    assert events[-1] == EndOfTurn(text="i need to reschedule", at_ms=4500)  # 3000 + 200 + 1000 + 300
