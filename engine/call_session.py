@@ -365,12 +365,13 @@ class CallSession:
     def _on_caller_audio(self, media: MediaReceived) -> None:
         """The audio path: one caller frame. Cheap work only."""
         self._timeline.observe(media.timestamp_ms)
-        self._pipeline.stt.send_audio(media.payload)
         if self._recorder is not None:
             self._recorder.write_caller(media.payload, media.timestamp_ms)
         if len(media.payload) != 160:
+            self._pipeline.stt.send_audio(media.payload)
             return  # the VAD takes 20 ms frames; Twilio sends those in practice
         vad_event = self._vad.process(ulaw_to_pcm16(media.payload).tobytes())
+        self._pipeline.stt.send_audio(media.payload, voiced=self._vad.last_frame_voiced or self._vad.speaking)
         now = self._clock()
         if self._vad.last_frame_voiced:
             self._last_voiced_at = now

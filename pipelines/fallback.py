@@ -83,14 +83,14 @@ class FallbackSTT:
         self._active = None
         raise STTError("; ".join(errors) or "no speech-to-text provider left")
 
-    def send_audio(self, ulaw: bytes) -> None:
+    def send_audio(self, ulaw: bytes, *, voiced: bool = True) -> None:
         """Pass audio to the active recognizer and keep it for a replay."""
         self._received_bytes += len(ulaw)
         self._recent += ulaw
         if len(self._recent) > 2 * self._max_recent:  # trimmed in bulk: no memmove per frame
             del self._recent[: len(self._recent) - self._max_recent]
         if self._active is not None:
-            self._active.send_audio(ulaw)
+            self._active.send_audio(ulaw, voiced=voiced)
 
     async def events(self) -> AsyncIterator[STTEvent]:
         """The active recognizer's events, on the call's timeline, across switches."""

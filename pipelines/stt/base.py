@@ -45,8 +45,12 @@ class SpeechToText(Protocol):
         """Open the recognizer (connect, take a decoder); raise STTError if it cannot."""
         ...
 
-    def send_audio(self, ulaw: bytes) -> None:
-        """Queue one chunk of caller audio (μ-law 8 kHz); never blocks, called on every 20 ms frame."""
+    def send_audio(self, ulaw: bytes, *, voiced: bool = True) -> None:
+        """Queue one chunk of caller audio (μ-law 8 kHz); never blocks, called on every 20 ms frame.
+
+        `voiced` is the engine's VAD's verdict on the chunk; a recognizer may send silence far from speech in
+        larger batches (nothing waits on it), never speech or the silence right after it.
+        """
         ...
 
     def events(self) -> AsyncIterator[STTEvent]:

@@ -363,7 +363,7 @@ class SphinxSTT:
         await self._pool.warm(self._vocabulary)
         self._worker = asyncio.create_task(self._recognize_utterances())
 
-    def send_audio(self, ulaw: bytes) -> None:
+    def send_audio(self, ulaw: bytes, *, voiced: bool = True) -> None:
         """Run the VAD on the caller's audio and collect utterances; decoding happens elsewhere, per utterance."""
         if self._closed:
             return

@@ -54,6 +54,7 @@ class FakeListenConnection:
     """The query parameters (the first value of a repeated one, such as `keyterm`; `query_lists` has them all)."""
     query_lists: dict[str, list[str]]
     bytes_received: int = 0
+    audio_messages: int = 0
     controls: list[str] = field(default_factory=list)
     """The `type` of every text message from the client, in order (`KeepAlive`, `Finalize`, `CloseStream`, …)."""
     sent: list[dict[str, Any]] = field(default_factory=list)
@@ -175,6 +176,7 @@ class FakeDeepgram:
                     break
                 if message.type == WSMsgType.BINARY:
                     listen.bytes_received += len(message.data)
+                    listen.audio_messages += 1
                     self._post(outbox, recognizer.hear(message.data))
                 elif message.type == WSMsgType.TEXT:
                     ended_by_us = self._control(message.data, listen, recognizer, outbox)
