@@ -163,6 +163,12 @@ HangUp = Callable[[str], Awaitable[bool]]
 Transfer = Callable[[str, str], Awaitable[bool]]
 
 
+async def await_twilio_stop(ended: asyncio.Event) -> None:
+    """After a hang-up or transfer through Twilio's REST API, wait a little (never forever) for its `stop`."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(ended.wait(), timeout=HANGUP_GRACE_SECONDS)
+
+
 class CallSession:
     """Runs one call from Twilio's `start` to the finished CallLog."""
 
@@ -203,7 +209,6 @@ class CallSession:
         self._conversation: list[ConversationTurn] = []
         self._utterances: dict[int, _AgentUtterance] = {}
         self._reply: asyncio.Task[None] | None = None
-        self._current_reply_utterance: _AgentUtterance | None = None
         self._current: _AgentUtterance | None = None
         self._caller_speech_started_ms: int | None = None
         self._caller_speech_ended_at: float | None = None
@@ -462,9 +467,7 @@ class CallSession:
         if self._awaiting_greeting:  # the callee said hello: now the agent opens
             self._open_conversation()
             return
-        self._start_reply([], ask_model=True, reply_to=reply_to)
-        if self._reply is not None and self._current_reply_utterance is not None:
-            self._current_reply_utterance.stage_at["sttEndOfTurn"] = now
+        self._start_reply([], ask_model=True, reply_to=reply_to, turn_ended_at=now)
 
     def _is_backchannel(self, text: str) -> bool:
         words = [w.strip(".,!?").lower() for w in text.split()]
@@ -475,13 +478,16 @@ class CallSession:
     def _agent_is_speaking(self) -> bool:
         return self._current is not None
 
-    def _start_reply(self, sentences: list[str], *, ask_model: bool, reply_to: float | None) -> None:
+    def _start_reply(
+        self, sentences: list[str], *, ask_model: bool, reply_to: float | None, turn_ended_at: float | None = None
+    ) -> None:
         if self._reply is not None:
             self._reply.cancel()
         utterance = _AgentUtterance(self._next_utterance, reply_to)
         self._next_utterance += 1
         self._utterances[utterance.utterance_id] = utterance
-        self._current_reply_utterance = utterance
+        if turn_ended_at is not None:
+            utterance.stage_at["sttEndOfTurn"] = turn_ended_at
         self._set_state(SessionState.RESPONDING)
         self._reply = self._spawn(self._respond(utterance, sentences, ask_model), "reply")
 
@@ -715,9 +721,7 @@ class CallSession:
             if self.state is not SessionState.ENDED:
                 self._set_state(SessionState.ENDING)
             self._end_reason = reason
-            # Twilio leaves our stream for the <Dial> and sends `stop`; wait a little for it.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ended.wait(), timeout=HANGUP_GRACE_SECONDS)
+            await await_twilio_stop(self._ended)  # Twilio leaves our stream for the <Dial>
             self._end(CallStatus.COMPLETED, reason)
             return
         log.warning("call %s: transfer to %s failed", self.context.call_sid, to)
@@ -731,9 +735,7 @@ class CallSession:
         if self._hang_up is not None:
             with contextlib.suppress(Exception):
                 if await self._hang_up(self.context.call_sid):
-                    # Twilio hangs up and then sends `stop`; wait a little for it, but not forever.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._ended.wait(), timeout=HANGUP_GRACE_SECONDS)
+                    await await_twilio_stop(self._ended)
         self._end(CallStatus.COMPLETED, reason)
 
     @property

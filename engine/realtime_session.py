@@ -25,7 +25,15 @@ from openai import AsyncOpenAI
 from config.agent import AgentConfiguration, OpenAIRealtimeConfig
 from engine import metrics
 from engine.call_log_writer import CallLogWriter, CallOutcome, TurnRecord
-from engine.call_session import DEFAULT_GOODBYE, HANGUP_GRACE_SECONDS, CallContext, HangUp, SessionState, Transfer
+from engine.call_session import (
+    DEFAULT_GOODBYE,
+    HANGUP_GRACE_SECONDS,
+    CallContext,
+    HangUp,
+    SessionState,
+    Transfer,
+    await_twilio_stop,
+)
 from engine.outbound_audio import BYTES_PER_MS, OutboundAudio, SendText, StreamTimeline
 from media.dtmf import InvalidDigits, dtmf_audio
 from media.recording import StereoWavRecorder
@@ -832,9 +840,7 @@ class RealtimeCallSession:
         if transferred and not self._ended.is_set():
             self._set_state(SessionState.ENDING)
             self._end_reason = reason
-            # Twilio leaves our stream for the <Dial> and sends `stop`; wait a little for it.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ended.wait(), timeout=HANGUP_GRACE_SECONDS)
+            await await_twilio_stop(self._ended)  # Twilio leaves our stream for the <Dial>
             self._end(CallStatus.COMPLETED, reason)
             return
         log.warning("call %s: transfer to %s failed", self.context.call_sid, transfer_to)
@@ -891,7 +897,5 @@ class RealtimeCallSession:
         if self._hang_up is not None:
             with contextlib.suppress(Exception):
                 if await self._hang_up(self.context.call_sid):
-                    # Twilio hangs up and then sends `stop`; wait a little for it, but not forever.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._ended.wait(), timeout=HANGUP_GRACE_SECONDS)
+                    await await_twilio_stop(self._ended)
         self._end(CallStatus.COMPLETED, reason)

@@ -36,28 +36,23 @@ class TwilioCalls:
 
     async def hang_up(self, call_sid: str) -> bool:
         """Ask Twilio to end a call; False (logged) if Twilio refused or could not be reached."""
-        try:
-            await self._client.calls(call_sid).update_async(status="completed")
-        except TwilioRestException as exc:
-            log.warning("Twilio refused to hang up %s: %s %s", call_sid, exc.status, exc.msg)
-            return False
-        except (OSError, TimeoutError) as exc:
-            log.warning("could not reach Twilio to hang up %s: %s", call_sid, exc)
-            return False
-        return True
+        return await self._update(call_sid, "hang up", status="completed")
 
     async def transfer(self, call_sid: str, to: str, *, caller_id: str | None = None) -> bool:
         """Cold-transfer a call: Twilio leaves our media stream and dials `to`; False (logged) if it refused."""
         twiml = VoiceResponse()
         dial = twiml.dial(caller_id=caller_id) if caller_id else twiml.dial()
         dial.number(to)
+        return await self._update(call_sid, "transfer", twiml=str(twiml))
+
+    async def _update(self, call_sid: str, action: str, **changes: str) -> bool:
         try:
-            await self._client.calls(call_sid).update_async(twiml=str(twiml))
+            await self._client.calls(call_sid).update_async(**changes)
         except TwilioRestException as exc:
-            log.warning("Twilio refused to transfer %s: %s %s", call_sid, exc.status, exc.msg)
+            log.warning("Twilio refused to %s %s: %s %s", action, call_sid, exc.status, exc.msg)
             return False
         except (OSError, TimeoutError) as exc:
-            log.warning("could not reach Twilio to transfer %s: %s", call_sid, exc)
+            log.warning("could not reach Twilio to %s %s: %s", action, call_sid, exc)
             return False
         return True
 

@@ -35,6 +35,7 @@ from engine.simulator import (
     simulate_call,
 )
 from media.g711 import pcm16_to_ulaw
+from tests.fakes.server import serve
 
 TOKEN = "test-auth-token"
 SILENT_FRAME = b"\xff" * 160
@@ -154,16 +155,9 @@ async def fake_engine(engine: FakeEngine) -> AsyncIterator[FakeEngine]:
     app = web.Application()
     app.router.add_post("/twilio/voice", engine.voice)
     app.router.add_get("/twilio/media", engine.media)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        engine.base_url = f"http://{host}:{port}"
+    async with serve(app) as base_url:
+        engine.base_url = base_url
         yield engine
-    finally:
-        await runner.cleanup()
 
 
 async def call(engine: FakeEngine, script: list[Step], **options: Any) -> CallResult:
