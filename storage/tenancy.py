@@ -1,0 +1,28 @@
+"""Tenant-scoped transactions: the API's queries run as a role that row-level security applies to.
+
+Migration 0004 creates the role `dialtone_api` (neither superuser nor BYPASSRLS); each tenant table's
+policy compares its "organizationId" with the transaction-local setting `app.organization_id`. Both are
+set with SET LOCAL semantics, so they end with the transaction and a pooled connection carries nothing
+over to the next request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+from storage.records import Connection
+
+API_ROLE = "dialtone_api"
+ORGANIZATION_SETTING = "app.organization_id"
+
+
+@asynccontextmanager
+async def tenant_transaction(pool: asyncpg.Pool, organization_id: str) -> AsyncIterator[Connection]:
+    """A transaction that sees and changes only `organization_id`'s rows, enforced by PostgreSQL."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(f"SET LOCAL ROLE {API_ROLE}")
+        await conn.execute("SELECT set_config($1, $2, true)", ORGANIZATION_SETTING, organization_id)
+        yield conn
