@@ -22,7 +22,7 @@ from engine import metrics
 from engine.call_log_writer import CallLogWriter, CallOutcome, TurnRecord
 from engine.outbound_audio import OutboundAudio, SendText, StreamTimeline
 from media.dtmf import InvalidDigits, dtmf_audio
-from media.g711 import ulaw_to_pcm16
+from media.g711 import ulaw_to_pcm16_bytes
 from media.recording import StereoWavRecorder
 from media.twilio_stream import (
     DtmfReceived,
@@ -296,6 +296,20 @@ class CallSession:
         """End the call for a reason outside it (e.g. the engine shutting down)."""
         self._end(CallStatus.FAILED, reason)
 
+    def end_when_twilio_stops(self, reason: str) -> None:
+        """Twilio is about to stop the stream for a reason decided outside the call (an answering machine took it):
+        stop speaking now, and end with `reason` when Twilio's `stop` comes."""
+        if self.state in (SessionState.ENDING, SessionState.ENDED):
+            return
+        self._awaiting_greeting = False
+        if self._current is not None:
+            self._barge_in(reason)
+        if self._reply is not None:
+            self._reply.cancel()
+            self._reply = None
+        self._set_state(SessionState.ENDING)
+        self._end_reason = reason
+
     async def _shut_down(self) -> CallOutcome:
         if self._reply is not None:
             self._reply.cancel()
@@ -375,8 +389,8 @@ class CallSession:
         if len(media.payload) != 160:
             self._pipeline.stt.send_audio(media.payload)
             return  # the VAD takes 20 ms frames; Twilio sends those in practice
-        vad_event = self._vad.process(ulaw_to_pcm16(media.payload).tobytes())
-        self._pipeline.stt.send_audio(media.payload, voiced=self._vad.last_frame_voiced or self._vad.speaking)
+        vad_event = self._vad.process(ulaw_to_pcm16_bytes(media.payload))
+        self._pipeline.stt.send_audio(media.payload, voiced=self._vad.last_frame_voiced)
         now = self._clock()
         if self._vad.last_frame_voiced:
             self._last_voiced_at = now

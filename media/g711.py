@@ -41,11 +41,23 @@ def _build_encode_table() -> npt.NDArray[np.uint8]:
 
 _DECODE_TABLE = _build_decode_table()
 _ENCODE_TABLE = _build_encode_table()
+# The decoded samples' low and high bytes per code, for bytes.translate: decoding one 20 ms frame that way
+# takes a fraction of the fixed cost of three numpy calls.
+_DECODE_LOW = _DECODE_TABLE.astype("<i2").view(np.uint8)[0::2].tobytes()
+_DECODE_HIGH = _DECODE_TABLE.astype("<i2").view(np.uint8)[1::2].tobytes()
 
 
 def ulaw_to_pcm16(data: bytes | bytearray | memoryview) -> npt.NDArray[np.int16]:
     """Decode mu-law bytes into 16-bit linear PCM samples."""
     return _DECODE_TABLE[np.frombuffer(data, dtype=np.uint8)]
+
+
+def ulaw_to_pcm16_bytes(data: bytes) -> bytearray:
+    """Decode mu-law bytes into 16-bit little-endian PCM bytes (the VAD's input), cheaply for short frames."""
+    pcm = bytearray(2 * len(data))
+    pcm[0::2] = data.translate(_DECODE_LOW)
+    pcm[1::2] = data.translate(_DECODE_HIGH)
+    return pcm
 
 
 def pcm16_to_ulaw(samples: npt.NDArray[np.int16]) -> bytes:

@@ -1,8 +1,9 @@
 """Stream a call's stereo WAV recording (caller left, agent right, 8 kHz PCM16) to disk as it happens.
 
-`write_caller`/`write_agent` only touch memory and are safe on the event loop. `flush` and `close` do
-blocking file I/O: an asyncio caller runs them with `asyncio.to_thread`, calling `flush` about once a
-second so the queue of finished audio stays small.
+`write_caller`/`write_agent` only touch memory and are safe on the event loop: the window keeps the μ-law
+bytes as they come, so a write is one copy, and audio is decoded to PCM16 a window-half at a time when it is
+written out. `flush` and `close` do blocking file I/O: an asyncio caller runs them with `asyncio.to_thread`,
+calling `flush` about once a second so the queue of finished audio stays small.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from media.g711 import ulaw_to_pcm16
+from media.g711 import ULAW_SILENCE, ulaw_to_pcm16
 
 SAMPLE_RATE = 8000
 """Sample rate, in Hz, of the recording."""
@@ -54,10 +55,11 @@ class StereoWavRecorder:
         self.path = Path(path)
         self.window_ms = window_ms
         self._capacity = window_ms * _SAMPLES_PER_MS
-        self._buffer: npt.NDArray[np.int16] = np.zeros((self._capacity, 2), dtype=np.int16)
+        # Two channels of μ-law, silent where nothing was placed.
+        self._buffer: npt.NDArray[np.uint8] = np.full((self._capacity, 2), ULAW_SILENCE, dtype=np.uint8)
         self._start = 0  # timeline sample at buffer row 0
         self._head = 0  # one past the newest sample written on either channel
-        # bytes are finished interleaved frames; an int is that many frames of silence
+        # bytes are finished interleaved μ-law frames; an int is that many frames of silence
         self._outbox: deque[bytes | int] = deque()
         self._writer: wave.Wave_write | None = None
         self._dropped_samples = 0
@@ -75,8 +77,8 @@ class StereoWavRecorder:
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes of finished audio waiting for the next `flush` (silence gaps not counted)."""
-        return sum(len(item) for item in self._outbox if isinstance(item, bytes))
+        """Bytes of finished audio (as PCM16) waiting for the next `flush` (silence gaps not counted)."""
+        return 2 * sum(len(item) for item in self._outbox if isinstance(item, bytes))
 
     @property
     def dropped_ms(self) -> int:
@@ -102,14 +104,14 @@ class StereoWavRecorder:
             if isinstance(item, int):
                 self._write_silence(writer, item)
             else:
-                writer.writeframesraw(item)
+                writer.writeframesraw(ulaw_to_pcm16(item).tobytes())
 
     def close(self) -> RecordingInfo:
         """Write everything left, finalise the WAV header and describe the file (blocking I/O)."""
         self.flush()
         writer = self._open()
         if self._head > self._start:
-            writer.writeframesraw(self._buffer[: self._head - self._start].tobytes())
+            writer.writeframesraw(ulaw_to_pcm16(self._buffer[: self._head - self._start].tobytes()).tobytes())
         writer.close()
         self._closed = True
         return RecordingInfo(
@@ -123,7 +125,7 @@ class StereoWavRecorder:
             raise RecorderClosedError(f"recording {self.path} is closed")
         if at_ms < 0:
             raise ValueError(f"at_ms must not be negative, got {at_ms}")
-        samples = ulaw_to_pcm16(ulaw)
+        samples = np.frombuffer(ulaw, dtype=np.uint8)
         position = at_ms * _SAMPLES_PER_MS
         if position < self._start:
             late = min(self._start - position, samples.size)
@@ -147,11 +149,11 @@ class StereoWavRecorder:
             self._outbox.append(self._buffer.tobytes())
             if shift > self._capacity:
                 self._outbox.append(shift - self._capacity)
-            self._buffer[:] = 0
+            self._buffer[:] = ULAW_SILENCE
         else:
             self._outbox.append(self._buffer[:shift].tobytes())
             self._buffer[: self._capacity - shift] = self._buffer[shift:]
-            self._buffer[self._capacity - shift :] = 0
+            self._buffer[self._capacity - shift :] = ULAW_SILENCE
         self._start = new_start
 
     def _open(self) -> wave.Wave_write:

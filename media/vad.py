@@ -86,7 +86,7 @@ class VoiceActivityDetector:
         """Milliseconds of audio processed so far."""
         return self._frames * FRAME_MS
 
-    def is_voiced(self, pcm_frame: bytes) -> bool:
+    def is_voiced(self, pcm_frame: bytes | bytearray) -> bool:
         """Whether a single 20 ms PCM16 frame is speech, with no effect on the utterance state."""
         if len(pcm_frame) != PCM_FRAME_BYTES:
             raise ValueError(f"VAD frame must be {PCM_FRAME_BYTES} bytes of 8 kHz PCM16, got {len(pcm_frame)}")
@@ -95,7 +95,7 @@ class VoiceActivityDetector:
             return False
         return bool(self._vad.is_speech(pcm_frame, SAMPLE_RATE))
 
-    def process(self, pcm_frame: bytes) -> VadEvent | None:
+    def process(self, pcm_frame: bytes | bytearray) -> VadEvent | None:
         """Feed one 20 ms frame of 8 kHz PCM16 (320 bytes) and return the event it causes, if any."""
         voiced = self.is_voiced(pcm_frame)
         self._frames += 1

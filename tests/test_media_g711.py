@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-from media.g711 import ULAW_SILENCE, pcm16_to_ulaw, ulaw_to_pcm16
+from media.g711 import ULAW_SILENCE, pcm16_to_ulaw, ulaw_to_pcm16, ulaw_to_pcm16_bytes
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -16,6 +16,12 @@ with warnings.catch_warnings():
 def test_every_code_decodes_as_the_reference() -> None:
     codes = bytes(range(256))
     assert ulaw_to_pcm16(codes).tobytes() == audioop.ulaw2lin(codes, 2)
+
+
+def test_the_bytes_decoder_agrees_with_the_reference() -> None:
+    codes = bytes(range(256))
+    assert ulaw_to_pcm16_bytes(codes) == audioop.ulaw2lin(codes, 2)
+    assert ulaw_to_pcm16_bytes(b"") == b""
 
 
 def test_every_int16_sample_encodes_as_the_reference() -> None:

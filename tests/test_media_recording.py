@@ -83,7 +83,7 @@ def test_close_reports_duration_and_size(tmp_path: Path) -> None:
 
 def test_memory_stays_within_the_window(tmp_path: Path) -> None:
     recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
-    window_bytes = WINDOW_MS * 8 * 4
+    window_bytes = WINDOW_MS * 8 * 2  # two channels of μ-law
     _, _, buffered = record_synthetic_call(recorder)
     assert max(buffered) <= WINDOW_MS
     assert recorder.buffer_bytes == window_bytes

@@ -374,7 +374,7 @@ async def test_audio_trimmed_before_deepgram_got_it_keeps_later_times_on_the_str
     assert events[-1] == EndOfTurn(text="i need to reschedule", at_ms=4500)  # 3000 + 200 + 1000 + 300
 
 
-async def test_silence_far_from_speech_goes_out_in_batches_and_speech_frame_by_frame(fake: FakeDeepgram) -> None:
+async def test_only_the_silence_after_speech_goes_out_frame_by_frame(fake: FakeDeepgram) -> None:
     stt = recognizer(fake, endpointing=300, utterance_end_ms=1000)  # frames go one by one for 1.5 s after speech
     await stt.start()
 
@@ -383,14 +383,21 @@ async def test_silence_far_from_speech_goes_out_in_batches_and_speech_frame_by_f
             stt.send_audio(frame, voiced=voiced)
             await asyncio.sleep(0.001)  # let the sender run between frames, as it does at 20 ms spacing
 
-    await send(speech(400), voiced=True)
-    await send(silent_frames(1500), voiced=False)
-    await until(lambda: fake.listens[0].bytes_received == 1900 * 8)
-    near_speech = fake.listens[0].audio_messages
+    await send(speech(390), voiced=True)  # 19 frames: three batches of 100 ms, 90 ms held back
+    await until(lambda: fake.listens[0].bytes_received == 300 * 8)
+    speech_messages = fake.listens[0].audio_messages
+    await send(silent_frames(20), voiced=False)  # the first silent frame takes the held-back speech along
+    await until(lambda: fake.listens[0].bytes_received == 410 * 8)
+    first_silence = fake.listens[0].audio_messages - speech_messages
+    await send(silent_frames(1480), voiced=False)
+    await until(lambda: fake.listens[0].bytes_received == 1890 * 8)
+    near_speech = fake.listens[0].audio_messages - speech_messages - first_silence
     await send(silent_frames(2000), voiced=False)
-    await until(lambda: fake.listens[0].bytes_received == 3900 * 8)
-    far_from_speech = fake.listens[0].audio_messages - near_speech
+    await until(lambda: fake.listens[0].bytes_received == 3890 * 8)
+    far_from_speech = fake.listens[0].audio_messages - speech_messages - first_silence - near_speech
     await stt.close()
 
-    assert near_speech == (400 + 1500) // 20  # one message per frame near speech: endpointing waits on none
+    assert speech_messages == 3  # mid-speech nothing waits on the audio: 100 ms at a time
+    assert first_silence == 1  # held-back speech and the first silent frame in one message, at once
+    assert near_speech == 1480 // 20  # one message per frame after speech: endpointing waits on none
     assert far_from_speech <= 2000 // 100  # then 100 ms at a time

@@ -19,11 +19,9 @@ import httpx2
 import openai
 import phonenumbers
 from openai import AsyncOpenAI, AsyncStream
-from openai.types import CompletionUsage
 from openai.types.chat import (
     ChatCompletion,
     ChatCompletionAssistantMessageParam,
-    ChatCompletionChunk,
     ChatCompletionMessageFunctionToolCallParam,
     ChatCompletionMessageParam,
     ChatCompletionToolMessageParam,
@@ -102,12 +100,26 @@ class TokenUsage:
     total_tokens: int = 0
     completions: int = 0
 
-    def add(self, usage: CompletionUsage) -> None:
-        """Count one completion's usage."""
-        self.prompt_tokens += usage.prompt_tokens
-        self.completion_tokens += usage.completion_tokens
-        self.total_tokens += usage.total_tokens
+    def add(self, usage: Mapping[str, Any]) -> None:
+        """Count one completion's usage (the `usage` object of its last chunk)."""
+        self.prompt_tokens += _count(usage, "prompt_tokens")
+        self.completion_tokens += _count(usage, "completion_tokens")
+        self.total_tokens += _count(usage, "total_tokens")
         self.completions += 1
+
+
+def _count(usage: Mapping[str, Any], name: str) -> int:
+    value = usage.get(name)
+    return value if isinstance(value, int) else 0
+
+
+def _objects(value: Any) -> list[dict[str, Any]]:
+    """The JSON objects of a list field of a chunk (anything else in a malformed chunk is skipped)."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _string(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 @dataclass(slots=True)
@@ -125,24 +137,28 @@ class _Completion:
     calls: dict[int, _FunctionCall] = field(default_factory=dict)
     finish_reason: str | None = None
 
-    def absorb(self, chunk: ChatCompletionChunk) -> list[str]:
-        """Take in one chunk; return the text to speak now."""
+    def absorb(self, chunk: Mapping[str, Any]) -> list[str]:
+        """Take in one chunk (its JSON as sent); return the text to speak now."""
         spoken: list[str] = []
-        for choice in chunk.choices:
-            delta = choice.delta
-            # A refusal is what the model says instead of an answer: the caller should hear it too.
-            for text in (delta.content, delta.refusal):
-                if text:
-                    spoken.append(text)
-            for fragment in delta.tool_calls or ():
-                call = self.calls.setdefault(fragment.index, _FunctionCall())
-                call.id = fragment.id or call.id
-                if fragment.function is not None:
-                    # The name comes whole in a call's first fragment; the arguments come in pieces.
-                    call.name = call.name or fragment.function.name or ""
-                    call.arguments += fragment.function.arguments or ""
-            if choice.finish_reason is not None:
-                self.finish_reason = choice.finish_reason
+        for choice in _objects(chunk.get("choices")):
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                # A refusal is what the model says instead of an answer: the caller should hear it too.
+                for key in ("content", "refusal"):
+                    if text := _string(delta.get(key)):
+                        spoken.append(text)
+                for fragment in _objects(delta.get("tool_calls")):
+                    index = fragment.get("index")
+                    call = self.calls.setdefault(index if isinstance(index, int) else 0, _FunctionCall())
+                    call.id = _string(fragment.get("id")) or call.id
+                    function = fragment.get("function")
+                    if isinstance(function, dict):
+                        # The name comes whole in a call's first fragment; the arguments come in pieces.
+                        call.name = call.name or _string(function.get("name"))
+                        call.arguments += _string(function.get("arguments"))
+            finish_reason = choice.get("finish_reason")
+            if isinstance(finish_reason, str):
+                self.finish_reason = finish_reason
         self.text.extend(spoken)
         return spoken
 
@@ -205,12 +221,14 @@ class OpenAIChatLLM:
 
     async def _stream(
         self, messages: list[ChatCompletionMessageParam], *, last_round: bool
-    ) -> AsyncStream[ChatCompletionChunk]:
+    ) -> AsyncStream[dict[str, Any]]:
         """POST the streamed completion through the SDK's client with a body we built as plain JSON.
 
         `chat.completions.create` would walk every message of the conversation through the SDK's TypedDict
         transformer first: 3-4 ms of event-loop time per reply at a few turns, growing with the call, that every
-        other call on the core waits for. Our messages are plain JSON already, so the request is the same.
+        other call on the core waits for. Our messages are plain JSON already, so the request is the same. The
+        chunks stay the JSON objects they arrive as: building a ChatCompletionChunk model for every token is
+        most of the SDK's work on a stream, for three fields we read.
         """
         body = _present(
             {
@@ -231,7 +249,7 @@ class OpenAIChatLLM:
             options={"security": {"bearer_auth": True}},
             cast_to=ChatCompletion,
             stream=True,
-            stream_cls=AsyncStream[ChatCompletionChunk],
+            stream_cls=AsyncStream[dict[str, Any]],
         )
 
     async def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncGenerator[LLMEvent, None]:
@@ -249,8 +267,8 @@ class OpenAIChatLLM:
                 # Leaving this block any way (end, error, barge-in cancellation) closes the HTTP stream.
                 async with stream:
                     async for chunk in stream:
-                        if chunk.usage is not None:
-                            self.usage.add(chunk.usage)
+                        if isinstance(usage := chunk.get("usage"), dict):
+                            self.usage.add(usage)
                         for text in completion.absorb(chunk):
                             delta = separator + text if not text[:1].isspace() else text
                             separator, spoken_tail = "", delta

@@ -48,8 +48,9 @@ class SpeechToText(Protocol):
     def send_audio(self, ulaw: bytes, *, voiced: bool = True) -> None:
         """Queue one chunk of caller audio (μ-law 8 kHz); never blocks, called on every 20 ms frame.
 
-        `voiced` is the engine's VAD's verdict on the chunk; a recognizer may send silence far from speech in
-        larger batches (nothing waits on it), never speech or the silence right after it.
+        `voiced` is the engine's VAD's verdict on the chunk. A recognizer may hold voiced audio and silence far
+        from speech back to send it in larger batches (no end of turn waits on it), never the silence that
+        follows speech: a silent chunk sends whatever voiced audio was held back with it.
         """
         ...
 

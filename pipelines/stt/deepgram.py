@@ -31,9 +31,14 @@ BYTES_PER_MS = 8
 """μ-law at 8 kHz: one byte per sample."""
 
 CLOSE_GRACE_SECONDS = 1.0
-QUIET_BATCH_MS = 100  # far from speech, caller audio goes out this much at a time (5x fewer socket writes)
-HOT_MARGIN_MS = 500  # beyond endpointing and UtteranceEnd, frames still go out one by one this long
 """How long `close()` waits for Deepgram to send its last results and close the socket."""
+QUIET_BATCH_MS = 100
+"""Far from speech, caller audio goes out this much at a time (5x fewer socket writes)."""
+SPEECH_BATCH_MS = 100
+"""Mid-speech, voiced frames go out this much at a time: no end of turn can come before the speech stops, and
+the first frame that is not voiced sends them at once, so endpointing waits on nothing that was held back."""
+HOT_MARGIN_MS = 500
+"""Beyond endpointing and UtteranceEnd, silent frames still go out one by one this long."""
 
 _SCHEMES = {"ws": ("ws", "http"), "http": ("ws", "http"), "wss": ("wss", "https"), "https": ("wss", "https")}
 
@@ -116,8 +121,8 @@ class DeepgramSTT:
         self._sent_to = 0
         self._origin = 0
         self._replayed_to = 0
-        # Far from speech (the engine's VAD says so), frames go out in batches of `QUIET_BATCH_MS`: Deepgram needs
-        # the silence after speech promptly (endpointing, UtteranceEnd), never the silence long after it.
+        # Deepgram needs the silence after speech promptly (endpointing, UtteranceEnd counts it), never the speech
+        # before it nor the silence long after it: those go out in batches (see send_audio).
         self._quiet_bytes = 0
         self._hot_bytes = (max(config.endpointing or 0, config.utterance_end_ms or 0) + HOT_MARGIN_MS) * BYTES_PER_MS
         self._wake = asyncio.Event()
@@ -148,8 +153,9 @@ class DeepgramSTT:
     def send_audio(self, ulaw: bytes, *, voiced: bool = True) -> None:
         """Queue one chunk of caller audio for the sender task; cheap enough for every 20 ms frame.
 
-        Near speech every frame goes out at once; after `voiced=False` frames for longer than Deepgram's
-        endpointing and UtteranceEnd windows, they wait to go out `QUIET_BATCH_MS` at a time.
+        Only the silence that follows speech is time-critical (Deepgram's endpointing and UtteranceEnd count it):
+        those frames go out one by one. Voiced frames wait to go out `SPEECH_BATCH_MS` at a time, and the first
+        silent frame after them takes them along; silence far from speech goes out `QUIET_BATCH_MS` at a time.
         """
         if self._closing:
             return
@@ -160,14 +166,14 @@ class DeepgramSTT:
             # bytearray drops its head without copying the rest.
             del audio[:excess]
             self._audio_start += excess
+        pending = self._audio_start + len(audio) - self._sent_to
         if voiced:
             self._quiet_bytes = 0
+            due = pending >= SPEECH_BATCH_MS * BYTES_PER_MS
         else:
             self._quiet_bytes += len(ulaw)
-        if (
-            self._quiet_bytes < self._hot_bytes
-            or self._audio_start + len(audio) - self._sent_to >= QUIET_BATCH_MS * BYTES_PER_MS
-        ):
+            due = self._quiet_bytes < self._hot_bytes or pending >= QUIET_BATCH_MS * BYTES_PER_MS
+        if due:
             self._wake.set()
 
     def replay_audio(self) -> bytes:
