@@ -4,6 +4,12 @@ Migration 0004 creates the role `dialtone_api` (neither superuser nor BYPASSRLS)
 policy compares its "organizationId" with the transaction-local setting `app.organization_id`. Both are
 set with SET LOCAL semantics, so they end with the transaction and a pooled connection carries nothing
 over to the next request.
+
+What this defends against: a query of the API's that forgets its organization filter, or an endpoint that
+looks a row up by id alone, still sees only the caller's rows. What it does not: SQL the API did not write
+could RESET ROLE, as it could set app.organization_id to another organization under any login role, so
+injection stays excluded the usual way (every value a bind parameter, no SQL built from input). This is the
+pattern PostgREST uses (an authenticator connection switching to the request's role).
 """
 
 from __future__ import annotations
