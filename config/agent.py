@@ -329,8 +329,20 @@ class VoicemailConfig(_CallBehaviour):
 
     model_config = ConfigDict(extra="forbid")
 
+    detect: bool = False
+    """Ask Twilio to tell people from answering machines on outbound calls (Twilio bills each detection)."""
     action: Literal["leave_message", "hang_up"] = "hang_up"
+    """After the greeting's beep, speak `message` then hang up; or hang up as soon as a machine is detected."""
     message: str | None = None
+    """The message left after the beep; `{{name}}` placeholders are filled from the call's variables."""
+    detection_timeout_seconds: Annotated[int, _between(3, 59)] = 30
+    """How long Twilio may listen before it gives up and calls the answer `unknown` (treated as a person)."""
+
+    @model_validator(mode="after")
+    def _message_to_leave(self) -> VoicemailConfig:
+        if self.action == "leave_message" and not (self.message and self.message.strip()):
+            raise ValueError("action 'leave_message' needs a message to leave")
+        return self
 
 
 class AgentConfiguration(_CallBehaviour):
@@ -359,6 +371,8 @@ class AgentConfiguration(_CallBehaviour):
     timezone: Annotated[str, AfterValidator(_time_zone)] = "UTC"
     """The IANA time zone `{{now}}` and `{{today}}` are told in (e.g. `America/New_York`)."""
     max_duration_seconds: Annotated[int, _between(10, 14400)] = 1800
+    ring_timeout_seconds: Annotated[int, _between(5, 600)] = 30
+    """How long an outbound call rings before it counts as not answered (Twilio's `Timeout`)."""
     silence_timeout_seconds: Annotated[int, _between(5, 600)] = 30
     """The agent hangs up after this long with nobody speaking."""
     goodbye_sentence: str | None = None
@@ -367,6 +381,11 @@ class AgentConfiguration(_CallBehaviour):
     voicemail: VoicemailConfig = VoicemailConfig()
     recording: bool = True
     variables: dict[str, str] = Field(default_factory=dict)
+    post_call_summary: str | None = None
+    """After each call, the language model fills this template from the transcript into metadata.summary (a
+    campaign's own postCallSummary takes precedence); needs an OpenAI language model."""
+    success_criteria: str | None = None
+    """What makes a call a success, judged after the call (default: the campaign's task, else the agent's prompt)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -62,6 +62,20 @@ class Settings(BaseSettings):
     elevenlabs_url: str = _env("ELEVENLABS_URL", "elevenlabs_url", "https://api.elevenlabs.io")
     # Agent tools may call webhooks; addresses on loopback or private networks are refused unless allowed.
     allow_private_tool_urls: bool = _env("DIALTONE_ALLOW_PRIVATE_TOOL_URLS", "allow_private_tool_urls", False)
+    # Call-event webhooks: the same refusal of private addresses, then how deliveries are sent and retried (s).
+    allow_private_webhook_urls: bool = _env("DIALTONE_ALLOW_PRIVATE_WEBHOOK_URLS", "allow_private_webhook_urls", False)
+    webhook_timeout: float = _env("DIALTONE_WEBHOOK_TIMEOUT", "webhook_timeout", 10.0, gt=0, le=300)
+    webhook_concurrency: int = _env("DIALTONE_WEBHOOK_CONCURRENCY", "webhook_concurrency", 16, ge=1, le=1000)
+    webhook_retry_initial: float = _env("DIALTONE_WEBHOOK_RETRY_INITIAL", "webhook_retry_initial", 10.0, gt=0)
+    webhook_retry_max: float = _env("DIALTONE_WEBHOOK_RETRY_MAX", "webhook_retry_max", 3600.0, gt=0)
+    webhook_give_up_after: float = _env("DIALTONE_WEBHOOK_GIVE_UP_AFTER", "webhook_give_up_after", 86400.0, gt=0)
+    webhook_lease: float = _env("DIALTONE_WEBHOOK_LEASE", "webhook_lease", 60.0, gt=0)
+    webhook_poll_interval: float = _env("DIALTONE_WEBHOOK_POLL_INTERVAL", "webhook_poll_interval", 5.0, gt=0)
+    # Campaign dispatch: every process with Twilio and a public URL dials campaigns unless DIALTONE_DISPATCH=false;
+    # how often it looks for due recipients (s), and how long a claimed recipient stays leased to it (s).
+    dispatch_enabled: bool = _env("DIALTONE_DISPATCH", "dispatch_enabled", True)
+    dispatch_interval: float = _env("DIALTONE_DISPATCH_INTERVAL", "dispatch_interval", 1.0, gt=0, le=60)
+    dispatch_lease: float = _env("DIALTONE_DISPATCH_LEASE", "dispatch_lease", 60.0, ge=5, le=3600)
 
     @field_validator("deepgram_url", "openai_base_url", "elevenlabs_url")
     @classmethod

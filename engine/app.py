@@ -9,12 +9,16 @@ from aiohttp import web
 
 from config.settings import Settings
 from engine import health, media_socket, metrics, twilio_webhooks
+from engine.api.routes import add_api_routes
 from engine.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
+from engine.dispatcher import dispatcher_context
 from engine.live_calls import LiveCalls
+from engine.post_call import post_call_context
 from engine.recording_io import recording_io_context
 from engine.recordings import handle_recording, recordings_context
 from engine.recovery import recovery_context
 from engine.twilio_rest import TwilioCalls
+from engine.webhook_delivery import webhook_delivery_context
 from pipelines.llm.openai_chat import close_openai_clients
 from pipelines.tools import close_shared_session
 from pipelines.tts.elevenlabs import close_http_clients as close_elevenlabs_clients
@@ -32,18 +36,23 @@ def create_app(settings: Settings, *, apply_migrations: bool = True) -> web.Appl
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_database_context(apply_migrations))
     app.cleanup_ctx.append(recovery_context)
+    app.cleanup_ctx.append(webhook_delivery_context)
+    app.cleanup_ctx.append(post_call_context)
     app.cleanup_ctx.append(recordings_context)
     app.cleanup_ctx.append(recording_io_context)
     app.cleanup_ctx.append(_calls_context)
+    app.cleanup_ctx.append(dispatcher_context)  # after _calls_context: it dials through the app's Twilio client
     # Before connections close at shutdown, running calls end and their CallLogs are finished.
     app.on_shutdown.append(_end_live_calls)
 
     app.router.add_get("/health", health.handle_health)
     app.router.add_get("/metrics", metrics.handle_metrics)
     app.router.add_post("/twilio/voice", twilio_webhooks.handle_voice)
-    app.router.add_post("/twilio/status", twilio_webhooks.handle_status)
+    app.router.add_post(twilio_webhooks.STATUS_PATH, twilio_webhooks.handle_status)
+    app.router.add_post(twilio_webhooks.AMD_PATH, twilio_webhooks.handle_amd)
     app.router.add_get(twilio_webhooks.MEDIA_PATH, media_socket.handle_media)
     app.router.add_get("/recordings/{call_log_id}.wav", handle_recording)
+    add_api_routes(app)
     return app
 
 

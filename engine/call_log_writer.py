@@ -4,6 +4,8 @@ The call's session hands over finished turns with a synchronous, O(1) `record_tu
 them in batches, retrying with exponential backoff while the database is slow or away. `finish` flushes what is
 left and ends the call in one transaction: final status, duration, recording, metadata, the agent's counters and
 the organization's credits. Every write is idempotent, so a retry after a lost acknowledgement changes nothing.
+Webhook events ride on the same transactions: call.started with the first write, transcript.updated with each
+new turn (only when something subscribes), call.ended with the ending.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from storage import agents, call_logs, call_turns, organizations
+from storage import agents, call_events, call_logs, call_turns, organizations
 from storage.call_logs import CallLog
 from storage.call_turns import TurnRecord
 from storage.enums import CallStatus
@@ -255,13 +257,22 @@ class CallLogWriter:
                     del self._metadata[key]
 
     async def _write(self, batch: list[TurnRecord], metadata: dict[str, Any]) -> None:
-        await call_turns.insert_turns(
-            self._pool,
-            organization_id=self._organization_id,
-            call_log_id=self._call_log_id,
-            turns=batch,
-            metadata=metadata,
-        )
+        async with transaction(self._pool) as conn:
+            if "engineNode" in metadata:
+                # The media session's first write: the call has started (queued once, even if this is a retry).
+                await call_events.enqueue_call_started(
+                    conn, organization_id=self._organization_id, call_log_id=self._call_log_id
+                )
+            inserted = await call_turns.insert_turns(
+                conn,
+                organization_id=self._organization_id,
+                call_log_id=self._call_log_id,
+                turns=batch,
+                metadata=metadata,
+            )
+            await call_events.enqueue_turns(
+                conn, organization_id=self._organization_id, agent_id=self._agent_id, turns=inserted
+            )
 
     async def _finalize(self, outcome: CallOutcome) -> CallLog:
         async with transaction(self._pool) as conn:

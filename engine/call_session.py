@@ -292,9 +292,10 @@ class CallSession:
         self.state = SessionState.ENDED
         self._ended.set()
 
-    def end_from_outside(self, reason: str) -> None:
-        """End the call for a reason outside it (e.g. the engine shutting down)."""
-        self._end(CallStatus.FAILED, reason)
+    def end_from_outside(self, reason: str, *, completed: bool = False) -> None:
+        """End the call for a reason outside it: FAILED (the engine shutting down), or COMPLETED when someone
+        hung it up on purpose (the API)."""
+        self._end(CallStatus.COMPLETED if completed else CallStatus.FAILED, reason)
 
     def end_when_twilio_stops(self, reason: str) -> None:
         """Twilio is about to stop the stream for a reason decided outside the call (an answering machine took it):

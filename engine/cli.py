@@ -13,7 +13,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 from config.settings import Settings, SettingsError, load_settings
+from engine.api.cli import add_api_key_command, run_api_key_command
 from engine.app import create_app
+from engine.campaign_cli import add_campaign_command, run_campaign_command
 from engine.simulator import add_call_command, run_call_command
 from storage.errors import StorageError
 from storage.migrate import migrate, migration_status
@@ -40,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     db_commands.add_parser("status", help="show applied and pending migrations")
 
     add_call_command(commands)
+    add_campaign_command(commands)
+    add_api_key_command(commands)
 
     seed = commands.add_parser("seed-demo", help="create the demo organization, agent and number (idempotent)")
     seed.add_argument("--phone-number", default=None, help="the demo's inbound number, E.164 (default +15555550100)")
@@ -135,7 +139,7 @@ def _event_loop_factory(command: str) -> Callable[[], asyncio.AbstractEventLoop]
     return uvloop.new_event_loop
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0912 (one case per command)
     """Run one `dialtone` command; return the process exit code."""
     args = _parser().parse_args(argv)
     overrides: dict[str, object] = {}
@@ -160,8 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = lambda: _status(settings)  # noqa: E731
         case "call", _:
             command = lambda: _call(settings, args)  # noqa: E731
+        case "campaign", _:
+            command = lambda: run_campaign_command(args, settings)  # noqa: E731
         case "seed-demo", _:
             command = lambda: _seed_demo(settings, args.phone_number)  # noqa: E731
+        case "api-key", _:
+            command = lambda: run_api_key_command(args, settings)  # noqa: E731
         case _:
             raise AssertionError(f"unhandled command {args.command}")
     try:

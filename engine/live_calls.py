@@ -12,8 +12,8 @@ log = logging.getLogger(__name__)
 class LiveCall(Protocol):
     """What the registry needs of a running call session."""
 
-    def end_from_outside(self, reason: str) -> None:
-        """End the call for a reason outside it."""
+    def end_from_outside(self, reason: str, *, completed: bool = False) -> None:
+        """End the call for a reason outside it (COMPLETED if `completed`, else FAILED)."""
         ...
 
 
@@ -32,6 +32,10 @@ class LiveCalls:
     def __contains__(self, call_log_id: object) -> bool:
         """Whether that call runs here."""
         return call_log_id in self._sessions
+
+    def get(self, call_log_id: str) -> LiveCall | None:
+        """The session running that call here, or None."""
+        return self._sessions.get(call_log_id)
 
     def add(self, call_log_id: str, session: LiveCall) -> None:
         """Register a running call; the current task is the one that runs it."""

@@ -21,6 +21,7 @@ from engine.call_log_writer import CallLogWriter, CallOutcome
 from engine.call_session import CallContext, CallSession
 from engine.call_setup import PreparedCall, prepare_call
 from engine.outbound_audio import SendText
+from engine.post_call import POST_CALL
 from engine.recording_io import RECORDING_IO
 from engine.recordings import RECORDING_KEY, recording_url
 from engine.recovery import NODE_ID
@@ -88,8 +89,13 @@ async def _streamable_call_log(app: web.Application, started: Started) -> CallLo
     The call must be one our voice webhook answered, still in progress, and not streaming already: the CallSid
     and the CallLog id (both unguessable) have to match.
     """
-    call_log = await call_logs.get_by_call_id(app[DATABASE].pool, call_id=started.call_sid)
+    pool = app[DATABASE].pool
+    call_log = await call_logs.get_by_call_id(pool, call_id=started.call_sid)
     wanted_id = started.custom_parameters.get(CALL_LOG_PARAMETER)
+    if call_log is None and wanted_id:
+        # An outbound call answered before the code that placed it stored its CallSid: the CallLog id our TwiML
+        # gave the stream gives the log its CallSid (only while it still has its placeholder).
+        call_log = await call_logs.adopt_call_id(pool, call_log_id=wanted_id, call_id=started.call_sid)
     if call_log is None or call_log.id != wanted_id or call_log.status != CallStatus.IN_PROGRESS:
         log.warning("media stream for unknown or finished call %s (CallLog %s): closed", started.call_sid, wanted_id)
         return None
@@ -246,6 +252,18 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         app[LIVE_CALLS].remove(call_log.id)
         metrics.CALLS_LIVE.dec()
     metrics.CALLS_ENDED.labels(outcome.status.value).inc()
+    await _wrap_up(request, call_log, writer, outcome, recorder)
+
+
+async def _wrap_up(
+    request: web.Request,
+    call_log: CallLog,
+    writer: CallLogWriter,
+    outcome: CallOutcome,
+    recorder: StereoWavRecorder | None,
+) -> None:
+    """After the session: close the recording, finish the CallLog, and queue the post-call analysis."""
+    app, settings = request.app, request.app[SETTINGS]
     if recorder is not None:
         info = await app[RECORDING_IO].close(recorder)
         base = public_base_url(request, settings)
@@ -254,3 +272,4 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
             outcome, recording_url=url, metadata={**outcome.metadata, "recordingMs": info.duration_ms}
         )
     await writer.finish(outcome)
+    app[POST_CALL].submit(organization_id=call_log.organization_id, call_log_id=call_log.id)

@@ -268,9 +268,10 @@ class RealtimeCallSession:
             outcome = await self._shut_down()
         return outcome
 
-    def end_from_outside(self, reason: str) -> None:
-        """End the call for a reason outside it (e.g. the engine shutting down)."""
-        self._end(CallStatus.FAILED, reason)
+    def end_from_outside(self, reason: str, *, completed: bool = False) -> None:
+        """End the call for a reason outside it: FAILED (the engine shutting down), or COMPLETED when someone
+        hung it up on purpose (the API)."""
+        self._end(CallStatus.COMPLETED if completed else CallStatus.FAILED, reason)
 
     @property
     def latencies_ms(self) -> list[int]:

@@ -1,9 +1,12 @@
-"""Twilio's REST API through the twilio package's async client: hanging up and transferring (later, placing) calls."""
+"""Twilio's REST API through the twilio package's async client: placing, hanging up and transferring calls."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import aiohttp
 from twilio.base.exceptions import TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
@@ -12,6 +15,26 @@ from twilio.twiml.voice_response import VoiceResponse
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class CallRefused(Exception):
+    """Twilio did not place a call: its error code and message, or why it could not be reached (code None)."""
+
+    def __init__(self, code: int | None, message: str, status: int | None = None) -> None:
+        super().__init__(f"Twilio error {code}: {message}" if code is not None else message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class MachineDetection:
+    """Answering-machine detection for one call: Twilio's mode, and where its verdict is POSTed (async AMD)."""
+
+    mode: str
+    """`Enable` (a verdict as soon as the answer is known) or `DetectMessageEnd` (after the greeting's beep)."""
+    callback_url: str
+    timeout_seconds: int = 30
 
 
 class TwilioCalls:
@@ -33,6 +56,52 @@ class TwilioCalls:
             settings.twilio_auth_token.get_secret_value(),
             api_base=settings.twilio_api_base,
         )
+
+    async def place_call(
+        self,
+        *,
+        to: str,
+        from_: str,
+        twiml: str,
+        status_callback: str,
+        status_events: Sequence[str],
+        ring_timeout_seconds: int,
+        machine_detection: MachineDetection | None = None,
+    ) -> str:
+        """Ask Twilio to dial `to` from `from_` and run `twiml` once answered; return the new CallSid.
+
+        Raises CallRefused with Twilio's error code and message, or (code None) when Twilio could not be reached.
+        """
+        options: dict[str, object] = {}
+        if machine_detection is not None:
+            options = {
+                "machine_detection": machine_detection.mode,
+                "machine_detection_timeout": machine_detection.timeout_seconds,
+                "async_amd": "true",
+                "async_amd_status_callback": machine_detection.callback_url,
+                "async_amd_status_callback_method": "POST",
+            }
+        try:
+            call = await self._client.calls.create_async(
+                to=to,
+                from_=from_,
+                twiml=twiml,
+                status_callback=status_callback,
+                status_callback_event=list(status_events),
+                status_callback_method="POST",
+                timeout=ring_timeout_seconds,
+                **options,
+            )
+        except TwilioRestException as exc:
+            raise CallRefused(exc.code, str(exc.msg), exc.status) from None
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+            raise CallRefused(None, f"could not reach Twilio: {exc}") from None
+        sid: str = call.sid
+        return sid
+
+    async def run_twiml(self, call_sid: str, twiml: str, *, action: str) -> bool:
+        """Replace what a live call does with `twiml` (e.g. a message, then `<Hangup/>`); False (logged) if refused."""
+        return await self._update(call_sid, action, twiml=twiml)
 
     async def hang_up(self, call_sid: str) -> bool:
         """Ask Twilio to end a call; False (logged) if Twilio refused or could not be reached."""

@@ -1,28 +1,38 @@
-"""Twilio's voice webhooks: answer an inbound call with a media stream, and follow call status callbacks."""
+"""Twilio's voice webhooks: answer an inbound call with a media stream, follow call status callbacks, and act on
+answering-machine verdicts for outbound calls."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 from typing import Any
+from urllib.parse import urlencode
 
+import asyncpg
 from aiohttp import web
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-from config.agent import AgentConfigurationError, parse_agent_configuration
-from engine.appkeys import DATABASE, SETTINGS
+from config.agent import AgentConfigurationError, VoicemailConfig, parse_agent_configuration
+from engine.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
+from engine.call_session import CallSession
 from engine.call_setup import provider_context
 from engine.twilio_signature import public_base_url, signature_is_valid
+from pipelines.llm.prompt import render_prompt
 from pipelines.registry import PipelineUnavailable, check_pipeline
 from storage import agents, call_logs, organizations, phone_numbers
-from storage.call_logs import InvalidCallTransition
+from storage.call_logs import CallLog, InvalidCallTransition
 from storage.enums import CallStatus, CallType, PhoneNumberStatus
-from storage.errors import AlreadyExists
+from storage.errors import AlreadyExists, NotFound
 
 log = logging.getLogger(__name__)
 
 MEDIA_PATH = "/twilio/media"
+STATUS_PATH = "/twilio/status"
+AMD_PATH = "/twilio/amd"
 CALL_LOG_PARAMETER = "callLogId"
+
+END_VOICEMAIL_LEFT = "voicemail_left"
+END_VOICEMAIL_HANGUP = "voicemail_hangup"
 
 NOT_IN_SERVICE = "Sorry, the number you have called is not in service. Goodbye."
 NO_AGENT = "Sorry, nobody is available to take your call right now. Please try again later. Goodbye."
@@ -36,6 +46,13 @@ _FINAL_STATUSES = {
     "canceled": (CallStatus.MISSED, "canceled"),
     "failed": (CallStatus.FAILED, "twilio_failed"),
     "completed": (CallStatus.FAILED, "stream_never_started"),
+}
+# The same for an outbound call: Twilio's own status is the end reason (a contract, see engine.outbound_calls).
+_OUTBOUND_UNANSWERED = {
+    "busy": CallStatus.MISSED,
+    "no-answer": CallStatus.MISSED,
+    "canceled": CallStatus.MISSED,
+    "failed": CallStatus.FAILED,
 }
 
 
@@ -59,14 +76,24 @@ def media_stream_url(base_url: str) -> str:
     return "ws://" + base_url.removeprefix("http://") + MEDIA_PATH
 
 
-def connect_stream(stream_url: str, call_log_id: str) -> web.Response:
-    """TwiML connecting the call to our media WebSocket, naming its CallLog in a Parameter."""
+def stream_twiml(stream_url: str, call_log_id: str) -> str:
+    """TwiML text connecting the call to our media WebSocket, naming its CallLog in a Parameter."""
     response = VoiceResponse()
     connect = Connect()
     stream = connect.stream(url=stream_url)
     stream.parameter(name=CALL_LOG_PARAMETER, value=call_log_id)
     response.append(connect)
-    return twiml(response)
+    return str(response)
+
+
+def connect_stream(stream_url: str, call_log_id: str) -> web.Response:
+    """An HTTP response with the TwiML of `stream_twiml`."""
+    return web.Response(text=stream_twiml(stream_url, call_log_id), content_type="text/xml")
+
+
+def callback_url(base_url: str, path: str, call_log_id: str) -> str:
+    """A callback URL for one outbound call: Twilio signs it whole, so the CallLog id in its query is authentic."""
+    return f"{base_url.rstrip('/')}{path}?{urlencode({CALL_LOG_PARAMETER: call_log_id})}"
 
 
 async def handle_voice(request: web.Request) -> web.Response:
@@ -138,9 +165,10 @@ async def handle_voice(request: web.Request) -> web.Response:
 async def handle_status(request: web.Request) -> web.Response:
     """POST /twilio/status: Twilio's call status callbacks.
 
-    A call whose media session runs finishes its own CallLog; this closes the ones that never got that far:
-    busy, no-answer and canceled become MISSED, failed becomes FAILED, and a call that completed without its
-    media stream ever starting is FAILED with that reason.
+    A call whose media session runs finishes its own CallLog; this closes the ones that never got that far.
+    Inbound: busy, no-answer and canceled become MISSED, failed becomes FAILED, and a call that completed
+    without its media stream ever starting is FAILED with that reason. Outbound calls (their callback URL names
+    the CallLog) end the same way with Twilio's status as the end reason; see `_outbound_status`.
     """
     settings = request.app[SETTINGS]
     form = await request.post()
@@ -148,12 +176,70 @@ async def handle_status(request: web.Request) -> web.Response:
         raise web.HTTPForbidden(text="invalid Twilio signature")
     call_sid, status = str(form.get("CallSid", "")), str(form.get("CallStatus", ""))
     pool = request.app[DATABASE].pool
-    call_log = await call_logs.get_by_call_id(pool, call_id=call_sid)
-    if call_log is None or call_log.status != CallStatus.IN_PROGRESS or status not in _FINAL_STATUSES:
+    call_log = await _callback_call_log(pool, call_sid, request.query.get(CALL_LOG_PARAMETER))
+    if call_log is None:
+        return web.Response(status=204)
+    if call_log.call_type is CallType.OUTBOUND:
+        await _outbound_status(pool, call_log, status, form)  # type: ignore[arg-type]
+        return web.Response(status=204)
+    if call_log.status != CallStatus.IN_PROGRESS or status not in _FINAL_STATUSES:
         return web.Response(status=204)
     if status == "completed" and "engineNode" in call_log.metadata:
         return web.Response(status=204)  # its media session (or recovery, if that node died) closes it
     final, reason = _FINAL_STATUSES[status]
+    await _close_unconnected(pool, call_log, final, reason, status=status, form=form)  # type: ignore[arg-type]
+    return web.Response(status=204)
+
+
+async def _callback_call_log(pool: asyncpg.Pool, call_sid: str, call_log_id: str | None) -> CallLog | None:
+    """The CallLog a callback is about: by CallSid, or (an outbound call whose CallSid is not stored yet) by the
+    CallLog id its signed URL carries."""
+    if not call_sid.startswith("CA"):
+        return None
+    call_log = await call_logs.get_by_call_id(pool, call_id=call_sid)
+    if call_log is None and call_log_id:
+        call_log = await call_logs.adopt_call_id(pool, call_log_id=call_log_id, call_id=call_sid)
+    if call_log is not None and call_log_id and call_log.id != call_log_id:
+        log.warning("callback for %s names CallLog %s, not its own %s: ignored", call_sid, call_log_id, call_log.id)
+        return None
+    return call_log
+
+
+async def _outbound_status(pool: asyncpg.Pool, call_log: CallLog, status: str, form: dict[str, str]) -> None:
+    """Move an outbound CallLog on Twilio's status.
+
+    busy, no-answer and canceled end it MISSED, failed FAILED, each with Twilio's status as the end reason;
+    answered (`in-progress`) leaves it to the media session. `completed` closes a call whose stream never
+    started (FAILED, or with its voicemail end when an answering machine took it), and gives a call the media
+    session finished its voicemail end reason when the session could not know it (it ran on another node).
+    """
+    if status in ("initiated", "ringing", "in-progress", "queued"):
+        log.debug("outbound call %s: %s", call_log.call_id, status)
+        return
+    voicemail = call_log.metadata.get("voicemail")
+    if call_log.status != CallStatus.IN_PROGRESS:
+        if status == "completed" and voicemail and call_log.metadata.get("endReason") != voicemail:
+            await call_logs.merge_metadata(
+                pool,
+                organization_id=call_log.organization_id,
+                call_log_id=call_log.id,
+                metadata={"endReason": voicemail},
+            )
+        return
+    if status in _OUTBOUND_UNANSWERED:
+        final, reason = _OUTBOUND_UNANSWERED[status], status
+    elif status == "completed" and "engineNode" not in call_log.metadata and voicemail:
+        final, reason = CallStatus.COMPLETED, str(voicemail)
+    elif status == "completed" and "engineNode" not in call_log.metadata:
+        final, reason = CallStatus.FAILED, "stream_never_started"
+    else:
+        return
+    await _close_unconnected(pool, call_log, final, reason, status=status, form=form)
+
+
+async def _close_unconnected(
+    pool: asyncpg.Pool, call_log: CallLog, final: CallStatus, reason: str, *, status: str, form: dict[str, str]
+) -> None:
     duration = form.get("CallDuration")
     metadata = {"endReason": reason, "twilioStatus": status}
     if form.get("SipResponseCode"):
@@ -167,5 +253,93 @@ async def handle_status(request: web.Request) -> web.Response:
             duration=int(str(duration)) if duration and str(duration).isdigit() else 0,
             metadata=metadata,
         )
-    log.info("call %s: status %s closed CallLog %s as %s", call_sid, status, call_log.id, final)
+    log.info("call %s: status %s closed CallLog %s as %s", call_log.call_id, status, call_log.id, final)
+
+
+_MACHINE_VERDICTS = ("machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax")
+
+
+async def handle_amd(request: web.Request) -> web.Response:
+    """POST /twilio/amd: Twilio's asynchronous answering-machine verdict for an outbound call.
+
+    A person (`human`, or `unknown` when Twilio could not tell) goes on talking to the agent. A machine gets
+    what the agent's voicemail settings ask for: its message spoken after the beep and then a hang-up
+    (`voicemail_left`), or an immediate hang-up (`voicemail_hangup`, also for a fax). The verdict is stored in
+    the CallLog before Twilio is told, so whichever side closes the log (the media session, or the `completed`
+    status callback) ends it with that reason.
+    """
+    app = request.app
+    form = await request.post()
+    if not signature_is_valid(request, app[SETTINGS], form):  # type: ignore[arg-type]
+        raise web.HTTPForbidden(text="invalid Twilio signature")
+    call_sid, answered_by = str(form.get("CallSid", "")), str(form.get("AnsweredBy", ""))
+    pool = app[DATABASE].pool
+    call_log = await _callback_call_log(pool, call_sid, request.query.get(CALL_LOG_PARAMETER))
+    if call_log is None or call_log.call_type is not CallType.OUTBOUND:
+        return web.Response(status=204)
+    detection: dict[str, Any] = {"answeredBy": answered_by}
+    if str(form.get("MachineDetectionDuration", "")).isdigit():
+        detection["machineDetectionMs"] = int(str(form["MachineDetectionDuration"]))
+    if answered_by not in _MACHINE_VERDICTS or call_log.status != CallStatus.IN_PROGRESS:
+        await call_logs.merge_metadata(
+            pool, organization_id=call_log.organization_id, call_log_id=call_log.id, metadata=detection
+        )
+        log.info("outbound call %s answered by %s", call_sid, answered_by or "(no verdict)")
+        return web.Response(status=204)
+
+    voicemail = await _voicemail_config(pool, call_log)
+    message = _voicemail_message(voicemail, call_log) if answered_by != "fax" else None
+    reason = END_VOICEMAIL_LEFT if message is not None else END_VOICEMAIL_HANGUP
+    await call_logs.merge_metadata(
+        pool,
+        organization_id=call_log.organization_id,
+        call_log_id=call_log.id,
+        metadata={**detection, "voicemail": reason},
+    )
+    session = app[LIVE_CALLS].get(call_log.id)
+    if isinstance(session, CallSession):
+        session.end_when_twilio_stops(reason)
+    twilio = app.get(TWILIO)
+    if twilio is None:
+        log.error("call %s reached a machine but Twilio credentials are missing: it cannot be redirected", call_sid)
+        if session is not None:
+            session.end_from_outside(reason)
+        return web.Response(status=204)
+    if message is not None:
+        done = await twilio.run_twiml(call_sid, voicemail_twiml(message), action="leave a voicemail on")
+    else:
+        done = await twilio.hang_up(call_sid)
+    if not done and message is not None:
+        done = await twilio.hang_up(call_sid)  # at least stop talking to a machine
+    if not done and session is not None:
+        session.end_from_outside(reason)
+    log.info("outbound call %s answered by %s: %s", call_sid, answered_by, reason)
     return web.Response(status=204)
+
+
+def voicemail_twiml(message: str) -> str:
+    """TwiML that speaks a voicemail message and hangs up."""
+    response = VoiceResponse()
+    response.say(message)
+    response.hangup()
+    return str(response)
+
+
+async def _voicemail_config(pool: asyncpg.Pool, call_log: CallLog) -> VoicemailConfig:
+    if call_log.agent_id is None:
+        return VoicemailConfig()
+    try:
+        agent = await agents.get_agent(pool, organization_id=call_log.organization_id, agent_id=call_log.agent_id)
+        return parse_agent_configuration(agent.configuration).voicemail
+    except (NotFound, AgentConfigurationError) as exc:
+        log.warning("call %s: no usable voicemail settings (%s): hanging up on the machine", call_log.call_id, exc)
+        return VoicemailConfig()
+
+
+def _voicemail_message(voicemail: VoicemailConfig, call_log: CallLog) -> str | None:
+    """The message to leave, its placeholders filled from the call's variables; None to hang up instead."""
+    if voicemail.action != "leave_message" or not voicemail.message:
+        return None
+    variables = call_log.metadata.get("variables")
+    rendered = render_prompt(voicemail.message, variables if isinstance(variables, dict) else {})
+    return rendered.text.strip() or None

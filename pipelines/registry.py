@@ -108,7 +108,7 @@ class ProviderContext:
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
 
 
-class _Unusable(Exception):
+class ProviderKeyMissing(Exception):
     """This provider cannot run here (its key is missing); the message says why."""
 
 
@@ -122,9 +122,9 @@ def check_pipeline(config: AgentConfiguration, context: ProviderContext | None =
         problems = []
         for option in options:
             try:
-                _key_for(option, context)
+                provider_key(option, context)
                 break
-            except _Unusable as exc:
+            except ProviderKeyMissing as exc:
                 problems.append(str(exc))
         else:
             raise PipelineUnavailable(f"{stage}: " + "; ".join(problems))
@@ -135,8 +135,8 @@ def plan_realtime(config: AgentConfiguration, context: ProviderContext) -> Realt
     problems = []
     for option in config.realtime or ():
         try:
-            key = _key_for(option, context)
-        except _Unusable as exc:
+            key = provider_key(option, context)
+        except ProviderKeyMissing as exc:
             problems.append(str(exc))
             continue
         return RealtimePlan(option, key or "", _settings(context).openai_base_url)
@@ -164,12 +164,12 @@ def build_pipeline(
 
 def _settings(context: ProviderContext) -> Settings:
     if context.settings is None:
-        raise _Unusable("cloud providers need the engine's settings")
+        raise ProviderKeyMissing("cloud providers need the engine's settings")
     return context.settings
 
 
-def _key_for(option: Any, context: ProviderContext) -> str | None:
-    """The API key a provider would use (None for offline providers); _Unusable naming the missing key."""
+def provider_key(option: Any, context: ProviderContext) -> str | None:
+    """The API key a provider would use (None for offline providers); ProviderKeyMissing naming the missing key."""
     key_name: str | None = getattr(option, "key_name", None)
     if key_name is None:
         return None
@@ -178,23 +178,23 @@ def _key_for(option: Any, context: ProviderContext) -> str | None:
     if kind == "tool":
         key = context.tool_keys.get(name)
         if not key:
-            raise _Unusable(
+            raise ProviderKeyMissing(
                 f"{option.provider} needs the apiKey of tool {name}, which is not linked to this agent or has no apiKey"
             )
         return key
     if name in _SETTING_KEYS:
         secret = getattr(context.settings, _SETTING_KEYS[name], None) if context.settings is not None else None
         if secret is None or not secret.get_secret_value():
-            raise _Unusable(f"{option.provider} needs the key {name}, which is not set")
+            raise ProviderKeyMissing(f"{option.provider} needs the key {name}, which is not set")
         return str(secret.get_secret_value())
     if not name.startswith(AGENT_KEY_PREFIX):
-        raise _Unusable(
+        raise ProviderKeyMissing(
             f"{option.provider}: {name} is not a key setting (use one of {', '.join(_SETTING_KEYS)} "
             f"or a variable named {AGENT_KEY_PREFIX}*)"
         )
     key = context.environ.get(name, "")
     if not key:
-        raise _Unusable(f"{option.provider} needs the key {name}, which is not set")
+        raise ProviderKeyMissing(f"{option.provider} needs the key {name}, which is not set")
     return key
 
 
@@ -205,8 +205,8 @@ def _usable(
     problems: list[str] = []
     for option in options:
         try:
-            key = _key_for(option, context)
-        except _Unusable as exc:
+            key = provider_key(option, context)
+        except ProviderKeyMissing as exc:
             problems.append(str(exc))
             continue
         chosen.append((option.provider, make(option, key)))

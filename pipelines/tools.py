@@ -8,18 +8,16 @@ A Tool without `function` only holds credentials (`apiKey`) for `api_key_ref: "t
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
 import json
 import logging
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.url_safety import UnsafeURL, ensure_public_url
 
 log = logging.getLogger(__name__)
 
@@ -157,27 +155,6 @@ def realtime_tools(specs: Sequence[FunctionSpec]) -> list[dict[str, Any]]:
         {"type": "function", "name": s.name, "description": s.description, "parameters": dict(s.parameters)}
         for s in specs
     ]
-
-
-class UnsafeURL(ValueError):
-    """A URL resolving to an address the engine must not call (loopback, private, link-local...)."""
-
-
-async def ensure_public_url(url: str, *, allow_private: bool) -> None:
-    """Refuse URLs whose host resolves to a non-public address, unless `allow_private` (tests, private clouds)."""
-    if allow_private:
-        return
-    host = urlsplit(url).hostname
-    if not host:
-        raise UnsafeURL(f"{url}: no host")
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise UnsafeURL(f"{host}: cannot be resolved ({exc})") from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
-            raise UnsafeURL(f"{host} resolves to {address}, which is not a public address")
 
 
 class ToolRunner:

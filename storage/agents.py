@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+from pydantic.alias_generators import to_camel
 
 from storage.conversation_paths import ConversationPath
 from storage.enums import AgentStatus, CallerType
@@ -177,21 +178,32 @@ async def increment_total_calls(db: Queryable, *, organization_id: str, agent_id
 
 
 async def refresh_success_rate(db: Queryable, *, organization_id: str, agent_id: str) -> Agent:
-    """Set successRate to the share (0-100) of the agent's finished calls that COMPLETED; run after a call ends.
+    """Set successRate (0-100) from the agent's finished calls; run after a call ends and after it is analyzed.
 
-    Computed from the CallLogs in the same UPDATE, so it is exact whatever order calls finish in and
-    however often it runs; calls still IN_PROGRESS do not count.
+    Where post-call analysis has judged calls (`metadata.success` true or false), the rate is the share of those
+    judged a success, and calls it has not judged do not count. An agent none of whose calls were judged (no
+    model to analyze them) gets the share of its finished calls that COMPLETED. Computed from the CallLogs in
+    the same UPDATE, so it is exact whatever order calls finish in and however often it runs.
     """
     return await _update(
         db,
         organization_id,
         agent_id,
         """
-        "successRate" = COALESCE((
-            SELECT 100.0 * count(*) FILTER (WHERE c."status" = 'COMPLETED') / NULLIF(count(*), 0)
-            FROM "CallLog" c
-            WHERE c."agentId" = $1 AND c."organizationId" = $2 AND c."status" <> 'IN_PROGRESS'
-        ), 0)
+        "successRate" = COALESCE(
+            (
+                SELECT 100.0 * count(*) FILTER (WHERE c."metadata" -> 'success' = 'true'::jsonb) / NULLIF(count(*), 0)
+                FROM "CallLog" c
+                WHERE c."agentId" = $1 AND c."organizationId" = $2
+                  AND jsonb_typeof(c."metadata" -> 'success') = 'boolean'
+            ),
+            (
+                SELECT 100.0 * count(*) FILTER (WHERE c."status" = 'COMPLETED') / NULLIF(count(*), 0)
+                FROM "CallLog" c
+                WHERE c."agentId" = $1 AND c."organizationId" = $2 AND c."status" <> 'IN_PROGRESS'
+            ),
+            0
+        )
         """,
     )
 
@@ -378,3 +390,75 @@ async def find_inbound_agent(db: Queryable, *, phone_number_id: str) -> Agent | 
         phone_number_id,
     )
     return Agent.from_row(row) if row is not None else None
+
+
+_UPDATABLE = frozenset(
+    {"name", "description", "type", "status", "caller_type", "phone_number_id", "voice_id", "configuration"}
+)
+
+
+async def list_agents_page(
+    db: Queryable,
+    *,
+    organization_id: str,
+    limit: int,
+    before: tuple[datetime, str] | None = None,
+    status: AgentStatus | None = None,
+    caller_type: CallerType | None = None,
+) -> list[Agent]:
+    """A page of the organization's agents, newest first, after the (createdAt, id) `before`, optionally filtered."""
+    rows = await db.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM "Agent"
+        WHERE "organizationId" = $1
+          AND ($2::timestamptz IS NULL OR ("createdAt", "id") < ($2, $3))
+          AND ($4::"AgentStatus" IS NULL OR "status" = $4)
+          AND ($5::"CallerType" IS NULL OR "callerType" = $5)
+        ORDER BY "createdAt" DESC, "id" DESC
+        LIMIT $6
+        """,
+        organization_id,
+        *(before or (None, None)),
+        status,
+        caller_type,
+        limit,
+    )
+    return Agent.from_rows(rows)
+
+
+async def update_agent(db: Queryable, *, organization_id: str, agent_id: str, changes: dict[str, Any]) -> Agent:
+    """Change some of an agent's fields (snake_case names; configuration validated by config/ before it gets here).
+
+    NotFound if the agent is not the organization's; InvalidReference if a new phone number or voice is not
+    the organization's to use.
+    """
+    unknown = set(changes) - _UPDATABLE
+    if unknown:
+        raise ValueError(f"Agent fields that cannot be changed: {', '.join(sorted(unknown))}")
+    if not changes:
+        return await get_agent(db, organization_id=organization_id, agent_id=agent_id)
+    args: list[Any] = [agent_id, organization_id]
+    assignments = []
+    for name, value in changes.items():
+        args.append(value)
+        assignments.append(f'"{to_camel(name)}" = ${len(args)}')
+    phone_number_id, voice_id = changes.get("phone_number_id"), changes.get("voice_id")
+    args += [phone_number_id, voice_id]
+    with translate_errors():
+        row = await db.fetchrow(
+            f"""
+            UPDATE "Agent" SET {", ".join(assignments)}
+            WHERE "id" = $1 AND "organizationId" = $2
+              AND (${len(args) - 1}::text IS NULL OR EXISTS (
+                    SELECT 1 FROM "PhoneNumber" WHERE "id" = ${len(args) - 1} AND "organizationId" = $2))
+              AND (${len(args)}::text IS NULL OR EXISTS (
+                    SELECT 1 FROM "Voice" WHERE "id" = ${len(args)}
+                        AND ("organizationId" = $2 OR "organizationId" IS NULL)))
+            RETURNING {_COLUMNS}
+            """,
+            *args,
+        )
+    if row is not None:
+        return Agent.from_row(row)
+    await get_agent(db, organization_id=organization_id, agent_id=agent_id)  # NotFound if it is not there
+    raise await _unusable_reference(db, organization_id, phone_number_id, voice_id)

@@ -6,13 +6,13 @@ import hashlib
 import re
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pydantic import Field
 
-from storage.enums import ApiKeyStatus
+from storage.enums import ApiKeyStatus, UserRole
 from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, new_id
+from storage.records import Queryable, Record, fetch_page, new_id
 
 LIVE_PREFIX = "sk_live_"
 TEST_PREFIX = "sk_test_"
@@ -142,3 +142,53 @@ async def revoke_api_key(db: Queryable, *, organization_id: str, key_id: str) ->
     if row is None:
         raise NotFound("ApiKey", key_id)
     return ApiKey.from_row(row)
+
+
+class ApiKeyHolder(Record):
+    """An accepted key with the role its user holds in the key's organization (None if no longer a member)."""
+
+    api_key: ApiKey
+    member_role: UserRole | None
+
+
+async def authenticate_holder(
+    db: Queryable, *, plaintext: str, now: datetime, touch_interval: timedelta
+) -> ApiKeyHolder | None:
+    """The active, unexpired key matching `plaintext` and its user's role in the key's organization; else None.
+
+    lastUsedAt moves to `now` only when it is older than `touch_interval`, so a busy key is not rewritten on
+    every request. Unscoped by design, like `authenticate`: the key is what tells which organization is calling.
+    """
+    if not _KEY_FORMAT.fullmatch(plaintext):
+        return None
+    row = await db.fetchrow(
+        f"""
+        WITH found AS (
+            SELECT {_COLUMNS} FROM "ApiKey"
+            WHERE "key" = $1 AND "status" = 'ACTIVE' AND ("expirationDate" IS NULL OR "expirationDate" > $2)
+        ), touched AS (
+            UPDATE "ApiKey" k SET "lastUsedAt" = $2
+            FROM found
+            WHERE k."id" = found."id" AND (found."lastUsedAt" IS NULL OR found."lastUsedAt" <= $2 - $3::interval)
+        )
+        SELECT found.*, m."role" AS "memberRole"
+        FROM found
+        LEFT JOIN "UserOrganization" m ON m."userId" = found."userId" AND m."organizationId" = found."organizationId"
+        """,
+        hash_key(plaintext),
+        now,
+        touch_interval,
+    )
+    if row is None:
+        return None
+    return ApiKeyHolder(api_key=ApiKey.from_row(row), member_role=row["memberRole"])
+
+
+async def list_api_keys_page(
+    db: Queryable, *, organization_id: str, limit: int, before: tuple[datetime, str] | None = None
+) -> list[ApiKey]:
+    """A page of the organization's keys, revoked ones included, newest first, after the (createdAt, id) `before`."""
+    rows = await fetch_page(
+        db, table="ApiKey", columns=_COLUMNS, organization_id=organization_id, limit=limit, before=before
+    )
+    return ApiKey.from_rows(rows)

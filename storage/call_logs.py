@@ -10,9 +10,12 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+
+from storage import call_events
 from storage.enums import CallStatus, CallType
 from storage.errors import InvalidReference, NotFound, StorageError, translate_errors
-from storage.records import Queryable, Record, new_id
+from storage.records import Queryable, Record, new_id, transaction
 
 _FIELDS = (
     "id",
@@ -34,6 +37,8 @@ _FIELDS = (
 )
 _COLUMNS = ", ".join(f'"{field}"' for field in _FIELDS)
 _CALL_COLUMNS = ", ".join(f'c."{field}"' for field in _FIELDS)
+CALL_LOG_COLUMNS = _CALL_COLUMNS
+"""A CallLog's columns qualified by the alias `c`, for other modules' queries that return whole CallLogs."""
 
 CALL_TRANSITIONS: Mapping[CallStatus, frozenset[CallStatus]] = {
     CallStatus.IN_PROGRESS: frozenset({CallStatus.COMPLETED, CallStatus.FAILED, CallStatus.MISSED}),
@@ -191,31 +196,36 @@ async def finalize_call_log(
     """End an IN_PROGRESS call with a final status, its duration (s), recording and metadata merged in.
 
     Ending it again with the same status returns the row unchanged; with another status, or to a status that
-    is not final, raises InvalidCallTransition and changes nothing.
+    is not final, raises InvalidCallTransition and changes nothing. The ending queues call.ended for webhook
+    subscribers in the same transaction.
     """
     if status not in CALL_TRANSITIONS[CallStatus.IN_PROGRESS]:
         current = await get_call_log(db, organization_id=organization_id, call_log_id=call_log_id)
         raise InvalidCallTransition(call_log_id, current.status, status)
-    with translate_errors():
-        row = await db.fetchrow(
-            f"""
-            UPDATE "CallLog" SET
-                "status" = $3,
-                "duration" = COALESCE($4, "duration"),
-                "recordingUrl" = COALESCE($5, "recordingUrl"),
-                "metadata" = "metadata" || $6::jsonb
-            WHERE "id" = $1 AND "organizationId" = $2 AND "status" = 'IN_PROGRESS'
-            RETURNING {_COLUMNS}
-            """,
-            call_log_id,
-            organization_id,
-            status,
-            duration,
-            recording_url,
-            metadata if metadata is not None else {},
-        )
-    if row is not None:
-        return CallLog.from_row(row)
+    # call.ended is queued in the transaction that ends the call: subscribers hear of every ending, once.
+    async with transaction(db) as conn:
+        with translate_errors():
+            row = await conn.fetchrow(
+                f"""
+                UPDATE "CallLog" SET
+                    "status" = $3,
+                    "duration" = COALESCE($4, "duration"),
+                    "recordingUrl" = COALESCE($5, "recordingUrl"),
+                    "metadata" = "metadata" || $6::jsonb
+                WHERE "id" = $1 AND "organizationId" = $2 AND "status" = 'IN_PROGRESS'
+                RETURNING {_COLUMNS}
+                """,
+                call_log_id,
+                organization_id,
+                status,
+                duration,
+                recording_url,
+                metadata if metadata is not None else {},
+            )
+        if row is not None:
+            ended = CallLog.from_row(row)
+            await call_events.enqueue_call_ended(conn, ended)
+            return ended
     current = await get_call_log(db, organization_id=organization_id, call_log_id=call_log_id)
     if current.status == status:
         return current
@@ -294,16 +304,95 @@ async def list_in_progress(db: Queryable, *, older_than: datetime) -> list[CallL
 async def fail_stale_in_progress(db: Queryable, *, older_than: datetime, reason: str) -> int:
     """Mark FAILED (metadata.endReason = reason) every call still IN_PROGRESS that started before `older_than`.
 
-    Returns how many were marked. Unscoped by design, like list_in_progress: nothing stays IN_PROGRESS forever.
+    Returns how many were marked; each one's call.ended is queued in the same transaction. Unscoped by design,
+    like list_in_progress: nothing stays IN_PROGRESS forever.
+    """
+    async with transaction(db) as conn:
+        with translate_errors():
+            rows = await conn.fetch(
+                f"""
+                UPDATE "CallLog"
+                SET "status" = 'FAILED', "metadata" = "metadata" || jsonb_build_object('endReason', $2::text)
+                WHERE "status" = 'IN_PROGRESS' AND "timestamp" < $1
+                RETURNING {_COLUMNS}
+                """,
+                older_than,
+                reason,
+            )
+        await enqueue_ended(conn, rows)
+    return len(rows)
+
+
+async def enqueue_ended(conn: Queryable, rows: list[asyncpg.Record]) -> None:
+    """Queue call.ended for CallLog rows just ended in bulk (in the transaction that ended them)."""
+    for row in rows:
+        await call_events.enqueue_call_ended(conn, CallLog.from_row(row))
+
+
+PENDING_CALL_ID_PREFIX = "pending:"
+"""How an outbound call's callId starts until Twilio has given it a CallSid."""
+
+
+def pending_call_id() -> str:
+    """A unique placeholder callId for an outbound call that Twilio has not created yet."""
+    return PENDING_CALL_ID_PREFIX + new_id()
+
+
+async def adopt_call_id(db: Queryable, *, call_log_id: str, call_id: str) -> CallLog | None:
+    """Give an outbound call log its provider call id (Twilio's CallSid) if it still has its placeholder.
+
+    Returns the updated log, or None if it has a call id already (or does not exist). Unscoped by design: a
+    status callback may arrive before the code that placed the call has stored the CallSid, and knows only
+    the CallLog id it was given in its (signed) URL.
     """
     with translate_errors():
-        status = await db.execute(
-            """
-            UPDATE "CallLog"
-            SET "status" = 'FAILED', "metadata" = "metadata" || jsonb_build_object('endReason', $2::text)
-            WHERE "status" = 'IN_PROGRESS' AND "timestamp" < $1
+        row = await db.fetchrow(
+            f"""
+            UPDATE "CallLog" SET "callId" = $2
+            WHERE "id" = $1 AND starts_with("callId", $3)
+            RETURNING {_COLUMNS}
             """,
-            older_than,
-            reason,
+            call_log_id,
+            call_id,
+            PENDING_CALL_ID_PREFIX,
         )
-    return int(status.rsplit(" ", 1)[1])
+    return CallLog.from_row(row) if row is not None else None
+
+
+async def merge_metadata(
+    db: Queryable, *, organization_id: str, call_log_id: str, metadata: Mapping[str, Any]
+) -> CallLog:
+    """Merge keys into a call's metadata (whatever its status) in one UPDATE; NotFound if it has no such log."""
+    with translate_errors():
+        row = await db.fetchrow(
+            f"""
+            UPDATE "CallLog" SET "metadata" = "metadata" || $3::jsonb
+            WHERE "id" = $1 AND "organizationId" = $2
+            RETURNING {_COLUMNS}
+            """,
+            call_log_id,
+            organization_id,
+            dict(metadata),
+        )
+    if row is None:
+        raise NotFound("CallLog", call_log_id)
+    return CallLog.from_row(row)
+
+
+async def get_call_log_entry(db: Queryable, *, organization_id: str, call_log_id: str) -> CallLogEntry:
+    """The organization's call log with that id, with its agent's name and type and its campaign's name."""
+    row = await db.fetchrow(
+        f"""
+        SELECT {_CALL_COLUMNS},
+            a."name" AS "agentName", a."type" AS "agentType", k."batchName" AS "campaignBatchName"
+        FROM "CallLog" c
+        LEFT JOIN "Agent" a ON a."id" = c."agentId" AND a."organizationId" = c."organizationId"
+        LEFT JOIN "Campaign" k ON k."id" = c."campaignId" AND k."organizationId" = c."organizationId"
+        WHERE c."id" = $1 AND c."organizationId" = $2
+        """,
+        call_log_id,
+        organization_id,
+    )
+    if row is None:
+        raise NotFound("CallLog", call_log_id)
+    return CallLogEntry.from_row(row)

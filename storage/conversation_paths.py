@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, new_id
+from storage.records import Queryable, Record, fetch_page, new_id, set_clause
 
 _COLUMNS = '"id", "organizationId", "name", "useCase", "agentSpeech", "nodes", "edges", "createdAt", "updatedAt"'
 
@@ -90,3 +90,36 @@ async def delete_conversation_path(db: Queryable, *, organization_id: str, conve
         )
     if deleted is None:
         raise NotFound("ConversationPath", conversation_path_id)
+
+
+async def list_conversation_paths_page(
+    db: Queryable, *, organization_id: str, limit: int, before: tuple[datetime, str] | None = None
+) -> list[ConversationPath]:
+    """A page of the organization's conversation paths, newest first, after the (createdAt, id) `before`."""
+    rows = await fetch_page(
+        db, table="ConversationPath", columns=_COLUMNS, organization_id=organization_id, limit=limit, before=before
+    )
+    return ConversationPath.from_rows(rows)
+
+
+async def update_conversation_path(
+    db: Queryable, *, organization_id: str, conversation_path_id: str, changes: dict[str, Any]
+) -> ConversationPath:
+    """Change a path's name, use case, speech or graph (snake_case names); NotFound if not the organization's."""
+    assignments, args = set_clause(
+        "ConversationPath", changes, {"name", "use_case", "agent_speech", "nodes", "edges"}, first=3
+    )
+    with translate_errors():
+        row = await db.fetchrow(
+            f"""
+            UPDATE "ConversationPath" SET {assignments}
+            WHERE "id" = $1 AND "organizationId" = $2
+            RETURNING {_COLUMNS}
+            """,
+            conversation_path_id,
+            organization_id,
+            *args,
+        )
+    if row is None:
+        raise NotFound("ConversationPath", conversation_path_id)
+    return ConversationPath.from_row(row)

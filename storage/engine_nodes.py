@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from storage.records import Queryable, Record
+from storage import call_logs
+from storage.records import Queryable, Record, transaction
 
 _COLUMNS = '"id", "hostname", "pid", "startedAt", "lastSeenAt"'
 
@@ -74,27 +75,31 @@ async def fail_orphaned_calls(
 
     A call tagged with a node not seen within `node_timeout` ends with endReason "engine_lost"; an untagged call
     that started more than `stream_timeout` ago ends with "stream_never_started". Calls of live nodes, and
-    untagged calls younger than `stream_timeout` (still waiting for their stream), are left alone.
-    Unscoped by design: recovery looks across every organization.
+    untagged calls younger than `stream_timeout` (still waiting for their stream), are left alone. Each closed
+    call's call.ended is queued in the same transaction. Unscoped by design: recovery looks across every
+    organization.
     """
-    status = await db.execute(
-        """
-        UPDATE "CallLog" c SET
-            "status" = 'FAILED',
-            "metadata" = c."metadata" || jsonb_build_object(
-                'endReason', CASE WHEN c."metadata" ? 'engineNode' THEN $3::text ELSE $4::text END)
-        WHERE c."status" = 'IN_PROGRESS'
-          AND CASE WHEN c."metadata" ? 'engineNode'
-                   THEN NOT EXISTS (SELECT 1 FROM "EngineNode" n
-                                    WHERE n."id" = c."metadata"->>'engineNode' AND n."lastSeenAt" >= $1)
-                   ELSE c."timestamp" < $2 END
-        """,
-        now - node_timeout,
-        now - stream_timeout,
-        ENGINE_LOST,
-        STREAM_NEVER_STARTED,
-    )
-    return int(status.rsplit(" ", 1)[1])
+    async with transaction(db) as conn:
+        rows = await conn.fetch(
+            f"""
+            UPDATE "CallLog" c SET
+                "status" = 'FAILED',
+                "metadata" = c."metadata" || jsonb_build_object(
+                    'endReason', CASE WHEN c."metadata" ? 'engineNode' THEN $3::text ELSE $4::text END)
+            WHERE c."status" = 'IN_PROGRESS'
+              AND CASE WHEN c."metadata" ? 'engineNode'
+                       THEN NOT EXISTS (SELECT 1 FROM "EngineNode" n
+                                        WHERE n."id" = c."metadata"->>'engineNode' AND n."lastSeenAt" >= $1)
+                       ELSE c."timestamp" < $2 END
+            RETURNING {call_logs.CALL_LOG_COLUMNS}
+            """,
+            now - node_timeout,
+            now - stream_timeout,
+            ENGINE_LOST,
+            STREAM_NEVER_STARTED,
+        )
+        await call_logs.enqueue_ended(conn, rows)
+    return len(rows)
 
 
 async def forget_dead_nodes(db: Queryable, *, now: datetime, older_than: timedelta) -> int:

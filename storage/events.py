@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, new_id
+from storage.records import Queryable, Record, fetch_page, new_id, set_clause
 
 _COLUMNS = (
     '"id", "organizationId", "name", "description", "isEnabled", "agentId", "webhookUrl", "triggerCount", '
@@ -161,3 +162,43 @@ async def delete_event(db: Queryable, *, organization_id: str, event_id: str) ->
     )
     if deleted is None:
         raise NotFound("Event", event_id)
+
+
+async def list_events_page(
+    db: Queryable, *, organization_id: str, limit: int, before: tuple[datetime, str] | None = None
+) -> list[Event]:
+    """A page of the organization's subscriptions, newest first, after the (createdAt, id) `before`."""
+    rows = await fetch_page(
+        db, table="Event", columns=_COLUMNS, organization_id=organization_id, limit=limit, before=before
+    )
+    return Event.from_rows(rows)
+
+
+async def update_event(db: Queryable, *, organization_id: str, event_id: str, changes: dict[str, Any]) -> Event:
+    """Change some of a subscription's fields (snake_case names).
+
+    NotFound if the subscription, or a new agent it names, is not the organization's; InvalidWebhookUrl for
+    a URL that cannot be delivered to.
+    """
+    if changes.get("webhook_url") is not None:
+        check_webhook_url(changes["webhook_url"])
+    assignments, args = set_clause(
+        "Event", changes, {"name", "description", "is_enabled", "agent_id", "webhook_url"}, first=4
+    )
+    with translate_errors():
+        row = await db.fetchrow(
+            f"""
+            UPDATE "Event" SET {assignments}
+            WHERE "organizationId" = $1 AND "id" = $2
+              AND ($3::text IS NULL OR EXISTS (SELECT 1 FROM "Agent" WHERE "id" = $3 AND "organizationId" = $1))
+            RETURNING {_COLUMNS}
+            """,
+            organization_id,
+            event_id,
+            changes.get("agent_id"),
+            *args,
+        )
+    if row is not None:
+        return Event.from_row(row)
+    await get_event(db, organization_id=organization_id, event_id=event_id)  # NotFound if it is not there
+    raise NotFound("Agent", str(changes.get("agent_id")))

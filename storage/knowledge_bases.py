@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from storage.enums import DocumentStatus, DocumentType, KnowledgeBaseStatus
 from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, new_id
+from storage.records import Queryable, Record, fetch_page, new_id, set_clause
 
 _COLUMNS = (
     '"id", "organizationId", "name", "description", "fileCount", "websiteCount", "textCount", "status", '
@@ -174,3 +175,91 @@ async def delete_knowledge_base(db: Queryable, *, organization_id: str, knowledg
         )
     if deleted is None:
         raise NotFound("KnowledgeBase", knowledge_base_id)
+
+
+async def list_knowledge_bases_page(
+    db: Queryable, *, organization_id: str, limit: int, before: tuple[datetime, str] | None = None
+) -> list[KnowledgeBase]:
+    """A page of the organization's knowledge bases, newest first, after the (createdAt, id) `before`."""
+    rows = await fetch_page(
+        db, table="KnowledgeBase", columns=_COLUMNS, organization_id=organization_id, limit=limit, before=before
+    )
+    return KnowledgeBase.from_rows(rows)
+
+
+async def update_knowledge_base(
+    db: Queryable, *, organization_id: str, knowledge_base_id: str, changes: dict[str, Any]
+) -> KnowledgeBase:
+    """Rename or redescribe a knowledge base (snake_case names); NotFound if not the organization's."""
+    assignments, args = set_clause("KnowledgeBase", changes, {"name", "description"}, first=3)
+    with translate_errors():
+        row = await db.fetchrow(
+            f"""
+            UPDATE "KnowledgeBase" SET {assignments}
+            WHERE "id" = $1 AND "organizationId" = $2
+            RETURNING {_COLUMNS}
+            """,
+            knowledge_base_id,
+            organization_id,
+            *args,
+        )
+    if row is None:
+        raise NotFound("KnowledgeBase", knowledge_base_id)
+    return KnowledgeBase.from_row(row)
+
+
+async def list_documents_page(
+    db: Queryable,
+    *,
+    organization_id: str,
+    knowledge_base_id: str,
+    limit: int,
+    before: tuple[datetime, str] | None = None,
+) -> list[KnowledgeBaseDocument]:
+    """A page of one knowledge base's documents, newest first, after the (createdAt, id) `before`."""
+    rows = await db.fetch(
+        f"""
+        SELECT {_DOCUMENT_COLUMNS} FROM "KnowledgeBaseDocument"
+        WHERE "organizationId" = $1 AND "knowledgeBaseId" = $2
+          AND ($3::timestamptz IS NULL OR ("createdAt", "id") < ($3, $4))
+        ORDER BY "createdAt" DESC, "id" DESC
+        LIMIT $5
+        """,
+        organization_id,
+        knowledge_base_id,
+        *(before or (None, None)),
+        limit,
+    )
+    return KnowledgeBaseDocument.from_rows(rows)
+
+
+async def delete_document(db: Queryable, *, organization_id: str, knowledge_base_id: str, document_id: str) -> None:
+    """Remove a document and uncount it from its knowledge base, in one statement (EMPTY when none is left).
+
+    NotFound if the knowledge base has no such document or is not the organization's.
+    """
+    with translate_errors():
+        deleted = await db.fetchval(
+            """
+            WITH gone AS (
+                DELETE FROM "KnowledgeBaseDocument"
+                WHERE "id" = $1 AND "knowledgeBaseId" = $2 AND "organizationId" = $3
+                RETURNING "knowledgeBaseId", "organizationId", "type"
+            ), uncounted AS (
+                UPDATE "KnowledgeBase" kb SET
+                    "fileCount" = GREATEST(kb."fileCount" - (gone."type" = 'FILE')::int, 0),
+                    "websiteCount" = GREATEST(kb."websiteCount" - (gone."type" = 'WEBSITE')::int, 0),
+                    "textCount" = GREATEST(kb."textCount" - (gone."type" = 'TEXT')::int, 0),
+                    "status" = CASE WHEN kb."fileCount" + kb."websiteCount" + kb."textCount" <= 1
+                                    THEN 'EMPTY'::"KnowledgeBaseStatus" ELSE kb."status" END
+                FROM gone
+                WHERE kb."id" = gone."knowledgeBaseId" AND kb."organizationId" = gone."organizationId"
+            )
+            SELECT count(*) FROM gone
+            """,
+            document_id,
+            knowledge_base_id,
+            organization_id,
+        )
+    if not deleted:
+        raise NotFound("KnowledgeBaseDocument", document_id)

@@ -6,6 +6,7 @@ Every credit change is one UPDATE statement, so concurrent calls can never spend
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -167,3 +168,24 @@ async def _update_credits(db: Queryable, sql: str, organization_id: str, amount:
             f"Organization {organization_id}: a change of {amount} credits is out of range"
         ) from exc
     return balance
+
+
+async def update_organization(db: Queryable, *, organization_id: str, changes: dict[str, Any]) -> Organization:
+    """Rename an organization or change its slug (snake_case names); AlreadyExists when the slug is taken."""
+    unknown = set(changes) - {"name", "slug"}
+    if unknown:
+        raise ValueError(f"Organization fields that cannot be changed here: {', '.join(sorted(unknown))}")
+    if not changes:
+        return await get_organization(db, organization_id=organization_id)
+    args: list[Any] = [organization_id]
+    assignments = []
+    for name, value in changes.items():
+        args.append(value)
+        assignments.append(f'"{name}" = ${len(args)}')
+    with translate_errors():
+        row = await db.fetchrow(
+            f'UPDATE "Organization" SET {", ".join(assignments)} WHERE "id" = $1 RETURNING {_COLUMNS}', *args
+        )
+    if row is None:
+        raise NotFound("Organization", organization_id)
+    return Organization.from_row(row)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import phonenumbers
+from pydantic.alias_generators import to_camel
 
 from storage.enums import PhoneNumberStatus
 from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, new_id
+from storage.records import Queryable, Record, fetch_page, new_id
 
 _StatusColumn = Literal["inboundStatus", "outboundStatus"]
 _COLUMNS = '"id", "organizationId", "label", "phoneNumber", "inboundStatus", "outboundStatus", "createdAt", "updatedAt"'
@@ -161,6 +162,44 @@ async def _set_status(
         phone_number_id,
         status,
     )
+    if row is None:
+        raise NotFound("PhoneNumber", phone_number_id)
+    return PhoneNumber.from_row(row)
+
+
+async def list_phone_numbers_page(
+    db: Queryable, *, organization_id: str, limit: int, before: tuple[datetime, str] | None = None
+) -> list[PhoneNumber]:
+    """A page of the organization's numbers, newest first, after the (createdAt, id) `before`."""
+    rows = await fetch_page(
+        db, table="PhoneNumber", columns=_COLUMNS, organization_id=organization_id, limit=limit, before=before
+    )
+    return PhoneNumber.from_rows(rows)
+
+
+async def update_phone_number(
+    db: Queryable, *, organization_id: str, phone_number_id: str, changes: dict[str, Any]
+) -> PhoneNumber:
+    """Change a number's label or per-direction statuses (snake_case names); NotFound if not the organization's."""
+    unknown = set(changes) - {"label", "inbound_status", "outbound_status"}
+    if unknown:
+        raise ValueError(f"PhoneNumber fields that cannot be changed: {', '.join(sorted(unknown))}")
+    if not changes:
+        return await get_phone_number(db, organization_id=organization_id, phone_number_id=phone_number_id)
+    args: list[Any] = [organization_id, phone_number_id]
+    assignments = []
+    for name, value in changes.items():
+        args.append(value)
+        assignments.append(f'"{to_camel(name)}" = ${len(args)}')
+    with translate_errors():
+        row = await db.fetchrow(
+            f"""
+            UPDATE "PhoneNumber" SET {", ".join(assignments)}
+            WHERE "organizationId" = $1 AND "id" = $2
+            RETURNING {_COLUMNS}
+            """,
+            *args,
+        )
     if row is None:
         raise NotFound("PhoneNumber", phone_number_id)
     return PhoneNumber.from_row(row)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence, Set
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any, Protocol, Self
 
 import asyncpg
@@ -67,3 +68,43 @@ class Record(BaseModel):
     def from_rows(cls, rows: Sequence[asyncpg.Record]) -> list[Self]:
         """Build one record per row."""
         return [cls.from_row(row) for row in rows]
+
+
+async def fetch_page(
+    db: Queryable,
+    *,
+    table: str,
+    columns: str,
+    organization_id: str,
+    limit: int,
+    before: tuple[datetime, str] | None = None,
+) -> list[asyncpg.Record]:
+    """A page of an organization's rows of `table`, newest first, after the (createdAt, id) `before`."""
+    return await db.fetch(
+        f"""
+        SELECT {columns} FROM "{table}"
+        WHERE "organizationId" = $1 AND ($2::timestamptz IS NULL OR ("createdAt", "id") < ($2, $3))
+        ORDER BY "createdAt" DESC, "id" DESC
+        LIMIT $4
+        """,
+        organization_id,
+        *(before or (None, None)),
+        limit,
+    )
+
+
+def set_clause(entity: str, changes: Mapping[str, Any], allowed: Set[str], *, first: int) -> tuple[str, list[Any]]:
+    """The SET list of a partial update and its arguments, numbered from `$first`.
+
+    `changes` use snake_case names (the columns are their camelCase); ValueError names any that may not change.
+    No change at all gives a no-op assignment, so the UPDATE still returns the row.
+    """
+    unknown = set(changes) - set(allowed)
+    if unknown:
+        raise ValueError(f"{entity} fields that cannot be changed: {', '.join(sorted(unknown))}")
+    assignments = ['"id" = "id"']
+    args: list[Any] = []
+    for name, value in changes.items():
+        args.append(value)
+        assignments.append(f'"{to_camel(name)}" = ${first + len(args) - 1}')
+    return ", ".join(assignments), args

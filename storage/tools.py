@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import Field
 
 from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, new_id
+from storage.records import Queryable, Record, fetch_page, new_id, set_clause
 
 _COLUMNS = (
     '"id", "organizationId", "name", "description", "category", "logo", "iconBgColor", "isConnected", '
@@ -99,3 +99,35 @@ async def delete_tool(db: Queryable, *, organization_id: str, tool_id: str) -> N
         )
     if deleted is None:
         raise NotFound("Tool", tool_id)
+
+
+async def list_tools_page(
+    db: Queryable, *, organization_id: str, limit: int, before: tuple[datetime, str] | None = None
+) -> list[Tool]:
+    """A page of the organization's tools, newest first, after the (createdAt, id) `before`."""
+    rows = await fetch_page(
+        db, table="Tool", columns=_COLUMNS, organization_id=organization_id, limit=limit, before=before
+    )
+    return Tool.from_rows(rows)
+
+
+async def update_tool(db: Queryable, *, organization_id: str, tool_id: str, changes: dict[str, Any]) -> Tool:
+    """Change some of a tool's fields (snake_case names); NotFound if not the organization's."""
+    assignments, args = set_clause("Tool", changes, _UPDATABLE, first=3)
+    with translate_errors():
+        row = await db.fetchrow(
+            f"""
+            UPDATE "Tool" SET {assignments}
+            WHERE "id" = $1 AND "organizationId" = $2
+            RETURNING {_COLUMNS}
+            """,
+            tool_id,
+            organization_id,
+            *args,
+        )
+    if row is None:
+        raise NotFound("Tool", tool_id)
+    return Tool.from_row(row)
+
+
+_UPDATABLE = frozenset({"name", "description", "category", "logo", "icon_bg_color", "is_connected", "configuration"})

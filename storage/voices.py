@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from storage.enums import VoiceStatus
 from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, new_id, transaction
+from storage.records import Queryable, Record, new_id, set_clause, transaction
 
 _COLUMNS = (
     '"id", "organizationId", "name", "gender", "description", "avatar", "tags", "isCustom", "status", "audioUrl", '
@@ -188,3 +189,57 @@ async def delete_custom_voice(db: Queryable, *, organization_id: str, voice_id: 
         )
     if deleted is None:
         raise NotFound("Voice", voice_id)
+
+
+async def list_voices_page(
+    db: Queryable,
+    *,
+    organization_id: str,
+    limit: int,
+    before: tuple[datetime, str] | None = None,
+    custom: bool | None = None,
+) -> list[Voice]:
+    """A page of the voices the organization can use (system and its own), newest first, after `before`.
+
+    `custom` True lists only its custom voices, False only system voices.
+    """
+    rows = await db.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM "Voice"
+        WHERE ("organizationId" IS NULL OR "organizationId" = $1)
+          AND ($2::timestamptz IS NULL OR ("createdAt", "id") < ($2, $3))
+          AND ($4::boolean IS NULL OR ("organizationId" IS NOT NULL) = $4)
+        ORDER BY "createdAt" DESC, "id" DESC
+        LIMIT $5
+        """,
+        organization_id,
+        *(before or (None, None)),
+        custom,
+        limit,
+    )
+    return Voice.from_rows(rows)
+
+
+async def update_custom_voice(db: Queryable, *, organization_id: str, voice_id: str, changes: dict[str, Any]) -> Voice:
+    """Change fields of one of the organization's custom voices (snake_case names); NotFound for any other voice."""
+    stored = {name: list(value) if name == "tags" else value for name, value in changes.items()}
+    assignments, args = set_clause("Voice", stored, _CUSTOM_UPDATABLE, first=3)
+    with translate_errors():
+        row = await db.fetchrow(
+            f"""
+            UPDATE "Voice" SET {assignments}
+            WHERE "organizationId" = $1 AND "id" = $2
+            RETURNING {_COLUMNS}
+            """,
+            organization_id,
+            voice_id,
+            *args,
+        )
+    if row is None:
+        raise NotFound("Voice", voice_id)
+    return Voice.from_row(row)
+
+
+_CUSTOM_UPDATABLE = frozenset(
+    {"name", "gender", "description", "avatar", "tags", "status", "audio_url", "provider", "provider_voice_id"}
+)

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from engine.appkeys import DATABASE
 from engine.recovery import NODE_ID, NodeHeartbeat, recovery_context
-from storage import call_logs, engine_nodes
+from storage import call_logs, engine_nodes, events
 from storage.call_logs import CallLog
 from storage.enums import CallStatus
 from storage.pool import Database
@@ -75,6 +75,24 @@ async def test_only_calls_no_live_node_runs_are_failed_with_the_reason(own_pool:
         assert (stored.status, stored.metadata["endReason"]) == (CallStatus.FAILED, reason)
     for call in (of_live_node, still_ringing):
         assert await reread(own_pool, call) == call
+
+
+async def test_calls_closed_by_recovery_are_announced_to_call_ended_subscribers(own_pool: asyncpg.Pool) -> None:
+    now = datetime.now(UTC)
+    await register(own_pool, "dead", last_seen=now - timedelta(minutes=5))
+    org = await insert_organization(own_pool)
+    await events.create_event(own_pool, organization_id=org, name="call.ended", webhook_url="https://hooks.example/x")
+    lost = await call_on(own_pool, org, "dead")
+    stale = await call_on(own_pool, org, None)
+    await set_started_at(own_pool, stale.id, now - timedelta(days=2))
+
+    await engine_nodes.fail_orphaned_calls(own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT)
+    await call_logs.fail_stale_in_progress(own_pool, older_than=now - timedelta(days=1), reason="stale")
+
+    rows = await own_pool.fetch('SELECT "payload" FROM "WebhookDelivery" WHERE "event" = $1', "call.ended")
+    ended = {row["payload"]["data"]["callLogId"]: row["payload"]["data"] for row in rows}
+    assert set(ended) == {lost.id, stale.id}
+    assert ended[lost.id]["status"] == "FAILED" and ended[lost.id]["endReason"] == "engine_lost"
 
 
 async def test_a_finished_call_of_a_dead_node_is_left_as_it_ended(own_pool: asyncpg.Pool) -> None:

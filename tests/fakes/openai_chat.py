@@ -58,6 +58,11 @@ class FakeOpenAI:
     send an error event after their first delta), `first_token_delay_ms` and `token_interval_ms` (pacing).
     Observations: `requests` (every request body, in order), `aborted_streams` (how many streams the client walked
     away from) and `stream_aborted` (set at the first).
+
+    Requests in JSON mode (`response_format: json_object`, as post-call analysis sends) are a separate kind, as
+    they would be on a real server: recorded in `json_requests` and answered from `json_replies` (a FIFO of
+    JSON texts; when empty, `default_json_reply`), so an analysis that runs after one call never takes a
+    conversation reply scripted for the next.
     """
 
     def __init__(
@@ -75,6 +80,9 @@ class FakeOpenAI:
         self.token_interval_ms = token_interval_ms
         self.replies: deque[Reply] = deque()
         self.requests: list[dict[str, Any]] = []
+        self.json_replies: deque[str] = deque()
+        self.json_requests: list[dict[str, Any]] = []
+        self.default_json_reply = json.dumps({"summary": "", "success": True, "reason": "The fake judged it."})
         self.fail_next = 0
         self.error_mid_stream = False
         self.aborted_streams = 0
@@ -101,7 +109,8 @@ class FakeOpenAI:
             body = await request.json()
         except json.JSONDecodeError:
             return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
-        self.requests.append(body)
+        json_mode = isinstance(body, dict) and (body.get("response_format") or {}).get("type") == "json_object"
+        (self.json_requests if json_mode else self.requests).append(body)
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             given = request.headers.get("Authorization", "").removeprefix("Bearer ")
             return _error(
@@ -118,7 +127,10 @@ class FakeOpenAI:
             )
         if not isinstance(body, dict) or not body.get("model") or not isinstance(body.get("messages"), list):
             return _error(400, "'model' and 'messages' are required properties.", "invalid_request_error")
-        steps = self._next_reply(body["messages"])
+        if json_mode:
+            steps: list[Step] = [self.json_replies.popleft() if self.json_replies else self.default_json_reply]
+        else:
+            steps = self._next_reply(body["messages"])
         if body.get("stream"):
             return await self._stream(request, body, steps)
         return web.json_response(self._completion(body, steps))

@@ -1,0 +1,93 @@
+"""The API's model bases (request, partial update, response) and the field types requests share (storable text, ids)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.alias_generators import to_camel
+
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+"""What a resource id in a path or a filter looks like (CUIDs, and the ids seeds choose)."""
+
+_STORABLE_TEXT = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL
+
+
+class RequestModel(BaseModel):
+    """A JSON request body or query string: camelCase names, unknown names refused."""
+
+    model_config = ConfigDict(alias_generator=to_camel, validate_by_alias=True, validate_by_name=False, extra="forbid")
+
+
+def _without_null(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    # Fields an update may leave out but not set to null: document them as not nullable.
+    properties = schema.get("properties", {})
+    for name in getattr(model, "not_null", ()):
+        prop = properties.get(to_camel(name), {})
+        options = [option for option in prop.get("anyOf", ()) if option != {"type": "null"}]
+        if len(options) == 1:
+            rest = {key: value for key, value in prop.items() if key not in {"anyOf", "default"}}
+            prop.clear()
+            prop.update(options[0], **rest)
+
+
+class UpdateModel(RequestModel):
+    """A partial update (PATCH): fields left out stay as they are; null clears a field, except `not_null` ones."""
+
+    model_config = ConfigDict(json_schema_extra=_without_null)
+
+    not_null: ClassVar[frozenset[str]] = frozenset()
+    """Fields that may be left out but never set to null (they have no empty value)."""
+
+    @field_validator("*")
+    @classmethod
+    def _not_null(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name in cls.not_null:
+            raise ValueError("cannot be null; leave it out to keep its value")
+        return value
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the request sets, by their Python names."""
+        return self.model_dump(exclude_unset=True)
+
+
+class ResponseModel(BaseModel):
+    """A JSON response made by the API itself (not a stored record): camelCase names."""
+
+    model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True, serialize_by_alias=True, frozen=True)
+
+
+def _utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is outside the supported range of dates") from None
+
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True, pattern=_STORABLE_TEXT)]
+"""A required human-readable name."""
+
+ShortText = Annotated[str, StringConstraints(max_length=200, pattern=_STORABLE_TEXT)]
+"""A label, a category, a type: short free text."""
+
+LongText = Annotated[str, StringConstraints(max_length=100_000, pattern=_STORABLE_TEXT)]
+"""A description, a prompt, a document's content."""
+
+Url = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=_STORABLE_TEXT)]
+"""A URL as given; the resource checks its scheme where it matters."""
+
+Id = Annotated[str, Field(pattern=ID_PATTERN)]
+"""The id of another resource."""
+
+Timestamp = Annotated[AwareDatetime, AfterValidator(_utc)]
+"""A date and time with its UTC offset, e.g. 2026-11-01T09:30:00Z."""

@@ -1,0 +1,228 @@
+"""The route table: each operation's method, path, models and handler, from which both the aiohttp routes and
+the OpenAPI document are made."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiohttp import web
+from aiohttp.helpers import ChainMapProxy
+from pydantic import BaseModel, ValidationError
+
+from engine.api.auth import CALLER, Caller
+from engine.api.errors import ApiError, not_found, validation_error
+from engine.api.models import ID_PATTERN, RequestModel
+from engine.appkeys import DATABASE
+from storage.records import Connection
+from storage.tenancy import tenant_transaction
+
+M = TypeVar("M", bound=BaseModel)
+
+_ID = re.compile(ID_PATTERN)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiCall:
+    """One authenticated request as a handler sees it: the caller, path ids, and the validated query and body."""
+
+    request: web.Request
+    caller: Caller
+    path: Mapping[str, str]
+    query: BaseModel | None
+    body: BaseModel | None
+
+    def query_as(self, model: type[M]) -> M:
+        """The validated query parameters, as the operation's query model."""
+        assert isinstance(self.query, model), f"operation declares no query model {model.__name__}"
+        return self.query
+
+    def body_as(self, model: type[M]) -> M:
+        """The validated JSON body, as the operation's body model."""
+        assert isinstance(self.body, model), f"operation declares no body model {model.__name__}"
+        return self.body
+
+    def tenant(self) -> AbstractAsyncContextManager[Connection]:
+        """A transaction that sees only the caller's organization (row-level security): every query goes here."""
+        return tenant_transaction(self.request.config_dict[DATABASE].pool, self.caller.organization_id)
+
+    @property
+    def app(self) -> ChainMapProxy:
+        """The engine's application resources (live calls, Twilio), looked up through /v1 to the main app."""
+        return self.request.config_dict
+
+
+Handler = Callable[[ApiCall], Awaitable[BaseModel | None]]
+"""What handles an operation: the call in, a response model (or None for 204) out."""
+
+Declaration = Callable[[Handler], Handler]
+"""A decorator that adds its handler to a resource's operations."""
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One method on one path: what it takes, what it answers, and who handles it."""
+
+    method: str
+    path: str
+    handler: Handler
+    tag: str
+    summary: str
+    response: type[BaseModel] | None
+    status: int
+    body: type[RequestModel] | None
+    query: type[RequestModel] | None
+    errors: tuple[int, ...]
+    """Error statuses beyond those every operation of its kind may answer (e.g. 409)."""
+
+    @property
+    def operation_id(self) -> str:
+        """The handler's name, unique across the API."""
+        return self.handler.__name__
+
+    @property
+    def path_params(self) -> list[str]:
+        """The names of the path's {parameters}, in order."""
+        return [part[1:-1] for part in self.path.split("/") if part.startswith("{") and part.endswith("}")]
+
+
+@dataclass
+class Resource:
+    """A group of operations on one kind of thing (a tag in the OpenAPI document), declared with decorators."""
+
+    tag: str
+    description: str
+    operations: list[Operation] = field(default_factory=list)
+
+    def get(
+        self,
+        path: str,
+        *,
+        summary: str,
+        response: type[BaseModel],
+        query: type[RequestModel] | None = None,
+        errors: tuple[int, ...] = (),
+    ) -> Declaration:
+        """Declare a read."""
+        return self._declare("GET", path, summary, response, 200, None, query, errors)
+
+    def post(
+        self,
+        path: str,
+        *,
+        summary: str,
+        response: type[BaseModel] | None,
+        body: type[RequestModel] | None = None,
+        status: int = 201,
+        errors: tuple[int, ...] = (),
+    ) -> Declaration:
+        """Declare a creation or an action."""
+        return self._declare("POST", path, summary, response, status if response else 204, body, None, errors)
+
+    def patch(
+        self,
+        path: str,
+        *,
+        summary: str,
+        response: type[BaseModel],
+        body: type[RequestModel],
+        errors: tuple[int, ...] = (),
+    ) -> Declaration:
+        """Declare a partial update: fields left out of the body are left as they are."""
+        return self._declare("PATCH", path, summary, response, 200, body, None, errors)
+
+    def put(self, path: str, *, summary: str) -> Declaration:
+        """Declare an idempotent link (no body, 204)."""
+        return self._declare("PUT", path, summary, None, 204, None, None, ())
+
+    def delete(self, path: str, *, summary: str, errors: tuple[int, ...] = ()) -> Declaration:
+        """Declare a deletion (204)."""
+        return self._declare("DELETE", path, summary, None, 204, None, None, errors)
+
+    def _declare(  # noqa: PLR0917 (positional: one line per HTTP method above reads as a table)
+        self,
+        method: str,
+        path: str,
+        summary: str,
+        response: type[BaseModel] | None,
+        status: int,
+        body: type[RequestModel] | None,
+        query: type[RequestModel] | None,
+        errors: tuple[int, ...],
+    ) -> Declaration:
+        def register(handler: Handler) -> Handler:
+            self.operations.append(
+                Operation(method, path, handler, self.tag, summary, response, status, body, query, errors)
+            )
+            return handler
+
+        return register
+
+
+def aiohttp_handler(operation: Operation) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The aiohttp handler for an operation: checks path ids, validates query and body, answers JSON."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        path = dict(request.match_info)
+        for name, value in path.items():
+            if not _ID.fullmatch(value):
+                raise not_found(f"no {name} {value!r}: ids are letters, digits, '_' and '-'")
+        query = _validate(operation.query, dict(request.query), "query") if operation.query else None
+        body = _validate(operation.body, await _json_body(request), "body") if operation.body else None
+        result = await operation.handler(ApiCall(request, request[CALLER], path, query, body))
+        if result is None:
+            return web.Response(status=204)
+        return web.json_response(result.model_dump(mode="json", by_alias=True), status=operation.status)
+
+    handle.__name__ = operation.operation_id
+    return handle
+
+
+def _validate(model: type[RequestModel], data: Any, location: str) -> RequestModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, location=location) from None
+
+
+async def _json_body(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        raise ApiError(400, "invalid_json", "send a JSON object as the request body")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON ({exc})") from None
+    for path, text in _strings(data, ""):
+        if "\x00" in text or not _encodable(text):
+            raise ApiError(
+                422, "validation_error", f"body {path or 'value'}: contains characters that cannot be stored", path
+            )
+    return data
+
+
+def _strings(node: Any, path: str) -> Iterator[tuple[str, str]]:
+    """Every string in a JSON document (object keys included), with its JSON path."""
+    if isinstance(node, str):
+        yield path, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            child = f"{path}.{key}" if path else str(key)
+            yield child, key
+            yield from _strings(value, child)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _strings(value, f"{path}[{index}]")
+
+
+def _encodable(text: str) -> bool:
+    # JSON may carry lone surrogates ("\ud800"), which no database text column can hold.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

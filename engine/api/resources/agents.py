@@ -1,0 +1,220 @@
+"""/v1/agents: the organization's voice agents, and the knowledge bases, tools and paths linked to them."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import Field
+
+from config.agent import AgentConfigurationError, parse_agent_configuration
+from engine.api.errors import ApiError, conflict, not_found
+from engine.api.models import Id, LongText, Name, RequestModel, ResponseModel, ShortText, UpdateModel
+from engine.api.operations import ApiCall, Resource
+from engine.api.pagination import Page, PageQuery, to_page
+from engine.api.resources.tools import ToolView
+from storage import agents
+from storage.agents import Agent
+from storage.conversation_paths import ConversationPath
+from storage.enums import AgentStatus, CallerType
+from storage.errors import InvalidReference
+from storage.knowledge_bases import KnowledgeBaseWithDocuments
+from storage.phone_numbers import PhoneNumber
+from storage.voices import Voice
+
+resource = Resource("Agents", "Voice agents: who they answer or call for, and the providers their calls run on.")
+
+
+class AgentListQuery(PageQuery):
+    """Which agents to list."""
+
+    status: AgentStatus | None = Field(None, description="Only agents of this status.")
+    caller_type: CallerType | None = Field(None, description="Only agents that take (INBOUND) or place calls.")
+
+
+class AgentCreate(RequestModel):
+    """A new agent. `configuration` is checked as calls would use it, and stored with its defaults filled in."""
+
+    name: Name
+    description: LongText | None = None
+    type: ShortText | None = None
+    status: AgentStatus = AgentStatus.ACTIVE
+    caller_type: CallerType = CallerType.INBOUND
+    phone_number_id: Id | None = None
+    voice_id: Id | None = None
+    configuration: dict[str, Any] = Field(default_factory=dict)
+
+
+class AgentUpdate(UpdateModel):
+    """Fields to change; those left out stay as they are, and null clears an optional one."""
+
+    not_null = frozenset({"name", "status", "caller_type", "configuration"})
+
+    name: Name | None = None
+    description: LongText | None = None
+    type: ShortText | None = None
+    status: AgentStatus | None = None
+    caller_type: CallerType | None = None
+    phone_number_id: Id | None = None
+    voice_id: Id | None = None
+    configuration: dict[str, Any] | None = None
+
+
+def _configuration(data: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return parse_agent_configuration(data).to_json()
+    except AgentConfigurationError as exc:
+        path, message = exc.problems[0]
+        field = f"configuration.{path}" if path != "configuration" else path
+        raise ApiError(422, "validation_error", f"body {field}: {message}", field) from None
+
+
+@resource.get("/agents", summary="List agents", response=Page[Agent], query=AgentListQuery)
+async def list_agents(call: ApiCall) -> Page[Agent]:
+    """The organization's agents, newest first."""
+    query = call.query_as(AgentListQuery)
+    async with call.tenant() as db:
+        rows = await agents.list_agents_page(
+            db,
+            organization_id=call.caller.organization_id,
+            limit=query.fetch_limit,
+            before=query.position(),
+            status=query.status,
+            caller_type=query.caller_type,
+        )
+    return to_page(Page[Agent], rows, query)
+
+
+@resource.post("/agents", summary="Create an agent", response=Agent, body=AgentCreate)
+async def create_agent(call: ApiCall) -> Agent:
+    """Create an agent; its phone number and voice must be the organization's (or a system voice)."""
+    body = call.body_as(AgentCreate)
+    configuration = _configuration(body.configuration)
+    async with call.tenant() as db:
+        return await agents.create_agent(
+            db,
+            organization_id=call.caller.organization_id,
+            name=body.name,
+            description=body.description,
+            type=body.type,
+            status=body.status,
+            caller_type=body.caller_type,
+            phone_number_id=body.phone_number_id,
+            voice_id=body.voice_id,
+            configuration=configuration,
+        )
+
+
+@resource.get("/agents/{agentId}", summary="Get an agent", response=Agent)
+async def get_agent(call: ApiCall) -> Agent:
+    """One agent."""
+    async with call.tenant() as db:
+        return await agents.get_agent(db, organization_id=call.caller.organization_id, agent_id=call.path["agentId"])
+
+
+@resource.patch("/agents/{agentId}", summary="Update an agent", response=Agent, body=AgentUpdate)
+async def update_agent(call: ApiCall) -> Agent:
+    """Change some of an agent's fields."""
+    changes = call.body_as(AgentUpdate).changes()
+    if "configuration" in changes:
+        changes["configuration"] = _configuration(changes["configuration"])
+    async with call.tenant() as db:
+        return await agents.update_agent(
+            db, organization_id=call.caller.organization_id, agent_id=call.path["agentId"], changes=changes
+        )
+
+
+@resource.delete("/agents/{agentId}", summary="Delete an agent", errors=(409,))
+async def delete_agent(call: ApiCall) -> None:
+    """Delete an agent; its call logs stay. 409 while a campaign uses it."""
+    try:
+        async with call.tenant() as db:
+            await agents.delete_agent(db, organization_id=call.caller.organization_id, agent_id=call.path["agentId"])
+    except InvalidReference as exc:
+        raise conflict(str(exc)) from None
+
+
+class AgentBundleView(ResponseModel):
+    """An agent with everything its calls use; tools without their configuration's values."""
+
+    agent: Agent
+    phone_number: PhoneNumber | None
+    voice: Voice | None
+    knowledge_bases: list[KnowledgeBaseWithDocuments]
+    tools: list[ToolView]
+    conversation_paths: list[ConversationPath]
+
+
+@resource.get("/agents/{agentId}/bundle", summary="Get an agent with all its resources", response=AgentBundleView)
+async def get_agent_bundle(call: ApiCall) -> AgentBundleView:
+    """The agent with its phone number, voice, knowledge bases (with their documents), tools and paths."""
+    async with call.tenant() as db:
+        bundle = await agents.load_agent_bundle(
+            db, organization_id=call.caller.organization_id, agent_id=call.path["agentId"]
+        )
+    return AgentBundleView(
+        agent=bundle.agent,
+        phone_number=bundle.phone_number,
+        voice=bundle.voice,
+        knowledge_bases=bundle.knowledge_bases,
+        tools=[ToolView.of(tool) for tool in bundle.tools],
+        conversation_paths=bundle.conversation_paths,
+    )
+
+
+# Linked resources: PUT links (idempotent), DELETE unlinks.
+_Link = tuple[str, Callable[..., Awaitable[None]], Callable[..., Awaitable[bool]], str]
+_LINKS: dict[str, _Link] = {
+    "knowledge-bases": (
+        "knowledgeBaseId",
+        agents.link_knowledge_base,
+        agents.unlink_knowledge_base,
+        "knowledge_base_id",
+    ),
+    "tools": ("toolId", agents.link_tool, agents.unlink_tool, "tool_id"),
+    "conversation-paths": (
+        "conversationPathId",
+        agents.link_conversation_path,
+        agents.unlink_conversation_path,
+        "conversation_path_id",
+    ),
+}
+
+
+def _declare_links(collection: str) -> None:
+    parameter, link, unlink, argument = _LINKS[collection]
+    path = f"/agents/{{agentId}}/{collection}/{{{parameter}}}"
+    singular = collection.removesuffix("s").replace("-", " ")
+
+    async def link_handler(call: ApiCall) -> None:
+        try:
+            async with call.tenant() as db:
+                await link(
+                    db,
+                    organization_id=call.caller.organization_id,
+                    agent_id=call.path["agentId"],
+                    **{argument: call.path[parameter]},
+                )
+        except InvalidReference as exc:
+            raise not_found(str(exc)) from None
+
+    async def unlink_handler(call: ApiCall) -> None:
+        async with call.tenant() as db:
+            removed = await unlink(
+                db,
+                organization_id=call.caller.organization_id,
+                agent_id=call.path["agentId"],
+                **{argument: call.path[parameter]},
+            )
+        if not removed:
+            raise not_found(f"agent {call.path['agentId']} has no {singular} {call.path[parameter]}")
+
+    name = collection.replace("-", "_")
+    link_handler.__name__, link_handler.__doc__ = f"link_{name}", f"Let the agent use a {singular} (idempotent)."
+    unlink_handler.__name__, unlink_handler.__doc__ = f"unlink_{name}", f"Stop the agent using a {singular}."
+    resource.put(path, summary=f"Link a {singular} to an agent")(link_handler)
+    resource.delete(path, summary=f"Unlink a {singular} from an agent")(unlink_handler)
+
+
+for _collection in _LINKS:
+    _declare_links(_collection)

@@ -1,0 +1,100 @@
+"""/v1/calls: place one outbound call for an OUTBOUND agent (engine.outbound_calls does the work)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints
+
+from engine.api.errors import ApiError, not_found, unprocessable
+from engine.api.models import Id, RequestModel, ResponseModel
+from engine.api.operations import ApiCall, Resource
+from engine.appkeys import SETTINGS
+from engine.outbound_calls import (
+    AgentUnavailable,
+    CallNotPlaced,
+    CampaignNotFound,
+    InvalidNumber,
+    NoCredits,
+    NumberUnavailable,
+    OutboundDeps,
+    OutboundUnavailable,
+    dialable_number,
+    place_call,
+)
+from engine.twilio_signature import public_base_url
+
+resource = Resource("Calls", "Placing outbound calls.")
+
+PhoneNumberText = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[^\x00]*$")]
+VariableName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")]
+VariableValue = Annotated[str, StringConstraints(max_length=2000, pattern=r"^[^\x00]*$")]
+
+
+class CallCreate(RequestModel):
+    """One outbound call: who calls (agent and caller-id number), whom, and variables for the agent's prompt."""
+
+    agent_id: Id
+    from_number: PhoneNumberText = Field(description="One of the organization's numbers, outbound ENABLED (E.164).")
+    to: PhoneNumberText = Field(description="The number to dial, E.164 (e.g. +14155550100).")
+    variables: dict[VariableName, VariableValue] = Field(
+        default_factory=dict,
+        max_length=100,
+        description="Per-call values the prompt reads as {{name}}; `name` is also the CallLog's customer.",
+    )
+    campaign_id: Id | None = None
+
+
+class PlacedCallResponse(ResponseModel):
+    """A call Twilio accepted; follow it through /v1/call-logs/{callLogId} or the call.* webhooks."""
+
+    call_log_id: str
+    call_sid: str
+    status: Literal["IN_PROGRESS"] = "IN_PROGRESS"
+
+
+@resource.post(
+    "/calls",
+    summary="Place an outbound call",
+    response=PlacedCallResponse,
+    body=CallCreate,
+    status=201,
+    errors=(402, 404, 422, 502, 503),
+)
+async def create_call(call: ApiCall) -> PlacedCallResponse:
+    """Create the CallLog (IN_PROGRESS, OUTBOUND) and ask Twilio to dial.
+
+    422 names the field at fault (an undialable number, an agent that is not an ACTIVE OUTBOUND agent, a number
+    that may not call out); 402 when the organization has no credits; 502 when Twilio refuses the call (its
+    CallLog is then FAILED with Twilio's error); 503 when this engine has no Twilio account or public URL.
+    """
+    body = call.body_as(CallCreate)
+    try:
+        dialable_number("from_number", body.from_number)  # bad input is a 422 even where no call can be placed
+        dialable_number("to", body.to)
+        # Twilio reaches this engine at DIALTONE_PUBLIC_URL, else where this request came in (as for webhooks).
+        deps = OutboundDeps.from_app(call.app, public_url=public_base_url(call.request, call.app[SETTINGS]))
+        placed = await place_call(
+            deps,
+            organization_id=call.caller.organization_id,
+            agent_id=body.agent_id,
+            from_number=body.from_number,
+            to=body.to,
+            variables=body.variables,
+            campaign_id=body.campaign_id,
+        )
+    except InvalidNumber as exc:
+        raise unprocessable(str(exc), "fromNumber" if exc.field == "from_number" else "to") from None
+    except AgentUnavailable as exc:
+        raise unprocessable(str(exc), "agentId") from None
+    except NumberUnavailable as exc:
+        raise unprocessable(str(exc), "fromNumber") from None
+    except CampaignNotFound:
+        raise not_found(f"campaign {body.campaign_id} not found") from None
+    except NoCredits as exc:
+        raise ApiError(402, "no_credits", str(exc)) from None
+    except CallNotPlaced as exc:
+        raise ApiError(502, "twilio_refused", str(exc)) from None
+    except OutboundUnavailable as exc:
+        raise ApiError(503, "outbound_unavailable", str(exc)) from None
+    return PlacedCallResponse(call_log_id=placed.call_log_id, call_sid=placed.call_sid)

@@ -1,0 +1,350 @@
+"""/v1/campaigns: outbound calling campaigns, their recipients and their lifecycle (the dispatcher dials them)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date, datetime
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+
+from engine.api.errors import conflict, unprocessable
+from engine.api.models import Id, LongText, Name, RequestModel, ResponseModel
+from engine.api.operations import ApiCall, Resource
+from engine.api.pagination import Page, PageQuery, to_page
+from engine.recipients_csv import RecipientsFileError, make_recipient, read_recipients
+from storage import campaigns
+from storage.campaigns import (
+    Campaign,
+    CampaignDispatchState,
+    CampaignRecipient,
+    DialingRules,
+    ImportSummary,
+    InvalidCampaignTransition,
+    NewRecipient,
+    RetryPolicy,
+)
+from storage.enums import CampaignStatus, RecipientStatus
+from storage.records import Connection
+
+resource = Resource(
+    "Campaigns",
+    "Outbound calling campaigns: recipients called inside a daily window in their own timezone, with a concurrency "
+    "cap, a pace and a retry policy. DRAFT -> PLANNED (start) -> CONTINUING -> COMPLETED, or STOPPED.",
+)
+
+TimeOfDay = Annotated[str, StringConstraints(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+PhoneText = Annotated[str, StringConstraints(max_length=64, pattern=r"^[^\x00]*$")]
+ShortValue = Annotated[str, StringConstraints(max_length=2000, pattern=r"^[^\x00]*$")]
+VariableName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")]
+Outcome = Literal["busy", "no-answer", "failed", "voicemail"]
+Region = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
+_DEFAULT_RETRY_ON: tuple[Outcome, ...] = ("busy", "no-answer", "failed")
+
+
+class RetryRequest(RequestModel):
+    """How often to call one recipient and after which outcomes to try again."""
+
+    max_attempts: int = Field(1, ge=1, le=10)
+    retry_on: list[Outcome] = Field(default_factory=lambda: list(_DEFAULT_RETRY_ON), max_length=4)
+    delays_seconds: list[Annotated[int, Field(ge=0, le=30 * 86400)]] = Field(
+        default_factory=lambda: [3600], min_length=1, max_length=10, description="Before each retry; the last repeats."
+    )
+
+
+class CampaignCreate(RequestModel):
+    """A DRAFT campaign: who calls, what it says, when and how fast it may dial."""
+
+    batch_name: Name
+    agent_id: Id
+    conversation_path_id: Id | None = None
+    first_sentence: LongText | None = None
+    task_prompt: LongText | None = None
+    post_call_summary: LongText | None = None
+    start_date: date | None = Field(None, description="Not before this day (in the campaign's timezone).")
+    start_time: TimeOfDay | None = None
+    call_start_time: TimeOfDay | None = Field(None, description="Daily window start, in each recipient's timezone.")
+    call_end_time: TimeOfDay | None = Field(None, description="Daily window end (may be past midnight).")
+    from_number: PhoneText | None = Field(None, description="Caller id; default: the first outbound-enabled number.")
+    timezone: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "UTC"
+    days_of_week: list[Annotated[int, Field(ge=1, le=7)]] = Field(
+        default_factory=lambda: [1, 2, 3, 4, 5, 6, 7], min_length=1, max_length=7, description="ISO: Monday = 1."
+    )
+    max_concurrent_calls: int = Field(1, ge=1, le=1000)
+    calls_per_second: float = Field(1.0, gt=0, le=1000)
+    retry: RetryRequest = Field(default_factory=RetryRequest)
+
+    @model_validator(mode="after")
+    def _window(self) -> CampaignCreate:
+        if (self.call_start_time is None) != (self.call_end_time is None):
+            raise ValueError("callStartTime and callEndTime come together (or neither, for no daily window)")
+        return self
+
+    def rules(self) -> DialingRules:
+        """The dialing rules the storage layer keeps."""
+        return DialingRules(
+            from_number=self.from_number,
+            timezone=self.timezone,
+            days_of_week=frozenset(self.days_of_week),
+            max_concurrent_calls=self.max_concurrent_calls,
+            calls_per_second=self.calls_per_second,
+            retry=RetryPolicy(
+                max_attempts=self.retry.max_attempts,
+                retry_on=frozenset(self.retry.retry_on),
+                delays_seconds=tuple(self.retry.delays_seconds),
+            ),
+        )
+
+
+class CampaignView(Campaign):
+    """A campaign with its dialing rules and dispatch state (paused and why, started, finished)."""
+
+    rules: DialingRules
+    paused: bool
+    paused_reason: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RecipientIn(RequestModel):
+    """One recipient; columns beyond these go into `variables` for the prompt ({{name}})."""
+
+    phone_number: PhoneText
+    name: ShortValue | None = None
+    notes: ShortValue | None = None
+    variables: dict[VariableName, ShortValue] = Field(default_factory=dict, max_length=50)
+
+
+class RecipientsImport(RequestModel):
+    """Recipients as a list, or as the text of a CSV file (header row; `;`, `,` or tab; a BOM is fine)."""
+
+    recipients: list[RecipientIn] | None = Field(None, max_length=10_000)
+    csv: Annotated[str, StringConstraints(max_length=5_000_000)] | None = None
+    default_region: Region | None = Field(None, description="Region (e.g. US) for numbers without a +country code.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RecipientsImport:
+        if (self.recipients is None) == (self.csv is None):
+            raise ValueError("give either recipients or csv")
+        return self
+
+
+class RecipientQuery(PageQuery):
+    """A page of recipients (in the order they were added), optionally in one status."""
+
+    status: RecipientStatus | None = None
+
+
+class PauseRequest(RequestModel):
+    """Why the campaign is paused (shown in its state)."""
+
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=500)] = "paused by request"
+
+
+class ImportResult(ResponseModel):
+    """What an import did; ERROR rows are kept (never dialed) with their reason."""
+
+    rows: int
+    imported: int
+    merged: int
+    errors: int
+
+
+async def _view(db: Connection, organization_id: str, campaign: Campaign) -> CampaignView:
+    state: CampaignDispatchState = await campaigns.get_dispatch_state(
+        db, organization_id=organization_id, campaign_id=campaign.id
+    )
+    return CampaignView(
+        **campaign.model_dump(),
+        rules=state.rules,
+        paused=state.paused,
+        paused_reason=state.paused_reason,
+        started_at=state.started_at,
+        finished_at=state.finished_at,
+    )
+
+
+@contextmanager
+def _lifecycle() -> Iterator[None]:
+    try:
+        yield
+    except InvalidCampaignTransition as exc:
+        raise conflict(str(exc)) from None
+
+
+@resource.post("/campaigns", summary="Create a campaign", response=CampaignView, body=CampaignCreate)
+async def create_campaign(call: ApiCall) -> CampaignView:
+    """Create a DRAFT campaign; add recipients, then start it."""
+    body = call.body_as(CampaignCreate)
+    organization_id = call.caller.organization_id
+    async with call.tenant() as db:
+        campaign = await campaigns.create_campaign(
+            db,
+            organization_id=organization_id,
+            batch_name=body.batch_name,
+            agent_id=body.agent_id,
+            conversation_path_id=body.conversation_path_id,
+            first_sentence=body.first_sentence,
+            task_prompt=body.task_prompt,
+            post_call_summary=body.post_call_summary,
+            start_date=body.start_date,
+            start_time=body.start_time,
+            call_start_time=body.call_start_time,
+            call_end_time=body.call_end_time,
+            rules=body.rules(),
+        )
+        return await _view(db, organization_id, campaign)
+
+
+@resource.get("/campaigns", summary="List campaigns", response=Page[Campaign], query=PageQuery)
+async def list_campaigns(call: ApiCall) -> Page[Campaign]:
+    """The organization's campaigns, newest first, with progress, totalCalls and completedCalls."""
+    query = call.query_as(PageQuery)
+    async with call.tenant() as db:
+        rows = await campaigns.list_campaigns(
+            db, organization_id=call.caller.organization_id, limit=query.fetch_limit, before=query.position()
+        )
+    return to_page(Page[Campaign], rows, query)
+
+
+@resource.get("/campaigns/{campaignId}", summary="Get a campaign", response=CampaignView)
+async def get_campaign(call: ApiCall) -> CampaignView:
+    """One campaign, its rules and where its dispatch stands."""
+    organization_id = call.caller.organization_id
+    async with call.tenant() as db:
+        campaign_id = call.path["campaignId"]
+        campaign = await campaigns.get_campaign(db, organization_id=organization_id, campaign_id=campaign_id)
+        return await _view(db, organization_id, campaign)
+
+
+@resource.delete("/campaigns/{campaignId}", summary="Delete a campaign")
+async def delete_campaign(call: ApiCall) -> None:
+    """Delete a campaign and its recipients; its calls stay in the call logs."""
+    async with call.tenant() as db:
+        await campaigns.delete_campaign(
+            db, organization_id=call.caller.organization_id, campaign_id=call.path["campaignId"]
+        )
+
+
+@resource.post(
+    "/campaigns/{campaignId}/recipients",
+    summary="Add recipients",
+    response=ImportResult,
+    body=RecipientsImport,
+    status=200,
+)
+async def import_recipients(call: ApiCall) -> ImportResult:
+    """Add recipients: every number checked to E.164 (ERROR rows kept with their reason), duplicates merged."""
+    body = call.body_as(RecipientsImport)
+    try:
+        rows: list[NewRecipient] = (
+            [row.recipient for row in read_recipients(io.StringIO(body.csv), default_region=body.default_region)]
+            if body.csv is not None
+            else [
+                make_recipient(
+                    f"recipients[{index}]",
+                    given.phone_number,
+                    name=given.name,
+                    notes=given.notes,
+                    variables=given.variables,
+                    default_region=body.default_region,
+                )
+                for index, given in enumerate(body.recipients or ())
+            ]
+        )
+    except RecipientsFileError as exc:
+        raise unprocessable(str(exc), "csv") from None
+    async with call.tenant() as db:
+        summary: ImportSummary = await campaigns.import_recipients(
+            db, organization_id=call.caller.organization_id, campaign_id=call.path["campaignId"], recipients=rows
+        )
+    return ImportResult(rows=summary.rows, imported=summary.imported, merged=summary.merged, errors=summary.errors)
+
+
+@resource.get(
+    "/campaigns/{campaignId}/recipients",
+    summary="List recipients",
+    response=Page[CampaignRecipient],
+    query=RecipientQuery,
+)
+async def list_recipients(call: ApiCall) -> Page[CampaignRecipient]:
+    """The campaign's recipients and their status, in the order they were added."""
+    query = call.query_as(RecipientQuery)
+    organization_id, campaign_id = call.caller.organization_id, call.path["campaignId"]
+    position = query.position()
+    async with call.tenant() as db:
+        await campaigns.get_campaign(db, organization_id=organization_id, campaign_id=campaign_id)
+        rows = await campaigns.list_recipients(
+            db,
+            organization_id=organization_id,
+            campaign_id=campaign_id,
+            status=query.status,
+            limit=query.fetch_limit,
+            after_id=position[1] if position else None,
+        )
+    return to_page(Page[CampaignRecipient], rows, query)
+
+
+@resource.post(
+    "/campaigns/{campaignId}/start", summary="Start a campaign", response=CampaignView, status=200, errors=(409,)
+)
+async def start_campaign(call: ApiCall) -> CampaignView:
+    """DRAFT -> PLANNED: dialing begins at startDate/startTime (or now), inside the window. 409 if not a DRAFT."""
+    organization_id = call.caller.organization_id
+    with _lifecycle():
+        async with call.tenant() as db:
+            campaign = await campaigns.start_campaign(
+                db, organization_id=organization_id, campaign_id=call.path["campaignId"]
+            )
+            return await _view(db, organization_id, campaign)
+
+
+@resource.post(
+    "/campaigns/{campaignId}/pause",
+    summary="Pause a campaign",
+    response=CampaignView,
+    body=PauseRequest,
+    status=200,
+    errors=(409,),
+)
+async def pause_campaign(call: ApiCall) -> CampaignView:
+    """No new dials until resumed; calls in progress go on. 409 if the campaign has finished."""
+    return await _set_paused(call, paused=True)
+
+
+@resource.post(
+    "/campaigns/{campaignId}/resume", summary="Resume a campaign", response=CampaignView, status=200, errors=(409,)
+)
+async def resume_campaign(call: ApiCall) -> CampaignView:
+    """Dial again after a pause (by request, or for credits that have since been added)."""
+    return await _set_paused(call, paused=False)
+
+
+async def _set_paused(call: ApiCall, *, paused: bool) -> CampaignView:
+    organization_id, campaign_id = call.caller.organization_id, call.path["campaignId"]
+    async with call.tenant() as db:
+        campaign = await campaigns.get_campaign(db, organization_id=organization_id, campaign_id=campaign_id)
+        if campaign.status in {CampaignStatus.COMPLETED, CampaignStatus.STOPPED}:
+            raise conflict(f"campaign {campaign_id} is {campaign.status}: it can no longer be paused or resumed")
+        if paused:
+            reason = call.body_as(PauseRequest).reason
+            await campaigns.pause_campaign(db, organization_id=organization_id, campaign_id=campaign_id, reason=reason)
+        else:
+            await campaigns.resume_campaign(db, organization_id=organization_id, campaign_id=campaign_id)
+        return await _view(db, organization_id, campaign)
+
+
+@resource.post(
+    "/campaigns/{campaignId}/stop", summary="Stop a campaign", response=CampaignView, status=200, errors=(409,)
+)
+async def stop_campaign(call: ApiCall) -> CampaignView:
+    """Stop for good: nobody new is dialed, waiting recipients are CANCELED, calls in progress are still recorded."""
+    organization_id = call.caller.organization_id
+    with _lifecycle():
+        async with call.tenant() as db:
+            campaign = await campaigns.stop_campaign(
+                db, organization_id=organization_id, campaign_id=call.path["campaignId"]
+            )
+            return await _view(db, organization_id, campaign)

@@ -1,0 +1,100 @@
+"""/v1/conversation-paths: react-flow graphs that script how an agent's calls go."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from engine.api.models import LongText, Name, RequestModel, ShortText, UpdateModel
+from engine.api.operations import ApiCall, Resource
+from engine.api.pagination import Page, PageQuery, to_page
+from storage import conversation_paths
+from storage.conversation_paths import ConversationPath
+
+resource = Resource("Conversation paths", "Conversation flows: the flow builder's nodes and edges, kept as saved.")
+
+Graph = Annotated[list[dict[str, Any]], Field(max_length=5000)]
+
+
+class ConversationPathCreate(RequestModel):
+    """A new path; `nodes` and `edges` are react-flow's JSON objects."""
+
+    name: Name
+    use_case: ShortText | None = None
+    agent_speech: LongText | None = None
+    nodes: Graph = Field(default_factory=list)
+    edges: Graph = Field(default_factory=list)
+
+
+class ConversationPathUpdate(UpdateModel):
+    """Fields to change; null clears an optional one."""
+
+    not_null = frozenset({"name", "nodes", "edges"})
+
+    name: Name | None = None
+    use_case: ShortText | None = None
+    agent_speech: LongText | None = None
+    nodes: Graph | None = None
+    edges: Graph | None = None
+
+
+@resource.get(
+    "/conversation-paths", summary="List conversation paths", response=Page[ConversationPath], query=PageQuery
+)
+async def list_conversation_paths(call: ApiCall) -> Page[ConversationPath]:
+    """The organization's conversation paths, newest first."""
+    query = call.query_as(PageQuery)
+    async with call.tenant() as db:
+        rows = await conversation_paths.list_conversation_paths_page(
+            db, organization_id=call.caller.organization_id, limit=query.fetch_limit, before=query.position()
+        )
+    return to_page(Page[ConversationPath], rows, query)
+
+
+@resource.post(
+    "/conversation-paths", summary="Create a conversation path", response=ConversationPath, body=ConversationPathCreate
+)
+async def create_conversation_path(call: ApiCall) -> ConversationPath:
+    """Create a conversation path."""
+    body = call.body_as(ConversationPathCreate)
+    async with call.tenant() as db:
+        return await conversation_paths.create_conversation_path(
+            db, organization_id=call.caller.organization_id, **body.model_dump()
+        )
+
+
+@resource.get("/conversation-paths/{conversationPathId}", summary="Get a conversation path", response=ConversationPath)
+async def get_conversation_path(call: ApiCall) -> ConversationPath:
+    """One conversation path."""
+    async with call.tenant() as db:
+        return await conversation_paths.get_conversation_path(
+            db, organization_id=call.caller.organization_id, conversation_path_id=call.path["conversationPathId"]
+        )
+
+
+@resource.patch(
+    "/conversation-paths/{conversationPathId}",
+    summary="Update a conversation path",
+    response=ConversationPath,
+    body=ConversationPathUpdate,
+)
+async def update_conversation_path(call: ApiCall) -> ConversationPath:
+    """Change a path's name, use case, speech or graph."""
+    changes = call.body_as(ConversationPathUpdate).changes()
+    async with call.tenant() as db:
+        return await conversation_paths.update_conversation_path(
+            db,
+            organization_id=call.caller.organization_id,
+            conversation_path_id=call.path["conversationPathId"],
+            changes=changes,
+        )
+
+
+@resource.delete("/conversation-paths/{conversationPathId}", summary="Delete a conversation path")
+async def delete_conversation_path(call: ApiCall) -> None:
+    """Delete a path; agents lose it, campaigns that followed it run without one."""
+    async with call.tenant() as db:
+        await conversation_paths.delete_conversation_path(
+            db, organization_id=call.caller.organization_id, conversation_path_id=call.path["conversationPathId"]
+        )

@@ -1,0 +1,132 @@
+"""Calling windows: whether a recipient may be called at an instant, and when their window next opens.
+
+A window is a daily local time range (callStartTime to callEndTime) on some days of the week, read in the
+recipient's own timezone. Pure functions over aware datetimes: the clock is the caller's, DST is zoneinfo's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import phonenumbers
+from phonenumbers import timezone as number_timezones
+
+EVERY_DAY = frozenset(range(1, 8))
+"""ISO weekdays, Monday = 1 ... Sunday = 7."""
+
+_UNKNOWN_ZONE = "Etc/Unknown"
+_TIME_OF_DAY = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
+# A week ahead always finds an opening when at least one day is allowed; one more day covers a window that
+# opened the evening before and runs past midnight.
+_DAYS_SEARCHED = 9
+
+
+class InvalidWindow(ValueError):
+    """A calling window that cannot be used (a bad time, no days, an unknown timezone)."""
+
+
+def parse_time_of_day(value: str) -> time:
+    """`HH:MM` as a time; InvalidWindow naming the value otherwise."""
+    if not _TIME_OF_DAY.fullmatch(value):
+        raise InvalidWindow(f"{value!r} is not a time of day as HH:MM (00:00 to 23:59)")
+    return time(int(value[:2]), int(value[3:]))
+
+
+def zone(name: str) -> ZoneInfo:
+    """The IANA timezone of that name; InvalidWindow if there is none."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidWindow(f"{name!r} is not an IANA timezone (for example Europe/Paris)") from None
+
+
+@dataclass(frozen=True, slots=True)
+class CallingWindow:
+    """Local hours on allowed weekdays. `end <= start` runs past midnight; start == end is all day.
+
+    A window that runs past midnight belongs to the day it opens on (Friday 22:00-02:00 ends Saturday 02:00).
+    """
+
+    start: time = time(0, 0)
+    end: time = time(0, 0)
+    days: frozenset[int] = EVERY_DAY
+
+    def __post_init__(self) -> None:
+        if not self.days or not self.days <= EVERY_DAY:
+            raise InvalidWindow(
+                f"days of week must be a non-empty subset of 1 (Monday) .. 7 (Sunday), got {sorted(self.days)}"
+            )
+
+    @classmethod
+    def from_strings(cls, start: str | None, end: str | None, days: frozenset[int] = EVERY_DAY) -> CallingWindow:
+        """A window from the campaign's HH:MM strings; a missing bound means the day's start or end."""
+        return cls(
+            start=parse_time_of_day(start) if start else time(0, 0),
+            end=parse_time_of_day(end) if end else time(0, 0),
+            days=days,
+        )
+
+    def _periods(self, tz: ZoneInfo, around: datetime) -> Iterator[tuple[datetime, datetime]]:
+        """The window's occurrences as UTC [open, close) pairs, from the day before `around` onwards."""
+        first = around.astimezone(tz).date() - timedelta(days=1)
+        for offset in range(_DAYS_SEARCHED):
+            day = first + timedelta(days=offset)
+            if day.isoweekday() not in self.days:
+                continue
+            opens = _instant(day, self.start, tz)
+            closes_on = day if self.end > self.start else day + timedelta(days=1)
+            closes = _instant(closes_on, self.end, tz)
+            if closes > opens:  # a short window across a DST change can come out empty: it does not open
+                yield opens, closes
+
+    def is_open(self, tz: ZoneInfo, at: datetime) -> bool:
+        """Whether the window is open at the aware instant `at` in timezone `tz`."""
+        return any(opens <= at < closes for opens, closes in self._periods(tz, at))
+
+    def open_period(self, tz: ZoneInfo, at: datetime) -> tuple[datetime, datetime]:
+        """The [opening, closing) instants (UTC) of the period open at `at`, or of the next one if it is closed."""
+        for opens, closes in self._periods(tz, at):
+            if at < closes:
+                return opens, closes
+        raise AssertionError("a window with allowed days always opens within a week")  # pragma: no cover
+
+    def next_opening(self, tz: ZoneInfo, at: datetime) -> datetime:
+        """`at` itself if the window is open then, else the instant (UTC) it next opens."""
+        return max(self.open_period(tz, at)[0], at)
+
+
+def _instant(day: date, local: time, tz: ZoneInfo) -> datetime:
+    # Local wall time to UTC. A time skipped by a DST change is read with the offset in force before it (PEP 495's
+    # fold=0): 02:30 on spring-forward day is 03:30 of the new time. A repeated one (fall back) is its first
+    # occurrence.
+    return datetime.combine(day, local, tzinfo=tz).astimezone(UTC)
+
+
+def recipient_timezone(phone_number: str) -> str | None:
+    """The number's timezone when its region has exactly one, else None (ambiguous: use the campaign's)."""
+    try:
+        parsed = phonenumbers.parse(phone_number)
+    except phonenumbers.NumberParseException:
+        return None
+    return number_timezone(parsed, phonenumbers.number_type(parsed))
+
+
+def number_timezone(parsed: phonenumbers.PhoneNumber, kind: int) -> str | None:
+    """recipient_timezone for a parsed number whose type (phonenumbers.number_type) is already known.
+
+    The same answer as phonenumbers.timezone.time_zones_for_number, without computing the type again: an
+    import of many rows pays for it once per number.
+    """
+    if kind == phonenumbers.PhoneNumberType.UNKNOWN:
+        return None
+    if parsed.country_code is not None and phonenumbers.is_number_type_geographical(kind, parsed.country_code):
+        zones = number_timezones.time_zones_for_geographical_number(parsed)
+    else:
+        zones = number_timezones.time_zones_for_number(parsed)
+    if len(zones) != 1 or zones[0] == _UNKNOWN_ZONE:
+        return None
+    return str(zones[0])

@@ -1,0 +1,364 @@
+"""The campaign dispatcher every engine process runs: claim due recipients, dial them on pace, reconcile outcomes.
+
+Each tick: settle what other processes left (ended calls, expired leases), then for each campaign that is due
+and not being claimed by another process, decide how many recipients to lease (concurrency cap, calls per
+second, calling windows in each recipient's timezone, credits) and dial each at its slot. Storage holds the
+rows and locks (storage/campaign_dispatch.py); this module holds the decisions and the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, time, timedelta
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+import asyncpg
+from aiohttp import web
+
+from engine.appkeys import SETTINGS
+from engine.campaign_windows import CallingWindow, InvalidWindow, parse_time_of_day, zone
+from engine.outbound_calls import (
+    AgentUnavailable,
+    CallNotPlaced,
+    CampaignNotFound,
+    InvalidNumber,
+    NoCredits,
+    NumberUnavailable,
+    OutboundCallError,
+    OutboundDeps,
+    OutboundUnavailable,
+    place_call,
+)
+from engine.recovery import NODE_ID
+from storage import campaign_dispatch as dispatch
+from storage.campaign_dispatch import Claim, DueCampaign, Pick, QueuedRecipient
+from storage.enums import CampaignStatus
+from storage.records import Connection, new_id, transaction
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+# Candidates locked per slot: some may be outside their window and get deferred instead of dialed.
+_CANDIDATES_PER_SLOT = 3
+
+
+@dataclass(frozen=True, slots=True)
+class DialResult:
+    """A call that was placed: its CallLog and Twilio's CallSid."""
+
+    call_log_id: str
+    call_sid: str | None
+
+
+class DialRefused(Exception):
+    """This recipient's call could not be placed (an invalid number, Twilio refused): a `failed` attempt."""
+
+    def __init__(self, reason: str, call_log_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.call_log_id = call_log_id
+
+
+class CampaignBlocked(Exception):
+    """No call of this campaign can be placed now (no credits, agent or number unusable): pause it, dial nobody."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Dialer(Protocol):
+    """Places one campaign call; the engine's is PlaceCallDialer (Twilio), tests bring their own."""
+
+    async def dial(self, claim: Claim) -> DialResult:
+        """Place the call, creating its CallLog (metadata naming the recipient) before the call is requested.
+
+        Raises DialRefused or CampaignBlocked; any other error leaves the attempt to lease expiry, which
+        follows the CallLog if one was created and otherwise puts the recipient back without counting it.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchTiming:
+    """How often the dispatcher looks, how long a lease lasts, how often an idle campaign is looked at again."""
+
+    interval: timedelta = timedelta(seconds=1)
+    lease: timedelta = timedelta(seconds=60)
+    idle_recheck: timedelta = timedelta(seconds=5)
+    max_claims_per_tick: int = 100
+
+
+class CampaignDispatcher:
+    """One process's share of every running campaign."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        dialer: Dialer,
+        *,
+        node_id: str | None = None,
+        timing: DispatchTiming | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        """Nothing runs until `start()` (or `tick()` in tests)."""
+        self._pool = pool
+        self._dialer = dialer
+        self.node_id = node_id or new_id()
+        self._timing = timing or DispatchTiming()
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._dials: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    @property
+    def dials_in_progress(self) -> int:
+        """Dials this process has claimed and not yet handed to their CallLog."""
+        return len(self._dials)
+
+    def start(self) -> None:
+        """Run ticks in the background until `close()`."""
+        self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=f"dispatcher-{self.node_id}")
+
+    async def close(self) -> None:
+        """Stop ticking and wait for dials already started (their leases would otherwise expire to others)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Wait until every dial this process started has been placed, refused or released."""
+        while self._dials:
+            await asyncio.gather(*self._dials, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except (asyncpg.PostgresError, OSError) as exc:  # a deadlock victim, a lost connection: next tick
+                log.warning("campaign dispatch tick failed: %s", exc)
+            except Exception:  # a bug must not stop every campaign on this process: log it, keep ticking
+                log.exception("campaign dispatch tick failed")
+            # Jitter keeps processes from locking into one phase where the same one always looks first.
+            jitter = random.uniform(0.5, 1.5)  # noqa: S311 (spreading ticks, not a secret)
+            await asyncio.sleep(self._timing.interval.total_seconds() * jitter)
+
+    async def tick(self) -> list[Claim]:
+        """Reconcile, then claim due recipients of every due campaign and start their dials; return the claims."""
+        await dispatch.reconcile_ended_calls(self._pool)
+        await dispatch.expire_leases(self._pool, now=self._clock())
+        claims: list[Claim] = []
+        seen: list[str] = []
+        while len(claims) < self._timing.max_claims_per_tick:
+            async with transaction(self._pool) as conn:
+                campaign = await dispatch.lock_due_campaign(conn, now=self._clock(), skip=seen)
+                if campaign is None:
+                    break
+                seen.append(campaign.id)
+                claims += await self._claim(conn, campaign)
+        for claim in claims:
+            task = asyncio.get_running_loop().create_task(self._dial(claim), name=f"dial-{claim.attempt_id}")
+            self._dials.add(task)
+            task.add_done_callback(self._dials.discard)
+        return claims
+
+    async def _claim(self, conn: Connection, campaign: DueCampaign) -> list[Claim]:
+        now = self._clock()
+        rules = campaign.rules
+        if campaign.status == CampaignStatus.PLANNED:
+            starts = start_instant(campaign)
+            if starts is not None and starts > now:
+                await dispatch.defer_campaign(conn, campaign.id, starts)
+                return []
+            await dispatch.mark_started(conn, campaign)
+        if campaign.credits <= 0:
+            await dispatch.pause_for(
+                conn, campaign, f"out of credits (balance {campaign.credits}): add credits, then resume the campaign"
+            )
+            return []
+        if campaign.from_number is None:
+            await dispatch.pause_for(
+                conn, campaign, "no caller id: set the campaign's from number or enable a number for outbound calls"
+            )
+            return []
+        slots = min(rules.max_concurrent_calls - campaign.in_flight, self._timing.max_claims_per_tick)
+        if slots <= 0:
+            return []  # at the cap: looked at again next tick, when calls may have ended
+        spacing = timedelta(seconds=1 / rules.calls_per_second)
+        base = max(campaign.next_dial_at, now)
+        paced = max(1, math.ceil((now + self._timing.interval - base) / spacing))
+        wanted = min(slots, paced)
+        candidates = await dispatch.lock_queued(conn, campaign, now=now, limit=wanted * _CANDIDATES_PER_SLOT)
+        picks, deferrals = plan_dials(campaign, candidates, wanted=wanted, first_at=base, spacing=spacing)
+        await dispatch.defer_recipients(conn, deferrals)
+        if picks:
+            return await dispatch.lease(
+                conn,
+                campaign,
+                picks,
+                owner=self.node_id,
+                lease_for=self._timing.lease,
+                next_dial_at=base + spacing * len(picks),
+            )
+        earliest = await dispatch.earliest_queued(conn, campaign.id)
+        if earliest is None and campaign.in_flight == 0 and await dispatch.complete_if_done(conn, campaign.id):
+            log.info("campaign %s completed", campaign.id)
+            return []
+        recheck = now + self._timing.idle_recheck
+        look_again = min(earliest, recheck) if earliest is not None and earliest > now else recheck
+        await dispatch.defer_campaign(conn, campaign.id, look_again)
+        return []
+
+    async def _dial(self, claim: Claim) -> None:
+        try:
+            await self._dial_at_slot(claim)
+        except (asyncpg.PostgresError, OSError) as exc:
+            # The database went away around the dial: the lease's expiry settles it (CallLog or not).
+            log.warning("campaign %s: dial of recipient %s unsettled: %s", claim.campaign_id, claim.recipient_id, exc)
+
+    async def _dial_at_slot(self, claim: Claim) -> None:
+        delay = (claim.dial_at - self._clock()).total_seconds()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if self._clock() >= claim.dial_by:  # this process fell behind: never dial outside the window
+            await dispatch.release_claim(self._pool, claim, reason="calling window closed before the dial")
+            return
+        if not await dispatch.begin_dial(self._pool, claim, now=self._clock(), lease_for=self._timing.lease):
+            return
+        try:
+            result = await self._dialer.dial(claim)
+        except DialRefused as refused:
+            await dispatch.record_refused(
+                self._pool, claim, reason=refused.reason, call_log_id=refused.call_log_id, now=self._clock()
+            )
+        except CampaignBlocked as blocked:
+            await dispatch.release_claim(self._pool, claim, reason=blocked.reason)
+            await dispatch.pause_campaign_for(self._pool, claim.campaign_id, blocked.reason)
+            log.warning("campaign %s paused: %s", claim.campaign_id, blocked.reason)
+        except Exception:
+            # Placed or not is unknown here: the lease's expiry looks for the CallLog and decides.
+            log.exception("dialing recipient %s of campaign %s failed", claim.recipient_id, claim.campaign_id)
+        else:
+            if not await dispatch.record_placed(
+                self._pool, claim, call_log_id=result.call_log_id, call_sid=result.call_sid
+            ):
+                log.error(
+                    "campaign %s: recipient %s was dialed after its lease was lost (CallLog %s)",
+                    claim.campaign_id,
+                    claim.recipient_id,
+                    result.call_log_id,
+                )
+
+
+def start_instant(campaign: DueCampaign) -> datetime | None:
+    """When a PLANNED campaign starts: its startDate at startTime (or midnight) in its timezone; None for at once."""
+    if campaign.start_date is None:
+        return None
+    at = parse_time_of_day(campaign.start_time) if campaign.start_time else time(0, 0)
+    return datetime.combine(campaign.start_date, at, tzinfo=zone(campaign.rules.timezone)).astimezone(UTC)
+
+
+def plan_dials(
+    campaign: DueCampaign,
+    candidates: list[QueuedRecipient],
+    *,
+    wanted: int,
+    first_at: datetime,
+    spacing: timedelta,
+) -> tuple[list[Pick], list[tuple[str, datetime]]]:
+    """Which candidates to dial at which paced instant, and which to defer to their window's next opening."""
+    window = CallingWindow.from_strings(campaign.call_start_time, campaign.call_end_time, campaign.rules.days_of_week)
+    picks: list[Pick] = []
+    deferrals: list[tuple[str, datetime]] = []
+    for candidate in candidates:
+        if len(picks) == wanted:
+            break
+        dial_at = first_at + spacing * len(picks)
+        opens, closes = window.open_period(_recipient_zone(candidate, campaign), dial_at)
+        if opens <= dial_at:
+            picks.append(Pick(candidate, dial_at, closes))
+        else:
+            deferrals.append((candidate.id, opens))
+    return picks, deferrals
+
+
+def _recipient_zone(recipient: QueuedRecipient, campaign: DueCampaign) -> ZoneInfo:
+    try:
+        return zone(recipient.timezone or campaign.rules.timezone)
+    except InvalidWindow:
+        return zone(campaign.rules.timezone)
+
+
+# ----------------------------------------------------------------------------------------------- in the engine
+
+
+class PlaceCallDialer:
+    """The engine's dialer: `engine.outbound_calls.place_call`, its errors mapped onto the dispatcher's."""
+
+    def __init__(self, deps: OutboundDeps) -> None:
+        """Dial through `deps` (the running engine's Twilio client, pool and public URL)."""
+        self._deps = deps
+
+    async def dial(self, claim: Claim) -> DialResult:
+        """Place the claim's call; DialRefused for this recipient, CampaignBlocked for the whole campaign."""
+        variables = dict(claim.variables)
+        if claim.name:
+            variables.setdefault("name", claim.name)
+        try:
+            placed = await place_call(
+                self._deps,
+                organization_id=claim.organization_id,
+                agent_id=claim.agent_id,
+                from_number=claim.from_number,
+                to=claim.phone_number,
+                variables=variables,
+                campaign_id=claim.campaign_id,
+                recipient_id=claim.recipient_id,
+            )
+        except CallNotPlaced as exc:
+            raise DialRefused(str(exc), exc.call_log_id) from None
+        except InvalidNumber as exc:
+            raise DialRefused(str(exc)) from None
+        except (NoCredits, AgentUnavailable, NumberUnavailable, CampaignNotFound, OutboundUnavailable) as exc:
+            raise CampaignBlocked(str(exc)) from None
+        except OutboundCallError as exc:  # e.g. variables over the limits: this recipient's data
+            raise DialRefused(str(exc)) from None
+        return DialResult(call_log_id=placed.call_log_id, call_sid=placed.call_sid)
+
+
+async def dispatcher_context(app: web.Application) -> AsyncIterator[None]:
+    """Run this process's campaign dispatcher while the app runs, when it can place calls at all."""
+    settings = app[SETTINGS]
+    if not settings.dispatch_enabled:
+        log.info("campaign dispatcher off (DIALTONE_DISPATCH=false)")
+        yield
+        return
+    try:
+        deps = OutboundDeps.from_app(app)
+    except OutboundUnavailable as exc:
+        log.info("campaign dispatcher off: %s", exc)
+        yield
+        return
+    dispatcher = CampaignDispatcher(
+        deps.pool,
+        PlaceCallDialer(deps),
+        node_id=app.get(NODE_ID),
+        timing=DispatchTiming(
+            interval=timedelta(seconds=settings.dispatch_interval),
+            lease=timedelta(seconds=settings.dispatch_lease),
+        ),
+    )
+    dispatcher.start()
+    log.info("campaign dispatcher running as node %s", dispatcher.node_id)
+    try:
+        yield
+    finally:
+        await dispatcher.close()

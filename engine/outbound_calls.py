@@ -1,0 +1,349 @@
+"""Placing one outbound call: check the agent, the number and the credits, open the CallLog, ask Twilio to dial.
+
+`place_call` is the one way the API (`POST /v1/calls`) and the campaign dispatcher start a call. The CallLog
+exists before Twilio is asked, so every dial attempt leaves a record; from then on the call ends in one of
+these `metadata.endReason` values (a contract: retry policies map them):
+
+- `busy`, `no-answer`, `canceled`, `failed`: Twilio's final CallStatus for a call nobody answered (MISSED, or
+  FAILED for `failed`), written by the status callback;
+- `voicemail_left`, `voicemail_hangup`: an answering machine took the call and the agent left its message or hung
+  up (COMPLETED), see `engine.twilio_webhooks.handle_amd`;
+- `twilio_refused`, `twilio_unreachable`: Twilio did not create the call (FAILED, with `twilioErrorCode` and
+  `twilioErrorMessage`), and `place_call` raises CallNotPlaced;
+- otherwise whatever the media session ended with (`path_end`, `caller_hangup`, ...), as for inbound calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import asyncpg
+import phonenumbers
+from aiohttp import web
+from aiohttp.helpers import ChainMapProxy
+
+from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
+from config.settings import Settings
+from engine.appkeys import DATABASE, SETTINGS, TWILIO
+from engine.call_setup import provider_context
+from engine.twilio_rest import CallRefused, MachineDetection, TwilioCalls
+from engine.twilio_webhooks import (
+    AMD_PATH,
+    END_VOICEMAIL_HANGUP,
+    END_VOICEMAIL_LEFT,
+    STATUS_PATH,
+    callback_url,
+    media_stream_url,
+    stream_twiml,
+)
+from pipelines.registry import PipelineUnavailable, check_pipeline
+from storage import agents, call_logs, organizations, phone_numbers
+from storage.call_logs import InvalidCallTransition
+from storage.enums import AgentStatus, CallerType, CallStatus, CallType, PhoneNumberStatus
+from storage.errors import InvalidReference, NotFound
+
+log = logging.getLogger(__name__)
+
+STATUS_EVENTS: Final = ("initiated", "ringing", "answered", "completed")
+"""Every call-progress event Twilio can report; the status callback gets them all."""
+MAX_VARIABLES: Final = 100
+MAX_VARIABLE_CHARS: Final = 2000
+
+__all__ = [
+    "END_TWILIO_REFUSED",
+    "END_TWILIO_UNREACHABLE",
+    "END_VOICEMAIL_HANGUP",
+    "END_VOICEMAIL_LEFT",
+    "AgentUnavailable",
+    "CallNotPlaced",
+    "CampaignNotFound",
+    "InvalidNumber",
+    "NoCredits",
+    "NumberUnavailable",
+    "OutboundCallError",
+    "OutboundDeps",
+    "OutboundUnavailable",
+    "PlacedCall",
+    "place_call",
+]
+
+END_TWILIO_REFUSED: Final = "twilio_refused"
+END_TWILIO_UNREACHABLE: Final = "twilio_unreachable"
+
+
+# --------------------------------------------------------------------------------------------------- errors
+
+
+class OutboundCallError(Exception):
+    """A call that was not placed; the message names what is wrong and what to do."""
+
+
+class OutboundUnavailable(OutboundCallError):
+    """This engine cannot place calls at all (no Twilio credentials, or no public URL for Twilio to call back)."""
+
+
+class InvalidNumber(OutboundCallError):
+    """A number that cannot be dialed; `reason` is phonenumbers' verdict in words."""
+
+    def __init__(self, field: str, number: str, reason: str) -> None:
+        super().__init__(f"{field}: {number!r} is not a dialable E.164 number ({reason})")
+        self.field = field
+        self.number = number
+        self.reason = reason
+
+
+class AgentUnavailable(OutboundCallError):
+    """The agent does not exist in the organization, is not an ACTIVE OUTBOUND agent, or cannot run."""
+
+    def __init__(self, agent_id: str, reason: str) -> None:
+        super().__init__(f"Agent {agent_id} cannot place calls: {reason}")
+        self.agent_id = agent_id
+        self.reason = reason
+
+
+class NumberUnavailable(OutboundCallError):
+    """The caller-id number is not one of the organization's, or may not place outbound calls."""
+
+    def __init__(self, number: str, reason: str) -> None:
+        super().__init__(f"from_number {number}: {reason}")
+        self.number = number
+        self.reason = reason
+
+
+class CampaignNotFound(OutboundCallError):
+    """The campaign named for the call is not the organization's."""
+
+
+class NoCredits(OutboundCallError):
+    """The organization's credit balance is used up."""
+
+
+class CallNotPlaced(OutboundCallError):
+    """Twilio refused the call or could not be reached; its CallLog is FAILED with Twilio's code and message."""
+
+    def __init__(self, call_log_id: str, code: int | None, message: str) -> None:
+        what = f"Twilio refused the call (error {code}: {message})" if code is not None else message
+        super().__init__(f"{what}; CallLog {call_log_id} is FAILED")
+        self.call_log_id = call_log_id
+        self.code = code
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------------------- the call
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundDeps:
+    """What placing a call needs: the database, the settings, Twilio, and where Twilio reaches this engine."""
+
+    pool: asyncpg.Pool
+    settings: Settings
+    twilio: TwilioCalls
+    public_url: str
+    """Base URL Twilio posts status callbacks to and opens the media stream on (e.g. `https://calls.example`)."""
+
+    @classmethod
+    def from_app(cls, app: web.Application | ChainMapProxy, *, public_url: str | None = None) -> OutboundDeps:
+        """The running engine's resources; `public_url` defaults to the DIALTONE_PUBLIC_URL setting."""
+        settings = app[SETTINGS]
+        twilio = app.get(TWILIO)
+        if twilio is None:
+            raise OutboundUnavailable(
+                "outbound calls need Twilio credentials: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"
+            )
+        base = public_url or settings.public_url
+        if not base:
+            raise OutboundUnavailable(
+                "outbound calls need the URL Twilio reaches this engine at: set DIALTONE_PUBLIC_URL"
+            )
+        return cls(pool=app[DATABASE].pool, settings=settings, twilio=twilio, public_url=base.rstrip("/"))
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedCall:
+    """A call Twilio accepted: its CallLog (IN_PROGRESS until the call ends) and Twilio's CallSid."""
+
+    call_log_id: str
+    call_sid: str
+
+
+def dialable_number(field: str, number: str) -> str:
+    """The E.164 form of `number`, or InvalidNumber with phonenumbers' reason."""
+    try:
+        parsed = phonenumbers.parse(number, None)
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidNumber(field, number, _PARSE_ERRORS.get(exc.error_type, str(exc))) from None
+    if parsed.extension:
+        raise InvalidNumber(field, number, "extensions cannot be dialed directly")
+    verdict = phonenumbers.is_possible_number_with_reason(parsed)
+    if verdict != phonenumbers.ValidationResult.IS_POSSIBLE:
+        raise InvalidNumber(field, number, _LENGTH_VERDICTS.get(verdict, "not a possible number"))
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+_PARSE_ERRORS = {
+    phonenumbers.NumberParseException.INVALID_COUNTRY_CODE: "no valid country code; write it as +<country><number>",
+    phonenumbers.NumberParseException.NOT_A_NUMBER: "not a phone number",
+    phonenumbers.NumberParseException.TOO_SHORT_AFTER_IDD: "too short after the international prefix",
+    phonenumbers.NumberParseException.TOO_SHORT_NSN: "too short",
+    phonenumbers.NumberParseException.TOO_LONG: "too long",
+}
+_LENGTH_VERDICTS = {
+    phonenumbers.ValidationResult.INVALID_COUNTRY_CODE: "invalid country code",
+    phonenumbers.ValidationResult.TOO_SHORT: "too short for its country",
+    phonenumbers.ValidationResult.TOO_LONG: "too long for its country",
+    phonenumbers.ValidationResult.INVALID_LENGTH: "wrong number of digits for its country",
+    phonenumbers.ValidationResult.IS_POSSIBLE_LOCAL_ONLY: "a local number; give the full international number",
+}
+
+
+def machine_detection(config: AgentConfiguration, callback: str) -> MachineDetection | None:
+    """Twilio's answering-machine detection for the agent's voicemail settings, or None when it is off.
+
+    Always asynchronous AMD: Twilio connects the call, and so our media stream, the moment it is answered and
+    posts its verdict later. Synchronous AMD would hold the TwiML (the stream) back until detection ends,
+    seconds of dead air for every person who answers; with async AMD a person hears the agent as soon as they
+    speak, and only machines pay the wait. The mode follows the action: leaving a message needs the end of the
+    greeting (`DetectMessageEnd`, the verdict comes with the beep); hanging up only needs to know it is a
+    machine (`Enable`, the quickest verdict).
+    """
+    voicemail = config.voicemail
+    if not voicemail.detect:
+        return None
+    mode = "DetectMessageEnd" if voicemail.action == "leave_message" else "Enable"
+    return MachineDetection(mode=mode, callback_url=callback, timeout_seconds=voicemail.detection_timeout_seconds)
+
+
+async def place_call(
+    deps: OutboundDeps,
+    *,
+    organization_id: str,
+    agent_id: str,
+    from_number: str,
+    to: str,
+    variables: Mapping[str, str] | None = None,
+    campaign_id: str | None = None,
+    recipient_id: str | None = None,
+) -> PlacedCall:
+    """Dial `to` from the organization's number `from_number` for an ACTIVE OUTBOUND agent.
+
+    The CallLog is created IN_PROGRESS first (per-call `variables` in metadata.variables, `campaign_id` as its
+    campaignId), then Twilio is asked for the call. Raises InvalidNumber, AgentUnavailable, NumberUnavailable,
+    CampaignNotFound or NoCredits before anything is written; CallNotPlaced (CallLog FAILED) if Twilio refuses.
+    """
+    callee = dialable_number("to", to)
+    caller_id = dialable_number("from_number", from_number)
+    per_call = _checked_variables(variables)
+    pool = deps.pool
+    await _check_number(pool, organization_id, caller_id)
+    config = await _usable_agent(deps, organization_id, agent_id)
+    if not await organizations.has_credits(pool, organization_id=organization_id):
+        raise NoCredits(f"organization {organization_id} has no credits left; add credits to place calls")
+
+    metadata: dict[str, Any] = {"direction": "outbound", "from": caller_id, "variables": per_call}
+    if recipient_id is not None:
+        metadata["campaignRecipientId"] = recipient_id
+    try:
+        call_log = await call_logs.create_call_log(
+            pool,
+            organization_id=organization_id,
+            call_type=CallType.OUTBOUND,
+            call_id=call_logs.pending_call_id(),
+            agent_id=agent_id,
+            campaign_id=campaign_id,
+            customer=per_call.get("name") or None,
+            phone_number=callee,
+            metadata=metadata,
+        )
+    except InvalidReference as exc:
+        raise CampaignNotFound(str(exc)) from None
+
+    base = deps.public_url.rstrip("/")
+    try:
+        call_sid = await deps.twilio.place_call(
+            to=callee,
+            from_=caller_id,
+            twiml=stream_twiml(media_stream_url(base), call_log.id),
+            status_callback=callback_url(base, STATUS_PATH, call_log.id),
+            status_events=STATUS_EVENTS,
+            ring_timeout_seconds=config.ring_timeout_seconds,
+            machine_detection=machine_detection(config, callback_url(base, AMD_PATH, call_log.id)),
+        )
+    except CallRefused as exc:
+        reason = END_TWILIO_REFUSED if exc.code is not None else END_TWILIO_UNREACHABLE
+        await _fail(pool, call_log, reason, {"twilioErrorCode": exc.code, "twilioErrorMessage": exc.message})
+        log.warning("outbound call %s to %s not placed: %s", call_log.id, _masked(callee), exc)
+        raise CallNotPlaced(call_log.id, exc.code, exc.message) from None
+    except asyncio.CancelledError:
+        # Whether Twilio placed the call is unknown; the log must not stay IN_PROGRESS.
+        await asyncio.shield(_fail(pool, call_log, "placement_interrupted", {}))
+        raise
+    # A status callback may have stored the CallSid already (it knows the CallLog id from its URL).
+    await call_logs.adopt_call_id(pool, call_log_id=call_log.id, call_id=call_sid)
+    log.info("outbound call %s to %s placed (CallLog %s)", call_sid, _masked(callee), call_log.id)
+    return PlacedCall(call_log_id=call_log.id, call_sid=call_sid)
+
+
+def _checked_variables(variables: Mapping[str, str] | None) -> dict[str, str]:
+    if variables is None:
+        return {}
+    if len(variables) > MAX_VARIABLES:
+        raise OutboundCallError(f"variables: at most {MAX_VARIABLES} per call, got {len(variables)}")
+    checked: dict[str, str] = {}
+    for name, value in variables.items():
+        if not isinstance(name, str) or not name.strip():
+            raise OutboundCallError(f"variables: names must be non-empty strings, got {name!r}")
+        if not isinstance(value, str):
+            raise OutboundCallError(f"variables.{name}: must be a string, got {type(value).__name__}")
+        if len(value) > MAX_VARIABLE_CHARS:
+            raise OutboundCallError(f"variables.{name}: at most {MAX_VARIABLE_CHARS} characters")
+        checked[name] = value
+    return checked
+
+
+async def _check_number(pool: asyncpg.Pool, organization_id: str, caller_id: str) -> None:
+    number = await phone_numbers.find_by_number(pool, number=caller_id)
+    if number is None or number.organization_id != organization_id:
+        raise NumberUnavailable(caller_id, "not a phone number of this organization")
+    if number.outbound_status != PhoneNumberStatus.ENABLED:
+        raise NumberUnavailable(caller_id, "outbound calls are disabled for this number; enable them first")
+
+
+async def _usable_agent(deps: OutboundDeps, organization_id: str, agent_id: str) -> AgentConfiguration:
+    try:
+        bundle = await agents.load_agent_bundle(deps.pool, organization_id=organization_id, agent_id=agent_id)
+    except NotFound:
+        raise AgentUnavailable(agent_id, "no such agent in this organization") from None
+    agent = bundle.agent
+    if agent.caller_type != CallerType.OUTBOUND:
+        raise AgentUnavailable(agent_id, f"it is an {agent.caller_type} agent; only OUTBOUND agents place calls")
+    if agent.status != AgentStatus.ACTIVE:
+        raise AgentUnavailable(agent_id, "it is INACTIVE; activate it first")
+    try:
+        config = parse_agent_configuration(agent.configuration)
+        check_pipeline(config, provider_context(deps.settings, bundle))
+    except (AgentConfigurationError, PipelineUnavailable) as exc:
+        raise AgentUnavailable(agent_id, f"its configuration cannot run: {exc}") from None
+    return config
+
+
+async def _fail(pool: asyncpg.Pool, call_log: call_logs.CallLog, reason: str, details: Mapping[str, Any]) -> None:
+    with contextlib.suppress(InvalidCallTransition):
+        await call_logs.finalize_call_log(
+            pool,
+            organization_id=call_log.organization_id,
+            call_log_id=call_log.id,
+            status=CallStatus.FAILED,
+            duration=0,
+            metadata={"endReason": reason, **details},
+        )
+
+
+def _masked(number: str) -> str:
+    # Logs keep enough to tell calls apart, not a callee's full number.
+    return number[:-4] + "****" if len(number) > 6 else "****"

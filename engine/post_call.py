@@ -1,0 +1,349 @@
+"""After a call: the language model fills the post-call summary template and judges whether the call succeeded.
+
+`analyze_call` reads the finished call's transcript, asks the agent's OpenAI model once for a JSON answer
+`{"summary": str, "success": bool, "reason": str}` and stores it in CallLog.metadata (`summary`, `success`,
+`successReason`, `analysis`); Agent.successRate then becomes the share of the agent's analyzed calls judged a
+success. Success is judged against, in order: the agent's `successCriteria`, the campaign's task prompt, the agent's
+prompt. Calls with no conversation to judge (unanswered, voicemail, failed) and agents whose only language model is
+the offline conversation path are skipped with the reason in `metadata.analysis.skipped`. The verdict, the
+agent's new rate and the `call.analyzed` webhook are written in one transaction.
+
+`PostCallAnalyzer` runs the analyses of a running engine in the background, a few at a time, as calls end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Protocol
+
+import asyncpg
+import openai
+from aiohttp import web
+from openai.types.chat import ChatCompletionMessageParam
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from config.agent import AgentConfiguration, AgentConfigurationError, OpenAILLMConfig, parse_agent_configuration
+from config.settings import Settings
+from engine.appkeys import DATABASE, SETTINGS
+from engine.call_setup import provider_context
+from engine.twilio_webhooks import END_VOICEMAIL_HANGUP, END_VOICEMAIL_LEFT
+from pipelines.llm.openai_chat import openai_client
+from pipelines.llm.prompt import render_prompt
+from pipelines.registry import ProviderKeyMissing, provider_key
+from storage import agents, call_logs, call_turns, campaigns, webhook_outbox
+from storage.call_logs import CallLog
+from storage.enums import CallStatus
+from storage.errors import NotFound
+from storage.records import Queryable, transaction
+
+log = logging.getLogger(__name__)
+
+MAX_TRANSCRIPT_CHARS: Final = 60_000
+"""The transcript sent for analysis is cut (keeping its start and end) beyond this many characters."""
+
+_INSTRUCTIONS = (
+    "You analyze finished phone calls placed or answered by a voice agent. Read the transcript and answer with one "
+    'JSON object and nothing else: {"summary": string, "success": boolean, "reason": string}. '
+    "`success` is true only if the call achieved the goal described under SUCCESS CRITERIA; `reason` says why in one "
+    "sentence. {summary_rule}"
+)
+_SUMMARY_RULE = (
+    "`summary` is the SUMMARY TEMPLATE filled in from the transcript: keep its structure and labels, fill every blank "
+    "from what was said, and write 'unknown' where the call did not say."
+)
+_NO_SUMMARY_RULE = '`summary` is "" (no summary was asked for).'
+
+
+class AnalysisDeps(Protocol):
+    """What analysis needs: the database and the settings (OutboundDeps and PostCallDeps both qualify)."""
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The database."""
+        ...
+
+    @property
+    def settings(self) -> Settings:
+        """The engine's settings (the OpenAI base URL and key)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PostCallDeps:
+    """The database and settings of a running engine, or of a script."""
+
+    pool: asyncpg.Pool
+    settings: Settings
+
+    @classmethod
+    def from_app(cls, app: web.Application) -> PostCallDeps:
+        """The running engine's database and settings."""
+        return cls(pool=app[DATABASE].pool, settings=app[SETTINGS])
+
+
+@dataclass(frozen=True, slots=True)
+class CallAnalysis:
+    """What analysis made of a call: summary and verdict, or why it was skipped or failed."""
+
+    call_log_id: str
+    summary: str | None = None
+    success: bool | None = None
+    reason: str | None = None
+    skipped: str | None = None
+    error: str | None = None
+
+
+class _Verdict(BaseModel):
+    """The model's answer."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    summary: str = ""
+    success: bool
+    reason: str = ""
+
+
+async def analyze_call(deps: AnalysisDeps, *, organization_id: str, call_log_id: str) -> CallAnalysis:
+    """Summarize and judge one finished call of the organization, store the result, refresh the agent's successRate.
+
+    NotFound if the organization has no such call; a call still IN_PROGRESS raises ValueError. Model failures
+    (unreachable, refusing, answering something that is not the JSON asked for) are stored in
+    `metadata.analysis.error` and returned, never raised: the call itself is over and stays as it is.
+    """
+    pool = deps.pool
+    call_log = await call_logs.get_call_log(pool, organization_id=organization_id, call_log_id=call_log_id)
+    if call_log.status is CallStatus.IN_PROGRESS:
+        raise ValueError(f"CallLog {call_log_id} is still IN_PROGRESS; analyze it once it has ended")
+    skipped = _nothing_to_judge(call_log)
+    if skipped is not None:
+        return await _skip(pool, call_log, skipped)
+    assert call_log.agent_id is not None  # _nothing_to_judge skips calls without an agent
+    try:
+        bundle = await agents.load_agent_bundle(pool, organization_id=organization_id, agent_id=call_log.agent_id)
+        config = parse_agent_configuration(bundle.agent.configuration)
+    except (NotFound, AgentConfigurationError) as exc:
+        return await _skip(pool, call_log, f"the agent cannot be read: {exc}")
+    model = _analysis_model(config, deps.settings, bundle)
+    if model is None:
+        return await _skip(pool, call_log, "no OpenAI language model is configured (the offline one cannot summarize)")
+    transcript = await _transcript(pool, call_log)
+    if not transcript:
+        return await _skip(pool, call_log, "nothing was said")
+
+    campaign = None
+    if call_log.campaign_id is not None:
+        campaign = await campaigns.get_campaign(pool, organization_id=organization_id, campaign_id=call_log.campaign_id)
+    variables = call_log.metadata.get("variables")
+    variables = {**config.variables, **(variables if isinstance(variables, dict) else {})}
+    template = (campaign.post_call_summary if campaign and campaign.post_call_summary else None) or (
+        config.post_call_summary
+    )
+    criteria = (
+        config.success_criteria
+        or (campaign.task_prompt if campaign and campaign.task_prompt else None)
+        or config.prompt
+        or "The caller's request was dealt with and the call ended politely."
+    )
+    messages = _messages(
+        template=render_prompt(template, variables).text if template else None,
+        criteria=render_prompt(criteria, variables).text,
+        transcript=transcript,
+    )
+    option, api_key = model
+    try:
+        verdict = await _ask(deps.settings, option, api_key, messages)
+    except _AnalysisError as exc:
+        log.warning("CallLog %s: post-call analysis failed: %s", call_log.id, exc)
+        await _store(pool, call_log, {"analysis": {"error": str(exc), "model": option.model, "at": _now()}})
+        return CallAnalysis(call_log.id, error=str(exc))
+
+    stored: dict[str, Any] = {
+        "success": verdict.success,
+        "successReason": verdict.reason,
+        "analysis": {"model": option.model, "at": _now()},
+    }
+    if template:
+        stored["summary"] = verdict.summary
+    async with transaction(pool) as conn:
+        await _store(conn, call_log, stored)
+        try:
+            await agents.refresh_success_rate(conn, organization_id=organization_id, agent_id=call_log.agent_id)
+        except NotFound:
+            log.info("CallLog %s: its agent was deleted; no success rate to refresh", call_log.id)
+        await webhook_outbox.enqueue_event(
+            conn,
+            organization_id=organization_id,
+            event="call.analyzed",
+            data={
+                "callLogId": call_log.id,
+                "agentId": call_log.agent_id,
+                "campaignId": call_log.campaign_id,
+                "summary": stored.get("summary"),
+                "success": verdict.success,
+                "reason": verdict.reason,
+            },
+            agent_id=call_log.agent_id,
+        )
+    return CallAnalysis(
+        call_log.id, summary=verdict.summary if template else None, success=verdict.success, reason=verdict.reason
+    )
+
+
+def _nothing_to_judge(call_log: CallLog) -> str | None:
+    end_reason = call_log.metadata.get("endReason")
+    if call_log.agent_id is None:
+        return "the call has no agent"
+    if call_log.status is not CallStatus.COMPLETED:
+        return f"the call did not connect ({call_log.status}, {end_reason})"
+    if end_reason in (END_VOICEMAIL_LEFT, END_VOICEMAIL_HANGUP):
+        return f"an answering machine took the call ({end_reason})"
+    return None
+
+
+def _analysis_model(
+    config: AgentConfiguration, settings: Settings, bundle: agents.AgentBundle
+) -> tuple[OpenAILLMConfig, str] | None:
+    """The agent's first OpenAI language model whose key is available, with that key."""
+    context = provider_context(settings, bundle)
+    for option in config.llm:
+        if isinstance(option, OpenAILLMConfig):
+            try:
+                key = provider_key(option, context)
+            except ProviderKeyMissing as exc:
+                log.info("post-call analysis cannot use %s: %s", option.model, exc)
+                continue
+            if key:
+                return option, key
+    return None
+
+
+async def _transcript(pool: asyncpg.Pool, call_log: CallLog) -> str:
+    turns = await call_turns.list_turns(pool, organization_id=call_log.organization_id, call_log_id=call_log.id)
+    if turns:
+        text = "\n".join(f"{'Agent' if t.speaker == 'agent' else 'Caller'}: {t.text}" for t in turns if t.text.strip())
+    else:
+        text = (call_log.transcript or "").strip()
+    if len(text) > MAX_TRANSCRIPT_CHARS:
+        half = MAX_TRANSCRIPT_CHARS // 2
+        text = text[:half] + "\n[…]\n" + text[-half:]
+    return text
+
+
+def _messages(*, template: str | None, criteria: str, transcript: str) -> list[ChatCompletionMessageParam]:
+    rule = _SUMMARY_RULE if template else _NO_SUMMARY_RULE
+    parts = []
+    if template:
+        parts.append(f"SUMMARY TEMPLATE:\n{template}")
+    parts.append(f"SUCCESS CRITERIA:\n{criteria}")
+    parts.append(f"TRANSCRIPT:\n{transcript}")
+    return [
+        {"role": "system", "content": _INSTRUCTIONS.replace("{summary_rule}", rule)},
+        {"role": "user", "content": "\n\n".join(parts)},
+    ]
+
+
+class _AnalysisError(Exception):
+    """The model could not give an analysis; the message says why (never the key)."""
+
+
+async def _ask(
+    settings: Settings, option: OpenAILLMConfig, api_key: str, messages: list[ChatCompletionMessageParam]
+) -> _Verdict:
+    client = openai_client(api_key, settings.openai_base_url)
+    try:
+        completion = await client.chat.completions.create(
+            model=option.model,
+            messages=messages,
+            temperature=0,
+            response_format={"type": "json_object"},
+        )
+    except openai.APIStatusError as exc:
+        raise _AnalysisError(f"OpenAI answered HTTP {exc.status_code}") from None
+    except openai.APIError as exc:
+        raise _AnalysisError(f"OpenAI could not be reached: {type(exc).__name__}") from None
+    content = completion.choices[0].message.content if completion.choices else None
+    if not content:
+        raise _AnalysisError("the model gave no answer")
+    try:
+        return _Verdict.model_validate(json.loads(_without_fence(content)))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise _AnalysisError(f"the model's answer is not the JSON asked for ({type(exc).__name__})") from None
+
+
+def _without_fence(content: str) -> str:
+    # Some models wrap JSON in a Markdown fence even when asked not to.
+    text = content.strip()
+    if text.startswith("```"):
+        text = text.strip("`").removeprefix("json").strip()
+    return text
+
+
+async def _skip(pool: asyncpg.Pool, call_log: CallLog, reason: str) -> CallAnalysis:
+    log.info("CallLog %s: no post-call analysis: %s", call_log.id, reason)
+    await _store(pool, call_log, {"analysis": {"skipped": reason, "at": _now()}})
+    return CallAnalysis(call_log.id, skipped=reason)
+
+
+async def _store(db: Queryable, call_log: CallLog, metadata: dict[str, Any]) -> None:
+    await call_logs.merge_metadata(
+        db, organization_id=call_log.organization_id, call_log_id=call_log.id, metadata=metadata
+    )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class PostCallAnalyzer:
+    """Analyzes calls as they end, in the background and at most `concurrency` at a time.
+
+    Analysis is best effort: a process that stops with analyses queued leaves those calls unanalyzed (their
+    CallLogs are complete without it), and shutting down waits `grace_seconds` for the running ones.
+    """
+
+    def __init__(self, deps: AnalysisDeps, *, concurrency: int = 4, grace_seconds: float = 10.0) -> None:
+        """Analyze with `deps`' database and settings."""
+        self._deps = deps
+        self._slots = asyncio.Semaphore(concurrency)
+        self._grace = grace_seconds
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, *, organization_id: str, call_log_id: str) -> None:
+        """Analyze the ended call soon; returns at once."""
+        task = asyncio.create_task(self._analyze(organization_id, call_log_id), name=f"post-call {call_log_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _analyze(self, organization_id: str, call_log_id: str) -> None:
+        async with self._slots:
+            try:
+                await analyze_call(self._deps, organization_id=organization_id, call_log_id=call_log_id)
+            except Exception:  # one call's analysis must never take the engine down
+                log.exception("CallLog %s: post-call analysis failed", call_log_id)
+
+    async def close(self) -> None:
+        """Let running analyses finish for a while, then cancel what is left."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=self._grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+POST_CALL = web.AppKey("post_call", PostCallAnalyzer)
+
+
+async def post_call_context(app: web.Application) -> AsyncIterator[None]:
+    """The engine's PostCallAnalyzer, for as long as the app runs."""
+    analyzer = PostCallAnalyzer(PostCallDeps.from_app(app))
+    app[POST_CALL] = analyzer
+    try:
+        yield
+    finally:
+        await analyzer.close()

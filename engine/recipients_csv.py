@@ -1,0 +1,223 @@
+"""Campaign recipients from a CSV file: dialect sniffed, headers matched by alias, numbers checked to E.164.
+
+Rows stream through one at a time, so a large file never sits in memory. A row whose number is unusable is
+kept as an ERROR recipient with the reason, never dropped; extra columns become the recipient's variables.
+Duplicates (the same E.164 number twice) are merged by the import that stores the rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import phonenumbers
+
+from engine.campaign_windows import number_timezone
+from storage.campaigns import NewRecipient
+from storage.enums import RecipientStatus
+
+_SAMPLE_CHARS = 64 * 1024
+_DELIMITERS = ",;\t"
+# Header cells compared lower-case with spaces, dashes and underscores removed: "Phone Number" == "phone_number".
+_NAME_ALIASES = frozenset({"name", "fullname", "contact", "contactname"})
+_PHONE_ALIASES = frozenset({"phone", "phonenumber", "number", "mobile", "telephone", "tel", "msisdn", "to"})
+_NOTES_ALIASES = frozenset({"notes", "note", "comment", "comments"})
+_VARIABLE_NAME = re.compile(r"[^0-9A-Za-z_]+")
+_PARSE_ERRORS = {
+    phonenumbers.NumberParseException.INVALID_COUNTRY_CODE: "no valid country code",
+    phonenumbers.NumberParseException.NOT_A_NUMBER: "not a number",
+    phonenumbers.NumberParseException.TOO_SHORT_AFTER_IDD: "too short after the international prefix",
+    phonenumbers.NumberParseException.TOO_SHORT_NSN: "too short",
+    phonenumbers.NumberParseException.TOO_LONG: "too long",
+}
+
+
+class RecipientsFileError(ValueError):
+    """A recipients file that cannot be read at all (no phone column, not text); no row was imported."""
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """Where a file keeps each recipient field; every other column is a variable, under its header's name."""
+
+    phone: int
+    name: int | None
+    notes: int | None
+    variables: tuple[tuple[int, str], ...]
+
+    @classmethod
+    def from_header(cls, header: list[str]) -> Columns:
+        """Match header cells to fields by alias (case, spaces, dashes ignored); RecipientsFileError without phone."""
+        phone = name = notes = None
+        variables: list[tuple[int, str]] = []
+        for index, cell in enumerate(header):
+            key = _normalise_header(cell)
+            if phone is None and key in _PHONE_ALIASES:
+                phone = index
+            elif name is None and key in _NAME_ALIASES:
+                name = index
+            elif notes is None and key in _NOTES_ALIASES:
+                notes = index
+            elif cell.strip():
+                variables.append((index, _variable_name(cell)))
+        if phone is None:
+            shown = ", ".join(repr(cell) for cell in header) or "nothing"
+            raise RecipientsFileError(
+                f"no phone number column: the header has {shown}; name one of phone, phone_number or phoneNumber"
+            )
+        return cls(phone=phone, name=name, notes=notes, variables=tuple(variables))
+
+
+def _normalise_header(cell: str) -> str:
+    return re.sub(r"[\s\-_]+", "", cell.strip().lower())
+
+
+def _variable_name(cell: str) -> str:
+    return _VARIABLE_NAME.sub("_", cell.strip()).strip("_") or "column"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRow:
+    """One data row: its 1-based line in the file (the header is line 1) and the recipient it becomes."""
+
+    line: int
+    recipient: NewRecipient
+
+
+def sniff_dialect(sample: str) -> type[csv.Dialect] | csv.Dialect:
+    """The sample's dialect among ',', ';' and tab; plain comma-separated when the sample is inconclusive."""
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=_DELIMITERS)
+    except csv.Error:
+        return csv.excel
+
+
+def normalise_number(raw: str, default_region: str | None) -> tuple[str | None, str | None]:
+    """(E.164, None) for a usable number, else (None, the reason)."""
+    checked = _checked_number(raw, default_region)
+    if isinstance(checked, str):
+        return None, checked
+    return phonenumbers.format_number(checked[0], phonenumbers.PhoneNumberFormat.E164), None
+
+
+def _checked_number(raw: str, default_region: str | None) -> tuple[phonenumbers.PhoneNumber, int] | str:
+    """The parsed number and its type, or why it is unusable."""
+    text = raw.strip()
+    if not text:
+        return "no phone number"
+    try:
+        parsed = phonenumbers.parse(text, None if text.startswith("+") else default_region)
+    except phonenumbers.NumberParseException as exc:
+        if exc.error_type == phonenumbers.NumberParseException.INVALID_COUNTRY_CODE and default_region is None:
+            return f"{text!r} has no country code (write it as +<country><number> or give a default region)"
+        return f"{text!r} is not a phone number ({_PARSE_ERRORS.get(exc.error_type, 'unreadable')})"
+    # A number whose type is unknown is not valid in its region (what phonenumbers.is_valid_number checks);
+    # the type also gives its timezone without a second lookup.
+    kind = phonenumbers.number_type(parsed)
+    if kind == phonenumbers.PhoneNumberType.UNKNOWN:
+        return f"{text!r} is not a valid phone number"
+    return parsed, kind
+
+
+def read_recipients(stream: TextIO, *, default_region: str | None = None) -> Iterator[ParsedRow]:
+    """Parse an open text stream row by row; RecipientsFileError if it has no phone column.
+
+    An ERROR row's reason starts with its line in the file (the header is line 1), for the operator to fix it.
+    """
+    sample = stream.read(_SAMPLE_CHARS).removeprefix("\ufeff")
+    rest = _Chained(sample, stream)
+    reader = csv.reader(rest, sniff_dialect(sample))
+    header = next(reader, None)
+    if header is None:
+        raise RecipientsFileError("the file is empty: expected a header row naming at least a phone number column")
+    columns = Columns.from_header(header)
+    for cells in reader:
+        if not any(cell.strip() for cell in cells):
+            continue  # blank lines carry no recipient
+        yield ParsedRow(line=reader.line_num, recipient=_recipient(reader.line_num, cells, columns, default_region))
+
+
+def _recipient(line: int, cells: list[str], columns: Columns, default_region: str | None) -> NewRecipient:
+    def cell(index: int | None) -> str | None:
+        if index is None or index >= len(cells):
+            return None
+        return cells[index].strip() or None
+
+    variables = {name: value for index, name in columns.variables if (value := cell(index)) is not None}
+    return make_recipient(
+        f"line {line}",
+        cell(columns.phone) or "",
+        name=cell(columns.name),
+        notes=cell(columns.notes),
+        variables=variables,
+        default_region=default_region,
+    )
+
+
+def make_recipient(
+    where: str,
+    raw_phone: str,
+    *,
+    name: str | None,
+    notes: str | None,
+    variables: dict[str, str],
+    default_region: str | None,
+) -> NewRecipient:
+    """A recipient from its fields: E.164 with its timezone, or an ERROR one whose reason starts with `where`."""
+    checked = _checked_number(raw_phone, default_region)
+    if isinstance(checked, str):
+        return NewRecipient(
+            phone_number=raw_phone,
+            name=name,
+            notes=notes,
+            status=RecipientStatus.ERROR,
+            error_reason=f"{where}: {checked}",
+            variables=variables,
+        )
+    parsed, kind = checked
+    return NewRecipient(
+        phone_number=phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164),
+        name=name,
+        notes=notes,
+        variables=variables,
+        timezone=number_timezone(parsed, kind),
+    )
+
+
+class _Chained:
+    """The sniffed sample followed by the rest of the stream, read line by line (csv.reader's need)."""
+
+    def __init__(self, head: str, tail: TextIO) -> None:
+        self._head: TextIO | None = io.StringIO(head)
+        self._tail = tail
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._head is not None:
+            line = self._head.readline()
+            if line.endswith("\n"):
+                return line
+            self._head = None
+            line += self._tail.readline()  # the sample may end mid-line
+            if line:
+                return line
+            raise StopIteration
+        line = self._tail.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+
+def open_recipients_file(path: Path) -> TextIO:
+    """Open a CSV for read_recipients: UTF-8 with or without a BOM, newlines left to the csv module."""
+    try:
+        return path.open("r", encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise RecipientsFileError(f"{path}: {exc.strerror or exc}") from None

@@ -1,0 +1,79 @@
+"""Which addresses the engine may call out to: public ones, unless a setting allows private networks too.
+
+Agent tool webhooks and call-event webhooks are URLs an organization chose; left unchecked they would let it
+reach the engine's own host, its private network or a cloud's metadata service. `ensure_public_url` checks a URL
+before a request; `PublicAddressResolver` checks inside aiohttp's connector, so the address checked is the
+address connected to and a DNS answer that changes between check and connect (rebinding) cannot slip through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+
+class UnsafeURL(ValueError):
+    """A URL resolving to an address the engine must not call (loopback, private, link-local...)."""
+
+
+def check_public_address(host: str, address: str) -> None:
+    """UnsafeURL unless `address` (what `host` resolved to, or `host` itself) is a public internet address."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone ("fe80::1%eth0")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if not ip.is_global:
+        shown = host if host == address else f"{host} resolves to {address}, which"
+        raise UnsafeURL(f"{shown} is not a public address")
+
+
+def literal_address(host: str) -> str | None:
+    """`host` if it is an IP address literal (brackets of IPv6 removed), else None."""
+    bare = host.strip("[]")
+    try:
+        ipaddress.ip_address(bare.split("%", 1)[0])
+    except ValueError:
+        return None
+    return bare
+
+
+async def ensure_public_url(url: str, *, allow_private: bool) -> None:
+    """Refuse URLs whose host resolves to a non-public address, unless `allow_private` (tests, private clouds)."""
+    if allow_private:
+        return
+    host = urlsplit(url).hostname
+    if not host:
+        raise UnsafeURL(f"{url}: no host")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UnsafeURL(f"{host}: cannot be resolved ({exc})") from None
+    for info in infos:
+        check_public_address(host, str(info[4][0]))
+
+
+class PublicAddressResolver(AbstractResolver):
+    """An aiohttp resolver that refuses (UnsafeURL) hosts resolving to any non-public address.
+
+    aiohttp never asks a resolver about IP literals: check those with `check_public_address` before the request.
+    """
+
+    def __init__(self, inner: AbstractResolver | None = None) -> None:
+        self._inner = inner if inner is not None else DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        """The host's addresses, all of them public, or UnsafeURL."""
+        results = await self._inner.resolve(host, port, family)
+        for result in results:
+            check_public_address(host, result["host"])
+        return results
+
+    async def close(self) -> None:
+        """Release the wrapped resolver."""
+        await self._inner.close()

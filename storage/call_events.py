@@ -1,0 +1,119 @@
+"""Call events for webhook subscribers: their payloads, queued in the transaction of the change each reports.
+
+call.started is queued by the first write of a call's media session (the one that tags the call with its engine
+node), call.ended by the UPDATE that ends the call, transcript.updated by each write of new turns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from storage.errors import NotFound
+from storage.records import Queryable
+from storage.webhook_outbox import enqueue_event
+
+if TYPE_CHECKING:
+    from storage.call_logs import CallLog
+    from storage.call_turns import CallTurn
+
+
+def _parties(call_type: str, phone_number: str | None, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    # CallLog.phoneNumber is the other party's number; the engine's own number is in metadata.
+    if call_type == "OUTBOUND":
+        return {"from": metadata.get("from"), "to": phone_number}
+    return {"from": phone_number, "to": metadata.get("to")}
+
+
+def _call_data(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
+    return {
+        "callLogId": row["id"],
+        "callId": row["callId"],
+        "callType": str(row["callType"]),
+        "agentId": row["agentId"],
+        "campaignId": row["campaignId"],
+        "customer": row["customer"],
+        **_parties(str(row["callType"]), row["phoneNumber"], row["metadata"]),
+        "startedAt": row["timestamp"],
+    }
+
+
+def call_ended_data(call: CallLog) -> dict[str, Any]:
+    """call.ended's data: the call, how it ended and what was said."""
+    return {
+        **_call_data(call.model_dump(by_alias=True)),
+        "status": str(call.status),
+        "endReason": call.metadata.get("endReason"),
+        "duration": call.duration,
+        "transcript": call.transcript,
+        "recordingUrl": call.recording_url,
+        "summary": call.metadata.get("summary"),
+    }
+
+
+async def enqueue_call_started(conn: Queryable, *, organization_id: str, call_log_id: str) -> int:
+    """Queue call.started unless the call's media session already started (metadata.engineNode is set).
+
+    Locks the call's row, so call it in the transaction that writes metadata.engineNode: a retried first write
+    queues nothing twice. Returns how many deliveries were queued; NotFound if the organization has no such call.
+    """
+    row = await conn.fetchrow(
+        """
+        SELECT "id", "callId", "callType", "agentId", "campaignId", "customer", "phoneNumber", "metadata",
+               "timestamp"
+        FROM "CallLog" WHERE "id" = $1 AND "organizationId" = $2
+        FOR UPDATE
+        """,
+        call_log_id,
+        organization_id,
+    )
+    if row is None:
+        raise NotFound("CallLog", call_log_id)
+    if "engineNode" in row["metadata"]:
+        return 0
+    return await enqueue_event(
+        conn, organization_id=organization_id, event="call.started", data=_call_data(row), agent_id=row["agentId"]
+    )
+
+
+async def enqueue_call_ended(conn: Queryable, call: CallLog) -> int:
+    """Queue call.ended for a call that has just ended; returns how many deliveries were queued."""
+    return await enqueue_event(
+        conn,
+        organization_id=call.organization_id,
+        event="call.ended",
+        data=call_ended_data(call),
+        agent_id=call.agent_id,
+    )
+
+
+async def enqueue_turns(
+    conn: Queryable, *, organization_id: str, agent_id: str | None, turns: Sequence[CallTurn]
+) -> int:
+    """Queue transcript.updated for each newly written turn, in order; one query when nobody subscribes."""
+    queued = 0
+    for turn in turns:
+        count = await enqueue_event(
+            conn,
+            organization_id=organization_id,
+            event="transcript.updated",
+            data={
+                "callLogId": turn.call_log_id,
+                "agentId": agent_id,
+                "turn": {
+                    "index": turn.index,
+                    "speaker": turn.speaker,
+                    "text": turn.text,
+                    "startMs": turn.start_ms,
+                    "endMs": turn.end_ms,
+                    "interrupted": turn.interrupted,
+                },
+            },
+            agent_id=agent_id,
+        )
+        if count == 0:
+            return queued  # nobody subscribes (in this transaction's view): the other turns would find the same
+        queued += count
+    return queued

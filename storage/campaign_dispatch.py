@@ -1,0 +1,679 @@
+"""Campaign dispatch state in PostgreSQL: claims under FOR UPDATE SKIP LOCKED leases, dials, and reconciliation.
+
+Every engine process runs the same dispatcher against one database. Claims for one campaign are serialised by
+a row lock on its "CampaignDispatch" row taken with SKIP LOCKED (a process that finds it locked moves on to
+another campaign), so the concurrency cap, the pace and the attempt count are decided by one process at a time
+and are never exceeded, whatever the number of processes. Decisions that need time zones and calling windows
+are the engine's (engine/dispatcher.py); this module only reads and writes rows, in the caller's transaction.
+
+A recipient moves QUEUED -> DIALING (leased to one process, attempt counted) -> IN_CALL (a CallLog exists)
+-> QUEUED again (retry) or DONE / FAILED. Outcomes come from the CallLog, which Twilio's status callbacks
+and the call's media session finish, so attempts placed by a process that died are still reconciled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from storage.campaigns import CampaignDispatchState, DialingRules
+from storage.enums import CallStatus, CampaignStatus
+from storage.records import Connection, new_id, transaction
+from storage.webhook_outbox import enqueue_event
+
+RECIPIENT_METADATA_KEY = "campaignRecipientId"
+"""The CallLog metadata key naming the campaign recipient a call was placed for (set by the outbound dialer)."""
+REACHED = "completed"
+"""The outcome of a call that was answered and ran its conversation."""
+_DIALING_COLUMNS = (
+    'd."campaignId", d."fromNumber", d."timezone", d."daysOfWeek", d."maxConcurrentCalls", d."callsPerSecond", '
+    'd."maxAttempts", d."retryOn", d."retryDelaysSeconds", d."paused", d."pausedReason", d."startedAt", '
+    'd."finishedAt"'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DueCampaign:
+    """A campaign this process holds the claim lock of, with what a claim decision needs."""
+
+    id: str
+    organization_id: str
+    agent_id: str
+    status: CampaignStatus
+    start_date: date | None
+    start_time: str | None
+    call_start_time: str | None
+    call_end_time: str | None
+    dispatch: CampaignDispatchState
+    next_dial_at: datetime
+    credits: int
+    from_number: str | None
+    in_flight: int
+
+    @property
+    def rules(self) -> DialingRules:
+        """The campaign's dialing rules."""
+        return self.dispatch.rules
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRecipient:
+    """A recipient waiting for a dial, locked by the claiming transaction."""
+
+    id: str
+    phone_number: str
+    name: str | None
+    timezone: str | None
+    variables: dict[str, str]
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """A queued recipient chosen for a paced slot: dial at `dial_at`, and not at all once `dial_by` has passed."""
+
+    recipient: QueuedRecipient
+    dial_at: datetime
+    dial_by: datetime
+    """When the recipient's calling window closes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One leased dial: who to call, from which number, for which agent, not before `dial_at` nor after `dial_by`."""
+
+    attempt_id: str
+    attempt_number: int
+    campaign_id: str
+    organization_id: str
+    agent_id: str
+    recipient_id: str
+    phone_number: str
+    name: str | None
+    variables: dict[str, str]
+    from_number: str
+    dial_at: datetime
+    dial_by: datetime
+    lease_owner: str
+
+
+# ----------------------------------------------------------------------------------------------- claiming
+
+
+async def lock_due_campaign(conn: Connection, *, now: datetime, skip: Sequence[str] = ()) -> DueCampaign | None:
+    """Lock the campaign due soonest that no other process is claiming for, skipping `skip`; None if none is due."""
+    row = await conn.fetchrow(
+        f"""
+        SELECT c."id", c."organizationId", c."agentId", c."status", c."startDate", c."startTime",
+               c."callStartTime", c."callEndTime", d."nextDialAt", {_DIALING_COLUMNS},
+               o."credits",
+               COALESCE(d."fromNumber", (
+                   SELECT p."phoneNumber" FROM "PhoneNumber" p
+                   WHERE p."organizationId" = c."organizationId" AND p."outboundStatus" = 'ENABLED'
+                   ORDER BY p."createdAt", p."id" LIMIT 1)) AS "resolvedFromNumber",
+               (SELECT count(*) FROM "CampaignAttempt" a
+                WHERE a."campaignId" = c."id" AND a."state" IN ('DIALING', 'PLACED'))::int AS "inFlight"
+        FROM "CampaignDispatch" d
+        JOIN "Campaign" c ON c."id" = d."campaignId"
+        JOIN "Organization" o ON o."id" = c."organizationId"
+        WHERE NOT d."paused" AND d."finishedAt" IS NULL AND d."nextDialAt" <= $1
+          AND c."status" IN ('PLANNED', 'CONTINUING')
+          AND NOT (c."id" = ANY($2::text[]))
+        ORDER BY d."nextDialAt"
+        LIMIT 1
+        FOR UPDATE OF d SKIP LOCKED
+        """,
+        now,
+        list(skip),
+    )
+    if row is None:
+        return None
+    return DueCampaign(
+        id=row["id"],
+        organization_id=row["organizationId"],
+        agent_id=row["agentId"],
+        status=CampaignStatus(row["status"]),
+        start_date=row["startDate"],
+        start_time=row["startTime"],
+        call_start_time=row["callStartTime"],
+        call_end_time=row["callEndTime"],
+        dispatch=CampaignDispatchState.from_dispatch_row(row),
+        next_dial_at=row["nextDialAt"],
+        credits=row["credits"],
+        from_number=row["resolvedFromNumber"],
+        in_flight=row["inFlight"],
+    )
+
+
+async def mark_started(conn: Connection, campaign: DueCampaign) -> None:
+    """PLANNED -> CONTINUING, and the campaign.started event, in the caller's transaction."""
+    started = await conn.fetchval(
+        """
+        UPDATE "Campaign" SET "status" = 'CONTINUING' WHERE "id" = $1 AND "status" = 'PLANNED' RETURNING "totalCalls"
+        """,
+        campaign.id,
+    )
+    if started is None:
+        return
+    await conn.execute(
+        'UPDATE "CampaignDispatch" SET "startedAt" = CURRENT_TIMESTAMP WHERE "campaignId" = $1', campaign.id
+    )
+    await enqueue_event(
+        conn,
+        organization_id=campaign.organization_id,
+        event="campaign.started",
+        data={"campaignId": campaign.id, "totalCalls": started},
+        agent_id=campaign.agent_id,
+    )
+
+
+async def defer_campaign(conn: Connection, campaign_id: str, until: datetime) -> None:
+    """Look at the campaign again no sooner than `until` (a future start, the next window, the next retry)."""
+    await conn.execute('UPDATE "CampaignDispatch" SET "nextDialAt" = $2 WHERE "campaignId" = $1', campaign_id, until)
+
+
+async def pause_for(conn: Connection, campaign: DueCampaign, reason: str) -> None:
+    """Pause the campaign with a reason an operator reads (e.g. out of credits); resume_campaign undoes it."""
+    await conn.execute(
+        'UPDATE "CampaignDispatch" SET "paused" = true, "pausedReason" = $2 WHERE "campaignId" = $1',
+        campaign.id,
+        reason,
+    )
+
+
+async def lock_queued(conn: Connection, campaign: DueCampaign, *, now: datetime, limit: int) -> list[QueuedRecipient]:
+    """Lock up to `limit` of the campaign's recipients whose next attempt is due, soonest first."""
+    rows = await conn.fetch(
+        """
+        SELECT rd."recipientId", r."phoneNumber", r."name", rd."timezone", rd."variables", rd."attempts"
+        FROM "CampaignRecipientDispatch" rd
+        JOIN "CampaignRecipient" r ON r."id" = rd."recipientId"
+        WHERE rd."campaignId" = $1 AND rd."state" = 'QUEUED' AND rd."nextAttemptAt" <= $2 AND rd."attempts" < $3
+        ORDER BY rd."nextAttemptAt", rd."recipientId"
+        LIMIT $4
+        FOR UPDATE OF rd SKIP LOCKED
+        """,
+        campaign.id,
+        now,
+        campaign.rules.retry.max_attempts,
+        limit,
+    )
+    return [
+        QueuedRecipient(
+            id=row["recipientId"],
+            phone_number=row["phoneNumber"],
+            name=row["name"],
+            timezone=row["timezone"],
+            variables={str(k): str(v) for k, v in row["variables"].items()},
+            attempts=row["attempts"],
+        )
+        for row in rows
+    ]
+
+
+async def defer_recipients(conn: Connection, deferrals: Sequence[tuple[str, datetime]]) -> None:
+    """Move queued recipients' next attempt to when their calling window opens."""
+    if not deferrals:
+        return
+    await conn.execute(
+        """
+        UPDATE "CampaignRecipientDispatch" rd SET "nextAttemptAt" = v.at
+        FROM unnest($1::text[], $2::timestamptz[]) AS v(id, at)
+        WHERE rd."recipientId" = v.id AND rd."state" = 'QUEUED'
+        """,
+        [recipient_id for recipient_id, _ in deferrals],
+        [at for _, at in deferrals],
+    )
+
+
+async def earliest_queued(conn: Connection, campaign_id: str) -> datetime | None:
+    """When the campaign's soonest queued recipient is due, or None when nobody waits."""
+    value: datetime | None = await conn.fetchval(
+        """
+        SELECT min("nextAttemptAt") FROM "CampaignRecipientDispatch" WHERE "campaignId" = $1 AND "state" = 'QUEUED'
+        """,
+        campaign_id,
+    )
+    return value
+
+
+async def lease(
+    conn: Connection,
+    campaign: DueCampaign,
+    picks: Sequence[Pick],
+    *,
+    owner: str,
+    lease_for: timedelta,
+    next_dial_at: datetime,
+) -> list[Claim]:
+    """Lease the picked recipients to `owner`, each to be dialed at its time, counting one attempt each.
+
+    The campaign's pacing clock moves to `next_dial_at`, so every process continues the same schedule.
+    """
+    assert campaign.from_number is not None, "a campaign without a caller id is paused, never leased"
+    claims = [
+        Claim(
+            attempt_id=new_id(),
+            attempt_number=pick.recipient.attempts + 1,
+            campaign_id=campaign.id,
+            organization_id=campaign.organization_id,
+            agent_id=campaign.agent_id,
+            recipient_id=pick.recipient.id,
+            phone_number=pick.recipient.phone_number,
+            name=pick.recipient.name,
+            variables=pick.recipient.variables,
+            from_number=campaign.from_number,
+            dial_at=pick.dial_at,
+            dial_by=pick.dial_by,
+            lease_owner=owner,
+        )
+        for pick in picks
+    ]
+    if not claims:
+        return []
+    await conn.execute(
+        """
+        UPDATE "CampaignRecipientDispatch" rd SET
+            "state" = 'DIALING', "attempts" = rd."attempts" + 1, "leaseOwner" = $2, "leaseExpiresAt" = v.expires
+        FROM unnest($1::text[], $3::timestamptz[]) AS v(id, expires)
+        WHERE rd."recipientId" = v.id
+        """,
+        [claim.recipient_id for claim in claims],
+        owner,
+        [claim.dial_at + lease_for for claim in claims],
+    )
+    await conn.executemany(
+        """
+        INSERT INTO "CampaignAttempt"
+            ("id", "organizationId", "campaignId", "recipientId", "attemptNumber", "dialedBy", "startedAt")
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        """,
+        [
+            (c.attempt_id, c.organization_id, c.campaign_id, c.recipient_id, c.attempt_number, owner, c.dial_at)
+            for c in claims
+        ],
+    )
+    await defer_campaign(conn, campaign.id, next_dial_at)
+    return claims
+
+
+# ----------------------------------------------------------------------------------------------- dialing
+
+
+async def begin_dial(pool: asyncpg.Pool, claim: Claim, *, now: datetime, lease_for: timedelta) -> bool:
+    """Renew the lease right before dialing; False (and the claim released) if the dial must not happen.
+
+    It must not when the lease was lost (expired and taken over), or the campaign was stopped or paused
+    since the claim: a stopped campaign's recipient is CANCELED, a paused one's goes back to the queue.
+    """
+    async with transaction(pool) as conn:
+        row = await conn.fetchrow(
+            """
+            SELECT c."status", d."paused" FROM "CampaignRecipientDispatch" rd
+            JOIN "Campaign" c ON c."id" = rd."campaignId"
+            JOIN "CampaignDispatch" d ON d."campaignId" = rd."campaignId"
+            JOIN "CampaignAttempt" a ON a."id" = $3 AND a."state" = 'DIALING'
+            WHERE rd."recipientId" = $1 AND rd."state" = 'DIALING' AND rd."leaseOwner" = $2
+            FOR UPDATE OF rd
+            """,
+            claim.recipient_id,
+            claim.lease_owner,
+            claim.attempt_id,
+        )
+        if row is None:
+            return False  # the lease is gone: whoever holds the recipient now decides
+        if row["status"] == CampaignStatus.CONTINUING and not row["paused"]:
+            await conn.execute(
+                'UPDATE "CampaignRecipientDispatch" SET "leaseExpiresAt" = $2 WHERE "recipientId" = $1',
+                claim.recipient_id,
+                now + lease_for,
+            )
+            return True
+        stopped = row["status"] != CampaignStatus.CONTINUING
+        reason = "campaign stopped" if stopped else "campaign paused"
+        await _abandon(conn, claim.attempt_id, claim.recipient_id, cancel=stopped, reason=reason)
+        return False
+
+
+async def record_placed(pool: asyncpg.Pool, claim: Claim, *, call_log_id: str, call_sid: str | None) -> bool:
+    """The dial created its CallLog: from now on the CallLog decides. False if the lease had been lost."""
+    async with transaction(pool) as conn:
+        attempt = await conn.fetchval(
+            """
+            UPDATE "CampaignAttempt" SET "state" = 'PLACED', "callLogId" = $2, "callSid" = $3
+            WHERE "id" = $1 AND "state" = 'DIALING' RETURNING "id"
+            """,
+            claim.attempt_id,
+            call_log_id,
+            call_sid,
+        )
+        if attempt is None:
+            return False
+        await conn.execute(
+            """
+            UPDATE "CampaignRecipientDispatch" SET "state" = 'IN_CALL', "leaseOwner" = NULL, "leaseExpiresAt" = NULL
+            WHERE "recipientId" = $1 AND "state" = 'DIALING'
+            """,
+            claim.recipient_id,
+        )
+    return True
+
+
+async def record_refused(
+    pool: asyncpg.Pool, claim: Claim, *, reason: str, call_log_id: str | None, now: datetime
+) -> None:
+    """The dial was refused (an invalid number, Twilio said no): a `failed` outcome, retried by the policy."""
+    async with transaction(pool) as conn:
+        locked = await conn.fetchval(
+            'SELECT 1 FROM "CampaignAttempt" WHERE "id" = $1 AND "state" = \'DIALING\' FOR UPDATE', claim.attempt_id
+        )
+        if locked is None:
+            return
+        await finish_attempt(
+            conn,
+            attempt_id=claim.attempt_id,
+            outcome="failed",
+            reason=reason,
+            ended_at=now,
+            call_log_id=call_log_id,
+        )
+
+
+async def release_claim(pool: asyncpg.Pool, claim: Claim, *, reason: str) -> None:
+    """Give a claim back without dialing: the attempt does not count, the recipient waits again."""
+    async with transaction(pool) as conn:
+        await _abandon(conn, claim.attempt_id, claim.recipient_id, cancel=False, reason=reason)
+
+
+async def pause_campaign_for(pool: asyncpg.Pool, campaign_id: str, reason: str) -> None:
+    """Pause a campaign from the dialing side (the dialer reported no credits)."""
+    await pool.execute(
+        'UPDATE "CampaignDispatch" SET "paused" = true, "pausedReason" = $2 WHERE "campaignId" = $1',
+        campaign_id,
+        reason,
+    )
+
+
+async def _abandon(conn: Connection, attempt_id: str, recipient_id: str, *, cancel: bool, reason: str) -> None:
+    released = await conn.fetchval(
+        """
+        UPDATE "CampaignAttempt" SET "state" = 'ABANDONED', "reason" = $2, "endedAt" = CURRENT_TIMESTAMP
+        WHERE "id" = $1 AND "state" = 'DIALING' RETURNING "id"
+        """,
+        attempt_id,
+        reason,
+    )
+    if released is None:
+        return
+    await conn.execute(
+        """
+        UPDATE "CampaignRecipientDispatch" SET
+            "state" = $2, "attempts" = "attempts" - 1, "leaseOwner" = NULL, "leaseExpiresAt" = NULL,
+            "lastReason" = $3
+        WHERE "recipientId" = $1 AND "state" = 'DIALING'
+        """,
+        recipient_id,
+        "CANCELED" if cancel else "QUEUED",
+        reason,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- outcomes
+
+
+def call_outcome(status: CallStatus, metadata: Mapping[str, Any]) -> str:
+    """What a finished CallLog means for the retry policy: completed, busy, no-answer, voicemail or failed."""
+    reason = str(metadata.get("endReason") or "")
+    if reason.startswith("voicemail"):
+        return "voicemail"
+    if status == CallStatus.COMPLETED:
+        return REACHED
+    if reason in ("busy", "no-answer"):
+        return reason
+    if status == CallStatus.MISSED and reason != "canceled":
+        return "no-answer"
+    return "failed"
+
+
+async def finish_attempt(
+    conn: Connection,
+    *,
+    attempt_id: str,
+    outcome: str,
+    reason: str | None,
+    ended_at: datetime,
+    call_log_id: str | None,
+) -> None:
+    """End a locked attempt with its outcome; retry the recipient or finish them, and the campaign if it is done.
+
+    Runs in the caller's transaction. A finished recipient counts in completedCalls; a failed one also emits
+    recipient.failed. A stopped campaign never retries.
+    """
+    row = await conn.fetchrow(
+        """
+        UPDATE "CampaignAttempt" a SET
+            "state" = 'ENDED', "outcome" = $2, "reason" = $3, "endedAt" = $4, "callLogId" = COALESCE($5, a."callLogId")
+        WHERE a."id" = $1
+        RETURNING a."recipientId", a."campaignId", a."organizationId"
+        """,
+        attempt_id,
+        outcome,
+        reason,
+        ended_at,
+        call_log_id,
+    )
+    assert row is not None, f"attempt {attempt_id} vanished while locked"
+    campaign = await conn.fetchrow(
+        f"""
+        SELECT c."status" AS "campaignStatus", c."agentId", {_DIALING_COLUMNS}
+        FROM "Campaign" c JOIN "CampaignDispatch" d ON d."campaignId" = c."id" WHERE c."id" = $1
+        FOR UPDATE OF d
+        """,
+        row["campaignId"],
+    )
+    assert campaign is not None
+    # Locks in the order every writer takes them: "CampaignDispatch", then "Campaign", then recipients.
+    dispatch = CampaignDispatchState.from_dispatch_row(campaign)
+    attempts = await conn.fetchval(
+        'SELECT "attempts" FROM "CampaignRecipientDispatch" WHERE "recipientId" = $1 FOR UPDATE', row["recipientId"]
+    )
+    retry_at = None
+    if outcome != REACHED and campaign["campaignStatus"] in (CampaignStatus.PLANNED, CampaignStatus.CONTINUING):
+        retry_at = dispatch.rules.retry.retry_at(outcome, attempts, ended_at)
+    if retry_at is not None:
+        await conn.execute(
+            """
+            UPDATE "CampaignRecipientDispatch" SET
+                "state" = 'QUEUED', "nextAttemptAt" = $2, "lastOutcome" = $3, "lastReason" = $4,
+                "leaseOwner" = NULL, "leaseExpiresAt" = NULL
+            WHERE "recipientId" = $1
+            """,
+            row["recipientId"],
+            retry_at,
+            outcome,
+            reason,
+        )
+        # The campaign's clock is not moved: an idle campaign is looked at again every few seconds anyway.
+        return
+    final = "DONE" if outcome == REACHED else "FAILED"
+    await conn.execute(
+        """
+        UPDATE "CampaignRecipientDispatch" SET
+            "state" = $2, "lastOutcome" = $3, "lastReason" = $4, "leaseOwner" = NULL, "leaseExpiresAt" = NULL
+        WHERE "recipientId" = $1
+        """,
+        row["recipientId"],
+        final,
+        outcome,
+        reason,
+    )
+    await conn.execute(
+        """
+        UPDATE "Campaign" SET
+            "completedCalls" = "completedCalls" + 1,
+            "progress" = CASE WHEN "totalCalls" > 0
+                              THEN LEAST(100, ("completedCalls" + 1) * 100 / "totalCalls") ELSE 0 END
+        WHERE "id" = $1
+        """,
+        row["campaignId"],
+    )
+    if final == "FAILED":
+        await enqueue_event(
+            conn,
+            organization_id=row["organizationId"],
+            event="recipient.failed",
+            data={
+                "campaignId": row["campaignId"],
+                "recipientId": row["recipientId"],
+                "attempts": attempts,
+                "outcome": outcome,
+                "reason": reason,
+                "callLogId": call_log_id,
+            },
+            agent_id=campaign["agentId"],
+        )
+    await complete_if_done(conn, row["campaignId"])
+
+
+async def complete_if_done(conn: Connection, campaign_id: str) -> bool:
+    """COMPLETED + campaign.completed when a CONTINUING campaign has nobody left to call or to hear from.
+
+    Locks the campaign row first, so two transactions finishing its last two recipients cannot both miss it.
+    """
+    campaign = await conn.fetchrow(
+        """
+        SELECT "organizationId", "agentId", "status", "totalCalls", "completedCalls" FROM "Campaign"
+        WHERE "id" = $1 FOR UPDATE
+        """,
+        campaign_id,
+    )
+    if campaign is None or campaign["status"] != CampaignStatus.CONTINUING:
+        return False
+    busy = await conn.fetchval(
+        """
+        SELECT EXISTS (SELECT 1 FROM "CampaignRecipientDispatch"
+                       WHERE "campaignId" = $1 AND "state" IN ('QUEUED', 'DIALING', 'IN_CALL'))
+        """,
+        campaign_id,
+    )
+    if busy:
+        return False
+    await conn.execute(
+        """UPDATE "Campaign" SET "status" = 'COMPLETED', "progress" = CASE WHEN "totalCalls" > 0 THEN 100 ELSE 0 END
+           WHERE "id" = $1""",
+        campaign_id,
+    )
+    await conn.execute(
+        'UPDATE "CampaignDispatch" SET "finishedAt" = CURRENT_TIMESTAMP WHERE "campaignId" = $1', campaign_id
+    )
+    counts = await conn.fetchrow(
+        """
+        SELECT count(*) FILTER (WHERE "state" = 'DONE')::int AS "reached",
+               count(*) FILTER (WHERE "state" = 'FAILED')::int AS "failed"
+        FROM "CampaignRecipientDispatch" WHERE "campaignId" = $1
+        """,
+        campaign_id,
+    )
+    assert counts is not None
+    await enqueue_event(
+        conn,
+        organization_id=campaign["organizationId"],
+        event="campaign.completed",
+        data={
+            "campaignId": campaign_id,
+            "totalCalls": campaign["totalCalls"],
+            "completedCalls": campaign["completedCalls"],
+            "reached": counts["reached"],
+            "failed": counts["failed"],
+        },
+        agent_id=campaign["agentId"],
+    )
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- reconciling
+
+
+async def reconcile_ended_calls(pool: asyncpg.Pool, *, limit: int = 200) -> int:
+    """Finish placed attempts whose CallLog has ended (from any process); return how many.
+
+    Campaigns are taken in id order, so two processes reconciling at once lock them in the same order.
+    """
+    async with transaction(pool) as conn:
+        rows = await conn.fetch(
+            """
+            SELECT a."id", l."id" AS "callLogId", l."status", l."metadata", l."updatedAt"
+            FROM "CampaignAttempt" a JOIN "CallLog" l ON l."id" = a."callLogId"
+            WHERE a."state" = 'PLACED' AND l."status" <> 'IN_PROGRESS'
+            ORDER BY a."campaignId", a."startedAt"
+            LIMIT $1
+            FOR UPDATE OF a SKIP LOCKED
+            """,
+            limit,
+        )
+        for row in rows:
+            status = CallStatus(row["status"])
+            outcome = call_outcome(status, row["metadata"])
+            await finish_attempt(
+                conn,
+                attempt_id=row["id"],
+                outcome=outcome,
+                reason=str(row["metadata"].get("endReason") or status.value.lower()),
+                ended_at=row["updatedAt"],
+                call_log_id=row["callLogId"],
+            )
+    return len(rows)
+
+
+async def expire_leases(pool: asyncpg.Pool, *, now: datetime, limit: int = 200) -> tuple[int, int]:
+    """Settle leases whose process went away; return (requeued without an attempt, followed to a CallLog).
+
+    The dialer creates the CallLog (with the recipient in its metadata) before it asks Twilio for the call,
+    and renews its lease right before. So an expired lease with no CallLog for its attempt means Twilio was
+    never asked: the recipient is queued again and the attempt does not count. With a CallLog, the dial may
+    have reached Twilio: the attempt counts and follows that CallLog like any placed call.
+    """
+    async with transaction(pool) as conn:
+        rows = await conn.fetch(
+            """
+            SELECT rd."recipientId", rd."campaignId", a."id" AS "attemptId", a."startedAt",
+                   (SELECT l."id" FROM "CallLog" l
+                    WHERE l."campaignId" = rd."campaignId" AND l."metadata"->>$3 = rd."recipientId"
+                      AND l."createdAt" >= a."startedAt" - interval '1 minute'
+                      AND NOT EXISTS (SELECT 1 FROM "CampaignAttempt" o WHERE o."callLogId" = l."id")
+                    ORDER BY l."createdAt" DESC LIMIT 1) AS "callLogId"
+            FROM "CampaignRecipientDispatch" rd
+            JOIN "CampaignAttempt" a ON a."recipientId" = rd."recipientId" AND a."state" = 'DIALING'
+            WHERE rd."state" = 'DIALING' AND rd."leaseExpiresAt" < $1
+            ORDER BY rd."leaseExpiresAt"
+            LIMIT $2
+            FOR UPDATE OF rd, a SKIP LOCKED
+            """,
+            now,
+            limit,
+            RECIPIENT_METADATA_KEY,
+        )
+        requeued = followed = 0
+        for row in rows:
+            if row["callLogId"] is None:
+                await _abandon(conn, row["attemptId"], row["recipientId"], cancel=False, reason="lease expired")
+                requeued += 1
+                continue
+            await conn.execute(
+                'UPDATE "CampaignAttempt" SET "state" = \'PLACED\', "callLogId" = $2 WHERE "id" = $1',
+                row["attemptId"],
+                row["callLogId"],
+            )
+            await conn.execute(
+                """
+                UPDATE "CampaignRecipientDispatch" SET "state" = 'IN_CALL', "leaseOwner" = NULL, "leaseExpiresAt" = NULL
+                WHERE "recipientId" = $1
+                """,
+                row["recipientId"],
+            )
+            followed += 1
+    return requeued, followed

@@ -1,0 +1,455 @@
+"""The webhook outbox: call events queued as deliveries in the caller's transaction, claimed by workers under leases.
+
+`enqueue_event` writes one "WebhookDelivery" per enabled subscription (organization-wide Events and the agent's
+own) inside the transaction of the change it reports, and notifies WEBHOOK_CHANNEL when that transaction commits.
+Workers `claim_due` deliveries with FOR UPDATE SKIP LOCKED: a claim moves "nextAttemptAt" to the end of its lease,
+so a worker that dies before recording an outcome only delays the delivery until another worker claims it. Every
+outcome is recorded against the claim's lease token, so a worker whose lease ran out cannot overwrite the outcome
+of the worker that took over.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from storage.errors import NotFound, translate_errors
+from storage.records import Queryable, Record, new_id, transaction
+
+WEBHOOK_CHANNEL = "dialtone_webhooks"
+"""The LISTEN/NOTIFY channel told, at commit, that new deliveries are waiting."""
+
+EVENT_NAMES = frozenset(
+    {
+        "call.started",
+        "call.ended",
+        "call.analyzed",
+        "transcript.updated",
+        "campaign.started",
+        "campaign.completed",
+        "recipient.failed",
+    }
+)
+"""The events an Event row may subscribe to."""
+
+_SECRET_PREFIX = "whsec_"  # noqa: S105 -- a label that makes secrets recognisable, not a secret
+
+_COLUMNS = (
+    '"id", "organizationId", "eventId", "occurrenceId", "event", "payload", "status", "attemptCount", '
+    '"nextAttemptAt", "leasedUntil", "lastResponseCode", "lastError", "deliveredAt", "createdAt", "updatedAt"'
+)
+
+
+class DeliveryStatus(StrEnum):
+    """Where a delivery stands: waiting (for its first attempt or a retry), accepted, or given up."""
+
+    PENDING = "PENDING"
+    DELIVERED = "DELIVERED"
+    FAILED = "FAILED"
+
+
+class UnknownEvent(ValueError):
+    """An event name that no Event can subscribe to."""
+
+    def __init__(self, event: str) -> None:
+        super().__init__(f"unknown webhook event {event!r}; expected one of {', '.join(sorted(EVENT_NAMES))}")
+        self.event = event
+
+
+class WebhookDelivery(Record):
+    """One event occurrence for one subscription, and how its delivery went."""
+
+    id: str
+    organization_id: str
+    event_id: str
+    occurrence_id: str
+    event: str
+    payload: dict[str, Any]
+    status: DeliveryStatus
+    attempt_count: int
+    next_attempt_at: datetime
+    leased_until: datetime | None
+    last_response_code: int | None
+    last_error: str | None
+    delivered_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class WebhookAttempt(Record):
+    """One POST of a delivery: the receiver's status code, or why there was none, and how long it took."""
+
+    id: str
+    organization_id: str
+    delivery_id: str
+    attempt: int
+    response_code: int | None
+    error: str | None
+    duration_ms: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """A delivery a worker holds until `lease_token`'s lease ends: what to send, and where."""
+
+    id: str
+    organization_id: str
+    event_id: str
+    event: str
+    payload: Mapping[str, Any]
+    attempt_count: int
+    webhook_url: str
+    subscription_enabled: bool
+    lease_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When a failed delivery is tried again: exponential backoff with jitter, given up `give_up_after` creation.
+
+    The n-th retry waits min(initial * 2**(n-1), maximum), scaled by a jitter factor between 0.5 and 1.
+    """
+
+    initial: timedelta = timedelta(seconds=10)
+    maximum: timedelta = timedelta(hours=1)
+    give_up_after: timedelta = timedelta(hours=24)
+
+    def __post_init__(self) -> None:
+        if self.initial <= timedelta(0) or self.maximum < self.initial:
+            raise ValueError(f"retry delays must satisfy 0 < initial <= maximum, got {self.initial}..{self.maximum}")
+        if self.give_up_after <= timedelta(0):
+            raise ValueError(f"give_up_after must be positive, got {self.give_up_after}")
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, StrEnum):
+        return str(value)
+    raise TypeError(f"webhook event data cannot hold a {type(value).__name__} ({value!r})")
+
+
+def event_envelope(occurrence_id: str, event: str, organization_id: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON body subscribers receive: the occurrence's id, its type, when it happened and its data."""
+    # Round-tripped here so data that is not JSON fails in the caller's code, not in a worker hours later.
+    return {
+        "id": occurrence_id,
+        "type": event,
+        "createdAt": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "organizationId": organization_id,
+        "data": json.loads(json.dumps(dict(data), default=_json_value)),
+    }
+
+
+async def enqueue_event(
+    conn: Queryable,
+    *,
+    organization_id: str,
+    event: str,
+    data: Mapping[str, Any],
+    agent_id: str | None = None,
+) -> int:
+    """Queue `event` for every enabled subscription (organization-wide and `agent_id`'s own); return how many.
+
+    Runs in the caller's transaction: the deliveries exist if and only if it commits. Costs one query when
+    nothing subscribes. UnknownEvent for a name no Event can subscribe to; TypeError for data that is not JSON.
+    """
+    if event not in EVENT_NAMES:
+        raise UnknownEvent(event)
+    event_ids: list[str] = [
+        row["id"]
+        for row in await conn.fetch(
+            """
+            SELECT "id" FROM "Event"
+            WHERE "organizationId" = $1 AND "name" = $2 AND "isEnabled" AND ("agentId" IS NULL OR "agentId" = $3)
+            ORDER BY "createdAt", "id"
+            """,
+            organization_id,
+            event,
+            agent_id,
+        )
+    ]
+    if not event_ids:
+        return 0
+    occurrence_id = new_id()
+    count: int = await conn.fetchval(
+        """
+        WITH queued AS (
+            INSERT INTO "WebhookDelivery" ("id", "organizationId", "eventId", "occurrenceId", "event", "payload")
+            SELECT d.id, $1, d.event_id, $2, $3, $4::jsonb
+            FROM unnest($5::text[], $6::text[]) AS d(id, event_id)
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM queued), pg_notify($7, '')
+        """,
+        organization_id,
+        occurrence_id,
+        event,
+        event_envelope(occurrence_id, event, organization_id, data),
+        [new_id() for _ in event_ids],
+        event_ids,
+        WEBHOOK_CHANNEL,
+    )
+    return count
+
+
+async def claim_due(conn: Queryable, *, limit: int, lease: timedelta) -> list[ClaimedDelivery]:
+    """Take up to `limit` due deliveries, oldest first, for `lease`; rows other workers are claiming are skipped."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    lease_token = new_id()
+    rows = await conn.fetch(
+        """
+        WITH due AS (
+            SELECT "id" FROM "WebhookDelivery"
+            WHERE "status" = 'PENDING' AND "nextAttemptAt" <= clock_timestamp()
+            ORDER BY "nextAttemptAt", "id"
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE "WebhookDelivery" d SET
+            "leaseToken" = $2,
+            "leasedUntil" = clock_timestamp() + $3::interval,
+            "nextAttemptAt" = clock_timestamp() + $3::interval
+        FROM due, "Event" e
+        WHERE d."id" = due."id" AND e."id" = d."eventId"
+        RETURNING d."id", d."organizationId", d."eventId", d."event", d."payload", d."attemptCount",
+                  e."webhookUrl", e."isEnabled"
+        """,
+        limit,
+        lease_token,
+        lease,
+    )
+    return [
+        ClaimedDelivery(
+            id=row["id"],
+            organization_id=row["organizationId"],
+            event_id=row["eventId"],
+            event=row["event"],
+            payload=row["payload"],
+            attempt_count=row["attemptCount"],
+            webhook_url=row["webhookUrl"],
+            subscription_enabled=row["isEnabled"],
+            lease_token=lease_token,
+        )
+        for row in rows
+    ]
+
+
+async def next_due_in(db: Queryable) -> timedelta | None:
+    """How long until the next pending delivery is due (zero or less: due now); None when none is pending."""
+    wait: timedelta | None = await db.fetchval(
+        """SELECT min("nextAttemptAt") - clock_timestamp() FROM "WebhookDelivery" WHERE "status" = 'PENDING'"""
+    )
+    return wait
+
+
+async def record_success(
+    db: Queryable, *, delivery: ClaimedDelivery, response_code: int, duration_ms: int
+) -> DeliveryStatus | None:
+    """Mark a claimed delivery DELIVERED, log the attempt and count one more trigger of its Event, together.
+
+    None, changing nothing, if the claim's lease was lost to another worker.
+    """
+    async with transaction(db) as conn:
+        attempt: int | None = await conn.fetchval(
+            """
+            UPDATE "WebhookDelivery" SET
+                "status" = 'DELIVERED', "attemptCount" = "attemptCount" + 1, "deliveredAt" = clock_timestamp(),
+                "lastResponseCode" = $3, "lastError" = NULL, "leaseToken" = NULL, "leasedUntil" = NULL
+            WHERE "id" = $1 AND "leaseToken" = $2 AND "status" = 'PENDING'
+            RETURNING "attemptCount"
+            """,
+            delivery.id,
+            delivery.lease_token,
+            response_code,
+        )
+        if attempt is None:
+            return None
+        await conn.execute(
+            'UPDATE "Event" SET "triggerCount" = "triggerCount" + 1 WHERE "id" = $1 AND "organizationId" = $2',
+            delivery.event_id,
+            delivery.organization_id,
+        )
+        await _log_attempt(
+            conn, delivery=delivery, attempt=attempt, response_code=response_code, error=None, duration_ms=duration_ms
+        )
+    return DeliveryStatus.DELIVERED
+
+
+async def record_failure(
+    db: Queryable,
+    *,
+    delivery: ClaimedDelivery,
+    response_code: int | None,
+    error: str,
+    duration_ms: int,
+    policy: RetryPolicy,
+    jitter: float,
+    give_up: bool = False,
+) -> DeliveryStatus | None:
+    """Log a failed attempt and schedule the next, per `policy`, or mark the delivery FAILED.
+
+    `jitter` (0 to 1) spreads retries: the delay is scaled by 0.5 + jitter / 2. A delivery whose next attempt
+    would fall after `policy.give_up_after` from its creation, or with `give_up`, becomes FAILED. None, changing
+    nothing, if the claim's lease was lost to another worker.
+    """
+    if not 0 <= jitter <= 1:
+        raise ValueError(f"jitter must be between 0 and 1, got {jitter}")
+    async with transaction(db) as conn:
+        row = await conn.fetchrow(
+            """
+            UPDATE "WebhookDelivery" d SET
+                "attemptCount" = d."attemptCount" + 1,
+                "lastResponseCode" = $3, "lastError" = $4, "leaseToken" = NULL, "leasedUntil" = NULL,
+                "nextAttemptAt" = n.at,
+                "status" = CASE WHEN $8 OR n.at > d."createdAt" + $7::interval THEN 'FAILED' ELSE 'PENDING' END
+            FROM (
+                -- In seconds, as float: an interval doubled past ~60 attempts would overflow.
+                SELECT "id", clock_timestamp() + make_interval(secs => (0.5 + $9::float8 / 2) * LEAST(
+                    extract(epoch FROM $5::interval)::float8 * power(2, LEAST("attemptCount", 100)),
+                    extract(epoch FROM $6::interval)::float8)) AS at
+                FROM "WebhookDelivery" WHERE "id" = $1
+            ) n
+            WHERE d."id" = n."id" AND d."leaseToken" = $2 AND d."status" = 'PENDING'
+            RETURNING d."status", d."attemptCount"
+            """,
+            delivery.id,
+            delivery.lease_token,
+            response_code,
+            error,
+            policy.initial,
+            policy.maximum,
+            policy.give_up_after,
+            give_up,
+            jitter,
+        )
+        if row is None:
+            return None
+        await _log_attempt(
+            conn,
+            delivery=delivery,
+            attempt=row["attemptCount"],
+            response_code=response_code,
+            error=error,
+            duration_ms=duration_ms,
+        )
+    return DeliveryStatus(row["status"])
+
+
+async def _log_attempt(
+    conn: Queryable,
+    *,
+    delivery: ClaimedDelivery,
+    attempt: int,
+    response_code: int | None,
+    error: str | None,
+    duration_ms: int,
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO "WebhookAttempt" ("id", "organizationId", "deliveryId", "attempt", "responseCode", "error",
+                                      "durationMs")
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        """,
+        new_id(),
+        delivery.organization_id,
+        delivery.id,
+        attempt,
+        response_code,
+        error,
+        max(duration_ms, 0),
+    )
+
+
+async def get_delivery(db: Queryable, *, organization_id: str, delivery_id: str) -> WebhookDelivery:
+    """One of the organization's deliveries; NotFound if it has none with that id."""
+    row = await db.fetchrow(
+        f'SELECT {_COLUMNS} FROM "WebhookDelivery" WHERE "id" = $1 AND "organizationId" = $2',
+        delivery_id,
+        organization_id,
+    )
+    if row is None:
+        raise NotFound("WebhookDelivery", delivery_id)
+    return WebhookDelivery.from_row(row)
+
+
+async def list_deliveries(
+    db: Queryable,
+    *,
+    organization_id: str,
+    event_id: str | None = None,
+    status: DeliveryStatus | None = None,
+    limit: int = 50,
+    before: tuple[datetime, str] | None = None,
+) -> list[WebhookDelivery]:
+    """The organization's delivery log, newest first, optionally for one subscription or in one status.
+
+    For the next page pass `before=(delivery.created_at, delivery.id)` of the last delivery of this one.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    conditions = ['"organizationId" = $1']
+    args: list[Any] = [organization_id]
+    for condition, value in (('"eventId" = ${}', event_id), ('"status" = ${}', status)):
+        if value is not None:
+            args.append(value)
+            conditions.append(condition.format(len(args)))
+    if before is not None:
+        args.extend(before)
+        conditions.append(f'("createdAt", "id") < (${len(args) - 1}, ${len(args)})')
+    args.append(limit)
+    rows = await db.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM "WebhookDelivery"
+        WHERE {" AND ".join(conditions)}
+        ORDER BY "createdAt" DESC, "id" DESC
+        LIMIT ${len(args)}
+        """,
+        *args,
+    )
+    return WebhookDelivery.from_rows(rows)
+
+
+async def list_attempts(db: Queryable, *, organization_id: str, delivery_id: str) -> list[WebhookAttempt]:
+    """Every POST of one of the organization's deliveries, first to last (empty for a delivery it does not have)."""
+    rows = await db.fetch(
+        """
+        SELECT "id", "organizationId", "deliveryId", "attempt", "responseCode", "error", "durationMs", "createdAt"
+        FROM "WebhookAttempt"
+        WHERE "organizationId" = $1 AND "deliveryId" = $2
+        ORDER BY "attempt", "createdAt"
+        """,
+        organization_id,
+        delivery_id,
+    )
+    return WebhookAttempt.from_rows(rows)
+
+
+async def signing_secret(db: Queryable, *, organization_id: str) -> str:
+    """The organization's webhook signing secret, made on first use. Never log it."""
+    query = 'SELECT "secret" FROM "WebhookSecret" WHERE "organizationId" = $1'
+    secret: str | None = await db.fetchval(query, organization_id)
+    if secret is not None:
+        return secret
+    # Two callers may make it at once: the loser's INSERT does nothing, and its SELECT finds the winner's.
+    with translate_errors():
+        await db.execute(
+            """
+            INSERT INTO "WebhookSecret" ("id", "organizationId", "secret") VALUES ($1, $2, $3)
+            ON CONFLICT ("organizationId") DO NOTHING
+            """,
+            new_id(),
+            organization_id,
+            _SECRET_PREFIX + secrets.token_hex(32),
+        )
+    secret = await db.fetchval(query, organization_id)
+    if secret is None:
+        raise NotFound("Organization", organization_id)
+    return secret

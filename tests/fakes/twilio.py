@@ -1,0 +1,444 @@
+"""A local Twilio: the REST API that places calls, and the far end that answers them through our media stream.
+
+async with FakeTwilio(account_sid=ACCOUNT, auth_token=TOKEN) as twilio:
+    twilio.behave("+15550001111", Answer(greeting="Hello?", script=[Say("yes please")]))
+    twilio.behave("+15550002222", Busy())
+    # engine settings: twilio_api_base=twilio.api_base, twilio_account_sid=ACCOUNT, twilio_auth_token=TOKEN
+    call = await twilio.finished(sid)
+
+`POST /2010-04-01/Accounts/{AccountSid}/Calls.json` takes the twilio SDK's form fields (Basic auth checked) and
+answers 201 with a call resource shaped like Twilio's; each destination then behaves as scripted: `Answer` opens the
+TwiML's `<Connect><Stream>` with the engine's simulator (20 ms frames, marks echoed, caller lines spoken), `Busy`,
+`NoAnswer`, `Fail`, `Refuse` (an error at creation) or `Machine` (a greeting, then the async AMD verdict). Status
+callbacks are posted signed, as form posts, for the events the call subscribed to. `POST .../Calls/{CallSid}.json`
+updates a live call (`Twiml`, `Status=completed`): the stream gets `stop`, and the update is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import secrets
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+from aiohttp import web
+from multidict import MultiDictProxy
+
+from engine.simulator import CallResult, Pause, Step, _Call, _parse_twiml, _run_stream, _signature, _speech
+from tests.fakes.server import serve
+
+__all__ = ["Answer", "Behaviour", "Busy", "Fail", "FakeCall", "FakeTwilio", "Machine", "NoAnswer", "Refuse"]
+
+API_VERSION = "2010-04-01"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A person answers after `ring_ms`: says `greeting` at once (callees speak first), then follows `script`.
+
+    The script is the simulator's (`Say`, `Dtmf`, `Pause`, `HangUp`); each `Say` waits for the agent's reply first.
+    With answering-machine detection requested, the verdict `human` is posted `verdict_after_ms` after the answer.
+    """
+
+    script: Sequence[Step] = ()
+    greeting: str | None = "Hello?"
+    ring_ms: int = 100
+    verdict_after_ms: int = 1500
+    timeout_s: float = 90.0
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """An answering machine answers: plays `greeting`, then (with async AMD requested) Twilio posts `answered_by`.
+
+    It records whatever is said until the engine changes the call, or hangs up after `record_s`.
+    """
+
+    greeting: str = "Hi, you have reached Sam. Please leave a message after the tone."
+    answered_by: str = "machine_end_beep"
+    ring_ms: int = 100
+    record_s: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """The line is busy."""
+
+    ring_ms: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class NoAnswer:
+    """It rings `ring_ms` (the fake does not wait the whole `Timeout`; it records it), then no-answer."""
+
+    ring_ms: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """The call is created, then fails (an unreachable carrier, say)."""
+
+    sip_response_code: int = 404
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Creation itself is refused with Twilio's error JSON (e.g. 21215: geographic permissions)."""
+
+    code: int = 21215
+    message: str = "Account not authorized to call this number. Check your geographic permissions."
+    status: int = 400
+
+
+Behaviour = Answer | Machine | Busy | NoAnswer | Fail | Refuse
+
+
+@dataclass(slots=True)
+class FakeCall:
+    """One call the fake placed: what was asked, what the far end did, and what the engine sent back."""
+
+    sid: str
+    to: str
+    from_: str
+    params: dict[str, list[str]]
+    behaviour: Behaviour
+    status: str = "queued"
+    statuses_posted: list[str] = field(default_factory=list)
+    callback_responses: list[int] = field(default_factory=list)
+    amd_posted: str | None = None
+    updates: list[dict[str, str]] = field(default_factory=list)
+    spoken_after_update: list[str] = field(default_factory=list)
+    stream: CallResult | None = None
+    answered_at: float | None = None
+    duration_s: int = 0
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    updated: asyncio.Event = field(default_factory=asyncio.Event)
+    _live: _Call | None = None
+
+    def param(self, name: str) -> str | None:
+        """The first value of a create parameter, or None."""
+        values = self.params.get(name)
+        return values[0] if values else None
+
+    @property
+    def update_twiml(self) -> str | None:
+        """The TwiML of the latest update that carried some."""
+        for update in reversed(self.updates):
+            if "Twiml" in update:
+                return update["Twiml"]
+        return None
+
+
+class FakeTwilio:
+    """Twilio's Calls API on 127.0.0.1 with scripted far ends.
+
+    Controls: `behave(number, behaviour)` per destination, `default` for the rest. Observations: `calls` (by
+    CallSid), `creates` (create requests per destination number, refused ones included: double dials show here),
+    `finished(sid)` to wait for a call's end.
+    """
+
+    def __init__(self, *, account_sid: str | None = None, auth_token: str | None = None) -> None:
+        """A fake account; requests must authenticate as `account_sid:auth_token`."""
+        self.account_sid = account_sid or "AC" + secrets.token_hex(16)
+        self.auth_token = auth_token or secrets.token_hex(16)
+        self.default: Behaviour = Answer()
+        self.calls: dict[str, FakeCall] = {}
+        self.creates: Counter[str] = Counter()
+        self.api_base = ""
+        self._behaviours: dict[str, Behaviour] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._exit_stack = contextlib.AsyncExitStack()
+        self._http: aiohttp.ClientSession | None = None
+        self._sequence = itertools.count()
+
+    def behave(self, number: str, behaviour: Behaviour) -> None:
+        """Script what happens when `number` is dialed."""
+        self._behaviours[number] = behaviour
+
+    def calls_to(self, number: str) -> list[FakeCall]:
+        """Every call placed to `number`, in creation order."""
+        return [call for call in self.calls.values() if call.to == number]
+
+    async def finished(self, sid: str, timeout: float = 120.0) -> FakeCall:
+        """Wait until the call has ended (its final status callback posted); return it."""
+        call = self.calls[sid]
+        await asyncio.wait_for(call.finished.wait(), timeout)
+        return call
+
+    async def __aenter__(self) -> Self:
+        """Start serving; `api_base` is then the root to give the twilio client."""
+        app = web.Application()
+        app.router.add_post(f"/{API_VERSION}/Accounts/{{account}}/Calls.json", self._create)
+        app.router.add_post(f"/{API_VERSION}/Accounts/{{account}}/Calls/{{sid}}.json", self._update)
+        self._http = await self._exit_stack.enter_async_context(
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        )
+        self.api_base = await self._exit_stack.enter_async_context(serve(app))
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Stop every call still running, then the server."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._exit_stack.aclose()
+
+    # ----------------------------------------------------------------------------------------- REST
+
+    def _authenticated(self, request: web.Request) -> bool:
+        expected = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
+        return request.match_info["account"] == self.account_sid and request.headers.get("Authorization", "") == (
+            f"Basic {expected}"
+        )
+
+    async def _create(self, request: web.Request) -> web.Response:
+        if not self._authenticated(request):
+            return _error(401, 20003, "Authenticate")
+        form = await request.post()
+        params = _multi(form)
+        to, from_ = _first(params, "To"), _first(params, "From")
+        if not to:
+            return _error(400, 21201, "No 'To' number is specified")
+        if not from_:
+            return _error(400, 21213, "No 'From' number is specified")
+        if not _first(params, "Twiml") and not _first(params, "Url"):
+            return _error(400, 21205, "Url parameter is required. Please provide a Url or Twiml parameter.")
+        self.creates[to] += 1
+        behaviour = self._behaviours.get(to, self.default)
+        if isinstance(behaviour, Refuse):
+            return _error(behaviour.status, behaviour.code, behaviour.message)
+        call = FakeCall(sid="CA" + secrets.token_hex(16), to=to, from_=from_, params=params, behaviour=behaviour)
+        self.calls[call.sid] = call
+        task = asyncio.create_task(self._run(call), name=f"fake-twilio-{call.sid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return web.json_response(self._resource(call), status=201)
+
+    async def _update(self, request: web.Request) -> web.Response:
+        if not self._authenticated(request):
+            return _error(401, 20003, "Authenticate")
+        call = self.calls.get(request.match_info["sid"])
+        if call is None:
+            return _error(404, 20404, f"The requested resource {request.path} was not found")
+        form = await request.post()
+        update = {key: str(value) for key, value in form.items()}
+        if call.finished.is_set() or call.status in ("completed", "busy", "no-answer", "failed", "canceled"):
+            return _error(400, 21220, "Call is not in-progress. Cannot redirect.")
+        call.updates.append(update)
+        call.updated.set()
+        if call._live is not None:
+            with contextlib.suppress(Exception):  # the stream may be closing already
+                await call._live.hang_up()  # new TwiML (or a hang-up) ends <Connect><Stream>: Twilio sends stop
+        return web.json_response(self._resource(call))
+
+    def _resource(self, call: FakeCall) -> dict[str, Any]:
+        now = format_datetime(datetime.now(UTC), usegmt=True)
+        return {
+            "sid": call.sid,
+            "account_sid": self.account_sid,
+            "to": call.to,
+            "to_formatted": call.to,
+            "from": call.from_,
+            "from_formatted": call.from_,
+            "status": call.status,
+            "direction": "outbound-api",
+            "api_version": API_VERSION,
+            "date_created": now,
+            "date_updated": now,
+            "start_time": None,
+            "end_time": None,
+            "duration": None,
+            "price": None,
+            "price_unit": "USD",
+            "answered_by": None,
+            "parent_call_sid": None,
+            "phone_number_sid": None,
+            "caller_name": None,
+            "forwarded_from": None,
+            "group_sid": None,
+            "queue_time": "0",
+            "trunk_sid": None,
+            "uri": f"/{API_VERSION}/Accounts/{self.account_sid}/Calls/{call.sid}.json",
+            "subresource_uris": {},
+        }
+
+    # ----------------------------------------------------------------------------------------- the far end
+
+    async def _run(self, call: FakeCall) -> None:
+        try:
+            await self._post_status(call, "initiated", "initiated")
+            await self._post_status(call, "ringing", "ringing")
+            match call.behaviour:
+                case Busy(ring_ms=ring_ms):
+                    await asyncio.sleep(ring_ms / 1000)
+                    await self._end(call, "busy", sip=486)
+                case NoAnswer(ring_ms=ring_ms):
+                    await asyncio.sleep(ring_ms / 1000)
+                    await self._end(call, "no-answer", sip=487)
+                case Fail(sip_response_code=sip):
+                    await self._end(call, "failed", sip=sip)
+                case Answer(ring_ms=ring_ms) | Machine(ring_ms=ring_ms):
+                    await asyncio.sleep(ring_ms / 1000)
+                    await self._answer(call, call.behaviour)
+                case Refuse():
+                    pass  # refused at creation; never runs
+        finally:
+            call.finished.set()
+
+    async def _answer(self, call: FakeCall, behaviour: Answer | Machine) -> None:
+        if isinstance(behaviour, Machine):
+            greeting: str | None = behaviour.greeting
+            script: Sequence[Step] = [Pause(int(behaviour.record_s * 1000))]
+            timeout_s, answered_by = behaviour.record_s + 30, behaviour.answered_by
+        else:
+            greeting, script, timeout_s, answered_by = (
+                behaviour.greeting,
+                behaviour.script,
+                behaviour.timeout_s,
+                "human",
+            )
+        call.answered_at = time.monotonic()
+        await self._post_status(call, "answered", "in-progress")
+        twiml = _first(call.params, "Twiml") or ""
+        parsed = _parse_twiml(twiml, self.api_base)
+        if parsed.stream_url is None:
+            call.spoken_after_update.append(parsed.refusal or "")
+            await self._end(call, "completed")
+            return
+        result = CallResult(call_sid=call.sid, account_sid=self.account_sid, stream_sid="MZ" + secrets.token_hex(16))
+        result.stream_url = parsed.stream_url
+        result.custom_parameters = parsed.parameters
+        call.stream = result
+        headers = {"X-Twilio-Signature": _signature(self.auth_token, parsed.stream_url, {})}
+        assert self._http is not None
+        async with self._http.ws_connect(parsed.stream_url, headers=headers, autoping=True, heartbeat=None) as ws:
+            live = _Call(ws, result, time.monotonic(), None, reply_timeout_s=10.0)
+            call._live = live
+            verdict = None
+            if greeting:
+                audio = await _speech(greeting, "en-us")
+                spoken = asyncio.create_task(live.speak(audio, greeting))
+                if isinstance(behaviour, Machine):
+                    verdict = asyncio.create_task(self._verdict_after(call, spoken, answered_by))
+            if isinstance(behaviour, Answer) and verdict is None:
+                verdict = asyncio.create_task(self._verdict_later(call, behaviour.verdict_after_ms, answered_by))
+            try:
+                await _run_stream(live, script, timeout_s)
+            finally:
+                call._live = None
+                if verdict is not None:
+                    if call.amd_posted is None:
+                        verdict.cancel()  # not posted yet: the call ended first
+                    await asyncio.gather(verdict, return_exceptions=True)  # a posted verdict gets its answer
+        for update in call.updates:
+            with contextlib.suppress(ET.ParseError):
+                call.spoken_after_update.extend(_said(update.get("Twiml", "")))
+        await self._end(call, "completed")
+
+    async def _verdict_after(self, call: FakeCall, spoken: asyncio.Task[None], answered_by: str) -> None:
+        await spoken  # the greeting ends with the beep; DetectMessageEnd answers then
+        await self._post_amd(call, answered_by)
+
+    async def _verdict_later(self, call: FakeCall, after_ms: int, answered_by: str) -> None:
+        await asyncio.sleep(after_ms / 1000)
+        await self._post_amd(call, answered_by)
+
+    async def _post_amd(self, call: FakeCall, answered_by: str) -> None:
+        url = _first(call.params, "AsyncAmdStatusCallback")
+        if not call.param("MachineDetection") or _first(call.params, "AsyncAmd") != "true" or not url:
+            return
+        call.amd_posted = answered_by
+        elapsed = int((time.monotonic() - (call.answered_at or time.monotonic())) * 1000)
+        fields = {
+            "AccountSid": self.account_sid,
+            "CallSid": call.sid,
+            "AnsweredBy": answered_by,
+            "MachineDetectionDuration": str(elapsed),
+        }
+        await self._post(url, fields)
+
+    async def _end(self, call: FakeCall, status: str, *, sip: int | None = None) -> None:
+        if call.answered_at is not None:
+            call.duration_s = max(round(time.monotonic() - call.answered_at), 1)
+        extra = {"CallDuration": str(call.duration_s), "Duration": str((call.duration_s + 59) // 60)}
+        if sip is not None:
+            extra["SipResponseCode"] = str(sip)
+        await self._post_status(call, "completed", status, extra)
+
+    async def _post_status(
+        self, call: FakeCall, event: str, status: str, extra: Mapping[str, str] | None = None
+    ) -> None:
+        call.status = status
+        url = _first(call.params, "StatusCallback")
+        subscribed = call.params.get("StatusCallbackEvent") or ["completed"]
+        if not url or event not in subscribed:
+            return
+        fields = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": API_VERSION,
+            "CallSid": call.sid,
+            "CallStatus": status,
+            "CallbackSource": "call-progress-events",
+            "Called": call.to,
+            "Caller": call.from_,
+            "Direction": "outbound-api",
+            "From": call.from_,
+            "SequenceNumber": str(len(call.statuses_posted)),
+            "Timestamp": format_datetime(datetime.now(UTC), usegmt=True),
+            "To": call.to,
+            **(extra or {}),
+        }
+        call.statuses_posted.append(status)
+        call.callback_responses.append(await self._post(url, fields))
+
+    async def _post(self, url: str, fields: dict[str, str]) -> int:
+        assert self._http is not None
+        headers = {"X-Twilio-Signature": _signature(self.auth_token, url, fields)}
+        try:
+            async with self._http.post(url, data=fields, headers=headers) as response:
+                return response.status
+        except aiohttp.ClientError:
+            return 0
+
+
+def _multi(form: MultiDictProxy[Any]) -> dict[str, list[str]]:
+    params: dict[str, list[str]] = {}
+    for key, value in form.items():
+        params.setdefault(key, []).append(str(value))
+    return params
+
+
+def _first(params: Mapping[str, list[str]], name: str) -> str:
+    values = params.get(name)
+    return values[0] if values else ""
+
+
+def _said(twiml: str) -> list[str]:
+    """What a TwiML document would speak: the text of its <Say> verbs, in order."""
+    if not twiml:
+        return []
+    root = ET.fromstring(twiml)  # noqa: S314 - the engine under test wrote it
+    return [(say.text or "").strip() for say in root.iter("Say")]
+
+
+def _error(status: int, code: int, message: str) -> web.Response:
+    body = {
+        "code": code,
+        "message": message,
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    }
+    return web.json_response(body, status=status)

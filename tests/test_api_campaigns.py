@@ -1,0 +1,159 @@
+"""/v1/campaigns through the real server: create with dialing rules, add recipients (a list or a CSV file's text,
+bad numbers kept as ERROR, duplicates merged), the lifecycle (start, pause, resume, stop) and its refusals, and
+another organization's key seeing nothing. The engine's dispatcher is off: dialing is tests/test_dispatch_*'s."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from tests.engine_server import running_engine
+from tests.test_api_auth import Api, Tenant, make_tenant
+from tests.test_outbound_calls import make_agent
+
+
+@pytest.fixture(scope="module")
+async def engine(db_url: str) -> AsyncIterator[str]:
+    async with running_engine(db_url, dispatch_enabled=False) as base:
+        yield base
+
+
+@pytest.fixture
+async def api(engine: str) -> AsyncIterator[Api]:
+    async with aiohttp.ClientSession() as session:
+        yield Api(session, engine)
+
+
+@pytest.fixture(scope="module")
+async def tenant(pool: asyncpg.Pool) -> Tenant:
+    return await make_tenant(pool, "Campaigner")
+
+
+async def new_campaign(api: Api, pool: asyncpg.Pool, tenant: Tenant, **fields: Any) -> dict[str, Any]:
+    agent_id = await make_agent(pool, tenant.organization_id)
+    status, campaign = await api.call(
+        "POST", "/campaigns", tenant.owner_key, json={"batchName": "Check-ups", "agentId": agent_id, **fields}
+    )
+    assert status == 201, campaign
+    created: dict[str, Any] = campaign
+    return created
+
+
+async def test_a_campaign_is_created_with_its_rules_and_filled_with_recipients(
+    api: Api, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    campaign = await new_campaign(
+        api,
+        pool,
+        tenant,
+        taskPrompt="Book a check-up for {{name}}.",
+        callStartTime="09:00",
+        callEndTime="17:30",
+        timezone="America/New_York",
+        daysOfWeek=[1, 2, 3, 4, 5],
+        maxConcurrentCalls=5,
+        callsPerSecond=2,
+        retry={"maxAttempts": 3, "retryOn": ["busy", "voicemail"], "delaysSeconds": [600, 3600]},
+    )
+    assert campaign["status"] == "DRAFT" and campaign["totalCalls"] == 0 and campaign["paused"] is False
+    assert campaign["rules"]["timezone"] == "America/New_York"
+    assert sorted(campaign["rules"]["daysOfWeek"]) == [1, 2, 3, 4, 5]
+    assert campaign["rules"]["retry"]["maxAttempts"] == 3
+    path = f"/campaigns/{campaign['id']}/recipients"
+
+    status, summary = await api.call(
+        "POST",
+        path,
+        tenant.owner_key,
+        json={
+            "recipients": [
+                {"phoneNumber": "+1 212 555 0101", "name": "Ann", "variables": {"doctor": "Dr Lee"}},
+                {"phoneNumber": "(212) 555-0102", "name": "Bob"},
+                {"phoneNumber": "12"},
+            ],
+            "defaultRegion": "US",
+        },
+    )
+    assert status == 200, summary
+    assert summary == {"rows": 3, "imported": 2, "merged": 0, "errors": 1}
+    csv = '\ufeffName;Phone;Notes;plan\nCy;+12125550103;"likes mornings; early";gold\nAnn again;+12125550101;;\n'
+    status, summary = await api.call("POST", path, tenant.owner_key, json={"csv": csv})
+    assert status == 200, summary
+    assert summary == {"rows": 2, "imported": 1, "merged": 1, "errors": 0}
+
+    _, page = await api.call("GET", f"{path}?limit=2", tenant.viewer_key)
+    _, rest = await api.call("GET", f"{path}?limit=2&cursor={page['nextCursor']}", tenant.viewer_key)
+    recipients = page["data"] + rest["data"]
+    assert rest["nextCursor"] is None
+    assert sorted(r["phoneNumber"] for r in recipients if r["status"] != "ERROR") == [
+        "+12125550101",
+        "+12125550102",
+        "+12125550103",
+    ]
+    _, errors = await api.call("GET", f"{path}?status=ERROR", tenant.owner_key)
+    assert [r["phoneNumber"] for r in errors["data"]] == ["12"]
+    _, fetched = await api.call("GET", f"/campaigns/{campaign['id']}", tenant.owner_key)
+    assert fetched["totalCalls"] == 3
+
+    status, body = await api.call("POST", path, tenant.owner_key, json={"csv": "name,notes\nAnn,hi\n"})
+    assert (status, body["error"]["field"]) == (422, "csv")
+
+
+async def test_the_lifecycle_and_its_refusals(api: Api, pool: asyncpg.Pool, tenant: Tenant) -> None:
+    campaign = await new_campaign(api, pool, tenant)
+    base = f"/campaigns/{campaign['id']}"
+    status, body = await api.call("POST", f"{base}/start", tenant.owner_key)
+    assert status == 422, body  # nobody to call yet
+    await api.call(
+        "POST", f"{base}/recipients", tenant.owner_key, json={"recipients": [{"phoneNumber": "+12125550111"}]}
+    )
+    status, started = await api.call("POST", f"{base}/start", tenant.owner_key)
+    assert status == 200 and started["status"] == "PLANNED"
+    status, _ = await api.call("POST", f"{base}/start", tenant.owner_key)
+    assert status == 409
+    status, paused = await api.call("POST", f"{base}/pause", tenant.owner_key, json={"reason": "holiday"})
+    assert status == 200 and (paused["paused"], paused["pausedReason"]) == (True, "holiday")
+    status, resumed = await api.call("POST", f"{base}/resume", tenant.owner_key)
+    assert status == 200 and resumed["paused"] is False
+    status, stopped = await api.call("POST", f"{base}/stop", tenant.owner_key)
+    assert status == 200 and stopped["status"] == "STOPPED" and stopped["finishedAt"] is not None
+    _, recipients = await api.call("GET", f"{base}/recipients", tenant.owner_key)
+    assert [r["status"] for r in recipients["data"]] != []
+    for action in ("stop", "pause", "resume", "start"):
+        status, _ = await api.call("POST", f"{base}/{action}", tenant.owner_key, json={} if action == "pause" else None)
+        assert status == 409, action
+    status, _ = await api.call("POST", f"{base}/stop", tenant.viewer_key)
+    assert status == 403
+
+
+async def test_invalid_rules_are_422_naming_the_field(api: Api, pool: asyncpg.Pool, tenant: Tenant) -> None:
+    agent_id = await make_agent(pool, tenant.organization_id)
+    cases: list[tuple[dict[str, Any], str | None]] = [
+        ({"timezone": "Mars/Olympus"}, None),
+        ({"callStartTime": "09:00"}, None),
+        ({"callStartTime": "25:00", "callEndTime": "17:00"}, "callStartTime"),
+        ({"daysOfWeek": [0]}, "daysOfWeek[0]"),
+        ({"retry": {"retryOn": ["hung-up"]}}, "retry.retryOn[0]"),
+        ({"agentId": "nobody"}, None),
+    ]
+    for fields, field in cases:
+        status, body = await api.call(
+            "POST", "/campaigns", tenant.owner_key, json={"batchName": "Bad", "agentId": agent_id, **fields}
+        )
+        assert status == 422, (fields, body)
+        if field is not None:
+            assert body["error"]["field"] == field, (fields, body)
+
+
+async def test_another_organization_sees_none_of_it(api: Api, pool: asyncpg.Pool, tenant: Tenant) -> None:
+    campaign = await new_campaign(api, pool, tenant)
+    other = await make_tenant(pool, "Rival")
+    for method, suffix in (("GET", ""), ("GET", "/recipients"), ("POST", "/start"), ("POST", "/stop")):
+        status, _ = await api.call(method, f"/campaigns/{campaign['id']}{suffix}", other.owner_key)
+        assert status == 404, (method, suffix)
+    _, page = await api.call("GET", "/campaigns", other.owner_key)
+    assert page["data"] == []

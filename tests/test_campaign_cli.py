@@ -1,0 +1,94 @@
+"""`dialtone campaign ...` as an operator runs it: real processes on a real database, one-line errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import asyncpg
+
+from engine.campaign_cli import parse_days
+from storage import campaigns
+from storage.agents import create_agent
+from storage.enums import CallerType, CampaignStatus
+from tests.test_repo_agents import insert_organization
+
+DIALTONE = [sys.executable, "-m", "engine.cli"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def dialtone(db_url: str, cwd: Path, *args: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIALTONE_", "DATABASE_URL", "TWILIO_"))}
+    env.update(PYTHONPATH=str(REPO), DATABASE_URL=db_url, DIALTONE_LOG_LEVEL="WARNING")
+    process = await asyncio.create_subprocess_exec(
+        *DIALTONE, *args, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_create_import_start_pause_stop_and_status(pool: asyncpg.Pool, db_url: str, tmp_path: Path) -> None:
+    org = await insert_organization(pool)
+    slug = await pool.fetchval('SELECT "slug" FROM "Organization" WHERE "id" = $1', org)
+    agent = await create_agent(pool, organization_id=org, name="Caller", caller_type=CallerType.OUTBOUND)
+
+    code, out, err = await dialtone(
+        db_url,
+        tmp_path,
+        *("campaign", "create", "--org", slug, "--agent", agent.id, "--name", "Renewals"),
+        *("--window", "09:00-17:00", "--days", "mon-fri", "--timezone", "Europe/Paris"),
+        *("--max-concurrent", "3", "--calls-per-second", "2", "--max-attempts", "3", "--retry-on", "busy"),
+        *("--retry-delays", "600,3600"),
+    )
+    assert code == 0, err
+    campaign_id = out.strip()
+    state = await campaigns.get_dispatch_state(pool, organization_id=org, campaign_id=campaign_id)
+    assert state.rules.days_of_week == frozenset({1, 2, 3, 4, 5})
+    assert state.rules.retry.delays_seconds == (600, 3600)
+
+    csv = tmp_path / "people.csv"
+    csv.write_text("\ufeffname;phone;plan\nAda;+12125551234;gold\nGrace;not a number;silver\n", encoding="utf-8")
+    code, out, err = await dialtone(db_url, tmp_path, "campaign", "import", "--org", org, campaign_id, str(csv))
+    assert code == 0, err
+    assert "2 rows" in out and "1 recipients imported" in out and "1 invalid" in out
+    assert "importing [" in err and "100%" in err
+
+    for action in ("start", "pause"):
+        code, _, err = await dialtone(db_url, tmp_path, "campaign", action, "--org", org, campaign_id)
+        assert code == 0, err
+    code, out, err = await dialtone(db_url, tmp_path, "campaign", "status", "--once", "--org", org, campaign_id)
+    assert code == 0, err
+    assert "Renewals" in out and "PLANNED" in out and "PAUSED: paused by request" in out
+    assert "queued 1" in out and "invalid 1" in out
+
+    code, _, err = await dialtone(db_url, tmp_path, "campaign", "stop", "--org", org, campaign_id)
+    assert code == 0, err
+    stopped = await campaigns.get_campaign(pool, organization_id=org, campaign_id=campaign_id)
+    assert stopped.status == CampaignStatus.STOPPED
+
+
+async def test_mistakes_get_one_line_naming_what_is_wrong(pool: asyncpg.Pool, db_url: str, tmp_path: Path) -> None:
+    org = await insert_organization(pool)
+    agent = await create_agent(pool, organization_id=org, name="Caller")
+    code, _, err = await dialtone(
+        db_url, tmp_path, "campaign", "create", "--org", org, "--agent", agent.id, "--name", "X", "--window", "9-5"
+    )
+    assert code == 1 and err.startswith("dialtone: ") and "'9'" in err and "Traceback" not in err
+
+    campaign = await campaigns.create_campaign(pool, organization_id=org, batch_name="Y", agent_id=agent.id)
+    headerless = tmp_path / "bad.csv"
+    headerless.write_text("email\nada@example.com\n", encoding="utf-8")
+    code, _, err = await dialtone(db_url, tmp_path, "campaign", "import", "--org", org, campaign.id, str(headerless))
+    assert code == 1 and "no phone number column" in err and "Traceback" not in err
+
+    code, _, err = await dialtone(db_url, tmp_path, "campaign", "start", "--org", org, campaign.id)
+    assert code == 1 and "no valid recipient" in err
+
+
+def test_days_read_as_names_ranges_or_numbers() -> None:
+    assert parse_days("mon-fri") == frozenset({1, 2, 3, 4, 5})
+    assert parse_days("sat,sun") == frozenset({6, 7})
+    assert parse_days("1,3-4") == frozenset({1, 3, 4})

@@ -1,0 +1,104 @@
+"""Calling windows read in each recipient's timezone, across days of the week and DST changes (pure, no clock)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time
+
+import pytest
+
+from engine.campaign_windows import CallingWindow, InvalidWindow, recipient_timezone, zone
+
+NEW_YORK = zone("America/New_York")
+TOKYO = zone("Asia/Tokyo")
+BERLIN = zone("Europe/Berlin")
+OFFICE_HOURS = CallingWindow.from_strings("09:00", "17:00")
+WEEKDAYS = frozenset({1, 2, 3, 4, 5})
+
+
+def utc(year: int, month: int, day: int, hour: int, minute: int) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
+
+
+def test_a_window_opens_and_closes_at_local_times() -> None:
+    # 2026-01-14 is a Wednesday; New York is UTC-5 in winter.
+    assert not OFFICE_HOURS.is_open(NEW_YORK, utc(2026, 1, 14, 13, 59))
+    assert OFFICE_HOURS.is_open(NEW_YORK, utc(2026, 1, 14, 14, 0))
+    assert OFFICE_HOURS.is_open(NEW_YORK, utc(2026, 1, 14, 21, 59))
+    assert not OFFICE_HOURS.is_open(NEW_YORK, utc(2026, 1, 14, 22, 0))
+
+
+def test_one_instant_is_inside_one_recipients_window_and_outside_anothers() -> None:
+    instant = utc(2026, 1, 14, 15, 0)  # 10:00 in New York, 00:00 next day in Tokyo
+    assert OFFICE_HOURS.is_open(NEW_YORK, instant)
+    assert not OFFICE_HOURS.is_open(TOKYO, instant)
+    assert OFFICE_HOURS.next_opening(TOKYO, instant) == utc(2026, 1, 15, 0, 0)  # 09:00 Tokyo (UTC+9)
+
+
+def test_next_opening_is_now_while_open() -> None:
+    instant = utc(2026, 1, 14, 15, 30)
+    assert OFFICE_HOURS.next_opening(NEW_YORK, instant) == instant
+
+
+def test_days_of_week_skip_the_weekend() -> None:
+    window = CallingWindow.from_strings("09:00", "17:00", WEEKDAYS)
+    friday_evening = utc(2026, 1, 16, 23, 0)  # Friday 18:00 in New York
+    assert window.next_opening(NEW_YORK, friday_evening) == utc(2026, 1, 19, 14, 0)  # Monday 09:00
+    assert not window.is_open(NEW_YORK, utc(2026, 1, 17, 15, 0))  # Saturday 10:00
+
+
+def test_the_utc_opening_moves_an_hour_across_the_spring_dst_change() -> None:
+    # New York springs forward on Sunday 2026-03-08: 09:00 is 14:00 UTC before, 13:00 UTC after.
+    assert OFFICE_HOURS.next_opening(NEW_YORK, utc(2026, 3, 7, 12, 0)) == utc(2026, 3, 7, 14, 0)
+    assert OFFICE_HOURS.next_opening(NEW_YORK, utc(2026, 3, 7, 23, 0)) == utc(2026, 3, 8, 13, 0)
+    assert OFFICE_HOURS.is_open(NEW_YORK, utc(2026, 3, 8, 13, 30))
+    assert not OFFICE_HOURS.is_open(NEW_YORK, utc(2026, 3, 7, 13, 30))
+
+
+def test_an_overnight_window_spans_the_autumn_dst_change_in_local_time() -> None:
+    # Berlin falls back on Sunday 2026-10-25 at 03:00 CEST -> 02:00 CET. Saturday 22:00 CEST is 20:00 UTC;
+    # the window ends Sunday 06:00 CET, 05:00 UTC: nine hours of wall clock, ten of real time.
+    night = CallingWindow.from_strings("22:00", "06:00")
+    assert night.next_opening(BERLIN, utc(2026, 10, 24, 12, 0)) == utc(2026, 10, 24, 20, 0)
+    assert night.is_open(BERLIN, utc(2026, 10, 25, 4, 59))
+    assert not night.is_open(BERLIN, utc(2026, 10, 25, 5, 0))
+
+
+def test_an_overnight_window_belongs_to_the_day_it_opens() -> None:
+    friday_night = CallingWindow.from_strings("22:00", "02:00", frozenset({5}))
+    assert friday_night.is_open(BERLIN, utc(2026, 1, 17, 0, 30))  # Saturday 01:30 in Berlin
+    assert not friday_night.is_open(BERLIN, utc(2026, 1, 17, 21, 30))  # Saturday 22:30
+
+
+def test_a_window_without_hours_is_open_all_day() -> None:
+    assert CallingWindow().is_open(TOKYO, utc(2026, 1, 14, 3, 17))
+    assert CallingWindow.from_strings(None, None) == CallingWindow(time(0), time(0))
+
+
+@pytest.mark.parametrize(
+    ("number", "expected"),
+    [
+        ("+12125551234", "America/New_York"),
+        ("+14155550123", "America/Los_Angeles"),
+        ("+81312345678", "Asia/Tokyo"),
+        ("+15555550100", None),  # no region: the campaign's timezone applies
+    ],
+)
+def test_a_numbers_timezone_comes_from_its_region_when_it_has_one(number: str, expected: str | None) -> None:
+    assert recipient_timezone(number) == expected
+
+
+def test_a_country_with_several_timezones_is_ambiguous() -> None:
+    assert recipient_timezone("+61491570006") is None  # an Australian mobile: any of its zones
+
+
+@pytest.mark.parametrize("bad", ["9:00", "24:00", "09:60", "nine"])
+def test_unusable_times_are_refused_with_the_value(bad: str) -> None:
+    with pytest.raises(InvalidWindow, match=bad):
+        CallingWindow.from_strings(bad, "17:00")
+
+
+def test_unknown_timezones_and_empty_days_are_refused() -> None:
+    with pytest.raises(InvalidWindow, match="Mars/Olympus"):
+        zone("Mars/Olympus")
+    with pytest.raises(InvalidWindow, match="days of week"):
+        CallingWindow(days=frozenset())

@@ -1,0 +1,129 @@
+"""A campaign end to end in one process: the dispatcher's real dialer (place_call), the engine's webhooks and
+media session on loopback, and the fake Twilio answering, ringing busy and refusing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from config.agent import parse_agent_configuration
+from config.settings import load_settings
+from engine.dispatcher import CampaignDispatcher, DispatchTiming, PlaceCallDialer
+from engine.outbound_calls import OutboundDeps
+from engine.recipients_csv import read_recipients
+from engine.simulator import Say
+from engine.twilio_rest import TwilioCalls
+from storage import agents, campaigns, conversation_paths, organizations, phone_numbers
+from storage.campaigns import DialingRules
+from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
+from storage.enums import CallerType, CampaignStatus
+from tests.engine_server import running_engine
+from tests.fakes.twilio import Answer, Busy, FakeTwilio, Refuse
+
+OFFLINE = {"stt": {"provider": "sphinx"}, "llm": {"provider": "conversation_path"}, "tts": {"provider": "espeak"}}
+ANSWERS, BUSY, REFUSED = "+12125550171", "+12125550172", "+12125550173"
+
+
+@pytest.fixture(scope="module")
+async def twilio() -> AsyncIterator[FakeTwilio]:
+    async with FakeTwilio() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+async def deps(db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio) -> AsyncIterator[OutboundDeps]:
+    """The engine serving webhooks and media (its own dispatcher off), and what the test's dispatcher dials with."""
+    credentials: dict[str, Any] = {
+        "twilio_auth_token": twilio.auth_token,
+        "twilio_account_sid": twilio.account_sid,
+        "twilio_api_base": twilio.api_base,
+    }
+    async with running_engine(db_url, dispatch_enabled=False, **credentials) as engine:
+        client = TwilioCalls(twilio.account_sid, twilio.auth_token, api_base=twilio.api_base)
+        try:
+            settings = load_settings(database_url=db_url, **credentials)
+            yield OutboundDeps(pool=pool, settings=settings, twilio=client, public_url=engine)
+        finally:
+            await client.close()
+
+
+async def booking_campaign(pool: asyncpg.Pool) -> campaigns.Campaign:
+    org = (await organizations.create_organization(pool, name="Clinic", slug="clinic", credits=500)).id
+    await phone_numbers.create_phone_number(pool, organization_id=org, phone_number="+12125550170")
+    agent = await agents.create_agent(
+        pool,
+        organization_id=org,
+        name="Booker",
+        caller_type=CallerType.OUTBOUND,
+        configuration=parse_agent_configuration(OFFLINE).to_json(),
+    )
+    path = await conversation_paths.create_conversation_path(
+        pool, organization_id=org, name="booking", nodes=DEMO_PATH_NODES, edges=DEMO_PATH_EDGES
+    )
+    await agents.link_conversation_path(pool, organization_id=org, agent_id=agent.id, conversation_path_id=path.id)
+    campaign = await campaigns.create_campaign(
+        pool,
+        organization_id=org,
+        batch_name="Checkups",
+        agent_id=agent.id,
+        rules=DialingRules(max_concurrent_calls=3, calls_per_second=5),
+    )
+    csv = f"name,phone,doctor\nAnn,{ANSWERS},Dr Who\nBob,{BUSY},\nCy,{REFUSED},\n"
+    await campaigns.import_recipients(
+        pool,
+        organization_id=org,
+        campaign_id=campaign.id,
+        recipients=[row.recipient for row in read_recipients(io.StringIO(csv))],
+    )
+    return await campaigns.start_campaign(pool, organization_id=org, campaign_id=campaign.id)
+
+
+async def test_a_campaign_places_real_calls_and_completes_from_their_outcomes(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio
+) -> None:
+    twilio.behave(ANSWERS, Answer(greeting="Hello?", script=[Say("I would like to book an appointment")]))
+    twilio.behave(BUSY, Busy())
+    twilio.behave(REFUSED, Refuse())
+    campaign = await booking_campaign(pool)
+    dispatcher = CampaignDispatcher(pool, PlaceCallDialer(deps), timing=DispatchTiming(interval=timedelta(seconds=0.2)))
+    dispatcher.start()
+    try:
+        for _ in range(600):
+            status = await pool.fetchval('SELECT "status" FROM "Campaign" WHERE "id" = $1', campaign.id)
+            if status == CampaignStatus.COMPLETED:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await dispatcher.close()
+    assert status == CampaignStatus.COMPLETED
+
+    rows = await pool.fetch(
+        """
+        SELECT r."phoneNumber", d."state", d."lastOutcome", l."status" AS "callStatus", l."metadata"
+        FROM "CampaignRecipient" r
+        JOIN "CampaignRecipientDispatch" d ON d."recipientId" = r."id"
+        JOIN "CampaignAttempt" a ON a."recipientId" = r."id"
+        LEFT JOIN "CallLog" l ON l."id" = a."callLogId"
+        WHERE r."campaignId" = $1
+        """,
+        campaign.id,
+    )
+    by_number = {row["phoneNumber"]: row for row in rows}
+    assert (by_number[ANSWERS]["state"], by_number[ANSWERS]["callStatus"]) == ("DONE", "COMPLETED")
+    assert by_number[ANSWERS]["metadata"]["variables"] == {"name": "Ann", "doctor": "Dr Who"}
+    assert (by_number[BUSY]["state"], by_number[BUSY]["lastOutcome"]) == ("FAILED", "busy")
+    assert (by_number[REFUSED]["state"], by_number[REFUSED]["callStatus"]) == ("FAILED", "FAILED")
+    assert {number: twilio.creates[number] for number in (ANSWERS, BUSY, REFUSED)} == {
+        ANSWERS: 1,
+        BUSY: 1,
+        REFUSED: 1,
+    }
+    done = await campaigns.get_campaign(pool, organization_id=campaign.organization_id, campaign_id=campaign.id)
+    assert (done.completed_calls, done.total_calls, done.progress) == (3, 3, 100)

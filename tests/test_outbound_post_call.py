@@ -1,0 +1,276 @@
+"""Post-call analysis: the summary template filled by the model, the success verdict, Agent.successRate.
+
+Calls are finished CallLogs with their turns in a real PostgreSQL; the model is the fake OpenAI over HTTP."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from config.agent import parse_agent_configuration
+from config.settings import load_settings
+from engine.post_call import PostCallDeps, analyze_call
+from pipelines.llm.openai_chat import close_openai_clients
+from storage import agents, call_logs, call_turns, campaigns, organizations
+from storage.call_turns import TurnRecord
+from storage.enums import CallerType, CallStatus, CallType
+from tests.fakes.openai_chat import FakeOpenAI
+
+OPENAI_KEY = "sk-test-post-call"
+CLOUD_LLM = {"stt": {"provider": "sphinx"}, "llm": {"provider": "openai", "model": "gpt-4o-mini"}}
+_sids = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+async def openai() -> AsyncIterator[FakeOpenAI]:
+    """The fake OpenAI."""
+    async with FakeOpenAI(api_key=OPENAI_KEY) as fake:
+        yield fake
+    await close_openai_clients()
+
+
+@pytest.fixture(scope="module")
+def deps(db_url: str, pool: asyncpg.Pool, openai: FakeOpenAI) -> PostCallDeps:
+    """The database, and settings pointing OpenAI at the fake."""
+    settings = load_settings(database_url=db_url, openai_api_key=OPENAI_KEY, openai_base_url=openai.base_url)
+    return PostCallDeps(pool=pool, settings=settings)
+
+
+@pytest.fixture(scope="module")
+async def organization_id(pool: asyncpg.Pool) -> str:
+    """An organization."""
+    return (await organizations.create_organization(pool, name="Analysis", slug="analysis", credits=100)).id
+
+
+async def make_agent(pool: asyncpg.Pool, organization_id: str, **configuration: Any) -> str:
+    """An OUTBOUND agent with the given configuration; returns its id."""
+    agent = await agents.create_agent(
+        pool,
+        organization_id=organization_id,
+        name="analyzed",
+        caller_type=CallerType.OUTBOUND,
+        configuration=parse_agent_configuration(configuration).to_json(),
+    )
+    return agent.id
+
+
+async def finished_call(
+    pool: asyncpg.Pool,
+    organization_id: str,
+    agent_id: str,
+    lines: list[tuple[str, str]],
+    *,
+    status: CallStatus = CallStatus.COMPLETED,
+    end_reason: str = "path_end",
+    campaign_id: str | None = None,
+    variables: dict[str, str] | None = None,
+) -> str:
+    """A finished outbound call with these (speaker, text) turns; returns its CallLog id."""
+    log = await call_logs.create_call_log(
+        pool,
+        organization_id=organization_id,
+        call_type=CallType.OUTBOUND,
+        call_id=f"CA{next(_sids):032x}",
+        agent_id=agent_id,
+        campaign_id=campaign_id,
+        phone_number="+15550104444",
+        metadata={"variables": variables or {}},
+    )
+    turns = [TurnRecord(i, speaker, text, i * 1000, i * 1000 + 900) for i, (speaker, text) in enumerate(lines)]  # type: ignore[arg-type]
+    if turns:
+        await call_turns.insert_turns(pool, organization_id=organization_id, call_log_id=log.id, turns=turns)
+    await call_logs.finalize_call_log(
+        pool,
+        organization_id=organization_id,
+        call_log_id=log.id,
+        status=status,
+        duration=len(lines),
+        metadata={"endReason": end_reason},
+    )
+    return log.id
+
+
+BOOKED = [
+    ("agent", "Hi Ann, this is the clinic. Would you like to book your check-up?"),
+    ("caller", "Yes, Tuesday at ten works for me."),
+    ("agent", "Great, you are booked for Tuesday at ten. Goodbye."),
+]
+DECLINED = [
+    ("agent", "Hi, this is the clinic. Would you like to book your check-up?"),
+    ("caller", "No thanks, I am not interested."),
+]
+
+
+async def metadata_of(pool: asyncpg.Pool, call_log_id: str) -> dict[str, Any]:
+    """The CallLog's metadata."""
+    value: dict[str, Any] = await pool.fetchval('SELECT "metadata" FROM "CallLog" WHERE "id" = $1', call_log_id)
+    return value
+
+
+async def success_rate(pool: asyncpg.Pool, agent_id: str) -> float:
+    """The agent's successRate."""
+    rate: float = await pool.fetchval('SELECT "successRate" FROM "Agent" WHERE "id" = $1', agent_id)
+    return rate
+
+
+async def test_the_campaigns_summary_template_is_filled_and_success_judged_against_its_task(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    agent_id = await make_agent(pool, organization_id, **CLOUD_LLM)
+    campaign = await campaigns.create_campaign(
+        pool,
+        organization_id=organization_id,
+        batch_name="check-ups",
+        agent_id=agent_id,
+        task_prompt="Book {{name}} in for a check-up.",
+        post_call_summary="Patient: {{name}}\nBooked: \nSlot: ",
+    )
+    call_log_id = await finished_call(
+        pool, organization_id, agent_id, BOOKED, campaign_id=campaign.id, variables={"name": "Ann"}
+    )
+    summary = "Patient: Ann\nBooked: yes\nSlot: Tuesday 10:00"
+    openai.json_replies.append(json.dumps({"summary": summary, "success": True, "reason": "A slot was booked."}))
+
+    result = await analyze_call(deps, organization_id=organization_id, call_log_id=call_log_id)
+
+    assert (result.summary, result.success) == (summary, True)
+    metadata = await metadata_of(pool, call_log_id)
+    assert (metadata["summary"], metadata["success"], metadata["successReason"]) == (
+        summary,
+        True,
+        "A slot was booked.",
+    )
+    assert metadata["analysis"]["model"] == "gpt-4o-mini"
+    assert metadata["endReason"] == "path_end"  # the call's own metadata stays
+    request = openai.json_requests[-1]
+    assert request["model"] == "gpt-4o-mini" and request["response_format"] == {"type": "json_object"}
+    prompt = request["messages"][1]["content"]
+    assert "Patient: Ann\nBooked: \nSlot: " in prompt
+    assert "Book Ann in for a check-up." in prompt
+    assert "Caller: Yes, Tuesday at ten works for me." in prompt
+    assert await success_rate(pool, agent_id) == 100.0
+
+
+async def test_success_rate_is_the_share_of_analyzed_calls_judged_a_success(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    agent_id = await make_agent(
+        pool,
+        organization_id,
+        successCriteria="The callee agreed to a check-up.",
+        postCallSummary="Outcome: ",
+        **CLOUD_LLM,
+    )
+    verdicts = [True, False, False, True]
+    for verdict in verdicts:
+        call_log_id = await finished_call(pool, organization_id, agent_id, BOOKED if verdict else DECLINED)
+        openai.json_replies.append(json.dumps({"summary": "Outcome: x", "success": verdict, "reason": "judged"}))
+        await analyze_call(deps, organization_id=organization_id, call_log_id=call_log_id)
+    unanalyzed = await finished_call(pool, organization_id, agent_id, DECLINED)  # never analyzed: does not count
+
+    assert await success_rate(pool, agent_id) == 50.0
+    assert "success" not in await metadata_of(pool, unanalyzed)
+    assert "The callee agreed to a check-up." in openai.json_requests[-1]["messages"][1]["content"]
+
+
+async def test_without_a_template_only_success_is_judged(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    agent_id = await make_agent(pool, organization_id, prompt="Sell the premium plan.", **CLOUD_LLM)
+    call_log_id = await finished_call(pool, organization_id, agent_id, DECLINED)
+    openai.json_replies.append(json.dumps({"summary": "", "success": False, "reason": "The callee declined."}))
+
+    result = await analyze_call(deps, organization_id=organization_id, call_log_id=call_log_id)
+
+    assert (result.summary, result.success, result.reason) == (None, False, "The callee declined.")
+    metadata = await metadata_of(pool, call_log_id)
+    assert "summary" not in metadata and metadata["success"] is False
+    assert "Sell the premium plan." in openai.json_requests[-1]["messages"][1]["content"]
+    assert await success_rate(pool, agent_id) == 0.0
+
+
+async def test_an_offline_agent_is_skipped_with_the_reason_and_no_model_is_asked(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    agent_id = await make_agent(pool, organization_id, postCallSummary="Outcome: ")  # conversation path only
+    call_log_id = await finished_call(pool, organization_id, agent_id, BOOKED)
+    asked = len(openai.json_requests)
+
+    result = await analyze_call(deps, organization_id=organization_id, call_log_id=call_log_id)
+
+    assert result.skipped is not None and "offline" in result.skipped
+    assert len(openai.json_requests) == asked
+    metadata = await metadata_of(pool, call_log_id)
+    assert metadata["analysis"]["skipped"] == result.skipped and "success" not in metadata
+
+
+@pytest.mark.parametrize(
+    ("status", "end_reason"),
+    [(CallStatus.MISSED, "no-answer"), (CallStatus.FAILED, "failed"), (CallStatus.COMPLETED, "voicemail_left")],
+)
+async def test_calls_without_a_conversation_are_not_judged(
+    *,
+    deps: PostCallDeps,
+    openai: FakeOpenAI,
+    pool: asyncpg.Pool,
+    organization_id: str,
+    status: CallStatus,
+    end_reason: str,
+) -> None:
+    agent_id = await make_agent(pool, organization_id, postCallSummary="Outcome: ", **CLOUD_LLM)
+    call_log_id = await finished_call(pool, organization_id, agent_id, [], status=status, end_reason=end_reason)
+    asked = len(openai.json_requests)
+
+    result = await analyze_call(deps, organization_id=organization_id, call_log_id=call_log_id)
+
+    assert result.skipped is not None and end_reason in result.skipped
+    assert len(openai.json_requests) == asked
+    assert "success" not in await metadata_of(pool, call_log_id)
+
+
+async def test_a_model_answer_that_is_not_the_json_asked_for_is_recorded_as_an_error(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    agent_id = await make_agent(pool, organization_id, **CLOUD_LLM)
+    call_log_id = await finished_call(pool, organization_id, agent_id, BOOKED)
+    openai.json_replies.append("I think it went well!")
+
+    result = await analyze_call(deps, organization_id=organization_id, call_log_id=call_log_id)
+
+    assert result.error is not None and "not the JSON" in result.error
+    metadata = await metadata_of(pool, call_log_id)
+    assert metadata["analysis"]["error"] == result.error and "success" not in metadata
+
+
+async def test_openai_failing_is_recorded_and_not_raised(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    agent_id = await make_agent(pool, organization_id, **CLOUD_LLM)
+    call_log_id = await finished_call(pool, organization_id, agent_id, BOOKED)
+    openai.fail_next = 2  # the shared client retries once
+
+    result = await analyze_call(deps, organization_id=organization_id, call_log_id=call_log_id)
+
+    assert result.error == "OpenAI answered HTTP 500"
+    assert (await metadata_of(pool, call_log_id))["analysis"]["error"] == "OpenAI answered HTTP 500"
+
+
+async def test_a_running_call_or_another_organizations_call_is_refused(
+    deps: PostCallDeps, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    agent_id = await make_agent(pool, organization_id, **CLOUD_LLM)
+    running = await call_logs.create_call_log(
+        pool, organization_id=organization_id, call_type=CallType.OUTBOUND, call_id="CA-running", agent_id=agent_id
+    )
+    other = await organizations.create_organization(pool, name="Other", slug="analysis-other", credits=1)
+    finished = await finished_call(pool, organization_id, agent_id, BOOKED)
+
+    with pytest.raises(ValueError, match="IN_PROGRESS"):
+        await analyze_call(deps, organization_id=organization_id, call_log_id=running.id)
+    with pytest.raises(Exception, match="CallLog"):
+        await analyze_call(deps, organization_id=other.id, call_log_id=finished)
