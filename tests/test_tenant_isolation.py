@@ -35,6 +35,8 @@ TENANT_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
 ORGANIZATION_PRIVILEGES = frozenset({"SELECT"})
 ORGANIZATION_UPDATABLE_COLUMNS = frozenset({"name", "slug"})
 READ_ONLY_TABLES = frozenset({"User"})
+USER_SECRET_COLUMNS = frozenset({"password", "twoFactorSecret"})
+"""Columns of "User" the API role may not read at all (0009)."""
 # Permissive policies besides the tenant policy; each may only widen what is read, never what is written.
 EXTRA_READ_POLICIES = frozenset({("Voice", "Voice_system_voices_readable")})
 # References by "id" alone that no policy keeps inside the organization: none (0005 and 0008 guard them all). The
@@ -392,7 +394,7 @@ async def test_the_api_role_has_exactly_the_privileges_meant_for_it(pool: asyncp
         elif table == "Organization":
             expected = ORGANIZATION_PRIVILEGES
         elif table in READ_ONLY_TABLES:
-            expected = frozenset({"SELECT"})
+            expected = frozenset()  # column by column, below
         else:
             expected = frozenset()  # engine-internal and anything not yet decided: out of reach
         if granted != expected:
@@ -412,6 +414,23 @@ async def test_the_api_role_has_exactly_the_privileges_meant_for_it(pool: asyncp
         API_ROLE,
     )
     assert {r["column_name"] for r in updatable} == ORGANIZATION_UPDATABLE_COLUMNS
+    catalog = await read_catalog(pool)
+    user_grants = await pool.fetch(
+        "SELECT column_name, privilege_type FROM information_schema.column_privileges "
+        "WHERE grantee = $1 AND table_schema = current_schema() AND table_name = 'User'",
+        API_ROLE,
+    )
+    assert {r["privilege_type"] for r in user_grants} == {"SELECT"}
+    assert {r["column_name"] for r in user_grants} == set(catalog.tables["User"]) - USER_SECRET_COLUMNS
+
+
+async def test_the_api_role_cannot_read_a_password_hash_or_a_second_factor_secret(
+    pool: asyncpg.Pool, orgs: Organizations
+) -> None:
+    async with attack(pool, orgs.a) as conn:
+        for column in sorted(USER_SECRET_COLUMNS):
+            message = await refusal(conn, f'SELECT "{column}" FROM "User"')
+            assert message is not None and PERMISSION_DENIED in message, column
 
 
 async def test_the_api_role_can_call_no_security_definer_function(pool: asyncpg.Pool) -> None:
