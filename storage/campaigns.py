@@ -22,7 +22,7 @@ from pydantic import Field
 
 from storage.enums import CampaignStatus, RecipientStatus
 from storage.errors import ConstraintViolation, InvalidReference, NotFound, StorageError, translate_errors
-from storage.records import Connection, Queryable, Record, new_id, transaction
+from storage.records import Connection, Queryable, Record, new_id, new_ids, transaction
 
 _COLUMNS = (
     '"id", "organizationId", "batchName", "status", "progress", "totalCalls", "completedCalls", "agentId", '
@@ -541,22 +541,25 @@ async def _staged_rows(
     recipients: Iterable[NewRecipient] | AsyncIterable[NewRecipient],
 ) -> AsyncIterator[tuple[Any, ...]]:
     line = 0
+    ids: list[str] = []
     if isinstance(recipients, AsyncIterable):
         async for recipient in recipients:
             line += 1
-            yield _staged_row(line, recipient)
+            ids = ids or new_ids(_ROWS_PER_SLICE)
+            yield _staged_row(line, ids.pop(), recipient)
         return
     for recipient in recipients:
         line += 1
-        yield _staged_row(line, recipient)
+        ids = ids or new_ids(_ROWS_PER_SLICE)
+        yield _staged_row(line, ids.pop(), recipient)
         if line % _ROWS_PER_SLICE == 0:
             await asyncio.sleep(0)
 
 
-def _staged_row(line: int, recipient: NewRecipient) -> tuple[Any, ...]:
+def _staged_row(line: int, id: str, recipient: NewRecipient) -> tuple[Any, ...]:
     return (
         line,
-        new_id(),
+        id,
         recipient.name,
         recipient.phone_number,
         recipient.notes,
