@@ -34,8 +34,8 @@ from storage.organizations import create_organization
 from storage.phone_numbers import create_phone_number
 from storage.pool import create_pool, ensure_database
 from storage.records import new_id
+from tests.fakes.engine_processes import free_port, load_balancer, wait_healthy
 from tests.fakes.twilio import FakeTwilio, NoAnswer
-from tests.test_dispatch_processes import free_port, load_balancer, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 IMPORT_ROWS = 100_000

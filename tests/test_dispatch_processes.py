@@ -8,90 +8,27 @@ once per attempt (the fake counts creates per number), nobody may be lost, and t
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
-import socket
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
 
 from storage import campaigns
 from storage.agents import create_agent
 from storage.campaigns import DialingRules, NewRecipient, RetryPolicy
 from storage.enums import CallerType, CampaignStatus
 from storage.phone_numbers import create_phone_number
-from tests.fakes.server import serve
+from tests.fakes.engine_processes import free_port, load_balancer, start_engine, wait_healthy
 from tests.fakes.twilio import Busy, FakeTwilio, NoAnswer
 from tests.test_repo_agents import insert_organization
 
-DIALTONE = [sys.executable, "-m", "engine.cli"]
 REPO = Path(__file__).resolve().parent.parent
 CALLER_ID = "+12125550000"
 RECIPIENTS = 30
 BUSY = [f"+1212555{n:04d}" for n in range(1000, 1000 + RECIPIENTS // 2)]  # busy twice: two attempts each
 UNANSWERED = [f"+1212555{n:04d}" for n in range(2000, 2000 + RECIPIENTS // 2)]  # no-answer: one attempt
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@asynccontextmanager
-async def load_balancer(backends: list[str]) -> AsyncIterator[str]:
-    """Forward every request to the first backend that takes the connection, rotating the starting one."""
-    turn = itertools.count()
-    async with aiohttp.ClientSession() as http:
-
-        async def forward(request: web.Request) -> web.Response:
-            body = await request.read()
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-            start = next(turn)
-            for offset in range(len(backends)):
-                backend = backends[(start + offset) % len(backends)]
-                try:
-                    async with http.request(
-                        request.method, backend + request.path_qs, data=body, headers=headers
-                    ) as response:
-                        return web.Response(
-                            status=response.status, body=await response.read(), content_type=response.content_type
-                        )
-                except aiohttp.ClientConnectionError:
-                    continue  # that engine is gone: the next one answers
-            return web.Response(status=502, text="no engine answered")
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", forward)
-        async with serve(app) as base:
-            yield base
-
-
-async def wait_healthy(url: str, process: asyncio.subprocess.Process) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(300):
-            if process.returncode is not None:
-                pytest.fail(f"the engine at {url} exited with {process.returncode}")
-            try:
-                async with http.get(url + "/health"):
-                    return
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.1)
-    pytest.fail(f"nothing answered at {url}")
-
-
-async def start_engine(port: int, env: dict[str, str], cwd: Path) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        *DIALTONE, "serve", "--port", str(port), env=env, cwd=cwd, stderr=asyncio.subprocess.PIPE
-    )
 
 
 async def campaign_for_processes(pool: asyncpg.Pool) -> campaigns.Campaign:
@@ -143,7 +80,7 @@ async def kill_mid_campaign(pool: asyncpg.Pool, campaign_id: str, victim: asynci
     pytest.fail("the two engines did not both dial the campaign")
 
 
-async def wait_for(pool: asyncpg.Pool, campaign_id: str, status: CampaignStatus, timeout: float = 45) -> None:
+async def wait_for(pool: asyncpg.Pool, campaign_id: str, status: CampaignStatus, timeout: float = 150) -> None:
     for _ in range(int(timeout * 10)):
         if await pool.fetchval('SELECT "status" FROM "Campaign" WHERE "id" = $1', campaign_id) == status:
             return
