@@ -272,4 +272,4 @@ async def _wrap_up(
             outcome, recording_url=url, metadata={**outcome.metadata, "recordingMs": info.duration_ms}
         )
     await writer.finish(outcome)
-    app[POST_CALL].submit(organization_id=call_log.organization_id, call_log_id=call_log.id)
+    app[POST_CALL].submit(call_log.id)

@@ -8,7 +8,8 @@ prompt. Calls with no conversation to judge (unanswered, voicemail, failed) and 
 the offline conversation path are skipped with the reason in `metadata.analysis.skipped`. The verdict, the
 agent's new rate and the `call.analyzed` webhook are written in one transaction.
 
-`PostCallAnalyzer` runs the analyses of a running engine in the background, a few at a time, as calls end.
+`PostCallAnalyzer` runs the analyses of a running engine in the background, a few at a time, as calls end, and
+takes up those a process that died left undone.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Protocol
 
 import asyncpg
@@ -31,6 +32,7 @@ from config.agent import AgentConfiguration, AgentConfigurationError, OpenAILLMC
 from config.settings import Settings
 from engine.appkeys import DATABASE, SETTINGS
 from engine.call_setup import provider_context
+from engine.recovery import NODE_ID
 from engine.twilio_webhooks import END_VOICEMAIL_HANGUP, END_VOICEMAIL_LEFT
 from pipelines.llm.openai_chat import openai_client
 from pipelines.llm.prompt import render_prompt
@@ -300,37 +302,78 @@ def _now() -> str:
 
 
 class PostCallAnalyzer:
-    """Analyzes calls as they end, in the background and at most `concurrency` at a time.
+    """Analyzes calls as they end, in the background, at most `concurrency` at a time, once per call.
 
-    Analysis is best effort: a process that stops with analyses queued leaves those calls unanalyzed (their
-    CallLogs are complete without it), and shutting down waits `grace_seconds` for the running ones.
+    Each analysis first claims its call (metadata.analysisClaim), so that of several engine processes exactly one
+    analyzes it. Every `sweep_seconds` the analyzer also takes up calls that started within `sweep_window` and
+    ended with no analysis and no live claim: those whose process died with their analysis queued or running
+    (a claim goes stale after `stale_after`). Shutting down waits `grace_seconds` for running analyses.
     """
 
-    def __init__(self, deps: AnalysisDeps, *, concurrency: int = 4, grace_seconds: float = 10.0) -> None:
-        """Analyze with `deps`' database and settings."""
+    def __init__(
+        self,
+        deps: AnalysisDeps,
+        *,
+        node_id: str,
+        concurrency: int = 4,
+        grace_seconds: float = 10.0,
+        sweep_seconds: float = 60.0,
+        sweep_window: timedelta = timedelta(hours=6),
+        stale_after: timedelta = timedelta(minutes=10),
+    ) -> None:
+        """Analyze with `deps`' database and settings, claiming calls as engine node `node_id`."""
         self._deps = deps
+        self._node_id = node_id
         self._slots = asyncio.Semaphore(concurrency)
         self._grace = grace_seconds
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweep_seconds = sweep_seconds
+        self._sweep_window = sweep_window
+        self._stale_after = stale_after
+        self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    def submit(self, *, organization_id: str, call_log_id: str) -> None:
-        """Analyze the ended call soon; returns at once."""
-        task = asyncio.create_task(self._analyze(organization_id, call_log_id), name=f"post-call {call_log_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def submit(self, call_log_id: str) -> None:
+        """Analyze the ended call soon (unless another process does); returns at once."""
+        if call_log_id in self._tasks:
+            return
+        task = asyncio.create_task(self._analyze(call_log_id), name=f"post-call {call_log_id}")
+        self._tasks[call_log_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(call_log_id, None))
 
-    async def _analyze(self, organization_id: str, call_log_id: str) -> None:
+    async def _analyze(self, call_log_id: str) -> None:
         async with self._slots:
             try:
-                await analyze_call(self._deps, organization_id=organization_id, call_log_id=call_log_id)
+                organization_id = await call_logs.claim_for_analysis(
+                    self._deps.pool, call_log_id=call_log_id, node_id=self._node_id, stale_after=self._stale_after
+                )
+                if organization_id is not None:
+                    await analyze_call(self._deps, organization_id=organization_id, call_log_id=call_log_id)
             except Exception:  # one call's analysis must never take the engine down
                 log.exception("CallLog %s: post-call analysis failed", call_log_id)
+
+    async def sweep(self) -> int:
+        """Queue the analyses a process that died left undone; how many were found."""
+        found = await call_logs.awaiting_analysis(
+            self._deps.pool, ended_within=self._sweep_window, stale_after=self._stale_after, limit=100
+        )
+        for call_log_id in found:
+            self.submit(call_log_id)
+        return len(found)
+
+    async def run(self) -> None:
+        """Sweep now and every `sweep_seconds`, until cancelled."""
+        while True:
+            try:
+                if found := await self.sweep():
+                    log.info("post-call analysis: %d ended call(s) left unanalyzed queued again", found)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("post-call analysis: could not look for unanalyzed calls: %s", exc)
+            await asyncio.sleep(self._sweep_seconds)
 
     async def close(self) -> None:
         """Let running analyses finish for a while, then cancel what is left."""
         if not self._tasks:
             return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=self._grace)
+        _, pending = await asyncio.wait(set(self._tasks.values()), timeout=self._grace)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -340,10 +383,13 @@ POST_CALL = web.AppKey("post_call", PostCallAnalyzer)
 
 
 async def post_call_context(app: web.Application) -> AsyncIterator[None]:
-    """The engine's PostCallAnalyzer, for as long as the app runs."""
-    analyzer = PostCallAnalyzer(PostCallDeps.from_app(app))
+    """The engine's PostCallAnalyzer and its sweep, for as long as the app runs (after recovery: needs NODE_ID)."""
+    analyzer = PostCallAnalyzer(PostCallDeps.from_app(app), node_id=app[NODE_ID])
     app[POST_CALL] = analyzer
+    sweeper = asyncio.create_task(analyzer.run(), name="post-call sweep")
     try:
         yield
     finally:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
         await analyzer.close()

@@ -7,7 +7,7 @@ UPDATE, so two writers racing to end the same call cannot both win.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -377,6 +377,50 @@ async def merge_metadata(
     if row is None:
         raise NotFound("CallLog", call_log_id)
     return CallLog.from_row(row)
+
+
+async def claim_for_analysis(db: Queryable, *, call_log_id: str, node_id: str, stale_after: timedelta) -> str | None:
+    """Take an ended call's post-call analysis for engine node `node_id`; its organization id, or None.
+
+    None if the call is still IN_PROGRESS, already analyzed (metadata.analysis), or claimed by a node less than
+    `stale_after` ago: one node analyzes each call, and a claim left by a node that died is taken over.
+    Unscoped by design: it runs on behalf of the engine, as calls end.
+    """
+    organization_id: str | None = await db.fetchval(
+        """
+        UPDATE "CallLog" SET "metadata" = "metadata"
+            || jsonb_build_object('analysisClaim', jsonb_build_object('node', $2::text, 'at', now()))
+        WHERE "id" = $1 AND "status" <> 'IN_PROGRESS' AND NOT ("metadata" ? 'analysis')
+          AND (NOT ("metadata" ? 'analysisClaim')
+               OR ("metadata" -> 'analysisClaim' ->> 'at')::timestamptz < now() - $3::interval)
+        RETURNING "organizationId"
+        """,
+        call_log_id,
+        node_id,
+        stale_after,
+    )
+    return organization_id
+
+
+async def awaiting_analysis(db: Queryable, *, ended_within: timedelta, stale_after: timedelta, limit: int) -> list[str]:
+    """Ids of calls that started within `ended_within` and ended unanalyzed, unclaimed or with a stale claim.
+
+    What a process that died left behind (queued or running analyses); oldest first. Unscoped by design.
+    """
+    rows = await db.fetch(
+        """
+        SELECT "id" FROM "CallLog"
+        WHERE "timestamp" > now() - $1::interval AND "status" <> 'IN_PROGRESS' AND NOT ("metadata" ? 'analysis')
+          AND (NOT ("metadata" ? 'analysisClaim')
+               OR ("metadata" -> 'analysisClaim' ->> 'at')::timestamptz < now() - $2::interval)
+        ORDER BY "timestamp"
+        LIMIT $3
+        """,
+        ended_within,
+        stale_after,
+        limit,
+    )
+    return [row["id"] for row in rows]
 
 
 async def get_call_log_entry(db: Queryable, *, organization_id: str, call_log_id: str) -> CallLogEntry:

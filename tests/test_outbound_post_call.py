@@ -14,9 +14,9 @@ import pytest
 
 from config.agent import parse_agent_configuration
 from config.settings import load_settings
-from engine.post_call import PostCallDeps, analyze_call
+from engine.post_call import PostCallAnalyzer, PostCallDeps, analyze_call
 from pipelines.llm.openai_chat import close_openai_clients
-from storage import agents, call_logs, call_turns, campaigns, organizations
+from storage import agents, call_logs, call_turns, campaigns, events, organizations
 from storage.call_turns import TurnRecord
 from storage.enums import CallerType, CallStatus, CallType
 from tests.fakes.openai_chat import FakeOpenAI
@@ -274,3 +274,52 @@ async def test_a_running_call_or_another_organizations_call_is_refused(
         await analyze_call(deps, organization_id=organization_id, call_log_id=running.id)
     with pytest.raises(Exception, match="CallLog"):
         await analyze_call(deps, organization_id=other.id, call_log_id=finished)
+
+
+async def test_two_engines_given_one_ended_call_analyze_it_once(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    agent_id = await make_agent(pool, organization_id, **CLOUD_LLM)
+    call_log_id = await finished_call(pool, organization_id, agent_id, BOOKED)
+    await events.create_event(
+        pool, organization_id=organization_id, name="call.analyzed", webhook_url="https://hooks.example/analyzed"
+    )
+    asked = len(openai.json_requests)
+    first, second = (PostCallAnalyzer(deps, node_id=node) for node in ("node-a", "node-b"))
+    first.submit(call_log_id)
+    second.submit(call_log_id)
+    await first.close()
+    await second.close()
+
+    assert len(openai.json_requests) == asked + 1
+    assert "success" in await metadata_of(pool, call_log_id)
+    deliveries = await pool.fetch(
+        """SELECT "payload" FROM "WebhookDelivery" WHERE "event" = 'call.analyzed' AND "organizationId" = $1""",
+        organization_id,
+    )
+    assert [d["payload"]["data"]["callLogId"] for d in deliveries] == [call_log_id]
+
+
+async def test_the_sweep_takes_up_analyses_a_dead_engine_left_undone(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    agent_id = await make_agent(pool, organization_id, **CLOUD_LLM)
+    never_queued = await finished_call(pool, organization_id, agent_id, BOOKED)
+    claimed_by_the_dead = await finished_call(pool, organization_id, agent_id, BOOKED)
+    claimed_just_now = await finished_call(pool, organization_id, agent_id, BOOKED)
+    for call_log_id, claimed_at in ((claimed_by_the_dead, "2000-01-01T00:00:00Z"), (claimed_just_now, "now")):
+        await pool.execute(
+            """UPDATE "CallLog" SET "metadata" = "metadata" || jsonb_build_object('analysisClaim',
+                   jsonb_build_object('node', 'gone', 'at', CASE WHEN $2 = 'now' THEN now()::text ELSE $2 END))
+               WHERE "id" = $1""",
+            call_log_id,
+            claimed_at,
+        )
+    analyzer = PostCallAnalyzer(deps, node_id="survivor")
+
+    await analyzer.sweep()
+    await analyzer.close()
+
+    assert "success" in await metadata_of(pool, never_queued)
+    assert "success" in await metadata_of(pool, claimed_by_the_dead)
+    assert "analysis" not in await metadata_of(pool, claimed_just_now)  # its engine may still be at it
