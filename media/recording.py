@@ -24,6 +24,8 @@ SAMPLE_RATE = 8000
 _SAMPLES_PER_MS = SAMPLE_RATE // 1000
 _BYTES_PER_FRAME = 4  # two channels of 16-bit samples
 _SILENCE_BLOCK_FRAMES = SAMPLE_RATE  # zeros are written a second at a time
+_HOLD_BYTES = 100 * _SAMPLES_PER_MS
+"""Contiguous writes to a channel are gathered up to this much (100 ms) before they are placed in the window."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +64,17 @@ class StereoWavRecorder:
         # bytes are finished interleaved μ-law frames; an int is that many frames of silence
         self._outbox: deque[bytes | int] = deque()
         self._writer: wave.Wave_write | None = None
+        # Per channel, audio written back to back and not yet placed (Twilio's 20 ms frames, five at a time), and
+        # the timeline sample it starts at.
+        self._held: tuple[bytearray, bytearray] = (bytearray(), bytearray())
+        self._held_at = [0, 0]
         self._dropped_samples = 0
         self._closed = False
 
     @property
     def buffered_ms(self) -> int:
         """Milliseconds of timeline held in the in-memory window (never more than `window_ms`)."""
+        self._place_held()
         return (self._head - self._start) // _SAMPLES_PER_MS if self._head > self._start else 0
 
     @property
@@ -83,15 +90,52 @@ class StereoWavRecorder:
     @property
     def dropped_ms(self) -> int:
         """Milliseconds of audio discarded because they arrived too late for the window."""
+        self._place_held()
         return self._dropped_samples // _SAMPLES_PER_MS
 
     def write_caller(self, ulaw: bytes, at_ms: int) -> None:
         """Place caller mu-law audio on the left channel starting at `at_ms` of the call."""
-        self._place(0, ulaw, at_ms)
+        self._write(0, ulaw, at_ms)
 
     def write_agent(self, ulaw: bytes, at_ms: int) -> None:
         """Place agent mu-law audio on the right channel starting at `at_ms` of the call."""
-        self._place(1, ulaw, at_ms)
+        self._write(1, ulaw, at_ms)
+
+    def _write(self, channel: int, ulaw: bytes, at_ms: int) -> None:
+        """Hold audio that continues the channel's held audio; place the rest now.
+
+        Placing held audio later gives the same window as placing it at once, because nothing slides the window
+        while audio is held: a write that would slide it first places everything held.
+        """
+        if self._closed:
+            raise RecorderClosedError(f"recording {self.path} is closed")
+        if at_ms < 0:
+            raise ValueError(f"at_ms must not be negative, got {at_ms}")
+        held = self._held[channel]
+        position = at_ms * _SAMPLES_PER_MS
+        slides = position + len(ulaw) > self._start + self._capacity
+        if slides:
+            self._place_held()
+        elif held and position == self._held_at[channel] + len(held):
+            held += ulaw
+            if len(held) >= _HOLD_BYTES:
+                self._place(channel, bytes(held), self._held_at[channel])
+                held.clear()
+            return
+        elif held:
+            self._place(channel, bytes(held), self._held_at[channel])
+            held.clear()
+        if slides or len(ulaw) >= _HOLD_BYTES:
+            self._place(channel, ulaw, position)
+        else:
+            self._held_at[channel] = position
+            held += ulaw
+
+    def _place_held(self) -> None:
+        for channel, held in enumerate(self._held):
+            if held:
+                self._place(channel, bytes(held), self._held_at[channel])
+                held.clear()
 
     def flush(self) -> None:
         """Write finished audio to the file (blocking I/O; run it with `asyncio.to_thread`)."""
@@ -108,6 +152,9 @@ class StereoWavRecorder:
 
     def close(self) -> RecordingInfo:
         """Write everything left, finalise the WAV header and describe the file (blocking I/O)."""
+        if self._closed:
+            raise RecorderClosedError(f"recording {self.path} is closed")
+        self._place_held()  # no writes come after close, so this thread may place them
         self.flush()
         writer = self._open()
         if self._head > self._start:
@@ -120,13 +167,8 @@ class StereoWavRecorder:
             bytes=self.path.stat().st_size,
         )
 
-    def _place(self, channel: int, ulaw: bytes, at_ms: int) -> None:
-        if self._closed:
-            raise RecorderClosedError(f"recording {self.path} is closed")
-        if at_ms < 0:
-            raise ValueError(f"at_ms must not be negative, got {at_ms}")
+    def _place(self, channel: int, ulaw: bytes, position: int) -> None:
         samples = np.frombuffer(ulaw, dtype=np.uint8)
-        position = at_ms * _SAMPLES_PER_MS
         if position < self._start:
             late = min(self._start - position, samples.size)
             self._dropped_samples += late

@@ -17,6 +17,7 @@ import base64
 import binascii
 import enum
 import json
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -55,6 +56,14 @@ DEFAULT_MAX_MESSAGE_SIZE: Final = 64 * 1024
 """Largest text frame accepted, in characters (Twilio frames are ASCII); a 20 ms media frame is about 400."""
 DEFAULT_MAX_PAYLOAD_SIZE: Final = 8000
 """Largest decoded media payload accepted, in bytes: one second of audio (Twilio sends 160-byte frames)."""
+
+# An inbound media frame exactly as Twilio writes it (keys in its order, no spaces, no escapes): fifty of these a
+# second per call are read by slicing instead of json.loads and a field-by-field walk. Any other spelling of the
+# same message, and every other message, goes through the general parser, which checks everything.
+_TWILIO_MEDIA = re.compile(
+    r'\{"event":"media","sequenceNumber":"([0-9]{1,15})","streamSid":"([^"\\]{1,128})","media":\{"track":"([a-z_]{1,32})",'
+    r'"chunk":"([0-9]{1,15})","timestamp":"([0-9]{1,15})","payload":"([A-Za-z0-9+/=]*)"\}\}'
+)
 
 
 # --------------------------------------------------------------------------------------------------- errors
@@ -422,6 +431,11 @@ class TwilioStream:
     def _receive(self, text: str) -> list[StreamEvent]:
         if len(text) > self.max_message_size:
             raise MessageTooLarge(f"frame of {len(text)} characters exceeds the limit of {self.max_message_size}")
+        if self.state is StreamState.STREAMING and (events := self._fast_media(text)) is not None:
+            return events
+        return self._receive_json(text)
+
+    def _receive_json(self, text: str) -> list[StreamEvent]:
         try:
             message = json.loads(text)
         except ValueError as exc:
@@ -448,6 +462,17 @@ class TwilioStream:
                 return self._on_stop(message)
             case _:
                 raise UnknownEvent(f"event {event!r} is not a Twilio Media Streams event")
+
+    def _fast_media(self, text: str) -> list[StreamEvent] | None:
+        """The events of a media frame spelled exactly as Twilio spells it, or None for the general parser."""
+        fast = _TWILIO_MEDIA.fullmatch(text)
+        if fast is None:
+            return None
+        sequence, stream_sid, track, chunk, timestamp, encoded = fast.groups()
+        if self.started is None or stream_sid != self.started.stream_sid:
+            return None  # the general parser says what is wrong
+        self.last_sequence_number = sequence_number = int(sequence)
+        return self._media_events(track, int(chunk), int(timestamp), self._decode(encoded), sequence_number)
 
     def _on_connected(self, message: dict[str, Any]) -> list[StreamEvent]:
         self._expect("connected", StreamState.AWAITING_CONNECTED)
@@ -496,7 +521,12 @@ class TwilioStream:
         track = _string(media, "track", "media.track")
         chunk = _integer(media, "chunk", "media.chunk")
         timestamp_ms = _integer(media, "timestamp", "media.timestamp")
-        payload = self._payload(media)
+        encoded = _string(media, "payload", "media.payload", allow_empty=True)
+        return self._media_events(track, chunk, timestamp_ms, self._decode(encoded), sequence_number)
+
+    def _media_events(
+        self, track: str, chunk: int, timestamp_ms: int, payload: bytes, sequence_number: int
+    ) -> list[StreamEvent]:
         events: list[StreamEvent] = []
         cursor = self._media.cursors.get(track)
         if cursor is None:
@@ -554,13 +584,13 @@ class TwilioStream:
         if sid is not None and self.started is not None and sid != self.started.stream_sid:
             raise UnexpectedMessage(f"streamSid {sid!r} does not match this stream's {self.started.stream_sid!r}")
 
-    def _payload(self, media: dict[str, Any]) -> bytes:
-        encoded = _string(media, "payload", "media.payload", allow_empty=True)
+    def _decode(self, encoded: str) -> bytes:
         if len(encoded) // 4 * 3 > self.max_payload_size + 2:  # checked before decoding anything
             raise MessageTooLarge(f"media.payload decodes past the limit of {self.max_payload_size} bytes")
         try:
-            payload = base64.b64decode(encoded, validate=True)
-        except binascii.Error as exc:
+            # strict: only the base64 alphabet, padding only at the end (what b64decode's validate checks in Python)
+            payload = binascii.a2b_base64(encoded, strict_mode=True)
+        except (binascii.Error, ValueError) as exc:
             raise MalformedMessage(f"media.payload: invalid base64 ({exc})") from None
         if len(payload) > self.max_payload_size:
             raise MessageTooLarge(f"media.payload of {len(payload)} bytes exceeds the limit of {self.max_payload_size}")

@@ -158,3 +158,32 @@ async def test_flush_and_close_run_in_a_thread_from_asyncio(tmp_path: Path) -> N
             await asyncio.to_thread(recorder.flush)
     info = await asyncio.to_thread(recorder.close)
     assert info.duration_ms == 6000
+
+
+def test_audio_held_to_be_placed_in_batches_lands_where_it_was_written(tmp_path: Path) -> None:
+    """Frames are gathered before they are placed; gaps, overlaps, odd sizes and slides must not show it."""
+    rng = np.random.default_rng(7)
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    expected = np.zeros((CALL_MS * 8 + 8000, 2), dtype=np.int16)
+    caller_ms = agent_ms = 0
+    for step in range(2000):
+        channel = int(rng.integers(0, 2))
+        if channel == 0:
+            caller_ms = max(caller_ms + int(rng.choice([20, 20, 20, 20, 40, 0, -20])), 0)  # gaps, repeats
+            at_ms, size = caller_ms, int(rng.choice([160, 160, 160, 80, 240]))
+        else:
+            agent_ms = min(agent_ms + int(rng.choice([0, 100, 100, 300])), caller_ms + 1000)  # a little ahead
+            at_ms, size = agent_ms, int(rng.choice([800, 160, 1600]))
+        if at_ms * 8 + size > expected.shape[0]:
+            break
+        audio = random_ulaw(size, step)
+        (recorder.write_caller if channel == 0 else recorder.write_agent)(audio, at_ms)
+        expected[at_ms * 8 : at_ms * 8 + size, channel] = ulaw_to_pcm16(audio)  # the last write wins
+        if step % 300 == 0:
+            recorder.flush()
+    info = recorder.close()
+
+    _, frames = read_wav(tmp_path / "call.wav")
+    assert recorder.dropped_ms == 0
+    assert frames.shape[0] == info.duration_ms * 8
+    assert np.array_equal(frames, expected[: frames.shape[0]])

@@ -374,30 +374,40 @@ async def test_audio_trimmed_before_deepgram_got_it_keeps_later_times_on_the_str
     assert events[-1] == EndOfTurn(text="i need to reschedule", at_ms=4500)  # 3000 + 200 + 1000 + 300
 
 
-async def test_only_the_silence_after_speech_goes_out_frame_by_frame(fake: FakeDeepgram) -> None:
-    stt = recognizer(fake, endpointing=300, utterance_end_ms=1000)  # frames go one by one for 1.5 s after speech
+async def test_deepgram_gets_at_once_only_the_silence_that_completes_its_gaps(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake, endpointing=300, utterance_end_ms=1000)
     await stt.start()
+    listen = None
 
-    async def send(frames: Sequence[bytes], *, voiced: bool) -> None:
-        for frame in frames:
+    async def send(ms: int, *, voiced: bool) -> int:
+        """Send `ms` of audio at 1 ms spacing (the sender runs between frames); the messages it took."""
+        before = fake.listens[0].audio_messages
+        for frame in speech(ms) if voiced else silent_frames(ms):
             stt.send_audio(frame, voiced=voiced)
-            await asyncio.sleep(0.001)  # let the sender run between frames, as it does at 20 ms spacing
+            await asyncio.sleep(0.001)
+        return fake.listens[0].audio_messages - before
 
-    await send(speech(390), voiced=True)  # 19 frames: three batches of 100 ms, 90 ms held back
-    await until(lambda: fake.listens[0].bytes_received == 300 * 8)
-    speech_messages = fake.listens[0].audio_messages
-    await send(silent_frames(20), voiced=False)  # the first silent frame takes the held-back speech along
-    await until(lambda: fake.listens[0].bytes_received == 410 * 8)
-    first_silence = fake.listens[0].audio_messages - speech_messages
-    await send(silent_frames(1480), voiced=False)
-    await until(lambda: fake.listens[0].bytes_received == 1890 * 8)
-    near_speech = fake.listens[0].audio_messages - speech_messages - first_silence
-    await send(silent_frames(2000), voiced=False)
-    await until(lambda: fake.listens[0].bytes_received == 3890 * 8)
-    far_from_speech = fake.listens[0].audio_messages - speech_messages - first_silence - near_speech
+    async def received(ms: int) -> None:
+        await until(lambda: fake.listens[0].bytes_received == ms * 8)
+
+    speech_messages = await send(390, voiced=True)  # 19 frames: three batches of 100 ms, 90 ms held back
+    await received(300)
+    before_endpointing = await send(300, voiced=False)
+    await received(390 + 300)  # the frame that completes endpointing's 300 ms goes out with all that was held
+    endpointing_window = await send(200, voiced=False)
+    await received(390 + 500)
+    before_utterance_end = await send(500, voiced=False)
+    await received(390 + 1000)  # and the one that completes UtteranceEnd's 1000 ms
+    utterance_end_window = await send(200, voiced=False)
+    far_from_speech = await send(2000, voiced=False)
+    await received(390 + 3200)
+    listen = fake.listens[0]
     await stt.close()
 
     assert speech_messages == 3  # mid-speech nothing waits on the audio: 100 ms at a time
-    assert first_silence == 1  # held-back speech and the first silent frame in one message, at once
-    assert near_speech == 1480 // 20  # one message per frame after speech: endpointing waits on none
-    assert far_from_speech <= 2000 // 100  # then 100 ms at a time
+    assert before_endpointing <= 7  # 200 ms batches, then frame by frame from 100 ms before the gap is complete
+    assert endpointing_window == 200 // 20  # one message per frame until 200 ms past it
+    assert before_utterance_end <= 7
+    assert utterance_end_window == 200 // 20
+    assert far_from_speech == 2000 // 200  # then 200 ms at a time
+    assert listen.bytes_received == (390 + 3200) * 8

@@ -46,8 +46,10 @@ STOP = (
 )
 
 
-def media(sequence: int, chunk: int, payload: bytes = SILENCE_20MS, timestamp: int | None = None) -> str:
-    """An inbound media frame as Twilio sends it: numbers as strings, payload in base64."""
+def media(
+    sequence: int, chunk: int, payload: bytes = SILENCE_20MS, timestamp: int | None = None, *, spaced: bool = False
+) -> str:
+    """An inbound media frame as Twilio sends it: numbers as strings, payload in base64, no spaces (or with them)."""
     timestamp = (chunk - 1) * 20 if timestamp is None else timestamp
     return json.dumps(
         {
@@ -60,7 +62,8 @@ def media(sequence: int, chunk: int, payload: bytes = SILENCE_20MS, timestamp: i
                 "timestamp": str(timestamp),
                 "payload": base64.b64encode(payload).decode(),
             },
-        }
+        },
+        separators=(", ", ": ") if spaced else (",", ":"),
     )
 
 
@@ -231,13 +234,13 @@ def test_a_media_frame_for_another_stream_sid_is_unexpected() -> None:
         ),
         pytest.param('{"event":42}', MalformedMessage, id="event not a string"),
         pytest.param('{"event":"transcription"}', UnknownEvent, id="unknown event"),
-        pytest.param(media(2, 1).replace('"chunk": "1"', '"chunk": "one"'), MalformedMessage, id="non-numeric chunk"),
-        pytest.param(media(2, 1).replace('"chunk": "1"', '"chunk": "-1"'), MalformedMessage, id="negative chunk"),
-        pytest.param(media(2, 1).replace('"chunk": "1"', '"chunk": true'), MalformedMessage, id="boolean chunk"),
+        pytest.param(media(2, 1).replace('"chunk":"1"', '"chunk":"one"'), MalformedMessage, id="non-numeric chunk"),
+        pytest.param(media(2, 1).replace('"chunk":"1"', '"chunk":"-1"'), MalformedMessage, id="negative chunk"),
+        pytest.param(media(2, 1).replace('"chunk":"1"', '"chunk":true'), MalformedMessage, id="boolean chunk"),
         pytest.param(
-            media(2, 1).replace('"timestamp": "0"', '"timestamp": "1.5"'), MalformedMessage, id="float timestamp"
+            media(2, 1).replace('"timestamp":"0"', '"timestamp":"1.5"'), MalformedMessage, id="float timestamp"
         ),
-        pytest.param(media(2, 1).replace('"sequenceNumber": "2", ', ""), MalformedMessage, id="media without sequence"),
+        pytest.param(media(2, 1).replace('"sequenceNumber":"2",', ""), MalformedMessage, id="media without sequence"),
         pytest.param(
             media(2, 1).replace(base64.b64encode(SILENCE_20MS).decode(), "!!not base64!!"),
             MalformedMessage,
@@ -425,3 +428,44 @@ def test_audio_outside_any_utterance_counts_in_the_totals_only() -> None:
     name = mark_name(stream.send_mark(1))
     assert stream.receive_text(mark_echo(name)) == [MarkPlayed(name, 1, 0, final=False)]
     assert (stream.playback.sent_ms, stream.playback.played_ms) == (20, 20)
+
+
+# ------------------------------------------------------------------------------- Twilio's own spelling, read fast
+
+
+def test_media_in_twilios_spelling_and_in_any_other_give_the_same_events() -> None:
+    compact, spaced = streaming(), streaming()
+    frames = [(2, 1, b"\x01" * 160, None), (3, 2, b"\x7f" * 160, None), (4, 5, b"\x80" * 80, 300)]
+    for sequence, chunk, payload, timestamp in frames:
+        assert compact.receive_text(media(sequence, chunk, payload, timestamp)) == spaced.receive_text(
+            media(sequence, chunk, payload, timestamp, spaced=True)
+        )
+    assert compact.last_sequence_number == spaced.last_sequence_number == 4
+    assert compact.dropped_chunks == spaced.dropped_chunks == 2
+
+
+@pytest.mark.parametrize(
+    ("frame", "error"),
+    [
+        # the fast reader's pattern lets these through; what follows it still refuses them
+        (media(2, 1).replace('"payload":"', '"payload":"=A'), MalformedMessage),  # padding first
+        (media(2, 1).replace('"payload":"', '"payload":"A'), MalformedMessage),  # not a multiple of four
+        (media(2, 1, b"\xff" * 9000), MessageTooLarge),
+        (media(2, 1).replace(STREAM_SID, "MZ" + "f" * 32), UnexpectedMessage),  # another stream's frame
+        # digits from other scripts are not Twilio's numbers, however int() reads them
+        (media(2, 1).replace('"chunk":"1"', '"chunk":"\u0661"'), MalformedMessage),
+        (media(2, 1).replace('"chunk":"1"', '"chunk":"\\u0661"'), MalformedMessage),  # the same, escaped in JSON
+    ],
+)
+def test_media_in_twilios_spelling_is_checked_as_strictly(frame: str, error: type[Exception]) -> None:
+    stream = streaming()
+    with pytest.raises(error):
+        stream.receive_text(frame)
+    assert stream.state is StreamState.FAILED
+
+
+def test_media_in_twilios_spelling_before_start_is_refused() -> None:
+    stream = TwilioStream()
+    stream.receive_text(CONNECTED)
+    with pytest.raises(UnexpectedMessage):
+        stream.receive_text(media(2, 1))

@@ -32,13 +32,15 @@ BYTES_PER_MS = 8
 
 CLOSE_GRACE_SECONDS = 1.0
 """How long `close()` waits for Deepgram to send its last results and close the socket."""
-QUIET_BATCH_MS = 100
-"""Far from speech, caller audio goes out this much at a time (5x fewer socket writes)."""
+QUIET_BATCH_MS = 200
+"""Far from speech, caller audio goes out this much at a time (10x fewer socket writes than frame by frame)."""
 SPEECH_BATCH_MS = 100
-"""Mid-speech, voiced frames go out this much at a time: no end of turn can come before the speech stops, and
-the first frame that is not voiced sends them at once, so endpointing waits on nothing that was held back."""
-HOT_MARGIN_MS = 500
-"""Beyond endpointing and UtteranceEnd, silent frames still go out one by one this long."""
+"""Mid-speech, voiced frames go out this much at a time: no end of turn can come before the speech stops."""
+HOT_LEAD_MS = 100
+"""Silent frames go out one by one from this long before Deepgram's endpointing (or UtteranceEnd) gap is complete
+after the last voiced frame; everything held is sent with the first of them."""
+HOT_MARGIN_MS = 200
+"""... until this long after it, for a recognizer whose idea of the end of speech lags ours."""
 
 _SCHEMES = {"ws": ("ws", "http"), "http": ("ws", "http"), "wss": ("wss", "https"), "https": ("wss", "https")}
 
@@ -121,10 +123,13 @@ class DeepgramSTT:
         self._sent_to = 0
         self._origin = 0
         self._replayed_to = 0
-        # Deepgram needs the silence after speech promptly (endpointing, UtteranceEnd counts it), never the speech
-        # before it nor the silence long after it: those go out in batches (see send_audio).
+        # Deepgram needs promptly only the silence that completes its endpointing or UtteranceEnd gap after speech;
+        # the speech before it and the rest of the silence go out in batches (see send_audio).
         self._quiet_bytes = 0
-        self._hot_bytes = (max(config.endpointing or 0, config.utterance_end_ms or 0) + HOT_MARGIN_MS) * BYTES_PER_MS
+        gaps = sorted({gap for gap in (config.endpointing, config.utterance_end_ms) if gap})
+        self._hot_windows = tuple(
+            (max(0, gap - HOT_LEAD_MS) * BYTES_PER_MS, (gap + HOT_MARGIN_MS) * BYTES_PER_MS) for gap in gaps
+        )
         self._wake = asyncio.Event()
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._last_sent = 0.0
@@ -153,9 +158,10 @@ class DeepgramSTT:
     def send_audio(self, ulaw: bytes, *, voiced: bool = True) -> None:
         """Queue one chunk of caller audio for the sender task; cheap enough for every 20 ms frame.
 
-        Only the silence that follows speech is time-critical (Deepgram's endpointing and UtteranceEnd count it):
-        those frames go out one by one. Voiced frames wait to go out `SPEECH_BATCH_MS` at a time, and the first
-        silent frame after them takes them along; silence far from speech goes out `QUIET_BATCH_MS` at a time.
+        Only the silence that completes Deepgram's endpointing or UtteranceEnd gap after speech is time-critical:
+        from `HOT_LEAD_MS` before each gap is complete to `HOT_MARGIN_MS` after it, frames go out one by one, the
+        first taking along everything held. Voiced frames go out `SPEECH_BATCH_MS` at a time, the rest of the
+        silence `QUIET_BATCH_MS` at a time. Deepgram cannot end a turn on audio it would get sooner frame by frame.
         """
         if self._closing:
             return
@@ -171,8 +177,10 @@ class DeepgramSTT:
             self._quiet_bytes = 0
             due = pending >= SPEECH_BATCH_MS * BYTES_PER_MS
         else:
-            self._quiet_bytes += len(ulaw)
-            due = self._quiet_bytes < self._hot_bytes or pending >= QUIET_BATCH_MS * BYTES_PER_MS
+            quiet = self._quiet_bytes = self._quiet_bytes + len(ulaw)
+            due = pending >= QUIET_BATCH_MS * BYTES_PER_MS
+            for start, end in self._hot_windows:
+                due = due or start < quiet <= end
         if due:
             self._wake.set()
 
