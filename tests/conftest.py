@@ -12,6 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from pipelines.llm.openai_chat import close_openai_clients
 from storage.embedded import start_embedded
 from tests.databases import TestDatabases
 
@@ -59,3 +60,10 @@ async def pool(databases: TestDatabases, db_url: str) -> AsyncIterator[asyncpg.P
     pool = await databases.pool(db_url)
     yield pool
     await pool.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def shared_openai_clients() -> AsyncIterator[None]:
+    """Close the OpenAI clients pipelines built during the session (an engine closes its own at shutdown)."""
+    yield
+    await close_openai_clients()

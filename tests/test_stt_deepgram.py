@@ -126,6 +126,33 @@ async def test_speech_gives_speech_started_interims_a_final_and_the_end_of_turn(
     assert end == EndOfTurn(text="i need to reschedule", at_ms=1800)
 
 
+async def test_messages_that_cannot_be_read_are_skipped_and_the_turn_still_ends(
+    fake: FakeDeepgram, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.garbage.extend(
+        [
+            "{not json",
+            "[1, 2]",
+            '{"type": "Results", "channel": {}}',
+            '{"type": "Results", "start": 0, "duration": true, "is_final": true,'
+            ' "channel": {"alternatives": [{"transcript": "x"}]}}',
+            '{"type": "Results", "start": 0, "duration": 1, "channel": {"alternatives": [{"transcript": 7}]}}',
+            '{"type": "SpeechStarted", "timestamp": "soon"}',
+        ]
+    )
+    stt = recognizer(fake)
+    await stt.start()
+    await feed(stt, silent_frames(500) + speech(1600) + silent_frames(600))  # five interims and a final
+    events = await collect(stt, is_end_of_turn)
+    await stt.close()
+
+    assert not fake.garbage  # all of it was sent
+    assert events[0] == SpeechStarted(at_ms=500)
+    assert events[-1] == EndOfTurn(text="i need to reschedule", at_ms=2400)
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 6
+
+
 async def test_two_turns_each_end_with_their_own_transcript(fake: FakeDeepgram) -> None:
     fake.transcripts.append("tuesday please")
     stt = recognizer(fake, interim_results=False, utterance_end_ms=None)

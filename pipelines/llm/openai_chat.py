@@ -225,16 +225,15 @@ class OpenAIChatLLM:
         }
         self.usage = TokenUsage()
 
-    async def _stream(
-        self, messages: list[ChatCompletionMessageParam], *, last_round: bool
-    ) -> AsyncStream[dict[str, Any]]:
+    async def _stream(self, messages: list[ChatCompletionMessageParam], *, last_round: bool) -> AsyncStream[object]:
         """POST the streamed completion through the SDK's client with a body we built as plain JSON.
 
         `chat.completions.create` would walk every message of the conversation through the SDK's TypedDict
         transformer first: 3-4 ms of event-loop time per reply at a few turns, growing with the call, that every
         other call on the core waits for. Our messages are plain JSON already, so the request is the same. The
         chunks stay the JSON objects they arrive as: building a ChatCompletionChunk model for every token is
-        most of the SDK's work on a stream, for three fields we read.
+        most of the SDK's work on a stream, for three fields we read. (`object` is the one chunk type the SDK
+        hands over untouched; even `dict[str, Any]` has it copy every chunk key by key.)
         """
         body = _present(
             {
@@ -255,7 +254,7 @@ class OpenAIChatLLM:
             options={"security": {"bearer_auth": True}},
             cast_to=ChatCompletion,
             stream=True,
-            stream_cls=AsyncStream[dict[str, Any]],
+            stream_cls=AsyncStream[object],
         )
 
     async def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncGenerator[LLMEvent, None]:
@@ -272,7 +271,8 @@ class OpenAIChatLLM:
                 stream = await self._stream(messages, last_round=last_round)
                 # Leaving this block any way (end, error, barge-in cancellation) closes the HTTP stream.
                 async with stream:
-                    async for chunk in stream:
+                    async for item in stream:
+                        chunk = _chunk_object(item)
                         if isinstance(usage := chunk.get("usage"), dict):
                             self.usage.add(usage)
                         for text in completion.absorb(chunk):
@@ -436,3 +436,9 @@ def _assistant_calls(text: str | None, calls: Sequence[_FunctionCall]) -> ChatCo
 
 def _tool_result(call: _FunctionCall, result: str) -> ChatCompletionToolMessageParam:
     return {"role": "tool", "tool_call_id": call.id, "content": result}
+
+
+def _chunk_object(chunk: object) -> dict[str, Any]:
+    if not isinstance(chunk, dict):
+        raise LLMError(f"openai sent a stream chunk that is not a JSON object: {chunk!r:.80}")
+    return chunk

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -19,7 +20,6 @@ from deepgram import AsyncDeepgramClient
 from deepgram.core.api_error import ApiError
 from deepgram.environment import DeepgramClientEnvironment
 from deepgram.listen.v1.socket_client import AsyncV1SocketClient
-from deepgram.listen.v1.types import ListenV1Error, ListenV1Results, ListenV1SpeechStarted, ListenV1UtteranceEnd
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from config.agent import DeepgramSTTConfig
@@ -318,31 +318,46 @@ class DeepgramSTT:
         self._wake.set()
 
     async def _receive(self, socket: AsyncV1SocketClient) -> str:
-        """Turn Deepgram's messages into events until the socket closes; return why it closed."""
+        """Turn Deepgram's messages into events until the socket closes; return why it closed.
+
+        Messages are read as the JSON they are from the SDK's own connection: its `recv()` would build the SDK's
+        models for each, about 100 µs for a Results message with its words (eight times json.loads) on the loop
+        every call's audio shares, for the few fields read here.
+        """
+        websocket = socket._websocket  # deepgram-sdk 7.x: the connection `listen.v1.connect` opened
         while True:
             try:
-                message = await socket.recv()
+                data = await websocket.recv()
             except ConnectionClosed as exc:
                 return self._close_cause(exc)
+            try:
+                message = json.loads(data)
             except ValueError:
                 log.warning("deepgram at %s sent a message that is not JSON; skipped", self._host)
                 continue
             try:
                 self._handle(message)
-            except (AttributeError, TypeError, IndexError, ValueError) as exc:
-                log.warning("deepgram at %s sent a %s it could not read; skipped (%r)", self._host, type(message), exc)
+            except (KeyError, TypeError, IndexError, ValueError) as exc:
+                log.warning("deepgram at %s sent a message it could not read; skipped (%r)", self._host, exc)
 
     def _handle(self, message: object) -> None:
-        match message:
-            case ListenV1Results():
+        if not isinstance(message, dict):
+            raise TypeError(f"a JSON {type(message).__name__}, not an object")
+        match message.get("type"):
+            case "Results":
                 self._on_results(message)
-            case ListenV1SpeechStarted(timestamp=timestamp):
-                self._on_speech_started(self._socket_ms(timestamp))
-            case ListenV1UtteranceEnd(last_word_end=last_word_end):
+            case "SpeechStarted":
+                self._on_speech_started(self._socket_ms(_seconds(message["timestamp"])))
+            case "UtteranceEnd":
                 # The fallback when endpointing never fires (noisy lines): the words stopped a while ago.
-                self._end_turn(self._socket_ms(last_word_end))
-            case ListenV1Error(description=description, variant=variant):
-                log.warning("deepgram at %s reported an error: %s (%s)", self._host, description, variant)
+                self._end_turn(self._socket_ms(_seconds(message["last_word_end"])))
+            case "Error":
+                log.warning(
+                    "deepgram at %s reported an error: %s (%s)",
+                    self._host,
+                    message.get("description"),
+                    message.get("variant"),
+                )
             case _:
                 pass  # Metadata at the end of the stream, Configure replies
 
@@ -352,12 +367,15 @@ class DeepgramSTT:
         """A time on the current socket's timeline (seconds) as milliseconds on the stream's timeline."""
         return self._origin // BYTES_PER_MS + round(seconds * 1000)
 
-    def _on_results(self, result: ListenV1Results) -> None:
-        alternatives = result.channel.alternatives
-        text = alternatives[0].transcript.strip() if alternatives else ""
-        end = result.start + result.duration
+    def _on_results(self, result: dict[str, Any]) -> None:
+        alternatives = result["channel"]["alternatives"]
+        transcript = alternatives[0]["transcript"] if alternatives else ""
+        if not isinstance(transcript, str):
+            raise TypeError(f"transcript is a {type(transcript).__name__}")
+        text = transcript.strip()
+        end = _seconds(result["start"]) + _seconds(result["duration"])
         at_ms = self._socket_ms(end)
-        if not result.is_final:
+        if result.get("is_final") is not True:
             if text:
                 self._events.put_nowait(TranscriptUpdate(text=text, is_final=False, at_ms=at_ms))
             return
@@ -366,7 +384,7 @@ class DeepgramSTT:
         if text:
             self._turn.append(text)
             self._events.put_nowait(TranscriptUpdate(text=text, is_final=True, at_ms=at_ms))
-        if result.speech_final:
+        if result.get("speech_final") is True:
             self._end_turn(at_ms)
 
     def _confirm(self, through: int) -> None:
@@ -412,3 +430,10 @@ class DeepgramSTT:
                 return f"could not reach deepgram at {self._host}: {exc.strerror or exc}"
             case _:
                 return f"deepgram at {self._host}: the WebSocket handshake failed ({exc})"
+
+
+def _seconds(value: object) -> float:
+    """A time in one of Deepgram's messages: seconds as a JSON number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected seconds as a number, got {value!r}")
+    return float(value)

@@ -68,7 +68,8 @@ class FakeDeepgram:
 
     Controls: `transcripts` (FIFO: each final result takes the next, then `default_transcript`), `refuse` (new
     handshakes fail with HTTP 503 while true), `drop_all()` (cut every live socket like a network failure),
-    `result_delay_ms` (each Results message goes out this much later). Observations: `listens` (one
+    `result_delay_ms` (each Results message goes out this much later), `garbage` (raw text frames sent, one each,
+    before the next Results messages: broken JSON, wrong shapes). Observations: `listens` (one
     `FakeListenConnection` per accepted socket) and the counters `connections`, `keepalives`, `closed_cleanly`,
     `queries`, `bytes_received`, `refused`.
     """
@@ -90,6 +91,7 @@ class FakeDeepgram:
         self.idle_timeout_seconds = idle_timeout_seconds
         self.refuse = False
         self.refused = 0
+        self.garbage: deque[str] = deque()
         self.listens: list[FakeListenConnection] = []
         self.url = ""
         self._live: dict[web.WebSocketResponse, asyncio.Transport | None] = {}
@@ -218,6 +220,8 @@ class FakeDeepgram:
         now = asyncio.get_running_loop().time()
         for message in messages:
             delay = self.result_delay_ms / 1000 if message["type"] == "Results" else 0.0
+            if message["type"] == "Results" and self.garbage:
+                outbox.put_nowait(_Message(now + delay, self.garbage.popleft()))
             outbox.put_nowait(_Message(now + delay, message))
 
     async def _write(
@@ -234,6 +238,9 @@ class FakeDeepgram:
                     return
                 if (wait := item.due - loop.time()) > 0:
                     await asyncio.sleep(wait)
+                if isinstance(item.payload, str):
+                    await ws.send_str(item.payload)  # garbage, as it is
+                    continue
                 listen.sent.append(item.payload)
                 await ws.send_str(json.dumps(item.payload))
 
@@ -247,7 +254,7 @@ class FakeDeepgram:
 @dataclass(frozen=True, slots=True)
 class _Message:
     due: float
-    payload: dict[str, Any]
+    payload: dict[str, Any] | str
 
 
 @dataclass(frozen=True, slots=True)
