@@ -22,7 +22,6 @@ from engine import metrics
 from engine.call_log_writer import CallLogWriter, CallOutcome, TurnRecord
 from engine.outbound_audio import OutboundAudio, SendText, StreamTimeline
 from media.dtmf import InvalidDigits, dtmf_audio
-from media.g711 import ulaw_to_pcm16_bytes
 from media.recording import StereoWavRecorder
 from media.twilio_stream import (
     DtmfReceived,
@@ -390,7 +389,7 @@ class CallSession:
         if len(media.payload) != 160:
             self._pipeline.stt.send_audio(media.payload)
             return  # the VAD takes 20 ms frames; Twilio sends those in practice
-        vad_event = self._vad.process(ulaw_to_pcm16_bytes(media.payload))
+        vad_event = self._vad.process_ulaw(media.payload)
         self._pipeline.stt.send_audio(media.payload, voiced=self._vad.last_frame_voiced)
         now = self._clock()
         if self._vad.last_frame_voiced:

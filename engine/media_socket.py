@@ -47,15 +47,26 @@ START_TIMEOUT_SECONDS = 10.0
 WEBSOCKET_MAX_MESSAGE = 1 << 20
 
 
-async def _text_frames(ws: web.WebSocketResponse) -> AsyncIterator[str]:
-    """The socket's text frames; a binary frame is a protocol error, a close or error ends the stream."""
-    async for message in ws:
+class _TextFrames:
+    """The socket's text frames; a binary frame is a protocol error, a close or error ends the stream.
+
+    An iterator over `receive()` rather than an async generator over the socket: two fewer layers of coroutine
+    per frame, fifty frames a second per call.
+    """
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self._receive = ws.receive
+
+    def __aiter__(self) -> _TextFrames:
+        return self
+
+    async def __anext__(self) -> str:
+        message = await self._receive()
         if message.type is WSMsgType.TEXT:
-            yield message.data
-        elif message.type is WSMsgType.BINARY:
+            return message.data  # type: ignore[no-any-return]
+        if message.type is WSMsgType.BINARY:
             raise MalformedMessage("Twilio sends text frames only; got a binary frame")
-        else:
-            return
+        raise StopAsyncIteration
 
 
 async def _await_start(stream: TwilioStream, frames: AsyncIterator[str]) -> Started:
@@ -173,7 +184,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     app = request.app
     settings, pool = app[SETTINGS], app[DATABASE].pool
     stream = TwilioStream()
-    frames = _text_frames(ws)
+    frames = _TextFrames(ws)
     try:
         started = await _await_start(stream, frames)
     except (StreamProtocolError, TimeoutError) as exc:

@@ -9,12 +9,15 @@ import numpy as np
 import webrtcvad
 
 from media.framing import FRAME_MS
+from media.g711 import ulaw_to_pcm16, ulaw_to_pcm16_bytes
 
 SAMPLE_RATE = 8000
 """Sample rate, in Hz, of the PCM frames the detector accepts."""
 
 PCM_FRAME_BYTES = SAMPLE_RATE * FRAME_MS // 1000 * 2
 """Bytes in one 20 ms frame of 8 kHz 16-bit PCM (320)."""
+ULAW_FRAME_BYTES = PCM_FRAME_BYTES // 2
+"""Bytes in one 20 ms frame of 8 kHz μ-law (160)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +65,12 @@ class VoiceActivityDetector:
         self._stop_frames = math.ceil(stop_ms / FRAME_MS)
         # Compare the sum of squares of a frame directly, so no sqrt or log per frame.
         samples_per_frame = PCM_FRAME_BYTES // 2
-        self._energy_floor = samples_per_frame * (32768.0 * 10 ** (energy_floor_dbfs / 20)) ** 2
+        floor_amplitude = 32768.0 * 10 ** (energy_floor_dbfs / 20)
+        self._energy_floor = samples_per_frame * floor_amplitude**2
+        # The μ-law codes of samples quieter than the floor: a frame made only of them has less energy than the
+        # floor (its mean square is at most its peak's square), so it is not voiced, decoded or not.
+        quiet = np.flatnonzero(np.abs(ulaw_to_pcm16(bytes(range(256))).astype(np.float64)) < floor_amplitude)
+        self._quiet_codes = bytes(quiet.tolist())
         self.last_frame_voiced = False
         """Whether the frame just processed was speech (for timing when the caller stopped talking)."""
         self._frames = 0
@@ -97,7 +105,20 @@ class VoiceActivityDetector:
 
     def process(self, pcm_frame: bytes | bytearray) -> VadEvent | None:
         """Feed one 20 ms frame of 8 kHz PCM16 (320 bytes) and return the event it causes, if any."""
-        voiced = self.is_voiced(pcm_frame)
+        return self._advance(self.is_voiced(pcm_frame))
+
+    def process_ulaw(self, ulaw_frame: bytes) -> VadEvent | None:
+        """`process` for one 20 ms frame of 8 kHz μ-law (160 bytes), as Twilio sends it.
+
+        A frame with no sample above the energy floor (most of a call's silence) is settled without decoding it.
+        """
+        if len(ulaw_frame) != ULAW_FRAME_BYTES:
+            raise ValueError(f"VAD frame must be {ULAW_FRAME_BYTES} bytes of 8 kHz μ-law, got {len(ulaw_frame)}")
+        if not ulaw_frame.translate(None, self._quiet_codes):
+            return self._advance(False)
+        return self._advance(self.is_voiced(ulaw_to_pcm16_bytes(ulaw_frame)))
+
+    def _advance(self, voiced: bool) -> VadEvent | None:
         self._frames += 1
         self.last_frame_voiced = voiced
         if not self._speaking:

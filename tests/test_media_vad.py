@@ -6,7 +6,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from media.vad import PCM_FRAME_BYTES, SpeechStarted, SpeechStopped, VadEvent, VoiceActivityDetector
+from media.g711 import pcm16_to_ulaw, ulaw_to_pcm16
+from media.vad import PCM_FRAME_BYTES, ULAW_FRAME_BYTES, SpeechStarted, SpeechStopped, VadEvent, VoiceActivityDetector
 
 RATE = 8000
 
@@ -107,3 +108,31 @@ def test_a_frame_of_the_wrong_size_is_rejected() -> None:
 def test_aggressiveness_outside_0_to_3_is_rejected() -> None:
     with pytest.raises(ValueError, match="aggressiveness"):
         VoiceActivityDetector(aggressiveness=4)
+
+
+def test_mu_law_frames_get_the_same_decisions_as_their_decoded_audio() -> None:
+    """Quiet μ-law frames are settled without decoding; that shortcut must never change a decision."""
+    rng = np.random.default_rng(3)
+    pieces = [silence(400), line_noise(600), voiced(800), line_noise(300)]
+    # Hiss right around the -50 dBFS floor (amplitude ~104), and single spikes above it in near-silence.
+    pieces += [rng.normal(0, sigma, RATE * 200 // 1000).astype(np.int16) for sigma in (60, 90, 100, 110, 150)]
+    spiky = silence(400)
+    spiky[::97] = 120
+    pieces += [spiky, voiced(500), silence(1000)]
+    ulaw = pcm16_to_ulaw(np.concatenate(pieces))
+    decoded = ulaw_to_pcm16(ulaw).tobytes()
+
+    by_ulaw, by_pcm = VoiceActivityDetector(), VoiceActivityDetector()
+    decisions = []
+    for index in range(len(ulaw) // ULAW_FRAME_BYTES):
+        from_ulaw = by_ulaw.process_ulaw(ulaw[index * ULAW_FRAME_BYTES : (index + 1) * ULAW_FRAME_BYTES])
+        from_pcm = by_pcm.process(decoded[index * PCM_FRAME_BYTES : (index + 1) * PCM_FRAME_BYTES])
+        assert from_ulaw == from_pcm
+        assert by_ulaw.last_frame_voiced == by_pcm.last_frame_voiced
+        decisions.append(by_ulaw.last_frame_voiced)
+    assert any(decisions) and not all(decisions)
+
+
+def test_a_mu_law_frame_of_the_wrong_size_is_rejected() -> None:
+    with pytest.raises(ValueError, match="160 bytes"):
+        VoiceActivityDetector().process_ulaw(b"\xff" * 80)

@@ -166,7 +166,7 @@ async def test_two_turns_each_end_with_their_own_transcript(fake: FakeDeepgram) 
 
 
 async def test_without_endpointing_utterance_end_closes_the_turn(fake: FakeDeepgram) -> None:
-    stt = recognizer(fake, endpointing=False, utterance_end_ms=1000)
+    stt = recognizer(fake, endpointing=False, utterance_end_ms=1000, keepalive_seconds=60)
     await stt.start()
     await feed(stt, silent_frames(200) + speech(600) + silent_frames(1200))
     events = await collect(stt, is_end_of_turn)
@@ -401,40 +401,54 @@ async def test_audio_trimmed_before_deepgram_got_it_keeps_later_times_on_the_str
     assert events[-1] == EndOfTurn(text="i need to reschedule", at_ms=4500)  # 3000 + 200 + 1000 + 300
 
 
-async def test_deepgram_gets_at_once_only_the_silence_that_completes_its_gaps(fake: FakeDeepgram) -> None:
-    stt = recognizer(fake, endpointing=300, utterance_end_ms=1000)
+async def send_counting(stt: DeepgramSTT, fake: FakeDeepgram, ms: int, *, voiced: bool) -> int:
+    """Send `ms` of audio at 1 ms spacing (the sender runs between frames); the audio messages Deepgram got."""
+    before = fake.listens[0].audio_messages
+    for frame in speech(ms) if voiced else silent_frames(ms):
+        stt.send_audio(frame, voiced=voiced)
+        await asyncio.sleep(0.001)
+    return fake.listens[0].audio_messages - before
+
+
+async def received(fake: FakeDeepgram, ms: int) -> None:
+    await until(lambda: fake.listens[0].bytes_received == ms * 8)
+
+
+async def test_deepgram_gets_at_once_only_the_silence_that_completes_endpointing(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake, endpointing=300, utterance_end_ms=1000, keepalive_seconds=60)  # no flush by keepalive
     await stt.start()
-    listen = None
 
-    async def send(ms: int, *, voiced: bool) -> int:
-        """Send `ms` of audio at 1 ms spacing (the sender runs between frames); the messages it took."""
-        before = fake.listens[0].audio_messages
-        for frame in speech(ms) if voiced else silent_frames(ms):
-            stt.send_audio(frame, voiced=voiced)
-            await asyncio.sleep(0.001)
-        return fake.listens[0].audio_messages - before
-
-    async def received(ms: int) -> None:
-        await until(lambda: fake.listens[0].bytes_received == ms * 8)
-
-    speech_messages = await send(390, voiced=True)  # 19 frames: three batches of 100 ms, 90 ms held back
-    await received(300)
-    before_endpointing = await send(300, voiced=False)
-    await received(390 + 300)  # the frame that completes endpointing's 300 ms goes out with all that was held
-    endpointing_window = await send(200, voiced=False)
-    await received(390 + 500)
-    before_utterance_end = await send(500, voiced=False)
-    await received(390 + 1000)  # and the one that completes UtteranceEnd's 1000 ms
-    utterance_end_window = await send(200, voiced=False)
-    far_from_speech = await send(2000, voiced=False)
-    await received(390 + 3200)
-    listen = fake.listens[0]
+    speech_messages = await send_counting(stt, fake, 400, voiced=True)
+    await received(fake, 400)
+    before_endpointing = await send_counting(stt, fake, 300, voiced=False)
+    await received(fake, 400 + 300)  # the frame that completes endpointing's 300 ms goes out with all held
+    await collect(stt, is_end_of_turn)
+    after_endpointing = await send_counting(stt, fake, 100, voiced=False)
+    await received(fake, 400 + 400)
+    # The turn has ended: nothing waits for UtteranceEnd, so its gap is nothing special.
+    far_from_speech = await send_counting(stt, fake, 2000, voiced=False)
+    await received(fake, 400 + 2400)
     await stt.close()
 
-    assert speech_messages == 3  # mid-speech nothing waits on the audio: 100 ms at a time
-    assert before_endpointing <= 7  # 200 ms batches, then frame by frame from 100 ms before the gap is complete
-    assert endpointing_window == 200 // 20  # one message per frame until 200 ms past it
-    assert before_utterance_end <= 7
-    assert utterance_end_window == 200 // 20
+    assert speech_messages == 4  # mid-speech nothing waits on the audio: 100 ms at a time
+    assert before_endpointing <= 6  # a 200 ms batch, then frame by frame from 100 ms before the gap is complete
+    assert after_endpointing == 100 // 20  # and 100 ms past it
     assert far_from_speech == 2000 // 200  # then 200 ms at a time
-    assert listen.bytes_received == (390 + 3200) * 8
+
+
+async def test_without_endpointing_the_silence_that_completes_utterance_end_goes_at_once(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake, endpointing=False, utterance_end_ms=1000, keepalive_seconds=60)
+    await stt.start()
+
+    await send_counting(stt, fake, 420, voiced=True)  # 20 ms held: the batches do not line up with the gap
+    await received(fake, 400)
+    before_utterance_end = await send_counting(stt, fake, 1000, voiced=False)
+    await received(fake, 420 + 1000)  # final words wait for UtteranceEnd: its frame goes out at once
+    events = await collect(stt, is_end_of_turn)
+    far_from_speech = await send_counting(stt, fake, 1000, voiced=False)
+    await received(fake, 420 + 2000)
+    await stt.close()
+
+    assert isinstance(events[-1], EndOfTurn)
+    assert before_utterance_end <= 10  # 200 ms batches, then frame by frame from 900 ms
+    assert far_from_speech <= 1000 // 200 + 1

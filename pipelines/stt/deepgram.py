@@ -38,9 +38,10 @@ SPEECH_BATCH_MS = 100
 """Mid-speech, voiced frames go out this much at a time: no end of turn can come before the speech stops."""
 HOT_LEAD_MS = 100
 """Silent frames go out one by one from this long before Deepgram's endpointing (or UtteranceEnd) gap is complete
-after the last voiced frame; everything held is sent with the first of them."""
-HOT_MARGIN_MS = 200
-"""... until this long after it, for a recognizer whose idea of the end of speech lags ours."""
+after the last voiced frame, for a recognizer whose idea of the end of speech leads ours; everything held goes out
+with the first of them."""
+HOT_MARGIN_MS = 100
+"""... until this long after it, for one whose idea lags ours."""
 
 _SCHEMES = {"ws": ("ws", "http"), "http": ("ws", "http"), "wss": ("wss", "https"), "https": ("wss", "https")}
 
@@ -126,10 +127,8 @@ class DeepgramSTT:
         # Deepgram needs promptly only the silence that completes its endpointing or UtteranceEnd gap after speech;
         # the speech before it and the rest of the silence go out in batches (see send_audio).
         self._quiet_bytes = 0
-        gaps = sorted({gap for gap in (config.endpointing, config.utterance_end_ms) if gap})
-        self._hot_windows = tuple(
-            (max(0, gap - HOT_LEAD_MS) * BYTES_PER_MS, (gap + HOT_MARGIN_MS) * BYTES_PER_MS) for gap in gaps
-        )
+        self._endpointing_window = _hot_window(config.endpointing or None)
+        self._utterance_end_window = _hot_window(config.utterance_end_ms)
         self._wake = asyncio.Event()
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._last_sent = 0.0
@@ -158,10 +157,11 @@ class DeepgramSTT:
     def send_audio(self, ulaw: bytes, *, voiced: bool = True) -> None:
         """Queue one chunk of caller audio for the sender task; cheap enough for every 20 ms frame.
 
-        Only the silence that completes Deepgram's endpointing or UtteranceEnd gap after speech is time-critical:
-        from `HOT_LEAD_MS` before each gap is complete to `HOT_MARGIN_MS` after it, frames go out one by one, the
-        first taking along everything held. Voiced frames go out `SPEECH_BATCH_MS` at a time, the rest of the
-        silence `QUIET_BATCH_MS` at a time. Deepgram cannot end a turn on audio it would get sooner frame by frame.
+        Only the silence that completes Deepgram's endpointing gap after speech is time-critical, and the one that
+        completes its UtteranceEnd gap while final words wait for an end of turn: from `HOT_LEAD_MS` before such a
+        gap is complete to `HOT_MARGIN_MS` after it, frames go out one by one, the first taking along everything
+        held. Voiced frames go out `SPEECH_BATCH_MS` at a time, the rest of the silence `QUIET_BATCH_MS` at a time.
+        So Deepgram never ends a turn later than it would if it got every frame as it came.
         """
         if self._closing:
             return
@@ -178,9 +178,11 @@ class DeepgramSTT:
             due = pending >= SPEECH_BATCH_MS * BYTES_PER_MS
         else:
             quiet = self._quiet_bytes = self._quiet_bytes + len(ulaw)
-            due = pending >= QUIET_BATCH_MS * BYTES_PER_MS
-            for start, end in self._hot_windows:
-                due = due or start < quiet <= end
+            start, end = self._endpointing_window
+            due = pending >= QUIET_BATCH_MS * BYTES_PER_MS or start < quiet <= end
+            if self._turn and not due:  # words wait for UtteranceEnd to end the turn
+                start, end = self._utterance_end_window
+                due = start < quiet <= end
         if due:
             self._wake.set()
 
@@ -430,6 +432,13 @@ class DeepgramSTT:
                 return f"could not reach deepgram at {self._host}: {exc.strerror or exc}"
             case _:
                 return f"deepgram at {self._host}: the WebSocket handshake failed ({exc})"
+
+
+def _hot_window(gap_ms: int | None) -> tuple[int, int]:
+    """The silence, in bytes after the last voiced frame, that goes out frame by frame for a gap of `gap_ms`."""
+    if gap_ms is None:
+        return (0, 0)
+    return (max(0, gap_ms - HOT_LEAD_MS) * BYTES_PER_MS, (gap_ms + HOT_MARGIN_MS) * BYTES_PER_MS)
 
 
 def _seconds(value: object) -> float:

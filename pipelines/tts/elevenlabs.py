@@ -19,6 +19,8 @@ from elevenlabs.core.api_error import ApiError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.protocol import State
+from websockets.proxy import get_proxy
+from websockets.uri import parse_uri
 
 from config.agent import ElevenLabsTTSConfig
 from pipelines.tts.base import Alignment, TTSError
@@ -100,6 +102,9 @@ class ElevenLabsTTS:
             # optimize_streaming_latency is deprecated on stream-input (auto_mode replaces it): HTTP only.
         }
         self._ws_url = f"{ws_base}/v1/text-to-speech/{quote(voice_id, safe='')}/stream-input?{urlencode(query)}"
+        # The environment's proxy for ElevenLabs, looked up once: websockets would read the environment again
+        # for every sentence's socket.
+        self._proxy = get_proxy(parse_uri(self._ws_url))
         settings = {
             "stability": config.stability,
             "similarity_boost": config.similarity_boost,
@@ -256,6 +261,7 @@ class ElevenLabsTTS:
                 open_timeout=CONNECT_TIMEOUT_S,
                 close_timeout=CLOSE_TIMEOUT_S,
                 compression=None,  # base64 audio barely compresses; deflate would cost CPU on every chunk
+                proxy=self._proxy,
             )
         except (OSError, TimeoutError, WebSocketException) as exc:
             return exc
