@@ -383,16 +383,18 @@ class CallSession:
 
     def _on_caller_audio(self, media: MediaReceived) -> None:
         """The audio path: one caller frame. Cheap work only."""
-        self._timeline.observe(media.timestamp_ms)
+        payload, at_ms, stt, vad = media.payload, media.timestamp_ms, self._pipeline.stt, self._vad
+        self._timeline.observe(at_ms)
         if self._recorder is not None:
-            self._recorder.write_caller(media.payload, media.timestamp_ms)
-        if len(media.payload) != 160:
-            self._pipeline.stt.send_audio(media.payload)
+            self._recorder.write_caller(payload, at_ms)
+        if len(payload) != 160:
+            stt.send_audio(payload)
             return  # the VAD takes 20 ms frames; Twilio sends those in practice
-        vad_event = self._vad.process_ulaw(media.payload)
-        self._pipeline.stt.send_audio(media.payload, voiced=self._vad.last_frame_voiced)
+        vad_event = vad.process_ulaw(payload)
+        voiced = vad.last_frame_voiced
+        stt.send_audio(payload, voiced=voiced)
         now = self._clock()
-        if self._vad.last_frame_voiced:
+        if voiced:
             self._last_voiced_at = now
         if isinstance(vad_event, VadSpeechStarted):
             self._caller_speech_started_ms = vad_event.at_ms
@@ -402,8 +404,8 @@ class CallSession:
             if self._pending_caller_text:
                 # The recognizer gave final words but no end of turn: the silence decides.
                 self._take_pending_caller_turn(vad_event.at_ms)
-        self._count_overlap(self._vad.last_frame_voiced)
-        if self._vad.speaking:
+        self._count_overlap(voiced)
+        if vad.speaking:
             self._last_activity = now
             interruption = self._config.interruption
             if interruption.enabled and self._overlap_ms >= interruption.threshold_ms:

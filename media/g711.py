@@ -49,7 +49,7 @@ _DECODE_HIGH = _DECODE_TABLE.astype("<i2").view(np.uint8)[1::2].tobytes()
 
 def ulaw_to_pcm16(data: bytes | bytearray | memoryview) -> npt.NDArray[np.int16]:
     """Decode mu-law bytes into 16-bit linear PCM samples."""
-    return _DECODE_TABLE[np.frombuffer(data, dtype=np.uint8)]
+    return np.take(_DECODE_TABLE, np.frombuffer(data, dtype=np.uint8))  # take: half the time of indexing
 
 
 def ulaw_to_pcm16_bytes(data: bytes) -> bytearray:

@@ -222,7 +222,8 @@ async def test_a_dropped_socket_mid_utterance_reconnects_and_the_turn_still_ends
     await stt.start()
     before_drop = silent_frames(500) + speech(400)
     await feed(stt, before_drop)
-    await until(lambda: fake.bytes_received[0] == 160 * len(before_drop))
+    # all but the speech still held for its batch (at most 200 ms)
+    await until(lambda: fake.bytes_received[0] >= 160 * (len(before_drop) - 10))
     await fake.drop_all()
     await feed(stt, speech(600) + silent_frames(600))
     events = await collect(stt, is_end_of_turn)
@@ -430,7 +431,7 @@ async def test_deepgram_gets_at_once_only_the_silence_that_completes_endpointing
     await received(fake, 400 + 2400)
     await stt.close()
 
-    assert speech_messages == 4  # mid-speech nothing waits on the audio: 100 ms at a time
+    assert speech_messages == 2  # mid-speech nothing waits on the audio: 200 ms at a time
     assert before_endpointing <= 6  # a 200 ms batch, then frame by frame from 100 ms before the gap is complete
     assert after_endpointing == 100 // 20  # and 100 ms past it
     assert far_from_speech == 2000 // 200  # then 200 ms at a time

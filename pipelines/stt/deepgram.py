@@ -34,8 +34,10 @@ CLOSE_GRACE_SECONDS = 1.0
 """How long `close()` waits for Deepgram to send its last results and close the socket."""
 QUIET_BATCH_MS = 200
 """Far from speech, caller audio goes out this much at a time (10x fewer socket writes than frame by frame)."""
-SPEECH_BATCH_MS = 100
-"""Mid-speech, voiced frames go out this much at a time: no end of turn can come before the speech stops."""
+SPEECH_BATCH_MS = 200
+"""Mid-speech, voiced frames go out this much at a time (within the 20-250 ms Deepgram suggests): no end of turn can
+come before the speech stops; interim results, and a barge-in on the caller's words, may come up to this much later.
+The local VAD's barge-in on sustained speech waits on nothing sent here."""
 HOT_LEAD_MS = 100
 """Silent frames go out one by one from this long before Deepgram's endpointing (or UtteranceEnd) gap is complete
 after the last voiced frame, for a recognizer whose idea of the end of speech leads ours; everything held goes out
