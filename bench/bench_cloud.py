@@ -18,7 +18,8 @@ hundred calls' objects stalled it for 50-250 ms, which showed up as engine laten
 fakes' request records are emptied as it goes. The engine gets a `sitecustomize` (written to a temporary folder
 put first on its PYTHONPATH; no engine code changes) that records its own GC pauses, reported per round.
 Options: --endpointing-ms/--llm-first-token-ms/--tts-first-byte-ms change the delays, --no-recording turns the
-agent's recording off, --profile-calls N runs the engine under cProfile in round N (slower: figures distorted).
+agent's recording off, --think S sets the callers' pause between turns (15 leaves mostly the cost of streaming
+audio), --profile-calls N runs the engine under cProfile in round N (slower: figures distorted).
 """
 
 from __future__ import annotations
@@ -672,6 +673,7 @@ def _caller(
         rng=random.Random(seed),
         reply_timeout_s=setup.args.reply_timeout,
         max_turns=max_turns,
+        think_s=(max(setup.args.think - 0.35, 0.0), setup.args.think + 0.35),
     )
 
 
@@ -978,6 +980,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tts-first-byte-ms", type=int, default=DEFAULT_DELAYS.tts_first_byte, help="fake TTS delay")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds after every opening before measuring")
     parser.add_argument("--reply-timeout", type=float, default=10.0, help="a turn unanswered this long is lost")
+    parser.add_argument(
+        "--think",
+        type=float,
+        default=0.65,
+        help="mean seconds a caller waits after the agent's reply before speaking again (uniform, +-0.35 s); "
+        "a long pause leaves mostly the cost of streaming audio, a short one adds the cost of turns",
+    )
     parser.add_argument("--recording", action=argparse.BooleanOptionalAction, default=True, help="agent records calls")
     parser.add_argument("--engine-cpu", type=int, default=0, help="CPU the engine is pinned to (default 0)")
     parser.add_argument("--bench-cpu", type=int, default=1, help="CPU this process (callers, fakes) is pinned to")
@@ -1150,6 +1159,7 @@ def _report(args: argparse.Namespace, stamp: str, utterance: Utterance, rounds: 
             "replies": list(REPLIES),
             "callerUtterance": utterance.source,
             "callerUtteranceSeconds": utterance.duration_s,
+            "callerThinkSeconds": args.think,
             "windowSeconds": args.seconds,
             "recording": args.recording,
             "engineCpu": None if args.no_pin else args.engine_cpu,
