@@ -15,7 +15,7 @@ import asyncpg
 
 from storage.enums import CallStatus
 from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, new_id, transaction
+from storage.records import Queryable, Record, new_ids, transaction
 
 Speaker = Literal["caller", "agent"]
 """Who spoke a turn."""
@@ -112,7 +112,7 @@ async def insert_turns(
                     """,
                     organization_id,
                     call_log_id,
-                    [new_id() for _ in turns],
+                    new_ids(len(turns)),
                     [t.index for t in turns],
                     [t.speaker for t in turns],
                     [t.text for t in turns],

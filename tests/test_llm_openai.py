@@ -330,6 +330,16 @@ async def test_an_error_in_the_middle_of_the_stream_is_an_llm_error(fake: FakeOp
     assert events == [TextDelta("This")]
 
 
+async def test_a_stream_that_breaks_is_an_llm_error(fake: FakeOpenAI, client: AsyncOpenAI) -> None:
+    fake.replies.append("This sentence will not finish.")
+    fake.break_mid_stream = True
+    events: list[LLMEvent] = []
+    with pytest.raises(LLMError, match=r"openai stream for 'gpt-4o-mini' broke: "):
+        async for event in model(client).respond([caller("Hi")]):
+            events.append(event)
+    assert events == [TextDelta("This")]
+
+
 async def test_an_unreachable_server_is_an_llm_error() -> None:
     async with FakeOpenAI(api_key=KEY) as gone:
         pass
@@ -379,6 +389,18 @@ async def test_closing_a_reply_early_closes_its_stream(fake: FakeOpenAI, client:
 
 
 # --------------------------------------------------------------------------------------------------- clients
+
+
+async def test_replies_one_after_another_reuse_one_connection(fake: FakeOpenAI) -> None:
+    # Each stream is read to its end after [DONE], so HTTP/1.1 keeps the connection for the next reply, even when
+    # the end of the body comes a moment after [DONE].
+    fake.eof_delay_ms = 30
+    shared = openai_client(KEY, fake.base_url)  # the engine's client (aiohttp), closed with the test session
+    for reply in ("One.", "Two.", "Three."):
+        fake.replies.append(reply)
+        await respond(model(shared), caller("Hi"))
+    assert len(fake.peers) == 3
+    assert len(set(fake.peers)) == 1
 
 
 async def test_openai_client_is_one_shared_client_per_key_and_url(fake: FakeOpenAI) -> None:

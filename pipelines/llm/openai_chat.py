@@ -8,6 +8,7 @@ model continues with their results. Those exchanges are remembered, so later tur
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -19,9 +20,8 @@ from typing import Any, Final, TypeVar, cast
 import httpx2
 import openai
 import phonenumbers
-from openai import AsyncOpenAI, AsyncStream
+from openai import AsyncOpenAI
 from openai.types.chat import (
-    ChatCompletion,
     ChatCompletionAssistantMessageParam,
     ChatCompletionMessageFunctionToolCallParam,
     ChatCompletionMessageParam,
@@ -63,6 +63,8 @@ _TIMEOUT: Final = openai.Timeout(20.0, connect=5.0)
 # The SDK's pool forgets an idle connection after 5 s, shorter than a caller's turn, so every reply would pay a new
 # TCP+TLS handshake; keep connections for a minute and enough of them for every live call.
 _POOL_LIMITS: Final = httpx2.Limits(max_connections=2000, max_keepalive_connections=1000, keepalive_expiry=60.0)
+_DRAIN_TIMEOUT_S: Final = 1.0
+"""Longest the rest of a completion's body is read after `[DONE]` (it ends at once; if not, the connection goes)."""
 _DTMF = re.compile(r"^[0-9*#wW]{1,32}$")
 _CLIENTS: dict[tuple[asyncio.AbstractEventLoop, str, str], AsyncOpenAI] = {}
 
@@ -225,15 +227,15 @@ class OpenAIChatLLM:
         }
         self.usage = TokenUsage()
 
-    async def _stream(self, messages: list[ChatCompletionMessageParam], *, last_round: bool) -> AsyncStream[object]:
-        """POST the streamed completion through the SDK's client with a body we built as plain JSON.
+    async def _stream(self, messages: list[ChatCompletionMessageParam], *, last_round: bool) -> httpx2.Response:
+        """POST the streamed completion through the SDK's client; the response's body is still unread.
 
         `chat.completions.create` would walk every message of the conversation through the SDK's TypedDict
         transformer first: 3-4 ms of event-loop time per reply at a few turns, growing with the call, that every
         other call on the core waits for. Our messages are plain JSON already, so the request is the same. The
-        chunks stay the JSON objects they arrive as: building a ChatCompletionChunk model for every token is
-        most of the SDK's work on a stream, for three fields we read. (`object` is the one chunk type the SDK
-        hands over untouched; even `dict[str, Any]` has it copy every chunk key by key.)
+        SDK still sends it (auth, headers, retries, its errors for a refused request); the server-sent events
+        are read by `_chunks`, as the JSON objects they arrive as: the SDK's stream would build a model for every
+        token, and its decoder and draining cost as much again, for three fields we read.
         """
         body = _present(
             {
@@ -252,10 +254,34 @@ class OpenAIChatLLM:
             "/chat/completions",
             body=body,
             options={"security": {"bearer_auth": True}},
-            cast_to=ChatCompletion,
+            cast_to=httpx2.Response,
             stream=True,
-            stream_cls=AsyncStream[object],
         )
+
+    async def _completion_text(
+        self, messages: list[ChatCompletionMessageParam], completion: _Completion, *, last_round: bool
+    ) -> AsyncGenerator[str, None]:
+        """Stream one completion into `completion`, yielding its text as it comes; any failure is an LLMError."""
+        try:
+            response = await self._stream(messages, last_round=last_round)
+            try:
+                async with contextlib.aclosing(_chunks(response)) as chunks:
+                    async for chunk in chunks:
+                        if isinstance(error := chunk.get("error"), dict | str):
+                            raise LLMError(f"openai stream for {self._config.model!r} failed: {self._detail(error)}")
+                        if isinstance(usage := chunk.get("usage"), dict):
+                            self.usage.add(usage)
+                        for text in completion.absorb(chunk):
+                            yield text
+            finally:
+                # However the stream is left (end, error, barge-in cancellation), its HTTP response is closed.
+                await response.aclose()
+        except openai.APIError as exc:
+            raise self._error(exc) from (None if isinstance(exc, openai.AuthenticationError) else exc)
+        except httpx2.HTTPError as exc:
+            raise LLMError(f"openai stream for {self._config.model!r} broke: {type(exc).__name__}: {exc}") from None
+        except ValueError as exc:  # json.JSONDecodeError, or a body that is not UTF-8
+            raise LLMError(f"openai sent a malformed stream ({exc})") from None
 
     async def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncGenerator[LLMEvent, None]:
         """Stream the reply: text as it comes, call controls as events, agent functions run in between."""
@@ -267,22 +293,12 @@ class OpenAIChatLLM:
             # "...is free." then, after a tool round, " Tuesday works.": rounds join with a space.
             separator = " " if spoken_tail and not spoken_tail[-1].isspace() else ""
             completion = _Completion()
-            try:
-                stream = await self._stream(messages, last_round=last_round)
-                # Leaving this block any way (end, error, barge-in cancellation) closes the HTTP stream.
-                async with stream:
-                    async for item in stream:
-                        chunk = _chunk_object(item)
-                        if isinstance(usage := chunk.get("usage"), dict):
-                            self.usage.add(usage)
-                        for text in completion.absorb(chunk):
-                            delta = separator + text if not text[:1].isspace() else text
-                            separator, spoken_tail = "", delta
-                            yield TextDelta(delta)
-            except openai.APIError as exc:
-                raise self._error(exc) from (None if isinstance(exc, openai.AuthenticationError) else exc)
-            except json.JSONDecodeError as exc:
-                raise LLMError(f"openai sent a malformed stream ({exc})") from None
+            texts = self._completion_text(messages, completion, last_round=last_round)
+            async with contextlib.aclosing(texts):
+                async for text in texts:
+                    delta = separator + text if not text[:1].isspace() else text
+                    separator, spoken_tail = "", delta
+                    yield TextDelta(delta)
             if completion.finish_reason in {"length", "content_filter"}:
                 log.warning("openai %s stopped early: finish_reason=%s", self._config.model, completion.finish_reason)
 
@@ -372,6 +388,13 @@ class OpenAIChatLLM:
 
     # ------------------------------------------------------------------------------------------- errors
 
+    def _detail(self, error: dict[str, Any] | str) -> str:
+        """What an error event in the stream says, without the key."""
+        message = error.get("message") if isinstance(error, dict) else error
+        if not isinstance(message, str) or not message:
+            message = "an error occurred during streaming"
+        return _scrubbed(message, self._client.api_key)
+
     def _error(self, exc: openai.APIError) -> LLMError:
         detail = _scrubbed(_message(exc), self._client.api_key)
         model = self._config.model
@@ -438,7 +461,31 @@ def _tool_result(call: _FunctionCall, result: str) -> ChatCompletionToolMessageP
     return {"role": "tool", "tool_call_id": call.id, "content": result}
 
 
-def _chunk_object(chunk: object) -> dict[str, Any]:
-    if not isinstance(chunk, dict):
-        raise LLMError(f"openai sent a stream chunk that is not a JSON object: {chunk!r:.80}")
-    return chunk
+async def _chunks(response: httpx2.Response) -> AsyncGenerator[dict[str, Any], None]:
+    """The JSON object of each server-sent event of a streamed completion, up to `[DONE]`.
+
+    Events as the SSE format defines them: the `data:` lines up to a blank line, joined by newlines (other
+    fields, such as `event:`, carry nothing a chat completion needs). After `[DONE]` the rest of the body is
+    read, briefly, so that HTTP/1.1 can reuse the connection.
+    """
+    data: list[str] = []
+    lines = response.aiter_lines()
+    async for line in lines:
+        if line:
+            if line.startswith("data:"):
+                data.append(line[6:] if line.startswith("data: ") else line[5:])
+            continue
+        if not data:
+            continue
+        text = data[0] if len(data) == 1 else "\n".join(data)
+        data.clear()
+        if text == "[DONE]":
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_DRAIN_TIMEOUT_S):
+                    async for _ in lines:
+                        pass
+            return
+        chunk = json.loads(text)
+        if not isinstance(chunk, dict):
+            raise LLMError(f"openai sent a stream chunk that is not a JSON object: {text:.80}")
+        yield chunk

@@ -55,9 +55,12 @@ class FakeOpenAI:
 
     Controls: `replies` (FIFO of `Reply`; when empty, `default_reply`, a reply or a function of the last user
     message), `fail_next` (answer that many next requests with HTTP 500), `error_mid_stream` (while true, streams
-    send an error event after their first delta), `first_token_delay_ms` and `token_interval_ms` (pacing).
-    Observations: `requests` (every request body, in order), `aborted_streams` (how many streams the client walked
-    away from) and `stream_aborted` (set at the first).
+    send an error event after their first delta), `break_mid_stream` (while true, streams drop the connection after
+    their first delta), `first_token_delay_ms` and `token_interval_ms` (pacing), `eof_delay_ms` (between `[DONE]`
+    and the end of the body).
+    Observations: `requests` (every request body, in order), `peers` (the client address of each request, so
+    connection reuse shows), `aborted_streams` (how many streams the client walked away from) and `stream_aborted`
+    (set at the first).
 
     Requests in JSON mode (`response_format: json_object`, as post-call analysis sends) are a separate kind, as
     they would be on a real server: recorded in `json_requests` and answered from `json_replies` (a FIFO of
@@ -85,6 +88,9 @@ class FakeOpenAI:
         self.default_json_reply = json.dumps({"summary": "", "success": True, "reason": "The fake judged it."})
         self.fail_next = 0
         self.error_mid_stream = False
+        self.break_mid_stream = False
+        self.eof_delay_ms: float = 0
+        self.peers: list[tuple[str, int]] = []
         self.aborted_streams = 0
         self.stream_aborted = asyncio.Event()
         self.base_url = ""
@@ -111,6 +117,7 @@ class FakeOpenAI:
             return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
         json_mode = isinstance(body, dict) and (body.get("response_format") or {}).get("type") == "json_object"
         (self.json_requests if json_mode else self.requests).append(body)
+        self.peers.append(request.transport.get_extra_info("peername") if request.transport else ("", 0))
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             given = request.headers.get("Authorization", "").removeprefix("Bearer ")
             return _error(
@@ -170,11 +177,15 @@ class FakeOpenAI:
                     await send({"error": _error_body("The model stopped unexpectedly.", "server_error")})
                     await response.write_eof()
                     return response
+                if self.break_mid_stream and request.transport is not None:
+                    request.transport.abort()
+                    return response
             finish = "tool_calls" if any(isinstance(step, ToolCall) for step in steps) else "stop"
             await send(chunk({}, finish))
             if (body.get("stream_options") or {}).get("include_usage"):
                 await send(_chunk_envelope(completion_id, model) | {"choices": [], "usage": _usage(body, deltas)})
             await send("[DONE]")
+            await _sleep_ms(self.eof_delay_ms)
             await response.write_eof()
         except ConnectionResetError:
             self.aborted_streams += 1
