@@ -20,6 +20,7 @@ from typing import Any, Literal
 from config.agent import AgentConfiguration
 from engine import metrics
 from engine.call_log_writer import CallLogWriter, CallOutcome, TurnRecord
+from engine.frame_socket import HandsOverFrames
 from engine.outbound_audio import OutboundAudio, SendText, StreamTimeline
 from media.dtmf import InvalidDigits, dtmf_audio
 from media.recording import StereoWavRecorder
@@ -345,18 +346,38 @@ class CallSession:
     # ------------------------------------------------------------------------------------------ caller side
 
     async def _read(self, frames: AsyncIterator[str]) -> None:
-        """Feed Twilio's frames through the protocol; the call ends when they stop."""
+        """Feed Twilio's frames through the protocol; the call ends when they stop.
+
+        A socket that can hand frames over as they are parsed (engine/frame_socket.py) gives them to
+        `receive_frame` directly from now on; this loop then only waits for the end of the stream.
+        """
+        source = frames if isinstance(frames, HandsOverFrames) else None
+        handed = source is not None and source.hand_to(self.receive_frame)
         try:
             async for text in frames:
-                for event in self._stream.receive_text(text):
-                    self._on_stream_event(event)
+                self.receive_frame(text)
                 if self._ended.is_set():
                     return
+            self._end(CallStatus.FAILED, "stream_lost")
         except StreamProtocolError as exc:
-            log.warning("call %s: protocol error: %s", self.context.call_sid, exc)
-            self._end(CallStatus.FAILED, f"protocol_error: {type(exc).__name__}: {exc}")
+            self._on_protocol_error(exc)
+        finally:
+            if source is not None and handed:
+                source.hand_to(None)
+
+    def receive_frame(self, text: str) -> None:
+        """One text frame from Twilio, through the protocol to the session; ignored once the call has ended."""
+        if self._ended.is_set():
             return
-        self._end(CallStatus.FAILED, "stream_lost")
+        try:
+            for event in self._stream.receive_text(text):
+                self._on_stream_event(event)
+        except StreamProtocolError as exc:
+            self._on_protocol_error(exc)
+
+    def _on_protocol_error(self, exc: StreamProtocolError) -> None:
+        log.warning("call %s: protocol error: %s", self.context.call_sid, exc)
+        self._end(CallStatus.FAILED, f"protocol_error: {type(exc).__name__}: {exc}")
 
     def _on_stream_event(self, event: StreamEvent) -> None:
         match event:

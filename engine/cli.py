@@ -16,6 +16,7 @@ from config.settings import Settings, SettingsError, load_settings
 from engine.api.cli import add_api_key_command, run_api_key_command
 from engine.app import create_app
 from engine.campaign_cli import add_campaign_command, run_campaign_command
+from engine.frame_socket import log_if_not_direct
 from engine.simulator import add_call_command, run_call_command
 from storage.errors import StorageError
 from storage.migrate import migrate, migration_status
@@ -61,6 +62,7 @@ def _configure_logging(settings: Settings) -> None:
 
 async def _serve(settings: Settings, *, apply_migrations: bool) -> None:
     app = create_app(settings, apply_migrations=apply_migrations)
+    log_if_not_direct()
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()  # opens (and migrates) the database before any request is accepted
     # Everything loaded so far (the SDKs, pydantic models, the app) lives as long as the process: keep it out of
