@@ -177,7 +177,7 @@ class ConversationPathLLMConfig(_ProviderConfig):
 
 
 class ElevenLabsTTSConfig(_CloudProviderConfig):
-    """ElevenLabs WebSocket stream-input text-to-speech."""
+    """ElevenLabs text-to-speech over its multi-stream-input WebSocket (HTTP streaming as fallback)."""
 
     key_name: ClassVar[str] = "ELEVENLABS_API_KEY"
 

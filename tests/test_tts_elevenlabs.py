@@ -1,4 +1,5 @@
-"""ElevenLabs text-to-speech against a local fake: warm stream-input sockets, alignment, barge-in, HTTP fallback."""
+"""ElevenLabs text-to-speech against a local fake: one multi-stream-input socket per call with a context per
+sentence, alignment, barge-in, HTTP fallback."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ API_KEY = "el-test"
 VOICE_ID = "voice-june"
 SENTENCE = "Thank you for calling, how can I help?"
 OTHER_SENTENCE = "Your table is booked for eight."
+THIRD_SENTENCE = "Is there anything else?"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,14 +57,19 @@ async def speak(tts: ElevenLabsTTS, text: str) -> tuple[bytes, list[Alignment]]:
 
 
 async def eventually(condition: Callable[[], bool], *, timeout: float = 5.0) -> None:
-    """Wait until `condition` holds (the fake sees a socket's close a moment after the client sends it)."""
+    """Wait until `condition` holds (the fake sees a client's message a moment after it is sent)."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "the condition did not hold in time"
         await asyncio.sleep(0.01)
 
 
-async def test_the_socket_opens_with_the_query_and_the_voice_settings() -> None:
+async def until_contexts_closed(fake: FakeElevenLabs, count: int) -> None:
+    """Wait until the fake has seen `count` close_context messages, on all sockets together."""
+    await eventually(lambda: sum(len(socket.closed_contexts) for socket in fake.sockets) == count)
+
+
+async def test_the_socket_opens_with_the_query_and_a_sentence_is_a_context_opened_flushed_and_closed() -> None:
     async with FakeElevenLabs(api_key=API_KEY) as fake:
         tts = synthesizer(fake, stability=0.5, similarity_boost=0.8, optimize_streaming_latency=3)
         try:
@@ -78,8 +85,17 @@ async def test_the_socket_opens_with_the_query_and_the_voice_settings() -> None:
         "auto_mode": "true",
         "inactivity_timeout": "180",
     }
-    assert socket.init == {"text": " ", "voice_settings": {"stability": 0.5, "similarity_boost": 0.8}}
-    assert socket.messages == [{"text": SENTENCE + " ", "flush": True}, {"text": ""}]
+    voice_settings = {"stability": 0.5, "similarity_boost": 0.8}
+    assert socket.contexts == {
+        "s1": [
+            {"text": " ", "context_id": "s1", "voice_settings": voice_settings},
+            {"text": SENTENCE + " ", "context_id": "s1", "flush": True},
+            {"context_id": "s1", "close_context": True},
+        ]
+    }
+    assert socket.init == socket.contexts["s1"][0]
+    assert socket.finished_contexts == ["s1"]
+    assert socket.errors == []
     assert socket.close_code == 1000
 
 
@@ -99,38 +115,44 @@ async def test_a_sentence_yields_its_audio_and_timings_from_the_start_of_its_aud
     assert alignments[1] == Alignment(chars=SENTENCE[2:4], start_ms=(120, 180))
 
 
-async def test_prewarm_connects_and_initialises_a_socket_before_any_sentence() -> None:
+async def test_prewarm_connects_the_socket_before_any_sentence() -> None:
     async with FakeElevenLabs(api_key=API_KEY) as fake:
         tts = synthesizer(fake)
         try:
             await tts.prewarm()
             assert fake.ws_connections == 1
-            await eventually(lambda: fake.sockets[0].init is not None)
             assert fake.texts == []
             await speak(tts, SENTENCE)
-            assert fake.ws_connections == 2  # the sentence used the warm socket and warmed the next
-            assert fake.sockets[0].messages[0]["text"] == SENTENCE + " "
+            assert fake.ws_connections == 1  # the sentence used the warm socket
+            assert fake.sockets[0].init == {"text": " ", "context_id": "s1"}
         finally:
             await tts.close()
 
 
-async def test_the_next_sentence_takes_a_socket_warmed_in_the_background() -> None:
+async def test_sentences_share_the_call_s_socket_with_a_context_each() -> None:
+    sentences = [SENTENCE, OTHER_SENTENCE, THIRD_SENTENCE]
     async with FakeElevenLabs(api_key=API_KEY) as fake:
-        tts = synthesizer(fake)
+        tts = synthesizer(fake, speed=1.1)
         try:
-            await speak(tts, SENTENCE)
-            await eventually(lambda: fake.ws_connections == 2 and fake.sockets[1].init is not None)
-            assert fake.sockets[1].messages == []
-            audio, _ = await speak(tts, OTHER_SENTENCE)
+            spoken = [await speak(tts, sentence) for sentence in sentences]
         finally:
             await tts.close()
-    assert fake.sockets[1].messages[0] == {"text": OTHER_SENTENCE + " ", "flush": True}
-    assert audio == fake.audio_for(OTHER_SENTENCE)
-    assert fake.texts == [Spoken("ws", SENTENCE), Spoken("ws", OTHER_SENTENCE)]
+    assert [audio for audio, _ in spoken] == [fake.audio_for(sentence) for sentence in sentences]
+    assert fake.ws_connections == 1
+    socket = fake.sockets[0]
+    assert list(socket.contexts) == ["s1", "s2", "s3"]
+    for (context, messages), sentence in zip(socket.contexts.items(), sentences, strict=True):
+        assert messages == [
+            {"text": " ", "context_id": context, "voice_settings": {"speed": 1.1}},
+            {"text": sentence + " ", "context_id": context, "flush": True},
+            {"context_id": context, "close_context": True},
+        ]
+    assert socket.finished_contexts == ["s1", "s2", "s3"]
+    assert fake.texts == [Spoken("ws", sentence) for sentence in sentences]
 
 
 @pytest.mark.parametrize("how", ["task cancelled", "iteration abandoned"])
-async def test_a_cancelled_sentence_closes_its_socket_and_leaks_no_audio(how: str) -> None:
+async def test_a_cut_sentence_leaks_no_audio_into_the_next_on_the_same_socket(how: str) -> None:
     async with FakeElevenLabs(api_key=API_KEY, chunk_interval_ms=20) as fake:
         tts = synthesizer(fake)
         try:
@@ -150,13 +172,54 @@ async def test_a_cancelled_sentence_closes_its_socket_and_leaks_no_audio(how: st
             if how == "task cancelled":
                 listening.cancel()
             await asyncio.wait({listening})
-            await eventually(lambda: not fake.sockets[0].open)
-            assert fake.sockets[0].audio_bytes_sent < len(fake.audio_for(SENTENCE))  # cut mid-sentence
+            socket = fake.sockets[0]
+            assert socket.audio_sent["s1"] < len(fake.audio_for(SENTENCE))  # cut mid-sentence
             audio, alignments = await speak(tts, OTHER_SENTENCE)
         finally:
             await tts.close()
     assert audio == fake.audio_for(OTHER_SENTENCE)
     assert "".join(alignment.chars for alignment in alignments) == OTHER_SENTENCE
+    assert fake.ws_connections == 1
+    assert socket.closed_contexts == ["s1", "s2"]
+    # The rest of the cut sentence went out on the socket before the next one: it was there to leak, and did not.
+    assert socket.audio_sent["s1"] == len(fake.audio_for(SENTENCE))
+    assert socket.finished_contexts == ["s1", "s2"]
+
+
+async def test_quick_barge_ins_never_reach_elevenlabs_limit_of_open_contexts() -> None:
+    # Each cut context goes on flushing on the server (about a second here) and stays open until its isFinal.
+    async with FakeElevenLabs(api_key=API_KEY, chunk_interval_ms=50) as fake:
+        tts = synthesizer(fake)
+        try:
+            for cut in range(1, 6):
+                speaking = asyncio.create_task(speak(tts, SENTENCE))
+                await until_contexts_closed(fake, cut)
+                speaking.cancel()
+                await asyncio.wait({speaking})
+            audio, _ = await speak(tts, OTHER_SENTENCE)
+        finally:
+            await tts.close()
+    assert audio == fake.audio_for(OTHER_SENTENCE)
+    assert [socket.errors for socket in fake.sockets] == [[], []]
+    # Four cut contexts on the first socket: the fifth cut sentence started on a fresh one.
+    assert [list(socket.contexts) for socket in fake.sockets] == [["s1", "s2", "s3", "s4"], ["s5", "s6"]]
+    assert fake.texts[-1] == Spoken("ws", OTHER_SENTENCE)
+    assert fake.http_requests == []
+
+
+async def test_a_socket_the_server_closed_while_idle_gives_way_to_a_fresh_one() -> None:
+    async with FakeElevenLabs(api_key=API_KEY, max_inactivity_s=0.2) as fake:
+        tts = synthesizer(fake)
+        try:
+            await tts.prewarm()
+            await eventually(lambda: fake.sockets[0].close_code == 1008)
+            audio, _ = await speak(tts, SENTENCE)
+        finally:
+            await tts.close()
+    assert fake.sockets[0].errors == ["input_timeout_exceeded"]
+    assert audio == fake.audio_for(SENTENCE)
+    assert fake.texts == [Spoken("ws", SENTENCE)]
+    assert fake.ws_connections == 2
 
 
 async def test_a_refused_websocket_falls_back_to_http_streaming() -> None:
@@ -178,16 +241,23 @@ async def test_a_refused_websocket_falls_back_to_http_streaming() -> None:
     assert request["body"]["voice_settings"]["stability"] == 0.4
 
 
-async def test_an_error_before_any_audio_falls_back_to_http_streaming() -> None:
+@pytest.mark.parametrize("tagged", [False, True], ids=["untagged error", "error tagged with the context"])
+async def test_an_error_before_any_audio_falls_back_to_http_and_the_next_sentence_gets_a_fresh_socket(
+    tagged: bool,
+) -> None:
     async with FakeElevenLabs(api_key=API_KEY) as fake:
-        fake.fail_next_ws_stream(after_chunks=0)
+        fake.fail_next_ws_stream(after_chunks=0, tagged=tagged)
         tts = synthesizer(fake)
         try:
             audio, _ = await speak(tts, SENTENCE)
+            await eventually(lambda: fake.ws_connections == 2)  # connected while HTTP spoke, ready for the next
+            other_audio, _ = await speak(tts, OTHER_SENTENCE)
         finally:
             await tts.close()
     assert audio == fake.audio_for(SENTENCE)
-    assert fake.texts == [Spoken("ws", SENTENCE), Spoken("http", SENTENCE)]
+    assert other_audio == fake.audio_for(OTHER_SENTENCE)
+    assert fake.texts == [Spoken("ws", SENTENCE), Spoken("http", SENTENCE), Spoken("ws", OTHER_SENTENCE)]
+    assert fake.ws_connections == 2
 
 
 async def test_an_error_after_audio_was_yielded_raises_tts_error() -> None:
@@ -237,43 +307,104 @@ async def test_repeated_websocket_failures_switch_the_synthesizer_to_http() -> N
                 assert audio == fake.audio_for(SENTENCE)
         finally:
             await tts.close()
-    # One standby may have been connecting when the limit was reached; nothing is tried after it.
-    assert fake.refused_handshakes <= WS_FAILURES_BEFORE_HTTP + 1
+    assert fake.refused_handshakes == WS_FAILURES_BEFORE_HTTP  # nothing is tried after the limit
     assert [spoken.transport for spoken in fake.texts] == ["http"] * (WS_FAILURES_BEFORE_HTTP + 3)
 
 
-async def test_a_standby_the_server_closed_for_inactivity_gives_way_to_a_fresh_one() -> None:
-    async with FakeElevenLabs(api_key=API_KEY, max_inactivity_s=0.2) as fake:
+async def test_errors_on_open_sockets_count_towards_the_switch_to_http() -> None:
+    async with FakeElevenLabs(api_key=API_KEY) as fake:
+        for _ in range(WS_FAILURES_BEFORE_HTTP):
+            fake.fail_next_ws_stream(after_chunks=0)
         tts = synthesizer(fake)
         try:
-            await tts.prewarm()
-            await eventually(lambda: fake.sockets[0].close_code == 1008)
-            audio, _ = await speak(tts, SENTENCE)
+            for _ in range(WS_FAILURES_BEFORE_HTTP + 1):
+                await speak(tts, SENTENCE)
         finally:
             await tts.close()
-    assert audio == fake.audio_for(SENTENCE)
-    assert fake.texts == [Spoken("ws", SENTENCE)]
+    assert fake.ws_connections == WS_FAILURES_BEFORE_HTTP
+    assert fake.texts[-2:] == [Spoken("http", SENTENCE), Spoken("http", SENTENCE)]
 
 
-async def test_an_unused_standby_is_replaced_before_it_grows_old() -> None:
+async def test_failures_between_successes_do_not_switch_to_http() -> None:
     async with FakeElevenLabs(api_key=API_KEY) as fake:
-        tts = synthesizer(fake, standby_max_age_s=0.1)
+        tts = synthesizer(fake)
+        try:
+            for _ in range(WS_FAILURES_BEFORE_HTTP):
+                fake.fail_next_ws_stream(after_chunks=0)
+                await speak(tts, SENTENCE)  # over HTTP
+                await speak(tts, OTHER_SENTENCE)  # over the WebSocket again
+        finally:
+            await tts.close()
+    assert fake.texts[-1] == Spoken("ws", OTHER_SENTENCE)
+
+
+async def test_a_cut_context_stops_counting_against_the_socket_once_its_isfinal_arrives() -> None:
+    async with FakeElevenLabs(api_key=API_KEY, chunk_interval_ms=10) as fake:
+        tts = synthesizer(fake)
+        try:
+            for _ in range(6):
+                stream = cast("AsyncGenerator[bytes | Alignment, None]", tts.synthesize(OTHER_SENTENCE))
+                async for item in stream:
+                    if isinstance(item, bytes):
+                        await stream.aclose()  # barge-in after its first audio
+                        break
+                await speak(tts, THIRD_SENTENCE)  # reads the cut context's isFinal before its own audio
+        finally:
+            await tts.close()
+    assert fake.ws_connections == 1
+    assert fake.sockets[0].errors == []
+
+
+async def test_an_unused_socket_is_replaced_before_it_grows_old() -> None:
+    async with FakeElevenLabs(api_key=API_KEY) as fake:
+        tts = synthesizer(fake, standby_max_age_s=0.3)
         try:
             await tts.prewarm()
-            await eventually(lambda: fake.ws_connections >= 2 and not fake.sockets[0].open)
-            assert fake.open_sockets == 1
+            await eventually(lambda: fake.ws_connections == 2 and fake.open_sockets == 1)
+            assert not fake.sockets[0].open
+            await speak(tts, SENTENCE)
+            # Idle again after the sentence: replaced again.
+            await eventually(lambda: fake.ws_connections == 3 and fake.open_sockets == 1)
+            audio, _ = await speak(tts, OTHER_SENTENCE)
         finally:
             await tts.close()
+    assert audio == fake.audio_for(OTHER_SENTENCE)
+    assert [list(socket.contexts) for socket in fake.sockets[:3]] == [[], ["s1"], ["s2"]]
+    assert fake.texts == [Spoken("ws", SENTENCE), Spoken("ws", OTHER_SENTENCE)]
 
 
-async def test_close_closes_every_socket_and_is_idempotent() -> None:
+async def test_a_socket_in_use_is_kept_however_long_the_call() -> None:
+    async with FakeElevenLabs(api_key=API_KEY) as fake:
+        tts = synthesizer(fake, standby_max_age_s=0.6)
+        try:
+            started = time.monotonic()
+            while time.monotonic() - started < 1.5:  # sentences 0.2 s apart: the socket never idles 0.6 s
+                await speak(tts, SENTENCE)
+                await asyncio.sleep(0.2)
+        finally:
+            await tts.close()
+    assert fake.ws_connections == 1
+
+
+async def test_close_says_goodbye_closes_every_socket_and_is_idempotent() -> None:
     async with FakeElevenLabs(api_key=API_KEY) as fake:
         tts = synthesizer(fake)
         await speak(tts, SENTENCE)
-        await eventually(lambda: fake.open_sockets == 1)  # the warm standby
+        assert fake.open_sockets == 1
         await tts.close()
         await tts.close()
         await eventually(lambda: fake.open_sockets == 0)
         with pytest.raises(TTSError, match="closed"):
             await speak(tts, OTHER_SENTENCE)
-        assert fake.ws_connections == 2
+        assert fake.ws_connections == 1
+        assert fake.sockets[0].messages[-1] == {"close_socket": True}
+
+
+async def test_close_of_a_socket_never_used_sends_nothing_on_it() -> None:
+    async with FakeElevenLabs(api_key=API_KEY) as fake:
+        tts = synthesizer(fake)
+        await tts.prewarm()
+        await tts.close()
+        await eventually(lambda: fake.open_sockets == 0)
+    assert fake.sockets[0].messages == []
+    assert fake.sockets[0].errors == []

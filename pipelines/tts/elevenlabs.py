@@ -1,14 +1,16 @@
-"""ElevenLabs streaming text-to-speech: one stream-input WebSocket per sentence, taken warm, with HTTP as fallback."""
+"""ElevenLabs streaming text-to-speech: one multi-stream-input WebSocket per call, a context per sentence, HTTP as
+fallback."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import binascii
+import itertools
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from contextlib import aclosing, suppress
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -34,13 +36,20 @@ BYTES_PER_MS = 8
 """μ-law 8 kHz bytes per millisecond of audio."""
 
 INACTIVITY_TIMEOUT_S = 180
-"""How long ElevenLabs keeps an idle stream-input socket open (its maximum)."""
+"""How long ElevenLabs keeps an idle context open (its maximum)."""
 
 STANDBY_MAX_AGE_S = 150.0
-"""A standby socket older than this is replaced before ElevenLabs' inactivity timeout closes it."""
+"""A call's socket left unused this long is replaced before ElevenLabs' inactivity timeout closes it."""
 
 WS_FAILURES_BEFORE_HTTP = 3
 """Consecutive WebSocket failures after which a synthesizer speaks only over HTTP."""
+
+ZOMBIES_BEFORE_NEW_SOCKET = 4
+"""Cut contexts still flushing on the call's socket at which the next sentence takes a fresh socket.
+
+ElevenLabs allows five open contexts per socket and refuses a sixth by closing the socket; a context cut by a
+barge-in stays open until its isFinal arrives.
+"""
 
 CONNECT_TIMEOUT_S = 5.0
 """Longest a WebSocket handshake may take."""
@@ -54,29 +63,33 @@ CLOSE_TIMEOUT_S = 2.0
 HTTP_TIMEOUT = httpx.Timeout(20.0, connect=CONNECT_TIMEOUT_S)
 """Timeouts of the HTTP fallback: connecting, and each wait for the next bytes of the stream."""
 
-_END_OF_INPUT = json.dumps({"text": ""})
+_CLOSE_SOCKET = json.dumps({"close_socket": True})
 
 
 class _StreamFailed(Exception):
     """A sentence's WebSocket stream failed; the message says how."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Chunk:
-    """What one stream-input message carries for us."""
+@dataclass(eq=False, slots=True)
+class _Connection:
+    """The call's multi-stream-input socket (connected in the background) and the cut contexts still open on it."""
 
-    audio: bytes
-    alignment: Alignment | None  # times relative to this chunk's audio
-    final: bool
+    opening: asyncio.Task[ClientConnection | Exception]
+    zombies: set[str] = field(default_factory=set)
+    """Contexts of sentences cut short whose isFinal was not read yet: ElevenLabs still counts them as open."""
+    used: bool = False
+    """A context was opened on the socket (its first message must open one: no goodbye on an unused socket)."""
 
 
 class ElevenLabsTTS:
-    """A call's ElevenLabs synthesizer (TextToSpeech): μ-law 8 kHz with character timings, one socket per sentence.
+    """A call's ElevenLabs synthesizer (TextToSpeech): μ-law 8 kHz with character timings, one socket per call.
 
-    Each sentence goes over its own stream-input WebSocket, taken from a standby the synthesizer keeps connected
-    (and initialised) in the background, so no sentence waits for a TCP or TLS handshake; cancelling a sentence
-    closes its socket, so none of its audio can reach a later one. When the WebSocket fails before a sentence's
-    first audio, that sentence is spoken over the HTTP streaming endpoint instead (without timings).
+    The synthesizer keeps one multi-stream-input WebSocket, connected in the background, and speaks each sentence as
+    a context of its own on it (opened, flushed and closed at once), so no sentence waits for a TCP or TLS
+    handshake. A sentence cut short (barge-in) leaves its context flushing on the server; a sentence reads only the
+    messages of its own context, so no audio of a cut sentence reaches a later one. When the WebSocket fails before
+    a sentence's first audio, that sentence is spoken over the HTTP streaming endpoint instead (without timings) and
+    a fresh socket is connected for the next one. Sentences are spoken one at a time.
     """
 
     def __init__(
@@ -88,7 +101,10 @@ class ElevenLabsTTS:
         voice_id: str,
         standby_max_age_s: float = STANDBY_MAX_AGE_S,
     ) -> None:
-        """Create a synthesizer for `voice_id` at the API base `url` (http(s):// or ws(s)://); connects lazily."""
+        """Create a synthesizer for `voice_id` at the API base `url` (http(s):// or ws(s)://); connects lazily.
+
+        `standby_max_age_s` is how long the call's socket may stay unused before it is replaced.
+        """
         self.config = config
         self.voice_id = voice_id
         self._api_key = api_key
@@ -99,11 +115,12 @@ class ElevenLabsTTS:
             "sync_alignment": "true",
             "auto_mode": "true",  # we send whole sentences: no chunk schedule, no buffering
             "inactivity_timeout": str(INACTIVITY_TIMEOUT_S),
-            # optimize_streaming_latency is deprecated on stream-input (auto_mode replaces it): HTTP only.
+            # optimize_streaming_latency is deprecated on the WebSocket (auto_mode replaces it): HTTP only.
         }
-        self._ws_url = f"{ws_base}/v1/text-to-speech/{quote(voice_id, safe='')}/stream-input?{urlencode(query)}"
+        voice = quote(voice_id, safe="")
+        self._ws_url = f"{ws_base}/v1/text-to-speech/{voice}/multi-stream-input?{urlencode(query)}"
         # The environment's proxy for ElevenLabs, looked up once: websockets would read the environment again
-        # for every sentence's socket.
+        # for every socket.
         self._proxy = get_proxy(parse_uri(self._ws_url))
         settings = {
             "stability": config.stability,
@@ -111,24 +128,22 @@ class ElevenLabsTTS:
             "speed": config.speed,
         }
         self._voice_settings = {name: value for name, value in settings.items() if value is not None}
-        init: dict[str, Any] = {"text": " "}
-        if self._voice_settings:
-            init["voice_settings"] = self._voice_settings
-        self._init_message = json.dumps(init)
         self._standby_max_age_s = standby_max_age_s
-        self._standby: asyncio.Task[ClientConnection | Exception] | None = None
-        self._standby_timer: asyncio.TimerHandle | None = None
+        self._connection: _Connection | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._context_numbers = itertools.count(1)
+        self._speaking = False
         self._connecting: set[asyncio.Task[ClientConnection | Exception]] = set()
         self._sockets: set[ClientConnection] = set()
-        self._closing: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()  # sockets closing, messages of cut sentences
         self._ws_failures = 0
         self._closed = False
 
     async def prewarm(self) -> None:
-        """Connect the standby socket now (for a call's first sentence) and wait until it is ready; never raises."""
-        self._ensure_standby()
-        if self._standby is not None:
-            await asyncio.wait({self._standby})
+        """Connect the call's socket now (for its first sentence) and wait until it is open; never raises."""
+        connection = self._ensure_connection()
+        if connection is not None:
+            await asyncio.wait({connection.opening})
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes | Alignment]:
         """Speak one sentence as μ-law 8 kHz chunks, each after the `Alignment` of its characters (over WebSocket).
@@ -143,18 +158,13 @@ class ElevenLabsTTS:
             return
         failure: str | None = None
         if self._ws_failures < WS_FAILURES_BEFORE_HTTP:
-            opened = await self._take_socket()
-            if isinstance(opened, Exception):
-                self._count_ws_failure()
-                failure = _describe_connect_error(opened)
-            else:
-                try:
-                    async with aclosing(self._speak_ws(opened, sentence)) as items:
-                        async for item in items:
-                            yield item
-                    return
-                except _StreamFailed as exc:
-                    failure = str(exc)
+            try:
+                async with aclosing(self._speak_ws(sentence)) as items:
+                    async for item in items:
+                        yield item
+                return
+            except _StreamFailed as exc:
+                failure = str(exc)
         if failure is not None:
             log.warning("elevenlabs: WebSocket unavailable (%s); speaking the sentence over HTTP", failure)
         async with aclosing(self._speak_http(sentence, failure or "off after repeated failures")) as chunks:
@@ -162,98 +172,145 @@ class ElevenLabsTTS:
                 yield audio
 
     async def close(self) -> None:
-        """Close the standby socket and any sentence's socket, and wait for them to close; idempotent."""
+        """Close the call's socket (telling ElevenLabs first) and any socket still closing, and wait; idempotent."""
         self._closed = True
-        self._standby = None
-        if self._standby_timer is not None:
-            self._standby_timer.cancel()
-            self._standby_timer = None
+        self._stop_idle_timer()
+        connection, self._connection = self._connection, None
         for task in list(self._connecting):
             task.cancel()
+        socket = _opened(connection) if connection is not None and connection.used else None
+        if socket is not None and socket.state is State.OPEN:
+            with suppress(ConnectionClosed):
+                await socket.send(_CLOSE_SOCKET)
         for socket in list(self._sockets):
             self._release(socket)
-        # A socket cancelled mid-initialisation starts closing only when its task ends: wait until all is quiet.
-        while pending := {*self._connecting, *self._closing}:
+        # A socket cancelled mid-handshake starts closing only when its task ends: wait until all is quiet.
+        while pending := {*self._connecting, *self._background}:
             await asyncio.wait(pending)
 
     # The WebSocket
 
-    async def _speak_ws(self, socket: ClientConnection, sentence: str) -> AsyncGenerator[bytes | Alignment, None]:
-        """Speak `sentence` over `socket`, then close it; raise _StreamFailed before any audio, TTSError after."""
-        yielded = 0
+    async def _speak_ws(self, sentence: str) -> AsyncGenerator[bytes | Alignment, None]:
+        """Speak `sentence` in a context of its own; raise _StreamFailed before any audio, TTSError after."""
+        self._speaking = True
+        self._stop_idle_timer()
         try:
-            await _send_sentence(socket, sentence)
-            while True:
-                chunk = await _receive(socket)
-                if chunk.alignment is not None:
-                    yield _shifted(chunk.alignment, yielded // BYTES_PER_MS)
-                if chunk.audio:
-                    yield chunk.audio
-                    yielded += len(chunk.audio)
-                if chunk.final:
-                    break
-        except _StreamFailed as exc:
-            if self._closed:
-                raise TTSError("elevenlabs: the synthesizer was closed mid-sentence") from None
-            self._count_ws_failure()
-            if yielded:
-                raise TTSError(
-                    f"elevenlabs: the stream broke after {yielded // BYTES_PER_MS} ms of audio ({exc})"
-                ) from None
-            raise
-        else:
+            connection, socket, context = await self._open_context(sentence)
+            zombies = connection.zombies
+            loop = asyncio.get_running_loop()
+            yielded = 0
+            finished = failed = False
+            try:
+                # One deadline for the sentence, moved at each read (an asyncio.timeout per message costs more),
+                # and lifted while the caller holds a chunk: only ElevenLabs' silence is timed.
+                async with asyncio.timeout(None) as deadline:
+                    while not finished:
+                        deadline.reschedule(loop.time() + RECEIVE_TIMEOUT_S)
+                        message = _decoded(await socket.recv())
+                        tag = message.get("contextId")
+                        if tag is None:
+                            tag = message.get("context_id")
+                        if tag != context:
+                            # Audio of a sentence cut before this one may still be in flight: never ours.
+                            _check_foreign(message, tag, zombies)
+                            continue
+                        encoded = message.get("audio")
+                        if encoded:
+                            try:
+                                audio = binascii.a2b_base64(encoded)
+                            except binascii.Error:
+                                raise _StreamFailed("audio that is not base64") from None
+                            timing = message.get("alignment") or message.get("normalizedAlignment")
+                            alignment = _alignment(timing, yielded // BYTES_PER_MS)
+                            deadline.reschedule(None)
+                            if alignment is not None:
+                                yield alignment
+                            yield audio
+                            yielded += len(audio)
+                        elif _is_error(message):
+                            raise _StreamFailed(_describe_error(message))
+                        finished = _is_final(message)
+            except (_StreamFailed, ConnectionClosed, TimeoutError) as exc:
+                failed = True
+                raise self._stream_broke(connection, _describe_break(exc), yielded) from None
+            finally:
+                if not finished and not failed:
+                    # Cut short: ElevenLabs finishes the context anyway, and its isFinal will retire it.
+                    zombies.add(context)
             self._ws_failures = 0
         finally:
-            self._release(socket)
+            self._speaking = False
+            self._start_idle_timer()
 
-    def _ensure_standby(self) -> None:
-        if self._closed or self._standby is not None or self._ws_failures >= WS_FAILURES_BEFORE_HTTP:
-            return
-        task = asyncio.create_task(self._open_socket(), name=f"elevenlabs standby {self.voice_id}")
-        self._connecting.add(task)
-        task.add_done_callback(self._connecting.discard)
-        self._standby = task
-        loop = asyncio.get_running_loop()
-        self._standby_timer = loop.call_later(self._standby_max_age_s, self._renew_standby, task)
+    async def _open_context(self, sentence: str) -> tuple[_Connection, ClientConnection, str]:
+        """Open a context speaking `sentence` on the call's socket, waiting for the socket if it is connecting.
 
-    def _renew_standby(self, task: asyncio.Task[ClientConnection | Exception]) -> None:
-        # Before ElevenLabs' inactivity timeout closes it, an unused standby gives way to a fresh one.
-        if self._standby is not task:
-            return
-        self._standby = None
-        self._standby_timer = None
-        self._discard_when_opened(task)
-        self._ensure_standby()
-
-    async def _take_socket(self) -> ClientConnection | Exception:
-        """The standby socket (waiting for it if it is still connecting), and warm the next one at once."""
-        outcome: ClientConnection | Exception = ConnectionError("no standby socket")
-        for _ in range(2):  # a standby the server has closed meanwhile gives way to the next one
-            self._ensure_standby()
-            task = self._standby
-            if task is None:
-                break
-            self._standby = None
-            if self._standby_timer is not None:
-                self._standby_timer.cancel()
-                self._standby_timer = None
-            self._ensure_standby()
-            try:
-                await asyncio.wait({task})
-            except asyncio.CancelledError:
-                self._discard_when_opened(task)
-                raise
-            if task.cancelled():
+        A socket found closed (ElevenLabs closes idle ones) is replaced once before it counts as a failure. A socket
+        with too many cut contexts still open is replaced before ElevenLabs would refuse a new one.
+        """
+        replaced = False
+        while True:
+            connection = self._ensure_connection()
+            if connection is None:
                 raise TTSError("elevenlabs: the synthesizer was closed")
-            outcome = task.result()
-            if isinstance(outcome, Exception) or outcome.state is State.OPEN:
-                return outcome
-            self._release(outcome)
-            outcome = ConnectionError("the standby socket was closed by the server")
-        return outcome
+            if len(connection.zombies) >= ZOMBIES_BEFORE_NEW_SOCKET:
+                self._retire(connection)
+                continue
+            await asyncio.wait({connection.opening})
+            if connection.opening.cancelled():
+                raise TTSError("elevenlabs: the synthesizer was closed")
+            socket = connection.opening.result()
+            if isinstance(socket, Exception):
+                self._retire(connection)
+                raise self._ws_failed(_describe_connect_error(socket))
+            if socket.state is State.OPEN:
+                context = f"s{next(self._context_numbers)}"
+                try:
+                    await self._send_context(connection, socket, context, sentence)
+                    return connection, socket, context
+                except ConnectionClosed as exc:
+                    problem = f"the socket closed before the text was sent ({_close_reason(exc)})"
+            else:
+                problem = "the socket was closed by the server"
+            self._retire(connection)
+            if replaced:
+                raise self._ws_failed(problem)
+            replaced = True
+
+    async def _send_context(
+        self, connection: _Connection, socket: ClientConnection, context: str, sentence: str
+    ) -> None:
+        """Open `context` with `sentence`, flushed, and close it: ElevenLabs speaks it now, then sends its isFinal."""
+        init: dict[str, Any] = {"text": " ", "context_id": context}
+        if self._voice_settings:
+            init["voice_settings"] = self._voice_settings
+        close = json.dumps({"context_id": context, "close_context": True})
+        messages = (json.dumps(init), json.dumps({"text": sentence + " ", "context_id": context, "flush": True}), close)
+        connection.used = True
+        sent = 0
+        try:
+            for message in messages:
+                await socket.send(message)
+                sent += 1
+        except asyncio.CancelledError:
+            # websockets queues a frame before it waits to drain: the context is open on the server all the same.
+            connection.zombies.add(context)
+            if sent < len(messages) - 1:
+                self._send_in_background(socket, close)
+            raise
+
+    def _ensure_connection(self) -> _Connection | None:
+        """The call's connection, started in the background if there is none; None once closed or HTTP only."""
+        if self._connection is None and not self._closed and self._ws_failures < WS_FAILURES_BEFORE_HTTP:
+            task = asyncio.create_task(self._open_socket(), name=f"elevenlabs socket {self.voice_id}")
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
+            self._connection = _Connection(task)
+            self._start_idle_timer()
+        return self._connection
 
     async def _open_socket(self) -> ClientConnection | Exception:
-        """A connected, initialised stream-input socket, or why there is none."""
+        """A connected multi-stream-input socket, or why there is none."""
         try:
             socket = await connect(
                 self._ws_url,
@@ -266,49 +323,80 @@ class ElevenLabsTTS:
         except (OSError, TimeoutError, WebSocketException) as exc:
             return exc
         self._sockets.add(socket)
-        try:
-            await socket.send(self._init_message)
-        except ConnectionClosed as exc:
-            self._release(socket)
-            return exc
-        except BaseException:
-            self._release(socket)
-            raise
         return socket
 
-    def _discard_when_opened(self, task: asyncio.Task[ClientConnection | Exception]) -> None:
-        # A standby nobody will use: close its socket now, or as soon as it is connected.
-        def discard(done: asyncio.Task[ClientConnection | Exception]) -> None:
-            if not done.cancelled() and isinstance(socket := done.result(), ClientConnection):
+    def _start_idle_timer(self) -> None:
+        # ElevenLabs closes a socket left idle for its inactivity timeout: an unused one is replaced a little before.
+        self._stop_idle_timer()
+        if self._connection is not None and not self._speaking:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(self._standby_max_age_s, self._renew_idle, self._connection)
+
+    def _stop_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _renew_idle(self, connection: _Connection) -> None:
+        self._idle_timer = None
+        if self._connection is connection and not self._speaking:
+            self._retire(connection)
+            self._ensure_connection()
+
+    def _retire(self, connection: _Connection) -> None:
+        """Stop using `connection`: the next sentence gets a fresh socket, and this one closes in the background."""
+        if self._connection is connection:
+            self._connection = None
+            self._stop_idle_timer()
+
+        def discard(_: asyncio.Task[ClientConnection | Exception]) -> None:
+            if (socket := _opened(connection)) is not None:
                 self._release(socket)
 
-        if task.done():
-            discard(task)
+        if connection.opening.done():
+            discard(connection.opening)
         else:
-            task.add_done_callback(discard)
+            connection.opening.add_done_callback(discard)
 
     def _release(self, socket: ClientConnection) -> None:
-        # Closed in the background: neither a barge-in nor the next sentence waits for a closing handshake.
+        # Closed in the background: no sentence waits for a closing handshake.
         if socket not in self._sockets:
             return
         self._sockets.discard(socket)
-        task = asyncio.get_running_loop().create_task(socket.close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._track(socket.close())
 
-    def _count_ws_failure(self) -> None:
+    def _send_in_background(self, socket: ClientConnection, message: str) -> None:
+        async def send() -> None:
+            with suppress(ConnectionClosed):
+                await socket.send(message)
+
+        self._track(send())
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _ws_failed(self, problem: str) -> _StreamFailed:
+        """Count a WebSocket failure and connect a fresh socket for the next sentence (until HTTP takes over)."""
         self._ws_failures += 1
         if self._ws_failures == WS_FAILURES_BEFORE_HTTP:
             log.warning(
                 "elevenlabs: the WebSocket failed %d times in a row; this synthesizer now speaks over HTTP",
                 self._ws_failures,
             )
-            if self._standby is not None:
-                self._discard_when_opened(self._standby)
-                self._standby = None
-            if self._standby_timer is not None:
-                self._standby_timer.cancel()
-                self._standby_timer = None
+        self._ensure_connection()
+        return _StreamFailed(problem)
+
+    def _stream_broke(self, connection: _Connection, problem: str, yielded: int) -> Exception:
+        """Drop the broken socket; what to raise: _StreamFailed before any audio (HTTP takes over), TTSError after."""
+        self._retire(connection)
+        if self._closed:
+            return TTSError("elevenlabs: the synthesizer was closed mid-sentence")
+        failed = self._ws_failed(problem)
+        if yielded:
+            return TTSError(f"elevenlabs: the stream broke after {yielded // BYTES_PER_MS} ms of audio ({problem})")
+        return failed
 
     # The HTTP fallback
 
@@ -364,69 +452,77 @@ async def close_http_clients() -> None:
         await transport.aclose()
 
 
-# The stream-input wire protocol
+# The multi-stream-input wire protocol
 
 
-async def _send_sentence(socket: ClientConnection, sentence: str) -> None:
-    # The sentence, spoken now (flush), then the end of input: ElevenLabs finishes, sends isFinal and closes.
-    try:
-        await socket.send(json.dumps({"text": sentence + " ", "flush": True}))
-        await socket.send(_END_OF_INPUT)
-    except ConnectionClosed as exc:
-        raise _StreamFailed(f"the socket closed before the text was sent ({_close_reason(exc)})") from None
+def _opened(connection: _Connection) -> ClientConnection | None:
+    """The connection's socket once its handshake succeeded."""
+    opening = connection.opening
+    if not opening.done() or opening.cancelled():
+        return None
+    socket = opening.result()
+    return socket if isinstance(socket, ClientConnection) else None
 
 
-async def _receive(socket: ClientConnection) -> _Chunk:
-    try:
-        async with asyncio.timeout(RECEIVE_TIMEOUT_S):
-            raw = await socket.recv()
-    except TimeoutError:
-        raise _StreamFailed(f"no message for {RECEIVE_TIMEOUT_S:g} s") from None
-    except ConnectionClosed as exc:
-        raise _StreamFailed(f"the socket closed before the end of the sentence ({_close_reason(exc)})") from None
+def _decoded(raw: str | bytes) -> dict[str, Any]:
+    """One server message as a JSON object."""
     try:
         message = json.loads(raw)
     except ValueError:
         raise _StreamFailed(f"not JSON: {raw[:80]!r}") from None
     if not isinstance(message, dict):
         raise _StreamFailed(f"not a JSON object: {str(raw)[:80]!r}")
-    return _parse(message)
+    return message
 
 
-def _parse(message: dict[str, Any]) -> _Chunk:
-    """One server message: audio (base64, may be null or empty), its alignment, the end flag, or an error."""
-    encoded = message.get("audio")
-    if not encoded and ("error" in message or "message" in message):
-        error = message.get("error") or message.get("code") or "error"
-        raise _StreamFailed(f"{error}: {message.get('message', '')}".rstrip(": "))
-    try:
-        audio = base64.b64decode(encoded) if encoded else b""
-    except ValueError:
-        raise _StreamFailed("audio that is not base64") from None
-    timing = message.get("alignment") or message.get("normalizedAlignment") or message.get("normalized_alignment")
-    final = bool(message.get("isFinal") or message.get("is_final"))
-    return _Chunk(audio=audio, alignment=_alignment(timing), final=final)
+def _check_foreign(message: dict[str, Any], tag: str | None, zombies: set[str]) -> None:
+    """A message not of the sentence being read: an untagged error fails it; a cut context's isFinal retires it."""
+    if tag is None:
+        if _is_error(message):
+            raise _StreamFailed(_describe_error(message))
+    elif tag in zombies and _is_final(message):
+        zombies.discard(tag)
 
 
-def _alignment(timing: Any) -> Alignment | None:
-    # Vendor keys are camelCase; older docs and clients show snake_case. A malformed alignment is dropped, not fatal.
+def _is_final(message: dict[str, Any]) -> bool:
+    # The server says isFinal; some clients look for is_final too, and a tolerant parser costs nothing.
+    return bool(message.get("isFinal") or message.get("is_final"))
+
+
+def _is_error(message: dict[str, Any]) -> bool:
+    return "error" in message or "message" in message
+
+
+def _describe_error(message: dict[str, Any]) -> str:
+    error = message.get("error") or message.get("code") or "error"
+    return f"{error}: {message.get('message', '')}".rstrip(": ")
+
+
+def _describe_break(exc: Exception) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no message for {RECEIVE_TIMEOUT_S:g} s"
+    if isinstance(exc, ConnectionClosed):
+        return f"the socket closed before the end of the sentence ({_close_reason(exc)})"
+    return str(exc)
+
+
+def _alignment(timing: Any, offset_ms: int) -> Alignment | None:
+    """A chunk's alignment with its times made relative to the start of the sentence's audio (`offset_ms` before).
+
+    Vendor keys are camelCase; older docs and clients show snake_case. A malformed alignment is dropped, not fatal.
+    """
     if not isinstance(timing, dict):
         return None
     chars = timing.get("chars")
-    starts = timing.get("charStartTimesMs", timing.get("char_start_times_ms"))
+    starts = timing.get("charStartTimesMs")
+    if starts is None:
+        starts = timing.get("char_start_times_ms")
     if not isinstance(chars, list) or not isinstance(starts, list) or not chars or len(chars) != len(starts):
         return None
     try:
-        return Alignment(chars="".join(chars), start_ms=tuple(round(start) for start in starts))
+        return Alignment(chars="".join(chars), start_ms=tuple([round(start) + offset_ms for start in starts]))
     except TypeError:
         return None
-
-
-def _shifted(alignment: Alignment, offset_ms: int) -> Alignment:
-    """`alignment` with chunk-relative times made relative to the start of the sentence's audio."""
-    if not offset_ms:
-        return alignment
-    return Alignment(chars=alignment.chars, start_ms=tuple(start + offset_ms for start in alignment.start_ms))
 
 
 def _close_reason(exc: ConnectionClosed) -> str:
