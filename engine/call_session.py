@@ -369,6 +369,10 @@ class CallSession:
         """One text frame from Twilio, through the protocol to the session; ignored once the call has ended."""
         if self._ended.is_set():
             return
+        media = self._stream.receive_media(text)
+        if media is not None:
+            self._on_caller_audio(*media)
+            return
         try:
             for event in self._stream.receive_text(text):
                 self._on_stream_event(event)
@@ -381,8 +385,8 @@ class CallSession:
 
     def _on_stream_event(self, event: StreamEvent) -> None:
         match event:
-            case MediaReceived():
-                self._on_caller_audio(event)
+            case MediaReceived(payload=payload, timestamp_ms=at_ms):
+                self._on_caller_audio(payload, at_ms)
             case DtmfReceived(digit=digit):
                 now_ms = self._timeline.stream_ms()
                 self._caller_speech_ended_at = self._clock()
@@ -402,10 +406,10 @@ class CallSession:
             return self._end_reason
         return "caller_hangup"
 
-    def _on_caller_audio(self, media: MediaReceived) -> None:
-        """The audio path: one caller frame. Cheap work only."""
-        payload, at_ms, stt, vad = media.payload, media.timestamp_ms, self._pipeline.stt, self._vad
-        self._timeline.observe(at_ms)
+    def _on_caller_audio(self, payload: bytes, at_ms: int) -> None:
+        """The audio path: one caller frame, stamped `at_ms` by Twilio. Cheap work only."""
+        stt, vad, now = self._pipeline.stt, self._vad, self._clock()
+        self._timeline.observe(at_ms, now)
         if self._recorder is not None:
             self._recorder.write_caller(payload, at_ms)
         if len(payload) != 160:
@@ -414,7 +418,6 @@ class CallSession:
         vad_event = vad.process_ulaw(payload)
         voiced = vad.last_frame_voiced
         stt.send_audio(payload, voiced=voiced)
-        now = self._clock()
         if voiced:
             self._last_voiced_at = now
         if isinstance(vad_event, VadSpeechStarted):

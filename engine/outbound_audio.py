@@ -28,9 +28,11 @@ class StreamTimeline:
         self._clock = clock
         self._origin = clock()
 
-    def observe(self, timestamp_ms: int) -> None:
-        """A caller frame stamped `timestamp_ms` arrived now; frames delayed in transit never move the origin later."""
-        self._origin = min(self._origin, self._clock() - timestamp_ms / 1000)
+    def observe(self, timestamp_ms: int, now: float | None = None) -> None:
+        """A caller frame stamped `timestamp_ms` arrived `now` (by default, now); frames delayed in transit never
+        move the origin later."""
+        origin = (self._clock() if now is None else now) - timestamp_ms / 1000
+        self._origin = min(self._origin, origin)
 
     def stream_ms(self, at: float | None = None) -> int:
         """The stream time of a monotonic instant (now by default)."""

@@ -19,6 +19,9 @@ PCM_FRAME_BYTES = SAMPLE_RATE * FRAME_MS // 1000 * 2
 ULAW_FRAME_BYTES = PCM_FRAME_BYTES // 2
 """Bytes in one 20 ms frame of 8 kHz μ-law (160)."""
 
+_ULAW_FLOAT32 = ulaw_to_pcm16(bytes(range(256))).astype(np.float32)
+"""Each μ-law code's PCM16 sample, as float32."""
+
 
 @dataclass(frozen=True, slots=True)
 class SpeechStarted:
@@ -116,7 +119,12 @@ class VoiceActivityDetector:
             raise ValueError(f"VAD frame must be {ULAW_FRAME_BYTES} bytes of 8 kHz μ-law, got {len(ulaw_frame)}")
         if not ulaw_frame.translate(None, self._quiet_codes):
             return self._advance(False)
-        return self._advance(self.is_voiced(ulaw_to_pcm16_bytes(ulaw_frame)))
+        # The level straight from the codes (the same float32 samples is_voiced would square); decoded only for
+        # WebRTC, and only when the frame is above the floor.
+        samples = _ULAW_FLOAT32.take(np.frombuffer(ulaw_frame, dtype=np.uint8))
+        if float(np.dot(samples, samples)) < self._energy_floor:
+            return self._advance(False)
+        return self._advance(bool(self._vad.is_speech(ulaw_to_pcm16_bytes(ulaw_frame), SAMPLE_RATE)))
 
     def _advance(self, voiced: bool) -> VadEvent | None:
         self._frames += 1

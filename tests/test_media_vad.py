@@ -119,6 +119,10 @@ def test_mu_law_frames_get_the_same_decisions_as_their_decoded_audio() -> None:
     spiky = silence(400)
     spiky[::97] = 120
     pieces += [spiky, voiced(500), silence(1000)]
+    # Speech (which WebRTC flags at any level) just under and over the floor: only the level decides.
+    speech = voiced(600).astype(np.float64)
+    speech /= np.sqrt(np.mean(speech**2))
+    pieces += [(speech * rms).astype(np.int16) for rms in (70, 90, 100, 105, 115)]
     ulaw = pcm16_to_ulaw(np.concatenate(pieces))
     decoded = ulaw_to_pcm16(ulaw).tobytes()
 

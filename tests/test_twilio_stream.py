@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
+import numpy as np
 import pytest
 
 from media.twilio_stream import (
@@ -469,3 +470,92 @@ def test_media_in_twilios_spelling_before_start_is_refused() -> None:
     stream.receive_text(CONNECTED)
     with pytest.raises(UnexpectedMessage):
         stream.receive_text(media(2, 1))
+
+
+# ------------------------------------------------------------------------------------ the caller-audio fast path
+
+
+def read_like_the_session(stream: TwilioStream, frame: str) -> list[object]:
+    """What a session gets from one frame: (payload, timestamp) from `receive_media`, else `receive_text`'s events."""
+    media_frame = stream.receive_media(frame)
+    if media_frame is not None:
+        return [media_frame]
+    try:
+        events = stream.receive_text(frame)
+    except StreamProtocolError as exc:
+        return [type(exc)]
+    return [(event.payload, event.timestamp_ms) if isinstance(event, MediaReceived) else event for event in events]
+
+
+def read_through_receive_text(stream: TwilioStream, frame: str) -> list[object]:
+    try:
+        events = stream.receive_text(frame)
+    except StreamProtocolError as exc:
+        return [type(exc)]
+    return [(event.payload, event.timestamp_ms) if isinstance(event, MediaReceived) else event for event in events]
+
+
+def test_receive_media_takes_frames_that_continue_their_track() -> None:
+    stream = streaming()
+    assert stream.receive_media(media(2, 1)) is None  # the first frame of a track opens it through receive_text
+    stream.receive_text(media(2, 1))
+    tone = bytes(range(160))
+    assert stream.receive_media(media(3, 2, tone)) == (tone, 20)
+    assert stream.last_sequence_number == 3
+    assert stream.receive_media(media(4, 3, timestamp=40)) == (SILENCE_20MS, 40)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param(media(3, 4), id="a gap"),
+        pytest.param(media(3, 1), id="a repeated chunk"),
+        pytest.param(media(3, 2, spaced=True), id="another spelling"),
+        pytest.param(media(3, 2).replace(STREAM_SID, "MZother"), id="another stream"),
+        pytest.param(media(3, 2).replace('"payload":"', '"payload":"=', 1), id="bad base64"),
+        pytest.param(media(3, 2, bytes(9000)), id="too large"),
+        pytest.param(mark_echo("x"), id="a mark"),
+        pytest.param(STOP, id="stop"),
+    ],
+)
+def test_receive_media_leaves_everything_else_to_receive_text(frame: str) -> None:
+    stream = streaming()
+    stream.receive_text(media(2, 1))
+    assert stream.receive_media(frame) is None
+    assert stream.state is StreamState.STREAMING
+    assert stream.last_sequence_number == 2
+
+
+def test_receive_media_is_refused_outside_streaming() -> None:
+    stream = TwilioStream()
+    assert stream.receive_media(media(2, 1)) is None
+    stream = streaming()
+    stream.receive_text(media(2, 1))
+    stream.receive_text(STOP)
+    assert stream.receive_media(media(3, 2)) is None
+
+
+def test_the_fast_path_and_receive_text_read_any_frame_sequence_alike() -> None:
+    rng = np.random.default_rng(7)
+    frames = [CONNECTED, START]
+    chunk, sequence = 1, 2
+    for _ in range(400):
+        roll = rng.random()
+        payload = rng.integers(0, 256, int(rng.choice((160, 160, 160, 80, 320))), dtype=np.uint8).tobytes()
+        if roll < 0.08:
+            chunk += int(rng.integers(1, 4))  # a gap
+        elif roll < 0.12:
+            chunk = max(1, chunk - int(rng.integers(1, 3)))  # late or repeated
+        frame = media(sequence, chunk, payload, spaced=roll > 0.95)
+        if 0.90 < roll < 0.92:
+            frame = frame.replace('"payload":"', '"payload":"=', 1)
+        frames.append(frame if roll < 0.97 else mark_echo("nope", sequence))
+        chunk, sequence = chunk + 1, sequence + 1
+    fast, reference = TwilioStream(), TwilioStream()
+    for frame in frames:
+        if fast.state is StreamState.FAILED:
+            break
+        assert read_like_the_session(fast, frame) == read_through_receive_text(reference, frame)
+        assert fast.last_sequence_number == reference.last_sequence_number
+        assert fast.dropped_ms == reference.dropped_ms
+    assert reference.state is fast.state
