@@ -198,8 +198,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         recorder = StereoWavRecorder(path)
         app[RECORDING_IO].add(recorder)
 
-    async def send(text: str) -> None:
-        await ws.send_str(text)
+    send: SendText = ws.send_str  # called directly: no coroutine of ours around each frame sent
 
     writer = CallLogWriter(
         pool,

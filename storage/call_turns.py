@@ -15,7 +15,7 @@ import asyncpg
 
 from storage.enums import CallStatus
 from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, new_ids, transaction
+from storage.records import Queryable, Record, new_ids, within_transaction
 
 Speaker = Literal["caller", "agent"]
 """Who spoke a turn."""
@@ -90,7 +90,7 @@ async def insert_turns(
     In the same transaction, the inserted turns' lines are appended to CallLog.transcript in turn order and
     `metadata` is merged into CallLog.metadata. NotFound if the organization has no such call.
     """
-    async with transaction(db) as conn:
+    async with within_transaction(db) as conn:
         # Locking the call serialises writers of the same call, so transcript lines land in write order.
         await lock_call_log(conn, organization_id=organization_id, call_log_id=call_log_id)
         rows: list[asyncpg.Record] = []

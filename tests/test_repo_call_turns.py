@@ -111,3 +111,18 @@ async def test_locking_a_call_returns_its_status_and_refuses_another_organizatio
 def test_transcript_lines_name_the_speaker_and_mark_interruptions() -> None:
     assert transcript_line("caller", "Hi there", interrupted=False) == "Caller: Hi there"
     assert transcript_line("agent", "Let me", interrupted=True) == "Agent: Let me [interrupted]"
+
+
+async def test_turns_written_in_the_callers_transaction_commit_and_roll_back_with_it(pool: asyncpg.Pool) -> None:
+    # Inside an open transaction the turns join it (no savepoint of their own): they are kept or lost with it.
+    org = await insert_organization(pool)
+    call = await open_call(pool, org)
+    with pytest.raises(RuntimeError, match="after the turns"):
+        async with transaction(pool) as conn:
+            await insert_turns(conn, organization_id=org, call_log_id=call.id, turns=[GREETING])
+            assert [t.index for t in await list_turns(conn, organization_id=org, call_log_id=call.id)] == [0]
+            raise RuntimeError("after the turns")
+    assert await list_turns(pool, organization_id=org, call_log_id=call.id) == []
+    async with transaction(pool) as conn:
+        await insert_turns(conn, organization_id=org, call_log_id=call.id, turns=[GREETING])
+    assert [t.index for t in await list_turns(pool, organization_id=org, call_log_id=call.id)] == [0]
