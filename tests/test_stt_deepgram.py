@@ -428,13 +428,15 @@ async def test_deepgram_gets_at_once_only_the_silence_that_completes_endpointing
     await received(fake, 400 + 400)
     # The turn has ended: nothing waits for UtteranceEnd, so its gap is nothing special.
     far_from_speech = await send_counting(stt, fake, 2000, voiced=False)
-    await received(fake, 400 + 2400)
+    await received(fake, 400 + 2000)  # the last 400 ms wait for their batch
     await stt.close()
 
     assert speech_messages == 2  # mid-speech nothing waits on the audio: 200 ms at a time
     assert before_endpointing <= 6  # a 200 ms batch, then frame by frame from 100 ms before the gap is complete
     assert after_endpointing == 100 // 20  # and 100 ms past it
-    assert far_from_speech == 2000 // 200  # then 200 ms at a time
+    # Then 200 ms at a time until past the last hot window (UtteranceEnd's ends 1100 ms after the speech): silence
+    # from 400 to 1000 ms in three messages, and from there 500 ms at a time: 1500 and 2000.
+    assert far_from_speech == 3 + 2
 
 
 async def test_without_endpointing_the_silence_that_completes_utterance_end_goes_at_once(fake: FakeDeepgram) -> None:

@@ -33,11 +33,15 @@ BYTES_PER_MS = 8
 CLOSE_GRACE_SECONDS = 1.0
 """How long `close()` waits for Deepgram to send its last results and close the socket."""
 QUIET_BATCH_MS = 200
-"""Far from speech, caller audio goes out this much at a time (10x fewer socket writes than frame by frame)."""
+"""Silence after speech goes out this much at a time outside the hot windows below (10x fewer socket writes than
+frame by frame), until past the last of them."""
 SPEECH_BATCH_MS = 200
 """Mid-speech, voiced frames go out this much at a time (within the 20-250 ms Deepgram suggests): no end of turn can
 come before the speech stops; interim results, and a barge-in on the caller's words, may come up to this much later.
 The local VAD's barge-in on sustained speech waits on nothing sent here."""
+FAR_QUIET_BATCH_MS = 500
+"""Silence past every hot window below (the caller listening to the agent, or thinking) goes out this much at a
+time: nothing waits on it, Deepgram takes any chunk size, and it is most of a call's audio."""
 HOT_LEAD_MS = 100
 """Silent frames go out one by one from this long before Deepgram's endpointing (or UtteranceEnd) gap is complete
 after the last voiced frame, for a recognizer whose idea of the end of speech leads ours; everything held goes out
@@ -131,6 +135,7 @@ class DeepgramSTT:
         self._quiet_bytes = 0
         self._endpointing_window = _hot_window(config.endpointing or None)
         self._utterance_end_window = _hot_window(config.utterance_end_ms)
+        self._far_quiet_bytes = max(self._endpointing_window[1], self._utterance_end_window[1])
         self._wake = asyncio.Event()
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._last_sent = 0.0
@@ -162,7 +167,8 @@ class DeepgramSTT:
         Only the silence that completes Deepgram's endpointing gap after speech is time-critical, and the one that
         completes its UtteranceEnd gap while final words wait for an end of turn: from `HOT_LEAD_MS` before such a
         gap is complete to `HOT_MARGIN_MS` after it, frames go out one by one, the first taking along everything
-        held. Voiced frames go out `SPEECH_BATCH_MS` at a time, the rest of the silence `QUIET_BATCH_MS` at a time.
+        held. Voiced frames go out `SPEECH_BATCH_MS` at a time, the rest of the silence `QUIET_BATCH_MS` at a time
+        until past the last hot window, then `FAR_QUIET_BATCH_MS` at a time.
         So Deepgram never ends a turn later than it would if it got every frame as it came.
         """
         if self._closing:
@@ -181,7 +187,8 @@ class DeepgramSTT:
         else:
             quiet = self._quiet_bytes = self._quiet_bytes + len(ulaw)
             start, end = self._endpointing_window
-            due = pending >= QUIET_BATCH_MS * BYTES_PER_MS or start < quiet <= end
+            batch = QUIET_BATCH_MS if quiet <= self._far_quiet_bytes else FAR_QUIET_BATCH_MS
+            due = pending >= batch * BYTES_PER_MS or start < quiet <= end
             if self._turn and not due:  # words wait for UtteranceEnd to end the turn
                 start, end = self._utterance_end_window
                 due = start < quiet <= end
