@@ -6,9 +6,9 @@ about 5 of the 15-18 µs aiohttp spends on each message, and a call's media stre
 is set, and queues everything else (close, ping, binary, and text that arrives while older frames still wait in
 the queue, so the order holds) for `receive()` as before.
 
-This leans on aiohttp internals: `_post_start` and the reader's `WebSocketDataQueue`. They are used only on the
-aiohttp versions checked to match (`DIRECT_AIOHTTP`); on any other the socket is an ordinary WebSocketResponse,
-frames go through `receive()`, and the engine logs once that it runs the slower way.
+This leans on aiohttp internals: `_post_start` and the reader's `WebSocketDataQueue`. pyproject pins aiohttp to
+the versions checked to match (`DIRECT_AIOHTTP`); an install that overrides the pin gets an ordinary
+WebSocketResponse, frames go through `receive()`, and the engine logs once that it runs the slower way.
 """
 
 from __future__ import annotations
