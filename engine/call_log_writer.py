@@ -124,6 +124,7 @@ class CallLogWriter:
         self._metadata: dict[str, Any] = {"engineNode": node_id}
         self._agent_latencies: list[int] = []
         self._lost_turns = 0
+        self._subscribed = False  # seen a transcript.updated subscription: write turns with their events
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._finish_lock = asyncio.Lock()
@@ -257,6 +258,19 @@ class CallLogWriter:
                     del self._metadata[key]
 
     async def _write(self, batch: list[TurnRecord], metadata: dict[str, Any]) -> None:
+        if "engineNode" not in metadata and not self._subscribed:
+            # Nobody subscribes to the turns (the usual case): one statement writes them, one round trip.
+            if await call_turns.insert_turns_unless_subscribed(
+                self._pool,
+                organization_id=self._organization_id,
+                call_log_id=self._call_log_id,
+                turns=batch,
+                metadata=metadata,
+                event=call_events.TRANSCRIPT_UPDATED,
+                agent_id=self._agent_id,
+            ):
+                return
+            self._subscribed = True  # from now on the turns and their events share a transaction
         async with transaction(self._pool) as conn:
             if "engineNode" in metadata:
                 # The media session's first write: the call has started (queued once, even if this is a retry).

@@ -15,6 +15,9 @@ from storage.errors import NotFound
 from storage.records import Queryable
 from storage.webhook_outbox import enqueue_event
 
+TRANSCRIPT_UPDATED = "transcript.updated"
+"""The event queued for each new turn of a call."""
+
 if TYPE_CHECKING:
     from storage.call_logs import CallLog
     from storage.call_turns import CallTurn
@@ -98,7 +101,7 @@ async def enqueue_turns(
         count = await enqueue_event(
             conn,
             organization_id=organization_id,
-            event="transcript.updated",
+            event=TRANSCRIPT_UPDATED,
             data={
                 "callLogId": turn.call_log_id,
                 "agentId": agent_id,

@@ -15,7 +15,7 @@ import asyncpg
 
 from storage.enums import CallStatus
 from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, new_ids, within_transaction
+from storage.records import Queryable, Record, new_ids
 
 Speaker = Literal["caller", "agent"]
 """Who spoke a turn."""
@@ -77,6 +77,49 @@ async def lock_call_log(db: Queryable, *, organization_id: str, call_log_id: str
     return CallStatus(status)
 
 
+_WRITE_TURNS = f"""
+    WITH target AS (
+        -- Locking the call serialises writers of the same call, so transcript lines land in write order.
+        SELECT "id" FROM "CallLog" WHERE "id" = $2 AND "organizationId" = $1 FOR UPDATE
+    ), watched AS (
+        SELECT $13::text IS NOT NULL AND EXISTS (
+            SELECT 1 FROM "Event"
+            WHERE "organizationId" = $1 AND "name" = $13 AND "isEnabled" AND ("agentId" IS NULL OR "agentId" = $14)
+        ) AS yes
+    ), inserted AS (
+        INSERT INTO "CallTurn"
+            ("id", "organizationId", "callLogId", "index", "speaker", "text", "startMs", "endMs",
+             "interrupted", "latencyMs", "latency")
+        SELECT t.id, $1, $2, t.index, t.speaker, t.text, t.start_ms, t.end_ms, t.interrupted, t.latency_ms, t.latency
+        FROM unnest($3::text[], $4::int[], $5::text[], $6::text[], $7::int[], $8::int[], $9::bool[], $10::int[],
+                    $11::jsonb[])
+            AS t(id, index, speaker, text, start_ms, end_ms, interrupted, latency_ms, latency)
+        WHERE EXISTS (SELECT 1 FROM target) AND NOT (SELECT yes FROM watched)
+        ORDER BY t.index
+        ON CONFLICT ("callLogId", "index") DO NOTHING
+        RETURNING {_COLUMNS}
+    ), appended AS (
+        -- Only the lines of turns this write inserted: a retried write adds none twice.
+        SELECT string_agg(l.line, E'\\n' ORDER BY l.index) AS lines
+        FROM inserted JOIN unnest($4::int[], $12::text[]) AS l(index, line) USING ("index")
+    ), updated AS (
+        UPDATE "CallLog" SET
+            "transcript" = CASE WHEN a.lines IS NULL THEN "transcript"
+                                WHEN "transcript" IS NULL OR "transcript" = '' THEN a.lines
+                                ELSE "transcript" || E'\\n' || a.lines END,
+            "metadata" = "metadata" || $15::jsonb
+        FROM appended AS a
+        WHERE "id" = $2 AND "organizationId" = $1 AND NOT (SELECT yes FROM watched)
+            AND (a.lines IS NOT NULL OR $15::jsonb <> '{{}}'::jsonb)
+        RETURNING 1
+    )
+    SELECT EXISTS (SELECT 1 FROM target) AS found, (SELECT yes FROM watched) AS watched, i.*
+    FROM (SELECT 1) AS one LEFT JOIN inserted AS i ON true
+"""
+"""One statement, so one round trip and atomic on its own: lock the call, insert the turns that are new, append
+their lines to the transcript and merge the metadata; with $13 (an event name), only if nothing subscribes to it."""
+
+
 async def insert_turns(
     db: Queryable,
     *,
@@ -87,59 +130,64 @@ async def insert_turns(
 ) -> list[CallTurn]:
     """Write turns of the organization's call, skip those already written, and return the ones inserted.
 
-    In the same transaction, the inserted turns' lines are appended to CallLog.transcript in turn order and
-    `metadata` is merged into CallLog.metadata. NotFound if the organization has no such call.
+    Atomically with them (in one statement, and within the caller's transaction if it has one), the inserted turns'
+    lines are appended to CallLog.transcript in turn order and `metadata` is merged into CallLog.metadata.
+    NotFound if the organization has no such call.
     """
-    async with within_transaction(db) as conn:
-        # Locking the call serialises writers of the same call, so transcript lines land in write order.
-        await lock_call_log(conn, organization_id=organization_id, call_log_id=call_log_id)
-        rows: list[asyncpg.Record] = []
-        if turns:
-            with translate_errors():
-                rows = await conn.fetch(
-                    f"""
-                    INSERT INTO "CallTurn"
-                        ("id", "organizationId", "callLogId", "index", "speaker", "text", "startMs", "endMs",
-                         "interrupted", "latencyMs", "latency")
-                    SELECT t.id, $1, $2, t.index, t.speaker, t.text, t.start_ms, t.end_ms, t.interrupted, t.latency_ms,
-                           t.latency
-                    FROM unnest($3::text[], $4::int[], $5::text[], $6::text[], $7::int[], $8::int[], $9::bool[],
-                                $10::int[], $11::jsonb[])
-                        AS t(id, index, speaker, text, start_ms, end_ms, interrupted, latency_ms, latency)
-                    ORDER BY t.index
-                    ON CONFLICT ("callLogId", "index") DO NOTHING
-                    RETURNING {_COLUMNS}
-                    """,
-                    organization_id,
-                    call_log_id,
-                    new_ids(len(turns)),
-                    [t.index for t in turns],
-                    [t.speaker for t in turns],
-                    [t.text for t in turns],
-                    [t.start_ms for t in turns],
-                    [t.end_ms for t in turns],
-                    [t.interrupted for t in turns],
-                    [t.latency_ms for t in turns],
-                    [dict(t.latency) if t.latency is not None else None for t in turns],
-                )
-        inserted = sorted(CallTurn.from_rows(rows), key=lambda turn: turn.index)
-        lines = "\n".join(transcript_line(t.speaker, t.text, interrupted=t.interrupted) for t in inserted)
-        if lines or metadata:
-            await conn.execute(
-                """
-                UPDATE "CallLog" SET
-                    "transcript" = CASE WHEN $3::text IS NULL THEN "transcript"
-                                        WHEN "transcript" IS NULL OR "transcript" = '' THEN $3
-                                        ELSE "transcript" || E'\\n' || $3 END,
-                    "metadata" = "metadata" || $4::jsonb
-                WHERE "id" = $1 AND "organizationId" = $2
-                """,
-                call_log_id,
-                organization_id,
-                lines or None,
-                dict(metadata) if metadata else {},
-            )
-    return inserted
+    rows = await _write_turns(db, (organization_id, call_log_id), turns, metadata, None)
+    inserted = CallTurn.from_rows([row for row in rows if row["id"] is not None])
+    return sorted(inserted, key=lambda turn: turn.index)
+
+
+async def insert_turns_unless_subscribed(
+    db: Queryable,
+    *,
+    organization_id: str,
+    call_log_id: str,
+    turns: Sequence[TurnRecord],
+    metadata: Mapping[str, Any] | None = None,
+    event: str,
+    agent_id: str | None,
+) -> bool:
+    """`insert_turns` in one round trip, unless an enabled subscription of the organization (or of `agent_id`)
+    wants `event`: then nothing is written and the answer is False, and the caller writes the turns in a transaction
+    that also queues the event for the subscribers. NotFound if the organization has no such call."""
+    rows = await _write_turns(db, (organization_id, call_log_id), turns, metadata, (event, agent_id))
+    return not rows[0]["watched"]
+
+
+async def _write_turns(
+    db: Queryable,
+    call: tuple[str, str],
+    turns: Sequence[TurnRecord],
+    metadata: Mapping[str, Any] | None,
+    unless_subscribed: tuple[str, str | None] | None,
+) -> list[asyncpg.Record]:
+    """Run _WRITE_TURNS for the call (organization id, call log id); `unless_subscribed` is (event, agent id)."""
+    organization_id, call_log_id = call
+    event, agent_id = unless_subscribed if unless_subscribed is not None else (None, None)
+    with translate_errors():
+        rows = await db.fetch(
+            _WRITE_TURNS,
+            organization_id,
+            call_log_id,
+            new_ids(len(turns)),
+            [t.index for t in turns],
+            [t.speaker for t in turns],
+            [t.text for t in turns],
+            [t.start_ms for t in turns],
+            [t.end_ms for t in turns],
+            [t.interrupted for t in turns],
+            [t.latency_ms for t in turns],
+            [dict(t.latency) if t.latency is not None else None for t in turns],
+            [transcript_line(t.speaker, t.text, interrupted=t.interrupted) for t in turns],
+            event,
+            agent_id,
+            dict(metadata) if metadata else {},
+        )
+    if not rows[0]["found"]:
+        raise NotFound("CallLog", call_log_id)
+    return rows
 
 
 async def list_turns(db: Queryable, *, organization_id: str, call_log_id: str) -> list[CallTurn]:

@@ -6,9 +6,19 @@ import asyncpg
 import pytest
 
 from storage import call_logs
-from storage.call_turns import TurnRecord, insert_turns, list_turns, lock_call_log, transcript_line
+from storage.agents import create_agent
+from storage.call_events import TRANSCRIPT_UPDATED
+from storage.call_turns import (
+    TurnRecord,
+    insert_turns,
+    insert_turns_unless_subscribed,
+    list_turns,
+    lock_call_log,
+    transcript_line,
+)
 from storage.enums import CallStatus
 from storage.errors import ConstraintViolation, NotFound
+from storage.events import create_event
 from storage.records import transaction
 from tests.test_repo_agents import insert_organization
 from tests.test_repo_call_logs import open_call
@@ -126,3 +136,85 @@ async def test_turns_written_in_the_callers_transaction_commit_and_roll_back_wit
     async with transaction(pool) as conn:
         await insert_turns(conn, organization_id=org, call_log_id=call.id, turns=[GREETING])
     assert [t.index for t in await list_turns(pool, organization_id=org, call_log_id=call.id)] == [0]
+
+
+async def test_turns_nobody_subscribes_to_are_written_whole_in_one_statement(pool: asyncpg.Pool) -> None:
+    org = await insert_organization(pool)
+    agent = await create_agent(pool, organization_id=org, name="Ava")
+    other_agent = await create_agent(pool, organization_id=org, name="Bo")
+    call = await open_call(pool, org, agent_id=agent.id)
+    # Subscriptions that do not want this call's turns: disabled, another agent's, another event.
+    for name, agent_id, enabled in [
+        (TRANSCRIPT_UPDATED, None, False),
+        (TRANSCRIPT_UPDATED, other_agent.id, True),
+        ("call.ended", None, True),
+    ]:
+        await create_event(
+            pool,
+            organization_id=org,
+            name=name,
+            webhook_url="https://hooks.example/x",
+            agent_id=agent_id,
+            is_enabled=enabled,
+        )
+    for turns in ([GREETING, QUESTION], [QUESTION, ANSWER]):  # the second repeats a turn, as a retry would
+        assert await insert_turns_unless_subscribed(
+            pool,
+            organization_id=org,
+            call_log_id=call.id,
+            turns=turns,
+            metadata={"stt": "deepgram"},
+            event=TRANSCRIPT_UPDATED,
+            agent_id=agent.id,
+        )
+    assert [t.index for t in await list_turns(pool, organization_id=org, call_log_id=call.id)] == [0, 1, 2]
+    stored = await call_logs.get_call_log(pool, organization_id=org, call_log_id=call.id)
+    assert stored.transcript == (
+        "Agent: Hello, how can I help?\nCaller: What are your hours?\nAgent: We open at nine [interrupted]"
+    )
+    assert stored.metadata["stt"] == "deepgram"
+
+
+@pytest.mark.parametrize("for_the_agent", [False, True])
+async def test_turns_a_subscription_wants_are_left_to_a_transaction_that_queues_the_event(
+    pool: asyncpg.Pool, for_the_agent: bool
+) -> None:
+    org = await insert_organization(pool)
+    agent = await create_agent(pool, organization_id=org, name="Ava")
+    call = await open_call(pool, org, agent_id=agent.id)
+    await create_event(
+        pool,
+        organization_id=org,
+        name=TRANSCRIPT_UPDATED,
+        webhook_url="https://hooks.example/x",
+        agent_id=agent.id if for_the_agent else None,
+    )
+    written = await insert_turns_unless_subscribed(
+        pool,
+        organization_id=org,
+        call_log_id=call.id,
+        turns=[GREETING],
+        metadata={"stt": "deepgram"},
+        event=TRANSCRIPT_UPDATED,
+        agent_id=agent.id,
+    )
+    assert written is False
+    assert await list_turns(pool, organization_id=org, call_log_id=call.id) == []
+    stored = await call_logs.get_call_log(pool, organization_id=org, call_log_id=call.id)
+    assert stored.transcript in (None, "")
+    assert "stt" not in stored.metadata
+
+
+async def test_unsubscribed_turns_of_another_organizations_call_are_refused(pool: asyncpg.Pool) -> None:
+    org, other = await insert_organization(pool), await insert_organization(pool)
+    call = await open_call(pool, org)
+    with pytest.raises(NotFound):
+        await insert_turns_unless_subscribed(
+            pool,
+            organization_id=other,
+            call_log_id=call.id,
+            turns=[GREETING],
+            event=TRANSCRIPT_UPDATED,
+            agent_id=None,
+        )
+    assert await list_turns(pool, organization_id=org, call_log_id=call.id) == []
