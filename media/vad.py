@@ -72,8 +72,11 @@ class VoiceActivityDetector:
         self._energy_floor = samples_per_frame * floor_amplitude**2
         # The μ-law codes of samples quieter than the floor: a frame made only of them has less energy than the
         # floor (its mean square is at most its peak's square), so it is not voiced, decoded or not.
-        quiet = np.flatnonzero(np.abs(ulaw_to_pcm16(bytes(range(256))).astype(np.float64)) < floor_amplitude)
-        self._quiet_codes = bytes(quiet.tolist())
+        levels = np.abs(ulaw_to_pcm16(bytes(range(256))).astype(np.float64))
+        self._quiet_codes = bytes(np.flatnonzero(levels < floor_amplitude).tolist())
+        # The codes of samples loud enough that one alone puts a frame over the floor (with 1% to spare for the
+        # float32 sum): a frame holding one is over it without its level being computed (most speech frames).
+        self._loud_codes = bytes(np.flatnonzero(levels**2 >= 1.01 * self._energy_floor).tolist())
         self.last_frame_voiced = False
         """Whether the frame just processed was speech (for timing when the caller stopped talking)."""
         self._frames = 0
@@ -119,11 +122,12 @@ class VoiceActivityDetector:
             raise ValueError(f"VAD frame must be {ULAW_FRAME_BYTES} bytes of 8 kHz μ-law, got {len(ulaw_frame)}")
         if not ulaw_frame.translate(None, self._quiet_codes):
             return self._advance(False)
-        # The level straight from the codes (the same float32 samples is_voiced would square); decoded only for
-        # WebRTC, and only when the frame is above the floor.
-        samples = _ULAW_FLOAT32.take(np.frombuffer(ulaw_frame, dtype=np.uint8))
-        if float(np.dot(samples, samples)) < self._energy_floor:
-            return self._advance(False)
+        if len(ulaw_frame.translate(None, self._loud_codes)) == ULAW_FRAME_BYTES:
+            # No sample is over the floor alone: the level straight from the codes (the same float32 samples
+            # is_voiced would square). Decoded only for WebRTC, and only when the frame is above the floor.
+            samples = _ULAW_FLOAT32.take(np.frombuffer(ulaw_frame, dtype=np.uint8))
+            if float(np.dot(samples, samples)) < self._energy_floor:
+                return self._advance(False)
         return self._advance(bool(self._vad.is_speech(ulaw_to_pcm16_bytes(ulaw_frame), SAMPLE_RATE)))
 
     def _advance(self, voiced: bool) -> VadEvent | None:
