@@ -4,6 +4,7 @@ sentence, alignment, barge-in, HTTP fallback."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, cast
@@ -11,6 +12,7 @@ from typing import Any, cast
 import pytest
 
 from config.agent import ElevenLabsTTSConfig
+from pipelines.tts import elevenlabs
 from pipelines.tts.base import Alignment, TTSError
 from pipelines.tts.elevenlabs import (
     STANDBY_MAX_AGE_S,
@@ -239,6 +241,39 @@ async def test_a_refused_websocket_falls_back_to_http_streaming() -> None:
     assert request["query"]["optimize_streaming_latency"] == "3"
     assert request["body"]["model_id"] == "eleven_flash_v2_5"
     assert request["body"]["voice_settings"]["stability"] == 0.4
+
+
+async def test_a_socket_silent_past_the_receive_timeout_is_dropped_and_http_speaks(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(elevenlabs, "RECEIVE_TIMEOUT_S", 0.3)
+    async with FakeElevenLabs(api_key=API_KEY, first_byte_delay_ms=1500) as fake:
+        tts = synthesizer(fake)
+        try:
+            with caplog.at_level(logging.WARNING, logger="pipelines.tts.elevenlabs"):
+                audio, _ = await speak(tts, SENTENCE)
+            assert not fake.sockets[0].open
+        finally:
+            await tts.close()
+    assert audio == fake.audio_for(SENTENCE)
+    assert fake.texts == [Spoken("ws", SENTENCE), Spoken("http", SENTENCE)]
+    assert "no message for 0.3 s" in caplog.text
+
+
+async def test_time_the_caller_holds_a_chunk_is_not_counted_as_silence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(elevenlabs, "RECEIVE_TIMEOUT_S", 0.2)
+    async with FakeElevenLabs(api_key=API_KEY, chunk_ms=100, ms_per_char=20, chunk_interval_ms=150) as fake:
+        tts = synthesizer(fake)
+        audio = bytearray()
+        try:
+            async for item in tts.synthesize(OTHER_SENTENCE):
+                if isinstance(item, bytes):
+                    audio += item
+                    await asyncio.sleep(0.3)  # pacing, as the call's outbound audio does
+        finally:
+            await tts.close()
+    assert bytes(audio) == fake.audio_for(OTHER_SENTENCE)
+    assert [spoken.transport for spoken in fake.texts] == ["ws"]
 
 
 @pytest.mark.parametrize("tagged", [False, True], ids=["untagged error", "error tagged with the context"])

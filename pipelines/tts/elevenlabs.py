@@ -70,6 +70,52 @@ class _StreamFailed(Exception):
     """A sentence's WebSocket stream failed; the message says how."""
 
 
+class _SilenceWatch:
+    """Drops a socket that ElevenLabs leaves silent for `limit` seconds while a sentence waits on it.
+
+    Only waiting counts: the time the caller holds a chunk is not ElevenLabs' silence. One timer per `limit`
+    seconds of waiting, however many messages arrive: an asyncio.timeout moved at each message would cancel and
+    schedule a timer twice per message. Dropping the connection makes the pending read raise ConnectionClosed,
+    with `expired` set; the sentence's socket is retired on any failure anyway.
+    """
+
+    def __init__(self, socket: ClientConnection, limit: float) -> None:
+        self._socket = socket
+        self._limit = limit
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None  # waiting since then; None while not waiting
+        self._timer: asyncio.TimerHandle | None = None
+        self.expired = False
+
+    def waiting(self) -> None:
+        """The sentence now waits for ElevenLabs' next message."""
+        self._since = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._since + self._limit, self._check)
+
+    def heard(self) -> None:
+        """A message came; the sentence is not waiting until `waiting` is called again."""
+        self._since = None
+
+    def stop(self) -> None:
+        """The sentence is over: nothing more is timed."""
+        self._since = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._since is None:
+            return  # not waiting: the next wait arms a timer again
+        due = self._since + self._limit
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check)
+            return
+        self.expired = True
+        self._socket.transport.abort()
+
+
 @dataclass(eq=False, slots=True)
 class _Connection:
     """The call's multi-stream-input socket (connected in the background) and the cut contexts still open on it."""
@@ -197,43 +243,42 @@ class ElevenLabsTTS:
         try:
             connection, socket, context = await self._open_context(sentence)
             zombies = connection.zombies
-            loop = asyncio.get_running_loop()
             yielded = 0
             finished = failed = False
+            silence = _SilenceWatch(socket, RECEIVE_TIMEOUT_S)
             try:
-                # One deadline for the sentence, moved at each read (an asyncio.timeout per message costs more),
-                # and lifted while the caller holds a chunk: only ElevenLabs' silence is timed.
-                async with asyncio.timeout(None) as deadline:
-                    while not finished:
-                        deadline.reschedule(loop.time() + RECEIVE_TIMEOUT_S)
-                        message = _decoded(await socket.recv())
-                        tag = message.get("contextId")
-                        if tag is None:
-                            tag = message.get("context_id")
-                        if tag != context:
-                            # Audio of a sentence cut before this one may still be in flight: never ours.
-                            _check_foreign(message, tag, zombies)
-                            continue
-                        encoded = message.get("audio")
-                        if encoded:
-                            try:
-                                audio = binascii.a2b_base64(encoded)
-                            except binascii.Error:
-                                raise _StreamFailed("audio that is not base64") from None
-                            timing = message.get("alignment") or message.get("normalizedAlignment")
-                            alignment = _alignment(timing, yielded // BYTES_PER_MS)
-                            deadline.reschedule(None)
-                            if alignment is not None:
-                                yield alignment
-                            yield audio
-                            yielded += len(audio)
-                        elif _is_error(message):
-                            raise _StreamFailed(_describe_error(message))
-                        finished = _is_final(message)
-            except (_StreamFailed, ConnectionClosed, TimeoutError) as exc:
+                while not finished:
+                    silence.waiting()
+                    message = _decoded(await socket.recv())
+                    tag = message.get("contextId")
+                    if tag is None:
+                        tag = message.get("context_id")
+                    if tag != context:
+                        # Audio of a sentence cut before this one may still be in flight: never ours.
+                        _check_foreign(message, tag, zombies)
+                        continue
+                    encoded = message.get("audio")
+                    if encoded:
+                        try:
+                            audio = binascii.a2b_base64(encoded)
+                        except binascii.Error:
+                            raise _StreamFailed("audio that is not base64") from None
+                        timing = message.get("alignment") or message.get("normalizedAlignment")
+                        alignment = _alignment(timing, yielded // BYTES_PER_MS)
+                        silence.heard()  # the caller may hold the chunk a while: that is not ElevenLabs' silence
+                        if alignment is not None:
+                            yield alignment
+                        yield audio
+                        yielded += len(audio)
+                    elif _is_error(message):
+                        raise _StreamFailed(_describe_error(message))
+                    finished = _is_final(message)
+            except (_StreamFailed, ConnectionClosed) as exc:
                 failed = True
-                raise self._stream_broke(connection, _describe_break(exc), yielded) from None
+                problem = _describe_break(TimeoutError() if silence.expired else exc)
+                raise self._stream_broke(connection, problem, yielded) from None
             finally:
+                silence.stop()
                 if not finished and not failed:
                     # Cut short: ElevenLabs finishes the context anyway, and its isFinal will retire it.
                     zombies.add(context)
