@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from aiohttp import web
 from openai import AsyncOpenAI
 
 from config.agent import OpenAILLMConfig
+from pipelines.llm import openai_chat
 from pipelines.llm.base import (
     ConversationTurn,
     EndCall,
@@ -424,3 +426,36 @@ async def test_the_fakes_default_reply_can_answer_the_last_caller_turn() -> None
         finally:
             await echo_client.close()
     assert spoken(events) == "You said: second"
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_stream_lines_are_split_alike_however_the_bytes_arrive(seed: int) -> None:
+    # SSE lines end in "\r\n", "\n" or "\r"; a "\r\n" split between two reads is still one line end.
+    rng = random.Random(seed)  # noqa: S311 - a reproducible test input, not a secret
+    ends = ["\r\n", "\n", "\r"]
+    lines = [rng.choice(["", "data: {}", 'data: {"é": 1}', "event: x", ": keep-alive"]) for _ in range(30)]
+    text, end = "", ""
+    for line in lines:
+        # After "\r", an empty line ended by "\n" would make "\r\n": one line end, not two.
+        end = rng.choice(["\r\n", "\r"] if end == "\r" and not line else ends)
+        text += line + end
+    body = text.encode()
+    if seed % 2:
+        body += b"data: [DONE]"  # a last line with no end
+        lines.append("data: [DONE]")
+    cuts = sorted(rng.sample(range(1, len(body)), k=min(len(body) - 1, rng.randint(1, 40))))
+    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+
+    async def arriving() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    assert [line async for line in openai_chat._lines(arriving())] == [line.encode() for line in lines]
+
+
+async def test_a_crlf_split_across_reads_and_empty_reads_end_one_line() -> None:
+    async def arriving() -> AsyncIterator[bytes]:
+        for piece in [b"data: 1\r", b"\n", b"", b"\n", b"data: 2\r", b"\r\n"]:
+            yield piece
+
+    assert [line async for line in openai_chat._lines(arriving())] == [b"data: 1", b"", b"data: 2", b""]

@@ -13,7 +13,7 @@ import itertools
 import json
 import logging
 import re
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
 
@@ -468,24 +468,49 @@ async def _chunks(response: httpx2.Response) -> AsyncGenerator[dict[str, Any], N
     fields, such as `event:`, carry nothing a chat completion needs). After `[DONE]` the rest of the body is
     read, briefly, so that HTTP/1.1 can reuse the connection.
     """
-    data: list[str] = []
-    lines = response.aiter_lines()
+    data: list[bytes] = []
+    lines = _lines(response.aiter_bytes())
     async for line in lines:
         if line:
-            if line.startswith("data:"):
-                data.append(line[6:] if line.startswith("data: ") else line[5:])
+            if line.startswith(b"data:"):
+                data.append(line[6:] if line.startswith(b"data: ") else line[5:])
             continue
         if not data:
             continue
-        text = data[0] if len(data) == 1 else "\n".join(data)
+        text = data[0] if len(data) == 1 else b"\n".join(data)
         data.clear()
-        if text == "[DONE]":
+        if text == b"[DONE]":
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_DRAIN_TIMEOUT_S):
                     async for _ in lines:
                         pass
             return
-        chunk = json.loads(text)
+        try:
+            chunk = json.loads(text)
+        except ValueError:
+            raise LLMError(f"openai sent a stream chunk that is not JSON: {text[:80]!r}") from None
         if not isinstance(chunk, dict):
-            raise LLMError(f"openai sent a stream chunk that is not a JSON object: {text:.80}")
+            raise LLMError(f"openai sent a stream chunk that is not a JSON object: {text[:80]!r}")
         yield chunk
+
+
+async def _lines(pieces: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    """The lines of a byte stream, without their ends: "\\r\\n", "\\n" or "\\r", as SSE allows.
+
+    Split as bytes: the text decoding and line splitting of httpx's `aiter_lines` cost more than the events'
+    JSON; json.loads reads UTF-8 bytes itself.
+    """
+    pending = b""
+    after_cr = False  # the last piece ended with "\\r": a "\\n" starting the next one ends no further line
+    async for arrived in pieces:
+        piece = arrived[1:] if after_cr and arrived.startswith(b"\n") else arrived
+        after_cr = piece.endswith(b"\r")
+        if not piece:
+            continue
+        pending += piece
+        lines = pending.splitlines()
+        pending = b"" if pending.endswith((b"\n", b"\r")) else lines.pop()
+        for line in lines:
+            yield line
+    if pending:
+        yield pending
