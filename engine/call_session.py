@@ -474,9 +474,10 @@ class CallSession:
         if is_final and text.strip():
             self._pending_caller_text.append(text.strip())
         interruption = self._config.interruption
-        words = [w for w in text.lower().split() if w.strip(".,!?") not in interruption.backchannel_words]
-        if interruption.enabled and not is_final and self._agent_is_speaking() and len(words) >= interruption.min_words:
-            self._barge_in("caller words")
+        if interruption.enabled and not is_final and self._agent_is_speaking():
+            words = [w for w in text.lower().split() if w.strip(".,!?") not in interruption.backchannel_words]
+            if len(words) >= interruption.min_words:
+                self._barge_in("caller words")
 
     def _take_pending_caller_turn(self, end_ms: int) -> None:
         text = " ".join(self._pending_caller_text).strip()
