@@ -1,10 +1,11 @@
 """The agent's voice on its way out: paced a little ahead of real time to Twilio, with marks, and recorded.
 
-Twilio buffers whatever it is sent and plays it in order, so audio could go out all at once; pacing it
-`lead_ms` ahead instead keeps Twilio's buffer (and what a `clear` throws away) short, and puts the agent's
-audio in the recording where the caller heard it. Marks after an utterance's first chunk, every
-`mark_every_ms` and at its end let the PlaybackClock say when the caller began hearing it and how much they
-heard.
+Twilio buffers whatever it is sent and plays it in order, so audio could go out all at once; pacing it at most
+`lead_ms` ahead instead keeps Twilio's buffer (and what a `clear` throws away) short, and puts the agent's audio
+in the recording where the caller heard it. Once that far ahead, sending waits until only `resume_ms` is left,
+then sends what came meanwhile: one wait per two chunks rather than one per chunk. Marks after an utterance's
+first chunk, every `mark_every_ms` and at its end let the PlaybackClock say when the caller began hearing it and
+how much they heard.
 """
 
 from __future__ import annotations
@@ -49,17 +50,23 @@ class OutboundAudio:
         timeline: StreamTimeline,
         recorder: StereoWavRecorder | None = None,
         *,
-        lead_ms: int = 300,
+        lead_ms: int = 400,
+        resume_ms: int = 300,
         chunk_ms: int = 100,
         mark_every_ms: int = 500,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """Prepare to send through `send`, the text frames of `stream`'s protocol."""
+        if not 0 <= resume_ms <= lead_ms:
+            raise ValueError(f"resume_ms must be between 0 and lead_ms ({lead_ms}), got {resume_ms}")
         self._stream = stream
         self._send = send
         self._timeline = timeline
         self._recorder = recorder
         self._lead = lead_ms / 1000
+        self._resume = resume_ms / 1000
+        self._sleep = sleep
         self._chunk_bytes = chunk_ms * BYTES_PER_MS
         self._mark_every_bytes = mark_every_ms * BYTES_PER_MS
         self._clock = clock
@@ -73,7 +80,7 @@ class OutboundAudio:
         return max(0, round((self._cursor - self._clock()) * 1000))
 
     async def play(self, utterance_id: int, audio: bytes) -> None:
-        """Send audio of one utterance, waiting only as needed to stay `lead_ms` ahead of playback."""
+        """Send audio of one utterance, waiting only as needed to stay at most `lead_ms` ahead of playback."""
         view = memoryview(audio)
         for offset in range(0, len(view), self._chunk_bytes):
             chunk = bytes(view[offset : offset + self._chunk_bytes])
@@ -81,7 +88,7 @@ class OutboundAudio:
             self._cursor = max(self._cursor, now)
             ahead = self._cursor - now
             if ahead > self._lead:
-                await asyncio.sleep(ahead - self._lead)
+                await self._sleep(ahead - self._resume)
             self.first_audio_at.setdefault(utterance_id, self._clock())
             await self._send(self._stream.send_media(chunk, utterance_id))
             if self._recorder is not None:
