@@ -513,6 +513,11 @@ def test_receive_media_takes_frames_that_continue_their_track() -> None:
         pytest.param(media(3, 2, spaced=True), id="another spelling"),
         pytest.param(media(3, 2).replace(STREAM_SID, "MZother"), id="another stream"),
         pytest.param(media(3, 2).replace('"payload":"', '"payload":"=', 1), id="bad base64"),
+        pytest.param(media(3, 2).replace('"}}', '","extra":"x"}}'), id="a field after the payload"),
+        pytest.param(media(3, 2, b"").replace('"payload":""}}', '"payload":"}}'), id="an unterminated payload"),
+        pytest.param(media(3, 2)[:-1] + "]", id="a frame that is not closed"),
+        pytest.param(media(3, 2).replace('"payload":"', '"payload":"\\/', 1), id="an escaped payload"),
+        pytest.param(media(3, 2).replace('"payload":"', '"payload":"é', 1), id="a payload that is not ASCII"),
         pytest.param(media(3, 2, bytes(9000)), id="too large"),
         pytest.param(mark_echo("x"), id="a mark"),
         pytest.param(STOP, id="stop"),
@@ -549,6 +554,8 @@ def test_the_fast_path_and_receive_text_read_any_frame_sequence_alike() -> None:
         frame = media(sequence, chunk, payload, spaced=roll > 0.95)
         if 0.90 < roll < 0.92:
             frame = frame.replace('"payload":"', '"payload":"=', 1)
+        elif 0.92 < roll < 0.93:
+            frame = frame.replace('"}}', '","extra":"x"}}')  # JSON that the general parser accepts
         frames.append(frame if roll < 0.97 else mark_echo("nope", sequence))
         chunk, sequence = chunk + 1, sequence + 1
     fast, reference = TwilioStream(), TwilioStream()
