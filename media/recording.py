@@ -24,8 +24,8 @@ SAMPLE_RATE = 8000
 _SAMPLES_PER_MS = SAMPLE_RATE // 1000
 _BYTES_PER_FRAME = 4  # two channels of 16-bit samples
 _SILENCE_BLOCK_FRAMES = SAMPLE_RATE  # zeros are written a second at a time
-_HOLD_BYTES = 200 * _SAMPLES_PER_MS
-"""Contiguous writes to a channel are gathered up to this much (200 ms) before they are placed in the window."""
+_HOLD_BYTES = 500 * _SAMPLES_PER_MS
+"""Contiguous writes to a channel are gathered up to this much (500 ms) before they are placed in the window."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class StereoWavRecorder:
         # bytes are finished interleaved μ-law frames; an int is that many frames of silence
         self._outbox: deque[bytes | int] = deque()
         self._writer: wave.Wave_write | None = None
-        # Per channel, audio written back to back and not yet placed (Twilio's 20 ms frames, ten at a time), and
+        # Per channel, audio written back to back and not yet placed (Twilio's 20 ms frames, 25 at a time), and
         # the timeline sample it starts at.
         self._held: tuple[bytearray, bytearray] = (bytearray(), bytearray())
         self._held_at = [0, 0]
