@@ -219,6 +219,7 @@ class CallSession:
         self._pending_caller_text: list[str] = []
         self._last_activity = clock()
         self._ended = asyncio.Event()
+        self._over = False  # _ended is set: checked for every frame, where a plain attribute is cheaper
         self._end_status = CallStatus.COMPLETED
         self._end_reason = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -290,6 +291,7 @@ class CallSession:
             return
         self._end_status, self._end_reason = status, reason
         self.state = SessionState.ENDED
+        self._over = True
         self._ended.set()
 
     def end_from_outside(self, reason: str, *, completed: bool = False) -> None:
@@ -367,7 +369,7 @@ class CallSession:
 
     def receive_frame(self, text: str) -> None:
         """One text frame from Twilio, through the protocol to the session; ignored once the call has ended."""
-        if self._ended.is_set():
+        if self._over:
             return
         media = self._stream.receive_media(text)
         if media is not None:
