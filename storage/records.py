@@ -70,21 +70,6 @@ async def transaction(db: Queryable) -> AsyncIterator[Connection]:
         raise TypeError(f"expected an asyncpg pool or connection, got {type(db).__name__}")
 
 
-@asynccontextmanager
-async def within_transaction(db: Queryable) -> AsyncIterator[Connection]:
-    """A connection inside a transaction: the caller's own when it has one open (no savepoint: the block is then
-    atomic with the rest of the caller's transaction, which fails whole), else a new one from the pool.
-
-    For blocks that leave nothing half-done on a Python error, as their callers never catch one and go on; where a
-    caller might, `transaction` (a savepoint) is the one to use.
-    """
-    if isinstance(db, Connection) and db.is_in_transaction():
-        yield db
-    else:
-        async with transaction(db) as conn:
-            yield conn
-
-
 class Record(BaseModel):
     """A row as the engine sees it: snake_case attributes over the schema's camelCase columns."""
 

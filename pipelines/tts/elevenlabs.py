@@ -275,7 +275,7 @@ class ElevenLabsTTS:
                     finished = _is_final(message)
             except (_StreamFailed, ConnectionClosed) as exc:
                 failed = True
-                problem = _describe_break(TimeoutError() if silence.expired else exc)
+                problem = f"no message for {RECEIVE_TIMEOUT_S:g} s" if silence.expired else _describe_break(exc)
                 raise self._stream_broke(connection, problem, yielded) from None
             finally:
                 silence.stop()
@@ -544,8 +544,6 @@ def _describe_error(message: dict[str, Any]) -> str:
 
 
 def _describe_break(exc: Exception) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"no message for {RECEIVE_TIMEOUT_S:g} s"
     if isinstance(exc, ConnectionClosed):
         return f"the socket closed before the end of the sentence ({_close_reason(exc)})"
     return str(exc)
