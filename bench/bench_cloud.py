@@ -16,10 +16,14 @@ and this process's own load (so a saturated harness is visible rather than silen
 The harness keeps out of the way: its cyclic garbage collector is off during a round (a full collection of a few
 hundred calls' objects stalled it for 50-250 ms, which showed up as engine latency and playback gaps), and the
 fakes' request records are emptied as it goes. The engine gets a `sitecustomize` (written to a temporary folder
-put first on its PYTHONPATH; no engine code changes) that records its own GC pauses, reported per round.
+put first on its PYTHONPATH; no engine code changes) that records its own GC pauses (bench/stall_watch.py),
+reported per round. The calls hang up only once every turn asked in the window has been heard out, so the
+window's last turns are not answered during a hundred simultaneous hang-ups (which stall the fakes and callers
+here by up to ~60 ms and once made a whole round's p99).
 Options: --endpointing-ms/--llm-first-token-ms/--tts-first-byte-ms change the delays, --no-recording turns the
 agent's recording off, --think S sets the callers' pause between turns (15 leaves mostly the cost of streaming
-audio), --profile-calls N runs the engine under cProfile in round N (slower: figures distorted).
+audio), --profile-calls N runs the engine under cProfile in round N (slower: figures distorted), --stalls times every
+callback in the engine and in this process and prints what overlapped each round's slowest turns.
 """
 
 from __future__ import annotations
@@ -59,6 +63,15 @@ from bench.cloud_callers import (
     Utterance,
     speech_utterance,
     tone_utterance,
+)
+from bench.stall_watch import (
+    ENV_LOG,
+    ENV_LOOP,
+    Event,
+    StallWatch,
+    gc_figures,
+    overlapping,
+    read_events,
 )
 from config.agent import parse_agent_configuration
 from pipelines.chunker import SentenceChunker
@@ -162,37 +175,8 @@ async def fakes(delays: Delays) -> AsyncIterator[tuple[FakeDeepgram, BenchOpenAI
 # --------------------------------------------------------------------------------------------------- CPUs
 
 
-class GcPauses:
-    """This process's garbage-collector pauses (the harness's own stalls), recorded through gc.callbacks."""
-
-    def __init__(self) -> None:
-        """Start recording."""
-        self.pauses_ms: list[tuple[int, float]] = []  # (generation, ms)
-        self._started = 0.0
-        gc.callbacks.append(self._callback)
-
-    def _callback(self, phase: str, info: Mapping[str, Any]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.pauses_ms.append((int(info["generation"]), (time.perf_counter() - self._started) * 1000))
-
-    def mark(self) -> int:
-        """A position to measure from."""
-        return len(self.pauses_ms)
-
-    def since(self, mark: int) -> dict[str, Any]:
-        """Count, total and longest pause since `mark`, and how many were full (generation 2) collections."""
-        pauses = self.pauses_ms[mark:]
-        return {
-            "count": len(pauses),
-            "full": sum(1 for generation, _ in pauses if generation == 2),
-            "totalMs": round(sum(ms for _, ms in pauses), 1),
-            "maxMs": round(max((ms for _, ms in pauses), default=0.0), 1),
-        }
-
-
-GC_PAUSES: GcPauses | None = None
+STALLS: StallWatch | None = None
+"""This process's GC pauses (and with --stalls its loop's stalls): the harness's own delays."""
 
 
 def pin_threads(pid: int, cpu: int) -> None:
@@ -215,6 +199,16 @@ def cpu_seconds(process: psutil.Process) -> float:
     """User + system CPU seconds of a process (threads included)."""
     times = process.cpu_times()
     return float(times.user + times.system)
+
+
+def run_delay_ms(pid: int) -> float:
+    """How long the threads of `pid` have waited runnable for a CPU, in all (ms; 0 without /proc schedstat)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+    return total / 1e6
 
 
 def postgres_processes(pgdata: Path | None) -> list[psutil.Process]:
@@ -376,7 +370,7 @@ async def engine_turns(
         latency = row["latency"]
         if isinstance(latency, str):
             latency = json.loads(latency)
-        turns.append({"latencyMs": row["latencyMs"], **latency})
+        turns.append({"latencyMs": row["latencyMs"], **latency, "_call": row["callLogId"], "_started": started})
     return turns
 
 
@@ -477,6 +471,93 @@ class Window:
         return at is not None and self.start <= at < self.end
 
 
+def slowest_turns(
+    results: Sequence[CallerResult],
+    engine_turns: Sequence[Mapping[str, Any]],
+    window: Window,
+    delays: Delays,
+    *,
+    to_wall: float,
+) -> list[dict[str, Any]]:
+    """The window's slowest 1.5% of answered turns (at least 5), on the wall clock, each with the engine's own
+    breakdown of it (its CallTurn starting nearest the reply's arrival) when one matches."""
+    answered = [
+        (turn, result)
+        for result in results
+        for turn in result.turns
+        if turn.index > 0 and window.holds(turn.asked_at) and turn.first_audio_at is not None
+    ]
+    answered.sort(key=lambda pair: -(pair[0].voice_to_voice_s or 0.0))
+    by_call: dict[str, list[Mapping[str, Any]]] = {}
+    for engine_turn in engine_turns:
+        by_call.setdefault(engine_turn["_call"], []).append(engine_turn)
+    slowest = []
+    for turn, result in answered[: max(5, math.ceil(len(answered) * 0.015))]:
+        asked, heard = turn.asked_at or 0.0, turn.first_audio_at or 0.0
+        mine = by_call.get(result.call_log_id or "", [])
+        engine = min(mine, key=lambda e: abs(e["_started"] - heard), default=None)
+        if engine is not None and abs(engine["_started"] - heard) > 0.5:
+            engine = None
+        slowest.append(
+            {
+                "call": result.call_sid[-6:],
+                "askedAt": asked + to_wall,
+                "heardAt": heard + to_wall,
+                "addedMs": round((heard - asked) * 1000 - delays.total, 1),
+                "engine": None if engine is None else {k: engine[k] for k in ("latencyMs", *STAGES) if k in engine},
+            }
+        )
+    return slowest
+
+
+def stall_figures(
+    engine_events: list[Event], bench_events: list[Event], result: dict[str, Any], since: datetime, until: datetime
+) -> dict[str, Any]:
+    """The window's stalls in the engine and this process, and the worst of each kind during each slowest turn."""
+    start, end = since.timestamp(), until.timestamp()
+    run_delay: list[tuple[float, float]] = result.get("_runDelay") or []
+
+    def summary(events: list[Event]) -> dict[str, Any]:
+        inside = overlapping(events, start, end)
+        late = [ms for kind, _, ms, _ in inside if kind == "late"]
+        by_label: dict[str, list[float]] = {}
+        for kind, _, ms, label in inside:
+            if kind == "slow":
+                by_label.setdefault(label, []).append(ms)
+        top = sorted(by_label.items(), key=lambda item: -max(item[1]))[:6]
+        return {
+            "lateTimersOver10Ms": sum(1 for ms in late if ms >= 10),
+            "lateTimersOver20Ms": sum(1 for ms in late if ms >= 20),
+            "lateTimerMaxMs": round(max(late, default=0.0), 1),
+            "slowCallbacks": sum(len(v) for v in by_label.values()),
+            "slowestCallbacks": [
+                {"label": label, "count": len(v), "maxMs": round(max(v), 1), "totalMs": round(sum(v), 1)}
+                for label, v in top
+            ],
+        }
+
+    def worst(events: list[Event], since: float, until: float) -> str:
+        kinds: dict[str, Event] = {}
+        for event in overlapping(events, since, until):
+            kind = "gc" if event[0].startswith("gc") else event[0]
+            if kind not in kinds or event[2] > kinds[kind][2]:
+                kinds[kind] = event
+        return ", ".join(
+            f"{e[0]} {e[2]:.0f}ms{' ' + e[3][:40] if e[3] and e[0] == 'slow' else ''}" for e in kinds.values()
+        )
+
+    def delay_between(since: float, until: float) -> float | None:
+        before = [ms for at, ms in run_delay if at <= since]
+        after = [ms for at, ms in run_delay if at >= until]
+        return round(after[0] - before[-1], 1) if before and after else None
+
+    for turn in result["slowestTurns"]:
+        turn["engineEvents"] = worst(engine_events, turn["askedAt"], turn["heardAt"])
+        turn["benchEvents"] = worst(bench_events, turn["askedAt"], turn["heardAt"])
+        turn["engineRunDelayMs"] = delay_between(turn["askedAt"], turn["heardAt"])
+    return {"engine": summary(engine_events), "bench": summary(bench_events)}
+
+
 def turn_figures(turns: Sequence[TurnStats], delays: Delays) -> dict[str, Any]:
     """Latency, answering and playback figures of the caller turns asked in the window."""
     answered = [t for t in turns if t.first_audio_at is not None]
@@ -518,43 +599,13 @@ class RoundSetup:
     stamp: str
 
 
-ENGINE_GC_HOOK = """\
-# Written by bench/bench_cloud.py into a temporary folder on the engine's PYTHONPATH: records the engine
-# process's garbage-collector pauses (wall time, generation, ms) and writes them out when it exits.
-import atexit, gc, json, os, time
+ENGINE_HOOK = f"""\
+# Written by bench/bench_cloud.py into a temporary folder first on the engine's PYTHONPATH: records the engine's
+# GC pauses (and, when {ENV_LOOP}=1, its slow callbacks and late timers) into ${ENV_LOG} when it exits.
+from bench.stall_watch import install_from_env
 
-_path = os.environ.get("BENCH_ENGINE_GC_LOG")
-if _path:
-    _pauses, _started = [], [0.0]
-
-    def _on_gc(phase, info):
-        if phase == "start":
-            _started[0] = time.perf_counter()
-        else:
-            _pauses.append((time.time(), info["generation"], (time.perf_counter() - _started[0]) * 1000))
-
-    def _dump():
-        with open(_path, "w") as out:
-            json.dump(_pauses, out)
-
-    gc.callbacks.append(_on_gc)
-    atexit.register(_dump)
+install_from_env()
 """
-
-
-def engine_gc_pauses(path: Path, since: datetime, until: datetime) -> dict[str, Any]:
-    """The engine's GC pauses between two instants, from the log its hook wrote at exit (empty if none)."""
-    try:
-        pauses = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    inside = [(generation, ms) for at, generation, ms in pauses if since.timestamp() <= at < until.timestamp()]
-    return {
-        "count": len(inside),
-        "full": sum(1 for generation, _ in inside if generation == 2),
-        "totalMs": round(sum(ms for _, ms in inside), 1),
-        "maxMs": round(max((ms for _, ms in inside), default=0.0), 1),
-    }
 
 
 async def run_round(setup: RoundSetup, calls: int, profile: Path | None) -> dict[str, Any]:
@@ -563,8 +614,8 @@ async def run_round(setup: RoundSetup, calls: int, profile: Path | None) -> dict
     state_dir = setup.state_root / f"n{calls}"
     hooks = state_dir / "hooks"
     hooks.mkdir(parents=True, exist_ok=True)
-    (hooks / "sitecustomize.py").write_text(ENGINE_GC_HOOK)
-    gc_log = state_dir / "engine-gc.json"
+    (hooks / "sitecustomize.py").write_text(ENGINE_HOOK)
+    events_log = state_dir / "engine-stalls.json"
     async with fakes(setup.delays) as (deepgram, openai, eleven):
         env = engine_env(
             os.environ,
@@ -579,7 +630,7 @@ async def run_round(setup: RoundSetup, calls: int, profile: Path | None) -> dict
             OPENAI_BASE_URL=openai.base_url,
             ELEVENLABS_URL=eleven.url,
             PYTHONPATH=os.pathsep.join([str(hooks), str(REPO)]),
-            BENCH_ENGINE_GC_LOG=str(gc_log),
+            **{ENV_LOG: str(events_log), ENV_LOOP: "1" if args.stalls else "0"},
         )
         engine = await start_engine(
             env=env,
@@ -622,8 +673,12 @@ async def run_round(setup: RoundSetup, calls: int, profile: Path | None) -> dict
                 shutil.copyfile(engine.log_path, kept)
                 print(f"      engine errors: its log is kept as {kept}")
     since, until = (datetime.fromisoformat(at) for at in result["windowUtc"])
-    result["engineGcPauses"] = engine_gc_pauses(gc_log, since, until)
+    engine_events = read_events(events_log)
+    result["engineGcPauses"] = gc_figures(engine_events, since.timestamp(), until.timestamp())
+    if args.stalls:
+        result["stalls"] = stall_figures(engine_events, STALLS.events if STALLS else [], result, since, until)
     result["engineLogProblems"] = problems
+    result.pop("_runDelay", None)
     return result
 
 
@@ -698,6 +753,8 @@ class Observed:
     rss: list[int] = field(default_factory=list)
     engine_cpu_percent: list[float] = field(default_factory=list)
     live: list[int] = field(default_factory=list)
+    run_delay: list[tuple[float, float]] = field(default_factory=list)
+    """(wall time, the engine's cumulative ms runnable but not running): its waits for a CPU, sampled each second."""
     gc: dict[str, Any] = field(default_factory=dict)
     calls_live_metric: float | None = None
 
@@ -716,13 +773,15 @@ async def _observe(
     seen = Observed(window)
     window.start, window.wall_start = loop.time(), datetime.now(UTC)
     lag_from = [len(c.result.tick_lag_ms) for c in callers]
-    gc_from = GC_PAUSES.mark() if GC_PAUSES is not None else 0
+    gc_from = time.time()
     engine0, bench0, pg0 = cpu_seconds(engine.ps), cpu_seconds(bench), postgres_cpu(setup.pgdata)
     cores0 = psutil.cpu_times(percpu=True)
+    seen.run_delay.append((time.time(), run_delay_ms(engine.ps.pid)))
     last_cpu, last_t = engine0, loop.time()
     while (left := setup.args.seconds - (loop.time() - window.start)) > 0:
         await asyncio.sleep(min(1.0, left))
         seen.rss.append(engine.ps.memory_info().rss)
+        seen.run_delay.append((time.time(), run_delay_ms(engine.ps.pid)))
         cpu_now, t_now = cpu_seconds(engine.ps), loop.time()
         seen.engine_cpu_percent.append(100 * (cpu_now - last_cpu) / max(t_now - last_t, 1e-6))
         last_cpu, last_t = cpu_now, t_now
@@ -734,7 +793,7 @@ async def _observe(
     window.end, window.wall_end = loop.time(), datetime.now(UTC)
     seen.core_busy = [round(_busy_percent(a, b), 1) for a, b in zip(cores0, cores1, strict=True)]
     window.lag_marks = {i: (lag_from[i], len(c.result.tick_lag_ms)) for i, c in enumerate(callers)}
-    seen.gc = GC_PAUSES.since(gc_from) if GC_PAUSES is not None else {}
+    seen.gc = gc_figures(STALLS.events, gc_from, time.time()) if STALLS is not None else {}
     seen.calls_live_metric = await _calls_live(http, engine.base)
     return seen
 
@@ -764,6 +823,13 @@ async def _measure(
         await asyncio.sleep(args.settle)
         live_at_start = sum(1 for t in tasks if not t.done())
         seen = await _observe(setup, engine, http, callers, tasks)
+        # The window's last turns are measured under the same load as the others: every call keeps talking until
+        # each turn asked in the window has been heard out, and only then do they all hang up together.
+        deadline = loop.time() + args.reply_timeout + 10
+        while loop.time() < deadline:
+            if not any((asked := c.asking_since) is not None and asked < seen.window.end for c in callers):
+                break
+            await asyncio.sleep(0.1)
     finally:
         stop.set()
         _, pending = await asyncio.wait(tasks, timeout=args.reply_timeout + 20) if tasks else (set(), set())
@@ -792,6 +858,8 @@ async def _summarise(
     shift = setup.delays.total / 1000  # a reply starts about this long after its question
     turns = await engine_turns(setup.pool, connected, window.start + shift, window.end + shift)
     stages = stage_figures(turns, setup.delays)
+    to_wall = time.time() - asyncio.get_running_loop().time()
+    slowest = slowest_turns(results, turns, window, setup.delays, to_wall=to_wall)
     mean_live = statistics.fmean(seen.live) if seen.live else 0.0
     call_minutes = mean_live * window.seconds / 60
     calls = len(results)
@@ -831,6 +899,9 @@ async def _summarise(
         "engine": stages,
         "callEndings": await call_endings(setup.pool, call_log_ids),
         "turns": [t.as_json() for t in in_window],
+        "slowestTurns": slowest,
+        "engineRunDelayMs": round(seen.run_delay[-1][1] - seen.run_delay[0][1], 1) if seen.run_delay else None,
+        "_runDelay": seen.run_delay,
     }
 
 
@@ -928,6 +999,34 @@ def print_harness(rounds: Sequence[Mapping[str, Any]]) -> None:
         )
 
 
+def print_stalls(rounds: Sequence[Mapping[str, Any]]) -> None:
+    """With --stalls: each round's loop stalls in the engine and here, and what overlapped its slowest turns."""
+    for r in rounds:
+        stalls = r.get("stalls")
+        if not stalls:
+            continue
+        print(f"\nstalls at N={r['calls']} (engine waited runnable for a CPU {r['engineRunDelayMs']} ms in all):")
+        for who in ("engine", "bench"):
+            s = stalls[who]
+            print(
+                f"  {who}: timers late >=10 ms {s['lateTimersOver10Ms']}, >=20 ms {s['lateTimersOver20Ms']}, "
+                f"worst {s['lateTimerMaxMs']} ms; callbacks >=5 ms {s['slowCallbacks']}"
+            )
+            for c in s["slowestCallbacks"]:
+                print(f"      {c['maxMs']:>6} ms max, {c['count']:>4}x, {c['totalMs']:>7} ms in all: {c['label']}")
+        print("  slowest turns (engine stage ms after the caller's last voiced frame; the worst event of each kind")
+        print("  overlapping the turn; run-delay: the engine's waits for a CPU over the 1 s samples around it):")
+        t0 = datetime.fromisoformat(r["windowUtc"][0]).timestamp()
+        for t in r["slowestTurns"]:
+            e = t["engine"] or {}
+            stages = "/".join(_ms(e.get(k)) for k in STAGES[:5])
+            print(
+                f"    t={t['askedAt'] - t0:6.2f}s {t['call']} added {t['addedMs']:>5.0f} engine v2v "
+                f"{_ms(e.get('latencyMs')):>4} ({stages}) run-delay {t.get('engineRunDelayMs')} ms"
+                f" | engine: {t.get('engineEvents') or '-'} | bench: {t.get('benchEvents') or '-'}"
+            )
+
+
 def plot(rounds: Sequence[Mapping[str, Any]], path: Path, delays: Delays) -> bool:
     """Latency percentiles and CPU/RSS per call against N; False when matplotlib is not installed."""
     try:
@@ -993,6 +1092,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-pin", action="store_true", help="do not pin anything")
     parser.add_argument("--tone", action="store_true", help="callers play a tone burst instead of eSpeak speech")
     parser.add_argument("--profile-calls", type=int, default=None, help="run the engine under cProfile in this round")
+    parser.add_argument(
+        "--stalls",
+        action="store_true",
+        help="time every callback in the engine and here, and explain the slowest turns (adds ~1 us per callback)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     return parser.parse_args(argv)
 
@@ -1075,9 +1179,11 @@ async def _rounds(setup: RoundSetup, wanted: Sequence[int], stamp: str, rounds: 
 
 async def main(argv: Sequence[str] | None = None) -> int:
     """Run the rounds; print, store and plot the figures."""
-    global GC_PAUSES  # noqa: PLW0603 - one recorder per process, read by every round
+    global STALLS  # noqa: PLW0603 - one recorder per process, read by every round
     args = _parse_args(argv)
-    GC_PAUSES = GcPauses()
+    STALLS = StallWatch()
+    if args.stalls:
+        STALLS.watch_loop()
     wanted = [int(n) for n in str(args.calls).split(",") if n.strip()]
     if not args.no_pin:
         available = os.sched_getaffinity(0)
@@ -1125,6 +1231,7 @@ def _report(args: argparse.Namespace, stamp: str, utterance: Utterance, rounds: 
     delays = _delays(args)
     print_table(rounds)
     print_harness(rounds)
+    print_stalls(rounds)
     print()
     saturated = [r["calls"] for r in rounds if r["engineCpuPercent"] >= 90]
     distorted = [r["calls"] for r in rounds if r["benchCpuPercent"] >= 85 or (r["benchTickLagMs"]["p99"] or 0) > 20]

@@ -261,6 +261,12 @@ class CloudCaller:
         self._turn: TurnStats | None = None
         self._asked = 0
 
+    @property
+    def asking_since(self) -> float | None:
+        """When the turn still awaiting or playing its reply was asked (loop clock); None between turns."""
+        turn = self._turn
+        return None if turn is None or turn.ended_by else turn.asked_at
+
     # ------------------------------------------------------------------------------------------- run
 
     async def run(self) -> CallerResult:
