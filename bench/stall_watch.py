@@ -6,7 +6,8 @@ to tell where a latency tail came from: a GC pause, one long callback (named by 
 busy with many short ones (timers late with no long callback), or the process not running at all.
 
 Only the standard library is imported: the engine loads this before anything of its own.
-Watching callbacks wraps `asyncio.events.Handle._run`, which costs about a microsecond per callback; GC pauses
+Watching callbacks wraps `asyncio.events.Handle._run`, which costs about a microsecond per callback; under uvloop
+(the engine's loop), whose handles cannot be wrapped, a 2 ms timer records how late it fires instead. GC pauses
 are always recorded (they cost nothing between collections).
 """
 
@@ -65,6 +66,31 @@ class StallWatch:
                 events.append(("slow", wall() - took, took * 1000, _label(handle)))
 
         asyncio.events.Handle._run = timed_run  # type: ignore[method-assign,assignment]
+        self._tick_uvloop()
+
+    def _tick_uvloop(self, period_s: float = 0.002) -> None:
+        """uvloop's handles are its own (Cython) and cannot be wrapped: give each new uvloop loop a timer that
+        re-arms itself every `period_s` and records how late it fires (its loop's stalls, whatever their cause)."""
+        try:
+            import uvloop
+        except ImportError:
+            return
+        make_loop, events, threshold, wall = uvloop.new_event_loop, self.events, self._threshold_s, time.time
+
+        def new_event_loop() -> uvloop.Loop:
+            loop = make_loop()
+
+            def tick(due: float) -> None:
+                late = loop.time() - due
+                if late >= threshold:
+                    events.append(("late", wall() - late, late * 1000, "uvloop tick"))
+                due = max(due + period_s, loop.time())
+                loop.call_at(due, tick, due)
+
+            loop.call_soon(tick, loop.time())
+            return loop
+
+        uvloop.new_event_loop = new_event_loop
 
     def dump(self, path: str) -> None:
         """Write the events as JSON."""
