@@ -201,7 +201,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     send: SendText = ws.send_str  # called directly: no coroutine of ours around each frame sent
 
     writer = CallLogWriter(
-        pool,
+        app[DATABASE].call_log_pool,
         organization_id=call_log.organization_id,
         call_log_id=call_log.id,
         agent_id=call_log.agent_id,

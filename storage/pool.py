@@ -32,13 +32,24 @@ class Database:
     pool: asyncpg.Pool
     location: str
     embedded: EmbeddedServer | None = None
+    call_writes: asyncpg.Pool | None = None
+    """A few connections for the live calls' CallLog writers, given back without asyncpg's reset query (see
+    `create_pool(stateless=True)`): the writers' statements are most of a busy engine's queries. None: use `pool`."""
+
+    @property
+    def call_log_pool(self) -> asyncpg.Pool:
+        """The pool the calls' CallLog writers use."""
+        return self.call_writes or self.pool
 
     async def close(self) -> None:
-        """Close every connection of the pool, waiting for queries in flight (at most 10 s)."""
-        try:
-            await asyncio.wait_for(self.pool.close(), timeout=10)
-        except TimeoutError:
-            self.pool.terminate()
+        """Close every connection of the pools, waiting for queries in flight (at most 10 s)."""
+        for pool in (self.pool, self.call_writes):
+            if pool is None:
+                continue
+            try:
+                await asyncio.wait_for(pool.close(), timeout=10)
+            except TimeoutError:
+                pool.terminate()
 
 
 def describe_location(url: str) -> str:
@@ -86,11 +97,28 @@ def _dump_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0) -> asyncpg.Pool:
-    """An asyncpg pool with the engine's codecs; DatabaseUnavailable with one clear line if it cannot connect."""
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release without the reset query: asyncpg has already rolled back any open transaction by now."""
+
+
+async def create_pool(
+    url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0, stateless: bool = False
+) -> asyncpg.Pool:
+    """An asyncpg pool with the engine's codecs; DatabaseUnavailable with one clear line if it cannot connect.
+
+    `stateless`: a connection goes back to the pool without asyncpg's reset query (advisory unlocks, CLOSE ALL,
+    UNLISTEN, RESET ALL), one round trip per use saved. Only for code that never leaves session state behind:
+    no session-level SET, advisory lock, LISTEN or cursor outside a transaction (an open transaction is still
+    rolled back).
+    """
     try:
         return await asyncpg.create_pool(
-            url, min_size=min_size, max_size=max_size, timeout=timeout, init=_init_connection
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            init=_init_connection,
+            reset=_keep_session if stateless else None,
         )
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise DatabaseUnavailable(
@@ -122,8 +150,9 @@ async def ensure_database(server_url: str, name: str, *, timeout: float = 10.0) 
         await conn.close()
 
 
-async def open_database(settings: Settings) -> Database:
-    """Open the pool the settings ask for, starting the embedded server first when DATABASE_URL is unset."""
+async def open_database(settings: Settings, *, calls: bool = True) -> Database:
+    """Open the pool the settings ask for, starting the embedded server first when DATABASE_URL is unset;
+    with `calls`, the CallLog writers' own pool as well (half as many connections at most)."""
     embedded: EmbeddedServer | None = None
     if settings.database_url:
         url = settings.database_url
@@ -137,13 +166,26 @@ async def open_database(settings: Settings) -> Database:
         max_size=settings.db_pool_max,
         timeout=settings.db_connect_timeout,
     )
-    return Database(pool=pool, location=describe_location(url), embedded=embedded)
+    if not calls:
+        return Database(pool=pool, location=describe_location(url), embedded=embedded)
+    try:
+        call_writes = await create_pool(
+            url,
+            min_size=min(1, settings.db_pool_min),
+            max_size=max(1, settings.db_pool_max // 2),
+            timeout=settings.db_connect_timeout,
+            stateless=True,
+        )
+    except BaseException:
+        await pool.close()
+        raise
+    return Database(pool=pool, location=describe_location(url), embedded=embedded, call_writes=call_writes)
 
 
 @asynccontextmanager
 async def database(settings: Settings) -> AsyncIterator[Database]:
-    """Open the database for the length of a block."""
-    db = await open_database(settings)
+    """Open the database for the length of a block (commands: without the calls' pool)."""
+    db = await open_database(settings, calls=False)
     try:
         yield db
     finally:

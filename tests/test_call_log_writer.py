@@ -102,8 +102,8 @@ async def proxy(postgres_server_url: str) -> AsyncIterator[OnOffProxy]:
 
 @pytest.fixture
 async def proxied_pool(proxy: OnOffProxy, db_url: str) -> AsyncIterator[asyncpg.Pool]:
-    """A pool on this module's database, through the proxy."""
-    pool = await create_pool(proxy.url(database_name(db_url)), min_size=1, max_size=3, timeout=2)
+    """A pool like the engine's writers use (stateless) on this module's database, through the proxy."""
+    pool = await create_pool(proxy.url(database_name(db_url)), min_size=1, max_size=3, timeout=2, stateless=True)
     yield pool
     pool.terminate()
 
