@@ -16,6 +16,7 @@ import asyncpg
 from storage.enums import CallStatus
 from storage.errors import NotFound, translate_errors
 from storage.records import Queryable, Record, new_ids
+from storage.webhook_outbox import subscribed
 
 Speaker = Literal["caller", "agent"]
 """Who spoke a turn."""
@@ -83,8 +84,7 @@ _WRITE_TURNS = f"""
         SELECT "id" FROM "CallLog" WHERE "id" = $2 AND "organizationId" = $1 FOR UPDATE
     ), watched AS (
         SELECT $13::text IS NOT NULL AND EXISTS (
-            SELECT 1 FROM "Event"
-            WHERE "organizationId" = $1 AND "name" = $13 AND "isEnabled" AND ("agentId" IS NULL OR "agentId" = $14)
+            SELECT 1 FROM "Event" WHERE {subscribed("$1", "$13", "$14")}
         ) AS yes
     ), inserted AS (
         INSERT INTO "CallTurn"

@@ -147,6 +147,15 @@ def event_envelope(occurrence_id: str, event: str, organization_id: str, data: M
     }
 
 
+def subscribed(organization: str, event: str, agent: str) -> str:
+    """The SQL condition on "Event" rows for the enabled subscriptions of an organization to an event,
+    organization-wide or the agent's own; the arguments are SQL (placeholders such as "$1")."""
+    return (
+        f'"organizationId" = {organization} AND "name" = {event} AND "isEnabled"'
+        f' AND ("agentId" IS NULL OR "agentId" = {agent})'
+    )
+
+
 async def enqueue_event(
     conn: Queryable,
     *,
@@ -165,11 +174,7 @@ async def enqueue_event(
     event_ids: list[str] = [
         row["id"]
         for row in await conn.fetch(
-            """
-            SELECT "id" FROM "Event"
-            WHERE "organizationId" = $1 AND "name" = $2 AND "isEnabled" AND ("agentId" IS NULL OR "agentId" = $3)
-            ORDER BY "createdAt", "id"
-            """,
+            f'SELECT "id" FROM "Event" WHERE {subscribed("$1", "$2", "$3")} ORDER BY "createdAt", "id"',
             organization_id,
             event,
             agent_id,
