@@ -18,12 +18,13 @@ hundred calls' objects stalled it for 50-250 ms, which showed up as engine laten
 fakes' request records are emptied as it goes. The engine gets a `sitecustomize` (written to a temporary folder
 put first on its PYTHONPATH; no engine code changes) that records its own GC pauses (bench/stall_watch.py),
 reported per round. The calls hang up only once every turn asked in the window has been heard out, so the
-window's last turns are not answered during a hundred simultaneous hang-ups (which stall the fakes and callers
-here by up to ~60 ms and once made a whole round's p99).
+window's last turns are not answered during a hundred simultaneous hang-ups (which stalled the fakes and callers
+here by up to ~60 ms and set the round's p99 in about half the runs).
 Options: --endpointing-ms/--llm-first-token-ms/--tts-first-byte-ms change the delays, --no-recording turns the
 agent's recording off, --think S sets the callers' pause between turns (15 leaves mostly the cost of streaming
-audio), --profile-calls N runs the engine under cProfile in round N (slower: figures distorted), --stalls times every
-callback in the engine and in this process and prints what overlapped each round's slowest turns.
+audio), --profile-calls N runs the engine under cProfile in round N (slower: figures distorted), --stalls records the
+engine's loop stalls (a 2 ms timer firing late under uvloop) and this process's slow callbacks and late timers, and
+prints what overlapped each round's slowest turns.
 """
 
 from __future__ import annotations
@@ -478,9 +479,17 @@ def slowest_turns(
     delays: Delays,
     *,
     to_wall: float,
+    run_delay: Sequence[tuple[float, float]],
 ) -> list[dict[str, Any]]:
     """The window's slowest 1.5% of answered turns (at least 5), on the wall clock, each with the engine's own
-    breakdown of it (its CallTurn starting nearest the reply's arrival) when one matches."""
+    breakdown of it (its CallTurn starting nearest the reply's arrival) when one matches, and how long the engine
+    waited for a CPU over the `run_delay` samples (wall time, cumulative ms) around it."""
+
+    def delay_between(since: float, until: float) -> float | None:
+        before = [ms for at, ms in run_delay if at <= since]
+        after = [ms for at, ms in run_delay if at >= until]
+        return round(after[0] - before[-1], 1) if before and after else None
+
     answered = [
         (turn, result)
         for result in results
@@ -505,20 +514,20 @@ def slowest_turns(
                 "heardAt": heard + to_wall,
                 "addedMs": round((heard - asked) * 1000 - delays.total, 1),
                 "engine": None if engine is None else {k: engine[k] for k in ("latencyMs", *STAGES) if k in engine},
+                "engineRunDelayMs": delay_between(asked + to_wall, heard + to_wall),
             }
         )
     return slowest
 
 
 def stall_figures(
-    engine_events: list[Event], bench_events: list[Event], result: dict[str, Any], since: datetime, until: datetime
+    engine_events: list[Event], bench_events: list[Event], slowest: list[dict[str, Any]], since: float, until: float
 ) -> dict[str, Any]:
-    """The window's stalls in the engine and this process, and the worst of each kind during each slowest turn."""
-    start, end = since.timestamp(), until.timestamp()
-    run_delay: list[tuple[float, float]] = result.get("_runDelay") or []
+    """The window's stalls in the engine and this process; adds the worst of each kind to each of the `slowest`
+    turns."""
 
     def summary(events: list[Event]) -> dict[str, Any]:
-        inside = overlapping(events, start, end)
+        inside = overlapping(events, since, until)
         late = [ms for kind, _, ms, _ in inside if kind == "late"]
         by_label: dict[str, list[float]] = {}
         for kind, _, ms, label in inside:
@@ -536,9 +545,9 @@ def stall_figures(
             ],
         }
 
-    def worst(events: list[Event], since: float, until: float) -> str:
+    def worst(events: list[Event], asked: float, heard: float) -> str:
         kinds: dict[str, Event] = {}
-        for event in overlapping(events, since, until):
+        for event in overlapping(events, asked, heard):
             kind = "gc" if event[0].startswith("gc") else event[0]
             if kind not in kinds or event[2] > kinds[kind][2]:
                 kinds[kind] = event
@@ -546,15 +555,9 @@ def stall_figures(
             f"{e[0]} {e[2]:.0f}ms{' ' + e[3][:40] if e[3] and e[0] == 'slow' else ''}" for e in kinds.values()
         )
 
-    def delay_between(since: float, until: float) -> float | None:
-        before = [ms for at, ms in run_delay if at <= since]
-        after = [ms for at, ms in run_delay if at >= until]
-        return round(after[0] - before[-1], 1) if before and after else None
-
-    for turn in result["slowestTurns"]:
+    for turn in slowest:
         turn["engineEvents"] = worst(engine_events, turn["askedAt"], turn["heardAt"])
         turn["benchEvents"] = worst(bench_events, turn["askedAt"], turn["heardAt"])
-        turn["engineRunDelayMs"] = delay_between(turn["askedAt"], turn["heardAt"])
     return {"engine": summary(engine_events), "bench": summary(bench_events)}
 
 
@@ -672,13 +675,13 @@ async def run_round(setup: RoundSetup, calls: int, profile: Path | None) -> dict
                 kept = args.out / f"{setup.stamp}-engine-n{calls}.log"
                 shutil.copyfile(engine.log_path, kept)
                 print(f"      engine errors: its log is kept as {kept}")
-    since, until = (datetime.fromisoformat(at) for at in result["windowUtc"])
+    since, until = (datetime.fromisoformat(at).timestamp() for at in result["windowUtc"])
     engine_events = read_events(events_log)
-    result["engineGcPauses"] = gc_figures(engine_events, since.timestamp(), until.timestamp())
+    result["engineGcPauses"] = gc_figures(engine_events, since, until)
     if args.stalls:
-        result["stalls"] = stall_figures(engine_events, STALLS.events if STALLS else [], result, since, until)
+        bench_events = STALLS.events if STALLS else []
+        result["stalls"] = stall_figures(engine_events, bench_events, result["slowestTurns"], since, until)
     result["engineLogProblems"] = problems
-    result.pop("_runDelay", None)
     return result
 
 
@@ -859,7 +862,7 @@ async def _summarise(
     turns = await engine_turns(setup.pool, connected, window.start + shift, window.end + shift)
     stages = stage_figures(turns, setup.delays)
     to_wall = time.time() - asyncio.get_running_loop().time()
-    slowest = slowest_turns(results, turns, window, setup.delays, to_wall=to_wall)
+    slowest = slowest_turns(results, turns, window, setup.delays, to_wall=to_wall, run_delay=seen.run_delay)
     mean_live = statistics.fmean(seen.live) if seen.live else 0.0
     call_minutes = mean_live * window.seconds / 60
     calls = len(results)
@@ -901,7 +904,6 @@ async def _summarise(
         "turns": [t.as_json() for t in in_window],
         "slowestTurns": slowest,
         "engineRunDelayMs": round(seen.run_delay[-1][1] - seen.run_delay[0][1], 1) if seen.run_delay else None,
-        "_runDelay": seen.run_delay,
     }
 
 
@@ -1095,7 +1097,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--stalls",
         action="store_true",
-        help="time every callback in the engine and here, and explain the slowest turns (adds ~1 us per callback)",
+        help="record the engine's and this process's loop stalls and explain the slowest turns (small overhead)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     return parser.parse_args(argv)

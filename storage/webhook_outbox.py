@@ -156,6 +156,9 @@ def subscribed(organization: str, event: str, agent: str) -> str:
     )
 
 
+_SUBSCRIBED_EVENT_IDS = f'SELECT "id" FROM "Event" WHERE {subscribed("$1", "$2", "$3")} ORDER BY "createdAt", "id"'
+
+
 async def enqueue_event(
     conn: Queryable,
     *,
@@ -174,7 +177,7 @@ async def enqueue_event(
     event_ids: list[str] = [
         row["id"]
         for row in await conn.fetch(
-            f'SELECT "id" FROM "Event" WHERE {subscribed("$1", "$2", "$3")} ORDER BY "createdAt", "id"',
+            _SUBSCRIBED_EVENT_IDS,
             organization_id,
             event,
             agent_id,
