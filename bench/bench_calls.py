@@ -112,10 +112,10 @@ async def main(rounds: list[int]) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DIALTONE_", "TWILIO_"))}
         env |= {"DATABASE_URL": url, "DIALTONE_PORT": str(port), "DIALTONE_STATE_DIR": str(Path(tmp) / "state"),
                 "DIALTONE_LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}  # fmt: skip
-        seed = await asyncio.create_subprocess_exec(sys.executable, "-m", "engine.cli", "seed-demo", env=env,
+        seed = await asyncio.create_subprocess_exec(sys.executable, "-m", "engine.server.cli", "seed-demo", env=env,
                                                     stdout=asyncio.subprocess.DEVNULL)  # fmt: skip
         await seed.wait()
-        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "engine.cli", "serve", env=env)
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "engine.server.cli", "serve", env=env)
         base = f"http://127.0.0.1:{port}"
         pool = await create_pool(url)
         try:

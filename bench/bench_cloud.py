@@ -252,7 +252,7 @@ async def start_engine(
     command = [sys.executable]
     if profile is not None:
         command += ["-m", "cProfile", "-o", str(profile)]
-    command += ["-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["-m", "engine.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     taskset = shutil.which("taskset")
     if cpu is not None and taskset:
         command = [taskset, "-c", str(cpu), *command]

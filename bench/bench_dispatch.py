@@ -23,7 +23,7 @@ from pathlib import Path
 
 import asyncpg
 
-from engine.recipients_csv import open_recipients_file, read_recipients
+from engine.campaigns.recipients_csv import open_recipients_file, read_recipients
 from storage import campaigns
 from storage.agents import create_agent
 from storage.campaigns import DialingRules, NewRecipient
@@ -73,7 +73,7 @@ async def _dial_round(url: str, pool: asyncpg.Pool, tmp: Path, *, engines: int, 
                 env["DIALTONE_STATE_DIR"] = str(tmp / f"state-{engines}-{index}")
                 processes.append(
                     await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", "engine.cli", "serve", "--port", str(port), env=dict(env)
+                        sys.executable, "-m", "engine.server.cli", "serve", "--port", str(port), env=dict(env)
                     )
                 )
             try:

@@ -4,7 +4,7 @@ Every engine process runs the same dispatcher against one database. Claims for o
 a row lock on its "CampaignDispatch" row taken with SKIP LOCKED (a process that finds it locked moves on to
 another campaign), so the concurrency cap, the pace and the attempt count are decided by one process at a time
 and are never exceeded, whatever the number of processes. Decisions that need time zones and calling windows
-are the engine's (engine/dispatcher.py); this module only reads and writes rows, in the caller's transaction.
+are the engine's (engine/campaigns/dispatcher.py); this module only reads and writes rows, in the caller's transaction.
 
 A recipient moves QUEUED -> DIALING (leased to one process, attempt counted) -> IN_CALL (a CallLog exists)
 -> QUEUED again (retry) or DONE / FAILED. Outcomes come from the CallLog, which Twilio's status callbacks

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from config.settings import load_settings
-from engine.app import create_app
+from engine.server.app import create_app
 from tests.fakes.server import serve
 
 

@@ -23,7 +23,7 @@ async def dialtone(*args: str, database_url: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "engine.cli",
+        "engine.server.cli",
         *args,
         env=env,
         cwd=REPO,

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from engine.call_log_writer import CallLogWriter, CallLogWriterClosed, CallOutcome, TurnRecord, latency_summary
+from engine.call.call_log_writer import CallLogWriter, CallLogWriterClosed, CallOutcome, TurnRecord, latency_summary
 from storage import agents, call_logs, organizations
 from storage.call_logs import CallLog
 from storage.call_turns import list_turns

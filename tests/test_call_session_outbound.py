@@ -12,7 +12,7 @@ import asyncpg
 
 from config.agent import parse_agent_configuration
 from config.settings import load_settings
-from engine.call_session import GREETING_WAIT_SECONDS, CallContext, CallSession
+from engine.call.session import GREETING_WAIT_SECONDS, CallContext, CallSession
 from pipelines.registry import ProviderContext, build_pipeline
 from storage.call_turns import CallTurn, list_turns
 from tests.fakes.deepgram import FakeDeepgram

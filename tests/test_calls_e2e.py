@@ -407,7 +407,7 @@ async def test_dialtone_call_places_a_call_from_the_command_line(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DIALTONE_", "DATABASE_URL", "TWILIO_"))}
     env |= {"PYTHONPATH": REPO, "TWILIO_AUTH_TOKEN": TOKEN}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", "call", "--url", engine, "--to", number,
+        sys.executable, "-m", "engine.server.cli", "call", "--url", engine, "--to", number,
         "--say", "what are your opening hours", "--say", "no thanks bye", "--save", str(tmp_path / "heard.wav"),
         env=env, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import asyncpg
 
-from engine.campaign_cli import parse_days
+from engine.campaigns.cli import parse_days
 from storage import campaigns
 from storage.agents import create_agent
 from storage.enums import CallerType, CampaignStatus
 from tests.test_repo_agents import insert_organization
 
-DIALTONE = [sys.executable, "-m", "engine.cli"]
+DIALTONE = [sys.executable, "-m", "engine.server.cli"]
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from engine.recipients_csv import RecipientsFileError, open_recipients_file, read_recipients
+from engine.campaigns.recipients_csv import RecipientsFileError, open_recipients_file, read_recipients
 from storage import campaigns
 from storage.agents import create_agent
 from storage.campaigns import Campaign

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, time
 
 import pytest
 
-from engine.campaign_windows import CallingWindow, InvalidWindow, recipient_timezone, zone
+from engine.campaigns.windows import CallingWindow, InvalidWindow, recipient_timezone, zone
 
 NEW_YORK = zone("America/New_York")
 TOKYO = zone("Asia/Tokyo")

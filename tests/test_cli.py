@@ -14,7 +14,7 @@ import pytest
 
 from storage.migrate import load_migrations
 
-DIALTONE = [sys.executable, "-m", "engine.cli"]
+DIALTONE = [sys.executable, "-m", "engine.server.cli"]
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from engine.dispatcher import CampaignBlocked, CampaignDispatcher, DialRefused, DialResult, DispatchTiming
+from engine.campaigns.dispatcher import CampaignBlocked, CampaignDispatcher, DialRefused, DialResult, DispatchTiming
 from storage import call_logs, campaigns
 from storage.agents import create_agent
 from storage.campaign_dispatch import RECIPIENT_METADATA_KEY, Claim
@@ -102,7 +102,7 @@ def new_id_digits() -> str:
 
 
 def zone_of(number: str) -> str | None:
-    from engine.campaign_windows import recipient_timezone
+    from engine.campaigns.windows import recipient_timezone
 
     return recipient_timezone(number)
 

@@ -15,11 +15,11 @@ import pytest
 
 from config.agent import parse_agent_configuration
 from config.settings import load_settings
-from engine.dispatcher import CampaignDispatcher, DispatchTiming, PlaceCallDialer
-from engine.outbound_calls import OutboundDeps
-from engine.recipients_csv import read_recipients
+from engine.campaigns.dispatcher import CampaignDispatcher, DispatchTiming, PlaceCallDialer
+from engine.campaigns.recipients_csv import read_recipients
 from engine.simulator import Say
-from engine.twilio_rest import TwilioCalls
+from engine.twilio.outbound_calls import OutboundDeps
+from engine.twilio.rest import TwilioCalls
 from storage import agents, campaigns, conversation_paths, organizations, phone_numbers
 from storage.campaigns import DialingRules
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES

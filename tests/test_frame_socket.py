@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from engine.frame_socket import DIRECT, DIRECT_AIOHTTP, FrameHandlerFailed, FrameSocket, TextFrames
+from engine.call.frame_socket import DIRECT, DIRECT_AIOHTTP, FrameHandlerFailed, FrameSocket, TextFrames
 from media.twilio_stream import MalformedMessage
 from tests.fakes.server import serve
 

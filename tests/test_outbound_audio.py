@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.outbound_audio import OutboundAudio, StreamTimeline
+from engine.call.outbound_audio import OutboundAudio, StreamTimeline
 from tests.test_twilio_stream import streaming
 
 CHUNK = b"\x10" * 800  # 100 ms of μ-law

@@ -17,8 +17,9 @@ from twilio.request_validator import RequestValidator
 
 from config.agent import parse_agent_configuration
 from config.settings import load_settings
-from engine.appkeys import SETTINGS
-from engine.outbound_calls import (
+from engine.server.appkeys import SETTINGS
+from engine.simulator import Say
+from engine.twilio.outbound_calls import (
     AgentUnavailable,
     CallNotPlaced,
     CampaignNotFound,
@@ -30,8 +31,7 @@ from engine.outbound_calls import (
     PlacedCall,
     place_call,
 )
-from engine.simulator import Say
-from engine.twilio_rest import TwilioCalls
+from engine.twilio.rest import TwilioCalls
 from storage import agents, call_logs, conversation_paths, organizations, phone_numbers
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
 from storage.enums import AgentStatus, CallerType, CallStatus, CallType, PhoneNumberStatus

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from config.agent import AgentConfigurationError, parse_agent_configuration
-from engine.outbound_calls import InvalidNumber, dialable_number, machine_detection
+from engine.twilio.outbound_calls import InvalidNumber, dialable_number, machine_detection
 
 
 def test_an_outbound_call_rings_thirty_seconds_unless_the_agent_says_otherwise() -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from config.agent import parse_agent_configuration
 from config.settings import load_settings
-from engine.post_call import PostCallAnalyzer, PostCallDeps, analyze_call
+from engine.workers.post_call import PostCallAnalyzer, PostCallDeps, analyze_call
 from pipelines.llm.openai_chat import close_openai_clients
 from storage import agents, call_logs, call_turns, campaigns, events, organizations
 from storage.call_turns import TurnRecord

@@ -22,9 +22,9 @@ from aiohttp import web
 from openai import AsyncOpenAI
 
 from config.agent import AgentConfiguration, parse_agent_configuration
-from engine.call_log_writer import CallOutcome
-from engine.call_session import CallContext
-from engine.realtime_session import UNTRANSCRIBED, RealtimeCallSession
+from engine.call.call_log_writer import CallOutcome
+from engine.call.realtime_session import UNTRANSCRIBED, RealtimeCallSession
+from engine.call.session import CallContext
 from engine.simulator import PlaybackQueue
 from media.dtmf import dtmf_audio
 from media.g711 import ULAW_SILENCE, pcm16_to_ulaw

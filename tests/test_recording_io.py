@@ -6,7 +6,7 @@ import asyncio
 import wave
 from pathlib import Path
 
-from engine.recording_io import RecordingIO
+from engine.workers.recording_io import RecordingIO
 from media.recording import StereoWavRecorder
 
 SECOND_OF_TONE = bytes(range(0, 256, 2)) * 62 + bytes(64)  # 8000 μ-law bytes

@@ -20,8 +20,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from config.settings import Settings, SettingsError, load_settings
-from engine.appkeys import DATABASE, SETTINGS
-from engine.recordings import RECORDING_ROUTE, handle_recording, recording_url, recordings_context
+from engine.server.appkeys import DATABASE, SETTINGS
+from engine.workers.recordings import RECORDING_ROUTE, handle_recording, recording_url, recordings_context
 from storage.api_keys import create_api_key
 from storage.organizations import create_organization
 from storage.pool import Database

@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from engine.appkeys import DATABASE
-from engine.recovery import NODE_ID, NodeHeartbeat, recovery_context
+from engine.server.appkeys import DATABASE
+from engine.workers.recovery import NODE_ID, NodeHeartbeat, recovery_context
 from storage import call_logs, engine_nodes, events
 from storage.call_logs import CallLog
 from storage.enums import CallStatus

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from config.settings import load_settings
-from engine.webhook_delivery import DeliverySettings, signature_header
+from engine.workers.webhook_delivery import DeliverySettings, signature_header
 from storage.webhook_outbox import RetryPolicy
 
 

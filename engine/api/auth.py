@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from engine.api.errors import ApiError
-from engine.appkeys import DATABASE
+from engine.server.appkeys import DATABASE
 from storage.api_keys import authenticate_holder
 from storage.enums import UserRole
 

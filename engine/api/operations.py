@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from engine.api.auth import CALLER, Caller
 from engine.api.errors import ApiError, not_found, validation_error
 from engine.api.models import ID_PATTERN, RequestModel
-from engine.appkeys import DATABASE
+from engine.server.appkeys import DATABASE
 from storage.records import Connection
 from storage.tenancy import tenant_transaction
 

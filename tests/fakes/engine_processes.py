@@ -15,7 +15,7 @@ from aiohttp import web
 
 from tests.fakes.server import serve
 
-DIALTONE = [sys.executable, "-m", "engine.cli"]
+DIALTONE = [sys.executable, "-m", "engine.server.cli"]
 
 
 def free_port() -> int:

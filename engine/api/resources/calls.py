@@ -1,4 +1,4 @@
-"""/v1/calls: place one outbound call for an OUTBOUND agent (engine.outbound_calls does the work)."""
+"""/v1/calls: place one outbound call for an OUTBOUND agent (engine.twilio.outbound_calls does the work)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pydantic import Field, StringConstraints
 from engine.api.errors import ApiError, not_found, unprocessable
 from engine.api.models import Id, RequestModel, ResponseModel
 from engine.api.operations import ApiCall, Resource
-from engine.appkeys import SETTINGS
-from engine.outbound_calls import (
+from engine.server.appkeys import SETTINGS
+from engine.twilio.outbound_calls import (
     AgentUnavailable,
     CallNotPlaced,
     CampaignNotFound,
@@ -22,7 +22,7 @@ from engine.outbound_calls import (
     dialable_number,
     place_call,
 )
-from engine.twilio_signature import public_base_url
+from engine.twilio.signature import public_base_url
 
 resource = Resource("Calls", "Placing outbound calls.")
 

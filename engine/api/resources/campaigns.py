@@ -14,7 +14,7 @@ from engine.api.errors import conflict, unprocessable
 from engine.api.models import Id, LongText, Name, RequestModel, ResponseModel
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
-from engine.recipients_csv import RecipientsFileError, make_recipient, read_recipients
+from engine.campaigns.recipients_csv import RecipientsFileError, make_recipient, read_recipients
 from storage import campaigns
 from storage.campaigns import (
     Campaign,

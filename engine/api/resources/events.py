@@ -13,7 +13,7 @@ from engine.api.errors import ApiError, unprocessable
 from engine.api.models import Id, LongText, RequestModel, ResponseModel, UpdateModel, Url
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
-from engine.appkeys import SETTINGS
+from engine.server.appkeys import SETTINGS
 from pipelines.url_safety import UnsafeURL, check_public_address, literal_address
 from storage import events, webhook_outbox
 from storage.errors import NotFound

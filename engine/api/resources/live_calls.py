@@ -11,7 +11,7 @@ from engine.api.models import ResponseModel
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
 from engine.api.resources.call_logs import by_start
-from engine.appkeys import LIVE_CALLS, TWILIO
+from engine.server.appkeys import LIVE_CALLS, TWILIO
 from storage import call_logs
 from storage.call_logs import CallLogEntry
 from storage.enums import CallStatus

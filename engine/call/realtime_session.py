@@ -23,9 +23,9 @@ import phonenumbers
 from openai import AsyncOpenAI
 
 from config.agent import AgentConfiguration, OpenAIRealtimeConfig
-from engine import metrics
-from engine.call_log_writer import CallLogWriter, CallOutcome, TurnRecord
-from engine.call_session import (
+from engine.call.call_log_writer import CallLogWriter, CallOutcome, TurnRecord
+from engine.call.outbound_audio import BYTES_PER_MS, OutboundAudio, SendText, StreamTimeline
+from engine.call.session import (
     DEFAULT_GOODBYE,
     HANGUP_GRACE_SECONDS,
     CallContext,
@@ -34,7 +34,7 @@ from engine.call_session import (
     Transfer,
     await_twilio_stop,
 )
-from engine.outbound_audio import BYTES_PER_MS, OutboundAudio, SendText, StreamTimeline
+from engine.server import metrics
 from media.dtmf import InvalidDigits, dtmf_audio
 from media.recording import StereoWavRecorder
 from media.twilio_stream import (

@@ -15,19 +15,19 @@ import asyncpg
 from aiohttp import web
 
 from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
-from engine import metrics
-from engine.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
-from engine.call_log_writer import CallLogWriter, CallOutcome
-from engine.call_session import CallContext, CallSession
-from engine.call_setup import PreparedCall, prepare_call
-from engine.frame_socket import FrameSocket, TextFrames
-from engine.outbound_audio import SendText
-from engine.post_call import POST_CALL
-from engine.recording_io import RECORDING_IO
-from engine.recordings import RECORDING_KEY, recording_url
-from engine.recovery import NODE_ID
-from engine.twilio_signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
-from engine.twilio_webhooks import CALL_LOG_PARAMETER
+from engine.call.call_log_writer import CallLogWriter, CallOutcome
+from engine.call.frame_socket import FrameSocket, TextFrames
+from engine.call.outbound_audio import SendText
+from engine.call.session import CallContext, CallSession
+from engine.call.setup import PreparedCall, prepare_call
+from engine.server import metrics
+from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
+from engine.twilio.signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
+from engine.twilio.webhooks import CALL_LOG_PARAMETER
+from engine.workers.post_call import POST_CALL
+from engine.workers.recording_io import RECORDING_IO
+from engine.workers.recordings import RECORDING_KEY, recording_url
+from engine.workers.recovery import NODE_ID
 from media.recording import StereoWavRecorder
 from media.twilio_stream import MalformedMessage, Started, StreamProtocolError, TwilioStream
 from pipelines.registry import Pipeline, PipelineUnavailable, RealtimePlan, build_pipeline, plan_realtime
@@ -38,7 +38,7 @@ from storage.enums import CallStatus, CallType
 from storage.recordings import recording_path
 
 if TYPE_CHECKING:
-    from engine.realtime_session import RealtimeCallSession
+    from engine.call.realtime_session import RealtimeCallSession
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _make_session(
     hang_up = twilio.hang_up if twilio is not None else None
     transfer = twilio.transfer if twilio is not None else None
     if realtime is not None:
-        from engine.realtime_session import RealtimeCallSession  # speech-to-speech agents only
+        from engine.call.realtime_session import RealtimeCallSession  # speech-to-speech agents only
         from pipelines.realtime.openai_realtime import realtime_client
 
         return RealtimeCallSession(

@@ -8,17 +8,19 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from config.settings import Settings
-from engine import health, media_socket, metrics, twilio_webhooks
 from engine.api.routes import add_api_routes
-from engine.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
-from engine.dispatcher import dispatcher_context
-from engine.live_calls import LiveCalls
-from engine.post_call import post_call_context
-from engine.recording_io import recording_io_context
-from engine.recordings import handle_recording, recordings_context
-from engine.recovery import recovery_context
-from engine.twilio_rest import TwilioCalls
-from engine.webhook_delivery import webhook_delivery_context
+from engine.call import media_socket
+from engine.call.live_calls import LiveCalls
+from engine.campaigns.dispatcher import dispatcher_context
+from engine.server import health, metrics
+from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
+from engine.twilio import webhooks as twilio_webhooks
+from engine.twilio.rest import TwilioCalls
+from engine.workers.post_call import post_call_context
+from engine.workers.recording_io import recording_io_context
+from engine.workers.recordings import handle_recording, recordings_context
+from engine.workers.recovery import recovery_context
+from engine.workers.webhook_delivery import webhook_delivery_context
 from pipelines.llm.openai_chat import close_openai_clients
 from pipelines.tools import close_shared_session
 from pipelines.tts.elevenlabs import close_http_clients as close_elevenlabs_clients

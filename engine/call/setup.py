@@ -16,7 +16,7 @@ import phonenumbers
 
 from config.agent import AgentConfiguration, ElevenLabsTTSConfig
 from config.settings import Settings
-from engine import metrics
+from engine.server import metrics
 from pipelines.fallback import OnFailover
 from pipelines.llm.prompt import call_variables, render_prompt
 from pipelines.registry import PathSource, ProviderContext, VoiceChoice

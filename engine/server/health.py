@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 import asyncpg
 from aiohttp import web
 
-from engine.appkeys import DATABASE
+from engine.server.appkeys import DATABASE
 from storage.migrate import migration_status
 
 HEALTH_TIMEOUT_SECONDS = 2.0

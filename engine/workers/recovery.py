@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from aiohttp import web
 
-from engine.appkeys import DATABASE
-from engine.call_log_writer import TRANSIENT_ERRORS
+from engine.call.call_log_writer import TRANSIENT_ERRORS
+from engine.server.appkeys import DATABASE
 from storage import engine_nodes
 from storage.records import new_id
 

@@ -21,9 +21,9 @@ from zoneinfo import ZoneInfo
 import asyncpg
 from aiohttp import web
 
-from engine.appkeys import SETTINGS
-from engine.campaign_windows import CallingWindow, InvalidWindow, parse_time_of_day, zone
-from engine.outbound_calls import (
+from engine.campaigns.windows import CallingWindow, InvalidWindow, parse_time_of_day, zone
+from engine.server.appkeys import SETTINGS
+from engine.twilio.outbound_calls import (
     AgentUnavailable,
     CallNotPlaced,
     CampaignNotFound,
@@ -35,7 +35,7 @@ from engine.outbound_calls import (
     OutboundUnavailable,
     place_call,
 )
-from engine.recovery import NODE_ID
+from engine.workers.recovery import NODE_ID
 from storage import campaign_dispatch as dispatch
 from storage.campaign_dispatch import Claim, DueCampaign, Pick, QueuedRecipient
 from storage.enums import CampaignStatus
@@ -301,7 +301,7 @@ def _recipient_zone(recipient: QueuedRecipient, campaign: DueCampaign) -> ZoneIn
 
 
 class PlaceCallDialer:
-    """The engine's dialer: `engine.outbound_calls.place_call`, its errors mapped onto the dispatcher's."""
+    """The engine's dialer: `engine.twilio.outbound_calls.place_call`, its errors mapped onto the dispatcher's."""
 
     def __init__(self, deps: OutboundDeps) -> None:
         """Dial through `deps` (the running engine's Twilio client, pool and public URL)."""

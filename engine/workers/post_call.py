@@ -30,10 +30,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from config.agent import AgentConfiguration, AgentConfigurationError, OpenAILLMConfig, parse_agent_configuration
 from config.settings import Settings
-from engine.appkeys import DATABASE, SETTINGS
-from engine.call_setup import provider_context
-from engine.recovery import NODE_ID
-from engine.twilio_webhooks import END_VOICEMAIL_HANGUP, END_VOICEMAIL_LEFT
+from engine.call.setup import provider_context
+from engine.server.appkeys import DATABASE, SETTINGS
+from engine.twilio.webhooks import END_VOICEMAIL_HANGUP, END_VOICEMAIL_LEFT
+from engine.workers.recovery import NODE_ID
 from pipelines.llm.openai_chat import openai_client
 from pipelines.llm.prompt import render_prompt
 from pipelines.registry import ProviderKeyMissing, provider_key

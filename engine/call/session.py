@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from config.agent import AgentConfiguration
-from engine import metrics
-from engine.call_log_writer import CallLogWriter, CallOutcome, TurnRecord
-from engine.frame_socket import HandsOverFrames
-from engine.outbound_audio import OutboundAudio, SendText, StreamTimeline
+from engine.call.call_log_writer import CallLogWriter, CallOutcome, TurnRecord
+from engine.call.frame_socket import HandsOverFrames
+from engine.call.outbound_audio import OutboundAudio, SendText, StreamTimeline
+from engine.server import metrics
 from media.dtmf import InvalidDigits, dtmf_audio
 from media.recording import StereoWavRecorder
 from media.twilio_stream import (
@@ -350,7 +350,7 @@ class CallSession:
     async def _read(self, frames: AsyncIterator[str]) -> None:
         """Feed Twilio's frames through the protocol; the call ends when they stop.
 
-        A socket that can hand frames over as they are parsed (engine/frame_socket.py) gives them to
+        A socket that can hand frames over as they are parsed (engine/call/frame_socket.py) gives them to
         `receive_frame` directly from now on; this loop then only waits for the end of the stream.
         """
         source = frames if isinstance(frames, HandsOverFrames) else None

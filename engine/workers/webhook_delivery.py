@@ -28,8 +28,8 @@ import asyncpg
 from aiohttp import web
 
 from config.settings import Settings
-from engine.appkeys import DATABASE, SETTINGS
-from engine.call_log_writer import TRANSIENT_ERRORS
+from engine.call.call_log_writer import TRANSIENT_ERRORS
+from engine.server.appkeys import DATABASE, SETTINGS
 from pipelines.url_safety import PublicAddressResolver, UnsafeURL, check_public_address, literal_address
 from storage import webhook_outbox
 from storage.webhook_outbox import WEBHOOK_CHANNEL, ClaimedDelivery, DeliveryStatus, RetryPolicy

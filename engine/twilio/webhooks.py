@@ -13,10 +13,10 @@ from aiohttp import web
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from config.agent import AgentConfigurationError, VoicemailConfig, parse_agent_configuration
-from engine.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
-from engine.call_session import CallSession
-from engine.call_setup import provider_context
-from engine.twilio_signature import public_base_url, signature_is_valid
+from engine.call.session import CallSession
+from engine.call.setup import provider_context
+from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
+from engine.twilio.signature import public_base_url, signature_is_valid
 from pipelines.llm.prompt import render_prompt
 from pipelines.registry import PipelineUnavailable, check_pipeline
 from storage import agents, call_logs, organizations, phone_numbers
@@ -47,7 +47,7 @@ _FINAL_STATUSES = {
     "failed": (CallStatus.FAILED, "twilio_failed"),
     "completed": (CallStatus.FAILED, "stream_never_started"),
 }
-# The same for an outbound call: Twilio's own status is the end reason (a contract, see engine.outbound_calls).
+# The same for an outbound call: Twilio's own status is the end reason (a contract, see engine.twilio.outbound_calls).
 _OUTBOUND_UNANSWERED = {
     "busy": CallStatus.MISSED,
     "no-answer": CallStatus.MISSED,

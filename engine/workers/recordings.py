@@ -12,7 +12,7 @@ import asyncpg
 from aiohttp import web
 
 from config.settings import Settings
-from engine.appkeys import DATABASE, SETTINGS
+from engine.server.appkeys import DATABASE, SETTINGS
 from storage.api_keys import authenticate
 from storage.recordings import (
     RECORDING_ID,
@@ -37,7 +37,7 @@ _DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Interf
 def recording_url(settings: Settings, base_url: str, call_log_id: str, *, key: bytes, now: datetime) -> str:
     """The signed URL to store in CallLog.recordingUrl, valid for DIALTONE_RECORDING_URL_TTL_DAYS from `now`.
 
-    `base_url` is where this engine is reached from outside (see engine.twilio_signature.public_base_url).
+    `base_url` is where this engine is reached from outside (see engine.twilio.signature.public_base_url).
     """
     expires_at = now + timedelta(days=settings.recording_url_ttl_days)
     return sign_recording_url(base_url, call_log_id, key=key, expires_at=expires_at)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from config.settings import Settings
-from engine.live_calls import LiveCalls
-from engine.twilio_rest import TwilioCalls
+from engine.call.live_calls import LiveCalls
+from engine.twilio.rest import TwilioCalls
 from storage.pool import Database
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -16,8 +16,8 @@ from typing import TextIO
 import asyncpg
 
 from config.settings import Settings
-from engine.campaign_windows import InvalidWindow, parse_time_of_day
-from engine.recipients_csv import ParsedRow, RecipientsFileError, open_recipients_file, read_recipients
+from engine.campaigns.recipients_csv import ParsedRow, RecipientsFileError, open_recipients_file, read_recipients
+from engine.campaigns.windows import InvalidWindow, parse_time_of_day
 from storage import campaigns, organizations
 from storage.campaigns import DialingRules, NewRecipient, RetryPolicy
 from storage.pool import database

@@ -14,9 +14,9 @@ from aiohttp import web
 
 from config.settings import Settings, SettingsError, load_settings
 from engine.api.cli import add_api_key_command, run_api_key_command
-from engine.app import create_app
-from engine.campaign_cli import add_campaign_command, run_campaign_command
-from engine.frame_socket import log_if_not_direct
+from engine.call.frame_socket import log_if_not_direct
+from engine.campaigns.cli import add_campaign_command, run_campaign_command
+from engine.server.app import create_app
 from engine.simulator import add_call_command, run_call_command
 from storage.errors import StorageError
 from storage.migrate import migrate, migration_status

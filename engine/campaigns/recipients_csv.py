@@ -17,7 +17,7 @@ from typing import TextIO
 
 import phonenumbers
 
-from engine.campaign_windows import number_timezone
+from engine.campaigns.windows import number_timezone
 from storage.campaigns import NewRecipient
 from storage.enums import RecipientStatus
 

@@ -7,7 +7,7 @@ these `metadata.endReason` values (a contract: retry policies map them):
 - `busy`, `no-answer`, `canceled`, `failed`: Twilio's final CallStatus for a call nobody answered (MISSED, or
   FAILED for `failed`), written by the status callback;
 - `voicemail_left`, `voicemail_hangup`: an answering machine took the call and the agent left its message or hung
-  up (COMPLETED), see `engine.twilio_webhooks.handle_amd`;
+  up (COMPLETED), see `engine.twilio.webhooks.handle_amd`;
 - `twilio_refused`, `twilio_unreachable`: Twilio did not create the call (FAILED, with `twilioErrorCode` and
   `twilioErrorMessage`), and `place_call` raises CallNotPlaced;
 - otherwise whatever the media session ended with (`path_end`, `caller_hangup`, ...), as for inbound calls.
@@ -29,10 +29,10 @@ from aiohttp.helpers import ChainMapProxy
 
 from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
 from config.settings import Settings
-from engine.appkeys import DATABASE, SETTINGS, TWILIO
-from engine.call_setup import provider_context
-from engine.twilio_rest import CallRefused, MachineDetection, TwilioCalls
-from engine.twilio_webhooks import (
+from engine.call.setup import provider_context
+from engine.server.appkeys import DATABASE, SETTINGS, TWILIO
+from engine.twilio.rest import CallRefused, MachineDetection, TwilioCalls
+from engine.twilio.webhooks import (
     AMD_PATH,
     END_VOICEMAIL_HANGUP,
     END_VOICEMAIL_LEFT,

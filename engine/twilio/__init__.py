@@ -1,0 +1,1 @@
+"""Twilio: the voice, status and AMD webhooks, request signatures, the REST client, and placing outbound calls."""

@@ -1,0 +1,1 @@
+"""Background work of every engine process: webhook delivery, post-call analysis, crash recovery, recordings."""
