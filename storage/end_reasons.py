@@ -1,0 +1,67 @@
+"""Why a call ended: the values of `CallLog.metadata.endReason`, a contract read by retry policies and webhooks.
+
+The free text that used to ride after a colon (`"protocol_error: MalformedMessage: …"`) is kept apart, in
+`metadata.endDetail`, so a reader matches the reason exactly and never parses a prefix.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class EndReason(StrEnum):
+    """Why a call ended, as stored in `CallLog.metadata.endReason`."""
+
+    # The conversation ended normally.
+    CALLER_HANGUP = "caller_hangup"
+    AGENT_HANGUP = "agent_hangup"
+    PATH_END = "path_end"
+    TRANSFERRED = "transferred"
+    SILENCE_TIMEOUT = "silence_timeout"
+    MAX_DURATION = "max_duration"
+    API_HANGUP = "api_hangup"
+    VOICEMAIL_LEFT = "voicemail_left"
+    VOICEMAIL_HANGUP = "voicemail_hangup"
+    INSUFFICIENT_CREDITS = "insufficient_credits"
+    # Twilio's own final status for an outbound call nobody answered (the status callback writes it).
+    BUSY = "busy"
+    NO_ANSWER = "no-answer"
+    CANCELED = "canceled"
+    TWILIO_FAILED = "failed"
+    # The call could not be placed or started.
+    TWILIO_REFUSED = "twilio_refused"
+    TWILIO_UNREACHABLE = "twilio_unreachable"
+    PLACEMENT_INTERRUPTED = "placement_interrupted"
+    STREAM_NEVER_STARTED = "stream_never_started"
+    AGENT_DELETED = "agent_deleted"
+    PIPELINE_UNAVAILABLE = "pipeline_unavailable"
+    # Something failed while the call ran.
+    STREAM_LOST = "stream_lost"
+    PROTOCOL_ERROR = "protocol_error"
+    STT_UNAVAILABLE = "stt_unavailable"
+    STT_FAILED = "stt_failed"
+    LLM_FAILED = "llm_failed"
+    TTS_FAILED = "tts_failed"
+    REALTIME_UNAVAILABLE = "realtime_unavailable"
+    REALTIME_FAILED = "realtime_failed"
+    INTERNAL_ERROR = "internal_error"
+    ENGINE_SHUTDOWN = "engine_shutdown"
+    ENGINE_LOST = "engine_lost"
+
+    @classmethod
+    def read(cls, stored: object) -> EndReason | None:
+        """The reason a stored `endReason` names, including the older `"reason: detail"` form; None if unknown."""
+        if not isinstance(stored, str) or not stored:
+            return None
+        try:
+            return cls(stored)
+        except ValueError:
+            head = stored.partition(":")[0].strip()
+            return cls._value2member_map_.get(head)  # type: ignore[return-value]
+
+
+NEVER_CONNECTED = frozenset({EndReason.BUSY, EndReason.NO_ANSWER, EndReason.CANCELED, EndReason.TWILIO_FAILED})
+"""Reasons for an outbound call that never reached a person or a machine."""
+
+VOICEMAIL = frozenset({EndReason.VOICEMAIL_LEFT, EndReason.VOICEMAIL_HANGUP})
+"""Reasons for a call an answering machine took."""
