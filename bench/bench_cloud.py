@@ -75,7 +75,7 @@ from bench.stall_watch import (
     read_events,
 )
 from config.agent import parse_agent_configuration
-from pipelines.chunker import SentenceChunker
+from pipelines.conversation.chunking import SentenceChunker
 from storage import agents, organizations, phone_numbers
 from storage.embedded import start_embedded
 from storage.enums import AgentStatus, CallerType, Plan

@@ -353,7 +353,8 @@ class AgentConfiguration(_CallBehaviour):
 
     # Declared first: the stage validators below read it.
     realtime: Annotated[tuple[RealtimeConfig, ...], _ONE_OR_MORE] | None = None
-    """Speech-to-speech providers in place of stt, llm and tts; null for the stt → llm → tts pipeline."""
+    """Speech-to-speech providers in place of stt, llm and tts; null for the stt → llm → tts pipeline. With
+    realtime, stt, llm and tts may all be given too: the pipeline that takes the call over if the model is lost."""
     stt: Annotated[tuple[STTConfig, ...], _ONE_OR_MORE] = ()
     """Speech-to-text providers, primary first; empty only with `realtime`. Default: sphinx."""
     llm: Annotated[tuple[LLMConfig, ...], _ONE_OR_MORE] = ()
@@ -362,7 +363,12 @@ class AgentConfiguration(_CallBehaviour):
     """Text-to-speech providers, primary first; empty only with `realtime`. Default: espeak."""
 
     first_sentence: str | None = None
-    """What the agent says first; null lets the caller speak first."""
+    """What the agent says first, word for word; null lets the caller speak first (see `modelGreets`)."""
+    model_greets: bool = False
+    """With no `firstSentence`, the language model opens the call with words of its own instead of waiting for the
+    caller (a conversation path's opening node speaks either way)."""
+    apology_sentence: str | None = None
+    """What the caller hears when a provider fails mid-reply and the next one takes over (default: a short apology)."""
     prompt: str | None = None
     """The system prompt; `{{name}}` placeholders are filled from `variables` and the call (`{{customer.name}}`,
     `{{now}}`...)."""
@@ -398,16 +404,25 @@ class AgentConfiguration(_CallBehaviour):
             return given
         return {**_OFFLINE_DEFAULTS, **given}
 
-    @field_validator("stt", "llm", "tts")
-    @classmethod
-    def _not_with_realtime(cls, value: tuple[Any, ...], info: ValidationInfo) -> tuple[Any, ...]:
-        if value and info.data.get("realtime"):
-            raise ValueError("not allowed together with realtime, which hears, thinks and speaks itself")
-        return value
+    @model_validator(mode="after")
+    def _whole_fallback_pipeline(self) -> AgentConfiguration:
+        # With `realtime`, the three stages are the pipeline that takes over if the model is lost: all or none.
+        listed = [stage for stage in ("stt", "llm", "tts") if getattr(self, stage)]
+        if self.realtime and listed and len(listed) != 3:
+            missing = ", ".join(stage for stage in ("stt", "llm", "tts") if stage not in listed)
+            raise ValueError(
+                f"with realtime, stt, llm and tts are the fallback pipeline and must all be given (missing: {missing})"
+            )
+        return self
+
+    @property
+    def realtime_fallback(self) -> bool:
+        """Whether a speech-to-speech agent lists the pipeline that takes over when its model is lost."""
+        return bool(self.realtime and self.stt and self.llm and self.tts)
 
     def to_json(self) -> dict[str, Any]:
         """The normalised configuration as a JSON object (camelCase keys, stages as lists) to store back."""
-        unused = {"stt", "llm", "tts"} if self.realtime else {"realtime"}
+        unused = ({"stt", "llm", "tts"} if not self.realtime_fallback else set()) if self.realtime else {"realtime"}
         return self.model_dump(mode="json", by_alias=True, exclude=unused)
 
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+SAMPLE_RATE = 8000
+"""Twilio's media: 8 kHz, one byte per mu-law sample."""
+BYTES_PER_MS = SAMPLE_RATE // 1000
+"""Bytes of mu-law audio per millisecond."""
 ULAW_SILENCE = 0xFF
 """The mu-law code for a zero sample; 160 of them make one silent 20 ms frame."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from pipelines.llm.base import ConversationTurn, LanguageModel, LLMError, LLMEvent
 from pipelines.stt.base import EndOfTurn, SpeechToText, STTError, STTEvent
@@ -32,6 +32,24 @@ class Prewarmable(Protocol):
     async def prewarm(self) -> None:
         """Open what the first request will need."""
         ...
+
+
+@runtime_checkable
+class FailsOver(Protocol):
+    """A provider chain that can give up its current provider for the rest of the call."""
+
+    def fail_over(self) -> str | None:
+        """Move to the next provider after the current one failed mid-use; its name, or None if none is left."""
+        ...
+
+
+def _next_provider(stage: str, chain: list[tuple[str, Any]], index: int, on_failover: OnFailover | None) -> int | None:
+    """The index after `index` in `chain`, told to `on_failover`; None at the end of the chain."""
+    if index + 1 >= len(chain):
+        return None
+    if on_failover is not None:
+        on_failover(stage, chain[index][0], chain[index + 1][0])
+    return index + 1
 
 
 class FallbackSTT:
@@ -143,12 +161,21 @@ class FallbackLLM:
                     yield event
                 return
             except LLMError as exc:
-                if produced or self._index + 1 >= len(self._providers):
+                if produced:
+                    raise  # said in part: the caller decides (fail_over) what comes next
+                following = _next_provider("llm", self._providers, self._index, self._on_failover)
+                if following is None:
                     raise
                 log.warning("llm %s failed: %s; trying the next provider", name, exc)
-                self._index += 1
-                if self._on_failover is not None:
-                    self._on_failover("llm", name, self._providers[self._index][0])
+                self._index = following
+
+    def fail_over(self) -> str | None:
+        """Give up the current model for the rest of the call (it failed mid-reply); the next one's name."""
+        following = _next_provider("llm", self._providers, self._index, self._on_failover)
+        if following is None:
+            return None
+        self._index = following
+        return self._providers[following][0]
 
     async def close(self) -> None:
         """Close every provider."""
@@ -182,12 +209,21 @@ class FallbackTTS:
                     yield chunk
                 return
             except TTSError as exc:
-                if produced or self._index + 1 >= len(self._providers):
+                if produced:
+                    raise  # audio went out: the caller decides (fail_over) what comes next
+                following = _next_provider("tts", self._providers, self._index, self._on_failover)
+                if following is None:
                     raise
                 log.warning("tts %s failed: %s; trying the next provider", name, exc)
-                self._index += 1
-                if self._on_failover is not None:
-                    self._on_failover("tts", name, self._providers[self._index][0])
+                self._index = following
+
+    def fail_over(self) -> str | None:
+        """Give up the current synthesizer for the rest of the call (it failed mid-sentence); the next one's name."""
+        following = _next_provider("tts", self._providers, self._index, self._on_failover)
+        if following is None:
+            return None
+        self._index = following
+        return self._providers[following][0]
 
     async def close(self) -> None:
         """Close every provider."""

@@ -152,8 +152,8 @@ def build_pipeline(
 ) -> Pipeline:
     """Build the call's providers: the usable ones of each stage, in order, as a fallback chain if several."""
     context = context or ProviderContext()
-    if config.realtime:
-        raise PipelineUnavailable("realtime: speech-to-speech agents run a RealtimeCallSession, not a pipeline")
+    if config.realtime and not config.realtime_fallback:
+        raise PipelineUnavailable("realtime: this speech-to-speech agent lists no stt, llm and tts to fall back on")
     llm, keywords = _build_llm(config.llm, paths, context)
     return Pipeline(
         stt=_build_stt(config.stt, config, keywords, context),

@@ -136,11 +136,26 @@ def test_a_typo_inside_a_provider_is_an_error_suggesting_the_option() -> None:
     assert problems == [("stt.modle", "unknown option; did you mean 'model'?")]
 
 
-def test_realtime_together_with_stt_is_an_error_on_stt() -> None:
+def test_realtime_with_only_some_fallback_stages_names_the_missing_ones() -> None:
     problems = problems_of({"realtime": {"provider": "openai"}, "stt": {"provider": "deepgram"}})
 
-    assert [path for path, _ in problems] == ["stt"]
-    assert "realtime" in problems[0][1]
+    assert len(problems) == 1
+    assert "fallback pipeline" in problems[0][1]
+    assert "llm, tts" in problems[0][1]
+
+
+def test_realtime_with_all_three_stages_keeps_them_as_its_fallback_pipeline() -> None:
+    config = parse_agent_configuration(
+        {
+            "realtime": {"provider": "openai"},
+            "stt": {"provider": "sphinx"},
+            "llm": {"provider": "conversation_path"},
+            "tts": {"provider": "espeak"},
+        }
+    )
+
+    assert config.realtime_fallback
+    assert {"realtime", "stt", "llm", "tts"} <= set(config.to_json())
 
 
 def test_an_empty_fallback_list_is_an_error() -> None:

@@ -12,6 +12,7 @@ import asyncpg
 
 from config.agent import parse_agent_configuration
 from config.settings import load_settings
+from engine.call.cascade import pipeline_driver
 from engine.call.session import GREETING_WAIT_SECONDS, CallContext, CallSession
 from pipelines.registry import ProviderContext, build_pipeline
 from storage.call_turns import CallTurn, list_turns
@@ -46,7 +47,7 @@ async def outbound_call(pool: asyncpg.Pool, **behaviour: Any) -> AsyncIterator[t
         session = CallSession(
             context=CallContext(log.id, log.organization_id, agent_id, line.call_sid, outbound=True),
             config=config,
-            pipeline=pipeline,
+            driver=pipeline_driver(pipeline, first_sentence=config.first_sentence),
             stream=line.stream(),
             send=line.send,
             writer=writer,

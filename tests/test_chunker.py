@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.chunker import SentenceChunker
+from pipelines.conversation.chunking import SentenceChunker
 
 
 def _chunk(deltas: list[str]) -> list[str]:

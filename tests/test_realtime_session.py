@@ -23,8 +23,8 @@ from openai import AsyncOpenAI
 
 from config.agent import AgentConfiguration, parse_agent_configuration
 from engine.call.call_log_writer import CallOutcome
-from engine.call.realtime_session import UNTRANSCRIBED, RealtimeCallSession
-from engine.call.session import CallContext
+from engine.call.realtime import UNTRANSCRIBED, realtime_driver
+from engine.call.session import CallContext, CallSession
 from engine.simulator import PlaybackQueue
 from media.dtmf import dtmf_audio
 from media.g711 import ULAW_SILENCE, pcm16_to_ulaw
@@ -193,7 +193,7 @@ class Call:
     """One session under test, with its Twilio line, its CallLog and what it did."""
 
     line: TwilioLine
-    session: RealtimeCallSession
+    session: CallSession
     log: CallLog
     task: asyncio.Task[CallOutcome]
     pool: asyncpg.Pool
@@ -234,8 +234,8 @@ async def realtime_call(
     tools: ToolRunner | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[Call]:
-    """Run a RealtimeCallSession against `fake` on a Twilio line; on exit the caller hangs up if the call still runs,
-    and the CallLog is finished with the outcome.
+    """Run a CallSession on the Realtime driver against `fake` on a Twilio line; on exit the caller hangs up if the
+    call still runs, and the CallLog is finished with the outcome.
     """
     line = TwilioLine()
     log, agent_id = await new_call(pool)
@@ -254,17 +254,24 @@ async def realtime_call(
         line.hang_up()  # the call leaves the stream for the <Dial>
         return True
 
-    session = RealtimeCallSession(
+    config = config or agent_configuration()
+    assert config.realtime
+    session = CallSession(
         context=CallContext(log.id, log.organization_id, agent_id, line.call_sid),
-        config=config or agent_configuration(),
-        client=client,
-        instructions=PROMPT,
+        config=config,
+        driver=realtime_driver(
+            client=client,
+            realtime=config.realtime[0],
+            instructions=PROMPT,
+            tools=tools,
+            first_sentence=config.first_sentence,
+            can_transfer=transfer,
+        ),
         stream=line.stream(),
         send=line.send,
         writer=writer,
         hang_up=hang_up_call if hang_up else None,
         transfer=transfer_call if transfer else None,
-        tools=tools,
         clock=clock,
     )
     line.start()
@@ -472,13 +479,14 @@ async def test_end_call_hangs_up_once_the_goodbye_has_been_heard(pool: asyncpg.P
         outcome = await call.outcome()
 
     assert outcome.status is CallStatus.COMPLETED
-    assert outcome.end_reason == "agent_hangup: the caller is done"
+    assert (outcome.end_reason, outcome.end_detail) == ("agent_hangup", "the caller is done")
     ((call_sid, heard_ms, queued),) = call.hang_ups
     assert call_sid == call.line.call_sid
     assert heard_ms == fake.duration_ms(goodbye) and queued == 0
     turns = await call.turns()
     assert [(t.speaker, t.text, t.interrupted) for t in turns][-1] == ("agent", goodbye, False)
-    assert (await stored(call)).metadata["endReason"] == "agent_hangup: the caller is done"
+    metadata = (await stored(call)).metadata
+    assert (metadata["endReason"], metadata["endDetail"]) == ("agent_hangup", "the caller is done")
 
 
 async def test_without_twilio_credentials_end_call_ends_by_closing_the_stream(
@@ -488,7 +496,7 @@ async def test_without_twilio_credentials_end_call_ends_by_closing_the_stream(
     async with realtime_call(pool, fake, hang_up=False) as call:
         call.line.say(speech(500))
         outcome = await call.outcome()
-    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, "agent_hangup: done")
+    assert (outcome.status, outcome.end_reason, outcome.end_detail) == (CallStatus.COMPLETED, "agent_hangup", "done")
     assert call.line.heard_ms == fake.duration_ms("Goodbye!")
 
 
@@ -498,7 +506,7 @@ async def test_transfer_call_hands_the_caller_to_the_e164_number(pool: asyncpg.P
         call.line.say(speech(500))
         outcome = await call.outcome()
     assert call.transfers == [(call.line.call_sid, "+14155550123")]
-    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, "transferred: billing")
+    assert (outcome.status, outcome.end_reason, outcome.end_detail) == (CallStatus.COMPLETED, "transferred", "billing")
     assert call.line.heard_ms == fake.duration_ms("One moment.")
 
 
@@ -576,16 +584,43 @@ async def test_an_agent_function_calls_its_webhook_and_the_model_answers_with_th
 # --------------------------------------------------------------------------------------------------- failures
 
 
-async def test_a_dropped_realtime_connection_fails_the_call(pool: asyncpg.Pool, fake: FakeRealtime) -> None:
+async def test_a_dropped_realtime_connection_is_reopened_with_the_conversation_replayed(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    fake.caller_says("I need an appointment")
+    fake.reply(ANSWER)
+    fake.reply("Tuesday at ten is free.")
+    async with realtime_call(pool, fake) as call:
+        call.line.say(speech(600))
+        await call.wait_for_turns(2)
+        await fake.drop_all()
+        await until(lambda: len(fake.models) == 2)  # a second session was opened
+        await until(lambda: len(fake.of_type("session.update")) == 2)
+        call.line.say(speech(600))
+        turns = await call.wait_for_turns(4)
+    replayed = [event["item"] for event in fake.of_type("conversation.item.create")]
+    assert [(item["role"], item["content"][0]["text"]) for item in replayed] == [
+        ("user", "I need an appointment"),
+        ("assistant", ANSWER),
+    ]
+    assert [turn.speaker for turn in turns] == ["caller", "agent", "caller", "agent"]
+    outcome = await call.outcome()
+    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, "caller_hangup")
+
+
+async def test_a_connection_that_cannot_be_reopened_fails_the_call_naming_the_provider(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
     async with realtime_call(pool, fake) as call:
         await until(lambda: bool(fake.of_type("session.update")))
+        fake.api_key = "sk-rotated"  # the reconnect is refused
         await fake.drop_all()
         outcome = await call.outcome()
-    assert outcome.status is CallStatus.FAILED
-    assert outcome.end_reason.startswith("realtime_failed: ")
+    assert (outcome.status, outcome.end_reason) == (CallStatus.FAILED, "realtime_failed")
+    assert outcome.end_detail is not None and "127.0.0.1" in outcome.end_detail
+    assert "HTTP 401" in outcome.end_detail
     log = await stored(call)
-    assert log.status is CallStatus.FAILED
-    assert log.metadata["endReason"] == outcome.end_reason
+    assert (log.status, log.metadata["endReason"]) == (CallStatus.FAILED, "realtime_failed")
 
 
 async def test_a_wrong_api_key_fails_the_call_without_quoting_the_key(pool: asyncpg.Pool, fake: FakeRealtime) -> None:
@@ -593,8 +628,8 @@ async def test_a_wrong_api_key_fails_the_call_without_quoting_the_key(pool: asyn
     async with realtime_call(pool, fake, api_key=key) as call:
         outcome = await call.outcome()
     assert outcome.status is CallStatus.FAILED
-    assert outcome.end_reason.startswith("realtime_unavailable: ")
-    assert "HTTP 401" in outcome.end_reason
-    assert key not in outcome.end_reason and "sk-wrong" not in outcome.end_reason
+    assert outcome.end_reason == "realtime_unavailable"
+    assert outcome.end_detail is not None and "HTTP 401" in outcome.end_detail
+    assert key not in outcome.end_detail and "sk-wrong" not in outcome.end_detail
     assert fake.refused == 1
     assert (await stored(call)).status is CallStatus.FAILED

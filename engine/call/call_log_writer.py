@@ -27,6 +27,7 @@ import asyncpg
 from storage import agents, call_events, call_logs, call_turns, organizations
 from storage.call_logs import CallLog
 from storage.call_turns import TurnRecord
+from storage.end_reasons import EndReason
 from storage.enums import CallStatus
 from storage.errors import DatabaseUnavailable, NotFound, StorageError
 from storage.records import transaction
@@ -50,6 +51,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 """Errors after which the same write may succeed later: the writer retries them."""
 
 _BATCH_SIZE = 100
+_DETAIL_LIMIT = 500  # characters of an end reason's free-text detail kept in the CallLog
 _SPEAKERS = frozenset({"caller", "agent"})
 
 
@@ -58,8 +60,9 @@ class CallOutcome:
     """How a call ended: its final status and why, how long it lasted (s), its recording and extra metadata."""
 
     status: CallStatus
-    end_reason: str
+    end_reason: EndReason
     duration_s: float
+    end_detail: str | None = None
     recording_url: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
@@ -304,7 +307,8 @@ class CallLogWriter:
             metadata: dict[str, Any] = {
                 **self._metadata,
                 **outcome.metadata,
-                "endReason": outcome.end_reason,
+                "endReason": outcome.end_reason.value,
+                **({"endDetail": outcome.end_detail[:_DETAIL_LIMIT]} if outcome.end_detail else {}),
                 "latencyMs": latency_summary(self._agent_latencies),
             }
             if self._lost_turns:

@@ -6,14 +6,20 @@ import asyncio
 import logging
 from typing import Protocol
 
+from storage.end_reasons import EndReason
+
 log = logging.getLogger(__name__)
 
 
 class LiveCall(Protocol):
     """What the registry needs of a running call session."""
 
-    def end_from_outside(self, reason: str, *, completed: bool = False) -> None:
+    def end_from_outside(self, reason: EndReason, *, completed: bool = False) -> None:
         """End the call for a reason outside it (COMPLETED if `completed`, else FAILED)."""
+        ...
+
+    def end_when_twilio_stops(self, reason: EndReason) -> None:
+        """Stop speaking now; end with `reason` when Twilio's `stop` comes (it was redirected elsewhere)."""
         ...
 
 
@@ -49,7 +55,7 @@ class LiveCalls:
         """Forget a call that has finished."""
         self._sessions.pop(call_log_id, None)
 
-    async def end_all(self, reason: str, *, timeout: float = 30.0) -> None:
+    async def end_all(self, reason: EndReason, *, timeout: float = 30.0) -> None:
         """End every running call and wait (bounded) until their CallLogs are finished."""
         if not self._sessions:
             return

@@ -9,13 +9,14 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import asyncpg
 from aiohttp import web
 
 from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
 from engine.call.call_log_writer import CallLogWriter, CallOutcome
+from engine.call.cascade import pipeline_driver
+from engine.call.driver import CallHost, ConversationDriver, DriverFactory
 from engine.call.frame_socket import FrameSocket, TextFrames
 from engine.call.outbound_audio import SendText
 from engine.call.session import CallContext, CallSession
@@ -30,15 +31,13 @@ from engine.workers.recordings import RECORDING_KEY, recording_url
 from engine.workers.recovery import NODE_ID
 from media.recording import StereoWavRecorder
 from media.twilio_stream import MalformedMessage, Started, StreamProtocolError, TwilioStream
-from pipelines.registry import Pipeline, PipelineUnavailable, RealtimePlan, build_pipeline, plan_realtime
+from pipelines.registry import PipelineUnavailable, RealtimePlan, build_pipeline, plan_realtime
 from pipelines.tools import ToolConfigurationError
 from storage import agents, call_logs
 from storage.call_logs import CallLog, InvalidCallTransition
+from storage.end_reasons import EndReason
 from storage.enums import CallStatus, CallType
 from storage.recordings import recording_path
-
-if TYPE_CHECKING:
-    from engine.call.realtime_session import RealtimeCallSession
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ async def _streamable_call_log(app: web.Application, started: Started) -> CallLo
     return call_log
 
 
-async def _fail(pool: asyncpg.Pool, call_log: CallLog, reason: str) -> None:
+async def _fail(pool: asyncpg.Pool, call_log: CallLog, reason: EndReason, detail: str | None = None) -> None:
     """Finish a call that could not run as FAILED with `reason` (unless something finished it already)."""
     with contextlib.suppress(InvalidCallTransition):
         await call_logs.finalize_call_log(
@@ -104,59 +103,54 @@ async def _fail(pool: asyncpg.Pool, call_log: CallLog, reason: str) -> None:
             call_log_id=call_log.id,
             status=CallStatus.FAILED,
             duration=0,
-            metadata={"endReason": reason},
+            metadata={"endReason": reason.value, **({"endDetail": detail} if detail else {})},
         )
 
 
-def _make_session(
-    app: web.Application,
-    context: CallContext,
-    config: AgentConfiguration,
-    *,
-    prepared: PreparedCall,
-    realtime: RealtimePlan | None,
-    pipeline: Pipeline | None,
-    stream: TwilioStream,
-    send: SendText,
-    writer: CallLogWriter,
-    recorder: StereoWavRecorder | None,
-) -> CallSession | RealtimeCallSession:
-    """The call's session: speech to speech for a realtime agent, else the stt → llm → tts pipeline."""
-    twilio = app.get(TWILIO)
-    hang_up = twilio.hang_up if twilio is not None else None
-    transfer = twilio.transfer if twilio is not None else None
-    if realtime is not None:
-        from engine.call.realtime_session import RealtimeCallSession  # speech-to-speech agents only
-        from pipelines.realtime.openai_realtime import realtime_client
+def _drivers(
+    config: AgentConfiguration, prepared: PreparedCall, *, realtime: RealtimePlan | None, can_transfer: bool
+) -> tuple[DriverFactory, DriverFactory | None]:
+    """The call's conversation driver and the one that takes over if it is lost: speech to speech for a realtime
+    agent (its pipeline stages, if listed, as the fallback), else the stt → llm → tts pipeline."""
 
-        return RealtimeCallSession(
-            context=context,
-            config=config,
-            client=realtime_client(realtime.api_key, realtime.base_url),
-            instructions=prepared.context.instructions,
-            stream=stream,
-            send=send,
-            writer=writer,
-            recorder=recorder,
-            hang_up=hang_up,
-            transfer=transfer,
-            tools=prepared.context.tools,
-            first_sentence=prepared.first_sentence,
-            realtime=realtime.config,
-        )
-    assert pipeline is not None
-    return CallSession(
-        context=context,
-        config=config,
-        pipeline=pipeline,
-        stream=stream,
-        send=send,
-        writer=writer,
-        recorder=recorder,
-        hang_up=hang_up,
-        transfer=transfer,
+    def pipeline() -> DriverFactory:
+        built = build_pipeline(config, paths=prepared.paths, voice=prepared.voice, context=prepared.context)
+        return pipeline_driver(built, first_sentence=prepared.first_sentence)
+
+    if realtime is None:
+        return pipeline(), None
+    from engine.call.realtime import realtime_driver  # speech-to-speech agents only
+    from pipelines.realtime.openai_realtime import realtime_client
+
+    driver = realtime_driver(
+        client=realtime_client(realtime.api_key, realtime.base_url),
+        realtime=realtime.config,
+        instructions=prepared.context.instructions,
+        tools=prepared.context.tools,
         first_sentence=prepared.first_sentence,
+        can_transfer=can_transfer,
     )
+    if not config.realtime_fallback:
+        return driver, None
+
+    def fallback(host: CallHost) -> ConversationDriver:
+        return pipeline()(host)  # built only if the model is lost
+
+    return driver, fallback
+
+
+def _realtime_plan(config: AgentConfiguration, prepared: PreparedCall) -> RealtimePlan | None:
+    """The speech-to-speech provider the call uses; None for a pipeline agent, or for a realtime agent whose model
+    has no key here but whose fallback pipeline can run."""
+    if not config.realtime:
+        return None
+    try:
+        return plan_realtime(config, prepared.context)
+    except PipelineUnavailable:
+        if config.realtime_fallback:
+            log.warning("the agent's realtime model has no key here: its fallback pipeline takes the call")
+            return None
+        raise
 
 
 async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
@@ -174,21 +168,18 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     if call_log is None:
         return
     if call_log.agent_id is None:
-        await _fail(pool, call_log, "agent_deleted")
+        await _fail(pool, call_log, EndReason.AGENT_DELETED)
         return
     bundle = await agents.load_agent_bundle(pool, organization_id=call_log.organization_id, agent_id=call_log.agent_id)
     try:
         config = parse_agent_configuration(bundle.agent.configuration)
         prepared = await prepare_call(pool, settings=settings, config=config, bundle=bundle, call_log=call_log)
-        realtime = plan_realtime(config, prepared.context) if config.realtime else None
-        pipeline = (
-            None
-            if realtime
-            else build_pipeline(config, paths=prepared.paths, voice=prepared.voice, context=prepared.context)
-        )
+        realtime = _realtime_plan(config, prepared)
+        twilio = app.get(TWILIO)
+        driver, fallback = _drivers(config, prepared, realtime=realtime, can_transfer=twilio is not None)
     except (AgentConfigurationError, PipelineUnavailable, ToolConfigurationError) as exc:
         log.error("call %s: cannot build the agent's pipeline: %s", started.call_sid, exc)
-        await _fail(pool, call_log, f"pipeline_unavailable: {exc}")
+        await _fail(pool, call_log, EndReason.PIPELINE_UNAVAILABLE, str(exc))
         return
 
     recorder = None
@@ -207,34 +198,35 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         agent_id=call_log.agent_id,
         node_id=app[NODE_ID],
     )
-    session = _make_session(
-        app,
-        CallContext(
+    session = CallSession(
+        context=CallContext(
             call_log.id,
             call_log.organization_id,
             call_log.agent_id,
             started.call_sid,
             outbound=call_log.call_type is CallType.OUTBOUND,
         ),
-        config,
-        prepared=prepared,
-        realtime=realtime,
-        pipeline=pipeline,
+        config=config,
+        driver=driver,
+        fallback=fallback,
         stream=stream,
         send=send,
         writer=writer,
         recorder=recorder,
+        hang_up=twilio.hang_up if twilio is not None else None,
+        transfer=twilio.transfer if twilio is not None else None,
     )
     app[LIVE_CALLS].add(call_log.id, session)
     metrics.CALLS_LIVE.inc()
     began = time.monotonic()
     try:
-        outcome = await session.run(frames)
+        outcome = await session.run(frames, hand_over=frames.hand_to)
     except Exception as exc:  # a bug in one call must still leave its CallLog finished, and the engine serving
         log.exception("call %s: session failed", started.call_sid)
         outcome = CallOutcome(
             status=CallStatus.FAILED,
-            end_reason=f"internal_error: {type(exc).__name__}",
+            end_reason=EndReason.INTERNAL_ERROR,
+            end_detail=type(exc).__name__,
             duration_s=time.monotonic() - began,
         )
     finally:

@@ -13,7 +13,6 @@ from aiohttp import web
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from config.agent import AgentConfigurationError, VoicemailConfig, parse_agent_configuration
-from engine.call.session import CallSession
 from engine.call.setup import provider_context
 from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
 from engine.twilio.signature import public_base_url, signature_is_valid
@@ -21,6 +20,7 @@ from pipelines.llm.prompt import render_prompt
 from pipelines.registry import PipelineUnavailable, check_pipeline
 from storage import agents, call_logs, organizations, phone_numbers
 from storage.call_logs import CallLog, InvalidCallTransition
+from storage.end_reasons import EndReason
 from storage.enums import CallStatus, CallType, PhoneNumberStatus
 from storage.errors import AlreadyExists, NotFound
 
@@ -31,8 +31,8 @@ STATUS_PATH = "/twilio/status"
 AMD_PATH = "/twilio/amd"
 CALL_LOG_PARAMETER = "callLogId"
 
-END_VOICEMAIL_LEFT = "voicemail_left"
-END_VOICEMAIL_HANGUP = "voicemail_hangup"
+END_VOICEMAIL_LEFT = EndReason.VOICEMAIL_LEFT
+END_VOICEMAIL_HANGUP = EndReason.VOICEMAIL_HANGUP
 
 NOT_IN_SERVICE = "Sorry, the number you have called is not in service. Goodbye."
 NO_AGENT = "Sorry, nobody is available to take your call right now. Please try again later. Goodbye."
@@ -297,7 +297,7 @@ async def handle_amd(request: web.Request) -> web.Response:
         metadata={**detection, "voicemail": reason},
     )
     session = app[LIVE_CALLS].get(call_log.id)
-    if isinstance(session, CallSession):
+    if session is not None:
         session.end_when_twilio_stops(reason)
     twilio = app.get(TWILIO)
     if twilio is None:

@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from openai import AsyncOpenAI, OpenAIError
@@ -93,14 +93,16 @@ def session_update(
     instructions: str,
     tools: Sequence[FunctionSpec] = (),
     interrupt_response: bool = True,
+    create_response: bool = True,
 ) -> dict[str, Any]:
     """The GA `session.update` for a phone call: mu-law in and out, the configured turn detection, voice and tools.
 
-    `interrupt_response` lets the server cancel its reply when the caller starts talking (barge-in enabled).
+    `interrupt_response` lets the server cancel its reply when the caller starts talking (barge-in enabled);
+    `create_response` lets it answer each caller turn by itself (off while the engine waits for a callee's hello).
     """
     turn_detection: dict[str, Any] = {
         "type": config.turn_detection,
-        "create_response": True,
+        "create_response": create_response,
         "interrupt_response": interrupt_response,
     }
     if config.turn_detection == "server_vad" and config.silence_duration_ms is not None:
@@ -415,6 +417,14 @@ class RealtimeChannel:
     async def send_function_output(self, call_id: str, output: str) -> None:
         """Give the model a function call's result."""
         item = {"type": "function_call_output", "call_id": call_id, "output": output}
+        await self.send_event({"type": "conversation.item.create", "item": item})
+
+    async def send_history(self, role: Literal["caller", "agent"], text: str) -> None:
+        """Add a turn of the conversation so far as text: a new session catching up on a call that was lost."""
+        if role == "caller":
+            item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+        else:
+            item = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}
         await self.send_event({"type": "conversation.item.create", "item": item})
 
     async def send_caller_text(self, text: str) -> None:

@@ -14,6 +14,7 @@ from engine.api.resources.call_logs import by_start
 from engine.server.appkeys import LIVE_CALLS, TWILIO
 from storage import call_logs
 from storage.call_logs import CallLogEntry
+from storage.end_reasons import EndReason
 from storage.enums import CallStatus
 
 resource = Resource("Live calls", "Calls in progress right now, on any engine process, and hanging them up.")
@@ -34,7 +35,7 @@ class HangUp(ResponseModel):
     )
 
 
-HANGUP_REASON = "api_hangup"
+HANGUP_REASON = EndReason.API_HANGUP
 """The end reason a call hung up through the API gets."""
 
 

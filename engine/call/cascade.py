@@ -1,0 +1,468 @@
+"""The pipeline conversation driver: the caller's speech to text, the model's reply, its text to speech.
+
+Caller frames go to the VAD and the recognizer; an end of turn (the recognizer's, or the VAD's silence after final
+words) starts a reply: the model's text is cut into sentences as it streams, each synthesized and played in turn,
+while the caller may barge in (pipelines.conversation.turn_taking). An agent turn is written with what the caller
+heard of it (pipelines.conversation.heard). A model or synthesizer that fails in the middle of a reply hands over to
+the next provider of its chain, and the caller hears a short apology instead of silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from engine.call.driver import (
+    DEFAULT_APOLOGY,
+    HANGUP_GRACE_SECONDS,
+    TRANSFER_FAILED,
+    CallHost,
+    ConversationUnavailable,
+    DriverFactory,
+)
+from engine.call.phases import CallPhase, PhaseEvent, accepts
+from engine.server import metrics
+from media.dtmf import InvalidDigits, dtmf_audio
+from media.g711 import BYTES_PER_MS
+from media.twilio_stream import MarkFlushed, MarkPlayed
+from media.vad import SpeechStarted as VadSpeechStarted
+from media.vad import VoiceActivityDetector
+from pipelines.conversation.chunking import SentenceChunker
+from pipelines.conversation.heard import SpeakingRate, SpokenSpan, heard_of_spans
+from pipelines.conversation.turn_taking import BargeInPolicy
+from pipelines.fallback import FailsOver, Prewarmable
+from pipelines.llm.base import ConversationTurn, EndCall, LLMError, SendDtmf, TextDelta, TransferCall
+from pipelines.registry import Pipeline
+from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, TranscriptUpdate
+from pipelines.tts.base import Alignment, TTSError
+from storage.end_reasons import EndReason
+
+__all__ = ["PipelineDriver", "ending_of", "pipeline_driver"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Ending:
+    """How the agent ends the call once its last words have played."""
+
+    reason: EndReason
+    detail: str | None = None
+    transfer_to: str | None = None
+
+
+def ending_of(event: EndCall | TransferCall) -> _Ending:
+    """How a model's end-call or transfer request ends the call: a path's end, or the agent's hang-up with its
+    words as the detail, or a transfer."""
+    if isinstance(event, TransferCall):
+        return _Ending(EndReason.TRANSFERRED, event.reason or None, transfer_to=event.to)
+    if event.reason == EndReason.PATH_END:
+        return _Ending(EndReason.PATH_END)
+    return _Ending(EndReason.AGENT_HANGUP, event.reason or None)
+
+
+@dataclass(slots=True)
+class _Utterance:
+    """One agent turn being spoken: its sentences and where each falls in the utterance's audio."""
+
+    utterance_id: int
+    reply_to: float | None  # clock time the caller stopped speaking, for latency
+    spans: list[SpokenSpan] = field(default_factory=list)
+    stage_at: dict[str, float | None] = field(default_factory=dict)  # clock time each latency stage was reached
+    audio_ms: int = 0
+    started_stream_ms: int | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    settled: bool = False
+
+
+def pipeline_driver(pipeline: Pipeline, *, first_sentence: str | None) -> DriverFactory:
+    """A factory for the pipeline driver of a call on `pipeline`, opening with `first_sentence`."""
+
+    def make(host: CallHost) -> PipelineDriver:
+        return PipelineDriver(host, pipeline, first_sentence=first_sentence)
+
+    return make
+
+
+class PipelineDriver:
+    """Converses through speech-to-text, a language model and text-to-speech (a ConversationDriver)."""
+
+    def __init__(self, host: CallHost, pipeline: Pipeline, *, first_sentence: str | None) -> None:
+        """Converse in `host`'s call on `pipeline`'s providers."""
+        config = host.config
+        self._host = host
+        self._pipeline = pipeline
+        self._first_sentence = first_sentence
+        self._vad = VoiceActivityDetector(stop_ms=config.endpointing.silence_ms)
+        interruption = config.interruption
+        self._barge_in = BargeInPolicy.of(
+            enabled=interruption.enabled,
+            threshold_ms=interruption.threshold_ms,
+            min_words=interruption.min_words,
+            backchannel_words=interruption.backchannel_words,
+        )
+        self._rate = SpeakingRate()
+        self._reply: asyncio.Task[None] | None = None
+        self._current: _Utterance | None = None  # the utterance the caller may be hearing now
+        self._utterances: dict[int, _Utterance] = {}
+        self._caller_speech_started_ms: int | None = None
+        self._caller_speech_ended_at: float | None = None
+        self._last_voiced_at: float | None = None
+        self._pending_caller_text: list[str] = []
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------ ConversationDriver
+
+    async def start(self) -> None:
+        """Start the recognizer (and warm the synthesizer's connection meanwhile)."""
+        tts = self._pipeline.tts
+        prewarm = asyncio.ensure_future(tts.prewarm()) if isinstance(tts, Prewarmable) else None
+        try:
+            await self._pipeline.stt.start()
+        except STTError as exc:
+            if prewarm is not None:
+                prewarm.cancel()
+            raise ConversationUnavailable(EndReason.STT_UNAVAILABLE, str(exc)) from exc
+        if prewarm is not None:
+            try:
+                await prewarm
+            except Exception as exc:  # a synthesizer that cannot connect yet fails (or falls back) on first use
+                log.info("call %s: the synthesizer could not warm up: %s", self._host.context.call_sid, exc)
+        self._host.spawn(self._listen(), "stt")
+
+    def open(self) -> None:
+        """Say the first sentence (and a path's opening); with neither, the caller speaks first, unless the agent
+        asks the model to greet."""
+        if not accepts(self._host.phase, PhaseEvent.REPLY) or self._reply is not None:
+            return
+        opening = [self._first_sentence] if self._first_sentence else []
+        ask_model = self._pipeline.llm.scripted_opening or (not opening and self._host.config.model_greets)
+        if opening or ask_model:
+            self._start_reply(opening, ask_model=ask_model, reply_to=None)
+
+    @property
+    def caller_speaking(self) -> bool:
+        """Whether the VAD hears the caller now."""
+        return self._vad.speaking
+
+    def on_caller_audio(self, payload: bytes, at_ms: int) -> None:
+        """One caller frame to the recognizer and the VAD; the VAD's verdict feeds barge-in."""
+        stt, vad = self._pipeline.stt, self._vad
+        if len(payload) != 160:
+            stt.send_audio(payload)
+            return  # the VAD takes 20 ms frames; Twilio sends those in practice
+        vad_event = vad.process_ulaw(payload)
+        voiced = vad.last_frame_voiced
+        stt.send_audio(payload, voiced=voiced)
+        if voiced:
+            self._last_voiced_at = self._host.clock()
+        if isinstance(vad_event, VadSpeechStarted):
+            self._caller_speech_started_ms = vad_event.at_ms
+        elif vad_event is not None:  # speech stopped
+            self._caller_speech_ended_at = self._last_voiced_at or self._host.clock()
+            self._host.activity()
+            if self._pending_caller_text:
+                # The recognizer gave final words but no end of turn: the silence decides.
+                self._take_pending_caller_turn(vad_event.at_ms)
+        if self._barge_in.frame(voiced=voiced, caller_speaking=vad.speaking, agent_speaking=self._current is not None):
+            self._cut("caller speech")
+
+    def on_caller_key(self, digit: str) -> None:
+        """A key is a caller turn of its own."""
+        now_ms = self._host.timeline.stream_ms()
+        self._caller_speech_ended_at = self._host.clock()
+        self._on_caller_turn(f"[DTMF {digit}]", now_ms, now_ms)
+
+    def on_mark(self, event: MarkPlayed | MarkFlushed) -> None:
+        """A played mark: the caller hears the utterance; its final one: they heard all of it."""
+        utterance = self._utterances.get(event.utterance_id)
+        if utterance is None or not isinstance(event, MarkPlayed):
+            return
+        utterance.stage_at.setdefault("firstMarkEchoed", self._host.clock())
+        if event.final:
+            utterance.done.set()
+            if self._current is utterance:
+                self._current = None
+
+    async def interrupt(self, why: str) -> None:
+        """Stop the reply and what is playing now; the transcript keeps what was heard."""
+        reply, self._reply = self._reply, None
+        if reply is not None and reply is not asyncio.current_task():
+            reply.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reply
+        utterance, self._current = self._current, None
+        if utterance is not None:
+            log.info("call %s: agent stopped (%s)", self._host.context.call_sid, why)
+            await self._host.audio.clear()
+            self._settle(utterance, interrupted=True)
+
+    async def say(self, text: str) -> None:
+        """Speak `text` and wait (bounded by its length) until the caller heard it."""
+        utterance = self._new_utterance(None)
+        try:
+            await self._speak(utterance, text)
+            await self._host.audio.finish(utterance.utterance_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(utterance.done.wait(), timeout=utterance.audio_ms / 1000 + HANGUP_GRACE_SECONDS)
+        finally:
+            self._settle(utterance, interrupted=not utterance.done.is_set())
+
+    async def close(self) -> None:
+        """Settle what was being said, then close the providers (their errors are logged, never raised)."""
+        if self._closed:
+            return
+        self._closed = True
+        reply, self._reply = self._reply, None
+        if reply is not None:
+            reply.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reply
+        if self._current is not None:
+            self._settle(self._current, interrupted=True)
+        for closer in (self._pipeline.stt.close, self._pipeline.llm.close, self._pipeline.tts.close):
+            try:
+                await closer()
+            except Exception:  # a provider failing to close must not stop the CallLog being finished
+                log.exception("call %s: closing a provider failed", self._host.context.call_sid)
+
+    # ------------------------------------------------------------------------------------------ caller side
+
+    async def _listen(self) -> None:
+        """Consume the recognizer's events; a recognizer lost with no fallback left fails the call."""
+        try:
+            async for event in self._pipeline.stt.events():
+                match event:
+                    case SpeechStarted():
+                        self._host.activity()
+                    case TranscriptUpdate(text=text, is_final=is_final):
+                        self._on_transcript(text, is_final)
+                    case EndOfTurn(text=text, at_ms=at_ms):
+                        if text.strip():  # the whole turn's words, replacing the finals gathered so far
+                            self._pending_caller_text = [text.strip()]
+                        self._take_pending_caller_turn(at_ms)
+        except STTError as exc:
+            self._host.fail(EndReason.STT_FAILED, str(exc))
+
+    def _on_transcript(self, text: str, is_final: bool) -> None:
+        if is_final and text.strip():
+            self._pending_caller_text.append(text.strip())
+        elif not is_final and self._current is not None and self._barge_in.words_interrupt(text):
+            self._cut("caller words")
+
+    def _take_pending_caller_turn(self, end_ms: int) -> None:
+        text = " ".join(self._pending_caller_text).strip()
+        self._pending_caller_text.clear()
+        if not text:
+            return
+        start_ms = self._caller_speech_started_ms if self._caller_speech_started_ms is not None else end_ms
+        self._on_caller_turn(text, start_ms, end_ms)
+
+    def _on_caller_turn(self, text: str, start_ms: int, end_ms: int) -> None:
+        """The caller finished saying something (or pressed a key): record it and answer."""
+        host = self._host
+        if not accepts(host.phase, PhaseEvent.REPLY):
+            return  # the call is ending
+        if self._current is not None:
+            if self._barge_in.is_backchannel(text):
+                return  # "uh-huh" while the agent talks is not a turn
+            self._cut("caller turn")
+        host.turns.place("caller", start_ms, end_ms, text=text)
+        self._caller_speech_started_ms = None
+        now = host.clock()
+        # The caller stopped speaking at their last voiced frame (the recognizer may decide before our VAD does).
+        reply_to = min(self._last_voiced_at or self._caller_speech_ended_at or now, now)
+        self._caller_speech_ended_at = self._last_voiced_at = None
+        if host.caller_turn_ended():
+            return  # the callee's hello: the agent opens instead
+        self._start_reply([], ask_model=True, reply_to=reply_to, turn_ended_at=now)
+
+    def _cut(self, why: str) -> None:
+        """The caller talks over the agent: stop the reply, clear Twilio's buffer, keep what was heard."""
+        utterance = self._current
+        if utterance is None or self._host.phase is not CallPhase.RESPONDING:
+            return
+        log.info("call %s: barge-in (%s)", self._host.context.call_sid, why)
+        metrics.BARGE_INS.inc()
+        if self._reply is not None:
+            self._reply.cancel()
+            self._reply = None
+        self._current = None
+        self._host.spawn(self._host.audio.clear(), "clear")
+        self._settle(utterance, interrupted=True)
+        self._host.move(PhaseEvent.YIELD)
+
+    # ------------------------------------------------------------------------------------------ agent side
+
+    def _new_utterance(self, reply_to: float | None) -> _Utterance:
+        utterance = _Utterance(self._host.next_utterance_id(), reply_to)
+        self._utterances[utterance.utterance_id] = utterance
+        return utterance
+
+    def _conversation(self) -> list[ConversationTurn]:
+        return [ConversationTurn(role=speaker, text=text) for speaker, text in self._host.turns.heard]
+
+    def _start_reply(
+        self, sentences: list[str], *, ask_model: bool, reply_to: float | None, turn_ended_at: float | None = None
+    ) -> None:
+        if self._reply is not None:
+            self._reply.cancel()
+        utterance = self._new_utterance(reply_to)
+        if turn_ended_at is not None:
+            utterance.stage_at["sttEndOfTurn"] = turn_ended_at
+        self._host.move(PhaseEvent.REPLY)
+        self._reply = self._host.spawn(self._respond(utterance, sentences, ask_model), "reply")
+
+    async def _respond(self, utterance: _Utterance, sentences: list[str], ask_model: bool) -> None:
+        """Speak fixed sentences, then the model's reply sentence by sentence; end the call if it says so."""
+        try:
+            ending = await self._say_reply(utterance, sentences, ask_model)
+        except (LLMError, TTSError) as exc:
+            if self._reply is asyncio.current_task():
+                self._reply = None
+            await self._recover(utterance, exc)
+            return
+        finally:
+            if self._reply is asyncio.current_task():
+                self._reply = None
+        self._host.activity()
+        if ending is not None and ending.transfer_to is not None:
+            await self._transfer(ending)
+        elif ending is not None:
+            await self._host.hang_up(ending.reason, ending.detail)
+        elif self._host.phase is CallPhase.RESPONDING:
+            self._host.move(PhaseEvent.YIELD)
+
+    async def _say_reply(self, utterance: _Utterance, sentences: list[str], ask_model: bool) -> _Ending | None:
+        """Speak the reply and wait until it was heard through; how it ends the call, if it does."""
+        chunker = SentenceChunker()
+        for text in sentences:
+            for sentence in [*chunker.push(text + " "), chunker.flush()]:
+                if sentence:
+                    await self._speak(utterance, sentence)
+        ending = await self._speak_model_reply(utterance) if ask_model else None
+        if utterance.audio_ms:
+            await self._host.audio.finish(utterance.utterance_id)
+            await utterance.done.wait()  # the final mark came back: the caller heard it all
+            self._settle(utterance, interrupted=False)
+        elif self._current is utterance:
+            self._current = None
+        return ending
+
+    async def _speak_model_reply(self, utterance: _Utterance) -> _Ending | None:
+        """Speak the model's reply as its sentences complete; return how it ends the call, if it does."""
+        ending: _Ending | None = None
+        chunker = SentenceChunker()
+        stages, clock = utterance.stage_at, self._host.clock
+        async for event in self._pipeline.llm.respond(self._conversation()):
+            stages.setdefault("llmFirstToken", clock())
+            match event:
+                case TextDelta(text=text):
+                    for sentence in chunker.push(text):
+                        stages.setdefault("firstSentence", clock())
+                        await self._speak(utterance, sentence)
+                case SendDtmf(digits=digits):
+                    tail = chunker.flush()  # what was said before the keys is spoken before them
+                    if tail:
+                        await self._speak(utterance, tail)
+                    await self._press_keys(utterance, digits)
+                case EndCall() | TransferCall():
+                    ending = ending_of(event)
+        tail = chunker.flush()
+        if tail:
+            stages.setdefault("firstSentence", clock())
+            await self._speak(utterance, tail)
+        return ending
+
+    async def _recover(self, utterance: _Utterance, exc: LLMError | TTSError) -> None:
+        """A provider failed mid-reply: keep what was heard, move to the next provider and apologize; or, with
+        none left, end the call FAILED naming the provider."""
+        host = self._host
+        if host.phase in (CallPhase.ENDING, CallPhase.ENDED):
+            log.debug("call %s: reply stopped as the call ended: %s", host.context.call_sid, exc)
+            return
+        stage, provider = ("llm", self._pipeline.llm) if isinstance(exc, LLMError) else ("tts", self._pipeline.tts)
+        if self._current is utterance:
+            self._current = None
+            if host.playback.utterance(utterance.utterance_id).sent_ms:
+                await host.audio.clear()
+        if utterance.audio_ms:
+            self._settle(utterance, interrupted=True)
+        else:
+            utterance.settled = True  # nothing of it was said
+        following = provider.fail_over() if isinstance(provider, FailsOver) else None
+        if following is None:
+            host.fail(EndReason.LLM_FAILED if stage == "llm" else EndReason.TTS_FAILED, str(exc))
+            return
+        log.warning("call %s: %s failed mid-reply (%s); %s takes over", host.context.call_sid, stage, exc, following)
+        self._start_reply([host.config.apology_sentence or DEFAULT_APOLOGY], ask_model=False, reply_to=None)
+
+    async def _transfer(self, ending: _Ending) -> None:
+        """Hand the caller over; if that fails the agent says so and the call goes on."""
+        assert ending.transfer_to is not None
+        if await self._host.transfer(ending.transfer_to, ending.detail):
+            return
+        if self._host.phase is CallPhase.RESPONDING:
+            self._host.move(PhaseEvent.YIELD)
+        self._start_reply([TRANSFER_FAILED], ask_model=False, reply_to=None)
+
+    async def _speak(self, utterance: _Utterance, sentence: str) -> None:
+        self._current = utterance
+        span = SpokenSpan(sentence, utterance.audio_ms, utterance.audio_ms)
+        utterance.spans.append(span)
+        async for chunk in self._pipeline.tts.synthesize(sentence):
+            if isinstance(chunk, Alignment):
+                span.aligned_chars.extend(chunk.chars)
+                span.aligned_ms.extend(chunk.start_ms)
+                continue
+            await self._play(utterance, chunk)
+            span.end_ms = utterance.audio_ms
+        span.complete = True
+        self._rate.add(sentence, span.end_ms - span.start_ms)
+
+    async def _play(self, utterance: _Utterance, chunk: bytes) -> None:
+        if utterance.started_stream_ms is None:
+            utterance.started_stream_ms = self._host.timeline.stream_ms()
+            utterance.stage_at.setdefault("ttsFirstByte", self._host.clock())
+        await self._host.audio.play(utterance.utterance_id, chunk)
+        utterance.audio_ms += len(chunk) // BYTES_PER_MS
+
+    async def _press_keys(self, utterance: _Utterance, digits: str) -> None:
+        """Play touch tones in the agent's audio (Twilio's stream has no other way to send them)."""
+        try:
+            tones = dtmf_audio(digits)
+        except InvalidDigits as exc:
+            log.warning("call %s: %s", self._host.context.call_sid, exc)
+            return
+        self._current = utterance
+        span = SpokenSpan(f"[DTMF {digits}]", utterance.audio_ms, utterance.audio_ms)
+        utterance.spans.append(span)
+        await self._play(utterance, tones)
+        span.end_ms = utterance.audio_ms
+        span.complete = True
+
+    def _settle(self, utterance: _Utterance, *, interrupted: bool) -> None:
+        """Write the agent's turn: all of it, or what the marks say was heard before it was cut."""
+        if utterance.settled:
+            return
+        utterance.settled = True
+        if self._current is utterance:
+            self._current = None
+        played_ms = self._host.playback.utterance(utterance.utterance_id).played_ms
+        if interrupted:
+            text = heard_of_spans(utterance.spans, played_ms, self._rate.ms_per_char)
+        else:
+            text = " ".join(span.text for span in utterance.spans)
+        if not text and not interrupted:
+            return
+        first_audio = self._host.audio.first_audio_at.get(utterance.utterance_id)
+        if first_audio is not None:
+            utterance.stage_at.setdefault("firstFrameSent", first_audio)
+        start_ms = utterance.started_stream_ms or 0
+        turns = self._host.turns
+        turn = turns.place("agent", start_ms, start_ms + (played_ms if interrupted else utterance.audio_ms))
+        turn.interrupted = interrupted
+        turns.time(turn, utterance.reply_to, utterance.stage_at)
+        turns.settle(turn, text)

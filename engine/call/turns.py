@@ -1,0 +1,124 @@
+"""A call's turns in conversation order, handed to the CallLog writer once each one's text is known.
+
+A turn takes its place when it happens (the caller stopped speaking, the agent started a reply) and is written
+once settled: a caller turn may wait for its transcript, an agent turn for the marks that say what was heard.
+Turns are written strictly in order, each with the next index; offsets from different clocks are clamped onto
+the call's timeline so a turn is never lost over a frame of disagreement.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from engine.call.call_log_writer import CallLogWriter, TurnRecord
+from engine.server import metrics
+
+Speaker = Literal["caller", "agent"]
+
+LATENCY_STAGE: Final = "firstFrameSent"
+"""The stage a turn's headline latency is: the agent's first audio sent, after the caller stopped speaking."""
+
+
+@dataclass(slots=True)
+class Turn:
+    """One turn in conversation order; written once its text is known (or dropped: nothing of it was heard)."""
+
+    speaker: Speaker
+    start_ms: int = 0
+    end_ms: int = 0
+    text: str | None = None
+    interrupted: bool = False
+    latency_ms: int | None = None
+    latency: dict[str, int] | None = None
+    dropped: bool = False
+
+    @property
+    def ready(self) -> bool:
+        """Whether the turn can be written (or skipped)."""
+        return self.dropped or self.text is not None
+
+
+def stage_latencies(reply_to: float, stage_at: Mapping[str, float | None]) -> dict[str, int]:
+    """Each reached stage's time as milliseconds after `reply_to` (when the caller stopped speaking)."""
+    return {stage: max(0, round((at - reply_to) * 1000)) for stage, at in stage_at.items() if at is not None}
+
+
+class TurnLog:
+    """The call's turns, in conversation order, to the CallLog writer; and the conversation as it was heard."""
+
+    def __init__(self, writer: CallLogWriter) -> None:
+        """Write through `writer` (which does the database work off the audio path)."""
+        self._writer = writer
+        self._waiting: deque[Turn] = deque()
+        self._next_index = 0
+        self._latencies: list[int] = []
+        self.heard: list[tuple[Speaker, str]] = []
+        """Every written turn's speaker and text: what was said and heard, for a model that must catch up."""
+
+    def place(self, speaker: Speaker, start_ms: int = 0, end_ms: int = 0, *, text: str | None = None) -> Turn:
+        """Give a turn its place in the conversation now; it is written when settled (its text known)."""
+        turn = Turn(speaker, start_ms, end_ms, text)
+        self._waiting.append(turn)
+        self.flush()
+        return turn
+
+    def settle(self, turn: Turn, text: str) -> None:
+        """A placed turn's text is known: write it, and the turns after it that were waiting on it."""
+        turn.text = text
+        self.flush()
+
+    def drop(self, turn: Turn) -> None:
+        """Nothing of a placed turn reached the caller: it is not written."""
+        turn.dropped = True
+        self.flush()
+
+    def time(self, turn: Turn, reply_to: float | None, stage_at: Mapping[str, float | None]) -> None:
+        """Record an agent turn's latency stages (seconds on the call's clock); the headline is `firstFrameSent`."""
+        if reply_to is None or stage_at.get(LATENCY_STAGE) is None:
+            return
+        turn.latency = stage_latencies(reply_to, stage_at)
+        turn.latency_ms = turn.latency[LATENCY_STAGE]
+        self._latencies.append(turn.latency_ms)
+        metrics.observe_turn(turn.latency)
+
+    def flush(self) -> None:
+        """Write the settled turns in order, up to the first one still waiting."""
+        while self._waiting and self._waiting[0].ready:
+            turn = self._waiting.popleft()
+            if turn.dropped or turn.text is None:
+                continue
+            start_ms = max(0, turn.start_ms)
+            self._writer.record_turn(
+                TurnRecord(
+                    index=self._next_index,
+                    speaker=turn.speaker,
+                    text=turn.text,
+                    start_ms=start_ms,
+                    end_ms=max(start_ms, turn.end_ms),
+                    interrupted=turn.interrupted,
+                    latency_ms=turn.latency_ms,
+                    latency=turn.latency,
+                )
+            )
+            self._next_index += 1
+            if turn.text:
+                self.heard.append((turn.speaker, turn.text))
+
+    def close(self, *, unsettled_caller_text: str) -> None:
+        """At the end of the call: write what is still waiting (a caller turn whose transcript never came gets
+        `unsettled_caller_text`; an agent turn never settled is dropped)."""
+        for turn in self._waiting:
+            if not turn.ready:
+                if turn.speaker == "caller":
+                    turn.text = unsettled_caller_text
+                else:
+                    turn.dropped = True
+        self.flush()
+
+    @property
+    def latencies_ms(self) -> list[int]:
+        """Response latencies of the agent's turns so far (caller stopped speaking → first agent audio sent)."""
+        return list(self._latencies)
