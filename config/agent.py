@@ -221,6 +221,8 @@ class OpenAIRealtimeConfig(_CloudProviderConfig):
     speed: Annotated[float, _between(0.25, 1.5)] | None = None
     transcription_model: str | None = None
     """Model that transcribes the caller for the call log (e.g. `gpt-4o-mini-transcribe`); null: none."""
+    analysis_model: str = "gpt-4o-mini"
+    """The chat model that writes the post-call summary and success judgement, with this entry's key."""
 
     @field_validator("eagerness")
     @classmethod

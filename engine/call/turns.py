@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
-from engine.call.call_log_writer import CallLogWriter, TurnRecord
+from engine.call.call_log_writer import TurnRecord
 from engine.server import metrics
 
 Speaker = Literal["caller", "agent"]
@@ -41,6 +41,14 @@ class Turn:
         return self.dropped or self.text is not None
 
 
+class TurnSink(Protocol):
+    """Where finished turns go: the call's CallLogWriter, off the audio path."""
+
+    def record_turn(self, turn: TurnRecord) -> None:
+        """Queue a finished turn for writing."""
+        ...
+
+
 def stage_latencies(reply_to: float, stage_at: Mapping[str, float | None]) -> dict[str, int]:
     """Each reached stage's time as milliseconds after `reply_to` (when the caller stopped speaking)."""
     return {stage: max(0, round((at - reply_to) * 1000)) for stage, at in stage_at.items() if at is not None}
@@ -49,7 +57,7 @@ def stage_latencies(reply_to: float, stage_at: Mapping[str, float | None]) -> di
 class TurnLog:
     """The call's turns, in conversation order, to the CallLog writer; and the conversation as it was heard."""
 
-    def __init__(self, writer: CallLogWriter) -> None:
+    def __init__(self, writer: TurnSink) -> None:
         """Write through `writer` (which does the database work off the audio path)."""
         self._writer = writer
         self._waiting: deque[Turn] = deque()

@@ -210,17 +210,21 @@ def _nothing_to_judge(call_log: CallLog) -> str | None:
 def _analysis_model(
     config: AgentConfiguration, settings: Settings, bundle: agents.AgentBundle
 ) -> tuple[OpenAILLMConfig, str] | None:
-    """The agent's first OpenAI language model whose key is available, with that key."""
+    """The agent's first OpenAI language model whose key is available, with that key; for a speech-to-speech agent,
+    its realtime entry's analysis model, with the realtime key."""
     context = provider_context(settings, bundle)
-    for option in config.llm:
-        if isinstance(option, OpenAILLMConfig):
-            try:
-                key = provider_key(option, context)
-            except ProviderKeyMissing as exc:
-                log.info("post-call analysis cannot use %s: %s", option.model, exc)
-                continue
-            if key:
-                return option, key
+    candidates = [option for option in config.llm if isinstance(option, OpenAILLMConfig)]
+    candidates += [
+        OpenAILLMConfig(model=option.analysis_model, api_key_ref=option.api_key_ref) for option in config.realtime or ()
+    ]
+    for option in candidates:
+        try:
+            key = provider_key(option, context)
+        except ProviderKeyMissing as exc:
+            log.info("post-call analysis cannot use %s: %s", option.model, exc)
+            continue
+        if key:
+            return option, key
     return None
 
 

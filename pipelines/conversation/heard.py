@@ -34,7 +34,8 @@ class SpokenSpan:
         count = sum(1 for ms in self.aligned_ms if ms < cutoff)
         spoken = "".join(self.aligned_chars)
         heard = spoken[:count]
-        if count < len(spoken) and not spoken[count].isspace():
+        cut_mid_word = count < len(spoken) and not spoken[count].isspace() and not heard[-1:].isspace()
+        if cut_mid_word:
             heard = heard.rsplit(maxsplit=1)[0] if " " in heard.strip() else ""  # drop the word cut in half
         return " ".join(self.text.split()[: len(heard.split())])
 

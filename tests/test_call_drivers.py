@@ -1,0 +1,326 @@
+"""The same call behaviours through both conversation drivers: the pipeline (Deepgram → OpenAI → eSpeak fakes) and
+speech to speech (the Realtime fake), each on one CallSession with a scripted Twilio line in real time and the
+CallLog in the test database. Whatever the driver, a call behaves the same to the caller and in its record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import pytest
+from openai import AsyncOpenAI
+
+from config.agent import AgentConfiguration, parse_agent_configuration
+from config.settings import load_settings
+from engine.call.call_log_writer import CallLogWriter, CallOutcome
+from engine.call.cascade import pipeline_driver
+from engine.call.driver import DriverFactory
+from engine.call.realtime import realtime_driver
+from engine.call.session import GREETING_WAIT_SECONDS, CallContext, CallSession
+from engine.workers.post_call import PostCallDeps, analyze_call
+from pipelines.registry import ProviderContext, build_pipeline
+from storage import agents
+from storage.call_logs import CallLog
+from storage.call_turns import CallTurn, list_turns
+from storage.end_reasons import EndReason
+from storage.enums import CallStatus
+from tests.fakes.deepgram import FakeDeepgram
+from tests.fakes.openai_chat import FakeOpenAI, ToolCall
+from tests.fakes.openai_realtime import FakeRealtime
+from tests.test_call_log_writer import new_call, writer_for
+from tests.test_realtime_session import TwilioLine, speech, until
+
+DRIVERS = ["pipeline", "realtime"]
+OPENAI_KEY = "sk-drivers"
+LONG_ANSWER = (
+    "We are open from nine in the morning to five in the evening on weekdays, "
+    "from ten to four on Saturdays, and we are closed on Sundays and public holidays."
+)
+FIRST = "Hi, this is Dana from Acme Dental."
+
+
+@dataclass
+class Rig:
+    """One call under test on either driver: its Twilio line, session, CallLog, and what Twilio was asked."""
+
+    kind: str
+    line: TwilioLine
+    session: CallSession
+    log: CallLog
+    task: asyncio.Task[CallOutcome]
+    pool: asyncpg.Pool
+    openai: FakeOpenAI
+    realtime: FakeRealtime
+    deepgram: FakeDeepgram
+    writer: CallLogWriter
+    hang_ups: list[str] = field(default_factory=list)
+    transfers: list[tuple[str, str]] = field(default_factory=list)
+    finished: CallLog | None = None
+
+    async def finish(self) -> CallLog:
+        """The caller hangs up (if the call still runs) and the CallLog is finished with the outcome."""
+        if self.finished is None:
+            self.line.hang_up()
+            outcome = await self.outcome()
+            await self.line.stop()
+            self.finished = await self.writer.finish(outcome)
+        return self.finished
+
+    def reply(self, text: str | None = None, *, tool: str | None = None, arguments: Mapping[str, Any] = {}) -> None:
+        """Script the agent's next reply: words, then a function call, either or both."""
+        if self.kind == "realtime":
+            if tool is None:
+                self.realtime.reply(text or "")
+            else:
+                self.realtime.reply_tool(tool, arguments, text=text)
+            return
+        steps: list[str | ToolCall] = [text] if text else []
+        if tool is not None:
+            steps.append(ToolCall(tool, dict(arguments)))
+        self.openai.replies.append(steps)
+
+    def expect_line(self, text: str) -> None:
+        """A line the engine will have the agent say word for word (the Realtime fake speaks it when asked)."""
+        if self.kind == "realtime":
+            self.realtime.reply(text)
+
+    def caller_says(self, transcript: str, ms: int = 600) -> None:
+        """The caller speaks; the recognizer (or the model's transcription) hears `transcript`."""
+        if self.kind == "realtime":
+            self.realtime.caller_says(transcript)
+        else:
+            self.deepgram.transcripts.append(transcript)
+        self.line.say(speech(ms))
+
+    async def outcome(self, timeout: float = 20.0) -> CallOutcome:
+        return await asyncio.wait_for(asyncio.shield(self.task), timeout)
+
+    async def turns(self) -> list[CallTurn]:
+        return await list_turns(self.pool, organization_id=self.log.organization_id, call_log_id=self.log.id)
+
+    async def wait_for_turns(self, count: int, timeout: float = 15.0) -> list[CallTurn]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(turns := await self.turns()) < count:
+            assert loop.time() < deadline, f"only {len(turns)} of {count} turns were recorded: {turns}"
+            await asyncio.sleep(0.05)
+        return turns
+
+
+def configuration(kind: str, **behaviour: Any) -> AgentConfiguration:
+    stages: dict[str, Any]
+    if kind == "realtime":
+        stages = {"realtime": {"provider": "openai", "silence_duration_ms": 300, "transcription_model": "whisper-1"}}
+    else:
+        stages = {
+            "stt": {"provider": "deepgram", "endpointing": 300},
+            "llm": {"provider": "openai"},
+            "tts": {"provider": "espeak"},
+        }
+    return parse_agent_configuration({**stages, "prompt": "You are the front desk.", **behaviour})
+
+
+@asynccontextmanager
+async def call_on(
+    kind: str, pool: asyncpg.Pool, *, outbound: bool = False, max_duration_s: int | None = None, **behaviour: Any
+) -> AsyncIterator[Rig]:
+    """Run a call on `kind`'s driver; on exit the caller hangs up if it still runs and the CallLog is finished."""
+    async with AsyncExitStack() as stack:
+        deepgram = await stack.enter_async_context(FakeDeepgram(api_key="dg"))
+        openai = await stack.enter_async_context(FakeOpenAI(api_key=OPENAI_KEY))
+        realtime = await stack.enter_async_context(FakeRealtime(api_key=OPENAI_KEY))
+        config = configuration(kind, **behaviour)
+        if max_duration_s is not None:  # below the configuration's minimum, for a test that must not wait 10 s
+            config = config.model_copy(update={"max_duration_seconds": max_duration_s})
+        log, agent_id = await new_call(pool)
+        await agents.update_agent_configuration(
+            pool, organization_id=log.organization_id, agent_id=agent_id, configuration=config.to_json()
+        )
+        driver: DriverFactory
+        if kind == "realtime":
+            client = AsyncOpenAI(api_key=OPENAI_KEY, base_url=realtime.base_url)
+            stack.push_async_callback(client.close)
+            assert config.realtime
+            driver = realtime_driver(
+                client=client,
+                realtime=config.realtime[0],
+                instructions="You are the front desk.",
+                first_sentence=config.first_sentence,
+            )
+        else:
+            settings = load_settings(
+                deepgram_api_key="dg",
+                openai_api_key=OPENAI_KEY,
+                deepgram_url=deepgram.url,
+                openai_base_url=openai.base_url,
+            )
+            pipeline = build_pipeline(config, context=ProviderContext(settings=settings, instructions="Front desk."))
+            driver = pipeline_driver(pipeline, first_sentence=config.first_sentence)
+        line = TwilioLine()
+        writer = writer_for(pool, log)
+        hang_ups: list[str] = []
+        transfers: list[tuple[str, str]] = []
+
+        async def hang_up(call_sid: str) -> bool:
+            hang_ups.append(call_sid)
+            line.hang_up()
+            return True
+
+        async def transfer(call_sid: str, to: str) -> bool:
+            transfers.append((call_sid, to))
+            line.hang_up()  # the call leaves the stream for the <Dial>
+            return True
+
+        session = CallSession(
+            context=CallContext(log.id, log.organization_id, agent_id, line.call_sid, outbound=outbound),
+            config=config,
+            driver=driver,
+            stream=line.stream(),
+            send=line.send,
+            writer=writer,
+            hang_up=hang_up,
+            transfer=transfer,
+        )
+        line.start()
+        task = asyncio.create_task(session.run(line.frames()))
+        rig = Rig(kind, line, session, log, task, pool, openai, realtime, deepgram, writer, hang_ups, transfers)
+        try:
+            yield rig
+        finally:
+            await rig.finish()
+
+
+pytestmark = pytest.mark.parametrize("kind", DRIVERS)
+
+
+async def test_barge_in_keeps_in_the_transcript_only_what_the_caller_heard(kind: str, pool: asyncpg.Pool) -> None:
+    async with call_on(kind, pool) as rig:
+        rig.reply(LONG_ANSWER)
+        rig.caller_says("When are you open?")
+        await until(lambda: rig.line.heard_ms >= 1500, timeout=15)
+        rig.caller_says("Thanks, that is all I needed", ms=1500)
+        await until(lambda: bool(rig.line.clears), timeout=10)
+        turns = await rig.wait_for_turns(2)
+
+    caller, agent = turns[:2]
+    assert (caller.speaker, agent.speaker) == ("caller", "agent")
+    assert agent.interrupted
+    heard, everything = agent.text.split(), LONG_ANSWER.split()
+    assert 0 < len(heard) < len(everything)
+    assert heard == everything[: len(heard)]
+
+
+async def test_a_key_the_caller_presses_is_a_turn_the_agent_answers(kind: str, pool: asyncpg.Pool) -> None:
+    async with call_on(kind, pool) as rig:
+        rig.reply("You pressed five.")
+        await asyncio.sleep(0.3)
+        rig.line.press("5")
+        turns = await rig.wait_for_turns(2)
+    assert [(t.speaker, t.text) for t in turns[:2]] == [("caller", "[DTMF 5]"), ("agent", "You pressed five.")]
+
+
+async def test_at_the_maximum_duration_the_agent_says_goodbye_and_hangs_up(kind: str, pool: asyncpg.Pool) -> None:
+    async with call_on(kind, pool, max_duration_s=2, goodbyeSentence="Time is up, goodbye.") as rig:
+        rig.expect_line("Time is up, goodbye.")
+        outcome = await rig.outcome()
+    turns = await rig.turns()
+    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, EndReason.MAX_DURATION)
+    assert rig.hang_ups == [rig.line.call_sid]
+    assert turns[-1].speaker == "agent" and "goodbye" in turns[-1].text.lower()
+
+
+async def test_an_answering_machine_verdict_stops_the_agent_and_ends_the_call_with_it(
+    kind: str, pool: asyncpg.Pool
+) -> None:
+    async with call_on(kind, pool, firstSentence=LONG_ANSWER) as rig:
+        rig.expect_line(LONG_ANSWER)
+        await until(lambda: rig.line.heard_ms >= 800, timeout=15)
+        rig.session.end_when_twilio_stops(EndReason.VOICEMAIL_LEFT)
+        await until(lambda: bool(rig.line.clears), timeout=5)
+        rig.line.hang_up()  # Twilio leaves the stream to speak the voicemail
+        outcome = await rig.outcome()
+    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, EndReason.VOICEMAIL_LEFT)
+    agent = (await rig.turns())[0]
+    assert agent.interrupted and len(agent.text.split()) < len(LONG_ANSWER.split())
+
+
+async def test_transfer_call_hands_the_caller_over_once_the_agent_has_spoken(kind: str, pool: asyncpg.Pool) -> None:
+    async with call_on(kind, pool) as rig:
+        rig.reply(
+            "Putting you through.",
+            tool="transfer_call",
+            arguments={"phone_number": "+14155550199", "reason": "billing"},
+        )
+        rig.caller_says("Billing please")
+        outcome = await rig.outcome()
+    assert (outcome.status, outcome.end_reason, outcome.end_detail) == (
+        CallStatus.COMPLETED,
+        EndReason.TRANSFERRED,
+        "billing",
+    )
+    assert rig.transfers == [(rig.line.call_sid, "+14155550199")]
+    assert any(t.text == "Putting you through." for t in await rig.turns())
+
+
+async def test_end_call_hangs_up_after_the_goodbye_was_heard(kind: str, pool: asyncpg.Pool) -> None:
+    async with call_on(kind, pool) as rig:
+        rig.reply("Goodbye!", tool="end_call", arguments={"reason": "the caller is done"})
+        rig.caller_says("That is all")
+        outcome = await rig.outcome()
+    assert (outcome.status, outcome.end_reason, outcome.end_detail) == (
+        CallStatus.COMPLETED,
+        EndReason.AGENT_HANGUP,
+        "the caller is done",
+    )
+    assert rig.hang_ups == [rig.line.call_sid]
+    assert [(t.speaker, t.text) for t in await rig.turns()][-1] == ("agent", "Goodbye!")
+
+
+async def test_post_call_analysis_summarizes_and_judges_the_call(kind: str, pool: asyncpg.Pool, db_url: str) -> None:
+    async with call_on(kind, pool, postCallSummary="What the caller wanted: {{reason}}") as rig:
+        rig.reply("Tuesday at ten is free.")
+        rig.caller_says("I need an appointment")
+        await rig.wait_for_turns(2)
+        await asyncio.sleep(0.3)
+        await rig.finish()
+        rig.openai.json_replies.append('{"summary": "an appointment", "success": true, "reason": "booked"}')
+        settings = load_settings(database_url=db_url, openai_api_key=OPENAI_KEY, openai_base_url=rig.openai.base_url)
+        deps = PostCallDeps(pool=pool, settings=settings)
+        result = await analyze_call(deps, organization_id=rig.log.organization_id, call_log_id=rig.log.id)
+    assert (result.error, result.skipped) == (None, None)
+    assert (result.summary, result.success) == ("an appointment", True)
+    assert rig.openai.json_requests, "the analysis asked the model"
+    assert "I need an appointment" in str(rig.openai.json_requests[-1]["messages"])
+
+
+async def test_on_an_outbound_call_the_agent_waits_for_the_callees_hello(kind: str, pool: asyncpg.Pool) -> None:
+    async with call_on(kind, pool, outbound=True, firstSentence=FIRST) as rig:
+        rig.expect_line(FIRST)
+        await asyncio.sleep(1.0)
+        assert rig.line.agent_bytes_received == 0, "the agent spoke before the callee answered"
+        rig.caller_says("Hello?")
+        turns = await rig.wait_for_turns(2)
+    assert [(t.speaker, t.text) for t in turns[:2]] == [("caller", "Hello?"), ("agent", FIRST)]
+
+
+async def test_a_silent_callee_still_hears_the_agent(kind: str, pool: asyncpg.Pool) -> None:
+    async with call_on(kind, pool, outbound=True, firstSentence=FIRST) as rig:
+        rig.expect_line(FIRST)
+        await until(lambda: rig.line.agent_bytes_received > 0, timeout=GREETING_WAIT_SECONDS + 5)
+        turns = await rig.wait_for_turns(1)
+    assert [(t.speaker, t.text) for t in turns] == [("agent", FIRST)]
+
+
+async def test_without_a_first_sentence_the_caller_speaks_first(kind: str, pool: asyncpg.Pool) -> None:
+    async with call_on(kind, pool) as rig:
+        rig.reply("Acme Dental, how can I help?")
+        await asyncio.sleep(1.5)
+        assert rig.line.agent_bytes_received == 0, "the agent spoke first with no first sentence"
+        rig.caller_says("Hi there")
+        turns = await rig.wait_for_turns(2)
+    assert [t.speaker for t in turns[:2]] == ["caller", "agent"]
