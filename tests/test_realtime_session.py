@@ -321,7 +321,7 @@ async def test_the_session_asks_for_mulaw_both_ways_server_vad_the_prompt_and_th
         "type": "server_vad",
         "silence_duration_ms": 300,
         "create_response": True,
-        "interrupt_response": True,
+        "interrupt_response": False,  # the engine decides barge-in, by the agent's threshold
     }
     assert audio_in["transcription"] == {"model": "gpt-4o-mini-transcribe"}
     assert {tool["name"] for tool in session["tools"]} == {"end_call", "transfer_call", "send_dtmf"}
@@ -466,6 +466,34 @@ async def test_a_caller_who_talks_over_the_agent_cuts_it_off_where_they_stopped_
         heard_words, all_words = agent.text.split(), long_answer.split()
         assert 0 < len(heard_words) < len(all_words)
         assert heard_words == all_words[: len(heard_words)]
+
+
+async def test_a_short_sound_over_the_agent_below_the_threshold_does_not_cut_it_off(pool: asyncpg.Pool) -> None:
+    async with FakeRealtime(speedup=1.0) as fake:
+        fake.reply(ANSWER + " " + ANSWER)
+        config = agent_configuration(interruption={"thresholdMs": 600})
+        async with realtime_call(pool, fake, config) as call:
+            line = call.line
+            line.say(speech(400))
+            await until(lambda: line.heard_ms >= 300)
+            line.say(speech(200))  # a cough, an "mm": under the 600 ms threshold
+            turns = await call.wait_for_turns(2, timeout=15)
+    assert line.clears == []
+    assert not turns[1].interrupted
+
+
+async def test_the_agents_openai_voice_is_used_when_its_realtime_entry_names_none() -> None:
+    from engine.call.media_socket import realtime_voice
+    from pipelines.registry import VoiceChoice
+
+    config = agent_configuration()
+    assert config.realtime
+    entry = config.realtime[0].model_copy()
+    default = parse_agent_configuration({"realtime": {"provider": "openai"}}).realtime
+    assert default
+    assert realtime_voice(default[0], VoiceChoice("openai", "cedar")).voice == "cedar"
+    assert realtime_voice(entry, VoiceChoice("openai", "cedar")).voice == "marin"  # named in the entry: kept
+    assert realtime_voice(default[0], VoiceChoice("elevenlabs", "abc")).voice == "marin"
 
 
 # --------------------------------------------------------------------------------------------------- functions

@@ -13,7 +13,12 @@ from datetime import UTC, datetime
 import asyncpg
 from aiohttp import web
 
-from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
+from config.agent import (
+    AgentConfiguration,
+    AgentConfigurationError,
+    OpenAIRealtimeConfig,
+    parse_agent_configuration,
+)
 from engine.call.call_log_writer import CallLogWriter, CallOutcome
 from engine.call.cascade import pipeline_driver
 from engine.call.driver import CallHost, ConversationDriver, DriverFactory
@@ -31,7 +36,7 @@ from engine.workers.recordings import RECORDING_KEY, recording_url
 from engine.workers.recovery import NODE_ID
 from media.recording import StereoWavRecorder
 from media.twilio_stream import MalformedMessage, Started, StreamProtocolError, TwilioStream
-from pipelines.registry import PipelineUnavailable, RealtimePlan, build_pipeline, plan_realtime
+from pipelines.registry import PipelineUnavailable, RealtimePlan, VoiceChoice, build_pipeline, plan_realtime
 from pipelines.tools import ToolConfigurationError
 from storage import agents, call_logs
 from storage.call_logs import CallLog, InvalidCallTransition
@@ -124,7 +129,7 @@ def _drivers(
 
     driver = realtime_driver(
         client=realtime_client(realtime.api_key, realtime.base_url),
-        realtime=realtime.config,
+        realtime=realtime_voice(realtime.config, prepared.voice),
         instructions=prepared.context.instructions,
         tools=prepared.context.tools,
         first_sentence=prepared.first_sentence,
@@ -137,6 +142,13 @@ def _drivers(
         return pipeline()(host)  # built only if the model is lost
 
     return driver, fallback
+
+
+def realtime_voice(entry: OpenAIRealtimeConfig, voice: VoiceChoice | None) -> OpenAIRealtimeConfig:
+    """The realtime entry with the agent's Voice, when that is an OpenAI voice and the entry names none itself."""
+    if "voice" in entry.model_fields_set or voice is None or voice.provider != "openai" or not voice.provider_voice_id:
+        return entry
+    return entry.model_copy(update={"voice": voice.provider_voice_id})
 
 
 def _realtime_plan(config: AgentConfiguration, prepared: PreparedCall) -> RealtimePlan | None:

@@ -33,7 +33,9 @@ from engine.server import metrics
 from media.dtmf import InvalidDigits, dtmf_audio
 from media.g711 import BYTES_PER_MS
 from media.twilio_stream import MarkFlushed, MarkPlayed
+from media.vad import VoiceActivityDetector
 from pipelines.conversation.heard import share_of_words
+from pipelines.conversation.turn_taking import BargeInPolicy
 from pipelines.realtime.openai_realtime import (
     AudioDelta,
     AudioDone,
@@ -216,6 +218,14 @@ class RealtimeDriver:
         self._reply_to: float | None = None
         self._answering = 0
         self._calls_seen: set[str] = set()
+        interruption = host.config.interruption
+        self._barge_in = BargeInPolicy.of(
+            enabled=interruption.enabled,
+            threshold_ms=interruption.threshold_ms,
+            min_words=interruption.min_words,
+            backchannel_words=interruption.backchannel_words,
+        )
+        self._vad = VoiceActivityDetector()  # run only while the agent's audio plays: the overlap count
         self._holding_replies = False  # the model was told not to answer by itself (awaiting a callee's hello)
         self._callee_spoke = False
         self._closed = False
@@ -250,6 +260,16 @@ class RealtimeDriver:
             self._input_origin_ms = at_ms
         self._audio_out += payload
         self._audio_ready.set()
+        if not self._unplayed:
+            self._barge_in.reset()
+        elif len(payload) == 160:
+            # The agent's words are playing: the engine, not the server, decides when the caller takes the floor,
+            # with the agent's threshold (the server's VAD would cut at the first syllable).
+            self._vad.process_ulaw(payload)
+            voiced = self._vad.last_frame_voiced
+            if self._barge_in.frame(voiced=voiced, caller_speaking=self._caller_speaking, agent_speaking=True):
+                self._barge_in.reset()
+                self._spawn(self._cut_agent("caller speech", barge_in=True, model=self._channel), "barge-in")
 
     def on_caller_key(self, digit: str) -> None:
         """A key the caller pressed: a turn of its own, told to the model as text (it cannot hear Twilio's events)."""
@@ -338,7 +358,7 @@ class RealtimeDriver:
             self._realtime,
             instructions=self._instructions,
             tools=specs,
-            interrupt_response=self._host.config.interruption.enabled,
+            interrupt_response=False,  # barge-in is the engine's (on_caller_audio), by the agent's threshold
             create_response=not self._holding_replies,
         )
 
@@ -453,8 +473,6 @@ class RealtimeDriver:
                 self._caller_speaking = True
                 self._host.activity()
                 self._caller_started_ms[item_id] = self._stream_ms(start_ms)
-                if self._host.config.interruption.enabled and self._host.phase is CallPhase.RESPONDING:
-                    await self._cut_agent("caller speech", barge_in=True, model=self._channel)
             case SpeechStopped(item_id=item_id, audio_end_ms=end_ms):
                 self._on_speech_stopped(item_id, self._stream_ms(end_ms))
             case CallerTranscript(item_id=item_id, transcript=transcript):
