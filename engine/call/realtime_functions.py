@@ -1,0 +1,184 @@
+"""The functions a speech-to-speech model calls in a call: end it, transfer it, press keys, or the organization's
+webhooks (Tools). Each output goes back to the model once the response that called it is done; an ending waits
+until the agent's last words were heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final
+
+import phonenumbers
+
+from engine.call.driver import CallHost
+from engine.call.phases import CallPhase, PhaseEvent, accepts
+from engine.call.realtime_voice import ModelResponse, ModelVoice
+from media.dtmf import InvalidDigits, dtmf_audio
+from pipelines.realtime.openai_realtime import FunctionCall, RealtimeChannel
+from pipelines.tools import END_CALL, SEND_DTMF, TRANSFER_CALL, ToolRunner, parse_arguments
+from storage.end_reasons import EndReason
+
+log = logging.getLogger(__name__)
+
+DTMF_SENT: Final = "sent"
+"""What the model is told once its keypresses are queued into the call."""
+
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+"""Run part of the driver's work as a task of the call."""
+
+
+def _e164(number: str) -> str | None:
+    try:
+        parsed = phonenumbers.parse(number, None)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(parsed):
+        return None
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def short(value: object, limit: int = 200) -> str:
+    """A model-given argument as one line of at most `limit` characters."""
+    return " ".join(str(value or "").split())[:limit]
+
+
+def _constant(text: str) -> Callable[[], Awaitable[str]]:
+    async def result() -> str:
+        return text
+
+    return result
+
+
+class ModelFunctions:
+    """Runs the model's function calls for one call, and answers them."""
+
+    def __init__(
+        self,
+        host: CallHost,
+        voice: ModelVoice,
+        *,
+        channel: Callable[[], RealtimeChannel | None],
+        answer: Callable[[float | None], Awaitable[None]],
+        spawn: Spawn,
+        on_idle: Callable[[], None],
+        tools: ToolRunner | None,
+        can_transfer: bool,
+    ) -> None:
+        """Act in `host`'s call; `answer(reply_to)` asks the model to go on after the outputs were given."""
+        self._host = host
+        self._voice = voice
+        self._channel = channel
+        self._answer_with = answer
+        self._spawn = spawn
+        self._on_idle = on_idle
+        self._tools = tools
+        self._can_transfer = can_transfer
+        self._seen: set[str] = set()
+        self.answering = 0
+        """Responses whose function outputs are still being worked out."""
+        self.ending: asyncio.Task[None] | None = None
+
+    async def called(self, call: FunctionCall) -> None:
+        """The model called a function (each call is acted on once, however often it is reported)."""
+        if call.call_id in self._seen:
+            return
+        self._seen.add(call.call_id)
+        response = self._voice.response(call.response_id)
+        if response.cancelled:
+            log.info("call %s: %s from a cut-off response ignored", self._host.context.call_sid, call.name)
+            return
+        arguments = parse_arguments(call.arguments)
+        log.info("call %s: the model calls %s", self._host.context.call_sid, call.name)
+        if call.name == END_CALL:
+            self._end_after_speaking(response, short(arguments.get("reason")) or None)
+        elif call.name == TRANSFER_CALL:
+            refusal = self._transfer_or_refuse(response, call.call_id, arguments)
+            if refusal is not None:
+                self._owe(response, call.call_id, _constant(refusal))
+        elif call.name == SEND_DTMF:
+            digits = short(arguments.get("digits"), 64).replace(" ", "")
+            self._owe(response, call.call_id, _constant(self._press_keys(digits)))
+        elif self._tools is None:
+            self._owe(response, call.call_id, _constant(f"error: there is no function named {call.name!r}"))
+        else:
+            tools, name = self._tools, call.name
+            self._owe(response, call.call_id, lambda: tools.run(name, arguments))
+
+    def _owe(self, response: ModelResponse, call_id: str, output: Callable[[], Awaitable[str]]) -> None:
+        """Remember a function output to give the model once its response is done (the first schedules the answer)."""
+        response.outputs.append((call_id, output))
+        if len(response.outputs) == 1:
+            self.answering += 1
+            self._spawn(self._answer(response), "function")
+
+    async def _answer(self, response: ModelResponse) -> None:
+        """Once the response is done (all its calls known), run its functions, give the results, and continue."""
+        try:
+            await response.done.wait()
+            outputs = await asyncio.gather(*(run() for _, run in response.outputs))
+            channel = self._channel()
+            if channel is None:
+                return
+            for (call_id, _), output in zip(response.outputs, outputs, strict=True):
+                await channel.send_function_output(call_id, output)
+            if response.cancelled or self.ending is not None or self._host.phase is not CallPhase.RESPONDING:
+                return  # the caller took the floor, or the call is ending: no reply of the model's own
+            # A response that only called functions hands its caller's turn on to the one that answers.
+            await self._answer_with(None if response.spoke else response.reply_to)
+        finally:
+            self.answering -= 1
+            self._on_idle()
+
+    def _press_keys(self, digits: str) -> str:
+        """Play touch tones as agent audio; the model's result."""
+        try:
+            tones = dtmf_audio(digits)
+        except InvalidDigits as exc:
+            return f"error: {exc}; use 1 to 32 of 0-9, *, # and w"
+        self._voice.tones(digits, tones)
+        if accepts(self._host.phase, PhaseEvent.REPLY):
+            self._host.move(PhaseEvent.REPLY)
+        return DTMF_SENT
+
+    def _transfer_or_refuse(self, response: ModelResponse, call_id: str, arguments: dict[str, Any]) -> str | None:
+        """Start a transfer once the agent's words have played; or the reason it cannot be done, for the model."""
+        given = short(arguments.get("phone_number"), 40)
+        if not self._can_transfer:
+            return "error: this line cannot transfer calls; tell the caller and offer to help otherwise"
+        number = _e164(given)
+        if number is None:
+            return (
+                f"error: {given!r} is not a valid phone number, so the call was not transferred; ask the caller for "
+                "the full number with its country code, or tell them you cannot transfer"
+            )
+        reason = short(arguments.get("reason")) or None
+        self._end_after_speaking(response, reason, transfer_to=number, call_id=call_id)
+        return None
+
+    def _end_after_speaking(
+        self, response: ModelResponse, detail: str | None, *, transfer_to: str | None = None, call_id: str = ""
+    ) -> None:
+        if self.ending is not None or not accepts(self._host.phase, PhaseEvent.WIND_DOWN):
+            return
+        if transfer_to is None:
+            self._host.move(PhaseEvent.WIND_DOWN)  # no barge-in on the last words; a transfer may still fail
+        self.ending = self._spawn(self._finish_then_end(response, detail, transfer_to, call_id), "ending")
+
+    async def _finish_then_end(
+        self, response: ModelResponse, detail: str | None, transfer_to: str | None, call_id: str
+    ) -> None:
+        await self._voice.finished(response)
+        if transfer_to is None:
+            await self._host.hang_up(EndReason.AGENT_HANGUP, detail)
+            return
+        if await self._host.transfer(transfer_to, detail):
+            return
+        self.ending = None
+        channel = self._channel()
+        if channel is not None:
+            await channel.send_function_output(
+                call_id, f"error: the transfer to {transfer_to} did not go through; tell the caller"
+            )
+            await channel.create_response()
