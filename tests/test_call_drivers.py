@@ -112,16 +112,19 @@ class Rig:
         return turns
 
 
+PIPELINE = {
+    "stt": {"provider": "deepgram", "endpointing": 300},
+    "llm": {"provider": "openai"},
+    "tts": {"provider": "espeak"},
+}
+
+
 def configuration(kind: str, **behaviour: Any) -> AgentConfiguration:
     stages: dict[str, Any]
     if kind == "realtime":
         stages = {"realtime": {"provider": "openai", "silence_duration_ms": 300, "transcription_model": "whisper-1"}}
     else:
-        stages = {
-            "stt": {"provider": "deepgram", "endpointing": 300},
-            "llm": {"provider": "openai"},
-            "tts": {"provider": "espeak"},
-        }
+        stages = dict(PIPELINE)
     return parse_agent_configuration({**stages, "prompt": "You are the front desk.", **behaviour})
 
 
@@ -141,7 +144,17 @@ async def call_on(
         await agents.update_agent_configuration(
             pool, organization_id=log.organization_id, agent_id=agent_id, configuration=config.to_json()
         )
+        settings = load_settings(
+            deepgram_api_key="dg",
+            openai_api_key=OPENAI_KEY,
+            deepgram_url=deepgram.url,
+            openai_base_url=openai.base_url,
+        )
         driver: DriverFactory
+        fallback: DriverFactory | None = None
+        if config.realtime_fallback:
+            built = build_pipeline(config, context=ProviderContext(settings=settings, instructions="Front desk."))
+            fallback = pipeline_driver(built, first_sentence=config.first_sentence)
         if kind == "realtime":
             client = AsyncOpenAI(api_key=OPENAI_KEY, base_url=realtime.base_url)
             stack.push_async_callback(client.close)
@@ -153,12 +166,6 @@ async def call_on(
                 first_sentence=config.first_sentence,
             )
         else:
-            settings = load_settings(
-                deepgram_api_key="dg",
-                openai_api_key=OPENAI_KEY,
-                deepgram_url=deepgram.url,
-                openai_base_url=openai.base_url,
-            )
             pipeline = build_pipeline(config, context=ProviderContext(settings=settings, instructions="Front desk."))
             driver = pipeline_driver(pipeline, first_sentence=config.first_sentence)
         line = TwilioLine()
@@ -180,6 +187,7 @@ async def call_on(
             context=CallContext(log.id, log.organization_id, agent_id, line.call_sid, outbound=outbound),
             config=config,
             driver=driver,
+            fallback=fallback,
             stream=line.stream(),
             send=line.send,
             writer=writer,

@@ -1,0 +1,70 @@
+"""A provider failing in the middle of a call: the next one of its chain takes over and the caller hears an apology
+instead of silence; only with nothing left does the call end FAILED, naming what failed. A speech-to-speech agent
+whose model is lost for good goes on through the pipeline it lists as its fallback."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from engine.call.driver import DEFAULT_APOLOGY
+from storage.end_reasons import EndReason
+from storage.enums import CallStatus
+from tests.test_call_drivers import PIPELINE, call_on
+from tests.test_realtime_session import speech, until
+
+TWO_MODELS = [{"provider": "openai", "model": "gpt-4o-mini"}, {"provider": "openai", "model": "gpt-4.1-mini"}]
+
+
+async def test_a_model_failing_mid_reply_hands_over_to_the_next_with_an_apology(pool: asyncpg.Pool) -> None:
+    async with call_on("pipeline", pool, llm=TWO_MODELS) as rig:
+        rig.openai.error_mid_stream = True
+        rig.reply("Let me look that up for you. One moment please.")
+        rig.caller_says("Do you have anything on Tuesday?")
+        turns = await rig.wait_for_turns(2)
+        rig.openai.error_mid_stream = False
+        rig.reply("Tuesday at ten is free.")
+        await until(lambda: rig.line.playback.queued_bytes == 0, timeout=15)
+        await asyncio.sleep(0.5)
+        rig.caller_says("Great, book it")
+        turns = await rig.wait_for_turns(4)
+    outcome = await rig.outcome()
+    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, EndReason.CALLER_HANGUP)
+    spoken = [(t.speaker, t.text) for t in turns]
+    assert ("agent", DEFAULT_APOLOGY) in spoken
+    assert spoken[-1] == ("agent", "Tuesday at ten is free.")
+    models = [request["model"] for request in rig.openai.requests]
+    assert models == ["gpt-4o-mini", "gpt-4.1-mini"]  # the second model kept the call after the first failed
+
+
+async def test_a_model_failing_mid_reply_with_no_other_ends_the_call_failed_naming_it(pool: asyncpg.Pool) -> None:
+    async with call_on("pipeline", pool) as rig:
+        rig.openai.error_mid_stream = True
+        rig.reply("Let me look that up for you. One moment please.")
+        rig.caller_says("Do you have anything on Tuesday?")
+        outcome = await rig.outcome()
+    assert (outcome.status, outcome.end_reason) == (CallStatus.FAILED, EndReason.LLM_FAILED)
+    assert outcome.end_detail
+
+
+async def test_a_realtime_agent_whose_model_is_lost_goes_on_through_its_fallback_pipeline(pool: asyncpg.Pool) -> None:
+    async with call_on("realtime", pool, **PIPELINE) as rig:
+        rig.reply("Sure, what day works for you?")
+        rig.caller_says("I need an appointment")
+        await rig.wait_for_turns(2)
+        rig.realtime.api_key = "sk-rotated"  # the model cannot be reached again
+        await rig.realtime.drop_all()
+        await until(lambda: rig.line.agent_bytes_received > 0 and rig.line.playback.queued_bytes == 0, timeout=15)
+        await rig.wait_for_turns(3)  # the apology, spoken by the pipeline's synthesizer
+        rig.openai.replies.append("Tuesday at ten is free.")  # the pipeline's model answers from now on
+        await asyncio.sleep(0.5)
+        rig.deepgram.transcripts.append("Tuesday please")
+        rig.line.say(speech(600))
+        turns = await rig.wait_for_turns(5, timeout=20)
+    spoken = [(t.speaker, t.text) for t in turns]
+    assert spoken[2] == ("agent", DEFAULT_APOLOGY)
+    assert spoken[3][0] == "caller"
+    assert spoken[4] == ("agent", "Tuesday at ten is free.")
+    # The pipeline's model was given the conversation so far.
+    assert "I need an appointment" in str(rig.openai.requests[-1]["messages"])
