@@ -112,7 +112,7 @@ class Rig:
         return turns
 
 
-PIPELINE = {
+PIPELINE: dict[str, Any] = {
     "stt": {"provider": "deepgram", "endpointing": 300},
     "llm": {"provider": "openai"},
     "tts": {"provider": "espeak"},

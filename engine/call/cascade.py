@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -79,11 +80,7 @@ class _Utterance:
 
 def pipeline_driver(pipeline: Pipeline, *, first_sentence: str | None) -> DriverFactory:
     """A factory for the pipeline driver of a call on `pipeline`, opening with `first_sentence`."""
-
-    def make(host: CallHost) -> PipelineDriver:
-        return PipelineDriver(host, pipeline, first_sentence=first_sentence)
-
-    return make
+    return functools.partial(PipelineDriver, pipeline=pipeline, first_sentence=first_sentence)
 
 
 class PipelineDriver:

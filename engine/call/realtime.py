@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from typing import Any, Final
 
@@ -82,19 +83,15 @@ def realtime_driver(
     can_transfer: bool = True,
 ) -> DriverFactory:
     """A factory for the speech-to-speech driver of a call on `realtime` (the provider entry whose key was found)."""
-
-    def make(host: CallHost) -> RealtimeDriver:
-        return RealtimeDriver(
-            host,
-            client=client,
-            realtime=realtime,
-            instructions=instructions,
-            tools=tools,
-            first_sentence=first_sentence,
-            can_transfer=can_transfer,
-        )
-
-    return make
+    return functools.partial(
+        RealtimeDriver,
+        client=client,
+        realtime=realtime,
+        instructions=instructions,
+        tools=tools,
+        first_sentence=first_sentence,
+        can_transfer=can_transfer,
+    )
 
 
 class RealtimeDriver:
