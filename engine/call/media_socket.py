@@ -21,7 +21,7 @@ from engine.call.outbound_audio import SendText
 from engine.call.session import CallContext, CallSession
 from engine.call.setup import PreparedCall, prepare_call
 from engine.server import metrics
-from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
+from engine.server.appkeys import DATABASE, LIVE_CALLS, PROVIDER_CLIENTS, SETTINGS, TWILIO
 from engine.twilio.signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
 from engine.twilio.webhooks import CALL_LOG_PARAMETER
 from engine.workers.post_call import POST_CALL
@@ -127,12 +127,11 @@ def _make_session(
     transfer = twilio.transfer if twilio is not None else None
     if realtime is not None:
         from engine.call.realtime_session import RealtimeCallSession  # speech-to-speech agents only
-        from pipelines.realtime.openai_realtime import realtime_client
 
         return RealtimeCallSession(
             context=context,
             config=config,
-            client=realtime_client(realtime.api_key, realtime.base_url),
+            client=prepared.context.clients.openai(realtime.api_key, realtime.base_url),
             instructions=prepared.context.instructions,
             stream=stream,
             send=send,
@@ -179,8 +178,10 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     bundle = await agents.load_agent_bundle(pool, organization_id=call_log.organization_id, agent_id=call_log.agent_id)
     try:
         config = parse_agent_configuration(bundle.agent.configuration)
-        prepared = await prepare_call(pool, settings=settings, config=config, bundle=bundle, call_log=call_log)
-        realtime = plan_realtime(config, prepared.context) if config.realtime else None
+        prepared = await prepare_call(
+            pool, settings=settings, clients=app[PROVIDER_CLIENTS], config=config, bundle=bundle, call_log=call_log
+        )
+        realtime = plan_realtime(config, prepared.context.keys) if config.realtime else None
         pipeline = (
             None
             if realtime
