@@ -253,7 +253,10 @@ class OpenAIChatLLM:
                 async with contextlib.aclosing(_chunks(response)) as chunks:
                     async for chunk in chunks:
                         if isinstance(error := chunk.get("error"), dict | str):
-                            raise LLMError(f"openai stream for {self._config.model!r} failed: {self._detail(error)}")
+                            raise LLMError(
+                                f"openai stream for {self._config.model!r} failed: {self._detail(error)}",
+                                provider="openai",
+                            )
                         if isinstance(usage := chunk.get("usage"), dict):
                             self.usage.add(usage)
                         for text in completion.absorb(chunk):
@@ -264,9 +267,11 @@ class OpenAIChatLLM:
         except openai.APIError as exc:
             raise self._error(exc) from (None if isinstance(exc, openai.AuthenticationError) else exc)
         except httpx2.HTTPError as exc:
-            raise LLMError(f"openai stream for {self._config.model!r} broke: {type(exc).__name__}: {exc}") from None
+            raise LLMError(
+                f"openai stream for {self._config.model!r} broke: {type(exc).__name__}: {exc}", provider="openai"
+            ) from None
         except ValueError as exc:  # json.JSONDecodeError, or a body that is not UTF-8
-            raise LLMError(f"openai sent a malformed stream ({exc})") from None
+            raise LLMError(f"openai sent a malformed stream ({exc})", provider="openai") from None
 
     async def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncGenerator[LLMEvent, None]:
         """Stream the reply: text as it comes, call controls as events, agent functions run in between."""
@@ -401,7 +406,7 @@ class OpenAIChatLLM:
                 message = f"openai could not be reached at {self._client.base_url}: {detail}"
             case _:
                 message = f"openai stream for {model!r} failed: {detail}"
-        return LLMError(message)
+        return LLMError(message, provider="openai")
 
 
 _T = TypeVar("_T")
@@ -473,9 +478,9 @@ async def _chunks(response: httpx2.Response) -> AsyncGenerator[dict[str, Any], N
         try:
             chunk = json.loads(text)
         except ValueError:
-            raise LLMError(f"openai sent a stream chunk that is not JSON: {text[:80]!r}") from None
+            raise LLMError(f"openai sent a stream chunk that is not JSON: {text[:80]!r}", provider="openai") from None
         if not isinstance(chunk, dict):
-            raise LLMError(f"openai sent a stream chunk that is not a JSON object: {text[:80]!r}")
+            raise LLMError(f"openai sent a stream chunk that is not a JSON object: {text[:80]!r}", provider="openai")
         yield chunk
 
 

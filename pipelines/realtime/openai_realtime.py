@@ -350,11 +350,13 @@ async def open_realtime(client: AsyncOpenAI, model: str) -> RealtimeChannel:
     except InvalidStatus as exc:
         status = exc.response.status_code
         hint = ": check the OpenAI API key the agent's realtime uses" if status in (401, 403) else ""
-        raise RealtimeUnavailable(f"{host} refused the connection with HTTP {status}{hint}") from exc
+        raise RealtimeUnavailable(f"{host} refused the connection with HTTP {status}{hint}", provider="openai") from exc
     except (InvalidHandshake, InvalidURI, OSError, TimeoutError) as exc:
-        raise RealtimeUnavailable(f"could not connect to {host}: {type(exc).__name__}: {exc}") from exc
+        raise RealtimeUnavailable(
+            f"could not connect to {host}: {type(exc).__name__}: {exc}", provider="openai"
+        ) from exc
     except OpenAIError as exc:
-        raise RealtimeUnavailable(f"could not connect to {host}: {exc}") from exc
+        raise RealtimeUnavailable(f"could not connect to {host}: {exc}", provider="openai") from exc
     return RealtimeChannel(connection, host)
 
 
@@ -436,6 +438,10 @@ class RealtimeChannel:
     def _lost(self, exc: ConnectionClosed) -> RealtimeConnectionLost:
         close = exc.rcvd or exc.sent
         if close is None:
-            return RealtimeConnectionLost(f"the connection to {self._host} was lost (no close frame)")
+            return RealtimeConnectionLost(
+                f"the connection to {self._host} was lost (no close frame)", provider="openai"
+            )
         reason = f": {close.reason}" if close.reason else ""
-        return RealtimeConnectionLost(f"{self._host} closed the connection (code {close.code}{reason})")
+        return RealtimeConnectionLost(
+            f"{self._host} closed the connection (code {close.code}{reason})", provider="openai"
+        )

@@ -250,10 +250,12 @@ class DeepgramSTT:
             failure = await self._connect_and_serve()
         except Exception as exc:  # a bug or a reply we cannot read must end the events, not leave the call hanging
             log.exception("deepgram at %s: the recognizer failed", self._host)
-            failure = STTError(f"deepgram at {self._host}: the recognizer failed ({exc!r})")
+            failure = STTError(f"deepgram at {self._host}: the recognizer failed ({exc!r})", provider="deepgram")
         finally:
             if self._opened is not None and not self._opened.done():
-                self._opened.set_exception(failure or STTError(f"closed before deepgram at {self._host} answered"))
+                self._opened.set_exception(
+                    failure or STTError(f"closed before deepgram at {self._host} answered", provider="deepgram")
+                )
             if failure is not None:
                 self._events.put_nowait(failure)
             else:
@@ -272,11 +274,11 @@ class DeepgramSTT:
                 # TimeoutError (the handshake's own timeout) is an OSError.
                 cause = self._connect_failure(exc)
                 if self._opened is not None and not self._opened.done():
-                    return STTError(cause)
+                    return STTError(cause, provider="deepgram")
             if self._closing:
                 break
             if attempt == len(self._reconnect_delays):
-                return STTError(f"{cause}; could not reconnect after {attempt} attempts")
+                return STTError(f"{cause}; could not reconnect after {attempt} attempts", provider="deepgram")
             delay = self._reconnect_delays[attempt]
             attempt += 1
             log.warning("%s; reconnecting in %g s (attempt %d)", cause, delay, attempt)

@@ -203,7 +203,7 @@ class ElevenLabsTTS:
         after some of its audio was yielded (the caller decides what to do with a half-spoken sentence).
         """
         if self._closed:
-            raise TTSError("elevenlabs: the synthesizer is closed")
+            raise TTSError("elevenlabs: the synthesizer is closed", provider="elevenlabs")
         sentence = text.strip()
         if not sentence:
             return
@@ -302,13 +302,13 @@ class ElevenLabsTTS:
         while True:
             connection = self._ensure_connection()
             if connection is None:
-                raise TTSError("elevenlabs: the synthesizer was closed")
+                raise TTSError("elevenlabs: the synthesizer was closed", provider="elevenlabs")
             if len(connection.zombies) >= ZOMBIES_BEFORE_NEW_SOCKET:
                 self._retire(connection)
                 continue
             await asyncio.wait({connection.opening})
             if connection.opening.cancelled():
-                raise TTSError("elevenlabs: the synthesizer was closed")
+                raise TTSError("elevenlabs: the synthesizer was closed", provider="elevenlabs")
             socket = connection.opening.result()
             if isinstance(socket, Exception):
                 self._retire(connection)
@@ -442,10 +442,13 @@ class ElevenLabsTTS:
         """Drop the broken socket; what to raise: _StreamFailed before any audio (HTTP takes over), TTSError after."""
         self._retire(connection)
         if self._closed:
-            return TTSError("elevenlabs: the synthesizer was closed mid-sentence")
+            return TTSError("elevenlabs: the synthesizer was closed mid-sentence", provider="elevenlabs")
         failed = self._ws_failed(problem)
         if yielded:
-            return TTSError(f"elevenlabs: the stream broke after {yielded // BYTES_PER_MS} ms of audio ({problem})")
+            return TTSError(
+                f"elevenlabs: the stream broke after {yielded // BYTES_PER_MS} ms of audio ({problem})",
+                provider="elevenlabs",
+            )
         return failed
 
     # The HTTP fallback
@@ -471,11 +474,12 @@ class ElevenLabsTTS:
                 except StopAsyncIteration:
                     return
                 except ApiError as exc:
-                    raise TTSError(_describe_http_refusal(exc, ws_failure)) from None
+                    raise TTSError(_describe_http_refusal(exc, ws_failure), provider="elevenlabs") from None
                 except httpx.HTTPError as exc:
                     raise TTSError(
                         f"elevenlabs: WebSocket failed ({ws_failure}) and HTTP streaming failed "
-                        f"({type(exc).__name__}: {exc})"
+                        f"({type(exc).__name__}: {exc})",
+                        provider="elevenlabs",
                     ) from None
                 if audio:
                     yield audio
