@@ -84,7 +84,7 @@ Words = Annotated[tuple[str, ...], Field(strict=False)]
 """A list of strings in the JSON, kept as a tuple."""
 
 
-class _ProviderConfig(BaseModel):
+class ProviderConfig(BaseModel):
     """Options of one provider; keys are the vendor's own names and unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
@@ -93,7 +93,7 @@ class _ProviderConfig(BaseModel):
     """Which vendor or engine serves the stage; each subclass narrows it to its own name."""
 
 
-class _CloudProviderConfig(_ProviderConfig):
+class CloudProviderConfig(ProviderConfig):
     """A provider that needs an API key."""
 
     key_name: ClassVar[str]
@@ -106,7 +106,7 @@ class _CloudProviderConfig(_ProviderConfig):
 # Speech to text
 
 
-class DeepgramSTTConfig(_CloudProviderConfig):
+class DeepgramSTTConfig(CloudProviderConfig):
     """Deepgram live streaming speech-to-text; options are Deepgram's `/v1/listen` query parameters."""
 
     key_name: ClassVar[str] = "DEEPGRAM_API_KEY"
@@ -139,7 +139,7 @@ class DeepgramSTTConfig(_CloudProviderConfig):
         return value
 
 
-class SphinxSTTConfig(_ProviderConfig):
+class SphinxSTTConfig(ProviderConfig):
     """PocketSphinx offline speech-to-text: no network, no key."""
 
     provider: Literal["sphinx"] = "sphinx"
@@ -151,7 +151,7 @@ class SphinxSTTConfig(_ProviderConfig):
 # Language model
 
 
-class OpenAILLMConfig(_CloudProviderConfig):
+class OpenAILLMConfig(CloudProviderConfig):
     """OpenAI streaming Chat Completions with tools."""
 
     key_name: ClassVar[str] = "OPENAI_API_KEY"
@@ -163,7 +163,7 @@ class OpenAILLMConfig(_CloudProviderConfig):
     top_p: Annotated[float, _between(0, 1)] | None = None
 
 
-class ConversationPathLLMConfig(_ProviderConfig):
+class ConversationPathLLMConfig(ProviderConfig):
     """The offline conversation-path runner: the agent's ConversationPath nodes, keyword routing, knowledge base."""
 
     provider: Literal["conversation_path"] = "conversation_path"
@@ -176,7 +176,7 @@ class ConversationPathLLMConfig(_ProviderConfig):
 # Text to speech
 
 
-class ElevenLabsTTSConfig(_CloudProviderConfig):
+class ElevenLabsTTSConfig(CloudProviderConfig):
     """ElevenLabs text-to-speech over its multi-stream-input WebSocket (HTTP streaming as fallback)."""
 
     key_name: ClassVar[str] = "ELEVENLABS_API_KEY"
@@ -192,7 +192,7 @@ class ElevenLabsTTSConfig(_CloudProviderConfig):
     optimize_streaming_latency: Annotated[int, _between(0, 4)] | None = None
 
 
-class EspeakTTSConfig(_ProviderConfig):
+class EspeakTTSConfig(ProviderConfig):
     """eSpeak NG offline text-to-speech: no network, no key."""
 
     provider: Literal["espeak"] = "espeak"
@@ -205,7 +205,7 @@ class EspeakTTSConfig(_ProviderConfig):
 # Speech to speech
 
 
-class OpenAIRealtimeConfig(_CloudProviderConfig):
+class OpenAIRealtimeConfig(CloudProviderConfig):
     """OpenAI Realtime (GA) speech-to-speech, in place of the stt, llm and tts stages."""
 
     key_name: ClassVar[str] = "OPENAI_API_KEY"
@@ -456,7 +456,7 @@ def required_keys(config: AgentConfiguration) -> list[str]:
     primaries = [config.realtime[0]] if config.realtime else [config.stt[0], config.llm[0], config.tts[0]]
     keys: list[str] = []
     for provider in primaries:
-        if isinstance(provider, _CloudProviderConfig):
+        if isinstance(provider, CloudProviderConfig):
             key = (provider.api_key_ref or provider.key_name).removeprefix("env:")
             if key not in keys:
                 keys.append(key)

@@ -6,31 +6,38 @@ ElevenLabs) needs its API key — from the settings (`DEEPGRAM_API_KEY`...) or, 
 "tool:<id>"`, from one of the agent's Tools. The unusable are skipped; a stage with several usable providers
 becomes a fallback chain (pipelines.fallback); a stage with none refuses the call, saying which key is missing.
 
-`check_pipeline` does the same choice without opening anything, for the voice webhook to refuse a call before
-answering it; `build_pipeline` makes the instances when the media stream starts.
+Each stage is a table from the configuration's `provider` name to a factory (`STT_PROVIDERS`, `LLM_PROVIDERS`,
+`TTS_PROVIDERS`): adding a provider is one entry there and one model in `config.agent`.
+
+`check_pipeline` does the same choice from the keys alone, for the voice webhook to refuse a call before answering
+it; `build_pipeline` makes the instances when the media stream starts, with the engine's SDK clients.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import SecretStr
 
 from config.agent import (
     AgentConfiguration,
+    CloudProviderConfig,
     ConversationPathLLMConfig,
     DeepgramSTTConfig,
     ElevenLabsTTSConfig,
     EspeakTTSConfig,
-    LLMConfig,
     OpenAILLMConfig,
     OpenAIRealtimeConfig,
+    ProviderConfig,
     SphinxSTTConfig,
-    STTConfig,
-    TTSConfig,
 )
 from config.settings import Settings
+from pipelines.clients import ProviderClients
+from pipelines.errors import PipelineUnavailable, ProviderKeyMissing, Stage
 from pipelines.fallback import FallbackLLM, FallbackSTT, FallbackTTS, OnFailover
 from pipelines.llm.base import LanguageModel
 from pipelines.llm.conversation_path import ConversationPathLLM, PathGraph
@@ -41,18 +48,35 @@ from pipelines.tools import ToolRunner
 from pipelines.tts.base import TextToSpeech
 from pipelines.tts.espeak import EspeakTTS
 
+__all__ = [
+    "AGENT_KEY_PREFIX",
+    "DEFAULT_ELEVENLABS_VOICE",
+    "LLM_PROVIDERS",
+    "STT_PROVIDERS",
+    "TTS_PROVIDERS",
+    "PathSource",
+    "Pipeline",
+    "PipelineUnavailable",
+    "ProviderContext",
+    "ProviderKeyMissing",
+    "ProviderKeys",
+    "RealtimePlan",
+    "VoiceChoice",
+    "build_pipeline",
+    "check_pipeline",
+    "plan_realtime",
+    "provider_key",
+]
+
 # Keys an agent may name with `env:`: the provider settings, and variables an operator set aside for agents.
 # Any other variable of the process (the database password, Twilio's token) is never handed to a provider.
-_SETTING_KEYS = {
-    "DEEPGRAM_API_KEY": "deepgram_api_key",
-    "OPENAI_API_KEY": "openai_api_key",
-    "ELEVENLABS_API_KEY": "elevenlabs_api_key",
+_SETTING_KEYS: dict[str, Callable[[Settings], SecretStr | None]] = {
+    "DEEPGRAM_API_KEY": lambda settings: settings.deepgram_api_key,
+    "OPENAI_API_KEY": lambda settings: settings.openai_api_key,
+    "ELEVENLABS_API_KEY": lambda settings: settings.elevenlabs_api_key,
 }
 AGENT_KEY_PREFIX = "DIALTONE_AGENT_KEY_"
-
-
-class PipelineUnavailable(Exception):
-    """No provider listed for a stage can run here; the message says which and why."""
+DEFAULT_ELEVENLABS_VOICE = "21m00Tcm4TlvDq8ikWAM"  # ElevenLabs' stock "Rachel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +115,23 @@ class VoiceChoice:
 
 
 @dataclass(frozen=True, slots=True)
-class ProviderContext:
-    """What cloud providers need beyond their options: keys and endpoints, the prompt, the agent's functions."""
+class ProviderKeys:
+    """Where the providers' API keys and endpoints come from: the engine's settings, the agent's Tools, variables."""
 
-    settings: Settings | None = None
+    settings: Settings
     tool_keys: Mapping[str, str] = field(default_factory=dict)
     """The agent's Tools' `apiKey`s by Tool id."""
+    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    """Where `DIALTONE_AGENT_KEY_*` variables are read."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderContext:
+    """What one call's providers are built with beyond their options: keys, the engine's clients, prompt, functions."""
+
+    keys: ProviderKeys
+    clients: ProviderClients
+    """The engine's SDK clients, shared by every call."""
     instructions: str = ""
     """The system prompt, variables filled in."""
     tools: ToolRunner | None = None
@@ -105,166 +140,184 @@ class ProviderContext:
     on_failover: OnFailover | None = None
     default_region: str | None = None
     """Region (e.g. "US") to read phone numbers the model gives without a country code in."""
-    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+
+    @property
+    def settings(self) -> Settings:
+        """The engine's settings (the providers' endpoints)."""
+        return self.keys.settings
 
 
-class ProviderKeyMissing(Exception):
-    """This provider cannot run here (its key is missing); the message says why."""
+@dataclass(frozen=True, slots=True)
+class _Build:
+    """One call's build, as the factories see it."""
+
+    config: AgentConfiguration
+    context: ProviderContext
+    paths: Sequence[PathSource]
+    voice: VoiceChoice | None
+    keywords: list[str] = field(default_factory=list)
+    """Words the conversation path listens for: the llm stage adds them, the recognizers are made after it."""
 
 
-def check_pipeline(config: AgentConfiguration, context: ProviderContext | None = None) -> None:
+_Product = TypeVar("_Product")
+_Option = TypeVar("_Option", bound=ProviderConfig)
+
+_Factory = Callable[[Any, str | None, _Build], _Product]
+"""Makes one stage's provider from its options (the model its `provider` name selects), its key and the build."""
+
+
+def check_pipeline(config: AgentConfiguration, keys: ProviderKeys) -> None:
     """Raise PipelineUnavailable if some stage has no usable provider (nothing is opened or built)."""
-    context = context or ProviderContext()
     if config.realtime:
-        plan_realtime(config, context)
+        plan_realtime(config, keys)
         return
-    for stage, options in (("stt", config.stt), ("llm", config.llm), ("tts", config.tts)):
-        problems = []
-        for option in options:
-            try:
-                provider_key(option, context)
-                break
-            except ProviderKeyMissing as exc:
-                problems.append(str(exc))
-        else:
-            raise PipelineUnavailable(f"{stage}: " + "; ".join(problems))
+    _keyed("stt", config.stt, keys)
+    _keyed("llm", config.llm, keys)
+    _keyed("tts", config.tts, keys)
 
 
-def plan_realtime(config: AgentConfiguration, context: ProviderContext) -> RealtimePlan:
+def plan_realtime(config: AgentConfiguration, keys: ProviderKeys) -> RealtimePlan:
     """The first usable speech-to-speech provider, or PipelineUnavailable saying which key is missing."""
-    problems = []
-    for option in config.realtime or ():
-        try:
-            key = provider_key(option, context)
-        except ProviderKeyMissing as exc:
-            problems.append(str(exc))
-            continue
-        return RealtimePlan(option, key or "", _settings(context).openai_base_url)
-    raise PipelineUnavailable("realtime: " + "; ".join(problems or ["no provider configured"]))
+    option, key = _keyed("realtime", config.realtime or (), keys)[0]
+    return RealtimePlan(option, key or "", keys.settings.openai_base_url)
 
 
 def build_pipeline(
     config: AgentConfiguration,
     *,
+    context: ProviderContext,
     paths: Sequence[PathSource] = (),
     voice: VoiceChoice | None = None,
-    context: ProviderContext | None = None,
 ) -> Pipeline:
     """Build the call's providers: the usable ones of each stage, in order, as a fallback chain if several."""
-    context = context or ProviderContext()
     if config.realtime and not config.realtime_fallback:
-        raise PipelineUnavailable("realtime: this speech-to-speech agent lists no stt, llm and tts to fall back on")
-    llm, keywords = _build_llm(config.llm, paths, context)
-    return Pipeline(
-        stt=_build_stt(config.stt, config, keywords, context),
-        llm=llm,
-        tts=_build_tts(config.tts, voice, context),
-    )
+        raise PipelineUnavailable(
+            "realtime: this speech-to-speech agent lists no stt, llm and tts to fall back on", stage="realtime"
+        )
+    build = _Build(config, context, paths, voice)
+    # The language model first: a conversation path adds the words it listens for to the recognizers' vocabulary.
+    models = _factories("llm", config.llm, LLM_PROVIDERS, build)
+    llm = models[0][1]() if len(models) == 1 else FallbackLLM(_made(models), on_failover=context.on_failover)
+    recognizers = _factories("stt", config.stt, STT_PROVIDERS, build)
+    stt = recognizers[0][1]() if len(recognizers) == 1 else FallbackSTT(recognizers, on_failover=context.on_failover)
+    voices = _factories("tts", config.tts, TTS_PROVIDERS, build)
+    tts = voices[0][1]() if len(voices) == 1 else FallbackTTS(_made(voices), on_failover=context.on_failover)
+    return Pipeline(stt=stt, llm=llm, tts=tts)
 
 
-def _settings(context: ProviderContext) -> Settings:
-    if context.settings is None:
-        raise ProviderKeyMissing("cloud providers need the engine's settings")
-    return context.settings
-
-
-def provider_key(option: Any, context: ProviderContext) -> str | None:
+def provider_key(option: ProviderConfig, keys: ProviderKeys, *, stage: Stage) -> str | None:
     """The API key a provider would use (None for offline providers); ProviderKeyMissing naming the missing key."""
-    key_name: str | None = getattr(option, "key_name", None)
-    if key_name is None:
+    if not isinstance(option, CloudProviderConfig):
         return None
-    reference: str = option.api_key_ref or f"env:{key_name}"
-    kind, _, name = reference.partition(":")
+    provider = option.provider
+    kind, _, name = (option.api_key_ref or f"env:{option.key_name}").partition(":")
     if kind == "tool":
-        key = context.tool_keys.get(name)
+        key = keys.tool_keys.get(name)
         if not key:
             raise ProviderKeyMissing(
-                f"{option.provider} needs the apiKey of tool {name}, which is not linked to this agent or has no apiKey"
+                f"{provider} needs the apiKey of tool {name}, which is not linked to this agent or has no apiKey",
+                stage=stage,
+                provider=provider,
             )
         return key
     if name in _SETTING_KEYS:
-        secret = getattr(context.settings, _SETTING_KEYS[name], None) if context.settings is not None else None
-        if secret is None or not secret.get_secret_value():
-            raise ProviderKeyMissing(f"{option.provider} needs the key {name}, which is not set")
-        return str(secret.get_secret_value())
-    if not name.startswith(AGENT_KEY_PREFIX):
+        secret = _SETTING_KEYS[name](keys.settings)
+        key = secret.get_secret_value() if secret is not None else ""
+    elif name.startswith(AGENT_KEY_PREFIX):
+        key = keys.environ.get(name, "")
+    else:
         raise ProviderKeyMissing(
-            f"{option.provider}: {name} is not a key setting (use one of {', '.join(_SETTING_KEYS)} "
-            f"or a variable named {AGENT_KEY_PREFIX}*)"
+            f"{provider}: {name} is not a key setting (use one of {', '.join(_SETTING_KEYS)} "
+            f"or a variable named {AGENT_KEY_PREFIX}*)",
+            stage=stage,
+            provider=provider,
         )
-    key = context.environ.get(name, "")
     if not key:
-        raise ProviderKeyMissing(f"{option.provider} needs the key {name}, which is not set")
+        raise ProviderKeyMissing(f"{provider} needs the key {name}, which is not set", stage=stage, provider=provider)
     return key
 
 
-def _usable(
-    stage: str, options: Sequence[Any], context: ProviderContext, make: Callable[[Any, str | None], Any]
-) -> list[tuple[str, Any]]:
-    chosen: list[tuple[str, Any]] = []
+def _keyed(stage: Stage, options: Sequence[_Option], keys: ProviderKeys) -> list[tuple[_Option, str | None]]:
+    """The stage's usable providers with their keys, in order; PipelineUnavailable naming every missing key."""
+    usable: list[tuple[_Option, str | None]] = []
     problems: list[str] = []
     for option in options:
         try:
-            key = provider_key(option, context)
+            usable.append((option, provider_key(option, keys, stage=stage)))
         except ProviderKeyMissing as exc:
             problems.append(str(exc))
-            continue
-        chosen.append((option.provider, make(option, key)))
-    if not chosen:
-        raise PipelineUnavailable(f"{stage}: " + "; ".join(problems))
-    return chosen
+    if not usable:
+        raise PipelineUnavailable(f"{stage}: " + "; ".join(problems or ["no provider configured"]), stage=stage)
+    return usable
 
 
-def _build_stt(
-    stage: Sequence[STTConfig], config: AgentConfiguration, keywords: Sequence[str], context: ProviderContext
-) -> SpeechToText:
-    def make(option: STTConfig, key: str | None) -> Callable[[], SpeechToText]:
-        if isinstance(option, DeepgramSTTConfig):
-            from pipelines.stt.deepgram import DeepgramSTT  # the SDK loads only for agents that use it
-
-            url = _settings(context).deepgram_url
-            return lambda: DeepgramSTT(option, api_key=key or "", url=url)
-        assert isinstance(option, SphinxSTTConfig)
-        return lambda: SphinxSTT(
-            keyphrases=(*option.keyphrases, *keywords),
-            end_silence_ms=config.endpointing.silence_ms,
-        )
-
-    factories = _usable("stt", stage, context, make)
-    if len(factories) == 1:
-        return factories[0][1]()  # type: ignore[no-any-return]
-    return FallbackSTT(factories, on_failover=context.on_failover)
+def _factories(
+    stage: Stage,
+    options: Sequence[ProviderConfig],
+    table: Mapping[str, _Factory[_Product]],
+    build: _Build,
+) -> list[tuple[str, Callable[[], _Product]]]:
+    """(name, factory) of each usable provider of the stage, in order."""
+    return [
+        (option.provider, functools.partial(table[option.provider], option, key, build))
+        for option, key in _keyed(stage, options, build.context.keys)
+    ]
 
 
-def _build_llm(
-    stage: Sequence[LLMConfig], paths: Sequence[PathSource], context: ProviderContext
-) -> tuple[LanguageModel, list[str]]:
-    keywords: list[str] = []
+def _made(factories: Sequence[tuple[str, Callable[[], _Product]]]) -> list[tuple[str, _Product]]:
+    return [(name, make()) for name, make in factories]
 
-    def make(option: LLMConfig, key: str | None) -> LanguageModel:
-        if isinstance(option, OpenAILLMConfig):
-            from pipelines.llm.openai_chat import OpenAIChatLLM, openai_client
 
-            client = openai_client(key or "", _settings(context).openai_base_url)
-            return OpenAIChatLLM(
-                option,
-                client=client,
-                instructions=context.instructions,
-                tools=context.tools,
-                default_region=context.default_region,
-            )
-        assert isinstance(option, ConversationPathLLMConfig)
-        path = _choose_path(option, paths)
-        if path is None:
-            return SimpleResponder()
-        runner = ConversationPathLLM.from_path(path, option)
-        keywords.extend(runner.keywords())
-        return runner
+# ----------------------------------------------------------------------------------------------- speech to text
 
-    models = _usable("llm", stage, context, make)
-    if len(models) == 1:
-        return models[0][1], keywords
-    return FallbackLLM(models, on_failover=context.on_failover), keywords
+
+def _deepgram(option: DeepgramSTTConfig, key: str | None, build: _Build) -> SpeechToText:
+    from pipelines.stt.deepgram import DeepgramSTT  # the SDK loads only for agents that use it
+
+    context = build.context
+    return DeepgramSTT(option, clients=context.clients, api_key=key or "", url=context.settings.deepgram_url)
+
+
+def _sphinx(option: SphinxSTTConfig, key: str | None, build: _Build) -> SpeechToText:
+    return SphinxSTT(
+        keyphrases=(*option.keyphrases, *build.keywords), end_silence_ms=build.config.endpointing.silence_ms
+    )
+
+
+STT_PROVIDERS: Mapping[str, _Factory[SpeechToText]] = {"deepgram": _deepgram, "sphinx": _sphinx}
+"""Speech-to-text factories by the configuration's `provider` name."""
+
+
+# ----------------------------------------------------------------------------------------------- language model
+
+
+def _openai_chat(option: OpenAILLMConfig, key: str | None, build: _Build) -> LanguageModel:
+    from pipelines.llm.openai_chat import OpenAIChatLLM
+
+    context = build.context
+    return OpenAIChatLLM(
+        option,
+        client=context.clients.openai(key or "", context.settings.openai_base_url),
+        instructions=context.instructions,
+        tools=context.tools,
+        default_region=context.default_region,
+    )
+
+
+def _conversation_path(option: ConversationPathLLMConfig, key: str | None, build: _Build) -> LanguageModel:
+    path = _choose_path(option, build.paths)
+    if path is None:
+        return SimpleResponder()
+    runner = ConversationPathLLM.from_path(path, option)
+    build.keywords.extend(runner.keywords())
+    return runner
+
+
+LLM_PROVIDERS: Mapping[str, _Factory[LanguageModel]] = {
+    "openai": _openai_chat,
+    "conversation_path": _conversation_path,
+}
+"""Language-model factories by the configuration's `provider` name."""
 
 
 def _choose_path(option: ConversationPathLLMConfig, paths: Sequence[PathSource]) -> PathGraph | None:
@@ -273,33 +326,36 @@ def _choose_path(option: ConversationPathLLMConfig, paths: Sequence[PathSource])
     for path in paths:
         if path.id == option.conversation_path_id:
             return path
-    raise PipelineUnavailable(f"llm: conversation path {option.conversation_path_id} is not linked to this agent")
+    raise PipelineUnavailable(
+        f"llm: conversation path {option.conversation_path_id} is not linked to this agent", stage="llm"
+    )
 
 
-def _build_tts(stage: Sequence[TTSConfig], voice: VoiceChoice | None, context: ProviderContext) -> TextToSpeech:
-    def make(option: TTSConfig, key: str | None) -> TextToSpeech:
-        if isinstance(option, ElevenLabsTTSConfig):
-            from pipelines.tts.elevenlabs import ElevenLabsTTS
-
-            return ElevenLabsTTS(
-                option,
-                api_key=key or "",
-                url=_settings(context).elevenlabs_url,
-                voice_id=_elevenlabs_voice(option, voice, context),
-            )
-        assert isinstance(option, EspeakTTSConfig)
-        name = option.voice
-        if voice is not None and voice.provider == "espeak" and voice.provider_voice_id:
-            name = voice.provider_voice_id
-        return EspeakTTS(voice=name, rate=option.rate, pitch=option.pitch)
-
-    synthesizers = _usable("tts", stage, context, make)
-    if len(synthesizers) == 1:
-        return synthesizers[0][1]  # type: ignore[no-any-return]
-    return FallbackTTS(synthesizers, on_failover=context.on_failover)
+# ----------------------------------------------------------------------------------------------- text to speech
 
 
-DEFAULT_ELEVENLABS_VOICE = "21m00Tcm4TlvDq8ikWAM"  # ElevenLabs' stock "Rachel"
+def _elevenlabs(option: ElevenLabsTTSConfig, key: str | None, build: _Build) -> TextToSpeech:
+    from pipelines.tts.elevenlabs import ElevenLabsTTS
+
+    context = build.context
+    return ElevenLabsTTS(
+        option,
+        clients=context.clients,
+        api_key=key or "",
+        url=context.settings.elevenlabs_url,
+        voice_id=_elevenlabs_voice(option, build.voice, context),
+    )
+
+
+def _espeak(option: EspeakTTSConfig, key: str | None, build: _Build) -> TextToSpeech:
+    voice, name = build.voice, option.voice
+    if voice is not None and voice.provider == "espeak" and voice.provider_voice_id:
+        name = voice.provider_voice_id
+    return EspeakTTS(voice=name, rate=option.rate, pitch=option.pitch)
+
+
+TTS_PROVIDERS: Mapping[str, _Factory[TextToSpeech]] = {"elevenlabs": _elevenlabs, "espeak": _espeak}
+"""Text-to-speech factories by the configuration's `provider` name."""
 
 
 def _elevenlabs_voice(option: ElevenLabsTTSConfig, voice: VoiceChoice | None, context: ProviderContext) -> str:

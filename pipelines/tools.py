@@ -17,6 +17,7 @@ from typing import Any, Literal
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipelines.errors import ProviderError
 from pipelines.url_safety import UnsafeURL, ensure_public_url
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ BUILTIN_FUNCTIONS: tuple[FunctionSpec, ...] = (
 BUILTIN_NAMES = frozenset(spec.name for spec in BUILTIN_FUNCTIONS)
 
 
-class ToolConfigurationError(ValueError):
+class ToolConfigurationError(ProviderError, ValueError, stage="tools"):
     """A Tool's configuration cannot be used as a function."""
 
 
@@ -169,10 +170,10 @@ class ToolRunner:
         functions: Sequence[AgentFunction],
         *,
         call: Mapping[str, Any],
+        session: aiohttp.ClientSession,
         allow_private: bool = False,
-        session: aiohttp.ClientSession | None = None,
     ) -> None:
-        """Serve `functions`; `call` (ids of the call) is sent with every request."""
+        """Serve `functions` over `session` (the engine's, shared by calls); `call` (the call's ids) goes with each."""
         self._functions = {f.spec.name: f for f in functions}
         self._call = dict(call)
         self._allow_private = allow_private
@@ -190,8 +191,7 @@ class ToolRunner:
             return f"error: there is no function named {name!r}"
         try:
             await ensure_public_url(function.url, allow_private=self._allow_private)
-            session = self._session or _shared_session()
-            async with session.request(
+            async with self._session.request(
                 function.method,
                 function.url,
                 json={"function": name, "arguments": dict(arguments), "call": self._call},
@@ -218,22 +218,3 @@ def parse_arguments(raw: str) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return value if isinstance(value, dict) else {}
-
-
-_SESSION: aiohttp.ClientSession | None = None
-
-
-def _shared_session() -> aiohttp.ClientSession:
-    # One connection pool for every call's tool webhooks in this process.
-    global _SESSION  # noqa: PLW0603
-    if _SESSION is None or _SESSION.closed:
-        _SESSION = aiohttp.ClientSession()
-    return _SESSION
-
-
-async def close_shared_session() -> None:
-    """Close the process-wide HTTP session (at engine shutdown)."""
-    global _SESSION  # noqa: PLW0603
-    if _SESSION is not None:
-        await _SESSION.close()
-        _SESSION = None

@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from pipelines.llm.openai_chat import close_openai_clients
+from pipelines.clients import ProviderClients
 from storage.embedded import start_embedded
 from tests.databases import TestDatabases
 
@@ -62,8 +62,9 @@ async def pool(databases: TestDatabases, db_url: str) -> AsyncIterator[asyncpg.P
     await pool.close()
 
 
-@pytest.fixture(scope="session", autouse=True)
-async def shared_openai_clients() -> AsyncIterator[None]:
-    """Close the OpenAI clients pipelines built during the session (an engine closes its own at shutdown)."""
-    yield
-    await close_openai_clients()
+@pytest.fixture(scope="session")
+async def provider_clients() -> AsyncIterator[ProviderClients]:
+    """SDK clients for providers built outside an engine (an engine makes and closes its own)."""
+    clients = ProviderClients()
+    yield clients
+    await clients.aclose()

@@ -13,7 +13,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from openai import AsyncOpenAI
 
 from config.agent import AgentConfiguration, parse_agent_configuration
 from config.settings import load_settings
@@ -23,7 +22,8 @@ from engine.call.driver import DriverFactory
 from engine.call.realtime import realtime_driver
 from engine.call.session import GREETING_WAIT_SECONDS, CallContext, CallSession
 from engine.workers.post_call import PostCallDeps, analyze_call
-from pipelines.registry import ProviderContext, build_pipeline
+from pipelines.clients import ProviderClients
+from pipelines.registry import ProviderContext, ProviderKeys, build_pipeline
 from storage import agents
 from storage.call_logs import CallLog
 from storage.call_turns import CallTurn, list_turns
@@ -150,14 +150,16 @@ async def call_on(
             deepgram_url=deepgram.url,
             openai_base_url=openai.base_url,
         )
+        clients = ProviderClients()
+        stack.push_async_callback(clients.aclose)
+        context = ProviderContext(keys=ProviderKeys(settings), clients=clients, instructions="Front desk.")
         driver: DriverFactory
         fallback: DriverFactory | None = None
         if config.realtime_fallback:
-            built = build_pipeline(config, context=ProviderContext(settings=settings, instructions="Front desk."))
+            built = build_pipeline(config, context=context)
             fallback = pipeline_driver(built, first_sentence=config.first_sentence)
         if kind == "realtime":
-            client = AsyncOpenAI(api_key=OPENAI_KEY, base_url=realtime.base_url)
-            stack.push_async_callback(client.close)
+            client = clients.openai(OPENAI_KEY, realtime.base_url)
             assert config.realtime
             driver = realtime_driver(
                 client=client,
@@ -166,7 +168,7 @@ async def call_on(
                 first_sentence=config.first_sentence,
             )
         else:
-            pipeline = build_pipeline(config, context=ProviderContext(settings=settings, instructions="Front desk."))
+            pipeline = build_pipeline(config, context=context)
             driver = pipeline_driver(pipeline, first_sentence=config.first_sentence)
         line = TwilioLine()
         writer = writer_for(pool, log)
@@ -298,8 +300,12 @@ async def test_post_call_analysis_summarizes_and_judges_the_call(kind: str, pool
         await rig.finish()
         rig.openai.json_replies.append('{"summary": "an appointment", "success": true, "reason": "booked"}')
         settings = load_settings(database_url=db_url, openai_api_key=OPENAI_KEY, openai_base_url=rig.openai.base_url)
-        deps = PostCallDeps(pool=pool, settings=settings)
-        result = await analyze_call(deps, organization_id=rig.log.organization_id, call_log_id=rig.log.id)
+        clients = ProviderClients()
+        try:
+            deps = PostCallDeps(pool=pool, settings=settings, clients=clients)
+            result = await analyze_call(deps, organization_id=rig.log.organization_id, call_log_id=rig.log.id)
+        finally:
+            await clients.aclose()
     assert (result.error, result.skipped) == (None, None)
     assert (result.summary, result.success) == ("an appointment", True)
     assert rig.openai.json_requests, "the analysis asked the model"

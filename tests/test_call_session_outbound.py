@@ -14,7 +14,8 @@ from config.agent import parse_agent_configuration
 from config.settings import load_settings
 from engine.call.cascade import pipeline_driver
 from engine.call.session import GREETING_WAIT_SECONDS, CallContext, CallSession
-from pipelines.registry import ProviderContext, build_pipeline
+from pipelines.clients import ProviderClients
+from pipelines.registry import ProviderContext, ProviderKeys, build_pipeline
 from storage.call_turns import CallTurn, list_turns
 from tests.fakes.deepgram import FakeDeepgram
 from tests.fakes.openai_chat import FakeOpenAI
@@ -40,7 +41,8 @@ async def outbound_call(pool: asyncpg.Pool, **behaviour: Any) -> AsyncIterator[t
                 **behaviour,
             }
         )
-        pipeline = build_pipeline(config, context=ProviderContext(settings=settings))
+        clients = ProviderClients()
+        pipeline = build_pipeline(config, context=ProviderContext(keys=ProviderKeys(settings), clients=clients))
         line = TwilioLine()
         log, agent_id = await new_call(pool)
         writer = writer_for(pool, log)
@@ -65,6 +67,7 @@ async def outbound_call(pool: asyncpg.Pool, **behaviour: Any) -> AsyncIterator[t
             outcome = await asyncio.wait_for(task, 15)
             await line.stop()
             await writer.finish(outcome)
+            await clients.aclose()
 
 
 async def test_the_agent_waits_for_the_callees_hello_then_says_its_first_sentence(pool: asyncpg.Pool) -> None:

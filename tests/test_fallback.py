@@ -7,28 +7,32 @@ from typing import Any
 
 from config.agent import parse_agent_configuration
 from config.settings import load_settings
+from pipelines.clients import ProviderClients
 from pipelines.fallback import FallbackLLM, FallbackTTS
 from pipelines.llm.base import ConversationTurn, TextDelta
-from pipelines.registry import ProviderContext, build_pipeline
+from pipelines.registry import ProviderContext, ProviderKeys, build_pipeline
 from pipelines.tts.base import Alignment
 from tests.fakes.elevenlabs import FakeElevenLabs
 from tests.fakes.openai_chat import FakeOpenAI
 
 
-def context(**settings: Any) -> tuple[ProviderContext, list[tuple[str, str, str]]]:
+def context(clients: ProviderClients, **settings: Any) -> tuple[ProviderContext, list[tuple[str, str, str]]]:
     switches: list[tuple[str, str, str]] = []
     return (
         ProviderContext(
-            settings=load_settings(**settings),
+            keys=ProviderKeys(load_settings(**settings)),
+            clients=clients,
             on_failover=lambda *switch: switches.append(switch),
         ),
         switches,
     )
 
 
-async def test_a_model_failing_before_it_says_anything_is_replaced_for_the_rest_of_the_call() -> None:
+async def test_a_model_failing_before_it_says_anything_is_replaced_for_the_rest_of_the_call(
+    provider_clients: ProviderClients,
+) -> None:
     async with FakeOpenAI(api_key="sk-test", default_reply="From the cloud.") as openai:
-        ctx, switches = context(openai_api_key="sk-test", openai_base_url=openai.base_url)
+        ctx, switches = context(provider_clients, openai_api_key="sk-test", openai_base_url=openai.base_url)
         config = parse_agent_configuration({"llm": [{"provider": "openai"}, {"provider": "conversation_path"}]})
         llm = build_pipeline(config, context=ctx).llm
         assert isinstance(llm, FallbackLLM)
@@ -45,9 +49,11 @@ async def test_a_model_failing_before_it_says_anything_is_replaced_for_the_rest_
     assert [e for e in later if isinstance(e, TextDelta)]
 
 
-async def test_a_synthesizer_failing_on_both_transports_is_replaced_by_the_next() -> None:
+async def test_a_synthesizer_failing_on_both_transports_is_replaced_by_the_next(
+    provider_clients: ProviderClients,
+) -> None:
     async with FakeElevenLabs(api_key="el-test") as elevenlabs:
-        ctx, switches = context(elevenlabs_api_key="el-test", elevenlabs_url=elevenlabs.url)
+        ctx, switches = context(provider_clients, elevenlabs_api_key="el-test", elevenlabs_url=elevenlabs.url)
         config = parse_agent_configuration({"tts": [{"provider": "elevenlabs", "voice": "v1"}, {"provider": "espeak"}]})
         tts = build_pipeline(config, context=ctx).tts
         assert isinstance(tts, FallbackTTS)
@@ -63,8 +69,8 @@ async def test_a_synthesizer_failing_on_both_transports_is_replaced_by_the_next(
     assert len(audio) > 8 * 300  # eSpeak spoke the second
 
 
-async def test_a_stage_whose_every_provider_lacks_a_key_names_the_keys() -> None:
-    ctx, _ = context()
+async def test_a_stage_whose_every_provider_lacks_a_key_names_the_keys(provider_clients: ProviderClients) -> None:
+    ctx, _ = context(provider_clients)
     config = parse_agent_configuration({"stt": {"provider": "deepgram", "api_key_ref": "env:DIALTONE_AGENT_KEY_DG"}})
     try:
         build_pipeline(config, context=ctx)

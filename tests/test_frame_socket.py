@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from engine.call.frame_socket import DIRECT, DIRECT_AIOHTTP, FrameHandlerFailed, FrameSocket, TextFrames
+from engine.call.frame_socket import FrameHandlerFailed, FrameSocket, TextFrames
 from media.twilio_stream import MalformedMessage
 from tests.fakes.server import serve
 
@@ -81,13 +81,6 @@ async def send_all(
         if binary is not None:
             await ws.send_bytes(binary)
         await ws.close()
-
-
-def test_the_installed_aiohttp_is_one_whose_internals_were_checked() -> None:
-    # pyproject pins the aiohttp whose _post_start frame_socket.py reproduces; on any other the engine still works
-    # (frames go through receive()), only slower, and this fails until _post_start is checked again.
-    assert aiohttp.__version__.startswith(DIRECT_AIOHTTP)
-    assert DIRECT
 
 
 async def test_frames_after_the_hand_over_go_to_the_callback_in_order() -> None:

@@ -15,6 +15,7 @@ from aiohttp import web
 from openai import AsyncOpenAI
 
 from config.agent import OpenAILLMConfig
+from pipelines.clients import ProviderClients
 from pipelines.llm import openai_chat
 from pipelines.llm.base import (
     ConversationTurn,
@@ -26,7 +27,7 @@ from pipelines.llm.base import (
     TextDelta,
     TransferCall,
 )
-from pipelines.llm.openai_chat import MAX_TOOL_ROUNDS, OpenAIChatLLM, openai_client
+from pipelines.llm.openai_chat import MAX_TOOL_ROUNDS, OpenAIChatLLM
 from pipelines.tools import ToolRunner, agent_functions
 from tests.fakes.openai_chat import FakeOpenAI, ToolCall, token_deltas
 from tests.fakes.server import serve
@@ -393,11 +394,13 @@ async def test_closing_a_reply_early_closes_its_stream(fake: FakeOpenAI, client:
 # --------------------------------------------------------------------------------------------------- clients
 
 
-async def test_replies_one_after_another_reuse_one_connection(fake: FakeOpenAI) -> None:
+async def test_replies_one_after_another_reuse_one_connection(
+    fake: FakeOpenAI, provider_clients: ProviderClients
+) -> None:
     # Each stream is read to its end after [DONE], so HTTP/1.1 keeps the connection for the next reply, even when
     # the end of the body comes a moment after [DONE].
     fake.eof_delay_ms = 30
-    shared = openai_client(KEY, fake.base_url)  # the engine's client (aiohttp), closed with the test session
+    shared = provider_clients.openai(KEY, fake.base_url)  # the engine's kind of client (aiohttp)
     for reply in ("One.", "Two.", "Three."):
         fake.replies.append(reply)
         await respond(model(shared), caller("Hi"))
@@ -405,17 +408,17 @@ async def test_replies_one_after_another_reuse_one_connection(fake: FakeOpenAI) 
     assert len(set(fake.peers)) == 1
 
 
-async def test_openai_client_is_one_shared_client_per_key_and_url(fake: FakeOpenAI) -> None:
-    client = openai_client(KEY, fake.base_url)
+async def test_the_engines_clients_keep_one_openai_client_per_key_and_url(fake: FakeOpenAI) -> None:
+    clients = ProviderClients()
     try:
-        assert openai_client(KEY, fake.base_url + "/") is client
-        assert openai_client("sk-other", fake.base_url) is not client
+        client = clients.openai(KEY, fake.base_url)
+        assert clients.openai(KEY, fake.base_url + "/") is client
+        assert clients.openai("sk-other", fake.base_url) is not client
         assert client.max_retries == 1
         fake.replies.append("Hello.")
         assert spoken(await respond(model(client), caller("Hi"))) == "Hello."
     finally:
-        await client.close()
-        await openai_client("sk-other", fake.base_url).close()
+        await clients.aclose()
 
 
 async def test_the_fakes_default_reply_can_answer_the_last_caller_turn() -> None:

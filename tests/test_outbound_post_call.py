@@ -15,7 +15,7 @@ import pytest
 from config.agent import parse_agent_configuration
 from config.settings import load_settings
 from engine.workers.post_call import PostCallAnalyzer, PostCallDeps, analyze_call
-from pipelines.llm.openai_chat import close_openai_clients
+from pipelines.clients import ProviderClients
 from storage import agents, call_logs, call_turns, campaigns, events, organizations
 from storage.call_turns import TurnRecord
 from storage.enums import CallerType, CallStatus, CallType
@@ -31,14 +31,13 @@ async def openai() -> AsyncIterator[FakeOpenAI]:
     """The fake OpenAI."""
     async with FakeOpenAI(api_key=OPENAI_KEY) as fake:
         yield fake
-    await close_openai_clients()
 
 
 @pytest.fixture(scope="module")
-def deps(db_url: str, pool: asyncpg.Pool, openai: FakeOpenAI) -> PostCallDeps:
-    """The database, and settings pointing OpenAI at the fake."""
+def deps(db_url: str, pool: asyncpg.Pool, openai: FakeOpenAI, provider_clients: ProviderClients) -> PostCallDeps:
+    """The database, settings pointing OpenAI at the fake, and the SDK clients."""
     settings = load_settings(database_url=db_url, openai_api_key=OPENAI_KEY, openai_base_url=openai.base_url)
-    return PostCallDeps(pool=pool, settings=settings)
+    return PostCallDeps(pool=pool, settings=settings, clients=provider_clients)
 
 
 @pytest.fixture(scope="module")

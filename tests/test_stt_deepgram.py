@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from config.agent import DeepgramSTTConfig
+from pipelines.clients import ProviderClients
 from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, STTEvent, TranscriptUpdate
 from pipelines.stt.deepgram import DeepgramSTT
 from tests.fakes.deepgram import FakeDeepgram
@@ -17,6 +18,14 @@ from tests.speech import noise_frames, silent_frames
 
 API_KEY = "dg-test-key-4f9a"
 FAST_RECONNECT = (0.02, 0.05, 0.1)
+CLIENTS = ProviderClients()
+"""The SDK clients of this module's recognizers, as an engine's are shared by its calls."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    yield
+    await CLIENTS.aclose()
 
 
 def speech(ms: int) -> list[bytes]:
@@ -38,7 +47,7 @@ def recognizer(fake: FakeDeepgram, **options: Any) -> DeepgramSTT:
     """A recognizer on `fake`: options named like DeepgramSTTConfig fields configure Deepgram, the rest DeepgramSTT."""
     settings = {"reconnect_delays": FAST_RECONNECT, **options}
     stt_options = {key: settings.pop(key) for key in list(settings) if key in DeepgramSTTConfig.model_fields}
-    return DeepgramSTT(config(**stt_options), api_key=API_KEY, url=fake.url, **settings)
+    return DeepgramSTT(config(**stt_options), clients=CLIENTS, api_key=API_KEY, url=fake.url, **settings)
 
 
 async def feed(stt: DeepgramSTT, frames: Sequence[bytes]) -> None:
@@ -267,7 +276,7 @@ async def test_replay_audio_holds_only_what_no_final_result_covers(fake: FakeDee
 
 
 def test_replay_audio_is_bounded() -> None:
-    stt = DeepgramSTT(config(), api_key=API_KEY, url="ws://127.0.0.1:9", max_replay_ms=1000)
+    stt = DeepgramSTT(config(), clients=CLIENTS, api_key=API_KEY, url="ws://127.0.0.1:9", max_replay_ms=1000)
     for frame in speech(3000):
         stt.send_audio(frame)
     assert len(stt.replay_audio()) == 1000 * 8
@@ -305,7 +314,7 @@ async def test_events_already_received_are_yielded_before_the_stt_error(fake: Fa
 
 
 async def test_a_wrong_key_fails_start_naming_the_cause_not_the_key(fake: FakeDeepgram) -> None:
-    stt = DeepgramSTT(config(), api_key="dg-wrong-secret-123", url=fake.url)
+    stt = DeepgramSTT(config(), clients=CLIENTS, api_key="dg-wrong-secret-123", url=fake.url)
     with pytest.raises(STTError) as failure:
         await stt.start()
     assert "API key" in str(failure.value)
@@ -316,7 +325,7 @@ async def test_a_wrong_key_fails_start_naming_the_cause_not_the_key(fake: FakeDe
 
 
 async def test_an_unreachable_host_fails_start_naming_the_host(unused_port: int) -> None:
-    stt = DeepgramSTT(config(), api_key=API_KEY, url=f"ws://127.0.0.1:{unused_port}")
+    stt = DeepgramSTT(config(), clients=CLIENTS, api_key=API_KEY, url=f"ws://127.0.0.1:{unused_port}")
     with pytest.raises(STTError, match=f"could not reach deepgram at 127.0.0.1:{unused_port}"):
         await stt.start()
 
@@ -360,7 +369,7 @@ async def test_close_while_connecting_ends_start_with_stt_error() -> None:
     server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server:
-        stt = DeepgramSTT(config(), api_key=API_KEY, url=f"ws://127.0.0.1:{port}")
+        stt = DeepgramSTT(config(), clients=CLIENTS, api_key=API_KEY, url=f"ws://127.0.0.1:{port}")
         starting = asyncio.create_task(stt.start())
         await asyncio.sleep(0.1)
         async with asyncio.timeout(2):

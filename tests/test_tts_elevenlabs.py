@@ -12,13 +12,13 @@ from typing import Any, cast
 import pytest
 
 from config.agent import ElevenLabsTTSConfig
+from pipelines.clients import ProviderClients
 from pipelines.tts import elevenlabs
 from pipelines.tts.base import Alignment, TTSError
 from pipelines.tts.elevenlabs import (
     STANDBY_MAX_AGE_S,
     WS_FAILURES_BEFORE_HTTP,
     ElevenLabsTTS,
-    close_http_clients,
 )
 from tests.fakes.elevenlabs import FakeElevenLabs, Spoken
 
@@ -29,10 +29,14 @@ OTHER_SENTENCE = "Your table is booked for eight."
 THIRD_SENTENCE = "Is there anything else?"
 
 
+CLIENTS = ProviderClients()
+"""The SDK clients of this module's synthesizers, as an engine's are shared by its calls."""
+
+
 @pytest.fixture(scope="module", autouse=True)
-async def _shared_http_clients() -> AsyncIterator[None]:
+async def _close_clients() -> AsyncIterator[None]:
     yield
-    await close_http_clients()
+    await CLIENTS.aclose()
 
 
 def synthesizer(
@@ -40,6 +44,7 @@ def synthesizer(
 ) -> ElevenLabsTTS:
     return ElevenLabsTTS(
         ElevenLabsTTSConfig(**config),
+        clients=CLIENTS,
         api_key=api_key,
         url=fake.url,
         voice_id=VOICE_ID,

@@ -6,15 +6,19 @@ about 5 of the 15-18 µs aiohttp spends on each message, and a call's media stre
 is set, and queues everything else (close, ping, binary, and text that arrives while older frames still wait in
 the queue, so the order holds) for `receive()` as before.
 
-This leans on aiohttp internals: `_post_start` and the reader's `WebSocketDataQueue`. pyproject pins aiohttp to
-the versions checked to match (`DIRECT_AIOHTTP`); an install that overrides the pin gets an ordinary
-WebSocketResponse, frames go through `receive()`, and the engine logs once that it runs the slower way.
+This leans on aiohttp internals: `_post_start` (copied) and the reader's `WebSocketDataQueue` (subclassed). It
+does so only where their source is the one it was written against (`CHECKED_SOURCES`); on any other aiohttp,
+`FrameSocket` is an ordinary WebSocketResponse, frames go through `receive()`, and the engine logs once that it runs
+the slower way.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+import pkgutil
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
@@ -24,8 +28,30 @@ from media.twilio_stream import MalformedMessage
 
 log = logging.getLogger(__name__)
 
-DIRECT_AIOHTTP = ("3.14.",)
-"""aiohttp versions whose `WebSocketResponse._post_start` this module's copy matches."""
+CHECKED_SOURCES: Mapping[str, str] = {
+    "aiohttp.web:WebSocketResponse._post_start": "5537cb3f2ecae6ed9f4d27d6d9255adb414e81efcc4d23ede6bacd762d56ed93",
+    "aiohttp._websocket.reader_py:WebSocketDataQueue": (
+        "526af2531df720eec94960f1eb50889a2f3830966b5b606f73d8f9c875e91a8f"
+    ),
+}
+"""SHA-256 of the source of what this module copies or subclasses, in the aiohttp (3.14.5) it was checked against.
+
+The Cython `WebSocketDataQueue` in use is compiled from the pure-Python one's source, so that source stands for both.
+"""
+
+
+def installed_sources() -> dict[str, str | None]:
+    """SHA-256 of the same sources in the installed aiohttp (None where one is missing or has no source)."""
+    return {name: _source_hash(name) for name in CHECKED_SOURCES}
+
+
+def _source_hash(name: str) -> str | None:
+    try:
+        source = inspect.getsource(pkgutil.resolve_name(name))
+    except (ImportError, AttributeError, OSError, TypeError, ValueError):
+        return None
+    return hashlib.sha256(source.encode()).hexdigest()
+
 
 try:  # aiohttp's own names for its parser and queue (private; absent or moved on other versions)
     from aiohttp._websocket.reader import WebSocketDataQueue
@@ -34,7 +60,7 @@ try:  # aiohttp's own names for its parser and queue (private; absent or moved o
 except ImportError:  # pragma: no cover - depends on the installed aiohttp
     DIRECT = False
 else:
-    DIRECT = aiohttp.__version__.startswith(DIRECT_AIOHTTP)
+    DIRECT = installed_sources() == CHECKED_SOURCES
 """Whether text frames can be handed over as they are parsed on the installed aiohttp."""
 
 TextHandler = Callable[[str], None]
@@ -81,23 +107,22 @@ class FrameSocket(web.WebSocketResponse):
 
     _handing: Any = None
 
-    def _post_start(self, request: Any, protocol: str | None, writer: Any) -> None:
-        if not DIRECT:
-            super()._post_start(request, protocol, writer)
-            return
-        # aiohttp 3.14's _post_start, with the handing queue in place of WebSocketDataQueue.
-        self._ws_protocol = protocol
-        self._writer = writer
-        self._reset_heartbeat()
-        loop = self._loop
-        assert loop is not None
-        self._reader = self._handing = _HandingQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=loop)
-        self._parser = WebSocketReader(
-            self._reader, self._max_msg_size, compress=bool(self._compress), decode_text=self._decode_text
-        )
-        callback = None if self._heartbeat is None else self._on_data_received
-        request.protocol.set_parser(self._parser, data_received_cb=callback)
-        request.protocol.keep_alive(False)
+    if DIRECT:  # elsewhere aiohttp's own _post_start runs, whatever its signature
+
+        def _post_start(self, request: Any, protocol: str | None, writer: Any) -> None:
+            # aiohttp 3.14's _post_start, with the handing queue in place of WebSocketDataQueue.
+            self._ws_protocol = protocol
+            self._writer = writer
+            self._reset_heartbeat()
+            loop = self._loop
+            assert loop is not None
+            self._reader = self._handing = _HandingQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=loop)
+            self._parser = WebSocketReader(
+                self._reader, self._max_msg_size, compress=bool(self._compress), decode_text=self._decode_text
+            )
+            callback = None if self._heartbeat is None else self._on_data_received
+            request.protocol.set_parser(self._parser, data_received_cb=callback)
+            request.protocol.keep_alive(False)
 
     def hand_to(self, on_text: TextHandler | None) -> bool:
         """Give text frames to `on_text` as they arrive, after any already queued; False where aiohttp cannot."""
@@ -140,9 +165,10 @@ class TextFrames:
 def log_if_not_direct() -> None:
     """Say once, at start-up, when the installed aiohttp makes every frame go through `receive()`."""
     if not DIRECT:
+        changed = [name for name, digest in installed_sources().items() if digest != CHECKED_SOURCES[name]]
         log.warning(
-            "aiohttp %s is not one whose internals engine/call/frame_socket.py was checked against (%s): media frames "
-            "go through receive(), about 5 µs more per frame",
+            "aiohttp %s: %s differ from what engine/call/frame_socket.py was checked against: media frames go through "
+            "receive(), about 5 µs more per frame",
             aiohttp.__version__,
-            ", ".join(f"{version}x" for version in DIRECT_AIOHTTP),
+            ", ".join(changed),
         )

@@ -27,7 +27,7 @@ from engine.call.outbound_audio import SendText
 from engine.call.session import CallContext, CallSession
 from engine.call.setup import PreparedCall, prepare_call
 from engine.server import metrics
-from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
+from engine.server.appkeys import DATABASE, LIVE_CALLS, PROVIDER_CLIENTS, SETTINGS, TWILIO
 from engine.twilio.signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
 from engine.twilio.webhooks import CALL_LOG_PARAMETER
 from engine.workers.post_call import POST_CALL
@@ -36,8 +36,8 @@ from engine.workers.recordings import RECORDING_KEY, recording_url
 from engine.workers.recovery import NODE_ID
 from media.recording import StereoWavRecorder
 from media.twilio_stream import MalformedMessage, Started, StreamProtocolError, TwilioStream
+from pipelines.errors import ProviderError
 from pipelines.registry import PipelineUnavailable, RealtimePlan, VoiceChoice, build_pipeline, plan_realtime
-from pipelines.tools import ToolConfigurationError
 from storage import agents, call_logs
 from storage.call_logs import CallLog, InvalidCallTransition
 from storage.end_reasons import EndReason
@@ -125,10 +125,9 @@ def _drivers(
     if realtime is None:
         return pipeline(), None
     from engine.call.realtime import realtime_driver  # speech-to-speech agents only
-    from pipelines.realtime.openai_realtime import realtime_client
 
     driver = realtime_driver(
-        client=realtime_client(realtime.api_key, realtime.base_url),
+        client=prepared.context.clients.openai(realtime.api_key, realtime.base_url),
         realtime=realtime_voice(realtime.config, prepared.voice),
         instructions=prepared.context.instructions,
         tools=prepared.context.tools,
@@ -157,7 +156,7 @@ def _realtime_plan(config: AgentConfiguration, prepared: PreparedCall) -> Realti
     if not config.realtime:
         return None
     try:
-        return plan_realtime(config, prepared.context)
+        return plan_realtime(config, prepared.context.keys)
     except PipelineUnavailable:
         if config.realtime_fallback:
             log.warning("the agent's realtime model has no key here: its fallback pipeline takes the call")
@@ -185,11 +184,13 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     bundle = await agents.load_agent_bundle(pool, organization_id=call_log.organization_id, agent_id=call_log.agent_id)
     try:
         config = parse_agent_configuration(bundle.agent.configuration)
-        prepared = await prepare_call(pool, settings=settings, config=config, bundle=bundle, call_log=call_log)
+        prepared = await prepare_call(
+            pool, settings=settings, clients=app[PROVIDER_CLIENTS], config=config, bundle=bundle, call_log=call_log
+        )
         realtime = _realtime_plan(config, prepared)
         twilio = app.get(TWILIO)
         driver, fallback = _drivers(config, prepared, realtime=realtime, can_transfer=twilio is not None)
-    except (AgentConfigurationError, PipelineUnavailable, ToolConfigurationError) as exc:
+    except (AgentConfigurationError, ProviderError) as exc:
         log.error("call %s: cannot build the agent's pipeline: %s", started.call_sid, exc)
         await _fail(pool, call_log, EndReason.PIPELINE_UNAVAILABLE, str(exc))
         return

@@ -1,6 +1,6 @@
 """What a call needs before its first word: the agent's configuration, prompt, functions, keys and voice.
 
-The voice webhook uses `provider_context` with `check_pipeline` to refuse a call its agent cannot run (a
+The voice webhook uses `provider_keys` with `check_pipeline` to refuse a call its agent cannot run (a
 missing key) before answering it; the media socket uses `prepare_call` to build the call's providers.
 """
 
@@ -17,9 +17,10 @@ import phonenumbers
 from config.agent import AgentConfiguration, ElevenLabsTTSConfig
 from config.settings import Settings
 from engine.server import metrics
+from pipelines.clients import ProviderClients
 from pipelines.fallback import OnFailover
 from pipelines.llm.prompt import call_variables, render_prompt
-from pipelines.registry import PathSource, ProviderContext, VoiceChoice
+from pipelines.registry import PathSource, ProviderContext, ProviderKeys, VoiceChoice
 from pipelines.tools import ToolRunner, agent_functions
 from storage import campaigns, voices
 from storage.agents import AgentBundle
@@ -55,15 +56,16 @@ def tool_keys(bundle: AgentBundle) -> dict[str, str]:
     return keys
 
 
-def provider_context(settings: Settings, bundle: AgentBundle) -> ProviderContext:
+def provider_keys(settings: Settings, bundle: AgentBundle) -> ProviderKeys:
     """Keys and endpoints only: enough to tell whether the agent's providers can run."""
-    return ProviderContext(settings=settings, tool_keys=tool_keys(bundle))
+    return ProviderKeys(settings, tool_keys=tool_keys(bundle))
 
 
 async def prepare_call(
     db: Queryable,
     *,
     settings: Settings,
+    clients: ProviderClients,
     config: AgentConfiguration,
     bundle: AgentBundle,
     call_log: CallLog,
@@ -74,6 +76,7 @@ async def prepare_call(
 
     A campaign call speaks its campaign's taskPrompt and firstSentence when they are set; per-call variables
     (CallLog.metadata.variables, e.g. a recipient's columns) fill `{{...}}` placeholders with the agent's own.
+    The call's providers and functions will go through the engine's `clients`.
     """
     campaign = None
     if call_log.campaign_id is not None:
@@ -109,6 +112,7 @@ async def prepare_call(
             "agentId": call_log.agent_id,
             "customer": call_log.phone_number,
         },
+        session=clients.http(),
         allow_private=settings.allow_private_tool_urls,
     )
     voice_ids: dict[str, str] = {}
@@ -117,8 +121,8 @@ async def prepare_call(
             if voice.provider == "elevenlabs" and voice.provider_voice_id:
                 voice_ids.setdefault(voice.name.lower(), voice.provider_voice_id)
     context = ProviderContext(
-        settings=settings,
-        tool_keys=tool_keys(bundle),
+        keys=provider_keys(settings, bundle),
+        clients=clients,
         instructions=rendered.text,
         tools=runner,
         voice_ids=voice_ids,

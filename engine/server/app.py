@@ -13,7 +13,7 @@ from engine.call import media_socket
 from engine.call.live_calls import LiveCalls
 from engine.campaigns.dispatcher import dispatcher_context
 from engine.server import health, metrics
-from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
+from engine.server.appkeys import DATABASE, LIVE_CALLS, PROVIDER_CLIENTS, SETTINGS, TWILIO
 from engine.twilio import webhooks as twilio_webhooks
 from engine.twilio.rest import TwilioCalls
 from engine.workers.post_call import post_call_context
@@ -21,9 +21,7 @@ from engine.workers.recording_io import recording_io_context
 from engine.workers.recordings import handle_recording, recordings_context
 from engine.workers.recovery import recovery_context
 from engine.workers.webhook_delivery import webhook_delivery_context
-from pipelines.llm.openai_chat import close_openai_clients
-from pipelines.tools import close_shared_session
-from pipelines.tts.elevenlabs import close_http_clients as close_elevenlabs_clients
+from pipelines.clients import ProviderClients
 from storage.end_reasons import EndReason
 from storage.migrate import migrate
 from storage.pool import open_database
@@ -40,6 +38,8 @@ def create_app(settings: Settings, *, apply_migrations: bool = True) -> web.Appl
     app.cleanup_ctx.append(_database_context(apply_migrations))
     app.cleanup_ctx.append(recovery_context)
     app.cleanup_ctx.append(webhook_delivery_context)
+    # Contexts clean up in reverse order: the clients close after the calls and their post-call analyses.
+    app.cleanup_ctx.append(_provider_clients_context)
     app.cleanup_ctx.append(post_call_context)
     app.cleanup_ctx.append(recordings_context)
     app.cleanup_ctx.append(recording_io_context)
@@ -73,11 +73,17 @@ async def _calls_context(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await app[LIVE_CALLS].end_all(EndReason.ENGINE_SHUTDOWN)
-        await close_shared_session()
-        await close_openai_clients()
-        await close_elevenlabs_clients()
         if twilio is not None:
             await twilio.close()
+
+
+async def _provider_clients_context(app: web.Application) -> AsyncIterator[None]:
+    """The SDK clients the calls, their functions and post-call analysis share (see `pipelines.clients`)."""
+    clients = app[PROVIDER_CLIENTS] = ProviderClients()
+    try:
+        yield
+    finally:
+        await clients.aclose()
 
 
 async def _end_live_calls(app: web.Application) -> None:

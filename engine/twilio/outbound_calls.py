@@ -29,7 +29,7 @@ from aiohttp.helpers import ChainMapProxy
 
 from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
 from config.settings import Settings
-from engine.call.setup import provider_context
+from engine.call.setup import provider_keys
 from engine.server.appkeys import DATABASE, SETTINGS, TWILIO
 from engine.twilio.rest import CallRefused, MachineDetection, TwilioCalls
 from engine.twilio.webhooks import (
@@ -326,7 +326,7 @@ async def _usable_agent(deps: OutboundDeps, organization_id: str, agent_id: str)
         raise AgentUnavailable(agent_id, "it is INACTIVE; activate it first")
     try:
         config = parse_agent_configuration(agent.configuration)
-        check_pipeline(config, provider_context(deps.settings, bundle))
+        check_pipeline(config, provider_keys(deps.settings, bundle))
     except (AgentConfigurationError, PipelineUnavailable) as exc:
         raise AgentUnavailable(agent_id, f"its configuration cannot run: {exc}") from None
     return config

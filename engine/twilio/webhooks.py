@@ -13,7 +13,7 @@ from aiohttp import web
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from config.agent import AgentConfigurationError, VoicemailConfig, parse_agent_configuration
-from engine.call.setup import provider_context
+from engine.call.setup import provider_keys
 from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
 from engine.twilio.signature import public_base_url, signature_is_valid
 from pipelines.llm.prompt import render_prompt
@@ -123,7 +123,7 @@ async def handle_voice(request: web.Request) -> web.Response:
         return refusal(MISCONFIGURED)
     bundle = await agents.load_agent_bundle(pool, organization_id=agent.organization_id, agent_id=agent.id)
     try:
-        check_pipeline(config, provider_context(settings, bundle))
+        check_pipeline(config, provider_keys(settings, bundle))
     except PipelineUnavailable as exc:
         # Most often a missing API key: the caller hears an apology, the operator reads which key in the log.
         log.error("call %s: agent %s cannot run: %s", call_sid, agent.id, exc)

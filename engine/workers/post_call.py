@@ -30,11 +30,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from config.agent import AgentConfiguration, AgentConfigurationError, OpenAILLMConfig, parse_agent_configuration
 from config.settings import Settings
-from engine.call.setup import provider_context
-from engine.server.appkeys import DATABASE, SETTINGS
+from engine.call.setup import provider_keys
+from engine.server.appkeys import DATABASE, PROVIDER_CLIENTS, SETTINGS
 from engine.twilio.webhooks import END_VOICEMAIL_HANGUP, END_VOICEMAIL_LEFT
 from engine.workers.recovery import NODE_ID
-from pipelines.llm.openai_chat import openai_client
+from pipelines.clients import ProviderClients
 from pipelines.llm.prompt import render_prompt
 from pipelines.registry import ProviderKeyMissing, provider_key
 from storage import agents, call_logs, call_turns, campaigns, webhook_outbox
@@ -62,7 +62,7 @@ _NO_SUMMARY_RULE = '`summary` is "" (no summary was asked for).'
 
 
 class AnalysisDeps(Protocol):
-    """What analysis needs: the database and the settings (OutboundDeps and PostCallDeps both qualify)."""
+    """What analysis needs: the database, the settings and the engine's SDK clients (PostCallDeps qualifies)."""
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -74,18 +74,24 @@ class AnalysisDeps(Protocol):
         """The engine's settings (the OpenAI base URL and key)."""
         ...
 
+    @property
+    def clients(self) -> ProviderClients:
+        """The engine's SDK clients (the OpenAI one asks the model)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class PostCallDeps:
-    """The database and settings of a running engine, or of a script."""
+    """The database, settings and SDK clients of a running engine, or of a script."""
 
     pool: asyncpg.Pool
     settings: Settings
+    clients: ProviderClients
 
     @classmethod
     def from_app(cls, app: web.Application) -> PostCallDeps:
-        """The running engine's database and settings."""
-        return cls(pool=app[DATABASE].pool, settings=app[SETTINGS])
+        """The running engine's database, settings and SDK clients."""
+        return cls(pool=app[DATABASE].pool, settings=app[SETTINGS], clients=app[PROVIDER_CLIENTS])
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +164,7 @@ async def analyze_call(deps: AnalysisDeps, *, organization_id: str, call_log_id:
     )
     option, api_key = model
     try:
-        verdict = await _ask(deps.settings, option, api_key, messages)
+        verdict = await _ask(deps, option, api_key, messages)
     except _AnalysisError as exc:
         log.warning("CallLog %s: post-call analysis failed: %s", call_log.id, exc)
         await _store(pool, call_log, {"analysis": {"error": str(exc), "model": option.model, "at": _now()}})
@@ -212,14 +218,14 @@ def _analysis_model(
 ) -> tuple[OpenAILLMConfig, str] | None:
     """The agent's first OpenAI language model whose key is available, with that key; for a speech-to-speech agent,
     its realtime entry's analysis model, with the realtime key."""
-    context = provider_context(settings, bundle)
+    keys = provider_keys(settings, bundle)
     candidates = [option for option in config.llm if isinstance(option, OpenAILLMConfig)]
     candidates += [
         OpenAILLMConfig(model=option.analysis_model, api_key_ref=option.api_key_ref) for option in config.realtime or ()
     ]
     for option in candidates:
         try:
-            key = provider_key(option, context)
+            key = provider_key(option, keys, stage="llm")
         except ProviderKeyMissing as exc:
             log.info("post-call analysis cannot use %s: %s", option.model, exc)
             continue
@@ -258,9 +264,9 @@ class _AnalysisError(Exception):
 
 
 async def _ask(
-    settings: Settings, option: OpenAILLMConfig, api_key: str, messages: list[ChatCompletionMessageParam]
+    deps: AnalysisDeps, option: OpenAILLMConfig, api_key: str, messages: list[ChatCompletionMessageParam]
 ) -> _Verdict:
-    client = openai_client(api_key, settings.openai_base_url)
+    client = deps.clients.openai(api_key, deps.settings.openai_base_url)
     try:
         completion = await client.chat.completions.create(
             model=option.model,
@@ -387,7 +393,10 @@ POST_CALL = web.AppKey("post_call", PostCallAnalyzer)
 
 
 async def post_call_context(app: web.Application) -> AsyncIterator[None]:
-    """The engine's PostCallAnalyzer and its sweep, for as long as the app runs (after recovery: needs NODE_ID)."""
+    """The engine's PostCallAnalyzer and its sweep, for as long as the app runs.
+
+    It starts after recovery (it needs NODE_ID) and after the provider clients, which close after its grace period.
+    """
     analyzer = PostCallAnalyzer(PostCallDeps.from_app(app), node_id=app[NODE_ID])
     app[POST_CALL] = analyzer
     sweeper = asyncio.create_task(analyzer.run(), name="post-call sweep")

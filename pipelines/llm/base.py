@@ -6,6 +6,19 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from pipelines.errors import LLMError
+
+__all__ = [
+    "ConversationTurn",
+    "EndCall",
+    "LLMError",
+    "LLMEvent",
+    "LanguageModel",
+    "SendDtmf",
+    "TextDelta",
+    "TransferCall",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class ConversationTurn:
@@ -45,10 +58,6 @@ class SendDtmf:
 
 
 LLMEvent = TextDelta | EndCall | TransferCall | SendDtmf
-
-
-class LLMError(Exception):
-    """The model failed to produce a reply."""
 
 
 class LanguageModel(Protocol):

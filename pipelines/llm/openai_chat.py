@@ -30,6 +30,7 @@ from openai.types.chat import (
 )
 
 from config.agent import OpenAILLMConfig
+from pipelines.clients import CloseClient
 from pipelines.llm.base import ConversationTurn, EndCall, LLMError, LLMEvent, SendDtmf, TextDelta, TransferCall
 from pipelines.tools import (
     BUILTIN_FUNCTIONS,
@@ -43,16 +44,13 @@ from pipelines.tools import (
 
 __all__ = [
     "MAX_TOOL_ROUNDS",
-    "OPENAI_BASE_URL",
     "OpenAIChatLLM",
     "TokenUsage",
-    "close_openai_clients",
-    "openai_client",
+    "new_client",
 ]
 
 log = logging.getLogger(__name__)
 
-OPENAI_BASE_URL: Final = "https://api.openai.com/v1"
 MAX_TOOL_ROUNDS: Final = 5
 """Completions per `respond()` that may end in function calls; the one after them is told to just talk."""
 DTMF_SENT: Final = "sent"
@@ -66,37 +64,24 @@ _POOL_LIMITS: Final = httpx2.Limits(max_connections=2000, max_keepalive_connecti
 _DRAIN_TIMEOUT_S: Final = 1.0
 """Longest the rest of a completion's body is read after `[DONE]` (it ends at once; if not, the connection goes)."""
 _DTMF = re.compile(r"^[0-9*#wW]{1,32}$")
-_CLIENTS: dict[tuple[asyncio.AbstractEventLoop, str, str], AsyncOpenAI] = {}
 
 
-def openai_client(api_key: str, base_url: str = OPENAI_BASE_URL) -> AsyncOpenAI:
-    """The event loop's one `AsyncOpenAI` for this key and base URL (one connection pool shared by every call).
+def new_client(api_key: str, base_url: str) -> tuple[AsyncOpenAI, CloseClient]:
+    """A new `AsyncOpenAI` for this key and base URL, and how to close it (`ProviderClients` keeps one per pair).
 
     Its HTTP goes through aiohttp (the SDK's `DefaultAioHttpClient`) rather than httpx: a streamed completion
     costs about 1.5 ms of event-loop time instead of 2.1, on the loop every call's audio shares. An aiohttp
-    session belongs to one event loop, hence one client per loop.
+    session belongs to one event loop, as the engine's clients do.
     """
-    key = (asyncio.get_running_loop(), api_key, base_url.rstrip("/"))
-    client = _CLIENTS.get(key)
-    if client is None:
-        # One retry covers a dropped keep-alive connection; more would leave the caller in silence.
-        client = AsyncOpenAI(
-            api_key=api_key,
-            base_url=key[2],
-            max_retries=1,
-            timeout=_TIMEOUT,
-            http_client=openai.DefaultAioHttpClient(timeout=_TIMEOUT, limits=_POOL_LIMITS),
-        )
-        _CLIENTS[key] = client
-    return client
-
-
-async def close_openai_clients() -> None:
-    """Close every client `openai_client()` made (at engine shutdown)."""
-    clients = list(_CLIENTS.values())
-    _CLIENTS.clear()
-    for client in clients:
-        await client.close()
+    # One retry covers a dropped keep-alive connection; more would leave the caller in silence.
+    client = AsyncOpenAI(
+        api_key=api_key,
+        base_url=base_url,
+        max_retries=1,
+        timeout=_TIMEOUT,
+        http_client=openai.DefaultAioHttpClient(timeout=_TIMEOUT, limits=_POOL_LIMITS),
+    )
+    return client, client.close
 
 
 @dataclass(slots=True)
@@ -190,7 +175,7 @@ class _Outcome:
 class OpenAIChatLLM:
     """A call's conversation with an OpenAI chat model (or any server speaking Chat Completions).
 
-    `usage` holds the tokens used so far. The client is shared and not closed here: see `openai_client()`.
+    `usage` holds the tokens used so far. The client is the engine's (`ProviderClients`), not closed here.
     """
 
     scripted_opening = False
@@ -268,7 +253,10 @@ class OpenAIChatLLM:
                 async with contextlib.aclosing(_chunks(response)) as chunks:
                     async for chunk in chunks:
                         if isinstance(error := chunk.get("error"), dict | str):
-                            raise LLMError(f"openai stream for {self._config.model!r} failed: {self._detail(error)}")
+                            raise LLMError(
+                                f"openai stream for {self._config.model!r} failed: {self._detail(error)}",
+                                provider="openai",
+                            )
                         if isinstance(usage := chunk.get("usage"), dict):
                             self.usage.add(usage)
                         for text in completion.absorb(chunk):
@@ -279,9 +267,11 @@ class OpenAIChatLLM:
         except openai.APIError as exc:
             raise self._error(exc) from (None if isinstance(exc, openai.AuthenticationError) else exc)
         except httpx2.HTTPError as exc:
-            raise LLMError(f"openai stream for {self._config.model!r} broke: {type(exc).__name__}: {exc}") from None
+            raise LLMError(
+                f"openai stream for {self._config.model!r} broke: {type(exc).__name__}: {exc}", provider="openai"
+            ) from None
         except ValueError as exc:  # json.JSONDecodeError, or a body that is not UTF-8
-            raise LLMError(f"openai sent a malformed stream ({exc})") from None
+            raise LLMError(f"openai sent a malformed stream ({exc})", provider="openai") from None
 
     async def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncGenerator[LLMEvent, None]:
         """Stream the reply: text as it comes, call controls as events, agent functions run in between."""
@@ -321,7 +311,7 @@ class OpenAIChatLLM:
             messages = [*messages, _assistant_calls("".join(completion.text) or None, calls), *results]
 
     async def close(self) -> None:
-        """Nothing to release: the client is shared by every call (see `close_openai_clients()`)."""
+        """Nothing to release: the client is the engine's, shared by every call."""
 
     # ------------------------------------------------------------------------------------------- messages
 
@@ -416,7 +406,7 @@ class OpenAIChatLLM:
                 message = f"openai could not be reached at {self._client.base_url}: {detail}"
             case _:
                 message = f"openai stream for {model!r} failed: {detail}"
-        return LLMError(message)
+        return LLMError(message, provider="openai")
 
 
 _T = TypeVar("_T")
@@ -488,9 +478,9 @@ async def _chunks(response: httpx2.Response) -> AsyncGenerator[dict[str, Any], N
         try:
             chunk = json.loads(text)
         except ValueError:
-            raise LLMError(f"openai sent a stream chunk that is not JSON: {text[:80]!r}") from None
+            raise LLMError(f"openai sent a stream chunk that is not JSON: {text[:80]!r}", provider="openai") from None
         if not isinstance(chunk, dict):
-            raise LLMError(f"openai sent a stream chunk that is not a JSON object: {text[:80]!r}")
+            raise LLMError(f"openai sent a stream chunk that is not a JSON object: {text[:80]!r}", provider="openai")
         yield chunk
 
 

@@ -23,7 +23,7 @@ from openai.resources.realtime.realtime import AsyncRealtimeConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from config.agent import OpenAIRealtimeConfig
-from pipelines.llm.openai_chat import OPENAI_BASE_URL, openai_client
+from pipelines.errors import RealtimeError
 from pipelines.tools import FunctionSpec, realtime_tools
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
     "TranscriptDone",
     "open_realtime",
     "parse_event",
-    "realtime_client",
     "say_exactly",
     "session_update",
 ]
@@ -66,25 +65,12 @@ _APPEND_PREFIX: Final = '{"type":"input_audio_buffer.append","audio":"'
 # --------------------------------------------------------------------------------------------------- errors
 
 
-class RealtimeError(Exception):
-    """Base class of the errors of a Realtime session."""
-
-
 class RealtimeUnavailable(RealtimeError):
     """The Realtime API could not be reached or refused the connection; the call cannot start on it."""
 
 
 class RealtimeConnectionLost(RealtimeError):
     """The Realtime connection closed during the call."""
-
-
-# --------------------------------------------------------------------------------------------------- client
-
-
-def realtime_client(api_key: str, base_url: str = OPENAI_BASE_URL) -> AsyncOpenAI:
-    """The process's one `AsyncOpenAI` for this key and base URL (the Realtime URL is derived from `base_url`)."""
-    # The same client as the chat model's: one per key and URL in the process, closed at engine shutdown.
-    return openai_client(api_key, base_url)
 
 
 def session_update(
@@ -366,11 +352,13 @@ async def open_realtime(client: AsyncOpenAI, model: str) -> RealtimeChannel:
     except InvalidStatus as exc:
         status = exc.response.status_code
         hint = ": check the OpenAI API key the agent's realtime uses" if status in (401, 403) else ""
-        raise RealtimeUnavailable(f"{host} refused the connection with HTTP {status}{hint}") from exc
+        raise RealtimeUnavailable(f"{host} refused the connection with HTTP {status}{hint}", provider="openai") from exc
     except (InvalidHandshake, InvalidURI, OSError, TimeoutError) as exc:
-        raise RealtimeUnavailable(f"could not connect to {host}: {type(exc).__name__}: {exc}") from exc
+        raise RealtimeUnavailable(
+            f"could not connect to {host}: {type(exc).__name__}: {exc}", provider="openai"
+        ) from exc
     except OpenAIError as exc:
-        raise RealtimeUnavailable(f"could not connect to {host}: {exc}") from exc
+        raise RealtimeUnavailable(f"could not connect to {host}: {exc}", provider="openai") from exc
     return RealtimeChannel(connection, host)
 
 
@@ -460,6 +448,10 @@ class RealtimeChannel:
     def _lost(self, exc: ConnectionClosed) -> RealtimeConnectionLost:
         close = exc.rcvd or exc.sent
         if close is None:
-            return RealtimeConnectionLost(f"the connection to {self._host} was lost (no close frame)")
+            return RealtimeConnectionLost(
+                f"the connection to {self._host} was lost (no close frame)", provider="openai"
+            )
         reason = f": {close.reason}" if close.reason else ""
-        return RealtimeConnectionLost(f"{self._host} closed the connection (code {close.code}{reason})")
+        return RealtimeConnectionLost(
+            f"{self._host} closed the connection (code {close.code}{reason})", provider="openai"
+        )

@@ -6,6 +6,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from pipelines.errors import STTError
+
+__all__ = ["EndOfTurn", "STTError", "STTEvent", "SpeechStarted", "SpeechToText", "TranscriptUpdate"]
+
 
 @dataclass(frozen=True, slots=True)
 class SpeechStarted:
@@ -32,10 +36,6 @@ class EndOfTurn:
 
 
 STTEvent = SpeechStarted | TranscriptUpdate | EndOfTurn
-
-
-class STTError(Exception):
-    """The recognizer failed and cannot go on (the session may fall back to another one)."""
 
 
 class SpeechToText(Protocol):

@@ -9,13 +9,13 @@ shifted by where the replay starts.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from deepgram import AsyncDeepgramClient
 from deepgram.core.api_error import ApiError
 from deepgram.environment import DeepgramClientEnvironment
@@ -23,6 +23,7 @@ from deepgram.listen.v1.socket_client import AsyncV1SocketClient
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from config.agent import DeepgramSTTConfig
+from pipelines.clients import CloseClient, ProviderClients
 from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, STTEvent, TranscriptUpdate
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 BYTES_PER_MS = 8
 """μ-law at 8 kHz: one byte per sample."""
 
+HTTP_TIMEOUT_S = 60.0
+"""The SDK's own default for its REST requests (live streaming does not use them)."""
 CLOSE_GRACE_SECONDS = 1.0
 """How long `close()` waits for Deepgram to send its last results and close the socket."""
 QUIET_BATCH_MS = 200
@@ -67,10 +70,14 @@ def deepgram_environment(url: str) -> DeepgramClientEnvironment:
     )
 
 
-@functools.lru_cache(maxsize=32)
-def shared_deepgram_client(api_key: str, url: str) -> AsyncDeepgramClient:
-    """The process's one SDK client for a key and base URL, shared by every call that uses them."""
-    return AsyncDeepgramClient(api_key=api_key, environment=deepgram_environment(url))
+def new_client(api_key: str, url: str) -> tuple[AsyncDeepgramClient, CloseClient]:
+    """A new SDK client for this key and base URL, and how to close it (`ProviderClients` keeps one per pair)."""
+    # Our own HTTP pool, so that it can be closed: the one the SDK makes for itself never is.
+    transport = httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, follow_redirects=True)
+    client = AsyncDeepgramClient(
+        api_key=api_key, environment=deepgram_environment(url), httpx_client=transport, timeout=HTTP_TIMEOUT_S
+    )
+    return client, transport.aclose
 
 
 def listen_parameters(config: DeepgramSTTConfig) -> dict[str, Any]:
@@ -104,6 +111,7 @@ class DeepgramSTT:
         self,
         config: DeepgramSTTConfig,
         *,
+        clients: ProviderClients,
         api_key: str,
         url: str,
         reconnect_delays: Sequence[float] = (0.1, 0.3, 1.0),
@@ -112,11 +120,13 @@ class DeepgramSTT:
     ) -> None:
         """Create a recognizer for `config` at Deepgram base `url`; nothing connects until `start()`.
 
+        It connects through the engine's Deepgram client from `clients`.
+
         After a drop it reconnects after each of `reconnect_delays` in turn, replaying at most the last
         `max_replay_ms` of audio no final result has covered; `KeepAlive` goes out after `keepalive_seconds`
         without audio.
         """
-        self._client = shared_deepgram_client(api_key, url)
+        self._client = clients.deepgram(api_key, url)
         self._host = urlsplit(url).netloc
         self._params = listen_parameters(config)
         self._reconnect_delays = tuple(reconnect_delays)
@@ -240,10 +250,12 @@ class DeepgramSTT:
             failure = await self._connect_and_serve()
         except Exception as exc:  # a bug or a reply we cannot read must end the events, not leave the call hanging
             log.exception("deepgram at %s: the recognizer failed", self._host)
-            failure = STTError(f"deepgram at {self._host}: the recognizer failed ({exc!r})")
+            failure = STTError(f"deepgram at {self._host}: the recognizer failed ({exc!r})", provider="deepgram")
         finally:
             if self._opened is not None and not self._opened.done():
-                self._opened.set_exception(failure or STTError(f"closed before deepgram at {self._host} answered"))
+                self._opened.set_exception(
+                    failure or STTError(f"closed before deepgram at {self._host} answered", provider="deepgram")
+                )
             if failure is not None:
                 self._events.put_nowait(failure)
             else:
@@ -262,11 +274,11 @@ class DeepgramSTT:
                 # TimeoutError (the handshake's own timeout) is an OSError.
                 cause = self._connect_failure(exc)
                 if self._opened is not None and not self._opened.done():
-                    return STTError(cause)
+                    return STTError(cause, provider="deepgram")
             if self._closing:
                 break
             if attempt == len(self._reconnect_delays):
-                return STTError(f"{cause}; could not reconnect after {attempt} attempts")
+                return STTError(f"{cause}; could not reconnect after {attempt} attempts", provider="deepgram")
             delay = self._reconnect_delays[attempt]
             attempt += 1
             log.warning("%s; reconnecting in %g s (attempt %d)", cause, delay, attempt)

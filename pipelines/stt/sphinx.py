@@ -281,7 +281,9 @@ class SphinxDecoderPool:
             return await asyncio.shield(pending)
         except Exception as exc:
             self._vocabularies.pop(key, None)
-            raise STTError(f"PocketSphinx: cannot build the vocabulary for keyphrases {list(key)} ({exc})") from exc
+            raise STTError(
+                f"PocketSphinx: cannot build the vocabulary for keyphrases {list(key)} ({exc})", provider="sphinx"
+            ) from exc
 
     async def warm(self, vocabulary: Vocabulary) -> None:
         """Make sure one decoder exists, so a call's first utterance does not wait for a model load."""
@@ -299,7 +301,7 @@ class SphinxDecoderPool:
             await asyncio.wait([job])
             raise
         except Exception as exc:
-            raise STTError(f"PocketSphinx: decoding failed ({exc})") from exc
+            raise STTError(f"PocketSphinx: decoding failed ({exc})", provider="sphinx") from exc
         finally:
             self._release(decoder)
 
@@ -311,7 +313,9 @@ class SphinxDecoderPool:
             return await asyncio.get_running_loop().run_in_executor(self._executor, SphinxDecoder, vocabulary)
         except Exception as exc:
             self._created -= 1
-            raise STTError(f"PocketSphinx: cannot load the en-us model from the pocketsphinx wheel ({exc})") from exc
+            raise STTError(
+                f"PocketSphinx: cannot load the en-us model from the pocketsphinx wheel ({exc})", provider="sphinx"
+            ) from exc
 
     def _release(self, decoder: SphinxDecoder) -> None:
         self._idle.put_nowait(decoder)

@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from pipelines.errors import TTSError
 
-class TTSError(Exception):
-    """The synthesizer failed to speak a text."""
+__all__ = ["Alignment", "TTSError", "TextToSpeech"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
 
 from config.agent import ElevenLabsTTSConfig
+from pipelines.clients import CloseClient, ProviderClients
 from pipelines.tts.base import Alignment, TTSError
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class ElevenLabsTTS:
         self,
         config: ElevenLabsTTSConfig,
         *,
+        clients: ProviderClients,
         api_key: str,
         url: str,
         voice_id: str,
@@ -149,10 +151,13 @@ class ElevenLabsTTS:
     ) -> None:
         """Create a synthesizer for `voice_id` at the API base `url` (http(s):// or ws(s)://); connects lazily.
 
+        The HTTP fallback goes through the engine's ElevenLabs client from `clients`.
+
         `standby_max_age_s` is how long the call's socket may stay unused before it is replaced.
         """
         self.config = config
         self.voice_id = voice_id
+        self._clients = clients
         self._api_key = api_key
         self._http_url, ws_base = _endpoints(url)
         query = {
@@ -198,7 +203,7 @@ class ElevenLabsTTS:
         after some of its audio was yielded (the caller decides what to do with a half-spoken sentence).
         """
         if self._closed:
-            raise TTSError("elevenlabs: the synthesizer is closed")
+            raise TTSError("elevenlabs: the synthesizer is closed", provider="elevenlabs")
         sentence = text.strip()
         if not sentence:
             return
@@ -297,13 +302,13 @@ class ElevenLabsTTS:
         while True:
             connection = self._ensure_connection()
             if connection is None:
-                raise TTSError("elevenlabs: the synthesizer was closed")
+                raise TTSError("elevenlabs: the synthesizer was closed", provider="elevenlabs")
             if len(connection.zombies) >= ZOMBIES_BEFORE_NEW_SOCKET:
                 self._retire(connection)
                 continue
             await asyncio.wait({connection.opening})
             if connection.opening.cancelled():
-                raise TTSError("elevenlabs: the synthesizer was closed")
+                raise TTSError("elevenlabs: the synthesizer was closed", provider="elevenlabs")
             socket = connection.opening.result()
             if isinstance(socket, Exception):
                 self._retire(connection)
@@ -437,10 +442,13 @@ class ElevenLabsTTS:
         """Drop the broken socket; what to raise: _StreamFailed before any audio (HTTP takes over), TTSError after."""
         self._retire(connection)
         if self._closed:
-            return TTSError("elevenlabs: the synthesizer was closed mid-sentence")
+            return TTSError("elevenlabs: the synthesizer was closed mid-sentence", provider="elevenlabs")
         failed = self._ws_failed(problem)
         if yielded:
-            return TTSError(f"elevenlabs: the stream broke after {yielded // BYTES_PER_MS} ms of audio ({problem})")
+            return TTSError(
+                f"elevenlabs: the stream broke after {yielded // BYTES_PER_MS} ms of audio ({problem})",
+                provider="elevenlabs",
+            )
         return failed
 
     # The HTTP fallback
@@ -450,7 +458,7 @@ class ElevenLabsTTS:
         options: dict[str, Any] = {}
         if self._voice_settings:
             options["voice_settings"] = VoiceSettings(**self._voice_settings)
-        stream = _shared_http_client(self._api_key, self._http_url).text_to_speech.stream(
+        stream = self._clients.elevenlabs(self._api_key, self._http_url).text_to_speech.stream(
             self.voice_id,
             text=sentence,
             model_id=self.config.model,
@@ -466,35 +474,21 @@ class ElevenLabsTTS:
                 except StopAsyncIteration:
                     return
                 except ApiError as exc:
-                    raise TTSError(_describe_http_refusal(exc, ws_failure)) from None
+                    raise TTSError(_describe_http_refusal(exc, ws_failure), provider="elevenlabs") from None
                 except httpx.HTTPError as exc:
                     raise TTSError(
                         f"elevenlabs: WebSocket failed ({ws_failure}) and HTTP streaming failed "
-                        f"({type(exc).__name__}: {exc})"
+                        f"({type(exc).__name__}: {exc})",
+                        provider="elevenlabs",
                     ) from None
                 if audio:
                     yield audio
 
 
-_http_clients: dict[tuple[str, str], tuple[AsyncElevenLabs, httpx.AsyncClient]] = {}
-
-
-def _shared_http_client(api_key: str, url: str) -> AsyncElevenLabs:
-    """The process's one ElevenLabs SDK client for this key and API base (http(s)://), created on first use."""
-    entry = _http_clients.get((api_key, url))
-    if entry is None:
-        transport = httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=True)
-        entry = (AsyncElevenLabs(api_key=api_key, base_url=url, httpx_client=transport), transport)
-        _http_clients[(api_key, url)] = entry
-    return entry[0]
-
-
-async def close_http_clients() -> None:
-    """Close the shared SDK clients' connection pools (at engine shutdown); they are recreated if used again."""
-    entries = list(_http_clients.values())
-    _http_clients.clear()
-    for _, transport in entries:
-        await transport.aclose()
+def new_http_client(api_key: str, url: str) -> tuple[AsyncElevenLabs, CloseClient]:
+    """A new SDK client for this key and API base (http(s)://), and how to close it (`ProviderClients` keeps one)."""
+    transport = httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=True)
+    return AsyncElevenLabs(api_key=api_key, base_url=url, httpx_client=transport), transport.aclose
 
 
 # The multi-stream-input wire protocol

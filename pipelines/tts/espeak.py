@@ -150,7 +150,9 @@ class EspeakEngine:
         try:
             lib = ctypes.CDLL(espeakng_loader.get_library_path())
         except OSError as exc:
-            raise TTSError(f"eSpeak NG: cannot load the library from the espeakng-loader wheel ({exc})") from None
+            raise TTSError(
+                f"eSpeak NG: cannot load the library from the espeakng-loader wheel ({exc})", provider="espeak"
+            ) from None
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_Initialize.restype = ctypes.c_int
         lib.espeak_SetSynthCallback.argtypes = [_SynthCallback]
@@ -182,7 +184,8 @@ class EspeakEngine:
         if sample_rate != NATIVE_SAMPLE_RATE:
             raise TTSError(
                 f"eSpeak NG: initialisation with data {data_path.decode()!r} failed (returned {sample_rate}); "
-                "reinstall the espeakng-loader wheel"
+                "reinstall the espeakng-loader wheel",
+                provider="espeak",
             )
         self._callback = _SynthCallback(self._receive)
         lib.espeak_SetSynthCallback(self._callback)
@@ -219,7 +222,9 @@ class EspeakEngine:
             spec = _VoiceSpec(languages=voice.encode("utf-8"))
             result = lib.espeak_SetVoiceByProperties(ctypes.byref(spec))
         if result == _EE_NOT_FOUND:
-            raise TTSError(f"eSpeak NG: unknown voice {voice!r}; use a voice name such as 'en-us' or 'en-gb'")
+            raise TTSError(
+                f"eSpeak NG: unknown voice {voice!r}; use a voice name such as 'en-us' or 'en-gb'", provider="espeak"
+            )
         _check(result, f"selecting voice {voice!r}")
         _check(lib.espeak_SetParameter(_PARAM_RATE, rate, 0), f"setting rate {rate}")
         _check(lib.espeak_SetParameter(_PARAM_PITCH, pitch, 0), f"setting pitch {pitch}")
@@ -231,7 +236,9 @@ def _libc_srand() -> Callable[[int], None]:
     try:
         srand = ctypes.CDLL(None).srand
     except (OSError, AttributeError) as exc:
-        raise TTSError(f"eSpeak NG: cannot find the C library's srand() to make synthesis repeatable ({exc})") from None
+        raise TTSError(
+            f"eSpeak NG: cannot find the C library's srand() to make synthesis repeatable ({exc})", provider="espeak"
+        ) from None
     srand.argtypes = [ctypes.c_uint]
     srand.restype = None
     return cast("Callable[[int], None]", srand)
@@ -281,7 +288,7 @@ def _elf_symbols(image: bytes, wanted: set[str]) -> dict[str, int]:
 
 def _check(result: int, action: str) -> None:
     if result != _EE_OK:
-        raise TTSError(f"eSpeak NG: {action} failed ({_ERRORS.get(result, f'error {result}')})")
+        raise TTSError(f"eSpeak NG: {action} failed ({_ERRORS.get(result, f'error {result}')})", provider="espeak")
 
 
 _engine: EspeakEngine | None = None

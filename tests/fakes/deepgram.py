@@ -1,7 +1,7 @@
 """A local Deepgram live-transcription server (`/v1/listen`) that hears speech by its energy and answers from a script.
 
 async with FakeDeepgram(api_key="dg-test", transcripts=["book an appointment"]) as fake:
-    stt = DeepgramSTT(config, api_key="dg-test", url=fake.url)
+    stt = DeepgramSTT(config, clients=clients, api_key="dg-test", url=fake.url)
 
 What it says and when is decided by audio time (bytes received, 8 per ms), never by the wall clock: the same
 audio always gets the same messages with the same timestamps, however fast it is sent.

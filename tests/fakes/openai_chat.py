@@ -64,8 +64,8 @@ class FakeOpenAI:
 
     Requests in JSON mode (`response_format: json_object`, as post-call analysis sends) are a separate kind, as
     they would be on a real server: recorded in `json_requests` and answered from `json_replies` (a FIFO of
-    JSON texts; when empty, `default_json_reply`), so an analysis that runs after one call never takes a
-    conversation reply scripted for the next.
+    JSON texts; when empty, `default_json_reply`, after `json_delay_ms`), so an analysis that runs after one call
+    never takes a conversation reply scripted for the next.
     """
 
     def __init__(
@@ -86,6 +86,7 @@ class FakeOpenAI:
         self.json_replies: deque[str] = deque()
         self.json_requests: list[dict[str, Any]] = []
         self.default_json_reply = json.dumps({"summary": "", "success": True, "reason": "The fake judged it."})
+        self.json_delay_ms: float = 0
         self.fail_next = 0
         self.error_mid_stream = False
         self.break_mid_stream = False
@@ -135,6 +136,7 @@ class FakeOpenAI:
         if not isinstance(body, dict) or not body.get("model") or not isinstance(body.get("messages"), list):
             return _error(400, "'model' and 'messages' are required properties.", "invalid_request_error")
         if json_mode:
+            await _sleep_ms(self.json_delay_ms)
             steps: list[Step] = [self.json_replies.popleft() if self.json_replies else self.default_json_reply]
         else:
             steps = self._next_reply(body["messages"])

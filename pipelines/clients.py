@@ -1,0 +1,105 @@
+"""The vendors' SDK clients an engine's calls share: made on first use, one per key and endpoint, closed together.
+
+The engine's app makes one `ProviderClients` in a cleanup context and closes it after everything that uses it
+(calls, post-call analysis) has stopped; the providers get it through `pipelines.registry.ProviderContext`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from typing import TYPE_CHECKING, TypeVar
+
+import aiohttp
+
+if TYPE_CHECKING:
+    from deepgram import AsyncDeepgramClient
+    from elevenlabs.client import AsyncElevenLabs
+    from openai import AsyncOpenAI
+
+__all__ = ["CloseClient", "ProviderClients", "ProviderClientsClosed"]
+
+log = logging.getLogger(__name__)
+
+CloseClient = Callable[[], Awaitable[None]]
+"""Releases one client's connection pool."""
+
+_Client = TypeVar("_Client")
+_Key = TypeVar("_Key", bound=Hashable)
+
+
+class ProviderClientsClosed(RuntimeError):
+    """A client was asked for after `ProviderClients.aclose()`: something outlived the engine's shutdown."""
+
+
+class ProviderClients:
+    """The SDK clients of one engine, each holding one connection pool that every call uses.
+
+    Clients belong to the event loop they are first used on (the app's). A cloud SDK is imported only when one of
+    its clients is first asked for, so an engine on the offline providers never loads them.
+    """
+
+    def __init__(self) -> None:
+        """No client yet: each is made on first use."""
+        self._openai: dict[tuple[str, str], AsyncOpenAI] = {}
+        self._deepgram: dict[tuple[str, str], AsyncDeepgramClient] = {}
+        self._elevenlabs: dict[tuple[str, str], AsyncElevenLabs] = {}
+        self._http: dict[tuple[()], aiohttp.ClientSession] = {}
+        self._closers: list[tuple[str, CloseClient]] = []
+        self._closed = False
+
+    def openai(self, api_key: str, base_url: str) -> AsyncOpenAI:
+        """The OpenAI client for this key and API base URL: chat models, Realtime sessions, post-call analysis."""
+        from pipelines.llm import openai_chat
+
+        url = base_url.rstrip("/")
+        return self._cached("openai", self._openai, (api_key, url), lambda: openai_chat.new_client(api_key, url))
+
+    def deepgram(self, api_key: str, url: str) -> AsyncDeepgramClient:
+        """The Deepgram client for this key and base URL (http(s):// or ws(s)://)."""
+        from pipelines.stt import deepgram
+
+        return self._cached("deepgram", self._deepgram, (api_key, url), lambda: deepgram.new_client(api_key, url))
+
+    def elevenlabs(self, api_key: str, url: str) -> AsyncElevenLabs:
+        """The ElevenLabs HTTP client for this key and API base URL (http(s)://)."""
+        from pipelines.tts import elevenlabs
+
+        return self._cached(
+            "elevenlabs", self._elevenlabs, (api_key, url), lambda: elevenlabs.new_http_client(api_key, url)
+        )
+
+    def http(self) -> aiohttp.ClientSession:
+        """The HTTP session the agents' functions call their webhooks through."""
+
+        def make() -> tuple[aiohttp.ClientSession, CloseClient]:
+            session = aiohttp.ClientSession()
+            return session, session.close
+
+        return self._cached("tools http", self._http, (), make)
+
+    async def aclose(self) -> None:
+        """Close every client made so far; asking for one afterwards raises ProviderClientsClosed."""
+        self._closed = True
+        closers, self._closers = self._closers, []
+        for name, close in closers:
+            try:
+                await close()
+            except Exception:  # one client failing to close must not leave the others open
+                log.exception("closing the %s client failed", name)
+
+    def _cached(
+        self,
+        name: str,
+        cache: dict[_Key, _Client],
+        key: _Key,
+        make: Callable[[], tuple[_Client, CloseClient]],
+    ) -> _Client:
+        if self._closed:
+            raise ProviderClientsClosed(f"the {name} client was asked for after the engine's clients were closed")
+        client = cache.get(key)
+        if client is None:
+            client, close = make()
+            cache[key] = client
+            self._closers.append((name, close))
+        return client
