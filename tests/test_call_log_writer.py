@@ -18,6 +18,7 @@ from engine.call.call_log_writer import CallLogWriter, CallLogWriterClosed, Call
 from storage import agents, call_logs, organizations
 from storage.call_logs import CallLog
 from storage.call_turns import list_turns
+from storage.end_reasons import MAX_DETAIL_CHARS, EndReason
 from storage.enums import CallStatus
 from storage.errors import DatabaseUnavailable
 from storage.pool import create_pool
@@ -147,7 +148,7 @@ def turn(index: int, *, speaker: str = "caller", latency_ms: int | None = None) 
 
 def completed(duration_s: float, **fields: Any) -> CallOutcome:
     """A call that ended normally after `duration_s`."""
-    return CallOutcome(status=CallStatus.COMPLETED, end_reason="caller_hung_up", duration_s=duration_s, **fields)
+    return CallOutcome(status=CallStatus.COMPLETED, end_reason=EndReason.CALLER_HANGUP, duration_s=duration_s, **fields)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float = 5.0) -> None:
@@ -213,7 +214,8 @@ async def test_finish_ends_the_call_with_everything_in_one_go(pool: asyncpg.Pool
         61,
         "https://engine.example/recordings/x.wav",
     )
-    assert stored.metadata["endReason"] == "caller_hung_up"
+    assert stored.metadata["endReason"] == "caller_hangup"
+    assert "endDetail" not in stored.metadata
     assert stored.metadata["recordingMs"] == 61000
     assert stored.metadata["latencyMs"] == {"p50": 500, "p95": 900, "max": 900, "count": 4}
     assert "lostTurns" not in stored.metadata
@@ -227,8 +229,21 @@ async def test_finish_ends_the_call_with_everything_in_one_go(pool: asyncpg.Pool
 async def test_a_failed_call_keeps_its_end_reason(pool: asyncpg.Pool) -> None:
     call, _ = await new_call(pool)
     writer = writer_for(pool, call)
-    ended = await writer.finish(CallOutcome(status=CallStatus.FAILED, end_reason="stt_unavailable", duration_s=3))
+    ended = await writer.finish(
+        CallOutcome(status=CallStatus.FAILED, end_reason=EndReason.STT_UNAVAILABLE, duration_s=3)
+    )
     assert (ended.status, ended.metadata["endReason"]) == (CallStatus.FAILED, "stt_unavailable")
+
+
+async def test_the_end_detail_is_kept_beside_the_reason_and_bounded(pool: asyncpg.Pool) -> None:
+    call, _ = await new_call(pool)
+    writer = writer_for(pool, call)
+    outcome = CallOutcome(
+        status=CallStatus.FAILED, end_reason=EndReason.STT_FAILED, end_detail="x" * 10_000, duration_s=3
+    )
+    ended = await writer.finish(outcome)
+    assert ended.metadata["endReason"] == "stt_failed"
+    assert ended.metadata["endDetail"] == "x" * MAX_DETAIL_CHARS
 
 
 @pytest.mark.parametrize(("duration_s", "credits"), [(0, 0), (1, 1), (60, 1), (61, 2), (119.5, 2), (180, 3)])
@@ -339,7 +354,7 @@ async def test_nothing_can_be_recorded_once_the_call_is_finished(pool: asyncpg.P
 async def test_a_call_cannot_finish_in_progress(pool: asyncpg.Pool) -> None:
     call, _ = await new_call(pool)
     with pytest.raises(ValueError, match="IN_PROGRESS"):
-        await writer_for(pool, call).finish(CallOutcome(CallStatus.IN_PROGRESS, "still talking", 5))
+        await writer_for(pool, call).finish(CallOutcome(CallStatus.IN_PROGRESS, EndReason.CALLER_HANGUP, 5))
 
 
 @pytest.mark.parametrize(

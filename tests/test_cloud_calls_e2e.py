@@ -214,11 +214,15 @@ async def test_end_call_and_transfer_tools_control_the_call_through_twilio(
         transferred = await call(base, number, Say("put me through to billing"), Pause(4000))
 
     log = await finished_log(pool, ended)
-    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "caller is done")
+    assert (log["status"], log["metadata"]["endReason"], log["metadata"]["endDetail"]) == (
+        "COMPLETED",
+        "agent_hangup",
+        "caller is done",
+    )
     assert (await turns(pool, log["id"]))[-1]["text"] == "Goodbye!"
     log = await finished_log(pool, transferred)
     assert log["status"] == "COMPLETED"
-    assert log["metadata"]["endReason"] == "transferred: billing"
+    assert (log["metadata"]["endReason"], log["metadata"]["endDetail"]) == ("transferred", "billing")
     assert updates[0] == {"sid": ended.call_sid, "Status": "completed"}
     assert updates[1]["sid"] == transferred.call_sid
     assert "<Dial><Number>+14155550199</Number></Dial>" in updates[1]["Twiml"]

@@ -33,6 +33,7 @@ from pipelines.tools import AgentFunction, FunctionSpec, ToolRunner
 from storage import call_logs
 from storage.call_logs import CallLog
 from storage.call_turns import CallTurn, list_turns
+from storage.end_reasons import EndReason
 from storage.enums import CallStatus
 from tests.fakes.openai_realtime import FakeRealtime
 from tests.fakes.server import serve
@@ -472,13 +473,17 @@ async def test_end_call_hangs_up_once_the_goodbye_has_been_heard(pool: asyncpg.P
         outcome = await call.outcome()
 
     assert outcome.status is CallStatus.COMPLETED
-    assert outcome.end_reason == "agent_hangup: the caller is done"
+    assert (outcome.end_reason, outcome.end_detail) == (EndReason.AGENT_HANGUP, "the caller is done")
     ((call_sid, heard_ms, queued),) = call.hang_ups
     assert call_sid == call.line.call_sid
     assert heard_ms == fake.duration_ms(goodbye) and queued == 0
     turns = await call.turns()
     assert [(t.speaker, t.text, t.interrupted) for t in turns][-1] == ("agent", goodbye, False)
-    assert (await stored(call)).metadata["endReason"] == "agent_hangup: the caller is done"
+    stored_log = await stored(call)
+    assert (stored_log.metadata["endReason"], stored_log.metadata["endDetail"]) == (
+        "agent_hangup",
+        "the caller is done",
+    )
 
 
 async def test_without_twilio_credentials_end_call_ends_by_closing_the_stream(
@@ -488,7 +493,11 @@ async def test_without_twilio_credentials_end_call_ends_by_closing_the_stream(
     async with realtime_call(pool, fake, hang_up=False) as call:
         call.line.say(speech(500))
         outcome = await call.outcome()
-    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, "agent_hangup: done")
+    assert (outcome.status, outcome.end_reason, outcome.end_detail) == (
+        CallStatus.COMPLETED,
+        EndReason.AGENT_HANGUP,
+        "done",
+    )
     assert call.line.heard_ms == fake.duration_ms("Goodbye!")
 
 
@@ -498,7 +507,11 @@ async def test_transfer_call_hands_the_caller_to_the_e164_number(pool: asyncpg.P
         call.line.say(speech(500))
         outcome = await call.outcome()
     assert call.transfers == [(call.line.call_sid, "+14155550123")]
-    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, "transferred: billing")
+    assert (outcome.status, outcome.end_reason, outcome.end_detail) == (
+        CallStatus.COMPLETED,
+        EndReason.TRANSFERRED,
+        "billing",
+    )
     assert call.line.heard_ms == fake.duration_ms("One moment.")
 
 
@@ -582,10 +595,10 @@ async def test_a_dropped_realtime_connection_fails_the_call(pool: asyncpg.Pool, 
         await fake.drop_all()
         outcome = await call.outcome()
     assert outcome.status is CallStatus.FAILED
-    assert outcome.end_reason.startswith("realtime_failed: ")
+    assert outcome.end_reason is EndReason.REALTIME_FAILED and outcome.end_detail
     log = await stored(call)
     assert log.status is CallStatus.FAILED
-    assert log.metadata["endReason"] == outcome.end_reason
+    assert (log.metadata["endReason"], log.metadata["endDetail"]) == ("realtime_failed", outcome.end_detail)
 
 
 async def test_a_wrong_api_key_fails_the_call_without_quoting_the_key(pool: asyncpg.Pool, fake: FakeRealtime) -> None:
@@ -593,8 +606,8 @@ async def test_a_wrong_api_key_fails_the_call_without_quoting_the_key(pool: asyn
     async with realtime_call(pool, fake, api_key=key) as call:
         outcome = await call.outcome()
     assert outcome.status is CallStatus.FAILED
-    assert outcome.end_reason.startswith("realtime_unavailable: ")
-    assert "HTTP 401" in outcome.end_reason
-    assert key not in outcome.end_reason and "sk-wrong" not in outcome.end_reason
+    assert outcome.end_reason is EndReason.REALTIME_UNAVAILABLE
+    assert outcome.end_detail is not None and "HTTP 401" in outcome.end_detail
+    assert key not in outcome.end_detail and "sk-wrong" not in outcome.end_detail
     assert fake.refused == 1
     assert (await stored(call)).status is CallStatus.FAILED

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -11,7 +10,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import asyncpg
 from aiohttp import web
 
 from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
@@ -33,7 +31,8 @@ from media.twilio_stream import MalformedMessage, Started, StreamProtocolError, 
 from pipelines.registry import Pipeline, PipelineUnavailable, RealtimePlan, build_pipeline, plan_realtime
 from pipelines.tools import ToolConfigurationError
 from storage import agents, call_logs
-from storage.call_logs import CallLog, InvalidCallTransition
+from storage.call_logs import CallLog
+from storage.end_reasons import EndReason
 from storage.enums import CallStatus, CallType
 from storage.recordings import recording_path
 
@@ -93,19 +92,6 @@ async def _streamable_call_log(app: web.Application, started: Started) -> CallLo
         log.warning("a second media stream for call %s: closed", started.call_sid)
         return None
     return call_log
-
-
-async def _fail(pool: asyncpg.Pool, call_log: CallLog, reason: str) -> None:
-    """Finish a call that could not run as FAILED with `reason` (unless something finished it already)."""
-    with contextlib.suppress(InvalidCallTransition):
-        await call_logs.finalize_call_log(
-            pool,
-            organization_id=call_log.organization_id,
-            call_log_id=call_log.id,
-            status=CallStatus.FAILED,
-            duration=0,
-            metadata={"endReason": reason},
-        )
 
 
 def _make_session(
@@ -174,7 +160,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     if call_log is None:
         return
     if call_log.agent_id is None:
-        await _fail(pool, call_log, "agent_deleted")
+        await call_logs.fail_unstarted(pool, call_log, EndReason.AGENT_DELETED)
         return
     bundle = await agents.load_agent_bundle(pool, organization_id=call_log.organization_id, agent_id=call_log.agent_id)
     try:
@@ -188,7 +174,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         )
     except (AgentConfigurationError, PipelineUnavailable, ToolConfigurationError) as exc:
         log.error("call %s: cannot build the agent's pipeline: %s", started.call_sid, exc)
-        await _fail(pool, call_log, f"pipeline_unavailable: {exc}")
+        await call_logs.fail_unstarted(pool, call_log, EndReason.PIPELINE_UNAVAILABLE, str(exc))
         return
 
     recorder = None
@@ -234,7 +220,8 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         log.exception("call %s: session failed", started.call_sid)
         outcome = CallOutcome(
             status=CallStatus.FAILED,
-            end_reason=f"internal_error: {type(exc).__name__}",
+            end_reason=EndReason.INTERNAL_ERROR,
+            end_detail=type(exc).__name__,
             duration_s=time.monotonic() - began,
         )
     finally:

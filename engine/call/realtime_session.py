@@ -70,6 +70,7 @@ from pipelines.realtime.openai_realtime import (
     session_update,
 )
 from pipelines.tools import BUILTIN_FUNCTIONS, END_CALL, SEND_DTMF, TRANSFER_CALL, ToolRunner, parse_arguments
+from storage.end_reasons import EndReason
 from storage.enums import CallStatus
 
 __all__ = ["INAUDIBLE", "TRANSCRIPTION_FAILED", "UNTRANSCRIBED", "RealtimeCallSession"]
@@ -367,7 +368,13 @@ class RealtimeCallSession:
                 log.exception("call %s: closing the Realtime connection failed", self.context.call_sid)
         duration_s = round(self._clock() - self._started_at)
         log.info("call %s ended: %s (%s, %d s)", self.context.call_sid, self._end_reason, self._end_status, duration_s)
-        return CallOutcome(status=self._end_status, end_reason=self._end_reason, duration_s=duration_s)
+        reason, detail = EndReason.parse(self._end_reason)
+        return CallOutcome(
+            status=self._end_status,
+            end_reason=reason or EndReason.AGENT_HANGUP,  # no known reason: the agent's own words for hanging up
+            end_detail=detail if reason else self._end_reason,
+            duration_s=duration_s,
+        )
 
     # ------------------------------------------------------------------------------------------ caller side
 

@@ -43,6 +43,7 @@ from pipelines.llm.base import ConversationTurn, EndCall, LLMError, SendDtmf, Te
 from pipelines.registry import Pipeline
 from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, TranscriptUpdate
 from pipelines.tts.base import Alignment, TTSError
+from storage.end_reasons import EndReason
 from storage.enums import CallStatus
 
 log = logging.getLogger(__name__)
@@ -329,9 +330,11 @@ class CallSession:
             except Exception:  # a provider failing to close must not stop the CallLog being finished
                 log.exception("call %s: closing a provider failed", self.context.call_sid)
         duration_s = round(self._clock() - self._started_at)
+        reason, detail = EndReason.parse(self._end_reason)
         outcome = CallOutcome(
             status=self._end_status,
-            end_reason=self._end_reason,
+            end_reason=reason or EndReason.AGENT_HANGUP,  # no known reason: the agent's own words for hanging up
+            end_detail=detail if reason else self._end_reason,
             duration_s=duration_s,
             recording_url=None,
         )

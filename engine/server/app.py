@@ -24,6 +24,7 @@ from engine.workers.webhook_delivery import webhook_delivery_context
 from pipelines.llm.openai_chat import close_openai_clients
 from pipelines.tools import close_shared_session
 from pipelines.tts.elevenlabs import close_http_clients as close_elevenlabs_clients
+from storage.end_reasons import EndReason
 from storage.migrate import migrate
 from storage.pool import open_database
 
@@ -71,7 +72,7 @@ async def _calls_context(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await app[LIVE_CALLS].end_all("engine_shutdown")
+        await app[LIVE_CALLS].end_all(EndReason.ENGINE_SHUTDOWN)
         await close_shared_session()
         await close_openai_clients()
         await close_elevenlabs_clients()
@@ -80,7 +81,7 @@ async def _calls_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _end_live_calls(app: web.Application) -> None:
-    await app[LIVE_CALLS].end_all("engine_shutdown")
+    await app[LIVE_CALLS].end_all(EndReason.ENGINE_SHUTDOWN)
 
 
 def _database_context(apply_migrations: bool) -> CleanupContext:

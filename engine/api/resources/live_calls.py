@@ -14,6 +14,7 @@ from engine.api.resources.call_logs import by_start
 from engine.server.appkeys import LIVE_CALLS, TWILIO
 from storage import call_logs
 from storage.call_logs import CallLogEntry
+from storage.end_reasons import EndReason
 from storage.enums import CallStatus
 
 resource = Resource("Live calls", "Calls in progress right now, on any engine process, and hanging them up.")
@@ -32,10 +33,6 @@ class HangUp(ResponseModel):
     ended_by: Literal["twilio", "engine"] = Field(
         description="twilio: Twilio was told to end the call; engine: this process ended the call it runs."
     )
-
-
-HANGUP_REASON = "api_hangup"
-"""The end reason a call hung up through the API gets."""
 
 
 @resource.get("/live-calls", summary="List calls in progress", response=Page[LiveCall], query=PageQuery)
@@ -78,7 +75,7 @@ async def hang_up_live_call(call: ApiCall) -> HangUp:
         return HangUp(call_log_id=log.id, ended_by="twilio")
     session = call.app[LIVE_CALLS].get(log.id)
     if session is not None:
-        session.end_from_outside(HANGUP_REASON, completed=True)
+        session.end_from_outside(EndReason.API_HANGUP, completed=True)
         return HangUp(call_log_id=log.id, ended_by="engine")
     if twilio is not None:
         raise ApiError(502, "twilio_error", f"Twilio did not end call {log.call_id}; try again")
