@@ -11,12 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from storage.end_reasons import EndReason
 from storage.errors import NotFound
 from storage.records import Queryable
-from storage.webhook_outbox import enqueue_event
-
-TRANSCRIPT_UPDATED = "transcript.updated"
-"""The event queued for each new turn of a call."""
+from storage.webhook_outbox import WebhookEvent, enqueue_event
 
 if TYPE_CHECKING:
     from storage.call_logs import CallLog
@@ -44,11 +42,13 @@ def _call_data(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
 
 
 def call_ended_data(call: CallLog) -> dict[str, Any]:
-    """call.ended's data: the call, how it ended and what was said."""
+    """call.ended's data: the call, how it ended (the reason, and its detail for people) and what was said."""
+    reason, detail = EndReason.parse(call.metadata.get("endReason"))
     return {
         **_call_data(call.model_dump(by_alias=True)),
         "status": str(call.status),
-        "endReason": call.metadata.get("endReason"),
+        "endReason": reason or call.metadata.get("endReason"),
+        "endDetail": call.metadata.get("endDetail", detail),
         "duration": call.duration,
         "transcript": call.transcript,
         "recordingUrl": call.recording_url,
@@ -77,7 +77,11 @@ async def enqueue_call_started(conn: Queryable, *, organization_id: str, call_lo
     if "engineNode" in row["metadata"]:
         return 0
     return await enqueue_event(
-        conn, organization_id=organization_id, event="call.started", data=_call_data(row), agent_id=row["agentId"]
+        conn,
+        organization_id=organization_id,
+        event=WebhookEvent.CALL_STARTED,
+        data=_call_data(row),
+        agent_id=row["agentId"],
     )
 
 
@@ -86,7 +90,7 @@ async def enqueue_call_ended(conn: Queryable, call: CallLog) -> int:
     return await enqueue_event(
         conn,
         organization_id=call.organization_id,
-        event="call.ended",
+        event=WebhookEvent.CALL_ENDED,
         data=call_ended_data(call),
         agent_id=call.agent_id,
     )
@@ -101,7 +105,7 @@ async def enqueue_turns(
         count = await enqueue_event(
             conn,
             organization_id=organization_id,
-            event=TRANSCRIPT_UPDATED,
+            event=WebhookEvent.TRANSCRIPT_UPDATED,
             data={
                 "callLogId": turn.call_log_id,
                 "agentId": agent_id,

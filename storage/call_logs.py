@@ -6,6 +6,7 @@ UPDATE, so two writers racing to end the same call cannot both win.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from storage import call_events
+from storage.end_reasons import EndReason, ending
 from storage.enums import CallStatus, CallType
 from storage.errors import InvalidReference, NotFound, StorageError, translate_errors
 from storage.records import Queryable, Record, new_id, transaction
@@ -232,6 +234,29 @@ async def finalize_call_log(
     raise InvalidCallTransition(call_log_id, current.status, status)
 
 
+async def fail_unstarted(
+    db: Queryable,
+    call_log: CallLog,
+    reason: EndReason,
+    detail: str | None = None,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """End a call that never ran (it was not placed, or its session could not start) as FAILED with `reason`.
+
+    A call something else ended first (a status callback, recovery) is left as it ended.
+    """
+    with contextlib.suppress(InvalidCallTransition):
+        await finalize_call_log(
+            db,
+            organization_id=call_log.organization_id,
+            call_log_id=call_log.id,
+            status=CallStatus.FAILED,
+            duration=0,
+            metadata={**(metadata or {}), **ending(reason, detail)},
+        )
+
+
 async def list_call_logs(
     db: Queryable,
     *,
@@ -301,8 +326,10 @@ async def list_in_progress(db: Queryable, *, older_than: datetime) -> list[CallL
     return CallLog.from_rows(rows)
 
 
-async def fail_stale_in_progress(db: Queryable, *, older_than: datetime, reason: str) -> int:
-    """Mark FAILED (metadata.endReason = reason) every call still IN_PROGRESS that started before `older_than`.
+async def fail_stale_in_progress(
+    db: Queryable, *, older_than: datetime, reason: EndReason, detail: str | None = None
+) -> int:
+    """Mark FAILED, ended for `reason`, every call still IN_PROGRESS that started before `older_than`.
 
     Returns how many were marked; each one's call.ended is queued in the same transaction. Unscoped by design,
     like list_in_progress: nothing stays IN_PROGRESS forever.
@@ -312,12 +339,12 @@ async def fail_stale_in_progress(db: Queryable, *, older_than: datetime, reason:
             rows = await conn.fetch(
                 f"""
                 UPDATE "CallLog"
-                SET "status" = 'FAILED', "metadata" = "metadata" || jsonb_build_object('endReason', $2::text)
+                SET "status" = 'FAILED', "metadata" = "metadata" || $2::jsonb
                 WHERE "status" = 'IN_PROGRESS' AND "timestamp" < $1
                 RETURNING {_COLUMNS}
                 """,
                 older_than,
-                reason,
+                ending(reason, detail),
             )
         await enqueue_ended(conn, rows)
     return len(rows)

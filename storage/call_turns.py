@@ -16,7 +16,7 @@ import asyncpg
 from storage.enums import CallStatus
 from storage.errors import NotFound, translate_errors
 from storage.records import Queryable, Record, new_ids
-from storage.webhook_outbox import subscribed
+from storage.webhook_outbox import WebhookEvent, subscribed
 
 Speaker = Literal["caller", "agent"]
 """Who spoke a turn."""
@@ -146,7 +146,7 @@ async def insert_turns_unless_subscribed(
     call_log_id: str,
     turns: Sequence[TurnRecord],
     metadata: Mapping[str, Any] | None = None,
-    event: str,
+    event: WebhookEvent,
     agent_id: str | None,
 ) -> bool:
     """`insert_turns` in one round trip, unless an enabled subscription of the organization (or of `agent_id`)

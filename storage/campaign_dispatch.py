@@ -20,15 +20,29 @@ from typing import Any
 
 import asyncpg
 
-from storage.campaigns import CampaignDispatchState, DialingRules
+from storage.campaign_states import (
+    ATTEMPT_TRANSITIONS,
+    IN_FLIGHT,
+    RECIPIENT_TRANSITIONS,
+    UNFINISHED,
+    AttemptOutcome,
+    AttemptState,
+    InvalidDispatchTransition,
+    RecipientDispatchState,
+    sources,
+    sql_states,
+)
+from storage.campaigns import CampaignDispatchState, DialingRules, transition_campaign
+from storage.end_reasons import VOICEMAIL, EndReason
 from storage.enums import CallStatus, CampaignStatus
-from storage.records import Connection, new_id, transaction
-from storage.webhook_outbox import enqueue_event
+from storage.records import Connection, Queryable, new_id, transaction
+from storage.webhook_outbox import WebhookEvent, enqueue_event
 
 RECIPIENT_METADATA_KEY = "campaignRecipientId"
 """The CallLog metadata key naming the campaign recipient a call was placed for (set by the outbound dialer)."""
-REACHED = "completed"
-"""The outcome of a call that was answered and ran its conversation."""
+# The condition of each move: the states the tables let a row leave for the target.
+_RECIPIENT_MOVES = {state: sql_states(sources(RECIPIENT_TRANSITIONS, state)) for state in RecipientDispatchState}
+_ATTEMPT_MOVES = {state: sql_states(sources(ATTEMPT_TRANSITIONS, state)) for state in AttemptState}
 _DIALING_COLUMNS = (
     'd."campaignId", d."fromNumber", d."timezone", d."daysOfWeek", d."maxConcurrentCalls", d."callsPerSecond", '
     'd."maxAttempts", d."retryOn", d."retryDelaysSeconds", d."paused", d."pausedReason", d."startedAt", '
@@ -116,7 +130,7 @@ async def lock_due_campaign(conn: Connection, *, now: datetime, skip: Sequence[s
                    WHERE p."organizationId" = c."organizationId" AND p."outboundStatus" = 'ENABLED'
                    ORDER BY p."createdAt", p."id" LIMIT 1)) AS "resolvedFromNumber",
                (SELECT count(*) FROM "CampaignAttempt" a
-                WHERE a."campaignId" = c."id" AND a."state" IN ('DIALING', 'PLACED'))::int AS "inFlight"
+                WHERE a."campaignId" = c."id" AND a."state" IN ({sql_states(IN_FLIGHT)}))::int AS "inFlight"
         FROM "CampaignDispatch" d
         JOIN "Campaign" c ON c."id" = d."campaignId"
         JOIN "Organization" o ON o."id" = c."organizationId"
@@ -150,23 +164,21 @@ async def lock_due_campaign(conn: Connection, *, now: datetime, skip: Sequence[s
 
 
 async def mark_started(conn: Connection, campaign: DueCampaign) -> None:
-    """PLANNED -> CONTINUING, and the campaign.started event, in the caller's transaction."""
-    started = await conn.fetchval(
-        """
-        UPDATE "Campaign" SET "status" = 'CONTINUING' WHERE "id" = $1 AND "status" = 'PLANNED' RETURNING "totalCalls"
-        """,
-        campaign.id,
+    """PLANNED -> CONTINUING, and the campaign.started event, in the caller's transaction.
+
+    InvalidCampaignTransition if the campaign is no longer PLANNED (stopped or unscheduled since it was locked).
+    """
+    started = await transition_campaign(
+        conn, organization_id=campaign.organization_id, campaign_id=campaign.id, status=CampaignStatus.CONTINUING
     )
-    if started is None:
-        return
     await conn.execute(
         'UPDATE "CampaignDispatch" SET "startedAt" = CURRENT_TIMESTAMP WHERE "campaignId" = $1', campaign.id
     )
     await enqueue_event(
         conn,
         organization_id=campaign.organization_id,
-        event="campaign.started",
-        data={"campaignId": campaign.id, "totalCalls": started},
+        event=WebhookEvent.CAMPAIGN_STARTED,
+        data={"campaignId": campaign.id, "totalCalls": started.total_calls},
         agent_id=campaign.agent_id,
     )
 
@@ -188,11 +200,12 @@ async def pause_for(conn: Connection, campaign: DueCampaign, reason: str) -> Non
 async def lock_queued(conn: Connection, campaign: DueCampaign, *, now: datetime, limit: int) -> list[QueuedRecipient]:
     """Lock up to `limit` of the campaign's recipients whose next attempt is due, soonest first."""
     rows = await conn.fetch(
-        """
+        f"""
         SELECT rd."recipientId", r."phoneNumber", r."name", rd."timezone", rd."variables", rd."attempts"
         FROM "CampaignRecipientDispatch" rd
         JOIN "CampaignRecipient" r ON r."id" = rd."recipientId"
-        WHERE rd."campaignId" = $1 AND rd."state" = 'QUEUED' AND rd."nextAttemptAt" <= $2 AND rd."attempts" < $3
+        WHERE rd."campaignId" = $1 AND rd."state" = '{RecipientDispatchState.QUEUED}'
+          AND rd."nextAttemptAt" <= $2 AND rd."attempts" < $3
         ORDER BY rd."nextAttemptAt", rd."recipientId"
         LIMIT $4
         FOR UPDATE OF rd SKIP LOCKED
@@ -220,10 +233,10 @@ async def defer_recipients(conn: Connection, deferrals: Sequence[tuple[str, date
     if not deferrals:
         return
     await conn.execute(
-        """
+        f"""
         UPDATE "CampaignRecipientDispatch" rd SET "nextAttemptAt" = v.at
         FROM unnest($1::text[], $2::timestamptz[]) AS v(id, at)
-        WHERE rd."recipientId" = v.id AND rd."state" = 'QUEUED'
+        WHERE rd."recipientId" = v.id AND rd."state" = '{RecipientDispatchState.QUEUED}'
         """,
         [recipient_id for recipient_id, _ in deferrals],
         [at for _, at in deferrals],
@@ -233,8 +246,9 @@ async def defer_recipients(conn: Connection, deferrals: Sequence[tuple[str, date
 async def earliest_queued(conn: Connection, campaign_id: str) -> datetime | None:
     """When the campaign's soonest queued recipient is due, or None when nobody waits."""
     value: datetime | None = await conn.fetchval(
-        """
-        SELECT min("nextAttemptAt") FROM "CampaignRecipientDispatch" WHERE "campaignId" = $1 AND "state" = 'QUEUED'
+        f"""
+        SELECT min("nextAttemptAt") FROM "CampaignRecipientDispatch"
+        WHERE "campaignId" = $1 AND "state" = '{RecipientDispatchState.QUEUED}'
         """,
         campaign_id,
     )
@@ -276,11 +290,12 @@ async def lease(
     if not claims:
         return []
     await conn.execute(
-        """
+        f"""
         UPDATE "CampaignRecipientDispatch" rd SET
-            "state" = 'DIALING', "attempts" = rd."attempts" + 1, "leaseOwner" = $2, "leaseExpiresAt" = v.expires
+            "state" = '{RecipientDispatchState.DIALING}', "attempts" = rd."attempts" + 1, "leaseOwner" = $2,
+            "leaseExpiresAt" = v.expires
         FROM unnest($1::text[], $3::timestamptz[]) AS v(id, expires)
-        WHERE rd."recipientId" = v.id
+        WHERE rd."recipientId" = v.id AND rd."state" IN ({_RECIPIENT_MOVES[RecipientDispatchState.DIALING]})
         """,
         [claim.recipient_id for claim in claims],
         owner,
@@ -312,12 +327,12 @@ async def begin_dial(pool: asyncpg.Pool, claim: Claim, *, now: datetime, lease_f
     """
     async with transaction(pool) as conn:
         row = await conn.fetchrow(
-            """
+            f"""
             SELECT c."status", d."paused" FROM "CampaignRecipientDispatch" rd
             JOIN "Campaign" c ON c."id" = rd."campaignId"
             JOIN "CampaignDispatch" d ON d."campaignId" = rd."campaignId"
-            JOIN "CampaignAttempt" a ON a."id" = $3 AND a."state" = 'DIALING'
-            WHERE rd."recipientId" = $1 AND rd."state" = 'DIALING' AND rd."leaseOwner" = $2
+            JOIN "CampaignAttempt" a ON a."id" = $3 AND a."state" = '{AttemptState.DIALING}'
+            WHERE rd."recipientId" = $1 AND rd."state" = '{RecipientDispatchState.DIALING}' AND rd."leaseOwner" = $2
             FOR UPDATE OF rd
             """,
             claim.recipient_id,
@@ -343,9 +358,9 @@ async def record_placed(pool: asyncpg.Pool, claim: Claim, *, call_log_id: str, c
     """The dial created its CallLog: from now on the CallLog decides. False if the lease had been lost."""
     async with transaction(pool) as conn:
         attempt = await conn.fetchval(
-            """
-            UPDATE "CampaignAttempt" SET "state" = 'PLACED', "callLogId" = $2, "callSid" = $3
-            WHERE "id" = $1 AND "state" = 'DIALING' RETURNING "id"
+            f"""
+            UPDATE "CampaignAttempt" SET "state" = '{AttemptState.PLACED}', "callLogId" = $2, "callSid" = $3
+            WHERE "id" = $1 AND "state" IN ({_ATTEMPT_MOVES[AttemptState.PLACED]}) RETURNING "id"
             """,
             claim.attempt_id,
             call_log_id,
@@ -354,9 +369,10 @@ async def record_placed(pool: asyncpg.Pool, claim: Claim, *, call_log_id: str, c
         if attempt is None:
             return False
         await conn.execute(
-            """
-            UPDATE "CampaignRecipientDispatch" SET "state" = 'IN_CALL', "leaseOwner" = NULL, "leaseExpiresAt" = NULL
-            WHERE "recipientId" = $1 AND "state" = 'DIALING'
+            f"""
+            UPDATE "CampaignRecipientDispatch" SET
+                "state" = '{RecipientDispatchState.IN_CALL}', "leaseOwner" = NULL, "leaseExpiresAt" = NULL
+            WHERE "recipientId" = $1 AND "state" IN ({_RECIPIENT_MOVES[RecipientDispatchState.IN_CALL]})
             """,
             claim.recipient_id,
         )
@@ -369,14 +385,15 @@ async def record_refused(
     """The dial was refused (an invalid number, Twilio said no): a `failed` outcome, retried by the policy."""
     async with transaction(pool) as conn:
         locked = await conn.fetchval(
-            'SELECT 1 FROM "CampaignAttempt" WHERE "id" = $1 AND "state" = \'DIALING\' FOR UPDATE', claim.attempt_id
+            f'SELECT 1 FROM "CampaignAttempt" WHERE "id" = $1 AND "state" = \'{AttemptState.DIALING}\' FOR UPDATE',
+            claim.attempt_id,
         )
         if locked is None:
             return
         await finish_attempt(
             conn,
             attempt_id=claim.attempt_id,
-            outcome="failed",
+            outcome=AttemptOutcome.FAILED,
             reason=reason,
             ended_at=now,
             call_log_id=call_log_id,
@@ -400,24 +417,25 @@ async def pause_campaign_for(pool: asyncpg.Pool, campaign_id: str, reason: str) 
 
 async def _abandon(conn: Connection, attempt_id: str, recipient_id: str, *, cancel: bool, reason: str) -> None:
     released = await conn.fetchval(
-        """
-        UPDATE "CampaignAttempt" SET "state" = 'ABANDONED', "reason" = $2, "endedAt" = CURRENT_TIMESTAMP
-        WHERE "id" = $1 AND "state" = 'DIALING' RETURNING "id"
+        f"""
+        UPDATE "CampaignAttempt" SET "state" = '{AttemptState.ABANDONED}', "reason" = $2, "endedAt" = CURRENT_TIMESTAMP
+        WHERE "id" = $1 AND "state" IN ({_ATTEMPT_MOVES[AttemptState.ABANDONED]}) RETURNING "id"
         """,
         attempt_id,
         reason,
     )
     if released is None:
         return
+    # Only a lease is given back: the recipient leaves DIALING, for a state the table allows from there.
     await conn.execute(
-        """
+        f"""
         UPDATE "CampaignRecipientDispatch" SET
             "state" = $2, "attempts" = "attempts" - 1, "leaseOwner" = NULL, "leaseExpiresAt" = NULL,
             "lastReason" = $3
-        WHERE "recipientId" = $1 AND "state" = 'DIALING'
+        WHERE "recipientId" = $1 AND "state" = '{RecipientDispatchState.DIALING}'
         """,
         recipient_id,
-        "CANCELED" if cancel else "QUEUED",
+        RecipientDispatchState.CANCELED if cancel else RecipientDispatchState.QUEUED,
         reason,
     )
 
@@ -425,25 +443,25 @@ async def _abandon(conn: Connection, attempt_id: str, recipient_id: str, *, canc
 # ----------------------------------------------------------------------------------------------- outcomes
 
 
-def call_outcome(status: CallStatus, metadata: Mapping[str, Any]) -> str:
+def call_outcome(status: CallStatus, metadata: Mapping[str, Any]) -> AttemptOutcome:
     """What a finished CallLog means for the retry policy: completed, busy, no-answer, voicemail or failed."""
-    reason = str(metadata.get("endReason") or "")
-    if reason.startswith("voicemail"):
-        return "voicemail"
+    reason = EndReason.read(metadata.get("endReason"))
+    if reason in VOICEMAIL:
+        return AttemptOutcome.VOICEMAIL
     if status == CallStatus.COMPLETED:
-        return REACHED
-    if reason in ("busy", "no-answer"):
-        return reason
-    if status == CallStatus.MISSED and reason != "canceled":
-        return "no-answer"
-    return "failed"
+        return AttemptOutcome.COMPLETED
+    if reason is EndReason.BUSY:
+        return AttemptOutcome.BUSY
+    if status == CallStatus.MISSED and reason is not EndReason.CANCELED:
+        return AttemptOutcome.NO_ANSWER
+    return AttemptOutcome.FAILED
 
 
 async def finish_attempt(
     conn: Connection,
     *,
     attempt_id: str,
-    outcome: str,
+    outcome: AttemptOutcome,
     reason: str | None,
     ended_at: datetime,
     call_log_id: str | None,
@@ -454,10 +472,11 @@ async def finish_attempt(
     recipient.failed. A stopped campaign never retries.
     """
     row = await conn.fetchrow(
-        """
+        f"""
         UPDATE "CampaignAttempt" a SET
-            "state" = 'ENDED', "outcome" = $2, "reason" = $3, "endedAt" = $4, "callLogId" = COALESCE($5, a."callLogId")
-        WHERE a."id" = $1
+            "state" = '{AttemptState.ENDED}', "outcome" = $2, "reason" = $3, "endedAt" = $4,
+            "callLogId" = COALESCE($5, a."callLogId")
+        WHERE a."id" = $1 AND a."state" IN ({_ATTEMPT_MOVES[AttemptState.ENDED]})
         RETURNING a."recipientId", a."campaignId", a."organizationId"
         """,
         attempt_id,
@@ -466,7 +485,8 @@ async def finish_attempt(
         ended_at,
         call_log_id,
     )
-    assert row is not None, f"attempt {attempt_id} vanished while locked"
+    if row is None:
+        raise InvalidDispatchTransition(f"attempt {attempt_id} is not in flight; it cannot end")
     campaign = await conn.fetchrow(
         f"""
         SELECT c."status" AS "campaignStatus", c."agentId", {_DIALING_COLUMNS}
@@ -482,15 +502,18 @@ async def finish_attempt(
         'SELECT "attempts" FROM "CampaignRecipientDispatch" WHERE "recipientId" = $1 FOR UPDATE', row["recipientId"]
     )
     retry_at = None
-    if outcome != REACHED and campaign["campaignStatus"] in (CampaignStatus.PLANNED, CampaignStatus.CONTINUING):
+    if outcome is not AttemptOutcome.COMPLETED and campaign["campaignStatus"] in (
+        CampaignStatus.PLANNED,
+        CampaignStatus.CONTINUING,
+    ):
         retry_at = dispatch.rules.retry.retry_at(outcome, attempts, ended_at)
     if retry_at is not None:
         await conn.execute(
-            """
+            f"""
             UPDATE "CampaignRecipientDispatch" SET
-                "state" = 'QUEUED', "nextAttemptAt" = $2, "lastOutcome" = $3, "lastReason" = $4,
-                "leaseOwner" = NULL, "leaseExpiresAt" = NULL
-            WHERE "recipientId" = $1
+                "state" = '{RecipientDispatchState.QUEUED}', "nextAttemptAt" = $2, "lastOutcome" = $3,
+                "lastReason" = $4, "leaseOwner" = NULL, "leaseExpiresAt" = NULL
+            WHERE "recipientId" = $1 AND "state" IN ({_RECIPIENT_MOVES[RecipientDispatchState.QUEUED]})
             """,
             row["recipientId"],
             retry_at,
@@ -499,12 +522,12 @@ async def finish_attempt(
         )
         # The campaign's clock is not moved: an idle campaign is looked at again every few seconds anyway.
         return
-    final = "DONE" if outcome == REACHED else "FAILED"
+    final = RecipientDispatchState.DONE if outcome is AttemptOutcome.COMPLETED else RecipientDispatchState.FAILED
     await conn.execute(
-        """
+        f"""
         UPDATE "CampaignRecipientDispatch" SET
             "state" = $2, "lastOutcome" = $3, "lastReason" = $4, "leaseOwner" = NULL, "leaseExpiresAt" = NULL
-        WHERE "recipientId" = $1
+        WHERE "recipientId" = $1 AND "state" IN ({_RECIPIENT_MOVES[final]})
         """,
         row["recipientId"],
         final,
@@ -521,11 +544,11 @@ async def finish_attempt(
         """,
         row["campaignId"],
     )
-    if final == "FAILED":
+    if final is RecipientDispatchState.FAILED:
         await enqueue_event(
             conn,
             organization_id=row["organizationId"],
-            event="recipient.failed",
+            event=WebhookEvent.RECIPIENT_FAILED,
             data={
                 "campaignId": row["campaignId"],
                 "recipientId": row["recipientId"],
@@ -554,45 +577,52 @@ async def complete_if_done(conn: Connection, campaign_id: str) -> bool:
     if campaign is None or campaign["status"] != CampaignStatus.CONTINUING:
         return False
     busy = await conn.fetchval(
-        """
+        f"""
         SELECT EXISTS (SELECT 1 FROM "CampaignRecipientDispatch"
-                       WHERE "campaignId" = $1 AND "state" IN ('QUEUED', 'DIALING', 'IN_CALL'))
+                       WHERE "campaignId" = $1 AND "state" IN ({sql_states(UNFINISHED)}))
         """,
         campaign_id,
     )
     if busy:
         return False
+    await transition_campaign(
+        conn, organization_id=campaign["organizationId"], campaign_id=campaign_id, status=CampaignStatus.COMPLETED
+    )
     await conn.execute(
-        """UPDATE "Campaign" SET "status" = 'COMPLETED', "progress" = CASE WHEN "totalCalls" > 0 THEN 100 ELSE 0 END
-           WHERE "id" = $1""",
+        'UPDATE "Campaign" SET "progress" = CASE WHEN "totalCalls" > 0 THEN 100 ELSE 0 END WHERE "id" = $1',
         campaign_id,
     )
     await conn.execute(
         'UPDATE "CampaignDispatch" SET "finishedAt" = CURRENT_TIMESTAMP WHERE "campaignId" = $1', campaign_id
     )
-    counts = await conn.fetchrow(
-        """
-        SELECT count(*) FILTER (WHERE "state" = 'DONE')::int AS "reached",
-               count(*) FILTER (WHERE "state" = 'FAILED')::int AS "failed"
-        FROM "CampaignRecipientDispatch" WHERE "campaignId" = $1
-        """,
-        campaign_id,
-    )
-    assert counts is not None
+    counts = await count_by_state(conn, organization_id=campaign["organizationId"], campaign_id=campaign_id)
     await enqueue_event(
         conn,
         organization_id=campaign["organizationId"],
-        event="campaign.completed",
+        event=WebhookEvent.CAMPAIGN_COMPLETED,
         data={
             "campaignId": campaign_id,
             "totalCalls": campaign["totalCalls"],
             "completedCalls": campaign["completedCalls"],
-            "reached": counts["reached"],
-            "failed": counts["failed"],
+            "reached": counts.get(RecipientDispatchState.DONE, 0),
+            "failed": counts.get(RecipientDispatchState.FAILED, 0),
         },
         agent_id=campaign["agentId"],
     )
     return True
+
+
+async def count_by_state(db: Queryable, *, organization_id: str, campaign_id: str) -> dict[RecipientDispatchState, int]:
+    """How many of the organization's campaign's recipients are in each dispatch state (none: left out)."""
+    rows = await db.fetch(
+        """
+        SELECT "state", count(*)::int AS n FROM "CampaignRecipientDispatch"
+        WHERE "campaignId" = $1 AND "organizationId" = $2 GROUP BY "state"
+        """,
+        campaign_id,
+        organization_id,
+    )
+    return {RecipientDispatchState(row["state"]): row["n"] for row in rows}
 
 
 # ----------------------------------------------------------------------------------------------- reconciling
@@ -605,10 +635,10 @@ async def reconcile_ended_calls(pool: asyncpg.Pool, *, limit: int = 200) -> int:
     """
     async with transaction(pool) as conn:
         rows = await conn.fetch(
-            """
+            f"""
             SELECT a."id", l."id" AS "callLogId", l."status", l."metadata", l."updatedAt"
             FROM "CampaignAttempt" a JOIN "CallLog" l ON l."id" = a."callLogId"
-            WHERE a."state" = 'PLACED' AND l."status" <> 'IN_PROGRESS'
+            WHERE a."state" = '{AttemptState.PLACED}' AND l."status" <> 'IN_PROGRESS'
             ORDER BY a."campaignId", a."startedAt"
             LIMIT $1
             FOR UPDATE OF a SKIP LOCKED
@@ -622,7 +652,7 @@ async def reconcile_ended_calls(pool: asyncpg.Pool, *, limit: int = 200) -> int:
                 conn,
                 attempt_id=row["id"],
                 outcome=outcome,
-                reason=str(row["metadata"].get("endReason") or status.value.lower()),
+                reason=row["metadata"].get("endReason") or status.value.lower(),
                 ended_at=row["updatedAt"],
                 call_log_id=row["callLogId"],
             )
@@ -639,7 +669,7 @@ async def expire_leases(pool: asyncpg.Pool, *, now: datetime, limit: int = 200) 
     """
     async with transaction(pool) as conn:
         rows = await conn.fetch(
-            """
+            f"""
             SELECT rd."recipientId", rd."campaignId", a."id" AS "attemptId", a."startedAt",
                    (SELECT l."id" FROM "CallLog" l
                     WHERE l."campaignId" = rd."campaignId" AND l."metadata"->>$3 = rd."recipientId"
@@ -647,8 +677,8 @@ async def expire_leases(pool: asyncpg.Pool, *, now: datetime, limit: int = 200) 
                       AND NOT EXISTS (SELECT 1 FROM "CampaignAttempt" o WHERE o."callLogId" = l."id")
                     ORDER BY l."createdAt" DESC LIMIT 1) AS "callLogId"
             FROM "CampaignRecipientDispatch" rd
-            JOIN "CampaignAttempt" a ON a."recipientId" = rd."recipientId" AND a."state" = 'DIALING'
-            WHERE rd."state" = 'DIALING' AND rd."leaseExpiresAt" < $1
+            JOIN "CampaignAttempt" a ON a."recipientId" = rd."recipientId" AND a."state" = '{AttemptState.DIALING}'
+            WHERE rd."state" = '{RecipientDispatchState.DIALING}' AND rd."leaseExpiresAt" < $1
             ORDER BY rd."leaseExpiresAt"
             LIMIT $2
             FOR UPDATE OF rd, a SKIP LOCKED
@@ -664,14 +694,18 @@ async def expire_leases(pool: asyncpg.Pool, *, now: datetime, limit: int = 200) 
                 requeued += 1
                 continue
             await conn.execute(
-                'UPDATE "CampaignAttempt" SET "state" = \'PLACED\', "callLogId" = $2 WHERE "id" = $1',
+                f"""
+                UPDATE "CampaignAttempt" SET "state" = '{AttemptState.PLACED}', "callLogId" = $2
+                WHERE "id" = $1 AND "state" IN ({_ATTEMPT_MOVES[AttemptState.PLACED]})
+                """,
                 row["attemptId"],
                 row["callLogId"],
             )
             await conn.execute(
-                """
-                UPDATE "CampaignRecipientDispatch" SET "state" = 'IN_CALL', "leaseOwner" = NULL, "leaseExpiresAt" = NULL
-                WHERE "recipientId" = $1
+                f"""
+                UPDATE "CampaignRecipientDispatch" SET
+                    "state" = '{RecipientDispatchState.IN_CALL}', "leaseOwner" = NULL, "leaseExpiresAt" = NULL
+                WHERE "recipientId" = $1 AND "state" IN ({_RECIPIENT_MOVES[RecipientDispatchState.IN_CALL]})
                 """,
                 row["recipientId"],
             )

@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import asyncpg
 from pydantic import Field
 
+from storage.campaign_states import RETRYABLE_OUTCOMES, AttemptOutcome, RecipientDispatchState
 from storage.enums import CampaignStatus, RecipientStatus
 from storage.errors import ConstraintViolation, InvalidReference, NotFound, StorageError, translate_errors
 from storage.records import Connection, Queryable, Record, new_id, new_ids, transaction
@@ -110,25 +111,23 @@ class ImportSummary(Record):
     """Rows kept as ERROR recipients, never dialed."""
 
 
-RETRYABLE_OUTCOMES = frozenset({"busy", "no-answer", "failed", "voicemail"})
-"""Call outcomes a retry policy may retry."""
 _DIALING_COLUMNS = (
     '"campaignId", "fromNumber", "timezone", "daysOfWeek", "maxConcurrentCalls", "callsPerSecond", "maxAttempts", '
     '"retryOn", "retryDelaysSeconds", "paused", "pausedReason", "startedAt", "finishedAt"'
 )
 
 
-class RetryPolicy(Record):
+class CampaignRetryPolicy(Record):
     """How often to call a recipient: at most `max_attempts` dials, retrying only the `retry_on` outcomes.
 
     The n-th retry waits `delays_seconds[n - 1]` after the previous call ended (the last delay repeats).
     """
 
     max_attempts: int = 1
-    retry_on: frozenset[str] = frozenset({"busy", "no-answer", "failed"})
+    retry_on: frozenset[str] = frozenset({AttemptOutcome.BUSY, AttemptOutcome.NO_ANSWER, AttemptOutcome.FAILED})
     delays_seconds: tuple[int, ...] = (3600,)
 
-    def retry_at(self, outcome: str, attempts_made: int, ended_at: datetime) -> datetime | None:
+    def retry_at(self, outcome: AttemptOutcome, attempts_made: int, ended_at: datetime) -> datetime | None:
         """When to dial again after an attempt ended with `outcome`, or None if the recipient is finished."""
         if outcome not in self.retry_on or attempts_made >= self.max_attempts:
             return None
@@ -147,7 +146,7 @@ class DialingRules(Record):
     """ISO weekdays the window opens on: Monday = 1 ... Sunday = 7."""
     max_concurrent_calls: int = 1
     calls_per_second: float = 1.0
-    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    retry: CampaignRetryPolicy = Field(default_factory=CampaignRetryPolicy)
 
     def check(self) -> None:
         """ConstraintViolation naming the first unusable setting."""
@@ -195,7 +194,7 @@ class CampaignDispatchState(Record):
             days_of_week=frozenset(row["daysOfWeek"]),
             max_concurrent_calls=row["maxConcurrentCalls"],
             calls_per_second=row["callsPerSecond"],
-            retry=RetryPolicy(
+            retry=CampaignRetryPolicy(
                 max_attempts=row["maxAttempts"],
                 retry_on=frozenset(row["retryOn"]),
                 delays_seconds=tuple(row["retryDelaysSeconds"]),
@@ -593,7 +592,8 @@ async def _insert_dispatch_rows(conn: Connection, organization_id: str, campaign
         SELECT
             s."id", $1, $2, s."timezone",
             COALESCE(v."variables", s."variables"::jsonb),
-            CASE WHEN s."status" = 'READY' THEN 'QUEUED' ELSE 'INVALID' END,
+            CASE WHEN s."status" = 'READY' THEN '{RecipientDispatchState.QUEUED}'
+                 ELSE '{RecipientDispatchState.INVALID}' END,
             s."errorReason"
         FROM "_staged_recipient" s
         JOIN "CampaignRecipient" r ON r."id" = s."id"
@@ -693,9 +693,9 @@ async def start_campaign(db: asyncpg.Pool | Connection, *, organization_id: str,
     """
     async with transaction(db) as conn:
         ready = await conn.fetchval(
-            """
+            f"""
             SELECT count(*) FROM "CampaignRecipientDispatch"
-            WHERE "campaignId" = $1 AND "organizationId" = $2 AND "state" = 'QUEUED'
+            WHERE "campaignId" = $1 AND "organizationId" = $2 AND "state" = '{RecipientDispatchState.QUEUED}'
             """,
             campaign_id,
             organization_id,
@@ -771,9 +771,10 @@ async def stop_campaign(db: asyncpg.Pool | Connection, *, organization_id: str, 
             conn, organization_id=organization_id, campaign_id=campaign_id, status=CampaignStatus.STOPPED
         )
         await conn.execute(
-            """
-            UPDATE "CampaignRecipientDispatch" SET "state" = 'CANCELED', "lastReason" = 'campaign stopped'
-            WHERE "campaignId" = $1 AND "organizationId" = $2 AND "state" = 'QUEUED'
+            f"""
+            UPDATE "CampaignRecipientDispatch"
+            SET "state" = '{RecipientDispatchState.CANCELED}', "lastReason" = 'campaign stopped'
+            WHERE "campaignId" = $1 AND "organizationId" = $2 AND "state" = '{RecipientDispatchState.QUEUED}'
             """,
             campaign_id,
             organization_id,

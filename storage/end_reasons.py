@@ -51,13 +51,33 @@ class EndReason(StrEnum):
     @classmethod
     def read(cls, stored: object) -> EndReason | None:
         """The reason a stored `endReason` names, including the older `"reason: detail"` form; None if unknown."""
+        return cls.parse(stored)[0]
+
+    @classmethod
+    def parse(cls, stored: object) -> tuple[EndReason | None, str | None]:
+        """The reason and the detail of a stored or spoken `"reason: detail"` text; (None, None) if unknown."""
         if not isinstance(stored, str) or not stored:
-            return None
-        try:
-            return cls(stored)
-        except ValueError:
-            head = stored.partition(":")[0].strip()
-            return cls._value2member_map_.get(head)  # type: ignore[return-value]
+            return None, None
+        head, _, tail = stored.partition(":")
+        reason = cls._value2member_map_.get(head.strip()) or _OLDER_SPELLINGS.get(head.strip())
+        if reason is None:
+            return None, None
+        return reason, tail.strip() or None  # type: ignore[return-value]
+
+
+# Inbound calls Twilio gave up on were stored under their own names before the reasons became one enum.
+_OLDER_SPELLINGS = {"no_answer": EndReason.NO_ANSWER, "twilio_failed": EndReason.TWILIO_FAILED}
+
+MAX_DETAIL_CHARS = 500
+"""The longest `metadata.endDetail` kept: enough for an exception's message, never a whole traceback."""
+
+
+def ending(reason: EndReason, detail: str | None = None) -> dict[str, str]:
+    """The CallLog metadata items that say why a call ended: `endReason`, and `endDetail` when there is one."""
+    items = {"endReason": reason.value}
+    if detail:
+        items["endDetail"] = detail[:MAX_DETAIL_CHARS]
+    return items
 
 
 NEVER_CONNECTED = frozenset({EndReason.BUSY, EndReason.NO_ANSWER, EndReason.CANCELED, EndReason.TWILIO_FAILED})

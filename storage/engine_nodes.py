@@ -9,14 +9,11 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from storage import call_logs
+from storage.end_reasons import EndReason
+from storage.errors import translate_errors
 from storage.records import Queryable, Record, transaction
 
 _COLUMNS = '"id", "hostname", "pid", "startedAt", "lastSeenAt"'
-
-ENGINE_LOST = "engine_lost"
-"""metadata.endReason of a call whose engine process stopped heartbeating while it ran."""
-STREAM_NEVER_STARTED = "stream_never_started"
-"""metadata.endReason of a call no engine process ever picked up (its media stream never opened)."""
 
 
 class EngineNode(Record):
@@ -30,18 +27,22 @@ class EngineNode(Record):
 
 
 async def register_node(db: Queryable, *, node_id: str, hostname: str, pid: int, now: datetime) -> EngineNode:
-    """Record a process as a live node, seen `now` (registering again only refreshes it)."""
-    row = await db.fetchrow(
-        f"""
-        INSERT INTO "EngineNode" ("id", "hostname", "pid", "startedAt", "lastSeenAt") VALUES ($1, $2, $3, $4, $4)
-        ON CONFLICT ("id") DO UPDATE SET "lastSeenAt" = GREATEST("EngineNode"."lastSeenAt", EXCLUDED."lastSeenAt")
-        RETURNING {_COLUMNS}
-        """,
-        node_id,
-        hostname,
-        pid,
-        now,
-    )
+    """Record a process as a live node, seen `now` (registering again only refreshes it).
+
+    SchemaNotMigrated if the database has no engine-node table yet.
+    """
+    with translate_errors():
+        row = await db.fetchrow(
+            f"""
+            INSERT INTO "EngineNode" ("id", "hostname", "pid", "startedAt", "lastSeenAt") VALUES ($1, $2, $3, $4, $4)
+            ON CONFLICT ("id") DO UPDATE SET "lastSeenAt" = GREATEST("EngineNode"."lastSeenAt", EXCLUDED."lastSeenAt")
+            RETURNING {_COLUMNS}
+            """,
+            node_id,
+            hostname,
+            pid,
+            now,
+        )
     assert row is not None
     return EngineNode.from_row(row)
 
@@ -73,10 +74,10 @@ async def fail_orphaned_calls(
 ) -> int:
     """Close as FAILED every IN_PROGRESS call no live node runs; return how many.
 
-    A call tagged with a node not seen within `node_timeout` ends with endReason "engine_lost"; an untagged call
-    that started more than `stream_timeout` ago ends with "stream_never_started". Calls of live nodes, and
-    untagged calls younger than `stream_timeout` (still waiting for their stream), are left alone. Each closed
-    call's call.ended is queued in the same transaction. Unscoped by design: recovery looks across every
+    A call tagged with a node not seen within `node_timeout` ends with ENGINE_LOST; an untagged call that started
+    more than `stream_timeout` ago ends with STREAM_NEVER_STARTED (its media stream never opened). Calls of live
+    nodes, and untagged calls younger than `stream_timeout` (still waiting for their stream), are left alone. Each
+    closed call's call.ended is queued in the same transaction. Unscoped by design: recovery looks across every
     organization.
     """
     async with transaction(db) as conn:
@@ -95,8 +96,8 @@ async def fail_orphaned_calls(
             """,
             now - node_timeout,
             now - stream_timeout,
-            ENGINE_LOST,
-            STREAM_NEVER_STARTED,
+            EndReason.ENGINE_LOST.value,
+            EndReason.STREAM_NEVER_STARTED.value,
         )
         await call_logs.enqueue_ended(conn, rows)
     return len(rows)

@@ -21,6 +21,10 @@ class MigrationError(StorageError):
     """The migrations cannot be applied as they stand."""
 
 
+class SchemaNotMigrated(StorageError):
+    """A table a query needs does not exist: the database's schema has not been migrated."""
+
+
 class NotFound(StorageError):
     """No row has that key (or it belongs to another organization)."""
 
@@ -47,6 +51,23 @@ class InvalidReference(StorageError):
 
 class ConstraintViolation(StorageError):
     """A value is outside what the schema allows (a CHECK constraint or a NOT NULL column)."""
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    DatabaseUnavailable,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # includes a connection closed under a query
+    asyncpg.exceptions.OperatorInterventionError,  # server shutting down, or starting up
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    OSError,
+    TimeoutError,
+)
+"""Failures after which the same database operation may succeed later: retry them, after a pause."""
+
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (StorageError, asyncpg.PostgresError, *TRANSIENT_ERRORS)
+"""Every way a database operation fails: transient, or refused (a constraint, a query the schema does not fit)."""
 
 
 _KEY_DETAIL = re.compile(r"Key \((?P<fields>[^)]*)\)=\((?P<values>.*)\) already exists")
@@ -78,3 +99,5 @@ def translate_errors(*, hide_values: frozenset[str] = frozenset()) -> Iterator[N
     except asyncpg.InvalidTextRepresentationError as exc:
         # e.g. an enum value the schema does not have
         raise ConstraintViolation(str(exc)) from exc
+    except asyncpg.UndefinedTableError as exc:
+        raise SchemaNotMigrated(f"{exc}; apply the migrations (`dialtone db migrate`)") from exc

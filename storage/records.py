@@ -6,7 +6,7 @@ import os
 from collections.abc import AsyncIterator, Mapping, Sequence, Set
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -39,6 +39,8 @@ def new_ids(count: int) -> list[str]:
 
 Connection = asyncpg.Connection | PoolConnectionProxy
 """One connection: opened directly, or acquired from a pool."""
+Pool: TypeAlias = asyncpg.Pool
+"""A pool of connections to the database (open one with storage.pool.open_database)."""
 
 
 class Queryable(Protocol):

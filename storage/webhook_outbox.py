@@ -24,18 +24,18 @@ from storage.records import Queryable, Record, new_id, transaction
 WEBHOOK_CHANNEL = "dialtone_webhooks"
 """The LISTEN/NOTIFY channel told, at commit, that new deliveries are waiting."""
 
-EVENT_NAMES = frozenset(
-    {
-        "call.started",
-        "call.ended",
-        "call.analyzed",
-        "transcript.updated",
-        "campaign.started",
-        "campaign.completed",
-        "recipient.failed",
-    }
-)
-"""The events an Event row may subscribe to."""
+
+class WebhookEvent(StrEnum):
+    """The events a webhook can subscribe to: the names an Event row subscribes by, and each delivery's type."""
+
+    CALL_STARTED = "call.started"
+    CALL_ENDED = "call.ended"
+    CALL_ANALYZED = "call.analyzed"
+    TRANSCRIPT_UPDATED = "transcript.updated"
+    CAMPAIGN_STARTED = "campaign.started"
+    CAMPAIGN_COMPLETED = "campaign.completed"
+    RECIPIENT_FAILED = "recipient.failed"
+
 
 _SECRET_PREFIX = "whsec_"  # noqa: S105 -- a label that makes secrets recognisable, not a secret
 
@@ -53,11 +53,11 @@ class DeliveryStatus(StrEnum):
     FAILED = "FAILED"
 
 
-class UnknownEvent(ValueError):
+class UnknownWebhookEvent(ValueError):
     """An event name that no Event can subscribe to."""
 
     def __init__(self, event: str) -> None:
-        super().__init__(f"unknown webhook event {event!r}; expected one of {', '.join(sorted(EVENT_NAMES))}")
+        super().__init__(f"unknown webhook event {event!r}; expected one of {', '.join(sorted(WebhookEvent))}")
         self.event = event
 
 
@@ -110,7 +110,7 @@ class ClaimedDelivery:
 
 
 @dataclass(frozen=True, slots=True)
-class RetryPolicy:
+class DeliveryRetryPolicy:
     """When a failed delivery is tried again: exponential backoff with jitter, given up `give_up_after` creation.
 
     The n-th retry waits min(initial * 2**(n-1), maximum), scaled by a jitter factor between 0.5 and 1.
@@ -163,17 +163,17 @@ async def enqueue_event(
     conn: Queryable,
     *,
     organization_id: str,
-    event: str,
+    event: WebhookEvent,
     data: Mapping[str, Any],
     agent_id: str | None = None,
 ) -> int:
     """Queue `event` for every enabled subscription (organization-wide and `agent_id`'s own); return how many.
 
     Runs in the caller's transaction: the deliveries exist if and only if it commits. Costs one query when
-    nothing subscribes. UnknownEvent for a name no Event can subscribe to; TypeError for data that is not JSON.
+    nothing subscribes. UnknownWebhookEvent for a name no Event can subscribe to; TypeError for data that is not JSON.
     """
-    if event not in EVENT_NAMES:
-        raise UnknownEvent(event)
+    if event not in WebhookEvent._value2member_map_:
+        raise UnknownWebhookEvent(event)
     event_ids: list[str] = [
         row["id"]
         for row in await conn.fetch(
@@ -298,7 +298,7 @@ async def record_failure(
     response_code: int | None,
     error: str,
     duration_ms: int,
-    policy: RetryPolicy,
+    policy: DeliveryRetryPolicy,
     jitter: float,
     give_up: bool = False,
 ) -> DeliveryStatus | None:

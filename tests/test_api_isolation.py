@@ -22,7 +22,7 @@ from engine.api.routes import PREFIX, RESOURCES
 from storage import api_keys, events, users
 from storage.enums import UserRole
 from storage.records import new_id
-from storage.webhook_outbox import enqueue_event
+from storage.webhook_outbox import WebhookEvent, enqueue_event
 from tests.catalog import read_catalog
 from tests.engine_server import running_engine
 from tests.test_tenant_isolation import seed_organization, snapshot, tenant_tables
@@ -78,7 +78,9 @@ async def seed_tenant(pool: asyncpg.Pool) -> Tenant:
         pool, organization_id=organization_id, name="call.ended", webhook_url="https://example.com/hook"
     )
     async with pool.acquire() as conn, conn.transaction():
-        await enqueue_event(conn, organization_id=organization_id, event="call.ended", data={"callLogId": "x"})
+        await enqueue_event(
+            conn, organization_id=organization_id, event=WebhookEvent.CALL_ENDED, data={"callLogId": "x"}
+        )
         await conn.execute(
             """UPDATE "WebhookDelivery" SET "status" = 'FAILED' WHERE "organizationId" = $1""", organization_id
         )

@@ -11,7 +11,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from storage.webhook_outbox import enqueue_event
+from storage.webhook_outbox import WebhookEvent, enqueue_event
 from tests.engine_server import running_engine
 from tests.test_api_auth import Api, Tenant, make_tenant
 from tests.test_webhook_delivery import FAST_DELIVERY, eventually
@@ -45,7 +45,7 @@ async def test_the_delivery_log_shows_each_attempt_and_the_receivers_codes(
         assert status == 201, event
         async with pool.acquire() as conn, conn.transaction():
             await enqueue_event(
-                conn, organization_id=tenant.organization_id, event="call.ended", data={"callLogId": "c1"}
+                conn, organization_id=tenant.organization_id, event=WebhookEvent.CALL_ENDED, data={"callLogId": "c1"}
             )
 
         async def delivered() -> bool:

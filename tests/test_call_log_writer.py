@@ -18,7 +18,7 @@ from engine.call.call_log_writer import CallLogWriter, CallLogWriterClosed, Call
 from storage import agents, call_logs, organizations
 from storage.call_logs import CallLog
 from storage.call_turns import list_turns
-from storage.end_reasons import EndReason
+from storage.end_reasons import MAX_DETAIL_CHARS, EndReason
 from storage.enums import CallStatus
 from storage.errors import DatabaseUnavailable
 from storage.pool import create_pool
@@ -215,6 +215,7 @@ async def test_finish_ends_the_call_with_everything_in_one_go(pool: asyncpg.Pool
         "https://engine.example/recordings/x.wav",
     )
     assert stored.metadata["endReason"] == "caller_hangup"
+    assert "endDetail" not in stored.metadata
     assert stored.metadata["recordingMs"] == 61000
     assert stored.metadata["latencyMs"] == {"p50": 500, "p95": 900, "max": 900, "count": 4}
     assert "lostTurns" not in stored.metadata
@@ -232,6 +233,17 @@ async def test_a_failed_call_keeps_its_end_reason(pool: asyncpg.Pool) -> None:
         CallOutcome(status=CallStatus.FAILED, end_reason=EndReason.STT_UNAVAILABLE, duration_s=3)
     )
     assert (ended.status, ended.metadata["endReason"]) == (CallStatus.FAILED, "stt_unavailable")
+
+
+async def test_the_end_detail_is_kept_beside_the_reason_and_bounded(pool: asyncpg.Pool) -> None:
+    call, _ = await new_call(pool)
+    writer = writer_for(pool, call)
+    outcome = CallOutcome(
+        status=CallStatus.FAILED, end_reason=EndReason.STT_FAILED, end_detail="x" * 10_000, duration_s=3
+    )
+    ended = await writer.finish(outcome)
+    assert ended.metadata["endReason"] == "stt_failed"
+    assert ended.metadata["endDetail"] == "x" * MAX_DETAIL_CHARS
 
 
 @pytest.mark.parametrize(("duration_s", "credits"), [(0, 0), (1, 1), (60, 1), (61, 2), (119.5, 2), (180, 3)])

@@ -297,6 +297,12 @@ _MALFORMED = {
     "unknown_event": json.dumps({"event": "teleport", "sequenceNumber": "2", "streamSid": "MZ" + "2" * 32}),
     "oversized": json.dumps({"event": "media", "padding": "x" * 200_000}),
 }
+_MALFORMED_ERRORS = {
+    "bad_json": "MalformedMessage: ",
+    "invalid_base64": "MalformedMessage: ",
+    "unknown_event": "UnknownEvent: ",
+    "oversized": "MessageTooLarge: ",
+}
 
 
 @pytest.mark.parametrize("kind", sorted(_MALFORMED))
@@ -322,7 +328,8 @@ async def test_malformed_input_fails_only_that_call_while_another_carries_on(
 
     assert bad_log is not None
     assert bad_log["status"] == "FAILED"
-    assert bad_log["metadata"]["endReason"].startswith("protocol_error")
+    assert bad_log["metadata"]["endReason"] == "protocol_error"
+    assert bad_log["metadata"]["endDetail"].startswith(_MALFORMED_ERRORS[kind])
     good_log = await call_log(pool, result)
     assert (good_log["status"], good_log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
 

@@ -13,7 +13,7 @@ from engine.campaigns.dispatcher import CampaignBlocked, CampaignDispatcher, Dia
 from storage import call_logs, campaigns
 from storage.agents import create_agent
 from storage.campaign_dispatch import RECIPIENT_METADATA_KEY, Claim
-from storage.campaigns import Campaign, DialingRules, NewRecipient, RetryPolicy
+from storage.campaigns import Campaign, CampaignRetryPolicy, DialingRules, NewRecipient
 from storage.enums import CallerType, CallStatus, CallType, CampaignStatus
 from storage.errors import ConstraintViolation
 from storage.events import create_event
@@ -224,7 +224,7 @@ async def test_each_recipient_is_called_inside_their_own_window(pool: asyncpg.Po
 
 async def test_retries_follow_the_policy_delays_then_the_recipient_fails(pool: asyncpg.Pool) -> None:
     number = NUMBERS[0]
-    policy = RetryPolicy(max_attempts=3, retry_on=frozenset({"busy"}), delays_seconds=(60, 300))
+    policy = CampaignRetryPolicy(max_attempts=3, retry_on=frozenset({"busy"}), delays_seconds=(60, 300))
     campaign = await running_campaign(pool, [number], rules=DialingRules(calls_per_second=50, retry=policy))
     clock = Clock(datetime.now(UTC))
     dialer = RecordingDialer(pool)
@@ -251,7 +251,7 @@ async def test_retries_follow_the_policy_delays_then_the_recipient_fails(pool: a
 
 
 async def test_an_outcome_the_policy_does_not_retry_finishes_the_recipient(pool: asyncpg.Pool) -> None:
-    policy = RetryPolicy(max_attempts=3, retry_on=frozenset({"busy"}))
+    policy = CampaignRetryPolicy(max_attempts=3, retry_on=frozenset({"busy"}))
     campaign = await running_campaign(pool, NUMBERS[:1], rules=DialingRules(calls_per_second=50, retry=policy))
     dialer = RecordingDialer(pool)
     dispatch = dispatcher(pool, dialer)
@@ -263,7 +263,7 @@ async def test_an_outcome_the_policy_does_not_retry_finishes_the_recipient(pool:
 
 
 async def test_a_voicemail_is_its_own_outcome(pool: asyncpg.Pool) -> None:
-    policy = RetryPolicy(max_attempts=2, retry_on=frozenset({"voicemail"}), delays_seconds=(0,))
+    policy = CampaignRetryPolicy(max_attempts=2, retry_on=frozenset({"voicemail"}), delays_seconds=(0,))
     campaign = await running_campaign(pool, NUMBERS[:1], rules=DialingRules(calls_per_second=50, retry=policy))
     dialer = RecordingDialer(pool)
     dispatch = dispatcher(pool, dialer)
@@ -323,7 +323,7 @@ async def test_pause_holds_new_dials_and_resume_continues(pool: asyncpg.Pool) ->
 
 
 async def test_stop_mid_flight_dials_nobody_new_and_reconciles_the_calls_in_flight(pool: asyncpg.Pool) -> None:
-    policy = RetryPolicy(max_attempts=3, retry_on=frozenset({"busy"}), delays_seconds=(0,))
+    policy = CampaignRetryPolicy(max_attempts=3, retry_on=frozenset({"busy"}), delays_seconds=(0,))
     rules = DialingRules(max_concurrent_calls=2, calls_per_second=50, retry=policy)
     campaign = await running_campaign(pool, NUMBERS[:5], rules=rules)
     org = campaign.organization_id
@@ -455,7 +455,7 @@ async def test_a_future_start_keeps_the_campaign_planned_until_then(pool: asyncp
     [
         (DialingRules(timezone="Mars/Olympus"), "Mars/Olympus"),
         (DialingRules(max_concurrent_calls=0), "concurrent"),
-        (DialingRules(retry=RetryPolicy(retry_on=frozenset({"angry"}))), "angry"),
+        (DialingRules(retry=CampaignRetryPolicy(retry_on=frozenset({"angry"}))), "angry"),
     ],
 )
 async def test_unusable_rules_are_refused_before_anything_is_written(

@@ -17,7 +17,7 @@ import pytest
 
 from storage import campaigns
 from storage.agents import create_agent
-from storage.campaigns import DialingRules, NewRecipient, RetryPolicy
+from storage.campaigns import CampaignRetryPolicy, DialingRules, NewRecipient
 from storage.enums import CallerType, CampaignStatus
 from storage.phone_numbers import create_phone_number
 from tests.fakes.engine_processes import free_port, load_balancer, start_engine, wait_healthy
@@ -39,7 +39,7 @@ async def campaign_for_processes(pool: asyncpg.Pool) -> campaigns.Campaign:
     rules = DialingRules(
         max_concurrent_calls=4,
         calls_per_second=5,
-        retry=RetryPolicy(max_attempts=2, retry_on=frozenset({"busy"}), delays_seconds=(0,)),
+        retry=CampaignRetryPolicy(max_attempts=2, retry_on=frozenset({"busy"}), delays_seconds=(0,)),
     )
     campaign = await campaigns.create_campaign(
         pool, organization_id=org, batch_name="Shared", agent_id=agent.id, rules=rules

@@ -16,6 +16,7 @@ from engine.server.appkeys import DATABASE
 from engine.workers.recovery import NODE_ID, NodeHeartbeat, recovery_context
 from storage import call_logs, engine_nodes, events
 from storage.call_logs import CallLog
+from storage.end_reasons import EndReason
 from storage.enums import CallStatus
 from storage.pool import Database
 from tests.databases import TestDatabases
@@ -87,7 +88,7 @@ async def test_calls_closed_by_recovery_are_announced_to_call_ended_subscribers(
     await set_started_at(own_pool, stale.id, now - timedelta(days=2))
 
     await engine_nodes.fail_orphaned_calls(own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT)
-    await call_logs.fail_stale_in_progress(own_pool, older_than=now - timedelta(days=1), reason="stale")
+    await call_logs.fail_stale_in_progress(own_pool, older_than=now - timedelta(days=1), reason=EndReason.ENGINE_LOST)
 
     rows = await own_pool.fetch('SELECT "payload" FROM "WebhookDelivery" WHERE "event" = $1', "call.ended")
     ended = {row["payload"]["data"]["callLogId"]: row["payload"]["data"] for row in rows}

@@ -14,6 +14,7 @@ from storage import call_logs
 from storage.agents import create_agent
 from storage.call_logs import CallLog, InvalidCallTransition
 from storage.campaigns import create_campaign
+from storage.end_reasons import EndReason
 from storage.enums import CallStatus, CallType
 from storage.errors import AlreadyExists, InvalidReference, NotFound
 from storage.records import Queryable, new_id
@@ -299,7 +300,7 @@ async def test_stale_calls_of_every_organization_are_failed_with_the_reason(own_
     live = await open_call(own_pool, first)
 
     marked = await call_logs.fail_stale_in_progress(
-        own_pool, older_than=now - timedelta(hours=4), reason="engine restarted"
+        own_pool, older_than=now - timedelta(hours=4), reason=EndReason.ENGINE_LOST, detail="engine restarted"
     )
 
     assert marked == 2
@@ -307,7 +308,7 @@ async def test_stale_calls_of_every_organization_are_failed_with_the_reason(own_
         failed = await call_logs.get_call_log(own_pool, organization_id=log.organization_id, call_log_id=log.id)
         assert (failed.status, failed.metadata) == (
             CallStatus.FAILED,
-            {"from": "+1555", "endReason": "engine restarted"},
+            {"from": "+1555", "endReason": "engine_lost", "endDetail": "engine restarted"},
         )
     still = await call_logs.get_call_log(own_pool, organization_id=first, call_log_id=live.id)
     assert still.status == CallStatus.IN_PROGRESS

@@ -7,7 +7,6 @@ import pytest
 
 from storage import call_logs
 from storage.agents import create_agent
-from storage.call_events import TRANSCRIPT_UPDATED
 from storage.call_turns import (
     TurnRecord,
     insert_turns,
@@ -20,6 +19,7 @@ from storage.enums import CallStatus
 from storage.errors import ConstraintViolation, NotFound
 from storage.events import create_event
 from storage.records import transaction
+from storage.webhook_outbox import WebhookEvent
 from tests.test_repo_agents import insert_organization
 from tests.test_repo_call_logs import open_call
 
@@ -145,8 +145,8 @@ async def test_turns_nobody_subscribes_to_are_written_whole_in_one_statement(poo
     call = await open_call(pool, org, agent_id=agent.id)
     # Subscriptions that do not want this call's turns: disabled, another agent's, another event.
     for name, agent_id, enabled in [
-        (TRANSCRIPT_UPDATED, None, False),
-        (TRANSCRIPT_UPDATED, other_agent.id, True),
+        (WebhookEvent.TRANSCRIPT_UPDATED, None, False),
+        (WebhookEvent.TRANSCRIPT_UPDATED, other_agent.id, True),
         ("call.ended", None, True),
     ]:
         await create_event(
@@ -164,7 +164,7 @@ async def test_turns_nobody_subscribes_to_are_written_whole_in_one_statement(poo
             call_log_id=call.id,
             turns=turns,
             metadata={"stt": "deepgram"},
-            event=TRANSCRIPT_UPDATED,
+            event=WebhookEvent.TRANSCRIPT_UPDATED,
             agent_id=agent.id,
         )
     assert [t.index for t in await list_turns(pool, organization_id=org, call_log_id=call.id)] == [0, 1, 2]
@@ -185,7 +185,7 @@ async def test_turns_a_subscription_wants_are_left_to_a_transaction_that_queues_
     await create_event(
         pool,
         organization_id=org,
-        name=TRANSCRIPT_UPDATED,
+        name=WebhookEvent.TRANSCRIPT_UPDATED,
         webhook_url="https://hooks.example/x",
         agent_id=agent.id if for_the_agent else None,
     )
@@ -195,7 +195,7 @@ async def test_turns_a_subscription_wants_are_left_to_a_transaction_that_queues_
         call_log_id=call.id,
         turns=[GREETING],
         metadata={"stt": "deepgram"},
-        event=TRANSCRIPT_UPDATED,
+        event=WebhookEvent.TRANSCRIPT_UPDATED,
         agent_id=agent.id,
     )
     assert written is False
@@ -214,7 +214,7 @@ async def test_unsubscribed_turns_of_another_organizations_call_are_refused(pool
             organization_id=other,
             call_log_id=call.id,
             turns=[GREETING],
-            event=TRANSCRIPT_UPDATED,
+            event=WebhookEvent.TRANSCRIPT_UPDATED,
             agent_id=None,
         )
     assert await list_turns(pool, organization_id=org, call_log_id=call.id) == []

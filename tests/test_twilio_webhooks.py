@@ -118,7 +118,7 @@ async def test_a_retried_webhook_answers_again_with_the_same_call_log(engine: st
 
 @pytest.mark.parametrize(
     ("twilio_status", "status", "reason"),
-    [("busy", "MISSED", "busy"), ("no-answer", "MISSED", "no_answer"), ("failed", "FAILED", "twilio_failed")],
+    [("busy", "MISSED", "busy"), ("no-answer", "MISSED", "no-answer"), ("failed", "FAILED", "failed")],
 )
 async def test_status_callbacks_close_calls_that_never_streamed(
     engine: str, pool: asyncpg.Pool, twilio_status: str, status: str, reason: str

@@ -21,7 +21,7 @@ from storage.agents import create_agent
 from storage.events import create_event
 from storage.organizations import create_organization
 from storage.records import new_id
-from storage.webhook_outbox import claim_due, enqueue_event, record_success, signing_secret
+from storage.webhook_outbox import WebhookEvent, claim_due, enqueue_event, record_success, signing_secret
 from tests.databases import TestDatabases
 from tests.engine_server import running_engine
 from tests.webhook_receiver import webhook_receiver
@@ -73,7 +73,7 @@ async def subscribe(
 async def emit(pool: asyncpg.Pool, organization_id: str, data: dict[str, Any], agent_id: str | None = None) -> int:
     async with pool.acquire() as conn, conn.transaction():
         return await enqueue_event(
-            conn, organization_id=organization_id, event="call.ended", data=data, agent_id=agent_id
+            conn, organization_id=organization_id, event=WebhookEvent.CALL_ENDED, data=data, agent_id=agent_id
         )
 
 

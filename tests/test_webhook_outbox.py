@@ -18,9 +18,10 @@ from storage.records import new_id
 from storage.tenancy import tenant_transaction
 from storage.webhook_outbox import (
     ClaimedDelivery,
+    DeliveryRetryPolicy,
     DeliveryStatus,
-    RetryPolicy,
-    UnknownEvent,
+    UnknownWebhookEvent,
+    WebhookEvent,
     claim_due,
     enqueue_event,
     get_delivery,
@@ -33,7 +34,9 @@ from storage.webhook_outbox import (
 )
 
 HOOK = "https://hooks.example.com/dialtone"
-FAST = RetryPolicy(initial=timedelta(seconds=30), maximum=timedelta(seconds=120), give_up_after=timedelta(hours=24))
+FAST = DeliveryRetryPolicy(
+    initial=timedelta(seconds=30), maximum=timedelta(seconds=120), give_up_after=timedelta(hours=24)
+)
 
 
 async def new_organization(pool: asyncpg.Pool) -> str:
@@ -62,7 +65,9 @@ async def subscribe(
 
 async def enqueue(pool: asyncpg.Pool, organization_id: str, event: str, agent_id: str | None = None) -> int:
     async with pool.acquire() as conn, conn.transaction():
-        return await enqueue_event(conn, organization_id=organization_id, event=event, data={"n": 1}, agent_id=agent_id)
+        return await enqueue_event(
+            conn, organization_id=organization_id, event=WebhookEvent(event), data={"n": 1}, agent_id=agent_id
+        )
 
 
 async def claim_own(pool: asyncpg.Pool, organization_id: str, *, lease: timedelta) -> list[ClaimedDelivery]:
@@ -134,7 +139,7 @@ async def test_deliveries_exist_only_if_the_callers_transaction_commits(pool: as
 
     with pytest.raises(RuntimeError):
         async with pool.acquire() as conn, conn.transaction():
-            assert await enqueue_event(conn, organization_id=org, event="call.ended", data={}) == 1
+            assert await enqueue_event(conn, organization_id=org, event=WebhookEvent.CALL_ENDED, data={}) == 1
             raise RuntimeError("the change being reported failed")
 
     assert await queued_event_ids(pool, org) == []
@@ -144,10 +149,10 @@ async def test_unknown_events_and_data_that_is_not_json_are_refused(pool: asyncp
     org = await new_organization(pool)
     await subscribe(pool, org, "call.ended")
 
-    with pytest.raises(UnknownEvent, match=r"'call\.finished'"):
-        await enqueue_event(pool, organization_id=org, event="call.finished", data={})
+    with pytest.raises(UnknownWebhookEvent, match=r"'call\.finished'"):
+        await enqueue_event(pool, organization_id=org, event="call.finished", data={})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="object"):
-        await enqueue_event(pool, organization_id=org, event="call.ended", data={"x": object()})
+        await enqueue_event(pool, organization_id=org, event=WebhookEvent.CALL_ENDED, data={"x": object()})
     assert await queued_event_ids(pool, org) == []
 
 
@@ -277,7 +282,9 @@ async def test_a_delivery_is_given_up_once_its_next_attempt_would_pass_the_deadl
     await subscribe(pool, org, "call.ended")
     await enqueue(pool, org, "call.ended")
     [claimed] = await claim_own(pool, org, lease=timedelta(minutes=5))
-    short = RetryPolicy(initial=timedelta(minutes=1), maximum=timedelta(minutes=1), give_up_after=timedelta(seconds=30))
+    short = DeliveryRetryPolicy(
+        initial=timedelta(minutes=1), maximum=timedelta(minutes=1), give_up_after=timedelta(seconds=30)
+    )
 
     status = await record_failure(
         pool, delivery=claimed, response_code=500, error="HTTP 500", duration_ms=1, policy=short, jitter=1.0
@@ -369,7 +376,9 @@ async def test_the_api_role_can_queue_events_for_its_own_organization(pool: asyn
     event_id = await subscribe(pool, org, "campaign.completed")
 
     async with tenant_transaction(pool, org) as conn:
-        queued = await enqueue_event(conn, organization_id=org, event="campaign.completed", data={"campaignId": "k"})
+        queued = await enqueue_event(
+            conn, organization_id=org, event=WebhookEvent.CAMPAIGN_COMPLETED, data={"campaignId": "k"}
+        )
 
     assert queued == 1
     assert await queued_event_ids(pool, org) == [event_id]

@@ -8,13 +8,13 @@ import pytest
 
 from config.settings import load_settings
 from engine.workers.webhook_delivery import DeliverySettings, signature_header
-from storage.webhook_outbox import RetryPolicy
+from storage.webhook_outbox import DeliveryRetryPolicy
 
 
 def test_the_defaults_retry_for_a_day_with_backoff_up_to_an_hour_and_refuse_private_addresses() -> None:
     settings = DeliverySettings.from_settings(load_settings())
 
-    assert settings.retry == RetryPolicy(
+    assert settings.retry == DeliveryRetryPolicy(
         initial=timedelta(seconds=10), maximum=timedelta(hours=1), give_up_after=timedelta(hours=24)
     )
     assert (settings.timeout, settings.lease) == (timedelta(seconds=10), timedelta(seconds=60))
@@ -42,7 +42,7 @@ def test_a_lease_no_longer_than_the_request_timeout_is_refused_by_name() -> None
 
 def test_retry_delays_must_be_ordered() -> None:
     with pytest.raises(ValueError, match="initial <= maximum"):
-        RetryPolicy(initial=timedelta(minutes=5), maximum=timedelta(minutes=1))
+        DeliveryRetryPolicy(initial=timedelta(minutes=5), maximum=timedelta(minutes=1))
 
 
 def test_the_signature_is_hmac_sha256_over_the_timestamp_and_the_body() -> None:

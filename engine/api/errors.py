@@ -6,14 +6,20 @@ import logging
 import re
 from collections.abc import Sequence
 
-import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from engine.api.models import ResponseModel
-from storage.errors import AlreadyExists, ConstraintViolation, InvalidReference, NotFound, StorageError
+from storage.errors import (
+    TRANSIENT_ERRORS,
+    AlreadyExists,
+    ConstraintViolation,
+    InvalidReference,
+    NotFound,
+    StorageError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +108,6 @@ _STORAGE_ERRORS: list[tuple[type[StorageError], int, str]] = [
     (ConstraintViolation, 422, "invalid_value"),
 ]
 
-_DATABASE_DOWN = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
-
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -138,7 +142,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 return ApiError(status, code, str(exc)).response()
         log.exception("storage error on %s %s", request.method, request.path)
         return ApiError(503, "unavailable", "the database could not complete the request; try again").response()
-    except _DATABASE_DOWN:
+    except TRANSIENT_ERRORS:
         log.exception("database unavailable on %s %s", request.method, request.path)
         return ApiError(503, "unavailable", "the database cannot be reached right now; try again").response()
     except Exception:

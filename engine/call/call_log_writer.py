@@ -22,49 +22,38 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import asyncpg
-
-from storage import agents, call_events, call_logs, call_turns, organizations
+from storage import Pool, agents, call_events, call_logs, call_turns, organizations
 from storage.call_logs import CallLog
 from storage.call_turns import TurnRecord
-from storage.end_reasons import EndReason
+from storage.end_reasons import EndReason, ending
 from storage.enums import CallStatus
-from storage.errors import DatabaseUnavailable, NotFound, StorageError
+from storage.errors import DATABASE_ERRORS, TRANSIENT_ERRORS, DatabaseUnavailable, NotFound
 from storage.records import transaction
+from storage.webhook_outbox import WebhookEvent
 
-__all__ = ["TRANSIENT_ERRORS", "CallLogWriter", "CallLogWriterClosed", "CallOutcome", "TurnRecord", "latency_summary"]
+__all__ = ["CallLogWriter", "CallLogWriterClosed", "CallOutcome", "TurnRecord", "latency_summary"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,  # includes a connection closed under a query
-    asyncpg.exceptions.OperatorInterventionError,  # server shutting down, or starting up
-    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
-    asyncpg.exceptions.SerializationError,
-    asyncpg.exceptions.DeadlockDetectedError,
-    OSError,
-    TimeoutError,
-)
-"""Errors after which the same write may succeed later: the writer retries them."""
-
 _BATCH_SIZE = 100
-_DETAIL_LIMIT = 500  # characters of an end reason's free-text detail kept in the CallLog
 _SPEAKERS = frozenset({"caller", "agent"})
 
 
 @dataclass(frozen=True, slots=True)
 class CallOutcome:
-    """How a call ended: its final status and why, how long it lasted (s), its recording and extra metadata."""
+    """How a call ended: its final status and why, how long it lasted (s), its recording and extra metadata.
+
+    `end_detail` is free text beside the reason (an error's message, a transfer's number), for people to read.
+    """
 
     status: CallStatus
     end_reason: EndReason
     duration_s: float
-    end_detail: str | None = None
     recording_url: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    end_detail: str | None = None
 
 
 class CallLogWriterClosed(RuntimeError):
@@ -97,7 +86,7 @@ class CallLogWriter:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        pool: Pool,
         *,
         organization_id: str,
         call_log_id: str,
@@ -248,7 +237,7 @@ class CallLogWriter:
                 self._pending.clear()
                 self._metadata.clear()
                 return
-            except (StorageError, asyncpg.PostgresError):
+            except DATABASE_ERRORS:
                 # Refused, not failed: retrying the same batch would block every later turn and the call's end.
                 log.exception("CallLog %s: the database refused %d turns; dropped", self._call_log_id, len(batch))
                 self._lost_turns += len(batch)
@@ -269,7 +258,7 @@ class CallLogWriter:
                 call_log_id=self._call_log_id,
                 turns=batch,
                 metadata=metadata,
-                event=call_events.TRANSCRIPT_UPDATED,
+                event=WebhookEvent.TRANSCRIPT_UPDATED,
                 agent_id=self._agent_id,
             ):
                 return
@@ -307,8 +296,7 @@ class CallLogWriter:
             metadata: dict[str, Any] = {
                 **self._metadata,
                 **outcome.metadata,
-                "endReason": outcome.end_reason.value,
-                **({"endDetail": outcome.end_detail[:_DETAIL_LIMIT]} if outcome.end_detail else {}),
+                **ending(outcome.end_reason, outcome.end_detail),
                 "latencyMs": latency_summary(self._agent_latencies),
             }
             if self._lost_turns:

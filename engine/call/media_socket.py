@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import asyncpg
 from aiohttp import web
 
 from config.agent import (
@@ -39,7 +37,7 @@ from media.twilio_stream import MalformedMessage, Started, StreamProtocolError, 
 from pipelines.errors import ProviderError
 from pipelines.registry import PipelineUnavailable, RealtimePlan, VoiceChoice, build_pipeline, plan_realtime
 from storage import agents, call_logs
-from storage.call_logs import CallLog, InvalidCallTransition
+from storage.call_logs import CallLog
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus, CallType
 from storage.recordings import recording_path
@@ -97,19 +95,6 @@ async def _streamable_call_log(app: web.Application, started: Started) -> CallLo
         log.warning("a second media stream for call %s: closed", started.call_sid)
         return None
     return call_log
-
-
-async def _fail(pool: asyncpg.Pool, call_log: CallLog, reason: EndReason, detail: str | None = None) -> None:
-    """Finish a call that could not run as FAILED with `reason` (unless something finished it already)."""
-    with contextlib.suppress(InvalidCallTransition):
-        await call_logs.finalize_call_log(
-            pool,
-            organization_id=call_log.organization_id,
-            call_log_id=call_log.id,
-            status=CallStatus.FAILED,
-            duration=0,
-            metadata={"endReason": reason.value, **({"endDetail": detail} if detail else {})},
-        )
 
 
 def _drivers(
@@ -179,7 +164,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     if call_log is None:
         return
     if call_log.agent_id is None:
-        await _fail(pool, call_log, EndReason.AGENT_DELETED)
+        await call_logs.fail_unstarted(pool, call_log, EndReason.AGENT_DELETED)
         return
     bundle = await agents.load_agent_bundle(pool, organization_id=call_log.organization_id, agent_id=call_log.agent_id)
     try:
@@ -192,7 +177,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         driver, fallback = _drivers(config, prepared, realtime=realtime, can_transfer=twilio is not None)
     except (AgentConfigurationError, ProviderError) as exc:
         log.error("call %s: cannot build the agent's pipeline: %s", started.call_sid, exc)
-        await _fail(pool, call_log, EndReason.PIPELINE_UNAVAILABLE, str(exc))
+        await call_logs.fail_unstarted(pool, call_log, EndReason.PIPELINE_UNAVAILABLE, str(exc))
         return
 
     recorder = None

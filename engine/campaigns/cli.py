@@ -13,18 +13,16 @@ from datetime import date
 from pathlib import Path
 from typing import TextIO
 
-import asyncpg
-
 from config.settings import Settings
 from engine.campaigns.recipients_csv import ParsedRow, RecipientsFileError, open_recipients_file, read_recipients
 from engine.campaigns.windows import InvalidWindow, parse_time_of_day
-from storage import campaigns, organizations
-from storage.campaigns import DialingRules, NewRecipient, RetryPolicy
+from storage import Pool, campaign_dispatch, campaigns, organizations
+from storage.campaign_states import RecipientDispatchState
+from storage.campaigns import CampaignRetryPolicy, DialingRules, NewRecipient
 from storage.pool import database
 
 _DAY_NAMES = {"mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6, "sun": 7}
 _BAR_WIDTH = 30
-_STATES = ("QUEUED", "DIALING", "IN_CALL", "DONE", "FAILED", "INVALID", "CANCELED")
 
 
 def add_campaign_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -126,7 +124,7 @@ async def run_campaign_command(args: argparse.Namespace, settings: Settings) -> 
                 raise AssertionError(f"unhandled campaign action {args.campaign_command}")
 
 
-async def _organization_id(pool: asyncpg.Pool, given: str) -> str:
+async def _organization_id(pool: Pool, given: str) -> str:
     by_slug = await organizations.get_organization_by_slug(pool, slug=given)
     if by_slug is not None:
         return by_slug.id
@@ -174,7 +172,7 @@ def _rules(args: argparse.Namespace) -> DialingRules:
         days_of_week=parse_days(args.days),
         max_concurrent_calls=args.max_concurrent,
         calls_per_second=args.calls_per_second,
-        retry=RetryPolicy(
+        retry=CampaignRetryPolicy(
             max_attempts=args.max_attempts,
             retry_on=frozenset(part.strip() for part in args.retry_on.split(",") if part.strip()),
             delays_seconds=delays,
@@ -221,7 +219,7 @@ def _tracked(rows: Iterator[ParsedRow], stream: TextIO, bar: ProgressBar) -> Ite
         yield row.recipient
 
 
-async def _import(pool: asyncpg.Pool, organization_id: str, campaign_id: str, path: Path, region: str | None) -> None:
+async def _import(pool: Pool, organization_id: str, campaign_id: str, path: Path, region: str | None) -> None:
     began = time.monotonic()
     with open_recipients_file(path) as stream:
         bar = ProgressBar(total_bytes=os.fstat(stream.fileno()).st_size, out=sys.stderr)
@@ -243,7 +241,7 @@ async def _import(pool: asyncpg.Pool, organization_id: str, campaign_id: str, pa
     )
 
 
-async def _status(pool: asyncpg.Pool, organization_id: str, campaign_id: str, *, once: bool, interval: float) -> None:
+async def _status(pool: Pool, organization_id: str, campaign_id: str, *, once: bool, interval: float) -> None:
     live = not once and sys.stdout.isatty()
     while True:
         text = await describe(pool, organization_id, campaign_id)
@@ -255,25 +253,17 @@ async def _status(pool: asyncpg.Pool, organization_id: str, campaign_id: str, *,
         await asyncio.sleep(interval)
 
 
-async def describe(pool: asyncpg.Pool, organization_id: str, campaign_id: str) -> str:
+async def describe(pool: Pool, organization_id: str, campaign_id: str) -> str:
     """The campaign's status as the CLI shows it: lifecycle, progress, pause, recipients by state."""
     campaign = await campaigns.get_campaign(pool, organization_id=organization_id, campaign_id=campaign_id)
     dispatch = await campaigns.get_dispatch_state(pool, organization_id=organization_id, campaign_id=campaign_id)
-    rows = await pool.fetch(
-        """
-        SELECT "state", count(*)::int AS n FROM "CampaignRecipientDispatch"
-        WHERE "campaignId" = $1 AND "organizationId" = $2 GROUP BY "state"
-        """,
-        campaign_id,
-        organization_id,
-    )
-    counts = {row["state"]: row["n"] for row in rows}
+    counts = await campaign_dispatch.count_by_state(pool, organization_id=organization_id, campaign_id=campaign_id)
     filled = campaign.progress * _BAR_WIDTH // 100
     lines = [
         f"{campaign.batch_name} ({campaign.id})",
         f"status     {campaign.status}" + (f"  PAUSED: {dispatch.paused_reason}" if dispatch.paused else ""),
         f"progress   [{'#' * filled}{'-' * (_BAR_WIDTH - filled)}] {campaign.progress}%  "
         f"{campaign.completed_calls:,} of {campaign.total_calls:,} recipients done",
-        "recipients " + "  ".join(f"{state.lower()} {counts.get(state, 0):,}" for state in _STATES),
+        "recipients " + "  ".join(f"{state.lower()} {counts.get(state, 0):,}" for state in RecipientDispatchState),
     ]
     return "\n".join(lines)

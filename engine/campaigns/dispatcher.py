@@ -18,7 +18,6 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-import asyncpg
 from aiohttp import web
 
 from engine.campaigns.windows import CallingWindow, InvalidWindow, parse_time_of_day, zone
@@ -36,9 +35,12 @@ from engine.twilio.outbound_calls import (
     place_call,
 )
 from engine.workers.recovery import NODE_ID
+from storage import Pool
 from storage import campaign_dispatch as dispatch
 from storage.campaign_dispatch import Claim, DueCampaign, Pick, QueuedRecipient
+from storage.campaigns import InvalidCampaignTransition
 from storage.enums import CampaignStatus
+from storage.errors import DATABASE_ERRORS
 from storage.records import Connection, new_id, transaction
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ class CampaignDispatcher:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        pool: Pool,
         dialer: Dialer,
         *,
         node_id: str | None = None,
@@ -143,7 +145,7 @@ class CampaignDispatcher:
         while True:
             try:
                 await self.tick()
-            except (asyncpg.PostgresError, OSError) as exc:  # a deadlock victim, a lost connection: next tick
+            except DATABASE_ERRORS as exc:  # a deadlock victim, a lost connection: next tick
                 log.warning("campaign dispatch tick failed: %s", exc)
             except Exception:  # a bug must not stop every campaign on this process: log it, keep ticking
                 log.exception("campaign dispatch tick failed")
@@ -178,7 +180,11 @@ class CampaignDispatcher:
             if starts is not None and starts > now:
                 await dispatch.defer_campaign(conn, campaign.id, starts)
                 return []
-            await dispatch.mark_started(conn, campaign)
+            try:
+                await dispatch.mark_started(conn, campaign)
+            except InvalidCampaignTransition:
+                return []  # stopped or unscheduled since it was locked: nothing to dial
+
         if campaign.credits <= 0:
             await dispatch.pause_for(
                 conn, campaign, f"out of credits (balance {campaign.credits}): add credits, then resume the campaign"
@@ -220,7 +226,7 @@ class CampaignDispatcher:
     async def _dial(self, claim: Claim) -> None:
         try:
             await self._dial_at_slot(claim)
-        except (asyncpg.PostgresError, OSError) as exc:
+        except DATABASE_ERRORS as exc:
             # The database went away around the dial: the lease's expiry settles it (CallLog or not).
             log.warning("campaign %s: dial of recipient %s unsettled: %s", claim.campaign_id, claim.recipient_id, exc)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from importlib.metadata import PackageNotFoundError, version
 
-import asyncpg
 from aiohttp import web
 
 from engine.server.appkeys import DATABASE
+from storage.errors import DATABASE_ERRORS
 from storage.migrate import migration_status
 
 HEALTH_TIMEOUT_SECONDS = 2.0
@@ -31,7 +31,7 @@ async def handle_health(request: web.Request) -> web.Response:
         async with db.pool.acquire(timeout=HEALTH_TIMEOUT_SECONDS) as conn:
             await conn.fetchval("SELECT 1", timeout=HEALTH_TIMEOUT_SECONDS)
             status = await migration_status(conn)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_ERRORS as exc:
         database |= {"reachable": False, "error": f"{type(exc).__name__}: {exc}".rstrip(": ")}
         return web.json_response(
             {"status": "unavailable", "version": engine_version(), "database": database}, status=503

@@ -2,7 +2,7 @@
 
 `place_call` is the one way the API (`POST /v1/calls`) and the campaign dispatcher start a call. The CallLog
 exists before Twilio is asked, so every dial attempt leaves a record; from then on the call ends in one of
-these `metadata.endReason` values (a contract: retry policies map them):
+these `metadata.endReason` values (`storage.end_reasons.EndReason`; a contract: retry policies map them):
 
 - `busy`, `no-answer`, `canceled`, `failed`: Twilio's final CallStatus for a call nobody answered (MISSED, or
   FAILED for `failed`), written by the status callback;
@@ -16,13 +16,11 @@ these `metadata.endReason` values (a contract: retry policies map them):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import asyncpg
 import phonenumbers
 from aiohttp import web
 from aiohttp.helpers import ChainMapProxy
@@ -34,17 +32,15 @@ from engine.server.appkeys import DATABASE, SETTINGS, TWILIO
 from engine.twilio.rest import CallRefused, MachineDetection, TwilioCalls
 from engine.twilio.webhooks import (
     AMD_PATH,
-    END_VOICEMAIL_HANGUP,
-    END_VOICEMAIL_LEFT,
     STATUS_PATH,
     callback_url,
     media_stream_url,
     stream_twiml,
 )
 from pipelines.registry import PipelineUnavailable, check_pipeline
-from storage import agents, call_logs, organizations, phone_numbers
-from storage.call_logs import InvalidCallTransition
-from storage.enums import AgentStatus, CallerType, CallStatus, CallType, PhoneNumberStatus
+from storage import Pool, agents, call_logs, organizations, phone_numbers
+from storage.end_reasons import EndReason
+from storage.enums import AgentStatus, CallerType, CallType, PhoneNumberStatus
 from storage.errors import InvalidReference, NotFound
 
 log = logging.getLogger(__name__)
@@ -55,10 +51,6 @@ MAX_VARIABLES: Final = 100
 MAX_VARIABLE_CHARS: Final = 2000
 
 __all__ = [
-    "END_TWILIO_REFUSED",
-    "END_TWILIO_UNREACHABLE",
-    "END_VOICEMAIL_HANGUP",
-    "END_VOICEMAIL_LEFT",
     "AgentUnavailable",
     "CallNotPlaced",
     "CampaignNotFound",
@@ -71,9 +63,6 @@ __all__ = [
     "PlacedCall",
     "place_call",
 ]
-
-END_TWILIO_REFUSED: Final = "twilio_refused"
-END_TWILIO_UNREACHABLE: Final = "twilio_unreachable"
 
 
 # --------------------------------------------------------------------------------------------------- errors
@@ -141,7 +130,7 @@ class CallNotPlaced(OutboundCallError):
 class OutboundDeps:
     """What placing a call needs: the database, the settings, Twilio, and where Twilio reaches this engine."""
 
-    pool: asyncpg.Pool
+    pool: Pool
     settings: Settings
     twilio: TwilioCalls
     public_url: str
@@ -275,13 +264,15 @@ async def place_call(
             machine_detection=machine_detection(config, callback_url(base, AMD_PATH, call_log.id)),
         )
     except CallRefused as exc:
-        reason = END_TWILIO_REFUSED if exc.code is not None else END_TWILIO_UNREACHABLE
-        await _fail(pool, call_log, reason, {"twilioErrorCode": exc.code, "twilioErrorMessage": exc.message})
+        reason = EndReason.TWILIO_REFUSED if exc.code is not None else EndReason.TWILIO_UNREACHABLE
+        await call_logs.fail_unstarted(
+            pool, call_log, reason, metadata={"twilioErrorCode": exc.code, "twilioErrorMessage": exc.message}
+        )
         log.warning("outbound call %s to %s not placed: %s", call_log.id, _masked(callee), exc)
         raise CallNotPlaced(call_log.id, exc.code, exc.message) from None
     except asyncio.CancelledError:
         # Whether Twilio placed the call is unknown; the log must not stay IN_PROGRESS.
-        await asyncio.shield(_fail(pool, call_log, "placement_interrupted", {}))
+        await asyncio.shield(call_logs.fail_unstarted(pool, call_log, EndReason.PLACEMENT_INTERRUPTED))
         raise
     # A status callback may have stored the CallSid already (it knows the CallLog id from its URL).
     await call_logs.adopt_call_id(pool, call_log_id=call_log.id, call_id=call_sid)
@@ -306,7 +297,7 @@ def _checked_variables(variables: Mapping[str, str] | None) -> dict[str, str]:
     return checked
 
 
-async def _check_number(pool: asyncpg.Pool, organization_id: str, caller_id: str) -> None:
+async def _check_number(pool: Pool, organization_id: str, caller_id: str) -> None:
     number = await phone_numbers.find_by_number(pool, number=caller_id)
     if number is None or number.organization_id != organization_id:
         raise NumberUnavailable(caller_id, "not a phone number of this organization")
@@ -330,18 +321,6 @@ async def _usable_agent(deps: OutboundDeps, organization_id: str, agent_id: str)
     except (AgentConfigurationError, PipelineUnavailable) as exc:
         raise AgentUnavailable(agent_id, f"its configuration cannot run: {exc}") from None
     return config
-
-
-async def _fail(pool: asyncpg.Pool, call_log: call_logs.CallLog, reason: str, details: Mapping[str, Any]) -> None:
-    with contextlib.suppress(InvalidCallTransition):
-        await call_logs.finalize_call_log(
-            pool,
-            organization_id=call_log.organization_id,
-            call_log_id=call_log.id,
-            status=CallStatus.FAILED,
-            duration=0,
-            metadata={"endReason": reason, **details},
-        )
 
 
 def _masked(number: str) -> str:

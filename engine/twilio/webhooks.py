@@ -8,7 +8,6 @@ import logging
 from typing import Any
 from urllib.parse import urlencode
 
-import asyncpg
 from aiohttp import web
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
@@ -18,9 +17,9 @@ from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
 from engine.twilio.signature import public_base_url, signature_is_valid
 from pipelines.llm.prompt import render_prompt
 from pipelines.registry import PipelineUnavailable, check_pipeline
-from storage import agents, call_logs, organizations, phone_numbers
+from storage import Pool, agents, call_logs, organizations, phone_numbers
 from storage.call_logs import CallLog, InvalidCallTransition
-from storage.end_reasons import EndReason
+from storage.end_reasons import EndReason, ending
 from storage.enums import CallStatus, CallType, PhoneNumberStatus
 from storage.errors import AlreadyExists, NotFound
 
@@ -31,9 +30,6 @@ STATUS_PATH = "/twilio/status"
 AMD_PATH = "/twilio/amd"
 CALL_LOG_PARAMETER = "callLogId"
 
-END_VOICEMAIL_LEFT = EndReason.VOICEMAIL_LEFT
-END_VOICEMAIL_HANGUP = EndReason.VOICEMAIL_HANGUP
-
 NOT_IN_SERVICE = "Sorry, the number you have called is not in service. Goodbye."
 NO_AGENT = "Sorry, nobody is available to take your call right now. Please try again later. Goodbye."
 OUT_OF_CREDITS = "Sorry, this line cannot take calls at the moment. Please try again later. Goodbye."
@@ -41,19 +37,14 @@ MISCONFIGURED = "Sorry, this line is not set up correctly. Please try again late
 
 # Twilio's final CallStatus values and what they make of a call that is still IN_PROGRESS.
 _FINAL_STATUSES = {
-    "busy": (CallStatus.MISSED, "busy"),
-    "no-answer": (CallStatus.MISSED, "no_answer"),
-    "canceled": (CallStatus.MISSED, "canceled"),
-    "failed": (CallStatus.FAILED, "twilio_failed"),
-    "completed": (CallStatus.FAILED, "stream_never_started"),
+    "busy": (CallStatus.MISSED, EndReason.BUSY),
+    "no-answer": (CallStatus.MISSED, EndReason.NO_ANSWER),
+    "canceled": (CallStatus.MISSED, EndReason.CANCELED),
+    "failed": (CallStatus.FAILED, EndReason.TWILIO_FAILED),
+    "completed": (CallStatus.FAILED, EndReason.STREAM_NEVER_STARTED),
 }
-# The same for an outbound call: Twilio's own status is the end reason (a contract, see engine.twilio.outbound_calls).
-_OUTBOUND_UNANSWERED = {
-    "busy": CallStatus.MISSED,
-    "no-answer": CallStatus.MISSED,
-    "canceled": CallStatus.MISSED,
-    "failed": CallStatus.FAILED,
-}
+# The same for an outbound call nobody answered (a contract, see engine.twilio.outbound_calls).
+_OUTBOUND_UNANSWERED = {status: _FINAL_STATUSES[status] for status in ("busy", "no-answer", "canceled", "failed")}
 
 
 def twiml(response: VoiceResponse) -> web.Response:
@@ -191,7 +182,7 @@ async def handle_status(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def _callback_call_log(pool: asyncpg.Pool, call_sid: str, call_log_id: str | None) -> CallLog | None:
+async def _callback_call_log(pool: Pool, call_sid: str, call_log_id: str | None) -> CallLog | None:
     """The CallLog a callback is about: by CallSid, or (an outbound call whose CallSid is not stored yet) by the
     CallLog id its signed URL carries."""
     if not call_sid.startswith("CA"):
@@ -205,7 +196,7 @@ async def _callback_call_log(pool: asyncpg.Pool, call_sid: str, call_log_id: str
     return call_log
 
 
-async def _outbound_status(pool: asyncpg.Pool, call_log: CallLog, status: str, form: dict[str, str]) -> None:
+async def _outbound_status(pool: Pool, call_log: CallLog, status: str, form: dict[str, str]) -> None:
     """Move an outbound CallLog on Twilio's status.
 
     busy, no-answer and canceled end it MISSED, failed FAILED, each with Twilio's status as the end reason;
@@ -216,32 +207,32 @@ async def _outbound_status(pool: asyncpg.Pool, call_log: CallLog, status: str, f
     if status in ("initiated", "ringing", "in-progress", "queued"):
         log.debug("outbound call %s: %s", call_log.call_id, status)
         return
-    voicemail = call_log.metadata.get("voicemail")
+    voicemail = EndReason.read(call_log.metadata.get("voicemail"))
     if call_log.status != CallStatus.IN_PROGRESS:
-        if status == "completed" and voicemail and call_log.metadata.get("endReason") != voicemail:
+        if status == "completed" and voicemail and EndReason.read(call_log.metadata.get("endReason")) != voicemail:
             await call_logs.merge_metadata(
                 pool,
                 organization_id=call_log.organization_id,
                 call_log_id=call_log.id,
-                metadata={"endReason": voicemail},
+                metadata=ending(voicemail),
             )
         return
     if status in _OUTBOUND_UNANSWERED:
-        final, reason = _OUTBOUND_UNANSWERED[status], status
+        final, reason = _OUTBOUND_UNANSWERED[status]
     elif status == "completed" and "engineNode" not in call_log.metadata and voicemail:
-        final, reason = CallStatus.COMPLETED, str(voicemail)
+        final, reason = CallStatus.COMPLETED, voicemail
     elif status == "completed" and "engineNode" not in call_log.metadata:
-        final, reason = CallStatus.FAILED, "stream_never_started"
+        final, reason = CallStatus.FAILED, EndReason.STREAM_NEVER_STARTED
     else:
         return
     await _close_unconnected(pool, call_log, final, reason, status=status, form=form)
 
 
 async def _close_unconnected(
-    pool: asyncpg.Pool, call_log: CallLog, final: CallStatus, reason: str, *, status: str, form: dict[str, str]
+    pool: Pool, call_log: CallLog, final: CallStatus, reason: EndReason, *, status: str, form: dict[str, str]
 ) -> None:
     duration = form.get("CallDuration")
-    metadata = {"endReason": reason, "twilioStatus": status}
+    metadata = {**ending(reason), "twilioStatus": status}
     if form.get("SipResponseCode"):
         metadata["sipResponseCode"] = str(form["SipResponseCode"])
     with contextlib.suppress(InvalidCallTransition):  # the media session may have finished it first
@@ -289,7 +280,7 @@ async def handle_amd(request: web.Request) -> web.Response:
 
     voicemail = await _voicemail_config(pool, call_log)
     message = _voicemail_message(voicemail, call_log) if answered_by != "fax" else None
-    reason = END_VOICEMAIL_LEFT if message is not None else END_VOICEMAIL_HANGUP
+    reason = EndReason.VOICEMAIL_LEFT if message is not None else EndReason.VOICEMAIL_HANGUP
     await call_logs.merge_metadata(
         pool,
         organization_id=call_log.organization_id,
@@ -325,7 +316,7 @@ def voicemail_twiml(message: str) -> str:
     return str(response)
 
 
-async def _voicemail_config(pool: asyncpg.Pool, call_log: CallLog) -> VoicemailConfig:
+async def _voicemail_config(pool: Pool, call_log: CallLog) -> VoicemailConfig:
     if call_log.agent_id is None:
         return VoicemailConfig()
     try:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Protocol
 
-import asyncpg
 import openai
 from aiohttp import web
 from openai.types.chat import ChatCompletionMessageParam
@@ -32,16 +31,17 @@ from config.agent import AgentConfiguration, AgentConfigurationError, OpenAILLMC
 from config.settings import Settings
 from engine.call.setup import provider_keys
 from engine.server.appkeys import DATABASE, PROVIDER_CLIENTS, SETTINGS
-from engine.twilio.webhooks import END_VOICEMAIL_HANGUP, END_VOICEMAIL_LEFT
 from engine.workers.recovery import NODE_ID
 from pipelines.clients import ProviderClients
 from pipelines.llm.prompt import render_prompt
 from pipelines.registry import ProviderKeyMissing, provider_key
-from storage import agents, call_logs, call_turns, campaigns, webhook_outbox
+from storage import Pool, agents, call_logs, call_turns, campaigns, webhook_outbox
 from storage.call_logs import CallLog
+from storage.end_reasons import VOICEMAIL, EndReason
 from storage.enums import CallStatus
-from storage.errors import NotFound
+from storage.errors import DATABASE_ERRORS, NotFound
 from storage.records import Queryable, transaction
+from storage.webhook_outbox import WebhookEvent
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class AnalysisDeps(Protocol):
     """What analysis needs: the database, the settings and the engine's SDK clients (PostCallDeps qualifies)."""
 
     @property
-    def pool(self) -> asyncpg.Pool:
+    def pool(self) -> Pool:
         """The database."""
         ...
 
@@ -84,7 +84,7 @@ class AnalysisDeps(Protocol):
 class PostCallDeps:
     """The database, settings and SDK clients of a running engine, or of a script."""
 
-    pool: asyncpg.Pool
+    pool: Pool
     settings: Settings
     clients: ProviderClients
 
@@ -186,7 +186,7 @@ async def analyze_call(deps: AnalysisDeps, *, organization_id: str, call_log_id:
         await webhook_outbox.enqueue_event(
             conn,
             organization_id=organization_id,
-            event="call.analyzed",
+            event=WebhookEvent.CALL_ANALYZED,
             data={
                 "callLogId": call_log.id,
                 "agentId": call_log.agent_id,
@@ -203,12 +203,12 @@ async def analyze_call(deps: AnalysisDeps, *, organization_id: str, call_log_id:
 
 
 def _nothing_to_judge(call_log: CallLog) -> str | None:
-    end_reason = call_log.metadata.get("endReason")
+    end_reason = EndReason.read(call_log.metadata.get("endReason"))
     if call_log.agent_id is None:
         return "the call has no agent"
     if call_log.status is not CallStatus.COMPLETED:
         return f"the call did not connect ({call_log.status}, {end_reason})"
-    if end_reason in (END_VOICEMAIL_LEFT, END_VOICEMAIL_HANGUP):
+    if end_reason in VOICEMAIL:
         return f"an answering machine took the call ({end_reason})"
     return None
 
@@ -234,7 +234,7 @@ def _analysis_model(
     return None
 
 
-async def _transcript(pool: asyncpg.Pool, call_log: CallLog) -> str:
+async def _transcript(pool: Pool, call_log: CallLog) -> str:
     turns = await call_turns.list_turns(pool, organization_id=call_log.organization_id, call_log_id=call_log.id)
     if turns:
         text = "\n".join(f"{'Agent' if t.speaker == 'agent' else 'Caller'}: {t.text}" for t in turns if t.text.strip())
@@ -295,7 +295,7 @@ def _without_fence(content: str) -> str:
     return text
 
 
-async def _skip(pool: asyncpg.Pool, call_log: CallLog, reason: str) -> CallAnalysis:
+async def _skip(pool: Pool, call_log: CallLog, reason: str) -> CallAnalysis:
     log.info("CallLog %s: no post-call analysis: %s", call_log.id, reason)
     await _store(pool, call_log, {"analysis": {"skipped": reason, "at": _now()}})
     return CallAnalysis(call_log.id, skipped=reason)
@@ -375,7 +375,7 @@ class PostCallAnalyzer:
             try:
                 if found := await self.sweep():
                     log.info("post-call analysis: %d ended call(s) left unanalyzed queued again", found)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("post-call analysis: could not look for unanalyzed calls: %s", exc)
             await asyncio.sleep(self._sweep_seconds)
 

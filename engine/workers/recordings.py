@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from config.settings import Settings
 from engine.server.appkeys import DATABASE, SETTINGS
 from storage.api_keys import authenticate
+from storage.errors import DATABASE_ERRORS
 from storage.recordings import (
     RECORDING_ID,
     load_secret_key,
@@ -30,8 +30,6 @@ RECORDING_ROUTE = "/recordings/{call_log_id}.wav"
 
 RECORDING_KEY = web.AppKey("recording_key", bytes)
 """The key that signs and checks recording URLs (set by `recordings_context`)."""
-
-_DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def recording_url(settings: Settings, base_url: str, call_log_id: str, *, key: bytes, now: datetime) -> str:
@@ -82,7 +80,7 @@ async def handle_recording(request: web.Request) -> web.StreamResponse:
                 return _error(401, "the API key is invalid, revoked or expired")
             owner = await recording_owner(db, call_log_id=call_log_id)
             organization_id = owner if owner == api_key.organization_id else None
-    except _DATABASE_ERRORS as exc:
+    except DATABASE_ERRORS as exc:
         log.warning("recording %s: database unavailable (%s: %s)", call_log_id, type(exc).__name__, exc)
         return _error(503, "the database is unavailable; try again shortly")
     if organization_id is None:

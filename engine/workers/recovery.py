@@ -15,12 +15,11 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 from aiohttp import web
 
-from engine.call.call_log_writer import TRANSIENT_ERRORS
 from engine.server.appkeys import DATABASE
-from storage import engine_nodes
+from storage import Pool, engine_nodes
+from storage.errors import DATABASE_ERRORS, TRANSIENT_ERRORS, SchemaNotMigrated
 from storage.records import new_id
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,7 @@ class NodeHeartbeat:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        pool: Pool,
         *,
         node_id: str | None = None,
         heartbeat_interval: timedelta = HEARTBEAT_INTERVAL,
@@ -93,7 +92,7 @@ class NodeHeartbeat:
             self._task = None
         try:
             await engine_nodes.deregister_node(self._pool, node_id=self.node_id)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             # Whatever the database says at shutdown, the node times out instead: nothing is lost.
             log.warning("engine node %s could not deregister (%s); it will time out instead", self.node_id, exc)
 
@@ -129,7 +128,7 @@ async def recovery_context(app: web.Application) -> AsyncIterator[None]:
     app[NODE_ID] = heartbeat.node_id
     try:
         await heartbeat.start()
-    except asyncpg.UndefinedTableError:
+    except SchemaNotMigrated:
         # Started on a schema that is not migrated (`serve --no-migrate`): /health says so; no recovery runs.
         log.error("the database schema is not migrated: engine node liveness and call recovery are off")
         yield

@@ -24,15 +24,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import asyncpg
 from aiohttp import web
 
 from config.settings import Settings
-from engine.call.call_log_writer import TRANSIENT_ERRORS
 from engine.server.appkeys import DATABASE, SETTINGS
 from pipelines.url_safety import PublicAddressResolver, UnsafeURL, check_public_address, literal_address
-from storage import webhook_outbox
-from storage.webhook_outbox import WEBHOOK_CHANNEL, ClaimedDelivery, DeliveryStatus, RetryPolicy
+from storage import Pool, webhook_outbox
+from storage.errors import TRANSIENT_ERRORS
+from storage.webhook_outbox import WEBHOOK_CHANNEL, ClaimedDelivery, DeliveryRetryPolicy, DeliveryStatus
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class DeliverySettings:
     timeout: timedelta = timedelta(seconds=10)
     lease: timedelta = timedelta(seconds=60)
     poll_interval: timedelta = timedelta(seconds=5)
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: DeliveryRetryPolicy = field(default_factory=DeliveryRetryPolicy)
     allow_private: bool = False
 
     def __post_init__(self) -> None:
@@ -79,7 +78,7 @@ class DeliverySettings:
             timeout=timedelta(seconds=settings.webhook_timeout),
             lease=timedelta(seconds=settings.webhook_lease),
             poll_interval=timedelta(seconds=settings.webhook_poll_interval),
-            retry=RetryPolicy(
+            retry=DeliveryRetryPolicy(
                 initial=timedelta(seconds=settings.webhook_retry_initial),
                 maximum=timedelta(seconds=max(settings.webhook_retry_max, settings.webhook_retry_initial)),
                 give_up_after=timedelta(seconds=settings.webhook_give_up_after),
@@ -100,7 +99,7 @@ class WebhookDeliveryWorker:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        pool: Pool,
         settings: DeliverySettings,
         *,
         clock: Callable[[], float] = time.time,

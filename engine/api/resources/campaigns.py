@@ -20,11 +20,11 @@ from storage.campaigns import (
     Campaign,
     CampaignDispatchState,
     CampaignRecipient,
+    CampaignRetryPolicy,
     DialingRules,
     ImportSummary,
     InvalidCampaignTransition,
     NewRecipient,
-    RetryPolicy,
 )
 from storage.enums import CampaignStatus, RecipientStatus
 from storage.records import Connection
@@ -90,7 +90,7 @@ class CampaignCreate(RequestModel):
             days_of_week=frozenset(self.days_of_week),
             max_concurrent_calls=self.max_concurrent_calls,
             calls_per_second=self.calls_per_second,
-            retry=RetryPolicy(
+            retry=CampaignRetryPolicy(
                 max_attempts=self.retry.max_attempts,
                 retry_on=frozenset(self.retry.retry_on),
                 delays_seconds=tuple(self.retry.delays_seconds),

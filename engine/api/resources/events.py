@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field
@@ -18,27 +17,15 @@ from pipelines.url_safety import UnsafeURL, check_public_address, literal_addres
 from storage import events, webhook_outbox
 from storage.errors import NotFound
 from storage.events import Event, InvalidWebhookUrl
-from storage.webhook_outbox import DeliveryStatus, WebhookAttempt, WebhookDelivery
+from storage.webhook_outbox import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEvent
 
 resource = Resource("Events", "Webhook subscriptions: when an event happens, its URL gets a POST.")
-
-
-EventName = Literal[
-    "call.started",
-    "call.ended",
-    "call.analyzed",
-    "transcript.updated",
-    "campaign.started",
-    "campaign.completed",
-    "recipient.failed",
-]
-"""The events a webhook can subscribe to (storage.webhook_outbox.EVENT_NAMES)."""
 
 
 class EventCreate(RequestModel):
     """A subscription for the whole organization, or for one agent when `agentId` is given."""
 
-    name: EventName = Field(description="The event to hear.")
+    name: WebhookEvent = Field(description="The event to hear.")
     webhook_url: Url = Field(description="An absolute http(s) URL.")
     description: LongText | None = None
     agent_id: Id | None = None
@@ -50,7 +37,7 @@ class EventUpdate(UpdateModel):
 
     not_null = frozenset({"name", "webhook_url", "is_enabled"})
 
-    name: EventName | None = None
+    name: WebhookEvent | None = None
     webhook_url: Url | None = None
     description: LongText | None = None
     agent_id: Id | None = None

@@ -35,10 +35,6 @@ class HangUp(ResponseModel):
     )
 
 
-HANGUP_REASON = EndReason.API_HANGUP
-"""The end reason a call hung up through the API gets."""
-
-
 @resource.get("/live-calls", summary="List calls in progress", response=Page[LiveCall], query=PageQuery)
 async def list_live_calls(call: ApiCall) -> Page[LiveCall]:
     """The organization's IN_PROGRESS calls, newest first."""
@@ -79,7 +75,7 @@ async def hang_up_live_call(call: ApiCall) -> HangUp:
         return HangUp(call_log_id=log.id, ended_by="twilio")
     session = call.app[LIVE_CALLS].get(log.id)
     if session is not None:
-        session.end_from_outside(HANGUP_REASON, completed=True)
+        session.end_from_outside(EndReason.API_HANGUP, completed=True)
         return HangUp(call_log_id=log.id, ended_by="engine")
     if twilio is not None:
         raise ApiError(502, "twilio_error", f"Twilio did not end call {log.call_id}; try again")
