@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from config.settings import Settings
-from media.g711 import ULAW_SILENCE, pcm16_to_ulaw, ulaw_to_pcm16
+from media.g711 import BYTES_PER_MS, FRAME_BYTES, FRAME_MS, SAMPLE_RATE, ULAW_SILENCE, pcm16_to_ulaw, ulaw_to_pcm16
 from media.resample import SUPPORTED_RATES, StreamResampler
 
 __all__ = [
@@ -53,12 +53,6 @@ __all__ = [
     "simulate_call",
 ]
 
-FRAME_MS: Final = 20
-"""Twilio sends one inbound media frame every 20 ms."""
-FRAME_BYTES: Final = 160
-"""μ-law bytes in one 20 ms frame at 8 kHz."""
-BYTES_PER_MS: Final = 8
-"""μ-law 8 kHz: eight bytes per millisecond of audio."""
 AGENT_DONE_SILENCE_MS: Final = 600
 """Agent silence, with nothing queued, after which a waiting `Say` takes its turn."""
 UTTERANCE_GAP_MS: Final = 300
@@ -215,7 +209,7 @@ class CallResult:
         with wave.open(str(path), "wb") as out:
             out.setnchannels(1)
             out.setsampwidth(2)
-            out.setframerate(8000)
+            out.setframerate(SAMPLE_RATE)
             out.writeframes(ulaw_to_pcm16(bytes(self.heard)).tobytes())
 
 
@@ -287,7 +281,7 @@ class PlaybackQueue:
 def _pcm_to_ulaw_8k(samples: npt.NDArray[np.int16], rate: int, source: str) -> bytes:
     if rate not in SUPPORTED_RATES:
         raise SimulationError(f"{source}: {rate} Hz is not supported; use one of {sorted(SUPPORTED_RATES)}")
-    resampler = StreamResampler(rate, 8000)
+    resampler = StreamResampler(rate, SAMPLE_RATE)
     pcm = np.concatenate([resampler.process(samples), resampler.flush()])
     return pcm16_to_ulaw(pcm.astype(np.int16))
 
@@ -575,7 +569,7 @@ class _Call:
                     audio = await asyncio.to_thread(_read_wav, Path(path))
                     await self.take_turn(heard_before, barge_in)
                     heard_before = self.utterances_started
-                    await self.speak(audio, f"[plays {Path(path).name}, {len(audio) / 8000:.1f} s]")
+                    await self.speak(audio, f"[plays {Path(path).name}, {len(audio) / SAMPLE_RATE:.1f} s]")
                 case Dtmf(digits=digits):
                     await self.take_turn(heard_before, None)
                     heard_before = self.utterances_started
@@ -756,7 +750,7 @@ async def _run_stream(call: _Call, script: Sequence[Step], timeout_s: float) -> 
         "callSid": result.call_sid,
         "tracks": ["inbound"],
         "customParameters": result.custom_parameters,
-        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": SAMPLE_RATE, "channels": 1},
     }
     await call.send({"event": "start", "streamSid": result.stream_sid, "start": start})
     call.log("call", f"stream {result.stream_sid} started, callLogId={result.call_log_id}")

@@ -24,7 +24,7 @@ from openai import AsyncOpenAI
 
 from config.agent import AgentConfiguration, OpenAIRealtimeConfig
 from engine.call.call_log_writer import CallLogWriter, CallOutcome, TurnRecord
-from engine.call.outbound_audio import BYTES_PER_MS, OutboundAudio, SendText, StreamTimeline
+from engine.call.outbound_audio import OutboundAudio, SendText, StreamTimeline
 from engine.call.session import (
     DEFAULT_GOODBYE,
     HANGUP_GRACE_SECONDS,
@@ -35,7 +35,8 @@ from engine.call.session import (
     await_twilio_stop,
 )
 from engine.server import metrics
-from media.dtmf import InvalidDigits, dtmf_audio
+from media.dtmf import DIGITS_HELP, InvalidDigits, dtmf_audio
+from media.g711 import BYTES_PER_MS
 from media.recording import StereoWavRecorder
 from media.twilio_stream import (
     DtmfReceived,
@@ -69,7 +70,15 @@ from pipelines.realtime.openai_realtime import (
     say_exactly,
     session_update,
 )
-from pipelines.tools import BUILTIN_FUNCTIONS, END_CALL, SEND_DTMF, TRANSFER_CALL, ToolRunner, parse_arguments
+from pipelines.tools import (
+    BUILTIN_FUNCTIONS,
+    DTMF_SENT,
+    END_CALL,
+    SEND_DTMF,
+    TRANSFER_CALL,
+    ToolRunner,
+    parse_arguments,
+)
 from storage.enums import CallStatus
 
 __all__ = ["INAUDIBLE", "TRANSCRIPTION_FAILED", "UNTRANSCRIBED", "RealtimeCallSession"]
@@ -84,8 +93,6 @@ INAUDIBLE: Final = "[inaudible]"
 """A caller turn whose transcription is empty."""
 RESPONSE_GRACE_SECONDS: Final = 10.0
 """How long an ending waits for the model to finish the response it is speaking (or to start the goodbye)."""
-DTMF_SENT: Final = "sent"
-"""What the model is told once its keypresses are queued into the call."""
 # Errors the server answers to a cancel or truncate that raced with its own barge-in handling: expected, not news.
 _RACE_ERRORS: Final = frozenset({"response_cancel_not_active", "item_truncate_invalid_item_id"})
 
@@ -789,7 +796,7 @@ class RealtimeCallSession:
         try:
             tones = dtmf_audio(digits)
         except InvalidDigits as exc:
-            return f"error: {exc}; use 1 to 32 of 0-9, *, # and w"
+            return f"error: {exc}; {DIGITS_HELP}"
         item = self._new_item(None, None)
         item.transcript = [f"[DTMF {digits}]"]
         item.transcript_done = True

@@ -30,9 +30,11 @@ from openai.types.chat import (
 )
 
 from config.agent import OpenAILLMConfig
+from media.dtmf import DIGITS_HELP, InvalidDigits, check_digits
 from pipelines.llm.base import ConversationTurn, EndCall, LLMError, LLMEvent, SendDtmf, TextDelta, TransferCall
 from pipelines.tools import (
     BUILTIN_FUNCTIONS,
+    DTMF_SENT,
     END_CALL,
     SEND_DTMF,
     TRANSFER_CALL,
@@ -55,8 +57,6 @@ log = logging.getLogger(__name__)
 OPENAI_BASE_URL: Final = "https://api.openai.com/v1"
 MAX_TOOL_ROUNDS: Final = 5
 """Completions per `respond()` that may end in function calls; the one after them is told to just talk."""
-DTMF_SENT: Final = "sent"
-"""The tool result the model gets once its keypresses are queued into the call."""
 
 # A phone call cannot wait long: fail fast on connect, and give up on a stream that goes quiet.
 _TIMEOUT: Final = openai.Timeout(20.0, connect=5.0)
@@ -65,7 +65,6 @@ _TIMEOUT: Final = openai.Timeout(20.0, connect=5.0)
 _POOL_LIMITS: Final = httpx2.Limits(max_connections=2000, max_keepalive_connections=1000, keepalive_expiry=60.0)
 _DRAIN_TIMEOUT_S: Final = 1.0
 """Longest the rest of a completion's body is read after `[DONE]` (it ends at once; if not, the connection goes)."""
-_DTMF = re.compile(r"^[0-9*#wW]{1,32}$")
 _CLIENTS: dict[tuple[asyncio.AbstractEventLoop, str, str], AsyncOpenAI] = {}
 
 
@@ -373,8 +372,10 @@ class OpenAIChatLLM:
 
     def _dtmf(self, arguments: Mapping[str, Any]) -> _Outcome:
         digits = _text(arguments.get("digits")).replace(" ", "")
-        if not _DTMF.match(digits):
-            return _Outcome(result=f"error: {digits!r} cannot be dialled; use 1 to 32 of 0-9, *, # and w")
+        try:
+            check_digits(digits)
+        except InvalidDigits:
+            return _Outcome(result=f"error: {digits!r} cannot be dialled; {DIGITS_HELP}")
         return _Outcome(SendDtmf(digits.replace("W", "w")), DTMF_SENT)
 
     def _e164(self, number: str) -> str | None:
