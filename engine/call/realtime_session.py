@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-import phonenumbers
 from openai import AsyncOpenAI
 
 from config.agent import AgentConfiguration, OpenAIRealtimeConfig
+from config.phone import InvalidPhoneNumber, e164
 from engine.call.call_log_writer import CallLogWriter, CallOutcome, TurnRecord
 from engine.call.outbound_audio import OutboundAudio, SendText, StreamTimeline
 from engine.call.session import (
@@ -162,16 +162,6 @@ class _AgentItem:
         words = self.text().split()
         share = min(1.0, played_ms / self.received_ms) if self.received_ms else 0.0
         return " ".join(words[: int(len(words) * share)])
-
-
-def _e164(number: str) -> str | None:
-    try:
-        parsed = phonenumbers.parse(number, None)
-    except phonenumbers.NumberParseException:
-        return None
-    if not phonenumbers.is_valid_number(parsed):
-        return None
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
 def _short(value: object, limit: int = 200) -> str:
@@ -809,12 +799,13 @@ class RealtimeCallSession:
     def _transfer_or_refuse(self, response: _Response, call_id: str, arguments: dict[str, Any]) -> str | None:
         """Start a transfer once the agent's words have played; or the reason it cannot be done, for the model."""
         given = _short(arguments.get("phone_number"), 40)
-        number = _e164(given)
         if self._transfer is None:
             return "error: this line cannot transfer calls; tell the caller and offer to help otherwise"
-        if number is None:
+        try:
+            number = e164(given)
+        except InvalidPhoneNumber as exc:
             return (
-                f"error: {given!r} is not a valid phone number, so the call was not transferred; ask the caller for "
+                f"error: {exc}, so the call was not transferred; ask the caller for "
                 "the full number with its country code, or tell them you cannot transfer"
             )
         reason = _short(arguments.get("reason"))

@@ -19,7 +19,6 @@ from typing import Any, Final, TypeVar, cast
 
 import httpx2
 import openai
-import phonenumbers
 from openai import AsyncOpenAI
 from openai.types.chat import (
     ChatCompletionAssistantMessageParam,
@@ -30,6 +29,7 @@ from openai.types.chat import (
 )
 
 from config.agent import OpenAILLMConfig
+from config.phone import InvalidPhoneNumber, e164
 from media.dtmf import DIGITS_HELP, InvalidDigits, check_digits
 from pipelines.llm.base import ConversationTurn, EndCall, LLMError, LLMEvent, SendDtmf, TextDelta, TransferCall
 from pipelines.tools import (
@@ -362,10 +362,11 @@ class OpenAIChatLLM:
     def _transfer(self, arguments: Mapping[str, Any]) -> _Outcome:
         number = _text(arguments.get("phone_number"))
         reason = _text(arguments.get("reason")) or "the agent transferred the call"
-        to = self._e164(number)
-        if to is None:
+        try:
+            to = e164(number, region=self._default_region)
+        except InvalidPhoneNumber as exc:
             return _Outcome(
-                result=f"error: {number!r} is not a valid phone number, so the call was not transferred. "
+                result=f"error: {exc}, so the call was not transferred. "
                 "Ask the caller for the full number with its country code, or tell them you cannot transfer."
             )
         return _Outcome(TransferCall(to, reason), ends_reply=True)
@@ -377,15 +378,6 @@ class OpenAIChatLLM:
         except InvalidDigits:
             return _Outcome(result=f"error: {digits!r} cannot be dialled; {DIGITS_HELP}")
         return _Outcome(SendDtmf(digits.replace("W", "w")), DTMF_SENT)
-
-    def _e164(self, number: str) -> str | None:
-        try:
-            parsed = phonenumbers.parse(number, None if number.startswith("+") else self._default_region)
-        except phonenumbers.NumberParseException:
-            return None
-        if not phonenumbers.is_valid_number(parsed):
-            return None
-        return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
     # ------------------------------------------------------------------------------------------- errors
 
