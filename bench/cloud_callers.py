@@ -40,10 +40,10 @@ import numpy as np
 from engine.simulator import (
     PlaybackQueue,
     SimulationError,
-    _parse_twiml,
-    _signature,
-    _stream_url,
+    parse_twiml,
+    resolve_stream_url,
 )
+from engine.twilio.signature import request_signature
 from media.g711 import FRAME_BYTES, FRAME_MS, SAMPLE_RATE, ULAW_SILENCE, pcm16_to_ulaw, ulaw_to_pcm16
 
 VOICED_RMS: Final = 500.0
@@ -288,19 +288,19 @@ class CloudCaller:
             "ApiVersion": "2010-04-01",
         }
         url = f"{self._base}/twilio/voice"
-        headers = {"X-Twilio-Signature": _signature(self._token, url, params)} if self._token else {}
+        headers = {"X-Twilio-Signature": request_signature(self._token, url, params)} if self._token else {}
         async with self._http.post(url, data=params, headers=headers) as response:
             body = await response.text()
             if response.status != 200:
                 raise SimulationError(f"voice webhook answered HTTP {response.status}: {body[:200]!r}")
-        twiml = _parse_twiml(body, url)
+        twiml = parse_twiml(body, url)
         if twiml.stream_url is None:
             raise SimulationError(f"the call was refused: {twiml.refusal!r}")
         self.result.call_log_id = twiml.parameters.get("callLogId")
         ws_headers = {}
         if self._token:
-            signed = _stream_url(urlsplit(twiml.stream_url).path, url)
-            ws_headers["X-Twilio-Signature"] = _signature(self._token, signed, {})
+            signed = resolve_stream_url(urlsplit(twiml.stream_url).path, url)
+            ws_headers["X-Twilio-Signature"] = request_signature(self._token, signed, {})
         ws = await self._http.ws_connect(twiml.stream_url, headers=ws_headers, autoping=True, heartbeat=None)
         self._ws = ws
         self.result.connected_at = loop.time()
