@@ -28,6 +28,7 @@ from media.twilio_stream import (
     DtmfReceived,
     MarkFlushed,
     MarkPlayed,
+    MediaGap,
     MediaReceived,
     Started,
     Stopped,
@@ -397,10 +398,12 @@ class CallSession:
                 self._on_mark(event)
             case Stopped():
                 self._end(CallStatus.COMPLETED, self._end_reason_after_stop())
+            case MediaGap(missing_ms=missing_ms):
+                self._writer.note_media_gap(missing_ms)
             case Started():
                 pass  # seen by the media socket before the session began
             case _:
-                pass  # connected, gaps and unknown marks carry nothing the session acts on
+                pass  # connected and unknown marks carry nothing the session acts on
 
     def _end_reason_after_stop(self) -> str:
         # After our own hang-up Twilio sends `stop` too: keep the reason the agent ended for.

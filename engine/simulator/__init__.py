@@ -23,7 +23,7 @@ from engine.simulator.call import simulate_call
 from engine.simulator.command import add_call_command, run_call_command
 from engine.simulator.peer import AGENT_DONE_SILENCE_MS, PROTOCOL_ERROR, PlaybackQueue, StreamPeer, run_stream
 from engine.simulator.results import AgentUtterance, CallEnding, CallResult, MarkEcho, SimEvent, SimulationError
-from engine.simulator.script import Dtmf, HangUp, Pause, PlayWav, Say, Step
+from engine.simulator.script import DropAudio, Dtmf, HangUp, Pause, PlayWav, Say, Step
 from engine.simulator.twiml import Twiml, parse_twiml, resolve_stream_url
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "AgentUtterance",
     "CallEnding",
     "CallResult",
+    "DropAudio",
     "Dtmf",
     "HangUp",
     "MarkEcho",

@@ -23,7 +23,7 @@ import aiohttp
 
 from engine.simulator.audio import read_wav, synthesize_speech
 from engine.simulator.results import AgentUtterance, CallEnding, CallResult, MarkEcho, SimEvent
-from engine.simulator.script import Dtmf, HangUp, Pause, PlayWav, Say, Step
+from engine.simulator.script import DropAudio, Dtmf, HangUp, Pause, PlayWav, Say, Step
 from media.g711 import BYTES_PER_MS, FRAME_BYTES, FRAME_MS, SAMPLE_RATE, ULAW_SILENCE
 
 __all__ = ["AGENT_DONE_SILENCE_MS", "PROTOCOL_ERROR", "UTTERANCE_GAP_MS", "PlaybackQueue", "StreamPeer", "run_stream"]
@@ -130,6 +130,7 @@ class StreamPeer:
         self.playback = PlaybackQueue()
         self.sequence = 0
         self.chunk = 0
+        self.frames_to_drop = 0  # inbound frames Twilio loses: counted as chunks, never sent
         self.send_lock = asyncio.Lock()
         self.caller_audio: deque[_CallerAudio] = deque()
         self.current: AgentUtterance | None = None
@@ -193,12 +194,16 @@ class StreamPeer:
         if reached:
             await self._echo_marks(reached, flushed=False)
         self.chunk += 1
-        payload = base64.b64encode(self._next_caller_frame()).decode("ascii")
-        media = {"track": "inbound", "chunk": str(self.chunk), "timestamp": str((self.chunk - 1) * FRAME_MS)}
-        await self._send(
-            {"event": "media", "streamSid": self.result.stream_sid, "media": {**media, "payload": payload}}
-        )
-        self.result.media_frames_sent += 1
+        frame = self._next_caller_frame()
+        if self.frames_to_drop:
+            self.frames_to_drop -= 1
+        else:
+            payload = base64.b64encode(frame).decode("ascii")
+            media = {"track": "inbound", "chunk": str(self.chunk), "timestamp": str((self.chunk - 1) * FRAME_MS)}
+            await self._send(
+                {"event": "media", "streamSid": self.result.stream_sid, "media": {**media, "payload": payload}}
+            )
+            self.result.media_frames_sent += 1
         ticked, self.ticked = self.ticked, asyncio.Event()
         ticked.set()
 
@@ -319,6 +324,10 @@ class StreamPeer:
                     heard_before = self.utterances_started
                     await self._press(digits)
                 case Pause(ms=ms):
+                    await asyncio.sleep(ms / 1000)
+                case DropAudio(ms=ms):
+                    self._log("twilio", f"loses {ms} ms of the caller's audio")
+                    self.frames_to_drop += ms // FRAME_MS
                     await asyncio.sleep(ms / 1000)
                 case HangUp():
                     return

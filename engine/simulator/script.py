@@ -1,11 +1,14 @@
-"""The caller's script: what a simulated caller does, step by step (`Say`, `PlayWav`, `Dtmf`, `Pause`, `HangUp`)."""
+"""The caller's script: what a simulated caller does, step by step (`Say`, `PlayWav`, `Dtmf`, `Pause`, `HangUp`).
+
+`DropAudio` is Twilio's doing rather than the caller's: a stretch of inbound audio that never arrives.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Dtmf", "HangUp", "Pause", "PlayWav", "Say", "Step"]
+__all__ = ["DropAudio", "Dtmf", "HangUp", "Pause", "PlayWav", "Say", "Step"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +43,15 @@ class Pause:
 
 
 @dataclass(frozen=True, slots=True)
+class DropAudio:
+    """Twilio loses `ms` of the caller's audio (its warning 31930): the next frame's chunk and timestamp skip ahead."""
+
+    ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class HangUp:
     """The caller hangs up at once: `stop`, then the socket closes with 1000."""
 
 
-Step = Say | PlayWav | Dtmf | Pause | HangUp
+Step = Say | PlayWav | Dtmf | Pause | DropAudio | HangUp
