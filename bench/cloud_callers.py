@@ -38,17 +38,14 @@ import aiohttp
 import numpy as np
 
 from engine.simulator import (
-    FRAME_BYTES,
-    FRAME_MS,
     PlaybackQueue,
     SimulationError,
-    _parse_twiml,
-    _signature,
-    _stream_url,
+    parse_twiml,
+    resolve_stream_url,
 )
-from media.g711 import ULAW_SILENCE, pcm16_to_ulaw, ulaw_to_pcm16
+from engine.twilio.signature import request_signature
+from media.g711 import FRAME_BYTES, FRAME_MS, SAMPLE_RATE, ULAW_SILENCE, pcm16_to_ulaw, ulaw_to_pcm16
 
-BYTES_PER_S: Final = 8000
 VOICED_RMS: Final = 500.0
 """A 20 ms frame louder than this (16-bit RMS) is voiced: the fake Deepgram's own criterion."""
 
@@ -96,8 +93,8 @@ def _longest_quiet_run(voiced: Sequence[bool]) -> int:
 
 def tone_utterance(seconds: float = 1.5) -> Utterance:
     """A loud 440 Hz burst (the fake Deepgram hears energy, not words); the engine's VAD may not call it speech."""
-    samples = np.arange(int(seconds * BYTES_PER_S))
-    tone = (9000 * np.sin(2 * np.pi * 440 * samples / BYTES_PER_S)).astype(np.int16)
+    samples = np.arange(int(seconds * SAMPLE_RATE))
+    tone = (9000 * np.sin(2 * np.pi * 440 * samples / SAMPLE_RATE)).astype(np.int16)
     frames = _frames(pcm16_to_ulaw(tone))
     return Utterance(tuple(base64.b64encode(f).decode("ascii") for f in frames), len(frames) - 1, "440 Hz tone")
 
@@ -110,7 +107,7 @@ async def speech_utterance(text: str, *, max_inner_quiet_ms: int) -> Utterance:
     """
     from pipelines.tts.espeak import get_espeak_engine
 
-    audio = await get_espeak_engine().synthesize_pcm(text, voice="en-us", sample_rate=8000)
+    audio = await get_espeak_engine().synthesize_pcm(text, voice="en-us", sample_rate=SAMPLE_RATE)
     frames = _frames(pcm16_to_ulaw(audio.samples))
     voiced = _voiced(frames)
     if not any(voiced):
@@ -291,19 +288,19 @@ class CloudCaller:
             "ApiVersion": "2010-04-01",
         }
         url = f"{self._base}/twilio/voice"
-        headers = {"X-Twilio-Signature": _signature(self._token, url, params)} if self._token else {}
+        headers = {"X-Twilio-Signature": request_signature(self._token, url, params)} if self._token else {}
         async with self._http.post(url, data=params, headers=headers) as response:
             body = await response.text()
             if response.status != 200:
                 raise SimulationError(f"voice webhook answered HTTP {response.status}: {body[:200]!r}")
-        twiml = _parse_twiml(body, url)
+        twiml = parse_twiml(body, url)
         if twiml.stream_url is None:
             raise SimulationError(f"the call was refused: {twiml.refusal!r}")
         self.result.call_log_id = twiml.parameters.get("callLogId")
         ws_headers = {}
         if self._token:
-            signed = _stream_url(urlsplit(twiml.stream_url).path, url)
-            ws_headers["X-Twilio-Signature"] = _signature(self._token, signed, {})
+            signed = resolve_stream_url(urlsplit(twiml.stream_url).path, url)
+            ws_headers["X-Twilio-Signature"] = request_signature(self._token, signed, {})
         ws = await self._http.ws_connect(twiml.stream_url, headers=ws_headers, autoping=True, heartbeat=None)
         self._ws = ws
         self.result.connected_at = loop.time()
@@ -316,7 +313,7 @@ class CloudCaller:
                 "callSid": self.result.call_sid,
                 "tracks": ["inbound"],
                 "customParameters": twiml.parameters,
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": SAMPLE_RATE, "channels": 1},
             }
             await self._send_json({"event": "start", "start": start})
             self._turn = TurnStats(0, None, self._replies.expected(0))
@@ -502,7 +499,7 @@ class CloudCaller:
         if turn.first_audio_at is None:
             turn.first_audio_at = now
         elif turn.first_played_at is not None:
-            due = turn.first_played_at + turn.received_bytes / BYTES_PER_S
+            due = turn.first_played_at + turn.received_bytes / SAMPLE_RATE
             turn.max_lateness_s = max(turn.max_lateness_s, now - due)
         if turn._dry_since is not None:
             turn.gaps += 1

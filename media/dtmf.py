@@ -1,7 +1,8 @@
-"""Touch tones (DTMF) as μ-law 8 kHz audio, played in-band on the media stream.
+"""Touch tones (DTMF) as μ-law 8 kHz audio, played in-band on the media stream, and the one rule for valid digits.
 
 Twilio's bidirectional stream takes only media, mark and clear, so keys the agent presses go out as the
 tones themselves (ITU-T Q.23 frequency pairs), which the far end's DTMF detectors hear like any phone's.
+`check_digits` is the rule every entry point uses; `DIGITS_PATTERN` is the same rule for a JSON schema.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from functools import cache
 
 import numpy as np
 
-from media.g711 import pcm16_to_ulaw
+from media.g711 import SAMPLE_RATE, pcm16_to_ulaw
 
-SAMPLE_RATE = 8000
 TONE_MS = 120  # Q.24 asks for at least 40 ms of tone and 40 ms of pause; phone menus like a little more
 GAP_MS = 80
 PAUSE_MS = 500  # "w"
@@ -25,10 +25,31 @@ _PAIRS = {
     "*": (941, 1209), "0": (941, 1336), "#": (941, 1477), "D": (941, 1633),
 }  # fmt: skip
 DIGITS = frozenset(_PAIRS) | {"w", "W"}
+"""Every character a digit string may hold: the keys 0-9, *, #, A-D, and w (or W) for a half-second pause."""
+MAX_DIGITS = 32
+"""The most characters one digit string may have: enough for a menu path and a PIN, at most 16 s of audio."""
+# No character of DIGITS is special inside a character class, so the class is written unescaped: JSON schema's
+# ECMAScript regular expressions reject escapes such as `\#` that Python's re.escape would add.
+DIGITS_PATTERN = f"^[{''.join(sorted(DIGITS))}]{{1,{MAX_DIGITS}}}$"
+"""`check_digits`'s rule as a regular expression, for JSON schemas given to a model."""
+DIGITS_HELP = f"use 1 to {MAX_DIGITS} of 0-9, *, #, A-D, and w for a half-second pause"
+"""What valid digits are, in words, for whoever wrote invalid ones."""
 
 
 class InvalidDigits(ValueError):
-    """Digits outside 0-9, *, #, A-D and w."""
+    """A digit string that is empty, longer than MAX_DIGITS, or has characters other than DIGITS."""
+
+
+def check_digits(digits: str) -> str:
+    """`digits` when every character is a key or a pause and there are 1 to MAX_DIGITS of them; else InvalidDigits."""
+    bad = sorted(set(digits) - DIGITS)
+    if bad:
+        raise InvalidDigits(f"cannot dial {digits!r}: {''.join(bad)!r} are not keys")
+    if not digits:
+        raise InvalidDigits("cannot dial '': no digits")
+    if len(digits) > MAX_DIGITS:
+        raise InvalidDigits(f"cannot dial {digits!r}: more than {MAX_DIGITS} digits")
+    return digits
 
 
 @cache
@@ -46,9 +67,10 @@ def _silence(ms: int) -> bytes:
 
 
 def dtmf_audio(digits: str) -> bytes:
-    """The tones for `digits` (0-9, *, #, A-D; w pauses half a second), each followed by a short gap."""
-    bad = sorted(set(digits) - DIGITS)
-    if not digits or bad:
-        raise InvalidDigits(f"cannot dial {digits!r}" + (f": {''.join(bad)!r} are not keys" if bad else ""))
+    """The tones for `digits` (0-9, *, #, A-D; w pauses half a second), each followed by a short gap.
+
+    Raises InvalidDigits for what `check_digits` refuses.
+    """
+    check_digits(digits)
     parts = [_silence(PAUSE_MS) if d in "wW" else _tone(d) + _silence(GAP_MS) for d in digits]
     return b"".join(parts)

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from media.g711 import ULAW_SILENCE
-
-FRAME_MS = 20
-"""Duration of one media frame in milliseconds."""
-
-ULAW_FRAME_BYTES = 160
-"""Bytes in one 20 ms frame of 8 kHz mu-law (8 bytes per ms)."""
+from media.g711 import FRAME_BYTES, ULAW_SILENCE
 
 
 class FrameSplitter:
     """Accumulate mu-law chunks and return exact 160-byte frames, keeping the remainder."""
 
-    def __init__(self, frame_bytes: int = ULAW_FRAME_BYTES) -> None:
+    def __init__(self, frame_bytes: int = FRAME_BYTES) -> None:
         """Create a splitter producing frames of `frame_bytes` bytes."""
         if frame_bytes <= 0:
             raise ValueError(f"frame_bytes must be positive, got {frame_bytes}")

@@ -9,11 +9,15 @@ import numpy as np
 import numpy.typing as npt
 
 SAMPLE_RATE = 8000
-"""Twilio's media: 8 kHz, one byte per mu-law sample."""
+"""Samples per second of telephone audio: Twilio's media streams and every provider we ask for mu-law."""
 BYTES_PER_MS = SAMPLE_RATE // 1000
-"""Bytes of mu-law audio per millisecond."""
+"""Mu-law bytes per millisecond of audio: one byte per sample."""
+FRAME_MS = 20
+"""Duration of one Twilio media frame, in milliseconds."""
+FRAME_BYTES = FRAME_MS * BYTES_PER_MS
+"""Bytes in one 20 ms frame of mu-law (160)."""
 ULAW_SILENCE = 0xFF
-"""The mu-law code for a zero sample; 160 of them make one silent 20 ms frame."""
+"""The mu-law code for a zero sample; FRAME_BYTES of them make one silent frame."""
 
 # The reference coder works on 14-bit magnitudes: 16-bit samples are shifted right by two (floor, so
 # negative values round away from zero), biased by 0x84 >> 2 and clipped at 32635 >> 2.

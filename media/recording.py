@@ -16,10 +16,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from media.g711 import ULAW_SILENCE, ulaw_to_pcm16
-
-SAMPLE_RATE = 8000
-"""Sample rate, in Hz, of the recording."""
+from media.g711 import SAMPLE_RATE, ULAW_SILENCE, ulaw_to_pcm16
 
 _SAMPLES_PER_MS = SAMPLE_RATE // 1000
 _BYTES_PER_FRAME = 4  # two channels of 16-bit samples

@@ -22,8 +22,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from media.g711 import BYTES_PER_MS
+
 __all__ = [
-    "BYTES_PER_MS",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_PAYLOAD_SIZE",
     "Connected",
@@ -50,8 +51,6 @@ __all__ = [
     "UtterancePlayback",
 ]
 
-BYTES_PER_MS: Final = 8
-"""G.711 mu-law at 8 kHz: one byte per sample, eight samples per millisecond."""
 DEFAULT_MAX_MESSAGE_SIZE: Final = 64 * 1024
 """Largest text frame accepted, in characters (Twilio frames are ASCII); a 20 ms media frame is about 400."""
 DEFAULT_MAX_PAYLOAD_SIZE: Final = 8000

@@ -8,16 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import webrtcvad
 
-from media.framing import FRAME_MS
-from media.g711 import ulaw_to_pcm16, ulaw_to_pcm16_bytes
+from media.g711 import FRAME_BYTES, FRAME_MS, SAMPLE_RATE, ulaw_to_pcm16, ulaw_to_pcm16_bytes
 
-SAMPLE_RATE = 8000
-"""Sample rate, in Hz, of the PCM frames the detector accepts."""
-
-PCM_FRAME_BYTES = SAMPLE_RATE * FRAME_MS // 1000 * 2
+PCM_FRAME_BYTES = FRAME_BYTES * 2
 """Bytes in one 20 ms frame of 8 kHz 16-bit PCM (320)."""
-ULAW_FRAME_BYTES = PCM_FRAME_BYTES // 2
-"""Bytes in one 20 ms frame of 8 kHz μ-law (160)."""
 
 _ULAW_FLOAT32 = ulaw_to_pcm16(bytes(range(256))).astype(np.float32)
 """Each μ-law code's PCM16 sample, as float32."""
@@ -118,11 +112,11 @@ class VoiceActivityDetector:
 
         A frame with no sample above the energy floor (most of a call's silence) is settled without decoding it.
         """
-        if len(ulaw_frame) != ULAW_FRAME_BYTES:
-            raise ValueError(f"VAD frame must be {ULAW_FRAME_BYTES} bytes of 8 kHz μ-law, got {len(ulaw_frame)}")
+        if len(ulaw_frame) != FRAME_BYTES:
+            raise ValueError(f"VAD frame must be {FRAME_BYTES} bytes of 8 kHz μ-law, got {len(ulaw_frame)}")
         if not ulaw_frame.translate(None, self._quiet_codes):
             return self._advance(False)
-        if len(ulaw_frame.translate(None, self._loud_codes)) == ULAW_FRAME_BYTES:
+        if len(ulaw_frame.translate(None, self._loud_codes)) == FRAME_BYTES:
             # No sample is over the floor alone: the level straight from the codes (the same float32 samples
             # is_voiced would square). Decoded only for WebRTC, and only when the frame is above the floor.
             samples = _ULAW_FLOAT32.take(np.frombuffer(ulaw_frame, dtype=np.uint8))

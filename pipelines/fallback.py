@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from media.g711 import BYTES_PER_MS
 from pipelines.llm.base import ConversationTurn, LanguageModel, LLMError, LLMEvent
 from pipelines.stt.base import EndOfTurn, SpeechToText, STTError, STTEvent
 from pipelines.tts.base import Alignment, TextToSpeech, TTSError
@@ -21,8 +22,6 @@ log = logging.getLogger(__name__)
 
 OnFailover = Callable[[str, str, str], None]
 """Called as (stage, failed provider, next provider) when a call moves on."""
-
-BYTES_PER_MS = 8
 
 
 @runtime_checkable

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from media.dtmf import DIGITS_PATTERN
 from pipelines.errors import ProviderError
 from pipelines.url_safety import UnsafeURL, ensure_public_url
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 END_CALL = "end_call"
 TRANSFER_CALL = "transfer_call"
 SEND_DTMF = "send_dtmf"
+DTMF_SENT = "sent"
+"""The `send_dtmf` result the model gets once its keypresses are queued into the call."""
 MAX_RESULT_CHARS = 4000
 
 
@@ -67,7 +70,7 @@ BUILTIN_FUNCTIONS: tuple[FunctionSpec, ...] = (
         "Press keys on the phone keypad, e.g. to navigate a phone menu. Digits 0-9, * and #; w waits half a second.",
         {
             "type": "object",
-            "properties": {"digits": {"type": "string", "pattern": "^[0-9*#wW]{1,32}$"}},
+            "properties": {"digits": {"type": "string", "pattern": DIGITS_PATTERN}},
             "required": ["digits"],
         },
     ),

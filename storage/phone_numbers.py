@@ -5,24 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-import phonenumbers
 from pydantic.alias_generators import to_camel
 
+from config.phone import InvalidPhoneNumber, e164
 from storage.enums import PhoneNumberStatus
 from storage.errors import NotFound, translate_errors
 from storage.records import Queryable, Record, fetch_page, new_id
 
 _StatusColumn = Literal["inboundStatus", "outboundStatus"]
 _COLUMNS = '"id", "organizationId", "label", "phoneNumber", "inboundStatus", "outboundStatus", "createdAt", "updatedAt"'
-
-
-class InvalidPhoneNumber(ValueError):
-    """The text given is not a phone number in international form."""
-
-    def __init__(self, number: str, reason: str) -> None:
-        super().__init__(f"not a usable phone number: {number!r} ({reason})")
-        self.number = number
-        self.reason = reason
 
 
 class PhoneNumber(Record):
@@ -38,27 +29,6 @@ class PhoneNumber(Record):
     updated_at: datetime
 
 
-def normalize_number(number: str) -> str:
-    """The E.164 form of an international number (e.g. "+1 (555) 555-0100" → "+15555550100").
-
-    Numbers only need a possible length for their country, not an assigned range, so the fictional
-    +1 555 numbers used in demos are accepted. Raises InvalidPhoneNumber for anything else.
-    """
-    try:
-        parsed = phonenumbers.parse(number, None)
-    except phonenumbers.NumberParseException as exc:
-        if exc.error_type == phonenumbers.NumberParseException.INVALID_COUNTRY_CODE:
-            raise InvalidPhoneNumber(
-                number, "give it in international form with its country code, e.g. +14155550100"
-            ) from None
-        raise InvalidPhoneNumber(number, "it does not look like a phone number") from None
-    if parsed.extension:
-        raise InvalidPhoneNumber(number, "extensions cannot be dialed directly")
-    if not phonenumbers.is_possible_number(parsed):
-        raise InvalidPhoneNumber(number, "wrong number of digits for its country")
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-
-
 async def create_phone_number(
     db: Queryable,
     *,
@@ -69,7 +39,10 @@ async def create_phone_number(
     outbound_status: PhoneNumberStatus = PhoneNumberStatus.ENABLED,
     id: str | None = None,
 ) -> PhoneNumber:
-    """Add a number to an organization, normalised to E.164; AlreadyExists if any organization has it."""
+    """Add a number to an organization, normalised to E.164 (InvalidPhoneNumber if it is not one, see config.phone).
+
+    AlreadyExists if any organization has it.
+    """
     with translate_errors():
         row = await db.fetchrow(
             f"""
@@ -81,7 +54,7 @@ async def create_phone_number(
             id or new_id(),
             organization_id,
             label,
-            normalize_number(phone_number),
+            e164(phone_number),
             inbound_status,
             outbound_status,
         )
@@ -96,7 +69,7 @@ async def find_by_number(db: Queryable, *, number: str) -> PhoneNumber | None:
     Text that is not a phone number (a SIP URI, a client name) matches nothing.
     """
     try:
-        normalized = normalize_number(number)
+        normalized = e164(number)
     except InvalidPhoneNumber:
         return None
     row = await db.fetchrow(f'SELECT {_COLUMNS} FROM "PhoneNumber" WHERE "phoneNumber" = $1', normalized)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from media.framing import ULAW_FRAME_BYTES, FrameSplitter
-from media.g711 import ULAW_SILENCE, pcm16_to_ulaw
+from media.framing import FrameSplitter
+from media.g711 import FRAME_BYTES, ULAW_SILENCE, pcm16_to_ulaw
 from pipelines.stt.base import SpeechToText, STTEvent
 from pipelines.tts.espeak import get_espeak_engine
 
@@ -21,14 +21,14 @@ async def spoken_frames(text: str, *, voice: str = "en-us", variant: int = 0) ->
 
 def silent_frames(ms: int) -> list[bytes]:
     """`ms` milliseconds of μ-law digital silence, in 20 ms frames."""
-    return [bytes([ULAW_SILENCE]) * ULAW_FRAME_BYTES] * (ms // 20)
+    return [bytes([ULAW_SILENCE]) * FRAME_BYTES] * (ms // 20)
 
 
 def noise_frames(ms: int, *, level: float, seed: int = 0) -> list[bytes]:
     """`ms` milliseconds of white noise at `level` (standard deviation in 16-bit units), in 20 ms frames."""
     samples = np.random.default_rng(seed).normal(0.0, level, ms * 8).clip(-32768, 32767).astype(np.int16)
     ulaw = pcm16_to_ulaw(samples)
-    return [ulaw[start : start + ULAW_FRAME_BYTES] for start in range(0, len(ulaw), ULAW_FRAME_BYTES)]
+    return [ulaw[start : start + FRAME_BYTES] for start in range(0, len(ulaw), FRAME_BYTES)]
 
 
 async def events_after(stt: SpeechToText, frames: list[bytes]) -> list[STTEvent]:

@@ -351,6 +351,28 @@ async def test_nothing_can_be_recorded_once_the_call_is_finished(pool: asyncpg.P
         writer.record_metadata(late=True)
 
 
+async def test_inbound_media_gaps_are_summed_into_the_final_metadata(pool: asyncpg.Pool) -> None:
+    call, _ = await new_call(pool)
+    writer = writer_for(pool, call)
+    writer.start()
+
+    for missing_ms in (40, 500, 120):
+        writer.note_media_gap(missing_ms)
+    ended = await writer.finish(completed(3))
+
+    assert ended.metadata["inboundGaps"] == {"count": 3, "totalMs": 660, "longestMs": 500}
+
+
+async def test_a_call_without_gaps_has_no_inbound_gaps_metadata(pool: asyncpg.Pool) -> None:
+    call, _ = await new_call(pool)
+    writer = writer_for(pool, call)
+    writer.start()
+
+    ended = await writer.finish(completed(3))
+
+    assert "inboundGaps" not in ended.metadata
+
+
 async def test_a_call_cannot_finish_in_progress(pool: asyncpg.Pool) -> None:
     call, _ = await new_call(pool)
     with pytest.raises(ValueError, match="IN_PROGRESS"):

@@ -21,7 +21,7 @@ from aiohttp import web
 from twilio.request_validator import RequestValidator
 
 from config.agent import parse_agent_configuration
-from engine.simulator import CallResult, Dtmf, HangUp, Pause, Say, simulate_call
+from engine.simulator import CallResult, DropAudio, Dtmf, HangUp, Pause, Say, simulate_call
 from storage import agents, conversation_paths, organizations, phone_numbers
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
 from storage.enums import AgentStatus, CallerType
@@ -427,3 +427,24 @@ async def test_dialtone_call_places_a_call_from_the_command_line(
     row = await pool.fetchrow('SELECT * FROM "CallLog" WHERE "agentId" = $1', agent_id)
     assert row is not None
     assert (row["status"], row["metadata"]["endReason"]) == ("COMPLETED", "path_end")
+
+
+async def inbound_gap_metrics(engine: str) -> tuple[float, float]:
+    """The engine's (gaps, missing ms) counters of inbound media, from /metrics."""
+    async with aiohttp.ClientSession() as http, http.get(f"{engine}/metrics") as response:
+        text = await response.text()
+    values = dict(line.split(" ") for line in text.splitlines() if line.startswith("dialtone_inbound_media_gap"))
+    return float(values["dialtone_inbound_media_gaps_total"]), float(values["dialtone_inbound_media_gap_ms_total"])
+
+
+async def test_caller_audio_twilio_dropped_reaches_the_call_log_and_the_metrics(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    number, _ = await make_line(pool, organization_id, firstSentence="Hi.")
+    gaps_before, ms_before = await inbound_gap_metrics(engine)
+
+    result = await call(engine, number, Pause(200), DropAudio(500), Pause(200), HangUp())
+
+    log = await call_log(pool, result)
+    assert log["metadata"]["inboundGaps"] == {"count": 1, "totalMs": 500, "longestMs": 500}
+    assert await inbound_gap_metrics(engine) == (gaps_before + 1, ms_before + 500)

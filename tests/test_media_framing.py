@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from media.framing import FRAME_MS, ULAW_FRAME_BYTES, FrameSplitter
-from media.g711 import ULAW_SILENCE
+from media.framing import FrameSplitter
+from media.g711 import FRAME_BYTES, FRAME_MS, ULAW_SILENCE
 
-STREAM = np.random.default_rng(7).integers(0, 256, ULAW_FRAME_BYTES * 25 + 37, dtype=np.uint8).tobytes()
+STREAM = np.random.default_rng(7).integers(0, 256, FRAME_BYTES * 25 + 37, dtype=np.uint8).tobytes()
 
 
 def split(chunks: list[bytes]) -> tuple[list[bytes], bytes | None]:
@@ -28,7 +28,7 @@ def chunk_randomly(data: bytes, seed: int) -> list[bytes]:
 
 def test_frame_constants_describe_20_ms_of_8khz_ulaw() -> None:
     assert FRAME_MS == 20
-    assert ULAW_FRAME_BYTES == 8 * FRAME_MS
+    assert FRAME_BYTES == 8 * FRAME_MS
 
 
 def test_arbitrary_chunkings_give_identical_frames() -> None:
@@ -39,7 +39,7 @@ def test_arbitrary_chunkings_give_identical_frames() -> None:
 
 def test_every_frame_is_exactly_160_bytes_in_stream_order() -> None:
     frames, tail = split([STREAM])
-    assert all(len(frame) == ULAW_FRAME_BYTES for frame in frames)
+    assert all(len(frame) == FRAME_BYTES for frame in frames)
     assert b"".join(frames) + (tail or b"")[:37] == STREAM
 
 
@@ -54,7 +54,7 @@ def test_remainder_is_kept_until_the_next_chunk_completes_a_frame() -> None:
 def test_flush_pads_the_last_partial_frame_with_ulaw_silence() -> None:
     splitter = FrameSplitter()
     splitter.push(b"\x10" * 37)
-    assert splitter.flush() == b"\x10" * 37 + bytes([ULAW_SILENCE]) * (ULAW_FRAME_BYTES - 37)
+    assert splitter.flush() == b"\x10" * 37 + bytes([ULAW_SILENCE]) * (FRAME_BYTES - 37)
 
 
 def test_flush_without_padding_returns_the_raw_remainder() -> None:

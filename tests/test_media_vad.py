@@ -6,8 +6,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from media.g711 import pcm16_to_ulaw, ulaw_to_pcm16
-from media.vad import PCM_FRAME_BYTES, ULAW_FRAME_BYTES, SpeechStarted, SpeechStopped, VadEvent, VoiceActivityDetector
+from media.g711 import FRAME_BYTES, pcm16_to_ulaw, ulaw_to_pcm16
+from media.vad import PCM_FRAME_BYTES, SpeechStarted, SpeechStopped, VadEvent, VoiceActivityDetector
 
 RATE = 8000
 
@@ -134,8 +134,8 @@ def test_mu_law_frames_get_the_same_decisions_as_their_decoded_audio() -> None:
 
     by_ulaw, by_pcm = VoiceActivityDetector(), VoiceActivityDetector()
     decisions = []
-    for index in range(len(ulaw) // ULAW_FRAME_BYTES):
-        from_ulaw = by_ulaw.process_ulaw(ulaw[index * ULAW_FRAME_BYTES : (index + 1) * ULAW_FRAME_BYTES])
+    for index in range(len(ulaw) // FRAME_BYTES):
+        from_ulaw = by_ulaw.process_ulaw(ulaw[index * FRAME_BYTES : (index + 1) * FRAME_BYTES])
         from_pcm = by_pcm.process(decoded[index * PCM_FRAME_BYTES : (index + 1) * PCM_FRAME_BYTES])
         assert from_ulaw == from_pcm
         assert by_ulaw.last_frame_voiced == by_pcm.last_frame_voiced

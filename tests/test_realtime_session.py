@@ -27,7 +27,7 @@ from engine.call.realtime import UNTRANSCRIBED, realtime_driver
 from engine.call.session import CallContext, CallSession
 from engine.simulator import PlaybackQueue
 from media.dtmf import dtmf_audio
-from media.g711 import ULAW_SILENCE, pcm16_to_ulaw
+from media.g711 import BYTES_PER_MS, FRAME_BYTES, ULAW_SILENCE, pcm16_to_ulaw
 from media.twilio_stream import TwilioStream
 from pipelines.tools import AgentFunction, FunctionSpec, ToolRunner
 from storage import call_logs
@@ -38,8 +38,6 @@ from tests.fakes.openai_realtime import FakeRealtime
 from tests.fakes.server import serve
 from tests.test_call_log_writer import new_call, writer_for
 
-FRAME_BYTES = 160
-BYTES_PER_MS = 8
 PROMPT = "You are the front desk of Acme Dental. Be brief."
 ANSWER = "Sure, what day works for you?"
 

@@ -8,18 +8,17 @@ import itertools
 import asyncpg
 import pytest
 
+from config.phone import InvalidPhoneNumber
 from storage.enums import PhoneNumberStatus
 from storage.errors import AlreadyExists, NotFound
 from storage.organizations import Organization, create_organization
 from storage.phone_numbers import (
-    InvalidPhoneNumber,
     PhoneNumber,
     create_phone_number,
     delete_phone_number,
     find_by_number,
     get_phone_number,
     list_phone_numbers,
-    normalize_number,
     set_inbound_status,
     set_outbound_status,
 )
@@ -74,28 +73,6 @@ async def test_a_formatted_number_is_stored_in_e164(pool: asyncpg.Pool) -> None:
     created = await create_phone_number(pool, organization_id=organization.id, phone_number="+1 (555) 555-0199")
 
     assert created.phone_number == "+15555550199"
-
-
-@pytest.mark.parametrize(
-    ("given", "e164"),
-    [("+15555550100", "+15555550100"), ("+44 20 7183 8750", "+442071838750"), ("tel:+1-555-555-0100", "+15555550100")],
-)
-def test_international_numbers_normalise_to_e164(given: str, e164: str) -> None:
-    assert normalize_number(given) == e164
-
-
-@pytest.mark.parametrize("garbage", ["abc", "123", "", "+123", "+1555555010", "+15555550100 ext. 12"])
-def test_text_that_is_not_a_dialable_number_is_refused_naming_it(garbage: str) -> None:
-    with pytest.raises(InvalidPhoneNumber) as raised:
-        normalize_number(garbage)
-
-    assert raised.value.number == garbage
-    assert repr(garbage) in str(raised.value)
-
-
-def test_a_number_without_its_country_code_is_refused_asking_for_international_form() -> None:
-    with pytest.raises(InvalidPhoneNumber, match="international form"):
-        normalize_number("(555) 555-0100")
 
 
 async def test_an_invalid_number_is_never_stored(pool: asyncpg.Pool) -> None:

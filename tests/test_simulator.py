@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import itertools
 import json
 import time
 import wave
@@ -23,6 +24,7 @@ from config.settings import load_settings
 from engine.simulator import (
     CallEnding,
     CallResult,
+    DropAudio,
     Dtmf,
     HangUp,
     Pause,
@@ -251,6 +253,16 @@ async def test_inbound_media_is_160_byte_frames_every_20_ms_with_string_counters
         assert frame["media"]["timestamp"] == str(index * 20)
         assert frame["media"]["track"] == "inbound"
         assert len(base64.b64decode(frame["media"]["payload"])) == 160
+
+
+async def test_dropped_audio_skips_chunks_and_timestamps_as_twilio_does() -> None:
+    async with fake_engine(FakeEngine()) as engine:
+        await call(engine, [Pause(100), DropAudio(200), Pause(100), HangUp()])
+    chunks = [int(frame["media"]["chunk"]) for frame in engine.events("media")]
+    skips = [(before, after) for before, after in itertools.pairwise(chunks) if after != before + 1]
+    assert [after - before - 1 for before, after in skips] == [10]  # 200 ms of 20 ms chunks never arrive
+    for frame in engine.events("media"):
+        assert frame["media"]["timestamp"] == str((int(frame["media"]["chunk"]) - 1) * 20)
 
 
 async def test_a_wav_at_another_rate_is_resampled_to_8_khz(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from engine.server import metrics
 from storage import Pool, agents, call_events, call_logs, call_turns, organizations
 from storage.call_logs import CallLog
 from storage.call_turns import TurnRecord
@@ -116,6 +117,7 @@ class CallLogWriter:
         self._metadata: dict[str, Any] = {"engineNode": node_id}
         self._agent_latencies: list[int] = []
         self._lost_turns = 0
+        self._inbound_gaps = {"count": 0, "totalMs": 0, "longestMs": 0}
         self._subscribed = False  # seen a transcript.updated subscription: write turns with their events
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -166,6 +168,22 @@ class CallLogWriter:
         self._check_open()
         self._metadata.update(items)
         self._wake.set()
+
+    def note_media_gap(self, missing_ms: int) -> None:
+        """Count caller audio Twilio dropped (a stream's MediaGap) in metadata.inboundGaps and the engine's metrics.
+
+        `{count, totalMs, longestMs}` rides with the next write, at the latest the final one; a gap is not worth a
+        write of its own. Never waits, and never raises: a gap reported while the call is being finished is only
+        counted in the metrics.
+        """
+        metrics.observe_media_gap(missing_ms)
+        if self._closing:
+            return
+        gaps = self._inbound_gaps
+        gaps["count"] += 1
+        gaps["totalMs"] += missing_ms
+        gaps["longestMs"] = max(gaps["longestMs"], missing_ms)
+        self._metadata["inboundGaps"] = dict(gaps)
 
     async def finish(self, outcome: CallOutcome) -> CallLog:
         """Write every pending turn, then end the call in one transaction; return the final CallLog.

@@ -26,7 +26,7 @@ from engine.call.driver import (
 from engine.call.phases import CallPhase, PhaseEvent, accepts
 from engine.server import metrics
 from media.dtmf import InvalidDigits, dtmf_audio
-from media.g711 import BYTES_PER_MS
+from media.g711 import BYTES_PER_MS, FRAME_BYTES
 from media.twilio_stream import MarkFlushed, MarkPlayed
 from media.vad import SpeechStarted as VadSpeechStarted
 from media.vad import VoiceActivityDetector
@@ -147,7 +147,7 @@ class PipelineDriver:
     def on_caller_audio(self, payload: bytes, at_ms: int) -> None:
         """One caller frame to the recognizer and the VAD; the VAD's verdict feeds barge-in."""
         stt, vad = self._pipeline.stt, self._vad
-        if len(payload) != 160:
+        if len(payload) != FRAME_BYTES:
             stt.send_audio(payload)
             return  # the VAD takes 20 ms frames; Twilio sends those in practice
         vad_event = vad.process_ulaw(payload)

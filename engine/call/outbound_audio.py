@@ -14,10 +14,10 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from media.g711 import BYTES_PER_MS
 from media.recording import StereoWavRecorder
 from media.twilio_stream import TwilioStream
 
-BYTES_PER_MS = 8
 SendText = Callable[[str], Awaitable[None]]
 
 

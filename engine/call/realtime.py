@@ -29,6 +29,7 @@ from engine.call.realtime_functions import ModelFunctions
 from engine.call.realtime_voice import RESPONSE_GRACE_SECONDS, ModelResponse, ModelVoice
 from engine.call.turns import Turn
 from engine.server import metrics
+from media.g711 import FRAME_BYTES
 from media.twilio_stream import MarkFlushed, MarkPlayed
 from media.vad import VoiceActivityDetector
 from pipelines.conversation.turn_taking import BargeInPolicy
@@ -183,7 +184,7 @@ class RealtimeDriver:
         self._audio_ready.set()
         if not self._voice.unplayed:
             self._barge_in.reset()
-        elif len(payload) == 160:
+        elif len(payload) == FRAME_BYTES:
             # The agent's words are playing: the engine, not the server, decides when the caller takes the floor,
             # with the agent's threshold (the server's VAD would cut at the first syllable).
             self._vad.process_ulaw(payload)

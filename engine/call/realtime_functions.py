@@ -8,35 +8,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final
+from typing import Any
 
-import phonenumbers
-
+from config.phone import InvalidPhoneNumber, e164
 from engine.call.driver import CallHost
 from engine.call.phases import CallPhase, PhaseEvent, accepts
 from engine.call.realtime_voice import ModelResponse, ModelVoice
-from media.dtmf import InvalidDigits, dtmf_audio
+from media.dtmf import DIGITS_HELP, InvalidDigits, dtmf_audio
 from pipelines.realtime.openai_realtime import FunctionCall, RealtimeChannel
-from pipelines.tools import END_CALL, SEND_DTMF, TRANSFER_CALL, ToolRunner, parse_arguments
+from pipelines.tools import DTMF_SENT, END_CALL, SEND_DTMF, TRANSFER_CALL, ToolRunner, parse_arguments
 from storage.end_reasons import EndReason
 
 log = logging.getLogger(__name__)
 
-DTMF_SENT: Final = "sent"
-"""What the model is told once its keypresses are queued into the call."""
-
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 """Run part of the driver's work as a task of the call."""
-
-
-def _e164(number: str) -> str | None:
-    try:
-        parsed = phonenumbers.parse(number, None)
-    except phonenumbers.NumberParseException:
-        return None
-    if not phonenumbers.is_valid_number(parsed):
-        return None
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
 def short(value: object, limit: int = 200) -> str:
@@ -136,7 +122,7 @@ class ModelFunctions:
         try:
             tones = dtmf_audio(digits)
         except InvalidDigits as exc:
-            return f"error: {exc}; use 1 to 32 of 0-9, *, # and w"
+            return f"error: {exc}; {DIGITS_HELP}"
         self._voice.tones(digits, tones)
         if accepts(self._host.phase, PhaseEvent.REPLY):
             self._host.move(PhaseEvent.REPLY)
@@ -147,11 +133,12 @@ class ModelFunctions:
         given = short(arguments.get("phone_number"), 40)
         if not self._can_transfer:
             return "error: this line cannot transfer calls; tell the caller and offer to help otherwise"
-        number = _e164(given)
-        if number is None:
+        try:
+            number = e164(given)
+        except InvalidPhoneNumber as exc:
             return (
-                f"error: {given!r} is not a valid phone number, so the call was not transferred; ask the caller for "
-                "the full number with its country code, or tell them you cannot transfer"
+                f"error: {exc}, so the call was not transferred; ask the caller for the full number with its "
+                "country code, or tell them you cannot transfer"
             )
         reason = short(arguments.get("reason")) or None
         self._end_after_speaking(response, reason, transfer_to=number, call_id=call_id)

@@ -365,8 +365,8 @@ class CallSession:
                 self.activity()
                 if accepts(self._phase, PhaseEvent.REPLY):
                     self._driver.on_caller_key(digit)
-            case MediaGap():
-                pass  # inbound gaps are counted by the stream protocol
+            case MediaGap(missing_ms=missing_ms):
+                self._writer.note_media_gap(missing_ms)
             case Stopped():
                 # After our own hang-up Twilio sends `stop` too: keep the reason the agent ended for.
                 ending = self._phase is CallPhase.ENDING and self._reason is not None

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-import phonenumbers
-
-from engine.campaigns.windows import number_timezone
+from config.phone import InvalidPhoneNumber, e164
+from engine.campaigns.windows import recipient_timezone
 from storage.campaigns import NewRecipient
 from storage.enums import RecipientStatus
 
@@ -28,13 +27,6 @@ _NAME_ALIASES = frozenset({"name", "fullname", "contact", "contactname"})
 _PHONE_ALIASES = frozenset({"phone", "phonenumber", "number", "mobile", "telephone", "tel", "msisdn", "to"})
 _NOTES_ALIASES = frozenset({"notes", "note", "comment", "comments"})
 _VARIABLE_NAME = re.compile(r"[^0-9A-Za-z_]+")
-_PARSE_ERRORS = {
-    phonenumbers.NumberParseException.INVALID_COUNTRY_CODE: "no valid country code",
-    phonenumbers.NumberParseException.NOT_A_NUMBER: "not a number",
-    phonenumbers.NumberParseException.TOO_SHORT_AFTER_IDD: "too short after the international prefix",
-    phonenumbers.NumberParseException.TOO_SHORT_NSN: "too short",
-    phonenumbers.NumberParseException.TOO_LONG: "too long",
-}
 
 
 class RecipientsFileError(ValueError):
@@ -97,33 +89,6 @@ def sniff_dialect(sample: str) -> type[csv.Dialect] | csv.Dialect:
         return csv.excel
 
 
-def normalise_number(raw: str, default_region: str | None) -> tuple[str | None, str | None]:
-    """(E.164, None) for a usable number, else (None, the reason)."""
-    checked = _checked_number(raw, default_region)
-    if isinstance(checked, str):
-        return None, checked
-    return phonenumbers.format_number(checked[0], phonenumbers.PhoneNumberFormat.E164), None
-
-
-def _checked_number(raw: str, default_region: str | None) -> tuple[phonenumbers.PhoneNumber, int] | str:
-    """The parsed number and its type, or why it is unusable."""
-    text = raw.strip()
-    if not text:
-        return "no phone number"
-    try:
-        parsed = phonenumbers.parse(text, None if text.startswith("+") else default_region)
-    except phonenumbers.NumberParseException as exc:
-        if exc.error_type == phonenumbers.NumberParseException.INVALID_COUNTRY_CODE and default_region is None:
-            return f"{text!r} has no country code (write it as +<country><number> or give a default region)"
-        return f"{text!r} is not a phone number ({_PARSE_ERRORS.get(exc.error_type, 'unreadable')})"
-    # A number whose type is unknown is not valid in its region (what phonenumbers.is_valid_number checks);
-    # the type also gives its timezone without a second lookup.
-    kind = phonenumbers.number_type(parsed)
-    if kind == phonenumbers.PhoneNumberType.UNKNOWN:
-        return f"{text!r} is not a valid phone number"
-    return parsed, kind
-
-
 def read_recipients(stream: TextIO, *, default_region: str | None = None) -> Iterator[ParsedRow]:
     """Parse an open text stream row by row; RecipientsFileError if it has no phone column.
 
@@ -168,24 +133,27 @@ def make_recipient(
     variables: dict[str, str],
     default_region: str | None,
 ) -> NewRecipient:
-    """A recipient from its fields: E.164 with its timezone, or an ERROR one whose reason starts with `where`."""
-    checked = _checked_number(raw_phone, default_region)
-    if isinstance(checked, str):
-        return NewRecipient(
-            phone_number=raw_phone,
-            name=name,
-            notes=notes,
-            status=RecipientStatus.ERROR,
-            error_reason=f"{where}: {checked}",
-            variables=variables,
-        )
-    parsed, kind = checked
+    """A recipient from its fields: E.164 with its timezone, or an ERROR one whose reason starts with `where`.
+
+    `default_region` (e.g. "US") reads numbers written without a country code; config.phone decides validity.
+    """
+    problem = "no phone number"
+    if raw_phone.strip():
+        try:
+            number = e164(raw_phone, region=default_region)
+        except InvalidPhoneNumber as exc:
+            problem = str(exc)
+        else:
+            return NewRecipient(
+                phone_number=number, name=name, notes=notes, variables=variables, timezone=recipient_timezone(number)
+            )
     return NewRecipient(
-        phone_number=phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164),
+        phone_number=raw_phone,
         name=name,
         notes=notes,
+        status=RecipientStatus.ERROR,
+        error_reason=f"{where}: {problem}",
         variables=variables,
-        timezone=number_timezone(parsed, kind),
     )
 
 

@@ -44,6 +44,23 @@ PROVIDER_ERRORS = Counter(
     "dialtone_provider_errors_total", "Provider failures seen by calls.", ["stage", "provider"], registry=REGISTRY
 )
 
+INBOUND_MEDIA_GAPS = Counter(
+    "dialtone_inbound_media_gaps_total",
+    "Times Twilio skipped chunks of a caller's audio (its warning 31930), over all calls.",
+    registry=REGISTRY,
+)
+INBOUND_MEDIA_GAP_MS = Counter(
+    "dialtone_inbound_media_gap_ms_total",
+    "Milliseconds of callers' audio missing by the media timestamps where Twilio skipped chunks.",
+    registry=REGISTRY,
+)
+
+
+def observe_media_gap(missing_ms: int) -> None:
+    """Count one inbound media gap of `missing_ms` milliseconds."""
+    INBOUND_MEDIA_GAPS.inc()
+    INBOUND_MEDIA_GAP_MS.inc(missing_ms)
+
 
 def observe_turn(stages_ms: Mapping[str, int]) -> None:
     """Record one agent turn's stage latencies (ms after the caller stopped speaking)."""

@@ -21,11 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import phonenumbers
 from aiohttp import web
 from aiohttp.helpers import ChainMapProxy
 
 from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
+from config.phone import InvalidPhoneNumber, e164
 from config.settings import Settings
 from engine.call.setup import provider_keys
 from engine.server.appkeys import DATABASE, SETTINGS, TWILIO
@@ -76,14 +76,15 @@ class OutboundUnavailable(OutboundCallError):
     """This engine cannot place calls at all (no Twilio credentials, or no public URL for Twilio to call back)."""
 
 
-class InvalidNumber(OutboundCallError):
-    """A number that cannot be dialed; `reason` is phonenumbers' verdict in words."""
+class InvalidNumber(OutboundCallError, InvalidPhoneNumber):
+    """A number that cannot be dialed (config.phone's rule), and the request `field` that gave it."""
 
     def __init__(self, field: str, number: str, reason: str) -> None:
-        super().__init__(f"{field}: {number!r} is not a dialable E.164 number ({reason})")
+        InvalidPhoneNumber.__init__(self, number, reason)
         self.field = field
-        self.number = number
-        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.field}: {super().__str__()}"
 
 
 class AgentUnavailable(OutboundCallError):
@@ -162,33 +163,11 @@ class PlacedCall:
 
 
 def dialable_number(field: str, number: str) -> str:
-    """The E.164 form of `number`, or InvalidNumber with phonenumbers' reason."""
+    """The E.164 form of the international `number` given as `field`, or InvalidNumber with config.phone's reason."""
     try:
-        parsed = phonenumbers.parse(number, None)
-    except phonenumbers.NumberParseException as exc:
-        raise InvalidNumber(field, number, _PARSE_ERRORS.get(exc.error_type, str(exc))) from None
-    if parsed.extension:
-        raise InvalidNumber(field, number, "extensions cannot be dialed directly")
-    verdict = phonenumbers.is_possible_number_with_reason(parsed)
-    if verdict != phonenumbers.ValidationResult.IS_POSSIBLE:
-        raise InvalidNumber(field, number, _LENGTH_VERDICTS.get(verdict, "not a possible number"))
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-
-
-_PARSE_ERRORS = {
-    phonenumbers.NumberParseException.INVALID_COUNTRY_CODE: "no valid country code; write it as +<country><number>",
-    phonenumbers.NumberParseException.NOT_A_NUMBER: "not a phone number",
-    phonenumbers.NumberParseException.TOO_SHORT_AFTER_IDD: "too short after the international prefix",
-    phonenumbers.NumberParseException.TOO_SHORT_NSN: "too short",
-    phonenumbers.NumberParseException.TOO_LONG: "too long",
-}
-_LENGTH_VERDICTS = {
-    phonenumbers.ValidationResult.INVALID_COUNTRY_CODE: "invalid country code",
-    phonenumbers.ValidationResult.TOO_SHORT: "too short for its country",
-    phonenumbers.ValidationResult.TOO_LONG: "too long for its country",
-    phonenumbers.ValidationResult.INVALID_LENGTH: "wrong number of digits for its country",
-    phonenumbers.ValidationResult.IS_POSSIBLE_LOCAL_ONLY: "a local number; give the full international number",
-}
+        return e164(number)
+    except InvalidPhoneNumber as exc:
+        raise InvalidNumber(field, exc.number, exc.reason) from None
 
 
 def machine_detection(config: AgentConfiguration, callback: str) -> MachineDetection | None:

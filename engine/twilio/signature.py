@@ -15,6 +15,12 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Twilio-Signature"
 
 
+def request_signature(auth_token: str, url: str, params: dict[str, str]) -> str:
+    """The X-Twilio-Signature Twilio sends for a request to `url` with form `params` (the simulator signs with it)."""
+    signature: str = RequestValidator(auth_token).compute_signature(url, params)
+    return signature
+
+
 def public_request_url(request: web.Request, settings: Settings) -> str:
     """The URL Twilio requested: the configured public URL plus path and query, else the URL as received."""
     if settings.public_url:

@@ -19,7 +19,6 @@ from typing import Any, Final, TypeVar, cast
 
 import httpx2
 import openai
-import phonenumbers
 from openai import AsyncOpenAI
 from openai.types.chat import (
     ChatCompletionAssistantMessageParam,
@@ -30,10 +29,13 @@ from openai.types.chat import (
 )
 
 from config.agent import OpenAILLMConfig
+from config.phone import InvalidPhoneNumber, e164
+from media.dtmf import DIGITS_HELP, InvalidDigits, check_digits
 from pipelines.clients import CloseClient
 from pipelines.llm.base import ConversationTurn, EndCall, LLMError, LLMEvent, SendDtmf, TextDelta, TransferCall
 from pipelines.tools import (
     BUILTIN_FUNCTIONS,
+    DTMF_SENT,
     END_CALL,
     SEND_DTMF,
     TRANSFER_CALL,
@@ -53,8 +55,6 @@ log = logging.getLogger(__name__)
 
 MAX_TOOL_ROUNDS: Final = 5
 """Completions per `respond()` that may end in function calls; the one after them is told to just talk."""
-DTMF_SENT: Final = "sent"
-"""The tool result the model gets once its keypresses are queued into the call."""
 
 # A phone call cannot wait long: fail fast on connect, and give up on a stream that goes quiet.
 _TIMEOUT: Final = openai.Timeout(20.0, connect=5.0)
@@ -63,7 +63,6 @@ _TIMEOUT: Final = openai.Timeout(20.0, connect=5.0)
 _POOL_LIMITS: Final = httpx2.Limits(max_connections=2000, max_keepalive_connections=1000, keepalive_expiry=60.0)
 _DRAIN_TIMEOUT_S: Final = 1.0
 """Longest the rest of a completion's body is read after `[DONE]` (it ends at once; if not, the connection goes)."""
-_DTMF = re.compile(r"^[0-9*#wW]{1,32}$")
 
 
 def new_client(api_key: str, base_url: str) -> tuple[AsyncOpenAI, CloseClient]:
@@ -353,28 +352,22 @@ class OpenAIChatLLM:
     def _transfer(self, arguments: Mapping[str, Any]) -> _Outcome:
         number = _text(arguments.get("phone_number"))
         reason = _text(arguments.get("reason")) or "the agent transferred the call"
-        to = self._e164(number)
-        if to is None:
+        try:
+            to = e164(number, region=self._default_region)
+        except InvalidPhoneNumber as exc:
             return _Outcome(
-                result=f"error: {number!r} is not a valid phone number, so the call was not transferred. "
+                result=f"error: {exc}, so the call was not transferred. "
                 "Ask the caller for the full number with its country code, or tell them you cannot transfer."
             )
         return _Outcome(TransferCall(to, reason), ends_reply=True)
 
     def _dtmf(self, arguments: Mapping[str, Any]) -> _Outcome:
         digits = _text(arguments.get("digits")).replace(" ", "")
-        if not _DTMF.match(digits):
-            return _Outcome(result=f"error: {digits!r} cannot be dialled; use 1 to 32 of 0-9, *, # and w")
-        return _Outcome(SendDtmf(digits.replace("W", "w")), DTMF_SENT)
-
-    def _e164(self, number: str) -> str | None:
         try:
-            parsed = phonenumbers.parse(number, None if number.startswith("+") else self._default_region)
-        except phonenumbers.NumberParseException:
-            return None
-        if not phonenumbers.is_valid_number(parsed):
-            return None
-        return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+            check_digits(digits)
+        except InvalidDigits:
+            return _Outcome(result=f"error: {digits!r} cannot be dialled; {DIGITS_HELP}")
+        return _Outcome(SendDtmf(digits.replace("W", "w")), DTMF_SENT)
 
     # ------------------------------------------------------------------------------------------- errors
 

@@ -23,13 +23,11 @@ from deepgram.listen.v1.socket_client import AsyncV1SocketClient
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from config.agent import DeepgramSTTConfig
+from media.g711 import BYTES_PER_MS, SAMPLE_RATE
 from pipelines.clients import CloseClient, ProviderClients
 from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, STTEvent, TranscriptUpdate
 
 log = logging.getLogger(__name__)
-
-BYTES_PER_MS = 8
-"""μ-law at 8 kHz: one byte per sample."""
 
 HTTP_TIMEOUT_S = 60.0
 """The SDK's own default for its REST requests (live streaming does not use them)."""
@@ -86,7 +84,7 @@ def listen_parameters(config: DeepgramSTTConfig) -> dict[str, Any]:
         "model": config.model,
         "language": config.language,
         "encoding": "mulaw",
-        "sample_rate": 8000,
+        "sample_rate": SAMPLE_RATE,
         "channels": 1,
         "interim_results": config.interim_results,
         "endpointing": config.endpointing,
@@ -403,7 +401,7 @@ class DeepgramSTT:
                 self._events.put_nowait(TranscriptUpdate(text=text, is_final=False, at_ms=at_ms))
             return
         self._heard_to_ms = at_ms
-        self._confirm(self._origin + round(end * 8000))
+        self._confirm(self._origin + round(end * SAMPLE_RATE))
         if text:
             self._turn.append(text)
             self._events.put_nowait(TranscriptUpdate(text=text, is_final=True, at_ms=at_ms))

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from media.framing import FRAME_MS, FrameSplitter
-from media.g711 import ulaw_to_pcm16
+from media.framing import FrameSplitter
+from media.g711 import FRAME_MS, SAMPLE_RATE, ulaw_to_pcm16
 from media.resample import StreamResampler
 from media.vad import SpeechStarted as VadSpeechStarted
 from media.vad import SpeechStopped, VoiceActivityDetector
@@ -169,7 +169,7 @@ class SphinxDecoder:
     def recognize(self, pcm8k: npt.NDArray[np.int16], vocabulary: Vocabulary) -> str:
         """The words in one utterance of 8 kHz PCM, lower case, empty when none were recognized."""
         self._decoder.activate_search(self._search(vocabulary))
-        resampler = StreamResampler(8000, MODEL_SAMPLE_RATE)
+        resampler = StreamResampler(SAMPLE_RATE, MODEL_SAMPLE_RATE)
         audio = np.concatenate([resampler.process(pcm8k), resampler.flush()]).astype(np.float32)
         # Digital silence (a gateway's idle μ-law) skews the model's per-utterance cepstral mean; a faint floor of
         # noise like a real line's measured several points better on the keyphrases. Seeded: same audio, same words.

@@ -25,6 +25,7 @@ from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
 
 from config.agent import ElevenLabsTTSConfig
+from media.g711 import BYTES_PER_MS
 from pipelines.clients import CloseClient, ProviderClients
 from pipelines.tts.base import Alignment, TTSError
 
@@ -32,9 +33,6 @@ log = logging.getLogger(__name__)
 
 OUTPUT_FORMAT = "ulaw_8000"
 """What ElevenLabs sends: μ-law 8 kHz, Twilio's own format, so nothing is transcoded."""
-
-BYTES_PER_MS = 8
-"""μ-law 8 kHz bytes per millisecond of audio."""
 
 INACTIVITY_TIMEOUT_S = 180
 """How long ElevenLabs keeps an idle context open (its maximum)."""

@@ -23,8 +23,7 @@ from typing import Any, Self
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from media.framing import FRAME_MS, ULAW_FRAME_BYTES
-from media.g711 import ulaw_to_pcm16
+from media.g711 import FRAME_BYTES, FRAME_MS, ulaw_to_pcm16
 from tests.fakes.server import serve
 
 __all__ = ["DEFAULT_TRANSCRIPT", "FakeDeepgram", "FakeListenConnection"]
@@ -292,10 +291,10 @@ class _Recognizer:
     def hear(self, ulaw: bytes) -> list[dict[str, Any]]:
         """Take audio; return what Deepgram would say about each 20 ms window it completes."""
         self._pending += ulaw
-        whole = len(self._pending) - len(self._pending) % ULAW_FRAME_BYTES
+        whole = len(self._pending) - len(self._pending) % FRAME_BYTES
         if whole == 0:
             return []
-        windows = ulaw_to_pcm16(self._pending[:whole]).astype(np.float64).reshape(-1, ULAW_FRAME_BYTES)
+        windows = ulaw_to_pcm16(self._pending[:whole]).astype(np.float64).reshape(-1, FRAME_BYTES)
         del self._pending[:whole]
         loud = (windows**2).mean(axis=1) > SPEECH_RMS**2
         out: list[dict[str, Any]] = []

@@ -15,11 +15,9 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from media.g711 import pcm16_to_ulaw
+from media.g711 import BYTES_PER_MS, SAMPLE_RATE, pcm16_to_ulaw
 from tests.fakes.server import serve
 
-SAMPLE_RATE = 8000
-BYTES_PER_MS = 8
 DEFAULT_INACTIVITY_TIMEOUT_S = 20.0
 """ElevenLabs' inactivity timeout when the query names none."""
 MAX_CONTEXTS = 5

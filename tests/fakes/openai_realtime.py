@@ -23,12 +23,9 @@ from typing import Any
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from media.g711 import pcm16_to_ulaw, ulaw_to_pcm16
+from media.g711 import BYTES_PER_MS, FRAME_MS, SAMPLE_RATE, pcm16_to_ulaw, ulaw_to_pcm16
 from tests.fakes.server import serve
 
-SAMPLE_RATE = 8000
-BYTES_PER_MS = 8
-FRAME_MS = 20
 DEFAULT_SILENCE_MS = 500
 """server_vad's silence_duration_ms when the session names none."""
 

@@ -35,7 +35,8 @@ import aiohttp
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from engine.simulator import CallResult, Pause, Step, _Call, _parse_twiml, _run_stream, _signature, _speech
+from engine.simulator import CallResult, Pause, Step, StreamPeer, parse_twiml, run_stream, synthesize_speech
+from engine.twilio.signature import request_signature
 from tests.fakes.server import serve
 
 __all__ = ["Answer", "Behaviour", "Busy", "Fail", "FakeCall", "FakeTwilio", "Machine", "NoAnswer", "Refuse"]
@@ -124,7 +125,7 @@ class FakeCall:
     duration_s: int = 0
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     updated: asyncio.Event = field(default_factory=asyncio.Event)
-    _live: _Call | None = None
+    _live: StreamPeer | None = None
 
     def param(self, name: str) -> str | None:
         """The first value of a create parameter, or None."""
@@ -313,7 +314,7 @@ class FakeTwilio:
         call.answered_at = time.monotonic()
         await self._post_status(call, "answered", "in-progress")
         twiml = _first(call.params, "Twiml") or ""
-        parsed = _parse_twiml(twiml, self.api_base)
+        parsed = parse_twiml(twiml, self.api_base)
         if parsed.stream_url is None:
             call.spoken_after_update.append(parsed.refusal or "")
             await self._end(call, "completed")
@@ -322,21 +323,21 @@ class FakeTwilio:
         result.stream_url = parsed.stream_url
         result.custom_parameters = parsed.parameters
         call.stream = result
-        headers = {"X-Twilio-Signature": _signature(self.auth_token, parsed.stream_url, {})}
+        headers = {"X-Twilio-Signature": request_signature(self.auth_token, parsed.stream_url, {})}
         assert self._http is not None
         async with self._http.ws_connect(parsed.stream_url, headers=headers, autoping=True, heartbeat=None) as ws:
-            live = _Call(ws, result, time.monotonic(), None, reply_timeout_s=10.0)
+            live = StreamPeer(ws, result, time.monotonic(), None, reply_timeout_s=10.0)
             call._live = live
             verdict = None
             if greeting:
-                audio = await _speech(greeting, "en-us")
+                audio = await synthesize_speech(greeting, "en-us")
                 spoken = asyncio.create_task(live.speak(audio, greeting))
                 if isinstance(behaviour, Machine):
                     verdict = asyncio.create_task(self._verdict_after(call, spoken, answered_by))
             if isinstance(behaviour, Answer) and verdict is None:
                 verdict = asyncio.create_task(self._verdict_later(call, behaviour.verdict_after_ms, answered_by))
             try:
-                await _run_stream(live, script, timeout_s)
+                await run_stream(live, script, timeout_s)
             finally:
                 call._live = None
                 if verdict is not None:
@@ -406,7 +407,7 @@ class FakeTwilio:
 
     async def _post(self, url: str, fields: dict[str, str]) -> int:
         assert self._http is not None
-        headers = {"X-Twilio-Signature": _signature(self.auth_token, url, fields)}
+        headers = {"X-Twilio-Signature": request_signature(self.auth_token, url, fields)}
         try:
             async with self._http.post(url, data=fields, headers=headers) as response:
                 return response.status

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from config.phone import InvalidPhoneNumber, e164
 from engine.api.errors import unprocessable
 from engine.api.models import RequestModel, ShortText, UpdateModel
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
 from storage import phone_numbers
 from storage.enums import PhoneNumberStatus
-from storage.phone_numbers import InvalidPhoneNumber, PhoneNumber
+from storage.phone_numbers import PhoneNumber
 
 resource = Resource("Phone numbers", "Numbers the organization owns, each switched on or off per direction.")
 
@@ -50,7 +51,7 @@ async def create_phone_number(call: ApiCall) -> PhoneNumber:
     """Add a number; 409 if any organization already has it."""
     body = call.body_as(PhoneNumberCreate)
     try:
-        number = phone_numbers.normalize_number(body.phone_number)
+        number = e164(body.phone_number)
     except InvalidPhoneNumber as exc:
         raise unprocessable(str(exc), "phoneNumber") from None
     async with call.tenant() as db:

@@ -1,0 +1,96 @@
+"""`dialtone call`: place a simulated Twilio call on a running engine from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from config.settings import Settings
+from engine.simulator.call import simulate_call
+from engine.simulator.results import CallEnding, SimEvent, SimulationError
+from engine.simulator.script import Dtmf, Pause, PlayWav, Say, Step
+
+__all__ = ["add_call_command", "run_call_command"]
+
+
+class _StepAction(argparse.Action):
+    """Append a script step to `args.steps`, so steps keep the order they were given in."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        steps: list[Step] = list(getattr(namespace, "steps", None) or [])
+        value = str(values)
+        match option_string:
+            case "--say":
+                steps.append(Say(value))
+            case "--wav":
+                steps.append(PlayWav(value))
+            case "--dtmf":
+                steps.append(Dtmf(value))
+            case _:
+                if not value.isdigit():
+                    parser.error(f"{option_string}: {value!r} is not a whole number of milliseconds")
+                steps.append(Pause(int(value)))
+        namespace.steps = steps
+
+
+def add_call_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `dialtone call`: place a simulated inbound call on a running engine, speaking Twilio's protocol."""
+    call = subparsers.add_parser("call", help="place a simulated Twilio call on a running engine")
+    call.add_argument("--url", default="http://127.0.0.1:8080", help="the engine's base URL")
+    call.add_argument(
+        "--public-url", help="the URL the engine signs webhooks for (default: DIALTONE_PUBLIC_URL, --url)"
+    )
+    call.add_argument("--to", default="+15555550100", help="the number called (default: the demo number)")
+    call.add_argument("--from", dest="from_", default="+15005550006", help="the caller's number")
+    call.add_argument("--say", action=_StepAction, dest="steps", metavar="TEXT", help="say TEXT (repeatable)")
+    call.add_argument("--wav", action=_StepAction, dest="steps", metavar="PATH", help="play a WAV file (repeatable)")
+    call.add_argument("--dtmf", action=_StepAction, dest="steps", metavar="DIGITS", help="press DIGITS")
+    call.add_argument("--pause", action=_StepAction, dest="steps", metavar="MS", help="stay silent MS milliseconds")
+    call.add_argument("--save", metavar="WAV", help="write what the caller heard to this WAV file")
+    call.add_argument("--timeout", type=float, default=120.0, help="hang up after this many seconds (default 120)")
+    call.add_argument(
+        "--reply-timeout", type=float, default=10.0, help="seconds a turn waits for the agent to reply (default 10)"
+    )
+    call.add_argument("--verbose", action="store_true", help="also print every mark echo")
+    call.set_defaults(steps=[])
+    return call  # type: ignore[no-any-return]
+
+
+async def run_call_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run `dialtone call`: print the conversation as it happens; exit 0 if the call was answered and ended."""
+    token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
+
+    def show(event: SimEvent) -> None:
+        if event.who != "twilio" or args.verbose:
+            print(event, flush=True)
+
+    try:
+        result = await simulate_call(
+            args.url,
+            to=args.to,
+            from_=args.from_,
+            script=list(args.steps),
+            auth_token=token,
+            public_url=args.public_url or settings.public_url or args.url,
+            timeout_s=args.timeout,
+            reply_timeout_s=args.reply_timeout,
+            on_event=show,
+        )
+    except SimulationError as exc:
+        print(f"call failed: {exc}", flush=True)
+        return 1
+    ending = result.ending.value if result.ending else "unknown"
+    heard = sum(u.duration_s for u in result.utterances)
+    print(f"call ended: {ending}; agent spoke {len(result.utterances)} time(s), {heard:.1f} s", flush=True)
+    if args.save:
+        await asyncio.to_thread(result.save_heard, args.save)
+        print(f"saved what the caller heard to {args.save}", flush=True)
+    return 0 if result.ending in (CallEnding.CALLER_HUNG_UP, CallEnding.ENGINE_CLOSED) else 1
