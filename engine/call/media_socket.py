@@ -15,7 +15,7 @@ import asyncpg
 from aiohttp import web
 
 from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
-from engine.call.call_log_writer import CallLogWriter, CallOutcome
+from engine.call.call_log_writer import CallLogDeferred, CallLogWriter, CallOutcome
 from engine.call.frame_socket import FrameSocket, TextFrames
 from engine.call.outbound_audio import SendText
 from engine.call.session import CallContext, CallSession
@@ -24,6 +24,7 @@ from engine.server import metrics
 from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
 from engine.twilio.signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
 from engine.twilio.webhooks import CALL_LOG_PARAMETER
+from engine.workers.call_log_replay import CALL_LOG_SPILL
 from engine.workers.post_call import POST_CALL
 from engine.workers.recording_io import RECORDING_IO
 from engine.workers.recordings import RECORDING_KEY, recording_url
@@ -206,6 +207,8 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         call_log_id=call_log.id,
         agent_id=call_log.agent_id,
         node_id=app[NODE_ID],
+        spill=app[CALL_LOG_SPILL],
+        finish_timeout=settings.call_log_finish_timeout,
     )
     session = _make_session(
         app,
@@ -260,5 +263,8 @@ async def _wrap_up(
         outcome = dataclasses.replace(
             outcome, recording_url=url, metadata={**outcome.metadata, "recordingMs": info.duration_ms}
         )
-    await writer.finish(outcome)
+    try:
+        await writer.finish(outcome)
+    except CallLogDeferred:
+        return  # kept in the spill and written later (logged); the post-call sweep finds the call then
     app[POST_CALL].submit(call_log.id)
