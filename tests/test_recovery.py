@@ -24,9 +24,10 @@ from engine.workers.recovery import NODE_ID, NodeHeartbeat, recovery_context
 from storage import call_logs, engine_nodes, events
 from storage.call_logs import CallLog
 from storage.enums import CallStatus
-from storage.pool import Database
+from storage.pool import Database, create_pool
 from tests.databases import TestDatabases
 from tests.fakes.engine_processes import free_port, start_engine, wait_healthy
+from tests.test_call_log_writer import OnOffProxy
 from tests.test_repo_agents import insert_organization
 from tests.test_repo_call_logs import open_call, set_started_at
 
@@ -199,6 +200,37 @@ async def test_a_running_node_keeps_heartbeating_and_recovers_calls_of_nodes_tha
         assert [node.id for node in alive] == [heartbeat.node_id]
     finally:
         await heartbeat.stop()
+
+
+async def test_after_a_database_outage_other_nodes_get_time_to_heartbeat_before_their_calls_are_judged(
+    own_pool: asyncpg.Pool, postgres_server_url: str
+) -> None:
+    proxy = OnOffProxy(postgres_server_url)
+    await proxy.up()
+    database = await own_pool.fetchval("SELECT current_database()")
+    proxied = await create_pool(proxy.url(database), min_size=1, max_size=2, timeout=1)
+    heartbeat = NodeHeartbeat(
+        proxied,
+        heartbeat_interval=timedelta(seconds=0.05),
+        recovery_interval=timedelta(seconds=0.1),
+        node_timeout=timedelta(seconds=1),
+    )
+    await heartbeat.start()
+    await register(own_pool, "neighbour", last_seen=datetime.now(UTC))
+    call = await call_on(own_pool, await insert_organization(own_pool), "neighbour")
+    try:
+        await proxy.down()  # the database is away for both nodes, longer than the node timeout
+        await asyncio.sleep(1.5)
+        await proxy.up()
+        await asyncio.sleep(0.3)  # the neighbour's first heartbeat after the outage comes a little later
+        for _ in range(8):
+            await engine_nodes.heartbeat(own_pool, node_id="neighbour", now=datetime.now(UTC))
+            await asyncio.sleep(0.2)
+        assert await reread(own_pool, call) == call
+    finally:
+        await heartbeat.stop()
+        proxied.terminate()
+        await proxy.down()
 
 
 def exited_pid() -> int:
