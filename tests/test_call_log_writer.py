@@ -5,7 +5,6 @@ slow or away delays no turn and loses none.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -350,11 +349,9 @@ async def spill(tmp_path: Path) -> AsyncIterator[CallLogSpill]:
 async def replayer(proxied_pool: asyncpg.Pool, spill: CallLogSpill) -> AsyncIterator[SpillReplayer]:
     """The engine's replay of the spill, running in the background through the proxy."""
     replayer = SpillReplayer(proxied_pool, spill, attempt_timeout=0.5, retry_initial=0.05, retry_max=0.2)
-    task = asyncio.get_running_loop().create_task(replayer.run())
+    await replayer.start()
     yield replayer
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await replayer.stop()
 
 
 async def stored_status(pool: asyncpg.Pool, call: CallLog) -> CallStatus:

@@ -59,6 +59,16 @@ async def reread(pool: asyncpg.Pool, call: CallLog) -> CallLog:
     return await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)
 
 
+def fast_node(pool: asyncpg.Pool) -> NodeHeartbeat:
+    """A node that heartbeats every 50 ms, recovers every 100 ms, and takes others for dead after 1 s."""
+    return NodeHeartbeat(
+        pool,
+        heartbeat_interval=timedelta(seconds=0.05),
+        recovery_interval=timedelta(seconds=0.1),
+        node_timeout=timedelta(seconds=1),
+    )
+
+
 async def test_only_calls_no_live_node_runs_are_failed_with_the_reason(own_pool: asyncpg.Pool) -> None:
     now = datetime.now(UTC)
     await register(own_pool, "alive", last_seen=now - timedelta(seconds=5))
@@ -181,12 +191,7 @@ async def test_at_start_the_engine_fails_a_dead_nodes_call_and_leaves_a_live_nod
 async def test_a_running_node_keeps_heartbeating_and_recovers_calls_of_nodes_that_die_later(
     own_pool: asyncpg.Pool,
 ) -> None:
-    heartbeat = NodeHeartbeat(
-        own_pool,
-        heartbeat_interval=timedelta(seconds=0.05),
-        recovery_interval=timedelta(seconds=0.1),
-        node_timeout=timedelta(seconds=1),
-    )
+    heartbeat = fast_node(own_pool)
     await heartbeat.start()
     try:
         org = await insert_organization(own_pool)
@@ -209,12 +214,7 @@ async def test_after_a_database_outage_other_nodes_get_time_to_heartbeat_before_
     await proxy.up()
     database = await own_pool.fetchval("SELECT current_database()")
     proxied = await create_pool(proxy.url(database), min_size=1, max_size=2, timeout=1)
-    heartbeat = NodeHeartbeat(
-        proxied,
-        heartbeat_interval=timedelta(seconds=0.05),
-        recovery_interval=timedelta(seconds=0.1),
-        node_timeout=timedelta(seconds=1),
-    )
+    heartbeat = fast_node(proxied)
     await heartbeat.start()
     await register(own_pool, "neighbour", last_seen=datetime.now(UTC))
     call = await call_on(own_pool, await insert_organization(own_pool), "neighbour")

@@ -45,6 +45,19 @@ class SpillReplayer:
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._leftovers: list[Path] = []  # files of stopped runs the database did not take at start
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Write what stopped runs left, then keep writing this run's complete files in the background."""
+        await self.replay_leftovers()
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="call-log-spill-replay")
+
+    async def stop(self) -> None:
+        """Stop writing; files not written yet stay on disk for the next run."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def replay_leftovers(self) -> int:
         """Write what stopped runs of this host left in the spill; how many calls were written."""
@@ -127,13 +140,8 @@ async def call_log_spill_context(app: web.Application) -> AsyncIterator[None]:
     app[CALL_LOG_SPILL] = spill
     replayer = SpillReplayer(app[DATABASE].call_log_pool, spill)
     try:
-        await replayer.replay_leftovers()
-        task = asyncio.get_running_loop().create_task(replayer.run(), name="call-log-spill-replay")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await replayer.start()
+        yield
     finally:
+        await replayer.stop()
         await spill.close()
