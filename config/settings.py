@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     dispatch_enabled: bool = _env("DIALTONE_DISPATCH", "dispatch_enabled", True)
     dispatch_interval: float = _env("DIALTONE_DISPATCH_INTERVAL", "dispatch_interval", 1.0, gt=0, le=60)
     dispatch_lease: float = _env("DIALTONE_DISPATCH_LEASE", "dispatch_lease", 60.0, ge=5, le=3600)
+    # A call's end waits this long (s) for the database; past it, the rest of the call is kept in the spill on
+    # local disk (under the state folder, at most this many bytes per run) and written when the database returns.
+    call_log_finish_timeout: float = _env("DIALTONE_CALL_LOG_FINISH_TIMEOUT", "call_log_finish_timeout", 60.0, gt=0)
+    call_log_spill_max_bytes: int = _env(
+        "DIALTONE_CALL_LOG_SPILL_MAX_BYTES", "call_log_spill_max_bytes", 256 * 1024 * 1024, ge=1024
+    )
 
     @field_validator("deepgram_url", "openai_base_url", "elevenlabs_url")
     @classmethod

@@ -69,6 +69,14 @@ async def list_alive_nodes(db: Queryable, *, now: datetime, node_timeout: timede
     return EngineNode.from_rows(rows)
 
 
+async def list_nodes_on_host(db: Queryable, *, hostname: str) -> list[EngineNode]:
+    """The registered nodes that run on `hostname`, alive or not, oldest first."""
+    rows = await db.fetch(
+        f'SELECT {_COLUMNS} FROM "EngineNode" WHERE "hostname" = $1 ORDER BY "startedAt", "id"', hostname
+    )
+    return EngineNode.from_rows(rows)
+
+
 async def fail_orphaned_calls(
     db: Queryable, *, now: datetime, node_timeout: timedelta, stream_timeout: timedelta
 ) -> int:

@@ -14,7 +14,16 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from engine.call.call_log_writer import CallLogWriter, CallLogWriterClosed, CallOutcome, TurnRecord, latency_summary
+from engine.call.call_log_spill import SPILL_DIRNAME, CallLogSpill, read_spill_file
+from engine.call.call_log_writer import (
+    CallLogDeferred,
+    CallLogWriter,
+    CallLogWriterClosed,
+    CallOutcome,
+    TurnRecord,
+    latency_summary,
+)
+from engine.workers.call_log_replay import SpillReplayer
 from storage import agents, call_logs, organizations
 from storage.call_logs import CallLog
 from storage.call_turns import list_turns
@@ -24,6 +33,7 @@ from storage.errors import DatabaseUnavailable
 from storage.pool import create_pool
 from storage.records import new_id
 from tests.databases import database_name
+from tests.engine_server import running_engine
 from tests.test_repo_call_logs import open_call
 
 FAST_RETRIES: dict[str, Any] = {"retry_initial": 0.02, "retry_max": 0.1, "attempt_timeout": 2.0}
@@ -339,6 +349,163 @@ async def test_finish_gives_up_after_its_time_limit_while_the_database_stays_awa
     assert time.monotonic() - began < 3
     stored = await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)
     assert stored.status is CallStatus.IN_PROGRESS  # left for crash recovery to close
+
+
+@pytest.fixture
+async def spill(tmp_path: Path) -> AsyncIterator[CallLogSpill]:
+    """This run's spill, in a state folder of the test's own."""
+    spill = CallLogSpill(tmp_path, max_bytes=1 << 20)
+    await spill.open()
+    yield spill
+    await spill.close()
+
+
+@pytest.fixture
+async def replayer(proxied_pool: asyncpg.Pool, spill: CallLogSpill) -> AsyncIterator[SpillReplayer]:
+    """The engine's replay of the spill, running in the background through the proxy."""
+    replayer = SpillReplayer(proxied_pool, spill, attempt_timeout=0.5, retry_initial=0.05, retry_max=0.2)
+    await replayer.start()
+    yield replayer
+    await replayer.stop()
+
+
+async def stored_status(pool: asyncpg.Pool, call: CallLog) -> CallStatus:
+    """The call's status as stored now."""
+    return (await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)).status
+
+
+async def test_an_outage_across_the_call_end_longer_than_the_patience_still_ends_the_call_with_every_turn(
+    pool: asyncpg.Pool, proxied_pool: asyncpg.Pool, proxy: OnOffProxy, spill: CallLogSpill, replayer: SpillReplayer
+) -> None:
+    call, agent_id = await new_call(pool, credits=10)
+    writer = writer_for(proxied_pool, call, spill=spill, finish_timeout=0.3, **FAST_RETRIES)
+    writer.start()
+    writer.record_turn(turn(0))
+    writer.record_turn(turn(1, speaker="agent", latency_ms=400))
+    writer.record_turn(turn(2))
+    await proxy.down()
+    writer.record_turn(turn(3, speaker="agent", latency_ms=600))  # the agent's last turn, said during the outage
+    with pytest.raises(CallLogDeferred, match=call.id):
+        await writer.finish(completed(61))
+    await asyncio.sleep(0.6)  # twice the patience, the database still away
+    assert await stored_status(pool, call) is CallStatus.IN_PROGRESS
+
+    await proxy.up()
+
+    async def ended() -> bool:
+        return await stored_status(pool, call) is CallStatus.COMPLETED
+
+    await eventually(ended)
+    stored = await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)
+    assert await turn_indexes(pool, call) == [0, 1, 2, 3]
+    assert stored.transcript == "Caller: turn 0\nAgent: turn 1\nCaller: turn 2\nAgent: turn 3"
+    assert (stored.duration, stored.metadata["endReason"], stored.metadata["engineNode"]) == (
+        61,
+        "caller_hung_up",
+        "node-a",
+    )
+    assert stored.metadata["latencyMs"] == {"p50": 400, "p95": 600, "max": 600, "count": 2}
+    organization = await organizations.get_organization(pool, organization_id=call.organization_id)
+    agent = await agents.get_agent(pool, organization_id=call.organization_id, agent_id=agent_id)
+    assert (organization.credits, agent.total_calls) == (8, 1)
+    assert not list(spill.folder.glob("*.jsonl"))
+
+
+async def test_turns_beyond_what_memory_keeps_go_to_the_spill_in_order_and_none_is_lost(
+    pool: asyncpg.Pool, proxied_pool: asyncpg.Pool, proxy: OnOffProxy, spill: CallLogSpill, replayer: SpillReplayer
+) -> None:
+    call, _ = await new_call(pool)
+    writer = writer_for(proxied_pool, call, spill=spill, max_pending=10, **FAST_RETRIES)
+    writer.start()
+    await proxy.down()
+    began = time.perf_counter()
+    for index in range(40):
+        writer.record_turn(turn(index))
+    elapsed = time.perf_counter() - began
+    assert (writer.pending_turns, writer.lost_turns) == (0, 0)
+    await proxy.up()
+    with pytest.raises(CallLogDeferred):
+        await writer.finish(completed(90))
+
+    async def ended() -> bool:
+        return await stored_status(pool, call) is CallStatus.COMPLETED
+
+    await eventually(ended)
+    stored = await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)
+    assert await turn_indexes(pool, call) == list(range(40))
+    assert stored.transcript == "\n".join(f"Caller: turn {index}" for index in range(40))
+    assert "lostTurns" not in stored.metadata
+    assert elapsed < 0.05, f"40 turns took {elapsed * 1000:.1f} ms to record while the database was away"
+
+
+async def test_a_full_spill_drops_further_turns_and_counts_them_as_lost(
+    pool: asyncpg.Pool, tmp_path: Path, proxied_pool: asyncpg.Pool, proxy: OnOffProxy
+) -> None:
+    call, _ = await new_call(pool)
+    spill = CallLogSpill(tmp_path, max_bytes=1500)  # room for about ten turns
+    await spill.open()
+    writer = writer_for(proxied_pool, call, spill=spill, max_pending=5, finish_timeout=0.2, **FAST_RETRIES)
+    await proxy.down()
+    for index in range(30):
+        writer.record_turn(turn(index))
+    assert 0 < writer.lost_turns < 25
+    with pytest.raises(CallLogDeferred):
+        await writer.finish(completed(90))
+    await spill.close()
+    await proxy.up()
+
+    replayer = SpillReplayer(pool, CallLogSpill(tmp_path, max_bytes=1500))
+    assert await replayer.replay_leftovers() == 1
+    stored = await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)
+    kept = 30 - writer.lost_turns
+    assert await turn_indexes(pool, call) == list(range(kept))
+    assert (stored.status, stored.metadata["lostTurns"]) == (CallStatus.COMPLETED, writer.lost_turns)
+
+
+async def test_a_spill_left_by_a_stopped_run_is_written_when_the_engine_next_starts(
+    pool: asyncpg.Pool, db_url: str, proxied_pool: asyncpg.Pool, proxy: OnOffProxy, tmp_path: Path
+) -> None:
+    call, _ = await new_call(pool)
+    spill = CallLogSpill(tmp_path, max_bytes=1 << 20)
+    await spill.open()
+    writer = writer_for(proxied_pool, call, spill=spill, finish_timeout=0.2, **FAST_RETRIES)
+    writer.record_turn(turn(0))
+    await proxy.down()
+    writer.record_turn(turn(1, speaker="agent"))
+    with pytest.raises(CallLogDeferred):
+        await writer.finish(completed(30))
+    await spill.close()  # the run stops with the database still away; its file stays behind
+    assert await stored_status(pool, call) is CallStatus.IN_PROGRESS
+
+    # The next run on this host (same state folder) writes it before crash recovery would close the call.
+    async with running_engine(db_url, state_dir=str(tmp_path)):
+        stored = await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)
+        assert (stored.status, stored.metadata["endReason"]) == (CallStatus.COMPLETED, "caller_hung_up")
+        assert await turn_indexes(pool, call) == [0, 1]
+    assert not list((tmp_path / SPILL_DIRNAME).glob("*/*.jsonl"))
+
+
+async def test_the_spill_of_a_running_engine_is_never_taken_for_a_stopped_runs(tmp_path: Path) -> None:
+    running = CallLogSpill(tmp_path, max_bytes=1 << 20)
+    await running.open()
+    running.append("call-1", [{"call": {}}])
+    await running.durable()
+    stopped = CallLogSpill(tmp_path, max_bytes=1 << 20)
+    await stopped.open()
+    stopped.append("call-2", [{"call": {}}])
+    await stopped.durable()
+    await stopped.close()
+
+    starting = CallLogSpill(tmp_path, max_bytes=1 << 20)
+    runs = starting.leftover_runs()
+    assert [[path.name for path in run.files] for run in runs] == [["call-2.jsonl"]]
+    await running.close()
+
+
+def test_a_spill_line_torn_by_a_crash_is_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "call.jsonl"
+    path.write_text('{"call": {"callLogId": "c"}}\n{"turn": {"index": 0}}\n{"turn": {"ind')
+    assert read_spill_file(path) == [{"call": {"callLogId": "c"}}, {"turn": {"index": 0}}]
 
 
 async def test_nothing_can_be_recorded_once_the_call_is_finished(pool: asyncpg.Pool) -> None:

@@ -5,24 +5,34 @@ while calls of live nodes are never touched.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
 from aiohttp import web
 
 from engine.server.appkeys import DATABASE
+from engine.workers.host_processes import process_is_gone
 from engine.workers.recovery import NODE_ID, NodeHeartbeat, recovery_context
 from storage import call_logs, engine_nodes, events
 from storage.call_logs import CallLog
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus
-from storage.pool import Database
+from storage.pool import Database, create_pool
 from tests.databases import TestDatabases
+from tests.fakes.engine_processes import free_port, start_engine, wait_healthy
+from tests.test_call_log_writer import OnOffProxy
 from tests.test_repo_agents import insert_organization
 from tests.test_repo_call_logs import open_call, set_started_at
 
+REPO = Path(__file__).resolve().parent.parent
 NODE_TIMEOUT = timedelta(seconds=60)
 STREAM_TIMEOUT = timedelta(minutes=10)
 
@@ -48,6 +58,16 @@ async def call_on(pool: asyncpg.Pool, organization_id: str, node_id: str | None)
 async def reread(pool: asyncpg.Pool, call: CallLog) -> CallLog:
     """The call as stored now."""
     return await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)
+
+
+def fast_node(pool: asyncpg.Pool) -> NodeHeartbeat:
+    """A node that heartbeats every 50 ms, recovers every 100 ms, and takes others for dead after 1 s."""
+    return NodeHeartbeat(
+        pool,
+        heartbeat_interval=timedelta(seconds=0.05),
+        recovery_interval=timedelta(seconds=0.1),
+        node_timeout=timedelta(seconds=1),
+    )
 
 
 async def test_only_calls_no_live_node_runs_are_failed_with_the_reason(own_pool: asyncpg.Pool) -> None:
@@ -172,12 +192,7 @@ async def test_at_start_the_engine_fails_a_dead_nodes_call_and_leaves_a_live_nod
 async def test_a_running_node_keeps_heartbeating_and_recovers_calls_of_nodes_that_die_later(
     own_pool: asyncpg.Pool,
 ) -> None:
-    heartbeat = NodeHeartbeat(
-        own_pool,
-        heartbeat_interval=timedelta(seconds=0.05),
-        recovery_interval=timedelta(seconds=0.1),
-        node_timeout=timedelta(seconds=1),
-    )
+    heartbeat = fast_node(own_pool)
     await heartbeat.start()
     try:
         org = await insert_organization(own_pool)
@@ -191,3 +206,104 @@ async def test_a_running_node_keeps_heartbeating_and_recovers_calls_of_nodes_tha
         assert [node.id for node in alive] == [heartbeat.node_id]
     finally:
         await heartbeat.stop()
+
+
+async def test_after_a_database_outage_other_nodes_get_time_to_heartbeat_before_their_calls_are_judged(
+    own_pool: asyncpg.Pool, postgres_server_url: str
+) -> None:
+    proxy = OnOffProxy(postgres_server_url)
+    await proxy.up()
+    database = await own_pool.fetchval("SELECT current_database()")
+    proxied = await create_pool(proxy.url(database), min_size=1, max_size=2, timeout=1)
+    heartbeat = fast_node(proxied)
+    await heartbeat.start()
+    await register(own_pool, "neighbour", last_seen=datetime.now(UTC))
+    call = await call_on(own_pool, await insert_organization(own_pool), "neighbour")
+    try:
+        await proxy.down()  # the database is away for both nodes, longer than the node timeout
+        await asyncio.sleep(1.5)
+        await proxy.up()
+        await asyncio.sleep(0.3)  # the neighbour's first heartbeat after the outage comes a little later
+        for _ in range(8):
+            await engine_nodes.heartbeat(own_pool, node_id="neighbour", now=datetime.now(UTC))
+            await asyncio.sleep(0.2)
+        assert await reread(own_pool, call) == call
+    finally:
+        await heartbeat.stop()
+        proxied.terminate()
+        await proxy.down()
+
+
+def exited_pid() -> int:
+    """The PID of a process that has just exited (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_process_that_exited_is_gone() -> None:
+    assert process_is_gone(exited_pid(), registered_at=datetime.now(UTC))
+
+
+def test_a_running_process_is_not_gone() -> None:
+    assert not process_is_gone(os.getpid(), registered_at=datetime.now(UTC))
+
+
+def test_a_pid_taken_by_a_process_younger_than_the_registration_is_gone() -> None:
+    # This PID was registered a day ago by a process that has gone since; this test's process got it later.
+    assert process_is_gone(os.getpid(), registered_at=datetime.now(UTC) - timedelta(days=1))
+
+
+async def test_at_start_a_node_of_this_host_whose_process_is_gone_has_its_calls_closed_at_once(
+    own_pool: asyncpg.Pool,
+) -> None:
+    now = datetime.now(UTC)
+    hostname = socket.gethostname()
+    await engine_nodes.register_node(own_pool, node_id="killed", hostname=hostname, pid=exited_pid(), now=now)
+    await engine_nodes.register_node(own_pool, node_id="sibling", hostname=hostname, pid=os.getpid(), now=now)
+    org = await insert_organization(own_pool)
+    of_killed = await call_on(own_pool, org, "killed")
+    of_sibling = await call_on(own_pool, org, "sibling")
+
+    heartbeat = NodeHeartbeat(own_pool)
+    await heartbeat.start()
+    try:
+        stored = await reread(own_pool, of_killed)
+        assert (stored.status, stored.metadata["endReason"]) == (CallStatus.FAILED, "engine_lost")
+        assert await reread(own_pool, of_sibling) == of_sibling
+    finally:
+        await heartbeat.stop()
+
+
+async def test_an_engine_started_after_a_kill_9_closes_the_dead_engines_call_at_start(
+    databases: TestDatabases, tmp_path: Path
+) -> None:
+    database_url = await databases.migrated()
+    own_pool = await databases.pool(database_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIALTONE_", "DATABASE_URL", "TWILIO_"))}
+    env.update(PYTHONPATH=str(REPO), DATABASE_URL=database_url, DIALTONE_LOG_LEVEL="WARNING")
+    ports = [free_port(), free_port()]
+    engines: list[asyncio.subprocess.Process] = []
+    try:
+        env["DIALTONE_STATE_DIR"] = str(tmp_path / "first")
+        first = await start_engine(ports[0], dict(env), tmp_path)
+        engines.append(first)
+        await wait_healthy(f"http://127.0.0.1:{ports[0]}", first)
+        node_id = await own_pool.fetchval('SELECT "id" FROM "EngineNode" WHERE "pid" = $1', first.pid)
+        call = await call_on(own_pool, await insert_organization(own_pool), node_id)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+
+        env["DIALTONE_STATE_DIR"] = str(tmp_path / "second")
+        second = await start_engine(ports[1], dict(env), tmp_path)
+        engines.append(second)
+        await wait_healthy(f"http://127.0.0.1:{ports[1]}", second)
+        # Recovery ran before the engine answered: no waiting for the dead node's heartbeat to time out.
+        stored = await reread(own_pool, call)
+        assert (stored.status, stored.metadata["endReason"]) == (CallStatus.FAILED, "engine_lost")
+    finally:
+        for engine in engines:
+            if engine.returncode is None:
+                engine.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(engine.communicate(), 30)
+        await own_pool.close()

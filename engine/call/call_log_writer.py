@@ -4,6 +4,8 @@ The call's session hands over finished turns with a synchronous, O(1) `record_tu
 them in batches, retrying with exponential backoff while the database is slow or away. `finish` flushes what is
 left and ends the call in one transaction: final status, duration, recording, metadata, the agent's counters and
 the organization's credits. Every write is idempotent, so a retry after a lost acknowledgement changes nothing.
+When the database stays away longer than memory or the finish's patience allow, the call's records go to the
+engine's spill on local disk instead, in order, and the engine writes them when the database returns.
 Webhook events ride on the same transactions: call.started with the first write, transcript.updated with each
 new turn (only when something subscribes), call.ended with the ending.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -20,8 +23,9 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
+from engine.call.call_log_spill import CallLogSpill, SpillRecord, SpillUnavailable
 from engine.server import metrics
 from storage import Pool, agents, call_events, call_logs, call_turns, organizations
 from storage.call_logs import CallLog
@@ -32,7 +36,14 @@ from storage.errors import DATABASE_ERRORS, TRANSIENT_ERRORS, DatabaseUnavailabl
 from storage.records import transaction
 from storage.webhook_outbox import WebhookEvent
 
-__all__ = ["CallLogWriter", "CallLogWriterClosed", "CallOutcome", "TurnRecord", "latency_summary"]
+__all__ = [
+    "CallLogDeferred",
+    "CallLogWriter",
+    "CallLogWriterClosed",
+    "CallOutcome",
+    "TurnRecord",
+    "latency_summary",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +70,10 @@ class CallOutcome:
 
 class CallLogWriterClosed(RuntimeError):
     """Something was recorded after `finish` began: the call's log is already being closed."""
+
+
+class CallLogDeferred(DatabaseUnavailable):
+    """The database did not take the call's end in time: it is kept in the spill and written when it returns."""
 
 
 class _Stopped(Exception):
@@ -93,6 +108,7 @@ class CallLogWriter:
         call_log_id: str,
         agent_id: str | None,
         node_id: str,
+        spill: CallLogSpill | None = None,
         max_pending: int = 500,
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
@@ -104,6 +120,7 @@ class CallLogWriter:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
         self._pool = pool
         self._organization_id = organization_id
+        self._node_id = node_id
         self._call_log_id = call_log_id
         self._agent_id = agent_id
         self._max_pending = max_pending
@@ -112,6 +129,8 @@ class CallLogWriter:
         self._finish_timeout = finish_timeout
         self._attempt_timeout = attempt_timeout
         self._clock = clock
+        self._spill = spill
+        self._spilling = False  # this call's records go to the spill from now on, after those it already holds
         self._pending: deque[TurnRecord] = deque()
         # Metadata not yet written; the first write tags the call with the node that runs it.
         self._metadata: dict[str, Any] = {"engineNode": node_id}
@@ -125,6 +144,52 @@ class CallLogWriter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._result: CallLog | None = None
+
+    @classmethod
+    def resume(
+        cls,
+        pool: Pool,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        finish_timeout: float,
+        attempt_timeout: float = 10.0,
+    ) -> tuple[CallLogWriter, CallOutcome | None]:
+        """A writer holding what a spill file kept of a call, and how the call ended (None if the file says not).
+
+        Without a spill of its own, its `finish` raises DatabaseUnavailable if the database is still away.
+        """
+        if not records or "call" not in records[0]:
+            raise ValueError("a spill file starts with the record of its call")
+        call = records[0]["call"]
+        writer = cls(
+            pool,
+            organization_id=call["organizationId"],
+            call_log_id=call["callLogId"],
+            agent_id=call["agentId"],
+            node_id=call["engineNode"],
+            finish_timeout=finish_timeout,
+            attempt_timeout=attempt_timeout,
+        )
+        writer._metadata.clear()
+        outcome = None
+        for record in records[1:]:
+            match record:
+                case {"turn": dict(turn)}:
+                    writer._pending.append(TurnRecord(**turn))
+                case {"metadata": dict(items)}:
+                    writer._metadata.update(items)
+                case {"end": dict(end)}:
+                    outcome = CallOutcome(
+                        status=CallStatus(end["status"]),
+                        end_reason=EndReason(end["endReason"]),
+                        end_detail=end.get("endDetail"),
+                        duration_s=end["durationS"],
+                        recording_url=end["recordingUrl"],
+                        metadata=end["metadata"],
+                    )
+                    writer._agent_latencies = list(end["agentLatenciesMs"])
+                    writer._lost_turns = end["lostTurns"]
+        return writer, outcome
 
     @property
     def pending_turns(self) -> int:
@@ -149,16 +214,12 @@ class CallLogWriter:
         _validate(turn)
         if turn.speaker == "agent" and turn.latency_ms is not None:
             self._agent_latencies.append(turn.latency_ms)
-        if len(self._pending) >= self._max_pending:
-            self._lost_turns += 1
-            self._metadata["lostTurns"] = self._lost_turns
-            if self._lost_turns == 1:
-                log.error(
-                    "CallLog %s: %d turns are waiting for the database, the most the writer keeps; "
-                    "further turns are dropped and counted in metadata.lostTurns until it catches up",
-                    self._call_log_id,
-                    self._max_pending,
-                )
+        if not self._spilling and len(self._pending) >= self._max_pending and self._spill is not None:
+            self._divert_to_spill()
+        if self._spilling:
+            self._spill_turns([turn])
+        elif len(self._pending) >= self._max_pending:
+            self._lose(1, f"{self._max_pending} turns are waiting for the database, the most the writer keeps")
         else:
             self._pending.append(turn)
         self._wake.set()
@@ -166,7 +227,10 @@ class CallLogWriter:
     def record_metadata(self, **items: Any) -> None:
         """Merge items into CallLog.metadata with the next write; never waits."""
         self._check_open()
-        self._metadata.update(items)
+        if self._spill is not None and self._spilling:
+            self._spill.append(self._call_log_id, [{"metadata": items}], bounded=False)
+        else:
+            self._metadata.update(items)
         self._wake.set()
 
     def note_media_gap(self, missing_ms: int) -> None:
@@ -189,7 +253,9 @@ class CallLogWriter:
         """Write every pending turn, then end the call in one transaction; return the final CallLog.
 
         Finishing again returns the same log and charges nothing more. If the database stays away for
-        `finish_timeout` seconds, raises DatabaseUnavailable: crash recovery will close the call as FAILED.
+        `finish_timeout` seconds (or the call's records already went to the spill), the rest of the call and its
+        end are kept in the spill and CallLogDeferred is raised: the engine writes them when the database returns.
+        Without a spill, DatabaseUnavailable is raised and crash recovery will close the call as FAILED.
         """
         if outcome.status is CallStatus.IN_PROGRESS:
             raise ValueError("a call cannot finish IN_PROGRESS; end it COMPLETED, FAILED or MISSED")
@@ -200,19 +266,95 @@ class CallLogWriter:
                 return self._result
             self._closing = True
             await self._stop_background()
-            deadline = self._clock() + self._finish_timeout
-            try:
-                await self._flush(deadline)
-                self._result = await self._with_retries(functools.partial(self._finalize, outcome), deadline=deadline)
-            except DatabaseUnavailable:
-                log.error(
-                    "CallLog %s could not be finished: %d turns are unwritten and the call stays IN_PROGRESS "
-                    "until crash recovery closes it as FAILED",
-                    self._call_log_id,
-                    len(self._pending),
-                )
-                raise
-            return self._result
+            if not self._spilling:
+                deadline = self._clock() + self._finish_timeout
+                try:
+                    await self._flush(deadline)
+                    self._result = await self._with_retries(
+                        functools.partial(self._finalize, outcome), deadline=deadline
+                    )
+                    return self._result
+                except DatabaseUnavailable:
+                    if self._spill is None:
+                        log.error(
+                            "CallLog %s could not be finished: %d turns are unwritten and the call stays "
+                            "IN_PROGRESS until crash recovery closes it as FAILED",
+                            self._call_log_id,
+                            len(self._pending),
+                        )
+                        raise
+                    self._divert_to_spill()
+            await self._end_in_spill(outcome)
+
+    async def write_held(self) -> None:
+        """Write the turns and metadata this writer holds, within `finish_timeout`; DatabaseUnavailable if not."""
+        await self._flush(self._clock() + self._finish_timeout)
+
+    def _divert_to_spill(self) -> None:
+        """Send this call's records to the spill from now on, starting with those still waiting in memory."""
+        assert self._spill is not None
+        self._spilling = True
+        self._stop.set()  # the background task stops writing; a write in flight may still land, harmlessly
+        self._wake.set()
+        call = {
+            "organizationId": self._organization_id,
+            "callLogId": self._call_log_id,
+            "agentId": self._agent_id,
+            "engineNode": self._node_id,
+        }
+        self._spill.append(self._call_log_id, [{"call": call}, {"metadata": dict(self._metadata)}], bounded=False)
+        self._spill_turns(list(self._pending))
+        log.warning(
+            "CallLog %s: the database is away with %d turns waiting; this call's records go to %s until it returns",
+            self._call_log_id,
+            len(self._pending),
+            self._spill.path_of(self._call_log_id),
+        )
+        self._pending.clear()
+        self._metadata.clear()
+
+    def _spill_turns(self, turns: list[TurnRecord]) -> None:
+        assert self._spill is not None
+        records: list[SpillRecord] = [{"turn": dataclasses.asdict(turn)} for turn in turns]
+        if turns and not self._spill.append(self._call_log_id, records):
+            self._lose(len(turns), "the spill on local disk is full")
+
+    def _lose(self, count: int, why: str) -> None:
+        self._lost_turns += count
+        self._metadata["lostTurns"] = self._lost_turns
+        if self._lost_turns == count:
+            log.error(
+                "CallLog %s: %s; further turns are dropped and counted in metadata.lostTurns until there is room",
+                self._call_log_id,
+                why,
+            )
+
+    async def _end_in_spill(self, outcome: CallOutcome) -> NoReturn:
+        """Add the call's end to its spill file, mark the file complete, and raise CallLogDeferred."""
+        assert self._spill is not None
+        end = {
+            "status": outcome.status.value,
+            "endReason": outcome.end_reason.value,
+            "endDetail": outcome.end_detail,
+            "durationS": outcome.duration_s,
+            "recordingUrl": outcome.recording_url,
+            "metadata": dict(outcome.metadata),
+            "agentLatenciesMs": self._agent_latencies,
+            "lostTurns": self._lost_turns,
+        }
+        self._spill.append(self._call_log_id, [{"end": end}], bounded=False)
+        self._spill.release(self._call_log_id)
+        where = str(self._spill.path_of(self._call_log_id))
+        try:
+            await self._spill.durable()
+        except SpillUnavailable as exc:
+            where = f"memory until the spill folder takes it ({exc})"
+        message = (
+            f"CallLog {self._call_log_id}: the database did not take the call's end; it is kept in {where} and "
+            "written when the database returns"
+        )
+        log.warning("%s", message)
+        raise CallLogDeferred(message)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -260,6 +402,8 @@ class CallLogWriter:
                 log.exception("CallLog %s: the database refused %d turns; dropped", self._call_log_id, len(batch))
                 self._lost_turns += len(batch)
                 self._metadata["lostTurns"] = self._lost_turns
+            if self._spilling:
+                return  # what this batch came from went to the spill meanwhile: nothing here is left to pop
             for _ in batch:
                 self._pending.popleft()
             for key, value in metadata.items():

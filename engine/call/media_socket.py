@@ -17,7 +17,7 @@ from config.agent import (
     OpenAIRealtimeConfig,
     parse_agent_configuration,
 )
-from engine.call.call_log_writer import CallLogWriter, CallOutcome
+from engine.call.call_log_writer import CallLogDeferred, CallLogWriter, CallOutcome
 from engine.call.cascade import pipeline_driver
 from engine.call.driver import CallHost, ConversationDriver, DriverFactory
 from engine.call.frame_socket import FrameSocket, TextFrames
@@ -28,6 +28,7 @@ from engine.server import metrics
 from engine.server.appkeys import DATABASE, LIVE_CALLS, PROVIDER_CLIENTS, SETTINGS, TWILIO
 from engine.twilio.signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
 from engine.twilio.webhooks import CALL_LOG_PARAMETER
+from engine.workers.call_log_replay import CALL_LOG_SPILL
 from engine.workers.post_call import POST_CALL
 from engine.workers.recording_io import RECORDING_IO
 from engine.workers.recordings import RECORDING_KEY, recording_url
@@ -195,6 +196,8 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         call_log_id=call_log.id,
         agent_id=call_log.agent_id,
         node_id=app[NODE_ID],
+        spill=app[CALL_LOG_SPILL],
+        finish_timeout=settings.call_log_finish_timeout,
     )
     session = CallSession(
         context=CallContext(
@@ -250,5 +253,8 @@ async def _wrap_up(
         outcome = dataclasses.replace(
             outcome, recording_url=url, metadata={**outcome.metadata, "recordingMs": info.duration_ms}
         )
-    await writer.finish(outcome)
+    try:
+        await writer.finish(outcome)
+    except CallLogDeferred:
+        return  # kept in the spill and written later (logged); the post-call sweep finds the call then
     app[POST_CALL].submit(call_log.id)

@@ -16,6 +16,7 @@ from engine.server import health, metrics
 from engine.server.appkeys import DATABASE, LIVE_CALLS, PROVIDER_CLIENTS, SETTINGS, TWILIO
 from engine.twilio import webhooks as twilio_webhooks
 from engine.twilio.rest import TwilioCalls
+from engine.workers.call_log_replay import call_log_spill_context
 from engine.workers.post_call import post_call_context
 from engine.workers.recording_io import recording_io_context
 from engine.workers.recordings import handle_recording, recordings_context
@@ -36,6 +37,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True) -> web.Appl
     app = web.Application()
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_database_context(apply_migrations))
+    app.cleanup_ctx.append(call_log_spill_context)  # before recovery: a stopped run's spilled ends come first
     app.cleanup_ctx.append(recovery_context)
     app.cleanup_ctx.append(webhook_delivery_context)
     # Contexts clean up in reverse order: the clients close after the calls and their post-call analyses.

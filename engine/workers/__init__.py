@@ -1,1 +1,2 @@
-"""Background work of every engine process: webhook delivery, post-call analysis, crash recovery, recordings."""
+"""Background work of every engine process: webhook delivery, post-call analysis, crash recovery, the CallLog spill's
+replay, recordings."""

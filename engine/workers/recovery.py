@@ -2,7 +2,8 @@
 
 Every engine process registers as an EngineNode with a fresh id and heartbeats while it runs. At start and then
 every minute, it closes as FAILED the IN_PROGRESS calls of nodes that stopped heartbeating (a crash, a lost host)
-and of calls whose media stream never started, so nothing stays IN_PROGRESS forever.
+and of calls whose media stream never started, so nothing stays IN_PROGRESS forever. A node of this host whose
+process is gone is not waited for: its calls are closed at once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from aiohttp import web
 
 from engine.server.appkeys import DATABASE
+from engine.workers.host_processes import process_is_gone
 from storage import Pool, engine_nodes
 from storage.errors import DATABASE_ERRORS, TRANSIENT_ERRORS, SchemaNotMigrated
 from storage.records import new_id
@@ -55,6 +57,7 @@ class NodeHeartbeat:
         if heartbeat_interval >= node_timeout:
             raise ValueError("the heartbeat interval must be shorter than the node timeout, or live nodes look dead")
         self.node_id = node_id or new_id()
+        self._hostname = socket.gethostname()
         self._pool = pool
         self._heartbeat_interval = heartbeat_interval
         self._recovery_interval = recovery_interval
@@ -65,15 +68,14 @@ class NodeHeartbeat:
 
     async def start(self) -> None:
         """Register this node, close what dead nodes left open, and start heartbeating in the background."""
-        await engine_nodes.register_node(
-            self._pool, node_id=self.node_id, hostname=socket.gethostname(), pid=os.getpid(), now=self._clock()
-        )
+        await self._register()
         await self.recover()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"engine-node-{self.node_id}")
         log.info("engine node %s registered", self.node_id)
 
     async def recover(self) -> int:
         """Close the calls no live node runs; how many were closed."""
+        await self._forget_gone_neighbours()
         now = self._clock()
         closed = await engine_nodes.fail_orphaned_calls(
             self._pool, now=now, node_timeout=self._node_timeout, stream_timeout=self._stream_timeout
@@ -82,6 +84,18 @@ class NodeHeartbeat:
             log.warning("closed %d calls left IN_PROGRESS by engine processes that stopped, as FAILED", closed)
         await engine_nodes.forget_dead_nodes(self._pool, now=now, older_than=FORGET_NODES_AFTER)
         return closed
+
+    async def _forget_gone_neighbours(self) -> None:
+        """Deregister the nodes of this host whose process is gone, so their calls count as orphaned right away."""
+        for node in await engine_nodes.list_nodes_on_host(self._pool, hostname=self._hostname):
+            if node.id != self.node_id and process_is_gone(node.pid, registered_at=node.started_at):
+                log.warning("engine node %s (pid %d on this host) is gone; its calls are closed now", node.id, node.pid)
+                await engine_nodes.deregister_node(self._pool, node_id=node.id)
+
+    async def _register(self) -> None:
+        await engine_nodes.register_node(
+            self._pool, node_id=self.node_id, hostname=self._hostname, pid=os.getpid(), now=self._clock()
+        )
 
     async def stop(self) -> None:
         """Stop heartbeating and deregister; calls this node still holds are closed by the next node's recovery."""
@@ -98,23 +112,24 @@ class NodeHeartbeat:
 
     async def _run(self) -> None:
         next_recovery = self._clock() + self._recovery_interval
+        missed = False
         while True:
             await asyncio.sleep(self._heartbeat_interval.total_seconds())
             try:
                 # Heartbeat first: after an outage, this node must look alive before it judges the others.
                 if not await engine_nodes.heartbeat(self._pool, node_id=self.node_id, now=self._clock()):
                     log.warning("engine node %s was forgotten by the database; registering again", self.node_id)
-                    await engine_nodes.register_node(
-                        self._pool,
-                        node_id=self.node_id,
-                        hostname=socket.gethostname(),
-                        pid=os.getpid(),
-                        now=self._clock(),
-                    )
+                    await self._register()
+                if missed:
+                    # The others missed their heartbeats through the same outage: give them a node timeout to
+                    # be seen again before their calls are judged orphaned.
+                    missed = False
+                    next_recovery = max(next_recovery, self._clock() + self._node_timeout)
                 if self._clock() >= next_recovery:
                     next_recovery = self._clock() + self._recovery_interval
                     await self.recover()
             except TRANSIENT_ERRORS as exc:
+                missed = True
                 log.warning(
                     "engine node %s: heartbeat failed (%s: %s); retrying", self.node_id, type(exc).__name__, exc
                 )
