@@ -8,8 +8,10 @@ calling `flush` about once a second so the queue of finished audio stays small.
 
 from __future__ import annotations
 
+import time
 import wave
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from media.g711 import ULAW_SILENCE, ulaw_to_pcm16
+from media.twilio_stream import MEDIA_LEAD_MS
 
 SAMPLE_RATE = 8000
 """Sample rate, in Hz, of the recording."""
@@ -26,6 +29,10 @@ _BYTES_PER_FRAME = 4  # two channels of 16-bit samples
 _SILENCE_BLOCK_FRAMES = SAMPLE_RATE  # zeros are written a second at a time
 _HOLD_BYTES = 500 * _SAMPLES_PER_MS
 """Contiguous writes to a channel are gathered up to this much (500 ms) before they are placed in the window."""
+LEAD_MS = MEDIA_LEAD_MS + 1000
+"""How far ahead of the call's elapsed time audio may be placed: the caller's leads by up to `MEDIA_LEAD_MS`, and
+the agent's is sent to Twilio (and recorded) less than a second ahead of that. Audio beyond it is dropped, so a
+recording never outgrows its call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,15 +54,22 @@ class StereoWavRecorder:
     Audio lives in a fixed window of `window_ms`; when a write reaches past the window's end, the oldest
     half is handed to an outbox that `flush` writes to disk. Audio that arrives for a position already
     handed out (more than half a window behind the newest audio) is dropped and counted in `dropped_ms`.
-    Overlapping writes to one channel replace what is there: audio is placed by `at_ms`, never appended.
+    Overlapping writes to one channel replace what is there: audio is placed by `at_ms`, never appended. Audio
+    placed more than `LEAD_MS` past `elapsed_ms()` (the call's real time) is dropped and counted too.
     """
 
-    def __init__(self, path: Path | str, window_ms: int = 10_000) -> None:
-        """Prepare a recording to `path`; no file is touched until the first `flush` or `close`."""
+    def __init__(
+        self, path: Path | str, window_ms: int = 10_000, *, elapsed_ms: Callable[[], int] | None = None
+    ) -> None:
+        """Prepare a recording to `path`; no file is touched until the first `flush` or `close`.
+
+        `elapsed_ms` says how long the call has lasted (by default, the time since this recorder was made).
+        """
         if window_ms < 40:
             raise ValueError(f"window_ms must be at least 40, got {window_ms}")
         self.path = Path(path)
         self.window_ms = window_ms
+        self._elapsed_ms = elapsed_ms if elapsed_ms is not None else _milliseconds_since(time.monotonic())
         self._capacity = window_ms * _SAMPLES_PER_MS
         # Two channels of μ-law, silent where nothing was placed.
         self._buffer: npt.NDArray[np.uint8] = np.full((self._capacity, 2), ULAW_SILENCE, dtype=np.uint8)
@@ -89,7 +103,7 @@ class StereoWavRecorder:
 
     @property
     def dropped_ms(self) -> int:
-        """Milliseconds of audio discarded because they arrived too late for the window."""
+        """Milliseconds of audio discarded: too late for the window, or too far ahead of the call's real time."""
         self._place_held()
         return self._dropped_samples // _SAMPLES_PER_MS
 
@@ -111,8 +125,15 @@ class StereoWavRecorder:
             raise RecorderClosedError(f"recording {self.path} is closed")
         if at_ms < 0:
             raise ValueError(f"at_ms must not be negative, got {at_ms}")
-        held = self._held[channel]
         position = at_ms * _SAMPLES_PER_MS
+        limit = (self._elapsed_ms() + LEAD_MS) * _SAMPLES_PER_MS
+        if position + len(ulaw) > limit:
+            kept = max(0, limit - position)
+            self._dropped_samples += len(ulaw) - kept
+            ulaw = ulaw[:kept]
+            if not ulaw:
+                return
+        held = self._held[channel]
         slides = position + len(ulaw) > self._start + self._capacity
         if slides:
             self._place_held()
@@ -215,3 +236,8 @@ class StereoWavRecorder:
             count = min(frames, _SILENCE_BLOCK_FRAMES)
             writer.writeframesraw(block[: count * _BYTES_PER_FRAME])
             frames -= count
+
+
+def _milliseconds_since(origin: float) -> Callable[[], int]:
+    """A function telling the milliseconds elapsed since the monotonic instant `origin`."""
+    return lambda: round((time.monotonic() - origin) * 1000)
