@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -77,6 +78,7 @@ class StereoWavRecorder:
         self._head = 0  # one past the newest sample written on either channel
         # bytes are finished interleaved μ-law frames; an int is that many frames of silence
         self._outbox: deque[bytes | int] = deque()
+        self._file: BinaryIO | None = None
         self._writer: wave.Wave_write | None = None
         # Per channel, audio written back to back and not yet placed (Twilio's 20 ms frames, 25 at a time), and
         # the timeline sample it starts at.
@@ -175,13 +177,17 @@ class StereoWavRecorder:
         """Write everything left, finalise the WAV header and describe the file (blocking I/O)."""
         if self._closed:
             raise RecorderClosedError(f"recording {self.path} is closed")
-        self._place_held()  # no writes come after close, so this thread may place them
-        self.flush()
-        writer = self._open()
-        if self._head > self._start:
-            writer.writeframesraw(ulaw_to_pcm16(self._buffer[: self._head - self._start].tobytes()).tobytes())
-        writer.close()
-        self._closed = True
+        try:
+            self._place_held()  # no writes come after close, so this thread may place them
+            self.flush()
+            writer = self._open()
+            if self._head > self._start:
+                writer.writeframesraw(ulaw_to_pcm16(self._buffer[: self._head - self._start].tobytes()).tobytes())
+            writer.close()
+        finally:  # a recording that fails to close still lets its file go
+            self._closed = True
+            if self._file is not None:
+                self._file.close()
         return RecordingInfo(
             path=self.path,
             duration_ms=self._head * 1000 // SAMPLE_RATE,
@@ -222,7 +228,9 @@ class StereoWavRecorder:
     def _open(self) -> wave.Wave_write:
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            writer = wave.open(str(self.path), "wb")  # noqa: SIM115 - closed in close()
+            # Opened here rather than by wave, which leaves a half-built writer behind when the open fails.
+            self._file = self.path.open("wb")
+            writer = wave.open(self._file, "wb")  # noqa: SIM115 - closed in close()
             writer.setnchannels(2)
             writer.setsampwidth(2)
             writer.setframerate(SAMPLE_RATE)
