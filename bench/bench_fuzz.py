@@ -15,22 +15,15 @@ import itertools
 import json
 import os
 import secrets
-import signal
 import sys
-import tempfile
 from collections import Counter
-from pathlib import Path
 
 import aiohttp
-import asyncpg
 import psutil
 from twilio.request_validator import RequestValidator
 
-from bench.bench_calls import REPO, _free_port, _wait_healthy
+from bench.bench_calls import dialtone_serve
 from storage.demo import DEMO_PHONE_NUMBER
-from storage.embedded import start_embedded
-from storage.migrate import migrate
-from storage.pool import ensure_database
 
 TOKEN = secrets.token_hex(16)
 CONCURRENCY = 20
@@ -149,37 +142,16 @@ async def _round(base: str, sockets: int) -> Counter[str]:
 
 
 async def main(rounds: int, sockets: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="dialtone-bench-fuzz-") as tmp:
-        server = start_embedded(Path(tmp) / "db")
-        await ensure_database(server.url(), "bench")
-        url = server.url("bench")
-        conn = await asyncpg.connect(url)
-        await migrate(conn)
-        await conn.close()
-        port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DIALTONE_", "TWILIO_"))}
-        env |= {"DATABASE_URL": url, "DIALTONE_PORT": str(port), "DIALTONE_STATE_DIR": str(Path(tmp) / "state"),
-                "DIALTONE_LOG_LEVEL": "ERROR", "TWILIO_AUTH_TOKEN": TOKEN, "PYTHONPATH": str(REPO)}  # fmt: skip
-        seed = await asyncio.create_subprocess_exec(sys.executable, "-m", "engine.server.cli", "seed-demo", env=env,
-                                                    stdout=asyncio.subprocess.DEVNULL)  # fmt: skip
-        await seed.wait()
-        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "engine.server.cli", "serve", env=env)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            await _wait_healthy(base)
-            engine = psutil.Process(process.pid)
-            await _round(base, 16)  # warm-up: models, caches, connections
-            print(f"fuzz storms against `dialtone serve` (pid {process.pid}), {sockets} sockets a round:")
-            print(f"  before:   {engine.memory_info().rss / 2**20:6.1f} MB")
-            for number in range(1, rounds + 1):
-                outcomes = await _round(base, sockets)
-                await asyncio.sleep(2)  # let calls finish their wrap-up
-                print(
-                    f"  round {number}:  {engine.memory_info().rss / 2**20:6.1f} MB   {dict(sorted(outcomes.items()))}"
-                )
-        finally:
-            process.send_signal(signal.SIGTERM)
-            await process.wait()
+    async with dialtone_serve(TWILIO_AUTH_TOKEN=TOKEN, DIALTONE_LOG_LEVEL="ERROR") as (base, _, pid):
+        engine = psutil.Process(pid)
+        await _round(base, 16)  # warm-up: models, caches, connections
+        print(f"fuzz storms against `dialtone serve` (pid {pid}), {sockets} sockets a round:")
+        print(f"  before:   {engine.memory_info().rss / 2**20:6.1f} MB")
+        for number in range(1, rounds + 1):
+            outcomes = await _round(base, sockets)
+            await asyncio.sleep(2)  # let calls finish their wrap-up
+            rss = engine.memory_info().rss / 2**20
+            print(f"  round {number}:  {rss:6.1f} MB   {dict(sorted(outcomes.items()))}")
 
 
 if __name__ == "__main__":
