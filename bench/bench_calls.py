@@ -17,6 +17,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -100,8 +102,14 @@ async def _round(base: str, pool: asyncpg.Pool, engine: psutil.Process, calls: i
         )
 
 
-async def main(rounds: list[int]) -> None:
-    with tempfile.TemporaryDirectory(prefix="dialtone-bench-calls-") as tmp:
+@asynccontextmanager
+async def dialtone_serve(**env: str) -> AsyncIterator[tuple[str, str, int]]:
+    """`dialtone serve` as its own process on a fresh embedded PostgreSQL with the demo seeded, healthy.
+
+    `env` adds to its environment (e.g. TWILIO_AUTH_TOKEN). Yields the engine's base URL, the database URL and
+    the engine's pid; stops both at the end.
+    """
+    with tempfile.TemporaryDirectory(prefix="dialtone-bench-") as tmp:
         server = start_embedded(Path(tmp) / "db")
         await ensure_database(server.url(), "bench")
         url = server.url("bench")
@@ -109,26 +117,35 @@ async def main(rounds: list[int]) -> None:
         await migrate(conn)
         await conn.close()
         port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DIALTONE_", "TWILIO_"))}
-        env |= {"DATABASE_URL": url, "DIALTONE_PORT": str(port), "DIALTONE_STATE_DIR": str(Path(tmp) / "state"),
-                "DIALTONE_LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}  # fmt: skip
-        seed = await asyncio.create_subprocess_exec(sys.executable, "-m", "engine.server.cli", "seed-demo", env=env,
-                                                    stdout=asyncio.subprocess.DEVNULL)  # fmt: skip
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(("DIALTONE_", "TWILIO_"))}
+        environment |= {"DATABASE_URL": url, "DIALTONE_PORT": str(port), "DIALTONE_STATE_DIR": str(Path(tmp) / "state"),
+                        "DIALTONE_LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO), **env}  # fmt: skip
+        seed = await asyncio.create_subprocess_exec(sys.executable, "-m", "engine.server.cli", "seed-demo",
+                                                    env=environment, stdout=asyncio.subprocess.DEVNULL)  # fmt: skip
         await seed.wait()
-        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "engine.server.cli", "serve", env=env)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engine.server.cli", "serve", env=environment
+        )
         base = f"http://127.0.0.1:{port}"
-        pool = await create_pool(url)
         try:
             await _wait_healthy(base)
-            engine = psutil.Process(process.pid)
-            print(f"offline calls through `dialtone serve` (pid {process.pid}), {os.cpu_count()} cores:")
+            yield base, url, process.pid
+        finally:
+            process.send_signal(signal.SIGTERM)
+            await process.wait()
+
+
+async def main(rounds: list[int]) -> None:
+    async with dialtone_serve() as (base, url, pid):
+        pool = await create_pool(url)
+        try:
+            engine = psutil.Process(pid)
+            print(f"offline calls through `dialtone serve` (pid {pid}), {os.cpu_count()} cores:")
             await _round(base, pool, engine, 1)  # warm-up: models, caches, connections
             for calls in rounds:
                 await _round(base, pool, engine, calls)
         finally:
             await pool.close()
-            process.send_signal(signal.SIGTERM)
-            await process.wait()
 
 
 if __name__ == "__main__":

@@ -8,21 +8,29 @@ calling `flush` about once a second so the queue of finished audio stays small.
 
 from __future__ import annotations
 
+import time
 import wave
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 
 from media.g711 import SAMPLE_RATE, ULAW_SILENCE, ulaw_to_pcm16
+from media.twilio_stream import MEDIA_LEAD_MS
 
 _SAMPLES_PER_MS = SAMPLE_RATE // 1000
 _BYTES_PER_FRAME = 4  # two channels of 16-bit samples
 _SILENCE_BLOCK_FRAMES = SAMPLE_RATE  # zeros are written a second at a time
 _HOLD_BYTES = 500 * _SAMPLES_PER_MS
 """Contiguous writes to a channel are gathered up to this much (500 ms) before they are placed in the window."""
+LEAD_MS = MEDIA_LEAD_MS + 1000
+"""How far ahead of the call's elapsed time audio may be placed: the caller's leads by up to `MEDIA_LEAD_MS`, and
+the agent's is sent to Twilio (and recorded) less than a second ahead of that. Audio beyond it is dropped, so a
+recording never outgrows its call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,15 +52,22 @@ class StereoWavRecorder:
     Audio lives in a fixed window of `window_ms`; when a write reaches past the window's end, the oldest
     half is handed to an outbox that `flush` writes to disk. Audio that arrives for a position already
     handed out (more than half a window behind the newest audio) is dropped and counted in `dropped_ms`.
-    Overlapping writes to one channel replace what is there: audio is placed by `at_ms`, never appended.
+    Overlapping writes to one channel replace what is there: audio is placed by `at_ms`, never appended. Audio
+    placed more than `LEAD_MS` past `elapsed_ms()` (the call's real time) is dropped and counted too.
     """
 
-    def __init__(self, path: Path | str, window_ms: int = 10_000) -> None:
-        """Prepare a recording to `path`; no file is touched until the first `flush` or `close`."""
+    def __init__(
+        self, path: Path | str, window_ms: int = 10_000, *, elapsed_ms: Callable[[], int] | None = None
+    ) -> None:
+        """Prepare a recording to `path`; no file is touched until the first `flush` or `close`.
+
+        `elapsed_ms` says how long the call has lasted (by default, the time since this recorder was made).
+        """
         if window_ms < 40:
             raise ValueError(f"window_ms must be at least 40, got {window_ms}")
         self.path = Path(path)
         self.window_ms = window_ms
+        self._elapsed_ms = elapsed_ms if elapsed_ms is not None else _milliseconds_since(time.monotonic())
         self._capacity = window_ms * _SAMPLES_PER_MS
         # Two channels of μ-law, silent where nothing was placed.
         self._buffer: npt.NDArray[np.uint8] = np.full((self._capacity, 2), ULAW_SILENCE, dtype=np.uint8)
@@ -60,6 +75,7 @@ class StereoWavRecorder:
         self._head = 0  # one past the newest sample written on either channel
         # bytes are finished interleaved μ-law frames; an int is that many frames of silence
         self._outbox: deque[bytes | int] = deque()
+        self._file: BinaryIO | None = None
         self._writer: wave.Wave_write | None = None
         # Per channel, audio written back to back and not yet placed (Twilio's 20 ms frames, 25 at a time), and
         # the timeline sample it starts at.
@@ -86,7 +102,7 @@ class StereoWavRecorder:
 
     @property
     def dropped_ms(self) -> int:
-        """Milliseconds of audio discarded because they arrived too late for the window."""
+        """Milliseconds of audio discarded: too late for the window, or too far ahead of the call's real time."""
         self._place_held()
         return self._dropped_samples // _SAMPLES_PER_MS
 
@@ -108,8 +124,15 @@ class StereoWavRecorder:
             raise RecorderClosedError(f"recording {self.path} is closed")
         if at_ms < 0:
             raise ValueError(f"at_ms must not be negative, got {at_ms}")
-        held = self._held[channel]
         position = at_ms * _SAMPLES_PER_MS
+        limit = (self._elapsed_ms() + LEAD_MS) * _SAMPLES_PER_MS
+        if position + len(ulaw) > limit:
+            kept = max(0, limit - position)
+            self._dropped_samples += len(ulaw) - kept
+            ulaw = ulaw[:kept]
+            if not ulaw:
+                return
+        held = self._held[channel]
         slides = position + len(ulaw) > self._start + self._capacity
         if slides:
             self._place_held()
@@ -151,13 +174,17 @@ class StereoWavRecorder:
         """Write everything left, finalise the WAV header and describe the file (blocking I/O)."""
         if self._closed:
             raise RecorderClosedError(f"recording {self.path} is closed")
-        self._place_held()  # no writes come after close, so this thread may place them
-        self.flush()
-        writer = self._open()
-        if self._head > self._start:
-            writer.writeframesraw(ulaw_to_pcm16(self._buffer[: self._head - self._start].tobytes()).tobytes())
-        writer.close()
-        self._closed = True
+        try:
+            self._place_held()  # no writes come after close, so this thread may place them
+            self.flush()
+            writer = self._open()
+            if self._head > self._start:
+                writer.writeframesraw(ulaw_to_pcm16(self._buffer[: self._head - self._start].tobytes()).tobytes())
+            writer.close()
+        finally:  # a recording that fails to close still lets its file go
+            self._closed = True
+            if self._file is not None:
+                self._file.close()
         return RecordingInfo(
             path=self.path,
             duration_ms=self._head * 1000 // SAMPLE_RATE,
@@ -198,7 +225,9 @@ class StereoWavRecorder:
     def _open(self) -> wave.Wave_write:
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            writer = wave.open(str(self.path), "wb")  # noqa: SIM115 - closed in close()
+            # Opened here rather than by wave, which leaves a half-built writer behind when the open fails.
+            self._file = self.path.open("wb")
+            writer = wave.open(self._file, "wb")  # noqa: SIM115 - closed in close()
             writer.setnchannels(2)
             writer.setsampwidth(2)
             writer.setframerate(SAMPLE_RATE)
@@ -212,3 +241,8 @@ class StereoWavRecorder:
             count = min(frames, _SILENCE_BLOCK_FRAMES)
             writer.writeframesraw(block[: count * _BYTES_PER_FRAME])
             frames -= count
+
+
+def _milliseconds_since(origin: float) -> Callable[[], int]:
+    """A function telling the milliseconds elapsed since the monotonic instant `origin`."""
+    return lambda: round((time.monotonic() - origin) * 1000)

@@ -18,7 +18,9 @@ import binascii
 import enum
 import json
 import re
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -27,6 +29,8 @@ from media.g711 import BYTES_PER_MS
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_PAYLOAD_SIZE",
+    "MEDIA_LEAD_MS",
+    "AheadOfRealTime",
     "Connected",
     "DtmfReceived",
     "InvalidState",
@@ -55,6 +59,15 @@ DEFAULT_MAX_MESSAGE_SIZE: Final = 64 * 1024
 """Largest text frame accepted, in characters (Twilio frames are ASCII); a 20 ms media frame is about 400."""
 DEFAULT_MAX_PAYLOAD_SIZE: Final = 8000
 """Largest decoded media payload accepted, in bytes: one second of audio (Twilio sends 160-byte frames)."""
+MEDIA_LEAD_MS: Final = 2000
+"""How far a track's audio may run ahead of the time elapsed since `start`, by its timestamps or by its amount.
+
+Twilio's clock starts before its `start` reaches us (one network trip) and a network stall delivers the audio it
+held back all at once; two seconds covers both. Audio further ahead cannot come from Twilio's real-time stream: a
+client sending faster than real time, or one timestamp far in the future, is a protocol error of that call.
+"""
+_MAX_DIGITS = 15
+"""Longest digit string read as a number (Twilio's counters fit; it also bounds the cost of int())."""
 
 # An inbound media frame exactly as Twilio writes it (keys in its order, no spaces, no escapes): fifty of these a
 # second per call are read by slicing instead of json.loads and a field-by-field walk. Any other spelling of the
@@ -93,6 +106,10 @@ class UnknownEvent(StreamProtocolError):
 
 class MessageTooLarge(StreamProtocolError):
     """A frame or a decoded media payload is larger than the configured limit."""
+
+
+class AheadOfRealTime(StreamProtocolError):
+    """Inbound audio runs more than `MEDIA_LEAD_MS` ahead of the time elapsed since `start`."""
 
 
 class InvalidState(TwilioStreamError):
@@ -370,6 +387,7 @@ class StreamState(enum.Enum):
 class _TrackCursor:
     next_chunk: int
     next_timestamp_ms: int
+    received_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -383,7 +401,8 @@ class TwilioStream:
     """One call's Twilio Media Stream: parse frames with `receive_text`, build replies with the `send_*` methods.
 
     Any protocol error moves the stream to FAILED and raises; after that every call raises `InvalidState`, and the
-    engine should end that call.
+    engine should end that call. `clock` (monotonic seconds) measures the time since `start` that inbound audio
+    is held to (`MEDIA_LEAD_MS`).
     """
 
     def __init__(
@@ -391,12 +410,15 @@ class TwilioStream:
         *,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Create a stream waiting for `connected` (or `start`)."""
         self.max_message_size = max_message_size
         self.max_payload_size = max_payload_size
         self.state = StreamState.AWAITING_CONNECTED
         self.started: Started | None = None
+        self._clock = clock
+        self._started_at = 0.0
         self.playback = PlaybackClock()
         self.last_sequence_number: int | None = None
         self._media = _MediaStats()
@@ -407,6 +429,10 @@ class TwilioStream:
     def stream_sid(self) -> str | None:
         """The stream's sid once `start` has arrived."""
         return self.started.stream_sid if self.started else None
+
+    def elapsed_ms(self) -> int:
+        """Milliseconds since `start` arrived (0 before): the call's real time, which its audio may not outrun."""
+        return round((self._clock() - self._started_at) * 1000) if self.started is not None else 0
 
     @property
     def dropped_chunks(self) -> int:
@@ -457,9 +483,12 @@ class TwilioStream:
         if len(payload) > self.max_payload_size:
             return None
         timestamp_ms = int(timestamp)
+        if self._ahead_ms(cursor, timestamp_ms, len(payload)) > MEDIA_LEAD_MS:
+            return None
         self.last_sequence_number = int(sequence)
         cursor.next_chunk += 1
         cursor.next_timestamp_ms = timestamp_ms + len(payload) // BYTES_PER_MS
+        cursor.received_bytes += len(payload)
         return payload, timestamp_ms
 
     def _receive(self, text: str) -> list[StreamEvent]:
@@ -472,8 +501,8 @@ class TwilioStream:
     def _receive_json(self, text: str) -> list[StreamEvent]:
         try:
             message = json.loads(text)
-        except ValueError as exc:
-            raise MalformedMessage(f"frame is not JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: arrays or objects nested thousands deep
+            raise MalformedMessage(f"frame is not JSON: {type(exc).__name__}: {exc}") from None
         if not isinstance(message, dict):
             raise MalformedMessage(f"frame is a JSON {type(message).__name__}, expected an object")
         event = message.get("event")
@@ -543,6 +572,7 @@ class TwilioStream:
         # Built once so each outbound media frame is two string concatenations, not a json.dumps.
         self._stream_sid_json = json.dumps(stream_sid)
         self._media_prefix = '{"event":"media","streamSid":' + self._stream_sid_json + ',"media":{"payload":"'
+        self._started_at = self._clock()
         self.state = StreamState.STREAMING
         return [self.started]
 
@@ -564,7 +594,16 @@ class TwilioStream:
         events: list[StreamEvent] = []
         cursor = self._media.cursors.get(track)
         if cursor is None:
-            cursor = self._media.cursors[track] = _TrackCursor(chunk, timestamp_ms)
+            cursor = _TrackCursor(chunk, timestamp_ms)
+        ahead_ms = self._ahead_ms(cursor, timestamp_ms, len(payload))
+        if ahead_ms > MEDIA_LEAD_MS:
+            raise AheadOfRealTime(
+                f"{track} audio runs {ahead_ms} ms ahead of the {self.elapsed_ms()} ms since start "
+                f"(timestamp {timestamp_ms}); Twilio's real-time stream leads by at most {MEDIA_LEAD_MS} ms"
+            )
+        cursor.received_bytes += len(payload)
+        if track not in self._media.cursors:
+            self._media.cursors[track] = cursor
         elif chunk > cursor.next_chunk:
             missing_ms = max(0, timestamp_ms - cursor.next_timestamp_ms)
             self._media.dropped_chunks += chunk - cursor.next_chunk
@@ -575,6 +614,11 @@ class TwilioStream:
             cursor.next_timestamp_ms = timestamp_ms + len(payload) // BYTES_PER_MS
         events.append(MediaReceived(payload, track, chunk, timestamp_ms, sequence_number))
         return events
+
+    def _ahead_ms(self, cursor: _TrackCursor, timestamp_ms: int, size: int) -> int:
+        """How far a track would run ahead of real time with this frame: by its timestamp or by all audio received."""
+        end_ms = max(timestamp_ms * BYTES_PER_MS, cursor.received_bytes) + size
+        return end_ms // BYTES_PER_MS - self.elapsed_ms()
 
     def _on_dtmf(self, message: dict[str, Any]) -> list[StreamEvent]:
         self._expect("dtmf", StreamState.STREAMING)
@@ -673,10 +717,12 @@ def _string(container: dict[str, Any], key: str, path: str, *, allow_empty: bool
 
 
 def _integer(container: dict[str, Any], key: str, path: str) -> int:
-    """Twilio sends numbers as strings of digits; accept those and plain non-negative integers."""
+    """Twilio sends numbers as strings of digits; accept those and plain non-negative integers, of `_MAX_DIGITS`."""
     value = container.get(key)
-    if isinstance(value, str) and value.isascii() and value.isdigit():
+    if isinstance(value, str) and len(value) <= _MAX_DIGITS and value.isascii() and value.isdigit():
         return int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**_MAX_DIGITS:
         return value
-    raise MalformedMessage(f"{path}: expected a non-negative integer as a string of digits, got {value!r}")
+    if isinstance(value, str) and len(value) > 40:
+        value = f"{value[:20]}... ({len(value)} characters)"
+    raise MalformedMessage(f"{path}: expected a non-negative integer of at most {_MAX_DIGITS} digits, got {value!r}")

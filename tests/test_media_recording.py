@@ -11,11 +11,16 @@ import numpy.typing as npt
 import pytest
 
 from media.g711 import ulaw_to_pcm16
-from media.recording import RecorderClosedError, StereoWavRecorder
+from media.recording import LEAD_MS, RecorderClosedError, StereoWavRecorder
 
 RATE = 8000
 CALL_MS = 10_000
 WINDOW_MS = 4000
+
+
+def an_hour_in() -> int:
+    """The call's elapsed ms for tests that write a call's audio at once: it has lasted an hour."""
+    return 3_600_000
 
 
 def random_ulaw(n_bytes: int, seed: int) -> bytes:
@@ -54,7 +59,7 @@ def record_synthetic_call(
 
 
 def test_a_call_produces_a_valid_8khz_stereo_wav(tmp_path: Path) -> None:
-    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS, elapsed_ms=an_hour_in)
     record_synthetic_call(recorder)
     recorder.close()
     params, frames = read_wav(tmp_path / "call.wav")
@@ -63,7 +68,7 @@ def test_a_call_produces_a_valid_8khz_stereo_wav(tmp_path: Path) -> None:
 
 
 def test_each_party_is_on_its_channel_at_its_offsets_with_silence_in_gaps(tmp_path: Path) -> None:
-    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS, elapsed_ms=an_hour_in)
     left, right, _ = record_synthetic_call(recorder)
     recorder.close()
     _, frames = read_wav(tmp_path / "call.wav")
@@ -73,7 +78,7 @@ def test_each_party_is_on_its_channel_at_its_offsets_with_silence_in_gaps(tmp_pa
 
 
 def test_close_reports_duration_and_size(tmp_path: Path) -> None:
-    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS, elapsed_ms=an_hour_in)
     record_synthetic_call(recorder)
     info = recorder.close()
     assert info.path == tmp_path / "call.wav"
@@ -82,7 +87,7 @@ def test_close_reports_duration_and_size(tmp_path: Path) -> None:
 
 
 def test_memory_stays_within_the_window(tmp_path: Path) -> None:
-    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS, elapsed_ms=an_hour_in)
     window_bytes = WINDOW_MS * 8 * 2  # two channels of μ-law
     _, _, buffered = record_synthetic_call(recorder)
     assert max(buffered) <= WINDOW_MS
@@ -91,7 +96,7 @@ def test_memory_stays_within_the_window(tmp_path: Path) -> None:
 
 
 def test_audio_reaches_the_file_before_the_call_ends(tmp_path: Path) -> None:
-    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS, elapsed_ms=an_hour_in)
     record_synthetic_call(recorder)
     recorder.flush()
     assert recorder.pending_bytes == 0
@@ -100,7 +105,7 @@ def test_audio_reaches_the_file_before_the_call_ends(tmp_path: Path) -> None:
 
 
 def test_a_write_far_ahead_fills_the_gap_with_silence(tmp_path: Path) -> None:
-    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS, elapsed_ms=an_hour_in)
     frame = random_ulaw(160, 1)
     recorder.write_caller(frame, 60_000)
     info = recorder.close()
@@ -111,7 +116,7 @@ def test_a_write_far_ahead_fills_the_gap_with_silence(tmp_path: Path) -> None:
 
 
 def test_a_chunk_longer_than_the_window_is_recorded_whole(tmp_path: Path) -> None:
-    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS, elapsed_ms=an_hour_in)
     chunk = random_ulaw(3 * WINDOW_MS * 8, 2)
     recorder.write_agent(chunk, 500)
     recorder.close()
@@ -120,7 +125,7 @@ def test_a_chunk_longer_than_the_window_is_recorded_whole(tmp_path: Path) -> Non
 
 
 def test_audio_older_than_half_the_window_is_dropped_and_counted(tmp_path: Path) -> None:
-    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS, elapsed_ms=an_hour_in)
     recorder.write_agent(random_ulaw(160, 3), 10_000)
     recorder.write_caller(random_ulaw(160, 4), 1000)
     assert recorder.dropped_ms == 20
@@ -128,7 +133,7 @@ def test_audio_older_than_half_the_window_is_dropped_and_counted(tmp_path: Path)
 
 
 def test_a_later_write_at_the_same_position_replaces_the_earlier(tmp_path: Path) -> None:
-    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS, elapsed_ms=an_hour_in)
     recorder.write_caller(random_ulaw(160, 5), 0)
     second = random_ulaw(160, 6)
     recorder.write_caller(second, 0)
@@ -151,7 +156,7 @@ def test_writing_after_close_is_an_error(tmp_path: Path) -> None:
 
 
 async def test_flush_and_close_run_in_a_thread_from_asyncio(tmp_path: Path) -> None:
-    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS, elapsed_ms=an_hour_in)
     for now_ms in range(0, 6000, 20):
         recorder.write_caller(b"\x00" * 160, now_ms)
         if now_ms % 1000 == 0:
@@ -163,7 +168,7 @@ async def test_flush_and_close_run_in_a_thread_from_asyncio(tmp_path: Path) -> N
 def test_audio_held_to_be_placed_in_batches_lands_where_it_was_written(tmp_path: Path) -> None:
     """Frames are gathered before they are placed; gaps, overlaps, odd sizes and slides must not show it."""
     rng = np.random.default_rng(7)
-    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS)
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS, elapsed_ms=an_hour_in)
     expected = np.zeros((CALL_MS * 8 + 8000, 2), dtype=np.int16)
     caller_ms = agent_ms = 0
     for step in range(2000):
@@ -187,3 +192,29 @@ def test_audio_held_to_be_placed_in_batches_lands_where_it_was_written(tmp_path:
     assert recorder.dropped_ms == 0
     assert frames.shape[0] == info.duration_ms * 8
     assert np.array_equal(frames, expected[: frames.shape[0]])
+
+
+def test_audio_placed_past_the_calls_real_time_is_dropped_and_counted(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", elapsed_ms=lambda: 1000)
+    recorder.write_caller(random_ulaw(160, 1), 0)
+    recorder.write_caller(random_ulaw(8000, 2), 10 * 60 * 1000)  # one frame stamped ten minutes on
+    info = recorder.close()
+    assert recorder.dropped_ms == 1000
+    assert info.duration_ms == 20
+    assert info.bytes < 1000
+
+
+def test_a_write_reaching_past_the_lead_keeps_only_the_part_within_it(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", elapsed_ms=lambda: 1000)
+    recorder.write_agent(random_ulaw(8 * 5000, 3), 0)
+    info = recorder.close()
+    assert info.duration_ms == 1000 + LEAD_MS
+    assert recorder.dropped_ms == 5000 - (1000 + LEAD_MS)
+
+
+def test_a_timestamp_days_ahead_leaves_a_small_valid_wav(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", elapsed_ms=lambda: 0)
+    recorder.write_caller(random_ulaw(160, 4), 39 * 3600 * 1000)
+    info = recorder.close()
+    params, _ = read_wav(tmp_path / "call.wav")
+    assert (info.duration_ms, params.nframes) == (0, 0)

@@ -15,7 +15,7 @@ SECOND_OF_TONE = bytes(range(0, 256, 2)) * 62 + bytes(64)  # 8000 μ-law bytes
 async def test_a_long_call_is_written_out_as_it_goes_and_closed_into_a_valid_wav(tmp_path: Path) -> None:
     worker = RecordingIO(interval=0.05)
     runner = asyncio.create_task(worker.run())
-    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=1000)
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=1000, elapsed_ms=lambda: 3_600_000)
     worker.add(recorder)
     most_pending = 0
     try:

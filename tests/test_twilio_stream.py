@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from media.twilio_stream import (
+    MEDIA_LEAD_MS,
+    AheadOfRealTime,
     Connected,
     DtmfReceived,
     InvalidState,
@@ -249,6 +251,14 @@ def test_a_media_frame_for_another_stream_sid_is_unexpected() -> None:
         ),
         pytest.param(json.dumps({"event": "media", "media": "x"}), MalformedMessage, id="media not an object"),
         pytest.param(json.dumps({"event": "mark", "mark": {}}), MalformedMessage, id="mark without name"),
+        pytest.param("[" * 3000 + "]" * 3000, MalformedMessage, id="JSON nested thousands deep"),
+        pytest.param('{"event":"media","x":' + "[" * 3000, MalformedMessage, id="unclosed nesting"),
+        pytest.param(
+            media(2, 1).replace('"timestamp":"0"', '"timestamp":"' + "9" * 5000 + '"'),
+            MalformedMessage,
+            id="timestamp of 5000 digits",
+        ),
+        pytest.param(media(2, 1).replace('"chunk":"1"', '"chunk":' + "7" * 4000), MalformedMessage, id="huge chunk"),
         pytest.param("{" + " " * 70_000 + "}", MessageTooLarge, id="oversized frame"),
         pytest.param(media(2, 1, b"\xff" * 9000), MessageTooLarge, id="oversized payload"),
     ],
@@ -256,6 +266,21 @@ def test_a_media_frame_for_another_stream_sid_is_unexpected() -> None:
 def test_bad_frames_raise_named_errors_and_fail_the_stream(frame: str, error: type[StreamProtocolError]) -> None:
     stream = streaming()
     with pytest.raises(error):
+        stream.receive_text(frame)
+    assert stream.state is StreamState.FAILED
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param("[" * 3000, id="JSON nested thousands deep"),
+        pytest.param(START.replace('"sequenceNumber":"1"', '"sequenceNumber":"' + "1" * 5000 + '"'), id="long number"),
+        pytest.param(CONNECTED.replace('"version":"1.0.0"', '"version":' + "1" * 5000), id="JSON number too long"),
+    ],
+)
+def test_frames_that_break_a_json_parser_are_malformed_before_start_too(frame: str) -> None:
+    stream = TwilioStream()
+    with pytest.raises(MalformedMessage):
         stream.receive_text(frame)
     assert stream.state is StreamState.FAILED
 
@@ -566,3 +591,89 @@ def test_the_fast_path_and_receive_text_read_any_frame_sequence_alike() -> None:
         assert fast.last_sequence_number == reference.last_sequence_number
         assert fast.dropped_ms == reference.dropped_ms
     assert reference.state is fast.state
+
+
+# ------------------------------------------------------------------------------------------- real time
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def streaming_at(clock: FakeClock) -> TwilioStream:
+    """A streaming stream whose real time is `clock`'s."""
+    stream = TwilioStream(clock=clock)
+    stream.receive_text(CONNECTED)
+    stream.receive_text(START)
+    return stream
+
+
+def test_elapsed_time_counts_from_start() -> None:
+    clock = FakeClock()
+    stream = TwilioStream(clock=clock)
+    clock.now += 5
+    assert stream.elapsed_ms() == 0
+    stream.receive_text(START)
+    clock.now += 1.5
+    assert stream.elapsed_ms() == 1500
+
+
+def test_a_timestamp_far_ahead_of_the_time_since_start_is_a_protocol_error() -> None:
+    clock = FakeClock()
+    stream = streaming_at(clock)
+    clock.now += 1
+    stream.receive_text(media(2, 1, timestamp=1000))
+    with pytest.raises(AheadOfRealTime, match="ahead of the 1000 ms since start"):
+        stream.receive_text(media(3, 2, timestamp=600_000))
+    assert stream.state is StreamState.FAILED
+
+
+def test_a_timestamp_within_the_lead_is_accepted() -> None:
+    clock = FakeClock()
+    stream = streaming_at(clock)
+    events = stream.receive_text(media(2, 1, timestamp=MEDIA_LEAD_MS - 20))
+    assert [type(event) for event in events] == [MediaReceived]
+
+
+def test_audio_sent_faster_than_real_time_is_accepted_up_to_the_lead_then_a_protocol_error() -> None:
+    clock = FakeClock()
+    stream = streaming_at(clock)
+    frames_in_lead = MEDIA_LEAD_MS // 20
+    for chunk in range(1, frames_in_lead + 1):
+        stream.receive_text(media(chunk + 1, chunk, timestamp=0))  # honest-looking timestamps, too much audio
+    with pytest.raises(AheadOfRealTime):
+        stream.receive_text(media(frames_in_lead + 2, frames_in_lead + 1, timestamp=0))
+
+
+def test_audio_at_real_time_is_accepted_for_as_long_as_the_call_lasts() -> None:
+    clock = FakeClock()
+    stream = streaming_at(clock)
+    for chunk in range(1, 3001):  # a minute
+        clock.now += 0.02
+        stream.receive_text(media(chunk + 1, chunk))
+    assert stream.state is StreamState.STREAMING
+
+
+def test_a_network_stall_delivering_its_backlog_at_once_is_accepted() -> None:
+    clock = FakeClock()
+    stream = streaming_at(clock)
+    clock.now += 3  # three seconds of audio held back, then all of it arrives
+    for chunk in range(1, 151):
+        stream.receive_text(media(chunk + 1, chunk))
+    assert stream.state is StreamState.STREAMING
+
+
+def test_the_fast_path_leaves_audio_ahead_of_real_time_to_receive_text_which_refuses_it() -> None:
+    clock = FakeClock()
+    stream = streaming_at(clock)
+    stream.receive_text(media(2, 1))
+    ahead = media(3, 2, timestamp=MEDIA_LEAD_MS + 1000)
+    assert stream.receive_media(ahead) is None
+    with pytest.raises(AheadOfRealTime):
+        stream.receive_text(ahead)

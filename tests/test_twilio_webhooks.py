@@ -171,3 +171,84 @@ async def test_a_media_socket_lost_without_stop_fails_the_call_with_that_reason(
 
     assert row is not None
     assert (row["status"], row["metadata"]["endReason"]) == ("FAILED", "stream_lost")
+
+
+# ------------------------------------------------------------------------------------------- hostile input
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("CallSid", "CA" + "0" * 31 + "\x00"),
+        ("CallSid", "CA" + "0" * 5000),
+        ("From", "+1555\x000001"),
+        ("From", "+1" + "5" * 5000),
+        ("To", "+1555\x00"),
+        ("AccountSid", "AC\x00"),
+        ("CallerName", "Mallory\x00"),
+        ("CallerName", "M" * 5000),
+    ],
+    ids=["CallSid with NUL", "CallSid of 5 KB", "From with NUL", "From of 5 KB", "To with NUL", "AccountSid with NUL",
+         "CallerName with NUL", "CallerName of 5 KB"],
+)  # fmt: skip
+async def test_a_signed_voice_webhook_with_a_field_twilio_never_sends_is_a_400_and_creates_nothing(
+    engine: str, pool: asyncpg.Pool, field: str, value: str
+) -> None:
+    number = await _line(pool)
+    form = {**_ring(number), field: value}
+    status, text = await _post(engine, "/twilio/voice", form)
+    good_status, _ = await _post(engine, "/twilio/voice", _ring(number))  # the line answers the next call
+
+    assert (status, good_status) == (400, 200)
+    assert text.startswith(f"{field}: ")
+    assert await pool.fetchval("""SELECT count(*) FROM "CallLog" WHERE "metadata"->>'to' = $1""", number) == 1
+
+
+@pytest.mark.parametrize("duration", ["²", "9" * 5000, "-3", " 3"])
+async def test_a_status_callback_with_a_duration_that_is_not_ascii_digits_is_a_400_and_changes_nothing(
+    engine: str, pool: asyncpg.Pool, duration: str
+) -> None:
+    number = await _line(pool)
+    form = _ring(number)
+    await _post(engine, "/twilio/voice", form)
+    status, _ = await _post(
+        engine,
+        "/twilio/status",
+        {"CallSid": form["CallSid"], "AccountSid": form["AccountSid"], "CallStatus": "busy", "CallDuration": duration},
+    )
+    row = await pool.fetchrow('SELECT * FROM "CallLog" WHERE "callId" = $1', form["CallSid"])
+
+    assert status == 400
+    assert row is not None and row["status"] == "IN_PROGRESS"
+
+
+@pytest.mark.parametrize("duration", ["²", "9" * 5000])
+async def test_an_amd_verdict_with_a_detection_time_that_is_not_ascii_digits_is_a_400(
+    engine: str, duration: str
+) -> None:
+    form = {
+        "CallSid": "CA" + secrets.token_hex(16),
+        "AccountSid": "AC" + "3" * 32,
+        "AnsweredBy": "machine_start",
+        "MachineDetectionDuration": duration,
+    }
+    status, text = await _post(engine, "/twilio/amd", form)
+
+    assert (status, text.split(":")[0]) == (400, "MachineDetectionDuration")
+
+
+async def test_a_body_that_is_not_utf8_is_refused_unsigned_with_403_and_signed_with_400(engine: str) -> None:
+    body = b"CallSid=CA\xff\xfe&From=%2B15005550006"
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    signed_url = RequestValidator(TOKEN).compute_signature(f"{engine}/twilio/voice", {})
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{engine}/twilio/voice", data=body, headers=headers) as unsigned:
+            unsigned_status = unsigned.status
+        async with http.post(
+            f"{engine}/twilio/voice", data=body, headers={**headers, "X-Twilio-Signature": signed_url}
+        ) as signed:
+            signed_status = signed.status
+        async with http.get(f"{engine}/health") as health:
+            health_status = health.status
+
+    assert (unsigned_status, signed_status, health_status) == (403, 400, 200)

@@ -185,7 +185,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     path = recording_path(settings, call_log.organization_id, call_log.id)
     if config.recording:
         await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
-        recorder = StereoWavRecorder(path)
+        recorder = StereoWavRecorder(path, elapsed_ms=stream.elapsed_ms)
         app[RECORDING_IO].add(recorder)
 
     send: SendText = ws.send_str  # called directly: no coroutine of ours around each frame sent
@@ -244,17 +244,33 @@ async def _wrap_up(
     outcome: CallOutcome,
     recorder: StereoWavRecorder | None,
 ) -> None:
-    """After the session: close the recording, finish the CallLog, and queue the post-call analysis."""
-    app, settings = request.app, request.app[SETTINGS]
+    """After the session: close the recording, finish the CallLog, and queue the post-call analysis.
+
+    Each step runs whatever the one before did: a recording that cannot be closed costs the recording, never the
+    CallLog, and the analysis is queued even if the CallLog could not be finished (it waits for a finished one).
+    """
+    app = request.app
     if recorder is not None:
-        info = await app[RECORDING_IO].close(recorder)
-        base = public_base_url(request, settings)
-        url = recording_url(settings, base, call_log.id, key=app[RECORDING_KEY], now=datetime.now(UTC))
-        outcome = dataclasses.replace(
-            outcome, recording_url=url, metadata={**outcome.metadata, "recordingMs": info.duration_ms}
-        )
+        try:
+            outcome = await _close_recording(request, call_log, outcome, recorder)
+        except Exception:
+            log.exception("call %s: its recording could not be closed; the call ends without one", call_log.call_id)
     try:
         await writer.finish(outcome)
     except CallLogDeferred:
-        return  # kept in the spill and written later (logged); the post-call sweep finds the call then
-    app[POST_CALL].submit(call_log.id)
+        pass  # kept in the spill and written later (logged); the post-call sweep finds the call then
+    else:
+        app[POST_CALL].submit(call_log.id)
+
+
+async def _close_recording(
+    request: web.Request, call_log: CallLog, outcome: CallOutcome, recorder: StereoWavRecorder
+) -> CallOutcome:
+    """Finalise the call's recording file; the outcome again, with where to fetch the recording and its length."""
+    app, settings = request.app, request.app[SETTINGS]
+    info = await app[RECORDING_IO].close(recorder)
+    base = public_base_url(request, settings)
+    url = recording_url(settings, base, call_log.id, key=app[RECORDING_KEY], now=datetime.now(UTC))
+    return dataclasses.replace(
+        outcome, recording_url=url, metadata={**outcome.metadata, "recordingMs": info.duration_ms}
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
-from multidict import MultiDictProxy
+from multidict import MultiDict, MultiDictProxy
 from twilio.request_validator import RequestValidator
 
 from config.settings import Settings
@@ -13,6 +13,8 @@ from config.settings import Settings
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+"""How Twilio posts its webhooks' parameters, in UTF-8."""
 
 
 def request_signature(auth_token: str, url: str, params: dict[str, str]) -> str:
@@ -58,3 +60,26 @@ def signature_is_valid(
     elif url.startswith("http://"):
         candidates.append("ws://" + url.removeprefix("http://"))
     return any(validator.validate(candidate, params or {}, signature) for candidate in candidates)
+
+
+async def signed_form(request: web.Request, settings: Settings) -> MultiDictProxy[str]:
+    """A webhook's parameters once Twilio's signature on them checks out.
+
+    403 when the signature does not match. A body that is not the UTF-8 form Twilio sends has its signature checked
+    on the URL alone, all that can be read of it, and is then a 400: never an error of ours.
+    """
+    form: MultiDict[str] | None = None
+    if request.content_type in ("", FORM_CONTENT_TYPE):
+        try:
+            posted = await request.post()
+        except ValueError:  # UnicodeDecodeError among them
+            pass
+        else:
+            form = MultiDict((name, value) for name, value in posted.items() if isinstance(value, str))
+    params = MultiDictProxy(form if form is not None else MultiDict[str]())
+    if not signature_is_valid(request, settings, params):
+        log.warning("%s with a bad Twilio signature from %s: refused", request.path, request.remote)
+        raise web.HTTPForbidden(text="invalid Twilio signature")
+    if form is None:
+        raise web.HTTPBadRequest(text=f"expected a UTF-8 {FORM_CONTENT_TYPE} body")
+    return params

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 from aiohttp import web
@@ -14,7 +15,8 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 from config.agent import AgentConfigurationError, VoicemailConfig, parse_agent_configuration
 from engine.call.setup import provider_keys
 from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
-from engine.twilio.signature import public_base_url, signature_is_valid
+from engine.twilio.fields import CallStatusCallback, Form, IncomingCall, InvalidTwilioField, MachineVerdict
+from engine.twilio.signature import public_base_url, signed_form
 from pipelines.llm.prompt import render_prompt
 from pipelines.registry import PipelineUnavailable, check_pipeline
 from storage import Pool, agents, call_logs, organizations, phone_numbers
@@ -45,6 +47,19 @@ _FINAL_STATUSES = {
 }
 # The same for an outbound call nobody answered (a contract, see engine.twilio.outbound_calls).
 _OUTBOUND_UNANSWERED = {status: _FINAL_STATUSES[status] for status in ("busy", "no-answer", "canceled", "failed")}
+
+
+_Fields = TypeVar("_Fields")
+
+
+async def _webhook_fields(request: web.Request, read: Callable[[Form], _Fields]) -> _Fields:
+    """The webhook's fields, signed by Twilio and in their documented shapes: else 403 or 400, never a 500."""
+    form = await signed_form(request, request.app[SETTINGS])
+    try:
+        return read(form)
+    except InvalidTwilioField as exc:
+        log.warning("%s from %s refused: %s", request.path, request.remote, exc)
+        raise web.HTTPBadRequest(text=str(exc)) from None
 
 
 def twiml(response: VoiceResponse) -> web.Response:
@@ -90,13 +105,8 @@ def callback_url(base_url: str, path: str, call_log_id: str) -> str:
 async def handle_voice(request: web.Request) -> web.Response:
     """POST /twilio/voice: an inbound call rings; answer with a media stream or a polite refusal."""
     settings = request.app[SETTINGS]
-    form = await request.post()
-    if not signature_is_valid(request, settings, form):  # type: ignore[arg-type]
-        log.warning("voice webhook with a bad signature from %s: refused", request.remote)
-        raise web.HTTPForbidden(text="invalid Twilio signature")
-    call_sid, caller, called = str(form.get("CallSid", "")), str(form.get("From", "")), str(form.get("To", ""))
-    if not call_sid.startswith("CA"):
-        raise web.HTTPBadRequest(text="CallSid missing or malformed")
+    incoming = await _webhook_fields(request, IncomingCall.read)
+    call_sid, caller, called = incoming.call_sid, incoming.caller, incoming.called
 
     pool = request.app[DATABASE].pool
     number = await phone_numbers.find_by_number(pool, number=called)
@@ -126,11 +136,15 @@ async def handle_voice(request: web.Request) -> web.Response:
     metadata: dict[str, Any] = {
         "to": number.phone_number,
         "direction": "inbound",
-        "twilioAccountSid": str(form.get("AccountSid", "")),
+        "twilioAccountSid": incoming.account_sid or "",
     }
-    for field, key in (("CallerName", "callerName"), ("FromCity", "fromCity"), ("FromCountry", "fromCountry")):
-        if form.get(field):
-            metadata[key] = str(form[field])
+    for key, value in (
+        ("callerName", incoming.caller_name),
+        ("fromCity", incoming.from_city),
+        ("fromCountry", incoming.from_country),
+    ):
+        if value:
+            metadata[key] = value
     try:
         call_log = await call_logs.create_call_log(
             pool,
@@ -139,8 +153,8 @@ async def handle_voice(request: web.Request) -> web.Response:
             call_id=call_sid,
             agent_id=agent.id,
             campaign_id=None,
-            customer=str(form.get("CallerName") or caller) or None,
-            phone_number=caller or None,
+            customer=incoming.caller_name or caller,
+            phone_number=caller,
             metadata=metadata,
         )
     except AlreadyExists:
@@ -161,32 +175,27 @@ async def handle_status(request: web.Request) -> web.Response:
     without its media stream ever starting is FAILED with that reason. Outbound calls (their callback URL names
     the CallLog) end the same way with Twilio's status as the end reason; see `_outbound_status`.
     """
-    settings = request.app[SETTINGS]
-    form = await request.post()
-    if not signature_is_valid(request, settings, form):  # type: ignore[arg-type]
-        raise web.HTTPForbidden(text="invalid Twilio signature")
-    call_sid, status = str(form.get("CallSid", "")), str(form.get("CallStatus", ""))
+    callback = await _webhook_fields(request, CallStatusCallback.read)
+    status = callback.status
     pool = request.app[DATABASE].pool
-    call_log = await _callback_call_log(pool, call_sid, request.query.get(CALL_LOG_PARAMETER))
+    call_log = await _callback_call_log(pool, callback.call_sid, request.query.get(CALL_LOG_PARAMETER))
     if call_log is None:
         return web.Response(status=204)
     if call_log.call_type is CallType.OUTBOUND:
-        await _outbound_status(pool, call_log, status, form)  # type: ignore[arg-type]
+        await _outbound_status(pool, call_log, callback)
         return web.Response(status=204)
     if call_log.status != CallStatus.IN_PROGRESS or status not in _FINAL_STATUSES:
         return web.Response(status=204)
     if status == "completed" and "engineNode" in call_log.metadata:
         return web.Response(status=204)  # its media session (or recovery, if that node died) closes it
     final, reason = _FINAL_STATUSES[status]
-    await _close_unconnected(pool, call_log, final, reason, status=status, form=form)  # type: ignore[arg-type]
+    await _close_unconnected(pool, call_log, final, reason, callback)
     return web.Response(status=204)
 
 
 async def _callback_call_log(pool: Pool, call_sid: str, call_log_id: str | None) -> CallLog | None:
     """The CallLog a callback is about: by CallSid, or (an outbound call whose CallSid is not stored yet) by the
     CallLog id its signed URL carries."""
-    if not call_sid.startswith("CA"):
-        return None
     call_log = await call_logs.get_by_call_id(pool, call_id=call_sid)
     if call_log is None and call_log_id:
         call_log = await call_logs.adopt_call_id(pool, call_log_id=call_log_id, call_id=call_sid)
@@ -196,7 +205,7 @@ async def _callback_call_log(pool: Pool, call_sid: str, call_log_id: str | None)
     return call_log
 
 
-async def _outbound_status(pool: Pool, call_log: CallLog, status: str, form: dict[str, str]) -> None:
+async def _outbound_status(pool: Pool, call_log: CallLog, callback: CallStatusCallback) -> None:
     """Move an outbound CallLog on Twilio's status.
 
     busy, no-answer and canceled end it MISSED, failed FAILED, each with Twilio's status as the end reason;
@@ -204,6 +213,7 @@ async def _outbound_status(pool: Pool, call_log: CallLog, status: str, form: dic
     started (FAILED, or with its voicemail end when an answering machine took it), and gives a call the media
     session finished its voicemail end reason when the session could not know it (it ran on another node).
     """
+    status = callback.status
     if status in ("initiated", "ringing", "in-progress", "queued"):
         log.debug("outbound call %s: %s", call_log.call_id, status)
         return
@@ -225,23 +235,23 @@ async def _outbound_status(pool: Pool, call_log: CallLog, status: str, form: dic
         final, reason = CallStatus.FAILED, EndReason.STREAM_NEVER_STARTED
     else:
         return
-    await _close_unconnected(pool, call_log, final, reason, status=status, form=form)
+    await _close_unconnected(pool, call_log, final, reason, callback)
 
 
 async def _close_unconnected(
-    pool: Pool, call_log: CallLog, final: CallStatus, reason: EndReason, *, status: str, form: dict[str, str]
+    pool: Pool, call_log: CallLog, final: CallStatus, reason: EndReason, callback: CallStatusCallback
 ) -> None:
-    duration = form.get("CallDuration")
+    status = callback.status
     metadata = {**ending(reason), "twilioStatus": status}
-    if form.get("SipResponseCode"):
-        metadata["sipResponseCode"] = str(form["SipResponseCode"])
+    if callback.sip_response_code:
+        metadata["sipResponseCode"] = callback.sip_response_code
     with contextlib.suppress(InvalidCallTransition):  # the media session may have finished it first
         await call_logs.finalize_call_log(
             pool,
             organization_id=call_log.organization_id,
             call_log_id=call_log.id,
             status=final,
-            duration=int(str(duration)) if duration and str(duration).isdigit() else 0,
+            duration=callback.duration_s or 0,
             metadata=metadata,
         )
     log.info("call %s: status %s closed CallLog %s as %s", call_log.call_id, status, call_log.id, final)
@@ -260,17 +270,15 @@ async def handle_amd(request: web.Request) -> web.Response:
     status callback) ends it with that reason.
     """
     app = request.app
-    form = await request.post()
-    if not signature_is_valid(request, app[SETTINGS], form):  # type: ignore[arg-type]
-        raise web.HTTPForbidden(text="invalid Twilio signature")
-    call_sid, answered_by = str(form.get("CallSid", "")), str(form.get("AnsweredBy", ""))
+    verdict = await _webhook_fields(request, MachineVerdict.read)
+    call_sid, answered_by = verdict.call_sid, verdict.answered_by
     pool = app[DATABASE].pool
     call_log = await _callback_call_log(pool, call_sid, request.query.get(CALL_LOG_PARAMETER))
     if call_log is None or call_log.call_type is not CallType.OUTBOUND:
         return web.Response(status=204)
     detection: dict[str, Any] = {"answeredBy": answered_by}
-    if str(form.get("MachineDetectionDuration", "")).isdigit():
-        detection["machineDetectionMs"] = int(str(form["MachineDetectionDuration"]))
+    if verdict.detection_ms is not None:
+        detection["machineDetectionMs"] = verdict.detection_ms
     if answered_by not in _MACHINE_VERDICTS or call_log.status != CallStatus.IN_PROGRESS:
         await call_logs.merge_metadata(
             pool, organization_id=call_log.organization_id, call_log_id=call_log.id, metadata=detection
