@@ -6,6 +6,7 @@ CallLog in the test database. Whatever the driver, a call behaves the same to th
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -338,3 +339,19 @@ async def test_without_a_first_sentence_the_caller_speaks_first(kind: str, pool:
         rig.caller_says("Hi there")
         turns = await rig.wait_for_turns(2)
     assert [t.speaker for t in turns[:2]] == ["caller", "agent"]
+
+
+async def test_a_stream_lost_in_the_middle_of_a_reply_ends_the_call_quietly(
+    kind: str, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with call_on(kind, pool) as rig:
+        rig.reply(LONG_ANSWER)
+        rig.caller_says("When are you open?")
+        await until(lambda: rig.line.heard_ms >= 500, timeout=15)
+        with caplog.at_level(logging.WARNING):
+            rig.line.drop()
+            outcome = await rig.outcome()
+    assert (outcome.status, outcome.end_reason) == (CallStatus.FAILED, EndReason.STREAM_LOST)
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+    agent = (await rig.turns())[1]
+    assert agent.interrupted  # what was heard before the line went is kept

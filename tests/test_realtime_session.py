@@ -71,6 +71,7 @@ class TwilioLine:
         self._sequence = 1
         self._clock: asyncio.Task[None] | None = None
         self._hung_up = False
+        self.dropped = False
 
     def stream(self) -> TwilioStream:
         """The engine's protocol object, past `connected` and `start` as the media socket hands it over."""
@@ -102,6 +103,8 @@ class TwilioLine:
 
     async def send(self, text: str) -> None:
         """The engine sends a frame to Twilio."""
+        if self.dropped:
+            raise ConnectionResetError("Cannot write to closing transport")
         message = json.loads(text)
         assert message["streamSid"] == self.stream_sid
         match message["event"]:
@@ -136,6 +139,14 @@ class TwilioLine:
         self._hung_up = True
         stop = {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid}
         self._inbox.put_nowait(json.dumps(self._numbered({"event": "stop", "stop": stop})))
+        self._inbox.put_nowait(None)
+
+    def drop(self) -> None:
+        """The socket is lost with no `stop` (a network failure): nothing more arrives, and sending fails."""
+        if self._hung_up:
+            return
+        self._hung_up = True
+        self.dropped = True
         self._inbox.put_nowait(None)
 
     @property
