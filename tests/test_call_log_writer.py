@@ -401,7 +401,7 @@ async def test_an_outage_across_the_call_end_longer_than_the_patience_still_ends
     assert stored.transcript == "Caller: turn 0\nAgent: turn 1\nCaller: turn 2\nAgent: turn 3"
     assert (stored.duration, stored.metadata["endReason"], stored.metadata["engineNode"]) == (
         61,
-        "caller_hung_up",
+        "caller_hangup",
         "node-a",
     )
     assert stored.metadata["latencyMs"] == {"p50": 400, "p95": 600, "max": 600, "count": 2}
