@@ -480,7 +480,7 @@ async def test_a_spill_left_by_a_stopped_run_is_written_when_the_engine_next_sta
     # The next run on this host (same state folder) writes it before crash recovery would close the call.
     async with running_engine(db_url, state_dir=str(tmp_path)):
         stored = await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)
-        assert (stored.status, stored.metadata["endReason"]) == (CallStatus.COMPLETED, "caller_hung_up")
+        assert (stored.status, stored.metadata["endReason"]) == (CallStatus.COMPLETED, "caller_hangup")
         assert await turn_indexes(pool, call) == [0, 1]
     assert not list((tmp_path / SPILL_DIRNAME).glob("*/*.jsonl"))
 
