@@ -68,3 +68,19 @@ async def test_a_realtime_agent_whose_model_is_lost_goes_on_through_its_fallback
     assert spoken[4] == ("agent", "Tuesday at ten is free.")
     # The pipeline's model was given the conversation so far.
     assert "I need an appointment" in str(rig.openai.requests[-1]["messages"])
+
+
+async def test_a_realtime_agent_whose_model_cannot_be_reached_at_all_runs_on_its_fallback_pipeline(
+    pool: asyncpg.Pool,
+) -> None:
+    async with call_on("realtime", pool, **PIPELINE) as rig:
+        rig.realtime.api_key = "sk-rotated"  # refused from the first connection
+        rig.openai.replies.append("Sure, what day works for you?")
+        await asyncio.sleep(0.5)
+        rig.deepgram.transcripts.append("I need an appointment")
+        rig.line.say(speech(600))
+        turns = await rig.wait_for_turns(2)
+    assert [(t.speaker, t.text) for t in turns] == [
+        ("caller", "I need an appointment"),
+        ("agent", "Sure, what day works for you?"),  # no apology: nobody had heard the agent
+    ]

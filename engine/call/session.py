@@ -201,8 +201,9 @@ class CallSession:
             log.error("call %s: %s: %s", self.context.call_sid, reason.value, detail)
         self._end(CallStatus.FAILED, reason, detail)
 
-    async def hand_over(self, reason: EndReason, detail: str) -> None:
-        """The driver is lost for good: the fallback driver takes the call over with an apology, or it fails."""
+    async def hand_over(self, reason: EndReason, detail: str, *, apologize: bool = True) -> None:
+        """The driver is lost for good: the fallback driver takes the call over (with an apology, mid-call), or the
+        call fails with `reason`."""
         factory, self._fallback = self._fallback, None
         if factory is None or self._ended.is_set():
             self.fail(reason, detail)
@@ -219,7 +220,7 @@ class CallSession:
         await lost.close()
         if self._phase is CallPhase.RESPONDING:
             self.move(PhaseEvent.YIELD)
-        if self._phase is CallPhase.LISTENING:
+        if apologize and self._phase is CallPhase.LISTENING:
             self.spawn(successor.say(self.config.apology_sentence or DEFAULT_APOLOGY), "apology")
 
     @property
@@ -262,7 +263,7 @@ class CallSession:
                 self.fail(exc.reason, str(exc))
                 await self._driver.close()
                 return
-            await self.hand_over(exc.reason, str(exc))
+            await self.hand_over(exc.reason, str(exc), apologize=False)  # nobody has heard the agent yet
 
     def _open_conversation(self) -> None:
         """The callee greeted (or stayed silent long enough): the agent opens."""
