@@ -255,12 +255,14 @@ async def _wrap_up(
             outcome = await _close_recording(request, call_log, outcome, recorder)
         except Exception:
             log.exception("call %s: its recording could not be closed; the call ends without one", call_log.call_id)
+    deferred = False
     try:
         await writer.finish(outcome)
     except CallLogDeferred:
-        pass  # kept in the spill and written later (logged); the post-call sweep finds the call then
-    else:
-        app[POST_CALL].submit(call_log.id)
+        deferred = True  # kept in the spill and written later (logged); the post-call sweep finds the call then
+    finally:
+        if not deferred:
+            app[POST_CALL].submit(call_log.id)
 
 
 async def _close_recording(
