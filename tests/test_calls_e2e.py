@@ -327,6 +327,10 @@ _MALFORMED_ERRORS = {
     "invalid_base64": "MalformedMessage: ",
     "unknown_event": "UnknownEvent: ",
     "oversized": "MessageTooLarge: ",
+    "over_a_megabyte": "MessageTooLarge: ",
+    "nested_thousands_deep": "MalformedMessage: ",
+    "number_of_5000_digits": "MalformedMessage: ",
+    "timestamp_ten_minutes_ahead": "AheadOfRealTime: ",
 }
 
 

@@ -104,7 +104,8 @@ async def test_media_sent_faster_than_real_time_fails_that_call_while_another_ca
 
     assert health_status == 200
     assert bad_log["status"] == "FAILED"
-    assert bad_log["metadata"]["endReason"].startswith("protocol_error: AheadOfRealTime")
+    assert bad_log["metadata"]["endReason"] == "protocol_error"
+    assert bad_log["metadata"]["endDetail"].startswith("AheadOfRealTime")
     assert (good_log["status"], good_log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
 
 
@@ -122,7 +123,8 @@ async def test_a_timestamp_far_in_the_future_fails_the_call_and_its_recording_st
     row = await finished_call_log(pool, call_log_id)
 
     assert row["status"] == "FAILED"
-    assert row["metadata"]["endReason"].startswith("protocol_error: AheadOfRealTime")
+    assert row["metadata"]["endReason"] == "protocol_error"
+    assert row["metadata"]["endDetail"].startswith("AheadOfRealTime")
     assert row["metadata"]["recordingMs"] <= (row["duration"] + 5) * 1000
 
 

@@ -337,6 +337,8 @@ class CallSession:
                 if self._over:
                     return
             self._end(CallStatus.FAILED, EndReason.STREAM_LOST)
+        except StreamProtocolError as exc:  # a frame the socket itself refused (too large, not UTF-8)
+            self._protocol_error(exc)
         finally:
             if handed and hand_over is not None:
                 hand_over(None)
@@ -353,8 +355,11 @@ class CallSession:
             for event in self._stream.receive_text(text):
                 self._on_stream_event(event)
         except StreamProtocolError as exc:
-            log.warning("call %s: protocol error: %s", self.context.call_sid, exc)
-            self._end(CallStatus.FAILED, EndReason.PROTOCOL_ERROR, f"{type(exc).__name__}: {exc}")
+            self._protocol_error(exc)
+
+    def _protocol_error(self, exc: StreamProtocolError) -> None:
+        log.warning("call %s: protocol error: %s", self.context.call_sid, exc)
+        self._end(CallStatus.FAILED, EndReason.PROTOCOL_ERROR, f"{type(exc).__name__}: {exc}")
 
     def _on_stream_event(self, event: StreamEvent) -> None:
         match event:
