@@ -14,6 +14,7 @@ import zoneinfo
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
+import phonenumbers
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -27,6 +28,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel, to_snake
 from pydantic_core import ErrorDetails
+
+from config.phone import InvalidPhoneNumber, e164
 
 _Number = TypeVar("_Number", int, float)
 
@@ -347,6 +350,72 @@ class VoicemailConfig(_CallBehaviour):
         return self
 
 
+_TRANSFER_PATTERN = re.compile(r"\+(\d+)(\*+)")
+_PATTERN_EXAMPLE = "+1415555****"
+
+
+def _transfer_number(value: str) -> str:
+    try:
+        return e164(value)
+    except InvalidPhoneNumber as exc:
+        raise ValueError(f"not a valid phone number ({exc.reason})") from None
+
+
+def _transfer_pattern(value: str) -> str:
+    # One `*` per digit keeps a pattern to one length: a prefix alone would also match any number it starts.
+    pattern = value.replace(" ", "")
+    match = _TRANSFER_PATTERN.fullmatch(pattern)
+    if match is None:
+        raise ValueError(
+            f"must be '+', the digits every number starts with, then one '*' per remaining digit, e.g. "
+            f"'{_PATTERN_EXAMPLE}'"
+        )
+    prefix, wildcards = match.groups()
+    try:
+        example = e164(f"+{prefix}{'0' * len(wildcards)}")
+    except InvalidPhoneNumber as exc:
+        raise ValueError(f"matches no number Dialtone can dial ({exc.reason})") from None
+    if len(str(phonenumbers.parse(example).country_code)) > len(prefix):
+        raise ValueError("must spell out the whole country code before the first '*'")
+    return pattern
+
+
+class TransferDestination(_CallBehaviour):
+    """A destination the agent may transfer calls to: one exact `number`, or a `pattern`, with a label."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: Annotated[str, Field(min_length=1, max_length=80)]
+    """What the model is told the destination is (e.g. "Billing desk")."""
+    number: Annotated[str, AfterValidator(_transfer_number)] | None = None
+    """An exact number (stored in E.164); allowed whatever its type, premium-rate and toll-free included."""
+    pattern: Annotated[str, AfterValidator(_transfer_pattern)] | None = None
+    """`+` and the digits every number starts with, then one `*` per remaining digit (`+1415555****`); only plain
+    fixed-line and mobile numbers it matches are allowed."""
+
+    @model_validator(mode="after")
+    def _number_or_pattern(self) -> TransferDestination:
+        if (self.number is None) == (self.pattern is None):
+            raise ValueError("give either a number or a pattern")
+        return self
+
+
+class TransferConfig(_CallBehaviour):
+    """Where the agent's model may transfer calls; without this section the agent cannot transfer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    destinations: Annotated[tuple[TransferDestination, ...], Field(strict=False)]
+    """The allowed destinations; leave `transfer` out altogether to turn transfers off."""
+
+    @field_validator("destinations")
+    @classmethod
+    def _some(cls, value: tuple[TransferDestination, ...]) -> tuple[TransferDestination, ...]:
+        if not value:
+            raise ValueError("must list at least one destination (leave transfer out to turn transfers off)")
+        return value
+
+
 class AgentConfiguration(_CallBehaviour):
     """An agent's complete configuration: providers per stage (primary first, then fallbacks) and call behaviour."""
 
@@ -387,6 +456,8 @@ class AgentConfiguration(_CallBehaviour):
     interruption: InterruptionConfig = InterruptionConfig()
     endpointing: EndpointingConfig = EndpointingConfig()
     voicemail: VoicemailConfig = VoicemailConfig()
+    transfer: TransferConfig | None = None
+    """Where the model may transfer calls (`transfer_call`); null: nowhere, and the function is not offered."""
     recording: bool = True
     variables: dict[str, str] = Field(default_factory=dict)
     post_call_summary: str | None = None
@@ -470,6 +541,8 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "interruption": InterruptionConfig,
     "endpointing": EndpointingConfig,
     "voicemail": VoicemailConfig,
+    "transfer": TransferConfig,
+    "transfer.destinations": TransferDestination,
 }
 
 _PLAIN_MESSAGES = {
@@ -540,7 +613,7 @@ def _owner(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     stage = str(loc[0]) if loc else ""
     if stage in _STAGE_MODELS:
         return next((_STAGE_MODELS[stage][part] for part in loc[1:] if part in _STAGE_MODELS[stage]), None)
-    return _SECTIONS.get(stage)
+    return _SECTIONS.get(".".join(str(part) for part in loc[:-1] if isinstance(part, str)))
 
 
 def _unknown_option(loc: tuple[int | str, ...]) -> str:

@@ -37,6 +37,7 @@ from config.agent import (
 )
 from config.settings import Settings
 from pipelines.clients import ProviderClients
+from pipelines.conversation.transfer_rules import TransferRules
 from pipelines.errors import PipelineUnavailable, ProviderKeyMissing, Stage
 from pipelines.fallback import FallbackLLM, FallbackSTT, FallbackTTS, OnFailover
 from pipelines.llm.base import LanguageModel
@@ -301,6 +302,7 @@ def _openai_chat(option: OpenAILLMConfig, key: str | None, build: _Build) -> Lan
         instructions=context.instructions,
         tools=context.tools,
         default_region=context.default_region,
+        transfer=TransferRules.from_config(build.config.transfer),
     )
 
 

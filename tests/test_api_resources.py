@@ -92,6 +92,27 @@ async def test_an_agent_configuration_error_names_its_path(api: Api, acme: Tenan
     assert "nobody" in body["error"]["message"]
 
 
+async def test_an_agent_saved_with_a_bad_transfer_destination_is_refused_naming_it(api: Api, acme: Tenant) -> None:
+    billing = {"number": "+14155550199", "label": "Billing"}
+    status, agent = await api.call(
+        "POST",
+        "/agents",
+        acme.owner_key,
+        json={"name": "Desk", "configuration": {"transfer": {"destinations": [billing]}}},
+    )
+    assert (status, agent["configuration"]["transfer"]["destinations"][0]["number"]) == (201, "+14155550199")
+
+    wildcard = {"pattern": "+1415555", "label": "Support"}
+    status, body = await api.call(
+        "PATCH",
+        f"/agents/{agent['id']}",
+        acme.owner_key,
+        json={"configuration": {"transfer": {"destinations": [billing, wildcard]}}},
+    )
+    assert (status, body["error"]["field"]) == (422, "configuration.transfer.destinations[1].pattern")
+    assert "one '*' per remaining digit" in body["error"]["message"]
+
+
 async def test_an_update_cannot_null_a_required_field(api: Api, acme: Tenant) -> None:
     _, agent = await api.call("POST", "/agents", acme.owner_key, json={"name": "Keeps its name"})
     status, body = await api.call("PATCH", f"/agents/{agent['id']}", acme.owner_key, json={"name": None})

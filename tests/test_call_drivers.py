@@ -43,6 +43,13 @@ LONG_ANSWER = (
     "from ten to four on Saturdays, and we are closed on Sundays and public holidays."
 )
 FIRST = "Hi, this is Dana from Acme Dental."
+TRANSFERS = {
+    "destinations": [
+        {"number": "+14155550199", "label": "Billing"},
+        {"pattern": "+44909*******", "label": "UK lines"},
+    ]
+}
+"""Billing by its number, and a pattern that matches only UK premium-rate numbers (which no pattern reaches)."""
 
 
 @dataclass
@@ -84,6 +91,20 @@ class Rig:
         if tool is not None:
             steps.append(ToolCall(tool, dict(arguments)))
         self.openai.replies.append(steps)
+
+    def offered_functions(self) -> set[str]:
+        """The names of the functions the model was offered."""
+        if self.kind == "realtime":
+            return {tool["name"] for tool in self.realtime.of_type("session.update")[0]["session"]["tools"]}
+        return {tool["function"]["name"] for tool in self.openai.requests[0]["tools"]}
+
+    def function_results(self) -> list[str]:
+        """What the model was told its function calls gave, in order."""
+        if self.kind == "realtime":
+            items = [event["item"] for event in self.realtime.of_type("conversation.item.create")]
+            return [item["output"] for item in items if item["type"] == "function_call_output"]
+        messages = self.openai.requests[-1]["messages"]
+        return [message["content"] for message in messages if message["role"] == "tool"]
 
     def expect_line(self, text: str) -> None:
         """A line the engine will have the agent say word for word (the Realtime fake speaks it when asked)."""
@@ -261,7 +282,7 @@ async def test_an_answering_machine_verdict_stops_the_agent_and_ends_the_call_wi
 
 
 async def test_transfer_call_hands_the_caller_over_once_the_agent_has_spoken(kind: str, pool: asyncpg.Pool) -> None:
-    async with call_on(kind, pool) as rig:
+    async with call_on(kind, pool, transfer=TRANSFERS) as rig:
         rig.reply(
             "Putting you through.",
             tool="transfer_call",
@@ -276,6 +297,53 @@ async def test_transfer_call_hands_the_caller_over_once_the_agent_has_spoken(kin
     )
     assert rig.transfers == [(rig.line.call_sid, "+14155550199")]
     assert any(t.text == "Putting you through." for t in await rig.turns())
+
+
+@pytest.mark.parametrize(
+    ("number", "why"),
+    [
+        ("+449098790000", "error: +449098790000 is a premium-rate number, which this agent may not transfer to."),
+        ("+12025550123", "error: +12025550123 is not a number this agent may transfer to."),
+    ],
+)
+async def test_a_transfer_the_rules_refuse_is_explained_to_the_model_and_the_call_goes_on(
+    kind: str, pool: asyncpg.Pool, number: str, why: str
+) -> None:
+    async with call_on(kind, pool, transfer=TRANSFERS) as rig:
+        rig.reply(tool="transfer_call", arguments={"phone_number": number})
+        rig.reply("I can put you through to billing.")
+        rig.caller_says("Put me through to that number")
+        turns = await rig.wait_for_turns(2)
+        assert not rig.task.done()
+        [result] = rig.function_results()
+    assert rig.transfers == []
+    assert result.startswith(why)
+    assert "Billing (+14155550199)" in result
+    assert turns[-1].text == "I can put you through to billing."
+    assert "transfer_call" in rig.offered_functions()
+
+
+async def test_an_agent_without_transfer_rules_is_not_offered_transfers_and_cannot_make_one(
+    kind: str, pool: asyncpg.Pool
+) -> None:
+    async with call_on(kind, pool) as rig:
+        rig.reply(tool="transfer_call", arguments={"phone_number": "+14155550199"})
+        rig.reply("I'm afraid I cannot transfer calls.")
+        rig.caller_says("Transfer me")
+        turns = await rig.wait_for_turns(2)
+        [result] = rig.function_results()
+        assert await rig.session.transfer("+14155550199") is False  # nor can anything else ask the call for one
+    assert rig.offered_functions() == {"end_call", "send_dtmf"}
+    assert rig.transfers == []
+    assert result.startswith("error: this agent cannot transfer calls")
+    assert turns[-1].text == "I'm afraid I cannot transfer calls."
+
+
+async def test_the_call_itself_refuses_a_transfer_its_rules_do_not_allow(kind: str, pool: asyncpg.Pool) -> None:
+    async with call_on(kind, pool, transfer=TRANSFERS) as rig:
+        assert await rig.session.transfer("+449098790000") is False
+        assert not rig.task.done()
+    assert rig.transfers == []
 
 
 async def test_end_call_hangs_up_after_the_goodbye_was_heard(kind: str, pool: asyncpg.Pool) -> None:

@@ -131,7 +131,8 @@ async def test_a_call_through_deepgram_openai_and_elevenlabs(
         {"role": "assistant", "content": "Hello, this is the clinic."},
         {"role": "user", "content": "I need to reschedule my appointment."},
     ]
-    assert {tool["function"]["name"] for tool in request["tools"]} >= {"end_call", "transfer_call", "send_dtmf"}
+    # An agent without transfer rules is not offered transfer_call at all.
+    assert {tool["function"]["name"] for tool in request["tools"]} == {"end_call", "send_dtmf"}
     # Deepgram got μ-law 8 kHz straight from Twilio, configured as the agent says.
     query = fakes.deepgram.queries[-1]
     assert (query["encoding"], query["sample_rate"], query["endpointing"]) == ("mulaw", "8000", "300")
@@ -197,7 +198,8 @@ async def test_end_call_and_transfer_tools_control_the_call_through_twilio(
     async with running_engine(
         db_url, twilio_auth_token=TOKEN, twilio_account_sid=account, twilio_api_base=api_base, **fakes.settings()
     ) as base:
-        number, _ = await make_line(pool, organization_id, firstSentence="Hi.")
+        billing = {"number": "+14155550199", "label": "Billing"}
+        number, _ = await make_line(pool, organization_id, firstSentence="Hi.", transfer={"destinations": [billing]})
         fakes.deepgram.transcripts.extend(["That's all, bye."])
         fakes.openai.replies.extend([["Goodbye!", ToolCall("end_call", {"reason": "caller is done"})]])
         ended = await call(base, number, Say("that is all bye"), Pause(4000))

@@ -14,8 +14,9 @@ import pytest
 from aiohttp import web
 from openai import AsyncOpenAI
 
-from config.agent import OpenAILLMConfig
+from config.agent import OpenAILLMConfig, parse_agent_configuration
 from pipelines.clients import ProviderClients
+from pipelines.conversation.transfer_rules import TransferRules
 from pipelines.llm import openai_chat
 from pipelines.llm.base import (
     ConversationTurn,
@@ -96,10 +97,20 @@ async def tools(webhook: Webhook) -> AsyncIterator[ToolRunner]:
         yield ToolRunner(agent_functions([row]), call={"call_id": "call_42"}, allow_private=True, session=session)
 
 
+TRANSFERS = parse_agent_configuration(
+    {"transfer": {"destinations": [{"pattern": "+1415555****", "label": "Front office"}]}}
+).transfer
+
+
 def model(client: AsyncOpenAI, tools: ToolRunner | None = None, **config: Any) -> OpenAIChatLLM:
-    """The model under test, on gpt-4o-mini unless `config` says otherwise."""
+    """The model under test, on gpt-4o-mini unless `config` says otherwise, allowed to transfer to +1 415 555."""
     return OpenAIChatLLM(
-        OpenAILLMConfig(**config), client=client, instructions=INSTRUCTIONS, tools=tools, default_region="US"
+        OpenAILLMConfig(**config),
+        client=client,
+        instructions=INSTRUCTIONS,
+        tools=tools,
+        default_region="US",
+        transfer=TransferRules.from_config(TRANSFERS),
     )
 
 

@@ -13,8 +13,9 @@ import asyncpg
 import pytest
 from openai import AsyncOpenAI
 
-from config.agent import OpenAILLMConfig
+from config.agent import OpenAILLMConfig, parse_agent_configuration
 from config.phone import InvalidPhoneNumber, e164
+from pipelines.conversation.transfer_rules import TransferRules
 from pipelines.llm.base import ConversationTurn, TransferCall
 from pipelines.llm.openai_chat import OpenAIChatLLM
 from tests.engine_server import running_engine
@@ -38,6 +39,11 @@ NUMBERS = [
     ("+1 415 555 2671 ext. 12", None),
     ("call me maybe", None),
 ]
+
+VALID_DESTINATIONS = parse_agent_configuration(
+    {"transfer": {"destinations": [{"number": number, "label": number} for _, number in NUMBERS if number is not None]}}
+)
+"""An agent that may transfer to each valid number of the table, so only the number's validity decides."""
 
 
 # ---------------------------------------------------------------------------------------------------- the rule
@@ -161,7 +167,13 @@ async def test_the_transfer_tool_refuses_exactly_the_numbers_the_rule_refuses(gi
     async with FakeOpenAI(api_key=KEY) as fake:
         fake.replies.extend([[ToolCall("transfer_call", {"phone_number": given})], "What number was that?"])
         client = AsyncOpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0)
-        llm = OpenAIChatLLM(OpenAILLMConfig(), client=client, instructions="Transfer when asked.", tools=None)
+        llm = OpenAIChatLLM(
+            OpenAILLMConfig(),
+            client=client,
+            instructions="Transfer when asked.",
+            tools=None,
+            transfer=TransferRules.from_config(VALID_DESTINATIONS.transfer),
+        )
         events = [event async for event in llm.respond([ConversationTurn("caller", "Transfer me")])]
         await client.close()
 

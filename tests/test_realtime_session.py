@@ -185,6 +185,10 @@ class TwilioLine:
             await asyncio.sleep(max(0.0, next_tick - loop.time()))
 
 
+TRANSFERS = {"destinations": [{"pattern": "+1415555****", "label": "Front office"}]}
+"""Where the agents of these tests may transfer calls."""
+
+
 def agent_configuration(**changes: Any) -> AgentConfiguration:
     realtime = {
         "provider": "openai",
@@ -194,7 +198,7 @@ def agent_configuration(**changes: Any) -> AgentConfiguration:
         "transcription_model": "gpt-4o-mini-transcribe",
         **changes.pop("realtime", {}),
     }
-    return parse_agent_configuration({"realtime": realtime, "prompt": PROMPT, **changes})
+    return parse_agent_configuration({"realtime": realtime, "prompt": PROMPT, "transfer": TRANSFERS, **changes})
 
 
 @dataclass

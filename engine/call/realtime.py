@@ -55,7 +55,7 @@ from pipelines.realtime.openai_realtime import (
     say_exactly,
     session_update,
 )
-from pipelines.tools import BUILTIN_FUNCTIONS, TRANSFER_CALL, ToolRunner
+from pipelines.tools import ToolRunner
 from storage.end_reasons import EndReason
 
 __all__ = ["INAUDIBLE", "TRANSCRIPTION_FAILED", "UNTRANSCRIBED", "RealtimeDriver", "realtime_driver"]
@@ -116,7 +116,6 @@ class RealtimeDriver:
         self._instructions = instructions
         self._tools = tools
         self._first_sentence = first_sentence
-        self._can_transfer = can_transfer
         self._channel: RealtimeChannel | None = None
         self._reconnects = 0
         self._reconnecting: asyncio.Task[None] | None = None
@@ -263,7 +262,7 @@ class RealtimeDriver:
     def _session_update(self) -> dict[str, Any]:
         # While a callee may still say hello, the engine decides when the model speaks.
         self._holding_replies = self._host.phase is CallPhase.AWAITING_GREETING
-        specs = [spec for spec in BUILTIN_FUNCTIONS if spec.name != TRANSFER_CALL or self._can_transfer]
+        specs = self._functions.builtins()
         if self._tools is not None:
             specs.extend(self._tools.specs)
         return session_update(

@@ -10,13 +10,13 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from config.phone import InvalidPhoneNumber, e164
 from engine.call.driver import CallHost
 from engine.call.phases import CallPhase, PhaseEvent, accepts
 from engine.call.realtime_voice import ModelResponse, ModelVoice
 from media.dtmf import DIGITS_HELP, InvalidDigits, dtmf_audio
+from pipelines.conversation.transfer_rules import Refusal, TransferRules, builtin_functions
 from pipelines.realtime.openai_realtime import FunctionCall, RealtimeChannel
-from pipelines.tools import DTMF_SENT, END_CALL, SEND_DTMF, TRANSFER_CALL, ToolRunner, parse_arguments
+from pipelines.tools import DTMF_SENT, END_CALL, SEND_DTMF, TRANSFER_CALL, FunctionSpec, ToolRunner, parse_arguments
 from storage.end_reasons import EndReason
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,17 @@ class ModelFunctions:
         self._on_idle = on_idle
         self._tools = tools
         self._can_transfer = can_transfer
+        self._transfer_rules = TransferRules.from_config(host.config.transfer)
         self._seen: set[str] = set()
         self.answering = 0
         """Responses whose function outputs are still being worked out."""
         self.ending: asyncio.Task[None] | None = None
+
+    def builtins(self) -> list[FunctionSpec]:
+        """The built-in functions the model is offered: `transfer_call` only where the line and the agent allow it."""
+        return [
+            spec for spec in builtin_functions(self._transfer_rules) if spec.name != TRANSFER_CALL or self._can_transfer
+        ]
 
     async def called(self, call: FunctionCall) -> None:
         """The model called a function (each call is acted on once, however often it is reported)."""
@@ -133,15 +140,12 @@ class ModelFunctions:
         given = short(arguments.get("phone_number"), 40)
         if not self._can_transfer:
             return "error: this line cannot transfer calls; tell the caller and offer to help otherwise"
-        try:
-            number = e164(given)
-        except InvalidPhoneNumber as exc:
-            return (
-                f"error: {exc}, so the call was not transferred; ask the caller for the full number with its "
-                "country code, or tell them you cannot transfer"
-            )
+        verdict = self._transfer_rules.check(given)
+        if isinstance(verdict, Refusal):
+            log.warning("call %s: a transfer to %r refused: %s", self._host.context.call_sid, given, verdict.message)
+            return verdict.message
         reason = short(arguments.get("reason")) or None
-        self._end_after_speaking(response, reason, transfer_to=number, call_id=call_id)
+        self._end_after_speaking(response, reason, transfer_to=verdict.number, call_id=call_id)
         return None
 
     def _end_after_speaking(

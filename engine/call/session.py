@@ -44,6 +44,7 @@ from media.twilio_stream import (
     StreamProtocolError,
     TwilioStream,
 )
+from pipelines.conversation.transfer_rules import Refusal, TransferRules
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus
 
@@ -181,6 +182,15 @@ class CallSession:
     async def transfer(self, to: str, detail: str | None = None) -> bool:
         """Hand the caller to `to` through Twilio; False (the call goes on) when that cannot be done."""
         if self._transfer is None or self._ended.is_set():
+            return False
+        # The drivers check the agent's rules before they get here; this check is so that none can skip them.
+        verdict = TransferRules.from_config(self.config.transfer).check(to)
+        if isinstance(verdict, Refusal):
+            log.error(
+                "call %s: a transfer the agent's rules refuse reached the call: %s",
+                self.context.call_sid,
+                verdict.message,
+            )
             return False
         try:
             transferred = await self._transfer(self.context.call_sid, to)

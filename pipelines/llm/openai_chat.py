@@ -29,12 +29,11 @@ from openai.types.chat import (
 )
 
 from config.agent import OpenAILLMConfig
-from config.phone import InvalidPhoneNumber, e164
 from media.dtmf import DIGITS_HELP, InvalidDigits, check_digits
 from pipelines.clients import CloseClient
+from pipelines.conversation.transfer_rules import NO_TRANSFERS, Refusal, TransferRules, builtin_functions
 from pipelines.llm.base import ConversationTurn, EndCall, LLMError, LLMEvent, SendDtmf, TextDelta, TransferCall
 from pipelines.tools import (
-    BUILTIN_FUNCTIONS,
     DTMF_SENT,
     END_CALL,
     SEND_DTMF,
@@ -188,18 +187,21 @@ class OpenAIChatLLM:
         instructions: str,
         tools: ToolRunner | None = None,
         default_region: str | None = None,
+        transfer: TransferRules = NO_TRANSFERS,
     ) -> None:
         """Talk to `config.model` through `client` with `instructions` as the system prompt.
 
         `tools` runs the agent's own functions; `default_region` (e.g. "US") reads transfer numbers the model
-        gives without a country code; with None, only international numbers (+...) are accepted.
+        gives without a country code; with None, only international numbers (+...) are accepted. `transfer` is
+        where the model may transfer the call (default: nowhere, and `transfer_call` is not offered).
         """
         self._config = config
         self._client = client
         self._instructions = instructions
         self._tools = tools
         self._default_region = default_region
-        specs = [*BUILTIN_FUNCTIONS, *(tools.specs if tools is not None else ())]
+        self._transfer_rules = transfer
+        specs = [*builtin_functions(transfer), *(tools.specs if tools is not None else ())]
         self._tool_params = cast(list[ChatCompletionToolUnionParam], chat_tools(specs))
         # Function-call exchanges of this call, each with the number of conversation turns it came after.
         self._exchanges: list[tuple[int, list[ChatCompletionMessageParam]]] = []
@@ -350,16 +352,12 @@ class OpenAIChatLLM:
         return _Outcome(EndCall(_text(arguments.get("reason")) or "the agent ended the call"), ends_reply=True)
 
     def _transfer(self, arguments: Mapping[str, Any]) -> _Outcome:
-        number = _text(arguments.get("phone_number"))
         reason = _text(arguments.get("reason")) or "the agent transferred the call"
-        try:
-            to = e164(number, region=self._default_region)
-        except InvalidPhoneNumber as exc:
-            return _Outcome(
-                result=f"error: {exc}, so the call was not transferred. "
-                "Ask the caller for the full number with its country code, or tell them you cannot transfer."
-            )
-        return _Outcome(TransferCall(to, reason), ends_reply=True)
+        verdict = self._transfer_rules.check(_text(arguments.get("phone_number")), region=self._default_region)
+        if isinstance(verdict, Refusal):
+            log.warning("openai %s: a transfer to %r refused: %s", self._config.model, verdict.given, verdict.message)
+            return _Outcome(result=verdict.message)
+        return _Outcome(TransferCall(verdict.number, reason), ends_reply=True)
 
     def _dtmf(self, arguments: Mapping[str, Any]) -> _Outcome:
         digits = _text(arguments.get("digits")).replace(" ", "")

@@ -1,0 +1,171 @@
+"""Where an agent may transfer a call: the one rule every transfer goes through, against toll fraud.
+
+An agent transfers only to the destinations its configuration lists (`transfer.destinations`): exact numbers,
+or patterns (`+1415555****`: the digits every number starts with, then one `*` per remaining digit). A number a
+pattern matches must also be a plain geographic or mobile number (`PLAIN_TYPES`): premium-rate, shared-cost,
+toll-free, personal, UAN, VoIP, pager, voicemail-access and unclassified numbers are refused unless listed
+exactly as a `number`. With no `transfer` section the agent cannot transfer, and `transfer_call` is not offered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Final
+
+import phonenumbers
+from phonenumbers import PhoneNumberType
+
+from config.agent import TransferConfig
+from config.phone import InvalidPhoneNumber, e164
+from pipelines.tools import BUILTIN_FUNCTIONS, TRANSFER_CALL, FunctionSpec
+
+__all__ = ["NO_TRANSFERS", "PLAIN_TYPES", "AllowedTransfer", "Refusal", "TransferRules", "builtin_functions"]
+
+PLAIN_TYPES: Final = frozenset(
+    {PhoneNumberType.FIXED_LINE, PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE}
+)
+"""Number types a pattern may reach. Toll-free is left out on purpose: in North America toll-free traffic pumping
+makes the line that dials it a revenue source, and a business's toll-free desk is one number to list exactly."""
+
+_TYPE_NAMES: Final = {
+    PhoneNumberType.PREMIUM_RATE: "a premium-rate number",
+    PhoneNumberType.SHARED_COST: "a shared-cost number",
+    PhoneNumberType.TOLL_FREE: "a toll-free number",
+    PhoneNumberType.PERSONAL_NUMBER: "a personal (forwarding) number",
+    PhoneNumberType.UAN: "a universal access number",
+    PhoneNumberType.VOIP: "an internet telephony number",
+    PhoneNumberType.PAGER: "a pager number",
+    PhoneNumberType.VOICEMAIL: "a voicemail access number",
+}
+_UNCLASSIFIED: Final = "a number of no known type"
+
+
+@dataclass(frozen=True, slots=True)
+class AllowedTransfer:
+    """A transfer the rules allow: the E.164 number to dial and the destination's label."""
+
+    number: str
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A transfer the rules refuse; `message` is the function result that tells the model why and what it may do."""
+
+    given: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Destination:
+    label: str
+    number: str | None = None
+    prefix: str = ""
+    wildcards: int = 0
+
+    def matches(self, number: str) -> bool:
+        if self.number is not None:
+            return number == self.number
+        return number.startswith(self.prefix) and len(number) == len(self.prefix) + self.wildcards
+
+    def describe(self) -> str:
+        if self.number is not None:
+            return f"{self.label} ({self.number})"
+        return f"{self.label} ({self.prefix} followed by {self.wildcards} more digits, which the caller gives)"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRules:
+    """The destinations one agent may transfer to (none: the agent cannot transfer)."""
+
+    destinations: tuple[_Destination, ...] = ()
+
+    @classmethod
+    def from_config(cls, section: TransferConfig | None) -> TransferRules:
+        """The rules of an agent's validated `transfer` section (None: no transfers at all)."""
+        if section is None:
+            return NO_TRANSFERS
+        return cls(
+            tuple(
+                _Destination(d.label, number=d.number)
+                if d.number is not None
+                else _Destination(d.label, prefix=(d.pattern or "").rstrip("*"), wildcards=(d.pattern or "").count("*"))
+                for d in section.destinations
+            )
+        )
+
+    @property
+    def offered(self) -> bool:
+        """Whether the model is offered `transfer_call` at all."""
+        return bool(self.destinations)
+
+    def check(self, given: str, *, region: str | None = None) -> AllowedTransfer | Refusal:
+        """Whether a transfer to `given` (a number as the model wrote it, or an exact destination's label) may go.
+
+        `region` (e.g. "US") reads a number written without its country code.
+        """
+        if not self.offered:
+            return Refusal(
+                given, "error: this agent cannot transfer calls; tell the caller and offer to help otherwise"
+            )
+        for destination in self.destinations:
+            if destination.number is not None and given.strip().casefold() == destination.label.casefold():
+                return AllowedTransfer(destination.number, destination.label)
+        try:
+            number = e164(given, region=region)
+        except InvalidPhoneNumber as exc:
+            return Refusal(
+                given,
+                f"error: {exc}, so the call was not transferred; ask the caller for the full number with its "
+                f"country code, or offer {self._choices()}",
+            )
+        exact = next((d for d in self.destinations if d.number == number), None)
+        if exact is not None:
+            return AllowedTransfer(number, exact.label)
+        matched = next((d for d in self.destinations if d.matches(number)), None)
+        if matched is None:
+            return Refusal(given, f"error: {number} is not a number this agent may transfer to. {self._refused()}")
+        kind = phonenumbers.number_type(phonenumbers.parse(number))
+        if kind not in PLAIN_TYPES:
+            what = _TYPE_NAMES.get(kind, _UNCLASSIFIED)
+            return Refusal(given, f"error: {number} is {what}, which this agent may not transfer to. {self._refused()}")
+        return AllowedTransfer(number, matched.label)
+
+    def function_spec(self) -> FunctionSpec | None:
+        """`transfer_call` as this agent's model sees it, its destinations in the description; None if not offered."""
+        if not self.offered:
+            return None
+        base = next(spec for spec in BUILTIN_FUNCTIONS if spec.name == TRANSFER_CALL)
+        parameters = dict(base.parameters)
+        properties = dict(parameters["properties"])
+        properties["phone_number"] = {
+            "type": "string",
+            "description": "The number to transfer to, in E.164 (+15551234567), or the label of a listed number.",
+        }
+        parameters["properties"] = properties
+        description = f"{base.description} Transfer only to: {self._listing()}; never to any other number."
+        return dataclasses.replace(base, description=description, parameters=parameters)
+
+    def _listing(self) -> str:
+        return "; ".join(d.describe() for d in self.destinations)
+
+    def _choices(self) -> str:
+        return f"one of: {self._listing()}"
+
+    def _refused(self) -> str:
+        return f"The call was not transferred; tell the caller, and offer {self._choices()}."
+
+
+NO_TRANSFERS: Final = TransferRules()
+"""The rules of an agent without a `transfer` section: no destination, no `transfer_call`."""
+
+
+def builtin_functions(rules: TransferRules) -> list[FunctionSpec]:
+    """The built-in functions an agent's model is offered: `transfer_call` only with destinations, listing them."""
+    transfer = rules.function_spec()
+    return [
+        offered
+        for spec in BUILTIN_FUNCTIONS
+        if (offered := transfer if spec.name == TRANSFER_CALL else spec) is not None
+    ]
