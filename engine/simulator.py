@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from config.settings import Settings
 from media.g711 import ULAW_SILENCE, pcm16_to_ulaw, ulaw_to_pcm16
-from media.resample import SUPPORTED_RATES, StreamResampler
+from media.resample import SUPPORTED_RATES, resample
 
 __all__ = [
     "AgentUtterance",
@@ -287,9 +287,7 @@ class PlaybackQueue:
 def _pcm_to_ulaw_8k(samples: npt.NDArray[np.int16], rate: int, source: str) -> bytes:
     if rate not in SUPPORTED_RATES:
         raise SimulationError(f"{source}: {rate} Hz is not supported; use one of {sorted(SUPPORTED_RATES)}")
-    resampler = StreamResampler(rate, 8000)
-    pcm = np.concatenate([resampler.process(samples), resampler.flush()])
-    return pcm16_to_ulaw(pcm.astype(np.int16))
+    return pcm16_to_ulaw(resample(samples, rate, 8000))
 
 
 def _read_wav(path: Path) -> bytes:
@@ -305,9 +303,9 @@ def _read_wav(path: Path) -> bytes:
 
 
 async def _speech(text: str, voice: str) -> bytes:
-    from pipelines.tts.espeak import get_espeak_engine
+    from pipelines.tts.espeak import speak_pcm
 
-    audio = await get_espeak_engine().synthesize_pcm(text, voice=voice)
+    audio = await asyncio.to_thread(speak_pcm, text, voice=voice)
     return _pcm_to_ulaw_8k(audio.samples, audio.sample_rate, f"eSpeak voice {voice!r}")
 
 

@@ -35,6 +35,7 @@ from pipelines.fallback import FallbackLLM, FallbackSTT, FallbackTTS, OnFailover
 from pipelines.llm.base import LanguageModel
 from pipelines.llm.conversation_path import ConversationPathLLM, PathGraph
 from pipelines.llm.simple import SimpleResponder
+from pipelines.offline_workers import INLINE, OfflineWork
 from pipelines.stt.base import SpeechToText
 from pipelines.stt.sphinx import SphinxSTT
 from pipelines.tools import ToolRunner
@@ -106,6 +107,8 @@ class ProviderContext:
     default_region: str | None = None
     """Region (e.g. "US") to read phone numbers the model gives without a country code in."""
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    offline_work: OfflineWork = INLINE
+    """Where offline providers decode and synthesize: the engine's OfflineWorkers; inline for tests and tools."""
 
 
 class ProviderKeyMissing(Exception):
@@ -226,6 +229,7 @@ def _build_stt(
             return lambda: DeepgramSTT(option, api_key=key or "", url=url)
         assert isinstance(option, SphinxSTTConfig)
         return lambda: SphinxSTT(
+            work=context.offline_work,
             keyphrases=(*option.keyphrases, *keywords),
             end_silence_ms=config.endpointing.silence_ms,
         )
@@ -291,7 +295,7 @@ def _build_tts(stage: Sequence[TTSConfig], voice: VoiceChoice | None, context: P
         name = option.voice
         if voice is not None and voice.provider == "espeak" and voice.provider_voice_id:
             name = voice.provider_voice_id
-        return EspeakTTS(voice=name, rate=option.rate, pitch=option.pitch)
+        return EspeakTTS(work=context.offline_work, voice=name, rate=option.rate, pitch=option.pitch)
 
     synthesizers = _usable("tts", stage, context, make)
     if len(synthesizers) == 1:

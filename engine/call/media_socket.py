@@ -21,7 +21,7 @@ from engine.call.outbound_audio import SendText
 from engine.call.session import CallContext, CallSession
 from engine.call.setup import PreparedCall, prepare_call
 from engine.server import metrics
-from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
+from engine.server.appkeys import DATABASE, LIVE_CALLS, OFFLINE_WORKERS, SETTINGS, TWILIO
 from engine.twilio.signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
 from engine.twilio.webhooks import CALL_LOG_PARAMETER
 from engine.workers.post_call import POST_CALL
@@ -179,7 +179,9 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     bundle = await agents.load_agent_bundle(pool, organization_id=call_log.organization_id, agent_id=call_log.agent_id)
     try:
         config = parse_agent_configuration(bundle.agent.configuration)
-        prepared = await prepare_call(pool, settings=settings, config=config, bundle=bundle, call_log=call_log)
+        prepared = await prepare_call(
+            pool, settings=settings, config=config, bundle=bundle, call_log=call_log, offline_work=app[OFFLINE_WORKERS]
+        )
         realtime = plan_realtime(config, prepared.context) if config.realtime else None
         pipeline = (
             None

@@ -19,6 +19,7 @@ from config.settings import Settings
 from engine.server import metrics
 from pipelines.fallback import OnFailover
 from pipelines.llm.prompt import call_variables, render_prompt
+from pipelines.offline_workers import OfflineWork
 from pipelines.registry import PathSource, ProviderContext, VoiceChoice
 from pipelines.tools import ToolRunner, agent_functions
 from storage import campaigns, voices
@@ -67,6 +68,7 @@ async def prepare_call(
     config: AgentConfiguration,
     bundle: AgentBundle,
     call_log: CallLog,
+    offline_work: OfflineWork,
     on_failover: OnFailover | None = None,
     now: datetime | None = None,
 ) -> PreparedCall:
@@ -124,6 +126,7 @@ async def prepare_call(
         voice_ids=voice_ids,
         on_failover=on_failover or count_failover,
         default_region=_region(bundle.phone_number.phone_number if bundle.phone_number else call_log.phone_number),
+        offline_work=offline_work,
     )
     return PreparedCall(
         context=context,

@@ -13,7 +13,7 @@ from engine.call import media_socket
 from engine.call.live_calls import LiveCalls
 from engine.campaigns.dispatcher import dispatcher_context
 from engine.server import health, metrics
-from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
+from engine.server.appkeys import DATABASE, LIVE_CALLS, OFFLINE_WORKERS, SETTINGS, TWILIO
 from engine.twilio import webhooks as twilio_webhooks
 from engine.twilio.rest import TwilioCalls
 from engine.workers.post_call import post_call_context
@@ -22,6 +22,7 @@ from engine.workers.recordings import handle_recording, recordings_context
 from engine.workers.recovery import recovery_context
 from engine.workers.webhook_delivery import webhook_delivery_context
 from pipelines.llm.openai_chat import close_openai_clients
+from pipelines.offline_workers import OfflineWorkers
 from pipelines.tools import close_shared_session
 from pipelines.tts.elevenlabs import close_http_clients as close_elevenlabs_clients
 from storage.migrate import migrate
@@ -42,6 +43,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True) -> web.Appl
     app.cleanup_ctx.append(post_call_context)
     app.cleanup_ctx.append(recordings_context)
     app.cleanup_ctx.append(recording_io_context)
+    app.cleanup_ctx.append(_offline_workers_context)  # before _calls_context: calls end before the workers stop
     app.cleanup_ctx.append(_calls_context)
     app.cleanup_ctx.append(dispatcher_context)  # after _calls_context: it dials through the app's Twilio client
     # Before connections close at shutdown, running calls end and their CallLogs are finished.
@@ -77,6 +79,12 @@ async def _calls_context(app: web.Application) -> AsyncIterator[None]:
         await close_elevenlabs_clients()
         if twilio is not None:
             await twilio.close()
+
+
+async def _offline_workers_context(app: web.Application) -> AsyncIterator[None]:
+    async with OfflineWorkers(app[SETTINGS].offline_workers) as workers:
+        app[OFFLINE_WORKERS] = workers
+        yield
 
 
 async def _end_live_calls(app: web.Application) -> None:
