@@ -314,10 +314,9 @@ class Utterance:
     pcm8k: npt.NDArray[np.int16]
     at_ms: int
 
-    @property
-    def duration_ms(self) -> int:
-        """Length of the audio in milliseconds."""
-        return len(self.pcm8k) // 8
+
+def _length_ms(utterance: Utterance) -> int:
+    return len(utterance.pcm8k) * 1000 // 8000
 
 
 class UtteranceBacklog:
@@ -345,17 +344,17 @@ class UtteranceBacklog:
     def put(self, utterance: Utterance) -> None:
         """Queue an utterance, dropping the oldest waiting ones (with a log line) while over the bound."""
         self._waiting.append(utterance)
-        self._waiting_ms += utterance.duration_ms
+        self._waiting_ms += _length_ms(utterance)
         while self._waiting_ms > self.max_ms and len(self._waiting) > 1:
             oldest = self._waiting.popleft()
-            self._waiting_ms -= oldest.duration_ms
+            self._waiting_ms -= _length_ms(oldest)
             self.dropped += 1
             log.warning(
                 "PocketSphinx: decoding is behind the caller (%d ms of speech waiting, over %d ms): "
                 "dropped the oldest utterance (%d ms, ended at %d ms)",
-                self._waiting_ms + oldest.duration_ms,
+                self._waiting_ms + _length_ms(oldest),
                 self.max_ms,
-                oldest.duration_ms,
+                _length_ms(oldest),
                 oldest.at_ms,
             )
         self._ready.set()
@@ -368,7 +367,7 @@ class UtteranceBacklog:
             self._ready.clear()
             await self._ready.wait()
         utterance = self._waiting.popleft()
-        self._waiting_ms -= utterance.duration_ms
+        self._waiting_ms -= _length_ms(utterance)
         return utterance
 
     def close(self) -> None:

@@ -96,26 +96,10 @@ class EspeakEngine:
         with self._lock:
             self._library()
 
-    def synthesize_pcm(
-        self,
-        text: str,
-        *,
-        voice: str = "en-us",
-        rate: int = 175,
-        pitch: int = 50,
-        sample_rate: int = NATIVE_SAMPLE_RATE,
-        variant: int = 0,
-    ) -> PcmAudio:
-        """Speak `text` as PCM at `sample_rate`; raise TTSError on failure. Blocks: call it off the event loop.
-
-        The audio depends only on the arguments. `variant` 0 is the one rendition the cache holds; another starts
-        eSpeak's pitch flutter and noise elsewhere, as an earlier synthesis would, for naturally varied test speech.
-        """
+    def synthesize(self, text: str, voice: str, rate: int, pitch: int, variant: int) -> npt.NDArray[np.int16]:
+        """Speak `text` as PCM at NATIVE_SAMPLE_RATE; raise TTSError on failure. Blocks: keep it off the event loop."""
         with self._lock:
-            samples = self._synthesize(text, voice, rate, pitch, variant)
-        if sample_rate != NATIVE_SAMPLE_RATE:
-            samples = resample(samples, NATIVE_SAMPLE_RATE, sample_rate)
-        return PcmAudio(samples=samples, sample_rate=sample_rate)
+            return self._synthesize(text, voice, rate, pitch, variant)
 
     def _synthesize(self, text: str, voice: str, rate: int, pitch: int, variant: int) -> npt.NDArray[np.int16]:
         lib = self._library()
@@ -298,10 +282,15 @@ def speak_pcm(
     sample_rate: int = NATIVE_SAMPLE_RATE,
     variant: int = 0,
 ) -> PcmAudio:
-    """`text` spoken by this process's engine (see `EspeakEngine.synthesize_pcm`); blocks, so run it off the loop."""
-    return load_process_engine().synthesize_pcm(
-        text, voice=voice, rate=rate, pitch=pitch, sample_rate=sample_rate, variant=variant
-    )
+    """`text` spoken as PCM at `sample_rate` by this process's engine; blocks, so run it off the event loop.
+
+    The audio depends only on the arguments. `variant` 0 is the one rendition the cache holds; another starts
+    eSpeak's pitch flutter and noise elsewhere, as an earlier synthesis would, for naturally varied test speech.
+    """
+    samples = load_process_engine().synthesize(text, voice, rate, pitch, variant)
+    if sample_rate != NATIVE_SAMPLE_RATE:
+        samples = resample(samples, NATIVE_SAMPLE_RATE, sample_rate)
+    return PcmAudio(samples=samples, sample_rate=sample_rate)
 
 
 def speak_ulaw(text: str, voice: str, rate: int, pitch: int) -> bytes:
