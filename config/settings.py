@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     dispatch_interval: float = _env("DIALTONE_DISPATCH_INTERVAL", "dispatch_interval", 1.0, gt=0, le=60)
     dispatch_lease: float = _env("DIALTONE_DISPATCH_LEASE", "dispatch_lease", 60.0, ge=5, le=3600)
     # Worker processes shared by every call for offline recognition and synthesis (PocketSphinx, eSpeak NG), which
-    # would stall the event loop; two suit a 2-core machine, as the workers yield the CPU to the engine's loop.
+    # would stall the event loop; two suit a 2-core machine.
     offline_workers: int = _env("DIALTONE_OFFLINE_WORKERS", "offline_workers", 2, ge=1, le=64)
 
     @field_validator("deepgram_url", "openai_base_url", "elevenlabs_url")

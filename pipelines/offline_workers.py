@@ -18,9 +18,6 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-WORKER_NICENESS = 5
-"""How much lower than the engine's the workers' CPU priority is, so the event loop's process wins a busy core."""
-
 # Imported once by the fork server, so each worker forks with them loaded instead of importing them itself.
 _PRELOAD = ["numpy", "soxr", "pocketsphinx", "pipelines.stt.sphinx", "pipelines.tts.espeak"]
 
@@ -117,7 +114,6 @@ def _initialize_worker() -> None:
     from pipelines.stt import sphinx
     from pipelines.tts import espeak
 
-    os.nice(WORKER_NICENESS)
     for load in (sphinx.load_process_decoder, espeak.load_process_engine):
         try:
             load()
