@@ -105,9 +105,9 @@ async def speech_utterance(text: str, *, max_inner_quiet_ms: int) -> Utterance:
     Raises ValueError when a pause inside it lasts `max_inner_quiet_ms` or more (an endpointer would end the turn
     there), or when it has no voiced frame at all.
     """
-    from pipelines.tts.espeak import get_espeak_engine
+    from pipelines.tts.espeak import speak_pcm
 
-    audio = await get_espeak_engine().synthesize_pcm(text, voice="en-us", sample_rate=SAMPLE_RATE)
+    audio = await asyncio.to_thread(speak_pcm, text, voice="en-us", sample_rate=8000)
     frames = _frames(pcm16_to_ulaw(audio.samples))
     voiced = _voiced(frames)
     if not any(voiced):

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     call_log_spill_max_bytes: int = _env(
         "DIALTONE_CALL_LOG_SPILL_MAX_BYTES", "call_log_spill_max_bytes", 256 * 1024 * 1024, ge=1024
     )
+    # Worker processes shared by every call for offline recognition and synthesis (PocketSphinx, eSpeak NG), which
+    # would stall the event loop; two suit a 2-core machine.
+    offline_workers: int = _env("DIALTONE_OFFLINE_WORKERS", "offline_workers", 2, ge=1, le=64)
 
     @field_validator("deepgram_url", "openai_base_url", "elevenlabs_url")
     @classmethod

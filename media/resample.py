@@ -36,3 +36,9 @@ class StreamResampler:
             return np.zeros(0, dtype=np.int16)
         out: npt.NDArray[np.int16] = self._stream.resample_chunk(np.zeros(0, dtype=np.int16), last=True)
         return out
+
+
+def resample(samples: npt.NDArray[np.int16], in_rate: int, out_rate: int) -> npt.NDArray[np.int16]:
+    """A whole buffer resampled from `in_rate` to `out_rate` Hz (both in SUPPORTED_RATES)."""
+    resampler = StreamResampler(in_rate, out_rate)
+    return np.concatenate([resampler.process(samples), resampler.flush()])

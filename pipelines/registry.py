@@ -43,6 +43,7 @@ from pipelines.fallback import FallbackLLM, FallbackSTT, FallbackTTS, OnFailover
 from pipelines.llm.base import LanguageModel
 from pipelines.llm.conversation_path import ConversationPathLLM, PathGraph
 from pipelines.llm.simple import SimpleResponder
+from pipelines.offline_workers import INLINE, OfflineWork
 from pipelines.stt.base import SpeechToText
 from pipelines.stt.sphinx import SphinxSTT
 from pipelines.tools import ToolRunner
@@ -141,6 +142,8 @@ class ProviderContext:
     on_failover: OnFailover | None = None
     default_region: str | None = None
     """Region (e.g. "US") to read phone numbers the model gives without a country code in."""
+    offline_work: OfflineWork = INLINE
+    """Where offline providers decode and synthesize: the engine's OfflineWorkers; inline for tests and tools."""
 
     @property
     def settings(self) -> Settings:
@@ -281,7 +284,9 @@ def _deepgram(option: DeepgramSTTConfig, key: str | None, build: _Build) -> Spee
 
 def _sphinx(option: SphinxSTTConfig, key: str | None, build: _Build) -> SpeechToText:
     return SphinxSTT(
-        keyphrases=(*option.keyphrases, *build.keywords), end_silence_ms=build.config.endpointing.silence_ms
+        work=build.context.offline_work,
+        keyphrases=(*option.keyphrases, *build.keywords),
+        end_silence_ms=build.config.endpointing.silence_ms,
     )
 
 
@@ -353,7 +358,7 @@ def _espeak(option: EspeakTTSConfig, key: str | None, build: _Build) -> TextToSp
     voice, name = build.voice, option.voice
     if voice is not None and voice.provider == "espeak" and voice.provider_voice_id:
         name = voice.provider_voice_id
-    return EspeakTTS(voice=name, rate=option.rate, pitch=option.pitch)
+    return EspeakTTS(work=build.context.offline_work, voice=name, rate=option.rate, pitch=option.pitch)
 
 
 TTS_PROVIDERS: Mapping[str, _Factory[TextToSpeech]] = {"elevenlabs": _elevenlabs, "espeak": _espeak}

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from media.framing import FrameSplitter
 from media.g711 import FRAME_BYTES, ULAW_SILENCE, pcm16_to_ulaw
 from pipelines.stt.base import SpeechToText, STTEvent
-from pipelines.tts.espeak import get_espeak_engine
+from pipelines.tts.espeak import speak_pcm
 
 
 async def spoken_frames(text: str, *, voice: str = "en-us", variant: int = 0) -> list[bytes]:
     """`text` spoken by eSpeak NG as 8 kHz μ-law frames of 20 ms; each `variant` is another natural rendition."""
-    audio = await get_espeak_engine().synthesize_pcm(text, voice=voice, sample_rate=8000, variant=variant)
+    audio = await asyncio.to_thread(speak_pcm, text, voice=voice, sample_rate=8000, variant=variant)
     splitter = FrameSplitter()
     frames = splitter.push(pcm16_to_ulaw(audio.samples))
     tail = splitter.flush()

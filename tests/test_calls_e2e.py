@@ -476,3 +476,49 @@ async def test_caller_audio_twilio_dropped_reaches_the_call_log_and_the_metrics(
     log = await call_log(pool, result)
     assert log["metadata"]["inboundGaps"] == {"count": 1, "totalMs": 500, "longestMs": 500}
     assert await inbound_gap_metrics(engine) == (gaps_before + 1, ms_before + 500)
+
+
+LONG_UTTERANCE = " ".join(["i would like to book an appointment for next tuesday morning at ten my name is alex"] * 4)
+"""About 18 s of speech without a pause: PocketSphinx decodes it as one utterance, a second or more of CPU."""
+
+
+async def test_a_long_utterance_on_one_call_never_stalls_health_or_another_call(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    long_number, _ = await make_line(pool, organization_id)
+    other_number, _ = await make_line(pool, organization_id)
+    stalls: list[float] = []
+    health: list[int] = []
+    done = asyncio.Event()
+
+    async def watch_loop() -> None:
+        # Every stall of the loop (the engine's and ours) shows up as a late wake-up of this timer.
+        loop = asyncio.get_running_loop()
+        while not done.is_set():
+            due = loop.time() + 0.02
+            await asyncio.sleep(0.02)
+            stalls.append(loop.time() - due)
+
+    async def poll_health() -> None:
+        async with aiohttp.ClientSession() as http:
+            while not done.is_set():
+                async with http.get(f"{engine}/health") as response:
+                    health.append(response.status)
+                await asyncio.sleep(0.1)
+
+    watchers = [asyncio.create_task(watch_loop()), asyncio.create_task(poll_health())]
+    try:
+        long_call, other_call = await asyncio.gather(
+            call(engine, long_number, Say(LONG_UTTERANCE), Pause(6000), HangUp()),
+            call(engine, other_number, Pause(4000), Say("what are your opening hours"), Say("no thanks bye")),
+        )
+    finally:
+        done.set()
+        await asyncio.gather(*watchers)
+
+    long_rows = await turns(pool, (await call_log(pool, long_call))["id"])
+    assert "appointment" in " ".join(r["text"] for r in long_rows if r["speaker"] == "caller").split()
+    other_log = await call_log(pool, other_call)
+    assert (other_log["status"], other_log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
+    assert len(health) > 50 and set(health) == {200}
+    assert max(stalls) < 0.5, f"the event loop stalled for {max(stalls) * 1000:.0f} ms"

@@ -104,6 +104,18 @@ def test_a_port_out_of_range_is_named_by_its_variable(monkeypatch: pytest.Monkey
     assert "65535" in message
 
 
+def test_offline_workers_default_to_two_and_are_read_from_their_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().offline_workers == 2
+    monkeypatch.setenv("DIALTONE_OFFLINE_WORKERS", "6")
+    assert load_settings().offline_workers == 6
+
+
+def test_zero_offline_workers_are_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = error_of(monkeypatch, "DIALTONE_OFFLINE_WORKERS", "0")
+
+    assert message.startswith("DIALTONE_OFFLINE_WORKERS: ")
+
+
 def test_a_database_url_that_is_not_postgresql_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     message = error_of(monkeypatch, "DATABASE_URL", "mysql://root@localhost/dialtone")
 

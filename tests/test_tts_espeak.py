@@ -4,146 +4,135 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import pytest
 
+from pipelines.offline_workers import INLINE, OfflineWorkers
 from pipelines.tts.base import TTSError
-from pipelines.tts.espeak import (
-    CHUNK_BYTES,
-    NATIVE_SAMPLE_RATE,
-    EspeakEngine,
-    EspeakTTS,
-    PcmAudio,
-    SpeechCache,
-    get_espeak_engine,
-)
+from pipelines.tts.espeak import CHUNK_BYTES, NATIVE_SAMPLE_RATE, EspeakTTS, SpeechCache, speak_pcm
 
 SENTENCE = "Thank you for calling, how can I help you today?"
+R = TypeVar("R")
 
 
-class CountingEngine(EspeakEngine):
-    """The process's engine, counting the texts it is asked to speak."""
+@pytest.fixture(scope="module")
+async def workers() -> AsyncIterator[OfflineWorkers]:
+    """Two worker processes, as the engine has by default."""
+    async with OfflineWorkers(2) as pool:
+        yield pool
+
+
+class CountingWork:
+    """Inline work counting the texts it is asked to speak."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.calls: list[str] = []
 
-    async def synthesize_pcm(
-        self,
-        text: str,
-        *,
-        voice: str = "en-us",
-        rate: int = 175,
-        pitch: int = 50,
-        sample_rate: int = NATIVE_SAMPLE_RATE,
-        variant: int = 0,
-    ) -> PcmAudio:
-        self.calls.append(text)
-        return await get_espeak_engine().synthesize_pcm(
-            text, voice=voice, rate=rate, pitch=pitch, sample_rate=sample_rate, variant=variant
-        )
+    async def run(self, job: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+        self.calls.append(args[0])
+        return await INLINE.run(job, *args, **kwargs)
 
 
 async def speak(tts: EspeakTTS, text: str) -> list[bytes]:
     return [chunk async for chunk in tts.synthesize(text)]
 
 
-async def test_a_sentence_is_spoken_with_plausible_duration() -> None:
-    audio = await get_espeak_engine().synthesize_pcm(SENTENCE)
+def test_a_sentence_is_spoken_with_plausible_duration() -> None:
+    audio = speak_pcm(SENTENCE)
     assert audio.sample_rate == NATIVE_SAMPLE_RATE
     assert 20 * len(SENTENCE) < audio.duration_ms < 200 * len(SENTENCE)
     assert int(abs(audio.samples.astype("int32")).max()) > 1000
 
 
 @pytest.mark.parametrize("voice", ["en-us", "en-gb"])
-async def test_english_voices_both_speak(voice: str) -> None:
-    audio = await get_espeak_engine().synthesize_pcm("Tuesday at ten", voice=voice)
+def test_english_voices_both_speak(voice: str) -> None:
+    audio = speak_pcm("Tuesday at ten", voice=voice)
     assert audio.duration_ms > 300
 
 
-async def test_the_same_text_is_the_same_audio_every_time() -> None:
-    engine = get_espeak_engine()
-    first = await engine.synthesize_pcm("tuesday please")
-    await engine.synthesize_pcm(SENTENCE, voice="en-gb")  # eSpeak state from another text must not leak
-    again = await engine.synthesize_pcm("tuesday please")
+def test_the_same_text_is_the_same_audio_every_time() -> None:
+    first = speak_pcm("tuesday please")
+    speak_pcm(SENTENCE, voice="en-gb")  # eSpeak state from another text must not leak
+    again = speak_pcm("tuesday please")
     assert first.samples.tobytes() == again.samples.tobytes()
 
 
-async def test_variants_are_other_renditions_each_repeatable() -> None:
-    engine = get_espeak_engine()
-    plain, one, two = [(await engine.synthesize_pcm("tuesday please", variant=n)).samples for n in (0, 1, 2)]
+def test_variants_are_other_renditions_each_repeatable() -> None:
+    plain, one, two = [speak_pcm("tuesday please", variant=n).samples for n in (0, 1, 2)]
     assert len({plain.tobytes(), one.tobytes(), two.tobytes()}) == 3
-    assert (await engine.synthesize_pcm("tuesday please", variant=1)).samples.tobytes() == one.tobytes()
+    assert speak_pcm("tuesday please", variant=1).samples.tobytes() == one.tobytes()
 
 
-async def test_an_unknown_voice_raises_naming_it() -> None:
+def test_an_unknown_voice_raises_naming_it() -> None:
     with pytest.raises(TTSError, match="xx-nowhere"):
-        await get_espeak_engine().synthesize_pcm("hello", voice="xx-nowhere")
+        speak_pcm("hello", voice="xx-nowhere")
 
 
-async def test_the_engine_speaks_again_after_an_unknown_voice() -> None:
+def test_the_engine_speaks_again_after_an_unknown_voice() -> None:
     with pytest.raises(TTSError):
-        await get_espeak_engine().synthesize_pcm("hello", voice="xx-nowhere")
-    audio = await get_espeak_engine().synthesize_pcm("hello")
+        speak_pcm("hello", voice="xx-nowhere")
+    audio = speak_pcm("hello")
     assert audio.duration_ms > 100
 
 
-async def test_ulaw_output_comes_in_100_ms_chunks_of_8khz_audio() -> None:
-    chunks = await speak(EspeakTTS(cache=SpeechCache()), SENTENCE)
+async def test_ulaw_output_comes_in_100_ms_chunks_of_8khz_audio(workers: OfflineWorkers) -> None:
+    chunks = await speak(EspeakTTS(work=workers, cache=SpeechCache()), SENTENCE)
     assert len(chunks) > 1
     assert all(len(chunk) == CHUNK_BYTES for chunk in chunks[:-1])
     assert 0 < len(chunks[-1]) <= CHUNK_BYTES
-    native = await get_espeak_engine().synthesize_pcm(SENTENCE)
+    native = speak_pcm(SENTENCE)
     ulaw_ms = sum(map(len, chunks)) / 8
     assert abs(ulaw_ms - native.duration_ms) < 100
 
 
 async def test_empty_text_yields_no_audio() -> None:
-    assert await speak(EspeakTTS(cache=SpeechCache()), "  ") == []
+    assert await speak(EspeakTTS(work=INLINE, cache=SpeechCache()), "  ") == []
 
 
 async def test_a_repeated_text_comes_from_the_cache_without_the_engine() -> None:
-    engine = CountingEngine()
+    work = CountingWork()
     cache = SpeechCache()
-    first = await speak(EspeakTTS(engine=engine, cache=cache), SENTENCE)
-    again = await speak(EspeakTTS(engine=engine, cache=cache), SENTENCE)
+    first = await speak(EspeakTTS(work=work, cache=cache), SENTENCE)
+    again = await speak(EspeakTTS(work=work, cache=cache), SENTENCE)
     assert again == first
-    assert engine.calls == [SENTENCE]
+    assert work.calls == [SENTENCE]
 
 
 async def test_different_settings_are_cached_apart() -> None:
-    engine = CountingEngine()
+    work = CountingWork()
     cache = SpeechCache()
-    await speak(EspeakTTS(engine=engine, cache=cache), "yes")
-    await speak(EspeakTTS(engine=engine, cache=cache, rate=220), "yes")
-    assert len(engine.calls) == 2
+    await speak(EspeakTTS(work=work, cache=cache), "yes")
+    await speak(EspeakTTS(work=work, cache=cache, rate=220), "yes")
+    assert len(work.calls) == 2
 
 
 async def test_calls_asking_for_the_same_text_at_once_share_one_synthesis() -> None:
-    engine = CountingEngine()
+    work = CountingWork()
     cache = SpeechCache()
-    results = await asyncio.gather(*(speak(EspeakTTS(engine=engine, cache=cache), SENTENCE) for _ in range(20)))
+    results = await asyncio.gather(*(speak(EspeakTTS(work=work, cache=cache), SENTENCE) for _ in range(20)))
     assert all(result == results[0] for result in results)
-    assert engine.calls == [SENTENCE]
+    assert work.calls == [SENTENCE]
 
 
 async def test_the_cache_evicts_the_least_recently_used_text() -> None:
-    engine = CountingEngine()
+    work = CountingWork()
     cache = SpeechCache(max_entries=2)
-    tts = EspeakTTS(engine=engine, cache=cache)
+    tts = EspeakTTS(work=work, cache=cache)
     for text in ("one", "two", "one", "three", "one", "two"):
         await speak(tts, text)
-    assert engine.calls == ["one", "two", "three", "two"]
+    assert work.calls == ["one", "two", "three", "two"]
     assert len(cache) == 2
 
 
-async def test_many_concurrent_syntheses_all_complete() -> None:
+async def test_many_concurrent_syntheses_all_complete(workers: OfflineWorkers) -> None:
     texts = [f"This is caller number {n}." for n in range(40)]
-    results = await asyncio.gather(*(speak(EspeakTTS(cache=SpeechCache()), text) for text in texts))
+    results = await asyncio.gather(*(speak(EspeakTTS(work=workers, cache=SpeechCache()), text) for text in texts))
     assert all(sum(map(len, chunks)) > 4000 for chunks in results)
 
 
-async def test_the_event_loop_keeps_ticking_during_a_long_synthesis() -> None:
+async def test_the_event_loop_keeps_ticking_during_a_long_synthesis(workers: OfflineWorkers) -> None:
     long_text = " ".join([SENTENCE] * 60)
     longest_gap = 0.0
     done = asyncio.Event()
@@ -159,7 +148,7 @@ async def test_the_event_loop_keeps_ticking_during_a_long_synthesis() -> None:
 
     ticker = asyncio.create_task(tick())
     try:
-        chunks = await speak(EspeakTTS(cache=SpeechCache()), long_text)
+        chunks = await speak(EspeakTTS(work=workers, cache=SpeechCache()), long_text)
     finally:
         done.set()
         await ticker

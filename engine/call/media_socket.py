@@ -25,7 +25,7 @@ from engine.call.outbound_audio import SendText
 from engine.call.session import CallContext, CallSession
 from engine.call.setup import PreparedCall, prepare_call
 from engine.server import metrics
-from engine.server.appkeys import DATABASE, LIVE_CALLS, PROVIDER_CLIENTS, SETTINGS, TWILIO
+from engine.server.appkeys import DATABASE, LIVE_CALLS, OFFLINE_WORKERS, PROVIDER_CLIENTS, SETTINGS, TWILIO
 from engine.twilio.signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
 from engine.twilio.webhooks import CALL_LOG_PARAMETER
 from engine.workers.call_log_replay import CALL_LOG_SPILL
@@ -171,7 +171,13 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     try:
         config = parse_agent_configuration(bundle.agent.configuration)
         prepared = await prepare_call(
-            pool, settings=settings, clients=app[PROVIDER_CLIENTS], config=config, bundle=bundle, call_log=call_log
+            pool,
+            settings=settings,
+            clients=app[PROVIDER_CLIENTS],
+            config=config,
+            bundle=bundle,
+            call_log=call_log,
+            offline_work=app[OFFLINE_WORKERS],
         )
         realtime = _realtime_plan(config, prepared)
         twilio = app.get(TWILIO)

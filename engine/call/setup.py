@@ -20,6 +20,7 @@ from engine.server import metrics
 from pipelines.clients import ProviderClients
 from pipelines.fallback import OnFailover
 from pipelines.llm.prompt import call_variables, render_prompt
+from pipelines.offline_workers import OfflineWork
 from pipelines.registry import PathSource, ProviderContext, ProviderKeys, VoiceChoice
 from pipelines.tools import ToolRunner, agent_functions
 from storage import campaigns, voices
@@ -69,6 +70,7 @@ async def prepare_call(
     config: AgentConfiguration,
     bundle: AgentBundle,
     call_log: CallLog,
+    offline_work: OfflineWork,
     on_failover: OnFailover | None = None,
     now: datetime | None = None,
 ) -> PreparedCall:
@@ -128,6 +130,7 @@ async def prepare_call(
         voice_ids=voice_ids,
         on_failover=on_failover or count_failover,
         default_region=_region(bundle.phone_number.phone_number if bundle.phone_number else call_log.phone_number),
+        offline_work=offline_work,
     )
     return PreparedCall(
         context=context,

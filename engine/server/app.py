@@ -13,7 +13,7 @@ from engine.call import media_socket
 from engine.call.live_calls import LiveCalls
 from engine.campaigns.dispatcher import dispatcher_context
 from engine.server import health, metrics
-from engine.server.appkeys import DATABASE, LIVE_CALLS, PROVIDER_CLIENTS, SETTINGS, TWILIO
+from engine.server.appkeys import DATABASE, LIVE_CALLS, OFFLINE_WORKERS, PROVIDER_CLIENTS, SETTINGS, TWILIO
 from engine.twilio import webhooks as twilio_webhooks
 from engine.twilio.rest import TwilioCalls
 from engine.workers.call_log_replay import call_log_spill_context
@@ -23,6 +23,7 @@ from engine.workers.recordings import handle_recording, recordings_context
 from engine.workers.recovery import recovery_context
 from engine.workers.webhook_delivery import webhook_delivery_context
 from pipelines.clients import ProviderClients
+from pipelines.offline_workers import OfflineWorkers
 from storage.end_reasons import EndReason
 from storage.migrate import migrate
 from storage.pool import open_database
@@ -45,6 +46,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True) -> web.Appl
     app.cleanup_ctx.append(post_call_context)
     app.cleanup_ctx.append(recordings_context)
     app.cleanup_ctx.append(recording_io_context)
+    app.cleanup_ctx.append(_offline_workers_context)  # before _calls_context: calls end before the workers stop
     app.cleanup_ctx.append(_calls_context)
     app.cleanup_ctx.append(dispatcher_context)  # after _calls_context: it dials through the app's Twilio client
     # Before connections close at shutdown, running calls end and their CallLogs are finished.
@@ -86,6 +88,13 @@ async def _provider_clients_context(app: web.Application) -> AsyncIterator[None]
         yield
     finally:
         await clients.aclose()
+
+
+async def _offline_workers_context(app: web.Application) -> AsyncIterator[None]:
+    """Worker processes for offline recognition and synthesis, shared by every call (`pipelines.offline_workers`)."""
+    async with OfflineWorkers(app[SETTINGS].offline_workers) as workers:
+        app[OFFLINE_WORKERS] = workers
+        yield
 
 
 async def _end_live_calls(app: web.Application) -> None:

@@ -8,10 +8,12 @@ from config.settings import Settings
 from engine.call.live_calls import LiveCalls
 from engine.twilio.rest import TwilioCalls
 from pipelines.clients import ProviderClients
+from pipelines.offline_workers import OfflineWorkers
 from storage.pool import Database
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
 LIVE_CALLS = web.AppKey("live_calls", LiveCalls)
 PROVIDER_CLIENTS = web.AppKey("provider_clients", ProviderClients)
+OFFLINE_WORKERS = web.AppKey("offline_workers", OfflineWorkers)
 TWILIO = web.AppKey("twilio", TwilioCalls)  # set only when Twilio credentials are configured

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import wave
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy.typing as npt
 
 from engine.simulator.results import SimulationError
 from media.g711 import SAMPLE_RATE, pcm16_to_ulaw
-from media.resample import SUPPORTED_RATES, StreamResampler
+from media.resample import SUPPORTED_RATES, resample
 
 __all__ = ["read_wav", "synthesize_speech"]
 
@@ -18,9 +19,7 @@ __all__ = ["read_wav", "synthesize_speech"]
 def _pcm_to_ulaw_8k(samples: npt.NDArray[np.int16], rate: int, source: str) -> bytes:
     if rate not in SUPPORTED_RATES:
         raise SimulationError(f"{source}: {rate} Hz is not supported; use one of {sorted(SUPPORTED_RATES)}")
-    resampler = StreamResampler(rate, SAMPLE_RATE)
-    pcm = np.concatenate([resampler.process(samples), resampler.flush()])
-    return pcm16_to_ulaw(pcm.astype(np.int16))
+    return pcm16_to_ulaw(resample(samples, rate, SAMPLE_RATE))
 
 
 def read_wav(path: Path) -> bytes:
@@ -38,7 +37,7 @@ def read_wav(path: Path) -> bytes:
 
 async def synthesize_speech(text: str, voice: str) -> bytes:
     """`text` spoken by eSpeak NG in `voice`, as μ-law 8 kHz."""
-    from pipelines.tts.espeak import get_espeak_engine
+    from pipelines.tts.espeak import speak_pcm
 
-    audio = await get_espeak_engine().synthesize_pcm(text, voice=voice)
+    audio = await asyncio.to_thread(speak_pcm, text, voice=voice)
     return _pcm_to_ulaw_8k(audio.samples, audio.sample_rate, f"eSpeak voice {voice!r}")

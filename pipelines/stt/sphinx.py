@@ -1,31 +1,35 @@
-"""PocketSphinx offline speech-to-text: VAD-cut utterances decoded on a shared decoder pool, biased to keyphrases."""
+"""PocketSphinx offline speech-to-text: VAD-cut utterances decoded off the event loop, biased to keyphrases."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import os
 import re
 import tempfile
-import threading
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from media.framing import FrameSplitter
 from media.g711 import FRAME_MS, SAMPLE_RATE, ulaw_to_pcm16
-from media.resample import StreamResampler
+from media.resample import resample
 from media.vad import SpeechStarted as VadSpeechStarted
 from media.vad import SpeechStopped, VoiceActivityDetector
+from pipelines.offline_workers import OfflineWork, OfflineWorkError
 from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, STTEvent, TranscriptUpdate
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 MODEL_SAMPLE_RATE = 16000
 """The en-us acoustic model's rate; caller audio is upsampled to it (decoding at 8 kHz measured far worse)."""
@@ -38,6 +42,9 @@ TAIL_MS = 200
 
 MAX_UTTERANCE_MS = 20_000
 """An utterance this long is decoded as a turn even if the caller has not paused."""
+
+MAX_BACKLOG_MS = 30_000
+"""Speech a call may have waiting for a decode; past it the oldest waiting utterances are dropped."""
 
 KEYPHRASE_WEIGHT = 30
 """How many times each keyphrase (and each of its words) counts in the vocabulary's language-model corpus."""
@@ -110,7 +117,7 @@ def _dictionary_path() -> Path:
 
 
 def _build_vocabulary(keyphrases: tuple[str, ...]) -> Vocabulary:
-    # Runs on a worker thread: scans the 3 MB dictionary once per distinct set of keyphrases.
+    # Scans the 3 MB dictionary: once per distinct set of keyphrases in each process that decodes.
     from pocketsphinx.lm import ArpaBoLM
 
     key_lines = [" ".join(normalize_words(phrase)) for phrase in keyphrases]
@@ -149,28 +156,31 @@ class _StringSink:
 
 
 class SphinxDecoder:
-    """One PocketSphinx decoder with the searches it has built, used by one thread at a time."""
+    """One PocketSphinx decoder with the searches it has built (one per process: see `load_process_decoder`)."""
 
     MAX_SEARCHES = 16
 
     def __init__(self, vocabulary: Vocabulary) -> None:
-        """Load the acoustic model with `vocabulary`'s words (slow: call on a worker thread)."""
+        """Load the acoustic model with `vocabulary`'s words."""
         from pocketsphinx import Decoder
 
         with _temporary_file(
             ".dict", "".join(f"{entry} {phones}\n" for entry, phones in vocabulary.pronunciations)
         ) as path:
-            # Utterances are decoded whole: normalise each by its own cepstral mean ("batch"), so a pooled
+            # Utterances are decoded whole: normalise each by its own cepstral mean ("batch"), so a shared
             # decoder carries nothing from one caller's utterance into the next.
             self._decoder: Any = Decoder(lm=None, dict=path, cmn="batch", loglevel="FATAL")
         self._searches: OrderedDict[tuple[str, ...], str] = OrderedDict()
         self._serial = 0
 
+    def prepare(self, vocabulary: Vocabulary) -> None:
+        """Build the search for `vocabulary` now, so the first utterance decoded with it does not wait for it."""
+        self._search(vocabulary)
+
     def recognize(self, pcm8k: npt.NDArray[np.int16], vocabulary: Vocabulary) -> str:
         """The words in one utterance of 8 kHz PCM, lower case, empty when none were recognized."""
         self._decoder.activate_search(self._search(vocabulary))
-        resampler = StreamResampler(SAMPLE_RATE, MODEL_SAMPLE_RATE)
-        audio = np.concatenate([resampler.process(pcm8k), resampler.flush()]).astype(np.float32)
+        audio = resample(pcm8k, SAMPLE_RATE, MODEL_SAMPLE_RATE).astype(np.float32)
         # Digital silence (a gateway's idle μ-law) skews the model's per-utterance cepstral mean; a faint floor of
         # noise like a real line's measured several points better on the keyphrases. Seeded: same audio, same words.
         audio += np.random.default_rng(0).normal(0.0, 20.0, len(audio)).astype(np.float32)
@@ -243,128 +253,167 @@ def _temporary_file(suffix: str, content: str) -> Iterator[str]:
         Path(path).unlink(missing_ok=True)
 
 
-class SphinxDecoderPool:
-    """A process's PocketSphinx decoders: created lazily up to `size`, lent per utterance, run on worker threads."""
+MAX_VOCABULARIES = 64
+"""Vocabularies (distinct sets of keyphrases) a process keeps built."""
 
-    MAX_VOCABULARIES = 64
+_decoder: SphinxDecoder | None = None
+_vocabularies: OrderedDict[tuple[str, ...], Vocabulary] = OrderedDict()
 
-    def __init__(self, size: int | None = None) -> None:
-        """Create an empty pool of at most `size` decoders (default: twice the CPU count)."""
-        self.size = size or 2 * (os.cpu_count() or 1)
-        self._executor = ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="sphinx")
-        self._idle: asyncio.Queue[SphinxDecoder] = asyncio.Queue()
-        self._created = 0
-        self._vocabularies: OrderedDict[tuple[str, ...], asyncio.Future[Vocabulary]] = OrderedDict()
 
-    @property
-    def created(self) -> int:
-        """Decoders created so far."""
-        return self._created
+def vocabulary_key(keyphrases: Iterable[str]) -> tuple[str, ...]:
+    """The keyphrases as a vocabulary is known by: normalized, deduplicated, sorted."""
+    return tuple(sorted({" ".join(normalize_words(phrase)) for phrase in keyphrases} - {""}))
 
-    @property
-    def idle(self) -> int:
-        """Decoders waiting in the pool, not lent to anyone."""
-        return self._idle.qsize()
 
-    async def vocabulary(self, keyphrases: Iterable[str]) -> Vocabulary:
-        """The vocabulary for a set of keyphrases, built once per process on a worker thread."""
-        key = tuple(sorted({" ".join(normalize_words(phrase)) for phrase in keyphrases} - {""}))
-        pending = self._vocabularies.get(key)
-        if pending is None:
-            pending = asyncio.get_running_loop().run_in_executor(self._executor, _build_vocabulary, key)
-            self._vocabularies[key] = pending
-            if len(self._vocabularies) > self.MAX_VOCABULARIES:
-                self._vocabularies.popitem(last=False)
-        else:
-            self._vocabularies.move_to_end(key)
+def load_process_decoder() -> SphinxDecoder:
+    """This process's decoder, loading the en-us model on first use (offline workers load it as they start)."""
+    global _decoder  # noqa: PLW0603 - a decoder is a process's loaded model, shared by every utterance it decodes
+    if _decoder is None:
+        vocabulary = _process_vocabulary(())
         try:
-            return await asyncio.shield(pending)
+            _decoder = SphinxDecoder(vocabulary)
         except Exception as exc:
-            self._vocabularies.pop(key, None)
-            raise STTError(
-                f"PocketSphinx: cannot build the vocabulary for keyphrases {list(key)} ({exc})", provider="sphinx"
-            ) from exc
-
-    async def warm(self, vocabulary: Vocabulary) -> None:
-        """Make sure one decoder exists, so a call's first utterance does not wait for a model load."""
-        decoder = await self._acquire(vocabulary)
-        self._release(decoder)
-
-    async def recognize(self, pcm8k: npt.NDArray[np.int16], vocabulary: Vocabulary) -> str:
-        """Decode one utterance of 8 kHz PCM on a free decoder, waiting for one if all are busy."""
-        decoder = await self._acquire(vocabulary)
-        try:
-            job = asyncio.get_running_loop().run_in_executor(self._executor, decoder.recognize, pcm8k, vocabulary)
-            # Shielded: a cancelled caller must not return a decoder that is still decoding.
-            return await asyncio.shield(job)
-        except asyncio.CancelledError:
-            await asyncio.wait([job])
-            raise
-        except Exception as exc:
-            raise STTError(f"PocketSphinx: decoding failed ({exc})", provider="sphinx") from exc
-        finally:
-            self._release(decoder)
-
-    async def _acquire(self, vocabulary: Vocabulary) -> SphinxDecoder:
-        if not self._idle.empty() or self._created >= self.size:
-            return await self._idle.get()
-        self._created += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, SphinxDecoder, vocabulary)
-        except Exception as exc:
-            self._created -= 1
             raise STTError(
                 f"PocketSphinx: cannot load the en-us model from the pocketsphinx wheel ({exc})", provider="sphinx"
             ) from exc
-
-    def _release(self, decoder: SphinxDecoder) -> None:
-        self._idle.put_nowait(decoder)
+    return _decoder
 
 
-_pool: SphinxDecoderPool | None = None
-_pool_lock = threading.Lock()
+def prepare_recognizer(key: tuple[str, ...]) -> None:
+    """Build the vocabulary for `key` (a `vocabulary_key`) into this process's decoder; STTError if it cannot."""
+    load_process_decoder().prepare(_process_vocabulary(key))
 
 
-def get_sphinx_decoder_pool() -> SphinxDecoderPool:
-    """The process's one SphinxDecoderPool, created on first use."""
-    global _pool  # noqa: PLW0603 - decoders are shared by every call in the process
-    with _pool_lock:
-        if _pool is None:
-            _pool = SphinxDecoderPool()
-        return _pool
+def recognize_utterance(pcm8k: npt.NDArray[np.int16], key: tuple[str, ...]) -> str:
+    """The words in one utterance of 8 kHz PCM, favouring the keyphrases of `key` (a job for offline workers)."""
+    decoder = load_process_decoder()
+    vocabulary = _process_vocabulary(key)
+    try:
+        return decoder.recognize(pcm8k, vocabulary)
+    except Exception as exc:
+        raise STTError(f"PocketSphinx: decoding failed ({exc})", provider="sphinx") from exc
+
+
+def _process_vocabulary(key: tuple[str, ...]) -> Vocabulary:
+    vocabulary = _vocabularies.get(key)
+    if vocabulary is not None:
+        _vocabularies.move_to_end(key)
+        return vocabulary
+    try:
+        vocabulary = _build_vocabulary(key)
+    except Exception as exc:
+        raise STTError(
+            f"PocketSphinx: cannot build the vocabulary for keyphrases {list(key)} ({exc})", provider="sphinx"
+        ) from exc
+    _vocabularies[key] = vocabulary
+    if len(_vocabularies) > MAX_VOCABULARIES:
+        _vocabularies.popitem(last=False)
+    return vocabulary
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Utterance:
+    """One VAD-cut stretch of a caller's speech, 8 kHz PCM, ending `at_ms` into the stream."""
+
+    pcm8k: npt.NDArray[np.int16]
+    at_ms: int
+
+
+def _length_ms(utterance: Utterance) -> int:
+    return len(utterance.pcm8k) * 1000 // 8000
+
+
+class UtteranceBacklog:
+    """A call's utterances waiting for a decode, oldest first; past `max_ms` of audio the oldest are dropped.
+
+    A call whose decodes fall behind its caller (every worker busy) thus holds a bounded amount of audio, and
+    what it decodes when a worker frees up is the newest speech, the speech its next reply should answer.
+    """
+
+    def __init__(self, max_ms: int = MAX_BACKLOG_MS) -> None:
+        """Create an empty backlog holding at most `max_ms` of audio (the newest utterance always stays)."""
+        self.max_ms = max_ms
+        self.dropped = 0
+        """Utterances dropped so far."""
+        self._waiting: deque[Utterance] = deque()
+        self._waiting_ms = 0
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    @property
+    def waiting_ms(self) -> int:
+        """Audio waiting, in milliseconds."""
+        return self._waiting_ms
+
+    def put(self, utterance: Utterance) -> None:
+        """Queue an utterance, dropping the oldest waiting ones (with a log line) while over the bound."""
+        self._waiting.append(utterance)
+        self._waiting_ms += _length_ms(utterance)
+        while self._waiting_ms > self.max_ms and len(self._waiting) > 1:
+            oldest = self._waiting.popleft()
+            self._waiting_ms -= _length_ms(oldest)
+            self.dropped += 1
+            log.warning(
+                "PocketSphinx: decoding is behind the caller (%d ms of speech waiting, over %d ms): "
+                "dropped the oldest utterance (%d ms, ended at %d ms)",
+                self._waiting_ms + _length_ms(oldest),
+                self.max_ms,
+                _length_ms(oldest),
+                oldest.at_ms,
+            )
+        self._ready.set()
+
+    async def get(self) -> Utterance | None:
+        """The oldest waiting utterance, waiting for one if need be; None once closed and empty."""
+        while not self._waiting:
+            if self._closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        utterance = self._waiting.popleft()
+        self._waiting_ms -= _length_ms(utterance)
+        return utterance
+
+    def close(self) -> None:
+        """No more utterances: `get` returns None once the waiting ones are taken."""
+        self._closed = True
+        self._ready.set()
 
 
 _CLOSED = object()
 
 
 class SphinxSTT:
-    """A call's PocketSphinx recognizer (SpeechToText): VAD per frame on the loop, one decode per utterance."""
+    """A call's PocketSphinx recognizer (SpeechToText): VAD per frame on the loop, each utterance decoded by `work`.
+
+    `work` is where decoding runs: the engine's OfflineWorkers, or `INLINE` (on the event loop, stalling it for
+    as long as a decode takes) for tests and tools that have no engine.
+    """
 
     def __init__(
         self,
         *,
+        work: OfflineWork,
         keyphrases: Iterable[str] = (),
         end_silence_ms: int = 700,
-        pool: SphinxDecoderPool | None = None,
+        max_backlog_ms: int = MAX_BACKLOG_MS,
     ) -> None:
         """Create a recognizer favouring `keyphrases`; a turn ends after `end_silence_ms` of silence."""
-        self._keyphrases = tuple(keyphrases)
-        self._pool = pool or get_sphinx_decoder_pool()
+        self._work = work
+        self._key = vocabulary_key(keyphrases)
         self._vad = VoiceActivityDetector(stop_ms=end_silence_ms)
         self._splitter = FrameSplitter()
         self._pre_roll: deque[npt.NDArray[np.int16]] = deque(maxlen=PRE_ROLL_MS // FRAME_MS)
         self._utterance: list[npt.NDArray[np.int16]] = []
         self._utterance_start_ms = 0
-        self._utterances: asyncio.Queue[tuple[npt.NDArray[np.int16], int] | object] = asyncio.Queue()
+        self._backlog = UtteranceBacklog(max_backlog_ms)
         self._events: asyncio.Queue[STTEvent | STTError | object] = asyncio.Queue()
-        self._vocabulary: Vocabulary | None = None
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
 
     async def start(self) -> None:
-        """Build (or reuse) the keyphrase vocabulary and make sure a decoder is loaded."""
-        self._vocabulary = await self._pool.vocabulary(self._keyphrases)
-        await self._pool.warm(self._vocabulary)
+        """Build (or reuse) the keyphrase vocabulary where decoding runs; STTError if it cannot be built."""
+        await self._run(prepare_recognizer, self._key)
         self._worker = asyncio.create_task(self._recognize_utterances())
 
     def send_audio(self, ulaw: bytes, *, voiced: bool = True) -> None:
@@ -393,7 +442,7 @@ class SphinxSTT:
         self._closed = True
         if self._vad.speaking and self._utterance:
             self._end_utterance(self._vad.elapsed_ms)
-        self._utterances.put_nowait(_CLOSED)
+        self._backlog.close()
         if self._worker is not None:
             await self._worker
         self._events.put_nowait(_CLOSED)
@@ -420,18 +469,22 @@ class SphinxSTT:
         keep_frames = (speech_end_ms + TAIL_MS - self._utterance_start_ms) // FRAME_MS
         frames = self._utterance[: max(keep_frames, 1)]
         self._utterance = []
-        self._utterances.put_nowait((np.concatenate(frames), speech_end_ms))
+        self._backlog.put(Utterance(np.concatenate(frames), speech_end_ms))
 
     async def _recognize_utterances(self) -> None:
-        assert self._vocabulary is not None
-        while (item := await self._utterances.get()) is not _CLOSED:
-            assert isinstance(item, tuple)
-            pcm, at_ms = item
+        # One decode of this call in flight at a time: the rest wait in its bounded backlog, not in the workers' queue.
+        while (utterance := await self._backlog.get()) is not None:
             try:
-                text = await self._pool.recognize(pcm, self._vocabulary)
+                text = await self._run(recognize_utterance, utterance.pcm8k, self._key)
             except STTError as exc:
                 self._events.put_nowait(exc)
                 return
             if text:
-                self._events.put_nowait(TranscriptUpdate(text=text, is_final=True, at_ms=at_ms))
-                self._events.put_nowait(EndOfTurn(text=text, at_ms=at_ms))
+                self._events.put_nowait(TranscriptUpdate(text=text, is_final=True, at_ms=utterance.at_ms))
+                self._events.put_nowait(EndOfTurn(text=text, at_ms=utterance.at_ms))
+
+    async def _run(self, job: Callable[..., _T], *args: Any) -> _T:
+        try:
+            return await self._work.run(job, *args)
+        except OfflineWorkError as exc:
+            raise STTError(f"PocketSphinx: {exc}", provider="sphinx") from exc

@@ -1,4 +1,4 @@
-"""eSpeak NG offline text-to-speech: one process-wide engine on one worker thread, μ-law 8 kHz out, cached."""
+"""eSpeak NG offline text-to-speech: one engine per process, run off the event loop, μ-law 8 kHz out, cached."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -17,7 +16,8 @@ import numpy as np
 import numpy.typing as npt
 
 from media.g711 import pcm16_to_ulaw
-from media.resample import StreamResampler
+from media.resample import resample
+from pipelines.offline_workers import OfflineWork, OfflineWorkError
 from pipelines.tts.base import TTSError
 
 NATIVE_SAMPLE_RATE = 22050
@@ -79,12 +79,11 @@ class PcmAudio:
 
 
 class EspeakEngine:
-    """The process's eSpeak NG library, driven from one dedicated worker thread (eSpeak is not thread-safe)."""
+    """A process's eSpeak NG library (its state is process-wide): one synthesis at a time, whatever the thread."""
 
     def __init__(self) -> None:
-        """Create the engine; the library is loaded on the worker thread at the first synthesis."""
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="espeak")
-        # Everything below is touched only on the worker thread.
+        """Create the engine; the library is loaded at the first synthesis."""
+        self._lock = threading.Lock()
         self._lib: ctypes.CDLL | None = None
         self._callback: Any = None  # the ctypes callback must outlive every espeak_Synth call
         self._chunks: list[npt.NDArray[np.int16]] = []
@@ -92,39 +91,15 @@ class EspeakEngine:
         self._srand: Callable[[int], None] | None = None
         self._wavegen_state: dict[str, ctypes.c_int] = {}
 
-    async def synthesize_pcm(
-        self,
-        text: str,
-        *,
-        voice: str = "en-us",
-        rate: int = 175,
-        pitch: int = 50,
-        sample_rate: int = NATIVE_SAMPLE_RATE,
-        variant: int = 0,
-    ) -> PcmAudio:
-        """Speak `text` as PCM at `sample_rate` (resampled on the worker thread); raise TTSError on failure.
+    def load(self) -> None:
+        """Load and initialise the library now rather than at the first synthesis; TTSError if it cannot."""
+        with self._lock:
+            self._library()
 
-        The audio depends only on the arguments. `variant` 0 is the one rendition the cache holds; another starts
-        eSpeak's pitch flutter and noise elsewhere, as an earlier synthesis would, for naturally varied test speech.
-        """
-        job = self._job(text, voice, rate, pitch, sample_rate=sample_rate, variant=variant)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, job)
-
-    def close(self) -> None:
-        """Stop the worker thread once pending syntheses finish."""
-        self._executor.shutdown(wait=False)
-
-    def _job(
-        self, text: str, voice: str, rate: int, pitch: int, *, sample_rate: int, variant: int
-    ) -> Callable[[], PcmAudio]:
-        def run() -> PcmAudio:
-            samples = self._synthesize(text, voice, rate, pitch, variant)
-            if sample_rate != NATIVE_SAMPLE_RATE:
-                resampler = StreamResampler(NATIVE_SAMPLE_RATE, sample_rate)
-                samples = np.concatenate([resampler.process(samples), resampler.flush()])
-            return PcmAudio(samples=samples, sample_rate=sample_rate)
-
-        return run
+    def synthesize(self, text: str, voice: str, rate: int, pitch: int, variant: int) -> npt.NDArray[np.int16]:
+        """Speak `text` as PCM at NATIVE_SAMPLE_RATE; raise TTSError on failure. Blocks: keep it off the event loop."""
+        with self._lock:
+            return self._synthesize(text, voice, rate, pitch, variant)
 
     def _synthesize(self, text: str, voice: str, rate: int, pitch: int, variant: int) -> npt.NDArray[np.int16]:
         lib = self._library()
@@ -195,7 +170,7 @@ class EspeakEngine:
         return lib
 
     def _reset_generators(self, lib: ctypes.CDLL, variant: int) -> None:
-        # Only the worker thread synthesizes, so nothing else touches these between here and espeak_Synth.
+        # Called under the lock, so no other synthesis touches these between here and espeak_Synth.
         seed = (SYNTHESIS_SEED + variant) & 0x7FFFFFFF
         lib.espeak_ng_SetRandSeed(seed)  # eSpeak's own generator: breath and Klatt noise (seeded from the clock)
         assert self._srand is not None
@@ -207,7 +182,7 @@ class EspeakEngine:
             self._wavegen_state["Flutter_ix"].value = variant * 4099 % _N_FLUTTER_STEPS
 
     def _receive(self, wav: Any, count: int, _events: int | None) -> int:
-        # Called by espeak_Synth on the worker thread with each buffer; a null `wav` marks the end.
+        # Called by espeak_Synth, under the lock, with each buffer; a null `wav` marks the end.
         if wav and count > 0:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).astype(np.int16))
         return 0
@@ -295,13 +270,39 @@ _engine: EspeakEngine | None = None
 _engine_lock = threading.Lock()
 
 
-def get_espeak_engine() -> EspeakEngine:
-    """The process's one EspeakEngine, created on first use."""
+def load_process_engine() -> EspeakEngine:
+    """This process's EspeakEngine, its library loaded (offline workers load it as they start)."""
     global _engine  # noqa: PLW0603 - eSpeak's state is process-global, so its engine is too
     with _engine_lock:
         if _engine is None:
             _engine = EspeakEngine()
-        return _engine
+    _engine.load()
+    return _engine
+
+
+def speak_pcm(
+    text: str,
+    *,
+    voice: str = "en-us",
+    rate: int = 175,
+    pitch: int = 50,
+    sample_rate: int = NATIVE_SAMPLE_RATE,
+    variant: int = 0,
+) -> PcmAudio:
+    """`text` spoken as PCM at `sample_rate` by this process's engine; blocks, so run it off the event loop.
+
+    The audio depends only on the arguments. `variant` 0 is the one rendition the cache holds; another starts
+    eSpeak's pitch flutter and noise elsewhere, as an earlier synthesis would, for naturally varied test speech.
+    """
+    samples = load_process_engine().synthesize(text, voice, rate, pitch, variant)
+    if sample_rate != NATIVE_SAMPLE_RATE:
+        samples = resample(samples, NATIVE_SAMPLE_RATE, sample_rate)
+    return PcmAudio(samples=samples, sample_rate=sample_rate)
+
+
+def speak_ulaw(text: str, voice: str, rate: int, pitch: int) -> bytes:
+    """`text` spoken as μ-law 8 kHz by this process's engine: EspeakTTS's job for offline workers."""
+    return pcm16_to_ulaw(speak_pcm(text, voice=voice, rate=rate, pitch=pitch, sample_rate=8000).samples)
 
 
 _SpeechKey = tuple[str, str, int, int]
@@ -354,22 +355,26 @@ _speech_cache = SpeechCache()
 
 
 class EspeakTTS:
-    """A call's eSpeak NG synthesizer (TextToSpeech): μ-law 8 kHz in 100 ms chunks, from the shared cache if it can."""
+    """A call's eSpeak NG synthesizer (TextToSpeech): μ-law 8 kHz in 100 ms chunks, from the shared cache if it can.
+
+    `work` is where synthesis runs: the engine's OfflineWorkers, or `INLINE` (on the event loop) for tests and
+    tools that have no engine.
+    """
 
     def __init__(
         self,
         *,
+        work: OfflineWork,
         voice: str = "en-us",
         rate: int = 175,
         pitch: int = 50,
-        engine: EspeakEngine | None = None,
         cache: SpeechCache | None = None,
     ) -> None:
-        """Create a synthesizer; `engine` and `cache` default to the process's shared ones."""
+        """Create a synthesizer; `cache` defaults to the process's shared one."""
         self.voice = voice
         self.rate = rate
         self.pitch = pitch
-        self._engine = engine or get_espeak_engine()
+        self._work = work
         self._cache = _speech_cache if cache is None else cache
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:
@@ -383,9 +388,9 @@ class EspeakTTS:
 
     def _render(self, text: str) -> asyncio.Future[bytes]:
         async def render() -> bytes:
-            pcm = await self._engine.synthesize_pcm(
-                text, voice=self.voice, rate=self.rate, pitch=self.pitch, sample_rate=8000
-            )
-            return pcm16_to_ulaw(pcm.samples)
+            try:
+                return await self._work.run(speak_ulaw, text, self.voice, self.rate, self.pitch)
+            except OfflineWorkError as exc:
+                raise TTSError(f"eSpeak NG: {exc}") from exc
 
         return asyncio.ensure_future(render())

@@ -1,0 +1,121 @@
+"""Where CPU-heavy offline provider work runs: worker processes shared by every call of an engine, or inline."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from types import TracebackType
+from typing import ParamSpec, Protocol, TypeVar
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Imported once by the fork server, so each worker forks with them loaded instead of importing them itself.
+_PRELOAD = ["numpy", "soxr", "pocketsphinx", "pipelines.stt.sphinx", "pipelines.tts.espeak"]
+
+
+class OfflineWorkError(Exception):
+    """A worker process died while running a job; the message says what was lost."""
+
+
+class OfflineWork(Protocol):
+    """Runs a provider's CPU-heavy job (a picklable module-level function) and returns its result."""
+
+    async def run(self, job: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """The result of `job(*args, **kwargs)`, or the exception it raised."""
+        ...
+
+
+class InlineWork:
+    """Runs each job on the calling event loop, stalling it meanwhile: for tests and tools without an engine."""
+
+    async def run(self, job: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """The result of `job(*args, **kwargs)`, computed here and now."""
+        return job(*args, **kwargs)
+
+
+INLINE = InlineWork()
+"""The inline runner: where providers built outside an engine (unit tests, tools) do their offline work."""
+
+
+class OfflineWorkers:
+    """A pool of `size` worker processes with the offline models loaded; an async context manager.
+
+    Jobs queue first come, first served: a provider keeps at most one job of a call in flight, so no call can
+    take every worker while others wait. A worker that dies fails its job with OfflineWorkError and the pool is
+    replaced, so the next job runs on fresh workers.
+    """
+
+    def __init__(self, size: int) -> None:
+        """Prepare a pool of `size` workers; `start` (or entering the context) starts them."""
+        if size < 1:
+            raise ValueError(f"size: {size} workers cannot run anything; use 1 or more")
+        self.size = size
+        self._executor: ProcessPoolExecutor | None = None
+
+    async def __aenter__(self) -> OfflineWorkers:
+        """Start the workers."""
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        """Stop the workers."""
+        await self.close()
+
+    async def start(self) -> None:
+        """Start every worker now and wait until each has loaded the models, so no call waits for a start."""
+        if self._executor is None:
+            self._executor = self._new_executor()
+        loop = asyncio.get_running_loop()
+        # One job per worker submitted at once: the executor starts a new worker for each job it has no idle one for.
+        pids = await asyncio.gather(*(loop.run_in_executor(self._executor, os.getpid) for _ in range(self.size)))
+        log.info("%d offline worker process(es) ready (pids %s)", len(set(pids)), ", ".join(map(str, sorted(pids))))
+
+    async def run(self, job: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """The result of `job(*args, **kwargs)` computed in a worker process (started on demand if need be)."""
+        if self._executor is None:
+            self._executor = self._new_executor()
+        executor = self._executor
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(job, *args, **kwargs))
+        except BrokenProcessPool as exc:
+            if self._executor is executor:
+                log.error("an offline worker process died; starting a new pool of %d", self.size)
+                self._executor = self._new_executor()
+                executor.shutdown(wait=False, cancel_futures=True)
+            raise OfflineWorkError(f"offline worker process died running {job.__qualname__} ({exc})") from exc
+
+    async def close(self) -> None:
+        """Cancel queued jobs, let running ones finish and stop the workers; idempotent."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        # A fork server, not fork: the engine has threads (database, executors) that a forked child would inherit
+        # mid-operation. Not spawn either: each worker would import numpy and the models afresh.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(_PRELOAD)
+        return ProcessPoolExecutor(max_workers=self.size, mp_context=context, initializer=_initialize_worker)
+
+
+def _initialize_worker() -> None:
+    # Runs in each new worker: load the models now rather than in the first call's first turn.
+    from pipelines.stt import sphinx
+    from pipelines.tts import espeak
+
+    for load in (sphinx.load_process_decoder, espeak.load_process_engine):
+        try:
+            load()
+        except Exception as exc:  # the jobs that need this model raise it again, to their provider
+            log.warning("offline worker %d: %s", os.getpid(), exc)
