@@ -52,8 +52,8 @@ INLINE = InlineWork()
 class OfflineWorkers:
     """A pool of `size` worker processes with the offline models loaded; an async context manager.
 
-    Jobs queue first come, first served: a provider keeps at most one job of a call in flight, so no call can
-    take every worker while others wait. A worker that dies fails its job with OfflineWorkError and the pool is
+    Jobs queue first come, first served; a recognizer keeps at most one decode of its call in flight, so no call
+    can take every worker while others wait. A worker that dies fails its job with OfflineWorkError and the pool is
     replaced, so the next job runs on fresh workers.
     """
 
