@@ -7,6 +7,9 @@ import functools
 import logging
 import multiprocessing
 import os
+import select
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -49,8 +52,8 @@ INLINE = InlineWork()
 class OfflineWorkers:
     """A pool of `size` worker processes with the offline models loaded; an async context manager.
 
-    Jobs queue first come, first served: a provider keeps at most one job of a call in flight, so no call can
-    take every worker while others wait. A worker that dies fails its job with OfflineWorkError and the pool is
+    Jobs queue first come, first served; a recognizer keeps at most one decode of its call in flight, so no call
+    can take every worker while others wait. A worker that dies fails its job with OfflineWorkError and the pool is
     replaced, so the next job runs on fresh workers.
     """
 
@@ -78,8 +81,8 @@ class OfflineWorkers:
             self._executor = self._new_executor()
         loop = asyncio.get_running_loop()
         # One job per worker submitted at once: the executor starts a new worker for each job it has no idle one for.
-        pids = await asyncio.gather(*(loop.run_in_executor(self._executor, os.getpid) for _ in range(self.size)))
-        log.info("%d offline worker process(es) ready (pids %s)", len(set(pids)), ", ".join(map(str, sorted(pids))))
+        await asyncio.gather(*(loop.run_in_executor(self._executor, os.getpid) for _ in range(self.size)))
+        log.info("%d offline worker process(es) started", self.size)
 
     async def run(self, job: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """The result of `job(*args, **kwargs)` computed in a worker process (started on demand if need be)."""
@@ -106,16 +109,40 @@ class OfflineWorkers:
         # mid-operation. Not spawn either: each worker would import numpy and the models afresh.
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(_PRELOAD)
-        return ProcessPoolExecutor(max_workers=self.size, mp_context=context, initializer=_initialize_worker)
+        return ProcessPoolExecutor(
+            max_workers=self.size, mp_context=context, initializer=_initialize_worker, initargs=(os.getpid(),)
+        )
 
 
-def _initialize_worker() -> None:
+def _initialize_worker(engine_pid: int) -> None:
     # Runs in each new worker: load the models now rather than in the first call's first turn.
     from pipelines.stt import sphinx
     from pipelines.tts import espeak
 
+    threading.Thread(target=_exit_with, args=(engine_pid,), name="engine-watch", daemon=True).start()
     for load in (sphinx.load_process_decoder, espeak.load_process_engine):
         try:
             load()
         except Exception as exc:  # the jobs that need this model raise it again, to their provider
             log.warning("offline worker %d: %s", os.getpid(), exc)
+
+
+def _exit_with(engine_pid: int) -> None:
+    # A worker whose engine is killed (SIGKILL, the OOM killer) would wait for work forever, keeping the fork
+    # server alive and the engine's stdout and stderr open: it ends as soon as the engine is gone.
+    try:
+        select.select([os.pidfd_open(engine_pid)], [], [])  # readable once the process has exited
+    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+): look once a second
+        while _running(engine_pid):
+            time.sleep(1.0)
+    os._exit(0)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        pass
+    return True

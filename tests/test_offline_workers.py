@@ -1,0 +1,51 @@
+"""Offline worker processes: they start with the engine, run jobs off its loop, and never outlive it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from pipelines.offline_workers import OfflineWorkers
+
+REPO = str(Path(__file__).resolve().parent.parent)
+# An engine stand-in: starts two workers, prints their process ids, then waits to be killed.
+ENGINE = """
+import asyncio, os
+from pipelines.offline_workers import OfflineWorkers
+
+async def main():
+    async with OfflineWorkers(2) as workers:
+        pids = {await workers.run(os.getpid) for _ in range(20)}
+        print(" ".join(map(str, pids)), flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited, only not yet been reaped
+
+
+async def test_jobs_run_in_other_processes() -> None:
+    async with OfflineWorkers(2) as workers:
+        assert await workers.run(os.getpid) != os.getpid()
+
+
+async def test_the_workers_of_a_killed_engine_exit_and_release_its_output() -> None:
+    engine = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ENGINE, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=asyncio.subprocess.PIPE
+    )
+    assert engine.stdout is not None
+    workers = [int(pid) for pid in (await engine.stdout.readline()).split()]
+    engine.send_signal(signal.SIGKILL)
+    # The engine's stdout closes only once every process holding it (the workers too) has gone.
+    await asyncio.wait_for(engine.wait(), 60)
+    assert workers and not any(running(pid) for pid in workers)
