@@ -179,7 +179,7 @@ def _lifecycle() -> Iterator[None]:
         raise conflict(str(exc)) from None
 
 
-@resource.post("/campaigns", summary="Create a campaign", response=CampaignView, body=CampaignCreate)
+@resource.post("/campaigns", summary="Create a campaign", response=CampaignView, body=CampaignCreate, errors=(404,))
 async def create_campaign(call: ApiCall) -> CampaignView:
     """Create a DRAFT campaign; add recipients, then start it. 422 if `fromNumber` may not call out."""
     body = call.body_as(CampaignCreate)
@@ -296,10 +296,13 @@ async def list_recipients(call: ApiCall) -> Page[CampaignRecipient]:
 
 
 @resource.post(
-    "/campaigns/{campaignId}/start", summary="Start a campaign", response=CampaignView, status=200, errors=(409,)
+    "/campaigns/{campaignId}/start", summary="Start a campaign", response=CampaignView, status=200, errors=(409, 422)
 )
 async def start_campaign(call: ApiCall) -> CampaignView:
-    """DRAFT -> PLANNED: dialing begins at startDate/startTime (or now), inside the window. 409 if not a DRAFT."""
+    """DRAFT -> PLANNED: dialing begins at startDate/startTime (or now), inside the window.
+
+    409 if not a DRAFT; 422 if it has no valid recipient to call.
+    """
     organization_id = call.caller.organization_id
     with _lifecycle():
         async with call.tenant() as db:
