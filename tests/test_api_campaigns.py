@@ -159,13 +159,10 @@ async def test_the_caller_id_must_be_an_outbound_number_of_the_campaigns_own_org
         pool, organization_id=tenant.organization_id, phone_number="+15550177001"
     )
     disabled = await phone_numbers.create_phone_number(
-        pool, organization_id=tenant.organization_id, phone_number="+15550177002"
-    )
-    await phone_numbers.update_phone_number(
         pool,
         organization_id=tenant.organization_id,
-        phone_number_id=disabled.id,
-        changes={"outbound_status": PhoneNumberStatus.DISABLED},
+        phone_number="+15550177002",
+        outbound_status=PhoneNumberStatus.DISABLED,
     )
     rival = await make_tenant(pool, "Number thief")
     theirs = await phone_numbers.create_phone_number(
