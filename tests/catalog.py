@@ -55,7 +55,7 @@ class ForeignKey:
     columns: tuple[str, ...]
     referenced_table: str
     referenced_columns: tuple[str, ...]
-    on_delete: str  # as SQL spells it: NO ACTION, RESTRICT, CASCADE, SET NULL, SET DEFAULT
+    on_delete: str  # as SQL spells it: NO ACTION, RESTRICT, CASCADE, SET NULL, SET NULL (agentId), SET DEFAULT
     on_update: str
 
     def describe(self) -> str:
@@ -128,7 +128,10 @@ async def read_catalog(conn: asyncpg.Pool | asyncpg.Connection) -> Catalog:
                      ORDER BY k.position) AS columns,
                ARRAY(SELECT a.attname FROM unnest(c.confkey) WITH ORDINALITY AS k(attnum, position)
                      JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum
-                     ORDER BY k.position) AS referenced_columns
+                     ORDER BY k.position) AS referenced_columns,
+               ARRAY(SELECT a.attname FROM unnest(c.confdelsetcols) WITH ORDINALITY AS k(attnum, position)
+                     JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+                     ORDER BY k.position) AS on_delete_columns
         FROM pg_constraint c
         JOIN pg_class t ON t.oid = c.conrelid
         JOIN pg_class r ON r.oid = c.confrelid
@@ -161,9 +164,14 @@ async def read_catalog(conn: asyncpg.Pool | asyncpg.Connection) -> Catalog:
                 tuple(row["columns"]),
                 row["referenced_table"],
                 tuple(row["referenced_columns"]),
-                REFERENTIAL_ACTIONS[row["on_delete"]],
+                _with_columns(REFERENTIAL_ACTIONS[row["on_delete"]], row["on_delete_columns"]),
                 REFERENTIAL_ACTIONS[row["on_update"]],
             )
             for row in foreign_keys
         ),
     )
+
+
+def _with_columns(action: str, columns: list[str]) -> str:
+    """`SET NULL (agentId)` for an action limited to some of the key's columns (PostgreSQL 15+), else `action`."""
+    return f"{action} ({', '.join(columns)})" if columns else action

@@ -90,8 +90,13 @@ async def test_refusals_name_the_field_and_dial_nothing(
         phone_number_id=disabled.id,
         changes={"outbound_status": PhoneNumberStatus.DISABLED},
     )
+    rival = await make_tenant(pool, "Caller id thief")
+    theirs = await phone_numbers.create_phone_number(
+        pool, organization_id=rival.organization_id, phone_number="+15550188005"
+    )
     to = callee()
     cases = [
+        ({"agentId": outbound, "fromNumber": theirs.phone_number, "to": to}, 422, "fromNumber"),
         ({"agentId": outbound, "fromNumber": caller_id, "to": "12345"}, 422, "to"),
         ({"agentId": outbound, "fromNumber": "+1555", "to": to}, 422, "fromNumber"),
         ({"agentId": inbound, "fromNumber": caller_id, "to": to}, 422, "agentId"),

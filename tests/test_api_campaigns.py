@@ -11,6 +11,8 @@ import aiohttp
 import asyncpg
 import pytest
 
+from storage import phone_numbers
+from storage.enums import PhoneNumberStatus
 from tests.engine_server import running_engine
 from tests.test_api_auth import Api, Tenant, make_tenant
 from tests.test_outbound_calls import make_agent
@@ -147,6 +149,32 @@ async def test_invalid_rules_are_422_naming_the_field(api: Api, pool: asyncpg.Po
         assert status == 422, (fields, body)
         if field is not None:
             assert body["error"]["field"] == field, (fields, body)
+
+
+async def test_the_caller_id_must_be_an_outbound_number_of_the_campaigns_own_organization(
+    api: Api, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    agent_id = await make_agent(pool, tenant.organization_id)
+    own = await phone_numbers.create_phone_number(
+        pool, organization_id=tenant.organization_id, phone_number="+15550177001"
+    )
+    disabled = await phone_numbers.create_phone_number(
+        pool,
+        organization_id=tenant.organization_id,
+        phone_number="+15550177002",
+        outbound_status=PhoneNumberStatus.DISABLED,
+    )
+    rival = await make_tenant(pool, "Number thief")
+    theirs = await phone_numbers.create_phone_number(
+        pool, organization_id=rival.organization_id, phone_number="+15550177003"
+    )
+    # The same 422 as POST /v1/calls gives for these numbers (tests/test_api_calls.py): one rule for both.
+    for refused in (theirs.phone_number, disabled.phone_number, "+15550177999", "not a number"):
+        fields = {"batchName": "Spoof", "agentId": agent_id, "fromNumber": refused}
+        status, body = await api.call("POST", "/campaigns", tenant.owner_key, json=fields)
+        assert (status, body["error"]["code"], body["error"]["field"]) == (422, "invalid_value", "fromNumber"), refused
+    campaign = await new_campaign(api, pool, tenant, fromNumber="+1 555 017 7001")
+    assert campaign["rules"]["fromNumber"] == own.phone_number
 
 
 async def test_another_organization_sees_none_of_it(api: Api, pool: asyncpg.Pool, tenant: Tenant) -> None:

@@ -266,6 +266,23 @@ async def test_tool_configuration_is_write_only(api: Api, pool: asyncpg.Pool, ac
     assert (await api.call("DELETE", f"/tools/{tool['id']}", acme.owner_key))[0] == 204
 
 
+async def test_a_body_value_of_another_json_type_is_refused_not_converted(api: Api, acme: Tenant) -> None:
+    _, tool = await api.call("POST", "/tools", acme.owner_key, json={"name": "Strict"})
+    for changes, field in (
+        ({"isConnected": 0}, "isConnected"),
+        ({"isConnected": "true"}, "isConnected"),
+        ({"name": 5}, "name"),
+    ):
+        status, body = await api.call("PATCH", f"/tools/{tool['id']}", acme.owner_key, json=changes)
+        assert (status, body["error"]["code"], body["error"]["field"]) == (422, "validation_error", field), changes
+    status, body = await api.call(
+        "POST", "/api-keys", acme.owner_key, json={"name": "ci", "expirationDate": 1764000000}
+    )
+    assert (status, body["error"]["field"]) == (422, "expirationDate")
+    _, unchanged = await api.call("GET", f"/tools/{tool['id']}", acme.owner_key)
+    assert unchanged["isConnected"] is False
+
+
 async def test_events(api: Api, acme: Tenant, globex: Tenant) -> None:
     _, agent = await api.call("POST", "/agents", acme.owner_key, json={"name": "Notifier"})
     status, event = await api.call(

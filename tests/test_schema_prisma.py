@@ -125,6 +125,12 @@ def foreign_key_differences(model: Model, catalog: Catalog) -> Iterable[str]:
             continue
         # Prisma's defaults: a required relation restricts deletes, an optional one sets null; updates cascade.
         on_delete = relation.on_delete or ("SetNull" if field.optional else "Restrict")
+        action = REFERENTIAL_ACTIONS[on_delete]
+        required = {f.name for f in model.scalar_fields if not f.optional}
+        if on_delete == "SetNull" and required & set(relation.fields):
+            # A composite tenant key (agentId, organizationId): clearing organizationId too, as Prisma's own DDL
+            # would, breaks its NOT NULL, so the migration clears only the optional columns (PostgreSQL 15+).
+            action += f" ({', '.join(f for f in relation.fields if f not in required)})"
         name = f"{model.name}_{'_'.join(relation.fields)}_fkey"
         foreign_key = ForeignKey(
             name,
@@ -132,7 +138,7 @@ def foreign_key_differences(model: Model, catalog: Catalog) -> Iterable[str]:
             relation.fields,
             field.type,
             relation.references,
-            REFERENTIAL_ACTIONS[on_delete],
+            action,
             REFERENTIAL_ACTIONS[relation.on_update or "Cascade"],
         )
         expected[name] = (field.name, foreign_key)
@@ -262,11 +268,14 @@ SCHEMA_TEXT = SCHEMA_PATH.read_text(encoding="utf-8")
             id="unique removed",
         ),
         pytest.param(
-            "  agent        Agent?       @relation(fields: [agentId], references: [id], onDelete: Cascade)\n",
-            "  agent        Agent?       @relation(fields: [agentId], references: [id])\n",
+            "  agent        Agent?       @relation(fields: [agentId, organizationId], "
+            "references: [id, organizationId], onDelete: Cascade)\n",
+            "  agent        Agent?       @relation(fields: [agentId, organizationId], "
+            "references: [id, organizationId])\n",
             [
-                "model Event, field agent: foreign key Event_agentId_fkey is (agentId) → Agent(id) ON DELETE CASCADE "
-                "ON UPDATE CASCADE in the database, not (agentId) → Agent(id) ON DELETE SET NULL ON UPDATE CASCADE"
+                "model Event, field agent: foreign key Event_agentId_organizationId_fkey is (agentId, organizationId) "
+                "→ Agent(id, organizationId) ON DELETE CASCADE ON UPDATE CASCADE in the database, not "
+                "(agentId, organizationId) → Agent(id, organizationId) ON DELETE SET NULL (agentId) ON UPDATE CASCADE"
             ],
             id="onDelete left to Prisma's default",
         ),

@@ -108,6 +108,14 @@ _STORAGE_ERRORS: list[tuple[type[StorageError], int, str]] = [
     (ConstraintViolation, 422, "invalid_value"),
 ]
 
+
+def storage_error_status(kind: type[StorageError]) -> int:
+    """The status error_middleware answers a storage error of this kind with (503 for those not the caller's)."""
+    if issubclass(kind, AlreadyExists):
+        return 409
+    return next((status for error, status, _ in _STORAGE_ERRORS if issubclass(kind, error)), 503)
+
+
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",

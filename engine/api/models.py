@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar
 
@@ -9,6 +10,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -24,7 +26,10 @@ _STORABLE_TEXT = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL
 
 
 class RequestModel(BaseModel):
-    """A JSON request body or query string: camelCase names, unknown names refused."""
+    """A JSON request body or query string: camelCase names, unknown names refused.
+
+    A body is validated strictly (operations.py): `0` is not a boolean, `"5"` and `5.0` are not integers.
+    """
 
     model_config = ConfigDict(alias_generator=to_camel, validate_by_alias=True, validate_by_name=False, extra="forbid")
 
@@ -67,6 +72,16 @@ class ResponseModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True, serialize_by_alias=True, frozen=True)
 
 
+_ISO_8601 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _iso_8601(value: Any) -> Any:
+    # pydantic would also read a number, or a string of one ("0.5"), as seconds since 1970.
+    if not isinstance(value, datetime) and not (isinstance(value, str) and _ISO_8601.match(value)):
+        raise ValueError("must be an ISO 8601 date and time with its UTC offset, e.g. 2026-11-01T09:30:00Z")
+    return value
+
+
 def _utc(value: datetime) -> datetime:
     try:
         return value.astimezone(UTC)
@@ -89,5 +104,5 @@ Url = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=_S
 Id = Annotated[str, Field(pattern=ID_PATTERN)]
 """The id of another resource."""
 
-Timestamp = Annotated[AwareDatetime, AfterValidator(_utc)]
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_8601), AfterValidator(_utc)]
 """A date and time with its UTC offset, e.g. 2026-11-01T09:30:00Z."""

@@ -172,7 +172,7 @@ def aiohttp_handler(operation: Operation) -> Callable[[web.Request], Awaitable[w
             if not _ID.fullmatch(value):
                 raise not_found(f"no {name} {value!r}: ids are letters, digits, '_' and '-'")
         query = _validate(operation.query, dict(request.query), "query") if operation.query else None
-        body = _validate(operation.body, await _json_body(request), "body") if operation.body else None
+        body = _validate_json(operation.body, await _json_body(request)) if operation.body else None
         result = await operation.handler(ApiCall(request, request[CALLER], path, query, body))
         if result is None:
             return web.Response(status=204)
@@ -189,20 +189,30 @@ def _validate(model: type[RequestModel], data: Any, location: str) -> RequestMod
         raise validation_error(exc, location=location) from None
 
 
-async def _json_body(request: web.Request) -> Any:
+def _validate_json(model: type[RequestModel], text: str) -> RequestModel:
+    # Strict: a JSON value of another type is refused rather than converted (0 for false, "5" for 5).
+    try:
+        return model.model_validate_json(text, strict=True)
+    except ValidationError as exc:
+        raise validation_error(exc, location="body") from None
+
+
+async def _json_body(request: web.Request) -> str:
+    """The request's JSON text, once it is known to parse and to hold only storable strings."""
     raw = await request.read()
     if not raw.strip():
         raise ApiError(400, "invalid_json", "send a JSON object as the request body")
     try:
-        data = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON ({exc})") from None
-    for path, text in _strings(data, ""):
-        if "\x00" in text or not _encodable(text):
+    for path, value in _strings(data, ""):
+        if "\x00" in value or not _encodable(value):
             raise ApiError(
                 422, "validation_error", f"body {path or 'value'}: contains characters that cannot be stored", path
             )
-    return data
+    return text
 
 
 def _strings(node: Any, path: str) -> Iterator[tuple[str, str]]:

@@ -16,6 +16,7 @@ from typing import TextIO
 from config.settings import Settings
 from engine.campaigns.recipients_csv import ParsedRow, RecipientsFileError, open_recipients_file, read_recipients
 from engine.campaigns.windows import InvalidWindow, parse_time_of_day
+from engine.twilio.outbound_calls import OutboundCallError, outbound_caller_id
 from storage import Pool, campaign_dispatch, campaigns, organizations
 from storage.campaign_states import RecipientDispatchState
 from storage.campaigns import CampaignRetryPolicy, DialingRules, NewRecipient
@@ -86,6 +87,7 @@ async def run_campaign_command(args: argparse.Namespace, settings: Settings) -> 
         organization_id = await _organization_id(pool, args.org)
         match args.campaign_command:
             case "create":
+                from_number = await _caller_id(pool, organization_id, args.from_number)
                 campaign = await campaigns.create_campaign(
                     pool,
                     organization_id=organization_id,
@@ -99,7 +101,7 @@ async def run_campaign_command(args: argparse.Namespace, settings: Settings) -> 
                     start_time=args.start_time,
                     call_start_time=_window(args.window)[0],
                     call_end_time=_window(args.window)[1],
-                    rules=_rules(args),
+                    rules=_rules(args, from_number),
                 )
                 print(campaign.id)
             case "import":
@@ -161,13 +163,22 @@ def parse_days(text: str) -> frozenset[int]:
     return frozenset(days)
 
 
-def _rules(args: argparse.Namespace) -> DialingRules:
+async def _caller_id(pool: Pool, organization_id: str, given: str | None) -> str | None:
+    if given is None:
+        return None
+    try:
+        return await outbound_caller_id(pool, organization_id=organization_id, number=given)
+    except OutboundCallError as exc:
+        raise ValueError(f"--from-number: {exc}") from None
+
+
+def _rules(args: argparse.Namespace, from_number: str | None) -> DialingRules:
     try:
         delays = tuple(int(value) for value in args.retry_delays.split(","))
     except ValueError:
         raise ValueError(f"--retry-delays {args.retry_delays!r}: write seconds as numbers, e.g. 600,3600") from None
     return DialingRules(
-        from_number=args.from_number,
+        from_number=from_number,
         timezone=args.timezone,
         days_of_week=parse_days(args.days),
         max_concurrent_calls=args.max_concurrent,

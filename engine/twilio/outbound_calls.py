@@ -42,6 +42,7 @@ from storage import Pool, agents, call_logs, organizations, phone_numbers
 from storage.end_reasons import EndReason
 from storage.enums import AgentStatus, CallerType, CallType, PhoneNumberStatus
 from storage.errors import InvalidReference, NotFound
+from storage.records import Queryable
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ __all__ = [
     "OutboundDeps",
     "OutboundUnavailable",
     "PlacedCall",
+    "outbound_caller_id",
     "place_call",
 ]
 
@@ -205,10 +207,9 @@ async def place_call(
     CampaignNotFound or NoCredits before anything is written; CallNotPlaced (CallLog FAILED) if Twilio refuses.
     """
     callee = dialable_number("to", to)
-    caller_id = dialable_number("from_number", from_number)
     per_call = _checked_variables(variables)
     pool = deps.pool
-    await _check_number(pool, organization_id, caller_id)
+    caller_id = await outbound_caller_id(pool, organization_id=organization_id, number=from_number)
     config = await _usable_agent(deps, organization_id, agent_id)
     if not await organizations.has_credits(pool, organization_id=organization_id):
         raise NoCredits(f"organization {organization_id} has no credits left; add credits to place calls")
@@ -276,12 +277,19 @@ def _checked_variables(variables: Mapping[str, str] | None) -> dict[str, str]:
     return checked
 
 
-async def _check_number(pool: Pool, organization_id: str, caller_id: str) -> None:
-    number = await phone_numbers.find_by_number(pool, number=caller_id)
-    if number is None or number.organization_id != organization_id:
+async def outbound_caller_id(db: Queryable, *, organization_id: str, number: str) -> str:
+    """`number` in E.164 if it may be the caller id of the organization's outbound calls, campaigns' included.
+
+    The one rule for a caller id: one of the organization's own numbers with outbound calls ENABLED. Raises
+    InvalidNumber (field `from_number`) or NumberUnavailable.
+    """
+    caller_id = dialable_number("from_number", number)
+    found = await phone_numbers.find_by_number(db, number=caller_id)
+    if found is None or found.organization_id != organization_id:
         raise NumberUnavailable(caller_id, "not a phone number of this organization")
-    if number.outbound_status != PhoneNumberStatus.ENABLED:
+    if found.outbound_status != PhoneNumberStatus.ENABLED:
         raise NumberUnavailable(caller_id, "outbound calls are disabled for this number; enable them first")
+    return caller_id
 
 
 async def _usable_agent(deps: OutboundDeps, organization_id: str, agent_id: str) -> AgentConfiguration:

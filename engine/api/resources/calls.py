@@ -20,9 +20,11 @@ from engine.twilio.outbound_calls import (
     OutboundDeps,
     OutboundUnavailable,
     dialable_number,
+    outbound_caller_id,
     place_call,
 )
 from engine.twilio.signature import public_base_url
+from storage.records import Queryable
 
 resource = Resource("Calls", "Placing outbound calls.")
 
@@ -51,6 +53,14 @@ class PlacedCallResponse(ResponseModel):
     call_log_id: str
     call_sid: str
     status: Literal["IN_PROGRESS"] = "IN_PROGRESS"
+
+
+async def checked_caller_id(db: Queryable, *, organization_id: str, number: str) -> str:
+    """`number` in E.164 if the organization may call out from it (outbound_caller_id), else 422 at `fromNumber`."""
+    try:
+        return await outbound_caller_id(db, organization_id=organization_id, number=number)
+    except (InvalidNumber, NumberUnavailable) as exc:
+        raise unprocessable(str(exc), "fromNumber") from None
 
 
 @resource.post(

@@ -14,6 +14,7 @@ from engine.api.errors import conflict, unprocessable
 from engine.api.models import Id, LongText, Name, RequestModel, ResponseModel
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
+from engine.api.resources.calls import checked_caller_id
 from engine.campaigns.recipients_csv import RecipientsFileError, make_recipient, read_recipients
 from storage import campaigns
 from storage.campaigns import (
@@ -67,7 +68,11 @@ class CampaignCreate(RequestModel):
     start_time: TimeOfDay | None = None
     call_start_time: TimeOfDay | None = Field(None, description="Daily window start, in each recipient's timezone.")
     call_end_time: TimeOfDay | None = Field(None, description="Daily window end (may be past midnight).")
-    from_number: PhoneText | None = Field(None, description="Caller id; default: the first outbound-enabled number.")
+    from_number: PhoneText | None = Field(
+        None,
+        description="Caller id: one of the organization's numbers, outbound ENABLED (E.164); "
+        "default: the first outbound-enabled number.",
+    )
     timezone: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "UTC"
     days_of_week: list[Annotated[int, Field(ge=1, le=7)]] = Field(
         default_factory=lambda: [1, 2, 3, 4, 5, 6, 7], min_length=1, max_length=7, description="ISO: Monday = 1."
@@ -82,10 +87,10 @@ class CampaignCreate(RequestModel):
             raise ValueError("callStartTime and callEndTime come together (or neither, for no daily window)")
         return self
 
-    def rules(self) -> DialingRules:
-        """The dialing rules the storage layer keeps."""
+    def rules(self, from_number: str | None) -> DialingRules:
+        """The dialing rules the storage layer keeps, with the caller id as checked (E.164)."""
         return DialingRules(
-            from_number=self.from_number,
+            from_number=from_number,
             timezone=self.timezone,
             days_of_week=frozenset(self.days_of_week),
             max_concurrent_calls=self.max_concurrent_calls,
@@ -174,12 +179,15 @@ def _lifecycle() -> Iterator[None]:
         raise conflict(str(exc)) from None
 
 
-@resource.post("/campaigns", summary="Create a campaign", response=CampaignView, body=CampaignCreate)
+@resource.post("/campaigns", summary="Create a campaign", response=CampaignView, body=CampaignCreate, errors=(404,))
 async def create_campaign(call: ApiCall) -> CampaignView:
-    """Create a DRAFT campaign; add recipients, then start it."""
+    """Create a DRAFT campaign; add recipients, then start it. 422 if `fromNumber` may not call out."""
     body = call.body_as(CampaignCreate)
     organization_id = call.caller.organization_id
     async with call.tenant() as db:
+        from_number = body.from_number
+        if from_number is not None:
+            from_number = await checked_caller_id(db, organization_id=organization_id, number=from_number)
         campaign = await campaigns.create_campaign(
             db,
             organization_id=organization_id,
@@ -193,7 +201,7 @@ async def create_campaign(call: ApiCall) -> CampaignView:
             start_time=body.start_time,
             call_start_time=body.call_start_time,
             call_end_time=body.call_end_time,
-            rules=body.rules(),
+            rules=body.rules(from_number),
         )
         return await _view(db, organization_id, campaign)
 
@@ -288,10 +296,13 @@ async def list_recipients(call: ApiCall) -> Page[CampaignRecipient]:
 
 
 @resource.post(
-    "/campaigns/{campaignId}/start", summary="Start a campaign", response=CampaignView, status=200, errors=(409,)
+    "/campaigns/{campaignId}/start", summary="Start a campaign", response=CampaignView, status=200, errors=(409, 422)
 )
 async def start_campaign(call: ApiCall) -> CampaignView:
-    """DRAFT -> PLANNED: dialing begins at startDate/startTime (or now), inside the window. 409 if not a DRAFT."""
+    """DRAFT -> PLANNED: dialing begins at startDate/startTime (or now), inside the window.
+
+    409 if not a DRAFT; 422 if it has no valid recipient to call.
+    """
     organization_id = call.caller.organization_id
     with _lifecycle():
         async with call.tenant() as db:

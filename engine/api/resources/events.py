@@ -83,7 +83,7 @@ async def list_events(call: ApiCall) -> Page[Event]:
     return to_page(Page[Event], rows, query)
 
 
-@resource.post("/events", summary="Subscribe a webhook", response=Event, body=EventCreate)
+@resource.post("/events", summary="Subscribe a webhook", response=Event, body=EventCreate, errors=(404,))
 async def create_event(call: ApiCall) -> Event:
     """Subscribe a URL to an event."""
     body = call.body_as(EventCreate)
@@ -187,7 +187,7 @@ async def get_delivery(call: ApiCall) -> DeliveryDetail:
 
 
 @resource.get(
-    "/webhook-signing-secret", summary="Get the webhook signing secret", response=SigningSecret, errors=(403,)
+    "/webhook-signing-secret", summary="Get the webhook signing secret", response=SigningSecret, errors=(403, 404)
 )
 async def get_signing_secret(call: ApiCall) -> SigningSecret:
     """The secret to verify `Dialtone-Signature` with; created on first use. Not for VIEWERs (403)."""

@@ -34,14 +34,15 @@ class OrganizationUpdate(UpdateModel):
     slug: Slug | None = None
 
 
-@resource.get("/organization", summary="The caller's organization", response=Organization)
+# 404 on the organization itself: it was deleted while the request was under way.
+@resource.get("/organization", summary="The caller's organization", response=Organization, errors=(404,))
 async def get_own_organization(call: ApiCall) -> Organization:
     """The organization the API key belongs to."""
     async with call.tenant() as db:
         return await get_organization(db, organization_id=call.caller.organization_id)
 
 
-@resource.get("/organization/credits", summary="The organization's credit balance", response=Credits)
+@resource.get("/organization/credits", summary="The organization's credit balance", response=Credits, errors=(404,))
 async def get_credits(call: ApiCall) -> Credits:
     """Credits left (negative when finished calls cost more than the balance held) and the plan."""
     async with call.tenant() as db:
@@ -50,7 +51,11 @@ async def get_credits(call: ApiCall) -> Credits:
 
 
 @resource.patch(
-    "/organization", summary="Rename the organization", response=Organization, body=OrganizationUpdate, errors=(409,)
+    "/organization",
+    summary="Rename the organization",
+    response=Organization,
+    body=OrganizationUpdate,
+    errors=(404, 409),
 )
 async def update_own_organization(call: ApiCall) -> Organization:
     """Change the organization's name or slug; 409 if another organization has the slug."""
