@@ -1,0 +1,39 @@
+-- 0011: credits are reserved before a call runs, so a balance never goes below zero. A call that starts takes
+-- its first minute from "Organization"."credits" into a "CreditReservation" (one per CallLog) with a conditional
+-- UPDATE; while it runs it moves one more minute at a time; its end charges the minutes it used and returns the
+-- rest. "creditsPerMinute" is the organization's plan rate when the call started, so a plan change mid-call
+-- does not reprice it.
+--
+-- Balances the old end-of-call charge left below zero are set to zero before the CHECK holds the rule.
+
+UPDATE "Organization" SET "credits" = 0 WHERE "credits" < 0;
+ALTER TABLE "Organization" ADD CONSTRAINT "Organization_credits_check" CHECK ("credits" >= 0);
+
+-- CreateTable
+CREATE TABLE "CreditReservation" (
+    "callLogId" TEXT NOT NULL,
+    "organizationId" TEXT NOT NULL,
+    "credits" INTEGER NOT NULL,
+    "creditsPerMinute" INTEGER NOT NULL,
+    "createdAt" TIMESTAMPTZ(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    "updatedAt" TIMESTAMPTZ(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+
+    CONSTRAINT "CreditReservation_pkey" PRIMARY KEY ("callLogId"),
+    CONSTRAINT "CreditReservation_credits_check" CHECK ("credits" >= 0),
+    CONSTRAINT "CreditReservation_creditsPerMinute_check" CHECK ("creditsPerMinute" >= 0)
+);
+
+-- CreateIndex
+CREATE INDEX "CreditReservation_organizationId_idx" ON "CreditReservation"("organizationId");
+
+-- AddForeignKey
+ALTER TABLE "CreditReservation" ADD CONSTRAINT "CreditReservation_callLogId_fkey" FOREIGN KEY ("callLogId") REFERENCES "CallLog"("id") ON DELETE CASCADE ON UPDATE CASCADE;
+
+-- AddForeignKey
+ALTER TABLE "CreditReservation" ADD CONSTRAINT "CreditReservation_organizationId_fkey" FOREIGN KEY ("organizationId") REFERENCES "Organization"("id") ON DELETE CASCADE ON UPDATE CASCADE;
+
+-- Billing is the owner role's work, as for "Organization"."credits" (0005): no grant to dialtone_api.
+ALTER TABLE "CreditReservation" ENABLE ROW LEVEL SECURITY;
+CREATE POLICY "CreditReservation_tenant_isolation" ON "CreditReservation"
+    USING ("organizationId" = current_setting('app.organization_id', true))
+    WITH CHECK ("organizationId" = current_setting('app.organization_id', true));
