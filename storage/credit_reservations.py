@@ -7,7 +7,7 @@ one SQL statement, so concurrent calls can never reserve the same credit twice.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from storage.enums import Plan
 from storage.errors import NotFound
@@ -102,6 +102,25 @@ async def settle_reservation(db: Queryable, *, organization_id: str, call_log_id
         minutes,
     )
     return balance
+
+
+async def release_reservations(db: Queryable, *, call_log_ids: Sequence[str]) -> None:
+    """Return the whole reservation of each of these calls to its organization (calls closed without their media
+    session's end: recovery after an engine was lost)."""
+    await db.execute(
+        """
+        WITH held AS (
+            DELETE FROM "CreditReservation" WHERE "callLogId" = ANY($1::text[])
+            RETURNING "organizationId", "credits"
+        ), owed AS (
+            SELECT "organizationId", sum("credits") AS "credits" FROM held GROUP BY "organizationId"
+        )
+        UPDATE "Organization" o SET "credits" = o."credits" + owed."credits"
+        FROM owed
+        WHERE o."id" = owed."organizationId"
+        """,
+        list(call_log_ids),
+    )
 
 
 async def reserved_credits(db: Queryable, *, call_log_id: str) -> int | None:
