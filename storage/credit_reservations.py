@@ -36,8 +36,8 @@ async def reserve_first_minute(
             WHERE o."id" = $1 AND o."credits" >= rate."perMinute"
             RETURNING o."credits", rate."perMinute"
         ), held AS (
-            INSERT INTO "CreditReservation" ("callLogId", "organizationId", "credits", "creditsPerMinute")
-            SELECT $2, $1, "perMinute", "perMinute" FROM taken
+            INSERT INTO "CreditReservation" ("callLogId", "credits", "creditsPerMinute")
+            SELECT $2, "perMinute", "perMinute" FROM taken
         )
         SELECT taken."credits", rate."perMinute" FROM rate LEFT JOIN taken ON true
         """,
@@ -59,7 +59,9 @@ async def extend_reservation(db: Queryable, *, call_log_id: str) -> bool:
     extended: int | None = await db.fetchval(
         """
         WITH rate AS (
-            SELECT "organizationId", "creditsPerMinute" FROM "CreditReservation" WHERE "callLogId" = $1
+            SELECT c."organizationId", r."creditsPerMinute"
+            FROM "CreditReservation" r JOIN "CallLog" c ON c."id" = r."callLogId"
+            WHERE r."callLogId" = $1
         ), taken AS (
             UPDATE "Organization" o SET "credits" = o."credits" - rate."creditsPerMinute"
             FROM rate
@@ -67,7 +69,7 @@ async def extend_reservation(db: Queryable, *, call_log_id: str) -> bool:
             RETURNING rate."creditsPerMinute"
         )
         UPDATE "CreditReservation" r
-        SET "credits" = r."credits" + taken."creditsPerMinute", "updatedAt" = CURRENT_TIMESTAMP
+        SET "credits" = r."credits" + taken."creditsPerMinute"
         FROM taken
         WHERE r."callLogId" = $1
         RETURNING r."credits"
@@ -88,8 +90,9 @@ async def settle_reservation(db: Queryable, *, organization_id: str, call_log_id
     balance: int | None = await db.fetchval(
         """
         WITH held AS (
-            DELETE FROM "CreditReservation" WHERE "callLogId" = $2 AND "organizationId" = $1
-            RETURNING "credits", "creditsPerMinute"
+            DELETE FROM "CreditReservation" r USING "CallLog" c
+            WHERE r."callLogId" = $2 AND c."id" = r."callLogId" AND c."organizationId" = $1
+            RETURNING r."credits", r."creditsPerMinute"
         )
         UPDATE "Organization" o
         SET "credits" = GREATEST(o."credits" + held."credits" - held."creditsPerMinute" * $3, 0)
@@ -110,8 +113,9 @@ async def release_reservations(db: Queryable, *, call_log_ids: Sequence[str]) ->
     await db.execute(
         """
         WITH held AS (
-            DELETE FROM "CreditReservation" WHERE "callLogId" = ANY($1::text[])
-            RETURNING "organizationId", "credits"
+            DELETE FROM "CreditReservation" r USING "CallLog" c
+            WHERE r."callLogId" = ANY($1::text[]) AND c."id" = r."callLogId"
+            RETURNING c."organizationId", r."credits"
         ), owed AS (
             SELECT "organizationId", sum("credits") AS "credits" FROM held GROUP BY "organizationId"
         )

@@ -64,7 +64,8 @@ async def test_twenty_calls_racing_for_three_minutes_of_credit_open_exactly_thre
     await asyncio.gather(*(finish(pool, call, 42) for call in opened))
 
     assert await balance(pool, org) == 7 - 3 * RATES["pro"]
-    assert await pool.fetchval('SELECT count(*) FROM "CreditReservation" WHERE "organizationId" = $1', org) == 0
+    held = [call.id for call in opened]
+    assert await pool.fetchval('SELECT count(*) FROM "CreditReservation" WHERE "callLogId" = ANY($1)', held) == 0
 
 
 async def test_a_refused_call_leaves_no_call_log_and_says_what_the_balance_lacks(pool: asyncpg.Pool) -> None:

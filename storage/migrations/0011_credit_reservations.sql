@@ -12,7 +12,6 @@ ALTER TABLE "Organization" ADD CONSTRAINT "Organization_credits_check" CHECK ("c
 -- CreateTable
 CREATE TABLE "CreditReservation" (
     "callLogId" TEXT NOT NULL,
-    "organizationId" TEXT NOT NULL,
     "credits" INTEGER NOT NULL,
     "creditsPerMinute" INTEGER NOT NULL,
     "createdAt" TIMESTAMPTZ(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
@@ -23,17 +22,12 @@ CREATE TABLE "CreditReservation" (
     CONSTRAINT "CreditReservation_creditsPerMinute_check" CHECK ("creditsPerMinute" >= 0)
 );
 
--- CreateIndex
-CREATE INDEX "CreditReservation_organizationId_idx" ON "CreditReservation"("organizationId");
-
 -- AddForeignKey
 ALTER TABLE "CreditReservation" ADD CONSTRAINT "CreditReservation_callLogId_fkey" FOREIGN KEY ("callLogId") REFERENCES "CallLog"("id") ON DELETE CASCADE ON UPDATE CASCADE;
 
--- AddForeignKey
-ALTER TABLE "CreditReservation" ADD CONSTRAINT "CreditReservation_organizationId_fkey" FOREIGN KEY ("organizationId") REFERENCES "Organization"("id") ON DELETE CASCADE ON UPDATE CASCADE;
+-- Billing is the owner role's work, as for "Organization"."credits" (0005): the table has no "organizationId" of
+-- its own (its CallLog says whose it is) and no grant, so dialtone_api cannot reach it at all.
 
--- Billing is the owner role's work, as for "Organization"."credits" (0005): no grant to dialtone_api.
-ALTER TABLE "CreditReservation" ENABLE ROW LEVEL SECURITY;
-CREATE POLICY "CreditReservation_tenant_isolation" ON "CreditReservation"
-    USING ("organizationId" = current_setting('app.organization_id', true))
-    WITH CHECK ("organizationId" = current_setting('app.organization_id', true));
+-- updatedAt follows every extension, as for the platform's tables (0001).
+CREATE TRIGGER "CreditReservation_touch_updatedAt" BEFORE UPDATE ON "CreditReservation"
+    FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.*) EXECUTE FUNCTION "dialtone_touch_updated_at"();
