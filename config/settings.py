@@ -86,6 +86,14 @@ class Settings(BaseSettings):
     # would stall the event loop; two suit a 2-core machine.
     offline_workers: int = _env("DIALTONE_OFFLINE_WORKERS", "offline_workers", 2, ge=1, le=64)
 
+    # Credits a started minute of a call costs, by the organization's plan. A call reserves its next minute before
+    # it begins and ends with a goodbye when the balance cannot pay for it.
+    credits_per_minute_free: int = _env("DIALTONE_CREDITS_PER_MINUTE_FREE", "credits_per_minute_free", 1, ge=0)
+    credits_per_minute_pro: int = _env("DIALTONE_CREDITS_PER_MINUTE_PRO", "credits_per_minute_pro", 1, ge=0)
+    credits_per_minute_enterprise: int = _env(
+        "DIALTONE_CREDITS_PER_MINUTE_ENTERPRISE", "credits_per_minute_enterprise", 1, ge=0
+    )
+
     @field_validator("deepgram_url", "openai_base_url", "elevenlabs_url")
     @classmethod
     def _endpoint(cls, value: str) -> str:
@@ -115,6 +123,15 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @property
+    def credit_rates(self) -> dict[str, int]:
+        """Credits one started minute of a call costs, by plan name (free, pro, enterprise)."""
+        return {
+            "free": self.credits_per_minute_free,
+            "pro": self.credits_per_minute_pro,
+            "enterprise": self.credits_per_minute_enterprise,
+        }
 
     @classmethod
     def settings_customise_sources(

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from storage import call_events
+from storage import call_events, credit_reservations
 from storage.end_reasons import EndReason, ending
 from storage.enums import CallStatus, CallType
 from storage.errors import InvalidReference, NotFound, StorageError, translate_errors
@@ -104,37 +104,46 @@ async def create_call_log(
     customer: str | None = None,
     phone_number: str | None = None,
     metadata: dict[str, Any] | None = None,
+    credit_rates: Mapping[str, int] | None = None,
 ) -> CallLog:
-    """Open the log of a call that starts now (IN_PROGRESS).
+    """Open the log of a call that starts now (IN_PROGRESS); with `credit_rates` (credits a minute by plan),
+    reserve its first minute in the same transaction.
 
-    AlreadyExists if a log has that callId; InvalidReference if the agent or campaign is not the organization's.
+    AlreadyExists if a log has that callId; InvalidReference if the agent or campaign is not the organization's;
+    InsufficientCredits if the balance cannot pay for the first minute. Each leaves nothing written.
     """
-    with translate_errors():
-        row = await db.fetchrow(
-            f"""
-            INSERT INTO "CallLog"
-                ("id", "organizationId", "callType", "callId", "agentId", "campaignId", "customer", "phoneNumber",
-                 "metadata")
-            SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
-            WHERE ($5::text IS NULL OR EXISTS (
-                    SELECT 1 FROM "Agent" WHERE "id" = $5 AND "organizationId" = $2))
-              AND ($6::text IS NULL OR EXISTS (
-                    SELECT 1 FROM "Campaign" WHERE "id" = $6 AND "organizationId" = $2))
-            RETURNING {_COLUMNS}
-            """,
-            new_id(),
-            organization_id,
-            call_type,
-            call_id,
-            agent_id,
-            campaign_id,
-            customer,
-            phone_number,
-            metadata if metadata is not None else {},
-        )
-    if row is None:
-        raise await _foreign_reference(db, organization_id, agent_id, campaign_id)
-    return CallLog.from_row(row)
+    async with transaction(db) as conn:
+        with translate_errors():
+            row = await conn.fetchrow(
+                f"""
+                INSERT INTO "CallLog"
+                    ("id", "organizationId", "callType", "callId", "agentId", "campaignId", "customer", "phoneNumber",
+                     "metadata")
+                SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+                WHERE ($5::text IS NULL OR EXISTS (
+                        SELECT 1 FROM "Agent" WHERE "id" = $5 AND "organizationId" = $2))
+                  AND ($6::text IS NULL OR EXISTS (
+                        SELECT 1 FROM "Campaign" WHERE "id" = $6 AND "organizationId" = $2))
+                RETURNING {_COLUMNS}
+                """,
+                new_id(),
+                organization_id,
+                call_type,
+                call_id,
+                agent_id,
+                campaign_id,
+                customer,
+                phone_number,
+                metadata if metadata is not None else {},
+            )
+        if row is None:
+            raise await _foreign_reference(conn, organization_id, agent_id, campaign_id)
+        call_log = CallLog.from_row(row)
+        if credit_rates is not None:
+            await credit_reservations.reserve_first_minute(
+                conn, organization_id=organization_id, call_log_id=call_log.id, rates=credit_rates
+            )
+        return call_log
 
 
 async def _foreign_reference(
@@ -194,12 +203,14 @@ async def finalize_call_log(
     duration: int | None = None,
     recording_url: str | None = None,
     metadata: dict[str, Any] | None = None,
+    minutes_charged: int = 0,
 ) -> CallLog:
     """End an IN_PROGRESS call with a final status, its duration (s), recording and metadata merged in.
 
     Ending it again with the same status returns the row unchanged; with another status, or to a status that
     is not final, raises InvalidCallTransition and changes nothing. The ending queues call.ended for webhook
-    subscribers in the same transaction.
+    subscribers and settles the call's credit reservation in the same transaction: `minutes_charged` started
+    minutes are charged at its rate (none for a call that never connected), the rest returns to the balance.
     """
     if status not in CALL_TRANSITIONS[CallStatus.IN_PROGRESS]:
         current = await get_call_log(db, organization_id=organization_id, call_log_id=call_log_id)
@@ -227,6 +238,9 @@ async def finalize_call_log(
         if row is not None:
             ended = CallLog.from_row(row)
             await call_events.enqueue_call_ended(conn, ended)
+            await credit_reservations.settle_reservation(
+                conn, organization_id=organization_id, call_log_id=call_log_id, minutes=minutes_charged
+            )
             return ended
     current = await get_call_log(db, organization_id=organization_id, call_log_id=call_log_id)
     if current.status == status:
@@ -331,8 +345,8 @@ async def fail_stale_in_progress(
 ) -> int:
     """Mark FAILED, ended for `reason`, every call still IN_PROGRESS that started before `older_than`.
 
-    Returns how many were marked; each one's call.ended is queued in the same transaction. Unscoped by design,
-    like list_in_progress: nothing stays IN_PROGRESS forever.
+    Returns how many were marked; each one's call.ended is queued, and its credit reservation returned, in the same
+    transaction. Unscoped by design, like list_in_progress: nothing stays IN_PROGRESS forever.
     """
     async with transaction(db) as conn:
         with translate_errors():
@@ -346,14 +360,16 @@ async def fail_stale_in_progress(
                 older_than,
                 ending(reason, detail),
             )
-        await enqueue_ended(conn, rows)
+        await after_bulk_ending(conn, rows)
     return len(rows)
 
 
-async def enqueue_ended(conn: Queryable, rows: list[asyncpg.Record]) -> None:
-    """Queue call.ended for CallLog rows just ended in bulk (in the transaction that ended them)."""
+async def after_bulk_ending(conn: Queryable, rows: list[asyncpg.Record]) -> None:
+    """For CallLog rows just ended in bulk, in the transaction that ended them: queue each one's call.ended and
+    return its credit reservation whole (only a call's own media session knows how long it ran)."""
     for row in rows:
         await call_events.enqueue_call_ended(conn, CallLog.from_row(row))
+    await credit_reservations.release_reservations(conn, call_log_ids=[row["id"] for row in rows])
 
 
 PENDING_CALL_ID_PREFIX = "pending:"

@@ -85,8 +85,8 @@ async def fail_orphaned_calls(
     A call tagged with a node not seen within `node_timeout` ends with ENGINE_LOST; an untagged call that started
     more than `stream_timeout` ago ends with STREAM_NEVER_STARTED (its media stream never opened). Calls of live
     nodes, and untagged calls younger than `stream_timeout` (still waiting for their stream), are left alone. Each
-    closed call's call.ended is queued in the same transaction. Unscoped by design: recovery looks across every
-    organization.
+    closed call's call.ended is queued, and its credit reservation returned, in the same transaction. Unscoped by
+    design: recovery looks across every organization.
     """
     async with transaction(db) as conn:
         rows = await conn.fetch(
@@ -107,7 +107,7 @@ async def fail_orphaned_calls(
             EndReason.ENGINE_LOST.value,
             EndReason.STREAM_NEVER_STARTED.value,
         )
-        await call_logs.enqueue_ended(conn, rows)
+        await call_logs.after_bulk_ending(conn, rows)
     return len(rows)
 
 

@@ -1,6 +1,7 @@
 """Organizations, the tenants: creation, lookup and the credit balance that pays for calls.
 
-Every credit change is one UPDATE statement, so concurrent calls can never spend the same credit twice.
+Every credit change is one UPDATE statement, so concurrent calls can never spend the same credit twice, and the
+schema holds every balance at zero or above. Calls pay through storage.credit_reservations.
 """
 
 from __future__ import annotations
@@ -125,39 +126,15 @@ async def charge_credits(db: Queryable, *, organization_id: str, amount: int) ->
     )
     if balance is not None:
         return balance
-    # The charge did not apply: either there is no such organization or the balance is short.
+    raise await shortfall(db, organization_id=organization_id, amount=amount)
+
+
+async def shortfall(db: Queryable, *, organization_id: str, amount: int) -> InsufficientCredits:
+    """Why a conditional charge of `amount` did not apply: the balance it found short (NotFound: no organization)."""
     current = await db.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', organization_id)
     if current is None:
         raise NotFound("Organization", organization_id)
-    raise InsufficientCredits(organization_id, current, amount)
-
-
-async def charge_usage(db: Queryable, *, organization_id: str, amount: int) -> int:
-    """Record `amount` (>= 0) credits of usage already consumed, even below zero; return the new balance.
-
-    A finished call's minutes are owed whatever the balance, so this never refuses for lack of credits.
-    """
-    if amount < 0:
-        raise ValueError(f"usage to charge cannot be negative, got {amount}")
-    balance = await _update_credits(
-        db,
-        'UPDATE "Organization" SET "credits" = "credits" - $2 WHERE "id" = $1 RETURNING "credits"',
-        organization_id,
-        amount,
-    )
-    if balance is None:
-        raise NotFound("Organization", organization_id)
-    return balance
-
-
-async def has_credits(db: Queryable, *, organization_id: str) -> bool:
-    """Whether the organization's balance is above zero (enough to start a call)."""
-    positive: bool | None = await db.fetchval(
-        'SELECT "credits" > 0 FROM "Organization" WHERE "id" = $1', organization_id
-    )
-    if positive is None:
-        raise NotFound("Organization", organization_id)
-    return positive
+    return InsufficientCredits(organization_id, current, amount)
 
 
 async def _update_credits(db: Queryable, sql: str, organization_id: str, amount: int) -> int | None:

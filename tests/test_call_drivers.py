@@ -6,6 +6,7 @@ CallLog in the test database. Whatever the driver, a call behaves the same to th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -21,11 +22,11 @@ from engine.call.call_log_writer import CallLogWriter, CallOutcome
 from engine.call.cascade import pipeline_driver
 from engine.call.driver import DriverFactory
 from engine.call.realtime import realtime_driver
-from engine.call.session import GREETING_WAIT_SECONDS, CallContext, CallSession
+from engine.call.session import CREDIT_MINUTE_SECONDS, GREETING_WAIT_SECONDS, CallContext, CallSession
 from engine.workers.post_call import PostCallDeps, analyze_call
 from pipelines.clients import ProviderClients
 from pipelines.registry import ProviderContext, ProviderKeys, build_pipeline
-from storage import agents
+from storage import agents, credit_reservations, organizations
 from storage.call_logs import CallLog
 from storage.call_turns import CallTurn, list_turns
 from storage.end_reasons import EndReason
@@ -152,9 +153,18 @@ def configuration(kind: str, **behaviour: Any) -> AgentConfiguration:
 
 @asynccontextmanager
 async def call_on(
-    kind: str, pool: asyncpg.Pool, *, outbound: bool = False, max_duration_s: int | None = None, **behaviour: Any
+    kind: str,
+    pool: asyncpg.Pool,
+    *,
+    outbound: bool = False,
+    max_duration_s: int | None = None,
+    credits: int = 100,
+    credit_minute_s: float | None = None,
+    **behaviour: Any,
 ) -> AsyncIterator[Rig]:
-    """Run a call on `kind`'s driver; on exit the caller hangs up if it still runs and the CallLog is finished."""
+    """Run a call on `kind`'s driver; on exit the caller hangs up if it still runs and the CallLog is finished.
+
+    With `credit_minute_s`, the call extends its credit reservation as the engine's do, that often."""
     async with AsyncExitStack() as stack:
         deepgram = await stack.enter_async_context(FakeDeepgram(api_key="dg"))
         openai = await stack.enter_async_context(FakeOpenAI(api_key=OPENAI_KEY))
@@ -162,7 +172,7 @@ async def call_on(
         config = configuration(kind, **behaviour)
         if max_duration_s is not None:  # below the configuration's minimum, for a test that must not wait 10 s
             config = config.model_copy(update={"max_duration_seconds": max_duration_s})
-        log, agent_id = await new_call(pool)
+        log, agent_id = await new_call(pool, credits=credits)
         await agents.update_agent_configuration(
             pool, organization_id=log.organization_id, agent_id=agent_id, configuration=config.to_json()
         )
@@ -217,6 +227,10 @@ async def call_on(
             writer=writer,
             hang_up=hang_up,
             transfer=transfer,
+            extend_reservation=functools.partial(credit_reservations.extend_reservation, pool, call_log_id=log.id)
+            if credit_minute_s is not None
+            else None,
+            credit_minute_seconds=credit_minute_s or CREDIT_MINUTE_SECONDS,
         )
         line.start()
         task = asyncio.create_task(session.run(line.frames()))
@@ -264,6 +278,22 @@ async def test_at_the_maximum_duration_the_agent_says_goodbye_and_hangs_up(kind:
     assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, EndReason.MAX_DURATION)
     assert rig.hang_ups == [rig.line.call_sid]
     assert turns[-1].speaker == "agent" and "goodbye" in turns[-1].text.lower()
+
+
+async def test_when_the_credits_run_out_the_agent_says_goodbye_and_the_call_ends_insufficient_credits(
+    kind: str, pool: asyncpg.Pool
+) -> None:
+    # Two credits at one a minute: the first minute is reserved when the call opens, the second one extension
+    # later; the next extension finds the balance empty.
+    async with call_on(kind, pool, credits=2, credit_minute_s=1.0, goodbyeSentence="Out of time, goodbye.") as rig:
+        rig.expect_line("Out of time, goodbye.")
+        outcome = await rig.outcome()
+    turns = await rig.turns()
+    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, EndReason.INSUFFICIENT_CREDITS)
+    assert rig.hang_ups == [rig.line.call_sid]
+    assert turns[-1].speaker == "agent" and "goodbye" in turns[-1].text.lower()
+    organization = await organizations.get_organization(pool, organization_id=rig.log.organization_id)
+    assert organization.credits == 1  # one started (real) minute charged, the other reserved minute returned
 
 
 async def test_an_answering_machine_verdict_stops_the_agent_and_ends_the_call_with_it(

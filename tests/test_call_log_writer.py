@@ -126,10 +126,12 @@ async def new_organization(pool: asyncpg.Pool, *, credits: int = 100) -> str:
 
 
 async def new_call(pool: asyncpg.Pool, *, credits: int = 100) -> tuple[CallLog, str]:
-    """An IN_PROGRESS call of a new organization, taken by a new agent; the call and its agent's id."""
+    """An IN_PROGRESS call of a new organization, taken by a new agent, its first minute of credits reserved at one
+    credit a minute; the call and its agent's id."""
     org = await new_organization(pool, credits=credits)
     agent = await agents.create_agent(pool, organization_id=org, name="Support")
-    return await open_call(pool, org, agent_id=agent.id), agent.id
+    rates = {"free": 1, "pro": 1, "enterprise": 1}
+    return await open_call(pool, org, agent_id=agent.id, credit_rates=rates), agent.id
 
 
 def writer_for(pool: asyncpg.Pool, call: CallLog, **options: Any) -> CallLogWriter:

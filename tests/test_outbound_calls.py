@@ -4,6 +4,7 @@ the real engine's media stream; status and answering-machine callbacks move the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import secrets
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from twilio.request_validator import RequestValidator
 from config.agent import parse_agent_configuration
 from config.settings import load_settings
 from engine.server.appkeys import SETTINGS
-from engine.simulator import Say
+from engine.simulator import Pause, Say
 from engine.twilio.outbound_calls import (
     AgentUnavailable,
     CallNotPlaced,
@@ -34,7 +35,7 @@ from engine.twilio.outbound_calls import (
 from engine.twilio.rest import TwilioCalls
 from storage import agents, call_logs, conversation_paths, organizations, phone_numbers
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
-from storage.enums import AgentStatus, CallerType, CallStatus, CallType, PhoneNumberStatus
+from storage.enums import AgentStatus, CallerType, CallStatus, CallType, PhoneNumberStatus, Plan
 from tests.engine_server import running_engine
 from tests.fakes.twilio import Answer, Busy, Fail, FakeTwilio, Machine, NoAnswer, Refuse
 
@@ -416,6 +417,35 @@ async def test_an_organization_without_credits_cannot_place_calls(
 
     assert await call_log_count(pool, broke.id) == 0
     assert sum(twilio.creates.values()) == creates
+
+
+async def test_twenty_calls_placed_at_once_for_three_minutes_of_credit_place_three_and_charge_the_plans_rate(
+    deps: OutboundDeps, twilio: FakeTwilio, pool: asyncpg.Pool
+) -> None:
+    pro = dataclasses.replace(deps, settings=deps.settings.model_copy(update={"credits_per_minute_pro": 2}))
+    org = await organizations.create_organization(pool, name="Racing", slug="racing", plan=Plan.PRO, credits=7)
+    number = await phone_numbers.create_phone_number(pool, organization_id=org.id, phone_number="+15550199005")
+    agent_id = await make_agent(pool, org.id)
+    destinations = [callee() for _ in range(20)]
+    for to in destinations:
+        twilio.behave(to, Answer(greeting=None, script=[Pause(1500)]))  # a short call: one started minute
+
+    results = await asyncio.gather(
+        *(
+            place_call(pro, organization_id=org.id, agent_id=agent_id, from_number=number.phone_number, to=to)
+            for to in destinations
+        ),
+        return_exceptions=True,
+    )
+
+    placed = [result for result in results if isinstance(result, PlacedCall)]
+    refused = [result for result in results if isinstance(result, NoCredits)]
+    assert (len(placed), len(refused)) == (3, 17)
+    assert "not enough for the first minute of a call (2)" in str(refused[0])
+    ended = [await finished_log(pool, call.call_log_id) for call in placed]
+    assert [row["status"] for row in ended] == ["COMPLETED"] * 3
+    assert all(0 < row["duration"] <= 60 for row in ended)
+    assert (await organizations.get_organization(pool, organization_id=org.id)).credits == 7 - 3 * 2
 
 
 async def test_a_campaign_of_another_organization_is_refused(

@@ -116,6 +116,27 @@ async def test_calls_closed_by_recovery_are_announced_to_call_ended_subscribers(
     assert ended[lost.id]["status"] == "FAILED" and ended[lost.id]["endReason"] == "engine_lost"
 
 
+async def test_calls_closed_by_recovery_return_their_reserved_credits(own_pool: asyncpg.Pool) -> None:
+    now = datetime.now(UTC)
+    await register(own_pool, "dead", last_seen=now - timedelta(minutes=5))
+    org = await insert_organization(own_pool)
+    await own_pool.execute('UPDATE "Organization" SET "credits" = 10 WHERE "id" = $1', org)
+    rates = {"free": 2, "pro": 2, "enterprise": 2}
+    await register(own_pool, "alive", last_seen=now)
+    lost = await open_call(own_pool, org, metadata={"engineNode": "dead"}, credit_rates=rates)
+    stale = await open_call(own_pool, org, metadata={"engineNode": "alive"}, credit_rates=rates)
+    await set_started_at(own_pool, stale.id, now - timedelta(days=2))
+    assert await own_pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 6
+
+    await engine_nodes.fail_orphaned_calls(own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT)
+    assert await own_pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 8
+    await call_logs.fail_stale_in_progress(own_pool, older_than=now - timedelta(days=1), reason=EndReason.ENGINE_LOST)
+
+    assert (await reread(own_pool, lost)).status is (await reread(own_pool, stale)).status is CallStatus.FAILED
+    assert await own_pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 10
+    assert await own_pool.fetchval('SELECT count(*) FROM "CreditReservation"') == 0
+
+
 async def test_a_finished_call_of_a_dead_node_is_left_as_it_ended(own_pool: asyncpg.Pool) -> None:
     now = datetime.now(UTC)
     await register(own_pool, "dead", last_seen=now - timedelta(minutes=5))

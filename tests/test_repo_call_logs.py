@@ -38,8 +38,9 @@ async def open_call(
     agent_id: str | None = None,
     campaign_id: str | None = None,
     metadata: dict[str, Any] | None = None,
+    credit_rates: dict[str, int] | None = None,
 ) -> CallLog:
-    """A new IN_PROGRESS call with a unique CallSid."""
+    """A new IN_PROGRESS call with a unique CallSid (with `credit_rates`, its first minute reserved)."""
     return await call_logs.create_call_log(
         db,
         organization_id=organization_id,
@@ -48,6 +49,7 @@ async def open_call(
         agent_id=agent_id,
         campaign_id=campaign_id,
         metadata=metadata,
+        credit_rates=credit_rates,
     )
 
 

@@ -16,12 +16,10 @@ from storage.organizations import (
     Organization,
     add_credits,
     charge_credits,
-    charge_usage,
     create_organization,
     delete_organization,
     get_organization,
     get_organization_by_slug,
-    has_credits,
 )
 from storage.phone_numbers import create_phone_number
 from storage.records import new_id
@@ -139,38 +137,19 @@ async def test_concurrent_charges_never_spend_more_than_the_balance(pool: asyncp
     assert (await get_organization(pool, organization_id=organization.id)).credits == 0
 
 
-async def test_usage_is_charged_even_when_it_takes_the_balance_below_zero(pool: asyncpg.Pool) -> None:
+async def test_the_schema_refuses_a_balance_below_zero(pool: asyncpg.Pool) -> None:
     organization = await new_organization(pool, credits=2)
 
-    balance = await charge_usage(pool, organization_id=organization.id, amount=7)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute('UPDATE "Organization" SET "credits" = -1 WHERE "id" = $1', organization.id)
 
-    assert balance == -5
-    assert (await get_organization(pool, organization_id=organization.id)).credits == -5
-
-
-async def test_negative_usage_is_refused(pool: asyncpg.Pool) -> None:
-    organization = await new_organization(pool, credits=2)
-
-    with pytest.raises(ValueError, match="cannot be negative"):
-        await charge_usage(pool, organization_id=organization.id, amount=-1)
-
-
-async def test_an_organization_has_credits_only_while_its_balance_is_positive(pool: asyncpg.Pool) -> None:
-    organization = await new_organization(pool, credits=1)
-
-    assert await has_credits(pool, organization_id=organization.id)
-    await charge_usage(pool, organization_id=organization.id, amount=1)
-    assert not await has_credits(pool, organization_id=organization.id)
-    await charge_usage(pool, organization_id=organization.id, amount=1)
-    assert not await has_credits(pool, organization_id=organization.id)
+    assert (await get_organization(pool, organization_id=organization.id)).credits == 2
 
 
 async def test_credit_operations_on_an_unknown_organization_are_not_found(pool: asyncpg.Pool) -> None:
-    for operation in (add_credits, charge_credits, charge_usage):
+    for operation in (add_credits, charge_credits):
         with pytest.raises(NotFound):
             await operation(pool, organization_id="nope", amount=1)
-    with pytest.raises(NotFound):
-        await has_credits(pool, organization_id="nope")
 
 
 async def test_changing_the_balance_advances_updated_at(pool: asyncpg.Pool) -> None:

@@ -183,3 +183,15 @@ def test_a_bad_twilio_auth_token_is_named_without_its_value(monkeypatch: pytest.
 
     assert str(caught.value).startswith("TWILIO_AUTH_TOKEN: ")
     assert TOKEN not in str(caught.value)
+
+
+def test_each_plan_has_a_credit_rate_a_minute_set_by_its_own_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().credit_rates == {"free": 1, "pro": 1, "enterprise": 1}
+    monkeypatch.setenv("DIALTONE_CREDITS_PER_MINUTE_PRO", "3")
+    monkeypatch.setenv("DIALTONE_CREDITS_PER_MINUTE_ENTERPRISE", "0")
+
+    assert load_settings().credit_rates == {"free": 1, "pro": 3, "enterprise": 0}
+
+
+def test_a_negative_credit_rate_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "DIALTONE_CREDITS_PER_MINUTE_FREE" in error_of(monkeypatch, "DIALTONE_CREDITS_PER_MINUTE_FREE", "-1")

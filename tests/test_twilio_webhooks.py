@@ -138,6 +138,31 @@ async def test_status_callbacks_close_calls_that_never_streamed(
     assert (row["status"], row["metadata"]["endReason"]) == (status, reason)
 
 
+async def test_twenty_calls_ringing_at_once_for_three_credits_get_three_streams_and_the_rest_a_refusal(
+    engine: str, pool: asyncpg.Pool
+) -> None:
+    number = await _line(pool, credits=3)  # the free plan: one credit a minute
+    org = await pool.fetchval('SELECT "organizationId" FROM "PhoneNumber" WHERE "phoneNumber" = $1', number)
+    rings = [_ring(number) for _ in range(20)]
+
+    answers = await asyncio.gather(*(_post(engine, "/twilio/voice", form) for form in rings))
+
+    streamed = [form for form, (_, twiml) in zip(rings, answers, strict=True) if "<Connect><Stream" in twiml]
+    refused = [twiml for _, twiml in answers if "cannot take calls" in twiml]
+    assert (len(streamed), len(refused)) == (3, 17)
+    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 0
+    assert await pool.fetchval('SELECT count(*) FROM "CallLog" WHERE "organizationId" = $1', org) == 3
+
+    # Nobody picks up: each call's status callback closes it and returns its reserved minute.
+    for form in streamed:
+        await _post(
+            engine,
+            "/twilio/status",
+            {"CallSid": form["CallSid"], "AccountSid": form["AccountSid"], "CallStatus": "no-answer"},
+        )
+    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 3
+
+
 async def test_a_media_socket_lost_without_stop_fails_the_call_with_that_reason(
     engine: str, pool: asyncpg.Pool
 ) -> None:

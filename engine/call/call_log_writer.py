@@ -3,7 +3,8 @@
 The call's session hands over finished turns with a synchronous, O(1) `record_turn`; a background task writes
 them in batches, retrying with exponential backoff while the database is slow or away. `finish` flushes what is
 left and ends the call in one transaction: final status, duration, recording, metadata, the agent's counters and
-the organization's credits. Every write is idempotent, so a retry after a lost acknowledgement changes nothing.
+the charge of its started minutes against its credit reservation. Every write is idempotent, so a retry after a
+lost acknowledgement changes nothing.
 When the database stays away longer than memory or the finish's patience allow, the call's records go to the
 engine's spill on local disk instead, in order, and the engine writes them when the database returns.
 Webhook events ride on the same transactions: call.started with the first write, transcript.updated with each
@@ -27,7 +28,7 @@ from typing import Any, NoReturn, TypeVar
 
 from engine.call.call_log_spill import CallLogSpill, SpillRecord, SpillUnavailable
 from engine.server import metrics
-from storage import Pool, agents, call_events, call_logs, call_turns, organizations
+from storage import Pool, agents, call_events, call_logs, call_turns
 from storage.call_logs import CallLog
 from storage.call_turns import TurnRecord
 from storage.end_reasons import EndReason, ending
@@ -92,8 +93,8 @@ def latency_summary(latencies_ms: Sequence[int]) -> dict[str, int | None]:
     return {"p50": rank(50), "p95": rank(95), "max": ordered[-1], "count": len(ordered)}
 
 
-def credits_for(duration_s: int) -> int:
-    """Credits a call of that many seconds costs: one per started minute."""
+def started_minutes(duration_s: int) -> int:
+    """The minutes a call of that many seconds is charged for: every minute it started."""
     return math.ceil(duration_s / 60)
 
 
@@ -471,6 +472,7 @@ class CallLogWriter:
                 duration=duration,
                 recording_url=outcome.recording_url,
                 metadata=metadata,
+                minutes_charged=started_minutes(duration),
             )
             if self._agent_id is not None:
                 try:
@@ -482,7 +484,6 @@ class CallLogWriter:
                     )
                 except NotFound:
                     log.warning("CallLog %s: its agent %s was deleted during the call", ended.id, self._agent_id)
-            await organizations.charge_usage(conn, organization_id=self._organization_id, amount=credits_for(duration))
         self._metadata.clear()
         return ended
 

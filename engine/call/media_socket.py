@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -37,7 +38,7 @@ from media.recording import StereoWavRecorder
 from media.twilio_stream import MalformedMessage, Started, StreamProtocolError, TwilioStream
 from pipelines.errors import ProviderError
 from pipelines.registry import PipelineUnavailable, RealtimePlan, VoiceChoice, build_pipeline, plan_realtime
-from storage import agents, call_logs
+from storage import agents, call_logs, credit_reservations
 from storage.call_logs import CallLog
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus, CallType
@@ -222,6 +223,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         recorder=recorder,
         hang_up=twilio.hang_up if twilio is not None else None,
         transfer=twilio.transfer if twilio is not None else None,
+        extend_reservation=functools.partial(credit_reservations.extend_reservation, pool, call_log_id=call_log.id),
     )
     app[LIVE_CALLS].add(call_log.id, session)
     metrics.CALLS_LIVE.inc()

@@ -55,6 +55,7 @@ __all__ = [
     "CallSession",
     "ConversationUnavailable",
     "DriverFactory",
+    "ExtendReservation",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,14 @@ GREETING_WAIT_SECONDS = 3.0
 UNSETTLED_CALLER_TURN = "[speech, transcription failed]"
 """A caller turn's text when the call ended before its transcription came."""
 
+CREDIT_MINUTE_SECONDS = 60.0
+"""A call's credit reservation pays for this long at a time."""
+CREDIT_LEAD_SECONDS = 10.0
+"""A call extends its reservation this long before the paid time runs out, so a refused extension leaves time for
+the goodbye within what was paid for."""
+
+ExtendReservation = Callable[[], Awaitable[bool]]
+"""Reserve the call's next minute of credits; False when the organization cannot pay for it."""
 HangUp = Callable[[str], Awaitable[bool]]
 """Hang up a call by its CallSid through Twilio's REST API; False when that could not be done."""
 Transfer = Callable[[str, str], Awaitable[bool]]
@@ -94,10 +103,14 @@ class CallSession:
         hang_up: HangUp | None = None,
         transfer: Transfer | None = None,
         fallback: DriverFactory | None = None,
+        extend_reservation: ExtendReservation | None = None,
+        credit_minute_seconds: float = CREDIT_MINUTE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Prepare a session; `stream` must already have seen Twilio's `start`. `fallback` makes the driver that
-        takes over when the first one is lost for good (a speech-to-speech agent's pipeline stages)."""
+        takes over when the first one is lost for good (a speech-to-speech agent's pipeline stages).
+        `extend_reservation` is called every `credit_minute_seconds` while the call runs; the call says goodbye
+        (INSUFFICIENT_CREDITS) when it returns False."""
         self.context = context
         self.config = config
         self.clock = clock
@@ -110,6 +123,8 @@ class CallSession:
         self._hang_up = hang_up
         self._transfer = transfer
         self._fallback = fallback
+        self._extend_reservation = extend_reservation
+        self._credit_minute = credit_minute_seconds
         awaiting = context.outbound and config.endpointing.wait_for_greeting
         self._phase = CallPhase.AWAITING_GREETING if awaiting else CallPhase.LISTENING
         self._silence_timeout = config.silence_timeout_seconds
@@ -247,6 +262,8 @@ class CallSession:
         await self._start_driver()
         if not self._ended.is_set():
             self.spawn(self._read(frames, hand_over), "read")
+            if self._extend_reservation is not None:
+                self.spawn(self._keep_paid(self._extend_reservation), "credits")
         loop = asyncio.get_running_loop()
         max_duration = loop.call_later(self.config.max_duration_seconds, self._say_goodbye, EndReason.MAX_DURATION)
         if self._ended.is_set():
@@ -404,6 +421,22 @@ class CallSession:
             and not self._driver.caller_speaking
         ):
             self._say_goodbye(EndReason.SILENCE_TIMEOUT)
+
+    async def _keep_paid(self, extend: ExtendReservation) -> None:
+        """Reserve each next minute shortly before the paid one runs out; out of credits, say goodbye."""
+        # The first minute was reserved when the call was opened.
+        await asyncio.sleep(self._credit_minute - min(CREDIT_LEAD_SECONDS, self._credit_minute / 2))
+        while True:
+            try:
+                extended = await extend()
+            except Exception as exc:  # our database's trouble does not cut the caller off; the end settles it
+                log.warning("call %s: its credit reservation could not be extended: %s", self.context.call_sid, exc)
+                extended = True
+            if not extended:
+                log.info("call %s: the organization's credits are used up", self.context.call_sid)
+                self._say_goodbye(EndReason.INSUFFICIENT_CREDITS)
+                return
+            await asyncio.sleep(self._credit_minute)
 
     # ------------------------------------------------------------------------------------------- ending
 

@@ -38,10 +38,11 @@ from engine.twilio.webhooks import (
     stream_twiml,
 )
 from pipelines.registry import PipelineUnavailable, check_pipeline
-from storage import Pool, agents, call_logs, organizations, phone_numbers
+from storage import Pool, agents, call_logs, phone_numbers
 from storage.end_reasons import EndReason
 from storage.enums import AgentStatus, CallerType, CallType, PhoneNumberStatus
 from storage.errors import InvalidReference, NotFound
+from storage.organizations import InsufficientCredits
 from storage.records import Queryable
 
 log = logging.getLogger(__name__)
@@ -211,8 +212,6 @@ async def place_call(
     pool = deps.pool
     caller_id = await outbound_caller_id(pool, organization_id=organization_id, number=from_number)
     config = await _usable_agent(deps, organization_id, agent_id)
-    if not await organizations.has_credits(pool, organization_id=organization_id):
-        raise NoCredits(f"organization {organization_id} has no credits left; add credits to place calls")
 
     metadata: dict[str, Any] = {"direction": "outbound", "from": caller_id, "variables": per_call}
     if recipient_id is not None:
@@ -228,9 +227,15 @@ async def place_call(
             customer=per_call.get("name") or None,
             phone_number=callee,
             metadata=metadata,
+            credit_rates=deps.settings.credit_rates,
         )
     except InvalidReference as exc:
         raise CampaignNotFound(str(exc)) from None
+    except InsufficientCredits as exc:
+        raise NoCredits(
+            f"organization {organization_id} has {exc.balance} credits, not enough for the first minute of a call "
+            f"({exc.amount}); add credits to place calls"
+        ) from None
 
     base = deps.public_url.rstrip("/")
     try:

@@ -19,11 +19,12 @@ from engine.twilio.fields import CallStatusCallback, Form, IncomingCall, Invalid
 from engine.twilio.signature import public_base_url, signed_form
 from pipelines.llm.prompt import render_prompt
 from pipelines.registry import PipelineUnavailable, check_pipeline
-from storage import Pool, agents, call_logs, organizations, phone_numbers
+from storage import Pool, agents, call_logs, phone_numbers
 from storage.call_logs import CallLog, InvalidCallTransition
 from storage.end_reasons import EndReason, ending
 from storage.enums import CallStatus, CallType, PhoneNumberStatus
 from storage.errors import AlreadyExists, NotFound
+from storage.organizations import InsufficientCredits
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,6 @@ async def handle_voice(request: web.Request) -> web.Response:
         # Most often a missing API key: the caller hears an apology, the operator reads which key in the log.
         log.error("call %s: agent %s cannot run: %s", call_sid, agent.id, exc)
         return refusal(MISCONFIGURED)
-    if not await organizations.has_credits(pool, organization_id=agent.organization_id):
-        log.info("call %s: organization %s is out of credits", call_sid, agent.organization_id)
-        return refusal(OUT_OF_CREDITS)
 
     metadata: dict[str, Any] = {
         "to": number.phone_number,
@@ -156,7 +154,11 @@ async def handle_voice(request: web.Request) -> web.Response:
             customer=incoming.caller_name or caller,
             phone_number=caller,
             metadata=metadata,
+            credit_rates=settings.credit_rates,
         )
+    except InsufficientCredits as exc:
+        log.info("call %s: organization %s is out of credits (%s)", call_sid, agent.organization_id, exc)
+        return refusal(OUT_OF_CREDITS)
     except AlreadyExists:
         # Twilio retried the webhook: answer the same way, with the CallLog the first attempt created.
         existing = await call_logs.get_by_call_id(pool, call_id=call_sid)

@@ -15,7 +15,7 @@ resource = Resource("Organization", "The organization the API key belongs to.")
 
 
 class Credits(ResponseModel):
-    """The organization's balance: one credit pays for one started minute of a call."""
+    """The organization's balance, never below zero; a started minute of a call costs its plan's rate."""
 
     credits: int
     plan: Plan
@@ -44,7 +44,7 @@ async def get_own_organization(call: ApiCall) -> Organization:
 
 @resource.get("/organization/credits", summary="The organization's credit balance", response=Credits, errors=(404,))
 async def get_credits(call: ApiCall) -> Credits:
-    """Credits left (negative when finished calls cost more than the balance held) and the plan."""
+    """Credits left (running calls hold their next minute apart) and the plan."""
     async with call.tenant() as db:
         organization = await get_organization(db, organization_id=call.caller.organization_id)
     return Credits(credits=organization.credits, plan=organization.plan)

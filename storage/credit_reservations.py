@@ -1,0 +1,135 @@
+"""Credit reservations: a call holds the credits of its next minute before it uses them, so no balance goes negative.
+
+A call reserves its first minute when its CallLog is created, extends the reservation one minute at a time while it
+runs, and its ending settles it: the minutes used are charged, the rest returns to the organization. Each change is
+one SQL statement, so concurrent calls can never reserve the same credit twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from storage.enums import Plan
+from storage.errors import NotFound
+from storage.organizations import shortfall
+from storage.records import Queryable
+
+
+async def reserve_first_minute(
+    db: Queryable, *, organization_id: str, call_log_id: str, rates: Mapping[str, int]
+) -> int:
+    """Move one minute's credits, at the rate `rates` gives the organization's plan, from its balance into the
+    call's reservation; return the balance left.
+
+    Raises InsufficientCredits (and reserves nothing) when the balance does not cover the minute.
+    """
+    missing = {plan.value for plan in Plan} - set(rates)
+    if missing or any(rate < 0 for rate in rates.values()):
+        raise ValueError(f"credit rates must give every plan a rate of 0 or more, got {dict(rates)}")
+    row = await db.fetchrow(
+        """
+        WITH rate AS (
+            SELECT ($3::jsonb ->> "plan"::text)::integer AS "perMinute" FROM "Organization" WHERE "id" = $1
+        ), taken AS (
+            UPDATE "Organization" o SET "credits" = o."credits" - rate."perMinute"
+            FROM rate
+            WHERE o."id" = $1 AND o."credits" >= rate."perMinute"
+            RETURNING o."credits", rate."perMinute"
+        ), held AS (
+            INSERT INTO "CreditReservation" ("callLogId", "credits", "creditsPerMinute")
+            SELECT $2, "perMinute", "perMinute" FROM taken
+        )
+        SELECT taken."credits", rate."perMinute" FROM rate LEFT JOIN taken ON true
+        """,
+        organization_id,
+        call_log_id,
+        dict(rates),
+    )
+    if row is None:
+        raise NotFound("Organization", organization_id)
+    if row["credits"] is None:
+        raise await shortfall(db, organization_id=organization_id, amount=row["perMinute"])
+    balance: int = row["credits"]
+    return balance
+
+
+async def extend_reservation(db: Queryable, *, call_log_id: str) -> bool:
+    """Reserve one more minute for a running call at its rate; False when the balance cannot pay for it (or the
+    call's reservation is already settled)."""
+    extended: int | None = await db.fetchval(
+        """
+        WITH rate AS (
+            SELECT c."organizationId", r."creditsPerMinute"
+            FROM "CreditReservation" r JOIN "CallLog" c ON c."id" = r."callLogId"
+            WHERE r."callLogId" = $1
+        ), taken AS (
+            UPDATE "Organization" o SET "credits" = o."credits" - rate."creditsPerMinute"
+            FROM rate
+            WHERE o."id" = rate."organizationId" AND o."credits" >= rate."creditsPerMinute"
+            RETURNING rate."creditsPerMinute"
+        )
+        UPDATE "CreditReservation" r
+        SET "credits" = r."credits" + taken."creditsPerMinute"
+        FROM taken
+        WHERE r."callLogId" = $1
+        RETURNING r."credits"
+        """,
+        call_log_id,
+    )
+    return extended is not None
+
+
+async def settle_reservation(db: Queryable, *, organization_id: str, call_log_id: str, minutes: int) -> int | None:
+    """End a call's reservation: charge `minutes` started minutes at its rate and return the rest to the balance.
+
+    A call that ran past what it reserved is charged what the balance holds, never below zero. Returns the new
+    balance, or None when the call holds no reservation (settled already, or it never reserved).
+    """
+    if minutes < 0:
+        raise ValueError(f"minutes to charge cannot be negative, got {minutes}")
+    balance: int | None = await db.fetchval(
+        """
+        WITH held AS (
+            DELETE FROM "CreditReservation" r USING "CallLog" c
+            WHERE r."callLogId" = $2 AND c."id" = r."callLogId" AND c."organizationId" = $1
+            RETURNING r."credits", r."creditsPerMinute"
+        )
+        UPDATE "Organization" o
+        SET "credits" = GREATEST(o."credits" + held."credits" - held."creditsPerMinute" * $3, 0)
+        FROM held
+        WHERE o."id" = $1
+        RETURNING o."credits"
+        """,
+        organization_id,
+        call_log_id,
+        minutes,
+    )
+    return balance
+
+
+async def release_reservations(db: Queryable, *, call_log_ids: Sequence[str]) -> None:
+    """Return the whole reservation of each of these calls to its organization (calls closed without their media
+    session's end: recovery after an engine was lost)."""
+    await db.execute(
+        """
+        WITH held AS (
+            DELETE FROM "CreditReservation" r USING "CallLog" c
+            WHERE r."callLogId" = ANY($1::text[]) AND c."id" = r."callLogId"
+            RETURNING c."organizationId", r."credits"
+        ), owed AS (
+            SELECT "organizationId", sum("credits") AS "credits" FROM held GROUP BY "organizationId"
+        )
+        UPDATE "Organization" o SET "credits" = o."credits" + owed."credits"
+        FROM owed
+        WHERE o."id" = owed."organizationId"
+        """,
+        list(call_log_ids),
+    )
+
+
+async def reserved_credits(db: Queryable, *, call_log_id: str) -> int | None:
+    """Credits the call holds in its reservation now, or None when it holds none."""
+    held: int | None = await db.fetchval(
+        'SELECT "credits" FROM "CreditReservation" WHERE "callLogId" = $1', call_log_id
+    )
+    return held
