@@ -34,8 +34,9 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
+# Two workers, each taking whole test files (their module-scoped servers and databases stay in one process).
 pytest: $(VENV)/.installed-dev
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 bench: $(VENV)/.installed-dev
 	$(PIP) -e '.[dev,bench]'
