@@ -23,6 +23,7 @@ import hashlib
 import inspect
 import logging
 import pkgutil
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -89,6 +90,36 @@ class HandsOverFrames(Protocol):
         ...
 
 
+class _LoopTurns:
+    """Numbers the event loop's turns in which frames are handed over: one callback a turn, for every socket."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._turn = 0
+        self._advancing = False
+
+    def current(self) -> int:
+        """The number of the loop's present turn."""
+        if not self._advancing:
+            self._advancing = True
+            self._loop.call_soon(self._advance)
+        return self._turn
+
+    def _advance(self) -> None:
+        self._turn += 1
+        self._advancing = False
+
+
+_TURNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopTurns] = weakref.WeakKeyDictionary()
+
+
+def _turns_of(loop: asyncio.AbstractEventLoop) -> _LoopTurns:
+    turns = _TURNS.get(loop)
+    if turns is None:
+        turns = _TURNS[loop] = _LoopTurns(loop)
+    return turns
+
+
 if DIRECT:
 
     class _HandingQueue(WebSocketDataQueue):
@@ -97,11 +128,15 @@ if DIRECT:
         def __init__(self, protocol: Any, limit: int, *, loop: Any) -> None:
             super().__init__(protocol, limit, loop=loop)
             self.on_text: TextHandler | None = None
-            self._turn_loop: asyncio.AbstractEventLoop = loop
+            self._turns = _turns_of(loop)
+            self._turn = -1
             self._handed_this_turn = 0
 
         def feed_data(self, data: Any, size: int) -> None:
             on_text = self.on_text
+            turn = self._turns.current()
+            if turn != self._turn:
+                self._turn, self._handed_this_turn = turn, 0
             if (
                 on_text is None
                 or data.type is not WSMsgType.TEXT
@@ -110,8 +145,6 @@ if DIRECT:
             ):
                 super().feed_data(data, size)  # read by receive(), in order, and counted for flow control
                 return
-            if not self._handed_this_turn:
-                self._turn_loop.call_soon(self._next_turn)
             self._handed_this_turn += 1
             try:
                 on_text(data.data)
@@ -120,9 +153,6 @@ if DIRECT:
                 failure = FrameHandlerFailed(f"the frame handler raised {type(exc).__name__}: {exc}")
                 failure.__cause__ = exc
                 super().feed_data(WSMessage(WSMsgType.ERROR, failure, None), 0)
-
-        def _next_turn(self) -> None:
-            self._handed_this_turn = 0
 
 
 class FrameSocket(web.WebSocketResponse):
