@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.call.driver import (
     DEFAULT_APOLOGY,
@@ -24,20 +24,19 @@ from engine.call.driver import (
     DriverFactory,
 )
 from engine.call.phases import CallPhase, PhaseEvent, accepts
+from engine.call.pipeline_speech import AgentSpeech, Utterance
 from engine.server import metrics
-from media.dtmf import InvalidDigits, dtmf_audio
-from media.g711 import BYTES_PER_MS, FRAME_BYTES
+from media.g711 import FRAME_BYTES
 from media.twilio_stream import MarkFlushed, MarkPlayed
 from media.vad import SpeechStarted as VadSpeechStarted
 from media.vad import VoiceActivityDetector
 from pipelines.conversation.chunking import SentenceChunker
-from pipelines.conversation.heard import SpeakingRate, SpokenSpan, heard_of_spans
 from pipelines.conversation.turn_taking import BargeInPolicy
 from pipelines.fallback import FailsOver, Prewarmable
 from pipelines.llm.base import ConversationTurn, EndCall, LLMError, SendDtmf, TextDelta, TransferCall
 from pipelines.registry import Pipeline
 from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, TranscriptUpdate
-from pipelines.tts.base import Alignment, TTSError
+from pipelines.tts.base import TTSError
 from storage.end_reasons import EndReason
 
 __all__ = ["PipelineDriver", "ending_of", "pipeline_driver"]
@@ -64,20 +63,6 @@ def ending_of(event: EndCall | TransferCall) -> _Ending:
     return _Ending(EndReason.AGENT_HANGUP, event.reason or None)
 
 
-@dataclass(slots=True)
-class _Utterance:
-    """One agent turn being spoken: its sentences and where each falls in the utterance's audio."""
-
-    utterance_id: int
-    reply_to: float | None  # clock time the caller stopped speaking, for latency
-    spans: list[SpokenSpan] = field(default_factory=list)
-    stage_at: dict[str, float | None] = field(default_factory=dict)  # clock time each latency stage was reached
-    audio_ms: int = 0
-    started_stream_ms: int | None = None
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    settled: bool = False
-
-
 def pipeline_driver(pipeline: Pipeline, *, first_sentence: str | None) -> DriverFactory:
     """A factory for the pipeline driver of a call on `pipeline`, opening with `first_sentence`."""
     return functools.partial(PipelineDriver, pipeline=pipeline, first_sentence=first_sentence)
@@ -100,10 +85,8 @@ class PipelineDriver:
             min_words=interruption.min_words,
             backchannel_words=interruption.backchannel_words,
         )
-        self._rate = SpeakingRate()
+        self._speech = AgentSpeech(host, pipeline.tts)
         self._reply: asyncio.Task[None] | None = None
-        self._current: _Utterance | None = None  # the utterance the caller may be hearing now
-        self._utterances: dict[int, _Utterance] = {}
         self._caller_speech_started_ms: int | None = None
         self._caller_speech_ended_at: float | None = None
         self._last_voiced_at: float | None = None
@@ -163,7 +146,9 @@ class PipelineDriver:
             if self._pending_caller_text:
                 # The recognizer gave final words but no end of turn: the silence decides.
                 self._take_pending_caller_turn(vad_event.at_ms)
-        if self._barge_in.frame(voiced=voiced, caller_speaking=vad.speaking, agent_speaking=self._current is not None):
+        if self._barge_in.frame(
+            voiced=voiced, caller_speaking=vad.speaking, agent_speaking=self._speech.current is not None
+        ):
             self._cut("caller speech")
 
     def on_caller_key(self, digit: str) -> None:
@@ -174,14 +159,7 @@ class PipelineDriver:
 
     def on_mark(self, event: MarkPlayed | MarkFlushed) -> None:
         """A played mark: the caller hears the utterance; its final one: they heard all of it."""
-        utterance = self._utterances.get(event.utterance_id)
-        if utterance is None or not isinstance(event, MarkPlayed):
-            return
-        utterance.stage_at.setdefault("firstMarkEchoed", self._host.clock())
-        if event.final:
-            utterance.done.set()
-            if self._current is utterance:
-                self._current = None
+        self._speech.on_mark(event)
 
     async def interrupt(self, why: str) -> None:
         """Stop the reply and what is playing now; the transcript keeps what was heard."""
@@ -190,22 +168,22 @@ class PipelineDriver:
             reply.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reply
-        utterance, self._current = self._current, None
+        utterance = self._speech.take_current()
         if utterance is not None:
             log.info("call %s: agent stopped (%s)", self._host.context.call_sid, why)
             await self._host.audio.clear()
-            self._settle(utterance, interrupted=True)
+            self._speech.settle(utterance, interrupted=True)
 
     async def say(self, text: str) -> None:
         """Speak `text` and wait (bounded by its length) until the caller heard it."""
-        utterance = self._new_utterance(None)
+        utterance = self._speech.new_utterance(None)
         try:
-            await self._speak(utterance, text)
+            await self._speech.speak(utterance, text)
             await self._host.audio.finish(utterance.utterance_id)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(utterance.done.wait(), timeout=utterance.audio_ms / 1000 + HANGUP_GRACE_SECONDS)
         finally:
-            self._settle(utterance, interrupted=not utterance.done.is_set())
+            self._speech.settle(utterance, interrupted=not utterance.done.is_set())
 
     async def close(self) -> None:
         """Settle what was being said, then close the providers (their errors are logged, never raised)."""
@@ -217,8 +195,8 @@ class PipelineDriver:
             reply.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reply
-        if self._current is not None:
-            self._settle(self._current, interrupted=True)
+        if self._speech.current is not None:
+            self._speech.settle(self._speech.current, interrupted=True)
         for closer in (self._pipeline.stt.close, self._pipeline.llm.close, self._pipeline.tts.close):
             try:
                 await closer()
@@ -246,7 +224,7 @@ class PipelineDriver:
     def _on_transcript(self, text: str, is_final: bool) -> None:
         if is_final and text.strip():
             self._pending_caller_text.append(text.strip())
-        elif not is_final and self._current is not None and self._barge_in.words_interrupt(text):
+        elif not is_final and self._speech.current is not None and self._barge_in.words_interrupt(text):
             self._cut("caller words")
 
     def _take_pending_caller_turn(self, end_ms: int) -> None:
@@ -262,7 +240,7 @@ class PipelineDriver:
         host = self._host
         if not accepts(host.phase, PhaseEvent.REPLY):
             return  # the call is ending
-        if self._current is not None:
+        if self._speech.current is not None:
             if self._barge_in.is_backchannel(text):
                 return  # "uh-huh" while the agent talks is not a turn
             self._cut("caller turn")
@@ -278,7 +256,7 @@ class PipelineDriver:
 
     def _cut(self, why: str) -> None:
         """The caller talks over the agent: stop the reply, clear Twilio's buffer, keep what was heard."""
-        utterance = self._current
+        utterance = self._speech.current
         if utterance is None or self._host.phase is not CallPhase.RESPONDING:
             return
         log.info("call %s: barge-in (%s)", self._host.context.call_sid, why)
@@ -286,17 +264,12 @@ class PipelineDriver:
         if self._reply is not None:
             self._reply.cancel()
             self._reply = None
-        self._current = None
+        self._speech.release(utterance)
         self._host.spawn(self._host.audio.clear(), "clear")
-        self._settle(utterance, interrupted=True)
+        self._speech.settle(utterance, interrupted=True)
         self._host.move(PhaseEvent.YIELD)
 
     # ------------------------------------------------------------------------------------------ agent side
-
-    def _new_utterance(self, reply_to: float | None) -> _Utterance:
-        utterance = _Utterance(self._host.next_utterance_id(), reply_to)
-        self._utterances[utterance.utterance_id] = utterance
-        return utterance
 
     def _conversation(self) -> list[ConversationTurn]:
         return [ConversationTurn(role=speaker, text=text) for speaker, text in self._host.turns.heard]
@@ -306,13 +279,13 @@ class PipelineDriver:
     ) -> None:
         if self._reply is not None:
             self._reply.cancel()
-        utterance = self._new_utterance(reply_to)
+        utterance = self._speech.new_utterance(reply_to)
         if turn_ended_at is not None:
             utterance.stage_at["sttEndOfTurn"] = turn_ended_at
         self._host.move(PhaseEvent.REPLY)
         self._reply = self._host.spawn(self._respond(utterance, sentences, ask_model), "reply")
 
-    async def _respond(self, utterance: _Utterance, sentences: list[str], ask_model: bool) -> None:
+    async def _respond(self, utterance: Utterance, sentences: list[str], ask_model: bool) -> None:
         """Speak fixed sentences, then the model's reply sentence by sentence; end the call if it says so."""
         try:
             ending = await self._say_reply(utterance, sentences, ask_model)
@@ -332,23 +305,23 @@ class PipelineDriver:
         elif self._host.phase is CallPhase.RESPONDING:
             self._host.move(PhaseEvent.YIELD)
 
-    async def _say_reply(self, utterance: _Utterance, sentences: list[str], ask_model: bool) -> _Ending | None:
+    async def _say_reply(self, utterance: Utterance, sentences: list[str], ask_model: bool) -> _Ending | None:
         """Speak the reply and wait until it was heard through; how it ends the call, if it does."""
         chunker = SentenceChunker()
         for text in sentences:
             for sentence in [*chunker.push(text + " "), chunker.flush()]:
                 if sentence:
-                    await self._speak(utterance, sentence)
+                    await self._speech.speak(utterance, sentence)
         ending = await self._speak_model_reply(utterance) if ask_model else None
         if utterance.audio_ms:
             await self._host.audio.finish(utterance.utterance_id)
             await utterance.done.wait()  # the final mark came back: the caller heard it all
-            self._settle(utterance, interrupted=False)
-        elif self._current is utterance:
-            self._current = None
+            self._speech.settle(utterance, interrupted=False)
+        else:
+            self._speech.release(utterance)
         return ending
 
-    async def _speak_model_reply(self, utterance: _Utterance) -> _Ending | None:
+    async def _speak_model_reply(self, utterance: Utterance) -> _Ending | None:
         """Speak the model's reply as its sentences complete; return how it ends the call, if it does."""
         ending: _Ending | None = None
         chunker = SentenceChunker()
@@ -359,21 +332,21 @@ class PipelineDriver:
                 case TextDelta(text=text):
                     for sentence in chunker.push(text):
                         stages.setdefault("firstSentence", clock())
-                        await self._speak(utterance, sentence)
+                        await self._speech.speak(utterance, sentence)
                 case SendDtmf(digits=digits):
                     tail = chunker.flush()  # what was said before the keys is spoken before them
                     if tail:
-                        await self._speak(utterance, tail)
-                    await self._press_keys(utterance, digits)
+                        await self._speech.speak(utterance, tail)
+                    await self._speech.press_keys(utterance, digits)
                 case EndCall() | TransferCall():
                     ending = ending_of(event)
         tail = chunker.flush()
         if tail:
             stages.setdefault("firstSentence", clock())
-            await self._speak(utterance, tail)
+            await self._speech.speak(utterance, tail)
         return ending
 
-    async def _recover(self, utterance: _Utterance, exc: LLMError | TTSError) -> None:
+    async def _recover(self, utterance: Utterance, exc: LLMError | TTSError) -> None:
         """A provider failed mid-reply: keep what was heard, move to the next provider and apologize; or, with
         none left, end the call FAILED naming the provider."""
         host = self._host
@@ -381,12 +354,12 @@ class PipelineDriver:
             log.debug("call %s: reply stopped as the call ended: %s", host.context.call_sid, exc)
             return
         stage, provider = ("llm", self._pipeline.llm) if isinstance(exc, LLMError) else ("tts", self._pipeline.tts)
-        if self._current is utterance:
-            self._current = None
+        if self._speech.current is utterance:
+            self._speech.release(utterance)
             if host.playback.utterance(utterance.utterance_id).sent_ms:
                 await host.audio.clear()
         if utterance.audio_ms:
-            self._settle(utterance, interrupted=True)
+            self._speech.settle(utterance, interrupted=True)
         else:
             utterance.settled = True  # nothing of it was said
         following = provider.fail_over() if isinstance(provider, FailsOver) else None
@@ -404,62 +377,3 @@ class PipelineDriver:
         if self._host.phase is CallPhase.RESPONDING:
             self._host.move(PhaseEvent.YIELD)
         self._start_reply([TRANSFER_FAILED], ask_model=False, reply_to=None)
-
-    async def _speak(self, utterance: _Utterance, sentence: str) -> None:
-        self._current = utterance
-        span = SpokenSpan(sentence, utterance.audio_ms, utterance.audio_ms)
-        utterance.spans.append(span)
-        async for chunk in self._pipeline.tts.synthesize(sentence):
-            if isinstance(chunk, Alignment):
-                span.aligned_chars.extend(chunk.chars)
-                span.aligned_ms.extend(chunk.start_ms)
-                continue
-            await self._play(utterance, chunk)
-            span.end_ms = utterance.audio_ms
-        span.complete = True
-        self._rate.add(sentence, span.end_ms - span.start_ms)
-
-    async def _play(self, utterance: _Utterance, chunk: bytes) -> None:
-        if utterance.started_stream_ms is None:
-            utterance.started_stream_ms = self._host.timeline.stream_ms()
-            utterance.stage_at.setdefault("ttsFirstByte", self._host.clock())
-        await self._host.audio.play(utterance.utterance_id, chunk)
-        utterance.audio_ms += len(chunk) // BYTES_PER_MS
-
-    async def _press_keys(self, utterance: _Utterance, digits: str) -> None:
-        """Play touch tones in the agent's audio (Twilio's stream has no other way to send them)."""
-        try:
-            tones = dtmf_audio(digits)
-        except InvalidDigits as exc:
-            log.warning("call %s: %s", self._host.context.call_sid, exc)
-            return
-        self._current = utterance
-        span = SpokenSpan(f"[DTMF {digits}]", utterance.audio_ms, utterance.audio_ms)
-        utterance.spans.append(span)
-        await self._play(utterance, tones)
-        span.end_ms = utterance.audio_ms
-        span.complete = True
-
-    def _settle(self, utterance: _Utterance, *, interrupted: bool) -> None:
-        """Write the agent's turn: all of it, or what the marks say was heard before it was cut."""
-        if utterance.settled:
-            return
-        utterance.settled = True
-        if self._current is utterance:
-            self._current = None
-        played_ms = self._host.playback.utterance(utterance.utterance_id).played_ms
-        if interrupted:
-            text = heard_of_spans(utterance.spans, played_ms, self._rate.ms_per_char)
-        else:
-            text = " ".join(span.text for span in utterance.spans)
-        if not text and not interrupted:
-            return
-        first_audio = self._host.audio.first_audio_at.get(utterance.utterance_id)
-        if first_audio is not None:
-            utterance.stage_at.setdefault("firstFrameSent", first_audio)
-        start_ms = utterance.started_stream_ms or 0
-        turns = self._host.turns
-        turn = turns.place("agent", start_ms, start_ms + (played_ms if interrupted else utterance.audio_ms))
-        turn.interrupted = interrupted
-        turns.time(turn, utterance.reply_to, utterance.stage_at)
-        turns.settle(turn, text)

@@ -18,6 +18,7 @@ from typing import Any
 
 from config.agent import AgentConfiguration
 from engine.call.call_log_writer import CallLogWriter, CallOutcome
+from engine.call.credit_meter import CREDIT_MINUTE_SECONDS, CreditMeter, ExtendReservation
 from engine.call.driver import (
     DEFAULT_APOLOGY,
     DEFAULT_GOODBYE,
@@ -49,6 +50,7 @@ from storage.end_reasons import EndReason
 from storage.enums import CallStatus
 
 __all__ = [
+    "CREDIT_MINUTE_SECONDS",
     "GREETING_WAIT_SECONDS",
     "UNSETTLED_CALLER_TURN",
     "CallContext",
@@ -65,14 +67,6 @@ GREETING_WAIT_SECONDS = 3.0
 UNSETTLED_CALLER_TURN = "[speech, transcription failed]"
 """A caller turn's text when the call ended before its transcription came."""
 
-CREDIT_MINUTE_SECONDS = 60.0
-"""A call's credit reservation pays for this long at a time."""
-CREDIT_LEAD_SECONDS = 10.0
-"""A call extends its reservation this long before the paid time runs out, so a refused extension leaves time for
-the goodbye within what was paid for."""
-
-ExtendReservation = Callable[[], Awaitable[bool]]
-"""Reserve the call's next minute of credits; False when the organization cannot pay for it."""
 HangUp = Callable[[str], Awaitable[bool]]
 """Hang up a call by its CallSid through Twilio's REST API; False when that could not be done."""
 Transfer = Callable[[str, str], Awaitable[bool]]
@@ -123,8 +117,16 @@ class CallSession:
         self._hang_up = hang_up
         self._transfer = transfer
         self._fallback = fallback
-        self._extend_reservation = extend_reservation
-        self._credit_minute = credit_minute_seconds
+        self._credits = (
+            None
+            if extend_reservation is None
+            else CreditMeter(
+                context.call_sid,
+                extend_reservation,
+                say_goodbye=self._say_goodbye,
+                minute_seconds=credit_minute_seconds,
+            )
+        )
         awaiting = context.outbound and config.endpointing.wait_for_greeting
         self._phase = CallPhase.AWAITING_GREETING if awaiting else CallPhase.LISTENING
         self._silence_timeout = config.silence_timeout_seconds
@@ -262,8 +264,8 @@ class CallSession:
         await self._start_driver()
         if not self._ended.is_set():
             self.spawn(self._read(frames, hand_over), "read")
-            if self._extend_reservation is not None:
-                self.spawn(self._keep_paid(self._extend_reservation), "credits")
+            if self._credits is not None:
+                self.spawn(self._credits.run(), "credits")
         loop = asyncio.get_running_loop()
         max_duration = loop.call_later(self.config.max_duration_seconds, self._say_goodbye, EndReason.MAX_DURATION)
         if self._ended.is_set():
@@ -421,22 +423,6 @@ class CallSession:
             and not self._driver.caller_speaking
         ):
             self._say_goodbye(EndReason.SILENCE_TIMEOUT)
-
-    async def _keep_paid(self, extend: ExtendReservation) -> None:
-        """Reserve each next minute shortly before the paid one runs out; out of credits, say goodbye."""
-        # The first minute was reserved when the call was opened.
-        await asyncio.sleep(self._credit_minute - min(CREDIT_LEAD_SECONDS, self._credit_minute / 2))
-        while True:
-            try:
-                extended = await extend()
-            except Exception as exc:  # our database's trouble does not cut the caller off; the end settles it
-                log.warning("call %s: its credit reservation could not be extended: %s", self.context.call_sid, exc)
-                extended = True
-            if not extended:
-                log.info("call %s: the organization's credits are used up", self.context.call_sid)
-                self._say_goodbye(EndReason.INSUFFICIENT_CREDITS)
-                return
-            await asyncio.sleep(self._credit_minute)
 
     # ------------------------------------------------------------------------------------------- ending
 

@@ -1,0 +1,138 @@
+"""The pipeline agent's voice: each sentence synthesized and played to the caller with marks, keys pressed as tones,
+and each utterance's turn settled with what the caller heard of it (pipelines.conversation.heard).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from engine.call.driver import CallHost
+from media.dtmf import InvalidDigits, dtmf_audio
+from media.g711 import BYTES_PER_MS
+from media.twilio_stream import MarkFlushed, MarkPlayed
+from pipelines.conversation.heard import SpeakingRate, SpokenSpan, heard_of_spans
+from pipelines.tts.base import Alignment, TextToSpeech
+
+__all__ = ["AgentSpeech", "Utterance"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Utterance:
+    """One agent turn being spoken: its sentences and where each falls in the utterance's audio."""
+
+    utterance_id: int
+    reply_to: float | None  # clock time the caller stopped speaking, for latency
+    spans: list[SpokenSpan] = field(default_factory=list)
+    stage_at: dict[str, float | None] = field(default_factory=dict)  # clock time each latency stage was reached
+    audio_ms: int = 0
+    started_stream_ms: int | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    settled: bool = False
+
+
+class AgentSpeech:
+    """The agent's utterances in one call: spoken through the synthesizer, played, and settled as turns."""
+
+    def __init__(self, host: CallHost, tts: TextToSpeech) -> None:
+        """Speak in `host`'s call through `tts`."""
+        self._host = host
+        self._tts = tts
+        self._rate = SpeakingRate()
+        self._current: Utterance | None = None  # the utterance the caller may be hearing now
+        self._utterances: dict[int, Utterance] = {}
+
+    @property
+    def current(self) -> Utterance | None:
+        """The utterance the caller may be hearing now."""
+        return self._current
+
+    def release(self, utterance: Utterance) -> None:
+        """`utterance` is no longer what the caller may be hearing (if it was)."""
+        if self._current is utterance:
+            self._current = None
+
+    def take_current(self) -> Utterance | None:
+        """The utterance the caller may be hearing now, which no longer is."""
+        utterance, self._current = self._current, None
+        return utterance
+
+    def new_utterance(self, reply_to: float | None) -> Utterance:
+        """A new agent utterance, answering a caller who stopped speaking at `reply_to` (clock time)."""
+        utterance = Utterance(self._host.next_utterance_id(), reply_to)
+        self._utterances[utterance.utterance_id] = utterance
+        return utterance
+
+    def on_mark(self, event: MarkPlayed | MarkFlushed) -> None:
+        """A played mark: the caller hears the utterance; its final one: they heard all of it."""
+        utterance = self._utterances.get(event.utterance_id)
+        if utterance is None or not isinstance(event, MarkPlayed):
+            return
+        utterance.stage_at.setdefault("firstMarkEchoed", self._host.clock())
+        if event.final:
+            utterance.done.set()
+            if self._current is utterance:
+                self._current = None
+
+    async def speak(self, utterance: Utterance, sentence: str) -> None:
+        """Synthesize `sentence` and play it as part of `utterance` (TTSError if the synthesizer fails)."""
+        self._current = utterance
+        span = SpokenSpan(sentence, utterance.audio_ms, utterance.audio_ms)
+        utterance.spans.append(span)
+        async for chunk in self._tts.synthesize(sentence):
+            if isinstance(chunk, Alignment):
+                span.aligned_chars.extend(chunk.chars)
+                span.aligned_ms.extend(chunk.start_ms)
+                continue
+            await self._play(utterance, chunk)
+            span.end_ms = utterance.audio_ms
+        span.complete = True
+        self._rate.add(sentence, span.end_ms - span.start_ms)
+
+    async def _play(self, utterance: Utterance, chunk: bytes) -> None:
+        if utterance.started_stream_ms is None:
+            utterance.started_stream_ms = self._host.timeline.stream_ms()
+            utterance.stage_at.setdefault("ttsFirstByte", self._host.clock())
+        await self._host.audio.play(utterance.utterance_id, chunk)
+        utterance.audio_ms += len(chunk) // BYTES_PER_MS
+
+    async def press_keys(self, utterance: Utterance, digits: str) -> None:
+        """Play touch tones in the agent's audio (Twilio's stream has no other way to send them)."""
+        try:
+            tones = dtmf_audio(digits)
+        except InvalidDigits as exc:
+            log.warning("call %s: %s", self._host.context.call_sid, exc)
+            return
+        self._current = utterance
+        span = SpokenSpan(f"[DTMF {digits}]", utterance.audio_ms, utterance.audio_ms)
+        utterance.spans.append(span)
+        await self._play(utterance, tones)
+        span.end_ms = utterance.audio_ms
+        span.complete = True
+
+    def settle(self, utterance: Utterance, *, interrupted: bool) -> None:
+        """Write the agent's turn: all of it, or what the marks say was heard before it was cut."""
+        if utterance.settled:
+            return
+        utterance.settled = True
+        if self._current is utterance:
+            self._current = None
+        played_ms = self._host.playback.utterance(utterance.utterance_id).played_ms
+        if interrupted:
+            text = heard_of_spans(utterance.spans, played_ms, self._rate.ms_per_char)
+        else:
+            text = " ".join(span.text for span in utterance.spans)
+        if not text and not interrupted:
+            return
+        first_audio = self._host.audio.first_audio_at.get(utterance.utterance_id)
+        if first_audio is not None:
+            utterance.stage_at.setdefault("firstFrameSent", first_audio)
+        start_ms = utterance.started_stream_ms or 0
+        turns = self._host.turns
+        turn = turns.place("agent", start_ms, start_ms + (played_ms if interrupted else utterance.audio_ms))
+        turn.interrupted = interrupted
+        turns.time(turn, utterance.reply_to, utterance.stage_at)
+        turns.settle(turn, text)
