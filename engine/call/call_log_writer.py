@@ -15,27 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import itertools
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
-from engine.call.call_log_spill import CallLogSpill, SpillRecord, SpillUnavailable
+from engine.call.call_log_spill import CallLogSpill
+from engine.call.call_log_store import CallLogStore
+from engine.call.call_outcome import CallOutcome, latency_summary
+from engine.call.spilled_call import CallLogDeferred, SpilledCall, SpilledCallFile
 from engine.server import metrics
-from storage import Pool, agents, call_events, call_logs, call_turns
+from storage import Pool
 from storage.call_logs import CallLog
 from storage.call_turns import TurnRecord
-from storage.end_reasons import EndReason, ending
 from storage.enums import CallStatus
 from storage.errors import DATABASE_ERRORS, TRANSIENT_ERRORS, DatabaseUnavailable, NotFound
-from storage.records import transaction
-from storage.webhook_outbox import WebhookEvent
 
 __all__ = [
     "CallLogDeferred",
@@ -54,48 +51,12 @@ _BATCH_SIZE = 100
 _SPEAKERS = frozenset({"caller", "agent"})
 
 
-@dataclass(frozen=True, slots=True)
-class CallOutcome:
-    """How a call ended: its final status and why, how long it lasted (s), its recording and extra metadata.
-
-    `end_detail` is free text beside the reason (an error's message, a transfer's number), for people to read.
-    """
-
-    status: CallStatus
-    end_reason: EndReason
-    duration_s: float
-    recording_url: str | None = None
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    end_detail: str | None = None
-
-
 class CallLogWriterClosed(RuntimeError):
     """Something was recorded after `finish` began: the call's log is already being closed."""
 
 
-class CallLogDeferred(DatabaseUnavailable):
-    """The database did not take the call's end in time: it is kept in the spill and written when it returns."""
-
-
 class _Stopped(Exception):
     """The background task was asked to stop while waiting to retry."""
-
-
-def latency_summary(latencies_ms: Sequence[int]) -> dict[str, int | None]:
-    """p50, p95 (nearest rank), max and count of response latencies in ms; None values when there are none."""
-    ordered = sorted(latencies_ms)
-    if not ordered:
-        return {"p50": None, "p95": None, "max": None, "count": 0}
-
-    def rank(percent: int) -> int:
-        return ordered[max(math.ceil(percent / 100 * len(ordered)) - 1, 0)]
-
-    return {"p50": rank(50), "p95": rank(95), "max": ordered[-1], "count": len(ordered)}
-
-
-def started_minutes(duration_s: int) -> int:
-    """The minutes a call of that many seconds is charged for: every minute it started."""
-    return math.ceil(duration_s / 60)
 
 
 class CallLogWriter:
@@ -119,18 +80,21 @@ class CallLogWriter:
     ) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
-        self._pool = pool
-        self._organization_id = organization_id
-        self._node_id = node_id
+        self._store = CallLogStore(pool, organization_id=organization_id, call_log_id=call_log_id, agent_id=agent_id)
         self._call_log_id = call_log_id
-        self._agent_id = agent_id
         self._max_pending = max_pending
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._finish_timeout = finish_timeout
         self._attempt_timeout = attempt_timeout
         self._clock = clock
-        self._spill = spill
+        self._spill = (
+            SpilledCallFile(
+                spill, organization_id=organization_id, call_log_id=call_log_id, agent_id=agent_id, node_id=node_id
+            )
+            if spill is not None
+            else None
+        )
         self._spilling = False  # this call's records go to the spill from now on, after those it already holds
         self._pending: deque[TurnRecord] = deque()
         # Metadata not yet written; the first write tags the call with the node that runs it.
@@ -138,7 +102,6 @@ class CallLogWriter:
         self._agent_latencies: list[int] = []
         self._lost_turns = 0
         self._inbound_gaps = {"count": 0, "totalMs": 0, "longestMs": 0}
-        self._subscribed = False  # seen a transcript.updated subscription: write turns with their events
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._finish_lock = asyncio.Lock()
@@ -159,38 +122,21 @@ class CallLogWriter:
 
         Without a spill of its own, its `finish` raises DatabaseUnavailable if the database is still away.
         """
-        if not records or "call" not in records[0]:
-            raise ValueError("a spill file starts with the record of its call")
-        call = records[0]["call"]
+        spilled = SpilledCall.read(records)
         writer = cls(
             pool,
-            organization_id=call["organizationId"],
-            call_log_id=call["callLogId"],
-            agent_id=call["agentId"],
-            node_id=call["engineNode"],
+            organization_id=spilled.organization_id,
+            call_log_id=spilled.call_log_id,
+            agent_id=spilled.agent_id,
+            node_id=spilled.node_id,
             finish_timeout=finish_timeout,
             attempt_timeout=attempt_timeout,
         )
-        writer._metadata.clear()
-        outcome = None
-        for record in records[1:]:
-            match record:
-                case {"turn": dict(turn)}:
-                    writer._pending.append(TurnRecord(**turn))
-                case {"metadata": dict(items)}:
-                    writer._metadata.update(items)
-                case {"end": dict(end)}:
-                    outcome = CallOutcome(
-                        status=CallStatus(end["status"]),
-                        end_reason=EndReason(end["endReason"]),
-                        end_detail=end.get("endDetail"),
-                        duration_s=end["durationS"],
-                        recording_url=end["recordingUrl"],
-                        metadata=end["metadata"],
-                    )
-                    writer._agent_latencies = list(end["agentLatenciesMs"])
-                    writer._lost_turns = end["lostTurns"]
-        return writer, outcome
+        writer._pending.extend(spilled.turns)
+        writer._metadata = spilled.metadata
+        writer._agent_latencies = spilled.agent_latencies_ms
+        writer._lost_turns = spilled.lost_turns
+        return writer, spilled.outcome
 
     @property
     def pending_turns(self) -> int:
@@ -229,7 +175,7 @@ class CallLogWriter:
         """Merge items into CallLog.metadata with the next write; never waits."""
         self._check_open()
         if self._spill is not None and self._spilling:
-            self._spill.append(self._call_log_id, [{"metadata": items}], bounded=False)
+            self._spill.add_metadata(items)
         else:
             self._metadata.update(items)
         self._wake.set()
@@ -297,27 +243,20 @@ class CallLogWriter:
         self._spilling = True
         self._stop.set()  # the background task stops writing; a write in flight may still land, harmlessly
         self._wake.set()
-        call = {
-            "organizationId": self._organization_id,
-            "callLogId": self._call_log_id,
-            "agentId": self._agent_id,
-            "engineNode": self._node_id,
-        }
-        self._spill.append(self._call_log_id, [{"call": call}, {"metadata": dict(self._metadata)}], bounded=False)
+        self._spill.begin(self._metadata)
         self._spill_turns(list(self._pending))
         log.warning(
             "CallLog %s: the database is away with %d turns waiting; this call's records go to %s until it returns",
             self._call_log_id,
             len(self._pending),
-            self._spill.path_of(self._call_log_id),
+            self._spill.path,
         )
         self._pending.clear()
         self._metadata.clear()
 
     def _spill_turns(self, turns: list[TurnRecord]) -> None:
         assert self._spill is not None
-        records: list[SpillRecord] = [{"turn": dataclasses.asdict(turn)} for turn in turns]
-        if turns and not self._spill.append(self._call_log_id, records):
+        if not self._spill.add_turns(turns):
             self._lose(len(turns), "the spill on local disk is full")
 
     def _lose(self, count: int, why: str) -> None:
@@ -333,29 +272,9 @@ class CallLogWriter:
     async def _end_in_spill(self, outcome: CallOutcome) -> NoReturn:
         """Add the call's end to its spill file, mark the file complete, and raise CallLogDeferred."""
         assert self._spill is not None
-        end = {
-            "status": outcome.status.value,
-            "endReason": outcome.end_reason.value,
-            "endDetail": outcome.end_detail,
-            "durationS": outcome.duration_s,
-            "recordingUrl": outcome.recording_url,
-            "metadata": dict(outcome.metadata),
-            "agentLatenciesMs": self._agent_latencies,
-            "lostTurns": self._lost_turns,
-        }
-        self._spill.append(self._call_log_id, [{"end": end}], bounded=False)
-        self._spill.release(self._call_log_id)
-        where = str(self._spill.path_of(self._call_log_id))
-        try:
-            await self._spill.durable()
-        except SpillUnavailable as exc:
-            where = f"memory until the spill folder takes it ({exc})"
-        message = (
-            f"CallLog {self._call_log_id}: the database did not take the call's end; it is kept in {where} and "
-            "written when the database returns"
-        )
-        log.warning("%s", message)
-        raise CallLogDeferred(message)
+        deferred = await self._spill.end(outcome, agent_latencies_ms=self._agent_latencies, lost_turns=self._lost_turns)
+        log.warning("%s", deferred)
+        raise deferred
 
     def _check_open(self) -> None:
         if self._closing:
@@ -388,7 +307,7 @@ class CallLogWriter:
             batch = list(itertools.islice(self._pending, _BATCH_SIZE))
             metadata = dict(self._metadata)
             try:
-                await self._with_retries(functools.partial(self._write, batch, metadata), deadline=deadline)
+                await self._with_retries(functools.partial(self._store.write, batch, metadata), deadline=deadline)
             except DatabaseUnavailable:
                 raise
             except NotFound:
@@ -412,79 +331,12 @@ class CallLogWriter:
                 if key in self._metadata and self._metadata[key] is value:
                     del self._metadata[key]
 
-    async def _write(self, batch: list[TurnRecord], metadata: dict[str, Any]) -> None:
-        if "engineNode" not in metadata and not self._subscribed:
-            # Nobody subscribes to the turns (the usual case): one statement writes them, one round trip.
-            if await call_turns.insert_turns_unless_subscribed(
-                self._pool,
-                organization_id=self._organization_id,
-                call_log_id=self._call_log_id,
-                turns=batch,
-                metadata=metadata,
-                event=WebhookEvent.TRANSCRIPT_UPDATED,
-                agent_id=self._agent_id,
-            ):
-                return
-            self._subscribed = True  # from now on the turns and their events share a transaction
-        async with transaction(self._pool) as conn:
-            if "engineNode" in metadata:
-                # The media session's first write: the call has started (queued once, even if this is a retry).
-                await call_events.enqueue_call_started(
-                    conn, organization_id=self._organization_id, call_log_id=self._call_log_id
-                )
-            inserted = await call_turns.insert_turns(
-                conn,
-                organization_id=self._organization_id,
-                call_log_id=self._call_log_id,
-                turns=batch,
-                metadata=metadata,
-            )
-            await call_events.enqueue_turns(
-                conn, organization_id=self._organization_id, agent_id=self._agent_id, turns=inserted
-            )
-
     async def _finalize(self, outcome: CallOutcome) -> CallLog:
-        async with transaction(self._pool) as conn:
-            current = await call_turns.lock_call_log(
-                conn, organization_id=self._organization_id, call_log_id=self._call_log_id
-            )
-            if current is not CallStatus.IN_PROGRESS:
-                # Ended already: by an earlier attempt whose acknowledgement was lost, or by crash recovery.
-                if current is not outcome.status:
-                    log.warning("CallLog %s was already %s; left as it is", self._call_log_id, current)
-                return await call_logs.get_call_log(
-                    conn, organization_id=self._organization_id, call_log_id=self._call_log_id
-                )
-            duration = math.ceil(outcome.duration_s)
-            metadata: dict[str, Any] = {
-                **self._metadata,
-                **outcome.metadata,
-                **ending(outcome.end_reason, outcome.end_detail),
-                "latencyMs": latency_summary(self._agent_latencies),
-            }
-            if self._lost_turns:
-                metadata["lostTurns"] = self._lost_turns
-            ended = await call_logs.finalize_call_log(
-                conn,
-                organization_id=self._organization_id,
-                call_log_id=self._call_log_id,
-                status=outcome.status,
-                duration=duration,
-                recording_url=outcome.recording_url,
-                metadata=metadata,
-                minutes_charged=started_minutes(duration),
-            )
-            if self._agent_id is not None:
-                try:
-                    await agents.increment_total_calls(
-                        conn, organization_id=self._organization_id, agent_id=self._agent_id
-                    )
-                    await agents.refresh_success_rate(
-                        conn, organization_id=self._organization_id, agent_id=self._agent_id
-                    )
-                except NotFound:
-                    log.warning("CallLog %s: its agent %s was deleted during the call", ended.id, self._agent_id)
-        self._metadata.clear()
+        ended, ended_now = await self._store.end(
+            outcome, self._metadata, agent_latencies_ms=self._agent_latencies, lost_turns=self._lost_turns
+        )
+        if ended_now:
+            self._metadata.clear()
         return ended
 
     async def _with_retries(self, operation: Callable[[], Awaitable[T]], *, deadline: float | None) -> T:

@@ -1,20 +1,18 @@
 """The speech-to-speech conversation driver: OpenAI Realtime hears, thinks and speaks; the call does the rest.
 
-Caller frames go to the model as they come (mu-law both ways), batched by a sender task so the audio path never
-waits on the socket. The model's audio is queued per assistant item to a player task that paces it to Twilio with
-marks, so reading the model's events never waits on playback. A barge-in clears Twilio and truncates the item
-where the marks say the caller stopped hearing it. Function calls end the call, transfer it, press keys or call
-the organization's webhooks. A dropped connection is reopened once, with the conversation so far replayed as text;
-if that fails too, the call hands over to the agent's fallback pipeline, or fails.
+Caller frames go to the model as they come (mu-law both ways) over its connection (realtime_connection, which
+also reopens it once when it drops). The model's audio is queued per assistant item to a player task that paces
+it to Twilio with marks (realtime_voice), so reading the model's events never waits on playback. A barge-in
+clears Twilio and truncates the item where the marks say the caller stopped hearing it. Function calls end the
+call, transfer it, press keys or call the organization's webhooks (realtime_functions).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-from typing import Any, Final
+from typing import Final
 
 from openai import AsyncOpenAI
 
@@ -25,6 +23,7 @@ from engine.call.driver import (
     DriverFactory,
 )
 from engine.call.phases import CallPhase, PhaseEvent, accepts
+from engine.call.realtime_connection import RealtimeConnection
 from engine.call.realtime_functions import ModelFunctions
 from engine.call.realtime_voice import RESPONSE_GRACE_SECONDS, ModelResponse, ModelVoice
 from engine.call.turns import Turn
@@ -51,9 +50,7 @@ from pipelines.realtime.openai_realtime import (
     SpeechStopped,
     TranscriptDelta,
     TranscriptDone,
-    open_realtime,
     say_exactly,
-    session_update,
 )
 from pipelines.tools import ToolRunner
 from storage.end_reasons import EndReason
@@ -68,8 +65,6 @@ TRANSCRIPTION_FAILED: Final = "[speech, transcription failed]"
 """A caller turn's text when its transcription failed or never came."""
 INAUDIBLE: Final = "[inaudible]"
 """A caller turn whose transcription is empty."""
-RECONNECTS: Final = 1
-"""How many times a lost connection is reopened (with the conversation replayed) before the call hands over."""
 # Errors the server answers to a cancel or truncate that raced with its own barge-in handling: expected, not news.
 _RACE_ERRORS: Final = frozenset({"response_cancel_not_active", "item_truncate_invalid_item_id"})
 
@@ -111,23 +106,24 @@ class RealtimeDriver:
     ) -> None:
         """Converse in `host`'s call through `client`."""
         self._host = host
-        self._client = client
         self._realtime = realtime
-        self._instructions = instructions
-        self._tools = tools
         self._first_sentence = first_sentence
-        self._channel: RealtimeChannel | None = None
-        self._reconnects = 0
-        self._reconnecting: asyncio.Task[None] | None = None
-        self._audio_out = bytearray()  # caller audio the sender has yet to send
-        self._audio_ready = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._said: asyncio.Future[ModelResponse] | None = None
         self._voice = ModelVoice(host, on_idle=self._settle)
+        self._connection = RealtimeConnection(
+            host,
+            client=client,
+            realtime=realtime,
+            instructions=instructions,
+            functions=lambda: [*self._functions.builtins(), *(tools.specs if tools is not None else [])],
+            on_lost=functools.partial(self._cut_agent, "connection lost", barge_in=False, model=None),
+            on_reopened=self._reopened,
+        )
+        self._spawn = self._connection.spawn
         self._functions = ModelFunctions(
             host,
             self._voice,
-            channel=lambda: self._channel,
+            channel=lambda: self._connection.channel,
             answer=self._answer,
             spawn=self._spawn,
             on_idle=self._settle,
@@ -147,7 +143,6 @@ class RealtimeDriver:
             backchannel_words=interruption.backchannel_words,
         )
         self._vad = VoiceActivityDetector()  # run only while the agent's audio plays: the overlap count
-        self._holding_replies = False  # the model was told not to answer by itself (awaiting a callee's hello)
         self._callee_spoke = False
         self._closed = False
 
@@ -156,16 +151,16 @@ class RealtimeDriver:
     async def start(self) -> None:
         """Connect and configure the model; then the sender, the player and the event reader run."""
         try:
-            self._channel = await self._connect()
+            channel = await self._connection.open()
         except (RealtimeUnavailable, RealtimeConnectionLost) as exc:
             raise ConversationUnavailable(EndReason.REALTIME_UNAVAILABLE, str(exc)) from exc
         self._voice.start_player()
-        self._spawn(self._send_audio(), "realtime-audio")
-        self._spawn(self._converse(self._channel), "realtime")
+        self._connection.start_sender()
+        self._spawn(self._converse(channel), "realtime")
 
     def open(self) -> None:
         """Say the first sentence; without one the caller speaks first (or the model greets, if asked to)."""
-        channel = self._channel
+        channel = self._connection.channel
         if channel is None or not accepts(self._host.phase, PhaseEvent.REPLY):
             return
         self._spawn(self._open(channel), "open")
@@ -179,8 +174,7 @@ class RealtimeDriver:
         """Queue one caller frame for the model (the sender batches what piles up)."""
         if self._input_origin_ms is None:
             self._input_origin_ms = at_ms
-        self._audio_out += payload
-        self._audio_ready.set()
+        self._connection.send_audio(payload)
         if not self._voice.unplayed:
             self._barge_in.reset()
         elif len(payload) == FRAME_BYTES:
@@ -190,7 +184,7 @@ class RealtimeDriver:
             voiced = self._vad.last_frame_voiced
             if self._barge_in.frame(voiced=voiced, caller_speaking=self._caller_speaking, agent_speaking=True):
                 self._barge_in.reset()
-                self._spawn(self._cut_agent("caller speech", barge_in=True, model=self._channel), "barge-in")
+                self._spawn(self._cut_agent("caller speech", barge_in=True, model=self._connection.channel), "barge-in")
 
     def on_caller_key(self, digit: str) -> None:
         """A key the caller pressed: a turn of its own, told to the model as text (it cannot hear Twilio's events)."""
@@ -202,11 +196,11 @@ class RealtimeDriver:
 
     async def interrupt(self, why: str) -> None:
         """Stop the agent now: cancel what is generating, clear Twilio, truncate each item at what was heard."""
-        await self._cut_agent(why, barge_in=False, model=self._channel)
+        await self._cut_agent(why, barge_in=False, model=self._connection.channel)
 
     async def say(self, text: str) -> None:
         """Have the model say `text` word for word and wait (bounded) until it was heard."""
-        channel = self._channel
+        channel = self._connection.channel
         if channel is None:
             return
         said: asyncio.Future[ModelResponse] = asyncio.get_running_loop().create_future()
@@ -224,91 +218,15 @@ class RealtimeDriver:
         if self._closed:
             return
         self._closed = True
-        while pending := [task for task in self._tasks if not task.done()]:
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._connection.stop_tasks()
         self._voice.close_all()
-        if self._channel is not None:
-            try:
-                await self._channel.close()
-            except Exception:  # a connection failing to close must not stop the CallLog being finished
-                log.exception("call %s: closing the Realtime connection failed", self._host.context.call_sid)
+        await self._connection.close()
 
-    # ------------------------------------------------------------------------------------------ connection
+    # ------------------------------------------------------------------------------------------ the call
 
-    def _spawn(self, work: Any, role: str) -> asyncio.Task[None]:
-        task = self._host.spawn(self._guarded(work), role)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def _guarded(self, work: Any) -> None:
-        """Run a task of the driver; a lost connection leads to one reconnect (then a hand-over), not a crash."""
-        try:
-            await work
-        except RealtimeConnectionLost as exc:
-            self._connection_lost(exc)
-
-    async def _connect(self) -> RealtimeChannel:
-        channel = await open_realtime(self._client, self._realtime.model)
-        try:
-            await channel.send_event(self._session_update())
-        except RealtimeConnectionLost:
-            await channel.close()
-            raise
-        return channel
-
-    def _session_update(self) -> dict[str, Any]:
-        # While a callee may still say hello, the engine decides when the model speaks.
-        self._holding_replies = self._host.phase is CallPhase.AWAITING_GREETING
-        specs = self._functions.builtins()
-        if self._tools is not None:
-            specs.extend(self._tools.specs)
-        return session_update(
-            self._realtime,
-            instructions=self._instructions,
-            tools=specs,
-            interrupt_response=False,  # barge-in is the engine's (on_caller_audio), by the agent's threshold
-            create_response=not self._holding_replies,
-        )
-
-    def _connection_lost(self, exc: RealtimeConnectionLost) -> None:
-        if self._closed or self._reconnecting is not None or self._host.phase is CallPhase.ENDED:
-            return
-        log.warning("call %s: the Realtime connection dropped: %s", self._host.context.call_sid, exc)
-        metrics.PROVIDER_ERRORS.labels("realtime", self._realtime.provider).inc()
-        self._reconnecting = self._host.spawn(self._reconnect(str(exc)), "realtime-reconnect")
-
-    async def _reconnect(self, why: str) -> None:
-        """Reopen the model's session once, replaying the conversation so far; else hand the call over."""
-        lost = self._channel
-        self._channel = None
-        for task in [task for task in self._tasks if not task.done() and task is not asyncio.current_task()]:
-            task.cancel()
-        await self._cut_agent("connection lost", barge_in=False, model=None)
-        if lost is not None:
-            with contextlib.suppress(Exception):
-                await lost.close()
-        channel: RealtimeChannel | None = None
-        if self._reconnects < RECONNECTS:
-            self._reconnects += 1
-            try:
-                channel = await self._connect()
-                for speaker, text in self._host.turns.heard:
-                    await channel.send_history(speaker, text)
-            except (RealtimeUnavailable, RealtimeConnectionLost) as exc:
-                why = f"{why}; reconnecting failed: {exc}"
-                channel = None
-        if channel is None:
-            self._reconnecting = None
-            await self._host.hand_over(EndReason.REALTIME_FAILED, why)
-            return
-        log.info("call %s: the Realtime session was reopened", self._host.context.call_sid)
-        self._channel = channel
-        self._spawn(self._send_audio(), "realtime-audio")
+    async def _reopened(self, channel: RealtimeChannel) -> None:
+        """Go on conversing on a reopened connection; answer the caller if they were waiting for it."""
         self._spawn(self._converse(channel), "realtime")
-        self._reconnecting = None
         if self._host.phase is CallPhase.RESPONDING:
             self._host.move(PhaseEvent.YIELD)
         heard = self._host.turns.heard
@@ -316,23 +234,10 @@ class RealtimeDriver:
             self._reply_to = self._host.clock()  # the caller was waiting for an answer
             await channel.create_response()
 
-    async def _send_audio(self) -> None:
-        """Send the caller's audio as it piles up: one message per wake-up, however many frames came."""
-        while True:
-            await self._audio_ready.wait()
-            self._audio_ready.clear()
-            channel = self._channel
-            if channel is None or not self._audio_out:
-                continue
-            chunk = bytes(self._audio_out)
-            self._audio_out.clear()
-            await channel.append_audio(chunk)
-
     async def _open(self, channel: RealtimeChannel) -> None:
         if self._host.phase is not CallPhase.LISTENING and self._host.phase is not CallPhase.RESPONDING:
             return
-        if self._holding_replies:  # from now on the model answers the caller by itself
-            await channel.send_event(self._session_update())
+        await self._connection.release_replies(channel)  # from now on the model answers the caller by itself
         if self._first_sentence:
             await channel.create_response(say_exactly(self._first_sentence))
         elif self._host.config.model_greets or self._callee_spoke:
@@ -340,7 +245,7 @@ class RealtimeDriver:
 
     async def _caller_key(self, digit: str) -> None:
         host = self._host
-        channel = self._channel
+        channel = self._connection.channel
         if channel is None or not accepts(host.phase, PhaseEvent.REPLY):
             return
         if host.config.interruption.enabled:
@@ -456,7 +361,7 @@ class RealtimeDriver:
 
     async def _answer(self, reply_to: float | None) -> None:
         """Ask the model to go on (after function outputs), timing it from `reply_to`."""
-        channel = self._channel
+        channel = self._connection.channel
         if channel is not None:
             self._reply_to = reply_to
             await channel.create_response()
