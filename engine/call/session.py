@@ -10,10 +10,9 @@ for good, the pipeline the agent lists as its fallback. The audio path (one call
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from config.agent import AgentConfiguration
@@ -22,7 +21,6 @@ from engine.call.credit_meter import CREDIT_MINUTE_SECONDS, CreditMeter, ExtendR
 from engine.call.driver import (
     DEFAULT_APOLOGY,
     DEFAULT_GOODBYE,
-    HANGUP_GRACE_SECONDS,
     CallContext,
     ConversationDriver,
     ConversationUnavailable,
@@ -31,6 +29,7 @@ from engine.call.driver import (
 from engine.call.outbound_audio import OutboundAudio, SendText, StreamTimeline
 from engine.call.phases import CallPhase, PhaseEvent, accepts, next_phase
 from engine.call.turns import TurnLog
+from engine.call.twilio_control import HangUp, Transfer, TwilioControl, await_twilio_stop
 from engine.server import metrics
 from media.recording import StereoWavRecorder
 from media.twilio_stream import (
@@ -45,7 +44,6 @@ from media.twilio_stream import (
     StreamProtocolError,
     TwilioStream,
 )
-from pipelines.conversation.transfer_rules import Refusal, TransferRules
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus
 
@@ -67,18 +65,8 @@ GREETING_WAIT_SECONDS = 3.0
 UNSETTLED_CALLER_TURN = "[speech, transcription failed]"
 """A caller turn's text when the call ended before its transcription came."""
 
-HangUp = Callable[[str], Awaitable[bool]]
-"""Hang up a call by its CallSid through Twilio's REST API; False when that could not be done."""
-Transfer = Callable[[str, str], Awaitable[bool]]
-"""Transfer a call (CallSid) to an E.164 number through Twilio's REST API; False when that failed."""
 HandOver = Callable[[Callable[[str], None] | None], bool]
 """Ask the socket to hand text frames to a callable as they are parsed (None: stop); False if it cannot."""
-
-
-async def await_twilio_stop(ended: asyncio.Event) -> None:
-    """After a hang-up or transfer through Twilio's REST API, wait a little (never forever) for its `stop`."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(ended.wait(), timeout=HANGUP_GRACE_SECONDS)
 
 
 class CallSession:
@@ -114,8 +102,7 @@ class CallSession:
         self._stream = stream
         self._writer = writer
         self._recorder = recorder
-        self._hang_up = hang_up
-        self._transfer = transfer
+        self._twilio = TwilioControl(context.call_sid, hang_up=hang_up, transfer=transfer, rules=config.transfer)
         self._fallback = fallback
         self._credits = (
             None
@@ -188,34 +175,13 @@ class CallSession:
         if self._ended.is_set():
             return  # ended meanwhile, for a reason of its own
         self._wind_down(reason, detail)
-        if self._hang_up is not None:
-            try:
-                if await self._hang_up(self.context.call_sid):
-                    await await_twilio_stop(self._ended)
-            except Exception as exc:  # the stream closing ends the call all the same
-                log.warning("call %s: hanging up through Twilio failed: %s", self.context.call_sid, exc)
-        self._end(CallStatus.COMPLETED, reason, detail)
+        if await self._twilio.hang_up():
+            await await_twilio_stop(self._ended)
+        self._end(CallStatus.COMPLETED, reason, detail)  # without Twilio's word, closing the stream ends the call
 
     async def transfer(self, to: str, detail: str | None = None) -> bool:
         """Hand the caller to `to` through Twilio; False (the call goes on) when that cannot be done."""
-        if self._transfer is None or self._ended.is_set():
-            return False
-        # The drivers check the agent's rules before they get here; this check is so that none can skip them.
-        verdict = TransferRules.from_config(self.config.transfer).check(to)
-        if isinstance(verdict, Refusal):
-            log.error(
-                "call %s: a transfer the agent's rules refuse reached the call: %s",
-                self.context.call_sid,
-                verdict.message,
-            )
-            return False
-        try:
-            transferred = await self._transfer(self.context.call_sid, to)
-        except Exception:
-            log.exception("call %s: the transfer to %s failed", self.context.call_sid, to)
-            transferred = False
-        if not transferred:
-            log.warning("call %s: transfer to %s failed", self.context.call_sid, to)
+        if self._ended.is_set() or not await self._twilio.transfer(to):
             return False
         self._wind_down(EndReason.TRANSFERRED, detail)
         await await_twilio_stop(self._ended)  # Twilio leaves our stream for the <Dial>

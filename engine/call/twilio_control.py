@@ -1,0 +1,72 @@
+"""A call's controls through Twilio's REST API: hang it up, or hand the caller to a number the agent may transfer to.
+
+Either way Twilio then sends the stream's `stop`; the call waits a little for it (never forever). Without Twilio
+credentials there is no REST API: a hang-up closes the stream instead, and transfers cannot be made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from config.agent import TransferConfig
+from engine.call.driver import HANGUP_GRACE_SECONDS
+from pipelines.conversation.transfer_rules import Refusal, TransferRules
+
+log = logging.getLogger(__name__)
+
+HangUp = Callable[[str], Awaitable[bool]]
+"""Hang up a call by its CallSid through Twilio's REST API; False when that could not be done."""
+Transfer = Callable[[str, str], Awaitable[bool]]
+"""Transfer a call (CallSid) to an E.164 number through Twilio's REST API; False when that failed."""
+
+
+async def await_twilio_stop(ended: asyncio.Event) -> None:
+    """After a hang-up or transfer through Twilio's REST API, wait a little (never forever) for its `stop`."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(ended.wait(), timeout=HANGUP_GRACE_SECONDS)
+
+
+class TwilioControl:
+    """Hang-up and transfer of one call through Twilio's REST API, when the engine has credentials for it."""
+
+    def __init__(
+        self, call_sid: str, *, hang_up: HangUp | None, transfer: Transfer | None, rules: TransferConfig | None
+    ) -> None:
+        """Control the call `call_sid`; `rules` are the agent's transfer destinations."""
+        self._call_sid = call_sid
+        self._hang_up = hang_up
+        self._transfer = transfer
+        self._rules = rules
+
+    async def hang_up(self) -> bool:
+        """Ask Twilio to end the call; False when there is no REST API or it failed (closing the stream ends it)."""
+        if self._hang_up is None:
+            return False
+        try:
+            return await self._hang_up(self._call_sid)
+        except Exception as exc:
+            log.warning("call %s: hanging up through Twilio failed: %s", self._call_sid, exc)
+            return False
+
+    async def transfer(self, to: str) -> bool:
+        """Ask Twilio to hand the caller to `to`; False when that cannot or may not be done (the call goes on)."""
+        if self._transfer is None:
+            return False
+        # The drivers check the agent's rules before they get here; this check is so that none can skip them.
+        verdict = TransferRules.from_config(self._rules).check(to)
+        if isinstance(verdict, Refusal):
+            log.error(
+                "call %s: a transfer the agent's rules refuse reached the call: %s", self._call_sid, verdict.message
+            )
+            return False
+        try:
+            transferred = await self._transfer(self._call_sid, to)
+        except Exception:
+            log.exception("call %s: the transfer to %s failed", self._call_sid, to)
+            return False
+        if not transferred:
+            log.warning("call %s: transfer to %s failed", self._call_sid, to)
+        return transferred
