@@ -118,7 +118,7 @@ async def _socket(http: aiohttp.ClientSession, base: str, frame: str, *, started
             ):
                 pass
             return f"closed {ws.close_code}"
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:  # the engine may close before the last send
         return type(exc).__name__
 
 
