@@ -25,7 +25,7 @@ import logging
 import pkgutil
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import aiohttp
 from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType, web
@@ -79,15 +79,6 @@ FRAMES_PER_TURN = 64
 
 class FrameHandlerFailed(Exception):
     """The callback raised while handling a frame; raised by `receive()`'s reader in its place (see __cause__)."""
-
-
-@runtime_checkable
-class HandsOverFrames(Protocol):
-    """A source of text frames that can also hand them to a callback as they arrive."""
-
-    def hand_to(self, on_text: TextHandler | None) -> bool:
-        """From now on give text frames to `on_text` (None: queue them again); False if this source cannot."""
-        ...
 
 
 class _LoopTurns:

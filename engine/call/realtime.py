@@ -26,7 +26,7 @@ from engine.call.phases import CallPhase, PhaseEvent, accepts
 from engine.call.realtime_connection import RealtimeConnection
 from engine.call.realtime_functions import ModelFunctions
 from engine.call.realtime_voice import RESPONSE_GRACE_SECONDS, ModelResponse, ModelVoice
-from engine.call.turns import Turn
+from engine.call.turns import TRANSCRIPTION_FAILED, Turn
 from engine.server import metrics
 from media.g711 import FRAME_BYTES
 from media.twilio_stream import MarkFlushed, MarkPlayed
@@ -61,8 +61,6 @@ log = logging.getLogger(__name__)
 
 UNTRANSCRIBED: Final = "[speech, not transcribed]"
 """A caller turn's text when the agent has no `transcription_model`: the model heard it, nothing wrote it down."""
-TRANSCRIPTION_FAILED: Final = "[speech, transcription failed]"
-"""A caller turn's text when its transcription failed or never came."""
 INAUDIBLE: Final = "[inaudible]"
 """A caller turn whose transcription is empty."""
 # Errors the server answers to a cancel or truncate that raced with its own barge-in handling: expected, not news.

@@ -28,7 +28,7 @@ from engine.call.driver import (
 )
 from engine.call.outbound_audio import OutboundAudio, SendText, StreamTimeline
 from engine.call.phases import CallPhase, PhaseEvent, accepts, next_phase
-from engine.call.turns import TurnLog
+from engine.call.turns import TRANSCRIPTION_FAILED, TurnLog
 from engine.call.twilio_control import HangUp, Transfer, TwilioControl, await_twilio_stop
 from engine.server import metrics
 from media.recording import StereoWavRecorder
@@ -50,7 +50,6 @@ from storage.enums import CallStatus
 __all__ = [
     "CREDIT_MINUTE_SECONDS",
     "GREETING_WAIT_SECONDS",
-    "UNSETTLED_CALLER_TURN",
     "CallContext",
     "CallSession",
     "ConversationUnavailable",
@@ -62,8 +61,6 @@ log = logging.getLogger(__name__)
 
 GREETING_WAIT_SECONDS = 3.0
 """An outbound callee who says nothing this long still hears the agent."""
-UNSETTLED_CALLER_TURN = "[speech, transcription failed]"
-"""A caller turn's text when the call ended before its transcription came."""
 
 HandOver = Callable[[Callable[[str], None] | None], bool]
 """Ask the socket to hand text frames to a callable as they are parsed (None: stop); False if it cannot."""
@@ -315,7 +312,7 @@ class CallSession:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self._driver.close()
-        self.turns.close(unsettled_caller_text=UNSETTLED_CALLER_TURN)
+        self.turns.close(unsettled_caller_text=TRANSCRIPTION_FAILED)
         duration_s = round(self.clock() - self._started_at)
         reason = self._reason or EndReason.INTERNAL_ERROR
         log.info("call %s ended: %s (%s, %d s)", self.context.call_sid, reason.value, self._status, duration_s)

@@ -18,6 +18,8 @@ from engine.server import metrics
 
 Speaker = Literal["caller", "agent"]
 
+TRANSCRIPTION_FAILED: Final = "[speech, transcription failed]"
+"""A caller turn's text when its transcription failed, or never came before the call ended."""
 LATENCY_STAGE: Final = "firstFrameSent"
 """The stage a turn's headline latency is: the agent's first audio sent, after the caller stopped speaking."""
 
