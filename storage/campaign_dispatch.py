@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from storage.call_logs import PENDING_CALL_ID_PREFIX
 from storage.campaign_states import (
     ATTEMPT_TRANSITIONS,
     IN_FLIGHT,
@@ -40,6 +41,14 @@ from storage.webhook_outbox import WebhookEvent, enqueue_event
 
 RECIPIENT_METADATA_KEY = "campaignRecipientId"
 """The CallLog metadata key naming the campaign recipient a call was placed for (set by the outbound dialer)."""
+ATTEMPT_CALL_LOG = f"""
+    SELECT l."id" FROM "CallLog" l
+    WHERE l."campaignId" = rd."campaignId" AND l."metadata"->>'{RECIPIENT_METADATA_KEY}' = rd."recipientId"
+      AND l."createdAt" >= a."startedAt" - interval '1 minute'
+      AND NOT EXISTS (SELECT 1 FROM "CampaignAttempt" o WHERE o."callLogId" = l."id")
+    ORDER BY l."createdAt" DESC LIMIT 1
+"""
+"""The CallLog a DIALING attempt `a` of recipient `rd` wrote, if any: a subquery (the dialer names the recipient)."""
 # The condition of each move: the states the tables let a row leave for the target.
 _RECIPIENT_MOVES = {state: sql_states(sources(RECIPIENT_TRANSITIONS, state)) for state in RecipientDispatchState}
 _ATTEMPT_MOVES = {state: sql_states(sources(ATTEMPT_TRANSITIONS, state)) for state in AttemptState}
@@ -415,6 +424,12 @@ async def pause_campaign_for(pool: asyncpg.Pool, campaign_id: str, reason: str) 
     )
 
 
+async def give_back(conn: Connection, attempt_id: str, recipient_id: str, *, reason: str) -> None:
+    """In the caller's transaction: a DIALING attempt that never reached Twilio does not count; its recipient waits
+    again with `reason` as its last reason."""
+    await _abandon(conn, attempt_id, recipient_id, cancel=False, reason=reason)
+
+
 async def _abandon(conn: Connection, attempt_id: str, recipient_id: str, *, cancel: bool, reason: str) -> None:
     released = await conn.fetchval(
         f"""
@@ -664,28 +679,27 @@ async def expire_leases(pool: asyncpg.Pool, *, now: datetime, limit: int = 200) 
 
     The dialer creates the CallLog (with the recipient in its metadata) before it asks Twilio for the call,
     and renews its lease right before. So an expired lease with no CallLog for its attempt means Twilio was
-    never asked: the recipient is queued again and the attempt does not count. With a CallLog, the dial may
-    have reached Twilio: the attempt counts and follows that CallLog like any placed call.
+    never asked: the recipient is queued again and the attempt does not count. With a CallLog that holds a
+    CallSid, the call exists: the attempt counts and follows that CallLog like any placed call. A CallLog still
+    without a CallSid is left alone here: only Twilio knows whether the request arrived, and the engine asks
+    it (storage/campaign_placements.py, engine/campaigns/placement_lookup.py).
     """
     async with transaction(pool) as conn:
         rows = await conn.fetch(
             f"""
-            SELECT rd."recipientId", rd."campaignId", a."id" AS "attemptId", a."startedAt",
-                   (SELECT l."id" FROM "CallLog" l
-                    WHERE l."campaignId" = rd."campaignId" AND l."metadata"->>$3 = rd."recipientId"
-                      AND l."createdAt" >= a."startedAt" - interval '1 minute'
-                      AND NOT EXISTS (SELECT 1 FROM "CampaignAttempt" o WHERE o."callLogId" = l."id")
-                    ORDER BY l."createdAt" DESC LIMIT 1) AS "callLogId"
+            SELECT rd."recipientId", rd."campaignId", a."id" AS "attemptId", a."startedAt", l."id" AS "callLogId"
             FROM "CampaignRecipientDispatch" rd
             JOIN "CampaignAttempt" a ON a."recipientId" = rd."recipientId" AND a."state" = '{AttemptState.DIALING}'
+            LEFT JOIN "CallLog" l ON l."id" = ({ATTEMPT_CALL_LOG})
             WHERE rd."state" = '{RecipientDispatchState.DIALING}' AND rd."leaseExpiresAt" < $1
+              AND (l."id" IS NULL OR NOT starts_with(l."callId", $3))
             ORDER BY rd."leaseExpiresAt"
             LIMIT $2
             FOR UPDATE OF rd, a SKIP LOCKED
             """,
             now,
             limit,
-            RECIPIENT_METADATA_KEY,
+            PENDING_CALL_ID_PREFIX,
         )
         requeued = followed = 0
         for row in rows:

@@ -1,6 +1,7 @@
 """The campaign dispatcher every engine process runs: claim due recipients, dial them on pace, reconcile outcomes.
 
-Each tick: settle what other processes left (ended calls, expired leases), then for each campaign that is due
+Each tick: settle what other processes left (ended calls, expired leases, dials whose CallSid was lost, which
+Twilio is asked about), then for each campaign that is due
 and not being claimed by another process, decide how many recipients to lease (concurrency cap, calls per
 second, calling windows in each recipient's timezone, credits) and dial each at its slot. Storage holds the
 rows and locks (storage/campaign_dispatch.py); this module holds the decisions and the clock.
@@ -20,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from engine.campaigns.placement_lookup import PlacementLookup
 from engine.campaigns.windows import CallingWindow, InvalidWindow, parse_time_of_day, zone
 from engine.server.appkeys import SETTINGS
 from engine.twilio.outbound_calls import (
@@ -109,10 +111,15 @@ class CampaignDispatcher:
         node_id: str | None = None,
         timing: DispatchTiming | None = None,
         clock: Clock | None = None,
+        lookup: PlacementLookup | None = None,
     ) -> None:
-        """Nothing runs until `start()` (or `tick()` in tests)."""
+        """Nothing runs until `start()` (or `tick()` in tests).
+
+        `lookup` asks Twilio about expired dials whose CallLog never got a CallSid; without it they wait.
+        """
         self._pool = pool
         self._dialer = dialer
+        self._lookup = lookup
         self.node_id = node_id or new_id()
         self._timing = timing or DispatchTiming()
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -157,6 +164,8 @@ class CampaignDispatcher:
         """Reconcile, then claim due recipients of every due campaign and start their dials; return the claims."""
         await dispatch.reconcile_ended_calls(self._pool)
         await dispatch.expire_leases(self._pool, now=self._clock())
+        if self._lookup is not None:
+            await self._lookup.settle(now=self._clock(), owner=self.node_id)
         claims: list[Claim] = []
         seen: list[str] = []
         while len(claims) < self._timing.max_claims_per_tick:
@@ -361,6 +370,7 @@ async def dispatcher_context(app: web.Application) -> AsyncIterator[None]:
             interval=timedelta(seconds=settings.dispatch_interval),
             lease=timedelta(seconds=settings.dispatch_lease),
         ),
+        lookup=PlacementLookup(deps.pool, deps.twilio),
     )
     dispatcher.start()
     log.info("campaign dispatcher running as node %s", dispatcher.node_id)

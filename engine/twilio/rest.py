@@ -1,10 +1,11 @@
-"""Twilio's REST API through the twilio package's async client: placing, hanging up and transferring calls."""
+"""Twilio's REST API through the twilio package's async client: placing, finding, hanging up, transferring calls."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import aiohttp
 from twilio.base.exceptions import TwilioRestException
@@ -25,6 +26,21 @@ class CallRefused(Exception):
         self.code = code
         self.message = message
         self.status = status
+
+
+class CallLookupFailed(Exception):
+    """Twilio could not be asked which calls exist (unreachable, or it answered with an error): nothing is known."""
+
+
+@dataclass(frozen=True, slots=True)
+class TwilioCall:
+    """A call as Twilio's Calls list shows it."""
+
+    sid: str
+    to: str
+    from_: str
+    status: str
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +114,26 @@ class TwilioCalls:
             raise CallRefused(None, f"could not reach Twilio: {exc}") from None
         sid: str = call.sid
         return sid
+
+    async def calls_between(self, *, to: str, from_: str, limit: int = 50) -> list[TwilioCall]:
+        """The most recent calls (up to `limit`) Twilio created to `to` from `from_`, whatever their status.
+
+        Listed by `To` and `From` only: a call still queued has no start time yet, so the start-time filters
+        would miss it; callers filter on `created_at`. Raises CallLookupFailed when Twilio cannot answer.
+        """
+        try:
+            found = await self._client.calls.list_async(to=to, from_=from_, limit=limit, page_size=limit)
+        except TwilioRestException as exc:
+            raise CallLookupFailed(f"Twilio refused the call lookup: {exc.status} {exc.msg}") from None
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+            raise CallLookupFailed(f"could not reach Twilio to look calls up: {exc}") from None
+        return [
+            TwilioCall(
+                sid=call.sid, to=call.to, from_=call._from, status=str(call.status), created_at=call.date_created
+            )
+            for call in found
+            if call.sid and isinstance(call.date_created, datetime)
+        ]
 
     async def run_twiml(self, call_sid: str, twiml: str, *, action: str) -> bool:
         """Replace what a live call does with `twiml` (e.g. a message, then `<Hangup/>`); False (logged) if refused."""

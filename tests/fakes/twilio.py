@@ -12,6 +12,9 @@ TwiML's `<Connect><Stream>` with the engine's simulator (20 ms frames, marks ech
 `NoAnswer`, `Fail`, `Refuse` (an error at creation) or `Machine` (a greeting, then the async AMD verdict). Status
 callbacks are posted signed, as form posts, for the events the call subscribed to. `POST .../Calls/{CallSid}.json`
 updates a live call (`Twiml`, `Status=completed`): the stream gets `stop`, and the update is recorded.
+`GET .../Calls.json` lists calls (filters `To`, `From`, `Status`; most recent first) and `GET .../Calls/{CallSid}.json`
+fetches one. `hold_create(number)` holds the next create to `number` until the test decides whether it reached
+Twilio (the call is created) or not (no call exists, as if the request never left): kill the engine in between.
 """
 
 from __future__ import annotations
@@ -39,7 +42,18 @@ from engine.simulator import CallResult, Pause, Step, StreamPeer, parse_twiml, r
 from engine.twilio.signature import request_signature
 from tests.fakes.server import serve
 
-__all__ = ["Answer", "Behaviour", "Busy", "Fail", "FakeCall", "FakeTwilio", "Machine", "NoAnswer", "Refuse"]
+__all__ = [
+    "Answer",
+    "Behaviour",
+    "Busy",
+    "Fail",
+    "FakeCall",
+    "FakeTwilio",
+    "HeldCreate",
+    "Machine",
+    "NoAnswer",
+    "Refuse",
+]
 
 API_VERSION = "2010-04-01"
 
@@ -81,9 +95,13 @@ class Busy:
 
 @dataclass(frozen=True, slots=True)
 class NoAnswer:
-    """It rings `ring_ms` (the fake does not wait the whole `Timeout`; it records it), then no-answer."""
+    """It rings `ring_ms` (the fake does not wait the whole `Timeout`; it records it), then no-answer.
+
+    With `until`, it rings until the test sets that event instead.
+    """
 
     ring_ms: int = 200
+    until: asyncio.Event | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +124,20 @@ Behaviour = Answer | Machine | Busy | NoAnswer | Fail | Refuse
 
 
 @dataclass(slots=True)
+class HeldCreate:
+    """A create request the fake holds: `arrived` is set when it comes; `release(create=...)` decides its fate."""
+
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the fake acted on the decision (the call exists, or the request is gone)."""
+    decision: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def release(self, *, create: bool) -> None:
+        """Create the call (the request had reached Twilio) or drop it (it never had: Twilio knows no such call)."""
+        self.decision.set_result(create)
+
+
+@dataclass(slots=True)
 class FakeCall:
     """One call the fake placed: what was asked, what the far end did, and what the engine sent back."""
 
@@ -123,6 +155,7 @@ class FakeCall:
     stream: CallResult | None = None
     answered_at: float | None = None
     duration_s: int = 0
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     updated: asyncio.Event = field(default_factory=asyncio.Event)
     _live: StreamPeer | None = None
@@ -158,6 +191,9 @@ class FakeTwilio:
         self.creates: Counter[str] = Counter()
         self.api_base = ""
         self._behaviours: dict[str, Behaviour] = {}
+        self._holds: dict[str, HeldCreate] = {}
+        self.lookups: list[dict[str, str]] = []
+        """The query of every call list request, in order."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._exit_stack = contextlib.AsyncExitStack()
         self._http: aiohttp.ClientSession | None = None
@@ -166,6 +202,12 @@ class FakeTwilio:
     def behave(self, number: str, behaviour: Behaviour) -> None:
         """Script what happens when `number` is dialed."""
         self._behaviours[number] = behaviour
+
+    def hold_create(self, number: str) -> HeldCreate:
+        """Hold the next create request to `number` until the returned hold is released."""
+        hold = HeldCreate()
+        self._holds[number] = hold
+        return hold
 
     def calls_to(self, number: str) -> list[FakeCall]:
         """Every call placed to `number`, in creation order."""
@@ -182,6 +224,8 @@ class FakeTwilio:
         app = web.Application()
         app.router.add_post(f"/{API_VERSION}/Accounts/{{account}}/Calls.json", self._create)
         app.router.add_post(f"/{API_VERSION}/Accounts/{{account}}/Calls/{{sid}}.json", self._update)
+        app.router.add_get(f"/{API_VERSION}/Accounts/{{account}}/Calls.json", self._list)
+        app.router.add_get(f"/{API_VERSION}/Accounts/{{account}}/Calls/{{sid}}.json", self._fetch)
         self._http = await self._exit_stack.enter_async_context(
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         )
@@ -217,15 +261,26 @@ class FakeTwilio:
             return _error(400, 21213, "No 'From' number is specified")
         if not _first(params, "Twiml") and not _first(params, "Url"):
             return _error(400, 21205, "Url parameter is required. Please provide a Url or Twiml parameter.")
+        hold = self._holds.pop(to, None)
+        if hold is not None:
+            hold.arrived.set()
+            # Shielded: the engine may die while the request is held; what Twilio does then is the test's choice.
+            if not await asyncio.shield(hold.decision):
+                hold.settled.set()
+                return _error(503, 20503, "the request never reached Twilio")  # nobody reads it: the engine is gone
         self.creates[to] += 1
         behaviour = self._behaviours.get(to, self.default)
         if isinstance(behaviour, Refuse):
+            if hold is not None:
+                hold.settled.set()
             return _error(behaviour.status, behaviour.code, behaviour.message)
         call = FakeCall(sid="CA" + secrets.token_hex(16), to=to, from_=from_, params=params, behaviour=behaviour)
         self.calls[call.sid] = call
         task = asyncio.create_task(self._run(call), name=f"fake-twilio-{call.sid}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if hold is not None:
+            hold.settled.set()
         return web.json_response(self._resource(call), status=201)
 
     async def _update(self, request: web.Request) -> web.Response:
@@ -245,8 +300,44 @@ class FakeTwilio:
                 await call._live.hang_up()  # new TwiML (or a hang-up) ends <Connect><Stream>: Twilio sends stop
         return web.json_response(self._resource(call))
 
+    async def _list(self, request: web.Request) -> web.Response:
+        if not self._authenticated(request):
+            return _error(401, 20003, "Authenticate")
+        query = dict(request.query)
+        self.lookups.append(query)
+        filters = {"To": "to", "From": "from_", "Status": "status"}
+        found = [
+            call
+            for call in self.calls.values()
+            if all(getattr(call, attr) == query[name] for name, attr in filters.items() if name in query)
+        ]
+        found.sort(key=lambda call: call.created_at, reverse=True)
+        size = int(query.get("PageSize", "50"))
+        uri = f"/{API_VERSION}/Accounts/{self.account_sid}/Calls.json"
+        page = {
+            "calls": [self._resource(call) for call in found[:size]],
+            "start": 0,
+            "end": max(0, min(size, len(found)) - 1),
+            "page": 0,
+            "page_size": size,
+            "first_page_uri": f"{uri}?PageSize={size}&Page=0",
+            "next_page_uri": None,
+            "previous_page_uri": None,
+            "uri": request.path_qs,
+        }
+        return web.json_response(page)
+
+    async def _fetch(self, request: web.Request) -> web.Response:
+        if not self._authenticated(request):
+            return _error(401, 20003, "Authenticate")
+        call = self.calls.get(request.match_info["sid"])
+        if call is None:
+            return _error(404, 20404, f"The requested resource {request.path} was not found")
+        return web.json_response(self._resource(call))
+
     def _resource(self, call: FakeCall) -> dict[str, Any]:
         now = format_datetime(datetime.now(UTC), usegmt=True)
+        created = format_datetime(call.created_at, usegmt=True)
         return {
             "sid": call.sid,
             "account_sid": self.account_sid,
@@ -257,7 +348,7 @@ class FakeTwilio:
             "status": call.status,
             "direction": "outbound-api",
             "api_version": API_VERSION,
-            "date_created": now,
+            "date_created": created,
             "date_updated": now,
             "start_time": None,
             "end_time": None,
@@ -286,8 +377,8 @@ class FakeTwilio:
                 case Busy(ring_ms=ring_ms):
                     await asyncio.sleep(ring_ms / 1000)
                     await self._end(call, "busy", sip=486)
-                case NoAnswer(ring_ms=ring_ms):
-                    await asyncio.sleep(ring_ms / 1000)
+                case NoAnswer(ring_ms=ring_ms, until=until):
+                    await (until.wait() if until is not None else asyncio.sleep(ring_ms / 1000))
                     await self._end(call, "no-answer", sip=487)
                 case Fail(sip_response_code=sip):
                     await self._end(call, "failed", sip=sip)
