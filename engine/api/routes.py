@@ -16,6 +16,7 @@ from engine.api.resources import (
     api_keys,
     call_logs,
     calls,
+    campaign_recipients,
     campaigns,
     conversation_paths,
     events,
@@ -42,6 +43,7 @@ RESOURCES: tuple[Resource, ...] = (
     call_logs.resource,
     calls.resource,
     campaigns.resource,
+    campaign_recipients.resource,
     live_calls.resource,
     api_keys.resource,
 )

@@ -157,6 +157,29 @@ def make_recipient(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ImportLineError:
+    """Where an ERROR recipient came from in its import, and what was wrong (make_recipient's reason, read back)."""
+
+    at: str
+    """`line 7` (a CSV file's line, the header being line 1) or `recipients[3]` (an index in a JSON list)."""
+    line: int | None
+    """The CSV line, when it came from a file."""
+    reason: str
+
+
+_WHERE = re.compile(r"^(line (?P<line>\d+)|recipients\[\d+\]): (?P<reason>.*)$", re.DOTALL)
+
+
+def import_error(error_reason: str) -> ImportLineError:
+    """The location and reason of an ERROR recipient's stored reason; a reason of another form is all reason."""
+    match = _WHERE.match(error_reason)
+    if match is None:
+        return ImportLineError(at="", line=None, reason=error_reason)
+    line = match.group("line")
+    return ImportLineError(at=match.group(1), line=int(line) if line else None, reason=match.group("reason"))
+
+
 class _Chained:
     """The sniffed sample followed by the rest of the stream, read line by line (csv.reader's need)."""
 

@@ -20,14 +20,13 @@ from storage import campaigns
 from storage.campaigns import (
     Campaign,
     CampaignDispatchState,
-    CampaignRecipient,
     CampaignRetryPolicy,
     DialingRules,
     ImportSummary,
     InvalidCampaignTransition,
     NewRecipient,
 )
-from storage.enums import CampaignStatus, RecipientStatus
+from storage.enums import CampaignStatus
 from storage.records import Connection
 
 resource = Resource(
@@ -134,12 +133,6 @@ class RecipientsImport(RequestModel):
         if (self.recipients is None) == (self.csv is None):
             raise ValueError("give either recipients or csv")
         return self
-
-
-class RecipientQuery(PageQuery):
-    """A page of recipients (in the order they were added), optionally in one status."""
-
-    status: RecipientStatus | None = None
 
 
 class PauseRequest(RequestModel):
@@ -269,30 +262,6 @@ async def import_recipients(call: ApiCall) -> ImportResult:
             db, organization_id=call.caller.organization_id, campaign_id=call.path["campaignId"], recipients=rows
         )
     return ImportResult(rows=summary.rows, imported=summary.imported, merged=summary.merged, errors=summary.errors)
-
-
-@resource.get(
-    "/campaigns/{campaignId}/recipients",
-    summary="List recipients",
-    response=Page[CampaignRecipient],
-    query=RecipientQuery,
-)
-async def list_recipients(call: ApiCall) -> Page[CampaignRecipient]:
-    """The campaign's recipients and their status, in the order they were added."""
-    query = call.query_as(RecipientQuery)
-    organization_id, campaign_id = call.caller.organization_id, call.path["campaignId"]
-    position = query.position()
-    async with call.tenant() as db:
-        await campaigns.get_campaign(db, organization_id=organization_id, campaign_id=campaign_id)
-        rows = await campaigns.list_recipients(
-            db,
-            organization_id=organization_id,
-            campaign_id=campaign_id,
-            status=query.status,
-            limit=query.fetch_limit,
-            after_id=position[1] if position else None,
-        )
-    return to_page(Page[CampaignRecipient], rows, query)
 
 
 @resource.post(
