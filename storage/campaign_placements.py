@@ -54,9 +54,18 @@ class UnresolvedPlacement:
 
 
 async def take_unresolved(
-    pool: asyncpg.Pool, *, now: datetime, owner: str, hold_for: timedelta, limit: int = 50
+    pool: asyncpg.Pool,
+    *,
+    now: datetime,
+    owner: str,
+    hold_for: timedelta,
+    written_before: datetime,
+    limit: int = 50,
 ) -> list[UnresolvedPlacement]:
-    """Lease to `owner` for `hold_for` the expired DIALING attempts whose CallLog has no CallSid; return them."""
+    """Lease to `owner` for `hold_for` the expired DIALING attempts whose CallLog has no CallSid; return them.
+
+    Only CallLogs written before `written_before`: a younger one's create request may still be on its way.
+    """
     async with transaction(pool) as conn:
         rows = await conn.fetch(
             f"""
@@ -66,7 +75,7 @@ async def take_unresolved(
             JOIN "CampaignAttempt" a ON a."recipientId" = rd."recipientId" AND a."state" = '{AttemptState.DIALING}'
             JOIN "CallLog" l ON l."id" = ({ATTEMPT_CALL_LOG})
             WHERE rd."state" = '{RecipientDispatchState.DIALING}' AND rd."leaseExpiresAt" < $1
-              AND starts_with(l."callId", $3)
+              AND starts_with(l."callId", $3) AND l."createdAt" < $4
             ORDER BY rd."leaseExpiresAt"
             LIMIT $2
             FOR UPDATE OF rd, a SKIP LOCKED
@@ -74,6 +83,7 @@ async def take_unresolved(
             now,
             limit,
             PENDING_CALL_ID_PREFIX,
+            written_before,
         )
         if not rows:
             return []

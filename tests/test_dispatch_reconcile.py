@@ -73,7 +73,9 @@ class DyingDialer:
         raise RuntimeError("the process died here")
 
 
-async def lost_dial(pool: asyncpg.Pool, number: str) -> tuple[campaigns.Campaign, Claim, Clock, str]:
+async def lost_dial(
+    pool: asyncpg.Pool, number: str, *, lease: timedelta = timedelta(seconds=30)
+) -> tuple[campaigns.Campaign, Claim, Clock, str]:
     """A campaign of one recipient whose only dial left a CallLog without a CallSid; (campaign, claim, clock, from)."""
     campaign = await running_campaign(pool, [number], rules=DialingRules(max_concurrent_calls=1, calls_per_second=10))
     caller_id = await pool.fetchval(
@@ -84,12 +86,12 @@ async def lost_dial(pool: asyncpg.Pool, number: str) -> tuple[campaigns.Campaign
         pool,
         DyingDialer(pool, caller_id),
         node_id="dead-node",
-        timing=DispatchTiming(lease=timedelta(seconds=30)),
+        timing=DispatchTiming(lease=lease),
         clock=clock,
     )
     [claim] = await dying.tick()
     await dying.drain()
-    clock.now += timedelta(seconds=31)
+    clock.now += lease + timedelta(seconds=1)
     return campaign, claim, clock, caller_id
 
 
@@ -131,6 +133,24 @@ async def test_twilio_unreachable_decides_nothing_and_the_lookup_is_asked_again(
     assert (state["state"], state["attempts"], state["lastReason"]) == ("QUEUED", 0, NEVER_PLACED_REASON)
     attempt = await pool.fetchval('SELECT "state" FROM "CampaignAttempt" WHERE "id" = $1', claim.attempt_id)
     assert attempt == "ABANDONED"
+
+
+async def test_a_request_that_may_still_be_on_its_way_is_not_judged(pool: asyncpg.Pool) -> None:
+    number = "+12125553103"
+    campaign, claim, clock, _ = await lost_dial(pool, number, lease=timedelta(seconds=5))
+    async with FakeTwilio() as twilio:
+        client = TwilioCalls(twilio.account_sid, twilio.auth_token, api_base=twilio.api_base)
+        try:
+            lookup = PlacementLookup(pool, client)
+            assert await lookup.settle(now=clock.now, owner="survivor") == (0, 0)
+            assert twilio.lookups == [], "a dialer's request may still reach Twilio: not asked yet"
+            state = await recipient_state(pool, campaign.id, number)
+            assert (state["state"], state["leaseOwner"]) == ("DIALING", "dead-node")
+            clock.now += timedelta(seconds=14)
+            assert await lookup.settle(now=clock.now, owner="survivor") == (0, 1)
+        finally:
+            await client.close()
+    assert (await call_log_of(pool, claim))["metadata"]["endReason"] == "not_placed"
 
 
 async def test_a_call_twilio_created_is_adopted_and_an_older_known_call_is_not(pool: asyncpg.Pool) -> None:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import asyncpg
 
-from engine.twilio.rest import CallLookupFailed, TwilioCall
+from engine.twilio.rest import REQUEST_TIMEOUT_SECONDS, CallLookupFailed, TwilioCall
 from storage import campaign_placements
 from storage.campaign_placements import UnresolvedPlacement
 
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 CLOCK_SKEW = timedelta(minutes=1)
 """How far Twilio's `date_created` may run behind the database's clock: calls this much older still match."""
+REQUEST_SETTLED = timedelta(seconds=REQUEST_TIMEOUT_SECONDS + 5)
+"""How long after its CallLog a create request can no longer be on its way to Twilio (its client gave up): only
+then does finding no call mean there will be none. A slow but live dialer is not judged before."""
 LOOKUP_LEASE = timedelta(seconds=30)
 """How long one process holds an unresolved attempt while it asks Twilio; then anyone may ask again."""
 
@@ -50,7 +53,7 @@ class PlacementLookup:
     async def settle(self, *, now: datetime, owner: str) -> tuple[int, int]:
         """Take the unresolved expired dials and settle each; return (adopted, requeued). Unreachable: neither."""
         placements = await campaign_placements.take_unresolved(
-            self._pool, now=now, owner=owner, hold_for=self._hold_for
+            self._pool, now=now, owner=owner, hold_for=self._hold_for, written_before=now - REQUEST_SETTLED
         )
         adopted = requeued = 0
         for placement in placements:

@@ -17,6 +17,9 @@ from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
+REQUEST_TIMEOUT_SECONDS = 10
+"""How long a request to Twilio may take before the client gives up on it."""
+
 
 class CallRefused(Exception):
     """Twilio did not place a call: its error code and message, or why it could not be reached (code None)."""
@@ -58,7 +61,7 @@ class TwilioCalls:
 
     def __init__(self, account_sid: str, auth_token: str, *, api_base: str = "https://api.twilio.com") -> None:
         """Create the async client; nothing is sent until a call is controlled."""
-        self._http = AsyncTwilioHttpClient(timeout=10)
+        self._http = AsyncTwilioHttpClient(timeout=REQUEST_TIMEOUT_SECONDS)
         self._client = Client(account_sid, auth_token, http_client=self._http)
         self._client.api.base_url = api_base.rstrip("/")
 
