@@ -28,7 +28,11 @@ from tests.engine_server import running_engine
 from tests.test_tenant_isolation import seed_organization, snapshot, tenant_tables
 
 # Path parameters whose table is not their name without "Id" ("agentId" → "Agent").
-PARAMETER_TABLES = {"documentId": "KnowledgeBaseDocument", "deliveryId": "WebhookDelivery"}
+PARAMETER_TABLES = {
+    "documentId": "KnowledgeBaseDocument",
+    "deliveryId": "WebhookDelivery",
+    "recipientId": "CampaignRecipient",
+}
 # A body value for a field the generic filler cannot guess, by the field's JSON name (None: leave it out).
 FIELD_SAMPLES: dict[str, Any] = {
     "type": "TEXT",

@@ -85,7 +85,8 @@ class Dialer(Protocol):
         """Place the call, creating its CallLog (metadata naming the recipient) before the call is requested.
 
         Raises DialRefused or CampaignBlocked; any other error leaves the attempt to lease expiry, which
-        follows the CallLog if one was created and otherwise puts the recipient back without counting it.
+        follows the CallLog if one was created with a CallSid, asks Twilio (PlacementLookup) if it has none,
+        and otherwise puts the recipient back without counting it.
         """
         ...
 

@@ -21,6 +21,7 @@ import asyncpg
 from engine.twilio.rest import REQUEST_TIMEOUT_SECONDS, CallLookupFailed, TwilioCall
 from storage import campaign_placements
 from storage.campaign_placements import UnresolvedPlacement
+from storage.errors import AlreadyExists
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,15 @@ class PlacementLookup:
                 )
                 continue
             if call_sid is not None:
-                if await campaign_placements.adopt_placement(self._pool, placement, owner=owner, call_sid=call_sid):
+                try:
+                    took = await campaign_placements.adopt_placement(
+                        self._pool, placement, owner=owner, call_sid=call_sid
+                    )
+                except AlreadyExists:
+                    # Another CallLog took that call meanwhile: look again once the lookup lease expires.
+                    log.warning("attempt %s: call %s was adopted by another CallLog", placement.attempt_id, call_sid)
+                    continue
+                if took:
                     adopted += 1
                     log.warning(
                         "attempt %s: Twilio placed call %s though its dialer died; CallLog %s follows it",

@@ -10,6 +10,8 @@ these `metadata.endReason` values (`storage.end_reasons.EndReason`; a contract: 
   up (COMPLETED), see `engine.twilio.webhooks.handle_amd`;
 - `twilio_refused`, `twilio_unreachable`: Twilio did not create the call (FAILED, with `twilioErrorCode` and
   `twilioErrorMessage`), and `place_call` raises CallNotPlaced;
+- `not_placed`: a campaign dial whose process died before its request reached Twilio, which has no such call
+  (FAILED; found out when the dial's lease expires, see engine/campaigns/placement_lookup.py);
 - otherwise whatever the media session ended with (`path_end`, `caller_hangup`, ...), as for inbound calls.
 """
 
