@@ -16,10 +16,8 @@ import logging
 from datetime import datetime, timedelta
 from typing import Protocol
 
-import asyncpg
-
 from engine.twilio.rest import REQUEST_TIMEOUT_SECONDS, CallLookupFailed, TwilioCall
-from storage import campaign_placements
+from storage import Pool, campaign_placements
 from storage.campaign_placements import UnresolvedPlacement
 from storage.errors import AlreadyExists
 
@@ -45,7 +43,7 @@ class CallFinder(Protocol):
 class PlacementLookup:
     """Settles expired dials whose CallLog never got a CallSid, by asking Twilio."""
 
-    def __init__(self, pool: asyncpg.Pool, twilio: CallFinder, *, hold_for: timedelta = LOOKUP_LEASE) -> None:
+    def __init__(self, pool: Pool, twilio: CallFinder, *, hold_for: timedelta = LOOKUP_LEASE) -> None:
         """Look up through `twilio`; each lookup holds its attempt for `hold_for`."""
         self._pool = pool
         self._twilio = twilio
