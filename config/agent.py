@@ -80,6 +80,15 @@ def _time_zone(value: str) -> str:
     return value
 
 
+_LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*")
+
+
+def _language_tag(value: str) -> str:
+    if not _LANGUAGE_TAG.fullmatch(value):
+        raise ValueError("must be a BCP 47 language tag such as 'en-US', 'es' or 'fr-FR'")
+    return value
+
+
 KeyRef = Annotated[str, AfterValidator(_key_ref)]
 """Where a provider's API key comes from: `env:<VARIABLE>` or `tool:<toolId>`."""
 
@@ -116,7 +125,8 @@ class DeepgramSTTConfig(CloudProviderConfig):
 
     provider: Literal["deepgram"] = "deepgram"
     model: str = "nova-3"
-    language: str = "en-US"
+    language: str | None = None
+    """Deepgram's `language`; null: the agent's language."""
     endpointing: Annotated[int | Literal[False], BeforeValidator(_deepgram_endpointing)] = 300
     """Milliseconds of silence before Deepgram marks `speech_final`, or false to turn it off."""
     interim_results: bool = True
@@ -146,7 +156,8 @@ class SphinxSTTConfig(ProviderConfig):
     """PocketSphinx offline speech-to-text: no network, no key."""
 
     provider: Literal["sphinx"] = "sphinx"
-    language: str = "en-us"
+    language: str | None = None
+    """Null: the agent's language; only US English has a model (any other is refused when the agent is saved)."""
     keyphrases: Words = ()
     """Phrases the recogniser should favour (names, product words)."""
 
@@ -188,6 +199,9 @@ class ElevenLabsTTSConfig(CloudProviderConfig):
     voice: str | None = None
     """Voice name or voice id; default: the agent's Voice."""
     model: str = "eleven_flash_v2_5"
+    language_code: str | None = None
+    """ISO 639-1 code the model must speak; null: the agent's language, with the models that take one
+    (eleven_flash_v2_5, eleven_turbo_v2_5)."""
     stability: Annotated[float, _between(0, 1)] | None = None
     """Null keeps the voice's own saved setting, as do `similarity_boost` and `speed`."""
     similarity_boost: Annotated[float, _between(0, 1)] | None = None
@@ -199,7 +213,8 @@ class EspeakTTSConfig(ProviderConfig):
     """eSpeak NG offline text-to-speech: no network, no key."""
 
     provider: Literal["espeak"] = "espeak"
-    voice: str = "en-us"
+    voice: str | None = None
+    """An eSpeak NG voice ("en-us", "fr"); null: the voice for the agent's language."""
     rate: Annotated[int, _between(80, 450)] = 175
     """Words per minute."""
     pitch: Annotated[int, _between(0, 99)] = 50
@@ -224,6 +239,8 @@ class OpenAIRealtimeConfig(CloudProviderConfig):
     speed: Annotated[float, _between(0.25, 1.5)] | None = None
     transcription_model: str | None = None
     """Model that transcribes the caller for the call log (e.g. `gpt-4o-mini-transcribe`); null: none."""
+    language: str | None = None
+    """The caller's language for that transcription (ISO 639-1); null: the agent's language."""
     analysis_model: str = "gpt-4o-mini"
     """The chat model that writes the post-call summary and success judgement, with this entry's key."""
 
@@ -443,8 +460,9 @@ class AgentConfiguration(_CallBehaviour):
     prompt: str | None = None
     """The system prompt; `{{name}}` placeholders are filled from `variables` and the call (`{{customer.name}}`,
     `{{now}}`...)."""
-    language: str = "en-US"
-    """The language the agent speaks (BCP 47); each provider's own `language` picks its model."""
+    language: Annotated[str, AfterValidator(_language_tag)] = "en-US"
+    """The language the agent speaks (BCP 47: "en-US", "es", "fr-FR"): each provider gets it in its own form
+    (a provider's own `language`/`voice` wins); models are told to speak it."""
     timezone: Annotated[str, AfterValidator(_time_zone)] = "UTC"
     """The IANA time zone `{{now}}` and `{{today}}` are told in (e.g. `America/New_York`)."""
     max_duration_seconds: Annotated[int, _between(10, 14400)] = 1800
