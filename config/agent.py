@@ -433,6 +433,48 @@ class TransferConfig(_CallBehaviour):
         return value
 
 
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[Weekday, ...] = get_args(Weekday)
+"""Day names of `inboundHours`, Monday first (ISO weekday = index + 1)."""
+
+_HH_MM = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
+
+
+def _hh_mm(value: str) -> str:
+    if not _HH_MM.fullmatch(value):
+        raise ValueError("must be a time of day as HH:MM (00:00 to 23:59)")
+    return value
+
+
+def _one_or_more_windows(value: Any) -> Any:
+    if isinstance(value, dict):
+        return (value,)
+    if isinstance(value, list | tuple):
+        return tuple(value)
+    raise ValueError('must be an hours object such as {"days": ["mon"], "start": "09:00", "end": "17:00"} or a list')
+
+
+class InboundHours(_CallBehaviour):
+    """Hours an agent answers its number: local times on some days. `end` before `start` runs past midnight
+    (and belongs to the day it opens on); `start` equal to `end` is the whole day."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    days: Annotated[tuple[Weekday, ...], Field(strict=False)] = WEEKDAYS
+    """The days it opens on ("mon" ... "sun"); default: every day."""
+    start: Annotated[str, AfterValidator(_hh_mm)] = "00:00"
+    end: Annotated[str, AfterValidator(_hh_mm)] = "00:00"
+    timezone: Annotated[str, AfterValidator(_time_zone)] | None = None
+    """The IANA time zone the hours are read in; default: the agent's `timezone`."""
+
+    @field_validator("days")
+    @classmethod
+    def _some_days(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("must list at least one day (leave inboundHours out to answer at any time)")
+        return value
+
+
 class AgentConfiguration(_CallBehaviour):
     """An agent's complete configuration: providers per stage (primary first, then fallbacks) and call behaviour."""
 
@@ -465,6 +507,10 @@ class AgentConfiguration(_CallBehaviour):
     (a provider's own `language`/`voice` wins); models are told to speak it."""
     timezone: Annotated[str, AfterValidator(_time_zone)] = "UTC"
     """The IANA time zone `{{now}}` and `{{today}}` are told in (e.g. `America/New_York`)."""
+    inbound_hours: Annotated[tuple[InboundHours, ...], BeforeValidator(_one_or_more_windows)] = ()
+    """When the agent answers its number (one hours object or a list; any one open is enough); empty: at any
+    time. Several agents may share a number: the one whose hours are open answers (see the README's
+    "Time-based routing")."""
     max_duration_seconds: Annotated[int, _between(10, 14400)] = 1800
     ring_timeout_seconds: Annotated[int, _between(5, 600)] = 30
     """How long an outbound call rings before it counts as not answered (Twilio's `Timeout`)."""
@@ -561,6 +607,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "voicemail": VoicemailConfig,
     "transfer": TransferConfig,
     "transfer.destinations": TransferDestination,
+    "inboundHours": InboundHours,
 }
 
 _PLAIN_MESSAGES = {
