@@ -1,5 +1,6 @@
 """What the /v1 API refuses when an agent is saved, so that no call finds out later: a language a provider cannot
-work in, a voice that is not READY. Through the real server and real PostgreSQL."""
+work in, a voice that is not READY (through the real server and real PostgreSQL); and the agent's language in the
+offline synthesizer and the Realtime session."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ import aiohttp
 import asyncpg
 import pytest
 
-from config.agent import OpenAIRealtimeConfig
+from config.agent import OpenAIRealtimeConfig, parse_agent_configuration
+from config.settings import load_settings
+from pipelines.clients import ProviderClients
 from pipelines.languages import espeak_voice, language_instruction, localized
 from pipelines.realtime.openai_realtime import session_update
+from pipelines.registry import ProviderContext, ProviderKeys, build_pipeline
+from pipelines.tts.espeak import EspeakTTS, speak_ulaw
 from storage import voices
 from storage.enums import VoiceStatus
 from tests.engine_server import running_engine
@@ -105,6 +110,18 @@ def test_espeak_speaks_the_agents_language_with_its_own_voice() -> None:
         "en-us",
     )
     assert espeak_voice("tlh") is None
+
+
+async def test_a_spanish_agents_espeak_synthesizes_with_the_spanish_voice(provider_clients: ProviderClients) -> None:
+    config = parse_agent_configuration({"language": "es", "tts": {"provider": "espeak"}})
+    pipeline = build_pipeline(
+        config, context=ProviderContext(keys=ProviderKeys(load_settings()), clients=provider_clients)
+    )
+    assert isinstance(pipeline.tts, EspeakTTS)
+    assert pipeline.tts.voice == "es"
+    spoken = b"".join([chunk async for chunk in pipeline.tts.synthesize("Buenos días, señora.")])
+    assert spoken == speak_ulaw("Buenos días, señora.", "es", pipeline.tts.rate, pipeline.tts.pitch)
+    assert spoken != speak_ulaw("Buenos días, señora.", "en-us", pipeline.tts.rate, pipeline.tts.pitch)
 
 
 def test_a_realtime_model_is_told_the_language_and_transcribes_in_it() -> None:
