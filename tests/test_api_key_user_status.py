@@ -14,6 +14,7 @@ from storage import api_keys, organizations, users
 from storage.enums import UserRole, UserStatus
 from tests.engine_server import running_engine
 from tests.test_api_auth import Api, assert_error
+from tests.test_api_cli import dialtone
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +69,16 @@ async def test_an_active_users_key_stops_working_when_the_account_is_no_longer_a
 async def test_the_storage_lookup_refuses_a_pending_users_key(pool: asyncpg.Pool) -> None:
     _, _, key = await member_key(pool, UserStatus.PENDING, "lookup-co")
     assert await api_keys.authenticate(pool, plaintext=key, now=datetime.now(UTC)) is None
+
+
+async def test_the_cli_mints_no_key_for_a_user_who_is_not_active(db_url: str, pool: asyncpg.Pool) -> None:
+    org = await organizations.create_organization(pool, name="CLI pending", slug="cli-pending")
+    user = await users.create_user(pool, email="new@cli-pending.example")
+    await users.add_member(pool, user_id=user.id, organization_id=org.id, role=UserRole.OWNER)
+    code, out, err = await dialtone(
+        "api-key", "create", "--org", "cli-pending", "--user", "new@cli-pending.example", database_url=db_url
+    )
+    assert code == 1
+    assert "PENDING, not ACTIVE" in err
+    assert "sk_live_" not in out
+    assert await api_keys.list_api_keys(pool, organization_id=org.id) == []
