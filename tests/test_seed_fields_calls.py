@@ -153,3 +153,13 @@ async def test_a_voice_that_is_no_longer_ready_gives_way_to_the_providers_defaul
     result = await call(engine, number, Say("hi again"), Pause(300))
     assert (await finished_log(pool, result))["status"] == "COMPLETED"
     assert fakes.elevenlabs.sockets[-1].voice_id == DEFAULT_ELEVENLABS_VOICE
+
+
+async def test_a_stored_agent_in_a_language_its_recognizer_lacks_is_refused_before_answering(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    # Written straight to the database (the API would have refused it): the webhook still checks.
+    number, _ = await line(pool, organization_id, language="de-DE", stt={"provider": "sphinx"})
+    result = await call(engine, number, Pause(100))
+    assert result.refusal is not None and "not set up correctly" in result.refusal
+    assert result.stream_url is None
