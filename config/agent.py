@@ -80,6 +80,15 @@ def _time_zone(value: str) -> str:
     return value
 
 
+_LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*")
+
+
+def _language_tag(value: str) -> str:
+    if not _LANGUAGE_TAG.fullmatch(value):
+        raise ValueError("must be a BCP 47 language tag such as 'en-US', 'es' or 'fr-FR'")
+    return value
+
+
 KeyRef = Annotated[str, AfterValidator(_key_ref)]
 """Where a provider's API key comes from: `env:<VARIABLE>` or `tool:<toolId>`."""
 
@@ -116,7 +125,8 @@ class DeepgramSTTConfig(CloudProviderConfig):
 
     provider: Literal["deepgram"] = "deepgram"
     model: str = "nova-3"
-    language: str = "en-US"
+    language: str | None = None
+    """Deepgram's `language`; null: the agent's language."""
     endpointing: Annotated[int | Literal[False], BeforeValidator(_deepgram_endpointing)] = 300
     """Milliseconds of silence before Deepgram marks `speech_final`, or false to turn it off."""
     interim_results: bool = True
@@ -146,7 +156,8 @@ class SphinxSTTConfig(ProviderConfig):
     """PocketSphinx offline speech-to-text: no network, no key."""
 
     provider: Literal["sphinx"] = "sphinx"
-    language: str = "en-us"
+    language: str | None = None
+    """Null: the agent's language; only US English has a model (any other is refused when the agent is saved)."""
     keyphrases: Words = ()
     """Phrases the recogniser should favour (names, product words)."""
 
@@ -188,6 +199,9 @@ class ElevenLabsTTSConfig(CloudProviderConfig):
     voice: str | None = None
     """Voice name or voice id; default: the agent's Voice."""
     model: str = "eleven_flash_v2_5"
+    language_code: str | None = None
+    """ISO 639-1 code the model must speak; null: the agent's language, with the models that take one
+    (eleven_flash_v2_5, eleven_turbo_v2_5)."""
     stability: Annotated[float, _between(0, 1)] | None = None
     """Null keeps the voice's own saved setting, as do `similarity_boost` and `speed`."""
     similarity_boost: Annotated[float, _between(0, 1)] | None = None
@@ -199,7 +213,8 @@ class EspeakTTSConfig(ProviderConfig):
     """eSpeak NG offline text-to-speech: no network, no key."""
 
     provider: Literal["espeak"] = "espeak"
-    voice: str = "en-us"
+    voice: str | None = None
+    """An eSpeak NG voice ("en-us", "fr"); null: the voice for the agent's language."""
     rate: Annotated[int, _between(80, 450)] = 175
     """Words per minute."""
     pitch: Annotated[int, _between(0, 99)] = 50
@@ -224,6 +239,8 @@ class OpenAIRealtimeConfig(CloudProviderConfig):
     speed: Annotated[float, _between(0.25, 1.5)] | None = None
     transcription_model: str | None = None
     """Model that transcribes the caller for the call log (e.g. `gpt-4o-mini-transcribe`); null: none."""
+    language: str | None = None
+    """The caller's language for that transcription (ISO 639-1); null: the agent's language."""
     analysis_model: str = "gpt-4o-mini"
     """The chat model that writes the post-call summary and success judgement, with this entry's key."""
 
@@ -416,6 +433,48 @@ class TransferConfig(_CallBehaviour):
         return value
 
 
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[Weekday, ...] = get_args(Weekday)
+"""Day names of `inboundHours`, Monday first (ISO weekday = index + 1)."""
+
+_HH_MM = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
+
+
+def _hh_mm(value: str) -> str:
+    if not _HH_MM.fullmatch(value):
+        raise ValueError("must be a time of day as HH:MM (00:00 to 23:59)")
+    return value
+
+
+def _one_or_more_windows(value: Any) -> Any:
+    if isinstance(value, dict):
+        return (value,)
+    if isinstance(value, list | tuple):
+        return tuple(value)
+    raise ValueError('must be an hours object such as {"days": ["mon"], "start": "09:00", "end": "17:00"} or a list')
+
+
+class InboundHours(_CallBehaviour):
+    """Hours an agent answers its number: local times on some days. `end` before `start` runs past midnight
+    (and belongs to the day it opens on); `start` equal to `end` is the whole day."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    days: Annotated[tuple[Weekday, ...], Field(strict=False)] = WEEKDAYS
+    """The days it opens on ("mon" ... "sun"); default: every day."""
+    start: Annotated[str, AfterValidator(_hh_mm)] = "00:00"
+    end: Annotated[str, AfterValidator(_hh_mm)] = "00:00"
+    timezone: Annotated[str, AfterValidator(_time_zone)] | None = None
+    """The IANA time zone the hours are read in; default: the agent's `timezone`."""
+
+    @field_validator("days")
+    @classmethod
+    def _some_days(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("must list at least one day (leave inboundHours out to answer at any time)")
+        return value
+
+
 class AgentConfiguration(_CallBehaviour):
     """An agent's complete configuration: providers per stage (primary first, then fallbacks) and call behaviour."""
 
@@ -443,10 +502,15 @@ class AgentConfiguration(_CallBehaviour):
     prompt: str | None = None
     """The system prompt; `{{name}}` placeholders are filled from `variables` and the call (`{{customer.name}}`,
     `{{now}}`...)."""
-    language: str = "en-US"
-    """The language the agent speaks (BCP 47); each provider's own `language` picks its model."""
+    language: Annotated[str, AfterValidator(_language_tag)] = "en-US"
+    """The language the agent speaks (BCP 47: "en-US", "es", "fr-FR"): each provider gets it in its own form
+    (a provider's own `language`/`voice` wins); models are told to speak it."""
     timezone: Annotated[str, AfterValidator(_time_zone)] = "UTC"
     """The IANA time zone `{{now}}` and `{{today}}` are told in (e.g. `America/New_York`)."""
+    inbound_hours: Annotated[tuple[InboundHours, ...], BeforeValidator(_one_or_more_windows)] = ()
+    """When the agent answers its number (one hours object or a list; any one open is enough); empty: at any
+    time. Several agents may share a number: the one whose hours are open answers (see the README's
+    "Time-based routing")."""
     max_duration_seconds: Annotated[int, _between(10, 14400)] = 1800
     ring_timeout_seconds: Annotated[int, _between(5, 600)] = 30
     """How long an outbound call rings before it counts as not answered (Twilio's `Timeout`)."""
@@ -543,6 +607,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "voicemail": VoicemailConfig,
     "transfer": TransferConfig,
     "transfer.destinations": TransferDestination,
+    "inboundHours": InboundHours,
 }
 
 _PLAIN_MESSAGES = {

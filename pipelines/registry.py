@@ -40,6 +40,7 @@ from pipelines.clients import ProviderClients
 from pipelines.conversation.transfer_rules import TransferRules
 from pipelines.errors import PipelineUnavailable, ProviderKeyMissing, Stage
 from pipelines.fallback import FallbackLLM, FallbackSTT, FallbackTTS, OnFailover
+from pipelines.languages import language_problems, localized
 from pipelines.llm.base import LanguageModel
 from pipelines.llm.conversation_path import ConversationPathLLM, PathGraph
 from pipelines.llm.simple import SimpleResponder
@@ -171,7 +172,12 @@ _Factory = Callable[[Any, str | None, _Build], _Product]
 
 
 def check_pipeline(config: AgentConfiguration, keys: ProviderKeys) -> None:
-    """Raise PipelineUnavailable if some stage has no usable provider (nothing is opened or built)."""
+    """Raise PipelineUnavailable if some stage has no usable provider or cannot speak the agent's language."""
+    problems = language_problems(config)
+    if problems:
+        path, message = problems[0]
+        stages: dict[str, Stage] = {"tts": "tts", "realtime": "realtime"}
+        raise PipelineUnavailable(f"{path}: {message}", stage=stages.get(path.partition("[")[0], "stt"))
     if config.realtime:
         plan_realtime(config, keys)
         return
@@ -183,7 +189,7 @@ def check_pipeline(config: AgentConfiguration, keys: ProviderKeys) -> None:
 def plan_realtime(config: AgentConfiguration, keys: ProviderKeys) -> RealtimePlan:
     """The first usable speech-to-speech provider, or PipelineUnavailable saying which key is missing."""
     option, key = _keyed("realtime", config.realtime or (), keys)[0]
-    return RealtimePlan(option, key or "", keys.settings.openai_base_url)
+    return RealtimePlan(localized(option, config.language), key or "", keys.settings.openai_base_url)
 
 
 def build_pipeline(
@@ -263,7 +269,10 @@ def _factories(
 ) -> list[tuple[str, Callable[[], _Product]]]:
     """(name, factory) of each usable provider of the stage, in order."""
     return [
-        (option.provider, functools.partial(table[option.provider], option, key, build))
+        (
+            option.provider,
+            functools.partial(table[option.provider], localized(option, build.config.language), key, build),
+        )
         for option, key in _keyed(stage, options, build.context.keys)
     ]
 
@@ -358,7 +367,7 @@ def _espeak(option: EspeakTTSConfig, key: str | None, build: _Build) -> TextToSp
     voice, name = build.voice, option.voice
     if voice is not None and voice.provider == "espeak" and voice.provider_voice_id:
         name = voice.provider_voice_id
-    return EspeakTTS(work=build.context.offline_work, voice=name, rate=option.rate, pitch=option.pitch)
+    return EspeakTTS(work=build.context.offline_work, voice=name or "en-us", rate=option.rate, pitch=option.pitch)
 
 
 TTS_PROVIDERS: Mapping[str, _Factory[TextToSpeech]] = {"elevenlabs": _elevenlabs, "espeak": _espeak}

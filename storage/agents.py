@@ -373,23 +373,28 @@ async def load_agent_bundle(db: Queryable, *, organization_id: str, agent_id: st
     )
 
 
-async def find_inbound_agent(db: Queryable, *, phone_number_id: str) -> Agent | None:
-    """The ACTIVE INBOUND agent answering a number (the most recently updated if several), or None.
+async def list_inbound_agents(db: Queryable, *, phone_number_id: str) -> list[Agent]:
+    """The ACTIVE INBOUND agents on a number, most recently updated first (time-based routing picks among them).
 
     Unscoped by design: the inbound webhook knows only the number it was called on.
     """
-    row = await db.fetchrow(
+    rows = await db.fetch(
         f"""
         SELECT {_AGENT_COLUMNS}
         FROM "Agent" a
         JOIN "PhoneNumber" p ON p."id" = a."phoneNumberId" AND p."organizationId" = a."organizationId"
         WHERE a."phoneNumberId" = $1 AND a."status" = 'ACTIVE' AND a."callerType" = 'INBOUND'
         ORDER BY a."updatedAt" DESC, a."id" DESC
-        LIMIT 1
         """,
         phone_number_id,
     )
-    return Agent.from_row(row) if row is not None else None
+    return Agent.from_rows(rows)
+
+
+async def find_inbound_agent(db: Queryable, *, phone_number_id: str) -> Agent | None:
+    """The ACTIVE INBOUND agent on a number updated most recently, or None; hours aside (see list_inbound_agents)."""
+    found = await list_inbound_agents(db, phone_number_id=phone_number_id)
+    return found[0] if found else None
 
 
 _UPDATABLE = frozenset(

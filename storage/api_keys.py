@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 from pydantic import Field
 
-from storage.enums import ApiKeyStatus, UserRole
+from storage.enums import ApiKeyStatus, UserRole, UserStatus
 from storage.errors import NotFound, translate_errors
 from storage.records import Queryable, Record, fetch_page, new_id
 
@@ -24,6 +24,7 @@ _COLUMNS = (
     '"id", "organizationId", "userId", "name", "key", "keyPrefix", "expirationDate", "status", "lastUsedAt", '
     '"createdAt", "updatedAt"'
 )
+_COLUMNS_OF_K = ", ".join(f"k.{column}" for column in _COLUMNS.split(", "))
 
 
 class ApiKey(Record):
@@ -92,7 +93,7 @@ async def create_api_key(
 
 
 async def authenticate(db: Queryable, *, plaintext: str, now: datetime) -> ApiKey | None:
-    """The active, unexpired key matching `plaintext`, with its use at `now` recorded; else None.
+    """The active, unexpired key of an ACTIVE user matching `plaintext`, with its use at `now` recorded; else None.
 
     Unscoped by design: the key is what tells which organization is calling.
     """
@@ -100,8 +101,9 @@ async def authenticate(db: Queryable, *, plaintext: str, now: datetime) -> ApiKe
         return None
     row = await db.fetchrow(
         f"""
-        UPDATE "ApiKey" SET "lastUsedAt" = $2
+        UPDATE "ApiKey" k SET "lastUsedAt" = $2
         WHERE "key" = $1 AND "status" = 'ACTIVE' AND ("expirationDate" IS NULL OR "expirationDate" > $2)
+          AND EXISTS (SELECT 1 FROM "User" u WHERE u."id" = k."userId" AND u."status" = 'ACTIVE')
         RETURNING {_COLUMNS}
         """,
         hash_key(plaintext),
@@ -145,35 +147,44 @@ async def revoke_api_key(db: Queryable, *, organization_id: str, key_id: str) ->
 
 
 class ApiKeyHolder(Record):
-    """An accepted key with the role its user holds in the key's organization (None if no longer a member)."""
+    """An accepted key with its user's account status and role in the key's organization (None if not a member)."""
 
     api_key: ApiKey
     member_role: UserRole | None
+    user_status: UserStatus
+
+    @property
+    def usable(self) -> bool:
+        """Whether the key may be used: its user is an ACTIVE member of the key's organization."""
+        return self.member_role is not None and self.user_status is UserStatus.ACTIVE
 
 
 async def authenticate_holder(
     db: Queryable, *, plaintext: str, now: datetime, touch_interval: timedelta
 ) -> ApiKeyHolder | None:
-    """The active, unexpired key matching `plaintext` and its user's role in the key's organization; else None.
+    """The active, unexpired key matching `plaintext`, its user's account status and role in the key's organization.
 
-    lastUsedAt moves to `now` only when it is older than `touch_interval`, so a busy key is not rewritten on
-    every request. Unscoped by design, like `authenticate`: the key is what tells which organization is calling.
+    None for an unknown, revoked or expired key. lastUsedAt moves to `now` only when the key is usable (see
+    `ApiKeyHolder.usable`) and it is older than `touch_interval`, so a busy key is not rewritten on every request.
+    Unscoped by design, like `authenticate`: the key is what tells which organization is calling.
     """
     if not _KEY_FORMAT.fullmatch(plaintext):
         return None
     row = await db.fetchrow(
         f"""
         WITH found AS (
-            SELECT {_COLUMNS} FROM "ApiKey"
-            WHERE "key" = $1 AND "status" = 'ACTIVE' AND ("expirationDate" IS NULL OR "expirationDate" > $2)
+            SELECT {_COLUMNS_OF_K}, m."role" AS "memberRole", u."status" AS "userStatus"
+            FROM "ApiKey" k
+            JOIN "User" u ON u."id" = k."userId"
+            LEFT JOIN "UserOrganization" m ON m."userId" = k."userId" AND m."organizationId" = k."organizationId"
+            WHERE k."key" = $1 AND k."status" = 'ACTIVE' AND (k."expirationDate" IS NULL OR k."expirationDate" > $2)
         ), touched AS (
             UPDATE "ApiKey" k SET "lastUsedAt" = $2
             FROM found
-            WHERE k."id" = found."id" AND (found."lastUsedAt" IS NULL OR found."lastUsedAt" <= $2 - $3::interval)
+            WHERE k."id" = found."id" AND found."memberRole" IS NOT NULL AND found."userStatus" = 'ACTIVE'
+              AND (found."lastUsedAt" IS NULL OR found."lastUsedAt" <= $2 - $3::interval)
         )
-        SELECT found.*, m."role" AS "memberRole"
-        FROM found
-        LEFT JOIN "UserOrganization" m ON m."userId" = found."userId" AND m."organizationId" = found."organizationId"
+        SELECT * FROM found
         """,
         hash_key(plaintext),
         now,
@@ -181,7 +192,9 @@ async def authenticate_holder(
     )
     if row is None:
         return None
-    return ApiKeyHolder(api_key=ApiKey.from_row(row), member_role=row["memberRole"])
+    return ApiKeyHolder(
+        api_key=ApiKey.from_row(row), member_role=row["memberRole"], user_status=UserStatus(row["userStatus"])
+    )
 
 
 async def list_api_keys_page(

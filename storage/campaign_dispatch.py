@@ -85,7 +85,7 @@ class DueCampaign:
 
 @dataclass(frozen=True, slots=True)
 class QueuedRecipient:
-    """A recipient waiting for a dial, locked by the claiming transaction."""
+    """A recipient waiting for a dial, locked by the claiming transaction; `variables` include its `notes`."""
 
     id: str
     phone_number: str
@@ -135,9 +135,12 @@ async def lock_due_campaign(conn: Connection, *, now: datetime, skip: Sequence[s
                c."callStartTime", c."callEndTime", d."nextDialAt", {_DIALING_COLUMNS},
                o."credits",
                COALESCE(d."fromNumber", (
+                   -- No caller id of the campaign's own: its agent's number, else the organization's first.
                    SELECT p."phoneNumber" FROM "PhoneNumber" p
+                   LEFT JOIN "Agent" ag ON ag."id" = c."agentId" AND ag."organizationId" = c."organizationId"
                    WHERE p."organizationId" = c."organizationId" AND p."outboundStatus" = 'ENABLED'
-                   ORDER BY p."createdAt", p."id" LIMIT 1)) AS "resolvedFromNumber",
+                   ORDER BY p."id" IS DISTINCT FROM ag."phoneNumberId", p."createdAt", p."id" LIMIT 1))
+                   AS "resolvedFromNumber",
                (SELECT count(*) FROM "CampaignAttempt" a
                 WHERE a."campaignId" = c."id" AND a."state" IN ({sql_states(IN_FLIGHT)}))::int AS "inFlight"
         FROM "CampaignDispatch" d
@@ -210,7 +213,7 @@ async def lock_queued(conn: Connection, campaign: DueCampaign, *, now: datetime,
     """Lock up to `limit` of the campaign's recipients whose next attempt is due, soonest first."""
     rows = await conn.fetch(
         f"""
-        SELECT rd."recipientId", r."phoneNumber", r."name", rd."timezone", rd."variables", rd."attempts"
+        SELECT rd."recipientId", r."phoneNumber", r."name", r."notes", rd."timezone", rd."variables", rd."attempts"
         FROM "CampaignRecipientDispatch" rd
         JOIN "CampaignRecipient" r ON r."id" = rd."recipientId"
         WHERE rd."campaignId" = $1 AND rd."state" = '{RecipientDispatchState.QUEUED}'
@@ -230,7 +233,9 @@ async def lock_queued(conn: Connection, campaign: DueCampaign, *, now: datetime,
             phone_number=row["phoneNumber"],
             name=row["name"],
             timezone=row["timezone"],
-            variables={str(k): str(v) for k, v in row["variables"].items()},
+            # The recipient's notes reach the prompt as {{notes}}, beside its extra CSV columns.
+            variables=({"notes": row["notes"]} if row["notes"] else {})
+            | {str(k): str(v) for k, v in row["variables"].items()},
             attempts=row["attempts"],
         )
         for row in rows

@@ -23,6 +23,8 @@ class EndReason(StrEnum):
     VOICEMAIL_LEFT = "voicemail_left"
     VOICEMAIL_HANGUP = "voicemail_hangup"
     INSUFFICIENT_CREDITS = "insufficient_credits"
+    CLOSED = "closed"
+    """An inbound call outside every agent's hours on the number: the caller heard its closed message."""
     # Twilio's own final status for an outbound call nobody answered (the status callback writes it).
     BUSY = "busy"
     NO_ANSWER = "no-answer"

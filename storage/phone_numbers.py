@@ -13,7 +13,10 @@ from storage.errors import NotFound, translate_errors
 from storage.records import Queryable, Record, fetch_page, new_id
 
 _StatusColumn = Literal["inboundStatus", "outboundStatus"]
-_COLUMNS = '"id", "organizationId", "label", "phoneNumber", "inboundStatus", "outboundStatus", "createdAt", "updatedAt"'
+_COLUMNS = (
+    '"id", "organizationId", "label", "phoneNumber", "inboundStatus", "outboundStatus", "closedMessage", '
+    '"createdAt", "updatedAt"'
+)
 
 
 class PhoneNumber(Record):
@@ -25,6 +28,8 @@ class PhoneNumber(Record):
     phone_number: str
     inbound_status: PhoneNumberStatus
     outbound_status: PhoneNumberStatus
+    closed_message: str
+    """What callers hear when every agent on the number is outside its hours (then the call hangs up)."""
     created_at: datetime
     updated_at: datetime
 
@@ -37,26 +42,27 @@ async def create_phone_number(
     label: str | None = None,
     inbound_status: PhoneNumberStatus = PhoneNumberStatus.ENABLED,
     outbound_status: PhoneNumberStatus = PhoneNumberStatus.ENABLED,
+    closed_message: str | None = None,
     id: str | None = None,
 ) -> PhoneNumber:
     """Add a number to an organization, normalised to E.164 (InvalidPhoneNumber if it is not one, see config.phone).
 
-    AlreadyExists if any organization has it.
+    AlreadyExists if any organization has it. Without `closed_message`, the column's default message.
     """
+    values: list[Any] = [id or new_id(), organization_id, label, e164(phone_number), inbound_status, outbound_status]
+    # The column's DEFAULT (migration 0014) is the one home of the default message: name the column only if given.
+    closed = ', "closedMessage"' if closed_message is not None else ""
+    if closed_message is not None:
+        values.append(closed_message)
     with translate_errors():
         row = await db.fetchrow(
             f"""
             INSERT INTO "PhoneNumber"
-                ("id", "organizationId", "label", "phoneNumber", "inboundStatus", "outboundStatus")
-            VALUES ($1, $2, $3, $4, $5, $6)
+                ("id", "organizationId", "label", "phoneNumber", "inboundStatus", "outboundStatus"{closed})
+            VALUES ({", ".join(f"${n}" for n in range(1, len(values) + 1))})
             RETURNING {_COLUMNS}
             """,
-            id or new_id(),
-            organization_id,
-            label,
-            e164(phone_number),
-            inbound_status,
-            outbound_status,
+            *values,
         )
     assert row is not None
     return PhoneNumber.from_row(row)
@@ -153,8 +159,9 @@ async def list_phone_numbers_page(
 async def update_phone_number(
     db: Queryable, *, organization_id: str, phone_number_id: str, changes: dict[str, Any]
 ) -> PhoneNumber:
-    """Change a number's label or per-direction statuses (snake_case names); NotFound if not the organization's."""
-    unknown = set(changes) - {"label", "inbound_status", "outbound_status"}
+    """Change a number's label, per-direction statuses or closed message (snake_case names); NotFound if not the
+    organization's."""
+    unknown = set(changes) - {"label", "inbound_status", "outbound_status", "closed_message"}
     if unknown:
         raise ValueError(f"PhoneNumber fields that cannot be changed: {', '.join(sorted(unknown))}")
     if not changes:

@@ -83,7 +83,9 @@ def test_the_tuned_example_parses_with_its_values_and_fills_the_rest() -> None:
 
     stt, llm = config.stt[0], config.llm[0]
     assert isinstance(stt, DeepgramSTTConfig)
-    assert (stt.model, stt.endpointing, stt.utterance_end_ms, stt.language) == ("nova-3", 300, 1000, "en-US")
+    # No language of Deepgram's own: the agent's (en-US by default) is what calls use.
+    assert (stt.model, stt.endpointing, stt.utterance_end_ms, stt.language) == ("nova-3", 300, 1000, None)
+    assert config.language == "en-US"
     assert isinstance(llm, OpenAILLMConfig)
     assert (llm.model, llm.temperature) == ("gpt-4o-mini", 0.4)
     assert isinstance(config.tts[0], ElevenLabsTTSConfig)

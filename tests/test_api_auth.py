@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from storage import api_keys, organizations, users
-from storage.enums import UserRole
+from storage.enums import UserRole, UserStatus
 from tests.engine_server import running_engine
 
 _slugs = itertools.count(1)
@@ -35,8 +35,8 @@ async def make_tenant(pool: asyncpg.Pool, name: str, *, credits: int = 100) -> T
     """A fresh organization, an OWNER and a VIEWER, each with a live key."""
     n = next(_slugs)
     org = await organizations.create_organization(pool, name=name, slug=f"{name.lower()}-{n}", credits=credits)
-    owner = await users.create_user(pool, email=f"owner-{n}-{name}@example.com")
-    viewer = await users.create_user(pool, email=f"viewer-{n}-{name}@example.com")
+    owner = await users.create_user(pool, email=f"owner-{n}-{name}@example.com", status=UserStatus.ACTIVE)
+    viewer = await users.create_user(pool, email=f"viewer-{n}-{name}@example.com", status=UserStatus.ACTIVE)
     await users.add_member(pool, user_id=owner.id, organization_id=org.id, role=UserRole.OWNER)
     await users.add_member(pool, user_id=viewer.id, organization_id=org.id, role=UserRole.VIEWER)
     owner_key = await api_keys.create_api_key(pool, organization_id=org.id, user_id=owner.id, name="owner", live=True)
@@ -163,7 +163,7 @@ async def test_a_revoked_key_is_401_from_the_next_request(api: Api, pool: asyncp
 
 
 async def test_a_key_whose_user_left_the_organization_is_401(api: Api, pool: asyncpg.Pool, acme: Tenant) -> None:
-    leaver = await users.create_user(pool, email="leaver@example.com")
+    leaver = await users.create_user(pool, email="leaver@example.com", status=UserStatus.ACTIVE)
     await users.add_member(pool, user_id=leaver.id, organization_id=acme.organization_id, role=UserRole.ADMIN)
     key = await api_keys.create_api_key(
         pool, organization_id=acme.organization_id, user_id=leaver.id, name="leaver", live=True

@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 
 from storage import api_keys, organizations, users
-from storage.enums import UserRole
+from storage.enums import UserRole, UserStatus
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ async def dialtone(*args: str, database_url: str) -> tuple[int, str, str]:
 
 async def test_the_printed_key_authenticates_as_the_member(db_url: str, pool: asyncpg.Pool) -> None:
     org = await organizations.create_organization(pool, name="CLI Co", slug="cli-co")
-    user = await users.create_user(pool, email="ops@cli.example")
+    user = await users.create_user(pool, email="ops@cli.example", status=UserStatus.ACTIVE)
     await users.add_member(pool, user_id=user.id, organization_id=org.id, role=UserRole.ADMIN)
     code, out, err = await dialtone(
         "api-key", "create", "--org", "cli-co", "--user", "ops@cli.example", "--name", "ops", database_url=db_url

@@ -20,7 +20,7 @@ import pytest
 from engine.api.operations import Operation
 from engine.api.routes import PREFIX, RESOURCES
 from storage import api_keys, events, users
-from storage.enums import UserRole
+from storage.enums import UserRole, UserStatus
 from storage.records import new_id
 from storage.webhook_outbox import WebhookEvent, enqueue_event
 from tests.catalog import read_catalog
@@ -72,7 +72,7 @@ async def seed_tenant(pool: asyncpg.Pool) -> Tenant:
     background workers would act on them (deliver webhooks to the internet, dial) and change them as they should.
     """
     organization_id, _ = await seed_organization(pool)
-    owner = await users.create_user(pool, email=f"{new_id()}@example.com")
+    owner = await users.create_user(pool, email=f"{new_id()}@example.com", status=UserStatus.ACTIVE)
     await users.add_member(pool, user_id=owner.id, organization_id=organization_id, role=UserRole.OWNER)
     created = await api_keys.create_api_key(
         pool, organization_id=organization_id, user_id=owner.id, name="isolation", live=True

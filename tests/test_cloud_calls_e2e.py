@@ -247,6 +247,7 @@ async def test_an_agent_function_calls_the_organizations_webhook(
             pool,
             organization_id=organization_id,
             name="Calendar",
+            is_connected=True,
             configuration={
                 "function": {
                     "name": "check_availability",

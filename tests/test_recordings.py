@@ -23,6 +23,7 @@ from config.settings import Settings, SettingsError, load_settings
 from engine.server.appkeys import DATABASE, SETTINGS
 from engine.workers.recordings import RECORDING_ROUTE, handle_recording, recording_url, recordings_context
 from storage.api_keys import create_api_key
+from storage.enums import UserStatus
 from storage.organizations import create_organization
 from storage.pool import Database
 from storage.recordings import (
@@ -161,7 +162,7 @@ def write_wav(path: Path) -> bytes:
 
 async def new_api_key(pool: asyncpg.Pool, organization_id: str) -> str:
     """The plaintext of a new API key of the organization."""
-    user = await create_user(pool, email=f"dev-{new_id()}@example.com")
+    user = await create_user(pool, email=f"dev-{new_id()}@example.com", status=UserStatus.ACTIVE)
     created = await create_api_key(pool, organization_id=organization_id, user_id=user.id, name="ci", live=False)
     return created.plaintext
 

@@ -19,7 +19,7 @@ from storage.api_keys import (
     list_api_keys,
     revoke_api_key,
 )
-from storage.enums import ApiKeyStatus
+from storage.enums import ApiKeyStatus, UserStatus
 from storage.errors import AlreadyExists, NotFound
 from storage.organizations import Organization, create_organization
 from storage.records import new_id
@@ -30,7 +30,7 @@ NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 async def new_owner(pool: asyncpg.Pool) -> tuple[Organization, User]:
     organization = await create_organization(pool, name="Acme", slug=f"acme-{new_id()}")
-    user = await create_user(pool, email=f"dev-{new_id()}@example.com")
+    user = await create_user(pool, email=f"dev-{new_id()}@example.com", status=UserStatus.ACTIVE)
     return organization, user
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from storage import api_keys, call_turns, users
 from storage.call_turns import TurnRecord
-from storage.enums import UserRole
+from storage.enums import UserRole, UserStatus
 from storage.records import Connection, Queryable, new_id
 from storage.tenancy import API_ROLE, ORGANIZATION_SETTING, tenant_transaction
 from tests.catalog import Catalog, Column, read_catalog
@@ -182,7 +182,7 @@ async def seed_organization(pool: asyncpg.Pool) -> tuple[str, str]:
     """An organization with one of everything the storage helpers make; its id and its OWNER's user id."""
     tenant = await build_tenant(pool)
     organization_id = tenant.organization_id
-    user = await users.create_user(pool, email=f"{new_id()}@example.com")
+    user = await users.create_user(pool, email=f"{new_id()}@example.com", status=UserStatus.ACTIVE)
     await users.add_member(pool, user_id=user.id, organization_id=organization_id, role=UserRole.OWNER)
     await api_keys.create_api_key(pool, organization_id=organization_id, user_id=user.id, name="CI", live=False)
     await call_turns.insert_turns(

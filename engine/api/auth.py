@@ -79,6 +79,12 @@ async def _caller(request: web.Request) -> Caller:
         raise _with_challenge(unauthorized("the API key is not valid: unknown, revoked or expired"))
     if holder.member_role is None:
         raise _with_challenge(unauthorized("the API key's user is no longer a member of its organization"))
+    if not holder.usable:
+        raise _with_challenge(
+            unauthorized(
+                f"the API key's user account is {holder.user_status.value}, not ACTIVE: its keys cannot be used"
+            )
+        )
     key = holder.api_key
     return Caller(organization_id=key.organization_id, user_id=key.user_id, api_key_id=key.id, role=holder.member_role)
 

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from config.settings import Settings
 from storage import api_keys, organizations, users
+from storage.enums import UserStatus
 from storage.migrate import migrate
 from storage.organizations import Organization
 from storage.pool import database
@@ -39,6 +40,8 @@ async def run_api_key_command(args: argparse.Namespace, settings: Settings) -> N
         user = await _user(db.pool, args.user)
         if await users.find_membership(db.pool, organization_id=organization.id, user_id=user.id) is None:
             raise ValueError(f"{user.email} is not a member of {organization.slug}; a key of theirs would not work")
+        if user.status is not UserStatus.ACTIVE:
+            raise ValueError(f"{user.email} is {user.status.value}, not ACTIVE; a key of theirs would not work")
         created = await api_keys.create_api_key(
             db.pool,
             organization_id=organization.id,

@@ -19,6 +19,7 @@ from config.settings import Settings
 from engine.server import metrics
 from pipelines.clients import ProviderClients
 from pipelines.fallback import OnFailover
+from pipelines.languages import language_instruction
 from pipelines.llm.prompt import call_variables, render_prompt
 from pipelines.offline_workers import OfflineWork
 from pipelines.registry import PathSource, ProviderContext, ProviderKeys, VoiceChoice
@@ -26,6 +27,7 @@ from pipelines.tools import ToolRunner, agent_functions
 from storage import campaigns, voices
 from storage.agents import AgentBundle
 from storage.call_logs import CallLog
+from storage.enums import VoiceStatus
 from storage.records import Queryable
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ async def prepare_call(
     )
     template = (campaign.task_prompt if campaign and campaign.task_prompt else None) or config.prompt
     rendered = render_prompt(template or DEFAULT_INSTRUCTIONS, variables)
+    instructions = "\n\n".join(part for part in (rendered.text, language_instruction(config.language)) if part)
     if rendered.missing:
         log.warning("call %s: prompt variables without a value: %s", call_log.call_id, ", ".join(rendered.missing))
     first_template = (
@@ -107,7 +110,8 @@ async def prepare_call(
     first_sentence = render_prompt(first_template, variables).text if first_template else None
 
     runner = ToolRunner(
-        agent_functions(bundle.tools),
+        # A Tool the organization has not connected (Tool.isConnected false) is not offered to the model.
+        agent_functions([tool for tool in bundle.tools if tool.is_connected]),
         call={
             "callLogId": call_log.id,
             "callSid": call_log.call_id,
@@ -120,12 +124,12 @@ async def prepare_call(
     voice_ids: dict[str, str] = {}
     if any(isinstance(option, ElevenLabsTTSConfig) and option.voice for option in config.tts):
         for voice in await voices.list_voices(db, organization_id=call_log.organization_id):
-            if voice.provider == "elevenlabs" and voice.provider_voice_id:
+            if voice.provider == "elevenlabs" and voice.provider_voice_id and voice.status is VoiceStatus.READY:
                 voice_ids.setdefault(voice.name.lower(), voice.provider_voice_id)
     context = ProviderContext(
         keys=provider_keys(settings, bundle),
         clients=clients,
-        instructions=rendered.text,
+        instructions=instructions,
         tools=runner,
         voice_ids=voice_ids,
         on_failover=on_failover or count_failover,
@@ -136,9 +140,25 @@ async def prepare_call(
         context=context,
         first_sentence=first_sentence,
         paths=[PathSource(p.id, p.nodes, p.edges) for p in bundle.conversation_paths],
-        voice=VoiceChoice(bundle.voice.provider, bundle.voice.provider_voice_id) if bundle.voice else None,
+        voice=_ready_voice(bundle, call_log),
         variables=variables,
     )
+
+
+def _ready_voice(bundle: AgentBundle, call_log: CallLog) -> VoiceChoice | None:
+    """The agent's Voice if it is READY; a voice still PROCESSING or in ERROR gives way to the provider's default."""
+    voice = bundle.voice
+    if voice is None:
+        return None
+    if voice.status is not VoiceStatus.READY:
+        log.warning(
+            "call %s: the agent's voice %s is %s, not READY; the call speaks with the provider's default voice",
+            call_log.call_id,
+            voice.id,
+            voice.status.value,
+        )
+        return None
+    return VoiceChoice(voice.provider, voice.provider_voice_id)
 
 
 def _region(number: str | None) -> str | None:

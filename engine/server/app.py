@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 
 from aiohttp import web
 
@@ -13,7 +15,16 @@ from engine.call import media_socket
 from engine.call.live_calls import LiveCalls
 from engine.campaigns.dispatcher import dispatcher_context
 from engine.server import health, metrics
-from engine.server.appkeys import DATABASE, LIVE_CALLS, OFFLINE_WORKERS, PROVIDER_CLIENTS, SETTINGS, TWILIO
+from engine.server.appkeys import (
+    CLOCK,
+    DATABASE,
+    LIVE_CALLS,
+    OFFLINE_WORKERS,
+    PROVIDER_CLIENTS,
+    SETTINGS,
+    TWILIO,
+    Clock,
+)
 from engine.twilio import webhooks as twilio_webhooks
 from engine.twilio.rest import TwilioCalls
 from engine.workers.call_log_replay import call_log_spill_context
@@ -33,10 +44,14 @@ log = logging.getLogger(__name__)
 CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 
 
-def create_app(settings: Settings, *, apply_migrations: bool = True) -> web.Application:
-    """Build the engine's application; the database opens when the app starts and closes when it stops."""
+def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Clock | None = None) -> web.Application:
+    """Build the engine's application; the database opens when the app starts and closes when it stops.
+
+    `clock` tells the time of day agents' inbound hours are read at (default: the system's, in UTC).
+    """
     app = web.Application()
     app[SETTINGS] = settings
+    app[CLOCK] = clock or functools.partial(datetime.now, UTC)
     app.cleanup_ctx.append(_database_context(apply_migrations))
     app.cleanup_ctx.append(call_log_spill_context)  # before recovery: a stopped run's spilled ends come first
     app.cleanup_ctx.append(recovery_context)

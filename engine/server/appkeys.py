@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Protocol
+
 from aiohttp import web
 
 from config.settings import Settings
@@ -17,3 +20,14 @@ LIVE_CALLS = web.AppKey("live_calls", LiveCalls)
 PROVIDER_CLIENTS = web.AppKey("provider_clients", ProviderClients)
 OFFLINE_WORKERS = web.AppKey("offline_workers", OfflineWorkers)
 TWILIO = web.AppKey("twilio", TwilioCalls)  # set only when Twilio credentials are configured
+
+
+class Clock(Protocol):
+    """Tells the current time as an aware datetime."""
+
+    def __call__(self) -> datetime:
+        """Now."""
+        ...
+
+
+CLOCK = web.AppKey("clock", Clock)  # what the engine reads the time of day from (inbound hours): UTC now by default

@@ -41,6 +41,7 @@ from engine.twilio.webhooks import (
 )
 from pipelines.registry import PipelineUnavailable, check_pipeline
 from storage import Pool, agents, call_logs, phone_numbers
+from storage.agents import AgentBundle
 from storage.end_reasons import EndReason
 from storage.enums import AgentStatus, CallerType, CallType, PhoneNumberStatus
 from storage.errors import InvalidReference, NotFound
@@ -102,10 +103,10 @@ class AgentUnavailable(OutboundCallError):
 
 
 class NumberUnavailable(OutboundCallError):
-    """The caller-id number is not one of the organization's, or may not place outbound calls."""
+    """The caller-id number is not one of the organization's, or may not place outbound calls (or none is given)."""
 
-    def __init__(self, number: str, reason: str) -> None:
-        super().__init__(f"from_number {number}: {reason}")
+    def __init__(self, number: str | None, reason: str) -> None:
+        super().__init__(f"from_number {number}: {reason}" if number else f"from_number: {reason}")
         self.number = number
         self.reason = reason
 
@@ -197,13 +198,14 @@ async def place_call(
     *,
     organization_id: str,
     agent_id: str,
-    from_number: str,
+    from_number: str | None,
     to: str,
     variables: Mapping[str, str] | None = None,
     campaign_id: str | None = None,
     recipient_id: str | None = None,
 ) -> PlacedCall:
-    """Dial `to` from the organization's number `from_number` for an ACTIVE OUTBOUND agent.
+    """Dial `to` from the organization's number `from_number` (None: the agent's own number) for an ACTIVE
+    OUTBOUND agent.
 
     The CallLog is created IN_PROGRESS first (per-call `variables` in metadata.variables, `campaign_id` as its
     campaignId), then Twilio is asked for the call. Raises InvalidNumber, AgentUnavailable, NumberUnavailable,
@@ -212,8 +214,12 @@ async def place_call(
     callee = dialable_number("to", to)
     per_call = _checked_variables(variables)
     pool = deps.pool
-    caller_id = await outbound_caller_id(pool, organization_id=organization_id, number=from_number)
-    config = await _usable_agent(deps, organization_id, agent_id)
+    if from_number is not None:
+        caller_id = await outbound_caller_id(pool, organization_id=organization_id, number=from_number)
+        config, _ = await _usable_agent(deps, organization_id, agent_id)
+    else:
+        config, bundle = await _usable_agent(deps, organization_id, agent_id)
+        caller_id = await outbound_caller_id(pool, organization_id=organization_id, number=_agent_number(bundle))
 
     metadata: dict[str, Any] = {"direction": "outbound", "from": caller_id, "variables": per_call}
     if recipient_id is not None:
@@ -299,7 +305,18 @@ async def outbound_caller_id(db: Queryable, *, organization_id: str, number: str
     return caller_id
 
 
-async def _usable_agent(deps: OutboundDeps, organization_id: str, agent_id: str) -> AgentConfiguration:
+def _agent_number(bundle: AgentBundle) -> str:
+    """The agent's own number (Agent.phoneNumberId): the caller id of its calls when none is given."""
+    if bundle.phone_number is None:
+        raise NumberUnavailable(
+            None, f"not given, and agent {bundle.agent.id} has no phone number (phoneNumberId) to call from"
+        )
+    return bundle.phone_number.phone_number
+
+
+async def _usable_agent(
+    deps: OutboundDeps, organization_id: str, agent_id: str
+) -> tuple[AgentConfiguration, AgentBundle]:
     try:
         bundle = await agents.load_agent_bundle(deps.pool, organization_id=organization_id, agent_id=agent_id)
     except NotFound:
@@ -314,7 +331,7 @@ async def _usable_agent(deps: OutboundDeps, organization_id: str, agent_id: str)
         check_pipeline(config, provider_keys(deps.settings, bundle))
     except (AgentConfigurationError, PipelineUnavailable) as exc:
         raise AgentUnavailable(agent_id, f"its configuration cannot run: {exc}") from None
-    return config
+    return config, bundle
 
 
 def _masked(number: str) -> str:

@@ -14,8 +14,9 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from config.agent import AgentConfigurationError, VoicemailConfig, parse_agent_configuration
 from engine.call.setup import provider_keys
-from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
+from engine.server.appkeys import CLOCK, DATABASE, LIVE_CALLS, SETTINGS, TWILIO
 from engine.twilio.fields import CallStatusCallback, Form, IncomingCall, InvalidTwilioField, MachineVerdict
+from engine.twilio.inbound_routing import choose_inbound_agent
 from engine.twilio.signature import public_base_url, signed_form
 from pipelines.llm.prompt import render_prompt
 from pipelines.registry import PipelineUnavailable, check_pipeline
@@ -25,6 +26,7 @@ from storage.end_reasons import EndReason, ending
 from storage.enums import CallStatus, CallType, PhoneNumberStatus
 from storage.errors import AlreadyExists, NotFound
 from storage.organizations import InsufficientCredits
+from storage.phone_numbers import PhoneNumber
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +116,15 @@ async def handle_voice(request: web.Request) -> web.Response:
     if number is None or number.inbound_status != PhoneNumberStatus.ENABLED:
         log.info("call %s to %s: number not in service", call_sid, called)
         return refusal(NOT_IN_SERVICE)
-    agent = await agents.find_inbound_agent(pool, phone_number_id=number.id)
-    if agent is None:
+    candidates = await agents.list_inbound_agents(pool, phone_number_id=number.id)
+    if not candidates:
         log.info("call %s to %s: no active inbound agent", call_sid, called)
         return refusal(NO_AGENT)
+    agent = choose_inbound_agent(candidates, request.app[CLOCK]()).agent
+    if agent is None:
+        log.info("call %s to %s: outside every agent's hours, closed", call_sid, called)
+        await _record_closed(pool, incoming, number)
+        return refusal(number.closed_message)
     try:
         config = parse_agent_configuration(agent.configuration)
     except AgentConfigurationError as exc:
@@ -167,6 +174,31 @@ async def handle_voice(request: web.Request) -> web.Response:
         call_log = existing
     log.info("call %s from %s answered by agent %s (CallLog %s)", call_sid, caller, agent.id, call_log.id)
     return connect_stream(media_stream_url(public_base_url(request, settings)), call_log.id)
+
+
+async def _record_closed(pool: Pool, incoming: IncomingCall, number: PhoneNumber) -> None:
+    """A CallLog for a call that rang while the number was closed: MISSED, end reason `closed`, no agent."""
+    try:
+        call_log = await call_logs.create_call_log(
+            pool,
+            organization_id=number.organization_id,
+            call_type=CallType.INBOUND,
+            call_id=incoming.call_sid,
+            customer=incoming.caller_name or incoming.caller,
+            phone_number=incoming.caller,
+            metadata={"to": number.phone_number, "direction": "inbound"},
+        )
+    except AlreadyExists:
+        return  # Twilio retried the webhook: the first attempt recorded it
+    with contextlib.suppress(InvalidCallTransition):
+        await call_logs.finalize_call_log(
+            pool,
+            organization_id=number.organization_id,
+            call_log_id=call_log.id,
+            status=CallStatus.MISSED,
+            duration=0,
+            metadata=ending(EndReason.CLOSED),
+        )
 
 
 async def handle_status(request: web.Request) -> web.Response:

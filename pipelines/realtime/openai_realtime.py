@@ -98,6 +98,8 @@ def session_update(
     audio_input: dict[str, Any] = {"format": dict(MULAW), "turn_detection": turn_detection}
     if config.transcription_model:
         audio_input["transcription"] = {"model": config.transcription_model}
+        if config.language:
+            audio_input["transcription"]["language"] = config.language
     audio_output: dict[str, Any] = {"format": dict(MULAW), "voice": config.voice}
     if config.speed is not None:
         audio_output["speed"] = config.speed

@@ -82,7 +82,7 @@ def listen_parameters(config: DeepgramSTTConfig) -> dict[str, Any]:
     """The `/v1/listen` query for a call's configuration: Twilio's μ-law 8 kHz mono as it arrives."""
     params: dict[str, Any] = {
         "model": config.model,
-        "language": config.language,
+        "language": config.language or "en-US",  # the registry fills in the agent's language
         "encoding": "mulaw",
         "sample_rate": SAMPLE_RATE,
         "channels": 1,

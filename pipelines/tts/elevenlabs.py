@@ -166,6 +166,8 @@ class ElevenLabsTTS:
             "inactivity_timeout": str(INACTIVITY_TIMEOUT_S),
             # optimize_streaming_latency is deprecated on the WebSocket (auto_mode replaces it): HTTP only.
         }
+        if config.language_code:
+            query["language_code"] = config.language_code
         voice = quote(voice_id, safe="")
         self._ws_url = f"{ws_base}/v1/text-to-speech/{voice}/multi-stream-input?{urlencode(query)}"
         # The environment's proxy for ElevenLabs, looked up once: websockets would read the environment again
@@ -462,6 +464,7 @@ class ElevenLabsTTS:
             model_id=self.config.model,
             output_format=OUTPUT_FORMAT,
             optimize_streaming_latency=self.config.optimize_streaming_latency,
+            language_code=self.config.language_code,
             request_options={"max_retries": 0},
             **options,
         )

@@ -13,13 +13,15 @@ from engine.api.models import Id, LongText, Name, RequestModel, ResponseModel, S
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
 from engine.api.resources.tools import ToolView
-from storage import agents
+from pipelines.languages import language_problems
+from storage import agents, voices
 from storage.agents import Agent
 from storage.conversation_paths import ConversationPath
-from storage.enums import AgentStatus, CallerType
-from storage.errors import InvalidReference
+from storage.enums import AgentStatus, CallerType, VoiceStatus
+from storage.errors import InvalidReference, NotFound
 from storage.knowledge_bases import KnowledgeBaseWithDocuments
 from storage.phone_numbers import PhoneNumber
+from storage.records import Queryable
 from storage.voices import Voice
 
 resource = Resource("Agents", "Voice agents: who they answer or call for, and the providers their calls run on.")
@@ -62,11 +64,33 @@ class AgentUpdate(UpdateModel):
 
 def _configuration(data: dict[str, Any]) -> dict[str, Any]:
     try:
-        return parse_agent_configuration(data).to_json()
+        config = parse_agent_configuration(data)
+        # A language a provider cannot work in is refused now, not when a call comes in.
+        problems = language_problems(config)
+        if problems:
+            raise AgentConfigurationError(problems)
     except AgentConfigurationError as exc:
         path, message = exc.problems[0]
         field = f"configuration.{path}" if path != "configuration" else path
         raise ApiError(422, "validation_error", f"body {field}: {message}", field) from None
+    return config.to_json()
+
+
+async def _check_voice(db: Queryable, organization_id: str, voice_id: str | None) -> None:
+    # Only a READY voice may be chosen: one still PROCESSING (being cloned) or in ERROR has nothing to speak with.
+    if voice_id is None:
+        return
+    try:
+        voice = await voices.get_voice_for_organization(db, organization_id=organization_id, voice_id=voice_id)
+    except NotFound:
+        return  # storage answers for a voice that is not the organization's
+    if voice.status is not VoiceStatus.READY:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"body voiceId: voice {voice_id} is {voice.status.value}; only a READY voice can be used",
+            "voiceId",
+        )
 
 
 @resource.get("/agents", summary="List agents", response=Page[Agent], query=AgentListQuery)
@@ -91,6 +115,7 @@ async def create_agent(call: ApiCall) -> Agent:
     body = call.body_as(AgentCreate)
     configuration = _configuration(body.configuration)
     async with call.tenant() as db:
+        await _check_voice(db, call.caller.organization_id, body.voice_id)
         return await agents.create_agent(
             db,
             organization_id=call.caller.organization_id,
@@ -119,6 +144,7 @@ async def update_agent(call: ApiCall) -> Agent:
     if "configuration" in changes:
         changes["configuration"] = _configuration(changes["configuration"])
     async with call.tenant() as db:
+        await _check_voice(db, call.caller.organization_id, changes.get("voice_id"))
         return await agents.update_agent(
             db, organization_id=call.caller.organization_id, agent_id=call.path["agentId"], changes=changes
         )

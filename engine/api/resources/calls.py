@@ -37,7 +37,11 @@ class CallCreate(RequestModel):
     """One outbound call: who calls (agent and caller-id number), whom, and variables for the agent's prompt."""
 
     agent_id: Id
-    from_number: PhoneNumberText = Field(description="One of the organization's numbers, outbound ENABLED (E.164).")
+    from_number: PhoneNumberText | None = Field(
+        None,
+        description="One of the organization's numbers, outbound ENABLED (E.164); default: the agent's own number "
+        "(its phoneNumberId), which must be outbound ENABLED too.",
+    )
     to: PhoneNumberText = Field(description="The number to dial, E.164 (e.g. +14155550100).")
     variables: dict[VariableName, VariableValue] = Field(
         default_factory=dict,
@@ -80,7 +84,8 @@ async def create_call(call: ApiCall) -> PlacedCallResponse:
     """
     body = call.body_as(CallCreate)
     try:
-        dialable_number("from_number", body.from_number)  # bad input is a 422 even where no call can be placed
+        if body.from_number is not None:  # bad input is a 422 even where no call can be placed
+            dialable_number("from_number", body.from_number)
         dialable_number("to", body.to)
         # Twilio reaches this engine at DIALTONE_PUBLIC_URL, else where this request came in (as for webhooks).
         deps = OutboundDeps.from_app(call.app, public_url=public_base_url(call.request, call.app[SETTINGS]))

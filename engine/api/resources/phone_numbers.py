@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import Field, StringConstraints
+
 from config.phone import InvalidPhoneNumber, e164
 from engine.api.errors import unprocessable
 from engine.api.models import RequestModel, ShortText, UpdateModel
@@ -10,6 +14,9 @@ from engine.api.pagination import Page, PageQuery, to_page
 from storage import phone_numbers
 from storage.enums import PhoneNumberStatus
 from storage.phone_numbers import PhoneNumber
+
+ClosedMessage = Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=r"^[^\x00]*\S[^\x00]*$")]
+"""Words Twilio says to a caller: not empty, no NUL."""
 
 resource = Resource("Phone numbers", "Numbers the organization owns, each switched on or off per direction.")
 
@@ -21,16 +28,22 @@ class PhoneNumberCreate(RequestModel):
     label: ShortText | None = None
     inbound_status: PhoneNumberStatus = PhoneNumberStatus.ENABLED
     outbound_status: PhoneNumberStatus = PhoneNumberStatus.ENABLED
+    closed_message: ClosedMessage | None = Field(
+        None,
+        description="What callers hear when every agent on the number is outside its inboundHours, before the call "
+        "hangs up; default: a short 'we are closed' message.",
+    )
 
 
 class PhoneNumberUpdate(UpdateModel):
     """Fields to change; the number itself cannot change (delete it and add the new one)."""
 
-    not_null = frozenset({"inbound_status", "outbound_status"})
+    not_null = frozenset({"inbound_status", "outbound_status", "closed_message"})
 
     label: ShortText | None = None
     inbound_status: PhoneNumberStatus | None = None
     outbound_status: PhoneNumberStatus | None = None
+    closed_message: ClosedMessage | None = None
 
 
 @resource.get("/phone-numbers", summary="List phone numbers", response=Page[PhoneNumber], query=PageQuery)
@@ -62,6 +75,7 @@ async def create_phone_number(call: ApiCall) -> PhoneNumber:
             label=body.label,
             inbound_status=body.inbound_status,
             outbound_status=body.outbound_status,
+            closed_message=body.closed_message,
         )
 
 
@@ -78,7 +92,7 @@ async def get_phone_number(call: ApiCall) -> PhoneNumber:
     "/phone-numbers/{phoneNumberId}", summary="Update a phone number", response=PhoneNumber, body=PhoneNumberUpdate
 )
 async def update_phone_number(call: ApiCall) -> PhoneNumber:
-    """Change a number's label, or switch it on or off for inbound or outbound calls."""
+    """Change a number's label or closed message, or switch it on or off for inbound or outbound calls."""
     changes = call.body_as(PhoneNumberUpdate).changes()
     async with call.tenant() as db:
         return await phone_numbers.update_phone_number(

@@ -1,0 +1,194 @@
+"""Outbound calls and the seed's fields: Agent.phoneNumberId as the default caller id (POST /v1/calls and campaigns
+without a number of their own), and a campaign recipient's notes and extra CSV columns in the model's prompt.
+
+The real server and PostgreSQL, the dispatcher's real dialer, the fake Twilio answering, the fake OpenAI behind
+the OpenAI SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from config.agent import parse_agent_configuration
+from config.settings import load_settings
+from engine.campaigns.dispatcher import CampaignDispatcher, DispatchTiming, PlaceCallDialer
+from engine.campaigns.recipients_csv import read_recipients
+from engine.twilio.outbound_calls import OutboundDeps
+from engine.twilio.rest import TwilioCalls
+from storage import agents, campaigns, phone_numbers
+from storage.campaigns import DialingRules
+from storage.enums import CallerType, CampaignStatus, PhoneNumberStatus
+from tests.engine_server import running_engine
+from tests.fakes.openai_chat import FakeOpenAI
+from tests.fakes.twilio import Answer, FakeTwilio
+from tests.test_api_auth import Api, Tenant, make_tenant
+from tests.test_outbound_calls import callee, finished_log
+
+OPENAI_KEY = "sk-outbound-fields"
+MODEL_AGENT = {
+    "stt": {"provider": "sphinx"},
+    "llm": {"provider": "openai"},
+    "tts": {"provider": "espeak"},
+    "modelGreets": True,
+    "endpointing": {"waitForGreeting": False},
+}
+
+
+@pytest.fixture(scope="module")
+async def twilio() -> AsyncIterator[FakeTwilio]:
+    async with FakeTwilio() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+async def openai() -> AsyncIterator[FakeOpenAI]:
+    async with FakeOpenAI(api_key=OPENAI_KEY) as fake:
+        fake.default_reply = "Hello, this is the clinic."
+        yield fake
+
+
+@pytest.fixture(scope="module")
+async def deps(
+    db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio, openai: FakeOpenAI
+) -> AsyncIterator[tuple[str, OutboundDeps]]:
+    """The engine (its own dispatcher off) and what the test's dispatcher dials with."""
+    settings: dict[str, Any] = {
+        "twilio_auth_token": twilio.auth_token,
+        "twilio_account_sid": twilio.account_sid,
+        "twilio_api_base": twilio.api_base,
+        "openai_api_key": OPENAI_KEY,
+        "openai_base_url": openai.base_url,
+    }
+    async with running_engine(db_url, dispatch_enabled=False, **settings) as engine:
+        client = TwilioCalls(twilio.account_sid, twilio.auth_token, api_base=twilio.api_base)
+        try:
+            loaded = load_settings(database_url=db_url, **settings)
+            yield engine, OutboundDeps(pool=pool, settings=loaded, twilio=client, public_url=engine)
+        finally:
+            await client.close()
+
+
+@pytest.fixture
+async def api(deps: tuple[str, OutboundDeps]) -> AsyncIterator[Api]:
+    async with aiohttp.ClientSession() as session:
+        yield Api(session, deps[0])
+
+
+@pytest.fixture(scope="module")
+async def tenant(pool: asyncpg.Pool) -> Tenant:
+    return await make_tenant(pool, "Outbound", credits=500)
+
+
+async def number(pool: asyncpg.Pool, organization_id: str, phone: str, *, outbound: bool = True) -> str:
+    """A new number of the organization; its id."""
+    created = await phone_numbers.create_phone_number(pool, organization_id=organization_id, phone_number=phone)
+    if not outbound:
+        await phone_numbers.update_phone_number(
+            pool,
+            organization_id=organization_id,
+            phone_number_id=created.id,
+            changes={"outbound_status": PhoneNumberStatus.DISABLED},
+        )
+    return created.id
+
+
+async def outbound_agent(pool: asyncpg.Pool, organization_id: str, phone_number_id: str | None) -> str:
+    agent = await agents.create_agent(
+        pool,
+        organization_id=organization_id,
+        name="Caller",
+        caller_type=CallerType.OUTBOUND,
+        phone_number_id=phone_number_id,
+        configuration=parse_agent_configuration(MODEL_AGENT).to_json(),
+    )
+    return agent.id
+
+
+async def test_a_call_without_a_from_number_is_placed_from_the_agents_number(
+    api: Api, pool: asyncpg.Pool, twilio: FakeTwilio, tenant: Tenant
+) -> None:
+    await number(pool, tenant.organization_id, "+15550177001")  # the organization's first: not the one used
+    own = await number(pool, tenant.organization_id, "+15550177002")
+    agent_id = await outbound_agent(pool, tenant.organization_id, own)
+    to = callee()
+    twilio.behave(to, Answer(greeting="Hello?"))
+    status, body = await api.call("POST", "/calls", tenant.owner_key, json={"agentId": agent_id, "to": to})
+    assert status == 201, body
+    assert [call.from_ for call in twilio.calls_to(to)] == ["+15550177002"]
+    log = await finished_log(pool, body["callLogId"])
+    assert log["metadata"]["from"] == "+15550177002"
+
+
+async def test_a_call_without_a_from_number_for_an_agent_without_one_is_refused(
+    api: Api, pool: asyncpg.Pool, twilio: FakeTwilio, tenant: Tenant
+) -> None:
+    agent_id = await outbound_agent(pool, tenant.organization_id, None)
+    to = callee()
+    status, body = await api.call("POST", "/calls", tenant.owner_key, json={"agentId": agent_id, "to": to})
+    assert status == 422
+    assert body["error"]["field"] == "fromNumber"
+    assert "has no phone number" in body["error"]["message"]
+    assert to not in twilio.creates
+
+
+async def test_the_agents_number_must_be_allowed_to_call_out(
+    api: Api, pool: asyncpg.Pool, twilio: FakeTwilio, tenant: Tenant
+) -> None:
+    inbound_only = await number(pool, tenant.organization_id, "+15550177003", outbound=False)
+    agent_id = await outbound_agent(pool, tenant.organization_id, inbound_only)
+    to = callee()
+    status, body = await api.call("POST", "/calls", tenant.owner_key, json={"agentId": agent_id, "to": to})
+    assert status == 422
+    assert body["error"]["field"] == "fromNumber"
+    assert "outbound calls are disabled" in body["error"]["message"]
+    assert to not in twilio.creates
+
+
+async def test_a_campaign_call_speaks_from_the_agents_number_with_the_recipients_notes_and_columns(
+    deps: tuple[str, OutboundDeps], pool: asyncpg.Pool, twilio: FakeTwilio, openai: FakeOpenAI, tenant: Tenant
+) -> None:
+    org = tenant.organization_id
+    await number(pool, org, "+15550177010")
+    own = await number(pool, org, "+15550177011")
+    agent_id = await outbound_agent(pool, org, own)
+    campaign = await campaigns.create_campaign(
+        pool,
+        organization_id=org,
+        batch_name="Renewals",
+        agent_id=agent_id,
+        task_prompt="Call {{name}} about the {{plan}} plan. Notes: {{notes}}",
+        rules=DialingRules(max_concurrent_calls=1, calls_per_second=5),
+    )
+    to = callee()
+    twilio.behave(to, Answer(greeting="Hello?"))
+    csv = f'name,phone,notes,plan\nAnn,{to},"prefers mornings, call after 9",gold\n'
+    await campaigns.import_recipients(
+        pool,
+        organization_id=org,
+        campaign_id=campaign.id,
+        recipients=[row.recipient for row in read_recipients(io.StringIO(csv))],
+    )
+    await campaigns.start_campaign(pool, organization_id=org, campaign_id=campaign.id)
+    dispatcher = CampaignDispatcher(
+        pool, PlaceCallDialer(deps[1]), timing=DispatchTiming(interval=timedelta(seconds=0.2))
+    )
+    dispatcher.start()
+    try:
+        for _ in range(600):
+            status = await pool.fetchval('SELECT "status" FROM "Campaign" WHERE "id" = $1', campaign.id)
+            if status == CampaignStatus.COMPLETED:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await dispatcher.close()
+    assert status == CampaignStatus.COMPLETED
+    assert [call.from_ for call in twilio.calls_to(to)] == ["+15550177011"]
+    prompts = [request["messages"][0]["content"] for request in openai.requests]
+    assert "Call Ann about the gold plan. Notes: prefers mornings, call after 9" in prompts
