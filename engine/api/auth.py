@@ -39,6 +39,9 @@ class Caller:
 CALLER = web.RequestKey("api_caller", Caller)
 """Where the auth middleware leaves the caller for the handlers."""
 
+RATE_LIMIT_HEADERS = web.RequestKey("api_rate_limit_headers", dict[str, str])
+"""The X-RateLimit-* headers of a counted request, added to whatever answers it (errors included)."""
+
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="dialtone"'}
 
 
@@ -65,22 +68,16 @@ def auth_middleware(public_paths: frozenset[str]) -> Middleware:
         counted = await count_request(
             request.config_dict[DATABASE].pool, api_key_id=caller.api_key_id, organization_id=caller.organization_id
         )
-        headers = rate_limit_headers(counted, limit)
+        request[RATE_LIMIT_HEADERS] = rate_limit_headers(counted, limit)
         if not counted.allowed(limit):
             refused = ApiError(
                 429,
                 "rate_limited",
                 f"this API key made more than {limit} requests this minute; retry after {counted.retry_after} s",
             )
-            refused.headers = {**headers, "Retry-After": str(counted.retry_after)}
+            refused.headers = {"Retry-After": str(counted.retry_after)}
             raise refused
-        try:
-            response = await _authorized(request, handler, caller)
-        except ApiError as exc:
-            exc.headers = {**headers, **exc.headers}
-            raise
-        response.headers.update(headers)
-        return response
+        return await _authorized(request, handler, caller)
 
     return authenticate
 
@@ -98,6 +95,11 @@ def rate_limit_headers(counted: RequestCount, limit: int) -> dict[str, str]:
         "X-RateLimit-Remaining": str(counted.remaining(limit)),
         "X-RateLimit-Reset": str(counted.retry_after),
     }
+
+
+async def add_rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: give a counted request's answer, whatever it is, its X-RateLimit-* headers."""
+    response.headers.update(request.get(RATE_LIMIT_HEADERS, {}))
 
 
 async def _caller(request: web.Request) -> Caller:
