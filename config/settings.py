@@ -94,6 +94,21 @@ class Settings(BaseSettings):
         "DIALTONE_CREDITS_PER_MINUTE_ENTERPRISE", "credits_per_minute_enterprise", 1, ge=0
     )
 
+    # Plans and limits. Calls an organization may have in progress at once, by plan (0 = no limit); an inbound call
+    # over the limit hears a polite refusal, POST /v1/calls waits up to call_slot_wait seconds for a free slot before
+    # answering 429, campaigns keep their recipients queued until a slot frees.
+    max_concurrent_calls_free: int = _env("DIALTONE_MAX_CONCURRENT_CALLS_FREE", "max_concurrent_calls_free", 10, ge=0)
+    max_concurrent_calls_pro: int = _env("DIALTONE_MAX_CONCURRENT_CALLS_PRO", "max_concurrent_calls_pro", 50, ge=0)
+    max_concurrent_calls_enterprise: int = _env(
+        "DIALTONE_MAX_CONCURRENT_CALLS_ENTERPRISE", "max_concurrent_calls_enterprise", 0, ge=0
+    )
+    call_slot_wait: float = _env("DIALTONE_CALL_SLOT_WAIT", "call_slot_wait", 10.0, ge=0, le=120)
+    # API requests each key may make per minute (0 = no limit), counted in PostgreSQL so every engine process
+    # shares the count; over it, 429 with Retry-After.
+    api_rate_limit_per_minute: int = _env("DIALTONE_API_RATE_LIMIT_PER_MINUTE", "api_rate_limit_per_minute", 1200, ge=0)
+    # How long (s) a stored Idempotency-Key answer of POST /v1/calls or POST /v1/campaigns is replayed.
+    idempotency_key_ttl: float = _env("DIALTONE_IDEMPOTENCY_KEY_TTL", "idempotency_key_ttl", 86400.0, ge=60)
+
     @field_validator("deepgram_url", "openai_base_url", "elevenlabs_url")
     @classmethod
     def _endpoint(cls, value: str) -> str:
@@ -131,6 +146,15 @@ class Settings(BaseSettings):
             "free": self.credits_per_minute_free,
             "pro": self.credits_per_minute_pro,
             "enterprise": self.credits_per_minute_enterprise,
+        }
+
+    @property
+    def concurrent_call_limits(self) -> dict[str, int]:
+        """Calls an organization may have in progress at once, by plan name (0 = no limit)."""
+        return {
+            "free": self.max_concurrent_calls_free,
+            "pro": self.max_concurrent_calls_pro,
+            "enterprise": self.max_concurrent_calls_enterprise,
         }
 
     @classmethod

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from storage import call_events, credit_reservations
+from storage import call_events, call_slots, credit_reservations
 from storage.end_reasons import EndReason, ending
 from storage.enums import CallStatus, CallType
 from storage.errors import InvalidReference, NotFound, StorageError, translate_errors
@@ -105,14 +105,19 @@ async def create_call_log(
     phone_number: str | None = None,
     metadata: dict[str, Any] | None = None,
     credit_rates: Mapping[str, int] | None = None,
+    call_limits: Mapping[str, int] | None = None,
 ) -> CallLog:
     """Open the log of a call that starts now (IN_PROGRESS); with `credit_rates` (credits a minute by plan),
-    reserve its first minute in the same transaction.
+    reserve its first minute in the same transaction; with `call_limits` (calls in progress at once by plan, 0 for
+    no limit), take one of the organization's call slots first (storage.call_slots).
 
     AlreadyExists if a log has that callId; InvalidReference if the agent or campaign is not the organization's;
-    InsufficientCredits if the balance cannot pay for the first minute. Each leaves nothing written.
+    InsufficientCredits if the balance cannot pay for the first minute; ConcurrentCallLimitReached if the
+    organization has no free call slot. Each leaves nothing written.
     """
     async with transaction(db) as conn:
+        if call_limits is not None:
+            await call_slots.take_call_slot(conn, organization_id=organization_id, limits=call_limits)
         with translate_errors():
             row = await conn.fetchrow(
                 f"""
@@ -144,6 +149,44 @@ async def create_call_log(
                 conn, organization_id=organization_id, call_log_id=call_log.id, rates=credit_rates
             )
         return call_log
+
+
+async def record_refused_call(
+    db: Queryable,
+    *,
+    organization_id: str,
+    call_type: CallType,
+    call_id: str,
+    reason: EndReason,
+    agent_id: str | None = None,
+    customer: str | None = None,
+    phone_number: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> CallLog:
+    """Log a call the engine turned away before it ran (e.g. over its plan's concurrent-call limit): MISSED with
+    `reason`, a duration of 0 and no credit charged, its call.ended queued, all in one transaction.
+
+    AlreadyExists if a log has that callId (Twilio retried the webhook).
+    """
+    async with transaction(db) as conn:
+        call_log = await create_call_log(
+            conn,
+            organization_id=organization_id,
+            call_type=call_type,
+            call_id=call_id,
+            agent_id=agent_id,
+            customer=customer,
+            phone_number=phone_number,
+            metadata=metadata,
+        )
+        return await finalize_call_log(
+            conn,
+            organization_id=organization_id,
+            call_log_id=call_log.id,
+            status=CallStatus.MISSED,
+            duration=0,
+            metadata=ending(reason),
+        )
 
 
 async def _foreign_reference(

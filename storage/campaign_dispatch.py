@@ -35,7 +35,7 @@ from storage.campaign_states import (
 )
 from storage.campaigns import CampaignDispatchState, DialingRules, transition_campaign
 from storage.end_reasons import VOICEMAIL, EndReason
-from storage.enums import CallStatus, CampaignStatus
+from storage.enums import CallStatus, CampaignStatus, Plan
 from storage.records import Connection, Queryable, new_id, transaction
 from storage.webhook_outbox import WebhookEvent, enqueue_event
 
@@ -76,6 +76,9 @@ class DueCampaign:
     credits: int
     from_number: str | None
     in_flight: int
+    organization_plan: Plan
+    organization_calls: int
+    """The organization's calls in progress now, every campaign's and the API's: its plan's call slots taken."""
 
     @property
     def rules(self) -> DialingRules:
@@ -133,7 +136,10 @@ async def lock_due_campaign(conn: Connection, *, now: datetime, skip: Sequence[s
         f"""
         SELECT c."id", c."organizationId", c."agentId", c."status", c."startDate", c."startTime",
                c."callStartTime", c."callEndTime", d."nextDialAt", {_DIALING_COLUMNS},
-               o."credits",
+               o."credits", o."plan"::text AS "plan",
+               (SELECT count(*) FROM "CallLog" l
+                WHERE l."organizationId" = c."organizationId" AND l."status" = 'IN_PROGRESS'
+               )::int AS "organizationCalls",
                COALESCE(d."fromNumber", (
                    -- No caller id of the campaign's own: its agent's number, else the organization's first.
                    SELECT p."phoneNumber" FROM "PhoneNumber" p
@@ -172,6 +178,8 @@ async def lock_due_campaign(conn: Connection, *, now: datetime, skip: Sequence[s
         credits=row["credits"],
         from_number=row["resolvedFromNumber"],
         in_flight=row["inFlight"],
+        organization_plan=Plan(row["plan"]),
+        organization_calls=row["organizationCalls"],
     )
 
 

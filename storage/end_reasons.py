@@ -38,6 +38,8 @@ class EndReason(StrEnum):
     STREAM_NEVER_STARTED = "stream_never_started"
     AGENT_DELETED = "agent_deleted"
     PIPELINE_UNAVAILABLE = "pipeline_unavailable"
+    CONCURRENT_CALL_LIMIT = "concurrent_call_limit"
+    """An inbound call refused because its organization had as many calls in progress as its plan allows."""
     # Something failed while the call ran.
     STREAM_LOST = "stream_lost"
     PROTOCOL_ERROR = "protocol_error"

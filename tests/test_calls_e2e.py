@@ -24,7 +24,7 @@ from config.agent import parse_agent_configuration
 from engine.simulator import CallResult, DropAudio, Dtmf, HangUp, Pause, Say, simulate_call
 from storage import agents, conversation_paths, organizations, phone_numbers
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
-from storage.enums import AgentStatus, CallerType
+from storage.enums import AgentStatus, CallerType, Plan
 from tests.engine_server import running_engine
 
 TOKEN = "test-auth-token-0123456789abcdef"
@@ -42,8 +42,10 @@ async def engine(db_url: str) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="module")
 async def organization_id(pool: asyncpg.Pool) -> str:
-    """One organization with credits for every line of this module."""
-    org = await organizations.create_organization(pool, name="Calls", slug="calls-e2e", credits=500)
+    """One organization with credits for every line of this module, on the plan without a concurrent-call limit."""
+    org = await organizations.create_organization(
+        pool, name="Calls", slug="calls-e2e", plan=Plan.ENTERPRISE, credits=500
+    )
     return org.id
 
 

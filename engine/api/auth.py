@@ -9,8 +9,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from engine.api.errors import ApiError
-from engine.server.appkeys import DATABASE
+from engine.server.appkeys import DATABASE, SETTINGS
 from storage.api_keys import authenticate_holder
+from storage.api_rate_limits import RequestCount, count_request
 from storage.enums import UserRole
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -38,6 +39,9 @@ class Caller:
 CALLER = web.RequestKey("api_caller", Caller)
 """Where the auth middleware leaves the caller for the handlers."""
 
+RATE_LIMIT_HEADERS = web.RequestKey("api_rate_limit_headers", dict[str, str])
+"""The X-RateLimit-* headers of a counted request, added to whatever answers it (errors included)."""
+
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="dialtone"'}
 
 
@@ -47,7 +51,8 @@ def unauthorized(message: str) -> ApiError:
 
 
 def auth_middleware(public_paths: frozenset[str]) -> Middleware:
-    """Middleware: resolve `Authorization: Bearer <key>` to a Caller, refuse writes from VIEWERs.
+    """Middleware: resolve `Authorization: Bearer <key>` to a Caller, count the request against the key's rate
+    limit (429 past it), refuse writes from VIEWERs.
 
     Paths in `public_paths` (the OpenAPI document) need no key.
     """
@@ -56,12 +61,45 @@ def auth_middleware(public_paths: frozenset[str]) -> Middleware:
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in public_paths:
             return await handler(request)
-        request[CALLER] = await _caller(request)
-        if request.method not in READ_METHODS and not request[CALLER].can_write:
-            raise ApiError(403, "forbidden", "this API key's user is a VIEWER of the organization and can only read")
-        return await handler(request)
+        caller = request[CALLER] = await _caller(request)
+        limit = request.config_dict[SETTINGS].api_rate_limit_per_minute
+        if not limit:
+            return await _authorized(request, handler, caller)
+        counted = await count_request(
+            request.config_dict[DATABASE].pool, api_key_id=caller.api_key_id, organization_id=caller.organization_id
+        )
+        request[RATE_LIMIT_HEADERS] = rate_limit_headers(counted, limit)
+        if not counted.allowed(limit):
+            refused = ApiError(
+                429,
+                "rate_limited",
+                f"this API key made more than {limit} requests this minute; retry after {counted.retry_after} s",
+            )
+            refused.headers = {"Retry-After": str(counted.retry_after)}
+            raise refused
+        return await _authorized(request, handler, caller)
 
     return authenticate
+
+
+async def _authorized(request: web.Request, handler: Handler, caller: Caller) -> web.StreamResponse:
+    if request.method not in READ_METHODS and not caller.can_write:
+        raise ApiError(403, "forbidden", "this API key's user is a VIEWER of the organization and can only read")
+    return await handler(request)
+
+
+def rate_limit_headers(counted: RequestCount, limit: int) -> dict[str, str]:
+    """The `X-RateLimit-*` headers: the key's limit a minute, what is left of it, and seconds until it resets."""
+    return {
+        "X-RateLimit-Limit": str(limit),
+        "X-RateLimit-Remaining": str(counted.remaining(limit)),
+        "X-RateLimit-Reset": str(counted.retry_after),
+    }
+
+
+async def add_rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: give a counted request's answer, whatever it is, its X-RateLimit-* headers."""
+    response.headers.update(request.get(RATE_LIMIT_HEADERS, {}))
 
 
 async def _caller(request: web.Request) -> Caller:

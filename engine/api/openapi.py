@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from engine.api.errors import ErrorResponse
+from engine.api.idempotency import IDEMPOTENCY_HEADER, MAX_KEY_CHARS, key_description
 from engine.api.models import ID_PATTERN
 from engine.api.operations import Operation, Resource
 
@@ -23,6 +24,8 @@ _ERROR_DESCRIPTIONS = {
     409: "The request clashes with the resource's current state.",
     413: "The body is too large.",
     422: "A value is invalid; `field` is its JSON path (or the query parameter's name).",
+    429: "Too many requests: the API key's rate limit (DIALTONE_API_RATE_LIMIT_PER_MINUTE), or for POST /v1/calls "
+    "the plan's concurrent calls; `Retry-After` gives the seconds to wait.",
     502: "Twilio refused the request or could not be reached.",
     503: "The database is briefly unavailable, or this engine cannot do this (e.g. no Twilio account); try again.",
 }
@@ -91,6 +94,16 @@ def _operation(operation: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
     ]
     if operation.query is not None:
         parameters += _query_parameters(operation.query, schemas)
+    if operation.idempotent:
+        parameters.append(
+            {
+                "name": IDEMPOTENCY_HEADER,
+                "in": "header",
+                "required": False,
+                "description": key_description(),
+                "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS, "pattern": "^[\\x21-\\x7e]+$"},
+            }
+        )
     if parameters:
         spec["parameters"] = parameters
     if operation.body is not None:
@@ -116,7 +129,7 @@ def _operation(operation: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
 
 
 def _error_statuses(operation: Operation) -> list[int]:
-    statuses = {401, 503}
+    statuses = {401, 429, 503}  # 429: every request counts against its key's rate limit
     if operation.method not in {"GET", "HEAD"}:
         statuses.add(403)
     if operation.path_params:
@@ -125,6 +138,8 @@ def _error_statuses(operation: Operation) -> list[int]:
         statuses |= {400, 413, 422}
     if operation.query is not None:
         statuses.add(422)
+    if operation.idempotent:
+        statuses |= {409, 422}  # a key still in flight; a key used with another body
     statuses.update(operation.errors)
     return sorted(statuses)
 

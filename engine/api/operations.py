@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from engine.api.auth import CALLER, Caller
 from engine.api.errors import ApiError, not_found, validation_error
+from engine.api.idempotency import IDEMPOTENCY_HEADER, idempotent
 from engine.api.models import ID_PATTERN, RequestModel
 from engine.server.appkeys import DATABASE
 from storage.records import Connection
@@ -78,6 +79,8 @@ class Operation:
     query: type[RequestModel] | None
     errors: tuple[int, ...]
     """Error statuses beyond those every operation of its kind may answer (e.g. 409)."""
+    idempotent: bool = False
+    """Whether it honours an `Idempotency-Key` header (engine.api.idempotency)."""
 
     @property
     def operation_id(self) -> str:
@@ -119,9 +122,12 @@ class Resource:
         body: type[RequestModel] | None = None,
         status: int = 201,
         errors: tuple[int, ...] = (),
+        idempotent: bool = False,
     ) -> Declaration:
-        """Declare a creation or an action."""
-        return self._declare("POST", path, summary, response, status if response else 204, body, None, errors)
+        """Declare a creation or an action; `idempotent` ones take an `Idempotency-Key` header."""
+        return self._declare(
+            "POST", path, summary, response, status if response else 204, body, None, errors, idempotent=idempotent
+        )
 
     def patch(
         self,
@@ -153,10 +159,12 @@ class Resource:
         body: type[RequestModel] | None,
         query: type[RequestModel] | None,
         errors: tuple[int, ...],
+        *,
+        idempotent: bool = False,
     ) -> Declaration:
         def register(handler: Handler) -> Handler:
             self.operations.append(
-                Operation(method, path, handler, self.tag, summary, response, status, body, query, errors)
+                Operation(method, path, handler, self.tag, summary, response, status, body, query, errors, idempotent)
             )
             return handler
 
@@ -167,6 +175,11 @@ def aiohttp_handler(operation: Operation) -> Callable[[web.Request], Awaitable[w
     """The aiohttp handler for an operation: checks path ids, validates query and body, answers JSON."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        if operation.idempotent and IDEMPOTENCY_HEADER in request.headers:
+            return await idempotent(request, operation.operation_id, lambda: respond(request))
+        return await respond(request)
+
+    async def respond(request: web.Request) -> web.Response:
         path = dict(request.match_info)
         for name, value in path.items():
             if not _ID.fullmatch(value):

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.api.auth import auth_middleware
+from engine.api.auth import add_rate_limit_headers, auth_middleware
 from engine.api.errors import error_middleware
 from engine.api.openapi import openapi_document
 from engine.api.operations import Resource, aiohttp_handler
@@ -55,6 +55,7 @@ OPENAPI_DOCUMENT = web.AppKey("openapi_document", dict[str, Any])
 def add_api_routes(app: web.Application, resources: tuple[Resource, ...] = RESOURCES) -> None:
     """Mount the API under /v1: its own middlewares (one error shape, Bearer keys) apply to /v1 only."""
     api = web.Application(middlewares=[error_middleware, auth_middleware(frozenset({OPENAPI_PATH}))])
+    api.on_response_prepare.append(add_rate_limit_headers)
     for resource in resources:
         for operation in resource.operations:
             api.router.add_route(operation.method, operation.path, aiohttp_handler(operation))

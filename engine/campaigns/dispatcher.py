@@ -13,7 +13,7 @@ import asyncio
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Protocol
@@ -30,6 +30,7 @@ from engine.twilio.outbound_calls import (
     CampaignNotFound,
     InvalidNumber,
     NoCredits,
+    NoFreeSlot,
     NumberUnavailable,
     OutboundCallError,
     OutboundDeps,
@@ -39,6 +40,7 @@ from engine.twilio.outbound_calls import (
 from engine.workers.recovery import NODE_ID
 from storage import Pool
 from storage import campaign_dispatch as dispatch
+from storage.call_slots import UNLIMITED
 from storage.campaign_dispatch import Claim, DueCampaign, Pick, QueuedRecipient
 from storage.campaigns import InvalidCampaignTransition
 from storage.enums import CampaignStatus
@@ -78,14 +80,22 @@ class CampaignBlocked(Exception):
         self.reason = reason
 
 
+class DialDeferred(Exception):
+    """The organization has no free call slot now (its plan's limit): give the claim back, dial later."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Dialer(Protocol):
     """Places one campaign call; the engine's is PlaceCallDialer (Twilio), tests bring their own."""
 
     async def dial(self, claim: Claim) -> DialResult:
         """Place the call, creating its CallLog (metadata naming the recipient) before the call is requested.
 
-        Raises DialRefused or CampaignBlocked; any other error leaves the attempt to lease expiry, which
-        follows the CallLog if one was created with a CallSid, asks Twilio (PlacementLookup) if it has none,
+        Raises DialRefused, DialDeferred or CampaignBlocked; any other error leaves the attempt to lease expiry,
+        which follows the CallLog if one was created with a CallSid, asks Twilio (PlacementLookup) if it has none,
         and otherwise puts the recipient back without counting it.
         """
         ...
@@ -110,6 +120,7 @@ class CampaignDispatcher:
         dialer: Dialer,
         *,
         node_id: str | None = None,
+        call_limits: Mapping[str, int] | None = None,
         timing: DispatchTiming | None = None,
         clock: Clock | None = None,
         lookup: PlacementLookup | None = None,
@@ -117,8 +128,11 @@ class CampaignDispatcher:
         """Nothing runs until `start()` (or `tick()` in tests).
 
         `lookup` asks Twilio about expired dials whose CallLog never got a CallSid; without it they wait.
+        `call_limits`: calls an organization may have in progress at once, by plan (0 or absent = no limit);
+        an organization at its limit gets no new claims until one of its calls ends.
         """
         self._pool = pool
+        self._call_limits: Mapping[str, int] = call_limits or {}
         self._dialer = dialer
         self._lookup = lookup
         self.node_id = node_id or new_id()
@@ -206,6 +220,9 @@ class CampaignDispatcher:
             )
             return []
         slots = min(rules.max_concurrent_calls - campaign.in_flight, self._timing.max_claims_per_tick)
+        plan_limit = self._call_limits.get(campaign.organization_plan, UNLIMITED)
+        if plan_limit != UNLIMITED:  # the organization's plan caps its calls across campaigns and the API
+            slots = min(slots, plan_limit - campaign.organization_calls)
         if slots <= 0:
             return []  # at the cap: looked at again next tick, when calls may have ended
         spacing = timedelta(seconds=1 / rules.calls_per_second)
@@ -255,6 +272,9 @@ class CampaignDispatcher:
             await dispatch.record_refused(
                 self._pool, claim, reason=refused.reason, call_log_id=refused.call_log_id, now=self._clock()
             )
+        except DialDeferred as deferred:
+            # The recipient waits in the queue, its attempt not counted, until one of the organization's calls ends.
+            await dispatch.release_claim(self._pool, claim, reason=deferred.reason)
         except CampaignBlocked as blocked:
             await dispatch.release_claim(self._pool, claim, reason=blocked.reason)
             await dispatch.pause_campaign_for(self._pool, claim.campaign_id, blocked.reason)
@@ -343,6 +363,8 @@ class PlaceCallDialer:
             raise DialRefused(str(exc), exc.call_log_id) from None
         except InvalidNumber as exc:
             raise DialRefused(str(exc)) from None
+        except NoFreeSlot as exc:
+            raise DialDeferred(str(exc)) from None
         except (NoCredits, AgentUnavailable, NumberUnavailable, CampaignNotFound, OutboundUnavailable) as exc:
             raise CampaignBlocked(str(exc)) from None
         except OutboundCallError as exc:  # e.g. variables over the limits: this recipient's data
@@ -367,6 +389,7 @@ async def dispatcher_context(app: web.Application) -> AsyncIterator[None]:
         deps.pool,
         PlaceCallDialer(deps),
         node_id=app.get(NODE_ID),
+        call_limits=settings.concurrent_call_limits,
         timing=DispatchTiming(
             interval=timedelta(seconds=settings.dispatch_interval),
             lease=timedelta(seconds=settings.dispatch_lease),

@@ -42,6 +42,8 @@ from engine.twilio.webhooks import (
 from pipelines.registry import PipelineUnavailable, check_pipeline
 from storage import Pool, agents, call_logs, phone_numbers
 from storage.agents import AgentBundle
+from storage.call_logs import CallLog
+from storage.call_slots import ConcurrentCallLimitReached
 from storage.end_reasons import EndReason
 from storage.enums import AgentStatus, CallerType, CallType, PhoneNumberStatus
 from storage.errors import InvalidReference, NotFound
@@ -54,6 +56,8 @@ STATUS_EVENTS: Final = ("initiated", "ringing", "answered", "completed")
 """Every call-progress event Twilio can report; the status callback gets them all."""
 MAX_VARIABLES: Final = 100
 MAX_VARIABLE_CHARS: Final = 2000
+SLOT_POLL_SECONDS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
+"""How often a call waiting for a free slot looks again: soon at first, then once a second."""
 
 __all__ = [
     "AgentUnavailable",
@@ -61,6 +65,7 @@ __all__ = [
     "CampaignNotFound",
     "InvalidNumber",
     "NoCredits",
+    "NoFreeSlot",
     "NumberUnavailable",
     "OutboundCallError",
     "OutboundDeps",
@@ -117,6 +122,19 @@ class CampaignNotFound(OutboundCallError):
 
 class NoCredits(OutboundCallError):
     """The organization's credit balance is used up."""
+
+
+class NoFreeSlot(OutboundCallError):
+    """The organization has as many calls in progress as its plan allows, and none ended within the wait."""
+
+    def __init__(self, limit: int, waited: float) -> None:
+        super().__init__(
+            f"the organization already has {limit} calls in progress, the most its plan allows at once"
+            + (f", and none ended within {waited:g} s" if waited > 0 else "")
+            + "; try again when a call ends"
+        )
+        self.limit = limit
+        self.waited = waited
 
 
 class CallNotPlaced(OutboundCallError):
@@ -203,13 +221,16 @@ async def place_call(
     variables: Mapping[str, str] | None = None,
     campaign_id: str | None = None,
     recipient_id: str | None = None,
+    slot_wait: float = 0.0,
 ) -> PlacedCall:
     """Dial `to` from the organization's number `from_number` (None: the agent's own number) for an ACTIVE
     OUTBOUND agent.
 
     The CallLog is created IN_PROGRESS first (per-call `variables` in metadata.variables, `campaign_id` as its
-    campaignId), then Twilio is asked for the call. Raises InvalidNumber, AgentUnavailable, NumberUnavailable,
-    CampaignNotFound or NoCredits before anything is written; CallNotPlaced (CallLog FAILED) if Twilio refuses.
+    campaignId), taking one of the organization's call slots, then Twilio is asked for the call. With every slot
+    of the plan taken, it waits up to `slot_wait` seconds for one to free. Raises InvalidNumber, AgentUnavailable,
+    NumberUnavailable, CampaignNotFound, NoCredits or NoFreeSlot before anything is written; CallNotPlaced
+    (CallLog FAILED) if Twilio refuses.
     """
     callee = dialable_number("to", to)
     per_call = _checked_variables(variables)
@@ -224,26 +245,24 @@ async def place_call(
     metadata: dict[str, Any] = {"direction": "outbound", "from": caller_id, "variables": per_call}
     if recipient_id is not None:
         metadata["campaignRecipientId"] = recipient_id
-    try:
-        call_log = await call_logs.create_call_log(
-            pool,
-            organization_id=organization_id,
-            call_type=CallType.OUTBOUND,
-            call_id=call_logs.pending_call_id(),
-            agent_id=agent_id,
-            campaign_id=campaign_id,
-            customer=per_call.get("name") or None,
-            phone_number=callee,
-            metadata=metadata,
-            credit_rates=deps.settings.credit_rates,
-        )
-    except InvalidReference as exc:
-        raise CampaignNotFound(str(exc)) from None
-    except InsufficientCredits as exc:
-        raise NoCredits(
-            f"organization {organization_id} has {exc.balance} credits, not enough for the first minute of a call "
-            f"({exc.amount}); add credits to place calls"
-        ) from None
+    waited = 0.0
+    for pause in _slot_polls(slot_wait):
+        try:
+            call_log = await _open_call_log(
+                deps,
+                organization_id=organization_id,
+                agent_id=agent_id,
+                campaign_id=campaign_id,
+                customer=per_call.get("name") or None,
+                callee=callee,
+                metadata=metadata,
+            )
+            break
+        except ConcurrentCallLimitReached as exc:
+            if pause is None:
+                raise NoFreeSlot(exc.limit, waited) from None
+            await asyncio.sleep(pause)
+            waited += pause
 
     base = deps.public_url.rstrip("/")
     try:
@@ -271,6 +290,53 @@ async def place_call(
     await call_logs.adopt_call_id(pool, call_log_id=call_log.id, call_id=call_sid)
     log.info("outbound call %s to %s placed (CallLog %s)", call_sid, _masked(callee), call_log.id)
     return PlacedCall(call_log_id=call_log.id, call_sid=call_sid)
+
+
+def _slot_polls(wait: float) -> list[float | None]:
+    """The pauses between tries for a call slot within `wait` seconds, then None: no more tries."""
+    pauses: list[float | None] = []
+    left = wait
+    for step in (*SLOT_POLL_SECONDS, *[SLOT_POLL_SECONDS[-1]] * int(wait)):
+        if left <= 0:
+            break
+        pause = min(step, left)
+        pauses.append(pause)
+        left -= pause
+    return [*pauses, None]
+
+
+async def _open_call_log(
+    deps: OutboundDeps,
+    *,
+    organization_id: str,
+    agent_id: str,
+    campaign_id: str | None,
+    customer: str | None,
+    callee: str,
+    metadata: dict[str, Any],
+) -> CallLog:
+    """The call's IN_PROGRESS CallLog, its call slot taken and its first minute's credits reserved."""
+    try:
+        return await call_logs.create_call_log(
+            deps.pool,
+            organization_id=organization_id,
+            call_type=CallType.OUTBOUND,
+            call_id=call_logs.pending_call_id(),
+            agent_id=agent_id,
+            campaign_id=campaign_id,
+            customer=customer,
+            phone_number=callee,
+            metadata=metadata,
+            credit_rates=deps.settings.credit_rates,
+            call_limits=deps.settings.concurrent_call_limits,
+        )
+    except InvalidReference as exc:
+        raise CampaignNotFound(str(exc)) from None
+    except InsufficientCredits as exc:
+        raise NoCredits(
+            f"organization {organization_id} has {exc.balance} credits, not enough for the first minute of a call "
+            f"({exc.amount}); add credits to place calls"
+        ) from None
 
 
 def _checked_variables(variables: Mapping[str, str] | None) -> dict[str, str]:

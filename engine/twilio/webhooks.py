@@ -22,6 +22,7 @@ from pipelines.llm.prompt import render_prompt
 from pipelines.registry import PipelineUnavailable, check_pipeline
 from storage import Pool, agents, call_logs, phone_numbers
 from storage.call_logs import CallLog, InvalidCallTransition
+from storage.call_slots import ConcurrentCallLimitReached
 from storage.end_reasons import EndReason, ending
 from storage.enums import CallStatus, CallType, PhoneNumberStatus
 from storage.errors import AlreadyExists, NotFound
@@ -39,6 +40,7 @@ NOT_IN_SERVICE = "Sorry, the number you have called is not in service. Goodbye."
 NO_AGENT = "Sorry, nobody is available to take your call right now. Please try again later. Goodbye."
 OUT_OF_CREDITS = "Sorry, this line cannot take calls at the moment. Please try again later. Goodbye."
 MISCONFIGURED = "Sorry, this line is not set up correctly. Please try again later. Goodbye."
+ALL_LINES_BUSY = "Sorry, all our lines are busy right now. Please call again in a few minutes. Goodbye."
 
 # Twilio's final CallStatus values and what they make of a call that is still IN_PROGRESS.
 _FINAL_STATUSES = {
@@ -162,10 +164,26 @@ async def handle_voice(request: web.Request) -> web.Response:
             phone_number=caller,
             metadata=metadata,
             credit_rates=settings.credit_rates,
+            call_limits=settings.concurrent_call_limits,
         )
     except InsufficientCredits as exc:
         log.info("call %s: organization %s is out of credits (%s)", call_sid, agent.organization_id, exc)
         return refusal(OUT_OF_CREDITS)
+    except ConcurrentCallLimitReached as exc:
+        log.info("call %s: %s", call_sid, exc)
+        with contextlib.suppress(AlreadyExists):  # a retried webhook: the first attempt logged the refusal
+            await call_logs.record_refused_call(
+                pool,
+                organization_id=agent.organization_id,
+                call_type=CallType.INBOUND,
+                call_id=call_sid,
+                reason=EndReason.CONCURRENT_CALL_LIMIT,
+                agent_id=agent.id,
+                customer=incoming.caller_name or caller,
+                phone_number=caller,
+                metadata={**metadata, "planLimit": exc.limit},
+            )
+        return refusal(ALL_LINES_BUSY)
     except AlreadyExists:
         # Twilio retried the webhook: answer the same way, with the CallLog the first attempt created.
         existing = await call_logs.get_by_call_id(pool, call_id=call_sid)

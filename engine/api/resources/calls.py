@@ -16,6 +16,7 @@ from engine.twilio.outbound_calls import (
     CampaignNotFound,
     InvalidNumber,
     NoCredits,
+    NoFreeSlot,
     NumberUnavailable,
     OutboundDeps,
     OutboundUnavailable,
@@ -27,6 +28,9 @@ from engine.twilio.signature import public_base_url
 from storage.records import Queryable
 
 resource = Resource("Calls", "Placing outbound calls.")
+
+SLOT_RETRY_AFTER_SECONDS = 5
+"""Retry-After of a call refused for the plan's concurrent-call limit: calls end at no time we can predict."""
 
 PhoneNumberText = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[^\x00]*$")]
 VariableName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")]
@@ -73,14 +77,18 @@ async def checked_caller_id(db: Queryable, *, organization_id: str, number: str)
     response=PlacedCallResponse,
     body=CallCreate,
     status=201,
-    errors=(402, 404, 422, 502, 503),
+    errors=(402, 404, 422, 429, 502, 503),
+    idempotent=True,
 )
 async def create_call(call: ApiCall) -> PlacedCallResponse:
     """Create the CallLog (IN_PROGRESS, OUTBOUND) and ask Twilio to dial.
 
     422 names the field at fault (an undialable number, an agent that is not an ACTIVE OUTBOUND agent, a number
     that may not call out); 402 when the organization has no credits; 502 when Twilio refuses the call (its
-    CallLog is then FAILED with Twilio's error); 503 when this engine has no Twilio account or public URL.
+    CallLog is then FAILED with Twilio's error); 503 when this engine has no Twilio account or public URL. When the
+    organization already has as many calls in progress as its plan allows, the request waits a little for one to
+    end (DIALTONE_CALL_SLOT_WAIT), then answers 429 with Retry-After. With an `Idempotency-Key`, a retry never
+    dials twice: it gets the first request's answer.
     """
     body = call.body_as(CallCreate)
     try:
@@ -97,6 +105,7 @@ async def create_call(call: ApiCall) -> PlacedCallResponse:
             to=body.to,
             variables=body.variables,
             campaign_id=body.campaign_id,
+            slot_wait=call.app[SETTINGS].call_slot_wait,
         )
     except InvalidNumber as exc:
         raise unprocessable(str(exc), "fromNumber" if exc.field == "from_number" else "to") from None
@@ -108,6 +117,10 @@ async def create_call(call: ApiCall) -> PlacedCallResponse:
         raise not_found(f"campaign {body.campaign_id} not found") from None
     except NoCredits as exc:
         raise ApiError(402, "no_credits", str(exc)) from None
+    except NoFreeSlot as exc:
+        busy = ApiError(429, "concurrent_call_limit", str(exc))
+        busy.headers["Retry-After"] = str(SLOT_RETRY_AFTER_SECONDS)
+        raise busy from None
     except CallNotPlaced as exc:
         raise ApiError(502, "twilio_refused", str(exc)) from None
     except OutboundUnavailable as exc:

@@ -173,7 +173,14 @@ def _lifecycle() -> Iterator[None]:
         raise conflict(str(exc)) from None
 
 
-@resource.post("/campaigns", summary="Create a campaign", response=CampaignView, body=CampaignCreate, errors=(404,))
+@resource.post(
+    "/campaigns",
+    summary="Create a campaign",
+    response=CampaignView,
+    body=CampaignCreate,
+    errors=(404,),
+    idempotent=True,
+)
 async def create_campaign(call: ApiCall) -> CampaignView:
     """Create a DRAFT campaign; add recipients, then start it. 422 if `fromNumber` may not call out."""
     body = call.body_as(CampaignCreate)
