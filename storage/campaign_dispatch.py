@@ -33,6 +33,7 @@ from storage.campaign_states import (
     sql_states,
 )
 from storage.campaigns import CampaignDispatchState, DialingRules, transition_campaign
+from storage.do_not_call import listed_reason
 from storage.end_reasons import VOICEMAIL, EndReason
 from storage.enums import CallStatus, CampaignStatus
 from storage.records import Connection, Queryable, new_id, transaction
@@ -198,17 +199,42 @@ async def pause_for(conn: Connection, campaign: DueCampaign, reason: str) -> Non
 
 
 async def lock_queued(conn: Connection, campaign: DueCampaign, *, now: datetime, limit: int) -> list[QueuedRecipient]:
-    """Lock up to `limit` of the campaign's recipients whose next attempt is due, soonest first."""
+    """Lock up to `limit` of the campaign's recipients whose next attempt is due, soonest first.
+
+    In the same statement, candidates whose number is on the organization's do-not-call list leave the queue for
+    DO_NOT_CALL with the list's reason (and count as finished): they are never returned, so never dialed.
+    """
     rows = await conn.fetch(
         f"""
-        SELECT rd."recipientId", r."phoneNumber", r."name", rd."timezone", rd."variables", rd."attempts"
-        FROM "CampaignRecipientDispatch" rd
-        JOIN "CampaignRecipient" r ON r."id" = rd."recipientId"
-        WHERE rd."campaignId" = $1 AND rd."state" = '{RecipientDispatchState.QUEUED}'
-          AND rd."nextAttemptAt" <= $2 AND rd."attempts" < $3
-        ORDER BY rd."nextAttemptAt", rd."recipientId"
-        LIMIT $4
-        FOR UPDATE OF rd SKIP LOCKED
+        WITH candidates AS (
+            SELECT rd."recipientId", rd."organizationId", r."phoneNumber", r."name", rd."timezone", rd."variables",
+                   rd."attempts", rd."nextAttemptAt",
+                   {listed_reason('rd."organizationId"', 'r."phoneNumber"')} AS "doNotCall"
+            FROM "CampaignRecipientDispatch" rd
+            JOIN "CampaignRecipient" r ON r."id" = rd."recipientId"
+            WHERE rd."campaignId" = $1 AND rd."state" = '{RecipientDispatchState.QUEUED}'
+              AND rd."nextAttemptAt" <= $2 AND rd."attempts" < $3
+            ORDER BY rd."nextAttemptAt", rd."recipientId"
+            LIMIT $4
+            FOR UPDATE OF rd SKIP LOCKED
+        ),
+        listed AS (
+            UPDATE "CampaignRecipientDispatch" rd SET
+                "state" = '{RecipientDispatchState.DO_NOT_CALL}', "lastReason" = c."doNotCall"
+            FROM candidates c
+            WHERE rd."recipientId" = c."recipientId" AND c."doNotCall" IS NOT NULL
+            RETURNING rd."recipientId"
+        ),
+        counted AS (
+            UPDATE "Campaign" SET
+                "completedCalls" = "completedCalls" + n.listed,
+                "progress" = CASE WHEN "totalCalls" > 0
+                                  THEN LEAST(100, ("completedCalls" + n.listed) * 100 / "totalCalls") ELSE 0 END
+            FROM (SELECT count(*)::int AS listed FROM listed) n
+            WHERE "id" = $1 AND n.listed > 0
+        )
+        SELECT * FROM candidates WHERE "doNotCall" IS NULL
+        ORDER BY "nextAttemptAt", "recipientId"
         """,
         campaign.id,
         now,
@@ -328,7 +354,9 @@ async def begin_dial(pool: asyncpg.Pool, claim: Claim, *, now: datetime, lease_f
     async with transaction(pool) as conn:
         row = await conn.fetchrow(
             f"""
-            SELECT c."status", d."paused" FROM "CampaignRecipientDispatch" rd
+            SELECT c."status", d."paused", {listed_reason('rd."organizationId"', 'r."phoneNumber"')} AS "doNotCall"
+            FROM "CampaignRecipientDispatch" rd
+            JOIN "CampaignRecipient" r ON r."id" = rd."recipientId"
             JOIN "Campaign" c ON c."id" = rd."campaignId"
             JOIN "CampaignDispatch" d ON d."campaignId" = rd."campaignId"
             JOIN "CampaignAttempt" a ON a."id" = $3 AND a."state" = '{AttemptState.DIALING}'
@@ -341,6 +369,16 @@ async def begin_dial(pool: asyncpg.Pool, claim: Claim, *, now: datetime, lease_f
         )
         if row is None:
             return False  # the lease is gone: whoever holds the recipient now decides
+        if row["doNotCall"] is not None:  # listed since the claim: never dialed
+            await _abandon(
+                conn,
+                claim.attempt_id,
+                claim.recipient_id,
+                to=RecipientDispatchState.DO_NOT_CALL,
+                reason=row["doNotCall"],
+            )
+            await _count_finished(conn, claim.campaign_id)
+            return False
         if row["status"] == CampaignStatus.CONTINUING and not row["paused"]:
             await conn.execute(
                 'UPDATE "CampaignRecipientDispatch" SET "leaseExpiresAt" = $2 WHERE "recipientId" = $1',
@@ -350,7 +388,8 @@ async def begin_dial(pool: asyncpg.Pool, claim: Claim, *, now: datetime, lease_f
             return True
         stopped = row["status"] != CampaignStatus.CONTINUING
         reason = "campaign stopped" if stopped else "campaign paused"
-        await _abandon(conn, claim.attempt_id, claim.recipient_id, cancel=stopped, reason=reason)
+        to = RecipientDispatchState.CANCELED if stopped else RecipientDispatchState.QUEUED
+        await _abandon(conn, claim.attempt_id, claim.recipient_id, to=to, reason=reason)
         return False
 
 
@@ -403,7 +442,7 @@ async def record_refused(
 async def release_claim(pool: asyncpg.Pool, claim: Claim, *, reason: str) -> None:
     """Give a claim back without dialing: the attempt does not count, the recipient waits again."""
     async with transaction(pool) as conn:
-        await _abandon(conn, claim.attempt_id, claim.recipient_id, cancel=False, reason=reason)
+        await _abandon(conn, claim.attempt_id, claim.recipient_id, to=RecipientDispatchState.QUEUED, reason=reason)
 
 
 async def pause_campaign_for(pool: asyncpg.Pool, campaign_id: str, reason: str) -> None:
@@ -415,7 +454,9 @@ async def pause_campaign_for(pool: asyncpg.Pool, campaign_id: str, reason: str) 
     )
 
 
-async def _abandon(conn: Connection, attempt_id: str, recipient_id: str, *, cancel: bool, reason: str) -> None:
+async def _abandon(
+    conn: Connection, attempt_id: str, recipient_id: str, *, to: RecipientDispatchState, reason: str
+) -> None:
     released = await conn.fetchval(
         f"""
         UPDATE "CampaignAttempt" SET "state" = '{AttemptState.ABANDONED}', "reason" = $2, "endedAt" = CURRENT_TIMESTAMP
@@ -435,8 +476,22 @@ async def _abandon(conn: Connection, attempt_id: str, recipient_id: str, *, canc
         WHERE "recipientId" = $1 AND "state" = '{RecipientDispatchState.DIALING}'
         """,
         recipient_id,
-        RecipientDispatchState.CANCELED if cancel else RecipientDispatchState.QUEUED,
+        to,
         reason,
+    )
+
+
+async def _count_finished(conn: Connection, campaign_id: str) -> None:
+    """One more of the campaign's recipients is finished without a call (its number is on the do-not-call list)."""
+    await conn.execute(
+        """
+        UPDATE "Campaign" SET
+            "completedCalls" = "completedCalls" + 1,
+            "progress" = CASE WHEN "totalCalls" > 0
+                              THEN LEAST(100, ("completedCalls" + 1) * 100 / "totalCalls") ELSE 0 END
+        WHERE "id" = $1
+        """,
+        campaign_id,
     )
 
 
@@ -690,7 +745,9 @@ async def expire_leases(pool: asyncpg.Pool, *, now: datetime, limit: int = 200) 
         requeued = followed = 0
         for row in rows:
             if row["callLogId"] is None:
-                await _abandon(conn, row["attemptId"], row["recipientId"], cancel=False, reason="lease expired")
+                await _abandon(
+                    conn, row["attemptId"], row["recipientId"], to=RecipientDispatchState.QUEUED, reason="lease expired"
+                )
                 requeued += 1
                 continue
             await conn.execute(

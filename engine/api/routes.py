@@ -18,6 +18,7 @@ from engine.api.resources import (
     calls,
     campaigns,
     conversation_paths,
+    do_not_call,
     events,
     knowledge_bases,
     live_calls,
@@ -42,6 +43,7 @@ RESOURCES: tuple[Resource, ...] = (
     call_logs.resource,
     calls.resource,
     campaigns.resource,
+    do_not_call.resource,
     live_calls.resource,
     api_keys.resource,
 )

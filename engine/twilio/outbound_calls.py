@@ -38,7 +38,7 @@ from engine.twilio.webhooks import (
     stream_twiml,
 )
 from pipelines.registry import PipelineUnavailable, check_pipeline
-from storage import Pool, agents, call_logs, phone_numbers
+from storage import Pool, agents, call_logs, do_not_call, phone_numbers
 from storage.end_reasons import EndReason
 from storage.enums import AgentStatus, CallerType, CallType, PhoneNumberStatus
 from storage.errors import InvalidReference, NotFound
@@ -59,6 +59,7 @@ __all__ = [
     "InvalidNumber",
     "NoCredits",
     "NumberUnavailable",
+    "OnDoNotCallList",
     "OutboundCallError",
     "OutboundDeps",
     "OutboundUnavailable",
@@ -106,6 +107,10 @@ class NumberUnavailable(OutboundCallError):
         super().__init__(f"from_number {number}: {reason}")
         self.number = number
         self.reason = reason
+
+
+class OnDoNotCallList(OutboundCallError):
+    """The number to dial is on the organization's do-not-call list (storage.do_not_call): it is never called."""
 
 
 class CampaignNotFound(OutboundCallError):
@@ -204,12 +209,16 @@ async def place_call(
     """Dial `to` from the organization's number `from_number` for an ACTIVE OUTBOUND agent.
 
     The CallLog is created IN_PROGRESS first (per-call `variables` in metadata.variables, `campaign_id` as its
-    campaignId), then Twilio is asked for the call. Raises InvalidNumber, AgentUnavailable, NumberUnavailable,
-    CampaignNotFound or NoCredits before anything is written; CallNotPlaced (CallLog FAILED) if Twilio refuses.
+    campaignId), then Twilio is asked for the call. Raises InvalidNumber, OnDoNotCallList, AgentUnavailable,
+    NumberUnavailable, CampaignNotFound or NoCredits before anything is written; CallNotPlaced (CallLog FAILED)
+    if Twilio refuses.
     """
     callee = dialable_number("to", to)
     per_call = _checked_variables(variables)
     pool = deps.pool
+    listed = await do_not_call.listed_entry(pool, organization_id=organization_id, phone_number=callee)
+    if listed is not None:
+        raise OnDoNotCallList(f"to: {do_not_call.describe(listed)}; it is never called")
     caller_id = await outbound_caller_id(pool, organization_id=organization_id, number=from_number)
     config = await _usable_agent(deps, organization_id, agent_id)
 

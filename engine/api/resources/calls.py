@@ -17,6 +17,7 @@ from engine.twilio.outbound_calls import (
     InvalidNumber,
     NoCredits,
     NumberUnavailable,
+    OnDoNotCallList,
     OutboundDeps,
     OutboundUnavailable,
     dialable_number,
@@ -74,9 +75,10 @@ async def checked_caller_id(db: Queryable, *, organization_id: str, number: str)
 async def create_call(call: ApiCall) -> PlacedCallResponse:
     """Create the CallLog (IN_PROGRESS, OUTBOUND) and ask Twilio to dial.
 
-    422 names the field at fault (an undialable number, an agent that is not an ACTIVE OUTBOUND agent, a number
-    that may not call out); 402 when the organization has no credits; 502 when Twilio refuses the call (its
-    CallLog is then FAILED with Twilio's error); 503 when this engine has no Twilio account or public URL.
+    422 names the field at fault (an undialable number, a number on the do-not-call list, an agent that is not
+    an ACTIVE OUTBOUND agent, a number that may not call out); 402 when the organization has no credits; 502 when
+    Twilio refuses the call (its CallLog is then FAILED with Twilio's error); 503 when this engine has no Twilio
+    account or public URL.
     """
     body = call.body_as(CallCreate)
     try:
@@ -95,6 +97,8 @@ async def create_call(call: ApiCall) -> PlacedCallResponse:
         )
     except InvalidNumber as exc:
         raise unprocessable(str(exc), "fromNumber" if exc.field == "from_number" else "to") from None
+    except OnDoNotCallList as exc:
+        raise unprocessable(str(exc), "to") from None
     except AgentUnavailable as exc:
         raise unprocessable(str(exc), "agentId") from None
     except NumberUnavailable as exc:
