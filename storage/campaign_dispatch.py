@@ -439,6 +439,17 @@ async def record_refused(
         )
 
 
+async def record_do_not_call(pool: asyncpg.Pool, claim: Claim) -> None:
+    """The dial was refused because the number is on the do-not-call list: DO_NOT_CALL, with the list's reason."""
+    async with transaction(pool) as conn:
+        reason = await conn.fetchval(
+            f"SELECT {listed_reason('$1::text', '$2::text')}", claim.organization_id, claim.phone_number
+        )
+        to = RecipientDispatchState.DO_NOT_CALL
+        if await _abandon(conn, claim.attempt_id, claim.recipient_id, to=to, reason=reason or "do not call"):
+            await _count_finished(conn, claim.campaign_id)
+
+
 async def release_claim(pool: asyncpg.Pool, claim: Claim, *, reason: str) -> None:
     """Give a claim back without dialing: the attempt does not count, the recipient waits again."""
     async with transaction(pool) as conn:
@@ -456,7 +467,8 @@ async def pause_campaign_for(pool: asyncpg.Pool, campaign_id: str, reason: str) 
 
 async def _abandon(
     conn: Connection, attempt_id: str, recipient_id: str, *, to: RecipientDispatchState, reason: str
-) -> None:
+) -> bool:
+    """Give a leased attempt back without it counting; the recipient moves to `to`. False if it was not in flight."""
     released = await conn.fetchval(
         f"""
         UPDATE "CampaignAttempt" SET "state" = '{AttemptState.ABANDONED}', "reason" = $2, "endedAt" = CURRENT_TIMESTAMP
@@ -466,7 +478,7 @@ async def _abandon(
         reason,
     )
     if released is None:
-        return
+        return False
     # Only a lease is given back: the recipient leaves DIALING, for a state the table allows from there.
     await conn.execute(
         f"""
@@ -479,6 +491,7 @@ async def _abandon(
         to,
         reason,
     )
+    return True
 
 
 async def _count_finished(conn: Connection, campaign_id: str) -> None:

@@ -250,3 +250,34 @@ async def record_opt_out(
 def _reason(reason: str | None) -> str | None:
     text = " ".join((reason or "").split())[:MAX_REASON_CHARS]
     return text or None
+
+
+class SkippedRecipient(Record):
+    """A campaign recipient never dialed because its number is on the do-not-call list."""
+
+    recipient_id: str
+    phone_number: str
+    name: str | None
+    reason: str | None
+    skipped_at: datetime
+
+
+async def skipped_recipients(
+    db: Queryable, *, organization_id: str, campaign_id: str, limit: int, before: tuple[datetime, str] | None = None
+) -> list[SkippedRecipient]:
+    """A page of the campaign's DO_NOT_CALL recipients, latest skipped first, with the list's reason."""
+    rows = await db.fetch(
+        """
+        SELECT d."recipientId", r."phoneNumber", r."name", d."lastReason" AS "reason", d."updatedAt" AS "skippedAt"
+        FROM "CampaignRecipientDispatch" d JOIN "CampaignRecipient" r ON r."id" = d."recipientId"
+        WHERE d."organizationId" = $1 AND d."campaignId" = $2 AND d."state" = 'DO_NOT_CALL'
+          AND ($3::timestamptz IS NULL OR (d."updatedAt", d."recipientId") < ($3, $4))
+        ORDER BY d."updatedAt" DESC, d."recipientId" DESC
+        LIMIT $5
+        """,
+        organization_id,
+        campaign_id,
+        *(before or (None, None)),
+        limit,
+    )
+    return SkippedRecipient.from_rows(rows)

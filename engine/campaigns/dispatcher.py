@@ -29,6 +29,7 @@ from engine.twilio.outbound_calls import (
     InvalidNumber,
     NoCredits,
     NumberUnavailable,
+    OnDoNotCallList,
     OutboundCallError,
     OutboundDeps,
     OutboundUnavailable,
@@ -68,6 +69,10 @@ class DialRefused(Exception):
         self.call_log_id = call_log_id
 
 
+class DoNotDial(Exception):
+    """This recipient's number is on the organization's do-not-call list: it is never dialed."""
+
+
 class CampaignBlocked(Exception):
     """No call of this campaign can be placed now (no credits, agent or number unusable): pause it, dial nobody."""
 
@@ -82,7 +87,7 @@ class Dialer(Protocol):
     async def dial(self, claim: Claim) -> DialResult:
         """Place the call, creating its CallLog (metadata naming the recipient) before the call is requested.
 
-        Raises DialRefused or CampaignBlocked; any other error leaves the attempt to lease expiry, which
+        Raises DialRefused, DoNotDial or CampaignBlocked; any other error leaves the attempt to lease expiry, which
         follows the CallLog if one was created and otherwise puts the recipient back without counting it.
         """
         ...
@@ -245,6 +250,8 @@ class CampaignDispatcher:
             await dispatch.record_refused(
                 self._pool, claim, reason=refused.reason, call_log_id=refused.call_log_id, now=self._clock()
             )
+        except DoNotDial:
+            await dispatch.record_do_not_call(self._pool, claim)
         except CampaignBlocked as blocked:
             await dispatch.release_claim(self._pool, claim, reason=blocked.reason)
             await dispatch.pause_campaign_for(self._pool, claim.campaign_id, blocked.reason)
@@ -314,7 +321,7 @@ class PlaceCallDialer:
         self._deps = deps
 
     async def dial(self, claim: Claim) -> DialResult:
-        """Place the claim's call; DialRefused for this recipient, CampaignBlocked for the whole campaign."""
+        """Place the claim's call; DialRefused or DoNotDial for this recipient, CampaignBlocked for the campaign."""
         variables = dict(claim.variables)
         if claim.name:
             variables.setdefault("name", claim.name)
@@ -333,6 +340,8 @@ class PlaceCallDialer:
             raise DialRefused(str(exc), exc.call_log_id) from None
         except InvalidNumber as exc:
             raise DialRefused(str(exc)) from None
+        except OnDoNotCallList as exc:
+            raise DoNotDial(str(exc)) from None
         except (NoCredits, AgentUnavailable, NumberUnavailable, CampaignNotFound, OutboundUnavailable) as exc:
             raise CampaignBlocked(str(exc)) from None
         except OutboundCallError as exc:  # e.g. variables over the limits: this recipient's data

@@ -12,8 +12,8 @@ from engine.api.models import RequestModel, ResponseModel, ShortText
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
 from engine.do_not_call.csv_import import read_do_not_call
-from storage import do_not_call
-from storage.do_not_call import DoNotCallEntry, DoNotCallSource
+from storage import campaigns, do_not_call
+from storage.do_not_call import DoNotCallEntry, DoNotCallSource, SkippedRecipient
 
 resource = Resource(
     "Do not call",
@@ -148,3 +148,25 @@ async def import_do_not_call(call: ApiCall) -> DoNotCallImportResult:
         invalid=parsed.invalid,
         invalid_lines=[InvalidLine(line=p.line, value=p.value, reason=p.reason) for p in parsed.problems],
     )
+
+
+@resource.get(
+    "/campaigns/{campaignId}/do-not-call",
+    summary="List a campaign's recipients skipped as do not call",
+    response=Page[SkippedRecipient],
+    query=PageQuery,
+)
+async def list_skipped_recipients(call: ApiCall) -> Page[SkippedRecipient]:
+    """The campaign's recipients never dialed because their number is on the list (state DO_NOT_CALL), and why."""
+    query = call.query_as(PageQuery)
+    organization_id, campaign_id = call.caller.organization_id, call.path["campaignId"]
+    async with call.tenant() as db:
+        await campaigns.get_campaign(db, organization_id=organization_id, campaign_id=campaign_id)
+        rows = await do_not_call.skipped_recipients(
+            db,
+            organization_id=organization_id,
+            campaign_id=campaign_id,
+            limit=query.fetch_limit,
+            before=query.position(),
+        )
+    return to_page(Page[SkippedRecipient], rows, query, lambda row: (row.skipped_at, row.recipient_id))
