@@ -23,6 +23,7 @@ from storage.enums import AgentStatus, CallerType
 from tests.engine_server import running_engine
 from tests.fakes.deepgram import FakeDeepgram
 from tests.fakes.openai_chat import FakeOpenAI, ToolCall
+from tests.fakes.openai_realtime import FakeRealtime
 from tests.fakes.twilio import FakeTwilio
 from tests.test_calls_e2e import call_log, turns
 from tests.test_dispatch_do_not_call import (
@@ -163,3 +164,30 @@ async def test_an_offline_caller_saying_stop_calling_me_is_listed_and_the_call_e
     assert log["metadata"]["endReason"] == "agent_hangup"
 
     await assert_next_campaign_skips(pool, deps, twilio, org, caller)
+
+
+async def test_a_realtime_model_calling_opt_out_lists_the_caller_and_says_the_confirmation(
+    db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio
+) -> None:
+    caller = "+14155550163"
+    org, number = await inbound_line(
+        pool, realtime={"provider": "openai", "transcription_model": "gpt-4o-mini-transcribe"}
+    )
+    async with FakeRealtime(api_key=OPENAI_KEY) as realtime:
+        realtime.caller_says("Take me off your list.")
+        realtime.reply_tool("opt_out", {"reason": "take me off your list"}, text="Of course.")
+        realtime.reply(OPT_OUT_CONFIRMATION)  # the engine has the model say the confirmation word for word
+        settings = {"openai_api_key": OPENAI_KEY, "openai_base_url": realtime.base_url, **twilio_settings(twilio)}
+        async with running_engine(db_url, dispatch_enabled=False, **settings) as base:
+            result = await call_from(base, twilio, caller, number, Say("take me off your list"), Pause(8000))
+        asked = [event["response"] for event in realtime.of_type("response.create") if "response" in event]
+
+    log = await call_log(pool, result)
+    assert log["status"] == "COMPLETED", log["metadata"]
+    assert log["metadata"]["endReason"] == "agent_hangup"
+    entry = await do_not_call.listed_entry(pool, organization_id=org, phone_number=caller)
+    assert entry is not None
+    assert (entry.source, entry.call_log_id, entry.reason) == ("OPT_OUT_MODEL", log["id"], "take me off your list")
+    assert any(OPT_OUT_CONFIRMATION in str(response.get("instructions")) for response in asked)
+    said = [row["text"] for row in await turns(pool, log["id"]) if row["speaker"] == "agent"]
+    assert said[-1] == OPT_OUT_CONFIRMATION
