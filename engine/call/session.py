@@ -107,6 +107,7 @@ class CallSession:
         self._twilio = TwilioControl(context.call_sid, hang_up=hang_up, transfer=transfer, rules=config.transfer)
         self._fallback = fallback
         self._opt_out = opt_out
+        self._opt_out_writes: set[asyncio.Future[None]] = set()
         self._credits = (
             None
             if extend_reservation is None
@@ -192,12 +193,21 @@ class CallSession:
         return True
 
     async def record_opt_out(self, source: DoNotCallSource, reason: str) -> None:
-        """Put the other party on the organization's do-not-call list, naming this call; a failure is logged."""
+        """Put the other party on the organization's do-not-call list, naming this call; a failure is logged.
+
+        The write is shielded: a reply cancelled by barge-in while it runs does not lose the opt-out.
+        """
         if self._opt_out is None:
             log.warning("call %s: an opt-out (%s) with nowhere to record it", self.context.call_sid, source.value)
             return
+        write = asyncio.ensure_future(self._write_opt_out(self._opt_out, source, reason))
+        self._opt_out_writes.add(write)
+        write.add_done_callback(self._opt_out_writes.discard)
+        await asyncio.shield(write)
+
+    async def _write_opt_out(self, record: RecordOptOut, source: DoNotCallSource, reason: str) -> None:
         try:
-            await self._opt_out(source, reason)
+            await record(source, reason)
         except Exception:  # the callee still hears the confirmation and the call still ends; the operator reads this
             log.exception("call %s: the opt-out could not be recorded", self.context.call_sid)
             return
