@@ -1,7 +1,7 @@
 -- 0013: the organization's do-not-call list. A number on it is never dialed: campaigns skip it when they claim
 -- recipients (the recipient ends DO_NOT_CALL with the entry's reason) and /v1/calls refuses it. Numbers are
--- E.164 (config/phone.py), one entry per organization and number. An entry added by an opt-out in a call names
--- that call's CallLog; the reference is composite (callLogId, organizationId) like 0010's, and cleared alone when
+-- E.164 (storage/do_not_call.py normalizes them with config/phone.py, the one rule for numbers), one entry per
+-- organization and number. An entry added by an opt-out in a call names that call's CallLog; the reference is composite (callLogId, organizationId) like 0010's, and cleared alone when
 -- the CallLog goes: the number stays on the list.
 --   source: API, CSV_IMPORT, CLI, OPT_OUT_MODEL (the model called `opt_out`), OPT_OUT_PHRASE (the offline model
 --           heard "stop calling me" or the like).
@@ -17,8 +17,7 @@ CREATE TABLE "DoNotCallEntry" (
 
     CONSTRAINT "DoNotCallEntry_pkey" PRIMARY KEY ("id"),
     CONSTRAINT "DoNotCallEntry_source_check"
-        CHECK ("source" IN ('API', 'CSV_IMPORT', 'CLI', 'OPT_OUT_MODEL', 'OPT_OUT_PHRASE')),
-    CONSTRAINT "DoNotCallEntry_phoneNumber_check" CHECK ("phoneNumber" ~ '^\+[1-9][0-9]{1,14}$')
+        CHECK ("source" IN ('API', 'CSV_IMPORT', 'CLI', 'OPT_OUT_MODEL', 'OPT_OUT_PHRASE'))
 );
 
 -- One entry per number; the same index answers "is this number listed?" for claims and calls.
@@ -38,7 +37,7 @@ ALTER TABLE "DoNotCallEntry" ENABLE ROW LEVEL SECURITY;
 CREATE POLICY "DoNotCallEntry_tenant_isolation" ON "DoNotCallEntry"
     USING ("organizationId" = current_setting('app.organization_id', true))
     WITH CHECK ("organizationId" = current_setting('app.organization_id', true));
-GRANT SELECT, INSERT, DELETE ON "DoNotCallEntry" TO dialtone_api;
+GRANT SELECT, INSERT, UPDATE, DELETE ON "DoNotCallEntry" TO dialtone_api;
 
 -- A recipient whose number is on the list when the dispatcher comes to it is never dialed: DO_NOT_CALL, final.
 ALTER TABLE "CampaignRecipientDispatch" DROP CONSTRAINT "CampaignRecipientDispatch_state_check";
