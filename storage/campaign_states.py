@@ -1,7 +1,7 @@
 """Campaign dispatch states: where a recipient and each dial attempt stand, and the moves allowed between them.
 
 The tables are the state machines; the dispatch queries (storage/campaign_dispatch.py) take their conditions
-from them, and the CHECK constraints of migration 0007 list the same values (a test compares them).
+from them, and the CHECK constraints of migrations 0007 and 0013 list the same values (a test compares them).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The organization's do-not-call list: E.164 numbers never dialed, each with its reason and where it came from.
 
-One rule, one home: `LISTED` is the SQL condition "this organization lists this number". The campaign claim
-(storage/campaign_dispatch.py) and `listed_entry`, which `place_call` asks before any call, both use it, so a
-number on the list is refused the same way whoever dials. Numbers go through config.phone.e164 on the way in.
+One rule, one home: `_entry_of` is the SQL match "this organization's entry for this number". The campaign claim
+and the last check before a dial (storage/campaign_dispatch.py, through `listed_reason`) and `listed_entry`, which
+`place_call` asks before any call, all use it, so a listed number is refused the same way whoever dials. Numbers
+go through config.phone.e164 on the way in.
 """
 
 from __future__ import annotations
@@ -26,11 +27,6 @@ MAX_REASON_CHARS = 500
 def _entry_of(organization: str, number: str) -> str:
     """The rule: the entry `dnc` of organization `organization` for the E.164 number `number` (SQL expressions)."""
     return f'dnc."organizationId" = {organization} AND dnc."phoneNumber" = {number}'
-
-
-def listed_condition(organization: str, number: str) -> str:
-    """The SQL condition that the organization `organization` lists the number `number` (both SQL expressions)."""
-    return f'EXISTS (SELECT 1 FROM "DoNotCallEntry" dnc WHERE {_entry_of(organization, number)})'
 
 
 def listed_reason(organization: str, number: str) -> str:

@@ -1,8 +1,8 @@
 -- 0013: the organization's do-not-call list. A number on it is never dialed: campaigns skip it when they claim
 -- recipients (the recipient ends DO_NOT_CALL with the entry's reason) and /v1/calls refuses it. Numbers are
 -- E.164 (storage/do_not_call.py normalizes them with config/phone.py, the one rule for numbers), one entry per
--- organization and number. An entry added by an opt-out in a call names that call's CallLog; the reference is composite (callLogId, organizationId) like 0010's, and cleared alone when
--- the CallLog goes: the number stays on the list.
+-- organization and number. An entry added by an opt-out in a call names that call's CallLog; the reference is
+-- composite (callLogId, organizationId) like 0010's, and cleared alone when the CallLog goes: the number stays.
 --   source: API, CSV_IMPORT, CLI, OPT_OUT_MODEL (the model called `opt_out`), OPT_OUT_PHRASE (the offline model
 --           heard "stop calling me" or the like).
 
