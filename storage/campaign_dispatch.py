@@ -7,8 +7,10 @@ and are never exceeded, whatever the number of processes. Decisions that need ti
 are the engine's (engine/campaigns/dispatcher.py); this module only reads and writes rows, in the caller's transaction.
 
 A recipient moves QUEUED -> DIALING (leased to one process, attempt counted) -> IN_CALL (a CallLog exists)
--> QUEUED again (retry) or DONE / FAILED. Outcomes come from the CallLog, which Twilio's status callbacks
-and the call's media session finish, so attempts placed by a process that died are still reconciled.
+-> QUEUED again (retry) or DONE / FAILED. A recipient whose number is on the organization's do-not-call list
+(storage/do_not_call.py) goes to DO_NOT_CALL instead of being dialed: at the claim, or at the last check before
+the dial. Outcomes come from the CallLog, which Twilio's status callbacks and the call's media session finish, so
+attempts placed by a process that died are still reconciled.
 """
 
 from __future__ import annotations
