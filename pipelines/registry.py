@@ -37,6 +37,7 @@ from config.agent import (
 )
 from config.settings import Settings
 from pipelines.clients import ProviderClients
+from pipelines.conversation.opt_out import OPT_OUT_PHRASES
 from pipelines.conversation.transfer_rules import TransferRules
 from pipelines.errors import PipelineUnavailable, ProviderKeyMissing, Stage
 from pipelines.fallback import FallbackLLM, FallbackSTT, FallbackTTS, OnFailover
@@ -325,7 +326,7 @@ def _conversation_path(option: ConversationPathLLMConfig, key: str | None, build
     if path is None:
         return SimpleResponder()
     runner = ConversationPathLLM.from_path(path, option)
-    build.keywords.extend(runner.keywords())
+    build.keywords.extend([*runner.keywords(), *OPT_OUT_PHRASES])  # a callee asking to opt out is heard
     return runner
 
 

@@ -1,6 +1,6 @@
 """Functions an agent's model may call: the built-in call controls and the organization's webhook Tools.
 
-Built-ins act on the call itself (`end_call`, `transfer_call`, `send_dtmf`); the session carries them out.
+Built-ins act on the call itself (`end_call`, `transfer_call`, `send_dtmf`, `opt_out`); the session carries them out.
 An organization's Tool becomes a function when its configuration has a `function` (name, description, JSON
 schema of the arguments) and a `webhook` to POST the arguments to; the webhook's reply goes back to the model.
 A Tool without `function` only holds credentials (`apiKey`) for `api_key_ref: "tool:<id>"`.
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 END_CALL = "end_call"
 TRANSFER_CALL = "transfer_call"
 SEND_DTMF = "send_dtmf"
+OPT_OUT = "opt_out"
+OPT_OUT_CONFIRMATION = "You won't be called again. Goodbye."
+"""What the callee hears once an opt-out is recorded, before the call ends."""
 DTMF_SENT = "sent"
 """The `send_dtmf` result the model gets once its keypresses are queued into the call."""
 MAX_RESULT_CHARS = 4000
@@ -72,6 +75,15 @@ BUILTIN_FUNCTIONS: tuple[FunctionSpec, ...] = (
             "type": "object",
             "properties": {"digits": {"type": "string", "pattern": DIGITS_PATTERN}},
             "required": ["digits"],
+        },
+    ),
+    FunctionSpec(
+        OPT_OUT,
+        "The callee asks not to be called again (stop calling, take me off your list, unsubscribe): their number "
+        "goes on the do-not-call list, they hear a short confirmation and the call ends. Say nothing more yourself.",
+        {
+            "type": "object",
+            "properties": {"reason": {"type": "string", "description": "What the callee asked, in a few words."}},
         },
     ),
 )

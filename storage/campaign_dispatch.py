@@ -7,8 +7,10 @@ and are never exceeded, whatever the number of processes. Decisions that need ti
 are the engine's (engine/campaigns/dispatcher.py); this module only reads and writes rows, in the caller's transaction.
 
 A recipient moves QUEUED -> DIALING (leased to one process, attempt counted) -> IN_CALL (a CallLog exists)
--> QUEUED again (retry) or DONE / FAILED. Outcomes come from the CallLog, which Twilio's status callbacks
-and the call's media session finish, so attempts placed by a process that died are still reconciled.
+-> QUEUED again (retry) or DONE / FAILED. A recipient whose number is on the organization's do-not-call list
+(storage/do_not_call.py) goes to DO_NOT_CALL instead of being dialed: at the claim, or at the last check before
+the dial. Outcomes come from the CallLog, which Twilio's status callbacks and the call's media session finish, so
+attempts placed by a process that died are still reconciled.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from storage.campaign_states import (
     sql_states,
 )
 from storage.campaigns import CampaignDispatchState, DialingRules, transition_campaign
+from storage.do_not_call import listed_reason
 from storage.end_reasons import VOICEMAIL, EndReason
 from storage.enums import CallStatus, CampaignStatus, Plan
 from storage.records import Connection, Queryable, new_id, transaction
@@ -218,17 +221,43 @@ async def pause_for(conn: Connection, campaign: DueCampaign, reason: str) -> Non
 
 
 async def lock_queued(conn: Connection, campaign: DueCampaign, *, now: datetime, limit: int) -> list[QueuedRecipient]:
-    """Lock up to `limit` of the campaign's recipients whose next attempt is due, soonest first."""
+    """Lock up to `limit` of the campaign's recipients whose next attempt is due, soonest first.
+
+    In the same statement, candidates whose number is on the organization's do-not-call list leave the queue for
+    DO_NOT_CALL with the list's reason (and count as finished): they are never returned, so never dialed.
+    """
     rows = await conn.fetch(
         f"""
-        SELECT rd."recipientId", r."phoneNumber", r."name", r."notes", rd."timezone", rd."variables", rd."attempts"
-        FROM "CampaignRecipientDispatch" rd
-        JOIN "CampaignRecipient" r ON r."id" = rd."recipientId"
-        WHERE rd."campaignId" = $1 AND rd."state" = '{RecipientDispatchState.QUEUED}'
-          AND rd."nextAttemptAt" <= $2 AND rd."attempts" < $3
-        ORDER BY rd."nextAttemptAt", rd."recipientId"
-        LIMIT $4
-        FOR UPDATE OF rd SKIP LOCKED
+        WITH candidates AS (
+            SELECT rd."recipientId", rd."organizationId", r."phoneNumber", r."name", r."notes", rd."timezone",
+                   rd."variables",
+                   rd."attempts", rd."nextAttemptAt",
+                   {listed_reason('rd."organizationId"', 'r."phoneNumber"')} AS "doNotCall"
+            FROM "CampaignRecipientDispatch" rd
+            JOIN "CampaignRecipient" r ON r."id" = rd."recipientId"
+            WHERE rd."campaignId" = $1 AND rd."state" = '{RecipientDispatchState.QUEUED}'
+              AND rd."nextAttemptAt" <= $2 AND rd."attempts" < $3
+            ORDER BY rd."nextAttemptAt", rd."recipientId"
+            LIMIT $4
+            FOR UPDATE OF rd SKIP LOCKED
+        ),
+        listed AS (
+            UPDATE "CampaignRecipientDispatch" rd SET
+                "state" = '{RecipientDispatchState.DO_NOT_CALL}', "lastReason" = c."doNotCall"
+            FROM candidates c
+            WHERE rd."recipientId" = c."recipientId" AND c."doNotCall" IS NOT NULL
+            RETURNING rd."recipientId"
+        ),
+        counted AS (
+            UPDATE "Campaign" SET
+                "completedCalls" = "completedCalls" + n.listed,
+                "progress" = CASE WHEN "totalCalls" > 0
+                                  THEN LEAST(100, ("completedCalls" + n.listed) * 100 / "totalCalls") ELSE 0 END
+            FROM (SELECT count(*)::int AS listed FROM listed) n
+            WHERE "id" = $1 AND n.listed > 0
+        )
+        SELECT * FROM candidates WHERE "doNotCall" IS NULL
+        ORDER BY "nextAttemptAt", "recipientId"
         """,
         campaign.id,
         now,
@@ -350,7 +379,9 @@ async def begin_dial(pool: asyncpg.Pool, claim: Claim, *, now: datetime, lease_f
     async with transaction(pool) as conn:
         row = await conn.fetchrow(
             f"""
-            SELECT c."status", d."paused" FROM "CampaignRecipientDispatch" rd
+            SELECT c."status", d."paused", {listed_reason('rd."organizationId"', 'r."phoneNumber"')} AS "doNotCall"
+            FROM "CampaignRecipientDispatch" rd
+            JOIN "CampaignRecipient" r ON r."id" = rd."recipientId"
             JOIN "Campaign" c ON c."id" = rd."campaignId"
             JOIN "CampaignDispatch" d ON d."campaignId" = rd."campaignId"
             JOIN "CampaignAttempt" a ON a."id" = $3 AND a."state" = '{AttemptState.DIALING}'
@@ -363,6 +394,16 @@ async def begin_dial(pool: asyncpg.Pool, claim: Claim, *, now: datetime, lease_f
         )
         if row is None:
             return False  # the lease is gone: whoever holds the recipient now decides
+        if row["doNotCall"] is not None:  # listed since the claim: never dialed
+            await _abandon(
+                conn,
+                claim.attempt_id,
+                claim.recipient_id,
+                to=RecipientDispatchState.DO_NOT_CALL,
+                reason=row["doNotCall"],
+            )
+            await _count_finished(conn, claim.campaign_id)
+            return False
         if row["status"] == CampaignStatus.CONTINUING and not row["paused"]:
             await conn.execute(
                 'UPDATE "CampaignRecipientDispatch" SET "leaseExpiresAt" = $2 WHERE "recipientId" = $1',
@@ -372,7 +413,8 @@ async def begin_dial(pool: asyncpg.Pool, claim: Claim, *, now: datetime, lease_f
             return True
         stopped = row["status"] != CampaignStatus.CONTINUING
         reason = "campaign stopped" if stopped else "campaign paused"
-        await _abandon(conn, claim.attempt_id, claim.recipient_id, cancel=stopped, reason=reason)
+        to = RecipientDispatchState.CANCELED if stopped else RecipientDispatchState.QUEUED
+        await _abandon(conn, claim.attempt_id, claim.recipient_id, to=to, reason=reason)
         return False
 
 
@@ -422,10 +464,21 @@ async def record_refused(
         )
 
 
+async def record_do_not_call(pool: asyncpg.Pool, claim: Claim) -> None:
+    """The dial was refused because the number is on the do-not-call list: DO_NOT_CALL, with the list's reason."""
+    async with transaction(pool) as conn:
+        reason = await conn.fetchval(
+            f"SELECT {listed_reason('$1::text', '$2::text')}", claim.organization_id, claim.phone_number
+        )
+        to = RecipientDispatchState.DO_NOT_CALL
+        if await _abandon(conn, claim.attempt_id, claim.recipient_id, to=to, reason=reason or "do not call"):
+            await _count_finished(conn, claim.campaign_id)
+
+
 async def release_claim(pool: asyncpg.Pool, claim: Claim, *, reason: str) -> None:
     """Give a claim back without dialing: the attempt does not count, the recipient waits again."""
     async with transaction(pool) as conn:
-        await _abandon(conn, claim.attempt_id, claim.recipient_id, cancel=False, reason=reason)
+        await _abandon(conn, claim.attempt_id, claim.recipient_id, to=RecipientDispatchState.QUEUED, reason=reason)
 
 
 async def pause_campaign_for(pool: asyncpg.Pool, campaign_id: str, reason: str) -> None:
@@ -440,10 +493,13 @@ async def pause_campaign_for(pool: asyncpg.Pool, campaign_id: str, reason: str) 
 async def give_back(conn: Connection, attempt_id: str, recipient_id: str, *, reason: str) -> None:
     """In the caller's transaction: a DIALING attempt that never reached Twilio does not count; its recipient waits
     again with `reason` as its last reason."""
-    await _abandon(conn, attempt_id, recipient_id, cancel=False, reason=reason)
+    await _abandon(conn, attempt_id, recipient_id, to=RecipientDispatchState.QUEUED, reason=reason)
 
 
-async def _abandon(conn: Connection, attempt_id: str, recipient_id: str, *, cancel: bool, reason: str) -> None:
+async def _abandon(
+    conn: Connection, attempt_id: str, recipient_id: str, *, to: RecipientDispatchState, reason: str
+) -> bool:
+    """Give a leased attempt back without it counting; the recipient moves to `to`. False if it was not in flight."""
     released = await conn.fetchval(
         f"""
         UPDATE "CampaignAttempt" SET "state" = '{AttemptState.ABANDONED}', "reason" = $2, "endedAt" = CURRENT_TIMESTAMP
@@ -453,7 +509,7 @@ async def _abandon(conn: Connection, attempt_id: str, recipient_id: str, *, canc
         reason,
     )
     if released is None:
-        return
+        return False
     # Only a lease is given back: the recipient leaves DIALING, for a state the table allows from there.
     await conn.execute(
         f"""
@@ -463,8 +519,23 @@ async def _abandon(conn: Connection, attempt_id: str, recipient_id: str, *, canc
         WHERE "recipientId" = $1 AND "state" = '{RecipientDispatchState.DIALING}'
         """,
         recipient_id,
-        RecipientDispatchState.CANCELED if cancel else RecipientDispatchState.QUEUED,
+        to,
         reason,
+    )
+    return True
+
+
+async def _count_finished(conn: Connection, campaign_id: str) -> None:
+    """One more of the campaign's recipients is finished without a call (its number is on the do-not-call list)."""
+    await conn.execute(
+        """
+        UPDATE "Campaign" SET
+            "completedCalls" = "completedCalls" + 1,
+            "progress" = CASE WHEN "totalCalls" > 0
+                              THEN LEAST(100, ("completedCalls" + 1) * 100 / "totalCalls") ELSE 0 END
+        WHERE "id" = $1
+        """,
+        campaign_id,
     )
 
 
@@ -717,7 +788,9 @@ async def expire_leases(pool: asyncpg.Pool, *, now: datetime, limit: int = 200) 
         requeued = followed = 0
         for row in rows:
             if row["callLogId"] is None:
-                await _abandon(conn, row["attemptId"], row["recipientId"], cancel=False, reason="lease expired")
+                await _abandon(
+                    conn, row["attemptId"], row["recipientId"], to=RecipientDispatchState.QUEUED, reason="lease expired"
+                )
                 requeued += 1
                 continue
             await conn.execute(

@@ -1,7 +1,7 @@
 """Campaign dispatch states: where a recipient and each dial attempt stand, and the moves allowed between them.
 
 The tables are the state machines; the dispatch queries (storage/campaign_dispatch.py) take their conditions
-from them, and the CHECK constraints of migration 0007 list the same values (a test compares them).
+from them, and the CHECK constraints of migrations 0007 and 0013 list the same values (a test compares them).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class RecipientDispatchState(StrEnum):
     """An ERROR row of an import: never dialed."""
     CANCELED = "CANCELED"
     """Its campaign was stopped before it was reached."""
+    DO_NOT_CALL = "DO_NOT_CALL"
+    """Its number is on the organization's do-not-call list: never dialed (`lastReason` says why)."""
 
 
 class AttemptState(StrEnum):
@@ -56,13 +58,17 @@ class AttemptOutcome(StrEnum):
 
 
 RECIPIENT_TRANSITIONS: Mapping[RecipientDispatchState, frozenset[RecipientDispatchState]] = {
-    RecipientDispatchState.QUEUED: frozenset({RecipientDispatchState.DIALING, RecipientDispatchState.CANCELED}),
-    # A lease ends placed, given back (queued again, or canceled with its campaign), or refused (an outcome).
+    RecipientDispatchState.QUEUED: frozenset(
+        {RecipientDispatchState.DIALING, RecipientDispatchState.CANCELED, RecipientDispatchState.DO_NOT_CALL}
+    ),
+    # A lease ends placed, given back (queued again, canceled with its campaign, or its number listed as do not
+    # call since the claim), or refused (an outcome).
     RecipientDispatchState.DIALING: frozenset(
         {
             RecipientDispatchState.IN_CALL,
             RecipientDispatchState.QUEUED,
             RecipientDispatchState.CANCELED,
+            RecipientDispatchState.DO_NOT_CALL,
             RecipientDispatchState.DONE,
             RecipientDispatchState.FAILED,
         }
@@ -74,8 +80,9 @@ RECIPIENT_TRANSITIONS: Mapping[RecipientDispatchState, frozenset[RecipientDispat
     RecipientDispatchState.FAILED: frozenset(),
     RecipientDispatchState.INVALID: frozenset(),
     RecipientDispatchState.CANCELED: frozenset(),
+    RecipientDispatchState.DO_NOT_CALL: frozenset(),
 }
-"""The states each recipient dispatch state may move to; DONE, FAILED, INVALID and CANCELED are final."""
+"""The states each recipient dispatch state may move to; DONE, FAILED, INVALID, CANCELED, DO_NOT_CALL are final."""
 
 ATTEMPT_TRANSITIONS: Mapping[AttemptState, frozenset[AttemptState]] = {
     AttemptState.DIALING: frozenset({AttemptState.PLACED, AttemptState.ENDED, AttemptState.ABANDONED}),

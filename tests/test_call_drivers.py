@@ -363,7 +363,7 @@ async def test_an_agent_without_transfer_rules_is_not_offered_transfers_and_cann
         turns = await rig.wait_for_turns(2)
         [result] = rig.function_results()
         assert await rig.session.transfer("+14155550199") is False  # nor can anything else ask the call for one
-    assert rig.offered_functions() == {"end_call", "send_dtmf"}
+    assert rig.offered_functions() == {"end_call", "send_dtmf", "opt_out"}
     assert rig.transfers == []
     assert result.startswith("error: this agent cannot transfer calls")
     assert turns[-1].text == "I'm afraid I cannot transfer calls."

@@ -132,7 +132,7 @@ async def test_a_call_through_deepgram_openai_and_elevenlabs(
         {"role": "user", "content": "I need to reschedule my appointment."},
     ]
     # An agent without transfer rules is not offered transfer_call at all.
-    assert {tool["function"]["name"] for tool in request["tools"]} == {"end_call", "send_dtmf"}
+    assert {tool["function"]["name"] for tool in request["tools"]} == {"end_call", "send_dtmf", "opt_out"}
     # Deepgram got μ-law 8 kHz straight from Twilio, configured as the agent says.
     query = fakes.deepgram.queries[-1]
     assert (query["encoding"], query["sample_rate"], query["endpointing"]) == ("mulaw", "8000", "300")

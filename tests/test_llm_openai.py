@@ -164,9 +164,10 @@ async def test_the_request_carries_instructions_conversation_tools_and_settings(
         "end_call",
         "transfer_call",
         "send_dtmf",
+        "opt_out",
         "lookup_order",
     ]
-    assert request["tools"][3] == {"type": "function", "function": LOOKUP_ORDER}
+    assert request["tools"][4] == {"type": "function", "function": LOOKUP_ORDER}
     assert request["stream"] is True
     assert request["stream_options"] == {"include_usage": True}
     assert (request["temperature"], request["max_completion_tokens"], request["top_p"]) == (0.3, 200, 0.9)
@@ -179,7 +180,12 @@ async def test_settings_left_unset_are_not_sent(fake: FakeOpenAI, client: AsyncO
     assert "max_completion_tokens" not in request
     assert "max_tokens" not in request
     assert "tool_choice" not in request
-    assert [tool["function"]["name"] for tool in request["tools"]] == ["end_call", "transfer_call", "send_dtmf"]
+    assert [tool["function"]["name"] for tool in request["tools"]] == [
+        "end_call",
+        "transfer_call",
+        "send_dtmf",
+        "opt_out",
+    ]
 
 
 async def test_token_usage_is_summed_over_completions(fake: FakeOpenAI, client: AsyncOpenAI) -> None:

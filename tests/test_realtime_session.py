@@ -337,7 +337,7 @@ async def test_the_session_asks_for_mulaw_both_ways_server_vad_the_prompt_and_th
         "interrupt_response": False,  # the engine decides barge-in, by the agent's threshold
     }
     assert audio_in["transcription"] == {"model": "gpt-4o-mini-transcribe"}
-    assert {tool["name"] for tool in session["tools"]} == {"end_call", "transfer_call", "send_dtmf"}
+    assert {tool["name"] for tool in session["tools"]} == {"end_call", "transfer_call", "send_dtmf", "opt_out"}
     assert all(tool["type"] == "function" and tool["parameters"]["type"] == "object" for tool in session["tools"])
     assert session["tool_choice"] == "auto"
 

@@ -88,7 +88,7 @@ def test_without_a_transfer_section_nothing_is_allowed_and_the_function_is_not_o
     none = TransferRules.from_config(parse_agent_configuration({}).transfer)
 
     assert isinstance(none.check("+14155550199"), Refusal)
-    assert [spec.name for spec in builtin_functions(none)] == ["end_call", "send_dtmf"]
+    assert [spec.name for spec in builtin_functions(none)] == ["end_call", "send_dtmf", "opt_out"]
 
 
 def test_the_offered_function_lists_the_destinations() -> None:

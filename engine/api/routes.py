@@ -19,6 +19,7 @@ from engine.api.resources import (
     campaign_recipients,
     campaigns,
     conversation_paths,
+    do_not_call,
     events,
     knowledge_bases,
     live_calls,
@@ -44,6 +45,7 @@ RESOURCES: tuple[Resource, ...] = (
     calls.resource,
     campaigns.resource,
     campaign_recipients.resource,
+    do_not_call.resource,
     live_calls.resource,
     api_keys.resource,
 )

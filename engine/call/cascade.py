@@ -22,6 +22,7 @@ from engine.call.driver import (
     CallHost,
     ConversationUnavailable,
     DriverFactory,
+    opt_out_source,
 )
 from engine.call.phases import CallPhase, PhaseEvent, accepts
 from engine.call.pipeline_speech import AgentSpeech, Utterance
@@ -33,9 +34,10 @@ from media.vad import VoiceActivityDetector
 from pipelines.conversation.chunking import SentenceChunker
 from pipelines.conversation.turn_taking import BargeInPolicy
 from pipelines.fallback import FailsOver, Prewarmable
-from pipelines.llm.base import ConversationTurn, EndCall, LLMError, SendDtmf, TextDelta, TransferCall
+from pipelines.llm.base import ConversationTurn, EndCall, LLMError, OptOut, SendDtmf, TextDelta, TransferCall
 from pipelines.registry import Pipeline
 from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, TranscriptUpdate
+from pipelines.tools import OPT_OUT_CONFIRMATION
 from pipelines.tts.base import TTSError
 from storage.end_reasons import EndReason
 
@@ -340,6 +342,11 @@ class PipelineDriver:
                     await self._speech.press_keys(utterance, digits)
                 case EndCall() | TransferCall():
                     ending = ending_of(event)
+                case OptOut(reason=reason):
+                    await self._host.record_opt_out(opt_out_source(event), reason)
+                    for sentence in chunker.push(" " + OPT_OUT_CONFIRMATION):
+                        await self._speech.speak(utterance, sentence)
+                    ending = _Ending(EndReason.AGENT_HANGUP, f"opted out: {reason}")
         tail = chunker.flush()
         if tail:
             stages.setdefault("firstSentence", clock())

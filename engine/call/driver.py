@@ -19,6 +19,8 @@ from engine.call.outbound_audio import OutboundAudio, StreamTimeline
 from engine.call.phases import CallPhase, PhaseEvent
 from engine.call.turns import TurnLog
 from media.twilio_stream import MarkFlushed, MarkPlayed, PlaybackClock
+from pipelines.llm.base import OptOut
+from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 
 DEFAULT_GOODBYE = "Thank you for calling. Goodbye."
@@ -38,6 +40,11 @@ class CallContext:
     agent_id: str
     call_sid: str
     outbound: bool = False
+
+
+def opt_out_source(event: OptOut) -> DoNotCallSource:
+    """Where an opt-out came from, as the do-not-call list records it: the model's function, or a phrase heard."""
+    return DoNotCallSource.OPT_OUT_MODEL if event.phrase is None else DoNotCallSource.OPT_OUT_PHRASE
 
 
 class ConversationUnavailable(Exception):
@@ -104,6 +111,10 @@ class CallHost(Protocol):
 
     async def hand_over(self, reason: EndReason, detail: str) -> None:
         """The driver is lost for good: its fallback takes the call over, or the call fails with `reason`."""
+        ...
+
+    async def record_opt_out(self, source: DoNotCallSource, reason: str) -> None:
+        """Put the other party of the call on the organization's do-not-call list, naming this call (errors logged)."""
         ...
 
 

@@ -38,8 +38,9 @@ from media.recording import StereoWavRecorder
 from media.twilio_stream import MalformedMessage, Started, StreamProtocolError, TwilioStream
 from pipelines.errors import ProviderError
 from pipelines.registry import PipelineUnavailable, RealtimePlan, VoiceChoice, build_pipeline, plan_realtime
-from storage import agents, call_logs, credit_reservations
+from storage import Pool, agents, call_logs, credit_reservations, do_not_call
 from storage.call_logs import CallLog
+from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus, CallType
 from storage.recordings import recording_path
@@ -224,6 +225,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         hang_up=twilio.hang_up if twilio is not None else None,
         transfer=twilio.transfer if twilio is not None else None,
         extend_reservation=functools.partial(credit_reservations.extend_reservation, pool, call_log_id=call_log.id),
+        opt_out=functools.partial(record_opt_out, pool, call_log),
     )
     app[LIVE_CALLS].add(call_log.id, session)
     metrics.CALLS_LIVE.inc()
@@ -243,6 +245,13 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         metrics.CALLS_LIVE.dec()
     metrics.CALLS_ENDED.labels(outcome.status.value).inc()
     await _wrap_up(request, call_log, writer, outcome, recorder)
+
+
+async def record_opt_out(pool: Pool, call_log: CallLog, source: DoNotCallSource, reason: str) -> None:
+    """List the call's other party (the CallLog's phoneNumber) as opted out, naming the call."""
+    await do_not_call.record_opt_out(
+        pool, organization_id=call_log.organization_id, call_log_id=call_log.id, source=source, reason=reason
+    )
 
 
 async def _wrap_up(

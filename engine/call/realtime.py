@@ -127,6 +127,7 @@ class RealtimeDriver:
             on_idle=self._settle,
             tools=tools,
             can_transfer=can_transfer,
+            say=self.say,
         )
         self._caller_turns: dict[str, Turn] = {}  # awaiting their transcript, by item id
         self._caller_started_ms: dict[str, int] = {}

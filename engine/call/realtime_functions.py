@@ -1,6 +1,6 @@
-"""The functions a speech-to-speech model calls in a call: end it, transfer it, press keys, or the organization's
-webhooks (Tools). Each output goes back to the model once the response that called it is done; an ending waits
-until the agent's last words were heard.
+"""The functions a speech-to-speech model calls in a call: end it, transfer it, press keys, opt the callee out, or
+the organization's webhooks (Tools). Each output goes back to the model once the response that called it is done;
+an ending waits until the agent's last words were heard.
 """
 
 from __future__ import annotations
@@ -16,7 +16,18 @@ from engine.call.realtime_voice import ModelResponse, ModelVoice
 from media.dtmf import DIGITS_HELP, InvalidDigits, dtmf_audio
 from pipelines.conversation.transfer_rules import Refusal, TransferRules, builtin_functions
 from pipelines.realtime.openai_realtime import FunctionCall, RealtimeChannel
-from pipelines.tools import DTMF_SENT, END_CALL, SEND_DTMF, TRANSFER_CALL, FunctionSpec, ToolRunner, parse_arguments
+from pipelines.tools import (
+    DTMF_SENT,
+    END_CALL,
+    OPT_OUT,
+    OPT_OUT_CONFIRMATION,
+    SEND_DTMF,
+    TRANSFER_CALL,
+    FunctionSpec,
+    ToolRunner,
+    parse_arguments,
+)
+from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 
 log = logging.getLogger(__name__)
@@ -51,8 +62,10 @@ class ModelFunctions:
         on_idle: Callable[[], None],
         tools: ToolRunner | None,
         can_transfer: bool,
+        say: Callable[[str], Awaitable[None]],
     ) -> None:
-        """Act in `host`'s call; `answer(reply_to)` asks the model to go on after the outputs were given."""
+        """Act in `host`'s call; `answer(reply_to)` asks the model to go on after the outputs were given, `say(text)`
+        has it say `text` word for word."""
         self._host = host
         self._voice = voice
         self._channel = channel
@@ -61,6 +74,7 @@ class ModelFunctions:
         self._on_idle = on_idle
         self._tools = tools
         self._can_transfer = can_transfer
+        self._say = say
         self._transfer_rules = TransferRules.from_config(host.config.transfer)
         self._seen: set[str] = set()
         self.answering = 0
@@ -90,6 +104,8 @@ class ModelFunctions:
             refusal = self._transfer_or_refuse(response, call.call_id, arguments)
             if refusal is not None:
                 self._owe(response, call.call_id, _constant(refusal))
+        elif call.name == OPT_OUT:
+            self._opt_out(response, call.call_id, short(arguments.get("reason")))
         elif call.name == SEND_DTMF:
             digits = short(arguments.get("digits"), 64).replace(" ", "")
             self._owe(response, call.call_id, _constant(self._press_keys(digits)))
@@ -134,6 +150,23 @@ class ModelFunctions:
         if accepts(self._host.phase, PhaseEvent.REPLY):
             self._host.move(PhaseEvent.REPLY)
         return DTMF_SENT
+
+    def _opt_out(self, response: ModelResponse, call_id: str, reason: str) -> None:
+        """List the callee, confirm it in fixed words once the model's own have played, and end the call."""
+        if self.ending is not None or not accepts(self._host.phase, PhaseEvent.WIND_DOWN):
+            return
+        self._host.move(PhaseEvent.WIND_DOWN)
+        # The ending is set before the output is owed, so giving the output asks the model for nothing more.
+        self.ending = self._spawn(
+            self._opt_out_then_end(response, reason or "the callee asked not to be called"), "ending"
+        )
+        self._owe(response, call_id, _constant("done: the number is on the do-not-call list; the call ends now"))
+
+    async def _opt_out_then_end(self, response: ModelResponse, reason: str) -> None:
+        await self._voice.finished(response)
+        await self._host.record_opt_out(DoNotCallSource.OPT_OUT_MODEL, reason)
+        await self._say(OPT_OUT_CONFIRMATION)
+        await self._host.hang_up(EndReason.AGENT_HANGUP, f"opted out: {reason}")
 
     def _transfer_or_refuse(self, response: ModelResponse, call_id: str, arguments: dict[str, Any]) -> str | None:
         """Start a transfer once the agent's words have played; or the reason it cannot be done, for the model."""

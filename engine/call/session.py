@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from config.agent import AgentConfiguration
@@ -44,6 +44,7 @@ from media.twilio_stream import (
     StreamProtocolError,
     TwilioStream,
 )
+from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus
 
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 
 GREETING_WAIT_SECONDS = 3.0
 """An outbound callee who says nothing this long still hears the agent."""
+
+RecordOptOut = Callable[[DoNotCallSource, str], Awaitable[None]]
+"""List the call's other party on the organization's do-not-call list, with a source and a reason."""
 
 HandOver = Callable[[Callable[[str], None] | None], bool]
 """Ask the socket to hand text frames to a callable as they are parsed (None: stop); False if it cannot."""
@@ -84,12 +88,13 @@ class CallSession:
         fallback: DriverFactory | None = None,
         extend_reservation: ExtendReservation | None = None,
         credit_minute_seconds: float = CREDIT_MINUTE_SECONDS,
+        opt_out: RecordOptOut | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Prepare a session; `stream` must already have seen Twilio's `start`. `fallback` makes the driver that
         takes over when the first one is lost for good (a speech-to-speech agent's pipeline stages).
         `extend_reservation` is called every `credit_minute_seconds` while the call runs; the call says goodbye
-        (INSUFFICIENT_CREDITS) when it returns False."""
+        (INSUFFICIENT_CREDITS) when it returns False. `opt_out` lists the other party when they opt out."""
         self.context = context
         self.config = config
         self.clock = clock
@@ -101,6 +106,8 @@ class CallSession:
         self._recorder = recorder
         self._twilio = TwilioControl(context.call_sid, hang_up=hang_up, transfer=transfer, rules=config.transfer)
         self._fallback = fallback
+        self._opt_out = opt_out
+        self._opt_out_writes: set[asyncio.Future[None]] = set()
         self._credits = (
             None
             if extend_reservation is None
@@ -184,6 +191,27 @@ class CallSession:
         await await_twilio_stop(self._ended)  # Twilio leaves our stream for the <Dial>
         self._end(CallStatus.COMPLETED, EndReason.TRANSFERRED, detail)
         return True
+
+    async def record_opt_out(self, source: DoNotCallSource, reason: str) -> None:
+        """Put the other party on the organization's do-not-call list, naming this call; a failure is logged.
+
+        The write is shielded: a reply cancelled by barge-in while it runs does not lose the opt-out.
+        """
+        if self._opt_out is None:
+            log.warning("call %s: an opt-out (%s) with nowhere to record it", self.context.call_sid, source.value)
+            return
+        write = asyncio.ensure_future(self._write_opt_out(self._opt_out, source, reason))
+        self._opt_out_writes.add(write)
+        write.add_done_callback(self._opt_out_writes.discard)
+        await asyncio.shield(write)
+
+    async def _write_opt_out(self, record: RecordOptOut, source: DoNotCallSource, reason: str) -> None:
+        try:
+            await record(source, reason)
+        except Exception:  # the callee still hears the confirmation and the call still ends; the operator reads this
+            log.exception("call %s: the opt-out could not be recorded", self.context.call_sid)
+            return
+        log.info("call %s: the other party opted out (%s)", self.context.call_sid, source.value)
 
     def fail(self, reason: EndReason, detail: str) -> None:
         """End the call FAILED: the conversation cannot go on."""

@@ -84,7 +84,7 @@ async def run_campaign_command(args: argparse.Namespace, settings: Settings) -> 
     """Run one `campaign` action; StorageError and ValueError reach the caller as one-line messages."""
     async with database(settings) as db:
         pool = db.pool
-        organization_id = await _organization_id(pool, args.org)
+        organization_id = await organization_id_of(pool, args.org)
         match args.campaign_command:
             case "create":
                 from_number = await _caller_id(pool, organization_id, args.from_number)
@@ -126,7 +126,8 @@ async def run_campaign_command(args: argparse.Namespace, settings: Settings) -> 
                 raise AssertionError(f"unhandled campaign action {args.campaign_command}")
 
 
-async def _organization_id(pool: Pool, given: str) -> str:
+async def organization_id_of(pool: Pool, given: str) -> str:
+    """The id of the organization `given` names by slug or by id (NotFound if none)."""
     by_slug = await organizations.get_organization_by_slug(pool, slug=given)
     if by_slug is not None:
         return by_slug.id

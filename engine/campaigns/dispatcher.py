@@ -32,6 +32,7 @@ from engine.twilio.outbound_calls import (
     NoCredits,
     NoFreeSlot,
     NumberUnavailable,
+    OnDoNotCallList,
     OutboundCallError,
     OutboundDeps,
     OutboundUnavailable,
@@ -72,6 +73,10 @@ class DialRefused(Exception):
         self.call_log_id = call_log_id
 
 
+class DoNotDial(Exception):
+    """This recipient's number is on the organization's do-not-call list: it is never dialed."""
+
+
 class CampaignBlocked(Exception):
     """No call of this campaign can be placed now (no credits, agent or number unusable): pause it, dial nobody."""
 
@@ -94,9 +99,9 @@ class Dialer(Protocol):
     async def dial(self, claim: Claim) -> DialResult:
         """Place the call, creating its CallLog (metadata naming the recipient) before the call is requested.
 
-        Raises DialRefused, DialDeferred or CampaignBlocked; any other error leaves the attempt to lease expiry,
-        which follows the CallLog if one was created with a CallSid, asks Twilio (PlacementLookup) if it has none,
-        and otherwise puts the recipient back without counting it.
+        Raises DialRefused, DialDeferred, DoNotDial or CampaignBlocked; any other error leaves the attempt to lease
+        expiry, which follows the CallLog if one was created with a CallSid, asks Twilio (PlacementLookup) if it has
+        none, and otherwise puts the recipient back without counting it.
         """
         ...
 
@@ -275,6 +280,8 @@ class CampaignDispatcher:
         except DialDeferred as deferred:
             # The recipient waits in the queue, its attempt not counted, until one of the organization's calls ends.
             await dispatch.release_claim(self._pool, claim, reason=deferred.reason)
+        except DoNotDial:
+            await dispatch.record_do_not_call(self._pool, claim)
         except CampaignBlocked as blocked:
             await dispatch.release_claim(self._pool, claim, reason=blocked.reason)
             await dispatch.pause_campaign_for(self._pool, claim.campaign_id, blocked.reason)
@@ -344,7 +351,7 @@ class PlaceCallDialer:
         self._deps = deps
 
     async def dial(self, claim: Claim) -> DialResult:
-        """Place the claim's call; DialRefused for this recipient, CampaignBlocked for the whole campaign."""
+        """Place the claim's call; DialRefused or DoNotDial for this recipient, CampaignBlocked for the campaign."""
         variables = dict(claim.variables)
         if claim.name:
             variables.setdefault("name", claim.name)
@@ -365,6 +372,8 @@ class PlaceCallDialer:
             raise DialRefused(str(exc)) from None
         except NoFreeSlot as exc:
             raise DialDeferred(str(exc)) from None
+        except OnDoNotCallList as exc:
+            raise DoNotDial(str(exc)) from None
         except (NoCredits, AgentUnavailable, NumberUnavailable, CampaignNotFound, OutboundUnavailable) as exc:
             raise CampaignBlocked(str(exc)) from None
         except OutboundCallError as exc:  # e.g. variables over the limits: this recipient's data

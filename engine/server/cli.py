@@ -16,6 +16,7 @@ from config.settings import Settings, SettingsError, load_settings
 from engine.api.cli import add_api_key_command, run_api_key_command
 from engine.call.frame_socket import log_if_not_direct
 from engine.campaigns.cli import add_campaign_command, run_campaign_command
+from engine.do_not_call.cli import add_dnc_command, run_dnc_command
 from engine.server.app import create_app
 from engine.simulator import add_call_command, run_call_command
 from storage.errors import StorageError
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_call_command(commands)
     add_campaign_command(commands)
+    add_dnc_command(commands)
     add_api_key_command(commands)
 
     seed = commands.add_parser("seed-demo", help="create the demo organization, agent and number (idempotent)")
@@ -168,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0912 (one case p
             command = lambda: _call(settings, args)  # noqa: E731
         case "campaign", _:
             command = lambda: run_campaign_command(args, settings)  # noqa: E731
+        case "dnc", _:
+            command = lambda: run_dnc_command(args, settings)  # noqa: E731
         case "seed-demo", _:
             command = lambda: _seed_demo(settings, args.phone_number)  # noqa: E731
         case "api-key", _:

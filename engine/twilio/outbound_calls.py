@@ -40,7 +40,7 @@ from engine.twilio.webhooks import (
     stream_twiml,
 )
 from pipelines.registry import PipelineUnavailable, check_pipeline
-from storage import Pool, agents, call_logs, phone_numbers
+from storage import Pool, agents, call_logs, do_not_call, phone_numbers
 from storage.agents import AgentBundle
 from storage.call_logs import CallLog
 from storage.call_slots import ConcurrentCallLimitReached
@@ -67,6 +67,7 @@ __all__ = [
     "NoCredits",
     "NoFreeSlot",
     "NumberUnavailable",
+    "OnDoNotCallList",
     "OutboundCallError",
     "OutboundDeps",
     "OutboundUnavailable",
@@ -114,6 +115,10 @@ class NumberUnavailable(OutboundCallError):
         super().__init__(f"from_number {number}: {reason}" if number else f"from_number: {reason}")
         self.number = number
         self.reason = reason
+
+
+class OnDoNotCallList(OutboundCallError):
+    """The number to dial is on the organization's do-not-call list (storage.do_not_call): it is never called."""
 
 
 class CampaignNotFound(OutboundCallError):
@@ -228,13 +233,16 @@ async def place_call(
 
     The CallLog is created IN_PROGRESS first (per-call `variables` in metadata.variables, `campaign_id` as its
     campaignId), taking one of the organization's call slots, then Twilio is asked for the call. With every slot
-    of the plan taken, it waits up to `slot_wait` seconds for one to free. Raises InvalidNumber, AgentUnavailable,
-    NumberUnavailable, CampaignNotFound, NoCredits or NoFreeSlot before anything is written; CallNotPlaced
-    (CallLog FAILED) if Twilio refuses.
+    of the plan taken, it waits up to `slot_wait` seconds for one to free. Raises InvalidNumber, OnDoNotCallList,
+    AgentUnavailable, NumberUnavailable, CampaignNotFound, NoCredits or NoFreeSlot before anything is written;
+    CallNotPlaced (CallLog FAILED) if Twilio refuses.
     """
     callee = dialable_number("to", to)
     per_call = _checked_variables(variables)
     pool = deps.pool
+    listed = await do_not_call.listed_entry(pool, organization_id=organization_id, phone_number=callee)
+    if listed is not None:
+        raise OnDoNotCallList(f"to: {do_not_call.describe(listed)}; it is never called")
     if from_number is not None:
         caller_id = await outbound_caller_id(pool, organization_id=organization_id, number=from_number)
         config, _ = await _usable_agent(deps, organization_id, agent_id)

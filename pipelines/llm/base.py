@@ -14,6 +14,7 @@ __all__ = [
     "LLMError",
     "LLMEvent",
     "LanguageModel",
+    "OptOut",
     "SendDtmf",
     "TextDelta",
     "TransferCall",
@@ -57,7 +58,16 @@ class SendDtmf:
     digits: str
 
 
-LLMEvent = TextDelta | EndCall | TransferCall | SendDtmf
+@dataclass(frozen=True, slots=True)
+class OptOut:
+    """The callee asked not to be called again: list their number, confirm it to them, and end the call."""
+
+    reason: str
+    phrase: str | None = None
+    """The opt-out phrase the offline model heard; None when the model called `opt_out`."""
+
+
+LLMEvent = TextDelta | EndCall | TransferCall | SendDtmf | OptOut
 
 
 class LanguageModel(Protocol):

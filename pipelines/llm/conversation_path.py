@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from config.agent import ConversationPathLLMConfig
-from pipelines.llm.base import ConversationTurn, EndCall, LLMError, LLMEvent, TextDelta
+from pipelines.conversation.opt_out import opt_out_phrase
+from pipelines.llm.base import ConversationTurn, EndCall, LLMError, LLMEvent, OptOut, TextDelta
 
 __all__ = [
     "DEFAULT_MAX_MISSES",
@@ -343,7 +344,13 @@ class ConversationPathLLM:
         return self._nodes[self._current].text or None
 
     async def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncIterator[LLMEvent]:
-        """Route the caller's last turn along the path and say where it leads, or re-prompt when nothing matched."""
+        """Route the caller's last turn along the path and say where it leads, or re-prompt when nothing matched.
+
+        A callee asking not to be called again opts out, wherever the path is (pipelines.conversation.opt_out).
+        """
+        if (phrase := opt_out_phrase(_last_caller_text(conversation))) is not None:
+            yield OptOut(f"the callee said {phrase!r}", phrase=phrase)
+            return
         for event in self._next_events(conversation):
             yield event
 

@@ -1,7 +1,7 @@
 """OpenAI streaming Chat Completions as the agent's language model, with the call-control and webhook functions.
 
 Text is yielded as it streams. Function calls are gathered by their `index`; call controls (`end_call`,
-`transfer_call`, `send_dtmf`) become call events, the organization's functions go to the ToolRunner, and the
+`transfer_call`, `send_dtmf`, `opt_out`) become call events, the organization's functions go to the ToolRunner, and the
 model continues with their results. Those exchanges are remembered, so later turns see what the tools answered.
 """
 
@@ -32,10 +32,20 @@ from config.agent import OpenAILLMConfig
 from media.dtmf import DIGITS_HELP, InvalidDigits, check_digits
 from pipelines.clients import CloseClient
 from pipelines.conversation.transfer_rules import NO_TRANSFERS, Refusal, TransferRules, builtin_functions
-from pipelines.llm.base import ConversationTurn, EndCall, LLMError, LLMEvent, SendDtmf, TextDelta, TransferCall
+from pipelines.llm.base import (
+    ConversationTurn,
+    EndCall,
+    LLMError,
+    LLMEvent,
+    OptOut,
+    SendDtmf,
+    TextDelta,
+    TransferCall,
+)
 from pipelines.tools import (
     DTMF_SENT,
     END_CALL,
+    OPT_OUT,
     SEND_DTMF,
     TRANSFER_CALL,
     ToolRunner,
@@ -210,6 +220,7 @@ class OpenAIChatLLM:
             END_CALL: self._end,
             TRANSFER_CALL: self._transfer,
             SEND_DTMF: self._dtmf,
+            OPT_OUT: self._opt_out,
         }
         self.usage = TokenUsage()
 
@@ -350,6 +361,11 @@ class OpenAIChatLLM:
 
     def _end(self, arguments: Mapping[str, Any]) -> _Outcome:
         return _Outcome(EndCall(_text(arguments.get("reason")) or "the agent ended the call"), ends_reply=True)
+
+    def _opt_out(self, arguments: Mapping[str, Any]) -> _Outcome:
+        return _Outcome(
+            OptOut(_text(arguments.get("reason")) or "the callee asked not to be called again"), ends_reply=True
+        )
 
     def _transfer(self, arguments: Mapping[str, Any]) -> _Outcome:
         reason = _text(arguments.get("reason")) or "the agent transferred the call"

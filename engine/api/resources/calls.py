@@ -18,6 +18,7 @@ from engine.twilio.outbound_calls import (
     NoCredits,
     NoFreeSlot,
     NumberUnavailable,
+    OnDoNotCallList,
     OutboundDeps,
     OutboundUnavailable,
     dialable_number,
@@ -83,12 +84,12 @@ async def checked_caller_id(db: Queryable, *, organization_id: str, number: str)
 async def create_call(call: ApiCall) -> PlacedCallResponse:
     """Create the CallLog (IN_PROGRESS, OUTBOUND) and ask Twilio to dial.
 
-    422 names the field at fault (an undialable number, an agent that is not an ACTIVE OUTBOUND agent, a number
-    that may not call out); 402 when the organization has no credits; 502 when Twilio refuses the call (its
-    CallLog is then FAILED with Twilio's error); 503 when this engine has no Twilio account or public URL. When the
-    organization already has as many calls in progress as its plan allows, the request waits a little for one to
-    end (DIALTONE_CALL_SLOT_WAIT), then answers 429 with Retry-After. With an `Idempotency-Key`, a retry never
-    dials twice: it gets the first request's answer.
+    422 names the field at fault (an undialable number, a number on the do-not-call list, an agent that is not
+    an ACTIVE OUTBOUND agent, a number that may not call out); 402 when the organization has no credits; 502 when
+    Twilio refuses the call (its CallLog is then FAILED with Twilio's error); 503 when this engine has no Twilio
+    account or public URL. When the organization already has as many calls in progress as its plan allows, the
+    request waits a little for one to end (DIALTONE_CALL_SLOT_WAIT), then answers 429 with Retry-After. With an
+    `Idempotency-Key`, a retry never dials twice: it gets the first request's answer.
     """
     body = call.body_as(CallCreate)
     try:
@@ -109,6 +110,8 @@ async def create_call(call: ApiCall) -> PlacedCallResponse:
         )
     except InvalidNumber as exc:
         raise unprocessable(str(exc), "fromNumber" if exc.field == "from_number" else "to") from None
+    except OnDoNotCallList as exc:
+        raise unprocessable(str(exc), "to") from None
     except AgentUnavailable as exc:
         raise unprocessable(str(exc), "agentId") from None
     except NumberUnavailable as exc:
