@@ -212,7 +212,9 @@ def control_channel_context(
         timeout = app[SETTINGS].db_connect_timeout
 
         async def connect() -> asyncpg.Connection:
-            return await asyncpg.connect(db.url, timeout=timeout)
+            return await asyncpg.connect(
+                db.url, timeout=timeout, server_settings={"application_name": "dialtone-control-channel"}
+            )
 
         channel = ControlChannel(connect, db.pool, node_id=app[NODE_ID], handlers=handlers(app))
         app[CONTROL] = channel
