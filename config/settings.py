@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     s3_bucket: str | None = _env("DIALTONE_S3_BUCKET", "s3_bucket")
     s3_prefix: str = _env("DIALTONE_S3_PREFIX", "s3_prefix", "recordings/")
     s3_endpoint_url: str | None = _env("DIALTONE_S3_ENDPOINT_URL", "s3_endpoint_url")
+    # The endpoint clients fetch recordings from, when it differs from the engine's (e.g. MinIO inside a private
+    # network): presigned URLs are signed for this host.
+    s3_public_endpoint_url: str | None = _env("DIALTONE_S3_PUBLIC_ENDPOINT_URL", "s3_public_endpoint_url")
     s3_region: str = _env("DIALTONE_S3_REGION", "s3_region", "us-east-1")
     s3_access_key_id: SecretStr | None = _env("DIALTONE_S3_ACCESS_KEY_ID", "s3_access_key_id")
     s3_secret_access_key: SecretStr | None = _env("DIALTONE_S3_SECRET_ACCESS_KEY", "s3_secret_access_key")
@@ -134,7 +137,7 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s):// or ws(s):// URL")
         return value.rstrip("/")
 
-    @field_validator("s3_endpoint_url")
+    @field_validator("s3_endpoint_url", "s3_public_endpoint_url")
     @classmethod
     def _object_storage_endpoint(cls, value: str | None) -> str | None:
         if value is None or value == "":

@@ -115,9 +115,19 @@ class ObjectRecordingStore:
 
     name = "s3"
 
-    def __init__(self, client: Any, *, bucket: str, prefix: str, exit_stack: contextlib.AsyncExitStack) -> None:
-        """Use an open aiobotocore S3 client; `exit_stack` closes it. Build one with `open_recording_store`."""
+    def __init__(
+        self,
+        client: Any,
+        *,
+        bucket: str,
+        prefix: str,
+        exit_stack: contextlib.AsyncExitStack,
+        presigner: Any | None = None,
+    ) -> None:
+        """Use an open aiobotocore S3 client (and `presigner`, one for the public endpoint, to sign links); the
+        `exit_stack` closes them. Build one with `open_recording_store`."""
         self._client = client
+        self._presigner = presigner or client
         self._bucket = bucket
         self._prefix = prefix
         self._exit_stack = exit_stack
@@ -168,7 +178,7 @@ class ObjectRecordingStore:
 
     async def locate(self, key: str, *, expires_in: int) -> RemoteLink:
         """A presigned GET URL valid for `expires_in` seconds (the row in the database says the object exists)."""
-        url: str = await self._client.generate_presigned_url(
+        url: str = await self._presigner.generate_presigned_url(
             "get_object",
             Params={"Bucket": self._bucket, "Key": self._key(key), "ResponseContentType": "audio/wav"},
             ExpiresIn=expires_in,
@@ -220,13 +230,20 @@ async def open_recording_store(settings: Settings) -> RecordingStore:
         read_timeout=60,
     )
     exit_stack = contextlib.AsyncExitStack()
-    client = await exit_stack.enter_async_context(
-        get_session().create_client(
-            "s3",
-            region_name=settings.s3_region,
-            endpoint_url=settings.s3_endpoint_url,
-            config=config,
-            **credentials,
+    session = get_session()
+
+    async def client(endpoint: str | None) -> Any:
+        made = session.create_client(
+            "s3", region_name=settings.s3_region, endpoint_url=endpoint, config=config, **credentials
         )
+        return await exit_stack.enter_async_context(made)
+
+    try:
+        main = await client(settings.s3_endpoint_url)
+        public = await client(settings.s3_public_endpoint_url) if settings.s3_public_endpoint_url else None
+    except BaseException:
+        await exit_stack.aclose()
+        raise
+    return ObjectRecordingStore(
+        main, bucket=settings.s3_bucket, prefix=settings.s3_prefix, exit_stack=exit_stack, presigner=public
     )
-    return ObjectRecordingStore(client, bucket=settings.s3_bucket, prefix=settings.s3_prefix, exit_stack=exit_stack)

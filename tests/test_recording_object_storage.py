@@ -212,3 +212,13 @@ async def test_a_calls_recording_is_uploaded_and_served_by_a_redirect_to_object_
                 assert response.status == 200
                 audio = await response.read()
     assert audio[:4] == b"RIFF" and len(audio) == row.bytes
+
+
+async def test_links_are_signed_for_the_public_endpoint_when_one_is_set(s3: S3Server, tmp_path: Path) -> None:
+    settings = load_settings(
+        state_dir=tmp_path, **s3.settings("public", s3_public_endpoint_url="https://recordings.example.com")
+    )
+    async with store_for(settings) as store:
+        link = await store.locate("org/a.wav", expires_in=60)
+    assert isinstance(link, RemoteLink)
+    assert link.url.startswith("https://recordings.example.com/public/recordings/org/a.wav?")
