@@ -124,6 +124,23 @@ class Settings(BaseSettings):
     # How long (s) a live-call control sent to the node holding the call waits for that node's acknowledgement.
     control_timeout: float = _env("DIALTONE_CONTROL_TIMEOUT", "control_timeout", 5.0, gt=0, le=60)
 
+    @field_validator(
+        "twilio_account_sid",
+        "twilio_auth_token",
+        "deepgram_api_key",
+        "openai_api_key",
+        "elevenlabs_api_key",
+        "s3_bucket",
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "recording_retention_days",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # docker compose passes `${NAME:-}` as an empty variable: that means "not set", not an empty key.
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _object_storage(self) -> Settings:
         if self.recording_store == "s3" and not self.s3_bucket:
