@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     )
     # Recordings older than this many days are deleted from their store; unset keeps them for ever.
     recording_retention_days: int | None = _env("DIALTONE_RECORDING_RETENTION_DAYS", "recording_retention_days", ge=1)
+    # Engine nodes: how often each heartbeats (s), how long one may stay silent before it counts as dead and its
+    # calls are closed by the others (s), and how often each looks for such calls (s).
+    node_heartbeat_interval: float = _env("DIALTONE_NODE_HEARTBEAT_INTERVAL", "node_heartbeat_interval", 10.0, gt=0)
+    node_timeout: float = _env("DIALTONE_NODE_TIMEOUT", "node_timeout", 60.0, gt=0)
+    recovery_interval: float = _env("DIALTONE_RECOVERY_INTERVAL", "recovery_interval", 60.0, gt=0)
     # How long (s) a live-call control sent to the node holding the call waits for that node's acknowledgement.
     control_timeout: float = _env("DIALTONE_CONTROL_TIMEOUT", "control_timeout", 5.0, gt=0, le=60)
 
@@ -140,6 +145,14 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         # docker compose passes `${NAME:-}` as an empty variable: that means "not set", not an empty key.
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _node_liveness(self) -> Settings:
+        if self.node_heartbeat_interval >= self.node_timeout:
+            raise ValueError(
+                "DIALTONE_NODE_HEARTBEAT_INTERVAL: must be shorter than DIALTONE_NODE_TIMEOUT, or live nodes look dead"
+            )
+        return self
 
     @model_validator(mode="after")
     def _object_storage(self) -> Settings:

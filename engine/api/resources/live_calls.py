@@ -15,7 +15,7 @@ from engine.api.resources.call_logs import by_start
 from engine.call.control_channel import CONTROL, ControlChannelError
 from engine.call.live_call_controls import HANG_UP, hang_up_here
 from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
-from engine.workers.recovery import NODE_ID, NODE_TIMEOUT
+from engine.workers.recovery import NODE_ID, NODE_TIMEOUT_KEY
 from storage import call_logs, engine_nodes
 from storage.call_logs import CallLogEntry
 from storage.enums import CallStatus
@@ -96,7 +96,9 @@ async def hang_up_live_call(call: ApiCall) -> HangUp:
 async def _hang_up_on(call: ApiCall, node: str, call_log_id: str, call_sid: str) -> HangUp:
     """Ask the engine node holding the call to hang it up, through the command channel; 409 if it cannot."""
     app = call.app
-    alive = await engine_nodes.list_alive_nodes(app[DATABASE].pool, now=datetime.now(UTC), node_timeout=NODE_TIMEOUT)
+    alive = await engine_nodes.list_alive_nodes(
+        app[DATABASE].pool, now=datetime.now(UTC), node_timeout=app[NODE_TIMEOUT_KEY]
+    )
     if node not in {n.id for n in alive}:
         raise conflict(
             f"call {call_log_id} ran on engine process {node}, which stopped; the call is being closed as failed"
