@@ -142,13 +142,16 @@ class NodeHeartbeat:
 
 async def recovery_context(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: run this process as an engine node for the app's lifetime; its id under NODE_ID."""
-    settings = app[SETTINGS]
-    heartbeat = NodeHeartbeat(
-        app[DATABASE].pool,
-        heartbeat_interval=timedelta(seconds=settings.node_heartbeat_interval),
-        recovery_interval=timedelta(seconds=settings.recovery_interval),
-        node_timeout=timedelta(seconds=settings.node_timeout),
-    )
+    settings = app.get(SETTINGS)
+    if settings is None:  # a bare app (tests of this context alone) runs on the defaults
+        heartbeat = NodeHeartbeat(app[DATABASE].pool)
+    else:
+        heartbeat = NodeHeartbeat(
+            app[DATABASE].pool,
+            heartbeat_interval=timedelta(seconds=settings.node_heartbeat_interval),
+            recovery_interval=timedelta(seconds=settings.recovery_interval),
+            node_timeout=timedelta(seconds=settings.node_timeout),
+        )
     app[NODE_TIMEOUT_KEY] = heartbeat.node_timeout
     app[NODE_ID] = heartbeat.node_id
     try:
