@@ -1,7 +1,7 @@
 """Where each call's recording is kept ("CallRecording"): queued at the call's end, uploaded under leases, expired.
 
 A row is PENDING until its file is in the store, then STORED, then DELETED by the retention sweep. Upload workers
-`claim_due` rows of their own host (the disk that holds the file) with FOR UPDATE SKIP LOCKED, like the webhook
+`claim_due` rows of their own spool (the state folder that holds the file) with FOR UPDATE SKIP LOCKED, like the webhook
 outbox: a claim moves "nextAttemptAt" to the end of its lease, so a worker that dies only delays the upload, and
 every outcome is recorded against the claim's lease token.
 """
@@ -16,7 +16,7 @@ from storage.errors import translate_errors
 from storage.records import Queryable, Record, new_id, transaction
 
 _COLUMNS = (
-    '"id", "organizationId", "callLogId", "store", "objectKey", "host", "localPath", "bytes", "status", '
+    '"id", "organizationId", "callLogId", "store", "objectKey", "spool", "localPath", "bytes", "status", '
     '"attemptCount", "nextAttemptAt", "lastError", "storedAt", "deletedAt", "createdAt"'
 )
 
@@ -37,7 +37,7 @@ class CallRecording(Record):
     call_log_id: str
     store: str
     object_key: str
-    host: str
+    spool: str
     local_path: str
     bytes: int
     status: RecordingStatus
@@ -64,7 +64,7 @@ async def add_recording(
     call_log_id: str,
     store: str,
     object_key: str,
-    host: str,
+    spool: str,
     local_path: str,
     size: int,
     stored: bool,
@@ -77,7 +77,7 @@ async def add_recording(
     with translate_errors():
         row = await db.fetchrow(
             f"""
-            INSERT INTO "CallRecording" ("id", "organizationId", "callLogId", "store", "objectKey", "host",
+            INSERT INTO "CallRecording" ("id", "organizationId", "callLogId", "store", "objectKey", "spool",
                                          "localPath", "bytes", "status", "storedAt", "nextAttemptAt", "createdAt")
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN $10 THEN $11::timestamptz END, $11, $11)
             ON CONFLICT ("callLogId") DO UPDATE SET "callLogId" = EXCLUDED."callLogId"
@@ -88,7 +88,7 @@ async def add_recording(
             call_log_id,
             store,
             object_key,
-            host,
+            spool,
             local_path,
             size,
             RecordingStatus.STORED if stored else RecordingStatus.PENDING,
@@ -105,8 +105,11 @@ async def find_recording(db: Queryable, *, call_log_id: str) -> CallRecording | 
     return None if row is None else CallRecording.from_row(row)
 
 
-async def claim_due(db: Queryable, *, host: str, limit: int, lease: timedelta) -> list[ClaimedUpload]:
-    """Take up to `limit` due PENDING recordings of `host`, oldest first, for `lease`; rows others hold are skipped."""
+async def claim_due(
+    db: Queryable, *, spool: str, limit: int, lease: timedelta, due_by: datetime
+) -> list[ClaimedUpload]:
+    """Take up to `limit` PENDING recordings of `spool` due by `due_by` (and now), oldest first, for `lease`; rows
+    others hold are skipped."""
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     lease_token = new_id()
@@ -114,7 +117,8 @@ async def claim_due(db: Queryable, *, host: str, limit: int, lease: timedelta) -
         f"""
         WITH due AS (
             SELECT "id" FROM "CallRecording"
-            WHERE "status" = 'PENDING' AND "host" = $1 AND "nextAttemptAt" <= clock_timestamp()
+            WHERE "status" = 'PENDING' AND "spool" = $1
+              AND "nextAttemptAt" <= LEAST(clock_timestamp(), $5::timestamptz(3))
             ORDER BY "nextAttemptAt", "id"
             LIMIT $2
             FOR UPDATE SKIP LOCKED
@@ -127,10 +131,11 @@ async def claim_due(db: Queryable, *, host: str, limit: int, lease: timedelta) -
         FROM due WHERE r."id" = due."id"
         RETURNING {", ".join(f"r.{column.strip()}" for column in _COLUMNS.split(","))}
         """,
-        host,
+        spool,
         limit,
         lease_token,
         lease,
+        due_by,
     )
     return [ClaimedUpload(CallRecording.from_row(row), lease_token) for row in rows]
 

@@ -31,7 +31,7 @@ from storage.recording_stores import RecordingStore, RecordingStoreError, object
 log = logging.getLogger(__name__)
 
 SPOOL_ID_FILENAME = "recording_spool_id"
-"""The file in the state folder naming its spool of recordings waiting for upload ("CallRecording"."host")."""
+"""The file in the state folder naming its spool of recordings waiting for upload ("CallRecording"."spool")."""
 CLAIM_BATCH = 4
 UPLOAD_LEASE = timedelta(minutes=10)
 RETENTION_INTERVAL = timedelta(hours=1)
@@ -90,7 +90,7 @@ class RecordingUploads:
                 call_log_id=call_log_id,
                 store=self.store.name,
                 object_key=object_key(organization_id, call_log_id),
-                host=self._spool,
+                spool=self._spool,
                 local_path=str(path),
                 size=size,
                 stored=not self.store.uploads,
@@ -103,10 +103,14 @@ class RecordingUploads:
             self._wake.set()
 
     async def upload_due(self) -> int:
-        """Upload every due recording of this spool; how many are now stored."""
+        """Upload every recording of this spool due when the pass starts; how many are now stored.
+
+        A recording that fails is due again only after its wait, so it is not tried twice in one pass.
+        """
         stored = 0
+        started = self._clock()
         while claims := await call_recordings.claim_due(
-            self._pool, host=self._spool, limit=CLAIM_BATCH, lease=UPLOAD_LEASE
+            self._pool, spool=self._spool, limit=CLAIM_BATCH, lease=UPLOAD_LEASE, due_by=started
         ):
             for claim in claims:
                 stored += await self._upload(claim)
@@ -148,8 +152,8 @@ class RecordingUploads:
             self._pool, created_before=cutoff, limit=RETENTION_BATCH
         ):
             local_only = recording.status is RecordingStatus.PENDING or recording.store == "local"
-            if local_only and recording.host != self._spool:
-                continue  # its file is on another host's disk; that host deletes it
+            if local_only and recording.spool != self._spool:
+                continue  # its file is in another state folder; a process using that one deletes it
             if not local_only and recording.store != self.store.name:
                 continue  # kept in a store this process is not configured for
             try:

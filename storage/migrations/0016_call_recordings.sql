@@ -2,8 +2,9 @@
 -- ends, one "CallRecording" row is written (PENDING) and the file is moved into the configured store: the local
 -- folder (done at once, STORED) or S3-compatible object storage (uploaded by a worker, then STORED, and only then is
 -- the local file removed). Upload workers claim due rows with FOR UPDATE SKIP LOCKED under a lease, like the
--- webhook outbox (0006); "host" names the machine whose disk holds the file, so a row is claimed there (by any
--- process of that host, this run or a later one). The retention sweep deletes old recordings (DELETED).
+-- webhook outbox (0006); "spool" names the state folder whose disk holds the file (an id kept in that folder), so a
+-- row is claimed only by processes that can read the file: this one, a later run, or another replica sharing the
+-- folder. The retention sweep deletes old recordings (DELETED).
 
 -- CreateTable
 CREATE TABLE "CallRecording" (
@@ -12,7 +13,7 @@ CREATE TABLE "CallRecording" (
     "callLogId" TEXT NOT NULL,
     "store" TEXT NOT NULL,
     "objectKey" TEXT NOT NULL,
-    "host" TEXT NOT NULL,
+    "spool" TEXT NOT NULL,
     "localPath" TEXT NOT NULL,
     "bytes" BIGINT NOT NULL,
     "status" TEXT NOT NULL DEFAULT 'PENDING',
@@ -36,8 +37,8 @@ CREATE TABLE "CallRecording" (
 -- CreateIndex: one recording per call.
 CREATE UNIQUE INDEX "CallRecording_callLogId_key" ON "CallRecording"("callLogId");
 
--- CreateIndex: what the upload workers of a host claim, oldest due first.
-CREATE INDEX "CallRecording_due_idx" ON "CallRecording"("host", "nextAttemptAt") WHERE "status" = 'PENDING';
+-- CreateIndex: what the upload workers of a spool claim, oldest due first.
+CREATE INDEX "CallRecording_due_idx" ON "CallRecording"("spool", "nextAttemptAt") WHERE "status" = 'PENDING';
 
 -- CreateIndex: what the retention sweep deletes, oldest first.
 CREATE INDEX "CallRecording_kept_idx" ON "CallRecording"("createdAt") WHERE "status" <> 'DELETED';
