@@ -56,9 +56,9 @@ ALTER TABLE "CallRecording" ADD CONSTRAINT "CallRecording_organizationId_fkey" F
 CREATE TRIGGER "CallRecording_touch_updatedAt" BEFORE UPDATE ON "CallRecording"
     FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.*) EXECUTE FUNCTION "dialtone_touch_updated_at"();
 
--- Row-level security: the API sees only its organization's rows, and only reads them (the workers write).
+-- Row-level security: the API sees only its organization's rows (the same grants as every tenant table).
 ALTER TABLE "CallRecording" ENABLE ROW LEVEL SECURITY;
 CREATE POLICY "CallRecording_tenant_isolation" ON "CallRecording"
     USING ("organizationId" = current_setting('app.organization_id', true))
     WITH CHECK ("organizationId" = current_setting('app.organization_id', true));
-GRANT SELECT ON "CallRecording" TO dialtone_api;
+GRANT SELECT, INSERT, UPDATE, DELETE ON "CallRecording" TO dialtone_api;
