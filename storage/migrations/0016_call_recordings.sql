@@ -40,6 +40,9 @@ CREATE UNIQUE INDEX "CallRecording_callLogId_key" ON "CallRecording"("callLogId"
 -- CreateIndex: what the upload workers of a spool claim, oldest due first.
 CREATE INDEX "CallRecording_due_idx" ON "CallRecording"("spool", "nextAttemptAt") WHERE "status" = 'PENDING';
 
+-- CreateIndex: an organization's recordings, newest first (and the key to "Organization").
+CREATE INDEX "CallRecording_organizationId_createdAt_idx" ON "CallRecording"("organizationId", "createdAt", "id");
+
 -- CreateIndex: what the retention sweep deletes, oldest first.
 CREATE INDEX "CallRecording_kept_idx" ON "CallRecording"("createdAt") WHERE "status" <> 'DELETED';
 
