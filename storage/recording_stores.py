@@ -123,11 +123,13 @@ class ObjectRecordingStore:
         prefix: str,
         exit_stack: contextlib.AsyncExitStack,
         presigner: Any | None = None,
+        part_bytes: int = PART_BYTES,
     ) -> None:
         """Use an open aiobotocore S3 client (and `presigner`, one for the public endpoint, to sign links); the
         `exit_stack` closes them. Build one with `open_recording_store`."""
         self._client = client
         self._presigner = presigner or client
+        self._part_bytes = part_bytes
         self._bucket = bucket
         self._prefix = prefix
         self._exit_stack = exit_stack
@@ -145,7 +147,7 @@ class ObjectRecordingStore:
         size = (await asyncio.to_thread(source.stat)).st_size
         full_key = self._key(key)
         try:
-            if size <= PART_BYTES:
+            if size <= self._part_bytes:
                 body = await asyncio.to_thread(source.read_bytes)
                 await self._client.put_object(Bucket=self._bucket, Key=full_key, Body=body, ContentType="audio/wav")
                 return
@@ -162,7 +164,7 @@ class ObjectRecordingStore:
         try:
             with source.open("rb") as file:  # opening is cheap; the reads are the blocking part
                 number = 1
-                while chunk := await asyncio.to_thread(file.read, PART_BYTES):
+                while chunk := await asyncio.to_thread(file.read, self._part_bytes):
                     answer = await self._client.upload_part(
                         Bucket=self._bucket, Key=full_key, UploadId=upload_id, PartNumber=number, Body=chunk
                     )

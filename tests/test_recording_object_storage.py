@@ -222,3 +222,27 @@ async def test_links_are_signed_for_the_public_endpoint_when_one_is_set(s3: S3Se
         link = await store.locate("org/a.wav", expires_in=60)
     assert isinstance(link, RemoteLink)
     assert link.url.startswith("https://recordings.example.com/public/recordings/org/a.wav?")
+
+
+async def test_a_large_recording_is_uploaded_in_parts_and_arrives_whole(s3: S3Server, tmp_path: Path) -> None:
+    settings = load_settings(state_dir=tmp_path, **s3.settings("parts"))
+    await make_bucket(settings)
+    audio = bytes(range(256)) * (6 * 1024 * 4)  # 6 MiB: one 5 MiB part (S3's smallest) and the rest
+    source = tmp_path / "long.wav"
+    source.write_bytes(audio)
+    async with store_for(settings) as opened:
+        assert isinstance(opened, ObjectRecordingStore)
+        store = ObjectRecordingStore(
+            opened._client,
+            bucket="parts",
+            prefix="",
+            exit_stack=contextlib.AsyncExitStack(),
+            part_bytes=5 * 1024 * 1024,
+        )
+        await store.put("org/long.wav", source)
+        link = await store.locate("org/long.wav", expires_in=60)
+        uploads = await opened._client.list_multipart_uploads(Bucket="parts")
+        head = await opened._client.head_object(Bucket="parts", Key="org/long.wav")
+    assert head["ETag"].strip('"').endswith("-2")  # S3 tags an object made of two parts so
+    assert uploads.get("Uploads", []) == []  # completed, none left open
+    assert await fetch(link.url) == (200, audio)
