@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     s3_region: str = _env("DIALTONE_S3_REGION", "s3_region", "us-east-1")
     s3_access_key_id: SecretStr | None = _env("DIALTONE_S3_ACCESS_KEY_ID", "s3_access_key_id")
     s3_secret_access_key: SecretStr | None = _env("DIALTONE_S3_SECRET_ACCESS_KEY", "s3_secret_access_key")
+    # Server-side encryption of uploaded recordings: AES256 (keys the store manages) or aws:kms (with this key id,
+    # else the bucket's default KMS key); unset leaves it to the bucket's default encryption.
+    s3_server_side_encryption: Literal["AES256", "aws:kms"] | None = _env(
+        "DIALTONE_S3_SERVER_SIDE_ENCRYPTION", "s3_server_side_encryption"
+    )
+    s3_kms_key_id: str | None = _env("DIALTONE_S3_KMS_KEY_ID", "s3_kms_key_id")
     # How long (s) the presigned object-storage URL that GET /recordings/{id}.wav redirects to stays valid.
     recording_link_ttl: int = _env("DIALTONE_RECORDING_LINK_TTL", "recording_link_ttl", 300, ge=10, le=604800)
     # Uploads: how often a host looks for recordings to upload (s), the first and longest wait between tries (s).
@@ -136,6 +142,8 @@ class Settings(BaseSettings):
         "openai_api_key",
         "elevenlabs_api_key",
         "s3_bucket",
+        "s3_server_side_encryption",
+        "s3_kms_key_id",
         "s3_access_key_id",
         "s3_secret_access_key",
         "recording_retention_days",
@@ -158,6 +166,8 @@ class Settings(BaseSettings):
     def _object_storage(self) -> Settings:
         if self.recording_store == "s3" and not self.s3_bucket:
             raise ValueError("DIALTONE_S3_BUCKET: must be set when DIALTONE_RECORDING_STORE is s3")
+        if self.s3_kms_key_id and self.s3_server_side_encryption != "aws:kms":
+            raise ValueError("DIALTONE_S3_KMS_KEY_ID: needs DIALTONE_S3_SERVER_SIDE_ENCRYPTION=aws:kms")
         return self
 
     @field_validator("deepgram_url", "openai_base_url", "elevenlabs_url")

@@ -124,12 +124,14 @@ class ObjectRecordingStore:
         exit_stack: contextlib.AsyncExitStack,
         presigner: Any | None = None,
         part_bytes: int = PART_BYTES,
+        encryption: dict[str, str] | None = None,
     ) -> None:
         """Use an open aiobotocore S3 client (and `presigner`, one for the public endpoint, to sign links); the
         `exit_stack` closes them. Build one with `open_recording_store`."""
         self._client = client
         self._presigner = presigner or client
         self._part_bytes = part_bytes
+        self._encryption = encryption or {}
         self._bucket = bucket
         self._prefix = prefix
         self._exit_stack = exit_stack
@@ -149,7 +151,9 @@ class ObjectRecordingStore:
         try:
             if size <= self._part_bytes:
                 body = await asyncio.to_thread(source.read_bytes)
-                await self._client.put_object(Bucket=self._bucket, Key=full_key, Body=body, ContentType="audio/wav")
+                await self._client.put_object(
+                    Bucket=self._bucket, Key=full_key, Body=body, ContentType="audio/wav", **self._encryption
+                )
                 return
             await self._put_in_parts(full_key, source)
         except RecordingStoreError:
@@ -158,7 +162,9 @@ class ObjectRecordingStore:
             raise RecordingStoreError(f"s3://{self._bucket}/{full_key}: upload failed ({_describe(exc)})") from exc
 
     async def _put_in_parts(self, full_key: str, source: Path) -> None:
-        created = await self._client.create_multipart_upload(Bucket=self._bucket, Key=full_key, ContentType="audio/wav")
+        created = await self._client.create_multipart_upload(
+            Bucket=self._bucket, Key=full_key, ContentType="audio/wav", **self._encryption
+        )
         upload_id = created["UploadId"]
         parts: list[dict[str, Any]] = []
         try:
@@ -246,6 +252,16 @@ async def open_recording_store(settings: Settings) -> RecordingStore:
     except BaseException:
         await exit_stack.aclose()
         raise
+    encryption: dict[str, str] = {}
+    if settings.s3_server_side_encryption is not None:
+        encryption["ServerSideEncryption"] = settings.s3_server_side_encryption
+    if settings.s3_kms_key_id is not None:
+        encryption["SSEKMSKeyId"] = settings.s3_kms_key_id
     return ObjectRecordingStore(
-        main, bucket=settings.s3_bucket, prefix=settings.s3_prefix, exit_stack=exit_stack, presigner=public
+        main,
+        bucket=settings.s3_bucket,
+        prefix=settings.s3_prefix,
+        exit_stack=exit_stack,
+        presigner=public,
+        encryption=encryption,
     )

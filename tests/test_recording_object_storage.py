@@ -246,3 +246,20 @@ async def test_a_large_recording_is_uploaded_in_parts_and_arrives_whole(s3: S3Se
     assert head["ETag"].strip('"').endswith("-2")  # S3 tags an object made of two parts so
     assert uploads.get("Uploads", []) == []  # completed, none left open
     assert await fetch(link.url) == (200, audio)
+
+
+async def test_recordings_are_encrypted_at_rest_when_asked(s3: S3Server, tmp_path: Path) -> None:
+    settings = load_settings(state_dir=tmp_path, **s3.settings("sealed", s3_server_side_encryption="AES256"))
+    await make_bucket(settings)
+    source = tmp_path / "a.wav"
+    source.write_bytes(WAV)
+    async with store_for(settings) as store:
+        await store.put("org/a.wav", source)
+        assert isinstance(store, ObjectRecordingStore)
+        head = await store._client.head_object(Bucket="sealed", Key="recordings/org/a.wav")
+    assert head["ServerSideEncryption"] == "AES256"
+
+
+def test_a_kms_key_without_kms_encryption_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="DIALTONE_S3_KMS_KEY_ID"):
+        load_settings(state_dir=tmp_path, recording_store="s3", s3_bucket="b", s3_kms_key_id="key")
