@@ -263,3 +263,31 @@ async def test_recordings_are_encrypted_at_rest_when_asked(s3: S3Server, tmp_pat
 def test_a_kms_key_without_kms_encryption_is_refused_naming_the_setting(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="DIALTONE_S3_KMS_KEY_ID"):
         load_settings(state_dir=tmp_path, recording_store="s3", s3_bucket="b", s3_kms_key_id="key")
+
+
+async def test_a_recording_waiting_for_its_upload_is_served_by_the_node_that_has_it_and_gone_once_deleted(
+    s3: S3Server, pool: asyncpg.Pool, db_url: str, tmp_path: Path
+) -> None:
+    overrides: dict[str, Any] = s3.settings("waiting", recording_upload_interval=3600)
+    settings = load_settings(state_dir=tmp_path / "holder", **overrides)  # no bucket: uploads cannot succeed
+    tenant = await make_tenant(pool, "Waiting")
+    log = await open_call(pool, tenant.organization_id)
+    path = recording_file(settings, tenant.organization_id, log.id)
+    async with store_for(settings) as store:
+        uploads = RecordingUploads(pool, store, settings, spool=spool_id(tmp_path / "holder"))
+        await uploads.finished(organization_id=tenant.organization_id, call_log_id=log.id, path=path, size=len(WAV))
+    headers = {"Authorization": f"Bearer {tenant.owner_key}"}
+    async with (
+        running_engine(db_url, state_dir=tmp_path / "holder", **overrides) as holder,
+        running_engine(db_url, state_dir=tmp_path / "other", **overrides) as other,
+        aiohttp.ClientSession(headers=headers) as http,
+    ):
+        async with http.get(f"{holder}/recordings/{log.id}.wav") as response:
+            assert (response.status, await response.read()) == (200, WAV)
+        async with http.get(f"{other}/recordings/{log.id}.wav") as response:
+            assert response.status == 404
+        row = await call_recordings.find_recording(pool, call_log_id=log.id)
+        assert row is not None
+        await call_recordings.mark_deleted(pool, row, now=datetime.now(UTC))
+        async with http.get(f"{holder}/recordings/{log.id}.wav") as response:
+            assert response.status == 404
