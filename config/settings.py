@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -109,11 +109,96 @@ class Settings(BaseSettings):
     # How long (s) a stored Idempotency-Key answer of POST /v1/calls or POST /v1/campaigns is replayed.
     idempotency_key_ttl: float = _env("DIALTONE_IDEMPOTENCY_KEY_TTL", "idempotency_key_ttl", 86400.0, ge=60)
 
+    # Several hosts behind a load balancer (issue 20). Finished recordings are kept in the local folder (one host)
+    # or in S3-compatible object storage that every host reaches (AWS S3, MinIO, Cloudflare R2, GCS's S3 API);
+    # credentials unset use the usual AWS sources (environment, instance role).
+    recording_store: Literal["local", "s3"] = _env("DIALTONE_RECORDING_STORE", "recording_store", "local")
+    s3_bucket: str | None = _env("DIALTONE_S3_BUCKET", "s3_bucket")
+    s3_prefix: str = _env("DIALTONE_S3_PREFIX", "s3_prefix", "recordings/")
+    s3_endpoint_url: str | None = _env("DIALTONE_S3_ENDPOINT_URL", "s3_endpoint_url")
+    # The endpoint clients fetch recordings from, when it differs from the engine's (e.g. MinIO inside a private
+    # network): presigned URLs are signed for this host.
+    s3_public_endpoint_url: str | None = _env("DIALTONE_S3_PUBLIC_ENDPOINT_URL", "s3_public_endpoint_url")
+    s3_region: str = _env("DIALTONE_S3_REGION", "s3_region", "us-east-1")
+    s3_access_key_id: SecretStr | None = _env("DIALTONE_S3_ACCESS_KEY_ID", "s3_access_key_id")
+    s3_secret_access_key: SecretStr | None = _env("DIALTONE_S3_SECRET_ACCESS_KEY", "s3_secret_access_key")
+    # Server-side encryption of uploaded recordings: AES256 (keys the store manages) or aws:kms (with this key id,
+    # else the bucket's default KMS key); unset leaves it to the bucket's default encryption.
+    s3_server_side_encryption: Literal["AES256", "aws:kms"] | None = _env(
+        "DIALTONE_S3_SERVER_SIDE_ENCRYPTION", "s3_server_side_encryption"
+    )
+    s3_kms_key_id: str | None = _env("DIALTONE_S3_KMS_KEY_ID", "s3_kms_key_id")
+    # How long (s) the presigned object-storage URL that GET /recordings/{id}.wav redirects to stays valid.
+    recording_link_ttl: int = _env("DIALTONE_RECORDING_LINK_TTL", "recording_link_ttl", 300, ge=10, le=604800)
+    # Uploads: how often a host looks for recordings to upload (s), the first and longest wait between tries (s).
+    recording_upload_interval: float = _env(
+        "DIALTONE_RECORDING_UPLOAD_INTERVAL", "recording_upload_interval", 5.0, gt=0
+    )
+    recording_upload_retry_initial: float = _env(
+        "DIALTONE_RECORDING_UPLOAD_RETRY_INITIAL", "recording_upload_retry_initial", 10.0, gt=0
+    )
+    recording_upload_retry_max: float = _env(
+        "DIALTONE_RECORDING_UPLOAD_RETRY_MAX", "recording_upload_retry_max", 3600.0, gt=0
+    )
+    # Recordings older than this many days are deleted from their store; unset keeps them for ever.
+    recording_retention_days: int | None = _env("DIALTONE_RECORDING_RETENTION_DAYS", "recording_retention_days", ge=1)
+    # Engine nodes: how often each heartbeats (s), how long one may stay silent before it counts as dead and its
+    # calls are closed by the others (s), and how often each looks for such calls (s).
+    node_heartbeat_interval: float = _env("DIALTONE_NODE_HEARTBEAT_INTERVAL", "node_heartbeat_interval", 10.0, gt=0)
+    node_timeout: float = _env("DIALTONE_NODE_TIMEOUT", "node_timeout", 60.0, gt=0)
+    recovery_interval: float = _env("DIALTONE_RECOVERY_INTERVAL", "recovery_interval", 60.0, gt=0)
+    # How long (s) a live-call control sent to the node holding the call waits for that node's acknowledgement.
+    control_timeout: float = _env("DIALTONE_CONTROL_TIMEOUT", "control_timeout", 5.0, gt=0, le=60)
+
+    @field_validator(
+        "twilio_account_sid",
+        "twilio_auth_token",
+        "deepgram_api_key",
+        "openai_api_key",
+        "elevenlabs_api_key",
+        "s3_bucket",
+        "s3_server_side_encryption",
+        "s3_kms_key_id",
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "recording_retention_days",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # docker compose passes `${NAME:-}` as an empty variable: that means "not set", not an empty key.
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _node_liveness(self) -> Settings:
+        if self.node_heartbeat_interval >= self.node_timeout:
+            raise ValueError(
+                "DIALTONE_NODE_HEARTBEAT_INTERVAL: must be shorter than DIALTONE_NODE_TIMEOUT, or live nodes look dead"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _object_storage(self) -> Settings:
+        if self.recording_store == "s3" and not self.s3_bucket:
+            raise ValueError("DIALTONE_S3_BUCKET: must be set when DIALTONE_RECORDING_STORE is s3")
+        if self.s3_kms_key_id and self.s3_server_side_encryption != "aws:kms":
+            raise ValueError("DIALTONE_S3_KMS_KEY_ID: needs DIALTONE_S3_SERVER_SIDE_ENCRYPTION=aws:kms")
+        return self
+
     @field_validator("deepgram_url", "openai_base_url", "elevenlabs_url")
     @classmethod
     def _endpoint(cls, value: str) -> str:
         if not value.startswith(("http://", "https://", "ws://", "wss://")):
             raise ValueError("must be an http(s):// or ws(s):// URL")
+        return value.rstrip("/")
+
+    @field_validator("s3_endpoint_url", "s3_public_endpoint_url")
+    @classmethod
+    def _object_storage_endpoint(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL of the S3-compatible service")
         return value.rstrip("/")
 
     @field_validator("database_url")

@@ -35,6 +35,8 @@ class Database:
     call_writes: asyncpg.Pool | None = None
     """A few connections for the live calls' CallLog writers, given back without asyncpg's reset query (see
     `create_pool(stateless=True)`): the writers' statements are most of a busy engine's queries. None: use `pool`."""
+    url: str = ""
+    """The connection URL (with its password: never log it), for the few dedicated connections beside the pools."""
 
     @property
     def call_log_pool(self) -> asyncpg.Pool:
@@ -167,7 +169,7 @@ async def open_database(settings: Settings, *, calls: bool = True) -> Database:
         timeout=settings.db_connect_timeout,
     )
     if not calls:
-        return Database(pool=pool, location=describe_location(url), embedded=embedded)
+        return Database(pool=pool, location=describe_location(url), embedded=embedded, url=url)
     try:
         call_writes = await create_pool(
             url,
@@ -179,7 +181,7 @@ async def open_database(settings: Settings, *, calls: bool = True) -> Database:
     except BaseException:
         await pool.close()
         raise
-    return Database(pool=pool, location=describe_location(url), embedded=embedded, call_writes=call_writes)
+    return Database(pool=pool, location=describe_location(url), embedded=embedded, call_writes=call_writes, url=url)
 
 
 @asynccontextmanager

@@ -32,6 +32,7 @@ from engine.twilio.webhooks import CALL_LOG_PARAMETER
 from engine.workers.call_log_replay import CALL_LOG_SPILL
 from engine.workers.post_call import POST_CALL
 from engine.workers.recording_io import RECORDING_IO
+from engine.workers.recording_uploads import RECORDING_UPLOADS
 from engine.workers.recordings import RECORDING_KEY, recording_url
 from engine.workers.recovery import NODE_ID
 from media.recording import StereoWavRecorder
@@ -288,6 +289,9 @@ async def _close_recording(
     """Finalise the call's recording file; the outcome again, with where to fetch the recording and its length."""
     app, settings = request.app, request.app[SETTINGS]
     info = await app[RECORDING_IO].close(recorder)
+    await app[RECORDING_UPLOADS].finished(
+        organization_id=call_log.organization_id, call_log_id=call_log.id, path=info.path, size=info.bytes
+    )
     base = public_base_url(request, settings)
     url = recording_url(settings, base, call_log.id, key=app[RECORDING_KEY], now=datetime.now(UTC))
     return dataclasses.replace(

@@ -12,6 +12,8 @@ from aiohttp import web
 from config.settings import Settings
 from engine.api.routes import add_api_routes
 from engine.call import media_socket
+from engine.call.control_channel import control_channel_context
+from engine.call.live_call_controls import live_call_handlers
 from engine.call.live_calls import LiveCalls
 from engine.campaigns.dispatcher import dispatcher_context
 from engine.server import health, metrics
@@ -30,6 +32,7 @@ from engine.twilio.rest import TwilioCalls
 from engine.workers.call_log_replay import call_log_spill_context
 from engine.workers.post_call import post_call_context
 from engine.workers.recording_io import recording_io_context
+from engine.workers.recording_uploads import recording_uploads_context
 from engine.workers.recordings import handle_recording, recordings_context
 from engine.workers.recovery import recovery_context
 from engine.workers.webhook_delivery import webhook_delivery_context
@@ -61,8 +64,10 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app.cleanup_ctx.append(post_call_context)
     app.cleanup_ctx.append(recordings_context)
     app.cleanup_ctx.append(recording_io_context)
+    app.cleanup_ctx.append(recording_uploads_context)  # before _calls_context: calls' ends record theirs
     app.cleanup_ctx.append(_offline_workers_context)  # before _calls_context: calls end before the workers stop
     app.cleanup_ctx.append(_calls_context)
+    app.cleanup_ctx.append(control_channel_context(live_call_handlers))  # commands for calls held here
     app.cleanup_ctx.append(dispatcher_context)  # after _calls_context: it dials through the app's Twilio client
     # Before connections close at shutdown, running calls end and their CallLogs are finished.
     app.on_shutdown.append(_end_live_calls)

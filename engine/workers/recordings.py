@@ -12,8 +12,12 @@ from aiohttp import web
 
 from config.settings import Settings
 from engine.server.appkeys import DATABASE, SETTINGS
+from engine.workers.recording_uploads import RECORDING_UPLOADS
+from storage import call_recordings
 from storage.api_keys import authenticate
+from storage.call_recordings import RecordingStatus
 from storage.errors import DATABASE_ERRORS
+from storage.recording_stores import LocalFile, RecordingStoreError, RemoteLink
 from storage.recordings import (
     RECORDING_ID,
     load_secret_key,
@@ -48,7 +52,8 @@ async def recordings_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def handle_recording(request: web.Request) -> web.StreamResponse:
-    """200 with the WAV (ranges honoured) for a valid signature or an owner's API key.
+    """200 with the WAV (ranges honoured) for a valid signature or an owner's API key; 302 to a short-lived
+    presigned URL when the recording is in object storage.
 
     403 for a bad or expired signature, 401 for a missing or invalid key, 404 for a recording that does not
     exist or is another organization's (never saying which).
@@ -85,10 +90,41 @@ async def handle_recording(request: web.Request) -> web.StreamResponse:
         return _error(503, "the database is unavailable; try again shortly")
     if organization_id is None:
         return _error(404, "no such recording")
-    path = recording_path(request.app[SETTINGS], organization_id, call_log_id)
-    if not await asyncio.to_thread(path.is_file):
-        return _error(404, "no such recording")
-    return web.FileResponse(path, headers={"Content-Type": "audio/wav", "Cache-Control": "private, no-store"})
+    return await _serve(request, organization_id, call_log_id)
+
+
+async def _serve(request: web.Request, organization_id: str, call_log_id: str) -> web.StreamResponse:
+    """The recording's file, or a redirect to where the store serves it."""
+    try:
+        where = await _locate(request.app, organization_id, call_log_id)
+    except DATABASE_ERRORS as exc:
+        log.warning("recording %s: database unavailable (%s: %s)", call_log_id, type(exc).__name__, exc)
+        return _error(503, "the database is unavailable; try again shortly")
+    except RecordingStoreError as exc:
+        log.warning("recording %s: %s", call_log_id, exc)
+        return _error(503, "the recording store is unavailable; try again shortly")
+    match where:
+        case LocalFile(path):
+            return web.FileResponse(path, headers={"Content-Type": "audio/wav", "Cache-Control": "private, no-store"})
+        case RemoteLink(url):
+            raise web.HTTPFound(url, headers={"Cache-Control": "private, no-store"})
+        case _:
+            return _error(404, "no such recording")
+
+
+async def _locate(app: web.Application, organization_id: str, call_log_id: str) -> LocalFile | RemoteLink | None:
+    """Where this process can serve the recording from: its own disk, or the store the recording's row names."""
+    local = recording_path(app[SETTINGS], organization_id, call_log_id)
+    recording = await call_recordings.find_recording(app[DATABASE].pool, call_log_id=call_log_id)
+    if recording is None or recording.status is RecordingStatus.PENDING:
+        # Not yet uploaded (or made before recordings had rows): only the host whose disk has it can serve it.
+        return LocalFile(local) if await asyncio.to_thread(local.is_file) else None
+    if recording.status is RecordingStatus.DELETED:
+        return None
+    store = app[RECORDING_UPLOADS].store
+    if recording.store != store.name:
+        raise RecordingStoreError(f"the recording is kept in the {recording.store} store, not configured here")
+    return await store.locate(recording.object_key, expires_in=app[SETTINGS].recording_link_ttl)
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
-from engine.server.appkeys import DATABASE
+from engine.server.appkeys import DATABASE, SETTINGS
 from engine.workers.host_processes import process_is_gone
 from storage import Pool, engine_nodes
 from storage.errors import DATABASE_ERRORS, TRANSIENT_ERRORS, SchemaNotMigrated
@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 NODE_ID = web.AppKey("node_id", str)
 """This process's EngineNode id, which its call log writers tag calls with."""
+
+NODE_TIMEOUT_KEY = web.AppKey("node_timeout", timedelta)
+"""How long a node may stay silent before its calls count as orphaned (DIALTONE_NODE_TIMEOUT)."""
 
 HEARTBEAT_INTERVAL = timedelta(seconds=10)
 RECOVERY_INTERVAL = timedelta(minutes=1)
@@ -61,7 +64,7 @@ class NodeHeartbeat:
         self._pool = pool
         self._heartbeat_interval = heartbeat_interval
         self._recovery_interval = recovery_interval
-        self._node_timeout = node_timeout
+        self.node_timeout = node_timeout
         self._stream_timeout = stream_timeout
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
@@ -78,7 +81,7 @@ class NodeHeartbeat:
         await self._forget_gone_neighbours()
         now = self._clock()
         closed = await engine_nodes.fail_orphaned_calls(
-            self._pool, now=now, node_timeout=self._node_timeout, stream_timeout=self._stream_timeout
+            self._pool, now=now, node_timeout=self.node_timeout, stream_timeout=self._stream_timeout
         )
         if closed:
             log.warning("closed %d calls left IN_PROGRESS by engine processes that stopped, as FAILED", closed)
@@ -124,7 +127,7 @@ class NodeHeartbeat:
                     # The others missed their heartbeats through the same outage: give them a node timeout to
                     # be seen again before their calls are judged orphaned.
                     missed = False
-                    next_recovery = max(next_recovery, self._clock() + self._node_timeout)
+                    next_recovery = max(next_recovery, self._clock() + self.node_timeout)
                 if self._clock() >= next_recovery:
                     next_recovery = self._clock() + self._recovery_interval
                     await self.recover()
@@ -139,7 +142,17 @@ class NodeHeartbeat:
 
 async def recovery_context(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: run this process as an engine node for the app's lifetime; its id under NODE_ID."""
-    heartbeat = NodeHeartbeat(app[DATABASE].pool)
+    settings = app.get(SETTINGS)
+    if settings is None:  # a bare app (tests of this context alone) runs on the defaults
+        heartbeat = NodeHeartbeat(app[DATABASE].pool)
+    else:
+        heartbeat = NodeHeartbeat(
+            app[DATABASE].pool,
+            heartbeat_interval=timedelta(seconds=settings.node_heartbeat_interval),
+            recovery_interval=timedelta(seconds=settings.recovery_interval),
+            node_timeout=timedelta(seconds=settings.node_timeout),
+        )
+    app[NODE_TIMEOUT_KEY] = heartbeat.node_timeout
     app[NODE_ID] = heartbeat.node_id
     try:
         await heartbeat.start()

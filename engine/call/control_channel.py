@@ -1,0 +1,227 @@
+"""Live-call commands between engine processes, through PostgreSQL LISTEN/NOTIFY.
+
+Any process can ask the node that holds a call to act on it: `ControlChannel.send` NOTIFYs a command (a name and
+JSON arguments) on `CONTROL_CHANNEL` addressed to that node, and waits for the node's acknowledgement on
+`REPLY_CHANNEL`. The node runs the handler registered for the command's name and replies whether it was applied.
+Each process keeps one dedicated listening connection, reconnected when the database drops it; commands sent while
+a node is disconnected are not queued (NOTIFY is not durable), so the sender hears nothing and times out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from engine.server.appkeys import DATABASE, SETTINGS
+from engine.workers.recovery import NODE_ID
+from storage import Pool
+from storage.records import new_id
+
+log = logging.getLogger(__name__)
+
+CONTROL_CHANNEL = "dialtone_control"
+"""The channel commands travel on; every node listens and acts only on those addressed to it."""
+REPLY_CHANNEL = "dialtone_control_reply"
+"""The channel acknowledgements travel on; a sender resolves the one that answers its command's id."""
+MAX_PAYLOAD_BYTES = 7000
+"""NOTIFY payloads must stay under 8000 bytes: a command's arguments are small by design."""
+KEEPALIVE_SECONDS = 5.0
+RECONNECT_MAX_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledgement:
+    """What the holding node did with a command: applied or not, why not, and what it answers."""
+
+    applied: bool
+    detail: str = ""
+    result: Mapping[str, Any] = field(default_factory=dict)
+
+
+Handler = Callable[[str, Mapping[str, Any]], Awaitable[Acknowledgement]]
+"""Carry out a command on the call (CallLog id) with these arguments, on the node that holds it."""
+
+
+class ControlChannelError(Exception):
+    """A command could not be delivered or was not acknowledged in time."""
+
+
+class ControlChannel:
+    """This process's end of the command channel: it sends commands, and answers those addressed to it."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        pool: Pool,
+        *,
+        node_id: str,
+        handlers: Mapping[str, Handler],
+    ) -> None:
+        """Listen on connections `connect` opens; NOTIFY through `pool`; act on commands for `node_id`."""
+        self._connect = connect
+        self._pool = pool
+        self.node_id = node_id
+        self._handlers = dict(handlers)
+        self._waiting: dict[str, asyncio.Future[Acknowledgement]] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self._listening = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, *, timeout: float = 10.0) -> None:
+        """Start listening; return once the first connection listens (or after `timeout`, still retrying)."""
+        self._task = asyncio.create_task(self._listen(), name="control-channel")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listening.wait(), timeout=timeout)
+
+    async def stop(self) -> None:
+        """Stop listening and cancel commands still being carried out."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for task in list(self._running):
+            task.cancel()
+        for future in self._waiting.values():
+            future.cancel()
+
+    async def send(
+        self, node_id: str, call_log_id: str, command: str, args: Mapping[str, Any], *, timeout: float
+    ) -> Acknowledgement:
+        """Ask `node_id` to carry out `command` on the call and return its acknowledgement.
+
+        ControlChannelError when this process is not listening, or no acknowledgement comes within `timeout`.
+        """
+        if not self._listening.is_set():
+            raise ControlChannelError("this engine process is not connected to the command channel")
+        command_id = new_id()
+        payload = json.dumps(
+            {"id": command_id, "node": node_id, "call": call_log_id, "command": command, "args": dict(args)},
+            separators=(",", ":"),
+        )
+        if len(payload.encode()) > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"command {command!r}: arguments too large for the command channel")
+        future: asyncio.Future[Acknowledgement] = asyncio.get_running_loop().create_future()
+        self._waiting[command_id] = future
+        try:
+            await self._pool.execute("SELECT pg_notify($1, $2)", CONTROL_CHANNEL, payload)
+            return await asyncio.wait_for(future, timeout=timeout)
+        except TimeoutError:
+            raise ControlChannelError(
+                f"engine node {node_id} did not acknowledge {command!r} within {timeout:g} s"
+            ) from None
+        finally:
+            self._waiting.pop(command_id, None)
+
+    async def _listen(self) -> None:
+        wait = 0.5
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await self._connect()
+                closed = asyncio.Event()
+                conn.add_termination_listener(lambda _conn, done=closed: done.set())
+                await conn.add_listener(CONTROL_CHANNEL, self._on_command)
+                await conn.add_listener(REPLY_CHANNEL, self._on_reply)
+                self._listening.set()
+                wait = 0.5
+                while not closed.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(closed.wait(), timeout=KEEPALIVE_SECONDS)
+                    if not closed.is_set():  # a connection the network lost silently fails this
+                        await conn.execute("SELECT 1", timeout=KEEPALIVE_SECONDS)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("command channel: connection lost (%s); reconnecting in %.1f s", type(exc).__name__, wait)
+            finally:
+                self._listening.clear()
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), timeout=2)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, RECONNECT_MAX_SECONDS)
+
+    def _on_command(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        try:
+            message = json.loads(str(payload))
+            if message.get("node") != self.node_id:
+                return
+            command_id, call_log_id, name = str(message["id"]), str(message["call"]), str(message["command"])
+            args = message.get("args") or {}
+            if not isinstance(args, dict):
+                raise TypeError("args is not an object")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("command channel: ignored a malformed command (%s)", exc)
+            return
+        task = asyncio.create_task(self._carry_out(command_id, call_log_id, name, args))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _carry_out(self, command_id: str, call_log_id: str, name: str, args: Mapping[str, Any]) -> None:
+        handler = self._handlers.get(name)
+        if handler is None:
+            ack = Acknowledgement(applied=False, detail=f"engine node {self.node_id} does not know {name!r}")
+        else:
+            try:
+                ack = await handler(call_log_id, args)
+            except Exception as exc:
+                log.exception("command channel: %s on call %s failed", name, call_log_id)
+                ack = Acknowledgement(applied=False, detail=f"{name} failed on the node holding the call: {exc}")
+        reply = json.dumps(
+            {"id": command_id, "applied": ack.applied, "detail": ack.detail, "result": dict(ack.result)},
+            separators=(",", ":"),
+        )
+        try:
+            await self._pool.execute("SELECT pg_notify($1, $2)", REPLY_CHANNEL, reply)
+        except Exception as exc:  # the sender times out and says so
+            log.warning("command channel: could not acknowledge %s on call %s (%s)", name, call_log_id, exc)
+
+    def _on_reply(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        try:
+            message = json.loads(str(payload))
+            future = self._waiting.get(str(message["id"]))
+            if future is None or future.done():
+                return  # another process's command, or one that timed out
+            future.set_result(
+                Acknowledgement(
+                    applied=bool(message["applied"]),
+                    detail=str(message.get("detail", "")),
+                    result=message.get("result") or {},
+                )
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("command channel: ignored a malformed acknowledgement (%s)", exc)
+
+
+CONTROL = web.AppKey("control_channel", ControlChannel)
+
+
+def control_channel_context(
+    handlers: Callable[[web.Application], Mapping[str, Handler]],
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context running this process's command channel under CONTROL, with `handlers(app)`'s commands."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        db = app[DATABASE]
+        timeout = app[SETTINGS].db_connect_timeout
+
+        async def connect() -> asyncpg.Connection:
+            return await asyncpg.connect(
+                db.url, timeout=timeout, server_settings={"application_name": "dialtone-control-channel"}
+            )
+
+        channel = ControlChannel(connect, db.pool, node_id=app[NODE_ID], handlers=handlers(app))
+        app[CONTROL] = channel
+        await channel.start(timeout=timeout)
+        try:
+            yield
+        finally:
+            await channel.stop()
+
+    return context

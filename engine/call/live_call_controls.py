@@ -1,0 +1,47 @@
+"""The live-call controls a node carries out on the calls it holds, whoever asked: this process's API or another's.
+
+Hang-up goes through Twilio's REST API when the engine has credentials (Twilio then stops the stream), else the
+node closes the call's media stream itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from aiohttp import ChainMapProxy, web
+
+from engine.call.control_channel import Acknowledgement, Handler
+from engine.server.appkeys import LIVE_CALLS, TWILIO
+from storage.end_reasons import EndReason
+
+HANG_UP = "hangup"
+"""The command name of a hang-up."""
+
+EndedBy = Literal["twilio", "engine"]
+
+
+async def hang_up_here(app: web.Application | ChainMapProxy, call_log_id: str, call_sid: str | None) -> EndedBy | None:
+    """End the call if this process holds it: through Twilio when it can, else by closing the stream; None if the
+    call does not run here."""
+    session = app[LIVE_CALLS].get(call_log_id)
+    if session is None:
+        return None
+    twilio = app.get(TWILIO)
+    if twilio is not None and call_sid and await twilio.hang_up(call_sid):
+        return "twilio"
+    session.end_from_outside(EndReason.API_HANGUP, completed=True)
+    return "engine"
+
+
+def live_call_handlers(app: web.Application) -> Mapping[str, Handler]:
+    """The commands this node answers on the command channel, by name."""
+
+    async def hang_up(call_log_id: str, args: Mapping[str, Any]) -> Acknowledgement:
+        call_sid = args.get("callSid")
+        ended_by = await hang_up_here(app, call_log_id, call_sid if isinstance(call_sid, str) else None)
+        if ended_by is None:
+            return Acknowledgement(applied=False, detail=f"call {call_log_id} no longer runs on that engine node")
+        return Acknowledgement(applied=True, result={"endedBy": ended_by})
+
+    return {HANG_UP: hang_up}

@@ -1,0 +1,209 @@
+"""Finished recordings into their store: a row per recording, uploads with retries, and the retention sweep.
+
+At a call's end `RecordingUploads.finished` writes the recording's "CallRecording" row. With object storage, the
+upload worker of every process claims its spool's PENDING rows under leases, uploads each file, and removes the
+local file only once the store has confirmed it; a failed upload is retried later with a growing wait, by any
+process whose state folder holds that spool (this one, a later run, or another replica sharing the folder). The
+retention sweep deletes recordings older than DIALTONE_RECORDING_RETENTION_DAYS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from aiohttp import web
+
+from config.settings import Settings
+from engine.server.appkeys import DATABASE, SETTINGS
+from storage import Pool, call_recordings
+from storage.call_recordings import ClaimedUpload, RecordingStatus
+from storage.errors import DATABASE_ERRORS
+from storage.recording_stores import RecordingStore, RecordingStoreError, object_key, open_recording_store
+
+log = logging.getLogger(__name__)
+
+SPOOL_ID_FILENAME = "recording_spool_id"
+"""The file in the state folder naming its spool of recordings waiting for upload ("CallRecording"."spool")."""
+CLAIM_BATCH = 4
+UPLOAD_LEASE = timedelta(minutes=10)
+RETENTION_INTERVAL = timedelta(hours=1)
+RETENTION_BATCH = 500
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def spool_id(state_dir: Path) -> str:
+    """The id of the state folder's recording spool: made once (atomically), shared by every process using it."""
+    path = state_dir / SPOOL_ID_FILENAME
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{SPOOL_ID_FILENAME}.")
+        try:
+            with os.fdopen(descriptor, "w", encoding="ascii") as file:
+                file.write(secrets.token_hex(16) + "\n")
+            with contextlib.suppress(FileExistsError):  # another process made it first: adopt theirs
+                os.link(temporary, path)
+        finally:
+            os.unlink(temporary)
+    return path.read_text(encoding="ascii").strip()
+
+
+class RecordingUploads:
+    """This process's side of the recordings: rows at calls' ends, uploads of its spool, the retention sweep."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        store: RecordingStore,
+        settings: Settings,
+        *,
+        spool: str,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        """Keep recordings in `store`; `spool` is this state folder's spool id."""
+        self._pool = pool
+        self.store = store
+        self._settings = settings
+        self._spool = spool
+        self._clock = clock
+        self._wake = asyncio.Event()
+
+    async def finished(self, *, organization_id: str, call_log_id: str, path: Path, size: int) -> None:
+        """Record a call's finished recording file; with object storage, wake the uploader for it.
+
+        A database that cannot take the row leaves the file where it is (served by this host): logged, never raised.
+        """
+        try:
+            await call_recordings.add_recording(
+                self._pool,
+                organization_id=organization_id,
+                call_log_id=call_log_id,
+                store=self.store.name,
+                object_key=object_key(organization_id, call_log_id),
+                spool=self._spool,
+                local_path=str(path),
+                size=size,
+                stored=not self.store.uploads,
+                now=self._clock(),
+            )
+        except DATABASE_ERRORS as exc:
+            log.error("recording of call %s stays in %s: could not record it (%s)", call_log_id, path, exc)
+            return
+        if self.store.uploads:
+            self._wake.set()
+
+    async def upload_due(self) -> int:
+        """Upload every recording of this spool due when the pass starts; how many are now stored.
+
+        A recording that fails is due again only after its wait, so it is not tried twice in one pass.
+        """
+        stored = 0
+        started = self._clock()
+        while claims := await call_recordings.claim_due(
+            self._pool, spool=self._spool, limit=CLAIM_BATCH, lease=UPLOAD_LEASE, due_by=started
+        ):
+            for claim in claims:
+                stored += await self._upload(claim)
+        return stored
+
+    async def _upload(self, claim: ClaimedUpload) -> int:
+        recording = claim.recording
+        path = Path(recording.local_path)
+        try:
+            if not await asyncio.to_thread(path.is_file):
+                raise RecordingStoreError(f"{path}: the local recording file is missing")
+            await self.store.put(recording.object_key, path)
+        except RecordingStoreError as exc:
+            wait = min(
+                self._settings.recording_upload_retry_initial * 2 ** (recording.attempt_count - 1),
+                self._settings.recording_upload_retry_max,
+            )
+            log.warning("recording of call %s: %s; retrying in %.0f s", recording.call_log_id, exc, wait)
+            await call_recordings.retry_later(
+                self._pool, claim, error=str(exc), next_attempt_at=self._clock() + timedelta(seconds=wait)
+            )
+            return 0
+        if not await call_recordings.mark_stored(self._pool, claim, now=self._clock()):
+            log.warning("recording of call %s: uploaded after its lease ran out", recording.call_log_id)
+            return 0
+        # Only now, with the store's confirmation recorded, may the local copy go.
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        log.info("recording of call %s uploaded (%d bytes)", recording.call_log_id, recording.bytes)
+        return 1
+
+    async def expire(self) -> int:
+        """Delete the recordings older than the retention period; how many were deleted."""
+        days = self._settings.recording_retention_days
+        if days is None:
+            return 0
+        deleted = 0
+        cutoff = self._clock() - timedelta(days=days)
+        for recording in await call_recordings.expired_recordings(
+            self._pool, created_before=cutoff, limit=RETENTION_BATCH
+        ):
+            local_only = recording.status is RecordingStatus.PENDING or recording.store == "local"
+            if local_only and recording.spool != self._spool:
+                continue  # its file is in another state folder; a process using that one deletes it
+            if not local_only and recording.store != self.store.name:
+                continue  # kept in a store this process is not configured for
+            try:
+                if local_only:
+                    await asyncio.to_thread(Path(recording.local_path).unlink, missing_ok=True)
+                else:
+                    await self.store.delete(recording.object_key)
+            except RecordingStoreError as exc:
+                log.warning("recording of call %s: not deleted yet (%s)", recording.call_log_id, exc)
+                continue
+            await call_recordings.mark_deleted(self._pool, recording, now=self._clock())
+            deleted += 1
+        if deleted:
+            log.info("deleted %d recordings older than %d days", deleted, days)
+        return deleted
+
+    async def run(self) -> None:
+        """Upload due recordings when woken or every DIALTONE_RECORDING_UPLOAD_INTERVAL; sweep hourly."""
+        next_sweep = self._clock()
+        while True:
+            try:
+                if self.store.uploads:
+                    await self.upload_due()
+                if self._clock() >= next_sweep:
+                    next_sweep = self._clock() + RETENTION_INTERVAL
+                    await self.expire()
+            except DATABASE_ERRORS as exc:
+                log.warning("recording uploads: database unavailable (%s); retrying", exc)
+            except Exception:  # the worker must outlive any one bad pass
+                log.exception("recording uploads: pass failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._settings.recording_upload_interval)
+            self._wake.clear()
+
+
+RECORDING_UPLOADS = web.AppKey("recording_uploads", RecordingUploads)
+
+
+async def recording_uploads_context(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: the recording store and its worker under RECORDING_UPLOADS."""
+    settings = app[SETTINGS]
+    store = await open_recording_store(settings)
+    spool = await asyncio.to_thread(spool_id, Path(settings.state_dir))
+    uploads = RecordingUploads(app[DATABASE].pool, store, settings, spool=spool)
+    app[RECORDING_UPLOADS] = uploads
+    task = asyncio.create_task(uploads.run(), name="recording-uploads")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.aclose()

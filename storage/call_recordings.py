@@ -1,0 +1,203 @@
+"""Where each call's recording is kept ("CallRecording"): queued at the call's end, uploaded under leases, expired.
+
+A row is PENDING until its file is in the store, then STORED, then DELETED by the retention sweep. Upload workers
+`claim_due` rows of their own spool (the state folder that holds the file) with FOR UPDATE SKIP LOCKED, like the webhook
+outbox: a claim moves "nextAttemptAt" to the end of its lease, so a worker that dies only delays the upload, and
+every outcome is recorded against the claim's lease token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from storage.errors import translate_errors
+from storage.records import Queryable, Record, new_id, transaction
+
+_COLUMNS = (
+    '"id", "organizationId", "callLogId", "store", "objectKey", "spool", "localPath", "bytes", "status", '
+    '"attemptCount", "nextAttemptAt", "lastError", "storedAt", "deletedAt", "createdAt"'
+)
+
+
+class RecordingStatus(StrEnum):
+    """Where a recording stands: waiting for its upload, kept in its store, or deleted by retention."""
+
+    PENDING = "PENDING"
+    STORED = "STORED"
+    DELETED = "DELETED"
+
+
+class CallRecording(Record):
+    """A call's recording: its store and key there, the local file it was written to, and its status."""
+
+    id: str
+    organization_id: str
+    call_log_id: str
+    store: str
+    object_key: str
+    spool: str
+    local_path: str
+    bytes: int
+    status: RecordingStatus
+    attempt_count: int
+    next_attempt_at: datetime
+    last_error: str | None
+    stored_at: datetime | None
+    deleted_at: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedUpload:
+    """A PENDING recording a worker holds until `lease_token`'s lease runs out."""
+
+    recording: CallRecording
+    lease_token: str
+
+
+async def add_recording(
+    db: Queryable,
+    *,
+    organization_id: str,
+    call_log_id: str,
+    store: str,
+    object_key: str,
+    spool: str,
+    local_path: str,
+    size: int,
+    stored: bool,
+    now: datetime,
+) -> CallRecording:
+    """Record a call's finished recording: STORED when it is already in its store, else PENDING (due now).
+
+    Adding the same call's recording again returns the row there is.
+    """
+    with translate_errors():
+        row = await db.fetchrow(
+            f"""
+            INSERT INTO "CallRecording" ("id", "organizationId", "callLogId", "store", "objectKey", "spool",
+                                         "localPath", "bytes", "status", "storedAt", "nextAttemptAt", "createdAt")
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN $10 THEN $11::timestamptz END, $11, $11)
+            ON CONFLICT ("callLogId") DO UPDATE SET "callLogId" = EXCLUDED."callLogId"
+            RETURNING {_COLUMNS}
+            """,
+            new_id(),
+            organization_id,
+            call_log_id,
+            store,
+            object_key,
+            spool,
+            local_path,
+            size,
+            RecordingStatus.STORED if stored else RecordingStatus.PENDING,
+            stored,
+            now,
+        )
+    assert row is not None
+    return CallRecording.from_row(row)
+
+
+async def find_recording(db: Queryable, *, call_log_id: str) -> CallRecording | None:
+    """The recording row of a call, or None. Unscoped: callers check the call's owner first."""
+    row = await db.fetchrow(f'SELECT {_COLUMNS} FROM "CallRecording" WHERE "callLogId" = $1', call_log_id)
+    return None if row is None else CallRecording.from_row(row)
+
+
+async def claim_due(
+    db: Queryable, *, spool: str, limit: int, lease: timedelta, due_by: datetime
+) -> list[ClaimedUpload]:
+    """Take up to `limit` PENDING recordings of `spool` due by `due_by` (and now), oldest first, for `lease`; rows
+    others hold are skipped."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    lease_token = new_id()
+    rows = await db.fetch(
+        f"""
+        WITH due AS (
+            SELECT "id" FROM "CallRecording"
+            WHERE "status" = 'PENDING' AND "spool" = $1
+              AND "nextAttemptAt" <= LEAST(clock_timestamp(), $5::timestamptz(3))
+            ORDER BY "nextAttemptAt", "id"
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE "CallRecording" r SET
+            "leaseToken" = $3,
+            "leasedUntil" = clock_timestamp() + $4::interval,
+            "nextAttemptAt" = clock_timestamp() + $4::interval,
+            "attemptCount" = r."attemptCount" + 1
+        FROM due WHERE r."id" = due."id"
+        RETURNING {", ".join(f"r.{column.strip()}" for column in _COLUMNS.split(","))}
+        """,
+        spool,
+        limit,
+        lease_token,
+        lease,
+        due_by,
+    )
+    return [ClaimedUpload(CallRecording.from_row(row), lease_token) for row in rows]
+
+
+async def mark_stored(db: Queryable, claim: ClaimedUpload, *, now: datetime) -> bool:
+    """The claimed upload is confirmed by the store; False if the lease was lost to another worker."""
+    status = await db.execute(
+        """
+        UPDATE "CallRecording" SET "status" = 'STORED', "storedAt" = $3, "lastError" = NULL,
+                                   "leaseToken" = NULL, "leasedUntil" = NULL
+        WHERE "id" = $1 AND "leaseToken" = $2 AND "status" = 'PENDING'
+        """,
+        claim.recording.id,
+        claim.lease_token,
+        now,
+    )
+    return status != "UPDATE 0"
+
+
+async def retry_later(db: Queryable, claim: ClaimedUpload, *, error: str, next_attempt_at: datetime) -> bool:
+    """The claimed upload failed: try again at `next_attempt_at`; False if the lease was lost."""
+    status = await db.execute(
+        """
+        UPDATE "CallRecording" SET "lastError" = $3, "nextAttemptAt" = $4, "leaseToken" = NULL, "leasedUntil" = NULL
+        WHERE "id" = $1 AND "leaseToken" = $2 AND "status" = 'PENDING'
+        """,
+        claim.recording.id,
+        claim.lease_token,
+        error[:1000],
+        next_attempt_at,
+    )
+    return status != "UPDATE 0"
+
+
+async def expired_recordings(db: Queryable, *, created_before: datetime, limit: int) -> list[CallRecording]:
+    """Recordings not yet deleted that were made before `created_before`, oldest first. Unscoped: retention."""
+    rows = await db.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM "CallRecording"
+        WHERE "status" <> 'DELETED' AND "createdAt" < $1
+        ORDER BY "createdAt", "id" LIMIT $2
+        """,
+        created_before,
+        limit,
+    )
+    return CallRecording.from_rows(rows)
+
+
+async def mark_deleted(db: Queryable, recording: CallRecording, *, now: datetime) -> None:
+    """The recording is gone from its store: DELETED, and its call log no longer links to it."""
+    async with transaction(db) as conn:
+        await conn.execute(
+            """
+            UPDATE "CallRecording" SET "status" = 'DELETED', "deletedAt" = $2, "leaseToken" = NULL,
+                                       "leasedUntil" = NULL
+            WHERE "id" = $1
+            """,
+            recording.id,
+            now,
+        )
+        await conn.execute(
+            'UPDATE "CallLog" SET "recordingUrl" = NULL WHERE "id" = $1 AND "organizationId" = $2',
+            recording.call_log_id,
+            recording.organization_id,
+        )
