@@ -19,7 +19,7 @@ import pytest
 
 from engine.api.operations import Operation
 from engine.api.routes import PREFIX, RESOURCES
-from storage import api_keys, events, users
+from storage import api_keys, do_not_call, events, users
 from storage.enums import UserRole, UserStatus
 from storage.records import new_id
 from storage.webhook_outbox import WebhookEvent, enqueue_event
@@ -32,6 +32,7 @@ PARAMETER_TABLES = {
     "documentId": "KnowledgeBaseDocument",
     "deliveryId": "WebhookDelivery",
     "recipientId": "CampaignRecipient",
+    "entryId": "DoNotCallEntry",
 }
 # A body value for a field the generic filler cannot guess, by the field's JSON name (None: leave it out).
 FIELD_SAMPLES: dict[str, Any] = {
@@ -88,6 +89,9 @@ async def seed_tenant(pool: asyncpg.Pool) -> Tenant:
         await conn.execute(
             """UPDATE "WebhookDelivery" SET "status" = 'FAILED' WHERE "organizationId" = $1""", organization_id
         )
+    await do_not_call.add_entry(
+        pool, organization_id=organization_id, phone_number="+12125550199", source=do_not_call.DoNotCallSource.API
+    )
     return Tenant(organization_id, created.plaintext)
 
 
