@@ -130,7 +130,7 @@ async def test_a_tool_that_is_not_connected_is_not_offered_to_the_model(
     fakes.openai.replies.extend(["Done."])
     await call(engine, number, Say("a table for two"), Pause(300))
     offered = {tool["function"]["name"] for tool in fakes.openai.requests[-1]["tools"]}
-    assert offered == {"end_call", "send_dtmf", "book_table"}
+    assert offered == {"end_call", "send_dtmf", "opt_out", "book_table"}
 
 
 async def test_a_voice_that_is_no_longer_ready_gives_way_to_the_providers_default(
