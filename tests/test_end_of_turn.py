@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.call.speculation import RESUME_MS, CallerPause
-from pipelines.conversation.end_of_turn import looks_finished, same_words
+from pipelines.conversation.end_of_turn import looks_finished, same_words, without_taken
 
 
 @pytest.mark.parametrize(
@@ -53,3 +53,10 @@ def test_the_pause_counts_silence_and_says_when_the_caller_speaks_on() -> None:
     pause.frame(voiced=True)
     pause.frame(voiced=False)
     assert pause.frame(voiced=True) is False  # a 20 ms sound after a pause is not yet speaking on
+
+
+def test_words_a_turn_already_took_are_cut_from_the_recognizer_s_later_end_of_turn() -> None:
+    assert without_taken("I want a table. For four.", ["i", "want", "a", "table"]) == "For four."
+    assert without_taken("I want a table.", ["i", "want", "a", "table"]) == ""
+    assert without_taken("I want a chair.", ["i", "want", "a", "table"]) == "I want a chair."
+    assert without_taken("Hello there.", []) == "Hello there."

@@ -35,8 +35,8 @@ from media.twilio_stream import MarkFlushed, MarkPlayed
 from media.vad import SpeechStarted as VadSpeechStarted
 from media.vad import VoiceActivityDetector
 from pipelines.conversation.chunking import SentenceChunker
-from pipelines.conversation.end_of_turn import looks_finished, same_words
-from pipelines.conversation.turn_taking import BargeInPolicy
+from pipelines.conversation.end_of_turn import looks_finished, same_words, without_taken
+from pipelines.conversation.turn_taking import BargeInPolicy, words_of
 from pipelines.fallback import FailsOver, Prewarmable
 from pipelines.llm.base import ConversationTurn, EndCall, LLMError, Rewinds, SendDtmf, TextDelta, TransferCall
 from pipelines.registry import Pipeline
@@ -100,6 +100,8 @@ class PipelineDriver:
         self._pause = CallerPause()
         self._finalize_asked = False  # the recognizer was asked for its final words in this pause
         self._held_turn: tuple[list[str], int] | None = None  # unfinished words (and their end) awaiting silence
+        self._unended_finals: list[str] = []  # final words since the recognizer's last end of turn
+        self._taken_early: list[str] = []  # words of those a turn took on silence, before the recognizer ended it
         self._speculation: SpeculativeReply | None = None
         self._closed = False
 
@@ -156,7 +158,7 @@ class PipelineDriver:
             self._host.activity()
             if self._pending_caller_text:
                 # The recognizer gave final words but no end of turn: the silence decides.
-                self._end_turn_if_finished(vad_event.at_ms)
+                self._end_turn_if_finished(vad_event.at_ms, by_recognizer=False)
         if self._barge_in.frame(
             voiced=voiced, caller_speaking=vad.speaking, agent_speaking=self._speech.current is not None
         ):
@@ -230,16 +232,19 @@ class PipelineDriver:
                         if finalized:
                             self._maybe_speculate("" if is_final else text)
                     case EndOfTurn(text=text, at_ms=at_ms):
-                        if text.strip():  # the whole turn's words, replacing the finals gathered so far
+                        self._unended_finals.clear()
+                        text, self._taken_early = without_taken(text, self._taken_early).strip(), []
+                        if text:  # the whole turn's words, replacing the finals gathered so far
                             held = self._held_turn[0] if self._held_turn is not None else []
-                            self._pending_caller_text = [*held, text.strip()]
-                        self._end_turn_if_finished(at_ms)
+                            self._pending_caller_text = [*held, text]
+                        self._end_turn_if_finished(at_ms, by_recognizer=True)
         except STTError as exc:
             self._host.fail(EndReason.STT_FAILED, str(exc))
 
     def _on_transcript(self, text: str, is_final: bool) -> None:
         if is_final and text.strip():
             self._pending_caller_text.append(text.strip())
+            self._unended_finals.append(text.strip())
         elif not is_final and self._speech.current is not None and self._barge_in.words_interrupt(text):
             self._cut("caller words")
 
@@ -250,7 +255,7 @@ class PipelineDriver:
         stt = self._pipeline.stt
         return isinstance(stt, FinalizesEarly) and stt.punctuates
 
-    def _end_turn_if_finished(self, end_ms: int) -> None:
+    def _end_turn_if_finished(self, end_ms: int, *, by_recognizer: bool) -> None:
         """An end of turn (the recognizer's, or the VAD's silence): take it, unless the words so far are clearly
         unfinished and the pause is still shorter than the agent's "incomplete sentence" silence."""
         text = " ".join(self._pending_caller_text).strip()
@@ -260,15 +265,14 @@ class PipelineDriver:
             self._held_turn = (list(self._pending_caller_text), end_ms)
             self._discard_speculation("unfinished words")
             return
-        self._take_pending_caller_turn(end_ms)
+        self._take_pending_caller_turn(end_ms, by_recognizer=by_recognizer)
 
     def _on_pause_frame(self, voiced: bool) -> None:
         """Count the caller's pause: speaking on drops a speculation; a long enough silence ends a held turn, a
         short one asks the recognizer for its final words (to speculate on)."""
         pause = self._pause
         if pause.frame(voiced=voiced):
-            self._finalize_asked = False
-            self._held_turn = None  # the words go on: the recognizer's next end of turn carries them on
+            self._finalize_asked = False  # held unfinished words stay: the next end of turn carries them on
             self._discard_speculation("the caller spoke on")
             return
         if voiced:
@@ -276,7 +280,7 @@ class PipelineDriver:
         endpointing = self._host.config.endpointing
         held = self._held_turn
         if held is not None and pause.quiet_ms >= endpointing.incomplete_silence_ms:
-            self._take_pending_caller_turn(held[1])
+            self._take_pending_caller_turn(held[1], by_recognizer=False)
             return
         stt = self._pipeline.stt
         if (
@@ -298,7 +302,7 @@ class PipelineDriver:
         still silent and they read as finished, start the reply on them, its audio held."""
         if not self._finalize_asked or self._pause.quiet_ms == 0 or self._speculation is not None:
             return
-        if self._reply is not None or self._speech.current is not None or self._held_turn is not None:
+        if self._reply is not None or self._speech.current is not None:
             return
         text = " ".join([*self._pending_caller_text, provisional.strip()]).strip()
         if not text or not looks_finished(text, punctuated=self._punctuated):
@@ -319,7 +323,10 @@ class PipelineDriver:
             self._speech.release(speculation.utterance)
             speculation.discard(self._pipeline.llm)
 
-    def _take_pending_caller_turn(self, end_ms: int) -> None:
+    def _take_pending_caller_turn(self, end_ms: int, *, by_recognizer: bool) -> None:
+        if not by_recognizer:  # the recognizer will end its turn later, repeating these words: they are taken
+            self._taken_early += words_of(" ".join(self._unended_finals))
+            self._unended_finals.clear()
         text = " ".join(self._pending_caller_text).strip()
         self._pending_caller_text.clear()
         self._held_turn = None

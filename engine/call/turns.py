@@ -23,7 +23,7 @@ TRANSCRIPTION_FAILED: Final = "[speech, transcription failed]"
 LATENCY_STAGE: Final = "firstFrameSent"
 """The stage a turn's headline latency is: the agent's first audio sent, after the caller stopped speaking."""
 SPECULATIVE_FLAG: Final = "speculative"
-"""The key marking a speculative reply in an agent turn's latency record (true when it was; never a stage)."""
+"""The key marking a speculative reply in an agent turn's latency record (1 when it was; never a stage)."""
 
 
 @dataclass(slots=True)
@@ -92,8 +92,8 @@ class TurnLog:
     ) -> None:
         """Record an agent turn's latency stages (seconds on the call's clock); the headline is `firstFrameSent`.
 
-        A reply started before the caller's turn was confirmed is marked `"speculative": true` in the record (not a
-        stage; absent for the others).
+        A reply started before the caller's turn was confirmed is marked `"speculative": 1` in the record (a flag
+        in the record's integers, not a stage; absent for the others).
         """
         if reply_to is None or stage_at.get(LATENCY_STAGE) is None:
             return
@@ -101,7 +101,7 @@ class TurnLog:
         turn.latency_ms = stages[LATENCY_STAGE]
         self._latencies.append(turn.latency_ms)
         metrics.observe_turn(stages)
-        turn.latency = {**stages, SPECULATIVE_FLAG: True} if speculative else stages
+        turn.latency = {**stages, SPECULATIVE_FLAG: 1} if speculative else stages
 
     def flush(self) -> None:
         """Write the settled turns in order, up to the first one still waiting."""

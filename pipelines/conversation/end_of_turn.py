@@ -16,7 +16,7 @@ from typing import Final
 
 from pipelines.conversation.turn_taking import words_of
 
-__all__ = ["UNFINISHED_ENDINGS", "looks_finished", "same_words"]
+__all__ = ["UNFINISHED_ENDINGS", "looks_finished", "same_words", "without_taken"]
 
 _CONJUNCTIONS = "and or but nor because although though unless whereas than"
 _PREPOSITIONS = "to of for with from at into onto between through during without toward towards via per"
@@ -48,3 +48,18 @@ def looks_finished(text: str, *, punctuated: bool) -> bool:
 def same_words(first: str, second: str) -> bool:
     """Whether two transcripts say the same words (case and punctuation aside): a reply to one answers the other."""
     return words_of(first) == words_of(second)
+
+
+def without_taken(text: str, taken: list[str]) -> str:
+    """`text` (a recognizer's end of turn) without its first words when they are `taken` (words, as `words_of`
+    gives them, that an earlier turn already took: the silence ended that turn before the recognizer did)."""
+    if not taken:
+        return text
+    tokens = text.split()
+    for cut in range(len(tokens) + 1):
+        said = words_of(" ".join(tokens[:cut]))
+        if said == taken:
+            return " ".join(tokens[cut:])
+        if len(said) > len(taken):
+            break
+    return text
