@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.call.caller_words import CallerWords
 from engine.call.speculation import RESUME_MS, CallerPause
 from pipelines.conversation.end_of_turn import looks_finished, same_words, without_taken
 
@@ -60,3 +61,28 @@ def test_words_a_turn_already_took_are_cut_from_the_recognizer_s_later_end_of_tu
     assert without_taken("I want a table.", ["i", "want", "a", "table"]) == ""
     assert without_taken("I want a chair.", ["i", "want", "a", "table"]) == "I want a chair."
     assert without_taken("Hello there.", []) == "Hello there."
+
+
+def test_held_unfinished_words_lead_the_next_turn() -> None:
+    words = CallerWords()
+    words.final("I would like to")
+    words.recognizer_ended("I would like to")
+    assert not words.finished(punctuated=True)
+    words.hold(1200)
+    assert words.held_end_ms == 1200
+    words.final("book a table.")
+    words.recognizer_ended("book a table.")
+    assert words.finished(punctuated=True)
+    assert words.take(by_recognizer=True) == "I would like to book a table."
+    assert not words.waiting and words.held_end_ms is None
+
+
+def test_a_turn_the_silence_took_is_not_repeated_by_the_recognizer_s_late_end_of_turn() -> None:
+    words = CallerWords()
+    words.final("I want a table.")
+    assert words.take(by_recognizer=False) == "I want a table."
+    words.recognizer_ended("I want a table.")
+    assert not words.waiting  # nothing new: no second turn
+    words.final("For four.")
+    words.recognizer_ended("For four.")
+    assert words.take(by_recognizer=True) == "For four."

@@ -18,6 +18,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
+from engine.call.caller_words import CallerWords
 from engine.call.driver import (
     DEFAULT_APOLOGY,
     HANGUP_GRACE_SECONDS,
@@ -35,8 +36,8 @@ from media.twilio_stream import MarkFlushed, MarkPlayed
 from media.vad import SpeechStarted as VadSpeechStarted
 from media.vad import VoiceActivityDetector
 from pipelines.conversation.chunking import SentenceChunker
-from pipelines.conversation.end_of_turn import looks_finished, same_words, without_taken
-from pipelines.conversation.turn_taking import BargeInPolicy, words_of
+from pipelines.conversation.end_of_turn import looks_finished, same_words
+from pipelines.conversation.turn_taking import BargeInPolicy
 from pipelines.fallback import FailsOver, Prewarmable
 from pipelines.llm.base import ConversationTurn, EndCall, LLMError, Rewinds, SendDtmf, TextDelta, TransferCall
 from pipelines.registry import Pipeline
@@ -96,12 +97,9 @@ class PipelineDriver:
         self._caller_speech_started_ms: int | None = None
         self._caller_speech_ended_at: float | None = None
         self._last_voiced_at: float | None = None
-        self._pending_caller_text: list[str] = []
+        self._caller_words = CallerWords()
         self._pause = CallerPause()
         self._finalize_asked = False  # the recognizer was asked for its final words in this pause
-        self._held_turn: tuple[list[str], int] | None = None  # unfinished words (and their end) awaiting silence
-        self._unended_finals: list[str] = []  # final words since the recognizer's last end of turn
-        self._taken_early: list[str] = []  # words of those a turn took on silence, before the recognizer ended it
         self._speculation: SpeculativeReply | None = None
         self._closed = False
 
@@ -156,7 +154,7 @@ class PipelineDriver:
         elif vad_event is not None:  # speech stopped
             self._caller_speech_ended_at = self._last_voiced_at or self._host.clock()
             self._host.activity()
-            if self._pending_caller_text:
+            if self._caller_words.waiting:
                 # The recognizer gave final words but no end of turn: the silence decides.
                 self._end_turn_if_finished(vad_event.at_ms, by_recognizer=False)
         if self._barge_in.frame(
@@ -232,19 +230,14 @@ class PipelineDriver:
                         if finalized:
                             self._maybe_speculate("" if is_final else text)
                     case EndOfTurn(text=text, at_ms=at_ms):
-                        self._unended_finals.clear()
-                        text, self._taken_early = without_taken(text, self._taken_early).strip(), []
-                        if text:  # the whole turn's words, replacing the finals gathered so far
-                            held = self._held_turn[0] if self._held_turn is not None else []
-                            self._pending_caller_text = [*held, text]
+                        self._caller_words.recognizer_ended(text)
                         self._end_turn_if_finished(at_ms, by_recognizer=True)
         except STTError as exc:
             self._host.fail(EndReason.STT_FAILED, str(exc))
 
     def _on_transcript(self, text: str, is_final: bool) -> None:
         if is_final and text.strip():
-            self._pending_caller_text.append(text.strip())
-            self._unended_finals.append(text.strip())
+            self._caller_words.final(text)
         elif not is_final and self._speech.current is not None and self._barge_in.words_interrupt(text):
             self._cut("caller words")
 
@@ -258,11 +251,9 @@ class PipelineDriver:
     def _end_turn_if_finished(self, end_ms: int, *, by_recognizer: bool) -> None:
         """An end of turn (the recognizer's, or the VAD's silence): take it, unless the words so far are clearly
         unfinished and the pause is still shorter than the agent's "incomplete sentence" silence."""
-        text = " ".join(self._pending_caller_text).strip()
-        endpointing = self._host.config.endpointing
-        unfinished = text and not looks_finished(text, punctuated=self._punctuated)
-        if unfinished and self._pause.quiet_ms < endpointing.incomplete_silence_ms:
-            self._held_turn = (list(self._pending_caller_text), end_ms)
+        unfinished = not self._caller_words.finished(punctuated=self._punctuated)
+        if unfinished and self._pause.quiet_ms < self._host.config.endpointing.incomplete_silence_ms:
+            self._caller_words.hold(end_ms)
             self._discard_speculation("unfinished words")
             return
         self._take_pending_caller_turn(end_ms, by_recognizer=by_recognizer)
@@ -278,9 +269,9 @@ class PipelineDriver:
         if voiced:
             return
         endpointing = self._host.config.endpointing
-        held = self._held_turn
-        if held is not None and pause.quiet_ms >= endpointing.incomplete_silence_ms:
-            self._take_pending_caller_turn(held[1], by_recognizer=False)
+        held_end_ms = self._caller_words.held_end_ms
+        if held_end_ms is not None and pause.quiet_ms >= endpointing.incomplete_silence_ms:
+            self._take_pending_caller_turn(held_end_ms, by_recognizer=False)
             return
         stt = self._pipeline.stt
         if (
@@ -304,7 +295,7 @@ class PipelineDriver:
             return
         if self._reply is not None or self._speech.current is not None:
             return
-        text = " ".join([*self._pending_caller_text, provisional.strip()]).strip()
+        text = self._caller_words.so_far(provisional)
         if not text or not looks_finished(text, punctuated=self._punctuated):
             return
         llm = self._pipeline.llm
@@ -324,12 +315,7 @@ class PipelineDriver:
             speculation.discard(self._pipeline.llm)
 
     def _take_pending_caller_turn(self, end_ms: int, *, by_recognizer: bool) -> None:
-        if not by_recognizer:  # the recognizer will end its turn later, repeating these words: they are taken
-            self._taken_early += words_of(" ".join(self._unended_finals))
-            self._unended_finals.clear()
-        text = " ".join(self._pending_caller_text).strip()
-        self._pending_caller_text.clear()
-        self._held_turn = None
+        text = self._caller_words.take(by_recognizer=by_recognizer)
         self._finalize_asked = False
         if not text:
             return
