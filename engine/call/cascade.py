@@ -283,7 +283,7 @@ class PipelineDriver:
             and self._speculation is None
             and self._speech.current is None
             and isinstance(stt, FinalizesEarly)
-            and accepts(self._host.phase, PhaseEvent.REPLY)
+            and self._host.phase in (CallPhase.LISTENING, CallPhase.RESPONDING)  # not a callee's hello
         ):
             self._finalize_asked = True
             stt.finalize_now()
