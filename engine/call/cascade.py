@@ -309,6 +309,10 @@ class PipelineDriver:
 
     def _discard_speculation(self, why: str) -> None:
         speculation, self._speculation = self._speculation, None
+        self._drop(speculation, why)
+
+    def _drop(self, speculation: SpeculativeReply | None, why: str) -> None:
+        """Discard `speculation` (if any): nothing of it plays, is written, or stays in the model's state."""
         if speculation is not None:
             log.debug("call %s: speculative reply discarded (%s)", self._host.context.call_sid, why)
             self._speech.release(speculation.utterance)
@@ -328,17 +332,14 @@ class PipelineDriver:
         host = self._host
         speculation, self._speculation = self._speculation, None
         if speculation is not None and not same_words(speculation.text, text):
-            self._speculation = speculation
-            self._discard_speculation("the final words differ")
+            self._drop(speculation, "the final words differ")
             speculation = None
         if not accepts(host.phase, PhaseEvent.REPLY):
-            self._speculation = speculation
-            self._discard_speculation("the call is ending")
+            self._drop(speculation, "the call is ending")
             return  # the call is ending
         if self._speech.current is not None:
             if self._barge_in.is_backchannel(text):
-                self._speculation = speculation
-                self._discard_speculation("a backchannel")
+                self._drop(speculation, "a backchannel")
                 return  # "uh-huh" while the agent talks is not a turn
             self._cut("caller turn")
         host.turns.place("caller", start_ms, end_ms, text=text)
@@ -348,8 +349,7 @@ class PipelineDriver:
         reply_to = min(self._last_voiced_at or self._caller_speech_ended_at or now, now)
         self._caller_speech_ended_at = self._last_voiced_at = None
         if host.caller_turn_ended():
-            self._speculation = speculation
-            self._discard_speculation("the callee's greeting")
+            self._drop(speculation, "the callee's greeting")
             return  # the callee's hello: the agent opens instead
         if speculation is None:
             self._start_reply([], ask_model=True, reply_to=reply_to, turn_ended_at=now)
