@@ -344,6 +344,28 @@ class EndpointingConfig(_CallBehaviour):
     """VAD silence that ends the caller's turn when the speech-to-text gives no end of turn."""
     wait_for_greeting: bool = True
     """On outbound calls, let the callee speak first."""
+    speculate: bool = True
+    """Start the reply (model and synthesizer) after a short silence, before the turn is confirmed; its audio is
+    held until it is, and it is dropped if the caller speaks on or the final words differ."""
+    speculate_after_ms: Annotated[int, _between(40, 2000)] = 160
+    """VAD silence after the caller's speech at which the recognizer is asked for its final words and the
+    speculative reply starts."""
+    incomplete_silence_ms: Annotated[int, _between(300, 5000)] = 1000
+    """Silence that ends a turn whose words are clearly unfinished (no terminal punctuation from a punctuating
+    recognizer, or a last word such as "and", "to", "the"): a pause inside a sentence is not an end of turn."""
+
+
+class FirstClauseConfig(_CallBehaviour):
+    """Where the first audio of a reply starts: at the first phrase that can be spoken naturally."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    """Speak from the first clause boundary; off, the first audio waits for the model's whole first sentence."""
+    min_words: Annotated[int, _between(1, 50)] = 4
+    """Words the first clause must have before its boundary counts ("Sure," alone is not cut off)."""
+    marks: Annotated[str, Field(min_length=1, max_length=16)] = ",;:\u2014\u2013"
+    """The characters that end a clause (followed by a space): comma, semicolon, colon, em and en dashes."""
 
 
 class VoicemailConfig(_CallBehaviour):
@@ -519,6 +541,8 @@ class AgentConfiguration(_CallBehaviour):
     goodbye_sentence: str | None = None
     interruption: InterruptionConfig = InterruptionConfig()
     endpointing: EndpointingConfig = EndpointingConfig()
+    first_clause: FirstClauseConfig = FirstClauseConfig()
+    """When a reply's first audio starts (see FirstClauseConfig)."""
     voicemail: VoicemailConfig = VoicemailConfig()
     transfer: TransferConfig | None = None
     """Where the model may transfer calls (`transfer_call`); null: nowhere, and the function is not offered."""

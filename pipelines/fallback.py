@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from media.g711 import BYTES_PER_MS
-from pipelines.llm.base import ConversationTurn, LanguageModel, LLMError, LLMEvent
-from pipelines.stt.base import EndOfTurn, SpeechToText, STTError, STTEvent
+from pipelines.llm.base import ConversationTurn, LanguageModel, LLMError, LLMEvent, Rewinds
+from pipelines.streams import closing_stream
+from pipelines.stt.base import EndOfTurn, FinalizesEarly, SpeechToText, STTError, STTEvent
 from pipelines.tts.base import Alignment, TextToSpeech, TTSError
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,16 @@ class FallbackSTT:
         if self._active is not None:
             self._active.send_audio(ulaw, voiced=voiced)
 
+    @property
+    def punctuates(self) -> bool:
+        """Whether the active recognizer punctuates its transcripts."""
+        return isinstance(self._active, FinalizesEarly) and self._active.punctuates
+
+    def finalize_now(self) -> None:
+        """Ask the active recognizer for its final words now, if it can be asked."""
+        if isinstance(self._active, FinalizesEarly):
+            self._active.finalize_now()
+
     async def events(self) -> AsyncIterator[STTEvent]:
         """The active recognizer's events, on the call's timeline, across switches."""
         while self._active is not None:
@@ -155,9 +166,10 @@ class FallbackLLM:
             name, model = self._providers[self._index]
             produced = False
             try:
-                async for event in model.respond(conversation):
-                    produced = True
-                    yield event
+                async with closing_stream(model.respond(conversation)) as events:
+                    async for event in events:
+                        produced = True
+                        yield event
                 return
             except LLMError as exc:
                 if produced:
@@ -167,6 +179,18 @@ class FallbackLLM:
                     raise
                 log.warning("llm %s failed: %s; trying the next provider", name, exc)
                 self._index = following
+
+    def checkpoint(self) -> object:
+        """The current provider and its own checkpoint (for a model that `Rewinds`), for `rewind`."""
+        model = self._providers[self._index][1]
+        return (self._index, model.checkpoint() if isinstance(model, Rewinds) else None)
+
+    def rewind(self, checkpoint: object) -> None:
+        """Rewind the provider that was current at `checkpoint` (a fail-over since then stands)."""
+        index, inner = cast(tuple[int, object], checkpoint)
+        model = self._providers[index][1]
+        if isinstance(model, Rewinds):
+            model.rewind(inner)
 
     def fail_over(self) -> str | None:
         """Give up the current model for the rest of the call (it failed mid-reply); the next one's name."""
@@ -203,9 +227,10 @@ class FallbackTTS:
             name, tts = self._providers[self._index]
             produced = False
             try:
-                async for chunk in tts.synthesize(text):
-                    produced = produced or isinstance(chunk, bytes)
-                    yield chunk
+                async with closing_stream(tts.synthesize(text)) as chunks:
+                    async for chunk in chunks:
+                        produced = produced or isinstance(chunk, bytes)
+                        yield chunk
                 return
             except TTSError as exc:
                 if produced:

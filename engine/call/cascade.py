@@ -1,10 +1,13 @@
 """The pipeline conversation driver: the caller's speech to text, the model's reply, its text to speech.
 
 Caller frames go to the VAD and the recognizer; an end of turn (the recognizer's, or the VAD's silence after final
-words) starts a reply: the model's text is cut into sentences as it streams, each synthesized and played in turn,
-while the caller may barge in (pipelines.conversation.turn_taking). An agent turn is written with what the caller
-heard of it (pipelines.conversation.heard). A model or synthesizer that fails in the middle of a reply hands over to
-the next provider of its chain, and the caller hears a short apology instead of silence.
+words) starts a reply: the model's text is cut into pieces as it streams (the first clause, then sentences), each
+synthesized and played in turn, while the caller may barge in (pipelines.conversation.turn_taking). Words that are
+clearly unfinished (pipelines.conversation.end_of_turn) end a turn only after a longer silence. After a short silence
+the reply may start speculatively, its audio held until the turn is confirmed (engine.call.speculation). An agent
+turn is written with what the caller heard of it (pipelines.conversation.heard). A model or synthesizer that fails
+in the middle of a reply hands over to the next provider of its chain, and the caller hears a short apology instead
+of silence.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
+from engine.call.caller_words import CallerWords
 from engine.call.driver import (
     DEFAULT_APOLOGY,
     HANGUP_GRACE_SECONDS,
@@ -26,17 +30,29 @@ from engine.call.driver import (
 )
 from engine.call.phases import CallPhase, PhaseEvent, accepts
 from engine.call.pipeline_speech import AgentSpeech, Utterance
+from engine.call.speculation import CallerPause, SpeculativeReply
 from engine.server import metrics
 from media.g711 import FRAME_BYTES
 from media.twilio_stream import MarkFlushed, MarkPlayed
 from media.vad import SpeechStarted as VadSpeechStarted
 from media.vad import VoiceActivityDetector
 from pipelines.conversation.chunking import SentenceChunker
+from pipelines.conversation.end_of_turn import looks_finished, same_words
 from pipelines.conversation.turn_taking import BargeInPolicy
 from pipelines.fallback import FailsOver, Prewarmable
-from pipelines.llm.base import ConversationTurn, EndCall, LLMError, OptOut, SendDtmf, TextDelta, TransferCall
+from pipelines.llm.base import (
+    ConversationTurn,
+    EndCall,
+    LLMError,
+    OptOut,
+    Rewinds,
+    SendDtmf,
+    TextDelta,
+    TransferCall,
+)
 from pipelines.registry import Pipeline
-from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, TranscriptUpdate
+from pipelines.streams import closing_stream
+from pipelines.stt.base import EndOfTurn, FinalizesEarly, SpeechStarted, STTError, TranscriptUpdate
 from pipelines.tools import OPT_OUT_CONFIRMATION
 from pipelines.tts.base import TTSError
 from storage.end_reasons import EndReason
@@ -92,7 +108,10 @@ class PipelineDriver:
         self._caller_speech_started_ms: int | None = None
         self._caller_speech_ended_at: float | None = None
         self._last_voiced_at: float | None = None
-        self._pending_caller_text: list[str] = []
+        self._caller_words = CallerWords()
+        self._pause = CallerPause()
+        self._finalize_asked = False  # the recognizer was asked for its final words in this pause
+        self._speculation: SpeculativeReply | None = None
         self._closed = False
 
     # ------------------------------------------------------------------------------------ ConversationDriver
@@ -140,14 +159,15 @@ class PipelineDriver:
         stt.send_audio(payload, voiced=voiced)
         if voiced:
             self._last_voiced_at = self._host.clock()
+        self._on_pause_frame(voiced)
         if isinstance(vad_event, VadSpeechStarted):
             self._caller_speech_started_ms = vad_event.at_ms
         elif vad_event is not None:  # speech stopped
             self._caller_speech_ended_at = self._last_voiced_at or self._host.clock()
             self._host.activity()
-            if self._pending_caller_text:
+            if self._caller_words.waiting:
                 # The recognizer gave final words but no end of turn: the silence decides.
-                self._take_pending_caller_turn(vad_event.at_ms)
+                self._end_turn_if_finished(vad_event.at_ms, by_recognizer=False)
         if self._barge_in.frame(
             voiced=voiced, caller_speaking=vad.speaking, agent_speaking=self._speech.current is not None
         ):
@@ -165,6 +185,7 @@ class PipelineDriver:
 
     async def interrupt(self, why: str) -> None:
         """Stop the reply and what is playing now; the transcript keeps what was heard."""
+        self._discard_speculation(why)
         reply, self._reply = self._reply, None
         if reply is not None and reply is not asyncio.current_task():
             reply.cancel()
@@ -192,6 +213,7 @@ class PipelineDriver:
         if self._closed:
             return
         self._closed = True
+        self._discard_speculation("the call ended")
         reply, self._reply = self._reply, None
         if reply is not None:
             reply.cancel()
@@ -214,36 +236,121 @@ class PipelineDriver:
                 match event:
                     case SpeechStarted():
                         self._host.activity()
-                    case TranscriptUpdate(text=text, is_final=is_final):
+                    case TranscriptUpdate(text=text, is_final=is_final, finalized=finalized):
                         self._on_transcript(text, is_final)
+                        if finalized:
+                            self._maybe_speculate("" if is_final else text)
                     case EndOfTurn(text=text, at_ms=at_ms):
-                        if text.strip():  # the whole turn's words, replacing the finals gathered so far
-                            self._pending_caller_text = [text.strip()]
-                        self._take_pending_caller_turn(at_ms)
+                        self._caller_words.recognizer_ended(text)
+                        self._end_turn_if_finished(at_ms, by_recognizer=True)
         except STTError as exc:
             self._host.fail(EndReason.STT_FAILED, str(exc))
 
     def _on_transcript(self, text: str, is_final: bool) -> None:
         if is_final and text.strip():
-            self._pending_caller_text.append(text.strip())
+            self._caller_words.final(text)
         elif not is_final and self._speech.current is not None and self._barge_in.words_interrupt(text):
             self._cut("caller words")
 
-    def _take_pending_caller_turn(self, end_ms: int) -> None:
-        text = " ".join(self._pending_caller_text).strip()
-        self._pending_caller_text.clear()
+    # --------------------------------------------------------------------------- end of turn and speculation
+
+    @property
+    def _punctuated(self) -> bool:
+        stt = self._pipeline.stt
+        return isinstance(stt, FinalizesEarly) and stt.punctuates
+
+    def _end_turn_if_finished(self, end_ms: int, *, by_recognizer: bool) -> None:
+        """An end of turn (the recognizer's, or the VAD's silence): take it, unless the words so far are clearly
+        unfinished and the pause is still shorter than the agent's "incomplete sentence" silence."""
+        unfinished = not self._caller_words.finished(punctuated=self._punctuated)
+        if unfinished and self._pause.quiet_ms < self._host.config.endpointing.incomplete_silence_ms:
+            self._caller_words.hold(end_ms)
+            self._discard_speculation("unfinished words")
+            return
+        self._take_pending_caller_turn(end_ms, by_recognizer=by_recognizer)
+
+    def _on_pause_frame(self, voiced: bool) -> None:
+        """Count the caller's pause: speaking on drops a speculation; a long enough silence ends a held turn, a
+        short one asks the recognizer for its final words (to speculate on)."""
+        pause = self._pause
+        if pause.frame(voiced=voiced):
+            self._finalize_asked = False  # held unfinished words stay: the next end of turn carries them on
+            self._discard_speculation("the caller spoke on")
+            return
+        if voiced:
+            return
+        endpointing = self._host.config.endpointing
+        held_end_ms = self._caller_words.held_end_ms
+        if held_end_ms is not None and pause.quiet_ms >= endpointing.incomplete_silence_ms:
+            self._take_pending_caller_turn(held_end_ms, by_recognizer=False)
+            return
+        stt = self._pipeline.stt
+        if (
+            endpointing.speculate
+            and not self._finalize_asked
+            and pause.quiet_ms >= endpointing.speculate_after_ms
+            and self._vad.speaking
+            and self._reply is None
+            and self._speculation is None
+            and self._speech.current is None
+            and isinstance(stt, FinalizesEarly)
+            and self._host.phase in (CallPhase.LISTENING, CallPhase.RESPONDING)  # not a callee's hello
+        ):
+            self._finalize_asked = True
+            stt.finalize_now()
+
+    def _maybe_speculate(self, provisional: str) -> None:
+        """The recognizer's final words so far came (plus `provisional` ones it will say again): if the caller is
+        still silent and they read as finished, start the reply on them, its audio held."""
+        if not self._finalize_asked or self._pause.quiet_ms == 0 or self._speculation is not None:
+            return
+        if self._reply is not None or self._speech.current is not None:
+            return
+        text = self._caller_words.so_far(provisional)
+        if not text or not looks_finished(text, punctuated=self._punctuated):
+            return
+        llm = self._pipeline.llm
+        checkpoint = llm.checkpoint() if isinstance(llm, Rewinds) else None
+        utterance = self._speech.new_utterance(None)
+        utterance.gate = asyncio.Event()
+        conversation = [*self._conversation(), ConversationTurn(role="caller", text=text)]
+        task = self._host.spawn(self._respond(utterance, [], True, conversation), "speculative reply")
+        self._speculation = SpeculativeReply(text, utterance, task, checkpoint)
+        metrics.SPECULATIVE_REPLIES.labels("started").inc()
+
+    def _discard_speculation(self, why: str) -> None:
+        speculation, self._speculation = self._speculation, None
+        self._drop(speculation, why)
+
+    def _drop(self, speculation: SpeculativeReply | None, why: str) -> None:
+        """Discard `speculation` (if any): nothing of it plays, is written, or stays in the model's state."""
+        if speculation is not None:
+            log.debug("call %s: speculative reply discarded (%s)", self._host.context.call_sid, why)
+            self._speech.release(speculation.utterance)
+            speculation.discard(self._pipeline.llm)
+
+    def _take_pending_caller_turn(self, end_ms: int, *, by_recognizer: bool) -> None:
+        text = self._caller_words.take(by_recognizer=by_recognizer)
+        self._finalize_asked = False
         if not text:
             return
         start_ms = self._caller_speech_started_ms if self._caller_speech_started_ms is not None else end_ms
         self._on_caller_turn(text, start_ms, end_ms)
 
     def _on_caller_turn(self, text: str, start_ms: int, end_ms: int) -> None:
-        """The caller finished saying something (or pressed a key): record it and answer."""
+        """The caller finished saying something (or pressed a key): record it and answer (with the speculative
+        reply, if one was started on the same words)."""
         host = self._host
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None and not same_words(speculation.text, text):
+            self._drop(speculation, "the final words differ")
+            speculation = None
         if not accepts(host.phase, PhaseEvent.REPLY):
+            self._drop(speculation, "the call is ending")
             return  # the call is ending
         if self._speech.current is not None:
             if self._barge_in.is_backchannel(text):
+                self._drop(speculation, "a backchannel")
                 return  # "uh-huh" while the agent talks is not a turn
             self._cut("caller turn")
         host.turns.place("caller", start_ms, end_ms, text=text)
@@ -253,8 +360,16 @@ class PipelineDriver:
         reply_to = min(self._last_voiced_at or self._caller_speech_ended_at or now, now)
         self._caller_speech_ended_at = self._last_voiced_at = None
         if host.caller_turn_ended():
+            self._drop(speculation, "the callee's greeting")
             return  # the callee's hello: the agent opens instead
-        self._start_reply([], ask_model=True, reply_to=reply_to, turn_ended_at=now)
+        if speculation is None:
+            self._start_reply([], ask_model=True, reply_to=reply_to, turn_ended_at=now)
+            return
+        if self._reply is not None:
+            self._reply.cancel()
+        self._host.move(PhaseEvent.REPLY)
+        self._reply = speculation.task
+        speculation.use(reply_to, now)
 
     def _cut(self, why: str) -> None:
         """The caller talks over the agent: stop the reply, clear Twilio's buffer, keep what was heard."""
@@ -287,11 +402,23 @@ class PipelineDriver:
         self._host.move(PhaseEvent.REPLY)
         self._reply = self._host.spawn(self._respond(utterance, sentences, ask_model), "reply")
 
-    async def _respond(self, utterance: Utterance, sentences: list[str], ask_model: bool) -> None:
-        """Speak fixed sentences, then the model's reply sentence by sentence; end the call if it says so."""
+    async def _respond(
+        self,
+        utterance: Utterance,
+        sentences: list[str],
+        ask_model: bool,
+        conversation: list[ConversationTurn] | None = None,
+    ) -> None:
+        """Speak fixed sentences, then the model's reply piece by piece; end the call if it says so.
+
+        A speculative reply (its utterance gated) answers `conversation`, and does nothing the caller could notice
+        (play, recover, hang up, transfer) before its turn is confirmed.
+        """
         try:
-            ending = await self._say_reply(utterance, sentences, ask_model)
+            ending = await self._say_reply(utterance, sentences, ask_model, conversation)
         except (LLMError, TTSError) as exc:
+            if utterance.gate is not None:
+                await utterance.gate.wait()  # a discarded speculation is cancelled here
             if self._reply is asyncio.current_task():
                 self._reply = None
             await self._recover(utterance, exc)
@@ -307,14 +434,22 @@ class PipelineDriver:
         elif self._host.phase is CallPhase.RESPONDING:
             self._host.move(PhaseEvent.YIELD)
 
-    async def _say_reply(self, utterance: Utterance, sentences: list[str], ask_model: bool) -> _Ending | None:
+    async def _say_reply(
+        self,
+        utterance: Utterance,
+        sentences: list[str],
+        ask_model: bool,
+        conversation: list[ConversationTurn] | None = None,
+    ) -> _Ending | None:
         """Speak the reply and wait until it was heard through; how it ends the call, if it does."""
         chunker = SentenceChunker()
         for text in sentences:
             for sentence in [*chunker.push(text + " "), chunker.flush()]:
                 if sentence:
                     await self._speech.speak(utterance, sentence)
-        ending = await self._speak_model_reply(utterance) if ask_model else None
+        ending = await self._speak_model_reply(utterance, conversation) if ask_model else None
+        if utterance.gate is not None:
+            await utterance.gate.wait()  # a speculative reply with nothing to say still waits for its turn
         if utterance.audio_ms:
             await self._host.audio.finish(utterance.utterance_id)
             await utterance.done.wait()  # the final mark came back: the caller heard it all
@@ -323,30 +458,39 @@ class PipelineDriver:
             self._speech.release(utterance)
         return ending
 
-    async def _speak_model_reply(self, utterance: Utterance) -> _Ending | None:
-        """Speak the model's reply as its sentences complete; return how it ends the call, if it does."""
+    async def _speak_model_reply(
+        self, utterance: Utterance, conversation: list[ConversationTurn] | None = None
+    ) -> _Ending | None:
+        """Speak the model's reply as its first clause and then its sentences complete; return how it ends the
+        call, if it does. Cancelled, the model's stream is closed at once."""
         ending: _Ending | None = None
-        chunker = SentenceChunker()
+        first_clause = self._host.config.first_clause
+        chunker = SentenceChunker(
+            first_clause_min_words=first_clause.min_words if first_clause.enabled else None,
+            clause_marks=first_clause.marks,
+        )
         stages, clock = utterance.stage_at, self._host.clock
-        async for event in self._pipeline.llm.respond(self._conversation()):
-            stages.setdefault("llmFirstToken", clock())
-            match event:
-                case TextDelta(text=text):
-                    for sentence in chunker.push(text):
-                        stages.setdefault("firstSentence", clock())
-                        await self._speech.speak(utterance, sentence)
-                case SendDtmf(digits=digits):
-                    tail = chunker.flush()  # what was said before the keys is spoken before them
-                    if tail:
-                        await self._speech.speak(utterance, tail)
-                    await self._speech.press_keys(utterance, digits)
-                case EndCall() | TransferCall():
-                    ending = ending_of(event)
-                case OptOut(reason=reason):
-                    await self._host.record_opt_out(opt_out_source(event), reason)
-                    for sentence in chunker.push(" " + OPT_OUT_CONFIRMATION):
-                        await self._speech.speak(utterance, sentence)
-                    ending = _Ending(EndReason.AGENT_HANGUP, f"opted out: {reason}")
+        reply = self._pipeline.llm.respond(self._conversation() if conversation is None else conversation)
+        async with closing_stream(reply) as events:
+            async for event in events:
+                stages.setdefault("llmFirstToken", clock())
+                match event:
+                    case TextDelta(text=text):
+                        for sentence in chunker.push(text):
+                            stages.setdefault("firstSentence", clock())
+                            await self._speech.speak(utterance, sentence)
+                    case SendDtmf(digits=digits):
+                        tail = chunker.flush()  # what was said before the keys is spoken before them
+                        if tail:
+                            await self._speech.speak(utterance, tail)
+                        await self._speech.press_keys(utterance, digits)
+                    case EndCall() | TransferCall():
+                        ending = ending_of(event)
+                    case OptOut(reason=reason):
+                        await self._host.record_opt_out(opt_out_source(event), reason)
+                        for sentence in chunker.push(" " + OPT_OUT_CONFIRMATION):
+                            await self._speech.speak(utterance, sentence)
+                        ending = _Ending(EndReason.AGENT_HANGUP, f"opted out: {reason}")
         tail = chunker.flush()
         if tail:
             stages.setdefault("firstSentence", clock())

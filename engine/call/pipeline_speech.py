@@ -13,6 +13,7 @@ from media.dtmf import InvalidDigits, dtmf_audio
 from media.g711 import BYTES_PER_MS
 from media.twilio_stream import MarkFlushed, MarkPlayed
 from pipelines.conversation.heard import SpeakingRate, SpokenSpan, heard_of_spans
+from pipelines.streams import closing_stream
 from pipelines.tts.base import Alignment, TextToSpeech
 
 __all__ = ["AgentSpeech", "Utterance"]
@@ -32,6 +33,10 @@ class Utterance:
     started_stream_ms: int | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     settled: bool = False
+    gate: asyncio.Event | None = None
+    """A speculative reply's: its audio is held (synthesized, not played) until the caller's turn is confirmed."""
+    speculative: bool = False
+    """Started before the caller's turn was confirmed (and then used)."""
 
 
 class AgentSpeech:
@@ -78,21 +83,31 @@ class AgentSpeech:
                 self._current = None
 
     async def speak(self, utterance: Utterance, sentence: str) -> None:
-        """Synthesize `sentence` and play it as part of `utterance` (TTSError if the synthesizer fails)."""
-        self._current = utterance
+        """Synthesize `sentence` and play it as part of `utterance` (TTSError if the synthesizer fails).
+
+        Cancelled, the synthesis is closed at once (its request ends), not left to the garbage collector.
+        """
+        if not _held(utterance):
+            self._current = utterance
         span = SpokenSpan(sentence, utterance.audio_ms, utterance.audio_ms)
         utterance.spans.append(span)
-        async for chunk in self._tts.synthesize(sentence):
-            if isinstance(chunk, Alignment):
-                span.aligned_chars.extend(chunk.chars)
-                span.aligned_ms.extend(chunk.start_ms)
-                continue
-            await self._play(utterance, chunk)
-            span.end_ms = utterance.audio_ms
+        async with closing_stream(self._tts.synthesize(sentence)) as chunks:
+            async for chunk in chunks:
+                if isinstance(chunk, Alignment):
+                    span.aligned_chars.extend(chunk.chars)
+                    span.aligned_ms.extend(chunk.start_ms)
+                    continue
+                await self._play(utterance, chunk)
+                span.end_ms = utterance.audio_ms
         span.complete = True
         self._rate.add(sentence, span.end_ms - span.start_ms)
 
     async def _play(self, utterance: Utterance, chunk: bytes) -> None:
+        if _held(utterance):
+            assert utterance.gate is not None
+            utterance.stage_at.setdefault("ttsFirstByte", self._host.clock())
+            await utterance.gate.wait()  # synthesized ahead: played once the caller's turn is confirmed
+            self._current = utterance
         if utterance.started_stream_ms is None:
             utterance.started_stream_ms = self._host.timeline.stream_ms()
             utterance.stage_at.setdefault("ttsFirstByte", self._host.clock())
@@ -134,5 +149,10 @@ class AgentSpeech:
         turns = self._host.turns
         turn = turns.place("agent", start_ms, start_ms + (played_ms if interrupted else utterance.audio_ms))
         turn.interrupted = interrupted
-        turns.time(turn, utterance.reply_to, utterance.stage_at)
+        turns.time(turn, utterance.reply_to, utterance.stage_at, speculative=utterance.speculative)
         turns.settle(turn, text)
+
+
+def _held(utterance: Utterance) -> bool:
+    """Whether `utterance` is a speculative reply whose turn is not confirmed yet (nothing of it may be played)."""
+    return utterance.gate is not None and not utterance.gate.is_set()

@@ -22,6 +22,8 @@ TRANSCRIPTION_FAILED: Final = "[speech, transcription failed]"
 """A caller turn's text when its transcription failed, or never came before the call ended."""
 LATENCY_STAGE: Final = "firstFrameSent"
 """The stage a turn's headline latency is: the agent's first audio sent, after the caller stopped speaking."""
+SPECULATIVE_FLAG: Final = "speculative"
+"""The key marking a speculative reply in an agent turn's latency record (1 when it was; never a stage)."""
 
 
 @dataclass(slots=True)
@@ -85,14 +87,21 @@ class TurnLog:
         turn.dropped = True
         self.flush()
 
-    def time(self, turn: Turn, reply_to: float | None, stage_at: Mapping[str, float | None]) -> None:
-        """Record an agent turn's latency stages (seconds on the call's clock); the headline is `firstFrameSent`."""
+    def time(
+        self, turn: Turn, reply_to: float | None, stage_at: Mapping[str, float | None], *, speculative: bool = False
+    ) -> None:
+        """Record an agent turn's latency stages (seconds on the call's clock); the headline is `firstFrameSent`.
+
+        A reply started before the caller's turn was confirmed is marked `"speculative": 1` in the record (a flag
+        in the record's integers, not a stage; absent for the others).
+        """
         if reply_to is None or stage_at.get(LATENCY_STAGE) is None:
             return
-        turn.latency = stage_latencies(reply_to, stage_at)
-        turn.latency_ms = turn.latency[LATENCY_STAGE]
+        stages = stage_latencies(reply_to, stage_at)
+        turn.latency_ms = stages[LATENCY_STAGE]
         self._latencies.append(turn.latency_ms)
-        metrics.observe_turn(turn.latency)
+        metrics.observe_turn(stages)
+        turn.latency = {**stages, SPECULATIVE_FLAG: 1} if speculative else stages
 
     def flush(self) -> None:
         """Write the settled turns in order, up to the first one still waiting."""

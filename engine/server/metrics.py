@@ -33,6 +33,13 @@ CALLS_LIVE = Gauge("dialtone_calls_live", "Calls with a media stream running on 
 CALLS_ENDED = Counter(
     "dialtone_calls_ended_total", "Calls finished by this engine, by final status.", ["status"], registry=REGISTRY
 )
+SPECULATIVE_REPLIES = Counter(
+    "dialtone_speculative_replies_total",
+    "Replies started before the caller's turn was confirmed, by what became of them: started, used (the turn was "
+    "confirmed with the same words) or discarded (the caller spoke on, or the final words differed).",
+    ["event"],
+    registry=REGISTRY,
+)
 BARGE_INS = Counter("dialtone_barge_ins_total", "Times a caller interrupted the agent.", registry=REGISTRY)
 PROVIDER_FAILOVERS = Counter(
     "dialtone_provider_failovers_total",

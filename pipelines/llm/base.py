@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from pipelines.errors import LLMError
 
@@ -15,6 +15,7 @@ __all__ = [
     "LLMEvent",
     "LanguageModel",
     "OptOut",
+    "Rewinds",
     "SendDtmf",
     "TextDelta",
     "TransferCall",
@@ -87,4 +88,18 @@ class LanguageModel(Protocol):
 
     async def close(self) -> None:
         """Release what the model holds; idempotent."""
+        ...
+
+
+@runtime_checkable
+class Rewinds(Protocol):
+    """A model whose `respond` moves state of its own (a conversation path's node), which a reply thrown away
+    before the caller heard it (a speculative one) must not keep."""
+
+    def checkpoint(self) -> object:
+        """The state now, to `rewind` to."""
+        ...
+
+    def rewind(self, checkpoint: object) -> None:
+        """Go back to a state `checkpoint` returned."""
         ...

@@ -11,7 +11,7 @@ import difflib
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from config.agent import ConversationPathLLMConfig
 from pipelines.conversation.opt_out import opt_out_phrase
@@ -342,6 +342,15 @@ class ConversationPathLLM:
     def opening(self) -> str | None:
         """The start node's text, which the agent says right after its first sentence; None when it has none."""
         return self._nodes[self._current].text or None
+
+    def checkpoint(self) -> object:
+        """Where the path is (its node and the misses counted there), for `rewind`."""
+        return (self._current, self._misses)
+
+    def rewind(self, checkpoint: object) -> None:
+        """Go back to where `checkpoint` was taken: a reply the caller never heard did not move the path."""
+        current, misses = cast(tuple[str, int], checkpoint)
+        self._current, self._misses = current, misses
 
     async def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncIterator[LLMEvent]:
         """Route the caller's last turn along the path and say where it leads, or re-prompt when nothing matched.

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pipelines.errors import STTError
 
-__all__ = ["EndOfTurn", "STTError", "STTEvent", "SpeechStarted", "SpeechToText", "TranscriptUpdate"]
+__all__ = [
+    "EndOfTurn",
+    "FinalizesEarly",
+    "STTError",
+    "STTEvent",
+    "SpeechStarted",
+    "SpeechToText",
+    "TranscriptUpdate",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,11 +28,17 @@ class SpeechStarted:
 
 @dataclass(frozen=True, slots=True)
 class TranscriptUpdate:
-    """Words recognized so far in the caller's current turn; `is_final` once they will not change."""
+    """Words recognized so far in the caller's current turn; `is_final` once they will not change.
+
+    `finalized` marks the answer to `FinalizesEarly.finalize_now()`: the words of the speech up to now, possibly
+    empty (nothing new was said). When `is_final` is false as well, they are provisional: the recognizer will say
+    them again in its end of turn.
+    """
 
     text: str
     is_final: bool
     at_ms: int
+    finalized: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,4 +74,21 @@ class SpeechToText(Protocol):
 
     async def close(self) -> None:
         """Flush and release everything; idempotent."""
+        ...
+
+
+@runtime_checkable
+class FinalizesEarly(Protocol):
+    """A recognizer that can be asked for the final words of the speech so far, before its own end of turn."""
+
+    @property
+    def punctuates(self) -> bool:
+        """Whether its final transcripts carry sentence punctuation (a finished sentence ends with `.?!`)."""
+        ...
+
+    def finalize_now(self) -> None:
+        """Ask for the final words of the speech so far; they come as one `TranscriptUpdate` with `finalized`.
+
+        The recognizer's own end of turn still comes later, as an `EndOfTurn`, unless the caller speaks on.
+        """
         ...

@@ -155,6 +155,20 @@ class DeepgramSTT:
         self._opened: asyncio.Future[None] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
+        self._punctuates = config.smart_format
+        self._finalize_requested = False
+
+    @property
+    def punctuates(self) -> bool:
+        """Deepgram punctuates with `smart_format`."""
+        return self._punctuates
+
+    def finalize_now(self) -> None:
+        """Send `Finalize` (with everything held back before it): Deepgram finalizes the audio sent so far."""
+        if self._closing or self._socket is None:
+            return
+        self._finalize_requested = True
+        self._wake.set()
 
     async def start(self) -> None:
         """Open the socket; raise STTError naming the cause (refused key, unreachable host) if it cannot."""
@@ -322,6 +336,10 @@ class DeepgramSTT:
                     self._sent_to = end
                     await socket.send_media(chunk)
                     self._last_sent = loop.time()
+                if self._finalize_requested and not self._closing:
+                    self._finalize_requested = False
+                    await socket.send_finalize()
+                    self._last_sent = loop.time()
                 if self._closing:
                     await socket.send_finalize()
                     await socket.send_close_stream()
@@ -402,9 +420,11 @@ class DeepgramSTT:
             return
         self._heard_to_ms = at_ms
         self._confirm(self._origin + round(end * SAMPLE_RATE))
+        finalized = result.get("from_finalize") is True and not self._closing  # not the Finalize of close()
         if text:
             self._turn.append(text)
-            self._events.put_nowait(TranscriptUpdate(text=text, is_final=True, at_ms=at_ms))
+        if text or finalized:
+            self._events.put_nowait(TranscriptUpdate(text=text, is_final=True, at_ms=at_ms, finalized=finalized))
         if result.get("speech_final") is True:
             self._end_turn(at_ms)
 

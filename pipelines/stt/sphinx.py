@@ -317,6 +317,8 @@ class Utterance:
 
     pcm8k: npt.NDArray[np.int16]
     at_ms: int
+    ends_turn: bool = True
+    """False for the speech so far cut by `finalize_now`: its words are final, the turn goes on."""
 
 
 def _length_ms(utterance: Utterance) -> int:
@@ -410,6 +412,22 @@ class SphinxSTT:
         self._events: asyncio.Queue[STTEvent | STTError | object] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        self._turn_words: list[str] = []  # final words of the turn's stretches cut by finalize_now
+
+    @property
+    def punctuates(self) -> bool:
+        """PocketSphinx gives bare lower-case words."""
+        return False
+
+    def finalize_now(self) -> None:
+        """Finish the utterance in progress now: its words come final (`finalized`); the turn ends at the VAD's
+        silence as always, with them and any said after."""
+        if self._closed or not self._vad.speaking or not self._utterance:
+            return
+        speech_end_ms = self._vad.elapsed_ms
+        frames, self._utterance = self._utterance, []
+        self._utterance_start_ms = speech_end_ms
+        self._backlog.put(Utterance(np.concatenate(frames), speech_end_ms, ends_turn=False))
 
     async def start(self) -> None:
         """Build (or reuse) the keyphrase vocabulary where decoding runs; STTError if it cannot be built."""
@@ -479,9 +497,18 @@ class SphinxSTT:
             except STTError as exc:
                 self._events.put_nowait(exc)
                 return
+            if not utterance.ends_turn:
+                self._turn_words += [text] if text else []
+                self._events.put_nowait(
+                    TranscriptUpdate(text=text, is_final=True, at_ms=utterance.at_ms, finalized=True)
+                )
+                continue
             if text:
                 self._events.put_nowait(TranscriptUpdate(text=text, is_final=True, at_ms=utterance.at_ms))
-                self._events.put_nowait(EndOfTurn(text=text, at_ms=utterance.at_ms))
+            whole = " ".join([*self._turn_words, text]).strip()
+            self._turn_words.clear()
+            if whole:
+                self._events.put_nowait(EndOfTurn(text=whole, at_ms=utterance.at_ms))
 
     async def _run(self, job: Callable[..., _T], *args: Any) -> _T:
         try:

@@ -4,7 +4,16 @@ async with FakeDeepgram(api_key="dg-test", transcripts=["book an appointment"]) 
     stt = DeepgramSTT(config, clients=clients, api_key="dg-test", url=fake.url)
 
 What it says and when is decided by audio time (bytes received, 8 per ms), never by the wall clock: the same
-audio always gets the same messages with the same timestamps, however fast it is sent.
+audio always gets the same messages with the same timestamps, however fast it is sent. Only *when they leave* can
+be held back on purpose, to play a server of known speed: `final_delay_ms` after each endpointing decision (the
+final with `speech_final`), `finalize_delay_ms` after each `Finalize`, `result_delay_ms` on every Results message.
+
+Mid-sentence pauses: a scripted transcript may hold ` | ` ("I would like to | book a table for two."). The text
+before the bar is what the fake recognizes for the speech before the first pause the endpointing ends (sent as a
+final with `speech_final`, no terminal punctuation of its own, as Deepgram would), the text after it for the speech
+after that pause, and so on for further bars. A `Finalize` in a pause finalizes the part in progress the same way
+(with `from_finalize`); when the endpointing silence is then reached with nothing new said, an empty final with
+`speech_final` follows (Deepgram's "empty transcript that still carries speech_final").
 """
 
 from __future__ import annotations
@@ -67,7 +76,8 @@ class FakeDeepgram:
 
     Controls: `transcripts` (FIFO: each final result takes the next, then `default_transcript`), `refuse` (new
     handshakes fail with HTTP 503 while true), `drop_all()` (cut every live socket like a network failure),
-    `result_delay_ms` (each Results message goes out this much later), `garbage` (raw text frames sent, one each,
+    `result_delay_ms` (each Results message goes out this much later), `final_delay_ms` and `finalize_delay_ms`
+    (see `__init__`), `garbage` (raw text frames sent, one each,
     before the next Results messages: broken JSON, wrong shapes). Observations: `listens` (one
     `FakeListenConnection` per accepted socket) and the counters `connections`, `keepalives`, `closed_cleanly`,
     `queries`, `bytes_received`, `refused`.
@@ -80,10 +90,18 @@ class FakeDeepgram:
         transcripts: Iterable[str] = (),
         default_transcript: str = DEFAULT_TRANSCRIPT,
         result_delay_ms: float = 0,
+        final_delay_ms: int = 0,
+        finalize_delay_ms: int = 0,
         idle_timeout_seconds: float = 10.0,
     ) -> None:
-        """Accept `Authorization: Token <api_key>` only; close sockets silent for `idle_timeout_seconds` (1011)."""
+        """Accept `Authorization: Token <api_key>` only; close sockets silent for `idle_timeout_seconds` (1011).
+
+        `final_delay_ms`: wall-clock delay between the audio-time endpointing decision and sending its final result;
+        `finalize_delay_ms`: wall-clock delay between receiving `Finalize` and sending the finalized result.
+        """
         self.api_key = api_key
+        self.final_delay_ms = final_delay_ms
+        self.finalize_delay_ms = finalize_delay_ms
         self.transcripts: deque[str] = deque(transcripts)
         self.default_transcript = default_transcript
         self.result_delay_ms = result_delay_ms
@@ -203,7 +221,7 @@ class FakeDeepgram:
         listen.controls.append(kind)
         match kind:
             case "Finalize":
-                self._post(outbox, [recognizer.finalize(from_finalize=True)])
+                self._post(outbox, [recognizer.finalize(from_finalize=True)], extra_ms=self.finalize_delay_ms)
             case "CloseStream":
                 self._post(outbox, [*recognizer.finish(), recognizer.metadata()])
                 outbox.put_nowait(_Close(1000, ""))
@@ -215,10 +233,13 @@ class FakeDeepgram:
                 self._post(outbox, [error])
         return False
 
-    def _post(self, outbox: asyncio.Queue[_Outgoing], messages: list[dict[str, Any]]) -> None:
+    def _post(self, outbox: asyncio.Queue[_Outgoing], messages: list[dict[str, Any]], *, extra_ms: int = 0) -> None:
         now = asyncio.get_running_loop().time()
         for message in messages:
-            delay = self.result_delay_ms / 1000 if message["type"] == "Results" else 0.0
+            results = message["type"] == "Results"
+            endpointed = results and message["is_final"] and not message["from_finalize"] and extra_ms == 0
+            delay_ms = extra_ms + (self.result_delay_ms if results else 0) + (self.final_delay_ms if endpointed else 0)
+            delay = delay_ms / 1000
             if message["type"] == "Results" and self.garbage:
                 outbox.put_nowait(_Message(now + delay, self.garbage.popleft()))
             outbox.put_nowait(_Message(now + delay, message))
@@ -287,6 +308,8 @@ class _Recognizer:
         self._announced = False
         self._interims = 0
         self._last_word_end_ms: int | None = None  # words finalized, UtteranceEnd not sent yet
+        self._parts: deque[str] = deque()  # the rest of a scripted transcript with ` | ` pauses
+        self._finalized_at_ms: int | None = None  # speech end a `Finalize` covered, speech_final not sent yet
 
     def hear(self, ulaw: bytes) -> list[dict[str, Any]]:
         """Take audio; return what Deepgram would say about each 20 ms window it completes."""
@@ -310,6 +333,7 @@ class _Recognizer:
                 self._speech_start_ms = start
                 self._announced = False
                 self._interims = 0
+                self._finalized_at_ms = None
             self._speech_end_ms = now
             speech_ms = now - self._speech_start_ms
             if speech_ms >= MIN_SPEECH_MS and not self._announced:
@@ -319,7 +343,7 @@ class _Recognizer:
                     out.append({"type": "SpeechStarted", "channel": [0, 1], "timestamp": self._speech_start_ms / 1000})
             if self._interim and speech_ms >= INTERIM_EVERY_MS * (self._interims + 1):
                 self._interims += 1
-                words = self._peek().split()[: self._interims]
+                words = self._next_text(peek=True).split()[: self._interims]
                 out.append(self._results(" ".join(words), [], is_final=False))
             return
         if self._speech_start_ms is not None:
@@ -329,6 +353,11 @@ class _Recognizer:
                     self._speech_start_ms = None  # a click or a cough: nothing to say
                 else:
                     out.append(self._final(speech_final=self._endpointing_ms is not None))
+        finalized_at = self._finalized_at_ms
+        if finalized_at is not None and self._endpointing_ms is not None and now - finalized_at >= self._endpointing_ms:
+            self._finalized_at_ms = None  # the pause a Finalize cut short is now an endpoint too
+            out.append(self._results("", [], is_final=True, speech_final=True))
+            self._segment_start_ms = self._cursor_ms
         last_word_end = self._last_word_end_ms
         if last_word_end is not None and self._utterance_end_ms and now - last_word_end >= self._utterance_end_ms:
             out.append({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": last_word_end / 1000})
@@ -337,6 +366,7 @@ class _Recognizer:
     def finalize(self, *, from_finalize: bool) -> dict[str, Any]:
         """The final result for the speech in progress (empty if none), as after a `Finalize`."""
         if self._speech_start_ms is not None and self._speech_end_ms - self._speech_start_ms >= MIN_SPEECH_MS:
+            self._finalized_at_ms = self._speech_end_ms
             return self._final(speech_final=False, from_finalize=from_finalize)
         self._speech_start_ms = None
         result = self._results("", [], is_final=True, from_finalize=from_finalize)
@@ -348,6 +378,16 @@ class _Recognizer:
         if self._speech_start_ms is not None and self._speech_end_ms - self._speech_start_ms >= MIN_SPEECH_MS:
             return [self._final(speech_final=False)]
         return []
+
+    def _next_text(self, *, peek: bool) -> str:
+        """The words of the speech in progress: the next part of a transcript with ` | ` pauses, or the next one."""
+        if self._parts:
+            return self._parts[0] if peek else self._parts.popleft()
+        if peek:
+            return self._peek().split(" | ")[0].strip()
+        first, *rest = (part.strip() for part in self._take().split(" | "))
+        self._parts.extend(rest)
+        return first
 
     def metadata(self) -> dict[str, Any]:
         """The `Metadata` message Deepgram sends before it closes the stream."""
@@ -363,7 +403,7 @@ class _Recognizer:
 
     def _final(self, *, speech_final: bool, from_finalize: bool = False) -> dict[str, Any]:
         assert self._speech_start_ms is not None
-        text = self._take()
+        text = self._next_text(peek=False)
         words = text.split()
         start, end = self._speech_start_ms, self._speech_end_ms
         step = (end - start) / max(len(words), 1)
