@@ -18,6 +18,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from media.dtmf import DIGITS_PATTERN
+from pipelines.conversation.confirmation import turn_confirmed
 from pipelines.errors import ProviderError
 from pipelines.url_safety import UnsafeURL, ensure_public_url
 
@@ -204,6 +205,7 @@ class ToolRunner:
         function = self._functions.get(name)
         if function is None:
             return f"error: there is no function named {name!r}"
+        await turn_confirmed()  # a speculative reply's webhook waits for the caller's turn (and dies with the reply)
         try:
             await ensure_public_url(function.url, allow_private=self._allow_private)
             async with self._session.request(

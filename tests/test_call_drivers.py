@@ -21,6 +21,7 @@ from config.settings import load_settings
 from engine.call.call_log_writer import CallLogWriter, CallOutcome
 from engine.call.cascade import pipeline_driver
 from engine.call.driver import DriverFactory
+from engine.call.media_socket import record_opt_out
 from engine.call.realtime import realtime_driver
 from engine.call.session import CREDIT_MINUTE_SECONDS, GREETING_WAIT_SECONDS, CallContext, CallSession
 from engine.workers.post_call import PostCallDeps, analyze_call
@@ -231,6 +232,7 @@ async def call_on(
             if credit_minute_s is not None
             else None,
             credit_minute_seconds=credit_minute_s or CREDIT_MINUTE_SECONDS,
+            opt_out=functools.partial(record_opt_out, pool, log),
         )
         line.start()
         task = asyncio.create_task(session.run(line.frames()))

@@ -37,6 +37,7 @@ from media.twilio_stream import MarkFlushed, MarkPlayed
 from media.vad import SpeechStarted as VadSpeechStarted
 from media.vad import VoiceActivityDetector
 from pipelines.conversation.chunking import SentenceChunker
+from pipelines.conversation.confirmation import hold_side_effects_until, turn_confirmed
 from pipelines.conversation.end_of_turn import looks_finished, same_words
 from pipelines.conversation.turn_taking import BargeInPolicy
 from pipelines.fallback import FailsOver, Prewarmable
@@ -414,6 +415,8 @@ class PipelineDriver:
         A speculative reply (its utterance gated) answers `conversation`, and does nothing the caller could notice
         (play, recover, hang up, transfer) before its turn is confirmed.
         """
+        if utterance.gate is not None:
+            hold_side_effects_until(utterance.gate.wait)
         try:
             ending = await self._say_reply(utterance, sentences, ask_model, conversation)
         except (LLMError, TTSError) as exc:
@@ -487,6 +490,7 @@ class PipelineDriver:
                     case EndCall() | TransferCall():
                         ending = ending_of(event)
                     case OptOut(reason=reason):
+                        await turn_confirmed()  # never listed on a speculation the caller did not confirm
                         await self._host.record_opt_out(opt_out_source(event), reason)
                         for sentence in chunker.push(" " + OPT_OUT_CONFIRMATION):
                             await self._speech.speak(utterance, sentence)
