@@ -7,8 +7,8 @@ reach outside the call are injected: the agent's Tools (`ToolCaller`, a webhook 
 fallback line, and the knowledge-base work plugs its search in through that Protocol.
 
 A model moves the call with `move(way)`: a way is an outgoing edge of the current node (by edge id) or a global
-node (`global:<node id>`), reachable from anywhere. Nodes that need no caller (press digits, webhook) are passed
-through on arrival, following their single (or result-matching) edge.
+node (`global:<node id>`), reachable from anywhere. Nodes that need no caller (press digits, webhook, a global
+node with nothing to say) are passed through on arrival, following their first (or result-matching) edge.
 """
 
 from __future__ import annotations
@@ -239,6 +239,8 @@ class PathEngine:
                 following = self.path.outgoing(node_id)
             elif isinstance(data, WebhookData):
                 following = await self._call_webhook(data, node_id)
+            elif isinstance(data, GlobalData) and not data.text and not data.instructions:
+                following = self.path.outgoing(node_id)  # a global node with nothing to say only routes
             else:
                 return events  # speak, prompt, wait, gather, global: the caller's answer moves on
             if not following:
