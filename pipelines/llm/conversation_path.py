@@ -80,10 +80,14 @@ class ConversationPathLLM:
         max_misses: int = DEFAULT_MAX_MISSES,
         tools: ToolCaller | None = None,
         knowledge: KnowledgeLookup | None = None,
+        engine: PathEngine | None = None,
     ) -> None:
-        """Build the runner from react-flow `nodes` and `edges`; `fallback_reply` is said after `max_misses`."""
-        self._path = runnable_path(nodes, edges)
-        self._engine = PathEngine(self._path, tools=tools, knowledge=knowledge)
+        """Build the runner from react-flow `nodes` and `edges`; `fallback_reply` is said after `max_misses`.
+
+        With `engine` (shared with the call's other models), its path and place are walked instead.
+        """
+        self._engine = engine or PathEngine(runnable_path(nodes, edges), tools=tools, knowledge=knowledge)
+        self._path = self._engine.path
         self._fallback_reply = fallback_reply
         self._max_misses = max(1, max_misses)
         self._misses = 0
@@ -108,6 +112,18 @@ class ConversationPathLLM:
             tools=tools,
             knowledge=knowledge,
         )
+
+    @classmethod
+    def on_engine(
+        cls,
+        engine: PathEngine,
+        config: ConversationPathLLMConfig | None = None,
+        *,
+        max_misses: int = DEFAULT_MAX_MISSES,
+    ) -> ConversationPathLLM:
+        """The runner walking `engine` (the call's place on its path, which another model may share)."""
+        fallback_reply = config.fallback_reply if config is not None else None
+        return cls((), (), fallback_reply=fallback_reply, max_misses=max_misses, engine=engine)
 
     @property
     def engine(self) -> PathEngine:

@@ -11,7 +11,7 @@ from engine.api.models import LongText, Name, RequestModel, ShortText, UpdateMod
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
 from pipelines.paths.graph import PathInvalid, read_path
-from storage import conversation_paths
+from storage import agents, conversation_paths
 from storage.conversation_paths import ConversationPath
 
 resource = Resource(
@@ -127,3 +127,18 @@ def _check_graph(nodes: list[Any], edges: list[Any]) -> None:
 def _invalid(exc: PathInvalid) -> ApiError:
     first = exc.problems[0]
     return unprocessable(str(exc), first.field)
+
+
+@resource.put(
+    "/agents/{agentId}/conversation-paths/{conversationPathId}/default",
+    summary="Make a linked path the agent's default",
+)
+async def set_default_conversation_path(call: ApiCall) -> None:
+    """The agent's calls follow this path (unless their campaign names one); it must be linked to the agent."""
+    async with call.tenant() as db:
+        await agents.set_default_conversation_path(
+            db,
+            organization_id=call.caller.organization_id,
+            agent_id=call.path["agentId"],
+            conversation_path_id=call.path["conversationPathId"],
+        )
