@@ -14,7 +14,7 @@ from typing import Any, Final, Protocol
 from config.agent import ConversationPathLLMConfig
 from pipelines.llm.base import ConversationTurn, EndCall, LLMError, LLMEvent, TextDelta
 from pipelines.paths.engine import GLOBAL_PREFIX, KnowledgeLookup, PathEngine, ToolCaller, Way
-from pipelines.paths.graph import GlobalData, KnowledgeData, Node, Path, PathInvalid, read_path
+from pipelines.paths.graph import GlobalData, KnowledgeData, Node, Path, PathInvalid, PromptData, read_path
 from pipelines.paths.offline import KeywordChooser, edge_keywords, label_keywords, normalize_words
 
 __all__ = [
@@ -162,22 +162,23 @@ class ConversationPathLLM:
         # The state moves before anything is yielded, so a reply cut short by barge-in still advanced the path.
         engine = self._engine
         heard = _last_caller_text(conversation)
+        unread = engine.unread_caller_text(conversation)
         if not engine.started:
             opening = self._spoken(await engine.begin(heard or ""))
             if heard is None or engine.ended:
                 return opening
             # The caller spoke before the opening was asked for: they answer the start node, whose words are
             # taken as said (what its arrival does beyond speaking, like touch tones, still happens).
-            return [event for event in opening if not isinstance(event, TextDelta)] + await self._route(heard)
+            return [event for event in opening if not isinstance(event, TextDelta)] + await self._route(heard, unread)
         if engine.ended:
             return [EndCall(reason="path_end")]
         if heard is None:
             return _say(engine.node.text)
-        return await self._route(heard)
+        return await self._route(heard, unread)
 
-    async def _route(self, heard: str) -> list[LLMEvent]:
+    async def _route(self, heard: str, unread: str) -> list[LLMEvent]:
         engine = self._engine
-        pressed = await engine.press(heard)
+        pressed = await engine.press(unread)
         if pressed is not None:
             self._misses = 0
             return self._spoken(pressed)
@@ -188,9 +189,12 @@ class ConversationPathLLM:
         return self._miss(engine.node)
 
     def _spoken(self, events: list[LLMEvent]) -> list[LLMEvent]:
-        """The arrival's events, with the passage a knowledge node found said where a model would answer."""
-        if isinstance(self._engine.node.data, KnowledgeData) and self._engine.passages:
+        """The arrival's events, with what a model would say there: a knowledge node's passage, a prompt's line."""
+        node = self._engine.node
+        if isinstance(node.data, KnowledgeData) and self._engine.passages:
             return [*events, TextDelta(self._engine.passages[0])]
+        if isinstance(node.data, PromptData) and node.text and not any(isinstance(e, TextDelta) for e in events):
+            return [*events, TextDelta(node.text)]
         return events
 
     def _miss(self, node: Node) -> list[LLMEvent]:

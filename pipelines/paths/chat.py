@@ -58,6 +58,7 @@ class ChatPath:
             return PathMove((EndCall(PATH_END),), model_speaks=False)
         caller_spoke = bool(conversation) and conversation[-1].role == "caller"
         if not engine.started:
+            engine.unread_caller_text(conversation)
             events = await engine.begin(self._heard)
             speaks = self._model_speaks(events)
             if caller_spoke and not speaks:
@@ -66,10 +67,12 @@ class ChatPath:
             return PathMove(tuple(events), speaks)
         if not caller_spoke:
             return PathMove()
-        pressed = await engine.press(conversation[-1].text)
+        steps = len(engine.steps)
+        pressed = await engine.press(engine.unread_caller_text(conversation))
         if pressed is None:
             return PathMove()
-        return PathMove(tuple(pressed), bool(pressed) and self._model_speaks(pressed))
+        moved = len(engine.steps) > steps  # else more digits are awaited, silently
+        return PathMove(tuple(pressed), moved and self._model_speaks(pressed))
 
     async def follow(self, arguments: Mapping[str, Any]) -> PathMove:
         """Carry out `follow_path`: move (keeping the variables given), or tell the model the way is wrong."""

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from pipelines.llm.base import EndCall, LLMEvent, SendDtmf, TextDelta, TransferCall
+from pipelines.llm.base import ConversationTurn, EndCall, LLMEvent, SendDtmf, TextDelta, TransferCall
 from pipelines.paths.graph import (
     Edge,
     EndData,
@@ -29,6 +29,7 @@ from pipelines.paths.graph import (
     Node,
     Path,
     PressDigitsData,
+    PromptData,
     TransferData,
     WebhookData,
 )
@@ -126,6 +127,7 @@ class PathEngine:
     """What the knowledge lookup found at the current (knowledge) node."""
     _current: str = ""
     _gathering: _Gathering = field(default_factory=_Gathering)
+    _turns_read: int = 0
 
     def __post_init__(self) -> None:
         self._current = self.path.start
@@ -180,6 +182,13 @@ class PathEngine:
             if isinstance(name, str) and value is not None and str(value).strip():
                 self.variables[name] = str(value).strip()
 
+    def unread_caller_text(self, conversation: Sequence[ConversationTurn]) -> str:
+        """The caller's turns the path has not read yet, joined: keys pressed in quick succession are turns whose
+        replies were cancelled before they ran, yet every key counts."""
+        start = self._turns_read if self._turns_read <= len(conversation) else 0
+        self._turns_read = len(conversation)
+        return " ".join(turn.text for turn in conversation[start:] if turn.role == "caller")
+
     async def press(self, heard: str) -> list[LLMEvent] | None:
         """At a gather node, take the keys in the caller's turn; the arrival's events once the digits are complete.
 
@@ -218,7 +227,7 @@ class PathEngine:
             self._gathering = _Gathering()
             node = self.node
             data = node.data
-            if node.text and not isinstance(data, KnowledgeData):
+            if node.text and not isinstance(data, KnowledgeData | PromptData):  # a prompt's text is offline-only
                 events.append(TextDelta(node.text))
             if isinstance(data, EndData) or node.ends_call:
                 events.append(EndCall(PATH_END))
