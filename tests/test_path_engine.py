@@ -10,6 +10,7 @@ from pipelines.llm.base import ConversationTurn, EndCall, LLMEvent, SendDtmf, Te
 from pipelines.llm.conversation_path import ConversationPathLLM
 from pipelines.paths.engine import PathEngine, PathStep, UnknownWay
 from pipelines.paths.graph import PathInvalid, read_path
+from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
 from tests.paths import (
     ANSWER_FALLBACK,
     ASK_ACCOUNT,
@@ -22,6 +23,8 @@ from tests.paths import (
     ORDER,
     TRANSFER_TO,
 )
+
+GREETING_DEMO = "Would you like to book an appointment, or hear our opening hours?"
 
 
 class Accounts:
@@ -173,3 +176,26 @@ def test_a_call_runs_a_path_saved_with_a_dangling_edge() -> None:
         EVERY_TYPE_NODES, [*EVERY_TYPE_EDGES, {"id": "x", "source": "greet", "target": "gone"}], strict=False
     )
     assert [edge.id for edge in path.outgoing("greet")] == ["to-billing", "to-order"]
+
+
+async def test_the_demo_path_gathers_a_booking_number_then_waits_for_any_answer() -> None:
+    model = ConversationPathLLM(DEMO_PATH_NODES, DEMO_PATH_EDGES)
+    turns: list[ConversationTurn] = []
+
+    async def says(text: str) -> list[LLMEvent]:
+        turns.append(ConversationTurn("caller", text))
+        return [event async for event in model.respond(list(turns))]
+
+    assert [event async for event in model.respond([])] == [TextDelta(GREETING_DEMO)]
+    assert await says("[DTMF 9]") == [
+        TextDelta("Please enter your four digit booking number, or finish with the pound key.")
+    ]
+    assert await says("[DTMF 4]") == []
+    assert await says("[DTMF 2]") == []
+    assert await says("[DTMF #]") == [TextDelta("Thank you. Is there anything you would like us to know?")]
+    assert model.engine.variables == {"booking_number": "42"}
+    assert await says("please call me after five") == [
+        TextDelta("Noted, we will be in touch. Goodbye!"),
+        EndCall("path_end"),
+    ]
+    read_path(DEMO_PATH_NODES, DEMO_PATH_EDGES)  # the demo passes the API's checks
