@@ -74,6 +74,7 @@ __all__ = [
     "check_pipeline",
     "plan_realtime",
     "provider_key",
+    "realtime_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -326,13 +327,6 @@ def _openai_chat(option: OpenAILLMConfig, key: str | None, build: _Build) -> Lan
     from pipelines.llm.openai_chat import OpenAIChatLLM
 
     context = build.context
-    path = build.paths[0] if build.paths else None  # the campaign's, else the agent's default
-    chat_path = None
-    if path is not None:
-        try:
-            chat_path = ChatPath(build.engine(path), agent_speech=path.agent_speech)
-        except InvalidConversationPath as exc:  # a draft (no nodes yet): the agent talks from its prompt
-            log.warning("conversation path %s is not followed: %s", path.id, exc)
     return OpenAIChatLLM(
         option,
         client=context.clients.openai(key or "", context.settings.openai_base_url),
@@ -340,8 +334,25 @@ def _openai_chat(option: OpenAILLMConfig, key: str | None, build: _Build) -> Lan
         tools=context.tools,
         default_region=context.default_region,
         transfer=TransferRules.from_config(build.config.transfer),
-        path=chat_path,
+        path=_chat_path(build),
     )
+
+
+def _chat_path(build: _Build) -> ChatPath | None:
+    """The call's path (the campaign's, else the agent's default) as a chat model walks it; None without one."""
+    path = build.paths[0] if build.paths else None
+    if path is None:
+        return None
+    try:
+        return ChatPath(build.engine(path), agent_speech=path.agent_speech, path_id=path.id)
+    except InvalidConversationPath as exc:  # a draft (no nodes yet): the agent talks from its prompt
+        log.warning("conversation path %s is not followed: %s", path.id, exc)
+        return None
+
+
+def realtime_path(paths: Sequence[PathSource], context: ProviderContext) -> ChatPath | None:
+    """The path a speech-to-speech call follows (the campaign's, else the agent's default); None without one."""
+    return _chat_path(_Build(AgentConfiguration(), context, paths, None))
 
 
 def _conversation_path(option: ConversationPathLLMConfig, key: str | None, build: _Build) -> LanguageModel:

@@ -21,17 +21,20 @@ from config.agent import parse_agent_configuration
 from config.settings import load_settings
 from engine.call.call_log_writer import CallLogWriter, CallOutcome
 from engine.call.cascade import pipeline_driver
+from engine.call.driver import DriverFactory
+from engine.call.realtime import realtime_driver
 from engine.call.session import CallContext, CallSession
 from engine.call.setup import prepare_call
 from engine.server import metrics
 from pipelines.clients import ProviderClients
-from pipelines.registry import build_pipeline
+from pipelines.registry import build_pipeline, realtime_path
 from storage import agents, call_logs, campaigns, conversation_paths, tools
 from storage.call_logs import CallLog
 from storage.call_turns import CallTurn, list_turns
 from storage.end_reasons import EndReason
 from tests.fakes.deepgram import FakeDeepgram
 from tests.fakes.openai_chat import FakeOpenAI, ToolCall
+from tests.fakes.openai_realtime import FakeRealtime
 from tests.fakes.server import serve
 from tests.paths import (
     ANSWER_FALLBACK,
@@ -75,6 +78,7 @@ class PathRig:
     pool: asyncpg.Pool
     openai: FakeOpenAI
     deepgram: FakeDeepgram
+    realtime: FakeRealtime
     accounts: AccountService
     writer: CallLogWriter
     path_id: str
@@ -129,14 +133,19 @@ async def path_call(
     async with AsyncExitStack() as stack:
         deepgram = await stack.enter_async_context(FakeDeepgram(api_key="dg"))
         openai = await stack.enter_async_context(FakeOpenAI(api_key=OPENAI_KEY))
+        realtime = await stack.enter_async_context(FakeRealtime(api_key=OPENAI_KEY))
+        stages: dict[str, Any] = {"stt": {"provider": "deepgram", "endpointing": 300}, "llm": llm}
+        if llm.get("provider") == "realtime":
+            stages = {
+                "realtime": {"provider": "openai", "silence_duration_ms": 300, "transcription_model": "whisper-1"}
+            }
         app = web.Application()
         app.router.add_post("/lookup", accounts.handle)
         service_url = await stack.enter_async_context(serve(app))
         config = parse_agent_configuration(
             {
-                "stt": {"provider": "deepgram", "endpointing": 300},
-                "llm": llm,
-                "tts": {"provider": "espeak"},
+                **stages,
+                **({} if "realtime" in stages else {"tts": {"provider": "espeak"}}),
                 "prompt": "You are Acme's front desk.",
                 "transfer": {"destinations": [{"number": TRANSFER_TO, "label": "A person"}]},
             }
@@ -209,7 +218,18 @@ async def path_call(
             call_log=log,
             offline_work=prepared_inline(),
         )
-        pipeline = build_pipeline(config, context=prepared.context, paths=prepared.paths, voice=prepared.voice)
+        driver: DriverFactory
+        if config.realtime:
+            driver = realtime_driver(
+                client=clients.openai(OPENAI_KEY, realtime.base_url),
+                realtime=config.realtime[0],
+                instructions=prepared.context.instructions,
+                tools=prepared.context.tools,
+                path=realtime_path(prepared.paths, prepared.context),
+            )
+        else:
+            pipeline = build_pipeline(config, context=prepared.context, paths=prepared.paths, voice=prepared.voice)
+            driver = pipeline_driver(pipeline, first_sentence=None)
         line = TwilioLine()
         writer = writer_for(pool, log)
         hang_ups: list[str] = []
@@ -228,7 +248,7 @@ async def path_call(
         session = CallSession(
             context=CallContext(log.id, organization_id, agent_id, line.call_sid),
             config=config,
-            driver=pipeline_driver(pipeline, first_sentence=None),
+            driver=driver,
             stream=line.stream(),
             send=line.send,
             writer=writer,
@@ -237,7 +257,7 @@ async def path_call(
         )
         line.start()
         task = asyncio.create_task(session.run(line.frames()))
-        rig = PathRig(line, log, task, pool, openai, deepgram, accounts, writer, path.id, hang_ups, transfers)
+        rig = PathRig(line, log, task, pool, openai, deepgram, realtime, accounts, writer, path.id, hang_ups, transfers)
         try:
             yield rig
         finally:
@@ -425,3 +445,42 @@ async def test_a_campaigns_path_overrides_the_agents_default(pool: asyncpg.Pool)
     async with path_call(pool, {"provider": "conversation_path"}) as rig:
         turns = await rig.wait_for_turns(1)
         assert trace(turns) == [("agent", GREETING, "greet", None)]
+
+
+# --------------------------------------------------------------------------------------------------- Realtime
+
+
+async def test_the_realtime_model_follows_the_path_through_session_updates(pool: asyncpg.Pool) -> None:
+    async with path_call(pool, {"provider": "realtime"}) as rig:
+        fake = rig.realtime
+        fake.reply(GREETING)  # the start node's words, said exactly
+        turns = await rig.wait_for_turns(1)
+        assert trace(turns) == [("agent", GREETING, "greet", None)]
+        update = fake.of_type("session.update")[-1]["session"]
+        assert "'greet'" in update["instructions"] and "Warm and brief." in update["instructions"]
+        assert "follow_path" in {tool["name"] for tool in update["tools"]}
+
+        fake.reply_tool("follow_path", {"way": "to-billing"})
+        fake.reply(ASK_ACCOUNT)  # the gather node's words, said exactly
+        fake.caller_says("It's about billing")
+        rig.line.say(speech(600))
+        turns = await rig.wait_for_turns(3)
+        assert trace(turns)[2][1:3] == (ASK_ACCOUNT, "account")
+        assert "'account'" in fake.of_type("session.update")[-1]["session"]["instructions"]
+
+        fake.reply(BALANCE)  # the prompt node: the model speaks from the new instructions
+        for key in "1234":
+            rig.line.press(key)
+        turns = await rig.wait_for_turns(8)
+        assert rig.accounts.received[0]["arguments"] == {"account": "1234"}
+        assert trace(turns)[7][1:3] == (BALANCE, "billing")
+        assert "Tell the caller their balance" in fake.of_type("session.update")[-1]["session"]["instructions"]
+        assert not any("pressed" in str(item) for item in fake.of_type("conversation.item.create"))
+
+        fake.reply_tool("follow_path", {"way": "billing-done"})
+        fake.reply(GOODBYE)
+        fake.caller_says("Thanks, bye")
+        rig.line.say(speech(600))
+        outcome = await rig.outcome()
+    assert outcome.end_reason == EndReason.PATH_END
+    assert (await rig.turns())[-1].text == GOODBYE

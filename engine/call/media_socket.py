@@ -37,7 +37,14 @@ from engine.workers.recovery import NODE_ID
 from media.recording import StereoWavRecorder
 from media.twilio_stream import MalformedMessage, Started, StreamProtocolError, TwilioStream
 from pipelines.errors import ProviderError
-from pipelines.registry import PipelineUnavailable, RealtimePlan, VoiceChoice, build_pipeline, plan_realtime
+from pipelines.registry import (
+    PipelineUnavailable,
+    RealtimePlan,
+    VoiceChoice,
+    build_pipeline,
+    plan_realtime,
+    realtime_path,
+)
 from storage import agents, call_logs, credit_reservations
 from storage.call_logs import CallLog
 from storage.end_reasons import EndReason
@@ -120,6 +127,7 @@ def _drivers(
         tools=prepared.context.tools,
         first_sentence=prepared.first_sentence,
         can_transfer=can_transfer,
+        path=realtime_path(prepared.paths, prepared.context),
     )
     if not config.realtime_fallback:
         return driver, None

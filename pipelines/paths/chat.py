@@ -35,9 +35,10 @@ class PathMove:
 class ChatPath:
     """One call's path as a chat model walks it."""
 
-    def __init__(self, engine: PathEngine, *, agent_speech: str | None = None) -> None:
-        """Walk `engine`'s path; `agent_speech` (the path's style) joins the system prompt."""
+    def __init__(self, engine: PathEngine, *, agent_speech: str | None = None, path_id: str | None = None) -> None:
+        """Walk `engine`'s path (the ConversationPath `path_id`); `agent_speech` (its style) joins the prompt."""
         self.engine = engine
+        self.path_id = path_id
         self._agent_speech = agent_speech
         self._heard = ""
 
@@ -93,8 +94,11 @@ class ChatPath:
         said = "continue as it says" if speaks else "its words were said for you"
         return PathMove(tuple(events), speaks, f"moved to step {engine.node.id!r}; {said}")
 
-    def _model_speaks(self, events: Sequence[LLMEvent]) -> bool:
+    def model_speaks_at(self, events: Sequence[LLMEvent]) -> bool:
         """Whether, after arriving with `events`, the model should speak (the node asks it to)."""
+        return self._model_speaks(events)
+
+    def _model_speaks(self, events: Sequence[LLMEvent]) -> bool:
         if any(isinstance(event, EndCall | TransferCall) for event in events):
             return False
         data = self.engine.node.data
