@@ -391,7 +391,21 @@ async def test_a_wrong_or_missing_way_is_explained_to_the_model_and_the_call_goe
         rig.caller_says("An order")
         rig.openai.replies.append("Which order is it?")  # the prompt node: the model speaks
         turns = await rig.wait_for_turns(5)
-    assert trace(turns)[4] == ("agent", "Which order is it?", "order", "to-order")
+        assert trace(turns)[4] == ("agent", "Which order is it?", "order", "to-order")
+        (offered,) = [t for t in rig.openai.requests[-1]["tools"] if t["function"]["name"] == "follow_path"]
+        asked = offered["function"]["parameters"]["properties"]["variables"]["properties"]
+        assert asked == {"order_number": {"type": "string", "description": "The order's number"}}
+
+        rig.openai.replies.append(["Noted.", follow("order-named", order_number="A-42")])  # moves and extracts
+        rig.caller_says("It is order A 42")
+        turns = await rig.wait_for_turns(7)
+        assert trace(turns)[6] == ("agent", "Noted.", "listen", "order-named")  # the wait node says nothing more
+    stored = await rig.stored()  # the caller hung up at the wait node: the trace kept where the call ended
+    assert stored.metadata["conversationPath"] == {
+        "id": rig.path_id,
+        "node": "listen",
+        "variables": {"order_number": "A-42"},
+    }
 
 
 async def test_a_global_node_reached_by_the_model_transfers_to_the_allowed_number(pool: asyncpg.Pool) -> None:

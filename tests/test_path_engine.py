@@ -156,8 +156,10 @@ async def test_a_way_that_does_not_leave_the_node_is_refused_with_the_ways_that_
         await engine.move("found")
     assert refused.value.ways == ["to-billing", "to-order", "global:human"]
     assert engine.node.id == "greet"
-    await engine.move("to-order", variables={"order_number": " 42 ", "empty": ""})
-    assert engine.node.id == "order" and engine.variables == {"order_number": "42"}
+    await engine.move("to-order", variables={"order_number": "7"})  # greet asks for nothing: not kept
+    assert engine.node.id == "order" and engine.variables == {}
+    await engine.move("order-named", variables={"order_number": " 42 ", "account": "9999", "empty": ""})
+    assert engine.node.id == "listen" and engine.variables == {"order_number": "42"}
 
 
 def test_validation_lists_every_problem() -> None:

@@ -136,3 +136,32 @@ async def test_a_patch_that_breaks_the_path_is_refused_and_changes_nothing(api: 
     )
     assert status == 422
     assert_error(body, "invalid_value", "edges[11].target")
+
+
+async def test_a_linked_path_is_made_the_agents_default_and_comes_first_in_its_bundle(api: Api, acme: Tenant) -> None:
+    status, agent = await api.call("POST", "/agents", acme.owner_key, json={"name": "Desk"})
+    assert status == 201
+    ids = []
+    for name in ("First", "Second"):
+        status, path = await api.call(
+            "POST", "/conversation-paths", acme.owner_key, json={"name": name, "nodes": nodes(), "edges": edges()}
+        )
+        assert status == 201
+        ids.append(path["id"])
+        status, _ = await api.call("PUT", f"/agents/{agent['id']}/conversation-paths/{path['id']}", acme.owner_key)
+        assert status == 204
+    _, bundle = await api.call("GET", f"/agents/{agent['id']}/bundle", acme.owner_key)
+    assert [path["id"] for path in bundle["conversationPaths"]] == ids  # link order
+    for default in (ids[1], ids[0], ids[1]):
+        status, body = await api.call(
+            "PUT", f"/agents/{agent['id']}/conversation-paths/{default}/default", acme.owner_key
+        )
+        assert status == 204, body
+        _, bundle = await api.call("GET", f"/agents/{agent['id']}/bundle", acme.owner_key)
+        assert bundle["conversationPaths"][0]["id"] == default
+    status, draft = await api.call("POST", "/conversation-paths", acme.owner_key, json={"name": "Unlinked"})
+    status, body = await api.call(
+        "PUT", f"/agents/{agent['id']}/conversation-paths/{draft['id']}/default", acme.owner_key
+    )
+    assert status == 404
+    assert_error(body, "not_found")

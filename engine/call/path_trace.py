@@ -44,6 +44,17 @@ class PathTrace:
         self._report(engine.node.id)
         return engine.node.id, (new_steps[-1].edge_id if new_steps else None)
 
+    def settle(self) -> None:
+        """At the end of the call: count the steps no turn was stamped with, and keep where the call ended."""
+        engine = self._engine
+        if not engine.started:
+            return
+        for step in engine.steps[self._seen_steps :]:
+            self._count(step.node_id, step.edge_id)
+        self._seen_steps = len(engine.steps)
+        self._reported = None  # the variables may have changed without a move
+        self._report(engine.node.id)
+
     def _count(self, node_id: str, edge_id: str | None) -> None:
         if node_id not in self._nodes:
             self._nodes.add(node_id)

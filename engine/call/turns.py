@@ -144,7 +144,9 @@ class TurnLog:
 
     def close(self, *, unsettled_caller_text: str) -> None:
         """At the end of the call: write what is still waiting (a caller turn whose transcript never came gets
-        `unsettled_caller_text`; an agent turn never settled is dropped)."""
+        `unsettled_caller_text`; an agent turn never settled is dropped); the path's trace keeps where it ended."""
+        if self._trace is not None:
+            self._trace.settle()
         for turn in self._waiting:
             if not turn.ready:
                 if turn.speaker == "caller":

@@ -177,9 +177,10 @@ class PathEngine:
         return await self._arrive(chosen.target, chosen.key, heard)
 
     def remember(self, variables: Mapping[str, object]) -> None:
-        """Keep the variables a node asked for (names the node did not ask for are kept too, as text)."""
+        """Keep, as text, the variables the current node asks for (`extractVariables`); other names are ignored."""
+        asked = {spec.name for spec in self.node.data.extract_variables}
         for name, value in variables.items():
-            if isinstance(name, str) and value is not None and str(value).strip():
+            if name in asked and value is not None and str(value).strip():
                 self.variables[name] = str(value).strip()
 
     def unread_caller_text(self, conversation: Sequence[ConversationTurn]) -> str:
