@@ -9,6 +9,9 @@ becomes a fallback chain (pipelines.fallback); a stage with none refuses the cal
 Each stage is a table from the configuration's `provider` name to a factory (`STT_PROVIDERS`, `LLM_PROVIDERS`,
 `TTS_PROVIDERS`): adding a provider is one entry there and one model in `config.agent`.
 
+A call follows at most one conversation path (`PathSource`, the campaign's before the agent's default): the chat
+model and the offline runner of the call walk the same `PathEngine`, so a failover keeps the call's place.
+
 `check_pipeline` does the same choice from the keys alone, for the voice webhook to refuse a call before answering
 it; `build_pipeline` makes the instances when the media stream starts, with the engine's SDK clients.
 """
@@ -16,6 +19,7 @@ it; `build_pipeline` makes the instances when the media stream starts, with the 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,9 +47,11 @@ from pipelines.errors import PipelineUnavailable, ProviderKeyMissing, Stage
 from pipelines.fallback import FallbackLLM, FallbackSTT, FallbackTTS, OnFailover
 from pipelines.languages import language_problems, localized
 from pipelines.llm.base import LanguageModel
-from pipelines.llm.conversation_path import ConversationPathLLM, PathGraph
+from pipelines.llm.conversation_path import ConversationPathLLM, InvalidConversationPath, runnable_path
 from pipelines.llm.simple import SimpleResponder
 from pipelines.offline_workers import INLINE, OfflineWork
+from pipelines.paths.chat import ChatPath
+from pipelines.paths.engine import PathEngine
 from pipelines.stt.base import SpeechToText
 from pipelines.stt.sphinx import SphinxSTT
 from pipelines.tools import ToolRunner
@@ -70,7 +76,10 @@ __all__ = [
     "check_pipeline",
     "plan_realtime",
     "provider_key",
+    "realtime_path",
 ]
+
+log = logging.getLogger(__name__)
 
 # Keys an agent may name with `env:`: the provider settings, and variables an operator set aside for agents.
 # Any other variable of the process (the database password, Twilio's token) is never handed to a provider.
@@ -90,6 +99,10 @@ class Pipeline:
     stt: SpeechToText
     llm: LanguageModel
     tts: TextToSpeech
+    path: PathEngine | None = None
+    """Where the call is on its conversation path, when its model follows one."""
+    path_id: str | None = None
+    """The ConversationPath's id, with `path`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +116,15 @@ class RealtimePlan:
 
 @dataclass(frozen=True, slots=True)
 class PathSource:
-    """A conversation path the agent may follow: its id and react-flow graph."""
+    """A conversation path the call may follow: its id, react-flow graph and speaking style."""
 
     id: str
     nodes: Sequence[Any]
     edges: Sequence[Any]
+    agent_speech: str | None = None
+    """How the agent speaks on this path (the chat model's style)."""
+    from_campaign: bool = False
+    """The call's campaign chose this path: it overrides the agent's (and the llm's conversation_path_id)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +180,14 @@ class _Build:
     voice: VoiceChoice | None
     keywords: list[str] = field(default_factory=list)
     """Words the conversation path listens for: the llm stage adds them, the recognizers are made after it."""
+    engines: dict[str, PathEngine] = field(default_factory=dict)
+    """The call's place on its path, by path id: one engine shared by the stage's models."""
+
+    def engine(self, path: PathSource) -> PathEngine:
+        """The call's engine on `path` (made at first use, from the path's checked graph)."""
+        if path.id not in self.engines:
+            self.engines[path.id] = PathEngine(runnable_path(path.nodes, path.edges), tools=self.context.tools)
+        return self.engines[path.id]
 
 
 _Product = TypeVar("_Product")
@@ -213,7 +238,8 @@ def build_pipeline(
     stt = recognizers[0][1]() if len(recognizers) == 1 else FallbackSTT(recognizers, on_failover=context.on_failover)
     voices = _factories("tts", config.tts, TTS_PROVIDERS, build)
     tts = voices[0][1]() if len(voices) == 1 else FallbackTTS(_made(voices), on_failover=context.on_failover)
-    return Pipeline(stt=stt, llm=llm, tts=tts)
+    path_id, engine = next(iter(build.engines.items()), (None, None))
+    return Pipeline(stt=stt, llm=llm, tts=tts, path=engine, path_id=path_id)
 
 
 def provider_key(option: ProviderConfig, keys: ProviderKeys, *, stage: Stage) -> str | None:
@@ -318,14 +344,32 @@ def _openai_chat(option: OpenAILLMConfig, key: str | None, build: _Build) -> Lan
         tools=context.tools,
         default_region=context.default_region,
         transfer=TransferRules.from_config(build.config.transfer),
+        path=_chat_path(build),
     )
+
+
+def _chat_path(build: _Build) -> ChatPath | None:
+    """The call's path (the campaign's, else the agent's default) as a chat model walks it; None without one."""
+    path = build.paths[0] if build.paths else None
+    if path is None:
+        return None
+    try:
+        return ChatPath(build.engine(path), agent_speech=path.agent_speech, path_id=path.id)
+    except InvalidConversationPath as exc:  # a draft (no nodes yet): the agent talks from its prompt
+        log.warning("conversation path %s is not followed: %s", path.id, exc)
+        return None
+
+
+def realtime_path(paths: Sequence[PathSource], context: ProviderContext) -> ChatPath | None:
+    """The path a speech-to-speech call follows (the campaign's, else the agent's default); None without one."""
+    return _chat_path(_Build(AgentConfiguration(), context, paths, None))
 
 
 def _conversation_path(option: ConversationPathLLMConfig, key: str | None, build: _Build) -> LanguageModel:
     path = _choose_path(option, build.paths)
     if path is None:
         return SimpleResponder()
-    runner = ConversationPathLLM.from_path(path, option)
+    runner = ConversationPathLLM.on_engine(build.engine(path), option)
     build.keywords.extend([*runner.keywords(), *OPT_OUT_PHRASES])  # a callee asking to opt out is heard
     return runner
 
@@ -337,8 +381,8 @@ LLM_PROVIDERS: Mapping[str, _Factory[LanguageModel]] = {
 """Language-model factories by the configuration's `provider` name."""
 
 
-def _choose_path(option: ConversationPathLLMConfig, paths: Sequence[PathSource]) -> PathGraph | None:
-    if option.conversation_path_id is None:
+def _choose_path(option: ConversationPathLLMConfig, paths: Sequence[PathSource]) -> PathSource | None:
+    if option.conversation_path_id is None or (paths and paths[0].from_campaign):
         return paths[0] if paths else None
     for path in paths:
         if path.id == option.conversation_path_id:

@@ -65,6 +65,7 @@ class AgentBundle(Record):
     knowledge_bases: list[KnowledgeBaseWithDocuments]
     tools: list[Tool]
     conversation_paths: list[ConversationPath]
+    """The paths linked to the agent, its default (AgentConversationPath.isDefault) first, then in link order."""
 
 
 async def create_agent(
@@ -346,7 +347,7 @@ SELECT {_AGENT_COLUMNS},
         WHERE link."agentId" = a."id" AND link."organizationId" = a."organizationId"
     ), '[]'::jsonb) AS "bundleTools",
     COALESCE((
-        SELECT jsonb_agg(to_jsonb(cp) ORDER BY link."createdAt", cp."id")
+        SELECT jsonb_agg(to_jsonb(cp) ORDER BY link."isDefault" DESC, link."createdAt", cp."id")
         FROM "AgentConversationPath" link
         JOIN "ConversationPath" cp
             ON cp."id" = link."conversationPathId" AND cp."organizationId" = link."organizationId"
@@ -467,3 +468,32 @@ async def update_agent(db: Queryable, *, organization_id: str, agent_id: str, ch
         return Agent.from_row(row)
     await get_agent(db, organization_id=organization_id, agent_id=agent_id)  # NotFound if it is not there
     raise await _unusable_reference(db, organization_id, phone_number_id, voice_id)
+
+
+async def set_default_conversation_path(
+    db: Queryable, *, organization_id: str, agent_id: str, conversation_path_id: str
+) -> None:
+    """Make a linked path the agent's default (the others stop being it); NotFound if the path is not linked.
+
+    One UPDATE of all the agent's links: concurrent calls serialise on the rows, so exactly one stays default.
+    """
+    with translate_errors():
+        linked = await db.fetchval(
+            """
+            WITH changed AS (
+                UPDATE "AgentConversationPath" SET "isDefault" = ("conversationPathId" = $3)
+                WHERE "agentId" = $1 AND "organizationId" = $2
+                    AND EXISTS (
+                        SELECT 1 FROM "AgentConversationPath"
+                        WHERE "agentId" = $1 AND "organizationId" = $2 AND "conversationPathId" = $3
+                    )
+                RETURNING "conversationPathId"
+            )
+            SELECT count(*) FROM changed WHERE "conversationPathId" = $3
+            """,
+            agent_id,
+            organization_id,
+            conversation_path_id,
+        )
+    if not linked:
+        raise NotFound("AgentConversationPath", f"{agent_id}/{conversation_path_id}")

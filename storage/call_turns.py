@@ -23,7 +23,7 @@ Speaker = Literal["caller", "agent"]
 
 _COLUMNS = (
     '"id", "organizationId", "callLogId", "index", "speaker", "text", "startMs", "endMs", "interrupted", '
-    '"latencyMs", "latency", "createdAt"'
+    '"latencyMs", "latency", "pathNodeId", "pathEdgeId", "createdAt"'
 )
 _SPEAKER_LABELS: Mapping[str, str] = {"caller": "Caller", "agent": "Agent"}
 
@@ -41,6 +41,10 @@ class TurnRecord:
     latency_ms: int | None = None
     latency: Mapping[str, int] | None = None
     """An agent turn's stages, ms after the caller stopped speaking (sttEndOfTurn, llmFirstToken, ...)."""
+    path_node_id: str | None = None
+    """The conversation path's node the turn was spoken at (None without a path)."""
+    path_edge_id: str | None = None
+    """The edge the path took to reach that node during this turn (None if it stayed)."""
 
 
 class CallTurn(Record):
@@ -57,6 +61,8 @@ class CallTurn(Record):
     interrupted: bool
     latency_ms: int | None
     latency: dict[str, int] | None
+    path_node_id: str | None
+    path_edge_id: str | None
     created_at: datetime
 
 
@@ -89,11 +95,13 @@ _WRITE_TURNS = f"""
     ), inserted AS (
         INSERT INTO "CallTurn"
             ("id", "organizationId", "callLogId", "index", "speaker", "text", "startMs", "endMs",
-             "interrupted", "latencyMs", "latency")
-        SELECT t.id, $1, $2, t.index, t.speaker, t.text, t.start_ms, t.end_ms, t.interrupted, t.latency_ms, t.latency
+             "interrupted", "latencyMs", "latency", "pathNodeId", "pathEdgeId")
+        SELECT t.id, $1, $2, t.index, t.speaker, t.text, t.start_ms, t.end_ms, t.interrupted, t.latency_ms, t.latency,
+               t.path_node_id, t.path_edge_id
         FROM unnest($3::text[], $4::int[], $5::text[], $6::text[], $7::int[], $8::int[], $9::bool[], $10::int[],
-                    $11::jsonb[])
-            AS t(id, index, speaker, text, start_ms, end_ms, interrupted, latency_ms, latency)
+                    $11::jsonb[], $16::text[], $17::text[])
+            AS t(id, index, speaker, text, start_ms, end_ms, interrupted, latency_ms, latency, path_node_id,
+                 path_edge_id)
         WHERE EXISTS (SELECT 1 FROM target) AND NOT (SELECT yes FROM watched)
         ORDER BY t.index
         ON CONFLICT ("callLogId", "index") DO NOTHING
@@ -184,6 +192,8 @@ async def _write_turns(
             event,
             agent_id,
             dict(metadata) if metadata else {},
+            [t.path_node_id for t in turns],
+            [t.path_edge_id for t in turns],
         )
     if not rows[0]["found"]:
         raise NotFound("CallLog", call_log_id)

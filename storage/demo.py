@@ -49,12 +49,14 @@ SYSTEM_VOICES = (
     ),
 )
 
-# A react-flow graph the conversation-path runner walks: each node says its text; an edge is taken when the
-# caller says one of its keywords. `isStart` marks the first node, `endCall` a node that ends the call.
+# A react-flow graph the conversation-path runner walks (node types: pipelines/paths/graph.py): a speak node says
+# its text and an edge is taken when the caller says one of its keywords (or presses its digit); `isStart` marks
+# the first node. Pressing 9 at the greeting gathers a booking number (four digits, or # to finish), then waits
+# for whatever the caller adds before ending the call.
 DEMO_PATH_NODES: list[dict[str, Any]] = [
     {
         "id": "greeting",
-        "type": "default",
+        "type": "speak",
         "position": {"x": 0, "y": 0},
         "data": {
             "label": "Greeting",
@@ -64,13 +66,13 @@ DEMO_PATH_NODES: list[dict[str, Any]] = [
     },
     {
         "id": "book",
-        "type": "default",
+        "type": "speak",
         "position": {"x": -200, "y": 150},
         "data": {"label": "Book", "text": "Sure. Which day would suit you, Monday to Friday?"},
     },
     {
         "id": "hours",
-        "type": "default",
+        "type": "speak",
         "position": {"x": 200, "y": 150},
         "data": {
             "label": "Hours",
@@ -79,19 +81,39 @@ DEMO_PATH_NODES: list[dict[str, Any]] = [
     },
     {
         "id": "confirm",
-        "type": "output",
+        "type": "end",
         "position": {"x": -200, "y": 300},
-        "data": {
-            "label": "Confirm",
-            "text": "Great, you are booked in. Thank you for calling. Goodbye!",
-            "endCall": True,
-        },
+        "data": {"label": "Confirm", "text": "Great, you are booked in. Thank you for calling. Goodbye!"},
     },
     {
         "id": "goodbye",
-        "type": "output",
+        "type": "end",
         "position": {"x": 200, "y": 300},
-        "data": {"label": "Goodbye", "text": "Thank you for calling. Goodbye!", "endCall": True},
+        "data": {"label": "Goodbye", "text": "Thank you for calling. Goodbye!"},
+    },
+    {
+        "id": "booking-number",
+        "type": "gather",
+        "position": {"x": 500, "y": 150},
+        "data": {
+            "label": "Booking number",
+            "text": "Please enter your four digit booking number, or finish with the pound key.",
+            "variable": "booking_number",
+            "digitCount": 4,
+            "terminator": "#",
+        },
+    },
+    {
+        "id": "anything-else",
+        "type": "wait",
+        "position": {"x": 500, "y": 300},
+        "data": {"label": "Anything else", "text": "Thank you. Is there anything you would like us to know?"},
+    },
+    {
+        "id": "noted",
+        "type": "end",
+        "position": {"x": 500, "y": 450},
+        "data": {"label": "Noted", "text": "Noted, we will be in touch. Goodbye!"},
     },
 ]
 _WEEKDAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "tomorrow"]
@@ -101,6 +123,9 @@ DEMO_PATH_EDGES: list[dict[str, Any]] = [
     {"id": "book-confirm", "source": "book", "target": "confirm", "data": {"keywords": _WEEKDAYS}},
     {"id": "hours-book", "source": "hours", "target": "book", "data": {"keywords": ["yes", "book", "appointment"]}},
     {"id": "hours-goodbye", "source": "hours", "target": "goodbye", "data": {"keywords": ["no", "bye", "thanks"]}},
+    {"id": "greeting-booking-number", "source": "greeting", "target": "booking-number", "data": {"digit": "9"}},
+    {"id": "booking-number-entered", "source": "booking-number", "target": "anything-else"},
+    {"id": "anything-else-noted", "source": "anything-else", "target": "noted"},
 ]
 
 DEMO_AGENT_CONFIGURATION: dict[str, Any] = {

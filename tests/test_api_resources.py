@@ -236,7 +236,7 @@ async def test_knowledge_base_documents_are_counted(api: Api, acme: Tenant) -> N
 
 
 async def test_conversation_paths(api: Api, acme: Tenant) -> None:
-    nodes = [{"id": "start", "type": "greeting", "data": {"text": "Hello"}}]
+    nodes = [{"id": "start", "type": "speak", "data": {"text": "Hello"}}]
     status, path = await api.call(
         "POST", "/conversation-paths", acme.owner_key, json={"name": "Greeting", "useCase": "support", "nodes": nodes}
     )

@@ -105,6 +105,8 @@ class PipelineDriver:
             backchannel_words=interruption.backchannel_words,
         )
         self._speech = AgentSpeech(host, pipeline.tts)
+        if pipeline.path is not None and pipeline.path_id is not None:
+            host.turns.trace_path(pipeline.path_id, pipeline.path)
         self._reply: asyncio.Task[None] | None = None
         self._caller_speech_started_ms: int | None = None
         self._caller_speech_ended_at: float | None = None

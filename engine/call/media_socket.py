@@ -38,7 +38,14 @@ from engine.workers.recovery import NODE_ID
 from media.recording import StereoWavRecorder
 from media.twilio_stream import MalformedMessage, Started, StreamProtocolError, TwilioStream
 from pipelines.errors import ProviderError
-from pipelines.registry import PipelineUnavailable, RealtimePlan, VoiceChoice, build_pipeline, plan_realtime
+from pipelines.registry import (
+    PipelineUnavailable,
+    RealtimePlan,
+    VoiceChoice,
+    build_pipeline,
+    plan_realtime,
+    realtime_path,
+)
 from storage import Pool, agents, call_logs, credit_reservations, do_not_call
 from storage.call_logs import CallLog
 from storage.do_not_call import DoNotCallSource
@@ -122,6 +129,7 @@ def _drivers(
         tools=prepared.context.tools,
         first_sentence=prepared.first_sentence,
         can_transfer=can_transfer,
+        path=realtime_path(prepared.paths, prepared.context),
     )
     if not config.realtime_fallback:
         return driver, None

@@ -25,6 +25,7 @@ from engine.call.driver import (
 from engine.call.phases import CallPhase, PhaseEvent, accepts
 from engine.call.realtime_connection import RealtimeConnection
 from engine.call.realtime_functions import ModelFunctions
+from engine.call.realtime_path import RealtimePath, offered
 from engine.call.realtime_voice import RESPONSE_GRACE_SECONDS, ModelResponse, ModelVoice
 from engine.call.turns import TRANSCRIPTION_FAILED, Turn
 from engine.server import metrics
@@ -32,6 +33,7 @@ from media.g711 import FRAME_BYTES
 from media.twilio_stream import MarkFlushed, MarkPlayed
 from media.vad import VoiceActivityDetector
 from pipelines.conversation.turn_taking import BargeInPolicy
+from pipelines.paths.chat import ChatPath
 from pipelines.realtime.openai_realtime import (
     AudioDelta,
     AudioDone,
@@ -75,6 +77,7 @@ def realtime_driver(
     tools: ToolRunner | None = None,
     first_sentence: str | None = None,
     can_transfer: bool = True,
+    path: ChatPath | None = None,
 ) -> DriverFactory:
     """A factory for the speech-to-speech driver of a call on `realtime` (the provider entry whose key was found)."""
     return functools.partial(
@@ -85,6 +88,7 @@ def realtime_driver(
         tools=tools,
         first_sentence=first_sentence,
         can_transfer=can_transfer,
+        path=path,
     )
 
 
@@ -101,8 +105,9 @@ class RealtimeDriver:
         tools: ToolRunner | None,
         first_sentence: str | None,
         can_transfer: bool,
+        path: ChatPath | None = None,
     ) -> None:
-        """Converse in `host`'s call through `client`."""
+        """Converse in `host`'s call through `client` (following `path`, if given)."""
         self._host = host
         self._realtime = realtime
         self._first_sentence = first_sentence
@@ -112,12 +117,15 @@ class RealtimeDriver:
             host,
             client=client,
             realtime=realtime,
-            instructions=instructions,
-            functions=lambda: [*self._functions.builtins(), *(tools.specs if tools is not None else [])],
+            instructions=lambda: self._path.instructions(instructions) if self._path else instructions,
+            functions=lambda: offered(self._path, [*self._functions.builtins(), *(tools.specs if tools else [])]),
             on_lost=functools.partial(self._cut_agent, "connection lost", barge_in=False, model=None),
             on_reopened=self._reopened,
         )
         self._spawn = self._connection.spawn
+        self._path = RealtimePath(host, path, say=self.say, refresh=self._connection.refresh) if path else None
+        if path is not None and path.path_id is not None:
+            host.turns.trace_path(path.path_id, path.engine)
         self._functions = ModelFunctions(
             host,
             self._voice,
@@ -128,6 +136,7 @@ class RealtimeDriver:
             tools=tools,
             can_transfer=can_transfer,
             say=self.say,
+            path=self._path,
         )
         self._caller_turns: dict[str, Turn] = {}  # awaiting their transcript, by item id
         self._caller_started_ms: dict[str, int] = {}
@@ -237,8 +246,11 @@ class RealtimeDriver:
         if self._host.phase is not CallPhase.LISTENING and self._host.phase is not CallPhase.RESPONDING:
             return
         await self._connection.release_replies(channel)  # from now on the model answers the caller by itself
-        if self._first_sentence:
-            await channel.create_response(say_exactly(self._first_sentence))
+        opening = " ".join(filter(None, [self._first_sentence, await self._path.opening() if self._path else None]))
+        if self._path is not None:
+            await self._connection.refresh()  # the start node's instructions and ways
+        if opening:
+            await channel.create_response(say_exactly(opening))
         elif self._host.config.model_greets or self._callee_spoke:
             await channel.create_response()
 
@@ -251,10 +263,12 @@ class RealtimeDriver:
             await self._cut_agent("caller key", barge_in=True, model=channel)
         now_ms = host.timeline.stream_ms()
         host.turns.place("caller", now_ms, now_ms, text=f"[DTMF {digit}]")
-        if host.caller_turn_ended():
+        taken = await self._path.key(digit) if self._path is not None else None  # a gather node's, or the model's
+        if host.caller_turn_ended() or taken is False:
             return
         self._reply_to = host.clock()
-        await channel.send_caller_text(f"[The caller pressed {digit} on the keypad]")
+        if taken is None:
+            await channel.send_caller_text(f"[The caller pressed {digit} on the keypad]")
         await channel.create_response()
 
     def _stream_ms(self, audio_ms: int) -> int:

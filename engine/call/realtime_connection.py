@@ -41,12 +41,12 @@ class RealtimeConnection:
         *,
         client: AsyncOpenAI,
         realtime: OpenAIRealtimeConfig,
-        instructions: str,
+        instructions: Callable[[], str],
         functions: Callable[[], list[FunctionSpec]],
         on_lost: Callable[[], Awaitable[None]],
         on_reopened: Callable[[RealtimeChannel], Awaitable[None]],
     ) -> None:
-        """Connect `host`'s call through `client`, offering the model `functions()`.
+        """Connect `host`'s call through `client`, with `instructions()` and offering the model `functions()`.
 
         `on_lost()` cuts the agent off once the connection dropped (the driver's tasks are cancelled by then);
         `on_reopened(channel)` resumes the conversation on the new one.
@@ -98,6 +98,11 @@ class RealtimeConnection:
         self._audio_out += payload
         self._audio_ready.set()
 
+    async def refresh(self) -> None:
+        """Send the session's instructions and functions again (they changed, e.g. the path moved)."""
+        if self.channel is not None:
+            await self.channel.send_event(self._session_update())
+
     async def release_replies(self, channel: RealtimeChannel) -> None:
         """Let the model answer the caller by itself from now on, if it was told not to."""
         if self.holding_replies:
@@ -140,7 +145,7 @@ class RealtimeConnection:
         self.holding_replies = self._host.phase is CallPhase.AWAITING_GREETING
         return session_update(
             self._realtime,
-            instructions=self._instructions,
+            instructions=self._instructions(),
             tools=self._functions(),
             interrupt_response=False,  # barge-in is the engine's (on_caller_audio), by the agent's threshold
             create_response=not self.holding_replies,

@@ -6,15 +6,18 @@ an ending waits until the agent's last words were heard.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from engine.call.driver import CallHost
 from engine.call.phases import CallPhase, PhaseEvent, accepts
+from engine.call.realtime_path import RealtimePath
 from engine.call.realtime_voice import ModelResponse, ModelVoice
 from media.dtmf import DIGITS_HELP, InvalidDigits, dtmf_audio
 from pipelines.conversation.transfer_rules import Refusal, TransferRules, builtin_functions
+from pipelines.paths.prompts import FOLLOW_PATH
 from pipelines.realtime.openai_realtime import FunctionCall, RealtimeChannel
 from pipelines.tools import (
     DTMF_SENT,
@@ -63,9 +66,12 @@ class ModelFunctions:
         tools: ToolRunner | None,
         can_transfer: bool,
         say: Callable[[str], Awaitable[None]],
+        path: RealtimePath | None = None,
     ) -> None:
         """Act in `host`'s call; `answer(reply_to)` asks the model to go on after the outputs were given, `say(text)`
-        has it say `text` word for word."""
+        has it say `text` word for word.
+
+        With `path`, `follow_path` moves the call along its conversation path."""
         self._host = host
         self._voice = voice
         self._channel = channel
@@ -77,6 +83,11 @@ class ModelFunctions:
         self._say = say
         self._transfer_rules = TransferRules.from_config(host.config.transfer)
         self._seen: set[str] = set()
+        self._path = path
+        if path is not None:
+            path.press_keys = self._press_keys
+        self._quiet: set[str] = set()
+        """Responses after whose function outputs the model should not speak (the path said what is to be said)."""
         self.answering = 0
         """Responses whose function outputs are still being worked out."""
         self.ending: asyncio.Task[None] | None = None
@@ -106,6 +117,8 @@ class ModelFunctions:
                 self._owe(response, call.call_id, _constant(refusal))
         elif call.name == OPT_OUT:
             self._opt_out(response, call.call_id, short(arguments.get("reason")))
+        elif call.name == FOLLOW_PATH and self._path is not None:
+            self._owe(response, call.call_id, functools.partial(self._follow, response, arguments))
         elif call.name == SEND_DTMF:
             digits = short(arguments.get("digits"), 64).replace(" ", "")
             self._owe(response, call.call_id, _constant(self._press_keys(digits)))
@@ -132,6 +145,8 @@ class ModelFunctions:
                 return
             for (call_id, _), output in zip(response.outputs, outputs, strict=True):
                 await channel.send_function_output(call_id, output)
+            if response.response_id in self._quiet:
+                return
             if response.cancelled or self.ending is not None or self._host.phase is not CallPhase.RESPONDING:
                 return  # the caller took the floor, or the call is ending: no reply of the model's own
             # A response that only called functions hands its caller's turn on to the one that answers.
@@ -139,6 +154,14 @@ class ModelFunctions:
         finally:
             self.answering -= 1
             self._on_idle()
+
+    async def _follow(self, response: ModelResponse, arguments: dict[str, Any]) -> str:
+        """Move along the path; after a node that said its own words, the model does not add to them."""
+        assert self._path is not None
+        result, model_speaks = await self._path.follow(arguments)
+        if not model_speaks:
+            self._quiet.add(response.response_id)
+        return result
 
     def _press_keys(self, digits: str) -> str:
         """Play touch tones as agent audio; the model's result."""

@@ -24,10 +24,11 @@ from pipelines.llm.prompt import call_variables, render_prompt
 from pipelines.offline_workers import OfflineWork
 from pipelines.registry import PathSource, ProviderContext, ProviderKeys, VoiceChoice
 from pipelines.tools import ToolRunner, agent_functions
-from storage import campaigns, voices
+from storage import campaigns, conversation_paths, voices
 from storage.agents import AgentBundle
 from storage.call_logs import CallLog
 from storage.enums import VoiceStatus
+from storage.errors import NotFound
 from storage.records import Queryable
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ async def prepare_call(
     return PreparedCall(
         context=context,
         first_sentence=first_sentence,
-        paths=[PathSource(p.id, p.nodes, p.edges) for p in bundle.conversation_paths],
+        paths=await call_paths(db, bundle, campaign_path_id=campaign.conversation_path_id if campaign else None),
         voice=_ready_voice(bundle, call_log),
         variables=variables,
     )
@@ -159,6 +160,21 @@ def _ready_voice(bundle: AgentBundle, call_log: CallLog) -> VoiceChoice | None:
         )
         return None
     return VoiceChoice(voice.provider, voice.provider_voice_id)
+
+
+async def call_paths(db: Queryable, bundle: AgentBundle, *, campaign_path_id: str | None) -> list[PathSource]:
+    """The paths a call may follow, the one it follows first: its campaign's path, else the agent's default."""
+    paths = [PathSource(p.id, p.nodes, p.edges, p.agent_speech) for p in bundle.conversation_paths]
+    if campaign_path_id is None:
+        return paths
+    try:
+        chosen = await conversation_paths.get_conversation_path(
+            db, organization_id=bundle.agent.organization_id, conversation_path_id=campaign_path_id
+        )
+    except NotFound:  # deleted since the campaign was read: the agent's own path
+        return paths
+    others = [path for path in paths if path.id != chosen.id]
+    return [PathSource(chosen.id, chosen.nodes, chosen.edges, chosen.agent_speech, from_campaign=True), *others]
 
 
 def _region(number: str | None) -> str | None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 from engine.call.call_log_writer import TurnRecord
+from engine.call.path_trace import PathTrace
 from engine.server import metrics
+from pipelines.paths.engine import PathEngine
 
 Speaker = Literal["caller", "agent"]
 
@@ -38,6 +40,8 @@ class Turn:
     latency_ms: int | None = None
     latency: dict[str, int] | None = None
     dropped: bool = False
+    path_node_id: str | None = None
+    path_edge_id: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -50,6 +54,15 @@ class TurnSink(Protocol):
 
     def record_turn(self, turn: TurnRecord) -> None:
         """Queue a finished turn for writing."""
+        ...
+
+
+@runtime_checkable
+class MetadataSink(Protocol):
+    """A TurnSink that also merges items into the CallLog's metadata (the CallLogWriter)."""
+
+    def record_metadata(self, **items: Any) -> None:
+        """Merge items into CallLog.metadata with the next write."""
         ...
 
 
@@ -69,10 +82,20 @@ class TurnLog:
         self._latencies: list[int] = []
         self.heard: list[tuple[Speaker, str]] = []
         """Every written turn's speaker and text: what was said and heard, for a model that must catch up."""
+        self._trace: PathTrace | None = None
+
+    def trace_path(self, path_id: str, engine: PathEngine) -> None:
+        """Stamp each turn placed from now on with the conversation path's node and edge (and keep the trace)."""
+        sink = self._writer
+        self._trace = PathTrace(
+            path_id, engine, record_metadata=sink.record_metadata if isinstance(sink, MetadataSink) else None
+        )
 
     def place(self, speaker: Speaker, start_ms: int = 0, end_ms: int = 0, *, text: str | None = None) -> Turn:
         """Give a turn its place in the conversation now; it is written when settled (its text known)."""
         turn = Turn(speaker, start_ms, end_ms, text)
+        if self._trace is not None:
+            turn.path_node_id, turn.path_edge_id = self._trace.stamp(speaker)
         self._waiting.append(turn)
         self.flush()
         return turn
@@ -120,6 +143,8 @@ class TurnLog:
                     interrupted=turn.interrupted,
                     latency_ms=turn.latency_ms,
                     latency=turn.latency,
+                    path_node_id=turn.path_node_id,
+                    path_edge_id=turn.path_edge_id,
                 )
             )
             self._next_index += 1
@@ -128,7 +153,9 @@ class TurnLog:
 
     def close(self, *, unsettled_caller_text: str) -> None:
         """At the end of the call: write what is still waiting (a caller turn whose transcript never came gets
-        `unsettled_caller_text`; an agent turn never settled is dropped)."""
+        `unsettled_caller_text`; an agent turn never settled is dropped); the path's trace keeps where it ended."""
+        if self._trace is not None:
+            self._trace.settle()
         for turn in self._waiting:
             if not turn.ready:
                 if turn.speaker == "caller":

@@ -62,6 +62,20 @@ INBOUND_MEDIA_GAP_MS = Counter(
     registry=REGISTRY,
 )
 
+# Conversation paths: where calls go, so a builder sees where callers drop off (each counted once per call).
+PATH_NODE_CALLS = Counter(
+    "dialtone_path_node_calls_total",
+    "Calls that reached a node of a conversation path.",
+    ["path", "node"],
+    registry=REGISTRY,
+)
+PATH_EDGE_CALLS = Counter(
+    "dialtone_path_edge_calls_total",
+    "Calls that took an edge (or a global node's way, global:<node>) of a conversation path.",
+    ["path", "edge"],
+    registry=REGISTRY,
+)
+
 
 def observe_media_gap(missing_ms: int) -> None:
     """Count one inbound media gap of `missing_ms` milliseconds."""

@@ -3,6 +3,10 @@
 Text is yielded as it streams. Function calls are gathered by their `index`; call controls (`end_call`,
 `transfer_call`, `send_dtmf`, `opt_out`) become call events, the organization's functions go to the ToolRunner, and the
 model continues with their results. Those exchanges are remembered, so later turns see what the tools answered.
+
+With a conversation path (pipelines.paths), the system prompt is the current node's (pipelines.paths.prompts)
+and the ways out are offered as `follow_path`: a move yields what the new node says or does, and the model goes
+on speaking only where the node asks it to (a prompt, a knowledge answer, a global node's instructions).
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ from pipelines.llm.base import (
     TextDelta,
     TransferCall,
 )
+from pipelines.paths.chat import ChatPath, PathMove
+from pipelines.paths.engine import PathCheckpoint
+from pipelines.paths.prompts import FOLLOW_PATH
 from pipelines.tools import (
     DTMF_SENT,
     END_CALL,
@@ -178,6 +185,13 @@ class _Outcome:
     event: LLMEvent | None = None
     result: str = ""
     ends_reply: bool = False
+    events: tuple[LLMEvent, ...] = ()
+    """More events, in order after `event` (what a move along the path says and does)."""
+
+    @property
+    def all_events(self) -> tuple[LLMEvent, ...]:
+        """`event` and `events`, in order."""
+        return (self.event, *self.events) if self.event is not None else self.events
 
 
 class OpenAIChatLLM:
@@ -198,8 +212,12 @@ class OpenAIChatLLM:
         tools: ToolRunner | None = None,
         default_region: str | None = None,
         transfer: TransferRules = NO_TRANSFERS,
+        path: ChatPath | None = None,
     ) -> None:
         """Talk to `config.model` through `client` with `instructions` as the system prompt.
+
+        With `path`, the call follows that conversation path: the prompt adds the path's style and the current
+        node, and the model moves with `follow_path`.
 
         `tools` runs the agent's own functions; `default_region` (e.g. "US") reads transfer numbers the model
         gives without a country code; with None, only international numbers (+...) are accepted. `transfer` is
@@ -211,8 +229,10 @@ class OpenAIChatLLM:
         self._tools = tools
         self._default_region = default_region
         self._transfer_rules = transfer
-        specs = [*builtin_functions(transfer), *(tools.specs if tools is not None else ())]
-        self._tool_params = cast(list[ChatCompletionToolUnionParam], chat_tools(specs))
+        self._path = path
+        self.scripted_opening = path is not None  # a path's start node is the opening
+        self._specs = [*builtin_functions(transfer), *(tools.specs if tools is not None else ())]
+        self._tool_params = cast(list[ChatCompletionToolUnionParam], chat_tools(self._specs))
         # Function-call exchanges of this call, each with the number of conversation turns it came after.
         self._exchanges: list[tuple[int, list[ChatCompletionMessageParam]]] = []
         self._call_ids = itertools.count(1)
@@ -240,7 +260,7 @@ class OpenAIChatLLM:
                 "messages": messages,
                 "stream": True,
                 "stream_options": {"include_usage": True},
-                "tools": self._tool_params,
+                "tools": self._functions_now(),
                 "tool_choice": "none" if last_round else None,
                 "temperature": self._config.temperature,
                 "max_completion_tokens": self._config.max_tokens,
@@ -288,6 +308,11 @@ class OpenAIChatLLM:
     async def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncGenerator[LLMEvent, None]:
         """Stream the reply: text as it comes, call controls as events, agent functions run in between."""
         anchor = len(conversation)
+        prelude = await self._path.before_model(conversation) if self._path is not None else PathMove()
+        for event in prelude.events:
+            yield event
+        if not prelude.model_speaks:
+            return
         messages = self._messages(conversation)
         spoken_tail = ""  # the last text said, so rounds of one reply join with a space
         for round_number in range(MAX_TOOL_ROUNDS + 1):
@@ -313,14 +338,27 @@ class OpenAIChatLLM:
             results: list[ChatCompletionMessageParam] = []
             for call in calls:
                 outcome = await self._carry_out(call)
-                if outcome.event is not None:
-                    yield outcome.event
+                for event in outcome.all_events:
+                    yield event
                 if outcome.ends_reply:
                     return
                 results.append(_tool_result(call, outcome.result))
             # Later turns get the exchange without its text: the agent turn that follows holds what was heard.
             self._exchanges.append((anchor, [_assistant_calls(None, calls), *results]))
             messages = [*messages, _assistant_calls("".join(completion.text) or None, calls), *results]
+            if self._path is not None:
+                messages[0] = {"role": "system", "content": self._system_prompt()}  # the node may have changed
+
+    def checkpoint(self) -> object:
+        """The exchanges remembered and the place on the path (if any) now, for `rewind`."""
+        return (len(self._exchanges), self._path.engine.checkpoint() if self._path is not None else None)
+
+    def rewind(self, checkpoint: object) -> None:
+        """Forget what a reply the caller never heard (a discarded speculation) remembered or moved on the path."""
+        remembered, place = cast(tuple[int, PathCheckpoint | None], checkpoint)
+        del self._exchanges[remembered:]
+        if self._path is not None and place is not None:
+            self._path.engine.rewind(place)
 
     async def close(self) -> None:
         """Nothing to release: the client is the engine's, shared by every call."""
@@ -332,8 +370,8 @@ class OpenAIChatLLM:
         for anchor, exchange in self._exchanges:
             exchanges_at.setdefault(min(anchor, len(conversation)), []).extend(exchange)
         messages: list[ChatCompletionMessageParam] = []
-        if self._instructions:
-            messages.append({"role": "system", "content": self._instructions})
+        if system := self._system_prompt():
+            messages.append({"role": "system", "content": system})
         for index, turn in enumerate(conversation):
             messages.extend(exchanges_at.get(index, ()))
             if not turn.text:
@@ -345,6 +383,21 @@ class OpenAIChatLLM:
         messages.extend(exchanges_at.get(len(conversation), ()))
         return messages
 
+    def _system_prompt(self) -> str:
+        return self._path.system_prompt(self._instructions) if self._path is not None else self._instructions
+
+    def _functions_now(self) -> list[ChatCompletionToolUnionParam]:
+        """The functions offered: the call's, and `follow_path` with the ways out of the current node."""
+        if self._path is None:
+            return self._tool_params
+        return cast(list[ChatCompletionToolUnionParam], chat_tools(self._path.functions(self._specs)))
+
+    async def _follow(self, arguments: Mapping[str, Any]) -> _Outcome:
+        if self._path is None:
+            return _Outcome(result=f"error: there is no function named {FOLLOW_PATH!r}")
+        move = await self._path.follow(arguments)
+        return _Outcome(result=move.result, events=move.events, ends_reply=not move.model_speaks)
+
     # ------------------------------------------------------------------------------------------- functions
 
     async def _carry_out(self, call: _FunctionCall) -> _Outcome:
@@ -353,6 +406,8 @@ class OpenAIChatLLM:
         control = self._controls.get(call.name)
         if control is not None:
             return control(arguments)
+        if call.name == FOLLOW_PATH:
+            return await self._follow(arguments)
         if _malformed(call.arguments, arguments):
             return _Outcome(result=f"error: the arguments were not a JSON object; call {call.name} again")
         if self._tools is None:

@@ -6,13 +6,21 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from engine.api.errors import ApiError, unprocessable
 from engine.api.models import LongText, Name, RequestModel, ShortText, UpdateModel
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
-from storage import conversation_paths
+from pipelines.paths.graph import PathInvalid, read_path
+from storage import agents, conversation_paths
 from storage.conversation_paths import ConversationPath
 
-resource = Resource("Conversation paths", "Conversation flows: the flow builder's nodes and edges, kept as saved.")
+resource = Resource(
+    "Conversation paths",
+    "Conversation flows: the flow builder's nodes and edges, kept as saved once checked: one start node, edges "
+    "between existing nodes, every node reachable, and each node's `data` valid for its `type` (speak, prompt, "
+    "wait, gather, end, transfer, webhook, knowledge, press_digits, global, or react-flow's default/input/output). "
+    "A 422 names the node or edge and the field. A path with no nodes and no edges is a draft.",
+)
 
 Graph = Annotated[list[dict[str, Any]], Field(max_length=5000)]
 
@@ -58,6 +66,7 @@ async def list_conversation_paths(call: ApiCall) -> Page[ConversationPath]:
 async def create_conversation_path(call: ApiCall) -> ConversationPath:
     """Create a conversation path."""
     body = call.body_as(ConversationPathCreate)
+    _check_graph(body.nodes, body.edges)
     async with call.tenant() as db:
         return await conversation_paths.create_conversation_path(
             db, organization_id=call.caller.organization_id, **body.model_dump()
@@ -83,6 +92,11 @@ async def update_conversation_path(call: ApiCall) -> ConversationPath:
     """Change a path's name, use case, speech or graph."""
     changes = call.body_as(ConversationPathUpdate).changes()
     async with call.tenant() as db:
+        if "nodes" in changes or "edges" in changes:
+            current = await conversation_paths.get_conversation_path(
+                db, organization_id=call.caller.organization_id, conversation_path_id=call.path["conversationPathId"]
+            )
+            _check_graph(changes.get("nodes", current.nodes), changes.get("edges", current.edges))
         return await conversation_paths.update_conversation_path(
             db,
             organization_id=call.caller.organization_id,
@@ -97,4 +111,34 @@ async def delete_conversation_path(call: ApiCall) -> None:
     async with call.tenant() as db:
         await conversation_paths.delete_conversation_path(
             db, organization_id=call.caller.organization_id, conversation_path_id=call.path["conversationPathId"]
+        )
+
+
+def _check_graph(nodes: list[Any], edges: list[Any]) -> None:
+    """Refuse a graph a call could not walk (422 naming the node or edge and its field); an empty one is a draft."""
+    if not nodes and not edges:
+        return
+    try:
+        read_path(nodes, edges, strict=True)
+    except PathInvalid as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: PathInvalid) -> ApiError:
+    first = exc.problems[0]
+    return unprocessable(str(exc), first.field)
+
+
+@resource.put(
+    "/agents/{agentId}/conversation-paths/{conversationPathId}/default",
+    summary="Make a linked path the agent's default",
+)
+async def set_default_conversation_path(call: ApiCall) -> None:
+    """The agent's calls follow this path (unless their campaign names one); it must be linked to the agent."""
+    async with call.tenant() as db:
+        await agents.set_default_conversation_path(
+            db,
+            organization_id=call.caller.organization_id,
+            agent_id=call.path["agentId"],
+            conversation_path_id=call.path["conversationPathId"],
         )

@@ -1,0 +1,71 @@
+"""A call's trace along its conversation path: each turn's node and edge, the CallLog's path metadata, metrics.
+
+The TurnLog stamps every turn it places with `stamp`: a caller turn with the node they answered at, an agent turn
+with the node it was spoken at and the edge taken to it during the reply. The CallLog's `metadata.conversationPath`
+keeps the path's id and the node the call is at (at the end: where it ended), and the engine's `/metrics` count,
+once per call, the calls that reached each node and took each edge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from engine.server import metrics
+from pipelines.paths.engine import PathEngine
+
+__all__ = ["PathTrace"]
+
+
+class PathTrace:
+    """Follows one call's path engine for its turns, its CallLog and the metrics."""
+
+    def __init__(self, path_id: str, engine: PathEngine, *, record_metadata: Callable[..., None] | None = None) -> None:
+        """Trace `engine` (walking path `path_id`); `record_metadata` merges items into the CallLog's metadata."""
+        self._path_id = path_id
+        self._engine = engine
+        self._record_metadata = record_metadata
+        self._seen_steps = 0
+        self._nodes: set[str] = set()
+        self._edges: set[str] = set()
+        self._reported: str | None = None
+
+    def stamp(self, speaker: str) -> tuple[str | None, str | None]:
+        """(node id, edge id) for a turn placed now: where the path is, and for the agent the edge taken to it."""
+        engine = self._engine
+        if not engine.started:
+            return None, None
+        new_steps = engine.steps[self._seen_steps :]
+        if speaker == "caller":
+            return engine.node.id, None
+        self._seen_steps = len(engine.steps)
+        for step in new_steps:
+            self._count(step.node_id, step.edge_id)
+        self._report(engine.node.id)
+        return engine.node.id, (new_steps[-1].edge_id if new_steps else None)
+
+    def settle(self) -> None:
+        """At the end of the call: count the steps no turn was stamped with, and keep where the call ended."""
+        engine = self._engine
+        if not engine.started:
+            return
+        for step in engine.steps[self._seen_steps :]:
+            self._count(step.node_id, step.edge_id)
+        self._seen_steps = len(engine.steps)
+        self._reported = None  # the variables may have changed without a move
+        self._report(engine.node.id)
+
+    def _count(self, node_id: str, edge_id: str | None) -> None:
+        if node_id not in self._nodes:
+            self._nodes.add(node_id)
+            metrics.PATH_NODE_CALLS.labels(self._path_id, node_id).inc()
+        if edge_id is not None and edge_id not in self._edges:
+            self._edges.add(edge_id)
+            metrics.PATH_EDGE_CALLS.labels(self._path_id, edge_id).inc()
+
+    def _report(self, node_id: str) -> None:
+        if self._record_metadata is None or node_id == self._reported:
+            return
+        self._reported = node_id
+        variables: dict[str, Any] = dict(self._engine.variables)
+        self._record_metadata(conversationPath={"id": self._path_id, "node": node_id, "variables": variables})

@@ -1,0 +1,116 @@
+"""A speech-to-speech call on a conversation path: the session's instructions and functions follow the node.
+
+The Realtime model gets the same prompt and `follow_path` function as a chat model (pipelines.paths.chat); after
+each move the session is updated (`session.update`) with the new node's instructions and ways out. What a node
+says word for word, the engine has the model say exactly; touch tones, the hang-up and the transfer are the
+engine's, as for the model's own function calls. Keys pressed at a gather node are collected by the path and not
+passed to the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from engine.call.driver import CallHost
+from pipelines.conversation.transfer_rules import Refusal, TransferRules
+from pipelines.llm.base import EndCall, LLMEvent, SendDtmf, TextDelta, TransferCall
+from pipelines.paths.chat import ChatPath
+from pipelines.tools import FunctionSpec
+from storage.end_reasons import EndReason
+
+__all__ = ["RealtimePath", "offered"]
+
+log = logging.getLogger(__name__)
+
+
+class RealtimePath:
+    """One Realtime call's path: prompt, functions, moves and their effects on the call."""
+
+    def __init__(
+        self,
+        host: CallHost,
+        path: ChatPath,
+        *,
+        say: Callable[[str], Awaitable[None]],
+        refresh: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Act in `host`'s call; `say(text)` has the model say text word for word, `refresh()` re-sends the session."""
+        self._host = host
+        self._path = path
+        self._say = say
+        self._refresh = refresh
+        self._rules = TransferRules.from_config(host.config.transfer)
+        self.press_keys: Callable[[str], str] = lambda digits: "error: no keypad"
+        """Plays touch tones (the driver's, set once its functions exist)."""
+
+    def instructions(self, base: str) -> str:
+        """The session's instructions at the current node."""
+        return self._path.system_prompt(base)
+
+    def functions(self, specs: Sequence[FunctionSpec]) -> list[FunctionSpec]:
+        """The session's functions: `specs` and `follow_path` when a way leads out of the node."""
+        return self._path.functions(specs)
+
+    async def opening(self) -> str:
+        """Arrive at the start node; the words it says (the rest of what it does is done)."""
+        move = await self._path.before_model([])
+        return await self._act(move.events, say_text=False)
+
+    async def follow(self, arguments: Mapping[str, Any]) -> tuple[str, bool]:
+        """Carry out `follow_path`: (what the model is told, whether it should speak next)."""
+        move = await self._path.follow(arguments)
+        await self._act(move.events, say_text=True)
+        await self._refresh()
+        return move.result, move.model_speaks
+
+    async def key(self, digit: str) -> bool | None:
+        """A key the caller pressed: None when the path leaves it to the model; else the path (a gather node) took
+        it, and whether the model should now speak (the digits are complete and the next node asks it to)."""
+        engine = self._path.engine
+        steps = len(engine.steps)
+        pressed = await engine.press(f"[DTMF {digit}]")
+        if pressed is None:
+            return None
+        if len(engine.steps) == steps:
+            return False  # more digits are awaited
+        await self._act(pressed, say_text=True)
+        await self._refresh()
+        return self._path.model_speaks_at(pressed)
+
+    async def _act(self, events: Sequence[LLMEvent], *, say_text: bool) -> str:
+        """Do what arriving at a node does, in order; the words said (or, with `say_text` False, to be said)."""
+        words: list[str] = []
+        for event in events:
+            match event:
+                case TextDelta(text=text):
+                    words.append(text.strip())
+                case SendDtmf(digits=digits):
+                    await self._flush(words, say_text)
+                    self.press_keys(digits)
+                case EndCall():
+                    await self._flush(words, say_text=True)
+                    await self._host.hang_up(EndReason.PATH_END, None)
+                case TransferCall(to=to, reason=reason):
+                    await self._flush(words, say_text=True)
+                    verdict = self._rules.check(to)
+                    if isinstance(verdict, Refusal):
+                        log.warning("call %s: path transfer refused: %s", self._host.context.call_sid, verdict.message)
+                    else:
+                        await self._host.transfer(verdict.number, reason)
+        await self._flush(words, say_text)
+        return " ".join(word for word in words if word)
+
+    async def _flush(self, words: list[str], say_text: bool) -> None:
+        if not say_text:
+            return  # the opening's words are said by the driver, with its first sentence
+        text = " ".join(word for word in words if word)
+        words.clear()
+        if text:
+            await self._say(text)
+
+
+def offered(path: RealtimePath | None, specs: Sequence[FunctionSpec]) -> list[FunctionSpec]:
+    """The functions a Realtime session offers: `specs`, and the path's `follow_path` when there is a way on."""
+    return path.functions(specs) if path is not None else list(specs)

@@ -1,0 +1,313 @@
+"""One call's position on a conversation path, and the moves that change it; driven by any language model.
+
+The engine is pure: it holds where the call is, the call's variables and the trace of nodes and edges, and turns
+arriving at a node into call events (verbatim speech, touch tones, hang-up, transfer). The two things a node may
+reach outside the call are injected: the agent's Tools (`ToolCaller`, a webhook node) and its knowledge bases
+(`KnowledgeLookup`, a knowledge node). Knowledge bases do not exist yet: with no lookup, a knowledge node says its
+fallback line, and the knowledge-base work plugs its search in through that Protocol.
+
+A model moves the call with `move(way)`: a way is an outgoing edge of the current node (by edge id) or a global
+node (`global:<node id>`), reachable from anywhere. Nodes that need no caller (press digits, webhook, a global
+node with nothing to say) are passed through on arrival, following their first (or result-matching) edge.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+from pipelines.llm.base import ConversationTurn, EndCall, LLMEvent, SendDtmf, TextDelta, TransferCall
+from pipelines.paths.graph import (
+    Edge,
+    EndData,
+    GatherData,
+    GlobalData,
+    KnowledgeData,
+    LegacyData,
+    Node,
+    Path,
+    PressDigitsData,
+    PromptData,
+    TransferData,
+    WebhookData,
+)
+
+__all__ = [
+    "GLOBAL_PREFIX",
+    "KnowledgeLookup",
+    "PathEngine",
+    "PathStep",
+    "ToolCaller",
+    "UnknownWay",
+    "Way",
+]
+
+GLOBAL_PREFIX: Final = "global:"
+"""A way to a global node is named `global:<node id>`."""
+PATH_END: Final = "path_end"
+"""The EndCall reason of a call that reached an end node."""
+_MAX_PASS_THROUGH: Final = 20
+"""Nodes passed through in one arrival at most (a loop of webhook nodes must not spin forever)."""
+_KEY = re.compile(r"\[DTMF ([0-9*#A-Da-d])\]")
+_SPOKEN_DIGITS: Final = {
+    **{str(digit): str(digit) for digit in range(10)},
+    **{
+        word: str(digit)
+        for digit, word in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
+    },
+    "oh": "0",
+    "pound": "#",
+    "hash": "#",
+    "star": "*",
+}
+
+
+class KnowledgeLookup(Protocol):
+    """The agent's knowledge bases, searched by a knowledge node (the seam the knowledge-base work implements)."""
+
+    async def search(self, query: str) -> list[str]:
+        """Passages answering `query`, best first; empty when nothing fits."""
+        ...
+
+
+class ToolCaller(Protocol):
+    """Runs one of the agent's Tool functions (pipelines.tools.ToolRunner); failures come back as 'error: ...'."""
+
+    async def run(self, name: str, arguments: Mapping[str, object]) -> str:
+        """Call `name` with `arguments`; the reply as text."""
+        ...
+
+
+class UnknownWay(LookupError):
+    """The model named a way that does not leave the current node; `ways` lists those that do."""
+
+    def __init__(self, given: str, ways: Sequence[str]) -> None:
+        self.given, self.ways = given, list(ways)
+        super().__init__(f"there is no way {given!r} from here; choose one of: {', '.join(ways) or '(none)'}")
+
+
+@dataclass(frozen=True, slots=True)
+class Way:
+    """A way out of the current node, as a model or the keyword chooser sees it."""
+
+    key: str
+    """The edge id, or `global:<node id>`."""
+    target: str
+    description: str
+    keywords: tuple[str, ...]
+    digit: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PathStep:
+    """One node the call arrived at, and the edge (or global way) it came by (None at the start)."""
+
+    node_id: str
+    edge_id: str | None
+
+
+@dataclass(slots=True)
+class _Gathering:
+    digits: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PathCheckpoint:
+    """Where a call was on its path (PathEngine.checkpoint), to go back to when a reply is thrown away."""
+
+    current: str
+    steps: int
+    variables: dict[str, str]
+    passages: list[str]
+    digits: str
+    turns_read: int
+
+
+@dataclass(slots=True)
+class PathEngine:
+    """Where one call is on its path; every move and arrival goes through here."""
+
+    path: Path
+    tools: ToolCaller | None = None
+    knowledge: KnowledgeLookup | None = None
+    variables: dict[str, str] = field(default_factory=dict)
+    steps: list[PathStep] = field(default_factory=list)
+    """The trace: every node arrived at, with the edge taken to it."""
+    passages: list[str] = field(default_factory=list)
+    """What the knowledge lookup found at the current (knowledge) node."""
+    _current: str = ""
+    _gathering: _Gathering = field(default_factory=_Gathering)
+    _turns_read: int = 0
+
+    def __post_init__(self) -> None:
+        self._current = self.path.start
+
+    @property
+    def started(self) -> bool:
+        """Whether the call has arrived at the start node yet."""
+        return bool(self.steps)
+
+    @property
+    def node(self) -> Node:
+        """The node the call is at."""
+        return self.path.nodes[self._current]
+
+    @property
+    def last_edge(self) -> str | None:
+        """The edge (or global way) that led to the current node; None at the start."""
+        return self.steps[-1].edge_id if self.steps else None
+
+    @property
+    def ended(self) -> bool:
+        """Whether the call's path is over (an end or transfer node was reached)."""
+        return self.started and (self.node.ends_call or isinstance(self.node.data, TransferData))
+
+    def ways(self) -> list[Way]:
+        """The ways out of the current node: its edges, then every global node but the one the call is at."""
+        ways = [
+            Way(edge.id, edge.target, edge.description, edge.keywords, edge.digit)
+            for edge in self.path.outgoing(self._current)
+        ]
+        for node in self.path.global_nodes():
+            if node.id != self._current and isinstance(node.data, GlobalData):
+                data = node.data
+                ways.append(Way(GLOBAL_PREFIX + node.id, node.id, data.condition, tuple(data.keywords)))
+        return ways
+
+    def checkpoint(self) -> PathCheckpoint:
+        """The call's place now: node, trace length, variables, passages, digits gathered, caller turns read."""
+        return PathCheckpoint(
+            self._current,
+            len(self.steps),
+            dict(self.variables),
+            list(self.passages),
+            self._gathering.digits,
+            self._turns_read,
+        )
+
+    def rewind(self, checkpoint: PathCheckpoint) -> None:
+        """Go back to `checkpoint`: a reply the caller never heard (a discarded speculation) did not move the call."""
+        self._current = checkpoint.current
+        del self.steps[checkpoint.steps :]
+        self.variables = dict(checkpoint.variables)
+        self.passages = list(checkpoint.passages)
+        self._gathering = _Gathering(checkpoint.digits)
+        self._turns_read = checkpoint.turns_read
+
+    async def begin(self, heard: str = "") -> list[LLMEvent]:
+        """Arrive at the start node: the events of saying (or doing) what it says."""
+        return await self._arrive(self.path.start, None, heard)
+
+    async def move(self, way: str, *, heard: str = "", variables: Mapping[str, object] | None = None) -> list[LLMEvent]:
+        """Take `way` (UnknownWay if it does not leave here), keep `variables`, and arrive where it leads."""
+        chosen = next((candidate for candidate in self.ways() if candidate.key == way), None)
+        if chosen is None:
+            raise UnknownWay(way, [candidate.key for candidate in self.ways()])
+        self.remember(variables or {})
+        return await self._arrive(chosen.target, chosen.key, heard)
+
+    def remember(self, variables: Mapping[str, object]) -> None:
+        """Keep, as text, the variables the current node asks for (`extractVariables`); other names are ignored."""
+        asked = {spec.name for spec in self.node.data.extract_variables}
+        for name, value in variables.items():
+            if name in asked and value is not None and str(value).strip():
+                self.variables[name] = str(value).strip()
+
+    def unread_caller_text(self, conversation: Sequence[ConversationTurn]) -> str:
+        """The caller's turns the path has not read yet, joined: keys pressed in quick succession are turns whose
+        replies were cancelled before they ran, yet every key counts."""
+        start = self._turns_read if self._turns_read <= len(conversation) else 0
+        self._turns_read = len(conversation)
+        return " ".join(turn.text for turn in conversation[start:] if turn.role == "caller")
+
+    async def press(self, heard: str) -> list[LLMEvent] | None:
+        """At a gather node, take the keys in the caller's turn; the arrival's events once the digits are complete.
+
+        None when the turn carried no keys (the model handles it); [] while more digits are awaited.
+        """
+        data = self.node.data
+        if not isinstance(data, GatherData):
+            return None
+        keys = _keys(heard)
+        if not keys:
+            if not self._gathering.digits:
+                return None
+            return await self._gathered(data)  # the caller stopped pressing and spoke: the digits so far
+        for key in keys:
+            if data.terminator is not None and key == data.terminator:
+                return await self._gathered(data)
+            self._gathering.digits += key
+            if data.digit_count is not None and len(self._gathering.digits) >= data.digit_count:
+                return await self._gathered(data)
+        return []
+
+    async def _gathered(self, data: GatherData) -> list[LLMEvent]:
+        self.variables[data.variable] = self._gathering.digits
+        self._gathering = _Gathering()
+        edges = self.path.outgoing(self._current)
+        if not edges:
+            return []
+        return await self._arrive(edges[0].target, edges[0].id, "")
+
+    async def _arrive(self, node_id: str, edge_id: str | None, heard: str) -> list[LLMEvent]:
+        events: list[LLMEvent] = []
+        for _ in range(_MAX_PASS_THROUGH):
+            self._current = node_id
+            self.steps.append(PathStep(node_id, edge_id))
+            self.passages = []
+            self._gathering = _Gathering()
+            node = self.node
+            data = node.data
+            if node.text and not isinstance(data, KnowledgeData | PromptData):  # a prompt's text is offline-only
+                events.append(TextDelta(node.text))
+            if isinstance(data, EndData) or node.ends_call:
+                events.append(EndCall(PATH_END))
+                return events
+            if isinstance(data, LegacyData) and node.kind == "output" and not self.path.outgoing(node_id):
+                events.append(EndCall(PATH_END))
+                return events
+            if isinstance(data, TransferData):
+                events.append(TransferCall(data.number, f"conversation path node {node_id}"))
+                return events
+            if isinstance(data, KnowledgeData):
+                self.passages = await self.knowledge.search(heard) if self.knowledge is not None and heard else []
+                if not self.passages:
+                    events.append(TextDelta(data.fallback))
+                return events
+            if isinstance(data, PressDigitsData):
+                events.append(SendDtmf(data.digits))
+                following = self.path.outgoing(node_id)
+            elif isinstance(data, WebhookData):
+                following = await self._call_webhook(data, node_id)
+            elif isinstance(data, GlobalData) and not data.text and not data.instructions:
+                following = self.path.outgoing(node_id)  # a global node with nothing to say only routes
+            else:
+                return events  # speak, prompt, wait, gather, global: the caller's answer moves on
+            if not following:
+                return events
+            node_id, edge_id = following[0].target, following[0].id
+        return events
+
+    async def _call_webhook(self, data: WebhookData, node_id: str) -> list[Edge]:
+        if self.tools is None:
+            reply = f"error: the agent has no tool function {data.tool!r}"
+        else:
+            reply = await self.tools.run(data.tool, dict(self.variables))
+        if data.variable is not None:
+            self.variables[data.variable] = reply
+        result = "failure" if reply.startswith("error:") else "success"
+        edges = self.path.outgoing(node_id)
+        return [edge for edge in edges if edge.result == result] or [edge for edge in edges if edge.result is None]
+
+
+def _keys(heard: str) -> str:
+    """The keypad keys in a caller turn: `[DTMF 5]` markers, or digits spoken or typed one by one."""
+    pressed = "".join(match.upper() for match in _KEY.findall(heard))
+    if pressed:
+        return pressed
+    words = re.sub(r"[^a-z0-9*#]+", " ", heard.lower()).split()
+    if words and all(word in _SPOKEN_DIGITS or word.isdigit() for word in words):
+        return "".join(_SPOKEN_DIGITS.get(word, word) for word in words)
+    return ""

@@ -1,0 +1,311 @@
+"""A conversation path's react-flow JSON, read into typed nodes and edges and checked as a whole.
+
+Each node's `type` selects its `data` model (speak, prompt, wait, gather, end, transfer, webhook, knowledge,
+press_digits, global); react-flow's own `default`, `input` and `output` nodes (and nodes with no type) are the
+original speak nodes the flow builder saved before typed nodes existed, read as they always were. Every problem
+is a `PathProblem` naming the node or edge id and the JSON path of the field, so the API can point at it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from pipelines.paths.nodes import (
+    EDGE_DATA,
+    LEGACY_TYPES,
+    NODE_TYPES,
+    TYPED_NODES,
+    EndData,
+    GatherData,
+    GlobalData,
+    KnowledgeData,
+    LegacyData,
+    NodeData,
+    PressDigitsData,
+    PromptData,
+    SpeakData,
+    TransferData,
+    VariableSpec,
+    WaitData,
+    WebhookData,
+)
+
+__all__ = [
+    "LEGACY_TYPES",
+    "NODE_TYPES",
+    "Edge",
+    "EndData",
+    "GatherData",
+    "GlobalData",
+    "KnowledgeData",
+    "LegacyData",
+    "Node",
+    "NodeData",
+    "Path",
+    "PathInvalid",
+    "PathProblem",
+    "PressDigitsData",
+    "PromptData",
+    "SpeakData",
+    "TransferData",
+    "VariableSpec",
+    "WaitData",
+    "WebhookData",
+    "read_path",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PathProblem:
+    """One thing wrong with a path: the JSON path of the field (`nodes[2].data.digitCount`) and what is wrong."""
+
+    field: str
+    message: str
+
+
+class PathInvalid(ValueError):
+    """The path cannot be saved or run; `problems` says what, first one first."""
+
+    def __init__(self, problems: Sequence[PathProblem]) -> None:
+        self.problems = list(problems)
+        first = self.problems[0]
+        more = len(self.problems) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        super().__init__(f"{first.field}: {first.message}{suffix}")
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A node of the path: its id, its react-flow type and its typed data."""
+
+    id: str
+    kind: str
+    data: NodeData
+
+    @property
+    def is_global(self) -> bool:
+        """Whether the node is reachable from anywhere by its condition."""
+        return isinstance(self.data, GlobalData)
+
+    @property
+    def ends_call(self) -> bool:
+        """Whether arriving here ends the call (an end node, or a stock node marked `endCall`)."""
+        return isinstance(self.data, EndData) or (isinstance(self.data, LegacyData) and self.data.end_call)
+
+    @property
+    def text(self) -> str:
+        """What the offline model says on arriving here (may be empty)."""
+        data = self.data
+        if isinstance(data, LegacyData):
+            for value in (data.text, data.prompt, data.label):
+                if value and value.strip():
+                    return value.strip()
+            return ""
+        text = getattr(data, "text", None)
+        return text.strip() if isinstance(text, str) else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """A way from `source` to `target`, with what the model and the keyword chooser read to pick it."""
+
+    id: str
+    source: str
+    target: str
+    label: str
+    condition: str
+    keywords: tuple[str, ...]
+    digit: str | None
+    result: str | None
+
+    @property
+    def description(self) -> str:
+        """What a model is told this way is for."""
+        return self.condition or self.label or f"go to {self.target}"
+
+
+@dataclass(frozen=True, slots=True)
+class Path:
+    """A checked path: nodes by id in saved order, edges, and the start node."""
+
+    nodes: Mapping[str, Node]
+    edges: Sequence[Edge]
+    start: str
+
+    def outgoing(self, node_id: str) -> list[Edge]:
+        """The edges out of a node, in saved order."""
+        return [edge for edge in self.edges if edge.source == node_id]
+
+    def global_nodes(self) -> list[Node]:
+        """The nodes reachable from anywhere."""
+        return [node for node in self.nodes.values() if node.is_global]
+
+
+def read_path(nodes: Sequence[Any], edges: Sequence[Any], *, strict: bool = True) -> Path:
+    """Read and check react-flow `nodes` and `edges`; PathInvalid listing every problem.
+
+    `strict` (saving through the API) also refuses dangling edges and unreachable nodes; a call (`strict=False`)
+    runs a path saved before those checks existed, leaving out the edges that lead nowhere.
+    """
+    problems: list[PathProblem] = []
+    read_nodes: dict[str, Node] = {}
+    for index, item in enumerate(nodes):
+        node = _read_node(index, item, problems)
+        if node is None:
+            continue
+        if node.id in read_nodes:
+            problems.append(PathProblem(f"nodes[{index}].id", f"node id {node.id!r} is used by two nodes"))
+            continue
+        read_nodes[node.id] = node
+    if not read_nodes and not problems:
+        problems.append(PathProblem("nodes", "the path has no nodes: add at least a start node"))
+    read_edges = _read_edges(edges, read_nodes, problems, strict=strict)
+    start = _start(read_nodes, read_edges, problems) if read_nodes else ""
+    if strict and start and not problems:
+        _check_reachable(read_nodes, read_edges, start, problems)
+    if problems:
+        raise PathInvalid(problems)
+    return Path(read_nodes, read_edges, start)
+
+
+def _read_node(index: int, item: Any, problems: list[PathProblem]) -> Node | None:
+    where = f"nodes[{index}]"
+    if not isinstance(item, Mapping):
+        problems.append(PathProblem(where, "a node must be a JSON object"))
+        return None
+    raw_id = item.get("id")
+    if not isinstance(raw_id, str | int) or isinstance(raw_id, bool) or not str(raw_id):
+        problems.append(PathProblem(f"{where}.id", "a node needs an id"))
+        return None
+    node_id = str(raw_id)
+    kind = item.get("type") or "default"
+    raw_data = item.get("data") if item.get("data") is not None else {}
+    if not isinstance(raw_data, Mapping):
+        problems.append(PathProblem(f"{where}.data", f"node {node_id!r}: data must be a JSON object"))
+        return None
+    if not isinstance(kind, str) or kind not in NODE_TYPES:
+        allowed = ", ".join(sorted(NODE_TYPES))
+        problems.append(PathProblem(f"{where}.type", f"node {node_id!r}: unknown type {kind!r} (use one of {allowed})"))
+        return None
+    model: type[BaseModel] = TYPED_NODES.get(kind, LegacyData)
+    try:
+        data = model.model_validate({key: value for key, value in raw_data.items() if key != "type"})
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            field = ".".join(str(part) for part in error["loc"])
+            path = f"{where}.data.{field}" if field else f"{where}.data"
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(PathProblem(path, f"node {node_id!r} ({kind}): {message}"))
+        return None
+    return Node(node_id, kind, data)  # type: ignore[arg-type]
+
+
+def _read_edges(
+    raw: Sequence[Any], nodes: Mapping[str, Node], problems: list[PathProblem], *, strict: bool
+) -> list[Edge]:
+    edges: list[Edge] = []
+    seen: set[str] = set()
+    for index, item in enumerate(raw):
+        where = f"edges[{index}]"
+        if not isinstance(item, Mapping):
+            problems.append(PathProblem(where, "an edge must be a JSON object"))
+            continue
+        edge_id = str(item.get("id") or f"edge-{index}")
+        if edge_id in seen:
+            problems.append(PathProblem(f"{where}.id", f"edge id {edge_id!r} is used by two edges"))
+            continue
+        seen.add(edge_id)
+        source, target = str(item.get("source")), str(item.get("target"))
+        missing = [(end, name) for end, name in (("source", source), ("target", target)) if name not in nodes]
+        if missing:
+            if strict:
+                for end, name in missing:
+                    problems.append(PathProblem(f"{where}.{end}", f"edge {edge_id!r}: no node has the id {name!r}"))
+            continue  # an edge left dangling by the flow builder leads nowhere
+        try:
+            data = EDGE_DATA.validate_python(item.get("data") or {})
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            field = ".".join(str(part) for part in error["loc"])
+            problems.append(PathProblem(f"{where}.data.{field}", f"edge {edge_id!r}: {error['msg']}"))
+            continue
+        source_node = nodes[source]
+        if strict and (source_node.ends_call or isinstance(source_node.data, TransferData)):
+            problems.append(
+                PathProblem(f"{where}.source", f"edge {edge_id!r}: node {source!r} ends the call, nothing follows it")
+            )
+        if strict and data.result is not None and not isinstance(source_node.data, WebhookData):
+            problems.append(
+                PathProblem(f"{where}.data.result", f"edge {edge_id!r}: only edges out of a webhook node have a result")
+            )
+        label = data.label or (item.get("label") if isinstance(item.get("label"), str) else None) or ""
+        edges.append(
+            Edge(
+                id=edge_id,
+                source=source,
+                target=target,
+                label=label.strip(),
+                condition=(data.condition or "").strip(),
+                keywords=_keywords(data.keywords),
+                digit=_digit(data.digit),
+                result=data.result,
+            )
+        )
+    return edges
+
+
+def _keywords(value: str | list[str] | None) -> tuple[str, ...]:
+    parts = value.split(",") if isinstance(value, str) else value or []
+    return tuple(part.strip() for part in parts if isinstance(part, str) and part.strip())
+
+
+def _digit(value: int | str | None) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _start(nodes: Mapping[str, Node], edges: Sequence[Edge], problems: list[PathProblem]) -> str:
+    marked = [node_id for node_id, node in nodes.items() if node.data.is_start]
+    if len(marked) > 1:
+        index = list(nodes).index(marked[1])
+        problems.append(
+            PathProblem(
+                f"nodes[{index}].data.isStart",
+                f"node {marked[1]!r}: only one node may start the path ({marked[0]!r} already does)",
+            )
+        )
+    if marked:
+        return marked[0]
+    for node_id, node in nodes.items():
+        if node.kind == "input":
+            return node_id
+    targets = {edge.target for edge in edges}
+    for node_id, node in nodes.items():
+        if node_id not in targets and not node.is_global:
+            return node_id
+    return next(iter(nodes))
+
+
+def _check_reachable(nodes: Mapping[str, Node], edges: Sequence[Edge], start: str, problems: list[PathProblem]) -> None:
+    if nodes[start].is_global:
+        problems.append(PathProblem("nodes", f"node {start!r}: a global node cannot start the path"))
+        return
+    reached = {start} | {node_id for node_id, node in nodes.items() if node.is_global}
+    frontier = list(reached)
+    while frontier:
+        here = frontier.pop()
+        for edge in edges:
+            if edge.source == here and edge.target not in reached:
+                reached.add(edge.target)
+                frontier.append(edge.target)
+    for index, node_id in enumerate(nodes):
+        if node_id not in reached:
+            problems.append(
+                PathProblem(f"nodes[{index}]", f"node {node_id!r} cannot be reached from the start node {start!r}")
+            )

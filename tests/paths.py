@@ -1,0 +1,65 @@
+"""Conversation paths the path tests share: one with a node of every type, in react-flow JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TRANSFER_TO = "+15557654321"
+
+GREETING = "Thanks for calling Acme. Are you calling about billing, or an order?"
+ASK_ACCOUNT = "Please enter your four digit account number."
+BILLING = "Thank you. Let me look that up."
+ORDER = "Which order is it about?"
+ANSWER_FALLBACK = "I could not find that, but a colleague will call you back."
+HUMAN = "Connecting you to a person now."
+GOODBYE = "Thank you for calling. Goodbye!"
+MENU = "Navigating the menu."
+
+EVERY_TYPE_NODES: list[dict[str, Any]] = [
+    {"id": "greet", "type": "speak", "data": {"isStart": True, "text": GREETING}},
+    {
+        "id": "account",
+        "type": "gather",
+        "data": {"text": ASK_ACCOUNT, "variable": "account", "digitCount": 4, "terminator": "#"},
+    },
+    {"id": "lookup", "type": "webhook", "data": {"tool": "lookup_account", "variable": "balance"}},
+    {
+        "id": "billing",
+        "type": "prompt",
+        "data": {"instructions": "Tell the caller their balance, {{balance}}.", "text": BILLING},
+    },
+    {"id": "lookup-failed", "type": "end", "data": {"text": "Sorry, our system is down. " + GOODBYE}},
+    {
+        "id": "order",
+        "type": "prompt",
+        "data": {
+            "instructions": "Ask which order the call is about and note its number.",
+            "text": ORDER,
+            "extractVariables": [{"name": "order_number", "description": "The order's number"}],
+        },
+    },
+    {"id": "listen", "type": "wait", "data": {}},
+    {"id": "kb", "type": "knowledge", "data": {"fallback": ANSWER_FALLBACK}},
+    {"id": "menu", "type": "press_digits", "data": {"digits": "1w2"}},
+    {"id": "goodbye", "type": "end", "data": {"text": GOODBYE}},
+    {
+        "id": "human",
+        "type": "global",
+        "data": {"condition": "The caller asks for a human", "keywords": ["human", "person", "agent"]},
+    },
+    {"id": "transfer", "type": "transfer", "data": {"number": TRANSFER_TO, "text": HUMAN}},
+]
+EVERY_TYPE_EDGES: list[dict[str, Any]] = [
+    {"id": "to-billing", "source": "greet", "target": "account", "data": {"label": "Billing", "keywords": ["billing"]}},
+    {"id": "to-order", "source": "greet", "target": "order", "data": {"label": "An order", "keywords": ["order"]}},
+    {"id": "got-account", "source": "account", "target": "lookup"},
+    {"id": "found", "source": "lookup", "target": "billing", "data": {"result": "success"}},
+    {"id": "not-found", "source": "lookup", "target": "lookup-failed", "data": {"result": "failure"}},
+    {"id": "billing-done", "source": "billing", "target": "goodbye", "data": {"keywords": ["thanks", "bye"]}},
+    {"id": "order-named", "source": "order", "target": "listen", "data": {"condition": "The caller named an order"}},
+    {"id": "heard", "source": "listen", "target": "kb"},
+    {"id": "answered", "source": "kb", "target": "menu", "data": {"keywords": ["menu"]}},
+    {"id": "kb-done", "source": "kb", "target": "goodbye", "data": {"keywords": ["thanks", "bye"]}},
+    {"id": "menu-done", "source": "menu", "target": "goodbye"},
+    {"id": "to-person", "source": "human", "target": "transfer"},
+]

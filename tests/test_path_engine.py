@@ -1,0 +1,203 @@
+"""The path engine, pure: a path with every node type walked by the offline model, move by move."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+
+from pipelines.llm.base import ConversationTurn, EndCall, LLMEvent, SendDtmf, TextDelta, TransferCall
+from pipelines.llm.conversation_path import ConversationPathLLM
+from pipelines.paths.engine import PathEngine, PathStep, UnknownWay
+from pipelines.paths.graph import PathInvalid, read_path
+from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
+from tests.paths import (
+    ANSWER_FALLBACK,
+    ASK_ACCOUNT,
+    BILLING,
+    EVERY_TYPE_EDGES,
+    EVERY_TYPE_NODES,
+    GOODBYE,
+    GREETING,
+    HUMAN,
+    ORDER,
+    TRANSFER_TO,
+)
+
+GREETING_DEMO = "Would you like to book an appointment, or hear our opening hours?"
+
+
+class Accounts:
+    """A ToolCaller keeping what it was asked: the account service a webhook node calls."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+        self.calls: list[tuple[str, dict[str, object]]] = []
+
+    async def run(self, name: str, arguments: Mapping[str, object]) -> str:
+        """Answer like the agent's Tool would."""
+        self.calls.append((name, dict(arguments)))
+        return self.reply
+
+
+class Shelf:
+    """A KnowledgeLookup over a few passages: those sharing a word with the query."""
+
+    def __init__(self, passages: list[str]) -> None:
+        self.passages = passages
+        self.queries: list[str] = []
+
+    async def search(self, query: str) -> list[str]:
+        """Passages with a word of the query."""
+        self.queries.append(query)
+        words = set(query.lower().split())
+        return [passage for passage in self.passages if words & set(passage.lower().split())]
+
+
+class Walk:
+    """The offline model on the every-type path, turn by turn."""
+
+    def __init__(self, **kwargs: object) -> None:
+        self.model = ConversationPathLLM(EVERY_TYPE_NODES, EVERY_TYPE_EDGES, **kwargs)  # type: ignore[arg-type]
+        self.turns: list[ConversationTurn] = []
+
+    async def start(self) -> list[LLMEvent]:
+        """The opening."""
+        return [event async for event in self.model.respond([])]
+
+    async def says(self, text: str) -> list[LLMEvent]:
+        """The caller's turn and the model's answer."""
+        self.turns.append(ConversationTurn("caller", text))
+        return [event async for event in self.model.respond(list(self.turns))]
+
+    @property
+    def at(self) -> str:
+        """The node the call is at."""
+        return self.model.current_node_id
+
+
+async def test_gather_then_webhook_success_then_prompt_then_end() -> None:
+    accounts = Accounts('{"balance": "$12"}')
+    walk = Walk(tools=accounts)
+    assert await walk.start() == [TextDelta(GREETING)]
+    assert await walk.says("it's about billing") == [TextDelta(ASK_ACCOUNT)]
+    assert walk.at == "account"
+    for key in "123":
+        assert await walk.says(f"[DTMF {key}]") == []  # more digits awaited, nothing said
+    assert await walk.says("[DTMF 4]") == [TextDelta(BILLING)]  # 4 digits: the webhook passed, to billing
+    assert walk.at == "billing"
+    assert accounts.calls == [("lookup_account", {"account": "1234"})]
+    assert walk.model.engine.variables == {"account": "1234", "balance": '{"balance": "$12"}'}
+    assert await walk.says("thanks, bye") == [TextDelta(GOODBYE), EndCall("path_end")]
+    assert [(step.node_id, step.edge_id) for step in walk.model.engine.steps] == [
+        ("greet", None),
+        ("account", "to-billing"),
+        ("lookup", "got-account"),
+        ("billing", "found"),
+        ("goodbye", "billing-done"),
+    ]
+
+
+async def test_a_terminator_ends_the_gather_and_a_failing_webhook_takes_the_failure_edge() -> None:
+    walk = Walk(tools=Accounts("error: the lookup_account service answered HTTP 500: boom"))
+    await walk.start()
+    await walk.says("billing")
+    assert await walk.says("[DTMF 9]") == []
+    events = await walk.says("[DTMF #]")
+    assert events == [TextDelta("Sorry, our system is down. " + GOODBYE), EndCall("path_end")]
+    assert walk.model.engine.variables["account"] == "9"
+    assert walk.model.engine.last_edge == "not-found"
+
+
+async def test_a_webhook_node_without_tools_routes_as_a_failure() -> None:
+    walk = Walk()
+    await walk.start()
+    await walk.says("billing")
+    assert EndCall("path_end") in await walk.says("1 2 3 4")  # spoken digits count as keys too
+    assert walk.at == "lookup-failed"
+
+
+async def test_wait_and_knowledge_answer_from_the_lookup_then_press_digits() -> None:
+    shelf = Shelf(["Orders ship within two days."])
+    walk = Walk(knowledge=shelf)
+    await walk.start()
+    assert await walk.says("I have a question about an order") == [TextDelta(ORDER)]
+    assert await walk.says("the order number is 5") == []  # the wait node says nothing
+    assert walk.at == "listen"
+    assert await walk.says("when do orders ship") == [TextDelta("Orders ship within two days.")]
+    assert walk.at == "kb" and shelf.queries == ["when do orders ship"]
+    events = await walk.says("take me to the menu")
+    assert events == [SendDtmf("1w2"), TextDelta(GOODBYE), EndCall("path_end")]
+
+
+async def test_without_knowledge_bases_the_knowledge_node_says_its_fallback() -> None:
+    walk = Walk()
+    await walk.start()
+    await walk.says("order")
+    await walk.says("it is order 7")
+    assert await walk.says("when will it arrive") == [TextDelta(ANSWER_FALLBACK)]
+    assert walk.at == "kb"
+
+
+async def test_a_global_node_is_reachable_from_anywhere_and_transfers() -> None:
+    walk = Walk()
+    await walk.start()
+    await walk.says("billing")
+    events = await walk.says("can I speak to a person")
+    assert events == [TextDelta(HUMAN), TransferCall(TRANSFER_TO, "conversation path node transfer")]
+    assert walk.model.engine.steps[-2:] == [PathStep("human", "global:human"), PathStep("transfer", "to-person")]
+    assert await walk.says("hello?") == [EndCall("path_end")]
+
+
+async def test_a_way_that_does_not_leave_the_node_is_refused_with_the_ways_that_do() -> None:
+    engine = PathEngine(read_path(EVERY_TYPE_NODES, EVERY_TYPE_EDGES))
+    await engine.begin()
+    with pytest.raises(UnknownWay) as refused:
+        await engine.move("found")
+    assert refused.value.ways == ["to-billing", "to-order", "global:human"]
+    assert engine.node.id == "greet"
+    await engine.move("to-order", variables={"order_number": "7"})  # greet asks for nothing: not kept
+    assert engine.node.id == "order" and engine.variables == {}
+    await engine.move("order-named", variables={"order_number": " 42 ", "account": "9999", "empty": ""})
+    assert engine.node.id == "listen" and engine.variables == {"order_number": "42"}
+
+
+def test_validation_lists_every_problem() -> None:
+    broken = [dict(node) for node in EVERY_TYPE_NODES]
+    broken[0] = {"id": "greet", "type": "speak", "data": {"isStart": True}}
+    broken[4] = {"id": "lookup-failed", "type": "nope"}
+    with pytest.raises(PathInvalid) as invalid:
+        read_path(broken, EVERY_TYPE_EDGES)
+    fields = [problem.field for problem in invalid.value.problems]
+    assert fields[:2] == ["nodes[0].data.text", "nodes[4].type"]
+    assert "and" in str(invalid.value) and "more problem" in str(invalid.value)
+
+
+def test_a_call_runs_a_path_saved_with_a_dangling_edge() -> None:
+    path = read_path(
+        EVERY_TYPE_NODES, [*EVERY_TYPE_EDGES, {"id": "x", "source": "greet", "target": "gone"}], strict=False
+    )
+    assert [edge.id for edge in path.outgoing("greet")] == ["to-billing", "to-order"]
+
+
+async def test_the_demo_path_gathers_a_booking_number_then_waits_for_any_answer() -> None:
+    model = ConversationPathLLM(DEMO_PATH_NODES, DEMO_PATH_EDGES)
+    turns: list[ConversationTurn] = []
+
+    async def says(text: str) -> list[LLMEvent]:
+        turns.append(ConversationTurn("caller", text))
+        return [event async for event in model.respond(list(turns))]
+
+    assert [event async for event in model.respond([])] == [TextDelta(GREETING_DEMO)]
+    assert await says("[DTMF 9]") == [
+        TextDelta("Please enter your four digit booking number, or finish with the pound key.")
+    ]
+    assert await says("[DTMF 4]") == []
+    assert await says("[DTMF 2]") == []
+    assert await says("[DTMF #]") == [TextDelta("Thank you. Is there anything you would like us to know?")]
+    assert model.engine.variables == {"booking_number": "42"}
+    assert await says("please call me after five") == [
+        TextDelta("Noted, we will be in touch. Goodbye!"),
+        EndCall("path_end"),
+    ]
+    read_path(DEMO_PATH_NODES, DEMO_PATH_EDGES)  # the demo passes the API's checks

@@ -1,0 +1,167 @@
+"""Saving a conversation path through the API checks it as a whole; errors name the node or edge and the field."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
+from tests.engine_server import running_engine
+from tests.paths import EVERY_TYPE_EDGES, EVERY_TYPE_NODES
+from tests.test_api_auth import Api, Tenant, assert_error, make_tenant
+
+
+@pytest.fixture(scope="module")
+async def api(db_url: str) -> AsyncIterator[Api]:
+    async with running_engine(db_url) as base, aiohttp.ClientSession() as session:
+        yield Api(session, base)
+
+
+@pytest.fixture(scope="module")
+async def acme(pool: asyncpg.Pool) -> Tenant:
+    return await make_tenant(pool, "Paths Inc")
+
+
+def nodes() -> list[dict[str, Any]]:
+    """A fresh copy of the path with every node type."""
+    return copy.deepcopy(EVERY_TYPE_NODES)
+
+
+def edges() -> list[dict[str, Any]]:
+    """A fresh copy of its edges."""
+    return copy.deepcopy(EVERY_TYPE_EDGES)
+
+
+async def refused(api: Api, acme: Tenant, graph_nodes: Any, graph_edges: Any, field: str) -> str:
+    """POST the graph, expect 422 naming `field`; the message."""
+    status, body = await api.call(
+        "POST", "/conversation-paths", acme.owner_key, json={"name": "Bad", "nodes": graph_nodes, "edges": graph_edges}
+    )
+    assert status == 422, body
+    assert_error(body, "invalid_value", field)
+    message: str = body["error"]["message"]
+    return message
+
+
+async def test_a_path_with_every_node_type_is_saved_as_sent(api: Api, acme: Tenant) -> None:
+    status, path = await api.call(
+        "POST", "/conversation-paths", acme.owner_key, json={"name": "All", "nodes": nodes(), "edges": edges()}
+    )
+    assert status == 201, path
+    assert path["nodes"] == EVERY_TYPE_NODES and path["edges"] == EVERY_TYPE_EDGES
+
+
+async def test_the_demo_path_and_an_empty_draft_are_accepted(api: Api, acme: Tenant) -> None:
+    for body in ({"name": "Demo", "nodes": DEMO_PATH_NODES, "edges": DEMO_PATH_EDGES}, {"name": "Draft"}):
+        status, saved = await api.call("POST", "/conversation-paths", acme.owner_key, json=body)
+        assert status == 201, saved
+
+
+async def test_an_unknown_node_type_is_refused_naming_the_node(api: Api, acme: Tenant) -> None:
+    graph = nodes()
+    graph[6]["type"] = "dance"
+    message = await refused(api, acme, graph, edges(), "nodes[6].type")
+    assert "'listen'" in message and "dance" in message
+
+
+async def test_an_edge_to_a_missing_node_is_refused_naming_the_edge(api: Api, acme: Tenant) -> None:
+    graph = edges()
+    graph[2]["target"] = "nowhere"
+    message = await refused(api, acme, nodes(), graph, "edges[2].target")
+    assert "'got-account'" in message and "'nowhere'" in message
+
+
+async def test_an_unreachable_node_is_refused(api: Api, acme: Tenant) -> None:
+    graph = [edge for edge in edges() if edge["id"] != "menu-done" and edge["id"] != "answered"]
+    message = await refused(api, acme, nodes(), graph, "nodes[8]")
+    assert "'menu'" in message and "cannot be reached" in message
+
+
+async def test_two_start_nodes_are_refused(api: Api, acme: Tenant) -> None:
+    graph = nodes()
+    graph[3]["data"]["isStart"] = True
+    message = await refused(api, acme, graph, edges(), "nodes[3].data.isStart")
+    assert "'billing'" in message and "'greet'" in message
+
+
+@pytest.mark.parametrize(
+    ("index", "data", "field"),
+    [
+        (1, {"variable": "account"}, "nodes[1].data"),  # a gather that can never complete
+        (1, {"variable": "account", "digitCount": 99}, "nodes[1].data.digitCount"),
+        (11, {"number": "call Bob"}, "nodes[11].data.number"),
+        (8, {"digits": "12x"}, "nodes[8].data.digits"),
+        (0, {"isStart": True, "txt": "typo"}, "nodes[0].data.text"),
+        (2, {"tool": "look up!"}, "nodes[2].data.tool"),
+        (10, {"keywords": ["human"]}, "nodes[10].data.condition"),
+    ],
+)
+async def test_a_node_field_that_is_wrong_for_its_type_is_named(
+    api: Api, acme: Tenant, index: int, data: dict[str, Any], field: str
+) -> None:
+    graph = nodes()
+    graph[index]["data"] = data
+    message = await refused(api, acme, graph, edges(), field)
+    assert f"'{graph[index]['id']}'" in message
+
+
+async def test_an_edge_out_of_an_end_node_is_refused(api: Api, acme: Tenant) -> None:
+    graph = [*edges(), {"id": "after-end", "source": "goodbye", "target": "greet"}]
+    message = await refused(api, acme, nodes(), graph, f"edges[{len(graph) - 1}].source")
+    assert "'after-end'" in message
+
+
+async def test_a_patch_that_breaks_the_path_is_refused_and_changes_nothing(api: Api, acme: Tenant) -> None:
+    status, path = await api.call(
+        "POST", "/conversation-paths", acme.owner_key, json={"name": "Keep", "nodes": nodes(), "edges": edges()}
+    )
+    assert status == 201
+    broken = edges()
+    broken[0]["source"] = "ghost"
+    status, body = await api.call(
+        "PATCH", f"/conversation-paths/{path['id']}", acme.owner_key, json={"edges": broken, "name": "Changed"}
+    )
+    assert status == 422
+    assert_error(body, "invalid_value", "edges[0].source")
+    status, kept = await api.call("GET", f"/conversation-paths/{path['id']}", acme.owner_key)
+    assert status == 200 and kept["name"] == "Keep" and kept["edges"] == EVERY_TYPE_EDGES
+    # Nodes alone are checked against the stored edges: dropping a node an edge needs is refused.
+    status, body = await api.call(
+        "PATCH", f"/conversation-paths/{path['id']}", acme.owner_key, json={"nodes": nodes()[:-1]}
+    )
+    assert status == 422
+    assert_error(body, "invalid_value", "edges[11].target")
+
+
+async def test_a_linked_path_is_made_the_agents_default_and_comes_first_in_its_bundle(api: Api, acme: Tenant) -> None:
+    status, agent = await api.call("POST", "/agents", acme.owner_key, json={"name": "Desk"})
+    assert status == 201
+    ids = []
+    for name in ("First", "Second"):
+        status, path = await api.call(
+            "POST", "/conversation-paths", acme.owner_key, json={"name": name, "nodes": nodes(), "edges": edges()}
+        )
+        assert status == 201
+        ids.append(path["id"])
+        status, _ = await api.call("PUT", f"/agents/{agent['id']}/conversation-paths/{path['id']}", acme.owner_key)
+        assert status == 204
+    _, bundle = await api.call("GET", f"/agents/{agent['id']}/bundle", acme.owner_key)
+    assert [path["id"] for path in bundle["conversationPaths"]] == ids  # link order
+    for default in (ids[1], ids[0], ids[1]):
+        status, body = await api.call(
+            "PUT", f"/agents/{agent['id']}/conversation-paths/{default}/default", acme.owner_key
+        )
+        assert status == 204, body
+        _, bundle = await api.call("GET", f"/agents/{agent['id']}/bundle", acme.owner_key)
+        assert bundle["conversationPaths"][0]["id"] == default
+    status, draft = await api.call("POST", "/conversation-paths", acme.owner_key, json={"name": "Unlinked"})
+    status, body = await api.call(
+        "PUT", f"/agents/{agent['id']}/conversation-paths/{draft['id']}/default", acme.owner_key
+    )
+    assert status == 404
+    assert_error(body, "not_found")
