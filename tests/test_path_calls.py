@@ -193,6 +193,7 @@ async def path_call(
             pool,
             organization_id=organization_id,
             name="Accounts",
+            is_connected=True,
             configuration={
                 "function": {"name": "lookup_account", "description": "Look an account up"},
                 "webhook": {"url": service_url + "/lookup"},
@@ -306,10 +307,10 @@ async def test_openai_walks_speak_gather_webhook_prompt_and_end_with_the_trace_s
         assert rig.openai.requests == []
 
         rig.openai.replies.append([follow("to-billing")])
-        rig.caller_says("It's about my bill")
+        rig.caller_says("It's about my bill.")
         turns = await rig.wait_for_turns(3)
         assert trace(turns)[1:] == [
-            ("caller", "It's about my bill", "greet", None),
+            ("caller", "It's about my bill.", "greet", None),
             ("agent", ASK_ACCOUNT, "account", "to-billing"),
         ]
         request = rig.openai.requests[0]
@@ -344,7 +345,7 @@ async def test_openai_walks_speak_gather_webhook_prompt_and_end_with_the_trace_s
         assert stored.metadata["conversationPath"]["node"] == "billing"
 
         rig.openai.replies.append(["Glad to help.", follow("billing-done")])
-        rig.caller_says("Thanks, bye")
+        rig.caller_says("Thanks, bye.")
         outcome = await rig.outcome()
 
     turns = await rig.turns()
@@ -363,7 +364,7 @@ async def test_a_failing_webhook_routes_on_failure_and_ends_the_call(pool: async
     async with path_call(pool, {"provider": "openai"}, accounts=AccountService(status=500)) as rig:
         await rig.wait_for_turns(1)
         rig.openai.replies.append([follow("to-billing")])
-        rig.caller_says("billing")
+        rig.caller_says("billing.")
         await rig.wait_for_turns(3)
         for key in "42#":
             rig.line.press(key)
@@ -380,7 +381,7 @@ async def test_a_wrong_or_missing_way_is_explained_to_the_model_and_the_call_goe
     async with path_call(pool, {"provider": "openai"}) as rig:
         await rig.wait_for_turns(1)
         rig.openai.replies.extend([[ToolCall("follow_path", arguments)], "Sorry, was that billing or an order?"])
-        rig.caller_says("Something else")
+        rig.caller_says("Something else.")
         turns = await rig.wait_for_turns(3)
         assert trace(turns)[2] == ("agent", "Sorry, was that billing or an order?", "greet", None)
         told = [m["content"] for m in rig.openai.requests[-1]["messages"] if m["role"] == "tool"]
@@ -388,7 +389,7 @@ async def test_a_wrong_or_missing_way_is_explained_to_the_model_and_the_call_goe
         assert "to-billing, to-order, global:human" in told[0]
 
         rig.openai.replies.append([follow("to-order")])
-        rig.caller_says("An order")
+        rig.caller_says("An order.")
         rig.openai.replies.append("Which order is it?")  # the prompt node: the model speaks
         turns = await rig.wait_for_turns(5)
         assert trace(turns)[4] == ("agent", "Which order is it?", "order", "to-order")
@@ -397,7 +398,7 @@ async def test_a_wrong_or_missing_way_is_explained_to_the_model_and_the_call_goe
         assert asked == {"order_number": {"type": "string", "description": "The order's number"}}
 
         rig.openai.replies.append(["Noted.", follow("order-named", order_number="A-42")])  # moves and extracts
-        rig.caller_says("It is order A 42")
+        rig.caller_says("It is order A 42.")
         turns = await rig.wait_for_turns(7)
         assert trace(turns)[6] == ("agent", "Noted.", "listen", "order-named")  # the wait node says nothing more
     stored = await rig.stored()  # the caller hung up at the wait node: the trace kept where the call ended
@@ -427,22 +428,22 @@ async def test_a_global_node_reached_by_the_model_transfers_to_the_allowed_numbe
 async def test_the_offline_model_walks_prompt_wait_knowledge_and_press_digits(pool: asyncpg.Pool) -> None:
     async with path_call(pool, {"provider": "conversation_path"}) as rig:
         await rig.wait_for_turns(1)
-        rig.caller_says("I am calling about an order")
+        rig.caller_says("I am calling about an order.")
         await rig.wait_for_turns(3)
-        rig.caller_says("It is order seven")  # the wait node: nothing said
-        await until(lambda: len(rig.deepgram.transcripts) == 0, timeout=10)
-        rig.caller_says("When will it arrive")
+        rig.caller_says("It is order seven.")  # the wait node: nothing said
+        await rig.wait_for_turns(4)  # its turn ended (a caller speaking on sooner would continue it)
+        rig.caller_says("When will it arrive.")
         turns = await rig.wait_for_turns(6)
         assert trace(turns) == [
             ("agent", GREETING, "greet", None),
-            ("caller", "I am calling about an order", "greet", None),
+            ("caller", "I am calling about an order.", "greet", None),
             ("agent", ORDER, "order", "to-order"),
-            ("caller", "It is order seven", "order", None),
-            ("caller", "When will it arrive", "listen", None),
+            ("caller", "It is order seven.", "order", None),
+            ("caller", "When will it arrive.", "listen", None),
             ("agent", ANSWER_FALLBACK, "kb", "heard"),  # no knowledge bases yet: the fallback line
         ]
         heard_before = rig.line.agent_bytes_received
-        rig.caller_says("Take me to the menu")
+        rig.caller_says("Take me to the menu.")
         outcome = await rig.outcome()
     turns = await rig.turns()
     assert trace(turns)[-1] == ("agent", f"[DTMF 1w2] {GOODBYE}", "goodbye", "menu-done")  # the tones, then goodbye

@@ -318,7 +318,7 @@ class PipelineDriver:
         utterance.gate = asyncio.Event()
         conversation = [*self._conversation(), ConversationTurn(role="caller", text=text)]
         task = self._host.spawn(self._respond(utterance, [], True, conversation), "speculative reply")
-        self._speculation = SpeculativeReply(text, utterance, task, checkpoint)
+        self._speculation = SpeculativeReply(text, utterance, task, checkpoint, self._host.turns.path_node())
         metrics.SPECULATIVE_REPLIES.labels("started").inc()
 
     def _discard_speculation(self, why: str) -> None:
@@ -356,7 +356,9 @@ class PipelineDriver:
                 self._drop(speculation, "a backchannel")
                 return  # "uh-huh" while the agent talks is not a turn
             self._cut("caller turn")
-        host.turns.place("caller", start_ms, end_ms, text=text)
+        host.turns.place(
+            "caller", start_ms, end_ms, text=text, path_node=speculation.path_node if speculation else None
+        )
         self._caller_speech_started_ms = None
         now = host.clock()
         # The caller stopped speaking at their last voiced frame (the recognizer may decide before our VAD does).

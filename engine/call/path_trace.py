@@ -30,6 +30,10 @@ class PathTrace:
         self._edges: set[str] = set()
         self._reported: str | None = None
 
+    def node(self) -> str | None:
+        """The node the call is at now; None before the path starts."""
+        return self._engine.node.id if self._engine.started else None
+
     def stamp(self, speaker: str) -> tuple[str | None, str | None]:
         """(node id, edge id) for a turn placed now: where the path is, and for the agent the edge taken to it."""
         engine = self._engine

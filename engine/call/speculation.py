@@ -53,6 +53,9 @@ class SpeculativeReply:
     task: asyncio.Task[None]
     checkpoint: object | None
     """The model's state before the reply (for a model that `Rewinds`), to go back to if it is discarded."""
+    path_node: str | None = None
+    """The conversation path's node where the caller was heard (the reply may move the path before the turn is
+    confirmed; the caller's turn is still stamped with this node)."""
 
     def use(self, reply_to: float | None, confirmed_at: float) -> None:
         """The turn is confirmed with these words: the reply answers it, its audio may play."""

@@ -91,11 +91,27 @@ class TurnLog:
             path_id, engine, record_metadata=sink.record_metadata if isinstance(sink, MetadataSink) else None
         )
 
-    def place(self, speaker: Speaker, start_ms: int = 0, end_ms: int = 0, *, text: str | None = None) -> Turn:
-        """Give a turn its place in the conversation now; it is written when settled (its text known)."""
+    def path_node(self) -> str | None:
+        """The conversation path's node the call is at now (None without a path, or before it starts)."""
+        return self._trace.node() if self._trace is not None else None
+
+    def place(
+        self,
+        speaker: Speaker,
+        start_ms: int = 0,
+        end_ms: int = 0,
+        *,
+        text: str | None = None,
+        path_node: str | None = None,
+    ) -> Turn:
+        """Give a turn its place in the conversation now; it is written when settled (its text known).
+
+        `path_node`: where a caller's turn was heard, when a speculative reply has moved the path since."""
         turn = Turn(speaker, start_ms, end_ms, text)
         if self._trace is not None:
             turn.path_node_id, turn.path_edge_id = self._trace.stamp(speaker)
+            if speaker == "caller" and path_node is not None:
+                turn.path_node_id = path_node
         self._waiting.append(turn)
         self.flush()
         return turn
