@@ -41,7 +41,7 @@ from config.agent import (
 )
 from config.settings import Settings
 from pipelines.clients import ProviderClients
-from pipelines.conversation.opt_out import OPT_OUT_PHRASES
+from pipelines.conversation.opt_out import RECOGNIZER_PHRASES
 from pipelines.conversation.transfer_rules import TransferRules
 from pipelines.errors import PipelineUnavailable, ProviderKeyMissing, Stage
 from pipelines.fallback import FallbackLLM, FallbackSTT, FallbackTTS, OnFailover
@@ -370,7 +370,7 @@ def _conversation_path(option: ConversationPathLLMConfig, key: str | None, build
     if path is None:
         return SimpleResponder()
     runner = ConversationPathLLM.on_engine(build.engine(path), option)
-    build.keywords.extend([*runner.keywords(), *OPT_OUT_PHRASES])  # a callee asking to opt out is heard
+    build.keywords.extend([*runner.keywords(), *RECOGNIZER_PHRASES])  # a callee asking to opt out is heard
     return runner
 
 

@@ -48,7 +48,7 @@ from tests.paths import (
     TRANSFER_TO,
 )
 from tests.test_call_log_writer import new_call, writer_for
-from tests.test_realtime_session import TwilioLine, speech, until
+from tests.test_realtime_session import TwilioLine, speech
 
 OPENAI_KEY = "sk-paths"
 BALANCE = "Your balance is twelve dollars."
