@@ -1,30 +1,37 @@
-"""Whole cloud-pipeline calls under load: voice-to-voice latency, playback gaps, engine CPU and memory per call.
+"""Whole cloud-pipeline calls under load: voice-to-voice latency, replies during pauses, engine CPU and memory per call.
 
-    .venv/bin/python -m bench.bench_cloud --calls 1,10,50,100 --seconds 60
+    .venv/bin/python -m bench.bench_cloud --calls 1,10,100 --turns 3
 
-The fake providers (Deepgram, OpenAI, ElevenLabs; tests/fakes) run in this process with fixed, realistic delays:
-end of turn after `endpointing` = 300 ms of audio silence, the model's first token after 300 ms, the
-synthesizer's first byte after 150 ms. For each N, a fresh `dialtone serve` process (pinned to one CPU) takes N
-concurrent calls from Twilio-protocol callers (bench/cloud_callers.py; this process, pinned to the other CPU,
-with the fakes) that speak, wait for the reply, hear it out and speak again, for a fixed measured window.
+The fake providers (Deepgram, OpenAI, ElevenLabs; tests/fakes) run in this process and pace like real ones (see
+`Delays`): Deepgram ends a turn after `endpointing` = 300 ms of audio silence and sends that final 200 ms later,
+and answers `Finalize` after 80 ms (when the FakeDeepgram accepts those delays); the model's first token comes
+after 300 ms, then 60 tokens a second; the synthesizer's first byte after 150 ms, then audio at 4x real time. The
+agents have the engine's default configuration. For each N, a fresh `dialtone serve` process (pinned to one CPU)
+takes N concurrent calls from Twilio-protocol callers (bench/cloud_callers.py; this process, pinned to the other
+CPU, with the fakes): in turn plain, pausing mid-sentence (400-600 ms inside one sentence), plain, and
+caller-first (no opening). Each hears the opening, speaks, hears the reply out, and speaks again, `--turns` times,
+then hangs up.
 
 Per N it prints and stores (bench/results/cloud-<timestamp>.json, and a PNG plot when matplotlib is installed):
-voice-to-voice latency percentiles and the engine's share of it, turns answered, playback gaps and lateness,
-engine CPU seconds per call-minute, engine RSS per call, the engine's own per-stage breakdown (CallTurn.latency),
-and this process's own load (so a saturated harness is visible rather than silently blamed on the engine).
+voice-to-voice p50/p95/p99 beside the providers' unavoidable delays, replies heard during a mid-sentence pause,
+speculative replies used and discarded (the engine's /metrics counters, when it has them), turns answered,
+playback gaps, the engine's CPU seconds per call-minute over whole calls (from before the first call to the end
+of the last one's post-call work, idle floor included) and its idle floor, engine RSS per call, the engine's own
+per-stage breakdown (CallTurn.latency), and this process's own load (so a saturated harness is visible rather
+than silently blamed on the engine).
 
 The harness keeps out of the way: its cyclic garbage collector is off during a round (a full collection of a few
 hundred calls' objects stalled it for 50-250 ms, which showed up as engine latency and playback gaps), and the
 fakes' request records are emptied as it goes. The engine gets a `sitecustomize` (written to a temporary folder
 put first on its PYTHONPATH; no engine code changes) that records its own GC pauses (bench/stall_watch.py),
-reported per round. The calls hang up only once every turn asked in the window has been heard out, so the
-window's last turns are not answered during a hundred simultaneous hang-ups (which stalled the fakes and callers
-here by up to ~60 ms and set the round's p99 in about half the runs).
-Options: --endpointing-ms/--llm-first-token-ms/--tts-first-byte-ms change the delays, --no-recording turns the
-agent's recording off, --think S sets the callers' pause between turns (15 leaves mostly the cost of streaming
-audio), --profile-calls N runs the engine under cProfile in round N (slower: figures distorted), --stalls records the
-engine's loop stalls (a 2 ms timer firing late under uvloop) and this process's slow callbacks and late timers, and
-prints what overlapped each round's slowest turns.
+reported per round. With `--turns 0` a round is instead a window of `--seconds` of steady talk, and the calls
+hang up only once every turn asked in the window has been heard out.
+Options: the providers' pacing (--endpointing-ms, --final-delay-ms, --finalize-delay-ms, --llm-first-token-ms,
+--tokens-per-second, --tts-first-byte-ms, --tts-speed), --no-recording turns the agents' recording off, --think S
+sets the callers' pause between turns, --profile-calls N runs the engine under cProfile in round N and --py-spy N
+samples it with py-spy (figures distorted), --stalls records the engine's loop stalls (a 2 ms timer firing late
+under uvloop) and this process's slow callbacks and late timers, and prints what overlapped each round's slowest
+turns.
 """
 
 from __future__ import annotations
