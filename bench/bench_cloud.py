@@ -920,6 +920,8 @@ class Observed:
 
     window: Window
     engine_cpu: float = 0.0
+    engine_system_cpu: float = 0.0
+    """Of `engine_cpu`, the kernel's share (system calls: socket reads and writes, timers, epoll)."""
     bench_cpu: float = 0.0
     postgres_cpu: float = 0.0
     core_busy: list[float] = field(default_factory=list)
@@ -958,6 +960,7 @@ async def _observe(
     lag_from = [len(c.result.tick_lag_ms) for c in callers]
     gc_from = time.time()
     engine0, bench0, pg0 = cpu_seconds(engine.ps), cpu_seconds(bench), postgres_cpu(setup.pgdata)
+    system0 = engine.ps.cpu_times().system
     cores0 = psutil.cpu_times(percpu=True)
     seen.run_delay.append((time.time(), run_delay_ms(engine.ps.pid)))
     last_cpu, last_t = engine0, loop.time()
@@ -989,6 +992,7 @@ async def _observe(
             quiet_since = (quiet_since or t_now) if quiet else None
         seen.live.append(sum(1 for t in tasks if not t.done()) if tasks else sum(map(_live, callers)))
     seen.engine_cpu = cpu_seconds(engine.ps) - engine0
+    seen.engine_system_cpu = engine.ps.cpu_times().system - system0
     seen.bench_cpu = cpu_seconds(bench) - bench0
     seen.postgres_cpu = postgres_cpu(setup.pgdata) - pg0
     cores1 = psutil.cpu_times(percpu=True)
@@ -1128,6 +1132,7 @@ async def _summarise(
         },
         **turn_figures(in_window, setup.delays),
         "engineCpuSeconds": round(seen.engine_cpu, 3),
+        "engineSystemCpuSeconds": round(seen.engine_system_cpu, 3),
         "callMinutes": round(minutes, 3),
         "engineCpuPerCallMinute": round(seen.engine_cpu / minutes, 3) if minutes else None,
         "engineCpuWhat": "whole calls (placing to post-call work done, idle floor included)"
@@ -1230,11 +1235,11 @@ def print_table(rounds: Sequence[Mapping[str, Any]]) -> None:
         )
     print()
     print("engine cost over the round (CPU s per call-minute as above; idle: what the engine spends with no call):")
-    print(f"{'N':>4} {'measured':>30} {'idle CPU s/min':>15} {'call-min':>9} {'engine CPU s':>12}")
+    print(f"{'N':>4} {'measured':>30} {'idle CPU s/min':>15} {'call-min':>9} {'engine CPU s':>12} {'of it kernel':>12}")
     for r in rounds:
         print(
             f"{r['calls']:>4} {r['engineCpuWhat'].split(' (')[0]:>30} {r['engineIdleCpuSecondsPerMinute']:>15} "
-            f"{r['callMinutes']:>9} {r['engineCpuSeconds']:>12}"
+            f"{r['callMinutes']:>9} {r['engineCpuSeconds']:>12} {r['engineSystemCpuSeconds']:>12}"
         )
     print()
     print(
