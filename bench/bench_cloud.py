@@ -1180,24 +1180,40 @@ async def engine_metrics(http: aiohttp.ClientSession, base: str) -> dict[str, fl
     return samples
 
 
+_USED_WORDS: Final = frozenset({"used", "kept", "spoken"})
+_DISCARDED_WORDS: Final = frozenset({"discarded", "discard", "wasted", "dropped"})
+
+
+def _speculation_outcome(sample: str) -> str | None:
+    """`used`, `discarded` or None for one /metrics sample name (words of its name and of its label values)."""
+    name, _, labels = sample.partition("{")
+    if name.endswith("_created"):
+        return None
+    words = set(name.split("_")) | set(re.findall(r'="([^"]*)"', labels))
+    if words & _USED_WORDS:
+        return "used"
+    if words & _DISCARDED_WORDS:
+        return "discarded"
+    return None
+
+
 def speculation_shares(counters: Mapping[str, float]) -> dict[str, float | None]:
-    """Speculative replies used and discarded, as counted and as shares of those started (None when unknown).
+    """Speculative replies used and discarded, as counted and as shares of both (None when unknown).
 
-    Reads whichever `dialtone_speculation*` counters the engine exposes: a name holding `used` (or `kept`) and one
-    holding `discard` (or `wasted`), summed over their labels.
+    Reads whichever `dialtone_speculation*` counters the engine exposes: a sample whose name or label values hold
+    the word `used` (or kept, spoken) and one holding `discarded` (or discard, wasted, dropped), summed.
     """
-
-    def total(*words: str) -> float | None:
-        found = [v for k, v in counters.items() if any(w in k.split("{")[0] for w in words) and "_created" not in k]
-        return sum(found) if found else None
-
-    used, discarded = total("used", "kept"), total("discard", "wasted")
-    started = (used or 0) + (discarded or 0)
+    totals: dict[str, float] = {}
+    for sample, value in counters.items():
+        if (outcome := _speculation_outcome(sample)) is not None:
+            totals[outcome] = totals.get(outcome, 0.0) + value
+    used, discarded = totals.get("used"), totals.get("discarded")
+    both = (used or 0.0) + (discarded or 0.0)
     return {
         "used": used,
         "discarded": discarded,
-        "usedShare": round(used / started, 3) if used is not None and started else None,
-        "discardedShare": round(discarded / started, 3) if discarded is not None and started else None,
+        "usedShare": round(used / both, 3) if used is not None and both else None,
+        "discardedShare": round(discarded / both, 3) if discarded is not None and both else None,
     }
 
 
