@@ -1131,6 +1131,18 @@ async def _summarise(
             "openingsHeard": sum(1 for r in results if r.turns and r.turns[0].index == 0 and r.turns[0].first_audio_at),
         },
         **turn_figures(in_window, setup.delays),
+        "voiceToVoiceMsByKind": {
+            kind: spread(
+                [
+                    t.voice_to_voice_s * 1000
+                    for i, r in enumerate(results)
+                    if CALL_KINDS[i % len(CALL_KINDS)] == kind
+                    for t in r.turns
+                    if t.index > 0 and window.holds(t.asked_at) and t.voice_to_voice_s is not None
+                ]
+            )
+            for kind in dict.fromkeys(CALL_KINDS)
+        },
         "engineCpuSeconds": round(seen.engine_cpu, 3),
         "engineSystemCpuSeconds": round(seen.engine_system_cpu, 3),
         "callMinutes": round(minutes, 3),
@@ -1248,6 +1260,14 @@ def print_table(rounds: Sequence[Mapping[str, Any]]) -> None:
             f"{r['engineCpuPerCallMinute'] if r['engineCpuPerCallMinute'] is not None else '-':>7} "
             f"{r['engineRssPerCallMb'] if r['engineRssPerCallMb'] is not None else '-':>7} "
             f"{_ms(e['p50']) + '/' + _ms(e['p95']) + '/' + _ms(e['p99']):>17} {r['benchCpuPercent']:>6}"
+        )
+    print()
+    print("voice-to-voice p50/p95/p99 ms by kind of call:")
+    for r in rounds:
+        kinds = r.get("voiceToVoiceMsByKind") or {}
+        print(
+            f"{r['calls']:>4} "
+            + "  ".join(f"{k} {_ms(v['p50'])}/{_ms(v['p95'])}/{_ms(v['p99'])} (n={v['n']})" for k, v in kinds.items())
         )
     print()
     print("engine cost over the round (CPU s per call-minute as above; idle: what the engine spends with no call):")
