@@ -1,30 +1,37 @@
-"""Whole cloud-pipeline calls under load: voice-to-voice latency, playback gaps, engine CPU and memory per call.
+"""Whole cloud-pipeline calls under load: voice-to-voice latency, replies during pauses, engine CPU and memory per call.
 
-    .venv/bin/python -m bench.bench_cloud --calls 1,10,50,100 --seconds 60
+    .venv/bin/python -m bench.bench_cloud --calls 1,10,100 --turns 3
 
-The fake providers (Deepgram, OpenAI, ElevenLabs; tests/fakes) run in this process with fixed, realistic delays:
-end of turn after `endpointing` = 300 ms of audio silence, the model's first token after 300 ms, the
-synthesizer's first byte after 150 ms. For each N, a fresh `dialtone serve` process (pinned to one CPU) takes N
-concurrent calls from Twilio-protocol callers (bench/cloud_callers.py; this process, pinned to the other CPU,
-with the fakes) that speak, wait for the reply, hear it out and speak again, for a fixed measured window.
+The fake providers (Deepgram, OpenAI, ElevenLabs; tests/fakes) run in this process and pace like real ones (see
+`Delays`): Deepgram ends a turn after `endpointing` = 300 ms of audio silence and sends that final 200 ms later,
+and answers `Finalize` after 80 ms (when the FakeDeepgram accepts those delays); the model's first token comes
+after 300 ms, then 60 tokens a second; the synthesizer's first byte after 150 ms, then audio at 4x real time. The
+agents have the engine's default configuration. For each N, a fresh `dialtone serve` process (pinned to one CPU)
+takes N concurrent calls from Twilio-protocol callers (bench/cloud_callers.py; this process, pinned to the other
+CPU, with the fakes): in turn plain, pausing mid-sentence (400-600 ms inside one sentence), plain, and
+caller-first (no opening). Each hears the opening, speaks, hears the reply out, and speaks again, `--turns` times,
+then hangs up.
 
 Per N it prints and stores (bench/results/cloud-<timestamp>.json, and a PNG plot when matplotlib is installed):
-voice-to-voice latency percentiles and the engine's share of it, turns answered, playback gaps and lateness,
-engine CPU seconds per call-minute, engine RSS per call, the engine's own per-stage breakdown (CallTurn.latency),
-and this process's own load (so a saturated harness is visible rather than silently blamed on the engine).
+voice-to-voice p50/p95/p99 beside the providers' unavoidable delays, replies heard during a mid-sentence pause,
+speculative replies used and discarded (the engine's /metrics counters, when it has them), turns answered,
+playback gaps, the engine's CPU seconds per call-minute over whole calls (from before the first call to the end
+of the last one's post-call work, idle floor included) and its idle floor, engine RSS per call, the engine's own
+per-stage breakdown (CallTurn.latency), and this process's own load (so a saturated harness is visible rather
+than silently blamed on the engine).
 
 The harness keeps out of the way: its cyclic garbage collector is off during a round (a full collection of a few
 hundred calls' objects stalled it for 50-250 ms, which showed up as engine latency and playback gaps), and the
 fakes' request records are emptied as it goes. The engine gets a `sitecustomize` (written to a temporary folder
 put first on its PYTHONPATH; no engine code changes) that records its own GC pauses (bench/stall_watch.py),
-reported per round. The calls hang up only once every turn asked in the window has been heard out, so the
-window's last turns are not answered during a hundred simultaneous hang-ups (which stalled the fakes and callers
-here by up to ~60 ms and set the round's p99 in about half the runs).
-Options: --endpointing-ms/--llm-first-token-ms/--tts-first-byte-ms change the delays, --no-recording turns the
-agent's recording off, --think S sets the callers' pause between turns (15 leaves mostly the cost of streaming
-audio), --profile-calls N runs the engine under cProfile in round N (slower: figures distorted), --stalls records the
-engine's loop stalls (a 2 ms timer firing late under uvloop) and this process's slow callbacks and late timers, and
-prints what overlapped each round's slowest turns.
+reported per round. With `--turns 0` a round is instead a window of `--seconds` of steady talk, and the calls
+hang up only once every turn asked in the window has been heard out.
+Options: the providers' pacing (--endpointing-ms, --final-delay-ms, --finalize-delay-ms, --llm-first-token-ms,
+--tokens-per-second, --tts-first-byte-ms, --tts-speed), --no-recording turns the agents' recording off, --think S
+sets the callers' pause between turns, --profile-calls N runs the engine under cProfile in round N and --py-spy N
+samples it with py-spy (figures distorted), --stalls records the engine's loop stalls (a 2 ms timer firing late
+under uvloop) and this process's slow callbacks and late timers, and prints what overlapped each round's slowest
+turns.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import gc
+import inspect
 import json
 import math
 import os
@@ -54,6 +63,7 @@ from typing import Any, Final
 import aiohttp
 import asyncpg
 import psutil
+from aiohttp import web
 
 from bench.bench_calls import REPO, _free_port, _wait_healthy
 from bench.cloud_callers import (
@@ -62,6 +72,7 @@ from bench.cloud_callers import (
     ReplyBook,
     TurnStats,
     Utterance,
+    paused_utterance,
     speech_utterance,
     tone_utterance,
 )
@@ -94,30 +105,51 @@ MS_PER_CHAR: Final = 60
 
 @dataclass(frozen=True, slots=True)
 class Delays:
-    """The providers' fixed delays (ms): the part of voice-to-voice latency the engine cannot do anything about."""
+    """How fast the fake providers are (ms; tokens per second): the pace of real ones, not the engine's doing."""
 
     endpointing: int = 300
-    """Deepgram `endpointing`: the fake's final (speech_final) result comes after this much audio silence."""
+    """Deepgram `endpointing` (the engine's default): the fake ends a turn after this much audio silence."""
+    final_delay: int = 200
+    """The fake Deepgram sends that final (`speech_final`) this long after the endpointing silence was reached."""
+    finalize_delay: int = 80
+    """The fake Deepgram answers a `Finalize` this long after receiving it."""
     llm_first_token: int = 300
+    tokens_per_second: float = 60.0
+    """The fake model's pace after its first token."""
     tts_first_byte: int = 150
+    tts_speed: float = 4.0
+    """The fake ElevenLabs sends audio this many times faster than real time after its first byte (0: at once)."""
+
+    @property
+    def token_interval_ms(self) -> float:
+        """Milliseconds between two of the model's tokens after the first."""
+        return 1000 / self.tokens_per_second if self.tokens_per_second > 0 else 0.0
+
+    @property
+    def unavoidable(self) -> int:
+        """The providers' unavoidable delays: Deepgram's answer to `Finalize`, the first token, the first byte.
+
+        The least any engine could take from the caller's last voiced frame to the reply's first audio with these
+        providers, were it to know the turn ended at once (the path through endpointing takes longer: `total`).
+        """
+        return self.finalize_delay + self.llm_first_token + self.tts_first_byte
 
     @property
     def total(self) -> int:
-        """Their sum, subtracted from voice-to-voice to get the engine's share."""
-        return self.endpointing + self.llm_first_token + self.tts_first_byte
+        """The providers' delays on the endpointing path: silence, Deepgram's final, first token, first byte."""
+        return self.endpointing + self.final_delay + self.llm_first_token + self.tts_first_byte
 
     def formula(self) -> str:
-        """How engine-added latency is computed, in words."""
+        """How the diagnostic engine-added latency is computed, in words."""
         return (
             "voice-to-voice = arrival of the reply's first media frame at the caller - send time of the caller's "
-            f"last voiced frame (both on the bench's clock). engine-added = voice-to-voice - {self.endpointing} "
-            f"(Deepgram endpointing: the fake finalizes on the window that ends {self.endpointing} ms of audio after "
-            f"the last voiced frame, i.e. on the silent frame sent {self.endpointing} ms after it) - "
-            f"{self.llm_first_token} (LLM first token) - {self.tts_first_byte} (TTS first byte) = voice-to-voice - "
-            f"{self.total} ms. The fakes add no other pacing: all of a reply's tokens follow the first at once "
-            "(token_interval_ms=0), so the first sentence is complete at the first token, and all TTS chunks follow "
-            "the first byte at once (chunk_interval_ms=0). So engine-added also holds loopback transport and the "
-            "bench process's own event-loop delay (see 'bench tick lag')."
+            f"last voiced frame (both on the bench's clock). engine-added (diagnostic) = voice-to-voice - "
+            f"{self.unavoidable} ms, the providers' unavoidable delays: {self.finalize_delay} (Deepgram's answer to "
+            f"Finalize) + {self.llm_first_token} (LLM first token) + {self.tts_first_byte} (TTS first byte). It "
+            f"holds what the engine waits to decide the turn is over (through endpointing: {self.endpointing} ms of "
+            f"silence + {self.final_delay} ms for the final), the model's tokens up to the first speakable clause "
+            f"({self.tokens_per_second:g} tokens/s after the first), loopback transport and the bench process's own "
+            "event-loop delay (see 'bench tick lag')."
         )
 
 
@@ -131,6 +163,12 @@ REPLIES = (
 """The model's reply to a conversation holding k caller turns is REPLIES[k % 3]: one or two sentences."""
 CALLER_TEXT = "Can you tell me your opening hours"
 TRANSCRIPT = "Can you tell me your opening hours?"
+PAUSE_FIRST, PAUSE_REST = "I would like to", "book a table for two."
+PAUSE_TRANSCRIPT = f"{PAUSE_FIRST} | {PAUSE_REST}"
+PAUSES_MS = (400, 500, 600)
+"""The mid-sentence pauses a pausing caller makes (one at random per turn)."""
+PAUSE_KEYTERM = "table"
+"""The pausing callers' agent asks Deepgram for this keyterm: how the fake tells their streams apart."""
 VOICE_ID = "21m00Tcm4TlvDq8ikWAM"
 
 # --------------------------------------------------------------------------------------------------- fakes
@@ -140,12 +178,47 @@ class BenchOpenAI(FakeOpenAI):
     """The fake OpenAI, answering REPLIES[k % 3] to a conversation with k caller turns (so callers know the reply).
 
     It overrides the fake's private reply picker: `default_reply` sees only the last user message, and the
-    benchmark needs the reply to depend on the turn.
+    benchmark needs the reply to depend on the turn. It counts the conversation requests whose last caller turn is
+    only the half sentence before a mid-sentence pause (`half_sentence_requests`: speculation on a pause, or a
+    reply to it).
     """
 
+    half_sentence_requests = 0
+
     def _next_reply(self, messages: Sequence[Mapping[str, Any]]) -> list[Step]:
-        caller_turns = sum(1 for message in messages if message.get("role") == "user")
-        return [REPLIES[caller_turns % len(REPLIES)]]
+        user = [message for message in messages if message.get("role") == "user"]
+        if user and str(user[-1].get("content") or "").strip().rstrip(".,") == PAUSE_FIRST:
+            self.half_sentence_requests += 1
+        return [REPLIES[len(user) % len(REPLIES)]]
+
+
+_STREAM_TRANSCRIPT: contextvars.ContextVar[str] = contextvars.ContextVar("stream_transcript", default=TRANSCRIPT)
+
+
+class BenchDeepgram(FakeDeepgram):
+    """The fake Deepgram, recognizing the pausing callers' sentence on their streams and CALLER_TEXT on the others.
+
+    A stream is a pausing caller's when its agent asked for the keyterm PAUSE_KEYTERM; the transcript is chosen per
+    socket through a context variable set in the socket's own handler task (the fake's script is otherwise shared).
+    """
+
+    async def _listen(self, request: web.Request) -> web.StreamResponse:
+        pausing = PAUSE_KEYTERM in request.query.getall("keyterm", [])
+        _STREAM_TRANSCRIPT.set(PAUSE_TRANSCRIPT if pausing else TRANSCRIPT)
+        return await super()._listen(request)
+
+    def _peek_transcript(self) -> str:
+        return _STREAM_TRANSCRIPT.get()
+
+    def _take_transcript(self) -> str:
+        return _STREAM_TRANSCRIPT.get()
+
+
+def deepgram_pacing(delays: Delays) -> dict[str, Any]:
+    """The fake Deepgram's pacing keywords it accepts (older fakes have neither: the bench runs on both)."""
+    accepted = inspect.signature(FakeDeepgram.__init__).parameters
+    wanted = {"final_delay_ms": delays.final_delay, "finalize_delay_ms": delays.finalize_delay}
+    return {name: value for name, value in wanted.items() if name in accepted}
 
 
 def spoken_bytes(text: str) -> int:
@@ -161,13 +234,24 @@ def reply_book() -> ReplyBook:
 
 
 @contextlib.asynccontextmanager
-async def fakes(delays: Delays) -> AsyncIterator[tuple[FakeDeepgram, BenchOpenAI, FakeElevenLabs]]:
-    """The three providers on loopback, with the benchmark's fixed delays (endpointing is the agent's setting)."""
+async def fakes(delays: Delays) -> AsyncIterator[tuple[BenchDeepgram, BenchOpenAI, FakeElevenLabs]]:
+    """The three providers on loopback, paced by `delays` (endpointing is the agent's setting)."""
+    chunk_ms = 100
     async with (
-        FakeDeepgram(api_key="dg-bench", default_transcript=TRANSCRIPT, idle_timeout_seconds=30) as deepgram,
-        BenchOpenAI(api_key="sk-bench", first_token_delay_ms=delays.llm_first_token, token_interval_ms=0) as openai,
+        BenchDeepgram(
+            api_key="dg-bench", default_transcript=TRANSCRIPT, idle_timeout_seconds=30, **deepgram_pacing(delays)
+        ) as deepgram,
+        BenchOpenAI(
+            api_key="sk-bench",
+            first_token_delay_ms=delays.llm_first_token,
+            token_interval_ms=delays.token_interval_ms,
+        ) as openai,
         FakeElevenLabs(
-            api_key="el-bench", first_byte_delay_ms=delays.tts_first_byte, ms_per_char=MS_PER_CHAR
+            api_key="el-bench",
+            first_byte_delay_ms=delays.tts_first_byte,
+            ms_per_char=MS_PER_CHAR,
+            chunk_ms=chunk_ms,
+            chunk_interval_ms=round(chunk_ms / delays.tts_speed) if delays.tts_speed > 0 else 0,
         ) as eleven,
     ):
         yield deepgram, openai, eleven
@@ -283,6 +367,31 @@ async def stop_engine(engine: Engine, timeout: float = 30.0) -> None:
         await engine.process.wait()
 
 
+async def start_py_spy(engine: Engine, out: Path) -> asyncio.subprocess.Process | None:
+    """Sample the engine's stacks with py-spy (a dev tool, if installed) into `out`, collapsed ("folded") format."""
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if py_spy is None:
+        print("      py-spy is not installed: no stack samples")
+        return None
+    command = [py_spy, "record", "--nonblocking", "--pid", str(engine.ps.pid), "--rate", "100", "--format", "raw"]
+    command += ["-o", str(out)]
+    print(f"      sampling the engine with py-spy into {out}")
+    return await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+
+
+async def stop_py_spy(process: asyncio.subprocess.Process) -> None:
+    """Stop py-spy (SIGINT: it writes its samples then exits)."""
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGINT)
+    try:
+        await asyncio.wait_for(process.wait(), timeout=30)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
 def _tail(path: Path, lines: int) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -299,55 +408,77 @@ def engine_env(base: Mapping[str, str], **values: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------- database
 
 
+CALL_KINDS: Final = ("plain", "pausing", "plain", "caller-first")
+"""Call i is of kind CALL_KINDS[i % 4]: half plain, a quarter pause mid-sentence, a quarter speak first."""
+
+
 @dataclass(frozen=True, slots=True)
 class Line:
-    """The seeded organization's number, which every caller dials."""
+    """The seeded organization and its numbers, one per kind of call, each answered by its agent."""
 
     organization_id: str
-    number: str
+    numbers: Mapping[str, str]
+    """Call kind → the number its callers dial."""
 
 
-def agent_configuration(recording: bool, delays: Delays) -> dict[str, Any]:
-    """The cloud agent: Deepgram (endpointing 300 ms), OpenAI, ElevenLabs."""
-    return {
-        "stt": {"provider": "deepgram", "endpointing": delays.endpointing},
+def agent_configuration(recording: bool, delays: Delays, kind: str = "plain") -> dict[str, Any]:
+    """The cloud agent with the engine's defaults (Deepgram nova-3 endpointing 300, gpt-4o-mini, ElevenLabs).
+
+    `pausing`: the same with the keyterm PAUSE_KEYTERM (how the fake Deepgram knows those streams);
+    `caller-first`: the same without an opening, so the caller speaks first.
+    """
+    stt: dict[str, Any] = {"provider": "deepgram"}
+    if delays.endpointing != DEFAULT_DELAYS.endpointing:
+        stt["endpointing"] = delays.endpointing
+    if kind == "pausing":
+        stt["keywords"] = [PAUSE_KEYTERM]
+    configuration: dict[str, Any] = {
+        "stt": stt,
         "llm": {"provider": "openai"},
         "tts": {"provider": "elevenlabs", "voice": VOICE_ID},
-        "firstSentence": FIRST_SENTENCE,
         "prompt": "You are a concise phone agent for a benchmark.",
         "recording": recording,
     }
+    if kind != "caller-first":
+        configuration["firstSentence"] = FIRST_SENTENCE
+    return configuration
 
 
 async def seed(pool: asyncpg.Pool, *, recording: bool, delays: Delays) -> Line:
-    """One organization with plenty of credits, one inbound number, and the cloud agent answering it."""
+    """One organization with plenty of credits and, per kind of call, an inbound number and the agent answering it."""
     tag = secrets.token_hex(4)
     organization = await organizations.create_organization(
         pool, name=f"Cloud bench {tag}", slug=f"bench-cloud-{tag}", plan=Plan.PRO, credits=10**9
     )
+    numbers: dict[str, str] = {}
+    for kind in dict.fromkeys(CALL_KINDS):
+        number_id, numbers[kind] = await _seed_number(pool, organization.id, kind)
+        await agents.create_agent(
+            pool,
+            organization_id=organization.id,
+            name=f"Cloud bench agent ({kind})",
+            status=AgentStatus.ACTIVE,
+            caller_type=CallerType.INBOUND,
+            phone_number_id=number_id,
+            configuration=parse_agent_configuration(agent_configuration(recording, delays, kind)).to_json(),
+        )
+    return Line(organization.id, numbers)
+
+
+async def _seed_number(pool: asyncpg.Pool, organization_id: str, kind: str) -> tuple[str, str]:
+    """A free +15555550xxx number for the organization: its id and its number."""
     for _ in range(50):
         try:
             number = await phone_numbers.create_phone_number(
                 pool,
-                organization_id=organization.id,
-                phone_number=f"+1555555{random.randrange(100, 200):04d}",
-                label="Cloud bench line",
+                organization_id=organization_id,
+                phone_number=f"+1555555{random.randrange(100, 1000):04d}",
+                label=f"Cloud bench line ({kind})",
             )
-            break
+            return number.id, number.phone_number
         except AlreadyExists:
             continue
-    else:
-        raise RuntimeError("no free +155555501xx number to seed")
-    await agents.create_agent(
-        pool,
-        organization_id=organization.id,
-        name="Cloud bench agent",
-        status=AgentStatus.ACTIVE,
-        caller_type=CallerType.INBOUND,
-        phone_number_id=number.id,
-        configuration=parse_agent_configuration(agent_configuration(recording, delays)).to_json(),
-    )
-    return Line(organization.id, number.phone_number)
+    raise RuntimeError("no free +15555550xxx number to seed")
 
 
 async def engine_turns(
@@ -571,7 +702,11 @@ def turn_figures(turns: Sequence[TurnStats], delays: Delays) -> dict[str, Any]:
         "asked": len(turns),
         "answered": len(answered),
         "voiceToVoiceMs": spread(v2v),
-        "engineAddedMs": spread([v - delays.total for v in v2v]),
+        "providersUnavoidableMs": delays.unavoidable,
+        "providersEndpointingPathMs": delays.total,
+        "engineAddedMs": spread([v - delays.unavoidable for v in v2v]),
+        "pausedTurns": sum(1 for t in turns if t.paused),
+        "repliesDuringPause": sum(1 for t in turns if t.reply_in_pause),
         "utterances": len(heard),
         "utterancesWithGap": sum(1 for t in heard if t.gaps),
         "gapMsTotal": round(sum(t.gap_s for t in heard) * 1000, 1),
@@ -596,7 +731,8 @@ class RoundSetup:
     pgdata: Path | None
     state_root: Path
     auth_token: str
-    utterance: Utterance
+    utterances: Mapping[str, Sequence[Utterance]]
+    """Call kind → what its callers say (one at random per turn)."""
     replies: ReplyBook
     delays: Delays
     stamp: str
@@ -648,24 +784,7 @@ async def run_round(setup: RoundSetup, calls: int, profile: Path | None) -> dict
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=20)
             async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
                 await _warm_up(setup, http, engine)
-                await asyncio.sleep(1.0)
-                idle_rss = statistics.median([engine.ps.memory_info().rss for _ in range(3)])
-                idle_cpu = cpu_seconds(engine.ps)
-                await asyncio.sleep(3.0)
-                idle_cpu_pct = 100 * (cpu_seconds(engine.ps) - idle_cpu) / 3.0
-                # The harness must not stall: its cyclic GC is off for the round (full collections of a few
-                # hundred calls' objects pause it for 50-250 ms), and the fakes' records, which only grow, are
-                # emptied as it goes. What little cyclic garbage piles up meanwhile is collected afterwards.
-                gc.collect()
-                gc.disable()
-                janitor = asyncio.create_task(_sweep_fakes(deepgram, openai, eleven))
-                try:
-                    result = await _measure(setup, http, engine, calls, idle_rss)
-                finally:
-                    janitor.cancel()
-                    gc.enable()
-                    gc.collect()
-                result["engineIdleCpuPercent"] = round(idle_cpu_pct, 2)
+                result = await _idle_then_measure(setup, http, engine, (deepgram, openai, eleven), calls)
         finally:
             await stop_engine(engine)
             problems = log_problems(engine.log_path)
@@ -683,6 +802,52 @@ async def run_round(setup: RoundSetup, calls: int, profile: Path | None) -> dict
         result["stalls"] = stall_figures(engine_events, bench_events, result["slowestTurns"], since, until)
     result["engineLogProblems"] = problems
     return result
+
+
+POST_CALL_MAX_S: Final = 30.0
+"""The longest a whole-call round waits after the last hang-up for the engine's post-call work to finish."""
+IDLE_SECONDS: Final = 6.0
+"""How long the engine's idle floor (no call) is sampled before each round."""
+
+
+async def _idle_then_measure(
+    setup: RoundSetup,
+    http: aiohttp.ClientSession,
+    engine: Engine,
+    providers: tuple[BenchDeepgram, BenchOpenAI, FakeElevenLabs],
+    calls: int,
+) -> dict[str, Any]:
+    """Sample the warmed engine's idle floor (CPU, RSS), then measure `calls` calls with the harness kept quiet."""
+    deepgram, openai, eleven = providers
+    openai.half_sentence_requests = 0
+    await asyncio.sleep(2.0)  # the warm-up calls' post-call work
+    idle_rss = statistics.median([engine.ps.memory_info().rss for _ in range(3)])
+    idle_cpu = cpu_seconds(engine.ps)
+    await asyncio.sleep(IDLE_SECONDS)
+    idle_cpu_pct = 100 * (cpu_seconds(engine.ps) - idle_cpu) / IDLE_SECONDS
+    # The harness must not stall: its cyclic GC is off for the round (full collections of a few hundred calls'
+    # objects pause it for 50-250 ms), and the fakes' records, which only grow, are emptied as it goes. What
+    # little cyclic garbage piles up meanwhile is collected afterwards.
+    gc.collect()
+    gc.disable()
+    janitor = asyncio.create_task(_sweep_fakes(deepgram, openai, eleven))
+    spy = None
+    if setup.args.py_spy == calls:
+        spy = await start_py_spy(engine, setup.args.out / f"{setup.stamp}-engine-n{calls}.folded")
+    try:
+        result = await _measure(setup, http, engine, calls, idle_rss=idle_rss, idle_cpu_percent=idle_cpu_pct)
+    finally:
+        janitor.cancel()
+        if spy is not None:
+            await stop_py_spy(spy)
+        gc.enable()
+        gc.collect()
+    return result | {
+        "engineIdleCpuPercent": round(idle_cpu_pct, 2),
+        "engineIdleCpuSecondsPerMinute": round(idle_cpu_pct * 60 / 100, 3),
+        "halfSentenceModelRequests": openai.half_sentence_requests,
+        "deepgramPacing": deepgram_pacing(setup.delays),
+    }
 
 
 def log_problems(path: Path) -> dict[str, int]:
@@ -718,30 +883,35 @@ def _caller(
     *,
     seed: int,
     max_turns: int | None = None,
+    kind: str = "plain",
 ) -> CloudCaller:
     return CloudCaller(
         http,
         base_url=base,
-        to=setup.line.number,
+        to=setup.line.numbers[kind],
         from_=f"+1500555{seed % 10000:04d}",
         auth_token=setup.auth_token,
-        utterance=setup.utterance,
+        utterance=setup.utterances[kind],
         replies=setup.replies,
         stop=stop,
         rng=random.Random(seed),
         reply_timeout_s=setup.args.reply_timeout,
         max_turns=max_turns,
         think_s=(max(setup.args.think - 0.35, 0.0), setup.args.think + 0.35),
+        caller_first=kind == "caller-first",
     )
 
 
 async def _warm_up(setup: RoundSetup, http: aiohttp.ClientSession, engine: Engine) -> None:
-    """One short call (opening and two turns) so imports, SDK clients and pools are warm before measuring."""
-    result = await _caller(setup, http, engine.base, asyncio.Event(), seed=-1, max_turns=2).run()
-    if result.error or not any(t.first_audio_at for t in result.turns[1:]):
-        raise RuntimeError(
-            f"the warm-up call failed ({result.error or 'no reply'}); engine log:\n{_tail(engine.log_path, 30)}"
-        )
+    """One short call of each kind (two turns) so imports, SDK clients and pools are warm before measuring."""
+    for number, kind in enumerate(dict.fromkeys(CALL_KINDS)):
+        caller = _caller(setup, http, engine.base, asyncio.Event(), seed=-1 - number, max_turns=2, kind=kind)
+        result = await caller.run()
+        if result.error or not any(t.first_audio_at for t in result.turns if t.index > 0):
+            raise RuntimeError(
+                f"the warm-up call ({kind}) failed ({result.error or 'no reply'}); engine log:\n"
+                f"{_tail(engine.log_path, 30)}"
+            )
 
 
 @dataclass(slots=True)
@@ -750,6 +920,8 @@ class Observed:
 
     window: Window
     engine_cpu: float = 0.0
+    engine_system_cpu: float = 0.0
+    """Of `engine_cpu`, the kernel's share (system calls: socket reads and writes, timers, epoll)."""
     bench_cpu: float = 0.0
     postgres_cpu: float = 0.0
     core_busy: list[float] = field(default_factory=list)
@@ -760,6 +932,8 @@ class Observed:
     """(wall time, the engine's cumulative ms runnable but not running): its waits for a CPU, sampled each second."""
     gc: dict[str, Any] = field(default_factory=dict)
     calls_live_metric: float | None = None
+    speculation: dict[str, float] = field(default_factory=dict)
+    """The engine's `dialtone_speculation*` counters at the window's end (empty when it has none)."""
 
 
 async def _observe(
@@ -768,8 +942,16 @@ async def _observe(
     http: aiohttp.ClientSession,
     callers: Sequence[CloudCaller],
     tasks: Sequence[asyncio.Task[CallerResult]],
+    *,
+    whole_calls: asyncio.Event | None = None,
+    idle_cpu_percent: float = 0.0,
 ) -> Observed:
-    """Sample the engine, this process and the database for `--seconds`, with the calls running."""
+    """Sample the engine, this process and the database, with the calls running.
+
+    For `--seconds` (a window of steady talk), or with `whole_calls`: from now (before the first call is placed)
+    until every call has ended (`whole_calls` set) and the engine's CPU is back to its idle level (post-call work
+    done), so the window holds whole calls: setup, turns, teardown and the idle floor in between.
+    """
     loop = asyncio.get_running_loop()
     bench = psutil.Process()
     window = Window()
@@ -778,18 +960,39 @@ async def _observe(
     lag_from = [len(c.result.tick_lag_ms) for c in callers]
     gc_from = time.time()
     engine0, bench0, pg0 = cpu_seconds(engine.ps), cpu_seconds(bench), postgres_cpu(setup.pgdata)
+    system0 = engine.ps.cpu_times().system
     cores0 = psutil.cpu_times(percpu=True)
     seen.run_delay.append((time.time(), run_delay_ms(engine.ps.pid)))
     last_cpu, last_t = engine0, loop.time()
-    while (left := setup.args.seconds - (loop.time() - window.start)) > 0:
-        await asyncio.sleep(min(1.0, left))
+    quiet_since: float | None = None
+    ended_at: float | None = None
+
+    def more() -> float:
+        """Seconds to sample before looking again; 0 when the window is over."""
+        nonlocal ended_at
+        if whole_calls is None:
+            left = float(setup.args.seconds) - (loop.time() - window.start)
+            return max(0.0, min(1.0, left))
+        if not whole_calls.is_set():
+            return 0.5
+        ended_at = ended_at or loop.time()
+        # Post-call work (recording, analysis, webhooks) is done once the engine is back near idle for 1 s.
+        settled = quiet_since is not None and loop.time() - quiet_since >= 1.0
+        return 0.0 if settled or loop.time() - ended_at > POST_CALL_MAX_S else 0.5
+
+    while (step := more()) > 0:
+        await asyncio.sleep(step)
         seen.rss.append(engine.ps.memory_info().rss)
         seen.run_delay.append((time.time(), run_delay_ms(engine.ps.pid)))
         cpu_now, t_now = cpu_seconds(engine.ps), loop.time()
         seen.engine_cpu_percent.append(100 * (cpu_now - last_cpu) / max(t_now - last_t, 1e-6))
         last_cpu, last_t = cpu_now, t_now
-        seen.live.append(sum(1 for t in tasks if not t.done()))
+        if whole_calls is not None and whole_calls.is_set():  # post-call work done once back near idle for 1 s
+            quiet = seen.engine_cpu_percent[-1] <= idle_cpu_percent + 2.0
+            quiet_since = (quiet_since or t_now) if quiet else None
+        seen.live.append(sum(1 for t in tasks if not t.done()) if tasks else sum(map(_live, callers)))
     seen.engine_cpu = cpu_seconds(engine.ps) - engine0
+    seen.engine_system_cpu = engine.ps.cpu_times().system - system0
     seen.bench_cpu = cpu_seconds(bench) - bench0
     seen.postgres_cpu = postgres_cpu(setup.pgdata) - pg0
     cores1 = psutil.cpu_times(percpu=True)
@@ -797,55 +1000,98 @@ async def _observe(
     seen.core_busy = [round(_busy_percent(a, b), 1) for a, b in zip(cores0, cores1, strict=True)]
     window.lag_marks = {i: (lag_from[i], len(c.result.tick_lag_ms)) for i, c in enumerate(callers)}
     seen.gc = gc_figures(STALLS.events, gc_from, time.time()) if STALLS is not None else {}
-    seen.calls_live_metric = await _calls_live(http, engine.base)
+    metrics = await engine_metrics(http, engine.base)
+    seen.calls_live_metric = metrics.get("dialtone_calls_live")
+    seen.speculation = {k: v for k, v in metrics.items() if k.startswith("dialtone_speculation")}
     return seen
 
 
 async def _measure(
-    setup: RoundSetup, http: aiohttp.ClientSession, engine: Engine, calls: int, idle_rss: float
+    setup: RoundSetup,
+    http: aiohttp.ClientSession,
+    engine: Engine,
+    calls: int,
+    *,
+    idle_rss: float,
+    idle_cpu_percent: float,
 ) -> dict[str, Any]:
-    """Run `calls` concurrent callers: stagger their starts, measure a window once all are talking, then stop."""
+    """Run `calls` concurrent callers, staggered: whole calls of `--turns` turns, or a window of `--seconds`."""
     args = setup.args
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     ramp_s = args.ramp if args.ramp is not None else min(15.0, max(1.0, calls / 10))
-    callers = [_caller(setup, http, engine.base, stop, seed=i) for i in range(calls)]
+    turns = args.turns or None
+    callers = [
+        _caller(setup, http, engine.base, stop, seed=i, max_turns=turns, kind=CALL_KINDS[i % len(CALL_KINDS)])
+        for i in range(calls)
+    ]
 
     async def place(index: int, caller: CloudCaller) -> CallerResult:
         await asyncio.sleep(ramp_s * index / calls)
         return await caller.run()
 
-    tasks = [asyncio.create_task(place(i, c)) for i, c in enumerate(callers)]
-    try:
-        # The window opens once every call has heard its opening (or failed), plus a short settle.
-        deadline = loop.time() + ramp_s + 30
-        while loop.time() < deadline:
-            if all(c.result.opening_done_at is not None or t.done() for c, t in zip(callers, tasks, strict=True)):
-                break
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(args.settle)
-        live_at_start = sum(1 for t in tasks if not t.done())
-        seen = await _observe(setup, engine, http, callers, tasks)
-        # The window's last turns are measured under the same load as the others: every call keeps talking until
-        # each turn asked in the window has been heard out, and only then do they all hang up together.
-        deadline = loop.time() + args.reply_timeout + 10
-        while loop.time() < deadline:
-            if not any((asked := c.asking_since) is not None and asked < seen.window.end for c in callers):
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        stop.set()
-        _, pending = await asyncio.wait(tasks, timeout=args.reply_timeout + 20) if tasks else (set(), set())
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    if turns is not None:
+        # Whole calls: the window opens before the first call is placed and closes after the last one's post-call
+        # work, so the engine's CPU over it is the calls' whole cost, idle floor included.
+        ended = asyncio.Event()
+        observing = asyncio.create_task(
+            _observe(setup, engine, http, callers, [], whole_calls=ended, idle_cpu_percent=idle_cpu_percent)
+        )
+        await asyncio.sleep(0)  # the window opens now
+        tasks = [asyncio.create_task(place(i, c)) for i, c in enumerate(callers)]
+        try:
+            _, pending = await asyncio.wait(tasks, timeout=ramp_s + 60 + turns * (args.reply_timeout + 15))
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            ended.set()
+        seen = await observing
+        live_at_start = 0
+    else:
+        tasks = [asyncio.create_task(place(i, c)) for i, c in enumerate(callers)]
+        try:
+            # The window opens once every call has heard its opening (or failed), plus a short settle.
+            deadline = loop.time() + ramp_s + 30
+            while loop.time() < deadline:
+                if all(c.result.opening_done_at is not None or t.done() for c, t in zip(callers, tasks, strict=True)):
+                    break
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(args.settle)
+            live_at_start = sum(1 for t in tasks if not t.done())
+            seen = await _observe(setup, engine, http, callers, tasks)
+            # The window's last turns are measured under the same load as the others: every call keeps talking
+            # until each turn asked in the window has been heard out, and only then do they all hang up together.
+            deadline = loop.time() + args.reply_timeout + 10
+            while loop.time() < deadline:
+                if not any((asked := c.asking_since) is not None and asked < seen.window.end for c in callers):
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            _, pending = await asyncio.wait(tasks, timeout=args.reply_timeout + 20) if tasks else (set(), set())
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.sleep(1.5)  # the last CallLogs and turns are written after the hang-ups
     return {
         "calls": calls,
+        "mode": f"whole calls of {turns} caller turns" if turns else f"a {args.seconds:g} s window of live calls",
         "rampSeconds": ramp_s,
         "liveAtWindowStart": live_at_start,
         **await _summarise(setup, engine, [c.result for c in callers], seen, idle_rss),
     }
+
+
+def _live(caller: CloudCaller) -> bool:
+    """Whether the caller's call is connected and not over yet."""
+    r = caller.result
+    return r.connected_at is not None and r.hung_up_at is None and not r.engine_closed and r.error is None
+
+
+def call_minutes(results: Sequence[CallerResult], end: float) -> float:
+    """The calls' total length in minutes: media stream connected → hang-up (or `end`)."""
+    return sum((r.hung_up_at or end) - r.connected_at for r in results if r.connected_at is not None) / 60
 
 
 async def _summarise(
@@ -864,7 +1110,8 @@ async def _summarise(
     to_wall = time.time() - asyncio.get_running_loop().time()
     slowest = slowest_turns(results, turns, window, setup.delays, to_wall=to_wall, run_delay=seen.run_delay)
     mean_live = statistics.fmean(seen.live) if seen.live else 0.0
-    call_minutes = mean_live * window.seconds / 60
+    whole = bool(setup.args.turns)
+    minutes = call_minutes(results, window.end) if whole else mean_live * window.seconds / 60
     calls = len(results)
     busy = seen.engine_cpu + seen.bench_cpu + seen.postgres_cpu
     return {
@@ -872,6 +1119,7 @@ async def _summarise(
         "windowUtc": [window.wall_start.isoformat(), window.wall_end.isoformat()],
         "meanLiveCalls": round(mean_live, 2),
         "engineCallsLiveMetric": seen.calls_live_metric,
+        "speculation": seen.speculation,
         "callErrors": [r.error for r in results if r.error],
         "engineClosedCalls": sum(1 for r in results if r.engine_closed),
         "protocolErrors": sum(len(r.protocol_errors) for r in results),
@@ -883,8 +1131,25 @@ async def _summarise(
             "openingsHeard": sum(1 for r in results if r.turns and r.turns[0].index == 0 and r.turns[0].first_audio_at),
         },
         **turn_figures(in_window, setup.delays),
+        "voiceToVoiceMsByKind": {
+            kind: spread(
+                [
+                    t.voice_to_voice_s * 1000
+                    for i, r in enumerate(results)
+                    if CALL_KINDS[i % len(CALL_KINDS)] == kind
+                    for t in r.turns
+                    if t.index > 0 and window.holds(t.asked_at) and t.voice_to_voice_s is not None
+                ]
+            )
+            for kind in dict.fromkeys(CALL_KINDS)
+        },
         "engineCpuSeconds": round(seen.engine_cpu, 3),
-        "engineCpuPerCallMinute": round(seen.engine_cpu / call_minutes, 3) if call_minutes else None,
+        "engineSystemCpuSeconds": round(seen.engine_system_cpu, 3),
+        "callMinutes": round(minutes, 3),
+        "engineCpuPerCallMinute": round(seen.engine_cpu / minutes, 3) if minutes else None,
+        "engineCpuWhat": "whole calls (placing to post-call work done, idle floor included)"
+        if whole
+        else "a window of live calls (turns and streaming only)",
         "engineCpuPercent": round(100 * seen.engine_cpu / window.seconds, 1),
         "engineCpuPercentPeak": round(max(seen.engine_cpu_percent), 1) if seen.engine_cpu_percent else None,
         "engineIdleRssMb": round(idle_rss / 2**20, 1),
@@ -914,13 +1179,54 @@ def _busy_percent(before: Any, after: Any) -> float:
     return 100 * (total - idle) / total if total > 0 else 0.0
 
 
-async def _calls_live(http: aiohttp.ClientSession, base: str) -> float | None:
-    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+async def engine_metrics(http: aiohttp.ClientSession, base: str) -> dict[str, float]:
+    """The engine's /metrics samples (name with labels → value); empty when it cannot be read."""
+    samples: dict[str, float] = {}
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
         async with http.get(f"{base}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as response:
             for line in (await response.text()).splitlines():
-                if line.startswith("dialtone_calls_live "):
-                    return float(line.split()[1])
+                if line and not line.startswith("#"):
+                    name, _, value = line.rpartition(" ")
+                    with contextlib.suppress(ValueError):
+                        samples[name] = float(value)
+    return samples
+
+
+_USED_WORDS: Final = frozenset({"used", "kept", "spoken"})
+_DISCARDED_WORDS: Final = frozenset({"discarded", "discard", "wasted", "dropped"})
+
+
+def _speculation_outcome(sample: str) -> str | None:
+    """`used`, `discarded` or None for one /metrics sample name (words of its name and of its label values)."""
+    name, _, labels = sample.partition("{")
+    if name.endswith("_created"):
+        return None
+    words = set(name.split("_")) | set(re.findall(r'="([^"]*)"', labels))
+    if words & _USED_WORDS:
+        return "used"
+    if words & _DISCARDED_WORDS:
+        return "discarded"
     return None
+
+
+def speculation_shares(counters: Mapping[str, float]) -> dict[str, float | None]:
+    """Speculative replies used and discarded, as counted and as shares of both (None when unknown).
+
+    Reads whichever `dialtone_speculation*` counters the engine exposes: a sample whose name or label values hold
+    the word `used` (or kept, spoken) and one holding `discarded` (or discard, wasted, dropped), summed.
+    """
+    totals: dict[str, float] = {}
+    for sample, value in counters.items():
+        if (outcome := _speculation_outcome(sample)) is not None:
+            totals[outcome] = totals.get(outcome, 0.0) + value
+    used, discarded = totals.get("used"), totals.get("discarded")
+    both = (used or 0.0) + (discarded or 0.0)
+    return {
+        "used": used,
+        "discarded": discarded,
+        "usedShare": round(used / both, 3) if used is not None and both else None,
+        "discardedShare": round(discarded / both, 3) if discarded is not None and both else None,
+    }
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -931,26 +1237,45 @@ def _ms(value: float | None) -> str:
 
 
 def print_table(rounds: Sequence[Mapping[str, Any]]) -> None:
-    """The per-N tables."""
+    """The per-N tables: voice-to-voice first, beside the providers' unavoidable delays."""
     print()
     print(
-        f"{'N':>4} {'answered':>10} {'voice-to-voice ms':>18} {'engine-added ms':>17} {'gaps':>8} "
-        f"{'late ms':>9} {'CPU s/':>7} {'engine':>7} {'RSS MB':>7} {'bench':>6} {'bench lag':>10}"
+        f"{'N':>4} {'answered':>10} {'VOICE-TO-VOICE ms':>18} {'providers':>9} {'replies in':>10} "
+        f"{'speculative':>13} {'gaps':>8} {'CPU s/':>7} {'RSS MB':>7} {'engine-added ms':>17} {'bench':>6}"
     )
     print(
-        f"{'':>4} {'/asked':>10} {'p50/p95/p99':>18} {'p50/p95/p99':>17} {'utt.':>8} "
-        f"{'worst':>9} {'call-min':>7} {'CPU%':>7} {'/call':>7} {'CPU%':>6} {'p99 ms':>10}"
+        f"{'':>4} {'/asked':>10} {'p50/p95/p99':>18} {'floor ms':>9} {'pause/paused':>10} "
+        f"{'used/discarded':>13} {'utt.':>8} {'call-min':>7} {'/call':>7} {'(diagnostic)':>17} {'CPU%':>6}"
     )
     for r in rounds:
-        v, e, late = r["voiceToVoiceMs"], r["engineAddedMs"], r["worstLatenessMs"]
+        v, e = r["voiceToVoiceMs"], r["engineAddedMs"]
+        spec = speculation_shares(r.get("speculation") or {})
+        used = "-" if spec["used"] is None else f"{spec['used']:.0f}"
+        discarded = "-" if spec["discarded"] is None else f"{spec['discarded']:.0f}"
         print(
             f"{r['calls']:>4} {str(r['answered']) + '/' + str(r['asked']):>10} "
-            f"{_ms(v['p50']) + '/' + _ms(v['p95']) + '/' + _ms(v['p99']):>18} "
-            f"{_ms(e['p50']) + '/' + _ms(e['p95']) + '/' + _ms(e['p99']):>17} "
-            f"{str(r['utterancesWithGap']) + '/' + str(r['utterances']):>8} {_ms(late['max']):>9} "
+            f"{_ms(v['p50']) + '/' + _ms(v['p95']) + '/' + _ms(v['p99']):>18} {r['providersUnavoidableMs']:>9} "
+            f"{str(r['repliesDuringPause']) + '/' + str(r['pausedTurns']):>10} {used + '/' + discarded:>13} "
+            f"{str(r['utterancesWithGap']) + '/' + str(r['utterances']):>8} "
             f"{r['engineCpuPerCallMinute'] if r['engineCpuPerCallMinute'] is not None else '-':>7} "
-            f"{r['engineCpuPercent']:>7} {r['engineRssPerCallMb'] if r['engineRssPerCallMb'] is not None else '-':>7} "
-            f"{r['benchCpuPercent']:>6} {_ms(r['benchTickLagMs']['p99']):>10}"
+            f"{r['engineRssPerCallMb'] if r['engineRssPerCallMb'] is not None else '-':>7} "
+            f"{_ms(e['p50']) + '/' + _ms(e['p95']) + '/' + _ms(e['p99']):>17} {r['benchCpuPercent']:>6}"
+        )
+    print()
+    print("voice-to-voice p50/p95/p99 ms by kind of call:")
+    for r in rounds:
+        kinds = r.get("voiceToVoiceMsByKind") or {}
+        print(
+            f"{r['calls']:>4} "
+            + "  ".join(f"{k} {_ms(v['p50'])}/{_ms(v['p95'])}/{_ms(v['p99'])} (n={v['n']})" for k, v in kinds.items())
+        )
+    print()
+    print("engine cost over the round (CPU s per call-minute as above; idle: what the engine spends with no call):")
+    print(f"{'N':>4} {'measured':>30} {'idle CPU s/min':>15} {'call-min':>9} {'engine CPU s':>12} {'of it kernel':>12}")
+    for r in rounds:
+        print(
+            f"{r['calls']:>4} {r['engineCpuWhat'].split(' (')[0]:>30} {r['engineIdleCpuSecondsPerMinute']:>15} "
+            f"{r['callMinutes']:>9} {r['engineCpuSeconds']:>12} {r['engineSystemCpuSeconds']:>12}"
         )
     print()
     print(
@@ -1071,14 +1396,32 @@ def plot(rounds: Sequence[Mapping[str, Any]], path: Path, delays: Delays) -> boo
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--calls", default="1,10,50,100", help="concurrent calls per round, comma-separated")
-    parser.add_argument("--seconds", type=float, default=60.0, help="measured window per round (default 60)")
+    parser.add_argument("--calls", default="1,10,100", help="concurrent calls per round, comma-separated")
+    parser.add_argument(
+        "--turns",
+        type=int,
+        default=3,
+        help="caller turns per call; the round measures whole calls (default 3; 0: a window of --seconds instead)",
+    )
+    parser.add_argument("--seconds", type=float, default=60.0, help="with --turns 0: measured window per round")
     parser.add_argument(
         "--ramp", type=float, default=None, help="stagger call starts over this many seconds (default N/10, 1 to 15)"
     )
     parser.add_argument("--endpointing-ms", type=int, default=DEFAULT_DELAYS.endpointing, help="Deepgram endpointing")
+    parser.add_argument(
+        "--final-delay-ms", type=int, default=DEFAULT_DELAYS.final_delay, help="Deepgram's final after endpointing"
+    )
+    parser.add_argument(
+        "--finalize-delay-ms", type=int, default=DEFAULT_DELAYS.finalize_delay, help="Deepgram's answer to Finalize"
+    )
     parser.add_argument("--llm-first-token-ms", type=int, default=DEFAULT_DELAYS.llm_first_token, help="fake LLM delay")
+    parser.add_argument(
+        "--tokens-per-second", type=float, default=DEFAULT_DELAYS.tokens_per_second, help="model pace (0: at once)"
+    )
     parser.add_argument("--tts-first-byte-ms", type=int, default=DEFAULT_DELAYS.tts_first_byte, help="fake TTS delay")
+    parser.add_argument(
+        "--tts-speed", type=float, default=DEFAULT_DELAYS.tts_speed, help="TTS audio x real time (0: at once)"
+    )
     parser.add_argument("--settle", type=float, default=2.0, help="seconds after every opening before measuring")
     parser.add_argument("--reply-timeout", type=float, default=10.0, help="a turn unanswered this long is lost")
     parser.add_argument(
@@ -1095,6 +1438,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tone", action="store_true", help="callers play a tone burst instead of eSpeak speech")
     parser.add_argument("--profile-calls", type=int, default=None, help="run the engine under cProfile in this round")
     parser.add_argument(
+        "--py-spy", type=int, default=None, help="sample the engine with py-spy (if installed) over this round's calls"
+    )
+    parser.add_argument(
         "--stalls",
         action="store_true",
         help="record the engine's and this process's loop stalls and explain the slowest turns (small overhead)",
@@ -1104,17 +1450,33 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _delays(args: argparse.Namespace) -> Delays:
-    return Delays(args.endpointing_ms, args.llm_first_token_ms, args.tts_first_byte_ms)
+    return Delays(
+        endpointing=args.endpointing_ms,
+        final_delay=args.final_delay_ms,
+        finalize_delay=args.finalize_delay_ms,
+        llm_first_token=args.llm_first_token_ms,
+        tokens_per_second=args.tokens_per_second,
+        tts_first_byte=args.tts_first_byte_ms,
+        tts_speed=args.tts_speed,
+    )
 
 
-async def _utterance(tone: bool, delays: Delays) -> Utterance:
+async def _utterances(tone: bool, delays: Delays) -> dict[str, list[Utterance]]:
+    """What each kind of caller says: CALLER_TEXT, or (pausing) the booking sentence with a 400-600 ms pause."""
+    quiet = delays.endpointing - 100
     if tone:
-        return tone_utterance()
+        plain = tone_utterance()
+        return {"plain": [plain], "caller-first": [plain], "pausing": [plain]}
     try:
-        return await speech_utterance(CALLER_TEXT, max_inner_quiet_ms=delays.endpointing - 100)
+        plain = await speech_utterance(CALLER_TEXT, max_inner_quiet_ms=quiet)
+        pausing = [
+            await paused_utterance(PAUSE_FIRST, PAUSE_REST, pause, max_inner_quiet_ms=quiet) for pause in PAUSES_MS
+        ]
     except Exception as exc:  # eSpeak missing or unsuitable: the fake Deepgram only needs energy
-        print(f"eSpeak utterance unusable ({exc}); using a tone burst")
-        return tone_utterance()
+        print(f"eSpeak utterance unusable ({exc}); using a tone burst, without mid-sentence pauses")
+        plain = tone_utterance()
+        return {"plain": [plain], "caller-first": [plain], "pausing": [plain]}
+    return {"plain": [plain], "caller-first": [plain], "pausing": pausing}
 
 
 async def _database(tmp: Path) -> tuple[str, Path | None]:
@@ -1154,9 +1516,15 @@ def _print_header(args: argparse.Namespace, pgdata: Path | None, utterance: Utte
         f"callers + fakes on CPU {bench_cpu}; database {database}; recording {'on' if args.recording else 'off'}"
     )
     print(
-        f"provider delays: endpointing {d.endpointing} ms, LLM first token {d.llm_first_token} ms, TTS first "
-        f"byte {d.tts_first_byte} ms; caller says {utterance.source} ({utterance.duration_s:.2f} s); "
-        f"window {args.seconds:g} s per N; load average {os.getloadavg()[0]:.2f}"
+        f"provider pacing: endpointing {d.endpointing} ms + Deepgram final {d.final_delay} ms, Finalize answered "
+        f"after {d.finalize_delay} ms, LLM first token {d.llm_first_token} ms then {d.tokens_per_second:g} tokens/s, "
+        f"TTS first byte {d.tts_first_byte} ms then {d.tts_speed:g}x real time; fake Deepgram pacing applied: "
+        f"{deepgram_pacing(d) or 'none (this FakeDeepgram has no final/finalize delays)'}"
+    )
+    print(
+        f"calls: {' / '.join(CALL_KINDS)} in turn; plain callers say {utterance.source} ({utterance.duration_s:.2f} s);"
+        f" {f'{args.turns} turns per call' if args.turns else f'window {args.seconds:g} s'}; "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
 
 
@@ -1173,8 +1541,10 @@ async def _rounds(setup: RoundSetup, wanted: Sequence[int], stamp: str, rounds: 
         v = result["voiceToVoiceMs"]
         print(
             f"  N={calls}: {result['answered']}/{result['asked']} turns answered, voice-to-voice p50 "
-            f"{_ms(v['p50'])} ms p95 {_ms(v['p95'])} ms, engine CPU {result['engineCpuPercent']}%, bench CPU "
-            f"{result['benchCpuPercent']}%, call errors {len(result['callErrors'])}",
+            f"{_ms(v['p50'])} ms p95 {_ms(v['p95'])} ms p99 {_ms(v['p99'])} ms (providers' floor "
+            f"{result['providersUnavoidableMs']} ms), replies during a pause {result['repliesDuringPause']}, "
+            f"engine CPU {result['engineCpuPerCallMinute']} s/call-min, bench CPU {result['benchCpuPercent']}%, "
+            f"call errors {len(result['callErrors'])}",
             flush=True,
         )
 
@@ -1200,7 +1570,8 @@ async def main(argv: Sequence[str] | None = None) -> int:
         gitignore.write_text("*\n!.gitignore\n")
 
     delays = _delays(args)
-    utterance = await _utterance(args.tone, delays)
+    utterances = await _utterances(args.tone, delays)
+    utterance = utterances["plain"][0]
     with tempfile.TemporaryDirectory(prefix="dialtone-bench-cloud-") as tmp:
         database_url, pgdata = await _database(Path(tmp))
         pool = await create_pool(database_url)
@@ -1214,7 +1585,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
                 pgdata=pgdata,
                 state_root=Path(tmp) / "state",
                 auth_token=secrets.token_hex(16),
-                utterance=utterance,
+                utterances=utterances,
                 replies=reply_book(),
                 delays=delays,
                 stamp=f"cloud-{stamp}",
@@ -1238,6 +1609,9 @@ def _report(args: argparse.Namespace, stamp: str, utterance: Utterance, rounds: 
     saturated = [r["calls"] for r in rounds if r["engineCpuPercent"] >= 90]
     distorted = [r["calls"] for r in rounds if r["benchCpuPercent"] >= 85 or (r["benchTickLagMs"]["p99"] or 0) > 20]
     unanswered = [r["calls"] for r in rounds if r["answered"] < r["asked"]]
+    paused = [r["calls"] for r in rounds if r["repliesDuringPause"]]
+    if paused:
+        print(f"REPLIES DURING A MID-SENTENCE PAUSE at N = {paused}.")
     print()
     if saturated:
         print(f"ENGINE SATURATED (>= 90% of its CPU) at N = {saturated}: its CPU per call-minute is capped there.")
@@ -1249,7 +1623,11 @@ def _report(args: argparse.Namespace, stamp: str, utterance: Utterance, rounds: 
     print(
         "gaps: utterances whose playback buffer ran dry before their audio ended / utterances heard; "
         "late ms: worst chunk lateness against an uninterrupted schedule from the first byte played. "
-        "CPU s/call-min: engine user+sys CPU over the window / (mean live calls x window minutes); "
+        "CPU s/call-min: engine user+sys CPU over the window / call-minutes; with --turns (the default) the window "
+        "runs from before the first call is placed until the last one's post-call work is done, so it holds whole "
+        "calls (webhook, setup, opening, turns, hang-up, recording, analysis) and the idle floor between them, and "
+        "call-minutes are the calls' own lengths (stream connected to hang-up); with --turns 0 it is a window of "
+        "steady talk / (mean live calls x window minutes); "
         "RSS/call: (max RSS in the window - idle RSS after warm-up) / N; bench CPU%: this process (callers + "
         "fakes) over the window, 100 = one core saturated; bench lag: how late the callers' 20 ms ticks ran; "
         "others CPU%: both cores' busy time not spent by the engine, this process or PostgreSQL (other tenants); "
@@ -1261,8 +1639,16 @@ def _report(args: argparse.Namespace, stamp: str, utterance: Utterance, rounds: 
         "machine": {"cpus": os.cpu_count(), "loadAverage": list(os.getloadavg())},
         "config": {
             "endpointingMs": delays.endpointing,
+            "deepgramFinalDelayMs": delays.final_delay,
+            "deepgramFinalizeDelayMs": delays.finalize_delay,
+            "deepgramPacingApplied": deepgram_pacing(delays),
             "llmFirstTokenMs": delays.llm_first_token,
+            "llmTokensPerSecond": delays.tokens_per_second,
             "ttsFirstByteMs": delays.tts_first_byte,
+            "ttsSpeed": delays.tts_speed,
+            "providersUnavoidableMs": delays.unavoidable,
+            "callKinds": list(CALL_KINDS),
+            "turnsPerCall": args.turns,
             "ttsMsPerChar": MS_PER_CHAR,
             "firstSentence": FIRST_SENTENCE,
             "replies": list(REPLIES),
@@ -1273,7 +1659,9 @@ def _report(args: argparse.Namespace, stamp: str, utterance: Utterance, rounds: 
             "recording": args.recording,
             "engineCpu": None if args.no_pin else args.engine_cpu,
             "benchCpu": None if args.no_pin else args.bench_cpu,
-            "agentConfiguration": agent_configuration(args.recording, delays),
+            "agentConfigurations": {
+                k: agent_configuration(args.recording, delays, k) for k in dict.fromkeys(CALL_KINDS)
+            },
         },
         "engineAddedFormula": delays.formula(),
         "rounds": rounds,

@@ -66,6 +66,10 @@ class Utterance:
     last_voiced: int
     """Index of the last voiced frame; the turn's voice-to-voice clock starts when it is sent."""
     source: str
+    pause_from: int | None = None
+    """With a mid-sentence pause: index of its first silent frame (agent audio from then on is a reply too early)."""
+    transcript: str = ""
+    """What the fake Deepgram is scripted to recognize (a ` | ` marks the pause)."""
 
     @property
     def duration_s(self) -> float:
@@ -121,6 +125,21 @@ async def speech_utterance(text: str, *, max_inner_quiet_ms: int) -> Utterance:
     return Utterance(encoded, len(frames) - 1, f"eSpeak NG: {text!r}")
 
 
+async def paused_utterance(first: str, rest: str, pause_ms: int, *, max_inner_quiet_ms: int) -> Utterance:
+    """`first`, `pause_ms` of silence, then `rest`: one sentence with a mid-sentence pause (eSpeak NG speech)."""
+    head = await speech_utterance(first, max_inner_quiet_ms=max_inner_quiet_ms)
+    tail = await speech_utterance(rest, max_inner_quiet_ms=max_inner_quiet_ms)
+    silence = (_SILENCE_B64,) * (pause_ms // FRAME_MS)
+    frames = head.frames_b64 + silence + tail.frames_b64
+    return Utterance(
+        frames,
+        len(frames) - 1,
+        f"eSpeak NG: {first!r} + {pause_ms} ms pause + {rest!r}",
+        pause_from=len(head.frames_b64),
+        transcript=f"{first} | {rest}",
+    )
+
+
 # --------------------------------------------------------------------------------------------------- results
 
 
@@ -143,6 +162,10 @@ class TurnStats:
     gap_s: float = 0.0
     ended_by: str = ""
     """expected (all expected audio played), silence (none for a while), timeout (no reply), hangup."""
+    paused: bool = False
+    """The caller paused mid-sentence in this turn's utterance."""
+    reply_in_pause: bool = False
+    """Agent audio arrived after the mid-sentence pause began and before the sentence's last voiced frame."""
     _dry_since: float | None = None
 
     @property
@@ -164,6 +187,8 @@ class TurnStats:
             "gapMs": round(self.gap_s * 1000, 1),
             "worstLatenessMs": round(max(self.max_lateness_s, 0.0) * 1000, 1) if self.first_played_at else None,
             "endedBy": self.ended_by,
+            "paused": self.paused,
+            "replyInPause": self.reply_in_pause,
         }
 
 
@@ -216,7 +241,7 @@ class CloudCaller:
         to: str,
         from_: str,
         auth_token: str | None,
-        utterance: Utterance,
+        utterance: Utterance | Sequence[Utterance],
         replies: ReplyBook,
         stop: asyncio.Event,
         rng: random.Random,
@@ -225,16 +250,22 @@ class CloudCaller:
         done_silence_s: float = 2.0,
         opening_timeout_s: float = 20.0,
         max_turns: int | None = None,
+        caller_first: bool = False,
     ) -> None:
         """Prepare a call to `to` on the engine at `base_url`; nothing happens until `run()`.
 
-        The caller hangs up at its first pause after `stop` is set, or after `max_turns` turns if given.
+        Each turn says one of `utterance` (picked at random when several). The caller hangs up at its first pause
+        after `stop` is set, or after `max_turns` turns if given. With `caller_first` the agent has no opening:
+        the caller speaks first.
         """
         self._http = http
         self._base = base_url.rstrip("/")
         self._to, self._from = to, from_
         self._token = auth_token
-        self._utterance = utterance
+        self._utterances = (utterance,) if isinstance(utterance, Utterance) else tuple(utterance)
+        self._utterance = self._utterances[0]
+        self._caller_first = caller_first
+        self._heard_in_pause = False
         self._replies = replies
         self._stop = stop
         self._rng = rng
@@ -316,7 +347,7 @@ class CloudCaller:
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": SAMPLE_RATE, "channels": 1},
             }
             await self._send_json({"event": "start", "start": start})
-            self._turn = TurnStats(0, None, self._replies.expected(0))
+            self._begin(loop.time())
             receiver = asyncio.create_task(self._receive(ws))
             clock = asyncio.create_task(self._clock())
             done, _ = await asyncio.wait({receiver, clock}, return_when=asyncio.FIRST_COMPLETED)
@@ -339,6 +370,14 @@ class CloudCaller:
         finally:
             if not ws.closed:
                 await ws.close()
+
+    def _begin(self, now: float) -> None:
+        """Await the agent's opening, or (caller first) think a moment before speaking."""
+        if self._caller_first:
+            self._turn = None
+            self._think(now)
+        else:
+            self._turn = TurnStats(0, None, self._replies.expected(0))
 
     async def _send_json(self, message: dict[str, Any]) -> None:
         assert self._ws is not None
@@ -389,6 +428,8 @@ class CloudCaller:
         if voiced_end:
             self._asked += 1
             self._turn = TurnStats(self._asked, now, self._replies.expected(self._asked))
+            self._turn.paused = self._utterance.pause_from is not None
+            self._turn.reply_in_pause, self._heard_in_pause = self._heard_in_pause, False
             self._set_state(_AWAIT, now)
         return self._advance_conversation(now)
 
@@ -433,6 +474,7 @@ class CloudCaller:
                 return False
             if now >= self._think_until:
                 self._speak_index = 0
+                self._utterance = self._rng.choice(self._utterances)
                 self._set_state(_SPEAK, now)
         return True
 
@@ -492,6 +534,9 @@ class CloudCaller:
 
     def _on_media(self, now: float, audio: bytes) -> None:
         self._playback.push_audio(audio)
+        pause_from = self._utterance.pause_from
+        if self._state == _SPEAK and pause_from is not None and self._speak_index > pause_from:
+            self._heard_in_pause = True  # the agent started replying to the half sentence
         turn = self._turn
         if turn is None or turn.ended_by or self._state not in (_OPENING, _AWAIT, _HEAR):
             self.result.unexpected_audio_bytes += len(audio)

@@ -1,0 +1,55 @@
+"""bench/bench_cloud.py's own arithmetic: speculation shares read from /metrics, call-minutes, and the pausing
+callers' utterance (eSpeak NG speech with a silent mid-sentence pause)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from bench.bench_cloud import PAUSE_FIRST, PAUSE_REST, Delays, call_minutes, speculation_shares
+from bench.cloud_callers import CallerResult, paused_utterance
+from media.g711 import FRAME_MS, ULAW_SILENCE
+
+
+def test_speculation_shares_read_outcomes_from_names_or_labels() -> None:
+    by_name = {
+        "dialtone_speculations_used_total": 6.0,
+        "dialtone_speculations_discarded_total": 2.0,
+        "dialtone_speculations_used_created": 1.7e9,
+        "dialtone_speculations_started_total": 8.0,
+    }
+    assert speculation_shares(by_name) == {"used": 6.0, "discarded": 2.0, "usedShare": 0.75, "discardedShare": 0.25}
+    by_label = {
+        'dialtone_speculations_total{outcome="used"}': 1.0,
+        'dialtone_speculations_total{outcome="discarded"}': 3.0,
+    }
+    assert speculation_shares(by_label)["discardedShare"] == 0.75
+
+
+def test_speculation_shares_are_unknown_without_the_counters() -> None:
+    assert speculation_shares({}) == {"used": None, "discarded": None, "usedShare": None, "discardedShare": None}
+    assert speculation_shares({"dialtone_speculations_unused_total": 4.0})["used"] is None
+
+
+def test_call_minutes_run_from_connection_to_hang_up_or_the_end() -> None:
+    done = CallerResult("CA1", connected_at=10.0, hung_up_at=40.0)
+    open_call = CallerResult("CA2", connected_at=20.0)
+    refused = CallerResult("CA3")
+    assert call_minutes([done, open_call, refused], end=50.0) == pytest.approx(1.0)
+
+
+def test_the_unavoidable_delays_are_finalize_first_token_and_first_byte() -> None:
+    delays = Delays()
+    assert delays.unavoidable == 80 + 300 + 150
+    assert delays.total == 300 + 200 + 300 + 150
+
+
+async def test_a_pausing_utterance_is_silent_for_its_pause_between_two_spoken_parts() -> None:
+    utterance = await paused_utterance(PAUSE_FIRST, PAUSE_REST, 500, max_inner_quiet_ms=200)
+    assert utterance.pause_from is not None
+    assert utterance.transcript == f"{PAUSE_FIRST} | {PAUSE_REST}"
+    pause = utterance.frames_b64[utterance.pause_from : utterance.pause_from + 500 // FRAME_MS]
+    assert {base64.b64decode(frame) for frame in pause} == {bytes([ULAW_SILENCE]) * (8 * FRAME_MS)}
+    assert base64.b64decode(utterance.frames_b64[utterance.pause_from - 1]) != bytes([ULAW_SILENCE]) * (8 * FRAME_MS)
+    assert utterance.last_voiced == len(utterance.frames_b64) - 1
