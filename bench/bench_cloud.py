@@ -933,7 +933,7 @@ class Observed:
     gc: dict[str, Any] = field(default_factory=dict)
     calls_live_metric: float | None = None
     speculation: dict[str, float] = field(default_factory=dict)
-    """The engine's `dialtone_speculation*` counters at the window's end (empty when it has none)."""
+    """The engine's speculative-reply counters at the window's end (empty when it has none)."""
 
 
 async def _observe(
@@ -1002,7 +1002,7 @@ async def _observe(
     seen.gc = gc_figures(STALLS.events, gc_from, time.time()) if STALLS is not None else {}
     metrics = await engine_metrics(http, engine.base)
     seen.calls_live_metric = metrics.get("dialtone_calls_live")
-    seen.speculation = {k: v for k, v in metrics.items() if k.startswith("dialtone_speculation")}
+    seen.speculation = {k: v for k, v in metrics.items() if k.startswith(SPECULATIONS)}
     return seen
 
 
@@ -1192,34 +1192,17 @@ async def engine_metrics(http: aiohttp.ClientSession, base: str) -> dict[str, fl
     return samples
 
 
-_USED_WORDS: Final = frozenset({"used", "kept", "spoken"})
-_DISCARDED_WORDS: Final = frozenset({"discarded", "discard", "wasted", "dropped"})
-
-
-def _speculation_outcome(sample: str) -> str | None:
-    """`used`, `discarded` or None for one /metrics sample name (words of its name and of its label values)."""
-    name, _, labels = sample.partition("{")
-    if name.endswith("_created"):
-        return None
-    words = set(name.split("_")) | set(re.findall(r'="([^"]*)"', labels))
-    if words & _USED_WORDS:
-        return "used"
-    if words & _DISCARDED_WORDS:
-        return "discarded"
-    return None
+SPECULATIONS: Final = "dialtone_speculative_replies_total"
+"""The engine's counter of speculative replies, by `event`: started, used, discarded."""
 
 
 def speculation_shares(counters: Mapping[str, float]) -> dict[str, float | None]:
     """Speculative replies used and discarded, as counted and as shares of both (None when unknown).
 
-    Reads whichever `dialtone_speculation*` counters the engine exposes: a sample whose name or label values hold
-    the word `used` (or kept, spoken) and one holding `discarded` (or discard, wasted, dropped), summed.
+    Reads the engine's `dialtone_speculative_replies_total{event="used"|"discarded"}` samples.
     """
-    totals: dict[str, float] = {}
-    for sample, value in counters.items():
-        if (outcome := _speculation_outcome(sample)) is not None:
-            totals[outcome] = totals.get(outcome, 0.0) + value
-    used, discarded = totals.get("used"), totals.get("discarded")
+    used = counters.get(f'{SPECULATIONS}{{event="used"}}')
+    discarded = counters.get(f'{SPECULATIONS}{{event="discarded"}}')
     both = (used or 0.0) + (discarded or 0.0)
     return {
         "used": used,

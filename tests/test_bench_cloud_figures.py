@@ -12,24 +12,17 @@ from bench.cloud_callers import CallerResult, paused_utterance
 from media.g711 import FRAME_MS, ULAW_SILENCE
 
 
-def test_speculation_shares_read_outcomes_from_names_or_labels() -> None:
-    by_name = {
-        "dialtone_speculations_used_total": 6.0,
-        "dialtone_speculations_discarded_total": 2.0,
-        "dialtone_speculations_used_created": 1.7e9,
-        "dialtone_speculations_started_total": 8.0,
+def test_speculation_shares_read_the_engines_counter_by_event() -> None:
+    counters = {
+        'dialtone_speculative_replies_total{event="started"}': 8.0,
+        'dialtone_speculative_replies_total{event="used"}': 6.0,
+        'dialtone_speculative_replies_total{event="discarded"}': 2.0,
     }
-    assert speculation_shares(by_name) == {"used": 6.0, "discarded": 2.0, "usedShare": 0.75, "discardedShare": 0.25}
-    by_label = {
-        'dialtone_speculations_total{outcome="used"}': 1.0,
-        'dialtone_speculations_total{outcome="discarded"}': 3.0,
-    }
-    assert speculation_shares(by_label)["discardedShare"] == 0.75
+    assert speculation_shares(counters) == {"used": 6.0, "discarded": 2.0, "usedShare": 0.75, "discardedShare": 0.25}
 
 
 def test_speculation_shares_are_unknown_without_the_counters() -> None:
     assert speculation_shares({}) == {"used": None, "discarded": None, "usedShare": None, "discardedShare": None}
-    assert speculation_shares({"dialtone_speculations_unused_total": 4.0})["used"] is None
 
 
 def test_call_minutes_run_from_connection_to_hang_up_or_the_end() -> None:
