@@ -956,6 +956,7 @@ async def _observe(
     bench = psutil.Process()
     window = Window()
     seen = Observed(window)
+    speculations0 = _speculation_counters(await engine_metrics(http, engine.base))  # warm-up calls' excluded
     window.start, window.wall_start = loop.time(), datetime.now(UTC)
     lag_from = [len(c.result.tick_lag_ms) for c in callers]
     gc_from = time.time()
@@ -1002,7 +1003,7 @@ async def _observe(
     seen.gc = gc_figures(STALLS.events, gc_from, time.time()) if STALLS is not None else {}
     metrics = await engine_metrics(http, engine.base)
     seen.calls_live_metric = metrics.get("dialtone_calls_live")
-    seen.speculation = {k: v for k, v in metrics.items() if k.startswith(SPECULATIONS)}
+    seen.speculation = {k: v - speculations0.get(k, 0.0) for k, v in _speculation_counters(metrics).items()}
     return seen
 
 
@@ -1196,13 +1197,19 @@ SPECULATIONS: Final = "dialtone_speculative_replies_total"
 """The engine's counter of speculative replies, by `event`: started, used, discarded."""
 
 
+def _speculation_counters(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k.startswith(SPECULATIONS)}
+
+
 def speculation_shares(counters: Mapping[str, float]) -> dict[str, float | None]:
     """Speculative replies used and discarded, as counted and as shares of both (None when unknown).
 
-    Reads the engine's `dialtone_speculative_replies_total{event="used"|"discarded"}` samples.
+    Reads the engine's `dialtone_speculative_replies_total{event="used"|"discarded"}` samples; an event never
+    counted has no sample, so it is 0 when the counter exists and unknown when it does not.
     """
-    used = counters.get(f'{SPECULATIONS}{{event="used"}}')
-    discarded = counters.get(f'{SPECULATIONS}{{event="discarded"}}')
+    default = 0.0 if counters else None
+    used = counters.get(f'{SPECULATIONS}{{event="used"}}', default)
+    discarded = counters.get(f'{SPECULATIONS}{{event="discarded"}}', default)
     both = (used or 0.0) + (discarded or 0.0)
     return {
         "used": used,

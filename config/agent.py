@@ -347,7 +347,7 @@ class EndpointingConfig(_CallBehaviour):
     speculate: bool = True
     """Start the reply (model and synthesizer) after a short silence, before the turn is confirmed; its audio is
     held until it is, and it is dropped if the caller speaks on or the final words differ."""
-    speculate_after_ms: Annotated[int, _between(40, 2000)] = 160
+    speculate_after_ms: Annotated[int, _between(40, 2000)] = 120
     """VAD silence after the caller's speech at which the recognizer is asked for its final words and the
     speculative reply starts."""
     incomplete_silence_ms: Annotated[int, _between(300, 5000)] = 1000

@@ -21,6 +21,11 @@ def test_speculation_shares_read_the_engines_counter_by_event() -> None:
     assert speculation_shares(counters) == {"used": 6.0, "discarded": 2.0, "usedShare": 0.75, "discardedShare": 0.25}
 
 
+def test_an_event_never_counted_is_zero_when_the_counter_exists() -> None:
+    counters = {'dialtone_speculative_replies_total{event="used"}': 4.0}
+    assert speculation_shares(counters) == {"used": 4.0, "discarded": 0.0, "usedShare": 1.0, "discardedShare": 0.0}
+
+
 def test_speculation_shares_are_unknown_without_the_counters() -> None:
     assert speculation_shares({}) == {"used": None, "discarded": None, "usedShare": None, "discardedShare": None}
 
