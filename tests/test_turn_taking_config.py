@@ -12,7 +12,7 @@ def test_defaults_speculate_early_and_wait_out_unfinished_sentences() -> None:
     endpointing = config.endpointing
     assert (endpointing.speculate, endpointing.speculate_after_ms, endpointing.incomplete_silence_ms) == (
         True,
-        160,
+        120,
         1000,
     )
     assert endpointing.speculate_after_ms < endpointing.silence_ms < endpointing.incomplete_silence_ms
