@@ -40,6 +40,7 @@ from pipelines.clients import ProviderClients
 from pipelines.conversation.transfer_rules import TransferRules
 from pipelines.errors import PipelineUnavailable, ProviderKeyMissing, Stage
 from pipelines.fallback import FallbackLLM, FallbackSTT, FallbackTTS, OnFailover
+from pipelines.knowledge import KnowledgeSource, PassageAnswerer
 from pipelines.llm.base import LanguageModel
 from pipelines.llm.conversation_path import ConversationPathLLM, PathGraph
 from pipelines.llm.simple import SimpleResponder
@@ -144,6 +145,8 @@ class ProviderContext:
     """Region (e.g. "US") to read phone numbers the model gives without a country code in."""
     offline_work: OfflineWork = INLINE
     """Where offline providers decode and synthesize: the engine's OfflineWorkers; inline for tests and tools."""
+    knowledge: KnowledgeSource | None = None
+    """The agent's knowledge bases, when it has any: the offline model answers from them what its path cannot."""
 
     @property
     def settings(self) -> Settings:
@@ -315,7 +318,10 @@ def _conversation_path(option: ConversationPathLLMConfig, key: str | None, build
     path = _choose_path(option, build.paths)
     if path is None:
         return SimpleResponder()
-    runner = ConversationPathLLM.from_path(path, option)
+    knowledge = build.context.knowledge
+    runner = ConversationPathLLM.from_path(
+        path, option, knowledge=PassageAnswerer(knowledge) if knowledge is not None else None
+    )
     build.keywords.extend(runner.keywords())
     return runner
 

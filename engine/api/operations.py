@@ -78,6 +78,8 @@ class Operation:
     query: type[RequestModel] | None
     errors: tuple[int, ...]
     """Error statuses beyond those every operation of its kind may answer (e.g. 409)."""
+    form: type[RequestModel] | None = None
+    """A multipart/form-data body: these fields and a `file` part, which the handler reads (engine.api.uploads)."""
 
     @property
     def operation_id(self) -> str:
@@ -119,9 +121,10 @@ class Resource:
         body: type[RequestModel] | None = None,
         status: int = 201,
         errors: tuple[int, ...] = (),
+        form: type[RequestModel] | None = None,
     ) -> Declaration:
-        """Declare a creation or an action."""
-        return self._declare("POST", path, summary, response, status if response else 204, body, None, errors)
+        """Declare a creation or an action; `form` instead of `body` for a file upload (multipart/form-data)."""
+        return self._declare("POST", path, summary, response, status if response else 204, body, None, errors, form)
 
     def patch(
         self,
@@ -153,10 +156,11 @@ class Resource:
         body: type[RequestModel] | None,
         query: type[RequestModel] | None,
         errors: tuple[int, ...],
+        form: type[RequestModel] | None = None,
     ) -> Declaration:
         def register(handler: Handler) -> Handler:
             self.operations.append(
-                Operation(method, path, handler, self.tag, summary, response, status, body, query, errors)
+                Operation(method, path, handler, self.tag, summary, response, status, body, query, errors, form)
             )
             return handler
 

@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import phonenumbers
 
 from config.agent import AgentConfiguration, ElevenLabsTTSConfig
 from config.settings import Settings
+from engine.knowledge.lookup import KnowledgeLookup
 from engine.server import metrics
 from pipelines.clients import ProviderClients
 from pipelines.fallback import OnFailover
+from pipelines.knowledge import KnowledgeFunction
 from pipelines.llm.prompt import call_variables, render_prompt
 from pipelines.offline_workers import OfflineWork
 from pipelines.registry import PathSource, ProviderContext, ProviderKeys, VoiceChoice
@@ -45,6 +48,8 @@ class PreparedCall:
     paths: list[PathSource]
     voice: VoiceChoice | None
     variables: Mapping[str, Any]
+    knowledge: KnowledgeLookup | None = None
+    """The agent's knowledge bases, searched during the call (None when it has none)."""
 
 
 def tool_keys(bundle: AgentBundle) -> dict[str, str]:
@@ -106,6 +111,14 @@ async def prepare_call(
     ) or config.first_sentence
     first_sentence = render_prompt(first_template, variables).text if first_template else None
 
+    knowledge = None
+    if bundle.knowledge_bases and isinstance(db, asyncpg.Pool):
+        knowledge = KnowledgeLookup(
+            db,
+            organization_id=call_log.organization_id,
+            knowledge_base_ids=[kb.id for kb in bundle.knowledge_bases],
+            limit=settings.kb_search_results,
+        )
     runner = ToolRunner(
         agent_functions(bundle.tools),
         call={
@@ -116,6 +129,7 @@ async def prepare_call(
         },
         session=clients.http(),
         allow_private=settings.allow_private_tool_urls,
+        local=[KnowledgeFunction(knowledge)] if knowledge is not None else [],
     )
     voice_ids: dict[str, str] = {}
     if any(isinstance(option, ElevenLabsTTSConfig) and option.voice for option in config.tts):
@@ -131,6 +145,7 @@ async def prepare_call(
         on_failover=on_failover or count_failover,
         default_region=_region(bundle.phone_number.phone_number if bundle.phone_number else call_log.phone_number),
         offline_work=offline_work,
+        knowledge=knowledge,
     )
     return PreparedCall(
         context=context,
@@ -138,6 +153,7 @@ async def prepare_call(
         paths=[PathSource(p.id, p.nodes, p.edges) for p in bundle.conversation_paths],
         voice=VoiceChoice(bundle.voice.provider, bundle.voice.provider_voice_id) if bundle.voice else None,
         variables=variables,
+        knowledge=knowledge,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -282,8 +282,13 @@ class ConversationPathLLM:
         *,
         fallback_reply: str | None = None,
         max_misses: int = DEFAULT_MAX_MISSES,
+        knowledge: Callable[[str], Awaitable[str | None]] | None = None,
     ) -> None:
-        """Build the runner from react-flow `nodes` and `edges`; `fallback_reply` is said after `max_misses`."""
+        """Build the runner from react-flow `nodes` and `edges`; `fallback_reply` is said after `max_misses`.
+
+        `knowledge` answers, when it can, a caller's words that match no edge (pipelines.knowledge).
+        """
+        self._knowledge = knowledge
         raw_nodes = _parse_nodes(nodes)
         if not raw_nodes:
             raise InvalidConversationPath(
@@ -315,10 +320,11 @@ class ConversationPathLLM:
         config: ConversationPathLLMConfig | None = None,
         *,
         max_misses: int = DEFAULT_MAX_MISSES,
+        knowledge: Callable[[str], Awaitable[str | None]] | None = None,
     ) -> ConversationPathLLM:
         """Build the runner from a stored ConversationPath (or anything with `nodes` and `edges`) and its config."""
         fallback_reply = config.fallback_reply if config is not None else None
-        return cls(path.nodes, path.edges, fallback_reply=fallback_reply, max_misses=max_misses)
+        return cls(path.nodes, path.edges, fallback_reply=fallback_reply, max_misses=max_misses, knowledge=knowledge)
 
     @property
     def current_node_id(self) -> str:
@@ -343,12 +349,29 @@ class ConversationPathLLM:
         return self._nodes[self._current].text or None
 
     async def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncIterator[LLMEvent]:
-        """Route the caller's last turn along the path and say where it leads, or re-prompt when nothing matched."""
+        """Route the caller's last turn along the path and say where it leads, or re-prompt when nothing matched.
+
+        Words that match no edge are first offered to the knowledge lookup; its answer is said, the call staying
+        at its node.
+        """
+        answer = await self._answer_from_knowledge(conversation)
+        if answer:
+            self._misses = 0
+            yield TextDelta(answer)
+            return
         for event in self._next_events(conversation):
             yield event
 
     async def close(self) -> None:
         """Nothing to release: the runner holds no connection."""
+
+    async def _answer_from_knowledge(self, conversation: Sequence[ConversationTurn]) -> str | None:
+        heard = _last_caller_text(conversation)
+        if self._knowledge is None or heard is None or self.current_node.ends_call:
+            return None
+        if self._choose_edge(normalize_words(heard)) is not None:
+            return None
+        return await self._knowledge(heard)
 
     def _next_events(self, conversation: Sequence[ConversationTurn]) -> list[LLMEvent]:
         # The state moves before anything is yielded, so a reply cut short by barge-in still advanced the path.

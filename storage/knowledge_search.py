@@ -1,0 +1,61 @@
+"""Full-text search over knowledge-base passages, ranked inside PostgreSQL.
+
+A question is read in each knowledge base's own text-search language: its words become lexemes (stop words
+dropped, stems taken), any of which may match (an OR query, since a caller's question rarely repeats a passage's
+every word), and passages are ranked by cover density (ts_rank_cd: more of the question's words, closer together,
+rank higher). The GIN index on "searchVector" finds the candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from storage.records import Queryable, Record
+
+
+class Passage(Record):
+    """A ranked passage: where it comes from (knowledge base, document, chunk) and its text."""
+
+    chunk_id: str
+    document_id: str
+    document_name: str
+    knowledge_base_id: str
+    position: int
+    content: str
+    rank: float
+
+
+_SEARCH = """
+WITH queries AS (
+    SELECT kb."language", (
+        SELECT string_agg('''' || replace(replace(lexeme, '''', ''), '\\', '') || '''', ' | ')
+        FROM unnest(tsvector_to_array(to_tsvector(kb."language"::regconfig, $2))) AS lexeme
+    )::tsquery AS query
+    FROM (SELECT DISTINCT "language" FROM "KnowledgeBase"
+          WHERE "organizationId" = $1 AND "id" = ANY($3::text[])) kb
+)
+SELECT c."id" AS "chunkId", c."documentId", d."name" AS "documentName", c."knowledgeBaseId", c."position",
+       c."content", ts_rank_cd(c."searchVector", q.query)::float8 AS "rank"
+FROM queries q
+JOIN "KnowledgeBaseChunk" c ON c."language" = q."language" AND c."searchVector" @@ q.query
+JOIN "KnowledgeBaseDocument" d ON d."id" = c."documentId" AND d."organizationId" = c."organizationId"
+WHERE c."organizationId" = $1 AND c."knowledgeBaseId" = ANY($3::text[])
+ORDER BY "rank" DESC, c."documentId", c."position"
+LIMIT $4
+"""
+
+
+async def search_passages(
+    db: Queryable, *, organization_id: str, knowledge_base_ids: Sequence[str], query: str, limit: int
+) -> list[Passage]:
+    """The organization's passages in `knowledge_base_ids` that best match `query`, best first (at most `limit`).
+
+    A document being re-ingested keeps its passages until the new ones replace them; a query of stop words
+    alone, or no knowledge base, finds nothing.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    if not knowledge_base_ids or not query.strip():
+        return []
+    rows = await db.fetch(_SEARCH, organization_id, query, list(knowledge_base_ids), limit)
+    return Passage.from_rows(rows)
