@@ -132,7 +132,7 @@ async def record_ready(
             """
             INSERT INTO "KnowledgeBaseChunk" ("id", "organizationId", "knowledgeBaseId", "documentId", "position",
                                               "content", "language", "searchVector")
-            SELECT c.id, $1, $2, $3, c.position - 1, c.content, $4, to_tsvector($4::regconfig, c.content)
+            SELECT c.id, $1, $2, $3, c.position - 1, c.content, $4::text, to_tsvector($4::text::regconfig, c.content)
             FROM unnest($5::text[], $6::text[]) WITH ORDINALITY AS c(id, content, position)
             """,
             claim.organization_id,
