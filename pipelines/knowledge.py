@@ -73,15 +73,17 @@ def _words(text: str) -> set[str]:
 def answer_from_passage(question: str, passage: str, *, sentences: int = 2) -> str | None:
     """The sentence(s) of `passage` sharing most words with `question`, in the passage's order; None if none does.
 
-    Up to `sentences` sentences, the best first chosen, shortened to about 300 characters: something a voice
-    agent can say.
+    Up to `sentences` sentences (a later one only if it matches at least half as well), shortened to about
+    300 characters: something a voice agent can say.
     """
     asked = _words(question)
     candidates = [part.strip() for part in _SENTENCE_END.split(passage) if part.strip()]
     scored = [(len(asked & _words(sentence)), -index, index) for index, sentence in enumerate(candidates)]
-    best = sorted((entry for entry in scored if entry[0] > 0), reverse=True)[:sentences]
-    if not best:
+    ranked = sorted((entry for entry in scored if entry[0] > 0), reverse=True)
+    if not ranked:
         return None
+    # A second sentence only when it holds at least half as much of the question as the best one.
+    best = [entry for entry in ranked[:sentences] if entry[0] * 2 >= ranked[0][0]]
     chosen = sorted(index for _, _, index in best)
     answer = " ".join(candidates[index] for index in chosen)
     if len(answer) > _MAX_ANSWER_CHARS:

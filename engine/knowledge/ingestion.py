@@ -34,7 +34,6 @@ from storage.knowledge_ingestion import ClaimedDocument
 
 log = logging.getLogger(__name__)
 
-_RETRY_BASE = timedelta(seconds=5)
 _RETRY_MAX = timedelta(minutes=10)
 _MIN_WAIT = 0.05
 
@@ -49,6 +48,8 @@ class IngestionSettings:
     lease: timedelta = timedelta(minutes=5)
     poll_interval: timedelta = timedelta(seconds=2)
     max_attempts: int = 3
+    retry_initial: timedelta = timedelta(seconds=5)
+    """The wait before the second attempt; each later one waits twice as long (at most ten minutes)."""
     crawl: CrawlLimits = field(default_factory=CrawlLimits)
 
     def __post_init__(self) -> None:
@@ -204,7 +205,7 @@ class IngestionWorker:
     async def _failed(self, claim: ClaimedDocument, reason: str, *, permanent: bool) -> None:
         retry_in = None
         if not permanent and claim.attempt_count < self._settings.max_attempts:
-            retry_in = min(_RETRY_BASE * 2 ** (claim.attempt_count - 1), _RETRY_MAX)
+            retry_in = min(self._settings.retry_initial * 2 ** (claim.attempt_count - 1), _RETRY_MAX)
         log.info(
             "knowledge document %s: %s (%s)", claim.document_id, reason, "will retry" if retry_in else "marked ERROR"
         )
