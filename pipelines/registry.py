@@ -147,6 +147,8 @@ class ProviderContext:
     """Where offline providers decode and synthesize: the engine's OfflineWorkers; inline for tests and tools."""
     knowledge: KnowledgeSource | None = None
     """The agent's knowledge bases, when it has any: the offline model answers from them what its path cannot."""
+    knowledge_vocabulary: Sequence[str] = ()
+    """Words the knowledge bases use most, for the offline recogniser to expect."""
 
     @property
     def settings(self) -> Settings:
@@ -323,6 +325,7 @@ def _conversation_path(option: ConversationPathLLMConfig, key: str | None, build
         path, option, knowledge=PassageAnswerer(knowledge) if knowledge is not None else None
     )
     build.keywords.extend(runner.keywords())
+    build.keywords.extend(build.context.knowledge_vocabulary)
     return runner
 
 

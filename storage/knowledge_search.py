@@ -59,3 +59,36 @@ async def search_passages(
         return []
     rows = await db.fetch(_SEARCH, organization_id, query, list(knowledge_base_ids), limit)
     return Passage.from_rows(rows)
+
+
+async def frequent_words(
+    db: Queryable, *, organization_id: str, knowledge_base_ids: Sequence[str], limit: int, min_length: int = 4
+) -> list[str]:
+    """The words the knowledge bases use most (at least `min_length` letters), most frequent first.
+
+    Vocabulary for an offline speech recogniser, so a caller asking about the documents' subjects is understood.
+    Reads at most the first 500 passages of each knowledge base.
+    """
+    if not knowledge_base_ids:
+        return []
+    rows = await db.fetch(
+        """
+        WITH sample AS (
+            SELECT c."content" FROM unnest($2::text[]) AS kb(id)
+            CROSS JOIN LATERAL (
+                SELECT "content" FROM "KnowledgeBaseChunk"
+                WHERE "organizationId" = $1 AND "knowledgeBaseId" = kb.id
+                ORDER BY "documentId", "position" LIMIT 500
+            ) c
+        )
+        SELECT word FROM sample, regexp_split_to_table(lower(sample."content"), '[^[:alpha:]]+') AS word
+        WHERE length(word) >= $4
+        GROUP BY word ORDER BY count(*) DESC, word
+        LIMIT $3
+        """,
+        organization_id,
+        list(knowledge_base_ids),
+        limit,
+        min_length,
+    )
+    return [row["word"] for row in rows]

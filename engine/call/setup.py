@@ -146,6 +146,7 @@ async def prepare_call(
         default_region=_region(bundle.phone_number.phone_number if bundle.phone_number else call_log.phone_number),
         offline_work=offline_work,
         knowledge=knowledge,
+        knowledge_vocabulary=tuple(await knowledge.vocabulary()) if knowledge and _offline_stt(config) else (),
     )
     return PreparedCall(
         context=context,
@@ -155,6 +156,10 @@ async def prepare_call(
         variables=variables,
         knowledge=knowledge,
     )
+
+
+def _offline_stt(config: AgentConfiguration) -> bool:
+    return any(option.provider == "sphinx" for option in config.stt)
 
 
 def _region(number: str | None) -> str | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from engine.server import metrics
 from storage import Pool
 from storage.errors import TRANSIENT_ERRORS
-from storage.knowledge_search import Passage, search_passages
+from storage.knowledge_search import Passage, frequent_words, search_passages
 from storage.tenancy import tenant_transaction
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,20 @@ class KnowledgeLookup:
         metrics.KNOWLEDGE_SEARCH_SECONDS.observe(elapsed)
         self.retrievals.append(Retrieval(query, tuple(found), elapsed * 1000))
         return found
+
+    async def vocabulary(self, limit: int = 200) -> list[str]:
+        """The words the knowledge bases use most: for an offline recogniser to expect (none if unreachable)."""
+        try:
+            async with tenant_transaction(self._pool, self._organization_id) as conn:
+                return await frequent_words(
+                    conn,
+                    organization_id=self._organization_id,
+                    knowledge_base_ids=self._knowledge_base_ids,
+                    limit=limit,
+                )
+        except TRANSIENT_ERRORS as exc:
+            log.warning("knowledge vocabulary unavailable (%s)", type(exc).__name__)
+            return []
 
     async def search(self, query: str) -> list[str]:
         """The texts of the passages that best match `query`, best first."""
