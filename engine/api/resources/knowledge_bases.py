@@ -219,6 +219,10 @@ async def upload_file(call: ApiCall) -> KnowledgeBaseDocument:
     supported, 409 `document_limit` when the knowledge base already holds 100 documents.
     """
     settings = call.app[SETTINGS]
+    async with call.tenant() as db:  # 404 before reading a body meant for a knowledge base that is not there
+        await knowledge_bases.get_knowledge_base(
+            db, organization_id=call.caller.organization_id, knowledge_base_id=call.path["knowledgeBaseId"]
+        )
     form, upload = await read_upload(
         call.request, FileForm, max_bytes=settings.kb_max_file_bytes, limit_name="DIALTONE_KB_MAX_FILE_BYTES"
     )
@@ -284,7 +288,8 @@ async def reingest_document(call: ApiCall) -> KnowledgeBaseDocument:
 class SearchQuery(RequestModel):
     """A question to find passages for, and how many to return."""
 
-    q: LongText = Field(min_length=1, description="The question or words to look for.")
+    # Checked by the handler, after the knowledge base is known to be the caller's (404 comes first).
+    q: LongText | None = Field(None, min_length=1, description="The question or words to look for (required).")
     limit: int = Field(5, ge=1, le=50, description="How many passages to return (1-50).")
 
 
@@ -307,6 +312,8 @@ async def search_knowledge_base(call: ApiCall) -> SearchResults:
         knowledge_base = await knowledge_bases.get_knowledge_base(
             db, organization_id=call.caller.organization_id, knowledge_base_id=call.path["knowledgeBaseId"]
         )
+        if query.q is None:
+            raise ApiError(422, "validation_error", "query q: is required", "q")
         passages = await search_passages(
             db,
             organization_id=call.caller.organization_id,
