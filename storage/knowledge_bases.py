@@ -34,6 +34,13 @@ _DOCUMENT_COLUMNS = (
 DOCUMENT_LIMIT = 100
 """Documents a knowledge base may hold (the platform's DOCUMENT_LIMIT)."""
 
+LOCK_KNOWLEDGE_BASE = """
+SELECT 1 FROM "KnowledgeBase" WHERE "id" = $1 AND "organizationId" = $2 FOR NO KEY UPDATE
+"""
+"""LOCK_ORDER: every transaction that changes a knowledge base's documents, their queue rows or passages locks
+the knowledge base first (the trigger of migration 0018 updates it after each document change), so the API and
+ingestion workers never wait on each other in opposite orders."""
+
 
 class KnowledgeBase(Record):
     """A named set of documents, with a count of each kind of document in it."""
@@ -143,12 +150,12 @@ async def add_document(
     DocumentLimitReached if it already holds DOCUMENT_LIMIT documents.
     """
     async with transaction(db) as conn:
-        # The lock makes concurrent additions to one knowledge base count one after the other.
+        # The lock makes concurrent additions to one knowledge base count one after the other (and see LOCK_ORDER).
         held = await conn.fetchval(
             """
             SELECT "fileCount" + "websiteCount" + "textCount" FROM "KnowledgeBase"
             WHERE "id" = $1 AND "organizationId" = $2
-            FOR UPDATE
+            FOR NO KEY UPDATE
             """,
             knowledge_base_id,
             organization_id,
@@ -217,6 +224,7 @@ async def reingest_document(
     Its current passages stay searchable until the new ones replace them. NotFound if not the organization's.
     """
     async with transaction(db) as conn:
+        await conn.execute(LOCK_KNOWLEDGE_BASE, knowledge_base_id, organization_id)
         row = await conn.fetchrow(
             f"""
             UPDATE "KnowledgeBaseDocument" SET "status" = 'PROCESSING', "error" = NULL
@@ -329,15 +337,17 @@ async def delete_document(db: Queryable, *, organization_id: str, knowledge_base
     NotFound if the knowledge base has no such document or is not the organization's.
     """
     with translate_errors():
-        deleted = await db.fetchval(
-            """
-            DELETE FROM "KnowledgeBaseDocument"
-            WHERE "id" = $1 AND "knowledgeBaseId" = $2 AND "organizationId" = $3
-            RETURNING "id"
-            """,
-            document_id,
-            knowledge_base_id,
-            organization_id,
-        )
+        async with transaction(db) as conn:
+            await conn.execute(LOCK_KNOWLEDGE_BASE, knowledge_base_id, organization_id)
+            deleted = await conn.fetchval(
+                """
+                DELETE FROM "KnowledgeBaseDocument"
+                WHERE "id" = $1 AND "knowledgeBaseId" = $2 AND "organizationId" = $3
+                RETURNING "id"
+                """,
+                document_id,
+                knowledge_base_id,
+                organization_id,
+            )
     if deleted is None:
         raise NotFound("KnowledgeBaseDocument", document_id)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from storage.enums import DocumentType
+from storage.knowledge_bases import LOCK_KNOWLEDGE_BASE
 from storage.records import Queryable, new_ids, transaction
 
 MAX_ERROR_CHARS = 1000
@@ -116,6 +117,7 @@ async def record_ready(
     lease was lost to another worker (or the document was deleted meanwhile).
     """
     async with transaction(db) as conn:
+        await conn.execute(LOCK_KNOWLEDGE_BASE, claim.knowledge_base_id, claim.organization_id)
         held = await conn.fetchval(
             'DELETE FROM "KnowledgeBaseIngestion" WHERE "documentId" = $1 AND "leaseToken" = $2 RETURNING 1',
             claim.document_id,
@@ -164,6 +166,7 @@ async def record_error(db: Queryable, claim: ClaimedDocument, *, error: str, ret
     """
     reason = error[:MAX_ERROR_CHARS]
     async with transaction(db) as conn:
+        await conn.execute(LOCK_KNOWLEDGE_BASE, claim.knowledge_base_id, claim.organization_id)
         if retry_in is not None:
             held = await conn.fetchval(
                 """

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import ValidationError
 
 from engine.api.errors import ApiError, validation_error
@@ -58,7 +59,7 @@ async def read_upload(request: web.Request, form: type[M], *, max_bytes: int, li
             elif part.name:
                 raw = await _read(part, _MAX_FIELD_BYTES, f"form field {part.name!r} is too large")
                 fields[part.name] = raw.decode("utf-8", errors="replace")
-    except (ValueError, AssertionError) as exc:  # aiohttp's reader on a malformed body
+    except (ValueError, AssertionError, HttpProcessingError) as exc:  # aiohttp's reader on a malformed body
         raise ApiError(400, "bad_request", f"the multipart body cannot be read ({exc})") from None
     if upload is None:
         raise ApiError(422, "validation_error", f"the form has no `{FILE_PART}` part", FILE_PART)
