@@ -23,7 +23,7 @@ Speaker = Literal["caller", "agent"]
 
 _COLUMNS = (
     '"id", "organizationId", "callLogId", "index", "speaker", "text", "startMs", "endMs", "interrupted", '
-    '"latencyMs", "latency", "createdAt"'
+    '"latencyMs", "latency", "knowledge", "createdAt"'
 )
 _SPEAKER_LABELS: Mapping[str, str] = {"caller": "Caller", "agent": "Agent"}
 
@@ -41,6 +41,8 @@ class TurnRecord:
     latency_ms: int | None = None
     latency: Mapping[str, int] | None = None
     """An agent turn's stages, ms after the caller stopped speaking (sttEndOfTurn, llmFirstToken, ...)."""
+    knowledge: Mapping[str, Any] | None = None
+    """An agent turn's knowledge searches and the passages they found (engine.knowledge.lookup)."""
 
 
 class CallTurn(Record):
@@ -57,6 +59,7 @@ class CallTurn(Record):
     interrupted: bool
     latency_ms: int | None
     latency: dict[str, int] | None
+    knowledge: dict[str, Any] | None = None
     created_at: datetime
 
 
@@ -89,11 +92,12 @@ _WRITE_TURNS = f"""
     ), inserted AS (
         INSERT INTO "CallTurn"
             ("id", "organizationId", "callLogId", "index", "speaker", "text", "startMs", "endMs",
-             "interrupted", "latencyMs", "latency")
-        SELECT t.id, $1, $2, t.index, t.speaker, t.text, t.start_ms, t.end_ms, t.interrupted, t.latency_ms, t.latency
+             "interrupted", "latencyMs", "latency", "knowledge")
+        SELECT t.id, $1, $2, t.index, t.speaker, t.text, t.start_ms, t.end_ms, t.interrupted, t.latency_ms, t.latency,
+               t.knowledge
         FROM unnest($3::text[], $4::int[], $5::text[], $6::text[], $7::int[], $8::int[], $9::bool[], $10::int[],
-                    $11::jsonb[])
-            AS t(id, index, speaker, text, start_ms, end_ms, interrupted, latency_ms, latency)
+                    $11::jsonb[], $16::jsonb[])
+            AS t(id, index, speaker, text, start_ms, end_ms, interrupted, latency_ms, latency, knowledge)
         WHERE EXISTS (SELECT 1 FROM target) AND NOT (SELECT yes FROM watched)
         ORDER BY t.index
         ON CONFLICT ("callLogId", "index") DO NOTHING
@@ -184,6 +188,7 @@ async def _write_turns(
             event,
             agent_id,
             dict(metadata) if metadata else {},
+            [dict(t.knowledge) if t.knowledge is not None else None for t in turns],
         )
     if not rows[0]["found"]:
         raise NotFound("CallLog", call_log_id)

@@ -133,19 +133,27 @@ PRICES = (
 
 
 async def test_the_offline_agent_answers_from_its_knowledge_base(engine: str, pool: asyncpg.Pool) -> None:
-    number, _, _ = await line_with_knowledge(pool, {**OFFLINE, "firstSentence": "Hello."}, PRICES, name="Offline")
+    number, _, document_id = await line_with_knowledge(
+        pool, {**OFFLINE, "firstSentence": "Hello."}, PRICES, name="Offline"
+    )
     result = await call(engine, number, Say("how much does the premium plan cost"), Pause(2500))
     log = await finished_log(pool, result)
-    rows = [(r["speaker"], r["text"]) for r in await turns(pool, log["id"])]
-    assert ("agent", "The premium plan costs forty nine dollars a month.") in rows, rows
+    rows = await turns(pool, log["id"])
+    said = [(r["speaker"], r["text"]) for r in rows]
+    assert ("agent", "The premium plan costs forty nine dollars a month.") in said, said
     assert "The premium plan costs forty nine dollars a month." in log["transcript"]
+    # The answering turn says where it came from; the greeting, made before any search, says nothing.
+    answer = next(r for r in rows if r["text"].startswith("The premium plan"))
+    (retrieval,) = answer["knowledge"]["retrievals"]
+    assert retrieval["passages"][0]["documentId"] == document_id
+    assert rows[0]["knowledge"] is None
 
 
 async def test_the_cloud_agent_calls_search_knowledge_base(
     engine: str, pool: asyncpg.Pool, fakes: tuple[FakeDeepgram, ReadingOpenAI, FakeElevenLabs]
 ) -> None:
     deepgram, openai, _ = fakes
-    number, _, _ = await line_with_knowledge(pool, {**CLOUD, "firstSentence": "Hi."}, PRICES, name="Cloud")
+    number, _, document_id = await line_with_knowledge(pool, {**CLOUD, "firstSentence": "Hi."}, PRICES, name="Cloud")
     # Another organization states another price for the same plan: it must never be what this call finds.
     await line_with_knowledge(pool, CLOUD, "The premium plan costs nine hundred dollars.", name="Other")
     deepgram.transcripts.extend(["How much is the premium plan?"])
@@ -153,8 +161,12 @@ async def test_the_cloud_agent_calls_search_knowledge_base(
     result = await call(engine, number, Say("how much is the premium plan"), Pause(600))
     log = await finished_log(pool, result)
     answer = "From our documents: The premium plan costs forty nine dollars a month."
-    assert [r["text"] for r in await turns(pool, log["id"])][-1] == answer
+    last = (await turns(pool, log["id"]))[-1]
+    assert last["text"] == answer
     assert answer in log["transcript"]
+    (retrieval,) = last["knowledge"]["retrievals"]
+    assert retrieval["query"] == "premium plan price"
+    assert {p["documentId"] for p in retrieval["passages"]} == {document_id}
     request = openai.requests[-1]
     assert "search_knowledge_base" in {tool["function"]["name"] for tool in request["tools"]}
     results = [m["content"] for m in request["messages"] if m["role"] == "tool"]

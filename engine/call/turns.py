@@ -9,9 +9,9 @@ the call's timeline so a turn is never lost over a frame of disagreement.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from engine.call.call_log_writer import TurnRecord
 from engine.server import metrics
@@ -35,6 +35,7 @@ class Turn:
     interrupted: bool = False
     latency_ms: int | None = None
     latency: dict[str, int] | None = None
+    knowledge: Mapping[str, Any] | None = None
     dropped: bool = False
 
     @property
@@ -59,9 +60,14 @@ def stage_latencies(reply_to: float, stage_at: Mapping[str, float | None]) -> di
 class TurnLog:
     """The call's turns, in conversation order, to the CallLog writer; and the conversation as it was heard."""
 
-    def __init__(self, writer: TurnSink) -> None:
-        """Write through `writer` (which does the database work off the audio path)."""
+    def __init__(self, writer: TurnSink, *, knowledge: Callable[[], Mapping[str, Any] | None] | None = None) -> None:
+        """Write through `writer` (which does the database work off the audio path).
+
+        `knowledge` gives the knowledge searches made since it was last asked: an agent turn takes them when it
+        is placed (its reply was being prepared meanwhile), to be stored with it.
+        """
         self._writer = writer
+        self._knowledge = knowledge
         self._waiting: deque[Turn] = deque()
         self._next_index = 0
         self._latencies: list[int] = []
@@ -71,6 +77,8 @@ class TurnLog:
     def place(self, speaker: Speaker, start_ms: int = 0, end_ms: int = 0, *, text: str | None = None) -> Turn:
         """Give a turn its place in the conversation now; it is written when settled (its text known)."""
         turn = Turn(speaker, start_ms, end_ms, text)
+        if speaker == "agent" and self._knowledge is not None:
+            turn.knowledge = self._knowledge()
         self._waiting.append(turn)
         self.flush()
         return turn
@@ -111,6 +119,7 @@ class TurnLog:
                     interrupted=turn.interrupted,
                     latency_ms=turn.latency_ms,
                     latency=turn.latency,
+                    knowledge=turn.knowledge,
                 )
             )
             self._next_index += 1

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from engine.server import metrics
 from storage import Pool
@@ -41,6 +42,7 @@ class KnowledgeLookup:
         self._limit = limit
         self.retrievals: list[Retrieval] = []
         """Every search made through this lookup, in order."""
+        self._taken = 0
 
     async def passages(self, query: str) -> list[Passage]:
         """The passages that best match `query`, best first, with where each comes from.
@@ -78,6 +80,33 @@ class KnowledgeLookup:
         except TRANSIENT_ERRORS as exc:
             log.warning("knowledge vocabulary unavailable (%s)", type(exc).__name__)
             return []
+
+    def take_sources(self) -> dict[str, Any] | None:
+        """The searches made since the last call, as stored with an agent turn; None when there were none.
+
+        `{"retrievals": [{"query", "passages": [{"knowledgeBaseId", "documentId", "chunkId", "rank"}]}]}`
+        """
+        new = self.retrievals[self._taken :]
+        self._taken = len(self.retrievals)
+        if not new:
+            return None
+        return {
+            "retrievals": [
+                {
+                    "query": retrieval.query,
+                    "passages": [
+                        {
+                            "knowledgeBaseId": passage.knowledge_base_id,
+                            "documentId": passage.document_id,
+                            "chunkId": passage.chunk_id,
+                            "rank": round(passage.rank, 4),
+                        }
+                        for passage in retrieval.passages
+                    ],
+                }
+                for retrieval in new
+            ]
+        }
 
     async def search(self, query: str) -> list[str]:
         """The texts of the passages that best match `query`, best first."""

@@ -11,6 +11,10 @@ ALTER TABLE "KnowledgeBase" ADD COLUMN "language" TEXT NOT NULL DEFAULT 'english
 ALTER TABLE "KnowledgeBase" ADD CONSTRAINT "KnowledgeBase_language_check"
     CHECK ("language" ~ '^[a-z_]{1,63}$');
 
+-- Where an agent turn's answer came from: the knowledge searches made for it, with each passage's knowledge
+-- base, document and chunk ids ({"retrievals": [{"query", "passages": [...]}]}); NULL when none was made.
+ALTER TABLE "CallTurn" ADD COLUMN "knowledge" JSONB;
+
 -- Why a document ended in ERROR; NULL otherwise.
 ALTER TABLE "KnowledgeBaseDocument" ADD COLUMN "error" TEXT;
 
