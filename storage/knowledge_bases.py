@@ -34,6 +34,9 @@ _DOCUMENT_COLUMNS = (
 DOCUMENT_LIMIT = 100
 """Documents a knowledge base may hold (the platform's DOCUMENT_LIMIT)."""
 
+REFRESH_TERMS = 'SELECT "dialtone_knowledge_terms_refresh"($1, $2)'
+"""Recount the knowledge base's lexemes after its passages changed (migration 0018), under its lock."""
+
 LOCK_KNOWLEDGE_BASE = """
 SELECT 1 FROM "KnowledgeBase" WHERE "id" = $1 AND "organizationId" = $2 FOR NO KEY UPDATE
 """
@@ -349,5 +352,7 @@ async def delete_document(db: Queryable, *, organization_id: str, knowledge_base
                 knowledge_base_id,
                 organization_id,
             )
+            if deleted is not None:
+                await conn.execute(REFRESH_TERMS, knowledge_base_id, organization_id)
     if deleted is None:
         raise NotFound("KnowledgeBaseDocument", document_id)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from storage.enums import DocumentType
-from storage.knowledge_bases import LOCK_KNOWLEDGE_BASE
+from storage.knowledge_bases import LOCK_KNOWLEDGE_BASE, REFRESH_TERMS
 from storage.records import Queryable, new_ids, transaction
 
 MAX_ERROR_CHARS = 1000
@@ -156,6 +156,7 @@ async def record_ready(
             file_size,
             mime_type,
         )
+        await conn.execute(REFRESH_TERMS, claim.knowledge_base_id, claim.organization_id)
     return True
 
 
@@ -203,4 +204,5 @@ async def record_error(db: Queryable, claim: ClaimedDocument, *, error: str, ret
             claim.organization_id,
             reason,
         )
+        await conn.execute(REFRESH_TERMS, claim.knowledge_base_id, claim.organization_id)
     return True

@@ -2,8 +2,10 @@
 
 A question is read in each knowledge base's own text-search language: its words become lexemes (stop words
 dropped, stems taken), any of which may match (an OR query, since a caller's question rarely repeats a passage's
-every word), and passages are ranked by cover density (ts_rank_cd: more of the question's words, closer together,
-rank higher). The GIN index on "searchVector" finds the candidates.
+every word). Each lexeme is weighed by its rarity among the knowledge bases' passages ("KnowledgeBaseTerm", an
+inverse document frequency), lexemes most passages hold are left out (unless nothing rarer was asked), and a
+passage ranks by the summed weight of the lexemes it holds, then by cover density (ts_rank_cd: closer together
+ranks higher). The GIN index on "searchVector" finds the candidates.
 """
 
 from __future__ import annotations
@@ -26,21 +28,41 @@ class Passage(Record):
 
 
 _SEARCH = """
-WITH queries AS (
-    SELECT kb."language", (
-        SELECT string_agg('''' || replace(replace(lexeme, '''', ''), '\\', '') || '''', ' | ')
-        FROM unnest(tsvector_to_array(to_tsvector(kb."language"::regconfig, $2))) AS lexeme
-    )::tsquery AS query
-    FROM (SELECT DISTINCT "language" FROM "KnowledgeBase"
-          WHERE "organizationId" = $1 AND "id" = ANY($3::text[])) kb
+WITH kbs AS (
+    SELECT "id", "language" FROM "KnowledgeBase" WHERE "organizationId" = $1 AND "id" = ANY($3::text[])
+), total AS (
+    SELECT count(*)::float8 AS n FROM "KnowledgeBaseChunk"
+    WHERE "organizationId" = $1 AND "knowledgeBaseId" = ANY($3::text[])
+), asked AS (
+    SELECT DISTINCT kbs."language", lexeme
+    FROM kbs, unnest(tsvector_to_array(to_tsvector(kbs."language"::regconfig, $2))) AS lexeme
+), weighed AS (
+    -- Each word of the question that some passage holds, weighed by its rarity (inverse document frequency).
+    SELECT a."language", a.lexeme, sum(t."chunkCount")::float8 AS df,
+           ln((total.n + 1) / (sum(t."chunkCount") + 0.5)) AS idf,
+           ('''' || replace(replace(a.lexeme, '''', ''), '\\', '') || '''')::tsquery AS query
+    FROM asked a
+    JOIN "KnowledgeBaseTerm" t
+        ON t."lexeme" = a.lexeme AND t."organizationId" = $1 AND t."knowledgeBaseId" = ANY($3::text[])
+    CROSS JOIN total
+    GROUP BY a."language", a.lexeme, total.n
+), chosen AS (
+    -- Words most passages hold say little: left out, unless the knowledge base is small or nothing rarer is asked.
+    SELECT w.* FROM weighed w, total
+    WHERE total.n < 20 OR w.df <= total.n / 2 OR NOT EXISTS (SELECT 1 FROM weighed r WHERE r.df <= total.n / 2)
+), queries AS (
+    SELECT "language", string_agg(query::text, ' | ')::tsquery AS query FROM chosen GROUP BY "language"
 )
 SELECT c."id" AS "chunkId", c."documentId", d."name" AS "documentName", c."knowledgeBaseId", c."position",
-       c."content", ts_rank_cd(c."searchVector", q.query)::float8 AS "rank"
+       c."content", scored.score AS "rank"
 FROM queries q
 JOIN "KnowledgeBaseChunk" c ON c."language" = q."language" AND c."searchVector" @@ q.query
 JOIN "KnowledgeBaseDocument" d ON d."id" = c."documentId" AND d."organizationId" = c."organizationId"
+CROSS JOIN LATERAL (
+    SELECT sum(w.idf) AS score FROM chosen w WHERE w."language" = c."language" AND c."searchVector" @@ w.query
+) scored
 WHERE c."organizationId" = $1 AND c."knowledgeBaseId" = ANY($3::text[])
-ORDER BY "rank" DESC, c."documentId", c."position"
+ORDER BY "rank" DESC, ts_rank_cd(c."searchVector", q.query) DESC, c."documentId", c."position"
 LIMIT $4
 """
 

@@ -152,3 +152,37 @@ CREATE POLICY "KnowledgeBaseChunk_tenant_isolation" ON "KnowledgeBaseChunk"
     USING ("organizationId" = current_setting('app.organization_id', true))
     WITH CHECK ("organizationId" = current_setting('app.organization_id', true));
 GRANT SELECT, INSERT, UPDATE, DELETE ON "KnowledgeBaseChunk" TO dialtone_api;
+
+-- How many of a knowledge base's passages hold each lexeme: search weighs a question's words by their rarity
+-- (inverse document frequency) and leaves out those most passages hold, which plain ts_rank cannot. Refreshed
+-- whenever the knowledge base's passages change (storage/knowledge_ingestion.py, storage/knowledge_bases.py).
+CREATE TABLE "KnowledgeBaseTerm" (
+    "knowledgeBaseId" TEXT NOT NULL,
+    "organizationId" TEXT NOT NULL,
+    "lexeme" TEXT NOT NULL,
+    "chunkCount" INTEGER NOT NULL,
+
+    CONSTRAINT "KnowledgeBaseTerm_pkey" PRIMARY KEY ("knowledgeBaseId", "lexeme"),
+    CONSTRAINT "KnowledgeBaseTerm_chunkCount_check" CHECK ("chunkCount" > 0)
+);
+CREATE INDEX "KnowledgeBaseTerm_organizationId_idx" ON "KnowledgeBaseTerm"("organizationId");
+CREATE INDEX "KnowledgeBaseTerm_knowledgeBaseId_organizationId_idx" ON "KnowledgeBaseTerm"("knowledgeBaseId", "organizationId");
+ALTER TABLE "KnowledgeBaseTerm" ADD CONSTRAINT "KnowledgeBaseTerm_organizationId_fkey" FOREIGN KEY ("organizationId") REFERENCES "Organization"("id") ON DELETE CASCADE ON UPDATE CASCADE;
+ALTER TABLE "KnowledgeBaseTerm" ADD CONSTRAINT "KnowledgeBaseTerm_knowledgeBaseId_organizationId_fkey" FOREIGN KEY ("knowledgeBaseId", "organizationId") REFERENCES "KnowledgeBase"("id", "organizationId") ON DELETE CASCADE ON UPDATE CASCADE;
+
+CREATE FUNCTION "dialtone_knowledge_terms_refresh"(kb_id TEXT, org_id TEXT) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM "KnowledgeBaseTerm" WHERE "knowledgeBaseId" = kb_id AND "organizationId" = org_id;
+    INSERT INTO "KnowledgeBaseTerm" ("knowledgeBaseId", "organizationId", "lexeme", "chunkCount")
+    SELECT kb_id, org_id, s.word, s.ndoc FROM ts_stat(format(
+        'SELECT "searchVector" FROM "KnowledgeBaseChunk" WHERE "knowledgeBaseId" = %L AND "organizationId" = %L',
+        kb_id, org_id)) AS s;
+END
+$$;
+
+ALTER TABLE "KnowledgeBaseTerm" ENABLE ROW LEVEL SECURITY;
+CREATE POLICY "KnowledgeBaseTerm_tenant_isolation" ON "KnowledgeBaseTerm"
+    USING ("organizationId" = current_setting('app.organization_id', true))
+    WITH CHECK ("organizationId" = current_setting('app.organization_id', true));
+GRANT SELECT, INSERT, UPDATE, DELETE ON "KnowledgeBaseTerm" TO dialtone_api;
