@@ -258,3 +258,31 @@ async def test_a_deleted_document_being_ingested_is_left_alone(pool: asyncpg.Poo
     await knowledge_bases.delete_document(pool, organization_id=org, knowledge_base_id=kb, document_id=document_id)
     assert not await knowledge_ingestion.record_ready(pool, claim, chunks=["The Jade tram runs hourly."])
     assert await pool.fetchval('SELECT count(*) FROM "KnowledgeBaseChunk" WHERE "documentId" = $1', document_id) == 0
+
+
+async def test_rare_words_outweigh_words_most_passages_hold(pool: asyncpg.Pool) -> None:
+    org = await insert_organization(pool)
+    kb, _ = await text_document(pool, org, "Our plan for every month: the plan costs little, the plan is monthly.")
+    for n in range(24):
+        await text_document(
+            pool, org, f"The plan number {n} costs {n + 10} dollars a month, billed each month.", kb_id=kb
+        )
+    _, zircon = await text_document(pool, org, "Zircon members pay 99 dollars.", kb_id=kb)
+    worker = IngestionWorker(pool, quick(concurrency=50))
+    await worker.run_once()
+    await worker.stop()
+    found = await search_passages(
+        pool, organization_id=org, knowledge_base_ids=[kb], query="What does the Zircon plan cost each month?", limit=3
+    )
+    assert found[0].document_id == zircon  # "plan", "cost" and "month" are in nearly every passage
+    terms = await pool.fetchval(
+        'SELECT "chunkCount" FROM "KnowledgeBaseTerm" WHERE "knowledgeBaseId" = $1 AND "lexeme" = $2', kb, "zircon"
+    )
+    assert terms == 1
+    await knowledge_bases.delete_document(pool, organization_id=org, knowledge_base_id=kb, document_id=zircon)
+    assert (
+        await pool.fetchval(
+            'SELECT count(*) FROM "KnowledgeBaseTerm" WHERE "knowledgeBaseId" = $1 AND "lexeme" = $2', kb, "zircon"
+        )
+        == 0
+    )
