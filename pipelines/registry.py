@@ -313,6 +313,7 @@ def _openai_chat(option: OpenAILLMConfig, key: str | None, build: _Build) -> Lan
         tools=context.tools,
         default_region=context.default_region,
         transfer=TransferRules.from_config(build.config.transfer),
+        knowledge=context.knowledge,
     )
 
 

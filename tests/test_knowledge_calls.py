@@ -171,3 +171,25 @@ async def test_the_cloud_agent_calls_search_knowledge_base(
     assert "search_knowledge_base" in {tool["function"]["name"] for tool in request["tools"]}
     results = [m["content"] for m in request["messages"] if m["role"] == "tool"]
     assert results and "forty nine dollars" in results[0] and "nine hundred" not in results[0]
+
+
+async def test_passages_can_go_to_the_model_with_each_caller_turn(
+    engine: str, pool: asyncpg.Pool, fakes: tuple[FakeDeepgram, ReadingOpenAI, FakeElevenLabs]
+) -> None:
+    deepgram, openai, _ = fakes
+    llm = {"provider": "openai", "model": "gpt-4o-mini", "knowledge_in_context": True}
+    number, _, document_id = await line_with_knowledge(
+        pool, {**CLOUD, "llm": llm, "firstSentence": "Hi."}, PRICES, name="In context"
+    )
+    deepgram.transcripts.extend(["Is the basic plan free?"])
+    openai.replies.extend(["Yes, the basic plan is free for one user."])
+    result = await call(engine, number, Say("is the basic plan free"), Pause(600))
+    log = await finished_log(pool, result)
+    messages = openai.requests[-1]["messages"]
+    assert messages[-1] == {"role": "user", "content": "Is the basic plan free?"}
+    assert messages[-2]["role"] == "system" and "free for one user" in messages[-2]["content"]
+    last = (await turns(pool, log["id"]))[-1]
+    assert last["text"] == "Yes, the basic plan is free for one user."
+    (retrieval,) = last["knowledge"]["retrievals"]
+    assert retrieval["query"] == "Is the basic plan free?"
+    assert retrieval["passages"][0]["documentId"] == document_id

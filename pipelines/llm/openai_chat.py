@@ -32,6 +32,7 @@ from config.agent import OpenAILLMConfig
 from media.dtmf import DIGITS_HELP, InvalidDigits, check_digits
 from pipelines.clients import CloseClient
 from pipelines.conversation.transfer_rules import NO_TRANSFERS, Refusal, TransferRules, builtin_functions
+from pipelines.knowledge import KnowledgeSource, format_passages
 from pipelines.llm.base import ConversationTurn, EndCall, LLMError, LLMEvent, SendDtmf, TextDelta, TransferCall
 from pipelines.tools import (
     DTMF_SENT,
@@ -188,8 +189,12 @@ class OpenAIChatLLM:
         tools: ToolRunner | None = None,
         default_region: str | None = None,
         transfer: TransferRules = NO_TRANSFERS,
+        knowledge: KnowledgeSource | None = None,
     ) -> None:
         """Talk to `config.model` through `client` with `instructions` as the system prompt.
+
+        With `config.knowledge_in_context`, each caller turn is first looked up in `knowledge` and the passages
+        found go to the model with it (that request only).
 
         `tools` runs the agent's own functions; `default_region` (e.g. "US") reads transfer numbers the model
         gives without a country code; with None, only international numbers (+...) are accepted. `transfer` is
@@ -201,6 +206,7 @@ class OpenAIChatLLM:
         self._tools = tools
         self._default_region = default_region
         self._transfer_rules = transfer
+        self._knowledge = knowledge if config.knowledge_in_context else None
         specs = [*builtin_functions(transfer), *(tools.specs if tools is not None else ())]
         self._tool_params = cast(list[ChatCompletionToolUnionParam], chat_tools(specs))
         # Function-call exchanges of this call, each with the number of conversation turns it came after.
@@ -277,7 +283,7 @@ class OpenAIChatLLM:
     async def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncGenerator[LLMEvent, None]:
         """Stream the reply: text as it comes, call controls as events, agent functions run in between."""
         anchor = len(conversation)
-        messages = self._messages(conversation)
+        messages = await self._with_knowledge(self._messages(conversation), conversation)
         spoken_tail = ""  # the last text said, so rounds of one reply join with a space
         for round_number in range(MAX_TOOL_ROUNDS + 1):
             last_round = round_number == MAX_TOOL_ROUNDS
@@ -333,6 +339,21 @@ class OpenAIChatLLM:
                 messages.append({"role": "assistant", "content": turn.text})
         messages.extend(exchanges_at.get(len(conversation), ()))
         return messages
+
+    async def _with_knowledge(
+        self, messages: list[ChatCompletionMessageParam], conversation: Sequence[ConversationTurn]
+    ) -> list[ChatCompletionMessageParam]:
+        """The messages with the passages that match the caller's last words placed before them, if any match."""
+        if self._knowledge is None or not conversation or conversation[-1].role != "caller":
+            return messages
+        passages = await self._knowledge.search(conversation[-1].text) if conversation[-1].text else []
+        if not passages:
+            return messages
+        note: ChatCompletionMessageParam = {
+            "role": "system",
+            "content": "Passages from your knowledge base that may answer the caller:\n\n" + format_passages(passages),
+        }
+        return [*messages[:-1], note, messages[-1]]
 
     # ------------------------------------------------------------------------------------------- functions
 
