@@ -204,6 +204,8 @@ async def website() -> AsyncIterator[tuple[str, dict[str, bytes]]]:
     async def page(request: web.Request) -> web.StreamResponse:
         if request.path == "/robots.txt":
             return web.Response(text="User-agent: *\nDisallow: /private/\n")
+        if request.path == "/start-here":
+            raise web.HTTPFound("/about")
         if request.path == "/broken":
             assert request.transport is not None
             request.transport.close()  # the connection drops: an unreachable page
@@ -245,6 +247,22 @@ async def test_a_website_is_crawled_within_depth_and_robots_and_recrawled_on_req
     assert (await settled(api, acme, kb["id"], document["id"]))["status"] == "READY"
     assert "Akureyri" in (await search(api, acme, kb["id"], "pumice office akureyri"))[0]["content"]
     assert await search(api, acme, kb["id"], "founded reykjavik 1998") == []
+
+
+async def test_a_redirect_is_followed_within_the_site(
+    api: Api, acme: Tenant, website: tuple[str, dict[str, bytes]]
+) -> None:
+    base, _ = website
+    kb = await new_kb(api, acme, "Moved")
+    status, document = await api.call(
+        "POST",
+        f"/knowledge-bases/{kb['id']}/documents",
+        acme.owner_key,
+        json={"name": "Moved", "type": "WEBSITE", "url": f"{base}/start-here"},
+    )
+    assert status == 201
+    assert (await settled(api, acme, kb["id"], document["id"]))["status"] == "READY"
+    assert "1998" in (await search(api, acme, kb["id"], "pumice travel founded"))[0]["content"]
 
 
 async def test_a_website_refused_by_robots_or_missing_ends_in_error(

@@ -69,13 +69,26 @@ def _site(url: str) -> tuple[str, str]:
     return parts.scheme.lower(), parts.netloc.lower()
 
 
+_MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
 async def _fetch(session: aiohttp.ClientSession, url: str, limits: CrawlLimits) -> _Fetched:
-    await ensure_public_url(url, allow_private=limits.allow_private)
-    async with session.get(url, timeout=aiohttp.ClientTimeout(total=limits.timeout)) as response:
-        body = await response.content.read(limits.max_bytes + 1)
-        if len(body) > limits.max_bytes:
-            raise CrawlFailed(f"{url} is larger than {limits.max_bytes} bytes", permanent=True)
-        return _Fetched(str(response.url), response.status, response.content_type, body)
+    """GET `url`, following redirects one by one so each address passes the guard (aiohttp asks no resolver
+    about an IP literal a redirect may name)."""
+    timeout = aiohttp.ClientTimeout(total=limits.timeout)
+    for _ in range(_MAX_REDIRECTS + 1):
+        await ensure_public_url(url, allow_private=limits.allow_private)
+        async with session.get(url, timeout=timeout, allow_redirects=False) as response:
+            location = response.headers.get("Location")
+            if response.status in _REDIRECTS and location:
+                url = urljoin(url, location)
+                continue
+            body = await response.content.read(limits.max_bytes + 1)
+            if len(body) > limits.max_bytes:
+                raise CrawlFailed(f"{url} is larger than {limits.max_bytes} bytes", permanent=True)
+            return _Fetched(url, response.status, response.content_type, body)
+    raise CrawlFailed(f"{url}: more than {_MAX_REDIRECTS} redirects", permanent=True)
 
 
 async def _robots(session: aiohttp.ClientSession, start: str, limits: CrawlLimits) -> RobotFileParser:
