@@ -286,3 +286,17 @@ async def test_rare_words_outweigh_words_most_passages_hold(pool: asyncpg.Pool) 
         )
         == 0
     )
+
+
+async def test_a_document_that_stops_every_process_reading_it_ends_in_error(pool: asyncpg.Pool) -> None:
+    org = await insert_organization(pool)
+    _, document_id = await text_document(pool, org, "The Garnet lift is out of order.")
+    for _ in range(2):  # two processes claim it and die before finishing
+        claims = await knowledge_ingestion.claim_due(pool, limit=100, lease=timedelta(milliseconds=1))
+        assert document_id in {c.document_id for c in claims}
+        await asyncio.sleep(0.01)
+    worker = IngestionWorker(pool, quick(max_attempts=2, concurrency=100))
+    await worker.run_once()
+    await worker.stop()
+    status, error = await status_of(pool, document_id)
+    assert status == "ERROR" and error is not None and "did not finish in 2 attempts" in error

@@ -160,6 +160,10 @@ class IngestionWorker:
                 await self._wake.wait()
 
     async def _ingest(self, claim: ClaimedDocument) -> None:
+        if claim.attempt_count > self._settings.max_attempts:  # each earlier claim's process stopped mid-way
+            reason = f"ingestion did not finish in {self._settings.max_attempts} attempts (the reading process stopped)"
+            await self._failed(claim, reason, permanent=True)
+            return
         try:
             read = await self._read(claim)
         except (UnreadableDocument, CrawlFailed) as exc:
