@@ -24,6 +24,7 @@ from tests.engine_server import running_engine
 from tests.fakes.deepgram import FakeDeepgram
 from tests.fakes.elevenlabs import FakeElevenLabs
 from tests.fakes.openai_chat import FakeOpenAI, Step, ToolCall
+from tests.fakes.openai_realtime import FakeRealtime
 from tests.test_calls_e2e import call_log as finished_log
 from tests.test_calls_e2e import turns
 
@@ -193,3 +194,31 @@ async def test_passages_can_go_to_the_model_with_each_caller_turn(
     (retrieval,) = last["knowledge"]["retrievals"]
     assert retrieval["query"] == "Is the basic plan free?"
     assert retrieval["passages"][0]["documentId"] == document_id
+
+
+async def test_a_realtime_agent_calls_search_knowledge_base(db_url: str, pool: asyncpg.Pool) -> None:
+    async with FakeRealtime(api_key=OPENAI_KEY) as realtime:
+        realtime.caller_says("How much is the premium plan?")
+        realtime.reply_tool("search_knowledge_base", {"query": "premium plan price"})
+        realtime.reply("It is forty nine dollars a month.")
+        settings: dict[str, Any] = {"openai_api_key": OPENAI_KEY, "openai_base_url": realtime.base_url}
+        async with running_engine(
+            db_url, twilio_auth_token=TOKEN, kb_ingest_poll_interval=0.05, **settings
+        ) as base:  # its ingestion worker indexes the document
+            number, _, document_id = await line_with_knowledge(
+                pool,
+                {"realtime": {"provider": "openai", "transcription_model": "gpt-4o-mini-transcribe"}},
+                PRICES,
+                name="Realtime",
+            )
+            result = await call(base, number, Say("how much is the premium plan"), Pause(600))
+        updates = realtime.of_type("session.update")
+        created = realtime.of_type("conversation.item.create")
+    log = await finished_log(pool, result)
+    assert "search_knowledge_base" in {tool["name"] for tool in updates[0]["session"]["tools"]}
+    outputs = [e["item"]["output"] for e in created if e["item"]["type"] == "function_call_output"]
+    assert outputs and "forty nine dollars" in outputs[0]
+    rows = await turns(pool, log["id"])
+    assert rows[-1]["text"] == "It is forty nine dollars a month."
+    retrievals = [r["knowledge"] for r in rows if r["knowledge"] is not None]
+    assert retrievals and retrievals[0]["retrievals"][0]["passages"][0]["documentId"] == document_id
