@@ -175,6 +175,9 @@ class OpenAILLMConfig(CloudProviderConfig):
     temperature: Annotated[float, _between(0, 2)] = 0.6
     max_tokens: Annotated[int, _between(1, 4096)] | None = None
     top_p: Annotated[float, _between(0, 1)] | None = None
+    knowledge_in_context: bool = False
+    """Search the agent's knowledge bases with each caller turn and give the model the best passages with it
+    (besides the `search_knowledge_base` function it always has when the agent has knowledge bases)."""
 
 
 class ConversationPathLLMConfig(ProviderConfig):

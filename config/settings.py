@@ -150,6 +150,27 @@ class Settings(BaseSettings):
     # How long (s) a live-call control sent to the node holding the call waits for that node's acknowledgement.
     control_timeout: float = _env("DIALTONE_CONTROL_TIMEOUT", "control_timeout", 5.0, gt=0, le=60)
 
+    # Knowledge bases: documents are split into chunks of about this many characters, each overlapping the one
+    # before by this many; an uploaded file may be this large (bytes).
+    kb_chunk_chars: int = _env("DIALTONE_KB_CHUNK_CHARS", "kb_chunk_chars", 1000, ge=100, le=20_000)
+    kb_chunk_overlap: int = _env("DIALTONE_KB_CHUNK_OVERLAP", "kb_chunk_overlap", 150, ge=0, le=5_000)
+    kb_max_file_bytes: int = _env("DIALTONE_KB_MAX_FILE_BYTES", "kb_max_file_bytes", 10 * 1024 * 1024, ge=1024)
+    # Ingestion workers in every engine process: documents at once, each claim's lease (s), how often to look for
+    # queued documents (s), and attempts before a document that keeps failing is marked ERROR.
+    kb_ingest_concurrency: int = _env("DIALTONE_KB_INGEST_CONCURRENCY", "kb_ingest_concurrency", 2, ge=1, le=64)
+    kb_ingest_lease: float = _env("DIALTONE_KB_INGEST_LEASE", "kb_ingest_lease", 300.0, ge=1)
+    kb_ingest_poll_interval: float = _env("DIALTONE_KB_INGEST_POLL_INTERVAL", "kb_ingest_poll_interval", 2.0, gt=0)
+    kb_ingest_max_attempts: int = _env("DIALTONE_KB_INGEST_MAX_ATTEMPTS", "kb_ingest_max_attempts", 3, ge=1)
+    # WEBSITE documents: same-site links followed this deep and to this many pages, each fetched within the
+    # timeout (s) and at most this large (bytes); private addresses are refused unless allowed, as for webhooks.
+    kb_crawl_max_depth: int = _env("DIALTONE_KB_CRAWL_MAX_DEPTH", "kb_crawl_max_depth", 2, ge=0, le=10)
+    kb_crawl_max_pages: int = _env("DIALTONE_KB_CRAWL_MAX_PAGES", "kb_crawl_max_pages", 20, ge=1, le=1000)
+    kb_fetch_timeout: float = _env("DIALTONE_KB_FETCH_TIMEOUT", "kb_fetch_timeout", 10.0, gt=0, le=120)
+    kb_fetch_max_bytes: int = _env("DIALTONE_KB_FETCH_MAX_BYTES", "kb_fetch_max_bytes", 5 * 1024 * 1024, ge=1024)
+    allow_private_kb_urls: bool = _env("DIALTONE_ALLOW_PRIVATE_KB_URLS", "allow_private_kb_urls", False)
+    # Passages a call's knowledge lookup returns to the model.
+    kb_search_results: int = _env("DIALTONE_KB_SEARCH_RESULTS", "kb_search_results", 3, ge=1, le=20)
+
     @field_validator(
         "twilio_account_sid",
         "twilio_auth_token",

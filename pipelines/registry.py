@@ -45,6 +45,7 @@ from pipelines.conversation.opt_out import RECOGNIZER_PHRASES
 from pipelines.conversation.transfer_rules import TransferRules
 from pipelines.errors import PipelineUnavailable, ProviderKeyMissing, Stage
 from pipelines.fallback import FallbackLLM, FallbackSTT, FallbackTTS, OnFailover
+from pipelines.knowledge import KnowledgeSource, PassageAnswerer
 from pipelines.languages import language_problems, localized
 from pipelines.llm.base import LanguageModel
 from pipelines.llm.conversation_path import ConversationPathLLM, InvalidConversationPath, runnable_path
@@ -163,6 +164,10 @@ class ProviderContext:
     """Region (e.g. "US") to read phone numbers the model gives without a country code in."""
     offline_work: OfflineWork = INLINE
     """Where offline providers decode and synthesize: the engine's OfflineWorkers; inline for tests and tools."""
+    knowledge: KnowledgeSource | None = None
+    """The agent's knowledge bases, when it has any: the offline model answers from them what its path cannot."""
+    knowledge_vocabulary: Sequence[str] = ()
+    """Words the knowledge bases use most, for the offline recogniser to expect."""
 
     @property
     def settings(self) -> Settings:
@@ -186,7 +191,9 @@ class _Build:
     def engine(self, path: PathSource) -> PathEngine:
         """The call's engine on `path` (made at first use, from the path's checked graph)."""
         if path.id not in self.engines:
-            self.engines[path.id] = PathEngine(runnable_path(path.nodes, path.edges), tools=self.context.tools)
+            self.engines[path.id] = PathEngine(
+                runnable_path(path.nodes, path.edges), tools=self.context.tools, knowledge=self.context.knowledge
+            )
         return self.engines[path.id]
 
 
@@ -345,6 +352,7 @@ def _openai_chat(option: OpenAILLMConfig, key: str | None, build: _Build) -> Lan
         default_region=context.default_region,
         transfer=TransferRules.from_config(build.config.transfer),
         path=_chat_path(build),
+        knowledge=context.knowledge,
     )
 
 
@@ -369,8 +377,12 @@ def _conversation_path(option: ConversationPathLLMConfig, key: str | None, build
     path = _choose_path(option, build.paths)
     if path is None:
         return SimpleResponder()
-    runner = ConversationPathLLM.on_engine(build.engine(path), option)
+    knowledge = build.context.knowledge
+    runner = ConversationPathLLM.on_engine(
+        build.engine(path), option, answer=PassageAnswerer(knowledge) if knowledge is not None else None
+    )
     build.keywords.extend([*runner.keywords(), *RECOGNIZER_PHRASES])  # a callee asking to opt out is heard
+    build.keywords.extend(build.context.knowledge_vocabulary)
     return runner
 
 

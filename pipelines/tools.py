@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -174,6 +174,19 @@ def realtime_tools(specs: Sequence[FunctionSpec]) -> list[dict[str, Any]]:
     ]
 
 
+class LocalFunction(Protocol):
+    """A function the engine answers itself (e.g. `search_knowledge_base`) rather than a Tool's webhook."""
+
+    @property
+    def spec(self) -> FunctionSpec:
+        """The function as the model sees it."""
+        ...
+
+    async def run(self, arguments: Mapping[str, Any]) -> str:
+        """The function's result as text for the model; failures as text too, never exceptions."""
+        ...
+
+
 class ToolRunner:
     """Runs one call's agent functions: POSTs the arguments to the Tool's webhook and returns its reply as text.
 
@@ -188,9 +201,14 @@ class ToolRunner:
         call: Mapping[str, Any],
         session: aiohttp.ClientSession,
         allow_private: bool = False,
+        local: Sequence[LocalFunction] = (),
     ) -> None:
-        """Serve `functions` over `session` (the engine's, shared by calls); `call` (the call's ids) goes with each."""
-        self._functions = {f.spec.name: f for f in functions}
+        """Serve `functions` over `session` (the engine's, shared by calls); `call` (the call's ids) goes with each.
+
+        `local` functions are answered in the engine (knowledge-base search) and come first.
+        """
+        self._local = {f.spec.name: f for f in local}
+        self._functions = {f.spec.name: f for f in functions if f.spec.name not in self._local}
         self._call = dict(call)
         self._allow_private = allow_private
         self._session = session
@@ -198,10 +216,13 @@ class ToolRunner:
     @property
     def specs(self) -> list[FunctionSpec]:
         """The agent's function specs (without the built-ins)."""
-        return [f.spec for f in self._functions.values()]
+        return [*(f.spec for f in self._local.values()), *(f.spec for f in self._functions.values())]
 
     async def run(self, name: str, arguments: Mapping[str, Any]) -> str:
         """Call function `name` with `arguments`; return the webhook's reply (or an error) as text."""
+        local = self._local.get(name)
+        if local is not None:
+            return await local.run(arguments)
         function = self._functions.get(name)
         if function is None:
             return f"error: there is no function named {name!r}"

@@ -23,7 +23,7 @@ Speaker = Literal["caller", "agent"]
 
 _COLUMNS = (
     '"id", "organizationId", "callLogId", "index", "speaker", "text", "startMs", "endMs", "interrupted", '
-    '"latencyMs", "latency", "pathNodeId", "pathEdgeId", "createdAt"'
+    '"latencyMs", "latency", "pathNodeId", "pathEdgeId", "knowledge", "createdAt"'
 )
 _SPEAKER_LABELS: Mapping[str, str] = {"caller": "Caller", "agent": "Agent"}
 
@@ -45,6 +45,8 @@ class TurnRecord:
     """The conversation path's node the turn was spoken at (None without a path)."""
     path_edge_id: str | None = None
     """The edge the path took to reach that node during this turn (None if it stayed)."""
+    knowledge: Mapping[str, Any] | None = None
+    """An agent turn's knowledge searches and the passages they found (engine.knowledge.lookup)."""
 
 
 class CallTurn(Record):
@@ -63,6 +65,7 @@ class CallTurn(Record):
     latency: dict[str, int] | None
     path_node_id: str | None
     path_edge_id: str | None
+    knowledge: dict[str, Any] | None = None
     created_at: datetime
 
 
@@ -95,13 +98,13 @@ _WRITE_TURNS = f"""
     ), inserted AS (
         INSERT INTO "CallTurn"
             ("id", "organizationId", "callLogId", "index", "speaker", "text", "startMs", "endMs",
-             "interrupted", "latencyMs", "latency", "pathNodeId", "pathEdgeId")
+             "interrupted", "latencyMs", "latency", "pathNodeId", "pathEdgeId", "knowledge")
         SELECT t.id, $1, $2, t.index, t.speaker, t.text, t.start_ms, t.end_ms, t.interrupted, t.latency_ms, t.latency,
-               t.path_node_id, t.path_edge_id
+               t.path_node_id, t.path_edge_id, t.knowledge
         FROM unnest($3::text[], $4::int[], $5::text[], $6::text[], $7::int[], $8::int[], $9::bool[], $10::int[],
-                    $11::jsonb[], $16::text[], $17::text[])
+                    $11::jsonb[], $16::text[], $17::text[], $18::jsonb[])
             AS t(id, index, speaker, text, start_ms, end_ms, interrupted, latency_ms, latency, path_node_id,
-                 path_edge_id)
+                 path_edge_id, knowledge)
         WHERE EXISTS (SELECT 1 FROM target) AND NOT (SELECT yes FROM watched)
         ORDER BY t.index
         ON CONFLICT ("callLogId", "index") DO NOTHING
@@ -194,6 +197,7 @@ async def _write_turns(
             dict(metadata) if metadata else {},
             [t.path_node_id for t in turns],
             [t.path_edge_id for t in turns],
+            [dict(t.knowledge) if t.knowledge is not None else None for t in turns],
         )
     if not rows[0]["found"]:
         raise NotFound("CallLog", call_log_id)

@@ -6,17 +6,43 @@ from datetime import datetime
 from typing import Any
 
 from storage.enums import DocumentStatus, DocumentType, KnowledgeBaseStatus
-from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, fetch_page, new_id, set_clause
+from storage.errors import NotFound, StorageError, translate_errors
+from storage.records import Queryable, Record, fetch_page, new_id, set_clause, transaction
+
+
+class DocumentLimitReached(StorageError):
+    """The knowledge base already holds DOCUMENT_LIMIT documents."""
+
+    def __init__(self, knowledge_base_id: str, limit: int) -> None:
+        super().__init__(
+            f"knowledge base {knowledge_base_id} already holds {limit} documents, the most it may; "
+            "delete one before adding another"
+        )
+        self.knowledge_base_id = knowledge_base_id
+        self.limit = limit
+
 
 _COLUMNS = (
     '"id", "organizationId", "name", "description", "fileCount", "websiteCount", "textCount", "status", '
-    '"createdAt", "updatedAt"'
+    '"language", "createdAt", "updatedAt"'
 )
 _DOCUMENT_COLUMNS = (
     '"id", "organizationId", "knowledgeBaseId", "name", "type", "url", "content", "fileSize", "mimeType", '
-    '"status", "createdAt", "updatedAt"'
+    '"status", "error", "createdAt", "updatedAt"'
 )
+
+DOCUMENT_LIMIT = 100
+"""Documents a knowledge base may hold (the platform's DOCUMENT_LIMIT)."""
+
+REFRESH_TERMS = 'SELECT "dialtone_knowledge_terms_refresh"($1, $2)'
+"""Recount the knowledge base's lexemes after its passages changed (migration 0018), under its lock."""
+
+LOCK_KNOWLEDGE_BASE = """
+SELECT 1 FROM "KnowledgeBase" WHERE "id" = $1 AND "organizationId" = $2 FOR NO KEY UPDATE
+"""
+"""LOCK_ORDER: every transaction that changes a knowledge base's documents, their queue rows or passages locks
+the knowledge base first (the trigger of migration 0018 updates it after each document change), so the API and
+ingestion workers never wait on each other in opposite orders."""
 
 
 class KnowledgeBase(Record):
@@ -30,6 +56,8 @@ class KnowledgeBase(Record):
     website_count: int
     text_count: int
     status: KnowledgeBaseStatus
+    language: str = "english"
+    """The PostgreSQL text-search configuration its passages are indexed and searched in."""
     created_at: datetime
     updated_at: datetime
 
@@ -47,6 +75,8 @@ class KnowledgeBaseDocument(Record):
     file_size: int | None
     mime_type: str | None
     status: DocumentStatus
+    error: str | None = None
+    """Why ingestion failed (status ERROR); None otherwise."""
     created_at: datetime
     updated_at: datetime
 
@@ -58,20 +88,21 @@ class KnowledgeBaseWithDocuments(KnowledgeBase):
 
 
 async def create_knowledge_base(
-    db: Queryable, *, organization_id: str, name: str, description: str | None = None
+    db: Queryable, *, organization_id: str, name: str, description: str | None = None, language: str = "english"
 ) -> KnowledgeBase:
-    """Create an empty knowledge base in an organization."""
+    """Create an empty knowledge base in an organization, searched in `language` (a text-search configuration)."""
     with translate_errors():
         row = await db.fetchrow(
             f"""
-            INSERT INTO "KnowledgeBase" ("id", "organizationId", "name", "description")
-            VALUES ($1, $2, $3, $4)
+            INSERT INTO "KnowledgeBase" ("id", "organizationId", "name", "description", "language")
+            VALUES ($1, $2, $3, $4, $5)
             RETURNING {_COLUMNS}
             """,
             new_id(),
             organization_id,
             name,
             description,
+            language,
         )
     assert row is not None
     return KnowledgeBase.from_row(row)
@@ -113,41 +144,111 @@ async def add_document(
     content: str | None = None,
     file_size: int | None = None,
     mime_type: str | None = None,
+    data: bytes | None = None,
 ) -> KnowledgeBaseDocument:
-    """Add a document (status PROCESSING) to a knowledge base and count it there, in one statement.
+    """Add a document (status PROCESSING) to a knowledge base and queue its ingestion, in one transaction.
 
-    An EMPTY knowledge base becomes PROCESSING. NotFound if the knowledge base is not the organization's.
+    `data` is an uploaded file's bytes, kept for the ingestion worker. The knowledge base's counts and status
+    follow by trigger (migration 0018). NotFound if the knowledge base is not the organization's;
+    DocumentLimitReached if it already holds DOCUMENT_LIMIT documents.
     """
-    with translate_errors():
-        row = await db.fetchrow(
-            f"""
-            WITH counted AS (
-                UPDATE "KnowledgeBase" SET
-                    "fileCount" = "fileCount" + ($3::"DocumentType" = 'FILE')::int,
-                    "websiteCount" = "websiteCount" + ($3::"DocumentType" = 'WEBSITE')::int,
-                    "textCount" = "textCount" + ($3::"DocumentType" = 'TEXT')::int,
-                    "status" = CASE WHEN "status" = 'EMPTY' THEN 'PROCESSING' ELSE "status" END
-                WHERE "id" = $1 AND "organizationId" = $2
-                RETURNING "id", "organizationId"
-            )
-            INSERT INTO "KnowledgeBaseDocument"
-                ("id", "organizationId", "knowledgeBaseId", "name", "type", "url", "content", "fileSize", "mimeType")
-            SELECT $4, counted."organizationId", counted."id", $5, $3, $6, $7, $8, $9
-            FROM counted
-            RETURNING {_DOCUMENT_COLUMNS}
+    async with transaction(db) as conn:
+        # The lock makes concurrent additions to one knowledge base count one after the other (and see LOCK_ORDER).
+        held = await conn.fetchval(
+            """
+            SELECT "fileCount" + "websiteCount" + "textCount" FROM "KnowledgeBase"
+            WHERE "id" = $1 AND "organizationId" = $2
+            FOR NO KEY UPDATE
             """,
             knowledge_base_id,
             organization_id,
-            type,
-            new_id(),
-            name,
-            url,
-            content,
-            file_size,
-            mime_type,
         )
+        if held is None:
+            raise NotFound("KnowledgeBase", knowledge_base_id)
+        if held >= DOCUMENT_LIMIT:
+            raise DocumentLimitReached(knowledge_base_id, DOCUMENT_LIMIT)
+        with translate_errors():
+            row = await conn.fetchrow(
+                f"""
+                INSERT INTO "KnowledgeBaseDocument" ("id", "organizationId", "knowledgeBaseId", "name", "type",
+                                                     "url", "content", "fileSize", "mimeType")
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                RETURNING {_DOCUMENT_COLUMNS}
+                """,
+                new_id(),
+                organization_id,
+                knowledge_base_id,
+                name,
+                type,
+                url,
+                content,
+                file_size,
+                mime_type,
+            )
+            assert row is not None
+            if data is not None:
+                await conn.execute(
+                    'INSERT INTO "KnowledgeBaseFile" ("documentId", "organizationId", "data") VALUES ($1, $2, $3)',
+                    row["id"],
+                    organization_id,
+                    data,
+                )
+            await conn.execute(
+                'INSERT INTO "KnowledgeBaseIngestion" ("documentId", "organizationId") VALUES ($1, $2)',
+                row["id"],
+                organization_id,
+            )
+    return KnowledgeBaseDocument.from_row(row)
+
+
+async def get_document(
+    db: Queryable, *, organization_id: str, knowledge_base_id: str, document_id: str
+) -> KnowledgeBaseDocument:
+    """One document of one of the organization's knowledge bases; NotFound otherwise."""
+    row = await db.fetchrow(
+        f"""
+        SELECT {_DOCUMENT_COLUMNS} FROM "KnowledgeBaseDocument"
+        WHERE "id" = $1 AND "knowledgeBaseId" = $2 AND "organizationId" = $3
+        """,
+        document_id,
+        knowledge_base_id,
+        organization_id,
+    )
     if row is None:
-        raise NotFound("KnowledgeBase", knowledge_base_id)
+        raise NotFound("KnowledgeBaseDocument", document_id)
+    return KnowledgeBaseDocument.from_row(row)
+
+
+async def reingest_document(
+    db: Queryable, *, organization_id: str, knowledge_base_id: str, document_id: str
+) -> KnowledgeBaseDocument:
+    """Queue a document to be ingested again (a website re-crawled): PROCESSING, its error cleared.
+
+    Its current passages stay searchable until the new ones replace them. NotFound if not the organization's.
+    """
+    async with transaction(db) as conn:
+        await conn.execute(LOCK_KNOWLEDGE_BASE, knowledge_base_id, organization_id)
+        row = await conn.fetchrow(
+            f"""
+            UPDATE "KnowledgeBaseDocument" SET "status" = 'PROCESSING', "error" = NULL
+            WHERE "id" = $1 AND "knowledgeBaseId" = $2 AND "organizationId" = $3
+            RETURNING {_DOCUMENT_COLUMNS}
+            """,
+            document_id,
+            knowledge_base_id,
+            organization_id,
+        )
+        if row is None:
+            raise NotFound("KnowledgeBaseDocument", document_id)
+        await conn.execute(
+            """
+            INSERT INTO "KnowledgeBaseIngestion" ("documentId", "organizationId") VALUES ($1, $2)
+            ON CONFLICT ("documentId") DO UPDATE SET
+                "attemptCount" = 0, "nextAttemptAt" = CURRENT_TIMESTAMP, "lastError" = NULL
+            """,
+            document_id,
+            organization_id,
+        )
     return KnowledgeBaseDocument.from_row(row)
 
 
@@ -234,32 +335,24 @@ async def list_documents_page(
 
 
 async def delete_document(db: Queryable, *, organization_id: str, knowledge_base_id: str, document_id: str) -> None:
-    """Remove a document and uncount it from its knowledge base, in one statement (EMPTY when none is left).
+    """Remove a document with its passages and stored file; its knowledge base's counts follow by trigger.
 
     NotFound if the knowledge base has no such document or is not the organization's.
     """
     with translate_errors():
-        deleted = await db.fetchval(
-            """
-            WITH gone AS (
+        async with transaction(db) as conn:
+            await conn.execute(LOCK_KNOWLEDGE_BASE, knowledge_base_id, organization_id)
+            deleted = await conn.fetchval(
+                """
                 DELETE FROM "KnowledgeBaseDocument"
                 WHERE "id" = $1 AND "knowledgeBaseId" = $2 AND "organizationId" = $3
-                RETURNING "knowledgeBaseId", "organizationId", "type"
-            ), uncounted AS (
-                UPDATE "KnowledgeBase" kb SET
-                    "fileCount" = GREATEST(kb."fileCount" - (gone."type" = 'FILE')::int, 0),
-                    "websiteCount" = GREATEST(kb."websiteCount" - (gone."type" = 'WEBSITE')::int, 0),
-                    "textCount" = GREATEST(kb."textCount" - (gone."type" = 'TEXT')::int, 0),
-                    "status" = CASE WHEN kb."fileCount" + kb."websiteCount" + kb."textCount" <= 1
-                                    THEN 'EMPTY'::"KnowledgeBaseStatus" ELSE kb."status" END
-                FROM gone
-                WHERE kb."id" = gone."knowledgeBaseId" AND kb."organizationId" = gone."organizationId"
+                RETURNING "id"
+                """,
+                document_id,
+                knowledge_base_id,
+                organization_id,
             )
-            SELECT count(*) FROM gone
-            """,
-            document_id,
-            knowledge_base_id,
-            organization_id,
-        )
-    if not deleted:
+            if deleted is not None:
+                await conn.execute(REFRESH_TERMS, knowledge_base_id, organization_id)
+    if deleted is None:
         raise NotFound("KnowledgeBaseDocument", document_id)

@@ -218,7 +218,8 @@ async def test_knowledge_base_documents_are_counted(api: Api, acme: Tenant) -> N
     )
     assert status == 201 and doc["status"] == "PROCESSING"
     _, counted = await api.call("GET", f"/knowledge-bases/{kb['id']}", acme.owner_key)
-    assert (counted["textCount"], counted["status"]) == (1, "PROCESSING")
+    # The engine's ingestion worker may already have read it (tests/test_knowledge_api.py follows that through).
+    assert counted["textCount"] == 1 and counted["status"] in {"PROCESSING", "READY"}
     _, docs = await api.call("GET", f"/knowledge-bases/{kb['id']}/documents", acme.owner_key)
     assert [d["id"] for d in docs["data"]] == [doc["id"]]
     assert (await api.call("DELETE", f"/knowledge-bases/{kb['id']}/documents/{doc['id']}", acme.owner_key))[0] == 204

@@ -159,6 +159,10 @@ class RowFactory:
             return {}
         if column.type.startswith("timestamp"):
             return datetime.now(UTC).isoformat()
+        if column.type == "tsvector":
+            return "probe"
+        if column.type == "bytea":
+            return "\\x00"
         raise AssertionError(f'no generic value for "{table}"."{name}" of type {column.type}: extend RowFactory')
 
 
@@ -168,6 +172,8 @@ async def insert_from_json(db: Queryable, table: str, values: dict[str, Any]) ->
     The pool's jsonb codec serialises the values (datetimes as text), and jsonb_populate_record casts each to its
     column's type, so one statement fits every table.
     """
+    # bytea travels as its hex text form, which jsonb_populate_record casts back.
+    values = {name: "\\x" + value.hex() if isinstance(value, bytes) else value for name, value in values.items()}
     columns = ", ".join(f'"{name}"' for name in values)
     row = await db.fetchrow(
         f'INSERT INTO "{table}" ({columns}) SELECT {columns} FROM jsonb_populate_record(NULL::"{table}", $1::jsonb) '

@@ -23,6 +23,7 @@ _ERROR_DESCRIPTIONS = {
     404: "Nothing with that id in the caller's organization.",
     409: "The request clashes with the resource's current state.",
     413: "The body is too large.",
+    415: "The body is not of the media type the operation takes (multipart/form-data for uploads).",
     422: "A value is invalid; `field` is its JSON path (or the query parameter's name).",
     429: "Too many requests: the API key's rate limit (DIALTONE_API_RATE_LIMIT_PER_MINUTE), or for POST /v1/calls "
     "the plan's concurrent calls; `Retry-After` gives the seconds to wait.",
@@ -62,6 +63,8 @@ def _component_schemas(operations: Sequence[Operation]) -> dict[str, Any]:
             models.append((operation.body, "validation"))
         if operation.query is not None:
             models.append((operation.query, "validation"))
+        if operation.form is not None:
+            models.append((operation.form, "validation"))
     _, document = models_json_schema(list(dict.fromkeys(models)), ref_template=_REF)
     return dict(document.get("$defs", {}))
 
@@ -111,6 +114,9 @@ def _operation(operation: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
             "required": True,
             "content": {"application/json": {"schema": _ref(operation.body, "validation", schemas)}},
         }
+    if operation.form is not None:
+        form = _form(operation.form, schemas)
+        spec["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": form}}}
     responses: dict[str, Any] = {}
     if operation.response is None:
         responses[str(operation.status)] = {"description": "Done; no content."}
@@ -128,6 +134,16 @@ def _operation(operation: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def _form(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
+    """A multipart form's schema: the model's fields, and the uploaded `file`."""
+    fields = _resolve(_ref(model, "validation", schemas), schemas)
+    return {
+        "type": "object",
+        "properties": {**fields.get("properties", {}), "file": {"type": "string", "format": "binary"}},
+        "required": [*fields.get("required", []), "file"],
+    }
+
+
 def _error_statuses(operation: Operation) -> list[int]:
     statuses = {401, 429, 503}  # 429: every request counts against its key's rate limit
     if operation.method not in {"GET", "HEAD"}:
@@ -140,6 +156,8 @@ def _error_statuses(operation: Operation) -> list[int]:
         statuses.add(422)
     if operation.idempotent:
         statuses |= {409, 422}  # a key still in flight; a key used with another body
+    if operation.form is not None:
+        statuses |= {400, 413, 415, 422}
     statuses.update(operation.errors)
     return sorted(statuses)
 

@@ -81,6 +81,8 @@ class Operation:
     """Error statuses beyond those every operation of its kind may answer (e.g. 409)."""
     idempotent: bool = False
     """Whether it honours an `Idempotency-Key` header (engine.api.idempotency)."""
+    form: type[RequestModel] | None = None
+    """A multipart/form-data body: these fields and a `file` part, which the handler reads (engine.api.uploads)."""
 
     @property
     def operation_id(self) -> str:
@@ -123,10 +125,21 @@ class Resource:
         status: int = 201,
         errors: tuple[int, ...] = (),
         idempotent: bool = False,
+        form: type[RequestModel] | None = None,
     ) -> Declaration:
-        """Declare a creation or an action; `idempotent` ones take an `Idempotency-Key` header."""
+        """Declare a creation or an action; `idempotent` ones take an `Idempotency-Key` header; `form` instead of
+        `body` for a file upload (multipart/form-data)."""
         return self._declare(
-            "POST", path, summary, response, status if response else 204, body, None, errors, idempotent=idempotent
+            "POST",
+            path,
+            summary,
+            response,
+            status if response else 204,
+            body,
+            None,
+            errors,
+            form,
+            idempotent=idempotent,
         )
 
     def patch(
@@ -159,12 +172,15 @@ class Resource:
         body: type[RequestModel] | None,
         query: type[RequestModel] | None,
         errors: tuple[int, ...],
+        form: type[RequestModel] | None = None,
         *,
         idempotent: bool = False,
     ) -> Declaration:
         def register(handler: Handler) -> Handler:
             self.operations.append(
-                Operation(method, path, handler, self.tag, summary, response, status, body, query, errors, idempotent)
+                Operation(
+                    method, path, handler, self.tag, summary, response, status, body, query, errors, idempotent, form
+                )
             )
             return handler
 

@@ -235,6 +235,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         transfer=twilio.transfer if twilio is not None else None,
         extend_reservation=functools.partial(credit_reservations.extend_reservation, pool, call_log_id=call_log.id),
         opt_out=functools.partial(record_opt_out, pool, call_log),
+        knowledge=prepared.knowledge.take_sources if prepared.knowledge is not None else None,
     )
     app[LIVE_CALLS].add(call_log.id, session)
     metrics.CALLS_LIVE.inc()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from config.agent import AgentConfiguration
@@ -90,17 +90,20 @@ class CallSession:
         credit_minute_seconds: float = CREDIT_MINUTE_SECONDS,
         opt_out: RecordOptOut | None = None,
         clock: Callable[[], float] = time.monotonic,
+        knowledge: Callable[[], Mapping[str, Any] | None] | None = None,
     ) -> None:
         """Prepare a session; `stream` must already have seen Twilio's `start`. `fallback` makes the driver that
         takes over when the first one is lost for good (a speech-to-speech agent's pipeline stages).
         `extend_reservation` is called every `credit_minute_seconds` while the call runs; the call says goodbye
-        (INSUFFICIENT_CREDITS) when it returns False. `opt_out` lists the other party when they opt out."""
+        (INSUFFICIENT_CREDITS) when it returns False. `opt_out` lists the other party when they opt out.
+        `knowledge` gives the knowledge searches made since it was last asked, stored with the agent turn they were
+        made for."""
         self.context = context
         self.config = config
         self.clock = clock
         self.timeline = StreamTimeline(clock)
         self.audio = OutboundAudio(stream, send, self.timeline, recorder, clock=clock)
-        self.turns = TurnLog(writer)
+        self.turns = TurnLog(writer, knowledge=knowledge)
         self._stream = stream
         self._writer = writer
         self._recorder = recorder

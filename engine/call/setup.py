@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import phonenumbers
 
 from config.agent import AgentConfiguration, ElevenLabsTTSConfig
 from config.settings import Settings
+from engine.knowledge.lookup import KnowledgeLookup
 from engine.server import metrics
 from pipelines.clients import ProviderClients
 from pipelines.fallback import OnFailover
+from pipelines.knowledge import KnowledgeFunction
 from pipelines.languages import language_instruction
 from pipelines.llm.prompt import call_variables, render_prompt
 from pipelines.offline_workers import OfflineWork
@@ -48,6 +51,8 @@ class PreparedCall:
     paths: list[PathSource]
     voice: VoiceChoice | None
     variables: Mapping[str, Any]
+    knowledge: KnowledgeLookup | None = None
+    """The agent's knowledge bases, searched during the call (None when it has none)."""
 
 
 def tool_keys(bundle: AgentBundle) -> dict[str, str]:
@@ -110,6 +115,14 @@ async def prepare_call(
     ) or config.first_sentence
     first_sentence = render_prompt(first_template, variables).text if first_template else None
 
+    knowledge = None
+    if bundle.knowledge_bases and isinstance(db, asyncpg.Pool):
+        knowledge = KnowledgeLookup(
+            db,
+            organization_id=call_log.organization_id,
+            knowledge_base_ids=[kb.id for kb in bundle.knowledge_bases],
+            limit=settings.kb_search_results,
+        )
     runner = ToolRunner(
         # A Tool the organization has not connected (Tool.isConnected false) is not offered to the model.
         agent_functions([tool for tool in bundle.tools if tool.is_connected]),
@@ -121,6 +134,7 @@ async def prepare_call(
         },
         session=clients.http(),
         allow_private=settings.allow_private_tool_urls,
+        local=[KnowledgeFunction(knowledge)] if knowledge is not None else [],
     )
     voice_ids: dict[str, str] = {}
     if any(isinstance(option, ElevenLabsTTSConfig) and option.voice for option in config.tts):
@@ -136,6 +150,8 @@ async def prepare_call(
         on_failover=on_failover or count_failover,
         default_region=_region(bundle.phone_number.phone_number if bundle.phone_number else call_log.phone_number),
         offline_work=offline_work,
+        knowledge=knowledge,
+        knowledge_vocabulary=tuple(await knowledge.vocabulary()) if knowledge and _offline_stt(config) else (),
     )
     return PreparedCall(
         context=context,
@@ -143,6 +159,7 @@ async def prepare_call(
         paths=await call_paths(db, bundle, campaign_path_id=campaign.conversation_path_id if campaign else None),
         voice=_ready_voice(bundle, call_log),
         variables=variables,
+        knowledge=knowledge,
     )
 
 
@@ -175,6 +192,10 @@ async def call_paths(db: Queryable, bundle: AgentBundle, *, campaign_path_id: st
         return paths
     others = [path for path in paths if path.id != chosen.id]
     return [PathSource(chosen.id, chosen.nodes, chosen.edges, chosen.agent_speech, from_campaign=True), *others]
+
+
+def _offline_stt(config: AgentConfiguration) -> bool:
+    return any(option.provider == "sphinx" for option in config.stt)
 
 
 def _region(number: str | None) -> str | None:

@@ -9,7 +9,7 @@ the call's timeline so a turn is never lost over a frame of disagreement.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
@@ -39,6 +39,7 @@ class Turn:
     interrupted: bool = False
     latency_ms: int | None = None
     latency: dict[str, int] | None = None
+    knowledge: Mapping[str, Any] | None = None
     dropped: bool = False
     path_node_id: str | None = None
     path_edge_id: str | None = None
@@ -74,9 +75,14 @@ def stage_latencies(reply_to: float, stage_at: Mapping[str, float | None]) -> di
 class TurnLog:
     """The call's turns, in conversation order, to the CallLog writer; and the conversation as it was heard."""
 
-    def __init__(self, writer: TurnSink) -> None:
-        """Write through `writer` (which does the database work off the audio path)."""
+    def __init__(self, writer: TurnSink, *, knowledge: Callable[[], Mapping[str, Any] | None] | None = None) -> None:
+        """Write through `writer` (which does the database work off the audio path).
+
+        `knowledge` gives the knowledge searches made since it was last asked: an agent turn takes them when it
+        is placed (its reply was being prepared meanwhile), to be stored with it.
+        """
         self._writer = writer
+        self._knowledge = knowledge
         self._waiting: deque[Turn] = deque()
         self._next_index = 0
         self._latencies: list[int] = []
@@ -112,6 +118,8 @@ class TurnLog:
             turn.path_node_id, turn.path_edge_id = self._trace.stamp(speaker)
             if speaker == "caller" and path_node is not None:
                 turn.path_node_id = path_node
+        if speaker == "agent" and self._knowledge is not None:
+            turn.knowledge = self._knowledge()
         self._waiting.append(turn)
         self.flush()
         return turn
@@ -161,6 +169,7 @@ class TurnLog:
                     latency=turn.latency,
                     path_node_id=turn.path_node_id,
                     path_edge_id=turn.path_edge_id,
+                    knowledge=turn.knowledge,
                 )
             )
             self._next_index += 1

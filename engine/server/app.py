@@ -16,6 +16,7 @@ from engine.call.control_channel import control_channel_context
 from engine.call.live_call_controls import live_call_handlers
 from engine.call.live_calls import LiveCalls
 from engine.campaigns.dispatcher import dispatcher_context
+from engine.knowledge.ingestion import ingestion_context
 from engine.server import health, metrics
 from engine.server.appkeys import (
     CLOCK,
@@ -59,6 +60,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app.cleanup_ctx.append(call_log_spill_context)  # before recovery: a stopped run's spilled ends come first
     app.cleanup_ctx.append(recovery_context)
     app.cleanup_ctx.append(webhook_delivery_context)
+    app.cleanup_ctx.append(ingestion_context)  # knowledge-base documents, read and indexed in the background
     # Contexts clean up in reverse order: the clients close after the calls and their post-call analyses.
     app.cleanup_ctx.append(_provider_clients_context)
     app.cleanup_ctx.append(post_call_context)

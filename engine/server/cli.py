@@ -17,6 +17,7 @@ from engine.api.cli import add_api_key_command, run_api_key_command
 from engine.call.frame_socket import log_if_not_direct
 from engine.campaigns.cli import add_campaign_command, run_campaign_command
 from engine.do_not_call.cli import add_dnc_command, run_dnc_command
+from engine.knowledge.cli import add_kb_command, run_kb_command
 from engine.server.app import create_app
 from engine.simulator import add_call_command, run_call_command
 from storage.errors import StorageError
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     add_call_command(commands)
     add_campaign_command(commands)
     add_dnc_command(commands)
+    add_kb_command(commands)
     add_api_key_command(commands)
 
     seed = commands.add_parser("seed-demo", help="create the demo organization, agent and number (idempotent)")
@@ -174,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0912 (one case p
             command = lambda: run_dnc_command(args, settings)  # noqa: E731
         case "seed-demo", _:
             command = lambda: _seed_demo(settings, args.phone_number)  # noqa: E731
+        case "kb", _:
+            command = lambda: run_kb_command(args, settings)  # noqa: E731
         case "api-key", _:
             command = lambda: run_api_key_command(args, settings)  # noqa: E731
         case _:

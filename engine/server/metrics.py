@@ -29,6 +29,12 @@ TURN_LATENCY_SECONDS = Histogram(
     buckets=_BUCKETS,
     registry=REGISTRY,
 )
+KNOWLEDGE_SEARCH_SECONDS = Histogram(
+    "dialtone_knowledge_search_seconds",
+    "Time of one knowledge-base search during a call (PostgreSQL full-text search).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+    registry=REGISTRY,
+)
 CALLS_LIVE = Gauge("dialtone_calls_live", "Calls with a media stream running on this engine.", registry=REGISTRY)
 CALLS_ENDED = Counter(
     "dialtone_calls_ended_total", "Calls finished by this engine, by final status.", ["status"], registry=REGISTRY

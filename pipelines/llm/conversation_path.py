@@ -8,7 +8,7 @@ A prompt node says its `text` (the line written for offline calls); a knowledge 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol, cast
 
 from config.agent import ConversationPathLLMConfig
@@ -82,13 +82,17 @@ class ConversationPathLLM:
         tools: ToolCaller | None = None,
         knowledge: KnowledgeLookup | None = None,
         engine: PathEngine | None = None,
+        answer: Callable[[str], Awaitable[str | None]] | None = None,
     ) -> None:
         """Build the runner from react-flow `nodes` and `edges`; `fallback_reply` is said after `max_misses`.
 
-        With `engine` (shared with the call's other models), its path and place are walked instead.
+        With `engine` (shared with the call's other models), its path and place are walked instead. `knowledge`
+        serves the path's knowledge nodes; `answer` answers, when it can, a caller's words that match no way out
+        (pipelines.knowledge.PassageAnswerer), the call staying at its node.
         """
         self._engine = engine or PathEngine(runnable_path(nodes, edges), tools=tools, knowledge=knowledge)
         self._path = self._engine.path
+        self._answer = answer
         self._fallback_reply = fallback_reply
         self._max_misses = max(1, max_misses)
         self._misses = 0
@@ -121,10 +125,11 @@ class ConversationPathLLM:
         config: ConversationPathLLMConfig | None = None,
         *,
         max_misses: int = DEFAULT_MAX_MISSES,
+        answer: Callable[[str], Awaitable[str | None]] | None = None,
     ) -> ConversationPathLLM:
         """The runner walking `engine` (the call's place on its path, which another model may share)."""
         fallback_reply = config.fallback_reply if config is not None else None
-        return cls((), (), fallback_reply=fallback_reply, max_misses=max_misses, engine=engine)
+        return cls((), (), fallback_reply=fallback_reply, max_misses=max_misses, engine=engine, answer=answer)
 
     @property
     def engine(self) -> PathEngine:
@@ -165,6 +170,8 @@ class ConversationPathLLM:
         """Route the caller's last turn along the path and say where it leads, or re-prompt when nothing matched.
 
         A callee asking not to be called again opts out, wherever the path is (pipelines.conversation.opt_out).
+        Words that match no way out are offered to the knowledge answerer; its answer is said, the call staying at
+        its node.
         """
         if (phrase := opt_out_phrase(_last_caller_text(conversation))) is not None:
             yield OptOut(f"the callee said {phrase!r}", phrase=phrase)
@@ -203,6 +210,9 @@ class ConversationPathLLM:
         if way is not None:
             self._misses = 0
             return self._spoken(await engine.move(way, heard=heard))
+        if self._answer is not None and not engine.ended and (answer := await self._answer(heard)):
+            self._misses = 0
+            return [TextDelta(answer)]
         return self._miss(engine.node)
 
     def _spoken(self, events: list[LLMEvent]) -> list[LLMEvent]:

@@ -36,6 +36,7 @@ from config.agent import OpenAILLMConfig
 from media.dtmf import DIGITS_HELP, InvalidDigits, check_digits
 from pipelines.clients import CloseClient
 from pipelines.conversation.transfer_rules import NO_TRANSFERS, Refusal, TransferRules, builtin_functions
+from pipelines.knowledge import KnowledgeSource, format_passages
 from pipelines.llm.base import (
     ConversationTurn,
     EndCall,
@@ -213,11 +214,13 @@ class OpenAIChatLLM:
         default_region: str | None = None,
         transfer: TransferRules = NO_TRANSFERS,
         path: ChatPath | None = None,
+        knowledge: KnowledgeSource | None = None,
     ) -> None:
         """Talk to `config.model` through `client` with `instructions` as the system prompt.
 
         With `path`, the call follows that conversation path: the prompt adds the path's style and the current
-        node, and the model moves with `follow_path`.
+        node, and the model moves with `follow_path`. With `config.knowledge_in_context`, each caller turn is first
+        looked up in `knowledge` and the passages found go to the model with it (that request only).
 
         `tools` runs the agent's own functions; `default_region` (e.g. "US") reads transfer numbers the model
         gives without a country code; with None, only international numbers (+...) are accepted. `transfer` is
@@ -231,6 +234,7 @@ class OpenAIChatLLM:
         self._transfer_rules = transfer
         self._path = path
         self.scripted_opening = path is not None  # a path's start node is the opening
+        self._knowledge = knowledge if config.knowledge_in_context else None
         self._specs = [*builtin_functions(transfer), *(tools.specs if tools is not None else ())]
         self._tool_params = cast(list[ChatCompletionToolUnionParam], chat_tools(self._specs))
         # Function-call exchanges of this call, each with the number of conversation turns it came after.
@@ -313,7 +317,7 @@ class OpenAIChatLLM:
             yield event
         if not prelude.model_speaks:
             return
-        messages = self._messages(conversation)
+        messages = await self._with_knowledge(self._messages(conversation), conversation)
         spoken_tail = ""  # the last text said, so rounds of one reply join with a space
         for round_number in range(MAX_TOOL_ROUNDS + 1):
             last_round = round_number == MAX_TOOL_ROUNDS
@@ -397,6 +401,21 @@ class OpenAIChatLLM:
             return _Outcome(result=f"error: there is no function named {FOLLOW_PATH!r}")
         move = await self._path.follow(arguments)
         return _Outcome(result=move.result, events=move.events, ends_reply=not move.model_speaks)
+
+    async def _with_knowledge(
+        self, messages: list[ChatCompletionMessageParam], conversation: Sequence[ConversationTurn]
+    ) -> list[ChatCompletionMessageParam]:
+        """The messages with the passages that match the caller's last words placed before them, if any match."""
+        if self._knowledge is None or not conversation or conversation[-1].role != "caller":
+            return messages
+        passages = await self._knowledge.search(conversation[-1].text) if conversation[-1].text else []
+        if not passages:
+            return messages
+        note: ChatCompletionMessageParam = {
+            "role": "system",
+            "content": "Passages from your knowledge base that may answer the caller:\n\n" + format_passages(passages),
+        }
+        return [*messages[:-1], note, messages[-1]]
 
     # ------------------------------------------------------------------------------------------- functions
 

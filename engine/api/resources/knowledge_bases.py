@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import ConfigDict, Field, model_validator
 
-from engine.api.models import LongText, Name, RequestModel, ShortText, UpdateModel, Url
+from engine.api.errors import ApiError
+from engine.api.models import LongText, Name, RequestModel, ResponseModel, ShortText, UpdateModel, Url
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
+from engine.api.uploads import read_upload
+from engine.knowledge.extract import UnreadableDocument, sniff_mime_type
+from engine.knowledge.ingestion import INGESTION_WORKER
+from engine.server.appkeys import SETTINGS
 from storage import knowledge_bases
 from storage.enums import DocumentType
-from storage.knowledge_bases import KnowledgeBase, KnowledgeBaseDocument
+from storage.knowledge_bases import DocumentLimitReached, KnowledgeBase, KnowledgeBaseDocument
+from storage.knowledge_search import Passage, search_passages
 
 resource = Resource("Knowledge bases", "Documents (files, web pages, texts) agents may look things up in.")
 
 
+SearchLanguage = Literal[
+    "simple", "arabic", "danish", "dutch", "english", "finnish", "french", "german", "greek", "hungarian",
+    "indonesian", "irish", "italian", "lithuanian", "nepali", "norwegian", "portuguese", "romanian", "russian",
+    "spanish", "swedish", "tamil", "turkish",
+]  # fmt: skip
+"""PostgreSQL's text-search configurations: how a knowledge base's words are stemmed and which are stop words."""
+
+
 class KnowledgeBaseCreate(RequestModel):
-    """A new, empty knowledge base."""
+    """A new, empty knowledge base; `language` is how its text is searched ('simple': no stemming)."""
 
     name: Name
     description: LongText | None = None
+    language: SearchLanguage = "english"
 
 
 class KnowledgeBaseUpdate(UpdateModel):
@@ -51,6 +68,8 @@ class DocumentCreate(RequestModel):
 
     @model_validator(mode="after")
     def _source(self) -> DocumentCreate:
+        if self.type is DocumentType.FILE:
+            raise ValueError("upload a FILE document's bytes to POST /knowledge-bases/{knowledgeBaseId}/files")
         if self.type is DocumentType.TEXT and self.content is None:
             raise ValueError("a TEXT document needs its content")
         if self.type is not DocumentType.TEXT and self.url is None:
@@ -75,7 +94,11 @@ async def create_knowledge_base(call: ApiCall) -> KnowledgeBase:
     body = call.body_as(KnowledgeBaseCreate)
     async with call.tenant() as db:
         return await knowledge_bases.create_knowledge_base(
-            db, organization_id=call.caller.organization_id, name=body.name, description=body.description
+            db,
+            organization_id=call.caller.organization_id,
+            name=body.name,
+            description=body.description,
+            language=body.language,
         )
 
 
@@ -139,27 +162,171 @@ async def list_documents(call: ApiCall) -> Page[KnowledgeBaseDocument]:
     return to_page(Page[KnowledgeBaseDocument], rows, query)
 
 
+def _queued(call: ApiCall) -> None:
+    worker = call.app.get(INGESTION_WORKER)
+    if worker is not None:  # other engine processes find the document on their next poll
+        worker.wake()
+
+
+def _limit_reached(exc: DocumentLimitReached) -> ApiError:
+    return ApiError(409, "document_limit", str(exc))
+
+
 @resource.post(
     "/knowledge-bases/{knowledgeBaseId}/documents",
-    summary="Add a document",
+    summary="Add a web page or a text",
     response=KnowledgeBaseDocument,
     body=DocumentCreate,
+    errors=(409,),
 )
 async def add_document(call: ApiCall) -> KnowledgeBaseDocument:
-    """Add a document (PROCESSING until ingested) and count it in its knowledge base."""
+    """Add a WEBSITE (crawled from its url) or a TEXT; it is PROCESSING until ingested, then READY or ERROR.
+
+    409 `document_limit` when the knowledge base already holds 100 documents. Files go to the files endpoint.
+    """
     body = call.body_as(DocumentCreate)
+    try:
+        async with call.tenant() as db:
+            document = await knowledge_bases.add_document(
+                db,
+                organization_id=call.caller.organization_id,
+                knowledge_base_id=call.path["knowledgeBaseId"],
+                **body.model_dump(),
+            )
+    except DocumentLimitReached as exc:
+        raise _limit_reached(exc) from None
+    _queued(call)
+    return document
+
+
+class FileForm(RequestModel):
+    """An uploaded file's form fields beside its `file`: the document's name (default: the file's name)."""
+
+    name: Name | None = None
+
+
+@resource.post(
+    "/knowledge-bases/{knowledgeBaseId}/files",
+    summary="Upload a file",
+    response=KnowledgeBaseDocument,
+    form=FileForm,
+    errors=(409,),
+)
+async def upload_file(call: ApiCall) -> KnowledgeBaseDocument:
+    """Upload a PDF, DOCX, HTML, CSV, Markdown or text file (multipart/form-data, its bytes in `file`).
+
+    Its type and size are read from the bytes. 413 past DIALTONE_KB_MAX_FILE_BYTES, 422 for a type not
+    supported, 409 `document_limit` when the knowledge base already holds 100 documents.
+    """
+    settings = call.app[SETTINGS]
+    async with call.tenant() as db:  # 404 before reading a body meant for a knowledge base that is not there
+        await knowledge_bases.get_knowledge_base(
+            db, organization_id=call.caller.organization_id, knowledge_base_id=call.path["knowledgeBaseId"]
+        )
+    form, upload = await read_upload(
+        call.request, FileForm, max_bytes=settings.kb_max_file_bytes, limit_name="DIALTONE_KB_MAX_FILE_BYTES"
+    )
+    if not upload.data:
+        raise ApiError(422, "validation_error", "the file is empty", "file")
+    try:
+        mime_type = sniff_mime_type(upload.data, name=upload.filename)
+    except UnreadableDocument as exc:
+        raise ApiError(422, "unsupported_file", str(exc), "file") from None
+    try:
+        async with call.tenant() as db:
+            document = await knowledge_bases.add_document(
+                db,
+                organization_id=call.caller.organization_id,
+                knowledge_base_id=call.path["knowledgeBaseId"],
+                name=form.name or upload.filename[:200] or "upload",
+                type=DocumentType.FILE,
+                file_size=len(upload.data),
+                mime_type=mime_type,
+                data=upload.data,
+            )
+    except DocumentLimitReached as exc:
+        raise _limit_reached(exc) from None
+    _queued(call)
+    return document
+
+
+@resource.get(
+    "/knowledge-bases/{knowledgeBaseId}/documents/{documentId}",
+    summary="Get a document",
+    response=KnowledgeBaseDocument,
+)
+async def get_document(call: ApiCall) -> KnowledgeBaseDocument:
+    """One document: its status (PROCESSING, READY, ERROR) and, in ERROR, why."""
     async with call.tenant() as db:
-        return await knowledge_bases.add_document(
+        return await knowledge_bases.get_document(
             db,
             organization_id=call.caller.organization_id,
             knowledge_base_id=call.path["knowledgeBaseId"],
-            **body.model_dump(),
+            document_id=call.path["documentId"],
         )
+
+
+@resource.post(
+    "/knowledge-bases/{knowledgeBaseId}/documents/{documentId}/reingest",
+    summary="Re-crawl or re-read a document",
+    response=KnowledgeBaseDocument,
+    status=200,
+)
+async def reingest_document(call: ApiCall) -> KnowledgeBaseDocument:
+    """Read the document again (a website is re-crawled); its passages stay searchable until replaced."""
+    async with call.tenant() as db:
+        document = await knowledge_bases.reingest_document(
+            db,
+            organization_id=call.caller.organization_id,
+            knowledge_base_id=call.path["knowledgeBaseId"],
+            document_id=call.path["documentId"],
+        )
+    _queued(call)
+    return document
+
+
+class SearchQuery(RequestModel):
+    """A question to find passages for, and how many to return."""
+
+    # Checked by the handler, after the knowledge base is known to be the caller's (404 comes first).
+    q: LongText | None = Field(None, min_length=1, description="The question or words to look for (required).")
+    limit: int = Field(5, ge=1, le=50, description="How many passages to return (1-50).")
+
+
+class SearchResults(ResponseModel):
+    """Passages ranked best first, with the document and chunk each comes from."""
+
+    data: list[Passage]
+
+
+@resource.get(
+    "/knowledge-bases/{knowledgeBaseId}/search",
+    summary="Search a knowledge base",
+    response=SearchResults,
+    query=SearchQuery,
+)
+async def search_knowledge_base(call: ApiCall) -> SearchResults:
+    """The passages that best answer `q` (full-text search in the knowledge base's language), best first."""
+    query = call.query_as(SearchQuery)
+    async with call.tenant() as db:
+        knowledge_base = await knowledge_bases.get_knowledge_base(
+            db, organization_id=call.caller.organization_id, knowledge_base_id=call.path["knowledgeBaseId"]
+        )
+        if query.q is None:
+            raise ApiError(422, "validation_error", "query q: is required", "q")
+        passages = await search_passages(
+            db,
+            organization_id=call.caller.organization_id,
+            knowledge_base_ids=[knowledge_base.id],
+            query=query.q,
+            limit=query.limit,
+        )
+    return SearchResults(data=passages)
 
 
 @resource.delete("/knowledge-bases/{knowledgeBaseId}/documents/{documentId}", summary="Delete a document")
 async def delete_document(call: ApiCall) -> None:
-    """Remove a document and uncount it from its knowledge base."""
+    """Remove a document, its passages and its file, and uncount it from its knowledge base."""
     async with call.tenant() as db:
         await knowledge_bases.delete_document(
             db,

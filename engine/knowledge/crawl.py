@@ -1,0 +1,188 @@
+"""Read a WEBSITE document: its page and the same-site pages it links to, within bounds and robots.txt.
+
+Pages are fetched breadth-first from the document's URL, following links to the same scheme, host and port up to
+`max_depth` links away and `max_pages` pages in all. robots.txt is read first and its rules for our user agent
+(or `*`) obeyed. Every connection goes through the same private-address guard as webhooks and tools
+(pipelines.url_safety), redirects included. A page that cannot be fetched is skipped; the start page failing fails
+the crawl. Each page's main text is taken by trafilatura.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from urllib.parse import urldefrag, urljoin, urlsplit
+from urllib.robotparser import RobotFileParser
+
+import aiohttp
+
+from engine.knowledge.extract import html_main_text
+from pipelines.url_safety import UnsafeURL, ensure_public_url
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "Dialtone-KnowledgeBot/1.0"
+_ROBOTS_AGENT = "Dialtone-KnowledgeBot"
+
+
+class CrawlFailed(Exception):
+    """The website cannot be read at all; the message says why (shown to the user)."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        """Whether trying again later cannot help (refused by robots.txt, a private address, not HTML)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CrawlLimits:
+    """How far and how much a crawl reads."""
+
+    max_depth: int = 2
+    max_pages: int = 20
+    timeout: float = 10.0
+    max_bytes: int = 5 * 1024 * 1024
+    allow_private: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CrawledPage:
+    """One page read: its address and main text."""
+
+    url: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Fetched:
+    url: str
+    status: int
+    content_type: str
+    body: bytes
+
+
+def _site(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+_MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+async def _fetch(session: aiohttp.ClientSession, url: str, limits: CrawlLimits) -> _Fetched:
+    """GET `url`, following redirects one by one so each address passes the guard (aiohttp asks no resolver
+    about an IP literal a redirect may name)."""
+    timeout = aiohttp.ClientTimeout(total=limits.timeout)
+    for _ in range(_MAX_REDIRECTS + 1):
+        await ensure_public_url(url, allow_private=limits.allow_private)
+        async with session.get(url, timeout=timeout, allow_redirects=False) as response:
+            location = response.headers.get("Location")
+            if response.status in _REDIRECTS and location:
+                url = urljoin(url, location)
+                continue
+            body = await response.content.read(limits.max_bytes + 1)
+            if len(body) > limits.max_bytes:
+                raise CrawlFailed(f"{url} is larger than {limits.max_bytes} bytes", permanent=True)
+            return _Fetched(url, response.status, response.content_type, body)
+    raise CrawlFailed(f"{url}: more than {_MAX_REDIRECTS} redirects", permanent=True)
+
+
+async def _robots(session: aiohttp.ClientSession, start: str, limits: CrawlLimits) -> RobotFileParser:
+    scheme, netloc = _site(start)
+    robots_url = f"{scheme}://{netloc}/robots.txt"
+    parser = RobotFileParser(robots_url)
+    try:
+        fetched = await _fetch(session, robots_url, limits)
+    except (aiohttp.ClientError, TimeoutError, OSError, CrawlFailed):
+        parser.parse([])  # no robots.txt to be had: nothing is forbidden
+        return parser
+    if fetched.status in {401, 403}:  # as urllib.robotparser reads it: a site that hides its rules forbids all
+        parser.parse(["User-agent: *", "Disallow: /"])
+    elif fetched.status >= 400:
+        parser.parse([])
+    else:
+        parser.parse(fetched.body.decode("utf-8", errors="replace").splitlines())
+    return parser
+
+
+class _LinkParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            href = dict(attrs).get("href")
+            if href:
+                self.hrefs.append(href.strip())
+
+
+def _links(html: bytes, base: str) -> list[str]:
+    parser = _LinkParser()
+    parser.feed(html.decode("utf-8", errors="replace"))
+    parser.close()
+    return [urldefrag(urljoin(base, href)).url for href in parser.hrefs]
+
+
+async def crawl_site(  # noqa: PLR0912 (one loop, each page's outcomes side by side)
+    session: aiohttp.ClientSession, start_url: str, limits: CrawlLimits
+) -> list[CrawledPage]:
+    """The main text of the site's pages reachable from `start_url` within `limits`, start page first.
+
+    CrawlFailed when the start page is refused (robots.txt, a private address) or cannot be fetched.
+    """
+    start = urldefrag(start_url).url
+    if urlsplit(start).scheme not in {"http", "https"}:
+        raise CrawlFailed(f"{start_url} is not an http(s) address", permanent=True)
+    try:
+        await ensure_public_url(start, allow_private=limits.allow_private)
+    except UnsafeURL as exc:
+        raise CrawlFailed(f"{start_url}: {exc}", permanent=True) from None
+    site = _site(start)
+    robots = await _robots(session, start, limits)
+    if not robots.can_fetch(_ROBOTS_AGENT, start):
+        raise CrawlFailed(f"{start_url} is disallowed by the site's robots.txt", permanent=True)
+    queue: deque[tuple[str, int]] = deque([(start, 0)])
+    seen = {start}
+    pages: list[CrawledPage] = []
+    while queue and len(pages) < limits.max_pages:
+        url, depth = queue.popleft()
+        try:
+            fetched = await _fetch(session, url, limits)
+        except (aiohttp.ClientError, TimeoutError, OSError, UnsafeURL, CrawlFailed) as exc:
+            if url == start:
+                permanent = isinstance(exc, UnsafeURL | CrawlFailed)
+                raise CrawlFailed(
+                    f"{url} could not be fetched ({exc or type(exc).__name__})", permanent=permanent
+                ) from None
+            log.info("knowledge crawl: skipped %s (%s)", url, type(exc).__name__)
+            continue
+        if fetched.status >= 400:
+            if url == start:
+                raise CrawlFailed(f"{url} answered HTTP {fetched.status}", permanent=fetched.status < 500)
+            continue
+        if _site(fetched.url) != site:
+            continue  # redirected off the site
+        if fetched.content_type == "text/plain":
+            text = fetched.body.decode("utf-8", errors="replace")
+        elif fetched.content_type in {"text/html", "application/xhtml+xml"}:
+            # Parsing is CPU work: off the event loop that carries calls' audio.
+            text = await asyncio.to_thread(html_main_text, fetched.body, url=fetched.url)
+            if depth < limits.max_depth:
+                for link in await asyncio.to_thread(_links, fetched.body, fetched.url):
+                    if link not in seen and _site(link) == site and robots.can_fetch(_ROBOTS_AGENT, link):
+                        seen.add(link)
+                        queue.append((link, depth + 1))
+        else:
+            if url == start:
+                raise CrawlFailed(f"{url} is {fetched.content_type}, not a web page", permanent=True)
+            continue
+        if text.strip():
+            pages.append(CrawledPage(fetched.url, text))
+    if not pages:
+        raise CrawlFailed(f"no text found at {start_url}", permanent=True)
+    return pages

@@ -1,0 +1,232 @@
+"""The ingestion worker: every engine process reads queued documents, splits them into passages and indexes them.
+
+Documents are claimed under a lease (storage.knowledge_ingestion), up to `concurrency` at once. A TEXT document's
+content, a FILE's stored bytes (parsed by type, storage.knowledge_bases keeps them) or a WEBSITE's crawled pages
+become overlapping chunks, written with their tsvectors in one transaction that marks the document READY. A
+document that cannot be read (an unsupported file, robots.txt forbids the site) is marked ERROR at once with the
+reason; other failures are retried with backoff and marked ERROR after `max_attempts`. Parsing runs in a thread,
+off the event loop that carries calls. The worker looks for due documents every `poll_interval`, and at once when
+this process's API queues one (`wake`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import aiohttp
+from aiohttp import web
+
+from config.settings import Settings
+from engine.knowledge.chunking import split_into_chunks
+from engine.knowledge.crawl import USER_AGENT, CrawlFailed, CrawlLimits, crawl_site
+from engine.knowledge.extract import UnreadableDocument, extract_text
+from engine.server.appkeys import DATABASE, SETTINGS
+from pipelines.url_safety import PublicAddressResolver
+from storage import Pool, knowledge_ingestion
+from storage.enums import DocumentType
+from storage.errors import TRANSIENT_ERRORS
+from storage.knowledge_ingestion import ClaimedDocument
+
+log = logging.getLogger(__name__)
+
+_RETRY_MAX = timedelta(minutes=10)
+_MIN_WAIT = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class IngestionSettings:
+    """How documents are read and chunked, how many at once, and how claims are held and retried."""
+
+    chunk_chars: int = 1000
+    chunk_overlap: int = 150
+    concurrency: int = 2
+    lease: timedelta = timedelta(minutes=5)
+    poll_interval: timedelta = timedelta(seconds=2)
+    max_attempts: int = 3
+    retry_initial: timedelta = timedelta(seconds=5)
+    """The wait before the second attempt; each later one waits twice as long (at most ten minutes)."""
+    crawl: CrawlLimits = field(default_factory=CrawlLimits)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.chunk_overlap < self.chunk_chars:
+            raise ValueError(
+                f"DIALTONE_KB_CHUNK_OVERLAP ({self.chunk_overlap}) must be less than "
+                f"DIALTONE_KB_CHUNK_CHARS ({self.chunk_chars})"
+            )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IngestionSettings:
+        """The worker's settings from the engine's."""
+        return cls(
+            chunk_chars=settings.kb_chunk_chars,
+            chunk_overlap=settings.kb_chunk_overlap,
+            concurrency=settings.kb_ingest_concurrency,
+            lease=timedelta(seconds=settings.kb_ingest_lease),
+            poll_interval=timedelta(seconds=settings.kb_ingest_poll_interval),
+            max_attempts=settings.kb_ingest_max_attempts,
+            crawl=CrawlLimits(
+                max_depth=settings.kb_crawl_max_depth,
+                max_pages=settings.kb_crawl_max_pages,
+                timeout=settings.kb_fetch_timeout,
+                max_bytes=settings.kb_fetch_max_bytes,
+                allow_private=settings.allow_private_kb_urls,
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    chunks: list[str]
+    file_size: int | None = None
+    mime_type: str | None = None
+
+
+class IngestionWorker:
+    """Ingests the queue's due documents from this process until stopped."""
+
+    def __init__(self, pool: Pool, settings: IngestionSettings) -> None:
+        """Work on `pool`'s database with `settings`; `start` begins."""
+        self._pool = pool
+        self._settings = settings
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def start(self) -> None:
+        """Start ingesting on the running event loop."""
+        if self._task is not None:
+            raise RuntimeError("the ingestion worker is already started")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="knowledge-ingestion")
+
+    def wake(self) -> None:
+        """Look for due documents now (one was just queued)."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop claiming and cancel documents in progress: their leases end and another process takes them."""
+        self._stop.set()
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._session is not None:
+            await self._session.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            resolver = None if self._settings.crawl.allow_private else PublicAddressResolver()
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(resolver=resolver, limit=8),
+                headers={"User-Agent": USER_AGENT},
+            )
+        return self._session
+
+    async def run_once(self) -> int:
+        """Claim the documents due now (up to `concurrency`) and ingest them; how many were claimed."""
+        claimed = await knowledge_ingestion.claim_due(
+            self._pool, limit=self._settings.concurrency, lease=self._settings.lease
+        )
+        await asyncio.gather(*(self._ingest(claim) for claim in claimed))
+        return len(claimed)
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._wake.clear()
+                if await self.run_once():
+                    continue
+                wait = self._settings.poll_interval.total_seconds()
+                due_in = await knowledge_ingestion.next_due_in(self._pool)
+                if due_in is not None:
+                    wait = min(wait, due_in.total_seconds())
+                await self._wait(max(wait, _MIN_WAIT))
+            except TRANSIENT_ERRORS as exc:
+                log.warning("knowledge ingestion: database unavailable (%s: %s)", type(exc).__name__, exc)
+                await self._wait(self._settings.poll_interval.total_seconds())
+            except Exception:  # a bug must not end ingestion for the life of the process
+                log.exception("knowledge ingestion: unexpected error; retrying")
+                await self._wait(self._settings.poll_interval.total_seconds())
+
+    async def _wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+
+    async def _ingest(self, claim: ClaimedDocument) -> None:
+        if claim.attempt_count > self._settings.max_attempts:  # each earlier claim's process stopped mid-way
+            reason = f"ingestion did not finish in {self._settings.max_attempts} attempts (the reading process stopped)"
+            await self._failed(claim, reason, permanent=True)
+            return
+        try:
+            read = await self._read(claim)
+        except (UnreadableDocument, CrawlFailed) as exc:
+            permanent = not isinstance(exc, CrawlFailed) or exc.permanent
+            await self._failed(claim, str(exc), permanent=permanent)
+            return
+        except TRANSIENT_ERRORS:
+            log.warning("knowledge document %s: database unavailable; its lease will pass it on", claim.document_id)
+            return
+        except Exception as exc:
+            log.exception("knowledge document %s: ingestion failed", claim.document_id)
+            await self._failed(claim, f"ingestion failed ({type(exc).__name__})", permanent=False)
+            return
+        if not read.chunks:
+            await self._failed(claim, "the document has no text", permanent=True)
+            return
+        recorded = await knowledge_ingestion.record_ready(
+            self._pool, claim, chunks=read.chunks, file_size=read.file_size, mime_type=read.mime_type
+        )
+        if not recorded:
+            log.warning("knowledge document %s: its lease ran out before it was indexed", claim.document_id)
+
+    async def _read(self, claim: ClaimedDocument) -> _Read:
+        size, overlap = self._settings.chunk_chars, self._settings.chunk_overlap
+        if claim.type is DocumentType.TEXT:
+            chunks = await asyncio.to_thread(split_into_chunks, claim.content or "", size=size, overlap=overlap)
+            return _Read(chunks)
+        if claim.type is DocumentType.FILE:
+            data = await knowledge_ingestion.stored_file(self._pool, claim)
+            if data is None:
+                raise UnreadableDocument("no file was uploaded for this document; upload it with the file endpoint")
+            document = await asyncio.to_thread(extract_text, data, name=claim.name)
+            chunks = await asyncio.to_thread(split_into_chunks, document.text, size=size, overlap=overlap)
+            return _Read(chunks, file_size=len(data), mime_type=document.mime_type)
+        if claim.url is None:
+            raise UnreadableDocument("a WEBSITE document needs its url")
+        pages = await crawl_site(self._http(), claim.url, self._settings.crawl)
+        chunks = []
+        for page in pages:  # chunked page by page: a passage never joins two pages
+            chunks += await asyncio.to_thread(split_into_chunks, page.text, size=size, overlap=overlap)
+        return _Read(chunks)
+
+    async def _failed(self, claim: ClaimedDocument, reason: str, *, permanent: bool) -> None:
+        retry_in = None
+        if not permanent and claim.attempt_count < self._settings.max_attempts:
+            retry_in = min(self._settings.retry_initial * 2 ** (claim.attempt_count - 1), _RETRY_MAX)
+        log.info(
+            "knowledge document %s: %s (%s)", claim.document_id, reason, "will retry" if retry_in else "marked ERROR"
+        )
+        if not await knowledge_ingestion.record_error(self._pool, claim, error=reason, retry_in=retry_in):
+            log.warning("knowledge document %s: its lease ran out before the failure was recorded", claim.document_id)
+
+
+INGESTION_WORKER = web.AppKey("knowledge_ingestion_worker", IngestionWorker)
+"""The application's ingestion worker, which the API wakes when it queues a document."""
+
+
+async def ingestion_context(app: web.Application) -> AsyncIterator[None]:
+    """Run this process's ingestion worker for the life of the application."""
+    worker = IngestionWorker(app[DATABASE].pool, IngestionSettings.from_settings(app[SETTINGS]))
+    app[INGESTION_WORKER] = worker
+    worker.start()
+    try:
+        yield
+    finally:
+        await worker.stop()

@@ -1,0 +1,224 @@
+"""Calls through the real server where the caller asks what only the agent's knowledge base knows.
+
+The offline pipeline (PocketSphinx, the conversation path, eSpeak NG) answers from the best passage; the cloud
+pipeline's model (a fake OpenAI that reads its function results, as a model would) calls search_knowledge_base.
+Either way the answer is in the CallLog, and the organization's documents are what was searched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import asyncpg
+import pytest
+
+from config.agent import parse_agent_configuration
+from engine.simulator import CallResult, Pause, Say, simulate_call
+from storage import agents, conversation_paths, knowledge_bases, organizations, phone_numbers
+from storage.enums import AgentStatus, CallerType, DocumentType
+from tests.engine_server import running_engine
+from tests.fakes.deepgram import FakeDeepgram
+from tests.fakes.elevenlabs import FakeElevenLabs
+from tests.fakes.openai_chat import FakeOpenAI, Step, ToolCall
+from tests.fakes.openai_realtime import FakeRealtime
+from tests.test_calls_e2e import call_log as finished_log
+from tests.test_calls_e2e import turns
+
+TOKEN = "test-auth-token-0123456789abcdef"
+CALLER = "+15005550006"
+DG_KEY, OPENAI_KEY, EL_KEY = "dg-test-key", "sk-test-openai", "el-test-key"
+_numbers = itertools.count(700)
+
+OFFLINE = {"stt": {"provider": "sphinx"}, "llm": {"provider": "conversation_path"}, "tts": {"provider": "espeak"}}
+CLOUD = {
+    "stt": {"provider": "deepgram", "endpointing": 300},
+    "llm": {"provider": "openai", "model": "gpt-4o-mini"},
+    "tts": {"provider": "elevenlabs", "voice": "june"},
+}
+PATH_NODES = [
+    {"id": "start", "data": {"text": "Do you want sales or support?", "isStart": True}},
+    {"id": "sales", "data": {"text": "Sales will call you back. Goodbye.", "endCall": True}},
+]
+PATH_EDGES = [{"id": "to-sales", "source": "start", "target": "sales", "data": {"keywords": ["sales"]}}]
+
+
+class ReadingOpenAI(FakeOpenAI):
+    """A fake model that, after a function call, answers with the sentence of the function's result that shares
+    most words with the caller's question, as a model reading its tool result would."""
+
+    def _next_reply(self, messages: Sequence[Mapping[str, Any]]) -> list[Step]:
+        if messages and messages[-1].get("role") == "tool":
+            asked = set(next(m for m in reversed(messages) if m["role"] == "user")["content"].lower().split())
+            sentences = re.split(r"(?<=\.)\s+|\n+", str(messages[-1]["content"]))
+            best = max(sentences, key=lambda sentence: len(asked & set(sentence.lower().split())))
+            return ["From our documents: " + re.sub(r"^\[\d+\] ", "", best)]
+        return super()._next_reply(messages)
+
+
+@pytest.fixture(scope="module")
+async def fakes() -> AsyncIterator[tuple[FakeDeepgram, ReadingOpenAI, FakeElevenLabs]]:
+    async with (
+        FakeDeepgram(api_key=DG_KEY) as deepgram,
+        ReadingOpenAI(api_key=OPENAI_KEY) as openai,
+        FakeElevenLabs(api_key=EL_KEY, ms_per_char=5) as elevenlabs,
+    ):
+        yield deepgram, openai, elevenlabs
+
+
+@pytest.fixture(scope="module")
+async def engine(db_url: str, fakes: tuple[FakeDeepgram, ReadingOpenAI, FakeElevenLabs]) -> AsyncIterator[str]:
+    deepgram, openai, elevenlabs = fakes
+    async with running_engine(
+        db_url,
+        twilio_auth_token=TOKEN,
+        deepgram_api_key=DG_KEY,
+        openai_api_key=OPENAI_KEY,
+        elevenlabs_api_key=EL_KEY,
+        deepgram_url=deepgram.url,
+        openai_base_url=openai.base_url,
+        elevenlabs_url=elevenlabs.url,
+        kb_ingest_poll_interval=0.05,
+    ) as base:
+        yield base
+
+
+async def line_with_knowledge(
+    pool: asyncpg.Pool, configuration: dict[str, Any], facts: str, *, name: str
+) -> tuple[str, str, str]:
+    """A new organization's number answered by an agent linked to a knowledge base holding `facts` (ingested).
+
+    Returns (number, organization id, document id).
+    """
+    n = next(_numbers)
+    org = (await organizations.create_organization(pool, name=name, slug=f"kb-calls-{n}", credits=100)).id
+    number = await phone_numbers.create_phone_number(pool, organization_id=org, phone_number=f"+1555557{n:04d}")
+    agent = await agents.create_agent(
+        pool,
+        organization_id=org,
+        name=name,
+        status=AgentStatus.ACTIVE,
+        caller_type=CallerType.INBOUND,
+        phone_number_id=number.id,
+        configuration=parse_agent_configuration(configuration).to_json(),
+    )
+    path = await conversation_paths.create_conversation_path(
+        pool, organization_id=org, name="path", nodes=PATH_NODES, edges=PATH_EDGES
+    )
+    await agents.link_conversation_path(pool, organization_id=org, agent_id=agent.id, conversation_path_id=path.id)
+    kb = await knowledge_bases.create_knowledge_base(pool, organization_id=org, name="Price list")
+    document = await knowledge_bases.add_document(
+        pool, organization_id=org, knowledge_base_id=kb.id, name="Prices", type=DocumentType.TEXT, content=facts
+    )
+    await agents.link_knowledge_base(pool, organization_id=org, agent_id=agent.id, knowledge_base_id=kb.id)
+    for _ in range(200):  # the engine's ingestion worker indexes it
+        status = await pool.fetchval('SELECT "status" FROM "KnowledgeBaseDocument" WHERE "id" = $1', document.id)
+        if status == "READY":
+            return number.phone_number, org, document.id
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"document {document.id} was never ingested ({status})")
+
+
+async def call(engine: str, number: str, *steps: Any) -> CallResult:
+    return await simulate_call(engine, to=number, from_=CALLER, script=steps, auth_token=TOKEN, timeout_s=90)
+
+
+PRICES = (
+    "Welcome to the Acme price list. "
+    "The premium plan costs forty nine dollars a month. "
+    "The basic plan is free for one user."
+)
+
+
+async def test_the_offline_agent_answers_from_its_knowledge_base(engine: str, pool: asyncpg.Pool) -> None:
+    number, _, document_id = await line_with_knowledge(
+        pool, {**OFFLINE, "firstSentence": "Hello."}, PRICES, name="Offline"
+    )
+    result = await call(engine, number, Say("how much does the premium plan cost"), Pause(2500))
+    log = await finished_log(pool, result)
+    rows = await turns(pool, log["id"])
+    said = [(r["speaker"], r["text"]) for r in rows]
+    assert ("agent", "The premium plan costs forty nine dollars a month.") in said, said
+    assert "The premium plan costs forty nine dollars a month." in log["transcript"]
+    # The answering turn says where it came from; the greeting, made before any search, says nothing.
+    answer = next(r for r in rows if r["text"].startswith("The premium plan"))
+    (retrieval,) = answer["knowledge"]["retrievals"]
+    assert retrieval["passages"][0]["documentId"] == document_id
+    assert rows[0]["knowledge"] is None
+
+
+async def test_the_cloud_agent_calls_search_knowledge_base(
+    engine: str, pool: asyncpg.Pool, fakes: tuple[FakeDeepgram, ReadingOpenAI, FakeElevenLabs]
+) -> None:
+    deepgram, openai, _ = fakes
+    number, _, document_id = await line_with_knowledge(pool, {**CLOUD, "firstSentence": "Hi."}, PRICES, name="Cloud")
+    # Another organization states another price for the same plan: it must never be what this call finds.
+    await line_with_knowledge(pool, CLOUD, "The premium plan costs nine hundred dollars.", name="Other")
+    deepgram.transcripts.extend(["How much is the premium plan?"])
+    openai.replies.extend([[ToolCall("search_knowledge_base", {"query": "premium plan price"})]])
+    result = await call(engine, number, Say("how much is the premium plan"), Pause(600))
+    log = await finished_log(pool, result)
+    answer = "From our documents: The premium plan costs forty nine dollars a month."
+    last = (await turns(pool, log["id"]))[-1]
+    assert last["text"] == answer
+    assert answer in log["transcript"]
+    (retrieval,) = last["knowledge"]["retrievals"]
+    assert retrieval["query"] == "premium plan price"
+    assert {p["documentId"] for p in retrieval["passages"]} == {document_id}
+    request = openai.requests[-1]
+    assert "search_knowledge_base" in {tool["function"]["name"] for tool in request["tools"]}
+    results = [m["content"] for m in request["messages"] if m["role"] == "tool"]
+    assert results and "forty nine dollars" in results[0] and "nine hundred" not in results[0]
+
+
+async def test_passages_can_go_to_the_model_with_each_caller_turn(
+    engine: str, pool: asyncpg.Pool, fakes: tuple[FakeDeepgram, ReadingOpenAI, FakeElevenLabs]
+) -> None:
+    deepgram, openai, _ = fakes
+    llm = {"provider": "openai", "model": "gpt-4o-mini", "knowledge_in_context": True}
+    number, _, document_id = await line_with_knowledge(
+        pool, {**CLOUD, "llm": llm, "firstSentence": "Hi."}, PRICES, name="In context"
+    )
+    deepgram.transcripts.extend(["Is the basic plan free?"])
+    openai.replies.extend(["Yes, the basic plan is free for one user."])
+    result = await call(engine, number, Say("is the basic plan free"), Pause(600))
+    log = await finished_log(pool, result)
+    messages = openai.requests[-1]["messages"]
+    assert messages[-1] == {"role": "user", "content": "Is the basic plan free?"}
+    assert messages[-2]["role"] == "system" and "free for one user" in messages[-2]["content"]
+    last = (await turns(pool, log["id"]))[-1]
+    assert last["text"] == "Yes, the basic plan is free for one user."
+    (retrieval,) = last["knowledge"]["retrievals"]
+    assert retrieval["query"] == "Is the basic plan free?"
+    assert retrieval["passages"][0]["documentId"] == document_id
+
+
+async def test_a_realtime_agent_calls_search_knowledge_base(db_url: str, pool: asyncpg.Pool) -> None:
+    async with FakeRealtime(api_key=OPENAI_KEY) as realtime:
+        realtime.caller_says("How much is the premium plan?")
+        realtime.reply_tool("search_knowledge_base", {"query": "premium plan price"})
+        realtime.reply("It is forty nine dollars a month.")
+        settings: dict[str, Any] = {"openai_api_key": OPENAI_KEY, "openai_base_url": realtime.base_url}
+        async with running_engine(
+            db_url, twilio_auth_token=TOKEN, kb_ingest_poll_interval=0.05, **settings
+        ) as base:  # its ingestion worker indexes the document
+            number, _, document_id = await line_with_knowledge(
+                pool,
+                {"realtime": {"provider": "openai", "transcription_model": "gpt-4o-mini-transcribe"}},
+                PRICES,
+                name="Realtime",
+            )
+            result = await call(base, number, Say("how much is the premium plan"), Pause(600))
+        updates = realtime.of_type("session.update")
+        created = realtime.of_type("conversation.item.create")
+    log = await finished_log(pool, result)
+    assert "search_knowledge_base" in {tool["name"] for tool in updates[0]["session"]["tools"]}
+    outputs = [e["item"]["output"] for e in created if e["item"]["type"] == "function_call_output"]
+    assert outputs and "forty nine dollars" in outputs[0]
+    rows = await turns(pool, log["id"])
+    assert rows[-1]["text"] == "It is forty nine dollars a month."
+    retrievals = [r["knowledge"] for r in rows if r["knowledge"] is not None]
+    assert retrievals and retrievals[0]["retrievals"][0]["passages"][0]["documentId"] == document_id
