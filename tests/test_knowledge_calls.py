@@ -87,9 +87,10 @@ async def engine(db_url: str, fakes: tuple[FakeDeepgram, ReadingOpenAI, FakeElev
 
 
 async def line_with_knowledge(
-    pool: asyncpg.Pool, configuration: dict[str, Any], facts: str, *, name: str
+    pool: asyncpg.Pool, configuration: dict[str, Any], facts: str, *, name: str, with_path: bool = True
 ) -> tuple[str, str, str]:
-    """A new organization's number answered by an agent linked to a knowledge base holding `facts` (ingested).
+    """A new organization's number answered by an agent linked to a knowledge base holding `facts` (ingested), and
+    (`with_path`) to the offline model's conversation path, which a cloud model would follow too.
 
     Returns (number, organization id, document id).
     """
@@ -105,10 +106,11 @@ async def line_with_knowledge(
         phone_number_id=number.id,
         configuration=parse_agent_configuration(configuration).to_json(),
     )
-    path = await conversation_paths.create_conversation_path(
-        pool, organization_id=org, name="path", nodes=PATH_NODES, edges=PATH_EDGES
-    )
-    await agents.link_conversation_path(pool, organization_id=org, agent_id=agent.id, conversation_path_id=path.id)
+    if with_path:
+        path = await conversation_paths.create_conversation_path(
+            pool, organization_id=org, name="path", nodes=PATH_NODES, edges=PATH_EDGES
+        )
+        await agents.link_conversation_path(pool, organization_id=org, agent_id=agent.id, conversation_path_id=path.id)
     kb = await knowledge_bases.create_knowledge_base(pool, organization_id=org, name="Price list")
     document = await knowledge_bases.add_document(
         pool, organization_id=org, knowledge_base_id=kb.id, name="Prices", type=DocumentType.TEXT, content=facts
@@ -210,6 +212,7 @@ async def test_a_realtime_agent_calls_search_knowledge_base(db_url: str, pool: a
                 {"realtime": {"provider": "openai", "transcription_model": "gpt-4o-mini-transcribe"}},
                 PRICES,
                 name="Realtime",
+                with_path=False,  # the model answers from the knowledge base, not from a path's nodes
             )
             result = await call(base, number, Say("how much is the premium plan"), Pause(600))
         updates = realtime.of_type("session.update")
