@@ -192,3 +192,12 @@ async def database(settings: Settings) -> AsyncIterator[Database]:
         yield db
     finally:
         await db.close()
+
+
+DirectConnection = asyncpg.Connection
+"""A connection of its own, outside the pool (e.g. one that LISTENs for notifications for the process's life)."""
+
+
+async def connect_direct(url: str, *, timeout: float, application_name: str) -> DirectConnection:
+    """Open one connection to `url` outside the pool, named `application_name` in pg_stat_activity."""
+    return await asyncpg.connect(url, timeout=timeout, server_settings={"application_name": application_name})

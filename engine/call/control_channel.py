@@ -17,12 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from engine.server.appkeys import DATABASE, SETTINGS
 from engine.workers.recovery import NODE_ID
 from storage import Pool
+from storage.errors import DATABASE_ERRORS
+from storage.pool import DirectConnection, connect_direct
 from storage.records import new_id
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class ControlChannel:
 
     def __init__(
         self,
-        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        connect: Callable[[], Awaitable[DirectConnection]],
         pool: Pool,
         *,
         node_id: str,
@@ -123,7 +124,7 @@ class ControlChannel:
     async def _listen(self) -> None:
         wait = 0.5
         while True:
-            conn: asyncpg.Connection | None = None
+            conn: DirectConnection | None = None
             try:
                 conn = await self._connect()
                 closed = asyncio.Event()
@@ -137,7 +138,7 @@ class ControlChannel:
                         await asyncio.wait_for(closed.wait(), timeout=KEEPALIVE_SECONDS)
                     if not closed.is_set():  # a connection the network lost silently fails this
                         await conn.execute("SELECT 1", timeout=KEEPALIVE_SECONDS)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("command channel: connection lost (%s); reconnecting in %.1f s", type(exc).__name__, wait)
             finally:
                 self._listening.clear()
@@ -211,10 +212,8 @@ def control_channel_context(
         db = app[DATABASE]
         timeout = app[SETTINGS].db_connect_timeout
 
-        async def connect() -> asyncpg.Connection:
-            return await asyncpg.connect(
-                db.url, timeout=timeout, server_settings={"application_name": "dialtone-control-channel"}
-            )
+        async def connect() -> DirectConnection:
+            return await connect_direct(db.url, timeout=timeout, application_name="dialtone-control-channel")
 
         channel = ControlChannel(connect, db.pool, node_id=app[NODE_ID], handlers=handlers(app))
         app[CONTROL] = channel

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 import phonenumbers
 
 from config.agent import AgentConfiguration, ElevenLabsTTSConfig
@@ -27,7 +26,7 @@ from pipelines.llm.prompt import call_variables, render_prompt
 from pipelines.offline_workers import OfflineWork
 from pipelines.registry import PathSource, ProviderContext, ProviderKeys, VoiceChoice
 from pipelines.tools import ToolRunner, agent_functions
-from storage import campaigns, conversation_paths, voices
+from storage import Pool, campaigns, conversation_paths, voices
 from storage.agents import AgentBundle
 from storage.call_logs import CallLog
 from storage.enums import VoiceStatus
@@ -116,7 +115,7 @@ async def prepare_call(
     first_sentence = render_prompt(first_template, variables).text if first_template else None
 
     knowledge = None
-    if bundle.knowledge_bases and isinstance(db, asyncpg.Pool):
+    if bundle.knowledge_bases and isinstance(db, Pool):
         knowledge = KnowledgeLookup(
             db,
             organization_id=call_log.organization_id,

@@ -24,14 +24,10 @@ OPT_OUT_PHRASES: Final = (
 )
 """What a callee says to opt out, in the words `heard_words` gives (lower case, no apostrophes)."""
 
-RECOGNIZER_PHRASES: Final = (
-    "stop calling me",
-    "take me off your list",
-    "remove me from your list",
-    "unsubscribe",
-)
-"""The opt-out phrases added to an offline recognizer's vocabulary: only distinctive ones. Short common words
-("do", "not", "dont") in a small vocabulary pull other speech towards them ("tuesday" heard as "do the you")."""
+RECOGNIZER_PHRASES: Final = ("stop calling me", "unsubscribe")
+"""The opt-out phrases added to an offline recognizer's vocabulary: only the two most distinctive. More words in a
+path's small vocabulary pull other speech towards them: with "do not call" "tuesday" was heard as "do the you",
+with "remove me from your list" as "two remove" (the other phrases are still matched when the words are heard)."""
 
 _NOT_WORD: Final = re.compile(r"[^a-z0-9]+")
 _PHRASE_WORDS: Final = tuple((phrase, tuple(phrase.split())) for phrase in OPT_OUT_PHRASES)
