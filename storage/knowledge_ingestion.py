@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from storage.enums import DocumentType
 from storage.knowledge_bases import LOCK_KNOWLEDGE_BASE, REFRESH_TERMS
-from storage.records import Queryable, new_ids, transaction
+from storage.records import Connection, Queryable, new_ids, transaction
 
 MAX_ERROR_CHARS = 1000
 """The longest reason stored with a document in ERROR."""
@@ -118,18 +118,8 @@ async def record_ready(
     """
     async with transaction(db) as conn:
         await conn.execute(LOCK_KNOWLEDGE_BASE, claim.knowledge_base_id, claim.organization_id)
-        held = await conn.fetchval(
-            'DELETE FROM "KnowledgeBaseIngestion" WHERE "documentId" = $1 AND "leaseToken" = $2 RETURNING 1',
-            claim.document_id,
-            claim.lease_token,
-        )
-        if held is None:
+        if not await _settle_claim(conn, claim):
             return False
-        await conn.execute(
-            'DELETE FROM "KnowledgeBaseChunk" WHERE "documentId" = $1 AND "organizationId" = $2',
-            claim.document_id,
-            claim.organization_id,
-        )
         await conn.execute(
             """
             INSERT INTO "KnowledgeBaseChunk" ("id", "organizationId", "knowledgeBaseId", "documentId", "position",
@@ -160,6 +150,24 @@ async def record_ready(
     return True
 
 
+async def _settle_claim(conn: Connection, claim: ClaimedDocument) -> bool:
+    """In the caller's transaction: take the document off the queue and drop its passages, if the claim still holds
+    its lease (False, changing nothing, if another worker took it over or the document was deleted)."""
+    held = await conn.fetchval(
+        'DELETE FROM "KnowledgeBaseIngestion" WHERE "documentId" = $1 AND "leaseToken" = $2 RETURNING 1',
+        claim.document_id,
+        claim.lease_token,
+    )
+    if held is None:
+        return False
+    await conn.execute(
+        'DELETE FROM "KnowledgeBaseChunk" WHERE "documentId" = $1 AND "organizationId" = $2',
+        claim.document_id,
+        claim.organization_id,
+    )
+    return True
+
+
 async def record_error(db: Queryable, claim: ClaimedDocument, *, error: str, retry_in: timedelta | None) -> bool:
     """Record a failed attempt: retried after `retry_in`, or (None) the document marked ERROR with the reason.
 
@@ -183,18 +191,8 @@ async def record_error(db: Queryable, claim: ClaimedDocument, *, error: str, ret
                 retry_in,
             )
             return held is not None
-        held = await conn.fetchval(
-            'DELETE FROM "KnowledgeBaseIngestion" WHERE "documentId" = $1 AND "leaseToken" = $2 RETURNING 1',
-            claim.document_id,
-            claim.lease_token,
-        )
-        if held is None:
+        if not await _settle_claim(conn, claim):
             return False
-        await conn.execute(
-            'DELETE FROM "KnowledgeBaseChunk" WHERE "documentId" = $1 AND "organizationId" = $2',
-            claim.document_id,
-            claim.organization_id,
-        )
         await conn.execute(
             """
             UPDATE "KnowledgeBaseDocument" SET "status" = 'ERROR', "error" = $3
