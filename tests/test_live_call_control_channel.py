@@ -150,3 +150,46 @@ async def test_the_listener_reconnects_after_the_database_drops_its_connection(d
     finally:
         await node.stop()
         await sender.stop()
+
+
+async def test_subscribers_hear_published_payloads_and_a_none_after_each_reconnection(
+    db_url: str, pool: asyncpg.Pool
+) -> None:
+    heard: list[str | None] = []
+    listener = channel_on(db_url, pool, "node-l", [])
+    publisher = channel_on(db_url, pool, "node-p", [])
+    await listener.subscribe("dialtone_test_topic", heard.append)  # before start: added as it connects
+    await listener.start()
+    await publisher.start()
+    try:
+        assert heard == [None]
+        await publisher.publish("dialtone_test_topic", "one")
+        for _ in range(50):
+            if "one" in heard:
+                break
+            await asyncio.sleep(0.05)
+        assert heard == [None, "one"]
+        late: list[str | None] = []
+        await listener.subscribe("dialtone_other_topic", late.append)  # while listening: added at once
+        await publisher.publish("dialtone_other_topic", "two")
+        await publisher.publish("dialtone_test_topic", "three")
+        for _ in range(50):
+            if late == ["two"] and "three" in heard:
+                break
+            await asyncio.sleep(0.05)
+        assert late == ["two"] and heard == [None, "one", "three"]
+        await pool.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            "control-node-l",
+        )
+        for _ in range(100):
+            if heard[-1] is None and late[-1:] == [None]:
+                break
+            await asyncio.sleep(0.1)
+        assert heard[-1] is None and late[-1] is None  # back, and told that payloads may have been lost
+        listener.unsubscribe("dialtone_test_topic", heard.append)
+        with pytest.raises(ValueError, match="too large"):
+            await publisher.publish("dialtone_test_topic", "x" * 8000)
+    finally:
+        await listener.stop()
+        await publisher.stop()

@@ -5,6 +5,10 @@ JSON arguments) on `CONTROL_CHANNEL` addressed to that node, and waits for the n
 `REPLY_CHANNEL`. The node runs the handler registered for the command's name and replies whether it was applied.
 Each process keeps one dedicated listening connection, reconnected when the database drops it; commands sent while
 a node is disconnected are not queued (NOTIFY is not durable), so the sender hears nothing and times out.
+
+Other live-call features share that connection: `subscribe` adds a channel of their own (its callback gets each
+payload, and `None` after every (re)connection, when anything NOTIFYed while disconnected was lost), and `publish`
+NOTIFYs one.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ class Acknowledgement:
 Handler = Callable[[str, Mapping[str, Any]], Awaitable[Acknowledgement]]
 """Carry out a command on the call (CallLog id) with these arguments, on the node that holds it."""
 
+Subscriber = Callable[[str | None], None]
+"""Called with each payload NOTIFYed on a subscribed channel, and with None once the channel listens again after
+the connection was (re)made: payloads sent in between were lost, so the subscriber catches up another way."""
+
 
 class ControlChannelError(Exception):
     """A command could not be delivered or was not acknowledged in time."""
@@ -72,6 +80,8 @@ class ControlChannel:
         self.node_id = node_id
         self._handlers = dict(handlers)
         self._waiting: dict[str, asyncio.Future[Acknowledgement]] = {}
+        self._subscribers: dict[str, list[Subscriber]] = {}
+        self._conn: DirectConnection | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._listening = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -92,6 +102,27 @@ class ControlChannel:
             task.cancel()
         for future in self._waiting.values():
             future.cancel()
+
+    async def subscribe(self, channel: str, subscriber: Subscriber) -> None:
+        """Call `subscriber` with every payload NOTIFYed on `channel` (and None after each reconnection)."""
+        first = channel not in self._subscribers
+        self._subscribers.setdefault(channel, []).append(subscriber)
+        conn = self._conn
+        if first and conn is not None and self._listening.is_set():
+            with contextlib.suppress(*DATABASE_ERRORS):  # a lost connection re-adds every channel as it reconnects
+                await conn.add_listener(channel, self._on_subscribed)
+
+    def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
+        """Stop calling `subscriber` for `channel` (the connection keeps listening; unknown payloads are dropped)."""
+        subscribers = self._subscribers.get(channel, [])
+        with contextlib.suppress(ValueError):
+            subscribers.remove(subscriber)
+
+    async def publish(self, channel: str, payload: str) -> None:
+        """NOTIFY `payload` (under MAX_PAYLOAD_BYTES) on `channel`, to every process subscribed to it."""
+        if len(payload.encode()) > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"a payload for {channel!r} is too large for NOTIFY")
+        await self._pool.execute("SELECT pg_notify($1, $2)", channel, payload)
 
     async def send(
         self, node_id: str, call_log_id: str, command: str, args: Mapping[str, Any], *, timeout: float
@@ -131,7 +162,11 @@ class ControlChannel:
                 conn.add_termination_listener(lambda _conn, done=closed: done.set())
                 await conn.add_listener(CONTROL_CHANNEL, self._on_command)
                 await conn.add_listener(REPLY_CHANNEL, self._on_reply)
+                for channel in list(self._subscribers):
+                    await conn.add_listener(channel, self._on_subscribed)
+                self._conn = conn
                 self._listening.set()
+                self._tell_subscribers(None)
                 wait = 0.5
                 while not closed.is_set():
                     with contextlib.suppress(TimeoutError):
@@ -142,6 +177,7 @@ class ControlChannel:
                 log.warning("command channel: connection lost (%s); reconnecting in %.1f s", type(exc).__name__, wait)
             finally:
                 self._listening.clear()
+                self._conn = None
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), timeout=2)
@@ -182,6 +218,21 @@ class ControlChannel:
             await self._pool.execute("SELECT pg_notify($1, $2)", REPLY_CHANNEL, reply)
         except Exception as exc:  # the sender times out and says so
             log.warning("command channel: could not acknowledge %s on call %s (%s)", name, call_log_id, exc)
+
+    def _on_subscribed(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
+        for subscriber in list(self._subscribers.get(channel, [])):
+            try:
+                subscriber(str(payload))
+            except Exception:
+                log.exception("command channel: a subscriber of %s failed", channel)
+
+    def _tell_subscribers(self, payload: str | None) -> None:
+        for channel, subscribers in self._subscribers.items():
+            for subscriber in list(subscribers):
+                try:
+                    subscriber(payload)
+                except Exception:
+                    log.exception("command channel: a subscriber of %s failed", channel)
 
     def _on_reply(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         try:
