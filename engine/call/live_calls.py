@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import Protocol
 
+from engine.call.audio_tap import AudioTap
 from storage.end_reasons import EndReason
 
 log = logging.getLogger(__name__)
@@ -13,6 +14,9 @@ log = logging.getLogger(__name__)
 
 class LiveCall(Protocol):
     """What the registry needs of a running call session."""
+
+    tap: AudioTap
+    """The call's audio for listeners."""
 
     def end_from_outside(self, reason: EndReason, *, completed: bool = False) -> None:
         """End the call for a reason outside it (COMPLETED if `completed`, else FAILED)."""

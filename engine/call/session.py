@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from typing import Any
 
 from config.agent import AgentConfiguration
+from engine.call.audio_tap import AudioTap
 from engine.call.call_log_writer import CallLogWriter, CallOutcome
 from engine.call.credit_meter import CREDIT_MINUTE_SECONDS, CreditMeter, ExtendReservation
 from engine.call.driver import (
@@ -102,7 +103,8 @@ class CallSession:
         self.config = config
         self.clock = clock
         self.timeline = StreamTimeline(clock)
-        self.audio = OutboundAudio(stream, send, self.timeline, recorder, clock=clock)
+        self.tap = AudioTap()
+        self.audio = OutboundAudio(stream, send, self.timeline, recorder, self.tap, clock=clock)
         self.turns = TurnLog(writer, knowledge=knowledge)
         self._stream = stream
         self._writer = writer
@@ -275,7 +277,10 @@ class CallSession:
             max_duration.cancel()
             if self._greeting_wait is not None:
                 self._greeting_wait.cancel()
-            outcome = await self._shut_down()
+            try:
+                outcome = await self._shut_down()
+            finally:
+                self.tap.close()
         return outcome
 
     async def _start_driver(self) -> None:
@@ -410,6 +415,8 @@ class CallSession:
         self.timeline.observe(at_ms, now)
         if self._recorder is not None:
             self._recorder.write_caller(payload, at_ms)
+        if self.tap.listening:
+            self.tap.write_caller(payload, at_ms)
         self._driver.on_caller_audio(payload, at_ms)
         if (
             now - self._last_activity > self._silence_timeout
