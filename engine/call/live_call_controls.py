@@ -1,7 +1,8 @@
 """The live-call controls a node carries out on the calls it holds, whoever asked: this process's API or another's.
 
 Hang-up goes through Twilio's REST API when the engine has credentials (Twilio then stops the stream), else the
-node closes the call's media stream itself.
+node closes the call's media stream itself. Listen (engine.call.listen_relay) publishes the call's audio while the
+asking process's lease lives.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Literal
 from aiohttp import ChainMapProxy, web
 
 from engine.call.control_channel import Acknowledgement, Handler
+from engine.call.listen_relay import LEASE_SECONDS, LISTEN, LISTEN_RELAY
 from engine.server.appkeys import LIVE_CALLS, TWILIO
 from storage.end_reasons import EndReason
 
@@ -44,4 +46,14 @@ def live_call_handlers(app: web.Application) -> Mapping[str, Handler]:
             return Acknowledgement(applied=False, detail=f"call {call_log_id} no longer runs on that engine node")
         return Acknowledgement(applied=True, result={"endedBy": ended_by})
 
-    return {HANG_UP: hang_up}
+    async def listen(call_log_id: str, args: Mapping[str, Any]) -> Acknowledgement:
+        lease, seconds = args.get("lease"), args.get("seconds", LEASE_SECONDS)
+        if not isinstance(lease, str) or not lease or not isinstance(seconds, int | float):
+            return Acknowledgement(applied=False, detail="listen needs a lease id and its seconds")
+        session = app[LIVE_CALLS].get(call_log_id)
+        if session is None:
+            return Acknowledgement(applied=False, detail=f"call {call_log_id} no longer runs on that engine node")
+        app[LISTEN_RELAY].lease(call_log_id, session.tap, lease, min(float(seconds), LEASE_SECONDS))
+        return Acknowledgement(applied=True)
+
+    return {HANG_UP: hang_up, LISTEN: listen}
