@@ -24,7 +24,7 @@ import websockets
 from config.settings import load_settings
 from engine.call.audio_tap import CALL_ENDED, CHUNK_BYTES, LISTENER_TOO_SLOW
 from engine.call.listen_relay import LISTEN_AUDIO_CHANNEL
-from engine.simulator import HangUp, Pause, PlayWav
+from engine.simulator import CallResult, HangUp, Pause, PlayWav
 from engine.simulator.audio import read_wav, synthesize_speech
 from media.g711 import SAMPLE_RATE, ULAW_SILENCE, ulaw_to_pcm16
 from storage.recordings import recording_path
@@ -139,28 +139,51 @@ def without_silence(ulaw: bytes | bytearray) -> bytes:
     return bytes(ulaw).replace(bytes([ULAW_SILENCE]), b"")
 
 
-async def test_a_listener_hears_the_caller_left_and_the_agent_right_as_the_recording_holds_them(
-    engines: Engines, db_url: str, pool: asyncpg.Pool, caller_wav: Path
-) -> None:
-    tenant = await make_tenant(pool, "Stereo")
+@dataclass(frozen=True, slots=True)
+class ListenedCall:
+    """A call the caller played `caller_wav` on, listened to from its start: its ids, the listener's audio and what
+    the simulated caller saw."""
+
+    tenant: Tenant
+    call_log_id: str
+    listened: Listened
+    result: CallResult
+
+
+async def listened_call(
+    pool: asyncpg.Pool, engine: str, listener_engine: str, caller_wav: Path, query: str = "", *, browser: bool
+) -> ListenedCall:
+    """Place a call on `engine` and listen to it through `listener_engine` until it ends, with the key in the
+    Authorization header, or as a `browser` offers it: a subprotocol."""
+    tenant = await make_tenant(pool, "Listened")
+    connect: dict[str, Any] = (
+        {"protocols": ("dialtone.listen", key_protocol(tenant.owner_key))}
+        if browser
+        else {"headers": {"Authorization": f"Bearer {tenant.owner_key}"}}
+    )
     number, _ = await make_line(
         pool, tenant.organization_id, firstSentence="Hello from the listening line. Tell me what you need today."
     )
     async with aiohttp.ClientSession() as session:
-        running = asyncio.create_task(call(engines.holder, number, PlayWav(caller_wav)))
-        call_log_id = await running_here(Api(session, engines.holder), tenant.owner_key)
-        # A browser's way in: the key as a subprotocol, no Authorization header.
-        async with session.ws_connect(
-            url_of(engines.holder, call_log_id), protocols=("dialtone.listen", key_protocol(tenant.owner_key))
-        ) as ws:
+        running = asyncio.create_task(call(engine, number, PlayWav(caller_wav)))
+        call_log_id = await running_here(Api(session, engine), tenant.owner_key)
+        async with session.ws_connect(url_of(listener_engine, call_log_id, query), **connect) as ws:
             listened = await listen(ws)
         result = await running
     await call_log(pool, result)
+    return ListenedCall(tenant, call_log_id, listened, result)
+
+
+async def test_a_listener_hears_the_caller_left_and_the_agent_right_as_the_recording_holds_them(
+    engines: Engines, db_url: str, pool: asyncpg.Pool, caller_wav: Path
+) -> None:
+    heard_call = await listened_call(pool, engines.holder, engines.holder, caller_wav, browser=True)
+    listened, result = heard_call.listened, heard_call.result
 
     assert listened.protocol == "dialtone.listen"
     assert listened.start == {
         "event": "start",
-        "callLogId": call_log_id,
+        "callLogId": heard_call.call_log_id,
         "sampleRate": 8000,
         "channels": 2,
         "encoding": "mulaw",
@@ -174,31 +197,22 @@ async def test_a_listener_hears_the_caller_left_and_the_agent_right_as_the_recor
     assert len(result.utterances) >= 2 and not reply.cleared
     assert without_silence(reply.audio) in without_silence(right)  # what the caller heard of the reply
     heard = ulaw_to_pcm16(bytes(listened.audio)).reshape(-1, 2)
-    assert len(offsets_matching(heard, recording_of(engines, db_url, tenant, call_log_id))) == 1
+    recording = recording_of(engines, db_url, heard_call.tenant, heard_call.call_log_id)
+    assert len(offsets_matching(heard, recording)) == 1
 
 
 async def test_a_listener_on_another_engine_process_hears_the_call_mixed_as_pcm16(
     engines: Engines, db_url: str, pool: asyncpg.Pool, caller_wav: Path
 ) -> None:
-    tenant = await make_tenant(pool, "Mixed")
-    number, _ = await make_line(
-        pool, tenant.organization_id, firstSentence="Hello from the other node. Tell me what you need today."
-    )
-    headers = {"Authorization": f"Bearer {tenant.owner_key}"}
-    async with aiohttp.ClientSession() as session:
-        running = asyncio.create_task(call(engines.holder, number, PlayWav(caller_wav)))
-        call_log_id = await running_here(Api(session, engines.holder), tenant.owner_key)
-        query = "?channels=mixed&encoding=pcm16"
-        async with session.ws_connect(url_of(engines.other, call_log_id, query), headers=headers) as ws:
-            listened = await listen(ws)
-        result = await running
-    await call_log(pool, result)
+    query = "?channels=mixed&encoding=pcm16"
+    heard_call = await listened_call(pool, engines.holder, engines.other, caller_wav, query, browser=False)
+    listened = heard_call.listened
 
     assert listened.start["channels"] == 1 and listened.start["encoding"] == "pcm16"
     assert listened.stop == {"event": "stop", "reason": CALL_ENDED}
     heard = np.frombuffer(bytes(listened.audio), dtype="<i2")
     assert len(heard) == listened.messages * CHUNK_BYTES
-    recording = recording_of(engines, db_url, tenant, call_log_id).astype(np.int32)
+    recording = recording_of(engines, db_url, heard_call.tenant, heard_call.call_log_id).astype(np.int32)
     mixed = np.clip(recording[:, 0] + recording[:, 1], -32768, 32767).astype(np.int16)
     assert len(offsets_matching(heard, mixed)) == 1
     caller = ulaw_to_pcm16(read_wav(caller_wav)).astype(np.int32)
