@@ -124,6 +124,16 @@ async def test_a_full_listener_queue_drops_that_listener_and_the_others_go_on() 
     assert fast.ended == CALL_ENDED
 
 
+def test_the_only_listener_dropped_as_a_chunk_goes_out_leaves_the_tap_idle_and_the_call_unharmed() -> None:
+    tap, slow = AudioTap(), ListenerQueue(1)
+    tap.add(slow)
+    for index, frame in enumerate(frames(30)):  # the second chunk overflows the queue
+        tap.write_caller(frame, index * FRAME_MS)
+        tap.write_agent(frame, index * FRAME_MS + 40)
+    assert slow.ended == LISTENER_TOO_SLOW
+    assert not tap.listening
+
+
 async def test_a_listener_queue_waits_for_chunks_and_ends_after_the_queued_ones() -> None:
     queue = ListenerQueue(4)
     waiting = asyncio.create_task(queue.next())

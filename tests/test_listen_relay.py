@@ -94,6 +94,31 @@ async def test_a_lease_brings_the_calls_chunks_to_the_other_process_until_the_en
     assert queue.ended == CALL_ENDED
 
 
+async def test_the_last_listener_leaving_gives_the_lease_up_and_the_holder_stops_publishing(
+    nodes: tuple[Node, Node],
+) -> None:
+    holder, listener = nodes
+    tap = holder.taps["call-q"] = AudioTap()
+    queue = ListenerQueue(50)
+    await listener.relay.listen("node-holder", "call-q", queue)
+    listener.relay.leave("call-q", queue)
+    number = 0
+    while tap.listening and number < 500:  # the holder lets go at the first chunk after the lease is given up
+        tap.write_caller(caller_frame(number), number * FRAME_MS)
+        number += 1
+        await asyncio.sleep(0.005)
+    assert not tap.listening
+    assert queue.ended is None  # it left; nobody told it anything
+
+
+async def test_a_listener_joining_a_call_that_just_ended_hears_that_it_ended() -> None:
+    tap, queue = AudioTap(), ListenerQueue(5)
+    tap.close(CALL_ENDED)
+    tap.add(queue)
+    assert not tap.listening
+    assert await queue.next() is None and queue.ended == CALL_ENDED
+
+
 async def test_a_gap_in_the_numbering_is_heard_as_silence(nodes: tuple[Node, Node], pool: asyncpg.Pool) -> None:
     holder, listener = nodes
     holder.taps["call-g"] = AudioTap()

@@ -60,6 +60,7 @@ class AudioTap:
         """A tap nobody listens to."""
         self.listening = False
         self._listeners: list[TapListener] = []
+        self._closed: str | None = None  # why the call's audio ended, once it has
         self._reset()
 
     def _reset(self) -> None:
@@ -69,7 +70,10 @@ class AudioTap:
         self._caller_end = 0  # one past the newest caller sample
 
     def add(self, listener: TapListener) -> None:
-        """Send the call's chunks to `listener` from the next one on."""
+        """Send the call's chunks to `listener` from the next one on (none once the call has ended: it hears so)."""
+        if self._closed is not None:
+            listener.end(self._closed)
+            return
         self._listeners.append(listener)
         self.listening = True
 
@@ -88,7 +92,7 @@ class AudioTap:
             self._base = position - position % CHUNK_BYTES
         self._place(self._caller, ulaw, position)
         self._caller_end = max(self._caller_end, position + len(ulaw))
-        while self._caller_end - self._base >= CHUNK_BYTES + _LAG_BYTES:
+        while self._due(_LAG_BYTES):  # the last listener may leave (too slow) as a chunk goes out
             self._send_chunk()
 
     def write_agent(self, ulaw: bytes, at_ms: int) -> None:
@@ -102,14 +106,18 @@ class AudioTap:
 
     def close(self, reason: str = CALL_ENDED) -> None:
         """The call is over: send the whole chunks the caller's audio reached, then tell every listener `reason`."""
-        if self._base is not None:
-            while self._caller_end - self._base >= CHUNK_BYTES:
-                self._send_chunk()
+        while self._due(0):
+            self._send_chunk()
+        self._closed = reason
         listeners, self._listeners = self._listeners, []
         for listener in listeners:
             listener.end(reason)
         self.listening = False
         self._reset()
+
+    def _due(self, lag: int) -> bool:
+        """Whether the caller's audio has run `lag` samples past the end of the next chunk."""
+        return self._base is not None and self._caller_end - self._base >= CHUNK_BYTES + lag
 
     def _place(self, channel: bytearray, ulaw: bytes, position: int) -> None:
         assert self._base is not None

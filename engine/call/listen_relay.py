@@ -43,7 +43,7 @@ from storage.records import new_id
 log = logging.getLogger(__name__)
 
 LISTEN: Final = "listen"
-"""The command name asking the holding node for a call's audio (arguments: `lease`, `seconds`)."""
+"""The command name asking the holding node for a call's audio (arguments: `lease`, `seconds`; 0 gives it up)."""
 LISTEN_AUDIO_CHANNEL: Final = "dialtone_listen_audio"
 """The channel a holding node NOTIFYs listened calls' chunks and end markers on."""
 LEASE_SECONDS: Final = 10.0
@@ -168,8 +168,12 @@ class ListenRelay:
     # ------------------------------------------------------------------------------------------ holding node
 
     def lease(self, call_log_id: str, tap: AudioTap, lease: str, seconds: float) -> None:
-        """Publish the call's audio (from `tap`) for `seconds` more on `lease`'s behalf."""
+        """Publish the call's audio (from `tap`) for `seconds` more on `lease`'s behalf (0: the lease is given up)."""
         publisher = self._publishers.get(call_log_id)
+        if seconds <= 0:
+            if publisher is not None:
+                publisher.renew(lease, 0)
+            return
         if publisher is None or publisher.over:
             publisher = AudioPublisher(call_log_id, self._publish)
             self._publishers[call_log_id] = publisher
@@ -211,7 +215,7 @@ class ListenRelay:
         remote.listeners.append(listener)
 
     def leave(self, call_log_id: str, listener: TapListener) -> None:
-        """Send `listener` nothing more; with no listener left the lease is left to lapse."""
+        """Send `listener` nothing more; with no listener left here, the lease is given up."""
         remote = self._remote.get(call_log_id)
         if remote is None:
             return
@@ -219,6 +223,15 @@ class ListenRelay:
             remote.listeners.remove(listener)
         if not remote.listeners:
             self._forget(call_log_id, remote)
+            task = asyncio.create_task(self._release(call_log_id, remote), name=f"listen-release-{call_log_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, call_log_id: str, remote: _RemoteCall) -> None:
+        """Let the holding node stop publishing now rather than when the lease would lapse."""
+        args = {"lease": remote.lease, "seconds": 0}
+        with contextlib.suppress(ControlChannelError):  # the lease lapses all the same
+            await self._channel.send(remote.node, call_log_id, LISTEN, args, timeout=self._timeout)
 
     async def _ask(self, remote: _RemoteCall, call_log_id: str) -> None:
         args = {"lease": remote.lease, "seconds": LEASE_SECONDS}
