@@ -230,7 +230,7 @@ class ListenRelay:
     async def _release(self, call_log_id: str, remote: _RemoteCall) -> None:
         """Let the holding node stop publishing now rather than when the lease would lapse."""
         args = {"lease": remote.lease, "seconds": 0}
-        with contextlib.suppress(ControlChannelError):  # the lease lapses all the same
+        with contextlib.suppress(ControlChannelError, *DATABASE_ERRORS):  # the lease lapses all the same
             await self._channel.send(remote.node, call_log_id, LISTEN, args, timeout=self._timeout)
 
     async def _ask(self, remote: _RemoteCall, call_log_id: str) -> None:
@@ -249,13 +249,15 @@ class ListenRelay:
             reason = CALL_ENDED  # the node answers but holds the call no more: it ended (its marker was lost)
         except ControlChannelError as exc:
             log.warning("listen-in: call %s: %s", call_log_id, exc)
+        except DATABASE_ERRORS as exc:
+            log.warning("listen-in: call %s: the lease could not be renewed (%s)", call_log_id, type(exc).__name__)
         if self._remote.get(call_log_id) is remote:
             remote.renewal = None  # this task: nothing to cancel
             self._end(call_log_id, remote, reason)
 
     def _on_audio(self, payload: str | None) -> None:
-        if payload is None:
-            return  # NOTIFYs lost while reconnecting show up as a gap in the numbering
+        if payload is None or not self._remote:
+            return  # NOTIFYs lost while reconnecting show up as a gap; another process's listening is not ours
         try:
             message = json.loads(payload)
             remote = self._remote.get(str(message["call"]))
