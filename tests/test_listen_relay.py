@@ -26,6 +26,7 @@ from engine.call.listen_relay import (
     encode_end,
 )
 from media.g711 import FRAME_BYTES, FRAME_MS
+from tests.test_twilio_stream import FakeClock
 
 
 class Node:
@@ -71,6 +72,15 @@ async def chunks_of(queue: ListenerQueue, count: int) -> list[TapChunk]:
     return got
 
 
+async def listening(nodes: tuple[Node, Node], call_log_id: str) -> tuple[AudioTap, ListenerQueue]:
+    """A call held by the first node, and a listener on the second that holds a lease on its audio."""
+    holder, listener = nodes
+    tap = holder.taps[call_log_id] = AudioTap()
+    queue = ListenerQueue(50)
+    await listener.relay.listen("node-holder", call_log_id, queue)
+    return tap, queue
+
+
 def caller_frame(number: int) -> bytes:
     return bytes([number % 250 + 1]) * FRAME_BYTES
 
@@ -78,10 +88,7 @@ def caller_frame(number: int) -> bytes:
 async def test_a_lease_brings_the_calls_chunks_to_the_other_process_until_the_end_marker(
     nodes: tuple[Node, Node],
 ) -> None:
-    holder, listener = nodes
-    tap = holder.taps["call-a"] = AudioTap()
-    queue = ListenerQueue(50)
-    await listener.relay.listen("node-holder", "call-a", queue)
+    tap, queue = await listening(nodes, "call-a")
     assert tap.listening
     for number in range(20):  # 400 ms: three chunks out
         tap.write_caller(caller_frame(number), number * FRAME_MS)
@@ -97,10 +104,8 @@ async def test_a_lease_brings_the_calls_chunks_to_the_other_process_until_the_en
 async def test_the_last_listener_leaving_gives_the_lease_up_and_the_holder_stops_publishing(
     nodes: tuple[Node, Node],
 ) -> None:
-    holder, listener = nodes
-    tap = holder.taps["call-q"] = AudioTap()
-    queue = ListenerQueue(50)
-    await listener.relay.listen("node-holder", "call-q", queue)
+    _, listener = nodes
+    tap, queue = await listening(nodes, "call-q")
     listener.relay.leave("call-q", queue)
     number = 0
     while tap.listening and number < 500:  # the holder lets go at the first chunk after the lease is given up
@@ -120,10 +125,7 @@ async def test_a_listener_joining_a_call_that_just_ended_hears_that_it_ended() -
 
 
 async def test_a_gap_in_the_numbering_is_heard_as_silence(nodes: tuple[Node, Node], pool: asyncpg.Pool) -> None:
-    holder, listener = nodes
-    holder.taps["call-g"] = AudioTap()
-    queue = ListenerQueue(50)
-    await listener.relay.listen("node-holder", "call-g", queue)
+    _, queue = await listening(nodes, "call-g")
     sound = bytes([0x42]) * len(SILENT_CHUNK)
     for sequence in (3, 6, 5):  # 4 and 5 lost; 5 arriving late is too late
         payload = encode_chunk("call-g", TapChunk(sequence, sound, sound))
@@ -145,11 +147,8 @@ async def test_a_holding_node_that_stops_answering_is_reported_lost(
     nodes: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(listen_relay, "RENEW_SECONDS", 0.1)
-    holder, listener = nodes
-    holder.taps["call-l"] = AudioTap()
-    queue = ListenerQueue(5)
-    await listener.relay.listen("node-holder", "call-l", queue)
-    await holder.channel.stop()
+    _, queue = await listening(nodes, "call-l")
+    await nodes[0].channel.stop()
     assert await asyncio.wait_for(queue.next(), timeout=10) is None
     assert queue.ended == NODE_LOST
 
@@ -157,20 +156,12 @@ async def test_a_holding_node_that_stops_answering_is_reported_lost(
 # ------------------------------------------------------------------------------------ the publisher alone
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def chunk(sequence: int) -> TapChunk:
     return TapChunk(sequence, SILENT_CHUNK, SILENT_CHUNK)
 
 
 async def test_the_publisher_stops_once_every_lease_has_lapsed() -> None:
-    clock, published = Clock(), list[str]()
+    clock, published = FakeClock(), list[str]()
 
     async def publish(payload: str) -> None:
         published.append(payload)
