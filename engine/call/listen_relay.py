@@ -217,10 +217,9 @@ class ListenRelay:
     def leave(self, call_log_id: str, listener: TapListener) -> None:
         """Send `listener` nothing more; with no listener left here, the lease is given up."""
         remote = self._remote.get(call_log_id)
-        if remote is None:
-            return
-        with contextlib.suppress(ValueError):
-            remote.listeners.remove(listener)
+        if remote is None or listener not in remote.listeners:
+            return  # its call's audio ended already
+        remote.listeners.remove(listener)
         if not remote.listeners:
             self._forget(call_log_id, remote)
             task = asyncio.create_task(self._release(call_log_id, remote), name=f"listen-release-{call_log_id}")
