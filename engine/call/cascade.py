@@ -28,6 +28,7 @@ from engine.call.driver import (
     DriverFactory,
     opt_out_source,
 )
+from engine.call.key_wait import KeyWait
 from engine.call.phases import CallPhase, PhaseEvent, accepts
 from engine.call.pipeline_speech import AgentSpeech, Utterance
 from engine.call.speculation import CallerPause, SpeculativeReply
@@ -107,6 +108,11 @@ class PipelineDriver:
         self._speech = AgentSpeech(host, pipeline.tts)
         if pipeline.path is not None and pipeline.path_id is not None:
             host.turns.trace_path(pipeline.path_id, pipeline.path)
+        self._key_wait = (
+            KeyWait(host, pipeline.path, caller_speaking=lambda: self._vad.speaking, timed_out=self._keys_timed_out)
+            if pipeline.path is not None
+            else None
+        )
         self._reply: asyncio.Task[None] | None = None
         self._caller_speech_started_ms: int | None = None
         self._caller_speech_ended_at: float | None = None
@@ -165,6 +171,7 @@ class PipelineDriver:
         self._on_pause_frame(voiced)
         if isinstance(vad_event, VadSpeechStarted):
             self._caller_speech_started_ms = vad_event.at_ms
+            self._stop_key_wait()
         elif vad_event is not None:  # speech stopped
             self._caller_speech_ended_at = self._last_voiced_at or self._host.clock()
             self._host.activity()
@@ -188,6 +195,7 @@ class PipelineDriver:
 
     async def interrupt(self, why: str) -> None:
         """Stop the reply and what is playing now; the transcript keeps what was heard."""
+        self._stop_key_wait()
         self._discard_speculation(why)
         reply, self._reply = self._reply, None
         if reply is not None and reply is not asyncio.current_task():
@@ -216,6 +224,7 @@ class PipelineDriver:
         if self._closed:
             return
         self._closed = True
+        self._stop_key_wait()
         self._discard_speculation("the call ended")
         reply, self._reply = self._reply, None
         if reply is not None:
@@ -399,6 +408,7 @@ class PipelineDriver:
     def _start_reply(
         self, sentences: list[str], *, ask_model: bool, reply_to: float | None, turn_ended_at: float | None = None
     ) -> None:
+        self._stop_key_wait()
         if self._reply is not None:
             self._reply.cancel()
         utterance = self._speech.new_utterance(reply_to)
@@ -440,6 +450,17 @@ class PipelineDriver:
             await self._host.hang_up(ending.reason, ending.detail)
         elif self._host.phase is CallPhase.RESPONDING:
             self._host.move(PhaseEvent.YIELD)
+        if ending is None and self._reply is None and self._key_wait is not None:
+            self._key_wait.arm()  # at a gather node, the wait for the next key starts now
+
+    def _stop_key_wait(self) -> None:
+        if self._key_wait is not None:
+            self._key_wait.cancel()
+
+    def _keys_timed_out(self) -> None:
+        """A gather node's wait for a key ran out: the model's next reply has the path act on it."""
+        if self._reply is None and accepts(self._host.phase, PhaseEvent.REPLY):
+            self._start_reply([], ask_model=True, reply_to=None)
 
     async def _say_reply(
         self,
