@@ -20,6 +20,7 @@ from tests.paths import (
     GOODBYE,
     GREETING,
     HUMAN,
+    KEY_TIMEOUT_S,
     ORDER,
     TRANSFER_TO,
 )
@@ -120,9 +121,9 @@ async def test_a_gather_node_times_its_keys_only_while_the_call_is_there() -> No
     await walk.start()
     assert walk.model.engine.key_timeout is None  # a speak node waits for no key
     await walk.says("billing")
-    assert walk.model.engine.key_timeout == 5.0  # the field's default
+    assert walk.model.engine.key_timeout == KEY_TIMEOUT_S
     await walk.says("[DTMF 1]")
-    assert walk.model.engine.key_timeout == 5.0  # and again for the next key
+    assert walk.model.engine.key_timeout == KEY_TIMEOUT_S  # and again for the next key
 
 
 async def test_when_the_wait_for_a_key_runs_out_the_digits_so_far_complete_the_gather_node() -> None:
@@ -148,7 +149,7 @@ async def test_with_no_key_at_all_the_gather_node_asks_again_then_waits_without_
     walk.model.engine.time_out_keys()
     assert not walk.model.engine.keys_timed_out
     assert await walk.says("[DTMF 5]") == []  # a key still counts, and the timer is back for the next one
-    assert walk.model.engine.key_timeout == 5.0
+    assert walk.model.engine.key_timeout == KEY_TIMEOUT_S
 
 
 async def test_a_key_pressed_as_the_wait_ran_out_is_taken_as_a_key() -> None:

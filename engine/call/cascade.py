@@ -148,9 +148,11 @@ class PipelineDriver:
         if not accepts(self._host.phase, PhaseEvent.REPLY) or self._reply is not None:
             return
         opening = [self._first_sentence] if self._first_sentence else []
-        ask_model = self._pipeline.llm.scripted_opening or (not opening and self._host.config.model_greets)
+        scripted = self._pipeline.llm.scripted_opening
+        ask_model = scripted or (not opening and self._host.config.model_greets)
         if opening or ask_model:
-            self._start_reply(opening, ask_model=ask_model, reply_to=None)
+            # A path opens at its start node, whatever the callee said to pick up: their "Hello?" answers nothing.
+            self._start_reply(opening, ask_model=ask_model, reply_to=None, conversation=[] if scripted else None)
 
     @property
     def caller_speaking(self) -> bool:
@@ -406,7 +408,13 @@ class PipelineDriver:
         return [ConversationTurn(role=speaker, text=text) for speaker, text in self._host.turns.heard]
 
     def _start_reply(
-        self, sentences: list[str], *, ask_model: bool, reply_to: float | None, turn_ended_at: float | None = None
+        self,
+        sentences: list[str],
+        *,
+        ask_model: bool,
+        reply_to: float | None,
+        turn_ended_at: float | None = None,
+        conversation: list[ConversationTurn] | None = None,
     ) -> None:
         self._stop_key_wait()
         if self._reply is not None:
@@ -415,7 +423,7 @@ class PipelineDriver:
         if turn_ended_at is not None:
             utterance.stage_at["sttEndOfTurn"] = turn_ended_at
         self._host.move(PhaseEvent.REPLY)
-        self._reply = self._host.spawn(self._respond(utterance, sentences, ask_model), "reply")
+        self._reply = self._host.spawn(self._respond(utterance, sentences, ask_model, conversation), "reply")
 
     async def _respond(
         self,
