@@ -58,6 +58,7 @@ BALANCE = "Your balance is twelve dollars."
 ACCOUNT_SID = "AC" + "2" * 32
 REPLY_TIMEOUT_S = 4.0
 """How long a caller's step waits for the agent to start replying (a wait node says nothing)."""
+REALTIME = {"provider": "openai", "silence_duration_ms": 300, "transcription_model": "whisper-1"}
 REPO = str(Path(__file__).resolve().parent.parent)
 _numbers = itertools.count(1)
 
@@ -411,7 +412,9 @@ async def test_a_gather_node_with_no_key_pressed_asks_again_when_its_wait_runs_o
     rig.fakes.openai.replies.extend([[follow("to-billing")], BALANCE])
     async with rig.engine() as engine:
         line = await rig.line()
-        steps: list[Step] = [Say("billing"), Pause(7000), Dtmf("1234")]  # the prompt, then 2 s without a key
+        # The prompt (1.8 s of ElevenLabs' fake audio) is heard by about 2.5 s and said again 2 s later; the keys come
+        # once that is heard, well before the second wait runs out.
+        steps: list[Step] = [Say("billing"), Pause(7000), Dtmf("1234")]
         call = rig.call(engine, line, *steps)
         live, _ = await call.trace_when(9)
         call.task.cancel()
@@ -531,8 +534,7 @@ async def test_the_realtime_model_follows_the_path_through_session_updates(rig: 
         fake.reply(GOODBYE)
         fake.caller_says("Thanks, bye.")
         async with rig.engine(openai_base_url=fake.base_url) as engine:
-            realtime = {"provider": "openai", "silence_duration_ms": 300, "transcription_model": "whisper-1"}
-            line = await rig.line(realtime=realtime)
+            line = await rig.line(realtime=REALTIME)
             steps: list[Step] = [Say("it is about billing"), Dtmf("1234"), Say("thanks bye")]
             call = rig.call(engine, line, *steps)
             live, log = await call.trace_when(8)
@@ -557,6 +559,33 @@ async def test_the_realtime_model_follows_the_path_through_session_updates(rig: 
     assert ended[-1][1:3] == (GOODBYE, "goodbye")
     assert (log["metadata"]["endReason"], log["metadata"]["conversationPath"]["node"]) == ("path_end", "goodbye")
     assert rig.twilio_updates == [{"sid": result.call_sid, "Status": "completed"}]
+
+
+async def test_a_realtime_calls_gather_node_asks_again_then_takes_the_keys_so_far_when_its_wait_runs_out(
+    rig: PathRig,
+) -> None:
+    async with FakeRealtime(api_key=OPENAI_KEY) as fake:
+        fake.reply(GREETING)
+        fake.caller_says("It's about billing.")
+        fake.reply_tool("follow_path", {"way": "to-billing"})
+        fake.reply(ASK_ACCOUNT)
+        fake.reply(ASK_ACCOUNT)  # said again when no key came
+        fake.reply(BALANCE)
+        async with rig.engine(openai_base_url=fake.base_url) as engine:
+            line = await rig.line(realtime=REALTIME)
+            # The prompt (1.1 s of the fake's audio) is heard by about 2 s, said again 2 s later; the keys come after
+            # that, well before the second wait runs out.
+            call = rig.call(engine, line, Say("it is about billing"), Pause(5000), Dtmf("73"), Pause(6000))
+            live, _ = await call.trace_when(7)
+            call.task.cancel()
+    assert [row[1:4] for row in live[2:7]] == [
+        (ASK_ACCOUNT, "account", "to-billing"),
+        (ASK_ACCOUNT, "account", None),
+        ("[DTMF 7]", "account", None),
+        ("[DTMF 3]", "account", None),
+        (BALANCE, "billing", "found"),
+    ]
+    assert rig.accounts.received[0]["arguments"] == {"account": "73"}
 
 
 # --------------------------------------------------------------------------------------------------- the demo
