@@ -163,16 +163,10 @@ async def path_line(pool: asyncpg.Pool, organization_id: str, tool_url: str, **c
         nodes=EVERY_TYPE_NODES,
         edges=EVERY_TYPE_EDGES,
     )
-    decoy = await conversation_paths.create_conversation_path(
-        pool,
-        organization_id=organization_id,
-        name="Decoy",
-        nodes=[{"id": "decoy", "type": "end", "data": {"isStart": True, "text": "Wrong path."}}],
+    await link_decoy(pool, organization_id, agent_id)
+    await agents.link_conversation_path(
+        pool, organization_id=organization_id, agent_id=agent_id, conversation_path_id=path.id
     )
-    for linked in (decoy.id, path.id):
-        await agents.link_conversation_path(
-            pool, organization_id=organization_id, agent_id=agent_id, conversation_path_id=linked
-        )
     await agents.set_default_conversation_path(
         pool, organization_id=organization_id, agent_id=agent_id, conversation_path_id=path.id
     )
@@ -188,6 +182,19 @@ async def path_line(pool: asyncpg.Pool, organization_id: str, tool_url: str, **c
     )
     await agents.link_tool(pool, organization_id=organization_id, agent_id=agent_id, tool_id=tool.id)
     return PathLine(number, agent_id, path.id)
+
+
+async def link_decoy(pool: asyncpg.Pool, organization_id: str, agent_id: str) -> None:
+    """Give the agent a path that ends the call at once: said, it shows the call followed the wrong path."""
+    decoy = await conversation_paths.create_conversation_path(
+        pool,
+        organization_id=organization_id,
+        name="Decoy",
+        nodes=[{"id": "decoy", "type": "end", "data": {"isStart": True, "text": "Wrong path."}}],
+    )
+    await agents.link_conversation_path(
+        pool, organization_id=organization_id, agent_id=agent_id, conversation_path_id=decoy.id
+    )
 
 
 class LiveCall:
@@ -474,15 +481,7 @@ async def test_a_campaigns_path_overrides_the_agents_default(rig: PathRig) -> No
         caller_type=CallerType.OUTBOUND,
         configuration={"stt": {"provider": "sphinx"}, "llm": {"provider": "conversation_path"}},
     )
-    decoy = await conversation_paths.create_conversation_path(
-        pool,
-        organization_id=organization_id,
-        name="Decoy",
-        nodes=[{"id": "decoy", "type": "end", "data": {"isStart": True, "text": "Wrong path."}}],
-    )
-    await agents.link_conversation_path(
-        pool, organization_id=organization_id, agent_id=agent.id, conversation_path_id=decoy.id
-    )
+    await link_decoy(pool, organization_id, agent.id)  # the agent's only (so default) path
     path = await conversation_paths.create_conversation_path(
         pool, organization_id=organization_id, name="Renewals", nodes=EVERY_TYPE_NODES, edges=EVERY_TYPE_EDGES
     )
