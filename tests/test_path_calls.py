@@ -38,7 +38,6 @@ from tests.fakes.openai_realtime import FakeRealtime
 from tests.fakes.server import serve
 from tests.fakes.twilio import Answer, FakeTwilio
 from tests.paths import (
-    ANSWER_FALLBACK,
     ASK_ACCOUNT,
     EVERY_TYPE_EDGES,
     EVERY_TYPE_NODES,
@@ -51,10 +50,12 @@ from tests.paths import (
 from tests.test_calls_e2e import call_log as finished_log
 from tests.test_calls_e2e import finished_call_log, turns
 from tests.test_cloud_calls_e2e import CALLER, OPENAI_KEY, TOKEN, Fakes, fake_twilio_rest, fakes, make_line
+from tests.test_knowledge_calls import give_knowledge
 
 __all__ = ["fake_twilio_rest", "fakes"]  # that module's fixtures: the vendors' fakes, Twilio's REST API
 
 BALANCE = "Your balance is twelve dollars."
+DELIVERY = "Every order will arrive within three working days of its dispatch."
 ACCOUNT_SID = "AC" + "2" * 32
 REPLY_TIMEOUT_S = 4.0
 """How long a caller's step waits for the agent to start replying (a wait node says nothing)."""
@@ -441,8 +442,9 @@ async def test_the_offline_model_walks_prompt_wait_knowledge_press_digits_and_en
     rig.fakes.deepgram.transcripts.extend(
         ["I am calling about an order.", "It is order seven.", "When will it arrive?", "Take me to the menu."]
     )
-    async with rig.engine() as engine:
+    async with rig.engine(kb_ingest_poll_interval=0.05) as engine:
         line = await rig.line(llm={"provider": "conversation_path"})
+        await give_knowledge(rig.pool, rig.organization_id, line.agent_id, DELIVERY)
         steps: list[Step] = [
             Say("i am calling about an order"),
             Say("it is order seven"),  # the wait node: nothing is said, the caller goes on
@@ -458,7 +460,7 @@ async def test_the_offline_model_walks_prompt_wait_knowledge_press_digits_and_en
         ("agent", ORDER, "order", "to-order"),
         ("caller", "It is order seven.", "order", None),
         ("caller", "When will it arrive?", "listen", None),
-        ("agent", ANSWER_FALLBACK, "kb", "heard"),  # no knowledge base has it: the fallback line
+        ("agent", DELIVERY, "kb", "heard"),  # the knowledge node: the passage found in the agent's knowledge base
         ("caller", "Take me to the menu.", "kb", None),
         ("agent", f"[DTMF 1w2] {GOODBYE}", "goodbye", "menu-done"),  # the tones, then goodbye
     ]
