@@ -7,7 +7,7 @@ clearly unfinished (pipelines.conversation.end_of_turn) end a turn only after a 
 the reply may start speculatively, its audio held until the turn is confirmed (engine.call.speculation). An agent
 turn is written with what the caller heard of it (pipelines.conversation.heard). A model or synthesizer that fails
 in the middle of a reply hands over to the next provider of its chain, and the caller hears a short apology instead
-of silence.
+of silence. At a gather node of the call's path, the wait for each key is timed (engine.call.key_wait).
 """
 
 from __future__ import annotations
