@@ -539,7 +539,8 @@ async def test_the_realtime_model_follows_the_path_through_session_updates(rig: 
             steps: list[Step] = [Say("it is about billing"), Dtmf("1234"), Say("thanks bye")]
             call = rig.call(engine, line, *steps)
             live, log = await call.trace_when(8)
-            instructions = [update["session"]["instructions"] for update in fake.of_type("session.update")]
+            updates = [update["session"] for update in fake.of_type("session.update")]
+            instructions = [update["instructions"] for update in updates]
             result, log, ended = await call.finished()
         items = fake.of_type("conversation.item.create")
 
@@ -553,6 +554,7 @@ async def test_the_realtime_model_follows_the_path_through_session_updates(rig: 
         (BALANCE, "billing"),
     ]
     assert "'greet'" in instructions[0] and "Warm and brief." in instructions[0]
+    assert "follow_path" in {tool["name"] for tool in updates[0]["tools"]}
     assert any("'account'" in text for text in instructions)
     assert "Tell the caller their balance" in instructions[-1]
     assert rig.accounts.received[0]["arguments"] == {"account": "1234"}
