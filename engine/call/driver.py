@@ -19,7 +19,7 @@ from engine.call.outbound_audio import OutboundAudio, StreamTimeline
 from engine.call.phases import CallPhase, PhaseEvent
 from engine.call.turns import TurnLog
 from media.twilio_stream import MarkFlushed, MarkPlayed, PlaybackClock
-from pipelines.llm.base import OptOut
+from pipelines.llm.base import MessageRole, OptOut
 from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 
@@ -54,6 +54,10 @@ class ConversationUnavailable(Exception):
         """`detail` says what failed (never quoting a key)."""
         super().__init__(detail)
         self.reason = reason
+
+
+class ControlRefused(Exception):
+    """A live control (a line to say, a message, a transfer) the call cannot carry out now; the message says why."""
 
 
 class CallHost(Protocol):
@@ -152,6 +156,15 @@ class ConversationDriver(Protocol):
 
     async def say(self, text: str) -> None:
         """Speak `text` as it is and return once it was heard (or could not be, bounded)."""
+        ...
+
+    async def say_line(self, text: str, *, interrupt: bool) -> bool:
+        """Speak `text` as an agent turn of its own: at once, cutting what the agent is saying (True when something
+        was cut), or after its reply in progress (queued). Returns once the cut is made; the line plays on."""
+        ...
+
+    async def add_message(self, content: str, role: MessageRole) -> None:
+        """Add a message to the model's context for its next reply (ControlRefused if the model takes none)."""
         ...
 
     async def close(self) -> None:

@@ -19,6 +19,7 @@ from openai import AsyncOpenAI
 from config.agent import OpenAIRealtimeConfig
 from engine.call.driver import (
     CallHost,
+    ControlRefused,
     ConversationUnavailable,
     DriverFactory,
 )
@@ -33,6 +34,7 @@ from media.g711 import FRAME_BYTES
 from media.twilio_stream import MarkFlushed, MarkPlayed
 from media.vad import VoiceActivityDetector
 from pipelines.conversation.turn_taking import BargeInPolicy
+from pipelines.llm.base import MessageRole
 from pipelines.paths.chat import ChatPath
 from pipelines.realtime.openai_realtime import (
     AudioDelta,
@@ -152,6 +154,7 @@ class RealtimeDriver:
         )
         self._vad = VoiceActivityDetector()  # run only while the agent's audio plays: the overlap count
         self._callee_spoke = False
+        self._messages: list[tuple[MessageRole, str]] = []  # added through the API: replayed on a reopened session
         self._closed = False
 
     # ------------------------------------------------------------------------------------ ConversationDriver
@@ -221,6 +224,35 @@ class RealtimeDriver:
             return
         await self._voice.finished(response)
 
+    async def say_line(self, text: str, *, interrupt: bool) -> bool:
+        """Have the model say `text` word for word as a response of its own: cutting what it says (True when
+        something was cut) or once it is quiet."""
+        channel = self._open_channel()
+        if not interrupt:
+            self._spawn(self._say_when_quiet(text), "queued line")
+            return False
+        cut = self._voice.speaking
+        await self._cut_agent("a line said through the API", barge_in=False, model=channel)
+        await channel.create_response(say_exactly(text))
+        return cut
+
+    async def add_message(self, content: str, role: MessageRole) -> None:
+        """Add the message to the model's conversation (conversation.item.create), for its next responses."""
+        await self._open_channel().send_message(role, content)
+        self._messages.append((role, content))
+
+    def _open_channel(self) -> RealtimeChannel:
+        channel = self._connection.channel
+        if channel is None:
+            raise ControlRefused("the speech-to-speech model's connection is being reopened; try again shortly")
+        return channel
+
+    async def _say_when_quiet(self, text: str) -> None:
+        await self._voice.quiet()
+        channel = self._connection.channel
+        if channel is not None and accepts(self._host.phase, PhaseEvent.REPLY):
+            await channel.create_response(say_exactly(text))
+
     async def close(self) -> None:
         """Settle what was being said, then close the connection (its errors are logged, never raised)."""
         if self._closed:
@@ -237,6 +269,8 @@ class RealtimeDriver:
         self._spawn(self._converse(channel), "realtime")
         if self._host.phase is CallPhase.RESPONDING:
             self._host.move(PhaseEvent.YIELD)
+        for role, content in self._messages:
+            await channel.send_message(role, content)
         heard = self._host.turns.heard
         if self._host.phase is CallPhase.LISTENING and heard and heard[-1][0] == "caller":
             self._reply_to = self._host.clock()  # the caller was waiting for an answer

@@ -22,6 +22,7 @@ from engine.call.driver import (
     DEFAULT_APOLOGY,
     DEFAULT_GOODBYE,
     CallContext,
+    ControlRefused,
     ConversationDriver,
     ConversationUnavailable,
     DriverFactory,
@@ -44,6 +45,8 @@ from media.twilio_stream import (
     StreamProtocolError,
     TwilioStream,
 )
+from pipelines.conversation.transfer_rules import AllowedTransfer, Refusal, TransferRules
+from pipelines.llm.base import MessageRole
 from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus
@@ -188,12 +191,16 @@ class CallSession:
 
     async def transfer(self, to: str, detail: str | None = None) -> bool:
         """Hand the caller to `to` through Twilio; False (the call goes on) when that cannot be done."""
-        if self._ended.is_set() or not await self._twilio.transfer(to):
+        if not await self._transfer_started(to):
             return False
+        await self._transferred(detail)
+        return True
+
+    async def _transferred(self, detail: str | None) -> None:
+        """Twilio took the caller to the transfer: no new turn starts, and the call ends as it leaves our stream."""
         self._wind_down(EndReason.TRANSFERRED, detail)
         await await_twilio_stop(self._ended)  # Twilio leaves our stream for the <Dial>
         self._end(CallStatus.COMPLETED, EndReason.TRANSFERRED, detail)
-        return True
 
     async def record_opt_out(self, source: DoNotCallSource, reason: str) -> None:
         """Put the other party on the organization's do-not-call list, naming this call; a failure is logged.
@@ -248,6 +255,48 @@ class CallSession:
     def latencies_ms(self) -> list[int]:
         """Response latencies of the agent's turns so far (caller stopped speaking → first agent audio sent)."""
         return self.turns.latencies_ms
+
+    # ------------------------------------------------------------------------------------- live controls
+
+    async def say_line(self, text: str, *, interrupt: bool) -> bool:
+        """The agent says `text` as a turn of its own: now, cutting what it says (True when something was cut), or
+        after its current reply. ControlRefused once the call is ending."""
+        self._refuse_when_ending("says nothing more")
+        return await self._driver.say_line(text, interrupt=interrupt)
+
+    async def add_message(self, content: str, role: MessageRole) -> None:
+        """Add a message to the model's context for its next reply (ControlRefused if it takes none, or the call is
+        ending)."""
+        self._refuse_when_ending("takes no more messages")
+        await self._driver.add_message(content, role)
+
+    async def transfer_from_outside(self, to: str, detail: str) -> AllowedTransfer | Refusal:
+        """Hand the caller to `to` if the agent's transfer rules allow it, the same rules as the model's
+        `transfer_call` (their Refusal otherwise): the agent stops speaking, Twilio dials, and the call ends as
+        TRANSFERRED. ControlRefused when the call is ending, no Twilio account can transfer it, or Twilio refused."""
+        verdict = TransferRules.from_config(self.config.transfer).check(to)
+        if isinstance(verdict, Refusal):
+            return verdict
+        self._refuse_when_ending("cannot be transferred")
+        if not self._twilio.can_transfer:
+            raise ControlRefused(
+                "the engine process holding the call has no Twilio account (TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN) "
+                "to transfer it with"
+            )
+        await self._driver.interrupt("a transfer through the API")
+        if not await self._transfer_started(verdict.number):
+            raise ControlRefused(f"Twilio did not transfer the call to {verdict.number}; the call goes on")
+        self._wind_down(EndReason.TRANSFERRED, detail)
+        self.spawn(self._transferred(detail), "transfer")
+        return verdict
+
+    async def _transfer_started(self, to: str) -> bool:
+        """Ask Twilio to take the caller to `to`, unless the call has ended meanwhile."""
+        return not self._ended.is_set() and await self._twilio.transfer(to)
+
+    def _refuse_when_ending(self, what: str) -> None:
+        if not accepts(self._phase, PhaseEvent.WIND_DOWN):
+            raise ControlRefused(f"the call is {self._phase.value} and {what}")
 
     # ------------------------------------------------------------------------------------------- lifecycle
 

@@ -41,6 +41,11 @@ class TwilioControl:
         self._transfer = transfer
         self._rules = rules
 
+    @property
+    def can_transfer(self) -> bool:
+        """Whether there is a REST API to transfer the call with."""
+        return self._transfer is not None
+
     async def hang_up(self) -> bool:
         """Ask Twilio to end the call; False when there is no REST API or it failed (closing the stream ends it)."""
         if self._hang_up is None:
