@@ -116,7 +116,7 @@ async def test_a_queued_line_is_said_after_the_agents_reply_as_a_turn_of_its_own
     result = await hang_up(api, tenant, call_log_id, running)
     assert opening["text"].startswith("Hello, you have reached the clinic.") and not opening["interrupted"]
     assert (line["text"], line["interrupted"]) == (LINE, False)
-    assert opening["endMs"] <= line["startMs"] < line["endMs"]  # heard after the opening, and heard through
+    assert opening["index"] < line["index"] and line["startMs"] < line["endMs"]  # after the opening, heard through
     assert not result.clears  # nothing was cut
 
 

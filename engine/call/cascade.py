@@ -239,7 +239,9 @@ class PipelineDriver:
         self._discard_speculation("a message was added")
 
     async def _say_when_quiet(self, text: str) -> None:
-        """Wait until the agent has no reply in progress, then say `text` (unless the call is ending by then)."""
+        """Wait until the conversation has opened and the agent has no reply in progress, then say `text` (unless
+        the call is ending by then)."""
+        await self._host.opened.wait()  # a line sent as the call starts comes after its opening
         while (reply := self._reply) is not None:
             await asyncio.wait({reply})
         if accepts(self._host.phase, PhaseEvent.REPLY):

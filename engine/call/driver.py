@@ -69,6 +69,8 @@ class CallHost(Protocol):
     audio: OutboundAudio
     timeline: StreamTimeline
     turns: TurnLog
+    opened: asyncio.Event
+    """Set once the conversation has opened (the agent's opening is under way, or the caller has the floor)."""
 
     @property
     def playback(self) -> PlaybackClock:

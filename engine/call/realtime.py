@@ -248,6 +248,7 @@ class RealtimeDriver:
         return channel
 
     async def _say_when_quiet(self, text: str) -> None:
+        await self._host.opened.wait()
         await self._voice.quiet()
         channel = self._connection.channel
         if channel is not None and accepts(self._host.phase, PhaseEvent.REPLY):

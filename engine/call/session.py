@@ -107,6 +107,7 @@ class CallSession:
         self.timeline = StreamTimeline(clock)
         self.audio = OutboundAudio(stream, send, self.timeline, recorder, clock=clock)
         self.turns = TurnLog(writer, knowledge=knowledge)
+        self.opened = asyncio.Event()
         self._stream = stream
         self._writer = writer
         self._recorder = recorder
@@ -317,7 +318,7 @@ class CallSession:
             # Let the callee answer first ("Hello?"); speak anyway if they stay silent.
             self._greeting_wait = loop.call_later(GREETING_WAIT_SECONDS, self._open_conversation)
         else:
-            self._driver.open()
+            self._open_driver()
         try:
             await self._ended.wait()
         finally:
@@ -344,7 +345,11 @@ class CallSession:
             self._greeting_wait = None
         if self._phase is CallPhase.AWAITING_GREETING:
             self.move(PhaseEvent.GREETED)
-            self._driver.open()
+            self._open_driver()
+
+    def _open_driver(self) -> None:
+        self.opened.set()
+        self._driver.open()
 
     def _supervise(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
