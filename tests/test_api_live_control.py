@@ -14,21 +14,17 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
 
 from config.agent import parse_agent_configuration
 from engine.simulator import CallEnding, CallResult, Pause, Say
 from storage import agents, phone_numbers
 from storage.enums import AgentStatus, CallerType
 from tests.engine_server import running_engine
-from tests.fakes.deepgram import FakeDeepgram
-from tests.fakes.elevenlabs import FakeElevenLabs
-from tests.fakes.openai_chat import FakeOpenAI
 from tests.fakes.openai_realtime import FakeRealtime
-from tests.fakes.server import serve
+from tests.fakes.twilio import call_updates
 from tests.test_api_auth import Api, Tenant, make_tenant
 from tests.test_calls_e2e import TOKEN, call, call_log, make_line, turns
-from tests.test_cloud_calls_e2e import DG_KEY, EL_KEY, OPENAI_KEY, Fakes
+from tests.test_cloud_calls_e2e import OPENAI_KEY, Fakes, running_fakes
 from tests.test_cloud_calls_e2e import make_line as make_cloud_line
 from tests.test_live_call_control_channel import held_by_a_node
 from tests.test_repo_call_logs import open_call
@@ -41,28 +37,15 @@ LINE = "This is a line from the operator."
 
 @pytest.fixture(scope="module")
 async def fakes() -> AsyncIterator[Fakes]:
-    async with (
-        FakeDeepgram(api_key=DG_KEY) as deepgram,
-        FakeOpenAI(api_key=OPENAI_KEY) as openai,
-        FakeElevenLabs(api_key=EL_KEY, ms_per_char=40) as elevenlabs,
-    ):
-        yield Fakes(deepgram, openai, elevenlabs)
+    async with running_fakes() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 async def twilio_updates() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
     """Twilio's REST API for call updates (hang-ups, transfers): records each update's form."""
-    updates: list[dict[str, str]] = []
-
-    async def update_call(request: web.Request) -> web.Response:
-        form = await request.post()
-        updates.append({"sid": request.match_info["call_sid"], **{k: str(v) for k, v in form.items()}})
-        return web.json_response({"sid": request.match_info["call_sid"], "status": "in-progress"})
-
-    app = web.Application()
-    app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{call_sid}.json", update_call)
-    async with serve(app) as base:
-        yield base, updates
+    async with call_updates() as rest:
+        yield rest
 
 
 @pytest.fixture(scope="module")
