@@ -86,20 +86,22 @@ async def hang_up(api: Api, tenant: Tenant, call_log_id: str, running: asyncio.T
     return await running
 
 
-async def test_a_queued_line_is_said_after_the_agents_reply_as_a_turn_of_its_own(
+async def test_queued_lines_are_said_after_the_agents_reply_in_order_as_turns_of_their_own(
     engines: dict[str, str], api: Api, pool: asyncpg.Pool
 ) -> None:
     tenant = await make_tenant(pool, "Queued")
     number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hello, you have reached the clinic.")
     running = asyncio.create_task(call(engines["holder"], number, Pause(60_000)))
     call_log_id = await held_by_a_node(pool, tenant.organization_id)
-    status, body = await api.call("POST", f"/live-calls/{call_log_id}/say", tenant.owner_key, json={"text": LINE})
-    assert (status, body) == (202, {"callLogId": call_log_id, "interrupted": False})
-    opening, line = (await agent_turns(pool, call_log_id, 2))[-2:]
+    for text in (LINE, "And a second one."):
+        status, body = await api.call("POST", f"/live-calls/{call_log_id}/say", tenant.owner_key, json={"text": text})
+        assert (status, body) == (202, {"callLogId": call_log_id, "interrupted": False})
+    opening, line, second = (await agent_turns(pool, call_log_id, 3))[-3:]
     result = await hang_up(api, tenant, call_log_id, running)
     assert opening["text"].startswith("Hello, you have reached the clinic.") and not opening["interrupted"]
-    assert (line["text"], line["interrupted"]) == (LINE, False)
-    assert opening["index"] < line["index"] and line["startMs"] < line["endMs"]  # after the opening, heard through
+    assert [(t["text"], t["interrupted"]) for t in (line, second)] == [(LINE, False), ("And a second one.", False)]
+    assert opening["index"] < line["index"] < second["index"]
+    assert line["startMs"] < line["endMs"]  # its audio was played to the caller
     assert not result.clears  # nothing was cut
 
 
@@ -186,6 +188,21 @@ async def test_a_transfer_the_agents_rules_allow_goes_through_twilio(
     assert f"<Dial><Number>{BILLING}</Number></Dial>" in update["Twiml"]
     log = await call_log(pool, result)
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred")
+
+
+async def test_a_transfer_on_an_engine_without_a_twilio_account_is_a_conflict(
+    engines: dict[str, str], api: Api, pool: asyncpg.Pool
+) -> None:
+    tenant = await make_tenant(pool, "NoTwilio")
+    rules = {"destinations": [{"number": BILLING, "label": "Billing"}]}
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hello.", transfer=rules)
+    running = asyncio.create_task(call(engines["holder"], number, Pause(60_000)))
+    call_log_id = await held_by_a_node(pool, tenant.organization_id)
+    status, body = await api.call("POST", f"/live-calls/{call_log_id}/transfer", tenant.owner_key, json={"to": BILLING})
+    result = await hang_up(api, tenant, call_log_id, running)
+    assert status == 409
+    assert "no Twilio account" in body["error"]["message"]
+    assert (await call_log(pool, result))["metadata"]["endReason"] == "api_hangup"
 
 
 @pytest.mark.parametrize(

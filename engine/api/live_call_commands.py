@@ -17,7 +17,7 @@ from storage import call_logs, engine_nodes
 from storage.call_logs import CallLog
 from storage.enums import CallStatus
 
-_REFUSAL_STATUS = {"forbidden": (403, "forbidden")}
+_REFUSAL_STATUS = {"forbidden": (403, "forbidden"), "twilio": (502, "twilio_error")}
 """The status of a command the call refused, by the kind its handler named (otherwise 409 conflict)."""
 
 
@@ -39,7 +39,8 @@ async def command_holding_node(
     process holds the call's media stream yet.
 
     ApiError when it was not carried out: 409 when the holding process stopped, does not answer, or no longer has
-    the call, or the call refused the command (403 when the agent's rules forbid it).
+    the call, or the call refused the command (403 when the agent's rules forbid it, 502 when Twilio did not carry
+    it out).
     """
     app = call.app
     if log.id in app[LIVE_CALLS]:

@@ -15,6 +15,7 @@ from aiohttp import ChainMapProxy, web
 from engine.call.control_channel import Acknowledgement, Handler
 from engine.call.driver import ControlRefused
 from engine.call.live_calls import LiveCall
+from engine.call.twilio_control import TwilioRefused
 from engine.server.appkeys import LIVE_CALLS, TWILIO
 from pipelines.conversation.transfer_rules import Refusal
 from storage.end_reasons import EndReason
@@ -30,9 +31,9 @@ TRANSFER: Final = "transfer"
 
 REFUSAL: Final = "refusal"
 """The result key of a command not applied because the call refused it: `Refused`. Without it, the call was gone."""
-Refused = Literal["conflict", "forbidden"]
+Refused = Literal["conflict", "forbidden", "twilio"]
 """conflict: the call cannot do it now (it is ending, its model takes no messages...); forbidden: the agent's rules
-do not allow it (a transfer to a number they do not list)."""
+do not allow it (a transfer to a number they do not list); twilio: Twilio's REST API did not carry it out."""
 
 EndedBy = Literal["twilio", "engine"]
 
@@ -62,7 +63,7 @@ def _gone(call_log_id: str) -> Acknowledgement:
 
 
 def _on_session(app: web.Application, command: SessionCommand) -> Handler:
-    """A handler carrying out `command` on the call's session here; a call that refuses says why (conflict)."""
+    """A handler carrying out `command` on the call's session here; a call that refuses says why."""
 
     async def handler(call_log_id: str, args: Mapping[str, Any]) -> Acknowledgement:
         session = app[LIVE_CALLS].get(call_log_id)
@@ -70,6 +71,8 @@ def _on_session(app: web.Application, command: SessionCommand) -> Handler:
             return _gone(call_log_id)
         try:
             return await command(session, args)
+        except TwilioRefused as exc:
+            return refused("twilio", f"call {call_log_id}: {exc}")
         except ControlRefused as exc:
             return refused("conflict", f"call {call_log_id}: {exc}")
 

@@ -155,6 +155,7 @@ class RealtimeDriver:
         self._vad = VoiceActivityDetector()  # run only while the agent's audio plays: the overlap count
         self._callee_spoke = False
         self._messages: list[tuple[MessageRole, str]] = []  # added through the API: replayed on a reopened session
+        self._queued_lines = asyncio.Lock()
         self._closed = False
 
     # ------------------------------------------------------------------------------------ ConversationDriver
@@ -226,14 +227,14 @@ class RealtimeDriver:
 
     async def say_line(self, text: str, *, interrupt: bool) -> bool:
         """Have the model say `text` word for word as a response of its own: cutting what it says (True when
-        something was cut) or once it is quiet."""
+        something was cut) or once it is quiet, one queued line after another."""
         channel = self._open_channel()
         if not interrupt:
             self._spawn(self._say_when_quiet(text), "queued line")
             return False
         cut = self._voice.speaking
         await self._cut_agent("a line said through the API", barge_in=False, model=channel)
-        await channel.create_response(say_exactly(text))
+        self._spawn(self.say(text), "line")
         return cut
 
     async def add_message(self, content: str, role: MessageRole) -> None:
@@ -249,10 +250,10 @@ class RealtimeDriver:
 
     async def _say_when_quiet(self, text: str) -> None:
         await self._host.opened.wait()
-        await self._voice.quiet()
-        channel = self._connection.channel
-        if channel is not None and accepts(self._host.phase, PhaseEvent.REPLY):
-            await channel.create_response(say_exactly(text))
+        async with self._queued_lines:
+            await self._voice.quiet()
+            if accepts(self._host.phase, PhaseEvent.REPLY):
+                await self.say(text)
 
     async def close(self) -> None:
         """Settle what was being said, then close the connection (its errors are logged, never raised)."""

@@ -30,7 +30,7 @@ from engine.call.driver import (
 from engine.call.outbound_audio import OutboundAudio, SendText, StreamTimeline
 from engine.call.phases import CallPhase, PhaseEvent, accepts, next_phase
 from engine.call.turns import TRANSCRIPTION_FAILED, TurnLog
-from engine.call.twilio_control import HangUp, Transfer, TwilioControl, await_twilio_stop
+from engine.call.twilio_control import HangUp, Transfer, TwilioControl, TwilioRefused, await_twilio_stop
 from engine.server import metrics
 from media.recording import StereoWavRecorder
 from media.twilio_stream import (
@@ -274,7 +274,8 @@ class CallSession:
     async def transfer_from_outside(self, to: str, detail: str) -> AllowedTransfer | Refusal:
         """Hand the caller to `to` if the agent's transfer rules allow it, the same rules as the model's
         `transfer_call` (their Refusal otherwise): the agent stops speaking, Twilio dials, and the call ends as
-        TRANSFERRED. ControlRefused when the call is ending, no Twilio account can transfer it, or Twilio refused."""
+        TRANSFERRED. ControlRefused when the call is ending or no Twilio account can transfer it; TwilioRefused when
+        Twilio did not."""
         verdict = TransferRules.from_config(self.config.transfer).check(to)
         if isinstance(verdict, Refusal):
             return verdict
@@ -286,7 +287,9 @@ class CallSession:
             )
         await self._driver.interrupt("a transfer through the API")
         if not await self._transfer_started(verdict.number):
-            raise ControlRefused(f"Twilio did not transfer the call to {verdict.number}; the call goes on")
+            if self._phase is CallPhase.RESPONDING:
+                self.move(PhaseEvent.YIELD)  # the agent stopped speaking: the caller has the floor
+            raise TwilioRefused(f"Twilio did not transfer the call to {verdict.number}; the call goes on")
         self._wind_down(EndReason.TRANSFERRED, detail)
         self.spawn(self._transferred(detail), "transfer")
         return verdict

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from config.agent import TransferConfig
-from engine.call.driver import HANGUP_GRACE_SECONDS
+from engine.call.driver import HANGUP_GRACE_SECONDS, ControlRefused
 from pipelines.conversation.transfer_rules import Refusal, TransferRules
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,10 @@ async def await_twilio_stop(ended: asyncio.Event) -> None:
     """After a hang-up or transfer through Twilio's REST API, wait a little (never forever) for its `stop`."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(ended.wait(), timeout=HANGUP_GRACE_SECONDS)
+
+
+class TwilioRefused(ControlRefused):
+    """Twilio's REST API did not carry out a control asked from outside the call; the call goes on."""
 
 
 class TwilioControl:

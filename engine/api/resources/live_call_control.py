@@ -115,12 +115,13 @@ async def message_live_call(call: ApiCall) -> MessageAccepted:
     response=TransferAccepted,
     status=202,
     body=TransferRequest,
-    errors=(403, 409),
+    errors=(403, 409, 502),
 )
 async def transfer_live_call(call: ApiCall) -> TransferAccepted:
     """Hand the caller to a number the agent's transfer rules allow, the rules its model's `transfer_call` obeys:
     the agent stops speaking and Twilio dials it. 403 when the rules do not allow the number; 409 when the call is
-    not in progress or ending, or the engine process holding it has no Twilio account to transfer with."""
+    not in progress or ending, or the engine process holding it has no Twilio account to transfer with; 502 when
+    Twilio did not make the transfer (the call goes on)."""
     body = call.body_as(TransferRequest)
     log = await live_call(call)
     result = await _command(call, log, TRANSFER, {"to": body.to})
