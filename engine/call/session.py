@@ -261,9 +261,10 @@ class CallSession:
 
     async def say_line(self, text: str, *, interrupt: bool) -> bool:
         """The agent says `text` as a turn of its own: now, cutting what it says (True when something was cut), or
-        after its current reply. ControlRefused once the call is ending."""
+        after its current reply. Before the conversation opens (an outbound call awaiting the callee's hello), there
+        is nothing to cut: the line comes after the opening. ControlRefused once the call is ending."""
         self._refuse_when_ending("says nothing more")
-        return await self._driver.say_line(text, interrupt=interrupt)
+        return await self._driver.say_line(text, interrupt=interrupt and self.opened.is_set())
 
     async def add_message(self, content: str, role: MessageRole) -> None:
         """Add a message to the model's context for its next reply (ControlRefused if it takes none, or the call is
