@@ -6,10 +6,12 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from engine.api.errors import conflict
+from config.phone import InvalidPhoneNumber, e164
+from engine.api.errors import conflict, unprocessable
 from engine.api.live_call_commands import command_holding_node, live_call
 from engine.api.models import RequestModel, ResponseModel
 from engine.api.operations import ApiCall, Resource
+from engine.api.resources.calls import PhoneNumberText
 from engine.call.live_call_controls import MESSAGE, SAY, TRANSFER
 from storage.call_logs import CallLog
 
@@ -54,9 +56,7 @@ class MessageAccepted(ResponseModel):
 class TransferRequest(RequestModel):
     """Where to hand the caller."""
 
-    to: Annotated[str, StringConstraints(pattern=r"^\+[1-9][0-9]{6,14}$")] = Field(
-        description="An E.164 number (e.g. +14155550100) the agent's transfer rules allow."
-    )
+    to: PhoneNumberText = Field(description="An E.164 number (e.g. +14155550100) the agent's transfer rules allow.")
 
 
 class TransferAccepted(ResponseModel):
@@ -119,10 +119,15 @@ async def message_live_call(call: ApiCall) -> MessageAccepted:
 )
 async def transfer_live_call(call: ApiCall) -> TransferAccepted:
     """Hand the caller to a number the agent's transfer rules allow, the rules its model's `transfer_call` obeys:
-    the agent stops speaking and Twilio dials it. 403 when the rules do not allow the number; 409 when the call is
+    the agent stops speaking and Twilio dials it. 422 for a number that is not E.164; 403 when the rules do not
+    allow it; 409 when the call is
     not in progress or ending, or the engine process holding it has no Twilio account to transfer with; 502 when
     Twilio did not make the transfer (the call goes on)."""
     body = call.body_as(TransferRequest)
     log = await live_call(call)
-    result = await _command(call, log, TRANSFER, {"to": body.to})
-    return TransferAccepted(call_log_id=log.id, to=str(result.get("to", body.to)))
+    try:
+        to = e164(body.to)
+    except InvalidPhoneNumber as exc:
+        raise unprocessable(f"{exc}; give the number in E.164, with its country code (+14155550100)", "to") from None
+    result = await _command(call, log, TRANSFER, {"to": to})
+    return TransferAccepted(call_log_id=log.id, to=str(result.get("to", to)))
