@@ -24,6 +24,7 @@ from engine.call.driver import (
     HANGUP_GRACE_SECONDS,
     TRANSFER_FAILED,
     CallHost,
+    ControlRefused,
     ConversationUnavailable,
     DriverFactory,
     opt_out_source,
@@ -46,9 +47,11 @@ from pipelines.llm.base import (
     ConversationTurn,
     EndCall,
     LLMError,
+    MessageRole,
     OptOut,
     Rewinds,
     SendDtmf,
+    TakesMessages,
     TextDelta,
     TransferCall,
 )
@@ -220,6 +223,39 @@ class PipelineDriver:
                 await asyncio.wait_for(utterance.done.wait(), timeout=utterance.audio_ms / 1000 + HANGUP_GRACE_SECONDS)
         finally:
             self._speech.settle(utterance, interrupted=not utterance.done.is_set())
+
+    async def say_line(self, text: str, *, interrupt: bool) -> bool:
+        """Speak `text` as a reply of its own: cutting the reply in progress as a barge-in does (True when one was
+        cut), or once it (and any reply that follows it) is over."""
+        if not interrupt:
+            self._host.spawn(self._say_when_quiet(text), "queued line")
+            return False
+        cut = self._reply is not None or self._speech.current is not None
+        await self.interrupt("a line said through the API")
+        if accepts(self._host.phase, PhaseEvent.REPLY):
+            self._start_reply([text], ask_model=False, reply_to=None)
+        return cut
+
+    async def add_message(self, content: str, role: MessageRole) -> None:
+        """Add the message to the model's context after the turns heard so far; a speculative reply, started
+        without it, is dropped."""
+        llm = self._pipeline.llm
+        after_turns = len(self._host.turns.heard)
+        if not (isinstance(llm, TakesMessages) and llm.add_message(role, content, after_turns=after_turns)):
+            raise ControlRefused(
+                "this agent's model takes no messages: a conversation path is followed as written; messages go to "
+                "a chat model (llm provider openai) or a speech-to-speech model"
+            )
+        self._discard_speculation("a message was added")
+
+    async def _say_when_quiet(self, text: str) -> None:
+        """Wait until the conversation has opened and the agent has no reply in progress, then say `text` (unless
+        the call is ending by then)."""
+        await self._host.opened.wait()  # a line sent as the call starts comes after its opening
+        while (reply := self._reply) is not None:
+            await asyncio.wait({reply})
+        if accepts(self._host.phase, PhaseEvent.REPLY):
+            self._start_reply([text], ask_model=False, reply_to=None)
 
     async def close(self) -> None:
         """Settle what was being said, then close the providers (their errors are logged, never raised)."""

@@ -1,4 +1,4 @@
-"""The calls this process is running right now: for listing, hanging up, and ending them at shutdown."""
+"""The calls this process is running right now: for listing, controlling, and ending them at shutdown."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import logging
 from typing import Protocol
 
 from engine.call.audio_tap import AudioTap
+from pipelines.conversation.transfer_rules import AllowedTransfer, Refusal
+from pipelines.llm.base import MessageRole
 from storage.end_reasons import EndReason
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,18 @@ class LiveCall(Protocol):
 
     def end_when_twilio_stops(self, reason: EndReason) -> None:
         """Stop speaking now; end with `reason` when Twilio's `stop` comes (it was redirected elsewhere)."""
+        ...
+
+    async def say_line(self, text: str, *, interrupt: bool) -> bool:
+        """Have the agent say `text`, cutting what it says (True when something was cut) or after it."""
+        ...
+
+    async def add_message(self, content: str, role: MessageRole) -> None:
+        """Add a message to the model's context for its next reply."""
+        ...
+
+    async def transfer_from_outside(self, to: str, detail: str) -> AllowedTransfer | Refusal:
+        """Hand the caller to `to` if the agent's transfer rules allow it."""
         ...
 
 

@@ -20,6 +20,7 @@ from openai import AsyncOpenAI
 from config.agent import OpenAIRealtimeConfig
 from engine.call.driver import (
     CallHost,
+    ControlRefused,
     ConversationUnavailable,
     DriverFactory,
 )
@@ -35,6 +36,7 @@ from media.g711 import FRAME_BYTES
 from media.twilio_stream import MarkFlushed, MarkPlayed
 from media.vad import VoiceActivityDetector
 from pipelines.conversation.turn_taking import BargeInPolicy
+from pipelines.llm.base import MessageRole
 from pipelines.paths.chat import ChatPath
 from pipelines.realtime.openai_realtime import (
     AudioDelta,
@@ -159,6 +161,8 @@ class RealtimeDriver:
         )
         self._vad = VoiceActivityDetector()  # run only while the agent's audio plays: the overlap count
         self._callee_spoke = False
+        self._messages: list[tuple[MessageRole, str]] = []  # added through the API: replayed on a reopened session
+        self._queued_lines = asyncio.Lock()
         self._closed = False
 
     # ------------------------------------------------------------------------------------ ConversationDriver
@@ -228,6 +232,36 @@ class RealtimeDriver:
             return
         await self._voice.finished(response)
 
+    async def say_line(self, text: str, *, interrupt: bool) -> bool:
+        """Have the model say `text` word for word as a response of its own: cutting what it says (True when
+        something was cut) or once it is quiet, one queued line after another."""
+        channel = self._open_channel()
+        if not interrupt:
+            self._spawn(self._say_when_quiet(text), "queued line")
+            return False
+        cut = self._voice.speaking
+        await self._cut_agent("a line said through the API", barge_in=False, model=channel)
+        self._spawn(self.say(text), "line")
+        return cut
+
+    async def add_message(self, content: str, role: MessageRole) -> None:
+        """Add the message to the model's conversation (conversation.item.create), for its next responses."""
+        await self._open_channel().send_message(role, content)
+        self._messages.append((role, content))
+
+    def _open_channel(self) -> RealtimeChannel:
+        channel = self._connection.channel
+        if channel is None:
+            raise ControlRefused("the speech-to-speech model's connection is being reopened; try again shortly")
+        return channel
+
+    async def _say_when_quiet(self, text: str) -> None:
+        await self._host.opened.wait()
+        async with self._queued_lines:
+            await self._voice.quiet()
+            if accepts(self._host.phase, PhaseEvent.REPLY):
+                await self.say(text)
+
     async def close(self) -> None:
         """Settle what was being said, then close the connection (its errors are logged, never raised)."""
         if self._closed:
@@ -245,6 +279,8 @@ class RealtimeDriver:
         self._spawn(self._converse(channel), "realtime")
         if self._host.phase is CallPhase.RESPONDING:
             self._host.move(PhaseEvent.YIELD)
+        for role, content in self._messages:
+            await channel.send_message(role, content)
         heard = self._host.turns.heard
         if self._host.phase is CallPhase.LISTENING and heard and heard[-1][0] == "caller":
             self._reply_to = self._host.clock()  # the caller was waiting for an answer

@@ -6,24 +6,21 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from aiohttp import ChainMapProxy, web
 from pydantic import Field
 
 from engine.api.errors import ApiError, conflict
+from engine.api.live_call_commands import live_call, other_holding_node
 from engine.api.models import RequestModel
 from engine.api.operations import ApiCall, Resource
 from engine.call.audio_tap import CALL_ENDED, CHUNK_MS, ListenerQueue
 from engine.call.control_channel import ControlChannelError
 from engine.call.listen_relay import LISTEN_RELAY, ListenRefused
-from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS
-from engine.workers.recovery import NODE_ID, NODE_TIMEOUT_KEY
+from engine.server.appkeys import LIVE_CALLS, SETTINGS
 from media.g711 import SAMPLE_RATE
 from media.stereo import Channels, Encoding, combine
-from storage import call_logs, engine_nodes
 from storage.call_logs import CallLog
-from storage.enums import CallStatus
 
 LISTEN_SUBPROTOCOL = "dialtone.listen"
 """The subprotocol the server answers with (a browser also offers `dialtone.key.<base64url key>` to sign in)."""
@@ -75,12 +72,7 @@ async def listen_to_live_call(call: ApiCall) -> web.WebSocketResponse:
         max_msg_size=4096,
         writer_limit=_SOCKET_BUFFER_BYTES,
     )
-    async with call.tenant() as db:
-        log = await call_logs.get_call_log(
-            db, organization_id=call.caller.organization_id, call_log_id=call.path["callLogId"]
-        )
-    if log.status is not CallStatus.IN_PROGRESS:
-        raise conflict(f"call {log.id} is {log.status}, not in progress")
+    log = await live_call(call)
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "websocket_required", "open this path as a WebSocket (a GET with 'Upgrade: websocket')")
     app = call.app
@@ -115,14 +107,9 @@ async def _attach(app: ChainMapProxy, log: CallLog, listener: ListenerQueue) -> 
     if session is not None:
         session.tap.add(listener)
         return lambda: session.tap.remove(listener)
-    node = log.metadata.get("engineNode")
-    if not isinstance(node, str) or node == app[NODE_ID]:
+    node = await other_holding_node(app, log)
+    if node is None:
         raise conflict(f"call {log.id} is not yet held by any engine process; try again in a moment")
-    alive = await engine_nodes.list_alive_nodes(
-        app[DATABASE].pool, now=datetime.now(UTC), node_timeout=app[NODE_TIMEOUT_KEY]
-    )
-    if node not in {each.id for each in alive}:
-        raise conflict(f"call {log.id} ran on engine process {node}, which stopped; the call is being closed")
     relay = app[LISTEN_RELAY]
     try:
         await relay.listen(node, log.id, listener)
