@@ -108,17 +108,17 @@ async def nearest_passages(
         return []
     rows = await db.fetch(
         f"""
-        SELECT {PASSAGE_COLUMNS}, 1 - (c."embedding" <=> $4::text::vector) AS "rank"
+        SELECT {PASSAGE_COLUMNS}, 1 - (c."embedding" <=> $4::real[]::vector) AS "rank"
         FROM "KnowledgeBaseChunk" c
         JOIN "KnowledgeBaseDocument" d ON d."id" = c."documentId" AND d."organizationId" = c."organizationId"
         WHERE c."organizationId" = $1 AND c."knowledgeBaseId" = ANY($2::text[]) AND c."embeddingModel" = $3
-        ORDER BY c."embedding" <=> $4::text::vector, c."documentId", c."position"
+        ORDER BY c."embedding" <=> $4::real[]::vector, c."documentId", c."position"
         LIMIT $5
         """,
         organization_id,
         list(knowledge_base_ids),
         model.key,
-        vector_literal(embedding),
+        list(embedding),  # a float4[] in asyncpg's binary format: no text to print and parse
         limit,
     )
     return Passage.from_rows(rows)
@@ -126,4 +126,4 @@ async def nearest_passages(
 
 def vector_literal(vector: Sequence[float]) -> str:
     """A vector in pgvector's text form, '[0.1,0.2,...]' (sent as text and cast, so asyncpg needs no codec)."""
-    return "[" + ",".join(repr(float(value)) for value in vector) + "]"
+    return "[" + ",".join(map(str, vector)) + "]"
