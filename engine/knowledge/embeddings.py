@@ -134,7 +134,14 @@ class OpenAIEmbedder:
             response = await self._client.embeddings.create(model=model.name, input=list(texts))
         if len(response.data) != len(texts):
             raise EmbeddingFailed(f"{model.name} returned {len(response.data)} embeddings for {len(texts)} texts")
-        return [list(item.embedding) for item in sorted(response.data, key=lambda item: item.index)]
+        vectors = [list(item.embedding) for item in sorted(response.data, key=lambda item: item.index)]
+        wrong = next((len(vector) for vector in vectors if len(vector) != model.dimensions), None)
+        if wrong is not None:
+            raise EmbeddingFailed(
+                f"{model.name} returned vectors of {wrong} dimensions, not {model.dimensions} "
+                "(check DIALTONE_KB_EMBEDDING_DIMENSIONS)"
+            )
+        return vectors
 
 
 def _describe(exc: openai.APIError) -> str:

@@ -13,7 +13,6 @@ dialtone_knowledge_vector_fallbacks_total.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -83,10 +82,8 @@ class KnowledgeLookup:
             log.warning("knowledge search unavailable (%s); the call goes on without it", type(exc).__name__)
             found = []
         finally:
-            if question is not None and not question.done():
-                question.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await question
+            if question is not None:
+                _discard(question)
         elapsed = time.perf_counter() - began
         metrics.KNOWLEDGE_SEARCH_SECONDS.observe(elapsed)
         self.retrievals.append(Retrieval(query, tuple(found), elapsed * 1000))
@@ -107,10 +104,17 @@ class KnowledgeLookup:
         assert self._embedder is not None
         try:
             embedding = await question
-        except (TimeoutError, EmbeddingFailed) as exc:
-            reason = "timeout" if isinstance(exc, TimeoutError) else "error"
-            metrics.KNOWLEDGE_VECTOR_FALLBACKS.labels(reason).inc()
-            log.info("knowledge search by full-text alone (the question's embedding: %s)", exc or "timed out")
+        except TimeoutError:
+            metrics.KNOWLEDGE_VECTOR_FALLBACKS.labels("timeout").inc()
+            log.info("knowledge search by full-text alone: the question's embedding timed out")
+            return full_text[: self._limit]
+        except Exception as exc:  # EmbeddingFailed, or a bug: either way the call keeps its full-text passages
+            metrics.KNOWLEDGE_VECTOR_FALLBACKS.labels("error").inc()
+            log.log(
+                logging.INFO if isinstance(exc, EmbeddingFailed) else logging.ERROR,
+                "knowledge search by full-text alone: the question's embedding failed (%s)",
+                exc if isinstance(exc, EmbeddingFailed) else type(exc).__name__,
+            )
             return full_text[: self._limit]
         async with tenant_transaction(self._pool, self._organization_id) as conn:
             nearest = await nearest_passages(
@@ -167,3 +171,12 @@ class KnowledgeLookup:
     async def search(self, query: str) -> list[str]:
         """The texts of the passages that best match `query`, best first."""
         return [passage.content for passage in await self.passages(query)]
+
+
+def _discard(task: asyncio.Task[list[float]]) -> None:
+    """Let go of a question's embedding the search no longer waits for: cancelled if still running, its failure
+    taken if it has one (so asyncio does not report it as never retrieved)."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
