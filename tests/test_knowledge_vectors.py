@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -23,10 +25,12 @@ from engine.knowledge.ingestion import IngestionWorker
 from engine.knowledge.lookup import KnowledgeLookup
 from engine.server import metrics
 from pipelines.clients import ProviderClients
-from storage.knowledge_embeddings import EmbeddingModel, nearest_passages
+from storage.knowledge_embeddings import EmbeddingModel, nearest_passages, vector_search_available
 from storage.knowledge_search import Passage, fuse_rankings, search_passages
+from storage.migrate import migrate
+from storage.pool import create_pool
 from storage.tenancy import tenant_transaction
-from tests.databases import TestDatabases
+from tests.databases import TestDatabases, with_database
 from tests.fakes.embeddings import hashed_embedding
 from tests.fakes.openai_chat import FakeOpenAI
 from tests.test_knowledge_ingestion import quick, text_document
@@ -252,3 +256,44 @@ def test_embedding_settings_name_what_is_wrong() -> None:
     chosen = EmbeddingSettings.from_settings(Settings(kb_embedding_model="text-embedding-3-large"))
     assert chosen is not None and chosen.model.key == "text-embedding-3-large/3072" and not chosen.send_dimensions
     assert EmbeddingSettings.from_settings(Settings()) is None
+
+
+async def test_where_pgvector_cannot_be_created_migrations_and_full_text_search_still_work(
+    postgres_server_url: str, databases: TestDatabases
+) -> None:
+    # A database owned by a role that is no superuser: CREATE EXTENSION vector (not a trusted extension) is refused,
+    # as on a managed server without pgvector allowed; migration 0021 must go through without the embedding column.
+    role, name = f"dialtone_owner_{secrets.token_hex(3)}", f"dialtone_test_novector_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(postgres_server_url)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN CREATEROLE PASSWORD '{role}'")
+        await databases.migrated()  # the API role exists: the owner administers it, as migration 0004 needs
+        await admin.execute(f"GRANT dialtone_api TO {role} WITH ADMIN OPTION")
+        await admin.execute(f'CREATE DATABASE "{name}" OWNER {role}')
+        parts = urlsplit(with_database(postgres_server_url, name))
+        host = parts.netloc.rpartition("@")[2]
+        url = urlunsplit(parts._replace(netloc=f"{role}:{role}@{host}"))
+        try:
+            conn = await asyncpg.connect(url)
+        except (OSError, asyncpg.PostgresError) as exc:
+            pytest.skip(f"cannot log in as a new role on this server ({exc})")
+        try:
+            await migrate(conn)
+            assert not await vector_search_available(conn)
+        finally:
+            await conn.close()
+        pool = await create_pool(url, min_size=1, max_size=2)
+        try:
+            org = await insert_organization(pool)
+            kb, document_id = await text_document(pool, org, "The Opal ferry sails at noon.")
+            worker = IngestionWorker(pool, quick())
+            await worker.run_once()
+            await worker.stop()
+            found = await search_passages(pool, organization_id=org, knowledge_base_ids=[kb], query="ferry", limit=3)
+            assert [passage.document_id for passage in found] == [document_id]
+        finally:
+            await pool.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()

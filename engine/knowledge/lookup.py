@@ -30,7 +30,7 @@ from storage.tenancy import tenant_transaction
 log = logging.getLogger(__name__)
 
 FUSION_CANDIDATES = 10
-"""Passages taken from each ranking (full-text, vector) before they are fused."""
+"""Passages taken from each ranking (full-text, vector) before they are fused (more if the lookup returns more)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +60,7 @@ class KnowledgeLookup:
         self._organization_id = organization_id
         self._knowledge_base_ids = list(knowledge_base_ids)
         self._limit = limit
+        self._candidates = max(limit, FUSION_CANDIDATES)
         self._embedder = embedder
         self.retrievals: list[Retrieval] = []
         """Every search made through this lookup, in order."""
@@ -75,7 +76,7 @@ class KnowledgeLookup:
         if self._embedder is not None and query.strip():
             question = asyncio.get_running_loop().create_task(self._embedder.embed_question(query))
         try:
-            found = await self._full_text(query, self._limit if question is None else FUSION_CANDIDATES)
+            found = await self._full_text(query, self._limit if question is None else self._candidates)
             if question is not None:
                 found = await self._fused(found, question)
         except TRANSIENT_ERRORS as exc:
@@ -123,7 +124,7 @@ class KnowledgeLookup:
                 knowledge_base_ids=self._knowledge_base_ids,
                 model=self._embedder.model,
                 embedding=embedding,
-                limit=FUSION_CANDIDATES,
+                limit=self._candidates,
             )
         return fuse_rankings([full_text, nearest], limit=self._limit)
 
