@@ -63,7 +63,7 @@ def embedder(client: AsyncOpenAI, waits: list[float] | None = None, **overrides:
     return OpenAIEmbedder(client, settings, sleep=sleep)
 
 
-async def ingest(pool: asyncpg.Pool, with_embedder: OpenAIEmbedder) -> None:
+async def ingest(pool: asyncpg.Pool, with_embedder: OpenAIEmbedder | None) -> None:
     worker = IngestionWorker(pool, quick(concurrency=50), embedder=with_embedder)
     await worker.run_once()
     await worker.stop()
@@ -225,6 +225,14 @@ async def test_vector_search_never_finds_another_organizations_passages(
         )
 
 
+async def assert_full_text_finds_a_new_document(pool: asyncpg.Pool) -> None:
+    org = await insert_organization(pool)
+    kb, document_id = await text_document(pool, org, "The Topaz ferry sails at noon.")
+    await ingest(pool, None)
+    found = await search_passages(pool, organization_id=org, knowledge_base_ids=[kb], query="ferry", limit=3)
+    assert [passage.document_id for passage in found] == [document_id]
+
+
 async def test_without_pgvector_vector_search_is_off_and_said_so(
     databases: TestDatabases, provider_clients: ProviderClients, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -237,13 +245,7 @@ async def test_without_pgvector_vector_search_is_off_and_said_so(
         with caplog.at_level(logging.INFO, logger="engine.knowledge.embeddings"):
             assert await embedder_from_settings(settings, provider_clients, pool) is None
         assert "vector search off: the database has no pgvector" in caplog.text
-        org = await insert_organization(pool)
-        kb, document_id = await text_document(pool, org, "The Topaz ferry sails at noon.")
-        worker = IngestionWorker(pool, quick())
-        await worker.run_once()
-        await worker.stop()
-        found = await search_passages(pool, organization_id=org, knowledge_base_ids=[kb], query="ferry", limit=3)
-        assert [passage.document_id for passage in found] == [document_id]
+        await assert_full_text_finds_a_new_document(pool)
     finally:
         await pool.close()
 
@@ -284,13 +286,7 @@ async def test_where_pgvector_cannot_be_created_migrations_and_full_text_search_
             await conn.close()
         pool = await create_pool(url, min_size=1, max_size=2)
         try:
-            org = await insert_organization(pool)
-            kb, document_id = await text_document(pool, org, "The Opal ferry sails at noon.")
-            worker = IngestionWorker(pool, quick())
-            await worker.run_once()
-            await worker.stop()
-            found = await search_passages(pool, organization_id=org, knowledge_base_ids=[kb], query="ferry", limit=3)
-            assert [passage.document_id for passage in found] == [document_id]
+            await assert_full_text_finds_a_new_document(pool)
         finally:
             await pool.close()
     finally:
