@@ -6,11 +6,13 @@ where full-text search sees different words: the tests exercise real vector rank
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -128,18 +130,23 @@ async def test_rate_limits_and_server_errors_are_retried_with_backoff(
     assert await pending(pool) == 0
 
 
-async def test_passages_whose_embedding_keeps_failing_wait_for_the_next_round(
+async def test_passages_whose_embedding_keeps_failing_wait_for_a_later_round(
     pool: asyncpg.Pool, fake: FakeOpenAI, client: AsyncOpenAI
 ) -> None:
     org = await insert_organization(pool)
     kb, document_id = await text_document(pool, org, "The Beryl library lends telescopes.")
     fake.embedding_failures.extend([503, 503])
-    await ingest(pool, embedder(client, max_attempts=2))
-    assert await pending(pool) == 1
+    backing_off = quick(retry_initial=timedelta(milliseconds=500))
+    worker = IngestionWorker(pool, backing_off, embedder=embedder(client, max_attempts=2))
+    await worker.run_once()
+    await worker.run_once()  # within the wait after a failed round: no request
+    assert await pending(pool) == 1 and len(fake.embedding_requests) == 2
     found = await search_passages(pool, organization_id=org, knowledge_base_ids=[kb], query="telescopes", limit=3)
     assert [passage.document_id for passage in found] == [document_id]  # full-text search does not wait for them
-    await ingest(pool, embedder(client, max_attempts=2))
-    assert await pending(pool) == 0
+    await asyncio.sleep(0.55)
+    await worker.run_once()
+    await worker.stop()
+    assert await pending(pool) == 0 and len(fake.embedding_requests) == 3
 
 
 def passage(chunk_id: str) -> Passage:

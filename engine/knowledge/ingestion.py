@@ -97,6 +97,9 @@ class IngestionWorker:
         self._pool = pool
         self._settings = settings
         self._embedder = embedder
+        self._embedding_failures = 0
+        self._embed_after = 0.0
+        """Event-loop time before which embedding is not tried again, after a failure (backing off like documents)."""
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -139,12 +142,20 @@ class IngestionWorker:
             self._pool, limit=self._settings.concurrency, lease=self._settings.lease
         )
         await asyncio.gather(*(self._ingest(claim) for claim in claimed))
-        if self._embedder is not None:
-            try:
-                await embed_pending_passages(self._pool, self._embedder)
-            except EmbeddingFailed as exc:  # the passages keep full-text search and wait for the next round
-                log.warning("knowledge passages not embedded yet: %s", exc)
+        if self._embedder is not None and asyncio.get_running_loop().time() >= self._embed_after:
+            await self._embed(self._embedder)
         return len(claimed)
+
+    async def _embed(self, embedder: OpenAIEmbedder) -> None:
+        try:
+            await embed_pending_passages(self._pool, embedder)
+        except EmbeddingFailed as exc:  # the passages keep full-text search and wait for a later round
+            self._embedding_failures += 1
+            wait = min(self._settings.retry_initial * 2 ** (self._embedding_failures - 1), _RETRY_MAX)
+            self._embed_after = asyncio.get_running_loop().time() + wait.total_seconds()
+            log.warning("knowledge passages not embedded yet: %s; next try in %.0f s", exc, wait.total_seconds())
+        else:
+            self._embedding_failures = 0
 
     async def _run(self) -> None:
         while not self._stop.is_set():
