@@ -25,6 +25,7 @@ from engine.call.frame_socket import FrameSocket, TextFrames
 from engine.call.outbound_audio import SendText
 from engine.call.session import CallContext, CallSession
 from engine.call.setup import PreparedCall, prepare_call
+from engine.knowledge.ingestion import KNOWLEDGE_EMBEDDER
 from engine.server import metrics
 from engine.server.appkeys import DATABASE, LIVE_CALLS, OFFLINE_WORKERS, PROVIDER_CLIENTS, SETTINGS, TWILIO
 from engine.twilio.signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
@@ -189,6 +190,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
             bundle=bundle,
             call_log=call_log,
             offline_work=app[OFFLINE_WORKERS],
+            embedder=app.get(KNOWLEDGE_EMBEDDER),
         )
         realtime = _realtime_plan(config, prepared)
         twilio = app.get(TWILIO)

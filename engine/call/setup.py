@@ -16,6 +16,7 @@ import phonenumbers
 
 from config.agent import AgentConfiguration, ElevenLabsTTSConfig
 from config.settings import Settings
+from engine.knowledge.embeddings import OpenAIEmbedder
 from engine.knowledge.lookup import KnowledgeLookup
 from engine.server import metrics
 from pipelines.clients import ProviderClients
@@ -80,12 +81,14 @@ async def prepare_call(
     offline_work: OfflineWork,
     on_failover: OnFailover | None = None,
     now: datetime | None = None,
+    embedder: OpenAIEmbedder | None = None,
 ) -> PreparedCall:
     """Fill the prompt, gather the agent's functions and voices, and pick the first sentence for one call.
 
     A campaign call speaks its campaign's taskPrompt and firstSentence when they are set; per-call variables
     (CallLog.metadata.variables, e.g. a recipient's columns) fill `{{...}}` placeholders with the agent's own.
-    The call's providers and functions will go through the engine's `clients`.
+    The call's providers and functions will go through the engine's `clients`; its knowledge lookups search by
+    vector too when the engine has an `embedder`.
     """
     campaign = None
     if call_log.campaign_id is not None:
@@ -121,6 +124,7 @@ async def prepare_call(
             organization_id=call_log.organization_id,
             knowledge_base_ids=[kb.id for kb in bundle.knowledge_bases],
             limit=settings.kb_search_results,
+            embedder=embedder,
         )
     runner = ToolRunner(
         # A Tool the organization has not connected (Tool.isConnected false) is not offered to the model.

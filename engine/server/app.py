@@ -61,9 +61,9 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app.cleanup_ctx.append(call_log_spill_context)  # before recovery: a stopped run's spilled ends come first
     app.cleanup_ctx.append(recovery_context)
     app.cleanup_ctx.append(webhook_delivery_context)
-    app.cleanup_ctx.append(ingestion_context)  # knowledge-base documents, read and indexed in the background
     # Contexts clean up in reverse order: the clients close after the calls and their post-call analyses.
     app.cleanup_ctx.append(_provider_clients_context)
+    app.cleanup_ctx.append(ingestion_context)  # knowledge-base documents, read, indexed and embedded in the background
     app.cleanup_ctx.append(post_call_context)
     app.cleanup_ctx.append(recordings_context)
     app.cleanup_ctx.append(recording_io_context)
