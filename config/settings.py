@@ -170,6 +170,8 @@ class Settings(BaseSettings):
     allow_private_kb_urls: bool = _env("DIALTONE_ALLOW_PRIVATE_KB_URLS", "allow_private_kb_urls", False)
     # Passages a call's knowledge lookup returns to the model.
     kb_search_results: int = _env("DIALTONE_KB_SEARCH_RESULTS", "kb_search_results", 3, ge=1, le=20)
+    # Live call events (GET /v1/live-calls/events) are kept this many seconds for streams resuming after a drop.
+    live_events_retention: float = _env("DIALTONE_LIVE_EVENTS_RETENTION", "live_events_retention", 3600.0, ge=60)
 
     @field_validator(
         "twilio_account_sid",

@@ -57,11 +57,22 @@ class ApiCall:
         return self.request.config_dict
 
 
-Handler = Callable[[ApiCall], Awaitable[BaseModel | None]]
-"""What handles an operation: the call in, a response model (or None for 204) out."""
+Handler = Callable[[ApiCall], Awaitable[BaseModel | web.StreamResponse | None]]
+"""What handles an operation: the call in, a response model (or None for 204) out; a streamed operation's handler
+writes its own response and returns it."""
 
 Declaration = Callable[[Handler], Handler]
 """A decorator that adds its handler to a resource's operations."""
+
+
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """A response written as it happens (e.g. Server-Sent Events), as the OpenAPI document describes it."""
+
+    media_type: str
+    description: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Request headers the operation reads, by name, with what each means."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +94,8 @@ class Operation:
     """Whether it honours an `Idempotency-Key` header (engine.api.idempotency)."""
     form: type[RequestModel] | None = None
     """A multipart/form-data body: these fields and a `file` part, which the handler reads (engine.api.uploads)."""
+    streamed: Streamed | None = None
+    """A response the handler streams itself instead of a JSON model."""
 
     @property
     def operation_id(self) -> str:
@@ -142,6 +155,18 @@ class Resource:
             idempotent=idempotent,
         )
 
+    def stream(
+        self,
+        path: str,
+        *,
+        summary: str,
+        streamed: Streamed,
+        query: type[RequestModel] | None = None,
+        errors: tuple[int, ...] = (),
+    ) -> Declaration:
+        """Declare a read whose handler streams its response (`streamed` says what it is)."""
+        return self._declare("GET", path, summary, None, 200, None, query, errors, streamed=streamed)
+
     def patch(
         self,
         path: str,
@@ -175,11 +200,24 @@ class Resource:
         form: type[RequestModel] | None = None,
         *,
         idempotent: bool = False,
+        streamed: Streamed | None = None,
     ) -> Declaration:
         def register(handler: Handler) -> Handler:
             self.operations.append(
                 Operation(
-                    method, path, handler, self.tag, summary, response, status, body, query, errors, idempotent, form
+                    method,
+                    path,
+                    handler,
+                    self.tag,
+                    summary,
+                    response,
+                    status,
+                    body,
+                    query,
+                    errors,
+                    idempotent,
+                    form,
+                    streamed,
                 )
             )
             return handler
@@ -192,10 +230,15 @@ def aiohttp_handler(operation: Operation) -> Callable[[web.Request], Awaitable[w
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if operation.idempotent and IDEMPOTENCY_HEADER in request.headers:
-            return await idempotent(request, operation.operation_id, lambda: respond(request))
+            return await idempotent(request, operation.operation_id, lambda: respond_json(request))
         return await respond(request)
 
-    async def respond(request: web.Request) -> web.Response:
+    async def respond_json(request: web.Request) -> web.Response:
+        response = await respond(request)
+        assert isinstance(response, web.Response), "an idempotent operation answers JSON, never a stream"
+        return response
+
+    async def respond(request: web.Request) -> web.StreamResponse:
         path = dict(request.match_info)
         for name, value in path.items():
             if not _ID.fullmatch(value):
@@ -203,6 +246,8 @@ def aiohttp_handler(operation: Operation) -> Callable[[web.Request], Awaitable[w
         query = _validate(operation.query, dict(request.query), "query") if operation.query else None
         body = _validate_json(operation.body, await _json_body(request)) if operation.body else None
         result = await operation.handler(ApiCall(request, request[CALLER], path, query, body))
+        if isinstance(result, web.StreamResponse):
+            return result
         if result is None:
             return web.Response(status=204)
         return web.json_response(result.model_dump(mode="json", by_alias=True), status=operation.status)

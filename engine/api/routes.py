@@ -22,6 +22,7 @@ from engine.api.resources import (
     do_not_call,
     events,
     knowledge_bases,
+    live_call_events,
     live_calls,
     organization,
     phone_numbers,
@@ -47,6 +48,7 @@ RESOURCES: tuple[Resource, ...] = (
     campaign_recipients.resource,
     do_not_call.resource,
     live_calls.resource,
+    live_call_events.resource,
     api_keys.resource,
 )
 """The API's resources, in the order the OpenAPI document lists them."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from config.agent import AgentConfiguration
+from engine.call.live_events import CallEvents
 from engine.call.outbound_audio import OutboundAudio, StreamTimeline
 from engine.call.phases import CallPhase, PhaseEvent
 from engine.call.turns import TurnLog
@@ -65,6 +66,7 @@ class CallHost(Protocol):
     audio: OutboundAudio
     timeline: StreamTimeline
     turns: TurnLog
+    live: CallEvents
 
     @property
     def playback(self) -> PlaybackClock:
