@@ -14,19 +14,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from storage.errors import translate_errors
-from storage.records import Queryable, Record, new_id, transaction
+from storage.records import Queryable, new_id, transaction
 
 _WRITE_LOCK = 0x4C495645  # "LIVE": serializes event inserts, so ids become visible in increasing order
-
-
-class LiveCallEvent(Record):
-    """One thing that happened in a call, as a stream sends it."""
-
-    id: int
-    organization_id: str
-    call_log_id: str
-    type: str
-    data: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +27,13 @@ class NewEvent:
     call_log_id: str
     type: str
     data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class LiveCallEvent(NewEvent):
+    """One thing that happened in a call, as recorded: with its id, as a stream sends it."""
+
+    id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +86,9 @@ async def events_after(
         after,
         limit,
     )
-    return LiveCallEvent.from_rows(rows)
+    return [
+        LiveCallEvent(row["organizationId"], row["callLogId"], row["type"], row["data"], id=row["id"]) for row in rows
+    ]
 
 
 async def last_event_id(db: Queryable, *, organization_id: str, call_log_id: str | None) -> int:
@@ -121,20 +120,10 @@ async def open_watch(db: Queryable, watch: Watch, *, node: str, until: datetime)
     return watch_id
 
 
-async def renew_watch(db: Queryable, *, organization_id: str, watch_id: str, until: datetime) -> None:
-    """Extend a lease until `until`."""
+async def expire_watch(db: Queryable, *, organization_id: str, watch_id: str, until: datetime) -> None:
+    """Move a lease's end to `until`: later while its stream is open, sooner once it closed."""
     await db.execute(
         'UPDATE "LiveCallWatch" SET "expiresAt" = $3 WHERE "id" = $2 AND "organizationId" = $1',
-        organization_id,
-        watch_id,
-        until,
-    )
-
-
-async def close_watch(db: Queryable, *, organization_id: str, watch_id: str, until: datetime) -> None:
-    """A stream closed: its lease ends at `until` (soon), keeping events recorded for a reconnection meanwhile."""
-    await db.execute(
-        'UPDATE "LiveCallWatch" SET "expiresAt" = LEAST("expiresAt", $3) WHERE "id" = $2 AND "organizationId" = $1',
         organization_id,
         watch_id,
         until,

@@ -10,7 +10,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from engine.simulator import Pause, Say
+from engine.simulator import HangUp, Pause, Say
 from tests.engine_server import running_engine
 from tests.sse_client import EventStream
 from tests.test_api_auth import Api, Tenant, make_tenant
@@ -179,7 +179,7 @@ async def test_another_organization_gets_404_and_sees_none_of_the_events(
         EventStream(session, f"{engine}/v1/live-calls/events", stranger.owner_key) as theirs,
         EventStream(session, f"{engine}/v1/live-calls/events", tenant.owner_key) as ours,
     ):
-        running = asyncio.create_task(call(engine, number, Pause(500), *BOOKING))
+        running = asyncio.create_task(call(engine, number, Pause(500), BOOKING[0], Pause(1500), HangUp()))
         call_log_id = await running_call_id(api, tenant)
         headers = {"Authorization": f"Bearer {stranger.owner_key}"}
         async with session.get(f"{engine}/v1/live-calls/{call_log_id}/events", headers=headers) as refused:
@@ -193,9 +193,9 @@ async def test_another_organization_gets_404_and_sees_none_of_the_events(
 async def test_a_call_nobody_watches_records_no_events(engine: str, pool: asyncpg.Pool) -> None:
     tenant = await make_tenant(pool, "Unwatched")
     number, _ = await make_line(pool, tenant.organization_id, firstSentence="Nobody is listening.")
-    result = await call(engine, number, *BOOKING)
+    result = await call(engine, number, BOOKING[0], Pause(1500), HangUp())
     log = await call_log(pool, result)
-    assert len(await turns(pool, log["id"])) == 5
+    assert len(await turns(pool, log["id"])) >= 2  # the agent spoke and the caller answered: events were emitted
     assert await pool.fetchval('SELECT count(*) FROM "LiveCallEvent" WHERE "callLogId" = $1', log["id"]) == 0
 
 

@@ -50,7 +50,8 @@ WATCH_RENEW_SECONDS: Final = 10.0
 TOOL_RESULT_CHARS: Final = 1000
 """A tool.call event carries this much of the function's result."""
 RECONNECT_GRACE: Final = timedelta(seconds=15)
-"""How long a closed stream's call stays recorded, for the client's reconnection to resume with nothing lost."""
+"""How long a closed stream's call stays recorded, for the client's reconnection to resume with nothing lost (less
+than a lease has left at any time, WATCH_LEASE - WATCH_RENEW_SECONDS: closing never extends it)."""
 
 
 def utc_now() -> datetime:
@@ -264,7 +265,7 @@ class LiveEvents:
                     del self._readers[organization_id]
             with contextlib.suppress(*DATABASE_ERRORS):  # it expires by itself
                 async with tenant() as db:
-                    await live_call_events.close_watch(
+                    await live_call_events.expire_watch(
                         db, organization_id=organization_id, watch_id=watch_id, until=self._clock() + RECONNECT_GRACE
                     )
 
@@ -275,7 +276,7 @@ class LiveEvents:
             await asyncio.sleep(WATCH_RENEW_SECONDS)
             try:
                 async with tenant() as db:
-                    await live_call_events.renew_watch(
+                    await live_call_events.expire_watch(
                         db, organization_id=organization_id, watch_id=watch_id, until=self._clock() + WATCH_LEASE
                     )
             except DATABASE_ERRORS as exc:

@@ -37,7 +37,8 @@ STREAM = Streamed(
     "`data: <JSON>` (every data has `callLogId` and `at`, an ISO-8601 UTC time). Types: call.started, call.state, "
     "caller.interim, caller.final, agent.speaking, agent.turn, turn.latency, tool.call, path.node, call.say, "
     "call.ended. Opened without a Last-Event-ID, the stream first sends one `call.snapshot` (no `id:`) per call in "
-    "progress it covers; a `: keepalive` comment comes every 15 s. A call's stream ends after its call.ended.",
+    "progress it covers; a `: keepalive` comment comes every 15 s. A call's stream ends after its call.ended (or "
+    "once the call is over and 15 s passed without an event).",
     headers={
         RESUME_HEADER: "Resume after this event id (the last `id:` received): every later event is sent, from any "
         "engine process. Events are kept for DIALTONE_LIVE_EVENTS_RETENTION seconds."
@@ -140,10 +141,17 @@ async def _stream(
                     async with asyncio.timeout(KEEPALIVE_SECONDS):
                         await wake.wait()
                 except TimeoutError:
+                    if call_log_id is not None and not await _runs(call, in_progress):
+                        return response  # the call is over and nothing came for a while: nothing more will
                     await response.write(b": keepalive\n\n")
         except ConnectionResetError:  # the client went away
             pass
     return response
+
+
+async def _runs(call: ApiCall, in_progress: Callable[[Queryable], Awaitable[list[CallLog]]]) -> bool:
+    async with call.tenant() as db:
+        return bool(await in_progress(db))
 
 
 def _snapshot(log: CallLog) -> dict[str, Any]:

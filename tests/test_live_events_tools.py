@@ -1,0 +1,84 @@
+"""Live call events of an agent's functions: a cloud call (Deepgram, OpenAI and ElevenLabs fakes) whose model calls
+the organization's webhook Tools, one answering and one failing, read as tool.call events while the call runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from engine.simulator import Pause, Say
+from storage import agents, tools
+from tests.fakes.openai_chat import ToolCall
+from tests.fakes.server import serve
+from tests.sse_client import EventStream
+from tests.test_api_auth import make_tenant
+from tests.test_calls_e2e import call_log
+from tests.test_cloud_calls_e2e import Fakes, call, engine, fakes, make_line
+
+__all__ = ["engine", "fakes"]  # that module's fixtures: one engine on the three fakes
+
+
+def webhook_tool(name: str, url: str) -> dict[str, Any]:
+    return {
+        "function": {"name": name, "parameters": {"type": "object", "properties": {"day": {"type": "string"}}}},
+        "webhook": {"url": url},
+    }
+
+
+async def test_each_function_the_model_calls_is_an_event_with_its_outcome(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool
+) -> None:
+    async def availability(_request: web.Request) -> web.Response:
+        return web.json_response({"slots": ["Tuesday 10:00"]})
+
+    async def booking(_request: web.Request) -> web.Response:
+        return web.Response(status=500, text="calendar down")
+
+    hooks = web.Application()
+    hooks.router.add_post("/availability", availability)
+    hooks.router.add_post("/booking", booking)
+    tenant = await make_tenant(pool, "Tools")
+    async with serve(hooks) as hook, aiohttp.ClientSession() as session:
+        number, agent_id = await make_line(pool, tenant.organization_id, firstSentence="Hi.")
+        for name, path in (("check_availability", "availability"), ("book_slot", "booking")):
+            tool = await tools.create_tool(
+                pool,
+                organization_id=tenant.organization_id,
+                name=name,
+                is_connected=True,
+                configuration=webhook_tool(name, f"{hook}/{path}"),
+            )
+            await agents.link_tool(pool, organization_id=tenant.organization_id, agent_id=agent_id, tool_id=tool.id)
+        fakes.deepgram.transcripts.extend(["Book me on Tuesday."])
+        fakes.openai.replies.extend(
+            [
+                [ToolCall("check_availability", {"day": "Tuesday"})],
+                [ToolCall("book_slot", {"day": "Tuesday"})],
+                "Sorry, I could not book it.",
+            ]
+        )
+        async with EventStream(session, f"{engine}/v1/live-calls/events", tenant.owner_key) as stream:
+            result = await call(engine, number, Say("book me on tuesday"), Pause(300))
+            await stream.until(lambda e: e.type == "call.ended")
+    log = await call_log(pool, result)
+    told = [{key: value for key, value in event.data.items() if key != "at"} for event in stream.of_type("tool.call")]
+    assert told == [
+        {
+            "callLogId": log["id"],
+            "name": "check_availability",
+            "arguments": {"day": "Tuesday"},
+            "ok": True,
+            "result": '{"slots": ["Tuesday 10:00"]}',
+        },
+        {
+            "callLogId": log["id"],
+            "name": "book_slot",
+            "arguments": {"day": "Tuesday"},
+            "ok": False,
+            "result": "error: the book_slot service answered HTTP 500: calendar down",
+        },
+    ]
+    assert stream.of_type("agent.turn")[-1].data["text"] == "Sorry, I could not book it."
