@@ -1,5 +1,6 @@
-"""Live call events of an agent's functions: a cloud call (Deepgram, OpenAI and ElevenLabs fakes) whose model calls
-the organization's webhook Tools, one answering and one failing, read as tool.call events while the call runs."""
+"""Live call events of cloud calls (Deepgram, OpenAI and ElevenLabs fakes): the model's calls of the organization's
+webhook Tools, one answering and one failing, as tool.call events; an agent turn the caller cut, with what was said
+and what was heard of it."""
 
 from __future__ import annotations
 
@@ -82,3 +83,30 @@ async def test_each_function_the_model_calls_is_an_event_with_its_outcome(
         },
     ]
     assert stream.of_type("agent.turn")[-1].data["text"] == "Sorry, I could not book it."
+
+
+async def test_an_agent_turn_cut_by_the_caller_says_what_was_said_and_what_was_heard(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool
+) -> None:
+    tenant = await make_tenant(pool, "Cut")
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hi.")
+    long_reply = (
+        "We are open every weekday from eight in the morning until six in the evening, and on Saturdays "
+        "from nine until one, except on public holidays when the whole clinic stays closed all day long."
+    )
+    fakes.deepgram.transcripts.extend(["What are your hours?", "Thanks, that's all."])
+    fakes.openai.replies.extend([long_reply, "You're welcome."])
+    async with (
+        aiohttp.ClientSession() as session,
+        EventStream(session, f"{engine}/v1/live-calls/events", tenant.owner_key) as stream,
+    ):
+        await call(
+            engine, number, Say("What are your hours"), Say("thanks that is all", barge_in_after_ms=2500), Pause(300)
+        )
+        await stream.until(lambda e: e.type == "call.ended")
+    cut = [event.data for event in stream.of_type("agent.turn") if event.data["interrupted"]]
+    assert len(cut) == 1
+    assert cut[0]["text"] == long_reply
+    assert long_reply.startswith(cut[0]["spokenText"]) and len(cut[0]["spokenText"]) < len(long_reply) // 2
+    speaking = [event.data["text"] for event in stream.of_type("agent.speaking")]
+    assert speaking[0] == "Hi." and long_reply.startswith(speaking[1])  # each piece as it starts playing
