@@ -203,10 +203,11 @@ async def test_a_resume_position_that_is_not_an_event_id_is_refused(
     engine: str, pool: asyncpg.Pool, session: aiohttp.ClientSession
 ) -> None:
     tenant = await make_tenant(pool, "Malformed")
-    headers = {"Authorization": f"Bearer {tenant.owner_key}", "Last-Event-ID": "yesterday"}
-    async with session.get(f"{engine}/v1/live-calls/events", headers=headers) as response:
-        assert response.status == 422
-        assert (await response.json())["error"]["field"] == "Last-Event-ID"
+    for position in ("yesterday", "²", str(2**63)):
+        headers = {"Authorization": f"Bearer {tenant.owner_key}", "Last-Event-ID": position}
+        async with session.get(f"{engine}/v1/live-calls/events", headers=headers) as response:
+            assert response.status == 422
+            assert (await response.json())["error"]["field"] == "Last-Event-ID"
     api = Api(session, engine)
     status, body = await api.call("GET", "/live-calls/events?lastEventId=-1", tenant.owner_key)
     assert status == 422 and body["error"]["field"] == "lastEventId"

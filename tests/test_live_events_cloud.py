@@ -1,6 +1,6 @@
 """Live call events of cloud calls (Deepgram, OpenAI and ElevenLabs fakes): the model's calls of the organization's
 webhook Tools, one answering and one failing, as tool.call events; an agent turn the caller cut, with what was said
-and what was heard of it."""
+and what was heard of it; a speech-to-speech call's turns."""
 
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
+from config.agent import parse_agent_configuration
 from engine.simulator import Pause, Say
-from storage import agents, tools
+from storage import agents, phone_numbers, tools
+from storage.enums import AgentStatus, CallerType
+from tests.engine_server import running_engine
 from tests.fakes.openai_chat import ToolCall
+from tests.fakes.openai_realtime import FakeRealtime
 from tests.fakes.server import serve
 from tests.sse_client import EventStream
 from tests.test_api_auth import make_tenant
 from tests.test_calls_e2e import call_log
-from tests.test_cloud_calls_e2e import Fakes, call, engine, fakes, make_line
+from tests.test_cloud_calls_e2e import OPENAI_KEY, TOKEN, Fakes, call, engine, fakes, make_line
 
 __all__ = ["engine", "fakes"]  # that module's fixtures: one engine on the three fakes
 
@@ -110,3 +114,43 @@ async def test_an_agent_turn_cut_by_the_caller_says_what_was_said_and_what_was_h
     assert long_reply.startswith(cut[0]["spokenText"]) and len(cut[0]["spokenText"]) < len(long_reply) // 2
     speaking = [event.data["text"] for event in stream.of_type("agent.speaking")]
     assert speaking[0] == "Hi." and long_reply.startswith(speaking[1])  # each piece as it starts playing
+
+
+async def test_a_speech_to_speech_call_streams_its_turns(db_url: str, pool: asyncpg.Pool) -> None:
+    tenant = await make_tenant(pool, "Realtime")
+    async with FakeRealtime(api_key=OPENAI_KEY) as realtime:
+        realtime.caller_says("What time do you open?")
+        realtime.reply("We open at nine.")
+        settings: dict[str, Any] = {"openai_api_key": OPENAI_KEY, "openai_base_url": realtime.base_url}
+        number = await phone_numbers.create_phone_number(
+            pool, organization_id=tenant.organization_id, phone_number="+15555579001"
+        )
+        await agents.create_agent(
+            pool,
+            organization_id=tenant.organization_id,
+            name="realtime agent",
+            status=AgentStatus.ACTIVE,
+            caller_type=CallerType.INBOUND,
+            phone_number_id=number.id,
+            configuration=parse_agent_configuration(
+                {"realtime": {"provider": "openai", "transcription_model": "gpt-4o-mini-transcribe"}}
+            ).to_json(),
+        )
+        async with (
+            running_engine(db_url, twilio_auth_token=TOKEN, **settings) as base,
+            aiohttp.ClientSession() as session,
+            EventStream(session, f"{base}/v1/live-calls/events", tenant.owner_key) as stream,
+        ):
+            await call(base, number.phone_number, Say("what time do you open"), Pause(300))
+            await stream.until(lambda e: e.type == "call.ended")
+    told = [
+        (event.type, event.data["turnIndex"], event.data["text"])
+        for event in stream.events
+        if event.type in ("caller.final", "agent.speaking", "agent.turn")
+    ]
+    assert told == [
+        ("caller.final", 0, "What time do you open?"),
+        ("agent.speaking", 1, "We open at nine."),
+        ("agent.turn", 1, "We open at nine."),
+    ]
+    assert [event.data["turnIndex"] for event in stream.of_type("turn.latency")] == [1]

@@ -94,10 +94,6 @@ class LiveEvents:
         """Whether a stream watches the call or its organization (so its events are recorded)."""
         return call_log_id in self._calls or organization_id in self._organizations
 
-    def for_call(self, organization_id: str, call_log_id: str) -> CallEvents:
-        """The emitter of one call."""
-        return CallEvents(self, organization_id, call_log_id)
-
     def record(self, organization_id: str, call_log_id: str, event_type: str, data: dict[str, Any]) -> None:
         """Queue an event of a watched call for the next batch (a full queue drops its oldest)."""
         if len(self._queue) >= MAX_QUEUED:

@@ -30,6 +30,8 @@ KEEPALIVE_SECONDS: Final = 15.0
 SNAPSHOT_LIMIT: Final = 500
 """At most this many calls in progress are described when a stream opens."""
 READ_LIMIT: Final = 500
+MAX_EVENT_ID: Final = 2**63 - 1
+"""Event ids are PostgreSQL bigints."""
 
 STREAM = Streamed(
     "text/event-stream",
@@ -50,7 +52,7 @@ class EventsQuery(RequestModel):
     """Where a stream resumes, for clients that cannot set the Last-Event-ID header."""
 
     last_event_id: int | None = Field(
-        default=None, ge=0, description="Resume after this event id (the Last-Event-ID header wins)."
+        default=None, ge=0, le=MAX_EVENT_ID, description="Resume after this event id (the Last-Event-ID header wins)."
     )
 
 
@@ -96,9 +98,10 @@ def _resume_after(call: ApiCall) -> int | None:
     header = call.request.headers.get(RESUME_HEADER)
     if header is None:
         return call.query_as(EventsQuery).last_event_id
-    if not header.strip().isdigit():
+    value = header.strip()
+    if not (value.isascii() and value.isdigit() and int(value) <= MAX_EVENT_ID):
         raise ApiError(422, "validation_error", f"{RESUME_HEADER}: expected an event id (an integer)", RESUME_HEADER)
-    return int(header.strip())
+    return int(value)
 
 
 async def _stream(
