@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -79,7 +79,8 @@ class LiveEvents:
         self._organizations: frozenset[str] = frozenset()
         self._calls: frozenset[str] = frozenset()
         self._announced: dict[Watch, datetime] = {}  # watches heard of, kept until a refresh has surely read them
-        self._queue: list[NewEvent] = []
+        self._queue: deque[NewEvent] = deque(maxlen=MAX_QUEUED)
+        self._dropped = 0
         self._queued = asyncio.Event()
         self._readers: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._refresh_now = asyncio.Event()
@@ -96,9 +97,8 @@ class LiveEvents:
 
     def record(self, organization_id: str, call_log_id: str, event_type: str, data: dict[str, Any]) -> None:
         """Queue an event of a watched call for the next batch (a full queue drops its oldest)."""
-        if len(self._queue) >= MAX_QUEUED:
-            del self._queue[: len(self._queue) - MAX_QUEUED + 1]
-            log.warning("live events: the database keeps up with nothing; the oldest queued event was dropped")
+        if len(self._queue) == MAX_QUEUED:
+            self._dropped += 1
         stamped = {"callLogId": call_log_id, "at": self._clock().isoformat(timespec="milliseconds"), **data}
         self._queue.append(NewEvent(organization_id, call_log_id, event_type, stamped))
         self._queued.set()
@@ -143,19 +143,25 @@ class LiveEvents:
         while True:
             await self._queued.wait()
             await asyncio.sleep(FLUSH_SECONDS)  # let the batch gather
-            batch = self._queue
+            batch = list(self._queue)
             try:
                 await self._write()
             except TRANSIENT_ERRORS as exc:
                 log.warning("live events: a batch could not be written (%s); retrying", type(exc).__name__)
-                self._queue[:0] = batch[-MAX_QUEUED:]  # written next time, before what came meanwhile
+                waiting = [*batch, *self._queue]  # written next time, before what came meanwhile
+                self._dropped += max(0, len(waiting) - MAX_QUEUED)
+                self._queue = deque(waiting, maxlen=MAX_QUEUED)
                 self._queued.set()
                 await asyncio.sleep(1.0)
             except Exception:
                 log.exception("live events: a batch of %d events could not be written; it is dropped", len(batch))
+            if self._dropped:
+                log.warning("live events: %d events were dropped, the database not keeping up", self._dropped)
+                self._dropped = 0
 
     async def _write(self) -> None:
-        batch, self._queue = self._queue, []
+        batch = list(self._queue)
+        self._queue.clear()
         self._queued.clear()
         await live_call_events.record_events(self._pool, batch)
         organizations = sorted({event.organization_id for event in batch})
