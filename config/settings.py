@@ -193,6 +193,8 @@ class Settings(BaseSettings):
     kb_embedding_question_timeout: float = _env(
         "DIALTONE_KB_EMBEDDING_QUESTION_TIMEOUT", "kb_embedding_question_timeout", 0.25, gt=0, le=10
     )
+    # Live call events (GET /v1/live-calls/events) are kept this many seconds for streams resuming after a drop.
+    live_events_retention: float = _env("DIALTONE_LIVE_EVENTS_RETENTION", "live_events_retention", 3600.0, ge=60)
 
     @field_validator(
         "twilio_account_sid",

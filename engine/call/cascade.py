@@ -301,6 +301,9 @@ class PipelineDriver:
             self._caller_words.final(text)
         elif not is_final and self._speech.current is not None and self._barge_in.words_interrupt(text):
             self._cut("caller words")
+        so_far = self._caller_words.so_far("" if is_final else text)
+        if so_far:
+            self._host.live.emit("caller.interim", text=so_far)  # the words of the turn so far
 
     # --------------------------------------------------------------------------- end of turn and speculation
 
