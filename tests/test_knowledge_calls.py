@@ -118,9 +118,11 @@ async def line_with_knowledge(
     return number.phone_number, org, await give_knowledge(pool, org, agent.id, facts)
 
 
-async def give_knowledge(pool: asyncpg.Pool, organization_id: str, agent_id: str, facts: str) -> str:
-    """Link the agent to a new knowledge base holding `facts`, once a running engine has ingested it; the document's
-    id."""
+async def give_knowledge(
+    pool: asyncpg.Pool, organization_id: str, agent_id: str, facts: str, *, embedded: bool = True
+) -> str:
+    """Link the agent to a new knowledge base holding `facts`, once a running engine has ingested it (and embedded
+    its passages, unless `embedded` is False: an engine with no embedding model); the document's id."""
     kb = await knowledge_bases.create_knowledge_base(pool, organization_id=organization_id, name="Price list")
     document = await knowledge_bases.add_document(
         pool,
@@ -131,6 +133,7 @@ async def give_knowledge(pool: asyncpg.Pool, organization_id: str, agent_id: str
         content=facts,
     )
     await agents.link_knowledge_base(pool, organization_id=organization_id, agent_id=agent_id, knowledge_base_id=kb.id)
+    done = "embedded" if embedded else "ingested"
     for _ in range(200):  # the engine's ingestion worker indexes and embeds it
         row = await pool.fetchrow(
             """
@@ -141,11 +144,11 @@ async def give_knowledge(pool: asyncpg.Pool, organization_id: str, agent_id: str
             document.id,
         )
         assert row is not None
-        status, embedded = row
-        if status == "READY" and embedded:
+        status, vectors = row
+        if status == "READY" and (vectors or not embedded):
             return document.id
         await asyncio.sleep(0.05)
-    raise AssertionError(f"document {document.id} was never ingested and embedded ({status})")
+    raise AssertionError(f"document {document.id} was never {done} ({status})")
 
 
 async def call(engine: str, number: str, *steps: Any) -> CallResult:

@@ -444,7 +444,7 @@ async def test_the_offline_model_walks_prompt_wait_knowledge_press_digits_and_en
     )
     async with rig.engine(kb_ingest_poll_interval=0.05) as engine:
         line = await rig.line(llm={"provider": "conversation_path"})
-        await give_knowledge(rig.pool, rig.organization_id, line.agent_id, DELIVERY)
+        await give_knowledge(rig.pool, rig.organization_id, line.agent_id, DELIVERY, embedded=False)
         steps: list[Step] = [
             Say("i am calling about an order"),
             Say("it is order seven"),  # the wait node: nothing is said, the caller goes on
