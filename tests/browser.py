@@ -25,7 +25,7 @@ def missing_browser() -> str | None:
     missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not (path.is_file() and os.access(path, os.X_OK))]
     if not missing:
         return None
-    return f"browser tests did not run: {' and '.join(missing)} not installed (install them: {INSTALL_HINT})"
+    return f"{' and '.join(missing)} not installed (install them: {INSTALL_HINT})"
 
 
 @contextmanager

@@ -84,5 +84,5 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say plainly when the browser tests did not run, so a run without Chromium is never read as a full pass."""
     if _browser_skips:
         terminalreporter.section("browser tests did not run", sep="=", red=True, bold=True)
-        why = missing_browser() or "see the skip reasons above"
+        why = missing_browser() or "see the skip reasons below"
         terminalreporter.write_line(f"{len(_browser_skips)} browser test(s) were SKIPPED, not passed: {why}")

@@ -11,6 +11,7 @@ export class EventStreamParser {
   constructor(onEvent) {
     this.onEvent = onEvent;
     this.buffer = "";
+    this.afterCR = false;
     this.reset();
     this.lastEventId = null;
     this.retryMs = null;
@@ -23,10 +24,12 @@ export class EventStreamParser {
   }
 
   push(text) {
-    this.buffer += text;
+    // A "\r\n" split across two chunks is one line end, not two.
+    const chunk = this.afterCR && text.startsWith("\n") ? text.slice(1) : text;
+    this.afterCR = chunk.endsWith("\r");
+    this.buffer += chunk;
     const lines = this.buffer.split(/\r\n|\r|\n/);
-    // The last piece has no line end yet, unless the chunk ended in "\r" that a "\n" may still follow.
-    this.buffer = lines.pop();
+    this.buffer = lines.pop(); // the start of a line whose end has not arrived yet
     for (const line of lines) this.line(line);
   }
 
