@@ -70,7 +70,7 @@ byId("sign-out").addEventListener("click", () => signOut(""));
 byId("tab-live").addEventListener("click", () => show("live"));
 byId("tab-recent").addEventListener("click", () => {
   show("recent");
-  if (recent && recent.shown === 0) recent.load();
+  if (recent) recent.load(); // from the top each time: calls may have ended since
 });
 
 const key = storedKey();

@@ -24,6 +24,7 @@ export class CallListener {
     this.channels = 1;
     this.playAt = 0;
     this.stopReason = null;
+    this.started = false;
   }
 
   /** Start: call from a click handler, so the browser lets the AudioContext play. */
@@ -56,6 +57,7 @@ export class CallListener {
       if (message.event === "start") {
         this.sampleRate = message.sampleRate;
         this.channels = message.channels;
+        this.started = true;
         this.onState("playing");
       } else if (message.event === "stop") {
         this.stopReason = `the engine stopped the audio (${String(message.reason || "no reason given")})`;
@@ -87,7 +89,9 @@ export class CallListener {
   }
 
   closed(event) {
-    if (this.stopReason === null) {
+    if (this.stopReason === null && !this.started) {
+      this.stopReason = "the engine did not open the call's audio (the call may have just ended; try again)";
+    } else if (this.stopReason === null) {
       this.stopReason = event.code === 1000
         ? "the call ended"
         : `the listen connection closed (${event.reason || `code ${event.code}`})`;
