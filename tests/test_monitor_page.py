@@ -19,7 +19,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 
-from engine.simulator import CallEnding, HangUp, Pause, Say
+from engine.simulator import CallEnding, CallResult, HangUp, Pause, Say
 from tests.browser import headless_chromium, in_browser, missing_browser, until
 from tests.engine_server import running_engine
 from tests.test_api_auth import Tenant, make_tenant
@@ -162,6 +162,20 @@ async def first_live_call_id(pool: asyncpg.Pool, tenant: Tenant, task: asyncio.T
     raise AssertionError("the simulated call never opened its CallLog")
 
 
+async def silent_call_on_page(
+    engine: str, browser: webdriver.Chrome, tenant: Tenant, pool: asyncpg.Pool, *, greeting: str
+) -> tuple[asyncio.Task[CallResult], str]:
+    """Sign in, place a call whose caller stays silent for a minute, and wait until the page shows the agent's
+    greeting on it; the running call and its id."""
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence=greeting)
+    await sign_in(browser, engine, tenant.owner_key)
+    running = asyncio.create_task(call(engine, number, Pause(60_000), timeout_s=90))
+    call_log_id = await first_live_call_id(pool, tenant, running)
+    await until(lambda: card_of(browser, "live-list", call_log_id), timeout_s=15, what="the call in progress")
+    await until(lambda: live_turns(browser), timeout_s=30, what="the agent's greeting")
+    return running, call_log_id
+
+
 async def screenshot(driver: webdriver.Chrome, name: str) -> None:
     """Save the viewport as docs' screenshot `name` when MONITOR_SCREENSHOTS names a folder."""
     if SCREENSHOTS:
@@ -256,12 +270,7 @@ async def test_a_live_call_appears_and_its_transcript_grows_as_the_call_goes_on(
 async def test_nothing_plays_and_no_audio_context_exists_until_listen_is_clicked(
     engine: str, browser: webdriver.Chrome, tenant: Tenant, pool: asyncpg.Pool
 ) -> None:
-    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hello from the quiet line.")
-    await sign_in(browser, engine, tenant.owner_key)
-    running = asyncio.create_task(call(engine, number, Pause(60_000), timeout_s=90))
-    call_log_id = await first_live_call_id(pool, tenant, running)
-    await until(lambda: card_of(browser, "live-list", call_log_id), timeout_s=15, what="the call in progress")
-    await until(lambda: live_turns(browser), timeout_s=30, what="the agent's greeting")
+    running, _ = await silent_call_on_page(engine, browser, tenant, pool, greeting="Hello from the quiet line.")
     assert await in_browser(lambda: audio_counts(browser)) == SILENT
 
     await in_browser(lambda: browser.find_element(By.ID, "listen").click())
@@ -278,12 +287,9 @@ async def test_nothing_plays_and_no_audio_context_exists_until_listen_is_clicked
 async def test_hang_up_ends_the_call_and_finishes_its_call_log(
     engine: str, browser: webdriver.Chrome, tenant: Tenant, pool: asyncpg.Pool
 ) -> None:
-    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hello from the hang-up line.")
-    await sign_in(browser, engine, tenant.owner_key)
-    running = asyncio.create_task(call(engine, number, Pause(60_000), timeout_s=90))
-    call_log_id = await first_live_call_id(pool, tenant, running)
-    await until(lambda: card_of(browser, "live-list", call_log_id), timeout_s=15, what="the call in progress")
-    await until(lambda: live_turns(browser), timeout_s=30, what="the agent's greeting")
+    running, call_log_id = await silent_call_on_page(
+        engine, browser, tenant, pool, greeting="Hello from the hang-up line."
+    )
 
     await in_browser(lambda: browser.find_element(By.ID, "hangup").click())
     assert await in_browser(lambda: text_of(browser, "hangup")) == "Confirm hang-up"
