@@ -370,7 +370,9 @@ export class LiveCalls {
         `/live-calls/${encodeURIComponent(call.id)}/say`, { text, interrupt }, "Sending the line",
       );
       input.value = "";
-      say(notice, answer && answer.interrupted ? "The agent is saying your line now." : "The agent will say your line next.");
+      say(notice, answer && answer.interrupted
+        ? "The agent stopped and is saying your line now."
+        : "Sent: the agent says your line as soon as it is not speaking.");
     } catch (error) {
       say(notice, error.message);
     } finally {

@@ -59,6 +59,11 @@ export class RecentCalls {
       this.shown += page.data.length;
       this.cursor = page.nextCursor;
       byId("recent-empty").hidden = this.shown > 0;
+      const filtered = ["filter-status", "filter-type", "filter-since", "filter-until"].some((id) => byId(id).value);
+      byId("recent-empty-title").textContent = filtered ? "No calls match" : "No calls yet";
+      byId("recent-empty-hint").textContent = filtered
+        ? "Try another status, direction or date range."
+        : "Finished calls are listed here, newest first.";
       byId("recent-more").hidden = !page.nextCursor;
     } catch (error) {
       if (error.status === 401) this.onSignedOut(error.message);

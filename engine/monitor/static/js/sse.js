@@ -1,10 +1,11 @@
 // Server-Sent Events read with fetch and a streaming body, so the key travels as a header; resumes with
 // Last-Event-ID after any break, so no event is lost across a reconnect.
 
-import { networkError, responseError } from "./api.js";
+import { ApiError, networkError, responseError } from "./api.js";
 
 const RETRY_MS = 1000;
 const MAX_RETRY_MS = 15000;
+const SILENCE_MS = 45000; // three missed keepalives (the engine sends one every 15 s): the connection is dead
 
 /** Parses an event stream's text, chunk by chunk, into {id, type, data} events (the WHATWG rules). */
 export class EventStreamParser {
@@ -125,16 +126,30 @@ export class LiveEventStream {
     this.onState("live");
     const parser = new EventStreamParser((event) => this.deliver(event));
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let silent = false;
+    let watchdog = null;
+    const watch = () => {
+      clearTimeout(watchdog);
+      watchdog = setTimeout(() => {
+        silent = true;
+        reader.cancel();
+      }, SILENCE_MS);
+    };
+    watch();
     try {
       for (;;) {
         const { value, done } = await reader.read();
+        if (silent) throw new Error("silent");
         if (done) return;
+        watch();
         parser.push(value);
         if (parser.lastEventId !== null) this.lastEventId = parser.lastEventId;
       }
     } catch (error) {
+      if (silent) throw new ApiError(0, "silent", `${what} went silent for ${SILENCE_MS / 1000} s`);
       throw networkError(what, error);
     } finally {
+      clearTimeout(watchdog);
       reader.releaseLock();
     }
   }
