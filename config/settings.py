@@ -170,6 +170,8 @@ class Settings(BaseSettings):
     allow_private_kb_urls: bool = _env("DIALTONE_ALLOW_PRIVATE_KB_URLS", "allow_private_kb_urls", False)
     # Passages a call's knowledge lookup returns to the model.
     kb_search_results: int = _env("DIALTONE_KB_SEARCH_RESULTS", "kb_search_results", 3, ge=1, le=20)
+    # Listen-in: audio a listener's socket may fall behind the call (ms) before the listener is dropped.
+    listen_buffer_ms: int = _env("DIALTONE_LISTEN_BUFFER_MS", "listen_buffer_ms", 2000, ge=100, le=60_000)
 
     @field_validator(
         "twilio_account_sid",

@@ -14,7 +14,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, cast, runtime_checkable
 
 from media.g711 import BYTES_PER_MS
-from pipelines.llm.base import ConversationTurn, LanguageModel, LLMError, LLMEvent, Rewinds
+from pipelines.llm.base import (
+    ConversationTurn,
+    LanguageModel,
+    LLMError,
+    LLMEvent,
+    MessageRole,
+    Rewinds,
+    TakesMessages,
+)
 from pipelines.streams import closing_stream
 from pipelines.stt.base import EndOfTurn, FinalizesEarly, SpeechToText, STTError, STTEvent
 from pipelines.tts.base import Alignment, TextToSpeech, TTSError
@@ -191,6 +199,15 @@ class FallbackLLM:
         model = self._providers[index][1]
         if isinstance(model, Rewinds):
             model.rewind(inner)
+
+    def add_message(self, role: MessageRole, content: str, *, after_turns: int) -> bool:
+        """Give the message to every provider that takes messages (a later one may take over); whether the current
+        one took it."""
+        taken = [
+            isinstance(model, TakesMessages) and model.add_message(role, content, after_turns=after_turns)
+            for _, model in self._providers
+        ]
+        return taken[self._index]
 
     def fail_over(self) -> str | None:
         """Give up the current model for the rest of the call (it failed mid-reply); the next one's name."""

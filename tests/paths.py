@@ -14,13 +14,21 @@ ANSWER_FALLBACK = "I could not find that, but a colleague will call you back."
 HUMAN = "Connecting you to a person now."
 GOODBYE = "Thank you for calling. Goodbye!"
 MENU = "Navigating the menu."
+KEY_TIMEOUT_S = 2.0
+"""The gather node's wait for each key."""
 
 EVERY_TYPE_NODES: list[dict[str, Any]] = [
     {"id": "greet", "type": "speak", "data": {"isStart": True, "text": GREETING}},
     {
         "id": "account",
         "type": "gather",
-        "data": {"text": ASK_ACCOUNT, "variable": "account", "digitCount": 4, "terminator": "#"},
+        "data": {
+            "text": ASK_ACCOUNT,
+            "variable": "account",
+            "digitCount": 4,
+            "terminator": "#",
+            "timeoutSeconds": KEY_TIMEOUT_S,
+        },
     },
     {"id": "lookup", "type": "webhook", "data": {"tool": "lookup_account", "variable": "balance"}},
     {

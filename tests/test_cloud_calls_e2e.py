@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -25,6 +26,7 @@ from tests.fakes.elevenlabs import FakeElevenLabs
 from tests.fakes.openai_chat import FakeOpenAI, ToolCall
 from tests.fakes.openai_realtime import FakeRealtime
 from tests.fakes.server import serve
+from tests.fakes.twilio import call_updates
 from tests.test_calls_e2e import call_log as finished_log
 from tests.test_calls_e2e import turns
 
@@ -58,14 +60,21 @@ class Fakes:
         }
 
 
-@pytest.fixture(scope="module")
-async def fakes() -> AsyncIterator[Fakes]:
+@asynccontextmanager
+async def running_fakes() -> AsyncIterator[Fakes]:
+    """The three vendors' fakes, accepting this module's keys."""
     async with (
         FakeDeepgram(api_key=DG_KEY) as deepgram,
         FakeOpenAI(api_key=OPENAI_KEY) as openai,
         FakeElevenLabs(api_key=EL_KEY, ms_per_char=40) as elevenlabs,
     ):
         yield Fakes(deepgram, openai, elevenlabs)
+
+
+@pytest.fixture(scope="module")
+async def fakes() -> AsyncIterator[Fakes]:
+    async with running_fakes() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -180,17 +189,8 @@ async def test_barge_in_mid_sentence_cuts_the_agent_turn_at_the_words_heard(
 @pytest.fixture
 async def fake_twilio_rest() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
     """Twilio's REST API for call updates: records each update's form."""
-    updates: list[dict[str, str]] = []
-
-    async def update_call(request: web.Request) -> web.Response:
-        form = await request.post()
-        updates.append({"sid": request.match_info["call_sid"], **{k: str(v) for k, v in form.items()}})
-        return web.json_response({"sid": request.match_info["call_sid"], "status": "in-progress"})
-
-    app = web.Application()
-    app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{call_sid}.json", update_call)
-    async with serve(app) as base:
-        yield base, updates
+    async with call_updates() as rest:
+        yield rest
 
 
 async def test_end_call_and_transfer_tools_control_the_call_through_twilio(

@@ -111,15 +111,26 @@ async def line_with_knowledge(
             pool, organization_id=org, name="path", nodes=PATH_NODES, edges=PATH_EDGES
         )
         await agents.link_conversation_path(pool, organization_id=org, agent_id=agent.id, conversation_path_id=path.id)
-    kb = await knowledge_bases.create_knowledge_base(pool, organization_id=org, name="Price list")
+    return number.phone_number, org, await give_knowledge(pool, org, agent.id, facts)
+
+
+async def give_knowledge(pool: asyncpg.Pool, organization_id: str, agent_id: str, facts: str) -> str:
+    """Link the agent to a new knowledge base holding `facts`, once a running engine has ingested it; the document's
+    id."""
+    kb = await knowledge_bases.create_knowledge_base(pool, organization_id=organization_id, name="Price list")
     document = await knowledge_bases.add_document(
-        pool, organization_id=org, knowledge_base_id=kb.id, name="Prices", type=DocumentType.TEXT, content=facts
+        pool,
+        organization_id=organization_id,
+        knowledge_base_id=kb.id,
+        name="Prices",
+        type=DocumentType.TEXT,
+        content=facts,
     )
-    await agents.link_knowledge_base(pool, organization_id=org, agent_id=agent.id, knowledge_base_id=kb.id)
+    await agents.link_knowledge_base(pool, organization_id=organization_id, agent_id=agent_id, knowledge_base_id=kb.id)
     for _ in range(200):  # the engine's ingestion worker indexes it
         status = await pool.fetchval('SELECT "status" FROM "KnowledgeBaseDocument" WHERE "id" = $1', document.id)
         if status == "READY":
-            return number.phone_number, org, document.id
+            return document.id
         await asyncio.sleep(0.05)
     raise AssertionError(f"document {document.id} was never ingested ({status})")
 

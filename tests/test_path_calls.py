@@ -1,43 +1,43 @@
-"""Conversation paths in real calls: the session on a scripted Twilio line, the providers' fakes (Deepgram, OpenAI
-chat, Realtime), the agent's webhook Tool on loopback, and the path, agent, campaign and turns in the database.
+"""Conversation paths in real calls through the real server: Twilio's side played by the simulator over HTTP and
+the media WebSocket, the vendors' fakes (Deepgram, OpenAI chat, ElevenLabs, OpenAI Realtime), the agent's webhook
+Tool on loopback, Twilio's REST API recording hang-ups and transfers, and the path, agent, campaign, turns and
+CallLog in the database, read while the call runs.
 
-The call is prepared as the media socket prepares it (`prepare_call`: the campaign's path, else the agent's
-default; the agent's Tools), so which path a call follows is decided by the stored rows.
+Every node type is driven here: by a fake OpenAI model calling `follow_path`, by the offline model (keywords), and
+by the Realtime fake; a gather node's keys are pressed by the simulator, and its wait for a key is timed by the call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import sys
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
-from config.agent import parse_agent_configuration
 from config.settings import load_settings
-from engine.call.call_log_writer import CallLogWriter, CallOutcome
-from engine.call.cascade import pipeline_driver
-from engine.call.driver import DriverFactory
-from engine.call.realtime import realtime_driver
-from engine.call.session import CallContext, CallSession
-from engine.call.setup import prepare_call
-from engine.server import metrics
-from pipelines.clients import ProviderClients
-from pipelines.registry import build_pipeline, realtime_path
-from storage import agents, call_logs, campaigns, conversation_paths, tools
-from storage.call_logs import CallLog
-from storage.call_turns import CallTurn, list_turns
-from storage.end_reasons import EndReason
-from tests.fakes.deepgram import FakeDeepgram
-from tests.fakes.openai_chat import FakeOpenAI, ToolCall
+from engine.simulator import CallResult, Dtmf, Pause, Say, Step, simulate_call
+from engine.twilio.outbound_calls import OutboundDeps, place_call
+from engine.twilio.rest import TwilioCalls
+from storage import agents, campaigns, conversation_paths, organizations, phone_numbers, tools
+from storage.demo import DEMO_PATH_NAME, seed_demo
+from storage.enums import AgentStatus, CallerType, Plan
+from tests.engine_server import running_engine
+from tests.fakes.openai_chat import ToolCall
 from tests.fakes.openai_realtime import FakeRealtime
 from tests.fakes.server import serve
+from tests.fakes.twilio import Answer, FakeTwilio
 from tests.paths import (
-    ANSWER_FALLBACK,
     ASK_ACCOUNT,
     EVERY_TYPE_EDGES,
     EVERY_TYPE_NODES,
@@ -47,11 +47,21 @@ from tests.paths import (
     ORDER,
     TRANSFER_TO,
 )
-from tests.test_call_log_writer import new_call, writer_for
-from tests.test_realtime_session import TwilioLine, speech
+from tests.test_calls_e2e import call_log as finished_log
+from tests.test_calls_e2e import finished_call_log, turns
+from tests.test_cloud_calls_e2e import CALLER, OPENAI_KEY, TOKEN, Fakes, fake_twilio_rest, fakes, make_line
+from tests.test_knowledge_calls import give_knowledge
 
-OPENAI_KEY = "sk-paths"
+__all__ = ["fake_twilio_rest", "fakes"]  # that module's fixtures: the vendors' fakes, Twilio's REST API
+
 BALANCE = "Your balance is twelve dollars."
+DELIVERY = "Every order will arrive within three working days of its dispatch."
+ACCOUNT_SID = "AC" + "2" * 32
+REPLY_TIMEOUT_S = 4.0
+"""How long a caller's step waits for the agent to start replying (a wait node says nothing)."""
+REALTIME = {"provider": "openai", "silence_duration_ms": 300, "transcription_model": "whisper-1"}
+REPO = str(Path(__file__).resolve().parent.parent)
+_numbers = itertools.count(1)
 
 
 @dataclass
@@ -61,6 +71,7 @@ class AccountService:
     reply: dict[str, Any] = field(default_factory=lambda: {"balance": "$12"})
     status: int = 200
     received: list[dict[str, Any]] = field(default_factory=list)
+    url: str = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         """One call of the lookup_account function."""
@@ -68,223 +79,181 @@ class AccountService:
         return web.json_response(self.reply, status=self.status)
 
 
+@dataclass(frozen=True)
+class PathLine:
+    """A number answered by an agent whose default path has a node of every type (and a decoy path it also has)."""
+
+    number: str
+    agent_id: str
+    path_id: str
+
+
 @dataclass
 class PathRig:
-    """One call on a path: its line, CallLog, fakes and what Twilio was asked to do."""
+    """What a path call test works with: the database, the vendors' fakes, Twilio's REST API (each call update's
+    form: hang-ups and transfers) and the agent's account service."""
 
-    line: TwilioLine
-    log: CallLog
-    task: asyncio.Task[CallOutcome]
+    db_url: str
     pool: asyncpg.Pool
-    openai: FakeOpenAI
-    deepgram: FakeDeepgram
-    realtime: FakeRealtime
+    organization_id: str
+    fakes: Fakes
+    twilio_api: str
+    twilio_updates: list[dict[str, str]]
     accounts: AccountService
-    writer: CallLogWriter
-    path_id: str
-    hang_ups: list[str] = field(default_factory=list)
-    transfers: list[tuple[str, str]] = field(default_factory=list)
 
-    def caller_says(self, transcript: str, ms: int = 600) -> None:
-        """The caller speaks; the recognizer hears `transcript`."""
-        self.deepgram.transcripts.append(transcript)
-        self.line.say(speech(ms))
+    @asynccontextmanager
+    async def engine(self, **settings: Any) -> AsyncIterator[str]:
+        """The engine on loopback on the fakes (`settings` override theirs), with Twilio's REST API."""
+        async with running_engine(
+            self.db_url,
+            twilio_auth_token=TOKEN,
+            twilio_account_sid=ACCOUNT_SID,
+            twilio_api_base=self.twilio_api,
+            **{**self.fakes.settings(), **settings},
+        ) as base:
+            yield base
 
-    async def turns(self) -> list[CallTurn]:
-        """The call's turns as stored now."""
-        return await list_turns(self.pool, organization_id=self.log.organization_id, call_log_id=self.log.id)
+    async def line(self, **configuration: Any) -> PathLine:
+        """A new line whose agent (the cloud stages, overridden by `configuration`) follows the every-type path by
+        default, may transfer to TRANSFER_TO, and has the lookup_account Tool."""
+        return await path_line(self.pool, self.organization_id, self.accounts.url, **configuration)
 
-    async def wait_for_turns(self, count: int, timeout: float = 15.0) -> list[CallTurn]:
-        """At least `count` turns, stored while the call runs."""
+    def call(self, engine: str, line: PathLine, *steps: Step) -> LiveCall:
+        """Call `line` with the caller's `steps`; the call runs while the test reads the database."""
+        return LiveCall(self.pool, engine, line, list(steps))
+
+
+@pytest.fixture(scope="module")
+async def organization_id(pool: asyncpg.Pool) -> str:
+    """The organization of every line of this module."""
+    org = await organizations.create_organization(
+        pool, name="Paths", slug="paths-e2e", plan=Plan.ENTERPRISE, credits=500
+    )
+    return org.id
+
+
+@pytest.fixture
+async def rig(
+    db_url: str, pool: asyncpg.Pool, organization_id: str, fakes: Fakes, fake_twilio_rest: Any
+) -> AsyncIterator[PathRig]:
+    """A test's rig, with its own account service on loopback."""
+    service = AccountService()
+    app = web.Application()
+    app.router.add_post("/lookup", service.handle)
+    async with serve(app) as base:
+        service.url = base + "/lookup"
+        api, updates = fake_twilio_rest
+        yield PathRig(db_url, pool, organization_id, fakes, api, updates, service)
+
+
+async def path_line(pool: asyncpg.Pool, organization_id: str, tool_url: str, **configuration: Any) -> PathLine:
+    """A new line whose agent (the cloud stages, overridden by `configuration`) follows the every-type path by
+    default (a decoy path is linked too), may transfer to TRANSFER_TO, and has the lookup_account Tool."""
+    number, agent_id = await make_line(
+        pool,
+        organization_id,
+        prompt="You are Acme's front desk.",
+        transfer={"destinations": [{"number": TRANSFER_TO, "label": "A person"}]},
+        **configuration,
+    )
+    path = await conversation_paths.create_conversation_path(
+        pool,
+        organization_id=organization_id,
+        name=f"Every node {next(_numbers)}",
+        agent_speech="Warm and brief.",
+        nodes=EVERY_TYPE_NODES,
+        edges=EVERY_TYPE_EDGES,
+    )
+    await link_decoy(pool, organization_id, agent_id)
+    await agents.link_conversation_path(
+        pool, organization_id=organization_id, agent_id=agent_id, conversation_path_id=path.id
+    )
+    await agents.set_default_conversation_path(
+        pool, organization_id=organization_id, agent_id=agent_id, conversation_path_id=path.id
+    )
+    tool = await tools.create_tool(
+        pool,
+        organization_id=organization_id,
+        name="Accounts",
+        is_connected=True,
+        configuration={
+            "function": {"name": "lookup_account", "description": "Look an account up"},
+            "webhook": {"url": tool_url},
+        },
+    )
+    await agents.link_tool(pool, organization_id=organization_id, agent_id=agent_id, tool_id=tool.id)
+    return PathLine(number, agent_id, path.id)
+
+
+async def link_decoy(pool: asyncpg.Pool, organization_id: str, agent_id: str) -> None:
+    """Give the agent a path that ends the call at once: said, it shows the call followed the wrong path."""
+    decoy = await conversation_paths.create_conversation_path(
+        pool,
+        organization_id=organization_id,
+        name="Decoy",
+        nodes=[{"id": "decoy", "type": "end", "data": {"isStart": True, "text": "Wrong path."}}],
+    )
+    await agents.link_conversation_path(
+        pool, organization_id=organization_id, agent_id=agent_id, conversation_path_id=decoy.id
+    )
+
+
+class LiveCall:
+    """A simulated call running on the engine while the test reads what the engine has written so far."""
+
+    def __init__(self, pool: asyncpg.Pool, engine: str, line: PathLine, steps: list[Step]) -> None:
+        self.pool = pool
+        self.agent_id = line.agent_id
+        self.task = asyncio.create_task(
+            simulate_call(
+                engine,
+                to=line.number,
+                from_=CALLER,
+                script=steps,
+                auth_token=TOKEN,
+                timeout_s=60,
+                reply_timeout_s=REPLY_TIMEOUT_S,
+            )
+        )
+
+    async def trace_when(self, count: int, timeout: float = 20.0) -> tuple[list[tuple[Any, ...]], asyncpg.Record]:
+        """Once `count` turns are stored while the call runs: each turn's speaker, text, node and edge, and the
+        CallLog as it was read with them (still IN_PROGRESS)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while len(turns := await self.turns()) < count:
-            assert loop.time() < deadline, f"only {len(turns)} of {count} turns were recorded: {turns}"
+        while True:
+            log = await self.pool.fetchrow('SELECT * FROM "CallLog" WHERE "agentId" = $1', self.agent_id)
+            rows = await turns(self.pool, log["id"]) if log is not None else []
+            if len(rows) >= count:
+                assert log is not None and log["status"] == "IN_PROGRESS", "the call ended before it was read"
+                return trace(rows), log
+            assert not self.task.done(), f"the call ended with {len(rows)} of {count} turns: {trace(rows)}"
+            assert loop.time() < deadline, f"only {len(rows)} of {count} turns were stored: {trace(rows)}"
             await asyncio.sleep(0.05)
-        return turns
 
-    async def outcome(self, timeout: float = 20.0) -> CallOutcome:
-        """How the call ended."""
-        return await asyncio.wait_for(asyncio.shield(self.task), timeout)
-
-    async def stored(self) -> CallLog:
-        """The CallLog as stored now."""
-        return await call_logs.get_call_log(
-            self.pool, organization_id=self.log.organization_id, call_log_id=self.log.id
-        )
+    async def finished(self) -> tuple[CallResult, asyncpg.Record, list[tuple[Any, ...]]]:
+        """The call once over: what the caller's side saw, the finished CallLog and the trace of its turns."""
+        result = await asyncio.wait_for(self.task, 60)
+        log = await finished_log(self.pool, result)
+        return result, log, trace(await turns(self.pool, log["id"]))
 
 
-def trace(turns: list[CallTurn]) -> list[tuple[str, str, str | None, str | None]]:
+def trace(rows: list[asyncpg.Record]) -> list[tuple[Any, ...]]:
     """Each turn's speaker, text, node and edge."""
-    return [(turn.speaker, turn.text, turn.path_node_id, turn.path_edge_id) for turn in turns]
+    return [(row["speaker"], row["text"], row["pathNodeId"], row["pathEdgeId"]) for row in rows]
 
 
-@asynccontextmanager
-async def path_call(
-    pool: asyncpg.Pool,
-    llm: dict[str, Any],
-    *,
-    campaign_path: bool = False,
-    accounts: AccountService | None = None,
-) -> AsyncIterator[PathRig]:
-    """A call of an agent whose default path has a node of every type (with `campaign_path`, the agent's default
-    is a decoy and the call's campaign names the real path); the llm stage is `llm`."""
-    accounts = accounts or AccountService()
-    async with AsyncExitStack() as stack:
-        deepgram = await stack.enter_async_context(FakeDeepgram(api_key="dg"))
-        openai = await stack.enter_async_context(FakeOpenAI(api_key=OPENAI_KEY))
-        realtime = await stack.enter_async_context(FakeRealtime(api_key=OPENAI_KEY))
-        stages: dict[str, Any] = {"stt": {"provider": "deepgram", "endpointing": 300}, "llm": llm}
-        if llm.get("provider") == "realtime":
-            stages = {
-                "realtime": {"provider": "openai", "silence_duration_ms": 300, "transcription_model": "whisper-1"}
-            }
-        app = web.Application()
-        app.router.add_post("/lookup", accounts.handle)
-        service_url = await stack.enter_async_context(serve(app))
-        config = parse_agent_configuration(
-            {
-                **stages,
-                **({} if "realtime" in stages else {"tts": {"provider": "espeak"}}),
-                "prompt": "You are Acme's front desk.",
-                "transfer": {"destinations": [{"number": TRANSFER_TO, "label": "A person"}]},
-            }
-        )
-        log, agent_id = await new_call(pool)
-        organization_id = log.organization_id
-        await agents.update_agent_configuration(
-            pool, organization_id=organization_id, agent_id=agent_id, configuration=config.to_json()
-        )
-        path = await conversation_paths.create_conversation_path(
-            pool,
-            organization_id=organization_id,
-            name="Every node",
-            agent_speech="Warm and brief.",
-            nodes=EVERY_TYPE_NODES,
-            edges=EVERY_TYPE_EDGES,
-        )
-        decoy = await conversation_paths.create_conversation_path(
-            pool,
-            organization_id=organization_id,
-            name="Decoy",
-            nodes=[{"id": "decoy", "type": "end", "data": {"isStart": True, "text": "Wrong path."}}],
-        )
-        await agents.link_conversation_path(
-            pool, organization_id=organization_id, agent_id=agent_id, conversation_path_id=decoy.id
-        )
-        await agents.link_conversation_path(
-            pool, organization_id=organization_id, agent_id=agent_id, conversation_path_id=path.id
-        )
-        default = decoy.id if campaign_path else path.id
-        await agents.set_default_conversation_path(
-            pool, organization_id=organization_id, agent_id=agent_id, conversation_path_id=default
-        )
-        if campaign_path:
-            campaign = await campaigns.create_campaign(
-                pool,
-                organization_id=organization_id,
-                batch_name="Renewals",
-                agent_id=agent_id,
-                conversation_path_id=path.id,
-            )
-            await pool.execute('UPDATE "CallLog" SET "campaignId" = $1 WHERE "id" = $2', campaign.id, log.id)
-            log = await call_logs.get_call_log(pool, organization_id=organization_id, call_log_id=log.id)
-        tool = await tools.create_tool(
-            pool,
-            organization_id=organization_id,
-            name="Accounts",
-            is_connected=True,
-            configuration={
-                "function": {"name": "lookup_account", "description": "Look an account up"},
-                "webhook": {"url": service_url + "/lookup"},
-            },
-        )
-        await agents.link_tool(pool, organization_id=organization_id, agent_id=agent_id, tool_id=tool.id)
-        settings = load_settings(
-            deepgram_api_key="dg",
-            openai_api_key=OPENAI_KEY,
-            deepgram_url=deepgram.url,
-            openai_base_url=openai.base_url,
-            allow_private_tool_urls=True,
-        )
-        clients = ProviderClients()
-        stack.push_async_callback(clients.aclose)
-        bundle = await agents.load_agent_bundle(pool, organization_id=organization_id, agent_id=agent_id)
-        prepared = await prepare_call(
-            pool,
-            settings=settings,
-            clients=clients,
-            config=config,
-            bundle=bundle,
-            call_log=log,
-            offline_work=prepared_inline(),
-        )
-        driver: DriverFactory
-        if config.realtime:
-            driver = realtime_driver(
-                client=clients.openai(OPENAI_KEY, realtime.base_url),
-                realtime=config.realtime[0],
-                instructions=prepared.context.instructions,
-                tools=prepared.context.tools,
-                path=realtime_path(prepared.paths, prepared.context),
-            )
-        else:
-            pipeline = build_pipeline(config, context=prepared.context, paths=prepared.paths, voice=prepared.voice)
-            driver = pipeline_driver(pipeline, first_sentence=None)
-        line = TwilioLine()
-        writer = writer_for(pool, log)
-        hang_ups: list[str] = []
-        transfers: list[tuple[str, str]] = []
-
-        async def hang_up(call_sid: str) -> bool:
-            hang_ups.append(call_sid)
-            line.hang_up()
-            return True
-
-        async def transfer(call_sid: str, to: str) -> bool:
-            transfers.append((call_sid, to))
-            line.hang_up()
-            return True
-
-        session = CallSession(
-            context=CallContext(log.id, organization_id, agent_id, line.call_sid),
-            config=config,
-            driver=driver,
-            stream=line.stream(),
-            send=line.send,
-            writer=writer,
-            hang_up=hang_up,
-            transfer=transfer,
-        )
-        line.start()
-        task = asyncio.create_task(session.run(line.frames()))
-        rig = PathRig(line, log, task, pool, openai, deepgram, realtime, accounts, writer, path.id, hang_ups, transfers)
-        try:
-            yield rig
-        finally:
-            line.hang_up()
-            outcome = await rig.outcome()
-            await line.stop()
-            await writer.finish(outcome)
-
-
-def prepared_inline() -> Any:
-    """Offline providers decode inline (this test's providers are the cloud fakes and eSpeak)."""
-    from pipelines.offline_workers import INLINE
-
-    return INLINE
-
-
-def node_calls(path_id: str, node: str) -> float:
-    """How many calls reached `node` of the path, from the engine's metrics."""
-    value = metrics.REGISTRY.get_sample_value("dialtone_path_node_calls_total", {"path": path_id, "node": node})
-    return value or 0.0
-
-
-def edge_calls(path_id: str, edge: str) -> float:
-    """How many calls took `edge` of the path, from the engine's metrics."""
-    value = metrics.REGISTRY.get_sample_value("dialtone_path_edge_calls_total", {"path": path_id, "edge": edge})
-    return value or 0.0
+async def path_metrics(engine: str, path_id: str) -> tuple[dict[str, float], dict[str, float]]:
+    """The engine's /metrics for `path_id`: calls per node, calls per edge."""
+    async with aiohttp.ClientSession() as http, http.get(f"{engine}/metrics") as response:
+        text = await response.text()
+    counts: dict[str, dict[str, float]] = {"node": {}, "edge": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels.get("path") == path_id:
+                kind = "node" if "node" in sample.labels else "edge"
+                counts[kind][sample.labels[kind]] = sample.value
+    return counts["node"], counts["edge"]
 
 
 def follow(way: str, **variables: str) -> ToolCall:
@@ -295,207 +264,367 @@ def follow(way: str, **variables: str) -> ToolCall:
     return ToolCall("follow_path", arguments)
 
 
+def tool_results(fakes: Fakes, since: int) -> list[str]:
+    """What the model was told its function calls gave, in the requests since the `since`-th."""
+    return [
+        message["content"]
+        for request in fakes.openai.requests[since:]
+        for message in request["messages"]
+        if message["role"] == "tool"
+    ]
+
+
 # --------------------------------------------------------------------------------------------------- OpenAI
 
 
-async def test_openai_walks_speak_gather_webhook_prompt_and_end_with_the_trace_stored_as_it_goes(
-    pool: asyncpg.Pool,
+async def test_openai_walks_speak_gather_webhook_prompt_and_end_with_the_trace_stored_while_the_call_runs(
+    rig: PathRig,
 ) -> None:
-    async with path_call(pool, {"provider": "openai"}) as rig:
-        turns = await rig.wait_for_turns(1)
-        assert trace(turns) == [("agent", GREETING, "greet", None)]  # said verbatim, no completion asked
-        assert rig.openai.requests == []
-
-        rig.openai.replies.append([follow("to-billing")])
-        rig.caller_says("It's about my bill.")
-        turns = await rig.wait_for_turns(3)
-        assert trace(turns)[1:] == [
+    before = len(rig.fakes.openai.requests)
+    rig.fakes.deepgram.transcripts.extend(["It's about my bill.", "Thanks, bye."])
+    rig.fakes.openai.replies.extend(
+        [[follow("to-billing")], BALANCE, ["Glad to help.", follow("billing-done")]]
+    )  # the prompt node: the model speaks from its instructions
+    async with rig.engine() as engine:
+        line = await rig.line()
+        call = rig.call(engine, line, Say("it is about my bill"), Dtmf("1234"), Say("thanks bye"))
+        live, log = await call.trace_when(8)
+        assert live[:8] == [
+            ("agent", GREETING, "greet", None),  # said verbatim, no completion asked
             ("caller", "It's about my bill.", "greet", None),
             ("agent", ASK_ACCOUNT, "account", "to-billing"),
-        ]
-        request = rig.openai.requests[0]
-        system = request["messages"][0]["content"]
-        assert "You are Acme's front desk." in system and "Warm and brief." in system and "'greet'" in system
-        (offered,) = [tool for tool in request["tools"] if tool["function"]["name"] == "follow_path"]
-        assert offered["function"]["parameters"]["properties"]["way"]["enum"] == [
-            "to-billing",
-            "to-order",
-            "global:human",
-        ]
-        assert "Billing" in offered["function"]["description"]
-
-        rig.openai.replies.append(BALANCE)  # the prompt node: the model speaks from its instructions
-        for key in "1234":
-            rig.line.press(key)
-        turns = await rig.wait_for_turns(8)
-        assert rig.accounts.received[0]["function"] == "lookup_account"
-        assert rig.accounts.received[0]["arguments"] == {"account": "1234"}
-        assert trace(turns)[3:8] == [
             ("caller", "[DTMF 1]", "account", None),
             ("caller", "[DTMF 2]", "account", None),
             ("caller", "[DTMF 3]", "account", None),
             ("caller", "[DTMF 4]", "account", None),
             ("agent", BALANCE, "billing", "found"),
         ]
-        assert len(rig.openai.requests) == 2  # no completion for the keys: the gather node collected them
-        system = rig.openai.requests[1]["messages"][0]["content"]
-        assert "Tell the caller their balance" in system and '{"balance": "$12"}' in system
-        stored = await rig.stored()
-        assert stored.metadata["conversationPath"]["id"] == rig.path_id
-        assert stored.metadata["conversationPath"]["node"] == "billing"
+        assert log["metadata"]["conversationPath"]["id"] == line.path_id
+        assert log["metadata"]["conversationPath"]["node"] == "billing"
+        nodes, edges = await path_metrics(engine, line.path_id)
+        assert nodes == {"greet": 1, "account": 1, "lookup": 1, "billing": 1}
+        assert edges == {"to-billing": 1, "got-account": 1, "found": 1}
+        result, log, ended = await call.finished()
+        nodes, edges = await path_metrics(engine, line.path_id)
 
-        rig.openai.replies.append(["Glad to help.", follow("billing-done")])
-        rig.caller_says("Thanks, bye.")
-        outcome = await rig.outcome()
-
-    turns = await rig.turns()
-    assert trace(turns)[-1] == ("agent", f"Glad to help. {GOODBYE}", "goodbye", "billing-done")
-    assert outcome.end_reason == EndReason.PATH_END and rig.hang_ups == [rig.line.call_sid]
-    stored = await rig.stored()
-    assert stored.metadata["conversationPath"] == {
-        "id": rig.path_id,
+    assert nodes["goodbye"] == 1 and edges["billing-done"] == 1
+    assert ended[-1] == ("agent", f"Glad to help. {GOODBYE}", "goodbye", "billing-done")
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
+    assert log["metadata"]["conversationPath"] == {
+        "id": line.path_id,
         "node": "goodbye",
         "variables": {"account": "1234", "balance": '{"balance": "$12"}'},
     }
-    assert node_calls(rig.path_id, "lookup") == 1 and edge_calls(rig.path_id, "found") == 1
+    assert rig.twilio_updates == [{"sid": result.call_sid, "Status": "completed"}]  # hung up through Twilio
+    assert rig.accounts.received[0]["function"] == "lookup_account"
+    assert rig.accounts.received[0]["arguments"] == {"account": "1234"}
+    requests = rig.fakes.openai.requests[before:]
+    assert len(requests) == 3  # no completion for the greeting nor for the keys: the gather node collected them
+    system = requests[0]["messages"][0]["content"]
+    assert "You are Acme's front desk." in system and "Warm and brief." in system and "'greet'" in system
+    (offered,) = [tool for tool in requests[0]["tools"] if tool["function"]["name"] == "follow_path"]
+    assert offered["function"]["parameters"]["properties"]["way"]["enum"] == ["to-billing", "to-order", "global:human"]
+    system = requests[1]["messages"][0]["content"]
+    assert "Tell the caller their balance" in system and '{"balance": "$12"}' in system
 
 
-async def test_a_failing_webhook_routes_on_failure_and_ends_the_call(pool: asyncpg.Pool) -> None:
-    async with path_call(pool, {"provider": "openai"}, accounts=AccountService(status=500)) as rig:
-        await rig.wait_for_turns(1)
-        rig.openai.replies.append([follow("to-billing")])
-        rig.caller_says("billing.")
-        await rig.wait_for_turns(3)
-        for key in "42#":
-            rig.line.press(key)
-        outcome = await rig.outcome()
-    turns = await rig.turns()
-    assert trace(turns)[-1] == ("agent", "Sorry, our system is down. " + GOODBYE, "lookup-failed", "not-found")
-    assert outcome.end_reason == EndReason.PATH_END
+async def test_a_failing_webhook_routes_on_failure_and_ends_the_call(rig: PathRig) -> None:
+    rig.accounts.status = 500
+    rig.fakes.deepgram.transcripts.append("Billing.")
+    rig.fakes.openai.replies.append([follow("to-billing")])
+    async with rig.engine() as engine:
+        line = await rig.line()
+        _, log, ended = await rig.call(engine, line, Say("billing"), Dtmf("42#")).finished()
+    assert ended[-1] == ("agent", "Sorry, our system is down. " + GOODBYE, "lookup-failed", "not-found")
+    assert log["metadata"]["endReason"] == "path_end"
+    assert log["metadata"]["conversationPath"]["variables"]["account"] == "42"  # the terminator ended the digits
 
 
-@pytest.mark.parametrize("arguments", [{"way": "to-nowhere"}, {}])
+@pytest.mark.parametrize("arguments", [{"way": "to-nowhere"}, {}], ids=["wrong-way", "no-way"])
 async def test_a_wrong_or_missing_way_is_explained_to_the_model_and_the_call_goes_on(
-    pool: asyncpg.Pool, arguments: dict[str, Any]
+    rig: PathRig, arguments: dict[str, Any]
 ) -> None:
-    async with path_call(pool, {"provider": "openai"}) as rig:
-        await rig.wait_for_turns(1)
-        rig.openai.replies.extend([[ToolCall("follow_path", arguments)], "Sorry, was that billing or an order?"])
-        rig.caller_says("Something else.")
-        turns = await rig.wait_for_turns(3)
-        assert trace(turns)[2] == ("agent", "Sorry, was that billing or an order?", "greet", None)
-        told = [m["content"] for m in rig.openai.requests[-1]["messages"] if m["role"] == "tool"]
-        assert len(told) == 1 and told[0].startswith("error: there is no way")
-        assert "to-billing, to-order, global:human" in told[0]
+    before = len(rig.fakes.openai.requests)
+    rig.fakes.deepgram.transcripts.extend(["Something else.", "An order.", "It is order A 42."])
+    rig.fakes.openai.replies.extend(
+        [
+            [ToolCall("follow_path", arguments)],
+            "Sorry, was that billing or an order?",
+            [follow("to-order")],
+            "Which order is it?",  # the prompt node: the model speaks
+            ["Noted.", follow("order-named", order_number="A-42")],  # moves and extracts
+        ]
+    )
+    async with rig.engine() as engine:
+        line = await rig.line()
+        steps: list[Step] = [Say("something else"), Say("an order"), Say("it is order a forty two")]
+        _, log, ended = await rig.call(engine, line, *steps).finished()
 
-        rig.openai.replies.append([follow("to-order")])
-        rig.caller_says("An order.")
-        rig.openai.replies.append("Which order is it?")  # the prompt node: the model speaks
-        turns = await rig.wait_for_turns(5)
-        assert trace(turns)[4] == ("agent", "Which order is it?", "order", "to-order")
-        (offered,) = [t for t in rig.openai.requests[-1]["tools"] if t["function"]["name"] == "follow_path"]
-        asked = offered["function"]["parameters"]["properties"]["variables"]["properties"]
-        assert asked == {"order_number": {"type": "string", "description": "The order's number"}}
-
-        rig.openai.replies.append(["Noted.", follow("order-named", order_number="A-42")])  # moves and extracts
-        rig.caller_says("It is order A 42.")
-        turns = await rig.wait_for_turns(7)
-        assert trace(turns)[6] == ("agent", "Noted.", "listen", "order-named")  # the wait node says nothing more
-    stored = await rig.stored()  # the caller hung up at the wait node: the trace kept where the call ended
-    assert stored.metadata["conversationPath"] == {
-        "id": rig.path_id,
+    assert ended[1:] == [
+        ("caller", "Something else.", "greet", None),
+        ("agent", "Sorry, was that billing or an order?", "greet", None),  # the call went on where it was
+        ("caller", "An order.", "greet", None),
+        ("agent", "Which order is it?", "order", "to-order"),
+        ("caller", "It is order A 42.", "order", None),
+        ("agent", "Noted.", "listen", "order-named"),  # the wait node says nothing more
+    ]
+    told = tool_results(rig.fakes, before)
+    assert told[0].startswith("error: there is no way") and "to-billing, to-order, global:human" in told[0]
+    (offered,) = [t for t in rig.fakes.openai.requests[-1]["tools"] if t["function"]["name"] == "follow_path"]
+    asked = offered["function"]["parameters"]["properties"]["variables"]["properties"]
+    assert asked == {"order_number": {"type": "string", "description": "The order's number"}}
+    # The caller hung up at the wait node: the trace kept where the call ended.
+    assert log["metadata"]["endReason"] == "caller_hangup"
+    assert log["metadata"]["conversationPath"] == {
+        "id": line.path_id,
         "node": "listen",
         "variables": {"order_number": "A-42"},
     }
 
 
-async def test_a_global_node_reached_by_the_model_transfers_to_the_allowed_number(pool: asyncpg.Pool) -> None:
-    async with path_call(pool, {"provider": "openai"}) as rig:
-        await rig.wait_for_turns(1)
-        rig.openai.replies.append([follow("global:human")])
-        rig.caller_says("Can I talk to a human?")
-        outcome = await rig.outcome()
-    turns = await rig.turns()
-    assert trace(turns)[-1] == ("agent", HUMAN, "transfer", "to-person")
-    assert outcome.end_reason == EndReason.TRANSFERRED
-    assert rig.transfers == [(rig.line.call_sid, TRANSFER_TO)]
-    assert edge_calls(rig.path_id, "global:human") >= 1
+async def test_a_global_node_reached_by_the_model_transfers_through_twilio_to_the_allowed_number(rig: PathRig) -> None:
+    rig.fakes.deepgram.transcripts.append("Can I talk to a human?")
+    rig.fakes.openai.replies.append([follow("global:human")])
+    async with rig.engine() as engine:
+        line = await rig.line()
+        result, log, ended = await rig.call(engine, line, Say("can i talk to a human")).finished()
+        _, edges = await path_metrics(engine, line.path_id)
+    assert ended[-1] == ("agent", HUMAN, "transfer", "to-person")
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred")
+    [update] = rig.twilio_updates
+    assert update["sid"] == result.call_sid and f"<Dial><Number>{TRANSFER_TO}</Number></Dial>" in update["Twiml"]
+    assert edges["global:human"] == 1 and edges["to-person"] == 1
+
+
+# --------------------------------------------------------------------------------------------------- gather timeout
+
+
+async def test_keys_stopped_short_of_the_count_complete_the_gather_node_when_its_wait_runs_out(rig: PathRig) -> None:
+    rig.fakes.deepgram.transcripts.append("Billing.")
+    rig.fakes.openai.replies.extend([[follow("to-billing")], BALANCE])
+    async with rig.engine() as engine:
+        line = await rig.line()
+        call = rig.call(engine, line, Say("billing"), Dtmf("73"), Pause(6000))
+        live, _ = await call.trace_when(6)
+        call.task.cancel()  # the caller hangs up: what was needed is seen
+    assert live[3:6] == [
+        ("caller", "[DTMF 7]", "account", None),
+        ("caller", "[DTMF 3]", "account", None),
+        ("agent", BALANCE, "billing", "found"),  # two keys of four, then none for timeoutSeconds: they count
+    ]
+    assert rig.accounts.received[0]["arguments"] == {"account": "73"}
+
+
+async def test_a_gather_node_with_no_key_pressed_asks_again_when_its_wait_runs_out(rig: PathRig) -> None:
+    rig.fakes.deepgram.transcripts.append("Billing.")
+    rig.fakes.openai.replies.extend([[follow("to-billing")], BALANCE])
+    async with rig.engine() as engine:
+        line = await rig.line()
+        # The prompt (1.8 s of ElevenLabs' fake audio) is heard by about 2.5 s and said again 2 s later; the keys come
+        # once that is heard, well before the second wait runs out.
+        steps: list[Step] = [Say("billing"), Pause(7000), Dtmf("1234")]
+        call = rig.call(engine, line, *steps)
+        live, _ = await call.trace_when(9)
+        call.task.cancel()
+    assert live[2:5] == [
+        ("agent", ASK_ACCOUNT, "account", "to-billing"),
+        ("agent", ASK_ACCOUNT, "account", None),  # asked again, no key pressed; the node stays
+        ("caller", "[DTMF 1]", "account", None),
+    ]
+    assert live[8] == ("agent", BALANCE, "billing", "found")
 
 
 # --------------------------------------------------------------------------------------------------- offline
 
 
-async def test_the_offline_model_walks_prompt_wait_knowledge_and_press_digits(pool: asyncpg.Pool) -> None:
-    async with path_call(pool, {"provider": "conversation_path"}) as rig:
-        await rig.wait_for_turns(1)
-        rig.caller_says("I am calling about an order.")
-        await rig.wait_for_turns(3)
-        rig.caller_says("It is order seven.")  # the wait node: nothing said
-        await rig.wait_for_turns(4)  # its turn ended (a caller speaking on sooner would continue it)
-        rig.caller_says("When will it arrive.")
-        turns = await rig.wait_for_turns(6)
-        assert trace(turns) == [
-            ("agent", GREETING, "greet", None),
-            ("caller", "I am calling about an order.", "greet", None),
-            ("agent", ORDER, "order", "to-order"),
-            ("caller", "It is order seven.", "order", None),
-            ("caller", "When will it arrive.", "listen", None),
-            ("agent", ANSWER_FALLBACK, "kb", "heard"),  # no knowledge bases yet: the fallback line
+async def test_the_offline_model_walks_prompt_wait_knowledge_press_digits_and_end(rig: PathRig) -> None:
+    before = len(rig.fakes.openai.requests)
+    rig.fakes.deepgram.transcripts.extend(
+        ["I am calling about an order.", "It is order seven.", "When will it arrive?", "Take me to the menu."]
+    )
+    async with rig.engine(kb_ingest_poll_interval=0.05) as engine:
+        line = await rig.line(llm={"provider": "conversation_path"})
+        await give_knowledge(rig.pool, rig.organization_id, line.agent_id, DELIVERY)
+        steps: list[Step] = [
+            Say("i am calling about an order"),
+            Say("it is order seven"),  # the wait node: nothing is said, the caller goes on
+            Say("when will it arrive"),
+            Say("take me to the menu"),
         ]
-        heard_before = rig.line.agent_bytes_received
-        rig.caller_says("Take me to the menu.")
-        outcome = await rig.outcome()
-    turns = await rig.turns()
-    assert trace(turns)[-1] == ("agent", f"[DTMF 1w2] {GOODBYE}", "goodbye", "menu-done")  # the tones, then goodbye
-    assert outcome.end_reason == EndReason.PATH_END
-    assert node_calls(rig.path_id, "menu") >= 1  # the press-digits node was passed through
-    assert rig.line.agent_bytes_received - heard_before > 8 * 700  # two tones, a half-second pause, the goodbye
-    assert rig.openai.requests == []
+        result, log, ended = await rig.call(engine, line, *steps).finished()
+        nodes, _ = await path_metrics(engine, line.path_id)
+
+    assert ended == [
+        ("agent", GREETING, "greet", None),
+        ("caller", "I am calling about an order.", "greet", None),
+        ("agent", ORDER, "order", "to-order"),
+        ("caller", "It is order seven.", "order", None),
+        ("caller", "When will it arrive?", "listen", None),
+        ("agent", DELIVERY, "kb", "heard"),  # the knowledge node: the passage found in the agent's knowledge base
+        ("caller", "Take me to the menu.", "kb", None),
+        ("agent", f"[DTMF 1w2] {GOODBYE}", "goodbye", "menu-done"),  # the tones, then goodbye
+    ]
+    assert log["metadata"]["endReason"] == "path_end"
+    assert nodes["menu"] == 1  # the press-digits node was passed through
+    assert len(result.utterances[-1].audio) > 8 * 700  # two tones, a half-second pause, the goodbye
+    assert rig.fakes.openai.requests[before:] == []
 
 
-async def test_a_campaigns_path_overrides_the_agents_default(pool: asyncpg.Pool) -> None:
-    async with path_call(pool, {"provider": "conversation_path"}, campaign_path=True) as rig:
-        turns = await rig.wait_for_turns(1)
-        assert trace(turns) == [("agent", GREETING, "greet", None)]
-    async with path_call(pool, {"provider": "conversation_path"}) as rig:
-        turns = await rig.wait_for_turns(1)
-        assert trace(turns) == [("agent", GREETING, "greet", None)]
+async def test_a_campaigns_path_overrides_the_agents_default(rig: PathRig) -> None:
+    pool, organization_id = rig.pool, rig.organization_id
+    number = await phone_numbers.create_phone_number(
+        pool, organization_id=organization_id, phone_number=f"+1555017{next(_numbers):04d}"
+    )
+    agent = await agents.create_agent(
+        pool,
+        organization_id=organization_id,
+        name="renewals",
+        status=AgentStatus.ACTIVE,
+        caller_type=CallerType.OUTBOUND,
+        configuration={"stt": {"provider": "sphinx"}, "llm": {"provider": "conversation_path"}},
+    )
+    await link_decoy(pool, organization_id, agent.id)  # the agent's only (so default) path
+    path = await conversation_paths.create_conversation_path(
+        pool, organization_id=organization_id, name="Renewals", nodes=EVERY_TYPE_NODES, edges=EVERY_TYPE_EDGES
+    )
+    campaign = await campaigns.create_campaign(
+        pool, organization_id=organization_id, batch_name="Renewals", agent_id=agent.id, conversation_path_id=path.id
+    )
+    callee = f"+1555018{next(_numbers):04d}"
+    async with FakeTwilio() as twilio:
+        twilio.behave(callee, Answer(greeting="Hello?", script=[Pause(300)]))
+        settings: dict[str, Any] = {
+            "twilio_auth_token": twilio.auth_token,
+            "twilio_account_sid": twilio.account_sid,
+            "twilio_api_base": twilio.api_base,
+        }
+        client = TwilioCalls(twilio.account_sid, twilio.auth_token, api_base=twilio.api_base)
+        async with running_engine(rig.db_url, **settings) as engine:
+            deps = OutboundDeps(
+                pool=pool, settings=load_settings(database_url=rig.db_url, **settings), twilio=client, public_url=engine
+            )
+            try:  # as the campaign dispatcher places a recipient's call
+                placed = await place_call(
+                    deps,
+                    organization_id=organization_id,
+                    agent_id=agent.id,
+                    from_number=number.phone_number,
+                    to=callee,
+                    campaign_id=campaign.id,
+                )
+                await twilio.finished(placed.call_sid)
+            finally:
+                await client.close()
+    log = await finished_call_log(pool, placed.call_log_id)
+    spoken = [row for row in trace(await turns(pool, placed.call_log_id)) if row[0] == "agent"]
+    assert spoken[0] == ("agent", GREETING, "greet", None)  # the campaign's path, not the agent's default
+    assert log["metadata"]["conversationPath"]["id"] == path.id
 
 
 # --------------------------------------------------------------------------------------------------- Realtime
 
 
-async def test_the_realtime_model_follows_the_path_through_session_updates(pool: asyncpg.Pool) -> None:
-    async with path_call(pool, {"provider": "realtime"}) as rig:
-        fake = rig.realtime
+async def test_the_realtime_model_follows_the_path_through_session_updates(rig: PathRig) -> None:
+    async with FakeRealtime(api_key=OPENAI_KEY) as fake:
         fake.reply(GREETING)  # the start node's words, said exactly
-        turns = await rig.wait_for_turns(1)
-        assert trace(turns) == [("agent", GREETING, "greet", None)]
-        update = fake.of_type("session.update")[-1]["session"]
-        assert "'greet'" in update["instructions"] and "Warm and brief." in update["instructions"]
-        assert "follow_path" in {tool["name"] for tool in update["tools"]}
-
         fake.reply_tool("follow_path", {"way": "to-billing"})
         fake.reply(ASK_ACCOUNT)  # the gather node's words, said exactly
-        fake.caller_says("It's about billing")
-        rig.line.say(speech(600))
-        turns = await rig.wait_for_turns(3)
-        assert trace(turns)[2][1:3] == (ASK_ACCOUNT, "account")
-        assert "'account'" in fake.of_type("session.update")[-1]["session"]["instructions"]
-
+        fake.caller_says("It's about billing.")
         fake.reply(BALANCE)  # the prompt node: the model speaks from the new instructions
-        for key in "1234":
-            rig.line.press(key)
-        turns = await rig.wait_for_turns(8)
-        assert rig.accounts.received[0]["arguments"] == {"account": "1234"}
-        assert trace(turns)[7][1:3] == (BALANCE, "billing")
-        assert "Tell the caller their balance" in fake.of_type("session.update")[-1]["session"]["instructions"]
-        assert not any("pressed" in str(item) for item in fake.of_type("conversation.item.create"))
-
         fake.reply_tool("follow_path", {"way": "billing-done"})
         fake.reply(GOODBYE)
-        fake.caller_says("Thanks, bye")
-        rig.line.say(speech(600))
-        outcome = await rig.outcome()
-    assert outcome.end_reason == EndReason.PATH_END
-    assert (await rig.turns())[-1].text == GOODBYE
+        fake.caller_says("Thanks, bye.")
+        async with rig.engine(openai_base_url=fake.base_url) as engine:
+            line = await rig.line(realtime=REALTIME)
+            steps: list[Step] = [Say("it is about billing"), Dtmf("1234"), Say("thanks bye")]
+            call = rig.call(engine, line, *steps)
+            live, log = await call.trace_when(8)
+            updates = [update["session"] for update in fake.of_type("session.update")]
+            instructions = [update["instructions"] for update in updates]
+            result, log, ended = await call.finished()
+        items = fake.of_type("conversation.item.create")
+
+    assert live[0] == ("agent", GREETING, "greet", None)
+    assert [row[1:3] for row in live[2:8]] == [
+        (ASK_ACCOUNT, "account"),
+        ("[DTMF 1]", "account"),
+        ("[DTMF 2]", "account"),
+        ("[DTMF 3]", "account"),
+        ("[DTMF 4]", "account"),
+        (BALANCE, "billing"),
+    ]
+    assert "'greet'" in instructions[0] and "Warm and brief." in instructions[0]
+    assert "follow_path" in {tool["name"] for tool in updates[0]["tools"]}
+    assert any("'account'" in text for text in instructions)
+    assert "Tell the caller their balance" in instructions[-1]
+    assert rig.accounts.received[0]["arguments"] == {"account": "1234"}
+    assert not any("pressed" in str(item) for item in items)  # the gather node took the keys, not the model
+    assert ended[-1][1:3] == (GOODBYE, "goodbye")
+    assert (log["metadata"]["endReason"], log["metadata"]["conversationPath"]["node"]) == ("path_end", "goodbye")
+    assert rig.twilio_updates == [{"sid": result.call_sid, "Status": "completed"}]
+
+
+async def test_a_realtime_calls_gather_node_asks_again_then_takes_the_keys_so_far_when_its_wait_runs_out(
+    rig: PathRig,
+) -> None:
+    async with FakeRealtime(api_key=OPENAI_KEY) as fake:
+        fake.reply(GREETING)
+        fake.caller_says("It's about billing.")
+        fake.reply_tool("follow_path", {"way": "to-billing"})
+        fake.reply(ASK_ACCOUNT)
+        fake.reply(ASK_ACCOUNT)  # said again when no key came
+        fake.reply(BALANCE)
+        async with rig.engine(openai_base_url=fake.base_url) as engine:
+            line = await rig.line(realtime=REALTIME)
+            # The prompt (1.1 s of the fake's audio) is heard by about 2 s, said again 2 s later; the keys come after
+            # that, well before the second wait runs out.
+            call = rig.call(engine, line, Say("it is about billing"), Pause(5000), Dtmf("73"), Pause(6000))
+            live, _ = await call.trace_when(7)
+            call.task.cancel()
+    assert [row[1:4] for row in live[2:7]] == [
+        (ASK_ACCOUNT, "account", "to-billing"),
+        (ASK_ACCOUNT, "account", None),
+        ("[DTMF 7]", "account", None),
+        ("[DTMF 3]", "account", None),
+        (BALANCE, "billing", "found"),
+    ]
+    assert rig.accounts.received[0]["arguments"] == {"account": "73"}
+
+
+# --------------------------------------------------------------------------------------------------- the demo
+
+
+async def test_dialtone_call_walks_the_demo_path_with_keypad_digits(db_url: str, pool: asyncpg.Pool) -> None:
+    seed = await seed_demo(pool)
+    bundle = await agents.load_agent_bundle(pool, organization_id=seed.organization_id, agent_id=seed.agent_id)
+    assert [path.name for path in bundle.conversation_paths] == [DEMO_PATH_NAME]
+    async with running_engine(db_url, twilio_auth_token=TOKEN) as engine:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DIALTONE_", "DATABASE_URL", "TWILIO_"))}
+        env |= {"PYTHONPATH": REPO, "TWILIO_AUTH_TOKEN": TOKEN}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engine.server.cli", "call", "--url", engine, "--to", seed.phone_number,
+            "--dtmf", "9", "--dtmf", "42#", "--say", "please call me after five",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        output, _ = await asyncio.wait_for(process.communicate(), 90)
+    printed = output.decode()
+    assert process.returncode == 0, printed
+    assert "caller: presses 9" in printed and "caller: presses #" in printed
+    call_log_id = await pool.fetchval(
+        'SELECT "id" FROM "CallLog" WHERE "agentId" = $1 ORDER BY "createdAt" DESC LIMIT 1', seed.agent_id
+    )
+    log = await finished_call_log(pool, call_log_id)
+    rows = await turns(pool, call_log_id)
+    assert [(r["speaker"], r["pathNodeId"]) for r in rows] == [
+        ("agent", "greeting"),
+        ("caller", "greeting"),
+        ("agent", "booking-number"),
+        ("caller", "booking-number"),
+        ("caller", "booking-number"),
+        ("caller", "booking-number"),
+        ("agent", "anything-else"),
+        ("caller", "anything-else"),
+        ("agent", "noted"),
+    ]
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
+    assert log["metadata"]["conversationPath"]["variables"] == {"booking_number": "42"}

@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.llm.base import ConversationTurn, EndCall, LLMEvent, SendDtmf, TextDelta, TransferCall
 from pipelines.llm.conversation_path import ConversationPathLLM
-from pipelines.paths.engine import PathEngine, PathStep, UnknownWay
+from pipelines.paths.engine import MAX_KEY_REPROMPTS, PathEngine, PathStep, UnknownWay
 from pipelines.paths.graph import PathInvalid, read_path
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
 from tests.paths import (
@@ -20,6 +20,7 @@ from tests.paths import (
     GOODBYE,
     GREETING,
     HUMAN,
+    KEY_TIMEOUT_S,
     ORDER,
     TRANSFER_TO,
 )
@@ -75,6 +76,11 @@ class Walk:
         """The node the call is at."""
         return self.model.current_node_id
 
+    async def after_key_timeout(self) -> list[LLMEvent]:
+        """The call's timer ran out at a gather node: the model's next reply (no new caller turn)."""
+        self.model.engine.time_out_keys()
+        return [event async for event in self.model.respond(list(self.turns))]
+
 
 async def test_gather_then_webhook_success_then_prompt_then_end() -> None:
     accounts = Accounts('{"balance": "$12"}')
@@ -107,6 +113,52 @@ async def test_a_terminator_ends_the_gather_and_a_failing_webhook_takes_the_fail
     assert events == [TextDelta("Sorry, our system is down. " + GOODBYE), EndCall("path_end")]
     assert walk.model.engine.variables["account"] == "9"
     assert walk.model.engine.last_edge == "not-found"
+
+
+async def test_a_gather_node_times_its_keys_only_while_the_call_is_there() -> None:
+    walk = Walk(tools=Accounts("{}"))
+    assert walk.model.engine.key_timeout is None  # not started
+    await walk.start()
+    assert walk.model.engine.key_timeout is None  # a speak node waits for no key
+    await walk.says("billing")
+    assert walk.model.engine.key_timeout == KEY_TIMEOUT_S
+    await walk.says("[DTMF 1]")
+    assert walk.model.engine.key_timeout == KEY_TIMEOUT_S  # and again for the next key
+
+
+async def test_when_the_wait_for_a_key_runs_out_the_digits_so_far_complete_the_gather_node() -> None:
+    accounts = Accounts('{"balance": "$12"}')
+    walk = Walk(tools=accounts)
+    await walk.start()
+    await walk.says("billing")
+    assert await walk.says("[DTMF 7]") == []
+    assert await walk.says("[DTMF 3]") == []
+    assert await walk.after_key_timeout() == [TextDelta(BILLING)]  # two of four digits, then no more: they count
+    assert accounts.calls == [("lookup_account", {"account": "73"})]
+    assert walk.model.engine.last_edge == "found"
+
+
+async def test_with_no_key_at_all_the_gather_node_asks_again_then_waits_without_a_timer() -> None:
+    walk = Walk()
+    await walk.start()
+    await walk.says("billing")
+    for _ in range(MAX_KEY_REPROMPTS):
+        assert await walk.after_key_timeout() == [TextDelta(ASK_ACCOUNT)]
+        assert walk.at == "account"
+    assert walk.model.engine.key_timeout is None  # asked enough: the call's silence time-out takes over
+    walk.model.engine.time_out_keys()
+    assert not walk.model.engine.keys_timed_out
+    assert await walk.says("[DTMF 5]") == []  # a key still counts, and the timer is back for the next one
+    assert walk.model.engine.key_timeout == KEY_TIMEOUT_S
+
+
+async def test_a_key_pressed_as_the_wait_ran_out_is_taken_as_a_key() -> None:
+    walk = Walk()
+    await walk.start()
+    await walk.says("billing")
+    walk.model.engine.time_out_keys()
+    assert await walk.says("[DTMF 5]") == []  # one digit of four: no re-prompt, no completion
+    assert walk.model.engine.variables == {} and walk.at == "account"
 
 
 async def test_a_webhook_node_without_tools_routes_as_a_failure() -> None:

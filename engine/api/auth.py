@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -41,6 +43,9 @@ CALLER = web.RequestKey("api_caller", Caller)
 
 RATE_LIMIT_HEADERS = web.RequestKey("api_rate_limit_headers", dict[str, str])
 """The X-RateLimit-* headers of a counted request, added to whatever answers it (errors included)."""
+
+KEY_SUBPROTOCOL = "dialtone.key."
+"""A WebSocket opened by a browser, which cannot set headers, offers its key as this subprotocol + base64url(key)."""
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="dialtone"'}
 
@@ -102,14 +107,38 @@ async def add_rate_limit_headers(request: web.Request, response: web.StreamRespo
     response.headers.update(request.get(RATE_LIMIT_HEADERS, {}))
 
 
-async def _caller(request: web.Request) -> Caller:
+def _presented_key(request: web.Request) -> str | None:
+    """The key of `Authorization: Bearer`, or on a WebSocket upgrade of a `dialtone.key.<base64url>` subprotocol."""
     scheme, _, plaintext = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not plaintext.strip():
-        raise _with_challenge(unauthorized("send an API key as 'Authorization: Bearer sk_live_...'"))
+    if scheme.lower() == "bearer" and plaintext.strip():
+        return plaintext.strip()
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return None
+    for offered in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+        encoded = offered.strip().removeprefix(KEY_SUBPROTOCOL)
+        if encoded != offered.strip():
+            try:
+                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("ascii")
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                raise _with_challenge(
+                    unauthorized(f"the {KEY_SUBPROTOCOL}… subprotocol holds no base64url-encoded API key")
+                ) from None
+    return None
+
+
+async def _caller(request: web.Request) -> Caller:
+    plaintext = _presented_key(request)
+    if plaintext is None:
+        raise _with_challenge(
+            unauthorized(
+                "send an API key as 'Authorization: Bearer sk_live_...' (a WebSocket may instead offer the "
+                f"subprotocol '{KEY_SUBPROTOCOL}<the key in base64url>')"
+            )
+        )
     # Before the organization is known, so as the owner role: the key is what names the organization.
     holder = await authenticate_holder(
         request.config_dict[DATABASE].pool,
-        plaintext=plaintext.strip(),
+        plaintext=plaintext,
         now=datetime.now(UTC),
         touch_interval=LAST_USED_RESOLUTION,
     )

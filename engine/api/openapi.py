@@ -118,7 +118,9 @@ def _operation(operation: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
         form = _form(operation.form, schemas)
         spec["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": form}}}
     responses: dict[str, Any] = {}
-    if operation.response is None:
+    if operation.status == 101:
+        responses["101"] = {"description": "Switching Protocols: the connection is now the WebSocket described above."}
+    elif operation.response is None:
         responses[str(operation.status)] = {"description": "Done; no content."}
     else:
         responses[str(operation.status)] = {

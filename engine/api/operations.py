@@ -57,8 +57,9 @@ class ApiCall:
         return self.request.config_dict
 
 
-Handler = Callable[[ApiCall], Awaitable[BaseModel | None]]
-"""What handles an operation: the call in, a response model (or None for 204) out."""
+Handler = Callable[[ApiCall], Awaitable[BaseModel | web.StreamResponse | None]]
+"""What handles an operation: the call in, a response model (or None for 204) out; a WebSocket operation's
+handler answers with the finished WebSocketResponse."""
 
 Declaration = Callable[[Handler], Handler]
 """A decorator that adds its handler to a resource's operations."""
@@ -162,6 +163,17 @@ class Resource:
         """Declare a deletion (204)."""
         return self._declare("DELETE", path, summary, None, 204, None, None, errors)
 
+    def websocket(
+        self,
+        path: str,
+        *,
+        summary: str,
+        query: type[RequestModel] | None = None,
+        errors: tuple[int, ...] = (),
+    ) -> Declaration:
+        """Declare a GET upgraded to a WebSocket (101); refusals before the upgrade answer like any GET."""
+        return self._declare("GET", path, summary, None, 101, None, query, errors)
+
     def _declare(  # noqa: PLR0917 (positional: one line per HTTP method above reads as a table)
         self,
         method: str,
@@ -192,10 +204,15 @@ def aiohttp_handler(operation: Operation) -> Callable[[web.Request], Awaitable[w
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if operation.idempotent and IDEMPOTENCY_HEADER in request.headers:
-            return await idempotent(request, operation.operation_id, lambda: respond(request))
+            return await idempotent(request, operation.operation_id, lambda: respond_json(request))
         return await respond(request)
 
-    async def respond(request: web.Request) -> web.Response:
+    async def respond_json(request: web.Request) -> web.Response:
+        response = await respond(request)
+        assert isinstance(response, web.Response), "a WebSocket operation cannot be idempotent"
+        return response
+
+    async def respond(request: web.Request) -> web.StreamResponse:
         path = dict(request.match_info)
         for name, value in path.items():
             if not _ID.fullmatch(value):
@@ -203,6 +220,8 @@ def aiohttp_handler(operation: Operation) -> Callable[[web.Request], Awaitable[w
         query = _validate(operation.query, dict(request.query), "query") if operation.query else None
         body = _validate_json(operation.body, await _json_body(request)) if operation.body else None
         result = await operation.handler(ApiCall(request, request[CALLER], path, query, body))
+        if isinstance(result, web.StreamResponse):
+            return result
         if result is None:
             return web.Response(status=204)
         return web.json_response(result.model_dump(mode="json", by_alias=True), status=operation.status)

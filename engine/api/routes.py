@@ -22,6 +22,8 @@ from engine.api.resources import (
     do_not_call,
     events,
     knowledge_bases,
+    live_call_control,
+    live_call_listen,
     live_calls,
     organization,
     phone_numbers,
@@ -47,6 +49,8 @@ RESOURCES: tuple[Resource, ...] = (
     campaign_recipients.resource,
     do_not_call.resource,
     live_calls.resource,
+    live_call_listen.resource,
+    live_call_control.resource,
     api_keys.resource,
 )
 """The API's resources, in the order the OpenAPI document lists them."""

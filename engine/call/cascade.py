@@ -7,7 +7,7 @@ clearly unfinished (pipelines.conversation.end_of_turn) end a turn only after a 
 the reply may start speculatively, its audio held until the turn is confirmed (engine.call.speculation). An agent
 turn is written with what the caller heard of it (pipelines.conversation.heard). A model or synthesizer that fails
 in the middle of a reply hands over to the next provider of its chain, and the caller hears a short apology instead
-of silence.
+of silence. At a gather node of the call's path, the wait for each key is timed (engine.call.key_wait).
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from engine.call.driver import (
     HANGUP_GRACE_SECONDS,
     TRANSFER_FAILED,
     CallHost,
+    ControlRefused,
     ConversationUnavailable,
     DriverFactory,
     opt_out_source,
 )
+from engine.call.key_wait import KeyWait
 from engine.call.phases import CallPhase, PhaseEvent, accepts
 from engine.call.pipeline_speech import AgentSpeech, Utterance
 from engine.call.speculation import CallerPause, SpeculativeReply
@@ -45,9 +47,11 @@ from pipelines.llm.base import (
     ConversationTurn,
     EndCall,
     LLMError,
+    MessageRole,
     OptOut,
     Rewinds,
     SendDtmf,
+    TakesMessages,
     TextDelta,
     TransferCall,
 )
@@ -107,6 +111,11 @@ class PipelineDriver:
         self._speech = AgentSpeech(host, pipeline.tts)
         if pipeline.path is not None and pipeline.path_id is not None:
             host.turns.trace_path(pipeline.path_id, pipeline.path)
+        self._key_wait = (
+            KeyWait(host, pipeline.path, caller_speaking=lambda: self._vad.speaking, timed_out=self._keys_timed_out)
+            if pipeline.path is not None
+            else None
+        )
         self._reply: asyncio.Task[None] | None = None
         self._caller_speech_started_ms: int | None = None
         self._caller_speech_ended_at: float | None = None
@@ -142,9 +151,11 @@ class PipelineDriver:
         if not accepts(self._host.phase, PhaseEvent.REPLY) or self._reply is not None:
             return
         opening = [self._first_sentence] if self._first_sentence else []
-        ask_model = self._pipeline.llm.scripted_opening or (not opening and self._host.config.model_greets)
+        scripted = self._pipeline.llm.scripted_opening
+        ask_model = scripted or (not opening and self._host.config.model_greets)
         if opening or ask_model:
-            self._start_reply(opening, ask_model=ask_model, reply_to=None)
+            # A path opens at its start node, whatever the callee said to pick up: their "Hello?" answers nothing.
+            self._start_reply(opening, ask_model=ask_model, reply_to=None, conversation=[] if scripted else None)
 
     @property
     def caller_speaking(self) -> bool:
@@ -165,6 +176,7 @@ class PipelineDriver:
         self._on_pause_frame(voiced)
         if isinstance(vad_event, VadSpeechStarted):
             self._caller_speech_started_ms = vad_event.at_ms
+            self._stop_key_wait()
         elif vad_event is not None:  # speech stopped
             self._caller_speech_ended_at = self._last_voiced_at or self._host.clock()
             self._host.activity()
@@ -188,6 +200,7 @@ class PipelineDriver:
 
     async def interrupt(self, why: str) -> None:
         """Stop the reply and what is playing now; the transcript keeps what was heard."""
+        self._stop_key_wait()
         self._discard_speculation(why)
         reply, self._reply = self._reply, None
         if reply is not None and reply is not asyncio.current_task():
@@ -211,11 +224,45 @@ class PipelineDriver:
         finally:
             self._speech.settle(utterance, interrupted=not utterance.done.is_set())
 
+    async def say_line(self, text: str, *, interrupt: bool) -> bool:
+        """Speak `text` as a reply of its own: cutting the reply in progress as a barge-in does (True when one was
+        cut), or once it (and any reply that follows it) is over."""
+        if not interrupt:
+            self._host.spawn(self._say_when_quiet(text), "queued line")
+            return False
+        cut = self._reply is not None or self._speech.current is not None
+        await self.interrupt("a line said through the API")
+        if accepts(self._host.phase, PhaseEvent.REPLY):
+            self._start_reply([text], ask_model=False, reply_to=None)
+        return cut
+
+    async def add_message(self, content: str, role: MessageRole) -> None:
+        """Add the message to the model's context after the turns heard so far; a speculative reply, started
+        without it, is dropped."""
+        llm = self._pipeline.llm
+        after_turns = len(self._host.turns.heard)
+        if not (isinstance(llm, TakesMessages) and llm.add_message(role, content, after_turns=after_turns)):
+            raise ControlRefused(
+                "this agent's model takes no messages: a conversation path is followed as written; messages go to "
+                "a chat model (llm provider openai) or a speech-to-speech model"
+            )
+        self._discard_speculation("a message was added")
+
+    async def _say_when_quiet(self, text: str) -> None:
+        """Wait until the conversation has opened and the agent has no reply in progress, then say `text` (unless
+        the call is ending by then)."""
+        await self._host.opened.wait()  # a line sent as the call starts comes after its opening
+        while (reply := self._reply) is not None:
+            await asyncio.wait({reply})
+        if accepts(self._host.phase, PhaseEvent.REPLY):
+            self._start_reply([text], ask_model=False, reply_to=None)
+
     async def close(self) -> None:
         """Settle what was being said, then close the providers (their errors are logged, never raised)."""
         if self._closed:
             return
         self._closed = True
+        self._stop_key_wait()
         self._discard_speculation("the call ended")
         reply, self._reply = self._reply, None
         if reply is not None:
@@ -397,15 +444,22 @@ class PipelineDriver:
         return [ConversationTurn(role=speaker, text=text) for speaker, text in self._host.turns.heard]
 
     def _start_reply(
-        self, sentences: list[str], *, ask_model: bool, reply_to: float | None, turn_ended_at: float | None = None
+        self,
+        sentences: list[str],
+        *,
+        ask_model: bool,
+        reply_to: float | None,
+        turn_ended_at: float | None = None,
+        conversation: list[ConversationTurn] | None = None,
     ) -> None:
+        self._stop_key_wait()
         if self._reply is not None:
             self._reply.cancel()
         utterance = self._speech.new_utterance(reply_to)
         if turn_ended_at is not None:
             utterance.stage_at["sttEndOfTurn"] = turn_ended_at
         self._host.move(PhaseEvent.REPLY)
-        self._reply = self._host.spawn(self._respond(utterance, sentences, ask_model), "reply")
+        self._reply = self._host.spawn(self._respond(utterance, sentences, ask_model, conversation), "reply")
 
     async def _respond(
         self,
@@ -440,6 +494,17 @@ class PipelineDriver:
             await self._host.hang_up(ending.reason, ending.detail)
         elif self._host.phase is CallPhase.RESPONDING:
             self._host.move(PhaseEvent.YIELD)
+        if ending is None and self._reply is None and self._key_wait is not None:
+            self._key_wait.arm()  # at a gather node, the wait for the next key starts now
+
+    def _stop_key_wait(self) -> None:
+        if self._key_wait is not None:
+            self._key_wait.cancel()
+
+    def _keys_timed_out(self) -> None:
+        """A gather node's wait for a key ran out: the model's next reply has the path act on it."""
+        if self._reply is None and accepts(self._host.phase, PhaseEvent.REPLY):
+            self._start_reply([], ask_model=True, reply_to=None)
 
     async def _say_reply(
         self,

@@ -200,16 +200,19 @@ class ControlChannel:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _carry_out(self, command_id: str, call_log_id: str, name: str, args: Mapping[str, Any]) -> None:
+    async def carry_out_here(self, call_log_id: str, name: str, args: Mapping[str, Any]) -> Acknowledgement:
+        """Carry out a command on a call this process holds, as if another had sent it (its failure acknowledged)."""
         handler = self._handlers.get(name)
         if handler is None:
-            ack = Acknowledgement(applied=False, detail=f"engine node {self.node_id} does not know {name!r}")
-        else:
-            try:
-                ack = await handler(call_log_id, args)
-            except Exception as exc:
-                log.exception("command channel: %s on call %s failed", name, call_log_id)
-                ack = Acknowledgement(applied=False, detail=f"{name} failed on the node holding the call: {exc}")
+            return Acknowledgement(applied=False, detail=f"engine node {self.node_id} does not know {name!r}")
+        try:
+            return await handler(call_log_id, args)
+        except Exception as exc:
+            log.exception("command channel: %s on call %s failed", name, call_log_id)
+            return Acknowledgement(applied=False, detail=f"{name} failed on the node holding the call: {exc}")
+
+    async def _carry_out(self, command_id: str, call_log_id: str, name: str, args: Mapping[str, Any]) -> None:
+        ack = await self.carry_out_here(call_log_id, name, args)
         reply = json.dumps(
             {"id": command_id, "applied": ack.applied, "detail": ack.detail, "result": dict(ack.result)},
             separators=(",", ":"),

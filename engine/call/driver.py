@@ -19,7 +19,7 @@ from engine.call.outbound_audio import OutboundAudio, StreamTimeline
 from engine.call.phases import CallPhase, PhaseEvent
 from engine.call.turns import TurnLog
 from media.twilio_stream import MarkFlushed, MarkPlayed, PlaybackClock
-from pipelines.llm.base import OptOut
+from pipelines.llm.base import MessageRole, OptOut
 from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 
@@ -56,6 +56,10 @@ class ConversationUnavailable(Exception):
         self.reason = reason
 
 
+class ControlRefused(Exception):
+    """A live control (a line to say, a message, a transfer) the call cannot carry out now; the message says why."""
+
+
 class CallHost(Protocol):
     """What the call offers its conversation driver."""
 
@@ -65,6 +69,8 @@ class CallHost(Protocol):
     audio: OutboundAudio
     timeline: StreamTimeline
     turns: TurnLog
+    opened: asyncio.Event
+    """Set once the conversation has opened (the agent's opening is under way, or the caller has the floor)."""
 
     @property
     def playback(self) -> PlaybackClock:
@@ -152,6 +158,15 @@ class ConversationDriver(Protocol):
 
     async def say(self, text: str) -> None:
         """Speak `text` as it is and return once it was heard (or could not be, bounded)."""
+        ...
+
+    async def say_line(self, text: str, *, interrupt: bool) -> bool:
+        """Speak `text` as an agent turn of its own: at once, cutting what the agent is saying (True when something
+        was cut), or after its reply in progress (queued). Returns once the cut is made; the line plays on."""
+        ...
+
+    async def add_message(self, content: str, role: MessageRole) -> None:
+        """Add a message to the model's context for its next reply (ControlRefused if the model takes none)."""
         ...
 
     async def close(self) -> None:

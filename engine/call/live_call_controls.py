@@ -1,24 +1,45 @@
 """The live-call controls a node carries out on the calls it holds, whoever asked: this process's API or another's.
 
 Hang-up goes through Twilio's REST API when the engine has credentials (Twilio then stops the stream), else the
-node closes the call's media stream itself.
+node closes the call's media stream itself. A line to say, a message for the model and a transfer go to the call's
+session. A command the call cannot carry out is acknowledged as not applied, its result's `REFUSAL` saying why.
+Listen (engine.call.listen_relay) publishes the call's audio while the asking process's lease lives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, Literal
 
 from aiohttp import ChainMapProxy, web
 
 from engine.call.control_channel import Acknowledgement, Handler
+from engine.call.driver import ControlRefused
+from engine.call.listen_relay import LEASE_SECONDS, LISTEN, LISTEN_RELAY
+from engine.call.live_calls import LiveCall
+from engine.call.twilio_control import TwilioRefused
 from engine.server.appkeys import LIVE_CALLS, TWILIO
+from pipelines.conversation.transfer_rules import Refusal
 from storage.end_reasons import EndReason
 
-HANG_UP = "hangup"
+HANG_UP: Final = "hangup"
 """The command name of a hang-up."""
+SAY: Final = "say"
+"""The command name of a line for the agent to say: args `text`, `interrupt`; result `interrupted`."""
+MESSAGE: Final = "message"
+"""The command name of a message for the model's context: args `content`, `role`."""
+TRANSFER: Final = "transfer"
+"""The command name of a transfer within the agent's rules: args `to`; result `to`, the number dialled."""
+
+REFUSAL: Final = "refusal"
+"""The result key of a command not applied because the call refused it: `Refused`. Without it, the call was gone."""
+Refused = Literal["conflict", "forbidden", "twilio"]
+"""conflict: the call cannot do it now (it is ending, its model takes no messages...); forbidden: the agent's rules
+do not allow it (a transfer to a number they do not list); twilio: Twilio's REST API did not carry it out."""
 
 EndedBy = Literal["twilio", "engine"]
+
+SessionCommand = Callable[[LiveCall, Mapping[str, Any]], Awaitable[Acknowledgement]]
 
 
 async def hang_up_here(app: web.Application | ChainMapProxy, call_log_id: str, call_sid: str | None) -> EndedBy | None:
@@ -34,6 +55,50 @@ async def hang_up_here(app: web.Application | ChainMapProxy, call_log_id: str, c
     return "engine"
 
 
+def refused(kind: Refused, detail: str) -> Acknowledgement:
+    """A command the call refused, and why."""
+    return Acknowledgement(applied=False, detail=detail, result={REFUSAL: kind})
+
+
+def _gone(call_log_id: str) -> Acknowledgement:
+    return Acknowledgement(applied=False, detail=f"call {call_log_id} no longer runs on that engine node")
+
+
+def _on_session(app: web.Application, command: SessionCommand) -> Handler:
+    """A handler carrying out `command` on the call's session here; a call that refuses says why."""
+
+    async def handler(call_log_id: str, args: Mapping[str, Any]) -> Acknowledgement:
+        session = app[LIVE_CALLS].get(call_log_id)
+        if session is None:
+            return _gone(call_log_id)
+        try:
+            return await command(session, args)
+        except TwilioRefused as exc:
+            return refused("twilio", f"call {call_log_id}: {exc}")
+        except ControlRefused as exc:
+            return refused("conflict", f"call {call_log_id}: {exc}")
+
+    return handler
+
+
+async def _say(session: LiveCall, args: Mapping[str, Any]) -> Acknowledgement:
+    interrupted = await session.say_line(str(args["text"]), interrupt=args.get("interrupt") is True)
+    return Acknowledgement(applied=True, result={"interrupted": interrupted})
+
+
+async def _message(session: LiveCall, args: Mapping[str, Any]) -> Acknowledgement:
+    role = args.get("role")
+    await session.add_message(str(args["content"]), "user" if role == "user" else "system")
+    return Acknowledgement(applied=True)
+
+
+async def _transfer(session: LiveCall, args: Mapping[str, Any]) -> Acknowledgement:
+    verdict = await session.transfer_from_outside(str(args["to"]), "transferred through the API")
+    if isinstance(verdict, Refusal):
+        return refused("forbidden", verdict.message.removeprefix("error: "))
+    return Acknowledgement(applied=True, result={"to": verdict.number})
+
+
 def live_call_handlers(app: web.Application) -> Mapping[str, Handler]:
     """The commands this node answers on the command channel, by name."""
 
@@ -41,7 +106,23 @@ def live_call_handlers(app: web.Application) -> Mapping[str, Handler]:
         call_sid = args.get("callSid")
         ended_by = await hang_up_here(app, call_log_id, call_sid if isinstance(call_sid, str) else None)
         if ended_by is None:
-            return Acknowledgement(applied=False, detail=f"call {call_log_id} no longer runs on that engine node")
+            return _gone(call_log_id)
         return Acknowledgement(applied=True, result={"endedBy": ended_by})
 
-    return {HANG_UP: hang_up}
+    async def listen(call_log_id: str, args: Mapping[str, Any]) -> Acknowledgement:
+        lease, seconds = args.get("lease"), args.get("seconds", LEASE_SECONDS)
+        if not isinstance(lease, str) or not lease or not isinstance(seconds, int | float):
+            return Acknowledgement(applied=False, detail="listen needs a lease id and its seconds")
+        session = app[LIVE_CALLS].get(call_log_id)
+        if session is None:
+            return _gone(call_log_id)
+        app[LISTEN_RELAY].lease(call_log_id, session.tap, lease, min(float(seconds), LEASE_SECONDS))
+        return Acknowledgement(applied=True)
+
+    return {
+        HANG_UP: hang_up,
+        LISTEN: listen,
+        SAY: _on_session(app, _say),
+        MESSAGE: _on_session(app, _message),
+        TRANSFER: _on_session(app, _transfer),
+    }

@@ -1,4 +1,4 @@
-"""The calls this process is running right now: for listing, hanging up, and ending them at shutdown."""
+"""The calls this process is running right now: for listing, controlling, and ending them at shutdown."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import asyncio
 import logging
 from typing import Protocol
 
+from engine.call.audio_tap import AudioTap
+from pipelines.conversation.transfer_rules import AllowedTransfer, Refusal
+from pipelines.llm.base import MessageRole
 from storage.end_reasons import EndReason
 
 log = logging.getLogger(__name__)
@@ -14,12 +17,27 @@ log = logging.getLogger(__name__)
 class LiveCall(Protocol):
     """What the registry needs of a running call session."""
 
+    tap: AudioTap
+    """The call's audio for listeners."""
+
     def end_from_outside(self, reason: EndReason, *, completed: bool = False) -> None:
         """End the call for a reason outside it (COMPLETED if `completed`, else FAILED)."""
         ...
 
     def end_when_twilio_stops(self, reason: EndReason) -> None:
         """Stop speaking now; end with `reason` when Twilio's `stop` comes (it was redirected elsewhere)."""
+        ...
+
+    async def say_line(self, text: str, *, interrupt: bool) -> bool:
+        """Have the agent say `text`, cutting what it says (True when something was cut) or after it."""
+        ...
+
+    async def add_message(self, content: str, role: MessageRole) -> None:
+        """Add a message to the model's context for its next reply."""
+        ...
+
+    async def transfer_from_outside(self, to: str, detail: str) -> AllowedTransfer | Refusal:
+        """Hand the caller to `to` if the agent's transfer rules allow it."""
         ...
 
 

@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from engine.call.audio_tap import AudioTap
 from media.g711 import BYTES_PER_MS
 from media.recording import StereoWavRecorder
 from media.twilio_stream import TwilioStream
@@ -41,7 +42,8 @@ class StreamTimeline:
 
 
 class OutboundAudio:
-    """Sends one call's agent audio: paced, chunked, marked, and written to the recording's agent channel."""
+    """Sends one call's agent audio: paced, chunked, marked, and written to the recording's agent channel (and to
+    the listen-in tap while someone listens)."""
 
     def __init__(
         self,
@@ -49,6 +51,7 @@ class OutboundAudio:
         send: SendText,
         timeline: StreamTimeline,
         recorder: StereoWavRecorder | None = None,
+        tap: AudioTap | None = None,
         *,
         lead_ms: int = 400,
         resume_ms: int = 300,
@@ -64,6 +67,7 @@ class OutboundAudio:
         self._send = send
         self._timeline = timeline
         self._recorder = recorder
+        self._tap = tap
         self._lead = lead_ms / 1000
         self._resume = resume_ms / 1000
         self._sleep = sleep
@@ -93,6 +97,8 @@ class OutboundAudio:
             await self._send(self._stream.send_media(chunk, utterance_id))
             if self._recorder is not None:
                 self._recorder.write_agent(chunk, self._timeline.stream_ms(self._cursor))
+            if self._tap is not None and self._tap.listening:
+                self._tap.write_agent(chunk, self._timeline.stream_ms(self._cursor))
             self._cursor += len(chunk) / BYTES_PER_MS / 1000
             first = utterance_id not in self._since_mark
             sent = self._since_mark.get(utterance_id, 0) + len(chunk)

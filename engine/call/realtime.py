@@ -4,7 +4,8 @@ Caller frames go to the model as they come (mu-law both ways) over its connectio
 also reopens it once when it drops). The model's audio is queued per assistant item to a player task that paces
 it to Twilio with marks (realtime_voice), so reading the model's events never waits on playback. A barge-in
 clears Twilio and truncates the item where the marks say the caller stopped hearing it. Function calls end the
-call, transfer it, press keys or call the organization's webhooks (realtime_functions).
+call, transfer it, press keys or call the organization's webhooks (realtime_functions). A path's gather node takes
+the caller's keys, its wait for each key timed by the call (key_wait).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from openai import AsyncOpenAI
 from config.agent import OpenAIRealtimeConfig
 from engine.call.driver import (
     CallHost,
+    ControlRefused,
     ConversationUnavailable,
     DriverFactory,
 )
+from engine.call.key_wait import KeyWait
 from engine.call.phases import CallPhase, PhaseEvent, accepts
 from engine.call.realtime_connection import RealtimeConnection
 from engine.call.realtime_functions import ModelFunctions
@@ -33,6 +36,7 @@ from media.g711 import FRAME_BYTES
 from media.twilio_stream import MarkFlushed, MarkPlayed
 from media.vad import VoiceActivityDetector
 from pipelines.conversation.turn_taking import BargeInPolicy
+from pipelines.llm.base import MessageRole
 from pipelines.paths.chat import ChatPath
 from pipelines.realtime.openai_realtime import (
     AudioDelta,
@@ -126,6 +130,11 @@ class RealtimeDriver:
         self._path = RealtimePath(host, path, say=self.say, refresh=self._connection.refresh) if path else None
         if path is not None and path.path_id is not None:
             host.turns.trace_path(path.path_id, path.engine)
+        self._key_wait = (
+            KeyWait(host, path.engine, caller_speaking=lambda: self._caller_speaking, timed_out=self._keys_timed_out)
+            if path is not None
+            else None
+        )
         self._functions = ModelFunctions(
             host,
             self._voice,
@@ -152,6 +161,8 @@ class RealtimeDriver:
         )
         self._vad = VoiceActivityDetector()  # run only while the agent's audio plays: the overlap count
         self._callee_spoke = False
+        self._messages: list[tuple[MessageRole, str]] = []  # added through the API: replayed on a reopened session
+        self._queued_lines = asyncio.Lock()
         self._closed = False
 
     # ------------------------------------------------------------------------------------ ConversationDriver
@@ -221,11 +232,42 @@ class RealtimeDriver:
             return
         await self._voice.finished(response)
 
+    async def say_line(self, text: str, *, interrupt: bool) -> bool:
+        """Have the model say `text` word for word as a response of its own: cutting what it says (True when
+        something was cut) or once it is quiet, one queued line after another."""
+        channel = self._open_channel()
+        if not interrupt:
+            self._spawn(self._say_when_quiet(text), "queued line")
+            return False
+        cut = self._voice.speaking
+        await self._cut_agent("a line said through the API", barge_in=False, model=channel)
+        self._spawn(self.say(text), "line")
+        return cut
+
+    async def add_message(self, content: str, role: MessageRole) -> None:
+        """Add the message to the model's conversation (conversation.item.create), for its next responses."""
+        await self._open_channel().send_message(role, content)
+        self._messages.append((role, content))
+
+    def _open_channel(self) -> RealtimeChannel:
+        channel = self._connection.channel
+        if channel is None:
+            raise ControlRefused("the speech-to-speech model's connection is being reopened; try again shortly")
+        return channel
+
+    async def _say_when_quiet(self, text: str) -> None:
+        await self._host.opened.wait()
+        async with self._queued_lines:
+            await self._voice.quiet()
+            if accepts(self._host.phase, PhaseEvent.REPLY):
+                await self.say(text)
+
     async def close(self) -> None:
         """Settle what was being said, then close the connection (its errors are logged, never raised)."""
         if self._closed:
             return
         self._closed = True
+        self._stop_key_wait()
         await self._connection.stop_tasks()
         self._voice.close_all()
         await self._connection.close()
@@ -237,6 +279,8 @@ class RealtimeDriver:
         self._spawn(self._converse(channel), "realtime")
         if self._host.phase is CallPhase.RESPONDING:
             self._host.move(PhaseEvent.YIELD)
+        for role, content in self._messages:
+            await channel.send_message(role, content)
         heard = self._host.turns.heard
         if self._host.phase is CallPhase.LISTENING and heard and heard[-1][0] == "caller":
             self._reply_to = self._host.clock()  # the caller was waiting for an answer
@@ -259,12 +303,16 @@ class RealtimeDriver:
         channel = self._connection.channel
         if channel is None or not accepts(host.phase, PhaseEvent.REPLY):
             return
+        self._stop_key_wait()
         if host.config.interruption.enabled:
             await self._cut_agent("caller key", barge_in=True, model=channel)
         now_ms = host.timeline.stream_ms()
         host.turns.place("caller", now_ms, now_ms, text=f"[DTMF {digit}]")
         taken = await self._path.key(digit) if self._path is not None else None  # a gather node's, or the model's
-        if host.caller_turn_ended() or taken is False:
+        if host.caller_turn_ended():
+            return
+        if taken is False:
+            self._arm_key_wait()  # more digits are awaited
             return
         self._reply_to = host.clock()
         if taken is None:
@@ -297,6 +345,7 @@ class RealtimeDriver:
     ) -> None:
         match event:
             case SpeechStarted(item_id=item_id, audio_start_ms=start_ms):
+                self._stop_key_wait()
                 self._caller_speaking = True
                 self._host.activity()
                 self._caller_started_ms[item_id] = self._stream_ms(start_ms)
@@ -371,6 +420,29 @@ class RealtimeDriver:
         if self._host.phase is CallPhase.RESPONDING and not (self._voice.speaking or self._functions.answering):
             self._host.move(PhaseEvent.YIELD)
             self._host.activity()
+            self._arm_key_wait()
+
+    def _arm_key_wait(self) -> None:
+        if self._key_wait is not None:
+            self._key_wait.arm()
+
+    def _stop_key_wait(self) -> None:
+        if self._key_wait is not None:
+            self._key_wait.cancel()
+
+    def _keys_timed_out(self) -> None:
+        self._spawn(self._act_on_key_timeout(), "key timeout")
+
+    async def _act_on_key_timeout(self) -> None:
+        """A gather node's wait for a key ran out: the path completes it or says it again; the model may speak."""
+        channel = self._connection.channel
+        if self._path is None or channel is None:
+            return
+        if await self._path.keys_timed_out():
+            self._reply_to = self._host.clock()
+            await channel.create_response()
+        elif self._host.phase is CallPhase.LISTENING:
+            self._arm_key_wait()  # nothing was said (a gather node without text): wait again
 
     async def _answer(self, reply_to: float | None) -> None:
         """Ask the model to go on (after function outputs), timing it from `reply_to`."""

@@ -68,12 +68,21 @@ class RealtimePath:
     async def key(self, digit: str) -> bool | None:
         """A key the caller pressed: None when the path leaves it to the model; else the path (a gather node) took
         it, and whether the model should now speak (the digits are complete and the next node asks it to)."""
+        return await self._press(f"[DTMF {digit}]")
+
+    async def keys_timed_out(self) -> bool:
+        """The gather node's wait for a key ran out (the engine was told): complete it with the digits so far, or
+        say its text again; whether the model should now speak."""
+        return await self._press("") is True
+
+    async def _press(self, heard: str) -> bool | None:
         engine = self._path.engine
         steps = len(engine.steps)
-        pressed = await engine.press(f"[DTMF {digit}]")
+        pressed = await engine.press(heard)
         if pressed is None:
             return None
         if len(engine.steps) == steps:
+            await self._act(pressed, say_text=True)  # the node's text again, after a wait that ran out
             return False  # more digits are awaited
         await self._act(pressed, say_text=True)
         await self._refresh()

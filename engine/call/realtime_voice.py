@@ -254,6 +254,17 @@ class ModelVoice:
                 timeout=remaining_ms / 1000 + HANGUP_GRACE_SECONDS,
             )
 
+    async def quiet(self) -> None:
+        """Return once no response is generating and everything queued was heard or cut."""
+        while self.speaking:
+            waits = [asyncio.ensure_future(r.done.wait()) for r in self.open_responses.values()]
+            waits += [asyncio.ensure_future(item.finished.wait()) for item in self.unplayed.values()]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+
     def close_all(self) -> None:
         """At the end of the call: settle every item not settled yet, with what was heard of it."""
         playback = self._host.playback

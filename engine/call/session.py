@@ -16,12 +16,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from typing import Any
 
 from config.agent import AgentConfiguration
+from engine.call.audio_tap import AudioTap
 from engine.call.call_log_writer import CallLogWriter, CallOutcome
 from engine.call.credit_meter import CREDIT_MINUTE_SECONDS, CreditMeter, ExtendReservation
 from engine.call.driver import (
     DEFAULT_APOLOGY,
     DEFAULT_GOODBYE,
     CallContext,
+    ControlRefused,
     ConversationDriver,
     ConversationUnavailable,
     DriverFactory,
@@ -29,7 +31,7 @@ from engine.call.driver import (
 from engine.call.outbound_audio import OutboundAudio, SendText, StreamTimeline
 from engine.call.phases import CallPhase, PhaseEvent, accepts, next_phase
 from engine.call.turns import TRANSCRIPTION_FAILED, TurnLog
-from engine.call.twilio_control import HangUp, Transfer, TwilioControl, await_twilio_stop
+from engine.call.twilio_control import HangUp, Transfer, TwilioControl, TwilioRefused, await_twilio_stop
 from engine.server import metrics
 from media.recording import StereoWavRecorder
 from media.twilio_stream import (
@@ -44,6 +46,8 @@ from media.twilio_stream import (
     StreamProtocolError,
     TwilioStream,
 )
+from pipelines.conversation.transfer_rules import AllowedTransfer, Refusal, TransferRules
+from pipelines.llm.base import MessageRole
 from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus
@@ -102,8 +106,10 @@ class CallSession:
         self.config = config
         self.clock = clock
         self.timeline = StreamTimeline(clock)
-        self.audio = OutboundAudio(stream, send, self.timeline, recorder, clock=clock)
+        self.tap = AudioTap()
+        self.audio = OutboundAudio(stream, send, self.timeline, recorder, self.tap, clock=clock)
         self.turns = TurnLog(writer, knowledge=knowledge)
+        self.opened = asyncio.Event()
         self._stream = stream
         self._writer = writer
         self._recorder = recorder
@@ -188,12 +194,16 @@ class CallSession:
 
     async def transfer(self, to: str, detail: str | None = None) -> bool:
         """Hand the caller to `to` through Twilio; False (the call goes on) when that cannot be done."""
-        if self._ended.is_set() or not await self._twilio.transfer(to):
+        if not await self._transfer_started(to):
             return False
+        await self._transferred(detail)
+        return True
+
+    async def _transferred(self, detail: str | None) -> None:
+        """Twilio took the caller to the transfer: no new turn starts, and the call ends as it leaves our stream."""
         self._wind_down(EndReason.TRANSFERRED, detail)
         await await_twilio_stop(self._ended)  # Twilio leaves our stream for the <Dial>
         self._end(CallStatus.COMPLETED, EndReason.TRANSFERRED, detail)
-        return True
 
     async def record_opt_out(self, source: DoNotCallSource, reason: str) -> None:
         """Put the other party on the organization's do-not-call list, naming this call; a failure is logged.
@@ -249,6 +259,52 @@ class CallSession:
         """Response latencies of the agent's turns so far (caller stopped speaking → first agent audio sent)."""
         return self.turns.latencies_ms
 
+    # ------------------------------------------------------------------------------------- live controls
+
+    async def say_line(self, text: str, *, interrupt: bool) -> bool:
+        """The agent says `text` as a turn of its own: now, cutting what it says (True when something was cut), or
+        after its current reply. Before the conversation opens (an outbound call awaiting the callee's hello), there
+        is nothing to cut: the line comes after the opening. ControlRefused once the call is ending."""
+        self._refuse_when_ending("says nothing more")
+        return await self._driver.say_line(text, interrupt=interrupt and self.opened.is_set())
+
+    async def add_message(self, content: str, role: MessageRole) -> None:
+        """Add a message to the model's context for its next reply (ControlRefused if it takes none, or the call is
+        ending)."""
+        self._refuse_when_ending("takes no more messages")
+        await self._driver.add_message(content, role)
+
+    async def transfer_from_outside(self, to: str, detail: str) -> AllowedTransfer | Refusal:
+        """Hand the caller to `to` if the agent's transfer rules allow it, the same rules as the model's
+        `transfer_call` (their Refusal otherwise): the agent stops speaking, Twilio dials, and the call ends as
+        TRANSFERRED. ControlRefused when the call is ending or no Twilio account can transfer it; TwilioRefused when
+        Twilio did not."""
+        verdict = TransferRules.from_config(self.config.transfer).check(to)
+        if isinstance(verdict, Refusal):
+            return verdict
+        self._refuse_when_ending("cannot be transferred")
+        if not self._twilio.can_transfer:
+            raise ControlRefused(
+                "the engine process holding the call has no Twilio account (TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN) "
+                "to transfer it with"
+            )
+        await self._driver.interrupt("a transfer through the API")
+        if not await self._transfer_started(verdict.number):
+            if self._phase is CallPhase.RESPONDING:
+                self.move(PhaseEvent.YIELD)  # the agent stopped speaking: the caller has the floor
+            raise TwilioRefused(f"Twilio did not transfer the call to {verdict.number}; the call goes on")
+        self._wind_down(EndReason.TRANSFERRED, detail)
+        self.spawn(self._transferred(detail), "transfer")
+        return verdict
+
+    async def _transfer_started(self, to: str) -> bool:
+        """Ask Twilio to take the caller to `to`, unless the call has ended meanwhile."""
+        return not self._ended.is_set() and await self._twilio.transfer(to)
+
+    def _refuse_when_ending(self, what: str) -> None:
+        if not accepts(self._phase, PhaseEvent.WIND_DOWN):
+            raise ControlRefused(f"the call is {self._phase.value} and {what}")
+
     # ------------------------------------------------------------------------------------------- lifecycle
 
     async def run(self, frames: AsyncIterator[str], *, hand_over: HandOver | None = None) -> CallOutcome:
@@ -268,14 +324,17 @@ class CallSession:
             # Let the callee answer first ("Hello?"); speak anyway if they stay silent.
             self._greeting_wait = loop.call_later(GREETING_WAIT_SECONDS, self._open_conversation)
         else:
-            self._driver.open()
+            self._open_driver()
         try:
             await self._ended.wait()
         finally:
             max_duration.cancel()
             if self._greeting_wait is not None:
                 self._greeting_wait.cancel()
-            outcome = await self._shut_down()
+            try:
+                outcome = await self._shut_down()
+            finally:
+                self.tap.close()
         return outcome
 
     async def _start_driver(self) -> None:
@@ -295,7 +354,11 @@ class CallSession:
             self._greeting_wait = None
         if self._phase is CallPhase.AWAITING_GREETING:
             self.move(PhaseEvent.GREETED)
-            self._driver.open()
+            self._open_driver()
+
+    def _open_driver(self) -> None:
+        self.opened.set()
+        self._driver.open()
 
     def _supervise(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -410,6 +473,8 @@ class CallSession:
         self.timeline.observe(at_ms, now)
         if self._recorder is not None:
             self._recorder.write_caller(payload, at_ms)
+        if self.tap.listening:
+            self.tap.write_caller(payload, at_ms)
         self._driver.on_caller_audio(payload, at_ms)
         if (
             now - self._last_activity > self._silence_timeout

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from config.agent import TransferConfig
-from engine.call.driver import HANGUP_GRACE_SECONDS
+from engine.call.driver import HANGUP_GRACE_SECONDS, ControlRefused
 from pipelines.conversation.transfer_rules import Refusal, TransferRules
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,10 @@ async def await_twilio_stop(ended: asyncio.Event) -> None:
         await asyncio.wait_for(ended.wait(), timeout=HANGUP_GRACE_SECONDS)
 
 
+class TwilioRefused(ControlRefused):
+    """Twilio's REST API did not carry out a control asked from outside the call; the call goes on."""
+
+
 class TwilioControl:
     """Hang-up and transfer of one call through Twilio's REST API, when the engine has credentials for it."""
 
@@ -40,6 +44,11 @@ class TwilioControl:
         self._hang_up = hang_up
         self._transfer = transfer
         self._rules = rules
+
+    @property
+    def can_transfer(self) -> bool:
+        """Whether there is a REST API to transfer the call with."""
+        return self._transfer is not None
 
     async def hang_up(self) -> bool:
         """Ask Twilio to end the call; False when there is no REST API or it failed (closing the stream ends it)."""

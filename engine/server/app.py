@@ -13,6 +13,7 @@ from config.settings import Settings
 from engine.api.routes import add_api_routes
 from engine.call import media_socket
 from engine.call.control_channel import control_channel_context
+from engine.call.listen_relay import listen_relay_context
 from engine.call.live_call_controls import live_call_handlers
 from engine.call.live_calls import LiveCalls
 from engine.campaigns.dispatcher import dispatcher_context
@@ -71,6 +72,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app.cleanup_ctx.append(_offline_workers_context)  # before _calls_context: calls end before the workers stop
     app.cleanup_ctx.append(_calls_context)
     app.cleanup_ctx.append(control_channel_context(live_call_handlers))  # commands for calls held here
+    app.cleanup_ctx.append(listen_relay_context)  # listen-in audio across nodes, on the command channel
     app.cleanup_ctx.append(dispatcher_context)  # after _calls_context: it dials through the app's Twilio client
     # Before connections close at shutdown, running calls end and their CallLogs are finished.
     app.on_shutdown.append(_end_live_calls)

@@ -14,9 +14,11 @@ __all__ = [
     "LLMError",
     "LLMEvent",
     "LanguageModel",
+    "MessageRole",
     "OptOut",
     "Rewinds",
     "SendDtmf",
+    "TakesMessages",
     "TextDelta",
     "TransferCall",
 ]
@@ -68,6 +70,9 @@ class OptOut:
     """The opt-out phrase the offline model heard; None when the model called `opt_out`."""
 
 
+MessageRole = Literal["system", "user"]
+"""Who a message added to a model's context from outside the conversation speaks as (engine.call live controls)."""
+
 LLMEvent = TextDelta | EndCall | TransferCall | SendDtmf | OptOut
 
 
@@ -102,4 +107,18 @@ class Rewinds(Protocol):
 
     def rewind(self, checkpoint: object) -> None:
         """Go back to a state `checkpoint` returned."""
+        ...
+
+
+@runtime_checkable
+class TakesMessages(Protocol):
+    """A model that takes messages from outside the conversation (an operator's, through the live-call API) into the
+    context of its replies."""
+
+    def add_message(self, role: MessageRole, content: str, *, after_turns: int) -> bool:
+        """Put `content` in the context of every reply from now on, after the conversation's first `after_turns`
+        turns; False when this model takes no messages after all (nothing was added).
+
+        A message is no reply's state: rewinding a discarded reply (`Rewinds`) keeps it.
+        """
         ...

@@ -196,6 +196,8 @@ class ConversationPathLLM:
             return [event for event in opening if not isinstance(event, TextDelta)] + await self._route(heard, unread)
         if engine.ended:
             return [EndCall(reason="path_end")]
+        if engine.keys_timed_out:  # the gather node's wait for a key ran out: its digits so far, or its text again
+            return self._spoken(await engine.press(unread) or [])
         if heard is None:
             return _say(engine.node.text)
         return await self._route(heard, unread)

@@ -42,6 +42,7 @@ from pipelines.llm.base import (
     EndCall,
     LLMError,
     LLMEvent,
+    MessageRole,
     OptOut,
     SendDtmf,
     TextDelta,
@@ -239,6 +240,9 @@ class OpenAIChatLLM:
         self._tool_params = cast(list[ChatCompletionToolUnionParam], chat_tools(self._specs))
         # Function-call exchanges of this call, each with the number of conversation turns it came after.
         self._exchanges: list[tuple[int, list[ChatCompletionMessageParam]]] = []
+        # Messages added from outside the conversation, each with the number of turns it came after: apart from
+        # the exchanges, so that rewinding a discarded reply never drops one.
+        self._added: list[tuple[int, ChatCompletionMessageParam]] = []
         self._call_ids = itertools.count(1)
         self._controls: dict[str, Callable[[Mapping[str, Any]], _Outcome]] = {
             END_CALL: self._end,
@@ -364,6 +368,14 @@ class OpenAIChatLLM:
         if self._path is not None and place is not None:
             self._path.engine.rewind(place)
 
+    def add_message(self, role: MessageRole, content: str, *, after_turns: int) -> bool:
+        """Put a system or user message in every later request, after the conversation's first `after_turns` turns."""
+        message: ChatCompletionMessageParam = (
+            {"role": "system", "content": content} if role == "system" else {"role": "user", "content": content}
+        )
+        self._added.append((after_turns, message))
+        return True
+
     async def close(self) -> None:
         """Nothing to release: the client is the engine's, shared by every call."""
 
@@ -373,6 +385,8 @@ class OpenAIChatLLM:
         exchanges_at: dict[int, list[ChatCompletionMessageParam]] = {}
         for anchor, exchange in self._exchanges:
             exchanges_at.setdefault(min(anchor, len(conversation)), []).extend(exchange)
+        for anchor, message in self._added:
+            exchanges_at.setdefault(min(anchor, len(conversation)), []).append(message)
         messages: list[ChatCompletionMessageParam] = []
         if system := self._system_prompt():
             messages.append({"role": "system", "content": system})

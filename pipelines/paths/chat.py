@@ -1,8 +1,8 @@
 """A chat model's side of a conversation path: its prompt, its `follow_path` function and what a move does.
 
 `OpenAIChatLLM` holds one `ChatPath` per call (when the agent or campaign has a path) and asks it before each
-completion (`before_model`: the start node's arrival, keys a gather node collects), for the system prompt and
-functions of each round, and to carry out `follow_path`.
+completion (`before_model`: the start node's arrival, keys a gather node collects, its wait for a key running out),
+for the system prompt and functions of each round, and to carry out `follow_path`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class ChatPath:
         return [*specs, follow] if follow is not None else list(specs)
 
     async def before_model(self, conversation: Sequence[ConversationTurn]) -> PathMove:
-        """What happens before the model is asked: the start node's arrival, or keys collected at a gather node."""
+        """What happens before the model is asked: the start node's arrival, keys collected at a gather node, or
+        what a gather node does when its wait for a key ran out."""
         engine = self.engine
         self._heard = next((turn.text for turn in reversed(conversation) if turn.role == "caller"), "")
         if engine.ended:
@@ -66,7 +67,7 @@ class ChatPath:
                 # The caller spoke first: the start's words are taken as said; the model answers the caller.
                 return PathMove(tuple(event for event in events if not isinstance(event, TextDelta)))
             return PathMove(tuple(events), speaks)
-        if not caller_spoke:
+        if not caller_spoke and not engine.keys_timed_out:
             return PathMove()
         steps = len(engine.steps)
         pressed = await engine.press(engine.unread_caller_text(conversation))

@@ -9,6 +9,12 @@ fallback line, and the knowledge-base work plugs its search in through that Prot
 A model moves the call with `move(way)`: a way is an outgoing edge of the current node (by edge id) or a global
 node (`global:<node id>`), reachable from anywhere. Nodes that need no caller (press digits, webhook, a global
 node with nothing to say) are passed through on arrival, following their first (or result-matching) edge.
+
+A gather node waits `timeoutSeconds` for each key, as Twilio's `<Gather>` does: the call arms a timer when the node
+has been said and after each key (`key_timeout`), and tells the engine when it runs out (`time_out_keys`). The next
+reading of the caller's keys (`press`) then completes the node with the digits so far, or, with none, says the
+node's text again; after `MAX_KEY_REPROMPTS` of those the node waits without a timer (the call's silence time-out
+ends a call nobody answers).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from pipelines.paths.graph import (
 
 __all__ = [
     "GLOBAL_PREFIX",
+    "MAX_KEY_REPROMPTS",
     "KnowledgeLookup",
     "PathEngine",
     "PathStep",
@@ -48,6 +55,8 @@ GLOBAL_PREFIX: Final = "global:"
 """A way to a global node is named `global:<node id>`."""
 PATH_END: Final = "path_end"
 """The EndCall reason of a call that reached an end node."""
+MAX_KEY_REPROMPTS: Final = 2
+"""Times a gather node says its text again when its wait for a first key runs out."""
 _MAX_PASS_THROUGH: Final = 20
 """Nodes passed through in one arrival at most (a loop of webhook nodes must not spin forever)."""
 _KEY = re.compile(r"\[DTMF ([0-9*#A-Da-d])\]")
@@ -111,6 +120,8 @@ class PathStep:
 @dataclass(slots=True)
 class _Gathering:
     digits: str = ""
+    reprompts: int = 0
+    timed_out: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +134,7 @@ class PathCheckpoint:
     passages: list[str]
     digits: str
     turns_read: int
+    key_reprompts: int = 0
 
 
 @dataclass(slots=True)
@@ -185,6 +197,7 @@ class PathEngine:
             list(self.passages),
             self._gathering.digits,
             self._turns_read,
+            self._gathering.reprompts,
         )
 
     def rewind(self, checkpoint: PathCheckpoint) -> None:
@@ -193,7 +206,7 @@ class PathEngine:
         del self.steps[checkpoint.steps :]
         self.variables = dict(checkpoint.variables)
         self.passages = list(checkpoint.passages)
-        self._gathering = _Gathering(checkpoint.digits)
+        self._gathering = _Gathering(checkpoint.digits, checkpoint.key_reprompts)
         self._turns_read = checkpoint.turns_read
 
     async def begin(self, heard: str = "") -> list[LLMEvent]:
@@ -222,19 +235,47 @@ class PathEngine:
         self._turns_read = len(conversation)
         return " ".join(turn.text for turn in conversation[start:] if turn.role == "caller")
 
+    @property
+    def key_timeout(self) -> float | None:
+        """Seconds the current gather node waits for the caller's next key; None elsewhere, and once the node has
+        said its text again `MAX_KEY_REPROMPTS` times with no key pressed."""
+        data = self.node.data
+        if not self.started or not isinstance(data, GatherData):
+            return None
+        gathering = self._gathering
+        if not gathering.digits and gathering.reprompts >= MAX_KEY_REPROMPTS:
+            return None
+        return data.timeout_seconds
+
+    @property
+    def keys_timed_out(self) -> bool:
+        """Whether the gather node's wait for a key ran out, and the next `press` acts on it."""
+        return self._gathering.timed_out
+
+    def time_out_keys(self) -> None:
+        """The wait for the caller's next key ran out (the call's timer): the next `press` acts on it."""
+        if self.key_timeout is not None:
+            self._gathering.timed_out = True
+
     async def press(self, heard: str) -> list[LLMEvent] | None:
         """At a gather node, take the keys in the caller's turn; the arrival's events once the digits are complete.
 
-        None when the turn carried no keys (the model handles it); [] while more digits are awaited.
+        None when the turn carried no keys (the model handles it); [] while more digits are awaited. After the
+        wait for a key ran out (`time_out_keys`), a turn without keys completes the node with the digits so far, or
+        with none has the node's text said again.
         """
         data = self.node.data
         if not isinstance(data, GatherData):
             return None
         keys = _keys(heard)
+        timed_out, self._gathering.timed_out = self._gathering.timed_out, False
         if not keys:
-            if not self._gathering.digits:
-                return None
-            return await self._gathered(data)  # the caller stopped pressing and spoke: the digits so far
+            if self._gathering.digits:
+                return await self._gathered(data)  # the caller stopped pressing (or spoke): the digits so far
+            if timed_out:
+                self._gathering.reprompts += 1
+                return [TextDelta(self.node.text)] if self.node.text else []
+            return None
         for key in keys:
             if data.terminator is not None and key == data.terminator:
                 return await self._gathered(data)

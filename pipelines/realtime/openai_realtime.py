@@ -419,7 +419,11 @@ class RealtimeChannel:
 
     async def send_caller_text(self, text: str) -> None:
         """Add something the caller did that the model cannot hear (keys pressed) as a caller message."""
-        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+        await self.send_message("user", text)
+
+    async def send_message(self, role: Literal["system", "user"], text: str) -> None:
+        """Add a system or user message to the conversation, for the model's next responses."""
+        item = {"type": "message", "role": role, "content": [{"type": "input_text", "text": text}]}
         await self.send_event({"type": "conversation.item.create", "item": item})
 
     async def events(self) -> AsyncIterator[RealtimeEvent]:

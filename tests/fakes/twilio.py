@@ -13,8 +13,9 @@ TwiML's `<Connect><Stream>` with the engine's simulator (20 ms frames, marks ech
 callbacks are posted signed, as form posts, for the events the call subscribed to. `POST .../Calls/{CallSid}.json`
 updates a live call (`Twiml`, `Status=completed`): the stream gets `stop`, and the update is recorded.
 `GET .../Calls.json` lists calls (filters `To`, `From`, `Status`; most recent first) and `GET .../Calls/{CallSid}.json`
-fetches one. `hold_create(number)` holds the next create to `number` until the test decides whether it reached
-Twilio (the call is created) or not (no call exists, as if the request never left): kill the engine in between.
+fetches one. `call_updates()` is the update endpoint alone, for calls the simulator places. `hold_create(number)`
+holds the next create to `number` until the test decides whether it reached Twilio (the call is created) or not
+(no call exists, as if the request never left): kill the engine in between.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import secrets
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -534,3 +535,20 @@ def _error(status: int, code: int, message: str) -> web.Response:
         "status": status,
     }
     return web.json_response(body, status=status)
+
+
+@contextlib.asynccontextmanager
+async def call_updates() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+    """Twilio's REST API for updates of calls it did not place (the simulator's): yields its base URL and the list
+    of updates, each the call's `sid` and the form posted (`Twiml`, `Status`); the stream is left as it is."""
+    updates: list[dict[str, str]] = []
+
+    async def update_call(request: web.Request) -> web.Response:
+        form = await request.post()
+        updates.append({"sid": request.match_info["call_sid"], **{k: str(v) for k, v in form.items()}})
+        return web.json_response({"sid": request.match_info["call_sid"], "status": "in-progress"})
+
+    app = web.Application()
+    app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{call_sid}.json", update_call)
+    async with serve(app) as base:
+        yield base, updates

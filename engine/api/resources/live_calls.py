@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import Field
 
 from engine.api.errors import ApiError, conflict
+from engine.api.live_call_commands import command_holding_node, live_call
 from engine.api.models import ResponseModel
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
 from engine.api.resources.call_logs import by_start
-from engine.call.control_channel import CONTROL, ControlChannelError
-from engine.call.live_call_controls import HANG_UP, hang_up_here
-from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS, TWILIO
-from engine.workers.recovery import NODE_ID, NODE_TIMEOUT_KEY
-from storage import call_logs, engine_nodes
+from engine.call.live_call_controls import HANG_UP
+from engine.server.appkeys import LIVE_CALLS, TWILIO
+from storage import call_logs
 from storage.call_logs import CallLogEntry
 from storage.enums import CallStatus
 
@@ -69,20 +67,14 @@ async def hang_up_live_call(call: ApiCall) -> HangUp:
     whose media stream no process holds yet is ended through Twilio. 409 if the call is no longer in progress, its
     process does not answer, or nothing can reach it; 502 if Twilio refuses.
     """
-    async with call.tenant() as db:
-        log = await call_logs.get_call_log(
-            db, organization_id=call.caller.organization_id, call_log_id=call.path["callLogId"]
-        )
-    if log.status is not CallStatus.IN_PROGRESS:
-        raise conflict(f"call {log.id} is {log.status}, not in progress")
-    app = call.app
-    ended_by = await hang_up_here(app, log.id, log.call_id)
-    if ended_by is not None:
+    log = await live_call(call)
+    ended = await command_holding_node(call, log, HANG_UP, {"callSid": log.call_id})
+    if ended is not None:
+        ended_by = ended.get("endedBy")
+        if ended_by not in ("twilio", "engine"):
+            raise conflict(f"call {log.id}: the engine process holding it did not say how it was hung up")
         return HangUp(call_log_id=log.id, ended_by=ended_by)
-    node = log.metadata.get("engineNode")
-    if isinstance(node, str) and node != app[NODE_ID]:
-        return await _hang_up_on(call, node, log.id, log.call_id)
-    twilio = app.get(TWILIO)
+    twilio = call.app.get(TWILIO)
     if twilio is not None:
         if await twilio.hang_up(log.call_id):
             return HangUp(call_log_id=log.id, ended_by="twilio")
@@ -91,25 +83,3 @@ async def hang_up_live_call(call: ApiCall) -> HangUp:
         f"call {log.id} is not yet held by any engine process and no Twilio account is configured here "
         "(TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN) to end it"
     )
-
-
-async def _hang_up_on(call: ApiCall, node: str, call_log_id: str, call_sid: str) -> HangUp:
-    """Ask the engine node holding the call to hang it up, through the command channel; 409 if it cannot."""
-    app = call.app
-    alive = await engine_nodes.list_alive_nodes(
-        app[DATABASE].pool, now=datetime.now(UTC), node_timeout=app[NODE_TIMEOUT_KEY]
-    )
-    if node not in {n.id for n in alive}:
-        raise conflict(
-            f"call {call_log_id} ran on engine process {node}, which stopped; the call is being closed as failed"
-        )
-    try:
-        ack = await app[CONTROL].send(
-            node, call_log_id, HANG_UP, {"callSid": call_sid}, timeout=app[SETTINGS].control_timeout
-        )
-    except ControlChannelError as exc:
-        raise conflict(f"call {call_log_id}: {exc}") from None
-    ended_by = ack.result.get("endedBy")
-    if not ack.applied or ended_by not in ("twilio", "engine"):
-        raise conflict(ack.detail or f"call {call_log_id}: engine process {node} did not hang it up")
-    return HangUp(call_log_id=call_log_id, ended_by=ended_by)
