@@ -284,6 +284,38 @@ async def test_nothing_plays_and_no_audio_context_exists_until_listen_is_clicked
     await running
 
 
+async def test_say_has_the_agent_speak_the_line_typed(
+    engine: str, browser: webdriver.Chrome, tenant: Tenant, pool: asyncpg.Pool
+) -> None:
+    running, call_log_id = await silent_call_on_page(
+        engine, browser, tenant, pool, greeting="Hello from the line that takes requests."
+    )
+
+    def say_line() -> None:
+        browser.find_element(By.ID, "say-text").send_keys("Your table is ready.")
+        browser.find_element(By.ID, "say-submit").click()
+
+    await in_browser(say_line)
+    notice = await until(
+        lambda: visible(browser, "live-call-notice") and text_of(browser, "live-call-notice").startswith("Sent"),
+        timeout_s=10,
+        what="the line accepted",
+    )
+    assert notice
+    await until(
+        lambda: ("Agent", "Your table is ready.") in live_turns(browser), timeout_s=30, what="the agent saying it"
+    )
+    assert await in_browser(lambda: browser.find_element(By.ID, "say-text").get_attribute("value")) == ""
+    await in_browser(lambda: confirm_hang_up(browser))
+    await running
+    said = await pool.fetchval(
+        """SELECT count(*) FROM "CallTurn" WHERE "callLogId" = $1 AND "speaker" = 'agent'
+           AND "text" = 'Your table is ready.'""",
+        call_log_id,
+    )
+    assert said == 1
+
+
 async def test_hang_up_ends_the_call_and_finishes_its_call_log(
     engine: str, browser: webdriver.Chrome, tenant: Tenant, pool: asyncpg.Pool
 ) -> None:
