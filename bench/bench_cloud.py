@@ -31,7 +31,9 @@ Options: the providers' pacing (--endpointing-ms, --final-delay-ms, --finalize-d
 sets the callers' pause between turns, --profile-calls N runs the engine under cProfile in round N and --py-spy N
 samples it with py-spy (figures distorted), --stalls records the engine's loop stalls (a 2 ms timer firing late
 under uvloop) and this process's slow callbacks and late timers, and prints what overlapped each round's slowest
-turns.
+turns. --knowledge runs each N twice in the same run: as above, then with every agent linked to one of 10
+knowledge bases (100 documents of ~10 pages, bench/bench_knowledge.py, ingested before the rounds) and its passages
+put in the model's context on each caller turn (llm.knowledge_in_context); those rows are marked "kb".
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -66,6 +68,7 @@ import psutil
 from aiohttp import web
 
 from bench.bench_calls import REPO, _free_port, _wait_healthy
+from bench.bench_knowledge import ingest, seed_knowledge_bases
 from bench.cloud_callers import (
     CallerResult,
     CloudCaller,
@@ -86,6 +89,7 @@ from bench.stall_watch import (
     read_events,
 )
 from config.agent import parse_agent_configuration
+from config.settings import Settings
 from pipelines.conversation.chunking import SentenceChunker
 from storage import agents, organizations, phone_numbers
 from storage.embedded import start_embedded
@@ -444,24 +448,50 @@ def agent_configuration(recording: bool, delays: Delays, kind: str = "plain") ->
     return configuration
 
 
-async def seed(pool: asyncpg.Pool, *, recording: bool, delays: Delays) -> Line:
-    """One organization with plenty of credits and, per kind of call, an inbound number and the agent answering it."""
+KNOWLEDGE_FACTS: Final = (
+    "Our opening hours are nine to five on weekdays and ten to two on Saturdays.",
+    "To book a table for two or more, tell us the day and the time.",
+)
+"""Sentences the knowledge bases' pages hold, about what the callers ask (CALLER_TEXT, the booking sentence)."""
+
+
+async def seed(pool: asyncpg.Pool, *, recording: bool, delays: Delays, knowledge: bool = False) -> Line:
+    """One organization with plenty of credits and, per kind of call, an inbound number and the agent answering it.
+
+    `knowledge`: the agents are linked to knowledge bases (one each) with their passages in the model's context.
+
+    Its plan is ENTERPRISE, which has no limit on concurrent calls by default: on PRO (50) half of a 100-call round
+    was refused as "all lines busy", and the round measured 50 concurrent calls plus 50 refusals.
+    """
     tag = secrets.token_hex(4)
     organization = await organizations.create_organization(
-        pool, name=f"Cloud bench {tag}", slug=f"bench-cloud-{tag}", plan=Plan.PRO, credits=10**9
+        pool, name=f"Cloud bench {tag}", slug=f"bench-cloud-{tag}", plan=Plan.ENTERPRISE, credits=10**9
     )
+    kb_ids: list[str] = []
+    if knowledge:
+        kb_ids, _ = await seed_knowledge_bases(pool, organization.id, random.Random(7), facts=KNOWLEDGE_FACTS)
     numbers: dict[str, str] = {}
-    for kind in dict.fromkeys(CALL_KINDS):
+    for index, kind in enumerate(dict.fromkeys(CALL_KINDS)):
         number_id, numbers[kind] = await _seed_number(pool, organization.id, kind)
-        await agents.create_agent(
+        configuration = agent_configuration(recording, delays, kind)
+        if knowledge:
+            configuration["llm"]["knowledge_in_context"] = True
+        agent = await agents.create_agent(
             pool,
             organization_id=organization.id,
             name=f"Cloud bench agent ({kind})",
             status=AgentStatus.ACTIVE,
             caller_type=CallerType.INBOUND,
             phone_number_id=number_id,
-            configuration=parse_agent_configuration(agent_configuration(recording, delays, kind)).to_json(),
+            configuration=parse_agent_configuration(configuration).to_json(),
         )
+        if knowledge:
+            kb_id = kb_ids[index % len(kb_ids)]
+            await agents.link_knowledge_base(
+                pool, organization_id=organization.id, agent_id=agent.id, knowledge_base_id=kb_id
+            )
+    if knowledge:
+        print(f"knowledge bases: {len(kb_ids)} ingested in {await ingest(pool, Settings()):.1f} s")
     return Line(organization.id, numbers)
 
 
@@ -1243,7 +1273,7 @@ def print_table(rounds: Sequence[Mapping[str, Any]]) -> None:
         used = "-" if spec["used"] is None else f"{spec['used']:.0f}"
         discarded = "-" if spec["discarded"] is None else f"{spec['discarded']:.0f}"
         print(
-            f"{r['calls']:>4} {str(r['answered']) + '/' + str(r['asked']):>10} "
+            f"{_round_name(r['calls'], r.get('knowledge', False)):>4} {str(r['answered']) + '/' + str(r['asked']):>10} "
             f"{_ms(v['p50']) + '/' + _ms(v['p95']) + '/' + _ms(v['p99']):>18} {r['providersUnavoidableMs']:>9} "
             f"{str(r['repliesDuringPause']) + '/' + str(r['pausedTurns']):>10} {used + '/' + discarded:>13} "
             f"{str(r['utterancesWithGap']) + '/' + str(r['utterances']):>8} "
@@ -1256,7 +1286,7 @@ def print_table(rounds: Sequence[Mapping[str, Any]]) -> None:
     for r in rounds:
         kinds = r.get("voiceToVoiceMsByKind") or {}
         print(
-            f"{r['calls']:>4} "
+            f"{_round_name(r['calls'], r.get('knowledge', False)):>4} "
             + "  ".join(f"{k} {_ms(v['p50'])}/{_ms(v['p95'])}/{_ms(v['p99'])} (n={v['n']})" for k, v in kinds.items())
         )
     print()
@@ -1426,6 +1456,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--bench-cpu", type=int, default=1, help="CPU this process (callers, fakes) is pinned to")
     parser.add_argument("--no-pin", action="store_true", help="do not pin anything")
     parser.add_argument("--tone", action="store_true", help="callers play a tone burst instead of eSpeak speech")
+    parser.add_argument(
+        "--knowledge", action="store_true", help="run each N again with agents using knowledge bases in context"
+    )
     parser.add_argument("--profile-calls", type=int, default=None, help="run the engine under cProfile in this round")
     parser.add_argument(
         "--py-spy", type=int, default=None, help="sample the engine with py-spy (if installed) over this round's calls"
@@ -1518,25 +1551,31 @@ def _print_header(args: argparse.Namespace, pgdata: Path | None, utterance: Utte
     )
 
 
-async def _rounds(setup: RoundSetup, wanted: Sequence[int], stamp: str, rounds: list[dict[str, Any]]) -> None:
-    for calls in wanted:
-        print(f"  N={calls}: running …", flush=True)
+async def _rounds(
+    setup: RoundSetup, wanted: Sequence[int], stamp: str, rounds: list[dict[str, Any]], knowledge: Line | None
+) -> None:
+    for calls, line in ((n, line) for n in wanted for line in (setup.line, knowledge) if line is not None):
+        name = _round_name(calls, line is knowledge)
+        print(f"  N={name}: running …", flush=True)
         profile = None
         if setup.args.profile_calls == calls:
-            profile = setup.args.out / f"cloud-{stamp}-engine-n{calls}.prof"
-        result = await run_round(setup, calls, profile)
+            profile = setup.args.out / f"cloud-{stamp}-engine-n{name}.prof"
+        result = await run_round(replace(setup, line=line), calls, profile)
+        result["knowledge"] = line is knowledge
         if profile is not None:
             result["engineProfile"] = str(profile)
         rounds.append(result)
         v = result["voiceToVoiceMs"]
         print(
-            f"  N={calls}: {result['answered']}/{result['asked']} turns answered, voice-to-voice p50 "
+            f"  N={name}: {result['answered']}/{result['asked']} turns answered, voice-to-voice p50 "
             f"{_ms(v['p50'])} ms p95 {_ms(v['p95'])} ms p99 {_ms(v['p99'])} ms (providers' floor "
             f"{result['providersUnavoidableMs']} ms), replies during a pause {result['repliesDuringPause']}, "
             f"engine CPU {result['engineCpuPerCallMinute']} s/call-min, bench CPU {result['benchCpuPercent']}%, "
             f"call errors {len(result['callErrors'])}",
             flush=True,
         )
+        if result["callErrors"]:  # e.g. calls refused: the round measured fewer concurrent calls than asked
+            print(f"      first call error: {result['callErrors'][0]}", flush=True)
 
 
 async def main(argv: Sequence[str] | None = None) -> int:
@@ -1580,14 +1619,22 @@ async def main(argv: Sequence[str] | None = None) -> int:
                 delays=delays,
                 stamp=f"cloud-{stamp}",
             )
+            knowledge = None
+            if args.knowledge:
+                knowledge = await seed(pool, recording=args.recording, delays=delays, knowledge=True)
             _print_header(args, pgdata, utterance)
-            await _rounds(setup, wanted, stamp, rounds)
+            await _rounds(setup, wanted, stamp, rounds, knowledge)
         finally:
             await pool.close()
             await asyncio.to_thread(_stop_embedded, pgdata)
             if rounds:
                 _report(args, stamp, utterance, rounds)
     return 0
+
+
+def _round_name(calls: int, knowledge: bool) -> str:
+    """N, or N marked "kb" for a round whose agents use knowledge bases."""
+    return f"{calls}kb" if knowledge else str(calls)
 
 
 def _report(args: argparse.Namespace, stamp: str, utterance: Utterance, rounds: list[dict[str, Any]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ from pydantic_settings import (
 
 CONFIG_FILE_ENV = "DIALTONE_CONFIG"
 DEFAULT_CONFIG_FILE = Path("dialtone.toml")
+EMBEDDING_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
+"""The length of each OpenAI embedding model's vectors (DIALTONE_KB_EMBEDDING_DIMENSIONS may shorten a v3's)."""
 
 
 class SettingsError(Exception):
@@ -172,6 +175,26 @@ class Settings(BaseSettings):
     kb_search_results: int = _env("DIALTONE_KB_SEARCH_RESULTS", "kb_search_results", 3, ge=1, le=20)
     # Listen-in: audio a listener's socket may fall behind the call (ms) before the listener is dropped.
     listen_buffer_ms: int = _env("DIALTONE_LISTEN_BUFFER_MS", "listen_buffer_ms", 2000, ge=100, le=60_000)
+    # Vector search over knowledge bases (needs pgvector): the OpenAI embedding model (unset: full-text only), its
+    # vector length (unset: the model's own; set: the API is asked to shorten them), where the key is read
+    # (`env:<VARIABLE>`: OPENAI_API_KEY or a DIALTONE_AGENT_KEY_*), passages per request and attempts per batch, and
+    # how long (s) a caller's question waits for its embedding before full-text search answers alone.
+    kb_embedding_model: str | None = _env("DIALTONE_KB_EMBEDDING_MODEL", "kb_embedding_model")
+    kb_embedding_dimensions: int | None = _env(
+        "DIALTONE_KB_EMBEDDING_DIMENSIONS", "kb_embedding_dimensions", None, ge=1, le=16000
+    )
+    kb_embedding_key_ref: str = _env("DIALTONE_KB_EMBEDDING_KEY_REF", "kb_embedding_key_ref", "env:OPENAI_API_KEY")
+    kb_embedding_batch_size: int = _env(
+        "DIALTONE_KB_EMBEDDING_BATCH_SIZE", "kb_embedding_batch_size", 64, ge=1, le=2048
+    )
+    kb_embedding_max_attempts: int = _env(
+        "DIALTONE_KB_EMBEDDING_MAX_ATTEMPTS", "kb_embedding_max_attempts", 4, ge=1, le=20
+    )
+    kb_embedding_question_timeout: float = _env(
+        "DIALTONE_KB_EMBEDDING_QUESTION_TIMEOUT", "kb_embedding_question_timeout", 0.25, gt=0, le=10
+    )
+    # Live call events (GET /v1/live-calls/events) are kept this many seconds for streams resuming after a drop.
+    live_events_retention: float = _env("DIALTONE_LIVE_EVENTS_RETENTION", "live_events_retention", 3600.0, ge=60)
 
     @field_validator(
         "twilio_account_sid",
@@ -185,6 +208,8 @@ class Settings(BaseSettings):
         "s3_access_key_id",
         "s3_secret_access_key",
         "recording_retention_days",
+        "kb_embedding_model",
+        "kb_embedding_dimensions",
         mode="before",
     )
     @classmethod
@@ -207,6 +232,24 @@ class Settings(BaseSettings):
         if self.s3_kms_key_id and self.s3_server_side_encryption != "aws:kms":
             raise ValueError("DIALTONE_S3_KMS_KEY_ID: needs DIALTONE_S3_SERVER_SIDE_ENCRYPTION=aws:kms")
         return self
+
+    @model_validator(mode="after")
+    def _embedding_dimensions(self) -> Settings:
+        model = self.kb_embedding_model
+        if model is not None and self.kb_embedding_dimensions is None and model not in EMBEDDING_DIMENSIONS:
+            raise ValueError(
+                f"DIALTONE_KB_EMBEDDING_DIMENSIONS: must be set for the embedding model {model!r} "
+                f"(the vector length is known only for {', '.join(EMBEDDING_DIMENSIONS)})"
+            )
+        return self
+
+    @field_validator("kb_embedding_key_ref")
+    @classmethod
+    def _engine_key_ref(cls, value: str) -> str:
+        # Passages of every organization are embedded with this key: one organization's Tool cannot provide it.
+        if not re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("must be 'env:<VARIABLE>' (e.g. env:OPENAI_API_KEY), naming where the key is kept")
+        return value
 
     @field_validator("deepgram_url", "openai_base_url", "elevenlabs_url")
     @classmethod

@@ -82,6 +82,9 @@ class StereoWavRecorder:
         self._held: tuple[bytearray, bytearray] = (bytearray(), bytearray())
         self._held_at = [0, 0]
         self._dropped_samples = 0
+        # The timeline sample audio may not reach, by the last elapsed_ms() read: a floor of the present limit (the
+        # call's time only moves on), so elapsed_ms() is asked only when a write reaches past it.
+        self._limit = 0
         self._closed = False
 
     @property
@@ -125,9 +128,11 @@ class StereoWavRecorder:
         if at_ms < 0:
             raise ValueError(f"at_ms must not be negative, got {at_ms}")
         position = at_ms * _SAMPLES_PER_MS
-        limit = (self._elapsed_ms() + LEAD_MS) * _SAMPLES_PER_MS
-        if position + len(ulaw) > limit:
-            kept = max(0, limit - position)
+        end = position + len(ulaw)
+        if end > self._limit:
+            self._limit = (self._elapsed_ms() + LEAD_MS) * _SAMPLES_PER_MS
+        if end > self._limit:
+            kept = max(0, self._limit - position)
             self._dropped_samples += len(ulaw) - kept
             ulaw = ulaw[:kept]
             if not ulaw:

@@ -419,6 +419,7 @@ class TwilioStream:
         self.started: Started | None = None
         self._clock = clock
         self._started_at = 0.0
+        self._elapsed_seen_ms = 0  # the last elapsed_ms() read: a floor of the present one, as time only moves on
         self.playback = PlaybackClock()
         self.last_sequence_number: int | None = None
         self._media = _MediaStats()
@@ -432,7 +433,10 @@ class TwilioStream:
 
     def elapsed_ms(self) -> int:
         """Milliseconds since `start` arrived (0 before): the call's real time, which its audio may not outrun."""
-        return round((self._clock() - self._started_at) * 1000) if self.started is not None else 0
+        if self.started is None:
+            return 0
+        self._elapsed_seen_ms = elapsed = round((self._clock() - self._started_at) * 1000)
+        return elapsed
 
     @property
     def dropped_chunks(self) -> int:
@@ -616,9 +620,14 @@ class TwilioStream:
         return events
 
     def _ahead_ms(self, cursor: _TrackCursor, timestamp_ms: int, size: int) -> int:
-        """How far a track would run ahead of real time with this frame: by its timestamp or by all audio received."""
-        end_ms = max(timestamp_ms * BYTES_PER_MS, cursor.received_bytes) + size
-        return end_ms // BYTES_PER_MS - self.elapsed_ms()
+        """How far a track would run ahead of real time with this frame: by its timestamp or by all audio received.
+
+        Exact when past `MEDIA_LEAD_MS`; below it, possibly more than exact: the clock is read only when the last
+        reading puts the frame past the lead (every couple of seconds of a real-time stream, not every frame).
+        """
+        end_ms = (max(timestamp_ms * BYTES_PER_MS, cursor.received_bytes) + size) // BYTES_PER_MS
+        ahead_ms = end_ms - self._elapsed_seen_ms
+        return ahead_ms if ahead_ms <= MEDIA_LEAD_MS else end_ms - self.elapsed_ms()
 
     def _on_dtmf(self, message: dict[str, Any]) -> list[StreamEvent]:
         self._expect("dtmf", StreamState.STREAMING)

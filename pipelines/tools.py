@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -33,6 +33,11 @@ OPT_OUT_CONFIRMATION = "You won't be called again. Goodbye."
 DTMF_SENT = "sent"
 """The `send_dtmf` result the model gets once its keypresses are queued into the call."""
 MAX_RESULT_CHARS = 4000
+TOOL_ERROR_PREFIX = "error: "
+"""How a function's result that reports a failure to the model starts."""
+
+ToolCallObserver = Callable[[str, Mapping[str, Any], str], None]
+"""Told of each function call: its name, its arguments and the result the model gets."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,11 +207,14 @@ class ToolRunner:
         session: aiohttp.ClientSession,
         allow_private: bool = False,
         local: Sequence[LocalFunction] = (),
+        observe: ToolCallObserver | None = None,
     ) -> None:
         """Serve `functions` over `session` (the engine's, shared by calls); `call` (the call's ids) goes with each.
 
-        `local` functions are answered in the engine (knowledge-base search) and come first.
+        `local` functions are answered in the engine (knowledge-base search) and come first. `observe` is told of
+        every call and its result (the call's live events).
         """
+        self._observe = observe
         self._local = {f.spec.name: f for f in local}
         self._functions = {f.spec.name: f for f in functions if f.spec.name not in self._local}
         self._call = dict(call)
@@ -220,12 +228,18 @@ class ToolRunner:
 
     async def run(self, name: str, arguments: Mapping[str, Any]) -> str:
         """Call function `name` with `arguments`; return the webhook's reply (or an error) as text."""
+        result = await self._answer(name, arguments)
+        if self._observe is not None:
+            self._observe(name, arguments, result)
+        return result
+
+    async def _answer(self, name: str, arguments: Mapping[str, Any]) -> str:
         local = self._local.get(name)
         if local is not None:
             return await local.run(arguments)
         function = self._functions.get(name)
         if function is None:
-            return f"error: there is no function named {name!r}"
+            return f"{TOOL_ERROR_PREFIX}there is no function named {name!r}"
         await turn_confirmed()  # a speculative reply's webhook waits for the caller's turn (and dies with the reply)
         try:
             await ensure_public_url(function.url, allow_private=self._allow_private)
@@ -239,14 +253,14 @@ class ToolRunner:
                 body = await response.text()
                 if response.status >= 400:
                     log.warning("tool %s answered HTTP %d", function.tool_id, response.status)
-                    return f"error: the {name} service answered HTTP {response.status}: {body[:500]}"
+                    return f"{TOOL_ERROR_PREFIX}the {name} service answered HTTP {response.status}: {body[:500]}"
                 return body[:MAX_RESULT_CHARS]
         except UnsafeURL as exc:
             log.warning("tool %s refused: %s", function.tool_id, exc)
-            return f"error: the {name} service address is not allowed"
+            return f"{TOOL_ERROR_PREFIX}the {name} service address is not allowed"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("tool %s failed: %s", function.tool_id, type(exc).__name__)
-            return f"error: the {name} service could not be reached ({type(exc).__name__})"
+            return f"{TOOL_ERROR_PREFIX}the {name} service could not be reached ({type(exc).__name__})"
 
 
 def parse_arguments(raw: str) -> dict[str, Any]:

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from storage.call_turns import CallTurn
 
 
-def _parties(call_type: str, phone_number: str | None, metadata: Mapping[str, Any]) -> dict[str, Any]:
-    # CallLog.phoneNumber is the other party's number; the engine's own number is in metadata.
+def call_parties(call_type: str, phone_number: str | None, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """A call's `from` and `to` numbers (CallLog.phoneNumber is the other party's; the engine's own is in metadata)."""
     if call_type == "OUTBOUND":
         return {"from": metadata.get("from"), "to": phone_number}
     return {"from": phone_number, "to": metadata.get("to")}
@@ -36,7 +36,7 @@ def _call_data(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
         "agentId": row["agentId"],
         "campaignId": row["campaignId"],
         "customer": row["customer"],
-        **_parties(str(row["callType"]), row["phoneNumber"], row["metadata"]),
+        **call_parties(str(row["callType"]), row["phoneNumber"], row["metadata"]),
         "startedAt": row["timestamp"],
     }
 

@@ -6,6 +6,9 @@ every word). Each lexeme is weighed by its rarity among the knowledge bases' pas
 inverse document frequency), lexemes most passages hold are left out (unless nothing rarer was asked), and a
 passage ranks by the summed weight of the lexemes it holds, then by cover density (ts_rank_cd: closer together
 ranks higher). The GIN index on "searchVector" finds the candidates.
+
+Where passages also have embeddings (storage.knowledge_embeddings), `fuse_rankings` merges the full-text ranking
+with the vector one by reciprocal rank fusion: the one place the two are combined.
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ class Passage(Record):
     rank: float
 
 
-_SEARCH = """
+PASSAGE_COLUMNS = (
+    'c."id" AS "chunkId", c."documentId", d."name" AS "documentName", c."knowledgeBaseId", c."position", c."content"'
+)
+"""The columns a `Passage` is read from, for queries over "KnowledgeBaseChunk" c joined to its document d."""
+
+RRF_K = 60
+"""Reciprocal rank fusion's constant: a passage ranked r-th in a list adds 1 / (RRF_K + r) to its score."""
+
+_SEARCH = f"""
 WITH kbs AS (
     SELECT "id", "language" FROM "KnowledgeBase" WHERE "organizationId" = $1 AND "id" = ANY($3::text[])
 ), total AS (
@@ -52,18 +63,22 @@ WITH kbs AS (
     WHERE total.n < 20 OR w.df <= total.n / 2 OR NOT EXISTS (SELECT 1 FROM weighed r WHERE r.df <= total.n / 2)
 ), queries AS (
     SELECT "language", string_agg(query::text, ' | ')::tsquery AS query FROM chosen GROUP BY "language"
+), ranked AS (
+    SELECT c."id", scored.score, ts_rank_cd(c."searchVector", q.query) AS cover
+    FROM queries q
+    JOIN "KnowledgeBaseChunk" c ON c."language" = q."language" AND c."searchVector" @@ q.query
+    CROSS JOIN LATERAL (
+        SELECT sum(w.idf) AS score FROM chosen w WHERE w."language" = c."language" AND c."searchVector" @@ w.query
+    ) scored
+    WHERE c."organizationId" = $1 AND c."knowledgeBaseId" = ANY($3::text[])
+    ORDER BY scored.score DESC, cover DESC, c."documentId", c."position"
+    LIMIT $4
 )
-SELECT c."id" AS "chunkId", c."documentId", d."name" AS "documentName", c."knowledgeBaseId", c."position",
-       c."content", scored.score AS "rank"
-FROM queries q
-JOIN "KnowledgeBaseChunk" c ON c."language" = q."language" AND c."searchVector" @@ q.query
+SELECT {PASSAGE_COLUMNS}, r.score AS "rank"
+FROM ranked r
+JOIN "KnowledgeBaseChunk" c ON c."id" = r."id"
 JOIN "KnowledgeBaseDocument" d ON d."id" = c."documentId" AND d."organizationId" = c."organizationId"
-CROSS JOIN LATERAL (
-    SELECT sum(w.idf) AS score FROM chosen w WHERE w."language" = c."language" AND c."searchVector" @@ w.query
-) scored
-WHERE c."organizationId" = $1 AND c."knowledgeBaseId" = ANY($3::text[])
-ORDER BY "rank" DESC, ts_rank_cd(c."searchVector", q.query) DESC, c."documentId", c."position"
-LIMIT $4
+ORDER BY r.score DESC, r.cover DESC, c."documentId", c."position"
 """
 
 
@@ -81,6 +96,23 @@ async def search_passages(
         return []
     rows = await db.fetch(_SEARCH, organization_id, query, list(knowledge_base_ids), limit)
     return Passage.from_rows(rows)
+
+
+def fuse_rankings(rankings: Sequence[Sequence[Passage]], *, limit: int) -> list[Passage]:
+    """Passages of several rankings (full-text, vector) in one order, by reciprocal rank fusion; at most `limit`.
+
+    A passage scores the sum of 1 / (RRF_K + rank) over the rankings that hold it (rank 1 = first), so one
+    near the top of both beats one first in a single ranking; `rank` becomes that score. Ties keep the order of
+    the first ranking that holds them.
+    """
+    scores: dict[str, float] = {}
+    first_seen: dict[str, Passage] = {}
+    for ranking in rankings:
+        for position, passage in enumerate(ranking, start=1):
+            scores[passage.chunk_id] = scores.get(passage.chunk_id, 0.0) + 1.0 / (RRF_K + position)
+            first_seen.setdefault(passage.chunk_id, passage)
+    order = sorted(first_seen, key=lambda chunk_id: -scores[chunk_id])  # stable: ties keep first-seen order
+    return [first_seen[chunk_id].model_copy(update={"rank": scores[chunk_id]}) for chunk_id in order[:limit]]
 
 
 async def frequent_words(

@@ -29,6 +29,12 @@ ORGANIZATION_SETTING = "app.organization_id"
 async def tenant_transaction(pool: asyncpg.Pool, organization_id: str) -> AsyncIterator[Connection]:
     """A transaction that sees and changes only `organization_id`'s rows, enforced by PostgreSQL."""
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(f"SET LOCAL ROLE {API_ROLE}")
-        await conn.execute("SELECT set_config($1, $2, true)", ORGANIZATION_SETTING, organization_id)
+        # One round trip for both (set_config('role', ...) is SET LOCAL ROLE): a call's knowledge search pays
+        # for every round trip on the caller's turn.
+        await conn.execute(
+            "SELECT set_config('role', $1, true), set_config($2, $3, true)",
+            API_ROLE,
+            ORGANIZATION_SETTING,
+            organization_id,
+        )
         yield conn

@@ -228,6 +228,8 @@ async def test_no_read_shows_another_organizations_rows(
     for operation in operations():
         if operation.method != "GET" or operation.path_params:
             continue
+        if operation.streamed is not None:  # answers for as long as it is read: test_live_events checks its rows
+            continue
         variants = [""]
         if operation.query is not None:
             fields = operation.query.model_json_schema(by_alias=True).get("properties", {})

@@ -1,15 +1,19 @@
 """bench/bench_cloud.py's own arithmetic: speculation shares read from /metrics, call-minutes, and the pausing
-callers' utterance (eSpeak NG speech with a silent mid-sentence pause)."""
+callers' utterance (eSpeak NG speech with a silent mid-sentence pause); and its seeded organization, which must take
+every call of a round at once."""
 
 from __future__ import annotations
 
 import base64
 
+import asyncpg
 import pytest
 
-from bench.bench_cloud import PAUSE_FIRST, PAUSE_REST, Delays, call_minutes, speculation_shares
+from bench.bench_cloud import PAUSE_FIRST, PAUSE_REST, Delays, call_minutes, seed, speculation_shares
 from bench.cloud_callers import CallerResult, paused_utterance
+from config.settings import load_settings
 from media.g711 import FRAME_MS, ULAW_SILENCE
+from storage import organizations
 
 
 def test_speculation_shares_read_the_engines_counter_by_event() -> None:
@@ -51,3 +55,10 @@ async def test_a_pausing_utterance_is_silent_for_its_pause_between_two_spoken_pa
     assert {base64.b64decode(frame) for frame in pause} == {bytes([ULAW_SILENCE]) * (8 * FRAME_MS)}
     assert base64.b64decode(utterance.frames_b64[utterance.pause_from - 1]) != bytes([ULAW_SILENCE]) * (8 * FRAME_MS)
     assert utterance.last_voiced == len(utterance.frames_b64) - 1
+
+
+async def test_the_seeded_organization_has_no_limit_on_concurrent_calls(pool: asyncpg.Pool) -> None:
+    # On a plan with a limit (PRO: 50), a 100-call round measured 50 calls and 50 refusals.
+    line = await seed(pool, recording=False, delays=Delays())
+    organization = await organizations.get_organization(pool, organization_id=line.organization_id)
+    assert load_settings().concurrent_call_limits[organization.plan.value] == 0

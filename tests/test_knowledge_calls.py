@@ -2,7 +2,8 @@
 
 The offline pipeline (PocketSphinx, the conversation path, eSpeak NG) answers from the best passage; the cloud
 pipeline's model (a fake OpenAI that reads its function results, as a model would) calls search_knowledge_base.
-Either way the answer is in the CallLog, and the organization's documents are what was searched.
+Either way the answer is in the CallLog, and the organization's documents are what was searched. The engine has
+vector search on (the fake OpenAI's embeddings), so a passage can be found that full-text search alone misses.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from config.agent import parse_agent_configuration
 from engine.simulator import CallResult, Pause, Say, simulate_call
 from storage import agents, conversation_paths, knowledge_bases, organizations, phone_numbers
 from storage.enums import AgentStatus, CallerType, DocumentType
+from storage.knowledge_search import search_passages
 from tests.engine_server import running_engine
 from tests.fakes.deepgram import FakeDeepgram
 from tests.fakes.elevenlabs import FakeElevenLabs
@@ -82,6 +84,8 @@ async def engine(db_url: str, fakes: tuple[FakeDeepgram, ReadingOpenAI, FakeElev
         openai_base_url=openai.base_url,
         elevenlabs_url=elevenlabs.url,
         kb_ingest_poll_interval=0.05,
+        kb_embedding_model="text-embedding-3-small",
+        kb_embedding_dimensions=256,
     ) as base:
         yield base
 
@@ -127,12 +131,21 @@ async def give_knowledge(pool: asyncpg.Pool, organization_id: str, agent_id: str
         content=facts,
     )
     await agents.link_knowledge_base(pool, organization_id=organization_id, agent_id=agent_id, knowledge_base_id=kb.id)
-    for _ in range(200):  # the engine's ingestion worker indexes it
-        status = await pool.fetchval('SELECT "status" FROM "KnowledgeBaseDocument" WHERE "id" = $1', document.id)
-        if status == "READY":
+    for _ in range(200):  # the engine's ingestion worker indexes and embeds it
+        row = await pool.fetchrow(
+            """
+            SELECT d."status", bool_and(c."embeddingModel" IS NOT NULL)
+            FROM "KnowledgeBaseDocument" d LEFT JOIN "KnowledgeBaseChunk" c ON c."documentId" = d."id"
+            WHERE d."id" = $1 GROUP BY d."status"
+            """,
+            document.id,
+        )
+        assert row is not None
+        status, embedded = row
+        if status == "READY" and embedded:
             return document.id
         await asyncio.sleep(0.05)
-    raise AssertionError(f"document {document.id} was never ingested ({status})")
+    raise AssertionError(f"document {document.id} was never ingested and embedded ({status})")
 
 
 async def call(engine: str, number: str, *steps: Any) -> CallResult:
@@ -185,6 +198,28 @@ async def test_the_cloud_agent_calls_search_knowledge_base(
     assert "search_knowledge_base" in {tool["function"]["name"] for tool in request["tools"]}
     results = [m["content"] for m in request["messages"] if m["role"] == "tool"]
     assert results and "forty nine dollars" in results[0] and "nine hundred" not in results[0]
+
+
+async def test_the_cloud_agent_answers_from_a_passage_only_vector_search_finds(
+    engine: str, pool: asyncpg.Pool, fakes: tuple[FakeDeepgram, ReadingOpenAI, FakeElevenLabs]
+) -> None:
+    deepgram, openai, _ = fakes
+    parking = "Parking: the car park behind the hotel costs twelve dollars a night."
+    number, org, document_id = await line_with_knowledge(pool, {**CLOUD, "firstSentence": "Hi."}, parking, name="Car")
+    kb = await pool.fetchval('SELECT "knowledgeBaseId" FROM "KnowledgeBaseDocument" WHERE "id" = $1', document_id)
+    # "carpark" is no word of the passage: full-text search alone finds nothing.
+    assert not await search_passages(pool, organization_id=org, knowledge_base_ids=[kb], query="carpark", limit=3)
+    deepgram.transcripts.extend(["What does the carpark cost?"])
+    openai.replies.extend([[ToolCall("search_knowledge_base", {"query": "carpark"})]])
+    result = await call(engine, number, Say("what does the carpark cost"), Pause(600))
+    log = await finished_log(pool, result)
+    answer = f"From our documents: {parking}"
+    last = (await turns(pool, log["id"]))[-1]
+    assert last["text"] == answer and answer in log["transcript"]
+    (retrieval,) = last["knowledge"]["retrievals"]
+    assert retrieval["query"] == "carpark"
+    assert [p["documentId"] for p in retrieval["passages"]] == [document_id]
+    assert "carpark" in [request["input"][0] for request in openai.embedding_requests]
 
 
 async def test_passages_can_go_to_the_model_with_each_caller_turn(

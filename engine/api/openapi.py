@@ -97,6 +97,11 @@ def _operation(operation: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
     ]
     if operation.query is not None:
         parameters += _query_parameters(operation.query, schemas)
+    if operation.streamed is not None:
+        parameters += [
+            {"name": name, "in": "header", "required": False, "description": meaning, "schema": {"type": "string"}}
+            for name, meaning in operation.streamed.headers.items()
+        ]
     if operation.idempotent:
         parameters.append(
             {
@@ -118,7 +123,13 @@ def _operation(operation: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
         form = _form(operation.form, schemas)
         spec["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": form}}}
     responses: dict[str, Any] = {}
-    if operation.status == 101:
+    if operation.streamed is not None:
+        streamed = operation.streamed
+        responses[str(operation.status)] = {
+            "description": streamed.description,
+            "content": {streamed.media_type: {"schema": {"type": "string"}}},
+        }
+    elif operation.status == 101:
         responses["101"] = {"description": "Switching Protocols: the connection is now the WebSocket described above."}
     elif operation.response is None:
         responses[str(operation.status)] = {"description": "Done; no content."}

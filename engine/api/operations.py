@@ -58,11 +58,21 @@ class ApiCall:
 
 
 Handler = Callable[[ApiCall], Awaitable[BaseModel | web.StreamResponse | None]]
-"""What handles an operation: the call in, a response model (or None for 204) out; a WebSocket operation's
-handler answers with the finished WebSocketResponse."""
+"""What handles an operation: the call in, a response model (or None for 204) out; a WebSocket or streamed
+operation's handler writes its own response (the finished WebSocketResponse, the StreamResponse) and returns it."""
 
 Declaration = Callable[[Handler], Handler]
 """A decorator that adds its handler to a resource's operations."""
+
+
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """A response written as it happens (e.g. Server-Sent Events), as the OpenAPI document describes it."""
+
+    media_type: str
+    description: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Request headers the operation reads, by name, with what each means."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +94,8 @@ class Operation:
     """Whether it honours an `Idempotency-Key` header (engine.api.idempotency)."""
     form: type[RequestModel] | None = None
     """A multipart/form-data body: these fields and a `file` part, which the handler reads (engine.api.uploads)."""
+    streamed: Streamed | None = None
+    """A response the handler streams itself instead of a JSON model."""
 
     @property
     def operation_id(self) -> str:
@@ -143,6 +155,18 @@ class Resource:
             idempotent=idempotent,
         )
 
+    def stream(
+        self,
+        path: str,
+        *,
+        summary: str,
+        streamed: Streamed,
+        query: type[RequestModel] | None = None,
+        errors: tuple[int, ...] = (),
+    ) -> Declaration:
+        """Declare a read whose handler streams its response (`streamed` says what it is)."""
+        return self._declare("GET", path, summary, None, 200, None, query, errors, streamed=streamed)
+
     def patch(
         self,
         path: str,
@@ -187,11 +211,24 @@ class Resource:
         form: type[RequestModel] | None = None,
         *,
         idempotent: bool = False,
+        streamed: Streamed | None = None,
     ) -> Declaration:
         def register(handler: Handler) -> Handler:
             self.operations.append(
                 Operation(
-                    method, path, handler, self.tag, summary, response, status, body, query, errors, idempotent, form
+                    method,
+                    path,
+                    handler,
+                    self.tag,
+                    summary,
+                    response,
+                    status,
+                    body,
+                    query,
+                    errors,
+                    idempotent,
+                    form,
+                    streamed,
                 )
             )
             return handler
@@ -209,7 +246,7 @@ def aiohttp_handler(operation: Operation) -> Callable[[web.Request], Awaitable[w
 
     async def respond_json(request: web.Request) -> web.Response:
         response = await respond(request)
-        assert isinstance(response, web.Response), "a WebSocket operation cannot be idempotent"
+        assert isinstance(response, web.Response), "an idempotent operation answers JSON, never a stream or socket"
         return response
 
     async def respond(request: web.Request) -> web.StreamResponse:

@@ -23,6 +23,7 @@ from engine.api.resources import (
     events,
     knowledge_bases,
     live_call_control,
+    live_call_events,
     live_call_listen,
     live_calls,
     organization,
@@ -51,6 +52,7 @@ RESOURCES: tuple[Resource, ...] = (
     live_calls.resource,
     live_call_listen.resource,
     live_call_control.resource,
+    live_call_events.resource,
     api_keys.resource,
 )
 """The API's resources, in the order the OpenAPI document lists them."""

@@ -301,6 +301,9 @@ class PipelineDriver:
             self._caller_words.final(text)
         elif not is_final and self._speech.current is not None and self._barge_in.words_interrupt(text):
             self._cut("caller words")
+        so_far = self._caller_words.so_far("" if is_final else text)
+        if so_far:
+            self._host.live.emit("caller.interim", text=so_far)  # the words of the turn so far
 
     # --------------------------------------------------------------------------- end of turn and speculation
 
@@ -335,11 +338,11 @@ class PipelineDriver:
             self._take_pending_caller_turn(held_end_ms, by_recognizer=False)
             return
         stt = self._pipeline.stt
-        if (
-            endpointing.speculate
-            and not self._finalize_asked
-            and pause.quiet_ms >= endpointing.speculate_after_ms
+        if (  # cheapest first: this runs for every silent frame
+            not self._finalize_asked
             and self._vad.speaking
+            and endpointing.speculate
+            and pause.quiet_ms >= endpointing.speculate_after_ms
             and self._reply is None
             and self._speculation is None
             and self._speech.current is None

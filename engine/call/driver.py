@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from config.agent import AgentConfiguration
+from engine.call.live_events import CallEvents
 from engine.call.outbound_audio import OutboundAudio, StreamTimeline
 from engine.call.phases import CallPhase, PhaseEvent
 from engine.call.turns import TurnLog
@@ -71,6 +72,7 @@ class CallHost(Protocol):
     turns: TurnLog
     opened: asyncio.Event
     """Set once the conversation has opened (the agent's opening is under way, or the caller has the floor)."""
+    live: CallEvents
 
     @property
     def playback(self) -> PlaybackClock:

@@ -22,9 +22,11 @@ from engine.call.call_log_writer import CallLogDeferred, CallLogWriter, CallOutc
 from engine.call.cascade import pipeline_driver
 from engine.call.driver import CallHost, ConversationDriver, DriverFactory
 from engine.call.frame_socket import FrameSocket, TextFrames
+from engine.call.live_events import LIVE_EVENTS, CallEvents, call_description
 from engine.call.outbound_audio import SendText
 from engine.call.session import CallContext, CallSession
 from engine.call.setup import PreparedCall, prepare_call
+from engine.knowledge.ingestion import KNOWLEDGE_EMBEDDER
 from engine.server import metrics
 from engine.server.appkeys import DATABASE, LIVE_CALLS, OFFLINE_WORKERS, PROVIDER_CLIENTS, SETTINGS, TWILIO
 from engine.twilio.signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
@@ -179,6 +181,8 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         await call_logs.fail_unstarted(pool, call_log, EndReason.AGENT_DELETED)
         return
     bundle = await agents.load_agent_bundle(pool, organization_id=call_log.organization_id, agent_id=call_log.agent_id)
+    publisher = app.get(LIVE_EVENTS)
+    live = CallEvents(publisher, call_log.organization_id, call_log.id)
     try:
         config = parse_agent_configuration(bundle.agent.configuration)
         prepared = await prepare_call(
@@ -189,6 +193,8 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
             bundle=bundle,
             call_log=call_log,
             offline_work=app[OFFLINE_WORKERS],
+            embedder=app.get(KNOWLEDGE_EMBEDDER),
+            on_tool_call=live.tool_call,
         )
         realtime = _realtime_plan(config, prepared)
         twilio = app.get(TWILIO)
@@ -201,7 +207,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     recorder = None
     path = recording_path(settings, call_log.organization_id, call_log.id)
     if config.recording:
-        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        # Its folder is made where its file is opened, on the recordings' thread: no thread hop of its own per call.
         recorder = StereoWavRecorder(path, elapsed_ms=stream.elapsed_ms)
         app[RECORDING_IO].add(recorder)
 
@@ -236,8 +242,10 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         extend_reservation=functools.partial(credit_reservations.extend_reservation, pool, call_log_id=call_log.id),
         opt_out=functools.partial(record_opt_out, pool, call_log),
         knowledge=prepared.knowledge.take_sources if prepared.knowledge is not None else None,
+        live=live,
     )
     app[LIVE_CALLS].add(call_log.id, session)
+    live.emit("call.started", **call_description(call_log))
     metrics.CALLS_LIVE.inc()
     began = time.monotonic()
     try:
@@ -254,6 +262,12 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         app[LIVE_CALLS].remove(call_log.id)
         metrics.CALLS_LIVE.dec()
     metrics.CALLS_ENDED.labels(outcome.status.value).inc()
+    live.emit(
+        "call.ended",
+        status=outcome.status.value,
+        endReason=outcome.end_reason.value,
+        durationSeconds=round(outcome.duration_s),
+    )
     await _wrap_up(request, call_log, writer, outcome, recorder)
 
 

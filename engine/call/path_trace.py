@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from engine.call.live_events import CallEvents
 from engine.server import metrics
 from pipelines.paths.engine import PathEngine
 
@@ -20,9 +21,18 @@ __all__ = ["PathTrace"]
 class PathTrace:
     """Follows one call's path engine for its turns, its CallLog and the metrics."""
 
-    def __init__(self, path_id: str, engine: PathEngine, *, record_metadata: Callable[..., None] | None = None) -> None:
-        """Trace `engine` (walking path `path_id`); `record_metadata` merges items into the CallLog's metadata."""
+    def __init__(
+        self,
+        path_id: str,
+        engine: PathEngine,
+        *,
+        record_metadata: Callable[..., None] | None = None,
+        live: CallEvents | None = None,
+    ) -> None:
+        """Trace `engine` (walking path `path_id`); `record_metadata` merges items into the CallLog's metadata;
+        `live` hears of each step (path.node)."""
         self._path_id = path_id
+        self._live = live
         self._engine = engine
         self._record_metadata = record_metadata
         self._seen_steps = 0
@@ -44,7 +54,7 @@ class PathTrace:
             return engine.node.id, None
         self._seen_steps = len(engine.steps)
         for step in new_steps:
-            self._count(step.node_id, step.edge_id)
+            self._took(step.node_id, step.edge_id)
         self._report(engine.node.id)
         return engine.node.id, (new_steps[-1].edge_id if new_steps else None)
 
@@ -54,12 +64,15 @@ class PathTrace:
         if not engine.started:
             return
         for step in engine.steps[self._seen_steps :]:
-            self._count(step.node_id, step.edge_id)
+            self._took(step.node_id, step.edge_id)
         self._seen_steps = len(engine.steps)
         self._reported = None  # the variables may have changed without a move
         self._report(engine.node.id)
 
-    def _count(self, node_id: str, edge_id: str | None) -> None:
+    def _took(self, node_id: str, edge_id: str | None) -> None:
+        """A step of the path: counted (once per call for the metrics) and told to the call's live events."""
+        if self._live is not None:
+            self._live.emit("path.node", pathId=self._path_id, nodeId=node_id, edgeId=edge_id)
         if node_id not in self._nodes:
             self._nodes.add(node_id)
             metrics.PATH_NODE_CALLS.labels(self._path_id, node_id).inc()

@@ -98,6 +98,8 @@ class AgentSpeech:
                     span.aligned_ms.extend(chunk.start_ms)
                     continue
                 await self._play(utterance, chunk)
+                if span.end_ms == span.start_ms:  # the sentence's first audio went out
+                    self._host.turns.speaking(sentence)
                 span.end_ms = utterance.audio_ms
         span.complete = True
         self._rate.add(sentence, span.end_ms - span.start_ms)
@@ -136,10 +138,8 @@ class AgentSpeech:
         if self._current is utterance:
             self._current = None
         played_ms = self._host.playback.utterance(utterance.utterance_id).played_ms
-        if interrupted:
-            text = heard_of_spans(utterance.spans, played_ms, self._rate.ms_per_char)
-        else:
-            text = " ".join(span.text for span in utterance.spans)
+        said = " ".join(span.text for span in utterance.spans)
+        text = heard_of_spans(utterance.spans, played_ms, self._rate.ms_per_char) if interrupted else said
         if not text and not interrupted:
             return
         first_audio = self._host.audio.first_audio_at.get(utterance.utterance_id)
@@ -150,7 +150,7 @@ class AgentSpeech:
         turn = turns.place("agent", start_ms, start_ms + (played_ms if interrupted else utterance.audio_ms))
         turn.interrupted = interrupted
         turns.time(turn, utterance.reply_to, utterance.stage_at, speculative=utterance.speculative)
-        turns.settle(turn, text)
+        turns.settle(turn, text, said=said)
 
 
 def _held(utterance: Utterance) -> bool:

@@ -146,6 +146,8 @@ class ModelVoice:
         if item is not None:
             item.transcript = [transcript]
             item.transcript_done = True
+            if not item.closed and not item.cancelled:
+                self._host.turns.speaking(item.text(), item.turn)
             self._close_if_heard(item)
 
     def audio_done(self, item_id: str) -> None:
@@ -329,4 +331,4 @@ class ModelVoice:
             turns.time(turn, response.reply_to, stages)
             if turn.latency is not None:
                 response.reply_to = None  # one latency per response: its first item
-        turns.settle(turn, item.heard_text(played_ms) if interrupted else item.text())
+        turns.settle(turn, item.heard_text(played_ms) if interrupted else item.text(), said=item.text())

@@ -28,6 +28,7 @@ from engine.call.driver import (
     ConversationUnavailable,
     DriverFactory,
 )
+from engine.call.live_events import CallEvents
 from engine.call.outbound_audio import OutboundAudio, SendText, StreamTimeline
 from engine.call.phases import CallPhase, PhaseEvent, accepts, next_phase
 from engine.call.turns import TRANSCRIPTION_FAILED, TurnLog
@@ -95,20 +96,22 @@ class CallSession:
         opt_out: RecordOptOut | None = None,
         clock: Callable[[], float] = time.monotonic,
         knowledge: Callable[[], Mapping[str, Any] | None] | None = None,
+        live: CallEvents | None = None,
     ) -> None:
         """Prepare a session; `stream` must already have seen Twilio's `start`. `fallback` makes the driver that
         takes over when the first one is lost for good (a speech-to-speech agent's pipeline stages).
         `extend_reservation` is called every `credit_minute_seconds` while the call runs; the call says goodbye
         (INSUFFICIENT_CREDITS) when it returns False. `opt_out` lists the other party when they opt out.
         `knowledge` gives the knowledge searches made since it was last asked, stored with the agent turn they were
-        made for."""
+        made for. `live` is where the call's live events go (the API's event streams)."""
         self.context = context
+        self.live = live or CallEvents(None, context.organization_id, context.call_log_id)
         self.config = config
         self.clock = clock
         self.timeline = StreamTimeline(clock)
         self.tap = AudioTap()
         self.audio = OutboundAudio(stream, send, self.timeline, recorder, self.tap, clock=clock)
-        self.turns = TurnLog(writer, knowledge=knowledge)
+        self.turns = TurnLog(writer, knowledge=knowledge, live=self.live)
         self.opened = asyncio.Event()
         self._stream = stream
         self._writer = writer
@@ -156,7 +159,9 @@ class CallSession:
 
     def move(self, event: PhaseEvent) -> None:
         """Move the call's phase along the state machine (InvalidSessionTransition if it has no such move)."""
-        self._phase = next_phase(self._phase, event)
+        phase, self._phase = self._phase, next_phase(self._phase, event)
+        if self._phase is not phase:
+            self.live.emit("call.state", state=self._phase.value)
 
     def next_utterance_id(self) -> int:
         """A new id for an agent utterance."""
@@ -266,7 +271,9 @@ class CallSession:
         after its current reply. Before the conversation opens (an outbound call awaiting the callee's hello), there
         is nothing to cut: the line comes after the opening. ControlRefused once the call is ending."""
         self._refuse_when_ending("says nothing more")
-        return await self._driver.say_line(text, interrupt=interrupt and self.opened.is_set())
+        interrupt = interrupt and self.opened.is_set()
+        self.live.emit("call.say", text=text, interrupt=interrupt)
+        return await self._driver.say_line(text, interrupt=interrupt)
 
     async def add_message(self, content: str, role: MessageRole) -> None:
         """Add a message to the model's context for its next reply (ControlRefused if it takes none, or the call is
@@ -311,6 +318,7 @@ class CallSession:
         """Run the call until it ends; return how it ended. `hand_over`, when the socket offers it, has frames
         given to `receive_frame` as they are parsed instead of through `frames`."""
         self._writer.start()
+        self.live.emit("call.state", state=self._phase.value)
         await self._start_driver()
         if not self._ended.is_set():
             self.spawn(self._read(frames, hand_over), "read")

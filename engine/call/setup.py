@@ -16,6 +16,7 @@ import phonenumbers
 
 from config.agent import AgentConfiguration, ElevenLabsTTSConfig
 from config.settings import Settings
+from engine.knowledge.embeddings import OpenAIEmbedder
 from engine.knowledge.lookup import KnowledgeLookup
 from engine.server import metrics
 from pipelines.clients import ProviderClients
@@ -25,7 +26,7 @@ from pipelines.languages import language_instruction
 from pipelines.llm.prompt import call_variables, render_prompt
 from pipelines.offline_workers import OfflineWork
 from pipelines.registry import PathSource, ProviderContext, ProviderKeys, VoiceChoice
-from pipelines.tools import ToolRunner, agent_functions
+from pipelines.tools import ToolCallObserver, ToolRunner, agent_functions
 from storage import Pool, campaigns, conversation_paths, voices
 from storage.agents import AgentBundle
 from storage.call_logs import CallLog
@@ -79,13 +80,16 @@ async def prepare_call(
     call_log: CallLog,
     offline_work: OfflineWork,
     on_failover: OnFailover | None = None,
+    on_tool_call: ToolCallObserver | None = None,
     now: datetime | None = None,
+    embedder: OpenAIEmbedder | None = None,
 ) -> PreparedCall:
     """Fill the prompt, gather the agent's functions and voices, and pick the first sentence for one call.
 
     A campaign call speaks its campaign's taskPrompt and firstSentence when they are set; per-call variables
     (CallLog.metadata.variables, e.g. a recipient's columns) fill `{{...}}` placeholders with the agent's own.
-    The call's providers and functions will go through the engine's `clients`.
+    The call's providers and functions will go through the engine's `clients`; its knowledge lookups search by
+    vector too when the engine has an `embedder`; `on_tool_call` hears of each function the model calls.
     """
     campaign = None
     if call_log.campaign_id is not None:
@@ -121,6 +125,7 @@ async def prepare_call(
             organization_id=call_log.organization_id,
             knowledge_base_ids=[kb.id for kb in bundle.knowledge_bases],
             limit=settings.kb_search_results,
+            embedder=embedder,
         )
     runner = ToolRunner(
         # A Tool the organization has not connected (Tool.isConnected false) is not offered to the model.
@@ -134,6 +139,7 @@ async def prepare_call(
         session=clients.http(),
         allow_private=settings.allow_private_tool_urls,
         local=[KnowledgeFunction(knowledge)] if knowledge is not None else [],
+        observe=on_tool_call,
     )
     voice_ids: dict[str, str] = {}
     if any(isinstance(option, ElevenLabsTTSConfig) and option.voice for option in config.tts):

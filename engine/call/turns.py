@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 from engine.call.call_log_writer import TurnRecord
+from engine.call.live_events import CallEvents
 from engine.call.path_trace import PathTrace
 from engine.server import metrics
 from pipelines.paths.engine import PathEngine
@@ -36,6 +37,8 @@ class Turn:
     start_ms: int = 0
     end_ms: int = 0
     text: str | None = None
+    said: str | None = None
+    """An agent turn's whole text, of which `text` is what the caller heard (None: the same)."""
     interrupted: bool = False
     latency_ms: int | None = None
     latency: dict[str, int] | None = None
@@ -75,13 +78,21 @@ def stage_latencies(reply_to: float, stage_at: Mapping[str, float | None]) -> di
 class TurnLog:
     """The call's turns, in conversation order, to the CallLog writer; and the conversation as it was heard."""
 
-    def __init__(self, writer: TurnSink, *, knowledge: Callable[[], Mapping[str, Any] | None] | None = None) -> None:
+    def __init__(
+        self,
+        writer: TurnSink,
+        *,
+        knowledge: Callable[[], Mapping[str, Any] | None] | None = None,
+        live: CallEvents | None = None,
+    ) -> None:
         """Write through `writer` (which does the database work off the audio path).
 
         `knowledge` gives the knowledge searches made since it was last asked: an agent turn takes them when it
-        is placed (its reply was being prepared meanwhile), to be stored with it.
+        is placed (its reply was being prepared meanwhile), to be stored with it. `live` hears of each turn as it
+        is written (caller.final, agent.turn, turn.latency) and of the agent's words as they start playing.
         """
         self._writer = writer
+        self._live = live
         self._knowledge = knowledge
         self._waiting: deque[Turn] = deque()
         self._next_index = 0
@@ -94,7 +105,10 @@ class TurnLog:
         """Stamp each turn placed from now on with the conversation path's node and edge (and keep the trace)."""
         sink = self._writer
         self._trace = PathTrace(
-            path_id, engine, record_metadata=sink.record_metadata if isinstance(sink, MetadataSink) else None
+            path_id,
+            engine,
+            record_metadata=sink.record_metadata if isinstance(sink, MetadataSink) else None,
+            live=self._live,
         )
 
     def path_node(self) -> str | None:
@@ -124,10 +138,29 @@ class TurnLog:
         self.flush()
         return turn
 
-    def settle(self, turn: Turn, text: str) -> None:
-        """A placed turn's text is known: write it, and the turns after it that were waiting on it."""
+    def settle(self, turn: Turn, text: str, *, said: str | None = None) -> None:
+        """A placed turn's text is known: write it, and the turns after it that were waiting on it.
+
+        `said`: an agent turn's whole text, when the caller heard only `text` of it."""
         turn.text = text
+        turn.said = said
         self.flush()
+
+    def speaking(self, text: str, turn: Turn | None = None) -> None:
+        """The agent's `text` starts playing to the caller (as part of `turn`, if it has its place already).
+
+        Its turn index is the one the turn gets if nothing before it is dropped (agent.turn has the final one)."""
+        if self._live is None:
+            return
+        before = self._waiting if turn is None else list(self._waiting)[: self._position(turn)]
+        index = self._next_index + sum(1 for waiting in before if not waiting.dropped)
+        self._live.emit("agent.speaking", turnIndex=index, text=text)
+
+    def _position(self, turn: Turn) -> int:
+        for position, waiting in enumerate(self._waiting):
+            if waiting is turn:
+                return position
+        return len(self._waiting)
 
     def drop(self, turn: Turn) -> None:
         """Nothing of a placed turn reached the caller: it is not written."""
@@ -172,9 +205,30 @@ class TurnLog:
                     knowledge=turn.knowledge,
                 )
             )
+            self._tell(self._next_index, turn)
             self._next_index += 1
             if turn.text:
                 self.heard.append((turn.speaker, turn.text))
+
+    def _tell(self, index: int, turn: Turn) -> None:
+        """The call's live events hear of a turn as it is written."""
+        live = self._live
+        if live is None:
+            return
+        if turn.speaker == "caller":
+            live.emit("caller.final", text=turn.text, turnIndex=index)
+            return
+        said = turn.said if turn.said is not None else turn.text
+        live.emit("agent.turn", turnIndex=index, text=said, spokenText=turn.text, interrupted=turn.interrupted)
+        if turn.latency is not None:
+            latency = {stage: value for stage, value in turn.latency.items() if stage != SPECULATIVE_FLAG}
+            live.emit(
+                "turn.latency",
+                turnIndex=index,
+                voiceToVoiceMs=turn.latency_ms,
+                speculative=SPECULATIVE_FLAG in turn.latency,
+                **latency,
+            )
 
     def close(self, *, unsettled_caller_text: str) -> None:
         """At the end of the call: write what is still waiting (a caller turn whose transcript never came gets

@@ -6,7 +6,9 @@ become overlapping chunks, written with their tsvectors in one transaction that 
 document that cannot be read (an unsupported file, robots.txt forbids the site) is marked ERROR at once with the
 reason; other failures are retried with backoff and marked ERROR after `max_attempts`. Parsing runs in a thread,
 off the event loop that carries calls. The worker looks for due documents every `poll_interval`, and at once when
-this process's API queues one (`wake`).
+this process's API queues one (`wake`). With an embedder (vector search on), each round then embeds the passages
+not yet embedded by its model, in batches (engine/knowledge/embeddings.py): new ones, and all of them after a change
+of model.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from aiohttp import web
 from config.settings import Settings
 from engine.knowledge.chunking import split_into_chunks
 from engine.knowledge.crawl import USER_AGENT, CrawlFailed, CrawlLimits, crawl_site
+from engine.knowledge.embeddings import EmbeddingFailed, OpenAIEmbedder, embed_pending_passages, embedder_from_settings
 from engine.knowledge.extract import UnreadableDocument, extract_text
-from engine.server.appkeys import DATABASE, SETTINGS
+from engine.server.appkeys import DATABASE, PROVIDER_CLIENTS, SETTINGS
 from pipelines.url_safety import PublicAddressResolver
 from storage import Pool, knowledge_ingestion
 from storage.enums import DocumentType
@@ -89,10 +92,14 @@ class _Read:
 class IngestionWorker:
     """Ingests the queue's due documents from this process until stopped."""
 
-    def __init__(self, pool: Pool, settings: IngestionSettings) -> None:
-        """Work on `pool`'s database with `settings`; `start` begins."""
+    def __init__(self, pool: Pool, settings: IngestionSettings, *, embedder: OpenAIEmbedder | None = None) -> None:
+        """Work on `pool`'s database with `settings`, embedding passages with `embedder` if given; `start` begins."""
         self._pool = pool
         self._settings = settings
+        self._embedder = embedder
+        self._embedding_failures = 0
+        self._embed_after = 0.0
+        """Event-loop time before which embedding is not tried again, after a failure (backing off like documents)."""
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -129,12 +136,26 @@ class IngestionWorker:
         return self._session
 
     async def run_once(self) -> int:
-        """Claim the documents due now (up to `concurrency`) and ingest them; how many were claimed."""
+        """Claim the documents due now (up to `concurrency`) and ingest them, then embed the passages waiting for
+        it (with an embedder); how many documents were claimed."""
         claimed = await knowledge_ingestion.claim_due(
             self._pool, limit=self._settings.concurrency, lease=self._settings.lease
         )
         await asyncio.gather(*(self._ingest(claim) for claim in claimed))
+        if self._embedder is not None and asyncio.get_running_loop().time() >= self._embed_after:
+            await self._embed(self._embedder)
         return len(claimed)
+
+    async def _embed(self, embedder: OpenAIEmbedder) -> None:
+        try:
+            await embed_pending_passages(self._pool, embedder)
+        except EmbeddingFailed as exc:  # the passages keep full-text search and wait for a later round
+            self._embedding_failures += 1
+            wait = min(self._settings.retry_initial * 2 ** (self._embedding_failures - 1), _RETRY_MAX)
+            self._embed_after = asyncio.get_running_loop().time() + wait.total_seconds()
+            log.warning("knowledge passages not embedded yet: %s; next try in %.0f s", exc, wait.total_seconds())
+        else:
+            self._embedding_failures = 0
 
     async def _run(self) -> None:
         while not self._stop.is_set():
@@ -219,11 +240,18 @@ class IngestionWorker:
 
 INGESTION_WORKER = web.AppKey("knowledge_ingestion_worker", IngestionWorker)
 """The application's ingestion worker, which the API wakes when it queues a document."""
+KNOWLEDGE_EMBEDDER = web.AppKey("knowledge_embedder", OpenAIEmbedder)
+"""The engine's embedder, set only when vector search is on: calls embed their questions with it."""
 
 
 async def ingestion_context(app: web.Application) -> AsyncIterator[None]:
-    """Run this process's ingestion worker for the life of the application."""
-    worker = IngestionWorker(app[DATABASE].pool, IngestionSettings.from_settings(app[SETTINGS]))
+    """Run this process's ingestion worker for the life of the application, and offer its embedder (if vector
+    search is on) to the calls' knowledge lookups."""
+    pool, settings = app[DATABASE].pool, app[SETTINGS]
+    embedder = await embedder_from_settings(settings, app[PROVIDER_CLIENTS], pool)
+    if embedder is not None:
+        app[KNOWLEDGE_EMBEDDER] = embedder
+    worker = IngestionWorker(pool, IngestionSettings.from_settings(settings), embedder=embedder)
     app[INGESTION_WORKER] = worker
     worker.start()
     try:

@@ -3,23 +3,34 @@
 `KnowledgeLookup.search` gives passage texts (the shape `pipelines.knowledge.KnowledgeSource` and the path
 engine's KnowledgeLookup expect); `passages` gives them with their document and chunk ids. Every search the call
 made is kept in `retrievals`, so what an answer came from can be recorded with the call.
+
+With an embedder (vector search on), the question is embedded while its full-text search runs; the passages
+nearest its embedding are then fused with the full-text ones (storage.knowledge_search.fuse_rankings). A question
+whose embedding does not come in time, or fails, is answered by full-text alone, counted in
+dialtone_knowledge_vector_fallbacks_total.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine.knowledge.embeddings import EmbeddingFailed, OpenAIEmbedder
 from engine.server import metrics
 from storage import Pool
 from storage.errors import TRANSIENT_ERRORS
-from storage.knowledge_search import Passage, frequent_words, search_passages
+from storage.knowledge_embeddings import nearest_passages
+from storage.knowledge_search import Passage, frequent_words, fuse_rankings, search_passages
 from storage.tenancy import tenant_transaction
 
 log = logging.getLogger(__name__)
+
+FUSION_CANDIDATES = 10
+"""Passages taken from each ranking (full-text, vector) before they are fused (more if the lookup returns more)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +45,23 @@ class Retrieval:
 class KnowledgeLookup:
     """Searches one organization's knowledge bases (those linked to the call's agent)."""
 
-    def __init__(self, pool: Pool, *, organization_id: str, knowledge_base_ids: Sequence[str], limit: int = 3) -> None:
-        """Search `knowledge_base_ids` of `organization_id` through `pool`, `limit` passages at most."""
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        organization_id: str,
+        knowledge_base_ids: Sequence[str],
+        limit: int = 3,
+        embedder: OpenAIEmbedder | None = None,
+    ) -> None:
+        """Search `knowledge_base_ids` of `organization_id` through `pool`, `limit` passages at most; by vector too
+        when an `embedder` is given."""
         self._pool = pool
         self._organization_id = organization_id
         self._knowledge_base_ids = list(knowledge_base_ids)
         self._limit = limit
+        self._candidates = max(limit, FUSION_CANDIDATES)
+        self._embedder = embedder
         self.retrievals: list[Retrieval] = []
         """Every search made through this lookup, in order."""
         self._taken = 0
@@ -50,22 +72,61 @@ class KnowledgeLookup:
         A database that cannot be reached gives no passages (the call goes on without them), logged.
         """
         began = time.perf_counter()
+        question = None
+        if self._embedder is not None and query.strip():
+            question = asyncio.get_running_loop().create_task(self._embedder.embed_question(query))
         try:
-            async with tenant_transaction(self._pool, self._organization_id) as conn:
-                found = await search_passages(
-                    conn,
-                    organization_id=self._organization_id,
-                    knowledge_base_ids=self._knowledge_base_ids,
-                    query=query,
-                    limit=self._limit,
-                )
+            found = await self._full_text(query, self._limit if question is None else self._candidates)
+            if question is not None:
+                found = await self._fused(found, question)
         except TRANSIENT_ERRORS as exc:
             log.warning("knowledge search unavailable (%s); the call goes on without it", type(exc).__name__)
             found = []
+        finally:
+            if question is not None:
+                _discard(question)
         elapsed = time.perf_counter() - began
         metrics.KNOWLEDGE_SEARCH_SECONDS.observe(elapsed)
         self.retrievals.append(Retrieval(query, tuple(found), elapsed * 1000))
         return found
+
+    async def _full_text(self, query: str, limit: int) -> list[Passage]:
+        async with tenant_transaction(self._pool, self._organization_id) as conn:
+            return await search_passages(
+                conn,
+                organization_id=self._organization_id,
+                knowledge_base_ids=self._knowledge_base_ids,
+                query=query,
+                limit=limit,
+            )
+
+    async def _fused(self, full_text: list[Passage], question: asyncio.Task[list[float]]) -> list[Passage]:
+        """The full-text passages fused with those nearest the question's embedding; full-text alone without it."""
+        assert self._embedder is not None
+        try:
+            embedding = await question
+        except TimeoutError:
+            metrics.KNOWLEDGE_VECTOR_FALLBACKS.labels("timeout").inc()
+            log.info("knowledge search by full-text alone: the question's embedding timed out")
+            return full_text[: self._limit]
+        except Exception as exc:  # EmbeddingFailed, or a bug: either way the call keeps its full-text passages
+            metrics.KNOWLEDGE_VECTOR_FALLBACKS.labels("error").inc()
+            log.log(
+                logging.INFO if isinstance(exc, EmbeddingFailed) else logging.ERROR,
+                "knowledge search by full-text alone: the question's embedding failed (%s)",
+                exc if isinstance(exc, EmbeddingFailed) else type(exc).__name__,
+            )
+            return full_text[: self._limit]
+        async with tenant_transaction(self._pool, self._organization_id) as conn:
+            nearest = await nearest_passages(
+                conn,
+                organization_id=self._organization_id,
+                knowledge_base_ids=self._knowledge_base_ids,
+                model=self._embedder.model,
+                embedding=embedding,
+                limit=self._candidates,
+            )
+        return fuse_rankings([full_text, nearest], limit=self._limit)
 
     async def vocabulary(self, limit: int = 200) -> list[str]:
         """The words the knowledge bases use most: for an offline recogniser to expect (none if unreachable)."""
@@ -111,3 +172,12 @@ class KnowledgeLookup:
     async def search(self, query: str) -> list[str]:
         """The texts of the passages that best match `query`, best first."""
         return [passage.content for passage in await self.passages(query)]
+
+
+def _discard(task: asyncio.Task[list[float]]) -> None:
+    """Let go of a question's embedding the search no longer waits for: cancelled if still running, its failure
+    taken if it has one (so asyncio does not report it as never retrieved)."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()

@@ -16,6 +16,7 @@ from engine.call.control_channel import control_channel_context
 from engine.call.listen_relay import listen_relay_context
 from engine.call.live_call_controls import live_call_handlers
 from engine.call.live_calls import LiveCalls
+from engine.call.live_events import close_live_streams, live_events_context
 from engine.campaigns.dispatcher import dispatcher_context
 from engine.knowledge.ingestion import ingestion_context
 from engine.monitor.page import add_monitor_routes
@@ -62,9 +63,9 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app.cleanup_ctx.append(call_log_spill_context)  # before recovery: a stopped run's spilled ends come first
     app.cleanup_ctx.append(recovery_context)
     app.cleanup_ctx.append(webhook_delivery_context)
-    app.cleanup_ctx.append(ingestion_context)  # knowledge-base documents, read and indexed in the background
     # Contexts clean up in reverse order: the clients close after the calls and their post-call analyses.
     app.cleanup_ctx.append(_provider_clients_context)
+    app.cleanup_ctx.append(ingestion_context)  # knowledge-base documents, read, indexed and embedded in the background
     app.cleanup_ctx.append(post_call_context)
     app.cleanup_ctx.append(recordings_context)
     app.cleanup_ctx.append(recording_io_context)
@@ -73,9 +74,11 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app.cleanup_ctx.append(_calls_context)
     app.cleanup_ctx.append(control_channel_context(live_call_handlers))  # commands for calls held here
     app.cleanup_ctx.append(listen_relay_context)  # listen-in audio across nodes, on the command channel
+    app.cleanup_ctx.append(live_events_context)  # on the control channel's connection
     app.cleanup_ctx.append(dispatcher_context)  # after _calls_context: it dials through the app's Twilio client
     # Before connections close at shutdown, running calls end and their CallLogs are finished.
     app.on_shutdown.append(_end_live_calls)
+    app.on_shutdown.append(close_live_streams)
 
     app.router.add_get("/health", health.handle_health)
     app.router.add_get("/metrics", metrics.handle_metrics)

@@ -31,8 +31,15 @@ TURN_LATENCY_SECONDS = Histogram(
 )
 KNOWLEDGE_SEARCH_SECONDS = Histogram(
     "dialtone_knowledge_search_seconds",
-    "Time of one knowledge-base search during a call (PostgreSQL full-text search).",
+    "Time of one knowledge-base search during a call (PostgreSQL full-text search, with vector search if on).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+    registry=REGISTRY,
+)
+KNOWLEDGE_VECTOR_FALLBACKS = Counter(
+    "dialtone_knowledge_vector_fallbacks_total",
+    "Knowledge searches that answered with full-text alone because the question's embedding did not come, by "
+    "reason: timeout or error.",
+    ["reason"],
     registry=REGISTRY,
 )
 CALLS_LIVE = Gauge("dialtone_calls_live", "Calls with a media stream running on this engine.", registry=REGISTRY)

@@ -1,4 +1,5 @@
-"""A local OpenAI Chat Completions server that streams scripted replies in OpenAI's exact SSE chunk shapes.
+"""A local OpenAI Chat Completions server that streams scripted replies in OpenAI's exact SSE chunk shapes, and
+answers /v1/embeddings with deterministic vectors (tests.fakes.embeddings).
 
 async with FakeOpenAI(api_key="sk-test") as fake:
     fake.replies.append(["Let me check.", ToolCall("lookup", {"id": 7})])
@@ -9,10 +10,12 @@ async with FakeOpenAI(api_key="sk-test") as fake:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
 import re
+import struct
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ from typing import Any, Self
 
 from aiohttp import web
 
+from tests.fakes.embeddings import hashed_embedding
 from tests.fakes.server import serve
 
 __all__ = ["DEFAULT_REPLY", "FakeOpenAI", "Reply", "Step", "ToolCall", "token_deltas"]
@@ -43,6 +47,7 @@ DEFAULT_REPLY = "Sure, I can help with that."
 
 _TOKENS = re.compile(r"\s*[\w']+|\s*[^\w\s']+|\s+")
 _ARGUMENT_FRAGMENT = 8
+_EMBEDDING_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072}
 
 
 def token_deltas(text: str) -> list[str]:
@@ -66,6 +71,10 @@ class FakeOpenAI:
     they would be on a real server: recorded in `json_requests` and answered from `json_replies` (a FIFO of
     JSON texts; when empty, `default_json_reply`, after `json_delay_ms`), so an analysis that runs after one call
     never takes a conversation reply scripted for the next.
+
+    `POST /v1/embeddings` answers every input with `hashed_embedding` (the request's `dimensions`, else the
+    model's), as floats or base64 as asked. Controls: `embedding_failures` (a FIFO of HTTP statuses, e.g. 429 or
+    500, the next embedding requests get instead), `embedding_delay_ms`. Observations: `embedding_requests`.
     """
 
     def __init__(
@@ -92,6 +101,9 @@ class FakeOpenAI:
         self.break_mid_stream = False
         self.eof_delay_ms: float = 0
         self.peers: list[tuple[str, int]] = []
+        self.embedding_requests: list[dict[str, Any]] = []
+        self.embedding_failures: deque[int] = deque()
+        self.embedding_delay_ms: float = 0
         self.aborted_streams = 0
         self.stream_aborted = asyncio.Event()
         self.base_url = ""
@@ -101,6 +113,7 @@ class FakeOpenAI:
     async def __aenter__(self) -> Self:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         self.base_url = await self._exit_stack.enter_async_context(serve(app)) + "/v1"
         return self
 
@@ -143,6 +156,31 @@ class FakeOpenAI:
         if body.get("stream"):
             return await self._stream(request, body, steps)
         return web.json_response(self._completion(body, steps))
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.embedding_requests.append(body)
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        await _sleep_ms(self.embedding_delay_ms)
+        if self.embedding_failures:
+            status = self.embedding_failures.popleft()
+            kind = "rate_limit_exceeded" if status == 429 else "server_error"
+            return _error(status, f"The fake answered {status}, as told.", kind)
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(texts, list) or not texts or not all(isinstance(text, str) and text for text in texts):
+            return _error(400, "'input' must be a non-empty string or array of strings.", "invalid_request_error")
+        dimensions = int(body.get("dimensions") or _EMBEDDING_DIMENSIONS.get(str(body.get("model")), 1536))
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, text in enumerate(texts):
+            vector = hashed_embedding(text, dimensions)
+            encoded: Any = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode() if as_base64 else vector
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        tokens = sum(len(text.split()) for text in texts)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return web.json_response({"object": "list", "data": data, "model": body.get("model"), "usage": usage})
 
     def _next_reply(self, messages: Sequence[Mapping[str, Any]]) -> list[Step]:
         if self.replies:

@@ -12,12 +12,13 @@ from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
 from engine.api.uploads import read_upload
 from engine.knowledge.extract import UnreadableDocument, sniff_mime_type
-from engine.knowledge.ingestion import INGESTION_WORKER
-from engine.server.appkeys import SETTINGS
+from engine.knowledge.ingestion import INGESTION_WORKER, KNOWLEDGE_EMBEDDER
+from engine.knowledge.lookup import KnowledgeLookup
+from engine.server.appkeys import DATABASE, SETTINGS
 from storage import knowledge_bases
 from storage.enums import DocumentType
 from storage.knowledge_bases import DocumentLimitReached, KnowledgeBase, KnowledgeBaseDocument
-from storage.knowledge_search import Passage, search_passages
+from storage.knowledge_search import Passage
 
 resource = Resource("Knowledge bases", "Documents (files, web pages, texts) agents may look things up in.")
 
@@ -306,22 +307,23 @@ class SearchResults(ResponseModel):
     query=SearchQuery,
 )
 async def search_knowledge_base(call: ApiCall) -> SearchResults:
-    """The passages that best answer `q` (full-text search in the knowledge base's language), best first."""
+    """The passages that best answer `q`, best first, found as a call finds them: full-text search in the knowledge
+    base's language, fused with vector search when the engine has an embedding model."""
     query = call.query_as(SearchQuery)
     async with call.tenant() as db:
         knowledge_base = await knowledge_bases.get_knowledge_base(
             db, organization_id=call.caller.organization_id, knowledge_base_id=call.path["knowledgeBaseId"]
         )
-        if query.q is None:
-            raise ApiError(422, "validation_error", "query q: is required", "q")
-        passages = await search_passages(
-            db,
-            organization_id=call.caller.organization_id,
-            knowledge_base_ids=[knowledge_base.id],
-            query=query.q,
-            limit=query.limit,
-        )
-    return SearchResults(data=passages)
+    if query.q is None:
+        raise ApiError(422, "validation_error", "query q: is required", "q")
+    lookup = KnowledgeLookup(
+        call.app[DATABASE].pool,
+        organization_id=call.caller.organization_id,
+        knowledge_base_ids=[knowledge_base.id],
+        limit=query.limit,
+        embedder=call.app.get(KNOWLEDGE_EMBEDDER),
+    )
+    return SearchResults(data=await lookup.passages(query.q))
 
 
 @resource.delete("/knowledge-bases/{knowledgeBaseId}/documents/{documentId}", summary="Delete a document")

@@ -1,0 +1,174 @@
+"""/v1/live-calls/events and /v1/live-calls/{callLogId}/events: what happens in calls, as Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from aiohttp import web
+from pydantic import Field
+
+from engine.api.errors import ApiError
+from engine.api.models import RequestModel
+from engine.api.operations import ApiCall, Resource, Streamed
+from engine.call.live_events import LIVE_EVENTS, call_description, utc_now
+from storage import call_logs, live_call_events
+from storage.call_logs import CallLog
+from storage.enums import CallStatus
+from storage.live_call_events import Watch
+from storage.records import Queryable
+
+resource = Resource(
+    "Live call events",
+    "What happens in calls in progress, as it happens, as Server-Sent Events readable from any engine process.",
+)
+
+RESUME_HEADER: Final = "Last-Event-ID"
+KEEPALIVE_SECONDS: Final = 15.0
+SNAPSHOT_LIMIT: Final = 500
+"""At most this many calls in progress are described when a stream opens."""
+READ_LIMIT: Final = 500
+MAX_EVENT_ID: Final = 2**63 - 1
+"""Event ids are PostgreSQL bigints."""
+
+STREAM = Streamed(
+    "text/event-stream",
+    "Server-Sent Events, one per thing that happens: `id: <increasing integer>`, `event: <type>`, "
+    "`data: <JSON>` (every data has `callLogId` and `at`, an ISO-8601 UTC time). Types: call.started, call.state, "
+    "caller.interim, caller.final, agent.speaking, agent.turn, turn.latency, tool.call, path.node, call.say, "
+    "call.ended. Opened without a Last-Event-ID, the stream first sends one `call.snapshot` (no `id:`) per call in "
+    "progress it covers; a `: keepalive` comment comes every 15 s. A call's stream ends after its call.ended (or "
+    "once the call is over and 15 s passed without an event).",
+    headers={
+        RESUME_HEADER: "Resume after this event id (the last `id:` received): every later event is sent, from any "
+        "engine process. Events are kept for DIALTONE_LIVE_EVENTS_RETENTION seconds."
+    },
+)
+
+
+class EventsQuery(RequestModel):
+    """Where a stream resumes, for clients that cannot set the Last-Event-ID header."""
+
+    last_event_id: int | None = Field(
+        default=None, ge=0, le=MAX_EVENT_ID, description="Resume after this event id (the Last-Event-ID header wins)."
+    )
+
+
+@resource.stream(
+    "/live-calls/events",
+    summary="Stream the events of the organization's calls",
+    streamed=STREAM,
+    query=EventsQuery,
+)
+async def stream_live_events(call: ApiCall) -> web.StreamResponse:
+    """Every call of the organization, on any engine process, as it happens."""
+
+    async def in_progress(db: Queryable) -> list[CallLog]:
+        return list(
+            await call_logs.list_call_logs(
+                db, organization_id=call.caller.organization_id, status=CallStatus.IN_PROGRESS, limit=SNAPSHOT_LIMIT
+            )
+        )
+
+    return await _stream(call, None, in_progress)
+
+
+@resource.stream(
+    "/live-calls/{callLogId}/events",
+    summary="Stream the events of one call",
+    streamed=STREAM,
+    query=EventsQuery,
+)
+async def stream_live_call_events(call: ApiCall) -> web.StreamResponse:
+    """One call, on whichever engine process holds it, as it happens; the stream ends after the call's end."""
+    organization_id = call.caller.organization_id
+    async with call.tenant() as db:
+        log = await call_logs.get_call_log(db, organization_id=organization_id, call_log_id=call.path["callLogId"])
+
+    async def in_progress(db: Queryable) -> list[CallLog]:
+        now = await call_logs.get_call_log(db, organization_id=organization_id, call_log_id=log.id)
+        return [now] if now.status is CallStatus.IN_PROGRESS else []
+
+    return await _stream(call, log.id, in_progress)
+
+
+def _resume_after(call: ApiCall) -> int | None:
+    header = call.request.headers.get(RESUME_HEADER)
+    if header is None:
+        return call.query_as(EventsQuery).last_event_id
+    value = header.strip()
+    if not (value.isascii() and value.isdigit() and int(value) <= MAX_EVENT_ID):
+        raise ApiError(422, "validation_error", f"{RESUME_HEADER}: expected an event id (an integer)", RESUME_HEADER)
+    return int(value)
+
+
+async def _stream(
+    call: ApiCall, call_log_id: str | None, in_progress: Callable[[Queryable], Awaitable[list[CallLog]]]
+) -> web.StreamResponse:
+    """Hold a watch on the organization (or the call), send the snapshot of the calls `in_progress` finds or what
+    was missed, then follow."""
+    organization_id = call.caller.organization_id
+    after = _resume_after(call)
+    live = call.app[LIVE_EVENTS]
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    async with live.watch(Watch(organization_id, call_log_id), call.tenant) as wake:
+        snapshot: list[CallLog] = []
+        if after is None:  # from now on: what happened before is the snapshot
+            async with call.tenant() as db:
+                after = await live_call_events.last_event_id(
+                    db, organization_id=organization_id, call_log_id=call_log_id
+                )
+                snapshot = await in_progress(db)
+        await response.prepare(call.request)
+        try:
+            for log in snapshot:
+                await response.write(_sse("call.snapshot", _snapshot(log)))
+            while not live.closing:
+                wake.clear()
+                async with call.tenant() as db:
+                    events = await live_call_events.events_after(
+                        db, organization_id=organization_id, call_log_id=call_log_id, after=after, limit=READ_LIMIT
+                    )
+                for event in events:
+                    await response.write(_sse(event.type, event.data, event_id=event.id))
+                    after = event.id
+                    if call_log_id is not None and event.type == "call.ended":
+                        return response
+                if len(events) == READ_LIMIT:
+                    continue
+                try:
+                    async with asyncio.timeout(KEEPALIVE_SECONDS):
+                        await wake.wait()
+                except TimeoutError:
+                    if call_log_id is not None and not await _runs(call, in_progress):
+                        return response  # the call is over and nothing came for a while: nothing more will
+                    await response.write(b": keepalive\n\n")
+        except ConnectionResetError:  # the client went away
+            pass
+    return response
+
+
+async def _runs(call: ApiCall, in_progress: Callable[[Queryable], Awaitable[list[CallLog]]]) -> bool:
+    async with call.tenant() as db:
+        return bool(await in_progress(db))
+
+
+def _snapshot(log: CallLog) -> dict[str, Any]:
+    return {
+        "callLogId": log.id,
+        "status": log.status.value,
+        **call_description(log),
+        "startedAt": log.timestamp.isoformat(),
+        "engineNode": log.metadata.get("engineNode"),
+        "at": utc_now().isoformat(timespec="milliseconds"),
+    }
+
+
+def _sse(event_type: str, data: dict[str, Any], *, event_id: int | None = None) -> bytes:
+    lines = [f"id: {event_id}"] if event_id is not None else []
+    lines += [f"event: {event_type}", f"data: {json.dumps(data, separators=(',', ':'), default=str)}"]
+    return ("\n".join(lines) + "\n\n").encode()

@@ -1,0 +1,198 @@
+"""Embeddings of knowledge-base passages and callers' questions, through the OpenAI SDK.
+
+Passages are embedded by the ingestion worker, in batches, each request retried with backoff on a rate limit, a
+server error or a lost connection (`embed_pending_passages`); never on a call's audio path. A caller's question is
+embedded once, with a short timeout and no retry, while its full-text search runs (engine/knowledge/lookup.py):
+the call falls back to full-text alone rather than wait.
+
+On with DIALTONE_KB_EMBEDDING_MODEL, on a database with pgvector (migration 0021); `embedder_from_settings` says
+plainly in the log when vector search is off and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import openai
+
+from config.agent import OpenAILLMConfig
+from config.settings import EMBEDDING_DIMENSIONS, Settings
+from pipelines.clients import ProviderClients
+from pipelines.errors import ProviderKeyMissing
+from pipelines.registry import ProviderKeys, provider_key
+from storage import Pool
+from storage.knowledge_embeddings import EmbeddingModel, claim_pending, store_embeddings, vector_search_available
+from storage.records import transaction
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+log = logging.getLogger(__name__)
+
+_RETRIED: Final = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+"""Failures worth another attempt: 429, 5xx, a connection lost or timed out (APITimeoutError is one)."""
+
+
+class EmbeddingFailed(Exception):
+    """The embedding provider gave no vectors (after the retries, for passages); the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingSettings:
+    """Which model embeds, how passages are batched and retried, and how long a question may take."""
+
+    model: EmbeddingModel
+    send_dimensions: bool = False
+    """Ask the API for `model.dimensions` (text-embedding-3 models shorten their vectors on request)."""
+    batch_size: int = 64
+    max_attempts: int = 4
+    retry_initial: float = 0.5
+    """Seconds before the second attempt of a batch; each later one waits twice as long."""
+    request_timeout: float = 30.0
+    question_timeout: float = 0.25
+    """Longest a caller's question waits for its embedding before the search goes on with full-text alone."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EmbeddingSettings | None:
+        """The settings' embedding choice; None when DIALTONE_KB_EMBEDDING_MODEL is unset."""
+        name = settings.kb_embedding_model
+        if name is None:
+            return None
+        dimensions = settings.kb_embedding_dimensions or EMBEDDING_DIMENSIONS[name]
+        return cls(
+            model=EmbeddingModel(name, dimensions),
+            send_dimensions=settings.kb_embedding_dimensions is not None,
+            batch_size=settings.kb_embedding_batch_size,
+            max_attempts=settings.kb_embedding_max_attempts,
+            question_timeout=settings.kb_embedding_question_timeout,
+        )
+
+
+class OpenAIEmbedder:
+    """Embeds texts with one OpenAI model through the SDK's async client (the engine's shared one)."""
+
+    def __init__(
+        self,
+        client: AsyncOpenAI,
+        settings: EmbeddingSettings,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """Embed through `client` as `settings` say; `sleep` waits between attempts (tests pass their own)."""
+        # Retries are ours (counted, with backoff, none for questions): the SDK's own are turned off.
+        self._client = client.with_options(max_retries=0, timeout=settings.request_timeout)
+        self.settings = settings
+        self._sleep = sleep
+
+    @property
+    def model(self) -> EmbeddingModel:
+        """The model and vector length the embeddings are made with."""
+        return self.settings.model
+
+    async def embed_passages(self, texts: Sequence[str]) -> list[list[float]]:
+        """One vector per text, in order: a request per `batch_size` texts, each retried with backoff."""
+        vectors: list[list[float]] = []
+        size = self.settings.batch_size
+        for start in range(0, len(texts), size):
+            vectors += await self._with_retries(texts[start : start + size])
+        return vectors
+
+    async def embed_question(self, text: str) -> list[float]:
+        """The vector of a caller's question: one attempt within `question_timeout` (TimeoutError past it)."""
+        async with asyncio.timeout(self.settings.question_timeout):
+            try:
+                return (await self._request([text]))[0]
+            except openai.APIError as exc:
+                raise EmbeddingFailed(_describe(exc)) from None
+
+    async def _with_retries(self, batch: Sequence[str]) -> list[list[float]]:
+        wait = self.settings.retry_initial
+        for attempt in range(1, self.settings.max_attempts + 1):
+            try:
+                return await self._request(batch)
+            except _RETRIED as exc:
+                if attempt == self.settings.max_attempts:
+                    raise EmbeddingFailed(f"{_describe(exc)}, after {attempt} attempts") from None
+                log.info("embedding %d passages: %s; retry in %.1fs", len(batch), _describe(exc), wait)
+                await self._sleep(wait)
+                wait *= 2
+            except openai.APIError as exc:
+                raise EmbeddingFailed(_describe(exc)) from None
+        raise AssertionError("unreachable: max_attempts is at least 1")
+
+    async def _request(self, texts: Sequence[str]) -> list[list[float]]:
+        model = self.settings.model
+        if self.settings.send_dimensions:
+            response = await self._client.embeddings.create(
+                model=model.name, input=list(texts), dimensions=model.dimensions
+            )
+        else:
+            response = await self._client.embeddings.create(model=model.name, input=list(texts))
+        if len(response.data) != len(texts):
+            raise EmbeddingFailed(f"{model.name} returned {len(response.data)} embeddings for {len(texts)} texts")
+        vectors = [list(item.embedding) for item in sorted(response.data, key=lambda item: item.index)]
+        wrong = next((len(vector) for vector in vectors if len(vector) != model.dimensions), None)
+        if wrong is not None:
+            raise EmbeddingFailed(
+                f"{model.name} returned vectors of {wrong} dimensions, not {model.dimensions} "
+                "(check DIALTONE_KB_EMBEDDING_DIMENSIONS)"
+            )
+        return vectors
+
+
+def _describe(exc: openai.APIError) -> str:
+    match exc:
+        case openai.APIStatusError(status_code=status):
+            return f"the embedding API answered HTTP {status}"
+        case openai.APITimeoutError():
+            return "the embedding API timed out"
+        case _:
+            return f"the embedding API could not be reached ({type(exc).__name__})"
+
+
+async def embedder_from_settings(settings: Settings, clients: ProviderClients, pool: Pool) -> OpenAIEmbedder | None:
+    """The engine's embedder, or None (vector search off), saying in the log which and why."""
+    chosen = EmbeddingSettings.from_settings(settings)
+    if chosen is None:
+        log.info("knowledge bases: vector search off (DIALTONE_KB_EMBEDDING_MODEL is unset); full-text search only")
+        return None
+    if not await vector_search_available(pool):
+        log.warning(
+            "knowledge bases: vector search off: the database has no pgvector (migration 0021 found no `vector` "
+            "extension it could create); full-text search only"
+        )
+        return None
+    try:
+        key = provider_key(
+            OpenAILLMConfig(model=chosen.model.name, api_key_ref=settings.kb_embedding_key_ref),
+            ProviderKeys(settings),
+            stage="llm",
+        )
+    except ProviderKeyMissing as exc:
+        log.error("knowledge bases: vector search off: DIALTONE_KB_EMBEDDING_KEY_REF: %s", exc)
+        return None
+    log.info("knowledge bases: vector search on with %s (%d dimensions)", chosen.model.name, chosen.model.dimensions)
+    return OpenAIEmbedder(clients.openai(key or "", settings.openai_base_url), chosen)
+
+
+async def embed_pending_passages(pool: Pool, embedder: OpenAIEmbedder) -> int:
+    """Embed every passage not yet embedded by the embedder's model, a batch per transaction; how many were.
+
+    Each batch's passages stay locked (FOR UPDATE SKIP LOCKED) while their request runs, so two processes never
+    embed the same ones. EmbeddingFailed when a batch fails after its retries: its passages wait for the next try.
+    """
+    embedded = 0
+    while True:
+        async with transaction(pool) as conn:
+            pending = await claim_pending(conn, model=embedder.model, limit=embedder.settings.batch_size)
+            if not pending:
+                return embedded
+            vectors = await embedder.embed_passages([passage.content for passage in pending])
+            await store_embeddings(
+                conn, model=embedder.model, chunk_ids=[passage.chunk_id for passage in pending], vectors=vectors
+            )
+        embedded += len(pending)

@@ -1,0 +1,129 @@
+"""Passage embeddings for vector search: whether the database can hold them, which passages still need one, and
+the passages nearest a question's embedding.
+
+Migration 0021 adds "KnowledgeBaseChunk"."embedding" (a pgvector `vector`) only where the server has pgvector;
+`vector_search_available` tells whether it did. Each embedding is stored with the model that made it
+("embeddingModel", an `EmbeddingModel.key`), so passages embedded by another model are embedded again and never
+compared with a question embedded by this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from storage.knowledge_search import PASSAGE_COLUMNS, Passage
+from storage.records import Connection, Queryable
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingModel:
+    """An embedding model and the length of its vectors; `key` is what passages record as "embeddingModel"."""
+
+    name: str
+    dimensions: int
+
+    @property
+    def key(self) -> str:
+        """'<name>/<dimensions>': one key per vector space (a model's shortened vectors are another space)."""
+        return f"{self.name}/{self.dimensions}"
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPassage:
+    """A passage to embed: its id and text."""
+
+    chunk_id: str
+    content: str
+
+
+async def vector_search_available(db: Queryable) -> bool:
+    """Whether passages have an embedding column (the server had pgvector when migration 0021 ran)."""
+    found = await db.fetchval(
+        """
+        SELECT EXISTS (
+            SELECT 1 FROM pg_attribute
+            WHERE attrelid = '"KnowledgeBaseChunk"'::regclass AND attname = 'embedding' AND NOT attisdropped
+        )
+        """
+    )
+    return bool(found)
+
+
+async def claim_pending(conn: Connection, *, model: EmbeddingModel, limit: int) -> list[PendingPassage]:
+    """In the caller's transaction: lock up to `limit` passages not yet embedded by `model`, oldest first.
+
+    SKIP LOCKED: passages another process is embedding are left to it; the locks end with the transaction.
+    """
+    # `< OR > OR IS NULL` rather than IS DISTINCT FROM, so the "embeddingModel" index finds them.
+    rows = await conn.fetch(
+        """
+        SELECT "id", "content" FROM "KnowledgeBaseChunk"
+        WHERE "embeddingModel" IS NULL OR "embeddingModel" < $1 OR "embeddingModel" > $1
+        ORDER BY "createdAt", "id"
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+        """,
+        model.key,
+        limit,
+    )
+    return [PendingPassage(row["id"], row["content"]) for row in rows]
+
+
+async def store_embeddings(
+    conn: Connection, *, model: EmbeddingModel, chunk_ids: Sequence[str], vectors: Sequence[Sequence[float]]
+) -> None:
+    """Record each passage's embedding (by `model`), in order of `chunk_ids`."""
+    if len(chunk_ids) != len(vectors):
+        raise ValueError(f"{len(chunk_ids)} passages but {len(vectors)} embeddings")
+    wrong = [len(vector) for vector in vectors if len(vector) != model.dimensions]
+    if wrong:
+        raise ValueError(f"{model.name} gave vectors of {wrong[0]} dimensions, expected {model.dimensions}")
+    await conn.execute(
+        """
+        UPDATE "KnowledgeBaseChunk" c SET "embedding" = e.vector::vector, "embeddingModel" = $3
+        FROM unnest($1::text[], $2::text[]) AS e(id, vector)
+        WHERE c."id" = e.id
+        """,
+        list(chunk_ids),
+        [vector_literal(vector) for vector in vectors],
+        model.key,
+    )
+
+
+async def nearest_passages(
+    db: Queryable,
+    *,
+    organization_id: str,
+    knowledge_base_ids: Sequence[str],
+    model: EmbeddingModel,
+    embedding: Sequence[float],
+    limit: int,
+) -> list[Passage]:
+    """The organization's passages in `knowledge_base_ids` nearest `embedding` (cosine), nearest first.
+
+    Only passages embedded by `model` are compared; `rank` is the cosine similarity.
+    """
+    if not knowledge_base_ids:
+        return []
+    rows = await db.fetch(
+        f"""
+        SELECT {PASSAGE_COLUMNS}, 1 - (c."embedding" <=> $4::real[]::vector) AS "rank"
+        FROM "KnowledgeBaseChunk" c
+        JOIN "KnowledgeBaseDocument" d ON d."id" = c."documentId" AND d."organizationId" = c."organizationId"
+        WHERE c."organizationId" = $1 AND c."knowledgeBaseId" = ANY($2::text[]) AND c."embeddingModel" = $3
+        ORDER BY c."embedding" <=> $4::real[]::vector, c."documentId", c."position"
+        LIMIT $5
+        """,
+        organization_id,
+        list(knowledge_base_ids),
+        model.key,
+        list(embedding),  # a float4[] in asyncpg's binary format: no text to print and parse
+        limit,
+    )
+    return Passage.from_rows(rows)
+
+
+def vector_literal(vector: Sequence[float]) -> str:
+    """A vector in pgvector's text form, '[0.1,0.2,...]' (sent as text and cast, so asyncpg needs no codec)."""
+    return "[" + ",".join(map(str, vector)) + "]"

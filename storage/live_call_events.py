@@ -1,0 +1,145 @@
+"""Live call events and the leases of the streams that watch them (migration 0019).
+
+Engine processes record events of watched calls in batches (`record_events`); the API reads an organization's or a
+call's events after the last id a stream sent (`events_after`). Ids increase in commit order: each batch is
+inserted under one transaction advisory lock, so a reader never sees a smaller id appear after a larger one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from storage.errors import translate_errors
+from storage.records import Queryable, new_id, transaction
+
+_WRITE_LOCK = 0x4C495645  # "LIVE": serializes event inserts, so ids become visible in increasing order
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to record: its call, organization, type and JSON data."""
+
+    organization_id: str
+    call_log_id: str
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class LiveCallEvent(NewEvent):
+    """One thing that happened in a call, as recorded: with its id, as a stream sends it."""
+
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """A stream's lease: the organization it watches, and the call (None: every call of the organization)."""
+
+    organization_id: str
+    call_log_id: str | None
+
+
+async def record_events(db: Queryable, events: Sequence[NewEvent]) -> int:
+    """Insert `events` in one statement, in order; the largest id given (0 for none)."""
+    if not events:
+        return 0
+    async with transaction(db) as conn:
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _WRITE_LOCK)
+        with translate_errors():
+            return int(
+                await conn.fetchval(
+                    """
+                    WITH inserted AS (
+                        INSERT INTO "LiveCallEvent" ("organizationId", "callLogId", "type", "data")
+                        SELECT o, c, t, d::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                            WITH ORDINALITY AS e(o, c, t, d, n)
+                        ORDER BY n
+                        RETURNING "id"
+                    )
+                    SELECT max("id") FROM inserted
+                    """,
+                    [e.organization_id for e in events],
+                    [e.call_log_id for e in events],
+                    [e.type for e in events],
+                    [json.dumps(e.data, separators=(",", ":"), default=str) for e in events],
+                )
+            )
+
+
+async def events_after(
+    db: Queryable, *, organization_id: str, call_log_id: str | None, after: int, limit: int = 500
+) -> list[LiveCallEvent]:
+    """The organization's events (only the call's, if given) with ids above `after`, oldest first."""
+    rows = await db.fetch(
+        """
+        SELECT "id", "organizationId", "callLogId", "type", "data" FROM "LiveCallEvent"
+        WHERE "organizationId" = $1 AND ($2::text IS NULL OR "callLogId" = $2) AND "id" > $3
+        ORDER BY "id" LIMIT $4
+        """,
+        organization_id,
+        call_log_id,
+        after,
+        limit,
+    )
+    return [
+        LiveCallEvent(row["organizationId"], row["callLogId"], row["type"], row["data"], id=row["id"]) for row in rows
+    ]
+
+
+async def last_event_id(db: Queryable, *, organization_id: str, call_log_id: str | None) -> int:
+    """The id of the organization's (or the call's) latest event; 0 when it has none."""
+    value = await db.fetchval(
+        """
+        SELECT max("id") FROM "LiveCallEvent"
+        WHERE "organizationId" = $1 AND ($2::text IS NULL OR "callLogId" = $2)
+        """,
+        organization_id,
+        call_log_id,
+    )
+    return int(value or 0)
+
+
+async def open_watch(db: Queryable, watch: Watch, *, node: str, until: datetime) -> str:
+    """Hold a lease on `watch` until `until` for a stream on engine process `node`; the lease's id."""
+    watch_id = new_id()
+    with translate_errors():
+        await db.execute(
+            'INSERT INTO "LiveCallWatch" ("id", "organizationId", "callLogId", "node", "expiresAt") '
+            "VALUES ($1, $2, $3, $4, $5)",
+            watch_id,
+            watch.organization_id,
+            watch.call_log_id,
+            node,
+            until,
+        )
+    return watch_id
+
+
+async def expire_watch(db: Queryable, *, organization_id: str, watch_id: str, until: datetime) -> None:
+    """Move a lease's end to `until`: later while its stream is open, sooner once it closed."""
+    await db.execute(
+        'UPDATE "LiveCallWatch" SET "expiresAt" = $3 WHERE "id" = $2 AND "organizationId" = $1',
+        organization_id,
+        watch_id,
+        until,
+    )
+
+
+async def current_watches(db: Queryable, *, now: datetime) -> list[Watch]:
+    """Every unexpired lease, of every organization (engine processes decide what to record from these)."""
+    rows = await db.fetch(
+        'SELECT DISTINCT "organizationId", "callLogId" FROM "LiveCallWatch" WHERE "expiresAt" > $1', now
+    )
+    return [Watch(row["organizationId"], row["callLogId"]) for row in rows]
+
+
+async def prune(db: Queryable, *, now: datetime, keep: timedelta) -> int:
+    """Delete events older than `keep` and expired leases; how many events were deleted."""
+    await db.execute('DELETE FROM "LiveCallWatch" WHERE "expiresAt" <= $1', now)
+    status = await db.execute('DELETE FROM "LiveCallEvent" WHERE "createdAt" < $1', now - keep)
+    return int(status.split()[-1])

@@ -1,0 +1,302 @@
+"""Vector search over knowledge bases on real PostgreSQL with pgvector, embeddings from the fake OpenAI server.
+
+The fake's embeddings are hashed character trigrams (tests/fakes/embeddings.py), so "carpark" is near "car park"
+where full-text search sees different words: the tests exercise real vector ranking, not a scripted order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from openai import AsyncOpenAI
+from pydantic import ValidationError
+
+from config.settings import Settings
+from engine.knowledge.embeddings import EmbeddingSettings, OpenAIEmbedder, embedder_from_settings
+from engine.knowledge.ingestion import IngestionWorker
+from engine.knowledge.lookup import KnowledgeLookup
+from engine.server import metrics
+from pipelines.clients import ProviderClients
+from storage.knowledge_embeddings import EmbeddingModel, nearest_passages, vector_search_available
+from storage.knowledge_search import Passage, fuse_rankings, search_passages
+from storage.migrate import migrate
+from storage.pool import create_pool
+from storage.tenancy import tenant_transaction
+from tests.databases import TestDatabases, with_database
+from tests.fakes.embeddings import hashed_embedding
+from tests.fakes.openai_chat import FakeOpenAI
+from tests.test_knowledge_ingestion import quick, text_document
+from tests.test_repo_agents import insert_organization
+
+MODEL = EmbeddingModel("text-embedding-3-small", 256)
+"""Short vectors (the API is asked for 256 dimensions) keep the tests light; the ranking works the same."""
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    async with FakeOpenAI(api_key="sk-embed") as server:
+        yield server
+
+
+@pytest.fixture
+async def client(fake: FakeOpenAI) -> AsyncIterator[AsyncOpenAI]:
+    client = AsyncOpenAI(api_key="sk-embed", base_url=fake.base_url)
+    yield client
+    await client.close()
+
+
+def embedder(client: AsyncOpenAI, waits: list[float] | None = None, **overrides: Any) -> OpenAIEmbedder:
+    settings = replace(EmbeddingSettings(model=MODEL, send_dimensions=True, question_timeout=2.0), **overrides)
+
+    async def sleep(seconds: float) -> None:
+        if waits is not None:
+            waits.append(seconds)
+
+    return OpenAIEmbedder(client, settings, sleep=sleep)
+
+
+async def ingest(pool: asyncpg.Pool, with_embedder: OpenAIEmbedder | None) -> None:
+    worker = IngestionWorker(pool, quick(concurrency=50), embedder=with_embedder)
+    await worker.run_once()
+    await worker.stop()
+
+
+async def pending(pool: asyncpg.Pool) -> int:
+    count: int = await pool.fetchval(
+        'SELECT count(*) FROM "KnowledgeBaseChunk" WHERE "embeddingModel" IS DISTINCT FROM $1', MODEL.key
+    )
+    return count
+
+
+async def test_the_worker_embeds_new_passages_in_batches(
+    pool: asyncpg.Pool, fake: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    org = await insert_organization(pool)
+    sentences = " ".join(f"Locker {n} of the Basalt gym is opened with code {n * 7}." for n in range(12))
+    _, document_id = await text_document(pool, org, sentences)
+    await ingest(pool, embedder(client, batch_size=3))
+    chunks = await pool.fetch(
+        'SELECT "content", "embedding"::text AS v, "embeddingModel" FROM "KnowledgeBaseChunk" WHERE "documentId" = $1',
+        document_id,
+    )
+    assert len(chunks) >= 4  # 200-character chunks: several batches of 3
+    assert len(fake.embedding_requests) == math.ceil(len(chunks) / 3)
+    assert all(len(request["input"]) <= 3 and request["dimensions"] == 256 for request in fake.embedding_requests)
+    assert {row["embeddingModel"] for row in chunks} == {"text-embedding-3-small/256"}
+    stored = [float(value) for value in chunks[0]["v"].strip("[]").split(",")]
+    assert stored == pytest.approx(hashed_embedding(chunks[0]["content"], 256), abs=1e-6)
+    await ingest(pool, embedder(client, batch_size=3))  # nothing left to embed: no request
+    assert len(fake.embedding_requests) == math.ceil(len(chunks) / 3)
+
+
+async def test_a_change_of_model_embeds_every_passage_again(
+    pool: asyncpg.Pool, fake: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    org = await insert_organization(pool)
+    _, document_id = await text_document(pool, org, "The Jasper pool opens at dawn.")
+    await ingest(pool, embedder(client))
+    longer = EmbeddingModel(MODEL.name, 96)
+    await ingest(pool, embedder(client, model=longer))
+    row = await pool.fetchrow(
+        'SELECT "embeddingModel", vector_dims("embedding") AS n FROM "KnowledgeBaseChunk" WHERE "documentId" = $1',
+        document_id,
+    )
+    assert row is not None and (row["embeddingModel"], row["n"]) == ("text-embedding-3-small/96", 96)
+    assert fake.embedding_requests[-1]["dimensions"] == 96
+    await ingest(pool, embedder(client))  # back to 256 dimensions, for the other tests of this module
+
+
+async def test_rate_limits_and_server_errors_are_retried_with_backoff(
+    pool: asyncpg.Pool, fake: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    org = await insert_organization(pool)
+    await text_document(pool, org, "The Garnet tram runs every six minutes.")
+    fake.embedding_failures.extend([429, 500])
+    waits: list[float] = []
+    await ingest(pool, embedder(client, waits, retry_initial=0.5))
+    tram = ["The Garnet tram runs every six minutes."]
+    assert [request["input"] for request in fake.embedding_requests] == [tram, tram, tram]
+    assert waits == [0.5, 1.0]
+    assert await pending(pool) == 0
+
+
+async def test_passages_whose_embedding_keeps_failing_wait_for_a_later_round(
+    pool: asyncpg.Pool, fake: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    org = await insert_organization(pool)
+    kb, document_id = await text_document(pool, org, "The Beryl library lends telescopes.")
+    fake.embedding_failures.extend([503, 503])
+    backing_off = quick(retry_initial=timedelta(milliseconds=500))
+    worker = IngestionWorker(pool, backing_off, embedder=embedder(client, max_attempts=2))
+    await worker.run_once()
+    await worker.run_once()  # within the wait after a failed round: no request
+    assert await pending(pool) == 1 and len(fake.embedding_requests) == 2
+    found = await search_passages(pool, organization_id=org, knowledge_base_ids=[kb], query="telescopes", limit=3)
+    assert [passage.document_id for passage in found] == [document_id]  # full-text search does not wait for them
+    await asyncio.sleep(0.55)
+    await worker.run_once()
+    await worker.stop()
+    assert await pending(pool) == 0 and len(fake.embedding_requests) == 3
+
+
+def passage(chunk_id: str) -> Passage:
+    return Passage(
+        chunk_id=chunk_id, document_id="d", document_name="n", knowledge_base_id="k", position=0, content="", rank=0
+    )
+
+
+def test_reciprocal_rank_fusion_favours_passages_high_in_both_rankings() -> None:
+    full_text = [passage("a"), passage("b"), passage("c")]
+    by_vector = [passage("b"), passage("d"), passage("a")]
+    fused = fuse_rankings([full_text, by_vector], limit=3)
+    assert [p.chunk_id for p in fused] == ["b", "a", "d"]
+    assert fused[0].rank == pytest.approx(1 / 62 + 1 / 61)
+    assert [p.chunk_id for p in fuse_rankings([full_text, []], limit=2)] == ["a", "b"]
+
+
+CARPARK = [
+    "Museum fees: adults pay the museum fee at the entrance of the museum.",
+    "What are the car park fees? The car park beside the museum charges fees by the hour.",
+    "What are the car park hours? The car park opens at eight.",
+    "What are the car parking rules at the back?",
+    "The gift shop sells postcards.",
+]
+
+
+async def test_the_fused_ranking_finds_what_full_text_alone_ranks_lower(
+    pool: asyncpg.Pool, fake: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    org = await insert_organization(pool)
+    kb, museum = await text_document(pool, org, CARPARK[0])
+    ids = [museum] + [(await text_document(pool, org, text, kb_id=kb))[1] for text in CARPARK[1:]]
+    await ingest(pool, with_embedder := embedder(client))
+    question = "what are the carpark fees at the museum"
+    full_text = await search_passages(pool, organization_id=org, knowledge_base_ids=[kb], query=question, limit=3)
+    assert [p.document_id for p in full_text] == [ids[0], ids[1]]  # "carpark" is no word of theirs
+    lookup = KnowledgeLookup(pool, organization_id=org, knowledge_base_ids=[kb], limit=3, embedder=with_embedder)
+    fused = await lookup.passages(question)
+    assert fused[0].document_id == ids[1]  # near the top of both rankings
+    assert ids[2] in [p.document_id for p in fused]  # found by vector alone
+    assert fake.embedding_requests[-1]["input"] == [question]
+
+
+async def test_a_question_whose_embedding_is_late_or_fails_is_answered_by_full_text(
+    pool: asyncpg.Pool, fake: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    org = await insert_organization(pool)
+    kb, _ = await text_document(pool, org, CARPARK[0])
+    for text in CARPARK[1:]:
+        await text_document(pool, org, text, kb_id=kb)
+    await ingest(pool, embedder(client))
+    question = "what are the carpark fees at the museum"
+    full_text = await search_passages(pool, organization_id=org, knowledge_base_ids=[kb], query=question, limit=3)
+    impatient = embedder(client, question_timeout=0.05)
+    lookup = KnowledgeLookup(pool, organization_id=org, knowledge_base_ids=[kb], limit=3, embedder=impatient)
+    fallbacks = metrics.KNOWLEDGE_VECTOR_FALLBACKS.labels("timeout")
+    before = fallbacks._value.get()
+    fake.embedding_delay_ms = 500
+    assert await lookup.passages(question) == full_text
+    assert fallbacks._value.get() == before + 1
+    fake.embedding_delay_ms = 0
+    errors = metrics.KNOWLEDGE_VECTOR_FALLBACKS.labels("error")
+    before_errors = errors._value.get()
+    fake.embedding_failures.append(500)
+    assert await lookup.passages(question) == full_text
+    assert errors._value.get() == before_errors + 1
+
+
+async def test_vector_search_never_finds_another_organizations_passages(
+    pool: asyncpg.Pool, client: AsyncOpenAI
+) -> None:
+    acme, globex = await insert_organization(pool), await insert_organization(pool)
+    acme_kb, acme_doc = await text_document(pool, acme, "The car park of Acme is free for visitors.")
+    globex_kb, _ = await text_document(pool, globex, "The carpark of Globex costs a carpark fee.")
+    await ingest(pool, with_embedder := embedder(client))
+    question = hashed_embedding("carpark fee", MODEL.dimensions)
+    both = [acme_kb, globex_kb]
+    lookup = KnowledgeLookup(pool, organization_id=acme, knowledge_base_ids=both, embedder=with_embedder)
+    assert {p.document_id for p in await lookup.passages("carpark fee")} == {acme_doc}
+    async with tenant_transaction(pool, acme) as conn:  # row-level security, even asked for the other's rows
+        assert not await nearest_passages(
+            conn, organization_id=globex, knowledge_base_ids=[globex_kb], model=MODEL, embedding=question, limit=5
+        )
+
+
+async def assert_full_text_finds_a_new_document(pool: asyncpg.Pool) -> None:
+    org = await insert_organization(pool)
+    kb, document_id = await text_document(pool, org, "The Topaz ferry sails at noon.")
+    await ingest(pool, None)
+    found = await search_passages(pool, organization_id=org, knowledge_base_ids=[kb], query="ferry", limit=3)
+    assert [passage.document_id for passage in found] == [document_id]
+
+
+async def test_without_pgvector_vector_search_is_off_and_said_so(
+    databases: TestDatabases, provider_clients: ProviderClients, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = await databases.migrated()
+    pool = await databases.pool(url)
+    try:
+        # What migration 0021 leaves on a server without pgvector: no embedding column.
+        await pool.execute('ALTER TABLE "KnowledgeBaseChunk" DROP COLUMN "embedding"')
+        settings = Settings(openai_api_key="sk-embed", kb_embedding_model="text-embedding-3-small")
+        with caplog.at_level(logging.INFO, logger="engine.knowledge.embeddings"):
+            assert await embedder_from_settings(settings, provider_clients, pool) is None
+        assert "vector search off: the database has no pgvector" in caplog.text
+        await assert_full_text_finds_a_new_document(pool)
+    finally:
+        await pool.close()
+
+
+def test_embedding_settings_name_what_is_wrong() -> None:
+    with pytest.raises(ValidationError, match="DIALTONE_KB_EMBEDDING_DIMENSIONS"):
+        Settings(kb_embedding_model="my-own-model")
+    with pytest.raises(ValidationError, match="env:<VARIABLE>"):
+        Settings(kb_embedding_key_ref="tool:abc")
+    chosen = EmbeddingSettings.from_settings(Settings(kb_embedding_model="text-embedding-3-large"))
+    assert chosen is not None and chosen.model.key == "text-embedding-3-large/3072" and not chosen.send_dimensions
+    assert EmbeddingSettings.from_settings(Settings()) is None
+
+
+async def test_where_pgvector_cannot_be_created_migrations_and_full_text_search_still_work(
+    postgres_server_url: str, databases: TestDatabases
+) -> None:
+    # A database owned by a role that is no superuser: CREATE EXTENSION vector (not a trusted extension) is refused,
+    # as on a managed server without pgvector allowed; migration 0021 must go through without the embedding column.
+    role, name = f"dialtone_owner_{secrets.token_hex(3)}", f"dialtone_test_novector_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(postgres_server_url)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN CREATEROLE PASSWORD '{role}'")
+        await databases.migrated()  # the API role exists: the owner administers it, as migration 0004 needs
+        await admin.execute(f"GRANT dialtone_api TO {role} WITH ADMIN OPTION")
+        await admin.execute(f'CREATE DATABASE "{name}" OWNER {role}')
+        parts = urlsplit(with_database(postgres_server_url, name))
+        host = parts.netloc.rpartition("@")[2]
+        url = urlunsplit(parts._replace(netloc=f"{role}:{role}@{host}"))
+        try:
+            conn = await asyncpg.connect(url)
+        except (OSError, asyncpg.PostgresError) as exc:
+            pytest.skip(f"cannot log in as a new role on this server ({exc})")
+        try:
+            await migrate(conn)
+            assert not await vector_search_available(conn)
+        finally:
+            await conn.close()
+        pool = await create_pool(url, min_size=1, max_size=2)
+        try:
+            await assert_full_text_finds_a_new_document(pool)
+        finally:
+            await pool.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()

@@ -1,0 +1,224 @@
+"""Live call events through the real server: simulated calls on the offline pipeline, read as Server-Sent Events by
+an API client while they happen, resumed after a drop, across engine processes, and only by their organization."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import asyncpg
+import pytest
+
+from engine.simulator import HangUp, Pause, Say
+from tests.engine_server import running_engine
+from tests.sse_client import EventStream
+from tests.test_api_auth import Api, Tenant, make_tenant
+from tests.test_calls_e2e import CALLER, TOKEN, call, call_log, make_line, turns
+
+BOOKING = (Say("I would like to book an appointment"), Say("tuesday please"))
+
+
+@pytest.fixture(scope="module")
+async def engine(db_url: str) -> AsyncIterator[str]:
+    async with running_engine(db_url, twilio_auth_token=TOKEN) as base:
+        yield base
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as http:
+        yield http
+
+
+async def running_call_id(api: Api, tenant: Tenant) -> str:
+    """The id of the tenant's call once its media session runs (it then appears with runsHere or a node)."""
+    for _ in range(400):
+        _, page = await api.call("GET", "/live-calls", tenant.owner_key)
+        running = [entry for entry in page["data"] if "engineNode" in entry["metadata"]]
+        if running:
+            return str(running[0]["id"])
+        await asyncio.sleep(0.05)
+    raise AssertionError("the call never started")
+
+
+async def test_an_organization_stream_follows_a_call_as_it_happens(
+    engine: str, pool: asyncpg.Pool, session: aiohttp.ClientSession
+) -> None:
+    tenant = await make_tenant(pool, "Watched")
+    number, agent_id = await make_line(pool, tenant.organization_id, firstSentence="Hello from the live line.")
+    async with EventStream(session, f"{engine}/v1/live-calls/events", tenant.owner_key) as stream:
+        result = await call(engine, number, *BOOKING)
+        ended = await stream.until(lambda e: e.type == "call.ended")
+    log = await call_log(pool, result)
+    rows = await turns(pool, log["id"])
+
+    events = [event for event in stream.events if event.data.get("callLogId") == log["id"]]
+    ids = [event.id for event in events]
+    assert all(event_id is not None for event_id in ids) and ids == sorted(ids)  # type: ignore[type-var]
+    assert events[0].type == "call.started"
+    assert {key: events[0].data[key] for key in ("direction", "from", "to", "agentId")} == {
+        "direction": "inbound",
+        "from": CALLER,
+        "to": number,
+        "agentId": agent_id,
+    }
+    assert ended.data | {"at": None} == {
+        "callLogId": log["id"],
+        "at": None,
+        "status": "COMPLETED",
+        "endReason": "path_end",
+        "durationSeconds": log["duration"],
+    }
+    assert events[-1] is ended
+    assert all(event.data["at"].endswith("+00:00") for event in events)
+
+    # The turns as the CallLog has them, in the same order and with the same indices.
+    written = [(row["index"], row["speaker"], row["text"]) for row in rows]
+    told = [
+        (event.data["turnIndex"], "caller", event.data["text"])
+        if event.type == "caller.final"
+        else (event.data["turnIndex"], "agent", event.data["spokenText"])
+        for event in events
+        if event.type in ("caller.final", "agent.turn")
+    ]
+    assert [(index, speaker.lower(), text) for index, speaker, text in written] == told
+    assert any("book" in event.data["text"] for event in stream.of_type("caller.final"))
+    assert any("appointment" in event.data["text"] for event in stream.of_type("caller.interim"))
+
+    # The agent's words were told as they started playing, before their turn was written.
+    spoken = stream.of_type("agent.speaking")
+    assert spoken[0].data == {
+        "callLogId": log["id"],
+        "at": spoken[0].data["at"],
+        "turnIndex": 0,
+        "text": "Hello from the live line.",
+    }
+    first_turn = next(event for event in events if event.type == "agent.turn")
+    assert first_turn.data["turnIndex"] == 0 and not first_turn.data["interrupted"]
+    assert spoken[0].id is not None and first_turn.id is not None and spoken[0].id < first_turn.id
+
+    latencies = stream.of_type("turn.latency")
+    latency_rows = {row["index"]: row["latencyMs"] for row in rows if row["latencyMs"] is not None}
+    assert latency_rows and {e.data["turnIndex"]: e.data["voiceToVoiceMs"] for e in latencies} == latency_rows
+    assert all(e.data["speculative"] in (True, False) and "firstFrameSent" in e.data for e in latencies)
+
+    states = [event.data["state"] for event in stream.of_type("call.state")]
+    assert states[0] == "listening" and "responding" in states and states[-1] == "ended"
+    assert [(e.data["nodeId"], e.data["edgeId"]) for e in stream.of_type("path.node")][-2:] == [
+        ("book", "greeting-book"),
+        ("confirm", "book-confirm"),
+    ]
+
+
+async def test_a_call_stream_starts_with_a_snapshot_and_resumes_after_a_drop_with_nothing_lost(
+    engine: str, pool: asyncpg.Pool, session: aiohttp.ClientSession
+) -> None:
+    tenant = await make_tenant(pool, "Resumed")
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hello from the resumed line.")
+    api = Api(session, engine)
+    async with EventStream(session, f"{engine}/v1/live-calls/events", tenant.owner_key) as everything:
+        running = asyncio.create_task(call(engine, number, Pause(1000), *BOOKING))
+        call_log_id = await running_call_id(api, tenant)
+        url = f"{engine}/v1/live-calls/{call_log_id}/events"
+        first = EventStream(session, url, tenant.owner_key)
+        async with first:
+            snapshot = await first.until(lambda e: e.type == "call.snapshot")
+            await first.until(lambda e: e.type == "caller.final")
+        last_seen = max(event.id for event in first.events if event.id is not None)
+        async with EventStream(session, url, tenant.owner_key, last_event_id=last_seen) as resumed:
+            await resumed.until(lambda e: e.type == "call.ended")
+            await resumed.until_ended()  # a call's stream ends with its call
+        await running
+        await everything.until(lambda e: e.type == "call.ended")
+
+    assert snapshot.id is None and first.events[0] is snapshot
+    assert snapshot.data | {"at": None, "startedAt": None} == {
+        "callLogId": call_log_id,
+        "status": "IN_PROGRESS",
+        "direction": "inbound",
+        "from": CALLER,
+        "to": number,
+        "agentId": snapshot.data["agentId"],
+        "startedAt": None,
+        "engineNode": snapshot.data["engineNode"],
+        "at": None,
+    }
+    assert snapshot.data["engineNode"]
+    assert not any(event.id is None for event in resumed.events)  # no snapshot on resuming
+    complete = [event.id for event in everything.events if event.data["callLogId"] == call_log_id]
+    after_first = [event.id for event in first.events if event.id is not None]
+    assert after_first + [event.id for event in resumed.events] == complete[complete.index(after_first[0]) :]
+
+
+async def test_events_recorded_by_one_engine_process_are_read_through_another(
+    engine: str, db_url: str, pool: asyncpg.Pool, session: aiohttp.ClientSession
+) -> None:
+    tenant = await make_tenant(pool, "Elsewhere")
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hello from the other process.")
+    async with (
+        running_engine(db_url, twilio_auth_token=TOKEN) as other,
+        EventStream(session, f"{other}/v1/live-calls/events", tenant.owner_key) as stream,
+    ):
+        result = await call(engine, number, *BOOKING)  # held by `engine`, watched through `other`
+        await stream.until(lambda e: e.type == "call.ended")
+    log = await call_log(pool, result)
+    types = [event.type for event in stream.events if event.data["callLogId"] == log["id"]]
+    assert types[0] == "call.started" and types[-1] == "call.ended"
+    assert types.count("caller.final") == 2 and types.count("agent.turn") == 3
+
+
+async def test_another_organization_gets_404_and_sees_none_of_the_events(
+    engine: str, pool: asyncpg.Pool, session: aiohttp.ClientSession
+) -> None:
+    tenant = await make_tenant(pool, "Owner")
+    stranger = await make_tenant(pool, "Stranger")
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hello, this is private.")
+    api = Api(session, engine)
+    async with (
+        EventStream(session, f"{engine}/v1/live-calls/events", stranger.owner_key) as theirs,
+        EventStream(session, f"{engine}/v1/live-calls/events", tenant.owner_key) as ours,
+    ):
+        running = asyncio.create_task(call(engine, number, Pause(500), BOOKING[0], Pause(1500), HangUp()))
+        call_log_id = await running_call_id(api, tenant)
+        headers = {"Authorization": f"Bearer {stranger.owner_key}"}
+        async with session.get(f"{engine}/v1/live-calls/{call_log_id}/events", headers=headers) as refused:
+            assert refused.status == 404
+            assert (await refused.json())["error"]["code"] == "not_found"
+        await running
+        await ours.until(lambda e: e.type == "call.ended")
+    assert theirs.events == []
+
+
+async def test_a_call_nobody_watches_records_no_events(engine: str, pool: asyncpg.Pool) -> None:
+    tenant = await make_tenant(pool, "Unwatched")
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Nobody is listening.")
+    result = await call(engine, number, BOOKING[0], Pause(1500), HangUp())
+    log = await call_log(pool, result)
+    assert len(await turns(pool, log["id"])) >= 2  # the agent spoke and the caller answered: events were emitted
+    assert await pool.fetchval('SELECT count(*) FROM "LiveCallEvent" WHERE "callLogId" = $1', log["id"]) == 0
+
+
+async def test_a_resume_position_that_is_not_an_event_id_is_refused(
+    engine: str, pool: asyncpg.Pool, session: aiohttp.ClientSession
+) -> None:
+    tenant = await make_tenant(pool, "Malformed")
+    for position in ("yesterday", "²", str(2**63)):
+        headers = {"Authorization": f"Bearer {tenant.owner_key}", "Last-Event-ID": position}
+        async with session.get(f"{engine}/v1/live-calls/events", headers=headers) as response:
+            assert response.status == 422
+            assert (await response.json())["error"]["field"] == "Last-Event-ID"
+    api = Api(session, engine)
+    status, body = await api.call("GET", "/live-calls/events?lastEventId=-1", tenant.owner_key)
+    assert status == 422 and body["error"]["field"] == "lastEventId"
+
+
+async def test_the_openapi_document_describes_both_streams(engine: str, session: aiohttp.ClientSession) -> None:
+    async with session.get(f"{engine}/v1/openapi.json") as response:
+        document = await response.json()
+    for path in ("/v1/live-calls/events", "/v1/live-calls/{callLogId}/events"):
+        operation = document["paths"][path]["get"]
+        assert list(operation["responses"]["200"]["content"]) == ["text/event-stream"]
+        assert "call.snapshot" in operation["responses"]["200"]["description"]
+        assert {p["name"] for p in operation["parameters"]} >= {"Last-Event-ID", "lastEventId"}
+    assert "404" in document["paths"]["/v1/live-calls/{callLogId}/events"]["get"]["responses"]

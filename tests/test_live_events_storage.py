@@ -1,0 +1,116 @@
+"""Live call events in PostgreSQL: ids become visible in increasing order whoever writes them, streams read only their
+organization's, leases are read across organizations by the engine, and old events are pruned."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from storage import call_logs, live_call_events
+from storage.enums import CallType
+from storage.errors import InvalidReference
+from storage.live_call_events import NewEvent, Watch
+from storage.tenancy import tenant_transaction
+from tests.test_api_auth import make_tenant
+
+
+async def new_call(pool: asyncpg.Pool, organization_id: str) -> str:
+    log = await call_logs.create_call_log(
+        pool, organization_id=organization_id, call_type=CallType.INBOUND, call_id=f"CA{secrets.token_hex(8)}"
+    )
+    return log.id
+
+
+def said(organization_id: str, call_log_id: str, text: str) -> NewEvent:
+    return NewEvent(organization_id, call_log_id, "caller.final", {"callLogId": call_log_id, "text": text})
+
+
+async def test_a_batch_written_while_another_is_uncommitted_waits_for_it_so_ids_appear_in_order(
+    pool: asyncpg.Pool,
+) -> None:
+    tenant = await make_tenant(pool, "Ordered")
+    call_log_id = await new_call(pool, tenant.organization_id)
+    async with pool.acquire() as first, first.transaction():
+        earlier = await live_call_events.record_events(first, [said(tenant.organization_id, call_log_id, "one")])
+        later = asyncio.create_task(
+            live_call_events.record_events(pool, [said(tenant.organization_id, call_log_id, "two")])
+        )
+        done, _ = await asyncio.wait([later], timeout=0.3)
+        assert not done  # held back until the first batch commits: no reader can see "two" before "one"
+    assert await later > earlier
+    async with tenant_transaction(pool, tenant.organization_id) as db:
+        events = await live_call_events.events_after(
+            db, organization_id=tenant.organization_id, call_log_id=None, after=0
+        )
+    assert [(event.id, event.data["text"]) for event in events] == [(earlier, "one"), (await later, "two")]
+
+
+async def test_a_tenant_reads_only_its_own_events_even_by_another_organizations_call(pool: asyncpg.Pool) -> None:
+    ours, theirs = await make_tenant(pool, "Reader"), await make_tenant(pool, "Writer")
+    their_call = await new_call(pool, theirs.organization_id)
+    await live_call_events.record_events(pool, [said(theirs.organization_id, their_call, "secret")])
+    async with tenant_transaction(pool, ours.organization_id) as db:
+        for organization_id in (ours.organization_id, theirs.organization_id):
+            for call_log_id in (None, their_call):
+                assert (
+                    await live_call_events.events_after(
+                        db, organization_id=organization_id, call_log_id=call_log_id, after=0
+                    )
+                    == []
+                )
+        assert await live_call_events.last_event_id(db, organization_id=theirs.organization_id, call_log_id=None) == 0
+
+
+async def test_an_event_for_another_organizations_call_is_refused(pool: asyncpg.Pool) -> None:
+    ours, theirs = await make_tenant(pool, "Forger"), await make_tenant(pool, "Victim")
+    their_call = await new_call(pool, theirs.organization_id)
+    with pytest.raises(InvalidReference, match='not present in table "CallLog"'):
+        await live_call_events.record_events(pool, [said(ours.organization_id, their_call, "forged")])
+
+
+async def test_leases_are_current_until_they_expire_and_closing_one_ends_it_sooner(pool: asyncpg.Pool) -> None:
+    tenant = await make_tenant(pool, "Leases")
+    call_log_id = await new_call(pool, tenant.organization_id)
+    now = datetime.now(UTC)
+    async with tenant_transaction(pool, tenant.organization_id) as db:
+        whole = await live_call_events.open_watch(
+            db, Watch(tenant.organization_id, None), node="n1", until=now + timedelta(seconds=30)
+        )
+        await live_call_events.open_watch(
+            db, Watch(tenant.organization_id, call_log_id), node="n1", until=now + timedelta(seconds=5)
+        )
+        await live_call_events.expire_watch(
+            db, organization_id=tenant.organization_id, watch_id=whole, until=now + timedelta(seconds=2)
+        )
+    mine = {
+        w for w in await live_call_events.current_watches(pool, now=now) if w.organization_id == tenant.organization_id
+    }
+    assert mine == {Watch(tenant.organization_id, None), Watch(tenant.organization_id, call_log_id)}
+    later = {
+        w
+        for w in await live_call_events.current_watches(pool, now=now + timedelta(seconds=3))
+        if w.organization_id == tenant.organization_id
+    }
+    assert later == {Watch(tenant.organization_id, call_log_id)}
+
+
+async def test_pruning_deletes_old_events_and_expired_leases(pool: asyncpg.Pool) -> None:
+    tenant = await make_tenant(pool, "Pruned")
+    call_log_id = await new_call(pool, tenant.organization_id)
+    old = await live_call_events.record_events(pool, [said(tenant.organization_id, call_log_id, "old")])
+    await pool.execute('UPDATE "LiveCallEvent" SET "createdAt" = now() - interval \'2 hours\' WHERE "id" = $1', old)
+    recent = await live_call_events.record_events(pool, [said(tenant.organization_id, call_log_id, "recent")])
+    await live_call_events.open_watch(
+        pool, Watch(tenant.organization_id, None), node="n1", until=datetime.now(UTC) - timedelta(seconds=1)
+    )
+    assert await live_call_events.prune(pool, now=datetime.now(UTC), keep=timedelta(hours=1)) >= 1
+    left = await pool.fetch('SELECT "id" FROM "LiveCallEvent" WHERE "callLogId" = $1', call_log_id)
+    assert [row["id"] for row in left] == [recent]
+    assert (
+        await pool.fetchval('SELECT count(*) FROM "LiveCallWatch" WHERE "organizationId" = $1', tenant.organization_id)
+        == 0
+    )
