@@ -117,13 +117,18 @@ def text_of(driver: webdriver.Chrome, element_id: str) -> str:
 
 
 def live_turns(driver: webdriver.Chrome) -> list[tuple[str, str]]:
-    """The selected live call's finished turns as shown: (Caller|Agent, text)."""
-    nodes = driver.find_elements(By.CSS_SELECTOR, "#live-transcript .turn:not(.interim)")
-    return [(node.find_element(By.CLASS_NAME, "speaker").text.title(), turn_text(node)) for node in nodes]
+    """The selected live call's finished turns as shown: (Caller|Agent, text), read at one instant."""
+    return transcript(driver, "#live-transcript .turn:not(.interim):not(.speaking)")
 
 
-def turn_text(node: WebElement) -> str:
-    return str(node.find_element(By.CLASS_NAME, "turn-text").text)
+def transcript(driver: webdriver.Chrome, selector: str) -> list[tuple[str, str]]:
+    """The (speaker, text) of the turns `selector` finds, read in one script (the page redraws turns as they change)."""
+    rows: list[list[str]] = driver.execute_script(
+        """return [...document.querySelectorAll(arguments[0])].map((turn) => [
+             turn.querySelector(".speaker").textContent, turn.querySelector(".turn-text").innerText])""",
+        selector,
+    )
+    return [(speaker.title(), text) for speaker, text in rows]
 
 
 def audio_counts(driver: webdriver.Chrome) -> dict[str, Any]:
@@ -246,6 +251,7 @@ async def test_a_live_call_appears_and_its_transcript_grows_as_the_call_goes_on(
     )
     call_log_id = await first_live_call_id(pool, tenant, running)
     await until(lambda: card_of(browser, "live-list", call_log_id), timeout_s=15, what="the call in progress")
+    assert await in_browser(lambda: text_of(browser, "stream-status")) == "Live"  # the event stream, not polling
     lengths = await grows(lambda: live_turns(browser), until_count=3, timeout_s=60)
     assert lengths[0] < lengths[-1], lengths
     shown = await in_browser(lambda: live_turns(browser))
@@ -357,10 +363,8 @@ async def test_a_recent_call_shows_its_transcript_timeline_and_recording(
     )
     assert duration > 1
     stored = await pool.fetch('SELECT "text" FROM "CallTurn" WHERE "callLogId" = $1 ORDER BY "index"', log["id"])
-    shown = await in_browser(
-        lambda: [turn_text(node) for node in browser.find_elements(By.CSS_SELECTOR, "#recent-transcript .turn")]
-    )
-    assert shown == [row["text"] for row in stored]
+    shown = await in_browser(lambda: transcript(browser, "#recent-transcript .turn"))
+    assert [text for _, text in shown] == [row["text"] for row in stored]
     spans = await in_browser(lambda: browser.find_elements(By.CSS_SELECTOR, "#recent-timeline .lane .span"))
     assert len(spans) == len(stored)
     assert await in_browser(lambda: audio_counts(browser)) == SILENT

@@ -146,8 +146,22 @@ export class LiveCalls {
     const known = this.calls.has(data.callLogId);
     const call = this.call(data.callLogId);
     handler(this, call, data);
-    if (!known && type !== "call.snapshot" && type !== "call.started") this.refresh();
+    if (!known) this.describe(call);
     this.render();
+  }
+
+  /** Fill in what the events do not say of a call (its customer, its agent's name) from its call log. */
+  async describe(call) {
+    try {
+      const entry = await this.api.get(`/call-logs/${encodeURIComponent(call.id)}`, {}, "Loading the call");
+      call.customer = entry.customer;
+      call.number = entry.phoneNumber || call.number;
+      call.agentName = entry.agentName;
+      call.startedAt = call.startedAt || entry.timestamp;
+      this.render();
+    } catch (error) {
+      if (error.status === 401) this.onSignedOut(error.message);
+    }
   }
 
   note(call, text, tone) {

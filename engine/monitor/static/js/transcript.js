@@ -61,7 +61,10 @@ export function transcriptNode(item) {
   ];
   return el(
     "li",
-    { class: `turn ${item.kind}${item.interrupted ? " interrupted" : ""}`, dataset: { key: item.key, turn: item.turnIndex } },
+    {
+      class: `turn ${item.kind}${item.interrupted ? " interrupted" : ""}${item.speaking ? " speaking" : ""}`,
+      dataset: { key: item.key, turn: item.turnIndex },
+    },
     el("div", { class: "turn-head" }, el("span", { class: "speaker", text: agent ? "Agent" : "Caller" }), badges),
     el("p", { class: "turn-text" }, agent ? agentText(item) : item.text),
   );
