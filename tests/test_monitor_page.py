@@ -8,11 +8,13 @@ Set MONITOR_SCREENSHOTS to a folder to save the README's screenshots (monitor-li
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from selenium import webdriver
@@ -22,7 +24,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from engine.simulator import CallEnding, CallResult, HangUp, Pause, Say
 from tests.browser import headless_chromium, in_browser, missing_browser, until
 from tests.engine_server import running_engine
-from tests.test_api_auth import Tenant, make_tenant
+from tests.test_api_auth import Api, Tenant, make_tenant
 from tests.test_calls_e2e import TOKEN, call, call_log, make_line
 
 if missing_browser() is not None and os.environ.get("DIALTONE_REQUIRE_BROWSER") == "1":  # CI (.ci/run) must run them
@@ -145,6 +147,50 @@ def card_of(driver: webdriver.Chrome, list_id: str, call_log_id: str) -> WebElem
     return found[0] if found else None
 
 
+class CuttableProxy:
+    """A loopback TCP relay to the engine whose open connections the test can cut, as a network break would."""
+
+    def __init__(self, target: str) -> None:
+        self.host, port = target.removeprefix("http://").split(":")
+        self.port = int(port)
+        self.connections: set[asyncio.StreamWriter] = set()
+        self.refusing = False
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self.relay, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.close()
+            return
+        upstream_reader, upstream_writer = await asyncio.open_connection(self.host, self.port)
+        self.connections |= {writer, upstream_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        self.connections -= {writer, upstream_writer}
+
+    def cut(self, *, refuse: bool) -> None:
+        """Close every open connection; while `refuse`, close new ones at once too."""
+        self.refusing = refuse
+        for writer in list(self.connections):
+            writer.transport.abort()
+
+    async def close(self) -> None:
+        self.cut(refuse=True)
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
 def confirm_hang_up(driver: webdriver.Chrome) -> None:
     """Press Hang up, then again to confirm."""
     for _ in range(2):
@@ -168,13 +214,19 @@ async def first_live_call_id(pool: asyncpg.Pool, tenant: Tenant, task: asyncio.T
 
 
 async def silent_call_on_page(
-    engine: str, browser: webdriver.Chrome, tenant: Tenant, pool: asyncpg.Pool, *, greeting: str
+    engine: str,
+    browser: webdriver.Chrome,
+    tenant: Tenant,
+    pool: asyncpg.Pool,
+    *,
+    greeting: str,
+    calls_to: str | None = None,
 ) -> tuple[asyncio.Task[CallResult], str]:
-    """Sign in, place a call whose caller stays silent for a minute, and wait until the page shows the agent's
-    greeting on it; the running call and its id."""
+    """Sign in, place a call (to `calls_to`, else `engine`) whose caller stays silent for a minute, and wait until
+    the page shows the agent's greeting on it; the running call and its id."""
     number, _ = await make_line(pool, tenant.organization_id, firstSentence=greeting)
     await sign_in(browser, engine, tenant.owner_key)
-    running = asyncio.create_task(call(engine, number, Pause(60_000), timeout_s=90))
+    running = asyncio.create_task(call(calls_to or engine, number, Pause(60_000), timeout_s=90))
     call_log_id = await first_live_call_id(pool, tenant, running)
     await until(lambda: card_of(browser, "live-list", call_log_id), timeout_s=15, what="the call in progress")
     await until(lambda: live_turns(browser), timeout_s=30, what="the agent's greeting")
@@ -320,6 +372,36 @@ async def test_say_has_the_agent_speak_the_line_typed(
         call_log_id,
     )
     assert said == 1
+
+
+async def test_the_page_resumes_its_event_stream_after_a_break_with_nothing_lost(
+    engine: str, browser: webdriver.Chrome, tenant: Tenant, pool: asyncpg.Pool
+) -> None:
+    proxy = CuttableProxy(engine)
+    via_proxy = await proxy.start()
+    try:
+        running, call_log_id = await silent_call_on_page(
+            via_proxy, browser, tenant, pool, greeting="Hello from the line that drops.", calls_to=engine
+        )
+        proxy.cut(refuse=True)
+        await until(
+            lambda: text_of(browser, "stream-status") == "Reconnecting…", timeout_s=20, what="the stream broken"
+        )
+        async with aiohttp.ClientSession() as session:
+            status, _ = await Api(session, engine).call(
+                "POST", f"/live-calls/{call_log_id}/say", tenant.owner_key, json={"text": "Said while you were away."}
+            )
+        assert status == 202
+        await asyncio.sleep(2)  # the line is said, and its events recorded, while the page is cut off
+        proxy.cut(refuse=False)
+        await until(
+            lambda: ("Agent", "Said while you were away.") in live_turns(browser), timeout_s=30, what="the missed line"
+        )
+        assert await in_browser(lambda: text_of(browser, "stream-status")) == "Live"
+        await in_browser(lambda: confirm_hang_up(browser))
+        await running
+    finally:
+        await proxy.close()
 
 
 async def test_hang_up_ends_the_call_and_finishes_its_call_log(
