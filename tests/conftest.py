@@ -14,6 +14,7 @@ import pytest
 
 from pipelines.clients import ProviderClients
 from storage.embedded import start_embedded
+from tests.browser import missing_browser
 from tests.databases import TestDatabases
 
 
@@ -68,3 +69,20 @@ async def provider_clients() -> AsyncIterator[ProviderClients]:
     clients = ProviderClients()
     yield clients
     await clients.aclose()
+
+
+_browser_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Note each browser test that was skipped (on xdist, the controller sees every worker's reports)."""
+    if report.skipped and "browser" in report.keywords and report.when in ("setup", "call"):
+        _browser_skips.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say plainly when the browser tests did not run, so a run without Chromium is never read as a full pass."""
+    if _browser_skips:
+        terminalreporter.section("browser tests did not run", sep="=", red=True, bold=True)
+        why = missing_browser() or "see the skip reasons below"
+        terminalreporter.write_line(f"{len(_browser_skips)} browser test(s) were SKIPPED, not passed: {why}")

@@ -12,7 +12,8 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from storage import agents, call_logs, campaigns
+from storage import agents, call_logs, call_turns, campaigns
+from storage.call_turns import TurnRecord
 from storage.enums import CallStatus, CallType
 from tests.engine_server import running_engine
 from tests.fakes.server import serve
@@ -225,6 +226,42 @@ async def test_another_organization_sees_none_of_the_call_logs(
     _, ids = history
     assert await listed(api, acme, "") == []
     assert (await api.call("GET", f"/call-logs/{ids['missed']}", acme.owner_key))[0] == 404
+
+
+async def test_a_call_s_turns_are_listed_in_order_with_their_latency_and_cuts(api: Api, pool: asyncpg.Pool) -> None:
+    tenant = await make_tenant(pool, "Turns")
+    call_log_id = await add_call(pool, tenant)
+    reply = TurnRecord(
+        index=1,
+        speaker="agent",
+        text="We open at",
+        start_ms=2600,
+        end_ms=3400,
+        interrupted=True,
+        latency_ms=410,
+        latency={"sttEndOfTurn": 120, "firstFrameSent": 410},
+    )
+    question = TurnRecord(index=0, speaker="caller", text="When do you open?", start_ms=900, end_ms=2100)
+    await call_turns.insert_turns(
+        pool, organization_id=tenant.organization_id, call_log_id=call_log_id, turns=[reply, question]
+    )
+    status, body = await api.call("GET", f"/call-logs/{call_log_id}/turns", tenant.owner_key)
+    assert status == 200
+    assert [
+        (t["index"], t["speaker"], t["text"], t["startMs"], t["endMs"], t["interrupted"], t["latencyMs"], t["latency"])
+        for t in body["data"]
+    ] == [
+        (0, "caller", "When do you open?", 900, 2100, False, None, None),
+        (1, "agent", "We open at", 2600, 3400, True, 410, {"sttEndOfTurn": 120, "firstFrameSent": 410}),
+    ]
+
+
+async def test_another_organization_s_call_turns_are_not_found(api: Api, acme: Tenant, pool: asyncpg.Pool) -> None:
+    tenant = await make_tenant(pool, "Private turns")
+    call_log_id = await add_call(pool, tenant)
+    status, body = await api.call("GET", f"/call-logs/{call_log_id}/turns", acme.owner_key)
+    assert status == 404
+    assert_error(body, "not_found")
 
 
 async def test_live_calls_lists_the_calls_in_progress(api: Api, pool: asyncpg.Pool) -> None:

@@ -19,6 +19,7 @@ from engine.call.live_calls import LiveCalls
 from engine.call.live_events import close_live_streams, live_events_context
 from engine.campaigns.dispatcher import dispatcher_context
 from engine.knowledge.ingestion import ingestion_context
+from engine.monitor.page import add_monitor_routes
 from engine.server import health, metrics
 from engine.server.appkeys import (
     CLOCK,
@@ -87,6 +88,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app.router.add_get(twilio_webhooks.MEDIA_PATH, media_socket.handle_media)
     app.router.add_get("/recordings/{call_log_id}.wav", handle_recording)
     add_api_routes(app)
+    add_monitor_routes(app)
     return app
 
 

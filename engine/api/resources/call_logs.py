@@ -6,11 +6,12 @@ from datetime import datetime
 
 from pydantic import Field, model_validator
 
-from engine.api.models import Id, Timestamp
+from engine.api.models import Id, ResponseModel, Timestamp
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
-from storage import call_logs
+from storage import call_logs, call_turns
 from storage.call_logs import CallLogEntry
+from storage.call_turns import CallTurn
 from storage.enums import CallStatus, CallType
 
 resource = Resource("Call logs", "Every call, with its agent's name and type and its campaign's name. Read-only.")
@@ -65,3 +66,20 @@ async def get_call_log(call: ApiCall) -> CallLogEntry:
         return await call_logs.get_call_log_entry(
             db, organization_id=call.caller.organization_id, call_log_id=call.path["callLogId"]
         )
+
+
+class CallTurns(ResponseModel):
+    """A call's turns in the order they were spoken."""
+
+    data: list[CallTurn]
+
+
+@resource.get("/call-logs/{callLogId}/turns", summary="List a call's turns", response=CallTurns)
+async def list_call_turns(call: ApiCall) -> CallTurns:
+    """Each finished turn of the call: who spoke, what was heard, when (ms from the call's start), where it was cut,
+    and an agent turn's latency stages; written while the call runs."""
+    organization_id, call_log_id = call.caller.organization_id, call.path["callLogId"]
+    async with call.tenant() as db:
+        await call_logs.get_call_log(db, organization_id=organization_id, call_log_id=call_log_id)  # 404 if not ours
+        turns = await call_turns.list_turns(db, organization_id=organization_id, call_log_id=call_log_id)
+    return CallTurns(data=turns)

@@ -1,0 +1,78 @@
+// The monitor page: sign in with an API key, then the calls in progress and the recent calls.
+
+import { Api, forgetKey, storedKey, storeKey } from "./api.js";
+import { byId, say } from "./dom.js";
+import { LiveCalls } from "./live.js";
+import { RecentCalls } from "./recent.js";
+
+let live = null;
+let recent = null;
+
+function show(view) {
+  byId("signin-view").hidden = view !== "signin";
+  byId("live-view").hidden = view !== "live";
+  byId("recent-view").hidden = view !== "recent";
+  byId("tabs").hidden = view === "signin";
+  byId("session").hidden = view === "signin";
+  byId("tab-live").setAttribute("aria-selected", String(view === "live"));
+  byId("tab-recent").setAttribute("aria-selected", String(view === "recent"));
+}
+
+function signOut(message) {
+  forgetKey();
+  if (live) live.stop();
+  live = null;
+  recent = null;
+  byId("key").value = "";
+  say(byId("signin-error"), message || "");
+  show("signin");
+  byId("key").focus();
+}
+
+/** Check the key against the API, then open the monitor with it. */
+async function signIn(key) {
+  const api = new Api(key);
+  const submit = byId("signin-submit");
+  submit.disabled = true;
+  submit.textContent = "Signing in…";
+  say(byId("signin-error"), "");
+  try {
+    const organization = await api.get("/organization", {}, "Signing in");
+    storeKey(key);
+    byId("org-name").textContent = organization.name;
+    live = new LiveCalls(api, {
+      onSignedOut: signOut,
+      onCount: (count) => { byId("live-count").textContent = String(count); },
+    });
+    recent = new RecentCalls(api, { onSignedOut: signOut });
+    show("live");
+    await live.start();
+  } catch (error) {
+    forgetKey();
+    show("signin");
+    say(byId("signin-error"), error.message);
+  } finally {
+    submit.disabled = false;
+    submit.textContent = "Sign in";
+  }
+}
+
+byId("signin").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = byId("key").value.trim();
+  if (!key) {
+    say(byId("signin-error"), "Paste an API key first.");
+    return;
+  }
+  signIn(key);
+});
+byId("sign-out").addEventListener("click", () => signOut(""));
+byId("tab-live").addEventListener("click", () => show("live"));
+byId("tab-recent").addEventListener("click", () => {
+  show("recent");
+  if (recent) recent.load(); // from the top each time: calls may have ended since
+});
+
+const key = storedKey();
+if (key) signIn(key);
+else show("signin");
