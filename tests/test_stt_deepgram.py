@@ -107,6 +107,23 @@ async def test_the_socket_asks_for_mulaw_8khz_with_the_configured_options(fake: 
     assert fake.listens[0].query_lists["keywords"] == ["Dialtone", "reschedule"]
 
 
+async def test_every_socket_of_a_shared_client_carries_the_key_and_the_sdks_own_headers(fake: FakeDeepgram) -> None:
+    clients = ProviderClients()
+    try:
+        for _ in range(2):  # two calls on the engine's one client: the second reuses the headers made for the first
+            stt = DeepgramSTT(config(), clients=clients, api_key=API_KEY, url=fake.url)
+            await stt.start()
+            await stt.close()
+    finally:
+        await clients.aclose()
+    first, second = (listen.headers for listen in fake.listens)
+    assert first["Authorization"] == f"Token {API_KEY}"
+    assert first["User-Agent"].startswith("deepgram-sdk/") and first["X-Fern-SDK-Name"] == "deepgram-sdk"
+    assert first["x-deepgram-session-id"]
+    sdk_headers = ("Authorization", "User-Agent", "X-Fern-SDK-Version", "x-deepgram-session-id")
+    assert {name: second[name] for name in sdk_headers} == {name: first[name] for name in sdk_headers}
+
+
 async def test_nova_3_keywords_go_as_keyterms_and_off_switches_as_false(fake: FakeDeepgram) -> None:
     stt = recognizer(fake, endpointing=False, interim_results=False, vad_events=False, keywords=["a b", "c"])
     await stt.start()

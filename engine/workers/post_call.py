@@ -266,25 +266,39 @@ class _AnalysisError(Exception):
 async def _ask(
     deps: AnalysisDeps, option: OpenAILLMConfig, api_key: str, messages: list[ChatCompletionMessageParam]
 ) -> _Verdict:
+    # POSTed through the SDK's client (auth, retries, its errors) but not `chat.completions.create`: its TypedDict
+    # transformer walks the messages and its response becomes a pydantic model, 3-4 ms of event-loop time per call
+    # (cProfile, 100 calls) for the one field read here. The messages are plain JSON already.
     client = deps.clients.openai(api_key, deps.settings.openai_base_url)
+    body = {"model": option.model, "messages": messages, "temperature": 0, "response_format": {"type": "json_object"}}
     try:
-        completion = await client.chat.completions.create(
-            model=option.model,
-            messages=messages,
-            temperature=0,
-            response_format={"type": "json_object"},
+        answer = await client.post(
+            "/chat/completions", body=body, options={"security": {"bearer_auth": True}}, cast_to=bytes
         )
     except openai.APIStatusError as exc:
         raise _AnalysisError(f"OpenAI answered HTTP {exc.status_code}") from None
     except openai.APIError as exc:
         raise _AnalysisError(f"OpenAI could not be reached: {type(exc).__name__}") from None
-    content = completion.choices[0].message.content if completion.choices else None
+    content = _answer_text(answer)
     if not content:
         raise _AnalysisError("the model gave no answer")
     try:
         return _Verdict.model_validate(json.loads(_without_fence(content)))
     except (json.JSONDecodeError, ValidationError) as exc:
         raise _AnalysisError(f"the model's answer is not the JSON asked for ({type(exc).__name__})") from None
+
+
+def _answer_text(answer: bytes) -> str | None:
+    """The text of a completion's first choice (`choices[0].message.content`), or None if it has none."""
+    try:
+        completion = json.loads(answer)
+    except ValueError:  # json.JSONDecodeError, or a body that is not UTF-8
+        raise _AnalysisError("OpenAI sent a completion that is not JSON") from None
+    choices = completion.get("choices") if isinstance(completion, dict) else None
+    first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    message = first.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else None
 
 
 def _without_fence(content: str) -> str:

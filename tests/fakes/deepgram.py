@@ -61,6 +61,8 @@ class FakeListenConnection:
     query: dict[str, str]
     """The query parameters (the first value of a repeated one, such as `keyterm`; `query_lists` has them all)."""
     query_lists: dict[str, list[str]]
+    headers: dict[str, str] = field(default_factory=dict)
+    """The handshake's request headers."""
     bytes_received: int = 0
     audio_messages: int = 0
     controls: list[str] = field(default_factory=list)
@@ -178,6 +180,7 @@ class FakeDeepgram:
         listen = FakeListenConnection(
             query={key: request.query[key] for key in request.query},
             query_lists={key: request.query.getall(key) for key in request.query},
+            headers=dict(request.headers),
         )
         self.listens.append(listen)
         self._live[ws] = request.transport
