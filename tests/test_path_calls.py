@@ -38,7 +38,6 @@ from tests.fakes.openai_realtime import FakeRealtime
 from tests.fakes.server import serve
 from tests.fakes.twilio import Answer, FakeTwilio
 from tests.paths import (
-    ANSWER_FALLBACK,
     ASK_ACCOUNT,
     BILLING,
     EVERY_TYPE_EDGES,
@@ -630,12 +629,13 @@ async def test_the_realtime_model_walks_wait_knowledge_press_digits_and_end(rig:
         fake.reply_tool("follow_path", {"way": "order-named", "variables": {"order_number": "A-42"}})
         fake.caller_says("When will it arrive?")  # the wait node: the model is not asked to speak, the caller goes on
         fake.reply_tool("follow_path", {"way": "heard"})
-        fake.reply(ANSWER_FALLBACK)  # the knowledge node: the agent has no knowledge base, its fallback is said
+        fake.reply("Within three working days.")  # the knowledge node: the model answers from the passage found
         fake.caller_says("Take me to the menu.")
         fake.reply_tool("follow_path", {"way": "answered"})
         fake.reply(GOODBYE)  # after the press-digits node's tones
-        async with rig.engine(openai_base_url=fake.base_url) as engine:
+        async with rig.engine(openai_base_url=fake.base_url, kb_ingest_poll_interval=0.05) as engine:
             line = await rig.line(realtime=REALTIME)
+            await give_knowledge(rig.pool, rig.organization_id, line.agent_id, DELIVERY, embedded=False)
             steps: list[Step] = [
                 Say("it is about an order"),
                 Say("it is order a forty two"),
@@ -644,15 +644,18 @@ async def test_the_realtime_model_walks_wait_knowledge_press_digits_and_end(rig:
             ]
             result, log, ended = await rig.call(engine, line, *steps).finished()
             nodes, _ = await path_metrics(engine, line.path_id)
+        instructions = [update["session"]["instructions"] for update in fake.of_type("session.update")]
 
     assert [row[1:4] for row in ended if row[0] == "agent"] == [
         (GREETING, "greet", None),
         (ORDER, "order", "to-order"),
-        (ANSWER_FALLBACK, "kb", "heard"),
+        ("Within three working days.", "kb", "heard"),
         ("[DTMF 1w2]", "goodbye", "menu-done"),  # the press-digits node's tones, then its edge's end node
         (GOODBYE, "goodbye", None),
     ]
     assert nodes["listen"] == 1 and nodes["menu"] == 1
+    # The caller's question, transcribed after the model had moved, was waited for and found the passage.
+    assert any("'kb'" in text and DELIVERY in text for text in instructions)
     assert (log["metadata"]["endReason"], log["status"]) == ("path_end", "COMPLETED")
     assert log["metadata"]["conversationPath"] == {
         "id": line.path_id,
