@@ -341,9 +341,8 @@ async def test_a_failing_webhook_routes_on_failure_and_ends_the_call(rig: PathRi
     assert log["metadata"]["conversationPath"]["variables"]["account"] == "42"  # the terminator ended the digits
 
 
-@pytest.mark.parametrize("arguments", [{"way": "to-nowhere"}, {}], ids=["wrong-way", "no-way"])
 async def test_a_wrong_or_missing_way_is_explained_to_the_model_and_the_call_walks_on_to_knowledge_and_keys(
-    rig: PathRig, arguments: dict[str, Any]
+    rig: PathRig,
 ) -> None:
     before = len(rig.fakes.openai.requests)
     rig.fakes.deepgram.transcripts.extend(
@@ -351,10 +350,11 @@ async def test_a_wrong_or_missing_way_is_explained_to_the_model_and_the_call_wal
     )
     rig.fakes.openai.replies.extend(
         [
-            [ToolCall("follow_path", arguments)],
+            [follow("to-nowhere")],  # a wrong way
             "Sorry, was that billing or an order?",
             [follow("to-order")],
             "Which order is it?",  # the prompt node: the model speaks
+            [ToolCall("follow_path", {})],  # no way at all: told so, the model tries again at once
             ["Noted.", follow("order-named", order_number="A-42")],  # moves and extracts
             [follow("heard")],  # the wait node: the caller's question moves the call on
             "Within three working days.",  # the knowledge node: the model answers from the passage found
@@ -387,7 +387,11 @@ async def test_a_wrong_or_missing_way_is_explained_to_the_model_and_the_call_wal
         ("agent", f"[DTMF 1w2] {GOODBYE}", "goodbye", "menu-done"),  # the tones, then goodbye
     ]
     told = tool_results(rig.fakes, before)
-    assert told[0].startswith("error: there is no way") and "to-billing, to-order, global:human" in told[0]
+    assert told[0].startswith("error: there is no way 'to-nowhere'") and "to-billing, to-order, global:human" in told[0]
+    assert (
+        "error: there is no way '' from here; choose one of: order-named, global:human;"
+        " stay at this step and keep talking, or call follow_path again"
+    ) in told  # each request carries the conversation so far: the same result is in every one after it
     requests = rig.fakes.openai.requests[before:]
     (offered,) = [t for t in requests[4]["tools"] if t["function"]["name"] == "follow_path"]
     asked = offered["function"]["parameters"]["properties"]["variables"]["properties"]
