@@ -39,6 +39,7 @@ from tests.fakes.server import serve
 from tests.fakes.twilio import Answer, FakeTwilio
 from tests.paths import (
     ASK_ACCOUNT,
+    BILLING,
     EVERY_TYPE_EDGES,
     EVERY_TYPE_NODES,
     GOODBYE,
@@ -340,25 +341,38 @@ async def test_a_failing_webhook_routes_on_failure_and_ends_the_call(rig: PathRi
     assert log["metadata"]["conversationPath"]["variables"]["account"] == "42"  # the terminator ended the digits
 
 
-@pytest.mark.parametrize("arguments", [{"way": "to-nowhere"}, {}], ids=["wrong-way", "no-way"])
-async def test_a_wrong_or_missing_way_is_explained_to_the_model_and_the_call_goes_on(
-    rig: PathRig, arguments: dict[str, Any]
+async def test_a_wrong_or_missing_way_is_explained_to_the_model_and_the_call_walks_on_to_knowledge_and_keys(
+    rig: PathRig,
 ) -> None:
     before = len(rig.fakes.openai.requests)
-    rig.fakes.deepgram.transcripts.extend(["Something else.", "An order.", "It is order A 42."])
+    rig.fakes.deepgram.transcripts.extend(
+        ["Something else.", "An order.", "It is order A 42.", "When will it arrive?", "Take me to the menu."]
+    )
     rig.fakes.openai.replies.extend(
         [
-            [ToolCall("follow_path", arguments)],
+            [follow("to-nowhere")],  # a wrong way
             "Sorry, was that billing or an order?",
             [follow("to-order")],
             "Which order is it?",  # the prompt node: the model speaks
+            [ToolCall("follow_path", {})],  # no way at all: told so, the model tries again at once
             ["Noted.", follow("order-named", order_number="A-42")],  # moves and extracts
+            [follow("heard")],  # the wait node: the caller's question moves the call on
+            "Within three working days.",  # the knowledge node: the model answers from the passage found
+            [follow("answered")],
         ]
     )
-    async with rig.engine() as engine:
+    async with rig.engine(kb_ingest_poll_interval=0.05) as engine:
         line = await rig.line()
-        steps: list[Step] = [Say("something else"), Say("an order"), Say("it is order a forty two")]
-        _, log, ended = await rig.call(engine, line, *steps).finished()
+        await give_knowledge(rig.pool, rig.organization_id, line.agent_id, DELIVERY, embedded=False)
+        steps: list[Step] = [
+            Say("something else"),
+            Say("an order"),
+            Say("it is order a forty two"),
+            Say("when will it arrive"),
+            Say("take me to the menu"),
+        ]
+        result, log, ended = await rig.call(engine, line, *steps).finished()
+        nodes, _ = await path_metrics(engine, line.path_id)
 
     assert ended[1:] == [
         ("caller", "Something else.", "greet", None),
@@ -367,17 +381,28 @@ async def test_a_wrong_or_missing_way_is_explained_to_the_model_and_the_call_goe
         ("agent", "Which order is it?", "order", "to-order"),
         ("caller", "It is order A 42.", "order", None),
         ("agent", "Noted.", "listen", "order-named"),  # the wait node says nothing more
+        ("caller", "When will it arrive?", "listen", None),
+        ("agent", "Within three working days.", "kb", "heard"),
+        ("caller", "Take me to the menu.", "kb", None),
+        ("agent", f"[DTMF 1w2] {GOODBYE}", "goodbye", "menu-done"),  # the tones, then goodbye
     ]
     told = tool_results(rig.fakes, before)
-    assert told[0].startswith("error: there is no way") and "to-billing, to-order, global:human" in told[0]
-    (offered,) = [t for t in rig.fakes.openai.requests[-1]["tools"] if t["function"]["name"] == "follow_path"]
+    assert told[0].startswith("error: there is no way 'to-nowhere'") and "to-billing, to-order, global:human" in told[0]
+    assert (
+        "error: there is no way '' from here; choose one of: order-named, global:human;"
+        " stay at this step and keep talking, or call follow_path again"
+    ) in told  # each request carries the conversation so far: the same result is in every one after it
+    requests = rig.fakes.openai.requests[before:]
+    (offered,) = [t for t in requests[4]["tools"] if t["function"]["name"] == "follow_path"]
     asked = offered["function"]["parameters"]["properties"]["variables"]["properties"]
     assert asked == {"order_number": {"type": "string", "description": "The order's number"}}
-    # The caller hung up at the wait node: the trace kept where the call ended.
-    assert log["metadata"]["endReason"] == "caller_hangup"
+    assert DELIVERY in requests[-2]["messages"][0]["content"]  # the passage the knowledge node found, for the model
+    assert nodes["menu"] == 1  # the press-digits node was passed through
+    assert len(result.utterances[-1].audio) > 8 * 700  # two tones, a half-second pause, the goodbye
+    assert (log["metadata"]["endReason"], log["status"]) == ("path_end", "COMPLETED")
     assert log["metadata"]["conversationPath"] == {
         "id": line.path_id,
-        "node": "listen",
+        "node": "goodbye",
         "variables": {"order_number": "A-42"},
     }
 
@@ -470,6 +495,37 @@ async def test_the_offline_model_walks_prompt_wait_knowledge_press_digits_and_en
     assert rig.fakes.openai.requests[before:] == []
 
 
+async def test_the_offline_model_walks_speak_gather_webhook_prompt_and_a_global_node_that_transfers(
+    rig: PathRig,
+) -> None:
+    before = len(rig.fakes.openai.requests)
+    rig.fakes.deepgram.transcripts.extend(["It is about billing.", "Can I talk to a person?"])
+    async with rig.engine() as engine:
+        line = await rig.line(llm={"provider": "conversation_path"})
+        steps: list[Step] = [Say("it is about billing"), Dtmf("1234"), Say("can i talk to a person")]
+        result, log, ended = await rig.call(engine, line, *steps).finished()
+        _, edges = await path_metrics(engine, line.path_id)
+
+    assert ended == [
+        ("agent", GREETING, "greet", None),
+        ("caller", "It is about billing.", "greet", None),
+        ("agent", ASK_ACCOUNT, "account", "to-billing"),
+        ("caller", "[DTMF 1]", "account", None),
+        ("caller", "[DTMF 2]", "account", None),
+        ("caller", "[DTMF 3]", "account", None),
+        ("caller", "[DTMF 4]", "account", None),
+        ("agent", BILLING, "billing", "found"),  # the prompt node's line, said by the offline model
+        ("caller", "Can I talk to a person?", "billing", None),
+        ("agent", HUMAN, "transfer", "to-person"),  # the global node's keyword, from anywhere
+    ]
+    assert rig.accounts.received[0]["arguments"] == {"account": "1234"}
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred")
+    [update] = rig.twilio_updates
+    assert update["sid"] == result.call_sid and f"<Dial><Number>{TRANSFER_TO}</Number></Dial>" in update["Twiml"]
+    assert edges["global:human"] == 1
+    assert rig.fakes.openai.requests[before:] == []
+
+
 async def test_a_campaigns_path_overrides_the_agents_default(rig: PathRig) -> None:
     pool, organization_id = rig.pool, rig.organization_id
     number = await phone_numbers.create_phone_number(
@@ -524,19 +580,21 @@ async def test_a_campaigns_path_overrides_the_agents_default(rig: PathRig) -> No
 # --------------------------------------------------------------------------------------------------- Realtime
 
 
-async def test_the_realtime_model_follows_the_path_through_session_updates(rig: PathRig) -> None:
+async def test_the_realtime_model_follows_the_path_through_session_updates_to_a_global_transfer(
+    rig: PathRig,
+) -> None:
     async with FakeRealtime(api_key=OPENAI_KEY) as fake:
         fake.reply(GREETING)  # the start node's words, said exactly
         fake.reply_tool("follow_path", {"way": "to-billing"})
         fake.reply(ASK_ACCOUNT)  # the gather node's words, said exactly
         fake.caller_says("It's about billing.")
         fake.reply(BALANCE)  # the prompt node: the model speaks from the new instructions
-        fake.reply_tool("follow_path", {"way": "billing-done"})
-        fake.reply(GOODBYE)
-        fake.caller_says("Thanks, bye.")
+        fake.reply_tool("follow_path", {"way": "global:human"})
+        fake.reply(HUMAN)  # the transfer node's words, said exactly
+        fake.caller_says("Can I talk to a person?")
         async with rig.engine(openai_base_url=fake.base_url) as engine:
             line = await rig.line(realtime=REALTIME)
-            steps: list[Step] = [Say("it is about billing"), Dtmf("1234"), Say("thanks bye")]
+            steps: list[Step] = [Say("it is about billing"), Dtmf("1234"), Say("can i talk to a person")]
             call = rig.call(engine, line, *steps)
             live, log = await call.trace_when(8)
             updates = [update["session"] for update in fake.of_type("session.update")]
@@ -559,8 +617,55 @@ async def test_the_realtime_model_follows_the_path_through_session_updates(rig: 
     assert "Tell the caller their balance" in instructions[-1]
     assert rig.accounts.received[0]["arguments"] == {"account": "1234"}
     assert not any("pressed" in str(item) for item in items)  # the gather node took the keys, not the model
-    assert ended[-1][1:3] == (GOODBYE, "goodbye")
-    assert (log["metadata"]["endReason"], log["metadata"]["conversationPath"]["node"]) == ("path_end", "goodbye")
+    assert ended[-1][1:4] == (HUMAN, "transfer", "to-person")  # the global node passed through to its transfer
+    assert (log["metadata"]["endReason"], log["metadata"]["conversationPath"]["node"]) == ("transferred", "transfer")
+    [update] = rig.twilio_updates
+    assert update["sid"] == result.call_sid and f"<Dial><Number>{TRANSFER_TO}</Number></Dial>" in update["Twiml"]
+
+
+async def test_the_realtime_model_walks_wait_knowledge_press_digits_and_end(rig: PathRig) -> None:
+    async with FakeRealtime(api_key=OPENAI_KEY) as fake:
+        fake.reply(GREETING)
+        fake.caller_says("It's about an order.")
+        fake.reply_tool("follow_path", {"way": "to-order"})
+        fake.reply(ORDER)  # the prompt node: the model speaks
+        fake.caller_says("It is order A 42.")
+        fake.reply_tool("follow_path", {"way": "order-named", "variables": {"order_number": "A-42"}})
+        fake.caller_says("When will it arrive?")  # the wait node: the model is not asked to speak, the caller goes on
+        fake.reply_tool("follow_path", {"way": "heard"})
+        fake.reply("Within three working days.")  # the knowledge node: the model answers from the passage found
+        fake.caller_says("Take me to the menu.")
+        fake.reply_tool("follow_path", {"way": "answered"})
+        fake.reply(GOODBYE)  # after the press-digits node's tones
+        async with rig.engine(openai_base_url=fake.base_url, kb_ingest_poll_interval=0.05) as engine:
+            line = await rig.line(realtime=REALTIME)
+            await give_knowledge(rig.pool, rig.organization_id, line.agent_id, DELIVERY, embedded=False)
+            steps: list[Step] = [
+                Say("it is about an order"),
+                Say("it is order a forty two"),
+                Say("when will it arrive"),
+                Say("take me to the menu"),
+            ]
+            result, log, ended = await rig.call(engine, line, *steps).finished()
+            nodes, _ = await path_metrics(engine, line.path_id)
+        instructions = [update["session"]["instructions"] for update in fake.of_type("session.update")]
+
+    assert [row[1:4] for row in ended if row[0] == "agent"] == [
+        (GREETING, "greet", None),
+        (ORDER, "order", "to-order"),
+        ("Within three working days.", "kb", "heard"),
+        ("[DTMF 1w2]", "goodbye", "menu-done"),  # the press-digits node's tones, then its edge's end node
+        (GOODBYE, "goodbye", None),
+    ]
+    assert nodes["listen"] == 1 and nodes["menu"] == 1
+    # The caller's question, transcribed after the model had moved, was waited for and found the passage.
+    assert any("'kb'" in text and DELIVERY in text for text in instructions)
+    assert (log["metadata"]["endReason"], log["status"]) == ("path_end", "COMPLETED")
+    assert log["metadata"]["conversationPath"] == {
+        "id": line.path_id,
+        "node": "goodbye",
+        "variables": {"order_number": "A-42"},
+    }
     assert rig.twilio_updates == [{"sid": result.call_sid, "Status": "completed"}]
 
 

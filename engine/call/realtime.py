@@ -353,9 +353,13 @@ class RealtimeDriver:
                 self._on_speech_stopped(item_id, self._stream_ms(end_ms))
             case CallerTranscript(item_id=item_id, transcript=transcript):
                 self._on_caller_transcript(item_id, transcript.strip() or INAUDIBLE)
+                if self._path is not None:
+                    self._path.heard(item_id, transcript.strip())
             case CallerTranscriptFailed(item_id=item_id, message=message):
                 log.warning("call %s: the caller's turn was not transcribed: %s", self._host.context.call_sid, message)
                 self._on_caller_transcript(item_id, TRANSCRIPTION_FAILED)
+                if self._path is not None:
+                    self._path.heard(item_id, "")
 
     async def _on_agent_event(self, event: RealtimeEvent) -> None:
         match event:
@@ -403,6 +407,8 @@ class RealtimeDriver:
         start_ms = min(self._caller_started_ms.pop(item_id, end_ms), end_ms)
         if self._realtime.transcription_model:
             self._caller_turns[item_id] = host.turns.place("caller", start_ms, end_ms)
+            if self._path is not None:
+                self._path.caller_turn_ended(item_id)
         else:
             host.turns.place("caller", start_ms, end_ms, text=UNTRANSCRIBED)
         host.caller_turn_ended()

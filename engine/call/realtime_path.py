@@ -4,25 +4,32 @@ The Realtime model gets the same prompt and `follow_path` function as a chat mod
 each move the session is updated (`session.update`) with the new node's instructions and ways out. What a node
 says word for word, the engine has the model say exactly; touch tones, the hang-up and the transfer are the
 engine's, as for the model's own function calls. Keys pressed at a gather node are collected by the path and not
-passed to the model.
+passed to the model. A knowledge node searches with the caller's latest words: their transcript arrives apart from
+the model's reply, so a move to one waits for it (at most `TRANSCRIPT_WAIT_S`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from engine.call.driver import CallHost
 from pipelines.conversation.transfer_rules import Refusal, TransferRules
 from pipelines.llm.base import EndCall, LLMEvent, SendDtmf, TextDelta, TransferCall
 from pipelines.paths.chat import ChatPath
+from pipelines.paths.graph import KnowledgeData
 from pipelines.tools import FunctionSpec
 from storage.end_reasons import EndReason
 
-__all__ = ["RealtimePath", "offered"]
+__all__ = ["TRANSCRIPT_WAIT_S", "RealtimePath", "offered"]
 
 log = logging.getLogger(__name__)
+
+TRANSCRIPT_WAIT_S: Final = 3.0
+"""How long a move to a knowledge node waits for the transcript of the caller's turn it searches with."""
 
 
 class RealtimePath:
@@ -44,6 +51,20 @@ class RealtimePath:
         self._rules = TransferRules.from_config(host.config.transfer)
         self.press_keys: Callable[[str], str] = lambda digits: "error: no keypad"
         """Plays touch tones (the driver's, set once its functions exist)."""
+        self._turn: tuple[str, asyncio.Future[None]] | None = None  # the caller's latest turn: item id, transcribed
+
+    def caller_turn_ended(self, item_id: str) -> None:
+        """The caller's turn `item_id` ended; its words are unknown until `heard`."""
+        self._path.hear("")
+        self._turn = (item_id, asyncio.get_running_loop().create_future())
+
+    def heard(self, item_id: str, text: str) -> None:
+        """The transcript of the caller's turn `item_id` ("" when it failed); only the latest turn's counts."""
+        if self._turn is None or self._turn[0] != item_id:
+            return
+        self._path.hear(text)
+        if not self._turn[1].done():
+            self._turn[1].set_result(None)
 
     def instructions(self, base: str) -> str:
         """The session's instructions at the current node."""
@@ -60,10 +81,21 @@ class RealtimePath:
 
     async def follow(self, arguments: Mapping[str, Any]) -> tuple[str, bool]:
         """Carry out `follow_path`: (what the model is told, whether it should speak next)."""
+        await self._words_for(arguments.get("way"))
         move = await self._path.follow(arguments)
         await self._act(move.events, say_text=True)
         await self._refresh()
         return move.result, move.model_speaks
+
+    async def _words_for(self, way: object) -> None:
+        """Before a move to a knowledge node, wait for the transcript of the caller's latest turn, if still on its
+        way (at most TRANSCRIPT_WAIT_S; then the node searches with nothing and says its fallback)."""
+        engine = self._path.engine
+        target = next((candidate.target for candidate in engine.ways() if candidate.key == way), None)
+        if target is None or not isinstance(engine.path.nodes[target].data, KnowledgeData) or self._turn is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._turn[1]), TRANSCRIPT_WAIT_S)
 
     async def key(self, digit: str) -> bool | None:
         """A key the caller pressed: None when the path leaves it to the model; else the path (a gather node) took

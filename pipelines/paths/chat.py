@@ -76,6 +76,11 @@ class ChatPath:
         moved = len(engine.steps) > steps  # else more digits are awaited, silently
         return PathMove(tuple(pressed), moved and self._model_speaks(pressed))
 
+    def hear(self, text: str) -> None:
+        """The caller's latest words, as a speech-to-speech call's transcript gives them ("" while unknown): what a
+        move to a knowledge node searches with (a chat call's are read from its conversation, `before_model`)."""
+        self._heard = text
+
     async def follow(self, arguments: Mapping[str, Any]) -> PathMove:
         """Carry out `follow_path`: move (keeping the variables given), or tell the model the way is wrong."""
         engine = self.engine
