@@ -4,14 +4,18 @@ an API client while they happen, resumed after a drop, across engine processes, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
-from engine.simulator import HangUp, Pause, Say
+from engine.simulator import Dtmf, HangUp, Pause, Say
+from storage import agents, tools
 from tests.engine_server import running_engine
+from tests.fakes.server import serve
 from tests.sse_client import EventStream
 from tests.test_api_auth import Api, Tenant, make_tenant
 from tests.test_calls_e2e import CALLER, TOKEN, call, call_log, make_line, turns
@@ -21,7 +25,7 @@ BOOKING = (Say("I would like to book an appointment"), Say("tuesday please"))
 
 @pytest.fixture(scope="module")
 async def engine(db_url: str) -> AsyncIterator[str]:
-    async with running_engine(db_url, twilio_auth_token=TOKEN) as base:
+    async with running_engine(db_url, twilio_auth_token=TOKEN, allow_private_tool_urls=True) as base:  # loopback hooks
         yield base
 
 
@@ -109,6 +113,54 @@ async def test_an_organization_stream_follows_a_call_as_it_happens(
         ("book", "greeting-book"),
         ("confirm", "book-confirm"),
     ]
+
+
+LOOKUP_PATH_NODES = [
+    {"id": "greet", "type": "speak", "data": {"isStart": True, "text": "Press one to look up your account."}},
+    {"id": "lookup", "type": "webhook", "data": {"tool": "lookup_account"}},
+    {"id": "found", "type": "end", "data": {"text": "Found it. Goodbye."}},
+    {"id": "down", "type": "end", "data": {"text": "Sorry, our system is down. Goodbye."}},
+]
+LOOKUP_PATH_EDGES = [
+    {"id": "pressed", "source": "greet", "target": "lookup", "data": {"digit": "1"}},
+    {"id": "looked-up", "source": "lookup", "target": "found", "data": {"result": "success"}},
+    {"id": "failed", "source": "lookup", "target": "down", "data": {"result": "failure"}},
+]
+
+
+async def test_a_path_step_is_told_when_the_path_moves_not_with_the_next_agent_turn(
+    engine: str, pool: asyncpg.Pool, session: aiohttp.ClientSession
+) -> None:
+    tenant = await make_tenant(pool, "Moving")
+    number, agent_id = await make_line(pool, tenant.organization_id, nodes=LOOKUP_PATH_NODES, edges=LOOKUP_PATH_EDGES)
+    seen_while_looking_up: list[bool] = []
+
+    async def lookup(_request: web.Request) -> web.Response:
+        # The webhook answers once the stream has told the lookup node (or after 5 s): no agent turn comes before.
+        with contextlib.suppress(TimeoutError):
+            await stream.until(lambda e: e.type == "path.node" and e.data["nodeId"] == "lookup", timeout=5)
+        seen_while_looking_up.append(any(e.data["nodeId"] == "lookup" for e in stream.of_type("path.node")))
+        return web.json_response({"balance": "$12"})
+
+    hooks = web.Application()
+    hooks.router.add_post("/lookup", lookup)
+    async with serve(hooks) as hook:
+        tool = await tools.create_tool(
+            pool,
+            organization_id=tenant.organization_id,
+            name="Accounts",
+            is_connected=True,
+            configuration={"function": {"name": "lookup_account"}, "webhook": {"url": f"{hook}/lookup"}},
+        )
+        await agents.link_tool(pool, organization_id=tenant.organization_id, agent_id=agent_id, tool_id=tool.id)
+        async with EventStream(session, f"{engine}/v1/live-calls/events", tenant.owner_key) as stream:
+            result = await call(engine, number, Dtmf("1"), Pause(500))
+            await stream.until(lambda e: e.type == "call.ended")
+    log = await call_log(pool, result)
+    assert log["metadata"]["endReason"] == "path_end"
+    assert seen_while_looking_up == [True]
+    steps = [(e.data["nodeId"], e.data["edgeId"]) for e in stream.of_type("path.node")]
+    assert steps == [("greet", None), ("lookup", "pressed"), ("found", "looked-up")]
 
 
 async def test_a_call_stream_starts_with_a_snapshot_and_resumes_after_a_drop_with_nothing_lost(

@@ -1,5 +1,6 @@
 """Live call events in PostgreSQL: ids become visible in increasing order whoever writes them, streams read only their
-organization's, leases are read across organizations by the engine, and old events are pruned."""
+organization's, leases are read across organizations by the engine, and old events are pruned; a speculative
+reply's path steps are recorded only once its turn is confirmed."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+from engine.call.live_events import CallEvents, LiveEvents
+from engine.call.path_trace import PathTrace
+from pipelines.conversation.confirmation import hold_side_effects_until
+from pipelines.paths.engine import PathEngine
+from pipelines.paths.graph import read_path
 from storage import call_logs, live_call_events
 from storage.enums import CallType
 from storage.errors import InvalidReference
@@ -114,3 +120,50 @@ async def test_pruning_deletes_old_events_and_expired_leases(pool: asyncpg.Pool)
         await pool.fetchval('SELECT count(*) FROM "LiveCallWatch" WHERE "organizationId" = $1', tenant.organization_id)
         == 0
     )
+
+
+SPECULATION_NODES = [
+    {"id": "ask", "type": "speak", "data": {"isStart": True, "text": "Billing or sales?"}},
+    {"id": "billing", "type": "speak", "data": {"text": "Billing it is."}},
+    {"id": "sales", "type": "speak", "data": {"text": "Sales it is."}},
+]
+SPECULATION_EDGES = [
+    {"id": "to-billing", "source": "ask", "target": "billing", "data": {"keywords": ["billing"]}},
+    {"id": "to-sales", "source": "ask", "target": "sales", "data": {"keywords": ["sales"]}},
+]
+
+
+async def test_a_path_step_of_a_speculative_reply_is_told_once_confirmed_and_never_once_discarded(
+    pool: asyncpg.Pool,
+) -> None:
+    tenant = await make_tenant(pool, "Speculating")
+    call_log_id = await new_call(pool, tenant.organization_id)
+    publisher = LiveEvents(pool, retention=timedelta(hours=1))
+    publisher.announce(Watch(tenant.organization_id, call_log_id))  # a stream watches the call
+    engine = PathEngine(read_path(SPECULATION_NODES, SPECULATION_EDGES))
+    trace = PathTrace("path-1", engine, live=CallEvents(publisher, tenant.organization_id, call_log_id))
+
+    await engine.begin()  # the opening: told at once
+
+    async def speculative_reply(confirmed: asyncio.Event, way: str) -> None:
+        hold_side_effects_until(confirmed)
+        await engine.move(way)
+
+    before = engine.checkpoint()
+    await asyncio.create_task(speculative_reply(asyncio.Event(), "to-sales"))
+    engine.rewind(before)  # the caller spoke on: the reply is thrown away, its step with it
+
+    confirmed = asyncio.Event()
+    await asyncio.create_task(speculative_reply(confirmed, "to-billing"))
+    confirmed.set()
+    trace.tell_steps()  # the turn is confirmed: the reply is the call's
+    await publisher.stop()  # writes what is queued
+
+    async with tenant_transaction(pool, tenant.organization_id) as db:
+        events = await live_call_events.events_after(
+            db, organization_id=tenant.organization_id, call_log_id=call_log_id, after=0
+        )
+    assert [(event.data["nodeId"], event.data["edgeId"]) for event in events if event.type == "path.node"] == [
+        ("ask", None),
+        ("billing", "to-billing"),
+    ]

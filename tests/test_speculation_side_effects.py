@@ -49,7 +49,7 @@ async def test_a_tool_webhook_waits_for_the_turn_and_a_discarded_reply_never_cal
             tools = ToolRunner([function], call={"callLogId": "c1"}, session=session, allow_private=True)
 
             async def speculative_reply(confirmed: asyncio.Event) -> str:
-                hold_side_effects_until(confirmed.wait)
+                hold_side_effects_until(confirmed)
                 return await tools.run("book_table", {"people": 2})
 
             discarded = asyncio.create_task(speculative_reply(asyncio.Event()))

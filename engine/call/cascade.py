@@ -425,6 +425,7 @@ class PipelineDriver:
         self._host.move(PhaseEvent.REPLY)
         self._reply = speculation.task
         speculation.use(reply_to, now)
+        host.turns.tell_path_steps()  # the moves it made on the path are the call's now
 
     def _cut(self, why: str) -> None:
         """The caller talks over the agent: stop the reply, clear Twilio's buffer, keep what was heard."""
@@ -477,7 +478,7 @@ class PipelineDriver:
         (play, recover, hang up, transfer) before its turn is confirmed.
         """
         if utterance.gate is not None:
-            hold_side_effects_until(utterance.gate.wait)
+            hold_side_effects_until(utterance.gate)
         try:
             ending = await self._say_reply(utterance, sentences, ask_model, conversation)
         except (LLMError, TTSError) as exc:

@@ -1,9 +1,14 @@
-"""A call's trace along its conversation path: each turn's node and edge, the CallLog's path metadata, metrics.
+"""A call's trace along its conversation path: each turn's node and edge, the CallLog's path metadata, metrics,
+and the call's live events.
 
 The TurnLog stamps every turn it places with `stamp`: a caller turn with the node they answered at, an agent turn
 with the node it was spoken at and the edge taken to it during the reply. The CallLog's `metadata.conversationPath`
 keeps the path's id and the node the call is at (at the end: where it ended), and the engine's `/metrics` count,
 once per call, the calls that reached each node and took each edge.
+
+The live events hear of each step (path.node) as the path engine takes it, not with the next turn: a step of a
+speculative reply waits until the caller's turn is confirmed (`tell_steps`), and one of a reply thrown away is
+rewound before anyone hears of it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from typing import Any
 
 from engine.call.live_events import CallEvents
 from engine.server import metrics
-from pipelines.paths.engine import PathEngine
+from pipelines.conversation.confirmation import turn_pending
+from pipelines.paths.engine import PathEngine, PathStep
 
 __all__ = ["PathTrace"]
 
@@ -30,12 +36,15 @@ class PathTrace:
         live: CallEvents | None = None,
     ) -> None:
         """Trace `engine` (walking path `path_id`); `record_metadata` merges items into the CallLog's metadata;
-        `live` hears of each step (path.node)."""
+        `live` hears of each step (path.node) as it is taken."""
         self._path_id = path_id
         self._live = live
         self._engine = engine
         self._record_metadata = record_metadata
         self._seen_steps = 0
+        self._told_steps = 0
+        if live is not None:
+            engine.on_step = self._stepped
         self._nodes: set[str] = set()
         self._edges: set[str] = set()
         self._reported: str | None = None
@@ -69,10 +78,24 @@ class PathTrace:
         self._reported = None  # the variables may have changed without a move
         self._report(engine.node.id)
 
+    def tell_steps(self) -> None:
+        """Tell the live events the steps not told yet (a speculative reply's, once its caller's turn is confirmed:
+        they are the call's now)."""
+        if self._live is None:
+            return
+        steps = self._engine.steps
+        self._told_steps = min(self._told_steps, len(steps))  # (a rewind may have taken back steps not yet told)
+        for step in steps[self._told_steps :]:
+            self._live.emit("path.node", pathId=self._path_id, nodeId=step.node_id, edgeId=step.edge_id)
+        self._told_steps = len(steps)
+
+    def _stepped(self, _step: PathStep) -> None:
+        """The path engine took a step: told now, unless a speculative reply took it before its turn is confirmed."""
+        if not turn_pending():
+            self.tell_steps()
+
     def _took(self, node_id: str, edge_id: str | None) -> None:
-        """A step of the path: counted (once per call for the metrics) and told to the call's live events."""
-        if self._live is not None:
-            self._live.emit("path.node", pathId=self._path_id, nodeId=node_id, edgeId=edge_id)
+        """A step of the path, counted once per call for the metrics."""
         if node_id not in self._nodes:
             self._nodes.add(node_id)
             metrics.PATH_NODE_CALLS.labels(self._path_id, node_id).inc()

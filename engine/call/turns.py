@@ -111,6 +111,11 @@ class TurnLog:
             live=self._live,
         )
 
+    def tell_path_steps(self) -> None:
+        """A speculative reply's caller turn is confirmed: the live events hear of the path steps it took."""
+        if self._trace is not None:
+            self._trace.tell_steps()
+
     def path_node(self) -> str | None:
         """The conversation path's node the call is at now (None without a path, or before it starts)."""
         return self._trace.node() if self._trace is not None else None

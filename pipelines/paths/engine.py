@@ -20,7 +20,7 @@ ends a call nobody answers).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -149,6 +149,8 @@ class PathEngine:
     """The trace: every node arrived at, with the edge taken to it."""
     passages: list[str] = field(default_factory=list)
     """What the knowledge lookup found at the current (knowledge) node."""
+    on_step: Callable[[PathStep], None] | None = field(default=None, repr=False, compare=False)
+    """Told of every step as the call arrives at its node (the call's trace, for its live events)."""
     _current: str = ""
     _gathering: _Gathering = field(default_factory=_Gathering)
     _turns_read: int = 0
@@ -295,10 +297,7 @@ class PathEngine:
     async def _arrive(self, node_id: str, edge_id: str | None, heard: str) -> list[LLMEvent]:
         events: list[LLMEvent] = []
         for _ in range(_MAX_PASS_THROUGH):
-            self._current = node_id
-            self.steps.append(PathStep(node_id, edge_id))
-            self.passages = []
-            self._gathering = _Gathering()
+            self._enter(node_id, edge_id)
             node = self.node
             data = node.data
             if node.text and not isinstance(data, KnowledgeData | PromptData):  # a prompt's text is offline-only
@@ -330,6 +329,16 @@ class PathEngine:
                 return events
             node_id, edge_id = following[0].target, following[0].id
         return events
+
+    def _enter(self, node_id: str, edge_id: str | None) -> None:
+        """The call is at `node_id` now, come by `edge_id`: a step of the trace (told to `on_step`)."""
+        self._current = node_id
+        step = PathStep(node_id, edge_id)
+        self.steps.append(step)
+        self.passages = []
+        self._gathering = _Gathering()
+        if self.on_step is not None:
+            self.on_step(step)
 
     async def _call_webhook(self, data: WebhookData, node_id: str) -> list[Edge]:
         if self.tools is None:
