@@ -32,6 +32,17 @@ OPT_OUT_CONFIRMATION = "You won't be called again. Goodbye."
 """What the callee hears once an opt-out is recorded, before the call ends."""
 DTMF_SENT = "sent"
 """The `send_dtmf` result the model gets once its keypresses are queued into the call."""
+CALL_ENDS = "done: the call ends once the last words are heard"
+"""What an `end_call` does, as its tool.call event tells it (the model gets no result: its reply is over)."""
+OPT_OUT_DONE = "done: the number is on the do-not-call list; the call ends now"
+"""The `opt_out` result: the callee is listed, hears the confirmation, and the call ends."""
+
+
+def transferring(number: str) -> str:
+    """What a `transfer_call` the rules allow does, as its tool.call event tells it."""
+    return f"done: the call is transferred to {number} once the last words are heard"
+
+
 MAX_RESULT_CHARS = 4000
 TOOL_ERROR_PREFIX = "error: "
 """How a function's result that reports a failure to the model starts."""
@@ -232,6 +243,14 @@ class ToolRunner:
         if self._observe is not None:
             self._observe(name, arguments, result)
         return result
+
+    async def carried_out(self, name: str, arguments: Mapping[str, Any], result: str) -> None:
+        """A built-in function (`end_call`, `transfer_call`, `send_dtmf`, `opt_out`) the call carries out itself, with
+        what it did: told like the agent's own functions, once the caller's turn is confirmed (a speculative reply
+        thrown away never tells it)."""
+        await turn_confirmed()
+        if self._observe is not None:
+            self._observe(name, arguments, result)
 
     async def _answer(self, name: str, arguments: Mapping[str, Any]) -> str:
         local = self._local.get(name)

@@ -4,6 +4,8 @@ and what was heard of it; a speech-to-speech call's turns."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -12,6 +14,7 @@ from aiohttp import web
 
 from config.agent import parse_agent_configuration
 from engine.simulator import Pause, Say
+from pipelines.tools import CALL_ENDS, DTMF_SENT
 from storage import agents, phone_numbers, tools
 from storage.enums import AgentStatus, CallerType
 from tests.engine_server import running_engine
@@ -24,6 +27,11 @@ from tests.test_calls_e2e import call_log
 from tests.test_cloud_calls_e2e import OPENAI_KEY, TOKEN, Fakes, call, engine, fakes, make_line
 
 __all__ = ["engine", "fakes"]  # that module's fixtures: one engine on the three fakes
+
+
+def without_time(data: dict[str, Any]) -> dict[str, Any]:
+    """An event's data without its `at`."""
+    return {key: value for key, value in data.items() if key != "at"}
 
 
 def webhook_tool(name: str, url: str) -> dict[str, Any]:
@@ -69,7 +77,7 @@ async def test_each_function_the_model_calls_is_an_event_with_its_outcome(
             result = await call(engine, number, Say("book me on tuesday"), Pause(300))
             await stream.until(lambda e: e.type == "call.ended")
     log = await call_log(pool, result)
-    told = [{key: value for key, value in event.data.items() if key != "at"} for event in stream.of_type("tool.call")]
+    told = [without_time(event.data) for event in stream.of_type("tool.call")]
     assert told == [
         {
             "callLogId": log["id"],
@@ -87,6 +95,39 @@ async def test_each_function_the_model_calls_is_an_event_with_its_outcome(
         },
     ]
     assert stream.of_type("agent.turn")[-1].data["text"] == "Sorry, I could not book it."
+
+
+async def test_the_built_in_functions_the_model_calls_are_events_refused_or_done(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool
+) -> None:
+    tenant = await make_tenant(pool, "Built-ins")
+    billing = {"number": "+14155550199", "label": "Billing"}
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hi.", transfer={"destinations": [billing]})
+    fakes.deepgram.transcripts.extend(["Put me through to nine hundred, then press one and hang up."])
+    fakes.openai.replies.extend(
+        [
+            [ToolCall("transfer_call", {"phone_number": "+19005550100"})],
+            [ToolCall("send_dtmf", {"digits": "1"})],
+            ["Goodbye!", ToolCall("end_call", {"reason": "the caller is done"})],
+        ]
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        EventStream(session, f"{engine}/v1/live-calls/events", tenant.owner_key) as stream,
+    ):
+        result = await call(engine, number, Say("put me through then press one and hang up"), Pause(4000))
+        await stream.until(lambda e: e.type == "call.ended")
+    log = await call_log(pool, result)
+    assert log["metadata"]["endReason"] == "agent_hangup"
+    told = [without_time(event.data) for event in stream.of_type("tool.call")]
+    assert [(event["name"], event["arguments"], event["ok"]) for event in told] == [
+        ("transfer_call", {"phone_number": "+19005550100"}, False),
+        ("send_dtmf", {"digits": "1"}, True),
+        ("end_call", {"reason": "the caller is done"}, True),
+    ]
+    assert told[0]["result"].startswith("error: +19005550100 is not a number this agent may transfer to.")
+    assert [event["result"] for event in told[1:]] == [DTMF_SENT, CALL_ENDS]
+    assert all(event["callLogId"] == log["id"] for event in told)
 
 
 async def test_an_agent_turn_cut_by_the_caller_says_what_was_said_and_what_was_heard(
@@ -116,32 +157,44 @@ async def test_an_agent_turn_cut_by_the_caller_says_what_was_said_and_what_was_h
     assert speaking[0] == "Hi." and long_reply.startswith(speaking[1])  # each piece as it starts playing
 
 
+async def realtime_line(pool: asyncpg.Pool, organization_id: str, number: str) -> str:
+    """`number` answered by a new speech-to-speech agent that has the caller's turns transcribed."""
+    line = await phone_numbers.create_phone_number(pool, organization_id=organization_id, phone_number=number)
+    await agents.create_agent(
+        pool,
+        organization_id=organization_id,
+        name=f"realtime agent {number}",
+        status=AgentStatus.ACTIVE,
+        caller_type=CallerType.INBOUND,
+        phone_number_id=line.id,
+        configuration=parse_agent_configuration(
+            {"realtime": {"provider": "openai", "transcription_model": "gpt-4o-mini-transcribe"}}
+        ).to_json(),
+    )
+    return line.phone_number
+
+
+@asynccontextmanager
+async def realtime_engine(db_url: str, realtime: FakeRealtime) -> AsyncIterator[str]:
+    """An engine whose speech-to-speech agents talk to the Realtime fake."""
+    async with running_engine(
+        db_url, twilio_auth_token=TOKEN, openai_api_key=OPENAI_KEY, openai_base_url=realtime.base_url
+    ) as base:
+        yield base
+
+
 async def test_a_speech_to_speech_call_streams_its_turns(db_url: str, pool: asyncpg.Pool) -> None:
     tenant = await make_tenant(pool, "Realtime")
+    number = await realtime_line(pool, tenant.organization_id, "+15555579001")
     async with FakeRealtime(api_key=OPENAI_KEY) as realtime:
         realtime.caller_says("What time do you open?")
         realtime.reply("We open at nine.")
-        settings: dict[str, Any] = {"openai_api_key": OPENAI_KEY, "openai_base_url": realtime.base_url}
-        number = await phone_numbers.create_phone_number(
-            pool, organization_id=tenant.organization_id, phone_number="+15555579001"
-        )
-        await agents.create_agent(
-            pool,
-            organization_id=tenant.organization_id,
-            name="realtime agent",
-            status=AgentStatus.ACTIVE,
-            caller_type=CallerType.INBOUND,
-            phone_number_id=number.id,
-            configuration=parse_agent_configuration(
-                {"realtime": {"provider": "openai", "transcription_model": "gpt-4o-mini-transcribe"}}
-            ).to_json(),
-        )
         async with (
-            running_engine(db_url, twilio_auth_token=TOKEN, **settings) as base,
+            realtime_engine(db_url, realtime) as base,
             aiohttp.ClientSession() as session,
             EventStream(session, f"{base}/v1/live-calls/events", tenant.owner_key) as stream,
         ):
-            await call(base, number.phone_number, Say("what time do you open"), Pause(300))
+            await call(base, number, Say("what time do you open"), Pause(300))
             await stream.until(lambda e: e.type == "call.ended")
     told = [
         (event.type, event.data["turnIndex"], event.data["text"])
@@ -154,3 +207,59 @@ async def test_a_speech_to_speech_call_streams_its_turns(db_url: str, pool: asyn
         ("agent.turn", 1, "We open at nine."),
     ]
     assert [event.data["turnIndex"] for event in stream.of_type("turn.latency")] == [1]
+
+
+async def test_a_speech_to_speech_call_streams_the_callers_words_as_they_are_transcribed(
+    db_url: str, pool: asyncpg.Pool
+) -> None:
+    tenant = await make_tenant(pool, "Realtime interim")
+    number = await realtime_line(pool, tenant.organization_id, "+15555579002")
+    async with FakeRealtime(api_key=OPENAI_KEY) as realtime:
+        realtime.caller_says("What time do you open?")
+        realtime.reply("We open at nine.")
+        async with (
+            realtime_engine(db_url, realtime) as base,
+            aiohttp.ClientSession() as session,
+            EventStream(session, f"{base}/v1/live-calls/events", tenant.owner_key) as stream,
+        ):
+            await call(base, number, Say("what time do you open"), Pause(300))
+            await stream.until(lambda e: e.type == "call.ended")
+    spoken = [event.type for event in stream.events if event.type in ("caller.interim", "caller.final")]
+    assert spoken == ["caller.interim"] * 5 + ["caller.final"]
+    assert [event.data["text"] for event in stream.of_type("caller.interim")] == [
+        "What",
+        "What time",
+        "What time do",
+        "What time do you",
+        "What time do you open?",
+    ]
+
+
+async def test_the_built_in_functions_a_speech_to_speech_model_calls_are_events(
+    db_url: str, pool: asyncpg.Pool
+) -> None:
+    tenant = await make_tenant(pool, "Realtime functions")
+    number = await realtime_line(pool, tenant.organization_id, "+15555579003")
+    async with FakeRealtime(api_key=OPENAI_KEY) as realtime:
+        realtime.caller_says("Press one for me, then hang up.")
+        realtime.reply_tool("send_dtmf", {"digits": "1"})
+        realtime.reply_tool("end_call", {"reason": "the caller is done"}, text="Goodbye.")
+        async with (
+            realtime_engine(db_url, realtime) as base,
+            aiohttp.ClientSession() as session,
+            EventStream(session, f"{base}/v1/live-calls/events", tenant.owner_key) as stream,
+        ):
+            result = await call(base, number, Say("press one then hang up"), Pause(3000))
+            await stream.until(lambda e: e.type == "call.ended")
+    log = await call_log(pool, result)
+    assert log["metadata"]["endReason"] == "agent_hangup"
+    assert [without_time(event.data) for event in stream.of_type("tool.call")] == [
+        {"callLogId": log["id"], "name": "send_dtmf", "arguments": {"digits": "1"}, "ok": True, "result": DTMF_SENT},
+        {
+            "callLogId": log["id"],
+            "name": "end_call",
+            "arguments": {"reason": "the caller is done"},
+            "ok": True,
+            "result": CALL_ENDS,
+        },
+    ]

@@ -1,5 +1,6 @@
-"""A speculative reply does nothing anyone could notice before the caller's turn is confirmed: a tool's webhook and
-an opt-out wait for the confirmation, and a discarded speculation never does them. Real loopback HTTP for the
+"""A speculative reply does nothing anyone could notice before the caller's turn is confirmed: a tool's webhook, an
+opt-out and the tool.call event of a built-in function wait for the confirmation, and a discarded speculation never
+does them. Real loopback HTTP for the
 webhook, a real pipeline call (scripted Twilio line, fake Deepgram and OpenAI, eSpeak NG, test database) for the
 opt-out."""
 
@@ -12,7 +13,7 @@ import asyncpg
 from aiohttp import web
 
 from pipelines.conversation.confirmation import hold_side_effects_until, turn_confirmed
-from pipelines.tools import AgentFunction, FunctionSpec, ToolRunner
+from pipelines.tools import CALL_ENDS, AgentFunction, FunctionSpec, ToolRunner
 from tests.test_call_drivers import call_on
 from tests.test_realtime_session import speech
 from tests.test_speculative_replies import silence
@@ -71,6 +72,30 @@ async def test_a_tool_webhook_waits_for_the_turn_and_a_discarded_reply_never_cal
             assert len(hits) == 2
     finally:
         await runner.cleanup()
+
+
+async def test_a_built_in_function_is_told_once_the_turn_is_confirmed_and_never_for_a_discarded_reply() -> None:
+    told: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        tools = ToolRunner([], call={}, session=session, observe=lambda name, _arguments, _result: told.append(name))
+
+        async def speculative_reply(confirmed: asyncio.Event) -> None:
+            hold_side_effects_until(confirmed)
+            await tools.carried_out("end_call", {"reason": "done"}, CALL_ENDS)
+
+        discarded = asyncio.create_task(speculative_reply(asyncio.Event()))
+        await asyncio.sleep(0.1)
+        discarded.cancel()  # the caller spoke on
+        await asyncio.gather(discarded, return_exceptions=True)
+        assert told == []
+
+        confirmed = asyncio.Event()
+        used = asyncio.create_task(speculative_reply(confirmed))
+        await asyncio.sleep(0.1)
+        assert told == []  # held: the caller's turn is not confirmed
+        confirmed.set()
+        await asyncio.wait_for(used, 5)
+        assert told == ["end_call"]
 
 
 async def test_a_discarded_speculative_opt_out_lists_nobody(pool: asyncpg.Pool) -> None:

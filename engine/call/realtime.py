@@ -42,6 +42,7 @@ from pipelines.realtime.openai_realtime import (
     AudioDelta,
     AudioDone,
     CallerTranscript,
+    CallerTranscriptDelta,
     CallerTranscriptFailed,
     FunctionCall,
     OutputItemAdded,
@@ -148,6 +149,7 @@ class RealtimeDriver:
             path=self._path,
         )
         self._caller_turns: dict[str, Turn] = {}  # awaiting their transcript, by item id
+        self._caller_words: dict[str, str] = {}  # the transcription so far of turns still being transcribed
         self._caller_started_ms: dict[str, int] = {}
         self._caller_speaking = False
         self._input_origin_ms: int | None = None  # stream time of the first audio the model got
@@ -334,6 +336,8 @@ class RealtimeDriver:
         match event:
             case SpeechStarted() | SpeechStopped() | CallerTranscript() | CallerTranscriptFailed():
                 await self._on_caller_event(event)
+            case CallerTranscriptDelta(item_id=item_id, delta=delta):
+                self._on_caller_words(item_id, delta)
             case ServerError(code=code, message=message):
                 level = logging.DEBUG if code in _RACE_ERRORS else logging.WARNING
                 log.log(level, "call %s: Realtime error %s: %s", self._host.context.call_sid, code, message)
@@ -352,10 +356,12 @@ class RealtimeDriver:
             case SpeechStopped(item_id=item_id, audio_end_ms=end_ms):
                 self._on_speech_stopped(item_id, self._stream_ms(end_ms))
             case CallerTranscript(item_id=item_id, transcript=transcript):
+                self._caller_words.pop(item_id, None)
                 self._on_caller_transcript(item_id, transcript.strip() or INAUDIBLE)
                 if self._path is not None:
                     self._path.heard(item_id, transcript.strip())
             case CallerTranscriptFailed(item_id=item_id, message=message):
+                self._caller_words.pop(item_id, None)
                 log.warning("call %s: the caller's turn was not transcribed: %s", self._host.context.call_sid, message)
                 self._on_caller_transcript(item_id, TRANSCRIPTION_FAILED)
                 if self._path is not None:
@@ -412,6 +418,13 @@ class RealtimeDriver:
         else:
             host.turns.place("caller", start_ms, end_ms, text=UNTRANSCRIBED)
         host.caller_turn_ended()
+
+    def _on_caller_words(self, item_id: str, delta: str) -> None:
+        """More of a caller turn's transcription: the words of that turn so far, as caller.interim."""
+        so_far = self._caller_words.get(item_id, "") + delta
+        self._caller_words[item_id] = so_far
+        if so_far.strip():
+            self._host.live.emit("caller.interim", text=so_far.strip())
 
     def _on_caller_transcript(self, item_id: str, text: str) -> None:
         turn = self._caller_turns.pop(item_id, None)

@@ -20,15 +20,18 @@ from pipelines.conversation.transfer_rules import Refusal, TransferRules, builti
 from pipelines.paths.prompts import FOLLOW_PATH
 from pipelines.realtime.openai_realtime import FunctionCall, RealtimeChannel
 from pipelines.tools import (
+    CALL_ENDS,
     DTMF_SENT,
     END_CALL,
     OPT_OUT,
     OPT_OUT_CONFIRMATION,
+    OPT_OUT_DONE,
     SEND_DTMF,
     TRANSFER_CALL,
     FunctionSpec,
     ToolRunner,
     parse_arguments,
+    transferring,
 )
 from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
@@ -109,24 +112,36 @@ class ModelFunctions:
             return
         arguments = parse_arguments(call.arguments)
         log.info("call %s: the model calls %s", self._host.context.call_sid, call.name)
-        if call.name == END_CALL:
-            self._end_after_speaking(response, short(arguments.get("reason")) or None)
-        elif call.name == TRANSFER_CALL:
-            refusal = self._transfer_or_refuse(response, call.call_id, arguments)
-            if refusal is not None:
-                self._owe(response, call.call_id, _constant(refusal))
-        elif call.name == OPT_OUT:
-            self._opt_out(response, call.call_id, short(arguments.get("reason")))
+        carried_out = self._built_in(response, call, arguments)
+        if carried_out is not None:
+            if self._tools is not None:  # the call's live events hear of it (the ToolRunner tells them)
+                await self._tools.carried_out(call.name, arguments, carried_out)
         elif call.name == FOLLOW_PATH and self._path is not None:
             self._owe(response, call.call_id, functools.partial(self._follow, response, arguments))
-        elif call.name == SEND_DTMF:
-            digits = short(arguments.get("digits"), 64).replace(" ", "")
-            self._owe(response, call.call_id, _constant(self._press_keys(digits)))
         elif self._tools is None:
             self._owe(response, call.call_id, _constant(f"error: there is no function named {call.name!r}"))
         else:
             tools, name = self._tools, call.name
             self._owe(response, call.call_id, lambda: tools.run(name, arguments))
+
+    def _built_in(self, response: ModelResponse, call: FunctionCall, arguments: dict[str, Any]) -> str | None:
+        """Carry out a built-in function (end, transfer, keys, opt-out); what it did, or None for any other."""
+        if call.name == END_CALL:
+            self._end_after_speaking(response, short(arguments.get("reason")) or None)
+            return CALL_ENDS
+        if call.name == TRANSFER_CALL:
+            result, refused = self._transfer_or_refuse(response, call.call_id, arguments)
+            if refused:
+                self._owe(response, call.call_id, _constant(result))
+            return result
+        if call.name == OPT_OUT:
+            self._opt_out(response, call.call_id, short(arguments.get("reason")))
+            return OPT_OUT_DONE
+        if call.name == SEND_DTMF:
+            result = self._press_keys(short(arguments.get("digits"), 64).replace(" ", ""))
+            self._owe(response, call.call_id, _constant(result))
+            return result
+        return None
 
     def _owe(self, response: ModelResponse, call_id: str, output: Callable[[], Awaitable[str]]) -> None:
         """Remember a function output to give the model once its response is done (the first schedules the answer)."""
@@ -183,7 +198,7 @@ class ModelFunctions:
         self.ending = self._spawn(
             self._opt_out_then_end(response, reason or "the callee asked not to be called"), "ending"
         )
-        self._owe(response, call_id, _constant("done: the number is on the do-not-call list; the call ends now"))
+        self._owe(response, call_id, _constant(OPT_OUT_DONE))
 
     async def _opt_out_then_end(self, response: ModelResponse, reason: str) -> None:
         await self._voice.finished(response)
@@ -191,18 +206,19 @@ class ModelFunctions:
         await self._say(OPT_OUT_CONFIRMATION)
         await self._host.hang_up(EndReason.AGENT_HANGUP, f"opted out: {reason}")
 
-    def _transfer_or_refuse(self, response: ModelResponse, call_id: str, arguments: dict[str, Any]) -> str | None:
-        """Start a transfer once the agent's words have played; or the reason it cannot be done, for the model."""
+    def _transfer_or_refuse(self, response: ModelResponse, call_id: str, arguments: dict[str, Any]) -> tuple[str, bool]:
+        """Start a transfer once the agent's words have played; what was done, and whether it was refused (the
+        result then tells the model why)."""
         given = short(arguments.get("phone_number"), 40)
         if not self._can_transfer:
-            return "error: this line cannot transfer calls; tell the caller and offer to help otherwise"
+            return "error: this line cannot transfer calls; tell the caller and offer to help otherwise", True
         verdict = self._transfer_rules.check(given)
         if isinstance(verdict, Refusal):
             log.warning("call %s: a transfer to %r refused: %s", self._host.context.call_sid, given, verdict.message)
-            return verdict.message
+            return verdict.message, True
         reason = short(arguments.get("reason")) or None
         self._end_after_speaking(response, reason, transfer_to=verdict.number, call_id=call_id)
-        return None
+        return transferring(verdict.number), False
 
     def _end_after_speaking(
         self, response: ModelResponse, detail: str | None, *, transfer_to: str | None = None, call_id: str = ""

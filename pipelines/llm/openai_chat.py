@@ -52,14 +52,17 @@ from pipelines.paths.chat import ChatPath, PathMove
 from pipelines.paths.engine import PathCheckpoint
 from pipelines.paths.prompts import FOLLOW_PATH
 from pipelines.tools import (
+    CALL_ENDS,
     DTMF_SENT,
     END_CALL,
     OPT_OUT,
+    OPT_OUT_DONE,
     SEND_DTMF,
     TRANSFER_CALL,
     ToolRunner,
     chat_tools,
     parse_arguments,
+    transferring,
 )
 
 __all__ = [
@@ -438,7 +441,10 @@ class OpenAIChatLLM:
         log.info("openai %s called %s", self._config.model, call.name)
         control = self._controls.get(call.name)
         if control is not None:
-            return control(arguments)
+            outcome = control(arguments)
+            if self._tools is not None:  # the call's live events hear of it (the ToolRunner tells them)
+                await self._tools.carried_out(call.name, arguments, outcome.result)
+            return outcome
         if call.name == FOLLOW_PATH:
             return await self._follow(arguments)
         if _malformed(call.arguments, arguments):
@@ -448,12 +454,12 @@ class OpenAIChatLLM:
         return _Outcome(result=await self._tools.run(call.name, arguments))
 
     def _end(self, arguments: Mapping[str, Any]) -> _Outcome:
-        return _Outcome(EndCall(_text(arguments.get("reason")) or "the agent ended the call"), ends_reply=True)
+        reason = _text(arguments.get("reason")) or "the agent ended the call"
+        return _Outcome(EndCall(reason), CALL_ENDS, ends_reply=True)
 
     def _opt_out(self, arguments: Mapping[str, Any]) -> _Outcome:
-        return _Outcome(
-            OptOut(_text(arguments.get("reason")) or "the callee asked not to be called again"), ends_reply=True
-        )
+        reason = _text(arguments.get("reason")) or "the callee asked not to be called again"
+        return _Outcome(OptOut(reason), OPT_OUT_DONE, ends_reply=True)
 
     def _transfer(self, arguments: Mapping[str, Any]) -> _Outcome:
         reason = _text(arguments.get("reason")) or "the agent transferred the call"
@@ -461,7 +467,7 @@ class OpenAIChatLLM:
         if isinstance(verdict, Refusal):
             log.warning("openai %s: a transfer to %r refused: %s", self._config.model, verdict.given, verdict.message)
             return _Outcome(result=verdict.message)
-        return _Outcome(TransferCall(verdict.number, reason), ends_reply=True)
+        return _Outcome(TransferCall(verdict.number, reason), transferring(verdict.number), ends_reply=True)
 
     def _dtmf(self, arguments: Mapping[str, Any]) -> _Outcome:
         digits = _text(arguments.get("digits")).replace(" ", "")

@@ -30,6 +30,7 @@ __all__ = [
     "AudioDelta",
     "AudioDone",
     "CallerTranscript",
+    "CallerTranscriptDelta",
     "CallerTranscriptFailed",
     "FunctionCall",
     "OutputItemAdded",
@@ -149,6 +150,14 @@ class CallerTranscript:
 
 
 @dataclass(frozen=True, slots=True)
+class CallerTranscriptDelta:
+    """More of the transcription of one of the caller's turns, while it is worked out (before CallerTranscript)."""
+
+    item_id: str
+    delta: str
+
+
+@dataclass(frozen=True, slots=True)
 class CallerTranscriptFailed:
     """One of the caller's turns could not be transcribed."""
 
@@ -239,6 +248,7 @@ RealtimeEvent = (
     SpeechStarted
     | SpeechStopped
     | CallerTranscript
+    | CallerTranscriptDelta
     | CallerTranscriptFailed
     | ResponseCreated
     | OutputItemAdded
@@ -301,6 +311,9 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any]], RealtimeEvent]] = {
     "input_audio_buffer.speech_stopped": lambda e: SpeechStopped(_text(e, "item_id"), _number(e, "audio_end_ms")),
     "conversation.item.input_audio_transcription.completed": lambda e: CallerTranscript(
         _text(e, "item_id"), _text(e, "transcript")
+    ),
+    "conversation.item.input_audio_transcription.delta": lambda e: CallerTranscriptDelta(
+        _text(e, "item_id"), _text(e, "delta")
     ),
     "conversation.item.input_audio_transcription.failed": lambda e: CallerTranscriptFailed(
         _text(e, "item_id"), _text(_object(e, "error"), "message")

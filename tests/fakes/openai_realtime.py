@@ -4,7 +4,9 @@
 `AsyncOpenAI(base_url=fake.base_url)` at it. The fake hears caller audio (`input_audio_buffer.append`, mu-law
 base64) with a VAD on audio time, answers each caller turn, or each `response.create`, with the next scripted
 `Reply` (a sine tone lasting `ms_per_char` per character, sent in chunks faster than real time, with its
-transcript), cancels a reply the caller talks over, and records every client event in `received`.
+transcript), transcribes the caller's turns word by word (`conversation.item.input_audio_transcription.delta`,
+then `.completed`) when the session asks for transcription, cancels a reply the caller talks over, and records
+every client event in `received`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import base64
 import itertools
 import json
+import re
 from collections import deque
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
@@ -368,13 +371,27 @@ class _Connection:
             self.start_response()
 
     async def transcribe(self, item_id: str) -> None:
-        await asyncio.sleep(self.fake.transcription_delay_ms / 1000)
+        """The turn's transcript word by word (`.delta`, as the API streams it), then whole (`.completed`)."""
+        transcript = self.fake.next_transcript()
+        words = re.findall(r"\s*\S+", transcript)
+        step = self.fake.transcription_delay_ms / 1000 / (len(words) + 1)
+        for word in words:
+            await asyncio.sleep(step)
+            await self.send(
+                {
+                    "type": "conversation.item.input_audio_transcription.delta",
+                    "item_id": item_id,
+                    "content_index": 0,
+                    "delta": word,
+                }
+            )
+        await asyncio.sleep(step)
         await self.send(
             {
                 "type": "conversation.item.input_audio_transcription.completed",
                 "item_id": item_id,
                 "content_index": 0,
-                "transcript": self.fake.next_transcript(),
+                "transcript": transcript,
             }
         )
 
