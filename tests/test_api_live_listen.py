@@ -1,6 +1,6 @@
 """Listening in to calls through the real server: a simulated call, a listener on a real WebSocket, and the audio
 it hears compared with what the caller sent, what the caller heard and the call's recording, on the process that
-holds the call and on another; a slow listener dropped while the call goes on; who may listen."""
+holds the call and on another; a slow listener dropped while the call goes on; who may listen (not a VIEWER)."""
 
 from __future__ import annotations
 
@@ -325,6 +325,26 @@ async def test_another_organizations_key_cannot_listen(engines: Engines, pool: a
     assert status == 404
 
 
+async def test_a_viewers_key_cannot_listen_as_it_cannot_say_or_hang_up(engines: Engines, pool: asyncpg.Pool) -> None:
+    tenant = await make_tenant(pool, "Viewers")
+    log = await open_call(pool, tenant.organization_id, metadata={"engineNode": new_id()})
+    as_header = await refusal(engines.holder, log.id, key=tenant.viewer_key)
+    as_browser = await refusal(engines.holder, log.id, protocols=("dialtone.listen", key_protocol(tenant.viewer_key)))
+    refused = (
+        403,
+        "this API key's user is a VIEWER of the organization and can only read: listening to a call needs an "
+        "OWNER's or ADMIN's key",
+    )
+    assert as_header == refused and as_browser == refused
+    async with aiohttp.ClientSession() as session:
+        status, body = await Api(session, engines.holder).call(
+            "POST", f"/live-calls/{log.id}/hangup", tenant.viewer_key
+        )
+    assert status == 403 and body["error"]["code"] == "forbidden"  # the same rule as the controls
+    status, _ = await refusal(engines.holder, log.id, key=tenant.owner_key)
+    assert status == 409  # past the role: the call's engine process is not alive
+
+
 async def test_a_call_not_in_progress_a_plain_get_and_bad_parameters_are_refused_clearly(
     engines: Engines, pool: asyncpg.Pool
 ) -> None:
@@ -353,6 +373,6 @@ async def test_the_openapi_document_describes_the_listen_socket(engines: Engines
     async with aiohttp.ClientSession() as session, session.get(f"{engines.holder}/v1/openapi.json") as response:
         document = await response.json()
     operation = document["paths"]["/v1/live-calls/{callLogId}/listen"]["get"]
-    assert "101" in operation["responses"] and {"400", "401", "404", "409", "422"} <= set(operation["responses"])
+    assert "101" in operation["responses"] and {"400", "401", "403", "404", "409", "422"} <= set(operation["responses"])
     assert {parameter["name"] for parameter in operation["parameters"]} == {"callLogId", "channels", "encoding"}
     assert "dialtone.key." in operation["description"]

@@ -221,11 +221,12 @@ async def silent_call_on_page(
     *,
     greeting: str,
     calls_to: str | None = None,
+    key: str | None = None,
 ) -> tuple[asyncio.Task[CallResult], str]:
-    """Sign in, place a call (to `calls_to`, else `engine`) whose caller stays silent for a minute, and wait until
-    the page shows the agent's greeting on it; the running call and its id."""
+    """Sign in (with `key`, else the owner's), place a call (to `calls_to`, else `engine`) whose caller stays silent
+    for a minute, and wait until the page shows the agent's greeting on it; the running call and its id."""
     number, _ = await make_line(pool, tenant.organization_id, firstSentence=greeting)
-    await sign_in(browser, engine, tenant.owner_key)
+    await sign_in(browser, engine, key or tenant.owner_key)
     running = asyncio.create_task(call(calls_to or engine, number, Pause(60_000), timeout_s=90))
     call_log_id = await first_live_call_id(pool, tenant, running)
     await until(lambda: card_of(browser, "live-list", call_log_id), timeout_s=15, what="the call in progress")
@@ -339,6 +340,28 @@ async def test_nothing_plays_and_no_audio_context_exists_until_listen_is_clicked
     await in_browser(lambda: browser.find_element(By.ID, "listen").click())
     await until(lambda: text_of(browser, "listen") == "Listen", timeout_s=5, what="listening stopped")
     await in_browser(lambda: confirm_hang_up(browser))
+    await running
+
+
+async def test_a_viewers_key_is_told_why_it_cannot_listen_and_listen_is_no_longer_offered(
+    engine: str, browser: webdriver.Chrome, tenant: Tenant, pool: asyncpg.Pool
+) -> None:
+    running, call_log_id = await silent_call_on_page(
+        engine, browser, tenant, pool, greeting="Hello from the line viewers watch.", key=tenant.viewer_key
+    )
+    await in_browser(lambda: browser.find_element(By.ID, "listen").click())
+
+    def refusal() -> str | None:
+        notice = text_of(browser, "live-call-notice")
+        return notice if "VIEWER" in notice else None
+
+    notice = await until(refusal, timeout_s=10, what="the refusal explained")
+    assert "listening to a call needs an OWNER's or ADMIN's key" in notice
+    assert await in_browser(lambda: not browser.find_element(By.ID, "listen").is_enabled())
+    assert (await in_browser(lambda: audio_counts(browser)))["sources"] == 0
+    async with aiohttp.ClientSession() as session:
+        status, _ = await Api(session, engine).call("POST", f"/live-calls/{call_log_id}/hangup", tenant.owner_key)
+    assert status == 202
     await running
 
 

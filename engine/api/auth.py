@@ -88,9 +88,20 @@ def auth_middleware(public_paths: frozenset[str]) -> Middleware:
 
 
 async def _authorized(request: web.Request, handler: Handler, caller: Caller) -> web.StreamResponse:
-    if request.method not in READ_METHODS and not caller.can_write:
-        raise ApiError(403, "forbidden", "this API key's user is a VIEWER of the organization and can only read")
+    if request.method not in READ_METHODS:
+        require_writer(caller)
     return await handler(request)
+
+
+def require_writer(caller: Caller, doing: str | None = None) -> None:
+    """403 unless the caller's role may change things (OWNER, ADMIN): every write, and the reads as sensitive as a
+    write (`doing` names them, e.g. listening to a call, and the refusal says so)."""
+    if caller.can_write:
+        return
+    message = "this API key's user is a VIEWER of the organization and can only read"
+    if doing is not None:
+        message = f"{message}: {doing} needs an OWNER's or ADMIN's key"
+    raise ApiError(403, "forbidden", message)
 
 
 def rate_limit_headers(counted: RequestCount, limit: int) -> dict[str, str]:

@@ -19,7 +19,7 @@ _ERROR_DESCRIPTIONS = {
     400: "The body is not a JSON document.",
     401: "No API key, or one that is unknown, revoked or expired.",
     402: "The organization has no credits left.",
-    403: "The key's user is a VIEWER and the operation changes something.",
+    403: "The key's user is a VIEWER and the operation changes something (or is as sensitive: listening to a call).",
     404: "Nothing with that id in the caller's organization.",
     409: "The request clashes with the resource's current state.",
     413: "The body is too large.",
@@ -159,7 +159,7 @@ def _form(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
 
 def _error_statuses(operation: Operation) -> list[int]:
     statuses = {401, 429, 503}  # 429: every request counts against its key's rate limit
-    if operation.method not in {"GET", "HEAD"}:
+    if operation.for_writers:
         statuses.add(403)
     if operation.path_params:
         statuses.add(404)

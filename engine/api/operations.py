@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.helpers import ChainMapProxy
 from pydantic import BaseModel, ValidationError
 
-from engine.api.auth import CALLER, Caller
+from engine.api.auth import CALLER, READ_METHODS, Caller, require_writer
 from engine.api.errors import ApiError, not_found, validation_error
 from engine.api.idempotency import IDEMPOTENCY_HEADER, idempotent
 from engine.api.models import ID_PATTERN, RequestModel
@@ -96,6 +96,13 @@ class Operation:
     """A multipart/form-data body: these fields and a `file` part, which the handler reads (engine.api.uploads)."""
     streamed: Streamed | None = None
     """A response the handler streams itself instead of a JSON model."""
+    writers_only: str | None = None
+    """A read as sensitive as a write, and what it does (e.g. "listening to a call"): a VIEWER's key is refused."""
+
+    @property
+    def for_writers(self) -> bool:
+        """Whether only an OWNER's or ADMIN's key may call it (a VIEWER's gets 403): every write, and `writers_only`."""
+        return self.method not in READ_METHODS or self.writers_only is not None
 
     @property
     def operation_id(self) -> str:
@@ -194,9 +201,11 @@ class Resource:
         summary: str,
         query: type[RequestModel] | None = None,
         errors: tuple[int, ...] = (),
+        writers_only: str | None = None,
     ) -> Declaration:
-        """Declare a GET upgraded to a WebSocket (101); refusals before the upgrade answer like any GET."""
-        return self._declare("GET", path, summary, None, 101, None, query, errors)
+        """Declare a GET upgraded to a WebSocket (101); refusals before the upgrade answer like any GET. With
+        `writers_only` (what it does), a VIEWER's key is refused as for a write."""
+        return self._declare("GET", path, summary, None, 101, None, query, errors, writers_only=writers_only)
 
     def _declare(  # noqa: PLR0917 (positional: one line per HTTP method above reads as a table)
         self,
@@ -212,6 +221,7 @@ class Resource:
         *,
         idempotent: bool = False,
         streamed: Streamed | None = None,
+        writers_only: str | None = None,
     ) -> Declaration:
         def register(handler: Handler) -> Handler:
             self.operations.append(
@@ -229,6 +239,7 @@ class Resource:
                     idempotent,
                     form,
                     streamed,
+                    writers_only,
                 )
             )
             return handler
@@ -254,6 +265,8 @@ def aiohttp_handler(operation: Operation) -> Callable[[web.Request], Awaitable[w
         for name, value in path.items():
             if not _ID.fullmatch(value):
                 raise not_found(f"no {name} {value!r}: ids are letters, digits, '_' and '-'")
+        if operation.writers_only is not None:  # (writes were refused to VIEWERs before routing)
+            require_writer(request[CALLER], operation.writers_only)
         query = _validate(operation.query, dict(request.query), "query") if operation.query else None
         body = _validate_json(operation.body, await _json_body(request)) if operation.body else None
         result = await operation.handler(ApiCall(request, request[CALLER], path, query, body))

@@ -52,6 +52,7 @@ class ListenQuery(RequestModel):
     summary="Listen to a call in progress (WebSocket)",
     query=ListenQuery,
     errors=(400, 409),
+    writers_only="listening to a call",
 )
 async def listen_to_live_call(call: ApiCall) -> web.WebSocketResponse:
     """Open as a WebSocket (the key as `Authorization: Bearer`, or from a browser as the subprotocol
@@ -61,6 +62,7 @@ async def listen_to_live_call(call: ApiCall) -> web.WebSocketResponse:
     "encoding": "mulaw"|"pcm16"}`, then binary messages of 100 ms of audio each, aligned like the call's recording,
     then `{"event": "stop", "reason": "call ended" | "listener too slow" | "holding node lost"}` before it closes.
     A listener that falls more than DIALTONE_LISTEN_BUFFER_MS behind is dropped; the call never waits for it.
+    Hearing a caller is more sensitive than reading a transcript: a VIEWER's key gets 403, as for say or hang-up.
     400 for a plain GET; 409 if the call is not in progress or the engine process holding it cannot be reached.
     """
     request = call.request

@@ -37,6 +37,7 @@ export class LiveCalls {
     this.calls = new Map();
     this.selected = null;
     this.listener = null;
+    this.listenRefused = null; // why this key may not listen, once the engine said so (a VIEWER's key)
     this.nodes = new Map(); // transcript nodes of the selected call, by item key
     this.timers = [];
     this.stream = null;
@@ -304,6 +305,7 @@ export class LiveCalls {
     badge.textContent = ended ? `Ended${call.ended.endReason ? ` · ${reason(call.ended.endReason)}` : ""}` : "In progress";
     badge.dataset.state = ended ? "ended" : "live";
     for (const id of ["hangup", "listen", "say-submit", "say-text", "say-interrupt"]) byId(id).disabled = ended;
+    if (this.listenRefused !== null) byId("listen").disabled = true;
     if (ended) this.resetConfirm();
   }
 
@@ -411,13 +413,36 @@ export class LiveCalls {
         button.textContent = "Stop listening";
         say(notice, "Listening: the caller and the agent as the caller hears them.");
       } else if (state === "stopped") {
+        const opened = this.listener !== null && this.listener.started;
         this.listener = null;
         button.textContent = "Listen";
         button.setAttribute("aria-pressed", "false");
         say(notice, `Stopped listening: ${detail}.`);
+        if (!opened) this.explainListenRefusal(call.id);
       }
     });
     this.listener.start();
+  }
+
+  /**
+   * The listen socket closed before any audio: a browser cannot read why a WebSocket was refused, so ask the same
+   * path over plain HTTP, which answers the same refusal (or 400, "open it as a WebSocket", when listening is
+   * allowed). A key that may not listen (a VIEWER's) gets the engine's reason, and Listen is not offered again.
+   */
+  async explainListenRefusal(callLogId) {
+    try {
+      await this.api.get(`/live-calls/${encodeURIComponent(callLogId)}/listen`, {}, "Listening");
+    } catch (error) {
+      if (error.status === 403) {
+        this.listenRefused = error.message;
+        const button = byId("listen");
+        button.disabled = true;
+        button.title = "This API key may not listen to calls.";
+        say(byId("live-call-notice"), error.message);
+      } else if (error.status !== 400 && error.status !== 0) {
+        say(byId("live-call-notice"), error.message);
+      }
+    }
   }
 }
 
