@@ -34,9 +34,6 @@ from tests.test_api_auth import Api, Tenant, make_tenant
 from tests.test_calls_e2e import TOKEN, call, call_log, make_line
 from tests.test_repo_call_logs import open_call
 
-SKIP_SAMPLES = SAMPLE_RATE
-"""The listener's first second is not compared with the recording: agent audio sent before it joined is not in it."""
-
 
 @dataclass(frozen=True, slots=True)
 class Engines:
@@ -126,10 +123,10 @@ def recording_of(engines: Engines, db_url: str, tenant: Tenant, call_log_id: str
 
 def offsets_matching(heard: npt.NDArray[np.int16], expected: npt.NDArray[np.int16]) -> list[int]:
     """The chunk-aligned offsets in `expected` (the recording's timeline) where `heard` matches sample for sample,
-    past its first second."""
+    from its first chunk: a listener joining as the agent speaks hears the audio already sent ahead of playback."""
     matches = []
     for offset in range(0, len(expected) - len(heard) + 1, CHUNK_BYTES):
-        if np.array_equal(heard[SKIP_SAMPLES:], expected[offset + SKIP_SAMPLES : offset + len(heard)]):
+        if np.array_equal(heard, expected[offset : offset + len(heard)]):
             matches.append(offset)
     return matches
 

@@ -62,7 +62,7 @@ def test_a_chunk_goes_out_once_the_caller_has_run_a_chunk_past_it_with_both_side
 
 def test_a_listener_joining_mid_call_starts_at_the_chunk_of_the_next_caller_frame() -> None:
     tap, heard = AudioTap(), Heard()
-    tap.write_agent(b"\x30" * 800, 0)  # nobody listens: nothing is kept
+    tap.write_agent(b"\x30" * 800, 0)  # nobody listens: kept, but played long before the listener joins
     tap.add(heard)
     tap.write_agent(b"\x30" * 800, 1000)  # before any caller frame: no timeline yet
     for index, frame in enumerate(frames(12), start=57):  # 1140 ms on
@@ -70,6 +70,29 @@ def test_a_listener_joining_mid_call_starts_at_the_chunk_of_the_next_caller_fram
     assert [chunk.sequence for chunk in heard.chunks] == [11]
     assert heard.chunks[0].caller == SILENT_CHUNK[: 2 * FRAME_BYTES] + b"".join(frames(3))
     assert heard.chunks[0].agent == SILENT_CHUNK
+
+
+def test_a_listener_joining_mid_reply_hears_the_agent_audio_already_sent_ahead_of_playback() -> None:
+    tap, heard = AudioTap(), Heard()
+    tap.write_agent(b"\x30" * 800, 1000)  # nobody listens: sent ahead, heard at 1000..1100 ms (before they join)
+    tap.write_agent(b"\x31" * 800, 1100)  # 1100..1200 ms
+    tap.write_agent(b"\x32" * 400, 1200)  # 1200..1250 ms
+    tap.add(heard)
+    for index, frame in enumerate(frames(20), start=56):  # 1120 ms on
+        tap.write_caller(frame, index * FRAME_MS)
+    assert [chunk.sequence for chunk in heard.chunks][:2] == [11, 12]
+    assert heard.chunks[0].agent == b"\x31" * CHUNK_BYTES  # what the caller hears from the chunk they joined in
+    assert heard.chunks[1].agent == b"\x32" * 400 + SILENT_CHUNK[400:]
+
+
+def test_agent_audio_twilio_was_told_to_drop_is_not_heard_by_a_listener_joining_after() -> None:
+    tap, heard = AudioTap(), Heard()
+    tap.write_agent(b"\x30" * 800, 1100)
+    tap.agent_cleared()  # a barge-in: Twilio throws away what it had not played
+    tap.add(heard)
+    for index, frame in enumerate(frames(15), start=56):
+        tap.write_caller(frame, index * FRAME_MS)
+    assert heard.chunks and all(chunk.agent == SILENT_CHUNK for chunk in heard.chunks)
 
 
 def test_agent_audio_for_a_chunk_already_sent_keeps_only_its_part_still_to_come() -> None:

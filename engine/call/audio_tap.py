@@ -1,10 +1,13 @@
 """Listen-in: a call's two sides in 100 ms chunks, placed on the call's timeline like its recording, for listeners.
 
 The session and its outbound audio write to the tap where they write to the recording (caller frames at Twilio's
-timestamps, agent audio where the playback clock puts it) only while someone listens: with no listener the audio
-path checks one flag and does nothing else. A chunk goes out once the caller's audio has run a chunk past its
-end, by when the agent's audio for it has been placed (it is sent ahead of playback). Twilio sends caller frames
-without pause, so they pace the chunks. Listeners take chunks without waiting; one that cannot keep up is dropped.
+timestamps, agent audio where the playback clock puts it). With no listener a caller frame costs one flag check
+and nothing else; an agent chunk (one every 100 ms) is only kept among the last few sent, because the agent's
+audio goes out up to 400 ms ahead of playback: a listener who joins mid-reply starts with the part still to be
+heard, as the caller hears it (unless Twilio was told to throw it away: `agent_cleared`). A chunk goes out once the
+caller's audio has run a chunk past its end, by when the agent's audio for it has been placed. Twilio sends caller
+frames without pause, so they pace the chunks. Listeners take chunks without waiting; one that cannot keep up is
+dropped.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ _LAG_BYTES: Final = CHUNK_BYTES
 _AHEAD_BYTES: Final = LEAD_MS * BYTES_PER_MS
 """Agent audio placed further than this past the caller's audio is dropped, as the recording drops it."""
 SILENT_CHUNK: Final = bytes([ULAW_SILENCE]) * CHUNK_BYTES
+RECENT_AGENT_CHUNKS: Final = 8
+"""Agent chunks kept for a listener who joins: more than the outbound audio's lead (400 ms) in its 100 ms chunks."""
 
 CALL_ENDED: Final = "call ended"
 LISTENER_TOO_SLOW: Final = "listener too slow"
@@ -61,6 +66,7 @@ class AudioTap:
         self.listening = False
         self._listeners: list[TapListener] = []
         self._closed: str | None = None  # why the call's audio ended, once it has
+        self._recent: deque[tuple[int, bytes]] = deque(maxlen=RECENT_AGENT_CHUNKS)  # agent audio, where it plays
         self._reset()
 
     def _reset(self) -> None:
@@ -88,21 +94,28 @@ class AudioTap:
     def write_caller(self, ulaw: bytes, at_ms: int) -> None:
         """Caller μ-law audio at `at_ms` of the call; chunks it completes go out."""
         position = at_ms * BYTES_PER_MS
-        if self._base is None:
+        starting = self._base is None
+        if starting:
             self._base = position - position % CHUNK_BYTES
         self._place(self._caller, ulaw, position)
         self._caller_end = max(self._caller_end, position + len(ulaw))
+        if starting:  # the timeline begins: the agent's audio already sent, still to be heard, is placed on it
+            for agent_at_ms, agent_ulaw in self._recent:
+                self._place_agent(agent_ulaw, agent_at_ms)
         while self._due(_LAG_BYTES):  # the last listener may leave (too slow) as a chunk goes out
             self._send_chunk()
 
     def write_agent(self, ulaw: bytes, at_ms: int) -> None:
-        """Agent μ-law audio at `at_ms` of the call (where the caller hears it)."""
-        if self._base is None:
-            return  # the timeline starts with the first caller frame heard
-        position = at_ms * BYTES_PER_MS
-        kept = ulaw[: max(0, self._caller_end + _AHEAD_BYTES - position)]
-        if kept:
-            self._place(self._agent, kept, position)
+        """Agent μ-law audio at `at_ms` of the call (where the caller hears it); kept among the last few sent even
+        while nobody listens."""
+        self._recent.append((at_ms, ulaw))
+        if self._base is not None:  # (the timeline starts with the first caller frame heard)
+            self._place_agent(ulaw, at_ms)
+
+    def agent_cleared(self) -> None:
+        """Twilio was told to drop the agent audio it had not played (a barge-in): a listener joining from now on
+        does not hear it (one listening already hears what was placed, as the recording keeps it)."""
+        self._recent.clear()
 
     def close(self, reason: str = CALL_ENDED) -> None:
         """The call is over: send the whole chunks the caller's audio reached, then tell every listener `reason`."""
@@ -118,6 +131,12 @@ class AudioTap:
     def _due(self, lag: int) -> bool:
         """Whether the caller's audio has run `lag` samples past the end of the next chunk."""
         return self._base is not None and self._caller_end - self._base >= CHUNK_BYTES + lag
+
+    def _place_agent(self, ulaw: bytes, at_ms: int) -> None:
+        position = at_ms * BYTES_PER_MS
+        kept = ulaw[: max(0, self._caller_end + _AHEAD_BYTES - position)]
+        if kept:
+            self._place(self._agent, kept, position)
 
     def _place(self, channel: bytearray, ulaw: bytes, position: int) -> None:
         assert self._base is not None

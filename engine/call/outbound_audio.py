@@ -42,8 +42,8 @@ class StreamTimeline:
 
 
 class OutboundAudio:
-    """Sends one call's agent audio: paced, chunked, marked, and written to the recording's agent channel (and to
-    the listen-in tap while someone listens)."""
+    """Sends one call's agent audio: paced, chunked, marked, and written to the recording's agent channel and to
+    the listen-in tap (which keeps the last few chunks even while nobody listens)."""
 
     def __init__(
         self,
@@ -95,10 +95,12 @@ class OutboundAudio:
                 await self._sleep(ahead - self._resume)
             self.first_audio_at.setdefault(utterance_id, self._clock())
             await self._send(self._stream.send_media(chunk, utterance_id))
-            if self._recorder is not None:
-                self._recorder.write_agent(chunk, self._timeline.stream_ms(self._cursor))
-            if self._tap is not None and self._tap.listening:
-                self._tap.write_agent(chunk, self._timeline.stream_ms(self._cursor))
+            if self._recorder is not None or self._tap is not None:
+                heard_at_ms = self._timeline.stream_ms(self._cursor)  # where the caller hears it
+                if self._recorder is not None:
+                    self._recorder.write_agent(chunk, heard_at_ms)
+                if self._tap is not None:  # kept even with nobody listening: a listener may join before it plays
+                    self._tap.write_agent(chunk, heard_at_ms)
             self._cursor += len(chunk) / BYTES_PER_MS / 1000
             first = utterance_id not in self._since_mark
             sent = self._since_mark.get(utterance_id, 0) + len(chunk)
@@ -116,4 +118,6 @@ class OutboundAudio:
         """Drop whatever Twilio has not played yet (barge-in); pending marks come back flushed."""
         self._cursor = self._clock()
         self._since_mark.clear()
+        if self._tap is not None:
+            self._tap.agent_cleared()
         await self._send(self._stream.send_clear())
