@@ -84,7 +84,7 @@ class PathTrace:
         if self._live is None:
             return
         steps = self._engine.steps
-        self._told_steps = min(self._told_steps, len(steps))  # (a rewind may have taken back steps not yet told)
+        self._told_steps = min(self._told_steps, len(steps))  # a rewind takes back untold steps only; if more, follow
         for step in steps[self._told_steps :]:
             self._live.emit("path.node", pathId=self._path_id, nodeId=step.node_id, edgeId=step.edge_id)
         self._told_steps = len(steps)
