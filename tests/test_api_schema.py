@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,19 +126,10 @@ def capped_for_fuzzing(document: dict[str, Any]) -> tuple[dict[str, Any], set[st
     pointers of the schemas it capped."""
     fuzzed = copy.deepcopy(document)
     capped: set[str] = set()
-
-    def cap(node: Any, pointer: str) -> None:
-        if isinstance(node, dict):
-            if beyond_fuzzing(node):
-                node["maxLength"] = FUZZ_MAX_LENGTH
-                capped.add(pointer)
-            for key, value in node.items():
-                cap(value, f"{pointer}/{_escaped(key)}")
-        elif isinstance(node, list):
-            for index, value in enumerate(node):
-                cap(value, f"{pointer}/{index}")
-
-    cap(fuzzed, "#")
+    for pointer, node in objects_in(fuzzed):
+        if beyond_fuzzing(node):
+            node["maxLength"] = FUZZ_MAX_LENGTH
+            capped.add(pointer)
     return fuzzed, capped
 
 
@@ -180,6 +171,8 @@ class LongTextField:
         """A body valid but for the over-long value, when the field is in the body."""
         if self.where != "body":
             return None
+        if self.method == "PATCH":
+            return {self.name: self.over_long}
         required = {
             ("POST", "/v1/agents"): {"name": "Long"},
             ("POST", "/v1/voices"): {"name": "Long"},
@@ -190,8 +183,6 @@ class LongTextField:
             ("POST", "/v1/events"): {"name": "call.ended", "webhookUrl": "https://example.com/hook"},
             ("POST", "/v1/campaigns"): {"batchName": "Long", "agentId": ids["agentId"]},
         }
-        if self.method == "PATCH":
-            return {self.name: self.over_long}
         assert (self.method, self.path) in required, f"{self.label}: add the rest of a valid body to request_body"
         return required[self.method, self.path] | {self.name: self.over_long}
 
@@ -227,27 +218,25 @@ def long_text_fields(document: dict[str, Any]) -> list[LongTextField]:
                 )
                 for suffix, choice in choices:
                     if beyond_fuzzing(choice):
-                        where = f"{pointer}/properties/{_escaped(name)}{suffix}"
-                        fields.append(LongTextField(method.upper(), path, "body", name, choice["maxLength"], where))
+                        at_choice = f"{pointer}/properties/{_escaped(name)}{suffix}"
+                        fields.append(LongTextField(method.upper(), path, "body", name, choice["maxLength"], at_choice))
     return fields
 
 
 def references(document: dict[str, Any]) -> set[str]:
     """Every `$ref` in `document`."""
-    found: set[str] = set()
+    return {node["$ref"] for _, node in objects_in(document) if isinstance(node.get("$ref"), str)}
 
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("$ref"), str):
-                found.add(node["$ref"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
 
-    walk(document)
-    return found
+def objects_in(node: Any, pointer: str = "#") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every JSON object in `node` (itself included) with its JSON pointer, outer ones first."""
+    if isinstance(node, dict):
+        yield pointer, node
+        for key, value in node.items():
+            yield from objects_in(value, f"{pointer}/{_escaped(key)}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from objects_in(value, f"{pointer}/{index}")
 
 
 def component(pointer: str) -> str | None:
