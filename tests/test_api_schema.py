@@ -1,11 +1,14 @@
 """A property-based run of schemathesis against /v1/openapi.json on the live loopback server: for every operation,
 generated requests with a valid key get no 5xx, and every response conforms to the document. Operations on one
-resource run twice: with generated ids (404s) and with the ids of real rows, so updates and deletes are reached."""
+resource run twice: with generated ids (404s) and with the ids of real rows, so updates and deletes are reached.
+Long-text fields are fuzzed up to FUZZ_MAX_LENGTH characters; their real limits get one over-long value each."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import copy
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -26,6 +29,12 @@ from tests.test_api_auth import Api, Tenant, make_tenant
 EXAMPLES = {GenerationMode.POSITIVE: 8, GenerationMode.NEGATIVE: 4}
 """Examples per operation: enough to reach each one's validation edges, bounded so the file runs quickly."""
 FUZZ_NUMBERS = {GenerationMode.POSITIVE: "+14155550301", GenerationMode.NEGATIVE: "+14155550302"}
+FUZZ_MAX_LENGTH = 4_000
+"""The most characters the fuzzed document lets a pattern-checked string have. schemathesis folds such a string's
+maxLength into its pattern as a counted repetition (`^[^\\x00]{0,100000}$`) whose compilation grows with the count:
+LongText's 100,000 cost half a second per schema, most of this file's time. Hypothesis draws nothing near that long
+anyway (no string past a few hundred characters); each capped field's own limit gets one over-long value instead."""
+OVER_LONG_NUMBER = "+14155550303"
 CHECKS = [
     checks.not_a_server_error,
     checks.status_code_conformance,
@@ -49,9 +58,36 @@ async def test_generated_requests_get_no_5xx_and_conforming_responses(
         async with session.get(engine + "/v1/openapi.json") as response:
             document = await response.json()
         ids = await seed_rows(Api(session, engine), pool, tenant, number=FUZZ_NUMBERS[mode])
+    fuzzed, _ = capped_for_fuzzing(document)
     # The client is synchronous (requests): it runs in a thread while this loop serves the engine.
-    failures = await asyncio.to_thread(_fuzz, document, engine, tenant.owner_key, mode, ids)
+    failures = await asyncio.to_thread(_fuzz, fuzzed, engine, tenant.owner_key, mode, ids)
     assert failures == [], "\n\n".join(failures)
+
+
+async def test_each_long_text_field_refuses_one_character_over_its_limit(engine: str, pool: asyncpg.Pool) -> None:
+    tenant = await make_tenant(pool, "Over-long texts")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(engine + "/v1/openapi.json") as response:
+            document = await response.json()
+        api = Api(session, engine)
+        ids = await seed_rows(api, pool, tenant, number=OVER_LONG_NUMBER)
+        fields = long_text_fields(document)
+        assert fields, "no field is beyond the fuzzer's reach: this test has nothing left to prove"
+        assert capped_in_use(document) <= {field.pointer for field in fields}, "a capped field gets no over-long value"
+        for field in fields:
+            if field.where == "query":
+                # Past the 8,190 bytes of request line aiohttp reads, a query is refused before the API sees it.
+                headers = {"Authorization": f"Bearer {tenant.owner_key}"}
+                url = engine + "/v1" + field.request_path(ids)
+                async with session.request(field.method, url, headers=headers) as response:
+                    assert 400 <= response.status < 500, f"{field.label}: {response.status}"
+                continue
+            status, body = await api.call(
+                field.method, field.request_path(ids), tenant.owner_key, json=field.request_body(ids)
+            )
+            assert status == 422, f"{field.label}: {status} {str(body)[:300]}"
+            assert body["error"]["field"] == field.name, f"{field.label}: {body}"
+            assert "more problem" not in body["error"]["message"], f"{field.label}: more was wrong: {body}"
 
 
 async def seed_rows(api: Api, pool: asyncpg.Pool, tenant: Tenant, *, number: str) -> dict[str, str]:
@@ -83,6 +119,135 @@ async def seed_rows(api: Api, pool: asyncpg.Pool, tenant: Tenant, *, number: str
     )
     ids["callLogId"] = log.id
     return ids
+
+
+def capped_for_fuzzing(document: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """A copy of `document` whose long pattern-checked strings allow FUZZ_MAX_LENGTH characters, and the JSON
+    pointers of the schemas it capped."""
+    fuzzed = copy.deepcopy(document)
+    capped: set[str] = set()
+    for pointer, node in objects_in(fuzzed):
+        if beyond_fuzzing(node):
+            node["maxLength"] = FUZZ_MAX_LENGTH
+            capped.add(pointer)
+    return fuzzed, capped
+
+
+def capped_in_use(document: dict[str, Any]) -> set[str]:
+    """The JSON pointers of the schemas capped_for_fuzzing caps that some operation uses."""
+    _, capped = capped_for_fuzzing(document)
+    used = references(document)
+    return {pointer for pointer in capped if component(pointer) is None or component(pointer) in used}
+
+
+def beyond_fuzzing(schema: dict[str, Any]) -> bool:
+    """Whether `schema` is a pattern-checked string allowed more than FUZZ_MAX_LENGTH characters."""
+    limit = schema.get("maxLength")
+    return isinstance(limit, int) and limit > FUZZ_MAX_LENGTH and "pattern" in schema
+
+
+@dataclass(frozen=True)
+class LongTextField:
+    """A query parameter or a top-level body field beyond the fuzzer's reach, and its schema's JSON pointer."""
+
+    method: str
+    path: str
+    where: str
+    name: str
+    limit: int
+    pointer: str
+
+    @property
+    def label(self) -> str:
+        """The operation and the field, for messages."""
+        return f"{self.method} {self.path} {self.where} {self.name}"
+
+    def request_path(self, ids: dict[str, str]) -> str:
+        """The operation's path under /v1 on real rows, with the over-long value when it is a query parameter."""
+        path = self.path.removeprefix("/v1").format(**ids)
+        return f"{path}?{self.name}={self.over_long}" if self.where == "query" else path
+
+    def request_body(self, ids: dict[str, str]) -> dict[str, Any] | None:
+        """A body valid but for the over-long value, when the field is in the body."""
+        if self.where != "body":
+            return None
+        if self.method == "PATCH":
+            return {self.name: self.over_long}
+        required = {
+            ("POST", "/v1/agents"): {"name": "Long"},
+            ("POST", "/v1/voices"): {"name": "Long"},
+            ("POST", "/v1/knowledge-bases"): {"name": "Long"},
+            ("POST", "/v1/knowledge-bases/{knowledgeBaseId}/documents"): {"name": "Long", "type": "TEXT"},
+            ("POST", "/v1/conversation-paths"): {"name": "Long"},
+            ("POST", "/v1/tools"): {"name": "Long"},
+            ("POST", "/v1/events"): {"name": "call.ended", "webhookUrl": "https://example.com/hook"},
+            ("POST", "/v1/campaigns"): {"batchName": "Long", "agentId": ids["agentId"]},
+        }
+        assert (self.method, self.path) in required, f"{self.label}: add the rest of a valid body to request_body"
+        return required[self.method, self.path] | {self.name: self.over_long}
+
+    @property
+    def over_long(self) -> str:
+        """One character more than the field allows."""
+        return "x" * (self.limit + 1)
+
+
+def long_text_fields(document: dict[str, Any]) -> list[LongTextField]:
+    """Every query parameter and top-level JSON body field of `document` beyond the fuzzer's reach."""
+    fields = []
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            at = f"#/paths/{_escaped(path)}/{method}"
+            for index, parameter in enumerate(operation.get("parameters", [])):
+                if beyond_fuzzing(parameter["schema"]):
+                    limit = parameter["schema"]["maxLength"]
+                    pointer = f"{at}/parameters/{index}/schema"
+                    fields.append(
+                        LongTextField(method.upper(), path, parameter["in"], parameter["name"], limit, pointer)
+                    )
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json")
+            if body is None:
+                continue
+            pointer = body["schema"]["$ref"]
+            schema = document["components"]["schemas"][pointer.rsplit("/", 1)[1]]
+            for name, spec in schema.get("properties", {}).items():
+                choices = (
+                    [(f"/anyOf/{n}", choice) for n, choice in enumerate(spec["anyOf"])]
+                    if "anyOf" in spec
+                    else [("", spec)]
+                )
+                for suffix, choice in choices:
+                    if beyond_fuzzing(choice):
+                        at_choice = f"{pointer}/properties/{_escaped(name)}{suffix}"
+                        fields.append(LongTextField(method.upper(), path, "body", name, choice["maxLength"], at_choice))
+    return fields
+
+
+def references(document: dict[str, Any]) -> set[str]:
+    """Every `$ref` in `document`."""
+    return {node["$ref"] for _, node in objects_in(document) if isinstance(node.get("$ref"), str)}
+
+
+def objects_in(node: Any, pointer: str = "#") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every JSON object in `node` (itself included) with its JSON pointer, outer ones first."""
+    if isinstance(node, dict):
+        yield pointer, node
+        for key, value in node.items():
+            yield from objects_in(value, f"{pointer}/{_escaped(key)}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from objects_in(value, f"{pointer}/{index}")
+
+
+def component(pointer: str) -> str | None:
+    """The component schema a JSON pointer is inside (`#/components/schemas/Name`), if any."""
+    parts = pointer.split("/")
+    return "/".join(parts[:4]) if parts[1:3] == ["components", "schemas"] else None
+
+
+def _escaped(key: str) -> str:
+    """A key as a JSON pointer spells it."""
+    return key.replace("~", "~0").replace("/", "~1")
 
 
 def _fuzz(
