@@ -25,7 +25,7 @@ from storage import Pool
 from storage.errors import TRANSIENT_ERRORS
 from storage.knowledge_embeddings import nearest_passages
 from storage.knowledge_search import Passage, frequent_words, fuse_rankings, search_passages
-from storage.tenancy import tenant_transaction
+from storage.tenancy import tenant_read_transaction
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class KnowledgeLookup:
         return found
 
     async def _full_text(self, query: str, limit: int) -> list[Passage]:
-        async with tenant_transaction(self._pool, self._organization_id) as conn:
+        async with tenant_read_transaction(self._pool, self._organization_id) as conn:
             return await search_passages(
                 conn,
                 organization_id=self._organization_id,
@@ -117,7 +117,7 @@ class KnowledgeLookup:
                 exc if isinstance(exc, EmbeddingFailed) else type(exc).__name__,
             )
             return full_text[: self._limit]
-        async with tenant_transaction(self._pool, self._organization_id) as conn:
+        async with tenant_read_transaction(self._pool, self._organization_id) as conn:
             nearest = await nearest_passages(
                 conn,
                 organization_id=self._organization_id,
@@ -131,7 +131,7 @@ class KnowledgeLookup:
     async def vocabulary(self, limit: int = 200) -> list[str]:
         """The words the knowledge bases use most: for an offline recogniser to expect (none if unreachable)."""
         try:
-            async with tenant_transaction(self._pool, self._organization_id) as conn:
+            async with tenant_read_transaction(self._pool, self._organization_id) as conn:
                 return await frequent_words(
                     conn,
                     organization_id=self._organization_id,
