@@ -3,6 +3,7 @@ begun with its role and organization in one message and committed with the pool'
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -109,3 +110,28 @@ async def test_a_failed_read_is_rolled_back_and_the_session_reset(one_connection
             await conn.fetchval("SELECT 1")
             raise KeyError("the caller's own")
     assert await session(one_connection) == fresh
+
+
+async def test_a_read_cancelled_mid_query_leaves_a_clean_connection(one_connection: asyncpg.Pool) -> None:
+    # A caller hanging up while their question is searched.
+    acme = await insert_organization(one_connection)
+    fresh = await session(one_connection)
+    loop_errors: list[str] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: loop_errors.append(str(context.get("message"))))
+
+    async def read() -> None:
+        async with tenant_read_transaction(one_connection, acme) as conn:
+            await conn.execute("SELECT pg_sleep(5)")
+
+    try:
+        task = asyncio.create_task(read())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await session(one_connection) == fresh
+    finally:
+        loop.set_exception_handler(previous)
+    assert loop_errors == []  # asyncpg resets no connection with a transaction left open
