@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -99,8 +99,41 @@ def _dump_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
+class PooledConnection(asyncpg.Connection):
+    """asyncpg's connection, which can end a transaction begun by hand and reset its session in one round trip."""
+
+    __slots__ = ("_session_reset",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._session_reset = False
+
+    async def end_transaction_and_reset(self, ending: Literal["COMMIT", "ROLLBACK"]) -> None:
+        """End the transaction (begun with a plain BEGIN) and run asyncpg's reset query in the same message.
+
+        The last use of the connection before it goes back to the pool, which then skips its own reset query:
+        the session is already as that query leaves it (one round trip saved).
+        """
+        await self.execute(f"{ending};\n{self.get_reset_query()}")
+        self._session_reset = True
+
+    def take_session_reset(self) -> bool:
+        """Whether `end_transaction_and_reset` was the last thing done; asked once, as the connection goes back."""
+        was_reset, self._session_reset = self._session_reset, False
+        return was_reset
+
+
+async def _reset_session(conn: asyncpg.Connection) -> None:
+    """asyncpg's reset query (advisory unlocks, CLOSE ALL, UNLISTEN, RESET ALL), unless already run in the
+    connection's last message; asyncpg has already rolled back any open transaction by now."""
+    if not (isinstance(conn, PooledConnection) and conn.take_session_reset()):
+        await conn.execute(conn.get_reset_query())
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Release without the reset query: asyncpg has already rolled back any open transaction by now."""
+    if isinstance(conn, PooledConnection):
+        conn.take_session_reset()
 
 
 async def create_pool(
@@ -120,7 +153,8 @@ async def create_pool(
             max_size=max_size,
             timeout=timeout,
             init=_init_connection,
-            reset=_keep_session if stateless else None,
+            connection_class=PooledConnection,
+            reset=_keep_session if stateless else _reset_session,
         )
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise DatabaseUnavailable(

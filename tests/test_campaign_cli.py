@@ -19,9 +19,10 @@ DIALTONE = [sys.executable, "-m", "engine.server.cli"]
 REPO = Path(__file__).resolve().parent.parent
 
 
-async def dialtone(db_url: str, cwd: Path, *args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIALTONE_", "DATABASE_URL", "TWILIO_"))}
-    env.update(PYTHONPATH=str(REPO), DATABASE_URL=db_url, DIALTONE_LOG_LEVEL="WARNING")
+async def dialtone(db_url: str, cwd: Path, *args: str, **settings: str) -> tuple[int, str, str]:
+    """Run `dialtone *args` on the database, with no settings from this environment but `settings` (env names)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIALTONE_", "DATABASE_URL", "TWILIO_", "OPENAI_"))}
+    env.update(PYTHONPATH=str(REPO), DATABASE_URL=db_url, DIALTONE_LOG_LEVEL="WARNING", **settings)
     process = await asyncio.create_subprocess_exec(
         *DIALTONE, *args, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )

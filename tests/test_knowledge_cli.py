@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import asyncpg
+from openai import AsyncOpenAI
 
 from storage import knowledge_bases
+from tests.fakes.openai_chat import FakeOpenAI
 from tests.knowledge_files import docx_file, pdf
 from tests.test_campaign_cli import dialtone
+from tests.test_knowledge_vectors import MODEL, carpark_documents, embedder, ingest
 from tests.test_repo_agents import insert_organization
 
 
@@ -50,3 +54,34 @@ async def test_bad_input_is_one_line_and_adds_nothing(pool: asyncpg.Pool, db_url
     assert await knowledge_bases.list_documents(pool, organization_id=org, knowledge_base_id=kb.id) == []
     code, _, err = await dialtone(db_url, tmp_path, "kb", "search", "--org", org, "--kb", "nope", "x")
     assert code == 1 and "not found" in err
+
+
+def documents_shown(out: str) -> list[str]:
+    """The document ids of the passages `kb search` printed, in its order."""
+    return re.findall(r"\((\w+), chunk \d+\)", out)
+
+
+async def test_search_finds_passages_as_calls_do_by_vector_too_when_configured(
+    pool: asyncpg.Pool, db_url: str, tmp_path: Path
+) -> None:
+    org = await insert_organization(pool)
+    kb, ids = await carpark_documents(pool, org)
+    question = "what are the carpark fees at the museum"
+    async with FakeOpenAI(api_key="sk-embed") as fake:
+        client = AsyncOpenAI(api_key="sk-embed", base_url=fake.base_url)
+        await ingest(pool, embedder(client))
+        await client.close()
+        code, out, err = await dialtone(db_url, tmp_path, "kb", "search", "--org", org, "--kb", kb, question)
+        assert code == 0, err
+        assert "search by full-text\n" in err
+        assert documents_shown(out) == [ids[0], ids[1]]  # "carpark" is no word of theirs
+        code, out, err = await dialtone(
+            db_url, tmp_path, "kb", "search", "--org", org, "--kb", kb, "--limit", "3", question,
+            DIALTONE_KB_EMBEDDING_MODEL=MODEL.name, DIALTONE_KB_EMBEDDING_DIMENSIONS=str(MODEL.dimensions),
+            DIALTONE_KB_EMBEDDING_QUESTION_TIMEOUT="10", OPENAI_API_KEY="sk-embed", OPENAI_BASE_URL=fake.base_url,
+        )  # fmt: skip
+        assert code == 0, err
+        assert "search by full-text and vector" in err
+        shown = documents_shown(out)
+        assert shown[0] == ids[1] and ids[2] in shown  # fused: near the top of both; found by vector alone
+        assert fake.embedding_requests[-1]["input"] == [question]

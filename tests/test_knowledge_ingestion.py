@@ -300,3 +300,12 @@ async def test_a_document_that_stops_every_process_reading_it_ends_in_error(pool
     await worker.stop()
     status, error = await status_of(pool, document_id)
     assert status == "ERROR" and error is not None and "did not finish in 2 attempts" in error
+
+
+async def test_passages_keep_their_search_vector_in_the_row(pool: asyncpg.Pool) -> None:
+    # Out of line, every search would read each candidate's tsvector from the TOAST table (migration 0022).
+    storage = await pool.fetchval(
+        "SELECT attstorage FROM pg_attribute WHERE attrelid = '\"KnowledgeBaseChunk\"'::regclass"
+        " AND attname = 'searchVector'"
+    )
+    assert storage == b"m"

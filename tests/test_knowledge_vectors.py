@@ -173,12 +173,17 @@ CARPARK = [
 ]
 
 
+async def carpark_documents(pool: asyncpg.Pool, org: str) -> tuple[str, list[str]]:
+    """A knowledge base with a document per CARPARK text (queued for ingestion): its id and theirs, in order."""
+    kb, museum = await text_document(pool, org, CARPARK[0])
+    return kb, [museum] + [(await text_document(pool, org, text, kb_id=kb))[1] for text in CARPARK[1:]]
+
+
 async def test_the_fused_ranking_finds_what_full_text_alone_ranks_lower(
     pool: asyncpg.Pool, fake: FakeOpenAI, client: AsyncOpenAI
 ) -> None:
     org = await insert_organization(pool)
-    kb, museum = await text_document(pool, org, CARPARK[0])
-    ids = [museum] + [(await text_document(pool, org, text, kb_id=kb))[1] for text in CARPARK[1:]]
+    kb, ids = await carpark_documents(pool, org)
     await ingest(pool, with_embedder := embedder(client))
     question = "what are the carpark fees at the museum"
     full_text = await search_passages(pool, organization_id=org, knowledge_base_ids=[kb], query=question, limit=3)

@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from config.settings import Settings
+from engine.knowledge.embeddings import embedder_from_settings
 from engine.knowledge.extract import UnreadableDocument, sniff_mime_type
 from engine.knowledge.ingestion import IngestionSettings, IngestionWorker
+from engine.knowledge.lookup import KnowledgeLookup
+from pipelines.clients import ProviderClients
 from storage import Pool, knowledge_bases, organizations
 from storage.enums import DocumentType
 from storage.knowledge_bases import KnowledgeBaseDocument
-from storage.knowledge_search import search_passages
 from storage.migrate import migrate
 from storage.pool import database
+from storage.tenancy import tenant_transaction
 
 _BAR_WIDTH = 30
 _POLL = 0.1
@@ -55,24 +58,38 @@ async def run_kb_command(args: argparse.Namespace, settings: Settings) -> None:
         async with db.pool.acquire() as conn:
             await migrate(conn)
         organization_id = await _organization_id(db.pool, args.org)
-        kb = await knowledge_bases.get_knowledge_base(
-            db.pool, organization_id=organization_id, knowledge_base_id=args.kb
-        )
-        if args.kb_command == "search":
-            passages = await search_passages(
-                db.pool, organization_id=organization_id, knowledge_base_ids=[kb.id], query=args.query, limit=args.limit
+        async with tenant_transaction(db.pool, organization_id) as conn:
+            kb = await knowledge_bases.get_knowledge_base(
+                conn, organization_id=organization_id, knowledge_base_id=args.kb
             )
-            for passage in passages:
-                print(f"{passage.rank:.3f}  {passage.document_name} ({passage.document_id}, chunk {passage.position})")
-                print(f"       {passage.content}")
-            if not passages:
-                print("no passage matches")
+        if args.kb_command == "search":
+            await _search(db.pool, args, settings, organization_id, kb.id)
             return
         added = await _add(db.pool, args, settings, organization_id, kb.id)
         for document in added:
             print(f"{document.id}  {document.name}")
         if not args.no_wait:
             await ingest_with_progress(db.pool, settings, [d.id for d in added], sys.stderr)
+
+
+async def _search(pool: Pool, args: argparse.Namespace, settings: Settings, organization_id: str, kb_id: str) -> None:
+    """Print the passages a call asking `args.query` would be given: the same lookup, by vector too when the settings
+    turn vector search on (what search it was is said on standard error)."""
+    clients = ProviderClients()
+    try:
+        embedder = await embedder_from_settings(settings, clients, pool)
+        print(f"search by {'full-text and vector' if embedder else 'full-text'}", file=sys.stderr)
+        lookup = KnowledgeLookup(
+            pool, organization_id=organization_id, knowledge_base_ids=[kb_id], limit=args.limit, embedder=embedder
+        )
+        passages = await lookup.passages(args.query)
+    finally:
+        await clients.aclose()
+    for passage in passages:
+        print(f"{passage.rank:.3f}  {passage.document_name} ({passage.document_id}, chunk {passage.position})")
+        print(f"       {passage.content}")
+    if not passages:
+        print("no passage matches")
 
 
 async def _add(

@@ -25,7 +25,8 @@ from storage import Pool
 from storage.errors import TRANSIENT_ERRORS
 from storage.knowledge_embeddings import nearest_passages
 from storage.knowledge_search import Passage, frequent_words, fuse_rankings, search_passages
-from storage.tenancy import tenant_transaction
+from storage.records import Connection
+from storage.tenancy import tenant_read_transaction
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,15 @@ class KnowledgeLookup:
         if self._embedder is not None and query.strip():
             question = asyncio.get_running_loop().create_task(self._embedder.embed_question(query))
         try:
-            found = await self._full_text(query, self._limit if question is None else self._candidates)
-            if question is not None:
-                found = await self._fused(found, question)
+            async with tenant_read_transaction(self._pool, self._organization_id) as conn:
+                found = await self._full_text(conn, query, self._limit if question is None else self._candidates)
+                # An embedding that came in while the full-text search ran is searched on the same connection: one
+                # pooled connection per question instead of two, fewer waits for one when calls are many.
+                in_time = question is not None and question.done()
+                if question is not None and in_time:
+                    found = await self._fused(found, question, conn)
+            if question is not None and not in_time:
+                found = await self._fused(found, question, None)
         except TRANSIENT_ERRORS as exc:
             log.warning("knowledge search unavailable (%s); the call goes on without it", type(exc).__name__)
             found = []
@@ -90,18 +97,20 @@ class KnowledgeLookup:
         self.retrievals.append(Retrieval(query, tuple(found), elapsed * 1000))
         return found
 
-    async def _full_text(self, query: str, limit: int) -> list[Passage]:
-        async with tenant_transaction(self._pool, self._organization_id) as conn:
-            return await search_passages(
-                conn,
-                organization_id=self._organization_id,
-                knowledge_base_ids=self._knowledge_base_ids,
-                query=query,
-                limit=limit,
-            )
+    async def _full_text(self, conn: Connection, query: str, limit: int) -> list[Passage]:
+        return await search_passages(
+            conn,
+            organization_id=self._organization_id,
+            knowledge_base_ids=self._knowledge_base_ids,
+            query=query,
+            limit=limit,
+        )
 
-    async def _fused(self, full_text: list[Passage], question: asyncio.Task[list[float]]) -> list[Passage]:
-        """The full-text passages fused with those nearest the question's embedding; full-text alone without it."""
+    async def _fused(
+        self, full_text: list[Passage], question: asyncio.Task[list[float]], conn: Connection | None
+    ) -> list[Passage]:
+        """The full-text passages fused with those nearest the question's embedding (searched on `conn`, else in a
+        transaction of its own); full-text alone without it."""
         assert self._embedder is not None
         try:
             embedding = await question
@@ -117,21 +126,28 @@ class KnowledgeLookup:
                 exc if isinstance(exc, EmbeddingFailed) else type(exc).__name__,
             )
             return full_text[: self._limit]
-        async with tenant_transaction(self._pool, self._organization_id) as conn:
-            nearest = await nearest_passages(
-                conn,
-                organization_id=self._organization_id,
-                knowledge_base_ids=self._knowledge_base_ids,
-                model=self._embedder.model,
-                embedding=embedding,
-                limit=self._candidates,
-            )
+        if conn is None:
+            async with tenant_read_transaction(self._pool, self._organization_id) as own:
+                nearest = await self._nearest(own, embedding)
+        else:
+            nearest = await self._nearest(conn, embedding)
         return fuse_rankings([full_text, nearest], limit=self._limit)
+
+    async def _nearest(self, conn: Connection, embedding: list[float]) -> list[Passage]:
+        assert self._embedder is not None
+        return await nearest_passages(
+            conn,
+            organization_id=self._organization_id,
+            knowledge_base_ids=self._knowledge_base_ids,
+            model=self._embedder.model,
+            embedding=embedding,
+            limit=self._candidates,
+        )
 
     async def vocabulary(self, limit: int = 200) -> list[str]:
         """The words the knowledge bases use most: for an offline recogniser to expect (none if unreachable)."""
         try:
-            async with tenant_transaction(self._pool, self._organization_id) as conn:
+            async with tenant_read_transaction(self._pool, self._organization_id) as conn:
                 return await frequent_words(
                     conn,
                     organization_id=self._organization_id,
