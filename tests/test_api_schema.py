@@ -75,13 +75,9 @@ async def test_each_long_text_field_refuses_one_character_over_its_limit(engine:
         assert fields, "no field is beyond the fuzzer's reach: this test has nothing left to prove"
         assert capped_in_use(document) <= {field.pointer for field in fields}, "a capped field gets no over-long value"
         for field in fields:
-            if field.where == "query":
-                # Past the 8,190 bytes of request line aiohttp reads, a query is refused before the API sees it.
-                headers = {"Authorization": f"Bearer {tenant.owner_key}"}
-                url = engine + "/v1" + field.request_path(ids)
-                async with session.request(field.method, url, headers=headers) as response:
-                    assert 400 <= response.status < 500, f"{field.label}: {response.status}"
-                continue
+            # Past the 8,190 bytes of request line aiohttp reads, a query is refused before the API sees it: a query
+            # parameter must document a limit the server can carry.
+            assert field.where != "query", f"{field.label}: a query parameter longer than a request line can carry"
             status, body = await api.call(
                 field.method, field.request_path(ids), tenant.owner_key, json=field.request_body(ids)
             )

@@ -368,6 +368,9 @@ async def test_search_needs_a_question(api: Api, acme: Tenant) -> None:
     assert status == 422
     assert_error(body, "validation_error", "q")
     assert await search(api, acme, kb["id"], "the and of") == []  # stop words alone find nothing
+    status, body = await api.call("GET", f"/knowledge-bases/{kb['id']}/search?q={'a' * 2001}", acme.owner_key)
+    assert status == 422  # the documented limit, refused by the API itself (not by the server's request line)
+    assert_error(body, "validation_error", "q")
     status, body = await api.call("POST", "/knowledge-bases", acme.owner_key, json={"name": "X", "language": "klingon"})
     assert status == 422
     assert_error(body, "validation_error", "language")

@@ -286,11 +286,18 @@ async def reingest_document(call: ApiCall) -> KnowledgeBaseDocument:
     return document
 
 
+QUESTION_MAX_LENGTH = 2000
+"""Longest question searched: a caller's turn is far shorter, and a query string must fit the request line the
+server reads (aiohttp refuses one over 8,190 bytes before the API sees it, URL-encoding included)."""
+
+
 class SearchQuery(RequestModel):
     """A question to find passages for, and how many to return."""
 
     # Checked by the handler, after the knowledge base is known to be the caller's (404 comes first).
-    q: LongText | None = Field(None, min_length=1, description="The question or words to look for (required).")
+    q: LongText | None = Field(
+        None, min_length=1, max_length=QUESTION_MAX_LENGTH, description="The question or words to look for (required)."
+    )
     limit: int = Field(5, ge=1, le=50, description="How many passages to return (1-50).")
 
 
