@@ -34,9 +34,11 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
-# Two workers, each taking whole test files (their module-scoped servers and databases stay in one process).
+# Four workers, each taking whole test files (their module-scoped servers and databases stay in one process). Most
+# tests wait on calls playing audio in real time, so the suite keeps two cores only about a quarter busy with two
+# workers: four finish it in a little over half the time (10 min 37 s -> 6 min 11 s on a 2-core machine).
 pytest: $(VENV)/.installed-dev
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 4 --dist loadfile
 
 bench: $(VENV)/.installed-dev
 	$(PIP) -e '.[dev,bench]'
