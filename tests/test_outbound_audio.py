@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.call.audio_tap import SILENT_CHUNK, AudioTap, TapChunk
+from engine.call.audio_tap import SILENT_CHUNK, AudioTap
 from engine.call.outbound_audio import OutboundAudio, StreamTimeline
 from media.g711 import BYTES_PER_MS, FRAME_BYTES, FRAME_MS
 from media.recording import StereoWavRecorder
+from tests.test_audio_tap import Heard
 from tests.test_twilio_stream import streaming
 
 CHUNK = b"\x10" * 800  # 100 ms of μ-law
@@ -104,26 +105,12 @@ def test_a_resume_point_beyond_the_lead_is_refused() -> None:
         OutboundAudio(streaming(), Sent([]), StreamTimeline(), lead_ms=200, resume_ms=300)
 
 
-class Listener:
-    """A listen-in listener keeping what it hears."""
-
-    def __init__(self) -> None:
-        self.chunks: list[TapChunk] = []
-
-    def hear(self, chunk: TapChunk) -> bool:
-        self.chunks.append(chunk)
-        return True
-
-    def end(self, reason: str) -> None:
-        pass
-
-
 async def test_a_clear_takes_the_audio_twilio_throws_away_out_of_the_recording_and_the_listen_in(
     tmp_path: Path,
 ) -> None:
     time = FakeTime()
     recorder = StereoWavRecorder(tmp_path / "call.wav", elapsed_ms=lambda: 3_600_000)
-    tap, listener = AudioTap(), Listener()
+    tap, listener = AudioTap(), Heard()
     tap.add(listener)
     out, sent = sender(time, lead_ms=400, resume_ms=300, recorder=recorder, tap=tap)
     caller_frame = b"\x20" * FRAME_BYTES
