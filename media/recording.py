@@ -54,8 +54,8 @@ class StereoWavRecorder:
     handed out (more than half a window behind the newest audio) is dropped and counted in `dropped_ms`.
     Overlapping writes to one channel replace what is there: audio is placed by `at_ms`, never appended. Audio
     placed more than `LEAD_MS` past `elapsed_ms()` (the call's real time) is dropped and counted too. The window
-    always holds at least its last half before the newest audio, so agent audio placed ahead of playback can still be
-    silenced by `drop_agent_from` when Twilio throws it away unheard, while it is less than that far ahead.
+    always holds at least its last half before the newest audio, so `drop_agent_from` can silence the agent audio
+    Twilio threw away unheard as long as the point it drops from is at most half a window behind the newest audio.
     """
 
     def __init__(
@@ -122,7 +122,7 @@ class StereoWavRecorder:
     def drop_agent_from(self, at_ms: int) -> int:
         """Silence the agent channel from `at_ms` of the call on: audio placed there was never heard (Twilio threw it
         away at a barge-in's `clear`). Returns how many milliseconds from `at_ms` on were already handed out to the
-        file, where they stay: none while `at_ms` is less than half a window behind the newest audio.
+        file, where they stay: none while `at_ms` is at most half a window behind the newest audio.
         """
         if self._closed:
             raise RecorderClosedError(f"recording {self.path} is closed")

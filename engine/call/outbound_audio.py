@@ -133,7 +133,7 @@ class OutboundAudio:
         self._since_mark.clear()
         if self._recorder is not None:
             kept_ms = self._recorder.drop_agent_from(heard_to_ms)
-            if kept_ms:  # a window too short for the lead (refused when made): cannot happen, but never silently
+            if kept_ms:  # the window check in __init__ keeps this from happening; if it did, say so
                 log.warning("recording %s keeps %d ms of agent audio a clear dropped", self._recorder.path, kept_ms)
         if self._tap is not None:
             self._tap.drop_agent_from(heard_to_ms)
