@@ -53,7 +53,9 @@ class StereoWavRecorder:
     half is handed to an outbox that `flush` writes to disk. Audio that arrives for a position already
     handed out (more than half a window behind the newest audio) is dropped and counted in `dropped_ms`.
     Overlapping writes to one channel replace what is there: audio is placed by `at_ms`, never appended. Audio
-    placed more than `LEAD_MS` past `elapsed_ms()` (the call's real time) is dropped and counted too.
+    placed more than `LEAD_MS` past `elapsed_ms()` (the call's real time) is dropped and counted too. The window
+    always holds at least its last half before the newest audio, so `drop_agent_from` can silence the agent audio
+    Twilio threw away unheard as long as the point it drops from is at most half a window behind the newest audio.
     """
 
     def __init__(
@@ -116,6 +118,23 @@ class StereoWavRecorder:
     def write_agent(self, ulaw: bytes, at_ms: int) -> None:
         """Place agent mu-law audio on the right channel starting at `at_ms` of the call."""
         self._write(1, ulaw, at_ms)
+
+    def drop_agent_from(self, at_ms: int) -> int:
+        """Silence the agent channel from `at_ms` of the call on: audio placed there was never heard (Twilio threw it
+        away at a barge-in's `clear`). Returns how many milliseconds from `at_ms` on were already handed out to the
+        file, where they stay: none while `at_ms` is at most half a window behind the newest audio.
+        """
+        if self._closed:
+            raise RecorderClosedError(f"recording {self.path} is closed")
+        if at_ms < 0:
+            raise ValueError(f"at_ms must not be negative, got {at_ms}")
+        position = at_ms * _SAMPLES_PER_MS
+        held = self._held[1]
+        del held[max(0, position - self._held_at[1]) :]
+        begin = max(position, self._start)
+        if begin < self._start + self._capacity:
+            self._buffer[begin - self._start :, 1] = ULAW_SILENCE
+        return max(0, self._start - position) // _SAMPLES_PER_MS
 
     def _write(self, channel: int, ulaw: bytes, at_ms: int) -> None:
         """Hold audio that continues the channel's held audio; place the rest now.

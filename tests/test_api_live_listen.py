@@ -26,7 +26,7 @@ from engine.call.audio_tap import CALL_ENDED, CHUNK_BYTES, LISTENER_TOO_SLOW
 from engine.call.listen_relay import LISTEN_AUDIO_CHANNEL
 from engine.simulator import CallResult, HangUp, Pause, PlayWav
 from engine.simulator.audio import read_wav, synthesize_speech
-from media.g711 import SAMPLE_RATE, ULAW_SILENCE, ulaw_to_pcm16
+from media.g711 import BYTES_PER_MS, FRAME_BYTES, SAMPLE_RATE, ULAW_SILENCE, ulaw_to_pcm16
 from storage.recordings import recording_path
 from storage.records import new_id
 from tests.engine_server import running_engine
@@ -148,21 +148,28 @@ class ListenedCall:
 
 
 async def listened_call(
-    pool: asyncpg.Pool, engine: str, listener_engine: str, caller_wav: Path, query: str = "", *, browser: bool
+    pool: asyncpg.Pool,
+    engine: str,
+    listener_engine: str,
+    caller_wav: Path,
+    query: str = "",
+    *,
+    browser: bool,
+    first_sentence: str = "Hello from the listening line. Tell me what you need today.",
+    barge_in_after_ms: int | None = None,
 ) -> ListenedCall:
     """Place a call on `engine` and listen to it through `listener_engine` until it ends, with the key in the
-    Authorization header, or as a `browser` offers it: a subprotocol."""
+    Authorization header, or as a `browser` offers it: a subprotocol. The caller plays `caller_wav` once the agent's
+    `first_sentence` is over, or `barge_in_after_ms` into it."""
     tenant = await make_tenant(pool, "Listened")
     connect: dict[str, Any] = (
         {"protocols": ("dialtone.listen", key_protocol(tenant.owner_key))}
         if browser
         else {"headers": {"Authorization": f"Bearer {tenant.owner_key}"}}
     )
-    number, _ = await make_line(
-        pool, tenant.organization_id, firstSentence="Hello from the listening line. Tell me what you need today."
-    )
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence=first_sentence)
     async with aiohttp.ClientSession() as session:
-        running = asyncio.create_task(call(engine, number, PlayWav(caller_wav)))
+        running = asyncio.create_task(call(engine, number, PlayWav(caller_wav, barge_in_after_ms=barge_in_after_ms)))
         call_log_id = await running_here(Api(session, engine), tenant.owner_key)
         async with session.ws_connect(url_of(listener_engine, call_log_id, query), **connect) as ws:
             listened = await listen(ws)
@@ -214,6 +221,41 @@ async def test_a_listener_on_another_engine_process_hears_the_call_mixed_as_pcm1
     assert len(offsets_matching(heard, mixed)) == 1
     caller = ulaw_to_pcm16(read_wav(caller_wav)).astype(np.int32)
     assert np.abs(heard).max() > 1000 and len(heard) > len(caller)  # the caller's speech and the agent's, both
+
+
+async def test_the_agent_audio_a_barge_in_threw_away_is_neither_recorded_nor_heard_by_a_listener(
+    engines: Engines, db_url: str, pool: asyncpg.Pool, caller_wav: Path
+) -> None:
+    opening = (
+        "Welcome to the listening line. This opening is long on purpose, so that the caller has plenty of time to "
+        "interrupt it before it ends."
+    )
+    heard_call = await listened_call(
+        pool, engines.holder, engines.holder, caller_wav, browser=False, first_sentence=opening, barge_in_after_ms=1500
+    )
+    result = heard_call.result
+    interrupted, reply = result.utterances[0], result.utterances[-1]
+    assert interrupted.cleared and result.clears and not reply.cleared
+    # What the caller heard is on the call's timeline (a frame every 20 ms from 0): the clear reached them where
+    # the opening they heard ends, and the agent spoke next where its reply begins.
+    caller_heard = bytes(result.heard)
+    tail = bytes(interrupted.audio[-200 * BYTES_PER_MS :])
+    cut = caller_heard.rindex(tail) + len(tail)
+    answer = caller_heard.index(bytes(reply.audio[: 200 * BYTES_PER_MS]))
+    assert answer - cut > 500 * BYTES_PER_MS
+    # The engine places the agent's audio where it expects the caller to hear it, a little before they do; it cut
+    # at the caller's last frame, at most where they stopped hearing.
+    unheard = slice(cut + FRAME_BYTES, answer - 100 * BYTES_PER_MS)
+
+    recording = recording_of(engines, db_url, heard_call.tenant, heard_call.call_log_id)
+    agent = recording[:, 1]
+    assert agent[cut - 300 * BYTES_PER_MS : cut - FRAME_BYTES].any()  # the agent, up to the barge-in
+    assert not agent[unheard].any()  # then nothing the caller did not hear
+    listened = ulaw_to_pcm16(bytes(heard_call.listened.audio)).reshape(-1, 2)
+    (joined,) = offsets_matching(listened[:, :1], recording[:, :1])  # placed on the timeline by the caller's side
+    assert joined < cut - 300 * BYTES_PER_MS  # listening before the barge-in
+    assert not listened[unheard.start - joined : unheard.stop - joined, 1].any()
+    assert np.array_equal(listened, recording[joined : joined + len(listened)])
 
 
 async def not_reading(url: str, key: str) -> websockets.ClientConnection:

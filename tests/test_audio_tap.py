@@ -11,13 +11,14 @@ import pytest
 from engine.call.audio_tap import (
     CALL_ENDED,
     CHUNK_BYTES,
+    CHUNK_MS,
     LISTENER_TOO_SLOW,
     SILENT_CHUNK,
     AudioTap,
     ListenerQueue,
     TapChunk,
 )
-from media.g711 import FRAME_BYTES, FRAME_MS, pcm16_to_ulaw, ulaw_to_pcm16
+from media.g711 import BYTES_PER_MS, FRAME_BYTES, FRAME_MS, pcm16_to_ulaw, ulaw_to_pcm16
 from media.stereo import Channels, Encoding, combine
 
 
@@ -88,11 +89,35 @@ def test_a_listener_joining_mid_reply_hears_the_agent_audio_already_sent_ahead_o
 def test_agent_audio_twilio_was_told_to_drop_is_not_heard_by_a_listener_joining_after() -> None:
     tap, heard = AudioTap(), Heard()
     tap.write_agent(b"\x30" * 800, 1100)
-    tap.agent_cleared()  # a barge-in: Twilio throws away what it had not played
+    tap.write_agent(b"\x31" * 800, 1200)
+    tap.drop_agent_from(1150)  # a barge-in: Twilio throws away what it had not played at 1150 ms
     tap.add(heard)
-    for index, frame in enumerate(frames(15), start=56):
+    for index, frame in enumerate(frames(15), start=55):  # 1100 ms on
         tap.write_caller(frame, index * FRAME_MS)
-    assert heard.chunks and all(chunk.agent == SILENT_CHUNK for chunk in heard.chunks)
+    assert [chunk.sequence for chunk in heard.chunks][:2] == [11, 12]
+    assert heard.chunks[0].agent == b"\x30" * 400 + SILENT_CHUNK[400:]
+    assert all(chunk.agent == SILENT_CHUNK for chunk in heard.chunks[1:])
+
+
+def test_agent_audio_twilio_was_told_to_drop_is_not_heard_by_a_listener_already_listening() -> None:
+    tap, heard = AudioTap(), Heard()
+    tap.add(heard)
+    agent_sent_to = 0
+    for index, frame in enumerate(frames(60)):  # 1.2 s; the agent's audio goes out 400 ms ahead of playback
+        now_ms = index * FRAME_MS
+        tap.write_caller(frame, now_ms)
+        if now_ms == 620:
+            tap.drop_agent_from(now_ms)  # the caller barges in: Twilio drops the 400 ms it had not played
+            agent_sent_to = 1100  # the agent's answer, when it comes
+        while agent_sent_to < now_ms + 400:
+            tap.write_agent(b"\x40" * CHUNK_BYTES, agent_sent_to)
+            agent_sent_to += CHUNK_MS
+    tap.close()
+    agent = b"".join(chunk.agent for chunk in heard.chunks)
+    assert [chunk.sequence for chunk in heard.chunks] == list(range(12))
+    silence = SILENT_CHUNK[:1]
+    assert agent == b"\x40" * (620 * BYTES_PER_MS) + silence * (480 * BYTES_PER_MS) + b"\x40" * (100 * BYTES_PER_MS)
+    assert b"".join(chunk.caller for chunk in heard.chunks) == b"".join(frames(60))
 
 
 def test_agent_audio_for_a_chunk_already_sent_keeps_only_its_part_still_to_come() -> None:

@@ -218,3 +218,66 @@ def test_a_timestamp_days_ahead_leaves_a_small_valid_wav(tmp_path: Path) -> None
     info = recorder.close()
     params, _ = read_wav(tmp_path / "call.wav")
     assert (info.duration_ms, params.nframes) == (0, 0)
+
+
+def record_a_barge_in(
+    recorder: StereoWavRecorder, clear_ms: int
+) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.int16]]:
+    """Caller frames every 20 ms for 6 s; the agent talks from 1 s to 5.6 s in 100 ms chunks sent 400 ms ahead of
+    playback, but the caller barges in at `clear_ms` (a clear) and the agent answers 600 ms later. Returns both
+    channels as the caller heard them."""
+    left = np.zeros(6000 * 8, dtype=np.int16)
+    right = np.zeros(6000 * 8, dtype=np.int16)
+    agent_sent_to = 1000
+    for now_ms in range(0, 6000, 20):
+        frame = random_ulaw(160, now_ms)
+        recorder.write_caller(frame, now_ms)
+        left[now_ms * 8 : now_ms * 8 + 160] = ulaw_to_pcm16(frame)
+        if now_ms == clear_ms:
+            assert recorder.drop_agent_from(clear_ms) == 0
+            right[clear_ms * 8 :] = 0
+            agent_sent_to = clear_ms + 600
+        while agent_sent_to < min(now_ms + 400, 5600):
+            chunk = random_ulaw(800, 100_000 + agent_sent_to)
+            recorder.write_agent(chunk, agent_sent_to)
+            right[agent_sent_to * 8 : agent_sent_to * 8 + 800] = ulaw_to_pcm16(chunk)
+            agent_sent_to += 100
+        if now_ms % 1000 == 0:
+            recorder.flush()
+    return left, right
+
+
+@pytest.mark.parametrize("clear_ms", [1700, 4920])
+def test_agent_audio_a_clear_dropped_is_silence_in_the_recording_while_the_callers_stays(
+    tmp_path: Path, clear_ms: int
+) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS, elapsed_ms=an_hour_in)
+    left, right = record_a_barge_in(recorder, clear_ms)
+    recorder.close()
+    _, frames = read_wav(tmp_path / "call.wav")
+    cut, answer = clear_ms * 8, (clear_ms + 600) * 8
+    assert frames[cut - 8 : cut, 1].any()  # the agent was talking up to the cut
+    assert not frames[cut:answer, 1].any()  # what Twilio threw away, the caller never heard
+    assert np.array_equal(frames[:, 1], right)
+    assert np.array_equal(frames[:, 0], left)
+
+
+def test_agent_audio_a_clear_dropped_after_it_reached_the_file_stays_and_is_counted(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=WINDOW_MS, elapsed_ms=an_hour_in)
+    agent = random_ulaw(2000 * 8, 1)
+    recorder.write_agent(agent, 0)
+    recorder.write_caller(random_ulaw(160, 2), 4000)  # the window slides to keep 2020..4020 ms: the rest is out
+    recorder.flush()
+    assert recorder.drop_agent_from(1520) == 500
+    recorder.close()
+    _, frames = read_wav(tmp_path / "call.wav")
+    assert np.array_equal(frames[: 2000 * 8, 1], ulaw_to_pcm16(agent))
+
+
+def test_dropping_agent_audio_from_a_negative_time_or_after_close_is_an_error(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav")
+    with pytest.raises(ValueError, match="at_ms"):
+        recorder.drop_agent_from(-20)
+    recorder.close()
+    with pytest.raises(RecorderClosedError):
+        recorder.drop_agent_from(0)

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import wave
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from engine.call.audio_tap import SILENT_CHUNK, AudioTap
 from engine.call.outbound_audio import OutboundAudio, StreamTimeline
+from media.g711 import BYTES_PER_MS, FRAME_BYTES, FRAME_MS
+from media.recording import StereoWavRecorder
+from tests.test_audio_tap import Heard
 from tests.test_twilio_stream import streaming
 
 CHUNK = b"\x10" * 800  # 100 ms of μ-law
@@ -40,12 +47,27 @@ class Sent:
             self.ahead_ms.append(self.out[0].queued_ms)
 
 
-def sender(time: FakeTime, *, lead_ms: int = 300, resume_ms: int = 200) -> tuple[OutboundAudio, Sent]:
+def sender(
+    time: FakeTime,
+    *,
+    lead_ms: int = 300,
+    resume_ms: int = 200,
+    recorder: StereoWavRecorder | None = None,
+    tap: AudioTap | None = None,
+) -> tuple[OutboundAudio, Sent]:
     holder: list[OutboundAudio] = []
     sent = Sent(holder)
     timeline = StreamTimeline(time.clock)
     out = OutboundAudio(
-        streaming(), sent, timeline, lead_ms=lead_ms, resume_ms=resume_ms, clock=time.clock, sleep=time.sleep
+        streaming(),
+        sent,
+        timeline,
+        recorder,
+        tap,
+        lead_ms=lead_ms,
+        resume_ms=resume_ms,
+        clock=time.clock,
+        sleep=time.sleep,
     )
     holder.append(out)
     return out, sent
@@ -81,3 +103,40 @@ async def test_audio_played_slower_than_real_time_never_waits() -> None:
 def test_a_resume_point_beyond_the_lead_is_refused() -> None:
     with pytest.raises(ValueError, match="resume_ms"):
         OutboundAudio(streaming(), Sent([]), StreamTimeline(), lead_ms=200, resume_ms=300)
+
+
+async def test_a_clear_takes_the_audio_twilio_throws_away_out_of_the_recording_and_the_listen_in(
+    tmp_path: Path,
+) -> None:
+    time = FakeTime()
+    recorder = StereoWavRecorder(tmp_path / "call.wav", elapsed_ms=lambda: 3_600_000)
+    tap, listener = AudioTap(), Heard()
+    tap.add(listener)
+    out, sent = sender(time, lead_ms=400, resume_ms=300, recorder=recorder, tap=tap)
+    caller_frame = b"\x20" * FRAME_BYTES
+    tap.write_caller(caller_frame, 0)
+    recorder.write_caller(caller_frame, 0)
+    await out.play(1, CHUNK * 10)  # a second of agent audio from 0 ms; sending stops 400 ms ahead of playback
+    cut_ms = round((time.now - 100.0) * 1000)  # where the caller's playback is as the caller barges in
+    await out.clear()
+    assert sent.events[-1] == "clear" and cut_ms == 600  # 400 ms sent but never heard
+    for at_ms in range(FRAME_MS, 1200, FRAME_MS):  # the call goes on: the caller's frames pace the listen-in
+        tap.write_caller(caller_frame, at_ms)
+        recorder.write_caller(caller_frame, at_ms)
+    tap.close()
+    recorder.close()
+
+    with wave.open(str(tmp_path / "call.wav"), "rb") as wav:
+        frames = np.frombuffer(wav.readframes(wav.getnframes()), dtype=np.int16).reshape(-1, 2)
+    agent, cut = frames[:, 1], cut_ms * BYTES_PER_MS
+    assert agent[:cut].all() and not agent[cut:].any()  # the agent up to the barge-in, nothing after it
+    assert frames[:, 0].all() and len(frames) == 1200 * BYTES_PER_MS  # the caller's channel whole
+    heard = b"".join(chunk.agent for chunk in listener.chunks)
+    assert len(listener.chunks) == 12
+    assert heard == CHUNK[:1] * cut + SILENT_CHUNK[:1] * (1200 * BYTES_PER_MS - cut)
+
+
+def test_a_recording_window_too_short_to_take_back_the_lead_is_refused(tmp_path: Path) -> None:
+    recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=800)
+    with pytest.raises(ValueError, match="window_ms"):
+        OutboundAudio(streaming(), Sent([]), StreamTimeline(), recorder, lead_ms=400)

@@ -4,10 +4,10 @@ The session and its outbound audio write to the tap where they write to the reco
 timestamps, agent audio where the playback clock puts it). With no listener a caller frame costs one flag check
 and nothing else; an agent chunk (one every 100 ms) is only kept among the last few sent, because the agent's
 audio goes out up to 400 ms ahead of playback: a listener who joins mid-reply starts with the part still to be
-heard, as the caller hears it (unless Twilio was told to throw it away: `agent_cleared`). A chunk goes out once the
-caller's audio has run a chunk past its end, by when the agent's audio for it has been placed. Twilio sends caller
-frames without pause, so they pace the chunks. Listeners take chunks without waiting; one that cannot keep up is
-dropped.
+heard, as the caller hears it. A chunk goes out once the caller's audio has run a chunk past its end, by when the
+agent's audio for it has been placed. Twilio sends caller frames without pause, so they pace the chunks. Listeners take
+chunks without waiting; one that cannot keep up is dropped. Agent audio Twilio was told to throw away (a barge-in's
+`clear`) is taken back before any listener hears it: `drop_agent_from`.
 """
 
 from __future__ import annotations
@@ -112,10 +112,18 @@ class AudioTap:
         if self._base is not None:  # (the timeline starts with the first caller frame heard)
             self._place_agent(ulaw, at_ms)
 
-    def agent_cleared(self) -> None:
-        """Twilio was told to drop the agent audio it had not played (a barge-in): a listener joining from now on
-        does not hear it (one listening already hears what was placed, as the recording keeps it)."""
-        self._recent.clear()
+    def drop_agent_from(self, at_ms: int) -> None:
+        """Take back the agent audio placed from `at_ms` of the call on: Twilio threw it away unplayed (a barge-in's
+        `clear`), so no listener hears it, whether listening now or joining later.
+
+        None of it has gone out yet when `at_ms` is where the caller's playback had reached: a chunk goes out only
+        once the caller's audio has run a chunk past its end, and the caller's audio is never ahead of playback.
+        """
+        position = at_ms * BYTES_PER_MS
+        kept = [(start_ms, ulaw[: max(0, position - start_ms * BYTES_PER_MS)]) for start_ms, ulaw in self._recent]
+        self._recent = deque(((start_ms, ulaw) for start_ms, ulaw in kept if ulaw), maxlen=RECENT_AGENT_CHUNKS)
+        if self._base is not None:
+            del self._agent[max(0, position - self._base) :]
 
     def close(self, reason: str = CALL_ENDED) -> None:
         """The call is over: send the whole chunks the caller's audio reached, then tell every listener `reason`."""

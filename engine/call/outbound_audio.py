@@ -2,15 +2,16 @@
 
 Twilio buffers whatever it is sent and plays it in order, so audio could go out all at once; pacing it at most
 `lead_ms` ahead instead keeps Twilio's buffer (and what a `clear` throws away) short, and puts the agent's audio
-in the recording where the caller heard it. Once that far ahead, sending waits until only `resume_ms` is left,
+in the recording where the caller will hear it. Once that far ahead, sending waits until only `resume_ms` is left,
 then sends what came meanwhile: one wait per two chunks rather than one per chunk. Marks after an utterance's
 first chunk, every `mark_every_ms` and at its end let the PlaybackClock say when the caller began hearing it and
-how much they heard.
+how much they heard. A `clear` takes what it throws away back out of the recording and the listen-in tap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -20,6 +21,8 @@ from media.recording import StereoWavRecorder
 from media.twilio_stream import TwilioStream
 
 SendText = Callable[[str], Awaitable[None]]
+
+log = logging.getLogger(__name__)
 
 
 class StreamTimeline:
@@ -63,6 +66,13 @@ class OutboundAudio:
         """Prepare to send through `send`, the text frames of `stream`'s protocol."""
         if not 0 <= resume_ms <= lead_ms:
             raise ValueError(f"resume_ms must be between 0 and lead_ms ({lead_ms}), got {resume_ms}")
+        if recorder is not None and recorder.window_ms // 2 < lead_ms + chunk_ms:
+            # A clear takes back audio up to lead_ms + chunk_ms ahead of playback: the recording's window must still
+            # hold it, and it keeps at least half a window behind its newest audio.
+            raise ValueError(
+                f"the recording's window_ms ({recorder.window_ms}) must be at least twice lead_ms + chunk_ms "
+                f"({lead_ms + chunk_ms})"
+            )
         self._stream = stream
         self._send = send
         self._timeline = timeline
@@ -115,9 +125,16 @@ class OutboundAudio:
         await self._send(self._stream.send_mark(utterance_id, final=True))
 
     async def clear(self) -> None:
-        """Drop whatever Twilio has not played yet (barge-in); pending marks come back flushed."""
-        self._cursor = self._clock()
+        """Drop whatever Twilio has not played yet (barge-in); pending marks come back flushed. The recording and
+        the listen-in tap lose it too, from where the caller's playback had reached: nobody heard it."""
+        now = self._clock()
+        heard_to_ms = self._timeline.stream_ms(now)
+        self._cursor = now
         self._since_mark.clear()
+        if self._recorder is not None:
+            kept_ms = self._recorder.drop_agent_from(heard_to_ms)
+            if kept_ms:  # the window check in __init__ keeps this from happening; if it did, say so
+                log.warning("recording %s keeps %d ms of agent audio a clear dropped", self._recorder.path, kept_ms)
         if self._tap is not None:
-            self._tap.agent_cleared()
+            self._tap.drop_agent_from(heard_to_ms)
         await self._send(self._stream.send_clear())
