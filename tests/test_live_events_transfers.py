@@ -11,12 +11,9 @@ import aiohttp
 import asyncpg
 import pytest
 
-from config.agent import parse_agent_configuration
 from engine.call.driver import TRANSFER_FAILED
-from engine.simulator import Pause, Say
+from engine.simulator import CallResult, Pause, Say
 from pipelines.tools import transfer_failed, transferring
-from storage import agents, phone_numbers
-from storage.enums import AgentStatus, CallerType
 from tests.engine_server import running_engine
 from tests.fakes.openai_chat import ToolCall
 from tests.fakes.openai_realtime import FakeRealtime
@@ -25,6 +22,7 @@ from tests.sse_client import EventStream
 from tests.test_api_auth import make_tenant
 from tests.test_calls_e2e import call_log, turns
 from tests.test_cloud_calls_e2e import OPENAI_KEY, TOKEN, call, make_line, running_fakes
+from tests.test_live_events_cloud import realtime_line
 
 ACCOUNT = "AC" + "3" * 32
 BILLING = "+14155550199"
@@ -61,6 +59,19 @@ TOLD = [
 """What the events tell of the refused transfer: started, then not gone through."""
 
 
+async def told_refused_and_went_on(
+    pool: asyncpg.Pool, result: CallResult, updates: list[dict[str, str]], stream: EventStream
+) -> list[str]:
+    """Check that Twilio was asked for the transfer once, that the events told it started and then refused, and that
+    the call did not end transferred; what the agent said in the call."""
+    log = await call_log(pool, result)
+    assert [update["sid"] for update in updates] == [result.call_sid]
+    assert f"<Dial><Number>{BILLING}</Number></Dial>" in updates[0]["Twiml"]
+    assert transfer_events(stream) == TOLD
+    assert log["metadata"]["endReason"] != "transferred"
+    return [row["text"] for row in await turns(pool, log["id"]) if row["speaker"] == "agent"]
+
+
 async def test_a_transfer_twilio_refuses_after_the_chat_model_started_it_is_told_and_the_call_goes_on(
     db_url: str, pool: asyncpg.Pool, refusing_twilio: tuple[str, list[dict[str, str]]]
 ) -> None:
@@ -79,12 +90,7 @@ async def test_a_transfer_twilio_refuses_after_the_chat_model_started_it_is_told
         ):
             result = await call(base, number, Say("put me through to billing"), Pause(5000))
             await stream.until(lambda e: e.type == "call.ended")
-    log = await call_log(pool, result)
-    assert [update["sid"] for update in updates] == [result.call_sid]
-    assert f"<Dial><Number>{BILLING}</Number></Dial>" in updates[0]["Twiml"]
-    assert transfer_events(stream) == TOLD
-    assert log["metadata"]["endReason"] != "transferred"
-    agent_said = [row["text"] for row in await turns(pool, log["id"]) if row["speaker"] == "agent"]
+    agent_said = await told_refused_and_went_on(pool, result, updates, stream)
     assert agent_said[-2:] == ["One moment.", TRANSFER_FAILED]
 
 
@@ -93,7 +99,7 @@ async def test_a_transfer_twilio_refuses_after_the_speech_to_speech_model_starte
 ) -> None:
     api_base, updates = refusing_twilio
     tenant = await make_tenant(pool, "Refused transfer (realtime)")
-    number = await _realtime_line(pool, tenant.organization_id, "+15555579101")
+    number = await realtime_line(pool, tenant.organization_id, "+15555579101", transfer=TRANSFERS)
     async with FakeRealtime(api_key=OPENAI_KEY) as realtime:
         realtime.caller_says("Put me through to billing.")
         realtime.reply_tool("transfer_call", ASKED, text="One moment.")
@@ -106,28 +112,7 @@ async def test_a_transfer_twilio_refuses_after_the_speech_to_speech_model_starte
         ):
             result = await call(base, number, Say("put me through to billing"), Pause(4000))
             await stream.until(lambda e: e.type == "call.ended")
-    log = await call_log(pool, result)
-    assert [update["sid"] for update in updates] == [result.call_sid]
-    assert transfer_events(stream) == TOLD
-    assert log["metadata"]["endReason"] != "transferred"
+    agent_said = await told_refused_and_went_on(pool, result, updates, stream)
     outputs = [event["item"]["output"] for event in realtime.of_type("conversation.item.create")]
     assert outputs[-1] == f"{transfer_failed(BILLING)}; tell the caller"  # the model hears it and tells the caller
-    agent_said = [row["text"] for row in await turns(pool, log["id"]) if row["speaker"] == "agent"]
     assert agent_said[-1] == "Sorry, the transfer did not go through."
-
-
-async def _realtime_line(pool: asyncpg.Pool, organization_id: str, number: str) -> str:
-    """`number` answered by a new speech-to-speech agent that may transfer to billing."""
-    line = await phone_numbers.create_phone_number(pool, organization_id=organization_id, phone_number=number)
-    await agents.create_agent(
-        pool,
-        organization_id=organization_id,
-        name=f"realtime agent {number}",
-        status=AgentStatus.ACTIVE,
-        caller_type=CallerType.INBOUND,
-        phone_number_id=line.id,
-        configuration=parse_agent_configuration(
-            {"realtime": {"provider": "openai", "transcription_model": "gpt-4o-mini-transcribe"}, "transfer": TRANSFERS}
-        ).to_json(),
-    )
-    return line.phone_number
