@@ -47,6 +47,13 @@ MAX_RESULT_CHARS = 4000
 TOOL_ERROR_PREFIX = "error: "
 """How a function's result that reports a failure to the model starts."""
 
+
+def transfer_failed(number: str) -> str:
+    """What a started `transfer_call` came to when Twilio did not carry it out (the call goes on), as a second
+    tool.call event of it tells it."""
+    return f"{TOOL_ERROR_PREFIX}the transfer to {number} did not go through; the call goes on"
+
+
 ToolCallObserver = Callable[[str, Mapping[str, Any], str], None]
 """Told of each function call: its name, its arguments and the result the model gets."""
 

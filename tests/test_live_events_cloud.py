@@ -157,8 +157,9 @@ async def test_an_agent_turn_cut_by_the_caller_says_what_was_said_and_what_was_h
     assert speaking[0] == "Hi." and long_reply.startswith(speaking[1])  # each piece as it starts playing
 
 
-async def realtime_line(pool: asyncpg.Pool, organization_id: str, number: str) -> str:
-    """`number` answered by a new speech-to-speech agent that has the caller's turns transcribed."""
+async def realtime_line(pool: asyncpg.Pool, organization_id: str, number: str, **configuration: Any) -> str:
+    """`number` answered by a new speech-to-speech agent that has the caller's turns transcribed (and the rest of its
+    `configuration`, e.g. transfer rules)."""
     line = await phone_numbers.create_phone_number(pool, organization_id=organization_id, phone_number=number)
     await agents.create_agent(
         pool,
@@ -168,7 +169,7 @@ async def realtime_line(pool: asyncpg.Pool, organization_id: str, number: str) -
         caller_type=CallerType.INBOUND,
         phone_number_id=line.id,
         configuration=parse_agent_configuration(
-            {"realtime": {"provider": "openai", "transcription_model": "gpt-4o-mini-transcribe"}}
+            {"realtime": {"provider": "openai", "transcription_model": "gpt-4o-mini-transcribe"}, **configuration}
         ).to_json(),
     )
     return line.phone_number

@@ -211,14 +211,17 @@ async def test_end_call_ends_the_reply_after_what_was_said(fake: FakeOpenAI, cli
 async def test_transfer_to_a_valid_number_is_a_transfer_in_e164(fake: FakeOpenAI, client: AsyncOpenAI) -> None:
     fake.replies.append([ToolCall("transfer_call", {"phone_number": "+1 (415) 555-2671", "reason": "billing"})])
     events = await respond(model(client), caller("Put me through to billing"))
-    assert events == [TransferCall("+14155552671", "billing")]
+    asked = {"phone_number": "+1 (415) 555-2671", "reason": "billing"}
+    assert events == [TransferCall("+14155552671", "billing", asked=asked)]
     assert len(fake.requests) == 1
 
 
 async def test_a_national_number_is_read_in_the_default_region(fake: FakeOpenAI, client: AsyncOpenAI) -> None:
     fake.replies.append([ToolCall("transfer_call", {"phone_number": "(415) 555-2671"})])
     events = await respond(model(client), caller("Transfer me"))
-    assert events == [TransferCall("+14155552671", "the agent transferred the call")]
+    assert events == [
+        TransferCall("+14155552671", "the agent transferred the call", asked={"phone_number": "(415) 555-2671"})
+    ]
 
 
 async def test_an_invalid_transfer_number_goes_back_to_the_model(fake: FakeOpenAI, client: AsyncOpenAI) -> None:

@@ -1,6 +1,7 @@
 """The /monitor page in a real headless Chromium against the real engine: it signs in with an API key, shows a
-simulated call's transcript as it grows, plays nothing until Listen is clicked, hangs the call up, and plays back a
-finished call's recording; a wrong key reads as a clear error.
+simulated call's transcript as it grows, plays nothing until Listen is clicked (and offers Listen to a VIEWER's key
+only switched off, with the reason), hangs the call up, and plays back a finished call's recording; a wrong key reads
+as a clear error.
 
 Set MONITOR_SCREENSHOTS to a folder to save the README's screenshots (monitor-live.png, monitor-recent.png) there.
 """
@@ -331,6 +332,8 @@ async def test_nothing_plays_and_no_audio_context_exists_until_listen_is_clicked
 ) -> None:
     running, _ = await silent_call_on_page(engine, browser, tenant, pool, greeting="Hello from the quiet line.")
     assert await in_browser(lambda: audio_counts(browser)) == SILENT
+    assert await in_browser(lambda: browser.find_element(By.ID, "listen").is_enabled())  # an OWNER's key may listen
+    assert not await in_browser(lambda: visible(browser, "listen-refusal"))
 
     await in_browser(lambda: browser.find_element(By.ID, "listen").click())
     await until(lambda: audio_counts(browser)["sources"] > 0, timeout_s=15, what="the call's audio playing")
@@ -343,22 +346,27 @@ async def test_nothing_plays_and_no_audio_context_exists_until_listen_is_clicked
     await running
 
 
-async def test_a_viewers_key_is_told_why_it_cannot_listen_and_listen_is_no_longer_offered(
+async def test_a_viewers_key_is_shown_listen_off_with_the_reason_before_any_click(
     engine: str, browser: webdriver.Chrome, tenant: Tenant, pool: asyncpg.Pool
 ) -> None:
     running, call_log_id = await silent_call_on_page(
         engine, browser, tenant, pool, greeting="Hello from the line viewers watch.", key=tenant.viewer_key
     )
-    await in_browser(lambda: browser.find_element(By.ID, "listen").click())
-
-    def refusal() -> str | None:
-        notice = text_of(browser, "live-call-notice")
-        return notice if "VIEWER" in notice else None
-
-    notice = await until(refusal, timeout_s=10, what="the refusal explained")
-    assert "listening to a call needs an OWNER's or ADMIN's key" in notice
-    assert await in_browser(lambda: not browser.find_element(By.ID, "listen").is_enabled())
-    assert (await in_browser(lambda: audio_counts(browser)))["sources"] == 0
+    reason = await until(
+        lambda: visible(browser, "listen-refusal") and text_of(browser, "listen-refusal"),
+        timeout_s=5,
+        what="why Listen is off",
+    )
+    assert reason == (
+        "Listen is off: this API key's user is a VIEWER of the organization and can only read: "
+        "listening to a call needs an OWNER's or ADMIN's key."
+    )
+    listen = await in_browser(lambda: browser.find_element(By.ID, "listen"))
+    assert not await in_browser(listen.is_enabled)
+    title = await in_browser(lambda: listen.get_attribute("title"))
+    assert title and title in reason
+    assert not await in_browser(lambda: visible(browser, "live-call-notice"))  # nothing was tried and refused
+    assert await in_browser(lambda: audio_counts(browser)) == SILENT
     async with aiohttp.ClientSession() as session:
         status, _ = await Api(session, engine).call("POST", f"/live-calls/{call_log_id}/hangup", tenant.owner_key)
     assert status == 202

@@ -182,4 +182,4 @@ async def test_the_transfer_tool_refuses_exactly_the_numbers_the_rule_refuses(gi
         assert result["role"] == "tool"
         assert result["content"].startswith(f"error: {given!r} is not a valid phone number")
     else:
-        assert events == [TransferCall(expected, "the agent transferred the call")]
+        assert events == [TransferCall(expected, "the agent transferred the call", asked={"phone_number": given})]

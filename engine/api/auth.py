@@ -96,12 +96,20 @@ async def _authorized(request: web.Request, handler: Handler, caller: Caller) ->
 def require_writer(caller: Caller, doing: str | None = None) -> None:
     """403 unless the caller's role may change things (OWNER, ADMIN): every write, and the reads as sensitive as a
     write (`doing` names them, e.g. listening to a call, and the refusal says so)."""
+    refusal = writer_refusal(caller, doing)
+    if refusal is not None:
+        raise ApiError(403, "forbidden", refusal)
+
+
+def writer_refusal(caller: Caller, doing: str | None = None) -> str | None:
+    """Why the caller may not do what only an OWNER or ADMIN may (`doing`, when named): the 403's message; None
+    when the caller's role may."""
     if caller.can_write:
-        return
+        return None
     message = "this API key's user is a VIEWER of the organization and can only read"
     if doing is not None:
         message = f"{message}: {doing} needs an OWNER's or ADMIN's key"
-    raise ApiError(403, "forbidden", message)
+    return message
 
 
 def rate_limit_headers(counted: RequestCount, limit: int) -> dict[str, str]:

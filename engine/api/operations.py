@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.helpers import ChainMapProxy
 from pydantic import BaseModel, ValidationError
 
-from engine.api.auth import CALLER, READ_METHODS, Caller, require_writer
+from engine.api.auth import CALLER, READ_METHODS, Caller, require_writer, writer_refusal
 from engine.api.errors import ApiError, not_found, validation_error
 from engine.api.idempotency import IDEMPOTENCY_HEADER, idempotent
 from engine.api.models import ID_PATTERN, RequestModel
@@ -104,6 +104,10 @@ class Operation:
         """Whether only an OWNER's or ADMIN's key may call it (a VIEWER's gets 403): every write, and `writers_only`."""
         return self.method not in READ_METHODS or self.writers_only is not None
 
+    def refusal(self, caller: Caller) -> str | None:
+        """Why `caller`'s key may not call this operation (the message of the 403 it would get), None if it may."""
+        return writer_refusal(caller, self.writers_only) if self.for_writers else None
+
     @property
     def operation_id(self) -> str:
         """The handler's name, unique across the API."""
@@ -122,6 +126,13 @@ class Resource:
     tag: str
     description: str
     operations: list[Operation] = field(default_factory=list)
+
+    def operation_of(self, handler: Handler) -> Operation:
+        """The operation `handler` was declared for (LookupError if it was declared on no operation here)."""
+        for operation in self.operations:
+            if operation.handler is handler:
+                return operation
+        raise LookupError(f"{handler.__name__} is no operation of the {self.tag} resource")
 
     def get(
         self,

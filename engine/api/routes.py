@@ -26,6 +26,7 @@ from engine.api.resources import (
     live_call_events,
     live_call_listen,
     live_calls,
+    me,
     organization,
     phone_numbers,
     tools,
@@ -54,6 +55,7 @@ RESOURCES: tuple[Resource, ...] = (
     live_call_control.resource,
     live_call_events.resource,
     api_keys.resource,
+    me.resource,
 )
 """The API's resources, in the order the OpenAPI document lists them."""
 

@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from engine.call.caller_words import CallerWords
 from engine.call.driver import (
@@ -74,13 +76,15 @@ class _Ending:
     reason: EndReason
     detail: str | None = None
     transfer_to: str | None = None
+    asked: Mapping[str, Any] | None = None
+    """The arguments of the model's `transfer_call` (`TransferCall.asked`), when the model asked for the transfer."""
 
 
 def ending_of(event: EndCall | TransferCall) -> _Ending:
     """How a model's end-call or transfer request ends the call: a path's end, or the agent's hang-up with its
     words as the detail, or a transfer."""
     if isinstance(event, TransferCall):
-        return _Ending(EndReason.TRANSFERRED, event.reason or None, transfer_to=event.to)
+        return _Ending(EndReason.TRANSFERRED, event.reason or None, transfer_to=event.to, asked=event.asked)
     if event.reason == EndReason.PATH_END:
         return _Ending(EndReason.PATH_END)
     return _Ending(EndReason.AGENT_HANGUP, event.reason or None)
@@ -600,7 +604,7 @@ class PipelineDriver:
     async def _transfer(self, ending: _Ending) -> None:
         """Hand the caller over; if that fails the agent says so and the call goes on."""
         assert ending.transfer_to is not None
-        if await self._host.transfer(ending.transfer_to, ending.detail):
+        if await self._host.transfer(ending.transfer_to, ending.detail, asked=ending.asked):
             return
         if self._host.phase is CallPhase.RESPONDING:
             self._host.move(PhaseEvent.YIELD)

@@ -10,7 +10,7 @@ transfer the call.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -109,8 +109,9 @@ class CallHost(Protocol):
         """End the call from our side now (the driver has let the last words play)."""
         ...
 
-    async def transfer(self, to: str, detail: str | None = None) -> bool:
-        """Hand the caller to `to`; False when that failed and the call goes on."""
+    async def transfer(self, to: str, detail: str | None = None, *, asked: Mapping[str, Any] | None = None) -> bool:
+        """Hand the caller to `to`; False when that failed and the call goes on. `asked`: the arguments of the
+        model's `transfer_call` that asked for it, whose tool.call event then tells the failure too."""
         ...
 
     def fail(self, reason: EndReason, detail: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from engine.call.driver import CallHost
@@ -31,6 +31,7 @@ from pipelines.tools import (
     FunctionSpec,
     ToolRunner,
     parse_arguments,
+    transfer_failed,
     transferring,
 )
 from storage.do_not_call import DoNotCallSource
@@ -217,31 +218,42 @@ class ModelFunctions:
             log.warning("call %s: a transfer to %r refused: %s", self._host.context.call_sid, given, verdict.message)
             return verdict.message, True
         reason = short(arguments.get("reason")) or None
-        self._end_after_speaking(response, reason, transfer_to=verdict.number, call_id=call_id)
+        self._end_after_speaking(response, reason, transfer_to=verdict.number, call_id=call_id, asked=arguments)
         return transferring(verdict.number), False
 
     def _end_after_speaking(
-        self, response: ModelResponse, detail: str | None, *, transfer_to: str | None = None, call_id: str = ""
+        self,
+        response: ModelResponse,
+        detail: str | None,
+        *,
+        transfer_to: str | None = None,
+        call_id: str = "",
+        asked: Mapping[str, Any] | None = None,
     ) -> None:
         if self.ending is not None or not accepts(self._host.phase, PhaseEvent.WIND_DOWN):
             return
         if transfer_to is None:
             self._host.move(PhaseEvent.WIND_DOWN)  # no barge-in on the last words; a transfer may still fail
-        self.ending = self._spawn(self._finish_then_end(response, detail, transfer_to, call_id), "ending")
+        ending = self._finish_then_end(response, detail, transfer_to=transfer_to, call_id=call_id, asked=asked)
+        self.ending = self._spawn(ending, "ending")
 
     async def _finish_then_end(
-        self, response: ModelResponse, detail: str | None, transfer_to: str | None, call_id: str
+        self,
+        response: ModelResponse,
+        detail: str | None,
+        *,
+        transfer_to: str | None,
+        call_id: str,
+        asked: Mapping[str, Any] | None,
     ) -> None:
         await self._voice.finished(response)
         if transfer_to is None:
             await self._host.hang_up(EndReason.AGENT_HANGUP, detail)
             return
-        if await self._host.transfer(transfer_to, detail):
+        if await self._host.transfer(transfer_to, detail, asked=asked):
             return
         self.ending = None
         channel = self._channel()
         if channel is not None:
-            await channel.send_function_output(
-                call_id, f"error: the transfer to {transfer_to} did not go through; tell the caller"
-            )
+            await channel.send_function_output(call_id, f"{transfer_failed(transfer_to)}; tell the caller")
             await channel.create_response()

@@ -49,6 +49,7 @@ from media.twilio_stream import (
 )
 from pipelines.conversation.transfer_rules import AllowedTransfer, Refusal, TransferRules
 from pipelines.llm.base import MessageRole
+from pipelines.tools import TRANSFER_CALL, transfer_failed
 from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus
@@ -197,9 +198,12 @@ class CallSession:
             await await_twilio_stop(self._ended)
         self._end(CallStatus.COMPLETED, reason, detail)  # without Twilio's word, closing the stream ends the call
 
-    async def transfer(self, to: str, detail: str | None = None) -> bool:
-        """Hand the caller to `to` through Twilio; False (the call goes on) when that cannot be done."""
+    async def transfer(self, to: str, detail: str | None = None, *, asked: Mapping[str, Any] | None = None) -> bool:
+        """Hand the caller to `to` through Twilio; False (the call goes on) when that cannot be done. A transfer
+        the model asked for (`asked`, its `transfer_call` arguments) was told as done: its failure is told too."""
         if not await self._transfer_started(to):
+            if asked is not None:
+                self.live.tool_call(TRANSFER_CALL, asked, transfer_failed(to))
             return False
         await self._transferred(detail)
         return True

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pipelines.errors import LLMError
 
@@ -52,6 +52,8 @@ class TransferCall:
 
     to: str
     reason: str
+    asked: Mapping[str, Any] | None = None
+    """The arguments of the model's `transfer_call` that asked for it (its tool.call event), None for a path's own."""
 
 
 @dataclass(frozen=True, slots=True)

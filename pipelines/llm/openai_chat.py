@@ -467,7 +467,9 @@ class OpenAIChatLLM:
         if isinstance(verdict, Refusal):
             log.warning("openai %s: a transfer to %r refused: %s", self._config.model, verdict.given, verdict.message)
             return _Outcome(result=verdict.message)
-        return _Outcome(TransferCall(verdict.number, reason), transferring(verdict.number), ends_reply=True)
+        return _Outcome(
+            TransferCall(verdict.number, reason, asked=arguments), transferring(verdict.number), ends_reply=True
+        )
 
     def _dtmf(self, arguments: Mapping[str, Any]) -> _Outcome:
         digits = _text(arguments.get("digits")).replace(" ", "")

@@ -114,7 +114,8 @@ class Fail:
 
 @dataclass(frozen=True, slots=True)
 class Refuse:
-    """Creation itself is refused with Twilio's error JSON (e.g. 21215: geographic permissions)."""
+    """Creation itself is refused with Twilio's error JSON (e.g. 21215: geographic permissions); given to
+    `call_updates`, every update of a call is refused so instead."""
 
     code: int = 21215
     message: str = "Account not authorized to call this number. Check your geographic permissions."
@@ -538,14 +539,17 @@ def _error(status: int, code: int, message: str) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def call_updates() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+async def call_updates(*, refuse: Refuse | None = None) -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
     """Twilio's REST API for updates of calls it did not place (the simulator's): yields its base URL and the list
-    of updates, each the call's `sid` and the form posted (`Twiml`, `Status`); the stream is left as it is."""
+    of updates, each the call's `sid` and the form posted (`Twiml`, `Status`); the stream is left as it is.
+    With `refuse`, every update is recorded and answered with that error instead."""
     updates: list[dict[str, str]] = []
 
     async def update_call(request: web.Request) -> web.Response:
         form = await request.post()
         updates.append({"sid": request.match_info["call_sid"], **{k: str(v) for k, v in form.items()}})
+        if refuse is not None:
+            return _error(refuse.status, refuse.code, refuse.message)
         return web.json_response({"sid": request.match_info["call_sid"], "status": "in-progress"})
 
     app = web.Application()

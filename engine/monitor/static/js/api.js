@@ -2,12 +2,13 @@
 
 const KEY_STORAGE = "dialtone.monitor.apiKey";
 
-/** An answer of the API that was not a success, or a request that never got one. */
+/** An answer of the API that was not a success, or a request that never got one; `reason`: the API's own words. */
 export class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, reason = message) {
     super(message);
     this.status = status;
     this.code = code;
+    this.reason = reason;
   }
 }
 
@@ -40,9 +41,9 @@ export async function responseError(response, what) {
   } catch {
     // Not JSON: keep the status line.
   }
-  if (response.status === 401) return new ApiError(401, code, `The API key was refused: ${message}.`);
-  if (response.status === 429) return new ApiError(429, code, `Too many requests: ${message}.`);
-  return new ApiError(response.status, code, `${what} failed: ${message}.`);
+  if (response.status === 401) return new ApiError(401, code, `The API key was refused: ${message}.`, message);
+  if (response.status === 429) return new ApiError(429, code, `Too many requests: ${message}.`, message);
+  return new ApiError(response.status, code, `${what} failed: ${message}.`, message);
 }
 
 /** The error a fetch that got no response stands for. */

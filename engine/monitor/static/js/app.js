@@ -37,10 +37,15 @@ async function signIn(key) {
   submit.textContent = "Signing in…";
   say(byId("signin-error"), "");
   try {
-    const organization = await api.get("/organization", {}, "Signing in");
+    // What the key may do comes from the engine (GET /v1/me), which enforces the same rules on each request.
+    const [organization, me] = await Promise.all([
+      api.get("/organization", {}, "Signing in"),
+      api.get("/me", {}, "Signing in"),
+    ]);
     storeKey(key);
     byId("org-name").textContent = organization.name;
     live = new LiveCalls(api, {
+      listenRefusal: me.canListen ? null : me.listenRefusal,
       onSignedOut: signOut,
       onCount: (count) => { byId("live-count").textContent = String(count); },
     });

@@ -29,15 +29,18 @@ function newCall(id) {
 }
 
 export class LiveCalls {
-  /** `onSignedOut(message)` runs when the key stops working; `onCount(n)` with the number of calls in progress. */
-  constructor(api, { onSignedOut, onCount }) {
+  /**
+   * `listenRefusal`: why the key may not listen to calls (the engine's words, from GET /v1/me), null when it may;
+   * `onSignedOut(message)` runs when the key stops working; `onCount(n)` with the number of calls in progress.
+   */
+  constructor(api, { listenRefusal, onSignedOut, onCount }) {
     this.api = api;
     this.onSignedOut = onSignedOut;
     this.onCount = onCount;
     this.calls = new Map();
     this.selected = null;
     this.listener = null;
-    this.listenRefused = null; // why this key may not listen, once the engine said so (a VIEWER's key)
+    this.listenRefused = listenRefusal || null; // why this key may not listen (a VIEWER's key): Listen stays off
     this.nodes = new Map(); // transcript nodes of the selected call, by item key
     this.timers = [];
     this.stream = null;
@@ -305,8 +308,17 @@ export class LiveCalls {
     badge.textContent = ended ? `Ended${call.ended.endReason ? ` · ${reason(call.ended.endReason)}` : ""}` : "In progress";
     badge.dataset.state = ended ? "ended" : "live";
     for (const id of ["hangup", "listen", "say-submit", "say-text", "say-interrupt"]) byId(id).disabled = ended;
-    if (this.listenRefused !== null) byId("listen").disabled = true;
+    this.drawListenRefusal();
     if (ended) this.resetConfirm();
+  }
+
+  /** Listen offered only to a key that may listen; otherwise off, with the engine's reason beside it. */
+  drawListenRefusal() {
+    const refused = this.listenRefused !== null;
+    const button = byId("listen");
+    if (refused) button.disabled = true;
+    button.title = refused ? this.listenRefused : "";
+    say(byId("listen-refusal"), refused ? `Listen is off: ${this.listenRefused}.` : "");
   }
 
   drawItem(item) {
@@ -403,7 +415,7 @@ export class LiveCalls {
       return;
     }
     const call = this.selectedCall();
-    if (call === null) return;
+    if (call === null || this.listenRefused !== null) return;
     const notice = byId("live-call-notice");
     this.listener = new CallListener(this.api.key, call.id, (state, detail) => {
       if (state === "connecting") {
@@ -427,17 +439,16 @@ export class LiveCalls {
   /**
    * The listen socket closed before any audio: a browser cannot read why a WebSocket was refused, so ask the same
    * path over plain HTTP, which answers the same refusal (or 400, "open it as a WebSocket", when listening is
-   * allowed). A key that may not listen (a VIEWER's) gets the engine's reason, and Listen is not offered again.
+   * allowed). A key that may no longer listen (its user made a VIEWER since sign-in) gets the engine's reason, and
+   * Listen is not offered again.
    */
   async explainListenRefusal(callLogId) {
     try {
       await this.api.get(`/live-calls/${encodeURIComponent(callLogId)}/listen`, {}, "Listening");
     } catch (error) {
-      if (error.status === 403) {
-        this.listenRefused = error.message;
-        const button = byId("listen");
-        button.disabled = true;
-        button.title = "This API key may not listen to calls.";
+      if (error.status === 403) { // the key lost the right since sign-in (its user made a VIEWER)
+        this.listenRefused = error.reason;
+        this.drawListenRefusal();
         say(byId("live-call-notice"), error.message);
       } else if (error.status !== 400 && error.status !== 0) {
         say(byId("live-call-notice"), error.message);
