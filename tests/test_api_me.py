@@ -1,6 +1,6 @@
 """GET /v1/me through the real server: the key's organization, user, role and the key itself (never its secret), and
-what it may do: an OWNER's and an ADMIN's key may listen to calls, a VIEWER's may not, with the very reason the
-listen endpoint's 403 gives it."""
+what it may do: an OWNER's and an ADMIN's key may change things and listen to calls, a VIEWER's may do neither, with
+the very reasons the 403s of a write and of the listen endpoint give it."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from tests.test_api_auth import Api, Tenant, assert_error, make_tenant
 from tests.test_api_resources import acme, api
 
 __all__ = ["acme", "api"]  # that module's fixtures: one engine, and an organization with an OWNER and a VIEWER
+
+PERMISSIONS = ("canWrite", "writeRefusal", "canListen", "listenRefusal")
+"""What the answer says the key may do, and why not."""
 
 
 async def test_an_owners_key_is_told_its_organization_user_and_key_and_that_it_may_listen(
@@ -30,7 +33,7 @@ async def test_an_owners_key_is_told_its_organization_user_and_key_and_that_it_m
         "live",
     )
     assert acme.owner_key.startswith(body["apiKey"]["keyPrefix"])
-    assert (body["canWrite"], body["canListen"], body["listenRefusal"]) == (True, True, None)
+    assert [body[name] for name in PERMISSIONS] == [True, None, True, None]
 
 
 async def test_the_answer_never_holds_the_key_itself(api: Api, acme: Tenant) -> None:
@@ -52,7 +55,18 @@ async def test_a_viewers_key_may_not_listen_and_is_told_why_in_the_listen_endpoi
     assert "listening to a call needs an OWNER's or ADMIN's key" in body["listenRefusal"]
 
 
-async def test_an_admins_key_may_listen(api: Api, acme: Tenant, pool: asyncpg.Pool) -> None:
+async def test_a_viewers_key_may_not_write_and_is_told_why_in_the_words_of_a_writes_403(api: Api, acme: Tenant) -> None:
+    status, body = await api.call("GET", "/me", acme.viewer_key)
+    assert status == 200
+    assert (body["role"], body["canWrite"]) == ("VIEWER", False)
+    for path, payload in (("/live-calls/any-call/hangup", None), ("/live-calls/any-call/say", {"text": "Hello."})):
+        refused_status, refused = await api.call("POST", path, acme.viewer_key, json=payload)
+        assert refused_status == 403
+        assert body["writeRefusal"] == refused["error"]["message"]
+    assert body["writeRefusal"] == "this API key's user is a VIEWER of the organization and can only read"
+
+
+async def test_an_admins_key_may_write_and_listen(api: Api, acme: Tenant, pool: asyncpg.Pool) -> None:
     admin = await users.create_user(pool, email=f"admin-{acme.organization_id}@example.com", status=UserStatus.ACTIVE)
     await users.add_member(pool, user_id=admin.id, organization_id=acme.organization_id, role=UserRole.ADMIN)
     key = await api_keys.create_api_key(
@@ -61,7 +75,7 @@ async def test_an_admins_key_may_listen(api: Api, acme: Tenant, pool: asyncpg.Po
     status, body = await api.call("GET", "/me", key.plaintext)
     assert status == 200
     assert (body["role"], body["userId"], body["apiKey"]["id"]) == ("ADMIN", admin.id, key.api_key.id)
-    assert (body["canWrite"], body["canListen"], body["listenRefusal"]) == (True, True, None)
+    assert [body[name] for name in PERMISSIONS] == [True, None, True, None]
 
 
 async def test_each_key_is_told_its_own_organization(api: Api, acme: Tenant, pool: asyncpg.Pool) -> None:

@@ -1,7 +1,7 @@
 """The /monitor page in a real headless Chromium against the real engine: it signs in with an API key, shows a
-simulated call's transcript as it grows, plays nothing until Listen is clicked (and offers Listen to a VIEWER's key
-only switched off, with the reason), hangs the call up, and plays back a finished call's recording; a wrong key reads
-as a clear error.
+simulated call's transcript as it grows, plays nothing until Listen is clicked, hangs the call up, and plays back a
+finished call's recording; a VIEWER's key is shown every control it may not use switched off, with the engine's
+reason, from sign-in; a wrong key reads as a clear error.
 
 Set MONITOR_SCREENSHOTS to a folder to save the README's screenshots (monitor-live.png, monitor-recent.png) there.
 """
@@ -23,6 +23,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 
 from engine.simulator import CallEnding, CallResult, HangUp, Pause, Say
+from storage import api_keys, users
+from storage.enums import UserRole, UserStatus
 from tests.browser import headless_chromium, in_browser, missing_browser, until
 from tests.engine_server import running_engine
 from tests.test_api_auth import Api, Tenant, make_tenant
@@ -61,6 +63,23 @@ SILENT = {"contexts": 0, "plays": 0, "sources": 0, "playing": False}
 """What `audio_counts` reads on a page that has made no sound and no AudioContext."""
 
 SCREENSHOTS = os.environ.get("MONITOR_SCREENSHOTS")
+
+CONTROLS = ("listen", "hangup", "say-text", "say-interrupt", "say-submit")
+"""The elements of a live call's controls: Listen, Hang up, and Say's line, Interrupt box and button."""
+
+READ_ONLY = "this API key's user is a VIEWER of the organization and can only read"
+"""The engine's reason a VIEWER's key may not write (the 403 of any write)."""
+
+LISTEN_REFUSAL = f"{READ_ONLY}: listening to a call needs an OWNER's or ADMIN's key"
+"""The engine's reason a VIEWER's key may not listen (the listen endpoint's 403)."""
+
+OFF_FOR_A_VIEWER = {name: {"enabled": False, "title": READ_ONLY} for name in CONTROLS} | {
+    "listen": {"enabled": False, "title": LISTEN_REFUSAL}
+}
+"""How the controls read for a key that may use none of them: each off, with the engine's reason as its title."""
+
+REFUSAL_NOTES = [f"Listen is off: {LISTEN_REFUSAL}.", f"Hang up and Say are off: {READ_ONLY}."]
+"""What the page says beside the controls of a key that may use none of them."""
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +136,39 @@ def visible(driver: webdriver.Chrome, element_id: str) -> bool:
 
 def text_of(driver: webdriver.Chrome, element_id: str) -> str:
     return driver.find_element(By.ID, element_id).text
+
+
+def controls(driver: webdriver.Chrome) -> dict[str, dict[str, Any]]:
+    """Each control's element as shown: whether it is enabled and its title, read at one instant."""
+    shown: dict[str, dict[str, Any]] = driver.execute_script(
+        """return Object.fromEntries(arguments[0].map((id) => {
+             const node = document.getElementById(id);
+             return [id, { enabled: !node.disabled, title: node.title }];
+           }))""",
+        list(CONTROLS),
+    )
+    return shown
+
+
+def refusal_notes(driver: webdriver.Chrome) -> list[str]:
+    """The lines beside a live call's controls that say why some are off, as shown (none while it is hidden), read in
+    one script (the page redraws them with the call)."""
+    if not visible(driver, "control-refusals"):
+        return []
+    lines: list[str] = driver.execute_script(
+        "return [...document.querySelectorAll('#control-refusals li')].map((line) => line.textContent)"
+    )
+    return lines
+
+
+def requested_paths(driver: webdriver.Chrome) -> list[str]:
+    """The paths of the requests the page's scripts have made and finished (fetch), from the browser's own record."""
+    paths: list[str] = driver.execute_script(
+        """return performance.getEntriesByType("resource")
+             .filter((entry) => entry.initiatorType === "fetch")
+             .map((entry) => new URL(entry.name).pathname)"""
+    )
+    return paths
 
 
 def live_turns(driver: webdriver.Chrome) -> list[tuple[str, str]]:
@@ -235,6 +287,14 @@ async def silent_call_on_page(
     return running, call_log_id
 
 
+async def hang_up_as_owner(engine: str, tenant: Tenant, call_log_id: str, running: asyncio.Task[CallResult]) -> None:
+    """End the call through the API with the OWNER's key (for a page whose key may not), and let it finish."""
+    async with aiohttp.ClientSession() as session:
+        status, _ = await Api(session, engine).call("POST", f"/live-calls/{call_log_id}/hangup", tenant.owner_key)
+    assert status == 202
+    await running
+
+
 async def screenshot(driver: webdriver.Chrome, name: str) -> None:
     """Save the viewport as docs' screenshot `name` when MONITOR_SCREENSHOTS names a folder."""
     if SCREENSHOTS:
@@ -332,8 +392,9 @@ async def test_nothing_plays_and_no_audio_context_exists_until_listen_is_clicked
 ) -> None:
     running, _ = await silent_call_on_page(engine, browser, tenant, pool, greeting="Hello from the quiet line.")
     assert await in_browser(lambda: audio_counts(browser)) == SILENT
-    assert await in_browser(lambda: browser.find_element(By.ID, "listen").is_enabled())  # an OWNER's key may listen
-    assert not await in_browser(lambda: visible(browser, "listen-refusal"))
+    on = {"enabled": True, "title": ""}
+    assert await in_browser(lambda: controls(browser)) == dict.fromkeys(CONTROLS, on)  # an OWNER's key may use all
+    assert await in_browser(lambda: refusal_notes(browser)) == []
 
     await in_browser(lambda: browser.find_element(By.ID, "listen").click())
     await until(lambda: audio_counts(browser)["sources"] > 0, timeout_s=15, what="the call's audio playing")
@@ -346,31 +407,74 @@ async def test_nothing_plays_and_no_audio_context_exists_until_listen_is_clicked
     await running
 
 
-async def test_a_viewers_key_is_shown_listen_off_with_the_reason_before_any_click(
+async def test_a_viewers_key_is_shown_every_control_off_with_the_reasons_and_trying_them_sends_nothing(
     engine: str, browser: webdriver.Chrome, tenant: Tenant, pool: asyncpg.Pool
 ) -> None:
     running, call_log_id = await silent_call_on_page(
         engine, browser, tenant, pool, greeting="Hello from the line viewers watch.", key=tenant.viewer_key
     )
-    reason = await until(
-        lambda: visible(browser, "listen-refusal") and text_of(browser, "listen-refusal"),
-        timeout_s=5,
-        what="why Listen is off",
-    )
-    assert reason == (
-        "Listen is off: this API key's user is a VIEWER of the organization and can only read: "
-        "listening to a call needs an OWNER's or ADMIN's key."
-    )
-    listen = await in_browser(lambda: browser.find_element(By.ID, "listen"))
-    assert not await in_browser(listen.is_enabled)
-    title = await in_browser(lambda: listen.get_attribute("title"))
-    assert title and title in reason
+    notes = await until(lambda: refusal_notes(browser), timeout_s=5, what="why the controls are off")
+    assert notes == REFUSAL_NOTES
+    assert await in_browser(lambda: controls(browser)) == OFF_FOR_A_VIEWER
     assert not await in_browser(lambda: visible(browser, "live-call-notice"))  # nothing was tried and refused
+
+    def try_every_control() -> None:
+        for name in ("listen", "hangup", "hangup", "say-interrupt", "say-submit"):
+            browser.find_element(By.ID, name).click()
+        # A submit that bypasses the disabled button (as Enter in the field would) is refused by the page too.
+        browser.execute_script(
+            "document.getElementById('say-text').value = 'Hello?'; document.getElementById('say').requestSubmit()"
+        )
+
+    await in_browser(try_every_control)
+    await asyncio.sleep(0.5)  # room for any request the clicks would have started
+    paths = await in_browser(lambda: requested_paths(browser))
+    assert "/v1/me" in paths  # the page's requests are seen
+    assert not [path for path in paths if path.endswith(("/listen", "/hangup", "/say"))], paths
+    assert not await in_browser(lambda: visible(browser, "live-call-notice"))
     assert await in_browser(lambda: audio_counts(browser)) == SILENT
-    async with aiohttp.ClientSession() as session:
-        status, _ = await Api(session, engine).call("POST", f"/live-calls/{call_log_id}/hangup", tenant.owner_key)
-    assert status == 202
-    await running
+    assert not running.done()
+    await hang_up_as_owner(engine, tenant, call_log_id, running)
+
+
+async def test_a_key_made_a_viewers_after_sign_in_learns_it_at_its_first_try_of_each_right_and_its_controls_go_off(
+    engine: str, browser: webdriver.Chrome, tenant: Tenant, pool: asyncpg.Pool
+) -> None:
+    admin = await users.create_user(
+        pool, email=f"demoted-{tenant.organization_id}@example.com", status=UserStatus.ACTIVE
+    )
+    await users.add_member(pool, user_id=admin.id, organization_id=tenant.organization_id, role=UserRole.ADMIN)
+    key = await api_keys.create_api_key(
+        pool, organization_id=tenant.organization_id, user_id=admin.id, name="demoted", live=True
+    )
+    running, call_log_id = await silent_call_on_page(
+        engine, browser, tenant, pool, greeting="Hello from the line of the demoted.", key=key.plaintext
+    )
+    assert await in_browser(lambda: refusal_notes(browser)) == []
+    await pool.execute(
+        """UPDATE "UserOrganization" SET "role" = 'VIEWER' WHERE "userId" = $1 AND "organizationId" = $2""",
+        admin.id,
+        tenant.organization_id,
+    )
+
+    def say_line() -> None:
+        browser.find_element(By.ID, "say-text").send_keys("Are you still there?")
+        browser.find_element(By.ID, "say-submit").click()
+
+    await in_browser(say_line)
+    notes = await until(lambda: refusal_notes(browser), timeout_s=10, what="why Say and Hang up are off now")
+    assert notes == [f"Hang up and Say are off: {READ_ONLY}."]
+    assert await in_browser(lambda: text_of(browser, "live-call-notice")) == f"Sending the line failed: {READ_ONLY}."
+    listen_still_on = OFF_FOR_A_VIEWER | {"listen": {"enabled": True, "title": ""}}  # until it is tried
+    assert await in_browser(lambda: controls(browser)) == listen_still_on
+
+    await in_browser(lambda: browser.find_element(By.ID, "listen").click())
+    await until(lambda: len(refusal_notes(browser)) == 2, timeout_s=10, what="why Listen is off now")
+    assert await in_browser(lambda: refusal_notes(browser)) == REFUSAL_NOTES
+    assert await in_browser(lambda: text_of(browser, "live-call-notice")) == f"Listening failed: {LISTEN_REFUSAL}."
+    assert await in_browser(lambda: controls(browser)) == OFF_FOR_A_VIEWER
+    assert (await in_browser(lambda: audio_counts(browser)))["sources"] == 0
+    await hang_up_as_owner(engine, tenant, call_log_id, running)
 
 
 async def test_say_has_the_agent_speak_the_line_typed(

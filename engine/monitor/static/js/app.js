@@ -45,7 +45,7 @@ async function signIn(key) {
     storeKey(key);
     byId("org-name").textContent = organization.name;
     live = new LiveCalls(api, {
-      listenRefusal: me.canListen ? null : me.listenRefusal,
+      refusals: { listen: me.listenRefusal, write: me.writeRefusal },
       onSignedOut: signOut,
       onCount: (count) => { byId("live-count").textContent = String(count); },
     });

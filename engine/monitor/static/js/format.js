@@ -1,6 +1,7 @@
 // How times, durations, numbers and reasons read on the page.
 
 const timeOfDay = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+const conjunction = new Intl.ListFormat("en", { type: "conjunction" });
 const dateAndTime = new Intl.DateTimeFormat(undefined, {
   month: "short", day: "numeric", hour: "2-digit", minute: "2-digit",
 });
@@ -33,6 +34,11 @@ export function when(iso) {
 export function millis(ms) {
   if (ms === null || ms === undefined) return "–";
   return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(1)} s`;
+}
+
+/** "Hang up and Say" for ["Hang up", "Say"]. */
+export function listed(names) {
+  return conjunction.format(names);
 }
 
 /** "caller_hangup" reads "caller hangup". */

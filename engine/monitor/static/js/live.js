@@ -2,7 +2,7 @@
 // selected call's transcript as it grows, and its controls (listen, say, hang up).
 
 import { atBottom, byId, el, say } from "./dom.js";
-import { clock, party, reason, secondsSince, status, time } from "./format.js";
+import { clock, listed, party, reason, secondsSince, status, time } from "./format.js";
 import { CallListener } from "./listen.js";
 import { LiveEventStream } from "./sse.js";
 import { byOrder, interimNode, itemFromTurn, transcriptNode } from "./transcript.js";
@@ -20,6 +20,16 @@ const STREAM_LABELS = {
   refused: "Signed out",
 };
 
+/**
+ * The selected call's controls: the label the page says it by, the right it needs (a key of the `refusals` LiveCalls
+ * is given) and the elements it is made of, all switched on and off together.
+ */
+const CONTROLS = {
+  listen: { label: "Listen", right: "listen", ids: ["listen"] },
+  hangup: { label: "Hang up", right: "write", ids: ["hangup"] },
+  say: { label: "Say", right: "write", ids: ["say-text", "say-interrupt", "say-submit"] },
+};
+
 /** A call as the page knows it, from the list and from events. */
 function newCall(id) {
   return {
@@ -30,17 +40,18 @@ function newCall(id) {
 
 export class LiveCalls {
   /**
-   * `listenRefusal`: why the key may not listen to calls (the engine's words, from GET /v1/me), null when it may;
-   * `onSignedOut(message)` runs when the key stops working; `onCount(n)` with the number of calls in progress.
+   * `refusals`: why the key may not use each right the controls need (`listen`, `write`: the engine's words, from
+   * GET /v1/me), null for one it may use; `onSignedOut(message)` runs when the key stops working; `onCount(n)` with
+   * the number of calls in progress.
    */
-  constructor(api, { listenRefusal, onSignedOut, onCount }) {
+  constructor(api, { refusals, onSignedOut, onCount }) {
     this.api = api;
     this.onSignedOut = onSignedOut;
     this.onCount = onCount;
     this.calls = new Map();
     this.selected = null;
     this.listener = null;
-    this.listenRefused = listenRefusal || null; // why this key may not listen (a VIEWER's key): Listen stays off
+    this.refusals = { ...refusals }; // a control needing a right refused here stays off (a VIEWER's key)
     this.nodes = new Map(); // transcript nodes of the selected call, by item key
     this.timers = [];
     this.stream = null;
@@ -307,18 +318,47 @@ export class LiveCalls {
     const ended = call.ended !== null;
     badge.textContent = ended ? `Ended${call.ended.endReason ? ` · ${reason(call.ended.endReason)}` : ""}` : "In progress";
     badge.dataset.state = ended ? "ended" : "live";
-    for (const id of ["hangup", "listen", "say-submit", "say-text", "say-interrupt"]) byId(id).disabled = ended;
-    this.drawListenRefusal();
+    this.drawControls();
     if (ended) this.resetConfirm();
   }
 
-  /** Listen offered only to a key that may listen; otherwise off, with the engine's reason beside it. */
-  drawListenRefusal() {
-    const refused = this.listenRefused !== null;
-    const button = byId("listen");
-    if (refused) button.disabled = true;
-    button.title = refused ? this.listenRefused : "";
-    say(byId("listen-refusal"), refused ? `Listen is off: ${this.listenRefused}.` : "");
+  /** Why the key may not use `control` (a name in CONTROLS), in the engine's words; null when it may. */
+  refusal(control) {
+    return this.refusals[CONTROLS[control].right] || null;
+  }
+
+  /**
+   * Every control of the selected call on while the call goes on, except those the key may not use: off, each with
+   * the engine's reason as its title and beside the controls, one line for the controls refused for the same reason.
+   */
+  drawControls() {
+    const call = this.selectedCall();
+    const ended = call === null || call.ended !== null;
+    const refused = new Map(); // reason -> the labels of the controls it switches off
+    for (const [name, control] of Object.entries(CONTROLS)) {
+      const refusal = this.refusal(name);
+      for (const id of control.ids) {
+        const node = byId(id);
+        node.disabled = ended || refusal !== null;
+        node.title = refusal || "";
+      }
+      if (refusal !== null) refused.set(refusal, [...(refused.get(refusal) || []), control.label]);
+    }
+    const notes = byId("control-refusals");
+    notes.replaceChildren(...[...refused].map(([why, labels]) => (
+      el("li", { text: `${listed(labels)} ${labels.length > 1 ? "are" : "is"} off: ${why}.` })
+    )));
+    notes.hidden = refused.size === 0;
+  }
+
+  /**
+   * A control's request failed: say why. A 403 means the key lost the right since sign-in (its user was made a
+   * VIEWER): every control needing that right goes off, with the engine's reason, and is not offered again.
+   */
+  failed(control, error) {
+    say(byId("live-call-notice"), error.message);
+    if (error.status === 403) this.refusals[CONTROLS[control].right] = error.reason;
+    this.drawControls();
   }
 
   drawItem(item) {
@@ -360,7 +400,7 @@ export class LiveCalls {
   async hangUp() {
     const call = this.selectedCall();
     const button = byId("hangup");
-    if (call === null || call.ended !== null) return;
+    if (call === null || call.ended !== null || this.refusal("hangup") !== null) return;
     if (button.dataset.confirm !== "yes") {
       button.dataset.confirm = "yes";
       button.textContent = "Confirm hang-up";
@@ -376,8 +416,7 @@ export class LiveCalls {
       say(notice, "Hang-up sent; the call is ending.");
       if (this.polling) this.refresh();
     } catch (error) {
-      say(notice, error.message);
-      button.disabled = false;
+      this.failed("hangup", error);
     }
   }
 
@@ -386,7 +425,7 @@ export class LiveCalls {
     const input = byId("say-text");
     const text = input.value.trim();
     const notice = byId("live-call-notice");
-    if (call === null) return;
+    if (call === null || this.refusal("say") !== null) return;
     if (!text) {
       say(notice, "Type the line for the agent to say first.");
       return;
@@ -402,9 +441,9 @@ export class LiveCalls {
         ? "The agent stopped and is saying your line now."
         : "Sent: the agent says your line as soon as it is not speaking.");
     } catch (error) {
-      say(notice, error.message);
+      this.failed("say", error);
     } finally {
-      byId("say-submit").disabled = call.ended !== null;
+      this.drawControls();
     }
   }
 
@@ -415,7 +454,7 @@ export class LiveCalls {
       return;
     }
     const call = this.selectedCall();
-    if (call === null || this.listenRefused !== null) return;
+    if (call === null || this.refusal("listen") !== null) return;
     const notice = byId("live-call-notice");
     this.listener = new CallListener(this.api.key, call.id, (state, detail) => {
       if (state === "connecting") {
@@ -446,13 +485,7 @@ export class LiveCalls {
     try {
       await this.api.get(`/live-calls/${encodeURIComponent(callLogId)}/listen`, {}, "Listening");
     } catch (error) {
-      if (error.status === 403) { // the key lost the right since sign-in (its user made a VIEWER)
-        this.listenRefused = error.reason;
-        this.drawListenRefusal();
-        say(byId("live-call-notice"), error.message);
-      } else if (error.status !== 400 && error.status !== 0) {
-        say(byId("live-call-notice"), error.message);
-      }
+      if (error.status !== 400 && error.status !== 0) this.failed("listen", error);
     }
   }
 }
