@@ -253,7 +253,7 @@ class PlaybackClock:
 
     Positions are byte offsets on the timeline of all audio sent. A played mark confirms everything before its
     position; a clear resolves everything sent so far as dropped beyond what marks had confirmed (a lower bound on
-    what was heard, which is what a transcript cut or an OpenAI truncate needs).
+    what was heard; `OutboundAudio.clear` says where the caller's playback had reached, by the clock).
     """
 
     __slots__ = ("_generation", "_marks", "_open", "_pending", "_played", "_resolved", "_sent", "_seq", "_utterances")

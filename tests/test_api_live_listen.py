@@ -112,9 +112,9 @@ async def running_here(api: Api, key: str) -> str:
     raise AssertionError("the call never ran on that engine")
 
 
-def recording_of(engines: Engines, db_url: str, tenant: Tenant, call_log_id: str) -> npt.NDArray[np.int16]:
-    """The call's stereo recording, as (samples, 2) PCM16."""
-    settings = load_settings(database_url=db_url, state_dir=engines.state)
+def recording_of(state: Path, db_url: str, tenant: Tenant, call_log_id: str) -> npt.NDArray[np.int16]:
+    """The stereo recording of a call held by the engine whose state folder is `state`, as (samples, 2) PCM16."""
+    settings = load_settings(database_url=db_url, state_dir=state)
     with wave.open(str(recording_path(settings, tenant.organization_id, call_log_id)), "rb") as wav:
         assert (wav.getnchannels(), wav.getframerate()) == (2, SAMPLE_RATE)
         frames = wav.readframes(wav.getnframes())
@@ -158,16 +158,42 @@ async def listened_call(
     first_sentence: str = "Hello from the listening line. Tell me what you need today.",
     barge_in_after_ms: int | None = None,
 ) -> ListenedCall:
-    """Place a call on `engine` and listen to it through `listener_engine` until it ends, with the key in the
-    Authorization header, or as a `browser` offers it: a subprotocol. The caller plays `caller_wav` once the agent's
-    `first_sentence` is over, or `barge_in_after_ms` into it."""
+    """A call to a new offline agent whose first sentence is `first_sentence`, listened to (see `listen_to_call`)."""
     tenant = await make_tenant(pool, "Listened")
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence=first_sentence)
+    return await listen_to_call(
+        pool,
+        tenant,
+        number,
+        caller_wav,
+        engine=engine,
+        listener_engine=listener_engine,
+        query=query,
+        browser=browser,
+        barge_in_after_ms=barge_in_after_ms,
+    )
+
+
+async def listen_to_call(
+    pool: asyncpg.Pool,
+    tenant: Tenant,
+    number: str,
+    caller_wav: Path,
+    *,
+    engine: str,
+    listener_engine: str,
+    query: str = "",
+    browser: bool,
+    barge_in_after_ms: int | None = None,
+) -> ListenedCall:
+    """Call `tenant`'s `number` on `engine` and listen to it through `listener_engine` until it ends, with the key in
+    the Authorization header, or as a `browser` offers it: a subprotocol. The caller plays `caller_wav` once the agent's
+    first utterance is over, or `barge_in_after_ms` into it."""
     connect: dict[str, Any] = (
         {"protocols": ("dialtone.listen", key_protocol(tenant.owner_key))}
         if browser
         else {"headers": {"Authorization": f"Bearer {tenant.owner_key}"}}
     )
-    number, _ = await make_line(pool, tenant.organization_id, firstSentence=first_sentence)
     async with aiohttp.ClientSession() as session:
         running = asyncio.create_task(call(engine, number, PlayWav(caller_wav, barge_in_after_ms=barge_in_after_ms)))
         call_log_id = await running_here(Api(session, engine), tenant.owner_key)
@@ -176,6 +202,35 @@ async def listened_call(
         result = await running
     await call_log(pool, result)
     return ListenedCall(tenant, call_log_id, listened, result)
+
+
+def assert_silent_from_the_barge_in(heard_call: ListenedCall, recording: npt.NDArray[np.int16]) -> int:
+    """Check a call whose caller cut the agent's first utterance: the agent's channel of its `recording`, and of what
+    its listener (who joined before the barge-in) heard, is silent from where the caller stopped hearing the agent
+    until the agent's next utterance. Returns where they stopped hearing it, in samples from the call's start."""
+    result = heard_call.result
+    interrupted, reply = result.utterances[0], result.utterances[-1]
+    assert interrupted.cleared and result.clears and not reply.cleared
+    # What the caller heard is on the call's timeline (a frame every 20 ms from 0): the clear reached them where
+    # the utterance they heard ends, and the agent spoke next where its reply begins.
+    caller_heard = bytes(result.heard)
+    tail = bytes(interrupted.audio[-200 * BYTES_PER_MS :])
+    cut = caller_heard.rindex(tail) + len(tail)
+    answer = caller_heard.index(bytes(reply.audio[: 200 * BYTES_PER_MS]))
+    assert answer - cut > 500 * BYTES_PER_MS
+    # The engine places the agent's audio where it expects the caller to hear it, a little before they do; it cut
+    # at the caller's last frame, at most where they stopped hearing.
+    unheard = slice(cut + FRAME_BYTES, answer - 100 * BYTES_PER_MS)
+
+    agent = recording[:, 1]
+    assert agent[cut - 300 * BYTES_PER_MS : cut - FRAME_BYTES].any()  # the agent, up to the barge-in
+    assert not agent[unheard].any()  # then nothing the caller did not hear
+    listened = ulaw_to_pcm16(bytes(heard_call.listened.audio)).reshape(-1, 2)
+    (joined,) = offsets_matching(listened[:, :1], recording[:, :1])  # placed on the timeline by the caller's side
+    assert joined < cut - 300 * BYTES_PER_MS  # listening before the barge-in
+    assert not listened[unheard.start - joined : unheard.stop - joined, 1].any()
+    assert np.array_equal(listened, recording[joined : joined + len(listened)])
+    return cut
 
 
 async def test_a_listener_hears_the_caller_left_and_the_agent_right_as_the_recording_holds_them(
@@ -201,7 +256,7 @@ async def test_a_listener_hears_the_caller_left_and_the_agent_right_as_the_recor
     assert len(result.utterances) >= 2 and not reply.cleared
     assert without_silence(reply.audio) in without_silence(right)  # what the caller heard of the reply
     heard = ulaw_to_pcm16(bytes(listened.audio)).reshape(-1, 2)
-    recording = recording_of(engines, db_url, heard_call.tenant, heard_call.call_log_id)
+    recording = recording_of(engines.state, db_url, heard_call.tenant, heard_call.call_log_id)
     assert len(offsets_matching(heard, recording)) == 1
 
 
@@ -216,7 +271,7 @@ async def test_a_listener_on_another_engine_process_hears_the_call_mixed_as_pcm1
     assert listened.stop == {"event": "stop", "reason": CALL_ENDED}
     heard = np.frombuffer(bytes(listened.audio), dtype="<i2")
     assert len(heard) == listened.messages * CHUNK_BYTES
-    recording = recording_of(engines, db_url, heard_call.tenant, heard_call.call_log_id).astype(np.int32)
+    recording = recording_of(engines.state, db_url, heard_call.tenant, heard_call.call_log_id).astype(np.int32)
     mixed = np.clip(recording[:, 0] + recording[:, 1], -32768, 32767).astype(np.int16)
     assert len(offsets_matching(heard, mixed)) == 1
     caller = ulaw_to_pcm16(read_wav(caller_wav)).astype(np.int32)
@@ -233,29 +288,8 @@ async def test_the_agent_audio_a_barge_in_threw_away_is_neither_recorded_nor_hea
     heard_call = await listened_call(
         pool, engines.holder, engines.holder, caller_wav, browser=False, first_sentence=opening, barge_in_after_ms=1500
     )
-    result = heard_call.result
-    interrupted, reply = result.utterances[0], result.utterances[-1]
-    assert interrupted.cleared and result.clears and not reply.cleared
-    # What the caller heard is on the call's timeline (a frame every 20 ms from 0): the clear reached them where
-    # the opening they heard ends, and the agent spoke next where its reply begins.
-    caller_heard = bytes(result.heard)
-    tail = bytes(interrupted.audio[-200 * BYTES_PER_MS :])
-    cut = caller_heard.rindex(tail) + len(tail)
-    answer = caller_heard.index(bytes(reply.audio[: 200 * BYTES_PER_MS]))
-    assert answer - cut > 500 * BYTES_PER_MS
-    # The engine places the agent's audio where it expects the caller to hear it, a little before they do; it cut
-    # at the caller's last frame, at most where they stopped hearing.
-    unheard = slice(cut + FRAME_BYTES, answer - 100 * BYTES_PER_MS)
-
-    recording = recording_of(engines, db_url, heard_call.tenant, heard_call.call_log_id)
-    agent = recording[:, 1]
-    assert agent[cut - 300 * BYTES_PER_MS : cut - FRAME_BYTES].any()  # the agent, up to the barge-in
-    assert not agent[unheard].any()  # then nothing the caller did not hear
-    listened = ulaw_to_pcm16(bytes(heard_call.listened.audio)).reshape(-1, 2)
-    (joined,) = offsets_matching(listened[:, :1], recording[:, :1])  # placed on the timeline by the caller's side
-    assert joined < cut - 300 * BYTES_PER_MS  # listening before the barge-in
-    assert not listened[unheard.start - joined : unheard.stop - joined, 1].any()
-    assert np.array_equal(listened, recording[joined : joined + len(listened)])
+    recording = recording_of(engines.state, db_url, heard_call.tenant, heard_call.call_log_id)
+    assert_silent_from_the_barge_in(heard_call, recording)
 
 
 async def not_reading(url: str, key: str) -> websockets.ClientConnection:

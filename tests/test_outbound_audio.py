@@ -136,6 +136,17 @@ async def test_a_clear_takes_the_audio_twilio_throws_away_out_of_the_recording_a
     assert heard == CHUNK[:1] * cut + SILENT_CHUNK[:1] * (1200 * BYTES_PER_MS - cut)
 
 
+async def test_a_clear_says_how_much_of_each_utterance_it_threw_away_unheard() -> None:
+    time = FakeTime()
+    out, _ = sender(time, lead_ms=400, resume_ms=300)
+    await out.play(1, CHUNK * 5)  # heard from 0 to 500 ms
+    await out.play(2, CHUNK * 3)  # from 500 to 800 ms, sent by 400 ms
+    time.now += 0.05  # the caller barges in 450 ms into the call, half way through the first utterance's last chunk
+    assert await out.clear() == {1: 50, 2: 300}
+    await out.play(3, CHUNK)
+    assert await out.clear() == {3: 100}  # what went before that clear is not counted again
+
+
 def test_a_recording_window_too_short_to_take_back_the_lead_is_refused(tmp_path: Path) -> None:
     recorder = StereoWavRecorder(tmp_path / "call.wav", window_ms=800)
     with pytest.raises(ValueError, match="window_ms"):

@@ -442,9 +442,13 @@ class PipelineDriver:
             self._reply.cancel()
             self._reply = None
         self._speech.release(utterance)
-        self._host.spawn(self._host.audio.clear(), "clear")
+        self._host.spawn(self._clear(), "clear")
         self._speech.settle(utterance, interrupted=True)
         self._host.move(PhaseEvent.YIELD)
+
+    async def _clear(self) -> None:
+        """Clear Twilio's buffer at a barge-in (the cut turn was settled from what the marks said)."""
+        await self._host.audio.clear()
 
     # ------------------------------------------------------------------------------------------ agent side
 

@@ -5,7 +5,8 @@ Twilio buffers whatever it is sent and plays it in order, so audio could go out 
 in the recording where the caller will hear it. Once that far ahead, sending waits until only `resume_ms` is left,
 then sends what came meanwhile: one wait per two chunks rather than one per chunk. Marks after an utterance's
 first chunk, every `mark_every_ms` and at its end let the PlaybackClock say when the caller began hearing it and
-how much they heard. A `clear` takes what it throws away back out of the recording and the listen-in tap.
+how much they heard. A `clear` takes what it throws away back out of the recording and the listen-in tap, and says
+how much of each utterance that was: the one cut point for the recording, the listen-in and what the caller heard.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from engine.call.audio_tap import AudioTap
 from media.g711 import BYTES_PER_MS
@@ -42,6 +45,19 @@ class StreamTimeline:
     def stream_ms(self, at: float | None = None) -> int:
         """The stream time of a monotonic instant (now by default)."""
         return max(0, round(((self._clock() if at is None else at) - self._origin) * 1000))
+
+
+@dataclass(frozen=True, slots=True)
+class _Placed:
+    """A chunk sent, where the caller hears it on the stream's timeline."""
+
+    utterance_id: int
+    at_ms: int
+    size: int  # bytes
+
+    @property
+    def end_ms(self) -> int:
+        return self.at_ms + self.size // BYTES_PER_MS
 
 
 class OutboundAudio:
@@ -86,6 +102,7 @@ class OutboundAudio:
         self._clock = clock
         self._cursor = clock()  # when the audio sent so far will have finished playing
         self._since_mark: dict[int, int] = {}
+        self._unplayed: deque[_Placed] = deque()  # chunks sent that the caller may not have heard yet, in order
         self.first_audio_at: dict[int, float] = {}
 
     @property
@@ -105,12 +122,12 @@ class OutboundAudio:
                 await self._sleep(ahead - self._resume)
             self.first_audio_at.setdefault(utterance_id, self._clock())
             await self._send(self._stream.send_media(chunk, utterance_id))
-            if self._recorder is not None or self._tap is not None:
-                heard_at_ms = self._timeline.stream_ms(self._cursor)  # where the caller hears it
-                if self._recorder is not None:
-                    self._recorder.write_agent(chunk, heard_at_ms)
-                if self._tap is not None:  # kept even with nobody listening: a listener may join before it plays
-                    self._tap.write_agent(chunk, heard_at_ms)
+            heard_at_ms = self._timeline.stream_ms(self._cursor)  # where the caller hears it
+            self._place(_Placed(utterance_id, heard_at_ms, len(chunk)))
+            if self._recorder is not None:
+                self._recorder.write_agent(chunk, heard_at_ms)
+            if self._tap is not None:  # kept even with nobody listening: a listener may join before it plays
+                self._tap.write_agent(chunk, heard_at_ms)
             self._cursor += len(chunk) / BYTES_PER_MS / 1000
             first = utterance_id not in self._since_mark
             sent = self._since_mark.get(utterance_id, 0) + len(chunk)
@@ -124,13 +141,30 @@ class OutboundAudio:
         self._since_mark.pop(utterance_id, None)
         await self._send(self._stream.send_mark(utterance_id, final=True))
 
-    async def clear(self) -> None:
+    def _place(self, placed: _Placed) -> None:
+        """Keep the chunk until the caller has heard it; forget the chunks they have heard by now."""
+        played_to_ms = self._timeline.stream_ms(self._clock())
+        while self._unplayed and self._unplayed[0].end_ms <= played_to_ms:
+            self._unplayed.popleft()
+        self._unplayed.append(placed)
+
+    async def clear(self) -> dict[int, int]:
         """Drop whatever Twilio has not played yet (barge-in); pending marks come back flushed. The recording and
-        the listen-in tap lose it too, from where the caller's playback had reached: nobody heard it."""
+        the listen-in tap lose it too, from where the caller's playback had reached: nobody heard it.
+
+        Returns the milliseconds dropped of each utterance that lost audio: the caller heard the rest of what was
+        sent of it (what a cut transcript or a truncated model item must keep).
+        """
         now = self._clock()
         heard_to_ms = self._timeline.stream_ms(now)
         self._cursor = now
         self._since_mark.clear()
+        dropped: dict[int, int] = {}
+        for placed in self._unplayed:
+            unheard_ms = min(placed.end_ms - heard_to_ms, placed.size // BYTES_PER_MS)
+            if unheard_ms > 0:
+                dropped[placed.utterance_id] = dropped.get(placed.utterance_id, 0) + unheard_ms
+        self._unplayed.clear()
         if self._recorder is not None:
             kept_ms = self._recorder.drop_agent_from(heard_to_ms)
             if kept_ms:  # the window check in __init__ keeps this from happening; if it did, say so
@@ -138,3 +172,4 @@ class OutboundAudio:
         if self._tap is not None:
             self._tap.drop_agent_from(heard_to_ms)
         await self._send(self._stream.send_clear())
+        return dropped

@@ -3,9 +3,9 @@
 Caller frames go to the model as they come (mu-law both ways) over its connection (realtime_connection, which
 also reopens it once when it drops). The model's audio is queued per assistant item to a player task that paces
 it to Twilio with marks (realtime_voice), so reading the model's events never waits on playback. A barge-in
-clears Twilio and truncates the item where the marks say the caller stopped hearing it. Function calls end the
-call, transfer it, press keys or call the organization's webhooks (realtime_functions). A path's gather node takes
-the caller's keys, its wait for each key timed by the call (key_wait).
+clears Twilio and truncates the item where the clear cut the recording: where the caller stopped hearing it.
+Function calls end the call, transfer it, press keys or call the organization's webhooks (realtime_functions). A
+path's gather node takes the caller's keys, its wait for each key timed by the call (key_wait).
 """
 
 from __future__ import annotations

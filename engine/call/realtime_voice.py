@@ -1,5 +1,5 @@
 """A speech-to-speech model's voice on its way to the caller: its responses and their items, each item one
-utterance played in order with marks, cut where the marks say the caller stopped hearing it, its turn settled
+utterance played in order with marks, cut where the caller stopped hearing it (as the clear says), its turn settled
 with what was heard.
 
 The model's audio is queued per item to a player task that paces it to Twilio, so reading the model's events
@@ -215,7 +215,7 @@ class ModelVoice:
 
     async def cut(self) -> Cut:
         """Stop everything the agent is saying: drop what is queued, clear Twilio, settle each item's turn with
-        what the marks say was heard. The driver tells the model."""
+        what the caller heard of it (up to where the clear cut the recording). The driver tells the model."""
         responses = list(self.open_responses.values())
         items = list(self.unplayed.values())
         # Marked first, before any await: deltas still arriving for these are dropped from here on.
@@ -233,10 +233,11 @@ class ModelVoice:
             await asyncio.wait({old})
         self.start_player()
         playback = self._host.playback
-        # What the marks confirmed: a lower bound on what the caller heard, never past it, nor past what came.
-        heard = [(i, min(playback.utterance(i.utterance_id).played_ms, i.received_ms)) for i in items]
-        if any(playback.utterance(item.utterance_id).sent_ms for item in items):
-            await self._host.audio.clear()
+        sent = {item.utterance_id: playback.utterance(item.utterance_id).sent_ms for item in items}
+        dropped = await self._host.audio.clear() if any(sent.values()) else {}
+        # What was sent less what the clear threw away (never past what came): what the recording and the
+        # listen-in keep of the item, and all the model may keep of it.
+        heard = [(i, min(sent[i.utterance_id] - dropped.get(i.utterance_id, 0), i.received_ms)) for i in items]
         for item, heard_ms in heard:
             self._close(item, interrupted=True, played_ms=heard_ms)
         return Cut(responses, heard)

@@ -3,10 +3,10 @@
 `async with FakeRealtime() as fake:` serves `ws://127.0.0.1:<port>/v1/realtime?model=…`; point
 `AsyncOpenAI(base_url=fake.base_url)` at it. The fake hears caller audio (`input_audio_buffer.append`, mu-law
 base64) with a VAD on audio time, answers each caller turn, or each `response.create`, with the next scripted
-`Reply` (a sine tone lasting `ms_per_char` per character, sent in chunks faster than real time, with its
-transcript), transcribes the caller's turns word by word (`conversation.item.input_audio_transcription.delta`,
-then `.completed`) when the session asks for transcription, cancels a reply the caller talks over, and records
-every client event in `received`.
+`Reply` (a sine tone lasting `ms_per_char` per character, each reply in the next pitch of `VOICE_HZ`, sent in
+chunks faster than real time, with its transcript), transcribes the caller's turns word by word
+(`conversation.item.input_audio_transcription.delta`, then `.completed`) when the session asks for transcription,
+cancels a reply the caller talks over, and records every client event in `received`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from tests.fakes.server import serve
 
 DEFAULT_SILENCE_MS = 500
 """server_vad's silence_duration_ms when the session names none."""
+VOICE_HZ = (440, 550, 660)
+"""The pitches of the model's voice, one reply after the other: a test can tell replies apart in what was heard."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ class FakeRealtime:
         self._sockets: set[web.WebSocketResponse] = set()
         self._transports: set[asyncio.Transport] = set()
         self._ids = itertools.count(1)
+        self._pitches = itertools.cycle(VOICE_HZ)
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> FakeRealtime:
@@ -225,9 +228,10 @@ class FakeRealtime:
         return self._transcripts.popleft() if self._transcripts else "hello"
 
     def tone(self, ms: int) -> bytes:
-        """A 440 Hz tone of `ms` milliseconds in mu-law: the model's voice."""
+        """A tone of `ms` milliseconds in mu-law, in the next pitch: the model's voice saying one reply."""
         samples = np.arange(ms * SAMPLE_RATE // 1000)
-        return pcm16_to_ulaw((6000 * np.sin(2 * np.pi * 440 * samples / SAMPLE_RATE)).astype(np.int16))
+        hz = next(self._pitches)
+        return pcm16_to_ulaw((6000 * np.sin(2 * np.pi * hz * samples / SAMPLE_RATE)).astype(np.int16))
 
 
 class _Connection:
