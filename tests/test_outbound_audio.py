@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import wave
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from engine.call.audio_tap import SILENT_CHUNK, AudioTap
-from engine.call.outbound_audio import OutboundAudio, StreamTimeline
+from engine.call.outbound_audio import OutboundAudio, StreamTimeline, heard_of_cut
 from media.g711 import BYTES_PER_MS, FRAME_BYTES, FRAME_MS
 from media.recording import StereoWavRecorder
 from tests.test_audio_tap import Heard
@@ -145,6 +146,31 @@ async def test_a_clear_says_how_much_of_each_utterance_it_threw_away_unheard() -
     assert await out.clear() == {1: 50, 2: 300}
     await out.play(3, CHUNK)
     assert await out.clear() == {3: 100}  # what went before that clear is not counted again
+
+
+async def test_a_cut_while_a_chunk_is_on_its_way_out_counts_it_unheard() -> None:
+    time = FakeTime()
+    stream = streaming()
+    timeline = StreamTimeline(time.clock)
+    on_the_wire, released = asyncio.Event(), asyncio.Event()
+
+    async def send(text: str) -> None:
+        if json.loads(text)["event"] == "media" and stream.playback.utterance(1).sent_ms == 300:
+            on_the_wire.set()
+            await released.wait()  # the third chunk is still being written when the caller barges in
+
+    out = OutboundAudio(stream, send, timeline, clock=time.clock, sleep=time.sleep)
+    playing = asyncio.create_task(out.play(1, CHUNK * 5))
+    await on_the_wire.wait()
+    time.now += 0.15  # 150 ms into the utterance
+    dropped = out.cut()  # no await: the barge-in cuts on the caller-frame path
+    playing.cancel()
+    await asyncio.gather(playing, return_exceptions=True)
+    await out.send_clear()
+
+    assert dropped == {1: 150}
+    assert heard_of_cut(dropped, stream.playback.utterance(1)) == 150
+    assert heard_of_cut(dropped, stream.playback.utterance(1), at_most=120) == 120
 
 
 def test_a_recording_window_too_short_to_take_back_the_lead_is_refused(tmp_path: Path) -> None:

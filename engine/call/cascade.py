@@ -214,8 +214,8 @@ class PipelineDriver:
         utterance = self._speech.take_current()
         if utterance is not None:
             log.info("call %s: agent stopped (%s)", self._host.context.call_sid, why)
-            await self._host.audio.clear()
-            self._speech.settle(utterance, interrupted=True)
+            dropped = await self._host.audio.clear()
+            self._speech.settle(utterance, interrupted=True, dropped=dropped)
 
     async def say(self, text: str) -> None:
         """Speak `text` and wait (bounded by its length) until the caller heard it."""
@@ -442,13 +442,12 @@ class PipelineDriver:
             self._reply.cancel()
             self._reply = None
         self._speech.release(utterance)
-        self._host.spawn(self._clear(), "clear")
-        self._speech.settle(utterance, interrupted=True)
+        # Cut where the caller's playback has reached now, on the caller-frame path: the recording and the turn end
+        # there, and the turn takes its place before the caller's. Twilio is told without holding that path up.
+        dropped = self._host.audio.cut()
+        self._host.spawn(self._host.audio.send_clear(), "clear")
+        self._speech.settle(utterance, interrupted=True, dropped=dropped)
         self._host.move(PhaseEvent.YIELD)
-
-    async def _clear(self) -> None:
-        """Clear Twilio's buffer at a barge-in (the cut turn was settled from what the marks said)."""
-        await self._host.audio.clear()
 
     # ------------------------------------------------------------------------------------------ agent side
 
@@ -590,12 +589,13 @@ class PipelineDriver:
             log.debug("call %s: reply stopped as the call ended: %s", host.context.call_sid, exc)
             return
         stage, provider = ("llm", self._pipeline.llm) if isinstance(exc, LLMError) else ("tts", self._pipeline.tts)
+        dropped = None
         if self._speech.current is utterance:
             self._speech.release(utterance)
             if host.playback.utterance(utterance.utterance_id).sent_ms:
-                await host.audio.clear()
+                dropped = await host.audio.clear()
         if utterance.audio_ms:
-            self._speech.settle(utterance, interrupted=True)
+            self._speech.settle(utterance, interrupted=True, dropped=dropped)
         else:
             utterance.settled = True  # nothing of it was said
         following = provider.fail_over() if isinstance(provider, FailsOver) else None

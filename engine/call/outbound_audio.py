@@ -6,7 +6,8 @@ in the recording where the caller will hear it. Once that far ahead, sending wai
 then sends what came meanwhile: one wait per two chunks rather than one per chunk. Marks after an utterance's
 first chunk, every `mark_every_ms` and at its end let the PlaybackClock say when the caller began hearing it and
 how much they heard. A `clear` takes what it throws away back out of the recording and the listen-in tap, and says
-how much of each utterance that was: the one cut point for the recording, the listen-in and what the caller heard.
+how much of each utterance that was: the one cut point for the recording, the listen-in and what the caller heard
+(`heard_of_cut`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from engine.call.audio_tap import AudioTap
 from media.g711 import BYTES_PER_MS
 from media.recording import StereoWavRecorder
-from media.twilio_stream import TwilioStream
+from media.twilio_stream import TwilioStream, UtterancePlayback
 
 SendText = Callable[[str], Awaitable[None]]
 
@@ -121,13 +122,15 @@ class OutboundAudio:
             if ahead > self._lead:
                 await self._sleep(ahead - self._resume)
             self.first_audio_at.setdefault(utterance_id, self._clock())
-            await self._send(self._stream.send_media(chunk, utterance_id))
+            # Counted sent, placed and recorded with no await between: a cut meanwhile finds every chunk it must drop.
+            media = self._stream.send_media(chunk, utterance_id)
             heard_at_ms = self._timeline.stream_ms(self._cursor)  # where the caller hears it
             self._place(_Placed(utterance_id, heard_at_ms, len(chunk)))
             if self._recorder is not None:
                 self._recorder.write_agent(chunk, heard_at_ms)
             if self._tap is not None:  # kept even with nobody listening: a listener may join before it plays
                 self._tap.write_agent(chunk, heard_at_ms)
+            await self._send(media)
             self._cursor += len(chunk) / BYTES_PER_MS / 1000
             first = utterance_id not in self._since_mark
             sent = self._since_mark.get(utterance_id, 0) + len(chunk)
@@ -149,11 +152,20 @@ class OutboundAudio:
         self._unplayed.append(placed)
 
     async def clear(self) -> dict[int, int]:
-        """Drop whatever Twilio has not played yet (barge-in); pending marks come back flushed. The recording and
-        the listen-in tap lose it too, from where the caller's playback had reached: nobody heard it.
+        """Drop whatever Twilio has not played yet (barge-in): `cut`, then tell Twilio (`send_clear`).
+
+        Returns the milliseconds dropped of each utterance that lost audio, as `cut` does.
+        """
+        dropped = self.cut()
+        await self.send_clear()
+        return dropped
+
+    def cut(self) -> dict[int, int]:
+        """Cut the agent's audio where the caller's playback has reached now: the recording and the listen-in tap
+        lose what follows (nobody heard it), and pacing starts over. `send_clear` must follow, before more audio.
 
         Returns the milliseconds dropped of each utterance that lost audio: the caller heard the rest of what was
-        sent of it (what a cut transcript or a truncated model item must keep).
+        sent of it (`heard_of_cut`: what a cut transcript or a truncated model item must keep).
         """
         now = self._clock()
         heard_to_ms = self._timeline.stream_ms(now)
@@ -171,5 +183,16 @@ class OutboundAudio:
                 log.warning("recording %s keeps %d ms of agent audio a clear dropped", self._recorder.path, kept_ms)
         if self._tap is not None:
             self._tap.drop_agent_from(heard_to_ms)
-        await self._send(self._stream.send_clear())
         return dropped
+
+    async def send_clear(self) -> None:
+        """Tell Twilio to drop whatever it has not played yet; pending marks come back flushed."""
+        await self._send(self._stream.send_clear())
+
+
+def heard_of_cut(dropped: Mapping[int, int], utterance: UtterancePlayback, *, at_most: int | None = None) -> int:
+    """The milliseconds the caller heard of an utterance a clear cut: what was sent of it less what the clear dropped
+    of it (`dropped`, as `OutboundAudio.cut` returns it), never more than `at_most` (all the audio it had, if known
+    apart from what was sent)."""
+    heard_ms = max(0, utterance.sent_ms - dropped.get(utterance.utterance_id, 0))
+    return heard_ms if at_most is None else min(heard_ms, at_most)

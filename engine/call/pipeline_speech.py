@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from engine.call.driver import CallHost
+from engine.call.outbound_audio import heard_of_cut
 from media.dtmf import InvalidDigits, dtmf_audio
 from media.g711 import BYTES_PER_MS
 from media.twilio_stream import MarkFlushed, MarkPlayed
@@ -130,14 +132,17 @@ class AgentSpeech:
         span.end_ms = utterance.audio_ms
         span.complete = True
 
-    def settle(self, utterance: Utterance, *, interrupted: bool) -> None:
-        """Write the agent's turn: all of it, or what the marks say was heard before it was cut."""
+    def settle(self, utterance: Utterance, *, interrupted: bool, dropped: Mapping[int, int] | None = None) -> None:
+        """Write the agent's turn: all of it, or what was heard before it was cut. `dropped`: what a clear threw away
+        of each utterance (`OutboundAudio.cut`), the cut point of the recording too; without one, what the marks say
+        was heard."""
         if utterance.settled:
             return
         utterance.settled = True
         if self._current is utterance:
             self._current = None
-        played_ms = self._host.playback.utterance(utterance.utterance_id).played_ms
+        playback = self._host.playback.utterance(utterance.utterance_id)
+        played_ms = playback.played_ms if dropped is None else heard_of_cut(dropped, playback)
         said = " ".join(span.text for span in utterance.spans)
         text = heard_of_spans(utterance.spans, played_ms, self._rate.ms_per_char) if interrupted else said
         if not text and not interrupted:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from engine.call.driver import HANGUP_GRACE_SECONDS, CallHost
+from engine.call.outbound_audio import heard_of_cut
 from engine.call.turns import Turn
 from media.g711 import BYTES_PER_MS
 from media.twilio_stream import MarkFlushed, MarkPlayed
@@ -178,7 +179,7 @@ class ModelVoice:
         """A played mark: the item is being heard; its final one: heard through."""
         item = self._utterances.get(event.utterance_id)
         if item is None or item.cancelled or not isinstance(event, MarkPlayed):
-            return  # a cut item's turn is settled by the cut, from what the marks said before it
+            return  # a cut item's turn is settled by the cut, from what the clear dropped of it
         if item.first_mark_at is None:
             item.first_mark_at = self._host.clock()
         if event.final:
@@ -233,11 +234,10 @@ class ModelVoice:
             await asyncio.wait({old})
         self.start_player()
         playback = self._host.playback
-        sent = {item.utterance_id: playback.utterance(item.utterance_id).sent_ms for item in items}
-        dropped = await self._host.audio.clear() if any(sent.values()) else {}
-        # What was sent less what the clear threw away (never past what came): what the recording and the
-        # listen-in keep of the item, and all the model may keep of it.
-        heard = [(i, min(sent[i.utterance_id] - dropped.get(i.utterance_id, 0), i.received_ms)) for i in items]
+        sent = [playback.utterance(item.utterance_id) for item in items]
+        dropped = await self._host.audio.clear() if any(s.sent_ms for s in sent) else {}
+        # What the recording and the listen-in keep of each item, and all the model may keep of it.
+        heard = [(i, heard_of_cut(dropped, s, at_most=i.received_ms)) for i, s in zip(items, sent, strict=True)]
         for item, heard_ms in heard:
             self._close(item, interrupted=True, played_ms=heard_ms)
         return Cut(responses, heard)

@@ -1,10 +1,11 @@
 """What the caller heard of an agent utterance that was cut short, from how much of its audio was played.
 
-Twilio's marks say how many milliseconds of an utterance were played (`played_ms`). A synthesizer that reports
-alignment (ElevenLabs) says when each character starts, so the cut falls between two whole words; without it a
-sentence's words are taken as evenly spread over its audio. A sentence still being synthesized has no known end
-yet: it is taken to last `ms_per_char` per character, this call's speaking rate so far. A speech-to-speech model's
-utterance has only a transcript: its words are taken as evenly spread over the audio received.
+A barge-in's cut (`engine.call.outbound_audio.heard_of_cut`), or else Twilio's marks, say how many milliseconds of
+an utterance were played (`played_ms`). A synthesizer that reports alignment (ElevenLabs) says when each character
+starts, so the cut falls between two whole words; without it a sentence's words are taken as evenly spread over its
+audio. A sentence still being synthesized has no known end yet: it is taken to last `ms_per_char` per character,
+this call's speaking rate so far. A speech-to-speech model's utterance has only a transcript: its words are taken as
+evenly spread over the audio received.
 """
 
 from __future__ import annotations
