@@ -27,6 +27,7 @@ from engine.call.listen_relay import LISTEN_AUDIO_CHANNEL
 from engine.simulator import CallResult, HangUp, Pause, PlayWav
 from engine.simulator.audio import read_wav, synthesize_speech
 from media.g711 import BYTES_PER_MS, FRAME_BYTES, SAMPLE_RATE, ULAW_SILENCE, ulaw_to_pcm16
+from storage.call_turns import list_turns
 from storage.recordings import recording_path
 from storage.records import new_id
 from tests.engine_server import running_engine
@@ -289,7 +290,20 @@ async def test_the_agent_audio_a_barge_in_threw_away_is_neither_recorded_nor_hea
         pool, engines.holder, engines.holder, caller_wav, browser=False, first_sentence=opening, barge_in_after_ms=1500
     )
     recording = recording_of(engines.state, db_url, heard_call.tenant, heard_call.call_log_id)
-    assert_silent_from_the_barge_in(heard_call, recording)
+    cut = assert_silent_from_the_barge_in(heard_call, recording)
+    # The agent's cut turn keeps what the recording kept of the opening: it ends where the agent's channel goes
+    # silent (give or take the rounding of each chunk's place to the millisecond), and so do its words.
+    turns = await list_turns(
+        pool, organization_id=heard_call.tenant.organization_id, call_log_id=heard_call.call_log_id
+    )
+    agent_turn = turns[0]
+    assert agent_turn.speaker == "agent" and agent_turn.interrupted
+    end = agent_turn.end_ms * BYTES_PER_MS
+    agent = recording[:, 1]
+    assert not agent[end + FRAME_BYTES : cut].any()  # nothing the turn leaves out was recorded
+    assert agent[end - 400 * BYTES_PER_MS : end - FRAME_BYTES].any()  # it ends within a word of the last recorded
+    heard, said = agent_turn.text.split(), opening.split()
+    assert 0 < len(heard) < len(said) and heard == said[: len(heard)]
 
 
 async def not_reading(url: str, key: str) -> websockets.ClientConnection:

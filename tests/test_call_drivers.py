@@ -25,6 +25,7 @@ from engine.call.media_socket import record_opt_out
 from engine.call.realtime import realtime_driver
 from engine.call.session import CREDIT_MINUTE_SECONDS, GREETING_WAIT_SECONDS, CallContext, CallSession
 from engine.workers.post_call import PostCallDeps, analyze_call
+from media.g711 import BYTES_PER_MS, FRAME_MS
 from pipelines.clients import ProviderClients
 from pipelines.registry import ProviderContext, ProviderKeys, build_pipeline
 from storage import agents, credit_reservations, organizations
@@ -261,6 +262,9 @@ async def test_barge_in_keeps_in_the_transcript_only_what_the_caller_heard(kind:
     heard, everything = agent.text.split(), LONG_ANSWER.split()
     assert 0 < len(heard) < len(everything)
     assert heard == everything[: len(heard)]
+    # It lasts as long as the caller heard it, up to the clear (by the engine's clock, not by the last mark's echo).
+    heard_ms = rig.line.clears[0] // BYTES_PER_MS
+    assert abs((agent.end_ms - agent.start_ms) - heard_ms) <= 3 * FRAME_MS
 
 
 async def test_a_key_the_caller_presses_is_a_turn_the_agent_answers(kind: str, pool: asyncpg.Pool) -> None:
