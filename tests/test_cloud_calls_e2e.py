@@ -18,6 +18,7 @@ from aiohttp import web
 
 from config.agent import parse_agent_configuration
 from engine.simulator import CallResult, Pause, Say, simulate_call
+from media.g711 import BYTES_PER_MS, FRAME_MS
 from storage import agents, organizations, phone_numbers, tools
 from storage.enums import AgentStatus, CallerType
 from tests.engine_server import running_engine
@@ -182,6 +183,15 @@ async def test_barge_in_mid_sentence_cuts_the_agent_turn_at_the_words_heard(
     assert heard and long_reply.startswith(heard) and len(heard) < len(long_reply) // 2
     assert long_reply[len(heard)] == " "  # cut between words, by ElevenLabs' alignment
     assert result.clears and result.marks_flushed
+    # The turn lasts as long as the caller heard the reply before the clear (its words are cut there).
+    (cut,) = [utterance for utterance in result.utterances if utterance.cleared]
+    turn_ms = interrupted[0]["endMs"] - interrupted[0]["startMs"]
+    assert abs(turn_ms - len(cut.audio) // BYTES_PER_MS) <= 3 * FRAME_MS
+    # The fake speaks each character for ms_per_char: the turn ends in the first word left out (a character either
+    # way for where the sentences were split).
+    next_word = long_reply[len(heard) :].split(maxsplit=1)[0]
+    ms_per_char = fakes.elevenlabs.ms_per_char
+    assert (len(heard) - 1) * ms_per_char <= turn_ms <= (len(heard) + 1 + len(next_word) + 1) * ms_per_char
     # No stale audio: the caller heard nothing of the long reply after the clear but the next answer.
     assert rows[-1]["speaker"] == "agent" and rows[-1]["text"] == "You're welcome."
 
