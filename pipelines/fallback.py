@@ -24,7 +24,7 @@ from pipelines.llm.base import (
     TakesMessages,
 )
 from pipelines.streams import closing_stream
-from pipelines.stt.base import EndOfTurn, FinalizesEarly, SpeechToText, STTError, STTEvent
+from pipelines.stt.base import EndOfTurn, FinalizesEarly, PromptSilence, SpeechToText, STTError, STTEvent
 from pipelines.tts.base import Alignment, TextToSpeech, TTSError
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,11 @@ class FallbackSTT:
     def punctuates(self) -> bool:
         """Whether the active recognizer punctuates its transcripts."""
         return isinstance(self._active, FinalizesEarly) and self._active.punctuates
+
+    @property
+    def prompt_silence_ms(self) -> tuple[int, int]:
+        """The active recognizer's ((0, 0) for one that wants no silence promptly)."""
+        return self._active.prompt_silence_ms if isinstance(self._active, PromptSilence) else (0, 0)
 
     def finalize_now(self) -> None:
         """Ask the active recognizer for its final words now, if it can be asked."""

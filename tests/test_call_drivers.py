@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ import pytest
 
 from config.agent import AgentConfiguration, parse_agent_configuration
 from config.settings import load_settings
+from engine.call import caller_reads
 from engine.call.call_log_writer import CallLogWriter, CallOutcome
+from engine.call.caller_reads import RELAXED_LOW_WATER, CallerReads
 from engine.call.cascade import pipeline_driver
 from engine.call.driver import DriverFactory
 from engine.call.media_socket import record_opt_out
@@ -162,11 +165,13 @@ async def call_on(
     max_duration_s: int | None = None,
     credits: int = 100,
     credit_minute_s: float | None = None,
+    low_water: LowWaterLog | None = None,
     **behaviour: Any,
 ) -> AsyncIterator[Rig]:
     """Run a call on `kind`'s driver; on exit the caller hangs up if it still runs and the CallLog is finished.
 
-    With `credit_minute_s`, the call extends its credit reservation as the engine's do, that often."""
+    With `credit_minute_s`, the call extends its credit reservation as the engine's do, that often. With
+    `low_water`, the call paces the reading of its socket, `low_water` standing in for the socket."""
     async with AsyncExitStack() as stack:
         deepgram = await stack.enter_async_context(FakeDeepgram(api_key="dg"))
         openai = await stack.enter_async_context(FakeOpenAI(api_key=OPENAI_KEY))
@@ -219,12 +224,13 @@ async def call_on(
             line.hang_up()  # the call leaves the stream for the <Dial>
             return True
 
+        stream = line.stream()
         session = CallSession(
             context=CallContext(log.id, log.organization_id, agent_id, line.call_sid, outbound=outbound),
             config=config,
             driver=driver,
             fallback=fallback,
-            stream=line.stream(),
+            stream=stream,
             send=line.send,
             writer=writer,
             hang_up=hang_up,
@@ -234,6 +240,9 @@ async def call_on(
             else None,
             credit_minute_seconds=credit_minute_s or CREDIT_MINUTE_SECONDS,
             opt_out=functools.partial(record_opt_out, pool, log),
+            reads=None
+            if low_water is None
+            else CallerReads(low_water, lambda: stream.last_sequence_number, loop=asyncio.get_running_loop()),
         )
         line.start()
         task = asyncio.create_task(session.run(line.frames()))
@@ -244,7 +253,41 @@ async def call_on(
             await rig.finish()
 
 
+class LowWaterLog:
+    """Stands in for a call's socket: the receive low-water marks the call sets on it, in order."""
+
+    def __init__(self) -> None:
+        self.marks: list[int] = []
+
+    def setsockopt(self, level: int, option: int, value: int, /) -> None:
+        assert (level, option) == (socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+        self.marks.append(value)
+
+    @property
+    def relaxed(self) -> bool:
+        return bool(self.marks) and self.marks[-1] == RELAXED_LOW_WATER
+
+
 pytestmark = pytest.mark.parametrize("kind", DRIVERS)
+
+
+@pytest.mark.skipif(not caller_reads.SUPPORTED, reason="the reading of a socket is paced on Linux only")
+async def test_the_callers_frames_are_read_in_batches_except_in_the_silence_after_their_speech(
+    kind: str, pool: asyncpg.Pool
+) -> None:
+    low_water = LowWaterLog()
+    async with call_on(kind, pool, low_water=low_water) as rig:
+        rig.reply("We open at nine.")
+        rig.caller_says("When do you open?", ms=1000)
+        await asyncio.sleep(0.5)  # mid-speech
+        speaking_relaxed, spoke = low_water.relaxed, len(low_water.marks)
+        await rig.wait_for_turns(2)
+        if kind == "realtime":  # the model's own VAD ends the turn: every frame is read as it lands
+            assert not speaking_relaxed and low_water.marks == []
+            return
+        assert speaking_relaxed, "the caller's speech is read in batches"
+        await until(lambda: 1 in low_water.marks[spoke:])  # the silence after it, frame by frame
+        await until(lambda: low_water.relaxed)  # and in batches again once every rule on it is past
 
 
 async def test_barge_in_keeps_in_the_transcript_only_what_the_caller_heard(kind: str, pool: asyncpg.Pool) -> None:

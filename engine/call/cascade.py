@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from engine.call.caller_reads import LATEST_FRAME_MS
 from engine.call.caller_words import CallerWords
 from engine.call.driver import (
     DEFAULT_APOLOGY,
@@ -36,7 +37,7 @@ from engine.call.phases import CallPhase, PhaseEvent, accepts
 from engine.call.pipeline_speech import AgentSpeech, Utterance
 from engine.call.speculation import CallerPause, SpeculativeReply
 from engine.server import metrics
-from media.g711 import FRAME_BYTES
+from media.g711 import FRAME_BYTES, FRAME_MS
 from media.twilio_stream import MarkFlushed, MarkPlayed
 from media.vad import SpeechStarted as VadSpeechStarted
 from media.vad import VoiceActivityDetector
@@ -59,7 +60,7 @@ from pipelines.llm.base import (
 )
 from pipelines.registry import Pipeline
 from pipelines.streams import closing_stream
-from pipelines.stt.base import EndOfTurn, FinalizesEarly, SpeechStarted, STTError, TranscriptUpdate
+from pipelines.stt.base import EndOfTurn, FinalizesEarly, PromptSilence, SpeechStarted, STTError, TranscriptUpdate
 from pipelines.tools import OPT_OUT_CONFIRMATION
 from pipelines.tts.base import TTSError
 from storage.end_reasons import EndReason
@@ -67,6 +68,9 @@ from storage.end_reasons import EndReason
 __all__ = ["PipelineDriver", "ending_of", "pipeline_driver"]
 
 log = logging.getLogger(__name__)
+
+CLOSE_MARGIN_MS = 200
+"""The caller's frames stay read one by one this long past the last silence a rule decides on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,11 @@ class PipelineDriver:
         self._last_voiced_at: float | None = None
         self._caller_words = CallerWords()
         self._pause = CallerPause()
+        self._turn_open = False  # the caller has spoken since their last turn was taken
+        endpointing = config.endpointing
+        first = min(endpointing.speculate_after_ms if endpointing.speculate else 10**6, endpointing.silence_ms)
+        last = max(endpointing.speculate_after_ms, endpointing.silence_ms, endpointing.incomplete_silence_ms)
+        self._close_from_ms, self._close_until_ms = self._closely_between(first, last)
         self._finalize_asked = False  # the recognizer was asked for its final words in this pause
         self._speculation: SpeculativeReply | None = None
         self._closed = False
@@ -142,6 +151,14 @@ class PipelineDriver:
             if prewarm is not None:
                 prewarm.cancel()
             raise ConversationUnavailable(EndReason.STT_UNAVAILABLE, str(exc)) from exc
+        stt = self._pipeline.stt
+        if isinstance(stt, PromptSilence):  # a recognizer that fails over keeps the first one's figures
+            first, last = stt.prompt_silence_ms
+            if last:
+                self._close_from_ms, self._close_until_ms = self._closely_between(
+                    min(first, self._close_from_ms + LATEST_FRAME_MS + FRAME_MS),
+                    max(last, self._close_until_ms - CLOSE_MARGIN_MS),
+                )
         if prewarm is not None:
             try:
                 await prewarm
@@ -166,6 +183,20 @@ class PipelineDriver:
         """Whether the VAD hears the caller now."""
         return self._vad.speaking
 
+    @property
+    def listening_closely(self) -> bool:
+        """In the silence after the caller's speech, until their turn is taken or every rule that could take it
+        (speculation, the VAD's and the recognizer's ends of turn, an unfinished sentence's longer wait) is past.
+
+        From a batch's worth of frames before the first of those rules: the frame that starts it may be read up to
+        `LATEST_FRAME_MS` late, and the frames after it are read as they land."""
+        return self._turn_open and self._close_from_ms <= self._pause.quiet_ms <= self._close_until_ms
+
+    @staticmethod
+    def _closely_between(first_ms: int, last_ms: int) -> tuple[int, int]:
+        """The silence to read frame by frame when rules decide on it from `first_ms` to `last_ms`."""
+        return max(FRAME_MS, first_ms - LATEST_FRAME_MS - FRAME_MS), last_ms + CLOSE_MARGIN_MS
+
     def on_caller_audio(self, payload: bytes, at_ms: int) -> None:
         """One caller frame to the recognizer and the VAD; the VAD's verdict feeds barge-in."""
         stt, vad = self._pipeline.stt, self._vad
@@ -177,6 +208,7 @@ class PipelineDriver:
         stt.send_audio(payload, voiced=voiced)
         if voiced:
             self._last_voiced_at = self._host.clock()
+            self._turn_open = True
         self._on_pause_frame(voiced)
         if isinstance(vad_event, VadSpeechStarted):
             self._caller_speech_started_ms = vad_event.at_ms
@@ -398,6 +430,7 @@ class PipelineDriver:
         """The caller finished saying something (or pressed a key): record it and answer (with the speculative
         reply, if one was started on the same words)."""
         host = self._host
+        self._turn_open = False
         speculation, self._speculation = self._speculation, None
         if speculation is not None and not same_words(speculation.text, text):
             self._drop(speculation, "the final words differ")

@@ -155,6 +155,12 @@ class ConversationDriver(Protocol):
         """Whether the caller is talking now (the silence time-out waits)."""
         ...
 
+    @property
+    def listening_closely(self) -> bool:
+        """Whether something is decided on the caller's next frames, so each must be read as it lands; otherwise
+        the call's socket is read a few frames at a time (engine.call.caller_reads). Asked after every frame."""
+        ...
+
     async def interrupt(self, why: str) -> None:
         """Stop speaking now, keeping in the transcript what the caller heard; no reply follows."""
         ...

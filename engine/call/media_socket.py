@@ -19,6 +19,7 @@ from config.agent import (
     parse_agent_configuration,
 )
 from engine.call.call_log_writer import CallLogDeferred, CallLogWriter, CallOutcome
+from engine.call.caller_reads import CallerReads
 from engine.call.cascade import pipeline_driver
 from engine.call.driver import CallHost, ConversationDriver, DriverFactory
 from engine.call.frame_socket import FrameSocket, TextFrames
@@ -243,6 +244,11 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         opt_out=functools.partial(record_opt_out, pool, call_log),
         knowledge=prepared.knowledge.take_sources if prepared.knowledge is not None else None,
         live=live,
+        reads=CallerReads(
+            request.transport.get_extra_info("socket") if request.transport is not None else None,
+            progress=lambda: stream.last_sequence_number,
+            loop=asyncio.get_running_loop(),
+        ),
     )
     app[LIVE_CALLS].add(call_log.id, session)
     live.emit("call.started", **call_description(call_log))

@@ -191,6 +191,11 @@ class RealtimeDriver:
         """Whether the model's VAD hears the caller now."""
         return self._caller_speaking
 
+    @property
+    def listening_closely(self) -> bool:
+        """Always: the model's own VAD ends the caller's turns, on audio it gets as it comes."""
+        return True
+
     def on_caller_audio(self, payload: bytes, at_ms: int) -> None:
         """Queue one caller frame for the model (the sender batches what piles up)."""
         if self._input_origin_ms is None:

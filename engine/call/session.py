@@ -18,6 +18,7 @@ from typing import Any
 from config.agent import AgentConfiguration
 from engine.call.audio_tap import AudioTap
 from engine.call.call_log_writer import CallLogWriter, CallOutcome
+from engine.call.caller_reads import CallerReads
 from engine.call.credit_meter import CREDIT_MINUTE_SECONDS, CreditMeter, ExtendReservation
 from engine.call.driver import (
     DEFAULT_APOLOGY,
@@ -98,13 +99,15 @@ class CallSession:
         clock: Callable[[], float] = time.monotonic,
         knowledge: Callable[[], Mapping[str, Any] | None] | None = None,
         live: CallEvents | None = None,
+        reads: CallerReads | None = None,
     ) -> None:
         """Prepare a session; `stream` must already have seen Twilio's `start`. `fallback` makes the driver that
         takes over when the first one is lost for good (a speech-to-speech agent's pipeline stages).
         `extend_reservation` is called every `credit_minute_seconds` while the call runs; the call says goodbye
         (INSUFFICIENT_CREDITS) when it returns False. `opt_out` lists the other party when they opt out.
         `knowledge` gives the knowledge searches made since it was last asked, stored with the agent turn they were
-        made for. `live` is where the call's live events go (the API's event streams)."""
+        made for. `live` is where the call's live events go (the API's event streams). `reads` paces the reading of
+        the call's socket to what the driver is listening for (`ConversationDriver.listening_closely`)."""
         self.context = context
         self.live = live or CallEvents(None, context.organization_id, context.call_log_id)
         self.config = config
@@ -141,6 +144,8 @@ class CallSession:
         self._greeting_wait: asyncio.TimerHandle | None = None
         self._ended = asyncio.Event()
         self._over = False  # _ended is set: checked for every frame, where a plain attribute is cheaper
+        self._reads = reads
+        self._closely = True  # what `reads` was last told
         self._status = CallStatus.COMPLETED
         self._reason: EndReason | None = None
         self._detail: str | None = None
@@ -396,6 +401,8 @@ class CallSession:
         self.move(PhaseEvent.END)
         self._over = True
         self._ended.set()
+        if self._reads is not None:
+            self._reads.close()
 
     def end_from_outside(self, reason: EndReason, *, completed: bool = False, detail: str | None = None) -> None:
         """End the call for a reason outside it: FAILED (the engine shutting down), or COMPLETED when someone
@@ -488,6 +495,9 @@ class CallSession:
         if self.tap.listening:
             self.tap.write_caller(payload, at_ms)
         self._driver.on_caller_audio(payload, at_ms)
+        if self._reads is not None and self._driver.listening_closely is not self._closely:
+            self._closely = not self._closely
+            self._reads.listen(closely=self._closely)
         if (
             now - self._last_activity > self._silence_timeout
             and self._phase is CallPhase.LISTENING

@@ -92,3 +92,14 @@ class FinalizesEarly(Protocol):
         The recognizer's own end of turn still comes later, as an `EndOfTurn`, unless the caller speaks on.
         """
         ...
+
+
+@runtime_checkable
+class PromptSilence(Protocol):
+    """A recognizer that wants part of the silence after the caller's speech frame by frame (its end of turn is
+    decided on it)."""
+
+    @property
+    def prompt_silence_ms(self) -> tuple[int, int]:
+        """From when to when after the caller's last voiced frame (ms) the recognizer wants each frame as it comes."""
+        ...

@@ -183,6 +183,12 @@ class DeepgramSTT:
         """Deepgram punctuates with `smart_format`."""
         return self._punctuates
 
+    @property
+    def prompt_silence_ms(self) -> tuple[int, int]:
+        """From the start of the first hot window to the end of the last (see send_audio)."""
+        starts = [start for start, end in (self._endpointing_window, self._utterance_end_window) if end]
+        return (min(starts, default=0) // BYTES_PER_MS, self._far_quiet_bytes // BYTES_PER_MS)
+
     def finalize_now(self) -> None:
         """Send `Finalize` (with everything held back before it): Deepgram finalizes the audio sent so far."""
         if self._closing or self._socket is None:
