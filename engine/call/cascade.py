@@ -132,9 +132,12 @@ class PipelineDriver:
         self._pause = CallerPause()
         self._turn_open = False  # the caller has spoken since their last turn was taken
         endpointing = config.endpointing
-        first = min(endpointing.speculate_after_ms if endpointing.speculate else 10**6, endpointing.silence_ms)
-        last = max(endpointing.speculate_after_ms, endpointing.silence_ms, endpointing.incomplete_silence_ms)
-        self._close_from_ms, self._close_until_ms = self._closely_between(first, last)
+        # The silence after speech that rules decide on, first to last (the recognizer's rules join at start()).
+        rules = [endpointing.silence_ms, endpointing.incomplete_silence_ms]
+        if endpointing.speculate:
+            rules.append(endpointing.speculate_after_ms)
+        self._silence_rules_ms = (min(rules), max(rules))
+        self._close_from_ms, self._close_until_ms = self._closely_between(*self._silence_rules_ms)
         self._finalize_asked = False  # the recognizer was asked for its final words in this pause
         self._speculation: SpeculativeReply | None = None
         self._closed = False
@@ -155,10 +158,9 @@ class PipelineDriver:
         if isinstance(stt, PromptSilence):  # a recognizer that fails over keeps the first one's figures
             first, last = stt.prompt_silence_ms
             if last:
-                self._close_from_ms, self._close_until_ms = self._closely_between(
-                    min(first, self._close_from_ms + LATEST_FRAME_MS + FRAME_MS),
-                    max(last, self._close_until_ms - CLOSE_MARGIN_MS),
-                )
+                ours = self._silence_rules_ms
+                self._silence_rules_ms = (min(first, ours[0]), max(last, ours[1]))
+                self._close_from_ms, self._close_until_ms = self._closely_between(*self._silence_rules_ms)
         if prewarm is not None:
             try:
                 await prewarm
