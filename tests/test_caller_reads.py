@@ -15,6 +15,7 @@ from aiohttp import ClientSession, web
 from engine.call import caller_reads
 from engine.call.caller_reads import RELAXED_LOW_WATER, SUPPORTED, CallerReads
 from engine.call.frame_socket import FrameSocket
+from tests.fakes.server import serve
 from tests.test_realtime_session import until
 
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="SO_RCVLOWAT pacing is Linux only")
@@ -132,17 +133,9 @@ async def test_a_last_frame_below_the_batch_still_reaches_the_call() -> None:
 
     app = web.Application()
     app.router.add_get("/media", media)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with ClientSession() as http, http.ws_connect(f"http://127.0.0.1:{port}/media") as ws:
-            await until(lambda: relaxed == [True])
-            await ws.send_str('{"event":"mark","sequenceNumber":"9","mark":{"name":"1:500"}}')
-            assert await asyncio.wait_for(handed.get(), timeout=5) == (
-                '{"event":"mark","sequenceNumber":"9","mark":{"name":"1:500"}}'
-            )
-    finally:
-        await runner.cleanup()
+    async with serve(app) as url, ClientSession() as http, http.ws_connect(f"{url}/media") as ws:
+        await until(lambda: relaxed == [True])
+        await ws.send_str('{"event":"mark","sequenceNumber":"9","mark":{"name":"1:500"}}')
+        assert await asyncio.wait_for(handed.get(), timeout=5) == (
+            '{"event":"mark","sequenceNumber":"9","mark":{"name":"1:500"}}'
+        )
