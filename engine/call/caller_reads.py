@@ -23,9 +23,10 @@ import asyncio
 import logging
 import socket
 import sys
-import weakref
 from collections.abc import Callable
 from typing import Protocol
+
+from engine.call.per_loop import PerLoop
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class CallerReads:
             self._relaxed = False
             return
         self._relaxed = relax
-        sweep = _sweep_of(self._loop)
+        sweep = _SWEEPS.of(self._loop)
         if relax:
             self._seen, self._seen_at = self._progress(), self._loop.time()
             sweep.watch(self)
@@ -140,11 +141,4 @@ class _Sweep:
         self._timer = self._loop.call_later(SWEEP_SECONDS, self._sweep) if self._watched else None
 
 
-_SWEEPS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sweep] = weakref.WeakKeyDictionary()
-
-
-def _sweep_of(loop: asyncio.AbstractEventLoop) -> _Sweep:
-    sweep = _SWEEPS.get(loop)
-    if sweep is None:
-        sweep = _SWEEPS[loop] = _Sweep(loop)
-    return sweep
+_SWEEPS = PerLoop(_Sweep)

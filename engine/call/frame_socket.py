@@ -23,13 +23,13 @@ import hashlib
 import inspect
 import logging
 import pkgutil
-import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
 from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType, web
 
+from engine.call.per_loop import PerLoop
 from media.twilio_stream import MalformedMessage, MessageTooLarge, StreamProtocolError
 
 log = logging.getLogger(__name__)
@@ -101,14 +101,7 @@ class _LoopTurns:
         self._advancing = False
 
 
-_TURNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopTurns] = weakref.WeakKeyDictionary()
-
-
-def _turns_of(loop: asyncio.AbstractEventLoop) -> _LoopTurns:
-    turns = _TURNS.get(loop)
-    if turns is None:
-        turns = _TURNS[loop] = _LoopTurns(loop)
-    return turns
+_TURNS = PerLoop(_LoopTurns)
 
 
 if DIRECT:
@@ -119,7 +112,7 @@ if DIRECT:
         def __init__(self, protocol: Any, limit: int, *, loop: Any) -> None:
             super().__init__(protocol, limit, loop=loop)
             self.on_text: TextHandler | None = None
-            self._turns = _turns_of(loop)
+            self._turns = _TURNS.of(loop)
             self._turn = -1
             self._handed_this_turn = 0
 
