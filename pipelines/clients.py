@@ -1,4 +1,5 @@
-"""The vendors' SDK clients an engine's calls share: made on first use, one per key and endpoint, closed together.
+"""The vendors' SDK clients an engine's calls share: made on first use, one per key and endpoint, closed together;
+and the scripted phrases its voices have already said (`PhraseCache`).
 
 The engine's app makes one `ProviderClients` in a cleanup context and closes it after everything that uses it
 (calls, post-call analysis) has stopped; the providers get it through `pipelines.registry.ProviderContext`.
@@ -11,6 +12,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, TypeVar
 
 import aiohttp
+
+from pipelines.tts.phrases import PhraseCache
 
 if TYPE_CHECKING:
     from deepgram import AsyncDeepgramClient
@@ -47,6 +50,8 @@ class ProviderClients:
         self._http: dict[tuple[()], aiohttp.ClientSession] = {}
         self._closers: list[tuple[str, CloseClient]] = []
         self._closed = False
+        self.phrases = PhraseCache()
+        """The scripted phrases the engine's calls have synthesized, for its later calls to say from memory."""
 
     def openai(self, api_key: str, base_url: str) -> AsyncOpenAI:
         """The OpenAI client for this key and API base URL: chat models, Realtime sessions, post-call analysis."""

@@ -25,7 +25,7 @@ from pipelines.llm.base import (
 )
 from pipelines.streams import closing_stream
 from pipelines.stt.base import EndOfTurn, FinalizesEarly, PromptSilence, SpeechToText, STTError, STTEvent
-from pipelines.tts.base import Alignment, TextToSpeech, TTSError
+from pipelines.tts.base import Alignment, TextToSpeech, TTSError, VoiceIdentity
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,12 @@ class FallbackTTS:
         self._providers = list(providers)
         self._index = 0
         self._on_failover = on_failover
+
+    @property
+    def voice_key(self) -> str | None:
+        """The current provider's voice (`VoiceIdentity`), if it names one."""
+        current = self._providers[self._index][1]
+        return current.voice_key if isinstance(current, VoiceIdentity) else None
 
     async def prewarm(self) -> None:
         """Let the current provider open its connections."""

@@ -58,6 +58,7 @@ from pipelines.stt.sphinx import SphinxSTT
 from pipelines.tools import ToolRunner
 from pipelines.tts.base import TextToSpeech
 from pipelines.tts.espeak import EspeakTTS
+from pipelines.tts.phrases import PhraseCache
 
 __all__ = [
     "AGENT_KEY_PREFIX",
@@ -104,6 +105,8 @@ class Pipeline:
     """Where the call is on its conversation path, when its model follows one."""
     path_id: str | None = None
     """The ConversationPath's id, with `path`."""
+    phrases: PhraseCache | None = None
+    """Where the agent's scripted phrases are said from once its voice has said them (the engine's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +249,7 @@ def build_pipeline(
     voices = _factories("tts", config.tts, TTS_PROVIDERS, build)
     tts = voices[0][1]() if len(voices) == 1 else FallbackTTS(_made(voices), on_failover=context.on_failover)
     path_id, engine = next(iter(build.engines.items()), (None, None))
-    return Pipeline(stt=stt, llm=llm, tts=tts, path=engine, path_id=path_id)
+    return Pipeline(stt=stt, llm=llm, tts=tts, path=engine, path_id=path_id, phrases=context.clients.phrases)
 
 
 def provider_key(option: ProviderConfig, keys: ProviderKeys, *, stage: Stage) -> str | None:

@@ -196,6 +196,32 @@ async def test_barge_in_mid_sentence_cuts_the_agent_turn_at_the_words_heard(
     assert rows[-1]["speaker"] == "agent" and rows[-1]["text"] == "You're welcome."
 
 
+async def test_the_first_sentence_is_synthesized_on_the_first_call_and_said_from_memory_on_the_next(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    greeting = "Good morning, you have reached the harbour office."
+    number, _ = await make_line(pool, organization_id, firstSentence=greeting)
+    heard: list[bytes] = []
+    for reply in ("The ferry leaves at noon.", "The next ferry is at two."):
+        fakes.deepgram.transcripts.append("When does the ferry leave?")
+        fakes.openai.replies.append(reply)
+        result = await call(engine, number, Say("When does the ferry leave"), Pause(300))
+        log = await finished_log(pool, result)
+        rows = await turns(pool, log["id"])
+        assert [(r["speaker"], r["text"]) for r in rows] == [
+            ("agent", greeting),
+            ("caller", "When does the ferry leave?"),
+            ("agent", reply),
+        ]
+        heard.append(bytes(result.utterances[0].audio))
+    # ElevenLabs said the greeting once; both callers heard all of it, the same; the model's replies were each
+    # synthesized.
+    spoken = [said.text for said in fakes.elevenlabs.texts]
+    assert spoken.count(greeting) == 1
+    assert {"The ferry leaves at noon.", "The next ferry is at two."} <= set(spoken)
+    assert heard[0] == heard[1] == fakes.elevenlabs.audio_for(greeting)
+
+
 @pytest.fixture
 async def fake_twilio_rest() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
     """Twilio's REST API for call updates: records each update's form."""

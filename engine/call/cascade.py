@@ -116,7 +116,7 @@ class PipelineDriver:
             min_words=interruption.min_words,
             backchannel_words=interruption.backchannel_words,
         )
-        self._speech = AgentSpeech(host, pipeline.tts)
+        self._speech = AgentSpeech(host, pipeline.tts, phrases=pipeline.phrases)
         if pipeline.path is not None and pipeline.path_id is not None:
             host.turns.trace_path(pipeline.path_id, pipeline.path)
         self._key_wait = (
@@ -255,7 +255,7 @@ class PipelineDriver:
         """Speak `text` and wait (bounded by its length) until the caller heard it."""
         utterance = self._speech.new_utterance(None)
         try:
-            await self._speech.speak(utterance, text)
+            await self._speech.speak(utterance, text, scripted=True)
             await self._host.audio.finish(utterance.utterance_id)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(utterance.done.wait(), timeout=utterance.audio_ms / 1000 + HANGUP_GRACE_SECONDS)
@@ -564,7 +564,7 @@ class PipelineDriver:
         for text in sentences:
             for sentence in [*chunker.push(text + " "), chunker.flush()]:
                 if sentence:
-                    await self._speech.speak(utterance, sentence)
+                    await self._speech.speak(utterance, sentence, scripted=True)
         ending = await self._speak_model_reply(utterance, conversation) if ask_model else None
         if utterance.gate is not None:
             await utterance.gate.wait()  # a speculative reply with nothing to say still waits for its turn

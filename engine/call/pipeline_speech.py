@@ -17,6 +17,7 @@ from media.twilio_stream import MarkFlushed, MarkPlayed
 from pipelines.conversation.heard import SpeakingRate, SpokenSpan, heard_of_spans
 from pipelines.streams import closing_stream
 from pipelines.tts.base import Alignment, TextToSpeech
+from pipelines.tts.phrases import PhraseCache
 
 __all__ = ["AgentSpeech", "Utterance"]
 
@@ -44,10 +45,11 @@ class Utterance:
 class AgentSpeech:
     """The agent's utterances in one call: spoken through the synthesizer, played, and settled as turns."""
 
-    def __init__(self, host: CallHost, tts: TextToSpeech) -> None:
-        """Speak in `host`'s call through `tts`."""
+    def __init__(self, host: CallHost, tts: TextToSpeech, *, phrases: PhraseCache | None = None) -> None:
+        """Speak in `host`'s call through `tts`; scripted sentences through `phrases`, when given."""
         self._host = host
         self._tts = tts
+        self._phrases = phrases
         self._rate = SpeakingRate()
         self._current: Utterance | None = None  # the utterance the caller may be hearing now
         self._utterances: dict[int, Utterance] = {}
@@ -84,16 +86,22 @@ class AgentSpeech:
             if self._current is utterance:
                 self._current = None
 
-    async def speak(self, utterance: Utterance, sentence: str) -> None:
+    async def speak(self, utterance: Utterance, sentence: str, *, scripted: bool = False) -> None:
         """Synthesize `sentence` and play it as part of `utterance` (TTSError if the synthesizer fails).
 
-        Cancelled, the synthesis is closed at once (its request ends), not left to the garbage collector.
+        A `scripted` sentence (text the agent was given, not the model's words) is said from the phrase cache when
+        its voice has said it before. Cancelled, the synthesis is closed at once (its request ends), not left to the
+        garbage collector.
         """
         if not _held(utterance):
             self._current = utterance
         span = SpokenSpan(sentence, utterance.audio_ms, utterance.audio_ms)
         utterance.spans.append(span)
-        async with closing_stream(self._tts.synthesize(sentence)) as chunks:
+        if scripted and self._phrases is not None:
+            synthesis = self._phrases.synthesize(self._tts, sentence)
+        else:
+            synthesis = self._tts.synthesize(sentence)
+        async with closing_stream(synthesis) as chunks:
             async for chunk in chunks:
                 if isinstance(chunk, Alignment):
                     span.aligned_chars.extend(chunk.chars)

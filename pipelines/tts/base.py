@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pipelines.errors import TTSError
 
-__all__ = ["Alignment", "TTSError", "TextToSpeech"]
+__all__ = ["Alignment", "TTSError", "TextToSpeech", "VoiceIdentity"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,4 +37,14 @@ class TextToSpeech(Protocol):
 
     async def close(self) -> None:
         """Release what the synthesizer holds; idempotent."""
+        ...
+
+
+@runtime_checkable
+class VoiceIdentity(Protocol):
+    """A synthesizer that can name its voice: the same name, the same sound for the same text (see PhraseCache)."""
+
+    @property
+    def voice_key(self) -> str | None:
+        """Vendor, account, voice, model, format and voice settings in one string; None while it has none."""
         ...

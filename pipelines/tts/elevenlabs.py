@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -178,6 +179,8 @@ class ElevenLabsTTS:
             "speed": config.speed,
         }
         self._voice_settings = {name: value for name, value in settings.items() if value is not None}
+        account = hashlib.sha256(api_key.encode()).hexdigest()[:16]  # accounts never share audio
+        self._voice_key = f"elevenlabs {account} {self._ws_url} {json.dumps(self._voice_settings, sort_keys=True)}"
         self._standby_max_age_s = standby_max_age_s
         self._connection: _Connection | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -188,6 +191,11 @@ class ElevenLabsTTS:
         self._background: set[asyncio.Task[None]] = set()  # sockets closing, messages of cut sentences
         self._ws_failures = 0
         self._closed = False
+
+    @property
+    def voice_key(self) -> str:
+        """The account (its key's hash), voice, model, format, language and voice settings (`VoiceIdentity`)."""
+        return self._voice_key
 
     async def prewarm(self) -> None:
         """Connect the call's socket now (for its first sentence) and wait until it is open; never raises."""
