@@ -1189,6 +1189,7 @@ async def _summarise(
         "engineAffinity": affinity_of(engine.ps.pid),
         "postgresCpuPercent": round(100 * seen.postgres_cpu / window.seconds, 1) if setup.pgdata else None,
         "benchCpuPercent": round(100 * seen.bench_cpu / window.seconds, 1),
+        "engineCpuPerBenchCpu": round(seen.engine_cpu / seen.bench_cpu, 3) if seen.bench_cpu > 0 else None,
         "benchAffinity": affinity_of(os.getpid()),
         "benchTickLagMs": spread(lags),
         "benchGcPauses": seen.gc,
@@ -1290,12 +1291,20 @@ def print_table(rounds: Sequence[Mapping[str, Any]]) -> None:
             + "  ".join(f"{k} {_ms(v['p50'])}/{_ms(v['p95'])}/{_ms(v['p99'])} (n={v['n']})" for k, v in kinds.items())
         )
     print()
-    print("engine cost over the round (CPU s per call-minute as above; idle: what the engine spends with no call):")
-    print(f"{'N':>4} {'measured':>30} {'idle CPU s/min':>15} {'call-min':>9} {'engine CPU s':>12} {'of it kernel':>12}")
+    print(
+        "engine cost over the round (CPU s per call-minute as above; idle: what the engine spends with no call; "
+        "per harness CPU s: the engine's CPU over this process's, for comparing rounds on a machine whose speed "
+        "drifts):"
+    )
+    print(
+        f"{'N':>4} {'measured':>30} {'idle CPU s/min':>15} {'call-min':>9} {'engine CPU s':>12} {'of it kernel':>12} "
+        f"{'per harness CPU s':>17}"
+    )
     for r in rounds:
         print(
             f"{r['calls']:>4} {r['engineCpuWhat'].split(' (')[0]:>30} {r['engineIdleCpuSecondsPerMinute']:>15} "
-            f"{r['callMinutes']:>9} {r['engineCpuSeconds']:>12} {r['engineSystemCpuSeconds']:>12}"
+            f"{r['callMinutes']:>9} {r['engineCpuSeconds']:>12} {r['engineSystemCpuSeconds']:>12} "
+            f"{r['engineCpuPerBenchCpu'] if r['engineCpuPerBenchCpu'] is not None else '-':>17}"
         )
     print()
     print(
