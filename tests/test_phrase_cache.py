@@ -40,10 +40,10 @@ def voice(
     )
 
 
-async def say(cache: PhraseCache, tts: TextToSpeech, text: str) -> tuple[bytes, list[Alignment]]:
+async def say(cache: PhraseCache, tts: TextToSpeech, text: str, owner: str = "org-a") -> tuple[bytes, list[Alignment]]:
     audio = bytearray()
     alignments: list[Alignment] = []
-    async with closing_stream(cache.synthesize(tts, text)) as chunks:
+    async with closing_stream(cache.synthesize(tts, text, owner=owner)) as chunks:
         async for chunk in chunks:
             if isinstance(chunk, Alignment):
                 alignments.append(chunk)
@@ -69,7 +69,7 @@ async def test_a_phrase_is_synthesized_once_and_said_again_from_memory_with_its_
     assert (cache.hits, cache.misses, len(cache), cache.bytes) == (1, 1, 1, len(first[0]))
 
 
-async def test_another_voice_account_or_voice_setting_synthesizes_the_phrase_itself() -> None:
+async def test_another_organization_voice_account_or_voice_setting_synthesizes_the_phrase_itself() -> None:
     cache = PhraseCache()
     async with FakeElevenLabs(api_key=API_KEY) as fake:
         voices = [voice(fake), voice(fake, voice_id="voice-rachel"), voice(fake, stability=0.9)]
@@ -77,11 +77,12 @@ async def test_another_voice_account_or_voice_setting_synthesizes_the_phrase_its
             for tts in voices:
                 await say(cache, tts, GREETING)
             await say(cache, voices[1], GREETING)  # now said before in that voice
+            await say(cache, voices[0], GREETING, owner="org-b")  # the same voice, for another organization
         finally:
             for tts in voices:
                 await tts.close()
-    assert fake.texts == [Spoken("ws", GREETING)] * 3
-    assert (cache.hits, cache.misses, len(cache)) == (1, 3, 3)
+    assert fake.texts == [Spoken("ws", GREETING)] * 4
+    assert (cache.hits, cache.misses, len(cache)) == (1, 4, 4)
     assert len({tts.voice_key for tts in voices}) == 3
     other_account = voice(fake, api_key="el-other-account")
     assert other_account.voice_key != voices[0].voice_key  # accounts never share audio
@@ -93,7 +94,7 @@ async def test_a_phrase_cut_short_is_not_kept() -> None:
     async with FakeElevenLabs(api_key=API_KEY, chunk_ms=100) as fake:
         tts = voice(fake)
         try:
-            async with closing_stream(cache.synthesize(tts, GREETING)) as chunks:
+            async with closing_stream(cache.synthesize(tts, GREETING, owner="org-a")) as chunks:
                 async for chunk in chunks:
                     if isinstance(chunk, bytes):
                         break  # the caller barged in on the first audio

@@ -98,7 +98,7 @@ class AgentSpeech:
         span = SpokenSpan(sentence, utterance.audio_ms, utterance.audio_ms)
         utterance.spans.append(span)
         if scripted and self._phrases is not None:
-            synthesis = self._phrases.synthesize(self._tts, sentence)
+            synthesis = self._phrases.synthesize(self._tts, sentence, owner=self._host.context.organization_id)
         else:
             synthesis = self._tts.synthesize(sentence)
         async with closing_stream(synthesis) as chunks:

@@ -3,8 +3,8 @@
 An agent's scripted text (its first sentence, its goodbyes, a path's fixed lines) is said the same on every call:
 synthesizing it each time costs the vendor's characters, the vendor's first-byte wait at the moment the caller
 picks up, and the engine's work of receiving it again. `PhraseCache` keeps the finished audio of such phrases, with
-their character timings, per voice (`VoiceIdentity`), so the next call says them at once. The model's replies are
-never cached: they are the caller's conversation, seldom said twice.
+their character timings, per organization and voice (`VoiceIdentity`), so the organization's next call says them at
+once. The model's replies are never cached: they are the caller's conversation, seldom said twice.
 
 A phrase is stored only once its synthesis has ended normally: one cut short (barge-in, hang-up) or failing midway
 is not. Calls that ask for a phrase before its first synthesis has finished synthesize it themselves.
@@ -37,7 +37,7 @@ class PhraseCache:
         """Hold at most `max_bytes` of audio, none of it in phrases longer than `max_phrase_bytes`."""
         self.max_bytes = max_bytes
         self.max_phrase_bytes = min(max_phrase_bytes, max_bytes)
-        self._phrases: OrderedDict[tuple[str, str], tuple[Chunk, ...]] = OrderedDict()
+        self._phrases: OrderedDict[tuple[str, str, str], tuple[Chunk, ...]] = OrderedDict()
         self._bytes = 0
         self.hits = 0
         self.misses = 0
@@ -51,16 +51,16 @@ class PhraseCache:
         """Audio held, in bytes."""
         return self._bytes
 
-    async def synthesize(self, tts: TextToSpeech, text: str) -> AsyncIterator[Chunk]:
-        """`tts.synthesize(text)`, from memory when this voice has said `text` before; kept for next time when its
-        synthesis ends normally here."""
+    async def synthesize(self, tts: TextToSpeech, text: str, *, owner: str) -> AsyncIterator[Chunk]:
+        """`tts.synthesize(text)`, from memory when this voice has said `text` for `owner` (an organization) before;
+        kept for next time when its synthesis ends normally here. Owners never share a phrase."""
         voice = _voice(tts)
         if voice is None:
             async with closing_stream(tts.synthesize(text)) as chunks:
                 async for chunk in chunks:
                     yield chunk
             return
-        key = (voice, text)
+        key = (owner, voice, text)
         held = self._phrases.get(key)
         if held is not None:
             self.hits += 1
@@ -83,7 +83,7 @@ class PhraseCache:
         if 0 < size <= self.max_phrase_bytes and _voice(tts) == voice:
             self._keep(key, said, size)
 
-    def _keep(self, key: tuple[str, str], chunks: Sequence[Chunk], size: int) -> None:
+    def _keep(self, key: tuple[str, str, str], chunks: Sequence[Chunk], size: int) -> None:
         if key in self._phrases:  # another call finished the same phrase first
             return
         self._phrases[key] = tuple(chunks)
