@@ -290,6 +290,41 @@ async def test_the_callers_frames_are_read_in_batches_except_in_the_silence_afte
         await until(lambda: low_water.relaxed)  # and in batches again once every rule on it is past
 
 
+@pytest.mark.skipif(not caller_reads.SUPPORTED, reason="the reading of a socket is paced on Linux only")
+async def test_the_callers_speech_over_the_agent_is_read_frame_by_frame_until_the_barge_in(
+    kind: str, pool: asyncpg.Pool
+) -> None:
+    low_water = LowWaterLog()
+    async with call_on(kind, pool, low_water=low_water) as rig:
+        rig.reply(LONG_ANSWER)
+        rig.caller_says("When are you open?")
+        await until(lambda: rig.line.heard_ms >= 1500, timeout=15)
+        if kind == "pipeline":
+            await until(lambda: low_water.relaxed)  # the caller listening to the agent: read in batches
+        listening = len(low_water.marks)
+        rig.caller_says("Thanks, that is all I needed", ms=1500)
+        await until(lambda: bool(rig.line.clears), timeout=10)
+        # The clear comes about 300 ms into the caller's 1.5 s: their silence after it has not begun.
+        overlap = low_water.marks[listening:]
+    if kind == "realtime":
+        assert low_water.marks == []  # every frame is read as it lands all along
+    else:
+        assert 1 in overlap, "the frames that count toward the barge-in are read as they land"
+
+
+@pytest.mark.skipif(not caller_reads.SUPPORTED, reason="the reading of a socket is paced on Linux only")
+async def test_an_agent_that_yields_at_the_callers_first_sound_is_heard_frame_by_frame_while_it_speaks(
+    kind: str, pool: asyncpg.Pool
+) -> None:
+    low_water = LowWaterLog()
+    async with call_on(kind, pool, low_water=low_water, interruption={"thresholdMs": 20}) as rig:
+        rig.reply(LONG_ANSWER)
+        rig.caller_says("When are you open?")
+        await until(lambda: rig.line.heard_ms >= 1500, timeout=15)
+        await asyncio.sleep(0.3)  # the agent still speaking, the caller silent
+        assert not low_water.relaxed
+
+
 async def test_barge_in_keeps_in_the_transcript_only_what_the_caller_heard(kind: str, pool: asyncpg.Pool) -> None:
     async with call_on(kind, pool) as rig:
         rig.reply(LONG_ANSWER)

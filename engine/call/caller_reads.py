@@ -6,9 +6,10 @@ before the call sees it (measured with 100 loopback sockets at Twilio's pace: 15
 7.6 µs read three at a time). Most frames are not urgent: while the caller speaks, or long after they stopped,
 nothing is decided on the next 40 ms. So while the call's driver is not `listening_closely`, the socket's receive
 low-water mark (`SO_RCVLOWAT`) makes the kernel report it readable only once `BATCH_FRAMES` frames have come; while
-it is (the silence after the caller's speech, where the turn is decided frame by frame), the mark is one byte and
-every frame is read as it lands. The first silent frames after speech can come up to `BATCH_FRAMES - 1` frames
-late, which is why the driver's earliest decision on silence must come later than that (`LATEST_FRAME_MS`).
+it is (the silence after the caller's speech, where the turn is decided frame by frame, and the caller's speech over
+the agent, counted toward a barge-in), the mark is one byte and every frame is read as it lands. The first silent
+frames after speech, and the first voiced one over the agent, can come up to `BATCH_FRAMES - 1` frames late, which
+is why the driver's earliest decision on either must come later than that (`LATEST_FRAME_MS`).
 
 A peer that stops sending in the middle of a batch (a last mark, a close, a test's scripted frames) would leave
 bytes waiting below the mark: a sweep every `SWEEP_SECONDS` puts a socket that has read nothing for `STALL_SECONDS`

@@ -116,6 +116,9 @@ class PipelineDriver:
             min_words=interruption.min_words,
             backchannel_words=interruption.backchannel_words,
         )
+        # A barge-in decided within a batch's worth of frames of the caller's first sound: listen closely whenever
+        # the agent speaks.
+        self._barge_in_at_once = interruption.enabled and interruption.threshold_ms <= LATEST_FRAME_MS
         self._speech = AgentSpeech(host, pipeline.tts, phrases=pipeline.phrases)
         if pipeline.path is not None and pipeline.path_id is not None:
             host.turns.trace_path(pipeline.path_id, pipeline.path)
@@ -188,10 +191,17 @@ class PipelineDriver:
     @property
     def listening_closely(self) -> bool:
         """In the silence after the caller's speech, until their turn is taken or every rule that could take it
-        (speculation, the VAD's and the recognizer's ends of turn, an unfinished sentence's longer wait) is past.
+        (speculation, the VAD's and the recognizer's ends of turn, an unfinished sentence's longer wait) is past;
+        and while the caller's speech over the agent counts toward a barge-in.
 
         From a batch's worth of frames before the first of those rules: the frame that starts it may be read up to
-        `LATEST_FRAME_MS` late, and the frames after it are read as they land."""
+        `LATEST_FRAME_MS` late, and the frames after it are read as they land. A barge-in's count starts on the
+        caller's first voiced frame over the agent, so the frame that completes it is read as it lands; an agent
+        that yields within a batch's worth of frames is listened to closely whenever it speaks."""
+        if self._barge_in.enabled and self._barge_in.overlap_ms:
+            return True
+        if self._barge_in_at_once and self._speech.current is not None:
+            return True
         return self._turn_open and self._close_from_ms <= self._pause.quiet_ms <= self._close_until_ms
 
     @staticmethod
