@@ -253,6 +253,13 @@ async def call_on(
             await rig.finish()
 
 
+async def long_answer_playing(rig: Rig, heard_ms: int = 1500) -> None:
+    """The caller asked; the agent's long answer has played `heard_ms` to them and goes on."""
+    rig.reply(LONG_ANSWER)
+    rig.caller_says("When are you open?")
+    await until(lambda: rig.line.heard_ms >= heard_ms, timeout=15)
+
+
 class LowWaterLog:
     """Stands in for a call's socket: the receive low-water marks the call sets on it, in order."""
 
@@ -296,9 +303,7 @@ async def test_the_callers_speech_over_the_agent_is_read_frame_by_frame_until_th
 ) -> None:
     low_water = LowWaterLog()
     async with call_on(kind, pool, low_water=low_water) as rig:
-        rig.reply(LONG_ANSWER)
-        rig.caller_says("When are you open?")
-        await until(lambda: rig.line.heard_ms >= 1500, timeout=15)
+        await long_answer_playing(rig)
         if kind == "pipeline":
             await until(lambda: low_water.relaxed)  # the caller listening to the agent: read in batches
         listening = len(low_water.marks)
@@ -318,18 +323,14 @@ async def test_an_agent_that_yields_at_the_callers_first_sound_is_heard_frame_by
 ) -> None:
     low_water = LowWaterLog()
     async with call_on(kind, pool, low_water=low_water, interruption={"thresholdMs": 20}) as rig:
-        rig.reply(LONG_ANSWER)
-        rig.caller_says("When are you open?")
-        await until(lambda: rig.line.heard_ms >= 1500, timeout=15)
+        await long_answer_playing(rig)
         await asyncio.sleep(0.3)  # the agent still speaking, the caller silent
         assert not low_water.relaxed
 
 
 async def test_barge_in_keeps_in_the_transcript_only_what_the_caller_heard(kind: str, pool: asyncpg.Pool) -> None:
     async with call_on(kind, pool) as rig:
-        rig.reply(LONG_ANSWER)
-        rig.caller_says("When are you open?")
-        await until(lambda: rig.line.heard_ms >= 1500, timeout=15)
+        await long_answer_playing(rig)
         rig.caller_says("Thanks, that is all I needed", ms=1500)
         await until(lambda: bool(rig.line.clears), timeout=10)
         turns = await rig.wait_for_turns(2)
@@ -527,9 +528,7 @@ async def test_a_stream_lost_in_the_middle_of_a_reply_ends_the_call_quietly(
     kind: str, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with call_on(kind, pool) as rig:
-        rig.reply(LONG_ANSWER)
-        rig.caller_says("When are you open?")
-        await until(lambda: rig.line.heard_ms >= 500, timeout=15)
+        await long_answer_playing(rig, heard_ms=500)
         with caplog.at_level(logging.WARNING):
             rig.line.drop()
             outcome = await rig.outcome()
