@@ -276,9 +276,10 @@ class LowWaterLog:
 
 
 pytestmark = pytest.mark.parametrize("kind", DRIVERS)
+paced_reads = pytest.mark.skipif(not caller_reads.SUPPORTED, reason="the reading of a socket is paced on Linux only")
 
 
-@pytest.mark.skipif(not caller_reads.SUPPORTED, reason="the reading of a socket is paced on Linux only")
+@paced_reads
 async def test_the_callers_frames_are_read_in_batches_except_in_the_silence_after_their_speech(
     kind: str, pool: asyncpg.Pool
 ) -> None:
@@ -297,7 +298,7 @@ async def test_the_callers_frames_are_read_in_batches_except_in_the_silence_afte
         await until(lambda: low_water.relaxed)  # and in batches again once every rule on it is past
 
 
-@pytest.mark.skipif(not caller_reads.SUPPORTED, reason="the reading of a socket is paced on Linux only")
+@paced_reads
 async def test_the_callers_speech_over_the_agent_is_read_frame_by_frame_until_the_barge_in(
     kind: str, pool: asyncpg.Pool
 ) -> None:
@@ -317,7 +318,7 @@ async def test_the_callers_speech_over_the_agent_is_read_frame_by_frame_until_th
         assert 1 in overlap, "the frames that count toward the barge-in are read as they land"
 
 
-@pytest.mark.skipif(not caller_reads.SUPPORTED, reason="the reading of a socket is paced on Linux only")
+@paced_reads
 async def test_an_agent_that_yields_at_the_callers_first_sound_is_heard_frame_by_frame_while_it_speaks(
     kind: str, pool: asyncpg.Pool
 ) -> None:

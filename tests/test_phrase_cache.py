@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from config.agent import ElevenLabsTTSConfig
 from pipelines.clients import ProviderClients
 from pipelines.fallback import FallbackTTS
 from pipelines.offline_workers import INLINE
@@ -18,6 +17,7 @@ from pipelines.tts.elevenlabs import ElevenLabsTTS
 from pipelines.tts.espeak import EspeakTTS, SpeechCache
 from pipelines.tts.phrases import PhraseCache
 from tests.fakes.elevenlabs import FakeElevenLabs, Spoken
+from tests.test_tts_elevenlabs import synthesizer
 
 API_KEY = "el-phrases"
 GREETING = "Hello, thanks for calling the clinic."
@@ -32,12 +32,9 @@ async def _close_clients() -> AsyncIterator[None]:
     await CLIENTS.aclose()
 
 
-def voice(
-    fake: FakeElevenLabs, *, api_key: str = API_KEY, voice_id: str = "voice-june", **config: Any
-) -> ElevenLabsTTS:
-    return ElevenLabsTTS(
-        ElevenLabsTTSConfig(**config), clients=CLIENTS, api_key=api_key, url=fake.url, voice_id=voice_id
-    )
+def voice(fake: FakeElevenLabs, **options: Any) -> ElevenLabsTTS:
+    """A call's ElevenLabs synthesizer, on this module's clients and key unless `options` say otherwise."""
+    return synthesizer(fake, **{"api_key": API_KEY, "clients": CLIENTS, **options})
 
 
 async def say(cache: PhraseCache, tts: TextToSpeech, text: str, owner: str = "org-a") -> tuple[bytes, list[Alignment]]:

@@ -40,14 +40,20 @@ async def _close_clients() -> AsyncIterator[None]:
 
 
 def synthesizer(
-    fake: FakeElevenLabs, *, api_key: str = API_KEY, standby_max_age_s: float = STANDBY_MAX_AGE_S, **config: Any
+    fake: FakeElevenLabs,
+    *,
+    api_key: str = API_KEY,
+    voice_id: str = VOICE_ID,
+    standby_max_age_s: float = STANDBY_MAX_AGE_S,
+    clients: ProviderClients = CLIENTS,
+    **config: Any,
 ) -> ElevenLabsTTS:
     return ElevenLabsTTS(
         ElevenLabsTTSConfig(**config),
-        clients=CLIENTS,
+        clients=clients,
         api_key=api_key,
         url=fake.url,
-        voice_id=VOICE_ID,
+        voice_id=voice_id,
         standby_max_age_s=standby_max_age_s,
     )
 
