@@ -329,6 +329,19 @@ async def test_an_agent_that_yields_at_the_callers_first_sound_is_heard_frame_by
         assert not low_water.relaxed
 
 
+@paced_reads
+async def test_an_agent_that_speculates_within_a_batch_of_silence_hears_the_callers_speech_frame_by_frame(
+    kind: str, pool: asyncpg.Pool
+) -> None:
+    low_water = LowWaterLog()
+    async with call_on(kind, pool, low_water=low_water, endpointing={"speculateAfterMs": 40}) as rig:
+        rig.reply("We open at nine.")
+        rig.caller_says("When do you open?", ms=1000)
+        await asyncio.sleep(0.5)  # mid-speech: its first silent frame must not wait for a batch
+        assert not low_water.relaxed
+        await rig.wait_for_turns(2)
+
+
 async def test_barge_in_keeps_in_the_transcript_only_what_the_caller_heard(kind: str, pool: asyncpg.Pool) -> None:
     async with call_on(kind, pool) as rig:
         await long_answer_playing(rig)

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import ClientSession, web
 
 from engine.call import caller_reads
-from engine.call.caller_reads import RELAXED_LOW_WATER, SUPPORTED, CallerReads
+from engine.call.caller_reads import BATCH_FRAMES, RELAXED_LOW_WATER, SUPPORTED, CallerReads
 from engine.call.frame_socket import FrameSocket
 from tests.fakes.server import serve
 from tests.test_realtime_session import until
@@ -64,15 +64,15 @@ async def test_the_socket_wakes_the_engine_for_a_batch_of_frames_unless_it_liste
     assert low_water(engine) == 1 and not reads.relaxed
 
 
-def test_the_batch_is_more_than_two_twilio_frames_and_less_than_three() -> None:
+def test_the_low_water_mark_is_one_frame_short_of_a_batch() -> None:
     frame = (
         '{"event":"media","sequenceNumber":"%d","media":{"track":"inbound","chunk":"%d","timestamp":"%d",'
         '"payload":"%s"},"streamSid":"MZ%s"}'
     )
-    for number in (3, 123_456):  # a call's first frames, and an hour in
+    for number in (3, 123_456, 9_999_999):  # a call's first frames, an hour in, two days in
         text = frame % (number, number - 1, number * 20, "/" * 216, "0" * 32)
         wire = len(text) + 8  # a masked client frame of this size: 2 + 2 length bytes + 4 mask bytes
-        assert 2 * wire < RELAXED_LOW_WATER < 3 * wire
+        assert (BATCH_FRAMES - 1) * wire < RELAXED_LOW_WATER < BATCH_FRAMES * wire
 
 
 async def test_a_socket_that_stops_sending_mid_batch_is_read_frame_by_frame_again(

@@ -4,7 +4,7 @@ Twilio sends each call's audio as fifty small frames a second. Reading each one 
 event loop, a `read` system call and a pass through aiohttp's protocol: about half of the ~15 µs a frame costs
 before the call sees it (measured with 100 loopback sockets at Twilio's pace: 15.5 µs a frame read one by one,
 7.6 µs read three at a time). Most frames are not urgent: while the caller speaks, or long after they stopped,
-nothing is decided on the next 40 ms. So while the call's driver is not `listening_closely`, the socket's receive
+nothing is decided on the next 80 ms. So while the call's driver is not `listening_closely`, the socket's receive
 low-water mark (`SO_RCVLOWAT`) makes the kernel report it readable only once `BATCH_FRAMES` frames have come; while
 it is (the silence after the caller's speech, where the turn is decided frame by frame, and the caller's speech over
 the agent, counted toward a barge-in), the mark is one byte and every frame is read as it lands. The first silent
@@ -31,18 +31,19 @@ from engine.call.per_loop import PerLoop
 
 log = logging.getLogger(__name__)
 
-BATCH_FRAMES = 3
+BATCH_FRAMES = 5
 """Frames a relaxed socket wakes the engine for at once."""
-TWILIO_FRAME_WIRE_BYTES = 340
+TWILIO_FRAME_WIRE_BYTES = 390
 """A Twilio media frame on the wire: the JSON around 160 bytes of μ-law in base64, and the WebSocket header (about
-320-370 bytes as its counters grow)."""
+380-400 bytes as its counters grow)."""
 RELAXED_LOW_WATER = int((BATCH_FRAMES - 0.5) * TWILIO_FRAME_WIRE_BYTES)
 """More than `BATCH_FRAMES - 1` frames and fewer than `BATCH_FRAMES`, whatever their counters' digits."""
 LATEST_FRAME_MS = (BATCH_FRAMES - 1) * 20
 """How late a frame read in a batch can be handled, at most."""
-SWEEP_SECONDS = 0.1
-STALL_SECONDS = 0.15
-"""Twice a batch's time and more: a relaxed socket reading nothing this long has stalled."""
+SWEEP_SECONDS = 0.125
+STALL_SECONDS = 2.5 * BATCH_FRAMES * 0.02
+"""Two and a half batches' time (250 ms): a relaxed socket reading nothing this long has stalled; a healthy one
+whose batch comes a little late (the peer's or the network's jitter) has not."""
 STALL_HOLD_SECONDS = 1.0
 SUPPORTED = sys.platform == "linux" and hasattr(socket, "SO_RCVLOWAT")
 

@@ -206,8 +206,11 @@ class PipelineDriver:
 
     @staticmethod
     def _closely_between(first_ms: int, last_ms: int) -> tuple[int, int]:
-        """The silence to read frame by frame when rules decide on it from `first_ms` to `last_ms`."""
-        return max(FRAME_MS, first_ms - LATEST_FRAME_MS - FRAME_MS), last_ms + CLOSE_MARGIN_MS
+        """The silence to read frame by frame when rules decide on it from `first_ms` to `last_ms`: from 0, the
+        caller's speech as well, when the first rule comes within a batch's worth of frames of its first silent
+        frame (which may itself be read up to `LATEST_FRAME_MS` late)."""
+        start = first_ms - LATEST_FRAME_MS - FRAME_MS
+        return (start if start >= FRAME_MS else 0), last_ms + CLOSE_MARGIN_MS
 
     def on_caller_audio(self, payload: bytes, at_ms: int) -> None:
         """One caller frame to the recognizer and the VAD; the VAD's verdict feeds barge-in."""
