@@ -28,6 +28,7 @@ from engine.call.call_log_store import CallLogStore
 from engine.call.call_outcome import CallOutcome, latency_summary
 from engine.call.spilled_call import CallLogDeferred, SpilledCall, SpilledCallFile
 from engine.server import metrics
+from pipelines.loop_waits import Wakeup
 from storage import Pool
 from storage.call_logs import CallLog
 from storage.call_turns import TurnRecord
@@ -102,7 +103,7 @@ class CallLogWriter:
         self._agent_latencies: list[int] = []
         self._lost_turns = 0
         self._inbound_gaps = {"count": 0, "totalMs": 0, "longestMs": 0}
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self._stop = asyncio.Event()
         self._finish_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None

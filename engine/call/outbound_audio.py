@@ -12,7 +12,6 @@ how much of each utterance that was: the one cut point for the recording, the li
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
@@ -23,6 +22,7 @@ from engine.call.audio_tap import AudioTap
 from media.g711 import BYTES_PER_MS
 from media.recording import StereoWavRecorder
 from media.twilio_stream import TwilioStream, UtterancePlayback
+from pipelines.loop_waits import LoopSleep
 
 SendText = Callable[[str], Awaitable[None]]
 
@@ -78,7 +78,7 @@ class OutboundAudio:
         chunk_ms: int = 100,
         mark_every_ms: int = 500,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
         """Prepare to send through `send`, the text frames of `stream`'s protocol."""
         if not 0 <= resume_ms <= lead_ms:
@@ -97,7 +97,7 @@ class OutboundAudio:
         self._tap = tap
         self._lead = lead_ms / 1000
         self._resume = resume_ms / 1000
-        self._sleep = sleep
+        self._sleep = sleep if sleep is not None else LoopSleep()
         self._chunk_bytes = chunk_ms * BYTES_PER_MS
         self._mark_every_bytes = mark_every_ms * BYTES_PER_MS
         self._clock = clock

@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 from config.agent import DeepgramSTTConfig
 from media.g711 import BYTES_PER_MS, SAMPLE_RATE
 from pipelines.clients import CloseClient, ProviderClients
+from pipelines.loop_waits import SingleWaiterQueue, Wakeup
 from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, STTEvent, TranscriptUpdate
 
 log = logging.getLogger(__name__)
@@ -164,10 +165,10 @@ class DeepgramSTT:
         self._endpointing_window = _hot_window(config.endpointing or None)
         self._utterance_end_window = _hot_window(config.utterance_end_ms)
         self._far_quiet_bytes = max(self._endpointing_window[1], self._utterance_end_window[1])
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._last_sent = 0.0
-        self._events: asyncio.Queue[STTEvent | STTError | object] = asyncio.Queue()
+        self._events: SingleWaiterQueue[STTEvent | STTError | object] = SingleWaiterQueue()
         self._turn: list[str] = []
         self._heard_to_ms = 0
         self._last_speech_start_ms: int | None = None
