@@ -128,6 +128,24 @@ async def test_an_interrupting_line_cuts_the_agent_where_the_caller_stopped_hear
     assert result.clears  # Twilio was told to drop the rest of the opening
 
 
+async def test_a_line_said_through_the_api_is_synthesized_each_time_never_kept_as_a_phrase(
+    engines: dict[str, str], api: Api, pool: asyncpg.Pool, fakes: Fakes
+) -> None:
+    tenant = await make_tenant(pool, "LiveLine")
+    line = "An operator line for this caller only."
+    number, _ = await make_cloud_line(pool, tenant.organization_id, firstSentence="Hello.")
+    running = asyncio.create_task(call(engines["holder"], number, Pause(60_000)))
+    call_log_id = await held_by_a_node(pool, tenant.organization_id)
+    for _ in range(2):
+        status, _ = await api.call("POST", f"/live-calls/{call_log_id}/say", tenant.owner_key, json={"text": line})
+        assert status == 202
+    said = await agent_turns(pool, call_log_id, 3)
+    await hang_up(api, tenant, call_log_id, running)
+    assert [turn["text"] for turn in said[-2:]] == [line, line]
+    # The agent's own first sentence is a phrase the engine keeps; a supervisor's live line is said once each time.
+    assert [spoken.text for spoken in fakes.elevenlabs.texts].count(line) == 2
+
+
 async def test_a_message_reaches_the_chat_models_next_request(
     engines: dict[str, str], api: Api, pool: asyncpg.Pool, fakes: Fakes
 ) -> None:

@@ -284,7 +284,7 @@ class PipelineDriver:
         cut = self._reply is not None or self._speech.current is not None
         await self.interrupt("a line said through the API")
         if accepts(self._host.phase, PhaseEvent.REPLY):
-            self._start_reply([text], ask_model=False, reply_to=None)
+            self._start_reply([text], ask_model=False, reply_to=None, scripted=False)
         return cut
 
     async def add_message(self, content: str, role: MessageRole) -> None:
@@ -306,7 +306,7 @@ class PipelineDriver:
         while (reply := self._reply) is not None:
             await asyncio.wait({reply})
         if accepts(self._host.phase, PhaseEvent.REPLY):
-            self._start_reply([text], ask_model=False, reply_to=None)
+            self._start_reply([text], ask_model=False, reply_to=None, scripted=False)
 
     async def close(self) -> None:
         """Settle what was being said, then close the providers (their errors are logged, never raised)."""
@@ -510,7 +510,10 @@ class PipelineDriver:
         reply_to: float | None,
         turn_ended_at: float | None = None,
         conversation: list[ConversationTurn] | None = None,
+        scripted: bool = True,
     ) -> None:
+        """Start a reply: `sentences` said first (the agent's own text unless not `scripted`: a line sent through
+        the API is said once, never kept as a phrase), then the model's reply if `ask_model`."""
         self._stop_key_wait()
         if self._reply is not None:
             self._reply.cancel()
@@ -518,7 +521,8 @@ class PipelineDriver:
         if turn_ended_at is not None:
             utterance.stage_at["sttEndOfTurn"] = turn_ended_at
         self._host.move(PhaseEvent.REPLY)
-        self._reply = self._host.spawn(self._respond(utterance, sentences, ask_model, conversation), "reply")
+        reply = self._respond(utterance, sentences, ask_model, conversation, scripted=scripted)
+        self._reply = self._host.spawn(reply, "reply")
 
     async def _respond(
         self,
@@ -526,6 +530,8 @@ class PipelineDriver:
         sentences: list[str],
         ask_model: bool,
         conversation: list[ConversationTurn] | None = None,
+        *,
+        scripted: bool = True,
     ) -> None:
         """Speak fixed sentences, then the model's reply piece by piece; end the call if it says so.
 
@@ -535,7 +541,7 @@ class PipelineDriver:
         if utterance.gate is not None:
             hold_side_effects_until(utterance.gate)
         try:
-            ending = await self._say_reply(utterance, sentences, ask_model, conversation)
+            ending = await self._say_reply(utterance, sentences, ask_model, conversation, scripted=scripted)
         except (LLMError, TTSError) as exc:
             if utterance.gate is not None:
                 await utterance.gate.wait()  # a discarded speculation is cancelled here
@@ -571,13 +577,15 @@ class PipelineDriver:
         sentences: list[str],
         ask_model: bool,
         conversation: list[ConversationTurn] | None = None,
+        *,
+        scripted: bool = True,
     ) -> _Ending | None:
         """Speak the reply and wait until it was heard through; how it ends the call, if it does."""
         chunker = SentenceChunker()
         for text in sentences:
             for sentence in [*chunker.push(text + " "), chunker.flush()]:
                 if sentence:
-                    await self._speech.speak(utterance, sentence, scripted=True)
+                    await self._speech.speak(utterance, sentence, scripted=scripted)
         ending = await self._speak_model_reply(utterance, conversation) if ask_model else None
         if utterance.gate is not None:
             await utterance.gate.wait()  # a speculative reply with nothing to say still waits for its turn
