@@ -118,6 +118,27 @@ async def test_a_phrase_whose_synthesis_failed_midway_is_not_kept() -> None:
     assert len(cache) == 1
 
 
+async def test_a_phrase_said_without_timings_is_not_kept() -> None:
+    cache = PhraseCache()
+    async with FakeElevenLabs(api_key=API_KEY) as fake:
+        fake.refuse_websocket = True  # ElevenLabs' HTTP streaming speaks, with no character timings
+        untimed = voice(fake)
+        try:
+            audio, alignments = await say(cache, untimed, GREETING)
+        finally:
+            await untimed.close()
+        fake.refuse_websocket = False
+        timed = voice(fake)
+        try:
+            again = await say(cache, timed, GREETING)
+        finally:
+            await timed.close()
+    assert audio == fake.audio_for(GREETING) and alignments == []
+    assert fake.texts == [Spoken("http", GREETING), Spoken("ws", GREETING)]  # synthesized again, with its timings
+    assert again[0] == audio and again[1]
+    assert len(cache) == 1
+
+
 async def test_the_least_recently_said_phrases_go_first_and_a_monologue_is_never_kept() -> None:
     async with FakeElevenLabs(api_key=API_KEY) as fake:
         greeting, goodbye = fake.audio_for(GREETING), fake.audio_for(GOODBYE)

@@ -6,8 +6,10 @@ picks up, and the engine's work of receiving it again. `PhraseCache` keeps the f
 their character timings, per organization and voice (`VoiceIdentity`), so the organization's next call says them at
 once. The model's replies are never cached: they are the caller's conversation, seldom said twice.
 
-A phrase is stored only once its synthesis has ended normally: one cut short (barge-in, hang-up) or failing midway
-is not. Calls that ask for a phrase before its first synthesis has finished synthesize it themselves.
+A phrase is stored only once its synthesis has ended normally, with its character timings: one cut short (barge-in,
+hang-up) or failing midway is not, nor one said without timings (ElevenLabs' HTTP fallback gives none, and a
+barge-in on a phrase said from memory must cut its transcript where the caller stopped hearing it). Calls that ask
+for a phrase before its first synthesis has finished synthesize it themselves.
 The cache is bounded by bytes, least recently used first out; each engine has one (`ProviderClients.phrases`),
 used from its event loop.
 """
@@ -71,16 +73,19 @@ class PhraseCache:
         self.misses += 1
         said: list[Chunk] = []
         size = 0
+        timed = False
         async with closing_stream(tts.synthesize(text)) as chunks:
             async for chunk in chunks:
                 if isinstance(chunk, bytes):
                     size += len(chunk)
+                else:
+                    timed = True
                 if size <= self.max_phrase_bytes:
                     said.append(chunk)
                 yield chunk
         # Reached only when the synthesis ended normally; kept under the voice that said it (a synthesizer that
         # fell over to another voice meanwhile names the other one now).
-        if 0 < size <= self.max_phrase_bytes and _voice(tts) == voice:
+        if timed and 0 < size <= self.max_phrase_bytes and _voice(tts) == voice:
             self._keep(key, said, size)
 
     def _keep(self, key: tuple[str, str, str], chunks: Sequence[Chunk], size: int) -> None:
