@@ -260,6 +260,13 @@ async def long_answer_playing(rig: Rig, heard_ms: int = 1500) -> None:
     await until(lambda: rig.line.heard_ms >= heard_ms, timeout=15)
 
 
+async def caller_mid_question(rig: Rig) -> None:
+    """The agent's answer is ready; the caller is half a second into a one-second question."""
+    rig.reply("We open at nine.")
+    rig.caller_says("When do you open?", ms=1000)
+    await asyncio.sleep(0.5)
+
+
 class LowWaterLog:
     """Stands in for a call's socket: the receive low-water marks the call sets on it, in order."""
 
@@ -285,9 +292,7 @@ async def test_the_callers_frames_are_read_in_batches_except_in_the_silence_afte
 ) -> None:
     low_water = LowWaterLog()
     async with call_on(kind, pool, low_water=low_water) as rig:
-        rig.reply("We open at nine.")
-        rig.caller_says("When do you open?", ms=1000)
-        await asyncio.sleep(0.5)  # mid-speech
+        await caller_mid_question(rig)
         speaking_relaxed, spoke = low_water.relaxed, len(low_water.marks)
         await rig.wait_for_turns(2)
         if kind == "realtime":  # the model's own VAD ends the turn: every frame is read as it lands
@@ -335,10 +340,8 @@ async def test_an_agent_that_speculates_within_a_batch_of_silence_hears_the_call
 ) -> None:
     low_water = LowWaterLog()
     async with call_on(kind, pool, low_water=low_water, endpointing={"speculateAfterMs": 40}) as rig:
-        rig.reply("We open at nine.")
-        rig.caller_says("When do you open?", ms=1000)
-        await asyncio.sleep(0.5)  # mid-speech: its first silent frame must not wait for a batch
-        assert not low_water.relaxed
+        await caller_mid_question(rig)
+        assert not low_water.relaxed  # its first silent frame must not wait for a batch
         await rig.wait_for_turns(2)
 
 
