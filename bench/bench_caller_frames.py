@@ -1,14 +1,15 @@
-"""CPU per caller frame in the engine's own code: Twilio media frames through `CallSession.receive_frame`.
+"""CPU per caller frame in the engine's own code: Twilio media frames through `CallSession.receive_frames`.
 
-    .venv/bin/python -m bench.bench_caller_frames [--calls 100] [--seconds 30] [--runs 5]
+    .venv/bin/python -m bench.bench_caller_frames [--calls 100] [--seconds 30] [--runs 5] [--batch 5]
 
 The path each of the 50 frames a second of every call takes (the Twilio stream's fast path, the recording's
 caller channel, the VAD, the hand-off to Deepgram, turn-taking), on real sessions of the cloud pipeline's
 default agent with recording on: nothing connects (Deepgram's recognizer only queues what it is given, the
 CallLog writer's pool is never opened) and time is a clock the loop moves 20 ms a frame. `--calls` sessions take
-their frames in turn, as an engine's calls do. Each caller speaks 1.6 s (tones with noise, which the VAD hears
-as speech) then is silent 4.4 s, over and over. Prints the process time per frame, best of `--runs`; asserts
-nothing. What a whole call costs lives in bench/bench_cloud.py.
+their frames in turn, `--batch` at a time (default: as many as a call reads at once while nothing is decided on
+the next frame, engine/call/caller_reads.py; 1: each as it lands), as an engine's calls do. Each caller speaks
+1.6 s (tones with noise, which the VAD hears as speech) then is silent 4.4 s, over and over. Prints the process
+time per frame, best of `--runs`; asserts nothing. What a whole call costs lives in bench/bench_cloud.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from config.agent import parse_agent_configuration
 from config.settings import load_settings
 from engine.call.call_log_writer import CallLogWriter
+from engine.call.caller_reads import BATCH_FRAMES
 from engine.call.cascade import pipeline_driver
 from engine.call.phases import CallPhase
 from engine.call.session import CallContext, CallSession
@@ -130,18 +132,19 @@ def session(pool: asyncpg.Pool, clock: FrameClock, folder: Path, index: int) -> 
     return call
 
 
-async def one_run(calls: int, frames: Sequence[str]) -> float:
-    """Process seconds per frame for `calls` sessions taking `frames` in turn."""
+async def one_run(calls: int, frames: Sequence[str], batch: int) -> float:
+    """Process seconds per frame for `calls` sessions taking `frames` in turn, `batch` at a time."""
     pool = await asyncpg.create_pool(f"postgresql://{NOWHERE.removeprefix('http://')}/none", min_size=0)
     try:
         with tempfile.TemporaryDirectory() as folder:
             clock = FrameClock()
             sessions = [session(pool, clock, Path(folder), i) for i in range(calls)]
             began = time.process_time()
-            for i, text in enumerate(frames):
-                clock.now = i * 0.02
+            for i in range(0, len(frames), batch):
+                clock.now = (i + batch - 1) * 0.02  # a batch is read as its last frame lands
+                texts = list(frames[i : i + batch])
                 for call in sessions:
-                    call.receive_frame(text)  # the recordings' thread writing files is not timed here
+                    call.receive_frames(texts)  # the recordings' thread writing files is not timed here
             spent = time.process_time() - began
             if any(call.phase is CallPhase.ENDED for call in sessions):
                 raise RuntimeError("a call ended: the figure would not be the frame path's")
@@ -156,12 +159,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=100, help="sessions taking their frames in turn")
     parser.add_argument("--seconds", type=float, default=30.0, help="audio per call")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=BATCH_FRAMES, help="frames a call reads at once")
     args = parser.parse_args(argv)
     frames = caller_frames(round(args.seconds * 50))
-    best = min(asyncio.run(one_run(args.calls, frames)) for _ in range(args.runs))
+    best = min(asyncio.run(one_run(args.calls, frames, args.batch)) for _ in range(args.runs))
     print(
-        f"{best * 1e6:.2f} µs of process time per caller frame through CallSession.receive_frame "
-        f"({args.calls} calls x {args.seconds:g} s, recording on, best of {args.runs})"
+        f"{best * 1e6:.2f} µs of process time per caller frame through CallSession.receive_frames "
+        f"({args.calls} calls x {args.seconds:g} s, {args.batch} frames a read, recording on, best of {args.runs})"
     )
 
 

@@ -118,9 +118,10 @@ async def test_a_last_frame_below_the_batch_still_reaches_the_call() -> None:
         assert request.transport is not None
         progress = Progress()
 
-        def on_text(text: str) -> None:
-            progress.number += 1
-            handed.put_nowait(text)
+        def on_text(texts: list[str]) -> None:
+            for text in texts:
+                progress.number += 1
+                handed.put_nowait(text)
 
         assert ws.hand_to(on_text)
         reads = CallerReads(request.transport.get_extra_info("socket"), progress, loop=asyncio.get_running_loop())

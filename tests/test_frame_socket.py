@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from engine.call.frame_socket import FrameHandlerFailed, FrameSocket, TextFrames
 from media.twilio_stream import MalformedMessage
@@ -20,6 +23,8 @@ class Server:
     """What the server side saw: frames handed over, frames read from the iterator, how the iterator ended."""
 
     handed: list[str] = field(default_factory=list)
+    batches: list[list[str]] = field(default_factory=list)
+    """What was handed, as the callback got it: each read's frames at once."""
     read: list[str] = field(default_factory=list)
     order: list[str] = field(default_factory=list)
     """Both, in the order the server got them."""
@@ -36,11 +41,13 @@ async def server(
     """A WebSocket route that reads `hand_after` frames through the iterator, then hands the rest over."""
     seen = Server()
 
-    def handle(text: str) -> None:
-        if on_text is not None:
-            on_text(seen, text)
-        seen.handed.append(text)
-        seen.order.append(text)
+    def handle(texts: list[str]) -> None:
+        seen.batches.append(list(texts))
+        for text in texts:
+            if on_text is not None:
+                on_text(seen, text)
+            seen.handed.append(text)
+            seen.order.append(text)
 
     async def route(request: web.Request) -> web.StreamResponse:
         ws = FrameSocket()
@@ -97,6 +104,40 @@ async def test_frames_after_the_hand_over_go_to_the_callback_in_order() -> None:
     assert seen.ended_with is None
 
 
+def masked_text_frame(text: str) -> bytes:
+    """One client-to-server WebSocket text frame (RFC 6455: masked), for payloads under 126 bytes."""
+    payload = text.encode()
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_the_frames_of_one_read_are_handed_over_together_and_in_order() -> None:
+    first, rest = "frame 0", [f"frame {number}" for number in range(1, 6)]
+    async with server(hand_after=1) as (url, seen):
+        address = URL(url)
+        assert address.host is not None and address.port is not None
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET {address.path} HTTP/1.1\r\nHost: {address.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        writer.write(masked_text_frame(first))
+        await asyncio.wait_for(seen.handed_over.wait(), 5)
+        writer.write(b"".join(masked_text_frame(text) for text in rest))  # one write: one read on loopback
+        await writer.drain()
+        for _ in range(500):
+            if len(seen.handed) == len(rest):
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        await writer.wait_closed()
+    assert seen.read == [first]
+    assert seen.batches == [rest]
+
+
 async def test_a_callback_that_raises_is_raised_by_the_iterator_and_frames_queue_again() -> None:
     def explode(seen: Server, text: str) -> None:
         if text == "bad":
@@ -128,7 +169,7 @@ async def test_a_plain_websocket_response_is_read_through_the_iterator() -> None
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         frames = TextFrames(ws)
-        handing.append(frames.hand_to(seen.append))
+        handing.append(frames.hand_to(seen.extend))
         async for text in frames:
             seen.append(text)
         return ws

@@ -2,9 +2,11 @@
 
 An aiohttp `WebSocketResponse` puts every parsed message in a queue and wakes the task awaiting `receive()`:
 about 5 of the 15-18 µs aiohttp spends on each message, and a call's media stream is fifty messages a second.
-`FrameSocket` gives aiohttp's parser a queue whose `feed_data` hands text frames straight to a callback once one
-is set, and queues everything else (close, ping, binary, and text that arrives while older frames still wait in
-the queue, so the order holds) for `receive()` as before.
+`FrameSocket` gives aiohttp's parser a queue whose `feed_data` gathers text frames once a callback is set, and
+hands the callback all the text frames of one read of the socket at once, in order, as the parser finishes with
+that read (a call reads its frames a few at a time: engine/call/caller_reads.py). Everything else (close, ping,
+binary, and text that arrives while older frames still wait in the queue, so the order holds) is queued for
+`receive()` as before, after the text gathered ahead of it.
 
 A burst cannot hold the event loop: after `FRAMES_PER_TURN` frames in one turn of the loop, frames are queued
 instead, where aiohttp's flow control pauses the socket, and `TextFrames` lets other calls run every
@@ -69,7 +71,8 @@ else:
     DIRECT = installed_sources() == CHECKED_SOURCES
 """Whether text frames can be handed over as they are parsed on the installed aiohttp."""
 
-TextHandler = Callable[[str], None]
+TextHandler = Callable[[list[str]], None]
+"""Takes the text frames of one read of the socket, in order (at least one)."""
 
 FRAMES_PER_TURN = 64
 """Frames one socket handles before the event loop runs everything else that is ready: about 1 ms of work at
@@ -107,36 +110,68 @@ _TURNS = PerLoop(_LoopTurns)
 if DIRECT:
 
     class _HandingQueue(WebSocketDataQueue):
-        """aiohttp's message queue, except that text goes to `on_text` when set and nothing waits before it."""
+        """aiohttp's message queue, except that text is gathered for `on_text` when set and nothing waits before
+        it; `hand_on` gives it what was gathered."""
 
         def __init__(self, protocol: Any, limit: int, *, loop: Any) -> None:
             super().__init__(protocol, limit, loop=loop)
             self.on_text: TextHandler | None = None
+            self._gathered: list[str] = []
             self._turns = _TURNS.of(loop)
             self._turn = -1
             self._handed_this_turn = 0
 
         def feed_data(self, data: Any, size: int) -> None:
-            on_text = self.on_text
             turn = self._turns.current()
             if turn != self._turn:
                 self._turn, self._handed_this_turn = turn, 0
             if (
-                on_text is None
+                self.on_text is None
                 or data.type is not WSMsgType.TEXT
                 or self._buffer
                 or self._handed_this_turn >= FRAMES_PER_TURN
             ):
+                self.hand_on()  # the text gathered before it goes first
                 super().feed_data(data, size)  # read by receive(), in order, and counted for flow control
                 return
             self._handed_this_turn += 1
+            self._gathered.append(data.data)
+
+        def hand_on(self) -> None:
+            """Give the text gathered so far to `on_text` (or, if it was unset meanwhile, to `receive()`)."""
+            texts = self._gathered
+            if not texts:
+                return
+            self._gathered = []
+            on_text = self.on_text
+            if on_text is None:
+                for text in texts:
+                    super().feed_data(WSMessage(WSMsgType.TEXT, text, None), len(text))
+                return
             try:
-                on_text(data.data)
+                on_text(texts)
             except Exception as exc:  # never into aiohttp's data_received: the reader raises it instead
                 self.on_text = None
                 failure = FrameHandlerFailed(f"the frame handler raised {type(exc).__name__}: {exc}")
                 failure.__cause__ = exc
                 super().feed_data(WSMessage(WSMsgType.ERROR, failure, None), 0)
+
+    class _HandingParser:
+        """aiohttp's WebSocket parser, followed by the handing queue's `hand_on` once it has parsed each read."""
+
+        def __init__(self, parser: WebSocketReader, queue: _HandingQueue) -> None:
+            self._parser = parser
+            self._queue = queue
+
+        def feed_data(self, data: bytes) -> Any:
+            try:
+                return self._parser.feed_data(data)
+            finally:
+                self._queue.hand_on()
+
+        def feed_eof(self) -> None:
+            self._queue.hand_on()
+            self._parser.feed_eof()
 
 
 class FrameSocket(web.WebSocketResponse):
@@ -158,11 +193,12 @@ class FrameSocket(web.WebSocketResponse):
                 self._reader, self._max_msg_size, compress=bool(self._compress), decode_text=self._decode_text
             )
             callback = None if self._heartbeat is None else self._on_data_received
-            request.protocol.set_parser(self._parser, data_received_cb=callback)
+            request.protocol.set_parser(_HandingParser(self._parser, self._handing), data_received_cb=callback)
             request.protocol.keep_alive(False)
 
     def hand_to(self, on_text: TextHandler | None) -> bool:
-        """Give text frames to `on_text` as they arrive, after any already queued; False where aiohttp cannot."""
+        """Give text frames to `on_text` as they arrive, each read's at once, after any already queued; False where
+        aiohttp cannot."""
         if self._handing is None:
             return False
         self._handing.on_text = on_text

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from config.agent import AgentConfiguration
@@ -35,6 +35,7 @@ from engine.call.phases import CallPhase, PhaseEvent, accepts, next_phase
 from engine.call.turns import TRANSCRIPTION_FAILED, TurnLog
 from engine.call.twilio_control import HangUp, Transfer, TwilioControl, TwilioRefused, await_twilio_stop
 from engine.server import metrics
+from media.g711 import BYTES_PER_MS
 from media.recording import StereoWavRecorder
 from media.twilio_stream import (
     DtmfReceived,
@@ -73,8 +74,9 @@ GREETING_WAIT_SECONDS = 3.0
 RecordOptOut = Callable[[DoNotCallSource, str], Awaitable[None]]
 """List the call's other party on the organization's do-not-call list, with a source and a reason."""
 
-HandOver = Callable[[Callable[[str], None] | None], bool]
-"""Ask the socket to hand text frames to a callable as they are parsed (None: stop); False if it cannot."""
+HandOver = Callable[[Callable[[list[str]], None] | None], bool]
+"""Ask the socket to hand text frames to a callable as they are parsed, each read's at once (None: stop); False if it
+cannot."""
 
 
 class CallSession:
@@ -325,7 +327,7 @@ class CallSession:
 
     async def run(self, frames: AsyncIterator[str], *, hand_over: HandOver | None = None) -> CallOutcome:
         """Run the call until it ends; return how it ended. `hand_over`, when the socket offers it, has frames
-        given to `receive_frame` as they are parsed instead of through `frames`."""
+        given to `receive_frames` as they are parsed instead of through `frames`."""
         self._writer.start()
         self.live.emit("call.state", state=self._phase.value)
         await self._start_driver()
@@ -435,7 +437,7 @@ class CallSession:
 
     async def _read(self, frames: AsyncIterator[str], hand_over: HandOver | None) -> None:
         """Feed Twilio's frames through the protocol; the call ends when they stop."""
-        handed = hand_over is not None and hand_over(self.receive_frame)
+        handed = hand_over is not None and hand_over(self.receive_frames)
         try:
             async for text in frames:
                 self.receive_frame(text)
@@ -450,17 +452,47 @@ class CallSession:
 
     def receive_frame(self, text: str) -> None:
         """One text frame from Twilio, through the protocol to the call; ignored once the call has ended."""
+        self.receive_frames((text,))
+
+    def receive_frames(self, texts: Sequence[str]) -> None:
+        """Text frames from Twilio read together, in order, through the protocol to the call; ignored once the call
+        has ended.
+
+        Each caller frame goes to the driver as it is parsed; what needs no decision frame by frame (the recording,
+        the listen-in, the stream's clock, how closely the socket is read, the silence timeout) is done once for
+        each run of caller frames.
+        """
         if self._over:
             return
+        receive_media = self._stream.receive_media
+        on_caller_audio = self._driver.on_caller_audio
+        run: list[bytes] = []  # caller audio back to back, from run_at_ms to run_end_ms
+        run_at_ms = run_end_ms = last_at_ms = 0
         try:
-            media = self._stream.receive_media(text)
-            if media is not None:
-                self._on_caller_audio(*media)
-                return
-            for event in self._stream.receive_text(text):
-                self._on_stream_event(event)
+            for text in texts:
+                media = receive_media(text)
+                if media is None:
+                    if run:
+                        self._caller_audio_taken(run, run_at_ms, last_at_ms)
+                        run = []
+                    for event in self._stream.receive_text(text):
+                        self._on_stream_event(event)
+                else:
+                    payload, at_ms = media
+                    if run and at_ms != run_end_ms:  # not where the run ends (another track): a run of its own
+                        self._caller_audio_taken(run, run_at_ms, last_at_ms)
+                        run = []
+                    if not run:
+                        run_at_ms = at_ms
+                    run.append(payload)
+                    last_at_ms, run_end_ms = at_ms, at_ms + len(payload) // BYTES_PER_MS
+                    on_caller_audio(payload, at_ms)
+                if self._over:
+                    break
         except StreamProtocolError as exc:
             self._protocol_error(exc)
+        if run:
+            self._caller_audio_taken(run, run_at_ms, last_at_ms)
 
     def _protocol_error(self, exc: StreamProtocolError) -> None:
         log.warning("call %s: protocol error: %s", self.context.call_sid, exc)
@@ -469,7 +501,8 @@ class CallSession:
     def _on_stream_event(self, event: StreamEvent) -> None:
         match event:
             case MediaReceived(payload=payload, timestamp_ms=at_ms):
-                self._on_caller_audio(payload, at_ms)
+                self._driver.on_caller_audio(payload, at_ms)
+                self._caller_audio_taken([payload], at_ms, at_ms)
             case MarkPlayed() | MarkFlushed():
                 self._driver.on_mark(event)
             case DtmfReceived(digit=digit):
@@ -486,15 +519,16 @@ class CallSession:
             case _:
                 pass  # start (seen by the media socket) and unknown marks carry nothing the call acts on
 
-    def _on_caller_audio(self, payload: bytes, at_ms: int) -> None:
-        """The audio path: one caller frame, stamped `at_ms` by Twilio. Cheap work only."""
+    def _caller_audio_taken(self, frames: list[bytes], at_ms: int, last_at_ms: int) -> None:
+        """After the driver took a run of caller frames back to back, the first stamped `at_ms` by Twilio: the rest
+        of the audio path, once for the run. Cheap work only."""
         now = self.clock()
-        self.timeline.observe(at_ms, now)
+        self.timeline.observe(last_at_ms, now)
+        audio = frames[0] if len(frames) == 1 else b"".join(frames)
         if self._recorder is not None:
-            self._recorder.write_caller(payload, at_ms)
+            self._recorder.write_caller(audio, at_ms)
         if self.tap.listening:
-            self.tap.write_caller(payload, at_ms)
-        self._driver.on_caller_audio(payload, at_ms)
+            self.tap.write_caller(audio, at_ms)
         if self._reads is not None and self._driver.listening_closely is not self._closely:
             self._closely = not self._closely
             self._reads.listen(closely=self._closely)
