@@ -7,7 +7,9 @@ The engine's app makes one `ProviderClients` in a cleanup context and closes it 
 
 from __future__ import annotations
 
+import importlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
     from elevenlabs.client import AsyncElevenLabs
     from openai import AsyncOpenAI
 
-__all__ = ["CloseClient", "ProviderClients", "ProviderClientsClosed"]
+__all__ = ["CLOUD_PROVIDER_MODULES", "CloseClient", "ProviderClients", "ProviderClientsClosed", "load_cloud_providers"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,22 @@ _Client = TypeVar("_Client")
 _Key = TypeVar("_Key", bound=Hashable)
 
 
+CLOUD_PROVIDER_MODULES = ("pipelines.stt.deepgram", "pipelines.llm.openai_chat", "pipelines.tts.elevenlabs")
+"""The cloud providers' modules, each loading its vendor's SDK."""
+
+
+def load_cloud_providers() -> None:
+    """Import the cloud providers' modules and their SDKs now.
+
+    A server calls this before it takes calls. Left to the first call that needs them, these imports (about half a
+    second of CPU, more under load) would run on the event loop and hold up the audio of every call on the engine.
+    """
+    started = time.perf_counter()
+    for module in CLOUD_PROVIDER_MODULES:
+        importlib.import_module(module)
+    log.info("cloud providers loaded in %.0f ms", (time.perf_counter() - started) * 1000)
+
+
 class ProviderClientsClosed(RuntimeError):
     """A client was asked for after `ProviderClients.aclose()`: something outlived the engine's shutdown."""
 
@@ -38,8 +56,9 @@ class ProviderClientsClosed(RuntimeError):
 class ProviderClients:
     """The SDK clients of one engine, each holding one connection pool that every call uses.
 
-    Clients belong to the event loop they are first used on (the app's). A cloud SDK is imported only when one of
-    its clients is first asked for, so an engine on the offline providers never loads them.
+    Clients belong to the event loop they are first used on (the app's). A cloud SDK is imported when one of its
+    clients is first asked for, unless it is loaded already: `dialtone serve` loads them all before it takes calls
+    (`load_cloud_providers`); other commands and tests on the offline providers never load them.
     """
 
     def __init__(self) -> None:

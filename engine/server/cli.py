@@ -20,6 +20,7 @@ from engine.do_not_call.cli import add_dnc_command, run_dnc_command
 from engine.knowledge.cli import add_kb_command, run_kb_command
 from engine.server.app import create_app
 from engine.simulator import add_call_command, run_call_command
+from pipelines.clients import load_cloud_providers
 from storage.errors import StorageError
 from storage.migrate import migrate, migration_status
 from storage.pool import database
@@ -69,6 +70,7 @@ async def _serve(settings: Settings, *, apply_migrations: bool) -> None:
     log_if_not_direct()
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()  # opens (and migrates) the database before any request is accepted
+    load_cloud_providers()  # not on the event loop in the middle of calls: the first cloud call would stall them all
     # Everything loaded so far (the SDKs, pydantic models, the app) lives as long as the process: keep it out of
     # the garbage collector's full passes, which would otherwise pause every call's audio to walk it.
     gc.collect()
