@@ -1,6 +1,7 @@
 """Two engines' CPU over the same whole calls, measured side by side: this checkout against another, at once.
 
     python -m bench.bench_cloud_ab --against ../other-checkout [--rounds 3] [--calls 100] [-- bench_cloud args]
+    python -m bench.bench_cloud_ab --against . --against-python ../venv-3.12/bin/python   # two interpreters
 
 The shared machine's speed drifts by a quarter between minutes, far more than the change a cut of a few percent
 makes, so rounds of `bench.bench_cloud` taken one after the other cannot tell such a cut apart. Here both
@@ -28,9 +29,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent.parent
 
 
-async def _round(checkout: Path, out: Path, calls: int, extra: list[str]) -> str:
-    """Run one `bench.bench_cloud` round of `calls` whole calls in `checkout`, results into `out`; its output."""
-    command = [sys.executable, "-m", "bench.bench_cloud", "--calls", str(calls), "--out", str(out), *extra]
+async def _round(checkout: Path, python: str, out: Path, calls: int, extra: list[str]) -> str:
+    """Run one `bench.bench_cloud` round of `calls` whole calls in `checkout` with `python`, results into `out`;
+    its output."""
+    command = [python, "-m", "bench.bench_cloud", "--calls", str(calls), "--out", str(out), *extra]
     process = await asyncio.create_subprocess_exec(
         *command, cwd=checkout, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
@@ -64,6 +66,7 @@ async def main() -> None:
     parser.add_argument("--against", type=Path, required=True, help="the other checkout of this repository")
     parser.add_argument("--rounds", type=int, default=3, help="side-by-side rounds (default 3)")
     parser.add_argument("--calls", type=int, default=100, help="concurrent calls per engine (default 100)")
+    parser.add_argument("--against-python", default=sys.executable, help="the other side's Python (default: this one)")
     parser.add_argument("extra", nargs="*", help="after --: further bench.bench_cloud arguments for both")
     args = parser.parse_args()
     other = args.against.resolve()
@@ -76,7 +79,8 @@ async def main() -> None:
             for out in outs:
                 out.mkdir()
             await asyncio.gather(
-                _round(HERE, outs[0], args.calls, args.extra), _round(other, outs[1], args.calls, args.extra)
+                _round(HERE, sys.executable, outs[0], args.calls, args.extra),
+                _round(other, args.against_python, outs[1], args.calls, args.extra),
             )
             ours, theirs = _result(outs[0]), _result(outs[1])
             ratio = ours["engineCpuSeconds"] / theirs["engineCpuSeconds"]
@@ -84,7 +88,8 @@ async def main() -> None:
             print(f"round {index} ({args.calls} calls each, at once): this / other engine CPU = {ratio:.3f}")
             print(_describe("this", ours))
             print(_describe("other", theirs), flush=True)
-    print(f"median ratio over {len(ratios)} rounds: {statistics.median(ratios):.3f} (this checkout / {other})")
+    against = other if args.against_python == sys.executable else f"{other} on {args.against_python}"
+    print(f"median ratio over {len(ratios)} rounds: {statistics.median(ratios):.3f} (this checkout / {against})")
 
 
 if __name__ == "__main__":
