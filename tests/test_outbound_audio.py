@@ -67,6 +67,7 @@ def sender(
         tap,
         lead_ms=lead_ms,
         resume_ms=resume_ms,
+        chunk_ms=100,
         clock=time.clock,
         sleep=time.sleep,
     )
@@ -89,6 +90,28 @@ async def test_with_resume_equal_to_lead_every_chunk_waits() -> None:
     await out.play(1, CHUNK * 10)
     assert sent.ahead_ms == [0, 100, 200, 300, 300, 300, 300, 300, 300, 300]
     assert time.sleeps == [0.1] * 6
+
+
+async def test_a_mark_goes_out_where_each_wait_begins_so_a_clear_always_has_one_to_flush() -> None:
+    time = FakeTime()
+    holder: list[OutboundAudio] = []
+    sent = Sent(holder)
+
+    async def sleep(seconds: float) -> None:
+        sent.events.append("wait")
+        await time.sleep(seconds)
+
+    out = OutboundAudio(
+        streaming(), sent, StreamTimeline(time.clock), lead_ms=300, resume_ms=200, chunk_ms=100, mark_every_ms=1000,
+        clock=time.clock, sleep=sleep,
+    )  # fmt: skip
+    holder.append(out)
+    await out.play(1, CHUNK * 8)
+    assert "".join(event[:2] for event in sent.events).split("wa") == [
+        "memamememema",  # the first chunk and its mark, up to the lead, the mark where the wait begins
+        "memema",  # from the resume point up to the lead again, a mark, a wait
+        "meme",
+    ]
 
 
 async def test_audio_played_slower_than_real_time_never_waits() -> None:
@@ -159,7 +182,7 @@ async def test_a_cut_while_a_chunk_is_on_its_way_out_counts_it_unheard() -> None
             on_the_wire.set()
             await released.wait()  # the third chunk is still being written when the caller barges in
 
-    out = OutboundAudio(stream, send, timeline, clock=time.clock, sleep=time.sleep)
+    out = OutboundAudio(stream, send, timeline, chunk_ms=100, clock=time.clock, sleep=time.sleep)
     playing = asyncio.create_task(out.play(1, CHUNK * 5))
     await on_the_wire.wait()
     time.now += 0.15  # 150 ms into the utterance

@@ -3,11 +3,13 @@
 Twilio buffers whatever it is sent and plays it in order, so audio could go out all at once; pacing it at most
 `lead_ms` ahead instead keeps Twilio's buffer (and what a `clear` throws away) short, and puts the agent's audio
 in the recording where the caller will hear it. Once that far ahead, sending waits until only `resume_ms` is left,
-then sends what came meanwhile: one wait per two chunks rather than one per chunk. Marks after an utterance's
-first chunk, every `mark_every_ms` and at its end let the PlaybackClock say when the caller began hearing it and
-how much they heard. A `clear` takes what it throws away back out of the recording and the listen-in tap, and says
-how much of each utterance that was: the one cut point for the recording, the listen-in and what the caller heard
-(`heard_of_cut`).
+then sends what came meanwhile: one wait per two chunks rather than one per chunk. A chunk is at most `chunk_ms`
+(200 ms, so a buffer on the way out is at most 600 ms): Twilio takes any size, and each message costs a send, a
+write and the recording's bookkeeping whatever its length. Marks after an utterance's first chunk, every
+`mark_every_ms`, where each wait begins (so while sending is ahead, a mark waits in Twilio's buffer for a `clear` to
+flush) and at its end let the PlaybackClock say when the caller began hearing it and how much they heard. A `clear`
+takes what it throws away back out of the recording and the listen-in tap, and says how much of each utterance that
+was: the one cut point for the recording, the listen-in and what the caller heard (`heard_of_cut`).
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ class OutboundAudio:
         tap: AudioTap | None = None,
         *,
         lead_ms: int = 400,
-        resume_ms: int = 300,
-        chunk_ms: int = 100,
+        resume_ms: int = 200,
+        chunk_ms: int = 200,
         mark_every_ms: int = 500,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] | None = None,
@@ -120,6 +122,9 @@ class OutboundAudio:
             self._cursor = max(self._cursor, now)
             ahead = self._cursor - now
             if ahead > self._lead:
+                if self._since_mark.get(utterance_id):  # audio sent since the last mark: mark where the wait begins
+                    await self._send(self._stream.send_mark(utterance_id))
+                    self._since_mark[utterance_id] = 0
                 await self._sleep(ahead - self._resume)
             self.first_audio_at.setdefault(utterance_id, self._clock())
             # Counted sent, placed and recorded with no await between: a cut meanwhile finds every chunk it must drop.
