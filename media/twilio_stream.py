@@ -27,6 +27,7 @@ from typing import Any, Final
 from media.g711 import BYTES_PER_MS
 
 __all__ = [
+    "CALLER_TRACK",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_PAYLOAD_SIZE",
     "MEDIA_LEAD_MS",
@@ -55,6 +56,9 @@ __all__ = [
     "UtterancePlayback",
 ]
 
+CALLER_TRACK: Final = "inbound"
+"""The track of the caller's voice. A stream started with both tracks also sends "outbound": what Twilio plays to
+the caller, i.e. the agent's own audio, which is not the caller speaking."""
 DEFAULT_MAX_MESSAGE_SIZE: Final = 64 * 1024
 """Largest text frame accepted, in characters (Twilio frames are ASCII); a 20 ms media frame is about 400."""
 DEFAULT_MAX_PAYLOAD_SIZE: Final = 8000
@@ -464,9 +468,9 @@ class TwilioStream:
         """The payload and timestamp of a media frame that continues its track, spelled exactly as Twilio spells it.
 
         Fifty frames a second per call take this path: no event objects, nothing but the payload's numbers. It
-        answers None for anything else (another message, another spelling, the first frame of a track, a gap, a
-        late frame, a payload that does not decode); give that frame to `receive_text`, which parses and checks
-        everything and says what is wrong.
+        answers None for anything else (another message, another spelling, another track than the caller's, the
+        first frame of a track, a gap, a late frame, a payload that does not decode); give that frame to
+        `receive_text`, which parses and checks everything and says what is wrong.
         """
         if self.state is not StreamState.STREAMING or len(text) > self.max_message_size:
             return None
@@ -474,6 +478,8 @@ class TwilioStream:
         if fast is None or not text.endswith('"}}') or len(text) < fast.end() + 3:
             return None
         sequence, stream_sid, track, chunk, timestamp = fast.groups()
+        if track != CALLER_TRACK:
+            return None
         encoded = text[fast.end() : -3]
         cursor = self._media.cursors.get(track)
         if cursor is None or int(chunk) != cursor.next_chunk or self.started is None:

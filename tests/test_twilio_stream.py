@@ -556,6 +556,16 @@ def test_receive_media_leaves_everything_else_to_receive_text(frame: str) -> Non
     assert stream.last_sequence_number == 2
 
 
+def test_receive_media_takes_only_the_callers_track() -> None:
+    stream = streaming()
+    outbound = [media(2 + n, 1 + n).replace('"track":"inbound"', '"track":"outbound"') for n in range(2)]
+    [opened] = stream.receive_text(outbound[0])
+    assert isinstance(opened, MediaReceived) and opened.track == "outbound"
+    assert stream.receive_media(outbound[1]) is None  # it continues its track, but is not the caller speaking
+    [event] = stream.receive_text(outbound[1])
+    assert isinstance(event, MediaReceived) and event.track == "outbound"
+
+
 def test_receive_media_is_refused_outside_streaming() -> None:
     stream = TwilioStream()
     assert stream.receive_media(media(2, 1)) is None

@@ -38,6 +38,7 @@ from engine.server import metrics
 from media.g711 import BYTES_PER_MS
 from media.recording import StereoWavRecorder
 from media.twilio_stream import (
+    CALLER_TRACK,
     DtmfReceived,
     MarkFlushed,
     MarkPlayed,
@@ -148,6 +149,7 @@ class CallSession:
         self._over = False  # _ended is set: checked for every frame, where a plain attribute is cheaper
         self._reads = reads
         self._closely = True  # what `reads` was last told
+        self._ignored_tracks: set[str] = set()  # the stream's tracks other than the caller's, once logged
         self._status = CallStatus.COMPLETED
         self._reason: EndReason | None = None
         self._detail: str | None = None
@@ -479,7 +481,7 @@ class CallSession:
                         self._on_stream_event(event)
                 else:
                     payload, at_ms = media
-                    if run and at_ms != run_end_ms:  # not where the run ends (another track): a run of its own
+                    if run and at_ms != run_end_ms:  # not where the run ends: a run of its own
                         self._caller_audio_taken(run, run_at_ms, last_at_ms)
                         run = []
                     if not run:
@@ -500,9 +502,14 @@ class CallSession:
 
     def _on_stream_event(self, event: StreamEvent) -> None:
         match event:
-            case MediaReceived(payload=payload, timestamp_ms=at_ms):
+            case MediaReceived(track=track, payload=payload, timestamp_ms=at_ms) if track == CALLER_TRACK:
                 self._driver.on_caller_audio(payload, at_ms)
                 self._caller_audio_taken([payload], at_ms, at_ms)
+            case MediaReceived(track=track) if track not in self._ignored_tracks:
+                # Twilio's "outbound" track (a stream started with both tracks) is the agent's own audio, already
+                # recorded from our side: heard as the caller, it would make the agent interrupt itself.
+                self._ignored_tracks.add(track)
+                log.info("call %s: ignoring the stream's %r track (not the caller's)", self.context.call_sid, track)
             case MarkPlayed() | MarkFlushed():
                 self._driver.on_mark(event)
             case DtmfReceived(digit=digit):
