@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from elevenlabs.client import AsyncElevenLabs
     from openai import AsyncOpenAI
 
-__all__ = ["CLOUD_PROVIDER_MODULES", "CloseClient", "ProviderClients", "ProviderClientsClosed", "load_cloud_providers"]
+__all__ = ["CloseClient", "ProviderClients", "ProviderClientsClosed", "load_cloud_providers"]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ _Client = TypeVar("_Client")
 _Key = TypeVar("_Key", bound=Hashable)
 
 
-CLOUD_PROVIDER_MODULES = ("pipelines.stt.deepgram", "pipelines.llm.openai_chat", "pipelines.tts.elevenlabs")
+_CLOUD_PROVIDER_MODULES = ("pipelines.stt.deepgram", "pipelines.llm.openai_chat", "pipelines.tts.elevenlabs")
 """The cloud providers' modules, each loading its vendor's SDK."""
 
 
@@ -44,7 +44,7 @@ def load_cloud_providers() -> None:
     second of CPU, more under load) would run on the event loop and hold up the audio of every call on the engine.
     """
     started = time.perf_counter()
-    for module in CLOUD_PROVIDER_MODULES:
+    for module in _CLOUD_PROVIDER_MODULES:
         importlib.import_module(module)
     log.info("cloud providers loaded in %.0f ms", (time.perf_counter() - started) * 1000)
 
