@@ -135,12 +135,16 @@ class PipelineDriver:
         self._pause = CallerPause()
         self._turn_open = False  # the caller has spoken since their last turn was taken
         endpointing = config.endpointing
-        # The silence after speech that rules decide on, first to last (the recognizer's rules join at start()).
+        # The silence after speech that the agent's own rules decide on, first to last; the listening recognizer's
+        # rules join them (`_follow_recognizer`), and change with it when a fallback takes over.
         rules = [endpointing.silence_ms, endpointing.incomplete_silence_ms]
         if endpointing.speculate:
             rules.append(endpointing.speculate_after_ms)
-        self._silence_rules_ms = (min(rules), max(rules))
-        self._close_from_ms, self._close_until_ms = self._closely_between(*self._silence_rules_ms)
+        self._own_silence_rules_ms = (min(rules), max(rules))
+        stt = pipeline.stt
+        self._prompt_silence = stt if isinstance(stt, PromptSilence) else None
+        self._recognizer_silence_ms = (0, 0)
+        self._close_from_ms, self._close_until_ms = self._closely_between(*self._own_silence_rules_ms)
         self._finalize_asked = False  # the recognizer was asked for its final words in this pause
         self._speculation: SpeculativeReply | None = None
         self._closed = False
@@ -157,13 +161,7 @@ class PipelineDriver:
             if prewarm is not None:
                 prewarm.cancel()
             raise ConversationUnavailable(EndReason.STT_UNAVAILABLE, str(exc)) from exc
-        stt = self._pipeline.stt
-        if isinstance(stt, PromptSilence):  # a recognizer that fails over keeps the first one's figures
-            first, last = stt.prompt_silence_ms
-            if last:
-                ours = self._silence_rules_ms
-                self._silence_rules_ms = (min(first, ours[0]), max(last, ours[1]))
-                self._close_from_ms, self._close_until_ms = self._closely_between(*self._silence_rules_ms)
+        self._follow_recognizer()
         if prewarm is not None:
             try:
                 await prewarm
@@ -203,6 +201,20 @@ class PipelineDriver:
         if self._barge_in_at_once and self._speech.current is not None:
             return True
         return self._turn_open and self._close_from_ms <= self._pause.quiet_ms <= self._close_until_ms
+
+    def _follow_recognizer(self) -> None:
+        """Read frame by frame where the listening recognizer wants it too: after start, and after each of its
+        events, since a fallback recognizer that took over mid-call has its own silence rules (or none)."""
+        if self._prompt_silence is None:
+            return
+        wanted = self._prompt_silence.prompt_silence_ms
+        if wanted == self._recognizer_silence_ms:
+            return
+        self._recognizer_silence_ms = wanted
+        first, last = wanted
+        own_first, own_last = self._own_silence_rules_ms
+        rules = (min(first, own_first), max(last, own_last)) if last else (own_first, own_last)
+        self._close_from_ms, self._close_until_ms = self._closely_between(*rules)
 
     @staticmethod
     def _closely_between(first_ms: int, last_ms: int) -> tuple[int, int]:
@@ -334,6 +346,7 @@ class PipelineDriver:
         """Consume the recognizer's events; a recognizer lost with no fallback left fails the call."""
         try:
             async for event in self._pipeline.stt.events():
+                self._follow_recognizer()
                 match event:
                     case SpeechStarted():
                         self._host.activity()
