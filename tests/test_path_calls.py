@@ -137,14 +137,19 @@ async def organization_id(pool: asyncpg.Pool) -> str:
 async def rig(
     db_url: str, pool: asyncpg.Pool, organization_id: str, fakes: Fakes, fake_twilio_rest: Any
 ) -> AsyncIterator[PathRig]:
-    """A test's rig, with its own account service on loopback."""
+    """A test's rig, with its own account service on loopback. What a test scripted and its calls did not use
+    (one that failed midway) is dropped after it, so that the next test hears only its own script."""
     service = AccountService()
     app = web.Application()
     app.router.add_post("/lookup", service.handle)
     async with serve(app) as base:
         service.url = base + "/lookup"
         api, updates = fake_twilio_rest
-        yield PathRig(db_url, pool, organization_id, fakes, api, updates, service)
+        try:
+            yield PathRig(db_url, pool, organization_id, fakes, api, updates, service)
+        finally:
+            fakes.deepgram.transcripts.clear()
+            fakes.openai.replies.clear()
 
 
 async def path_line(pool: asyncpg.Pool, organization_id: str, tool_url: str, **configuration: Any) -> PathLine:
@@ -222,10 +227,13 @@ class LiveCall:
         CallLog as it was read with them (still IN_PROGRESS)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        query = 'SELECT * FROM "CallLog" WHERE "agentId" = $1'
         while True:
-            log = await self.pool.fetchrow('SELECT * FROM "CallLog" WHERE "agentId" = $1', self.agent_id)
+            log = await self.pool.fetchrow(query, self.agent_id)
             rows = await turns(self.pool, log["id"]) if log is not None else []
             if len(rows) >= count:
+                # Read again after the turns: the write that stored the last of them has its metadata with it.
+                log = await self.pool.fetchrow(query, self.agent_id)
                 assert log is not None and log["status"] == "IN_PROGRESS", "the call ended before it was read"
                 return trace(rows), log
             assert not self.task.done(), f"the call ended with {len(rows)} of {count} turns: {trace(rows)}"
