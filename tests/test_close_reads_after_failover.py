@@ -44,9 +44,11 @@ class _Recognizer:
     async def events(self) -> AsyncIterator[STTEvent]:
         await self._voiced.wait()
         yield SpeechStarted(at_ms=0)
-        ending = asyncio.ensure_future(self.fail.wait())
-        await asyncio.wait([ending, asyncio.ensure_future(self._closed.wait())], return_when=asyncio.FIRST_COMPLETED)
-        if ending.done():
+        failing, closing = asyncio.ensure_future(self.fail.wait()), asyncio.ensure_future(self._closed.wait())
+        await asyncio.wait([failing, closing], return_when=asyncio.FIRST_COMPLETED)
+        failing.cancel()
+        closing.cancel()
+        if self.fail.is_set():
             raise STTError("the recognizer's socket is gone")
 
     async def close(self) -> None:
