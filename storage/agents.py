@@ -178,37 +178,6 @@ async def increment_total_calls(db: Queryable, *, organization_id: str, agent_id
     return await _update(db, organization_id, agent_id, '"totalCalls" = "totalCalls" + 1')
 
 
-async def refresh_success_rate(db: Queryable, *, organization_id: str, agent_id: str) -> Agent:
-    """Set successRate (0-100) from the agent's finished calls; run after a call ends and after it is analyzed.
-
-    Where post-call analysis has judged calls (`metadata.success` true or false), the rate is the share of those
-    judged a success, and calls it has not judged do not count. An agent none of whose calls were judged (no
-    model to analyze them) gets the share of its finished calls that COMPLETED. Computed from the CallLogs in
-    the same UPDATE, so it is exact whatever order calls finish in and however often it runs.
-    """
-    return await _update(
-        db,
-        organization_id,
-        agent_id,
-        """
-        "successRate" = COALESCE(
-            (
-                SELECT 100.0 * count(*) FILTER (WHERE c."metadata" -> 'success' = 'true'::jsonb) / NULLIF(count(*), 0)
-                FROM "CallLog" c
-                WHERE c."agentId" = $1 AND c."organizationId" = $2
-                  AND jsonb_typeof(c."metadata" -> 'success') = 'boolean'
-            ),
-            (
-                SELECT 100.0 * count(*) FILTER (WHERE c."status" = 'COMPLETED') / NULLIF(count(*), 0)
-                FROM "CallLog" c
-                WHERE c."agentId" = $1 AND c."organizationId" = $2 AND c."status" <> 'IN_PROGRESS'
-            ),
-            0
-        )
-        """,
-    )
-
-
 async def _update(db: Queryable, organization_id: str, agent_id: str, assignments: str, *args: Any) -> Agent:
     with translate_errors():
         row = await db.fetchrow(

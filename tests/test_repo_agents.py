@@ -9,8 +9,7 @@ import asyncpg
 import pytest
 
 from storage import agents, conversation_paths, knowledge_bases, tools
-from storage.call_logs import create_call_log, finalize_call_log
-from storage.enums import AgentStatus, CallerType, CallStatus, CallType, DocumentType, KnowledgeBaseStatus
+from storage.enums import AgentStatus, CallerType, DocumentType, KnowledgeBaseStatus
 from storage.errors import InvalidReference, NotFound
 from storage.knowledge_bases import KnowledgeBaseDocument
 from storage.records import Queryable, new_id
@@ -258,28 +257,6 @@ async def test_concurrent_increments_count_every_call(pool: asyncpg.Pool) -> Non
         *(agents.increment_total_calls(pool, organization_id=org, agent_id=agent.id) for _ in range(20))
     )
     assert (await agents.get_agent(pool, organization_id=org, agent_id=agent.id)).total_calls == 20
-
-
-async def test_success_rate_is_the_share_of_finished_calls_that_completed(pool: asyncpg.Pool) -> None:
-    org = await insert_organization(pool)
-    agent = await agents.create_agent(pool, organization_id=org, name="Closer")
-    outcomes = [CallStatus.COMPLETED, CallStatus.COMPLETED, CallStatus.COMPLETED, CallStatus.FAILED, CallStatus.MISSED]
-    for outcome in outcomes:
-        log = await create_call_log(
-            pool, organization_id=org, call_type=CallType.OUTBOUND, call_id=f"CA{new_id()}", agent_id=agent.id
-        )
-        await finalize_call_log(pool, organization_id=org, call_log_id=log.id, status=outcome)
-    await create_call_log(  # still running: not counted
-        pool, organization_id=org, call_type=CallType.OUTBOUND, call_id=f"CA{new_id()}", agent_id=agent.id
-    )
-    refreshed = await agents.refresh_success_rate(pool, organization_id=org, agent_id=agent.id)
-    assert refreshed.success_rate == pytest.approx(60.0)
-
-
-async def test_success_rate_of_an_agent_without_finished_calls_is_zero(pool: asyncpg.Pool) -> None:
-    org = await insert_organization(pool)
-    agent = await agents.create_agent(pool, organization_id=org, name="New")
-    assert (await agents.refresh_success_rate(pool, organization_id=org, agent_id=agent.id)).success_rate == 0.0
 
 
 async def test_documents_are_counted_by_kind_and_listed_in_order(pool: asyncpg.Pool) -> None:

@@ -107,10 +107,8 @@ class CallLogStore:
             )
             if self._agent_id is not None:
                 try:
+                    # Its successRate moved with the CallLog's status (the CallLog tally trigger, migration 0023).
                     await agents.increment_total_calls(
-                        conn, organization_id=self._organization_id, agent_id=self._agent_id
-                    )
-                    await agents.refresh_success_rate(
                         conn, organization_id=self._organization_id, agent_id=self._agent_id
                     )
                 except NotFound:

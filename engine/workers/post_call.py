@@ -6,7 +6,8 @@
 success. Success is judged against, in order: the agent's `successCriteria`, the campaign's task prompt, the agent's
 prompt. Calls with no conversation to judge (unanswered, voicemail, failed) and agents whose only language model is
 the offline conversation path are skipped with the reason in `metadata.analysis.skipped`. The verdict, the
-agent's new rate and the `call.analyzed` webhook are written in one transaction.
+agent's new rate (kept by a trigger on CallLog, migration 0023) and the `call.analyzed` webhook are written in one
+transaction.
 
 `PostCallAnalyzer` runs the analyses of a running engine in the background, a few at a time, as calls end, and
 takes up those a process that died left undone.
@@ -117,7 +118,7 @@ class _Verdict(BaseModel):
 
 
 async def analyze_call(deps: AnalysisDeps, *, organization_id: str, call_log_id: str) -> CallAnalysis:
-    """Summarize and judge one finished call of the organization, store the result, refresh the agent's successRate.
+    """Summarize and judge one finished call of the organization and store the result (the agent's successRate follows).
 
     NotFound if the organization has no such call; a call still IN_PROGRESS raises ValueError. Model failures
     (unreachable, refusing, answering something that is not the JSON asked for) are stored in
@@ -178,11 +179,7 @@ async def analyze_call(deps: AnalysisDeps, *, organization_id: str, call_log_id:
     if template:
         stored["summary"] = verdict.summary
     async with transaction(pool) as conn:
-        await _store(conn, call_log, stored)
-        try:
-            await agents.refresh_success_rate(conn, organization_id=organization_id, agent_id=call_log.agent_id)
-        except NotFound:
-            log.info("CallLog %s: its agent was deleted; no success rate to refresh", call_log.id)
+        await _store(conn, call_log, stored)  # and the agent's successRate with it (migration 0023's trigger)
         await webhook_outbox.enqueue_event(
             conn,
             organization_id=organization_id,
