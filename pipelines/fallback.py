@@ -79,11 +79,17 @@ class FallbackSTT:
         self._received_bytes = 0
         self._offset_ms = 0  # where the active recognizer's stream began on the call's timeline
         self._on_failover = on_failover
+        self._switch_listeners: list[Callable[[], None]] = []
 
     @property
     def active_name(self) -> str | None:
         """The provider now listening."""
         return self._providers[self._index][0] if self._active is not None else None
+
+    def when_switched(self, listener: Callable[[], None]) -> None:
+        """Call `listener` each time a fallback recognizer takes over mid-call, as soon as it listens: before any
+        event of its own (the call's turn-taking follows its silence rules from there)."""
+        self._switch_listeners.append(listener)
 
     async def start(self) -> None:
         """Start the first provider that starts."""
@@ -148,6 +154,8 @@ class FallbackSTT:
                 log.warning("stt %s failed mid-call: %s; trying the next provider", failed, exc)
                 await _quietly(active.close)
                 await self._start_next(replay=True)  # raises STTError when none is left
+                for listener in self._switch_listeners:
+                    listener()
                 if self._on_failover is not None:
                     self._on_failover("stt", failed, self._providers[self._index][0])
 

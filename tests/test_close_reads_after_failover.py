@@ -1,5 +1,5 @@
 """The silence after the caller's speech is read frame by frame where the listening recognizer decides on it: when a
-fallback recognizer takes over mid-call, its own rules (or none) replace the first one's."""
+fallback recognizer takes over mid-call, its own rules (or none) replace the first one's from the switch itself."""
 
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ class _Recognizer:
         self._closed.set()
 
 
+class _SilentRecognizer(_Recognizer):
+    """A recognizer that hears everything and says nothing until it is closed: its rules can only reach the driver
+    at the switch, not with an event of its own."""
+
+    async def events(self) -> AsyncIterator[STTEvent]:
+        await self._closed.wait()
+        return
+        yield
+
+
 class _HotRecognizer(_Recognizer):
     @property
     def prompt_silence_ms(self) -> tuple[int, int]:
@@ -93,7 +103,7 @@ async def _quiet_for(driver: PipelineDriver, speech: list[bytes], quiet_ms: int,
 
 
 async def test_after_a_failover_the_silence_is_read_closely_only_as_long_as_the_new_recognizer_wants() -> None:
-    first, second = _HotRecognizer(), _Recognizer()
+    first, second = _HotRecognizer(), _SilentRecognizer()
     stt = FallbackSTT([("first", lambda: first), ("second", lambda: second)])
     host = _Host()
     pipeline = Pipeline(stt=stt, llm=cast(LanguageModel, object()), tts=cast(TextToSpeech, object()))
@@ -106,7 +116,7 @@ async def test_after_a_failover_the_silence_is_read_closely_only_as_long_as_the_
     assert driver.listening_closely, "the first recognizer still decides on this silence"
 
     first.fail.set()
-    at_ms = await _quiet_for(driver, speech, 100, at_ms)  # the fallback hears the caller (its first event)
+    at_ms = await _quiet_for(driver, speech, 100, at_ms)
     assert stt.active_name == "second"
     await _quiet_for(driver, [], beyond_own_rules_ms - 100, at_ms)
     assert not driver.listening_closely, "past the agent's own rules, with a recognizer that wants no silence"

@@ -45,7 +45,7 @@ from pipelines.conversation.chunking import SentenceChunker
 from pipelines.conversation.confirmation import hold_side_effects_until, turn_confirmed
 from pipelines.conversation.end_of_turn import looks_finished, same_words
 from pipelines.conversation.turn_taking import BargeInPolicy
-from pipelines.fallback import FailsOver, Prewarmable
+from pipelines.fallback import FailsOver, FallbackSTT, Prewarmable
 from pipelines.llm.base import (
     ConversationTurn,
     EndCall,
@@ -144,6 +144,8 @@ class PipelineDriver:
         stt = pipeline.stt
         self._prompt_silence = stt if isinstance(stt, PromptSilence) else None
         self._recognizer_silence_ms = (0, 0)
+        if isinstance(stt, FallbackSTT):
+            stt.when_switched(self._follow_recognizer)
         self._close_from_ms, self._close_until_ms = self._closely_between(*self._own_silence_rules_ms)
         self._finalize_asked = False  # the recognizer was asked for its final words in this pause
         self._speculation: SpeculativeReply | None = None
@@ -203,8 +205,9 @@ class PipelineDriver:
         return self._turn_open and self._close_from_ms <= self._pause.quiet_ms <= self._close_until_ms
 
     def _follow_recognizer(self) -> None:
-        """Read frame by frame where the listening recognizer wants it too: after start, and after each of its
-        events, since a fallback recognizer that took over mid-call has its own silence rules (or none)."""
+        """Read frame by frame where the listening recognizer wants it too: from its start, and from the moment a
+        fallback recognizer takes over mid-call (`FallbackSTT.when_switched`), with that one's silence rules (or
+        none)."""
         if self._prompt_silence is None:
             return
         wanted = self._prompt_silence.prompt_silence_ms
@@ -346,7 +349,6 @@ class PipelineDriver:
         """Consume the recognizer's events; a recognizer lost with no fallback left fails the call."""
         try:
             async for event in self._pipeline.stt.events():
-                self._follow_recognizer()
                 match event:
                     case SpeechStarted():
                         self._host.activity()
