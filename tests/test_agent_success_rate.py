@@ -17,7 +17,7 @@ from storage import agents
 from storage.call_logs import create_call_log, finalize_call_log, merge_metadata
 from storage.enums import CallStatus, CallType
 from storage.migrate import load_migrations, migrate
-from storage.records import Queryable, new_id
+from storage.records import Queryable, new_id, transaction
 from storage.tenancy import tenant_transaction
 from tests.databases import TestDatabases
 from tests.test_repo_agents import insert_organization
@@ -220,6 +220,44 @@ async def test_calls_ending_at_once_are_all_counted(pool: asyncpg.Pool) -> None:
     assert await rate(pool, agent.id) == 75.0
     row = await pool.fetchrow('SELECT "finished", "completed" FROM "AgentCallTally" WHERE "agentId" = $1', agent.id)
     assert row is not None and (row["finished"], row["completed"]) == (20, 15)
+
+
+async def test_ends_that_touch_the_agent_first_and_ends_and_verdicts_that_do_not_never_wait_on_each_other(
+    pool: asyncpg.Pool,
+) -> None:
+    """The engine's own end adds to "totalCalls" (the agent's row) before it commits; a status callback's end and a
+    verdict reach the agent only through the tally as they commit. All at once, none deadlocks and each counts."""
+    org = await insert_organization(pool)
+    agent = await agents.create_agent(pool, organization_id=org, name="Crowded")
+    calls = [await new_call(pool, org, agent.id) for _ in range(30)]
+    own, called_back, judged = calls[:10], calls[10:20], calls[20:]
+    for call in judged:
+        await finalize_call_log(pool, organization_id=org, call_log_id=call, status=CallStatus.COMPLETED)
+
+    async def own_end(call: str) -> None:
+        async with transaction(pool) as conn:
+            await finalize_call_log(conn, organization_id=org, call_log_id=call, status=CallStatus.COMPLETED)
+            await asyncio.sleep(0.01)  # the end's other writes: others commit meanwhile
+            await agents.increment_total_calls(conn, organization_id=org, agent_id=agent.id)
+            await asyncio.sleep(0.01)
+
+    async def callback_end(call: str) -> None:
+        await finalize_call_log(pool, organization_id=org, call_log_id=call, status=CallStatus.MISSED)
+
+    async def verdict(call: str) -> None:
+        await merge_metadata(pool, organization_id=org, call_log_id=call, metadata={"success": True})
+
+    await asyncio.gather(
+        *(own_end(call) for call in own),
+        *(callback_end(call) for call in called_back),
+        *(verdict(call) for call in judged),
+    )
+    await asyncio.gather(*(verdict(call) for call in own))  # and verdicts on the engine's own ends, all at once
+    row = await pool.fetchrow('SELECT * FROM "AgentCallTally" WHERE "agentId" = $1', agent.id)
+    assert row is not None
+    assert (row["finished"], row["completed"], row["judged"], row["succeeded"]) == (30, 20, 20, 20)
+    assert (await agents.get_agent(pool, organization_id=org, agent_id=agent.id)).total_calls == 10
+    assert await rate(pool, agent.id) == 100.0 == await rule(pool, agent.id)
 
 
 async def test_the_migration_counts_the_calls_already_there(databases: TestDatabases) -> None:
