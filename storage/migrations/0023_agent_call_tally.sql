@@ -165,8 +165,6 @@ FROM (
 ) r
 GROUP BY r."agentId", r."organizationId";
 
-UPDATE "Agent" a SET "successRate" = COALESCE(
-    (SELECT COALESCE(100.0 * t."succeeded" / NULLIF(t."judged", 0), 100.0 * t."completed" / NULLIF(t."finished", 0))
-     FROM "AgentCallTally" t WHERE t."agentId" = a."id"),
-    0
-);
+-- Every agent's rate from its tally (an agent with no calls gets a zero tally and a rate of 0), by the function the
+-- triggers use, adding nothing to the counts.
+SELECT agent_call_tally_add(a."id", a."organizationId", 0, 0, 0, 0) FROM "Agent" a ORDER BY a."id";
