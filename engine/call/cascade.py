@@ -143,7 +143,6 @@ class PipelineDriver:
         self._own_silence_rules_ms = (min(rules), max(rules))
         stt = pipeline.stt
         self._prompt_silence = stt if isinstance(stt, PromptSilence) else None
-        self._recognizer_silence_ms = (0, 0)
         if isinstance(stt, FallbackSTT):
             stt.when_switched(self._follow_recognizer)
         self._close_from_ms, self._close_until_ms = self._closely_between(*self._own_silence_rules_ms)
@@ -210,11 +209,7 @@ class PipelineDriver:
         none)."""
         if self._prompt_silence is None:
             return
-        wanted = self._prompt_silence.prompt_silence_ms
-        if wanted == self._recognizer_silence_ms:
-            return
-        self._recognizer_silence_ms = wanted
-        first, last = wanted
+        first, last = self._prompt_silence.prompt_silence_ms
         own_first, own_last = self._own_silence_rules_ms
         rules = (min(first, own_first), max(last, own_last)) if last else (own_first, own_last)
         self._close_from_ms, self._close_until_ms = self._closely_between(*rules)
