@@ -80,12 +80,35 @@ async def kill_mid_campaign(pool: asyncpg.Pool, campaign_id: str, victim: asynci
     pytest.fail("the two engines did not both dial the campaign")
 
 
-async def wait_for(pool: asyncpg.Pool, campaign_id: str, status: CampaignStatus, timeout: float = 150) -> None:
+async def reached(pool: asyncpg.Pool, campaign_id: str, status: CampaignStatus, timeout: float = 150) -> bool:
+    """Whether the campaign reaches `status` within `timeout` seconds."""
     for _ in range(int(timeout * 10)):
         if await pool.fetchval('SELECT "status" FROM "Campaign" WHERE "id" = $1', campaign_id) == status:
-            return
+            return True
         await asyncio.sleep(0.1)
-    pytest.fail(f"campaign {campaign_id} did not become {status} within {timeout} s")
+    return False
+
+
+async def campaign_picture(pool: asyncpg.Pool, campaign_id: str) -> str:
+    """The campaign's status and its recipients' dispatch and attempt states, for a failure's message."""
+    campaign = await pool.fetchrow(
+        """
+        SELECT c."status", d."paused", d."pausedReason", d."nextDialAt"
+        FROM "Campaign" c JOIN "CampaignDispatch" d ON d."campaignId" = c."id" WHERE c."id" = $1
+        """,
+        campaign_id,
+    )
+    dispatch = await pool.fetch(
+        """
+        SELECT d."state", d."leaseOwner" IS NOT NULL AS "leased", d."lastReason", a."state" AS "attempt",
+            count(*)::int AS n
+        FROM "CampaignRecipientDispatch" d LEFT JOIN "CampaignAttempt" a ON a."recipientId" = d."recipientId"
+        WHERE d."campaignId" = $1 GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+        """,
+        campaign_id,
+    )
+    recipients = [tuple(row.values()) for row in dispatch]
+    return f"campaign {dict(campaign or {})}; recipients (dispatch, leased, last reason, attempt, n): {recipients}"
 
 
 async def test_a_campaign_survives_one_of_two_engines_being_killed(
@@ -120,12 +143,14 @@ async def test_a_campaign_survives_one_of_two_engines_being_killed(
                     await wait_healthy(backend, engine)
                 campaign = await campaign_for_processes(pool)
                 left_in_flight = await kill_mid_campaign(pool, campaign.id, engines[0])
-                await wait_for(pool, campaign.id, CampaignStatus.COMPLETED)
+                completed = await reached(pool, campaign.id, CampaignStatus.COMPLETED)
             finally:
                 for engine in engines:
                     if engine.returncode is None:
                         engine.send_signal(signal.SIGTERM)
                 stderr = [(await asyncio.wait_for(engine.communicate(), 30))[1].decode() for engine in engines]
+
+    assert completed, f"not completed within 150 s: {await campaign_picture(pool, campaign.id)}\n{stderr[1][-3000:]}"
 
     creates = {number: twilio.creates[number] for number in BUSY + UNANSWERED}
     assert creates == {**{n: 2 for n in BUSY}, **{n: 1 for n in UNANSWERED}}, stderr[1][-3000:]
