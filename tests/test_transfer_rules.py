@@ -134,3 +134,61 @@ def test_an_empty_destination_list_is_refused() -> None:
     assert problems({"destinations": []}) == [
         ("transfer.destinations", "must list at least one destination (leave transfer out to turn transfers off)")
     ]
+
+
+# A pattern on a calling code that several countries share names its main one (toll fraud's favourite numbers are
+# Caribbean ones that look domestic: +1 876, +1 809); another's numbers need its own digits in the pattern.
+NANP = {"pattern": "+1**********", "label": "North America"}
+UK = {"pattern": "+44**********", "label": "United Kingdom"}
+
+
+@pytest.mark.parametrize(
+    ("given", "country"),
+    [
+        ("+18765551234", "Jamaica"),
+        ("+18092201234", "Dominican Republic"),
+        ("+13405551234", "U.S. Virgin Islands"),
+        ("+16705551234", "Northern Mariana Islands"),
+        ("+14416641234", "Bermuda"),
+        ("+14165550123", "Canada"),
+    ],
+)
+def test_a_pattern_on_plus_one_does_not_reach_the_other_countries_of_the_code(given: str, country: str) -> None:
+    verdict = rules(NANP).check(given)
+
+    assert isinstance(verdict, Refusal)
+    assert verdict.message.startswith(f"error: {given} is in {country}, not in the country the pattern +1**********")
+    assert "North America (+1 followed by 10 more digits" in verdict.message
+
+
+@pytest.mark.parametrize("given", ["+447781123456", "+447911123456", "+447624123456", "+441481712345"])
+def test_a_pattern_on_plus_forty_four_reaches_the_uk_and_not_the_crown_dependencies(given: str) -> None:
+    assert isinstance(rules(UK).check(given), Refusal)
+    assert rules(UK).check("+442079460123") == AllowedTransfer("+442079460123", "United Kingdom")
+    assert rules(UK).check("+447400123456") == AllowedTransfer("+447400123456", "United Kingdom")
+
+
+def test_a_pattern_on_plus_one_reaches_the_united_states_in_any_spelling() -> None:
+    assert rules(NANP).check("(415) 555-0123", region="US") == AllowedTransfer("+14155550123", "North America")
+    assert rules(NANP).check("+1 212 555 0123") == AllowedTransfer("+12125550123", "North America")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "given"),
+    [
+        ("+1876*******", "+18765551234"),  # Jamaica's own leading digits
+        ("+1416*******", "+14165550123"),  # a Canadian area code
+        ("+447624******", "+447624123456"),  # the Isle of Man's leading digits
+        ("+441481******", "+441481712345"),  # Guernsey's area code
+    ],
+)
+def test_a_pattern_that_spells_another_countrys_digits_reaches_it(pattern: str, given: str) -> None:
+    assert rules({"pattern": pattern, "label": "There"}).check(given) == AllowedTransfer(given, "There")
+
+
+def test_three_digits_of_a_uk_pattern_do_not_reach_guernseys_mobiles_inside_them() -> None:
+    # UK mobiles 778x include Guernsey's 7781: three digits name the UK's range, four name Guernsey's.
+    assert isinstance(rules({"pattern": "+44778*******", "label": "UK"}).check("+447781123456"), Refusal)
+    assert rules({"pattern": "+44778*******", "label": "UK"}).check("+447780123456") == AllowedTransfer(
+        "+447780123456", "UK"
+    )

@@ -4,17 +4,21 @@ An agent transfers only to the destinations its configuration lists (`transfer.d
 or patterns (`+1415555****`: the digits every number starts with, then one `*` per remaining digit). A number a
 pattern matches must also be a plain geographic or mobile number (`PLAIN_TYPES`): premium-rate, shared-cost,
 toll-free, personal, UAN, VoIP, pager, voicemail-access and unclassified numbers are refused unless listed
-exactly as a `number`. With no `transfer` section the agent cannot transfer, and `transfer_call` is not offered.
+exactly as a `number`. And a pattern does not cross a border (`_in_patterns_country`): countries that share a
+calling code (the +1 of the US, Canada and the Caribbean; the +44 of the UK, Guernsey, Jersey and the Isle of Man)
+are reached through it only where the pattern spells out their own digits, so `+1**********` is the United States
+and not Jamaica's 876. With no `transfer` section the agent cannot transfer, and `transfer_call` is not offered.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Final
 
 import phonenumbers
-from phonenumbers import PhoneNumberType
+from phonenumbers import PhoneMetadata, PhoneNumber, PhoneNumberType, geocoder
 
 from config.agent import TransferConfig
 from config.phone import InvalidPhoneNumber, e164
@@ -68,6 +72,10 @@ class _Destination:
         if self.number is not None:
             return number == self.number
         return number.startswith(self.prefix) and len(number) == len(self.prefix) + self.wildcards
+
+    @property
+    def pattern(self) -> str:
+        return self.prefix + "*" * self.wildcards
 
     def describe(self) -> str:
         if self.number is not None:
@@ -126,10 +134,18 @@ class TransferRules:
         matched = next((d for d in self.destinations if d.matches(number)), None)
         if matched is None:
             return Refusal(given, f"error: {number} is not a number this agent may transfer to. {self._refused()}")
-        kind = phonenumbers.number_type(phonenumbers.parse(number))
+        parsed = phonenumbers.parse(number)
+        kind = phonenumbers.number_type(parsed)
         if kind not in PLAIN_TYPES:
             what = _TYPE_NAMES.get(kind, _UNCLASSIFIED)
             return Refusal(given, f"error: {number} is {what}, which this agent may not transfer to. {self._refused()}")
+        if not _in_patterns_country(parsed, matched.prefix):
+            where = geocoder.country_name_for_number(parsed, "en") or phonenumbers.region_code_for_number(parsed)
+            return Refusal(
+                given,
+                f"error: {number} is in {where}, not in the country the pattern {matched.pattern} covers, so this "
+                f"agent may not transfer to it. {self._refused()}",
+            )
         return AllowedTransfer(number, matched.label)
 
     def function_spec(self) -> FunctionSpec | None:
@@ -156,6 +172,36 @@ class TransferRules:
     def _refused(self) -> str:
         return f"The call was not transferred; tell the caller, and offer {self._choices()}."
 
+
+def _in_patterns_country(number: PhoneNumber, prefix: str) -> bool:
+    """Whether `number`, matched by a pattern starting `prefix`, is in the country that pattern names.
+
+    Where several countries share a calling code, a pattern names the code's main country (the United States for
+    +1, the United Kingdom for +44) unless its digits go on to spell another's: that country's own leading digits
+    where phonenumbers knows them (`+1876` for Jamaica, `+447624` for the Isle of Man), else at least an area code
+    (`_SPELLED_DIGITS`: `+1416` for Toronto, `+441481` for Guernsey). So `+1**********` reaches US numbers, not the
+    Caribbean's, which are billed as international calls and include the area codes of one-ring toll fraud (809,
+    876).
+    """
+    region = phonenumbers.region_code_for_number(number)
+    code = number.country_code
+    if region is None or code is None:
+        return False
+    if region == phonenumbers.region_code_for_country_code(code):
+        return True
+    national = prefix.removeprefix("+").removeprefix(str(code))
+    metadata = PhoneMetadata.metadata_for_region(region)
+    leading = metadata.leading_digits if metadata is not None else None
+    if leading:
+        return re.match(f"(?:{leading})", national) is not None
+    return len(national) >= _SPELLED_DIGITS.get(code, _SPELLED_DIGITS_ELSEWHERE)
+
+
+_SPELLED_DIGITS: Final = {1: 3}
+"""National digits a pattern must spell to reach a country sharing its calling code that phonenumbers tells apart
+by its numbers' patterns alone: Canada's three-digit area codes in +1."""
+_SPELLED_DIGITS_ELSEWHERE: Final = 4
+"""The same elsewhere (Guernsey and Jersey in +44: 1481, 1534, 7781, 7700, ...; Cocos and Christmas Islands in +61)."""
 
 NO_TRANSFERS: Final = TransferRules()
 """The rules of an agent without a `transfer` section: no destination, no `transfer_call`."""
