@@ -1,5 +1,9 @@
 """A running call's credit meter: it extends the call's credit reservation a minute at a time, and has the call
 say goodbye (INSUFFICIENT_CREDITS) when the organization cannot pay for the next one.
+
+When the database cannot be asked, the call goes on unpaid for at most `UNPAID_MINUTES` minutes in a row (the
+call's end charges them, as far as the balance holds), then says goodbye (INTERNAL_ERROR): an outage does not cut
+every caller off at once, and does not let calls run unpaid until their maximum duration either.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from storage.end_reasons import EndReason
 
-__all__ = ["CREDIT_LEAD_SECONDS", "CREDIT_MINUTE_SECONDS", "CreditMeter", "ExtendReservation"]
+__all__ = ["CREDIT_LEAD_SECONDS", "CREDIT_MINUTE_SECONDS", "UNPAID_MINUTES", "CreditMeter", "ExtendReservation"]
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +23,8 @@ CREDIT_MINUTE_SECONDS = 60.0
 CREDIT_LEAD_SECONDS = 10.0
 """A call extends its reservation this long before the paid time runs out, so a refused extension leaves time for
 the goodbye within what was paid for."""
+UNPAID_MINUTES = 2
+"""Minutes in a row a call may go on whose reservation could not be extended (the database unreachable)."""
 
 ExtendReservation = Callable[[], Awaitable[bool]]
 """Reserve the call's next minute of credits; False when the organization cannot pay for it."""
@@ -34,23 +40,39 @@ class CreditMeter:
         *,
         say_goodbye: Callable[[EndReason], None],
         minute_seconds: float = CREDIT_MINUTE_SECONDS,
+        unpaid_minutes: int = UNPAID_MINUTES,
     ) -> None:
-        """Meter the call `call_sid` with `extend` every `minute_seconds`; out of credits, `say_goodbye`."""
+        """Meter the call `call_sid` with `extend` every `minute_seconds`; out of credits, or after `unpaid_minutes`
+        failed extensions in a row, `say_goodbye`."""
         self._call_sid = call_sid
         self._extend = extend
         self._say_goodbye = say_goodbye
         self._minute = minute_seconds
+        self._unpaid_minutes = unpaid_minutes
 
     async def run(self) -> None:
         """Reserve each next minute until the call ends (cancel the task) or the credits are used up."""
         # The first minute was reserved when the call was opened.
         await asyncio.sleep(self._minute - min(CREDIT_LEAD_SECONDS, self._minute / 2))
+        unpaid = 0
         while True:
             try:
                 extended = await self._extend()
-            except Exception as exc:  # our database's trouble does not cut the caller off; the end settles it
+            except Exception as exc:  # our database's trouble: the call goes on a while, the end settles it
+                unpaid += 1
+                if unpaid > self._unpaid_minutes:
+                    log.error(
+                        "call %s: its credits could not be reserved for %d minutes in a row (%s): ending it",
+                        self._call_sid,
+                        unpaid,
+                        exc,
+                    )
+                    self._say_goodbye(EndReason.INTERNAL_ERROR)
+                    return
                 log.warning("call %s: its credit reservation could not be extended: %s", self._call_sid, exc)
                 extended = True
+            else:
+                unpaid = 0
             if not extended:
                 log.info("call %s: the organization's credits are used up", self._call_sid)
                 self._say_goodbye(EndReason.INSUFFICIENT_CREDITS)

@@ -1,0 +1,60 @@
+"""The credit meter on its own: a database that cannot be asked lets a call go on for a bounded number of minutes,
+then has it say goodbye; one failure among paid minutes does not (each figure in tiny minutes of 20 ms)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine.call.credit_meter import CreditMeter
+from storage.end_reasons import EndReason
+
+MINUTE = 0.02
+
+
+async def metered(answers: list[bool | Exception], *, unpaid_minutes: int = 2) -> tuple[list[EndReason], int]:
+    """Run a meter whose extensions answer `answers` in turn (then True); return its goodbyes and extensions asked."""
+    goodbyes: list[EndReason] = []
+    asked = 0
+
+    async def extend() -> bool:
+        nonlocal asked
+        answer = answers[asked] if asked < len(answers) else True
+        asked += 1
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    meter = CreditMeter(
+        "CA1", extend, say_goodbye=goodbyes.append, minute_seconds=MINUTE, unpaid_minutes=unpaid_minutes
+    )
+    task = asyncio.create_task(meter.run())
+    for _ in range(200):
+        if task.done() or asked >= len(answers) + 2:
+            break
+        await asyncio.sleep(MINUTE / 2)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return goodbyes, asked
+
+
+async def test_a_database_that_cannot_be_asked_ends_the_call_after_the_unpaid_minutes() -> None:
+    down = ConnectionRefusedError("database unreachable")
+    goodbyes, asked = await metered([down, down, down, down])
+
+    assert goodbyes == [EndReason.INTERNAL_ERROR]
+    assert asked == 3  # two unpaid minutes went on, the third failure ended it
+
+
+async def test_a_failure_between_paid_minutes_does_not_end_the_call() -> None:
+    down = ConnectionRefusedError("database unreachable")
+    goodbyes, asked = await metered([down, down, True, down, down, True])
+
+    assert goodbyes == []
+    assert asked >= 6
+
+
+async def test_credits_used_up_end_the_call_as_insufficient_credits() -> None:
+    goodbyes, asked = await metered([True, False])
+
+    assert goodbyes == [EndReason.INSUFFICIENT_CREDITS]
+    assert asked == 2
