@@ -442,6 +442,12 @@ class TransferDestination(_CallBehaviour):
         return self
 
 
+DEFAULT_TRANSFER_MINUTES = 60
+"""A transferred call's longest talk to its destination unless the agent's `transfer.maxMinutes` says otherwise."""
+MAX_TRANSFER_MINUTES = 240
+"""The most `transfer.maxMinutes` may be: Twilio's own limit on a dialed leg (4 hours)."""
+
+
 class TransferConfig(_CallBehaviour):
     """Where the agent's model may transfer calls; without this section the agent cannot transfer."""
 
@@ -449,6 +455,9 @@ class TransferConfig(_CallBehaviour):
 
     destinations: Annotated[tuple[TransferDestination, ...], Field(strict=False)]
     """The allowed destinations; leave `transfer` out altogether to turn transfers off."""
+    max_minutes: Annotated[int, Field(ge=1, le=MAX_TRANSFER_MINUTES)] = DEFAULT_TRANSFER_MINUTES
+    """The longest a transferred call may talk to its destination: Twilio ends the dialed leg then, or sooner when
+    the organization's credits pay for fewer minutes (they are reserved when the transfer starts)."""
 
     @field_validator("destinations")
     @classmethod

@@ -15,6 +15,13 @@ from storage.organizations import shortfall
 from storage.records import Queryable
 
 
+def check_rates(rates: Mapping[str, int]) -> None:
+    """ValueError unless `rates` gives every plan a rate of 0 credits a minute or more."""
+    missing = {plan.value for plan in Plan} - set(rates)
+    if missing or any(rate < 0 for rate in rates.values()):
+        raise ValueError(f"credit rates must give every plan a rate of 0 or more, got {dict(rates)}")
+
+
 async def reserve_first_minute(
     db: Queryable, *, organization_id: str, call_log_id: str, rates: Mapping[str, int]
 ) -> int:
@@ -23,9 +30,7 @@ async def reserve_first_minute(
 
     Raises InsufficientCredits (and reserves nothing) when the balance does not cover the minute.
     """
-    missing = {plan.value for plan in Plan} - set(rates)
-    if missing or any(rate < 0 for rate in rates.values()):
-        raise ValueError(f"credit rates must give every plan a rate of 0 or more, got {dict(rates)}")
+    check_rates(rates)
     row = await db.fetchrow(
         """
         WITH rate AS (

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from config.agent import (
+    DEFAULT_TRANSFER_MINUTES,
     AgentConfiguration,
     AgentConfigurationError,
     OpenAIRealtimeConfig,
@@ -25,13 +26,14 @@ from engine.call.driver import CallHost, ConversationDriver, DriverFactory
 from engine.call.frame_socket import FrameSocket, TextFrames
 from engine.call.live_events import LIVE_EVENTS, CallEvents, call_description
 from engine.call.outbound_audio import SendText
+from engine.call.paid_transfer import PaidTransfer
 from engine.call.session import CallContext, CallSession
 from engine.call.setup import PreparedCall, prepare_call
 from engine.knowledge.ingestion import KNOWLEDGE_EMBEDDER
 from engine.server import metrics
 from engine.server.appkeys import DATABASE, LIVE_CALLS, OFFLINE_WORKERS, PROVIDER_CLIENTS, SETTINGS, TWILIO
 from engine.twilio.signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
-from engine.twilio.webhooks import CALL_LOG_PARAMETER
+from engine.twilio.webhooks import CALL_LOG_PARAMETER, DIAL_PATH, callback_url
 from engine.workers.call_log_replay import CALL_LOG_SPILL
 from engine.workers.post_call import POST_CALL
 from engine.workers.recording_io import RECORDING_IO
@@ -239,7 +241,19 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         writer=writer,
         recorder=recorder,
         hang_up=twilio.hang_up if twilio is not None else None,
-        transfer=twilio.transfer if twilio is not None else None,
+        transfer=(
+            PaidTransfer(
+                pool,
+                twilio,
+                organization_id=call_log.organization_id,
+                call_log_id=call_log.id,
+                max_minutes=config.transfer.max_minutes if config.transfer is not None else DEFAULT_TRANSFER_MINUTES,
+                rates=settings.credit_rates,
+                action_url=callback_url(public_base_url(request, settings), DIAL_PATH, call_log.id),
+            )
+            if twilio is not None
+            else None
+        ),
         extend_reservation=functools.partial(credit_reservations.extend_reservation, pool, call_log_id=call_log.id),
         opt_out=functools.partial(record_opt_out, pool, call_log),
         knowledge=prepared.knowledge.take_sources if prepared.knowledge is not None else None,

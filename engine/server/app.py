@@ -39,6 +39,7 @@ from engine.workers.recording_io import recording_io_context
 from engine.workers.recording_uploads import recording_uploads_context
 from engine.workers.recordings import handle_recording, recordings_context
 from engine.workers.recovery import recovery_context
+from engine.workers.transfer_settlement import transfer_settlement_context
 from engine.workers.webhook_delivery import webhook_delivery_context
 from pipelines.clients import ProviderClients
 from pipelines.offline_workers import OfflineWorkers
@@ -72,6 +73,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app.cleanup_ctx.append(recording_uploads_context)  # before _calls_context: calls' ends record theirs
     app.cleanup_ctx.append(_offline_workers_context)  # before _calls_context: calls end before the workers stop
     app.cleanup_ctx.append(_calls_context)
+    app.cleanup_ctx.append(transfer_settlement_context)  # after _calls_context: it asks the app's Twilio client
     app.cleanup_ctx.append(control_channel_context(live_call_handlers))  # commands for calls held here
     app.cleanup_ctx.append(listen_relay_context)  # listen-in audio across nodes, on the command channel
     app.cleanup_ctx.append(live_events_context)  # on the control channel's connection
@@ -85,6 +87,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app.router.add_post("/twilio/voice", twilio_webhooks.handle_voice)
     app.router.add_post(twilio_webhooks.STATUS_PATH, twilio_webhooks.handle_status)
     app.router.add_post(twilio_webhooks.AMD_PATH, twilio_webhooks.handle_amd)
+    app.router.add_post(twilio_webhooks.DIAL_PATH, twilio_webhooks.handle_dial_ended)
     app.router.add_get(twilio_webhooks.MEDIA_PATH, media_socket.handle_media)
     app.router.add_get("/recordings/{call_log_id}.wav", handle_recording)
     add_api_routes(app)

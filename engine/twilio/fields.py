@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["CallStatusCallback", "IncomingCall", "InvalidTwilioField", "MachineVerdict"]
+__all__ = ["CallStatusCallback", "DialEnded", "IncomingCall", "InvalidTwilioField", "MachineVerdict"]
 
 _CALL_SID: Final = re.compile(r"CA[0-9a-f]{32}")
 _ACCOUNT_SID: Final = re.compile(r"AC[0-9a-f]{32}")
@@ -94,6 +94,24 @@ class CallStatusCallback:
             duration_s=_number(form, "CallDuration"),
             sip_response_code=_optional(form, "SipResponseCode", _SIP_CODE, "a three-digit SIP status"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DialEnded:
+    """A `<Dial>`'s action request: the call that dialed, how the dialed call ended, and how long it talked (0 when
+    it was never answered)."""
+
+    call_sid: str
+    dial_status: str
+    duration_s: int
+
+    @classmethod
+    def read(cls, form: Form) -> DialEnded:
+        """Read the fields of `/twilio/dial`; InvalidTwilioField for any that does not fit."""
+        status = _optional(form, "DialCallStatus", _TOKEN, "a lowercase word")
+        if status is None:
+            raise InvalidTwilioField("DialCallStatus", "missing")
+        return cls(call_sid=_call_sid(form), dial_status=status, duration_s=_number(form, "DialCallDuration") or 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import aiohttp
-from twilio.base.exceptions import TwilioRestException
+from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
@@ -44,6 +44,27 @@ class TwilioCall:
     from_: str
     status: str
     created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DialedCall:
+    """A call a `<Dial>` made: its status (`completed` once it has ended) and its length in seconds (0 until then)."""
+
+    sid: str
+    status: str
+    duration_seconds: int
+
+
+def _refusal(exc: TwilioException) -> str:
+    """What Twilio answered to a refused request, its status and message when it said them."""
+    if isinstance(exc, TwilioRestException):
+        return f"{exc.status} {exc.msg}"
+    return " ".join(str(arg) for arg in exc.args)
+
+
+def _seconds(duration: str | None) -> int:
+    """Twilio's `duration` of a call: whole seconds as a string, None until it ends."""
+    return int(duration) if duration and duration.isdigit() else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +147,8 @@ class TwilioCalls:
         """
         try:
             found = await self._client.calls.list_async(to=to, from_=from_, limit=limit, page_size=limit)
-        except TwilioRestException as exc:
-            raise CallLookupFailed(f"Twilio refused the call lookup: {exc.status} {exc.msg}") from None
+        except TwilioException as exc:  # a page Twilio would not give is a TwilioException, not a TwilioRestException
+            raise CallLookupFailed(f"Twilio refused the call lookup: {_refusal(exc)}") from None
         except (OSError, TimeoutError, aiohttp.ClientError) as exc:
             raise CallLookupFailed(f"could not reach Twilio to look calls up: {exc}") from None
         return [
@@ -146,12 +167,38 @@ class TwilioCalls:
         """Ask Twilio to end a call; False (logged) if Twilio refused or could not be reached."""
         return await self._update(call_sid, "hang up", status="completed")
 
-    async def transfer(self, call_sid: str, to: str, *, caller_id: str | None = None) -> bool:
-        """Cold-transfer a call: Twilio leaves our media stream and dials `to`; False (logged) if it refused."""
+    async def transfer(
+        self,
+        call_sid: str,
+        to: str,
+        *,
+        time_limit_seconds: int,
+        action: str,
+        caller_id: str | None = None,
+    ) -> bool:
+        """Cold-transfer a call: Twilio leaves our media stream and dials `to` for at most `time_limit_seconds`,
+        then POSTs how the dial went to `action`; False (logged) if it refused."""
         twiml = VoiceResponse()
-        dial = twiml.dial(caller_id=caller_id) if caller_id else twiml.dial()
+        dial = twiml.dial(time_limit=time_limit_seconds, action=action, method="POST", caller_id=caller_id)
         dial.number(to)
         return await self._update(call_sid, "transfer", twiml=str(twiml))
+
+    async def dialed_calls(self, parent_call_sid: str) -> list[DialedCall]:
+        """The calls a `<Dial>` of the call `parent_call_sid` made, with how each ended and how long it ran.
+
+        Raises CallLookupFailed when Twilio cannot answer.
+        """
+        try:
+            found = await self._client.calls.list_async(parent_call_sid=parent_call_sid, limit=20, page_size=20)
+        except TwilioException as exc:
+            raise CallLookupFailed(f"Twilio refused the call lookup: {_refusal(exc)}") from None
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+            raise CallLookupFailed(f"could not reach Twilio to look calls up: {exc}") from None
+        return [
+            DialedCall(sid=call.sid, status=str(call.status), duration_seconds=_seconds(call.duration))
+            for call in found
+            if call.sid
+        ]
 
     async def _update(self, call_sid: str, action: str, **changes: str) -> bool:
         try:

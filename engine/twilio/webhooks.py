@@ -15,17 +15,17 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 from config.agent import AgentConfigurationError, VoicemailConfig, parse_agent_configuration
 from engine.call.setup import provider_keys
 from engine.server.appkeys import CLOCK, DATABASE, LIVE_CALLS, SETTINGS, TWILIO
-from engine.twilio.fields import CallStatusCallback, Form, IncomingCall, InvalidTwilioField, MachineVerdict
+from engine.twilio.fields import CallStatusCallback, DialEnded, Form, IncomingCall, InvalidTwilioField, MachineVerdict
 from engine.twilio.inbound_routing import choose_inbound_agent
 from engine.twilio.signature import public_base_url, signed_form
 from pipelines.llm.prompt import render_prompt
 from pipelines.registry import PipelineUnavailable, check_pipeline
-from storage import Pool, agents, call_logs, phone_numbers
+from storage import Pool, agents, call_logs, phone_numbers, transfer_legs
 from storage.call_logs import CallLog, InvalidCallTransition
 from storage.call_slots import ConcurrentCallLimitReached
 from storage.end_reasons import EndReason, ending
 from storage.enums import CallStatus, CallType, PhoneNumberStatus
-from storage.errors import AlreadyExists, NotFound
+from storage.errors import DATABASE_ERRORS, AlreadyExists, NotFound
 from storage.organizations import InsufficientCredits
 from storage.phone_numbers import PhoneNumber
 
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 MEDIA_PATH = "/twilio/media"
 STATUS_PATH = "/twilio/status"
 AMD_PATH = "/twilio/amd"
+DIAL_PATH = "/twilio/dial"
 CALL_LOG_PARAMETER = "callLogId"
 
 NOT_IN_SERVICE = "Sorry, the number you have called is not in service. Goodbye."
@@ -41,6 +42,10 @@ NO_AGENT = "Sorry, nobody is available to take your call right now. Please try a
 OUT_OF_CREDITS = "Sorry, this line cannot take calls at the moment. Please try again later. Goodbye."
 MISCONFIGURED = "Sorry, this line is not set up correctly. Please try again later. Goodbye."
 ALL_LINES_BUSY = "Sorry, all our lines are busy right now. Please call again in a few minutes. Goodbye."
+TRANSFER_UNANSWERED = "Sorry, nobody could take your call. Please try again later. Goodbye."
+
+_DIAL_UNANSWERED = frozenset({"busy", "no-answer", "failed"})
+"""A transfer's DialCallStatus values that leave the caller on the line, unconnected."""
 
 # Twilio's final CallStatus values and what they make of a call that is still IN_PROGRESS.
 _FINAL_STATUSES = {
@@ -307,6 +312,42 @@ async def _close_unconnected(
             metadata=metadata,
         )
     log.info("call %s: status %s closed CallLog %s as %s", call_log.call_id, status, call_log.id, final)
+
+
+async def handle_dial_ended(request: web.Request) -> web.Response:
+    """POST /twilio/dial: a transfer's `<Dial>` ended (its action URL names the CallLog). Its leg is settled: the
+    minutes it talked are charged, the rest of its reserved credits return (`storage.transfer_legs`). Then the call
+    ends; a caller the destination never answered hears why first.
+
+    A settlement the database cannot take now is left to the sweep (`engine.workers.transfer_settlement`): the
+    caller's call ends all the same.
+    """
+    ended = await _webhook_fields(request, DialEnded.read)
+    response = VoiceResponse()
+    if ended.dial_status in _DIAL_UNANSWERED:
+        response.say(TRANSFER_UNANSWERED)
+    response.hangup()
+    pool = request.app[DATABASE].pool
+    try:
+        call_log = await _callback_call_log(pool, ended.call_sid, request.query.get(CALL_LOG_PARAMETER))
+        if call_log is None:
+            log.warning("dial action for %s: no such call: ignored", ended.call_sid)
+            return twiml(response)
+        settled = await transfer_legs.settle_leg(
+            pool, call_log_id=call_log.id, dial_status=ended.dial_status, duration_seconds=ended.duration_s
+        )
+    except DATABASE_ERRORS as exc:
+        log.warning("call %s: the transfer's end could not be recorded now (the sweep will): %s", ended.call_sid, exc)
+        return twiml(response)
+    if settled is not None:
+        log.info(
+            "call %s: transfer %s after %d s, %d credits charged",
+            ended.call_sid,
+            settled.dial_status,
+            settled.duration_seconds,
+            settled.credits_charged,
+        )
+    return twiml(response)
 
 
 _MACHINE_VERDICTS = ("machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax")

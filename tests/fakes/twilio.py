@@ -520,6 +520,31 @@ def _first(params: Mapping[str, list[str]], name: str) -> str:
     return values[0] if values else ""
 
 
+@dataclass(frozen=True, slots=True)
+class Dialed:
+    """What a transfer's TwiML tells Twilio to dial: the number, the leg's time limit and its action URL."""
+
+    number: str
+    time_limit_seconds: int | None
+    action: str | None
+
+
+def dialed(twiml: str) -> Dialed | None:
+    """The `<Dial><Number>` of TwiML sent in a call update, or None when it dials nothing."""
+    dial = ET.fromstring(twiml).find("Dial")  # noqa: S314 - the engine under test wrote it
+    number = dial.find("Number") if dial is not None else None
+    if dial is None or number is None or not number.text:
+        return None
+    limit = dial.get("timeLimit")
+    return Dialed(number.text, int(limit) if limit is not None else None, dial.get("action"))
+
+
+def dialed_number(twiml: str) -> str | None:
+    """The number a transfer's TwiML dials, or None."""
+    dial = dialed(twiml)
+    return dial.number if dial is not None else None
+
+
 def _said(twiml: str) -> list[str]:
     """What a TwiML document would speak: the text of its <Say> verbs, in order."""
     if not twiml:

@@ -1,0 +1,75 @@
+"""Transfers the organization pays for: the dialed leg's credits are reserved before Twilio dials it, and the leg
+cannot outlast them.
+
+The leg's longest length is the agent's `transfer.maxMinutes`, or fewer minutes when the balance pays for fewer;
+Twilio is told it as the `<Dial>`'s time limit, and its action request (`engine.twilio.webhooks.handle_dial_ended`)
+settles the leg when the dial ends. A transfer the balance cannot pay one minute of is not made: the call goes on
+with the agent, as for any transfer Twilio refuses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from engine.twilio.rest import TwilioCalls
+from storage import Pool, transfer_legs
+from storage.errors import DATABASE_ERRORS
+from storage.organizations import InsufficientCredits
+
+log = logging.getLogger(__name__)
+
+
+class PaidTransfer:
+    """Transfers of one call (`engine.call.twilio_control.Transfer`): reserve the leg, then ask Twilio to dial it."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        twilio: TwilioCalls,
+        *,
+        organization_id: str,
+        call_log_id: str,
+        max_minutes: int,
+        rates: Mapping[str, int],
+        action_url: str,
+    ) -> None:
+        """Transfer the call `call_log_id` for at most `max_minutes` at its credit rate (else `rates` by plan);
+        Twilio POSTs the dial's end to `action_url`."""
+        self._pool = pool
+        self._twilio = twilio
+        self._organization_id = organization_id
+        self._call_log_id = call_log_id
+        self._max_minutes = max_minutes
+        self._rates = rates
+        self._action_url = action_url
+
+    async def __call__(self, call_sid: str, to: str) -> bool:
+        """Hand the caller to `to`; False (logged, nothing reserved) when the credits or Twilio do not allow it."""
+        try:
+            leg = await transfer_legs.open_leg(
+                self._pool,
+                organization_id=self._organization_id,
+                call_log_id=self._call_log_id,
+                to=to,
+                max_minutes=self._max_minutes,
+                rates=self._rates,
+            )
+        except InsufficientCredits as exc:
+            log.warning("call %s: no transfer: %s", call_sid, exc)
+            return False
+        except DATABASE_ERRORS as exc:
+            log.warning("call %s: no transfer: its credits could not be reserved: %s", call_sid, exc)
+            return False
+        transferred = await self._twilio.transfer(
+            call_sid, to, time_limit_seconds=leg.time_limit_seconds, action=self._action_url
+        )
+        if not transferred:
+            await self._release(call_sid)
+        return transferred
+
+    async def _release(self, call_sid: str) -> None:
+        try:
+            await transfer_legs.release_leg(self._pool, call_log_id=self._call_log_id)
+        except DATABASE_ERRORS as exc:  # the settlement sweep finds no dialed call for the leg, and charges nothing
+            log.warning("call %s: the reserved transfer credits are returned later: %s", call_sid, exc)

@@ -1,0 +1,324 @@
+"""A transferred call's dialed leg is paid for: its credits are reserved before Twilio dials, its length is limited to
+what they pay for (the agent's `transfer.maxMinutes` at most), and it is charged the minutes it talked when the
+`<Dial>` ends, from Twilio's action request, or from the settlement sweep when that request never came."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+
+from engine.call.driver import TRANSFER_FAILED
+from engine.simulator import CallResult, Pause, Say
+from engine.twilio.rest import CallLookupFailed, TwilioCalls
+from engine.twilio.signature import request_signature
+from engine.twilio.webhooks import TRANSFER_UNANSWERED
+from engine.workers.transfer_settlement import settle_overdue_legs
+from storage import call_logs, organizations, transfer_legs
+from storage.enums import CallStatus
+from storage.errors import NotFound
+from storage.organizations import InsufficientCredits
+from storage.transfer_legs import TransferLeg
+from tests.engine_server import running_engine
+from tests.fakes.openai_chat import ToolCall
+from tests.fakes.server import serve
+from tests.fakes.twilio import call_updates, dialed
+from tests.test_calls_e2e import call_log, turns
+from tests.test_cloud_calls_e2e import TOKEN, Fakes, call, make_line, running_fakes
+from tests.test_repo_call_logs import open_call
+
+ACCOUNT = "AC" + "4" * 32
+BILLING = "+14155550199"
+RATE = 10
+"""Credits a minute, on every plan, in these tests."""
+RATES = {"free": RATE, "pro": RATE, "enterprise": RATE}
+_names = itertools.count(1)
+
+
+@dataclass
+class Line:
+    """The engine (with a Twilio account whose REST API records updates) and what it reaches."""
+
+    base: str
+    fakes: Fakes
+    updates: list[dict[str, str]]
+
+
+@pytest.fixture(scope="module")
+async def line(db_url: str) -> AsyncIterator[Line]:
+    async with (
+        call_updates() as (api_base, updates),
+        running_fakes() as fakes,
+        running_engine(
+            db_url,
+            twilio_auth_token=TOKEN,
+            twilio_account_sid=ACCOUNT,
+            twilio_api_base=api_base,
+            credits_per_minute_free=RATE,
+            credits_per_minute_pro=RATE,
+            credits_per_minute_enterprise=RATE,
+            **fakes.settings(),
+        ) as base,
+    ):
+        yield Line(base, fakes, updates)
+
+
+async def organization(pool: asyncpg.Pool, credits: int) -> str:
+    n = next(_names)
+    org = await organizations.create_organization(pool, name=f"Transfers {n}", slug=f"transfers-{n}", credits=credits)
+    return org.id
+
+
+async def open_leg(pool: asyncpg.Pool, organization_id: str, call_log_id: str, max_minutes: int) -> TransferLeg:
+    """Open the call's transfer leg to billing at the tests' rates."""
+    return await transfer_legs.open_leg(
+        pool, organization_id=organization_id, call_log_id=call_log_id, to=BILLING, max_minutes=max_minutes, rates=RATES
+    )
+
+
+async def balance(pool: asyncpg.Pool, organization_id: str) -> int:
+    credits: int = await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', organization_id)
+    return credits
+
+
+async def transferred_call(line: Line, pool: asyncpg.Pool, organization_id: str, max_minutes: int) -> CallResult:
+    """A caller asks for billing; the model transfers them there."""
+    number, _ = await make_line(
+        pool,
+        organization_id,
+        firstSentence="Hi.",
+        transfer={"destinations": [{"number": BILLING, "label": "Billing"}], "maxMinutes": max_minutes},
+    )
+    line.fakes.deepgram.transcripts.extend(["Put me through to billing."])
+    line.fakes.openai.replies.extend(
+        [["Transferring you now.", ToolCall("transfer_call", {"phone_number": BILLING, "reason": "billing"})]]
+    )
+    return await call(line.base, number, Say("put me through to billing"), Pause(4000))
+
+
+async def dial_ends(url: str, call_sid: str, status: str, duration_s: int | None) -> tuple[int, str]:
+    """Twilio's action request at the end of a `<Dial>`, signed: its HTTP status and the TwiML answered."""
+    fields = {"AccountSid": ACCOUNT, "CallSid": call_sid, "DialCallStatus": status, "DialCallSid": "CA" + "9" * 32}
+    if duration_s is not None:
+        fields["DialCallDuration"] = str(duration_s)
+    headers = {"X-Twilio-Signature": request_signature(TOKEN, url, fields)}
+    async with aiohttp.ClientSession() as session, session.post(url, data=fields, headers=headers) as response:
+        return response.status, await response.text()
+
+
+async def test_a_transfer_reserves_its_longest_leg_and_pays_for_the_minutes_it_talked(
+    line: Line, pool: asyncpg.Pool
+) -> None:
+    organization_id = await organization(pool, credits=1000)
+    result = await transferred_call(line, pool, organization_id, max_minutes=30)
+    log = await call_log(pool, result)
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred")
+    update = next(u for u in line.updates if u["sid"] == result.call_sid)
+    dial = dialed(update["Twiml"])
+    assert dial is not None and dial.number == BILLING
+    assert dial.time_limit_seconds == 30 * 60  # the agent's limit: the balance pays for more
+    assert dial.action == f"{line.base}/twilio/dial?callLogId={log['id']}"
+    # The agent's minute is charged; the leg's 30 minutes are held while it talks.
+    assert await balance(pool, organization_id) == 1000 - RATE - 30 * RATE
+
+    status, twiml = await dial_ends(dial.action, result.call_sid, "completed", 125)
+    assert status == 200 and "<Hangup />" in twiml and "<Say>" not in twiml
+    assert await balance(pool, organization_id) == 1000 - RATE - 3 * RATE  # 125 s: three started minutes
+    log = await call_log(pool, result)
+    assert log["metadata"]["transfer"] == {
+        "to": BILLING,
+        "dialStatus": "completed",
+        "durationSeconds": 125,
+        "timeLimitSeconds": 1800,
+        "creditsCharged": 3 * RATE,
+    }
+    # Twilio retrying its request charges nothing more.
+    assert (await dial_ends(dial.action, result.call_sid, "completed", 125))[0] == 200
+    assert await balance(pool, organization_id) == 1000 - RATE - 3 * RATE
+
+
+async def test_a_transfer_is_limited_to_what_the_credits_pay_for_and_an_unanswered_one_costs_nothing(
+    line: Line, pool: asyncpg.Pool
+) -> None:
+    organization_id = await organization(pool, credits=6 * RATE + RATE // 2)
+    result = await transferred_call(line, pool, organization_id, max_minutes=60)
+    update = next(u for u in line.updates if u["sid"] == result.call_sid)
+    dial = dialed(update["Twiml"])
+    assert dial is not None and dial.action is not None
+    assert dial.time_limit_seconds == 5 * 60  # the agent's first minute, then five whole minutes left
+    assert await balance(pool, organization_id) == RATE // 2
+
+    status, twiml = await dial_ends(dial.action, result.call_sid, "busy", None)
+    assert status == 200
+    assert f"<Say>{TRANSFER_UNANSWERED}</Say><Hangup />" in twiml  # the caller, still on the line, hears why
+    assert await balance(pool, organization_id) == 5 * RATE + RATE // 2
+    assert (await call_log(pool, result))["metadata"]["transfer"]["creditsCharged"] == 0
+
+
+async def test_a_transfer_the_credits_cannot_pay_a_minute_of_is_not_made(line: Line, pool: asyncpg.Pool) -> None:
+    organization_id = await organization(pool, credits=RATE + RATE - 1)
+    result = await transferred_call(line, pool, organization_id, max_minutes=60)
+    log = await call_log(pool, result)
+    assert log["metadata"]["endReason"] != "transferred"
+    assert all(u["sid"] != result.call_sid for u in line.updates)  # Twilio was never asked
+    agent_said = [row["text"] for row in await turns(pool, log["id"]) if row["speaker"] == "agent"]
+    assert TRANSFER_FAILED in agent_said
+    assert await pool.fetchval('SELECT count(*) FROM "TransferLeg" WHERE "callLogId" = $1', log["id"]) == 0
+
+
+async def test_an_unsigned_dial_action_is_refused(line: Line, pool: asyncpg.Pool) -> None:
+    organization_id = await organization(pool, credits=100)
+    opened = await open_call(pool, organization_id, credit_rates=RATES)
+    await open_leg(pool, organization_id, opened.id, 5)
+    url = f"{line.base}/twilio/dial?callLogId={opened.id}"
+    fields = {"CallSid": opened.call_id, "DialCallStatus": "completed", "DialCallDuration": "1"}
+    async with aiohttp.ClientSession() as session, session.post(url, data=fields) as response:
+        assert response.status == 403
+    assert await transfer_legs.reserved_leg_credits(pool, call_log_id=opened.id) == 5 * RATE
+
+
+# ------------------------------------------------------------------------------------------------- storage
+
+
+async def test_a_leg_at_a_free_rate_gets_its_whole_limit_and_settling_never_charges_more_than_it_holds(
+    pool: asyncpg.Pool,
+) -> None:
+    organization_id = await organization(pool, credits=0)
+    opened = await open_call(pool, organization_id, credit_rates=dict.fromkeys(RATES, 0))
+    free = await open_leg(pool, organization_id, opened.id, 7)
+    assert (free.time_limit_seconds, free.credits, free.credits_per_minute) == (7 * 60, 0, 0)  # the call's own rate
+
+    paid = await organization(pool, credits=100)
+    opened = await open_call(pool, paid, credit_rates=RATES)
+    leg = await open_leg(pool, paid, opened.id, 2)
+    assert (leg.time_limit_seconds, leg.credits) == (120, 2 * RATE)
+    settled = await transfer_legs.settle_leg(pool, call_log_id=opened.id, dial_status="completed", duration_seconds=190)
+    assert settled is not None and settled.credits_charged == 2 * RATE  # Twilio's second past the limit is not billed
+    assert (
+        await transfer_legs.settle_leg(pool, call_log_id=opened.id, dial_status="completed", duration_seconds=9) is None
+    )
+    assert await balance(pool, paid) == 100 - RATE - 2 * RATE
+
+
+async def test_a_leg_is_opened_only_for_the_organizations_own_call_once_and_only_with_a_minute_of_credits(
+    pool: asyncpg.Pool,
+) -> None:
+    ours = await organization(pool, credits=100)
+    theirs = await organization(pool, credits=100)
+    their_call = await open_call(pool, theirs, credit_rates=RATES)
+    with pytest.raises(NotFound):
+        await open_leg(pool, ours, their_call.id, 5)
+    assert await balance(pool, ours) == 100
+
+    poor = await organization(pool, credits=RATE + RATE - 1)
+    opened = await open_call(pool, poor, credit_rates=RATES)
+    with pytest.raises(InsufficientCredits):
+        await open_leg(pool, poor, opened.id, 5)
+    assert await balance(pool, poor) == RATE - 1
+
+    opened = await open_call(pool, ours, credit_rates=RATES)
+    await open_leg(pool, ours, opened.id, 1)
+    with pytest.raises(asyncpg.UniqueViolationError):  # one transfer at a time
+        await open_leg(pool, ours, opened.id, 1)
+    # Twilio refused that one: its credits return, and the call may try again.
+    assert await transfer_legs.release_leg(pool, call_log_id=opened.id) == 100 - RATE
+    await open_leg(pool, ours, opened.id, 1)
+    assert await balance(pool, ours) == 100 - 2 * RATE
+
+
+# ------------------------------------------------------------------------------------------- the sweep
+
+
+@dataclass
+class DialedCalls:
+    """Twilio's Calls list by ParentCallSid: the calls each `<Dial>` made, and the parents it cannot answer for."""
+
+    children: dict[str, list[dict[str, Any]]]
+    failing: set[str]
+
+
+@pytest.fixture
+async def twilio_lookups() -> AsyncIterator[tuple[TwilioCalls, DialedCalls]]:
+    known = DialedCalls({}, set())
+
+    async def calls(request: web.Request) -> web.Response:
+        parent = request.query.get("ParentCallSid", "")
+        if known.failing & set(request.query.values()):
+            return web.json_response({"code": 20500, "message": "Internal Server Error", "status": 500}, status=500)
+        found = [
+            {"sid": sid, "status": status, "duration": duration}
+            for sid, status, duration in (
+                (c["sid"], c["status"], c["duration"]) for c in known.children.get(parent, [])
+            )
+        ]
+        uri = request.path_qs
+        page = {
+            "calls": found,
+            "start": 0,
+            "end": len(found),
+            "page": 0,
+            "page_size": 20,
+            "uri": uri,
+            "first_page_uri": uri,
+            "next_page_uri": None,
+            "previous_page_uri": None,
+        }
+        return web.json_response(page)
+
+    app = web.Application()
+    app.router.add_get("/2010-04-01/Accounts/{account}/Calls.json", calls)
+    async with serve(app) as base:
+        twilio = TwilioCalls(ACCOUNT, TOKEN, api_base=base)
+        try:
+            yield twilio, known
+        finally:
+            await twilio.close()
+
+
+async def test_the_sweep_settles_legs_whose_action_never_came_from_twilios_record(
+    pool: asyncpg.Pool, twilio_lookups: tuple[TwilioCalls, DialedCalls]
+) -> None:
+    twilio, known = twilio_lookups
+    organization_id = await organization(pool, credits=1000)
+    talked, never_dialed, unknown, recent = [
+        await open_call(pool, organization_id, credit_rates=RATES) for _ in range(4)
+    ]
+    for opened in (talked, never_dialed, unknown, recent):
+        await open_leg(pool, organization_id, opened.id, 3)
+    known.children[talked.call_id] = [{"sid": "CA" + "a" * 32, "status": "completed", "duration": "70"}]
+    known.failing.add(unknown.call_id)
+    await pool.execute(
+        """UPDATE "TransferLeg" SET "startedAt" = "startedAt" - interval '10 minutes' WHERE "callLogId" = ANY($1)""",
+        [talked.id, never_dialed.id, unknown.id],
+    )
+
+    settled = await settle_overdue_legs(pool, twilio, now=datetime.now(UTC), grace=timedelta(minutes=5))
+    assert settled == 2
+    talked_log = await call_logs.get_call_log(pool, organization_id=organization_id, call_log_id=talked.id)
+    assert talked_log.metadata["transfer"]["creditsCharged"] == 2 * RATE  # 70 s
+    never = await call_logs.get_call_log(pool, organization_id=organization_id, call_log_id=never_dialed.id)
+    assert never.metadata["transfer"]["dialStatus"] == transfer_legs.NOT_DIALED
+    assert never.metadata["transfer"]["creditsCharged"] == 0
+    # Twilio could not say for one; the other's limit has not run out: both stay held for a later sweep.
+    assert await transfer_legs.reserved_leg_credits(pool, call_log_id=unknown.id) == 3 * RATE
+    assert await transfer_legs.reserved_leg_credits(pool, call_log_id=recent.id) == 3 * RATE
+    assert talked_log.status is CallStatus.IN_PROGRESS  # the call's own log is the media session's to end
+    assert await balance(pool, organization_id) == 1000 - 4 * RATE - 2 * 3 * RATE - 2 * RATE
+
+
+async def test_a_call_list_twilio_will_not_give_is_a_lookup_failure(
+    twilio_lookups: tuple[TwilioCalls, DialedCalls],
+) -> None:
+    twilio, known = twilio_lookups
+    known.failing.add("+14155550100")
+    with pytest.raises(CallLookupFailed, match="500"):
+        await twilio.calls_between(to="+14155550100", from_="+14155550101")
+    with pytest.raises(CallLookupFailed, match="500"):
+        await twilio.dialed_calls("+14155550100")
