@@ -78,6 +78,7 @@ class DueCampaign:
     next_dial_at: datetime
     credits: int
     from_number: str | None
+    """The campaign's own caller id, else the default one (storage.phone_numbers.default_caller_id); None: neither."""
     in_flight: int
     organization_plan: Plan
     organization_calls: int
@@ -143,12 +144,8 @@ async def lock_due_campaign(conn: Connection, *, now: datetime, skip: Sequence[s
                (SELECT count(*) FROM "CallLog" l
                 WHERE l."organizationId" = c."organizationId" AND l."status" = 'IN_PROGRESS'
                )::int AS "organizationCalls",
-               COALESCE(d."fromNumber", (
-                   -- No caller id of the campaign's own: its agent's number, else the organization's first.
-                   SELECT p."phoneNumber" FROM "PhoneNumber" p
-                   LEFT JOIN "Agent" ag ON ag."id" = c."agentId" AND ag."organizationId" = c."organizationId"
-                   WHERE p."organizationId" = c."organizationId" AND p."outboundStatus" = 'ENABLED'
-                   ORDER BY p."id" IS DISTINCT FROM ag."phoneNumberId", p."createdAt", p."id" LIMIT 1))
+               -- No caller id of the campaign's own: the default one (migration 0024), as for the API's calls.
+               COALESCE(d."fromNumber", dialtone_default_caller_id(c."organizationId", c."agentId"))
                    AS "resolvedFromNumber",
                (SELECT count(*) FROM "CampaignAttempt" a
                 WHERE a."campaignId" = c."id" AND a."state" IN ({sql_states(IN_FLIGHT)}))::int AS "inFlight"

@@ -139,7 +139,7 @@ class DialingRules(Record):
     """How a campaign dials, beyond the seed's fields: caller id, timezone, days, concurrency, pace, retries."""
 
     from_number: str | None = None
-    """The caller id (E.164); None uses the organization's first number enabled for outbound calls."""
+    """The caller id (E.164); None: the default caller id when dialing (storage.phone_numbers.default_caller_id)."""
     timezone: str = "UTC"
     """Where callStartTime/callEndTime and startDate/startTime are read when a recipient's own zone is unknown."""
     days_of_week: frozenset[int] = frozenset(range(1, 8))

@@ -82,6 +82,17 @@ async def find_by_number(db: Queryable, *, number: str) -> PhoneNumber | None:
     return PhoneNumber.from_row(row) if row is not None else None
 
 
+async def default_caller_id(db: Queryable, *, organization_id: str, agent_id: str) -> str | None:
+    """The number the agent's calls come from when none is given (E.164), or None if the organization has none.
+
+    The agent's own number when outbound calls are ENABLED on it, else the organization's first number that has
+    them ENABLED (oldest first, then by id). The rule lives in SQL (migration 0024, `dialtone_default_caller_id`),
+    where the campaign dispatcher's claim query uses it too.
+    """
+    number: str | None = await db.fetchval("SELECT dialtone_default_caller_id($1, $2)", organization_id, agent_id)
+    return number
+
+
 async def get_phone_number(db: Queryable, *, organization_id: str, phone_number_id: str) -> PhoneNumber:
     """One of the organization's numbers; NotFound if it has none with that id."""
     row = await db.fetchrow(

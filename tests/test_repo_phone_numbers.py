@@ -1,4 +1,5 @@
-"""Phone numbers: stored in E.164, unique across organizations, found unscoped for inbound calls only."""
+"""Phone numbers: stored in E.164, unique across organizations, found unscoped for inbound calls only; the default
+caller id (its choice among an organization's numbers is specified through the API in test_seed_fields_outbound)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from storage.organizations import Organization, create_organization
 from storage.phone_numbers import (
     PhoneNumber,
     create_phone_number,
+    default_caller_id,
     delete_phone_number,
     find_by_number,
     get_phone_number,
@@ -23,6 +25,7 @@ from storage.phone_numbers import (
     set_outbound_status,
 )
 from storage.records import new_id
+from storage.tenancy import tenant_transaction
 
 # Fictional +1 555 01xx numbers, one per test so the module's shared database never sees a number twice.
 _numbers = (f"+1555555{n:04d}" for n in itertools.count(100))
@@ -178,3 +181,32 @@ async def test_another_organization_cannot_delete_a_number(pool: asyncpg.Pool) -
         await delete_phone_number(pool, organization_id=other.id, phone_number_id=created.id)
 
     assert await find_by_number(pool, number=created.phone_number) == created
+
+
+async def test_numbers_added_at_the_same_moment_are_the_default_caller_id_in_id_order(pool: asyncpg.Pool) -> None:
+    organization = await new_organization(pool)
+    later = await create_phone_number(
+        pool, organization_id=organization.id, phone_number=fresh_number(), id=f"1{new_id()}"
+    )
+    sooner = await create_phone_number(
+        pool, organization_id=organization.id, phone_number=fresh_number(), id=f"0{new_id()}"
+    )
+    await pool.execute(
+        'UPDATE "PhoneNumber" SET "createdAt" = $2 WHERE "id" = ANY($1::text[])',
+        [later.id, sooner.id],
+        later.created_at,
+    )
+
+    chosen = await default_caller_id(pool, organization_id=organization.id, agent_id="no-such-agent")
+    assert chosen == sooner.phone_number
+
+
+async def test_the_default_caller_id_does_not_reach_past_row_level_security(pool: asyncpg.Pool) -> None:
+    owner, other = await new_organization(pool), await new_organization(pool)
+    created = await create_phone_number(pool, organization_id=owner.id, phone_number=fresh_number())
+
+    assert await default_caller_id(pool, organization_id=owner.id, agent_id="none") == created.phone_number
+    async with tenant_transaction(pool, owner.id) as db:
+        assert await default_caller_id(db, organization_id=owner.id, agent_id="none") == created.phone_number
+    async with tenant_transaction(pool, other.id) as db:  # the API role of another organization sees no such number
+        assert await default_caller_id(db, organization_id=owner.id, agent_id="none") is None

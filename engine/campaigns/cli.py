@@ -44,7 +44,10 @@ def add_campaign_command(commands: argparse._SubParsersAction[argparse.ArgumentP
     create.add_argument("--window", help="daily calling window in each recipient's local time, e.g. 09:00-17:00")
     create.add_argument("--days", default="mon-sun", help="days to call: mon-fri, or a list like mon,wed,sat")
     create.add_argument("--timezone", default="UTC", help="IANA timezone for ambiguous numbers and the start")
-    create.add_argument("--from-number", help="caller id, E.164 (default: the organization's outbound number)")
+    create.add_argument(
+        "--from-number",
+        help="caller id, E.164 (default: the agent's number if it may call out, else the organization's first)",
+    )
     create.add_argument("--max-concurrent", type=int, default=1, help="calls at once across all engines")
     create.add_argument("--calls-per-second", type=float, default=1.0, help="pace across all engines")
     create.add_argument("--max-attempts", type=int, default=1, help="dials per recipient at most")

@@ -221,7 +221,10 @@ class CampaignDispatcher:
             return []
         if campaign.from_number is None:
             await dispatch.pause_for(
-                conn, campaign, "no caller id: set the campaign's from number or enable a number for outbound calls"
+                conn,
+                campaign,
+                "no caller id: set the campaign's from number, or enable outbound calls on the agent's number or "
+                "another of the organization's numbers",
             )
             return []
         slots = min(rules.max_concurrent_calls - campaign.in_flight, self._timing.max_claims_per_tick)

@@ -41,7 +41,6 @@ from engine.twilio.webhooks import (
 )
 from pipelines.registry import PipelineUnavailable, check_pipeline
 from storage import Pool, agents, call_logs, do_not_call, phone_numbers
-from storage.agents import AgentBundle
 from storage.call_logs import CallLog
 from storage.call_slots import ConcurrentCallLimitReached
 from storage.end_reasons import EndReason
@@ -109,7 +108,8 @@ class AgentUnavailable(OutboundCallError):
 
 
 class NumberUnavailable(OutboundCallError):
-    """The caller-id number is not one of the organization's, or may not place outbound calls (or none is given)."""
+    """The caller-id number is not one of the organization's, or may not place outbound calls (or none is given and
+    there is no default)."""
 
     def __init__(self, number: str | None, reason: str) -> None:
         super().__init__(f"from_number {number}: {reason}" if number else f"from_number: {reason}")
@@ -228,8 +228,8 @@ async def place_call(
     recipient_id: str | None = None,
     slot_wait: float = 0.0,
 ) -> PlacedCall:
-    """Dial `to` from the organization's number `from_number` (None: the agent's own number) for an ACTIVE
-    OUTBOUND agent.
+    """Dial `to` from the organization's number `from_number` (None: the default caller id, see
+    storage.phone_numbers.default_caller_id) for an ACTIVE OUTBOUND agent.
 
     The CallLog is created IN_PROGRESS first (per-call `variables` in metadata.variables, `campaign_id` as its
     campaignId), taking one of the organization's call slots, then Twilio is asked for the call. With every slot
@@ -245,10 +245,18 @@ async def place_call(
         raise OnDoNotCallList(f"to: {do_not_call.describe(listed)}; it is never called")
     if from_number is not None:
         caller_id = await outbound_caller_id(pool, organization_id=organization_id, number=from_number)
-        config, _ = await _usable_agent(deps, organization_id, agent_id)
+        config = await _usable_agent(deps, organization_id, agent_id)
     else:
-        config, bundle = await _usable_agent(deps, organization_id, agent_id)
-        caller_id = await outbound_caller_id(pool, organization_id=organization_id, number=_agent_number(bundle))
+        config = await _usable_agent(deps, organization_id, agent_id)
+        default = await phone_numbers.default_caller_id(pool, organization_id=organization_id, agent_id=agent_id)
+        if default is None:
+            raise NumberUnavailable(
+                None,
+                f"not given, and neither agent {agent_id} nor its organization has a number with outbound calls "
+                "ENABLED; set fromNumber, or enable outbound calls on the agent's number or another of the "
+                "organization's numbers",
+            )
+        caller_id = await outbound_caller_id(pool, organization_id=organization_id, number=default)
 
     metadata: dict[str, Any] = {"direction": "outbound", "from": caller_id, "variables": per_call}
     if recipient_id is not None:
@@ -379,18 +387,7 @@ async def outbound_caller_id(db: Queryable, *, organization_id: str, number: str
     return caller_id
 
 
-def _agent_number(bundle: AgentBundle) -> str:
-    """The agent's own number (Agent.phoneNumberId): the caller id of its calls when none is given."""
-    if bundle.phone_number is None:
-        raise NumberUnavailable(
-            None, f"not given, and agent {bundle.agent.id} has no phone number (phoneNumberId) to call from"
-        )
-    return bundle.phone_number.phone_number
-
-
-async def _usable_agent(
-    deps: OutboundDeps, organization_id: str, agent_id: str
-) -> tuple[AgentConfiguration, AgentBundle]:
+async def _usable_agent(deps: OutboundDeps, organization_id: str, agent_id: str) -> AgentConfiguration:
     try:
         bundle = await agents.load_agent_bundle(deps.pool, organization_id=organization_id, agent_id=agent_id)
     except NotFound:
@@ -405,7 +402,7 @@ async def _usable_agent(
         check_pipeline(config, provider_keys(deps.settings, bundle))
     except (AgentConfigurationError, PipelineUnavailable) as exc:
         raise AgentUnavailable(agent_id, f"its configuration cannot run: {exc}") from None
-    return config, bundle
+    return config
 
 
 def _masked(number: str) -> str:

@@ -44,8 +44,9 @@ class CallCreate(RequestModel):
     agent_id: Id
     from_number: PhoneNumberText | None = Field(
         None,
-        description="One of the organization's numbers, outbound ENABLED (E.164); default: the agent's own number "
-        "(its phoneNumberId), which must be outbound ENABLED too.",
+        description="One of the organization's numbers, outbound ENABLED (E.164); default: the agent's number "
+        "(Agent.phoneNumberId) if outbound ENABLED, else the organization's first outbound-enabled number (oldest "
+        "first), as for a campaign without a fromNumber; 422 if there is none.",
     )
     to: PhoneNumberText = Field(description="The number to dial, E.164 (e.g. +14155550100).")
     variables: dict[VariableName, VariableValue] = Field(
@@ -85,11 +86,11 @@ async def create_call(call: ApiCall) -> PlacedCallResponse:
     """Create the CallLog (IN_PROGRESS, OUTBOUND) and ask Twilio to dial.
 
     422 names the field at fault (an undialable number, a number on the do-not-call list, an agent that is not
-    an ACTIVE OUTBOUND agent, a number that may not call out); 402 when the organization has no credits; 502 when
-    Twilio refuses the call (its CallLog is then FAILED with Twilio's error); 503 when this engine has no Twilio
-    account or public URL. When the organization already has as many calls in progress as its plan allows, the
-    request waits a little for one to end (DIALTONE_CALL_SLOT_WAIT), then answers 429 with Retry-After. With an
-    `Idempotency-Key`, a retry never dials twice: it gets the first request's answer.
+    an ACTIVE OUTBOUND agent, a number that may not call out, no `fromNumber` and no default one); 402 when the
+    organization has no credits; 502 when Twilio refuses the call (its CallLog is then FAILED with Twilio's error);
+    503 when this engine has no Twilio account or public URL. When the organization already has as many calls in
+    progress as its plan allows, the request waits a little for one to end (DIALTONE_CALL_SLOT_WAIT), then answers
+    429 with Retry-After. With an `Idempotency-Key`, a retry never dials twice: it gets the first request's answer.
     """
     body = call.body_as(CallCreate)
     try:

@@ -70,8 +70,8 @@ class CampaignCreate(RequestModel):
     from_number: PhoneText | None = Field(
         None,
         description="Caller id: one of the organization's numbers, outbound ENABLED (E.164); "
-        "default: the agent's number (Agent.phoneNumberId) if outbound ENABLED, else the first outbound-enabled "
-        "number.",
+        "default: the agent's number (Agent.phoneNumberId) if outbound ENABLED, else the organization's first "
+        "outbound-enabled number (oldest first), as for POST /v1/calls without a fromNumber.",
     )
     timezone: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "UTC"
     days_of_week: list[Annotated[int, Field(ge=1, le=7)]] = Field(
