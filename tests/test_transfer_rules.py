@@ -108,7 +108,8 @@ def test_the_configuration_keeps_numbers_in_e164() -> None:
         "destinations": [
             {"label": "Billing", "number": "+14155550199", "pattern": None},
             {"label": "Support team", "number": None, "pattern": "+1415555****"},
-        ]
+        ],
+        "maxMinutes": 60,
     }
 
 
