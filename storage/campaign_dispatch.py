@@ -415,6 +415,36 @@ async def begin_dial(pool: asyncpg.Pool, claim: Claim, *, now: datetime, lease_f
         return False
 
 
+class LeaseLost(Exception):
+    """A dial's lease is no longer its own (it expired while the dial stalled, and the recipient went back to the
+    queue or on to another dial): the dial must not happen."""
+
+    def __init__(self, claim: Claim) -> None:
+        super().__init__(
+            f"recipient {claim.recipient_id} of campaign {claim.campaign_id}: the dial's lease was lost before its "
+            "CallLog was written; not dialed"
+        )
+
+
+async def hold_lease(conn: Connection, claim: Claim) -> None:
+    """In the transaction that writes a dial's CallLog, before it: lock the recipient's dispatch row while the claim
+    still holds it, so that the lease's expiry waits for the CallLog and then follows it rather than queueing the
+    recipient again. LeaseLost when the claim no longer holds it."""
+    held = await conn.fetchval(
+        f"""
+        SELECT true FROM "CampaignRecipientDispatch" rd
+        JOIN "CampaignAttempt" a ON a."id" = $3 AND a."state" = '{AttemptState.DIALING}'
+        WHERE rd."recipientId" = $1 AND rd."state" = '{RecipientDispatchState.DIALING}' AND rd."leaseOwner" = $2
+        FOR UPDATE OF rd
+        """,
+        claim.recipient_id,
+        claim.lease_owner,
+        claim.attempt_id,
+    )
+    if not held:
+        raise LeaseLost(claim)
+
+
 async def record_placed(pool: asyncpg.Pool, claim: Claim, *, call_log_id: str, call_sid: str | None) -> bool:
     """The dial created its CallLog: from now on the CallLog decides. False if the lease had been lost."""
     async with transaction(pool) as conn:

@@ -36,6 +36,7 @@ from engine.twilio.outbound_calls import (
     OutboundCallError,
     OutboundDeps,
     OutboundUnavailable,
+    PlacementUnconfirmed,
     place_call,
 )
 from engine.workers.recovery import NODE_ID
@@ -93,13 +94,19 @@ class DialDeferred(Exception):
         self.reason = reason
 
 
+class DialUnconfirmed(Exception):
+    """Twilio did not answer the request for this recipient's call, which it may have received: the attempt waits
+    for its lease to expire, when Twilio is asked whether the call exists (PlacementLookup)."""
+
+
 class Dialer(Protocol):
     """Places one campaign call; the engine's is PlaceCallDialer (Twilio), tests bring their own."""
 
     async def dial(self, claim: Claim) -> DialResult:
         """Place the call, creating its CallLog (metadata naming the recipient) before the call is requested.
 
-        Raises DialRefused, DialDeferred, DoNotDial or CampaignBlocked; any other error leaves the attempt to lease
+        Raises DialRefused, DialDeferred, DoNotDial, CampaignBlocked or DialUnconfirmed; DialUnconfirmed, like any
+        other error, leaves the attempt to lease
         expiry, which follows the CallLog if one was created with a CallSid, asks Twilio (PlacementLookup) if it has
         none, and otherwise puts the recipient back without counting it.
         """
@@ -289,6 +296,12 @@ class CampaignDispatcher:
             await dispatch.release_claim(self._pool, claim, reason=blocked.reason)
             await dispatch.pause_campaign_for(self._pool, claim.campaign_id, blocked.reason)
             log.warning("campaign %s paused: %s", claim.campaign_id, blocked.reason)
+        except dispatch.LeaseLost as lost:
+            # It stalled past its lease, and the recipient is someone else's now: no CallLog, no call.
+            log.warning("campaign %s: %s", claim.campaign_id, lost)
+        except DialUnconfirmed as unconfirmed:
+            # Twilio may have the call: the lease's expiry asks it (placement_lookup), never a second dial first.
+            log.warning("campaign %s: recipient %s: %s", claim.campaign_id, claim.recipient_id, unconfirmed)
         except Exception:
             # Placed or not is unknown here: the lease's expiry looks for the CallLog and decides.
             log.exception("dialing recipient %s of campaign %s failed", claim.recipient_id, claim.campaign_id)
@@ -367,10 +380,12 @@ class PlaceCallDialer:
                 to=claim.phone_number,
                 variables=variables,
                 campaign_id=claim.campaign_id,
-                recipient_id=claim.recipient_id,
+                claim=claim,
             )
         except CallNotPlaced as exc:
             raise DialRefused(str(exc), exc.call_log_id) from None
+        except PlacementUnconfirmed as exc:
+            raise DialUnconfirmed(str(exc)) from None
         except InvalidNumber as exc:
             raise DialRefused(str(exc)) from None
         except NoFreeSlot as exc:

@@ -10,8 +10,10 @@ these `metadata.endReason` values (`storage.end_reasons.EndReason`; a contract: 
   up (COMPLETED), see `engine.twilio.webhooks.handle_amd`;
 - `twilio_refused`, `twilio_unreachable`: Twilio did not create the call (FAILED, with `twilioErrorCode` and
   `twilioErrorMessage`), and `place_call` raises CallNotPlaced;
-- `not_placed`: a campaign dial whose process died before its request reached Twilio, which has no such call
-  (FAILED; found out when the dial's lease expires, see engine/campaigns/placement_lookup.py);
+- `not_placed`: a campaign dial whose process died before its request reached Twilio, or whose request Twilio
+  never answered, and Twilio has no such call (FAILED; found out when the dial's lease expires, see
+  engine/campaigns/placement_lookup.py). A request Twilio did not answer raises PlacementUnconfirmed and leaves the
+  CallLog IN_PROGRESS, waiting for the CallSid: the call's status callbacks adopt it if Twilio created it;
 - otherwise whatever the media session ended with (`path_end`, `caller_hangup`, ...), as for inbound calls.
 """
 
@@ -31,7 +33,7 @@ from config.phone import InvalidPhoneNumber, e164
 from config.settings import Settings
 from engine.call.setup import provider_keys
 from engine.server.appkeys import DATABASE, SETTINGS, TWILIO
-from engine.twilio.rest import CallRefused, MachineDetection, TwilioCalls
+from engine.twilio.rest import CallRefused, CallUnconfirmed, MachineDetection, TwilioCalls
 from engine.twilio.webhooks import (
     AMD_PATH,
     STATUS_PATH,
@@ -40,14 +42,15 @@ from engine.twilio.webhooks import (
     stream_twiml,
 )
 from pipelines.registry import PipelineUnavailable, check_pipeline
-from storage import Pool, agents, call_logs, do_not_call, phone_numbers
+from storage import Pool, agents, call_logs, campaign_dispatch, do_not_call, phone_numbers
 from storage.call_logs import CallLog
 from storage.call_slots import ConcurrentCallLimitReached
+from storage.campaign_dispatch import RECIPIENT_METADATA_KEY, Claim
 from storage.end_reasons import EndReason
 from storage.enums import AgentStatus, CallerType, CallType, PhoneNumberStatus
 from storage.errors import InvalidReference, NotFound
 from storage.organizations import InsufficientCredits
-from storage.records import Queryable
+from storage.records import Queryable, transaction
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +156,18 @@ class CallNotPlaced(OutboundCallError):
         self.message = message
 
 
+class PlacementUnconfirmed(OutboundCallError):
+    """Twilio did not answer the request to create the call, which it may have received: the CallLog stays
+    IN_PROGRESS until the call's status callbacks, or Twilio's Calls list, tell whether it exists."""
+
+    def __init__(self, call_log_id: str, message: str) -> None:
+        super().__init__(
+            f"{message}; the call may have been placed: CallLog {call_log_id} follows it (IN_PROGRESS until Twilio's "
+            "status callbacks tell; FAILED if its media stream never starts)"
+        )
+        self.call_log_id = call_log_id
+
+
 # --------------------------------------------------------------------------------------------------- the call
 
 
@@ -225,7 +240,7 @@ async def place_call(
     to: str,
     variables: Mapping[str, str] | None = None,
     campaign_id: str | None = None,
-    recipient_id: str | None = None,
+    claim: Claim | None = None,
     slot_wait: float = 0.0,
 ) -> PlacedCall:
     """Dial `to` from the organization's number `from_number` (None: the default caller id, see
@@ -259,8 +274,8 @@ async def place_call(
         caller_id = await outbound_caller_id(pool, organization_id=organization_id, number=default)
 
     metadata: dict[str, Any] = {"direction": "outbound", "from": caller_id, "variables": per_call}
-    if recipient_id is not None:
-        metadata["campaignRecipientId"] = recipient_id
+    if claim is not None:
+        metadata[RECIPIENT_METADATA_KEY] = claim.recipient_id
     waited = 0.0
     for pause in _slot_polls(slot_wait):
         try:
@@ -272,6 +287,7 @@ async def place_call(
                 customer=per_call.get("name") or None,
                 callee=callee,
                 metadata=metadata,
+                claim=claim,
             )
             break
         except ConcurrentCallLimitReached as exc:
@@ -291,6 +307,10 @@ async def place_call(
             ring_timeout_seconds=config.ring_timeout_seconds,
             machine_detection=machine_detection(config, callback_url(base, AMD_PATH, call_log.id)),
         )
+    except CallUnconfirmed as exc:
+        # Closing the CallLog now could hide a call that rings: it waits for Twilio's word instead.
+        log.warning("outbound call %s to %s unconfirmed: %s", call_log.id, _masked(callee), exc)
+        raise PlacementUnconfirmed(call_log.id, str(exc)) from None
     except CallRefused as exc:
         reason = EndReason.TWILIO_REFUSED if exc.code is not None else EndReason.TWILIO_UNREACHABLE
         await call_logs.fail_unstarted(
@@ -330,22 +350,27 @@ async def _open_call_log(
     customer: str | None,
     callee: str,
     metadata: dict[str, Any],
+    claim: Claim | None,
 ) -> CallLog:
-    """The call's IN_PROGRESS CallLog, its call slot taken and its first minute's credits reserved."""
+    """The call's IN_PROGRESS CallLog, its call slot taken and its first minute's credits reserved; for a campaign's
+    `claim`, only while it holds its lease (LeaseLost otherwise)."""
     try:
-        return await call_logs.create_call_log(
-            deps.pool,
-            organization_id=organization_id,
-            call_type=CallType.OUTBOUND,
-            call_id=call_logs.pending_call_id(),
-            agent_id=agent_id,
-            campaign_id=campaign_id,
-            customer=customer,
-            phone_number=callee,
-            metadata=metadata,
-            credit_rates=deps.settings.credit_rates,
-            call_limits=deps.settings.concurrent_call_limits,
-        )
+        async with transaction(deps.pool) as conn:
+            if claim is not None:
+                await campaign_dispatch.hold_lease(conn, claim)
+            return await call_logs.create_call_log(
+                conn,
+                organization_id=organization_id,
+                call_type=CallType.OUTBOUND,
+                call_id=call_logs.pending_call_id(),
+                agent_id=agent_id,
+                campaign_id=campaign_id,
+                customer=customer,
+                phone_number=callee,
+                metadata=metadata,
+                credit_rates=deps.settings.credit_rates,
+                call_limits=deps.settings.concurrent_call_limits,
+            )
     except InvalidReference as exc:
         raise CampaignNotFound(str(exc)) from None
     except InsufficientCredits as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,11 @@ class CallRefused(Exception):
         self.code = code
         self.message = message
         self.status = status
+
+
+class CallUnconfirmed(Exception):
+    """Twilio did not answer a create request it may have received (a time-out, a dropped connection): whether the
+    call exists only Twilio knows, and its status callbacks or Calls list will tell."""
 
 
 class CallLookupFailed(Exception):
@@ -80,9 +86,20 @@ class MachineDetection:
 class TwilioCalls:
     """Call control for one Twilio account; the API root is a setting (regional proxies, tests)."""
 
-    def __init__(self, account_sid: str, auth_token: str, *, api_base: str = "https://api.twilio.com") -> None:
-        """Create the async client; nothing is sent until a call is controlled."""
-        self._http = AsyncTwilioHttpClient(timeout=REQUEST_TIMEOUT_SECONDS)
+    def __init__(
+        self,
+        account_sid: str,
+        auth_token: str,
+        *,
+        api_base: str = "https://api.twilio.com",
+        timeout: float = REQUEST_TIMEOUT_SECONDS,
+    ) -> None:
+        """Create the async client (each request given up after `timeout` s); nothing is sent until a call is
+        controlled."""
+        # The SDK's async client keeps its `timeout` but never applies it (aiohttp's 5-minute default would): every
+        # request here is bounded by asyncio.timeout instead.
+        self._http = AsyncTwilioHttpClient()
+        self._timeout = timeout
         self._client = Client(account_sid, auth_token, http_client=self._http)
         self._client.api.base_url = api_base.rstrip("/")
 
@@ -110,7 +127,8 @@ class TwilioCalls:
     ) -> str:
         """Ask Twilio to dial `to` from `from_` and run `twiml` once answered; return the new CallSid.
 
-        Raises CallRefused with Twilio's error code and message, or (code None) when Twilio could not be reached.
+        Raises CallRefused with Twilio's error code and message, or (code None) when Twilio could not be reached;
+        CallUnconfirmed when the request was sent but not answered (the call may exist).
         """
         options: dict[str, object] = {}
         if machine_detection is not None:
@@ -122,20 +140,25 @@ class TwilioCalls:
                 "async_amd_status_callback_method": "POST",
             }
         try:
-            call = await self._client.calls.create_async(
-                to=to,
-                from_=from_,
-                twiml=twiml,
-                status_callback=status_callback,
-                status_callback_event=list(status_events),
-                status_callback_method="POST",
-                timeout=ring_timeout_seconds,
-                **options,
+            call = await asyncio.wait_for(
+                self._client.calls.create_async(
+                    to=to,
+                    from_=from_,
+                    twiml=twiml,
+                    status_callback=status_callback,
+                    status_callback_event=list(status_events),
+                    status_callback_method="POST",
+                    timeout=ring_timeout_seconds,
+                    **options,
+                ),
+                self._timeout,
             )
         except TwilioRestException as exc:
             raise CallRefused(exc.code, str(exc.msg), exc.status) from None
-        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+        except aiohttp.ClientConnectorError as exc:  # no connection: the request never left
             raise CallRefused(None, f"could not reach Twilio: {exc}") from None
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:  # sent, but no answer: it may have arrived
+            raise CallUnconfirmed(f"Twilio did not answer the request to create the call: {exc!r}") from None
         sid: str = call.sid
         return sid
 
@@ -146,7 +169,9 @@ class TwilioCalls:
         would miss it; callers filter on `created_at`. Raises CallLookupFailed when Twilio cannot answer.
         """
         try:
-            found = await self._client.calls.list_async(to=to, from_=from_, limit=limit, page_size=limit)
+            found = await asyncio.wait_for(
+                self._client.calls.list_async(to=to, from_=from_, limit=limit, page_size=limit), self._timeout
+            )
         except TwilioException as exc:  # a page Twilio would not give is a TwilioException, not a TwilioRestException
             raise CallLookupFailed(f"Twilio refused the call lookup: {_refusal(exc)}") from None
         except (OSError, TimeoutError, aiohttp.ClientError) as exc:
@@ -189,7 +214,9 @@ class TwilioCalls:
         Raises CallLookupFailed when Twilio cannot answer.
         """
         try:
-            found = await self._client.calls.list_async(parent_call_sid=parent_call_sid, limit=20, page_size=20)
+            found = await asyncio.wait_for(
+                self._client.calls.list_async(parent_call_sid=parent_call_sid, limit=20, page_size=20), self._timeout
+            )
         except TwilioException as exc:
             raise CallLookupFailed(f"Twilio refused the call lookup: {_refusal(exc)}") from None
         except (OSError, TimeoutError, aiohttp.ClientError) as exc:
@@ -202,7 +229,7 @@ class TwilioCalls:
 
     async def _update(self, call_sid: str, action: str, **changes: str) -> bool:
         try:
-            await self._client.calls(call_sid).update_async(**changes)
+            await asyncio.wait_for(self._client.calls(call_sid).update_async(**changes), self._timeout)
         except TwilioRestException as exc:
             log.warning("Twilio refused to %s %s: %s %s", action, call_sid, exc.status, exc.msg)
             return False

@@ -21,6 +21,7 @@ from engine.twilio.outbound_calls import (
     OnDoNotCallList,
     OutboundDeps,
     OutboundUnavailable,
+    PlacementUnconfirmed,
     dialable_number,
     outbound_caller_id,
     place_call,
@@ -88,6 +89,7 @@ async def create_call(call: ApiCall) -> PlacedCallResponse:
     422 names the field at fault (an undialable number, a number on the do-not-call list, an agent that is not
     an ACTIVE OUTBOUND agent, a number that may not call out, no `fromNumber` and no default one); 402 when the
     organization has no credits; 502 when Twilio refuses the call (its CallLog is then FAILED with Twilio's error);
+    504 when Twilio did not answer the request, which it may have received (the CallLog named follows the call);
     503 when this engine has no Twilio account or public URL. When the organization already has as many calls in
     progress as its plan allows, the request waits a little for one to end (DIALTONE_CALL_SLOT_WAIT), then answers
     429 with Retry-After. With an `Idempotency-Key`, a retry never dials twice: it gets the first request's answer.
@@ -127,6 +129,8 @@ async def create_call(call: ApiCall) -> PlacedCallResponse:
         raise busy from None
     except CallNotPlaced as exc:
         raise ApiError(502, "twilio_refused", str(exc)) from None
+    except PlacementUnconfirmed as exc:
+        raise ApiError(504, "twilio_unconfirmed", str(exc)) from None
     except OutboundUnavailable as exc:
         raise ApiError(503, "outbound_unavailable", str(exc)) from None
     return PlacedCallResponse(call_log_id=placed.call_log_id, call_sid=placed.call_sid)

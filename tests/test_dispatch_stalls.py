@@ -1,0 +1,149 @@
+"""A campaign dial that stalls never calls anyone twice: the real dispatcher and dialer (place_call), the engine's
+webhooks on loopback, the fake Twilio.
+
+- A dial that stalls past its lease before writing its CallLog (the lease expired and the recipient went back to the
+  queue, for another engine to dial) writes nothing and dials nobody.
+- A create request Twilio never answers (a time-out: it may have arrived) leaves the CallLog waiting for Twilio's
+  word rather than FAILED and the recipient retried: when Twilio did create the call, it is adopted and followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from config.settings import load_settings
+from engine.campaigns.dispatcher import CampaignDispatcher, DialResult, DispatchTiming, PlaceCallDialer
+from engine.twilio.outbound_calls import OutboundDeps
+from engine.twilio.rest import TwilioCalls
+from storage import campaign_dispatch, organizations
+from storage.campaign_dispatch import Claim
+from storage.campaigns import DialingRules
+from tests.engine_server import running_engine
+from tests.fakes.twilio import FakeTwilio, NoAnswer
+from tests.test_dispatch_claims import Clock, recipient_state
+from tests.test_dispatch_do_not_call import outbound_deps, started_campaign, twilio_settings
+
+LEASE = timedelta(seconds=60)
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+async def twilio() -> AsyncIterator[FakeTwilio]:
+    async with FakeTwilio() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+async def engine(db_url: str, twilio: FakeTwilio) -> AsyncIterator[str]:
+    async with running_engine(db_url, dispatch_enabled=False, **twilio_settings(twilio)) as base:
+        yield base
+
+
+async def organization(pool: asyncpg.Pool) -> str:
+    n = next(_names)
+    org = await organizations.create_organization(pool, name=f"Stalls {n}", slug=f"stalls-{n}", credits=1000)
+    return org.id
+
+
+async def campaign_logs(pool: asyncpg.Pool, campaign_id: str) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        'SELECT "status", "callId", "metadata" FROM "CallLog" WHERE "campaignId" = $1 ORDER BY "createdAt"',
+        campaign_id,
+    )
+
+
+@dataclass
+class StallingDialer:
+    """The engine's dialer, after a stall longer than the lease during which another engine expired it."""
+
+    pool: asyncpg.Pool
+    inner: PlaceCallDialer
+    clock: Clock
+
+    async def dial(self, claim: Claim) -> DialResult:
+        self.clock.now += LEASE + timedelta(seconds=1)
+        assert await campaign_dispatch.expire_leases(self.pool, now=self.clock.now) == (1, 0)  # back in the queue
+        return await self.inner.dial(claim)
+
+
+async def test_a_dial_that_stalls_past_its_lease_writes_nothing_and_dials_nobody(
+    db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio, engine: str
+) -> None:
+    number = "+12125557101"
+    campaign = await started_campaign(pool, await organization(pool), [number])
+    clock = Clock(datetime.now(UTC))
+    async with outbound_deps(db_url, pool, twilio, engine) as deps:
+        dispatcher = CampaignDispatcher(
+            pool,
+            StallingDialer(pool, PlaceCallDialer(deps), clock),
+            node_id="stalled",
+            timing=DispatchTiming(lease=LEASE),
+            clock=clock,
+        )
+        [claim] = await dispatcher.tick()
+        await dispatcher.drain()
+
+    assert twilio.creates[number] == 0
+    assert await campaign_logs(pool, campaign.id) == []
+    state = await recipient_state(pool, campaign.id, number)
+    assert (state["state"], state["attempts"], state["leaseOwner"]) == ("QUEUED", 0, None)
+    attempt = await pool.fetchval('SELECT "state" FROM "CampaignAttempt" WHERE "id" = $1', claim.attempt_id)
+    assert attempt == "ABANDONED"
+
+
+async def test_a_create_twilio_never_answered_is_followed_not_failed_and_not_dialed_again(
+    db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio, engine: str
+) -> None:
+    number = "+12125557102"
+    ringing = asyncio.Event()
+    twilio.behave(number, NoAnswer(until=ringing))
+    held = twilio.hold_create(number)
+    campaign = await started_campaign(
+        pool, await organization(pool), [number], rules=DialingRules(max_concurrent_calls=1, calls_per_second=5)
+    )
+    clock = Clock(datetime.now(UTC))
+    impatient = TwilioCalls(twilio.account_sid, twilio.auth_token, api_base=twilio.api_base, timeout=0.5)
+    settings = load_settings(database_url=db_url, **twilio_settings(twilio))
+    deps = OutboundDeps(pool=pool, settings=settings, twilio=impatient, public_url=engine)
+    try:
+        dispatcher = CampaignDispatcher(
+            pool, PlaceCallDialer(deps), node_id="impatient", timing=DispatchTiming(lease=LEASE), clock=clock
+        )
+        await dispatcher.tick()
+        await asyncio.wait_for(held.arrived.wait(), 10)
+        await dispatcher.drain()  # the client gave up on Twilio's answer
+        [waiting] = await campaign_logs(pool, campaign.id)
+        assert waiting["status"] == "IN_PROGRESS", waiting["metadata"]  # not FAILED: Twilio may have the call
+        state = await recipient_state(pool, campaign.id, number)
+        assert (state["state"], state["attempts"]) == ("DIALING", 1)
+
+        held.release(create=True)  # it had arrived: Twilio creates the call, and its status callbacks name the log
+        await asyncio.wait_for(held.settled.wait(), 10)
+        [created] = twilio.calls_to(number)
+        for _ in range(200):
+            if (await campaign_logs(pool, campaign.id))[0]["callId"] == created.sid:
+                break
+            await asyncio.sleep(0.05)
+        clock.now += LEASE + timedelta(seconds=1)
+        await dispatcher.tick()  # the lease expires: the attempt follows its CallLog
+        await dispatcher.drain()
+        state = await recipient_state(pool, campaign.id, number)
+        attempt = await pool.fetchrow(
+            'SELECT "state", "callLogId" FROM "CampaignAttempt" WHERE "recipientId" = $1', state["recipientId"]
+        )
+    finally:
+        ringing.set()
+        await impatient.close()
+
+    assert twilio.creates[number] == 1
+    [log] = await campaign_logs(pool, campaign.id)
+    assert (log["status"], log["callId"]) == ("IN_PROGRESS", created.sid)
+    assert (state["state"], state["attempts"]) == ("IN_CALL", 1)
+    assert attempt is not None and attempt["state"] == "PLACED"
