@@ -111,7 +111,9 @@ def session(pool: asyncpg.Pool, clock: FrameClock, folder: Path, index: int) -> 
             "recording": True,
         }
     )
-    pipeline = build_pipeline(config, context=ProviderContext(keys=ProviderKeys(settings), clients=ProviderClients()))
+    pipeline = build_pipeline(
+        config, context=ProviderContext(keys=ProviderKeys(settings, organization_id=None), clients=ProviderClients())
+    )
     stream = started_stream(clock)
     recorder = StereoWavRecorder(folder / f"call-{index}.wav", elapsed_ms=stream.elapsed_ms)
     writer = CallLogWriter(pool, organization_id="org", call_log_id=f"call-{index}", agent_id="agent", node_id="bench")

@@ -112,7 +112,8 @@ class CloudProviderConfig(ProviderConfig):
     """The setting that holds the key when `api_key_ref` is not given."""
 
     api_key_ref: KeyRef | None = None
-    """Where the key comes from (`env:<VARIABLE>` or `tool:<toolId>`); default: the provider's setting."""
+    """Where the key comes from (`env:<VARIABLE>` or `tool:<toolId>`); default: the provider's setting. Which variables
+    an organization's agents may name is pipelines.registry's rule (`agent_key_refusal`)."""
 
 
 # Speech to text

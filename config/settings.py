@@ -177,8 +177,9 @@ class Settings(BaseSettings):
     listen_buffer_ms: int = _env("DIALTONE_LISTEN_BUFFER_MS", "listen_buffer_ms", 2000, ge=100, le=60_000)
     # Vector search over knowledge bases (needs pgvector): the OpenAI embedding model (unset: full-text only), its
     # vector length (unset: the model's own; set: the API is asked to shorten them), where the key is read
-    # (`env:<VARIABLE>`: OPENAI_API_KEY or a DIALTONE_AGENT_KEY_*), passages per request and attempts per batch, and
-    # how long (s) a caller's question waits for its embedding before full-text search answers alone.
+    # (`env:<VARIABLE>`: OPENAI_API_KEY or a shared DIALTONE_AGENT_KEY_SHARED_*, not one organization's variable),
+    # passages per request and attempts per batch, and how long (s) a caller's question waits for its embedding
+    # before full-text search answers alone.
     kb_embedding_model: str | None = _env("DIALTONE_KB_EMBEDDING_MODEL", "kb_embedding_model")
     kb_embedding_dimensions: int | None = _env(
         "DIALTONE_KB_EMBEDDING_DIMENSIONS", "kb_embedding_dimensions", None, ge=1, le=16000

@@ -2,9 +2,11 @@
 
 Each stage may list providers in order. A provider is usable when the engine has what it needs: the offline
 ones (PocketSphinx, the conversation-path runner, eSpeak NG) always are; a cloud one (Deepgram, OpenAI,
-ElevenLabs) needs its API key — from the settings (`DEEPGRAM_API_KEY`...) or, with `api_key_ref:
-"tool:<id>"`, from one of the agent's Tools. The unusable are skipped; a stage with several usable providers
-becomes a fallback chain (pipelines.fallback); a stage with none refuses the call, saying which key is missing.
+ElevenLabs) needs its API key — from the settings (`DEEPGRAM_API_KEY`...), with `api_key_ref: "tool:<id>"` from
+one of the agent's Tools, or with `api_key_ref: "env:DIALTONE_AGENT_KEY_<organizationId>_<NAME>"` (or `_SHARED_`)
+from a variable the operator set aside for that organization (or for all: `agent_key_refusal`). The unusable are
+skipped; a stage with several usable providers becomes a fallback chain (pipelines.fallback); a stage with none
+refuses the call, saying which key is missing.
 
 Each stage is a table from the configuration's `provider` name to a factory (`STT_PROVIDERS`, `LLM_PROVIDERS`,
 `TTS_PROVIDERS`): adding a provider is one entry there and one model in `config.agent`.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -64,6 +67,7 @@ __all__ = [
     "AGENT_KEY_PREFIX",
     "DEFAULT_ELEVENLABS_VOICE",
     "LLM_PROVIDERS",
+    "SHARED_AGENT_KEYS",
     "STT_PROVIDERS",
     "TTS_PROVIDERS",
     "PathSource",
@@ -74,8 +78,10 @@ __all__ = [
     "ProviderKeys",
     "RealtimePlan",
     "VoiceChoice",
+    "agent_key_refusal",
     "build_pipeline",
     "check_pipeline",
+    "key_ref_problems",
     "plan_realtime",
     "provider_key",
     "realtime_path",
@@ -83,14 +89,22 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Keys an agent may name with `env:`: the provider settings, and variables an operator set aside for agents.
-# Any other variable of the process (the database password, Twilio's token) is never handed to a provider.
+# Keys an agent may name with `env:`: the provider settings (the operator's defaults), and variables an operator set
+# aside for agents, each for one organization or shared by all (`agent_key_refusal`). Any other variable of the
+# process (the database password, Twilio's token) is never handed to a provider.
 _SETTING_KEYS: dict[str, Callable[[Settings], SecretStr | None]] = {
     "DEEPGRAM_API_KEY": lambda settings: settings.deepgram_api_key,
     "OPENAI_API_KEY": lambda settings: settings.openai_api_key,
     "ELEVENLABS_API_KEY": lambda settings: settings.elevenlabs_api_key,
 }
 AGENT_KEY_PREFIX = "DIALTONE_AGENT_KEY_"
+SHARED_AGENT_KEYS = "SHARED"
+"""The owner part of `DIALTONE_AGENT_KEY_SHARED_<NAME>`: a key the operator lets every organization spend."""
+# The owner part of a variable is the organization id verbatim. Ids are CUIDs (storage.records.new_id, Prisma's
+# cuid()): lower-case letters and digits, so never "SHARED" and never an "_", which ends the owner part. An id with
+# any other character (only ever inserted by hand) cannot appear in a variable name: that organization has no own
+# variables, and its error says so rather than suggesting a name that could never match.
+_NAMEABLE_ID = re.compile(r"[A-Za-z0-9]+")
 DEFAULT_ELEVENLABS_VOICE = "21m00Tcm4TlvDq8ikWAM"  # ElevenLabs' stock "Rachel"
 
 
@@ -148,6 +162,10 @@ class ProviderKeys:
     """The agent's Tools' `apiKey`s by Tool id."""
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
     """Where `DIALTONE_AGENT_KEY_*` variables are read."""
+    organization_id: str | None = field(kw_only=True)
+    """The agent's organization: which `DIALTONE_AGENT_KEY_<organizationId>_*` variables it may use. None is the
+    engine's own use (an operator setting such as DIALTONE_KB_EMBEDDING_KEY_REF): shared variables only. Required, so
+    that every place keys are resolved says whose they are."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +271,10 @@ def build_pipeline(
 
 
 def provider_key(option: ProviderConfig, keys: ProviderKeys, *, stage: Stage) -> str | None:
-    """The API key a provider would use (None for offline providers); ProviderKeyMissing naming the missing key."""
+    """The API key a provider would use (None for offline providers); ProviderKeyMissing naming the missing key.
+
+    Messages name variables and Tools, never a key's value.
+    """
     if not isinstance(option, CloudProviderConfig):
         return None
     provider = option.provider
@@ -267,21 +288,58 @@ def provider_key(option: ProviderConfig, keys: ProviderKeys, *, stage: Stage) ->
                 provider=provider,
             )
         return key
+    # Refused before the variable is read: whether another organization's key is set is not this agent's business.
+    refusal = agent_key_refusal(name, keys.organization_id)
+    if refusal is not None:
+        raise ProviderKeyMissing(f"{provider}: {refusal}", stage=stage, provider=provider)
     if name in _SETTING_KEYS:
         secret = _SETTING_KEYS[name](keys.settings)
         key = secret.get_secret_value() if secret is not None else ""
-    elif name.startswith(AGENT_KEY_PREFIX):
-        key = keys.environ.get(name, "")
     else:
-        raise ProviderKeyMissing(
-            f"{provider}: {name} is not a key setting (use one of {', '.join(_SETTING_KEYS)} "
-            f"or a variable named {AGENT_KEY_PREFIX}*)",
-            stage=stage,
-            provider=provider,
-        )
+        key = keys.environ.get(name, "")
     if not key:
         raise ProviderKeyMissing(f"{provider} needs the key {name}, which is not set", stage=stage, provider=provider)
     return key
+
+
+def agent_key_refusal(variable: str, organization_id: str | None) -> str | None:
+    """Why the agents of `organization_id` (None: the engine's own settings) may never use the key in `variable`; None
+    when they may: a provider setting, `DIALTONE_AGENT_KEY_SHARED_<NAME>`, or their own organization's
+    `DIALTONE_AGENT_KEY_<organizationId>_<NAME>` (the id compared exactly, case included)."""
+    if variable in _SETTING_KEYS:
+        return None
+    owner, underscore, label = variable.removeprefix(AGENT_KEY_PREFIX).partition("_")
+    named = variable.startswith(AGENT_KEY_PREFIX) and bool(owner and underscore and label)
+    if named and owner in (SHARED_AGENT_KEYS, organization_id):
+        return None
+    shared = f"{AGENT_KEY_PREFIX}{SHARED_AGENT_KEYS}_<NAME> (the operator's, shared with every organization)"
+    if organization_id is None:
+        forms = f"{shared}; one organization's variable is not for the engine's own settings"
+    elif _NAMEABLE_ID.fullmatch(organization_id):
+        forms = f"{AGENT_KEY_PREFIX}{organization_id}_<NAME> (this organization's own) or {shared}"
+    else:
+        forms = f"{shared}; organization {organization_id} has no own variables (its id cannot be part of a name)"
+    if variable.startswith(AGENT_KEY_PREFIX):
+        user = "the engine's own settings" if organization_id is None else "this organization's agents"
+        return f"{variable} is not a key {user} may use: name it {forms}"
+    return f"{variable} is not a key setting: use {', '.join(_SETTING_KEYS)}, or a variable named {forms}"
+
+
+def key_ref_problems(config: AgentConfiguration, organization_id: str) -> list[tuple[str, str]]:
+    """(JSON path, message) for each provider whose `api_key_ref` names a variable the organization may never use.
+
+    For saving an agent; a key merely unset (or a Tool not linked yet) is not a problem: it may be there by the call.
+    """
+    problems: list[tuple[str, str]] = []
+    for stage in ("stt", "llm", "tts", "realtime"):
+        for index, option in enumerate(getattr(config, stage) or ()):
+            if not isinstance(option, CloudProviderConfig) or option.api_key_ref is None:
+                continue
+            kind, _, name = option.api_key_ref.partition(":")
+            refusal = agent_key_refusal(name, organization_id) if kind == "env" else None
+            if refusal is not None:
+                problems.append((f"{stage}[{index}].api_key_ref", refusal))
+    return problems
 
 
 def _keyed(stage: Stage, options: Sequence[_Option], keys: ProviderKeys) -> list[tuple[_Option, str | None]]:

@@ -191,7 +191,9 @@ async def call_on(
         )
         clients = ProviderClients()
         stack.push_async_callback(clients.aclose)
-        context = ProviderContext(keys=ProviderKeys(settings), clients=clients, instructions="Front desk.")
+        context = ProviderContext(
+            keys=ProviderKeys(settings, organization_id=None), clients=clients, instructions="Front desk."
+        )
         driver: DriverFactory
         fallback: DriverFactory | None = None
         if config.realtime_fallback:

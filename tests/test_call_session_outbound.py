@@ -42,7 +42,9 @@ async def outbound_call(pool: asyncpg.Pool, **behaviour: Any) -> AsyncIterator[t
             }
         )
         clients = ProviderClients()
-        pipeline = build_pipeline(config, context=ProviderContext(keys=ProviderKeys(settings), clients=clients))
+        pipeline = build_pipeline(
+            config, context=ProviderContext(keys=ProviderKeys(settings, organization_id=None), clients=clients)
+        )
         line = TwilioLine()
         log, agent_id = await new_call(pool)
         writer = writer_for(pool, log)

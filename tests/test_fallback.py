@@ -20,7 +20,7 @@ def context(clients: ProviderClients, **settings: Any) -> tuple[ProviderContext,
     switches: list[tuple[str, str, str]] = []
     return (
         ProviderContext(
-            keys=ProviderKeys(load_settings(**settings)),
+            keys=ProviderKeys(load_settings(**settings), organization_id=None),
             clients=clients,
             on_failover=lambda *switch: switches.append(switch),
         ),
@@ -71,11 +71,13 @@ async def test_a_synthesizer_failing_on_both_transports_is_replaced_by_the_next(
 
 async def test_a_stage_whose_every_provider_lacks_a_key_names_the_keys(provider_clients: ProviderClients) -> None:
     ctx, _ = context(provider_clients)
-    config = parse_agent_configuration({"stt": {"provider": "deepgram", "api_key_ref": "env:DIALTONE_AGENT_KEY_DG"}})
+    config = parse_agent_configuration(
+        {"stt": {"provider": "deepgram", "api_key_ref": "env:DIALTONE_AGENT_KEY_SHARED_DG"}}
+    )
     try:
         build_pipeline(config, context=ctx)
     except Exception as exc:
         message = str(exc)
     else:
         raise AssertionError("the pipeline was built without a key")
-    assert message == "stt: deepgram needs the key DIALTONE_AGENT_KEY_DG, which is not set"
+    assert message == "stt: deepgram needs the key DIALTONE_AGENT_KEY_SHARED_DG, which is not set"

@@ -31,7 +31,9 @@ DEMO_PATH = PathSource("path1", DEMO_PATH_NODES, DEMO_PATH_EDGES)
 @pytest.fixture
 def context() -> ProviderContext:
     """An engine without provider keys (offline providers make no client, so none is closed)."""
-    return ProviderContext(keys=ProviderKeys(load_settings(), environ={}), clients=ProviderClients())
+    return ProviderContext(
+        keys=ProviderKeys(load_settings(), environ={}, organization_id=None), clients=ProviderClients()
+    )
 
 
 def test_the_default_configuration_builds_the_offline_pipeline_on_the_agents_path(context: ProviderContext) -> None:

@@ -115,7 +115,8 @@ def test_espeak_speaks_the_agents_language_with_its_own_voice() -> None:
 async def test_a_spanish_agents_espeak_synthesizes_with_the_spanish_voice(provider_clients: ProviderClients) -> None:
     config = parse_agent_configuration({"language": "es", "tts": {"provider": "espeak"}})
     pipeline = build_pipeline(
-        config, context=ProviderContext(keys=ProviderKeys(load_settings()), clients=provider_clients)
+        config,
+        context=ProviderContext(keys=ProviderKeys(load_settings(), organization_id=None), clients=provider_clients),
     )
     assert isinstance(pipeline.tts, EspeakTTS)
     assert pipeline.tts.voice == "es"

@@ -66,8 +66,11 @@ def tool_keys(bundle: AgentBundle) -> dict[str, str]:
 
 
 def provider_keys(settings: Settings, bundle: AgentBundle) -> ProviderKeys:
-    """Keys and endpoints only: enough to tell whether the agent's providers can run."""
-    return ProviderKeys(settings, tool_keys=tool_keys(bundle))
+    """Keys and endpoints only: enough to tell whether the agent's providers can run.
+
+    Scoped to the agent's organization: its `DIALTONE_AGENT_KEY_<organizationId>_*` variables and shared ones only.
+    """
+    return ProviderKeys(settings, tool_keys=tool_keys(bundle), organization_id=bundle.agent.organization_id)
 
 
 async def prepare_call(

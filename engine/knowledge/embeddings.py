@@ -169,7 +169,7 @@ async def embedder_from_settings(settings: Settings, clients: ProviderClients, p
     try:
         key = provider_key(
             OpenAILLMConfig(model=chosen.model.name, api_key_ref=settings.kb_embedding_key_ref),
-            ProviderKeys(settings),
+            ProviderKeys(settings, organization_id=None),  # an operator setting: shared variables only
             stage="llm",
         )
     except ProviderKeyMissing as exc:

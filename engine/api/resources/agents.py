@@ -14,6 +14,7 @@ from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
 from engine.api.resources.tools import ToolView
 from pipelines.languages import language_problems
+from pipelines.registry import key_ref_problems
 from storage import agents, voices
 from storage.agents import Agent
 from storage.conversation_paths import ConversationPath
@@ -62,11 +63,12 @@ class AgentUpdate(UpdateModel):
     configuration: dict[str, Any] | None = None
 
 
-def _configuration(data: dict[str, Any]) -> dict[str, Any]:
+def _configuration(data: dict[str, Any], organization_id: str) -> dict[str, Any]:
     try:
         config = parse_agent_configuration(data)
-        # A language a provider cannot work in is refused now, not when a call comes in.
-        problems = language_problems(config)
+        # A language a provider cannot work in, or a key variable the organization may not use (another's), is refused
+        # now, not when a call comes in. A key merely unset is not: it may be set by the first call.
+        problems = language_problems(config) + key_ref_problems(config, organization_id)
         if problems:
             raise AgentConfigurationError(problems)
     except AgentConfigurationError as exc:
@@ -113,7 +115,7 @@ async def list_agents(call: ApiCall) -> Page[Agent]:
 async def create_agent(call: ApiCall) -> Agent:
     """Create an agent; its phone number and voice must be the organization's (or a system voice)."""
     body = call.body_as(AgentCreate)
-    configuration = _configuration(body.configuration)
+    configuration = _configuration(body.configuration, call.caller.organization_id)
     async with call.tenant() as db:
         await _check_voice(db, call.caller.organization_id, body.voice_id)
         return await agents.create_agent(
@@ -142,7 +144,7 @@ async def update_agent(call: ApiCall) -> Agent:
     """Change some of an agent's fields."""
     changes = call.body_as(AgentUpdate).changes()
     if "configuration" in changes:
-        changes["configuration"] = _configuration(changes["configuration"])
+        changes["configuration"] = _configuration(changes["configuration"], call.caller.organization_id)
     async with call.tenant() as db:
         await _check_voice(db, call.caller.organization_id, changes.get("voice_id"))
         return await agents.update_agent(
