@@ -4,6 +4,7 @@ what they pay for (the agent's `transfer.maxMinutes` at most), and it is charged
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from engine.call.driver import TRANSFER_FAILED
+from engine.call.paid_transfer import PaidTransfer
 from engine.simulator import CallResult, Pause, Say
 from engine.twilio.rest import CallLookupFailed, TwilioCalls
 from engine.twilio.signature import request_signature
@@ -322,3 +324,39 @@ async def test_a_call_list_twilio_will_not_give_is_a_lookup_failure(
         await twilio.calls_between(to="+14155550100", from_="+14155550101")
     with pytest.raises(CallLookupFailed, match="500"):
         await twilio.dialed_calls("+14155550100")
+
+
+@pytest.mark.parametrize(("answer", "held_after"), [("hang", 2 * RATE), ("refuse", None)])
+async def test_a_transfer_twilio_may_have_made_keeps_its_leg_and_a_refused_one_returns_it(
+    pool: asyncpg.Pool, answer: str, held_after: int | None
+) -> None:
+    answered = asyncio.Event()
+
+    async def update(request: web.Request) -> web.Response:
+        if answer == "hang":
+            await answered.wait()  # sent, not answered before the client gives up: Twilio may be dialing
+        return web.json_response({"code": 21220, "message": "Call is not in-progress.", "status": 400}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", update)
+    organization_id = await organization(pool, credits=100)
+    opened = await open_call(pool, organization_id, credit_rates=RATES)
+    async with serve(app) as base:
+        twilio = TwilioCalls(ACCOUNT, TOKEN, api_base=base, timeout=0.3)
+        try:
+            transfer = PaidTransfer(
+                pool,
+                twilio,
+                organization_id=organization_id,
+                call_log_id=opened.id,
+                max_minutes=2,
+                rates=RATES,
+                action_url="http://127.0.0.1:9/twilio/dial",
+            )
+            assert not await transfer(opened.call_id, BILLING)
+        finally:
+            answered.set()
+            await twilio.close()
+    # Unconfirmed: the leg's action request or the sweep settles it; refused: its credits are back at once.
+    assert await transfer_legs.reserved_leg_credits(pool, call_log_id=opened.id) == held_after
+    assert await balance(pool, organization_id) == 100 - RATE - (held_after or 0)

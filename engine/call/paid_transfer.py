@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from engine.twilio.rest import TwilioCalls
+from engine.twilio.rest import CallUnconfirmed, TwilioCalls
 from storage import Pool, transfer_legs
 from storage.errors import DATABASE_ERRORS
 from storage.organizations import InsufficientCredits
@@ -61,9 +61,14 @@ class PaidTransfer:
         except DATABASE_ERRORS as exc:
             log.warning("call %s: no transfer: its credits could not be reserved: %s", call_sid, exc)
             return False
-        transferred = await self._twilio.transfer(
-            call_sid, to, time_limit_seconds=leg.time_limit_seconds, action=self._action_url
-        )
+        try:
+            transferred = await self._twilio.transfer(
+                call_sid, to, time_limit_seconds=leg.time_limit_seconds, action=self._action_url
+            )
+        except CallUnconfirmed as exc:
+            # Twilio may be dialing: the leg stays reserved, and its action request (or the sweep) settles it.
+            log.warning("call %s: transfer to %s unconfirmed: %s", call_sid, to, exc)
+            return False
         if not transferred:
             await self._release(call_sid)
         return transferred

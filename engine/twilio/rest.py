@@ -202,11 +202,24 @@ class TwilioCalls:
         caller_id: str | None = None,
     ) -> bool:
         """Cold-transfer a call: Twilio leaves our media stream and dials `to` for at most `time_limit_seconds`,
-        then POSTs how the dial went to `action`; False (logged) if it refused."""
+        then POSTs how the dial went to `action`; False (logged) if it refused or could not be reached.
+
+        Raises CallUnconfirmed when the request was sent but not answered: Twilio may be dialing.
+        """
         twiml = VoiceResponse()
         dial = twiml.dial(time_limit=time_limit_seconds, action=action, method="POST", caller_id=caller_id)
         dial.number(to)
-        return await self._update(call_sid, "transfer", twiml=str(twiml))
+        try:
+            await asyncio.wait_for(self._client.calls(call_sid).update_async(twiml=str(twiml)), self._timeout)
+        except TwilioRestException as exc:
+            log.warning("Twilio refused to transfer %s: %s %s", call_sid, exc.status, exc.msg)
+            return False
+        except aiohttp.ClientConnectorError as exc:
+            log.warning("could not reach Twilio to transfer %s: %s", call_sid, exc)
+            return False
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+            raise CallUnconfirmed(f"Twilio did not answer the request to transfer the call: {exc!r}") from None
+        return True
 
     async def dialed_calls(self, parent_call_sid: str) -> list[DialedCall]:
         """The calls a `<Dial>` of the call `parent_call_sid` made, with how each ended and how long it ran.
