@@ -29,6 +29,7 @@ _ERROR_DESCRIPTIONS = {
     "the plan's concurrent calls; `Retry-After` gives the seconds to wait.",
     502: "Twilio refused the request or could not be reached.",
     503: "The database is briefly unavailable, or this engine cannot do this (e.g. no Twilio account); try again.",
+    504: "Twilio did not answer in time, and may have carried the request out: the CallLog named follows what it did.",
 }
 
 

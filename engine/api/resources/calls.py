@@ -80,7 +80,7 @@ async def checked_caller_id(db: Queryable, *, organization_id: str, number: str)
     response=PlacedCallResponse,
     body=CallCreate,
     status=201,
-    errors=(402, 404, 422, 429, 502, 503),
+    errors=(402, 404, 422, 429, 502, 503, 504),
     idempotent=True,
 )
 async def create_call(call: ApiCall) -> PlacedCallResponse:
