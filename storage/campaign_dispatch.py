@@ -367,6 +367,15 @@ async def lease(
 # ----------------------------------------------------------------------------------------------- dialing
 
 
+_HELD_BY_CLAIM = f"""
+    JOIN "CampaignAttempt" a ON a."id" = $3 AND a."state" = '{AttemptState.DIALING}'
+    WHERE rd."recipientId" = $1 AND rd."state" = '{RecipientDispatchState.DIALING}' AND rd."leaseOwner" = $2
+    FOR UPDATE OF rd
+"""
+"""The end of a query on the dispatch row `rd` of a claim's recipient ($1), leased by $2 for its attempt $3, still
+DIALING: locked, or no row once the lease is lost."""
+
+
 async def begin_dial(pool: asyncpg.Pool, claim: Claim, *, now: datetime, lease_for: timedelta) -> bool:
     """Renew the lease right before dialing; False (and the claim released) if the dial must not happen.
 
@@ -381,9 +390,7 @@ async def begin_dial(pool: asyncpg.Pool, claim: Claim, *, now: datetime, lease_f
             JOIN "CampaignRecipient" r ON r."id" = rd."recipientId"
             JOIN "Campaign" c ON c."id" = rd."campaignId"
             JOIN "CampaignDispatch" d ON d."campaignId" = rd."campaignId"
-            JOIN "CampaignAttempt" a ON a."id" = $3 AND a."state" = '{AttemptState.DIALING}'
-            WHERE rd."recipientId" = $1 AND rd."state" = '{RecipientDispatchState.DIALING}' AND rd."leaseOwner" = $2
-            FOR UPDATE OF rd
+            {_HELD_BY_CLAIM}
             """,
             claim.recipient_id,
             claim.lease_owner,
@@ -433,9 +440,7 @@ async def hold_lease(conn: Connection, claim: Claim) -> None:
     held = await conn.fetchval(
         f"""
         SELECT true FROM "CampaignRecipientDispatch" rd
-        JOIN "CampaignAttempt" a ON a."id" = $3 AND a."state" = '{AttemptState.DIALING}'
-        WHERE rd."recipientId" = $1 AND rd."state" = '{RecipientDispatchState.DIALING}' AND rd."leaseOwner" = $2
-        FOR UPDATE OF rd
+        {_HELD_BY_CLAIM}
         """,
         claim.recipient_id,
         claim.lease_owner,
