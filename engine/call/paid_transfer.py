@@ -45,7 +45,8 @@ class PaidTransfer:
         self._action_url = action_url
 
     async def __call__(self, call_sid: str, to: str) -> bool:
-        """Hand the caller to `to`; False (logged, nothing reserved) when the credits or Twilio do not allow it."""
+        """Hand the caller to `to`; False (logged) when the credits or Twilio do not allow it, with nothing reserved,
+        or when Twilio did not answer, with the leg reserved until Twilio's record settles it."""
         try:
             leg = await transfer_legs.open_leg(
                 self._pool,
