@@ -22,6 +22,7 @@ from storage.enums import AgentStatus, CallerType
 from tests.engine_server import running_engine
 from tests.fakes.openai_realtime import FakeRealtime
 from tests.fakes.twilio import call_updates, dialed_number
+from tests.sse_client import EventStream
 from tests.test_api_auth import Api, Tenant, make_tenant
 from tests.test_calls_e2e import TOKEN, call, call_log, make_line, turns
 from tests.test_cloud_calls_e2e import OPENAI_KEY, Fakes, running_fakes
@@ -196,10 +197,16 @@ async def test_a_transfer_the_agents_rules_allow_goes_through_twilio(
         firstSentence="Hello.",
         transfer={"destinations": [{"number": BILLING, "label": "Billing"}]},
     )
-    running = asyncio.create_task(call(engines["twilio"], number, Pause(60_000)))
-    call_log_id = await held_by_a_node(pool, tenant.organization_id)
-    status, body = await api.call("POST", f"/live-calls/{call_log_id}/transfer", tenant.owner_key, json={"to": BILLING})
-    assert (status, body) == (202, {"callLogId": call_log_id, "to": BILLING})
+    async with EventStream(api.session, f"{engines['other']}/v1/live-calls/events", tenant.owner_key) as stream:
+        running = asyncio.create_task(call(engines["twilio"], number, Pause(60_000)))
+        call_log_id = await held_by_a_node(pool, tenant.organization_id)
+        await stream.until(lambda event: event.type == "call.started")  # its node records the organization's events
+        status, body = await api.call(
+            "POST", f"/live-calls/{call_log_id}/transfer", tenant.owner_key, json={"to": BILLING}
+        )
+        assert (status, body) == (202, {"callLogId": call_log_id, "to": BILLING})
+        told = await stream.until(lambda event: event.type == "call.transfer")
+    assert (told.data["callLogId"], told.data["to"]) == (call_log_id, BILLING)
     result = await running  # Twilio would leave the stream for the <Dial>; without its stop, the engine closes it
     _, updates = twilio_updates
     update = next(u for u in updates if u["sid"] == result.call_sid)

@@ -313,6 +313,7 @@ class CallSession:
             if self._phase is CallPhase.RESPONDING:
                 self.move(PhaseEvent.YIELD)  # the agent stopped speaking: the caller has the floor
             raise TwilioRefused(f"Twilio did not transfer the call to {verdict.number}; the call goes on")
+        self.live.emit("call.transfer", to=verdict.number, detail=detail)  # the model's are told as its tool.call
         self._wind_down(EndReason.TRANSFERRED, detail)
         self.spawn(self._transferred(detail), "transfer")
         return verdict

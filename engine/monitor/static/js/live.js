@@ -535,6 +535,9 @@ const EVENT_HANDLERS = {
   "call.say": (live, call, data) => {
     live.note(call, `Line sent through the API${data.interrupt ? " (interrupting)" : ""}: “${data.text}”`);
   },
+  "call.transfer": (live, call, data) => {
+    live.note(call, `Transferred through the API to ${data.to}`);
+  },
   "call.ended": (live, call, data) => {
     live.end(call, data);
     live.note(call, `Call ended: ${reason(data.endReason) || status(data.status)}`);
