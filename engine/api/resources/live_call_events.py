@@ -38,9 +38,9 @@ STREAM = Streamed(
     "Server-Sent Events, one per thing that happens: `id: <increasing integer>`, `event: <type>`, "
     "`data: <JSON>` (every data has `callLogId` and `at`, an ISO-8601 UTC time). Types: call.started, call.state, "
     "caller.interim, caller.final, agent.speaking, agent.turn, turn.latency, tool.call, path.node, call.say, "
-    "call.transfer, call.ended. Opened without a Last-Event-ID, the stream first sends one `call.snapshot` (no `id:`) per call in "
-    "progress it covers; a `: keepalive` comment comes every 15 s. A call's stream ends after its call.ended (or "
-    "once the call is over and 15 s passed without an event).",
+    "call.transfer, call.ended. Opened without a Last-Event-ID, the stream first sends one `call.snapshot` (no "
+    "`id:`) per call in progress it covers; a `: keepalive` comment comes every 15 s. A call's stream ends after its "
+    "call.ended (or once the call is over and 15 s passed without an event).",
     headers={
         RESUME_HEADER: "Resume after this event id (the last `id:` received): every later event is sent, from any "
         "engine process. Events are kept for DIALTONE_LIVE_EVENTS_RETENTION seconds."
