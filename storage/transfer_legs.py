@@ -19,7 +19,8 @@ from typing import Any
 from storage.credit_reservations import check_rates
 from storage.errors import NotFound
 from storage.organizations import shortfall
-from storage.records import Queryable
+from storage.records import Queryable, transaction
+from storage.webhook_outbox import WebhookEvent, enqueue_event
 
 __all__ = [
     "NOT_DIALED",
@@ -131,7 +132,8 @@ async def open_leg(
 
 async def settle_leg(db: Queryable, *, call_log_id: str, dial_status: str, duration_seconds: int) -> SettledLeg | None:
     """End the call's open leg: charge its started minutes (`duration_seconds` of talk, never more than it holds)
-    at its rate, return the rest to the balance, and note the leg in the CallLog's `metadata.transfer`.
+    at its rate, return the rest to the balance, note the leg in the CallLog's `metadata.transfer`, and queue
+    transfer.ended for webhook subscribers, all in one transaction.
 
     Returns None when the call has no open leg (settled already, or never opened): a second settlement charges
     nothing.
@@ -139,36 +141,54 @@ async def settle_leg(db: Queryable, *, call_log_id: str, dial_status: str, durat
     if duration_seconds < 0:
         raise ValueError(f"a leg's duration cannot be negative, got {duration_seconds}")
     minutes = math.ceil(duration_seconds / 60)
-    row = await db.fetchrow(
-        """
-        WITH leg AS (
-            UPDATE "TransferLeg" SET
-                "endedAt" = CURRENT_TIMESTAMP,
-                "dialStatus" = $2,
-                "durationSeconds" = $3,
-                "creditsCharged" = LEAST("credits", "creditsPerMinute" * $4::integer)
-            WHERE "callLogId" = $1 AND "endedAt" IS NULL
-            RETURNING "callLogId", "to", "credits", "creditsCharged", "startedAt", "timeLimitSeconds"
-        ), call AS (
-            UPDATE "CallLog" c SET "metadata" = c."metadata" || jsonb_build_object('transfer', jsonb_build_object(
-                'to', leg."to", 'dialStatus', $2::text, 'durationSeconds', $3::integer,
-                'timeLimitSeconds', leg."timeLimitSeconds", 'creditsCharged', leg."creditsCharged"))
-            FROM leg
-            WHERE c."id" = leg."callLogId"
-            RETURNING c."organizationId"
+    async with transaction(db) as conn:
+        row = await conn.fetchrow(
+            """
+            WITH leg AS (
+                UPDATE "TransferLeg" SET
+                    "endedAt" = CURRENT_TIMESTAMP,
+                    "dialStatus" = $2,
+                    "durationSeconds" = $3,
+                    "creditsCharged" = LEAST("credits", "creditsPerMinute" * $4::integer)
+                WHERE "callLogId" = $1 AND "endedAt" IS NULL
+                RETURNING "callLogId", "to", "credits", "creditsCharged", "timeLimitSeconds"
+            ), call AS (
+                UPDATE "CallLog" c SET "metadata" = c."metadata" || jsonb_build_object('transfer', jsonb_build_object(
+                    'to', leg."to", 'dialStatus', $2::text, 'durationSeconds', $3::integer,
+                    'timeLimitSeconds', leg."timeLimitSeconds", 'creditsCharged', leg."creditsCharged"))
+                FROM leg
+                WHERE c."id" = leg."callLogId"
+                RETURNING c."organizationId", c."agentId", c."campaignId"
+            )
+            UPDATE "Organization" o SET "credits" = o."credits" + leg."credits" - leg."creditsCharged"
+            FROM leg, call
+            WHERE o."id" = call."organizationId"
+            RETURNING o."credits", leg."creditsCharged", leg."to", leg."timeLimitSeconds",
+                      call."organizationId", call."agentId", call."campaignId"
+            """,
+            call_log_id,
+            dial_status,
+            duration_seconds,
+            minutes,
         )
-        UPDATE "Organization" o SET "credits" = o."credits" + leg."credits" - leg."creditsCharged"
-        FROM leg, call
-        WHERE o."id" = call."organizationId"
-        RETURNING o."credits", leg."creditsCharged"
-        """,
-        call_log_id,
-        dial_status,
-        duration_seconds,
-        minutes,
-    )
-    if row is None:
-        return None
+        if row is None:
+            return None
+        await enqueue_event(
+            conn,
+            organization_id=row["organizationId"],
+            event=WebhookEvent.TRANSFER_ENDED,
+            data={
+                "callLogId": call_log_id,
+                "agentId": row["agentId"],
+                "campaignId": row["campaignId"],
+                "to": row["to"],
+                "dialStatus": dial_status,
+                "durationSeconds": duration_seconds,
+                "timeLimitSeconds": row["timeLimitSeconds"],
+                "creditsCharged": row["creditsCharged"],
+            },
+            agent_id=row["agentId"],
+        )
     return SettledLeg(
         call_log_id=call_log_id,
         dial_status=dial_status,

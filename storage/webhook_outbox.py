@@ -32,6 +32,7 @@ class WebhookEvent(StrEnum):
     CALL_ENDED = "call.ended"
     CALL_ANALYZED = "call.analyzed"
     TRANSCRIPT_UPDATED = "transcript.updated"
+    TRANSFER_ENDED = "transfer.ended"
     CAMPAIGN_STARTED = "campaign.started"
     CAMPAIGN_COMPLETED = "campaign.completed"
     RECIPIENT_FAILED = "recipient.failed"

@@ -26,6 +26,7 @@ from engine.workers.transfer_settlement import settle_overdue_legs
 from storage import call_logs, organizations, transfer_legs
 from storage.enums import CallStatus
 from storage.errors import NotFound
+from storage.events import create_event
 from storage.organizations import InsufficientCredits
 from storage.transfer_legs import TransferLeg
 from tests.engine_server import running_engine
@@ -38,6 +39,7 @@ from tests.test_repo_call_logs import open_call
 
 ACCOUNT = "AC" + "4" * 32
 BILLING = "+14155550199"
+HOOK_URL = "http://127.0.0.1:9/hooks"  # never delivered (a private address): the outbox rows are what is checked
 RATE = 10
 """Credits a minute, on every plan, in these tests."""
 RATES = {"free": RATE, "pro": RATE, "enterprise": RATE}
@@ -119,6 +121,7 @@ async def test_a_transfer_reserves_its_longest_leg_and_pays_for_the_minutes_it_t
     line: Line, pool: asyncpg.Pool
 ) -> None:
     organization_id = await organization(pool, credits=1000)
+    await create_event(pool, organization_id=organization_id, name="transfer.ended", webhook_url=HOOK_URL)
     result = await transferred_call(line, pool, organization_id, max_minutes=30)
     log = await call_log(pool, result)
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred")
@@ -141,9 +144,25 @@ async def test_a_transfer_reserves_its_longest_leg_and_pays_for_the_minutes_it_t
         "timeLimitSeconds": 1800,
         "creditsCharged": 3 * RATE,
     }
-    # Twilio retrying its request charges nothing more.
+    # Twilio retrying its request charges nothing more, and subscribers hear of the transfer's end once.
     assert (await dial_ends(dial.action, result.call_sid, "completed", 125))[0] == 200
     assert await balance(pool, organization_id) == 1000 - RATE - 3 * RATE
+    payloads = await pool.fetch(
+        """SELECT "payload" FROM "WebhookDelivery" WHERE "organizationId" = $1 AND "event" = 'transfer.ended'""",
+        organization_id,
+    )
+    assert [row["payload"]["data"] for row in payloads] == [
+        {
+            "callLogId": log["id"],
+            "agentId": log["agentId"],
+            "campaignId": None,
+            "to": BILLING,
+            "dialStatus": "completed",
+            "durationSeconds": 125,
+            "timeLimitSeconds": 1800,
+            "creditsCharged": 3 * RATE,
+        }
+    ]
 
 
 async def test_a_transfer_is_limited_to_what_the_credits_pay_for_and_an_unanswered_one_costs_nothing(
