@@ -106,9 +106,8 @@ class Dialer(Protocol):
         """Place the call, creating its CallLog (metadata naming the recipient) before the call is requested.
 
         Raises DialRefused, DialDeferred, DoNotDial, CampaignBlocked or DialUnconfirmed; DialUnconfirmed, like any
-        other error, leaves the attempt to lease
-        expiry, which follows the CallLog if one was created with a CallSid, asks Twilio (PlacementLookup) if it has
-        none, and otherwise puts the recipient back without counting it.
+        other error, leaves the attempt to lease expiry, which follows the CallLog if one was created with a CallSid,
+        asks Twilio (PlacementLookup) if it has none, and otherwise puts the recipient back without counting it.
         """
         ...
 

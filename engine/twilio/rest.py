@@ -12,6 +12,7 @@ import aiohttp
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
+from twilio.rest.api.v2010.account.call import CallInstance
 from twilio.twiml.voice_response import VoiceResponse
 
 from config.settings import Settings
@@ -168,14 +169,7 @@ class TwilioCalls:
         Listed by `To` and `From` only: a call still queued has no start time yet, so the start-time filters
         would miss it; callers filter on `created_at`. Raises CallLookupFailed when Twilio cannot answer.
         """
-        try:
-            found = await asyncio.wait_for(
-                self._client.calls.list_async(to=to, from_=from_, limit=limit, page_size=limit), self._timeout
-            )
-        except TwilioException as exc:  # a page Twilio would not give is a TwilioException, not a TwilioRestException
-            raise CallLookupFailed(f"Twilio refused the call lookup: {_refusal(exc)}") from None
-        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
-            raise CallLookupFailed(f"could not reach Twilio to look calls up: {exc}") from None
+        found = await self._list_calls(limit, to=to, from_=from_)
         return [
             TwilioCall(
                 sid=call.sid, to=call.to, from_=call._from, status=str(call.status), created_at=call.date_created
@@ -209,47 +203,48 @@ class TwilioCalls:
         twiml = VoiceResponse()
         dial = twiml.dial(time_limit=time_limit_seconds, action=action, method="POST", caller_id=caller_id)
         dial.number(to)
-        try:
-            await asyncio.wait_for(self._client.calls(call_sid).update_async(twiml=str(twiml)), self._timeout)
-        except TwilioRestException as exc:
-            log.warning("Twilio refused to transfer %s: %s %s", call_sid, exc.status, exc.msg)
-            return False
-        except aiohttp.ClientConnectorError as exc:
-            log.warning("could not reach Twilio to transfer %s: %s", call_sid, exc)
-            return False
-        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
-            raise CallUnconfirmed(f"Twilio did not answer the request to transfer the call: {exc!r}") from None
-        return True
+        return await self._update(call_sid, "transfer", unconfirmed_raises=True, twiml=str(twiml))
 
     async def dialed_calls(self, parent_call_sid: str) -> list[DialedCall]:
         """The calls a `<Dial>` of the call `parent_call_sid` made, with how each ended and how long it ran.
 
         Raises CallLookupFailed when Twilio cannot answer.
         """
-        try:
-            found = await asyncio.wait_for(
-                self._client.calls.list_async(parent_call_sid=parent_call_sid, limit=20, page_size=20), self._timeout
-            )
-        except TwilioException as exc:
-            raise CallLookupFailed(f"Twilio refused the call lookup: {_refusal(exc)}") from None
-        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
-            raise CallLookupFailed(f"could not reach Twilio to look calls up: {exc}") from None
+        found = await self._list_calls(20, parent_call_sid=parent_call_sid)
         return [
             DialedCall(sid=call.sid, status=str(call.status), duration_seconds=_seconds(call.duration))
             for call in found
             if call.sid
         ]
 
-    async def _update(self, call_sid: str, action: str, **changes: str) -> bool:
+    async def _update(self, call_sid: str, action: str, *, unconfirmed_raises: bool = False, **changes: str) -> bool:
+        """Change a live call; False (logged) if Twilio refused or could not be reached. A request sent but not
+        answered is False too, or CallUnconfirmed with `unconfirmed_raises` (its caller must not assume either way)."""
         try:
             await asyncio.wait_for(self._client.calls(call_sid).update_async(**changes), self._timeout)
         except TwilioRestException as exc:
             log.warning("Twilio refused to %s %s: %s %s", action, call_sid, exc.status, exc.msg)
             return False
-        except (OSError, TimeoutError) as exc:
+        except aiohttp.ClientConnectorError as exc:  # no connection: the request never left
             log.warning("could not reach Twilio to %s %s: %s", action, call_sid, exc)
             return False
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:  # sent, but no answer: it may have arrived
+            if unconfirmed_raises:
+                raise CallUnconfirmed(f"Twilio did not answer the request to {action} the call: {exc!r}") from None
+            log.warning("Twilio did not answer the request to %s %s: %r", action, call_sid, exc)
+            return False
         return True
+
+    async def _list_calls(self, limit: int, **filters: str) -> list[CallInstance]:
+        """Twilio's Calls list by `filters` (up to `limit`); CallLookupFailed when Twilio cannot answer."""
+        try:
+            return await asyncio.wait_for(
+                self._client.calls.list_async(**filters, limit=limit, page_size=limit), self._timeout
+            )
+        except TwilioException as exc:  # a page Twilio would not give is a TwilioException, not a TwilioRestException
+            raise CallLookupFailed(f"Twilio refused the call lookup: {_refusal(exc)}") from None
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+            raise CallLookupFailed(f"could not reach Twilio to look calls up: {exc}") from None
 
     async def close(self) -> None:
         """Close the HTTP session."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
@@ -78,12 +78,10 @@ async def transfer_settlement_context(app: web.Application) -> AsyncIterator[Non
             await task
 
 
-async def _sweep(
-    pool: Pool, twilio: TwilioCalls, interval: float, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
-) -> None:
+async def _sweep(pool: Pool, twilio: TwilioCalls, interval: float) -> None:
     while True:
         try:
-            await settle_overdue_legs(pool, twilio, now=clock())
+            await settle_overdue_legs(pool, twilio, now=datetime.now(UTC))
         except DATABASE_ERRORS as exc:
             log.warning("transfer settlement sweep: the database could not be reached: %s", exc)
         except Exception:  # a bug here must not stop the next sweep, nor the engine
