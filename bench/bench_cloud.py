@@ -28,8 +28,9 @@ reported per round. With `--turns 0` a round is instead a window of `--seconds` 
 hang up only once every turn asked in the window has been heard out.
 Options: the providers' pacing (--endpointing-ms, --final-delay-ms, --finalize-delay-ms, --llm-first-token-ms,
 --tokens-per-second, --tts-first-byte-ms, --tts-speed), --no-recording turns the agents' recording off, --think S
-sets the callers' pause between turns, --profile-calls N runs the engine under cProfile in round N and --py-spy N
-samples it with py-spy (figures distorted), --stalls records the engine's loop stalls (a 2 ms timer firing late
+sets the callers' pause between turns, --profile-calls N samples the engine's stack every ms of its CPU time in
+round N (bench/cpu_sampler.py; --profiler cprofile traces it with cProfile instead) and --py-spy N samples it with
+py-spy (figures distorted), --stalls records the engine's loop stalls (a 2 ms timer firing late
 under uvloop) and this process's slow callbacks and late timers, and prints what overlapped each round's slowest
 turns. --knowledge runs each N twice in the same run: as above, then with every agent linked to one of 10
 knowledge bases (100 documents of ~10 pages, bench/bench_knowledge.py, ingested before the rounds) and its passages
@@ -336,9 +337,12 @@ class Engine:
 async def start_engine(
     *, env: dict[str, str], cwd: Path, port: int, cpu: int | None, log_path: Path, profile: Path | None
 ) -> Engine:
-    """Start `dialtone serve` on 127.0.0.1:`port`, pinned to `cpu`; under cProfile when `profile` is given."""
+    """Start `dialtone serve` on 127.0.0.1:`port`, pinned to `cpu`; when `profile` is given, under cProfile, or
+    under bench/cpu_sampler.py for a `.folded` file."""
     command = [sys.executable]
-    if profile is not None:
+    if profile is not None and profile.suffix == ".folded":
+        command += ["-m", "bench.cpu_sampler", str(profile)]
+    elif profile is not None:
         command += ["-m", "cProfile", "-o", str(profile)]
     command += ["-m", "engine.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     taskset = shutil.which("taskset")
@@ -1468,7 +1472,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--knowledge", action="store_true", help="run each N again with agents using knowledge bases in context"
     )
-    parser.add_argument("--profile-calls", type=int, default=None, help="run the engine under cProfile in this round")
+    parser.add_argument("--profile-calls", type=int, default=None, help="profile the engine in this round")
+    parser.add_argument(
+        "--profiler",
+        choices=("cpu", "cprofile"),
+        default="cpu",
+        help="with --profile-calls: sample the stack every ms of CPU time (bench/cpu_sampler.py; folded stacks) or "
+        "trace every call with cProfile (inflates code of many small calls)",
+    )
     parser.add_argument(
         "--py-spy", type=int, default=None, help="sample the engine with py-spy (if installed) over this round's calls"
     )
@@ -1568,7 +1579,8 @@ async def _rounds(
         print(f"  N={name}: running …", flush=True)
         profile = None
         if setup.args.profile_calls == calls:
-            profile = setup.args.out / f"cloud-{stamp}-engine-n{name}.prof"
+            suffix = ".folded" if setup.args.profiler == "cpu" else ".prof"
+            profile = setup.args.out / f"cloud-{stamp}-engine-n{name}{suffix}"
         result = await run_round(replace(setup, line=line), calls, profile)
         result["knowledge"] = line is knowledge
         if profile is not None:
