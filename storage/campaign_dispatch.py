@@ -798,7 +798,7 @@ async def expire_leases(pool: asyncpg.Pool, *, now: datetime, limit: int = 200) 
     never asked: the recipient is queued again and the attempt does not count. With a CallLog that holds a
     CallSid, the call exists: the attempt counts and follows that CallLog like any placed call. A CallLog still
     without a CallSid is left alone here: only Twilio knows whether the request arrived, and the engine asks
-    it (storage/campaign_placements.py, engine/campaigns/placement_lookup.py).
+    it (storage/campaign_placements.py, engine/twilio/placement_lookup.py).
     """
     async with transaction(pool) as conn:
         rows = await conn.fetch(

@@ -1,12 +1,13 @@
-"""Dials whose process died between writing the CallLog and storing the CallSid: finding them, settling them.
+"""Campaign dials whose CallLog never got a CallSid (the dialer died, or Twilio never answered): finding, settling.
 
 The dialer writes an attempt's CallLog (with a placeholder callId) before it asks Twilio for the call. When its
 lease expires with that CallLog still holding the placeholder, only Twilio knows whether the request arrived.
 `take_unresolved` hands such attempts to one process at a time (it re-leases them to that process for the lookup,
 so a process that dies while looking lets another look after that lease), and the engine asks Twilio
-(engine/campaigns/placement_lookup.py). Then `adopt_placement` follows the call Twilio created, or
-`close_never_placed` closes the CallLog as NOT_PLACED and queues the recipient again without counting the attempt.
-When Twilio cannot be reached nothing is decided: the lookup lease expires and someone asks again.
+(engine/twilio/placement_lookup.py). Then `adopt_placement` follows the call Twilio created, or
+`close_never_placed` closes the CallLog as NOT_PLACED and queues the recipient again without counting the attempt;
+the CallLog itself is adopted or closed by the rule API calls share (storage/placements.py). When Twilio cannot be
+reached nothing is decided: the lookup lease expires and someone asks again.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from storage import call_logs
+from storage import placements
 from storage.call_logs import PENDING_CALL_ID_PREFIX
 from storage.campaign_dispatch import ATTEMPT_CALL_LOG, give_back
 from storage.campaign_states import (
@@ -27,7 +28,7 @@ from storage.campaign_states import (
     sources,
     sql_states,
 )
-from storage.end_reasons import EndReason
+from storage.placements import UnresolvedPlacement
 from storage.records import Queryable, transaction
 
 NEVER_PLACED_REASON = "never placed: Twilio has no call for this attempt"
@@ -38,19 +39,14 @@ _TO_IN_CALL = sql_states(sources(RECIPIENT_TRANSITIONS, RecipientDispatchState.I
 
 
 @dataclass(frozen=True, slots=True)
-class UnresolvedPlacement:
+class UnresolvedDial(UnresolvedPlacement):
     """An attempt whose CallLog was written but whose call Twilio may or may not have created."""
 
     attempt_id: str
     recipient_id: str
-    organization_id: str
-    call_log_id: str
-    to: str
-    """The number dialed (E.164, as sent to Twilio)."""
-    from_: str
-    """The caller id it was dialed from, as sent to Twilio."""
-    created_at: datetime
-    """When the CallLog was written: the request, if it left, left after this."""
+
+    def __str__(self) -> str:
+        return f"attempt {self.attempt_id} of recipient {self.recipient_id} (CallLog {self.call_log_id})"
 
 
 async def take_unresolved(
@@ -61,7 +57,7 @@ async def take_unresolved(
     hold_for: timedelta,
     written_before: datetime,
     limit: int = 50,
-) -> list[UnresolvedPlacement]:
+) -> list[UnresolvedDial]:
     """Lease to `owner` for `hold_for` the expired DIALING attempts whose CallLog has no CallSid; return them.
 
     Only CallLogs written before `written_before`: a younger one's create request may still be on its way.
@@ -97,7 +93,7 @@ async def take_unresolved(
             now + hold_for,
         )
     return [
-        UnresolvedPlacement(
+        UnresolvedDial(
             attempt_id=row["attemptId"],
             recipient_id=row["recipientId"],
             organization_id=row["organizationId"],
@@ -110,15 +106,7 @@ async def take_unresolved(
     ]
 
 
-async def known_call_sids(db: Queryable, call_sids: list[str]) -> set[str]:
-    """Which of these CallSids a CallLog already holds (those calls belong to other attempts or calls)."""
-    if not call_sids:
-        return set()
-    rows = await db.fetch('SELECT "callId" FROM "CallLog" WHERE "callId" = ANY($1::text[])', call_sids)
-    return {row["callId"] for row in rows}
-
-
-async def adopt_placement(pool: asyncpg.Pool, placement: UnresolvedPlacement, *, owner: str, call_sid: str) -> bool:
+async def adopt_placement(pool: asyncpg.Pool, placement: UnresolvedDial, *, owner: str, call_sid: str) -> bool:
     """Twilio created the call: store its CallSid on the CallLog and follow it like any placed call.
 
     False if `owner` no longer holds the lookup lease (someone else settled it). A status callback that stored
@@ -127,8 +115,7 @@ async def adopt_placement(pool: asyncpg.Pool, placement: UnresolvedPlacement, *,
     async with transaction(pool) as conn:
         if not await _holds(conn, placement, owner):
             return False
-        adopted = await call_logs.adopt_call_id(conn, call_log_id=placement.call_log_id, call_id=call_sid)
-        stored = call_sid if adopted is not None else None
+        stored = call_sid if await placements.adopt(conn, placement, call_sid) else None
         await conn.execute(
             f"""
             UPDATE "CampaignAttempt" SET "state" = '{AttemptState.PLACED}', "callLogId" = $2, "callSid" = $3
@@ -149,24 +136,21 @@ async def adopt_placement(pool: asyncpg.Pool, placement: UnresolvedPlacement, *,
     return True
 
 
-async def close_never_placed(pool: asyncpg.Pool, placement: UnresolvedPlacement, *, owner: str) -> bool:
-    """Twilio has no such call: the CallLog ends FAILED as NOT_PLACED, the attempt does not count, the recipient
-    waits again (no recipient.failed). False if `owner` no longer holds the lookup lease, or a status callback
-    gave the CallLog a CallSid meanwhile (the call exists after all: the next lease expiry follows it)."""
+async def close_never_placed(pool: asyncpg.Pool, placement: UnresolvedDial, *, owner: str) -> bool:
+    """Twilio has no such call: the CallLog ends FAILED as NOT_PLACED (placements.close_not_placed), the attempt does
+    not count, the recipient waits again (no recipient.failed). False if `owner` no longer holds the lookup lease, or
+    a status callback gave the CallLog a CallSid meanwhile (the call exists after all: the next lease expiry follows
+    it)."""
     async with transaction(pool) as conn:
         if not await _holds(conn, placement, owner):
             return False
-        call_log = await call_logs.get_call_log(
-            conn, organization_id=placement.organization_id, call_log_id=placement.call_log_id
-        )
-        if not call_log.call_id.startswith(PENDING_CALL_ID_PREFIX):
+        if not await placements.close_not_placed(conn, await placements.locked_call_log(conn, placement)):
             return False
-        await call_logs.fail_unstarted(conn, call_log, EndReason.NOT_PLACED)
         await give_back(conn, placement.attempt_id, placement.recipient_id, reason=NEVER_PLACED_REASON)
     return True
 
 
-async def _holds(conn: Queryable, placement: UnresolvedPlacement, owner: str) -> bool:
+async def _holds(conn: Queryable, placement: UnresolvedDial, owner: str) -> bool:
     held = await conn.fetchval(
         f"""
         SELECT 1 FROM "CampaignRecipientDispatch" rd

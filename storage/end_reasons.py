@@ -34,7 +34,7 @@ class EndReason(StrEnum):
     TWILIO_REFUSED = "twilio_refused"
     TWILIO_UNREACHABLE = "twilio_unreachable"
     PLACEMENT_INTERRUPTED = "placement_interrupted"
-    NOT_PLACED = "not_placed"  # its dialer died before the request reached Twilio, which has no such call
+    NOT_PLACED = "not_placed"  # its request never reached Twilio (dialer died, or no answer): Twilio has no such call
     STREAM_NEVER_STARTED = "stream_never_started"
     AGENT_DELETED = "agent_deleted"
     PIPELINE_UNAVAILABLE = "pipeline_unavailable"

@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from engine.campaigns.dispatcher import CampaignDispatcher, DialResult, DispatchTiming
-from engine.campaigns.placement_lookup import PlacementLookup
+from engine.twilio.placement_lookup import PlacementLookup
 from engine.twilio.rest import TwilioCalls
 from storage import call_logs, campaigns
 from storage.agents import create_agent

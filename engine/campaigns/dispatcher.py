@@ -1,7 +1,7 @@
 """The campaign dispatcher every engine process runs: claim due recipients, dial them on pace, reconcile outcomes.
 
 Each tick: settle what other processes left (ended calls, expired leases, dials whose CallSid was lost, which
-Twilio is asked about), then for each campaign that is due
+Twilio is asked about, as it is about API calls it never confirmed), then for each campaign that is due
 and not being claimed by another process, decide how many recipients to lease (concurrency cap, calls per
 second, calling windows in each recipient's timezone, credits) and dial each at its slot. Storage holds the
 rows and locks (storage/campaign_dispatch.py); this module holds the decisions and the clock.
@@ -21,7 +21,6 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
-from engine.campaigns.placement_lookup import PlacementLookup
 from engine.campaigns.windows import CallingWindow, InvalidWindow, parse_time_of_day, zone
 from engine.server.appkeys import SETTINGS
 from engine.twilio.outbound_calls import (
@@ -39,6 +38,7 @@ from engine.twilio.outbound_calls import (
     PlacementUnconfirmed,
     place_call,
 )
+from engine.twilio.placement_lookup import PlacementLookup
 from engine.workers.recovery import NODE_ID
 from storage import Pool
 from storage import campaign_dispatch as dispatch
@@ -138,7 +138,8 @@ class CampaignDispatcher:
     ) -> None:
         """Nothing runs until `start()` (or `tick()` in tests).
 
-        `lookup` asks Twilio about expired dials whose CallLog never got a CallSid; without it they wait.
+        `lookup` asks Twilio about the CallLogs that never got a CallSid (expired dials, and API calls Twilio never
+        confirmed); without it they wait.
         `call_limits`: calls an organization may have in progress at once, by plan (0 or absent = no limit);
         an organization at its limit gets no new claims until one of its calls ends.
         """
@@ -402,7 +403,7 @@ async def dispatcher_context(app: web.Application) -> AsyncIterator[None]:
     """Run this process's campaign dispatcher while the app runs, when it can place calls at all."""
     settings = app[SETTINGS]
     if not settings.dispatch_enabled:
-        log.info("campaign dispatcher off (DIALTONE_DISPATCH=false)")
+        log.info("campaign dispatcher off (DIALTONE_DISPATCH=false): other processes dial and settle unconfirmed calls")
         yield
         return
     try:

@@ -1,1 +1,2 @@
-"""Twilio: the voice, status and AMD webhooks, request signatures, the REST client, and placing outbound calls."""
+"""Twilio: the voice, status and AMD webhooks, request signatures, the REST client, and placing outbound calls (and
+settling those Twilio never confirmed)."""

@@ -10,10 +10,11 @@ these `metadata.endReason` values (`storage.end_reasons.EndReason`; a contract: 
   up (COMPLETED), see `engine.twilio.webhooks.handle_amd`;
 - `twilio_refused`, `twilio_unreachable`: Twilio did not create the call (FAILED, with `twilioErrorCode` and
   `twilioErrorMessage`), and `place_call` raises CallNotPlaced;
-- `not_placed`: a campaign dial whose process died before its request reached Twilio, or whose request Twilio
-  never answered, and Twilio has no such call (FAILED; found out when the dial's lease expires, see
-  engine/campaigns/placement_lookup.py). A request Twilio did not answer raises PlacementUnconfirmed and leaves the
-  CallLog IN_PROGRESS, waiting for the CallSid: the call's status callbacks adopt it if Twilio created it;
+- `not_placed`: a call (a campaign dial or an API call) whose process died before its request reached Twilio, or
+  whose request Twilio never answered, and Twilio has no such call (FAILED; found out by listing Twilio's calls once
+  the request can no longer be on its way, see engine/twilio/placement_lookup.py). A request Twilio did not answer
+  raises PlacementUnconfirmed and leaves the CallLog IN_PROGRESS, waiting for the CallSid: the call's status
+  callbacks, or that lookup, adopt it if Twilio created it;
 - otherwise whatever the media session ended with (`path_end`, `caller_hangup`, ...), as for inbound calls.
 """
 
@@ -158,12 +159,13 @@ class CallNotPlaced(OutboundCallError):
 
 class PlacementUnconfirmed(OutboundCallError):
     """Twilio did not answer the request to create the call, which it may have received: the CallLog stays
-    IN_PROGRESS until the call's status callbacks, or Twilio's Calls list, tell whether it exists."""
+    IN_PROGRESS until the call's status callbacks, or Twilio's Calls list (engine/twilio/placement_lookup.py), tell
+    whether it exists."""
 
     def __init__(self, call_log_id: str, message: str) -> None:
         super().__init__(
-            f"{message}; the call may have been placed: CallLog {call_log_id} follows it (IN_PROGRESS until Twilio's "
-            "status callbacks tell; FAILED if its media stream never starts)"
+            f"{message}; the call may have been placed: CallLog {call_log_id} follows it (IN_PROGRESS until Twilio "
+            "tells: its CallSid once found, or FAILED not_placed, its credits returned, if Twilio has no such call)"
         )
         self.call_log_id = call_log_id
 

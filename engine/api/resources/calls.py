@@ -89,7 +89,9 @@ async def create_call(call: ApiCall) -> PlacedCallResponse:
     422 names the field at fault (an undialable number, a number on the do-not-call list, an agent that is not
     an ACTIVE OUTBOUND agent, a number that may not call out, no `fromNumber` and no default one); 402 when the
     organization has no credits; 502 when Twilio refuses the call (its CallLog is then FAILED with Twilio's error);
-    504 when Twilio did not answer the request, which it may have received (the CallLog named follows the call);
+    504 when Twilio did not answer the request, which it may have received: the CallLog named follows the call,
+    adopting its CallSid when Twilio's callbacks or its Calls list show it, else ending FAILED `not_placed` (its
+    credits returned, its call slot freed) once Twilio, asked, has no such call;
     503 when this engine has no Twilio account or public URL. When the organization already has as many calls in
     progress as its plan allows, the request waits a little for one to end (DIALTONE_CALL_SLOT_WAIT), then answers
     429 with Retry-After. With an `Idempotency-Key`, a retry never dials twice: it gets the first request's answer.
