@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 
 from engine.campaigns.windows import CallingWindow, InvalidWindow, parse_time_of_day, zone
-from engine.server.appkeys import SETTINGS
+from engine.server.appkeys import DATABASE, SETTINGS, TWILIO
 from engine.twilio.outbound_calls import (
     AgentUnavailable,
     CallNotPlaced,
@@ -128,7 +128,7 @@ class CampaignDispatcher:
     def __init__(
         self,
         pool: Pool,
-        dialer: Dialer,
+        dialer: Dialer | None,
         *,
         node_id: str | None = None,
         call_limits: Mapping[str, int] | None = None,
@@ -138,6 +138,8 @@ class CampaignDispatcher:
     ) -> None:
         """Nothing runs until `start()` (or `tick()` in tests).
 
+        `dialer` None: this process cannot place calls (no public URL for Twilio's callbacks) and only settles what
+        others, and its own API calls, left: ended calls, expired leases and the lookups; it claims no recipient.
         `lookup` asks Twilio about the CallLogs that never got a CallSid (expired dials, and API calls Twilio never
         confirmed); without it they wait.
         `call_limits`: calls an organization may have in progress at once, by plan (0 or absent = no limit);
@@ -193,6 +195,8 @@ class CampaignDispatcher:
         await dispatch.expire_leases(self._pool, now=self._clock())
         if self._lookup is not None:
             await self._lookup.settle(now=self._clock(), owner=self.node_id)
+        if self._dialer is None:
+            return []
         claims: list[Claim] = []
         seen: list[str] = []
         while len(claims) < self._timing.max_claims_per_tick:
@@ -282,6 +286,7 @@ class CampaignDispatcher:
         if not await dispatch.begin_dial(self._pool, claim, now=self._clock(), lease_for=self._timing.lease):
             return
         try:
+            assert self._dialer is not None  # claims are made only with a dialer
             result = await self._dialer.dial(claim)
         except DialRefused as refused:
             await dispatch.record_refused(
@@ -406,22 +411,29 @@ async def dispatcher_context(app: web.Application) -> AsyncIterator[None]:
         log.info("campaign dispatcher off (DIALTONE_DISPATCH=false): other processes dial and settle unconfirmed calls")
         yield
         return
-    try:
-        deps = OutboundDeps.from_app(app)
-    except OutboundUnavailable as exc:
-        log.info("campaign dispatcher off: %s", exc)
+    twilio = app.get(TWILIO)
+    if twilio is None:
+        log.info("campaign dispatcher off: no Twilio credentials (TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN)")
         yield
         return
+    pool = app[DATABASE].pool
+    try:
+        dialer: PlaceCallDialer | None = PlaceCallDialer(OutboundDeps.from_app(app))
+    except OutboundUnavailable as exc:
+        # POST /v1/calls can still place calls (Twilio calls back at the request's URL): their unconfirmed
+        # placements, and what other processes left, are settled here all the same.
+        log.info("campaign dispatcher settling only, dialing no campaign: %s", exc)
+        dialer = None
     dispatcher = CampaignDispatcher(
-        deps.pool,
-        PlaceCallDialer(deps),
+        pool,
+        dialer,
         node_id=app.get(NODE_ID),
         call_limits=settings.concurrent_call_limits,
         timing=DispatchTiming(
             interval=timedelta(seconds=settings.dispatch_interval),
             lease=timedelta(seconds=settings.dispatch_lease),
         ),
-        lookup=PlacementLookup(deps.pool, deps.twilio),
+        lookup=PlacementLookup(pool, twilio),
     )
     dispatcher.start()
     log.info("campaign dispatcher running as node %s", dispatcher.node_id)
