@@ -16,6 +16,7 @@ from pipelines.clients import ProviderClients
 from storage.embedded import start_embedded
 from tests.browser import missing_browser
 from tests.databases import TestDatabases
+from tests.fakes.twilio import FakeTwilio
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +87,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("browser tests did not run", sep="=", red=True, bold=True)
         why = missing_browser() or "see the skip reasons below"
         terminalreporter.write_line(f"{len(_browser_skips)} browser test(s) were SKIPPED, not passed: {why}")
+
+
+@pytest.fixture(scope="module")
+async def twilio() -> AsyncIterator[FakeTwilio]:
+    """A fake Twilio REST API on loopback for the module (a module may define its own, e.g. with an auth token)."""
+    async with FakeTwilio() as fake:
+        yield fake

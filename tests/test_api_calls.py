@@ -19,12 +19,6 @@ from tests.test_outbound_calls import callee, finished_log, make_agent
 
 
 @pytest.fixture(scope="module")
-async def twilio() -> AsyncIterator[FakeTwilio]:
-    async with FakeTwilio() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 async def engine(db_url: str, twilio: FakeTwilio) -> AsyncIterator[str]:
     async with running_engine(
         db_url,

@@ -63,12 +63,6 @@ class Engine:
 
 
 @pytest.fixture(scope="module")
-async def twilio() -> AsyncIterator[FakeTwilio]:
-    async with FakeTwilio() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 async def engine(db_url: str, twilio: FakeTwilio) -> AsyncIterator[Engine]:
     """The engine, its dispatcher ticking every 0.2 s, with the plan limit above and no wait for a free slot."""
     backends: list[str] = []

@@ -34,12 +34,6 @@ _orgs = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
-async def twilio() -> AsyncIterator[FakeTwilio]:
-    async with FakeTwilio() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 async def engine(db_url: str, twilio: FakeTwilio) -> AsyncIterator[str]:
     async with running_engine(db_url, dispatch_enabled=False, **twilio_settings(twilio)) as base:
         yield base

@@ -32,12 +32,6 @@ ANSWERS, BUSY, REFUSED = "+12125550171", "+12125550172", "+12125550173"
 
 
 @pytest.fixture(scope="module")
-async def twilio() -> AsyncIterator[FakeTwilio]:
-    async with FakeTwilio() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 async def deps(db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio) -> AsyncIterator[OutboundDeps]:
     """The engine serving webhooks and media (its own dispatcher off), and what the test's dispatcher dials with."""
     credentials: dict[str, Any] = {

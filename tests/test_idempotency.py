@@ -23,12 +23,6 @@ from tests.test_plan_limits import open_call, outbound_tenant
 
 
 @pytest.fixture(scope="module")
-async def twilio() -> AsyncIterator[FakeTwilio]:
-    async with FakeTwilio() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 async def engine(db_url: str, twilio: FakeTwilio) -> AsyncIterator[str]:
     async with running_engine(
         db_url,

@@ -46,12 +46,6 @@ _numbers = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
-async def twilio() -> AsyncIterator[FakeTwilio]:
-    async with FakeTwilio() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 async def deepgram() -> AsyncIterator[FakeDeepgram]:
     async with FakeDeepgram(api_key=DG_KEY) as fake:
         yield fake

@@ -44,12 +44,6 @@ MODEL_AGENT = {
 
 
 @pytest.fixture(scope="module")
-async def twilio() -> AsyncIterator[FakeTwilio]:
-    async with FakeTwilio() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 async def openai() -> AsyncIterator[FakeOpenAI]:
     async with FakeOpenAI(api_key=OPENAI_KEY) as fake:
         fake.default_reply = "Hello, this is the clinic."

@@ -24,12 +24,6 @@ from tests.test_outbound_calls import call_log_row, callee
 
 
 @pytest.fixture(scope="module")
-async def twilio() -> AsyncIterator[FakeTwilio]:
-    async with FakeTwilio() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 async def engine(db_url: str, twilio: FakeTwilio) -> AsyncIterator[str]:
     """The engine with Twilio's credentials and no public URL, its dispatcher ticking every 0.2 s."""
     async with running_engine(db_url, dispatch_interval=0.2, call_slot_wait=0, **twilio_settings(twilio)) as url:
