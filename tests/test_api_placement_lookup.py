@@ -217,6 +217,31 @@ async def test_a_create_twilio_made_without_a_word_is_adopted_and_the_call_goes_
     assert await credits(pool, caller.organization_id) == CREDITS, "a call nobody answered costs nothing"
 
 
+async def test_a_call_twilio_creates_after_its_call_log_was_closed_not_placed_is_hung_up_before_it_is_answered(
+    api: Api, pool: asyncpg.Pool, twilio: FakeTwilio
+) -> None:
+    caller = await dialer(pool, "Late")
+    to = callee()
+    twilio.behave(to, NoAnswer(ring_ms=int(SETTLED_WITHIN_S * 1000)))  # rings on until someone hangs it up
+    held = twilio.hold_create(to)
+    call_log_id = await unconfirmed_by_the_api(api, caller, to)
+    closed = await settled(pool, call_log_id)  # the lookup found no call: the request seemed lost
+    assert (closed["status"], closed["metadata"]["endReason"]) == ("FAILED", "not_placed")
+    assert await credits(pool, caller.organization_id) == CREDITS
+
+    held.release(create=True)  # Twilio creates the call after all, long after the request's deadline
+    await asyncio.wait_for(held.settled.wait(), 10)
+    [late] = twilio.calls_to(to)
+    ended = await twilio.finished(late.sid, timeout=SETTLED_WITHIN_S)
+
+    assert ended.updates[0] == {"Status": "completed"}, "hung up at its first callback"
+    assert ended.status == "canceled" and ended.answered_at is None
+    log = await call_log_row(pool, call_log_id)
+    assert (log["status"], log["metadata"]["endReason"], log["duration"]) == ("FAILED", "not_placed", 0)
+    assert await credits(pool, caller.organization_id) == CREDITS, "nothing charged for a call nobody ran"
+    assert await calls_ended(pool, call_log_id) == 1
+
+
 # ------------------------------------------------------------------------------------- the lookup itself
 
 

@@ -17,6 +17,7 @@ from engine.call.setup import provider_keys
 from engine.server.appkeys import CLOCK, DATABASE, LIVE_CALLS, SETTINGS, TWILIO
 from engine.twilio.fields import CallStatusCallback, DialEnded, Form, IncomingCall, InvalidTwilioField, MachineVerdict
 from engine.twilio.inbound_routing import choose_inbound_agent
+from engine.twilio.rest import TwilioCalls
 from engine.twilio.signature import public_base_url, signed_form
 from pipelines.llm.prompt import render_prompt
 from pipelines.registry import PipelineUnavailable, check_pipeline
@@ -57,6 +58,8 @@ _FINAL_STATUSES = {
 }
 # The same for an outbound call nobody answered (a contract, see engine.twilio.outbound_calls).
 _OUTBOUND_UNANSWERED = {status: _FINAL_STATUSES[status] for status in ("busy", "no-answer", "canceled", "failed")}
+_ALIVE_STATUSES = frozenset({"queued", "initiated", "ringing", "in-progress"})
+"""Twilio's CallStatus values of a call that has not ended."""
 
 
 _Fields = TypeVar("_Fields")
@@ -239,7 +242,7 @@ async def handle_status(request: web.Request) -> web.Response:
     if call_log is None:
         return web.Response(status=204)
     if call_log.call_type is CallType.OUTBOUND:
-        await _outbound_status(pool, call_log, callback)
+        await _outbound_status(pool, call_log, callback, request.app.get(TWILIO))
         return web.Response(status=204)
     if call_log.status != CallStatus.IN_PROGRESS or status not in _FINAL_STATUSES:
         return web.Response(status=204)
@@ -262,17 +265,23 @@ async def _callback_call_log(pool: Pool, call_sid: str, call_log_id: str | None)
     return call_log
 
 
-async def _outbound_status(pool: Pool, call_log: CallLog, callback: CallStatusCallback) -> None:
+async def _outbound_status(
+    pool: Pool, call_log: CallLog, callback: CallStatusCallback, twilio: TwilioCalls | None
+) -> None:
     """Move an outbound CallLog on Twilio's status.
 
     busy, no-answer and canceled end it MISSED, failed FAILED, each with Twilio's status as the end reason;
     answered (`in-progress`) leaves it to the media session. `completed` closes a call whose stream never
     started (FAILED, or with its voicemail end when an answering machine took it), and gives a call the media
     session finished its voicemail end reason when the session could not know it (it ran on another node).
+    A call Twilio reports alive whose CallLog was closed `not_placed` is hung up (`_hang_up_late_call`).
     """
     status = callback.status
-    if status in ("initiated", "ringing", "in-progress", "queued"):
-        log.debug("outbound call %s: %s", call_log.call_id, status)
+    if status in _ALIVE_STATUSES:
+        if call_log.status != CallStatus.IN_PROGRESS and _closed_not_placed(call_log):
+            await _hang_up_late_call(call_log, callback, twilio)
+        else:
+            log.debug("outbound call %s: %s", call_log.call_id, status)
         return
     voicemail = EndReason.read(call_log.metadata.get("voicemail"))
     if call_log.status != CallStatus.IN_PROGRESS:
@@ -293,6 +302,36 @@ async def _outbound_status(pool: Pool, call_log: CallLog, callback: CallStatusCa
     else:
         return
     await _close_unconnected(pool, call_log, final, reason, callback)
+
+
+def _closed_not_placed(call_log: CallLog) -> bool:
+    return EndReason.read(call_log.metadata.get("endReason")) is EndReason.NOT_PLACED
+
+
+async def _hang_up_late_call(call_log: CallLog, callback: CallStatusCallback, twilio: TwilioCalls | None) -> None:
+    """Hang up a call Twilio created after its CallLog was closed `not_placed`.
+
+    The placement lookup found no such call once the create request could no longer be on its way, so the CallLog
+    ended FAILED, its credits went back and a campaign's recipient was queued again: Twilio creating the call after
+    all (a create delayed past the request's deadline) would ring the callee for a call nobody runs (its stream is
+    refused) while the recipient may be dialed again. Hung up at its first callback, it usually never rings.
+    """
+    if twilio is None:
+        log.error(
+            "call %s (CallLog %s, closed not_placed) is %s at Twilio and cannot be hung up: no Twilio client",
+            callback.call_sid,
+            call_log.id,
+            callback.status,
+        )
+        return
+    hung_up = await twilio.hang_up(callback.call_sid)
+    log.warning(
+        "call %s was created by Twilio after its CallLog %s was closed not_placed: %s (it was %s)",
+        callback.call_sid,
+        call_log.id,
+        "hung up" if hung_up else "could not be hung up",
+        callback.status,
+    )
 
 
 async def _close_unconnected(

@@ -28,7 +28,7 @@ import secrets
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -161,6 +161,8 @@ class FakeCall:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     updated: asyncio.Event = field(default_factory=asyncio.Event)
     _live: StreamPeer | None = None
+    _run_task: asyncio.Task[None] | None = None
+    canceling: bool = False
 
     def param(self, name: str) -> str | None:
         """The first value of a create parameter, or None."""
@@ -278,9 +280,7 @@ class FakeTwilio:
             return _error(behaviour.status, behaviour.code, behaviour.message)
         call = FakeCall(sid="CA" + secrets.token_hex(16), to=to, from_=from_, params=params, behaviour=behaviour)
         self.calls[call.sid] = call
-        task = asyncio.create_task(self._run(call), name=f"fake-twilio-{call.sid}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        call._run_task = self._spawn(self._run(call), f"fake-twilio-{call.sid}")
         if hold is not None:
             hold.settled.set()
         return web.json_response(self._resource(call), status=201)
@@ -297,7 +297,9 @@ class FakeTwilio:
             return _error(400, 21220, "Call is not in-progress. Cannot redirect.")
         call.updates.append(update)
         call.updated.set()
-        if call._live is not None:
+        if update.get("Status") in ("completed", "canceled") and call.answered_at is None:
+            self._spawn(self._cancel(call), f"fake-twilio-cancel-{call.sid}")  # not answered yet: canceled
+        elif call._live is not None:
             with contextlib.suppress(Exception):  # the stream may be closing already
                 await call._live.hang_up()  # new TwiML (or a hang-up) ends <Connect><Stream>: Twilio sends stop
         return web.json_response(self._resource(call))
@@ -371,6 +373,23 @@ class FakeTwilio:
 
     # ----------------------------------------------------------------------------------------- the far end
 
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _cancel(self, call: FakeCall) -> None:
+        """A queued or ringing call hung up through the API: it stops ringing and ends `canceled`."""
+        call.canceling = True
+        if call._run_task is not None:
+            call._run_task.cancel()
+            await asyncio.gather(call._run_task, return_exceptions=True)
+        try:
+            await self._end(call, "canceled")
+        finally:
+            call.finished.set()
+
     async def _run(self, call: FakeCall) -> None:
         try:
             await self._post_status(call, "initiated", "initiated")
@@ -390,7 +409,8 @@ class FakeTwilio:
                 case Refuse():
                     pass  # refused at creation; never runs
         finally:
-            call.finished.set()
+            if not call.canceling:  # else set once the cancel's callback is posted
+                call.finished.set()
 
     async def _answer(self, call: FakeCall, behaviour: Answer | Machine) -> None:
         if isinstance(behaviour, Machine):
