@@ -63,6 +63,41 @@ def test_an_overnight_window_spans_the_autumn_dst_change_in_local_time() -> None
     assert not night.is_open(BERLIN, utc(2026, 10, 25, 5, 0))
 
 
+def test_a_window_ending_in_the_skipped_spring_hour_closes_when_the_clock_jumps() -> None:
+    # New York springs forward on Sunday 2026-03-08 at 02:00 EST (07:00 UTC) -> 03:00 EDT: 02:30 never shows.
+    # The clock reads 03:00 at 07:00 UTC, already past the window's 02:30 end: no call at 03:15 local.
+    night = CallingWindow.from_strings("20:00", "02:30")
+    assert night.is_open(NEW_YORK, utc(2026, 3, 8, 6, 59))  # 01:59 EST
+    assert not night.is_open(NEW_YORK, utc(2026, 3, 8, 7, 15))  # 03:15 EDT
+    assert night.open_period(NEW_YORK, utc(2026, 3, 8, 6, 0))[1] == utc(2026, 3, 8, 7, 0)
+
+
+def test_a_window_opening_in_the_skipped_spring_hour_opens_when_the_clock_jumps() -> None:
+    early = CallingWindow.from_strings("02:30", "09:00")
+    assert not early.is_open(NEW_YORK, utc(2026, 3, 8, 6, 59))  # 01:59 EST
+    assert early.next_opening(NEW_YORK, utc(2026, 3, 8, 6, 0)) == utc(2026, 3, 8, 7, 0)  # 03:00 EDT
+
+
+def test_a_window_opening_in_the_repeated_autumn_hour_opens_at_its_second_occurrence() -> None:
+    # New York falls back on Sunday 2026-11-01 at 02:00 EDT (06:00 UTC) -> 01:00 EST: 01:00-01:59 shows twice.
+    # A window from 01:30 must not be open at the second 01:15 (06:15 UTC), a quarter of an hour before it opens.
+    late = CallingWindow.from_strings("01:30", "05:00")
+    assert not late.is_open(NEW_YORK, utc(2026, 11, 1, 6, 15))  # 01:15 EST
+    assert late.next_opening(NEW_YORK, utc(2026, 11, 1, 5, 0)) == utc(2026, 11, 1, 6, 30)  # 01:30 EST
+
+
+def test_a_window_ending_in_the_repeated_autumn_hour_closes_at_its_first_occurrence() -> None:
+    night = CallingWindow.from_strings("20:00", "01:30")
+    assert night.is_open(NEW_YORK, utc(2026, 11, 1, 5, 29))  # 01:29 EDT
+    assert not night.is_open(NEW_YORK, utc(2026, 11, 1, 6, 15))  # 01:15 EST, after 01:30 EDT
+
+
+def test_an_all_day_window_stays_open_across_a_clock_change_at_midnight() -> None:
+    # Havana falls back on Sunday 2026-11-01 at 01:00 CDT (05:00 UTC) -> 00:00 CST: midnight shows twice.
+    havana = zone("America/Havana")
+    assert all(CallingWindow().is_open(havana, utc(2026, 11, 1, hour, 30)) for hour in range(2, 8))
+
+
 def test_an_overnight_window_belongs_to_the_day_it_opens() -> None:
     friday_night = CallingWindow.from_strings("22:00", "02:00", frozenset({5}))
     assert friday_night.is_open(BERLIN, utc(2026, 1, 17, 0, 30))  # Saturday 01:30 in Berlin

@@ -6,6 +6,7 @@ recipient's own timezone. Pure functions over aware datetimes: the clock is the 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,9 +78,12 @@ class CallingWindow:
             day = first + timedelta(days=offset)
             if day.isoweekday() not in self.days:
                 continue
-            opens = _instant(day, self.start, tz)
-            closes_on = day if self.end > self.start else day + timedelta(days=1)
-            closes = _instant(closes_on, self.end, tz)
+            opens = _last_reading(day, self.start, tz)
+            if self.end == self.start:  # all day: it closes as the next day's opens, never leaving a gap between them
+                closes = _last_reading(day + timedelta(days=1), self.end, tz)
+            else:
+                closes_on = day if self.end > self.start else day + timedelta(days=1)
+                closes = _first_reading(closes_on, self.end, tz)
             if closes > opens:  # a short window across a DST change can come out empty: it does not open
                 yield opens, closes
 
@@ -99,11 +103,45 @@ class CallingWindow:
         return max(self.open_period(tz, at)[0], at)
 
 
-def _instant(day: date, local: time, tz: ZoneInfo) -> datetime:
-    # Local wall time to UTC. A time skipped by a DST change is read with the offset in force before it (PEP 495's
-    # fold=0): 02:30 on spring-forward day is 03:30 of the new time. A repeated one (fall back) is its first
-    # occurrence.
-    return datetime.combine(day, local, tzinfo=tz).astimezone(UTC)
+def _first_reading(day: date, local: time, tz: ZoneInfo) -> datetime:
+    """The first instant (UTC) the clock in `tz` shows `local` on `day`, or reaches past it if a DST change skips it.
+
+    A window closes there: in the hour repeated when the clock falls back, the second 01:15 comes after 01:30.
+    """
+    return _readings(day, local, tz)[0]
+
+
+def _last_reading(day: date, local: time, tz: ZoneInfo) -> datetime:
+    """The last instant (UTC) the clock in `tz` shows `local` on `day` (it may show it twice), or reaches past it.
+
+    A window opens there: from the first 01:30 of the repeated hour the clock goes back to 01:00, before it opens.
+    """
+    return _readings(day, local, tz)[1]
+
+
+def _readings(day: date, local: time, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    # PEP 495: fold=0 reads a wall time with the offset in force before a DST change, fold=1 with the one after.
+    # Shown once, both agree; shown twice (fall back), fold=0 is the first. Skipped (spring forward), they cross:
+    # the first instant at or past that wall time is the one the clock jumps at, for opening and closing alike.
+    before = datetime.combine(day, local, tzinfo=tz).astimezone(UTC)
+    after = datetime.combine(day, local.replace(fold=1), tzinfo=tz).astimezone(UTC)
+    if before <= after:
+        return before, after
+    jump = _offset_change(after, before, tz)
+    return jump, jump
+
+
+def _offset_change(start: datetime, end: datetime, tz: ZoneInfo) -> datetime:
+    """The first whole second in (start, end] at which `tz`'s UTC offset differs from its offset at `start`."""
+    offset = start.astimezone(tz).utcoffset()
+    low, high = 0, math.ceil((end - start).total_seconds())
+    while high - low > 1:
+        middle = (low + high) // 2
+        if (start + timedelta(seconds=middle)).astimezone(tz).utcoffset() == offset:
+            low = middle
+        else:
+            high = middle
+    return start + timedelta(seconds=high)
 
 
 def recipient_timezone(phone_number: str) -> str | None:
