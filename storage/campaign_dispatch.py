@@ -35,7 +35,7 @@ from storage.campaign_states import (
     sources,
     sql_states,
 )
-from storage.campaigns import CampaignDispatchState, DialingRules, transition_campaign
+from storage.campaigns import STOPPED_REASON, CampaignDispatchState, DialingRules, transition_campaign
 from storage.do_not_call import listed_reason
 from storage.end_reasons import VOICEMAIL, EndReason
 from storage.enums import CallStatus, CampaignStatus, Plan
@@ -415,10 +415,10 @@ async def begin_dial(pool: asyncpg.Pool, claim: Claim, *, now: datetime, lease_f
                 now + lease_for,
             )
             return True
-        stopped = row["status"] != CampaignStatus.CONTINUING
-        reason = "campaign stopped" if stopped else "campaign paused"
-        to = RecipientDispatchState.CANCELED if stopped else RecipientDispatchState.QUEUED
-        await _abandon(conn, claim.attempt_id, claim.recipient_id, to=to, reason=reason)
+        # Paused: the recipient waits for the resume. Stopped: _abandon cancels it.
+        await _abandon(
+            conn, claim.attempt_id, claim.recipient_id, to=RecipientDispatchState.QUEUED, reason="campaign paused"
+        )
         return False
 
 
@@ -531,7 +531,11 @@ async def give_back(conn: Connection, attempt_id: str, recipient_id: str, *, rea
 async def _abandon(
     conn: Connection, attempt_id: str, recipient_id: str, *, to: RecipientDispatchState, reason: str
 ) -> bool:
-    """Give a leased attempt back without it counting; the recipient moves to `to`. False if it was not in flight."""
+    """Give a leased attempt back without it counting; the recipient moves to `to`. False if it was not in flight.
+
+    A recipient that would wait again in a stopped campaign is CANCELED instead, as the stop did to those waiting
+    then: whichever way its lease ends after the stop (expired, the window closed, Twilio never got the call).
+    """
     released = await conn.fetchval(
         f"""
         UPDATE "CampaignAttempt" SET "state" = '{AttemptState.ABANDONED}', "reason" = $2, "endedAt" = CURRENT_TIMESTAMP
@@ -542,6 +546,8 @@ async def _abandon(
     )
     if released is None:
         return False
+    if to is RecipientDispatchState.QUEUED and await _campaign_stopped(conn, attempt_id):
+        to, reason = RecipientDispatchState.CANCELED, STOPPED_REASON
     # Only a lease is given back: the recipient leaves DIALING, for a state the table allows from there.
     await conn.execute(
         f"""
@@ -555,6 +561,20 @@ async def _abandon(
         reason,
     )
     return True
+
+
+async def _campaign_stopped(conn: Connection, attempt_id: str) -> bool:
+    """Whether the attempt's campaign is STOPPED; a stop still being committed is waited for (FOR SHARE), so that
+    it either sees this recipient waiting and cancels it, or is seen here."""
+    stopped: bool = await conn.fetchval(
+        f"""
+        SELECT c."status" = '{CampaignStatus.STOPPED}' FROM "CampaignAttempt" a
+        JOIN "Campaign" c ON c."id" = a."campaignId" WHERE a."id" = $1
+        FOR SHARE OF c
+        """,
+        attempt_id,
+    )
+    return stopped
 
 
 async def _count_finished(conn: Connection, campaign_id: str) -> None:

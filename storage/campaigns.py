@@ -759,6 +759,10 @@ async def _set_paused(
     raise InvalidCampaignTransition(campaign.id, campaign.status, campaign.status)
 
 
+STOPPED_REASON = "campaign stopped"
+"""The `lastReason` of a recipient CANCELED because its campaign was stopped."""
+
+
 async def stop_campaign(db: asyncpg.Pool | Connection, *, organization_id: str, campaign_id: str) -> Campaign:
     """Stop a campaign for good: nobody is dialed any more; calls in progress end and are still recorded.
 
@@ -773,11 +777,12 @@ async def stop_campaign(db: asyncpg.Pool | Connection, *, organization_id: str, 
         await conn.execute(
             f"""
             UPDATE "CampaignRecipientDispatch"
-            SET "state" = '{RecipientDispatchState.CANCELED}', "lastReason" = 'campaign stopped'
+            SET "state" = '{RecipientDispatchState.CANCELED}', "lastReason" = $3
             WHERE "campaignId" = $1 AND "organizationId" = $2 AND "state" = '{RecipientDispatchState.QUEUED}'
             """,
             campaign_id,
             organization_id,
+            STOPPED_REASON,
         )
         await conn.execute(
             'UPDATE "CampaignDispatch" SET "finishedAt" = CURRENT_TIMESTAMP WHERE "campaignId" = $1', campaign_id

@@ -357,6 +357,26 @@ async def test_a_claim_whose_campaign_stopped_before_its_slot_is_not_dialed(pool
     assert first.phone_number != second.phone_number
 
 
+async def test_a_lease_that_expires_after_the_stop_cancels_its_recipient(pool: asyncpg.Pool) -> None:
+    campaign = await running_campaign(
+        pool, NUMBERS[:2], rules=DialingRules(max_concurrent_calls=1, calls_per_second=50)
+    )
+    clock = Clock(datetime.now(UTC))
+    lost = dispatcher(pool, RecordingDialer(pool), clock)
+    assert len(await lost.tick()) == 1
+    for task in list(lost._dials):  # the process dies before dialing
+        task.cancel()
+    await lost.drain()
+    await campaigns.stop_campaign(pool, organization_id=campaign.organization_id, campaign_id=campaign.id)
+
+    clock.now += timedelta(seconds=31)
+    survivor = RecordingDialer(pool)
+    await tick(dispatcher(pool, survivor, clock))
+    assert survivor.dials == []
+    states = [await recipient_state(pool, campaign.id, number) for number in NUMBERS[:2]]
+    assert [(s["state"], s["attempts"], s["lastReason"]) for s in states] == [("CANCELED", 0, "campaign stopped")] * 2
+
+
 async def test_an_expired_lease_without_a_call_log_is_requeued_without_counting(pool: asyncpg.Pool) -> None:
     campaign = await running_campaign(pool, NUMBERS[:1])
     clock = Clock(datetime.now(UTC))
