@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 import aiohttp
 
 from pipelines.tts.phrases import PhraseCache
+from pipelines.url_safety import PublicAddressResolver
 
 if TYPE_CHECKING:
     from deepgram import AsyncDeepgramClient
@@ -66,7 +67,7 @@ class ProviderClients:
         self._openai: dict[tuple[str, str], AsyncOpenAI] = {}
         self._deepgram: dict[tuple[str, str], AsyncDeepgramClient] = {}
         self._elevenlabs: dict[tuple[str, str], AsyncElevenLabs] = {}
-        self._http: dict[tuple[()], aiohttp.ClientSession] = {}
+        self._http: dict[bool, aiohttp.ClientSession] = {}
         self._closers: list[tuple[str, CloseClient]] = []
         self._closed = False
         self.phrases = PhraseCache()
@@ -93,14 +94,19 @@ class ProviderClients:
             "elevenlabs", self._elevenlabs, (api_key, url), lambda: elevenlabs.new_http_client(api_key, url)
         )
 
-    def http(self) -> aiohttp.ClientSession:
-        """The HTTP session the agents' functions call their webhooks through."""
+    def http(self, *, allow_private: bool) -> aiohttp.ClientSession:
+        """The HTTP session the agents' functions call their webhooks through.
+
+        The webhooks are URLs an organization chose: unless `allow_private`, the session refuses at connect time
+        any name resolving to a non-public address, so a DNS answer that changes after a check cannot slip through.
+        """
 
         def make() -> tuple[aiohttp.ClientSession, CloseClient]:
-            session = aiohttp.ClientSession()
+            resolver = None if allow_private else PublicAddressResolver()
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver))
             return session, session.close
 
-        return self._cached("tools http", self._http, (), make)
+        return self._cached("tools http", self._http, allow_private, make)
 
     async def aclose(self) -> None:
         """Close every client made so far; asking for one afterwards raises ProviderClientsClosed."""

@@ -274,10 +274,11 @@ class ToolRunner:
                 function.url,
                 json={"function": name, "arguments": dict(arguments), "call": self._call},
                 headers=dict(function.headers),
+                allow_redirects=False,  # a redirect could lead to an address nobody checked
                 timeout=aiohttp.ClientTimeout(total=function.timeout_seconds),
             ) as response:
                 body = await response.text()
-                if response.status >= 400:
+                if response.status >= 300:
                     log.warning("tool %s answered HTTP %d", function.tool_id, response.status)
                     return f"{TOOL_ERROR_PREFIX}the {name} service answered HTTP {response.status}: {body[:500]}"
                 return body[:MAX_RESULT_CHARS]

@@ -69,17 +69,18 @@ async def test_one_client_serves_every_call_with_the_same_key_and_endpoint() -> 
         assert clients.deepgram(DG_KEY, "wss://deepgram.example") is deepgram
         assert clients.deepgram("dg-other", "wss://deepgram.example") is not deepgram
         assert clients.elevenlabs("el", "https://el.example") is clients.elevenlabs("el", "https://el.example")
-        assert clients.http() is clients.http()
+        assert clients.http(allow_private=False) is clients.http(allow_private=False)
+        assert clients.http(allow_private=True) is not clients.http(allow_private=False)
     finally:
         await clients.aclose()
 
 
 async def test_closed_clients_refuse_to_hand_out_a_client() -> None:
     clients = ProviderClients()
-    session = clients.http()
+    session = clients.http(allow_private=False)
     await clients.aclose()
     assert session.closed
     with pytest.raises(ProviderClientsClosed, match="openai client was asked for after"):
         clients.openai(OPENAI_KEY, "https://openai.example/v1")
     with pytest.raises(ProviderClientsClosed):
-        clients.http()
+        clients.http(allow_private=False)

@@ -1,4 +1,5 @@
-"""Which addresses outbound webhooks may reach: public ones only, checked on the address actually connected to."""
+"""Which addresses outbound webhooks and tool webhooks may reach: public ones only, checked on the address actually
+connected to."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import aiohttp
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from pipelines.clients import ProviderClients
+from pipelines.tools import TOOL_ERROR_PREFIX, AgentFunction, FunctionSpec, ToolRunner
 from pipelines.url_safety import (
     PublicAddressResolver,
     UnsafeURL,
@@ -91,3 +94,34 @@ async def test_a_session_on_the_resolver_never_connects_to_what_a_name_resolves_
                 await session.post(f"http://hooks.example.com:{port}/hook", data=b"{}")
 
     assert receiver.received == []
+
+
+async def test_the_tools_session_refuses_a_name_resolving_to_loopback_at_connect_time() -> None:
+    clients = ProviderClients()
+    async with webhook_receiver() as receiver:
+        port = int(receiver.base_url.rsplit(":", 1)[1])
+        with pytest.raises(UnsafeURL, match="localhost resolves to"):
+            await clients.http(allow_private=False).post(f"http://localhost:{port}/hook", data=b"{}")
+    await clients.aclose()
+
+    assert receiver.received == []
+
+
+async def test_a_tool_webhook_redirect_is_an_error_and_is_not_followed() -> None:
+    clients = ProviderClients()
+    async with webhook_receiver() as receiver:
+        receiver.redirect_to = receiver.url("elsewhere")
+        function = AgentFunction(
+            tool_id="t1",
+            spec=FunctionSpec("lookup", "Look a customer up.", {"type": "object"}),
+            url=receiver.url("hook"),
+            method="POST",
+            headers={},
+            timeout_seconds=5,
+        )
+        tools = ToolRunner([function], call={}, session=clients.http(allow_private=True), allow_private=True)
+        result = await tools.run("lookup", {})
+    await clients.aclose()
+
+    assert result.startswith(f"{TOOL_ERROR_PREFIX}the lookup service answered HTTP 307")
+    assert [r.path for r in receiver.received] == ["/hook"]

@@ -139,7 +139,7 @@ async def prepare_call(
             "agentId": call_log.agent_id,
             "customer": call_log.phone_number,
         },
-        session=clients.http(),
+        session=clients.http(allow_private=settings.allow_private_tool_urls),
         allow_private=settings.allow_private_tool_urls,
         local=[KnowledgeFunction(knowledge)] if knowledge is not None else [],
         observe=on_tool_call,
