@@ -7,12 +7,14 @@ import os
 import signal
 import socket
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from storage.migrate import load_migrations
+from storage.recordings import sign_recording_url
 
 DIALTONE = [sys.executable, "-m", "engine.server.cli"]
 REPO = Path(__file__).resolve().parent.parent
@@ -101,6 +103,34 @@ async def test_serve_answers_health_and_stops_cleanly_on_sigterm(db_url: str, tm
     assert 0 <= log.find("cloud providers loaded in") < log.find("listening on")
     assert log.rstrip().endswith("stopped")
     assert "Traceback" not in log
+
+
+async def test_serve_logs_requests_without_the_signature_of_a_recording_link(db_url: str, tmp_path: Path) -> None:
+    port = _free_port()
+    secret_key = "k" * 64
+    base = f"http://127.0.0.1:{port}"
+    link = sign_recording_url(base, "a" * 24, key=secret_key.encode(), expires_at=datetime.now(UTC) + timedelta(days=1))
+    signature = link.rsplit("signature=", 1)[1]
+    process = await asyncio.create_subprocess_exec(
+        *DIALTONE,
+        "serve",
+        "--port",
+        str(port),
+        env=_clean_env(DATABASE_URL=db_url, DIALTONE_SECRET_KEY=secret_key, DIALTONE_LOG_LEVEL="DEBUG"),
+        cwd=tmp_path,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await _poll_health(f"{base}/health")
+        async with aiohttp.ClientSession() as http, http.get(link) as response:
+            status = response.status
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    log = stderr.decode()
+    assert status == 404  # a valid link to no recording
+    assert f"/recordings/{'a' * 24}.wav" in log  # the request is logged, its credential is not
+    assert signature not in log
 
 
 async def _poll_health(url: str, attempts: int = 100) -> int:

@@ -18,6 +18,7 @@ from engine.call.frame_socket import log_if_not_direct
 from engine.campaigns.cli import add_campaign_command, run_campaign_command
 from engine.do_not_call.cli import add_dnc_command, run_dnc_command
 from engine.knowledge.cli import add_kb_command, run_kb_command
+from engine.server.access_log import AccessLogWithoutQuery
 from engine.server.app import create_app
 from engine.simulator import add_call_command, run_call_command
 from pipelines.clients import load_cloud_providers
@@ -68,7 +69,7 @@ def _configure_logging(settings: Settings) -> None:
 async def _serve(settings: Settings, *, apply_migrations: bool) -> None:
     app = create_app(settings, apply_migrations=apply_migrations)
     log_if_not_direct()
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = web.AppRunner(app, handle_signals=False, access_log_class=AccessLogWithoutQuery)
     await runner.setup()  # opens (and migrates) the database before any request is accepted
     load_cloud_providers()  # not on the event loop in the middle of calls: the first cloud call would stall them all
     # Everything loaded so far (the SDKs, pydantic models, the app) lives as long as the process: keep it out of
