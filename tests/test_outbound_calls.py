@@ -238,6 +238,32 @@ async def test_a_call_twilio_refuses_to_create_ends_failed_with_twilios_error(
     assert twilio.creates[to] == 1
 
 
+async def test_the_log_of_a_refused_call_masks_the_number_twilios_message_repeats(  # noqa: PLR0917 (fixtures)
+    deps: OutboundDeps,
+    twilio: FakeTwilio,
+    pool: asyncpg.Pool,
+    organization_id: str,
+    caller_id: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent_id = await make_agent(pool, organization_id)
+    to = callee()
+    twilio.behave(
+        to,
+        Refuse(
+            code=21215,
+            message=f"Account not authorized to call {to}. Perhaps you need to enable some international permissions.",
+        ),
+    )
+    caplog.set_level("DEBUG")
+
+    with pytest.raises(CallNotPlaced):
+        await place_call(deps, organization_id=organization_id, agent_id=agent_id, from_number=caller_id, to=to)
+
+    assert f"Account not authorized to call {to[:-4]}****." in caplog.text
+    assert to not in caplog.text
+
+
 async def test_twilio_unreachable_ends_the_call_log_failed_and_says_so(
     deps: OutboundDeps, pool: asyncpg.Pool, organization_id: str, caller_id: str
 ) -> None:

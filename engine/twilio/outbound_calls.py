@@ -311,14 +311,14 @@ async def place_call(
         )
     except CallUnconfirmed as exc:
         # Closing the CallLog now could hide a call that rings: it waits for Twilio's word instead.
-        log.warning("outbound call %s to %s unconfirmed: %s", call_log.id, _masked(callee), exc)
+        log.warning("outbound call %s to %s unconfirmed: %s", call_log.id, _masked(callee), _masked_in(exc, callee))
         raise PlacementUnconfirmed(call_log.id, str(exc)) from None
     except CallRefused as exc:
         reason = EndReason.TWILIO_REFUSED if exc.code is not None else EndReason.TWILIO_UNREACHABLE
         await call_logs.fail_unstarted(
             pool, call_log, reason, metadata={"twilioErrorCode": exc.code, "twilioErrorMessage": exc.message}
         )
-        log.warning("outbound call %s to %s not placed: %s", call_log.id, _masked(callee), exc)
+        log.warning("outbound call %s to %s not placed: %s", call_log.id, _masked(callee), _masked_in(exc, callee))
         raise CallNotPlaced(call_log.id, exc.code, exc.message) from None
     except asyncio.CancelledError:
         # Whether Twilio placed the call is unknown; the log must not stay IN_PROGRESS.
@@ -435,3 +435,9 @@ async def _usable_agent(deps: OutboundDeps, organization_id: str, agent_id: str)
 def _masked(number: str) -> str:
     # Logs keep enough to tell calls apart, not a callee's full number.
     return number[:-4] + "****" if len(number) > 6 else "****"
+
+
+def _masked_in(error: Exception, number: str) -> str:
+    """The error's text with `number` masked: Twilio's messages repeat the number dialed ("not authorized to call
+    +1...")."""
+    return str(error).replace(number, _masked(number))
