@@ -266,6 +266,13 @@ async def test_a_body_that_is_not_json_is_400(api: Api, acme: Tenant) -> None:
     assert_error(body, "invalid_json")
 
 
+@pytest.mark.parametrize("depth", [2_000, 100_000])
+async def test_json_nested_too_deeply_is_400_not_a_server_error(api: Api, acme: Tenant, depth: int) -> None:
+    status, body = await api.call("POST", "/tools", acme.owner_key, data="[" * depth + "]" * depth)
+    assert status == 400
+    assert_error(body, "invalid_json")
+
+
 async def test_a_validation_error_names_the_field_by_its_json_path(api: Api, acme: Tenant) -> None:
     status, body = await api.call(
         "POST",

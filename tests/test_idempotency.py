@@ -173,6 +173,16 @@ async def test_an_error_answer_is_kept_like_a_success(
     assert again[1]["Idempotent-Replayed"] == "true"
 
 
+async def test_json_nested_too_deeply_is_a_400_with_a_key_too(
+    engine: str, http: aiohttp.ClientSession, pool: asyncpg.Pool, twilio: FakeTwilio
+) -> None:
+    tenant, _ = await dialer(pool, twilio)
+    headers = {"Authorization": f"Bearer {tenant.owner_key}", "Idempotency-Key": new_key()}
+    async with http.post(f"{engine}/v1/calls", data="[" * 5_000 + "]" * 5_000, headers=headers) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "invalid_json"
+
+
 @pytest.mark.parametrize("key", ["", "has space", "x" * 256, "naïve"])
 async def test_an_unusable_key_is_a_422_naming_the_header(
     engine: str, http: aiohttp.ClientSession, pool: asyncpg.Pool, twilio: FakeTwilio, key: str

@@ -313,10 +313,12 @@ async def _json_body(request: web.Request) -> str:
         raise ApiError(400, "invalid_json", "send a JSON object as the request body")
     try:
         text = raw.decode("utf-8")
-        data = json.loads(text)
+        strings = list(_strings(json.loads(text), ""))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON ({exc})") from None
-    for path, value in _strings(data, ""):
+    except RecursionError:  # arrays or objects nested about a thousand deep: the client's error, not a 500
+        raise ApiError(400, "invalid_json", "the request body's JSON is nested too deeply") from None
+    for path, value in strings:
         if "\x00" in value or not _encodable(value):
             raise ApiError(
                 422, "validation_error", f"body {path or 'value'}: contains characters that cannot be stored", path
