@@ -143,6 +143,21 @@ async def test_html_main_text_leaves_navigation_and_footer_out(api: Api, acme: T
     assert "midnight" in (await search(api, acme, kb["id"], "basalt lounge tea"))[0]["content"]
 
 
+async def test_form_fields_past_their_limit_together_are_a_413(api: Api, acme: Tenant) -> None:
+    kb = await new_kb(api, acme)
+    form = aiohttp.FormData()
+    for index in range(100):  # each small, together past 64 KB
+        form.add_field(f"f{index}", "x" * 1000)
+    form.add_field("file", b"hello", filename="a.txt", content_type="text/plain")
+    async with api.session.post(
+        f"{api.base}/v1/knowledge-bases/{kb['id']}/files",
+        data=form,
+        headers={"Authorization": f"Bearer {acme.owner_key}"},
+    ) as response:
+        assert response.status == 413
+        assert_error(await response.json(), "payload_too_large")
+
+
 async def test_bad_uploads_are_refused_and_store_nothing(api: Api, pool: asyncpg.Pool, acme: Tenant) -> None:
     kb = await new_kb(api, acme, "Refusals")
     png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64

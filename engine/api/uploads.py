@@ -15,7 +15,8 @@ from engine.api.models import RequestModel
 M = TypeVar("M", bound=RequestModel)
 
 FILE_PART = "file"
-_MAX_FIELD_BYTES = 64 * 1024
+_MAX_FIELDS_BYTES = 64 * 1024
+"""The form's fields together, names and values: held in memory, and a multipart body escapes the JSON body limit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +39,8 @@ async def _read(part: BodyPartReader, limit: int, too_large: str) -> bytes:
 async def read_upload(request: web.Request, form: type[M], *, max_bytes: int, limit_name: str) -> tuple[M, Upload]:
     """The form's fields (validated by `form`) and its `file` part, at most `max_bytes` (the `limit_name` setting).
 
-    415 for a body that is not multipart/form-data, 400 for a malformed one, 413 for a file too large, 422 for a
-    missing file or invalid fields.
+    415 for a body that is not multipart/form-data, 400 for a malformed one, 413 for a file (or fields) too large,
+    422 for a missing file or invalid fields.
     """
     if request.content_type != "multipart/form-data":
         given = request.content_type
@@ -47,6 +48,8 @@ async def read_upload(request: web.Request, form: type[M], *, max_bytes: int, li
             415, "unsupported_media_type", f"send multipart/form-data with a `{FILE_PART}` part, not {given}"
         )
     fields: dict[str, str] = {}
+    fields_left = _MAX_FIELDS_BYTES
+    fields_too_large = f"the form's fields are larger than {_MAX_FIELDS_BYTES} bytes together"
     upload: Upload | None = None
     try:
         reader = await request.multipart()
@@ -57,7 +60,11 @@ async def read_upload(request: web.Request, form: type[M], *, max_bytes: int, li
                 too_large = f"the file is larger than {max_bytes} bytes ({limit_name})"
                 upload = Upload(part.filename or "upload", await _read(part, max_bytes, too_large))
             elif part.name:
-                raw = await _read(part, _MAX_FIELD_BYTES, f"form field {part.name!r} is too large")
+                fields_left -= len(part.name)
+                raw = await _read(part, fields_left, fields_too_large)
+                fields_left -= len(raw)
+                if fields_left < 0:
+                    raise ApiError(413, "payload_too_large", fields_too_large)
                 fields[part.name] = raw.decode("utf-8", errors="replace")
     except (ValueError, AssertionError, HttpProcessingError) as exc:  # aiohttp's reader on a malformed body
         raise ApiError(400, "bad_request", f"the multipart body cannot be read ({exc})") from None
