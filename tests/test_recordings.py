@@ -22,8 +22,8 @@ from aiohttp.test_utils import TestServer
 from config.settings import Settings, SettingsError, load_settings
 from engine.server.appkeys import DATABASE, SETTINGS
 from engine.workers.recordings import RECORDING_ROUTE, handle_recording, recording_url, recordings_context
-from storage.api_keys import create_api_key
-from storage.enums import UserStatus
+from storage.api_keys import create_api_key, hash_key
+from storage.enums import UserRole, UserStatus
 from storage.organizations import create_organization
 from storage.pool import Database
 from storage.recordings import (
@@ -33,7 +33,7 @@ from storage.recordings import (
     verify_recording_signature,
 )
 from storage.records import new_id
-from storage.users import create_user
+from storage.users import add_member, create_user
 from tests.test_repo_call_logs import open_call
 
 KEY = b"k" * 32
@@ -161,8 +161,9 @@ def write_wav(path: Path) -> bytes:
 
 
 async def new_api_key(pool: asyncpg.Pool, organization_id: str) -> str:
-    """The plaintext of a new API key of the organization."""
+    """The plaintext of a new API key of the organization, its user a VIEWER there."""
     user = await create_user(pool, email=f"dev-{new_id()}@example.com", status=UserStatus.ACTIVE)
+    await add_member(pool, user_id=user.id, organization_id=organization_id, role=UserRole.VIEWER)
     created = await create_api_key(pool, organization_id=organization_id, user_id=user.id, name="ci", live=False)
     return created.plaintext
 
@@ -249,6 +250,16 @@ async def test_an_api_key_of_the_owning_organization_downloads_the_recording(ser
     async with served.http.get(f"{served.base_url}/recordings/{served.call_log_id}.wav", headers=headers) as response:
         assert response.status == 200
         assert await response.read() == served.audio
+
+
+async def test_a_key_whose_user_left_the_organization_is_unauthorized(served: Served, pool: asyncpg.Pool) -> None:
+    key = await new_api_key(pool, served.organization_id)
+    user_id = await pool.fetchval('SELECT "userId" FROM "ApiKey" WHERE "key" = $1', hash_key(key))
+    await pool.execute('DELETE FROM "UserOrganization" WHERE "userId" = $1', user_id)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with served.http.get(f"{served.base_url}/recordings/{served.call_log_id}.wav", headers=headers) as response:
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
 async def test_another_organizations_key_cannot_tell_the_recording_exists(served: Served, pool: asyncpg.Pool) -> None:

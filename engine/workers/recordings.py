@@ -11,10 +11,11 @@ from typing import Any
 from aiohttp import web
 
 from config.settings import Settings
+from engine.api.auth import LAST_USED_RESOLUTION
 from engine.server.appkeys import DATABASE, SETTINGS
 from engine.workers.recording_uploads import RECORDING_UPLOADS
 from storage import call_recordings
-from storage.api_keys import authenticate
+from storage.api_keys import authenticate_holder
 from storage.call_recordings import RecordingStatus
 from storage.errors import DATABASE_ERRORS
 from storage.recording_stores import LocalFile, RecordingStoreError, RemoteLink
@@ -80,11 +81,15 @@ async def handle_recording(request: web.Request) -> web.StreamResponse:
             scheme, _, plaintext = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not plaintext:
                 return _error(401, "send a signed recording link, or an API key as 'Authorization: Bearer <key>'")
-            api_key = await authenticate(db, plaintext=plaintext.strip(), now=now)
-            if api_key is None:
-                return _error(401, "the API key is invalid, revoked or expired")
+            holder = await authenticate_holder(
+                db, plaintext=plaintext.strip(), now=now, touch_interval=LAST_USED_RESOLUTION
+            )
+            if holder is None or not holder.usable:
+                return _error(
+                    401, "the API key is invalid, revoked or expired, or its user is no longer an active member"
+                )
             owner = await recording_owner(db, call_log_id=call_log_id)
-            organization_id = owner if owner == api_key.organization_id else None
+            organization_id = owner if owner == holder.api_key.organization_id else None
     except DATABASE_ERRORS as exc:
         log.warning("recording %s: database unavailable (%s: %s)", call_log_id, type(exc).__name__, exc)
         return _error(503, "the database is unavailable; try again shortly")
