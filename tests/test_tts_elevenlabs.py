@@ -343,6 +343,19 @@ async def test_a_wrong_key_is_reported_as_refused_without_showing_it() -> None:
     assert fake.ws_connections == 0
 
 
+async def test_the_api_key_stays_out_of_debug_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    async with FakeElevenLabs(api_key=API_KEY) as fake:
+        tts = synthesizer(fake)
+        try:
+            await speak(tts, SENTENCE)
+        finally:
+            await tts.close()
+    assert fake.ws_connections == 1
+    assert "xi-api-key: [REDACTED]" in caplog.text  # the handshake is logged, its key is not
+    assert API_KEY not in caplog.text
+
+
 async def test_repeated_websocket_failures_switch_the_synthesizer_to_http() -> None:
     async with FakeElevenLabs(api_key=API_KEY) as fake:
         fake.refuse_websocket = True

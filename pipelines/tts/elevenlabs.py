@@ -33,6 +33,24 @@ from pipelines.tts.base import Alignment, TTSError
 
 log = logging.getLogger(__name__)
 
+API_KEY_HEADER = "xi-api-key"
+
+
+class _MaskApiKeyHeader(logging.Filter):
+    """websockets logs each handshake header at DEBUG ("> %s: %s"): the API key's value is shown masked.
+
+    The Deepgram SDK masks `Authorization` on the same logger, but ElevenLabs' key travels in its own header.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Mask the record's header value if it is the API key's; never drop a record."""
+        if isinstance(record.args, tuple) and len(record.args) == 2 and record.args[0] == API_KEY_HEADER:
+            record.args = (API_KEY_HEADER, "[REDACTED]")
+        return True
+
+
+logging.getLogger("websockets.client").addFilter(_MaskApiKeyHeader())
+
 OUTPUT_FORMAT = "ulaw_8000"
 """What ElevenLabs sends: μ-law 8 kHz, Twilio's own format, so nothing is transcoded."""
 
@@ -371,7 +389,7 @@ class ElevenLabsTTS:
         try:
             socket = await connect(
                 self._ws_url,
-                additional_headers={"xi-api-key": self._api_key},
+                additional_headers={API_KEY_HEADER: self._api_key},
                 open_timeout=CONNECT_TIMEOUT_S,
                 close_timeout=CLOSE_TIMEOUT_S,
                 compression=None,  # base64 audio barely compresses; deflate would cost CPU on every chunk
