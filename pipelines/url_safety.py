@@ -24,11 +24,26 @@ class UnsafeURL(ValueError):
 def check_public_address(host: str, address: str) -> None:
     """UnsafeURL unless `address` (what `host` resolved to, or `host` itself) is a public internet address."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone ("fe80::1%eth0")
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if not ip.is_global:
+    embedded = _embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+    if not ip.is_global or (embedded is not None and not embedded.is_global):
         shown = host if host == address else f"{host} resolves to {address}, which"
         raise UnsafeURL(f"{shown} is not a public address")
+
+
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+"""IPv6 prefixes whose last 32 bits are an IPv4 address a host or a NAT64 gateway may route to (RFC 4291, 6052)."""
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries and may reach (mapped, compatible, NAT64, 6to4, Teredo), if any."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _IPV4_COMPATIBLE or ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    return ip.teredo[1] if ip.teredo is not None else None
 
 
 def literal_address(host: str) -> str | None:

@@ -42,14 +42,29 @@ class FixedResolver(AbstractResolver):
 
 @pytest.mark.parametrize(
     "address",
-    ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "::1", "fe80::1%eth0", "::ffff:10.0.0.1"],
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "::1",
+        "fe80::1%eth0",
+        "::ffff:10.0.0.1",
+        "::127.0.0.1",  # IPv4-compatible
+        "64:ff9b::7f00:1",  # NAT64's well-known prefix in front of 127.0.0.1
+        "64:ff9b::a9fe:a9fe",  # ... and of the metadata service
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+    ],
 )
 def test_loopback_private_and_link_local_addresses_are_refused(address: str) -> None:
     with pytest.raises(UnsafeURL, match="not a public address"):
         check_public_address("hooks.example.com", address)
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"])
+@pytest.mark.parametrize(
+    "address", ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "64:ff9b::5db8:d822", "2002:5db8:d822::1"]
+)
 def test_public_addresses_pass(address: str) -> None:
     check_public_address("hooks.example.com", address)
 
