@@ -99,6 +99,24 @@ async def add_recording(
     return CallRecording.from_row(row)
 
 
+async def ended_without_recording(db: Queryable, *, files: list[tuple[str, str]]) -> list[str]:
+    """Of these (organization id, call log id) recording files, the calls that have ended with no recording row:
+    files left by a process that died before the call's end recorded them. Calls still IN_PROGRESS are left out (a
+    process may be writing them). Unscoped: the engine looks at its own state folder's files."""
+    rows = await db.fetch(
+        """
+        SELECT c."id" FROM unnest($1::text[], $2::text[]) AS f("organizationId", "id")
+        JOIN "CallLog" c ON c."id" = f."id" AND c."organizationId" = f."organizationId"
+        WHERE c."status" <> 'IN_PROGRESS'
+          AND NOT EXISTS (SELECT 1 FROM "CallRecording" r WHERE r."callLogId" = c."id")
+        ORDER BY c."id"
+        """,
+        [organization_id for organization_id, _ in files],
+        [call_log_id for _, call_log_id in files],
+    )
+    return [row["id"] for row in rows]
+
+
 async def find_recording(db: Queryable, *, call_log_id: str) -> CallRecording | None:
     """The recording row of a call, or None. Unscoped: callers check the call's owner first."""
     row = await db.fetchrow(f'SELECT {_COLUMNS} FROM "CallRecording" WHERE "callLogId" = $1', call_log_id)

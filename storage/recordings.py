@@ -38,7 +38,24 @@ def recording_path(settings: Settings, organization_id: str, call_log_id: str) -
         raise ValueError(f"{call_log_id!r} is not a call log id")
     if not _SAFE_SEGMENT.fullmatch(organization_id):
         raise ValueError(f"{organization_id!r} is not an organization id")
-    return Path(settings.state_dir) / "recordings" / organization_id / f"{call_log_id}.wav"
+    return _recordings_folder(settings) / organization_id / f"{call_log_id}.wav"
+
+
+def recording_files(settings: Settings) -> list[tuple[str, str, Path]]:
+    """(organization id, call log id, path) of every recording file in the state folder. Blocking."""
+    found: list[tuple[str, str, Path]] = []
+    folder = _recordings_folder(settings)
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.glob("*/*.wav")):
+        organization_id, call_log_id = path.parent.name, path.stem
+        if _SAFE_SEGMENT.fullmatch(organization_id) and RECORDING_ID.fullmatch(call_log_id):
+            found.append((organization_id, call_log_id, path))
+    return found
+
+
+def _recordings_folder(settings: Settings) -> Path:
+    return Path(settings.state_dir) / "recordings"
 
 
 def load_secret_key(settings: Settings) -> bytes:

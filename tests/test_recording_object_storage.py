@@ -21,8 +21,9 @@ import pytest
 
 from config.settings import Settings, SettingsError, load_settings
 from engine.workers.recording_uploads import RecordingUploads, spool_id
-from storage import call_recordings
+from storage import call_logs, call_recordings
 from storage.call_recordings import RecordingStatus
+from storage.end_reasons import EndReason
 from storage.organizations import create_organization
 from storage.recording_stores import (
     LocalFile,
@@ -136,6 +137,36 @@ async def test_uploads_of_another_spool_are_left_to_the_processes_that_have_its_
         await mine.finished(organization_id=organization.id, call_log_id=log.id, path=path, size=len(WAV))
         assert await other.upload_due() == 0
         assert await mine.upload_due() == 1
+
+
+async def test_a_recording_left_by_a_process_killed_mid_call_is_uploaded_once_recovery_has_closed_its_call(
+    s3: S3Server, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    settings = load_settings(state_dir=tmp_path, **s3.settings("left-behind"))
+    await make_bucket(settings)
+    organization = await create_organization(pool, name="Left behind", slug="uploads-left-behind")
+    closed = await open_call(pool, organization.id)
+    running = await open_call(pool, organization.id)
+    closed_file = recording_file(settings, organization.id, closed.id)
+    running_file = recording_file(settings, organization.id, running.id)
+    # Its process was killed mid-call: recovery closed the call, and no recording row was ever written.
+    await call_logs.fail_unstarted(pool, closed, EndReason.ENGINE_LOST)
+    async with store_for(settings) as store:
+        uploads = RecordingUploads(pool, store, settings, spool=spool_id(tmp_path))
+
+        assert await uploads.adopt_left_behind() == 1
+        assert await uploads.upload_due() == 1
+        assert await uploads.adopt_left_behind() == 0
+
+        row = await call_recordings.find_recording(pool, call_log_id=closed.id)
+        assert row is not None and row.status is RecordingStatus.STORED and row.bytes == len(WAV)
+        assert not closed_file.exists()
+        link = await store.locate(object_key(organization.id, closed.id), expires_in=60)
+        assert isinstance(link, RemoteLink)
+        assert await fetch(link.url) == (200, WAV)
+        # A call still in progress is its process's to record.
+        assert await call_recordings.find_recording(pool, call_log_id=running.id) is None
+        assert running_file.is_file()
 
 
 async def test_recordings_older_than_the_retention_are_deleted_and_unlinked_from_their_call(

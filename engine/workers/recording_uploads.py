@@ -27,6 +27,7 @@ from storage import Pool, call_recordings
 from storage.call_recordings import ClaimedUpload, RecordingStatus
 from storage.errors import DATABASE_ERRORS
 from storage.recording_stores import RecordingStore, RecordingStoreError, object_key, open_recording_store
+from storage.recordings import recording_files
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,28 @@ class RecordingUploads:
         if self.store.uploads:
             self._wake.set()
 
+    async def adopt_left_behind(self) -> int:
+        """Record the recordings that processes killed mid-call left in the state folder; how many.
+
+        Crash recovery closes such a call without its recording, but the file holds its audio up to the last flush
+        before the crash (the WAV header is rewritten at each). Once it has its row, it is uploaded, served and
+        expired like any other, instead of staying on this disk unlisted and past the retention period.
+        """
+        files = await asyncio.to_thread(recording_files, self._settings)
+        if not files:
+            return 0
+        paths = {call_log_id: (organization_id, path) for organization_id, call_log_id, path in files}
+        left = await call_recordings.ended_without_recording(
+            self._pool, files=[(organization_id, call_log_id) for organization_id, call_log_id, _ in files]
+        )
+        for call_log_id in left:
+            organization_id, path = paths[call_log_id]
+            size = (await asyncio.to_thread(path.stat)).st_size
+            await self.finished(organization_id=organization_id, call_log_id=call_log_id, path=path, size=size)
+        if left:
+            log.warning("recorded %d recordings that engine processes killed mid-call left behind", len(left))
+        return len(left)
+
     async def upload_due(self) -> int:
         """Upload every recording of this spool due when the pass starts; how many are now stored.
 
@@ -171,7 +194,8 @@ class RecordingUploads:
         return deleted
 
     async def run(self) -> None:
-        """Upload due recordings when woken or every DIALTONE_RECORDING_UPLOAD_INTERVAL; sweep hourly."""
+        """Upload due recordings when woken or every DIALTONE_RECORDING_UPLOAD_INTERVAL; hourly (and at once), record
+        those left behind by processes killed mid-call and sweep the expired ones."""
         next_sweep = self._clock()
         while True:
             try:
@@ -179,6 +203,7 @@ class RecordingUploads:
                     await self.upload_due()
                 if self._clock() >= next_sweep:
                     next_sweep = self._clock() + RETENTION_INTERVAL
+                    await self.adopt_left_behind()
                     await self.expire()
             except DATABASE_ERRORS as exc:
                 log.warning("recording uploads: database unavailable (%s); retrying", exc)
