@@ -99,20 +99,25 @@ async def add_recording(
     return CallRecording.from_row(row)
 
 
-async def ended_without_recording(db: Queryable, *, files: list[tuple[str, str]]) -> list[str]:
-    """Of these (organization id, call log id) recording files, the calls that have ended with no recording row:
-    files left by a process that died before the call's end recorded them. Calls still IN_PROGRESS are left out (a
-    process may be writing them). Unscoped: the engine looks at its own state folder's files."""
+async def ended_without_recording(
+    db: Queryable, *, files: list[tuple[str, str]], untouched_for: timedelta
+) -> list[str]:
+    """Of these (organization id, call log id) recording files, the calls that ended with no recording row and no
+    change for `untouched_for` (by the database's clock): files left by a process that died before the call's end
+    recorded them. Calls still IN_PROGRESS are left out (a process may be writing them), and so are calls that ended
+    lately (a live process closes the CallLog a moment before it closes and records the file). Unscoped: the engine
+    looks at its own state folder's files."""
     rows = await db.fetch(
         """
         SELECT c."id" FROM unnest($1::text[], $2::text[]) AS f("organizationId", "id")
         JOIN "CallLog" c ON c."id" = f."id" AND c."organizationId" = f."organizationId"
-        WHERE c."status" <> 'IN_PROGRESS'
+        WHERE c."status" <> 'IN_PROGRESS' AND c."updatedAt" <= now() - $3::interval
           AND NOT EXISTS (SELECT 1 FROM "CallRecording" r WHERE r."callLogId" = c."id")
         ORDER BY c."id"
         """,
         [organization_id for organization_id, _ in files],
         [call_log_id for _, call_log_id in files],
+        untouched_for,
     )
     return [row["id"] for row in rows]
 

@@ -31,6 +31,9 @@ from storage.recordings import recording_files
 
 log = logging.getLogger(__name__)
 
+LEFT_BEHIND_AFTER = timedelta(minutes=10)
+"""How long a call's CallLog must have been closed and unchanged before its unrecorded file counts as left behind."""
+
 SPOOL_ID_FILENAME = "recording_spool_id"
 """The file in the state folder naming its spool of recordings waiting for upload ("CallRecording"."spool")."""
 CLAIM_BATCH = 4
@@ -103,8 +106,9 @@ class RecordingUploads:
         if self.store.uploads:
             self._wake.set()
 
-    async def adopt_left_behind(self) -> int:
-        """Record the recordings that processes killed mid-call left in the state folder; how many.
+    async def adopt_left_behind(self, *, after: timedelta = LEFT_BEHIND_AFTER) -> int:
+        """Record the recordings that processes killed mid-call left in the state folder, of calls closed at least
+        `after` ago; how many.
 
         Crash recovery closes such a call without its recording, but the file holds its audio up to the last flush
         before the crash (the WAV header is rewritten at each). Once it has its row, it is uploaded, served and
@@ -115,7 +119,9 @@ class RecordingUploads:
             return 0
         paths = {call_log_id: (organization_id, path) for organization_id, call_log_id, path in files}
         left = await call_recordings.ended_without_recording(
-            self._pool, files=[(organization_id, call_log_id) for organization_id, call_log_id, _ in files]
+            self._pool,
+            files=[(organization_id, call_log_id) for organization_id, call_log_id, _ in files],
+            untouched_for=after,
         )
         for call_log_id in left:
             organization_id, path = paths[call_log_id]
