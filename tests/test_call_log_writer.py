@@ -41,7 +41,8 @@ FAST_RETRIES: dict[str, Any] = {"retry_initial": 0.02, "retry_max": 0.1, "attemp
 
 class OnOffProxy:
     """A TCP proxy in front of PostgreSQL that can go away (dropping every connection, refusing new ones) and
-    come back on the same port: a database outage as the engine sees it.
+    come back on the same port: a database outage as the engine sees it. It can also stall: connections stay open
+    and nothing crosses them, as when a network partition leaves the engine waiting for answers that never come.
     """
 
     def __init__(self, server_url: str) -> None:
@@ -56,6 +57,8 @@ class OnOffProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._transports: set[asyncio.WriteTransport] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     def url(self, database: str) -> str:
         """A URL for `database` through the proxy, with the server's credentials."""
@@ -73,9 +76,14 @@ class OnOffProxy:
         """Drop every open connection and refuse new ones."""
         assert self._server is not None
         self._server.close()
+        self._flowing.set()  # a stalled link's pipes wake to find their connections dropped
         for transport in list(self._transports):
             transport.abort()
         await self._server.wait_closed()
+
+    def stall(self) -> None:
+        """Keep every connection open and new ones accepted, but pass no more bytes either way."""
+        self._flowing.clear()
 
     async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._unix_path is not None:
@@ -90,6 +98,7 @@ class OnOffProxy:
         async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
                 while data := await reader.read(65536):
+                    await self._flowing.wait()
                     writer.write(data)
                     await writer.drain()
             except OSError:

@@ -4,11 +4,21 @@ then has it say goodbye; one failure among paid minutes does not (each figure in
 from __future__ import annotations
 
 import asyncio
+import functools
+
+import asyncpg
 
 from engine.call.credit_meter import CreditMeter
+from storage import credit_reservations
 from storage.end_reasons import EndReason
+from storage.pool import create_pool
+from tests.databases import database_name
+from tests.test_call_log_writer import OnOffProxy
+from tests.test_credit_reservations import new_organization, open_paid_call
 
 MINUTE = 0.02
+SLOW_MINUTE = 0.4
+"""A tiny minute long enough for a round trip to the test database."""
 
 
 async def metered(answers: list[bool | Exception], *, unpaid_minutes: int = 2) -> tuple[list[EndReason], int]:
@@ -58,3 +68,31 @@ async def test_credits_used_up_end_the_call_as_insufficient_credits() -> None:
 
     assert goodbyes == [EndReason.INSUFFICIENT_CREDITS]
     assert asked == 2
+
+
+async def test_a_database_that_stops_answering_ends_the_call_after_the_unpaid_minutes(
+    pool: asyncpg.Pool, postgres_server_url: str, db_url: str
+) -> None:
+    org = await new_organization(pool, credits=100)
+    call = await open_paid_call(pool, org)
+    proxy = OnOffProxy(postgres_server_url)
+    await proxy.up()
+    stalled = await create_pool(proxy.url(database_name(db_url)), min_size=1, max_size=2, timeout=2)
+    goodbyes: list[EndReason] = []
+    meter = CreditMeter(
+        call.call_id,
+        functools.partial(credit_reservations.extend_reservation, stalled, call_log_id=call.id),
+        say_goodbye=goodbyes.append,
+        minute_seconds=SLOW_MINUTE,
+    )
+    proxy.stall()  # a partition: the meter's queries get no answer, and no error either
+    task = asyncio.create_task(meter.run())
+    try:
+        await asyncio.wait({task}, timeout=20 * SLOW_MINUTE)  # it says goodbye after about 3, or never
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        stalled.terminate()
+        await proxy.down()
+
+    assert goodbyes == [EndReason.INTERNAL_ERROR]

@@ -3,7 +3,9 @@ say goodbye (INSUFFICIENT_CREDITS) when the organization cannot pay for the next
 
 When the database cannot be asked, the call goes on unpaid for at most `UNPAID_MINUTES` minutes in a row (the
 call's end charges them, as far as the balance holds), then says goodbye (INTERNAL_ERROR): an outage does not cut
-every caller off at once, and does not let calls run unpaid until their maximum duration either.
+every caller off at once, and does not let calls run unpaid until their maximum duration either. A database that
+does not answer at all (a network partition: no error, ever) counts the same: an extension has until the paid minute
+runs out to be answered.
 """
 
 from __future__ import annotations
@@ -52,29 +54,38 @@ class CreditMeter:
 
     async def run(self) -> None:
         """Reserve each next minute until the call ends (cancel the task) or the credits are used up."""
+        lead = min(CREDIT_LEAD_SECONDS, self._minute / 2)
         # The first minute was reserved when the call was opened.
-        await asyncio.sleep(self._minute - min(CREDIT_LEAD_SECONDS, self._minute / 2))
+        await asyncio.sleep(self._minute - lead)
         unpaid = 0
-        while True:
-            try:
-                extended = await self._extend()
-            except Exception as exc:  # our database's trouble: the call goes on a while, the end settles it
-                unpaid += 1
-                if unpaid > self._unpaid_minutes:
-                    log.error(
-                        "call %s: its credits could not be reserved for %d minutes in a row (%s): ending it",
-                        self._call_sid,
-                        unpaid,
-                        exc,
-                    )
-                    self._say_goodbye(EndReason.INTERNAL_ERROR)
+        attempt: asyncio.Future[bool] | None = None
+        try:
+            while True:
+                if attempt is None or attempt.done():  # one still waiting for the database is waited on again
+                    attempt = asyncio.ensure_future(self._extend())
+                try:
+                    extended = await asyncio.wait_for(asyncio.shield(attempt), lead)
+                except Exception as exc:  # our database's trouble: the call goes on a while, the end settles it
+                    why = str(exc) or f"no answer within {lead:g} s"
+                    unpaid += 1
+                    if unpaid > self._unpaid_minutes:
+                        log.error(
+                            "call %s: its credits could not be reserved for %d minutes in a row (%s): ending it",
+                            self._call_sid,
+                            unpaid,
+                            why,
+                        )
+                        self._say_goodbye(EndReason.INTERNAL_ERROR)
+                        return
+                    log.warning("call %s: its credit reservation could not be extended: %s", self._call_sid, why)
+                    extended = True
+                else:
+                    unpaid = 0
+                if not extended:
+                    log.info("call %s: the organization's credits are used up", self._call_sid)
+                    self._say_goodbye(EndReason.INSUFFICIENT_CREDITS)
                     return
-                log.warning("call %s: its credit reservation could not be extended: %s", self._call_sid, exc)
-                extended = True
-            else:
-                unpaid = 0
-            if not extended:
-                log.info("call %s: the organization's credits are used up", self._call_sid)
-                self._say_goodbye(EndReason.INSUFFICIENT_CREDITS)
-                return
-            await asyncio.sleep(self._minute)
+                await asyncio.sleep(self._minute)
+        finally:
+            if attempt is not None:
+                attempt.cancel()  # the call is over: an extension still waiting is of no use
