@@ -61,12 +61,16 @@ async def reserve_first_minute(
 async def extend_reservation(db: Queryable, *, call_log_id: str) -> bool:
     """Reserve one more minute for a running call at its rate; False when the balance cannot pay for it (or the
     call's reservation is already settled)."""
+    # The reservation is locked before the balance is touched, in the order its settlement takes them: an extension
+    # racing the call's end either lands before it (and is returned by it) or finds the reservation gone and takes
+    # nothing. Without the lock, it took the minute from a balance whose reservation had just been deleted.
     extended: int | None = await db.fetchval(
         """
         WITH rate AS (
             SELECT c."organizationId", r."creditsPerMinute"
             FROM "CreditReservation" r JOIN "CallLog" c ON c."id" = r."callLogId"
             WHERE r."callLogId" = $1
+            FOR NO KEY UPDATE OF r
         ), taken AS (
             UPDATE "Organization" o SET "credits" = o."credits" - rate."creditsPerMinute"
             FROM rate

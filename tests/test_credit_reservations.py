@@ -167,3 +167,25 @@ async def test_rates_must_price_every_plan(pool: asyncpg.Pool) -> None:
         await credit_reservations.reserve_first_minute(
             pool, organization_id=org, call_log_id="unused", rates={"free": 1}
         )
+
+
+async def blocked_on_a_lock(pool: asyncpg.Pool) -> None:
+    """Return once some statement on the database waits for a lock another transaction holds."""
+    for _ in range(1000):
+        if await pool.fetchval("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted)"):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no statement waited for a lock within 10 s")
+
+
+async def test_an_extension_racing_the_calls_settlement_takes_nothing_from_the_balance(pool: asyncpg.Pool) -> None:
+    org = await new_organization(pool, credits=10)
+    call = await open_paid_call(pool, org)
+    async with pool.acquire() as conn, conn.transaction():
+        # The call ends (one minute used) while its meter asks for the next minute, which waits for the ending.
+        await credit_reservations.settle_reservation(conn, organization_id=org, call_log_id=call.id, minutes=1)
+        extension = asyncio.create_task(credit_reservations.extend_reservation(pool, call_log_id=call.id))
+        await blocked_on_a_lock(pool)
+
+    assert not await extension
+    assert await balance(pool, org) == 9  # the one minute used, and not a credit more
