@@ -9,7 +9,8 @@ import asyncio
 import functools
 import logging
 import socket
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,12 +167,14 @@ async def call_on(
     credits: int = 100,
     credit_minute_s: float | None = None,
     low_water: LowWaterLog | None = None,
+    clock: Callable[[], float] = time.monotonic,
     **behaviour: Any,
 ) -> AsyncIterator[Rig]:
     """Run a call on `kind`'s driver; on exit the caller hangs up if it still runs and the CallLog is finished.
 
     With `credit_minute_s`, the call extends its credit reservation as the engine's do, that often. With
-    `low_water`, the call paces the reading of its socket, `low_water` standing in for the socket."""
+    `low_water`, the call paces the reading of its socket, `low_water` standing in for the socket. The call keeps
+    time by `clock`."""
     async with AsyncExitStack() as stack:
         deepgram = await stack.enter_async_context(FakeDeepgram(api_key="dg"))
         openai = await stack.enter_async_context(FakeOpenAI(api_key=OPENAI_KEY))
@@ -245,6 +248,7 @@ async def call_on(
             reads=None
             if low_water is None
             else CallerReads(low_water, lambda: stream.last_sequence_number, loop=asyncio.get_running_loop()),
+            clock=clock,
         )
         line.start()
         task = asyncio.create_task(session.run(line.frames()))
@@ -398,6 +402,22 @@ async def test_when_the_credits_run_out_the_agent_says_goodbye_and_the_call_ends
     assert turns[-1].speaker == "agent" and "goodbye" in turns[-1].text.lower()
     organization = await organizations.get_organization(pool, organization_id=rig.log.organization_id)
     assert organization.credits == 1  # one started (real) minute charged, the other reserved minute returned
+
+
+async def test_a_call_a_fraction_of_a_second_into_its_second_minute_is_charged_two_minutes(
+    kind: str, pool: asyncpg.Pool
+) -> None:
+    skipped = [0.0]  # seconds the call's clock has jumped ahead
+
+    def clock() -> float:
+        return time.monotonic() + skipped[0]
+
+    async with call_on(kind, pool, credits=5, clock=clock) as rig:
+        skipped[0] = 60.0  # a minute goes by in an instant: the call is now a moment past its first minute
+        await rig.finish()
+    organization = await organizations.get_organization(pool, organization_id=rig.log.organization_id)
+    assert rig.finished is not None
+    assert (rig.finished.duration, organization.credits) == (61, 3)  # two started minutes at one credit a minute
 
 
 async def test_an_answering_machine_verdict_stops_the_agent_and_ends_the_call_with_it(

@@ -5,11 +5,10 @@ transaction (status, metadata, the agent's counters, the charge of its started m
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from engine.call.call_outcome import CallOutcome, latency_summary, started_minutes
+from engine.call.call_outcome import CallOutcome, call_seconds, latency_summary, started_minutes
 from storage import Pool, agents, call_events, call_logs, call_turns
 from storage.call_logs import CallLog
 from storage.call_turns import TurnRecord
@@ -86,7 +85,7 @@ class CallLogStore:
                     conn, organization_id=self._organization_id, call_log_id=self._call_log_id
                 )
                 return ended, False
-            duration = math.ceil(outcome.duration_s)
+            duration = call_seconds(outcome.duration_s)
             final: dict[str, Any] = {
                 **metadata,
                 **outcome.metadata,

@@ -10,7 +10,7 @@ from typing import Any
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus
 
-__all__ = ["CallOutcome", "latency_summary", "started_minutes"]
+__all__ = ["CallOutcome", "call_seconds", "latency_summary", "started_minutes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,12 @@ def latency_summary(latencies_ms: Sequence[int]) -> dict[str, int | None]:
         return ordered[max(math.ceil(percent / 100 * len(ordered)) - 1, 0)]
 
     return {"p50": rank(50), "p95": rank(95), "max": ordered[-1], "count": len(ordered)}
+
+
+def call_seconds(duration_s: float) -> int:
+    """A call's length in whole seconds, as its CallLog and its call.ended event give it: every second it started,
+    so that a call a moment into a new minute is charged that minute (`started_minutes`)."""
+    return math.ceil(duration_s)
 
 
 def started_minutes(duration_s: int) -> int:

@@ -20,6 +20,7 @@ from config.agent import (
     parse_agent_configuration,
 )
 from engine.call.call_log_writer import CallLogDeferred, CallLogWriter, CallOutcome
+from engine.call.call_outcome import call_seconds
 from engine.call.caller_reads import CallerReads
 from engine.call.cascade import pipeline_driver
 from engine.call.driver import CallHost, ConversationDriver, DriverFactory
@@ -286,7 +287,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
         "call.ended",
         status=outcome.status.value,
         endReason=outcome.end_reason.value,
-        durationSeconds=round(outcome.duration_s),
+        durationSeconds=call_seconds(outcome.duration_s),
     )
     await _wrap_up(request, call_log, writer, outcome, recorder)
 

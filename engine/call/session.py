@@ -431,9 +431,10 @@ class CallSession:
             await asyncio.gather(*pending, return_exceptions=True)
         await self._driver.close()
         self.turns.close(unsettled_caller_text=TRANSCRIPTION_FAILED)
-        duration_s = round(self.clock() - self._started_at)
+        # Unrounded: the CallLog's end rounds it up, so that a call is charged every minute it started.
+        duration_s = self.clock() - self._started_at
         reason = self._reason or EndReason.INTERNAL_ERROR
-        log.info("call %s ended: %s (%s, %d s)", self.context.call_sid, reason.value, self._status, duration_s)
+        log.info("call %s ended: %s (%s, %.1f s)", self.context.call_sid, reason.value, self._status, duration_s)
         return CallOutcome(status=self._status, end_reason=reason, end_detail=self._detail, duration_s=duration_s)
 
     # ------------------------------------------------------------------------------------------ caller side
