@@ -24,7 +24,7 @@ from engine.call import caller_reads
 from engine.call.call_log_writer import CallLogWriter, CallOutcome
 from engine.call.caller_reads import RELAXED_LOW_WATER, CallerReads
 from engine.call.cascade import pipeline_driver
-from engine.call.driver import DriverFactory
+from engine.call.driver import CallHost, ConversationDriver, DriverFactory
 from engine.call.media_socket import record_opt_out
 from engine.call.realtime import realtime_driver
 from engine.call.session import CREDIT_MINUTE_SECONDS, GREETING_WAIT_SECONDS, CallContext, CallSession
@@ -75,6 +75,8 @@ class Rig:
     writer: CallLogWriter
     hang_ups: list[str] = field(default_factory=list)
     transfers: list[tuple[str, str]] = field(default_factory=list)
+    extensions_at: list[float] = field(default_factory=list)
+    """When the call asked to extend its credit reservation, in seconds of the call."""
     finished: CallLog | None = None
 
     async def finish(self) -> CallLog:
@@ -168,13 +170,14 @@ async def call_on(
     credit_minute_s: float | None = None,
     low_water: LowWaterLog | None = None,
     clock: Callable[[], float] = time.monotonic,
+    driver_start_s: float = 0.0,
     **behaviour: Any,
 ) -> AsyncIterator[Rig]:
     """Run a call on `kind`'s driver; on exit the caller hangs up if it still runs and the CallLog is finished.
 
     With `credit_minute_s`, the call extends its credit reservation as the engine's do, that often. With
     `low_water`, the call paces the reading of its socket, `low_water` standing in for the socket. The call keeps
-    time by `clock`."""
+    time by `clock`; its driver takes `driver_start_s` longer to start (a provider slow to connect)."""
     async with AsyncExitStack() as stack:
         deepgram = await stack.enter_async_context(FakeDeepgram(api_key="dg"))
         openai = await stack.enter_async_context(FakeOpenAI(api_key=OPENAI_KEY))
@@ -214,10 +217,18 @@ async def call_on(
         else:
             pipeline = build_pipeline(config, context=context)
             driver = pipeline_driver(pipeline, first_sentence=config.first_sentence)
+        if driver_start_s:
+            driver = slow_to_start(driver, driver_start_s)
         line = TwilioLine()
         writer = writer_for(pool, log)
         hang_ups: list[str] = []
         transfers: list[tuple[str, str]] = []
+        extensions_at: list[float] = []
+        began = clock()
+
+        async def extend_reservation() -> bool:
+            extensions_at.append(clock() - began)
+            return await credit_reservations.extend_reservation(pool, call_log_id=log.id)
 
         async def hang_up(call_sid: str) -> bool:
             hang_ups.append(call_sid)
@@ -240,9 +251,7 @@ async def call_on(
             writer=writer,
             hang_up=hang_up,
             transfer=transfer,
-            extend_reservation=functools.partial(credit_reservations.extend_reservation, pool, call_log_id=log.id)
-            if credit_minute_s is not None
-            else None,
+            extend_reservation=extend_reservation if credit_minute_s is not None else None,
             credit_minute_seconds=credit_minute_s or CREDIT_MINUTE_SECONDS,
             opt_out=functools.partial(record_opt_out, pool, log),
             reads=None
@@ -252,11 +261,30 @@ async def call_on(
         )
         line.start()
         task = asyncio.create_task(session.run(line.frames()))
-        rig = Rig(kind, line, session, log, task, pool, openai, realtime, deepgram, writer, hang_ups, transfers)
+        rig = Rig(
+            kind, line, session, log, task, pool, openai, realtime, deepgram, writer, hang_ups, transfers, extensions_at
+        )
         try:
             yield rig
         finally:
             await rig.finish()
+
+
+def slow_to_start(factory: DriverFactory, seconds: float) -> DriverFactory:
+    """`factory`'s drivers, each taking `seconds` longer to start."""
+
+    def build(host: CallHost) -> ConversationDriver:
+        driver = factory(host)
+        start = driver.start
+
+        async def slow_start() -> None:
+            await asyncio.sleep(seconds)
+            await start()
+
+        driver.start = slow_start  # type: ignore[method-assign]
+        return driver
+
+    return build
 
 
 async def long_answer_playing(rig: Rig, heard_ms: int = 1500) -> None:
@@ -418,6 +446,19 @@ async def test_a_call_a_fraction_of_a_second_into_its_second_minute_is_charged_t
     organization = await organizations.get_organization(pool, organization_id=rig.log.organization_id)
     assert rig.finished is not None
     assert (rig.finished.duration, organization.credits) == (61, 3)  # two started minutes at one credit a minute
+
+
+async def test_a_driver_slow_to_start_does_not_delay_the_next_minutes_reservation_past_the_paid_one(
+    kind: str, pool: asyncpg.Pool
+) -> None:
+    # Tiny minutes of 4 s: the call reserves its second minute 2 s before its first runs out, at 2 s; the driver
+    # takes 3 s to start, and the call's minute runs from its own start all the same.
+    async with call_on(kind, pool, credits=5, credit_minute_s=4.0, driver_start_s=3.0) as rig:
+        for _ in range(200):
+            if rig.extensions_at:
+                break
+            await asyncio.sleep(0.1)
+    assert rig.extensions_at and rig.extensions_at[0] < 4.0
 
 
 async def test_an_answering_machine_verdict_stops_the_agent_and_ends_the_call_with_it(

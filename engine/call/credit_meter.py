@@ -52,11 +52,12 @@ class CreditMeter:
         self._minute = minute_seconds
         self._unpaid_minutes = unpaid_minutes
 
-    async def run(self) -> None:
-        """Reserve each next minute until the call ends (cancel the task) or the credits are used up."""
+    async def run(self, *, elapsed: float = 0.0) -> None:
+        """Reserve each next minute until the call ends (cancel the task) or the credits are used up; `elapsed`
+        seconds of the call went by before the meter started (its conversation driver connecting)."""
         lead = min(CREDIT_LEAD_SECONDS, self._minute / 2)
-        # The first minute was reserved when the call was opened.
-        await asyncio.sleep(self._minute - lead)
+        # The first minute was reserved when the call was opened, and runs from the call's start.
+        await asyncio.sleep(max(self._minute - lead - elapsed, 0.0))
         unpaid = 0
         attempt: asyncio.Future[bool] | None = None
         try:

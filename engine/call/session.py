@@ -337,7 +337,7 @@ class CallSession:
         if not self._ended.is_set():
             self.spawn(self._read(frames, hand_over), "read")
             if self._credits is not None:
-                self.spawn(self._credits.run(), "credits")
+                self.spawn(self._credits.run(elapsed=self.clock() - self._started_at), "credits")
         loop = asyncio.get_running_loop()
         max_duration = loop.call_later(self.config.max_duration_seconds, self._say_goodbye, EndReason.MAX_DURATION)
         if self._ended.is_set():
