@@ -419,9 +419,9 @@ async def test_at_the_maximum_duration_the_agent_says_goodbye_and_hangs_up(kind:
 async def test_when_the_credits_run_out_the_agent_says_goodbye_and_the_call_ends_insufficient_credits(
     kind: str, pool: asyncpg.Pool
 ) -> None:
-    # Two credits at one a minute: the first minute is reserved when the call opens, the second one extension
-    # later; the next extension finds the balance empty.
-    async with call_on(kind, pool, credits=2, credit_minute_s=1.0, goodbyeSentence="Out of time, goodbye.") as rig:
+    # Two credits at one a minute (of 4 s): the first minute is reserved when the call opens, the second one
+    # extension later; the next extension finds the balance empty, 2 s before the paid time is over.
+    async with call_on(kind, pool, credits=2, credit_minute_s=4.0, goodbyeSentence="Out of time, goodbye.") as rig:
         rig.expect_line("Out of time, goodbye.")
         outcome = await rig.outcome()
     turns = await rig.turns()
@@ -459,6 +459,18 @@ async def test_a_driver_slow_to_start_does_not_delay_the_next_minutes_reservatio
                 break
             await asyncio.sleep(0.1)
     assert rig.extensions_at and rig.extensions_at[0] < 4.0
+
+
+async def test_a_goodbye_longer_than_the_credits_left_is_cut_when_they_run_out(kind: str, pool: asyncpg.Pool) -> None:
+    # As above, and the agent's goodbye would take half a minute: the call ends when its paid time does.
+    farewell = "Out of time. " + " ".join(["Thank you for calling, we hope to hear from you again soon."] * 20)
+    async with call_on(kind, pool, credits=2, credit_minute_s=4.0, goodbyeSentence=farewell) as rig:
+        rig.expect_line(farewell)
+        outcome = await rig.outcome(timeout=20)
+    turns = await rig.turns()
+    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, EndReason.INSUFFICIENT_CREDITS)
+    assert turns[-1].speaker == "agent" and turns[-1].interrupted
+    assert rig.hang_ups == [rig.line.call_sid]
 
 
 async def test_an_answering_machine_verdict_stops_the_agent_and_ends_the_call_with_it(

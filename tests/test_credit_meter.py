@@ -21,6 +21,10 @@ SLOW_MINUTE = 0.4
 """A tiny minute long enough for a round trip to the test database."""
 
 
+async def hung_up(reason: EndReason) -> None:
+    """A call's hang-up, which these tests do not follow."""
+
+
 async def metered(answers: list[bool | Exception], *, unpaid_minutes: int = 2) -> tuple[list[EndReason], int]:
     """Run a meter whose extensions answer `answers` in turn (then True); return its goodbyes and extensions asked."""
     goodbyes: list[EndReason] = []
@@ -35,7 +39,12 @@ async def metered(answers: list[bool | Exception], *, unpaid_minutes: int = 2) -
         return answer
 
     meter = CreditMeter(
-        "CA1", extend, say_goodbye=goodbyes.append, minute_seconds=MINUTE, unpaid_minutes=unpaid_minutes
+        "CA1",
+        extend,
+        say_goodbye=goodbyes.append,
+        hang_up=hung_up,
+        minute_seconds=MINUTE,
+        unpaid_minutes=unpaid_minutes,
     )
     task = asyncio.create_task(meter.run())
     for _ in range(200):
@@ -83,6 +92,7 @@ async def test_a_database_that_stops_answering_ends_the_call_after_the_unpaid_mi
         call.call_id,
         functools.partial(credit_reservations.extend_reservation, stalled, call_log_id=call.id),
         say_goodbye=goodbyes.append,
+        hang_up=hung_up,
         minute_seconds=SLOW_MINUTE,
     )
     proxy.stall()  # a partition: the meter's queries get no answer, and no error either

@@ -1,5 +1,6 @@
 """A running call's credit meter: it extends the call's credit reservation a minute at a time, and has the call
-say goodbye (INSUFFICIENT_CREDITS) when the organization cannot pay for the next one.
+say goodbye (INSUFFICIENT_CREDITS) when the organization cannot pay for the next one, then hangs it up when the paid
+time runs out, whether the goodbye is over or not (it may be long, or the call may be ending for a reason of its own).
 
 When the database cannot be asked, the call goes on unpaid for at most `UNPAID_MINUTES` minutes in a row (the
 call's end charges them, as far as the balance holds), then says goodbye (INTERNAL_ERROR): an outage does not cut
@@ -41,21 +42,30 @@ class CreditMeter:
         extend: ExtendReservation,
         *,
         say_goodbye: Callable[[EndReason], None],
+        hang_up: Callable[[EndReason], Awaitable[None]],
         minute_seconds: float = CREDIT_MINUTE_SECONDS,
         unpaid_minutes: int = UNPAID_MINUTES,
     ) -> None:
         """Meter the call `call_sid` with `extend` every `minute_seconds`; out of credits, or after `unpaid_minutes`
-        failed extensions in a row, `say_goodbye`."""
+        failed extensions in a row, `say_goodbye`, and `hang_up` once the time paid for is over."""
         self._call_sid = call_sid
         self._extend = extend
         self._say_goodbye = say_goodbye
+        self._hang_up = hang_up
         self._minute = minute_seconds
         self._unpaid_minutes = unpaid_minutes
 
     async def run(self, *, elapsed: float = 0.0) -> None:
-        """Reserve each next minute until the call ends (cancel the task) or the credits are used up; `elapsed`
-        seconds of the call went by before the meter started (its conversation driver connecting)."""
+        """Reserve each next minute until the call ends (cancel the task) or the credits are used up, then end it;
+        `elapsed` seconds of the call went by before the meter started (its conversation driver connecting)."""
         lead = min(CREDIT_LEAD_SECONDS, self._minute / 2)
+        reason = await self._paid_minutes(elapsed, lead)
+        self._say_goodbye(reason)
+        await asyncio.sleep(lead)  # the rest of the time paid for; a call still up then is cut off
+        await self._hang_up(reason)
+
+    async def _paid_minutes(self, elapsed: float, lead: float) -> EndReason:
+        """Reserve each next minute `lead` seconds before the paid one runs out, until one cannot be: why not."""
         # The first minute was reserved when the call was opened, and runs from the call's start.
         await asyncio.sleep(max(self._minute - lead - elapsed, 0.0))
         unpaid = 0
@@ -76,16 +86,14 @@ class CreditMeter:
                             unpaid,
                             why,
                         )
-                        self._say_goodbye(EndReason.INTERNAL_ERROR)
-                        return
+                        return EndReason.INTERNAL_ERROR
                     log.warning("call %s: its credit reservation could not be extended: %s", self._call_sid, why)
                     extended = True
                 else:
                     unpaid = 0
                 if not extended:
                     log.info("call %s: the organization's credits are used up", self._call_sid)
-                    self._say_goodbye(EndReason.INSUFFICIENT_CREDITS)
-                    return
+                    return EndReason.INSUFFICIENT_CREDITS
                 await asyncio.sleep(self._minute)
         finally:
             if attempt is not None:

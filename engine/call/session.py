@@ -134,6 +134,7 @@ class CallSession:
                 context.call_sid,
                 extend_reservation,
                 say_goodbye=self._say_goodbye,
+                hang_up=self.hang_up,
                 minute_seconds=credit_minute_seconds,
             )
         )
