@@ -134,7 +134,7 @@ class CallSession:
                 context.call_sid,
                 extend_reservation,
                 say_goodbye=self._say_goodbye,
-                hang_up=self.hang_up,
+                hang_up=self._hang_up_unpaid,
                 minute_seconds=credit_minute_seconds,
             )
         )
@@ -207,6 +207,12 @@ class CallSession:
         if await self._twilio.hang_up():
             await await_twilio_stop(self._ended)
         self._end(CallStatus.COMPLETED, reason, detail)  # without Twilio's word, closing the stream ends the call
+
+    async def _hang_up_unpaid(self, reason: EndReason) -> None:
+        """The credit meter's hang-up once the time paid for is over; not of a call Twilio is taking to a transfer,
+        whose leg its own reservation pays for (engine/call/paid_transfer.py)."""
+        if self._reason is not EndReason.TRANSFERRED:
+            await self.hang_up(reason)
 
     async def transfer(self, to: str, detail: str | None = None, *, asked: Mapping[str, Any] | None = None) -> bool:
         """Hand the caller to `to` through Twilio; False (the call goes on) when that cannot be done. A transfer
