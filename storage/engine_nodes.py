@@ -2,6 +2,9 @@
 
 A node tags each call it runs with metadata.engineNode. When a node stops heartbeating, every call still
 IN_PROGRESS under its tag is closed as FAILED by whichever node looks next, so no call stays IN_PROGRESS forever.
+
+Heartbeats are stamped, and judged, by the database's clock (`now=None`): one host's clock running ahead of
+another's by the node timeout would otherwise have it close the live calls of a healthy node. Tests pass `now`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from storage.errors import translate_errors
 from storage.records import Queryable, Record, transaction
 
 _COLUMNS = '"id", "hostname", "pid", "startedAt", "lastSeenAt"'
+_NOW = "COALESCE({}::timestamptz, statement_timestamp())"
+"""The given instant, or the database's clock when it is None (the parameter's placeholder goes in the braces)."""
 
 
 class EngineNode(Record):
@@ -26,15 +31,19 @@ class EngineNode(Record):
     last_seen_at: datetime
 
 
-async def register_node(db: Queryable, *, node_id: str, hostname: str, pid: int, now: datetime) -> EngineNode:
-    """Record a process as a live node, seen `now` (registering again only refreshes it).
+async def register_node(
+    db: Queryable, *, node_id: str, hostname: str, pid: int, now: datetime | None = None
+) -> EngineNode:
+    """Record a process as a live node, seen `now` (the database's clock when None; registering again only
+    refreshes it).
 
     SchemaNotMigrated if the database has no engine-node table yet.
     """
     with translate_errors():
         row = await db.fetchrow(
             f"""
-            INSERT INTO "EngineNode" ("id", "hostname", "pid", "startedAt", "lastSeenAt") VALUES ($1, $2, $3, $4, $4)
+            INSERT INTO "EngineNode" ("id", "hostname", "pid", "startedAt", "lastSeenAt")
+            VALUES ($1, $2, $3, {_NOW.format("$4")}, {_NOW.format("$4")})
             ON CONFLICT ("id") DO UPDATE SET "lastSeenAt" = GREATEST("EngineNode"."lastSeenAt", EXCLUDED."lastSeenAt")
             RETURNING {_COLUMNS}
             """,
@@ -47,10 +56,13 @@ async def register_node(db: Queryable, *, node_id: str, hostname: str, pid: int,
     return EngineNode.from_row(row)
 
 
-async def heartbeat(db: Queryable, *, node_id: str, now: datetime) -> bool:
-    """Record that the node is alive at `now`; False if it is not registered (it must register again)."""
+async def heartbeat(db: Queryable, *, node_id: str, now: datetime | None = None) -> bool:
+    """Record that the node is alive at `now` (the database's clock when None); False if it is not registered (it
+    must register again)."""
     status = await db.execute(
-        'UPDATE "EngineNode" SET "lastSeenAt" = GREATEST("lastSeenAt", $2) WHERE "id" = $1', node_id, now
+        f'UPDATE "EngineNode" SET "lastSeenAt" = GREATEST("lastSeenAt", {_NOW.format("$2")}) WHERE "id" = $1',
+        node_id,
+        now,
     )
     return status != "UPDATE 0"
 
@@ -60,11 +72,15 @@ async def deregister_node(db: Queryable, *, node_id: str) -> None:
     await db.execute('DELETE FROM "EngineNode" WHERE "id" = $1', node_id)
 
 
-async def list_alive_nodes(db: Queryable, *, now: datetime, node_timeout: timedelta) -> list[EngineNode]:
-    """The nodes seen within `node_timeout` before `now`, oldest first."""
+async def list_alive_nodes(db: Queryable, *, node_timeout: timedelta, now: datetime | None = None) -> list[EngineNode]:
+    """The nodes seen within `node_timeout` before `now` (the database's clock when None), oldest first."""
     rows = await db.fetch(
-        f'SELECT {_COLUMNS} FROM "EngineNode" WHERE "lastSeenAt" >= $1 ORDER BY "startedAt", "id"',
-        now - node_timeout,
+        f"""
+        SELECT {_COLUMNS} FROM "EngineNode" WHERE "lastSeenAt" >= {_NOW.format("$1")} - $2::interval
+        ORDER BY "startedAt", "id"
+        """,
+        now,
+        node_timeout,
     )
     return EngineNode.from_rows(rows)
 
@@ -78,15 +94,15 @@ async def list_nodes_on_host(db: Queryable, *, hostname: str) -> list[EngineNode
 
 
 async def fail_orphaned_calls(
-    db: Queryable, *, now: datetime, node_timeout: timedelta, stream_timeout: timedelta
+    db: Queryable, *, node_timeout: timedelta, stream_timeout: timedelta, now: datetime | None = None
 ) -> int:
     """Close as FAILED every IN_PROGRESS call no live node runs; return how many.
 
     A call tagged with a node not seen within `node_timeout` ends with ENGINE_LOST; an untagged call that started
     more than `stream_timeout` ago ends with STREAM_NEVER_STARTED (its media stream never opened). Calls of live
     nodes, and untagged calls younger than `stream_timeout` (still waiting for their stream), are left alone. Each
-    closed call's call.ended is queued, and its credit reservation returned, in the same transaction. Unscoped by
-    design: recovery looks across every organization.
+    closed call's call.ended is queued, and its credit reservation returned, in the same transaction. `now` is the
+    database's clock when None. Unscoped by design: recovery looks across every organization.
     """
     async with transaction(db) as conn:
         rows = await conn.fetch(
@@ -98,28 +114,32 @@ async def fail_orphaned_calls(
             WHERE c."status" = 'IN_PROGRESS'
               AND CASE WHEN c."metadata" ? 'engineNode'
                        THEN NOT EXISTS (SELECT 1 FROM "EngineNode" n
-                                        WHERE n."id" = c."metadata"->>'engineNode' AND n."lastSeenAt" >= $1)
-                       ELSE c."timestamp" < $2 END
+                                        WHERE n."id" = c."metadata"->>'engineNode'
+                                          AND n."lastSeenAt" >= {_NOW.format("$1")} - $2::interval)
+                       ELSE c."timestamp" < {_NOW.format("$1")} - $5::interval END
             RETURNING {call_logs.CALL_LOG_COLUMNS}
             """,
-            now - node_timeout,
-            now - stream_timeout,
+            now,
+            node_timeout,
             EndReason.ENGINE_LOST.value,
             EndReason.STREAM_NEVER_STARTED.value,
+            stream_timeout,
         )
         await call_logs.after_bulk_ending(conn, rows)
     return len(rows)
 
 
-async def forget_dead_nodes(db: Queryable, *, now: datetime, older_than: timedelta) -> int:
-    """Delete nodes not seen for `older_than` that no IN_PROGRESS call names; return how many."""
+async def forget_dead_nodes(db: Queryable, *, older_than: timedelta, now: datetime | None = None) -> int:
+    """Delete nodes not seen for `older_than` before `now` (the database's clock when None) that no IN_PROGRESS call
+    names; return how many."""
     status = await db.execute(
-        """
+        f"""
         DELETE FROM "EngineNode" n
-        WHERE n."lastSeenAt" < $1
+        WHERE n."lastSeenAt" < {_NOW.format("$1")} - $2::interval
           AND NOT EXISTS (SELECT 1 FROM "CallLog" c
                           WHERE c."status" = 'IN_PROGRESS' AND c."metadata"->>'engineNode' = n."id")
         """,
-        now - older_than,
+        now,
+        older_than,
     )
     return int(status.rsplit(" ", 1)[1])

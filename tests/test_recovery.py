@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 
 import asyncpg
@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from engine.server.appkeys import DATABASE
+from engine.workers import recovery
 from engine.workers.host_processes import process_is_gone
 from engine.workers.recovery import NODE_ID, NodeHeartbeat, recovery_context
 from storage import call_logs, engine_nodes, events
@@ -181,6 +182,31 @@ async def test_dead_nodes_are_forgotten_only_once_none_of_their_calls_is_open(ow
     forgotten = await engine_nodes.forget_dead_nodes(own_pool, now=now, older_than=timedelta(days=1))
     remaining = await own_pool.fetch('SELECT "id" FROM "EngineNode"')
     assert (forgotten, [row["id"] for row in remaining]) == (1, ["busy"])
+
+
+async def test_a_node_whose_host_clock_runs_ahead_leaves_a_healthy_nodes_calls_alone(
+    own_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await engine_nodes.register_node(own_pool, node_id="healthy", hostname="elsewhere", pid=1)  # the database's clock
+    live = await call_on(own_pool, await insert_organization(own_pool), "healthy")
+
+    class FiveMinutesAhead(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> FiveMinutesAhead:
+            return cls.fromtimestamp((datetime.now(tz) + timedelta(minutes=5)).timestamp(), tz)
+
+    monkeypatch.setattr(recovery, "datetime", FiveMinutesAhead)  # this host's clock, as the engine reads it
+    node = NodeHeartbeat(own_pool, node_timeout=NODE_TIMEOUT)
+    await node.start()  # registers, then recovers
+    try:
+        assert (await reread(own_pool, live)).status is CallStatus.IN_PROGRESS
+        [stamped] = [
+            n for n in await engine_nodes.list_alive_nodes(own_pool, node_timeout=NODE_TIMEOUT) if n.id == node.node_id
+        ]
+        database_now = await own_pool.fetchval("SELECT statement_timestamp()")
+        assert abs(stamped.last_seen_at - database_now) < timedelta(minutes=1), "stamped by the database's clock"
+    finally:
+        await node.stop()
 
 
 async def test_at_start_the_engine_fails_a_dead_nodes_call_and_leaves_a_live_nodes_call(

@@ -4,7 +4,6 @@ control channel (engine.call.control_channel), the handler the same either way (
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import ChainMapProxy, web
@@ -40,9 +39,7 @@ async def other_holding_node(app: web.Application | ChainMapProxy, log: CallLog)
     node = log.metadata.get("engineNode")
     if not isinstance(node, str) or node == app[NODE_ID]:
         return None
-    alive = await engine_nodes.list_alive_nodes(
-        app[DATABASE].pool, now=datetime.now(UTC), node_timeout=app[NODE_TIMEOUT_KEY]
-    )
+    alive = await engine_nodes.list_alive_nodes(app[DATABASE].pool, node_timeout=app[NODE_TIMEOUT_KEY])
     if node not in {n.id for n in alive}:
         raise conflict(f"call {log.id} ran on engine process {node}, which stopped; the call is being closed as failed")
     return node

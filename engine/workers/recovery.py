@@ -55,7 +55,7 @@ class NodeHeartbeat:
         recovery_interval: timedelta = RECOVERY_INTERVAL,
         node_timeout: timedelta = NODE_TIMEOUT,
         stream_timeout: timedelta = STREAM_TIMEOUT,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         if heartbeat_interval >= node_timeout:
             raise ValueError("the heartbeat interval must be shorter than the node timeout, or live nodes look dead")
@@ -66,7 +66,9 @@ class NodeHeartbeat:
         self._recovery_interval = recovery_interval
         self.node_timeout = node_timeout
         self._stream_timeout = stream_timeout
-        self._clock = clock
+        self._clock = clock or _utc_now
+        self._stamp_clock = clock
+        """Heartbeats are stamped and judged by the database's clock (None) unless a clock is given (tests)."""
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -79,7 +81,7 @@ class NodeHeartbeat:
     async def recover(self) -> int:
         """Close the calls no live node runs; how many were closed."""
         await self._forget_gone_neighbours()
-        now = self._clock()
+        now = self._stamp()
         closed = await engine_nodes.fail_orphaned_calls(
             self._pool, now=now, node_timeout=self.node_timeout, stream_timeout=self._stream_timeout
         )
@@ -97,8 +99,12 @@ class NodeHeartbeat:
 
     async def _register(self) -> None:
         await engine_nodes.register_node(
-            self._pool, node_id=self.node_id, hostname=self._hostname, pid=os.getpid(), now=self._clock()
+            self._pool, node_id=self.node_id, hostname=self._hostname, pid=os.getpid(), now=self._stamp()
         )
+
+    def _stamp(self) -> datetime | None:
+        """The instant to stamp a heartbeat with, or judge others' by: None for the database's clock."""
+        return self._stamp_clock() if self._stamp_clock is not None else None
 
     async def stop(self) -> None:
         """Stop heartbeating and deregister; calls this node still holds are closed by the next node's recovery."""
@@ -120,7 +126,7 @@ class NodeHeartbeat:
             await asyncio.sleep(self._heartbeat_interval.total_seconds())
             try:
                 # Heartbeat first: after an outage, this node must look alive before it judges the others.
-                if not await engine_nodes.heartbeat(self._pool, node_id=self.node_id, now=self._clock()):
+                if not await engine_nodes.heartbeat(self._pool, node_id=self.node_id, now=self._stamp()):
                     log.warning("engine node %s was forgotten by the database; registering again", self.node_id)
                     await self._register()
                 if missed:
