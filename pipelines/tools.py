@@ -277,17 +277,34 @@ class ToolRunner:
                 allow_redirects=False,  # a redirect could lead to an address nobody checked
                 timeout=aiohttp.ClientTimeout(total=function.timeout_seconds),
             ) as response:
-                body = await response.text()
+                body = await _reply_text(response)
                 if response.status >= 300:
                     log.warning("tool %s answered HTTP %d", function.tool_id, response.status)
                     return f"{TOOL_ERROR_PREFIX}the {name} service answered HTTP {response.status}: {body[:500]}"
-                return body[:MAX_RESULT_CHARS]
+                return body
         except UnsafeURL as exc:
             log.warning("tool %s refused: %s", function.tool_id, exc)
             return f"{TOOL_ERROR_PREFIX}the {name} service address is not allowed"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("tool %s failed: %s", function.tool_id, type(exc).__name__)
             return f"{TOOL_ERROR_PREFIX}the {name} service could not be reached ({type(exc).__name__})"
+
+
+async def _reply_text(response: aiohttp.ClientResponse) -> str:
+    """The start of a webhook's reply, as much as the model is given (MAX_RESULT_CHARS).
+
+    Only that much is read, so a huge body is never held in memory; bytes its charset cannot decode become U+FFFD,
+    since a webhook answering garbage must not end the call.
+    """
+    limit = MAX_RESULT_CHARS * 4  # the most bytes MAX_RESULT_CHARS characters take (UTF-8)
+    raw = bytearray()
+    while len(raw) < limit and (chunk := await response.content.read(limit - len(raw))):
+        raw += chunk
+    try:
+        text = raw.decode(response.charset or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        text = raw.decode("utf-8", errors="replace")
+    return text[:MAX_RESULT_CHARS]
 
 
 def parse_arguments(raw: str) -> dict[str, Any]:

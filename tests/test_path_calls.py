@@ -73,10 +73,14 @@ class AccountService:
     status: int = 200
     received: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
+    raw: bytes | None = None
+    """A body to answer with instead of `reply`, sent as it is (declared JSON)."""
 
     async def handle(self, request: web.Request) -> web.Response:
         """One call of the lookup_account function."""
         self.received.append(await request.json())
+        if self.raw is not None:
+            return web.Response(body=self.raw, status=self.status, content_type="application/json")
         return web.json_response(self.reply, status=self.status)
 
 
@@ -347,6 +351,18 @@ async def test_a_failing_webhook_routes_on_failure_and_ends_the_call(rig: PathRi
     assert ended[-1] == ("agent", "Sorry, our system is down. " + GOODBYE, "lookup-failed", "not-found")
     assert log["metadata"]["endReason"] == "path_end"
     assert log["metadata"]["conversationPath"]["variables"]["account"] == "42"  # the terminator ended the digits
+
+
+async def test_a_webhook_answering_bytes_that_are_not_utf8_still_routes_the_call_on(rig: PathRig) -> None:
+    rig.accounts.raw = b'{"balance": "\xff\xfe12"}'
+    rig.fakes.deepgram.transcripts.extend(["Billing.", "Thanks, bye."])
+    rig.fakes.openai.replies.extend([[follow("to-billing")], BALANCE, [follow("billing-done")]])
+    async with rig.engine() as engine:
+        line = await rig.line()
+        _, log, ended = await rig.call(engine, line, Say("billing"), Dtmf("42#"), Say("thanks bye")).finished()
+    assert ("agent", BALANCE, "billing", "found") in ended
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
+    assert log["metadata"]["conversationPath"]["variables"]["balance"] == '{"balance": "\ufffd\ufffd12"}'
 
 
 async def test_a_wrong_or_missing_way_is_explained_to_the_model_and_the_call_walks_on_to_knowledge_and_keys(
