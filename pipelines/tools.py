@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from media.dtmf import DIGITS_PATTERN
 from pipelines.conversation.confirmation import turn_confirmed
 from pipelines.errors import ProviderError
+from pipelines.http_bodies import read_at_most
 from pipelines.url_safety import UnsafeURL, ensure_public_url
 
 log = logging.getLogger(__name__)
@@ -296,10 +297,7 @@ async def _reply_text(response: aiohttp.ClientResponse) -> str:
     Only that much is read, so a huge body is never held in memory; bytes its charset cannot decode become U+FFFD,
     since a webhook answering garbage must not end the call.
     """
-    limit = MAX_RESULT_CHARS * 4  # the most bytes MAX_RESULT_CHARS characters take (UTF-8)
-    raw = bytearray()
-    while len(raw) < limit and (chunk := await response.content.read(limit - len(raw))):
-        raw += chunk
+    raw = await read_at_most(response, MAX_RESULT_CHARS * 4)  # the most bytes MAX_RESULT_CHARS characters take
     try:
         text = raw.decode(response.charset or "utf-8", errors="replace")
     except LookupError:  # a charset Python does not know

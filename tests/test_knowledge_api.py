@@ -236,6 +236,15 @@ async def website() -> AsyncIterator[tuple[str, dict[str, bytes]]]:
         yield base, pages
 
 
+async def crawled(api: Api, acme: Tenant, kb_id: str, url: str) -> dict[str, Any]:
+    """Add the website at `url` to the knowledge base; the document once its crawl has settled."""
+    status, document = await api.call(
+        "POST", f"/knowledge-bases/{kb_id}/documents", acme.owner_key, json={"name": url, "type": "WEBSITE", "url": url}
+    )
+    assert status == 201, document
+    return await settled(api, acme, kb_id, document["id"])
+
+
 async def test_a_website_is_crawled_within_depth_and_robots_and_recrawled_on_request(
     api: Api, acme: Tenant, website: tuple[str, dict[str, bytes]]
 ) -> None:
@@ -264,19 +273,21 @@ async def test_a_website_is_crawled_within_depth_and_robots_and_recrawled_on_req
     assert await search(api, acme, kb["id"], "founded reykjavik 1998") == []
 
 
+async def test_a_long_page_is_read_to_its_end(api: Api, acme: Tenant, website: tuple[str, dict[str, bytes]]) -> None:
+    base, pages = website
+    days = " ".join(f"On day {day} the tour visits a glacier." for day in range(4000))  # about 150 KB
+    pages["/long"] = html(f"{days} The Lavafield Lodge serves breakfast at seven.")
+    kb = await new_kb(api, acme, "Long page")
+    assert (await crawled(api, acme, kb["id"], f"{base}/long"))["status"] == "READY"
+    assert "breakfast at seven" in (await search(api, acme, kb["id"], "lodge breakfast"))[0]["content"]
+
+
 async def test_a_redirect_is_followed_within_the_site(
     api: Api, acme: Tenant, website: tuple[str, dict[str, bytes]]
 ) -> None:
     base, _ = website
     kb = await new_kb(api, acme, "Moved")
-    status, document = await api.call(
-        "POST",
-        f"/knowledge-bases/{kb['id']}/documents",
-        acme.owner_key,
-        json={"name": "Moved", "type": "WEBSITE", "url": f"{base}/start-here"},
-    )
-    assert status == 201
-    assert (await settled(api, acme, kb["id"], document["id"]))["status"] == "READY"
+    assert (await crawled(api, acme, kb["id"], f"{base}/start-here"))["status"] == "READY"
     assert "1998" in (await search(api, acme, kb["id"], "pumice travel founded"))[0]["content"]
 
 

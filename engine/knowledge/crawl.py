@@ -20,6 +20,7 @@ from urllib.robotparser import RobotFileParser
 import aiohttp
 
 from engine.knowledge.extract import html_main_text
+from pipelines.http_bodies import read_at_most
 from pipelines.url_safety import UnsafeURL, ensure_public_url
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ async def _fetch(session: aiohttp.ClientSession, url: str, limits: CrawlLimits) 
             if response.status in _REDIRECTS and location:
                 url = urljoin(url, location)
                 continue
-            body = await response.content.read(limits.max_bytes + 1)
+            body = await read_at_most(response, limits.max_bytes + 1)
             if len(body) > limits.max_bytes:
                 raise CrawlFailed(f"{url} is larger than {limits.max_bytes} bytes", permanent=True)
             return _Fetched(url, response.status, response.content_type, body)
