@@ -9,7 +9,7 @@ import base64
 import json
 import socket
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,14 @@ import pytest
 import websockets
 
 from config.settings import load_settings
+from engine.api import auth
+from engine.api.resources.live_call_listen import KEY_LOST
 from engine.call.audio_tap import CALL_ENDED, CHUNK_BYTES, LISTENER_TOO_SLOW
 from engine.call.listen_relay import LISTEN_AUDIO_CHANNEL
 from engine.simulator import CallResult, HangUp, Pause, PlayWav
 from engine.simulator.audio import read_wav, synthesize_speech
 from media.g711 import BYTES_PER_MS, FRAME_BYTES, SAMPLE_RATE, ULAW_SILENCE, ulaw_to_pcm16
+from storage import api_keys
 from storage.call_turns import list_turns
 from storage.recordings import recording_path
 from storage.records import new_id
@@ -430,6 +433,42 @@ async def test_a_viewers_key_cannot_listen_as_it_cannot_say_or_hang_up(engines: 
     assert status == 403 and body["error"]["code"] == "forbidden"  # the same rule as the controls
     status, _ = await refusal(engines.holder, log.id, key=tenant.owner_key)
     assert status == 409  # past the role: the call's engine process is not alive
+
+
+async def _revoke(pool: asyncpg.Pool, tenant: Tenant) -> None:
+    await api_keys.revoke_api_key(pool, organization_id=tenant.organization_id, key_id=tenant.owner_key_id)
+
+
+async def _make_viewer(pool: asyncpg.Pool, tenant: Tenant) -> None:
+    await pool.execute(
+        """UPDATE "UserOrganization" SET "role" = 'VIEWER' WHERE "userId" = $1 AND "organizationId" = $2""",
+        tenant.owner_id,
+        tenant.organization_id,
+    )
+
+
+@pytest.mark.parametrize("take_away", [_revoke, _make_viewer], ids=["revoked", "made-viewer"])
+async def test_a_listener_whose_key_loses_the_right_to_listen_is_stopped_while_the_call_goes_on(
+    engines: Engines,
+    pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+    take_away: Callable[[asyncpg.Pool, Tenant], Awaitable[None]],
+) -> None:
+    monkeypatch.setattr(auth, "KEY_RECHECK_SECONDS", 0.2)
+    tenant = await make_tenant(pool, "Refused")
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hello from the line.")
+    async with aiohttp.ClientSession() as session:
+        running = asyncio.create_task(call(engines.holder, number, Pause(6000), HangUp()))
+        call_log_id = await running_here(Api(session, engines.holder), tenant.owner_key)
+        headers = {"Authorization": f"Bearer {tenant.owner_key}"}
+        async with session.ws_connect(url_of(engines.holder, call_log_id), headers=headers) as ws:
+            listened = Listened(await ws.receive_json(timeout=10), ws.protocol)
+            await take_away(pool, tenant)
+            await listen(ws, listened)
+            assert not running.done()  # the listener was stopped, not the call
+        result = await running
+    assert listened.stop == {"event": "stop", "reason": KEY_LOST}
+    assert (await call_log(pool, result))["metadata"]["endReason"] == "caller_hangup"
 
 
 async def test_a_call_not_in_progress_a_plain_get_and_bad_parameters_are_refused_clearly(

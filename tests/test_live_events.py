@@ -12,8 +12,9 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from engine.api import auth
 from engine.simulator import Dtmf, HangUp, Pause, Say
-from storage import agents, tools
+from storage import agents, api_keys, tools
 from tests.engine_server import running_engine
 from tests.fakes.server import serve
 from tests.sse_client import EventStream
@@ -240,6 +241,19 @@ async def test_another_organization_gets_404_and_sees_none_of_the_events(
         await running
         await ours.until(lambda e: e.type == "call.ended")
     assert theirs.events == []
+
+
+async def test_a_stream_ends_once_its_key_is_revoked(
+    engine: str, pool: asyncpg.Pool, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "KEY_RECHECK_SECONDS", 0.2)
+    tenant = await make_tenant(pool, "Revoked")
+    async with EventStream(session, f"{engine}/v1/live-calls/events", tenant.owner_key) as stream:
+        await api_keys.revoke_api_key(pool, organization_id=tenant.organization_id, key_id=tenant.owner_key_id)
+        await stream.until_ended(timeout=10)  # not kept open, with every call's words, until the client leaves
+    headers = {"Authorization": f"Bearer {tenant.owner_key}", "Last-Event-ID": "0"}
+    async with session.get(f"{engine}/v1/live-calls/events", headers=headers) as again:
+        assert again.status == 401
 
 
 async def test_a_call_nobody_watches_records_no_events(engine: str, pool: asyncpg.Pool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from engine.server.appkeys import DATABASE, SETTINGS
 from storage.api_keys import authenticate_holder
 from storage.api_rate_limits import RequestCount, count_request
 from storage.enums import UserRole
+from storage.errors import DATABASE_ERRORS
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 """ApiKey.lastUsedAt is rewritten at most this often per key, so busy keys cost no write per request."""
@@ -43,6 +45,9 @@ CALLER = web.RequestKey("api_caller", Caller)
 
 RATE_LIMIT_HEADERS = web.RequestKey("api_rate_limit_headers", dict[str, str])
 """The X-RateLimit-* headers of a counted request, added to whatever answers it (errors included)."""
+
+KEY_RECHECK_SECONDS = 5.0
+"""How often a stream or socket that outlives its request asks again whether its key may still have it."""
 
 KEY_SUBPROTOCOL = "dialtone.key."
 """A WebSocket opened by a browser, which cannot set headers, offers its key as this subprotocol + base64url(key)."""
@@ -110,6 +115,26 @@ def writer_refusal(caller: Caller, doing: str | None = None) -> str | None:
     if doing is not None:
         message = f"{message}: {doing} needs an OWNER's or ADMIN's key"
     return message
+
+
+async def until_key_lost(request: web.Request, *, writer: bool = False) -> None:
+    """Return once the request's key would be refused if presented now (revoked, expired, its user gone or not
+    ACTIVE; with `writer`, its user no longer an OWNER or ADMIN), checked every KEY_RECHECK_SECONDS.
+
+    Keys are checked as a request starts; a stream or socket that stays open for hours races this with its work
+    and closes when it returns, so that revoking a key ends what it has open. A database that cannot answer for a
+    moment ends nothing.
+    """
+    while True:
+        await asyncio.sleep(KEY_RECHECK_SECONDS)
+        try:
+            caller = await _caller(request)
+        except ApiError:
+            return
+        except DATABASE_ERRORS:
+            continue
+        if writer and not caller.can_write:
+            return
 
 
 def rate_limit_headers(counted: RequestCount, limit: int) -> dict[str, str]:

@@ -10,6 +10,7 @@ from typing import Any, Final
 from aiohttp import web
 from pydantic import Field
 
+from engine.api.auth import until_key_lost
 from engine.api.errors import ApiError
 from engine.api.models import RequestModel
 from engine.api.operations import ApiCall, Resource, Streamed
@@ -40,7 +41,8 @@ STREAM = Streamed(
     "caller.interim, caller.final, agent.speaking, agent.turn, turn.latency, tool.call, path.node, call.say, "
     "call.transfer, call.ended. Opened without a Last-Event-ID, the stream first sends one `call.snapshot` (no "
     "`id:`) per call in progress it covers; a `: keepalive` comment comes every 15 s. A call's stream ends after its "
-    "call.ended (or once the call is over and 15 s passed without an event).",
+    "call.ended (or once the call is over and 15 s passed without an event); either stream ends once its key is "
+    "revoked or expired, or its user is removed (checked every few seconds).",
     headers={
         RESUME_HEADER: "Resume after this event id (the last `id:` received): every later event is sent, from any "
         "engine process. Events are kept for DIALTONE_LIVE_EVENTS_RETENTION seconds."
@@ -124,10 +126,12 @@ async def _stream(
                 )
                 snapshot = await in_progress(db)
         await response.prepare(call.request)
+        key_lost = asyncio.create_task(until_key_lost(call.request))
+        key_lost.add_done_callback(lambda _: wake.set())
         try:
             for log in snapshot:
                 await response.write(_sse("call.snapshot", _snapshot(log)))
-            while not live.closing:
+            while not live.closing and not key_lost.done():
                 wake.clear()
                 async with call.tenant() as db:
                     events = await live_call_events.events_after(
@@ -149,6 +153,8 @@ async def _stream(
                     await response.write(b": keepalive\n\n")
         except ConnectionResetError:  # the client went away
             pass
+        finally:
+            key_lost.cancel()
     return response
 
 

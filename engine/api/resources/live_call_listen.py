@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
 
 from aiohttp import ChainMapProxy, web
 from pydantic import Field
 
+from engine.api.auth import until_key_lost
 from engine.api.errors import ApiError, conflict
 from engine.api.live_call_commands import live_call, other_holding_node
 from engine.api.models import RequestModel
@@ -24,6 +26,8 @@ from storage.call_logs import CallLog
 
 LISTEN_SUBPROTOCOL = "dialtone.listen"
 """The subprotocol the server answers with (a browser also offers `dialtone.key.<base64url key>` to sign in)."""
+KEY_LOST: Final = "key no longer allowed"
+"""The stop reason of a listener whose key was revoked or expired, or whose user lost the right to listen."""
 CLOSE_SECONDS = 2.0
 """How long the stop message and the close may wait on a listener's full socket before it is cut."""
 _SOCKET_BUFFER_BYTES = 16 * 1024
@@ -60,7 +64,9 @@ async def listen_to_live_call(call: ApiCall) -> web.WebSocketResponse:
 
     The server sends a text message `{"event": "start", "callLogId", "sampleRate": 8000, "channels": 2|1,
     "encoding": "mulaw"|"pcm16"}`, then binary messages of 100 ms of audio each, aligned like the call's recording,
-    then `{"event": "stop", "reason": "call ended" | "listener too slow" | "holding node lost"}` before it closes.
+    then `{"event": "stop", "reason": "call ended" | "listener too slow" | "holding node lost" |
+    "key no longer allowed"}` before it closes: the last once the key is revoked or expired, or its user may listen
+    no more (checked every few seconds).
     A listener that falls more than DIALTONE_LISTEN_BUFFER_MS behind is dropped; the call never waits for it.
     Hearing a caller is more sensitive than reading a transcript: a VIEWER's key gets 403, as for say or hang-up.
     400 for a plain GET; 409 if the call is not in progress or the engine process holding it cannot be reached.
@@ -85,7 +91,7 @@ async def listen_to_live_call(call: ApiCall) -> web.WebSocketResponse:
         _bound_send_buffer(request)
         start = {"event": "start", "callLogId": log.id, "sampleRate": SAMPLE_RATE}
         await ws.send_json({**start, "channels": query.channels.per_frame, "encoding": query.encoding.value})
-        reason = await _stream(ws, listener, query)
+        reason = await _stream(ws, listener, query, until_key_lost(request, writer=True))
         if reason is not None:
             with contextlib.suppress(ConnectionError, TimeoutError):
                 await asyncio.wait_for(ws.send_json({"event": "stop", "reason": reason}), CLOSE_SECONDS)
@@ -120,15 +126,22 @@ async def _attach(app: ChainMapProxy, log: CallLog, listener: ListenerQueue) -> 
     return lambda: relay.leave(log.id, listener)
 
 
-async def _stream(ws: web.WebSocketResponse, listener: ListenerQueue, query: ListenQuery) -> str | None:
-    """Send the listener's chunks until its audio ends; why it ended, or None if the listener left first."""
+async def _stream(
+    ws: web.WebSocketResponse, listener: ListenerQueue, query: ListenQuery, key_lost: Coroutine[Any, Any, None]
+) -> str | None:
+    """Send the listener's chunks until its audio ends or `key_lost` returns; why it ended, or None if the listener
+    left first."""
     sending = asyncio.create_task(_send_audio(ws, listener, query))
     reading = asyncio.create_task(_until_closed(ws))
     dropped = asyncio.create_task(listener.dropped.wait())
-    done, pending = await asyncio.wait({sending, reading, dropped}, return_when=asyncio.FIRST_COMPLETED)
+    unauthorized = asyncio.create_task(key_lost)
+    done, pending = await asyncio.wait({sending, reading, dropped, unauthorized}, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
+    if unauthorized in done:
+        listener.end(KEY_LOST)
+        return KEY_LOST
     if dropped in done or (sending in done and sending.exception() is None):
         return listener.ended or CALL_ENDED
     listener.end("listener left")
