@@ -187,6 +187,8 @@ class ProviderContext:
     """Where offline providers decode and synthesize: the engine's OfflineWorkers; inline for tests and tools."""
     knowledge: KnowledgeSource | None = None
     """The agent's knowledge bases, when it has any: the offline model answers from them what its path cannot."""
+    variables: Mapping[str, Any] = field(default_factory=dict)
+    """The call's variables (`customer.name`, `today`, the agent's and the call's own): its path's `{{…}}` too."""
     knowledge_vocabulary: Sequence[str] = ()
     """Words the knowledge bases use most, for the offline recogniser to expect."""
 
@@ -213,7 +215,10 @@ class _Build:
         """The call's engine on `path` (made at first use, from the path's checked graph)."""
         if path.id not in self.engines:
             self.engines[path.id] = PathEngine(
-                runnable_path(path.nodes, path.edges), tools=self.context.tools, knowledge=self.context.knowledge
+                runnable_path(path.nodes, path.edges),
+                tools=self.context.tools,
+                knowledge=self.context.knowledge,
+                call_variables=self.context.variables,
             )
         return self.engines[path.id]
 

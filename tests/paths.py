@@ -34,7 +34,10 @@ EVERY_TYPE_NODES: list[dict[str, Any]] = [
     {
         "id": "billing",
         "type": "prompt",
-        "data": {"instructions": "Tell the caller their balance, {{balance}}.", "text": BILLING},
+        "data": {
+            "instructions": "Tell the caller their balance, {{balance}}, for the line {{customer.number}}.",
+            "text": BILLING,
+        },
     },
     {"id": "lookup-failed", "type": "end", "data": {"text": "Sorry, our system is down. " + GOODBYE}},
     {

@@ -339,6 +339,7 @@ async def test_openai_walks_speak_gather_webhook_prompt_and_end_with_the_trace_s
     assert offered["function"]["parameters"]["properties"]["way"]["enum"] == ["to-billing", "to-order", "global:human"]
     system = requests[1]["messages"][0]["content"]
     assert "Tell the caller their balance" in system and '{"balance": "$12"}' in system
+    assert f"for the line {CALLER}." in system, "the call's own variables fill a node's placeholders too"
 
 
 async def test_a_failing_webhook_routes_on_failure_and_ends_the_call(rig: PathRig) -> None:
@@ -639,6 +640,7 @@ async def test_the_realtime_model_follows_the_path_through_session_updates_to_a_
     assert "follow_path" in {tool["name"] for tool in updates[0]["tools"]}
     assert any("'account'" in text for text in instructions)
     assert "Tell the caller their balance" in instructions[-1]
+    assert f"for the line {CALLER}." in instructions[-1], "the call's own variables, in a realtime call too"
     assert rig.accounts.received[0]["arguments"] == {"account": "1234"}
     assert not any("pressed" in str(item) for item in items)  # the gather node took the keys, not the model
     assert ended[-1][1:4] == (HUMAN, "transfer", "to-person")  # the global node passed through to its transfer

@@ -160,6 +160,7 @@ async def prepare_call(
         offline_work=offline_work,
         knowledge=knowledge,
         knowledge_vocabulary=tuple(await knowledge.vocabulary()) if knowledge and _offline_stt(config) else (),
+        variables=variables,
     )
     return PreparedCall(
         context=context,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from pipelines.llm.base import ConversationTurn, EndCall, LLMEvent, SendDtmf, TextDelta, TransferCall
 from pipelines.paths.graph import (
@@ -145,6 +145,10 @@ class PathEngine:
     tools: ToolCaller | None = None
     knowledge: KnowledgeLookup | None = None
     variables: dict[str, str] = field(default_factory=dict)
+    """What the path gathered: keys, the model's extracted variables, webhook replies."""
+    call_variables: Mapping[str, Any] = field(default_factory=dict)
+    """The call's own variables (as the agent's prompt has them): a node's `{{…}}` finds them where the path has
+    gathered nothing of that name."""
     steps: list[PathStep] = field(default_factory=list)
     """The trace: every node arrived at, with the edge taken to it."""
     passages: list[str] = field(default_factory=list)

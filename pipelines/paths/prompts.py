@@ -56,7 +56,7 @@ def node_instructions(engine: PathEngine) -> str:
             text = ""
         case _:
             text = node.text
-    return render_prompt(text, engine.variables).text if text else ""
+    return render_prompt(text, {**engine.call_variables, **engine.variables}).text if text else ""
 
 
 def system_prompt(instructions: str, agent_speech: str | None, engine: PathEngine) -> str:
