@@ -218,6 +218,22 @@ async def test_a_retried_webhook_of_a_refused_call_is_refused_again_and_logged_o
     assert await pool.fetchval('SELECT count(*) FROM "CallLog" WHERE "callId" = $1', form["CallSid"]) == 1
 
 
+async def test_a_retried_webhook_of_a_call_holding_the_last_slot_answers_again_with_its_stream(
+    engine: str, pool: asyncpg.Pool
+) -> None:
+    number = await _line(pool)
+    org = await pool.fetchval('SELECT "organizationId" FROM "PhoneNumber" WHERE "phoneNumber" = $1', number)
+    await open_call(pool, org)
+    form = _ring(number)
+    first = await _post(engine, "/twilio/voice", form)  # takes the plan's second, last slot
+    again = await _post(engine, "/twilio/voice", form)
+
+    assert "<Connect><Stream" in first[1]
+    assert again == first
+    row = await pool.fetchrow('SELECT "status", "metadata" FROM "CallLog" WHERE "callId" = $1', form["CallSid"])
+    assert row is not None and row["status"] == "IN_PROGRESS" and "endReason" not in row["metadata"]
+
+
 # -- POST /v1/calls over the limit -----------------------------------------------------------------------------------
 
 

@@ -179,27 +179,53 @@ async def handle_voice(request: web.Request) -> web.Response:
         return refusal(OUT_OF_CREDITS)
     except ConcurrentCallLimitReached as exc:
         log.info("call %s: %s", call_sid, exc)
-        with contextlib.suppress(AlreadyExists):  # a retried webhook: the first attempt logged the refusal
-            await call_logs.record_refused_call(
-                pool,
-                organization_id=agent.organization_id,
-                call_type=CallType.INBOUND,
-                call_id=call_sid,
-                reason=EndReason.CONCURRENT_CALL_LIMIT,
-                agent_id=agent.id,
-                customer=incoming.caller_name or caller,
-                phone_number=caller,
-                metadata={**metadata, "planLimit": exc.limit},
-            )
-        return refusal(ALL_LINES_BUSY)
+        retried = await _refuse_over_limit(
+            pool, incoming, agent.id, agent.organization_id, {**metadata, "planLimit": exc.limit}
+        )
+        if retried is None:
+            return refusal(ALL_LINES_BUSY)
+        call_log = retried
     except AlreadyExists:
-        # Twilio retried the webhook: answer the same way, with the CallLog the first attempt created.
-        existing = await call_logs.get_by_call_id(pool, call_id=call_sid)
-        if existing is None or existing.status != CallStatus.IN_PROGRESS:
+        retried = await _answered_before(pool, call_sid)
+        if retried is None:
             return refusal(NO_AGENT)
-        call_log = existing
+        call_log = retried
     log.info("call %s from %s answered by agent %s (CallLog %s)", call_sid, caller, agent.id, call_log.id)
     return connect_stream(media_stream_url(public_base_url(request, settings)), call_log.id)
+
+
+async def _refuse_over_limit(
+    pool: Pool, incoming: IncomingCall, agent_id: str, organization_id: str, metadata: dict[str, Any]
+) -> CallLog | None:
+    """Log a call refused at its plan's concurrent-call limit; None, or for a retried webhook whose first attempt
+    took the slot this one found taken, that attempt's CallLog (see `_answered_before`)."""
+    try:
+        await call_logs.record_refused_call(
+            pool,
+            organization_id=organization_id,
+            call_type=CallType.INBOUND,
+            call_id=incoming.call_sid,
+            reason=EndReason.CONCURRENT_CALL_LIMIT,
+            agent_id=agent_id,
+            customer=incoming.caller_name or incoming.caller,
+            phone_number=incoming.caller,
+            metadata=metadata,
+        )
+    except AlreadyExists:  # a retried webhook: the first attempt logged the refusal, or holds the slot
+        return await _answered_before(pool, incoming.call_sid)
+    return None
+
+
+async def _answered_before(pool: Pool, call_sid: str) -> CallLog | None:
+    """The CallLog of a call whose voice webhook Twilio retried, if the first attempt answered it with a stream.
+
+    The retry answers the same way, with that CallLog; None when the first attempt refused the call or its call
+    has ended since.
+    """
+    existing = await call_logs.get_by_call_id(pool, call_id=call_sid)
+    if existing is None or existing.status != CallStatus.IN_PROGRESS:
+        return None
+    return existing
 
 
 async def _record_closed(pool: Pool, incoming: IncomingCall, number: PhoneNumber) -> None:
