@@ -37,7 +37,7 @@ from storage import agents, call_logs, conversation_paths, organizations, phone_
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
 from storage.enums import AgentStatus, CallerType, CallStatus, CallType, PhoneNumberStatus, Plan
 from tests.engine_server import running_engine
-from tests.fakes.twilio import Answer, Busy, Fail, FakeTwilio, Machine, NoAnswer, Refuse
+from tests.fakes.twilio import Answer, Busy, Fail, FakeCall, FakeTwilio, Machine, NoAnswer, Refuse
 
 OFFLINE = {"stt": {"provider": "sphinx"}, "llm": {"provider": "conversation_path"}, "tts": {"provider": "espeak"}}
 _numbers = itertools.count(100)
@@ -288,16 +288,21 @@ async def test_twilio_unreachable_ends_the_call_log_failed_and_says_so(
 # ------------------------------------------------------------------------------------------------ voicemail
 
 
-async def test_a_machine_gets_the_voicemail_message_after_the_beep(
-    deps: OutboundDeps, twilio: FakeTwilio, pool: asyncpg.Pool, organization_id: str, caller_id: str
-) -> None:
-    message = "Hi {{name}}, this is the clinic calling about your appointment. Please call us back."
+async def _machine_answers_for_sam(  # noqa: PLR0917 (fixtures)
+    deps: OutboundDeps,
+    twilio: FakeTwilio,
+    pool: asyncpg.Pool,
+    organization_id: str,
+    caller_id: str,
+    message: str,
+    **behaviour: Any,
+) -> tuple[PlacedCall, FakeCall]:
+    """Call Sam (variable `name`) for an agent leaving `message`; a machine answers and beeps. The finished call."""
     agent_id = await make_agent(
-        pool, organization_id, voicemail={"detect": True, "action": "leave_message", "message": message}
+        pool, organization_id, voicemail={"detect": True, "action": "leave_message", "message": message}, **behaviour
     )
     to = callee()
     twilio.behave(to, Machine(answered_by="machine_end_beep"))
-
     placed = await place_call(
         deps,
         organization_id=organization_id,
@@ -306,8 +311,15 @@ async def test_a_machine_gets_the_voicemail_message_after_the_beep(
         to=to,
         variables={"name": "Sam"},
     )
+    return placed, await twilio.finished(placed.call_sid)
 
-    call = await twilio.finished(placed.call_sid)
+
+async def test_a_machine_gets_the_voicemail_message_after_the_beep(
+    deps: OutboundDeps, twilio: FakeTwilio, pool: asyncpg.Pool, organization_id: str, caller_id: str
+) -> None:
+    message = "Hi {{name}}, this is the clinic calling about your appointment. Please call us back."
+    placed, call = await _machine_answers_for_sam(deps, twilio, pool, organization_id, caller_id, message)
+
     assert (call.param("MachineDetection"), call.param("AsyncAmd")) == ("DetectMessageEnd", "true")
     assert call.param("AsyncAmdStatusCallback") == f"{deps.public_url}/twilio/amd?callLogId={placed.call_log_id}"
     assert call.spoken_after_update == [
@@ -317,6 +329,17 @@ async def test_a_machine_gets_the_voicemail_message_after_the_beep(
     log = await finished_log(pool, placed.call_log_id)
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "voicemail_left")
     assert log["metadata"]["answeredBy"] == "machine_end_beep"
+
+
+async def test_the_voicemail_message_is_filled_like_the_first_sentence_from_the_agents_and_the_calls_variables(
+    deps: OutboundDeps, twilio: FakeTwilio, pool: asyncpg.Pool, organization_id: str, caller_id: str
+) -> None:
+    message = "Hi {{customer.name}}, {{clinic}} calling on {{call.direction}} business. Please call us back."
+    _, call = await _machine_answers_for_sam(
+        deps, twilio, pool, organization_id, caller_id, message, variables={"clinic": "Elm Street Clinic"}
+    )
+
+    assert call.spoken_after_update == ["Hi Sam, Elm Street Clinic calling on outbound business. Please call us back."]
 
 
 async def test_a_machine_is_hung_up_on_when_the_agent_leaves_no_message(

@@ -99,18 +99,7 @@ async def prepare_call(
         campaign = await campaigns.get_campaign(
             db, organization_id=call_log.organization_id, campaign_id=call_log.campaign_id
         )
-    extra: dict[str, Any] = dict(config.variables)
-    per_call = call_log.metadata.get("variables")
-    if isinstance(per_call, dict):
-        extra.update(per_call)
-    variables = call_variables(
-        now=now or datetime.now(UTC),
-        timezone=config.timezone,
-        customer_number=call_log.phone_number,
-        customer_name=call_log.customer,
-        direction=call_log.call_type.value.lower(),
-        extra=extra,
-    )
+    variables = template_variables(config, call_log, now or datetime.now(UTC))
     template = (campaign.task_prompt if campaign and campaign.task_prompt else None) or config.prompt
     rendered = render_prompt(template or DEFAULT_INSTRUCTIONS, variables)
     instructions = "\n\n".join(part for part in (rendered.text, language_instruction(config.language)) if part)
@@ -169,6 +158,24 @@ async def prepare_call(
         voice=_ready_voice(bundle, call_log),
         variables=variables,
         knowledge=knowledge,
+    )
+
+
+def template_variables(config: AgentConfiguration, call_log: CallLog, now: datetime) -> dict[str, Any]:
+    """What a call's `{{...}}` placeholders are filled from, in its prompt, first sentence and voicemail message alike:
+    the call's own (`customer.name`, `now`...), the agent's `variables`, and the per-call ones on top
+    (CallLog.metadata.variables, e.g. a recipient's columns)."""
+    extra: dict[str, Any] = dict(config.variables)
+    per_call = call_log.metadata.get("variables")
+    if isinstance(per_call, dict):
+        extra.update(per_call)
+    return call_variables(
+        now=now,
+        timezone=config.timezone,
+        customer_number=call_log.phone_number,
+        customer_name=call_log.customer,
+        direction=call_log.call_type.value.lower(),
+        extra=extra,
     )
 
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 from aiohttp import web
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-from config.agent import AgentConfigurationError, VoicemailConfig, parse_agent_configuration
-from engine.call.setup import provider_keys
+from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
+from engine.call.setup import provider_keys, template_variables
 from engine.server.appkeys import CLOCK, DATABASE, LIVE_CALLS, SETTINGS, TWILIO
 from engine.twilio.fields import CallStatusCallback, DialEnded, Form, IncomingCall, InvalidTwilioField, MachineVerdict
 from engine.twilio.inbound_routing import choose_inbound_agent
@@ -444,8 +445,8 @@ async def handle_amd(request: web.Request) -> web.Response:
         log.info("outbound call %s answered by %s", call_sid, answered_by or "(no verdict)")
         return web.Response(status=204)
 
-    voicemail = await _voicemail_config(pool, call_log)
-    message = _voicemail_message(voicemail, call_log) if answered_by != "fax" else None
+    config = await _agent_configuration(pool, call_log)
+    message = _voicemail_message(config, call_log, app[CLOCK]()) if answered_by != "fax" else None
     reason = EndReason.VOICEMAIL_LEFT if message is not None else EndReason.VOICEMAIL_HANGUP
     await call_logs.merge_metadata(
         pool,
@@ -482,21 +483,24 @@ def voicemail_twiml(message: str) -> str:
     return str(response)
 
 
-async def _voicemail_config(pool: Pool, call_log: CallLog) -> VoicemailConfig:
+async def _agent_configuration(pool: Pool, call_log: CallLog) -> AgentConfiguration | None:
+    """The configuration of the call's agent; None when it has none usable (the machine is then hung up on)."""
     if call_log.agent_id is None:
-        return VoicemailConfig()
+        return None
     try:
         agent = await agents.get_agent(pool, organization_id=call_log.organization_id, agent_id=call_log.agent_id)
-        return parse_agent_configuration(agent.configuration).voicemail
+        return parse_agent_configuration(agent.configuration)
     except (NotFound, AgentConfigurationError) as exc:
         log.warning("call %s: no usable voicemail settings (%s): hanging up on the machine", call_log.call_id, exc)
-        return VoicemailConfig()
+        return None
 
 
-def _voicemail_message(voicemail: VoicemailConfig, call_log: CallLog) -> str | None:
-    """The message to leave, its placeholders filled from the call's variables; None to hang up instead."""
+def _voicemail_message(config: AgentConfiguration | None, call_log: CallLog, now: datetime) -> str | None:
+    """The message to leave, its placeholders filled as the call's first sentence is; None to hang up instead."""
+    if config is None:
+        return None
+    voicemail = config.voicemail
     if voicemail.action != "leave_message" or not voicemail.message:
         return None
-    variables = call_log.metadata.get("variables")
-    rendered = render_prompt(voicemail.message, variables if isinstance(variables, dict) else {})
+    rendered = render_prompt(voicemail.message, template_variables(config, call_log, now))
     return rendered.text.strip() or None
