@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -157,3 +158,32 @@ async def _analysis(pool: asyncpg.Pool, call_log_id: str) -> object:
             return analysis
         await asyncio.sleep(0.1)
     return None
+
+
+async def test_media_streams_racing_for_one_call_run_it_once(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    number, _ = await make_line(pool, organization_id, firstSentence="Hello from the test line.")
+    for _ in range(3):  # the streams of a call race anew each time
+        call_sid, call_log_id, media_url = await _answered_call(engine, number)
+        async with aiohttp.ClientSession() as http, contextlib.AsyncExitStack() as sockets:
+            streams = [await sockets.enter_async_context(http.ws_connect(media_url)) for _ in range(3)]
+            for ws in streams:
+                await ws.send_str(CONNECTED)
+            await asyncio.gather(*(ws.send_str(_start(call_sid, call_log_id)) for ws in streams))
+            heard = await asyncio.gather(*(spoken_to(ws) for ws in streams))
+
+        assert sorted(heard) == [False, False, True]
+
+
+async def spoken_to(ws: aiohttp.ClientWebSocketResponse) -> bool:
+    """Whether the engine sends the agent's audio on this stream (False: it closes the stream, or stays silent)."""
+    try:
+        while True:
+            message = await ws.receive(timeout=5)
+            if message.type is not aiohttp.WSMsgType.TEXT:
+                return False
+            if json.loads(message.data)["event"] == "media":
+                return True
+    except TimeoutError:
+        return False

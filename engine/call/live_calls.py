@@ -47,6 +47,7 @@ class LiveCalls:
     def __init__(self) -> None:
         """An empty registry."""
         self._sessions: dict[str, LiveCall] = {}
+        self._claimed: set[str] = set()
         self._tasks: set[asyncio.Task[object]] = set()
 
     def __len__(self) -> int:
@@ -61,6 +62,17 @@ class LiveCalls:
         """The session running that call here, or None."""
         return self._sessions.get(call_log_id)
 
+    def claim(self, call_log_id: str) -> bool:
+        """Take a call for the media stream that will run it here; False if another stream has it already.
+
+        Setting a call up awaits the database and the providers before its session is added: a second stream for
+        the same call arriving meanwhile must find it taken, not run the call a second time. `remove` gives it back.
+        """
+        if call_log_id in self._claimed:
+            return False
+        self._claimed.add(call_log_id)
+        return True
+
     def add(self, call_log_id: str, session: LiveCall) -> None:
         """Register a running call; the current task is the one that runs it."""
         self._sessions[call_log_id] = session
@@ -70,8 +82,9 @@ class LiveCalls:
             task.add_done_callback(self._tasks.discard)
 
     def remove(self, call_log_id: str) -> None:
-        """Forget a call that has finished."""
+        """Forget a call that has finished, or whose stream gave it up before its session ran."""
         self._sessions.pop(call_log_id, None)
+        self._claimed.discard(call_log_id)
 
     async def end_all(self, reason: EndReason, *, timeout: float = 30.0) -> None:
         """End every running call and wait (bounded) until their CallLogs are finished."""

@@ -96,7 +96,8 @@ async def _streamable_call_log(app: web.Application, started: Started) -> CallLo
     """The call's CallLog if this stream may run it, else None (logged).
 
     The call must be one our voice webhook answered, still in progress, and not streaming already: the CallSid
-    and the CallLog id (both unguessable) have to match.
+    and the CallLog id (both unguessable) have to match. The call returned is claimed in LIVE_CALLS for this stream
+    (`LiveCalls.claim`); the caller removes it there when it is done.
     """
     pool = app[DATABASE].pool
     call_log = await call_logs.get_by_call_id(pool, call_id=started.call_sid)
@@ -108,7 +109,7 @@ async def _streamable_call_log(app: web.Application, started: Started) -> CallLo
     if call_log is None or call_log.id != wanted_id or call_log.status != CallStatus.IN_PROGRESS:
         log.warning("media stream for unknown or finished call %s (CallLog %s): closed", started.call_sid, wanted_id)
         return None
-    if call_log.id in app[LIVE_CALLS] or "engineNode" in call_log.metadata:
+    if "engineNode" in call_log.metadata or not app[LIVE_CALLS].claim(call_log.id):
         log.warning("a second media stream for call %s: closed", started.call_sid)
         return None
     return call_log
@@ -169,7 +170,6 @@ def _realtime_plan(config: AgentConfiguration, prepared: PreparedCall) -> Realti
 
 async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     app = request.app
-    settings, pool = app[SETTINGS], app[DATABASE].pool
     stream = TwilioStream()
     frames = TextFrames(ws)
     try:
@@ -181,6 +181,23 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     call_log = await _streamable_call_log(app, started)
     if call_log is None:
         return
+    try:
+        await _run_claimed_call(request, ws, stream, frames, started, call_log)
+    finally:
+        app[LIVE_CALLS].remove(call_log.id)
+
+
+async def _run_claimed_call(  # noqa: PLR0917 (the stream's parts, as `_run_call` made them)
+    request: web.Request,
+    ws: web.WebSocketResponse,
+    stream: TwilioStream,
+    frames: TextFrames,
+    started: Started,
+    call_log: CallLog,
+) -> None:
+    """Build the call's pipeline and run its session, then wrap the call up."""
+    app = request.app
+    settings, pool = app[SETTINGS], app[DATABASE].pool
     if call_log.agent_id is None:
         await call_logs.fail_unstarted(pool, call_log, EndReason.AGENT_DELETED)
         return
