@@ -53,8 +53,8 @@ class OfflineWorkers:
     """A pool of `size` worker processes with the offline models loaded; an async context manager.
 
     Jobs queue first come, first served; a recognizer keeps at most one decode of its call in flight, so no call
-    can take every worker while others wait. A worker that dies fails its job with OfflineWorkError and the pool is
-    replaced, so the next job runs on fresh workers.
+    can take every worker while others wait. A worker that dies takes the pool with it: the pool is replaced and
+    the jobs it lost run again there (see `run`).
     """
 
     def __init__(self, size: int) -> None:
@@ -85,18 +85,35 @@ class OfflineWorkers:
         log.info("%d offline worker process(es) started", self.size)
 
     async def run(self, job: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """The result of `job(*args, **kwargs)` computed in a worker process (started on demand if need be)."""
+        """The result of `job(*args, **kwargs)` computed in a worker process (started on demand if need be).
+
+        One worker dying fails every job of its pool, those of other calls on healthy workers too: a job lost that
+        way runs once more on the new pool (the jobs are pure decodes and syntheses, so a rerun changes nothing).
+        Lost twice, as a job that kills its worker itself would be, it fails with OfflineWorkError.
+        """
+        work = functools.partial(job, *args, **kwargs)
+        try:
+            return await self._run_once(work)
+        except BrokenProcessPool:
+            log.warning("offline job %s was lost with a worker process; running it again", job.__qualname__)
+        try:
+            return await self._run_once(work)
+        except BrokenProcessPool as exc:
+            raise OfflineWorkError(f"offline worker process died running {job.__qualname__} ({exc})") from exc
+
+    async def _run_once(self, work: Callable[[], R]) -> R:
+        """`work()` on the current pool; BrokenProcessPool, with the pool replaced, if a worker of it died."""
         if self._executor is None:
             self._executor = self._new_executor()
         executor = self._executor
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(job, *args, **kwargs))
-        except BrokenProcessPool as exc:
+            return await asyncio.get_running_loop().run_in_executor(executor, work)
+        except BrokenProcessPool:
             if self._executor is executor:
                 log.error("an offline worker process died; starting a new pool of %d", self.size)
                 self._executor = self._new_executor()
                 executor.shutdown(wait=False, cancel_futures=True)
-            raise OfflineWorkError(f"offline worker process died running {job.__qualname__} ({exc})") from exc
+            raise
 
     async def close(self) -> None:
         """Cancel queued jobs, let running ones finish and stop the workers; idempotent."""

@@ -6,9 +6,11 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from pipelines.offline_workers import OfflineWorkers
+from tests.test_realtime_session import until
 
 REPO = str(Path(__file__).resolve().parent.parent)
 # An engine stand-in: starts two workers, prints their process ids, then waits to be killed.
@@ -24,6 +26,18 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+def marked_then_slept(marks: str, value: int) -> int:
+    """A job: leaves a file named for its worker in `marks`, sleeps a little, and returns `value`."""
+    Path(marks, str(os.getpid())).touch()
+    time.sleep(1.0)
+    return value
+
+
+def busy_workers(marks: Path) -> list[int]:
+    """The workers that have started a `marked_then_slept` job."""
+    return [int(mark.name) for mark in marks.iterdir()]
 
 
 def running(pid: int) -> bool:
@@ -49,3 +63,14 @@ async def test_the_workers_of_a_killed_engine_exit_and_release_its_output() -> N
     # The engine's stdout closes only once every process holding it (the workers too) has gone.
     await asyncio.wait_for(engine.wait(), 60)
     assert workers and not any(running(pid) for pid in workers)
+
+
+async def test_a_worker_killed_mid_job_loses_no_job_of_its_pool(tmp_path: Path) -> None:
+    async with OfflineWorkers(2) as workers:
+        jobs = [asyncio.ensure_future(workers.run(marked_then_slept, str(tmp_path), value)) for value in (1, 2)]
+        await until(lambda: len(busy_workers(tmp_path)) == 2)  # one job running on each worker
+        victim = busy_workers(tmp_path)[0]
+        os.kill(victim, signal.SIGKILL)
+        # The job on the killed worker and the one on the healthy worker (failed with the pool) both run again.
+        assert await asyncio.gather(*jobs) == [1, 2]
+        assert await workers.run(os.getpid) != victim
