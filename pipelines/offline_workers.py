@@ -24,6 +24,10 @@ R = TypeVar("R")
 # Imported once by the fork server, so each worker forks with them loaded instead of importing them itself.
 _PRELOAD = ["numpy", "soxr", "pocketsphinx", "pipelines.stt.sphinx", "pipelines.tts.espeak"]
 
+JOB_DEADLINE_S = 30.0
+"""Longest a job may take, queue included: a decode or synthesis takes well under a second, so a job this late is
+on a hung worker (stopped, deadlocked), whose pool is then replaced rather than leaving its calls without answer."""
+
 
 class OfflineWorkError(Exception):
     """A worker process died while running a job; the message says what was lost."""
@@ -54,14 +58,15 @@ class OfflineWorkers:
 
     Jobs queue first come, first served; a recognizer keeps at most one decode of its call in flight, so no call
     can take every worker while others wait. A worker that dies takes the pool with it: the pool is replaced and
-    the jobs it lost run again there (see `run`).
+    the jobs it lost run again there (see `run`); so does a worker that hangs, once a job is `job_deadline_s` late.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, job_deadline_s: float = JOB_DEADLINE_S) -> None:
         """Prepare a pool of `size` workers; `start` (or entering the context) starts them."""
         if size < 1:
             raise ValueError(f"size: {size} workers cannot run anything; use 1 or more")
         self.size = size
+        self.job_deadline_s = job_deadline_s
         self._executor: ProcessPoolExecutor | None = None
 
     async def __aenter__(self) -> OfflineWorkers:
@@ -89,7 +94,7 @@ class OfflineWorkers:
 
         One worker dying fails every job of its pool, those of other calls on healthy workers too: a job lost that
         way runs once more on the new pool (the jobs are pure decodes and syntheses, so a rerun changes nothing).
-        Lost twice, as a job that kills its worker itself would be, it fails with OfflineWorkError.
+        Lost twice, as a job that kills or hangs its worker itself would be, it fails with OfflineWorkError.
         """
         work = functools.partial(job, *args, **kwargs)
         try:
@@ -102,18 +107,31 @@ class OfflineWorkers:
             raise OfflineWorkError(f"offline worker process died running {job.__qualname__} ({exc})") from exc
 
     async def _run_once(self, work: Callable[[], R]) -> R:
-        """`work()` on the current pool; BrokenProcessPool, with the pool replaced, if a worker of it died."""
+        """`work()` on the current pool; BrokenProcessPool, with the pool replaced, if a worker of it died or
+        the job is past its deadline."""
         if self._executor is None:
             self._executor = self._new_executor()
         executor = self._executor
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, work)
+            async with asyncio.timeout(self.job_deadline_s):
+                return await asyncio.get_running_loop().run_in_executor(executor, work)
         except BrokenProcessPool:
-            if self._executor is executor:
-                log.error("an offline worker process died; starting a new pool of %d", self.size)
-                self._executor = self._new_executor()
-                executor.shutdown(wait=False, cancel_futures=True)
+            self._replace(executor, "an offline worker process died")
             raise
+        except TimeoutError:
+            self._replace(executor, f"an offline job got no answer in {self.job_deadline_s:g} s")
+            raise BrokenProcessPool(f"no answer in {self.job_deadline_s:g} s: a worker process hung") from None
+
+    def _replace(self, executor: ProcessPoolExecutor, why: str) -> None:
+        """Start a new pool instead of `executor`, unless another job already has; its workers are killed, so
+        that a hung one frees its memory and the jobs still on it fail over to the new pool."""
+        if self._executor is not executor:
+            return
+        log.error("%s; starting a new pool of %d", why, self.size)
+        self._executor = self._new_executor()
+        for process in list((executor._processes or {}).values()):  # no public way to stop a pool's workers
+            process.kill()
+        executor.shutdown(wait=False, cancel_futures=True)
 
     async def close(self) -> None:
         """Cancel queued jobs, let running ones finish and stop the workers; idempotent."""

@@ -74,3 +74,11 @@ async def test_a_worker_killed_mid_job_loses_no_job_of_its_pool(tmp_path: Path) 
         # The job on the killed worker and the one on the healthy worker (failed with the pool) both run again.
         assert await asyncio.gather(*jobs) == [1, 2]
         assert await workers.run(os.getpid) != victim
+
+
+async def test_a_hung_worker_is_replaced_and_its_job_answered_by_the_new_one() -> None:
+    async with OfflineWorkers(1, job_deadline_s=3.0) as workers:
+        hung = await workers.run(os.getpid)
+        os.kill(hung, signal.SIGSTOP)  # alive but answering nothing, as a deadlocked worker would be
+        assert await workers.run(os.getpid) != hung
+        await until(lambda: not running(hung))
