@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import os
 import sys
+import zlib
 from datetime import timedelta
 from pathlib import Path
 
@@ -309,3 +310,63 @@ async def test_passages_keep_their_search_vector_in_the_row(pool: asyncpg.Pool) 
         " AND attname = 'searchVector'"
     )
     assert storage == b"m"
+
+
+def _raw_pdf(content: bytes) -> bytes:
+    """A one-page PDF whose page draws `content` (a content stream, Flate-compressed), built byte by byte."""
+    stream = zlib.compress(content)
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
+        b" /Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Filter /FlateDecode /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+async def file_document(pool: asyncpg.Pool, org: str, data: bytes) -> str:
+    kb_id = (await knowledge_bases.create_knowledge_base(pool, organization_id=org, name="KB")).id
+    document = await knowledge_bases.add_document(
+        pool, organization_id=org, knowledge_base_id=kb_id, name="file.pdf", type=DocumentType.FILE, data=data
+    )
+    return document.id
+
+
+async def test_a_pdf_whose_text_holds_nul_characters_is_indexed_without_them(pool: asyncpg.Pool) -> None:
+    # PostgreSQL text cannot hold NUL, which a PDF's strings may: the passages are stored without it.
+    org = await insert_organization(pool)
+    document_id = await file_document(
+        pool, org, _raw_pdf(b"BT /F1 12 Tf 72 700 Td (Jasper\\000lounge opens at nine.) Tj ET")
+    )
+    worker = IngestionWorker(pool, quick())
+    await worker.run_once()
+    await worker.stop()
+    assert await status_of(pool, document_id) == ("READY", None)
+    passages = await pool.fetch('SELECT "content" FROM "KnowledgeBaseChunk" WHERE "documentId" = $1', document_id)
+    assert [row["content"] for row in passages] == ["Jasperlounge opens at nine."]
+
+
+async def test_a_pdf_stream_that_inflates_past_the_parsers_limit_ends_in_error_at_once(pool: asyncpg.Pool) -> None:
+    # 80 MB of page content in a 78 KB file: the PDF reader stops at its limit, and the document is not retried.
+    org = await insert_organization(pool)
+    bomb = _raw_pdf(b"BT /F1 12 Tf 72 700 Td (Hello) Tj ET\n" + b" " * 80_000_000)
+    document_id = await file_document(pool, org, bomb)
+    worker = IngestionWorker(pool, quick())
+    await worker.run_once()
+    await worker.stop()
+    status, error = await status_of(pool, document_id)
+    assert status == "ERROR" and error is not None and "PDF" in error and "limit" in error.lower()
+    assert (
+        await pool.fetchval('SELECT count(*) FROM "KnowledgeBaseIngestion" WHERE "documentId" = $1', document_id) == 0
+    )

@@ -106,14 +106,19 @@ def _looks_like_csv(text: str) -> bool:
 
 
 def _read_pdf(data: bytes) -> str:
+    """The pages' text, without NUL (a PDF string may hold it; PostgreSQL text cannot).
+
+    PyPdfError covers pypdf's LimitReachedError too: a stream that inflates past its limit is refused for good.
+    """
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+    from pypdf.errors import PyPdfError
 
     try:
         reader = PdfReader(io.BytesIO(data))
-        return "\n\n".join(page.extract_text() or "" for page in reader.pages)
-    except (PdfReadError, ValueError, KeyError) as exc:
+        text = "\n\n".join(page.extract_text() or "" for page in reader.pages)
+    except (PyPdfError, ValueError, KeyError) as exc:
         raise UnreadableDocument(f"the PDF cannot be read ({exc})") from None
+    return text.replace("\x00", "")
 
 
 def _read_docx(data: bytes) -> str:
