@@ -20,6 +20,7 @@ import pytest
 from engine.knowledge.chunking import split_into_chunks
 from engine.knowledge.crawl import CrawlLimits
 from engine.knowledge.extract import UnreadableDocument, extract_text, sniff_mime_type
+from engine.knowledge.extract_process import ExtractLimits
 from engine.knowledge.ingestion import IngestionSettings, IngestionWorker
 from engine.knowledge.lookup import KnowledgeLookup
 from pipelines.knowledge import NO_PASSAGES, KnowledgeFunction, PassageAnswerer, answer_from_passage
@@ -370,3 +371,28 @@ async def test_a_pdf_stream_that_inflates_past_the_parsers_limit_ends_in_error_a
     assert (
         await pool.fetchval('SELECT count(*) FROM "KnowledgeBaseIngestion" WHERE "documentId" = $1', document_id) == 0
     )
+
+
+async def test_a_file_that_reads_past_its_time_limit_ends_in_error_and_frees_the_worker(pool: asyncpg.Pool) -> None:
+    # 3 KB of page content that takes seconds to parse: the reading process is killed at the limit.
+    org = await insert_organization(pool)
+    document_id = await file_document(
+        pool, org, _raw_pdf(b"BT /F1 12 Tf 72 700 Td " + b"(word ) Tj " * 200_000 + b"ET")
+    )
+    worker = IngestionWorker(pool, quick(extract=ExtractLimits(timeout=0.5)))
+    await worker.run_once()
+    await worker.stop()
+    status, error = await status_of(pool, document_id)
+    assert status == "ERROR" and error == "the file took longer than 0.5 s to read"
+
+
+async def test_a_file_that_needs_more_memory_than_allowed_ends_in_error(pool: asyncpg.Pool) -> None:
+    # A stream inflating to 70 MB (within pypdf's own limit) in a reading process allowed less than that.
+    org = await insert_organization(pool)
+    bomb = _raw_pdf(b"BT /F1 12 Tf 72 700 Td (Hello) Tj ET\n" + b" " * 70_000_000)
+    document_id = await file_document(pool, org, bomb)
+    worker = IngestionWorker(pool, quick(extract=ExtractLimits(max_memory=150 * 1024 * 1024)))
+    await worker.run_once()
+    await worker.stop()
+    status, error = await status_of(pool, document_id)
+    assert status == "ERROR" and error == "the file needs more than 150 MB of memory to read"

@@ -4,8 +4,9 @@ Documents are claimed under a lease (storage.knowledge_ingestion), up to `concur
 content, a FILE's stored bytes (parsed by type, storage.knowledge_bases keeps them) or a WEBSITE's crawled pages
 become overlapping chunks, written with their tsvectors in one transaction that marks the document READY. A
 document that cannot be read (an unsupported file, robots.txt forbids the site) is marked ERROR at once with the
-reason; other failures are retried with backoff and marked ERROR after `max_attempts`. Parsing runs in a thread,
-off the event loop that carries calls. The worker looks for due documents every `poll_interval`, and at once when
+reason; other failures are retried with backoff and marked ERROR after `max_attempts`. A file is parsed in a child
+process within time and memory limits (engine/knowledge/extract_process.py), other text is chunked in a thread: off
+the event loop that carries calls. The worker looks for due documents every `poll_interval`, and at once when
 this process's API queues one (`wake`). With an embedder (vector search on), each round then embeds the passages
 not yet embedded by its model, in batches (engine/knowledge/embeddings.py): new ones, and all of them after a change
 of model.
@@ -27,7 +28,8 @@ from config.settings import Settings
 from engine.knowledge.chunking import split_into_chunks
 from engine.knowledge.crawl import USER_AGENT, CrawlFailed, CrawlLimits, crawl_site
 from engine.knowledge.embeddings import EmbeddingFailed, OpenAIEmbedder, embed_pending_passages, embedder_from_settings
-from engine.knowledge.extract import UnreadableDocument, extract_text
+from engine.knowledge.extract import UnreadableDocument
+from engine.knowledge.extract_process import ExtractLimits, extract_text_in_process
 from engine.server.appkeys import DATABASE, PROVIDER_CLIENTS, SETTINGS
 from pipelines.url_safety import PublicAddressResolver
 from storage import Pool, knowledge_ingestion
@@ -54,6 +56,8 @@ class IngestionSettings:
     retry_initial: timedelta = timedelta(seconds=5)
     """The wait before the second attempt; each later one waits twice as long (at most ten minutes)."""
     crawl: CrawlLimits = field(default_factory=CrawlLimits)
+    extract: ExtractLimits = field(default_factory=ExtractLimits)
+    """How long, and with how much memory, an uploaded file may be read."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.chunk_overlap < self.chunk_chars:
@@ -216,7 +220,7 @@ class IngestionWorker:
             data = await knowledge_ingestion.stored_file(self._pool, claim)
             if data is None:
                 raise UnreadableDocument("no file was uploaded for this document; upload it with the file endpoint")
-            document = await asyncio.to_thread(extract_text, data, name=claim.name)
+            document = await extract_text_in_process(data, name=claim.name, limits=self._settings.extract)
             chunks = await asyncio.to_thread(split_into_chunks, document.text, size=size, overlap=overlap)
             return _Read(chunks, file_size=len(data), mime_type=document.mime_type)
         if claim.url is None:
