@@ -4,14 +4,16 @@ the passages nearest a question's embedding.
 Migration 0021 adds "KnowledgeBaseChunk"."embedding" (a pgvector `vector`) only where the server has pgvector;
 `vector_search_available` tells whether it did. Each embedding is stored with the model that made it
 ("embeddingModel", an `EmbeddingModel.key`), so passages embedded by another model are embedded again and never
-compared with a question embedded by this one.
+compared with a question embedded by this one. A passage the model refuses (`record_refusals`) records its
+`refused_key` instead: this model never claims it again, another model tries it afresh.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from storage.knowledge_ingestion import MAX_ERROR_CHARS
 from storage.knowledge_search import PASSAGE_COLUMNS, Passage
 from storage.records import Connection, Queryable
 
@@ -27,6 +29,11 @@ class EmbeddingModel:
     def key(self) -> str:
         """'<name>/<dimensions>': one key per vector space (a model's shortened vectors are another space)."""
         return f"{self.name}/{self.dimensions}"
+
+    @property
+    def refused_key(self) -> str:
+        """What a passage this model refused records as "embeddingModel", so it is not claimed again for it."""
+        return f"refused:{self.key}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +58,7 @@ async def vector_search_available(db: Queryable) -> bool:
 
 
 async def claim_pending(conn: Connection, *, model: EmbeddingModel, limit: int) -> list[PendingPassage]:
-    """In the caller's transaction: lock up to `limit` passages not yet embedded by `model`, oldest first.
+    """In the caller's transaction: lock up to `limit` passages not yet embedded (nor refused) by `model`, oldest first.
 
     SKIP LOCKED: passages another process is embedding are left to it; the locks end with the transaction.
     """
@@ -59,13 +66,15 @@ async def claim_pending(conn: Connection, *, model: EmbeddingModel, limit: int) 
     rows = await conn.fetch(
         """
         SELECT "id", "content" FROM "KnowledgeBaseChunk"
-        WHERE "embeddingModel" IS NULL OR "embeddingModel" < $1 OR "embeddingModel" > $1
+        WHERE ("embeddingModel" IS NULL OR "embeddingModel" < $1 OR "embeddingModel" > $1)
+            AND "embeddingModel" IS DISTINCT FROM $3
         ORDER BY "createdAt", "id"
         LIMIT $2
         FOR UPDATE SKIP LOCKED
         """,
         model.key,
         limit,
+        model.refused_key,
     )
     return [PendingPassage(row["id"], row["content"]) for row in rows]
 
@@ -89,6 +98,32 @@ async def store_embeddings(
         [vector_literal(vector) for vector in vectors],
         model.key,
     )
+
+
+async def record_refusals(conn: Connection, *, model: EmbeddingModel, refusals: Mapping[str, str]) -> None:
+    """Set aside the passages `model` refused (chunk id to the reason), each named in its document's error.
+
+    Their document stays READY: they are still found by full-text search, and re-ingesting it tries them again.
+    """
+    for chunk_id, reason in refusals.items():
+        await conn.execute(
+            """
+            WITH refused AS (
+                UPDATE "KnowledgeBaseChunk" SET "embeddingModel" = $2 WHERE "id" = $1
+                RETURNING "documentId", "organizationId", "position"
+            )
+            UPDATE "KnowledgeBaseDocument" d SET "error" = left(
+                concat_ws('; ', d."error", format('passage %s is found by full-text search only: %s',
+                                                  r."position" + 1, $3::text)),
+                $4
+            )
+            FROM refused r WHERE d."id" = r."documentId" AND d."organizationId" = r."organizationId"
+            """,
+            chunk_id,
+            model.refused_key,
+            reason,
+            MAX_ERROR_CHARS,
+        )
 
 
 async def nearest_passages(

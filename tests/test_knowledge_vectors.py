@@ -35,7 +35,7 @@ from storage.tenancy import tenant_transaction
 from tests.databases import TestDatabases, with_database
 from tests.fakes.embeddings import hashed_embedding
 from tests.fakes.openai_chat import FakeOpenAI
-from tests.test_knowledge_ingestion import quick, text_document
+from tests.test_knowledge_ingestion import quick, status_of, text_document
 from tests.test_repo_agents import insert_organization
 
 MODEL = EmbeddingModel("text-embedding-3-small", 256)
@@ -72,8 +72,10 @@ async def ingest(pool: asyncpg.Pool, with_embedder: OpenAIEmbedder | None) -> No
 
 
 async def pending(pool: asyncpg.Pool) -> int:
+    """How many passages wait for an embedding by MODEL (neither embedded nor refused by it)."""
     count: int = await pool.fetchval(
-        'SELECT count(*) FROM "KnowledgeBaseChunk" WHERE "embeddingModel" IS DISTINCT FROM $1', MODEL.key
+        """SELECT count(*) FROM "KnowledgeBaseChunk" WHERE coalesce("embeddingModel", '') <> ALL($1::text[])""",
+        [MODEL.key, MODEL.refused_key],
     )
     return count
 
@@ -147,6 +149,34 @@ async def test_passages_whose_embedding_keeps_failing_wait_for_a_later_round(
     await worker.run_once()
     await worker.stop()
     assert await pending(pool) == 0 and len(fake.embedding_requests) == 3
+
+
+async def test_a_passage_the_api_refuses_is_set_aside_and_every_other_passage_is_embedded(
+    pool: asyncpg.Pool, fake: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    fake.embedding_refused_marker = "OVERSIZED"
+    first, second = await insert_organization(pool), await insert_organization(pool)
+    benches = [f"Bench {n} of the Onyx park faces the lake at dawn." for n in range(9)]
+    benches[4] = "The Onyx fountain plays OVERSIZED music every hour."
+    _, refused_document = await text_document(pool, first, " ".join(benches))
+    await ingest(pool, None)  # the oldest passages, ahead of the other organization's
+    _, later_document = await text_document(pool, second, "The Opal ferry sails at nine.")
+    await ingest(pool, embedder(client, batch_size=3))
+    rows = await pool.fetch(
+        'SELECT "documentId", "content", "embeddingModel", "embedding" IS NULL AS bare FROM "KnowledgeBaseChunk" '
+        'WHERE "documentId" = ANY($1::text[])',
+        [refused_document, later_document],
+    )
+    refused = [row for row in rows if "OVERSIZED" in row["content"]]
+    assert refused and all(row["bare"] and row["embeddingModel"] != MODEL.key for row in refused)
+    embedded = [row for row in rows if "OVERSIZED" not in row["content"]]
+    assert {row["documentId"] for row in embedded} == {refused_document, later_document}
+    assert all(row["embeddingModel"] == MODEL.key for row in embedded)
+    status, error = await status_of(pool, refused_document)
+    assert status == "READY" and error is not None and "maximum context length" in error
+    requests = len(fake.embedding_requests)
+    await ingest(pool, embedder(client, batch_size=3))  # a refused passage is not sent again
+    assert len(fake.embedding_requests) == requests and await pending(pool) == 0
 
 
 def passage(chunk_id: str) -> Passage:

@@ -1,9 +1,10 @@
 """Embeddings of knowledge-base passages and callers' questions, through the OpenAI SDK.
 
 Passages are embedded by the ingestion worker, in batches, each request retried with backoff on a rate limit, a
-server error or a lost connection (`embed_pending_passages`); never on a call's audio path. A caller's question is
-embedded once, with a short timeout and no retry, while its full-text search runs (engine/knowledge/lookup.py):
-the call falls back to full-text alone rather than wait.
+server error or a lost connection (`embed_pending_passages`); never on a call's audio path. A batch the API refuses
+(400, 422) is split until the passages it refuses on their own are found: those are set aside, the others embedded.
+A caller's question is embedded once, with a short timeout and no retry, while its full-text search runs
+(engine/knowledge/lookup.py): the call falls back to full-text alone rather than wait.
 
 On with DIALTONE_KB_EMBEDDING_MODEL, on a database with pgvector (migration 0021); `embedder_from_settings` says
 plainly in the log when vector search is off and why.
@@ -25,7 +26,14 @@ from pipelines.clients import ProviderClients
 from pipelines.errors import ProviderKeyMissing
 from pipelines.registry import ProviderKeys, provider_key
 from storage import Pool
-from storage.knowledge_embeddings import EmbeddingModel, claim_pending, store_embeddings, vector_search_available
+from storage.knowledge_embeddings import (
+    EmbeddingModel,
+    PendingPassage,
+    claim_pending,
+    record_refusals,
+    store_embeddings,
+    vector_search_available,
+)
 from storage.records import transaction
 
 if TYPE_CHECKING:
@@ -35,10 +43,17 @@ log = logging.getLogger(__name__)
 
 _RETRIED: Final = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
 """Failures worth another attempt: 429, 5xx, a connection lost or timed out (APITimeoutError is one)."""
+_REFUSED: Final = (openai.BadRequestError, openai.UnprocessableEntityError)
+"""The API refusing the texts themselves (past the model's token limit, content it rejects): sent again unchanged,
+they would be refused again."""
 
 
 class EmbeddingFailed(Exception):
     """The embedding provider gave no vectors (after the retries, for passages); the message says why."""
+
+
+class EmbeddingRefused(EmbeddingFailed):
+    """The embedding provider refused the texts themselves (HTTP 400 or 422); the message gives its reason."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +135,8 @@ class OpenAIEmbedder:
                 log.info("embedding %d passages: %s; retry in %.1fs", len(batch), _describe(exc), wait)
                 await self._sleep(wait)
                 wait *= 2
+            except _REFUSED as exc:
+                raise EmbeddingRefused(_describe_refusal(exc)) from None
             except openai.APIError as exc:
                 raise EmbeddingFailed(_describe(exc)) from None
         raise AssertionError("unreachable: max_attempts is at least 1")
@@ -154,6 +171,11 @@ def _describe(exc: openai.APIError) -> str:
             return f"the embedding API could not be reached ({type(exc).__name__})"
 
 
+def _describe_refusal(exc: openai.APIStatusError) -> str:
+    reason = exc.body.get("message") if isinstance(exc.body, dict) else None
+    return f"{_describe(exc)} ({reason})" if isinstance(reason, str) and reason else _describe(exc)
+
+
 async def embedder_from_settings(settings: Settings, clients: ProviderClients, pool: Pool) -> OpenAIEmbedder | None:
     """The engine's embedder, or None (vector search off), saying in the log which and why."""
     chosen = EmbeddingSettings.from_settings(settings)
@@ -184,6 +206,8 @@ async def embed_pending_passages(pool: Pool, embedder: OpenAIEmbedder) -> int:
 
     Each batch's passages stay locked (FOR UPDATE SKIP LOCKED) while their request runs, so two processes never
     embed the same ones. EmbeddingFailed when a batch fails after its retries: its passages wait for the next try.
+    A passage the API refuses on its own is set aside (`record_refusals`), so it never holds back the passages
+    behind it, every organization's.
     """
     embedded = 0
     while True:
@@ -191,8 +215,29 @@ async def embed_pending_passages(pool: Pool, embedder: OpenAIEmbedder) -> int:
             pending = await claim_pending(conn, model=embedder.model, limit=embedder.settings.batch_size)
             if not pending:
                 return embedded
-            vectors = await embedder.embed_passages([passage.content for passage in pending])
-            await store_embeddings(
-                conn, model=embedder.model, chunk_ids=[passage.chunk_id for passage in pending], vectors=vectors
-            )
-        embedded += len(pending)
+            vectors, refusals = await _embed_isolating_refusals(embedder, pending)
+            await store_embeddings(conn, model=embedder.model, chunk_ids=list(vectors), vectors=list(vectors.values()))
+            await record_refusals(conn, model=embedder.model, refusals=refusals)
+        for chunk_id, reason in refusals.items():
+            log.warning("knowledge passage %s set aside: %s refused it: %s", chunk_id, embedder.model.name, reason)
+        embedded += len(vectors)
+
+
+async def _embed_isolating_refusals(
+    embedder: OpenAIEmbedder, passages: Sequence[PendingPassage]
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """The passages' vectors and, for each one the API refuses on its own, why (both by chunk id).
+
+    A refused batch is sent again in halves, and so on: a passage the API will never embed costs about two
+    requests per halving, and no other passage its embedding.
+    """
+    try:
+        vectors = await embedder.embed_passages([passage.content for passage in passages])
+    except EmbeddingRefused as exc:
+        if len(passages) == 1:
+            return {}, {passages[0].chunk_id: str(exc)}
+        half = len(passages) // 2
+        first_vectors, first_refusals = await _embed_isolating_refusals(embedder, passages[:half])
+        last_vectors, last_refusals = await _embed_isolating_refusals(embedder, passages[half:])
+        return first_vectors | last_vectors, first_refusals | last_refusals
+    return {passage.chunk_id: vector for passage, vector in zip(passages, vectors, strict=True)}, {}

@@ -47,6 +47,11 @@ DEFAULT_REPLY = "Sure, I can help with that."
 
 _TOKENS = re.compile(r"\s*[\w']+|\s*[^\w\s']+|\s+")
 _ARGUMENT_FRAGMENT = 8
+_TOO_LONG = (
+    "This model's maximum context length is 8192 tokens, however you requested 9120 tokens (9120 in your prompt; "
+    "0 for the completion). Please reduce your prompt; or completion length."
+)
+"""The real API's message when an embedding input is past the model's token limit (HTTP 400)."""
 _EMBEDDING_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072}
 
 
@@ -74,7 +79,9 @@ class FakeOpenAI:
 
     `POST /v1/embeddings` answers every input with `hashed_embedding` (the request's `dimensions`, else the
     model's), as floats or base64 as asked. Controls: `embedding_failures` (a FIFO of HTTP statuses, e.g. 429 or
-    500, the next embedding requests get instead), `embedding_delay_ms`. Observations: `embedding_requests`.
+    500, the next embedding requests get instead), `embedding_refused_marker` (a request with an input containing
+    it is refused with 400, as the real API refuses an input past the model's token limit, whatever else the
+    batch holds), `embedding_delay_ms`. Observations: `embedding_requests`.
     """
 
     def __init__(
@@ -103,6 +110,7 @@ class FakeOpenAI:
         self.peers: list[tuple[str, int]] = []
         self.embedding_requests: list[dict[str, Any]] = []
         self.embedding_failures: deque[int] = deque()
+        self.embedding_refused_marker: str | None = None
         self.embedding_delay_ms: float = 0
         self.aborted_streams = 0
         self.stream_aborted = asyncio.Event()
@@ -171,6 +179,9 @@ class FakeOpenAI:
         texts = [inputs] if isinstance(inputs, str) else inputs
         if not isinstance(texts, list) or not texts or not all(isinstance(text, str) and text for text in texts):
             return _error(400, "'input' must be a non-empty string or array of strings.", "invalid_request_error")
+        marker = self.embedding_refused_marker
+        if marker is not None and any(marker in text for text in texts):
+            return _error(400, _TOO_LONG, "invalid_request_error")
         dimensions = int(body.get("dimensions") or _EMBEDDING_DIMENSIONS.get(str(body.get("model")), 1536))
         as_base64 = body.get("encoding_format") == "base64"
         data = []
