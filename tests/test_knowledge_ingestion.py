@@ -204,6 +204,14 @@ def test_chunks_hold_whole_sentences_within_size_and_overlap() -> None:
         split_into_chunks("text", size=100, overlap=100)
 
 
+def test_a_sentence_longer_than_the_size_is_cut_at_spaces_losing_no_word() -> None:
+    words = [f"w{n}" + "x" * (n % 7) for n in range(3000)]
+    chunks = split_into_chunks(" ".join(words), size=100, overlap=20)
+    assert all(50 < len(chunk) <= 100 for chunk in chunks[:-1])  # at the last space past half the size
+    assert " ".join(chunks).split() == words
+    assert split_into_chunks("a" * 60 + " \u00a0\u00a0" + "b" * 60, size=100, overlap=10) == ["a" * 60, "b" * 60]
+
+
 def test_unsupported_and_empty_files_are_named() -> None:
     with pytest.raises(UnreadableDocument, match="image/png"):
         sniff_mime_type(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32)

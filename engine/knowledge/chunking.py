@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 _PARAGRAPHS = re.compile(r"\n\s*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _SPACES = re.compile(r"[ \t\r\f\v]+")
+_LEADING_SPACE = re.compile(r"\s*")
 
 
 def _pieces(text: str, size: int) -> list[str]:
@@ -15,15 +17,25 @@ def _pieces(text: str, size: int) -> list[str]:
     for paragraph in _PARAGRAPHS.split(text):
         lines = " ".join(_SPACES.sub(" ", line).strip() for line in paragraph.splitlines())
         for raw in _SENTENCE_END.split(lines.strip()):
-            rest = raw.strip()
-            while len(rest) > size:
-                cut = rest.rfind(" ", 0, size)
-                cut = cut if cut > size // 2 else size
-                pieces.append(rest[:cut].strip())
-                rest = rest[cut:].strip()
-            if rest:
-                pieces.append(rest)
+            pieces += _cut(raw.strip(), size)
     return pieces
+
+
+def _cut(sentence: str, size: int) -> Iterator[str]:
+    """`sentence` in pieces of at most `size` characters, each cut at its last space past half its size if any.
+
+    It walks by index: slicing the rest off after each piece would copy the remainder once per piece, which made
+    a long text with no sentence end cost time in the square of its length.
+    """
+    start, end = 0, len(sentence)
+    while end - start > size:
+        cut = sentence.rfind(" ", start, start + size)
+        cut = cut if cut - start > size // 2 else start + size
+        yield sentence[start:cut].strip()
+        spaces = _LEADING_SPACE.match(sentence, cut)
+        start = spaces.end() if spaces else cut
+    if start < end:
+        yield sentence[start:]
 
 
 def split_into_chunks(text: str, *, size: int, overlap: int) -> list[str]:
