@@ -179,6 +179,19 @@ async def test_a_passage_the_api_refuses_is_set_aside_and_every_other_passage_is
     assert len(fake.embedding_requests) == requests and await pending(pool) == 0
 
 
+async def test_a_refusal_of_every_passage_is_taken_for_a_setting_and_sets_none_aside(
+    pool: asyncpg.Pool, fake: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    fake.embedding_refused_marker = "Quartz"  # in every passage, as a `dimensions` the model refuses would be
+    organization = await insert_organization(pool)
+    _, document = await text_document(
+        pool, organization, " ".join(f"Quartz bench {n} faces the lake." for n in range(6))
+    )
+    await ingest(pool, embedder(client, batch_size=3))
+    models = await pool.fetch('SELECT "embeddingModel" FROM "KnowledgeBaseChunk" WHERE "documentId" = $1', document)
+    assert models and all(row["embeddingModel"] is None for row in models), "waiting, none set aside"
+
+
 def passage(chunk_id: str) -> Passage:
     return Passage(
         chunk_id=chunk_id, document_id="d", document_name="n", knowledge_base_id="k", position=0, content="", rank=0

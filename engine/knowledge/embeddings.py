@@ -216,6 +216,12 @@ async def embed_pending_passages(pool: Pool, embedder: OpenAIEmbedder) -> int:
             if not pending:
                 return embedded
             vectors, refusals = await _embed_isolating_refusals(embedder, pending)
+            if refusals and not vectors:
+                # Every text refused, one by one: more likely a setting the API refuses (a `dimensions` the model
+                # does not take) than the texts. They wait, as on any failure; a bad one alone waits for company.
+                raise EmbeddingFailed(
+                    f"the embedding API refused every passage of a batch: {next(iter(refusals.values()))}"
+                )
             await store_embeddings(conn, model=embedder.model, chunk_ids=list(vectors), vectors=list(vectors.values()))
             await record_refusals(conn, model=embedder.model, refusals=refusals)
         for chunk_id, reason in refusals.items():
