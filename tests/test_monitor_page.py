@@ -1,7 +1,8 @@
 """The /monitor page in a real headless Chromium against the real engine: it signs in with an API key, shows a
 simulated call's transcript as it grows, plays nothing until Listen is clicked, hangs the call up, and plays back a
 finished call's recording; a VIEWER's key is shown every control it may not use switched off, with the engine's
-reason, from sign-in; a wrong key reads as a clear error.
+reason, from sign-in; a wrong key reads as a clear error; a key signed in after another signed out on the same tab
+neither sees nor acts on the first key's calls.
 
 Set MONITOR_SCREENSHOTS to a folder to save the README's screenshots (monitor-live.png, monitor-recent.png) there.
 """
@@ -21,10 +22,12 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import Select
 
 from engine.simulator import CallEnding, CallResult, HangUp, Pause, Say
-from storage import api_keys, users
-from storage.enums import UserRole, UserStatus
+from storage import api_keys, call_logs, users
+from storage.enums import CallStatus, CallType, UserRole, UserStatus
+from storage.records import new_id
 from tests.browser import headless_chromium, in_browser, missing_browser, until
 from tests.engine_server import running_engine
 from tests.test_api_auth import Api, Tenant, make_tenant
@@ -586,6 +589,58 @@ async def test_a_recent_call_shows_its_transcript_timeline_and_recording(
     assert len(spans) == len(stored)
     assert await in_browser(lambda: audio_counts(browser)) == SILENT
     await screenshot(browser, "monitor-recent.png")
+
+
+async def logged_call(pool: asyncpg.Pool, organization_id: str, customer: str, *, finished: bool) -> str:
+    """The id of a call log of the organization (no call behind it) from `customer`, in progress or finished."""
+    log = await call_logs.create_call_log(
+        pool, organization_id=organization_id, call_type=CallType.INBOUND, call_id=f"CA{new_id()}", customer=customer
+    )
+    if finished:
+        await call_logs.finalize_call_log(
+            pool, organization_id=organization_id, call_log_id=log.id, status=CallStatus.COMPLETED, duration=5
+        )
+    return log.id
+
+
+async def test_a_key_signed_in_after_sign_out_on_the_same_tab_neither_sees_nor_acts_on_the_first_keys_calls(
+    engine: str, browser: webdriver.Chrome, tenant: Tenant, pool: asyncpg.Pool
+) -> None:
+    first_live = await logged_call(pool, tenant.organization_id, "A caller of the first organization", finished=False)
+    first_done = await logged_call(pool, tenant.organization_id, "A finished call of the first one", finished=True)
+    following = await make_tenant(pool, "Following")
+    next_live = await logged_call(pool, following.organization_id, "A caller of the next organization", finished=False)
+    await sign_in(browser, engine, tenant.owner_key)
+    await until(lambda: card_of(browser, "live-list", first_live), timeout_s=15, what="the first key's live call")
+    await in_browser(lambda: browser.find_element(By.ID, "tab-recent").click())
+    card = await until(lambda: card_of(browser, "recent-list", first_done), timeout_s=10, what="its finished call")
+    await in_browser(card.click)
+
+    def next_key_signs_in() -> None:
+        browser.find_element(By.ID, "sign-out").click()
+        browser.find_element(By.ID, "key").send_keys(following.owner_key)
+        browser.find_element(By.ID, "signin-submit").click()
+
+    await in_browser(next_key_signs_in)
+    await until(lambda: card_of(browser, "live-list", next_live), timeout_s=15, what="the next key's live call")
+
+    def say_line_and_press_hang_up_once() -> None:
+        browser.find_element(By.ID, "say-text").send_keys("Only for the next organization.")
+        browser.find_element(By.ID, "say-submit").click()
+        browser.find_element(By.ID, "hangup").click()
+
+    await in_browser(say_line_and_press_hang_up_once)
+    assert await in_browser(lambda: text_of(browser, "hangup")) == "Confirm hang-up"  # nothing sent yet
+    said = f"/v1/live-calls/{next_live}/say"
+    await until(lambda: said in requested_paths(browser), timeout_s=10, what="the line sent")
+    await in_browser(lambda: browser.find_element(By.ID, "tab-recent").click())
+    assert not await in_browser(lambda: visible(browser, "recent-detail-body"))  # not the first key's call
+    await in_browser(lambda: Select(browser.find_element(By.ID, "filter-status")).select_by_value("COMPLETED"))
+    await until(lambda: visible(browser, "recent-empty"), timeout_s=10, what="no finished call of the next key")
+    await asyncio.sleep(0.5)  # what a request still made with the first key would draw
+    assert await in_browser(lambda: card_of(browser, "recent-list", first_done)) is None
+    writes = [path for path in await in_browser(lambda: requested_paths(browser)) if path.endswith(("/say", "/hangup"))]
+    assert writes == [said]
 
 
 async def test_the_event_stream_parser_reads_events_split_anywhere_across_chunks(

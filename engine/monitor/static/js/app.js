@@ -18,13 +18,23 @@ function show(view) {
   byId("tab-recent").setAttribute("aria-selected", String(view === "recent"));
 }
 
+/**
+ * Forget the key and start the tab afresh, `message` shown on the sign-in form: a reload, so that nothing of the
+ * session survives for the next key signed in here — its views' listeners (which would act with the forgotten key),
+ * its requests in flight and what it drew (its organization's calls).
+ */
 function signOut(message) {
   forgetKey();
   if (live) live.stop();
-  live = null;
-  recent = null;
-  byId("key").value = "";
-  say(byId("signin-error"), message || "");
+  history.replaceState({ signedOut: message || "" }, "");
+  location.reload();
+}
+
+/** The sign-in form, with why the last session ended (if it did). */
+function showSignIn() {
+  const ended = history.state && history.state.signedOut;
+  history.replaceState(null, "");
+  say(byId("signin-error"), ended || "");
   show("signin");
   byId("key").focus();
 }
@@ -80,4 +90,4 @@ byId("tab-recent").addEventListener("click", () => {
 
 const key = storedKey();
 if (key) signIn(key);
-else show("signin");
+else showSignIn();
