@@ -31,6 +31,7 @@ from engine.server.appkeys import (
     TWILIO,
     Clock,
 )
+from engine.server.security_headers import add_security_headers
 from engine.twilio import webhooks as twilio_webhooks
 from engine.twilio.rest import TwilioCalls
 from engine.workers.call_log_replay import call_log_spill_context
@@ -81,6 +82,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     # Before connections close at shutdown, running calls end and their CallLogs are finished.
     app.on_shutdown.append(_end_live_calls)
     app.on_shutdown.append(close_live_streams)
+    app.on_response_prepare.append(add_security_headers)
 
     app.router.add_get("/health", health.handle_health)
     app.router.add_get("/metrics", metrics.handle_metrics)
