@@ -277,3 +277,18 @@ async def test_the_openapi_document_offers_the_header_on_both_operations(
     assert "parameters" not in document["paths"]["/v1/agents"]["post"] or all(
         p["in"] != "header" for p in document["paths"]["/v1/agents"]["post"]["parameters"]
     )
+
+
+async def test_a_refused_campaign_is_replayed_with_its_first_answer(
+    engine: str, http: aiohttp.ClientSession, pool: asyncpg.Pool
+) -> None:
+    # The database refuses the agent (not the organization's): the retry must hear that 422 again, not a 500
+    # saying the outcome is unknown.
+    tenant = await make_tenant(pool, "Refused")
+    body = {"batchName": "Nobody's agent", "agentId": "no-such-agent"}
+    key = new_key()
+    first = await post(http, engine, "/campaigns", tenant, body, key=key)
+    again = await post(http, engine, "/campaigns", tenant, body, key=key)
+    assert first[0] == 422
+    assert (again[0], again[2]) == (first[0], first[2])
+    assert again[1]["Idempotent-Replayed"] == "true"

@@ -142,12 +142,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status == 405 and "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
-    except AlreadyExists as exc:
-        return _already_exists(exc).response()
     except StorageError as exc:
-        for kind, status, code in _STORAGE_ERRORS:
-            if isinstance(exc, kind):
-                return ApiError(status, code, str(exc)).response()
+        refused = storage_refusal(exc)
+        if refused is not None:
+            return refused.response()
         log.exception("storage error on %s %s", request.method, request.path)
         return ApiError(503, "unavailable", "the database could not complete the request; try again").response()
     except TRANSIENT_ERRORS:
@@ -156,6 +154,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return ApiError(500, "internal_error", "the server failed to handle this request").response()
+
+
+def storage_refusal(exc: StorageError) -> ApiError | None:
+    """The caller's error (404, 409, 422) a storage error stands for; None for one that is not the caller's to fix."""
+    if isinstance(exc, AlreadyExists):
+        return _already_exists(exc)
+    return next(
+        (ApiError(status, code, str(exc)) for kind, status, code in _STORAGE_ERRORS if isinstance(exc, kind)), None
+    )
 
 
 def _already_exists(exc: AlreadyExists) -> ApiError:

@@ -20,9 +20,10 @@ from datetime import timedelta
 from aiohttp import web
 
 from engine.api.auth import CALLER
-from engine.api.errors import ApiError
+from engine.api.errors import ApiError, storage_refusal
 from engine.server.appkeys import DATABASE, SETTINGS
 from storage import Pool, idempotency_keys
+from storage.errors import StorageError
 from storage.idempotency_keys import ClaimState
 from storage.tenancy import tenant_transaction
 
@@ -109,14 +110,26 @@ async def idempotent(
                 headers={REPLAYED_HEADER: "true"},
             )
     try:
-        response = await respond()
-    except ApiError as exc:
-        response = exc.response()
+        response = await _answer(respond)
     except BaseException:
         await asyncio.shield(_keep(pool, names, _UNKNOWN_OUTCOME.response()))
         raise
     await _keep(pool, names, response)
     return response
+
+
+async def _answer(respond: Callable[[], Awaitable[web.Response]]) -> web.Response:
+    """`respond()`'s answer, its refusals included: an ApiError, or a storage error the database refused the request
+    with (a missing reference, a taken value), answered as error_middleware would, so a retry hears the same."""
+    try:
+        return await respond()
+    except ApiError as exc:
+        return exc.response()
+    except StorageError as exc:
+        refused = storage_refusal(exc)
+        if refused is None:
+            raise
+        return refused.response()
 
 
 async def _keep(pool: Pool, names: dict[str, str], response: web.Response) -> None:
