@@ -57,8 +57,18 @@ async def create_conversation_path(
 
 async def get_conversation_path(db: Queryable, *, organization_id: str, conversation_path_id: str) -> ConversationPath:
     """The organization's conversation path with that id; NotFound otherwise."""
+    return await _select(db, organization_id, conversation_path_id, "")
+
+
+async def lock_conversation_path(db: Queryable, *, organization_id: str, conversation_path_id: str) -> ConversationPath:
+    """The path, its row locked until the transaction ends: a change of half its graph is checked against the
+    other half as it will stand, not as a concurrent change is replacing it. NotFound if not the organization's."""
+    return await _select(db, organization_id, conversation_path_id, "FOR UPDATE")
+
+
+async def _select(db: Queryable, organization_id: str, conversation_path_id: str, lock: str) -> ConversationPath:
     row = await db.fetchrow(
-        f'SELECT {_COLUMNS} FROM "ConversationPath" WHERE "id" = $1 AND "organizationId" = $2',
+        f'SELECT {_COLUMNS} FROM "ConversationPath" WHERE "id" = $1 AND "organizationId" = $2 {lock}',
         conversation_path_id,
         organization_id,
     )

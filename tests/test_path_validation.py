@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,6 +11,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from pipelines.paths.graph import read_path
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
 from tests.engine_server import running_engine
 from tests.paths import EVERY_TYPE_EDGES, EVERY_TYPE_NODES
@@ -136,6 +138,48 @@ async def test_a_patch_that_breaks_the_path_is_refused_and_changes_nothing(api: 
     )
     assert status == 422
     assert_error(body, "invalid_value", "edges[11].target")
+
+
+async def waiting_for_locks(pool: asyncpg.Pool, statements: int) -> None:
+    """Return once `statements` backends wait for a lock another transaction holds."""
+    for _ in range(1000):
+        waiting = await pool.fetchval("SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted")
+        if waiting >= statements:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{statements} statements did not wait for a lock within 10 s")
+
+
+async def test_two_patches_racing_never_save_a_graph_neither_checked(
+    api: Api, pool: asyncpg.Pool, acme: Tenant
+) -> None:
+    # One editor swaps node b for c (nodes and edges), another adds an edge back from b (edges alone, checked
+    # against the nodes it read): applied one after the other unchecked, edges would lead to b, which is gone.
+    start = {"id": "start", "type": "speak", "data": {"text": "Hello"}}
+    b, c = ({"id": name, "type": "speak", "data": {"text": name}} for name in ("b", "c"))
+    status, path = await api.call(
+        "POST",
+        "/conversation-paths",
+        acme.owner_key,
+        json={"name": "Raced", "nodes": [start, b], "edges": [{"id": "e1", "source": "start", "target": "b"}]},
+    )
+    assert status == 201, path
+    url = f"/conversation-paths/{path['id']}"
+    swap = {"nodes": [start, c], "edges": [{"id": "e1", "source": "start", "target": "c"}]}
+    loop_back = {
+        "edges": [{"id": "e1", "source": "start", "target": "b"}, {"id": "e2", "source": "b", "target": "start"}]
+    }
+    async with pool.acquire() as conn, conn.transaction():
+        # Hold the row so both PATCHes are under way before either writes.
+        await conn.execute('SELECT 1 FROM "ConversationPath" WHERE "id" = $1 FOR UPDATE', path["id"])
+        patches = asyncio.gather(
+            api.call("PATCH", url, acme.owner_key, json=swap), api.call("PATCH", url, acme.owner_key, json=loop_back)
+        )
+        await waiting_for_locks(pool, 2)
+    answers = await patches
+    assert sorted(status for status, _ in answers) == [200, 422], answers
+    _, saved = await api.call("GET", url, acme.owner_key)
+    read_path(saved["nodes"], saved["edges"], strict=True)  # what is stored is a graph the API would accept
 
 
 async def test_a_linked_path_is_made_the_agents_default_and_comes_first_in_its_bundle(api: Api, acme: Tenant) -> None:

@@ -93,7 +93,7 @@ async def update_conversation_path(call: ApiCall) -> ConversationPath:
     changes = call.body_as(ConversationPathUpdate).changes()
     async with call.tenant() as db:
         if "nodes" in changes or "edges" in changes:
-            current = await conversation_paths.get_conversation_path(
+            current = await conversation_paths.lock_conversation_path(
                 db, organization_id=call.caller.organization_id, conversation_path_id=call.path["conversationPathId"]
             )
             _check_graph(changes.get("nodes", current.nodes), changes.get("edges", current.edges))
