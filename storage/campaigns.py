@@ -389,12 +389,15 @@ async def transition_campaign(
 
 async def delete_campaign(db: Queryable, *, organization_id: str, campaign_id: str) -> None:
     """Delete a campaign and its recipients; its CallLogs stay, no longer linked to it."""
-    with translate_errors():
-        deleted = await db.fetchval(
-            'DELETE FROM "Campaign" WHERE "id" = $1 AND "organizationId" = $2 RETURNING "id"',
-            campaign_id,
-            organization_id,
-        )
+    async with transaction(db) as conn:
+        # The cascade reaches the dispatch row after the campaign's: lock it first, as every writer does.
+        await _lock_dispatch(conn, organization_id, campaign_id)
+        with translate_errors():
+            deleted = await conn.fetchval(
+                'DELETE FROM "Campaign" WHERE "id" = $1 AND "organizationId" = $2 RETURNING "id"',
+                campaign_id,
+                organization_id,
+            )
     if deleted is None:
         raise NotFound("Campaign", campaign_id)
 

@@ -4,6 +4,7 @@ another organization's key seeing nothing. The engine's dispatcher is off: diali
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,10 +12,11 @@ import aiohttp
 import asyncpg
 import pytest
 
-from storage import phone_numbers
-from storage.enums import PhoneNumberStatus
+from storage import campaigns, phone_numbers
+from storage.enums import CampaignStatus, PhoneNumberStatus
 from tests.engine_server import running_engine
 from tests.test_api_auth import Api, Tenant, make_tenant
+from tests.test_credit_reservations import blocked_on_a_lock
 from tests.test_outbound_calls import make_agent
 
 
@@ -185,3 +187,20 @@ async def test_another_organization_sees_none_of_it(api: Api, pool: asyncpg.Pool
         assert status == 404, (method, suffix)
     _, page = await api.call("GET", "/campaigns", other.owner_key)
     assert page["data"] == []
+
+
+async def test_a_delete_racing_a_stop_waits_for_it_and_deadlocks_nothing(
+    api: Api, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    campaign = await new_campaign(api, pool, tenant)
+    organization_id, campaign_id = tenant.organization_id, campaign["id"]
+    async with pool.acquire() as conn, conn.transaction():
+        # A stop (or the dispatcher's claim) has taken its first lock, the campaign's dispatch row...
+        await conn.execute('SELECT 1 FROM "CampaignDispatch" WHERE "campaignId" = $1 FOR UPDATE', campaign_id)
+        deletion = asyncio.create_task(api.call("DELETE", f"/campaigns/{campaign_id}", tenant.owner_key))
+        await blocked_on_a_lock(pool)
+        # ...and goes on to the campaign's row, while the DELETE waits.
+        stopped = await campaigns.stop_campaign(conn, organization_id=organization_id, campaign_id=campaign_id)
+    assert stopped.status is CampaignStatus.STOPPED
+    assert (await deletion)[0] == 204
+    assert (await api.call("GET", f"/campaigns/{campaign_id}", tenant.owner_key))[0] == 404
