@@ -91,10 +91,17 @@ async def engine(db_url: str, fakes: tuple[FakeDeepgram, ReadingOpenAI, FakeElev
 
 
 async def line_with_knowledge(
-    pool: asyncpg.Pool, configuration: dict[str, Any], facts: str, *, name: str, with_path: bool = True
+    pool: asyncpg.Pool,
+    configuration: dict[str, Any],
+    facts: str,
+    *,
+    name: str,
+    with_path: bool = True,
+    embedded: bool = True,
 ) -> tuple[str, str, str]:
     """A new organization's number answered by an agent linked to a knowledge base holding `facts` (ingested), and
-    (`with_path`) to the offline model's conversation path, which a cloud model would follow too.
+    (`with_path`) to the offline model's conversation path, which a cloud model would follow too. `embedded`: wait
+    for its passages' embeddings too (an engine with an embedding model must be running).
 
     Returns (number, organization id, document id).
     """
@@ -115,7 +122,7 @@ async def line_with_knowledge(
             pool, organization_id=org, name="path", nodes=PATH_NODES, edges=PATH_EDGES
         )
         await agents.link_conversation_path(pool, organization_id=org, agent_id=agent.id, conversation_path_id=path.id)
-    return number.phone_number, org, await give_knowledge(pool, org, agent.id, facts)
+    return number.phone_number, org, await give_knowledge(pool, org, agent.id, facts, embedded=embedded)
 
 
 async def give_knowledge(
@@ -262,6 +269,7 @@ async def test_a_realtime_agent_calls_search_knowledge_base(db_url: str, pool: a
                 PRICES,
                 name="Realtime",
                 with_path=False,  # the model answers from the knowledge base, not from a path's nodes
+                embedded=False,  # this engine has no embedding model: full-text finds the passage
             )
             result = await call(base, number, Say("how much is the premium plan"), Pause(600))
         updates = realtime.of_type("session.update")
