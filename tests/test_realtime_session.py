@@ -649,6 +649,24 @@ async def test_a_dropped_realtime_connection_is_reopened_with_the_conversation_r
     assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, "caller_hangup")
 
 
+async def test_a_connection_lost_while_the_goodbye_plays_still_hangs_the_call_up(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    goodbye = "Thanks for calling Acme Dental today, it was a pleasure, goodbye and take care!"
+    fake.reply_tool("end_call", {"reason": "the caller is done"}, text=goodbye)
+    async with realtime_call(pool, fake) as call:
+        call.line.say(speech(500))
+        await until(lambda: bool(fake.sent_of_type("response.done")) and call.line.heard_ms >= 500)
+        await fake.drop_all()  # the goodbye is still playing: the call was ending, and must still end
+        outcome = await call.outcome(timeout=8)
+    assert (outcome.status, outcome.end_reason, outcome.end_detail) == (
+        CallStatus.COMPLETED,
+        "agent_hangup",
+        "the caller is done",
+    )
+    assert [sid for sid, _, _ in call.hang_ups] == [call.line.call_sid]
+
+
 async def test_a_connection_that_cannot_be_reopened_fails_the_call_naming_the_provider(
     pool: asyncpg.Pool, fake: FakeRealtime
 ) -> None:

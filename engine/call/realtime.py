@@ -142,6 +142,7 @@ class RealtimeDriver:
             channel=lambda: self._connection.channel,
             answer=self._answer,
             spawn=self._spawn,
+            spawn_ending=self._connection.spawn_lasting,
             on_idle=self._settle,
             tools=tools,
             can_transfer=can_transfer,

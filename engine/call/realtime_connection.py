@@ -76,6 +76,11 @@ class RealtimeConnection:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def spawn_lasting(self, work: Coroutine[Any, Any, None], role: str) -> asyncio.Task[None]:
+        """Like `spawn`, for work a lost connection must not stop: an ending under way (the goodbye cut off by the
+        drop, the call must still be hung up or transferred), which only the call's own end cancels."""
+        return self._host.spawn(self._guarded(work), role)
+
     async def stop_tasks(self) -> None:
         """Cancel the driver's tasks and wait until they ended; a connection lost from now on stays lost."""
         self._closed = True

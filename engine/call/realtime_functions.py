@@ -66,6 +66,7 @@ class ModelFunctions:
         channel: Callable[[], RealtimeChannel | None],
         answer: Callable[[float | None], Awaitable[None]],
         spawn: Spawn,
+        spawn_ending: Spawn,
         on_idle: Callable[[], None],
         tools: ToolRunner | None,
         can_transfer: bool,
@@ -73,7 +74,8 @@ class ModelFunctions:
         path: RealtimePath | None = None,
     ) -> None:
         """Act in `host`'s call; `answer(reply_to)` asks the model to go on after the outputs were given, `say(text)`
-        has it say `text` word for word.
+        has it say `text` word for word. An ending runs through `spawn_ending`: once decided, it outlives a lost
+        connection.
 
         With `path`, `follow_path` moves the call along its conversation path."""
         self._host = host
@@ -81,6 +83,7 @@ class ModelFunctions:
         self._channel = channel
         self._answer_with = answer
         self._spawn = spawn
+        self._spawn_ending = spawn_ending
         self._on_idle = on_idle
         self._tools = tools
         self._can_transfer = can_transfer
@@ -196,7 +199,7 @@ class ModelFunctions:
             return
         self._host.move(PhaseEvent.WIND_DOWN)
         # The ending is set before the output is owed, so giving the output asks the model for nothing more.
-        self.ending = self._spawn(
+        self.ending = self._spawn_ending(
             self._opt_out_then_end(response, reason or "the callee asked not to be called"), "ending"
         )
         self._owe(response, call_id, _constant(OPT_OUT_DONE))
@@ -235,7 +238,7 @@ class ModelFunctions:
         if transfer_to is None:
             self._host.move(PhaseEvent.WIND_DOWN)  # no barge-in on the last words; a transfer may still fail
         ending = self._finish_then_end(response, detail, transfer_to=transfer_to, call_id=call_id, asked=asked)
-        self.ending = self._spawn(ending, "ending")
+        self.ending = self._spawn_ending(ending, "ending")
 
     async def _finish_then_end(
         self,
