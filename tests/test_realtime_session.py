@@ -40,6 +40,10 @@ from tests.test_call_log_writer import new_call, writer_for
 
 PROMPT = "You are the front desk of Acme Dental. Be brief."
 ANSWER = "Sure, what day works for you?"
+LONG_ANSWER = (
+    "We are open from nine in the morning to five in the evening on weekdays, "
+    "from ten to four on Saturdays, and we are closed on Sundays and public holidays."
+)
 
 
 def speech(ms: int) -> bytes:
@@ -446,10 +450,7 @@ async def test_after_the_silence_timeout_the_agent_says_goodbye_and_hangs_up(
 
 
 async def test_a_caller_who_talks_over_the_agent_cuts_it_off_where_they_stopped_hearing_it(pool: asyncpg.Pool) -> None:
-    long_answer = (
-        "We are open from nine in the morning to five in the evening on weekdays, "
-        "from ten to four on Saturdays, and we are closed on Sundays and public holidays."
-    )
+    long_answer = LONG_ANSWER
     # Real-time generation: the reply is still being generated when the caller interrupts, and two audio deltas
     # already on the wire arrive after the interruption.
     async with FakeRealtime(speedup=1.0, in_flight_deltas=2) as fake:
@@ -479,6 +480,35 @@ async def test_a_caller_who_talks_over_the_agent_cuts_it_off_where_they_stopped_
         heard_words, all_words = agent.text.split(), long_answer.split()
         assert 0 < len(heard_words) < len(all_words)
         assert heard_words == all_words[: len(heard_words)]
+
+
+async def test_a_goodbye_due_while_the_agent_speaks_cuts_it_off_and_is_said(pool: asyncpg.Pool) -> None:
+    goodbye = "Time is up, goodbye."
+    config = agent_configuration(goodbyeSentence=goodbye).model_copy(update={"max_duration_seconds": 2})
+    async with FakeRealtime(speedup=1.0) as fake:  # the answer is still being generated when the time is up
+        fake.reply(LONG_ANSWER)
+        fake.reply(goodbye)
+        async with realtime_call(pool, fake, config) as call:
+            call.line.say(speech(500))
+            outcome = await call.outcome()
+    assert outcome.end_reason == "max_duration"
+    turns = await call.turns()
+    assert [(t.speaker, t.interrupted) for t in turns[1:]] == [("agent", True), ("agent", False)]
+    assert turns[-1].text == goodbye
+    assert fake.sent_of_type("error") == []  # the goodbye was asked for once the cut answer had ended
+
+
+async def test_a_key_pressed_while_the_agent_speaks_is_answered(pool: asyncpg.Pool) -> None:
+    async with FakeRealtime(speedup=1.0) as fake:
+        fake.reply(LONG_ANSWER)
+        fake.reply("You pressed five.")
+        async with realtime_call(pool, fake) as call:
+            call.line.say(speech(500))
+            await until(lambda: call.line.heard_ms >= 500)
+            call.line.press("5")
+            turns = await call.wait_for_turns(4)
+    assert [(t.speaker, t.text) for t in turns[2:]] == [("caller", "[DTMF 5]"), ("agent", "You pressed five.")]
+    assert turns[1].interrupted
 
 
 async def test_a_short_sound_over_the_agent_below_the_threshold_does_not_cut_it_off(pool: asyncpg.Pool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -59,6 +60,10 @@ MULAW: Final = {"type": "audio/pcmu"}
 
 CLOSE_TIMEOUT_SECONDS: Final = 2.0
 """How long closing waits for the server's close frame; the call is over either way."""
+
+CANCEL_WAIT_SECONDS: Final = 2.0
+"""How long a `response.create` waits for the server to end the responses just cancelled (it ends them in moments,
+and refuses a second response meanwhile: `conversation_already_has_active_response`)."""
 
 _APPEND_PREFIX: Final = '{"type":"input_audio_buffer.append","audio":"'
 
@@ -388,6 +393,10 @@ class RealtimeChannel:
         """Wrap an open SDK connection to `host`."""
         self._connection = connection
         self._host = host
+        self._active: set[str] = set()  # responses the server has created and not yet ended
+        self._cancelled: set[str] = set()  # of those, the ones cancelled
+        self._cancels_ended = asyncio.Event()
+        self._cancels_ended.set()
 
     async def send_event(self, event: Mapping[str, Any]) -> None:
         """Send any client event (e.g. the `session_update`)."""
@@ -398,7 +407,10 @@ class RealtimeChannel:
         await self._send(_APPEND_PREFIX + base64.b64encode(ulaw).decode("ascii") + '"}')
 
     async def create_response(self, instructions: str | None = None) -> None:
-        """Ask for a response, with instructions for this one only if given."""
+        """Ask for a response, with instructions for this one only if given, once the server has ended the ones just
+        cancelled (waiting at most CANCEL_WAIT_SECONDS)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._cancels_ended.wait(), CANCEL_WAIT_SECONDS)
         event: dict[str, Any] = {"type": "response.create"}
         if instructions is not None:
             event["response"] = {"instructions": instructions}
@@ -410,6 +422,9 @@ class RealtimeChannel:
         if response_id:
             event["response_id"] = response_id
         await self.send_event(event)
+        if response_id in self._active:
+            self._cancelled.add(response_id)
+            self._cancels_ended.clear()
 
     async def truncate(self, item_id: str, audio_end_ms: int) -> None:
         """Cut an assistant item's audio (and the transcript the model remembers) at what the caller heard."""
@@ -448,7 +463,19 @@ class RealtimeChannel:
                 raise self._lost(exc) from exc
             event = parse_event(data)
             if event is not None:
+                self._track(event)
                 yield event
+
+    def _track(self, event: RealtimeEvent) -> None:
+        """Keep count of the responses the server has under way, and of those cancelled (for `create_response`)."""
+        match event:
+            case ResponseCreated(response_id=response_id):
+                self._active.add(response_id)
+            case ResponseDone(response_id=response_id):
+                self._active.discard(response_id)
+                self._cancelled.discard(response_id)
+                if not self._cancelled:
+                    self._cancels_ended.set()
 
     async def close(self) -> None:
         """Close the connection (the session ends with it), not waiting long for the server's goodbye."""
