@@ -511,6 +511,22 @@ async def test_a_key_pressed_while_the_agent_speaks_is_answered(pool: asyncpg.Po
     assert turns[1].interrupted
 
 
+async def test_a_caller_who_talks_over_the_goodbye_of_end_call_hears_it_to_the_end(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    goodbye = "Thanks for calling Acme Dental today, it was a pleasure, goodbye and take care!"
+    fake.reply_tool("end_call", {"reason": "the caller is done"}, text=goodbye)
+    async with realtime_call(pool, fake) as call:
+        call.line.say(speech(500))
+        await until(lambda: bool(fake.sent_of_type("response.done")) and call.line.heard_ms >= 300)
+        call.line.say(speech(1500))  # "wait, one more thing": the call is ending all the same
+        outcome = await call.outcome()
+    assert outcome.end_reason == "agent_hangup"
+    assert call.line.clears == []
+    assert [heard_ms for _, heard_ms, _ in call.hang_ups] == [fake.duration_ms(goodbye)]
+    assert [(t.speaker, t.text, t.interrupted) for t in await call.turns()][-1] == ("agent", goodbye, False)
+
+
 async def test_a_short_sound_over_the_agent_below_the_threshold_does_not_cut_it_off(pool: asyncpg.Pool) -> None:
     async with FakeRealtime(speedup=1.0) as fake:
         fake.reply(ANSWER + " " + ANSWER)

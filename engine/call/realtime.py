@@ -206,10 +206,14 @@ class RealtimeDriver:
             self._barge_in.reset()
         elif len(payload) == FRAME_BYTES:
             # The agent's words are playing: the engine, not the server, decides when the caller takes the floor,
-            # with the agent's threshold (the server's VAD would cut at the first syllable).
+            # with the agent's threshold (the server's VAD would cut at the first syllable). An ending call's last
+            # words (a goodbye) are not the caller's to cut: only a reply is.
             self._vad.process_ulaw(payload)
             voiced = self._vad.last_frame_voiced
-            if self._barge_in.frame(voiced=voiced, caller_speaking=self._caller_speaking, agent_speaking=True):
+            taking_floor = self._barge_in.frame(
+                voiced=voiced, caller_speaking=self._caller_speaking, agent_speaking=True
+            )
+            if taking_floor and self._host.phase is CallPhase.RESPONDING:
                 self._barge_in.reset()
                 self._spawn(self._cut_agent("caller speech", barge_in=True, model=self._connection.channel), "barge-in")
 
