@@ -40,6 +40,7 @@ from tests.test_call_log_writer import new_call, writer_for
 
 PROMPT = "You are the front desk of Acme Dental. Be brief."
 ANSWER = "Sure, what day works for you?"
+GOODBYE = "Thanks for calling Acme Dental today, it was a pleasure, goodbye and take care!"
 LONG_ANSWER = (
     "We are open from nine in the morning to five in the evening on weekdays, "
     "from ten to four on Saturdays, and we are closed on Sundays and public holidays."
@@ -310,6 +311,13 @@ async def fake() -> AsyncIterator[FakeRealtime]:
         yield server
 
 
+async def goodbye_of_end_call_playing(call: Call, fake: FakeRealtime) -> None:
+    """The caller spoke; the model answered with GOODBYE and end_call, and the goodbye has begun to play."""
+    fake.reply_tool("end_call", {"reason": "the caller is done"}, text=GOODBYE)
+    call.line.say(speech(500))
+    await until(lambda: bool(fake.sent_of_type("response.done")) and call.line.heard_ms >= 300)
+
+
 async def stored(call: Call) -> CallLog:
     return await call_logs.get_call_log(call.pool, organization_id=call.log.organization_id, call_log_id=call.log.id)
 
@@ -514,17 +522,14 @@ async def test_a_key_pressed_while_the_agent_speaks_is_answered(pool: asyncpg.Po
 async def test_a_caller_who_talks_over_the_goodbye_of_end_call_hears_it_to_the_end(
     pool: asyncpg.Pool, fake: FakeRealtime
 ) -> None:
-    goodbye = "Thanks for calling Acme Dental today, it was a pleasure, goodbye and take care!"
-    fake.reply_tool("end_call", {"reason": "the caller is done"}, text=goodbye)
     async with realtime_call(pool, fake) as call:
-        call.line.say(speech(500))
-        await until(lambda: bool(fake.sent_of_type("response.done")) and call.line.heard_ms >= 300)
+        await goodbye_of_end_call_playing(call, fake)
         call.line.say(speech(1500))  # "wait, one more thing": the call is ending all the same
         outcome = await call.outcome()
     assert outcome.end_reason == "agent_hangup"
     assert call.line.clears == []
-    assert [heard_ms for _, heard_ms, _ in call.hang_ups] == [fake.duration_ms(goodbye)]
-    assert [(t.speaker, t.text, t.interrupted) for t in await call.turns()][-1] == ("agent", goodbye, False)
+    assert [heard_ms for _, heard_ms, _ in call.hang_ups] == [fake.duration_ms(GOODBYE)]
+    assert [(t.speaker, t.text, t.interrupted) for t in await call.turns()][-1] == ("agent", GOODBYE, False)
 
 
 async def test_a_short_sound_over_the_agent_below_the_threshold_does_not_cut_it_off(pool: asyncpg.Pool) -> None:
@@ -698,11 +703,8 @@ async def test_a_dropped_realtime_connection_is_reopened_with_the_conversation_r
 async def test_a_connection_lost_while_the_goodbye_plays_still_hangs_the_call_up(
     pool: asyncpg.Pool, fake: FakeRealtime
 ) -> None:
-    goodbye = "Thanks for calling Acme Dental today, it was a pleasure, goodbye and take care!"
-    fake.reply_tool("end_call", {"reason": "the caller is done"}, text=goodbye)
     async with realtime_call(pool, fake) as call:
-        call.line.say(speech(500))
-        await until(lambda: bool(fake.sent_of_type("response.done")) and call.line.heard_ms >= 500)
+        await goodbye_of_end_call_playing(call, fake)
         await fake.drop_all()  # the goodbye is still playing: the call was ending, and must still end
         outcome = await call.outcome(timeout=8)
     assert (outcome.status, outcome.end_reason, outcome.end_detail) == (
