@@ -19,10 +19,11 @@ import pytest
 
 from engine.knowledge.chunking import split_into_chunks
 from engine.knowledge.crawl import CrawlLimits
-from engine.knowledge.extract import UnreadableDocument, extract_text, sniff_mime_type
-from engine.knowledge.extract_process import ExtractLimits
+from engine.knowledge.extract import extract_text, sniff_mime_type
+from engine.knowledge.extract_process import IN_THREAD_MAX, ExtractLimits
 from engine.knowledge.ingestion import IngestionSettings, IngestionWorker
 from engine.knowledge.lookup import KnowledgeLookup
+from engine.knowledge.unreadable import UnreadableDocument
 from pipelines.knowledge import NO_PASSAGES, KnowledgeFunction, PassageAnswerer, answer_from_passage
 from pipelines.llm.base import ConversationTurn, TextDelta
 from pipelines.llm.conversation_path import ConversationPathLLM
@@ -404,3 +405,27 @@ async def test_a_file_that_needs_more_memory_than_allowed_ends_in_error(pool: as
     await worker.stop()
     status, error = await status_of(pool, document_id)
     assert status == "ERROR" and error == "the file needs more than 150 MB of memory to read"
+
+
+async def test_a_long_text_is_cut_by_a_child_process_within_the_reading_limits(pool: asyncpg.Pool) -> None:
+    # Cut in a thread of the engine, a long text held the calls' event loop (a regular expression over a whole
+    # paragraph holds the GIL: a quarter of a second for 10 MB). Past IN_THREAD_MAX it is cut by a child process,
+    # within the limits a file's reading has, into the same passages.
+    org = await insert_organization(pool)
+    content = " ".join(f"Crossing {n} of the Carnelian ferry leaves at noon." for n in range(2000))
+    assert len(content) > IN_THREAD_MAX
+    kb_id, document_id = await text_document(pool, org, content)
+    worker = IngestionWorker(pool, quick())
+    await worker.run_once()
+    await worker.stop()
+    assert await status_of(pool, document_id) == ("READY", None)
+    rows = await pool.fetch(
+        'SELECT "content" FROM "KnowledgeBaseChunk" WHERE "documentId" = $1 ORDER BY "position"', document_id
+    )
+    assert [row["content"] for row in rows] == split_into_chunks(content, size=200, overlap=40)
+
+    _, slow_id = await text_document(pool, org, content, kb_id=kb_id)
+    worker = IngestionWorker(pool, quick(extract=ExtractLimits(timeout=0.001)))
+    await worker.run_once()
+    await worker.stop()
+    assert await status_of(pool, slow_id) == ("ERROR", "the text took longer than 0.001 s to cut into passages")

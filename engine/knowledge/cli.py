@@ -15,9 +15,10 @@ from typing import Any, TextIO
 
 from config.settings import Settings
 from engine.knowledge.embeddings import embedder_from_settings
-from engine.knowledge.extract import UnreadableDocument, sniff_mime_type
+from engine.knowledge.extract import sniff_mime_type
 from engine.knowledge.ingestion import IngestionSettings, IngestionWorker
 from engine.knowledge.lookup import KnowledgeLookup
+from engine.knowledge.unreadable import UnreadableDocument
 from pipelines.clients import ProviderClients
 from storage import Pool, knowledge_bases, organizations
 from storage.enums import DocumentType

@@ -17,6 +17,8 @@ import filetype
 import trafilatura
 from markdown_it import MarkdownIt
 
+from engine.knowledge.unreadable import UnreadableDocument
+
 PDF: Final = "application/pdf"
 DOCX: Final = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
 HTML: Final = "text/html"
@@ -28,10 +30,6 @@ SUPPORTED: Final = (PDF, DOCX, HTML, CSV, MARKDOWN, PLAIN)
 _HTML_START = re.compile(rb"^\s*(<!doctype\s+html|<html[\s>]|<head[\s>]|<body[\s>])", re.IGNORECASE)
 _MARKDOWN_NAMES = (".md", ".markdown", ".mdown", ".mkd")
 _CSV_SAMPLE = 64 * 1024
-
-
-class UnreadableDocument(ValueError):
-    """The bytes are not a supported document, or hold no text; the message says which (shown to the user)."""
 
 
 @dataclass(frozen=True, slots=True)

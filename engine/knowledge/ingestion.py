@@ -4,12 +4,12 @@ Documents are claimed under a lease (storage.knowledge_ingestion), up to `concur
 content, a FILE's stored bytes (parsed by type, storage.knowledge_bases keeps them) or a WEBSITE's crawled pages
 become overlapping chunks, written with their tsvectors in one transaction that marks the document READY. A
 document that cannot be read (an unsupported file, robots.txt forbids the site) is marked ERROR at once with the
-reason; other failures are retried with backoff and marked ERROR after `max_attempts`. A file is parsed in a child
-process within time and memory limits (engine/knowledge/extract_process.py), other text is chunked in a thread: off
-the event loop that carries calls. The worker looks for due documents every `poll_interval`, and at once when
-this process's API queues one (`wake`). With an embedder (vector search on), each round then embeds the passages
-not yet embedded by its model, in batches (engine/knowledge/embeddings.py): new ones, and all of them after a change
-of model.
+reason; other failures are retried with backoff and marked ERROR after `max_attempts`. A file is read and cut into
+passages in a child process within time and memory limits (engine/knowledge/extract_process.py), and so is any
+long text; short texts are cut in a thread: all of it off the event loop that carries calls. The worker looks for
+due documents every `poll_interval`, and at once when this process's API queues one (`wake`). With an embedder
+(vector search on), each round then embeds the passages not yet embedded by its model, in batches
+(engine/knowledge/embeddings.py): new ones, and all of them after a change of model.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ import aiohttp
 from aiohttp import web
 
 from config.settings import Settings
-from engine.knowledge.chunking import split_into_chunks
 from engine.knowledge.crawl import USER_AGENT, CrawlFailed, CrawlLimits, crawl_site
 from engine.knowledge.embeddings import EmbeddingFailed, OpenAIEmbedder, embed_pending_passages, embedder_from_settings
-from engine.knowledge.extract import UnreadableDocument
-from engine.knowledge.extract_process import ExtractLimits, extract_text_in_process
+from engine.knowledge.extract_process import ExtractLimits, PassageSizes, file_passages, text_passages
+from engine.knowledge.unreadable import UnreadableDocument
 from engine.server.appkeys import DATABASE, PROVIDER_CLIENTS, SETTINGS
 from pipelines.url_safety import PublicAddressResolver
 from storage import Pool, knowledge_ingestion
@@ -212,23 +211,22 @@ class IngestionWorker:
             log.warning("knowledge document %s: its lease ran out before it was indexed", claim.document_id)
 
     async def _read(self, claim: ClaimedDocument) -> _Read:
-        size, overlap = self._settings.chunk_chars, self._settings.chunk_overlap
+        sizes = PassageSizes(self._settings.chunk_chars, self._settings.chunk_overlap)
+        limits = self._settings.extract
         if claim.type is DocumentType.TEXT:
-            chunks = await asyncio.to_thread(split_into_chunks, claim.content or "", size=size, overlap=overlap)
-            return _Read(chunks)
+            return _Read(await text_passages(claim.content or "", sizes=sizes, limits=limits))
         if claim.type is DocumentType.FILE:
             data = await knowledge_ingestion.stored_file(self._pool, claim)
             if data is None:
                 raise UnreadableDocument("no file was uploaded for this document; upload it with the file endpoint")
-            document = await extract_text_in_process(data, name=claim.name, limits=self._settings.extract)
-            chunks = await asyncio.to_thread(split_into_chunks, document.text, size=size, overlap=overlap)
-            return _Read(chunks, file_size=len(data), mime_type=document.mime_type)
+            read = await file_passages(data, name=claim.name, sizes=sizes, limits=limits)
+            return _Read(read.chunks, file_size=len(data), mime_type=read.mime_type)
         if claim.url is None:
             raise UnreadableDocument("a WEBSITE document needs its url")
         pages = await crawl_site(self._http(), claim.url, self._settings.crawl)
         chunks = []
-        for page in pages:  # chunked page by page: a passage never joins two pages
-            chunks += await asyncio.to_thread(split_into_chunks, page.text, size=size, overlap=overlap)
+        for page in pages:  # cut page by page: a passage never joins two pages
+            chunks += await text_passages(page.text, sizes=sizes, limits=limits)
         return _Read(chunks)
 
     async def _failed(self, claim: ClaimedDocument, reason: str, *, permanent: bool) -> None:

@@ -11,9 +11,10 @@ from engine.api.models import LongText, Name, RequestModel, ResponseModel, Short
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
 from engine.api.uploads import read_upload
-from engine.knowledge.extract import UnreadableDocument, sniff_mime_type
+from engine.knowledge.extract import sniff_mime_type
 from engine.knowledge.ingestion import INGESTION_WORKER, KNOWLEDGE_EMBEDDER
 from engine.knowledge.lookup import KnowledgeLookup
+from engine.knowledge.unreadable import UnreadableDocument
 from engine.server.appkeys import DATABASE, SETTINGS
 from storage import knowledge_bases
 from storage.enums import DocumentType
