@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     deepgram_url: str = _env("DEEPGRAM_URL", "deepgram_url", "wss://api.deepgram.com")
     openai_base_url: str = _env("OPENAI_BASE_URL", "openai_base_url", "https://api.openai.com/v1")
     elevenlabs_url: str = _env("ELEVENLABS_URL", "elevenlabs_url", "https://api.elevenlabs.io")
+    # A Deepgram socket that stays open but sends nothing for this long (s) once the caller has spoken a second since
+    # its last message is dropped as dead: reconnected, then failed over like a closed one.
+    deepgram_silent_socket_timeout: float = _env(
+        "DIALTONE_DEEPGRAM_SILENT_SOCKET_TIMEOUT", "deepgram_silent_socket_timeout", 5.0, gt=0, le=60
+    )
     # Agent tools may call webhooks; addresses on loopback or private networks are refused unless allowed.
     allow_private_tool_urls: bool = _env("DIALTONE_ALLOW_PRIVATE_TOOL_URLS", "allow_private_tool_urls", False)
     # Call-event webhooks: the same refusal of private addresses, then how deliveries are sent and retried (s).

@@ -388,7 +388,14 @@ def _deepgram(option: DeepgramSTTConfig, key: str | None, build: _Build) -> Spee
     from pipelines.stt.deepgram import DeepgramSTT  # the SDK loads only for agents that use it
 
     context = build.context
-    return DeepgramSTT(option, clients=context.clients, api_key=key or "", url=context.settings.deepgram_url)
+    settings = context.settings
+    return DeepgramSTT(
+        option,
+        clients=context.clients,
+        api_key=key or "",
+        url=settings.deepgram_url,
+        silent_socket_seconds=settings.deepgram_silent_socket_timeout,
+    )
 
 
 def _sphinx(option: SphinxSTTConfig, key: str | None, build: _Build) -> SpeechToText:

@@ -171,13 +171,15 @@ async def call_on(
     low_water: LowWaterLog | None = None,
     clock: Callable[[], float] = time.monotonic,
     driver_start_s: float = 0.0,
+    engine_settings: Mapping[str, Any] = {},
     **behaviour: Any,
 ) -> AsyncIterator[Rig]:
     """Run a call on `kind`'s driver; on exit the caller hangs up if it still runs and the CallLog is finished.
 
     With `credit_minute_s`, the call extends its credit reservation as the engine's do, that often. With
     `low_water`, the call paces the reading of its socket, `low_water` standing in for the socket. The call keeps
-    time by `clock`; its driver takes `driver_start_s` longer to start (a provider slow to connect)."""
+    time by `clock`; its driver takes `driver_start_s` longer to start (a provider slow to connect). The engine's
+    settings are the test's fakes' plus `engine_settings`."""
     async with AsyncExitStack() as stack:
         deepgram = await stack.enter_async_context(FakeDeepgram(api_key="dg"))
         openai = await stack.enter_async_context(FakeOpenAI(api_key=OPENAI_KEY))
@@ -194,6 +196,7 @@ async def call_on(
             openai_api_key=OPENAI_KEY,
             deepgram_url=deepgram.url,
             openai_base_url=openai.base_url,
+            **engine_settings,
         )
         clients = ProviderClients()
         stack.push_async_callback(clients.aclose)

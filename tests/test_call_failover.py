@@ -11,10 +11,14 @@ import asyncpg
 from engine.call.driver import DEFAULT_APOLOGY
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus
-from tests.test_call_drivers import PIPELINE, call_on
+from tests.speech import spoken_frames
+from tests.test_call_drivers import PIPELINE, Rig, call_on
 from tests.test_realtime_session import speech, until
 
 TWO_MODELS = [{"provider": "openai", "model": "gpt-4o-mini"}, {"provider": "openai", "model": "gpt-4.1-mini"}]
+DEEPGRAM_THEN_SPHINX = [{"provider": "deepgram", "endpointing": 300}, {"provider": "sphinx"}]
+QUICK_SILENT_SOCKET = {"deepgram_silent_socket_timeout": 0.3}
+"""Deepgram's socket counts as dead 0.3 s after the caller's speech goes unanswered (5 s by default)."""
 
 
 async def test_a_model_failing_mid_reply_hands_over_to_the_next_with_an_apology(pool: asyncpg.Pool) -> None:
@@ -84,3 +88,37 @@ async def test_a_realtime_agent_whose_model_cannot_be_reached_at_all_runs_on_its
         ("caller", "I need an appointment"),
         ("agent", "Sure, what day works for you?"),  # no apology: nobody had heard the agent
     ]
+
+
+async def deepgram_goes_mute_after_its_first_answer(rig: Rig) -> None:
+    """The caller's first turn is answered; then Deepgram's sockets stay open, take the audio and say nothing."""
+    rig.reply("Sure.")
+    rig.caller_says("I need an appointment")
+    await rig.wait_for_turns(2)
+    await until(lambda: rig.line.playback.queued_bytes == 0, timeout=15)
+    rig.deepgram.mute = True
+
+
+async def test_a_deepgram_socket_gone_silent_hands_over_to_the_next_recognizer_which_answers_the_caller(
+    pool: asyncpg.Pool,
+) -> None:
+    async with call_on("pipeline", pool, stt=DEEPGRAM_THEN_SPHINX, engine_settings=QUICK_SILENT_SOCKET) as rig:
+        await deepgram_goes_mute_after_its_first_answer(rig)
+        rig.reply("Tuesday at ten is free.")
+        rig.line.say(b"".join(await spoken_frames("I would like tuesday at ten in the morning please")))
+        turns = await rig.wait_for_turns(4, timeout=20)
+    spoken = [(t.speaker, t.text) for t in turns]
+    assert spoken[2][0] == "caller" and spoken[2][1]  # heard by PocketSphinx, from the replay of the turn
+    assert spoken[3] == ("agent", "Tuesday at ten is free.")
+    assert rig.deepgram.connections > 1  # the silent socket was first replaced, like a dropped one
+
+
+async def test_a_deepgram_socket_gone_silent_with_no_other_recognizer_ends_the_call_failed_stt(
+    pool: asyncpg.Pool,
+) -> None:
+    async with call_on("pipeline", pool, engine_settings=QUICK_SILENT_SOCKET) as rig:
+        await deepgram_goes_mute_after_its_first_answer(rig)
+        rig.line.say(speech(1500))
+        outcome = await rig.outcome(timeout=15)  # well before the agent's silence limit (30 s)
+    assert (outcome.status, outcome.end_reason) == (CallStatus.FAILED, EndReason.STT_FAILED)
+    assert outcome.end_detail and "sent nothing" in outcome.end_detail

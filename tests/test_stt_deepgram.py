@@ -50,10 +50,10 @@ def recognizer(fake: FakeDeepgram, **options: Any) -> DeepgramSTT:
     return DeepgramSTT(config(**stt_options), clients=CLIENTS, api_key=API_KEY, url=fake.url, **settings)
 
 
-async def feed(stt: DeepgramSTT, frames: Sequence[bytes]) -> None:
+async def feed(stt: DeepgramSTT, frames: Sequence[bytes], *, voiced: bool = True) -> None:
     """Send frames faster than real time (the fake keeps audio time), yielding to the loop as Twilio's reader does."""
     for frame in frames:
-        stt.send_audio(frame)
+        stt.send_audio(frame, voiced=voiced)
         await asyncio.sleep(0)
 
 
@@ -312,6 +312,73 @@ async def test_when_every_reconnect_is_refused_events_raise_stt_error(fake: Fake
                 pass
     assert fake.refused == len(FAST_RECONNECT)
     await stt.close()
+
+
+async def paced(stt: DeepgramSTT, frames: Sequence[bytes], *, voiced: bool) -> None:
+    """Send frames at Twilio's pace (one each 20 ms), with the engine's VAD's verdict on them."""
+    for frame in frames:
+        stt.send_audio(frame, voiced=voiced)
+        await asyncio.sleep(0.02)
+
+
+async def test_a_socket_that_goes_silent_while_the_caller_speaks_is_replaced_and_the_turn_still_ends(
+    fake: FakeDeepgram,
+) -> None:
+    fake.transcripts.append("tuesday please")
+    stt = recognizer(fake, silent_socket_seconds=0.3)
+    await stt.start()
+    await feed(stt, speech(400) + silent_frames(400))
+    await collect(stt, is_end_of_turn)
+    fake.mute = True  # the socket stays open and takes the audio, but answers nothing
+    await feed(stt, speech(1200))
+    await until(lambda: fake.connections == 2)
+    fake.mute = False
+    await feed(stt, speech(200) + silent_frames(400))
+    events = await collect(stt, is_end_of_turn)
+    await stt.close()
+    # The new socket heard the speech the silent one never answered, on the stream timeline: 800 + 1400 + 300 ms.
+    assert events[-1] == EndOfTurn(text="tuesday please", at_ms=2500)
+    assert fake.connections == 2
+
+
+async def test_a_socket_that_stays_silent_while_the_caller_speaks_ends_the_events_with_stt_error(
+    fake: FakeDeepgram,
+) -> None:
+    stt = recognizer(fake, silent_socket_seconds=0.3)
+    await stt.start()
+    await feed(stt, speech(400) + silent_frames(400))
+    await collect(stt, is_end_of_turn)
+    fake.mute = True  # every socket, the new ones too: a Deepgram stuck behind open sockets
+    await feed(stt, speech(1200))
+    with pytest.raises(STTError, match=r"sent nothing for 0.3 s while the caller spoke.*could not reconnect"):
+        async with asyncio.timeout(5):
+            async for _event in stt.events():
+                pass
+    await stt.close()
+    assert fake.connections == 1 + len(FAST_RECONNECT)
+
+
+async def test_caller_silence_and_keepalives_never_drop_a_socket_that_says_nothing(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake, silent_socket_seconds=0.1, keepalive_seconds=0.1)
+    await stt.start()
+    await paced(stt, speech(600), voiced=True)  # answered
+    await paced(stt, silent_frames(600), voiced=False)  # the caller listens: Deepgram has nothing more to say
+    await asyncio.sleep(0.5)  # no audio at all: KeepAlive only
+    await stt.close()
+    assert fake.keepalives > 0
+    assert fake.connections == 1
+
+
+async def test_short_voiced_audio_deepgram_does_not_answer_never_drops_the_socket(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake, silent_socket_seconds=0.1)
+    await stt.start()
+    # Quiet audio the engine's VAD takes for speech and Deepgram hears nothing in, shorter than a second.
+    await paced(stt, silent_frames(900), voiced=True)
+    await paced(stt, silent_frames(300), voiced=False)
+    answered = list(fake.listens[0].sent)
+    await stt.close()
+    assert answered == []
+    assert fake.connections == 1
 
 
 async def test_events_already_received_are_yielded_before_the_stt_error(fake: FakeDeepgram) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,6 +51,9 @@ after the last voiced frame, for a recognizer whose idea of the end of speech le
 with the first of them."""
 HOT_MARGIN_MS = 100
 """... until this long after it, for one whose idea lags ours."""
+UNANSWERED_SPEECH_MS = 1000
+"""Voiced caller audio sent since Deepgram's last message (of any kind) before its silence counts against the socket:
+with interim results Deepgram answers speech about every second; to less speech, or to silence, it may say nothing."""
 
 # The control messages as the SDK's send_finalize() and the like write them (json.dumps of the message model's
 # dict), written once: the SDK builds a pydantic model, its dict and its JSON for each (about 10 µs when warm).
@@ -136,6 +140,7 @@ class DeepgramSTT:
         reconnect_delays: Sequence[float] = (0.1, 0.3, 1.0),
         max_replay_ms: int = 10_000,
         keepalive_seconds: float = 3.0,
+        silent_socket_seconds: float = 5.0,
     ) -> None:
         """Create a recognizer for `config` at Deepgram base `url`; nothing connects until `start()`.
 
@@ -143,7 +148,10 @@ class DeepgramSTT:
 
         After a drop it reconnects after each of `reconnect_delays` in turn, replaying at most the last
         `max_replay_ms` of audio no final result has covered; `KeepAlive` goes out after `keepalive_seconds`
-        without audio.
+        without audio. A socket that stays open but sends nothing at all for `silent_socket_seconds` once
+        `UNANSWERED_SPEECH_MS` of the caller's voiced audio has gone out since its last message is dropped as dead
+        (with interim results on, as they are by default: without them Deepgram may rightly say nothing until the
+        caller pauses).
         """
         self._client = clients.deepgram(api_key, url)
         self._host = urlsplit(url).netloc
@@ -168,6 +176,14 @@ class DeepgramSTT:
         self._wake = Wakeup()
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._last_sent = 0.0
+        # The caller's voiced audio since Deepgram's last message, counted on the audio path; past the limit, one
+        # timer watches for the socket's answer (see _watch_for_an_answer).
+        self._unanswered_bytes = 0
+        self._unanswered_limit = UNANSWERED_SPEECH_MS * BYTES_PER_MS if config.interim_results else sys.maxsize
+        self._silent_socket_seconds = silent_socket_seconds
+        self._answer_timer: asyncio.TimerHandle | None = None
+        self._answered = False  # the current socket has sent something
+        self._silent_cause: str | None = None  # why the current socket was dropped as dead, if it was
         self._events: SingleWaiterQueue[STTEvent | STTError | object] = SingleWaiterQueue()
         self._turn: list[str] = []
         self._heard_to_ms = 0
@@ -233,6 +249,9 @@ class DeepgramSTT:
         if voiced:
             self._quiet_bytes = 0
             due = pending >= SPEECH_BATCH_MS * BYTES_PER_MS
+            self._unanswered_bytes += len(ulaw)
+            if self._unanswered_bytes >= self._unanswered_limit and self._answer_timer is None:
+                self._watch_for_an_answer()
         else:
             quiet = self._quiet_bytes = self._quiet_bytes + len(ulaw)
             start, end = self._endpointing_window
@@ -307,8 +326,11 @@ class DeepgramSTT:
         while not self._closing:
             try:
                 async with self._client.listen.v1.connect(**self._params) as socket:
-                    attempt = 0
                     cause = await self._stream(socket)
+                    if self._answered:
+                        # Reconnected for good only once the socket has said something: one that opens and then
+                        # closes, or stays silent, at once each time is not a working Deepgram.
+                        attempt = 0
             except (ApiError, OSError, WebSocketException) as exc:
                 # TimeoutError (the handshake's own timeout) is an OSError.
                 cause = self._connect_failure(exc)
@@ -330,8 +352,12 @@ class DeepgramSTT:
         self._origin = self._sent_to = self._audio_start
         self._replayed_to = self._audio_start + len(self._audio)
         self._socket = socket
+        self._answered = False
+        self._silent_cause = None
         if self._opened is not None and not self._opened.done():
             self._opened.set_result(None)
+        if self._unanswered_bytes >= self._unanswered_limit:
+            self._watch_for_an_answer()  # the replay carries the speech the last socket never answered
         self._wake.set()
         sender = asyncio.create_task(self._send(socket), name=f"deepgram-stt sender {self._host}")
         try:
@@ -343,6 +369,9 @@ class DeepgramSTT:
             if self._keepalive_timer is not None:
                 self._keepalive_timer.cancel()
                 self._keepalive_timer = None
+            if self._answer_timer is not None:
+                self._answer_timer.cancel()
+                self._answer_timer = None
 
     async def _send(self, socket: AsyncV1SocketClient) -> None:
         """The one sender: whatever audio is pending as one message, `KeepAlive` when idle, the close messages.
@@ -387,6 +416,32 @@ class DeepgramSTT:
         self._keepalive_timer = None
         self._wake.set()
 
+    def _watch_for_an_answer(self) -> None:
+        """Drop the socket if it sends nothing within `silent_socket_seconds` (the caller's speech went unanswered).
+
+        One timer per recognizer, set when the unanswered speech passes its limit and cancelled by any message: a
+        healthy socket hearing speech sends interim results about every second, so this never fires on one. Silence
+        and KeepAlive periods add nothing to the count, and a Finalize's answer is not waited for (Deepgram sends
+        none when it holds no audio to finalize).
+        """
+        if self._socket is None or self._closing:
+            return  # a new socket starts the watch again with its replay
+        loop = asyncio.get_running_loop()
+        self._answer_timer = loop.call_later(self._silent_socket_seconds, self._socket_silent)
+
+    def _socket_silent(self) -> None:
+        self._answer_timer = None
+        socket = self._socket
+        if socket is None or self._closing:
+            return
+        self._silent_cause = (
+            f"deepgram at {self._host} sent nothing for {self._silent_socket_seconds:g} s"
+            f" while the caller spoke ({self._unanswered_bytes // BYTES_PER_MS} ms of speech unanswered)"
+        )
+        # Aborted, not closed: a close handshake would wait on a server that answers nothing. The receiver sees the
+        # connection lost and the socket is replaced like any dropped one.
+        socket._websocket.transport.abort()
+
     async def _receive(self, socket: AsyncV1SocketClient) -> str:
         """Turn Deepgram's messages into events until the socket closes; return why it closed.
 
@@ -399,7 +454,12 @@ class DeepgramSTT:
             try:
                 data = await websocket.recv()
             except ConnectionClosed as exc:
-                return self._close_cause(exc)
+                return self._silent_cause or self._close_cause(exc)
+            self._answered = True
+            self._unanswered_bytes = 0
+            if self._answer_timer is not None:
+                self._answer_timer.cancel()
+                self._answer_timer = None
             try:
                 message = json.loads(data)
             except ValueError:

@@ -77,7 +77,9 @@ class FakeDeepgram:
     """`/v1/listen` WebSockets on 127.0.0.1, transcribing caller speech as the next scripted transcript.
 
     Controls: `transcripts` (FIFO: each final result takes the next, then `default_transcript`), `refuse` (new
-    handshakes fail with HTTP 503 while true), `drop_all()` (cut every live socket like a network failure),
+    handshakes fail with HTTP 503 while true), `drop_all()` (cut every live socket like a network failure), `mute`
+    (while true, every socket, new ones too, stays open and takes audio and control messages but sends nothing: a
+    service stuck behind an open socket; what it would have said is dropped, not delayed),
     `result_delay_ms` (each Results message goes out this much later), `final_delay_ms` and `finalize_delay_ms`
     (see `__init__`), `garbage` (raw text frames sent, one each,
     before the next Results messages: broken JSON, wrong shapes). Observations: `listens` (one
@@ -110,6 +112,7 @@ class FakeDeepgram:
         self.idle_timeout_seconds = idle_timeout_seconds
         self.refuse = False
         self.refused = 0
+        self.mute = False
         self.garbage: deque[str] = deque()
         self.listens: list[FakeListenConnection] = []
         self.url = ""
@@ -261,6 +264,8 @@ class FakeDeepgram:
                     return
                 if (wait := item.due - loop.time()) > 0:
                     await asyncio.sleep(wait)
+                if self.mute:
+                    continue
                 if isinstance(item.payload, str):
                     await ws.send_str(item.payload)  # garbage, as it is
                     continue
