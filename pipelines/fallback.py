@@ -75,6 +75,7 @@ class FallbackSTT:
         self._index = -1
         self._active: SpeechToText | None = None
         self._recent = bytearray()  # the caller's audio since the last end of turn, bounded
+        self._recent_voiced = False  # whether the engine's VAD heard the caller in it
         self._max_recent = replay_ms * BYTES_PER_MS
         self._received_bytes = 0
         self._offset_ms = 0  # where the active recognizer's stream began on the call's timeline
@@ -110,7 +111,9 @@ class FallbackSTT:
             self._active = candidate
             self._offset_ms = (self._received_bytes - (len(self._recent) if replay else 0)) // BYTES_PER_MS
             if replay and self._recent:
-                candidate.send_audio(bytes(self._recent))
+                # Not called speech when it holds none: a recognizer may rightly say nothing to silence (DeepgramSTT
+                # takes unanswered speech as a dead socket).
+                candidate.send_audio(bytes(self._recent), voiced=self._recent_voiced)
             return
         self._active = None
         raise STTError("; ".join(errors) or "no speech-to-text provider left")
@@ -119,6 +122,7 @@ class FallbackSTT:
         """Pass audio to the active recognizer and keep it for a replay."""
         self._received_bytes += len(ulaw)
         self._recent += ulaw
+        self._recent_voiced |= voiced
         if len(self._recent) > 2 * self._max_recent:  # trimmed in bulk: no memmove per frame
             del self._recent[: len(self._recent) - self._max_recent]
         if self._active is not None:
@@ -147,6 +151,7 @@ class FallbackSTT:
                 async for event in active.events():
                     if isinstance(event, EndOfTurn):
                         self._recent.clear()
+                        self._recent_voiced = False
                     yield dataclasses.replace(event, at_ms=event.at_ms + self._offset_ms)
                 return
             except STTError as exc:

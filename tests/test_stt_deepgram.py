@@ -11,6 +11,7 @@ import pytest
 
 from config.agent import DeepgramSTTConfig
 from pipelines.clients import ProviderClients
+from pipelines.fallback import FallbackSTT
 from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, STTEvent, TranscriptUpdate
 from pipelines.stt.deepgram import DeepgramSTT
 from tests.fakes.deepgram import FakeDeepgram
@@ -50,7 +51,7 @@ def recognizer(fake: FakeDeepgram, **options: Any) -> DeepgramSTT:
     return DeepgramSTT(config(**stt_options), clients=CLIENTS, api_key=API_KEY, url=fake.url, **settings)
 
 
-async def feed(stt: DeepgramSTT, frames: Sequence[bytes], *, voiced: bool = True) -> None:
+async def feed(stt: DeepgramSTT | FallbackSTT, frames: Sequence[bytes], *, voiced: bool = True) -> None:
     """Send frames faster than real time (the fake keeps audio time), yielding to the loop as Twilio's reader does."""
     for frame in frames:
         stt.send_audio(frame, voiced=voiced)
@@ -314,7 +315,7 @@ async def test_when_every_reconnect_is_refused_events_raise_stt_error(fake: Fake
     await stt.close()
 
 
-async def paced(stt: DeepgramSTT, frames: Sequence[bytes], *, voiced: bool) -> None:
+async def paced(stt: DeepgramSTT | FallbackSTT, frames: Sequence[bytes], *, voiced: bool) -> None:
     """Send frames at Twilio's pace (one each 20 ms), with the engine's VAD's verdict on them."""
     for frame in frames:
         stt.send_audio(frame, voiced=voiced)
@@ -379,6 +380,37 @@ async def test_short_voiced_audio_deepgram_does_not_answer_never_drops_the_socke
     await stt.close()
     assert answered == []
     assert fake.connections == 1
+
+
+async def test_a_fallback_deepgram_given_only_silence_to_replay_is_not_dropped_for_not_answering_it(
+    fake: FakeDeepgram,
+) -> None:
+    async with FakeDeepgram(api_key=API_KEY) as second:
+        stt = FallbackSTT(
+            [
+                ("deepgram", lambda: recognizer(fake, silent_socket_seconds=0.1)),
+                ("deepgram", lambda: recognizer(second, silent_socket_seconds=0.1)),
+            ]
+        )
+        await stt.start()
+        events: list[STTEvent] = []
+        listening = asyncio.create_task(_collect_into(stt, events))
+        await feed(stt, speech(400))
+        await feed(stt, silent_frames(400), voiced=False)
+        await until(lambda: any(isinstance(event, EndOfTurn) for event in events))
+        await feed(stt, silent_frames(1500), voiced=False)  # the caller listens to the agent
+        fake.refuse = True
+        await fake.drop_all()  # the first recognizer is lost for good: the second hears the silence replayed
+        await until(lambda: second.connections == 1)
+        await paced(stt, silent_frames(400), voiced=False)
+        await stt.close()
+        listening.cancel()
+    assert second.connections == 1  # its answer to the replayed silence was not waited for
+
+
+async def _collect_into(stt: FallbackSTT, events: list[STTEvent]) -> None:
+    async for event in stt.events():
+        events.append(event)
 
 
 async def test_events_already_received_are_yielded_before_the_stt_error(fake: FakeDeepgram) -> None:
