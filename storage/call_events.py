@@ -1,7 +1,7 @@
 """Call events for webhook subscribers: their payloads, queued in the transaction of the change each reports.
 
-call.started is queued by the first write of a call's media session (the one that tags the call with its engine
-node), call.ended by the UPDATE that ends the call, transcript.updated by each write of new turns.
+call.started is queued when a media stream takes the call (the write that tags it with its engine node), call.ended
+by the UPDATE that ends the call, transcript.updated by each write of new turns.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from storage.end_reasons import EndReason
-from storage.errors import NotFound
 from storage.records import Queryable
 from storage.webhook_outbox import WebhookEvent, enqueue_event
 
@@ -56,32 +55,15 @@ def call_ended_data(call: CallLog) -> dict[str, Any]:
     }
 
 
-async def enqueue_call_started(conn: Queryable, *, organization_id: str, call_log_id: str) -> int:
-    """Queue call.started unless the call's media session already started (metadata.engineNode is set).
-
-    Locks the call's row, so call it in the transaction that writes metadata.engineNode: a retried first write
-    queues nothing twice. Returns how many deliveries were queued; NotFound if the organization has no such call.
-    """
-    row = await conn.fetchrow(
-        """
-        SELECT "id", "callId", "callType", "agentId", "campaignId", "customer", "phoneNumber", "metadata",
-               "timestamp"
-        FROM "CallLog" WHERE "id" = $1 AND "organizationId" = $2
-        FOR UPDATE
-        """,
-        call_log_id,
-        organization_id,
-    )
-    if row is None:
-        raise NotFound("CallLog", call_log_id)
-    if "engineNode" in row["metadata"]:
-        return 0
+async def enqueue_call_started(conn: Queryable, call: CallLog) -> int:
+    """Queue call.started for a call a media stream has just taken (`call_logs.claim_stream`, in its transaction);
+    returns how many deliveries were queued."""
     return await enqueue_event(
         conn,
-        organization_id=organization_id,
+        organization_id=call.organization_id,
         event=WebhookEvent.CALL_STARTED,
-        data=_call_data(row),
-        agent_id=row["agentId"],
+        data=_call_data(call.model_dump(by_alias=True)),
+        agent_id=call.agent_id,
     )
 
 

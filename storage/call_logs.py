@@ -445,6 +445,39 @@ async def adopt_call_id(db: Queryable, *, call_log_id: str, call_id: str) -> Cal
     return CallLog.from_row(row) if row is not None else None
 
 
+async def claim_stream(db: Queryable, *, call_log_id: str, call_id: str, node_id: str) -> CallLog | None:
+    """Take a call for the media stream engine node `node_id` has just seen start: the call's first write.
+
+    The stream names the call twice, by CallSid and by CallLog id (an outbound call whose CallSid is not stored yet
+    adopts it here, as `adopt_call_id` does); the call must be IN_PROGRESS and taken by no stream yet. One
+    conditional UPDATE tags it with the node (metadata.engineNode) and queues call.started with it, so of two
+    streams racing for one call, on one node or on two, exactly one wins; from then on the call is that node's to
+    end (or recovery's, should the node die), not a status callback's. Returns the call taken, or None: no such
+    call, not in progress, or taken already. Unscoped by design: the stream knows only what Twilio sent.
+    """
+    async with transaction(db) as conn:
+        with translate_errors():
+            row = await conn.fetchrow(
+                f"""
+                UPDATE "CallLog" SET
+                    "callId" = $2,
+                    "metadata" = "metadata" || jsonb_build_object('engineNode', $3::text)
+                WHERE "id" = $1 AND ("callId" = $2 OR starts_with("callId", $4))
+                  AND "status" = 'IN_PROGRESS' AND NOT "metadata" ? 'engineNode'
+                RETURNING {_COLUMNS}
+                """,
+                call_log_id,
+                call_id,
+                node_id,
+                PENDING_CALL_ID_PREFIX,
+            )
+        if row is None:
+            return None
+        claimed = CallLog.from_row(row)
+        await call_events.enqueue_call_started(conn, claimed)
+    return claimed
+
+
 async def merge_metadata(
     db: Queryable, *, organization_id: str, call_log_id: str, metadata: Mapping[str, Any]
 ) -> CallLog:

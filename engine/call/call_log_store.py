@@ -36,7 +36,7 @@ class CallLogStore:
 
     async def write(self, batch: list[TurnRecord], metadata: dict[str, Any]) -> None:
         """Write a batch of turns and metadata, with their webhook events; idempotent."""
-        if "engineNode" not in metadata and not self._subscribed:
+        if not self._subscribed:
             # Nobody subscribes to the turns (the usual case): one statement writes them, one round trip.
             if await call_turns.insert_turns_unless_subscribed(
                 self._pool,
@@ -50,11 +50,6 @@ class CallLogStore:
                 return
             self._subscribed = True  # from now on the turns and their events share a transaction
         async with transaction(self._pool) as conn:
-            if "engineNode" in metadata:
-                # The media session's first write: the call has started (queued once, even if this is a retry).
-                await call_events.enqueue_call_started(
-                    conn, organization_id=self._organization_id, call_log_id=self._call_log_id
-                )
             inserted = await call_turns.insert_turns(
                 conn,
                 organization_id=self._organization_id,

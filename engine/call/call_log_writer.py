@@ -7,8 +7,8 @@ the charge of its started minutes against its credit reservation. Every write is
 lost acknowledgement changes nothing.
 When the database stays away longer than memory or the finish's patience allow, the call's records go to the
 engine's spill on local disk instead, in order, and the engine writes them when the database returns.
-Webhook events ride on the same transactions: call.started with the first write, transcript.updated with each
-new turn (only when something subscribes), call.ended with the ending.
+Webhook events ride on the same transactions: transcript.updated with each new turn (only when something
+subscribes), call.ended with the ending (call.started went out when the call's stream was taken, before the writer).
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ class CallLogWriter:
         )
         self._spilling = False  # this call's records go to the spill from now on, after those it already holds
         self._pending: deque[TurnRecord] = deque()
-        # Metadata not yet written; the first write tags the call with the node that runs it.
-        self._metadata: dict[str, Any] = {"engineNode": node_id}
+        # Metadata not yet written (the node that runs the call tagged it when its stream started: claim_stream).
+        self._metadata: dict[str, Any] = {}
         self._agent_latencies: list[int] = []
         self._lost_turns = 0
         self._inbound_gaps = {"count": 0, "totalMs": 0, "longestMs": 0}

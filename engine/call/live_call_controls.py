@@ -44,11 +44,13 @@ SessionCommand = Callable[[LiveCall, Mapping[str, Any]], Awaitable[Acknowledgeme
 
 async def hang_up_here(app: web.Application | ChainMapProxy, call_log_id: str, call_sid: str | None) -> EndedBy | None:
     """End the call if this process holds it: through Twilio when it can, else by closing the stream; None if the
-    call does not run here."""
+    call does not run here (or, without Twilio, is still being set up here)."""
     session = app[LIVE_CALLS].get(call_log_id)
-    if session is None:
-        return None
     twilio = app.get(TWILIO)
+    if session is None:
+        if app[LIVE_CALLS].starting(call_log_id) and twilio is not None and call_sid and await twilio.hang_up(call_sid):
+            return "twilio"  # its session, once set up, reads Twilio's stop
+        return None
     if twilio is not None and call_sid and await twilio.hang_up(call_sid):
         return "twilio"
     session.end_from_outside(EndReason.API_HANGUP, completed=True)

@@ -47,7 +47,7 @@ class LiveCalls:
     def __init__(self) -> None:
         """An empty registry."""
         self._sessions: dict[str, LiveCall] = {}
-        self._claimed: set[str] = set()
+        self._taken: set[str] = set()
         self._tasks: set[asyncio.Task[object]] = set()
 
     def __len__(self) -> int:
@@ -62,16 +62,17 @@ class LiveCalls:
         """The session running that call here, or None."""
         return self._sessions.get(call_log_id)
 
-    def claim(self, call_log_id: str) -> bool:
-        """Take a call for the media stream that will run it here; False if another stream has it already.
+    def take(self, call_log_id: str) -> None:
+        """Note a call whose media stream this process has taken (`call_logs.claim_stream`) and is setting up.
 
-        Setting a call up awaits the database and the providers before its session is added: a second stream for
-        the same call arriving meanwhile must find it taken, not run the call a second time. `remove` gives it back.
+        Until `add` registers its session, the call is `starting` here: the node the CallLog names, without a session
+        to command yet. `remove` forgets it.
         """
-        if call_log_id in self._claimed:
-            return False
-        self._claimed.add(call_log_id)
-        return True
+        self._taken.add(call_log_id)
+
+    def starting(self, call_log_id: str) -> bool:
+        """Whether this process has taken that call's stream and is still setting its session up."""
+        return call_log_id in self._taken and call_log_id not in self._sessions
 
     def add(self, call_log_id: str, session: LiveCall) -> None:
         """Register a running call; the current task is the one that runs it."""
@@ -84,7 +85,7 @@ class LiveCalls:
     def remove(self, call_log_id: str) -> None:
         """Forget a call that has finished, or whose stream gave it up before its session ran."""
         self._sessions.pop(call_log_id, None)
-        self._claimed.discard(call_log_id)
+        self._taken.discard(call_log_id)
 
     async def end_all(self, reason: EndReason, *, timeout: float = 30.0) -> None:
         """End every running call and wait (bounded) until their CallLogs are finished."""

@@ -93,25 +93,25 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
 
 
 async def _streamable_call_log(app: web.Application, started: Started) -> CallLog | None:
-    """The call's CallLog if this stream may run it, else None (logged).
+    """The call's CallLog, taken for this stream on this node, if the stream may run it; else None (logged).
 
-    The call must be one our voice webhook answered, still in progress, and not streaming already: the CallSid
-    and the CallLog id (both unguessable) have to match. The call returned is claimed in LIVE_CALLS for this stream
-    (`LiveCalls.claim`); the caller removes it there when it is done.
+    The call must be one our voice webhook answered (or an outbound call we placed), still in progress, and not
+    taken by another stream on any node: the CallSid and the CallLog id (both unguessable) have to match. Taking it
+    is the call's first write (`call_logs.claim_stream`), made before the slow setup, so a caller hanging up during
+    setup is this session's to record, not the status callback's.
     """
-    pool = app[DATABASE].pool
-    call_log = await call_logs.get_by_call_id(pool, call_id=started.call_sid)
     wanted_id = started.custom_parameters.get(CALL_LOG_PARAMETER)
-    if call_log is None and wanted_id:
-        # An outbound call answered before the code that placed it stored its CallSid: the CallLog id our TwiML
-        # gave the stream gives the log its CallSid (only while it still has its placeholder).
-        call_log = await call_logs.adopt_call_id(pool, call_log_id=wanted_id, call_id=started.call_sid)
-    if call_log is None or call_log.id != wanted_id or call_log.status != CallStatus.IN_PROGRESS:
-        log.warning("media stream for unknown or finished call %s (CallLog %s): closed", started.call_sid, wanted_id)
-        return None
-    if "engineNode" in call_log.metadata or not app[LIVE_CALLS].claim(call_log.id):
-        log.warning("a second media stream for call %s: closed", started.call_sid)
-        return None
+    call_log = None
+    if wanted_id:
+        call_log = await call_logs.claim_stream(
+            app[DATABASE].pool, call_log_id=wanted_id, call_id=started.call_sid, node_id=app[NODE_ID]
+        )
+    if call_log is None:
+        log.warning(
+            "media stream for call %s (CallLog %s): unknown, finished, or run by another stream: closed",
+            started.call_sid,
+            wanted_id,
+        )
     return call_log
 
 
@@ -181,6 +181,7 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     call_log = await _streamable_call_log(app, started)
     if call_log is None:
         return
+    app[LIVE_CALLS].take(call_log.id)
     try:
         await _run_claimed_call(request, ws, stream, frames, started, call_log)
     finally:

@@ -257,10 +257,12 @@ async def _record_closed(pool: Pool, incoming: IncomingCall, number: PhoneNumber
 async def handle_status(request: web.Request) -> web.Response:
     """POST /twilio/status: Twilio's call status callbacks.
 
-    A call whose media session runs finishes its own CallLog; this closes the ones that never got that far.
-    Inbound: busy, no-answer and canceled become MISSED, failed becomes FAILED, and a call that completed
-    without its media stream ever starting is FAILED with that reason. Outbound calls (their callback URL names
-    the CallLog) end the same way with Twilio's status as the end reason; see `_outbound_status`.
+    A call whose media stream started finishes its own CallLog (its node took it, `call_logs.claim_stream`, before
+    setting it up: a caller who hangs up meanwhile is that session's caller_hangup); this closes the ones that never
+    got that far. Inbound: busy, no-answer and canceled become MISSED, failed becomes FAILED, and a call that
+    completed without its media stream ever reaching an engine node is FAILED with that reason. Outbound calls
+    (their callback URL names the CallLog) end the same way with Twilio's status as the end reason; see
+    `_outbound_status`.
     """
     callback = await _webhook_fields(request, CallStatusCallback.read)
     status = callback.status
