@@ -151,3 +151,28 @@ async def test_two_streams_for_one_call_on_two_engines_run_it_once(
     assert (row["status"], row["metadata"]["endReason"]) == ("COMPLETED", "caller_hangup")
     node = row["metadata"]["engineNode"]
     assert await pool.fetchval('SELECT count(*) FROM "EngineNode" WHERE "id" = $1', node) == 1
+
+
+async def test_a_call_whose_setup_fails_after_its_stream_took_it_ends_failed_at_once(
+    engines: tuple[str, str], pool: asyncpg.Pool, organization_id: str
+) -> None:
+    # Once its stream has taken the call, the CallLog names this engine: no status callback closes it, and no
+    # recovery while the engine lives. The database connection reading the agent is cut mid-setup.
+    engine, _ = engines
+    number, _ = await make_line(pool, organization_id)
+    call_sid, call_log_id, media_url = await _answered_call(engine, number)
+    async with aiohttp.ClientSession() as http, http.ws_connect(media_url) as ws:
+        async with slow_setup(pool) as holder:
+            await ws.send_str(CONNECTED)
+            await ws.send_str(_start(call_sid, call_log_id))
+            await setups_waiting(holder, 1)
+            cut = await holder.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_locks"
+                f" WHERE relation = '{SETUP_TABLE}'::regclass AND NOT granted"
+            )
+            assert cut == 1
+        assert await _first_sign(ws) == "closed"
+
+    row = await finished_call_log(pool, call_log_id)
+    assert (row["status"], row["metadata"]["endReason"]) == ("FAILED", "internal_error")
+    assert row["metadata"]["engineNode"]

@@ -57,6 +57,7 @@ from storage.call_logs import CallLog
 from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus, CallType
+from storage.errors import DATABASE_ERRORS
 from storage.recordings import recording_path
 
 log = logging.getLogger(__name__)
@@ -184,8 +185,21 @@ async def _run_call(request: web.Request, ws: web.WebSocketResponse) -> None:
     app[LIVE_CALLS].take(call_log.id)
     try:
         await _run_claimed_call(request, ws, stream, frames, started, call_log)
+    except Exception as exc:
+        if not app[LIVE_CALLS].starting(call_log.id):
+            raise  # its session ran: the call's writer finishes its CallLog
+        # Taken, so the CallLog names this node, but never set up: no status callback or recovery will close it.
+        log.exception("call %s: setting the call up failed", started.call_sid)
+        await _fail_setup(app, call_log, type(exc).__name__)
     finally:
         app[LIVE_CALLS].remove(call_log.id)
+
+
+async def _fail_setup(app: web.Application, call_log: CallLog, detail: str) -> None:
+    try:
+        await call_logs.fail_unstarted(app[DATABASE].pool, call_log, EndReason.INTERNAL_ERROR, detail)
+    except DATABASE_ERRORS as exc:
+        log.error("call %s: could not close its CallLog after its setup failed: %s", call_log.id, exc)
 
 
 async def _run_claimed_call(  # noqa: PLR0917 (the stream's parts, as `_run_call` made them)
