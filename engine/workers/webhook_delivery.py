@@ -270,9 +270,13 @@ class WebhookDeliveryWorker:
                 if 200 <= response.status < 300:
                     return _Response(response.status, None, elapsed_ms())
                 text = (await response.content.read(_ERROR_BODY_CHARS)).decode(errors="replace")
+                # PostgreSQL text cannot hold NUL: a receiver's body must not keep its failure from being recorded.
+                text = text.replace("\x00", "\ufffd")
                 return _Response(response.status, f"HTTP {response.status}: {text}".strip(), elapsed_ms())
         except UnsafeURL as exc:
             return _Response(None, f"refused: {exc} (set DIALTONE_ALLOW_PRIVATE_WEBHOOK_URLS to allow)", elapsed_ms())
+        except ValueError as exc:  # a URL stored past the API's check (the dashboard shares the table)
+            return _Response(None, f"invalid webhook URL {delivery.webhook_url!r}: {exc}", elapsed_ms())
         except TimeoutError:
             timeout = self._settings.timeout.total_seconds()
             return _Response(None, f"no response within {timeout:g} s", elapsed_ms())
