@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 
 class UnsafeURL(ValueError):
@@ -47,8 +48,18 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 
 def literal_address(host: str) -> str | None:
-    """`host` if it is an IP address literal (brackets of IPv6 removed), else None."""
+    """The IP address `host` is a literal of, as aiohttp reads it (brackets of IPv6 removed), else None.
+
+    aiohttp reads a URL's host through yarl, which maps non-ASCII hosts by IDNA first: "①②⑦.0.0.1", or 127.0.0.1
+    in fullwidth digits and ideographic full stops, is the literal 127.0.0.1 to it, which it connects to without
+    asking any resolver.
+    """
     bare = host.strip("[]")
+    if not bare.isascii():
+        try:
+            bare = URL.build(scheme="http", host=bare).raw_host or bare
+        except ValueError:  # not a host yarl can read: aiohttp will refuse the URL itself
+            return None
     try:
         ipaddress.ip_address(bare.split("%", 1)[0])
     except ValueError:
