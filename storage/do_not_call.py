@@ -244,7 +244,8 @@ async def record_opt_out(
 
 
 def _reason(reason: str | None) -> str | None:
-    text = " ".join((reason or "").split())[:MAX_REASON_CHARS]
+    # A NUL (a CSV line, a model's opt-out arguments) counts as a space: PostgreSQL text cannot hold it.
+    text = " ".join((reason or "").replace("\x00", " ").split())[:MAX_REASON_CHARS]
     return text or None
 
 

@@ -51,3 +51,19 @@ async def test_bad_input_is_a_one_line_error(pool: asyncpg.Pool, db_url: str, tm
     code, _, err = await dialtone(db_url, tmp_path, "dnc", "import", "--org", org, str(tmp_path / "missing.csv"))
     assert code == 1 and "missing.csv" in err, err
     assert await do_not_call.list_entries(pool, organization_id=org, limit=10) == []
+
+
+async def test_an_import_whose_reasons_hold_nul_bytes_lists_every_number(
+    pool: asyncpg.Pool, db_url: str, tmp_path: Path
+) -> None:
+    org = await insert_organization(pool)
+    csv = tmp_path / "nul.csv"
+    csv.write_bytes(b"phoneNumber,reason\n+14155550181,moved\x00away\n+14155550182,asked\x00\n")
+    code, out, err = await dialtone(db_url, tmp_path, "dnc", "import", "--org", org, str(csv))
+    assert code == 0, err
+    assert "2 rows: 2 added" in out
+    entries = await do_not_call.list_entries(pool, organization_id=org, limit=10)
+    assert sorted((e.phone_number, e.reason) for e in entries) == [
+        ("+14155550181", "moved away"),
+        ("+14155550182", "asked"),
+    ]
