@@ -193,16 +193,23 @@ async def retry_later(db: Queryable, claim: ClaimedUpload, *, error: str, next_a
     return status != "UPDATE 0"
 
 
-async def expired_recordings(db: Queryable, *, created_before: datetime, limit: int) -> list[CallRecording]:
-    """Recordings not yet deleted that were made before `created_before`, oldest first. Unscoped: retention."""
+async def expired_recordings(
+    db: Queryable, *, created_before: datetime, limit: int, after: tuple[datetime, str] | None = None
+) -> list[CallRecording]:
+    """Recordings not yet deleted that were made before `created_before`, oldest first. Unscoped: retention.
+
+    For the next page pass `after=(recording.created_at, recording.id)` of the last recording of this one.
+    """
     rows = await db.fetch(
         f"""
         SELECT {_COLUMNS} FROM "CallRecording"
         WHERE "status" <> 'DELETED' AND "createdAt" < $1
+          AND ($3::timestamptz IS NULL OR ("createdAt", "id") > ($3, $4))
         ORDER BY "createdAt", "id" LIMIT $2
         """,
         created_before,
         limit,
+        *(after or (None, None)),
     )
     return CallRecording.from_rows(rows)
 

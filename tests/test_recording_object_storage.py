@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 
 from config.settings import Settings, SettingsError, load_settings
+from engine.workers import recording_uploads
 from engine.workers.recording_uploads import RecordingUploads, spool_id
 from storage import call_logs, call_recordings
 from storage.call_recordings import RecordingStatus
@@ -202,6 +203,40 @@ async def test_recordings_older_than_the_retention_are_deleted_and_unlinked_from
     assert rows == {old.id: None, recent.id: "https://x/r.wav"}
     old_row = await call_recordings.find_recording(pool, call_log_id=old.id)
     assert old_row is not None and old_row.status is RecordingStatus.DELETED
+
+
+async def test_one_sweep_deletes_every_expired_recording_past_those_left_to_other_processes(
+    s3: S3Server, pool: asyncpg.Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recording_uploads, "RETENTION_BATCH", 2)  # what a sweep reads at once: more rows than that
+    settings = load_settings(state_dir=tmp_path, **s3.settings("retention-backlog", recording_retention_days=30))
+    await make_bucket(settings)
+    organization = await create_organization(pool, name="Backlog", slug="uploads-retention-backlog")
+    now = datetime.now(UTC)
+    async with store_for(settings) as store:
+        # The oldest are waiting for an upload from another state folder: only a process using it can delete them.
+        elsewhere = RecordingUploads(pool, store, settings, spool="elsewhere", clock=lambda: now - timedelta(days=400))
+        theirs = [await open_call(pool, organization.id) for _ in range(2)]
+        for log in theirs:
+            path = recording_file(settings, organization.id, log.id)
+            await elsewhere.finished(organization_id=organization.id, call_log_id=log.id, path=path, size=len(WAV))
+        here = RecordingUploads(pool, store, settings, spool="here", clock=lambda: now - timedelta(days=300))
+        mine = [await open_call(pool, organization.id) for _ in range(3)]
+        for log in mine:
+            path = recording_file(settings, organization.id, log.id)
+            await here.finished(organization_id=organization.id, call_log_id=log.id, path=path, size=len(WAV))
+        assert await here.upload_due() == 3
+
+        sweeper = RecordingUploads(pool, store, settings, spool="here", clock=lambda: now)
+        assert await sweeper.expire() == 3
+
+    statuses = {
+        row["callLogId"]: row["status"]
+        for row in await pool.fetch(
+            'SELECT "callLogId", "status" FROM "CallRecording" WHERE "organizationId" = $1', organization.id
+        )
+    }
+    assert statuses == {log.id: "PENDING" for log in theirs} | {log.id: "DELETED" for log in mine}
 
 
 async def test_a_local_store_serves_the_file_the_call_wrote(pool: asyncpg.Pool, tmp_path: Path) -> None:

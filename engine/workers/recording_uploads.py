@@ -24,7 +24,7 @@ from aiohttp import web
 from config.settings import Settings
 from engine.server.appkeys import DATABASE, SETTINGS
 from storage import Pool, call_recordings
-from storage.call_recordings import ClaimedUpload, RecordingStatus
+from storage.call_recordings import CallRecording, ClaimedUpload, RecordingStatus
 from storage.errors import DATABASE_ERRORS
 from storage.recording_stores import RecordingStore, RecordingStoreError, object_key, open_recording_store
 from storage.recordings import recording_files
@@ -171,33 +171,45 @@ class RecordingUploads:
         return 1
 
     async def expire(self) -> int:
-        """Delete the recordings older than the retention period; how many were deleted."""
+        """Delete the recordings older than the retention period; how many were deleted.
+
+        Every expired recording is looked at, RETENTION_BATCH at a time: those this process must leave (another
+        state folder's, another store's, or one its store would not delete now) stay behind without holding up
+        the rest, and a backlog larger than one batch is cleared in one sweep.
+        """
         days = self._settings.recording_retention_days
         if days is None:
             return 0
         deleted = 0
         cutoff = self._clock() - timedelta(days=days)
-        for recording in await call_recordings.expired_recordings(
-            self._pool, created_before=cutoff, limit=RETENTION_BATCH
+        after: tuple[datetime, str] | None = None
+        while batch := await call_recordings.expired_recordings(
+            self._pool, created_before=cutoff, limit=RETENTION_BATCH, after=after
         ):
-            local_only = recording.status is RecordingStatus.PENDING or recording.store == "local"
-            if local_only and recording.spool != self._spool:
-                continue  # its file is in another state folder; a process using that one deletes it
-            if not local_only and recording.store != self.store.name:
-                continue  # kept in a store this process is not configured for
-            try:
-                if local_only:
-                    await asyncio.to_thread(Path(recording.local_path).unlink, missing_ok=True)
-                else:
-                    await self.store.delete(recording.object_key)
-            except RecordingStoreError as exc:
-                log.warning("recording of call %s: not deleted yet (%s)", recording.call_log_id, exc)
-                continue
-            await call_recordings.mark_deleted(self._pool, recording, now=self._clock())
-            deleted += 1
+            for recording in batch:
+                deleted += await self._delete(recording)
+            after = (batch[-1].created_at, batch[-1].id)
         if deleted:
             log.info("deleted %d recordings older than %d days", deleted, days)
         return deleted
+
+    async def _delete(self, recording: CallRecording) -> int:
+        """Delete an expired recording if this process can: 1 if it did, 0 if it is left for later or others."""
+        local_only = recording.status is RecordingStatus.PENDING or recording.store == "local"
+        if local_only and recording.spool != self._spool:
+            return 0  # its file is in another state folder; a process using that one deletes it
+        if not local_only and recording.store != self.store.name:
+            return 0  # kept in a store this process is not configured for
+        try:
+            if local_only:
+                await asyncio.to_thread(Path(recording.local_path).unlink, missing_ok=True)
+            else:
+                await self.store.delete(recording.object_key)
+        except RecordingStoreError as exc:
+            log.warning("recording of call %s: not deleted yet (%s)", recording.call_log_id, exc)
+            return 0
+        await call_recordings.mark_deleted(self._pool, recording, now=self._clock())
+        return 1
 
     async def run(self) -> None:
         """Upload due recordings when woken or every DIALTONE_RECORDING_UPLOAD_INTERVAL; hourly (and at once), record
