@@ -1,17 +1,19 @@
-"""Phone numbers to E.164: the one rule for what number Dialtone accepts, wherever it comes from.
+"""Phone numbers to E.164, and what kind of number one is: the one rule for each, wherever a number comes from.
 
 The API's `/v1/calls` and `/v1/phone-numbers`, campaign recipient files and the agent's transfer tool all go
-through `e164`, so a number one of them accepts is never refused by another.
+through `e164`, so a number one of them accepts is never refused by another. `number_kind` is the one reading of
+a number's type (premium-rate, mobile, ...) that the transfer rules and the outbound dial policy both judge by.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Final
 
 import phonenumbers
-from phonenumbers import NumberParseException, ValidationResult
+from phonenumbers import NumberParseException, PhoneNumber, PhoneNumberType, ValidationResult
 
-__all__ = ["InvalidPhoneNumber", "e164"]
+__all__ = ["InvalidPhoneNumber", "NumberKind", "e164", "number_kind"]
 
 _EXAMPLE: Final = "+14155550100"
 
@@ -69,3 +71,69 @@ def _parse_error(exc: NumberParseException, text: str, region: str | None) -> st
     if region is None:
         return f"no country code; write it in international form, e.g. {_EXAMPLE}"
     return f"no country code, and {region!r} is not a region to read it in; write it as e.g. {_EXAMPLE}"
+
+
+class NumberKind(StrEnum):
+    """What a number is in its country's numbering plan (phonenumbers' number types), under the names the API and
+    the database use."""
+
+    FIXED_LINE = "fixed_line"
+    MOBILE = "mobile"
+    FIXED_LINE_OR_MOBILE = "fixed_line_or_mobile"
+    """A plan (the +1 of North America, among others) whose numbers do not tell a fixed line from a mobile."""
+    TOLL_FREE = "toll_free"
+    PREMIUM_RATE = "premium_rate"
+    SHARED_COST = "shared_cost"
+    VOIP = "voip"
+    PERSONAL = "personal"
+    PAGER = "pager"
+    UAN = "uan"
+    VOICEMAIL = "voicemail"
+    UNCLASSIFIED = "unclassified"
+    """In no range the plan assigns (phonenumbers' UNKNOWN): unassigned, new, or fictional like +1 555 01xx."""
+
+    @property
+    def described(self) -> str:
+        """The kind in words after "is": "a premium-rate number"."""
+        return _KIND_WORDS[self][0]
+
+    @property
+    def plural(self) -> str:
+        """The kind in words for many: "premium-rate numbers"."""
+        return _KIND_WORDS[self][1]
+
+
+_KIND_WORDS: Final = {
+    NumberKind.FIXED_LINE: ("a fixed-line number", "fixed-line numbers"),
+    NumberKind.MOBILE: ("a mobile number", "mobile numbers"),
+    NumberKind.FIXED_LINE_OR_MOBILE: ("a fixed-line or mobile number", "fixed-line or mobile numbers"),
+    NumberKind.TOLL_FREE: ("a toll-free number", "toll-free numbers"),
+    NumberKind.PREMIUM_RATE: ("a premium-rate number", "premium-rate numbers"),
+    NumberKind.SHARED_COST: ("a shared-cost number", "shared-cost numbers"),
+    NumberKind.VOIP: ("an internet telephony number", "internet telephony numbers"),
+    NumberKind.PERSONAL: ("a personal (forwarding) number", "personal (forwarding) numbers"),
+    NumberKind.PAGER: ("a pager number", "pager numbers"),
+    NumberKind.UAN: ("a universal access number", "universal access numbers"),
+    NumberKind.VOICEMAIL: ("a voicemail access number", "voicemail access numbers"),
+    NumberKind.UNCLASSIFIED: ("a number of no known type", "numbers of no known type"),
+}
+_KINDS: Final = {
+    PhoneNumberType.FIXED_LINE: NumberKind.FIXED_LINE,
+    PhoneNumberType.MOBILE: NumberKind.MOBILE,
+    PhoneNumberType.FIXED_LINE_OR_MOBILE: NumberKind.FIXED_LINE_OR_MOBILE,
+    PhoneNumberType.TOLL_FREE: NumberKind.TOLL_FREE,
+    PhoneNumberType.PREMIUM_RATE: NumberKind.PREMIUM_RATE,
+    PhoneNumberType.SHARED_COST: NumberKind.SHARED_COST,
+    PhoneNumberType.VOIP: NumberKind.VOIP,
+    PhoneNumberType.PERSONAL_NUMBER: NumberKind.PERSONAL,
+    PhoneNumberType.PAGER: NumberKind.PAGER,
+    PhoneNumberType.UAN: NumberKind.UAN,
+    PhoneNumberType.VOICEMAIL: NumberKind.VOICEMAIL,
+}
+
+
+def number_kind(number: str | PhoneNumber) -> NumberKind:
+    """The kind of an E.164 number (as `e164` returns it) or of a parsed one; UNCLASSIFIED outside every range its
+    country's plan assigns."""
+    parsed = phonenumbers.parse(number) if isinstance(number, str) else number
+    return _KINDS.get(phonenumbers.number_type(parsed), NumberKind.UNCLASSIFIED)

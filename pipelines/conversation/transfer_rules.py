@@ -18,31 +18,17 @@ from dataclasses import dataclass
 from typing import Final
 
 import phonenumbers
-from phonenumbers import PhoneMetadata, PhoneNumber, PhoneNumberType, geocoder
+from phonenumbers import PhoneMetadata, PhoneNumber, geocoder
 
 from config.agent import TransferConfig
-from config.phone import InvalidPhoneNumber, e164
+from config.phone import InvalidPhoneNumber, NumberKind, e164, number_kind
 from pipelines.tools import BUILTIN_FUNCTIONS, TRANSFER_CALL, FunctionSpec
 
 __all__ = ["NO_TRANSFERS", "PLAIN_TYPES", "AllowedTransfer", "Refusal", "TransferRules", "builtin_functions"]
 
-PLAIN_TYPES: Final = frozenset(
-    {PhoneNumberType.FIXED_LINE, PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE}
-)
-"""Number types a pattern may reach. Toll-free is left out on purpose: in North America toll-free traffic pumping
+PLAIN_TYPES: Final = frozenset({NumberKind.FIXED_LINE, NumberKind.MOBILE, NumberKind.FIXED_LINE_OR_MOBILE})
+"""Number kinds a pattern may reach. Toll-free is left out on purpose: in North America toll-free traffic pumping
 makes the line that dials it a revenue source, and a business's toll-free desk is one number to list exactly."""
-
-_TYPE_NAMES: Final = {
-    PhoneNumberType.PREMIUM_RATE: "a premium-rate number",
-    PhoneNumberType.SHARED_COST: "a shared-cost number",
-    PhoneNumberType.TOLL_FREE: "a toll-free number",
-    PhoneNumberType.PERSONAL_NUMBER: "a personal (forwarding) number",
-    PhoneNumberType.UAN: "a universal access number",
-    PhoneNumberType.VOIP: "an internet telephony number",
-    PhoneNumberType.PAGER: "a pager number",
-    PhoneNumberType.VOICEMAIL: "a voicemail access number",
-}
-_UNCLASSIFIED: Final = "a number of no known type"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +121,11 @@ class TransferRules:
         if matched is None:
             return Refusal(given, f"error: {number} is not a number this agent may transfer to. {self._refused()}")
         parsed = phonenumbers.parse(number)
-        kind = phonenumbers.number_type(parsed)
+        kind = number_kind(parsed)
         if kind not in PLAIN_TYPES:
-            what = _TYPE_NAMES.get(kind, _UNCLASSIFIED)
-            return Refusal(given, f"error: {number} is {what}, which this agent may not transfer to. {self._refused()}")
+            return Refusal(
+                given, f"error: {number} is {kind.described}, which this agent may not transfer to. {self._refused()}"
+            )
         if not _in_patterns_country(parsed, matched.prefix):
             where = geocoder.country_name_for_number(parsed, "en") or phonenumbers.region_code_for_number(parsed)
             return Refusal(
