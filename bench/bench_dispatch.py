@@ -27,6 +27,7 @@ from engine.campaigns.recipients_csv import open_recipients_file, read_recipient
 from storage import campaigns
 from storage.agents import create_agent
 from storage.campaigns import DialingRules, NewRecipient
+from storage.dial_policies import DEFAULT_POLICY
 from storage.embedded import start_embedded
 from storage.enums import CallerType, CampaignStatus
 from storage.migrate import migrate
@@ -124,7 +125,7 @@ async def _import(pool: asyncpg.Pool, tmp: Path) -> None:
             pool,
             organization_id=org,
             campaign_id=campaign_id,
-            recipients=(row.recipient for row in read_recipients(stream)),
+            recipients=(row.recipient for row in read_recipients(stream, policy=DEFAULT_POLICY)),
         )
     elapsed = time.perf_counter() - began
     print(

@@ -507,6 +507,17 @@ async def record_do_not_call(pool: asyncpg.Pool, claim: Claim) -> None:
             await _count_finished(conn, claim.campaign_id)
 
 
+async def record_not_dialable(pool: asyncpg.Pool, claim: Claim, *, reason: str) -> None:
+    """The dial was refused before it reached Twilio because the organization's dial policy does not dial the number
+    (storage.dial_policies; it may have tightened since the import): FAILED with `reason`, the attempt not counted
+    and never retried, since the same policy would refuse every retry; the campaign completes if it was its last."""
+    async with transaction(pool) as conn:
+        to = RecipientDispatchState.FAILED
+        if await _abandon(conn, claim.attempt_id, claim.recipient_id, to=to, reason=f"not dialed: {reason}"):
+            await _count_finished(conn, claim.campaign_id)
+            await complete_if_done(conn, claim.campaign_id)  # it may have been the last one, as an outcome may
+
+
 async def release_claim(pool: asyncpg.Pool, claim: Claim, *, reason: str) -> None:
     """Give a claim back without dialing: the attempt does not count, the recipient waits again."""
     async with transaction(pool) as conn:
@@ -578,7 +589,8 @@ async def _campaign_stopped(conn: Connection, attempt_id: str) -> bool:
 
 
 async def _count_finished(conn: Connection, campaign_id: str) -> None:
-    """One more of the campaign's recipients is finished without a call (its number is on the do-not-call list)."""
+    """One more of the campaign's recipients is finished without a call (its number is on the do-not-call list, or
+    one the dial policy refuses)."""
     await conn.execute(
         """
         UPDATE "Campaign" SET

@@ -12,6 +12,7 @@ from engine.campaigns.recipients_csv import RecipientsFileError, open_recipients
 from storage import campaigns
 from storage.agents import create_agent
 from storage.campaigns import Campaign
+from storage.dial_policies import DEFAULT_POLICY
 from storage.enums import CampaignStatus, RecipientStatus
 from storage.errors import ConstraintViolation
 from storage.records import Queryable
@@ -19,7 +20,7 @@ from tests.test_repo_agents import insert_organization
 
 
 def parse(text: str, region: str | None = None) -> list[campaigns.NewRecipient]:
-    return [row.recipient for row in read_recipients(io.StringIO(text), default_region=region)]
+    return [row.recipient for row in read_recipients(io.StringIO(text), default_region=region, policy=DEFAULT_POLICY)]
 
 
 async def new_campaign(db: Queryable) -> Campaign:
@@ -45,7 +46,7 @@ def test_a_utf8_bom_does_not_hide_the_first_header(tmp_path: Path) -> None:
     path = tmp_path / "bom.csv"
     path.write_bytes("\ufeffphone,name\n+12125551234,Ada\n".encode())
     with open_recipients_file(path) as stream:
-        [row] = list(read_recipients(stream))
+        [row] = list(read_recipients(stream, policy=DEFAULT_POLICY))
     assert (row.recipient.phone_number, row.recipient.name) == ("+12125551234", "Ada")
 
 
@@ -91,7 +92,7 @@ def test_invalid_rows_are_kept_as_errors_with_the_reason() -> None:
 
 
 def test_blank_lines_are_skipped_and_line_numbers_kept() -> None:
-    rows = list(read_recipients(io.StringIO("phone\n+12125551234\n\n+12125551235\n")))
+    rows = list(read_recipients(io.StringIO("phone\n+12125551234\n\n+12125551235\n"), policy=DEFAULT_POLICY))
     assert [row.line for row in rows] == [2, 4]
 
 
@@ -175,7 +176,7 @@ async def test_a_hundred_thousand_csv_rows_import_with_copy(pool: asyncpg.Pool, 
             pool,
             organization_id=campaign.organization_id,
             campaign_id=campaign.id,
-            recipients=(row.recipient for row in read_recipients(stream)),
+            recipients=(row.recipient for row in read_recipients(stream, policy=DEFAULT_POLICY)),
         )
     assert (summary.rows, summary.imported, summary.merged, summary.errors) == (100_002, 100_000, 1, 1)
     queued = await pool.fetchval(

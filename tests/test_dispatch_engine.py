@@ -23,6 +23,7 @@ from engine.twilio.rest import TwilioCalls
 from storage import agents, campaigns, conversation_paths, organizations, phone_numbers
 from storage.campaigns import DialingRules
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
+from storage.dial_policies import DEFAULT_POLICY
 from storage.enums import CallerType, CampaignStatus
 from tests.engine_server import running_engine
 from tests.fakes.twilio import Answer, Busy, FakeTwilio, Refuse
@@ -74,7 +75,7 @@ async def booking_campaign(pool: asyncpg.Pool) -> campaigns.Campaign:
         pool,
         organization_id=org,
         campaign_id=campaign.id,
-        recipients=[row.recipient for row in read_recipients(io.StringIO(csv))],
+        recipients=[row.recipient for row in read_recipients(io.StringIO(csv), policy=DEFAULT_POLICY)],
     )
     return await campaigns.start_campaign(pool, organization_id=org, campaign_id=campaign.id)
 

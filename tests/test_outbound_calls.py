@@ -44,8 +44,9 @@ _numbers = itertools.count(100)
 
 
 def callee() -> str:
-    """A fresh destination number (fictional +1 555 range)."""
-    return f"+1555010{next(_numbers):04d}"
+    """A fresh destination number: New York's +1 646 555 range (fictional, yet a fixed-line-or-mobile number by the
+    numbering plan, so the dial policy lets it be dialed as it would a customer's)."""
+    return f"+1646555{next(_numbers):04d}"
 
 
 @pytest.fixture(scope="module")

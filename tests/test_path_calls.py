@@ -571,7 +571,7 @@ async def test_a_campaigns_path_overrides_the_agents_default(rig: PathRig) -> No
     campaign = await campaigns.create_campaign(
         pool, organization_id=organization_id, batch_name="Renewals", agent_id=agent.id, conversation_path_id=path.id
     )
-    callee = f"+1555018{next(_numbers):04d}"
+    callee = f"+1212555{next(_numbers):04d}"
     async with FakeTwilio() as twilio:
         twilio.behave(callee, Answer(greeting="Hello?", script=[Pause(300)]))
         settings: dict[str, Any] = {

@@ -127,7 +127,18 @@ async def test_calls_refuse_exactly_the_numbers_the_rule_refuses(
         assert (status, body["error"]["code"]) == (503, "outbound_unavailable"), body
 
 
+@pytest.fixture(scope="module")
+async def unclassified_allowed(api: Api, tenant: Tenant) -> None:
+    """The tenant dials numbers of no known type (the table's fictional one), so that only config.phone's rule decides
+    here; the dial policy that refuses them by default is tests/test_dial_policy.py's."""
+    status, body = await api.call(
+        "PATCH", "/organization/dial-policy", tenant.owner_key, json={"allowedKinds": ["unclassified"]}
+    )
+    assert status == 200, body
+
+
 @pytest.mark.parametrize(("given", "expected"), NUMBERS)
+@pytest.mark.usefixtures("unclassified_allowed")
 async def test_a_campaign_csv_keeps_as_errors_exactly_the_numbers_the_rule_refuses(
     api: Api, pool: asyncpg.Pool, tenant: Tenant, given: str, expected: str | None
 ) -> None:

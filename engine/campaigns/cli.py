@@ -17,7 +17,7 @@ from config.settings import Settings
 from engine.campaigns.recipients_csv import ParsedRow, RecipientsFileError, open_recipients_file, read_recipients
 from engine.campaigns.windows import InvalidWindow, parse_time_of_day
 from engine.twilio.outbound_calls import OutboundCallError, outbound_caller_id
-from storage import Pool, campaign_dispatch, campaigns, organizations
+from storage import Pool, campaign_dispatch, campaigns, dial_policies, organizations
 from storage.campaign_states import RecipientDispatchState
 from storage.campaigns import CampaignRetryPolicy, DialingRules, NewRecipient
 from storage.pool import database
@@ -236,6 +236,7 @@ def _tracked(rows: Iterator[ParsedRow], stream: TextIO, bar: ProgressBar) -> Ite
 
 async def _import(pool: Pool, organization_id: str, campaign_id: str, path: Path, region: str | None) -> None:
     began = time.monotonic()
+    policy = await dial_policies.get_policy(pool, organization_id=organization_id)
     with open_recipients_file(path) as stream:
         bar = ProgressBar(total_bytes=os.fstat(stream.fileno()).st_size, out=sys.stderr)
         try:
@@ -243,7 +244,7 @@ async def _import(pool: Pool, organization_id: str, campaign_id: str, path: Path
                 pool,
                 organization_id=organization_id,
                 campaign_id=campaign_id,
-                recipients=_tracked(read_recipients(stream, default_region=region), stream, bar),
+                recipients=_tracked(read_recipients(stream, policy=policy, default_region=region), stream, bar),
             )
         except UnicodeDecodeError as exc:
             raise RecipientsFileError(

@@ -27,6 +27,7 @@ from engine.twilio.outbound_calls import (
     AgentUnavailable,
     CallNotPlaced,
     CampaignNotFound,
+    DestinationRefused,
     InvalidNumber,
     NoCredits,
     NoFreeSlot,
@@ -78,6 +79,15 @@ class DoNotDial(Exception):
     """This recipient's number is on the organization's do-not-call list: it is never dialed."""
 
 
+class NotDialable(Exception):
+    """This recipient's number is one the organization's dial policy refuses (storage.dial_policies), which may have
+    tightened since the import: it is not dialed, and not retried."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class CampaignBlocked(Exception):
     """No call of this campaign can be placed now (no credits, agent or number unusable): pause it, dial nobody."""
 
@@ -105,9 +115,10 @@ class Dialer(Protocol):
     async def dial(self, claim: Claim) -> DialResult:
         """Place the call, creating its CallLog (metadata naming the recipient) before the call is requested.
 
-        Raises DialRefused, DialDeferred, DoNotDial, CampaignBlocked or DialUnconfirmed; DialUnconfirmed, like any
-        other error, leaves the attempt to lease expiry, which follows the CallLog if one was created with a CallSid,
-        asks Twilio (PlacementLookup) if it has none, and otherwise puts the recipient back without counting it.
+        Raises DialRefused, DialDeferred, DoNotDial, NotDialable, CampaignBlocked or DialUnconfirmed; DialUnconfirmed,
+        like any other error, leaves the attempt to lease expiry, which follows the CallLog if one was created with a
+        CallSid, asks Twilio (PlacementLookup) if it has none, and otherwise puts the recipient back without counting
+        it.
         """
         ...
 
@@ -276,14 +287,18 @@ class CampaignDispatcher:
             # The database went away around the dial: the lease's expiry settles it (CallLog or not).
             log.warning("campaign %s: dial of recipient %s unsettled: %s", claim.campaign_id, claim.recipient_id, exc)
 
-    async def _dial_at_slot(self, claim: Claim) -> None:
+    async def _ready_at_slot(self, claim: Claim) -> bool:
+        """Wait for the claim's slot; whether it may still be dialed then (inside its window, its lease renewed)."""
         delay = (claim.dial_at - self._clock()).total_seconds()
         if delay > 0:
             await asyncio.sleep(delay)
         if self._clock() >= claim.dial_by:  # this process fell behind: never dial outside the window
             await dispatch.release_claim(self._pool, claim, reason="calling window closed before the dial")
-            return
-        if not await dispatch.begin_dial(self._pool, claim, now=self._clock(), lease_for=self._timing.lease):
+            return False
+        return await dispatch.begin_dial(self._pool, claim, now=self._clock(), lease_for=self._timing.lease)
+
+    async def _dial_at_slot(self, claim: Claim) -> None:
+        if not await self._ready_at_slot(claim):
             return
         try:
             assert self._dialer is not None  # claims are made only with a dialer
@@ -297,6 +312,8 @@ class CampaignDispatcher:
             await dispatch.release_claim(self._pool, claim, reason=deferred.reason)
         except DoNotDial:
             await dispatch.record_do_not_call(self._pool, claim)
+        except NotDialable as refused:
+            await dispatch.record_not_dialable(self._pool, claim, reason=refused.reason)
         except CampaignBlocked as blocked:
             await dispatch.release_claim(self._pool, claim, reason=blocked.reason)
             await dispatch.pause_campaign_for(self._pool, claim.campaign_id, blocked.reason)
@@ -372,7 +389,8 @@ class PlaceCallDialer:
         self._deps = deps
 
     async def dial(self, claim: Claim) -> DialResult:
-        """Place the claim's call; DialRefused or DoNotDial for this recipient, CampaignBlocked for the campaign."""
+        """Place the claim's call; DialRefused, DoNotDial or NotDialable for this recipient, CampaignBlocked for the
+        campaign."""
         variables = dict(claim.variables)
         if claim.name:
             variables.setdefault("name", claim.name)
@@ -397,6 +415,8 @@ class PlaceCallDialer:
             raise DialDeferred(str(exc)) from None
         except OnDoNotCallList as exc:
             raise DoNotDial(str(exc)) from None
+        except DestinationRefused as exc:
+            raise NotDialable(str(exc)) from None
         except (NoCredits, AgentUnavailable, NumberUnavailable, CampaignNotFound, OutboundUnavailable) as exc:
             raise CampaignBlocked(str(exc)) from None
         except OutboundCallError as exc:  # e.g. variables over the limits: this recipient's data

@@ -1,7 +1,8 @@
 """Campaign recipients from a CSV file: dialect sniffed, headers matched by alias, numbers checked to E.164.
 
 Rows stream through one at a time, so a large file never sits in memory. A row whose number is unusable is
-kept as an ERROR recipient with the reason, never dropped; extra columns become the recipient's variables.
+kept as an ERROR recipient with the reason, never dropped: one that is not a number, or one the organization's dial
+policy does not dial (storage.dial_policies, e.g. premium-rate); extra columns become the recipient's variables.
 Duplicates (the same E.164 number twice) are merged by the import that stores the rows.
 """
 
@@ -18,6 +19,7 @@ from typing import TextIO
 from config.phone import InvalidPhoneNumber, e164
 from engine.campaigns.windows import recipient_timezone
 from storage.campaigns import NewRecipient
+from storage.dial_policies import OutboundDialPolicy
 from storage.enums import RecipientStatus
 
 _SAMPLE_CHARS = 64 * 1024
@@ -89,8 +91,11 @@ def sniff_dialect(sample: str) -> type[csv.Dialect] | csv.Dialect:
         return csv.excel
 
 
-def read_recipients(stream: TextIO, *, default_region: str | None = None) -> Iterator[ParsedRow]:
-    """Parse an open text stream row by row; RecipientsFileError if it has no phone column.
+def read_recipients(
+    stream: TextIO, *, policy: OutboundDialPolicy, default_region: str | None = None
+) -> Iterator[ParsedRow]:
+    """Parse an open text stream row by row, each number judged by the organization's dial `policy`;
+    RecipientsFileError if it has no phone column.
 
     An ERROR row's reason starts with its line in the file (the header is line 1), for the operator to fix it.
     """
@@ -104,10 +109,13 @@ def read_recipients(stream: TextIO, *, default_region: str | None = None) -> Ite
     for cells in reader:
         if not any(cell.strip() for cell in cells):
             continue  # blank lines carry no recipient
-        yield ParsedRow(line=reader.line_num, recipient=_recipient(reader.line_num, cells, columns, default_region))
+        recipient = _recipient(reader.line_num, cells, columns, policy, default_region)
+        yield ParsedRow(line=reader.line_num, recipient=recipient)
 
 
-def _recipient(line: int, cells: list[str], columns: Columns, default_region: str | None) -> NewRecipient:
+def _recipient(
+    line: int, cells: list[str], columns: Columns, policy: OutboundDialPolicy, default_region: str | None
+) -> NewRecipient:
     def cell(index: int | None) -> str | None:
         if index is None or index >= len(cells):
             return None
@@ -120,6 +128,7 @@ def _recipient(line: int, cells: list[str], columns: Columns, default_region: st
         name=cell(columns.name),
         notes=cell(columns.notes),
         variables=variables,
+        policy=policy,
         default_region=default_region,
     )
 
@@ -131,11 +140,13 @@ def make_recipient(
     name: str | None,
     notes: str | None,
     variables: dict[str, str],
+    policy: OutboundDialPolicy,
     default_region: str | None,
 ) -> NewRecipient:
     """A recipient from its fields: E.164 with its timezone, or an ERROR one whose reason starts with `where`.
 
-    `default_region` (e.g. "US") reads numbers written without a country code; config.phone decides validity.
+    `default_region` (e.g. "US") reads numbers written without a country code; config.phone decides validity, and
+    the organization's dial `policy` whether it may be called (the rule `place_call` applies again at the dial).
     """
     problem = "no phone number"
     if raw_phone.strip():
@@ -144,6 +155,16 @@ def make_recipient(
         except InvalidPhoneNumber as exc:
             problem = str(exc)
         else:
+            refusal = policy.refusal(number)
+            if refusal is not None:
+                return NewRecipient(
+                    phone_number=number,
+                    name=name,
+                    notes=notes,
+                    status=RecipientStatus.ERROR,
+                    error_reason=f"{where}: {refusal}",
+                    variables=variables,
+                )
             return NewRecipient(
                 phone_number=number, name=name, notes=notes, variables=variables, timezone=recipient_timezone(number)
             )

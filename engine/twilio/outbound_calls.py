@@ -16,6 +16,9 @@ these `metadata.endReason` values (`storage.end_reasons.EndReason`; a contract: 
   raises PlacementUnconfirmed and leaves the CallLog IN_PROGRESS, waiting for the CallSid: the call's status
   callbacks, or that lookup, adopt it if Twilio created it;
 - otherwise whatever the media session ended with (`path_end`, `caller_hangup`, ...), as for inbound calls.
+
+A number the organization's dial policy refuses (storage/dial_policies.py: premium-rate and the like, against toll
+fraud) raises DestinationRefused before anything is written, whoever places the call.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from engine.twilio.webhooks import (
     stream_twiml,
 )
 from pipelines.registry import PipelineUnavailable, check_pipeline
-from storage import Pool, agents, call_logs, campaign_dispatch, do_not_call, phone_numbers
+from storage import Pool, agents, call_logs, campaign_dispatch, dial_policies, do_not_call, phone_numbers
 from storage.call_logs import CallLog
 from storage.call_slots import ConcurrentCallLimitReached
 from storage.campaign_dispatch import RECIPIENT_METADATA_KEY, Claim
@@ -66,6 +69,7 @@ __all__ = [
     "AgentUnavailable",
     "CallNotPlaced",
     "CampaignNotFound",
+    "DestinationRefused",
     "InvalidNumber",
     "NoCredits",
     "NoFreeSlot",
@@ -118,6 +122,15 @@ class NumberUnavailable(OutboundCallError):
     def __init__(self, number: str | None, reason: str) -> None:
         super().__init__(f"from_number {number}: {reason}" if number else f"from_number: {reason}")
         self.number = number
+        self.reason = reason
+
+
+class DestinationRefused(OutboundCallError):
+    """The number to dial is of a kind or a country the organization's dial policy does not dial (storage.dial_policies,
+    against toll fraud); `reason` names which, and who may allow it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"to: {reason}")
         self.reason = reason
 
 
@@ -250,13 +263,17 @@ async def place_call(
 
     The CallLog is created IN_PROGRESS first (per-call `variables` in metadata.variables, `campaign_id` as its
     campaignId), taking one of the organization's call slots, then Twilio is asked for the call. With every slot
-    of the plan taken, it waits up to `slot_wait` seconds for one to free. Raises InvalidNumber, OnDoNotCallList,
-    AgentUnavailable, NumberUnavailable, CampaignNotFound, NoCredits or NoFreeSlot before anything is written;
-    CallNotPlaced (CallLog FAILED) if Twilio refuses.
+    of the plan taken, it waits up to `slot_wait` seconds for one to free. Raises InvalidNumber, DestinationRefused,
+    OnDoNotCallList, AgentUnavailable, NumberUnavailable, CampaignNotFound, NoCredits or NoFreeSlot before anything
+    is written; CallNotPlaced (CallLog FAILED) if Twilio refuses.
     """
     callee = dialable_number("to", to)
     per_call = _checked_variables(variables)
     pool = deps.pool
+    policy = await dial_policies.get_policy(pool, organization_id=organization_id)
+    refusal = policy.refusal(callee)
+    if refusal is not None:
+        raise DestinationRefused(refusal)
     listed = await do_not_call.listed_entry(pool, organization_id=organization_id, phone_number=callee)
     if listed is not None:
         raise OnDoNotCallList(f"to: {do_not_call.describe(listed)}; it is never called")

@@ -14,6 +14,7 @@ from engine.twilio.outbound_calls import (
     AgentUnavailable,
     CallNotPlaced,
     CampaignNotFound,
+    DestinationRefused,
     InvalidNumber,
     NoCredits,
     NoFreeSlot,
@@ -86,7 +87,8 @@ async def checked_caller_id(db: Queryable, *, organization_id: str, number: str)
 async def create_call(call: ApiCall) -> PlacedCallResponse:
     """Create the CallLog (IN_PROGRESS, OUTBOUND) and ask Twilio to dial.
 
-    422 names the field at fault (an undialable number, a number on the do-not-call list, an agent that is not
+    422 names the field at fault (an undialable number, a number of a kind or country the organization's dial policy
+    refuses, such as premium-rate, a number on the do-not-call list, an agent that is not
     an ACTIVE OUTBOUND agent, a number that may not call out, no `fromNumber` and no default one); 402 when the
     organization has no credits; 502 when Twilio refuses the call (its CallLog is then FAILED with Twilio's error);
     504 when Twilio did not answer the request, which it may have received: the CallLog named follows the call,
@@ -115,7 +117,7 @@ async def create_call(call: ApiCall) -> PlacedCallResponse:
         )
     except InvalidNumber as exc:
         raise unprocessable(str(exc), "fromNumber" if exc.field == "from_number" else "to") from None
-    except OnDoNotCallList as exc:
+    except (DestinationRefused, OnDoNotCallList) as exc:
         raise unprocessable(str(exc), "to") from None
     except AgentUnavailable as exc:
         raise unprocessable(str(exc), "agentId") from None

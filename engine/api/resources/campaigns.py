@@ -16,7 +16,7 @@ from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
 from engine.api.resources.calls import checked_caller_id
 from engine.campaigns.recipients_csv import RecipientsFileError, make_recipient, read_recipients
-from storage import campaigns
+from storage import campaigns, dial_policies
 from storage.campaigns import (
     Campaign,
     CampaignDispatchState,
@@ -245,11 +245,17 @@ async def delete_campaign(call: ApiCall) -> None:
     status=200,
 )
 async def import_recipients(call: ApiCall) -> ImportResult:
-    """Add recipients: every number checked to E.164 (ERROR rows kept with their reason), duplicates merged."""
+    """Add recipients: every number checked to E.164 and by the organization's dial policy (ERROR rows kept with
+    their reason), duplicates merged."""
     body = call.body_as(RecipientsImport)
+    async with call.tenant() as db:
+        policy = await dial_policies.get_policy(db, organization_id=call.caller.organization_id)
     try:
         rows: list[NewRecipient] = (
-            [row.recipient for row in read_recipients(io.StringIO(body.csv), default_region=body.default_region)]
+            [
+                row.recipient
+                for row in read_recipients(io.StringIO(body.csv), policy=policy, default_region=body.default_region)
+            ]
             if body.csv is not None
             else [
                 make_recipient(
@@ -258,6 +264,7 @@ async def import_recipients(call: ApiCall) -> ImportResult:
                     name=given.name,
                     notes=given.notes,
                     variables=given.variables,
+                    policy=policy,
                     default_region=body.default_region,
                 )
                 for index, given in enumerate(body.recipients or ())

@@ -1,0 +1,313 @@
+"""The outbound dial policy against toll fraud: POST /v1/calls and campaigns (import and dial) refuse premium-rate and
+the like unless the organization opted in, through one rule (storage.dial_policies), on the real server and database.
+
+Numbers are phonenumbers' own example number of each type, so the tests follow its metadata rather than our guesses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import aiohttp
+import asyncpg
+import phonenumbers
+import pytest
+from phonenumbers import PhoneNumberType
+
+from config.phone import NumberKind, number_kind
+from config.settings import load_settings
+from engine.campaigns.dispatcher import CampaignDispatcher, DispatchTiming, PlaceCallDialer
+from engine.twilio.outbound_calls import OutboundDeps
+from engine.twilio.rest import TwilioCalls
+from storage import phone_numbers
+from storage.dial_policies import DEFAULT_KINDS, DEFAULT_POLICY, OutboundDialPolicy
+from storage.tenancy import tenant_transaction
+from tests.engine_server import running_engine
+from tests.fakes.twilio import Busy, FakeTwilio
+from tests.test_api_auth import Api, Tenant, make_tenant
+from tests.test_outbound_calls import finished_log, make_agent
+
+
+def example(region: str, kind: int) -> str:
+    """phonenumbers' example number of `kind` in `region`, in E.164."""
+    number = phonenumbers.example_number_for_type(region, kind)
+    assert number is not None, (region, kind)
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+UK_PREMIUM = example("GB", PhoneNumberType.PREMIUM_RATE)  # +44 90...
+UK_MOBILE = example("GB", PhoneNumberType.MOBILE)
+POLICY_PATH = "/organization/dial-policy"
+
+_TYPES = {
+    kind: getattr(PhoneNumberType, name)
+    for kind, name in {
+        NumberKind.FIXED_LINE: "FIXED_LINE",
+        NumberKind.MOBILE: "MOBILE",
+        NumberKind.TOLL_FREE: "TOLL_FREE",
+        NumberKind.PREMIUM_RATE: "PREMIUM_RATE",
+        NumberKind.SHARED_COST: "SHARED_COST",
+        NumberKind.VOIP: "VOIP",
+        NumberKind.PERSONAL: "PERSONAL_NUMBER",
+        NumberKind.PAGER: "PAGER",
+        NumberKind.UAN: "UAN",
+        NumberKind.VOICEMAIL: "VOICEMAIL",
+    }.items()
+}
+
+
+def first_example(kind: NumberKind) -> str:
+    """The example number of `kind` of the first region (alphabetically) whose metadata classifies it so."""
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        number = phonenumbers.example_number_for_type(region, _TYPES[kind])
+        if number is not None and number_kind(number) is kind:
+            return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    raise AssertionError(f"no example of {kind}")
+
+
+@pytest.mark.parametrize("kind", sorted(_TYPES))
+def test_the_default_policy_dials_plain_voip_and_toll_free_numbers_and_refuses_the_rest(kind: NumberKind) -> None:
+    number = first_example(kind)
+
+    refusal = DEFAULT_POLICY.refusal(number)
+
+    if kind in DEFAULT_KINDS:
+        assert refusal is None
+    else:
+        assert refusal is not None and refusal.startswith(
+            f"{number} is {kind.described}; this organization does not dial {kind.plural}"
+        )
+        assert OutboundDialPolicy(allowed_kinds=frozenset({kind})).refusal(number) is None
+
+
+def test_numbers_of_no_known_type_and_international_networks_are_refused_unless_allowed() -> None:
+    fictional = "+15555550100"  # a possible number (config.phone accepts it) in no assigned range
+    iridium = phonenumbers.example_number_for_non_geo_entity(881)
+    assert iridium is not None
+    satellite = phonenumbers.format_number(iridium, phonenumbers.PhoneNumberFormat.E164)
+
+    assert (DEFAULT_POLICY.refusal(fictional) or "").startswith(f"{fictional} is a number of no known type;")
+    assert "international network" in (DEFAULT_POLICY.refusal(satellite) or "")
+    assert OutboundDialPolicy(allowed_kinds=frozenset({NumberKind.UNCLASSIFIED})).refusal(fictional) is None
+    assert OutboundDialPolicy(international_networks=True).refusal(satellite) is None
+
+
+def test_a_country_list_dials_only_those_countries() -> None:
+    policy = OutboundDialPolicy(allowed_countries=("GB",))
+
+    assert policy.refusal(UK_MOBILE) is None
+    assert (policy.refusal("+14155550123") or "").startswith("+14155550123 is in United States; this organization")
+
+
+# ------------------------------------------------------------------------------------ through the real server
+
+
+@pytest.fixture(scope="module")
+async def twilio() -> AsyncIterator[FakeTwilio]:
+    async with FakeTwilio() as fake:
+        fake.default = Busy()  # a call that is placed ends at once; what matters is whether it was placed
+        yield fake
+
+
+@pytest.fixture(scope="module")
+async def engine(db_url: str, twilio: FakeTwilio) -> AsyncIterator[str]:
+    async with running_engine(
+        db_url,
+        dispatch_enabled=False,
+        twilio_auth_token=twilio.auth_token,
+        twilio_account_sid=twilio.account_sid,
+        twilio_api_base=twilio.api_base,
+    ) as base:
+        yield base
+
+
+@pytest.fixture
+async def api(engine: str) -> AsyncIterator[Api]:
+    async with aiohttp.ClientSession() as session:
+        yield Api(session, engine)
+
+
+_caller_ids = iter(range(100, 1000))
+
+
+async def dialer_tenant(pool: asyncpg.Pool, name: str) -> tuple[Tenant, str, str]:
+    """An organization that can place calls: (tenant, an OUTBOUND agent's id, its caller id)."""
+    tenant = await make_tenant(pool, name, credits=500)
+    number = await phone_numbers.create_phone_number(
+        pool, organization_id=tenant.organization_id, phone_number=f"+14155550{next(_caller_ids):03d}"
+    )
+    return tenant, await make_agent(pool, tenant.organization_id), number.phone_number
+
+
+async def place(api: Api, tenant: Tenant, agent_id: str, caller_id: str, to: str) -> tuple[int, Any]:
+    return await api.call(
+        "POST", "/calls", tenant.owner_key, json={"agentId": agent_id, "fromNumber": caller_id, "to": to}
+    )
+
+
+async def test_the_api_refuses_a_premium_rate_number_and_dials_nothing(
+    api: Api, pool: asyncpg.Pool, twilio: FakeTwilio
+) -> None:
+    tenant, agent_id, caller_id = await dialer_tenant(pool, "Premium")
+
+    status, body = await place(api, tenant, agent_id, caller_id, UK_PREMIUM)
+
+    assert (status, body["error"]["code"], body["error"]["field"]) == (422, "invalid_value", "to"), body
+    assert body["error"]["message"].startswith(
+        f"to: {UK_PREMIUM} is a premium-rate number; this organization does not dial premium-rate numbers"
+    )
+    assert twilio.creates[UK_PREMIUM] == 0
+    logs = await pool.fetchval('SELECT count(*) FROM "CallLog" WHERE "organizationId" = $1', tenant.organization_id)
+    assert logs == 0
+
+
+async def test_the_api_places_a_call_to_a_mobile_number(api: Api, pool: asyncpg.Pool, twilio: FakeTwilio) -> None:
+    tenant, agent_id, caller_id = await dialer_tenant(pool, "Mobile")
+
+    status, body = await place(api, tenant, agent_id, caller_id, UK_MOBILE)
+
+    assert status == 201, body
+    assert twilio.creates[UK_MOBILE] >= 1
+    await finished_log(pool, body["callLogId"])
+
+
+async def test_an_organization_that_opts_in_dials_premium_rate_and_another_still_does_not(
+    api: Api, pool: asyncpg.Pool, twilio: FakeTwilio
+) -> None:
+    opted, agent_id, caller_id = await dialer_tenant(pool, "OptedIn")
+    other, other_agent, other_caller = await dialer_tenant(pool, "Careful")
+
+    status, policy = await api.call("PATCH", POLICY_PATH, opted.owner_key, json={"allowedKinds": ["premium_rate"]})
+    assert (status, policy["allowedKinds"]) == (200, ["premium_rate"]), policy
+    placed, body = await place(api, opted, agent_id, caller_id, UK_PREMIUM)
+    refused, _ = await place(api, other, other_agent, other_caller, UK_PREMIUM)
+    _, others_policy = await api.call("GET", POLICY_PATH, other.owner_key)
+
+    assert placed == 201, body
+    await finished_log(pool, body["callLogId"])
+    assert refused == 422
+    assert (others_policy["allowedKinds"], others_policy["updatedAt"]) == ([], None)
+
+
+async def test_a_viewer_cannot_change_the_dial_policy(api: Api, pool: asyncpg.Pool) -> None:
+    tenant = await make_tenant(pool, "Viewed")
+
+    status, body = await api.call("PATCH", POLICY_PATH, tenant.viewer_key, json={"allowedKinds": ["premium_rate"]})
+    _, policy = await api.call("GET", POLICY_PATH, tenant.viewer_key)
+
+    assert status == 403, body
+    assert policy["allowedKinds"] == []
+
+
+async def test_a_kind_dialed_anyway_or_an_unknown_country_is_refused_by_name(api: Api, pool: asyncpg.Pool) -> None:
+    tenant = await make_tenant(pool, "Typo")
+
+    kind, kind_body = await api.call("PATCH", POLICY_PATH, tenant.owner_key, json={"allowedKinds": ["mobile"]})
+    country, country_body = await api.call("PATCH", POLICY_PATH, tenant.owner_key, json={"allowedCountries": ["XX"]})
+
+    assert (kind, kind_body["error"]["field"]) == (422, "allowedKinds"), kind_body
+    assert (country, country_body["error"]["field"]) == (422, "allowedCountries"), country_body
+
+
+async def test_one_organizations_policy_row_is_invisible_to_another_under_row_level_security(
+    api: Api, pool: asyncpg.Pool
+) -> None:
+    opted = await make_tenant(pool, "RowOwner")
+    other = await make_tenant(pool, "RowStranger")
+    await api.call("PATCH", POLICY_PATH, opted.owner_key, json={"allowedKinds": ["premium_rate"]})
+
+    async with tenant_transaction(pool, other.organization_id) as conn:
+        seen = await conn.fetchval('SELECT count(*) FROM "OutboundDialPolicy"')
+        changed = await conn.execute('UPDATE "OutboundDialPolicy" SET "allowedKinds" = \'{}\'')
+
+    assert (seen, changed) == (0, "UPDATE 0")
+    row = await pool.fetchval(
+        'SELECT "allowedKinds" FROM "OutboundDialPolicy" WHERE "organizationId" = $1', opted.organization_id
+    )
+    assert row == ["premium_rate"]
+
+
+# ------------------------------------------------------------------------------------------------- campaigns
+
+
+async def new_campaign(api: Api, tenant: Tenant, agent_id: str, caller_id: str) -> str:
+    status, campaign = await api.call(
+        "POST",
+        "/campaigns",
+        tenant.owner_key,
+        json={"batchName": "Offers", "agentId": agent_id, "fromNumber": caller_id},
+    )
+    assert status == 201, campaign
+    campaign_id: str = campaign["id"]
+    return campaign_id
+
+
+async def test_a_campaign_import_keeps_a_premium_rate_row_as_an_error_naming_its_kind(
+    api: Api, pool: asyncpg.Pool
+) -> None:
+    tenant, agent_id, caller_id = await dialer_tenant(pool, "Importer")
+    campaign_id = await new_campaign(api, tenant, agent_id, caller_id)
+    path = f"/campaigns/{campaign_id}/recipients"
+
+    status, summary = await api.call(
+        "POST", path, tenant.owner_key, json={"csv": f"phone,name\n{UK_MOBILE},Ann\n{UK_PREMIUM},Bob\n"}
+    )
+    _, page = await api.call("GET", f"{path}?status=ERROR", tenant.owner_key)
+
+    assert status == 200 and (summary["imported"], summary["errors"]) == (1, 1), summary
+    [refused] = page["data"]
+    assert (refused["phoneNumber"], refused["state"], refused["error"]["at"]) == (UK_PREMIUM, "error", "line 3")
+    assert refused["error"]["reason"].startswith(
+        f"{UK_PREMIUM} is a premium-rate number; this organization does not dial premium-rate numbers"
+    )
+
+
+@pytest.fixture(scope="module")
+async def deps(db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio, engine: str) -> AsyncIterator[OutboundDeps]:
+    """What the test's own dispatcher dials with (the engine's is off), Twilio calling back on the engine."""
+    settings = load_settings(
+        database_url=db_url,
+        twilio_auth_token=twilio.auth_token,
+        twilio_account_sid=twilio.account_sid,
+        twilio_api_base=twilio.api_base,
+    )
+    client = TwilioCalls(twilio.account_sid, twilio.auth_token, api_base=twilio.api_base)
+    try:
+        yield OutboundDeps(pool=pool, settings=settings, twilio=client, public_url=engine)
+    finally:
+        await client.close()
+
+
+async def test_a_recipient_imported_while_allowed_is_not_dialed_once_the_policy_tightens(
+    api: Api, pool: asyncpg.Pool, twilio: FakeTwilio, deps: OutboundDeps
+) -> None:
+    tenant, agent_id, caller_id = await dialer_tenant(pool, "Tightened")
+    premium = example("GB", PhoneNumberType.PREMIUM_RATE)[:-1] + "9"  # a number no other test dials
+    await api.call("PATCH", POLICY_PATH, tenant.owner_key, json={"allowedKinds": ["premium_rate"]})
+    campaign_id = await new_campaign(api, tenant, agent_id, caller_id)
+    path = f"/campaigns/{campaign_id}/recipients"
+    _, summary = await api.call("POST", path, tenant.owner_key, json={"recipients": [{"phoneNumber": premium}]})
+    assert summary["imported"] == 1, summary
+    status, body = await api.call("POST", f"/campaigns/{campaign_id}/start", tenant.owner_key)
+    assert status == 200, body
+
+    status, _ = await api.call("PATCH", POLICY_PATH, tenant.owner_key, json={"allowedKinds": []})
+    assert status == 200
+    dispatcher = CampaignDispatcher(
+        pool, PlaceCallDialer(deps), timing=DispatchTiming(interval=timedelta(0), idle_recheck=timedelta(0))
+    )
+    for _ in range(20):  # the first tick starts the campaign, a later one claims and dials
+        await dispatcher.tick()
+        await dispatcher.drain()
+        _, campaign = await api.call("GET", f"/campaigns/{campaign_id}", tenant.owner_key)
+        if campaign["status"] == "COMPLETED":
+            break
+
+    _, page = await api.call("GET", path, tenant.owner_key)
+    [recipient] = page["data"]
+    assert campaign["status"] == "COMPLETED", campaign
+    assert (recipient["state"], recipient["attempts"], recipient["lastCallLogId"]) == ("failed", 0, None)
+    assert recipient["lastReason"].startswith(f"not dialed: to: {premium} is a premium-rate number;")
+    assert twilio.creates[premium] == 0
