@@ -13,7 +13,7 @@ from storage.enums import AgentStatus, CallerType
 from storage.errors import InvalidReference, NotFound, translate_errors
 from storage.knowledge_bases import KnowledgeBaseWithDocuments
 from storage.phone_numbers import PhoneNumber
-from storage.records import Queryable, Record, new_id
+from storage.records import Queryable, Record, StoredJsonObject, new_id
 from storage.tools import Tool
 from storage.voices import Voice
 
@@ -51,7 +51,9 @@ class Agent(Record):
     voice_id: str | None
     success_rate: float
     total_calls: int
-    configuration: dict[str, Any]
+    configuration: StoredJsonObject
+    """An object when saved through the API; read as stored otherwise, for config.agent to read (null: the
+    defaults) or refuse when a call starts, instead of failing every read of the agent and its number."""
     created_at: datetime
     updated_at: datetime
 

@@ -6,21 +6,25 @@ from datetime import datetime
 from typing import Any
 
 from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, fetch_page, new_id, set_clause
+from storage.records import Queryable, Record, StoredJsonArray, fetch_page, new_id, set_clause
 
 _COLUMNS = '"id", "organizationId", "name", "useCase", "agentSpeech", "nodes", "edges", "createdAt", "updatedAt"'
 
 
 class ConversationPath(Record):
-    """A conversation flow: react-flow `nodes` and `edges`, kept as the JSON the flow builder saved."""
+    """A conversation flow: react-flow `nodes` and `edges`, kept as the JSON the flow builder saved.
+
+    Both are arrays when saved through the API; a value of another shape left by another writer is read as it is,
+    so that the path can still be listed and fixed, and a call on it fails naming the problem (pipelines.paths).
+    """
 
     id: str
     organization_id: str
     name: str
     use_case: str | None
     agent_speech: str | None
-    nodes: list[Any]
-    edges: list[Any]
+    nodes: StoredJsonArray
+    edges: StoredJsonArray
     created_at: datetime
     updated_at: datetime
 

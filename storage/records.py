@@ -6,12 +6,12 @@ import os
 from collections.abc import AsyncIterator, Mapping, Sequence, Set
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, Protocol, Self, TypeAlias
+from typing import Annotated, Any, Protocol, Self, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from cuid2 import Cuid
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 _cuid = Cuid(length=25)
@@ -36,6 +36,13 @@ def new_ids(count: int) -> list[str]:
     rest = os.urandom(24 * count).translate(_ID_CHARACTERS).decode("ascii")
     return [letters[index] + rest[24 * index : 24 * index + 24] for index in range(count)]
 
+
+StoredJsonArray = Annotated[Any, WithJsonSchema({"type": "array", "items": {}})]
+"""A `Json` column the API saves an array in, read as stored: the dashboard shares the table, and Prisma's `Json`
+takes any JSON value. A row holding another must still be read (to be refused by its user with a reason, shown,
+fixed), not make every query that reads it fail."""
+StoredJsonObject = Annotated[Any, WithJsonSchema({"type": "object", "additionalProperties": True})]
+"""A `Json` column the API saves an object in, read as stored (see StoredJsonArray)."""
 
 Connection = asyncpg.Connection | PoolConnectionProxy
 """One connection: opened directly, or acquired from a pool."""

@@ -145,13 +145,19 @@ class Path:
         return [node for node in self.nodes.values() if node.is_global]
 
 
-def read_path(nodes: Sequence[Any], edges: Sequence[Any], *, strict: bool = True) -> Path:
-    """Read and check react-flow `nodes` and `edges`; PathInvalid listing every problem.
+def read_path(nodes: Any, edges: Any, *, strict: bool = True) -> Path:
+    """Read and check react-flow `nodes` and `edges` (JSON arrays); PathInvalid listing every problem.
 
     `strict` (saving through the API) also refuses dangling edges and unreachable nodes; a call (`strict=False`)
     runs a path saved before those checks existed, leaving out the edges that lead nowhere.
     """
-    problems: list[PathProblem] = []
+    problems = [
+        PathProblem(name, f"must be a JSON array of react-flow {name}, not {_json_kind(value)}")
+        for name, value in (("nodes", nodes), ("edges", edges))
+        if not isinstance(value, list | tuple)
+    ]
+    if problems:  # a graph stored by another writer in another shape: nothing in it can be read as nodes or edges
+        raise PathInvalid(problems)
     read_nodes: dict[str, Node] = {}
     for index, item in enumerate(nodes):
         node = _read_node(index, item, problems)
@@ -170,6 +176,20 @@ def read_path(nodes: Sequence[Any], edges: Sequence[Any], *, strict: bool = True
     if problems:
         raise PathInvalid(problems)
     return Path(read_nodes, read_edges, start)
+
+
+def _json_kind(value: Any) -> str:
+    match value:
+        case None:
+            return "null"
+        case Mapping():
+            return "an object"
+        case str():
+            return "a string"
+        case bool():
+            return "a boolean"
+        case _:
+            return "a number"
 
 
 def _read_node(index: int, item: Any, problems: list[PathProblem]) -> Node | None:

@@ -114,8 +114,9 @@ async def delete_conversation_path(call: ApiCall) -> None:
         )
 
 
-def _check_graph(nodes: list[Any], edges: list[Any]) -> None:
-    """Refuse a graph a call could not walk (422 naming the node or edge and its field); an empty one is a draft."""
+def _check_graph(nodes: Any, edges: Any) -> None:
+    """Refuse a graph a call could not walk (422 naming the node or edge and its field); an empty one is a draft.
+    Half of it may be the stored half, in whatever shape another writer left it."""
     if not nodes and not edges:
         return
     try:
