@@ -7,9 +7,6 @@ One home for the rule: `localized` fills a provider's options from the agent's l
 
 from __future__ import annotations
 
-import functools
-import os
-import re
 from typing import TypeVar
 
 from config.agent import (
@@ -21,6 +18,7 @@ from config.agent import (
     ProviderConfig,
     SphinxSTTConfig,
 )
+from pipelines.tts.espeak import VOICE_HELP, espeak_catalog
 
 __all__ = [
     "ELEVENLABS_LANGUAGE_CODE_MODELS",
@@ -131,29 +129,15 @@ def language_problems(config: AgentConfiguration) -> list[tuple[str, str]]:
                         )
                 case EspeakTTSConfig(voice=None) if espeak_voice(language) is None:
                     problems.append(("language", f"eSpeak NG has no voice for {language!r}"))
+                case EspeakTTSConfig(voice=str() as voice) if not espeak_catalog().ships(voice):
+                    problems.append((f"{path}.voice", f"eSpeak NG has no voice {voice!r}: {VOICE_HELP}"))
     return problems
 
 
 def espeak_voice(language: str) -> str | None:
     """The eSpeak NG voice for a BCP 47 language: the tag itself if a voice declares it, else its primary language."""
-    declared = _espeak_languages()
+    declared = espeak_catalog().languages
     for candidate in (language.lower(), primary_language(language)):
         if candidate in declared:
             return candidate
     return None
-
-
-_LANGUAGE_LINE = re.compile(rb"^language\s+(\S+)", re.MULTILINE)
-
-
-@functools.cache
-def _espeak_languages() -> frozenset[str]:
-    # Each voice file of the data that ships in the espeakng-loader wheel declares the languages it speaks.
-    import espeakng_loader
-
-    declared: set[str] = set()
-    for folder, _, files in os.walk(os.path.join(espeakng_loader.get_data_path(), "lang")):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as voice_file:
-                declared.update(tag.decode().lower() for tag in _LANGUAGE_LINE.findall(voice_file.read()))
-    return frozenset(declared)

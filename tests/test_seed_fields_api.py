@@ -75,6 +75,20 @@ async def test_a_language_espeak_has_no_voice_for_is_refused(api: Api, acme: Ten
     assert "eSpeak NG has no voice for 'tlh'" in body["error"]["message"]
 
 
+@pytest.mark.parametrize("voice", ["english", "Alex", "en-us+alex"])
+async def test_an_espeak_voice_the_wheel_does_not_ship_is_refused_naming_it(api: Api, acme: Tenant, voice: str) -> None:
+    status, body = await save(api, acme, configuration={"tts": {"provider": "espeak", "voice": voice}})
+    assert status == 422, body
+    assert_error(body, "validation_error", "configuration.tts[0].voice")
+    assert f"eSpeak NG has no voice {voice!r}" in body["error"]["message"]
+
+
+async def test_espeak_voices_named_by_name_file_or_language_with_a_variant_are_accepted(api: Api, acme: Tenant) -> None:
+    for voice in ("English (America)", "gmw/en-US", "en-GB", "en-us+f3"):
+        status, body = await save(api, acme, configuration={"tts": {"provider": "espeak", "voice": voice}})
+        assert status == 201, (voice, body)
+
+
 async def test_an_english_only_elevenlabs_model_is_refused_for_french(api: Api, acme: Tenant) -> None:
     configuration = {
         "language": "fr-FR",

@@ -163,3 +163,26 @@ async def test_a_stored_agent_in_a_language_its_recognizer_lacks_is_refused_befo
     result = await call(engine, number, Pause(100))
     assert result.refusal is not None and "not set up correctly" in result.refusal
     assert result.stream_url is None
+
+
+async def test_a_stored_agent_with_an_espeak_voice_the_wheel_lacks_is_refused_before_answering(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    # "Alex" is an eSpeak variant, not a voice: given to the library it crashes the offline worker process.
+    number, _ = await line(pool, organization_id, tts={"provider": "espeak", "voice": "Alex"})
+    result = await call(engine, number, Pause(100))
+    assert result.refusal is not None and "not set up correctly" in result.refusal
+    assert result.stream_url is None
+
+
+async def test_a_custom_espeak_voice_the_wheel_lacks_fails_the_call_naming_it(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    voice = await voices.create_custom_voice(
+        pool, organization_id=organization_id, name="Variant", provider="espeak", provider_voice_id="Alex"
+    )
+    number, _ = await line(pool, organization_id, voice_id=voice.id, tts={"provider": "espeak"})
+    result = await call(engine, number, Pause(300))
+    log = await finished_log(pool, result)
+    assert (log["status"], log["metadata"]["endReason"]) == ("FAILED", "tts_failed")
+    assert "unknown voice 'Alex'" in log["metadata"]["endDetail"]

@@ -70,6 +70,18 @@ def test_an_unknown_voice_raises_naming_it() -> None:
         speak_pcm("hello", voice="xx-nowhere")
 
 
+@pytest.mark.parametrize("voice", ["English (America)", "gmw/en-US", "EN-GB", "en-us+f3", "en-us+Mr serious"])
+def test_a_voice_may_be_named_by_its_name_its_file_or_a_language_and_take_a_variant(voice: str) -> None:
+    assert speak_pcm("Tuesday at ten", voice=voice).duration_ms > 300
+
+
+async def test_a_variants_name_alone_is_refused_before_it_can_crash_the_worker(workers: OfflineWorkers) -> None:
+    # "Alex" is a variant file: eSpeak NG loads it as a voice without phonemes, then crashes the process.
+    with pytest.raises(TTSError, match="unknown voice 'Alex'"):
+        await speak(EspeakTTS(work=workers, voice="Alex", cache=SpeechCache()), "hello")
+    assert len(await speak(EspeakTTS(work=workers, cache=SpeechCache()), "hello")) > 0
+
+
 def test_the_engine_speaks_again_after_an_unknown_voice() -> None:
     with pytest.raises(TTSError):
         speak_pcm("hello", voice="xx-nowhere")

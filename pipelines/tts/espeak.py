@@ -1,9 +1,13 @@
-"""eSpeak NG offline text-to-speech: one engine per process, run off the event loop, μ-law 8 kHz out, cached."""
+"""eSpeak NG offline text-to-speech: one engine per process, run off the event loop, μ-law 8 kHz out, cached; and
+the catalog of the voices its wheel ships, the only ones it is given."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
+import os
+import re
 import struct
 import threading
 from collections import OrderedDict
@@ -45,6 +49,65 @@ _PARAM_PITCH = 3
 _EE_OK = 0
 _EE_NOT_FOUND = 2
 _ERRORS = {-1: "internal error", 1: "buffer full", 2: "not found"}
+
+
+VOICE_HELP = (
+    "use a language it speaks ('en-us', 'en-gb', 'fr') or a voice's name ('English (America)'), optionally with a "
+    "variant ('en-us+f3')"
+)
+"""What an agent may name as its eSpeak NG voice, for errors that refuse one."""
+
+_LANGUAGE_LINE = re.compile(rb"^language\s+(\S+)", re.MULTILINE)
+_NAME_LINE = re.compile(rb"^name\s+(.+?)\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True, slots=True)
+class EspeakCatalog:
+    """The voices the espeakng-loader wheel's data ships: what an agent's `voice` may select."""
+
+    languages: frozenset[str]
+    """Languages the voices declare, lower case ("en-us", "fr-fr")."""
+    voices: frozenset[str]
+    """Voices by file, with and without its folder ("en-us", "gmw/en-us"), and by name ("english (america)")."""
+    variants: frozenset[str]
+    """Variant files, spelled as the library opens them ("f3", "Alex")."""
+
+    def ships(self, voice: str) -> bool:
+        """Whether `voice` selects a shipped voice: a language, a voice's file or name (any case), then after `+`
+        a variant's file.
+
+        The library takes more, to worse effect: a name it does not know picks a voice by loose likeness or
+        fails, an unknown variant is dropped unsaid, and a variant's name alone ("Alex") loads a voice without
+        phonemes whose synthesis says nothing, then crashes the process.
+        """
+        base, plus, variant = voice.partition("+")
+        known = base.lower() in self.languages or base.lower() in self.voices
+        return known and (not plus or variant in self.variants)
+
+
+@functools.cache
+def espeak_catalog() -> EspeakCatalog:
+    """The catalog of the wheel's voices, read once from its voice files."""
+    import espeakng_loader
+
+    data = espeakng_loader.get_data_path()
+    languages: set[str] = set()
+    voices: set[str] = set()
+    root = os.path.join(data, "lang")
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            voices.update((name.lower(), os.path.relpath(path, root).replace(os.sep, "/").lower()))
+            with open(path, "rb") as voice_file:
+                text = voice_file.read()
+            languages.update(tag.decode().lower() for tag in _LANGUAGE_LINE.findall(text))
+            voices.update(line.decode(errors="replace").lower() for line in _NAME_LINE.findall(text))
+    variants = os.path.join(data, "voices", "!v")
+    return EspeakCatalog(
+        frozenset(languages),
+        frozenset(voices),
+        frozenset(os.listdir(variants)) if os.path.isdir(variants) else frozenset(),
+    )
 
 
 class _VoiceSpec(ctypes.Structure):
@@ -191,15 +254,15 @@ class EspeakEngine:
         if self._settings == (voice, rate, pitch):
             return
         self._settings = None
+        if not espeak_catalog().ships(voice):  # never handed to the library, which may crash on it
+            raise TTSError(f"eSpeak NG: unknown voice {voice!r}; {VOICE_HELP}", provider="espeak")
         # A voice file name ("en-us") first, then a language ("en-gb" lives in the file "en").
         result = lib.espeak_SetVoiceByName(voice.encode("utf-8"))
         if result == _EE_NOT_FOUND:
             spec = _VoiceSpec(languages=voice.encode("utf-8"))
             result = lib.espeak_SetVoiceByProperties(ctypes.byref(spec))
         if result == _EE_NOT_FOUND:
-            raise TTSError(
-                f"eSpeak NG: unknown voice {voice!r}; use a voice name such as 'en-us' or 'en-gb'", provider="espeak"
-            )
+            raise TTSError(f"eSpeak NG: unknown voice {voice!r}; {VOICE_HELP}", provider="espeak")
         _check(result, f"selecting voice {voice!r}")
         _check(lib.espeak_SetParameter(_PARAM_RATE, rate, 0), f"setting rate {rate}")
         _check(lib.espeak_SetParameter(_PARAM_PITCH, pitch, 0), f"setting pitch {pitch}")
