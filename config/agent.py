@@ -89,6 +89,13 @@ def _language_tag(value: str) -> str:
     return value
 
 
+MAX_SPOKEN_CHARS = 4000
+"""The longest text the agent says word for word (a sentence of its configuration, a path node's line): minutes
+of speech already, and one synthesis job each, which an offline worker must finish within its deadline."""
+
+SpokenText = Annotated[str, Field(max_length=MAX_SPOKEN_CHARS)]
+"""A text the agent says word for word."""
+
 KeyRef = Annotated[str, AfterValidator(_key_ref)]
 """Where a provider's API key comes from: `env:<VARIABLE>` or `tool:<toolId>`."""
 
@@ -381,7 +388,7 @@ class VoicemailConfig(_CallBehaviour):
     """Ask Twilio to tell people from answering machines on outbound calls (Twilio bills each detection)."""
     action: Literal["leave_message", "hang_up"] = "hang_up"
     """After the greeting's beep, speak `message` then hang up; or hang up as soon as a machine is detected."""
-    message: str | None = None
+    message: SpokenText | None = None
     """The message left after the beep; `{{name}}` placeholders are filled from the call's variables."""
     detection_timeout_seconds: Annotated[int, _between(3, 59)] = 30
     """How long Twilio may listen before it gives up and calls the answer `unknown` (treated as a person)."""
@@ -527,12 +534,12 @@ class AgentConfiguration(_CallBehaviour):
     tts: Annotated[tuple[TTSConfig, ...], _ONE_OR_MORE] = ()
     """Text-to-speech providers, primary first; empty only with `realtime`. Default: espeak."""
 
-    first_sentence: str | None = None
+    first_sentence: SpokenText | None = None
     """What the agent says first, word for word; null lets the caller speak first (see `modelGreets`)."""
     model_greets: bool = False
     """With no `firstSentence`, the language model opens the call with words of its own instead of waiting for the
     caller (a conversation path's opening node speaks either way)."""
-    apology_sentence: str | None = None
+    apology_sentence: SpokenText | None = None
     """What the caller hears when a provider fails mid-reply and the next one takes over (default: a short apology)."""
     prompt: str | None = None
     """The system prompt; `{{name}}` placeholders are filled from `variables` and the call (`{{customer.name}}`,
@@ -551,7 +558,7 @@ class AgentConfiguration(_CallBehaviour):
     """How long an outbound call rings before it counts as not answered (Twilio's `Timeout`)."""
     silence_timeout_seconds: Annotated[int, _between(5, 600)] = 30
     """The agent hangs up after this long with nobody speaking."""
-    goodbye_sentence: str | None = None
+    goodbye_sentence: SpokenText | None = None
     interruption: InterruptionConfig = InterruptionConfig()
     endpointing: EndpointingConfig = EndpointingConfig()
     first_clause: FirstClauseConfig = FirstClauseConfig()
@@ -679,6 +686,8 @@ def _describe(error: ErrorDetails, data: Any) -> tuple[str, str]:
             return path, f"must be {error.get('ctx', {}).get('expected')}" + _shown(error, path)
         case "value_error":
             return path, str(error["msg"]).removeprefix("Value error, ") + _shown(error, path)
+        case "string_too_long":
+            return path, f"must be at most {error.get('ctx', {}).get('max_length')} characters"
         case kind:
             return path, _PLAIN_MESSAGES.get(kind, str(error["msg"])) + _shown(error, path)
 

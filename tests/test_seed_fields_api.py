@@ -89,6 +89,28 @@ async def test_espeak_voices_named_by_name_file_or_language_with_a_variant_are_a
         assert status == 201, (voice, body)
 
 
+@pytest.mark.parametrize(
+    ("configuration", "field"),
+    [
+        ({"firstSentence": "Hello and welcome " * 250}, "configuration.firstSentence"),
+        ({"goodbye_sentence": "Goodbye " * 600}, "configuration.goodbye_sentence"),
+        ({"apologySentence": "Sorry " * 700}, "configuration.apologySentence"),
+        (
+            {"voicemail": {"detect": True, "action": "leave_message", "message": "Call us back " * 400}},
+            "configuration.voicemail.message",
+        ),
+    ],
+)
+async def test_a_sentence_the_agent_would_say_for_many_minutes_is_refused_naming_it(
+    api: Api, acme: Tenant, configuration: dict[str, Any], field: str
+) -> None:
+    # One synthesis each: eSpeak NG takes about a second per 15,000 characters, and a worker's job has 30 s.
+    status, body = await save(api, acme, configuration=configuration)
+    assert status == 422, body
+    assert_error(body, "validation_error", field)
+    assert "at most 4000 characters" in body["error"]["message"]
+
+
 async def test_an_english_only_elevenlabs_model_is_refused_for_french(api: Api, acme: Tenant) -> None:
     configuration = {
         "language": "fr-FR",

@@ -10,6 +10,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from config.agent import MAX_SPOKEN_CHARS
 from config.phone import InvalidPhoneNumber, e164
 from media.dtmf import DIGITS_HELP, InvalidDigits, check_digits
 
@@ -38,7 +39,7 @@ LEGACY_TYPES: Final = frozenset({"default", "input", "output"})
 """react-flow's stock node types: a node that says its text (`text`, `prompt` or `label`), ending the call on
 `endCall` (or as an `output` node with no way out)."""
 
-_Text = Annotated[str, Field(min_length=1, max_length=4000)]
+_Text = Annotated[str, Field(min_length=1, max_length=MAX_SPOKEN_CHARS)]
 _Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
