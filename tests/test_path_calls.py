@@ -29,6 +29,7 @@ from config.settings import load_settings
 from engine.simulator import CallResult, Dtmf, Pause, Say, Step, simulate_call
 from engine.twilio.outbound_calls import OutboundDeps, place_call
 from engine.twilio.rest import TwilioCalls
+from pipelines.llm.conversation_path import REPROMPT_PREFIX
 from storage import agents, campaigns, conversation_paths, organizations, phone_numbers, tools
 from storage.demo import DEMO_PATH_NAME, seed_demo
 from storage.enums import AgentStatus, CallerType, Plan
@@ -549,6 +550,26 @@ async def test_the_offline_model_walks_speak_gather_webhook_prompt_and_a_global_
     assert update["sid"] == result.call_sid and dialed_number(update["Twiml"]) == TRANSFER_TO
     assert edges["global:human"] == 1
     assert rig.fakes.openai.requests[before:] == []
+
+
+async def test_the_offline_model_asks_again_for_keys_when_the_caller_speaks_at_a_gather_node_before_any(
+    rig: PathRig,
+) -> None:
+    rig.fakes.deepgram.transcripts.extend(["It is about billing.", "I do not have it here."])
+    async with rig.engine() as engine:
+        line = await rig.line(llm={"provider": "conversation_path"})
+        steps: list[Step] = [Say("it is about billing"), Say("i do not have it here"), Dtmf("1234")]
+        call = rig.call(engine, line, *steps)
+        live, _ = await call.trace_when(10)
+        call.task.cancel()
+
+    assert live[2:5] == [
+        ("agent", ASK_ACCOUNT, "account", "to-billing"),
+        ("caller", "I do not have it here.", "account", None),
+        ("agent", f"{REPROMPT_PREFIX}{ASK_ACCOUNT}", "account", None),  # words are no keys: the node stays
+    ]
+    assert live[9] == ("agent", BILLING, "billing", "found")
+    assert [request["arguments"] for request in rig.accounts.received] == [{"account": "1234"}]
 
 
 async def test_a_campaigns_path_overrides_the_agents_default(rig: PathRig) -> None:

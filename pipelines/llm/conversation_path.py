@@ -15,7 +15,16 @@ from config.agent import ConversationPathLLMConfig
 from pipelines.conversation.opt_out import opt_out_phrase
 from pipelines.llm.base import ConversationTurn, EndCall, LLMError, LLMEvent, OptOut, TextDelta
 from pipelines.paths.engine import GLOBAL_PREFIX, KnowledgeLookup, PathCheckpoint, PathEngine, ToolCaller, Way
-from pipelines.paths.graph import GlobalData, KnowledgeData, Node, Path, PathInvalid, PromptData, read_path
+from pipelines.paths.graph import (
+    GatherData,
+    GlobalData,
+    KnowledgeData,
+    Node,
+    Path,
+    PathInvalid,
+    PromptData,
+    read_path,
+)
 from pipelines.paths.offline import KeywordChooser, edge_keywords, label_keywords, normalize_words
 
 __all__ = [
@@ -236,12 +245,15 @@ class ConversationPathLLM:
         return _say(REPROMPT_PREFIX + node.text if node.text else REPROMPT_PREFIX.strip())
 
     def _choose(self, heard: str) -> str | None:
-        """The way the caller's words pick; else the one way out that asks for nothing (a wait node's edge)."""
+        """The way the caller's words pick; else the one way out that asks for nothing (a wait node's edge), but
+        not a gather node's: the keys take that one, once they are complete."""
         ways = self._engine.ways()
         keyed = [(way.key, self._keywords_of(way), way.digit) for way in ways]
         chosen = KeywordChooser(keyed).choose(heard)
         if chosen is not None:
             return chosen
+        if isinstance(self._engine.node.data, GatherData):
+            return None
         open_ways = [key for key, keywords, digit in keyed if not keywords and digit is None]
         return open_ways[0] if len(open_ways) == 1 else None
 
