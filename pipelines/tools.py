@@ -155,7 +155,9 @@ def agent_functions(tools: Sequence[Any]) -> list[AgentFunction]:
     """
     functions: list[AgentFunction] = []
     for tool in tools:
-        configuration = tool.configuration or {}
+        configuration = tool.configuration if tool.configuration is not None else {}
+        if not isinstance(configuration, Mapping):
+            raise ToolConfigurationError(f"tool {tool.name!r} ({tool.id}): its configuration is not a JSON object")
         if "function" not in configuration:
             continue
         try:

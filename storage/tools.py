@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import Field
 
 from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, fetch_page, new_id, set_clause
+from storage.records import Queryable, Record, StoredJsonObject, fetch_page, new_id, set_clause
 
 _COLUMNS = (
     '"id", "organizationId", "name", "description", "category", "logo", "iconBgColor", "isConnected", '
@@ -27,7 +27,8 @@ class Tool(Record):
     logo: str | None
     icon_bg_color: str | None
     is_connected: bool
-    configuration: dict[str, Any] = Field(repr=False)
+    configuration: StoredJsonObject = Field(repr=False)
+    """An object when saved through the API; read as stored otherwise (pipelines.tools refuses it in a call)."""
     created_at: datetime
     updated_at: datetime
 

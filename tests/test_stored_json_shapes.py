@@ -16,7 +16,7 @@ import pytest
 
 from engine.simulator import Say
 from engine.twilio.webhooks import MISCONFIGURED
-from storage import agents
+from storage import agents, tools
 from tests.engine_server import running_engine
 from tests.test_api_auth import Api, Tenant, make_tenant
 from tests.test_calls_e2e import TOKEN, call, call_log, make_line, turns
@@ -119,3 +119,42 @@ async def test_an_agent_whose_stored_configuration_is_not_an_object_has_its_call
         "sphinx",
         "espeak",
     ]
+
+
+async def linked_tool(pool: asyncpg.Pool, organization_id: str, agent_id: str, configuration: Any) -> str:
+    """A connected Tool linked to the agent whose stored configuration is `configuration` (JSON), as another writer
+    left it."""
+    tool = await tools.create_tool(pool, organization_id=organization_id, name="CRM", is_connected=True)
+    await agents.link_tool(pool, organization_id=organization_id, agent_id=agent_id, tool_id=tool.id)
+    await pool.execute(
+        'UPDATE "Tool" SET "configuration" = $1::text::jsonb WHERE "id" = $2', json.dumps(configuration), tool.id
+    )
+    return tool.id
+
+
+async def test_an_agent_linked_to_a_tool_whose_stored_configuration_is_null_answers_its_calls(
+    engine: str, pool: asyncpg.Pool, acme: Tenant
+) -> None:
+    number, agent_id = await make_line(pool, acme.organization_id, firstSentence=OPENING)
+    tool_id = await linked_tool(pool, acme.organization_id, agent_id, None)
+
+    result = await call(engine, number, Say("hello"), timeout_s=30)
+    async with aiohttp.ClientSession() as session:
+        shown_status, shown = await Api(session, engine).call("GET", f"/tools/{tool_id}", acme.owner_key)
+
+    log = await call_log(pool, result)
+    assert log["status"] == "COMPLETED", log["metadata"]
+    assert shown_status == 200 and shown["configurationKeys"] == [], shown
+
+
+async def test_a_call_whose_agents_tool_configuration_is_not_an_object_fails_naming_the_tool(
+    engine: str, pool: asyncpg.Pool, acme: Tenant
+) -> None:
+    number, agent_id = await make_line(pool, acme.organization_id)
+    tool_id = await linked_tool(pool, acme.organization_id, agent_id, "function")
+
+    result = await call(engine, number, Say("hello"), timeout_s=30)
+
+    log = await call_log(pool, result)
+    assert (log["status"], log["metadata"]["endReason"]) == ("FAILED", "pipeline_unavailable")
+    assert f"({tool_id}): its configuration is not a JSON object" in log["metadata"]["endDetail"]

@@ -38,7 +38,8 @@ class ToolView(ResponseModel):
     def of(cls, tool: Tool) -> ToolView:
         """The view of a stored tool."""
         fields = tool.model_dump(exclude={"configuration"})
-        return cls(**fields, configuration_keys=sorted(tool.configuration))
+        keys = sorted(tool.configuration) if isinstance(tool.configuration, dict) else []  # another writer's shape
+        return cls(**fields, configuration_keys=keys)
 
 
 class ToolCreate(RequestModel):
