@@ -166,8 +166,9 @@ class SphinxSTTConfig(ProviderConfig):
     provider: Literal["sphinx"] = "sphinx"
     language: str | None = None
     """Null: the agent's language; only US English has a model (any other is refused when the agent is saved)."""
-    keyphrases: Words = ()
-    """Phrases the recogniser should favour (names, product words)."""
+    keyphrases: Annotated[Words, Field(max_length=1000)] = ()
+    """Phrases the recogniser should favour (names, product words); a thousand at most, as of a path's keywords:
+    its vocabulary is built in a worker that has 30 s, and fifty thousand phrases take that long."""
 
 
 # Language model
@@ -688,6 +689,8 @@ def _describe(error: ErrorDetails, data: Any) -> tuple[str, str]:
             return path, str(error["msg"]).removeprefix("Value error, ") + _shown(error, path)
         case "string_too_long":
             return path, f"must be at most {error.get('ctx', {}).get('max_length')} characters"
+        case "too_long":
+            return path, f"must list at most {error.get('ctx', {}).get('max_length')} items"
         case kind:
             return path, _PLAIN_MESSAGES.get(kind, str(error["msg"])) + _shown(error, path)
 

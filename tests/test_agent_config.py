@@ -132,6 +132,12 @@ def test_out_of_range_temperature_is_named_with_its_range() -> None:
     assert problems == [("llm.temperature", "must be between 0 and 2 (got 2.5)")]
 
 
+def test_more_pocketsphinx_keyphrases_than_a_worker_can_build_in_time_are_refused() -> None:
+    problems = problems_of({"stt": {"provider": "sphinx", "keyphrases": [f"product {n}" for n in range(1001)]}})
+
+    assert problems == [("stt.keyphrases", "must list at most 1000 items")]
+
+
 def test_a_typo_inside_a_provider_is_an_error_suggesting_the_option() -> None:
     problems = problems_of({"stt": {"provider": "deepgram", "modle": "nova-3"}})
 

@@ -11,6 +11,7 @@ import pytest
 from config.agent import ConversationPathLLMConfig
 from pipelines.llm.base import ConversationTurn, EndCall, LLMEvent, TextDelta
 from pipelines.llm.conversation_path import (
+    MAX_RECOGNIZER_KEYWORDS,
     NO_MATCH_GOODBYE,
     REPROMPT_PREFIX,
     ConversationPathLLM,
@@ -250,6 +251,21 @@ def test_keywords_lists_every_keyword_of_the_path_once() -> None:
         "bye",
         "thanks",
     ]
+
+
+def test_the_recogniser_is_told_the_first_keywords_of_a_path_with_too_many_to_build_in_time() -> None:
+    # 20,000 keywords fit in a path the API takes; PocketSphinx needs about 8 s to build a vocabulary of them, and
+    # 50,000 run past an offline worker's 30 s deadline (its pool is then killed, other calls' jobs with it).
+    nodes = [{"id": "menu", "type": "wait", "data": {"isStart": True}}, {"id": "done", "type": "end", "data": {}}]
+    edges = [
+        {"id": f"e{n}", "source": "menu", "target": "done", "data": {"keywords": [f"w{n} k{i}" for i in range(200)]}}
+        for n in range(100)
+    ]
+    runner = ConversationPathLLM(nodes, edges)
+
+    heard = runner.keywords()
+
+    assert heard == [f"w{n} k{i}" for n in range(5) for i in range(200)][:MAX_RECOGNIZER_KEYWORDS]
 
 
 def test_a_path_without_nodes_is_refused_with_a_clear_error() -> None:

@@ -29,6 +29,7 @@ from pipelines.paths.offline import KeywordChooser, edge_keywords, label_keyword
 
 __all__ = [
     "DEFAULT_MAX_MISSES",
+    "MAX_RECOGNIZER_KEYWORDS",
     "NO_MATCH_GOODBYE",
     "REPROMPT_PREFIX",
     "ConversationPathLLM",
@@ -43,6 +44,10 @@ REPROMPT_PREFIX: Final = "Sorry, I didn't catch that. "
 """Said before the current node's text when the caller's words matched no edge."""
 NO_MATCH_GOODBYE: Final = "I'm sorry, I still couldn't understand. Thank you for calling. Goodbye!"
 """Said before the call ends because the caller's words kept matching no edge."""
+MAX_RECOGNIZER_KEYWORDS: Final = 1000
+"""The most keywords of a path the speech recogniser is told, the first in path order: PocketSphinx builds its
+vocabulary in about 0.3 s for a thousand, 4 s for ten thousand and 30 s, an offline worker's whole deadline, for
+fifty thousand, which a path the API accepts can hold."""
 
 
 class InvalidConversationPath(LLMError):
@@ -151,7 +156,8 @@ class ConversationPathLLM:
         return self._engine.node.id
 
     def keywords(self) -> list[str]:
-        """Every keyword of the path, once each, in path order: vocabulary for the speech recogniser."""
+        """The path's keywords, once each, in path order: vocabulary for the speech recogniser, the first
+        MAX_RECOGNIZER_KEYWORDS of them (the matcher still hears every keyword in the words recognised)."""
         seen: dict[str, None] = {}
         for edge in self._path.edges:
             for keyword in edge_keywords(edge):
@@ -159,7 +165,7 @@ class ConversationPathLLM:
         for node in self._path.global_nodes():
             for keyword in _global_keywords(node):
                 seen.setdefault(keyword, None)
-        return list(seen)
+        return list(seen)[:MAX_RECOGNIZER_KEYWORDS]
 
     def opening(self) -> str | None:
         """The start node's text, which the agent says right after its first sentence; None when it has none."""
