@@ -122,3 +122,20 @@ async def test_a_deepgram_socket_gone_silent_with_no_other_recognizer_ends_the_c
         outcome = await rig.outcome(timeout=15)  # well before the agent's silence limit (30 s)
     assert (outcome.status, outcome.end_reason) == (CallStatus.FAILED, EndReason.STT_FAILED)
     assert outcome.end_detail and "sent nothing" in outcome.end_detail
+
+
+async def test_a_realtime_agent_whose_session_the_model_refuses_runs_on_its_fallback_pipeline(
+    pool: asyncpg.Pool,
+) -> None:
+    refused = {"provider": "openai", "voice": "nonesuch", "transcription_model": "whisper-1"}
+    async with call_on("realtime", pool, realtime=refused, **PIPELINE) as rig:
+        rig.openai.replies.append("Sure, what day works for you?")
+        await asyncio.sleep(0.5)
+        rig.deepgram.transcripts.append("I need an appointment")
+        rig.line.say(speech(600))
+        turns = await rig.wait_for_turns(2)
+    assert [(t.speaker, t.text) for t in turns] == [
+        ("caller", "I need an appointment"),
+        ("agent", "Sure, what day works for you?"),  # the pipeline's, in the agent's configured voice
+    ]
+    assert not rig.realtime.of_type("input_audio_buffer.append")  # the refused session never heard the caller

@@ -730,6 +730,22 @@ async def test_a_connection_that_cannot_be_reopened_fails_the_call_naming_the_pr
     assert (log.status, log.metadata["endReason"]) == (CallStatus.FAILED, "realtime_failed")
 
 
+async def test_a_session_the_server_refuses_fails_the_call_instead_of_running_on_the_servers_defaults(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    config = agent_configuration(realtime={"voice": "nonesuch"}, first_sentence="Hello, Acme Dental.")
+    async with realtime_call(pool, fake, config) as call:
+        outcome = await call.outcome(timeout=5)
+    assert (outcome.status, outcome.end_reason) == (CallStatus.FAILED, "realtime_unavailable")
+    assert outcome.end_detail is not None
+    assert "refused the session's configuration" in outcome.end_detail
+    assert "'nonesuch'" in outcome.end_detail and "session.audio.output.voice" in outcome.end_detail
+    # Nothing ran on the server's default session: no reply asked for, no audio sent either way.
+    assert not fake.of_type("response.create") and not fake.of_type("input_audio_buffer.append")
+    assert call.line.agent_bytes_received == 0
+    assert (await stored(call)).metadata["endReason"] == "realtime_unavailable"
+
+
 async def test_a_wrong_api_key_fails_the_call_without_quoting_the_key(pool: asyncpg.Pool, fake: FakeRealtime) -> None:
     key = "sk-wrong-" + secrets.token_hex(8)
     async with realtime_call(pool, fake, api_key=key) as call:

@@ -348,9 +348,9 @@ class RealtimeDriver:
                 await self._on_caller_event(event)
             case CallerTranscriptDelta(item_id=item_id, delta=delta):
                 self._on_caller_words(item_id, delta)
-            case ServerError(code=code, message=message):
+            case ServerError(code=code):
                 level = logging.DEBUG if code in _RACE_ERRORS else logging.WARNING
-                log.log(level, "call %s: Realtime error %s: %s", self._host.context.call_sid, code, message)
+                log.log(level, "call %s: Realtime error %s", self._host.context.call_sid, event)
             case _:
                 await self._on_agent_event(event)
 

@@ -90,7 +90,8 @@ class RealtimeConnection:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def open(self) -> RealtimeChannel:
-        """Connect and configure the model's session (RealtimeUnavailable or RealtimeConnectionLost if it fails)."""
+        """Connect and configure the model's session (RealtimeUnavailable or RealtimeConnectionLost if it fails,
+        RealtimeSessionRefused if the server refused the configuration)."""
         self.channel = await self._connect()
         return self.channel
 
@@ -106,12 +107,12 @@ class RealtimeConnection:
     async def refresh(self) -> None:
         """Send the session's instructions and functions again (they changed, e.g. the path moved)."""
         if self.channel is not None:
-            await self.channel.send_event(self._session_update())
+            await self.channel.update_session(self._session_update())
 
     async def release_replies(self, channel: RealtimeChannel) -> None:
         """Let the model answer the caller by itself from now on, if it was told not to."""
         if self.holding_replies:
-            await channel.send_event(self._session_update())
+            await channel.update_session(self._session_update())
 
     async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
         """Run a task of the driver; a lost connection leads to one reconnect (then a hand-over), not a crash."""
@@ -139,8 +140,8 @@ class RealtimeConnection:
     async def _connect(self) -> RealtimeChannel:
         channel = await open_realtime(self._client, self._realtime.model)
         try:
-            await channel.send_event(self._session_update())
-        except RealtimeConnectionLost:
+            await channel.configure(self._session_update())
+        except (RealtimeUnavailable, RealtimeConnectionLost):
             await channel.close()
             raise
         return channel

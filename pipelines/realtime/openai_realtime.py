@@ -12,9 +12,10 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
@@ -39,10 +40,12 @@ __all__ = [
     "RealtimeConnectionLost",
     "RealtimeError",
     "RealtimeEvent",
+    "RealtimeSessionRefused",
     "RealtimeUnavailable",
     "ResponseCreated",
     "ResponseDone",
     "ServerError",
+    "SessionUpdated",
     "SpeechStarted",
     "SpeechStopped",
     "TranscriptDelta",
@@ -61,6 +64,9 @@ MULAW: Final = {"type": "audio/pcmu"}
 CLOSE_TIMEOUT_SECONDS: Final = 2.0
 """How long closing waits for the server's close frame; the call is over either way."""
 
+SESSION_CONFIRM_SECONDS: Final = 5.0
+"""How long opening a session waits for the server to apply its `session.update` (it answers in moments)."""
+
 CANCEL_WAIT_SECONDS: Final = 2.0
 """How long a `response.create` waits for the server to end the responses just cancelled (it ends them in moments,
 and refuses a second response meanwhile: `conversation_already_has_active_response`)."""
@@ -73,6 +79,11 @@ _APPEND_PREFIX: Final = '{"type":"input_audio_buffer.append","audio":"'
 
 class RealtimeUnavailable(RealtimeError):
     """The Realtime API could not be reached or refused the connection; the call cannot start on it."""
+
+
+class RealtimeSessionRefused(RealtimeUnavailable):
+    """The server refused the session's configuration (e.g. an unknown voice): it would run on its defaults instead,
+    another audio format than Twilio's, so the call cannot start on it."""
 
 
 class RealtimeConnectionLost(RealtimeError):
@@ -242,11 +253,27 @@ class ResponseDone:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionUpdated:
+    """The server applied a `session.update`."""
+
+
+@dataclass(frozen=True, slots=True)
 class ServerError:
-    """The server refused a client event; the connection stays open."""
+    """The server refused a client event; the connection stays open.
+
+    `event_id` names the client event refused (when it carried one), `param` the field at fault (when the server
+    says).
+    """
 
     code: str
     message: str
+    event_id: str = ""
+    param: str = ""
+
+    def __str__(self) -> str:
+        """The error as an operator reads it: code, message and the field at fault."""
+        where = f" ({self.param})" if self.param else ""
+        return f"{self.code}: {self.message}{where}"
 
 
 RealtimeEvent = (
@@ -263,6 +290,7 @@ RealtimeEvent = (
     | TranscriptDone
     | FunctionCall
     | ResponseDone
+    | SessionUpdated
     | ServerError
 )
 
@@ -308,7 +336,12 @@ def _response_done(event: Mapping[str, Any]) -> ResponseDone:
 
 def _server_error(event: Mapping[str, Any]) -> ServerError:
     error = _object(event, "error")
-    return ServerError(_text(error, "code") or _text(error, "type"), _text(error, "message"))
+    return ServerError(
+        _text(error, "code") or _text(error, "type"),
+        _text(error, "message"),
+        event_id=_text(error, "event_id"),
+        param=_text(error, "param"),
+    )
 
 
 _PARSERS: dict[str, Callable[[Mapping[str, Any]], RealtimeEvent]] = {
@@ -339,6 +372,7 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any]], RealtimeEvent]] = {
         _text(e, "response_id"), _text(e, "item_id"), _text(e, "call_id"), _text(e, "name"), _text(e, "arguments")
     ),
     "response.done": _response_done,
+    "session.updated": lambda e: SessionUpdated(),
     "error": _server_error,
 }
 
@@ -397,10 +431,42 @@ class RealtimeChannel:
         self._cancelled: set[str] = set()  # of those, the ones cancelled
         self._cancels_ended = asyncio.Event()
         self._cancels_ended.set()
+        self._session_updates = itertools.count(1)
 
     async def send_event(self, event: Mapping[str, Any]) -> None:
-        """Send any client event (e.g. the `session_update`)."""
+        """Send any client event."""
         await self._send(json.dumps(event))
+
+    async def update_session(self, update: Mapping[str, Any]) -> str:
+        """Send a `session_update` under an event id of its own, which the server's error names if it refuses it;
+        that id."""
+        event_id = f"session_update_{next(self._session_updates)}"
+        await self.send_event({**update, "event_id": event_id})
+        return event_id
+
+    async def configure(self, update: Mapping[str, Any]) -> None:
+        """Send the session's first `session_update` and wait until the server has applied it.
+
+        Before any other event: a refused update leaves the server's default session (24 kHz PCM, its voice, no
+        instructions), which the call must never run on. RealtimeSessionRefused when the server refused it,
+        RealtimeUnavailable when it did not answer within SESSION_CONFIRM_SECONDS.
+        """
+        event_id = await self.update_session(update)
+        try:
+            async with asyncio.timeout(SESSION_CONFIRM_SECONDS), contextlib.aclosing(self.events()) as events:
+                async for event in events:
+                    match event:
+                        case SessionUpdated():
+                            return
+                        case ServerError(event_id=refused) if refused in (event_id, ""):
+                            raise RealtimeSessionRefused(
+                                f"{self._host} refused the session's configuration: {event}", provider="openai"
+                            )
+        except TimeoutError:
+            raise RealtimeUnavailable(
+                f"{self._host} did not confirm the session's configuration within {SESSION_CONFIRM_SECONDS:g} s",
+                provider="openai",
+            ) from None
 
     async def append_audio(self, ulaw: bytes) -> None:
         """Add caller audio (mu-law 8 kHz) to the input buffer; the call's hot path, so one string, no dict."""
@@ -454,7 +520,7 @@ class RealtimeChannel:
         item = {"type": "message", "role": role, "content": [{"type": "input_text", "text": text}]}
         await self.send_event({"type": "conversation.item.create", "item": item})
 
-    async def events(self) -> AsyncIterator[RealtimeEvent]:
+    async def events(self) -> AsyncGenerator[RealtimeEvent, None]:
         """The server events a call acts on, until the connection closes (RealtimeConnectionLost)."""
         while True:
             try:

@@ -6,7 +6,9 @@ base64) with a VAD on audio time, answers each caller turn, or each `response.cr
 `Reply` (a sine tone lasting `ms_per_char` per character, each reply in the next pitch of `VOICE_HZ`, sent in
 chunks faster than real time, with its transcript), transcribes the caller's turns word by word
 (`conversation.item.input_audio_transcription.delta`, then `.completed`) when the session asks for transcription,
-cancels a reply the caller talks over, and records every client event in `received`.
+cancels a reply the caller talks over, refuses a `session.update` naming a voice the API does not know (an `error`
+naming the update's event id and the field, the session left as it was), and records every client event in
+`received`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from tests.fakes.server import serve
 
 DEFAULT_SILENCE_MS = 500
 """server_vad's silence_duration_ms when the session names none."""
+VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"})
+"""The voices the API knows; a `session.update` naming another is refused (`invalid_value`) and not applied."""
 VOICE_HZ = (440, 550, 660)
 """The pitches of the model's voice, one reply after the other: a test can tell replies apart in what was heard."""
 
@@ -270,7 +274,7 @@ class _Connection:
         async with self.lock:
             await self.ws.send_str(json.dumps(event))
 
-    async def error(self, code: str, message: str, event: Mapping[str, Any]) -> None:
+    async def error(self, code: str, message: str, event: Mapping[str, Any], *, param: str | None = None) -> None:
         await self.send(
             {
                 "type": "error",
@@ -278,6 +282,7 @@ class _Connection:
                     "type": "invalid_request_error",
                     "code": code,
                     "message": message,
+                    "param": param,
                     "event_id": event.get("event_id"),
                 },
             }
@@ -288,7 +293,14 @@ class _Connection:
     async def handle(self, event: dict[str, Any]) -> None:
         match event.get("type"):
             case "session.update":
-                self.session.update(event.get("session") or {})
+                session = event.get("session") or {}
+                voice = ((session.get("audio") or {}).get("output") or {}).get("voice")
+                if voice is not None and voice not in VOICES:
+                    supported = ", ".join(f"'{name}'" for name in sorted(VOICES))
+                    message = f"Invalid value: '{voice}'. Supported values are: {supported}."
+                    await self.error("invalid_value", message, event, param="session.audio.output.voice")
+                    return
+                self.session.update(session)
                 await self.send({"type": "session.updated", "session": self.session})
             case "input_audio_buffer.append":
                 await self.hear(base64.b64decode(event["audio"]))
