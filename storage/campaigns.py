@@ -325,6 +325,17 @@ async def get_campaign(db: Queryable, *, organization_id: str, campaign_id: str)
     return Campaign.from_row(row)
 
 
+async def find_call_campaign(db: Queryable, *, organization_id: str, campaign_id: str | None) -> Campaign | None:
+    """The campaign a call was placed for (its CallLog's `campaignId`), or None when it has none or the campaign has
+    been deleted since the CallLog was read: its calls stay, unlinked, and go on as calls of their agent alone."""
+    if campaign_id is None:
+        return None
+    try:
+        return await get_campaign(db, organization_id=organization_id, campaign_id=campaign_id)
+    except NotFound:
+        return None
+
+
 async def list_campaigns(
     db: Queryable,
     *,

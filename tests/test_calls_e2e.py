@@ -10,7 +10,7 @@ import os
 import secrets
 import sys
 from base64 import b64encode
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,10 @@ from twilio.request_validator import RequestValidator
 
 from config.agent import parse_agent_configuration
 from engine.simulator import CallResult, DropAudio, Dtmf, HangUp, Pause, Say, simulate_call
-from storage import agents, conversation_paths, organizations, phone_numbers
+from storage import agents, campaigns, conversation_paths, organizations, phone_numbers
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
 from storage.enums import AgentStatus, CallerType, Plan
+from storage.records import Queryable
 from tests.engine_server import running_engine
 
 TOKEN = "test-auth-token-0123456789abcdef"
@@ -258,6 +259,70 @@ async def test_a_forged_signature_is_refused_and_creates_nothing(engine: str, po
             unsigned_status = unsigned.status
     assert (bad_status, unsigned_status) == (403, 403)
     assert await pool.fetchval('SELECT count(*) FROM "CallLog"') == count_before
+
+
+async def _start_stream_during(
+    pool: asyncpg.Pool, answered: tuple[str, str, str], change: Callable[[Queryable], Awaitable[object]]
+) -> None:
+    """Start the media stream of an `answered` call, with `change` committed just as the stream has found its CallLog
+    and reads its agent: the change holds a lock that reading waits for, and commits once it waits. The stream ends
+    at once (Twilio's stop)."""
+    call_sid, call_log_id, media_url = answered
+    async with pool.acquire() as changing, aiohttp.ClientSession() as http, http.ws_connect(media_url) as ws:
+        transaction = changing.transaction()
+        await transaction.start()
+        await changing.execute('LOCK TABLE "Tool" IN ACCESS EXCLUSIVE MODE')
+        await change(changing)
+        await ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await ws.send_str(_start(call_sid, call_log_id))
+        for _ in range(200):
+            if await pool.fetchval(
+                """SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = '"Tool"'::regclass"""
+            ):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the stream never read the call's agent")
+        await transaction.commit()
+        stop = {"accountSid": "AC" + "1" * 32, "callSid": call_sid}
+        await ws.send_str(
+            json.dumps({"event": "stop", "sequenceNumber": "2", "streamSid": "MZ" + "2" * 32, "stop": stop})
+        )
+
+
+async def test_an_agent_deleted_as_its_call_stream_starts_fails_the_call_at_once_as_agent_deleted(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    number, agent_id = await make_line(pool, organization_id)
+
+    async def delete_agent(db: Queryable) -> None:
+        await agents.delete_agent(db, organization_id=organization_id, agent_id=agent_id)
+
+    answered = await _answered_call(engine, number)
+    await _start_stream_during(pool, answered, delete_agent)
+    log = await finished_call_log(pool, answered[1])
+    assert (log["status"], log["metadata"]["endReason"]) == ("FAILED", "agent_deleted")
+    assert log["agentId"] is None
+
+
+async def test_a_campaign_deleted_as_its_call_stream_starts_leaves_a_call_of_the_agent_alone(
+    engine: str, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    number, agent_id = await make_line(pool, organization_id)
+    campaign = await campaigns.create_campaign(
+        pool, organization_id=organization_id, batch_name="deleted at the stream's start", agent_id=agent_id
+    )
+    answered = await _answered_call(engine, number)
+    # The call was placed for the campaign (its CallLog names it) before the campaign went.
+    await pool.execute('UPDATE "CallLog" SET "campaignId" = $1 WHERE "id" = $2', campaign.id, answered[1])
+
+    async def delete_campaign(db: Queryable) -> None:
+        await campaigns.delete_campaign(db, organization_id=organization_id, campaign_id=campaign.id)
+
+    await _start_stream_during(pool, answered, delete_campaign)
+    log = await finished_call_log(pool, answered[1])
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "caller_hangup")
+    assert log["campaignId"] is None
 
 
 async def _answered_call(engine: str, number: str) -> tuple[str, str, str]:

@@ -57,7 +57,7 @@ from storage.call_logs import CallLog
 from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus, CallType
-from storage.errors import DATABASE_ERRORS
+from storage.errors import DATABASE_ERRORS, NotFound
 from storage.recordings import recording_path
 
 log = logging.getLogger(__name__)
@@ -213,10 +213,11 @@ async def _run_claimed_call(  # noqa: PLR0917 (the stream's parts, as `_run_call
     """Build the call's pipeline and run its session, then wrap the call up."""
     app = request.app
     settings, pool = app[SETTINGS], app[DATABASE].pool
-    if call_log.agent_id is None:
+    bundle = await _call_agent(pool, call_log)
+    if bundle is None:
+        log.warning("call %s: its agent was deleted before its stream started; the call ends", started.call_sid)
         await call_logs.fail_unstarted(pool, call_log, EndReason.AGENT_DELETED)
         return
-    bundle = await agents.load_agent_bundle(pool, organization_id=call_log.organization_id, agent_id=call_log.agent_id)
     publisher = app.get(LIVE_EVENTS)
     live = CallEvents(publisher, call_log.organization_id, call_log.id)
     try:
@@ -253,7 +254,7 @@ async def _run_claimed_call(  # noqa: PLR0917 (the stream's parts, as `_run_call
         app[DATABASE].call_log_pool,
         organization_id=call_log.organization_id,
         call_log_id=call_log.id,
-        agent_id=call_log.agent_id,
+        agent_id=bundle.agent.id,
         node_id=app[NODE_ID],
         spill=app[CALL_LOG_SPILL],
         finish_timeout=settings.call_log_finish_timeout,
@@ -262,7 +263,7 @@ async def _run_claimed_call(  # noqa: PLR0917 (the stream's parts, as `_run_call
         context=CallContext(
             call_log.id,
             call_log.organization_id,
-            call_log.agent_id,
+            bundle.agent.id,
             started.call_sid,
             outbound=call_log.call_type is CallType.OUTBOUND,
         ),
@@ -322,6 +323,19 @@ async def _run_claimed_call(  # noqa: PLR0917 (the stream's parts, as `_run_call
         durationSeconds=call_seconds(outcome.duration_s),
     )
     await _wrap_up(request, call_log, writer, outcome, recorder)
+
+
+async def _call_agent(pool: Pool, call_log: CallLog) -> agents.AgentBundle | None:
+    """The call's agent, or None once it is deleted: before the CallLog was read (its agentId is null then) or since
+    (the CallLog read at the stream's start still names it)."""
+    if call_log.agent_id is None:
+        return None
+    try:
+        return await agents.load_agent_bundle(
+            pool, organization_id=call_log.organization_id, agent_id=call_log.agent_id
+        )
+    except NotFound:
+        return None
 
 
 async def record_opt_out(pool: Pool, call_log: CallLog, source: DoNotCallSource, reason: str) -> None:

@@ -94,11 +94,9 @@ async def prepare_call(
     The call's providers and functions will go through the engine's `clients`; its knowledge lookups search by
     vector too when the engine has an `embedder`; `on_tool_call` hears of each function the model calls.
     """
-    campaign = None
-    if call_log.campaign_id is not None:
-        campaign = await campaigns.get_campaign(
-            db, organization_id=call_log.organization_id, campaign_id=call_log.campaign_id
-        )
+    campaign = await campaigns.find_call_campaign(
+        db, organization_id=call_log.organization_id, campaign_id=call_log.campaign_id
+    )
     variables = template_variables(config, call_log, now or datetime.now(UTC))
     template = (campaign.task_prompt if campaign and campaign.task_prompt else None) or config.prompt
     rendered = render_prompt(template or DEFAULT_INSTRUCTIONS, variables)
