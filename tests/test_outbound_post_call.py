@@ -4,6 +4,7 @@ Calls are finished CallLogs with their turns in a real PostgreSQL; the model is 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -153,6 +154,46 @@ async def test_the_campaigns_summary_template_is_filled_and_success_judged_again
     assert "Book Ann in for a check-up." in prompt
     assert "Caller: Yes, Tuesday at ten works for me." in prompt
     assert await success_rate(pool, agent_id) == 100.0
+
+
+async def test_a_call_whose_campaign_is_deleted_during_its_analysis_is_judged_on_the_agents_own_terms(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    agent_id = await make_agent(pool, organization_id, prompt="Book check-ups.", **CLOUD_LLM)
+    campaign = await campaigns.create_campaign(
+        pool,
+        organization_id=organization_id,
+        batch_name="deleted mid-analysis",
+        agent_id=agent_id,
+        task_prompt="Sell the premium plan.",
+        post_call_summary="Plan sold: ",
+    )
+    call_log_id = await finished_call(pool, organization_id, agent_id, BOOKED, campaign_id=campaign.id)
+    openai.json_replies.append(json.dumps({"summary": "", "success": True, "reason": "A slot was booked."}))
+    async with pool.acquire() as deleting:
+        # The analysis has read the CallLog (still naming the campaign) when the campaign goes: the deletion holds a
+        # lock the analysis's reading of the transcript waits for, and commits once the analysis waits.
+        transaction = deleting.transaction()
+        await transaction.start()
+        await deleting.execute('LOCK TABLE "CallTurn" IN ACCESS EXCLUSIVE MODE')
+        await campaigns.delete_campaign(deleting, organization_id=organization_id, campaign_id=campaign.id)
+        analysis = asyncio.create_task(analyze_call(deps, organization_id=organization_id, call_log_id=call_log_id))
+        for _ in range(200):
+            if await pool.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = '\"CallTurn\"'::regclass"
+            ):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the analysis never read the transcript")
+        await transaction.commit()
+    result = await analysis
+
+    assert (result.success, result.reason, result.error) == (True, "A slot was booked.", None)
+    asked = openai.json_requests[-1]["messages"][1]["content"]
+    assert "Book check-ups." in asked and "premium plan" not in asked  # the agent's own criteria: the campaign is gone
+    metadata = await metadata_of(pool, call_log_id)
+    assert metadata["success"] is True and "summary" not in metadata
 
 
 async def test_success_rate_is_the_share_of_analyzed_calls_judged_a_success(

@@ -144,9 +144,9 @@ async def analyze_call(deps: AnalysisDeps, *, organization_id: str, call_log_id:
     if not transcript:
         return await _skip(pool, call_log, "nothing was said")
 
-    campaign = None
-    if call_log.campaign_id is not None:
-        campaign = await campaigns.get_campaign(pool, organization_id=organization_id, campaign_id=call_log.campaign_id)
+    campaign = await campaigns.find_call_campaign(
+        pool, organization_id=organization_id, campaign_id=call_log.campaign_id
+    )
     variables = call_log.metadata.get("variables")
     variables = {**config.variables, **(variables if isinstance(variables, dict) else {})}
     template = (campaign.post_call_summary if campaign and campaign.post_call_summary else None) or (
