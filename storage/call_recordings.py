@@ -214,6 +214,20 @@ async def expired_recordings(
     return CallRecording.from_rows(rows)
 
 
+async def link_recording(db: Queryable, *, organization_id: str, call_log_id: str, url: str) -> None:
+    """Give a call closed without its recording's link (crash recovery closed it) that link in CallLog.recordingUrl,
+    unless it has one."""
+    await db.execute(
+        """
+        UPDATE "CallLog" SET "recordingUrl" = $3
+        WHERE "id" = $1 AND "organizationId" = $2 AND "recordingUrl" IS NULL
+        """,
+        call_log_id,
+        organization_id,
+        url,
+    )
+
+
 async def mark_deleted(db: Queryable, recording: CallRecording, *, now: datetime) -> None:
     """The recording is gone from its store: DELETED, and its call log no longer links to it."""
     async with transaction(db) as conn:

@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import tempfile
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from config.settings import Settings, SettingsError
@@ -116,6 +116,15 @@ def sign_recording_url(base_url: str, call_log_id: str, *, key: bytes, expires_a
     expires = int(expires_at.timestamp())
     signature = recording_signature(call_log_id, expires, key=key)
     return f"{base_url.rstrip('/')}/recordings/{call_log_id}.wav?expires={expires}&signature={signature}"
+
+
+def recording_url(settings: Settings, base_url: str, call_log_id: str, *, key: bytes, now: datetime) -> str:
+    """The signed URL to store in CallLog.recordingUrl, valid for DIALTONE_RECORDING_URL_TTL_DAYS from `now`.
+
+    `base_url` is where this engine is reached from outside (see engine.twilio.signature.public_base_url).
+    """
+    expires_at = now + timedelta(days=settings.recording_url_ttl_days)
+    return sign_recording_url(base_url, call_log_id, key=key, expires_at=expires_at)
 
 
 def verify_recording_signature(call_log_id: str, *, expires: str, signature: str, key: bytes, now: datetime) -> bool:

@@ -171,6 +171,42 @@ async def test_a_recording_left_by_a_process_killed_mid_call_is_uploaded_once_re
         assert running_file.is_file()
 
 
+async def test_a_recording_left_by_a_process_killed_mid_call_gets_its_calls_link_as_a_finished_call_does(
+    pool: asyncpg.Pool, db_url: str, tmp_path: Path
+) -> None:
+    public_url = "https://engine.example"
+    settings = load_settings(state_dir=tmp_path, public_url=public_url)
+    organization = await create_organization(pool, name="Linked", slug="uploads-left-behind-linked")
+    crashed = await open_call(pool, organization.id)
+    recording_file(settings, organization.id, crashed.id)
+    await call_logs.fail_unstarted(pool, crashed, EndReason.ENGINE_LOST)
+    # Recovery closed it, and the post-call sweep had its say, long enough ago (the touch trigger would say now).
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute('ALTER TABLE "CallLog" DISABLE TRIGGER "CallLog_touch_updatedAt"')
+        await conn.execute(
+            """
+            UPDATE "CallLog" SET "updatedAt" = now() - interval '1 hour',
+                                 "metadata" = "metadata" || '{"analysis": {"skipped": "the call did not connect"}}'
+            WHERE "id" = $1
+            """,
+            crashed.id,
+        )
+        await conn.execute('ALTER TABLE "CallLog" ENABLE TRIGGER "CallLog_touch_updatedAt"')
+    async with running_engine(db_url, state_dir=tmp_path, public_url=public_url) as engine:
+        link = None
+        for _ in range(200):  # the upload worker adopts recordings left behind as it starts
+            link = await pool.fetchval('SELECT "recordingUrl" FROM "CallLog" WHERE "id" = $1', crashed.id)
+            if link is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert link is not None, "the adopted recording's call has no recordingUrl"
+        # The link a finished call gets: this engine's public address, signed; the engine serves the file on it.
+        assert link.startswith(f"{public_url}/recordings/{crashed.id}.wav?expires=")
+        async with aiohttp.ClientSession() as http, http.get(engine + link.removeprefix(public_url)) as response:
+            assert response.status == 200
+            assert await response.read() == WAV
+
+
 async def test_recordings_older_than_the_retention_are_deleted_and_unlinked_from_their_call(
     s3: S3Server, pool: asyncpg.Pool, tmp_path: Path
 ) -> None:

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 
 from config.settings import Settings, SettingsError, load_settings
 from engine.server.appkeys import DATABASE, SETTINGS
-from engine.workers.recordings import RECORDING_ROUTE, handle_recording, recording_url, recordings_context
+from engine.workers.recordings import RECORDING_ROUTE, handle_recording, recordings_context
 from storage.api_keys import create_api_key, hash_key
 from storage.enums import UserRole, UserStatus
 from storage.organizations import create_organization
@@ -29,6 +29,7 @@ from storage.pool import Database
 from storage.recordings import (
     load_secret_key,
     recording_path,
+    recording_url,
     sign_recording_url,
     verify_recording_signature,
 )

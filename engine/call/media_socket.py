@@ -32,14 +32,21 @@ from engine.call.session import CallContext, CallSession
 from engine.call.setup import PreparedCall, prepare_call
 from engine.knowledge.ingestion import KNOWLEDGE_EMBEDDER
 from engine.server import metrics
-from engine.server.appkeys import DATABASE, LIVE_CALLS, OFFLINE_WORKERS, PROVIDER_CLIENTS, SETTINGS, TWILIO
+from engine.server.appkeys import (
+    DATABASE,
+    LIVE_CALLS,
+    OFFLINE_WORKERS,
+    PROVIDER_CLIENTS,
+    RECORDING_KEY,
+    SETTINGS,
+    TWILIO,
+)
 from engine.twilio.signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
 from engine.twilio.webhooks import CALL_LOG_PARAMETER, DIAL_PATH, callback_url
 from engine.workers.call_log_replay import CALL_LOG_SPILL
 from engine.workers.post_call import POST_CALL
 from engine.workers.recording_io import RECORDING_IO
 from engine.workers.recording_uploads import RECORDING_UPLOADS
-from engine.workers.recordings import RECORDING_KEY, recording_url
 from engine.workers.recovery import NODE_ID
 from media.recording import StereoWavRecorder
 from media.twilio_stream import MalformedMessage, Started, StreamProtocolError, TwilioStream
@@ -58,7 +65,7 @@ from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus, CallType
 from storage.errors import DATABASE_ERRORS, NotFound
-from storage.recordings import recording_path
+from storage.recordings import recording_path, recording_url
 
 log = logging.getLogger(__name__)
 

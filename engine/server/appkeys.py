@@ -20,6 +20,8 @@ LIVE_CALLS = web.AppKey("live_calls", LiveCalls)
 PROVIDER_CLIENTS = web.AppKey("provider_clients", ProviderClients)
 OFFLINE_WORKERS = web.AppKey("offline_workers", OfflineWorkers)
 TWILIO = web.AppKey("twilio", TwilioCalls)  # set only when Twilio credentials are configured
+RECORDING_KEY = web.AppKey("recording_key", bytes)
+"""The key that signs and checks recording URLs (set by engine.workers.recordings.recordings_context)."""
 
 
 class Clock(Protocol):

@@ -22,12 +22,12 @@ from pathlib import Path
 from aiohttp import web
 
 from config.settings import Settings
-from engine.server.appkeys import DATABASE, SETTINGS
+from engine.server.appkeys import DATABASE, RECORDING_KEY, SETTINGS
 from storage import Pool, call_recordings
 from storage.call_recordings import CallRecording, ClaimedUpload, RecordingStatus
 from storage.errors import DATABASE_ERRORS
 from storage.recording_stores import RecordingStore, RecordingStoreError, object_key, open_recording_store
-from storage.recordings import recording_files
+from storage.recordings import recording_files, recording_url
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +72,21 @@ class RecordingUploads:
         settings: Settings,
         *,
         spool: str,
+        key: bytes | None = None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
-        """Keep recordings in `store`; `spool` is this state folder's spool id."""
+        """Keep recordings in `store`; `spool` is this state folder's spool id. `key` signs the links of the
+        recordings left behind by processes killed mid-call (without it, they get none)."""
         self._pool = pool
         self.store = store
         self._settings = settings
         self._spool = spool
+        self._key = key
         self._clock = clock
         self._wake = asyncio.Event()
 
-    async def finished(self, *, organization_id: str, call_log_id: str, path: Path, size: int) -> None:
-        """Record a call's finished recording file; with object storage, wake the uploader for it.
+    async def finished(self, *, organization_id: str, call_log_id: str, path: Path, size: int) -> bool:
+        """Record a call's finished recording file; with object storage, wake the uploader for it. Whether it was.
 
         A database that cannot take the row leaves the file where it is (served by this host): logged, never raised.
         """
@@ -102,9 +105,10 @@ class RecordingUploads:
             )
         except DATABASE_ERRORS as exc:
             log.error("recording of call %s stays in %s: could not record it (%s)", call_log_id, path, exc)
-            return
+            return False
         if self.store.uploads:
             self._wake.set()
+        return True
 
     async def adopt_left_behind(self, *, after: timedelta = LEFT_BEHIND_AFTER) -> int:
         """Record the recordings that processes killed mid-call left in the state folder, of calls closed at least
@@ -112,7 +116,9 @@ class RecordingUploads:
 
         Crash recovery closes such a call without its recording, but the file holds its audio up to the last flush
         before the crash (the WAV header is rewritten at each). Once it has its row, it is uploaded, served and
-        expired like any other, instead of staying on this disk unlisted and past the retention period.
+        expired like any other, instead of staying on this disk unlisted and past the retention period; and its call
+        gets the link a call's end gives it (CallLog.recordingUrl), when this process knows its public address
+        (DIALTONE_PUBLIC_URL).
         """
         files = await asyncio.to_thread(recording_files, self._settings)
         if not files:
@@ -126,10 +132,26 @@ class RecordingUploads:
         for call_log_id in left:
             organization_id, path = paths[call_log_id]
             size = (await asyncio.to_thread(path.stat)).st_size
-            await self.finished(organization_id=organization_id, call_log_id=call_log_id, path=path, size=size)
+            if await self.finished(organization_id=organization_id, call_log_id=call_log_id, path=path, size=size):
+                await self._link(organization_id, call_log_id)
         if left:
             log.warning("recorded %d recordings that engine processes killed mid-call left behind", len(left))
         return len(left)
+
+    async def _link(self, organization_id: str, call_log_id: str) -> None:
+        """Store the signed link of an adopted recording in its call, as the call's end would have."""
+        base = self._settings.public_url
+        if self._key is None or base is None:
+            log.warning(
+                "recording of call %s has no link in CallLog.recordingUrl: without DIALTONE_PUBLIC_URL this process "
+                "does not know the address a link must name (an API key of the organization fetches it)",
+                call_log_id,
+            )
+            return
+        url = recording_url(self._settings, base, call_log_id, key=self._key, now=self._clock())
+        await call_recordings.link_recording(
+            self._pool, organization_id=organization_id, call_log_id=call_log_id, url=url
+        )
 
     async def upload_due(self) -> int:
         """Upload every recording of this spool due when the pass starts; how many are now stored.
@@ -240,7 +262,7 @@ async def recording_uploads_context(app: web.Application) -> AsyncIterator[None]
     settings = app[SETTINGS]
     store = await open_recording_store(settings)
     spool = await asyncio.to_thread(spool_id, Path(settings.state_dir))
-    uploads = RecordingUploads(app[DATABASE].pool, store, settings, spool=spool)
+    uploads = RecordingUploads(app[DATABASE].pool, store, settings, spool=spool, key=app[RECORDING_KEY])
     app[RECORDING_UPLOADS] = uploads
     task = asyncio.create_task(uploads.run(), name="recording-uploads")
     try:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
-from config.settings import Settings
 from engine.api.auth import LAST_USED_RESOLUTION
-from engine.server.appkeys import DATABASE, SETTINGS
+from engine.server.appkeys import DATABASE, RECORDING_KEY, SETTINGS
 from engine.workers.recording_uploads import RECORDING_UPLOADS
 from storage import call_recordings
 from storage.api_keys import authenticate_holder
@@ -24,7 +23,6 @@ from storage.recordings import (
     load_secret_key,
     recording_owner,
     recording_path,
-    sign_recording_url,
     verify_recording_signature,
 )
 
@@ -32,18 +30,6 @@ log = logging.getLogger(__name__)
 
 RECORDING_ROUTE = "/recordings/{call_log_id}.wav"
 """The route `handle_recording` serves."""
-
-RECORDING_KEY = web.AppKey("recording_key", bytes)
-"""The key that signs and checks recording URLs (set by `recordings_context`)."""
-
-
-def recording_url(settings: Settings, base_url: str, call_log_id: str, *, key: bytes, now: datetime) -> str:
-    """The signed URL to store in CallLog.recordingUrl, valid for DIALTONE_RECORDING_URL_TTL_DAYS from `now`.
-
-    `base_url` is where this engine is reached from outside (see engine.twilio.signature.public_base_url).
-    """
-    expires_at = now + timedelta(days=settings.recording_url_ttl_days)
-    return sign_recording_url(base_url, call_log_id, key=key, expires_at=expires_at)
 
 
 async def recordings_context(app: web.Application) -> AsyncIterator[None]:
