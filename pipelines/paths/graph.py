@@ -9,7 +9,7 @@ is a `PathProblem` naming the node or edge id and the JSON path of the field, so
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -135,10 +135,14 @@ class Path:
     nodes: Mapping[str, Node]
     edges: Sequence[Edge]
     start: str
+    _outgoing: Mapping[str, list[Edge]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_outgoing", _outgoing_edges(self.edges))
 
     def outgoing(self, node_id: str) -> list[Edge]:
         """The edges out of a node, in saved order."""
-        return [edge for edge in self.edges if edge.source == node_id]
+        return list(self._outgoing.get(node_id, ()))
 
     def global_nodes(self) -> list[Node]:
         """The nodes reachable from anywhere."""
@@ -316,12 +320,12 @@ def _check_reachable(nodes: Mapping[str, Node], edges: Sequence[Edge], start: st
     if nodes[start].is_global:
         problems.append(PathProblem("nodes", f"node {start!r}: a global node cannot start the path"))
         return
+    outgoing = _outgoing_edges(edges)  # by source: one pass over the edges, not one per node reached
     reached = {start} | {node_id for node_id, node in nodes.items() if node.is_global}
     frontier = list(reached)
     while frontier:
-        here = frontier.pop()
-        for edge in edges:
-            if edge.source == here and edge.target not in reached:
+        for edge in outgoing.get(frontier.pop(), ()):
+            if edge.target not in reached:
                 reached.add(edge.target)
                 frontier.append(edge.target)
     for index, node_id in enumerate(nodes):
@@ -329,3 +333,11 @@ def _check_reachable(nodes: Mapping[str, Node], edges: Sequence[Edge], start: st
             problems.append(
                 PathProblem(f"nodes[{index}]", f"node {node_id!r} cannot be reached from the start node {start!r}")
             )
+
+
+def _outgoing_edges(edges: Sequence[Edge]) -> dict[str, list[Edge]]:
+    """The edges by the node they leave, each node's in saved order."""
+    outgoing: dict[str, list[Edge]] = {}
+    for edge in edges:
+        outgoing.setdefault(edge.source, []).append(edge)
+    return outgoing
