@@ -11,7 +11,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from pipelines.paths.graph import read_path
+from pipelines.paths.graph import MAX_ID_CHARS, read_path
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
 from tests.engine_server import running_engine
 from tests.paths import EVERY_TYPE_EDGES, EVERY_TYPE_NODES
@@ -82,6 +82,26 @@ async def test_an_unreachable_node_is_refused(api: Api, acme: Tenant) -> None:
     graph = [edge for edge in edges() if edge["id"] != "menu-done" and edge["id"] != "answered"]
     message = await refused(api, acme, nodes(), graph, "nodes[8]")
     assert "'menu'" in message and "cannot be reached" in message
+
+
+async def test_an_id_longer_than_the_limit_is_refused_on_save_and_still_runs_from_storage(
+    api: Api, acme: Tenant
+) -> None:
+    # Ids are written with every turn of every call on the path and labelled in the metrics.
+    long_id = "n" * (MAX_ID_CHARS + 1)
+    graph_nodes, graph_edges = nodes(), edges()
+    old_id = graph_nodes[3]["id"]
+    graph_nodes[3]["id"] = long_id
+    for edge in graph_edges:
+        edge["source"] = long_id if edge["source"] == old_id else edge["source"]
+        edge["target"] = long_id if edge["target"] == old_id else edge["target"]
+    message = await refused(api, acme, graph_nodes, graph_edges, "nodes[3].id")
+    assert f"at most {MAX_ID_CHARS}" in message
+    assert long_id in read_path(graph_nodes, graph_edges, strict=False).nodes  # stored before the limit: it runs
+
+    graph_edges = edges()
+    graph_edges[1]["id"] = "e" * (MAX_ID_CHARS + 1)
+    await refused(api, acme, nodes(), graph_edges, "edges[1].id")
 
 
 async def test_two_start_nodes_are_refused(api: Api, acme: Tenant) -> None:

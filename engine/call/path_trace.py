@@ -98,10 +98,10 @@ class PathTrace:
         """A step of the path, counted once per call for the metrics."""
         if node_id not in self._nodes:
             self._nodes.add(node_id)
-            metrics.PATH_NODE_CALLS.labels(self._path_id, node_id).inc()
+            metrics.PATH_NODES.inc(self._path_id, node_id)
         if edge_id is not None and edge_id not in self._edges:
             self._edges.add(edge_id)
-            metrics.PATH_EDGE_CALLS.labels(self._path_id, edge_id).inc()
+            metrics.PATH_EDGES.inc(self._path_id, edge_id)
 
     def _report(self, node_id: str) -> None:
         if self._record_metadata is None or node_id == self._reported:

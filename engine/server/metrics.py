@@ -76,6 +76,7 @@ INBOUND_MEDIA_GAP_MS = Counter(
 )
 
 # Conversation paths: where calls go, so a builder sees where callers drop off (each counted once per call).
+# Counted through PATH_NODES and PATH_EDGES, which bound how many series the tenants' graphs can make.
 PATH_NODE_CALLS = Counter(
     "dialtone_path_node_calls_total",
     "Calls that reached a node of a conversation path.",
@@ -88,6 +89,35 @@ PATH_EDGE_CALLS = Counter(
     ["path", "edge"],
     registry=REGISTRY,
 )
+
+
+class BoundedSeries:
+    """A counter whose labels come from tenants' data, kept to at most `limit` series: every series stays in memory
+    and in each scrape for the life of the process, so past the bound counts go to one `(other)` series, and a
+    scrape stays small whatever the tenants build."""
+
+    OTHER = "(other)"
+
+    def __init__(self, counter: Counter, limit: int) -> None:
+        """Bound `counter`'s series (its labels beyond `limit` distinct tuples read `(other)`)."""
+        self._counter = counter
+        self._limit = limit
+        self._seen: set[tuple[str, ...]] = set()
+
+    def inc(self, *labels: str) -> None:
+        """Count one under `labels`, or under `(other)` for each label once the bound is reached."""
+        if labels not in self._seen:
+            if len(self._seen) >= self._limit:
+                labels = (self.OTHER,) * len(labels)
+            else:
+                self._seen.add(labels)
+        self._counter.labels(*labels).inc()
+
+
+PATH_SERIES_MAX = 5000
+"""The most series of path nodes, and of path edges, one process keeps: labels are the tenants' graphs' ids."""
+PATH_NODES = BoundedSeries(PATH_NODE_CALLS, PATH_SERIES_MAX)
+PATH_EDGES = BoundedSeries(PATH_EDGE_CALLS, PATH_SERIES_MAX)
 
 
 def observe_media_gap(missing_ms: int) -> None:

@@ -128,6 +128,11 @@ class Edge:
         return self.condition or self.label or f"go to {self.target}"
 
 
+MAX_ID_CHARS = 100
+"""The longest node or edge id a path is saved with: ids are written with every turn of every call on the path and
+are labels of the engine's metrics. (A path stored longer before still runs.)"""
+
+
 @dataclass(frozen=True, slots=True)
 class Path:
     """A checked path: nodes by id in saved order, edges, and the start node."""
@@ -164,7 +169,7 @@ def read_path(nodes: Any, edges: Any, *, strict: bool = True) -> Path:
         raise PathInvalid(problems)
     read_nodes: dict[str, Node] = {}
     for index, item in enumerate(nodes):
-        node = _read_node(index, item, problems)
+        node = _read_node(index, item, problems, strict=strict)
         if node is None:
             continue
         if node.id in read_nodes:
@@ -196,7 +201,7 @@ def _json_kind(value: Any) -> str:
             return "a number"
 
 
-def _read_node(index: int, item: Any, problems: list[PathProblem]) -> Node | None:
+def _read_node(index: int, item: Any, problems: list[PathProblem], *, strict: bool) -> Node | None:
     where = f"nodes[{index}]"
     if not isinstance(item, Mapping):
         problems.append(PathProblem(where, "a node must be a JSON object"))
@@ -206,6 +211,9 @@ def _read_node(index: int, item: Any, problems: list[PathProblem]) -> Node | Non
         problems.append(PathProblem(f"{where}.id", "a node needs an id"))
         return None
     node_id = str(raw_id)
+    if strict and len(node_id) > MAX_ID_CHARS:
+        problems.append(PathProblem(f"{where}.id", f"a node id is at most {MAX_ID_CHARS} characters"))
+        return None
     kind = item.get("type") or "default"
     raw_data = item.get("data") if item.get("data") is not None else {}
     if not isinstance(raw_data, Mapping):
@@ -241,6 +249,9 @@ def _read_edges(
         edge_id = str(item.get("id") or f"edge-{index}")
         if edge_id in seen:
             problems.append(PathProblem(f"{where}.id", f"edge id {edge_id!r} is used by two edges"))
+            continue
+        if strict and len(edge_id) > MAX_ID_CHARS:
+            problems.append(PathProblem(f"{where}.id", f"an edge id is at most {MAX_ID_CHARS} characters"))
             continue
         seen.add(edge_id)
         source, target = str(item.get("source")), str(item.get("target"))
