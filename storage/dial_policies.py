@@ -145,7 +145,7 @@ async def set_policy(
         VALUES ($1, $2, $3, $4)
         ON CONFLICT ("organizationId") DO UPDATE SET
             "allowedKinds" = EXCLUDED."allowedKinds", "allowedCountries" = EXCLUDED."allowedCountries",
-            "internationalNetworks" = EXCLUDED."internationalNetworks", "updatedAt" = CURRENT_TIMESTAMP
+            "internationalNetworks" = EXCLUDED."internationalNetworks"
         RETURNING {_COLUMNS}
         """,
         organization_id,

@@ -264,15 +264,14 @@ async def test_a_forged_signature_is_refused_and_creates_nothing(engine: str, po
 async def _start_stream_during(
     pool: asyncpg.Pool, answered: tuple[str, str, str], change: Callable[[Queryable], Awaitable[object]]
 ) -> None:
-    """Start the media stream of an `answered` call, with `change` committed just as the stream has found its CallLog
-    and reads its agent: the change holds a lock that reading waits for, and commits once it waits. The stream ends
-    at once (Twilio's stop)."""
+    """Start the media stream of an `answered` call, with `change` made and committed just as the stream, having
+    taken its CallLog, reads its agent: a lock that reading waits for is held until then. The stream ends at once
+    (Twilio's stop)."""
     call_sid, call_log_id, media_url = answered
     async with pool.acquire() as changing, aiohttp.ClientSession() as http, http.ws_connect(media_url) as ws:
         transaction = changing.transaction()
         await transaction.start()
         await changing.execute('LOCK TABLE "Tool" IN ACCESS EXCLUSIVE MODE')
-        await change(changing)
         await ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
         await ws.send_str(_start(call_sid, call_log_id))
         for _ in range(200):
@@ -283,6 +282,7 @@ async def _start_stream_during(
             await asyncio.sleep(0.05)
         else:
             raise AssertionError("the stream never read the call's agent")
+        await change(changing)
         await transaction.commit()
         stop = {"accountSid": "AC" + "1" * 32, "callSid": call_sid}
         await ws.send_str(

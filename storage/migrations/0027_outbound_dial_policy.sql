@@ -34,6 +34,9 @@ CREATE TABLE "OutboundDialPolicy" (
 ALTER TABLE "OutboundDialPolicy" ADD CONSTRAINT "OutboundDialPolicy_organizationId_fkey"
     FOREIGN KEY ("organizationId") REFERENCES "Organization"("id") ON DELETE CASCADE ON UPDATE CASCADE;
 
+CREATE TRIGGER "OutboundDialPolicy_touch_updatedAt" BEFORE UPDATE ON "OutboundDialPolicy"
+    FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.*) EXECUTE FUNCTION "dialtone_touch_updated_at"();
+
 ALTER TABLE "OutboundDialPolicy" ENABLE ROW LEVEL SECURITY;
 CREATE POLICY "OutboundDialPolicy_tenant_isolation" ON "OutboundDialPolicy"
     USING ("organizationId" = current_setting('app.organization_id', true))
