@@ -24,7 +24,15 @@ from pipelines.llm.base import (
     TakesMessages,
 )
 from pipelines.streams import closing_stream
-from pipelines.stt.base import EndOfTurn, FinalizesEarly, PromptSilence, SpeechToText, STTError, STTEvent
+from pipelines.stt.base import (
+    EndOfTurn,
+    FinalizesEarly,
+    PromptSilence,
+    SpeechToText,
+    STTError,
+    STTEvent,
+    TranscriptUpdate,
+)
 from pipelines.tts.base import Alignment, TextToSpeech, TTSError, VoiceIdentity
 
 log = logging.getLogger(__name__)
@@ -74,10 +82,13 @@ class FallbackSTT:
         self._providers = list(providers)
         self._index = -1
         self._active: SpeechToText | None = None
-        self._recent = bytearray()  # the caller's audio since the last end of turn, bounded
-        self._recent_voiced = False  # whether the engine's VAD heard the caller in it
-        self._max_recent = replay_ms * BYTES_PER_MS
+        # The caller's audio of the turn in progress, bounded: it ends where the audio received so far ends, and
+        # begins where the last turn taken ended (see `turn_taken`), on the call's timeline.
+        self._recent = bytearray()
         self._received_bytes = 0
+        self._voiced_to = 0  # where the last audio the engine's VAD heard the caller in ends (bytes into the call)
+        self._words_to_ms = 0  # where the final words the active recognizer gave so far end (call's timeline)
+        self._max_recent = replay_ms * BYTES_PER_MS
         self._offset_ms = 0  # where the active recognizer's stream began on the call's timeline
         self._on_failover = on_failover
         self._switch_listeners: list[Callable[[], None]] = []
@@ -86,6 +97,19 @@ class FallbackSTT:
     def active_name(self) -> str | None:
         """The provider now listening."""
         return self._providers[self._index][0] if self._active is not None else None
+
+    def turn_taken(self) -> None:
+        """The engine took the final words given so far as a caller turn (perhaps on its own silence, before the
+        recognizer ended the turn): the audio they cover is no longer the current turn, and a recognizer taking over
+        is not given it to say again as a new turn."""
+        self._forget_before(self._words_to_ms)
+
+    def _forget_before(self, at_ms: int) -> None:
+        """Keep for a replay only the audio from `at_ms` on the call's timeline."""
+        start = self._received_bytes - len(self._recent)
+        drop = min(at_ms * BYTES_PER_MS - start, len(self._recent))
+        if drop > 0:
+            del self._recent[:drop]
 
     def when_switched(self, listener: Callable[[], None]) -> None:
         """Call `listener` each time a fallback recognizer takes over mid-call, as soon as it listens: before any
@@ -109,11 +133,12 @@ class FallbackSTT:
                 errors.append(f"{name}: {exc}")
                 continue
             self._active = candidate
-            self._offset_ms = (self._received_bytes - (len(self._recent) if replay else 0)) // BYTES_PER_MS
+            replay_from = self._received_bytes - (len(self._recent) if replay else 0)
+            self._offset_ms = replay_from // BYTES_PER_MS
             if replay and self._recent:
                 # Not called speech when it holds none: a recognizer may rightly say nothing to silence (DeepgramSTT
                 # takes unanswered speech as a dead socket).
-                candidate.send_audio(bytes(self._recent), voiced=self._recent_voiced)
+                candidate.send_audio(bytes(self._recent), voiced=self._voiced_to > replay_from)
             return
         self._active = None
         raise STTError("; ".join(errors) or "no speech-to-text provider left")
@@ -122,7 +147,8 @@ class FallbackSTT:
         """Pass audio to the active recognizer and keep it for a replay."""
         self._received_bytes += len(ulaw)
         self._recent += ulaw
-        self._recent_voiced |= voiced
+        if voiced:
+            self._voiced_to = self._received_bytes
         if len(self._recent) > 2 * self._max_recent:  # trimmed in bulk: no memmove per frame
             del self._recent[: len(self._recent) - self._max_recent]
         if self._active is not None:
@@ -148,11 +174,15 @@ class FallbackSTT:
         while self._active is not None:
             active = self._active
             try:
-                async for event in active.events():
-                    if isinstance(event, EndOfTurn):
-                        self._recent.clear()
-                        self._recent_voiced = False
-                    yield dataclasses.replace(event, at_ms=event.at_ms + self._offset_ms)
+                async for own in active.events():
+                    event = dataclasses.replace(own, at_ms=own.at_ms + self._offset_ms)
+                    match event:
+                        case EndOfTurn(at_ms=at_ms):
+                            # Up to where the turn ended, not all received: the caller may have spoken on since.
+                            self._forget_before(at_ms)
+                        case TranscriptUpdate(is_final=True, at_ms=at_ms):
+                            self._words_to_ms = max(self._words_to_ms, at_ms)
+                    yield event
                 return
             except STTError as exc:
                 failed = self._providers[self._index][0]

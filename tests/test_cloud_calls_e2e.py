@@ -334,8 +334,17 @@ async def test_deepgram_dropping_mid_call_reconnects_then_falls_back_without_los
             break
         await asyncio.sleep(0.05)
     assert fakes.deepgram.connections > connections, "the engine did not reconnect to Deepgram"
-    # Now Deepgram goes away for good: the call falls back to PocketSphinx.
-    await asyncio.sleep(2.5)
+
+    # It goes on over the new socket, answering the caller's next words; then it goes away for good, in the middle
+    # of them: the call falls back to PocketSphinx, which hears them replayed.
+    def answered() -> bool:
+        return any(message["type"] == "Results" for message in fakes.deepgram.listens[-1].sent)
+
+    for _ in range(200):
+        if answered():
+            break
+        await asyncio.sleep(0.05)
+    assert answered(), "Deepgram transcribed nothing over the new socket"
     fakes.deepgram.refuse = True
     await fakes.deepgram.drop_all()
     result = await running
@@ -347,6 +356,52 @@ async def test_deepgram_dropping_mid_call_reconnects_then_falls_back_without_los
     agents_ = [r for r in rows if r["speaker"] == "agent"]
     assert len(callers) == 3, [(r["speaker"], r["text"]) for r in rows]
     assert [r["text"] for r in agents_] == ["Hi."] + ["I heard you."] * 3
+
+
+async def test_a_turn_the_engine_took_on_its_own_silence_is_not_taken_again_from_the_fallback_recognizer(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    # Deepgram with neither endpointing nor UtteranceEnd never ends a turn: the engine's silence takes each one.
+    number, agent_id = await make_line(
+        pool,
+        organization_id,
+        firstSentence="Hi.",
+        stt=[
+            {"provider": "deepgram", "endpointing": False, "interim_results": False},
+            {"provider": "sphinx", "keyphrases": ["first question", "second question"]},
+        ],
+    )
+    fakes.deepgram.transcripts.extend(["First question."])
+    fakes.openai.default_reply = "I heard you."
+    running = asyncio.create_task(call(engine, number, Say("first question"), Say("second question"), Pause(300)))
+    await caller_turns_taken(pool, agent_id, 1)
+    # Deepgram is lost for good: PocketSphinx takes over, hearing the caller's turn in progress replayed.
+    fakes.deepgram.refuse = True
+    try:
+        await fakes.deepgram.drop_all()
+        result = await running
+    finally:
+        fakes.deepgram.refuse = False
+    log = await finished_log(pool, result)
+    assert log["status"] == "COMPLETED", log["metadata"]
+    rows = [(r["speaker"], r["text"]) for r in await turns(pool, log["id"])]
+    # Answered once each: the first from Deepgram, the second from PocketSphinx, which never heard the first.
+    assert [text for speaker, text in rows if speaker == "caller"] == ["First question.", "second question"], rows
+    assert [text for speaker, text in rows if speaker == "agent"] == ["Hi.", "I heard you.", "I heard you."], rows
+
+
+async def caller_turns_taken(pool: asyncpg.Pool, agent_id: str, count: int) -> None:
+    """Wait until the call of `agent_id` has `count` caller turns written."""
+    for _ in range(200):
+        taken = await pool.fetchval(
+            'SELECT count(*) FROM "CallTurn" t JOIN "CallLog" c ON c."id" = t."callLogId"'
+            ' WHERE c."agentId" = $1 AND t."speaker" = \'caller\'',
+            agent_id,
+        )
+        if taken >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the engine took no more than {taken} caller turn(s), not {count}")
 
 
 async def test_a_missing_key_refuses_the_call_politely_and_logs_which_key(

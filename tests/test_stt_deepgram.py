@@ -408,6 +408,39 @@ async def test_a_fallback_deepgram_given_only_silence_to_replay_is_not_dropped_f
     assert second.connections == 1  # its answer to the replayed silence was not waited for
 
 
+async def test_a_fallback_recognizer_hears_the_audio_after_the_last_turn_taken_not_that_turn_again(
+    fake: FakeDeepgram,
+) -> None:
+    async with FakeDeepgram(api_key=API_KEY, transcripts=["for four"]) as second:
+        stt = FallbackSTT(
+            [
+                # Without endpointing or UtteranceEnd, the first never ends a turn: the engine's silence does.
+                ("deepgram", lambda: recognizer(fake, endpointing=False, interim_results=False)),
+                ("deepgram", lambda: recognizer(second)),
+            ]
+        )
+        await stt.start()
+        events: list[STTEvent] = []
+        listening = asyncio.create_task(_collect_into(stt, events))
+        await feed(stt, speech(400))
+        await feed(stt, silent_frames(400), voiced=False)
+        await until(lambda: any(isinstance(event, TranscriptUpdate) and event.is_final for event in events))
+        stt.turn_taken()  # "i need to reschedule", final at 600 ms, is the caller's turn now
+        await feed(stt, silent_frames(600), voiced=False)
+        fake.refuse = True
+        await fake.drop_all()  # the first recognizer is lost for good: the second hears the turn in progress
+        await until(lambda: second.connections == 1)
+        await feed(stt, speech(400))
+        await feed(stt, silent_frames(400), voiced=False)
+        await until(lambda: any(isinstance(event, EndOfTurn) for event in events))
+        await stt.close()
+        listening.cancel()
+    ends = [event for event in events if isinstance(event, EndOfTurn)]
+    # Only the caller's new words, on the call's timeline: 1400 ms in, 400 ms long, then 300 ms of endpointing.
+    assert ends == [EndOfTurn(text="for four", at_ms=2100)]
+    assert second.bytes_received == [(2200 - 600) * 8]  # the audio from the end of the turn taken
+
+
 async def _collect_into(stt: FallbackSTT, events: list[STTEvent]) -> None:
     async for event in stt.events():
         events.append(event)

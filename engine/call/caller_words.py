@@ -4,7 +4,8 @@ Final words gather until an end of turn: the recognizer's (its whole turn's word
 VAD's silence. Words that are clearly unfinished (pipelines.conversation.end_of_turn) are held instead, until the
 agent's longer "incomplete sentence" silence or the caller's next words; a held turn's words lead the next one.
 When the silence takes a turn before the recognizer ends it, the recognizer's later end of turn repeats those
-words: they are cut from it, so a turn is never answered twice.
+words: they are cut from it, so a turn is never answered twice. A fallback recognizer taking over mid-call hears the
+caller's audio since the last turn taken again: its words replace the failed one's for that audio.
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ class CallerWords:
         if text:
             held = self._held[0] if self._held is not None else []
             self._pending = [*held, text]
+
+    def recognizer_switched(self) -> None:
+        """Another recognizer took over mid-call, hearing again the caller's audio since the last turn taken: the
+        words the failed one finalized since then will come again from the new one (its own words), and the words
+        taken early it will never repeat in an end of turn."""
+        unended = len(self._unended)
+        if unended:
+            del self._pending[-unended:]
+        self._unended.clear()
+        self._taken_early = []
 
     def so_far(self, provisional: str = "") -> str:
         """The turn's words so far, with `provisional` ones the recognizer will say again."""

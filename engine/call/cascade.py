@@ -144,7 +144,7 @@ class PipelineDriver:
         stt = pipeline.stt
         self._prompt_silence = stt if isinstance(stt, PromptSilence) else None
         if isinstance(stt, FallbackSTT):
-            stt.when_switched(self._follow_recognizer)
+            stt.when_switched(self._on_recognizer_switched)
         self._close_from_ms, self._close_until_ms = self._closely_between(*self._own_silence_rules_ms)
         self._finalize_asked = False  # the recognizer was asked for its final words in this pause
         self._speculation: SpeculativeReply | None = None
@@ -202,6 +202,12 @@ class PipelineDriver:
         if self._barge_in_at_once and self._speech.current is not None:
             return True
         return self._turn_open and self._close_from_ms <= self._pause.quiet_ms <= self._close_until_ms
+
+    def _on_recognizer_switched(self) -> None:
+        """A fallback recognizer took over mid-call: follow its silence rules, and take its words for the audio it
+        hears again in place of the failed one's."""
+        self._caller_words.recognizer_switched()
+        self._follow_recognizer()
 
     def _follow_recognizer(self) -> None:
         """Read frame by frame where the listening recognizer wants it too: from its start, and from the moment a
@@ -448,6 +454,9 @@ class PipelineDriver:
         self._finalize_asked = False
         if not text:
             return
+        stt = self._pipeline.stt
+        if isinstance(stt, FallbackSTT):
+            stt.turn_taken()  # a recognizer taking over mid-call does not hear these words again as a new turn
         start_ms = self._caller_speech_started_ms if self._caller_speech_started_ms is not None else end_ms
         self._on_caller_turn(text, start_ms, end_ms)
 
