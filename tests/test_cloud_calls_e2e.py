@@ -319,14 +319,16 @@ async def test_deepgram_dropping_mid_call_reconnects_then_falls_back_without_los
     )
     fakes.deepgram.transcripts.extend(["First question."])
     fakes.openai.default_reply = "I heard you."
+    answers_before = len(fakes.openai.requests)  # the fakes serve the whole module
     running = asyncio.create_task(
         call(engine, number, Say("first question"), Say("second question"), Say("third question"), Pause(300))
     )
     # Wait for the first answer, then drop Deepgram's socket: the engine reconnects and goes on.
     for _ in range(200):
-        if fakes.openai.requests:
+        if len(fakes.openai.requests) > answers_before:
             break
         await asyncio.sleep(0.05)
+    assert len(fakes.openai.requests) > answers_before, "the agent did not answer the first question"
     connections = fakes.deepgram.connections
     await fakes.deepgram.drop_all()
     for _ in range(100):
