@@ -77,6 +77,37 @@ def test_held_unfinished_words_lead_the_next_turn() -> None:
     assert not words.waiting and words.held_end_ms is None
 
 
+def test_words_held_on_the_silence_are_not_doubled_by_the_recognizer_s_end_of_turn_that_repeats_them() -> None:
+    words = CallerWords()
+    words.final("I would like to")  # asked for early: the recognizer has not ended its turn
+    words.hold(1200)  # the silence found them unfinished
+    words.final("book a table.")  # the caller goes on, and the recognizer ends its turn on all of it
+    words.recognizer_ended("I would like to book a table.")
+    assert words.take(by_recognizer=True) == "I would like to book a table."
+
+
+def test_held_words_the_recognizer_ends_its_turn_on_alone_make_one_turn_at_the_longer_silence() -> None:
+    words = CallerWords()
+    words.final("i would like to")
+    words.hold(1200)
+    words.recognizer_ended("i would like to")
+    words.hold(1200)  # still unfinished
+    assert words.take(by_recognizer=False) == "i would like to"
+
+
+def test_a_recognizer_taking_over_says_again_the_words_of_the_turn_in_progress_in_place_of_the_failed_one() -> None:
+    words = CallerWords()
+    words.final("First question.")
+    assert words.take(by_recognizer=False) == "First question."  # the failed one never ended that turn
+    words.final("I would like")  # the failed one's words of the next turn, held on the silence
+    words.hold(3000)
+    words.recognizer_switched()  # the new one hears the turn in progress replayed
+    assert not words.waiting and words.held_end_ms is None
+    words.final("i would like to book")
+    words.recognizer_ended("i would like to book")
+    assert words.take(by_recognizer=True) == "i would like to book"
+
+
 def test_a_turn_the_silence_took_is_not_repeated_by_the_recognizer_s_late_end_of_turn() -> None:
     words = CallerWords()
     words.final("I want a table.")

@@ -22,7 +22,9 @@ class CallerWords:
     def __init__(self) -> None:
         """Nothing heard yet."""
         self._pending: list[str] = []
-        self._held: tuple[list[str], int] | None = None  # unfinished words (and their end) awaiting silence
+        # Unfinished words awaiting silence, their end, and how many of them (the last) the recognizer has not ended
+        # its turn on yet: its end of turn will say those again.
+        self._held: tuple[list[str], int, int] | None = None
         self._unended: list[str] = []  # final words since the recognizer's last end of turn
         self._taken_early: list[str] = []  # words of those a turn took on silence, before the recognizer ended it
 
@@ -47,8 +49,9 @@ class CallerWords:
         self._unended.clear()
         text, self._taken_early = without_taken(text, self._taken_early).strip(), []
         if text:
-            held = self._held[0] if self._held is not None else []
-            self._pending = [*held, text]
+            self._pending = [*self._held_ended(), text]
+            if self._held is not None:
+                self._held = (list(self._pending), self._held[1], 0)
 
     def recognizer_switched(self) -> None:
         """Another recognizer took over mid-call, hearing again the caller's audio since the last turn taken: the
@@ -59,6 +62,16 @@ class CallerWords:
             del self._pending[-unended:]
         self._unended.clear()
         self._taken_early = []
+        if self._held is not None:
+            held = self._held_ended()
+            self._held = (held, self._held[1], 0) if held else None
+
+    def _held_ended(self) -> list[str]:
+        """The held words the recognizer's end of turn will not say again (it ended its turn on them)."""
+        if self._held is None:
+            return []
+        words, _, unended = self._held
+        return words[: len(words) - unended]
 
     def so_far(self, provisional: str = "") -> str:
         """The turn's words so far, with `provisional` ones the recognizer will say again."""
@@ -71,7 +84,7 @@ class CallerWords:
 
     def hold(self, end_ms: int) -> None:
         """The words so far are unfinished: keep them for the longer silence or the caller's next words."""
-        self._held = (list(self._pending), end_ms)
+        self._held = (list(self._pending), end_ms, len(self._unended))
 
     def take(self, *, by_recognizer: bool) -> str:
         """The turn's words, now a turn; `by_recognizer` false when the silence ended it before the recognizer."""
