@@ -20,4 +20,3 @@ def test_labels_past_the_bound_are_counted_under_other_and_known_ones_still_coun
     assert (count("path-1", "a"), count("path-1", "b")) == (2.0, 1.0)
     assert count("path-1", "c") is None and count("path-1", "d") is None
     assert count(BoundedSeries.OTHER, BoundedSeries.OTHER) == 2.0
-
