@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     allow_private_webhook_urls: bool = _env("DIALTONE_ALLOW_PRIVATE_WEBHOOK_URLS", "allow_private_webhook_urls", False)
     webhook_timeout: float = _env("DIALTONE_WEBHOOK_TIMEOUT", "webhook_timeout", 10.0, gt=0, le=300)
     webhook_concurrency: int = _env("DIALTONE_WEBHOOK_CONCURRENCY", "webhook_concurrency", 16, ge=1, le=1000)
+    # At most this many of one organization's deliveries in flight across every engine process, so that one slow
+    # endpoint or burst of events cannot hold every process's slots while other organizations' events wait.
+    webhook_organization_concurrency: int = _env(
+        "DIALTONE_WEBHOOK_ORGANIZATION_CONCURRENCY", "webhook_organization_concurrency", 4, ge=1, le=1000
+    )
     webhook_retry_initial: float = _env("DIALTONE_WEBHOOK_RETRY_INITIAL", "webhook_retry_initial", 10.0, gt=0)
     webhook_retry_max: float = _env("DIALTONE_WEBHOOK_RETRY_MAX", "webhook_retry_max", 3600.0, gt=0)
     webhook_give_up_after: float = _env("DIALTONE_WEBHOOK_GIVE_UP_AFTER", "webhook_give_up_after", 86400.0, gt=0)

@@ -5,7 +5,8 @@ own) inside the transaction of the change it reports, and notifies WEBHOOK_CHANN
 Workers `claim_due` deliveries with FOR UPDATE SKIP LOCKED: a claim moves "nextAttemptAt" to the end of its lease,
 so a worker that dies before recording an outcome only delays the delivery until another worker claims it. Every
 outcome is recorded against the claim's lease token, so a worker whose lease ran out cannot overwrite the outcome
-of the worker that took over.
+of the worker that took over. Claims are fair between organizations: none has more than a few deliveries in flight
+at once across all workers, so one organization's hanging endpoint or burst of events leaves the others' on time.
 """
 
 from __future__ import annotations
@@ -208,33 +209,110 @@ async def enqueue_event(
     return count
 
 
-async def claim_due(conn: Queryable, *, limit: int, lease: timedelta) -> list[ClaimedDelivery]:
-    """Take up to `limit` due deliveries, oldest first, for `lease`; rows other workers are claiming are skipped."""
+# A delivery is in flight while a live lease holds it: set by a claim, cleared by its outcome, or run out.
+_IN_FLIGHT = '"leaseToken" IS NOT NULL AND "leasedUntil" > clock_timestamp()'
+
+# Every organization with pending deliveries and when its oldest is due (a delivery in flight is "due" when its lease
+# ends), found by a skip-scan of the index, one probe per organization; with how many it has in flight and when the
+# first of those leases ends, from the index of leased rows (a few per delivery slot, however long the queue).
+_QUEUES = f"""
+WITH RECURSIVE pending AS (
+    (SELECT "organizationId" AS org, "nextAttemptAt" AS due FROM "WebhookDelivery" WHERE "status" = 'PENDING'
+     ORDER BY "organizationId", "nextAttemptAt" LIMIT 1)
+    UNION ALL
+    SELECT next.org, next.due FROM pending CROSS JOIN LATERAL (
+        SELECT "organizationId" AS org, "nextAttemptAt" AS due FROM "WebhookDelivery"
+        WHERE "status" = 'PENDING' AND "organizationId" > pending.org
+        ORDER BY "organizationId", "nextAttemptAt" LIMIT 1
+    ) next
+),
+leases AS (
+    SELECT "organizationId" AS org, count(*) AS in_flight, min("leasedUntil") AS first_ends FROM "WebhookDelivery"
+    WHERE {_IN_FLIGHT} GROUP BY "organizationId"
+),
+queues AS (
+    SELECT pending.org, pending.due, coalesce(leases.in_flight, 0) AS in_flight, leases.first_ends
+    FROM pending LEFT JOIN leases USING (org)
+)
+"""
+
+
+async def claim_due(db: Queryable, *, limit: int, per_organization: int, lease: timedelta) -> list[ClaimedDelivery]:
+    """Take up to `limit` due deliveries for `lease`, oldest first, but never so many that an organization would
+    have more than `per_organization` in flight across all workers; rows other workers are claiming are skipped.
+
+    The cap is what keeps one organization (an endpoint that hangs, a burst of events) from holding every worker's
+    slots while other organizations' deliveries wait. It holds across processes: a claim takes an organization's
+    deliveries only under a transaction advisory lock of that organization, and counts what it has in flight after
+    taking the lock, so two claims never both fill the same organization's last places; an organization another
+    claim holds is skipped, as its rows would be.
+    """
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
+    if per_organization < 1:
+        raise ValueError(f"per_organization must be at least 1, got {per_organization}")
     lease_token = new_id()
-    rows = await conn.fetch(
-        """
-        WITH due AS (
-            SELECT "id" FROM "WebhookDelivery"
-            WHERE "status" = 'PENDING' AND "nextAttemptAt" <= clock_timestamp()
-            ORDER BY "nextAttemptAt", "id"
-            LIMIT $1
-            FOR UPDATE SKIP LOCKED
+    async with transaction(db) as conn:
+        # First the organizations to serve, oldest due first, each locked for this claim (the lock is taken as rows
+        # are read, so only as many as the claim uses; the order is the materialized CTE's).
+        organizations: list[str] = [
+            row["org"]
+            for row in await conn.fetch(
+                f"""
+                {_QUEUES},
+                ready AS MATERIALIZED (
+                    SELECT org FROM queues WHERE in_flight < $2 AND due <= clock_timestamp() ORDER BY due, org
+                )
+                SELECT org FROM ready
+                WHERE pg_try_advisory_xact_lock(hashtext('dialtone.webhook_claim:' || org))
+                LIMIT $1
+                """,
+                limit,
+                per_organization,
+            )
+        ]
+        if not organizations:
+            return []
+        # Then, in a statement whose snapshot follows the locks (READ COMMITTED), what each has in flight now that
+        # no other claim can add to it, and its oldest due deliveries up to the cap.
+        rows = await conn.fetch(
+            f"""
+            WITH picked AS (
+                SELECT due."id" FROM unnest($1::text[]) AS o(org)
+                CROSS JOIN LATERAL (
+                    SELECT count(*) AS in_flight FROM "WebhookDelivery"
+                    WHERE "organizationId" = o.org AND {_IN_FLIGHT}
+                ) leases
+                CROSS JOIN LATERAL (
+                    SELECT "id" FROM "WebhookDelivery"
+                    WHERE "organizationId" = o.org AND "status" = 'PENDING' AND "nextAttemptAt" <= clock_timestamp()
+                    ORDER BY "nextAttemptAt", "id"
+                    LIMIT greatest($2 - leases.in_flight, 0)
+                ) due
+            ),
+            due AS (
+                SELECT "id" FROM "WebhookDelivery"
+                WHERE "id" IN (SELECT "id" FROM picked)
+                  AND "status" = 'PENDING' AND "nextAttemptAt" <= clock_timestamp()
+                ORDER BY "nextAttemptAt", "id"
+                LIMIT $3
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE "WebhookDelivery" d SET
+                "leaseToken" = $4,
+                "leasedUntil" = clock_timestamp() + $5::interval,
+                "nextAttemptAt" = clock_timestamp() + $5::interval
+            FROM due, "Event" e
+            WHERE d."id" = due."id" AND e."id" = d."eventId"
+            RETURNING d."id", d."organizationId", d."eventId", d."event", d."payload", d."attemptCount",
+                      e."webhookUrl", e."isEnabled"
+            """,
+            organizations,
+            per_organization,
+            limit,
+            lease_token,
+            lease,
         )
-        UPDATE "WebhookDelivery" d SET
-            "leaseToken" = $2,
-            "leasedUntil" = clock_timestamp() + $3::interval,
-            "nextAttemptAt" = clock_timestamp() + $3::interval
-        FROM due, "Event" e
-        WHERE d."id" = due."id" AND e."id" = d."eventId"
-        RETURNING d."id", d."organizationId", d."eventId", d."event", d."payload", d."attemptCount",
-                  e."webhookUrl", e."isEnabled"
-        """,
-        limit,
-        lease_token,
-        lease,
-    )
     return [
         ClaimedDelivery(
             id=row["id"],
@@ -251,10 +329,17 @@ async def claim_due(conn: Queryable, *, limit: int, lease: timedelta) -> list[Cl
     ]
 
 
-async def next_due_in(db: Queryable) -> timedelta | None:
-    """How long until the next pending delivery is due (zero or less: due now); None when none is pending."""
+async def next_due_in(db: Queryable, *, per_organization: int) -> timedelta | None:
+    """How long until `claim_due` with this `per_organization` could take a delivery (zero or less: now); None when
+    none is pending. An organization at its cap counts from when the first of its leases ends, not from its due
+    deliveries, which no claim may take until then.
+    """
     wait: timedelta | None = await db.fetchval(
-        """SELECT min("nextAttemptAt") - clock_timestamp() FROM "WebhookDelivery" WHERE "status" = 'PENDING'"""
+        f"""
+        {_QUEUES}
+        SELECT min(CASE WHEN in_flight >= $1 THEN first_ends ELSE due END) - clock_timestamp() FROM queues
+        """,
+        per_organization,
     )
     return wait
 

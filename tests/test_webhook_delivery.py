@@ -320,7 +320,7 @@ async def test_a_lease_left_by_a_process_that_died_expires_and_another_engine_de
             event_id = await subscribe(pool, org, receiver.url("orphaned"))
             await emit(pool, org, {"n": 1})
             # A process claims it and dies before posting: only its lease remains.
-            [orphaned] = await claim_due(pool, limit=10, lease=timedelta(seconds=1))
+            [orphaned] = await claim_due(pool, limit=10, per_organization=1, lease=timedelta(seconds=1))
             async with running_engine(url, **FAST_DELIVERY):
                 await eventually(lambda: all_delivered(pool, org, 1), "the orphaned delivery delivered")
 

@@ -19,18 +19,20 @@ def test_the_defaults_retry_for_a_day_with_backoff_up_to_an_hour_and_refuse_priv
     )
     assert (settings.timeout, settings.lease) == (timedelta(seconds=10), timedelta(seconds=60))
     assert settings.allow_private is False
+    assert (settings.concurrency, settings.per_organization) == (16, 4)
 
 
 def test_environment_variables_configure_delivery(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIALTONE_ALLOW_PRIVATE_WEBHOOK_URLS", "true")
     monkeypatch.setenv("DIALTONE_WEBHOOK_RETRY_INITIAL", "0.5")
     monkeypatch.setenv("DIALTONE_WEBHOOK_CONCURRENCY", "3")
+    monkeypatch.setenv("DIALTONE_WEBHOOK_ORGANIZATION_CONCURRENCY", "2")
 
     settings = DeliverySettings.from_settings(load_settings())
 
     assert settings.allow_private is True
     assert settings.retry.initial == timedelta(seconds=0.5)
-    assert settings.concurrency == 3
+    assert (settings.concurrency, settings.per_organization) == (3, 2)
 
 
 def test_a_lease_no_longer_than_the_request_timeout_is_refused_by_name() -> None:

@@ -1,10 +1,12 @@
 """The webhook delivery worker: every engine process POSTs due outbox deliveries, signed, and records each outcome.
 
-The worker claims due deliveries under a lease (storage.webhook_outbox), POSTs up to `concurrency` at once, each
-with a timeout, and records a 2xx as delivered and anything else as a failed attempt to retry with backoff. It
-wakes when a transaction that queued deliveries commits (LISTEN on WEBHOOK_CHANNEL), when the next retry falls
-due, and at least every `poll_interval` in case a notification was missed. Hosts that resolve to loopback,
-private or link-local addresses are refused unless allowed, at connect time (see pipelines.url_safety).
+The worker claims due deliveries under a lease (storage.webhook_outbox), never more than `per_organization` of one
+organization's in flight across all processes, so one slow endpoint cannot hold every slot; POSTs up to
+`concurrency` at once, each with a timeout; and records a 2xx as delivered and anything else as a failed attempt to
+retry with backoff. It wakes when a transaction that queued deliveries commits (LISTEN on WEBHOOK_CHANNEL), when the
+next delivery it may claim falls due, and at least every `poll_interval` in case a notification was missed. Hosts
+that resolve to loopback, private or link-local addresses are refused unless allowed, at connect time (see
+pipelines.url_safety).
 """
 
 from __future__ import annotations
@@ -51,9 +53,11 @@ def signature_header(secret: str, timestamp: int, body: bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class DeliverySettings:
-    """How the worker sends: parallelism, per-request timeout, lease, polling, retries, and the address policy."""
+    """How the worker sends: parallelism (per process, and per organization across processes), per-request timeout,
+    lease, polling, retries, and the address policy."""
 
     concurrency: int = 16
+    per_organization: int = 4
     timeout: timedelta = timedelta(seconds=10)
     lease: timedelta = timedelta(seconds=60)
     poll_interval: timedelta = timedelta(seconds=5)
@@ -63,6 +67,8 @@ class DeliverySettings:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.per_organization < 1:
+            raise ValueError(f"per_organization must be at least 1, got {self.per_organization}")
         if self.lease <= self.timeout:
             # A lease shorter than a request would let a second worker send while the first still waits.
             raise ValueError(
@@ -75,6 +81,7 @@ class DeliverySettings:
         """The worker's settings from the engine's."""
         return cls(
             concurrency=settings.webhook_concurrency,
+            per_organization=settings.webhook_organization_concurrency,
             timeout=timedelta(seconds=settings.webhook_timeout),
             lease=timedelta(seconds=settings.webhook_lease),
             poll_interval=timedelta(seconds=settings.webhook_poll_interval),
@@ -204,7 +211,9 @@ class WebhookDeliveryWorker:
         claimed: list[ClaimedDelivery] = []
         if free > 0:
             self._wake.clear()
-            claimed = await webhook_outbox.claim_due(self._pool, limit=free, lease=self._settings.lease)
+            claimed = await webhook_outbox.claim_due(
+                self._pool, limit=free, per_organization=self._settings.per_organization, lease=self._settings.lease
+            )
             for delivery in claimed:
                 task = asyncio.get_running_loop().create_task(self._deliver(delivery), name=f"webhook-{delivery.id}")
                 self._in_flight.add(task)
@@ -218,7 +227,7 @@ class WebhookDeliveryWorker:
                 stopping.cancel()
             return
         wait = self._settings.poll_interval.total_seconds()
-        due_in = await webhook_outbox.next_due_in(self._pool)
+        due_in = await webhook_outbox.next_due_in(self._pool, per_organization=self._settings.per_organization)
         if due_in is not None:
             wait = min(wait, due_in.total_seconds())
         await self._wait(max(wait, _MIN_WAIT))
