@@ -122,8 +122,12 @@ async def test_serve_logs_requests_without_the_signature_of_a_recording_link(db_
     )
     try:
         await _poll_health(f"{base}/health")
-        async with aiohttp.ClientSession() as http, http.get(link) as response:
-            status = response.status
+        async with aiohttp.ClientSession() as http:
+            async with http.get(link) as response:
+                status = response.status
+            # A request whose body the handler read (Twilio's webhooks are forms) is logged like any other.
+            async with http.post(f"{base}/twilio/voice?from=test", data={"CallSid": "CA" + "0" * 32}) as response:
+                posted = response.status
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(process.communicate(), 20)
@@ -131,6 +135,8 @@ async def test_serve_logs_requests_without_the_signature_of_a_recording_link(db_
     assert status == 404  # a valid link to no recording
     assert f"/recordings/{'a' * 24}.wav" in log  # the request is logged, its credential is not
     assert signature not in log
+    assert f'"POST /twilio/voice HTTP/1.1" {posted}' in log, log
+    assert "Unhandled exception" not in log and "Traceback" not in log
 
 
 async def _poll_health(url: str, attempts: int = 100) -> int:
