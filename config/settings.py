@@ -160,6 +160,9 @@ class Settings(BaseSettings):
     node_heartbeat_interval: float = _env("DIALTONE_NODE_HEARTBEAT_INTERVAL", "node_heartbeat_interval", 10.0, gt=0)
     node_timeout: float = _env("DIALTONE_NODE_TIMEOUT", "node_timeout", 60.0, gt=0)
     recovery_interval: float = _env("DIALTONE_RECOVERY_INTERVAL", "recovery_interval", 60.0, gt=0)
+    # How long (s) a stopping engine (SIGTERM, Ctrl-C) waits for its live calls to end by themselves, refusing new
+    # ones, before it ends the rest (0: end them at once). Keep it under the platform's stop grace period.
+    drain_seconds: float = _env("DIALTONE_DRAIN_SECONDS", "drain_seconds", 20.0, ge=0, le=86400)
     # How long (s) a live-call control sent to the node holding the call waits for that node's acknowledgement.
     control_timeout: float = _env("DIALTONE_CONTROL_TIMEOUT", "control_timeout", 5.0, gt=0, le=60)
 

@@ -542,3 +542,24 @@ async def test_a_dial_that_would_land_after_the_window_closes_is_given_back(pool
     assert dialer.dials == []
     state = await recipient_state(pool, campaign.id, new_york)
     assert (state["state"], state["attempts"]) == ("QUEUED", 0)
+
+
+async def test_a_stopping_engine_dials_nobody_new_and_gives_its_claims_back_to_the_others(pool: asyncpg.Pool) -> None:
+    campaign = await running_campaign(pool, NUMBERS[:3], rules=DialingRules(max_concurrent_calls=3, calls_per_second=1))
+    stopping = RecordingDialer(pool)
+    # Ticks two seconds apart claim two slots at one call per second: the second waits a whole second for its own.
+    dispatch = CampaignDispatcher(pool, stopping, timing=DispatchTiming(interval=timedelta(seconds=2)))
+    claims = await dispatch.tick()
+    assert len(claims) == 2
+    dispatch.stop_dialing()  # the engine drains before its first dial has run
+    await dispatch.drain()
+    assert await dispatch.tick() == []
+    assert stopping.dials == []
+    states = [await recipient_state(pool, campaign.id, number) for number in NUMBERS[:3]]
+    assert [(s["state"], s["attempts"]) for s in states] == [("QUEUED", 0)] * 3
+
+    other = RecordingDialer(pool)
+    another_engine = dispatcher(pool, other, Clock(datetime.now(UTC) + PACE_SLOT * 2))  # past the slots given back
+    for _ in NUMBERS[:3]:
+        await tick(another_engine)
+    assert sorted(other.numbers()) == NUMBERS[:3]

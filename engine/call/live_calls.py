@@ -49,6 +49,8 @@ class LiveCalls:
         self._sessions: dict[str, LiveCall] = {}
         self._taken: set[str] = set()
         self._tasks: set[asyncio.Task[object]] = set()
+        self._none_held = asyncio.Event()
+        self._none_held.set()
 
     def __len__(self) -> int:
         """How many calls are running."""
@@ -69,6 +71,7 @@ class LiveCalls:
         to command yet. `remove` forgets it.
         """
         self._taken.add(call_log_id)
+        self._none_held.clear()
 
     def starting(self, call_log_id: str) -> bool:
         """Whether this process has taken that call's stream and is still setting its session up."""
@@ -77,6 +80,7 @@ class LiveCalls:
     def add(self, call_log_id: str, session: LiveCall) -> None:
         """Register a running call; the current task is the one that runs it."""
         self._sessions[call_log_id] = session
+        self._none_held.clear()
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -86,6 +90,17 @@ class LiveCalls:
         """Forget a call that has finished, or whose stream gave it up before its session ran."""
         self._sessions.pop(call_log_id, None)
         self._taken.discard(call_log_id)
+        if not self._sessions and not self._taken:
+            self._none_held.set()
+
+    @property
+    def held(self) -> int:
+        """How many calls this process holds: running, or with their stream taken and their session starting."""
+        return len(self._taken | self._sessions.keys())
+
+    async def wait_until_none_held(self) -> None:
+        """Return once this process holds no call (at once if it holds none)."""
+        await self._none_held.wait()
 
     async def end_all(self, reason: EndReason, *, timeout: float = 30.0) -> None:
         """End every running call and wait (bounded) until their CallLogs are finished."""

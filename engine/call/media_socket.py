@@ -34,6 +34,7 @@ from engine.knowledge.ingestion import KNOWLEDGE_EMBEDDER
 from engine.server import metrics
 from engine.server.appkeys import (
     DATABASE,
+    DRAIN,
     LIVE_CALLS,
     OFFLINE_WORKERS,
     PROVIDER_CLIENTS,
@@ -86,6 +87,7 @@ async def _await_start(stream: TwilioStream, frames: AsyncIterator[str]) -> Star
 
 async def handle_media(request: web.Request) -> web.StreamResponse:
     """GET /twilio/media (WebSocket): one call's audio both ways, for as long as the call lasts."""
+    request.app[DRAIN].refuse_new_call("media stream")  # before the upgrade: the load balancer tries another engine
     settings = request.app[SETTINGS]
     if SIGNATURE_HEADER in request.headers and not signature_is_valid(request, settings):
         log.warning("media WebSocket with a bad signature from %s: refused", request.remote)

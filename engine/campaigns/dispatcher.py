@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 
 from engine.campaigns.windows import CallingWindow, InvalidWindow, parse_time_of_day, zone
-from engine.server.appkeys import DATABASE, SETTINGS, TWILIO
+from engine.server.appkeys import DATABASE, DRAIN, SETTINGS, TWILIO
 from engine.twilio.outbound_calls import (
     AgentUnavailable,
     CallNotPlaced,
@@ -165,6 +165,7 @@ class CampaignDispatcher:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._dials: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._dialing = True
 
     @property
     def dials_in_progress(self) -> int:
@@ -174,6 +175,13 @@ class CampaignDispatcher:
     def start(self) -> None:
         """Run ticks in the background until `close()`."""
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=f"dispatcher-{self.node_id}")
+
+    def stop_dialing(self) -> None:
+        """Claim and dial nobody from now on; claims waiting for their slot are given back (the engine is draining).
+
+        Ticks go on settling what others left (ended calls, expired leases, lookups) until `close()`.
+        """
+        self._dialing = False
 
     async def close(self) -> None:
         """Stop ticking and wait for dials already started (their leases would otherwise expire to others)."""
@@ -206,7 +214,7 @@ class CampaignDispatcher:
         await dispatch.expire_leases(self._pool, now=self._clock())
         if self._lookup is not None:
             await self._lookup.settle(now=self._clock(), owner=self.node_id)
-        if self._dialer is None:
+        if self._dialer is None or not self._dialing:
             return []
         claims: list[Claim] = []
         seen: list[str] = []
@@ -292,6 +300,9 @@ class CampaignDispatcher:
         delay = (claim.dial_at - self._clock()).total_seconds()
         if delay > 0:
             await asyncio.sleep(delay)
+        if not self._dialing:  # another engine dials it: this one is stopping
+            await dispatch.release_claim(self._pool, claim, reason="the engine that claimed it is stopping")
+            return False
         if self._clock() >= claim.dial_by:  # this process fell behind: never dial outside the window
             await dispatch.release_claim(self._pool, claim, reason="calling window closed before the dial")
             return False
@@ -456,6 +467,7 @@ async def dispatcher_context(app: web.Application) -> AsyncIterator[None]:
         lookup=PlacementLookup(pool, twilio),
     )
     dispatcher.start()
+    app[DRAIN].on_start(dispatcher.stop_dialing)
     log.info("campaign dispatcher running as node %s", dispatcher.node_id)
     try:
         yield

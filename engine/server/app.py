@@ -24,6 +24,7 @@ from engine.server import health, metrics
 from engine.server.appkeys import (
     CLOCK,
     DATABASE,
+    DRAIN,
     LIVE_CALLS,
     OFFLINE_WORKERS,
     PROVIDER_CLIENTS,
@@ -31,6 +32,7 @@ from engine.server.appkeys import (
     TWILIO,
     Clock,
 )
+from engine.server.drain import Drain
 from engine.server.security_headers import add_security_headers
 from engine.twilio import webhooks as twilio_webhooks
 from engine.twilio.rest import TwilioCalls
@@ -61,6 +63,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app = web.Application()
     app[SETTINGS] = settings
     app[CLOCK] = clock or functools.partial(datetime.now, UTC)
+    app[DRAIN] = Drain()  # `dialtone serve` drains it on SIGTERM (engine.server.cli)
     app.cleanup_ctx.append(_database_context(apply_migrations))
     app.cleanup_ctx.append(call_log_spill_context)  # before recovery: a stopped run's spilled ends come first
     app.cleanup_ctx.append(recovery_context)

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from config.settings import Settings
 from engine.call.live_calls import LiveCalls
+from engine.server.drain import Drain
 from engine.twilio.rest import TwilioCalls
 from pipelines.clients import ProviderClients
 from pipelines.offline_workers import OfflineWorkers
@@ -17,6 +18,8 @@ from storage.pool import Database
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
 LIVE_CALLS = web.AppKey("live_calls", LiveCalls)
+DRAIN = web.AppKey("drain", Drain)
+"""Whether the engine is draining before it stops (`engine.server.drain`): new calls are refused while it is."""
 PROVIDER_CLIENTS = web.AppKey("provider_clients", ProviderClients)
 OFFLINE_WORKERS = web.AppKey("offline_workers", OfflineWorkers)
 TWILIO = web.AppKey("twilio", TwilioCalls)  # set only when Twilio credentials are configured

@@ -20,6 +20,8 @@ from engine.do_not_call.cli import add_dnc_command, run_dnc_command
 from engine.knowledge.cli import add_kb_command, run_kb_command
 from engine.server.access_log import AccessLogWithoutQuery
 from engine.server.app import create_app
+from engine.server.appkeys import DRAIN, LIVE_CALLS
+from engine.server.drain import drain_live_calls
 from engine.simulator import add_call_command, run_call_command
 from pipelines.clients import load_cloud_providers
 from storage.errors import StorageError
@@ -84,12 +86,21 @@ async def _serve(settings: Settings, *, apply_migrations: bool) -> None:
         await site.start()
         host, port = runner.addresses[0][:2]
         log.info("Dialtone listening on http://%s:%d (Ctrl-C or SIGTERM to stop)", host, port)
-        stopping = asyncio.Event()
+        stopping, stop_now = asyncio.Event(), asyncio.Event()
+
+        def on_signal() -> None:
+            if not stopping.is_set():
+                stopping.set()
+            elif not stop_now.is_set():
+                log.warning("second stop signal: ending the live calls now")
+                stop_now.set()
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stopping.set)
+            loop.add_signal_handler(signum, on_signal)
         await stopping.wait()
         log.info("stopping")
+        await drain_live_calls(app[DRAIN], app[LIVE_CALLS], seconds=settings.drain_seconds, stop_now=stop_now)
     finally:
         await runner.cleanup()
     log.info("stopped")

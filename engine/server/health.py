@@ -1,4 +1,5 @@
-"""GET /health: is the database reachable, and is its schema the one this engine expects."""
+"""GET /health: is the engine taking calls (not draining), is the database reachable, and is its schema the one this
+engine expects."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from aiohttp import web
 
-from engine.server.appkeys import DATABASE
+from engine.server.appkeys import DATABASE, DRAIN, LIVE_CALLS
 from storage.errors import DATABASE_ERRORS
 from storage.migrate import migration_status
 
@@ -23,7 +24,13 @@ def engine_version() -> str:
 
 
 async def handle_health(request: web.Request) -> web.Response:
-    """200 with the database's state when all is well; 503 with the reason when it is not."""
+    """200 with the database's state when all is well; 503 with the reason when it is not.
+
+    A draining engine answers 503 `draining` at once, so load balancers and readiness probes send new calls elsewhere.
+    """
+    if request.app[DRAIN].draining:
+        body = {"status": "draining", "version": engine_version(), "liveCalls": request.app[LIVE_CALLS].held}
+        return web.json_response(body, status=503)
     db = request.app[DATABASE]
     began = time.perf_counter()
     database: dict[str, object] = {"location": db.location, "embedded": db.embedded is not None}

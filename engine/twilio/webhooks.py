@@ -15,7 +15,7 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
 from engine.call.setup import provider_keys, template_variables
-from engine.server.appkeys import CLOCK, DATABASE, LIVE_CALLS, SETTINGS, TWILIO
+from engine.server.appkeys import CLOCK, DATABASE, DRAIN, LIVE_CALLS, SETTINGS, TWILIO
 from engine.twilio.fields import CallStatusCallback, DialEnded, Form, IncomingCall, InvalidTwilioField, MachineVerdict
 from engine.twilio.inbound_routing import choose_inbound_agent
 from engine.twilio.rest import TwilioCalls
@@ -117,7 +117,11 @@ def callback_url(base_url: str, path: str, call_log_id: str) -> str:
 
 
 async def handle_voice(request: web.Request) -> web.Response:
-    """POST /twilio/voice: an inbound call rings; answer with a media stream or a polite refusal."""
+    """POST /twilio/voice: an inbound call rings; answer with a media stream or a polite refusal.
+
+    A draining engine answers 503 before anything is read or written: the load balancer retries another engine.
+    """
+    request.app[DRAIN].refuse_new_call("voice webhook")
     settings = request.app[SETTINGS]
     incoming = await _webhook_fields(request, IncomingCall.read)
     call_sid, caller, called = incoming.call_sid, incoming.caller, incoming.called
