@@ -219,3 +219,43 @@ def test_the_load_balancer_passes_websockets_for_as_long_as_a_call_lasts() -> No
     timeout = re.search(r"proxy_read_timeout (\d+)s;", NGINX)
     assert timeout is not None and int(timeout.group(1)) >= 3600
     assert service("lb")["volumes"] == ["./deploy/nginx.conf:/etc/nginx/nginx.conf:ro"]
+
+
+def nginx_block(opening: str) -> str:
+    """The text of the nginx block that starts with `opening` (e.g. `server`, `location = /x`), braces balanced."""
+    start = NGINX.index(opening + " {")
+    depth = 0
+    for index in range(NGINX.index("{", start), len(NGINX)):
+        depth += {"{": 1, "}": -1}.get(NGINX[index], 0)
+        if depth == 0:
+            return NGINX[start : index + 1]
+    raise AssertionError(f"unbalanced nginx block {opening}")
+
+
+def next_upstream(block: str) -> set[str]:
+    """The conditions of the `proxy_next_upstream` directive written directly in `block` (not in nested ones)."""
+    flat = re.sub(r"\{[^{}]*\}", "", block[block.index("{") + 1 :])
+    found = re.search(r"^\s*proxy_next_upstream ([^;]+);", flat, re.MULTILINE)
+    assert found is not None, f"no proxy_next_upstream in {block[:40]!r}"
+    return set(found.group(1).split())
+
+
+def test_a_stopped_replica_is_given_time_to_drain_its_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = filled_env()
+    for name, value in service("engine")["environment"].items():
+        monkeypatch.setenv(name, interpolate(str(value), env))
+    drain = load_settings().drain_seconds
+    grace = re.fullmatch(r"(\d+)s", service("engine")["stop_grace_period"])
+    assert grace is not None
+    assert drain > 0
+    assert int(grace.group(1)) >= drain + 30, "ending the calls left after the drain, and closing, take time too"
+    assert dockerfile_stages()[-1].args("STOPSIGNAL") == ["SIGTERM"]
+
+
+def test_the_load_balancer_tries_another_engine_when_one_drains() -> None:
+    # A draining engine answers 503 to /health, a new media stream (a GET) and Twilio's voice webhook (a POST).
+    assert "http_503" in next_upstream(nginx_block("server"))
+    assert "non_idempotent" not in next_upstream(nginx_block("server")), "an API call must never be placed twice"
+    assert {"http_503", "non_idempotent"} <= next_upstream(nginx_block("location = /twilio/voice"))
+    assert "proxy_pass http://engines;" in nginx_block("location = /twilio/voice")
+    assert re.search(r"server engine:\d+ resolve max_fails=1 ", NGINX), "a replica answering 503 is left out a while"
