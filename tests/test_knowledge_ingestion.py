@@ -16,6 +16,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from aiohttp import web
 
 from engine.knowledge.chunking import split_into_chunks
 from engine.knowledge.crawl import CrawlLimits
@@ -30,6 +31,7 @@ from pipelines.llm.conversation_path import ConversationPathLLM
 from storage import knowledge_bases, knowledge_ingestion
 from storage.enums import DocumentType
 from storage.knowledge_search import search_passages
+from tests.fakes.server import serve
 from tests.test_repo_agents import insert_organization
 
 REPO = str(Path(__file__).resolve().parent.parent)
@@ -429,3 +431,44 @@ async def test_a_long_text_is_cut_by_a_child_process_within_the_reading_limits(p
     await worker.run_once()
     await worker.stop()
     assert await status_of(pool, slow_id) == ("ERROR", "the text took longer than 0.001 s to cut into passages")
+
+
+async def test_a_worker_told_to_stop_claiming_finishes_its_document_and_takes_no_other(pool: asyncpg.Pool) -> None:
+    org = await insert_organization(pool)
+    fetched, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_page(request: web.Request) -> web.Response:
+        fetched.set()
+        await release.wait()
+        return web.Response(
+            text="<html><body><p>The Jasper pier opens at dawn.</p></body></html>", content_type="text/html"
+        )
+
+    site = web.Application()
+    site.router.add_get("/", slow_page)
+    async with serve(site) as base:
+        kb = await knowledge_bases.create_knowledge_base(pool, organization_id=org, name="Piers")
+        held = await knowledge_bases.add_document(
+            pool, organization_id=org, knowledge_base_id=kb.id, name="pier", type=DocumentType.WEBSITE, url=f"{base}/"
+        )
+        worker = IngestionWorker(pool, quick(concurrency=50, crawl=CrawlLimits(max_depth=0, allow_private=True)))
+        worker.start()
+        try:
+            await asyncio.wait_for(fetched.wait(), 30)
+            worker.stop_claiming()  # the engine drains
+            _, queued_later = await text_document(pool, org, "The Opal ferry is late.", kb_id=kb.id)
+            worker.wake()
+            release.set()
+            for _ in range(200):
+                if (await status_of(pool, held.id))[0] != "PROCESSING":
+                    break
+                await asyncio.sleep(0.05)
+            assert await status_of(pool, held.id) == ("READY", None)
+            await asyncio.sleep(0.2)  # room for a claim that must not come
+        finally:
+            await worker.stop()
+    assert await status_of(pool, queued_later) == ("PROCESSING", None)
+    assert (
+        await pool.fetchval('SELECT "attemptCount" FROM "KnowledgeBaseIngestion" WHERE "documentId" = $1', queued_later)
+        == 0
+    )

@@ -29,7 +29,7 @@ from engine.knowledge.crawl import USER_AGENT, CrawlFailed, CrawlLimits, crawl_s
 from engine.knowledge.embeddings import EmbeddingFailed, OpenAIEmbedder, embed_pending_passages, embedder_from_settings
 from engine.knowledge.extract_process import ExtractLimits, PassageSizes, file_passages, text_passages
 from engine.knowledge.unreadable import UnreadableDocument
-from engine.server.appkeys import DATABASE, PROVIDER_CLIENTS, SETTINGS
+from engine.server.appkeys import DATABASE, DRAIN, PROVIDER_CLIENTS, SETTINGS
 from pipelines.url_safety import PublicAddressResolver
 from storage import Pool, knowledge_ingestion
 from storage.enums import DocumentType
@@ -116,6 +116,14 @@ class IngestionWorker:
 
     def wake(self) -> None:
         """Look for due documents now (one was just queued)."""
+        self._wake.set()
+
+    def stop_claiming(self) -> None:
+        """Claim no more documents; those in progress carry on to their end (the engine is draining before it stops).
+
+        Their leases would otherwise hold new documents away from the other engines until they expire.
+        """
+        self._stop.set()
         self._wake.set()
 
     async def stop(self) -> None:
@@ -256,6 +264,7 @@ async def ingestion_context(app: web.Application) -> AsyncIterator[None]:
     worker = IngestionWorker(pool, IngestionSettings.from_settings(settings), embedder=embedder)
     app[INGESTION_WORKER] = worker
     worker.start()
+    app[DRAIN].on_start(worker.stop_claiming)
     try:
         yield
     finally:
