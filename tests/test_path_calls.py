@@ -26,10 +26,12 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from config.settings import load_settings
+from engine.call.driver import TRANSFER_FAILED
 from engine.simulator import CallResult, Dtmf, Pause, Say, Step, simulate_call
 from engine.twilio.outbound_calls import OutboundDeps, place_call
 from engine.twilio.rest import TwilioCalls
 from pipelines.llm.conversation_path import REPROMPT_PREFIX
+from pipelines.tools import transfer_failed
 from storage import agents, campaigns, conversation_paths, organizations, phone_numbers, tools
 from storage.demo import DEMO_PATH_NAME, seed_demo
 from storage.enums import AgentStatus, CallerType, Plan
@@ -37,7 +39,7 @@ from tests.engine_server import running_engine
 from tests.fakes.openai_chat import ToolCall
 from tests.fakes.openai_realtime import FakeRealtime
 from tests.fakes.server import serve
-from tests.fakes.twilio import Answer, FakeTwilio, dialed_number
+from tests.fakes.twilio import Answer, FakeTwilio, call_updates, dialed_number
 from tests.paths import (
     ASK_ACCOUNT,
     BILLING,
@@ -53,6 +55,7 @@ from tests.test_calls_e2e import call_log as finished_log
 from tests.test_calls_e2e import finished_call_log, turns
 from tests.test_cloud_calls_e2e import CALLER, OPENAI_KEY, TOKEN, Fakes, fake_twilio_rest, fakes, make_line
 from tests.test_knowledge_calls import give_knowledge
+from tests.test_live_events_transfers import NOT_IN_PROGRESS
 
 __all__ = ["fake_twilio_rest", "fakes"]  # that module's fixtures: the vendors' fakes, Twilio's REST API
 
@@ -63,6 +66,8 @@ REPLY_TIMEOUT_S = 4.0
 """How long a caller's step waits for the agent to start replying (a wait node says nothing)."""
 REALTIME = {"provider": "openai", "silence_duration_ms": 300, "transcription_model": "whisper-1"}
 REPO = str(Path(__file__).resolve().parent.parent)
+OTHER_DESK = {"destinations": [{"number": "+14155550199", "label": "Billing desk"}]}
+"""Transfer rules that do not allow the number of the path's transfer node (TRANSFER_TO)."""
 _numbers = itertools.count(1)
 
 
@@ -110,13 +115,8 @@ class PathRig:
     @asynccontextmanager
     async def engine(self, **settings: Any) -> AsyncIterator[str]:
         """The engine on loopback on the fakes (`settings` override theirs), with Twilio's REST API."""
-        async with running_engine(
-            self.db_url,
-            twilio_auth_token=TOKEN,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_api_base=self.twilio_api,
-            **{**self.fakes.settings(), **settings},
-        ) as base:
+        twilio = {"twilio_auth_token": TOKEN, "twilio_account_sid": ACCOUNT_SID, "twilio_api_base": self.twilio_api}
+        async with running_engine(self.db_url, **{**twilio, **self.fakes.settings(), **settings}) as base:
             yield base
 
     async def line(self, **configuration: Any) -> PathLine:
@@ -160,13 +160,8 @@ async def rig(
 async def path_line(pool: asyncpg.Pool, organization_id: str, tool_url: str, **configuration: Any) -> PathLine:
     """A new line whose agent (the cloud stages, overridden by `configuration`) follows the every-type path by
     default (a decoy path is linked too), may transfer to TRANSFER_TO, and has the lookup_account Tool."""
-    number, agent_id = await make_line(
-        pool,
-        organization_id,
-        prompt="You are Acme's front desk.",
-        transfer={"destinations": [{"number": TRANSFER_TO, "label": "A person"}]},
-        **configuration,
-    )
+    configuration = {"transfer": {"destinations": [{"number": TRANSFER_TO, "label": "A person"}]}, **configuration}
+    number, agent_id = await make_line(pool, organization_id, prompt="You are Acme's front desk.", **configuration)
     path = await conversation_paths.create_conversation_path(
         pool,
         organization_id=organization_id,
@@ -447,6 +442,69 @@ async def test_a_global_node_reached_by_the_model_transfers_through_twilio_to_th
     assert edges["global:human"] == 1 and edges["to-person"] == 1
 
 
+# --------------------------------------------------------------------------------------------------- no transfer
+
+
+@asynccontextmanager
+async def transfer_not_made(rig: PathRig, cause: str, **settings: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """The engine, and the configuration of an agent whose path's transfer will not be made: `rules` (its transfer
+    rules do not allow the node's number) or `twilio` (Twilio's REST API refuses to redirect the call)."""
+    if cause == "rules":
+        async with rig.engine(**settings) as engine:
+            yield engine, {"transfer": OTHER_DESK}
+        return
+    async with call_updates(refuse=NOT_IN_PROGRESS) as (api, updates), rig.engine(twilio_api_base=api, **settings) as e:
+        yield e, {}
+    assert dialed_number(updates[0]["Twiml"]) == TRANSFER_TO  # Twilio was asked, and refused
+
+
+WENT_ON = [
+    ("agent", GREETING, "greet", None),
+    ("caller", "Can I talk to a person?", "greet", None),
+    ("agent", HUMAN, "transfer", "to-person"),
+    ("agent", TRANSFER_FAILED, "greet", None),  # told, and back at the node the call came from
+    ("caller", "It is about an order.", "greet", None),
+    ("agent", ORDER, "order", "to-order"),  # the conversation goes on from there
+]
+"""The trace of a call whose path's transfer was not made, and whose caller went on to ask about an order."""
+
+
+@pytest.mark.parametrize(
+    ("llm", "cause"), [("openai", "rules"), ("conversation_path", "rules"), ("conversation_path", "twilio")]
+)
+async def test_a_path_transfer_not_made_is_told_to_the_caller_and_the_path_goes_back_to_where_the_call_came_from(
+    rig: PathRig, llm: str, cause: str
+) -> None:
+    rig.fakes.deepgram.transcripts.extend(["Can I talk to a person?", "It is about an order."])
+    if llm == "openai":
+        rig.fakes.openai.replies.extend([[follow("global:human")], [follow("to-order")], ORDER])
+    async with transfer_not_made(rig, cause) as (engine, configuration):
+        offline = {"llm": {"provider": llm}} if llm == "conversation_path" else {}
+        line = await rig.line(**offline, **configuration)
+        steps: list[Step] = [Say("can i talk to a person"), Say("it is about an order")]
+        _, log, ended = await rig.call(engine, line, *steps).finished()
+    assert ended == WENT_ON
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "caller_hangup")
+    assert log["metadata"]["conversationPath"]["node"] == "order"
+    if cause == "rules":
+        assert not any("Twiml" in update for update in rig.twilio_updates)  # nothing was dialed
+
+
+async def test_a_path_that_begins_with_a_transfer_not_made_ends_the_call_with_the_agents_goodbye(rig: PathRig) -> None:
+    async with rig.engine() as engine:
+        line = await rig.line(llm={"provider": "conversation_path"}, transfer=OTHER_DESK, goodbyeSentence=GOODBYE)
+        nodes = [{"id": "desk", "type": "transfer", "data": {"isStart": True, "number": TRANSFER_TO, "text": HUMAN}}]
+        await rig.pool.execute(
+            'UPDATE "ConversationPath" SET "nodes" = $1, "edges" = $2 WHERE "id" = $3', nodes, [], line.path_id
+        )
+        _, log, ended = await rig.call(engine, line, Pause(6000)).finished()
+    assert ended == [
+        ("agent", HUMAN, "desk", None),
+        ("agent", f"{TRANSFER_FAILED} {GOODBYE}", "desk", None),  # nowhere to go back to: the path is over
+    ]
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
+
+
 # --------------------------------------------------------------------------------------------------- gather timeout
 
 
@@ -714,6 +772,31 @@ async def test_the_realtime_model_walks_wait_knowledge_press_digits_and_end(rig:
         "variables": {"order_number": "A-42"},
     }
     assert rig.twilio_updates == [{"sid": result.call_sid, "Status": "completed"}]
+
+
+@pytest.mark.parametrize("cause", ["rules", "twilio"])
+async def test_a_realtime_path_transfer_not_made_is_told_to_the_caller_and_the_path_goes_back(
+    rig: PathRig, cause: str
+) -> None:
+    async with FakeRealtime(api_key=OPENAI_KEY) as fake:
+        fake.reply(GREETING)
+        fake.caller_says("Can I talk to a person?")
+        fake.reply_tool("follow_path", {"way": "global:human"})
+        fake.reply(HUMAN)  # the transfer node's words, said exactly
+        fake.reply(TRANSFER_FAILED)  # the transfer was not made: said exactly too
+        fake.caller_says("It is about an order.")
+        fake.reply_tool("follow_path", {"way": "to-order"})
+        fake.reply(ORDER)
+        async with transfer_not_made(rig, cause, openai_base_url=fake.base_url) as (engine, configuration):
+            line = await rig.line(realtime=REALTIME, **configuration)
+            steps: list[Step] = [Say("can i talk to a person"), Say("it is about an order")]
+            _, log, ended = await rig.call(engine, line, *steps).finished()
+        outputs = [event["item"].get("output") or "" for event in fake.of_type("conversation.item.create")]
+
+    assert [row for row in ended if row[0] == "agent"] == [row for row in WENT_ON if row[0] == "agent"]
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "caller_hangup")
+    told = f"{transfer_failed(TRANSFER_TO)}; the caller was told, and the call is back at step 'greet'"
+    assert told in outputs  # the model hears where the call is
 
 
 async def test_a_realtime_calls_gather_node_asks_again_then_takes_the_keys_so_far_when_its_wait_runs_out(

@@ -201,6 +201,37 @@ async def test_a_global_node_is_reachable_from_anywhere_and_transfers() -> None:
     assert await walk.says("hello?") == [EndCall("path_end")]
 
 
+async def test_a_transfer_not_made_puts_the_call_back_at_the_node_it_came_from_and_the_path_goes_on() -> None:
+    walk = Walk()
+    await walk.start()
+    await walk.says("billing")  # at the gather node
+    await walk.says("can I speak to a person")
+    assert walk.at == "transfer"
+    assert walk.model.engine.transfer_not_made() is True
+    assert walk.at == "account" and walk.model.engine.steps[-1] == PathStep("account", None)
+    await walk.says("1 2 3 4")
+    assert walk.model.engine.variables["account"] == "1234"  # the node came from takes the caller's answer
+
+
+async def test_a_path_that_began_with_its_transfer_is_over_when_the_transfer_is_not_made() -> None:
+    nodes = [
+        {"id": "menu", "type": "press_digits", "data": {"isStart": True, "digits": "1"}},
+        {"id": "desk", "type": "transfer", "data": {"number": TRANSFER_TO}},
+    ]
+    engine = PathEngine(read_path(nodes, [{"id": "to-desk", "source": "menu", "target": "desk"}]))
+    assert await engine.begin() == [SendDtmf("1"), TransferCall(TRANSFER_TO, "conversation path node desk")]
+    assert engine.transfer_not_made() is False
+    assert engine.node.id == "desk" and engine.ended
+
+
+async def test_a_failed_transfer_away_from_a_transfer_node_leaves_the_path_where_it_is() -> None:
+    walk = Walk()
+    await walk.start()
+    steps = list(walk.model.engine.steps)
+    assert walk.model.engine.transfer_not_made() is True  # a model's own transfer_call failed at the greeting
+    assert walk.at == "greet" and walk.model.engine.steps == steps
+
+
 async def test_a_way_that_does_not_leave_the_node_is_refused_with_the_ways_that_do() -> None:
     engine = PathEngine(read_path(EVERY_TYPE_NODES, EVERY_TYPE_EDGES))
     await engine.begin()

@@ -25,12 +25,12 @@ from engine.call.caller_words import CallerWords
 from engine.call.driver import (
     DEFAULT_APOLOGY,
     HANGUP_GRACE_SECONDS,
-    TRANSFER_FAILED,
     CallHost,
     ControlRefused,
     ConversationUnavailable,
     DriverFactory,
     opt_out_source,
+    transfer_not_made,
 )
 from engine.call.key_wait import KeyWait
 from engine.call.phases import CallPhase, PhaseEvent, accepts
@@ -530,9 +530,11 @@ class PipelineDriver:
         turn_ended_at: float | None = None,
         conversation: list[ConversationTurn] | None = None,
         scripted: bool = True,
+        then: _Ending | None = None,
     ) -> None:
         """Start a reply: `sentences` said first (the agent's own text unless not `scripted`: a line sent through
-        the API is said once, never kept as a phrase), then the model's reply if `ask_model`."""
+        the API is said once, never kept as a phrase), then the model's reply if `ask_model`; `then` ends the call
+        once it was heard."""
         self._stop_key_wait()
         if self._reply is not None:
             self._reply.cancel()
@@ -540,7 +542,7 @@ class PipelineDriver:
         if turn_ended_at is not None:
             utterance.stage_at["sttEndOfTurn"] = turn_ended_at
         self._host.move(PhaseEvent.REPLY)
-        reply = self._respond(utterance, sentences, ask_model, conversation, scripted=scripted)
+        reply = self._respond(utterance, sentences, ask_model, conversation, scripted=scripted, then=then)
         self._reply = self._host.spawn(reply, "reply")
 
     async def _respond(
@@ -551,8 +553,9 @@ class PipelineDriver:
         conversation: list[ConversationTurn] | None = None,
         *,
         scripted: bool = True,
+        then: _Ending | None = None,
     ) -> None:
-        """Speak fixed sentences, then the model's reply piece by piece; end the call if it says so.
+        """Speak fixed sentences, then the model's reply piece by piece; end the call if it says so (or `then`).
 
         A speculative reply (its utterance gated) answers `conversation`, and does nothing the caller could notice
         (play, recover, hang up, transfer) before its turn is confirmed.
@@ -560,7 +563,7 @@ class PipelineDriver:
         if utterance.gate is not None:
             hold_side_effects_until(utterance.gate)
         try:
-            ending = await self._say_reply(utterance, sentences, ask_model, conversation, scripted=scripted)
+            ending = await self._say_reply(utterance, sentences, ask_model, conversation, scripted=scripted) or then
         except (LLMError, TTSError) as exc:
             if utterance.gate is not None:
                 await utterance.gate.wait()  # a discarded speculation is cancelled here
@@ -681,10 +684,12 @@ class PipelineDriver:
         self._start_reply([host.config.apology_sentence or DEFAULT_APOLOGY], ask_model=False, reply_to=None)
 
     async def _transfer(self, ending: _Ending) -> None:
-        """Hand the caller over; if that fails the agent says so and the call goes on."""
+        """Hand the caller over; if that fails the agent says so and the call goes on (`transfer_not_made`)."""
         assert ending.transfer_to is not None
         if await self._host.transfer(ending.transfer_to, ending.detail, asked=ending.asked):
             return
         if self._host.phase is CallPhase.RESPONDING:
             self._host.move(PhaseEvent.YIELD)
-        self._start_reply([TRANSFER_FAILED], ask_model=False, reply_to=None)
+        after = transfer_not_made(self._host.config, self._pipeline.path)
+        then = _Ending(EndReason.PATH_END) if after.ends_call else None
+        self._start_reply([after.words], ask_model=False, reply_to=None, then=then)

@@ -21,6 +21,7 @@ from engine.call.phases import CallPhase, PhaseEvent
 from engine.call.turns import TurnLog
 from media.twilio_stream import MarkFlushed, MarkPlayed, PlaybackClock
 from pipelines.llm.base import MessageRole, OptOut
+from pipelines.paths.engine import PathEngine
 from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 
@@ -30,6 +31,24 @@ DEFAULT_APOLOGY = "Sorry, I had a problem on my end. Could you say that again?"
 """What the caller hears when a provider fails in the middle of a reply and the next one takes over."""
 HANGUP_GRACE_SECONDS = 5.0
 """How long the last words may take beyond their length, and how long Twilio has to confirm a hang-up."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferNotMade:
+    """What a call does after a transfer that was not made: the words the caller hears, and whether it then ends."""
+
+    words: str
+    ends_call: bool = False
+
+
+def transfer_not_made(config: AgentConfiguration, path: PathEngine | None) -> TransferNotMade:
+    """After a transfer that was not made (the agent's rules refused the number, Twilio did not redirect the call,
+    or the credits could not pay for the leg), in every driver: the caller is told (TRANSFER_FAILED) and the call
+    goes on. The path, if the transfer was its transfer node's, goes back to the node the call came from; a path
+    that began with its transfer has nowhere to go on, and the call ends (PATH_END) after the agent's goodbye."""
+    if path is None or path.transfer_not_made():
+        return TransferNotMade(TRANSFER_FAILED)
+    return TransferNotMade(f"{TRANSFER_FAILED} {config.goodbye_sentence or DEFAULT_GOODBYE}", ends_call=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,9 +3,11 @@
 The Realtime model gets the same prompt and `follow_path` function as a chat model (pipelines.paths.chat); after
 each move the session is updated (`session.update`) with the new node's instructions and ways out. What a node
 says word for word, the engine has the model say exactly; touch tones, the hang-up and the transfer are the
-engine's, as for the model's own function calls. Keys pressed at a gather node are collected by the path and not
-passed to the model. A knowledge node searches with the caller's latest words: their transcript arrives apart from
-the model's reply, so a move to one waits for it (at most `TRANSCRIPT_WAIT_S`).
+engine's, as for the model's own function calls; a transfer not made is told to the caller and puts the path back
+where the call came from (engine.call.driver.transfer_not_made), and the model hears so. Keys pressed at a gather
+node are collected by the path and not passed to the model. A knowledge node searches with the caller's latest
+words: their transcript arrives apart from the model's reply, so a move to one waits for it (at most
+`TRANSCRIPT_WAIT_S`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
-from engine.call.driver import CallHost
-from pipelines.conversation.transfer_rules import Refusal, TransferRules
+from engine.call.driver import CallHost, transfer_not_made
 from pipelines.llm.base import EndCall, LLMEvent, SendDtmf, TextDelta, TransferCall
 from pipelines.paths.chat import ChatPath
 from pipelines.paths.graph import KnowledgeData
-from pipelines.tools import FunctionSpec
+from pipelines.tools import FunctionSpec, transfer_failed
 from storage.end_reasons import EndReason
 
 __all__ = ["TRANSCRIPT_WAIT_S", "RealtimePath", "offered"]
@@ -48,7 +49,6 @@ class RealtimePath:
         self._path = path
         self._say = say
         self._refresh = refresh
-        self._rules = TransferRules.from_config(host.config.transfer)
         self.press_keys: Callable[[str], str] = lambda digits: "error: no keypad"
         """Plays touch tones (the driver's, set once its functions exist)."""
         self._turn: tuple[str, asyncio.Future[None]] | None = None  # the caller's latest turn: item id, transcribed
@@ -85,6 +85,13 @@ class RealtimePath:
         move = await self._path.follow(arguments)
         await self._act(move.events, say_text=True)
         await self._refresh()
+        engine = self._path.engine
+        transfer = next((event for event in move.events if isinstance(event, TransferCall)), None)
+        if transfer is not None and not engine.ended:  # not made: the caller was told, the path went back
+            return (
+                f"{transfer_failed(transfer.to)}; the caller was told, and the call is back at step {engine.node.id!r}",
+                False,
+            )
         return move.result, move.model_speaks
 
     async def _words_for(self, way: object) -> None:
@@ -135,13 +142,17 @@ class RealtimePath:
                     await self._host.hang_up(EndReason.PATH_END, None)
                 case TransferCall(to=to, reason=reason):
                     await self._flush(words, say_text=True)
-                    verdict = self._rules.check(to)
-                    if isinstance(verdict, Refusal):
-                        log.warning("call %s: path transfer refused: %s", self._host.context.call_sid, verdict.message)
-                    else:
-                        await self._host.transfer(verdict.number, reason)
+                    if not await self._host.transfer(to, reason):  # the call checks the agent's rules too
+                        await self._transfer_not_made()
         await self._flush(words, say_text)
         return " ".join(word for word in words if word)
+
+    async def _transfer_not_made(self) -> None:
+        """The transfer node's transfer was not made: tell the caller; the path goes back, or is over."""
+        after = transfer_not_made(self._host.config, self._path.engine)
+        await self._say(after.words)
+        if after.ends_call:
+            await self._host.hang_up(EndReason.PATH_END, None)
 
     async def _flush(self, words: list[str], say_text: bool) -> None:
         if not say_text:

@@ -64,11 +64,12 @@ class TwilioControl:
         """Ask Twilio to hand the caller to `to`; False when that cannot or may not be done (the call goes on)."""
         if self._transfer is None:
             return False
-        # The drivers check the agent's rules before they get here; this check is so that none can skip them.
+        # The model's `transfer_call` is checked before it gets here (the refusal is the model's function result);
+        # a path's transfer node, the API's transfers and anything else are checked here, so that none skips them.
         verdict = TransferRules.from_config(self._rules).check(to)
         if isinstance(verdict, Refusal):
-            log.error(
-                "call %s: a transfer the agent's rules refuse reached the call: %s", self._call_sid, verdict.message
+            log.warning(
+                "call %s: no transfer: the agent's transfer rules refuse it: %s", self._call_sid, verdict.message
             )
             return False
         try:

@@ -15,6 +15,10 @@ has been said and after each key (`key_timeout`), and tells the engine when it r
 reading of the caller's keys (`press`) then completes the node with the digits so far, or, with none, says the
 node's text again; after `MAX_KEY_REPROMPTS` of those the node waits without a timer (the call's silence time-out
 ends a call nobody answers).
+
+A transfer node hands the caller to its number; when that transfer is not made (the agent's transfer rules refuse
+the number, Twilio does not redirect the call, the credits cannot pay for the leg), the call tells the engine
+(`transfer_not_made`) and the path goes back to the node the call came from, so the conversation goes on there.
 """
 
 from __future__ import annotations
@@ -135,6 +139,7 @@ class PathCheckpoint:
     digits: str
     turns_read: int
     key_reprompts: int = 0
+    came_from: str | None = None
 
 
 @dataclass(slots=True)
@@ -158,6 +163,7 @@ class PathEngine:
     _current: str = ""
     _gathering: _Gathering = field(default_factory=_Gathering)
     _turns_read: int = 0
+    _came_from: str | None = None  # where the arrival at the current transfer node left from (None: the start)
 
     def __post_init__(self) -> None:
         self._current = self.path.start
@@ -204,6 +210,7 @@ class PathEngine:
             self._gathering.digits,
             self._turns_read,
             self._gathering.reprompts,
+            self._came_from,
         )
 
     def rewind(self, checkpoint: PathCheckpoint) -> None:
@@ -214,6 +221,7 @@ class PathEngine:
         self.passages = list(checkpoint.passages)
         self._gathering = _Gathering(checkpoint.digits, checkpoint.key_reprompts)
         self._turns_read = checkpoint.turns_read
+        self._came_from = checkpoint.came_from
 
     async def begin(self, heard: str = "") -> list[LLMEvent]:
         """Arrive at the start node: the events of saying (or doing) what it says."""
@@ -226,6 +234,20 @@ class PathEngine:
             raise UnknownWay(way, [candidate.key for candidate in self.ways()])
         self.remember(variables or {})
         return await self._arrive(chosen.target, chosen.key, heard)
+
+    def transfer_not_made(self) -> bool:
+        """The call's transfer was not made (its rules, Twilio or the credits refused it); whether the path goes on.
+
+        At a transfer node, the call goes back to the node it came from (a step of the trace without an edge) and
+        the conversation goes on there; a path that began with its transfer has no such node and is over (False).
+        Anywhere else (a model's own `transfer_call` failed) nothing moves.
+        """
+        if not self.started or not isinstance(self.node.data, TransferData):
+            return True
+        if self._came_from is None:
+            return False
+        self._enter(self._came_from, None)
+        return True
 
     def remember(self, variables: Mapping[str, object]) -> None:
         """Keep, as text, the variables the current node asks for (`extractVariables`); other names are ignored."""
@@ -300,6 +322,7 @@ class PathEngine:
 
     async def _arrive(self, node_id: str, edge_id: str | None, heard: str) -> list[LLMEvent]:
         events: list[LLMEvent] = []
+        came_from = self._current if self.started else None
         for _ in range(_MAX_PASS_THROUGH):
             self._enter(node_id, edge_id)
             node = self.node
@@ -313,6 +336,7 @@ class PathEngine:
                 events.append(EndCall(PATH_END))
                 return events
             if isinstance(data, TransferData):
+                self._came_from = came_from
                 events.append(TransferCall(data.number, f"conversation path node {node_id}"))
                 return events
             if isinstance(data, KnowledgeData):
