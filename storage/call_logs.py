@@ -158,13 +158,16 @@ async def record_refused_call(
     call_type: CallType,
     call_id: str,
     reason: EndReason,
+    detail: str | None = None,
+    status: CallStatus = CallStatus.MISSED,
     agent_id: str | None = None,
     customer: str | None = None,
     phone_number: str | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> CallLog:
-    """Log a call the engine turned away before it ran (e.g. over its plan's concurrent-call limit): MISSED with
-    `reason`, a duration of 0 and no credit charged, its call.ended queued, all in one transaction.
+    """Log a call the engine turned away before it ran: MISSED (e.g. over its plan's concurrent-call limit) or
+    FAILED (its agent cannot run), with `reason` and `detail`, a duration of 0 and no credit charged, its call.ended
+    queued, all in one transaction.
 
     AlreadyExists if a log has that callId (Twilio retried the webhook).
     """
@@ -183,9 +186,9 @@ async def record_refused_call(
             conn,
             organization_id=organization_id,
             call_log_id=call_log.id,
-            status=CallStatus.MISSED,
+            status=status,
             duration=0,
-            metadata=ending(reason),
+            metadata=ending(reason, detail),
         )
 
 

@@ -415,7 +415,10 @@ async def test_a_missing_key_refuses_the_call_politely_and_logs_which_key(
             result = await call(base, number)
     assert result.refusal is not None and "not set up correctly" in result.refusal
     assert "DEEPGRAM_API_KEY, which is not set" in caplog.text
-    assert await pool.fetchval('SELECT count(*) FROM "CallLog" WHERE "callId" = $1', result.call_sid) == 0
+    log = await pool.fetchrow('SELECT * FROM "CallLog" WHERE "callId" = $1', result.call_sid)
+    assert log is not None, "the refused call is not in the call history"
+    assert (log["status"], log["metadata"]["endReason"]) == ("FAILED", "pipeline_unavailable")  # in the history too
+    assert "DEEPGRAM_API_KEY, which is not set" in log["metadata"]["endDetail"]
 
 
 async def test_a_realtime_agent_answers_speech_to_speech_with_both_sides_in_the_call_log(

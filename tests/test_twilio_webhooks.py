@@ -6,6 +6,7 @@ import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -33,6 +34,7 @@ async def _line(
     credits: int = 100,
     agent_status: AgentStatus = AgentStatus.ACTIVE,
     inbound: PhoneNumberStatus = PhoneNumberStatus.ENABLED,
+    configuration: Any = None,
 ) -> str:
     suffix = secrets.token_hex(4)
     org = await organizations.create_organization(pool, name="Hooks", slug=f"hooks-{suffix}", credits=credits)
@@ -48,6 +50,10 @@ async def _line(
         phone_number_id=number.id,
         configuration={},
     )
+    if configuration is not None:  # as another writer (the dashboard) may store it, unchecked
+        await pool.execute(
+            'UPDATE "Agent" SET "configuration" = $1 WHERE "phoneNumberId" = $2', configuration, number.id
+        )
     return number.phone_number
 
 
@@ -104,6 +110,34 @@ async def test_calls_that_cannot_be_taken_are_refused_politely_and_logged_nowher
     assert status == 200, case
     assert "<Say>" in twiml and heard in twiml and twiml.rstrip().endswith("<Hangup /></Response>"), twiml
     assert await pool.fetchval('SELECT count(*) FROM "CallLog" WHERE "callId" = $1', form["CallSid"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("case", "configuration", "detail"),
+    [
+        ("a provider's key missing", {"stt": {"provider": "deepgram"}}, "DEEPGRAM_API_KEY, which is not set"),
+        ("a configuration that cannot be read", ["sphinx", "espeak"], "the agent's configuration is invalid: "),
+    ],
+)
+async def test_a_call_refused_because_its_agent_cannot_run_is_in_the_call_history_as_failed_naming_why(
+    engine: str, pool: asyncpg.Pool, case: str, configuration: Any, detail: str
+) -> None:
+    number = await _line(pool, configuration=configuration)
+    form = _ring(number)
+    status, twiml = await _post(engine, "/twilio/voice", form)
+    retried = await _post(engine, "/twilio/voice", form)  # Twilio retries: the refusal is logged once
+    rows = await pool.fetch('SELECT * FROM "CallLog" WHERE "callId" = $1', form["CallSid"])
+    agent_id = await pool.fetchval(
+        'SELECT a."id" FROM "Agent" a JOIN "PhoneNumber" p ON p."id" = a."phoneNumberId" WHERE p."phoneNumber" = $1',
+        number,
+    )
+
+    assert status == 200 and "not set up correctly" in twiml and retried == (status, twiml), case
+    [row] = rows
+    assert (row["status"], row["callType"], row["agentId"], row["duration"]) == ("FAILED", "INBOUND", agent_id, 0)
+    assert (row["phoneNumber"], row["metadata"]["to"]) == (CALLER, number)
+    assert row["metadata"]["endReason"] == "pipeline_unavailable"
+    assert detail in row["metadata"]["endDetail"], row["metadata"]["endDetail"]
 
 
 async def test_a_retried_webhook_answers_again_with_the_same_call_log(engine: str, pool: asyncpg.Pool) -> None:

@@ -47,7 +47,8 @@ def choose_inbound_agent(candidates: Sequence[Agent], at: datetime) -> InboundCh
     """The agent of `candidates` (most recently updated first) that answers at `at`.
 
     An agent whose configuration cannot be read counts as having no hours: it is chosen as before routing
-    existed, and the voice webhook then refuses the call as misconfigured, naming the problem in its log.
+    existed, and the voice webhook then refuses the call as misconfigured, naming the problem in its log and in
+    the call's CallLog (FAILED, `pipeline_unavailable`).
     """
     always: Agent | None = None
     for agent in candidates:

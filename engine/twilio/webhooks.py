@@ -23,6 +23,7 @@ from engine.twilio.signature import public_base_url, signed_form
 from pipelines.llm.prompt import render_prompt
 from pipelines.registry import PipelineUnavailable, check_pipeline
 from storage import Pool, agents, call_logs, phone_numbers, transfer_legs
+from storage.agents import Agent
 from storage.call_logs import CallLog, InvalidCallTransition
 from storage.call_slots import ConcurrentCallLimitReached
 from storage.end_reasons import EndReason, ending
@@ -140,31 +141,23 @@ async def handle_voice(request: web.Request) -> web.Response:
         log.info("call %s to %s: outside every agent's hours, closed", call_sid, called)
         await _record_closed(pool, incoming, number)
         return refusal(number.closed_message)
+    metadata = _inbound_metadata(incoming, number)
     try:
         config = parse_agent_configuration(agent.configuration)
     except AgentConfigurationError as exc:
         log.error("call %s: agent %s has an invalid configuration: %s", call_sid, agent.id, exc)
+        await _record_misconfigured(pool, incoming, agent, metadata, f"the agent's configuration is invalid: {exc}")
         return refusal(MISCONFIGURED)
     bundle = await agents.load_agent_bundle(pool, organization_id=agent.organization_id, agent_id=agent.id)
     try:
         check_pipeline(config, provider_keys(settings, bundle))
     except PipelineUnavailable as exc:
-        # Most often a missing API key: the caller hears an apology, the operator reads which key in the log.
+        # Most often a missing API key: the caller hears an apology, the operator reads which key in the log and in
+        # the organization's call history.
         log.error("call %s: agent %s cannot run: %s", call_sid, agent.id, exc)
+        await _record_misconfigured(pool, incoming, agent, metadata, str(exc))
         return refusal(MISCONFIGURED)
 
-    metadata: dict[str, Any] = {
-        "to": number.phone_number,
-        "direction": "inbound",
-        "twilioAccountSid": incoming.account_sid or "",
-    }
-    for key, value in (
-        ("callerName", incoming.caller_name),
-        ("fromCity", incoming.from_city),
-        ("fromCountry", incoming.from_country),
-    ):
-        if value:
-            metadata[key] = value
     try:
         call_log = await call_logs.create_call_log(
             pool,
@@ -197,6 +190,44 @@ async def handle_voice(request: web.Request) -> web.Response:
         call_log = retried
     log.info("call %s from %s answered by agent %s (CallLog %s)", call_sid, caller, agent.id, call_log.id)
     return connect_stream(media_stream_url(public_base_url(request, settings)), call_log.id)
+
+
+def _inbound_metadata(incoming: IncomingCall, number: PhoneNumber) -> dict[str, Any]:
+    """An inbound call's CallLog metadata from its webhook: the number called, the direction, the caller's details."""
+    metadata: dict[str, Any] = {
+        "to": number.phone_number,
+        "direction": "inbound",
+        "twilioAccountSid": incoming.account_sid or "",
+    }
+    for key, value in (
+        ("callerName", incoming.caller_name),
+        ("fromCity", incoming.from_city),
+        ("fromCountry", incoming.from_country),
+    ):
+        if value:
+            metadata[key] = value
+    return metadata
+
+
+async def _record_misconfigured(
+    pool: Pool, incoming: IncomingCall, agent: Agent, metadata: dict[str, Any], detail: str
+) -> None:
+    """Log a call refused because its agent cannot run (the caller hears MISCONFIGURED): FAILED, end reason
+    `pipeline_unavailable` with what is wrong as its detail, so the organization sees it in its call history."""
+    with contextlib.suppress(AlreadyExists):  # Twilio retried the webhook: the first attempt logged it
+        await call_logs.record_refused_call(
+            pool,
+            organization_id=agent.organization_id,
+            call_type=CallType.INBOUND,
+            call_id=incoming.call_sid,
+            reason=EndReason.PIPELINE_UNAVAILABLE,
+            detail=detail,
+            status=CallStatus.FAILED,
+            agent_id=agent.id,
+            customer=incoming.caller_name or incoming.caller,
+            phone_number=incoming.caller,
+            metadata=metadata,
+        )
 
 
 async def _refuse_over_limit(
