@@ -490,17 +490,23 @@ async def test_a_path_transfer_not_made_is_told_to_the_caller_and_the_path_goes_
         assert not any("Twiml" in update for update in rig.twilio_updates)  # nothing was dialed
 
 
-async def test_a_path_that_begins_with_a_transfer_not_made_ends_the_call_with_the_agents_goodbye(rig: PathRig) -> None:
-    async with rig.engine() as engine:
-        line = await rig.line(llm={"provider": "conversation_path"}, transfer=OTHER_DESK, goodbyeSentence=GOODBYE)
+@pytest.mark.parametrize("driver", ["offline", "realtime"])
+async def test_a_path_that_begins_with_a_transfer_not_made_ends_the_call_with_the_agents_goodbye(
+    rig: PathRig, driver: str
+) -> None:
+    stages = {"llm": {"provider": "conversation_path"}} if driver == "offline" else {"realtime": REALTIME}
+    async with FakeRealtime(api_key=OPENAI_KEY) as fake, rig.engine(openai_base_url=fake.base_url) as engine:
+        fake.reply(HUMAN)
+        fake.reply(f"{TRANSFER_FAILED} {GOODBYE}")  # what the Realtime model is asked to say exactly
+        line = await rig.line(**stages, transfer=OTHER_DESK, goodbyeSentence=GOODBYE)
         nodes = [{"id": "desk", "type": "transfer", "data": {"isStart": True, "number": TRANSFER_TO, "text": HUMAN}}]
         await rig.pool.execute(
             'UPDATE "ConversationPath" SET "nodes" = $1, "edges" = $2 WHERE "id" = $3', nodes, [], line.path_id
         )
         _, log, ended = await rig.call(engine, line, Pause(6000)).finished()
-    assert ended == [
-        ("agent", HUMAN, "desk", None),
-        ("agent", f"{TRANSFER_FAILED} {GOODBYE}", "desk", None),  # nowhere to go back to: the path is over
+    assert [row[:3] for row in ended] == [
+        ("agent", HUMAN, "desk"),
+        ("agent", f"{TRANSFER_FAILED} {GOODBYE}", "desk"),  # nowhere to go back to: the path is over
     ]
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
 
