@@ -148,7 +148,7 @@ def make_recipient(
     `default_region` (e.g. "US") reads numbers written without a country code; config.phone decides validity, and
     the organization's dial `policy` whether it may be called (the rule `place_call` applies again at the dial).
     """
-    problem = "no phone number"
+    problem, phone = "no phone number", raw_phone
     if raw_phone.strip():
         try:
             number = e164(raw_phone, region=default_region)
@@ -156,20 +156,12 @@ def make_recipient(
             problem = str(exc)
         else:
             refusal = policy.refusal(number)
-            if refusal is not None:
-                return NewRecipient(
-                    phone_number=number,
-                    name=name,
-                    notes=notes,
-                    status=RecipientStatus.ERROR,
-                    error_reason=f"{where}: {refusal}",
-                    variables=variables,
-                )
-            return NewRecipient(
-                phone_number=number, name=name, notes=notes, variables=variables, timezone=recipient_timezone(number)
-            )
+            if refusal is None:
+                timezone = recipient_timezone(number)
+                return NewRecipient(phone_number=number, name=name, notes=notes, variables=variables, timezone=timezone)
+            problem, phone = refusal, number  # a number, but not one the organization dials
     return NewRecipient(
-        phone_number=raw_phone,
+        phone_number=phone,
         name=name,
         notes=notes,
         status=RecipientStatus.ERROR,
