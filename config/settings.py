@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     webhook_give_up_after: float = _env("DIALTONE_WEBHOOK_GIVE_UP_AFTER", "webhook_give_up_after", 86400.0, gt=0)
     webhook_lease: float = _env("DIALTONE_WEBHOOK_LEASE", "webhook_lease", 60.0, gt=0)
     webhook_poll_interval: float = _env("DIALTONE_WEBHOOK_POLL_INTERVAL", "webhook_poll_interval", 5.0, gt=0)
+    # Days the delivery log keeps a finished (DELIVERED or FAILED) delivery and its attempts after its event.
+    webhook_history_days: int = _env("DIALTONE_WEBHOOK_HISTORY_DAYS", "webhook_history_days", 30, ge=1)
     # Campaign dispatch: every process with Twilio and a public URL dials campaigns unless DIALTONE_DISPATCH=false;
     # how often it looks for due recipients (s), and how long a claimed recipient stays leased to it (s).
     dispatch_enabled: bool = _env("DIALTONE_DISPATCH", "dispatch_enabled", True)

@@ -7,6 +7,7 @@ so a worker that dies before recording an outcome only delays the delivery until
 outcome is recorded against the claim's lease token, so a worker whose lease ran out cannot overwrite the outcome
 of the worker that took over. Claims are fair between organizations: none has more than a few deliveries in flight
 at once across all workers, so one organization's hanging endpoint or burst of events leaves the others' on time.
+Finished deliveries are kept, with their attempts, for the history period only (`delete_finished_deliveries`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class WebhookEvent(StrEnum):
     CAMPAIGN_COMPLETED = "campaign.completed"
     RECIPIENT_FAILED = "recipient.failed"
 
+
+HISTORY_BATCH = 1000
+"""Deliveries one statement of the history sweep deletes (their attempts go with them)."""
 
 _SECRET_PREFIX = "whsec_"  # noqa: S105 -- a label that makes secrets recognisable, not a secret
 
@@ -460,6 +464,41 @@ async def _log_attempt(
         error,
         max(duration_ms, 0),
     )
+
+
+async def delete_finished_deliveries(
+    db: Queryable, *, created_before: datetime, batch_size: int = HISTORY_BATCH
+) -> int:
+    """Delete the finished deliveries (DELIVERED or FAILED) created before `created_before`, with their attempts;
+    how many deliveries. Unscoped: the history sweep of every organization.
+
+    A batch of at most `batch_size` at a time, each its own statement (given a pool, its own transaction), until one
+    comes back short, so no statement holds many locks or runs long however large the backlog. Rows another sweep has
+    locked are skipped, and that sweep deletes them, so several processes may sweep at once without waiting on each
+    other. PENDING deliveries stay whatever their age: they are still to be sent, and only they are ever leased.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    deleted = 0
+    while True:
+        status = await db.execute(
+            f"""
+            WITH finished AS (
+                SELECT "id" FROM "WebhookDelivery"
+                WHERE "status" <> '{DeliveryStatus.PENDING}' AND "createdAt" < $1
+                ORDER BY "createdAt", "id"
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            )
+            DELETE FROM "WebhookDelivery" d USING finished WHERE d."id" = finished."id"
+            """,
+            created_before,
+            batch_size,
+        )
+        batch = int(status.rsplit(" ", 1)[1])
+        deleted += batch
+        if batch < batch_size:
+            return deleted
 
 
 async def get_delivery(db: Queryable, *, organization_id: str, delivery_id: str) -> WebhookDelivery:

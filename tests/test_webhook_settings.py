@@ -52,3 +52,13 @@ def test_the_signature_is_hmac_sha256_over_the_timestamp_and_the_body() -> None:
 
     # From an independent implementation: printf '1700000000.{"a":1}' | openssl dgst -sha256 -hmac whsec_test
     assert header == "t=1700000000,v1=38877139021993b830af32feea6e18a8da83eb2f6e49ee50bd9e4cf4ca4d3789"
+
+
+def test_the_delivery_log_keeps_finished_deliveries_thirty_days_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert DeliverySettings.from_settings(load_settings()).history == timedelta(days=30)
+
+    monkeypatch.setenv("DIALTONE_WEBHOOK_HISTORY_DAYS", "7")
+
+    assert DeliverySettings.from_settings(load_settings()).history == timedelta(days=7)

@@ -6,7 +6,8 @@ organization's in flight across all processes, so one slow endpoint cannot hold 
 retry with backoff. It wakes when a transaction that queued deliveries commits (LISTEN on WEBHOOK_CHANNEL), when the
 next delivery it may claim falls due, and at least every `poll_interval` in case a notification was missed. Hosts
 that resolve to loopback, private or link-local addresses are refused unless allowed, at connect time (see
-pipelines.url_safety).
+pipelines.url_safety). At start and then hourly it deletes the finished deliveries older than the history period
+(DIALTONE_WEBHOOK_HISTORY_DAYS) with their attempts, so the delivery log does not grow for ever.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,6 +44,7 @@ DELIVERY_HEADER = "Dialtone-Delivery"
 USER_AGENT = "Dialtone-Webhooks/1.0"
 _ERROR_BODY_CHARS = 200
 _MIN_WAIT = 0.05  # s: rows due but being claimed by another worker must not make this one spin
+HISTORY_SWEEP_INTERVAL = timedelta(hours=1)
 
 
 def signature_header(secret: str, timestamp: int, body: bytes) -> str:
@@ -54,7 +56,7 @@ def signature_header(secret: str, timestamp: int, body: bytes) -> str:
 @dataclass(frozen=True, slots=True)
 class DeliverySettings:
     """How the worker sends: parallelism (per process, and per organization across processes), per-request timeout,
-    lease, polling, retries, and the address policy."""
+    lease, polling, retries, the address policy, and how long finished deliveries stay in the log."""
 
     concurrency: int = 16
     per_organization: int = 4
@@ -63,12 +65,15 @@ class DeliverySettings:
     poll_interval: timedelta = timedelta(seconds=5)
     retry: DeliveryRetryPolicy = field(default_factory=DeliveryRetryPolicy)
     allow_private: bool = False
+    history: timedelta = timedelta(days=30)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         if self.per_organization < 1:
             raise ValueError(f"per_organization must be at least 1, got {self.per_organization}")
+        if self.history <= timedelta(0):
+            raise ValueError(f"history must be positive, got {self.history}")
         if self.lease <= self.timeout:
             # A lease shorter than a request would let a second worker send while the first still waits.
             raise ValueError(
@@ -91,6 +96,7 @@ class DeliverySettings:
                 give_up_after=timedelta(seconds=settings.webhook_give_up_after),
             ),
             allow_private=settings.allow_private_webhook_urls,
+            history=timedelta(days=settings.webhook_history_days),
         )
 
 
@@ -135,6 +141,7 @@ class WebhookDeliveryWorker:
         self._tasks = [
             loop.create_task(self._listen(), name="webhook-listen"),
             loop.create_task(self._run(), name="webhook-deliver"),
+            loop.create_task(self._sweep_history_hourly(), name="webhook-history"),
         ]
 
     async def stop(self) -> None:
@@ -145,10 +152,11 @@ class WebhookDeliveryWorker:
         self._stop.set()
         self._wake.set()
         if self._tasks:
-            listen, run = self._tasks
-            listen.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listen
+            listen, run, history = self._tasks
+            for task in (listen, history):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await run
         if self._in_flight:
             _, unfinished = await asyncio.wait(self._in_flight, timeout=self._settings.timeout.total_seconds() + 1)
@@ -191,6 +199,24 @@ class WebhookDeliveryWorker:
                 if not conn.is_closed():
                     with contextlib.suppress(*TRANSIENT_ERRORS):
                         await conn.remove_listener(WEBHOOK_CHANNEL, self._on_notification)
+
+    async def sweep_history(self) -> int:
+        """Delete the finished deliveries older than the history period, with their attempts; how many deliveries."""
+        created_before = datetime.fromtimestamp(self._clock(), UTC) - self._settings.history
+        deleted = await webhook_outbox.delete_finished_deliveries(self._pool, created_before=created_before)
+        if deleted:
+            log.info("webhook history: deleted %d finished deliveries older than %s", deleted, self._settings.history)
+        return deleted
+
+    async def _sweep_history_hourly(self) -> None:
+        while True:
+            try:
+                await self.sweep_history()
+            except TRANSIENT_ERRORS as exc:
+                log.warning("webhook history: database unavailable (%s: %s)", type(exc).__name__, exc)
+            except Exception:  # the next sweep tries again; delivery goes on meanwhile
+                log.exception("webhook history: sweep failed")
+            await asyncio.sleep(HISTORY_SWEEP_INTERVAL.total_seconds())
 
     def _on_notification(self, *_: Any) -> None:
         self._wake.set()

@@ -145,7 +145,8 @@ class SigningSecret(ResponseModel):
     query=DeliveryQuery,
 )
 async def list_event_deliveries(call: ApiCall) -> Page[WebhookDelivery]:
-    """The subscription's delivery log, newest first: status, attempts, last response code."""
+    """The subscription's delivery log, newest first: status, attempts, last response code. Finished deliveries are
+    kept DIALTONE_WEBHOOK_HISTORY_DAYS (30) days after their event."""
     query = call.query_as(DeliveryQuery)
     organization_id = call.caller.organization_id
     async with call.tenant() as db:
@@ -163,7 +164,8 @@ async def list_event_deliveries(call: ApiCall) -> Page[WebhookDelivery]:
 
 @resource.get("/webhook-deliveries", summary="List deliveries", response=Page[WebhookDelivery], query=DeliveryQuery)
 async def list_all_deliveries(call: ApiCall) -> Page[WebhookDelivery]:
-    """Every delivery of the organization's webhooks, newest first."""
+    """Every delivery of the organization's webhooks, newest first. Finished deliveries are kept
+    DIALTONE_WEBHOOK_HISTORY_DAYS (30) days after their event."""
     query = call.query_as(DeliveryQuery)
     async with call.tenant() as db:
         rows = await webhook_outbox.list_deliveries(
