@@ -468,3 +468,44 @@ async def set_default_conversation_path(
         )
     if not linked:
         raise NotFound("AgentConversationPath", f"{agent_id}/{conversation_path_id}")
+
+
+class AgentPathPairing(Record):
+    """An agent and a conversation path its calls may follow: linked to it, or named by one of its campaigns."""
+
+    agent: Agent
+    conversation_path: ConversationPath
+
+
+async def list_path_pairings(
+    db: Queryable, *, organization_id: str, agent_id: str | None = None, conversation_path_id: str | None = None
+) -> list[AgentPathPairing]:
+    """The organization's agent-path pairings, of one agent or one path (or both): each path linked to an agent,
+    and each path a campaign not yet COMPLETED or STOPPED follows with its agent, once per pair."""
+    rows = await db.fetch(
+        """
+        WITH pair AS (
+            SELECT "agentId", "conversationPathId" FROM "AgentConversationPath" WHERE "organizationId" = $1
+            UNION
+            SELECT "agentId", "conversationPathId" FROM "Campaign"
+            WHERE "organizationId" = $1 AND "conversationPathId" IS NOT NULL
+              AND "status" NOT IN ('COMPLETED', 'STOPPED')
+        )
+        SELECT to_jsonb(a) AS "agent", to_jsonb(cp) AS "conversationPath"
+        FROM pair
+        JOIN "Agent" a ON a."id" = pair."agentId" AND a."organizationId" = $1
+        JOIN "ConversationPath" cp ON cp."id" = pair."conversationPathId" AND cp."organizationId" = $1
+        WHERE ($2::text IS NULL OR pair."agentId" = $2)
+          AND ($3::text IS NULL OR pair."conversationPathId" = $3)
+        ORDER BY a."createdAt", a."id", cp."createdAt", cp."id"
+        """,
+        organization_id,
+        agent_id,
+        conversation_path_id,
+    )
+    return [
+        AgentPathPairing(
+            agent=Agent.from_row(row["agent"]), conversation_path=ConversationPath.from_row(row["conversationPath"])
+        )
+        for row in rows
+    ]

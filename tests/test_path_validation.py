@@ -14,7 +14,7 @@ import pytest
 from pipelines.paths.graph import MAX_ID_CHARS, read_path
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
 from tests.engine_server import running_engine
-from tests.paths import EVERY_TYPE_EDGES, EVERY_TYPE_NODES
+from tests.paths import EVERY_TYPE_EDGES, EVERY_TYPE_NODES, TRANSFER_TO
 from tests.test_api_auth import Api, Tenant, assert_error, make_tenant
 
 
@@ -203,7 +203,9 @@ async def test_two_patches_racing_never_save_a_graph_neither_checked(
 
 
 async def test_a_linked_path_is_made_the_agents_default_and_comes_first_in_its_bundle(api: Api, acme: Tenant) -> None:
-    status, agent = await api.call("POST", "/agents", acme.owner_key, json={"name": "Desk"})
+    # The path's transfer node must be one the agent may make (else the link is refused: test_path_transfer_checks).
+    desk = {"transfer": {"destinations": [{"number": TRANSFER_TO, "label": "Desk"}]}}
+    status, agent = await api.call("POST", "/agents", acme.owner_key, json={"name": "Desk", "configuration": desk})
     assert status == 201
     ids = []
     for name in ("First", "Second"):

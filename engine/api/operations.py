@@ -197,9 +197,9 @@ class Resource:
         """Declare a partial update: fields left out of the body are left as they are."""
         return self._declare("PATCH", path, summary, response, 200, body, None, errors)
 
-    def put(self, path: str, *, summary: str) -> Declaration:
+    def put(self, path: str, *, summary: str, errors: tuple[int, ...] = ()) -> Declaration:
         """Declare an idempotent link (no body, 204)."""
-        return self._declare("PUT", path, summary, None, 204, None, None, ())
+        return self._declare("PUT", path, summary, None, 204, None, None, errors)
 
     def delete(self, path: str, *, summary: str, errors: tuple[int, ...] = ()) -> Declaration:
         """Declare a deletion (204)."""

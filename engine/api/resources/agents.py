@@ -12,6 +12,7 @@ from engine.api.errors import ApiError, conflict, not_found
 from engine.api.models import Id, LongText, Name, RequestModel, ResponseModel, ShortText, UpdateModel
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
+from engine.api.path_transfers import TransferWarning, refuse_unmakeable_transfers, transfer_warnings
 from engine.api.resources.tools import ToolView
 from pipelines.languages import language_problems
 from pipelines.registry import key_ref_problems
@@ -61,6 +62,15 @@ class AgentUpdate(UpdateModel):
     phone_number_id: Id | None = None
     voice_id: Id | None = None
     configuration: dict[str, Any] | None = None
+
+
+class SavedAgent(Agent):
+    """An agent as saved, with the transfer nodes of the paths it follows that its transfer rules refuse."""
+
+    warnings: list[TransferWarning] = Field(
+        description="Transfer nodes of paths this agent follows (linked, or named by a running campaign) that its "
+        "transfer rules refuse: every call that reaches one fails its transfer. The change is saved."
+    )
 
 
 def _configuration(data: dict[str, Any], organization_id: str) -> dict[str, Any]:
@@ -139,17 +149,20 @@ async def get_agent(call: ApiCall) -> Agent:
         return await agents.get_agent(db, organization_id=call.caller.organization_id, agent_id=call.path["agentId"])
 
 
-@resource.patch("/agents/{agentId}", summary="Update an agent", response=Agent, body=AgentUpdate)
-async def update_agent(call: ApiCall) -> Agent:
-    """Change some of an agent's fields."""
+@resource.patch("/agents/{agentId}", summary="Update an agent", response=SavedAgent, body=AgentUpdate)
+async def update_agent(call: ApiCall) -> SavedAgent:
+    """Change some of an agent's fields; `warnings` names the transfer nodes of its paths it cannot make."""
     changes = call.body_as(AgentUpdate).changes()
+    organization_id = call.caller.organization_id
     if "configuration" in changes:
-        changes["configuration"] = _configuration(changes["configuration"], call.caller.organization_id)
+        changes["configuration"] = _configuration(changes["configuration"], organization_id)
     async with call.tenant() as db:
-        await _check_voice(db, call.caller.organization_id, changes.get("voice_id"))
-        return await agents.update_agent(
-            db, organization_id=call.caller.organization_id, agent_id=call.path["agentId"], changes=changes
+        await _check_voice(db, organization_id, changes.get("voice_id"))
+        agent = await agents.update_agent(
+            db, organization_id=organization_id, agent_id=call.path["agentId"], changes=changes
         )
+        warnings = await transfer_warnings(db, organization_id=organization_id, agent_id=agent.id)
+    return SavedAgent(**agent.model_dump(), warnings=warnings)
 
 
 @resource.delete("/agents/{agentId}", summary="Delete an agent", errors=(409,))
@@ -190,39 +203,46 @@ async def get_agent_bundle(call: ApiCall) -> AgentBundleView:
     )
 
 
-# Linked resources: PUT links (idempotent), DELETE unlinks.
-_Link = tuple[str, Callable[..., Awaitable[None]], Callable[..., Awaitable[bool]], str]
+# Linked resources: PUT links (idempotent), DELETE unlinks. A link's check runs after it, in its transaction: an
+# ApiError it raises undoes the link.
+_Link = tuple[
+    str, Callable[..., Awaitable[None]], Callable[..., Awaitable[bool]], str, Callable[..., Awaitable[None]] | None
+]
 _LINKS: dict[str, _Link] = {
     "knowledge-bases": (
         "knowledgeBaseId",
         agents.link_knowledge_base,
         agents.unlink_knowledge_base,
         "knowledge_base_id",
+        None,
     ),
-    "tools": ("toolId", agents.link_tool, agents.unlink_tool, "tool_id"),
+    "tools": ("toolId", agents.link_tool, agents.unlink_tool, "tool_id", None),
     "conversation-paths": (
         "conversationPathId",
         agents.link_conversation_path,
         agents.unlink_conversation_path,
         "conversation_path_id",
+        refuse_unmakeable_transfers,  # 422 for a transfer node the agent's rules refuse
     ),
 }
 
 
 def _declare_links(collection: str) -> None:
-    parameter, link, unlink, argument = _LINKS[collection]
+    parameter, link, unlink, argument, check = _LINKS[collection]
     path = f"/agents/{{agentId}}/{collection}/{{{parameter}}}"
     singular = collection.removesuffix("s").replace("-", " ")
 
     async def link_handler(call: ApiCall) -> None:
+        arguments = {
+            "organization_id": call.caller.organization_id,
+            "agent_id": call.path["agentId"],
+            argument: call.path[parameter],
+        }
         try:
             async with call.tenant() as db:
-                await link(
-                    db,
-                    organization_id=call.caller.organization_id,
-                    agent_id=call.path["agentId"],
-                    **{argument: call.path[parameter]},
-                )
+                await link(db, **arguments)
+                if check is not None:
+                    await check(db, **arguments)
         except InvalidReference as exc:
             raise not_found(str(exc)) from None
 
@@ -240,7 +260,7 @@ def _declare_links(collection: str) -> None:
     name = collection.replace("-", "_")
     link_handler.__name__, link_handler.__doc__ = f"link_{name}", f"Let the agent use a {singular} (idempotent)."
     unlink_handler.__name__, unlink_handler.__doc__ = f"unlink_{name}", f"Stop the agent using a {singular}."
-    resource.put(path, summary=f"Link a {singular} to an agent")(link_handler)
+    resource.put(path, summary=f"Link a {singular} to an agent", errors=(422,) if check else ())(link_handler)
     resource.delete(path, summary=f"Unlink a {singular} from an agent")(unlink_handler)
 
 

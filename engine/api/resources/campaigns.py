@@ -14,6 +14,7 @@ from engine.api.errors import conflict, unprocessable
 from engine.api.models import Id, LongText, Name, RequestModel, ResponseModel
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
+from engine.api.path_transfers import refuse_unmakeable_transfers
 from engine.api.resources.calls import checked_caller_id
 from engine.campaigns.recipients_csv import RecipientsFileError, make_recipient, read_recipients
 from storage import campaigns, dial_policies
@@ -182,7 +183,8 @@ def _lifecycle() -> Iterator[None]:
     idempotent=True,
 )
 async def create_campaign(call: ApiCall) -> CampaignView:
-    """Create a DRAFT campaign; add recipients, then start it. 422 if `fromNumber` may not call out."""
+    """Create a DRAFT campaign; add recipients, then start it. 422 if `fromNumber` may not call out, or if the agent's
+    transfer rules refuse a transfer node of the conversation path."""
     body = call.body_as(CampaignCreate)
     organization_id = call.caller.organization_id
     async with call.tenant() as db:
@@ -204,6 +206,14 @@ async def create_campaign(call: ApiCall) -> CampaignView:
             call_end_time=body.call_end_time,
             rules=body.rules(from_number),
         )
+        if campaign.conversation_path_id is not None:
+            await refuse_unmakeable_transfers(
+                db,
+                organization_id=organization_id,
+                agent_id=campaign.agent_id,
+                conversation_path_id=campaign.conversation_path_id,
+                field="conversationPathId",
+            )
         return await _view(db, organization_id, campaign)
 
 

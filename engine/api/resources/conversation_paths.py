@@ -10,6 +10,7 @@ from engine.api.errors import ApiError, unprocessable
 from engine.api.models import LongText, Name, RequestModel, ShortText, UpdateModel
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
+from engine.api.path_transfers import TransferWarning, refuse_unmakeable_transfers, transfer_warnings
 from pipelines.paths.graph import PathInvalid, read_path
 from storage import agents, conversation_paths
 from storage.conversation_paths import ConversationPath
@@ -45,6 +46,15 @@ class ConversationPathUpdate(UpdateModel):
     agent_speech: LongText | None = None
     nodes: Graph | None = None
     edges: Graph | None = None
+
+
+class SavedConversationPath(ConversationPath):
+    """A path as saved, with the transfer nodes that agents following it cannot make."""
+
+    warnings: list[TransferWarning] = Field(
+        description="Transfer nodes of this path that the transfer rules of an agent following it (linked, or with a "
+        "running campaign naming it) refuse: every such call that reaches one fails its transfer. The change is saved."
+    )
 
 
 @resource.get(
@@ -85,24 +95,27 @@ async def get_conversation_path(call: ApiCall) -> ConversationPath:
 @resource.patch(
     "/conversation-paths/{conversationPathId}",
     summary="Update a conversation path",
-    response=ConversationPath,
+    response=SavedConversationPath,
     body=ConversationPathUpdate,
 )
-async def update_conversation_path(call: ApiCall) -> ConversationPath:
-    """Change a path's name, use case, speech or graph."""
+async def update_conversation_path(call: ApiCall) -> SavedConversationPath:
+    """Change a path's name, use case, speech or graph; `warnings` names transfer nodes its agents cannot make."""
     changes = call.body_as(ConversationPathUpdate).changes()
+    organization_id = call.caller.organization_id
     async with call.tenant() as db:
         if "nodes" in changes or "edges" in changes:
             current = await conversation_paths.lock_conversation_path(
-                db, organization_id=call.caller.organization_id, conversation_path_id=call.path["conversationPathId"]
+                db, organization_id=organization_id, conversation_path_id=call.path["conversationPathId"]
             )
             _check_graph(changes.get("nodes", current.nodes), changes.get("edges", current.edges))
-        return await conversation_paths.update_conversation_path(
+        path = await conversation_paths.update_conversation_path(
             db,
-            organization_id=call.caller.organization_id,
+            organization_id=organization_id,
             conversation_path_id=call.path["conversationPathId"],
             changes=changes,
         )
+        warnings = await transfer_warnings(db, organization_id=organization_id, conversation_path_id=path.id)
+    return SavedConversationPath(**path.model_dump(), warnings=warnings)
 
 
 @resource.delete("/conversation-paths/{conversationPathId}", summary="Delete a conversation path")
@@ -133,13 +146,17 @@ def _invalid(exc: PathInvalid) -> ApiError:
 @resource.put(
     "/agents/{agentId}/conversation-paths/{conversationPathId}/default",
     summary="Make a linked path the agent's default",
+    errors=(422,),
 )
 async def set_default_conversation_path(call: ApiCall) -> None:
-    """The agent's calls follow this path (unless their campaign names one); it must be linked to the agent."""
+    """The agent's calls follow this path (unless their campaign names one); it must be linked to the agent.
+
+    422 if the agent's transfer rules refuse one of the path's transfer nodes."""
+    pairing = {
+        "organization_id": call.caller.organization_id,
+        "agent_id": call.path["agentId"],
+        "conversation_path_id": call.path["conversationPathId"],
+    }
     async with call.tenant() as db:
-        await agents.set_default_conversation_path(
-            db,
-            organization_id=call.caller.organization_id,
-            agent_id=call.path["agentId"],
-            conversation_path_id=call.path["conversationPathId"],
-        )
+        await agents.set_default_conversation_path(db, **pairing)
+        await refuse_unmakeable_transfers(db, **pairing)
