@@ -23,6 +23,8 @@ class EndReason(StrEnum):
     VOICEMAIL_LEFT = "voicemail_left"
     VOICEMAIL_HANGUP = "voicemail_hangup"
     INSUFFICIENT_CREDITS = "insufficient_credits"
+    """The organization's balance could not pay the call's next minute (the agent said goodbye: COMPLETED) or, for
+    an inbound call, its first (the call was refused: MISSED)."""
     CLOSED = "closed"
     """An inbound call outside every agent's hours on the number: the caller heard its closed message."""
     # Twilio's own final status for an outbound call nobody answered (the status callback writes it).
@@ -40,6 +42,10 @@ class EndReason(StrEnum):
     PIPELINE_UNAVAILABLE = "pipeline_unavailable"
     CONCURRENT_CALL_LIMIT = "concurrent_call_limit"
     """An inbound call refused because its organization had as many calls in progress as its plan allows."""
+    NUMBER_DISABLED = "number_disabled"
+    """An inbound call refused because its organization has disabled the number for inbound calls."""
+    NO_ACTIVE_AGENT = "no_active_agent"
+    """An inbound call refused because the number has no ACTIVE INBOUND agent."""
     # Something failed while the call ran.
     STREAM_LOST = "stream_lost"
     PROTOCOL_ERROR = "protocol_error"

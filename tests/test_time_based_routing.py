@@ -96,9 +96,9 @@ async def shared_number(pool: asyncpg.Pool, tenant: Tenant, **hours_by_agent: An
     return number.phone_number, ids
 
 
-async def ring(engine: str, pool: asyncpg.Pool, to: str) -> tuple[str, asyncpg.Record]:
-    """Twilio's voice webhook for a call to `to`: the TwiML answered and the CallLog written."""
-    form = {
+def ringing(to: str) -> dict[str, str]:
+    """The form of Twilio's voice webhook for a new call to `to`."""
+    return {
         "CallSid": "CA" + secrets.token_hex(16),
         "AccountSid": "AC" + "4" * 32,
         "From": CALLER,
@@ -106,6 +106,13 @@ async def ring(engine: str, pool: asyncpg.Pool, to: str) -> tuple[str, asyncpg.R
         "CallStatus": "ringing",
         "Direction": "inbound",
     }
+
+
+async def ring(
+    engine: str, pool: asyncpg.Pool, to: str, form: dict[str, str] | None = None
+) -> tuple[str, asyncpg.Record]:
+    """Twilio's voice webhook for a call to `to` (or its `form` again): the TwiML answered and the CallLog written."""
+    form = form or ringing(to)
     signature = RequestValidator(TOKEN).compute_signature(f"{engine}/twilio/voice", form)
     async with (
         aiohttp.ClientSession() as http,
@@ -147,6 +154,21 @@ async def test_outside_every_agents_hours_the_caller_hears_the_closed_message(
     assert (row["status"], row["agentId"], row["duration"]) == ("MISSED", None, 0)
     assert row["metadata"]["endReason"] == "closed"
     assert row["organizationId"] == tenant.organization_id
+
+
+async def test_a_retried_webhook_of_a_closed_call_hears_the_closed_message_again_though_the_hours_opened_since(
+    engine: str, pool: asyncpg.Pool, clock: SetClock, tenant: Tenant
+) -> None:
+    number, _ = await shared_number(pool, tenant, day=DAY)
+    form = ringing(number)
+    clock.now = SATURDAY_12_PARIS
+    closed, _ = await ring(engine, pool, number, form)
+    clock.now = WEDNESDAY_10_PARIS  # Twilio's retry comes when the agent would answer a new call
+    retried, row = await ring(engine, pool, number, form)
+
+    assert retried == closed and "we are closed" in closed
+    assert (row["status"], row["metadata"]["endReason"]) == ("MISSED", "closed")
+    assert await pool.fetchval('SELECT count(*) FROM "CallLog" WHERE "callId" = $1', form["CallSid"]) == 1
 
 
 async def test_the_closed_message_is_the_numbers_own_set_through_the_api(

@@ -6,6 +6,7 @@ import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -15,6 +16,7 @@ from twilio.request_validator import RequestValidator
 
 from storage import agents, organizations, phone_numbers
 from storage.enums import AgentStatus, CallerType, PhoneNumberStatus
+from storage.events import create_event
 from tests.engine_server import running_engine
 
 TOKEN = "webhook-test-token-0123456789abcd"
@@ -91,25 +93,93 @@ async def test_an_answered_call_gets_a_media_stream_naming_its_new_call_log(engi
     assert f'<Parameter name="callLogId" value="{row["id"]}" />' in twiml
 
 
-@pytest.mark.parametrize(
-    ("case", "line", "heard"),
-    [
-        ("unknown number", None, "not in service"),
-        ("number disabled for inbound calls", {"inbound": PhoneNumberStatus.DISABLED}, "not in service"),
-        ("agent inactive", {"agent_status": AgentStatus.INACTIVE}, "nobody is available"),
-        ("organization out of credits", {"credits": 0}, "cannot take calls"),
-    ],
-)
-async def test_calls_that_cannot_be_taken_are_refused_politely_and_logged_nowhere(
-    engine: str, pool: asyncpg.Pool, case: str, line: dict[str, object] | None, heard: str
+async def _organization(pool: asyncpg.Pool, number: str) -> str:
+    """The id of the organization holding `number`, with call.ended subscribed so its deliveries are queued."""
+    org: str = await pool.fetchval('SELECT "organizationId" FROM "PhoneNumber" WHERE "phoneNumber" = $1', number)
+    await create_event(pool, organization_id=org, name="call.ended", webhook_url="https://hooks.example.com/ended")
+    return org
+
+
+async def _calls_ended(pool: asyncpg.Pool, call_log_id: str) -> int:
+    """How many call.ended deliveries were queued for the call."""
+    count: int = await pool.fetchval(
+        """
+        SELECT count(*) FROM "WebhookDelivery"
+        WHERE "event" = 'call.ended' AND "payload"->'data'->>'callLogId' = $1
+        """,
+        call_log_id,
+    )
+    return count
+
+
+async def test_a_call_to_a_number_no_organization_holds_is_refused_politely_and_logged_nowhere(
+    engine: str, pool: asyncpg.Pool
 ) -> None:
-    number = await _line(pool, **line) if line is not None else "+15555559876"  # type: ignore[arg-type]
+    form = _ring("+15555559876")
+    status, twiml = await _post(engine, "/twilio/voice", form)
+    retried = await _post(engine, "/twilio/voice", form)
+
+    assert status == 200 and retried == (status, twiml)
+    assert "<Say>" in twiml and "not in service" in twiml and twiml.rstrip().endswith("<Hangup /></Response>"), twiml
+    assert await pool.fetchval('SELECT count(*) FROM "CallLog" WHERE "callId" = $1', form["CallSid"]) == 0
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A line that refuses calls for its organization's own reason: what the caller hears, the CallLog's reason."""
+
+    line: dict[str, Any]
+    heard: str
+    reason: str
+    by_agent: bool  # whether the CallLog names the number's agent
+
+
+REFUSED_FOR_THE_ORGANIZATIONS_OWN_REASONS = pytest.mark.parametrize(
+    "case",
+    [
+        Refused({"inbound": PhoneNumberStatus.DISABLED}, "not in service", "number_disabled", by_agent=False),
+        Refused({"agent_status": AgentStatus.INACTIVE}, "nobody is available", "no_active_agent", by_agent=False),
+        Refused({"credits": 0}, "cannot take calls", "insufficient_credits", by_agent=True),
+    ],
+    ids=["number disabled for inbound calls", "no active agent", "organization out of credits"],
+)
+
+
+@REFUSED_FOR_THE_ORGANIZATIONS_OWN_REASONS
+async def test_a_call_refused_for_the_organizations_own_reasons_is_in_its_call_history_as_missed_naming_why(
+    engine: str, pool: asyncpg.Pool, case: Refused
+) -> None:
+    number = await _line(pool, **case.line)
+    org = await _organization(pool, number)
+    credits = await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org)
     form = _ring(number)
     status, twiml = await _post(engine, "/twilio/voice", form)
+    retried = await _post(engine, "/twilio/voice", form)  # Twilio retries: the refusal is heard again, logged once
+    rows = await pool.fetch('SELECT * FROM "CallLog" WHERE "callId" = $1', form["CallSid"])
+    agent_id = await pool.fetchval('SELECT "id" FROM "Agent" WHERE "organizationId" = $1', org)
 
-    assert status == 200, case
-    assert "<Say>" in twiml and heard in twiml and twiml.rstrip().endswith("<Hangup /></Response>"), twiml
-    assert await pool.fetchval('SELECT count(*) FROM "CallLog" WHERE "callId" = $1', form["CallSid"]) == 0
+    assert status == 200 and retried == (status, twiml)
+    assert "<Say>" in twiml and case.heard in twiml and twiml.rstrip().endswith("<Hangup /></Response>"), twiml
+    [row] = rows
+    assert (row["organizationId"], row["status"], row["callType"], row["duration"]) == (org, "MISSED", "INBOUND", 0)
+    assert (row["phoneNumber"], row["metadata"]["to"], row["metadata"]["endReason"]) == (CALLER, number, case.reason)
+    assert row["agentId"] == (agent_id if case.by_agent else None)
+    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == credits
+    assert await _calls_ended(pool, row["id"]) == 1
+
+
+@REFUSED_FOR_THE_ORGANIZATIONS_OWN_REASONS
+async def test_a_refused_call_whose_webhook_is_sent_twice_at_once_is_logged_once_and_refused_twice_alike(
+    engine: str, pool: asyncpg.Pool, case: Refused
+) -> None:
+    number = await _line(pool, **case.line)
+    form = _ring(number)
+    # The load balancer retries a POST it gave up on while the first engine still answers it.
+    first, second = await asyncio.gather(*(_post(engine, "/twilio/voice", form) for _ in range(2)))
+
+    assert first == second and case.heard in first[1], (first, second)
+    rows = await pool.fetch('SELECT "metadata" FROM "CallLog" WHERE "callId" = $1', form["CallSid"])
+    assert [row["metadata"]["endReason"] for row in rows] == [case.reason]
 
 
 @pytest.mark.parametrize(
@@ -185,7 +255,12 @@ async def test_twenty_calls_ringing_at_once_for_three_credits_get_three_streams_
     refused = [twiml for _, twiml in answers if "cannot take calls" in twiml]
     assert (len(streamed), len(refused)) == (3, 17)
     assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 0
-    assert await pool.fetchval('SELECT count(*) FROM "CallLog" WHERE "organizationId" = $1', org) == 3
+    logged = await pool.fetch(
+        """SELECT "status", "metadata"->>'endReason' AS "reason", count(*) FROM "CallLog" WHERE "organizationId" = $1
+           GROUP BY 1, 2 ORDER BY "status"::text""",
+        org,
+    )
+    assert [tuple(row) for row in logged] == [("IN_PROGRESS", None, 3), ("MISSED", "insufficient_credits", 17)]
 
     # Nobody picks up: each call's status callback closes it and returns its reserved minute.
     for form in streamed:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -23,7 +24,6 @@ from engine.twilio.signature import public_base_url, signed_form
 from pipelines.llm.prompt import render_prompt
 from pipelines.registry import PipelineUnavailable, check_pipeline
 from storage import Pool, agents, call_logs, phone_numbers, transfer_legs
-from storage.agents import Agent
 from storage.call_logs import CallLog, InvalidCallTransition
 from storage.call_slots import ConcurrentCallLimitReached
 from storage.end_reasons import EndReason, ending
@@ -117,37 +117,116 @@ def callback_url(base_url: str, path: str, call_log_id: str) -> str:
     return f"{base_url.rstrip('/')}{path}?{urlencode({CALL_LOG_PARAMETER: call_log_id})}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """How a refused call to an organization's number ends: its CallLog's status and what the caller hears (None:
+    the number's own closed message)."""
+
+    status: CallStatus
+    message: str | None
+
+    def spoken(self, number: PhoneNumber) -> str:
+        """What the caller hears before Twilio hangs up."""
+        return self.message or number.closed_message
+
+
+_REFUSALS: Mapping[EndReason, _Refusal] = {
+    EndReason.NUMBER_DISABLED: _Refusal(CallStatus.MISSED, NOT_IN_SERVICE),
+    EndReason.NO_ACTIVE_AGENT: _Refusal(CallStatus.MISSED, NO_AGENT),
+    EndReason.CLOSED: _Refusal(CallStatus.MISSED, None),
+    EndReason.PIPELINE_UNAVAILABLE: _Refusal(CallStatus.FAILED, MISCONFIGURED),
+    EndReason.INSUFFICIENT_CREDITS: _Refusal(CallStatus.MISSED, OUT_OF_CREDITS),
+    EndReason.CONCURRENT_CALL_LIMIT: _Refusal(CallStatus.MISSED, ALL_LINES_BUSY),
+}
+"""Each reason the voice webhook turns away a call to an organization's number: all are in its call history."""
+
+
+class InboundCallRefused(Exception):
+    """The voice webhook turns a call to an organization's number away for `reason` (a key of `_REFUSALS`)."""
+
+    def __init__(
+        self,
+        reason: EndReason,
+        *,
+        agent_id: str | None = None,
+        detail: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(reason.value if detail is None else f"{reason.value}: {detail}")
+        self.reason = reason
+        self.agent_id = agent_id
+        self.detail = detail
+        self.metadata = dict(metadata or {})
+
+
 async def handle_voice(request: web.Request) -> web.Response:
     """POST /twilio/voice: an inbound call rings; answer with a media stream or a polite refusal.
 
-    A draining engine answers 503 before anything is read or written: the load balancer retries another engine.
+    A call refused for the organization's own reasons (the number disabled, no active agent, closed, an agent that
+    cannot run, no credits, the plan's call limit) is logged in its call history, charging nothing; a call to a
+    number no organization holds is logged nowhere. A retried webhook (Twilio's, or the load balancer's) writes
+    nothing more and answers as its first attempt did. A draining engine answers 503 before anything is read or
+    written: the load balancer retries another engine.
     """
     request.app[DRAIN].refuse_new_call("voice webhook")
-    settings = request.app[SETTINGS]
     incoming = await _webhook_fields(request, IncomingCall.read)
-    call_sid, caller, called = incoming.call_sid, incoming.caller, incoming.called
-
     pool = request.app[DATABASE].pool
-    number = await phone_numbers.find_by_number(pool, number=called)
-    if number is None or number.inbound_status != PhoneNumberStatus.ENABLED:
-        log.info("call %s to %s: number not in service", call_sid, called)
+    number = await phone_numbers.find_by_number(pool, number=incoming.called)
+    if number is None:
+        log.info("call %s to %s: number not in service", incoming.call_sid, incoming.called)
         return refusal(NOT_IN_SERVICE)
+    try:
+        return await _answer(request, incoming, number)
+    except AlreadyExists:  # the webhook was retried: its first attempt wrote the CallLog
+        return await _answer_again(request, incoming.call_sid, number)
+
+
+async def _answer(request: web.Request, incoming: IncomingCall, number: PhoneNumber) -> web.Response:
+    """Answer a call to the organization's `number` with a media stream, or refuse it and log why.
+
+    AlreadyExists if the call has a CallLog already (a retried webhook), with nothing written.
+    """
+    pool = request.app[DATABASE].pool
+    try:
+        call_log = await _open_inbound_call(request.app, incoming, number)
+    except InboundCallRefused as refused:
+        await _record_refusal(pool, incoming, number, refused)
+        return refusal(_REFUSALS[refused.reason].spoken(number))
+    log.info(
+        "call %s from %s answered by agent %s (CallLog %s)",
+        incoming.call_sid,
+        incoming.caller,
+        call_log.agent_id,
+        call_log.id,
+    )
+    return _stream(request, call_log)
+
+
+async def _open_inbound_call(app: web.Application, incoming: IncomingCall, number: PhoneNumber) -> CallLog:
+    """The IN_PROGRESS CallLog of a call the number's agent takes, its first minute reserved and a call slot taken.
+
+    InboundCallRefused, with nothing written, when the call cannot be taken; AlreadyExists if it has a CallLog.
+    """
+    settings, pool = app[SETTINGS], app[DATABASE].pool
+    call_sid, called = incoming.call_sid, incoming.called
+    if number.inbound_status != PhoneNumberStatus.ENABLED:
+        log.info("call %s to %s: number disabled for inbound calls", call_sid, called)
+        raise InboundCallRefused(EndReason.NUMBER_DISABLED)
     candidates = await agents.list_inbound_agents(pool, phone_number_id=number.id)
     if not candidates:
         log.info("call %s to %s: no active inbound agent", call_sid, called)
-        return refusal(NO_AGENT)
-    agent = choose_inbound_agent(candidates, request.app[CLOCK]()).agent
+        raise InboundCallRefused(EndReason.NO_ACTIVE_AGENT)
+    agent = choose_inbound_agent(candidates, app[CLOCK]()).agent
     if agent is None:
         log.info("call %s to %s: outside every agent's hours, closed", call_sid, called)
-        await _record_closed(pool, incoming, number)
-        return refusal(number.closed_message)
-    metadata = _inbound_metadata(incoming, number)
+        raise InboundCallRefused(EndReason.CLOSED)
     try:
         config = parse_agent_configuration(agent.configuration)
     except AgentConfigurationError as exc:
         log.error("call %s: agent %s has an invalid configuration: %s", call_sid, agent.id, exc)
-        await _record_misconfigured(pool, incoming, agent, metadata, f"the agent's configuration is invalid: {exc}")
-        return refusal(MISCONFIGURED)
+        raise InboundCallRefused(
+            EndReason.PIPELINE_UNAVAILABLE, agent_id=agent.id, detail=f"the agent's configuration is invalid: {exc}"
+        ) from None
     bundle = await agents.load_agent_bundle(pool, organization_id=agent.organization_id, agent_id=agent.id)
     try:
         check_pipeline(config, provider_keys(settings, bundle))
@@ -155,41 +234,29 @@ async def handle_voice(request: web.Request) -> web.Response:
         # Most often a missing API key: the caller hears an apology, the operator reads which key in the log and in
         # the organization's call history.
         log.error("call %s: agent %s cannot run: %s", call_sid, agent.id, exc)
-        await _record_misconfigured(pool, incoming, agent, metadata, str(exc))
-        return refusal(MISCONFIGURED)
-
+        raise InboundCallRefused(EndReason.PIPELINE_UNAVAILABLE, agent_id=agent.id, detail=str(exc)) from None
     try:
-        call_log = await call_logs.create_call_log(
+        return await call_logs.create_call_log(
             pool,
             organization_id=agent.organization_id,
             call_type=CallType.INBOUND,
             call_id=call_sid,
             agent_id=agent.id,
             campaign_id=None,
-            customer=incoming.caller_name or caller,
-            phone_number=caller,
-            metadata=metadata,
+            customer=incoming.caller_name or incoming.caller,
+            phone_number=incoming.caller,
+            metadata=_inbound_metadata(incoming, number),
             credit_rates=settings.credit_rates,
             call_limits=settings.concurrent_call_limits,
         )
     except InsufficientCredits as exc:
         log.info("call %s: organization %s is out of credits (%s)", call_sid, agent.organization_id, exc)
-        return refusal(OUT_OF_CREDITS)
+        raise InboundCallRefused(EndReason.INSUFFICIENT_CREDITS, agent_id=agent.id) from None
     except ConcurrentCallLimitReached as exc:
         log.info("call %s: %s", call_sid, exc)
-        retried = await _refuse_over_limit(
-            pool, incoming, agent.id, agent.organization_id, {**metadata, "planLimit": exc.limit}
-        )
-        if retried is None:
-            return refusal(ALL_LINES_BUSY)
-        call_log = retried
-    except AlreadyExists:
-        retried = await _answered_before(pool, call_sid)
-        if retried is None:
-            return refusal(NO_AGENT)
-        call_log = retried
-    log.info("call %s from %s answered by agent %s (CallLog %s)", call_sid, caller, agent.id, call_log.id)
-    return connect_stream(media_stream_url(public_base_url(request, settings)), call_log.id)
+        raise InboundCallRefused(
+            EndReason.CONCURRENT_CALL_LIMIT, agent_id=agent.id, metadata={"planLimit": exc.limit}
+        ) from None
 
 
 def _inbound_metadata(incoming: IncomingCall, number: PhoneNumber) -> dict[str, Any]:
@@ -209,84 +276,45 @@ def _inbound_metadata(incoming: IncomingCall, number: PhoneNumber) -> dict[str, 
     return metadata
 
 
-async def _record_misconfigured(
-    pool: Pool, incoming: IncomingCall, agent: Agent, metadata: dict[str, Any], detail: str
-) -> None:
-    """Log a call refused because its agent cannot run (the caller hears MISCONFIGURED): FAILED, end reason
-    `pipeline_unavailable` with what is wrong as its detail, so the organization sees it in its call history."""
-    with contextlib.suppress(AlreadyExists):  # Twilio retried the webhook: the first attempt logged it
-        await call_logs.record_refused_call(
-            pool,
-            organization_id=agent.organization_id,
-            call_type=CallType.INBOUND,
-            call_id=incoming.call_sid,
-            reason=EndReason.PIPELINE_UNAVAILABLE,
-            detail=detail,
-            status=CallStatus.FAILED,
-            agent_id=agent.id,
-            customer=incoming.caller_name or incoming.caller,
-            phone_number=incoming.caller,
-            metadata=metadata,
-        )
+async def _record_refusal(pool: Pool, incoming: IncomingCall, number: PhoneNumber, refused: InboundCallRefused) -> None:
+    """Log a refused call in its organization's call history: the status `_REFUSALS` gives its reason, the reason
+    and its detail, duration 0, nothing charged, call.ended queued. AlreadyExists if the call has a CallLog."""
+    await call_logs.record_refused_call(
+        pool,
+        organization_id=number.organization_id,
+        call_type=CallType.INBOUND,
+        call_id=incoming.call_sid,
+        reason=refused.reason,
+        detail=refused.detail,
+        status=_REFUSALS[refused.reason].status,
+        agent_id=refused.agent_id,
+        customer=incoming.caller_name or incoming.caller,
+        phone_number=incoming.caller,
+        metadata={**_inbound_metadata(incoming, number), **refused.metadata},
+    )
 
 
-async def _refuse_over_limit(
-    pool: Pool, incoming: IncomingCall, agent_id: str, organization_id: str, metadata: dict[str, Any]
-) -> CallLog | None:
-    """Log a call refused at its plan's concurrent-call limit; None, or for a retried webhook whose first attempt
-    took the slot this one found taken, that attempt's CallLog (see `_answered_before`)."""
-    try:
-        await call_logs.record_refused_call(
-            pool,
-            organization_id=organization_id,
-            call_type=CallType.INBOUND,
-            call_id=incoming.call_sid,
-            reason=EndReason.CONCURRENT_CALL_LIMIT,
-            agent_id=agent_id,
-            customer=incoming.caller_name or incoming.caller,
-            phone_number=incoming.caller,
-            metadata=metadata,
-        )
-    except AlreadyExists:  # a retried webhook: the first attempt logged the refusal, or holds the slot
-        return await _answered_before(pool, incoming.call_sid)
-    return None
+async def _answer_again(request: web.Request, call_sid: str, number: PhoneNumber) -> web.Response:
+    """Answer a retried voice webhook as its first attempt did, from the CallLog that attempt wrote.
 
-
-async def _answered_before(pool: Pool, call_sid: str) -> CallLog | None:
-    """The CallLog of a call whose voice webhook Twilio retried, if the first attempt answered it with a stream.
-
-    The retry answers the same way, with that CallLog; None when the first attempt refused the call or its call
-    has ended since.
+    A call still IN_PROGRESS gets its media stream again (a retry may even find the plan's last call slot taken by
+    its own first attempt); a refused call hears the same refusal; a call that has ended since is refused.
     """
-    existing = await call_logs.get_by_call_id(pool, call_id=call_sid)
-    if existing is None or existing.status != CallStatus.IN_PROGRESS:
-        return None
-    return existing
+    existing = await call_logs.get_by_call_id(request.app[DATABASE].pool, call_id=call_sid)
+    if existing is None:
+        return refusal(NO_AGENT)
+    if existing.status == CallStatus.IN_PROGRESS:
+        return _stream(request, existing)
+    reason = EndReason.read(existing.metadata.get("endReason"))
+    refused = _REFUSALS.get(reason) if reason is not None else None
+    if refused is None or existing.status != refused.status:
+        return refusal(NO_AGENT)
+    return refusal(refused.spoken(number))
 
 
-async def _record_closed(pool: Pool, incoming: IncomingCall, number: PhoneNumber) -> None:
-    """A CallLog for a call that rang while the number was closed: MISSED, end reason `closed`, no agent."""
-    try:
-        call_log = await call_logs.create_call_log(
-            pool,
-            organization_id=number.organization_id,
-            call_type=CallType.INBOUND,
-            call_id=incoming.call_sid,
-            customer=incoming.caller_name or incoming.caller,
-            phone_number=incoming.caller,
-            metadata={"to": number.phone_number, "direction": "inbound"},
-        )
-    except AlreadyExists:
-        return  # Twilio retried the webhook: the first attempt recorded it
-    with contextlib.suppress(InvalidCallTransition):
-        await call_logs.finalize_call_log(
-            pool,
-            organization_id=number.organization_id,
-            call_log_id=call_log.id,
-            status=CallStatus.MISSED,
-            duration=0,
-            metadata=ending(EndReason.CLOSED),
-        )
+def _stream(request: web.Request, call_log: CallLog) -> web.Response:
+    """Connect the call to this engine's media WebSocket, naming its CallLog."""
+    return connect_stream(media_stream_url(public_base_url(request, request.app[SETTINGS])), call_log.id)
 
 
 async def handle_status(request: web.Request) -> web.Response:
