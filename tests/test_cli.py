@@ -139,7 +139,8 @@ async def test_serve_logs_requests_without_the_signature_of_a_recording_link(db_
     assert "Unhandled exception" not in log and "Traceback" not in log
 
 
-async def _poll_health(url: str, attempts: int = 100) -> int:
+async def _poll_health(url: str, attempts: int = 600) -> int:
+    # Up to a minute: a fresh database is migrated before the server listens, slowly on a loaded machine.
     async with aiohttp.ClientSession() as http:
         for _ in range(attempts):
             try:
