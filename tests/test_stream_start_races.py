@@ -8,12 +8,16 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 from twilio.request_validator import RequestValidator
 
+from config.settings import load_settings
+from engine.server.app import create_app
 from storage import organizations
 from storage.enums import Plan
 from tests.engine_server import running_engine
@@ -176,3 +180,41 @@ async def test_a_call_whose_setup_fails_after_its_stream_took_it_ends_failed_at_
     row = await finished_call_log(pool, call_log_id)
     assert (row["status"], row["metadata"]["endReason"]) == ("FAILED", "internal_error")
     assert row["metadata"]["engineNode"]
+
+
+async def test_a_call_still_being_set_up_when_the_engine_stops_is_ended_with_the_others(
+    db_url: str, pool: asyncpg.Pool, organization_id: str, tmp_path: Path
+) -> None:
+    # The engine's shutdown ends the calls it runs; this one's stream has taken it, but its session is still being
+    # set up as the shutdown starts: it must end with the engine too, not start talking to a stopping engine.
+    app = create_app(load_settings(database_url=db_url, twilio_auth_token=TOKEN, state_dir=str(tmp_path)))
+    shutting_down = asyncio.Event()
+
+    async def shutdown_begins(app: web.Application) -> None:
+        shutting_down.set()
+
+    # First, and without yielding: the engine's own handler, ending its live calls, runs before the test goes on.
+    app.on_shutdown.insert(0, shutdown_begins)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    stopped: asyncio.Task[None] | None = None
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        engine = f"http://{host}:{port}"
+        number, _ = await make_line(pool, organization_id, firstSentence="Hello from a stopping engine.")
+        call_sid, call_log_id, media_url = await _answered_call(engine, number)
+        async with aiohttp.ClientSession() as http, http.ws_connect(media_url) as ws:
+            async with slow_setup(pool) as holder:
+                await ws.send_str(CONNECTED)
+                await ws.send_str(_start(call_sid, call_log_id))
+                await setups_waiting(holder, 1)
+                stopped = asyncio.create_task(runner.cleanup())
+                await asyncio.wait_for(shutting_down.wait(), 30)
+            assert await _first_sign(ws) == "closed"
+    finally:
+        await (runner.cleanup() if stopped is None else stopped)
+
+    row = await finished_call_log(pool, call_log_id)
+    assert (row["status"], row["metadata"]["endReason"]) == ("FAILED", "engine_shutdown")

@@ -51,6 +51,7 @@ class LiveCalls:
         self._tasks: set[asyncio.Task[object]] = set()
         self._none_held = asyncio.Event()
         self._none_held.set()
+        self._ending: EndReason | None = None  # set by `end_all`: a session registered after it ends at once
 
     def __len__(self) -> int:
         """How many calls are running."""
@@ -68,21 +69,29 @@ class LiveCalls:
         """Note a call whose media stream this process has taken (`call_logs.claim_stream`) and is setting up.
 
         Until `add` registers its session, the call is `starting` here: the node the CallLog names, without a session
-        to command yet. `remove` forgets it.
+        to command yet. `remove` forgets it. The current task is the one that sets it up and runs it.
         """
         self._taken.add(call_log_id)
         self._none_held.clear()
+        self._track(asyncio.current_task())
 
     def starting(self, call_log_id: str) -> bool:
         """Whether this process has taken that call's stream and is still setting its session up."""
         return call_log_id in self._taken and call_log_id not in self._sessions
 
     def add(self, call_log_id: str, session: LiveCall) -> None:
-        """Register a running call; the current task is the one that runs it."""
+        """Register a running call; the current task is the one that runs it.
+
+        Once `end_all` has run, the session is ended as it is registered: its setup outlasted the engine's.
+        """
         self._sessions[call_log_id] = session
         self._none_held.clear()
-        task = asyncio.current_task()
-        if task is not None:
+        self._track(asyncio.current_task())
+        if self._ending is not None:
+            session.end_from_outside(self._ending)
+
+    def _track(self, task: asyncio.Task[object] | None) -> None:
+        if task is not None and task not in self._tasks:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -103,14 +112,15 @@ class LiveCalls:
         await self._none_held.wait()
 
     async def end_all(self, reason: EndReason, *, timeout: float = 30.0) -> None:
-        """End every running call and wait (bounded) until their CallLogs are finished."""
-        if not self._sessions:
+        """End every running call, and every call still being set up as soon as its session is registered, and wait
+        (bounded) until their CallLogs are finished."""
+        self._ending = reason
+        tasks = [t for t in self._tasks if not t.done()]
+        if not tasks:
             return
-        log.info("ending %d running call(s): %s", len(self._sessions), reason)
+        log.info("ending %d call(s) held: %s", len(tasks), reason)
         for session in list(self._sessions.values()):
             session.end_from_outside(reason)
-        tasks = [t for t in self._tasks if not t.done()]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=timeout)
-            if pending:
-                log.error("%d call(s) did not finish within %.0f s of shutdown", len(pending), timeout)
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            log.error("%d call(s) did not finish within %.0f s of shutdown", len(pending), timeout)
