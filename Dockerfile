@@ -43,8 +43,8 @@ EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=2).status != 200)"]
 # SIGTERM drains: new calls are refused (503) while live ones go on for up to DIALTONE_DRAIN_SECONDS (default 20),
-# then the rest are ended. Give the container that long and 30 s more before SIGKILL: `docker stop` waits only 10 s
-# unless run with `--stop-timeout 50`; compose's stop_grace_period, Kubernetes' terminationGracePeriodSeconds.
+# then the rest are ended. Give the container that long and up to 40 s more before SIGKILL: `docker stop` waits only
+# 10 s unless run with `--stop-timeout 60`; compose's stop_grace_period, Kubernetes' terminationGracePeriodSeconds.
 STOPSIGNAL SIGTERM
 # Inside the container the engine listens on every interface; only the load balancer is published.
 CMD ["dialtone", "serve", "--host", "0.0.0.0", "--port", "8080"]
