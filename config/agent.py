@@ -439,7 +439,9 @@ class TransferDestination(_CallBehaviour):
     label: Annotated[str, Field(min_length=1, max_length=80)]
     """What the model is told the destination is (e.g. "Billing desk")."""
     number: Annotated[str, AfterValidator(_transfer_number)] | None = None
-    """An exact number (stored in E.164); allowed whatever its type, premium-rate and toll-free included."""
+    """An exact number (stored in E.164); allowed whatever its type, toll-free included, though a transfer is made
+    only to a number the organization's dial policy dials (premium-rate only with its opt-in, storage.dial_policies).
+    """
     pattern: Annotated[str, AfterValidator(_transfer_pattern)] | None = None
     """`+` and the digits every number starts with, then one `*` per remaining digit (`+1415555****`); only plain
     fixed-line and mobile numbers it matches are allowed."""

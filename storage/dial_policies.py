@@ -4,6 +4,8 @@ One rule, one home: `OutboundDialPolicy.refusal` decides for every outbound call
 (engine/twilio/outbound_calls.py) asks it before POST /v1/calls or the campaign dispatcher dials anything, and the
 campaign recipient import (engine/campaigns/recipients_csv.py) asks it for each row, so a number the API refuses is
 never imported as dialable, and one imported while allowed is still refused at its dial once the policy tightens.
+A call's transfer (engine/call/paid_transfer.py), a leg the organization pays for too, asks it before Twilio dials,
+whatever the agent's transfer destinations list.
 The kind of a number is config.phone's `number_kind`, the reading the transfer rules judge by too.
 
 By default (`DEFAULT_KINDS`) a call may reach fixed-line, mobile, fixed-line-or-mobile, VoIP and toll-free numbers

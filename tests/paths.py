@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-TRANSFER_TO = "+15557654321"
+TRANSFER_TO = "+14155557654"
+"""A US number the default dial policy dials (a transfer obeys it): +1 555 numbers are of no known type."""
 
 GREETING = "Thanks for calling Acme. Are you calling about billing, or an order?"
 ASK_ACCOUNT = "Please enter your four digit account number."

@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from config.phone import NumberKind
 from engine.call.driver import TRANSFER_FAILED
 from engine.call.paid_transfer import PaidTransfer
 from engine.simulator import CallResult, Pause, Say
@@ -23,16 +24,17 @@ from engine.twilio.rest import CallLookupFailed, TwilioCalls
 from engine.twilio.signature import request_signature
 from engine.twilio.webhooks import TRANSFER_UNANSWERED
 from engine.workers.transfer_settlement import settle_overdue_legs
-from storage import call_logs, organizations, transfer_legs
+from storage import call_logs, dial_policies, organizations, transfer_legs
 from storage.enums import CallStatus
 from storage.errors import NotFound
 from storage.events import create_event
 from storage.organizations import InsufficientCredits
+from storage.tenancy import tenant_transaction
 from storage.transfer_legs import TransferLeg
 from tests.engine_server import running_engine
 from tests.fakes.openai_chat import ToolCall
 from tests.fakes.server import serve
-from tests.fakes.twilio import call_updates, dialed
+from tests.fakes.twilio import call_updates, dialed, dialed_number
 from tests.test_calls_e2e import call_log, turns
 from tests.test_cloud_calls_e2e import TOKEN, Fakes, call, make_line, running_fakes
 from tests.test_repo_call_logs import open_call
@@ -379,3 +381,59 @@ async def test_a_transfer_twilio_may_have_made_keeps_its_leg_and_a_refused_one_r
     # Unconfirmed: the leg's action request or the sweep settles it; refused: its credits are back at once.
     assert await transfer_legs.reserved_leg_credits(pool, call_log_id=opened.id) == held_after
     assert await balance(pool, organization_id) == 100 - RATE - (held_after or 0)
+
+
+UK_PREMIUM = "+449012345678"  # phonenumbers reads it as premium-rate (tests/test_dial_policy.py checks the reading)
+
+
+async def transfer_to(pool: asyncpg.Pool, organization_id: str, to: str) -> tuple[bool, list[dict[str, str]], str]:
+    """A paid transfer of one of the organization's calls to `to`: whether it was made, Twilio's updates, the call."""
+    opened = await open_call(pool, organization_id, credit_rates=RATES)
+    async with call_updates() as (api_base, updates):
+        twilio = TwilioCalls(ACCOUNT, TOKEN, api_base=api_base, timeout=2.0)
+        try:
+            transfer = PaidTransfer(
+                pool,
+                twilio,
+                organization_id=organization_id,
+                call_log_id=opened.id,
+                max_minutes=2,
+                rates=RATES,
+                action_url="http://127.0.0.1:9/twilio/dial",
+            )
+            made = await transfer(opened.call_id, to)
+        finally:
+            await twilio.close()
+    return made, updates, opened.id
+
+
+async def test_a_transfer_to_a_number_the_dial_policy_refuses_is_not_made_though_the_agent_lists_it(
+    pool: asyncpg.Pool,
+) -> None:
+    # An agent may list a premium-rate number exactly (config.agent.TransferDestination), but the organization pays
+    # for the leg: without its OWNER's or ADMIN's opt-in (storage.dial_policies), Twilio is never asked to dial it.
+    organization_id = await organization(pool, credits=100)
+
+    made, updates, call_log_id = await transfer_to(pool, organization_id, UK_PREMIUM)
+
+    assert not made
+    assert updates == []
+    assert await pool.fetchval('SELECT count(*) FROM "TransferLeg" WHERE "callLogId" = $1', call_log_id) == 0
+    assert await balance(pool, organization_id) == 100 - RATE  # only the call's own first minute
+
+
+async def test_a_transfer_to_a_premium_rate_number_is_made_once_the_organization_opts_in(pool: asyncpg.Pool) -> None:
+    organization_id = await organization(pool, credits=100)
+    async with tenant_transaction(pool, organization_id) as conn:
+        await dial_policies.set_policy(
+            conn,
+            organization_id=organization_id,
+            allowed_kinds=[NumberKind.PREMIUM_RATE],
+            allowed_countries=None,
+            international_networks=False,
+        )
+
+    made, updates, _ = await transfer_to(pool, organization_id, UK_PREMIUM)
+
+    assert made
+    assert [dialed_number(update["Twiml"]) for update in updates] == [UK_PREMIUM]

@@ -4,7 +4,9 @@ cannot outlast them.
 The leg's longest length is the agent's `transfer.maxMinutes`, or fewer minutes when the balance pays for fewer;
 Twilio is told it as the `<Dial>`'s time limit, and its action request (`engine.twilio.webhooks.handle_dial_ended`)
 settles the leg when the dial ends. A transfer the balance cannot pay one minute of is not made: the call goes on
-with the agent, as for any transfer Twilio refuses.
+with the agent, as for any transfer Twilio refuses. Nor is one to a number the organization's dial policy does not
+dial (storage.dial_policies, against toll fraud: premium-rate and the like), the rule every call it pays for obeys,
+whatever the agent's transfer destinations list.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from config.phone import InvalidPhoneNumber, e164
 from engine.twilio.rest import CallUnconfirmed, TwilioCalls
-from storage import Pool, transfer_legs
+from storage import Pool, dial_policies, transfer_legs
 from storage.errors import DATABASE_ERRORS
 from storage.organizations import InsufficientCredits
 
@@ -45,8 +48,20 @@ class PaidTransfer:
         self._action_url = action_url
 
     async def __call__(self, call_sid: str, to: str) -> bool:
-        """Hand the caller to `to`; False (logged) when the credits or Twilio do not allow it, with nothing reserved,
-        or when Twilio did not answer, with the leg reserved until Twilio's record settles it."""
+        """Hand the caller to `to`; False (logged) when the dial policy, the credits or Twilio do not allow it, with
+        nothing reserved, or when Twilio did not answer, with the leg reserved until Twilio's record settles it."""
+        try:
+            policy = await dial_policies.get_policy(self._pool, organization_id=self._organization_id)
+        except DATABASE_ERRORS as exc:
+            log.warning("call %s: no transfer: the organization's dial policy could not be read: %s", call_sid, exc)
+            return False
+        try:
+            refusal = policy.refusal(e164(to))
+        except InvalidPhoneNumber as exc:
+            refusal = str(exc)
+        if refusal is not None:
+            log.warning("call %s: no transfer: %s", call_sid, refusal)
+            return False
         try:
             leg = await transfer_legs.open_leg(
                 self._pool,
