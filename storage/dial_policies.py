@@ -28,7 +28,7 @@ import phonenumbers
 from phonenumbers import geocoder
 
 from config.phone import NumberKind, number_kind
-from storage.records import Queryable, Record
+from storage.records import Connection, Queryable, Record
 
 __all__ = [
     "DEFAULT_KINDS",
@@ -37,6 +37,7 @@ __all__ = [
     "InvalidDialPolicy",
     "OutboundDialPolicy",
     "get_policy",
+    "lock_policy",
     "set_policy",
 ]
 
@@ -114,6 +115,15 @@ async def get_policy(db: Queryable, *, organization_id: str) -> OutboundDialPoli
     if row is None:
         return DEFAULT_POLICY.model_copy(update={"organization_id": organization_id})
     return OutboundDialPolicy.from_row(row)
+
+
+async def lock_policy(conn: Connection, *, organization_id: str) -> OutboundDialPolicy:
+    """The organization's policy as `get_policy` reads it, no other `lock_policy` getting past this point for it
+    until the caller's transaction ends: for a change of part of it (`set_policy` writes it whole) that must not
+    write back, as they were, parts another change is setting meanwhile. There may be no row yet to lock, so the lock
+    is a transaction advisory lock of the organization's policy."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('dialtone.dial_policy:' || $1::text))", organization_id)
+    return await get_policy(conn, organization_id=organization_id)
 
 
 async def set_policy(

@@ -6,6 +6,7 @@ Numbers are phonenumbers' own example number of each type, so the tests follow i
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -227,6 +228,44 @@ async def test_one_organizations_policy_row_is_invisible_to_another_under_row_le
         'SELECT "allowedKinds" FROM "OutboundDialPolicy" WHERE "organizationId" = $1', opted.organization_id
     )
     assert row == ["premium_rate"]
+
+
+async def test_two_changes_to_different_parts_of_the_policy_at_once_both_stand(api: Api, pool: asyncpg.Pool) -> None:
+    # One OWNER narrowing the countries while another allows a kind: each PATCH reads the policy and writes it whole,
+    # so neither may write back the part the other changed as it was before (the tightening silently undone).
+    tenant = await make_tenant(pool, "TwoAdmins")
+    await api.call("PATCH", POLICY_PATH, tenant.owner_key, json={"internationalNetworks": False})  # the row exists
+    holder = await pool.acquire()
+    try:
+        blocker = holder.transaction()
+        await blocker.start()
+        await holder.execute(
+            'SELECT 1 FROM "OutboundDialPolicy" WHERE "organizationId" = $1 FOR UPDATE', tenant.organization_id
+        )
+        narrow = asyncio.create_task(
+            api.call("PATCH", POLICY_PATH, tenant.owner_key, json={"allowedCountries": ["GB"]})
+        )
+        widen = asyncio.create_task(
+            api.call("PATCH", POLICY_PATH, tenant.owner_key, json={"allowedKinds": ["premium_rate"]})
+        )
+        for _ in range(500):  # until both requests wait on a lock, each having read what it could before
+            waiting = await pool.fetchval(
+                """SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> $1
+                   AND datname = current_database() AND query ILIKE '%dial%policy%'""",
+                holder.get_server_pid(),
+            )
+            if waiting == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting == 2
+        await blocker.rollback()
+        results = await asyncio.gather(narrow, widen)
+    finally:
+        await pool.release(holder)
+
+    assert [status for status, _ in results] == [200, 200], results
+    _, policy = await api.call("GET", POLICY_PATH, tenant.viewer_key)
+    assert (policy["allowedCountries"], policy["allowedKinds"]) == (["GB"], ["premium_rate"])
 
 
 # ------------------------------------------------------------------------------------------------- campaigns

@@ -142,7 +142,7 @@ async def update_dial_policy(call: ApiCall) -> DialPolicy:
     changes = call.body_as(DialPolicyUpdate).changes()
     organization_id = call.caller.organization_id
     async with call.tenant() as db:
-        current = await dial_policies.get_policy(db, organization_id=organization_id)
+        current = await dial_policies.lock_policy(db, organization_id=organization_id)
         try:
             policy = await dial_policies.set_policy(
                 db,
