@@ -263,6 +263,29 @@ async def test_a_transfer_outside_the_agents_rules_is_refused_and_the_call_goes_
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "caller_hangup")
 
 
+async def test_a_transfer_the_agent_lists_but_the_dial_policy_refuses_is_refused_and_the_call_goes_on(
+    engines: dict[str, str], api: Api, pool: asyncpg.Pool, twilio_updates: tuple[str, list[dict[str, str]]]
+) -> None:
+    premium = "+449012345678"  # a UK premium-rate number, listed exactly: the agent's rules allow it
+    tenant = await make_tenant(pool, "PremiumDesk")
+    number, _ = await make_line(
+        pool,
+        tenant.organization_id,
+        firstSentence="Hello.",
+        transfer={"destinations": [{"number": premium, "label": "Premium desk"}]},
+    )
+    running = asyncio.create_task(call(engines["twilio"], number, Pause(1500)))
+    call_log_id = await held_by_a_node(pool, tenant.organization_id)
+    status, body = await api.call("POST", f"/live-calls/{call_log_id}/transfer", tenant.owner_key, json={"to": premium})
+    assert status == 403, body
+    assert "is a premium-rate number; this organization does not dial premium-rate numbers" in body["error"]["message"]
+    result = await running
+    _, updates = twilio_updates
+    assert not [u for u in updates if u["sid"] == result.call_sid]
+    log = await call_log(pool, result)
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "caller_hangup")
+
+
 CONTROLS = [
     ("say", {"text": LINE}),
     ("message", {"content": "Be brief."}),

@@ -7,12 +7,13 @@ from typing import Annotated, Literal
 from pydantic import Field, StringConstraints
 
 from config.phone import InvalidPhoneNumber, e164
-from engine.api.errors import conflict, unprocessable
+from engine.api.errors import ApiError, conflict, unprocessable
 from engine.api.live_call_commands import command_holding_node, live_call
 from engine.api.models import RequestModel, ResponseModel
 from engine.api.operations import ApiCall, Resource
 from engine.api.resources.calls import PhoneNumberText
 from engine.call.live_call_controls import MESSAGE, SAY, TRANSFER
+from storage import dial_policies
 from storage.call_logs import CallLog
 
 resource = Resource(
@@ -119,8 +120,8 @@ async def message_live_call(call: ApiCall) -> MessageAccepted:
 )
 async def transfer_live_call(call: ApiCall) -> TransferAccepted:
     """Hand the caller to a number the agent's transfer rules allow, the rules its model's `transfer_call` obeys:
-    the agent stops speaking and Twilio dials it. 422 for a number that is not E.164; 403 when the rules do not
-    allow it; 409 when the call is
+    the agent stops speaking and Twilio dials it. 422 for a number that is not E.164; 403 when the rules, or the
+    organization's dial policy (GET /v1/organization/dial-policy), do not allow it; 409 when the call is
     not in progress or ending, or the engine process holding it has no Twilio account to transfer with; 502 when
     Twilio did not make the transfer (the call goes on)."""
     body = call.body_as(TransferRequest)
@@ -129,5 +130,10 @@ async def transfer_live_call(call: ApiCall) -> TransferAccepted:
         to = e164(body.to)
     except InvalidPhoneNumber as exc:
         raise unprocessable(f"{exc}; give the number in E.164, with its country code (+14155550100)", "to") from None
+    async with call.tenant() as db:
+        policy = await dial_policies.get_policy(db, organization_id=call.caller.organization_id)
+    refusal = policy.refusal(to)
+    if refusal is not None:  # the engine holding the call refuses it too (engine.call.paid_transfer), less clearly
+        raise ApiError(403, "forbidden", f"to: {refusal}")
     result = await _command(call, log, TRANSFER, {"to": to})
     return TransferAccepted(call_log_id=log.id, to=str(result.get("to", to)))
