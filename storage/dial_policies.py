@@ -76,7 +76,8 @@ class OutboundDialPolicy(Record):
     allowed_countries: tuple[str, ...] | None = None
     """ISO 3166 region codes ("GB"): only numbers of these countries are dialed; None: any country."""
     international_networks: bool = False
-    """Whether numbers of the international networks (+870, +881, +882, ...) are dialed, of the kinds allowed."""
+    """Whether numbers of the international networks (+870, +881, +882, ...) are dialed, of the kinds allowed; they are
+    no country's, so `allowed_countries` does not narrow them."""
     updated_at: datetime | None = None
     """When an OWNER or ADMIN last set it; None for the default of an organization that never did."""
 
@@ -91,7 +92,10 @@ class OutboundDialPolicy(Record):
         if kind not in DEFAULT_KINDS and kind not in self.allowed_kinds:
             return f"{number} is {kind.described}; this organization does not dial {kind.plural} ({_HOW_TO_ALLOW})"
         region = phonenumbers.region_code_for_number(parsed)
-        if region == _INTERNATIONAL_NETWORKS and not self.international_networks:
+        if region == _INTERNATIONAL_NETWORKS:
+            # Not a country: `international_networks` alone decides, whatever the list of countries.
+            if self.international_networks:
+                return None
             return (
                 f"{number} is a number of an international network (satellite phones and the like), not of a "
                 f"country; this organization does not dial those ({_HOW_TO_ALLOW})"

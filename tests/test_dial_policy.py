@@ -102,6 +102,18 @@ def test_a_country_list_dials_only_those_countries() -> None:
     assert (policy.refusal("+14155550123") or "").startswith("+14155550123 is in United States; this organization")
 
 
+def test_international_networks_allowed_beside_a_country_list_are_dialed() -> None:
+    # A network is no country: an organization that dials GB and, deliberately, satellite phones dials both.
+    iridium = phonenumbers.example_number_for_non_geo_entity(881)
+    assert iridium is not None
+    satellite = phonenumbers.format_number(iridium, phonenumbers.PhoneNumberFormat.E164)
+    policy = OutboundDialPolicy(allowed_countries=("GB",), international_networks=True)
+
+    assert policy.refusal(satellite) is None
+    assert policy.refusal(UK_MOBILE) is None
+    assert "international network" in (OutboundDialPolicy(allowed_countries=("GB",)).refusal(satellite) or "")
+
+
 # ------------------------------------------------------------------------------------ through the real server
 
 
