@@ -242,6 +242,19 @@ async def test_one_organizations_policy_row_is_invisible_to_another_under_row_le
     assert row == ["premium_rate"]
 
 
+async def test_a_country_list_holding_null_is_refused_by_the_table_whoever_writes_it(pool: asyncpg.Pool) -> None:
+    # Another writer (a dashboard sharing the database) meets the table's CHECK, not the API's validation: a NULL
+    # country would have failed every outbound call of the organization when the engine read the policy.
+    tenant = await make_tenant(pool, "NullCountry")
+    for countries in (["GB", None], [None], ["gb"]):
+        with pytest.raises(asyncpg.CheckViolationError):
+            await pool.execute(
+                'INSERT INTO "OutboundDialPolicy" ("organizationId", "allowedCountries") VALUES ($1, $2)',
+                tenant.organization_id,
+                countries,
+            )
+
+
 async def test_two_changes_to_different_parts_of_the_policy_at_once_both_stand(api: Api, pool: asyncpg.Pool) -> None:
     # One OWNER narrowing the countries while another allows a kind: each PATCH reads the policy and writes it whole,
     # so neither may write back the part the other changed as it was before (the tightening silently undone).

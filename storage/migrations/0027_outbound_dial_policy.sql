@@ -26,7 +26,8 @@ CREATE TABLE "OutboundDialPolicy" (
     ),
     CONSTRAINT "OutboundDialPolicy_allowedCountries_check" CHECK (
         "allowedCountries" IS NULL
-        OR array_to_string("allowedCountries", ',') ~ '^([A-Z]{2}(,|$))+$'
+        OR (array_position("allowedCountries", NULL) IS NULL  -- array_to_string skips NULL elements
+            AND array_to_string("allowedCountries", ',') ~ '^([A-Z]{2}(,|$))+$')
     )
 );
 
