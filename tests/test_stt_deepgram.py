@@ -351,11 +351,52 @@ async def test_a_socket_that_stays_silent_while_the_caller_speaks_ends_the_event
     await collect(stt, is_end_of_turn)
     fake.mute = True  # every socket, the new ones too: a Deepgram stuck behind open sockets
     await feed(stt, speech(1200))
-    with pytest.raises(STTError, match=r"sent nothing for 0.3 s while the caller spoke.*could not reconnect"):
+    with pytest.raises(STTError, match=r"sent nothing for 0.3 s while the caller spoke.*before it was silent too"):
         async with asyncio.timeout(5):
             async for _event in stt.events():
                 pass
     await stt.close()
+    # The second socket heard the first one's unanswered speech again and said nothing either: no third is tried.
+    assert fake.connections == 2
+
+
+async def test_a_silent_socket_that_served_long_still_counts_toward_failing(fake: FakeDeepgram) -> None:
+    stt = recognizer(fake, silent_socket_seconds=0.3, stable_socket_seconds=0.05)
+    await stt.start()
+    await feed(stt, speech(400) + silent_frames(400))
+    await collect(stt, is_end_of_turn)
+    fake.mute = True
+    await feed(stt, speech(1200))
+    with pytest.raises(STTError, match="before it was silent too"):
+        async with asyncio.timeout(5):
+            async for _event in stt.events():
+                pass
+    await stt.close()
+    assert fake.connections == 2
+
+
+async def test_drops_of_sockets_that_served_a_while_do_not_add_up_to_a_failure() -> None:
+    # The server closes every socket after 0.2 s without audio; the caller only listens, so none ever answers.
+    async with FakeDeepgram(api_key=API_KEY, idle_timeout_seconds=0.2) as fake:
+        stt = recognizer(fake, keepalive_seconds=60, stable_socket_seconds=0.1)
+        await stt.start()
+        await until(lambda: fake.connections > 2 * (1 + len(FAST_RECONNECT)))
+        events = asyncio.ensure_future(anext(aiter(stt.events())))
+        await asyncio.sleep(0.1)
+        assert not events.done()  # still reconnecting, no STTError
+        events.cancel()
+        await stt.close()
+
+
+async def test_sockets_dropped_at_once_still_fail_after_the_attempts() -> None:
+    async with FakeDeepgram(api_key=API_KEY, idle_timeout_seconds=0.05) as fake:
+        stt = recognizer(fake, keepalive_seconds=60, stable_socket_seconds=30)
+        await stt.start()
+        with pytest.raises(STTError, match="could not reconnect after 3 attempts"):
+            async with asyncio.timeout(5):
+                async for _event in stt.events():
+                    pass
+        await stt.close()
     assert fake.connections == 1 + len(FAST_RECONNECT)
 
 

@@ -51,6 +51,14 @@ after the last voiced frame, for a recognizer whose idea of the end of speech le
 with the first of them."""
 HOT_MARGIN_MS = 100
 """... until this long after it, for one whose idea lags ours."""
+STABLE_SOCKET_SECONDS = 30.0
+"""A socket that served this long before it closed was a working one even if it never had to answer (the caller
+listened to the agent throughout): its drop starts the reconnect attempts afresh, so drops spread over a long call
+do not add up to a failure."""
+SILENT_SOCKETS_TO_FAIL = 2
+"""Sockets in a row dropped for leaving the caller's speech unanswered before reconnecting stops: the second one
+heard the first one's unanswered speech again and said nothing either, so the caller has already waited two
+`silent_socket_seconds` and a third socket would most likely be as silent."""
 UNANSWERED_SPEECH_MS = 1000
 """Voiced caller audio sent since Deepgram's last message (of any kind) before its silence counts against the socket:
 with interim results Deepgram answers speech about every second; to less speech, or to silence, it may say nothing."""
@@ -141,6 +149,7 @@ class DeepgramSTT:
         max_replay_ms: int = 10_000,
         keepalive_seconds: float = 3.0,
         silent_socket_seconds: float = 5.0,
+        stable_socket_seconds: float = STABLE_SOCKET_SECONDS,
     ) -> None:
         """Create a recognizer for `config` at Deepgram base `url`; nothing connects until `start()`.
 
@@ -151,7 +160,8 @@ class DeepgramSTT:
         without audio. A socket that stays open but sends nothing at all for `silent_socket_seconds` once
         `UNANSWERED_SPEECH_MS` of the caller's voiced audio has gone out since its last message is dropped as dead
         (with interim results on, as they are by default: without them Deepgram may rightly say nothing until the
-        caller pauses).
+        caller pauses); reconnecting stops after `SILENT_SOCKETS_TO_FAIL` such sockets in a row. The attempts start
+        afresh once a socket has said something or served `stable_socket_seconds`.
         """
         self._client = clients.deepgram(api_key, url)
         self._host = urlsplit(url).netloc
@@ -181,6 +191,7 @@ class DeepgramSTT:
         self._unanswered_bytes = 0
         self._unanswered_limit = UNANSWERED_SPEECH_MS * BYTES_PER_MS if config.interim_results else sys.maxsize
         self._silent_socket_seconds = silent_socket_seconds
+        self._stable_socket_seconds = stable_socket_seconds
         self._answer_timer: asyncio.TimerHandle | None = None
         self._answered = False  # the current socket has sent something
         self._silent_cause: str | None = None  # why the current socket was dropped as dead, if it was
@@ -322,15 +333,19 @@ class DeepgramSTT:
 
     async def _connect_and_serve(self) -> STTError | None:
         """Connect, serve the socket, and after a drop reconnect with backoff; the failure that ended it, if any."""
-        attempt = 0
+        loop = asyncio.get_running_loop()
+        attempt = silent_sockets = 0
         while not self._closing:
             try:
                 async with self._client.listen.v1.connect(**self._params) as socket:
+                    opened_at = loop.time()
                     cause = await self._stream(socket)
-                    if self._answered:
-                        # Reconnected for good only once the socket has said something: one that opens and then
-                        # closes, or stays silent, at once each time is not a working Deepgram.
-                        attempt = 0
+                    if self._silent_cause is not None:
+                        silent_sockets += 1
+                    elif self._answered or loop.time() - opened_at >= self._stable_socket_seconds:
+                        # Reconnected for good only once the socket has said something, or served a while: one
+                        # that opens and then closes, or stays silent, at once each time is not a working Deepgram.
+                        attempt = silent_sockets = 0
             except (ApiError, OSError, WebSocketException) as exc:
                 # TimeoutError (the handshake's own timeout) is an OSError.
                 cause = self._connect_failure(exc)
@@ -338,6 +353,8 @@ class DeepgramSTT:
                     return STTError(cause, provider="deepgram")
             if self._closing:
                 break
+            if silent_sockets == SILENT_SOCKETS_TO_FAIL:
+                return STTError(f"{cause}; the socket before it was silent too", provider="deepgram")
             if attempt == len(self._reconnect_delays):
                 return STTError(f"{cause}; could not reconnect after {attempt} attempts", provider="deepgram")
             delay = self._reconnect_delays[attempt]
