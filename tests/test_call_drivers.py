@@ -171,6 +171,7 @@ async def call_on(
     low_water: LowWaterLog | None = None,
     clock: Callable[[], float] = time.monotonic,
     driver_start_s: float = 0.0,
+    driver_close_s: float = 0.0,
     engine_settings: Mapping[str, Any] = {},
     **behaviour: Any,
 ) -> AsyncIterator[Rig]:
@@ -178,8 +179,8 @@ async def call_on(
 
     With `credit_minute_s`, the call extends its credit reservation as the engine's do, that often. With
     `low_water`, the call paces the reading of its socket, `low_water` standing in for the socket. The call keeps
-    time by `clock`; its driver takes `driver_start_s` longer to start (a provider slow to connect). The engine's
-    settings are the test's fakes' plus `engine_settings`."""
+    time by `clock`; its driver takes `driver_start_s` longer to start (a provider slow to connect) and
+    `driver_close_s` longer to close. The engine's settings are the test's fakes' plus `engine_settings`."""
     async with AsyncExitStack() as stack:
         deepgram = await stack.enter_async_context(FakeDeepgram(api_key="dg"))
         openai = await stack.enter_async_context(FakeOpenAI(api_key=OPENAI_KEY))
@@ -220,8 +221,8 @@ async def call_on(
         else:
             pipeline = build_pipeline(config, context=context)
             driver = pipeline_driver(pipeline, first_sentence=config.first_sentence)
-        if driver_start_s:
-            driver = slow_to_start(driver, driver_start_s)
+        if driver_start_s or driver_close_s:
+            driver = slowed(driver, start_s=driver_start_s, close_s=driver_close_s)
         line = TwilioLine()
         writer = writer_for(pool, log)
         hang_ups: list[str] = []
@@ -273,18 +274,24 @@ async def call_on(
             await rig.finish()
 
 
-def slow_to_start(factory: DriverFactory, seconds: float) -> DriverFactory:
-    """`factory`'s drivers, each taking `seconds` longer to start."""
+def slowed(factory: DriverFactory, *, start_s: float, close_s: float) -> DriverFactory:
+    """`factory`'s drivers, each taking `start_s` longer to start (a provider slow to connect) and `close_s` longer
+    to close (providers slow to hang up)."""
 
     def build(host: CallHost) -> ConversationDriver:
         driver = factory(host)
-        start = driver.start
+        start, close = driver.start, driver.close
 
         async def slow_start() -> None:
-            await asyncio.sleep(seconds)
+            await asyncio.sleep(start_s)
             await start()
 
+        async def slow_close() -> None:
+            await asyncio.sleep(close_s)
+            await close()
+
         driver.start = slow_start  # type: ignore[method-assign]
+        driver.close = slow_close  # type: ignore[method-assign]
         return driver
 
     return build
@@ -449,6 +456,22 @@ async def test_a_call_a_fraction_of_a_second_into_its_second_minute_is_charged_t
     organization = await organizations.get_organization(pool, organization_id=rig.log.organization_id)
     assert rig.finished is not None
     assert (rig.finished.duration, organization.credits) == (61, 3)  # two started minutes at one credit a minute
+
+
+async def test_a_call_is_charged_until_it_ends_not_while_its_providers_close(kind: str, pool: asyncpg.Pool) -> None:
+    skipped = [0.0]  # seconds the call's clock has jumped ahead
+
+    def clock() -> float:
+        return time.monotonic() + skipped[0]
+
+    before = time.monotonic()
+    async with call_on(kind, pool, credits=5, clock=clock, driver_close_s=2.0) as rig:
+        skipped[0] = 59.0 - (time.monotonic() - before)  # the call is not yet 59 s old: its caller hangs up now
+        await rig.finish()  # and its providers then take 2 s to close
+    organization = await organizations.get_organization(pool, organization_id=rig.log.organization_id)
+    assert rig.finished is not None
+    assert rig.finished.duration is not None and rig.finished.duration <= 60
+    assert organization.credits == 4  # one started minute at one credit a minute
 
 
 async def test_a_driver_slow_to_start_does_not_delay_the_next_minutes_reservation_past_the_paid_one(

@@ -142,6 +142,8 @@ class CallSession:
         self._phase = CallPhase.AWAITING_GREETING if awaiting else CallPhase.LISTENING
         self._silence_timeout = config.silence_timeout_seconds
         self._started_at = clock()
+        self._ended_at: float | None = None
+        """When the call was decided over: its length, and so its charge, ends there, not once its parts are shut."""
         self._last_activity = self._started_at
         self._next_utterance = 1
         self._tasks: set[asyncio.Task[None]] = set()
@@ -410,6 +412,7 @@ class CallSession:
         if self._ended.is_set():
             return
         self._status, self._reason, self._detail = status, reason, detail
+        self._ended_at = self.clock()
         self.move(PhaseEvent.END)
         self._over = True
         self._ended.set()
@@ -438,8 +441,10 @@ class CallSession:
             await asyncio.gather(*pending, return_exceptions=True)
         await self._driver.close()
         self.turns.close(unsettled_caller_text=TRANSCRIPTION_FAILED)
-        # Unrounded: the CallLog's end rounds it up, so that a call is charged every minute it started.
-        duration_s = self.clock() - self._started_at
+        # Unrounded: the CallLog's end rounds it up, so that a call is charged every minute it started. Up to its end,
+        # not including the time its providers took to close.
+        ended_at = self._ended_at if self._ended_at is not None else self.clock()
+        duration_s = ended_at - self._started_at
         reason = self._reason or EndReason.INTERNAL_ERROR
         log.info("call %s ended: %s (%s, %.1f s)", self.context.call_sid, reason.value, self._status, duration_s)
         return CallOutcome(status=self._status, end_reason=reason, end_detail=self._detail, duration_s=duration_s)
