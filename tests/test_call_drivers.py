@@ -172,6 +172,7 @@ async def call_on(
     clock: Callable[[], float] = time.monotonic,
     driver_start_s: float = 0.0,
     driver_close_s: float = 0.0,
+    extension_s: float = 0.0,
     engine_settings: Mapping[str, Any] = {},
     **behaviour: Any,
 ) -> AsyncIterator[Rig]:
@@ -180,7 +181,8 @@ async def call_on(
     With `credit_minute_s`, the call extends its credit reservation as the engine's do, that often. With
     `low_water`, the call paces the reading of its socket, `low_water` standing in for the socket. The call keeps
     time by `clock`; its driver takes `driver_start_s` longer to start (a provider slow to connect) and
-    `driver_close_s` longer to close. The engine's settings are the test's fakes' plus `engine_settings`."""
+    `driver_close_s` longer to close, and each extension `extension_s` longer to be answered (a database under
+    load). The engine's settings are the test's fakes' plus `engine_settings`."""
     async with AsyncExitStack() as stack:
         deepgram = await stack.enter_async_context(FakeDeepgram(api_key="dg"))
         openai = await stack.enter_async_context(FakeOpenAI(api_key=OPENAI_KEY))
@@ -232,6 +234,7 @@ async def call_on(
 
         async def extend_reservation() -> bool:
             extensions_at.append(clock() - began)
+            await asyncio.sleep(extension_s)
             return await credit_reservations.extend_reservation(pool, call_log_id=log.id)
 
         async def hang_up(call_sid: str) -> bool:
@@ -472,6 +475,17 @@ async def test_a_call_is_charged_until_it_ends_not_while_its_providers_close(kin
     assert rig.finished is not None
     assert rig.finished.duration is not None and rig.finished.duration <= 60
     assert organization.credits == 4  # one started minute at one credit a minute
+
+
+async def test_extensions_slow_to_be_answered_do_not_push_the_next_ones_past_the_paid_minutes(
+    kind: str, pool: asyncpg.Pool
+) -> None:
+    # Tiny minutes of 2 s: each next minute is reserved 1 s before the paid one runs out, and each extension takes
+    # 0.6 s to be answered (a database under load). Every minute is still reserved before the one before runs out.
+    async with call_on(kind, pool, credits=20, credit_minute_s=2.0, extension_s=0.6) as rig:
+        await until(lambda: len(rig.extensions_at) >= 4, timeout=30)
+    paid_until = [2.0 * (minute + 1) for minute in range(4)]
+    assert all(at < end for at, end in zip(rig.extensions_at, paid_until, strict=False)), rig.extensions_at
 
 
 async def test_a_driver_slow_to_start_does_not_delay_the_next_minutes_reservation_past_the_paid_one(

@@ -58,26 +58,36 @@ class CreditMeter:
     async def run(self, *, elapsed: float = 0.0) -> None:
         """Reserve each next minute until the call ends (cancel the task) or the credits are used up, then end it;
         `elapsed` seconds of the call went by before the meter started (its conversation driver connecting)."""
+        loop = asyncio.get_running_loop()
         lead = min(CREDIT_LEAD_SECONDS, self._minute / 2)
-        reason = await self._paid_minutes(elapsed, lead)
+        reason, paid_until = await self._paid_minutes(loop.time() - elapsed, lead)
         self._say_goodbye(reason)
-        await asyncio.sleep(lead)  # the rest of the time paid for; a call still up then is cut off
+        # Out of credits, the call is cut off when its paid time is over; ended because its minutes could not be
+        # reserved (unpaid already), its goodbye has the lead.
+        end_at = paid_until if reason is EndReason.INSUFFICIENT_CREDITS else loop.time() + lead
+        await asyncio.sleep(max(end_at - loop.time(), 0.0))
         await self._hang_up(reason)
 
-    async def _paid_minutes(self, elapsed: float, lead: float) -> EndReason:
-        """Reserve each next minute `lead` seconds before the paid one runs out, until one cannot be: why not."""
-        # The first minute was reserved when the call was opened, and runs from the call's start.
-        await asyncio.sleep(max(self._minute - lead - elapsed, 0.0))
+    async def _paid_minutes(self, started: float, lead: float) -> tuple[EndReason, float]:
+        """Reserve each next minute `lead` seconds before the paid one runs out, until one cannot be: why not, and
+        when (on the loop's clock) the time paid for runs out.
+
+        Each minute is due at a fixed time from the call's `started`, so extensions slow to be answered never push
+        the next ones late: a meter that slipped by each answer's wait would leave a long call running unpaid.
+        """
+        loop = asyncio.get_running_loop()
+        paid_until = started + self._minute  # the first minute was reserved when the call was opened
         unpaid = 0
         attempt: asyncio.Future[bool] | None = None
         try:
             while True:
+                await asyncio.sleep(max(paid_until - lead - loop.time(), 0.0))
                 if attempt is None or attempt.done():  # one still waiting for the database is waited on again
                     attempt = asyncio.ensure_future(self._extend())
                 try:
-                    extended = await asyncio.wait_for(asyncio.shield(attempt), lead)
+                    extended = await asyncio.wait_for(asyncio.shield(attempt), max(paid_until - loop.time(), 0.0))
                 except Exception as exc:  # our database's trouble: the call goes on a while, the end settles it
-                    why = str(exc) or f"no answer within {lead:g} s"
+                    why = str(exc) or "no answer before the paid minute ran out"
                     unpaid += 1
                     if unpaid > self._unpaid_minutes:
                         log.error(
@@ -86,15 +96,15 @@ class CreditMeter:
                             unpaid,
                             why,
                         )
-                        return EndReason.INTERNAL_ERROR
+                        return EndReason.INTERNAL_ERROR, paid_until
                     log.warning("call %s: its credit reservation could not be extended: %s", self._call_sid, why)
                     extended = True
                 else:
                     unpaid = 0
                 if not extended:
                     log.info("call %s: the organization's credits are used up", self._call_sid)
-                    return EndReason.INSUFFICIENT_CREDITS
-                await asyncio.sleep(self._minute)
+                    return EndReason.INSUFFICIENT_CREDITS, paid_until
+                paid_until += self._minute
         finally:
             if attempt is not None:
                 attempt.cancel()  # the call is over: an extension still waiting is of no use
