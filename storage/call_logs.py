@@ -391,7 +391,7 @@ async def fail_stale_in_progress(
 ) -> int:
     """Mark FAILED, ended for `reason`, every call still IN_PROGRESS that started before `older_than`.
 
-    Returns how many were marked; each one's call.ended is queued, and its credit reservation returned, in the same
+    Returns how many were marked; each one's call.ended is queued, and its credit reservation settled, in the same
     transaction. Unscoped by design, like list_in_progress: nothing stays IN_PROGRESS forever.
     """
     async with transaction(db) as conn:
@@ -412,10 +412,11 @@ async def fail_stale_in_progress(
 
 async def after_bulk_ending(conn: Queryable, rows: list[asyncpg.Record]) -> None:
     """For CallLog rows just ended in bulk, in the transaction that ended them: queue each one's call.ended and
-    return its credit reservation whole (only a call's own media session knows how long it ran)."""
+    settle its credit reservation on the minutes it surely started (only a call's own media session knows how long
+    it ran)."""
     for row in rows:
         await call_events.enqueue_call_ended(conn, CallLog.from_row(row))
-    await credit_reservations.release_reservations(conn, call_log_ids=[row["id"] for row in rows])
+    await credit_reservations.settle_orphaned_reservations(conn, call_log_ids=[row["id"] for row in rows])
 
 
 PENDING_CALL_ID_PREFIX = "pending:"

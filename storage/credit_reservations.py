@@ -116,17 +116,25 @@ async def settle_reservation(db: Queryable, *, organization_id: str, call_log_id
     return balance
 
 
-async def release_reservations(db: Queryable, *, call_log_ids: Sequence[str]) -> None:
-    """Return the whole reservation of each of these calls to its organization (calls closed without their media
-    session's end: recovery after an engine was lost)."""
+async def settle_orphaned_reservations(db: Queryable, *, call_log_ids: Sequence[str]) -> None:
+    """Settle the reservations of calls closed without their media session's end (recovery after an engine was lost):
+    each is charged the minutes it surely started, and the rest returns to its organization.
+
+    A call whose media stream started (its CallLog names an engine node) started its first minute, and every minute
+    but the last it reserved (each next minute is reserved in the last seconds of the one before): it pays those, at
+    least one, and may be undercharged a minute, never overcharged. A call whose stream never started pays nothing.
+    """
     await db.execute(
         """
         WITH held AS (
             DELETE FROM "CreditReservation" r USING "CallLog" c
             WHERE r."callLogId" = ANY($1::text[]) AND c."id" = r."callLogId"
-            RETURNING c."organizationId", r."credits"
+            RETURNING c."organizationId", r."credits",
+                      CASE WHEN c."metadata" ? 'engineNode'
+                           THEN GREATEST(r."credits" - r."creditsPerMinute", r."creditsPerMinute")
+                           ELSE 0 END AS "charged"
         ), owed AS (
-            SELECT "organizationId", sum("credits") AS "credits" FROM held GROUP BY "organizationId"
+            SELECT "organizationId", sum("credits" - "charged") AS "credits" FROM held GROUP BY "organizationId"
         )
         UPDATE "Organization" o SET "credits" = o."credits" + owed."credits"
         FROM owed

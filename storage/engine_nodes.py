@@ -101,7 +101,8 @@ async def fail_orphaned_calls(
     A call tagged with a node not seen within `node_timeout` ends with ENGINE_LOST; an untagged call that started
     more than `stream_timeout` ago ends with STREAM_NEVER_STARTED (its media stream never opened). Calls of live
     nodes, and untagged calls younger than `stream_timeout` (still waiting for their stream), are left alone. Each
-    closed call's call.ended is queued, and its credit reservation returned, in the same transaction. `now` is the
+    closed call's call.ended is queued, and its credit reservation settled (an ENGINE_LOST call pays the minutes it
+    surely started, credit_reservations.settle_orphaned_reservations), in the same transaction. `now` is the
     database's clock when None. Unscoped by design: recovery looks across every organization.
     """
     async with transaction(db) as conn:

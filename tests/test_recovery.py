@@ -19,10 +19,11 @@ import pytest
 from aiohttp import web
 
 from engine.server.appkeys import DATABASE
+from engine.simulator import Pause
 from engine.workers import recovery
 from engine.workers.host_processes import process_is_gone
 from engine.workers.recovery import NODE_ID, NodeHeartbeat, recovery_context
-from storage import call_logs, engine_nodes, events
+from storage import call_logs, credit_reservations, engine_nodes, events
 from storage.call_logs import CallLog
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus
@@ -30,6 +31,9 @@ from storage.pool import Database, create_pool
 from tests.databases import TestDatabases
 from tests.fakes.engine_processes import free_port, start_engine, wait_healthy
 from tests.test_call_log_writer import OnOffProxy
+from tests.test_calls_e2e import call as simulated_call
+from tests.test_calls_e2e import finished_call_log
+from tests.test_drain_processes import engine, held_call, line
 from tests.test_repo_agents import insert_organization
 from tests.test_repo_call_logs import open_call, set_started_at
 
@@ -117,24 +121,33 @@ async def test_calls_closed_by_recovery_are_announced_to_call_ended_subscribers(
     assert ended[lost.id]["status"] == "FAILED" and ended[lost.id]["endReason"] == "engine_lost"
 
 
-async def test_calls_closed_by_recovery_return_their_reserved_credits(own_pool: asyncpg.Pool) -> None:
+async def test_calls_closed_by_recovery_pay_the_minutes_they_surely_started_and_return_the_rest(
+    own_pool: asyncpg.Pool,
+) -> None:
     now = datetime.now(UTC)
     await register(own_pool, "dead", last_seen=now - timedelta(minutes=5))
-    org = await insert_organization(own_pool)
-    await own_pool.execute('UPDATE "Organization" SET "credits" = 10 WHERE "id" = $1', org)
-    rates = {"free": 2, "pro": 2, "enterprise": 2}
     await register(own_pool, "alive", last_seen=now)
-    lost = await open_call(own_pool, org, metadata={"engineNode": "dead"}, credit_rates=rates)
+    org = await insert_organization(own_pool)
+    await own_pool.execute('UPDATE "Organization" SET "credits" = 20 WHERE "id" = $1', org)
+    rates = {"free": 2, "pro": 2, "enterprise": 2}
+    just_connected = await open_call(own_pool, org, metadata={"engineNode": "dead"}, credit_rates=rates)
+    three_minutes_held = await open_call(own_pool, org, metadata={"engineNode": "dead"}, credit_rates=rates)
+    for _ in range(2):  # reserved in the last seconds of its first and second minutes: it had started both
+        assert await credit_reservations.extend_reservation(own_pool, call_log_id=three_minutes_held.id)
     stale = await open_call(own_pool, org, metadata={"engineNode": "alive"}, credit_rates=rates)
     await set_started_at(own_pool, stale.id, now - timedelta(days=2))
-    assert await own_pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 6
+    never_streamed = await open_call(own_pool, org, credit_rates=rates)
+    await set_started_at(own_pool, never_streamed.id, now - timedelta(minutes=20))
+    assert await own_pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 8
 
     await engine_nodes.fail_orphaned_calls(own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT)
-    assert await own_pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 8
+    # The first call pays its one minute, the second two of its three, the one never streamed nothing.
+    assert await own_pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 8 + 2 + 2
     await call_logs.fail_stale_in_progress(own_pool, older_than=now - timedelta(days=1), reason=EndReason.ENGINE_LOST)
 
-    assert (await reread(own_pool, lost)).status is (await reread(own_pool, stale)).status is CallStatus.FAILED
-    assert await own_pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 10
+    for call in (just_connected, three_minutes_held, stale, never_streamed):
+        assert (await reread(own_pool, call)).status is CallStatus.FAILED
+    assert await own_pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 12  # stale: 1 min
     assert await own_pool.fetchval('SELECT count(*) FROM "CreditReservation"') == 0
 
 
@@ -353,4 +366,29 @@ async def test_an_engine_started_after_a_kill_9_closes_the_dead_engines_call_at_
             if engine.returncode is None:
                 engine.send_signal(signal.SIGTERM)
             await asyncio.wait_for(engine.communicate(), 30)
+        await own_pool.close()
+
+
+async def test_a_call_whose_engine_was_killed_pays_the_minute_it_started(
+    databases: TestDatabases, tmp_path: Path
+) -> None:
+    database_url = await databases.migrated()
+    own_pool = await databases.pool(database_url)
+    try:
+        number = await line(own_pool)  # 100 credits, one a minute
+        org = await own_pool.fetchval('SELECT "organizationId" FROM "PhoneNumber" WHERE "phoneNumber" = $1', number)
+        (tmp_path / "killed").mkdir()
+        (tmp_path / "next").mkdir()
+        async with engine(database_url, tmp_path / "killed", drain_seconds=20) as doomed:
+            caller = asyncio.create_task(simulated_call(doomed.url, number, Pause(60_000)))
+            call_log_id = await held_call(own_pool, number)  # the caller is talking to the agent
+            doomed.process.send_signal(signal.SIGKILL)
+            await doomed.process.wait()
+            await asyncio.gather(caller, return_exceptions=True)
+        async with engine(database_url, tmp_path / "next", drain_seconds=1):
+            ended = await finished_call_log(own_pool, call_log_id)  # closed by its recovery at start
+        assert (ended["status"], ended["metadata"]["endReason"]) == ("FAILED", "engine_lost")
+        assert await own_pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 99
+        assert await own_pool.fetchval('SELECT count(*) FROM "CreditReservation"') == 0
+    finally:
         await own_pool.close()
