@@ -597,6 +597,33 @@ async def test_the_completed_callback_gives_a_voicemail_call_its_end_reason_whoe
     assert row["duration"] == (12 if session_ran else 21)
 
 
+async def test_a_voicemail_left_without_a_media_stream_pays_the_minutes_twilio_ran_it(
+    engine: str, twilio: FakeTwilio, pool: asyncpg.Pool
+) -> None:
+    # The machine's verdict came before the stream started: Twilio spoke the message and hung up, 75 s in all.
+    org = await organizations.create_organization(pool, name="Voicemail", slug="voicemail-charge", credits=10)
+    agent_id = await make_agent(pool, org.id)
+    call_sid = "CA" + secrets.token_hex(16)
+    log = await call_logs.create_call_log(
+        pool,
+        organization_id=org.id,
+        call_type=CallType.OUTBOUND,
+        call_id=call_sid,
+        agent_id=agent_id,
+        metadata={"voicemail": "voicemail_left", "answeredBy": "machine_end_beep"},
+        credit_rates={"free": 1, "pro": 1, "enterprise": 1},
+    )
+    fields = {"CallSid": call_sid, "CallStatus": "completed", "CallDuration": "75", "AccountSid": twilio.account_sid}
+
+    assert await post_status(engine, twilio, log.id, fields) == 204
+    assert await post_status(engine, twilio, log.id, fields) == 204  # Twilio retries: charged once
+
+    row = await call_log_row(pool, log.id)
+    assert (row["status"], row["metadata"]["endReason"], row["duration"]) == ("COMPLETED", "voicemail_left", 75)
+    balance = await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org.id)
+    assert balance == 8  # two started minutes at one credit a minute
+
+
 async def test_many_concurrent_calls_are_each_dialed_once(
     deps: OutboundDeps, twilio: FakeTwilio, pool: asyncpg.Pool, organization_id: str, caller_id: str
 ) -> None:

@@ -15,6 +15,7 @@ from aiohttp import web
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
+from engine.call.call_outcome import started_minutes
 from engine.call.setup import provider_keys, template_variables
 from engine.server.appkeys import CLOCK, DATABASE, DRAIN, LIVE_CALLS, SETTINGS, TWILIO
 from engine.twilio.fields import CallStatusCallback, DialEnded, Form, IncomingCall, InvalidTwilioField, MachineVerdict
@@ -364,7 +365,8 @@ async def _outbound_status(
 
     busy, no-answer and canceled end it MISSED, failed FAILED, each with Twilio's status as the end reason;
     answered (`in-progress`) leaves it to the media session. `completed` closes a call whose stream never
-    started (FAILED, or with its voicemail end when an answering machine took it), and gives a call the media
+    started (FAILED, or with its voicemail end, charged Twilio's started minutes, when an answering machine took
+    it), and gives a call the media
     session finished its voicemail end reason when the session could not know it (it ran on another node).
     A call Twilio reports alive whose CallLog was closed `not_placed` is hung up (`_hang_up_late_call`).
     """
@@ -385,15 +387,19 @@ async def _outbound_status(
                 metadata=ending(voicemail),
             )
         return
+    minutes_charged = 0
     if status in _OUTBOUND_UNANSWERED:
         final, reason = _OUTBOUND_UNANSWERED[status]
     elif status == "completed" and "engineNode" not in call_log.metadata and voicemail:
+        # A machine answered and Twilio ran the call (its message, or our hang-up) without a stream: it connected,
+        # and pays every minute it started, as a call the media session ends does.
         final, reason = CallStatus.COMPLETED, voicemail
+        minutes_charged = started_minutes(callback.duration_s or 0)
     elif status == "completed" and "engineNode" not in call_log.metadata:
         final, reason = CallStatus.FAILED, EndReason.STREAM_NEVER_STARTED
     else:
         return
-    await _close_unconnected(pool, call_log, final, reason, callback)
+    await _close_unconnected(pool, call_log, final, reason, callback, minutes_charged=minutes_charged)
 
 
 def _closed_not_placed(call_log: CallLog) -> bool:
@@ -427,7 +433,13 @@ async def _hang_up_late_call(call_log: CallLog, callback: CallStatusCallback, tw
 
 
 async def _close_unconnected(
-    pool: Pool, call_log: CallLog, final: CallStatus, reason: EndReason, callback: CallStatusCallback
+    pool: Pool,
+    call_log: CallLog,
+    final: CallStatus,
+    reason: EndReason,
+    callback: CallStatusCallback,
+    *,
+    minutes_charged: int = 0,
 ) -> None:
     status = callback.status
     metadata = {**ending(reason), "twilioStatus": status}
@@ -441,6 +453,7 @@ async def _close_unconnected(
             status=final,
             duration=callback.duration_s or 0,
             metadata=metadata,
+            minutes_charged=minutes_charged,
         )
     log.info("call %s: status %s closed CallLog %s as %s", call_log.call_id, status, call_log.id, final)
 
