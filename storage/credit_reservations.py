@@ -116,6 +116,40 @@ async def settle_reservation(db: Queryable, *, organization_id: str, call_log_id
     return balance
 
 
+async def charge_after_end(
+    db: Queryable, *, organization_id: str, call_log_id: str, minutes: int, rates: Mapping[str, int], marker: str
+) -> bool:
+    """Charge an ended call `minutes` more started minutes at its organization's plan rate, once: the CallLog's
+    metadata gets `marker` (the minutes) in the same statement, and a call that has it already is not charged again.
+    For time Twilio ran the call after its media session ended (the voicemail message it speaks after the beep).
+
+    Like a settlement, it charges what the balance holds, never below zero. False when nothing was charged now.
+    """
+    check_rates(rates)
+    if minutes <= 0:
+        return False
+    charged = await db.fetchval(
+        """
+        WITH marked AS (
+            UPDATE "CallLog" SET "metadata" = "metadata" || jsonb_build_object($5::text, $3::integer)
+            WHERE "id" = $2 AND "organizationId" = $1 AND NOT ("metadata" ? $5::text)
+            RETURNING "id"
+        )
+        UPDATE "Organization" o
+        SET "credits" = GREATEST(o."credits" - $3 * ($4::jsonb ->> o."plan"::text)::integer, 0)
+        FROM marked
+        WHERE o."id" = $1
+        RETURNING o."credits"
+        """,
+        organization_id,
+        call_log_id,
+        minutes,
+        dict(rates),
+        marker,
+    )
+    return charged is not None
+
+
 async def settle_orphaned_reservations(db: Queryable, *, call_log_ids: Sequence[str]) -> None:
     """Settle the reservations of calls closed without their media session's end (recovery after an engine was lost):
     each is charged the minutes it surely started, and the rest returns to its organization.

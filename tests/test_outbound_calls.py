@@ -624,6 +624,43 @@ async def test_a_voicemail_left_without_a_media_stream_pays_the_minutes_twilio_r
     assert balance == 8  # two started minutes at one credit a minute
 
 
+async def test_a_voicemail_message_spoken_after_the_session_pays_the_minutes_twilio_ran_it_past_the_session(
+    engine: str, twilio: FakeTwilio, pool: asyncpg.Pool
+) -> None:
+    # The media session heard the machine, ended at 50 s (one minute charged), and Twilio spoke the message after the
+    # beep: 95 s in all by Twilio's clock, so a second minute was started.
+    org = await organizations.create_organization(pool, name="Voicemail after", slug="voicemail-after", credits=10)
+    agent_id = await make_agent(pool, org.id)
+    call_sid = "CA" + secrets.token_hex(16)
+    log = await call_logs.create_call_log(
+        pool,
+        organization_id=org.id,
+        call_type=CallType.OUTBOUND,
+        call_id=call_sid,
+        agent_id=agent_id,
+        metadata={"voicemail": "voicemail_left", "answeredBy": "machine_end_beep", "engineNode": "node-a"},
+        credit_rates={"free": 1, "pro": 1, "enterprise": 1},
+    )
+    await call_logs.finalize_call_log(
+        pool,
+        organization_id=org.id,
+        call_log_id=log.id,
+        status=CallStatus.COMPLETED,
+        duration=50,
+        metadata={"endReason": "voicemail_left"},
+        minutes_charged=1,
+    )
+    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org.id) == 9
+    fields = {"CallSid": call_sid, "CallStatus": "completed", "CallDuration": "95", "AccountSid": twilio.account_sid}
+
+    assert await post_status(engine, twilio, log.id, fields) == 204
+    assert await post_status(engine, twilio, log.id, fields) == 204  # Twilio retries: charged once
+
+    row = await call_log_row(pool, log.id)
+    assert (row["status"], row["duration"], row["metadata"]["voicemailMinutesCharged"]) == ("COMPLETED", 50, 1)
+    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org.id) == 8
+
+
 async def test_many_concurrent_calls_are_each_dialed_once(
     deps: OutboundDeps, twilio: FakeTwilio, pool: asyncpg.Pool, organization_id: str, caller_id: str
 ) -> None:

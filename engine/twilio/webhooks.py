@@ -24,7 +24,7 @@ from engine.twilio.rest import TwilioCalls
 from engine.twilio.signature import public_base_url, signed_form
 from pipelines.llm.prompt import render_prompt
 from pipelines.registry import PipelineUnavailable, check_pipeline
-from storage import Pool, agents, call_logs, phone_numbers, transfer_legs
+from storage import Pool, agents, call_logs, credit_reservations, phone_numbers, transfer_legs
 from storage.call_logs import CallLog, InvalidCallTransition
 from storage.call_slots import ConcurrentCallLimitReached
 from storage.end_reasons import EndReason, ending
@@ -335,7 +335,7 @@ async def handle_status(request: web.Request) -> web.Response:
     if call_log is None:
         return web.Response(status=204)
     if call_log.call_type is CallType.OUTBOUND:
-        await _outbound_status(pool, call_log, callback, request.app.get(TWILIO))
+        await _outbound_status(pool, call_log, callback, request.app.get(TWILIO), request.app[SETTINGS].credit_rates)
         return web.Response(status=204)
     if call_log.status != CallStatus.IN_PROGRESS or status not in _FINAL_STATUSES:
         return web.Response(status=204)
@@ -359,7 +359,11 @@ async def _callback_call_log(pool: Pool, call_sid: str, call_log_id: str | None)
 
 
 async def _outbound_status(
-    pool: Pool, call_log: CallLog, callback: CallStatusCallback, twilio: TwilioCalls | None
+    pool: Pool,
+    call_log: CallLog,
+    callback: CallStatusCallback,
+    twilio: TwilioCalls | None,
+    credit_rates: Mapping[str, int],
 ) -> None:
     """Move an outbound CallLog on Twilio's status.
 
@@ -367,7 +371,8 @@ async def _outbound_status(
     answered (`in-progress`) leaves it to the media session. `completed` closes a call whose stream never
     started (FAILED, or with its voicemail end, charged Twilio's started minutes, when an answering machine took
     it), and gives a call the media
-    session finished its voicemail end reason when the session could not know it (it ran on another node).
+    session finished its voicemail end reason when the session could not know it (it ran on another node), and
+    charges the minutes Twilio ran it past that session's end when it left a message (`_charge_voicemail_message`).
     A call Twilio reports alive whose CallLog was closed `not_placed` is hung up (`_hang_up_late_call`).
     """
     status = callback.status
@@ -386,6 +391,8 @@ async def _outbound_status(
                 call_log_id=call_log.id,
                 metadata=ending(voicemail),
             )
+        if status == "completed" and voicemail is EndReason.VOICEMAIL_LEFT:
+            await _charge_voicemail_message(pool, call_log, callback, credit_rates)
         return
     minutes_charged = 0
     if status in _OUTBOUND_UNANSWERED:
@@ -400,6 +407,24 @@ async def _outbound_status(
     else:
         return
     await _close_unconnected(pool, call_log, final, reason, callback, minutes_charged=minutes_charged)
+
+
+async def _charge_voicemail_message(
+    pool: Pool, call_log: CallLog, callback: CallStatusCallback, credit_rates: Mapping[str, int]
+) -> None:
+    """Charge the minutes Twilio ran a call past its media session's end, where it spoke the voicemail message after
+    the beep: the started minutes of Twilio's `CallDuration` beyond those the session's end charged. Once, however
+    often Twilio sends the callback (`voicemailMinutesCharged` in the CallLog's metadata)."""
+    minutes = started_minutes(callback.duration_s or 0) - started_minutes(call_log.duration or 0)
+    if await credit_reservations.charge_after_end(
+        pool,
+        organization_id=call_log.organization_id,
+        call_log_id=call_log.id,
+        minutes=minutes,
+        rates=credit_rates,
+        marker="voicemailMinutesCharged",
+    ):
+        log.info("call %s: %d more minutes charged for the voicemail message", call_log.call_id, minutes)
 
 
 def _closed_not_placed(call_log: CallLog) -> bool:
