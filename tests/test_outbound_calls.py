@@ -34,6 +34,7 @@ from engine.twilio.outbound_calls import (
 )
 from engine.twilio.rest import TwilioCalls
 from storage import agents, call_logs, conversation_paths, organizations, phone_numbers
+from storage.call_logs import CallLog
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
 from storage.enums import AgentStatus, CallerType, CallStatus, CallType, PhoneNumberStatus, Plan
 from tests.engine_server import running_engine
@@ -597,23 +598,27 @@ async def test_the_completed_callback_gives_a_voicemail_call_its_end_reason_whoe
     assert row["duration"] == (12 if session_ran else 21)
 
 
-async def test_a_voicemail_left_without_a_media_stream_pays_the_minutes_twilio_ran_it(
-    engine: str, twilio: FakeTwilio, pool: asyncpg.Pool
-) -> None:
-    # The machine's verdict came before the stream started: Twilio spoke the message and hung up, 75 s in all.
-    org = await organizations.create_organization(pool, name="Voicemail", slug="voicemail-charge", credits=10)
-    agent_id = await make_agent(pool, org.id)
-    call_sid = "CA" + secrets.token_hex(16)
+async def voicemail_call(pool: asyncpg.Pool, slug: str, **metadata: str) -> tuple[organizations.Organization, CallLog]:
+    """An outbound call of a new organization with 10 credits at one a minute, on which a machine took a message."""
+    org = await organizations.create_organization(pool, name=slug, slug=slug, credits=10)
     log = await call_logs.create_call_log(
         pool,
         organization_id=org.id,
         call_type=CallType.OUTBOUND,
-        call_id=call_sid,
-        agent_id=agent_id,
-        metadata={"voicemail": "voicemail_left", "answeredBy": "machine_end_beep"},
+        call_id="CA" + secrets.token_hex(16),
+        agent_id=await make_agent(pool, org.id),
+        metadata={"voicemail": "voicemail_left", "answeredBy": "machine_end_beep", **metadata},
         credit_rates={"free": 1, "pro": 1, "enterprise": 1},
     )
-    fields = {"CallSid": call_sid, "CallStatus": "completed", "CallDuration": "75", "AccountSid": twilio.account_sid}
+    return org, log
+
+
+async def test_a_voicemail_left_without_a_media_stream_pays_the_minutes_twilio_ran_it(
+    engine: str, twilio: FakeTwilio, pool: asyncpg.Pool
+) -> None:
+    # The machine's verdict came before the stream started: Twilio spoke the message and hung up, 75 s in all.
+    org, log = await voicemail_call(pool, "voicemail-charge")
+    fields = {"CallSid": log.call_id, "CallStatus": "completed", "CallDuration": "75", "AccountSid": twilio.account_sid}
 
     assert await post_status(engine, twilio, log.id, fields) == 204
     assert await post_status(engine, twilio, log.id, fields) == 204  # Twilio retries: charged once
@@ -629,18 +634,7 @@ async def test_a_voicemail_message_spoken_after_the_session_pays_the_minutes_twi
 ) -> None:
     # The media session heard the machine, ended at 50 s (one minute charged), and Twilio spoke the message after the
     # beep: 95 s in all by Twilio's clock, so a second minute was started.
-    org = await organizations.create_organization(pool, name="Voicemail after", slug="voicemail-after", credits=10)
-    agent_id = await make_agent(pool, org.id)
-    call_sid = "CA" + secrets.token_hex(16)
-    log = await call_logs.create_call_log(
-        pool,
-        organization_id=org.id,
-        call_type=CallType.OUTBOUND,
-        call_id=call_sid,
-        agent_id=agent_id,
-        metadata={"voicemail": "voicemail_left", "answeredBy": "machine_end_beep", "engineNode": "node-a"},
-        credit_rates={"free": 1, "pro": 1, "enterprise": 1},
-    )
+    org, log = await voicemail_call(pool, "voicemail-after", engineNode="node-a")
     await call_logs.finalize_call_log(
         pool,
         organization_id=org.id,
@@ -651,7 +645,7 @@ async def test_a_voicemail_message_spoken_after_the_session_pays_the_minutes_twi
         minutes_charged=1,
     )
     assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org.id) == 9
-    fields = {"CallSid": call_sid, "CallStatus": "completed", "CallDuration": "95", "AccountSid": twilio.account_sid}
+    fields = {"CallSid": log.call_id, "CallStatus": "completed", "CallDuration": "95", "AccountSid": twilio.account_sid}
 
     assert await post_status(engine, twilio, log.id, fields) == 204
     assert await post_status(engine, twilio, log.id, fields) == 204  # Twilio retries: charged once
