@@ -106,3 +106,23 @@ async def test_a_database_that_stops_answering_ends_the_call_after_the_unpaid_mi
         await proxy.down()
 
     assert goodbyes == [EndReason.INTERNAL_ERROR]
+
+
+async def test_a_call_out_of_credits_is_hung_up_before_its_paid_time_is_over() -> None:
+    # Minutes of 4 s: the second one is paid, the third is refused at 6 s. Hanging up through Twilio takes a moment,
+    # and a call that ends a moment into its third minute would be charged that minute: the hang-up starts before
+    # the paid time is over (half a second before, in minutes this short; 2 s in real ones).
+    loop = asyncio.get_running_loop()
+    answers = iter([True, False])
+    hung_up_at: list[float] = []
+
+    async def extend() -> bool:
+        return next(answers)
+
+    async def hang_up(reason: EndReason) -> None:
+        hung_up_at.append(loop.time())
+
+    meter = CreditMeter("CA1", extend, say_goodbye=lambda reason: None, hang_up=hang_up, minute_seconds=4.0)
+    started = loop.time()
+    await asyncio.wait_for(meter.run(), 20)
+    assert hung_up_at and hung_up_at[0] - started < 8.0

@@ -17,7 +17,14 @@ from collections.abc import Awaitable, Callable
 
 from storage.end_reasons import EndReason
 
-__all__ = ["CREDIT_LEAD_SECONDS", "CREDIT_MINUTE_SECONDS", "UNPAID_MINUTES", "CreditMeter", "ExtendReservation"]
+__all__ = [
+    "CREDIT_LEAD_SECONDS",
+    "CREDIT_MINUTE_SECONDS",
+    "HANG_UP_MARGIN_SECONDS",
+    "UNPAID_MINUTES",
+    "CreditMeter",
+    "ExtendReservation",
+]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +33,10 @@ CREDIT_MINUTE_SECONDS = 60.0
 CREDIT_LEAD_SECONDS = 10.0
 """A call extends its reservation this long before the paid time runs out, so a refused extension leaves time for
 the goodbye within what was paid for."""
+HANG_UP_MARGIN_SECONDS = 2.0
+"""A call out of credits is hung up this long before its paid time is over: Twilio's hang-up and its stop reaching
+the stream take a moment, and a call that ends a moment into a minute is charged that minute, which its organization
+could not pay for."""
 UNPAID_MINUTES = 2
 """Minutes in a row a call may go on whose reservation could not be extended (the database unreachable)."""
 
@@ -62,9 +73,12 @@ class CreditMeter:
         lead = min(CREDIT_LEAD_SECONDS, self._minute / 2)
         reason, paid_until = await self._paid_minutes(loop.time() - elapsed, lead)
         self._say_goodbye(reason)
-        # Out of credits, the call is cut off when its paid time is over; ended because its minutes could not be
-        # reserved (unpaid already), its goodbye has the lead.
-        end_at = paid_until if reason is EndReason.INSUFFICIENT_CREDITS else loop.time() + lead
+        # Out of credits, the call is cut off so that it ends within its paid time; ended because its minutes could
+        # not be reserved (unpaid already), its goodbye has the lead.
+        if reason is EndReason.INSUFFICIENT_CREDITS:
+            end_at = paid_until - min(HANG_UP_MARGIN_SECONDS, lead / 4)
+        else:
+            end_at = loop.time() + lead
         await asyncio.sleep(max(end_at - loop.time(), 0.0))
         await self._hang_up(reason)
 
