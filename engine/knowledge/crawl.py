@@ -1,10 +1,12 @@
 """Read a WEBSITE document: its page and the same-site pages it links to, within bounds and robots.txt.
 
 Pages are fetched breadth-first from the document's URL, following links to the same scheme, host and port up to
-`max_depth` links away and `max_pages` pages in all. robots.txt is read first and its rules for our user agent
-(or `*`) obeyed. Every connection goes through the same private-address guard as webhooks and tools
-(pipelines.url_safety), redirects included. A page that cannot be fetched is skipped; the start page failing fails
-the crawl. Each page's main text is taken by trafilatura.
+`max_depth` links away and `max_pages` pages in all, within `total_timeout`. robots.txt is read first and its rules
+for our user agent (or `*`) obeyed. Links that give no page (missing, broken, not a web page) are followed at most
+`max_pages` times too, so a site of countless links cannot keep a crawl fetching; a page's links are read and sifted
+off the event loop, and only as many kept as the crawl may still fetch. Every connection goes through the same
+private-address guard as webhooks and tools (pipelines.url_safety), redirects included. A page that cannot be fetched
+is skipped; the start page failing fails the crawl. Each page's main text is taken by trafilatura.
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ class CrawlLimits:
 
     max_depth: int = 2
     max_pages: int = 20
+    """The most pages read, and the most links that give no page followed, each."""
     timeout: float = 10.0
+    """The longest one request may take."""
+    total_timeout: float = 120.0
+    """The longest the whole crawl may take: it ends there with the pages it has read."""
     max_bytes: int = 5 * 1024 * 1024
     allow_private: bool = False
 
@@ -122,11 +128,44 @@ class _LinkParser(HTMLParser):
                 self.hrefs.append(href.strip())
 
 
-def _links(html: bytes, base: str) -> list[str]:
+def _new_links(
+    html: bytes, base: str, *, site: tuple[str, str], robots: RobotFileParser, seen: set[str], room: int
+) -> list[str]:
+    """Up to `room` links of the page not in `seen`, on `site` and allowed by `robots`, in the page's order.
+
+    Run in a thread: a page of hundreds of thousands of links takes seconds of parsing and robots.txt matching.
+    """
     parser = _LinkParser()
     parser.feed(html.decode("utf-8", errors="replace"))
     parser.close()
-    return [urldefrag(urljoin(base, href)).url for href in parser.hrefs]
+    found: list[str] = []
+    for href in parser.hrefs:
+        if len(found) >= room:
+            break
+        link = urldefrag(urljoin(base, href)).url
+        if link not in seen and link not in found and _site(link) == site and robots.can_fetch(_ROBOTS_AGENT, link):
+            found.append(link)
+    return found
+
+
+async def _allowed_start(
+    session: aiohttp.ClientSession, start: str, limits: CrawlLimits, deadline: float
+) -> RobotFileParser:
+    """The site's robots.txt, once `start` is known to be a public http(s) address it allows (else CrawlFailed)."""
+    if urlsplit(start).scheme not in {"http", "https"}:
+        raise CrawlFailed(f"{start} is not an http(s) address", permanent=True)
+    try:
+        await ensure_public_url(start, allow_private=limits.allow_private)
+    except UnsafeURL as exc:
+        raise CrawlFailed(f"{start}: {exc}", permanent=True) from None
+    try:
+        async with asyncio.timeout_at(deadline):
+            robots = await _robots(session, start, limits)
+    except TimeoutError:
+        raise CrawlFailed(f"{start}: robots.txt took longer than {limits.total_timeout:g} s", permanent=False) from None
+    if not robots.can_fetch(_ROBOTS_AGENT, start):
+        raise CrawlFailed(f"{start} is disallowed by the site's robots.txt", permanent=True)
+    return robots
 
 
 async def crawl_site(  # noqa: PLR0912 (one loop, each page's outcomes side by side)
@@ -137,23 +176,22 @@ async def crawl_site(  # noqa: PLR0912 (one loop, each page's outcomes side by s
     CrawlFailed when the start page is refused (robots.txt, a private address) or cannot be fetched.
     """
     start = urldefrag(start_url).url
-    if urlsplit(start).scheme not in {"http", "https"}:
-        raise CrawlFailed(f"{start_url} is not an http(s) address", permanent=True)
-    try:
-        await ensure_public_url(start, allow_private=limits.allow_private)
-    except UnsafeURL as exc:
-        raise CrawlFailed(f"{start_url}: {exc}", permanent=True) from None
+    deadline = asyncio.get_running_loop().time() + limits.total_timeout
+    robots = await _allowed_start(session, start, limits, deadline)
     site = _site(start)
-    robots = await _robots(session, start, limits)
-    if not robots.can_fetch(_ROBOTS_AGENT, start):
-        raise CrawlFailed(f"{start_url} is disallowed by the site's robots.txt", permanent=True)
     queue: deque[tuple[str, int]] = deque([(start, 0)])
     seen = {start}
     pages: list[CrawledPage] = []
-    while queue and len(pages) < limits.max_pages:
+    fetches = 0
+    while queue and len(pages) < limits.max_pages and fetches - len(pages) < limits.max_pages:
+        if asyncio.get_running_loop().time() >= deadline:
+            log.info("knowledge crawl of %s: %g s passed, ended with %d pages", start, limits.total_timeout, len(pages))
+            break
         url, depth = queue.popleft()
+        fetches += 1
         try:
-            fetched = await _fetch(session, url, limits)
+            async with asyncio.timeout_at(deadline):
+                fetched = await _fetch(session, url, limits)
         except (aiohttp.ClientError, TimeoutError, OSError, UnsafeURL, CrawlFailed) as exc:
             if url == start:
                 permanent = isinstance(exc, UnsafeURL | CrawlFailed)
@@ -173,11 +211,14 @@ async def crawl_site(  # noqa: PLR0912 (one loop, each page's outcomes side by s
         elif fetched.content_type in {"text/html", "application/xhtml+xml"}:
             # Parsing is CPU work: off the event loop that carries calls' audio.
             text = await asyncio.to_thread(html_main_text, fetched.body, url=fetched.url)
-            if depth < limits.max_depth:
-                for link in await asyncio.to_thread(_links, fetched.body, fetched.url):
-                    if link not in seen and _site(link) == site and robots.can_fetch(_ROBOTS_AGENT, link):
-                        seen.add(link)
-                        queue.append((link, depth + 1))
+            # Links beyond what the crawl may still fetch would never be fetched: they are not kept.
+            room = 2 * limits.max_pages - fetches - len(queue)
+            if depth < limits.max_depth and room > 0:
+                links = await asyncio.to_thread(
+                    _new_links, fetched.body, fetched.url, site=site, robots=robots, seen=seen, room=room
+                )
+                seen.update(links)
+                queue.extend((link, depth + 1) for link in links)
         else:
             if url == start:
                 raise CrawlFailed(f"{url} is {fetched.content_type}, not a web page", permanent=True)

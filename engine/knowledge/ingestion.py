@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import aiohttp
@@ -231,7 +231,11 @@ class IngestionWorker:
             return _Read(read.chunks, file_size=len(data), mime_type=read.mime_type)
         if claim.url is None:
             raise UnreadableDocument("a WEBSITE document needs its url")
-        pages = await crawl_site(self._http(), claim.url, self._settings.crawl)
+        # A crawl ends within half the lease, so its document is recorded before another process may take it over
+        # and crawl the site again.
+        crawl = self._settings.crawl
+        crawl = replace(crawl, total_timeout=min(crawl.total_timeout, self._settings.lease.total_seconds() / 2))
+        pages = await crawl_site(self._http(), claim.url, crawl)
         chunks = []
         for page in pages:  # cut page by page: a passage never joins two pages
             chunks += await text_passages(page.text, sizes=sizes, limits=limits)

@@ -1,0 +1,115 @@
+"""Crawling a WEBSITE document within its bounds, through the ingestion worker, real PostgreSQL and a site on loopback.
+
+A site can be hostile or merely broken: a page of countless links, pages that answer slowly, links that are not
+URLs. The crawl stays within its number of pages and its time, and a bad link costs only itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import asyncpg
+import pytest
+from aiohttp import web
+
+from engine.knowledge.crawl import CrawlLimits
+from engine.knowledge.ingestion import IngestionWorker
+from storage import knowledge_bases
+from storage.enums import DocumentType
+from tests.fakes.server import serve
+from tests.test_knowledge_ingestion import quick, status_of
+from tests.test_repo_agents import insert_organization
+
+
+@dataclass
+class Site:
+    """A site on loopback: its address, its pages (path to HTML; any other path is missing), how long each page
+    takes to answer, and how many times each path was asked for."""
+
+    base: str
+    pages: dict[str, str] = field(default_factory=dict)
+    delays: dict[str, float] = field(default_factory=dict)
+    asked: Counter[str] = field(default_factory=Counter)
+
+
+def html(text: str, *links: str) -> str:
+    anchors = "".join(f'<a href="{link}">more</a>' for link in links)
+    return f"<html><body><p>{text}</p>{anchors}</body></html>"
+
+
+@pytest.fixture
+async def site() -> AsyncIterator[Site]:
+    served = Site(base="")
+
+    async def handle(request: web.Request) -> web.Response:
+        served.asked[request.path] += 1
+        await asyncio.sleep(served.delays.get(request.path, 0.0))
+        body = served.pages.get(request.path)
+        if body is None:
+            raise web.HTTPNotFound()
+        return web.Response(text=body, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("GET", "/{tail:.*}", handle)
+    async with serve(app) as base:
+        served.base = base
+        yield served
+
+
+async def website_document(pool: asyncpg.Pool, url: str) -> str:
+    org = await insert_organization(pool)
+    kb = await knowledge_bases.create_knowledge_base(pool, organization_id=org, name="Site")
+    document = await knowledge_bases.add_document(
+        pool, organization_id=org, knowledge_base_id=kb.id, name="site", type=DocumentType.WEBSITE, url=url
+    )
+    return document.id
+
+
+async def settled(pool: asyncpg.Pool, document_id: str) -> tuple[str, str | None]:
+    for _ in range(1200):
+        if (status := await status_of(pool, document_id))[0] != "PROCESSING":
+            return status
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"document {document_id} still PROCESSING after a minute")
+
+
+async def test_a_page_of_countless_links_to_missing_pages_costs_a_bounded_crawl(pool: asyncpg.Pool, site: Site) -> None:
+    # Every link used to be queued and fetched, each one missing: 20,000 requests for one document (and their
+    # robots.txt matching on the event loop). Links that give no page count against the pages allowed.
+    site.pages["/"] = html("The Agate bridge is closed on Sundays.", *(f"/missing/{n}" for n in range(20_000)))
+    document_id = await website_document(pool, f"{site.base}/")
+    worker = IngestionWorker(pool, quick(crawl=CrawlLimits(max_pages=3, allow_private=True)))
+    await worker.run_once()
+    await worker.stop()
+    assert await status_of(pool, document_id) == ("READY", None)
+    missing = sum(count for path, count in site.asked.items() if path.startswith("/missing/"))
+    assert missing == 3
+
+
+async def test_a_crawl_slower_than_the_lease_ends_within_it_and_reads_the_site_once(
+    pool: asyncpg.Pool, site: Site
+) -> None:
+    # A crawl that outlived its lease was taken over by a second process, which crawled the site again, and so on
+    # until the document ended in ERROR. It now ends within half the lease, keeping the pages it has read.
+    slow = [f"/slow/{n}" for n in range(14)]
+    site.pages["/"] = html("The Agate bridge is closed on Sundays.", *slow)
+    for path in slow:
+        site.pages[path] = html(f"Page {path} of the Agate bridge guide.")
+        site.delays[path] = 0.5
+    document_id = await website_document(pool, f"{site.base}/")
+    settings = quick(lease=timedelta(seconds=4), crawl=CrawlLimits(allow_private=True))
+    workers = [IngestionWorker(pool, settings), IngestionWorker(pool, settings)]  # two engine processes
+    for worker in workers:
+        worker.start()
+    try:
+        status = await settled(pool, document_id)
+    finally:
+        for worker in workers:
+            await worker.stop()
+    assert status == ("READY", None)
+    assert site.asked["/"] == 1
+    assert 1 < sum(site.asked[path] for path in slow) < len(slow)
