@@ -28,11 +28,12 @@ from tests.test_repo_agents import insert_organization
 @dataclass
 class Site:
     """A site on loopback: its address, its pages (path to HTML; any other path is missing), how long each page
-    takes to answer, and how many times each path was asked for."""
+    takes to answer, paths that redirect (to their Location), and how many times each path was asked for."""
 
     base: str
     pages: dict[str, str] = field(default_factory=dict)
     delays: dict[str, float] = field(default_factory=dict)
+    redirects: dict[str, str] = field(default_factory=dict)
     asked: Counter[str] = field(default_factory=Counter)
 
 
@@ -48,6 +49,8 @@ async def site() -> AsyncIterator[Site]:
     async def handle(request: web.Request) -> web.Response:
         served.asked[request.path] += 1
         await asyncio.sleep(served.delays.get(request.path, 0.0))
+        if request.path in served.redirects:
+            return web.Response(status=302, headers={"Location": served.redirects[request.path]})
         body = served.pages.get(request.path)
         if body is None:
             raise web.HTTPNotFound()
@@ -113,3 +116,18 @@ async def test_a_crawl_slower_than_the_lease_ends_within_it_and_reads_the_site_o
     assert status == ("READY", None)
     assert site.asked["/"] == 1
     assert 1 < sum(site.asked[path] for path in slow) < len(slow)
+
+
+async def test_a_link_or_a_redirect_that_is_not_a_url_costs_only_itself(pool: asyncpg.Pool, site: Site) -> None:
+    # urljoin refuses "http://[oops" (ValueError): one such link, or such a Location, failed the whole site.
+    site.pages["/"] = html("The Agate bridge is closed on Sundays.", "http://[oops/", "/moved", "/ferry")
+    site.pages["/ferry"] = html("The Jasper ferry leaves at noon.")
+    site.redirects["/moved"] = "http://[oops"
+    document_id = await website_document(pool, f"{site.base}/")
+    worker = IngestionWorker(pool, quick(crawl=CrawlLimits(allow_private=True)))
+    await worker.run_once()
+    await worker.stop()
+    assert await status_of(pool, document_id) == ("READY", None)
+    passages = await pool.fetch('SELECT "content" FROM "KnowledgeBaseChunk" WHERE "documentId" = $1', document_id)
+    assert any("Jasper ferry" in row["content"] for row in passages)
+    assert site.asked["/moved"] == 1

@@ -89,7 +89,10 @@ async def _fetch(session: aiohttp.ClientSession, url: str, limits: CrawlLimits) 
         async with session.get(url, timeout=timeout, allow_redirects=False) as response:
             location = response.headers.get("Location")
             if response.status in _REDIRECTS and location:
-                url = urljoin(url, location)
+                try:
+                    url = urljoin(url, location)
+                except ValueError:  # "http://[oops": no address a request could be made to
+                    raise CrawlFailed(f"{url} redirects to {location!r}, which is not a URL", permanent=True) from None
                 continue
             body = await read_at_most(response, limits.max_bytes + 1)
             if len(body) > limits.max_bytes:
@@ -142,7 +145,10 @@ def _new_links(
     for href in parser.hrefs:
         if len(found) >= room:
             break
-        link = urldefrag(urljoin(base, href)).url
+        try:
+            link = urldefrag(urljoin(base, href)).url
+        except ValueError:  # not a URL ("http://[oops"): one bad link costs only itself
+            continue
         if link not in seen and link not in found and _site(link) == site and robots.can_fetch(_ROBOTS_AGENT, link):
             found.append(link)
     return found
