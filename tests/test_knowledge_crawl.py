@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from engine.knowledge.crawl import CrawlLimits
+from engine.knowledge.extract_process import IN_THREAD_MAX, ExtractLimits
 from engine.knowledge.ingestion import IngestionWorker
 from storage import knowledge_bases
 from storage.enums import DocumentType
@@ -131,3 +132,19 @@ async def test_a_link_or_a_redirect_that_is_not_a_url_costs_only_itself(pool: as
     passages = await pool.fetch('SELECT "content" FROM "KnowledgeBaseChunk" WHERE "documentId" = $1', document_id)
     assert any("Jasper ferry" in row["content"] for row in passages)
     assert site.asked["/moved"] == 1
+
+
+async def test_a_long_page_is_read_within_the_reading_limits_of_a_file(pool: asyncpg.Pool, site: Site) -> None:
+    # trafilatura over a page of megabytes, in a thread of the engine, held the calls' event loop for a quarter of
+    # a second at a time. A page past IN_THREAD_MAX is read by a child process, within the limits a file has.
+    scripts = "".join(f"<script>var crossing{n} = 'noon';</script>" for n in range(3000))  # no text to read
+    site.pages["/"] = html(f"The Carnelian ferry leaves at noon.{scripts}")
+    assert len(site.pages["/"]) > IN_THREAD_MAX
+    document_id = await website_document(pool, f"{site.base}/")
+    worker = IngestionWorker(pool, quick(crawl=CrawlLimits(allow_private=True), extract=ExtractLimits(timeout=0.001)))
+    await worker.run_once()
+    await worker.stop()
+    assert await status_of(pool, document_id) == (
+        "ERROR",
+        f"{site.base}/: the page took longer than 0.001 s to read",
+    )

@@ -6,7 +6,8 @@ for our user agent (or `*`) obeyed. Links that give no page (missing, broken, no
 `max_pages` times too, so a site of countless links cannot keep a crawl fetching; a page's links are read and sifted
 off the event loop, and only as many kept as the crawl may still fetch. Every connection goes through the same
 private-address guard as webhooks and tools (pipelines.url_safety), redirects included. A page that cannot be fetched
-is skipped; the start page failing fails the crawl. Each page's main text is taken by trafilatura.
+is skipped; the start page failing fails the crawl. Pages are given as they are fetched, their bodies as they came:
+reading them is the caller's work (engine/knowledge/extract_process.py, off the event loop).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from urllib.parse import urldefrag, urljoin, urlsplit
@@ -21,7 +23,6 @@ from urllib.robotparser import RobotFileParser
 
 import aiohttp
 
-from engine.knowledge.extract import html_main_text
 from pipelines.http_bodies import read_at_most
 from pipelines.url_safety import UnsafeURL, ensure_public_url
 
@@ -57,10 +58,11 @@ class CrawlLimits:
 
 @dataclass(frozen=True, slots=True)
 class CrawledPage:
-    """One page read: its address and main text."""
+    """One page fetched: its address and its body, HTML or (`is_html` false) plain text."""
 
     url: str
-    text: str
+    body: bytes
+    is_html: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,10 +176,11 @@ async def _allowed_start(
     return robots
 
 
-async def crawl_site(  # noqa: PLR0912 (one loop, each page's outcomes side by side)
+async def crawl_site(
     session: aiohttp.ClientSession, start_url: str, limits: CrawlLimits
-) -> list[CrawledPage]:
-    """The main text of the site's pages reachable from `start_url` within `limits`, start page first.
+) -> AsyncGenerator[CrawledPage]:
+    """The site's pages reachable from `start_url` within `limits`, start page first, each as it is fetched (the
+    time the caller takes between them counts in `total_timeout`).
 
     CrawlFailed when the start page is refused (robots.txt, a private address) or cannot be fetched.
     """
@@ -187,11 +190,10 @@ async def crawl_site(  # noqa: PLR0912 (one loop, each page's outcomes side by s
     site = _site(start)
     queue: deque[tuple[str, int]] = deque([(start, 0)])
     seen = {start}
-    pages: list[CrawledPage] = []
-    fetches = 0
-    while queue and len(pages) < limits.max_pages and fetches - len(pages) < limits.max_pages:
+    pages = fetches = 0
+    while queue and pages < limits.max_pages and fetches - pages < limits.max_pages:
         if asyncio.get_running_loop().time() >= deadline:
-            log.info("knowledge crawl of %s: %g s passed, ended with %d pages", start, limits.total_timeout, len(pages))
+            log.info("knowledge crawl of %s: %g s passed, ended with %d pages", start, limits.total_timeout, pages)
             break
         url, depth = queue.popleft()
         fetches += 1
@@ -212,25 +214,18 @@ async def crawl_site(  # noqa: PLR0912 (one loop, each page's outcomes side by s
             continue
         if _site(fetched.url) != site:
             continue  # redirected off the site
-        if fetched.content_type == "text/plain":
-            text = fetched.body.decode("utf-8", errors="replace")
-        elif fetched.content_type in {"text/html", "application/xhtml+xml"}:
-            # Parsing is CPU work: off the event loop that carries calls' audio.
-            text = await asyncio.to_thread(html_main_text, fetched.body, url=fetched.url)
-            # Links beyond what the crawl may still fetch would never be fetched: they are not kept.
-            room = 2 * limits.max_pages - fetches - len(queue)
-            if depth < limits.max_depth and room > 0:
-                links = await asyncio.to_thread(
-                    _new_links, fetched.body, fetched.url, site=site, robots=robots, seen=seen, room=room
-                )
-                seen.update(links)
-                queue.extend((link, depth + 1) for link in links)
-        else:
+        is_html = fetched.content_type in {"text/html", "application/xhtml+xml"}
+        if not is_html and fetched.content_type != "text/plain":
             if url == start:
                 raise CrawlFailed(f"{url} is {fetched.content_type}, not a web page", permanent=True)
             continue
-        if text.strip():
-            pages.append(CrawledPage(fetched.url, text))
-    if not pages:
-        raise CrawlFailed(f"no text found at {start_url}", permanent=True)
-    return pages
+        # Links beyond what the crawl may still fetch would never be fetched: they are not kept.
+        room = 2 * limits.max_pages - fetches - len(queue)
+        if is_html and depth < limits.max_depth and room > 0:
+            links = await asyncio.to_thread(
+                _new_links, fetched.body, fetched.url, site=site, robots=robots, seen=seen, room=room
+            )
+            seen.update(links)
+            queue.extend((link, depth + 1) for link in links)
+        pages += 1
+        yield CrawledPage(fetched.url, fetched.body, is_html)

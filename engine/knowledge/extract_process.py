@@ -77,6 +77,22 @@ async def text_passages(text: str, *, sizes: PassageSizes, limits: ExtractLimits
     return chunks
 
 
+async def page_passages(html: bytes, *, url: str, sizes: PassageSizes, limits: ExtractLimits) -> list[str]:
+    """A crawled web page's main text cut into passages: in a thread when the page is short, else by a child process
+    within the limits (errors as `file_passages`)."""
+    if len(html) <= IN_THREAD_MAX:
+        return await asyncio.to_thread(_page_chunks, html, url, sizes)
+    answer = await _in_child(["page", url], html, sizes, limits, doing="read")
+    chunks: list[str] = answer["chunks"]
+    return chunks
+
+
+def _page_chunks(html: bytes, url: str, sizes: PassageSizes) -> list[str]:
+    from engine.knowledge.extract import html_main_text
+
+    return split_into_chunks(html_main_text(html, url=url), size=sizes.size, overlap=sizes.overlap)
+
+
 async def _in_child(
     args: list[str], data: bytes, sizes: PassageSizes, limits: ExtractLimits, *, doing: str
 ) -> dict[str, Any]:
@@ -107,6 +123,8 @@ async def _in_child(
 
 def _answer(data: bytes, args: list[str], sizes: PassageSizes, max_memory: int) -> dict[str, Any]:
     try:
+        if args[0] == "page":
+            return {"chunks": _page_chunks(data, args[1], sizes), "mime_type": None}
         if args[0] == "file":
             from engine.knowledge.extract import extract_text
 

@@ -6,10 +6,11 @@ become overlapping chunks, written with their tsvectors in one transaction that 
 document that cannot be read (an unsupported file, robots.txt forbids the site) is marked ERROR at once with the
 reason; other failures are retried with backoff and marked ERROR after `max_attempts`. A file is read and cut into
 passages in a child process within time and memory limits (engine/knowledge/extract_process.py), and so is any
-long text; short texts are cut in a thread: all of it off the event loop that carries calls. The worker looks for
-due documents every `poll_interval`, and at once when this process's API queues one (`wake`). With an embedder
-(vector search on), each round then embeds the passages not yet embedded by its model, in batches
-(engine/knowledge/embeddings.py): new ones, and all of them after a change of model.
+long crawled page or text (a page that cannot be read so is skipped); short ones are read in a thread: all of it off
+the event loop that carries calls. The worker looks for due documents every `poll_interval`, and at once when this
+process's API queues one (`wake`). With an embedder (vector search on), each round then embeds the passages not yet
+embedded by its model, in batches (engine/knowledge/embeddings.py): new ones, and all of them after a change of
+model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from aiohttp import web
 from config.settings import Settings
 from engine.knowledge.crawl import USER_AGENT, CrawlFailed, CrawlLimits, crawl_site
 from engine.knowledge.embeddings import EmbeddingFailed, OpenAIEmbedder, embed_pending_passages, embedder_from_settings
-from engine.knowledge.extract_process import ExtractLimits, PassageSizes, file_passages, text_passages
+from engine.knowledge.extract_process import (
+    ExtractLimits,
+    PassageSizes,
+    file_passages,
+    page_passages,
+    text_passages,
+)
 from engine.knowledge.unreadable import UnreadableDocument
 from engine.server.appkeys import DATABASE, DRAIN, PROVIDER_CLIENTS, SETTINGS
 from pipelines.url_safety import PublicAddressResolver
@@ -235,10 +242,21 @@ class IngestionWorker:
         # and crawl the site again.
         crawl = self._settings.crawl
         crawl = replace(crawl, total_timeout=min(crawl.total_timeout, self._settings.lease.total_seconds() / 2))
-        pages = await crawl_site(self._http(), claim.url, crawl)
-        chunks = []
-        for page in pages:  # cut page by page: a passage never joins two pages
-            chunks += await text_passages(page.text, sizes=sizes, limits=limits)
+        chunks: list[str] = []
+        unreadable = None
+        async with contextlib.aclosing(crawl_site(self._http(), claim.url, crawl)) as pages:
+            async for page in pages:  # cut page by page: a passage never joins two pages
+                try:
+                    if page.is_html:
+                        chunks += await page_passages(page.body, url=page.url, sizes=sizes, limits=limits)
+                    else:
+                        text = page.body.decode("utf-8", errors="replace")
+                        chunks += await text_passages(text, sizes=sizes, limits=limits)
+                except UnreadableDocument as exc:  # like a page that cannot be fetched: the site goes on without it
+                    log.info("knowledge document %s: skipped %s (%s)", claim.document_id, page.url, exc)
+                    unreadable = UnreadableDocument(f"{page.url}: {exc}")
+        if not chunks and unreadable is not None:
+            raise unreadable
         return _Read(chunks)
 
     async def _failed(self, claim: ClaimedDocument, reason: str, *, permanent: bool) -> None:
