@@ -224,7 +224,9 @@ async def reingest_document(
 ) -> KnowledgeBaseDocument:
     """Queue a document to be ingested again (a website re-crawled): PROCESSING, its error cleared.
 
-    Its current passages stay searchable until the new ones replace them. NotFound if not the organization's.
+    Its current passages stay searchable until the new ones replace them. A read already under way is superseded
+    (its claim ends here, so its outcome is not recorded): it may have read the document before the change that
+    prompted the request. NotFound if not the organization's.
     """
     async with transaction(db) as conn:
         await conn.execute(LOCK_KNOWLEDGE_BASE, knowledge_base_id, organization_id)
@@ -244,7 +246,8 @@ async def reingest_document(
             """
             INSERT INTO "KnowledgeBaseIngestion" ("documentId", "organizationId") VALUES ($1, $2)
             ON CONFLICT ("documentId") DO UPDATE SET
-                "attemptCount" = 0, "nextAttemptAt" = CURRENT_TIMESTAMP, "lastError" = NULL
+                "attemptCount" = 0, "nextAttemptAt" = CURRENT_TIMESTAMP, "lastError" = NULL,
+                "leaseToken" = NULL, "leasedUntil" = NULL
             """,
             document_id,
             organization_id,

@@ -472,3 +472,46 @@ async def test_a_worker_told_to_stop_claiming_finishes_its_document_and_takes_no
         await pool.fetchval('SELECT "attemptCount" FROM "KnowledgeBaseIngestion" WHERE "documentId" = $1', queued_later)
         == 0
     )
+
+
+async def test_a_document_reingested_while_it_is_read_is_read_again(pool: asyncpg.Pool) -> None:
+    # The read under way began before the request: recorded, it took the document off the queue, and the site as
+    # it is now was never read (the document READY with what it said before).
+    org = await insert_organization(pool)
+    text = {"now": "The Jasper pier opens at dawn."}
+    fetched, release = asyncio.Event(), asyncio.Event()
+
+    async def page(request: web.Request) -> web.Response:
+        body = f"<html><body><p>{text['now']}</p></body></html>"
+        fetched.set()
+        await release.wait()
+        return web.Response(text=body, content_type="text/html")
+
+    site = web.Application()
+    site.router.add_get("/", page)
+    async with serve(site) as base:
+        kb = await knowledge_bases.create_knowledge_base(pool, organization_id=org, name="Piers")
+        document = await knowledge_bases.add_document(
+            pool, organization_id=org, knowledge_base_id=kb.id, name="pier", type=DocumentType.WEBSITE, url=f"{base}/"
+        )
+        worker = IngestionWorker(pool, quick(crawl=CrawlLimits(max_depth=0, allow_private=True)))
+        worker.start()
+        try:
+            await asyncio.wait_for(fetched.wait(), 30)
+            text["now"] = "The Jasper pier opens at noon."
+            await knowledge_bases.reingest_document(
+                pool, organization_id=org, knowledge_base_id=kb.id, document_id=document.id
+            )
+            release.set()
+            for _ in range(200):
+                queued = await pool.fetchval(
+                    'SELECT count(*) FROM "KnowledgeBaseIngestion" WHERE "documentId" = $1', document.id
+                )
+                if not queued and (await status_of(pool, document.id))[0] != "PROCESSING":
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await worker.stop()
+    assert await status_of(pool, document.id) == ("READY", None)
+    rows = await pool.fetch('SELECT "content" FROM "KnowledgeBaseChunk" WHERE "documentId" = $1', document.id)
+    assert [row["content"] for row in rows] == ["The Jasper pier opens at noon."]

@@ -223,7 +223,11 @@ class IngestionWorker:
             self._pool, claim, chunks=read.chunks, file_size=read.file_size, mime_type=read.mime_type
         )
         if not recorded:
-            log.warning("knowledge document %s: its lease ran out before it was indexed", claim.document_id)
+            log.warning(
+                "knowledge document %s: not indexed: its claim ended first (its lease ran out, or it was reingested or "
+                "deleted meanwhile)",
+                claim.document_id,
+            )
 
     async def _read(self, claim: ClaimedDocument) -> _Read:
         sizes = PassageSizes(self._settings.chunk_chars, self._settings.chunk_overlap)
@@ -267,7 +271,7 @@ class IngestionWorker:
             "knowledge document %s: %s (%s)", claim.document_id, reason, "will retry" if retry_in else "marked ERROR"
         )
         if not await knowledge_ingestion.record_error(self._pool, claim, error=reason, retry_in=retry_in):
-            log.warning("knowledge document %s: its lease ran out before the failure was recorded", claim.document_id)
+            log.warning("knowledge document %s: its claim ended before the failure was recorded", claim.document_id)
 
 
 INGESTION_WORKER = web.AppKey("knowledge_ingestion_worker", IngestionWorker)
