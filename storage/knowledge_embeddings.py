@@ -57,47 +57,76 @@ async def vector_search_available(db: Queryable) -> bool:
     return bool(found)
 
 
-async def claim_pending(conn: Connection, *, model: EmbeddingModel, limit: int) -> list[PendingPassage]:
-    """In the caller's transaction: lock up to `limit` passages not yet embedded (nor refused) by `model`, oldest first.
+_CLAIM_WINDOW = 16
+"""How many batches' worth of the oldest waiting passages a claim looks through for ones no other process holds."""
 
-    SKIP LOCKED: passages another process is embedding are left to it; the locks end with the transaction.
+
+async def claim_pending(conn: Connection, *, model: EmbeddingModel, limit: int) -> list[PendingPassage]:
+    """In the caller's transaction: up to `limit` passages not yet embedded (nor refused) by `model`, oldest first,
+    each held by a transaction advisory lock until the transaction ends.
+
+    Passages another process holds are left to it. Advisory locks rather than row locks: a row lock held while the
+    passages' request runs made deleting or reingesting their document (and every change to its knowledge base,
+    whose lock that takes first) wait for the embedding API's answer; a passage deleted meanwhile is simply not
+    stored (`store_embeddings`).
     """
     # `< OR > OR IS NULL` rather than IS DISTINCT FROM, so the "embeddingModel" index finds them.
-    rows = await conn.fetch(
-        """
-        SELECT "id", "content" FROM "KnowledgeBaseChunk"
-        WHERE ("embeddingModel" IS NULL OR "embeddingModel" < $1 OR "embeddingModel" > $1)
-            AND "embeddingModel" IS DISTINCT FROM $3
-        ORDER BY "createdAt", "id"
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
+    pending = """("embeddingModel" IS NULL OR "embeddingModel" < $1 OR "embeddingModel" > $1)
+        AND "embeddingModel" IS DISTINCT FROM $2"""
+    # The lock is taken as rows are read, in the materialized CTE's order: only as many as the claim uses.
+    locked = await conn.fetch(
+        f"""
+        WITH oldest AS MATERIALIZED (
+            SELECT "id" FROM "KnowledgeBaseChunk" WHERE {pending} ORDER BY "createdAt", "id" LIMIT $3 * {_CLAIM_WINDOW}
+        )
+        SELECT "id" FROM oldest WHERE pg_try_advisory_xact_lock(hashtext('dialtone.embedding:' || "id")) LIMIT $3
         """,
         model.key,
-        limit,
         model.refused_key,
+        limit,
+    )
+    if not locked:
+        return []
+    # Then, in a statement whose snapshot follows the locks (READ COMMITTED), those still waiting: another process
+    # may have embedded some between the first statement's snapshot and its lock.
+    rows = await conn.fetch(
+        f"""
+        SELECT "id", "content" FROM "KnowledgeBaseChunk"
+        WHERE "id" = ANY($3::text[]) AND {pending}
+        ORDER BY "createdAt", "id"
+        """,
+        model.key,
+        model.refused_key,
+        [row["id"] for row in locked],
     )
     return [PendingPassage(row["id"], row["content"]) for row in rows]
 
 
 async def store_embeddings(
     conn: Connection, *, model: EmbeddingModel, chunk_ids: Sequence[str], vectors: Sequence[Sequence[float]]
-) -> None:
-    """Record each passage's embedding (by `model`), in order of `chunk_ids`."""
+) -> int:
+    """Record each passage's embedding (by `model`), in order of `chunk_ids`; how many passages were still there
+    to take theirs (a passage deleted meanwhile, with its document, is passed over)."""
     if len(chunk_ids) != len(vectors):
         raise ValueError(f"{len(chunk_ids)} passages but {len(vectors)} embeddings")
     wrong = [len(vector) for vector in vectors if len(vector) != model.dimensions]
     if wrong:
         raise ValueError(f"{model.name} gave vectors of {wrong[0]} dimensions, expected {model.dimensions}")
-    await conn.execute(
+    stored: int = await conn.fetchval(
         """
-        UPDATE "KnowledgeBaseChunk" c SET "embedding" = e.vector::vector, "embeddingModel" = $3
-        FROM unnest($1::text[], $2::text[]) AS e(id, vector)
-        WHERE c."id" = e.id
+        WITH stored AS (
+            UPDATE "KnowledgeBaseChunk" c SET "embedding" = e.vector::vector, "embeddingModel" = $3
+            FROM unnest($1::text[], $2::text[]) AS e(id, vector)
+            WHERE c."id" = e.id
+            RETURNING 1
+        )
+        SELECT count(*) FROM stored
         """,
         list(chunk_ids),
         [vector_literal(vector) for vector in vectors],
         model.key,
     )
+    return stored
 
 
 async def record_refusals(conn: Connection, *, model: EmbeddingModel, refusals: Mapping[str, str]) -> None:

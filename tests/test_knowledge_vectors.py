@@ -22,11 +22,17 @@ from openai import AsyncOpenAI
 from pydantic import ValidationError
 
 from config.settings import Settings
-from engine.knowledge.embeddings import EmbeddingSettings, OpenAIEmbedder, embedder_from_settings
+from engine.knowledge.embeddings import (
+    EmbeddingSettings,
+    OpenAIEmbedder,
+    embed_pending_passages,
+    embedder_from_settings,
+)
 from engine.knowledge.ingestion import IngestionWorker
 from engine.knowledge.lookup import KnowledgeLookup
 from engine.server import metrics
 from pipelines.clients import ProviderClients
+from storage import knowledge_bases
 from storage.knowledge_embeddings import EmbeddingModel, nearest_passages, vector_search_available
 from storage.knowledge_search import Passage, fuse_rankings, search_passages
 from storage.migrate import migrate
@@ -348,3 +354,46 @@ async def test_where_pgvector_cannot_be_created_migrations_and_full_text_search_
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.execute(f"DROP ROLE IF EXISTS {role}")
         await admin.close()
+
+
+async def test_a_document_is_deleted_at_once_while_its_passages_are_being_embedded(
+    pool: asyncpg.Pool, fake: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    # The batch's passages were locked FOR UPDATE while their request ran: deleting their document (or reingesting
+    # it) waited for the embedding API, up to its timeout times its attempts (two minutes by default), holding the
+    # knowledge base's lock, so every change to that knowledge base waited too.
+    org = await insert_organization(pool)
+    kb, document_id = await text_document(pool, org, "The Onyx ferry leaves at noon.")
+    await ingest(pool, None)
+    fake.embedding_delay_ms = 3000
+    requests = len(fake.embedding_requests)
+    embedding = asyncio.create_task(embed_pending_passages(pool, embedder(client)))
+    for _ in range(200):
+        if len(fake.embedding_requests) > requests:
+            break
+        await asyncio.sleep(0.02)
+    assert len(fake.embedding_requests) > requests  # the request is in flight
+    await knowledge_bases.delete_document(pool, organization_id=org, knowledge_base_id=kb, document_id=document_id)
+    # Had the delete waited for the API's answer, the passage would have been embedded first.
+    assert await embedding == 0
+    fake.embedding_delay_ms = 0
+
+
+async def test_two_processes_embedding_at_once_never_embed_the_same_passage(
+    pool: asyncpg.Pool, fake: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    org = await insert_organization(pool)
+    await text_document(
+        pool, org, " ".join(f"Berth {n} of the Topaz marina takes boats of {n} metres." for n in range(24))
+    )
+    await ingest(pool, None)
+    waiting = await pending(pool)
+    assert waiting >= 4
+    fake.embedding_delay_ms = 200  # both processes' requests overlap
+    requests = len(fake.embedding_requests)
+    counts = await asyncio.gather(*(embed_pending_passages(pool, embedder(client, batch_size=2)) for _ in range(2)))
+    fake.embedding_delay_ms = 0
+    sent = [text for request in fake.embedding_requests[requests:] for text in request["input"]]
+    assert len(sent) == len(set(sent)) == sum(counts) == waiting
+    assert all(counts)  # each process took its share
+    assert await pending(pool) == 0

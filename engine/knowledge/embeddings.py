@@ -202,12 +202,13 @@ async def embedder_from_settings(settings: Settings, clients: ProviderClients, p
 
 
 async def embed_pending_passages(pool: Pool, embedder: OpenAIEmbedder) -> int:
-    """Embed every passage not yet embedded by the embedder's model, a batch per transaction; how many were.
+    """Embed every passage not yet embedded by the embedder's model, a batch per transaction; how many were (those
+    deleted while their request ran are not counted).
 
-    Each batch's passages stay locked (FOR UPDATE SKIP LOCKED) while their request runs, so two processes never
-    embed the same ones. EmbeddingFailed when a batch fails after its retries: its passages wait for the next try.
-    A passage the API refuses on its own is set aside (`record_refusals`), so it never holds back the passages
-    behind it, every organization's.
+    Each batch's passages stay claimed (`claim_pending`: advisory locks, which no change to their document waits
+    for) while their request runs, so two processes never embed the same ones. EmbeddingFailed when a batch fails
+    after its retries: its passages wait for the next try. A passage the API refuses on its own is set aside
+    (`record_refusals`), so it never holds back the passages behind it, every organization's.
     """
     embedded = 0
     while True:
@@ -222,11 +223,13 @@ async def embed_pending_passages(pool: Pool, embedder: OpenAIEmbedder) -> int:
                 raise EmbeddingFailed(
                     f"the embedding API refused every passage of a batch: {next(iter(refusals.values()))}"
                 )
-            await store_embeddings(conn, model=embedder.model, chunk_ids=list(vectors), vectors=list(vectors.values()))
+            stored = await store_embeddings(
+                conn, model=embedder.model, chunk_ids=list(vectors), vectors=list(vectors.values())
+            )
             await record_refusals(conn, model=embedder.model, refusals=refusals)
         for chunk_id, reason in refusals.items():
             log.warning("knowledge passage %s set aside: %s refused it: %s", chunk_id, embedder.model.name, reason)
-        embedded += len(vectors)
+        embedded += stored
 
 
 async def _embed_isolating_refusals(
