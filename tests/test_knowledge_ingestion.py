@@ -11,6 +11,9 @@ import itertools
 import os
 import sys
 import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -71,6 +74,32 @@ async def status_of(pool: asyncpg.Pool, document_id: str) -> tuple[str, str | No
     row = await pool.fetchrow('SELECT "status", "error" FROM "KnowledgeBaseDocument" WHERE "id" = $1', document_id)
     assert row is not None
     return row["status"], row["error"]
+
+
+@dataclass
+class HeldPage:
+    """A page that says `text` as it is when asked, but answers only once `release` is set; `fetched` once asked."""
+
+    text: str
+    fetched: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@asynccontextmanager
+async def held_page(text: str) -> AsyncIterator[tuple[str, HeldPage]]:
+    """A site on loopback whose one page, `/`, is a HeldPage; its base URL and the page."""
+    page = HeldPage(text)
+
+    async def answer(request: web.Request) -> web.Response:
+        body = f"<html><body><p>{page.text}</p></body></html>"
+        page.fetched.set()
+        await page.release.wait()
+        return web.Response(text=body, content_type="text/html")
+
+    site = web.Application()
+    site.router.add_get("/", answer)
+    async with serve(site) as base:
+        yield base, page
 
 
 async def test_a_process_that_dies_mid_ingestion_loses_nothing(pool: asyncpg.Pool, db_url: str) -> None:
@@ -435,18 +464,8 @@ async def test_a_long_text_is_cut_by_a_child_process_within_the_reading_limits(p
 
 async def test_a_worker_told_to_stop_claiming_finishes_its_document_and_takes_no_other(pool: asyncpg.Pool) -> None:
     org = await insert_organization(pool)
-    fetched, release = asyncio.Event(), asyncio.Event()
-
-    async def slow_page(request: web.Request) -> web.Response:
-        fetched.set()
-        await release.wait()
-        return web.Response(
-            text="<html><body><p>The Jasper pier opens at dawn.</p></body></html>", content_type="text/html"
-        )
-
-    site = web.Application()
-    site.router.add_get("/", slow_page)
-    async with serve(site) as base:
+    async with held_page("The Jasper pier opens at dawn.") as (base, page):
+        fetched, release = page.fetched, page.release
         kb = await knowledge_bases.create_knowledge_base(pool, organization_id=org, name="Piers")
         held = await knowledge_bases.add_document(
             pool, organization_id=org, knowledge_base_id=kb.id, name="pier", type=DocumentType.WEBSITE, url=f"{base}/"
@@ -478,18 +497,7 @@ async def test_a_document_reingested_while_it_is_read_is_read_again(pool: asyncp
     # The read under way began before the request: recorded, it took the document off the queue, and the site as
     # it is now was never read (the document READY with what it said before).
     org = await insert_organization(pool)
-    text = {"now": "The Jasper pier opens at dawn."}
-    fetched, release = asyncio.Event(), asyncio.Event()
-
-    async def page(request: web.Request) -> web.Response:
-        body = f"<html><body><p>{text['now']}</p></body></html>"
-        fetched.set()
-        await release.wait()
-        return web.Response(text=body, content_type="text/html")
-
-    site = web.Application()
-    site.router.add_get("/", page)
-    async with serve(site) as base:
+    async with held_page("The Jasper pier opens at dawn.") as (base, page):
         kb = await knowledge_bases.create_knowledge_base(pool, organization_id=org, name="Piers")
         document = await knowledge_bases.add_document(
             pool, organization_id=org, knowledge_base_id=kb.id, name="pier", type=DocumentType.WEBSITE, url=f"{base}/"
@@ -497,12 +505,12 @@ async def test_a_document_reingested_while_it_is_read_is_read_again(pool: asyncp
         worker = IngestionWorker(pool, quick(crawl=CrawlLimits(max_depth=0, allow_private=True)))
         worker.start()
         try:
-            await asyncio.wait_for(fetched.wait(), 30)
-            text["now"] = "The Jasper pier opens at noon."
+            await asyncio.wait_for(page.fetched.wait(), 30)
+            page.text = "The Jasper pier opens at noon."
             await knowledge_bases.reingest_document(
                 pool, organization_id=org, knowledge_base_id=kb.id, document_id=document.id
             )
-            release.set()
+            page.release.set()
             for _ in range(200):
                 queued = await pool.fetchval(
                     'SELECT count(*) FROM "KnowledgeBaseIngestion" WHERE "documentId" = $1', document.id
