@@ -397,3 +397,37 @@ async def test_two_processes_embedding_at_once_never_embed_the_same_passage(
     assert len(sent) == len(set(sent)) == sum(counts) == waiting
     assert all(counts)  # each process took its share
     assert await pending(pool) == 0
+
+
+async def test_a_new_document_is_indexed_while_a_slow_embedding_api_works_through_older_passages(
+    pool: asyncpg.Pool, fake: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    # The worker embedded every waiting passage before it claimed another document: with a slow or hanging API (or
+    # after a change of model, every passage to embed again), new documents stayed PROCESSING until it was done.
+    org = await insert_organization(pool)
+    kb, older = await text_document(
+        pool, org, " ".join(f"Berth {n} of the Zircon marina takes boats of {n} metres." for n in range(40))
+    )
+    await ingest(pool, None)
+    not_embedded = """SELECT count(*) FROM "KnowledgeBaseChunk" WHERE "documentId" = $1 AND "embeddingModel" IS NULL"""
+    assert await pool.fetchval(not_embedded, older) >= 8
+    fake.embedding_delay_ms = 300
+    requests = len(fake.embedding_requests)
+    worker = IngestionWorker(pool, quick(), embedder=embedder(client, batch_size=1))
+    worker.start()
+    try:
+        for _ in range(200):
+            if len(fake.embedding_requests) > requests:
+                break
+            await asyncio.sleep(0.02)
+        _, document_id = await text_document(pool, org, "The Zircon lighthouse is lit at dusk.", kb_id=kb)
+        worker.wake()
+        for _ in range(400):
+            if (await status_of(pool, document_id))[0] != "PROCESSING":
+                break
+            await asyncio.sleep(0.05)
+        assert await status_of(pool, document_id) == ("READY", None)
+        assert await pool.fetchval(not_embedded, older) > 0  # the older passages are still being embedded
+    finally:
+        await worker.stop()
+        fake.embedding_delay_ms = 0

@@ -8,9 +8,9 @@ reason; other failures are retried with backoff and marked ERROR after `max_atte
 passages in a child process within time and memory limits (engine/knowledge/extract_process.py), and so is any
 long crawled page or text (a page that cannot be read so is skipped); short ones are read in a thread: all of it off
 the event loop that carries calls. The worker looks for due documents every `poll_interval`, and at once when this
-process's API queues one (`wake`). With an embedder (vector search on), each round then embeds the passages not yet
-embedded by its model, in batches (engine/knowledge/embeddings.py): new ones, and all of them after a change of
-model.
+process's API queues one (`wake`). With an embedder (vector search on), a second loop beside it embeds the passages
+not yet embedded by its model, in batches (engine/knowledge/embeddings.py): new ones, and all of them after a change
+of model; a slow or failing embedding API never holds new documents back.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
@@ -111,6 +111,7 @@ class IngestionWorker:
         self._embed_after = 0.0
         """Event-loop time before which embedding is not tried again, after a failure (backing off like documents)."""
         self._wake = asyncio.Event()
+        self._embed_wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -128,15 +129,16 @@ class IngestionWorker:
     def stop_claiming(self) -> None:
         """Claim no more documents; those in progress carry on to their end (the engine is draining before it stops).
 
-        Their leases would otherwise hold new documents away from the other engines until they expire.
+        Their leases would otherwise hold new documents away from the other engines until they expire. No new round of
+        embedding begins either.
         """
         self._stop.set()
         self._wake.set()
+        self._embed_wake.set()
 
     async def stop(self) -> None:
         """Stop claiming and cancel documents in progress: their leases end and another process takes them."""
-        self._stop.set()
-        self._wake.set()
+        self.stop_claiming()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -156,12 +158,16 @@ class IngestionWorker:
     async def run_once(self) -> int:
         """Claim the documents due now (up to `concurrency`) and ingest them, then embed the passages waiting for
         it (with an embedder); how many documents were claimed."""
+        claimed = await self._ingest_due()
+        if self._embedder is not None and asyncio.get_running_loop().time() >= self._embed_after:
+            await self._embed(self._embedder)
+        return claimed
+
+    async def _ingest_due(self) -> int:
         claimed = await knowledge_ingestion.claim_due(
             self._pool, limit=self._settings.concurrency, lease=self._settings.lease
         )
         await asyncio.gather(*(self._ingest(claim) for claim in claimed))
-        if self._embedder is not None and asyncio.get_running_loop().time() >= self._embed_after:
-            await self._embed(self._embedder)
         return len(claimed)
 
     async def _embed(self, embedder: OpenAIEmbedder) -> None:
@@ -176,27 +182,51 @@ class IngestionWorker:
             self._embedding_failures = 0
 
     async def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._wake.clear()
-                if await self.run_once():
-                    continue
-                wait = self._settings.poll_interval.total_seconds()
-                due_in = await knowledge_ingestion.next_due_in(self._pool)
-                if due_in is not None:
-                    wait = min(wait, due_in.total_seconds())
-                await self._wait(max(wait, _MIN_WAIT))
-            except TRANSIENT_ERRORS as exc:
-                log.warning("knowledge ingestion: database unavailable (%s: %s)", type(exc).__name__, exc)
-                await self._wait(self._settings.poll_interval.total_seconds())
-            except Exception:  # a bug must not end ingestion for the life of the process
-                log.exception("knowledge ingestion: unexpected error; retrying")
-                await self._wait(self._settings.poll_interval.total_seconds())
+        # Embedding runs beside ingestion, not after it: a slow or hanging embedding API, or every passage to embed
+        # again after a change of model, must not keep new documents from being read and found by full-text.
+        async with asyncio.TaskGroup() as tasks:
+            if self._embedder is not None:
+                tasks.create_task(self._embed_continually(self._embedder), name="knowledge-embedding")
+            await self._ingest_continually()
 
-    async def _wait(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._wake.wait()
+    async def _ingest_continually(self) -> None:
+        async def ingest_round() -> float:
+            if await self._ingest_due():
+                self._embed_wake.set()  # their passages wait for an embedding
+                return 0.0
+            wait = self._settings.poll_interval.total_seconds()
+            due_in = await knowledge_ingestion.next_due_in(self._pool)
+            if due_in is not None:
+                wait = min(wait, due_in.total_seconds())
+            return max(wait, _MIN_WAIT)
+
+        await self._repeat(ingest_round, self._wake, doing="ingestion")
+
+    async def _embed_continually(self, embedder: OpenAIEmbedder) -> None:
+        async def embed_round() -> float:
+            loop = asyncio.get_running_loop()
+            if loop.time() >= self._embed_after:
+                await self._embed(embedder)
+            backing_off = self._embed_after - loop.time()  # after a failure: until the next try is due
+            return backing_off if backing_off > 0 else self._settings.poll_interval.total_seconds()
+
+        await self._repeat(embed_round, self._embed_wake, doing="embedding")
+
+    async def _repeat(self, work: Callable[[], Awaitable[float]], wake: asyncio.Event, *, doing: str) -> None:
+        """Run `work` until the worker stops, each time then waiting the seconds it returns or until `wake` is set."""
+        poll = self._settings.poll_interval.total_seconds()
+        while not self._stop.is_set():
+            wake.clear()
+            try:
+                wait = await work()
+            except TRANSIENT_ERRORS as exc:
+                log.warning("knowledge %s: database unavailable (%s: %s)", doing, type(exc).__name__, exc)
+                wait = poll
+            except Exception:  # a bug must not end this work for the life of the process
+                log.exception("knowledge %s: unexpected error; retrying", doing)
+                wait = poll
+            if wait > 0:
+                await _wait(wake, wait)
 
     async def _ingest(self, claim: ClaimedDocument) -> None:
         if claim.attempt_count > self._settings.max_attempts:  # each earlier claim's process stopped mid-way
@@ -272,6 +302,13 @@ class IngestionWorker:
         )
         if not await knowledge_ingestion.record_error(self._pool, claim, error=reason, retry_in=retry_in):
             log.warning("knowledge document %s: its claim ended before the failure was recorded", claim.document_id)
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Until `event` is set, or `seconds` have passed."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
 
 
 INGESTION_WORKER = web.AppKey("knowledge_ingestion_worker", IngestionWorker)
