@@ -282,3 +282,20 @@ async def test_a_realtime_agent_calls_search_knowledge_base(db_url: str, pool: a
     assert rows[-1]["text"] == "It is forty nine dollars a month."
     retrievals = [r["knowledge"] for r in rows if r["knowledge"] is not None]
     assert retrievals and retrievals[0]["retrievals"][0]["passages"][0]["documentId"] == document_id
+
+
+async def test_a_search_for_words_the_database_cannot_hold_is_still_answered(
+    engine: str, pool: asyncpg.Pool, fakes: tuple[FakeDeepgram, ReadingOpenAI, FakeElevenLabs]
+) -> None:
+    # A model's JSON arguments may carry a NUL ("\u0000") or half an emoji ("\ud83d"), which no PostgreSQL text can
+    # hold: the search raised, the reply task died with it, and the caller heard nothing more.
+    deepgram, openai, _ = fakes
+    number, _, document_id = await line_with_knowledge(pool, {**CLOUD, "firstSentence": "Hi."}, PRICES, name="NUL")
+    deepgram.transcripts.extend(["How much is the premium plan?"])
+    openai.replies.extend([[ToolCall("search_knowledge_base", {"query": "premium\u0000 plan \ud83d price"})]])
+    result = await call(engine, number, Say("how much is the premium plan"), Pause(600))
+    log = await finished_log(pool, result)
+    last = (await turns(pool, log["id"]))[-1]
+    assert last["text"] == "From our documents: The premium plan costs forty nine dollars a month."
+    (retrieval,) = last["knowledge"]["retrievals"]
+    assert {p["documentId"] for p in retrieval["passages"]} == {document_id}

@@ -72,6 +72,7 @@ class KnowledgeLookup:
 
         A database that cannot be reached gives no passages (the call goes on without them), logged.
         """
+        query = _storable(query)
         began = time.perf_counter()
         question = None
         if self._embedder is not None and query.strip():
@@ -188,6 +189,12 @@ class KnowledgeLookup:
     async def search(self, query: str) -> list[str]:
         """The texts of the passages that best match `query`, best first."""
         return [passage.content for passage in await self.passages(query)]
+
+
+def _storable(query: str) -> str:
+    """`query` as PostgreSQL text (and the turn's stored retrievals) can hold it: a NUL, or a lone surrogate (half an
+    emoji in a model's JSON arguments), would fail the search and the reply waiting for it."""
+    return query.encode("utf-8", errors="replace").decode("utf-8").replace("\x00", " ")
 
 
 def _discard(task: asyncio.Task[list[float]]) -> None:
