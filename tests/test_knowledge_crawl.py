@@ -29,12 +29,14 @@ from tests.test_repo_agents import insert_organization
 @dataclass
 class Site:
     """A site on loopback: its address, its pages (path to HTML; any other path is missing), how long each page
-    takes to answer, paths that redirect (to their Location), and how many times each path was asked for."""
+    takes to answer, paths that redirect (to their Location) or answer an error status, and how many times each
+    path was asked for."""
 
     base: str
     pages: dict[str, str] = field(default_factory=dict)
     delays: dict[str, float] = field(default_factory=dict)
     redirects: dict[str, str] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)
     asked: Counter[str] = field(default_factory=Counter)
 
 
@@ -50,6 +52,8 @@ async def site() -> AsyncIterator[Site]:
     async def handle(request: web.Request) -> web.Response:
         served.asked[request.path] += 1
         await asyncio.sleep(served.delays.get(request.path, 0.0))
+        if request.path in served.statuses:
+            return web.Response(status=served.statuses[request.path])
         if request.path in served.redirects:
             return web.Response(status=302, headers={"Location": served.redirects[request.path]})
         body = served.pages.get(request.path)
@@ -148,3 +152,19 @@ async def test_a_long_page_is_read_within_the_reading_limits_of_a_file(pool: asy
         "ERROR",
         f"{site.base}/: the page took longer than 0.001 s to read",
     )
+
+
+async def test_a_site_whose_robots_txt_cannot_be_read_now_is_not_crawled_until_it_can(
+    pool: asyncpg.Pool, site: Site
+) -> None:
+    # A robots.txt answering 503 was taken for none: the site was crawled as if it forbade nothing.
+    site.pages["/"] = html("The Agate bridge is closed on Sundays.", "/private/")
+    site.pages["/private/"] = html("Internal: the Basalt discount code is SECRET42.")
+    site.statuses["/robots.txt"] = 503
+    document_id = await website_document(pool, f"{site.base}/")
+    worker = IngestionWorker(pool, quick(max_attempts=1, crawl=CrawlLimits(allow_private=True)))
+    await worker.run_once()
+    await worker.stop()
+    status, error = await status_of(pool, document_id)
+    assert status == "ERROR" and error == f"{site.base}/robots.txt could not be fetched (HTTP 503)"
+    assert site.asked["/"] == site.asked["/private/"] == 0

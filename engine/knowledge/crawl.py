@@ -107,14 +107,22 @@ async def _robots(session: aiohttp.ClientSession, start: str, limits: CrawlLimit
     scheme, netloc = _site(start)
     robots_url = f"{scheme}://{netloc}/robots.txt"
     parser = RobotFileParser(robots_url)
+    # A site whose rules cannot be read now may forbid what it serves: it is read once they can be (RFC 9309 2.3.1.4).
+    unreachable = f"{robots_url} could not be fetched"
     try:
         fetched = await _fetch(session, robots_url, limits)
-    except (aiohttp.ClientError, TimeoutError, OSError, CrawlFailed):
-        parser.parse([])  # no robots.txt to be had: nothing is forbidden
+    except UnsafeURL as exc:
+        raise CrawlFailed(f"{unreachable} ({exc})", permanent=True) from None
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise CrawlFailed(f"{unreachable} ({exc or type(exc).__name__})", permanent=False) from None
+    except CrawlFailed:  # too many redirects, too large: taken as no robots.txt, as a missing one
+        parser.parse([])
         return parser
     if fetched.status in {401, 403}:  # as urllib.robotparser reads it: a site that hides its rules forbids all
         parser.parse(["User-agent: *", "Disallow: /"])
-    elif fetched.status >= 400:
+    elif fetched.status >= 500:
+        raise CrawlFailed(f"{unreachable} (HTTP {fetched.status})", permanent=False)
+    elif fetched.status >= 400:  # no robots.txt: nothing is forbidden
         parser.parse([])
     else:
         parser.parse(fetched.body.decode("utf-8", errors="replace").splitlines())
