@@ -168,3 +168,20 @@ async def test_a_site_whose_robots_txt_cannot_be_read_now_is_not_crawled_until_i
     status, error = await status_of(pool, document_id)
     assert status == "ERROR" and error == f"{site.base}/robots.txt could not be fetched (HTTP 503)"
     assert site.asked["/"] == site.asked["/private/"] == 0
+
+
+async def test_a_start_page_that_redirects_to_another_host_is_crawled_there(pool: asyncpg.Pool, site: Site) -> None:
+    # http:// to https://, example.com to www.example.com: the commonest redirect of all took the start page "off the
+    # site", and the document ended in ERROR with no text.
+    moved = site.base.replace("127.0.0.1", "localhost")
+    site.redirects["/"] = f"{moved}/home"
+    site.pages["/home"] = html("The Agate bridge is closed on Sundays.", "/hours")
+    site.pages["/hours"] = html("The Jasper ferry leaves at noon.")
+    document_id = await website_document(pool, f"{site.base}/")
+    worker = IngestionWorker(pool, quick(crawl=CrawlLimits(allow_private=True)))
+    await worker.run_once()
+    await worker.stop()
+    assert await status_of(pool, document_id) == ("READY", None)
+    passages = await pool.fetch('SELECT "content" FROM "KnowledgeBaseChunk" WHERE "documentId" = $1', document_id)
+    read = " ".join(row["content"] for row in passages)
+    assert "Agate bridge" in read and "Jasper ferry" in read  # the start page, and the page it links to

@@ -221,7 +221,13 @@ async def crawl_site(
                 raise CrawlFailed(f"{url} answered HTTP {fetched.status}", permanent=fetched.status < 500)
             continue
         if _site(fetched.url) != site:
-            continue  # redirected off the site
+            if url != start:
+                continue  # redirected off the site
+            # The start page moved (http to https, example.com to www.example.com): the site is where it is now, under
+            # that host's robots.txt.
+            robots = await _allowed_start(session, fetched.url, limits, deadline)
+            site = _site(fetched.url)
+            seen.add(fetched.url)
         is_html = fetched.content_type in {"text/html", "application/xhtml+xml"}
         if not is_html and fetched.content_type != "text/plain":
             if url == start:
