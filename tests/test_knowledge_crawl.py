@@ -18,7 +18,7 @@ from aiohttp import web
 
 from engine.knowledge.crawl import CrawlLimits
 from engine.knowledge.extract_process import IN_THREAD_MAX, ExtractLimits
-from engine.knowledge.ingestion import IngestionWorker
+from engine.knowledge.ingestion import IngestionSettings, IngestionWorker
 from storage import knowledge_bases
 from storage.enums import DocumentType
 from tests.fakes.server import serve
@@ -77,6 +77,21 @@ async def website_document(pool: asyncpg.Pool, url: str) -> str:
     return document.id
 
 
+async def ingest_once(pool: asyncpg.Pool, settings: IngestionSettings) -> None:
+    """One round of an ingestion worker with `settings`: the documents due now, read to their end."""
+    worker = IngestionWorker(pool, settings)
+    await worker.run_once()
+    await worker.stop()
+
+
+async def text_of(pool: asyncpg.Pool, document_id: str) -> str:
+    """The document's passages, joined."""
+    rows = await pool.fetch(
+        'SELECT "content" FROM "KnowledgeBaseChunk" WHERE "documentId" = $1 ORDER BY "position"', document_id
+    )
+    return " ".join(row["content"] for row in rows)
+
+
 async def settled(pool: asyncpg.Pool, document_id: str) -> tuple[str, str | None]:
     for _ in range(1200):
         if (status := await status_of(pool, document_id))[0] != "PROCESSING":
@@ -90,9 +105,7 @@ async def test_a_page_of_countless_links_to_missing_pages_costs_a_bounded_crawl(
     # robots.txt matching on the event loop). Links that give no page count against the pages allowed.
     site.pages["/"] = html("The Agate bridge is closed on Sundays.", *(f"/missing/{n}" for n in range(20_000)))
     document_id = await website_document(pool, f"{site.base}/")
-    worker = IngestionWorker(pool, quick(crawl=CrawlLimits(max_pages=3, allow_private=True)))
-    await worker.run_once()
-    await worker.stop()
+    await ingest_once(pool, quick(crawl=CrawlLimits(max_pages=3, allow_private=True)))
     assert await status_of(pool, document_id) == ("READY", None)
     missing = sum(count for path, count in site.asked.items() if path.startswith("/missing/"))
     assert missing == 3
@@ -129,12 +142,9 @@ async def test_a_link_or_a_redirect_that_is_not_a_url_costs_only_itself(pool: as
     site.pages["/ferry"] = html("The Jasper ferry leaves at noon.")
     site.redirects["/moved"] = "http://[oops"
     document_id = await website_document(pool, f"{site.base}/")
-    worker = IngestionWorker(pool, quick(crawl=CrawlLimits(allow_private=True)))
-    await worker.run_once()
-    await worker.stop()
+    await ingest_once(pool, quick(crawl=CrawlLimits(allow_private=True)))
     assert await status_of(pool, document_id) == ("READY", None)
-    passages = await pool.fetch('SELECT "content" FROM "KnowledgeBaseChunk" WHERE "documentId" = $1', document_id)
-    assert any("Jasper ferry" in row["content"] for row in passages)
+    assert "Jasper ferry" in await text_of(pool, document_id)
     assert site.asked["/moved"] == 1
 
 
@@ -145,9 +155,7 @@ async def test_a_long_page_is_read_within_the_reading_limits_of_a_file(pool: asy
     site.pages["/"] = html(f"The Carnelian ferry leaves at noon.{scripts}")
     assert len(site.pages["/"]) > IN_THREAD_MAX
     document_id = await website_document(pool, f"{site.base}/")
-    worker = IngestionWorker(pool, quick(crawl=CrawlLimits(allow_private=True), extract=ExtractLimits(timeout=0.001)))
-    await worker.run_once()
-    await worker.stop()
+    await ingest_once(pool, quick(crawl=CrawlLimits(allow_private=True), extract=ExtractLimits(timeout=0.001)))
     assert await status_of(pool, document_id) == (
         "ERROR",
         f"{site.base}/: the page took longer than 0.001 s to read",
@@ -162,9 +170,7 @@ async def test_a_site_whose_robots_txt_cannot_be_read_now_is_not_crawled_until_i
     site.pages["/private/"] = html("Internal: the Basalt discount code is SECRET42.")
     site.statuses["/robots.txt"] = 503
     document_id = await website_document(pool, f"{site.base}/")
-    worker = IngestionWorker(pool, quick(max_attempts=1, crawl=CrawlLimits(allow_private=True)))
-    await worker.run_once()
-    await worker.stop()
+    await ingest_once(pool, quick(max_attempts=1, crawl=CrawlLimits(allow_private=True)))
     status, error = await status_of(pool, document_id)
     assert status == "ERROR" and error == f"{site.base}/robots.txt could not be fetched (HTTP 503)"
     assert site.asked["/"] == site.asked["/private/"] == 0
@@ -178,10 +184,7 @@ async def test_a_start_page_that_redirects_to_another_host_is_crawled_there(pool
     site.pages["/home"] = html("The Agate bridge is closed on Sundays.", "/hours")
     site.pages["/hours"] = html("The Jasper ferry leaves at noon.")
     document_id = await website_document(pool, f"{site.base}/")
-    worker = IngestionWorker(pool, quick(crawl=CrawlLimits(allow_private=True)))
-    await worker.run_once()
-    await worker.stop()
+    await ingest_once(pool, quick(crawl=CrawlLimits(allow_private=True)))
     assert await status_of(pool, document_id) == ("READY", None)
-    passages = await pool.fetch('SELECT "content" FROM "KnowledgeBaseChunk" WHERE "documentId" = $1', document_id)
-    read = " ".join(row["content"] for row in passages)
+    read = await text_of(pool, document_id)
     assert "Agate bridge" in read and "Jasper ferry" in read  # the start page, and the page it links to
