@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-__all__ = ["read_at_most"]
+__all__ = ["decoded", "read_at_most"]
 
 
 async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -17,3 +17,12 @@ async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
     while len(body) < limit and (chunk := await response.content.read(limit - len(body))):
         body += chunk
     return bytes(body)
+
+
+def decoded(body: bytes, charset: str | None) -> str:
+    """`body` as text in the `charset` its reply declared (UTF-8 when it declares none, or one Python does not know);
+    bytes that do not decode become U+FFFD, so a reply of garbage is read rather than refused."""
+    try:
+        return body.decode(charset or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return body.decode("utf-8", errors="replace")

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from media.dtmf import DIGITS_PATTERN
 from pipelines.conversation.confirmation import turn_confirmed
 from pipelines.errors import ProviderError
-from pipelines.http_bodies import read_at_most
+from pipelines.http_bodies import decoded, read_at_most
 from pipelines.url_safety import UnsafeURL, ensure_public_url
 
 log = logging.getLogger(__name__)
@@ -300,11 +300,7 @@ async def _reply_text(response: aiohttp.ClientResponse) -> str:
     since a webhook answering garbage must not end the call.
     """
     raw = await read_at_most(response, MAX_RESULT_CHARS * 4)  # the most bytes MAX_RESULT_CHARS characters take
-    try:
-        text = raw.decode(response.charset or "utf-8", errors="replace")
-    except LookupError:  # a charset Python does not know
-        text = raw.decode("utf-8", errors="replace")
-    return text[:MAX_RESULT_CHARS]
+    return decoded(raw, response.charset)[:MAX_RESULT_CHARS]
 
 
 def parse_arguments(raw: str) -> dict[str, Any]:

@@ -29,14 +29,15 @@ from tests.test_repo_agents import insert_organization
 @dataclass
 class Site:
     """A site on loopback: its address, its pages (path to HTML; any other path is missing), how long each page
-    takes to answer, paths that redirect (to their Location) or answer an error status, and how many times each
-    path was asked for."""
+    takes to answer, paths that redirect (to their Location) or answer an error status, paths served as bytes with
+    their Content-Type, and how many times each path was asked for."""
 
     base: str
     pages: dict[str, str] = field(default_factory=dict)
     delays: dict[str, float] = field(default_factory=dict)
     redirects: dict[str, str] = field(default_factory=dict)
     statuses: dict[str, int] = field(default_factory=dict)
+    raw: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     asked: Counter[str] = field(default_factory=Counter)
 
 
@@ -56,10 +57,13 @@ async def site() -> AsyncIterator[Site]:
             return web.Response(status=served.statuses[request.path])
         if request.path in served.redirects:
             return web.Response(status=302, headers={"Location": served.redirects[request.path]})
-        body = served.pages.get(request.path)
-        if body is None:
+        if request.path in served.raw:
+            data, content_type = served.raw[request.path]
+            return web.Response(body=data, headers={"Content-Type": content_type})
+        page = served.pages.get(request.path)
+        if page is None:
             raise web.HTTPNotFound()
-        return web.Response(text=body, content_type="text/html")
+        return web.Response(text=page, content_type="text/html")
 
     app = web.Application()
     app.router.add_route("GET", "/{tail:.*}", handle)
@@ -188,3 +192,15 @@ async def test_a_start_page_that_redirects_to_another_host_is_crawled_there(pool
     assert await status_of(pool, document_id) == ("READY", None)
     read = await text_of(pool, document_id)
     assert "Agate bridge" in read and "Jasper ferry" in read  # the start page, and the page it links to
+
+
+async def test_a_text_page_is_read_in_the_charset_it_declares(pool: asyncpg.Pool, site: Site) -> None:
+    # Every text/plain page was decoded as UTF-8: one in Latin-1 lost each accented letter to U+FFFD.
+    site.raw["/menu.txt"] = (
+        "Crème brûlée costs four euros at the Café Opale.".encode("latin-1"),
+        "text/plain; charset=iso-8859-1",
+    )
+    document_id = await website_document(pool, f"{site.base}/menu.txt")
+    await ingest_once(pool, quick(crawl=CrawlLimits(allow_private=True)))
+    assert await status_of(pool, document_id) == ("READY", None)
+    assert await text_of(pool, document_id) == "Crème brûlée costs four euros at the Café Opale."

@@ -58,11 +58,13 @@ class CrawlLimits:
 
 @dataclass(frozen=True, slots=True)
 class CrawledPage:
-    """One page fetched: its address and its body, HTML or (`is_html` false) plain text."""
+    """One page fetched: its address and its body, HTML or (`is_html` false) plain text in the charset its reply
+    declared (None: none)."""
 
     url: str
     body: bytes
     is_html: bool
+    charset: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,7 @@ class _Fetched:
     url: str
     status: int
     content_type: str
+    charset: str | None
     body: bytes
 
 
@@ -99,7 +102,7 @@ async def _fetch(session: aiohttp.ClientSession, url: str, limits: CrawlLimits) 
             body = await read_at_most(response, limits.max_bytes + 1)
             if len(body) > limits.max_bytes:
                 raise CrawlFailed(f"{url} is larger than {limits.max_bytes} bytes", permanent=True)
-            return _Fetched(url, response.status, response.content_type, body)
+            return _Fetched(url, response.status, response.content_type, response.charset, body)
     raise CrawlFailed(f"{url}: more than {_MAX_REDIRECTS} redirects", permanent=True)
 
 
@@ -242,4 +245,4 @@ async def crawl_site(
             seen.update(links)
             queue.extend((link, depth + 1) for link in links)
         pages += 1
-        yield CrawledPage(fetched.url, fetched.body, is_html)
+        yield CrawledPage(fetched.url, fetched.body, is_html, fetched.charset)

@@ -37,6 +37,7 @@ from engine.knowledge.extract_process import (
 )
 from engine.knowledge.unreadable import UnreadableDocument
 from engine.server.appkeys import DATABASE, DRAIN, PROVIDER_CLIENTS, SETTINGS
+from pipelines.http_bodies import decoded
 from pipelines.url_safety import PublicAddressResolver
 from storage import Pool, knowledge_ingestion
 from storage.enums import DocumentType
@@ -284,8 +285,7 @@ class IngestionWorker:
                     if page.is_html:
                         chunks += await page_passages(page.body, url=page.url, sizes=sizes, limits=limits)
                     else:
-                        text = page.body.decode("utf-8", errors="replace")
-                        chunks += await text_passages(text, sizes=sizes, limits=limits)
+                        chunks += await text_passages(decoded(page.body, page.charset), sizes=sizes, limits=limits)
                 except UnreadableDocument as exc:  # like a page that cannot be fetched: the site goes on without it
                     log.info("knowledge document %s: skipped %s (%s)", claim.document_id, page.url, exc)
                     unreadable = UnreadableDocument(f"{page.url}: {exc}")
