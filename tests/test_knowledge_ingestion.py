@@ -34,6 +34,7 @@ from pipelines.llm.conversation_path import ConversationPathLLM
 from storage import knowledge_bases, knowledge_ingestion
 from storage.enums import DocumentType
 from storage.knowledge_search import search_passages
+from storage.pool import create_pool
 from tests.fakes.server import serve
 from tests.test_repo_agents import insert_organization
 
@@ -176,6 +177,24 @@ async def test_a_private_address_is_refused_unless_allowed(pool: asyncpg.Pool) -
     await worker.stop()
     status, error = await status_of(pool, document.id)
     assert status == "ERROR" and error is not None and "127.0.0.1" in error
+
+
+async def test_a_search_the_database_cannot_serve_in_time_gives_no_passages_and_the_next_one_works(
+    pool: asyncpg.Pool, db_url: str
+) -> None:
+    org = await insert_organization(pool)
+    kb, document = await text_document(pool, org, "The Onyx vault code changes every Monday.")
+    worker = IngestionWorker(pool, quick(concurrency=50))
+    await worker.run_once()
+    await worker.stop()
+    busy = await create_pool(db_url, min_size=1, max_size=1)
+    try:
+        lookup = KnowledgeLookup(busy, organization_id=org, knowledge_base_ids=[kb], timeout_s=0.3)
+        async with busy.acquire():  # every connection of the pool is taken: the search cannot get one
+            assert await asyncio.wait_for(lookup.passages("onyx vault"), 10) == []
+        assert [p.document_id for p in await lookup.passages("onyx vault")] == [document]
+    finally:
+        await busy.close()
 
 
 async def test_the_call_lookup_searches_only_its_organization_under_rls(pool: asyncpg.Pool) -> None:

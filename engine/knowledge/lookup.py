@@ -30,6 +30,9 @@ from storage.tenancy import tenant_read_transaction
 
 log = logging.getLogger(__name__)
 
+SEARCH_TIMEOUT_SECONDS = 2.0
+"""The longest a search may take, waiting for a pooled connection included: past it the call goes on without
+passages (a database so slow or busy would otherwise hold the caller's reply in silence for as long as it takes)."""
 FUSION_CANDIDATES = 10
 """Passages taken from each ranking (full-text, vector) before they are fused (more if the lookup returns more)."""
 
@@ -54,15 +57,17 @@ class KnowledgeLookup:
         knowledge_base_ids: Sequence[str],
         limit: int = 3,
         embedder: OpenAIEmbedder | None = None,
+        timeout_s: float = SEARCH_TIMEOUT_SECONDS,
     ) -> None:
-        """Search `knowledge_base_ids` of `organization_id` through `pool`, `limit` passages at most; by vector too
-        when an `embedder` is given."""
+        """Search `knowledge_base_ids` of `organization_id` through `pool`, `limit` passages at most, each search
+        within `timeout_s`; by vector too when an `embedder` is given."""
         self._pool = pool
         self._organization_id = organization_id
         self._knowledge_base_ids = list(knowledge_base_ids)
         self._limit = limit
         self._candidates = max(limit, FUSION_CANDIDATES)
         self._embedder = embedder
+        self._timeout_s = timeout_s
         self.retrievals: list[Retrieval] = []
         """Every search made through this lookup, in order."""
         self._taken = 0
@@ -70,7 +75,8 @@ class KnowledgeLookup:
     async def passages(self, query: str) -> list[Passage]:
         """The passages that best match `query`, best first, with where each comes from.
 
-        A database that cannot be reached gives no passages (the call goes on without them), logged.
+        A database that cannot be reached, or that does not answer within the lookup's timeout, gives no passages
+        (the call goes on without them), logged.
         """
         query = _storable(query)
         began = time.perf_counter()
@@ -78,17 +84,13 @@ class KnowledgeLookup:
         if self._embedder is not None and query.strip():
             question = asyncio.get_running_loop().create_task(self._embedder.embed_question(query))
         try:
-            async with tenant_read_transaction(self._pool, self._organization_id) as conn:
-                found = await self._full_text(conn, query, self._limit if question is None else self._candidates)
-                # An embedding that came in while the full-text search ran is searched on the same connection: one
-                # pooled connection per question instead of two, fewer waits for one when calls are many.
-                in_time = question is not None and question.done()
-                if question is not None and in_time:
-                    found = await self._fused(found, question, conn)
-            if question is not None and not in_time:
-                found = await self._fused(found, question, None)
+            async with asyncio.timeout(self._timeout_s):
+                found = await self._search(query, question)
         except TRANSIENT_ERRORS as exc:
             log.warning("knowledge search unavailable (%s); the call goes on without it", type(exc).__name__)
+            found = []
+        except TimeoutError:
+            log.warning("knowledge search took over %g s; the call goes on without it", self._timeout_s)
             found = []
         finally:
             if question is not None:
@@ -96,6 +98,18 @@ class KnowledgeLookup:
         elapsed = time.perf_counter() - began
         metrics.KNOWLEDGE_SEARCH_SECONDS.observe(elapsed)
         self.retrievals.append(Retrieval(query, tuple(found), elapsed * 1000))
+        return found
+
+    async def _search(self, query: str, question: asyncio.Task[list[float]] | None) -> list[Passage]:
+        async with tenant_read_transaction(self._pool, self._organization_id) as conn:
+            found = await self._full_text(conn, query, self._limit if question is None else self._candidates)
+            # An embedding that came in while the full-text search ran is searched on the same connection: one
+            # pooled connection per question instead of two, fewer waits for one when calls are many.
+            in_time = question is not None and question.done()
+            if question is not None and in_time:
+                found = await self._fused(found, question, conn)
+        if question is not None and not in_time:
+            found = await self._fused(found, question, None)
         return found
 
     async def _full_text(self, conn: Connection, query: str, limit: int) -> list[Passage]:
