@@ -35,7 +35,13 @@ from storage.campaign_states import (
     sources,
     sql_states,
 )
-from storage.campaigns import STOPPED_REASON, CampaignDispatchState, DialingRules, transition_campaign
+from storage.campaigns import (
+    STOPPED_REASON,
+    CampaignDispatchState,
+    DialingRules,
+    recipient_variables,
+    transition_campaign,
+)
 from storage.do_not_call import listed_reason
 from storage.end_reasons import VOICEMAIL, EndReason
 from storage.enums import CallStatus, CampaignStatus, Plan
@@ -92,7 +98,8 @@ class DueCampaign:
 
 @dataclass(frozen=True, slots=True)
 class QueuedRecipient:
-    """A recipient waiting for a dial, locked by the claiming transaction; `variables` include its `notes`."""
+    """A recipient waiting for a dial, locked by the claiming transaction; `variables` are its calls' (its name and
+    notes included, storage.campaigns.recipient_variables)."""
 
     id: str
     phone_number: str
@@ -267,9 +274,9 @@ async def lock_queued(conn: Connection, campaign: DueCampaign, *, now: datetime,
             phone_number=row["phoneNumber"],
             name=row["name"],
             timezone=row["timezone"],
-            # The recipient's notes reach the prompt as {{notes}}, beside its extra CSV columns.
-            variables=({"notes": row["notes"]} if row["notes"] else {})
-            | {str(k): str(v) for k, v in row["variables"].items()},
+            variables=recipient_variables(
+                name=row["name"], notes=row["notes"], variables={str(k): str(v) for k, v in row["variables"].items()}
+            ),
             attempts=row["attempts"],
         )
         for row in rows
@@ -508,9 +515,10 @@ async def record_do_not_call(pool: asyncpg.Pool, claim: Claim) -> None:
 
 
 async def record_not_dialable(pool: asyncpg.Pool, claim: Claim, *, reason: str) -> None:
-    """The dial was refused before it reached Twilio because the organization's dial policy does not dial the number
-    (storage.dial_policies; it may have tightened since the import): FAILED with `reason`, the attempt not counted
-    and never retried, since the same policy would refuse every retry; the campaign completes if it was its last."""
+    """The dial was refused before it reached Twilio for what would refuse every retry: the organization's dial policy
+    does not dial the number (storage.dial_policies; it may have tightened since the import), or the recipient's
+    variables break a call's limits. FAILED with `reason`, the attempt not counted and never retried; the campaign
+    completes if it was its last."""
     async with transaction(pool) as conn:
         to = RecipientDispatchState.FAILED
         if await _abandon(conn, claim.attempt_id, claim.recipient_id, to=to, reason=f"not dialed: {reason}"):

@@ -98,6 +98,12 @@ class NewRecipient(Record):
     """The recipient's own IANA timezone when their number tells it; None means the campaign's."""
 
 
+def recipient_variables(*, name: str | None, notes: str | None, variables: Mapping[str, str]) -> dict[str, str]:
+    """What a recipient's calls fill `{{...}}` placeholders with: its extra columns, and its name and notes as
+    `{{name}}` and `{{notes}}` unless a column of that name says otherwise."""
+    return ({"name": name} if name else {}) | ({"notes": notes} if notes else {}) | dict(variables)
+
+
 class ImportSummary(Record):
     """What an import did with the rows it was given."""
 

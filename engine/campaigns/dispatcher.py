@@ -29,6 +29,7 @@ from engine.twilio.outbound_calls import (
     CampaignNotFound,
     DestinationRefused,
     InvalidNumber,
+    InvalidVariables,
     NoCredits,
     NoFreeSlot,
     NumberUnavailable,
@@ -80,8 +81,9 @@ class DoNotDial(Exception):
 
 
 class NotDialable(Exception):
-    """This recipient's number is one the organization's dial policy refuses (storage.dial_policies), which may have
-    tightened since the import: it is not dialed, and not retried."""
+    """This recipient can never be dialed as it stands: its number is one the organization's dial policy refuses
+    (storage.dial_policies, which may have tightened since the import), or its variables break a call's limits (a
+    recipient imported before the import checked them). It is not dialed, and not retried."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -402,9 +404,6 @@ class PlaceCallDialer:
     async def dial(self, claim: Claim) -> DialResult:
         """Place the claim's call; DialRefused, DoNotDial or NotDialable for this recipient, CampaignBlocked for the
         campaign."""
-        variables = dict(claim.variables)
-        if claim.name:
-            variables.setdefault("name", claim.name)
         try:
             placed = await place_call(
                 self._deps,
@@ -412,7 +411,7 @@ class PlaceCallDialer:
                 agent_id=claim.agent_id,
                 from_number=claim.from_number,
                 to=claim.phone_number,
-                variables=variables,
+                variables=claim.variables,
                 campaign_id=claim.campaign_id,
                 claim=claim,
             )
@@ -426,11 +425,11 @@ class PlaceCallDialer:
             raise DialDeferred(str(exc)) from None
         except OnDoNotCallList as exc:
             raise DoNotDial(str(exc)) from None
-        except DestinationRefused as exc:
+        except (DestinationRefused, InvalidVariables) as exc:
             raise NotDialable(str(exc)) from None
         except (NoCredits, AgentUnavailable, NumberUnavailable, CampaignNotFound, OutboundUnavailable) as exc:
             raise CampaignBlocked(str(exc)) from None
-        except OutboundCallError as exc:  # e.g. variables over the limits: this recipient's data
+        except OutboundCallError as exc:
             raise DialRefused(str(exc)) from None
         return DialResult(call_log_id=placed.call_log_id, call_sid=placed.call_sid)
 

@@ -18,7 +18,8 @@ from typing import TextIO
 
 from config.phone import InvalidPhoneNumber, e164
 from engine.campaigns.windows import recipient_timezone
-from storage.campaigns import NewRecipient
+from engine.twilio.outbound_calls import InvalidVariables, checked_variables
+from storage.campaigns import NewRecipient, recipient_variables
 from storage.dial_policies import OutboundDialPolicy
 from storage.enums import RecipientStatus
 
@@ -145,8 +146,9 @@ def make_recipient(
 ) -> NewRecipient:
     """A recipient from its fields: E.164 with its timezone, or an ERROR one whose reason starts with `where`.
 
-    `default_region` (e.g. "US") reads numbers written without a country code; config.phone decides validity, and
-    the organization's dial `policy` whether it may be called (the rule `place_call` applies again at the dial).
+    `default_region` (e.g. "US") reads numbers written without a country code; config.phone decides validity, the
+    organization's dial `policy` whether it may be called, and checked_variables whether its calls could carry its
+    name, notes and columns (the rules `place_call` applies again at the dial).
     """
     problem, phone = "no phone number", raw_phone
     if raw_phone.strip():
@@ -155,11 +157,11 @@ def make_recipient(
         except InvalidPhoneNumber as exc:
             problem = str(exc)
         else:
-            refusal = policy.refusal(number)
+            refusal = policy.refusal(number) or _variables_refusal(name, notes, variables)
             if refusal is None:
                 timezone = recipient_timezone(number)
                 return NewRecipient(phone_number=number, name=name, notes=notes, variables=variables, timezone=timezone)
-            problem, phone = refusal, number  # a number, but not one the organization dials
+            problem, phone = refusal, number  # a number, but not one the organization dials, or not with these fields
     return NewRecipient(
         phone_number=phone,
         name=name,
@@ -168,6 +170,14 @@ def make_recipient(
         error_reason=f"{where}: {problem}",
         variables=variables,
     )
+
+
+def _variables_refusal(name: str | None, notes: str | None, variables: dict[str, str]) -> str | None:
+    try:
+        checked_variables(recipient_variables(name=name, notes=notes, variables=variables))
+    except InvalidVariables as exc:
+        return str(exc)
+    return None
 
 
 @dataclass(frozen=True, slots=True)

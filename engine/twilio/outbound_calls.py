@@ -71,6 +71,7 @@ __all__ = [
     "CampaignNotFound",
     "DestinationRefused",
     "InvalidNumber",
+    "InvalidVariables",
     "NoCredits",
     "NoFreeSlot",
     "NumberUnavailable",
@@ -79,6 +80,7 @@ __all__ = [
     "OutboundDeps",
     "OutboundUnavailable",
     "PlacedCall",
+    "checked_variables",
     "outbound_caller_id",
     "place_call",
 ]
@@ -104,6 +106,11 @@ class InvalidNumber(OutboundCallError, InvalidPhoneNumber):
 
     def __str__(self) -> str:
         return f"{self.field}: {super().__str__()}"
+
+
+class InvalidVariables(OutboundCallError):
+    """A call's `variables` that break the limits (how many, how long, a name): they belong to whoever gave them, so
+    the same variables are refused every time."""
 
 
 class AgentUnavailable(OutboundCallError):
@@ -268,7 +275,7 @@ async def place_call(
     is written; CallNotPlaced (CallLog FAILED) if Twilio refuses.
     """
     callee = dialable_number("to", to)
-    per_call = _checked_variables(variables)
+    per_call = checked_variables(variables)
     pool = deps.pool
     policy = await dial_policies.get_policy(pool, organization_id=organization_id)
     refusal = policy.refusal(callee)
@@ -399,19 +406,24 @@ async def _open_call_log(
         ) from None
 
 
-def _checked_variables(variables: Mapping[str, str] | None) -> dict[str, str]:
+def checked_variables(variables: Mapping[str, str] | None) -> dict[str, str]:
+    """A call's per-call variables as a dict, or InvalidVariables naming the first one over the limits.
+
+    The one rule for what a call may carry: `place_call` applies it, and a campaign's import applies it to each
+    recipient's variables (storage.campaigns.recipient_variables), so a recipient it would refuse is never queued.
+    """
     if variables is None:
         return {}
     if len(variables) > MAX_VARIABLES:
-        raise OutboundCallError(f"variables: at most {MAX_VARIABLES} per call, got {len(variables)}")
+        raise InvalidVariables(f"variables: at most {MAX_VARIABLES} per call, got {len(variables)}")
     checked: dict[str, str] = {}
     for name, value in variables.items():
         if not isinstance(name, str) or not name.strip():
-            raise OutboundCallError(f"variables: names must be non-empty strings, got {name!r}")
+            raise InvalidVariables(f"variables: names must be non-empty strings, got {name!r}")
         if not isinstance(value, str):
-            raise OutboundCallError(f"variables.{name}: must be a string, got {type(value).__name__}")
+            raise InvalidVariables(f"variables.{name}: must be a string, got {type(value).__name__}")
         if len(value) > MAX_VARIABLE_CHARS:
-            raise OutboundCallError(f"variables.{name}: at most {MAX_VARIABLE_CHARS} characters")
+            raise InvalidVariables(f"variables.{name}: at most {MAX_VARIABLE_CHARS} characters, got {len(value):,}")
         checked[name] = value
     return checked
 
