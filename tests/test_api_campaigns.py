@@ -107,6 +107,19 @@ async def test_a_campaign_is_created_with_its_rules_and_filled_with_recipients(
     assert (status, body["error"]["field"]) == (422, "csv")
 
 
+async def test_a_csv_field_past_the_csv_modules_limit_is_a_422_naming_its_line(
+    api: Api, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    campaign = await new_campaign(api, pool, tenant)
+    path = f"/campaigns/{campaign['id']}/recipients"
+    csv = f"phone,plan\n+12125550187,gold\n+12125550188,{'z' * 140_000}\n"
+    status, body = await api.call("POST", path, tenant.owner_key, json={"csv": csv})
+    assert (status, body["error"]["field"]) == (422, "csv"), body
+    assert body["error"]["message"].startswith("line 3: not readable as CSV (field larger than field limit")
+    _, page = await api.call("GET", path, tenant.owner_key)
+    assert page["data"] == []  # nothing imported
+
+
 async def test_the_lifecycle_and_its_refusals(api: Api, pool: asyncpg.Pool, tenant: Tenant) -> None:
     campaign = await new_campaign(api, pool, tenant)
     base = f"/campaigns/{campaign['id']}"

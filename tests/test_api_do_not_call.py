@@ -127,6 +127,15 @@ async def test_a_csv_without_a_header_is_read_from_its_first_column(api: Api, te
     assert status == 200 and (result["rows"], result["added"], result["invalid"]) == (2, 2, 0), result
 
 
+async def test_a_csv_field_past_the_csv_modules_limit_is_a_422_naming_its_line(api: Api, tenant: Tenant) -> None:
+    csv = f"phoneNumber,reason\n+14155550122,moved\n+14155550123,{'z' * 140_000}\n"
+    status, body = await api.call("POST", "/do-not-call/import", tenant.owner_key, json={"csv": csv})
+    assert (status, body["error"]["field"]) == (422, "csv"), body
+    assert body["error"]["message"].startswith("line 3: not readable as CSV (field larger than field limit")
+    _, page = await api.call("GET", "/do-not-call", tenant.owner_key)
+    assert page["data"] == []  # nothing listed
+
+
 async def test_another_organizations_key_sees_nothing_and_cannot_delete(
     api: Api, pool: asyncpg.Pool, tenant: Tenant
 ) -> None:

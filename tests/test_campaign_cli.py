@@ -89,6 +89,19 @@ async def test_mistakes_get_one_line_naming_what_is_wrong(pool: asyncpg.Pool, db
     assert code == 1 and "no valid recipient" in err
 
 
+async def test_a_file_the_csv_module_cannot_read_is_one_line_naming_where_and_imports_nothing(
+    pool: asyncpg.Pool, db_url: str, tmp_path: Path
+) -> None:
+    org = await insert_organization(pool)
+    agent = await create_agent(pool, organization_id=org, name="Caller")
+    campaign = await campaigns.create_campaign(pool, organization_id=org, batch_name="Z", agent_id=agent.id)
+    oversized = tmp_path / "oversized.csv"
+    oversized.write_text(f"phone,plan\n+12125550187,gold\n+12125550188,{'z' * 140_000}\n", encoding="utf-8")
+    code, _, err = await dialtone(db_url, tmp_path, "campaign", "import", "--org", org, campaign.id, str(oversized))
+    assert code == 1 and err.startswith("dialtone: line 3: not readable as CSV") and "Traceback" not in err, err
+    assert await campaigns.list_recipients(pool, organization_id=org, campaign_id=campaign.id) == []
+
+
 def test_days_read_as_names_ranges_or_numbers() -> None:
     assert parse_days("mon-fri") == frozenset({1, 2, 3, 4, 5})
     assert parse_days("sat,sun") == frozenset({6, 7})

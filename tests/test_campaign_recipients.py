@@ -111,6 +111,11 @@ def test_a_row_split_across_the_sniffed_sample_is_read_whole() -> None:
     assert all(r.status == RecipientStatus.READY and r.variables == {"extra": filler} for r in recipients)
 
 
+def test_a_field_past_the_csv_modules_limit_is_refused_naming_its_line() -> None:
+    with pytest.raises(RecipientsFileError, match=r"^line 3: not readable as CSV \(field larger than field limit"):
+        parse(f"phone,plan\n+12125550187,gold\n+12125550188,{'z' * 140_000}\n+12125550189,gold\n")
+
+
 async def test_duplicates_are_merged_into_one_recipient(pool: asyncpg.Pool) -> None:
     campaign = await new_campaign(pool)
     text = (

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -102,16 +102,26 @@ def read_recipients(
     """
     sample = stream.read(_SAMPLE_CHARS).removeprefix("\ufeff")
     rest = _Chained(sample, stream)
-    reader = csv.reader(rest, sniff_dialect(sample))
-    header = next(reader, None)
+    rows = csv_rows(rest, sniff_dialect(sample))
+    _, header = next(rows, (0, None))
     if header is None:
         raise RecipientsFileError("the file is empty: expected a header row naming at least a phone number column")
     columns = Columns.from_header(header)
-    for cells in reader:
+    for line, cells in rows:
         if not any(cell.strip() for cell in cells):
             continue  # blank lines carry no recipient
-        recipient = _recipient(reader.line_num, cells, columns, policy, default_region)
-        yield ParsedRow(line=reader.line_num, recipient=recipient)
+        yield ParsedRow(line=line, recipient=_recipient(line, cells, columns, policy, default_region))
+
+
+def csv_rows(lines: Iterable[str], dialect: type[csv.Dialect] | csv.Dialect) -> Iterator[tuple[int, list[str]]]:
+    """Each row of CSV `lines` with the line it ends on (the first is line 1); RecipientsFileError naming the line
+    where the text stops being CSV the csv module reads (a field past its limit of 131,072 characters, say)."""
+    reader = csv.reader(lines, dialect)
+    try:
+        for cells in reader:
+            yield reader.line_num, cells
+    except csv.Error as exc:
+        raise RecipientsFileError(f"line {reader.line_num}: not readable as CSV ({exc}); nothing imported") from None
 
 
 def _recipient(

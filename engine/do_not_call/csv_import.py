@@ -6,12 +6,11 @@ recognised when its first row is not itself a number; a `reason` column, when th
 
 from __future__ import annotations
 
-import csv
 import io
 from dataclasses import dataclass, field
 
 from config.phone import InvalidPhoneNumber, e164
-from engine.campaigns.recipients_csv import Columns, RecipientsFileError, sniff_dialect
+from engine.campaigns.recipients_csv import Columns, RecipientsFileError, csv_rows, sniff_dialect
 from storage.do_not_call import ListedNumber
 
 MAX_REPORTED_PROBLEMS = 1000
@@ -39,14 +38,16 @@ class DoNotCallFile:
 
 
 def read_do_not_call(text: str, *, default_region: str | None = None, reason: str | None = None) -> DoNotCallFile:
-    """Parse CSV text into numbers to list and problems by line; `reason` for rows without one of their own."""
+    """Parse CSV text into numbers to list and problems by line; `reason` for rows without one of their own.
+
+    RecipientsFileError if the text cannot be read as CSV (a field past the csv module's limit): nothing is listed.
+    """
     text = text.removeprefix("\ufeff")
-    reader = csv.reader(io.StringIO(text), sniff_dialect(text[: 64 * 1024]))
     result = DoNotCallFile()
     seen: set[str] = set()
     phone_column, reason_column = 0, None
     first = True
-    for cells in reader:
+    for line, cells in csv_rows(io.StringIO(text), sniff_dialect(text[: 64 * 1024])):
         if not any(cell.strip() for cell in cells):
             continue
         if first:
@@ -63,7 +64,7 @@ def read_do_not_call(text: str, *, default_region: str | None = None, reason: st
             result.invalid += 1
             if len(result.problems) < MAX_REPORTED_PROBLEMS:
                 why = exc.reason if value else "no phone number"
-                result.problems.append(LineProblem(reader.line_num, value[:64], why))
+                result.problems.append(LineProblem(line, value[:64], why))
             continue
         if number in seen:
             result.duplicates += 1

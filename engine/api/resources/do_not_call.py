@@ -11,6 +11,7 @@ from engine.api.errors import unprocessable
 from engine.api.models import RequestModel, ResponseModel, ShortText
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
+from engine.campaigns.recipients_csv import RecipientsFileError
 from engine.do_not_call.csv_import import read_do_not_call
 from storage import campaigns, do_not_call
 from storage.do_not_call import DoNotCallEntry, DoNotCallSource, SkippedRecipient
@@ -132,10 +133,14 @@ async def remove_do_not_call(call: ApiCall) -> None:
 async def import_do_not_call(call: ApiCall) -> DoNotCallImportResult:
     """List every valid number of the CSV text; invalid lines come back with their line number and reason.
 
-    Idempotent: numbers already listed are counted in `alreadyListed` and keep their entry.
+    Idempotent: numbers already listed are counted in `alreadyListed` and keep their entry. 422 at `csv` for text
+    that is not CSV the importer reads (a field past 131,072 characters), naming the line.
     """
     body = call.body_as(DoNotCallImport)
-    parsed = read_do_not_call(body.csv, default_region=body.default_region, reason=body.reason)
+    try:
+        parsed = read_do_not_call(body.csv, default_region=body.default_region, reason=body.reason)
+    except RecipientsFileError as exc:
+        raise unprocessable(str(exc), "csv") from None
     async with call.tenant() as db:
         added = await do_not_call.add_entries(
             db, organization_id=call.caller.organization_id, numbers=parsed.numbers, source=DoNotCallSource.CSV_IMPORT
