@@ -109,6 +109,25 @@ def test_a_window_without_hours_is_open_all_day() -> None:
     assert CallingWindow.from_strings(None, None) == CallingWindow(time(0), time(0))
 
 
+def test_the_common_stretch_of_several_zones_opens_with_the_last_and_closes_with_the_first() -> None:
+    # Berlin (UTC+1) and New York (UTC-5) share 15:00-17:00 of Berlin's clock; New York's 09:00-17:00 is 23:00-07:00
+    # in Tokyo: those two share no hour.
+    assert OFFICE_HOURS.common_period([NEW_YORK, BERLIN], utc(2026, 12, 7, 9, 0)) == (
+        utc(2026, 12, 7, 14, 0),
+        utc(2026, 12, 7, 16, 0),
+    )
+    assert OFFICE_HOURS.common_period([NEW_YORK, TOKYO], utc(2026, 12, 7, 15, 0)) is None
+
+
+def test_the_common_stretch_skips_to_a_day_every_zone_allows() -> None:
+    weekdays = CallingWindow.from_strings("09:00", "17:00", WEEKDAYS)
+    # Friday 16:30 UTC: Berlin has closed, New York is open; Monday is the next day both open.
+    assert weekdays.common_period([NEW_YORK, BERLIN], utc(2026, 12, 11, 16, 30)) == (
+        utc(2026, 12, 14, 14, 0),
+        utc(2026, 12, 14, 16, 0),
+    )
+
+
 @pytest.mark.parametrize(
     ("number", "expected"),
     [

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
-from engine.campaigns.windows import CallingWindow, InvalidWindow, parse_time_of_day, zone
+from engine.campaigns.windows import CallingWindow, InvalidWindow, parse_time_of_day, possible_timezones, zone
 from engine.server.appkeys import DATABASE, DRAIN, SETTINGS, TWILIO
 from engine.twilio.outbound_calls import (
     AgentUnavailable,
@@ -370,13 +370,14 @@ def plan_dials(
 ) -> tuple[list[Pick], list[tuple[str, datetime]]]:
     """Which candidates to dial at which paced instant, and which to defer to their window's next opening."""
     window = CallingWindow.from_strings(campaign.call_start_time, campaign.call_end_time, campaign.rules.days_of_week)
+    hours = CallingHours(window, campaign.rules.timezone)
     picks: list[Pick] = []
     deferrals: list[tuple[str, datetime]] = []
     for candidate in candidates:
         if len(picks) == wanted:
             break
         dial_at = first_at + spacing * len(picks)
-        opens, closes = window.open_period(_recipient_zone(candidate, campaign), dial_at)
+        opens, closes = hours.period(candidate, dial_at)
         if opens <= dial_at:
             picks.append(Pick(candidate, dial_at, closes))
         else:
@@ -384,11 +385,57 @@ def plan_dials(
     return picks, deferrals
 
 
-def _recipient_zone(recipient: QueuedRecipient, campaign: DueCampaign) -> ZoneInfo:
+class CallingHours:
+    """When a campaign's recipients may be called: its window read in each recipient's timezone.
+
+    A number whose region has one timezone is read in it (the import stores it). One whose region spans several (a
+    mobile of Australia, a North American toll-free number) is read in the campaign's timezone when that is one of
+    them; otherwise the window must be open in all of them at once, or a campaign in New York would call Sydney at
+    night. Where it never is (zones further apart than the window is long), and for a number of no known region,
+    the campaign's timezone decides.
+    """
+
+    def __init__(self, window: CallingWindow, campaign_timezone: str) -> None:
+        """Hours of `window` for a campaign in `campaign_timezone`."""
+        self._window = window
+        self._campaign_timezone = campaign_timezone
+        self._campaign_zone = zone(campaign_timezone)
+        # Many recipients share their zones: a stretch found for one holds for the next until it closes.
+        self._shared: dict[tuple[str, ...], tuple[datetime, datetime]] = {}
+
+    def period(self, recipient: QueuedRecipient, at: datetime) -> tuple[datetime, datetime]:
+        """The [opening, closing) instants of the recipient's window open at `at`, or of its next one."""
+        if recipient.timezone is not None:
+            own = _known_zone(recipient.timezone)
+            return self._window.open_period(own or self._campaign_zone, at)
+        possible = possible_timezones(recipient.phone_number)
+        if not possible or self._campaign_timezone in possible:
+            return self._window.open_period(self._campaign_zone, at)
+        known = self._shared.get(possible)
+        if known is None or known[1] <= at:
+            known = self._shared[possible] = self._everywhere(possible, at)
+        return known
+
+    def _everywhere(self, names: tuple[str, ...], at: datetime) -> tuple[datetime, datetime]:
+        zones = [tz for name in names if (tz := _known_zone(name)) is not None]
+        common = self._window.common_period(_distinct_clocks(zones, at), at) if zones else None
+        return common if common is not None else self._window.open_period(self._campaign_zone, at)
+
+
+def _known_zone(name: str) -> ZoneInfo | None:
     try:
-        return zone(recipient.timezone or campaign.rules.timezone)
-    except InvalidWindow:
-        return zone(campaign.rules.timezone)
+        return zone(name)
+    except InvalidWindow:  # a zone this system's tz database lacks
+        return None
+
+
+def _distinct_clocks(zones: list[ZoneInfo], at: datetime) -> list[ZoneInfo]:
+    """One zone per distinct clock over the coming days: the 42 zones of a toll-free number show about a dozen."""
+    by_offsets: dict[tuple[timedelta | None, ...], ZoneInfo] = {}
+    for tz in zones:
+        offsets = tuple((at + timedelta(hours=6 * step)).astimezone(tz).utcoffset() for step in range(4 * 9))
+        by_offsets.setdefault(offsets, tz)
+    return list(by_offsets.values())
 
 
 # ----------------------------------------------------------------------------------------------- in the engine

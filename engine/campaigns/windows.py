@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -102,6 +102,18 @@ class CallingWindow:
         """`at` itself if the window is open then, else the instant (UTC) it next opens."""
         return max(self.open_period(tz, at)[0], at)
 
+    def common_period(self, zones: Sequence[ZoneInfo], at: datetime) -> tuple[datetime, datetime] | None:
+        """The [opening, closing) instants (UTC) of the first stretch from `at` on during which the window is open in
+        every one of `zones` at once; None when it never is within a week (zones further apart than it is long)."""
+        moment = at
+        while moment < at + timedelta(days=_DAYS_SEARCHED - 2):
+            periods = [self.open_period(tz, moment) for tz in zones]
+            opens = max(start for start, _ in periods)
+            if opens <= moment:  # every period holds `moment`: their overlap is the answer
+                return opens, min(end for _, end in periods)
+            moment = opens  # the latest to open: no zone's earlier stretch overlaps it before then
+        return None
+
 
 def _first_reading(day: date, local: time, tz: ZoneInfo) -> datetime:
     """The first instant (UTC) the clock in `tz` shows `local` on `day`, or reaches past it if a DST change skips it.
@@ -145,12 +157,22 @@ def _offset_change(start: datetime, end: datetime, tz: ZoneInfo) -> datetime:
 
 
 def recipient_timezone(phone_number: str) -> str | None:
-    """The number's timezone when its region has exactly one, else None (ambiguous: use the campaign's)."""
+    """The number's timezone when its region has exactly one, else None (ambiguous: see possible_timezones)."""
     try:
         parsed = phonenumbers.parse(phone_number)
     except phonenumbers.NumberParseException:
         return None
     return number_timezone(parsed, phonenumbers.number_type(parsed))
+
+
+def possible_timezones(phone_number: str) -> tuple[str, ...]:
+    """Every timezone the number's region spans (an Australian mobile, a North American toll-free number: many), or
+    () when its region is unknown."""
+    try:
+        parsed = phonenumbers.parse(phone_number)
+    except phonenumbers.NumberParseException:
+        return ()
+    return tuple(zone for zone in _zones(parsed, phonenumbers.number_type(parsed)) if zone != _UNKNOWN_ZONE)
 
 
 def number_timezone(parsed: phonenumbers.PhoneNumber, kind: int) -> str | None:
@@ -159,12 +181,15 @@ def number_timezone(parsed: phonenumbers.PhoneNumber, kind: int) -> str | None:
     The same answer as phonenumbers.timezone.time_zones_for_number, without computing the type again: an
     import of many rows pays for it once per number.
     """
-    if kind == phonenumbers.PhoneNumberType.UNKNOWN:
-        return None
-    if parsed.country_code is not None and phonenumbers.is_number_type_geographical(kind, parsed.country_code):
-        zones = number_timezones.time_zones_for_geographical_number(parsed)
-    else:
-        zones = number_timezones.time_zones_for_number(parsed)
+    zones = _zones(parsed, kind)
     if len(zones) != 1 or zones[0] == _UNKNOWN_ZONE:
         return None
-    return str(zones[0])
+    return zones[0]
+
+
+def _zones(parsed: phonenumbers.PhoneNumber, kind: int) -> tuple[str, ...]:
+    if kind == phonenumbers.PhoneNumberType.UNKNOWN:
+        return ()
+    if parsed.country_code is not None and phonenumbers.is_number_type_geographical(kind, parsed.country_code):
+        return tuple(str(zone) for zone in number_timezones.time_zones_for_geographical_number(parsed))
+    return tuple(str(zone) for zone in number_timezones.time_zones_for_number(parsed))
