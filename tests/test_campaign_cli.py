@@ -89,17 +89,36 @@ async def test_mistakes_get_one_line_naming_what_is_wrong(pool: asyncpg.Pool, db
     assert code == 1 and "no valid recipient" in err
 
 
+async def refused_import(pool: asyncpg.Pool, db_url: str, tmp_path: Path, csv: Path) -> str:
+    """`dialtone campaign import` of `csv` into a new campaign, which must fail in one line importing nothing;
+    its stderr."""
+    org = await insert_organization(pool)
+    agent = await create_agent(pool, organization_id=org, name="Caller")
+    campaign = await campaigns.create_campaign(pool, organization_id=org, batch_name="Refused", agent_id=agent.id)
+    code, _, err = await dialtone(db_url, tmp_path, "campaign", "import", "--org", org, campaign.id, str(csv))
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert await campaigns.list_recipients(pool, organization_id=org, campaign_id=campaign.id) == []
+    return err
+
+
 async def test_a_file_the_csv_module_cannot_read_is_one_line_naming_where_and_imports_nothing(
     pool: asyncpg.Pool, db_url: str, tmp_path: Path
 ) -> None:
-    org = await insert_organization(pool)
-    agent = await create_agent(pool, organization_id=org, name="Caller")
-    campaign = await campaigns.create_campaign(pool, organization_id=org, batch_name="Z", agent_id=agent.id)
     oversized = tmp_path / "oversized.csv"
     oversized.write_text(f"phone,plan\n+12125550187,gold\n+12125550188,{'z' * 140_000}\n", encoding="utf-8")
-    code, _, err = await dialtone(db_url, tmp_path, "campaign", "import", "--org", org, campaign.id, str(oversized))
-    assert code == 1 and err.startswith("dialtone: line 3: not readable as CSV") and "Traceback" not in err, err
-    assert await campaigns.list_recipients(pool, organization_id=org, campaign_id=campaign.id) == []
+    err = await refused_import(pool, db_url, tmp_path, oversized)
+    assert err.startswith("dialtone: line 3: not readable as CSV"), err
+
+
+async def test_a_latin1_file_is_refused_naming_the_line_and_byte_where_it_stops_being_utf8(
+    pool: asyncpg.Pool, db_url: str, tmp_path: Path
+) -> None:
+    rows = "".join(f"+1212555{n:04d},Person {n}\n" for n in range(5000))  # past the reader's first chunks
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(("phone,name\n" + rows + "+12125559999,Zoé\n").encode("latin-1"))
+    offset = latin1.read_bytes().index("é".encode("latin-1"))
+    err = await refused_import(pool, db_url, tmp_path, latin1)
+    assert f"not UTF-8 text at line 5002 (byte offset {offset:,}: invalid continuation byte)" in err, err
 
 
 def test_days_read_as_names_ranges_or_numbers() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from config.settings import Settings
-from engine.campaigns.recipients_csv import ParsedRow, RecipientsFileError, open_recipients_file, read_recipients
+from engine.campaigns.recipients_csv import ParsedRow, not_utf8, open_recipients_file, read_recipients
 from engine.campaigns.windows import InvalidWindow, parse_time_of_day
 from engine.twilio.outbound_calls import OutboundCallError, outbound_caller_id
 from storage import Pool, campaign_dispatch, campaigns, dial_policies, organizations
@@ -246,10 +246,8 @@ async def _import(pool: Pool, organization_id: str, campaign_id: str, path: Path
                 campaign_id=campaign_id,
                 recipients=_tracked(read_recipients(stream, policy=policy, default_region=region), stream, bar),
             )
-        except UnicodeDecodeError as exc:
-            raise RecipientsFileError(
-                f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); nothing imported"
-            ) from None
+        except UnicodeDecodeError:
+            raise await asyncio.to_thread(not_utf8, path) from None
         bar.finish()
     print(
         f"{summary.rows:,} rows in {time.monotonic() - began:.1f} s: {summary.imported:,} recipients imported, "

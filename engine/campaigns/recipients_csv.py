@@ -239,6 +239,26 @@ class _Chained:
         return line
 
 
+def not_utf8(path: Path) -> RecipientsFileError:
+    """The refusal of a file that does not decode as UTF-8, naming the line and byte offset where it stops doing so.
+
+    A decode error met while reading counts its offset from the start of the decoder's chunk, not of the file: the
+    file is read again, a line at a time (UTF-8 never hides a newline byte inside a character), to say where.
+    """
+    offset = 0
+    with path.open("rb") as stream:
+        for line_number, line in enumerate(stream, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return RecipientsFileError(
+                    f"{path}: not UTF-8 text at line {line_number} (byte offset {offset + exc.start:,}: {exc.reason}); "
+                    'save it as UTF-8 ("CSV UTF-8" in Excel); nothing imported'
+                )
+            offset += len(line)
+    return RecipientsFileError(f"{path}: not UTF-8 text; save it as UTF-8; nothing imported")
+
+
 def open_recipients_file(path: Path) -> TextIO:
     """Open a CSV for read_recipients: UTF-8 with or without a BOM, newlines left to the csv module."""
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 from config.phone import e164
 from config.settings import Settings
 from engine.campaigns.cli import organization_id_of
+from engine.campaigns.recipients_csv import not_utf8
 from engine.do_not_call.csv_import import read_do_not_call
 from storage import Pool, do_not_call
 from storage.do_not_call import DoNotCallSource
@@ -91,8 +92,8 @@ async def _print_list(pool: Pool, organization_id: str, number: str | None) -> N
 async def _import(pool: Pool, organization_id: str, path: Path, *, reason: str | None, region: str | None) -> None:
     try:
         text = await asyncio.to_thread(path.read_text, encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); nothing imported") from None
+    except UnicodeDecodeError:
+        raise await asyncio.to_thread(not_utf8, path) from None
     except OSError as exc:
         raise ValueError(f"{path}: {exc.strerror or exc}") from None
     parsed = read_do_not_call(text, default_region=region, reason=reason)
