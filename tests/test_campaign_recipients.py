@@ -111,6 +111,14 @@ def test_a_row_split_across_the_sniffed_sample_is_read_whole() -> None:
     assert all(r.status == RecipientStatus.READY and r.variables == {"extra": filler} for r in recipients)
 
 
+def test_a_row_whose_quoted_notes_span_lines_is_named_by_the_line_it_starts_on() -> None:
+    text = 'phone,notes\n12,"called twice;\nno answer"\n\n+12125550101,"a\nb\nc"\n'
+    bad, good = read_recipients(io.StringIO(text), policy=DEFAULT_POLICY)
+    assert (bad.line, good.line) == (2, 5)
+    assert bad.recipient.error_reason is not None and bad.recipient.error_reason.startswith("line 2: ")
+    assert (good.recipient.status, good.recipient.notes) == (RecipientStatus.READY, "a\nb\nc")
+
+
 def test_a_field_past_the_csv_modules_limit_is_refused_naming_its_line() -> None:
     with pytest.raises(RecipientsFileError, match=r"^line 3: not readable as CSV \(field larger than field limit"):
         parse(f"phone,plan\n+12125550187,gold\n+12125550188,{'z' * 140_000}\n+12125550189,gold\n")

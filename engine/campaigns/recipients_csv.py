@@ -114,12 +114,17 @@ def read_recipients(
 
 
 def csv_rows(lines: Iterable[str], dialect: type[csv.Dialect] | csv.Dialect) -> Iterator[tuple[int, list[str]]]:
-    """Each row of CSV `lines` with the line it ends on (the first is line 1); RecipientsFileError naming the line
-    where the text stops being CSV the csv module reads (a field past its limit of 131,072 characters, say)."""
+    """Each row of CSV `lines` with the line it starts on (the first is line 1; a quoted field may hold newlines, so a
+    row can span several); RecipientsFileError naming the line where the text stops being CSV the csv module reads
+    (a field past its limit of 131,072 characters, say)."""
     reader = csv.reader(lines, dialect)
     try:
-        for cells in reader:
-            yield reader.line_num, cells
+        while True:
+            starts = reader.line_num + 1  # every line is read into some row, blank ones included
+            cells = next(reader, None)
+            if cells is None:
+                return
+            yield starts, cells
     except csv.Error as exc:
         raise RecipientsFileError(f"line {reader.line_num}: not readable as CSV ({exc}); nothing imported") from None
 
