@@ -68,6 +68,11 @@ _DIALING_COLUMNS = (
 )
 
 
+_LIVE_CALL = """SELECT 1 FROM "CallLog" l
+    WHERE l."organizationId" = {organization} AND l."phoneNumber" = {number} AND l."status" = 'IN_PROGRESS'"""
+"""A subquery: a call of the organization with that number (its callee, or its caller) that has not ended."""
+
+
 @dataclass(frozen=True, slots=True)
 class DueCampaign:
     """A campaign this process holds the claim lock of, with what a claim decision needs."""
@@ -225,7 +230,8 @@ async def pause_for(conn: Connection, campaign: DueCampaign, reason: str) -> Non
 
 
 async def lock_queued(conn: Connection, campaign: DueCampaign, *, now: datetime, limit: int) -> list[QueuedRecipient]:
-    """Lock up to `limit` of the campaign's recipients whose next attempt is due, soonest first.
+    """Lock up to `limit` of the campaign's recipients whose next attempt is due, soonest first; one whose number the
+    organization is in a call with (another campaign's, the API's, an inbound one) waits until that call ends.
 
     In the same statement, candidates whose number is on the organization's do-not-call list leave the queue for
     DO_NOT_CALL with the list's reason (and count as finished): they are never returned, so never dialed.
@@ -241,6 +247,7 @@ async def lock_queued(conn: Connection, campaign: DueCampaign, *, now: datetime,
             JOIN "CampaignRecipient" r ON r."id" = rd."recipientId"
             WHERE rd."campaignId" = $1 AND rd."state" = '{RecipientDispatchState.QUEUED}'
               AND rd."nextAttemptAt" <= $2 AND rd."attempts" < $3
+              AND NOT EXISTS ({_LIVE_CALL.format(organization='rd."organizationId"', number='r."phoneNumber"')})
             ORDER BY rd."nextAttemptAt", rd."recipientId"
             LIMIT $4
             FOR UPDATE OF rd SKIP LOCKED
@@ -455,6 +462,32 @@ async def hold_lease(conn: Connection, claim: Claim) -> None:
     )
     if not held:
         raise LeaseLost(claim)
+
+
+class CalleeInCall(Exception):
+    """The claim's number is in a call with its organization already (another campaign's dial of it, say): it is not
+    dialed now, and waits for that call to end."""
+
+    def __init__(self, claim: Claim) -> None:
+        super().__init__(f"{claim.phone_number} is already in a call with this organization; called once it ends")
+
+
+async def hold_callee(conn: Connection, claim: Claim) -> None:
+    """In the transaction that writes a dial's CallLog, before it: CalleeInCall if the organization has a call with the
+    claim's number that has not ended. Dials of one number (two campaigns' recipients) take turns on a transaction
+    lock of it, so the second sees the first's CallLog."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('dialtone.callee:' || $1::text || ':' || $2::text))",
+        claim.organization_id,
+        claim.phone_number,
+    )
+    live = await conn.fetchval(
+        f"SELECT EXISTS ({_LIVE_CALL.format(organization='$1::text', number='$2::text')})",
+        claim.organization_id,
+        claim.phone_number,
+    )
+    if live:
+        raise CalleeInCall(claim)
 
 
 async def record_placed(pool: asyncpg.Pool, claim: Claim, *, call_log_id: str, call_sid: str | None) -> bool:

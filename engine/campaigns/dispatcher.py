@@ -99,7 +99,8 @@ class CampaignBlocked(Exception):
 
 
 class DialDeferred(Exception):
-    """The organization has no free call slot now (its plan's limit): give the claim back, dial later."""
+    """The organization has no free call slot now (its plan's limit), or is in a call with the number already: give
+    the claim back, dial later."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -464,6 +465,8 @@ class PlaceCallDialer:
             )
         except CallNotPlaced as exc:
             raise DialRefused(str(exc), exc.call_log_id) from None
+        except dispatch.CalleeInCall as exc:
+            raise DialDeferred(str(exc)) from None
         except PlacementUnconfirmed as exc:
             raise DialUnconfirmed(str(exc)) from None
         except InvalidNumber as exc:

@@ -272,7 +272,8 @@ async def place_call(
     campaignId), taking one of the organization's call slots, then Twilio is asked for the call. With every slot
     of the plan taken, it waits up to `slot_wait` seconds for one to free. Raises InvalidNumber, DestinationRefused,
     OnDoNotCallList, AgentUnavailable, NumberUnavailable, CampaignNotFound, NoCredits or NoFreeSlot before anything
-    is written; CallNotPlaced (CallLog FAILED) if Twilio refuses.
+    is written; for a campaign's `claim`, storage.campaign_dispatch's LeaseLost or CalleeInCall (the organization is
+    in a call with `to` already) before anything is written too; CallNotPlaced (CallLog FAILED) if Twilio refuses.
     """
     callee = dialable_number("to", to)
     per_call = checked_variables(variables)
@@ -379,11 +380,13 @@ async def _open_call_log(
     claim: Claim | None,
 ) -> CallLog:
     """The call's IN_PROGRESS CallLog, its call slot taken and its first minute's credits reserved; for a campaign's
-    `claim`, only while it holds its lease (LeaseLost otherwise)."""
+    `claim`, only while it holds its lease (LeaseLost otherwise) and its number is in no other call of the
+    organization (CalleeInCall otherwise)."""
     try:
         async with transaction(deps.pool) as conn:
             if claim is not None:
                 await campaign_dispatch.hold_lease(conn, claim)
+                await campaign_dispatch.hold_callee(conn, claim)
             return await call_logs.create_call_log(
                 conn,
                 organization_id=organization_id,
