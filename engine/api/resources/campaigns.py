@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from storage.campaigns import (
     InvalidCampaignTransition,
     NewRecipient,
 )
+from storage.dial_policies import OutboundDialPolicy
 from storage.enums import CampaignStatus
 from storage.records import Connection
 
@@ -261,25 +263,8 @@ async def import_recipients(call: ApiCall) -> ImportResult:
     async with call.tenant() as db:
         policy = await dial_policies.get_policy(db, organization_id=call.caller.organization_id)
     try:
-        rows: list[NewRecipient] = (
-            [
-                row.recipient
-                for row in read_recipients(io.StringIO(body.csv), policy=policy, default_region=body.default_region)
-            ]
-            if body.csv is not None
-            else [
-                make_recipient(
-                    f"recipients[{index}]",
-                    given.phone_number,
-                    name=given.name,
-                    notes=given.notes,
-                    variables=given.variables,
-                    policy=policy,
-                    default_region=body.default_region,
-                )
-                for index, given in enumerate(body.recipients or ())
-            ]
-        )
+        # Reading every number is CPU work (about 3 s for a megabyte of CSV): off the event loop the calls share.
+        rows = await asyncio.to_thread(_new_recipients, body, policy)
     except RecipientsFileError as exc:
         raise unprocessable(str(exc), "csv") from None
     async with call.tenant() as db:
@@ -287,6 +272,27 @@ async def import_recipients(call: ApiCall) -> ImportResult:
             db, organization_id=call.caller.organization_id, campaign_id=call.path["campaignId"], recipients=rows
         )
     return ImportResult(rows=summary.rows, imported=summary.imported, merged=summary.merged, errors=summary.errors)
+
+
+def _new_recipients(body: RecipientsImport, policy: OutboundDialPolicy) -> list[NewRecipient]:
+    """The recipients of an import's CSV text or list, each checked (ERROR rows with their reason)."""
+    if body.csv is not None:
+        return [
+            row.recipient
+            for row in read_recipients(io.StringIO(body.csv), policy=policy, default_region=body.default_region)
+        ]
+    return [
+        make_recipient(
+            f"recipients[{index}]",
+            given.phone_number,
+            name=given.name,
+            notes=given.notes,
+            variables=given.variables,
+            policy=policy,
+            default_region=body.default_region,
+        )
+        for index, given in enumerate(body.recipients or ())
+    ]
 
 
 @resource.post(

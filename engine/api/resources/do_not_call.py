@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from pydantic import Field, StringConstraints
@@ -138,7 +139,10 @@ async def import_do_not_call(call: ApiCall) -> DoNotCallImportResult:
     """
     body = call.body_as(DoNotCallImport)
     try:
-        parsed = read_do_not_call(body.csv, default_region=body.default_region, reason=body.reason)
+        # CPU work (every number read): off the event loop the calls share.
+        parsed = await asyncio.to_thread(
+            read_do_not_call, body.csv, default_region=body.default_region, reason=body.reason
+        )
     except RecipientsFileError as exc:
         raise unprocessable(str(exc), "csv") from None
     async with call.tenant() as db:
