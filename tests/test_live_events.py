@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -13,8 +15,11 @@ import pytest
 from aiohttp import web
 
 from engine.api import auth
+from engine.api.resources import live_call_events as live_call_events_api
+from engine.call.live_events import EVENT_CHANNEL
 from engine.simulator import Dtmf, HangUp, Pause, Say
-from storage import agents, api_keys, tools
+from storage import agents, api_keys, live_call_events, tools
+from storage.live_call_events import NewEvent
 from tests.engine_server import running_engine
 from tests.fakes.server import serve
 from tests.sse_client import EventStream
@@ -288,3 +293,35 @@ async def test_the_openapi_document_describes_both_streams(engine: str, session:
         assert "call.snapshot" in operation["responses"]["200"]["description"]
         assert {p["name"] for p in operation["parameters"]} >= {"Last-Event-ID", "lastEventId"}
     assert "404" in document["paths"]["/v1/live-calls/{callLogId}/events"]["get"]["responses"]
+
+
+async def test_a_call_stream_ends_once_its_call_is_over_while_the_organization_s_other_calls_go_on(
+    engine: str, pool: asyncpg.Pool, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(live_call_events_api, "KEEPALIVE_SECONDS", 1.0)
+    tenant = await make_tenant(pool, "Busy")
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hello from the busy line.")
+    over = await call_log(pool, await call(engine, number, BOOKING[0], Pause(500), HangUp()))
+    other = await call_log(pool, await call(engine, number, BOOKING[0], Pause(500), HangUp()))
+
+    async def busy() -> None:
+        # Another call of the organization, recorded by whichever engine process holds it, speaks all along.
+        announcement = json.dumps({"orgs": [tenant.organization_id]})
+        for n in itertools.count():
+            event = NewEvent(tenant.organization_id, other["id"], "caller.interim", {"text": f"word {n}"})
+            await live_call_events.record_events(pool, [event])
+            await pool.execute("SELECT pg_notify($1, $2)", EVENT_CHANNEL, announcement)
+            await asyncio.sleep(0.2)
+
+    async with (
+        EventStream(session, f"{engine}/v1/live-calls/events", tenant.owner_key) as everything,
+        EventStream(session, f"{engine}/v1/live-calls/{over['id']}/events", tenant.owner_key) as finished,
+    ):
+        talking = asyncio.create_task(busy())
+        try:
+            await finished.until_ended(timeout=20)  # not held open for as long as any other call of its org goes on
+            await everything.until(lambda e: e.type == "caller.interim")
+        finally:
+            talking.cancel()
+            await asyncio.gather(talking, return_exceptions=True)
+    assert finished.events == []

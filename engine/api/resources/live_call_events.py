@@ -40,8 +40,9 @@ STREAM = Streamed(
     "`data: <JSON>` (every data has `callLogId` and `at`, an ISO-8601 UTC time). Types: call.started, call.state, "
     "caller.interim, caller.final, agent.speaking, agent.turn, turn.latency, tool.call, path.node, call.say, "
     "call.transfer, call.ended. Opened without a Last-Event-ID, the stream first sends one `call.snapshot` (no "
-    "`id:`) per call in progress it covers; a `: keepalive` comment comes every 15 s. A call's stream ends after its "
-    "call.ended (or once the call is over and 15 s passed without an event); either stream ends once its key is "
+    "`id:`) per call in progress it covers; a `: keepalive` comment comes after any 15 s in which nothing was sent. A "
+    "call's stream ends after its call.ended (or once the call is over and 15 s passed without one of its events, "
+    "whatever the organization's other calls do); either stream ends once its key is "
     "revoked or expired, or its user is removed (checked every few seconds).",
     headers={
         RESUME_HEADER: "Resume after this event id (the last `id:` received): every later event is sent, from any "
@@ -128,9 +129,13 @@ async def _stream(
         await response.prepare(call.request)
         key_lost = asyncio.create_task(until_key_lost(call.request))
         key_lost.add_done_callback(lambda _: wake.set())
+        loop = asyncio.get_running_loop()
         try:
             for log in snapshot:
                 await response.write(_sse("call.snapshot", _snapshot(log)))
+            # Counted from the last write, not the last wake-up: a call's stream is woken by every event of its
+            # organization, and would otherwise never send a keepalive, nor see its call over, while others talk.
+            quiet_until = loop.time() + KEEPALIVE_SECONDS
             while not live.closing and not key_lost.done():
                 wake.clear()
                 async with call.tenant() as db:
@@ -142,15 +147,18 @@ async def _stream(
                     after = event.id
                     if call_log_id is not None and event.type == "call.ended":
                         return response
+                if events:
+                    quiet_until = loop.time() + KEEPALIVE_SECONDS
                 if len(events) == READ_LIMIT:
                     continue
                 try:
-                    async with asyncio.timeout(KEEPALIVE_SECONDS):
+                    async with asyncio.timeout_at(quiet_until):
                         await wake.wait()
                 except TimeoutError:
                     if call_log_id is not None and not await _runs(call, in_progress):
                         return response  # the call is over and nothing came for a while: nothing more will
                     await response.write(b": keepalive\n\n")
+                    quiet_until = loop.time() + KEEPALIVE_SECONDS
         except ConnectionResetError:  # the client went away
             pass
         finally:
