@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import itertools
 import json
+import socket
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -16,6 +18,7 @@ from aiohttp import web
 
 from engine.api import auth
 from engine.api.resources import live_call_events as live_call_events_api
+from engine.call import live_events
 from engine.call.live_events import EVENT_CHANNEL
 from engine.simulator import Dtmf, HangUp, Pause, Say
 from storage import agents, api_keys, live_call_events, tools
@@ -325,3 +328,87 @@ async def test_a_call_stream_ends_once_its_call_is_over_while_the_organization_s
             talking.cancel()
             await asyncio.gather(talking, return_exceptions=True)
     assert finished.events == []
+
+
+async def stalled_stream(engine: str, key: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An organization stream opened by a client that then reads nothing (a small window, a small buffer)."""
+    address = urlsplit(engine)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (address.hostname, address.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    head = f"GET /v1/live-calls/events HTTP/1.1\r\nHost: {address.netloc}\r\nAuthorization: Bearer {key}\r\n"
+    writer.write(f"{head}Connection: close\r\n\r\n".encode())
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    return reader, writer
+
+
+async def talk(pool: asyncpg.Pool, organization_id: str, call_log_id: str, *, events: int, words: int = 7000) -> None:
+    """Events of a call of the organization, one batch each, as the engine process holding it records them (by
+    default 20 kB each); the last one's text is "over"."""
+    announcement = json.dumps({"orgs": [organization_id]})
+    for n in range(events):
+        text = "over" if n == events - 1 else f"{n} " + "la " * words
+        await live_call_events.record_events(
+            pool, [NewEvent(organization_id, call_log_id, "caller.interim", {"text": text})]
+        )
+        await pool.execute("SELECT pg_notify($1, $2)", EVENT_CHANNEL, announcement)
+
+
+async def until_cut(reader: asyncio.StreamReader) -> None:
+    """Read what the server sent until it ends the connection."""
+    async with asyncio.timeout(30):
+        with contextlib.suppress(ConnectionResetError):
+            while await reader.read(65536):
+                pass
+
+
+async def test_a_client_that_reads_nothing_is_cut_off_and_stops_holding_its_lease(
+    engine: str, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(live_call_events_api, "STALLED_SECONDS", 1.0)
+    monkeypatch.setattr(live_events, "WATCH_RENEW_SECONDS", 0.2)
+    tenant = await make_tenant(pool, "Stalled")
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hello from the stalled line.")
+    speaking = await call_log(pool, await call(engine, number, BOOKING[0], Pause(500), HangUp()))
+    reader, writer = await stalled_stream(engine, tenant.owner_key)
+    try:
+        await talk(pool, tenant.organization_id, speaking["id"], events=500)  # 10 MB: more than the sockets hold
+        # Its lease is let go (what it missed stays there for its reconnection), and its connection cut.
+        await until_let_go(pool, tenant.organization_id)
+        await until_cut(reader)
+    finally:
+        writer.close()
+
+
+async def test_a_stream_whose_client_reads_nothing_ends_once_its_key_is_revoked(
+    engine: str, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "KEY_RECHECK_SECONDS", 0.2)
+    monkeypatch.setattr(live_events, "WATCH_RENEW_SECONDS", 0.2)
+    monkeypatch.setattr(live_call_events_api, "STALLED_SECONDS", 3600.0)  # only the revocation can end it
+    tenant = await make_tenant(pool, "Stuck")
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hello from the stuck line.")
+    speaking = await call_log(pool, await call(engine, number, BOOKING[0], Pause(500), HangUp()))
+    reader, writer = await stalled_stream(engine, tenant.owner_key)
+    try:
+        await talk(pool, tenant.organization_id, speaking["id"], events=500)
+        await api_keys.revoke_api_key(pool, organization_id=tenant.organization_id, key_id=tenant.owner_key_id)
+        await until_let_go(pool, tenant.organization_id)  # not held, with the organization's calls, until it reads
+        await until_cut(reader)
+    finally:
+        writer.close()
+
+
+async def until_let_go(pool: asyncpg.Pool, organization_id: str) -> None:
+    """Wait until the organization's one stream lease is no longer renewed: its stream has ended."""
+    async with asyncio.timeout(30):
+        while True:
+            left = await pool.fetchval(
+                'SELECT "expiresAt" - now() FROM "LiveCallWatch" WHERE "organizationId" = $1', organization_id
+            )
+            if left <= live_events.RECONNECT_GRACE:
+                return
+            await asyncio.sleep(0.1)  # a row of the database, which nothing announces

@@ -28,6 +28,9 @@ resource = Resource(
 
 RESUME_HEADER: Final = "Last-Event-ID"
 KEEPALIVE_SECONDS: Final = 15.0
+STALLED_SECONDS: Final = 2 * KEEPALIVE_SECONDS
+"""A client that takes nothing of a write for this long has stopped reading (or is gone): its connection is cut, and
+its stream's lease let go (it resumes with Last-Event-ID, nothing lost, once it reads again)."""
 SNAPSHOT_LIMIT: Final = 500
 """At most this many calls in progress are described when a stream opens."""
 READ_LIMIT: Final = 500
@@ -43,7 +46,8 @@ STREAM = Streamed(
     "`id:`) per call in progress it covers; a `: keepalive` comment comes after any 15 s in which nothing was sent. A "
     "call's stream ends after its call.ended (or once the call is over and 15 s passed without one of its events, "
     "whatever the organization's other calls do); either stream ends once its key is "
-    "revoked or expired, or its user is removed (checked every few seconds).",
+    "revoked or expired, or its user is removed (checked every few seconds), and a client that takes nothing of it for "
+    "30 s is cut off (it resumes with Last-Event-ID).",
     headers={
         RESUME_HEADER: "Resume after this event id (the last `id:` received): every later event is sent, from any "
         "engine process. Events are kept for DIALTONE_LIVE_EVENTS_RETENTION seconds."
@@ -127,12 +131,18 @@ async def _stream(
                 )
                 snapshot = await in_progress(db)
         await response.prepare(call.request)
+        client = _Client(call.request, response)
         key_lost = asyncio.create_task(until_key_lost(call.request))
-        key_lost.add_done_callback(lambda _: wake.set())
+
+        def end_stream(_: asyncio.Task[None]) -> None:
+            wake.set()
+            client.give_up()
+
+        key_lost.add_done_callback(end_stream)
         loop = asyncio.get_running_loop()
         try:
             for log in snapshot:
-                await response.write(_sse("call.snapshot", _snapshot(log)))
+                await client.send(_sse("call.snapshot", _snapshot(log)))
             # Counted from the last write, not the last wake-up: a call's stream is woken by every event of its
             # organization, and would otherwise never send a keepalive, nor see its call over, while others talk.
             quiet_until = loop.time() + KEEPALIVE_SECONDS
@@ -143,7 +153,7 @@ async def _stream(
                         db, organization_id=organization_id, call_log_id=call_log_id, after=after, limit=READ_LIMIT
                     )
                 for event in events:
-                    await response.write(_sse(event.type, event.data, event_id=event.id))
+                    await client.send(_sse(event.type, event.data, event_id=event.id))
                     after = event.id
                     if call_log_id is not None and event.type == "call.ended":
                         return response
@@ -157,13 +167,45 @@ async def _stream(
                 except TimeoutError:
                     if call_log_id is not None and not await _runs(call, in_progress):
                         return response  # the call is over and nothing came for a while: nothing more will
-                    await response.write(b": keepalive\n\n")
+                    await client.send(b": keepalive\n\n")
                     quiet_until = loop.time() + KEEPALIVE_SECONDS
-        except ConnectionResetError:  # the client went away
+        except ConnectionResetError:  # the client went away, or was cut off
             pass
         finally:
             key_lost.cancel()
     return response
+
+
+class _Client:
+    """The client's end of a stream: a write it takes nothing of for STALLED_SECONDS, or one still waiting on it once
+    its key is lost, cuts its connection (ConnectionResetError): nothing else ends a stream whose client stopped
+    reading, which would hold its lease, and keep its organization's calls recorded, as long as its socket stays
+    open."""
+
+    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Write `response` to the client of `request`."""
+        self._request = request
+        self._response = response
+        self._waiting: asyncio.Timeout | None = None
+
+    async def send(self, data: bytes) -> None:
+        """Write `data`, waiting for the client to take what came before if it must (not without bound)."""
+        try:
+            async with asyncio.timeout(STALLED_SECONDS) as waiting:
+                self._waiting = waiting
+                await self._response.write(data)
+        except TimeoutError:
+            transport = self._request.transport
+            if transport is not None:
+                transport.abort()  # its unread bytes are dropped: it resumes with Last-Event-ID
+            raise ConnectionResetError("the client read nothing of its event stream; cut off") from None
+        finally:
+            self._waiting = None
+
+    def give_up(self) -> None:
+        """A write waiting on the client ends now, cutting it off (its key is no longer allowed)."""
+        if self._waiting is not None:
+            self._waiting.reschedule(asyncio.get_running_loop().time())
 
 
 async def _runs(call: ApiCall, in_progress: Callable[[Queryable], Awaitable[list[CallLog]]]) -> bool:
