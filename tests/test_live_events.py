@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -307,20 +306,12 @@ async def test_a_call_stream_ends_once_its_call_is_over_while_the_organization_s
     over = await call_log(pool, await call(engine, number, BOOKING[0], Pause(500), HangUp()))
     other = await call_log(pool, await call(engine, number, BOOKING[0], Pause(500), HangUp()))
 
-    async def busy() -> None:
-        # Another call of the organization, recorded by whichever engine process holds it, speaks all along.
-        announcement = json.dumps({"orgs": [tenant.organization_id]})
-        for n in itertools.count():
-            event = NewEvent(tenant.organization_id, other["id"], "caller.interim", {"text": f"word {n}"})
-            await live_call_events.record_events(pool, [event])
-            await pool.execute("SELECT pg_notify($1, $2)", EVENT_CHANNEL, announcement)
-            await asyncio.sleep(0.2)
-
     async with (
         EventStream(session, f"{engine}/v1/live-calls/events", tenant.owner_key) as everything,
         EventStream(session, f"{engine}/v1/live-calls/{over['id']}/events", tenant.owner_key) as finished,
     ):
-        talking = asyncio.create_task(busy())
+        # Another call of the organization speaks all along.
+        talking = asyncio.create_task(talk(pool, tenant.organization_id, other["id"], events=10**6, words=1, every=0.2))
         try:
             await finished.until_ended(timeout=20)  # not held open for as long as any other call of its org goes on
             await everything.until(lambda e: e.type == "caller.interim")
@@ -328,6 +319,13 @@ async def test_a_call_stream_ends_once_its_call_is_over_while_the_organization_s
             talking.cancel()
             await asyncio.gather(talking, return_exceptions=True)
     assert finished.events == []
+
+
+async def organization_with_a_call(engine: str, pool: asyncpg.Pool, name: str) -> tuple[Tenant, str]:
+    """A new organization and the id of its one call, over (the events the test records for it are all it has)."""
+    tenant = await make_tenant(pool, name)
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence=f"Hello from {name}.")
+    return tenant, str((await call_log(pool, await call(engine, number, BOOKING[0], Pause(500), HangUp())))["id"])
 
 
 async def stalled_stream(engine: str, key: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -345,9 +343,11 @@ async def stalled_stream(engine: str, key: str) -> tuple[asyncio.StreamReader, a
     return reader, writer
 
 
-async def talk(pool: asyncpg.Pool, organization_id: str, call_log_id: str, *, events: int, words: int = 7000) -> None:
-    """Events of a call of the organization, one batch each, as the engine process holding it records them (by
-    default 20 kB each); the last one's text is "over"."""
+async def talk(
+    pool: asyncpg.Pool, organization_id: str, call_log_id: str, *, events: int, words: int = 7000, every: float = 0
+) -> None:
+    """Events of a call of the organization, one batch each (`every` seconds apart), as the engine process holding it
+    records them (by default 20 kB each); the last one's text is "over"."""
     announcement = json.dumps({"orgs": [organization_id]})
     for n in range(events):
         text = "over" if n == events - 1 else f"{n} " + "la " * words
@@ -355,6 +355,7 @@ async def talk(pool: asyncpg.Pool, organization_id: str, call_log_id: str, *, ev
             pool, [NewEvent(organization_id, call_log_id, "caller.interim", {"text": text})]
         )
         await pool.execute("SELECT pg_notify($1, $2)", EVENT_CHANNEL, announcement)
+        await asyncio.sleep(every)
 
 
 async def until_cut(reader: asyncio.StreamReader) -> None:
@@ -370,12 +371,10 @@ async def test_a_client_that_reads_nothing_is_cut_off_and_stops_holding_its_leas
 ) -> None:
     monkeypatch.setattr(live_call_events_api, "STALLED_SECONDS", 1.0)
     monkeypatch.setattr(live_events, "WATCH_RENEW_SECONDS", 0.2)
-    tenant = await make_tenant(pool, "Stalled")
-    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hello from the stalled line.")
-    speaking = await call_log(pool, await call(engine, number, BOOKING[0], Pause(500), HangUp()))
+    tenant, speaking = await organization_with_a_call(engine, pool, "Stalled")
     reader, writer = await stalled_stream(engine, tenant.owner_key)
     try:
-        await talk(pool, tenant.organization_id, speaking["id"], events=500)  # 10 MB: more than the sockets hold
+        await talk(pool, tenant.organization_id, speaking, events=500)  # 10 MB: more than the sockets hold
         # Its lease is let go (what it missed stays there for its reconnection), and its connection cut.
         await until_let_go(pool, tenant.organization_id)
         await until_cut(reader)
@@ -389,12 +388,10 @@ async def test_a_stream_whose_client_reads_nothing_ends_once_its_key_is_revoked(
     monkeypatch.setattr(auth, "KEY_RECHECK_SECONDS", 0.2)
     monkeypatch.setattr(live_events, "WATCH_RENEW_SECONDS", 0.2)
     monkeypatch.setattr(live_call_events_api, "STALLED_SECONDS", 3600.0)  # only the revocation can end it
-    tenant = await make_tenant(pool, "Stuck")
-    number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hello from the stuck line.")
-    speaking = await call_log(pool, await call(engine, number, BOOKING[0], Pause(500), HangUp()))
+    tenant, speaking = await organization_with_a_call(engine, pool, "Stuck")
     reader, writer = await stalled_stream(engine, tenant.owner_key)
     try:
-        await talk(pool, tenant.organization_id, speaking["id"], events=500)
+        await talk(pool, tenant.organization_id, speaking, events=500)
         await api_keys.revoke_api_key(pool, organization_id=tenant.organization_id, key_id=tenant.owner_key_id)
         await until_let_go(pool, tenant.organization_id)  # not held, with the organization's calls, until it reads
         await until_cut(reader)
@@ -412,3 +409,58 @@ async def until_let_go(pool: asyncpg.Pool, organization_id: str) -> None:
             if left <= live_events.RECONNECT_GRACE:
                 return
             await asyncio.sleep(0.1)  # a row of the database, which nothing announces
+
+
+async def event_reads(pool: asyncpg.Pool) -> int:
+    """How many times the database has read the LiveCallEvent table (every backend's counts, once they are flushed:
+    within 10 s of going idle, PGSTAT_IDLE_INTERVAL)."""
+    await asyncio.sleep(11)
+    await pool.execute("SELECT pg_stat_clear_snapshot()")
+    reads = await pool.fetchval(
+        "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'LiveCallEvent'"
+    )
+    return int(reads)
+
+
+async def test_many_streams_of_a_busy_organization_cost_one_read_of_its_events_per_batch(
+    engine: str, pool: asyncpg.Pool, session: aiohttp.ClientSession
+) -> None:
+    tenant, speaking = await organization_with_a_call(engine, pool, "Watched by many")
+    streams, batches = 50, 20
+    async with contextlib.AsyncExitStack() as opened:
+        watching = [
+            await opened.enter_async_context(EventStream(session, f"{engine}/v1/live-calls/events", tenant.owner_key))
+            for _ in range(streams)
+        ]
+        before = await event_reads(pool)
+        await talk(pool, tenant.organization_id, speaking, events=batches, words=10, every=0.1)
+        for stream in watching:
+            await stream.until(lambda e: e.data["text"] == "over")
+        after = await event_reads(pool)
+    assert all(len(stream.events) == batches for stream in watching)  # every stream got every event
+    assert after - before < streams * batches / 2  # not a read per stream and batch (1000 here)
+
+
+async def test_a_stream_resuming_from_further_back_than_its_process_keeps_gets_every_event_in_order(
+    engine: str, pool: asyncpg.Pool, session: aiohttp.ClientSession
+) -> None:
+    tenant, speaking = await organization_with_a_call(engine, pool, "Far behind")
+    url = f"{engine}/v1/live-calls/events"
+    async with EventStream(session, url, tenant.owner_key) as following:  # the process reads as the events come
+        await talk(pool, tenant.organization_id, speaking, events=10, words=1)
+        first = await following.until(lambda e: e.data["text"] == "over")
+        await talk(pool, tenant.organization_id, speaking, events=1200, words=1)
+        last = await following.until(lambda e: e.data["text"] == "over" and e is not first)
+        async with (
+            EventStream(session, url, tenant.owner_key, last_event_id=first.id) as resumed,
+            EventStream(
+                session, f"{engine}/v1/live-calls/{speaking}/events", tenant.owner_key, last_event_id=first.id
+            ) as resumed_call,
+        ):
+            await resumed.until(lambda e: e.id == last.id)
+            await resumed_call.until(lambda e: e.id == last.id)
+    told = [event.id for event in following.events]
+    after_first = told[told.index(first.id) + 1 :]
+    assert len(after_first) == 1200
+    assert [event.id for event in resumed.events] == after_first
+    assert [event.id for event in resumed_call.events] == after_first

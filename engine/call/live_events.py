@@ -4,8 +4,9 @@ Each call emits through its `CallEvents` (`session.live.emit("caller.final", tex
 process's `LiveEvents` knows which calls and organizations are watched (the streams' leases, from the database and
 announced on WATCH_CHANNEL); for any other call an emit is a set lookup and nothing more. Watched events are queued,
 inserted in batches every FLUSH_SECONDS by one background task, and announced on EVENT_CHANNEL, which wakes the
-streams of every engine process; they read the events from the database, so a stream on any process sees the
-events of calls held by any other, and resumes after the last id it sent with nothing lost.
+streams of every engine process; they read the events from the database (through their organization's EventFeed,
+one read per process for all its streams), so a stream on any process sees the events of calls held by any other,
+and resumes after the last id it sent with nothing lost.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from engine.call.control_channel import CONTROL, ControlChannel
+from engine.call.live_event_feed import EventFeed, FeedReader
 from engine.server.appkeys import DATABASE, SETTINGS
 from engine.workers.recovery import NODE_ID
 from pipelines.tools import TOOL_ERROR_PREFIX
@@ -82,7 +84,7 @@ class LiveEvents:
         self._queue: deque[NewEvent] = deque(maxlen=MAX_QUEUED)
         self._dropped = 0
         self._queued = asyncio.Event()
-        self._readers: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._feeds: dict[str, EventFeed] = {}
         self._refresh_now = asyncio.Event()
         self._control: ControlChannel | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -120,13 +122,14 @@ class LiveEvents:
     def close_streams(self) -> None:
         """The engine is shutting down: every stream of this process ends (its client reconnects elsewhere)."""
         self.closing = True
-        for readers in self._readers.values():
-            for reader in readers:
-                reader.set()
+        for feed in self._feeds.values():
+            feed.wake_all()
 
     async def stop(self) -> None:
         """Stop; events still queued are written first (bounded by the database's answer)."""
         self.close_streams()
+        for feed in self._feeds.values():
+            feed.stop()
         if self._control is not None:
             self._control.unsubscribe(WATCH_CHANNEL, self._on_watch)
             self._control.unsubscribe(EVENT_CHANNEL, self._on_events)
@@ -224,10 +227,9 @@ class LiveEvents:
             log.warning("live events: ignored a malformed watch announcement (%s)", exc)
 
     def _on_events(self, payload: str | None) -> None:
-        if payload is None:  # announcements may have been lost: every stream looks
-            for readers in self._readers.values():
-                for reader in readers:
-                    reader.set()
+        if payload is None:  # announcements may have been lost: every feed looks
+            for feed in self._feeds.values():
+                feed.stale()
             return
         try:
             organizations = json.loads(payload)["orgs"]
@@ -235,17 +237,17 @@ class LiveEvents:
             log.warning("live events: ignored a malformed event announcement (%s)", exc)
             return
         for organization_id in organizations:
-            for reader in self._readers.get(str(organization_id), ()):
-                reader.set()
+            if (announced := self._feeds.get(str(organization_id))) is not None:
+                announced.stale()
 
     # ------------------------------------------------------------------------------------------ streams
 
     @asynccontextmanager
     async def watch(
         self, watch: Watch, tenant: Callable[[], AbstractAsyncContextManager[Connection]]
-    ) -> AsyncIterator[asyncio.Event]:
+    ) -> AsyncIterator[FeedReader]:
         """Hold a stream's lease (through `tenant` transactions) while the block runs, announced to every process;
-        yield the event set whenever the organization may have new events (and at least every REFRESH_SECONDS)."""
+        yield the stream's reader of its organization's feed (its `wake` set when events for it may be new)."""
         organization_id = watch.organization_id
         async with tenant() as db:
             watch_id = await live_call_events.open_watch(
@@ -253,18 +255,17 @@ class LiveEvents:
             )
         self.announce(watch)
         await self._publish(WATCH_CHANNEL, {"org": organization_id, "call": watch.call_log_id})
-        wake = asyncio.Event()
-        self._readers[organization_id].add(wake)
+        if organization_id not in self._feeds:
+            self._feeds[organization_id] = EventFeed(self._pool, organization_id)
+        feed = self._feeds[organization_id]
+        reader = feed.join(watch.call_log_id)
         renewal = asyncio.create_task(self._renew(watch_id, organization_id, tenant), name="live-events-lease")
         try:
-            yield wake
+            yield reader
         finally:
             renewal.cancel()
-            readers = self._readers.get(organization_id)
-            if readers is not None:
-                readers.discard(wake)
-                if not readers:
-                    del self._readers[organization_id]
+            if feed.leave(reader):
+                del self._feeds[organization_id]
             with contextlib.suppress(*DATABASE_ERRORS):  # it expires by itself
                 async with tenant() as db:
                     await live_call_events.expire_watch(

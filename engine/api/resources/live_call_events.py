@@ -14,6 +14,7 @@ from engine.api.auth import until_key_lost
 from engine.api.errors import ApiError
 from engine.api.models import RequestModel
 from engine.api.operations import ApiCall, Resource, Streamed
+from engine.call.live_event_feed import READ_LIMIT
 from engine.call.live_events import LIVE_EVENTS, call_description, utc_now
 from storage import call_logs, live_call_events
 from storage.call_logs import CallLog
@@ -33,7 +34,6 @@ STALLED_SECONDS: Final = 2 * KEEPALIVE_SECONDS
 its stream's lease let go (it resumes with Last-Event-ID, nothing lost, once it reads again)."""
 SNAPSHOT_LIMIT: Final = 500
 """At most this many calls in progress are described when a stream opens."""
-READ_LIMIT: Final = 500
 MAX_EVENT_ID: Final = 2**63 - 1
 """Event ids are PostgreSQL bigints."""
 
@@ -122,7 +122,8 @@ async def _stream(
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
-    async with live.watch(Watch(organization_id, call_log_id), call.tenant) as wake:
+    async with live.watch(Watch(organization_id, call_log_id), call.tenant) as reader:
+        wake = reader.wake
         snapshot: list[CallLog] = []
         if after is None:  # from now on: what happened before is the snapshot
             async with call.tenant() as db:
@@ -130,6 +131,7 @@ async def _stream(
                     db, organization_id=organization_id, call_log_id=call_log_id
                 )
                 snapshot = await in_progress(db)
+        reader.position = after
         await response.prepare(call.request)
         client = _Client(call.request, response)
         key_lost = asyncio.create_task(until_key_lost(call.request))
@@ -143,18 +145,13 @@ async def _stream(
         try:
             for log in snapshot:
                 await client.send(_sse("call.snapshot", _snapshot(log)))
-            # Counted from the last write, not the last wake-up: a call's stream is woken by every event of its
-            # organization, and would otherwise never send a keepalive, nor see its call over, while others talk.
+            # Counted from the last write, not the last wake-up: a stream may be woken with nothing for it to send.
             quiet_until = loop.time() + KEEPALIVE_SECONDS
             while not live.closing and not key_lost.done():
                 wake.clear()
-                async with call.tenant() as db:
-                    events = await live_call_events.events_after(
-                        db, organization_id=organization_id, call_log_id=call_log_id, after=after, limit=READ_LIMIT
-                    )
+                events = await reader.take()
                 for event in events:
                     await client.send(_sse(event.type, event.data, event_id=event.id))
-                    after = event.id
                     if call_log_id is not None and event.type == "call.ended":
                         return response
                 if events:
