@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from storage import call_events, call_slots, credit_reservations
+from storage import call_events, call_slots, credit_reservations, live_call_events
 from storage.end_reasons import EndReason, ending
 from storage.enums import CallStatus, CallType
 from storage.errors import InvalidReference, NotFound, StorageError, translate_errors
@@ -411,11 +411,28 @@ async def fail_stale_in_progress(
 
 
 async def after_bulk_ending(conn: Queryable, rows: list[asyncpg.Record]) -> None:
-    """For CallLog rows just ended in bulk, in the transaction that ended them: queue each one's call.ended and
-    settle its credit reservation on the minutes it surely started (only a call's own media session knows how long
-    it ran)."""
-    for row in rows:
-        await call_events.enqueue_call_ended(conn, CallLog.from_row(row))
+    """For CallLog rows just ended in bulk, in the transaction that ended them: queue each one's call.ended, tell it
+    to the live event streams watching it (no media session will: none runs it), and settle its credit reservation
+    on the minutes it surely started (only a call's own media session knows how long it ran)."""
+    ended = CallLog.from_rows(rows)
+    for call_log in ended:
+        await call_events.enqueue_call_ended(conn, call_log)
+    now = datetime.now(UTC)
+    told = [
+        live_call_events.NewEvent.stamped(
+            call_log.organization_id,
+            call_log.id,
+            "call.ended",
+            {
+                "status": call_log.status.value,
+                "endReason": call_log.metadata.get("endReason"),
+                "durationSeconds": call_log.duration or 0,
+            },
+            at=now,
+        )
+        for call_log in ended
+    ]
+    await live_call_events.record_if_watched(conn, told)
     await credit_reservations.settle_orphaned_reservations(conn, call_log_ids=[row["id"] for row in rows])
 
 

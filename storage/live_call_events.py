@@ -11,10 +11,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 from storage.errors import translate_errors
 from storage.records import Queryable, new_id, transaction
+
+EVENT_CHANNEL: Final = "dialtone_live_event"
+"""Announces recorded events: {"orgs": [organization ids]}; streams of those organizations read what is new."""
 
 _WRITE_LOCK = 0x4C495645  # "LIVE": serializes event inserts, so ids become visible in increasing order
 
@@ -27,6 +30,18 @@ class NewEvent:
     call_log_id: str
     type: str
     data: dict[str, Any]
+
+    @classmethod
+    def stamped(
+        cls, organization_id: str, call_log_id: str, event_type: str, data: dict[str, Any], *, at: datetime
+    ) -> NewEvent:
+        """An event whose data starts with its call's id and its time, `at` (UTC), as every stream sends them."""
+        return cls(
+            organization_id,
+            call_log_id,
+            event_type,
+            {"callLogId": call_log_id, "at": at.isoformat(timespec="milliseconds"), **data},
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,29 +61,48 @@ class Watch:
 
 async def record_events(db: Queryable, events: Sequence[NewEvent]) -> int:
     """Insert `events` in one statement, in order; the largest id given (0 for none)."""
+    inserted = await _insert(db, events, "TRUE")
+    return max((event_id for event_id, _ in inserted), default=0)
+
+
+async def record_if_watched(db: Queryable, events: Sequence[NewEvent]) -> None:
+    """Record those of `events` a stream watches now (an unexpired lease on their call or their organization), and
+    announce them on EVENT_CHANNEL as the transaction commits: for events of calls ended where no engine process's
+    LiveEvents records them (recovery closing the calls of a process that died)."""
+    watched = """EXISTS (
+        SELECT 1 FROM "LiveCallWatch" w
+        WHERE w."organizationId" = e.o AND (w."callLogId" IS NULL OR w."callLogId" = e.c) AND w."expiresAt" > now()
+    )"""
+    async with transaction(db) as conn:
+        organizations = sorted({organization_id for _, organization_id in await _insert(conn, events, watched)})
+        if organizations:
+            announcement = json.dumps({"orgs": organizations}, separators=(",", ":"))
+            await conn.execute("SELECT pg_notify($1, $2)", EVENT_CHANNEL, announcement)
+
+
+async def _insert(db: Queryable, events: Sequence[NewEvent], condition: str) -> list[tuple[int, str]]:
+    """Insert the events meeting `condition` (SQL on `e.o`, `e.c`: their organization and call) in one statement,
+    in order, under the write lock; each inserted one's id and organization."""
     if not events:
-        return 0
+        return []
     async with transaction(db) as conn:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _WRITE_LOCK)
         with translate_errors():
-            return int(
-                await conn.fetchval(
-                    """
-                    WITH inserted AS (
-                        INSERT INTO "LiveCallEvent" ("organizationId", "callLogId", "type", "data")
-                        SELECT o, c, t, d::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-                            WITH ORDINALITY AS e(o, c, t, d, n)
-                        ORDER BY n
-                        RETURNING "id"
-                    )
-                    SELECT max("id") FROM inserted
-                    """,
-                    [e.organization_id for e in events],
-                    [e.call_log_id for e in events],
-                    [e.type for e in events],
-                    [json.dumps(e.data, separators=(",", ":"), default=str) for e in events],
-                )
+            rows = await conn.fetch(
+                f"""
+                INSERT INTO "LiveCallEvent" ("organizationId", "callLogId", "type", "data")
+                SELECT o, c, t, d::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                    WITH ORDINALITY AS e(o, c, t, d, n)
+                WHERE {condition}
+                ORDER BY n
+                RETURNING "id", "organizationId"
+                """,
+                [e.organization_id for e in events],
+                [e.call_log_id for e in events],
+                [e.type for e in events],
+                [json.dumps(e.data, separators=(",", ":"), default=str) for e in events],
             )
+    return [(row["id"], row["organizationId"]) for row in rows]
 
 
 async def events_after(

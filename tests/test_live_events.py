@@ -8,6 +8,7 @@ import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -18,15 +19,16 @@ from aiohttp import web
 from engine.api import auth
 from engine.api.resources import live_call_events as live_call_events_api
 from engine.call import live_events
-from engine.call.live_events import EVENT_CHANNEL
 from engine.simulator import Dtmf, HangUp, Pause, Say
-from storage import agents, api_keys, live_call_events, tools
-from storage.live_call_events import NewEvent
+from storage import agents, api_keys, engine_nodes, live_call_events, tools
+from storage.live_call_events import EVENT_CHANNEL, NewEvent
+from storage.records import new_id
 from tests.engine_server import running_engine
 from tests.fakes.server import serve
 from tests.sse_client import EventStream
 from tests.test_api_auth import Api, Tenant, make_tenant
 from tests.test_calls_e2e import CALLER, TOKEN, call, call_log, make_line, turns
+from tests.test_repo_call_logs import open_call
 
 BOOKING = (Say("I would like to book an appointment"), Say("tuesday please"))
 
@@ -464,3 +466,36 @@ async def test_a_stream_resuming_from_further_back_than_its_process_keeps_gets_e
     assert len(after_first) == 1200
     assert [event.id for event in resumed.events] == after_first
     assert [event.id for event in resumed_call.events] == after_first
+
+
+async def test_a_call_whose_engine_process_died_is_told_ended_when_recovery_closes_it(
+    engine: str, db_url: str, pool: asyncpg.Pool, session: aiohttp.ClientSession
+) -> None:
+    tenant = await make_tenant(pool, "Orphaned")
+    dead = f"dead-{new_id()}"
+    await engine_nodes.register_node(
+        pool, node_id=dead, hostname="gone", pid=1, now=datetime.now(UTC) - timedelta(hours=1)
+    )
+    orphan = await open_call(pool, tenant.organization_id, metadata={"engineNode": dead})
+    watched = await open_call(pool, tenant.organization_id, metadata={"engineNode": dead})
+    url = f"{engine}/v1/live-calls/events"
+    async with (
+        EventStream(session, url, tenant.owner_key) as everything,
+        EventStream(session, f"{engine}/v1/live-calls/{watched.id}/events", tenant.owner_key) as one,
+    ):
+        async with running_engine(db_url, twilio_auth_token=TOKEN):  # starting, it closes what dead processes left
+            pass
+        await everything.until(lambda e: len(everything.of_type("call.ended")) == 2)
+        ended = {event.data["callLogId"]: event for event in everything.of_type("call.ended")}
+        told = await one.until(lambda e: e.type == "call.ended")
+        await one.until_ended()
+    assert set(ended) == {orphan.id, watched.id}
+    for event in (*ended.values(), told):
+        assert event.data | {"at": None, "callLogId": None} == {
+            "callLogId": None,
+            "at": None,
+            "status": "FAILED",
+            "endReason": "engine_lost",
+            "durationSeconds": 0,
+        }
+    assert told.data["callLogId"] == watched.id

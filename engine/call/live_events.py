@@ -32,13 +32,11 @@ from storage import Pool, live_call_events
 from storage.call_events import call_parties
 from storage.call_logs import CallLog
 from storage.errors import DATABASE_ERRORS, TRANSIENT_ERRORS
-from storage.live_call_events import NewEvent, Watch
+from storage.live_call_events import EVENT_CHANNEL, NewEvent, Watch
 from storage.records import Connection
 
 log = logging.getLogger(__name__)
 
-EVENT_CHANNEL: Final = "dialtone_live_event"
-"""Announces recorded events: {"orgs": [organization ids]}; streams of those organizations read what is new."""
 WATCH_CHANNEL: Final = "dialtone_live_watch"
 """Announces a new stream: {"org": id, "call": id or null}; every process records that call's events from now on."""
 FLUSH_SECONDS: Final = 0.05
@@ -101,8 +99,7 @@ class LiveEvents:
         """Queue an event of a watched call for the next batch (a full queue drops its oldest)."""
         if len(self._queue) == MAX_QUEUED:
             self._dropped += 1
-        stamped = {"callLogId": call_log_id, "at": self._clock().isoformat(timespec="milliseconds"), **data}
-        self._queue.append(NewEvent(organization_id, call_log_id, event_type, stamped))
+        self._queue.append(NewEvent.stamped(organization_id, call_log_id, event_type, data, at=self._clock()))
         self._queued.set()
 
     # ------------------------------------------------------------------------------------------ lifecycle
