@@ -250,6 +250,7 @@ async def finalize_call_log(
     recording_url: str | None = None,
     metadata: dict[str, Any] | None = None,
     minutes_charged: int = 0,
+    told_live: bool = False,
 ) -> CallLog:
     """End an IN_PROGRESS call with a final status, its duration (s), recording and metadata merged in.
 
@@ -257,6 +258,8 @@ async def finalize_call_log(
     is not final, raises InvalidCallTransition and changes nothing. The ending queues call.ended for webhook
     subscribers and settles the call's credit reservation in the same transaction: `minutes_charged` started
     minutes are charged at its rate (none for a call that never connected), the rest returns to the balance.
+    The live event streams watching the call are told its call.ended in that transaction too, unless `told_live`:
+    its media session told them itself, after its last words.
     """
     if status not in CALL_TRANSITIONS[CallStatus.IN_PROGRESS]:
         current = await get_call_log(db, organization_id=organization_id, call_log_id=call_log_id)
@@ -284,6 +287,8 @@ async def finalize_call_log(
         if row is not None:
             ended = CallLog.from_row(row)
             await call_events.enqueue_call_ended(conn, ended)
+            if not told_live:
+                await _tell_live_streams_ended(conn, [ended])
             await credit_reservations.settle_reservation(
                 conn, organization_id=organization_id, call_log_id=call_log_id, minutes=minutes_charged
             )
@@ -417,6 +422,13 @@ async def after_bulk_ending(conn: Queryable, rows: list[asyncpg.Record]) -> None
     ended = CallLog.from_rows(rows)
     for call_log in ended:
         await call_events.enqueue_call_ended(conn, call_log)
+    await _tell_live_streams_ended(conn, ended)
+    await credit_reservations.settle_orphaned_reservations(conn, call_log_ids=[row["id"] for row in rows])
+
+
+async def _tell_live_streams_ended(conn: Queryable, ended: list[CallLog]) -> None:
+    """call.ended, for the live event streams watching them, of calls no media session tells the end of (none ran
+    them, or the engine process running them died)."""
     now = datetime.now(UTC)
     told = [
         live_call_events.NewEvent.stamped(
@@ -433,7 +445,6 @@ async def after_bulk_ending(conn: Queryable, rows: list[asyncpg.Record]) -> None
         for call_log in ended
     ]
     await live_call_events.record_if_watched(conn, told)
-    await credit_reservations.settle_orphaned_reservations(conn, call_log_ids=[row["id"] for row in rows])
 
 
 PENDING_CALL_ID_PREFIX = "pending:"

@@ -61,48 +61,60 @@ class Watch:
 
 async def record_events(db: Queryable, events: Sequence[NewEvent]) -> int:
     """Insert `events` in one statement, in order; the largest id given (0 for none)."""
-    inserted = await _insert(db, events, "TRUE")
-    return max((event_id for event_id, _ in inserted), default=0)
+    if not events:
+        return 0
+    async with transaction(db) as conn:
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _WRITE_LOCK)
+        with translate_errors():
+            return int(
+                await conn.fetchval(
+                    """
+                    WITH inserted AS (
+                        INSERT INTO "LiveCallEvent" ("organizationId", "callLogId", "type", "data")
+                        SELECT o, c, t, d::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                            WITH ORDINALITY AS e(o, c, t, d, n)
+                        ORDER BY n
+                        RETURNING "id"
+                    )
+                    SELECT max("id") FROM inserted
+                    """,
+                    [e.organization_id for e in events],
+                    [e.call_log_id for e in events],
+                    [e.type for e in events],
+                    [json.dumps(e.data, separators=(",", ":"), default=str) for e in events],
+                )
+            )
 
 
 async def record_if_watched(db: Queryable, events: Sequence[NewEvent]) -> None:
     """Record those of `events` a stream watches now (an unexpired lease on their call or their organization), and
-    announce them on EVENT_CHANNEL as the transaction commits: for events of calls ended where no engine process's
-    LiveEvents records them (recovery closing the calls of a process that died)."""
-    watched = """EXISTS (
-        SELECT 1 FROM "LiveCallWatch" w
-        WHERE w."organizationId" = e.o AND (w."callLogId" IS NULL OR w."callLogId" = e.c) AND w."expiresAt" > now()
-    )"""
-    async with transaction(db) as conn:
-        organizations = sorted({organization_id for _, organization_id in await _insert(conn, events, watched)})
-        if organizations:
-            announcement = json.dumps({"orgs": organizations}, separators=(",", ":"))
-            await conn.execute("SELECT pg_notify($1, $2)", EVENT_CHANNEL, announcement)
-
-
-async def _insert(db: Queryable, events: Sequence[NewEvent], condition: str) -> list[tuple[int, str]]:
-    """Insert the events meeting `condition` (SQL on `e.o`, `e.c`: their organization and call) in one statement,
-    in order, under the write lock; each inserted one's id and organization."""
+    announce them on EVENT_CHANNEL as the transaction commits: for the events of calls that end where no engine
+    process's LiveEvents records them (recovery closing a dead process's calls, Twilio ending one never connected).
+    Unscoped by design, like those endings."""
     if not events:
-        return []
+        return
     async with transaction(db) as conn:
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _WRITE_LOCK)
-        with translate_errors():
-            rows = await conn.fetch(
-                f"""
-                INSERT INTO "LiveCallEvent" ("organizationId", "callLogId", "type", "data")
-                SELECT o, c, t, d::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-                    WITH ORDINALITY AS e(o, c, t, d, n)
-                WHERE {condition}
-                ORDER BY n
-                RETURNING "id", "organizationId"
-                """,
-                [e.organization_id for e in events],
-                [e.call_log_id for e in events],
-                [e.type for e in events],
-                [json.dumps(e.data, separators=(",", ":"), default=str) for e in events],
+        rows = await conn.fetch(
+            """
+            SELECT n FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS e(o, c, n)
+            WHERE EXISTS (
+                SELECT 1 FROM "LiveCallWatch" w
+                WHERE w."organizationId" = e.o AND (w."callLogId" IS NULL OR w."callLogId" = e.c)
+                  AND w."expiresAt" > now()
             )
-    return [(row["id"], row["organizationId"]) for row in rows]
+            ORDER BY n
+            """,
+            [e.organization_id for e in events],
+            [e.call_log_id for e in events],
+        )
+        watched = [events[row["n"] - 1] for row in rows]
+        if not watched:  # the usual case: nothing written, and the write lock not taken
+            return
+        await record_events(conn, watched)
+        organizations = sorted({event.organization_id for event in watched})
+        await conn.execute(
+            "SELECT pg_notify($1, $2)", EVENT_CHANNEL, json.dumps({"orgs": organizations}, separators=(",", ":"))
+        )
 
 
 async def events_after(

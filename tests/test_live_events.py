@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -15,12 +16,14 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
+from twilio.request_validator import RequestValidator
 
 from engine.api import auth
 from engine.api.resources import live_call_events as live_call_events_api
 from engine.call import live_events
 from engine.simulator import Dtmf, HangUp, Pause, Say
-from storage import agents, api_keys, engine_nodes, live_call_events, tools
+from storage import agents, api_keys, call_logs, engine_nodes, live_call_events, tools
+from storage.enums import CallType
 from storage.live_call_events import EVENT_CHANNEL, NewEvent
 from storage.records import new_id
 from tests.engine_server import running_engine
@@ -499,3 +502,29 @@ async def test_a_call_whose_engine_process_died_is_told_ended_when_recovery_clos
             "durationSeconds": 0,
         }
     assert told.data["callLogId"] == watched.id
+
+
+async def test_a_call_twilio_ends_before_its_media_stream_started_is_told_ended(
+    engine: str, pool: asyncpg.Pool, session: aiohttp.ClientSession
+) -> None:
+    tenant = await make_tenant(pool, "Hung up while ringing")
+    ringing = await call_logs.create_call_log(  # listed in progress: its media stream has not started yet
+        pool,
+        organization_id=tenant.organization_id,
+        call_type=CallType.INBOUND,
+        call_id="CA" + secrets.token_hex(16),
+        agent_id=None,
+    )
+    async with EventStream(session, f"{engine}/v1/live-calls/events", tenant.owner_key) as everything:
+        form = {"CallSid": ringing.call_id, "AccountSid": "AC" + "1" * 32, "CallStatus": "canceled"}
+        signature = RequestValidator(TOKEN).compute_signature(f"{engine}/twilio/status", form)
+        async with session.post(f"{engine}/twilio/status", data=form, headers={"X-Twilio-Signature": signature}) as r:
+            assert r.status == 204
+        ended = await everything.until(lambda e: e.type == "call.ended", timeout=30)
+    assert ended.data | {"at": None} == {
+        "callLogId": ringing.id,
+        "at": None,
+        "status": "MISSED",
+        "endReason": "canceled",
+        "durationSeconds": 0,
+    }

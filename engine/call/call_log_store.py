@@ -98,6 +98,7 @@ class CallLogStore:
                 recording_url=outcome.recording_url,
                 metadata=final,
                 minutes_charged=started_minutes(duration),
+                told_live=True,  # the session's call.ended follows its turns' events (engine.call.media_socket)
             )
             if self._agent_id is not None:
                 try:
