@@ -15,7 +15,7 @@ import asyncpg
 
 from storage.enums import CallStatus
 from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, new_ids
+from storage.records import Queryable, Record, new_ids, storable_text
 from storage.webhook_outbox import WebhookEvent, subscribed
 
 Speaker = Literal["caller", "agent"]
@@ -177,6 +177,8 @@ async def _write_turns(
     """Run _WRITE_TURNS for the call (organization id, call log id); `unless_subscribed` is (event, agent id)."""
     organization_id, call_log_id = call
     event, agent_id = unless_subscribed if unless_subscribed is not None else (None, None)
+    # What was said may hold what no text column can (a NUL from a recognizer's or model's JSON): never lose the turn.
+    texts = [storable_text(t.text) for t in turns]
     with translate_errors():
         rows = await db.fetch(
             _WRITE_TURNS,
@@ -185,13 +187,13 @@ async def _write_turns(
             new_ids(len(turns)),
             [t.index for t in turns],
             [t.speaker for t in turns],
-            [t.text for t in turns],
+            texts,
             [t.start_ms for t in turns],
             [t.end_ms for t in turns],
             [t.interrupted for t in turns],
             [t.latency_ms for t in turns],
             [dict(t.latency) if t.latency is not None else None for t in turns],
-            [transcript_line(t.speaker, t.text, interrupted=t.interrupted) for t in turns],
+            [transcript_line(t.speaker, text, interrupted=t.interrupted) for t, text in zip(turns, texts, strict=True)],
             event,
             agent_id,
             dict(metadata) if metadata else {},

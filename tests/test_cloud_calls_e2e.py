@@ -162,6 +162,29 @@ async def test_a_call_through_deepgram_openai_and_elevenlabs(
     assert "dialtone_turn_latency_seconds_count" in text
 
 
+async def test_a_nul_in_what_was_said_costs_no_turn(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    # PostgreSQL text cannot hold a NUL; the recognizer's JSON or the model's can carry one ("\u0000").
+    number, _ = await make_line(pool, organization_id, firstSentence="Hello, this is the clinic.")
+    fakes.deepgram.transcripts.extend(["A table for two\x00 please."])
+    fakes.openai.replies.extend(["Booked for two\x00."])
+    result = await call(engine, number, Say("a table for two please"), Pause(300))
+    log = await finished_log(pool, result)
+    assert log["status"] == "COMPLETED", log["metadata"]
+    rows = await turns(pool, log["id"])
+    assert [(r["speaker"], r["text"]) for r in rows] == [
+        ("agent", "Hello, this is the clinic."),
+        ("caller", "A table for two\ufffd please."),
+        ("agent", "Booked for two\ufffd."),
+    ]
+    assert log["transcript"].splitlines()[1:] == [
+        "Caller: A table for two\ufffd please.",
+        "Agent: Booked for two\ufffd.",
+    ]
+    assert "lostTurns" not in log["metadata"]
+
+
 async def test_barge_in_mid_sentence_cuts_the_agent_turn_at_the_words_heard(
     engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
 ) -> None:

@@ -67,6 +67,21 @@ async def test_writing_the_same_turns_again_duplicates_neither_turns_nor_transcr
     assert len(stored.transcript.splitlines()) == 3
 
 
+async def test_text_no_column_can_hold_is_written_with_replacement_characters(pool: asyncpg.Pool) -> None:
+    org = await insert_organization(pool)
+    call = await open_call(pool, org)
+    said = [
+        TurnRecord(index=0, speaker="caller", text="two\x00 seats", start_ms=0, end_ms=900),
+        TurnRecord(index=1, speaker="agent", text="half \ud83d an emoji", start_ms=1000, end_ms=1900),
+        TurnRecord(index=2, speaker="agent", text="split \ud83d\ude00 pair", start_ms=2000, end_ms=2900),
+    ]
+    await insert_turns(pool, organization_id=org, call_log_id=call.id, turns=said)
+    stored = await list_turns(pool, organization_id=org, call_log_id=call.id)
+    assert [t.text for t in stored] == ["two\ufffd seats", "half \ufffd an emoji", "split \U0001f600 pair"]
+    log = await call_logs.get_call_log(pool, organization_id=org, call_log_id=call.id)
+    assert log.transcript == "Caller: two\ufffd seats\nAgent: half \ufffd an emoji\nAgent: split \U0001f600 pair"
+
+
 async def test_metadata_is_merged_into_the_call_with_the_turns(pool: asyncpg.Pool) -> None:
     org = await insert_organization(pool)
     call = await open_call(pool, org, metadata={"from": "+15550001111"})
