@@ -8,6 +8,7 @@ calling `flush` about once a second so the queue of finished audio stays small.
 
 from __future__ import annotations
 
+import struct
 import time
 import wave
 from collections import deque
@@ -24,6 +25,8 @@ from media.twilio_stream import MEDIA_LEAD_MS
 
 _SAMPLES_PER_MS = SAMPLE_RATE // 1000
 _BYTES_PER_FRAME = 4  # two channels of 16-bit samples
+_HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
+"""The 44-byte header `wave` writes for PCM: RIFF, its size, WAVE, the fmt chunk, then data and its size."""
 _SILENCE_BLOCK_FRAMES = SAMPLE_RATE  # zeros are written a second at a time
 _HOLD_BYTES = 500 * _SAMPLES_PER_MS
 """Contiguous writes to a channel are gathered up to this much (500 ms) before they are placed in the window."""
@@ -193,6 +196,8 @@ class StereoWavRecorder:
                 self._write_silence(writer, item)
             else:
                 writer.writeframesraw(ulaw_to_pcm16(item).tobytes())
+        if self._file is not None:
+            self._file.flush()  # into the operating system's hands: a process killed now keeps what was written
 
     def close(self) -> RecordingInfo:
         """Write everything left, finalise the WAV header and describe the file (blocking I/O)."""
@@ -265,6 +270,41 @@ class StereoWavRecorder:
             count = min(frames, _SILENCE_BLOCK_FRAMES)
             writer.writeframesraw(block[: count * _BYTES_PER_FRAME])
             frames -= count
+
+
+def repair_wav_header(path: Path) -> int | None:
+    """Make the header of a recording its writer never closed (its process was killed mid-call) cover every whole
+    frame the file holds; how many frames that is, or None for a file that is not a recording of ours. Blocking.
+
+    Until `close`, the header counts only the audio of the first `flush`, so players would stop there.
+    """
+    with path.open("r+b") as file:
+        header = file.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return None
+        riff, _, form, fmt, fmt_size, encoding, channels, rate, _, align, bits, data, _ = _HEADER.unpack(header)
+        ours = (riff, form, fmt, fmt_size, encoding, channels, rate, align, bits, data) == (
+            b"RIFF",
+            b"WAVE",
+            b"fmt ",
+            16,
+            1,
+            2,
+            SAMPLE_RATE,
+            _BYTES_PER_FRAME,
+            16,
+            b"data",
+        )
+        if not ours:
+            return None
+        frames = (file.seek(0, 2) - _HEADER.size) // _BYTES_PER_FRAME
+        data_bytes = frames * _BYTES_PER_FRAME
+        file.truncate(_HEADER.size + data_bytes)  # a frame torn by the kill is not audio
+        file.seek(4)
+        file.write(struct.pack("<I", 36 + data_bytes))
+        file.seek(40)
+        file.write(struct.pack("<I", data_bytes))
+    return frames
 
 
 def _milliseconds_since(origin: float) -> Callable[[], int]:

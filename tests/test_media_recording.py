@@ -11,7 +11,7 @@ import numpy.typing as npt
 import pytest
 
 from media.g711 import ulaw_to_pcm16
-from media.recording import LEAD_MS, RecorderClosedError, StereoWavRecorder
+from media.recording import LEAD_MS, RecorderClosedError, StereoWavRecorder, repair_wav_header
 
 RATE = 8000
 CALL_MS = 10_000
@@ -102,6 +102,31 @@ def test_audio_reaches_the_file_before_the_call_ends(tmp_path: Path) -> None:
     assert recorder.pending_bytes == 0
     assert (tmp_path / "call.wav").stat().st_size > WINDOW_MS * 8 * 4
     recorder.close()
+
+
+def test_a_recording_never_closed_is_repaired_to_play_every_whole_frame_it_holds(tmp_path: Path) -> None:
+    path = tmp_path / "call.wav"
+    recorder = StereoWavRecorder(path, window_ms=WINDOW_MS, elapsed_ms=an_hour_in)
+    left, right, _ = record_synthetic_call(recorder)
+    recorder.flush()  # and then its process was killed: no close
+    with path.open("ab") as file:
+        file.write(b"\x01\x02")  # half a frame, written as the kill came
+    written = (path.stat().st_size - 44) // 4
+
+    assert repair_wav_header(path) == written
+
+    params, frames = read_wav(path)
+    assert params.nframes == written > WINDOW_MS * 8
+    assert path.stat().st_size == 44 + written * 4
+    np.testing.assert_array_equal(frames[:, 0], left[:written])
+    np.testing.assert_array_equal(frames[:, 1], right[:written])
+
+
+def test_a_file_that_is_not_a_recording_is_left_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "call.wav"
+    path.write_bytes(b"RIFF" + b"\x00" * 60)
+    assert repair_wav_header(path) is None
+    assert path.read_bytes() == b"RIFF" + b"\x00" * 60
 
 
 def test_a_write_far_ahead_fills_the_gap_with_silence(tmp_path: Path) -> None:

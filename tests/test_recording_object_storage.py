@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import operator
+import signal
+import wave
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +23,7 @@ import asyncpg
 import pytest
 
 from config.settings import Settings, SettingsError, load_settings
+from engine.simulator import Pause
 from engine.workers import recording_uploads
 from engine.workers.recording_uploads import RecordingUploads, spool_id
 from storage import call_logs, call_recordings
@@ -35,10 +39,12 @@ from storage.recording_stores import (
     open_recording_store,
 )
 from storage.recordings import recording_path
+from tests.databases import TestDatabases
 from tests.engine_server import running_engine
 from tests.s3_server import S3Server, s3_server
 from tests.test_api_auth import make_tenant
-from tests.test_calls_e2e import TOKEN, call, call_log, make_line
+from tests.test_calls_e2e import TOKEN, call, call_log, finished_call_log, make_line
+from tests.test_drain_processes import engine, held_call, line
 from tests.test_repo_call_logs import open_call
 
 WAV = b"RIFF" + b"\x00" * 40 + b"recorded audio"
@@ -75,6 +81,22 @@ def recording_file(settings: Settings, organization_id: str, call_log_id: str) -
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(WAV)
     return path
+
+
+async def closed_an_hour_ago(pool: asyncpg.Pool, call_log_id: str) -> None:
+    """Recovery closed the call, and the post-call sweep had its say, long enough ago (the touch trigger would say
+    now)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute('ALTER TABLE "CallLog" DISABLE TRIGGER "CallLog_touch_updatedAt"')
+        await conn.execute(
+            """
+            UPDATE "CallLog" SET "updatedAt" = now() - interval '1 hour',
+                                 "metadata" = "metadata" || '{"analysis": {"skipped": "the call did not connect"}}'
+            WHERE "id" = $1
+            """,
+            call_log_id,
+        )
+        await conn.execute('ALTER TABLE "CallLog" ENABLE TRIGGER "CallLog_touch_updatedAt"')
 
 
 def test_object_storage_without_a_bucket_is_refused_naming_the_setting(tmp_path: Path) -> None:
@@ -180,18 +202,7 @@ async def test_a_recording_left_by_a_process_killed_mid_call_gets_its_calls_link
     crashed = await open_call(pool, organization.id)
     recording_file(settings, organization.id, crashed.id)
     await call_logs.fail_unstarted(pool, crashed, EndReason.ENGINE_LOST)
-    # Recovery closed it, and the post-call sweep had its say, long enough ago (the touch trigger would say now).
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute('ALTER TABLE "CallLog" DISABLE TRIGGER "CallLog_touch_updatedAt"')
-        await conn.execute(
-            """
-            UPDATE "CallLog" SET "updatedAt" = now() - interval '1 hour',
-                                 "metadata" = "metadata" || '{"analysis": {"skipped": "the call did not connect"}}'
-            WHERE "id" = $1
-            """,
-            crashed.id,
-        )
-        await conn.execute('ALTER TABLE "CallLog" ENABLE TRIGGER "CallLog_touch_updatedAt"')
+    await closed_an_hour_ago(pool, crashed.id)
     async with running_engine(db_url, state_dir=tmp_path, public_url=public_url) as engine:
         link = None
         for _ in range(200):  # the upload worker adopts recordings left behind as it starts
@@ -205,6 +216,55 @@ async def test_a_recording_left_by_a_process_killed_mid_call_gets_its_calls_link
         async with aiohttp.ClientSession() as http, http.get(engine + link.removeprefix(public_url)) as response:
             assert response.status == 200
             assert await response.read() == WAV
+
+
+async def test_the_recording_of_a_call_whose_engine_was_killed_plays_all_the_audio_its_file_holds(
+    databases: TestDatabases, tmp_path: Path
+) -> None:
+    database_url = await databases.migrated()
+    own_pool = await databases.pool(database_url)
+    public_url = "https://engine.example"
+    try:
+        number = await line(own_pool)
+        organization_id = await own_pool.fetchval(
+            'SELECT "organizationId" FROM "PhoneNumber" WHERE "phoneNumber" = $1', number
+        )
+        (tmp_path / "killed").mkdir()
+        (tmp_path / "next").mkdir()
+        async with engine(database_url, tmp_path / "killed", drain_seconds=20) as doomed:
+            caller = asyncio.create_task(call(doomed.url, number, Pause(60_000)))
+            call_log_id = await held_call(own_pool, number)
+            settings = load_settings(state_dir=tmp_path / "killed" / "state", public_url=public_url)
+            path = recording_path(settings, organization_id, call_log_id)
+            # Killed once more than one piece of the call's audio has reached the file (a piece is 5 s).
+            for _ in range(600):
+                if path.is_file() and path.stat().st_size > 44 + 6 * 32_000:
+                    break
+                await asyncio.sleep(0.05)
+            doomed.process.send_signal(signal.SIGKILL)
+            await doomed.process.wait()
+            await asyncio.gather(caller, return_exceptions=True)
+        async with engine(database_url, tmp_path / "next", drain_seconds=1):
+            await finished_call_log(own_pool, call_log_id)  # closed engine_lost by its recovery at start
+        await closed_an_hour_ago(own_pool, call_log_id)
+        kept = path.stat().st_size
+        async with running_engine(database_url, state_dir=settings.state_dir, public_url=public_url) as base:
+            link = None
+            for _ in range(200):  # adopted as the upload worker starts
+                link = await own_pool.fetchval('SELECT "recordingUrl" FROM "CallLog" WHERE "id" = $1', call_log_id)
+                if link is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert link is not None
+            async with aiohttp.ClientSession() as http, http.get(base + link.removeprefix(public_url)) as response:
+                assert response.status == 200
+                body = await response.read()
+        with wave.open(io.BytesIO(body)) as wav:
+            frames = wav.getnframes()
+        assert frames * 4 == len(body) - 44 == (kept - 44) // 4 * 4, "the WAV header does not cover the audio kept"
+        assert frames >= 10 * 8000
+    finally:
+        await own_pool.close()
 
 
 async def test_recordings_older_than_the_retention_are_deleted_and_unlinked_from_their_call(

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from config.settings import Settings
 from engine.server.appkeys import DATABASE, RECORDING_KEY, SETTINGS
+from media.recording import repair_wav_header
 from storage import Pool, call_recordings
 from storage.call_recordings import CallRecording, ClaimedUpload, RecordingStatus
 from storage.errors import DATABASE_ERRORS
@@ -115,10 +116,10 @@ class RecordingUploads:
         `after` ago; how many.
 
         Crash recovery closes such a call without its recording, but the file holds its audio up to the last flush
-        before the crash (the WAV header is rewritten at each). Once it has its row, it is uploaded, served and
-        expired like any other, instead of staying on this disk unlisted and past the retention period; and its call
-        gets the link a call's end gives it (CallLog.recordingUrl), when this process knows its public address
-        (DIALTONE_PUBLIC_URL).
+        before the crash; its header, which counted only the first flush's audio, is made to count all of it. Once it
+        has its row, it is uploaded, served and expired like any other, instead of staying on this disk unlisted and
+        past the retention period; and its call gets the link a call's end gives it (CallLog.recordingUrl), when this
+        process knows its public address (DIALTONE_PUBLIC_URL).
         """
         files = await asyncio.to_thread(recording_files, self._settings)
         if not files:
@@ -131,6 +132,7 @@ class RecordingUploads:
         )
         for call_log_id in left:
             organization_id, path = paths[call_log_id]
+            await asyncio.to_thread(repair_wav_header, path)
             size = (await asyncio.to_thread(path.stat)).st_size
             if await self.finished(organization_id=organization_id, call_log_id=call_log_id, path=path, size=size):
                 await self._link(organization_id, call_log_id)
