@@ -287,6 +287,26 @@ async def test_a_model_answer_that_is_not_the_json_asked_for_is_recorded_as_an_e
     assert metadata["analysis"]["error"] == result.error and "success" not in metadata
 
 
+async def test_a_model_answer_with_characters_no_column_can_hold_is_stored_with_replacement_characters(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    agent_id = await make_agent(pool, organization_id, postCallSummary="Outcome: ", **CLOUD_LLM)
+    call_log_id = await finished_call(pool, organization_id, agent_id, BOOKED)
+    # A NUL and half an emoji, as JSON can carry them.
+    openai.json_replies.append('{"summary": "Outcome: booked\\u0000", "success": true, "reason": "Yes \\ud83d"}')
+
+    result = await analyze_call(deps, organization_id=organization_id, call_log_id=call_log_id)
+
+    assert (result.summary, result.success, result.reason) == ("Outcome: booked\ufffd", True, "Yes \ufffd")
+    metadata = await metadata_of(pool, call_log_id)
+    assert (metadata["summary"], metadata["success"], metadata["successReason"]) == (
+        "Outcome: booked\ufffd",
+        True,
+        "Yes \ufffd",
+    )
+    assert await success_rate(pool, agent_id) == 100.0
+
+
 async def test_openai_failing_is_recorded_and_not_raised(
     deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str
 ) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Final, Protocol
 import openai
 from aiohttp import web
 from openai.types.chat import ChatCompletionMessageParam
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from config.agent import AgentConfiguration, AgentConfigurationError, OpenAILLMConfig, parse_agent_configuration
 from config.settings import Settings
@@ -41,7 +41,7 @@ from storage.call_logs import CallLog
 from storage.end_reasons import VOICEMAIL, EndReason
 from storage.enums import CallStatus
 from storage.errors import DATABASE_ERRORS, NotFound
-from storage.records import Queryable, transaction
+from storage.records import Queryable, storable_text, transaction
 from storage.webhook_outbox import WebhookEvent
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,13 @@ class _Verdict(BaseModel):
     summary: str = ""
     success: bool
     reason: str = ""
+
+    @field_validator("summary", "reason")
+    @classmethod
+    def _storable(cls, text: str) -> str:
+        # JSON can carry a NUL or half an emoji, which jsonb refuses: the whole verdict would be lost, and asked for
+        # again each time the sweep finds the call unanalyzed.
+        return storable_text(text)
 
 
 async def analyze_call(deps: AnalysisDeps, *, organization_id: str, call_log_id: str) -> CallAnalysis:
