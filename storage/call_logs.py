@@ -530,6 +530,25 @@ async def merge_metadata(
     return CallLog.from_row(row)
 
 
+async def store_analysis(db: Queryable, *, organization_id: str, call_log_id: str, metadata: Mapping[str, Any]) -> bool:
+    """Merge a post-call analysis (`metadata.analysis` and what goes with it) into the organization's call, unless one
+    is stored already (an engine that took the analysis over finished first) or there is no such call; whether it was.
+    """
+    if "analysis" not in metadata:
+        raise ValueError("an analysis must say what it was (metadata.analysis)")
+    with translate_errors():
+        status = await db.execute(
+            """
+            UPDATE "CallLog" SET "metadata" = "metadata" || $3::jsonb
+            WHERE "id" = $1 AND "organizationId" = $2 AND NOT ("metadata" ? 'analysis')
+            """,
+            call_log_id,
+            organization_id,
+            dict(metadata),
+        )
+    return status != "UPDATE 0"
+
+
 async def claim_for_analysis(db: Queryable, *, call_log_id: str, node_id: str, stale_after: timedelta) -> str | None:
     """Take an ended call's post-call analysis for engine node `node_id`; its organization id, or None.
 

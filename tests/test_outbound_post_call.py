@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -358,6 +359,43 @@ async def test_two_engines_given_one_ended_call_analyze_it_once(
         organization_id,
     )
     assert [d["payload"]["data"]["callLogId"] for d in deliveries] == [call_log_id]
+
+
+async def test_an_analysis_taken_over_from_a_slow_engine_is_stored_and_announced_once(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    agent_id = await make_agent(pool, organization_id, **CLOUD_LLM)
+    call_log_id = await finished_call(pool, organization_id, agent_id, BOOKED)
+    await events.create_event(
+        pool, organization_id=organization_id, name="call.analyzed", webhook_url="https://hooks.example/slow"
+    )
+    # The first engine's model answers so late that its claim goes stale and a second engine takes the call over.
+    stale_after = timedelta(milliseconds=300)
+    slow, other = (PostCallAnalyzer(deps, node_id=node, stale_after=stale_after) for node in ("slow", "other"))
+    openai.json_delay_ms = 1500
+    try:
+        slow.submit(call_log_id)
+        for _ in range(200):
+            if "analysisClaim" in await metadata_of(pool, call_log_id):
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+        other.submit(call_log_id)  # as its sweep does, finding the claim stale
+        await other.close()
+        await slow.close()
+    finally:
+        openai.json_delay_ms = 0
+    assert len(openai.json_requests) >= 2, "the second engine did not take the analysis over"
+
+    deliveries = await pool.fetch(
+        """SELECT "payload" FROM "WebhookDelivery" WHERE "event" = 'call.analyzed' AND "organizationId" = $1
+           AND "payload" -> 'data' ->> 'callLogId' = $2""",
+        organization_id,
+        call_log_id,
+    )
+    assert len({d["payload"]["id"] for d in deliveries}) == 1  # one occurrence, whatever the subscriptions
+    metadata = await metadata_of(pool, call_log_id)
+    assert metadata["success"] is True and "error" not in metadata["analysis"]
 
 
 async def test_the_sweep_takes_up_analyses_a_dead_engine_left_undone(

@@ -129,7 +129,9 @@ async def analyze_call(deps: AnalysisDeps, *, organization_id: str, call_log_id:
 
     NotFound if the organization has no such call; a call still IN_PROGRESS raises ValueError. Model failures
     (unreachable, refusing, answering something that is not the JSON asked for) are stored in
-    `metadata.analysis.error` and returned, never raised: the call itself is over and stays as it is.
+    `metadata.analysis.error` and returned, never raised: the call itself is over and stays as it is. A call that
+    has an analysis by the time this one is stored (another engine took it over and finished first) keeps it: nothing
+    is stored or announced twice.
     """
     pool = deps.pool
     call_log = await call_logs.get_call_log(pool, organization_id=organization_id, call_log_id=call_log_id)
@@ -186,7 +188,11 @@ async def analyze_call(deps: AnalysisDeps, *, organization_id: str, call_log_id:
     if template:
         stored["summary"] = verdict.summary
     async with transaction(pool) as conn:
-        await _store(conn, call_log, stored)  # and the agent's successRate with it (migration 0023's trigger)
+        # With it the agent's successRate (migration 0023's trigger); an engine that took the analysis over while this
+        # one waited for its model may have stored one first, and a call is analyzed and announced once.
+        if not await _store(conn, call_log, stored):
+            log.info("CallLog %s: its analysis was stored first by another engine; this one is dropped", call_log.id)
+            return CallAnalysis(call_log.id, skipped="analyzed already")
         await webhook_outbox.enqueue_event(
             conn,
             organization_id=organization_id,
@@ -319,8 +325,9 @@ async def _skip(pool: Pool, call_log: CallLog, reason: str) -> CallAnalysis:
     return CallAnalysis(call_log.id, skipped=reason)
 
 
-async def _store(db: Queryable, call_log: CallLog, metadata: dict[str, Any]) -> None:
-    await call_logs.merge_metadata(
+async def _store(db: Queryable, call_log: CallLog, metadata: dict[str, Any]) -> bool:
+    """Store the analysis unless the call has one already; whether it was."""
+    return await call_logs.store_analysis(
         db, organization_id=call_log.organization_id, call_log_id=call_log.id, metadata=metadata
     )
 
