@@ -122,6 +122,23 @@ async def ended_without_recording(
     return [row["id"] for row in rows]
 
 
+async def kept_elsewhere(db: Queryable, *, files: list[tuple[str, str]]) -> list[str]:
+    """Of these (organization id, call log id) recording files, the calls whose recording the local file is no longer
+    needed for: uploaded to object storage, or deleted by retention (left by a process that died before it removed the
+    file). Unscoped: the engine looks at its own state folder's files."""
+    rows = await db.fetch(
+        """
+        SELECT r."callLogId" FROM unnest($1::text[], $2::text[]) AS f("organizationId", "callLogId")
+        JOIN "CallRecording" r ON r."callLogId" = f."callLogId" AND r."organizationId" = f."organizationId"
+        WHERE r."status" = 'DELETED' OR (r."status" = 'STORED' AND r."store" <> 'local')
+        ORDER BY r."callLogId"
+        """,
+        [organization_id for organization_id, _ in files],
+        [call_log_id for _, call_log_id in files],
+    )
+    return [row["callLogId"] for row in rows]
+
+
 async def find_recording(db: Queryable, *, call_log_id: str) -> CallRecording | None:
     """The recording row of a call, or None. Unscoped: callers check the call's owner first."""
     row = await db.fetchrow(f'SELECT {_COLUMNS} FROM "CallRecording" WHERE "callLogId" = $1', call_log_id)

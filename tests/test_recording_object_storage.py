@@ -193,6 +193,46 @@ async def test_a_recording_left_by_a_process_killed_mid_call_is_uploaded_once_re
         assert running_file.is_file()
 
 
+async def test_a_local_copy_left_by_a_process_killed_after_its_upload_is_removed_by_the_next_start(
+    s3: S3Server, pool: asyncpg.Pool, db_url: str, tmp_path: Path
+) -> None:
+    overrides: dict[str, Any] = s3.settings("left-after-upload")
+    settings = load_settings(state_dir=tmp_path, **overrides)
+    await make_bucket(settings)
+    organization = await create_organization(pool, name="Uploaded", slug="uploads-left-after-upload")
+    uploaded, waiting = await open_call(pool, organization.id), await open_call(pool, organization.id)
+    async with store_for(settings) as store:
+        uploads = RecordingUploads(pool, store, settings, spool=spool_id(tmp_path))
+        path = recording_file(settings, organization.id, uploaded.id)
+        await uploads.finished(organization_id=organization.id, call_log_id=uploaded.id, path=path, size=len(WAV))
+        assert await uploads.upload_due() == 1
+    # Its process was killed once the store's confirmation was recorded, before it removed the file.
+    left = recording_file(settings, organization.id, uploaded.id)
+    # Another file waits for an upload that fails: its row stays PENDING, and the file is kept.
+    other = recording_file(settings, organization.id, waiting.id)
+    await call_recordings.add_recording(
+        pool,
+        organization_id=organization.id,
+        call_log_id=waiting.id,
+        store="s3",
+        object_key=object_key(organization.id, waiting.id),
+        spool=spool_id(tmp_path),
+        local_path=str(other),
+        size=len(WAV),
+        stored=False,
+        now=datetime.now(UTC) + timedelta(days=1),
+    )
+    async with running_engine(db_url, state_dir=tmp_path, **overrides):
+        for _ in range(200):  # the upload worker looks at the state folder as it starts
+            if not left.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not left.exists(), "the local copy of an uploaded recording is still on disk"
+    assert other.is_file()
+    row = await call_recordings.find_recording(pool, call_log_id=uploaded.id)
+    assert row is not None and row.status is RecordingStatus.STORED
+
+
 async def test_a_recording_left_by_a_process_killed_mid_call_gets_its_calls_link_as_a_finished_call_does(
     pool: asyncpg.Pool, db_url: str, tmp_path: Path
 ) -> None:
