@@ -8,14 +8,13 @@ calling `flush` about once a second so the queue of finished audio stays small.
 
 from __future__ import annotations
 
+import os
 import struct
 import time
-import wave
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -26,8 +25,9 @@ from media.twilio_stream import MEDIA_LEAD_MS
 _SAMPLES_PER_MS = SAMPLE_RATE // 1000
 _BYTES_PER_FRAME = 4  # two channels of 16-bit samples
 _HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
-"""The 44-byte header `wave` writes for PCM: RIFF, its size, WAVE, the fmt chunk, then data and its size."""
+"""The 44-byte header of a PCM WAV file: RIFF, its size, WAVE, the fmt chunk, then data and its size."""
 _SILENCE_BLOCK_FRAMES = SAMPLE_RATE  # zeros are written a second at a time
+_SILENCE_BLOCK = bytes(_SILENCE_BLOCK_FRAMES * _BYTES_PER_FRAME)
 _HOLD_BYTES = 500 * _SAMPLES_PER_MS
 """Contiguous writes to a channel are gathered up to this much (500 ms) before they are placed in the window."""
 LEAD_MS = MEDIA_LEAD_MS + 1000
@@ -80,8 +80,7 @@ class StereoWavRecorder:
         self._head = 0  # one past the newest sample written on either channel
         # bytes are finished interleaved μ-law frames; an int is that many frames of silence
         self._outbox: deque[bytes | int] = deque()
-        self._file: BinaryIO | None = None
-        self._writer: wave.Wave_write | None = None
+        self._wav: _WavFile | None = None
         # Per channel, audio written back to back and not yet placed (Twilio's 20 ms frames, 25 at a time), and
         # the timeline sample it starts at.
         self._held: tuple[bytearray, bytearray] = (bytearray(), bytearray())
@@ -185,19 +184,48 @@ class StereoWavRecorder:
                 held.clear()
 
     def flush(self) -> None:
-        """Write finished audio to the file (blocking I/O; run it with `asyncio.to_thread`)."""
+        """Write finished audio to the file (blocking I/O; run it with `asyncio.to_thread`).
+
+        A write the disk refuses (full) raises OSError and leaves the file as it was: the audio waiting to be written
+        is dropped but its length is kept, written as silence by a later flush, so what follows stays in its place
+        on the call's timeline.
+        """
         if self._closed:
             raise RecorderClosedError(f"recording {self.path} is closed")
-        writer = self._open()
+        try:
+            wav = self._open()
+        except OSError:
+            self._keep_as_silence(0)
+            raise
         # popleft is atomic, so writes from the event loop may go on while this runs in a thread.
         while self._outbox:
             item = self._outbox.popleft()
             if isinstance(item, int):
-                self._write_silence(writer, item)
+                while item > 0:
+                    count = min(item, _SILENCE_BLOCK_FRAMES)
+                    self._append(wav, _SILENCE_BLOCK[: count * _BYTES_PER_FRAME], item)
+                    item -= count
             else:
-                writer.writeframesraw(ulaw_to_pcm16(item).tobytes())
-        if self._file is not None:
-            self._file.flush()  # into the operating system's hands: a process killed now keeps what was written
+                self._append(wav, ulaw_to_pcm16(item).tobytes(), len(item) // 2)
+        wav.count_data()
+
+    def _append(self, wav: _WavFile, pcm: bytes, unwritten_frames: int) -> None:
+        """Append to the file; if it refuses, what was to be written (`unwritten_frames`, the rest of the item being
+        written) and the audio queued behind it are kept as that much silence to come."""
+        try:
+            wav.append(pcm)
+        except OSError:
+            self._keep_as_silence(unwritten_frames)
+            raise
+
+    def _keep_as_silence(self, frames: int) -> None:
+        """Replace the queued audio by its length in silence, plus `frames` before it: memory stays bounded while the
+        disk refuses writes, and the audio after it keeps its place on the call's timeline."""
+        # Only the items queued now: the event loop may be appending more, which come after them.
+        for _ in range(len(self._outbox)):
+            item = self._outbox.popleft()
+            frames += item if isinstance(item, int) else len(item) // 2
+        self._outbox.appendleft(frames)
 
     def close(self) -> RecordingInfo:
         """Write everything left, finalise the WAV header and describe the file (blocking I/O)."""
@@ -206,14 +234,14 @@ class StereoWavRecorder:
         try:
             self._place_held()  # no writes come after close, so this thread may place them
             self.flush()
-            writer = self._open()
+            wav = self._open()
             if self._head > self._start:
-                writer.writeframesraw(ulaw_to_pcm16(self._buffer[: self._head - self._start].tobytes()).tobytes())
-            writer.close()
+                wav.append(ulaw_to_pcm16(self._buffer[: self._head - self._start].tobytes()).tobytes())
+            wav.count_data()
         finally:  # a recording that fails to close still lets its file go
             self._closed = True
-            if self._file is not None:
-                self._file.close()
+            if self._wav is not None:
+                self._wav.close()
         return RecordingInfo(
             path=self.path,
             duration_ms=self._head * 1000 // SAMPLE_RATE,
@@ -251,32 +279,69 @@ class StereoWavRecorder:
             self._buffer[self._capacity - shift :] = ULAW_SILENCE
         self._start = new_start
 
-    def _open(self) -> wave.Wave_write:
-        if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Opened here rather than by wave, which leaves a half-built writer behind when the open fails.
-            self._file = self.path.open("wb")
-            writer = wave.open(self._file, "wb")  # noqa: SIM115 - closed in close()
-            writer.setnchannels(2)
-            writer.setsampwidth(2)
-            writer.setframerate(SAMPLE_RATE)
-            self._writer = writer
-        return self._writer
+    def _open(self) -> _WavFile:
+        if self._wav is None:
+            self._wav = _WavFile(self.path)
+        return self._wav
 
-    @staticmethod
-    def _write_silence(writer: wave.Wave_write, frames: int) -> None:
-        block = bytes(_SILENCE_BLOCK_FRAMES * _BYTES_PER_FRAME)
-        while frames > 0:
-            count = min(frames, _SILENCE_BLOCK_FRAMES)
-            writer.writeframesraw(block[: count * _BYTES_PER_FRAME])
-            frames -= count
+
+class _WavFile:
+    """A stereo PCM16 WAV file being written. A write the disk refuses leaves the file as it was, and the header
+    counts the data written each time `count_data` is called, so a process killed mid-call leaves a valid WAV."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._data_bytes = 0
+        self._counted = -1
+        try:
+            self._write_all(_header(0))
+        except OSError:
+            self.close()
+            raise
+
+    def append(self, pcm: bytes) -> None:
+        """Add frames after those written; on OSError the file is cut back to them."""
+        try:
+            self._write_all(pcm)
+        except OSError:
+            end = _HEADER.size + self._data_bytes
+            os.ftruncate(self._fd, end)
+            os.lseek(self._fd, end, os.SEEK_SET)
+            raise
+        self._data_bytes += len(pcm)
+
+    def count_data(self) -> None:
+        """Make the header count every frame written."""
+        if self._counted != self._data_bytes:
+            os.pwrite(self._fd, _header(self._data_bytes), 0)
+            self._counted = self._data_bytes
+
+    def close(self) -> None:
+        """Let the file go."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+
+def _header(data_bytes: int) -> bytes:
+    return _HEADER.pack(
+        b"RIFF", 36 + data_bytes, b"WAVE", b"fmt ", 16, 1, 2, SAMPLE_RATE, SAMPLE_RATE * _BYTES_PER_FRAME,
+        _BYTES_PER_FRAME, 16, b"data", data_bytes,
+    )  # fmt: skip
 
 
 def repair_wav_header(path: Path) -> int | None:
     """Make the header of a recording its writer never closed (its process was killed mid-call) cover every whole
     frame the file holds; how many frames that is, or None for a file that is not a recording of ours. Blocking.
 
-    Until `close`, the header counts only the audio of the first `flush`, so players would stop there.
+    The header counts the audio of the last `flush` that finished: audio a process killed mid-flush had appended is
+    not counted, and files written before headers were kept up to date count only their first flush's audio.
     """
     with path.open("r+b") as file:
         header = file.read(_HEADER.size)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import wave
 from pathlib import Path
 
+from config.settings import load_settings
+from engine.simulator import Pause
 from engine.workers.recording_io import RecordingIO
 from media.recording import StereoWavRecorder
+from storage.recordings import recording_path
+from tests.databases import TestDatabases
+from tests.test_calls_e2e import call, finished_call_log
+from tests.test_drain_processes import engine, held_call, line
 
 SECOND_OF_TONE = bytes(range(0, 256, 2)) * 62 + bytes(64)  # 8000 μ-law bytes
 
@@ -37,3 +44,38 @@ async def test_a_long_call_is_written_out_as_it_goes_and_closed_into_a_valid_wav
     with wave.open(str(tmp_path / "call.wav")) as wav:
         assert (wav.getnchannels(), wav.getframerate()) == (2, 8000)
         assert wav.getnframes() == 30_500 * 8
+
+
+async def test_a_disk_refusing_writes_mid_call_costs_that_audio_and_the_rest_keeps_its_place(
+    databases: TestDatabases, tmp_path: Path
+) -> None:
+    database_url = await databases.migrated()
+    own_pool = await databases.pool(database_url)
+    try:
+        number = await line(own_pool)
+        organization_id = await own_pool.fetchval(
+            'SELECT "organizationId" FROM "PhoneNumber" WHERE "phoneNumber" = $1', number
+        )
+        async with engine(database_url, tmp_path, drain_seconds=20) as running:
+            caller = asyncio.create_task(call(running.url, number, Pause(24_000)))
+            call_log_id = await held_call(own_pool, number)
+            path = recording_path(load_settings(state_dir=tmp_path / "state"), organization_id, call_log_id)
+            for _ in range(600):  # until the first 5 s have reached the file
+                if path.is_file() and path.stat().st_size >= 44 + 5 * 32_000:
+                    break
+                await asyncio.sleep(0.05)
+            # The disk is full (the engine may write no file past a size a little beyond it) for a few seconds.
+            _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.prlimit(running.process.pid, resource.RLIMIT_FSIZE, (path.stat().st_size + 50_000, hard))
+            await asyncio.sleep(6)
+            resource.prlimit(running.process.pid, resource.RLIMIT_FSIZE, (hard, hard))
+            await caller
+            ended = await finished_call_log(own_pool, call_log_id)
+        assert "could not write recording" in running.log()
+        assert ended["status"] == "COMPLETED", ended["metadata"]
+        with wave.open(str(path)) as wav:
+            frames = wav.getnframes()
+        assert frames * 4 == path.stat().st_size - 44, "the header does not count the audio in the file"
+        assert frames // 8 == ended["metadata"]["recordingMs"], "the recording is not as long as the call's timeline"
+    finally:
+        await own_pool.close()
