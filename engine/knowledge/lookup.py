@@ -25,7 +25,7 @@ from storage import Pool
 from storage.errors import TRANSIENT_ERRORS
 from storage.knowledge_embeddings import nearest_passages
 from storage.knowledge_search import Passage, frequent_words, fuse_rankings, search_passages
-from storage.records import Connection
+from storage.records import Connection, storable_text
 from storage.tenancy import tenant_read_transaction
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class KnowledgeLookup:
         A database that cannot be reached, or that does not answer within the lookup's timeout, gives no passages
         (the call goes on without them), logged.
         """
-        query = _storable(query)
+        query = storable_text(query)  # a NUL or half an emoji would fail the search, and the reply waiting for it
         began = time.perf_counter()
         question = None
         if self._embedder is not None and query.strip():
@@ -203,12 +203,6 @@ class KnowledgeLookup:
     async def search(self, query: str) -> list[str]:
         """The texts of the passages that best match `query`, best first."""
         return [passage.content for passage in await self.passages(query)]
-
-
-def _storable(query: str) -> str:
-    """`query` as PostgreSQL text (and the turn's stored retrievals) can hold it: a NUL, or a lone surrogate (half an
-    emoji in a model's JSON arguments), would fail the search and the reply waiting for it."""
-    return query.encode("utf-8", errors="replace").decode("utf-8").replace("\x00", " ")
 
 
 def _discard(task: asyncio.Task[list[float]]) -> None:
