@@ -150,6 +150,7 @@ async def test_the_campaigns_summary_template_is_filled_and_success_judged_again
     assert metadata["endReason"] == "path_end"  # the call's own metadata stays
     request = openai.json_requests[-1]
     assert request["model"] == "gpt-4o-mini" and request["response_format"] == {"type": "json_object"}
+    assert request["max_completion_tokens"] == 4096  # an answer the organization pays for, bounded
     prompt = request["messages"][1]["content"]
     assert "Patient: Ann\nBooked: \nSlot: " in prompt
     assert "Book Ann in for a check-up." in prompt

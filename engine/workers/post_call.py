@@ -46,6 +46,10 @@ from storage.webhook_outbox import WebhookEvent
 
 log = logging.getLogger(__name__)
 
+ANSWER_MAX_TOKENS: Final = 4096
+"""The longest answer the model may give (the organization pays for it, and it is stored with the call and sent in
+call.analyzed): an answer cut there is not the JSON asked for, and is stored as the analysis's error."""
+
 MAX_TRANSCRIPT_CHARS: Final = 60_000
 """The transcript sent for analysis is cut (keeping its start and end) beyond this many characters."""
 
@@ -280,7 +284,13 @@ async def _ask(
     # transformer walks the messages and its response becomes a pydantic model, 3-4 ms of event-loop time per call
     # (cProfile, 100 calls) for the one field read here. The messages are plain JSON already.
     client = deps.clients.openai(api_key, deps.settings.openai_base_url)
-    body = {"model": option.model, "messages": messages, "temperature": 0, "response_format": {"type": "json_object"}}
+    body = {
+        "model": option.model,
+        "messages": messages,
+        "temperature": 0,
+        "response_format": {"type": "json_object"},
+        "max_completion_tokens": ANSWER_MAX_TOKENS,
+    }
     try:
         answer = await client.post(
             "/chat/completions", body=body, options={"security": {"bearer_auth": True}}, cast_to=bytes
