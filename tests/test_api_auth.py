@@ -273,6 +273,18 @@ async def test_json_nested_too_deeply_is_400_not_a_server_error(api: Api, acme: 
     assert_error(body, "invalid_json")
 
 
+@pytest.mark.parametrize(
+    "number", ["1" + "0" * 5_000, "1e400", "NaN", "-Infinity"], ids=["5001 digits", "1e400", "NaN", "-Infinity"]
+)
+async def test_a_number_json_cannot_hold_is_400_not_a_server_error(api: Api, acme: Tenant, number: str) -> None:
+    # Python's json module reads all of these (the first as an int past its 4,300 digits only by raising).
+    status, body = await api.call(
+        "POST", "/tools", acme.owner_key, data=f'{{"name": "T", "configuration": {{"k": {number}}}}}'
+    )
+    assert status == 400
+    assert_error(body, "invalid_json")
+
+
 async def test_a_validation_error_names_the_field_by_its_json_path(api: Api, acme: Tenant) -> None:
     status, body = await api.call(
         "POST",

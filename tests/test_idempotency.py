@@ -173,12 +173,15 @@ async def test_an_error_answer_is_kept_like_a_success(
     assert again[1]["Idempotent-Replayed"] == "true"
 
 
-async def test_json_nested_too_deeply_is_a_400_with_a_key_too(
-    engine: str, http: aiohttp.ClientSession, pool: asyncpg.Pool, twilio: FakeTwilio
+@pytest.mark.parametrize(
+    "unreadable", ["[" * 5_000 + "]" * 5_000, '{"agentId": 1' + "0" * 5_000 + "}"], ids=["nested", "long number"]
+)
+async def test_a_body_json_cannot_read_is_a_400_with_a_key_too(
+    engine: str, http: aiohttp.ClientSession, pool: asyncpg.Pool, twilio: FakeTwilio, unreadable: str
 ) -> None:
     tenant, _ = await dialer(pool, twilio)
     headers = {"Authorization": f"Bearer {tenant.owner_key}", "Idempotency-Key": new_key()}
-    async with http.post(f"{engine}/v1/calls", data="[" * 5_000 + "]" * 5_000, headers=headers) as response:
+    async with http.post(f"{engine}/v1/calls", data=unreadable, headers=headers) as response:
         assert response.status == 400
         assert (await response.json())["error"]["code"] == "invalid_json"
 

@@ -47,10 +47,10 @@ def key_description() -> str:
 
 def request_hash(raw: bytes) -> str:
     """SHA-256 of the body's canonical JSON (keys sorted, no spaces), or of its bytes when it is not JSON (or nests
-    too deeply to parse: the request then gets its 400)."""
+    too deeply, or holds a number too long, to parse: the request then gets its 400)."""
     try:
         canonical = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSONDecodeError, or a number too long
         return hashlib.sha256(raw).hexdigest()
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 

@@ -4,6 +4,7 @@ the OpenAPI document are made."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -313,9 +314,13 @@ async def _json_body(request: web.Request) -> str:
         raise ApiError(400, "invalid_json", "send a JSON object as the request body")
     try:
         text = raw.decode("utf-8")
-        strings = list(_strings(json.loads(text), ""))
+        strings = list(
+            _strings(json.loads(text, parse_int=_integer, parse_float=_finite, parse_constant=_constant), "")
+        )
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON ({exc})") from None
+    except _NotJsonNumber as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
     except RecursionError:  # arrays or objects nested about a thousand deep: the client's error, not a 500
         raise ApiError(400, "invalid_json", "the request body's JSON is nested too deeply") from None
     for path, value in strings:
@@ -324,6 +329,29 @@ async def _json_body(request: web.Request) -> str:
                 422, "validation_error", f"body {path or 'value'}: contains characters that cannot be stored", path
             )
     return text
+
+
+class _NotJsonNumber(ValueError):
+    """A number Python's json module reads but JSON (RFC 8259) or the API's values cannot hold."""
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # past Python's 4,300 digits: far past any value the API takes
+        raise _NotJsonNumber(f"the number {text[:20]}... has {len(text)} digits") from None
+
+
+def _finite(text: str) -> float:
+    # 1e400 reads as infinity, which no JSON value (nor a PostgreSQL json column) holds.
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJsonNumber(f"the number {text[:40]} is beyond the range of a 64-bit floating-point number")
+    return value
+
+
+def _constant(name: str) -> Any:
+    raise _NotJsonNumber(f"{name} is not a JSON value; send a number or null")
 
 
 def _strings(node: Any, path: str) -> Iterator[tuple[str, str]]:
