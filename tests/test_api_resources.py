@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -357,7 +359,25 @@ async def test_lists_page_newest_first_with_cursors(api: Api, pool: asyncpg.Pool
     assert seen == list(reversed(made))
 
 
-async def test_a_cursor_this_api_did_not_issue_is_422(api: Api, acme: Tenant) -> None:
-    status, body = await api.call("GET", "/tools?cursor=bm90LWEtY3Vyc29y", acme.owner_key)
+def forged_cursor(when: str, id: str) -> str:
+    """A cursor made as the API makes one, holding what the API never would."""
+    raw = json.dumps([when, id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "bm90LWEtY3Vyc29y",
+        forged_cursor("2026-01-01T00:00:00", "t0"),
+        forged_cursor("0001-01-01T00:00:00+14:00", "t0"),
+        forged_cursor("9999-12-31T23:59:59-14:00", "t0"),
+        forged_cursor("2026-01-01T00:00:00+00:00", "t\x00"),
+        forged_cursor("2026-01-01T00:00:00+00:00", "\ud800"),
+    ],
+    ids=["not a cursor", "no offset", "before year 1 in UTC", "after year 9999 in UTC", "NUL in the id", "surrogate"],
+)
+async def test_a_cursor_this_api_did_not_issue_is_422(api: Api, acme: Tenant, cursor: str) -> None:
+    status, body = await api.call("GET", f"/tools?cursor={cursor}", acme.owner_key)
     assert status == 422
     assert_error(body, "validation_error", "cursor")

@@ -5,19 +5,22 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import BaseModel, Field
 
 from engine.api.errors import ApiError
-from engine.api.models import RequestModel, ResponseModel
+from engine.api.models import ID_PATTERN, RequestModel, ResponseModel
 
 T = TypeVar("T", bound=BaseModel)
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 100
+
+_ID = re.compile(ID_PATTERN)
 
 Cursor = Annotated[str, Field(max_length=200, pattern=r"^[A-Za-z0-9_-]*$")]
 """An opaque position in a list: the `nextCursor` of the previous page."""
@@ -47,15 +50,18 @@ def encode_cursor(when: datetime, id: str) -> str:
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     """The (when, id) a cursor stands for; 422 naming `cursor` for anything this API did not hand out."""
+    not_ours = ApiError(422, "validation_error", "query cursor: not a cursor this API returned", "cursor")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         when, id = json.loads(raw)
-        position = datetime.fromisoformat(when), id
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
-        raise ApiError(422, "validation_error", "query cursor: not a cursor this API returned", "cursor") from None
-    if position[0].tzinfo is None or not isinstance(position[1], str):
-        raise ApiError(422, "validation_error", "query cursor: not a cursor this API returned", "cursor")
-    return position
+        at = datetime.fromisoformat(when)
+        # An id of another shape (a NUL, a lone surrogate) is no row's, and could not even be sent to the database.
+        if at.tzinfo is None or not isinstance(id, str) or not _ID.fullmatch(id):
+            raise not_ours
+        # In UTC, as the API writes it: an offset that takes the time past year 1 or 9999 cannot be compared.
+        return at.astimezone(UTC), id
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError):
+        raise not_ours from None
 
 
 def next_cursor(items: Sequence[T], limit: int, position: Callable[[T], tuple[datetime, str]]) -> str | None:
