@@ -191,6 +191,30 @@ async def test_bad_uploads_are_refused_and_store_nothing(api: Api, pool: asyncpg
     assert (unchanged["fileCount"], unchanged["status"]) == (0, "EMPTY")
 
 
+@pytest.mark.parametrize(
+    ("disposition", "stored_name"),
+    [
+        (b'filename="caf\xe9.txt"', "caf\ufffd.txt"),  # Latin-1, as an older browser or a script may send it
+        (b'filename="\xed\xa0\x80.txt"', "\ufffd\ufffd\ufffd.txt"),  # a UTF-16 surrogate, encoded anyway
+        (b"filename*=UTF-8''a%00b.txt", "a\ufffdb.txt"),
+    ],
+    ids=["latin-1", "surrogate", "NUL"],
+)
+async def test_a_file_name_the_database_cannot_hold_is_stored_with_those_characters_replaced(
+    api: Api, acme: Tenant, disposition: bytes, stored_name: str
+) -> None:
+    kb = await new_kb(api, acme, "Odd names")
+    body = (
+        b'--XX\r\nContent-Disposition: form-data; name="file"; '
+        + disposition
+        + b"\r\nContent-Type: text/plain\r\n\r\nhello\r\n--XX--\r\n"
+    )
+    headers = {"Authorization": f"Bearer {acme.owner_key}", "Content-Type": "multipart/form-data; boundary=XX"}
+    async with api.session.post(f"{api.base}/v1/knowledge-bases/{kb['id']}/files", data=body, headers=headers) as sent:
+        assert sent.status == 201, await sent.text()
+        assert (await sent.json())["name"] == stored_name
+
+
 async def test_an_unreadable_file_ends_in_error_with_the_reason(api: Api, acme: Tenant) -> None:
     kb = await new_kb(api, acme, "Broken")
     status, document = await upload(api, acme, kb["id"], b"%PDF-1.4\n" + b"garbage " * 50, "broken.pdf")

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from engine.api.errors import ApiError, validation_error
 from engine.api.models import RequestModel
+from storage.records import storable_text
 
 M = TypeVar("M", bound=RequestModel)
 
@@ -58,7 +59,9 @@ async def read_upload(request: web.Request, form: type[M], *, max_bytes: int, li
                 raise ApiError(400, "bad_request", "nested multipart bodies are not accepted")
             if part.name == FILE_PART:
                 too_large = f"the file is larger than {max_bytes} bytes ({limit_name})"
-                upload = Upload(part.filename or "upload", await _read(part, max_bytes, too_large))
+                # Bytes of the name that were not UTF-8 (a Latin-1 name, say) reach here as lone surrogates.
+                name = storable_text(part.filename or "upload")
+                upload = Upload(name, await _read(part, max_bytes, too_large))
             elif part.name:
                 fields_left -= len(part.name)
                 raw = await _read(part, fields_left, fields_too_large)
