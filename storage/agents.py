@@ -122,8 +122,16 @@ async def _unusable_reference(
         phone_number_id,
         organization_id,
     ):
-        return InvalidReference(f"PhoneNumber {phone_number_id} is not a number of organization {organization_id}")
-    return InvalidReference(f"Voice {voice_id} is neither a system voice nor a voice of organization {organization_id}")
+        return InvalidReference(
+            f"PhoneNumber {phone_number_id} is not a number of organization {organization_id}",
+            entity="PhoneNumber",
+            key=phone_number_id,
+        )
+    return InvalidReference(
+        f"Voice {voice_id} is neither a system voice nor a voice of organization {organization_id}",
+        entity="Voice",
+        key=voice_id,
+    )
 
 
 async def get_agent(db: Queryable, *, organization_id: str, agent_id: str) -> Agent:
@@ -276,7 +284,9 @@ async def _link(db: Queryable, entity: str, organization_id: str, agent_id: str,
             f"{table}_agentId_organizationId_fkey"
         ):
             raise NotFound("Agent", agent_id) from cause
-        raise InvalidReference(f"{entity} {target_id} does not exist in organization {organization_id}") from cause
+        raise InvalidReference(
+            f"{entity} {target_id} does not exist in organization {organization_id}", entity=entity, key=target_id
+        ) from cause
 
 
 async def _unlink(db: Queryable, entity: str, organization_id: str, agent_id: str, target_id: str) -> bool:

@@ -317,8 +317,14 @@ async def _foreign_reference(
     if not await db.fetchval(
         'SELECT EXISTS (SELECT 1 FROM "Agent" WHERE "id" = $1 AND "organizationId" = $2)', agent_id, organization_id
     ):
-        return InvalidReference(f"Agent {agent_id} does not exist in organization {organization_id}")
-    return InvalidReference(f"ConversationPath {conversation_path_id} does not exist in organization {organization_id}")
+        return InvalidReference(
+            f"Agent {agent_id} does not exist in organization {organization_id}", entity="Agent", key=agent_id
+        )
+    return InvalidReference(
+        f"ConversationPath {conversation_path_id} does not exist in organization {organization_id}",
+        entity="ConversationPath",
+        key=conversation_path_id,
+    )
 
 
 async def get_campaign(db: Queryable, *, organization_id: str, campaign_id: str) -> Campaign:

@@ -46,7 +46,16 @@ class AlreadyExists(StorageError):
 
 
 class InvalidReference(StorageError):
-    """A row points at a parent that does not exist, or that another row still needs."""
+    """A row points at a parent that does not exist, or that another row still needs.
+
+    `entity` and `key` name the parent when the refusal is of one reference the caller gave (an agent's phone number,
+    a campaign's agent): none by that id, or another organization's, which is never told apart.
+    """
+
+    def __init__(self, message: str, *, entity: str | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.entity = entity
+        self.key = key
 
 
 class ConstraintViolation(StorageError):

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from storage.errors import NotFound, translate_errors
+from storage.errors import InvalidReference, NotFound, translate_errors
 from storage.records import Queryable, Record, fetch_page, new_id, set_clause
 
 _COLUMNS = (
@@ -57,7 +57,8 @@ async def create_event(
     is_enabled: bool = True,
     id: str | None = None,
 ) -> Event:
-    """Subscribe a webhook to an event, organization-wide or for one of its agents (NotFound if not its agent)."""
+    """Subscribe a webhook to an event, organization-wide or for one of its agents (InvalidReference if not its
+    agent)."""
     with translate_errors():
         # The agent must be this organization's: the schema's foreign key alone would accept anyone's.
         row = await db.fetchrow(
@@ -77,7 +78,7 @@ async def create_event(
             check_webhook_url(webhook_url),
         )
     if row is None:
-        raise NotFound("Agent", str(agent_id))
+        raise _not_its_agent(organization_id, str(agent_id))
     return Event.from_row(row)
 
 
@@ -177,8 +178,8 @@ async def list_events_page(
 async def update_event(db: Queryable, *, organization_id: str, event_id: str, changes: dict[str, Any]) -> Event:
     """Change some of a subscription's fields (snake_case names).
 
-    NotFound if the subscription, or a new agent it names, is not the organization's; InvalidWebhookUrl for
-    a URL that cannot be delivered to.
+    NotFound if the subscription is not the organization's, InvalidReference if a new agent it names is not;
+    InvalidWebhookUrl for a URL that cannot be delivered to.
     """
     if changes.get("webhook_url") is not None:
         check_webhook_url(changes["webhook_url"])
@@ -201,4 +202,10 @@ async def update_event(db: Queryable, *, organization_id: str, event_id: str, ch
     if row is not None:
         return Event.from_row(row)
     await get_event(db, organization_id=organization_id, event_id=event_id)  # NotFound if it is not there
-    raise NotFound("Agent", str(changes.get("agent_id")))
+    raise _not_its_agent(organization_id, str(changes.get("agent_id")))
+
+
+def _not_its_agent(organization_id: str, agent_id: str) -> InvalidReference:
+    return InvalidReference(
+        f"Agent {agent_id} does not exist in organization {organization_id}", entity="Agent", key=agent_id
+    )

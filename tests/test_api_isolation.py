@@ -8,6 +8,7 @@ the database row-level security of migration 0005 beneath it; tests/test_tenant_
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from storage.records import new_id
 from storage.webhook_outbox import WebhookEvent, enqueue_event
 from tests.catalog import read_catalog
 from tests.engine_server import running_engine
+from tests.fakes.twilio import FakeTwilio
 from tests.test_tenant_isolation import seed_organization, snapshot, tenant_tables
 
 # Path parameters whose table is not their name without "Id" ("agentId" → "Agent").
@@ -42,6 +44,15 @@ FIELD_SAMPLES: dict[str, Any] = {
     "recipients": [{"phoneNumber": "+12125550100"}],
     "csv": None,
     "defaultRegion": None,
+    "to": "+12125550100",
+    "fromNumber": None,
+    "startDate": None,
+    "startTime": None,
+    "callStartTime": None,
+    "callEndTime": None,
+    "daysOfWeek": None,
+    "timezone": None,
+    "retry": None,
 }
 
 
@@ -92,6 +103,11 @@ async def seed_tenant(pool: asyncpg.Pool) -> Tenant:
     await do_not_call.add_entry(
         pool, organization_id=organization_id, phone_number="+12125550199", source=do_not_call.DoNotCallSource.API
     )
+    # Agents that may place calls, so that POST /v1/calls with one of them gets as far as the ids it names.
+    await pool.execute(
+        """UPDATE "Agent" SET "callerType" = 'OUTBOUND', "status" = 'ACTIVE' WHERE "organizationId" = $1""",
+        organization_id,
+    )
     return Tenant(organization_id, created.plaintext)
 
 
@@ -115,9 +131,17 @@ async def walk(pool: asyncpg.Pool) -> Walk:
 
 
 @pytest.fixture(scope="module")
-async def http(db_url: str) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
-    """A client session and the base URL of the engine running on loopback."""
-    async with running_engine(db_url, dispatch_enabled=False) as base, aiohttp.ClientSession() as session:
+async def http(db_url: str, twilio: FakeTwilio) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+    """A client session and the base URL of the engine running on loopback, with a Twilio account (the fake's), so
+    that POST /v1/calls reads its body."""
+    engine = running_engine(
+        db_url,
+        dispatch_enabled=False,
+        twilio_auth_token=twilio.auth_token,
+        twilio_account_sid=twilio.account_sid,
+        twilio_api_base=twilio.api_base,
+    )
+    async with engine as base, aiohttp.ClientSession() as session:
         yield session, base
 
 
@@ -251,7 +275,8 @@ async def test_no_read_shows_another_organizations_rows(
 async def test_no_write_attaches_another_organizations_rows(
     pool: asyncpg.Pool, walk: Walk, http: tuple[aiohttp.ClientSession, str]
 ) -> None:
-    # Creations and updates whose body names another resource by id: naming B's must be refused, not stored.
+    # Creations and updates whose body names another resource by id: naming B's must be refused, not stored, and
+    # refused by the one rule for an id in a body: 422 `invalid_reference` naming the field (a path's id is a 404).
     before = await snapshot(pool, walk.b.organization_id)
     accepted = []
     own_ids = await ids_by_table(pool, walk.a.organization_id)
@@ -266,7 +291,8 @@ async def test_no_write_attaches_another_organizations_rows(
             foreign = {reference: walk.ids_of_b[table_of(reference)][0]}
             forged = foreign if operation.method == "PATCH" else {**body, **foreign}
             status, text = await call(http, operation.method, path_with(operation, path_ids), walk.a.key, forged)
-            if status < 400:
+            error = json.loads(text).get("error", {}) if status >= 400 else {}
+            if (status, error.get("code"), error.get("field")) != (422, "invalid_reference", reference):
                 accepted.append(f"{operation.method} {operation.path} with B's {reference}: {status} {text[:200]}")
     assert accepted == [], "\n".join(accepted)
     assert await snapshot(pool, walk.b.organization_id) == before

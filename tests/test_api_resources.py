@@ -129,7 +129,7 @@ async def test_an_agent_cannot_use_another_organizations_number(api: Api, acme: 
         "POST", "/agents", acme.owner_key, json={"name": "Thief", "phoneNumberId": number["id"]}
     )
     assert status == 422
-    assert_error(body, "invalid_reference")
+    assert_error(body, "invalid_reference", "phoneNumberId")
 
 
 async def test_agent_links_to_knowledge_bases_tools_and_paths(api: Api, pool: asyncpg.Pool, acme: Tenant) -> None:
@@ -305,7 +305,7 @@ async def test_events(api: Api, acme: Tenant, globex: Tenant) -> None:
         "PATCH", f"/events/{event['id']}", acme.owner_key, json={"agentId": other_agent["id"]}
     )
     assert status == 422
-    assert_error(body, "invalid_value", "agentId")
+    assert_error(body, "invalid_reference", "agentId")
     status, updated = await api.call(
         "PATCH", f"/events/{event['id']}", acme.owner_key, json={"isEnabled": False, "agentId": None}
     )

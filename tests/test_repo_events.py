@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from storage.errors import NotFound
+from storage.errors import InvalidReference, NotFound
 from storage.events import (
     Event,
     InvalidWebhookUrl,
@@ -86,7 +86,7 @@ async def test_an_event_cannot_be_tied_to_another_organizations_agent(pool: asyn
     mine, theirs = await new_organization(pool), await new_organization(pool)
     their_agent = await new_agent(pool, theirs.id)
 
-    with pytest.raises(NotFound, match=f"Agent {their_agent} not found"):
+    with pytest.raises(InvalidReference, match=f"Agent {their_agent} does not exist in organization {mine.id}"):
         await create_event(pool, organization_id=mine.id, name="call.completed", webhook_url=HOOK, agent_id=their_agent)
 
     assert await list_events(pool, organization_id=mine.id) == []

@@ -64,6 +64,17 @@ def unprocessable(message: str, field: str | None = None) -> ApiError:
     return ApiError(422, "invalid_value", message, field)
 
 
+def invalid_reference(field: str, message: str) -> ApiError:
+    """422 `invalid_reference` at `field`: the body names by id a row the caller's organization does not have (none,
+    or another organization's: never told apart). The one answer to every id in a body; an id in the path is a 404."""
+    return ApiError(422, "invalid_reference", f"body {field}: {message}", field)
+
+
+def reference_field(entity: str) -> str:
+    """The body field that names a row of the table `entity` by id: "PhoneNumber" -> "phoneNumberId"."""
+    return f"{entity[0].lower()}{entity[1:]}Id"
+
+
 def conflict(message: str, field: str | None = None) -> ApiError:
     """409: the request clashes with the resource's current state."""
     return ApiError(409, "conflict", message, field)
@@ -160,6 +171,8 @@ def storage_refusal(exc: StorageError) -> ApiError | None:
     """The caller's error (404, 409, 422) a storage error stands for; None for one that is not the caller's to fix."""
     if isinstance(exc, AlreadyExists):
         return _already_exists(exc)
+    if isinstance(exc, InvalidReference) and exc.entity is not None:
+        return invalid_reference(reference_field(exc.entity), str(exc))
     return next(
         (ApiError(status, code, str(exc)) for kind, status, code in _STORAGE_ERRORS if isinstance(exc, kind)), None
     )

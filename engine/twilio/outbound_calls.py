@@ -66,6 +66,7 @@ SLOT_POLL_SECONDS: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 """How often a call waiting for a free slot looks again: soon at first, then once a second."""
 
 __all__ = [
+    "AgentNotFound",
     "AgentUnavailable",
     "CallNotPlaced",
     "CampaignNotFound",
@@ -120,6 +121,10 @@ class AgentUnavailable(OutboundCallError):
         super().__init__(f"Agent {agent_id} cannot place calls: {reason}")
         self.agent_id = agent_id
         self.reason = reason
+
+
+class AgentNotFound(AgentUnavailable):
+    """The agent does not exist in the organization (or is another organization's)."""
 
 
 class NumberUnavailable(OutboundCallError):
@@ -450,7 +455,7 @@ async def _usable_agent(deps: OutboundDeps, organization_id: str, agent_id: str)
     try:
         bundle = await agents.load_agent_bundle(deps.pool, organization_id=organization_id, agent_id=agent_id)
     except NotFound:
-        raise AgentUnavailable(agent_id, "no such agent in this organization") from None
+        raise AgentNotFound(agent_id, "no such agent in this organization") from None
     agent = bundle.agent
     if agent.caller_type != CallerType.OUTBOUND:
         raise AgentUnavailable(agent_id, f"it is an {agent.caller_type} agent; only OUTBOUND agents place calls")

@@ -6,11 +6,12 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from engine.api.errors import ApiError, not_found, unprocessable
+from engine.api.errors import ApiError, invalid_reference, unprocessable
 from engine.api.models import Id, RequestModel, ResponseModel
 from engine.api.operations import ApiCall, Resource
 from engine.server.appkeys import SETTINGS
 from engine.twilio.outbound_calls import (
+    AgentNotFound,
     AgentUnavailable,
     CallNotPlaced,
     CampaignNotFound,
@@ -81,7 +82,7 @@ async def checked_caller_id(db: Queryable, *, organization_id: str, number: str)
     response=PlacedCallResponse,
     body=CallCreate,
     status=201,
-    errors=(402, 404, 422, 429, 502, 503, 504),
+    errors=(402, 422, 429, 502, 503, 504),
     idempotent=True,
 )
 async def create_call(call: ApiCall) -> PlacedCallResponse:
@@ -89,7 +90,8 @@ async def create_call(call: ApiCall) -> PlacedCallResponse:
 
     422 names the field at fault (an undialable number, a number of a kind or country the organization's dial policy
     refuses, such as premium-rate, a number on the do-not-call list, an agent that is not
-    an ACTIVE OUTBOUND agent, a number that may not call out, no `fromNumber` and no default one); 402 when the
+    an ACTIVE OUTBOUND agent, a number that may not call out, no `fromNumber` and no default one), and is an
+    `invalid_reference` for an `agentId` or `campaignId` that is not the organization's; 402 when the
     organization has no credits; 502 when Twilio refuses the call (its CallLog is then FAILED with Twilio's error);
     504 when Twilio did not answer the request, which it may have received: the CallLog named follows the call,
     adopting its CallSid when Twilio's callbacks or its Calls list show it, else ending FAILED `not_placed` (its
@@ -119,12 +121,14 @@ async def create_call(call: ApiCall) -> PlacedCallResponse:
         raise unprocessable(str(exc), "fromNumber" if exc.field == "from_number" else "to") from None
     except (DestinationRefused, OnDoNotCallList) as exc:
         raise unprocessable(str(exc), "to") from None
+    except AgentNotFound as exc:
+        raise invalid_reference("agentId", str(exc)) from None
     except AgentUnavailable as exc:
         raise unprocessable(str(exc), "agentId") from None
     except NumberUnavailable as exc:
         raise unprocessable(str(exc), "fromNumber") from None
     except CampaignNotFound:
-        raise not_found(f"campaign {body.campaign_id} not found") from None
+        raise invalid_reference("campaignId", f"campaign {body.campaign_id} not found in this organization") from None
     except NoCredits as exc:
         raise ApiError(402, "no_credits", str(exc)) from None
     except NoFreeSlot as exc:

@@ -15,7 +15,6 @@ from engine.api.pagination import Page, PageQuery, to_page
 from engine.server.appkeys import SETTINGS
 from pipelines.url_safety import UnsafeURL, check_public_address, literal_address
 from storage import events, webhook_outbox
-from storage.errors import NotFound
 from storage.events import Event, InvalidWebhookUrl
 from storage.webhook_outbox import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEvent
 
@@ -61,15 +60,11 @@ def _check_address(call: ApiCall, url: str | None) -> None:
 
 
 @contextmanager
-def _checked_references(agent_id: str | None) -> Iterator[None]:
+def _deliverable_url() -> Iterator[None]:
     try:
         yield
     except InvalidWebhookUrl as exc:
         raise unprocessable(str(exc), "webhookUrl") from None
-    except NotFound as exc:
-        if exc.entity != "Agent" or agent_id is None:
-            raise
-        raise unprocessable(f"agent {agent_id} does not exist in this organization", "agentId") from None
 
 
 @resource.get("/events", summary="List webhook subscriptions", response=Page[Event], query=PageQuery)
@@ -88,7 +83,7 @@ async def create_event(call: ApiCall) -> Event:
     """Subscribe a URL to an event."""
     body = call.body_as(EventCreate)
     _check_address(call, body.webhook_url)
-    with _checked_references(body.agent_id):
+    with _deliverable_url():
         async with call.tenant() as db:
             return await events.create_event(db, organization_id=call.caller.organization_id, **body.model_dump())
 
@@ -105,7 +100,7 @@ async def update_event(call: ApiCall) -> Event:
     """Change a subscription, or switch it on or off."""
     changes = call.body_as(EventUpdate).changes()
     _check_address(call, changes.get("webhook_url"))
-    with _checked_references(changes.get("agent_id")):
+    with _deliverable_url():
         async with call.tenant() as db:
             return await events.update_event(
                 db, organization_id=call.caller.organization_id, event_id=call.path["eventId"], changes=changes
