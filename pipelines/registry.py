@@ -347,6 +347,27 @@ def key_ref_problems(config: AgentConfiguration, organization_id: str) -> list[t
     return problems
 
 
+def configuration_references(config: AgentConfiguration) -> list[tuple[str, str, str]]:
+    """(JSON path, table, id) of each row the configuration names by id: a conversation-path model's
+    `conversation_path_id`, a provider's `api_key_ref: tool:<toolId>`.
+
+    For saving an agent: each must be a row of its organization, linked to the agent or not yet (calls use it once it
+    is); an id of no row of the organization's would never be.
+    """
+    references: list[tuple[str, str, str]] = []
+    for stage in ("stt", "llm", "tts", "realtime"):
+        for index, option in enumerate(getattr(config, stage) or ()):
+            if isinstance(option, ConversationPathLLMConfig) and option.conversation_path_id is not None:
+                references.append(
+                    (f"{stage}[{index}].conversation_path_id", "ConversationPath", option.conversation_path_id)
+                )
+            if isinstance(option, CloudProviderConfig) and option.api_key_ref is not None:
+                kind, _, name = option.api_key_ref.partition(":")
+                if kind == "tool":
+                    references.append((f"{stage}[{index}].api_key_ref", "Tool", name))
+    return references
+
+
 def _keyed(stage: Stage, options: Sequence[_Option], keys: ProviderKeys) -> list[tuple[_Option, str | None]]:
     """The stage's usable providers with their keys, in order; PipelineUnavailable naming every missing key."""
     usable: list[tuple[_Option, str | None]] = []

@@ -132,6 +132,35 @@ async def test_an_agent_cannot_use_another_organizations_number(api: Api, acme: 
     assert_error(body, "invalid_reference", "phoneNumberId")
 
 
+async def test_an_agent_configuration_naming_another_organizations_path_or_tool_is_refused_naming_it(
+    api: Api, acme: Tenant, globex: Tenant
+) -> None:
+    _, their_path = await api.call("POST", "/conversation-paths", globex.owner_key, json={"name": "Theirs"})
+    _, their_tool = await api.call("POST", "/tools", globex.owner_key, json={"name": "Their key"})
+    _, own_path = await api.call("POST", "/conversation-paths", acme.owner_key, json={"name": "Ours, not linked yet"})
+    _, agent = await api.call("POST", "/agents", acme.owner_key, json={"name": "Configured"})
+    path_llm = {"llm": [{"provider": "conversation_path", "conversation_path_id": their_path["id"]}]}
+    tool_key = {"llm": [{"provider": "openai", "api_key_ref": f"tool:{their_tool['id']}"}]}
+    for configuration, field in (
+        (path_llm, "configuration.llm[0].conversation_path_id"),
+        (tool_key, "configuration.llm[0].api_key_ref"),
+    ):
+        status, body = await api.call(
+            "POST", "/agents", acme.owner_key, json={"name": "Borrower", "configuration": configuration}
+        )
+        assert status == 422
+        assert_error(body, "invalid_reference", field)
+        status, body = await api.call(
+            "PATCH", f"/agents/{agent['id']}", acme.owner_key, json={"configuration": configuration}
+        )
+        assert status == 422
+        assert_error(body, "invalid_reference", field)
+    own = {"llm": [{"provider": "conversation_path", "conversation_path_id": own_path["id"]}]}
+    status, saved = await api.call("PATCH", f"/agents/{agent['id']}", acme.owner_key, json={"configuration": own})
+    assert status == 200
+    assert saved["configuration"]["llm"][0]["conversation_path_id"] == own_path["id"]
+
+
 async def test_agent_links_to_knowledge_bases_tools_and_paths(api: Api, pool: asyncpg.Pool, acme: Tenant) -> None:
     _, agent = await api.call("POST", "/agents", acme.owner_key, json={"name": "Linked"})
     _, kb = await api.call("POST", "/knowledge-bases", acme.owner_key, json={"name": "FAQ"})

@@ -7,16 +7,16 @@ from typing import Any
 
 from pydantic import Field
 
-from config.agent import AgentConfigurationError, parse_agent_configuration
-from engine.api.errors import ApiError, conflict, not_found
+from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
+from engine.api.errors import ApiError, conflict, invalid_reference, not_found
 from engine.api.models import Id, LongText, Name, RequestModel, ResponseModel, ShortText, UpdateModel
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
 from engine.api.path_transfers import TransferWarning, refuse_unmakeable_transfers, transfer_warnings
 from engine.api.resources.tools import ToolView
 from pipelines.languages import language_problems
-from pipelines.registry import key_ref_problems
-from storage import agents, voices
+from pipelines.registry import configuration_references, key_ref_problems
+from storage import agents, conversation_paths, tools, voices
 from storage.agents import Agent
 from storage.conversation_paths import ConversationPath
 from storage.enums import AgentStatus, CallerType, VoiceStatus
@@ -73,7 +73,7 @@ class SavedAgent(Agent):
     )
 
 
-def _configuration(data: dict[str, Any], organization_id: str) -> dict[str, Any]:
+def _configuration(data: dict[str, Any], organization_id: str) -> AgentConfiguration:
     try:
         config = parse_agent_configuration(data)
         # A language a provider cannot work in, or a key variable the organization may not use (another's), is refused
@@ -85,7 +85,26 @@ def _configuration(data: dict[str, Any], organization_id: str) -> dict[str, Any]
         path, message = exc.problems[0]
         field = f"configuration.{path}" if path != "configuration" else path
         raise ApiError(422, "validation_error", f"body {field}: {message}", field) from None
-    return config.to_json()
+    return config
+
+
+_REFERENCED: dict[str, Callable[[Queryable, str, str], Awaitable[object]]] = {
+    "ConversationPath": lambda db, organization_id, row_id: conversation_paths.get_conversation_path(
+        db, organization_id=organization_id, conversation_path_id=row_id
+    ),
+    "Tool": lambda db, organization_id, row_id: tools.get_tool(db, organization_id=organization_id, tool_id=row_id),
+}
+"""How to find each kind of row a configuration names by id (configuration_references)."""
+
+
+async def _check_references(db: Queryable, organization_id: str, config: AgentConfiguration) -> None:
+    """422 invalid_reference at the first id in the configuration that names no row of the organization."""
+    for path, table, row_id in configuration_references(config):
+        try:
+            await _REFERENCED[table](db, organization_id, row_id)
+        except NotFound:
+            message = f"{table} {row_id} does not exist in organization {organization_id}"
+            raise invalid_reference(f"configuration.{path}", message) from None
 
 
 async def _check_voice(db: Queryable, organization_id: str, voice_id: str | None) -> None:
@@ -127,6 +146,7 @@ async def create_agent(call: ApiCall) -> Agent:
     body = call.body_as(AgentCreate)
     configuration = _configuration(body.configuration, call.caller.organization_id)
     async with call.tenant() as db:
+        await _check_references(db, call.caller.organization_id, configuration)
         await _check_voice(db, call.caller.organization_id, body.voice_id)
         return await agents.create_agent(
             db,
@@ -138,7 +158,7 @@ async def create_agent(call: ApiCall) -> Agent:
             caller_type=body.caller_type,
             phone_number_id=body.phone_number_id,
             voice_id=body.voice_id,
-            configuration=configuration,
+            configuration=configuration.to_json(),
         )
 
 
@@ -154,9 +174,12 @@ async def update_agent(call: ApiCall) -> SavedAgent:
     """Change some of an agent's fields; `warnings` names the transfer nodes of its paths it cannot make."""
     changes = call.body_as(AgentUpdate).changes()
     organization_id = call.caller.organization_id
-    if "configuration" in changes:
-        changes["configuration"] = _configuration(changes["configuration"], organization_id)
+    configuration = _configuration(changes["configuration"], organization_id) if "configuration" in changes else None
+    if configuration is not None:
+        changes["configuration"] = configuration.to_json()
     async with call.tenant() as db:
+        if configuration is not None:
+            await _check_references(db, organization_id, configuration)
         await _check_voice(db, organization_id, changes.get("voice_id"))
         agent = await agents.update_agent(
             db, organization_id=organization_id, agent_id=call.path["agentId"], changes=changes
