@@ -24,6 +24,9 @@ class ClaimState(StrEnum):
     """A request with this key and body was answered: replay its answer."""
     IN_FLIGHT = "in_flight"
     """A request with this key is still running."""
+    ABANDONED = "abandoned"
+    """A request with this key began longer ago than any request runs and stored no answer: its process died (or lost
+    the database) half-way, and what it did is unknown."""
     OTHER_REQUEST = "other_request"
     """The key was used with another request body."""
 
@@ -38,9 +41,17 @@ class KeyClaim:
 
 
 async def claim_key(
-    db: Queryable, *, organization_id: str, operation: str, key: str, request_hash: str, ttl: timedelta
+    db: Queryable,
+    *,
+    organization_id: str,
+    operation: str,
+    key: str,
+    request_hash: str,
+    ttl: timedelta,
+    in_flight_limit: timedelta,
 ) -> KeyClaim:
-    """Claim `key` for one `operation` of the organization with this request's hash, or say who holds it."""
+    """Claim `key` for one `operation` of the organization with this request's hash, or say who holds it: a claim
+    without an answer older than `in_flight_limit` is ABANDONED, not in flight."""
     async with transaction(db) as conn:
         claimed = await conn.fetchval(
             """
@@ -68,21 +79,30 @@ async def claim_key(
         # The conflicting row is committed (the insert waited for it) and not expired; this statement sees it.
         row = await conn.fetchrow(
             """
-            SELECT "requestHash", "responseStatus", "responseBody" FROM "IdempotencyKey"
+            SELECT "requestHash", "responseStatus", "responseBody",
+                "createdAt" <= CURRENT_TIMESTAMP - $4::interval AS "abandoned"
+            FROM "IdempotencyKey"
             WHERE "organizationId" = $1 AND "operation" = $2 AND "key" = $3
             """,
             organization_id,
             operation,
             key,
+            in_flight_limit,
         )
     if row is None:  # released by its request between the two statements: claim it afresh
         return await claim_key(
-            db, organization_id=organization_id, operation=operation, key=key, request_hash=request_hash, ttl=ttl
+            db,
+            organization_id=organization_id,
+            operation=operation,
+            key=key,
+            request_hash=request_hash,
+            ttl=ttl,
+            in_flight_limit=in_flight_limit,
         )
     if row["requestHash"] != request_hash:
         return KeyClaim(ClaimState.OTHER_REQUEST)
     if row["responseStatus"] is None:
-        return KeyClaim(ClaimState.IN_FLIGHT)
+        return KeyClaim(ClaimState.ABANDONED if row["abandoned"] else ClaimState.IN_FLIGHT)
     return KeyClaim(ClaimState.ANSWERED, row["responseStatus"], row["responseBody"])
 
 

@@ -6,7 +6,6 @@ comes, end as `engine_shutdown`.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import signal
 import time
@@ -24,10 +23,8 @@ from engine.simulator import HangUp, Pause, Say, SimulationError
 from engine.twilio.webhooks import MEDIA_PATH
 from storage import organizations
 from storage.enums import Plan
-from tests.fakes.engine_processes import DIALTONE, free_port, wait_healthy
+from tests.fakes.engine_processes import DIALTONE, engine_environment, free_port, wait_healthy
 from tests.test_calls_e2e import TOKEN, call, finished_call_log, make_line
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -50,10 +47,8 @@ class Engine:
 @asynccontextmanager
 async def engine(db_url: str, tmp_path: Path, *, drain_seconds: float) -> AsyncIterator[Engine]:
     """`dialtone serve` checking signatures with TOKEN and draining for `drain_seconds`; killed if left running."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIALTONE_", "DATABASE_URL", "TWILIO_"))}
-    env.update(
-        PYTHONPATH=str(REPO),
-        DATABASE_URL=db_url,
+    env = engine_environment(
+        db_url,
         DIALTONE_STATE_DIR=str(tmp_path / "state"),
         DIALTONE_LOG_LEVEL="INFO",
         DIALTONE_DISPATCH="false",

@@ -6,16 +6,21 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+from asyncio.subprocess import Process
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
 
+from engine.api.idempotency import IN_FLIGHT_LIMIT
 from storage import call_logs
 from storage.enums import CallStatus
 from tests.engine_server import running_engine
+from tests.fakes.engine_processes import engine_environment, free_port, start_engine, wait_healthy
 from tests.fakes.twilio import FakeTwilio, NoAnswer
 from tests.test_api_auth import Tenant, make_tenant
 from tests.test_outbound_calls import callee, make_agent
@@ -197,6 +202,58 @@ async def test_an_unusable_key_is_a_422_naming_the_header(
         assert response.status == 422
     assert error["error"]["field"] == "Idempotency-Key"
     assert twilio.creates[body["to"]] == 0
+
+
+@asynccontextmanager
+async def doomed_engine(db_url: str, twilio: FakeTwilio, tmp_path: Path) -> AsyncIterator[tuple[str, Process]]:
+    """`dialtone serve` in a process of its own, to be killed mid-request: its URL and its process."""
+    env = engine_environment(
+        db_url,
+        DIALTONE_STATE_DIR=str(tmp_path / "state"),
+        DIALTONE_DISPATCH="false",
+        TWILIO_ACCOUNT_SID=twilio.account_sid,
+        TWILIO_AUTH_TOKEN=twilio.auth_token,
+        TWILIO_API_BASE=twilio.api_base,
+    )
+    port = free_port()
+    process = await start_engine(port, env, tmp_path)
+    try:
+        await wait_healthy(f"http://127.0.0.1:{port}", process)
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def test_a_key_whose_process_died_mid_request_answers_the_unknown_outcome_once_it_cannot_be_running(  # noqa: PLR0917 (fixtures)
+    engine: str, http: aiohttp.ClientSession, pool: asyncpg.Pool, twilio: FakeTwilio, db_url: str, tmp_path: Path
+) -> None:
+    tenant, body = await dialer(pool, twilio)
+    held = twilio.hold_create(body["to"])
+    key = new_key()
+    async with doomed_engine(db_url, twilio, tmp_path) as (doomed, process):
+        first = asyncio.create_task(post(http, doomed, "/calls", tenant, body, key=key))
+        await asyncio.wait_for(held.arrived.wait(), 60)  # the key is claimed and Twilio asked: then the host dies
+        process.kill()
+        await process.wait()
+    with pytest.raises(aiohttp.ClientError):
+        await first
+    held.release(create=False)
+    assert (await post(http, engine, "/calls", tenant, body, key=key))[0] == 409  # it might still be running...
+
+    # ...until it has been claimed for longer than any request runs.
+    await pool.execute(
+        """UPDATE "IdempotencyKey" SET "createdAt" = "createdAt" - $2::interval WHERE "key" = $1""",
+        key,
+        IN_FLIGHT_LIMIT,
+    )
+    status, _, answer = await post(http, engine, "/calls", tenant, body, key=key)
+    assert (status, answer["error"]["code"]) == (500, "internal_error")
+    assert "unknown" in answer["error"]["message"]
+    again = await post(http, engine, "/calls", tenant, body, key=key)
+    assert (again[0], again[2], again[1]["Idempotent-Replayed"]) == (500, answer, "true")
+    assert len(twilio.calls_to(body["to"])) == 0  # and nothing was dialed again
 
 
 # -- POST /v1/campaigns ----------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ is claimed for the caller's organization and operation before the handler runs, 
 error) is kept, and a retry gets it back with `Idempotent-Replayed: true`. The same key with another body is a
 422; a retry while the first request still runs is a 409. The two answers that say nothing was done and to try
 again later (429, 503) are not kept: the key is released, so the retry runs. A handler that fails unexpectedly
-may have done part of its work, so its key keeps a 500 answer: a retry never repeats a half-done creation.
+may have done part of its work, so its key keeps a 500 answer: a retry never repeats a half-done creation. So does
+a key whose request was lost with its process (no answer IN_FLIGHT_LIMIT after it was claimed), from its next retry.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_CHARS = 255
 IN_FLIGHT_RETRY_AFTER_SECONDS = 1
+IN_FLIGHT_LIMIT = timedelta(minutes=10)
+"""Longer than any idempotent request runs (POST /v1/calls, the longest, waits at most DIALTONE_CALL_SLOT_WAIT, 120 s
+at most, for a call slot and 10 s for Twilio): a key claimed this long ago with no answer was lost with its process."""
 
 _KEY = re.compile(rf"[\x21-\x7e]{{1,{MAX_KEY_CHARS}}}")
 
@@ -83,7 +87,9 @@ async def idempotent(
     ttl = timedelta(seconds=request.config_dict[SETTINGS].idempotency_key_ttl)
     names = {"organization_id": organization_id, "operation": operation, "key": key}
     async with tenant_transaction(pool, organization_id) as db:
-        claim = await idempotency_keys.claim_key(db, request_hash=request_hash(await request.read()), ttl=ttl, **names)
+        claim = await idempotency_keys.claim_key(
+            db, request_hash=request_hash(await request.read()), ttl=ttl, in_flight_limit=IN_FLIGHT_LIMIT, **names
+        )
     match claim.state:
         case ClaimState.OTHER_REQUEST:
             raise ApiError(
@@ -101,6 +107,10 @@ async def idempotent(
             )
             busy.headers["Retry-After"] = str(IN_FLIGHT_RETRY_AFTER_SECONDS)
             raise busy
+        case ClaimState.ABANDONED:  # the first request may have done part of its work: never run it again
+            lost = _UNKNOWN_OUTCOME.response()
+            await _keep(pool, names, lost)
+            return lost
         case ClaimState.ANSWERED:
             assert claim.status is not None and claim.body is not None
             return web.Response(

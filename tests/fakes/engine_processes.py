@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -16,6 +17,15 @@ from aiohttp import web
 from tests.fakes.server import serve
 
 DIALTONE = [sys.executable, "-m", "engine.server.cli"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def engine_environment(database_url: str, **variables: str) -> dict[str, str]:
+    """The environment of a `dialtone serve` for a test: this process's, without its DIALTONE_, DATABASE_URL and
+    TWILIO_ settings, with this source tree on PYTHONPATH, `database_url`, and `variables`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIALTONE_", "DATABASE_URL", "TWILIO_"))}
+    env.update(PYTHONPATH=str(REPO), DATABASE_URL=database_url, **variables)
+    return env
 
 
 def free_port() -> int:
