@@ -106,7 +106,7 @@ class RecipientView(ResponseModel):
 
 
 class RecipientQuery(PageQuery):
-    """A page of recipients (in the order they were added), optionally in one status or one dispatch state."""
+    """A page of recipients (in id order), optionally in one status or one dispatch state."""
 
     status: RecipientStatus | None = None
     state: RecipientState | None = None
@@ -119,7 +119,8 @@ class RecipientQuery(PageQuery):
     query=RecipientQuery,
 )
 async def list_recipients(call: ApiCall) -> Page[RecipientView]:
-    """The campaign's recipients, their dispatch state and attempts, in the order they were added."""
+    """The campaign's recipients, their dispatch state and attempts, in id order (ids are random: not the order the
+    recipients were added, but the same order on every page)."""
     query = call.query_as(RecipientQuery)
     organization_id, campaign_id = call.caller.organization_id, call.path["campaignId"]
     position = query.position()
