@@ -78,7 +78,7 @@ async def list_events(call: ApiCall) -> Page[Event]:
     return to_page(Page[Event], rows, query)
 
 
-@resource.post("/events", summary="Subscribe a webhook", response=Event, body=EventCreate, errors=(404,))
+@resource.post("/events", summary="Subscribe a webhook", response=Event, body=EventCreate)
 async def create_event(call: ApiCall) -> Event:
     """Subscribe a URL to an event."""
     body = call.body_as(EventCreate)
