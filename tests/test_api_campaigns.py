@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from storage import campaigns, phone_numbers
-from storage.enums import CampaignStatus, PhoneNumberStatus
+from storage.enums import AgentStatus, CallerType, CampaignStatus, PhoneNumberStatus
 from tests.engine_server import running_engine
 from tests.test_api_auth import Api, Tenant, make_tenant
 from tests.test_credit_reservations import blocked_on_a_lock
@@ -147,6 +147,37 @@ async def test_the_lifecycle_and_its_refusals(api: Api, pool: asyncpg.Pool, tena
     assert status == 403
 
 
+@pytest.mark.parametrize(
+    ("agent", "reason"),
+    [
+        ({"caller_type": CallerType.INBOUND}, "only OUTBOUND agents place calls"),
+        ({"status": AgentStatus.INACTIVE}, "activate it first"),
+    ],
+    ids=["inbound", "inactive"],
+)
+async def test_a_campaign_whose_agent_may_not_call_out_does_not_start_as_a_call_would_not_be_placed(
+    api: Api, pool: asyncpg.Pool, tenant: Tenant, agent: dict[str, Any], reason: str
+) -> None:
+    agent_id = await make_agent(pool, tenant.organization_id, **agent)
+    status, campaign = await api.call(
+        "POST", "/campaigns", tenant.owner_key, json={"batchName": "Too early", "agentId": agent_id}
+    )
+    assert status == 201  # a DRAFT may wait for its agent to be made ready
+    base = f"/campaigns/{campaign['id']}"
+    await api.call(
+        "POST", f"{base}/recipients", tenant.owner_key, json={"recipients": [{"phoneNumber": "+12125550112"}]}
+    )
+
+    status, refused = await api.call("POST", f"{base}/start", tenant.owner_key)
+
+    assert (status, refused["error"]["field"]) == (422, "agentId")
+    # POST /v1/calls' own words for this agent (engine.twilio.outbound_calls.usable_agent, the one rule).
+    assert refused["error"]["message"].startswith(f"Agent {agent_id} cannot place calls: ")
+    assert reason in refused["error"]["message"]
+    _, draft = await api.call("GET", base, tenant.owner_key)
+    assert (draft["status"], draft["startedAt"]) == ("DRAFT", None)
+
+
 async def test_invalid_rules_are_422_naming_the_field(api: Api, pool: asyncpg.Pool, tenant: Tenant) -> None:
     agent_id = await make_agent(pool, tenant.organization_id)
     cases: list[tuple[dict[str, Any], str | None]] = [
@@ -155,7 +186,7 @@ async def test_invalid_rules_are_422_naming_the_field(api: Api, pool: asyncpg.Po
         ({"callStartTime": "25:00", "callEndTime": "17:00"}, "callStartTime"),
         ({"daysOfWeek": [0]}, "daysOfWeek[0]"),
         ({"retry": {"retryOn": ["hung-up"]}}, "retry.retryOn[0]"),
-        ({"agentId": "nobody"}, None),
+        ({"agentId": "nobody"}, "agentId"),
     ]
     for fields, field in cases:
         status, body = await api.call(

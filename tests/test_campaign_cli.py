@@ -88,6 +88,14 @@ async def test_mistakes_get_one_line_naming_what_is_wrong(pool: asyncpg.Pool, db
     code, _, err = await dialtone(db_url, tmp_path, "campaign", "start", "--org", org, campaign.id)
     assert code == 1 and "no valid recipient" in err
 
+    people = tmp_path / "people.csv"
+    people.write_text("phone\n+12125551234\n", encoding="utf-8")
+    code, _, err = await dialtone(db_url, tmp_path, "campaign", "import", "--org", org, campaign.id, str(people))
+    assert code == 0, err
+    code, _, err = await dialtone(db_url, tmp_path, "campaign", "start", "--org", org, campaign.id)
+    assert code == 1 and "only OUTBOUND agents place calls" in err and "Traceback" not in err  # as POST /v1/calls
+    assert (await campaigns.get_campaign(pool, organization_id=org, campaign_id=campaign.id)).status == "DRAFT"
+
 
 async def refused_import(pool: asyncpg.Pool, db_url: str, tmp_path: Path, csv: Path) -> str:
     """`dialtone campaign import` of `csv` into a new campaign, which must fail in one line importing nothing;

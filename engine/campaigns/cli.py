@@ -16,11 +16,12 @@ from typing import TextIO
 from config.settings import Settings
 from engine.campaigns.recipients_csv import ParsedRow, not_utf8, open_recipients_file, read_recipients
 from engine.campaigns.windows import InvalidWindow, parse_time_of_day
-from engine.twilio.outbound_calls import OutboundCallError, outbound_caller_id
+from engine.twilio.outbound_calls import OutboundCallError, outbound_caller_id, usable_agent
 from storage import Pool, campaign_dispatch, campaigns, dial_policies, organizations
 from storage.campaign_states import RecipientDispatchState
 from storage.campaigns import CampaignRetryPolicy, DialingRules, NewRecipient
 from storage.pool import database
+from storage.records import transaction
 
 _DAY_NAMES = {"mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6, "sun": 7}
 _BAR_WIDTH = 30
@@ -110,7 +111,7 @@ async def run_campaign_command(args: argparse.Namespace, settings: Settings) -> 
             case "import":
                 await _import(pool, organization_id, args.campaign_id, args.file, args.region)
             case "start":
-                await campaigns.start_campaign(pool, organization_id=organization_id, campaign_id=args.campaign_id)
+                await _start(pool, settings, organization_id, args.campaign_id)
                 print(f"campaign {args.campaign_id} is PLANNED: it starts at its start date, or at once")
             case "pause":
                 await campaigns.pause_campaign(
@@ -165,6 +166,16 @@ def parse_days(text: str) -> frozenset[int]:
             raise ValueError(f"--days: {part!r} is not a range of days from mon (1) to sun (7)")
         days.update(range(low, high + 1))
     return frozenset(days)
+
+
+async def _start(pool: Pool, settings: Settings, organization_id: str, campaign_id: str) -> None:
+    # Refused as the API refuses it: no recipient to call, or an agent that may not call out (the start undone).
+    async with transaction(pool) as conn:
+        campaign = await campaigns.start_campaign(conn, organization_id=organization_id, campaign_id=campaign_id)
+        try:
+            await usable_agent(conn, settings, organization_id=organization_id, agent_id=campaign.agent_id)
+        except OutboundCallError as exc:
+            raise ValueError(str(exc)) from None
 
 
 async def _caller_id(pool: Pool, organization_id: str, given: str | None) -> str | None:

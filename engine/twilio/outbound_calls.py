@@ -84,6 +84,7 @@ __all__ = [
     "checked_variables",
     "outbound_caller_id",
     "place_call",
+    "usable_agent",
 ]
 
 
@@ -292,9 +293,9 @@ async def place_call(
         raise OnDoNotCallList(f"to: {do_not_call.describe(listed)}; it is never called")
     if from_number is not None:
         caller_id = await outbound_caller_id(pool, organization_id=organization_id, number=from_number)
-        config = await _usable_agent(deps, organization_id, agent_id)
+        config = await usable_agent(deps.pool, deps.settings, organization_id=organization_id, agent_id=agent_id)
     else:
-        config = await _usable_agent(deps, organization_id, agent_id)
+        config = await usable_agent(deps.pool, deps.settings, organization_id=organization_id, agent_id=agent_id)
         default = await phone_numbers.default_caller_id(pool, organization_id=organization_id, agent_id=agent_id)
         if default is None:
             raise NumberUnavailable(
@@ -451,9 +452,14 @@ async def outbound_caller_id(db: Queryable, *, organization_id: str, number: str
     return caller_id
 
 
-async def _usable_agent(deps: OutboundDeps, organization_id: str, agent_id: str) -> AgentConfiguration:
+async def usable_agent(db: Queryable, settings: Settings, *, organization_id: str, agent_id: str) -> AgentConfiguration:
+    """The agent's configuration, if it may place calls: one of the organization's, an ACTIVE OUTBOUND agent whose
+    configuration runs with this engine's keys. AgentNotFound or AgentUnavailable (naming why) otherwise.
+
+    The one rule for an agent that calls out: a call placed through the API, a campaign's start, each of its dials.
+    """
     try:
-        bundle = await agents.load_agent_bundle(deps.pool, organization_id=organization_id, agent_id=agent_id)
+        bundle = await agents.load_agent_bundle(db, organization_id=organization_id, agent_id=agent_id)
     except NotFound:
         raise AgentNotFound(agent_id, "no such agent in this organization") from None
     agent = bundle.agent
@@ -463,7 +469,7 @@ async def _usable_agent(deps: OutboundDeps, organization_id: str, agent_id: str)
         raise AgentUnavailable(agent_id, "it is INACTIVE; activate it first")
     try:
         config = parse_agent_configuration(agent.configuration)
-        check_pipeline(config, provider_keys(deps.settings, bundle))
+        check_pipeline(config, provider_keys(settings, bundle))
     except (AgentConfigurationError, PipelineUnavailable) as exc:
         raise AgentUnavailable(agent_id, f"its configuration cannot run: {exc}") from None
     return config

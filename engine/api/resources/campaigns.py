@@ -18,6 +18,8 @@ from engine.api.pagination import Page, PageQuery, to_page
 from engine.api.path_transfers import refuse_unmakeable_transfers
 from engine.api.resources.calls import checked_caller_id
 from engine.campaigns.recipients_csv import RecipientsFileError, make_recipient, read_recipients
+from engine.server.appkeys import SETTINGS
+from engine.twilio.outbound_calls import AgentUnavailable, usable_agent
 from storage import campaigns, dial_policies
 from storage.campaigns import (
     Campaign,
@@ -301,7 +303,8 @@ def _new_recipients(body: RecipientsImport, policy: OutboundDialPolicy) -> list[
 async def start_campaign(call: ApiCall) -> CampaignView:
     """DRAFT -> PLANNED: dialing begins at startDate/startTime (or now), inside the window.
 
-    409 if not a DRAFT; 422 if it has no valid recipient to call.
+    409 if not a DRAFT; 422 if it has no valid recipient to call, or if its agent may not place calls (at `agentId`,
+    as POST /v1/calls refuses it: not an ACTIVE OUTBOUND agent, or a configuration that cannot run).
     """
     organization_id = call.caller.organization_id
     with _lifecycle():
@@ -309,6 +312,10 @@ async def start_campaign(call: ApiCall) -> CampaignView:
             campaign = await campaigns.start_campaign(
                 db, organization_id=organization_id, campaign_id=call.path["campaignId"]
             )
+            try:  # the start is undone with the transaction
+                await usable_agent(db, call.app[SETTINGS], organization_id=organization_id, agent_id=campaign.agent_id)
+            except AgentUnavailable as exc:
+                raise unprocessable(str(exc), "agentId") from None
             return await _view(db, organization_id, campaign)
 
 
