@@ -369,6 +369,14 @@ async def test_an_api_key_cannot_expire_in_the_past(api: Api, acme: Tenant) -> N
     assert_error(body, "validation_error", "expirationDate")
 
 
+async def test_an_api_key_can_be_given_an_expiration_date(api: Api, acme: Tenant) -> None:
+    status, created = await api.call(
+        "POST", "/api-keys", acme.owner_key, json={"name": "contractor", "expirationDate": "2099-01-01T00:00:00+02:00"}
+    )
+    assert status == 201, created
+    assert created["expirationDate"].startswith("2098-12-31T22:00:00")
+
+
 async def test_lists_page_newest_first_with_cursors(api: Api, pool: asyncpg.Pool) -> None:
     tenant = await make_tenant(pool, "Pager")
     made = [(await api.call("POST", "/tools", tenant.owner_key, json={"name": f"Tool {n}"}))[1]["id"] for n in range(5)]

@@ -77,9 +77,16 @@ _ISO_8601 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
 
 def _iso_8601(value: Any) -> Any:
     # pydantic would also read a number, or a string of one ("0.5"), as seconds since 1970.
-    if not isinstance(value, datetime) and not (isinstance(value, str) and _ISO_8601.match(value)):
+    if isinstance(value, datetime):
+        return value
+    if not (isinstance(value, str) and _ISO_8601.match(value)):
         raise ValueError("must be an ISO 8601 date and time with its UTC offset, e.g. 2026-11-01T09:30:00Z")
-    return value
+    # Read here: a body is validated strictly, and strict validation takes no string for a datetime once a validator
+    # has handed it on (every expirationDate was refused "Input should be a valid datetime").
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be an ISO 8601 date and time with its UTC offset, e.g. 2026-11-01T09:30:00Z") from None
 
 
 def _utc(value: datetime) -> datetime:
