@@ -377,6 +377,27 @@ async def test_an_api_key_can_be_given_an_expiration_date(api: Api, acme: Tenant
     assert created["expirationDate"].startswith("2098-12-31T22:00:00")
 
 
+async def test_a_key_that_expires_makes_only_keys_that_expire_no_later(api: Api, acme: Tenant) -> None:
+    expires = "2099-01-01T00:00:00Z"
+    status, short = await api.call(
+        "POST", "/api-keys", acme.owner_key, json={"name": "contractor", "expirationDate": expires}
+    )
+    assert status == 201, short
+    status, body = await api.call(
+        "POST", "/api-keys", short["key"], json={"name": "forever", "expirationDate": "2100-01-01T00:00:00Z"}
+    )
+    assert status == 422, body
+    assert_error(body, "invalid_value", "expirationDate")
+    status, made = await api.call("POST", "/api-keys", short["key"], json={"name": "no date"})
+    assert status == 201 and made["expirationDate"].startswith("2099-01-01T00:00:00"), made
+    status, sooner = await api.call(
+        "POST", "/api-keys", short["key"], json={"name": "sooner", "expirationDate": "2098-01-01T00:00:00Z"}
+    )
+    assert status == 201 and sooner["expirationDate"].startswith("2098-01-01T00:00:00"), sooner
+    status, forever = await api.call("POST", "/api-keys", acme.owner_key, json={"name": "owner's"})
+    assert status == 201 and forever["expirationDate"] is None  # a key that never expires makes any key
+
+
 async def test_lists_page_newest_first_with_cursors(api: Api, pool: asyncpg.Pool) -> None:
     tenant = await make_tenant(pool, "Pager")
     made = [(await api.call("POST", "/tools", tenant.owner_key, json={"name": f"Tool {n}"}))[1]["id"] for n in range(5)]

@@ -33,6 +33,8 @@ class Caller:
     user_id: str
     api_key_id: str
     role: UserRole
+    key_expires_at: datetime | None = None
+    """When the key making the request stops working (None: never): no key it creates outlives it."""
 
     @property
     def can_write(self) -> bool:
@@ -197,7 +199,13 @@ async def _caller(request: web.Request) -> Caller:
             )
         )
     key = holder.api_key
-    return Caller(organization_id=key.organization_id, user_id=key.user_id, api_key_id=key.id, role=holder.member_role)
+    return Caller(
+        organization_id=key.organization_id,
+        user_id=key.user_id,
+        api_key_id=key.id,
+        role=holder.member_role,
+        key_expires_at=key.expiration_date,
+    )
 
 
 def _with_challenge(error: ApiError) -> ApiError:

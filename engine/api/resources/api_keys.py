@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from engine.api.errors import unprocessable
 from engine.api.models import Name, RequestModel, ResponseModel, Timestamp
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
@@ -57,7 +58,11 @@ class ApiKeyCreate(RequestModel):
 
     name: Name
     mode: Literal["live", "test"] = Field("live", description="live keys start sk_live_, test keys sk_test_.")
-    expiration_date: Timestamp | None = Field(None, description="When the key stops working; never if absent.")
+    expiration_date: Timestamp | None = Field(
+        None,
+        description="When the key stops working; never if absent. A key that expires makes only keys that expire no "
+        "later than it does (absent: the same time).",
+    )
 
     @field_validator("expiration_date")
     @classmethod
@@ -80,8 +85,20 @@ async def list_api_keys(call: ApiCall) -> Page[ApiKeyView]:
 
 @resource.post("/api-keys", summary="Create an API key", response=CreatedApiKeyView, body=ApiKeyCreate)
 async def create_api_key(call: ApiCall) -> CreatedApiKeyView:
-    """Create a key owned by the caller's user; the response is the only time the key itself is shown."""
+    """Create a key owned by the caller's user; the response is the only time the key itself is shown.
+
+    A key that expires cannot make one that outlives it: without `expirationDate` the new key expires with it, and a
+    later one is a 422.
+    """
     body = call.body_as(ApiKeyCreate)
+    expiration_date, limit = body.expiration_date, call.caller.key_expires_at
+    if limit is not None:
+        if expiration_date is not None and expiration_date > limit:
+            raise unprocessable(
+                f"body expirationDate: must not be after {limit.isoformat()}, when the key making this request expires",
+                "expirationDate",
+            )
+        expiration_date = expiration_date or limit
     async with call.tenant() as db:
         created = await api_keys.create_api_key(
             db,
@@ -89,7 +106,7 @@ async def create_api_key(call: ApiCall) -> CreatedApiKeyView:
             user_id=call.caller.user_id,
             name=body.name,
             live=body.mode == "live",
-            expiration_date=body.expiration_date,
+            expiration_date=expiration_date,
         )
     view = ApiKeyView.of(created.api_key)
     return CreatedApiKeyView(**view.model_dump(), key=created.plaintext)
