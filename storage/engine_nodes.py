@@ -130,6 +130,24 @@ async def fail_orphaned_calls(
     return len(rows)
 
 
+async def calls_closed_as_lost(db: Queryable, *, node_id: str, call_log_ids: list[str]) -> list[str]:
+    """Of these calls the node `node_id` runs, those crash recovery closed as lost (FAILED, ENGINE_LOST) while it
+    could not heartbeat. Unscoped by design, as recovery is: a node runs calls of every organization."""
+    if not call_log_ids:
+        return []
+    rows = await db.fetch(
+        """
+        SELECT "id" FROM "CallLog"
+        WHERE "id" = ANY($1::text[]) AND "status" = 'FAILED'
+          AND "metadata"->>'engineNode' = $2 AND "metadata"->>'endReason' = $3
+        """,
+        call_log_ids,
+        node_id,
+        EndReason.ENGINE_LOST.value,
+    )
+    return [str(row["id"]) for row in rows]
+
+
 async def forget_dead_nodes(db: Queryable, *, older_than: timedelta, now: datetime | None = None) -> int:
     """Delete nodes not seen for `older_than` before `now` (the database's clock when None) that no IN_PROGRESS call
     names; return how many."""

@@ -45,8 +45,9 @@ class Engine:
 
 
 @asynccontextmanager
-async def engine(db_url: str, tmp_path: Path, *, drain_seconds: float) -> AsyncIterator[Engine]:
-    """`dialtone serve` checking signatures with TOKEN and draining for `drain_seconds`; killed if left running."""
+async def engine(db_url: str, tmp_path: Path, *, drain_seconds: float, **settings: str) -> AsyncIterator[Engine]:
+    """`dialtone serve` checking signatures with TOKEN and draining for `drain_seconds`, with further `settings`
+    (environment variables); killed if left running."""
     env = engine_environment(
         db_url,
         DIALTONE_STATE_DIR=str(tmp_path / "state"),
@@ -55,6 +56,7 @@ async def engine(db_url: str, tmp_path: Path, *, drain_seconds: float) -> AsyncI
         DIALTONE_OFFLINE_WORKERS="1",
         DIALTONE_DRAIN_SECONDS=str(drain_seconds),
         TWILIO_AUTH_TOKEN=TOKEN,
+        **settings,
     )
     port = free_port()
     log_file = tmp_path / "engine.log"

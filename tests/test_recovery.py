@@ -168,6 +168,18 @@ async def test_a_finished_call_of_a_dead_node_is_left_as_it_ended(own_pool: asyn
     assert await reread(own_pool, call) == ended
 
 
+async def test_a_node_learns_which_of_its_calls_recovery_closed_as_lost(own_pool: asyncpg.Pool) -> None:
+    now = datetime.now(UTC)
+    await register(own_pool, "paused", last_seen=now - timedelta(minutes=5))
+    await register(own_pool, "other", last_seen=now - timedelta(minutes=5))
+    org = await insert_organization(own_pool)
+    lost, ended_by_itself, of_other = [await call_on(own_pool, org, node) for node in ("paused", "paused", "other")]
+    await call_logs.fail_unstarted(own_pool, ended_by_itself, EndReason.STREAM_LOST)
+    await engine_nodes.fail_orphaned_calls(own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT)
+    held = [lost.id, ended_by_itself.id, of_other.id]
+    assert await engine_nodes.calls_closed_as_lost(own_pool, node_id="paused", call_log_ids=held) == [lost.id]
+
+
 async def test_alive_nodes_are_those_seen_within_the_timeout(own_pool: asyncpg.Pool) -> None:
     now = datetime.now(UTC)
     await register(own_pool, "alive", last_seen=now - timedelta(seconds=59))
@@ -392,3 +404,29 @@ async def test_a_call_whose_engine_was_killed_pays_the_minute_it_started(
         assert await own_pool.fetchval('SELECT count(*) FROM "CreditReservation"') == 0
     finally:
         await own_pool.close()
+
+
+async def test_a_node_that_runs_again_after_its_calls_were_closed_as_lost_ends_them(
+    db_url: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    number = await line(pool)
+    async with engine(db_url, tmp_path, drain_seconds=20, DIALTONE_NODE_HEARTBEAT_INTERVAL="0.2") as node:
+        caller = asyncio.create_task(simulated_call(node.url, number, Pause(120_000), timeout_s=150))
+        call_log_id = await held_call(pool, number)
+        node.process.send_signal(signal.SIGSTOP)  # it heartbeats no more: the others take it for dead
+        try:
+            for _ in range(300):  # another node's recovery, once the silence passed a (short) node timeout
+                if await engine_nodes.fail_orphaned_calls(
+                    pool, node_timeout=timedelta(seconds=1), stream_timeout=STREAM_TIMEOUT
+                ):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("recovery never took the stopped node's call for lost")
+        finally:
+            node.process.send_signal(signal.SIGCONT)
+        result = await caller
+        assert result.call_log_id == call_log_id
+        assert f"call {result.call_sid} ended: engine_lost (FAILED" in node.log()
+        ended = await finished_call_log(pool, call_log_id)
+        assert (ended["status"], ended["metadata"]["endReason"]) == ("FAILED", "engine_lost")

@@ -65,6 +65,10 @@ class LiveCalls:
         """The session running that call here, or None."""
         return self._sessions.get(call_log_id)
 
+    def running(self) -> list[str]:
+        """The CallLog ids of the calls running here (their sessions registered)."""
+        return list(self._sessions)
+
     def take(self, call_log_id: str) -> None:
         """Note a call whose media stream this process has taken (`call_logs.claim_stream`) and is setting up.
 

@@ -37,6 +37,7 @@ from engine.server.security_headers import add_security_headers
 from engine.twilio import webhooks as twilio_webhooks
 from engine.twilio.rest import TwilioCalls
 from engine.workers.call_log_replay import call_log_spill_context
+from engine.workers.lost_calls import lost_calls_context
 from engine.workers.post_call import post_call_context
 from engine.workers.recording_io import recording_io_context
 from engine.workers.recording_uploads import recording_uploads_context
@@ -77,6 +78,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app.cleanup_ctx.append(recording_uploads_context)  # before _calls_context: calls' ends record theirs
     app.cleanup_ctx.append(_offline_workers_context)  # before _calls_context: calls end before the workers stop
     app.cleanup_ctx.append(_calls_context)
+    app.cleanup_ctx.append(lost_calls_context)  # calls recovery closed while this node was taken for dead end here
     app.cleanup_ctx.append(transfer_settlement_context)  # after _calls_context: it asks the app's Twilio client
     app.cleanup_ctx.append(control_channel_context(live_call_handlers))  # commands for calls held here
     app.cleanup_ctx.append(listen_relay_context)  # listen-in audio across nodes, on the command channel

@@ -3,7 +3,8 @@
 Every engine process registers as an EngineNode with a fresh id and heartbeats while it runs. At start and then
 every minute, it closes as FAILED the IN_PROGRESS calls of nodes that stopped heartbeating (a crash, a lost host)
 and of calls whose media stream never started, so nothing stays IN_PROGRESS forever. A node of this host whose
-process is gone is not waited for: its calls are closed at once.
+process is gone is not waited for: its calls are closed at once. A node that was taken for dead but runs again ends
+the calls it finds closed (engine.workers.lost_calls, after each heartbeat).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
@@ -70,6 +71,12 @@ class NodeHeartbeat:
         self._stamp_clock = clock
         """Heartbeats are stamped and judged by the database's clock (None) unless a clock is given (tests)."""
         self._task: asyncio.Task[None] | None = None
+        self._after_beat: list[Callable[[], Awaitable[object]]] = []
+
+    def after_each_beat(self, check: Callable[[], Awaitable[object]]) -> None:
+        """Run `check` after each heartbeat the database took (its transient database errors are retried with the
+        next beat)."""
+        self._after_beat.append(check)
 
     async def start(self) -> None:
         """Register this node, close what dead nodes left open, and start heartbeating in the background."""
@@ -137,6 +144,8 @@ class NodeHeartbeat:
                 if self._clock() >= next_recovery:
                     next_recovery = self._clock() + self._recovery_interval
                     await self.recover()
+                for check in self._after_beat:
+                    await check()
             except TRANSIENT_ERRORS as exc:
                 missed = True
                 log.warning(
@@ -144,6 +153,10 @@ class NodeHeartbeat:
                 )
             except Exception:  # the heartbeat must outlive any one bad pass
                 log.exception("engine node %s: heartbeat pass failed", self.node_id)
+
+
+NODE_HEARTBEAT = web.AppKey("node_heartbeat", NodeHeartbeat)
+"""This process's heartbeat as an engine node (absent on a schema that is not migrated: no node runs)."""
 
 
 async def recovery_context(app: web.Application) -> AsyncIterator[None]:
@@ -162,6 +175,7 @@ async def recovery_context(app: web.Application) -> AsyncIterator[None]:
     app[NODE_ID] = heartbeat.node_id
     try:
         await heartbeat.start()
+        app[NODE_HEARTBEAT] = heartbeat
     except SchemaNotMigrated:
         # Started on a schema that is not migrated (`serve --no-migrate`): /health says so; no recovery runs.
         log.error("the database schema is not migrated: engine node liveness and call recovery are off")
