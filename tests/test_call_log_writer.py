@@ -85,6 +85,10 @@ class OnOffProxy:
         """Keep every connection open and new ones accepted, but pass no more bytes either way."""
         self._flowing.clear()
 
+    def flow(self) -> None:
+        """Pass bytes again after a stall: what waited meanwhile arrives now, late."""
+        self._flowing.set()
+
     async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._unix_path is not None:
             return await asyncio.open_unix_connection(self._unix_path)

@@ -14,8 +14,10 @@ import pytest
 from engine.call.control_channel import Acknowledgement, ControlChannel, ControlChannelError
 from engine.simulator import CallEnding, Pause
 from storage.records import new_id
+from tests.databases import database_name
 from tests.engine_server import running_engine
 from tests.test_api_auth import Api, make_tenant
+from tests.test_call_log_writer import OnOffProxy
 from tests.test_calls_e2e import TOKEN, call, call_log, make_line
 from tests.test_repo_call_logs import open_call
 
@@ -94,15 +96,18 @@ Handled = list[tuple[str, dict[str, Any]]]
 """The commands a test node carried out: (call id, arguments)."""
 
 
-def channel_on(db_url: str, pool: asyncpg.Pool, node_id: str, handled: Handled) -> ControlChannel:
-    """A command channel for `node_id` answering "echo", recording what it handles."""
+def channel_on(
+    db_url: str, pool: asyncpg.Pool, node_id: str, handled: Handled, *, listen_url: str | None = None
+) -> ControlChannel:
+    """A command channel for `node_id` answering "echo", recording what it handles; it listens on `listen_url`
+    (`db_url` by default)."""
 
     async def echo(call_log_id: str, args: Mapping[str, Any]) -> Acknowledgement:
         handled.append((call_log_id, dict(args)))
         return Acknowledgement(applied=True, result={"echo": args.get("text")})
 
     async def connect() -> asyncpg.Connection:
-        return await asyncpg.connect(db_url, server_settings={"application_name": f"control-{node_id}"})
+        return await asyncpg.connect(listen_url or db_url, server_settings={"application_name": f"control-{node_id}"})
 
     return ControlChannel(connect, pool, node_id=node_id, handlers={"echo": echo})
 
@@ -124,6 +129,30 @@ async def test_a_command_is_carried_out_by_its_node_only_and_acknowledged(db_url
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_command_that_reaches_its_node_after_the_sender_gave_up_is_not_carried_out(
+    db_url: str, pool: asyncpg.Pool, postgres_server_url: str
+) -> None:
+    proxy = OnOffProxy(postgres_server_url)
+    await proxy.up()
+    handled: Handled = []
+    node = channel_on(db_url, pool, "node-late", handled, listen_url=proxy.url(database_name(db_url)))
+    sender = channel_on(db_url, pool, "node-asking", [])
+    await node.start()
+    await sender.start()
+    try:
+        proxy.stall()  # the node hears nothing for a while: stopped, starved of CPU, a slow network
+        with pytest.raises(ControlChannelError, match="did not acknowledge"):
+            await sender.send("node-late", "call-3", "echo", {"text": "too late"}, timeout=0.3)
+        proxy.flow()  # the command the sender gave up on (409 to its API client) arrives now
+        ack = await sender.send("node-late", "call-4", "echo", {"text": "in time"}, timeout=5)
+        assert ack.applied
+        assert handled == [("call-4", {"text": "in time"})]
+    finally:
+        await node.stop()
+        await sender.stop()
+        await proxy.down()
 
 
 async def test_the_listener_reconnects_after_the_database_drops_its_connection(db_url: str, pool: asyncpg.Pool) -> None:

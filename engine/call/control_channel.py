@@ -4,7 +4,10 @@ Any process can ask the node that holds a call to act on it: `ControlChannel.sen
 JSON arguments) on `CONTROL_CHANNEL` addressed to that node, and waits for the node's acknowledgement on
 `REPLY_CHANNEL`. The node runs the handler registered for the command's name and replies whether it was applied.
 Each process keeps one dedicated listening connection, reconnected when the database drops it; commands sent while
-a node is disconnected are not queued (NOTIFY is not durable), so the sender hears nothing and times out.
+a node is disconnected are not queued (NOTIFY is not durable), so the sender hears nothing and times out. A command
+carries the instant its sender stops waiting, on the database's clock (hosts' clocks may disagree): one that reaches
+its node later (the node was stopped or starved, its connection slow) is not carried out, since its sender has
+already answered that it was not.
 
 Other live-call features share that connection: `subscribe` adds a channel of their own (its callback gets each
 payload, and `None` after every (re)connection, when anything NOTIFYed while disconnected was lost), and `publish`
@@ -38,6 +41,8 @@ REPLY_CHANNEL = "dialtone_control_reply"
 """The channel acknowledgements travel on; a sender resolves the one that answers its command's id."""
 MAX_PAYLOAD_BYTES = 7000
 """NOTIFY payloads must stay under 8000 bytes: a command's arguments are small by design."""
+_DATABASE_NOW = "extract(epoch FROM clock_timestamp())::float8"
+"""The database's clock in epoch seconds: commands' expiry is judged by one clock for every host."""
 KEEPALIVE_SECONDS = 5.0
 RECONNECT_MAX_SECONDS = 10.0
 
@@ -143,7 +148,12 @@ class ControlChannel:
         future: asyncio.Future[Acknowledgement] = asyncio.get_running_loop().create_future()
         self._waiting[command_id] = future
         try:
-            await self._pool.execute("SELECT pg_notify($1, $2)", CONTROL_CHANNEL, payload)
+            await self._pool.execute(
+                f"SELECT pg_notify($1, ($2::text::jsonb || jsonb_build_object('expires', {_DATABASE_NOW} + $3))::text)",
+                CONTROL_CHANNEL,
+                payload,
+                timeout,
+            )
             return await asyncio.wait_for(future, timeout=timeout)
         except TimeoutError:
             raise ControlChannelError(
@@ -193,10 +203,13 @@ class ControlChannel:
             args = message.get("args") or {}
             if not isinstance(args, dict):
                 raise TypeError("args is not an object")
+            expires = message.get("expires")  # a node of an earlier release sends none
+            if expires is not None and not isinstance(expires, int | float):
+                raise TypeError("expires is not a number")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("command channel: ignored a malformed command (%s)", exc)
             return
-        task = asyncio.create_task(self._carry_out(command_id, call_log_id, name, args))
+        task = asyncio.create_task(self._carry_out(command_id, call_log_id, name, args, expires))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
@@ -211,7 +224,16 @@ class ControlChannel:
             log.exception("command channel: %s on call %s failed", name, call_log_id)
             return Acknowledgement(applied=False, detail=f"{name} failed on the node holding the call: {exc}")
 
-    async def _carry_out(self, command_id: str, call_log_id: str, name: str, args: Mapping[str, Any]) -> None:
+    async def _carry_out(
+        self, command_id: str, call_log_id: str, name: str, args: Mapping[str, Any], expires: float | None
+    ) -> None:
+        if expires is not None and not await self._still_awaited(expires):
+            log.warning(
+                "command channel: %s on call %s arrived after its sender stopped waiting; not carried out",
+                name,
+                call_log_id,
+            )
+            return
         ack = await self.carry_out_here(call_log_id, name, args)
         reply = json.dumps(
             {"id": command_id, "applied": ack.applied, "detail": ack.detail, "result": dict(ack.result)},
@@ -221,6 +243,16 @@ class ControlChannel:
             await self._pool.execute("SELECT pg_notify($1, $2)", REPLY_CHANNEL, reply)
         except Exception as exc:  # the sender times out and says so
             log.warning("command channel: could not acknowledge %s on call %s (%s)", name, call_log_id, exc)
+
+    async def _still_awaited(self, expires: float) -> bool:
+        """Whether the sender of a command that `expires` (the database's clock, in epoch seconds) still waits for
+        its acknowledgement; False too when the database cannot tell, as the acknowledgement could not be sent."""
+        try:
+            waiting: bool = await self._pool.fetchval(f"SELECT {_DATABASE_NOW} < $1", expires)
+        except DATABASE_ERRORS as exc:
+            log.warning("command channel: could not tell whether a command is still awaited (%s)", exc)
+            return False
+        return waiting
 
     def _on_subscribed(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
         for subscriber in list(self._subscribers.get(channel, [])):
