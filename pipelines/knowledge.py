@@ -11,11 +11,18 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Protocol
 
-from pipelines.tools import FunctionSpec
+from pipelines.tools import TOOL_ERROR_PREFIX, FunctionSpec
 
 SEARCH_KNOWLEDGE_BASE: Final = "search_knowledge_base"
 NO_PASSAGES: Final = "No passage of the knowledge base matches that question."
 """The function's result when nothing matched: the model should say it does not know rather than guess."""
+
+SEARCH_UNAVAILABLE: Final = (
+    f"{TOOL_ERROR_PREFIX}the knowledge base cannot be searched right now. Do not tell the caller the information does "
+    "not exist: say you cannot look it up at the moment."
+)
+"""The function's result when the search could not be made (its database unreachable or too slow): unlike
+NO_PASSAGES, the answer may well be there."""
 
 SEARCH_SPEC: Final = FunctionSpec(
     SEARCH_KNOWLEDGE_BASE,
@@ -34,11 +41,16 @@ _SHORT_WORDS: Final = 2
 _MAX_ANSWER_CHARS: Final = 300
 
 
+class KnowledgeUnavailable(Exception):
+    """The knowledge base could not be searched now (not the same as nothing matching)."""
+
+
 class KnowledgeSource(Protocol):
     """Passages relevant to a question, best first (the shape pipelines.paths' KnowledgeLookup expects)."""
 
     async def search(self, query: str) -> list[str]:
-        """The passages that best match `query`, best first; empty when none does."""
+        """The passages that best match `query`, best first; empty when none does. KnowledgeUnavailable when the
+        search could not be made."""
         ...
 
 
@@ -52,11 +64,15 @@ class KnowledgeFunction:
         self._source = source
 
     async def run(self, arguments: Mapping[str, Any]) -> str:
-        """The numbered passages matching the call's `query`, or NO_PASSAGES (or an error the model can act on)."""
+        """The numbered passages matching the call's `query`, or NO_PASSAGES (or an error the model can act on:
+        SEARCH_UNAVAILABLE when the search could not be made)."""
         query = arguments.get("query")
         if not isinstance(query, str) or not query.strip():
             return "error: search_knowledge_base needs a `query`"
-        return format_passages(await self._source.search(query))
+        try:
+            return format_passages(await self._source.search(query))
+        except KnowledgeUnavailable:
+            return SEARCH_UNAVAILABLE
 
 
 def format_passages(passages: Sequence[str]) -> str:
@@ -99,8 +115,13 @@ class PassageAnswerer:
         self._source = source
 
     async def __call__(self, question: str) -> str | None:
-        """A sentence or two of the best passage that shares words with `question`; None when nothing fits."""
-        for passage in await self._source.search(question):
+        """A sentence or two of the best passage that shares words with `question`; None when nothing fits (or the
+        search could not be made)."""
+        try:
+            passages = await self._source.search(question)
+        except KnowledgeUnavailable:
+            return None
+        for passage in passages:
             answer = answer_from_passage(question, passage)
             if answer is not None:
                 return answer

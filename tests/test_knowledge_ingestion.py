@@ -28,7 +28,13 @@ from engine.knowledge.extract_process import IN_THREAD_MAX, ExtractLimits
 from engine.knowledge.ingestion import IngestionSettings, IngestionWorker
 from engine.knowledge.lookup import KnowledgeLookup
 from engine.knowledge.unreadable import UnreadableDocument
-from pipelines.knowledge import NO_PASSAGES, KnowledgeFunction, PassageAnswerer, answer_from_passage
+from pipelines.knowledge import (
+    NO_PASSAGES,
+    SEARCH_UNAVAILABLE,
+    KnowledgeFunction,
+    PassageAnswerer,
+    answer_from_passage,
+)
 from pipelines.llm.base import ConversationTurn, TextDelta
 from pipelines.llm.conversation_path import ConversationPathLLM
 from storage import knowledge_bases, knowledge_ingestion
@@ -192,6 +198,12 @@ async def test_a_search_the_database_cannot_serve_in_time_gives_no_passages_and_
         lookup = KnowledgeLookup(busy, organization_id=org, knowledge_base_ids=[kb], timeout_s=0.3)
         async with busy.acquire():  # every connection of the pool is taken: the search cannot get one
             assert await asyncio.wait_for(lookup.passages("onyx vault"), 10) == []
+            # The model is told the search could not be made, not that nothing matched; the offline answerer and a
+            # path's knowledge node go on as with no passage.
+            assert await asyncio.wait_for(KnowledgeFunction(lookup).run({"query": "onyx vault"}), 10) == (
+                SEARCH_UNAVAILABLE
+            )
+            assert await asyncio.wait_for(PassageAnswerer(lookup)("where is the onyx vault"), 10) is None
         assert [p.document_id for p in await lookup.passages("onyx vault")] == [document]
     finally:
         await busy.close()

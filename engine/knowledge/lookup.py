@@ -21,6 +21,7 @@ from typing import Any
 
 from engine.knowledge.embeddings import EmbeddingFailed, OpenAIEmbedder
 from engine.server import metrics
+from pipelines.knowledge import KnowledgeUnavailable
 from storage import Pool
 from storage.errors import TRANSIENT_ERRORS
 from storage.knowledge_embeddings import nearest_passages
@@ -78,19 +79,25 @@ class KnowledgeLookup:
         A database that cannot be reached, or that does not answer within the lookup's timeout, gives no passages
         (the call goes on without them), logged.
         """
+        found, _ = await self._look_up(query)
+        return found
+
+    async def _look_up(self, query: str) -> tuple[list[Passage], str | None]:
+        """The passages that best match `query`, and why the search could not be made (None when it was)."""
         query = storable_text(query)  # a NUL or half an emoji would fail the search, and the reply waiting for it
         began = time.perf_counter()
         question = None
         if self._embedder is not None and query.strip():
             question = asyncio.get_running_loop().create_task(self._embedder.embed_question(query))
+        failure = None
         try:
             async with asyncio.timeout(self._timeout_s):
                 found = await self._search(query, question)
         except TRANSIENT_ERRORS as exc:
-            log.warning("knowledge search unavailable (%s); the call goes on without it", type(exc).__name__)
+            failure = f"the database is unavailable ({type(exc).__name__})"
             found = []
         except TimeoutError:
-            log.warning("knowledge search took over %g s; the call goes on without it", self._timeout_s)
+            failure = f"the search took over {self._timeout_s:g} s"
             found = []
         finally:
             if question is not None:
@@ -98,7 +105,9 @@ class KnowledgeLookup:
         elapsed = time.perf_counter() - began
         metrics.KNOWLEDGE_SEARCH_SECONDS.observe(elapsed)
         self.retrievals.append(Retrieval(query, tuple(found), elapsed * 1000))
-        return found
+        if failure is not None:
+            log.warning("knowledge search not made: %s; the call goes on without it", failure)
+        return found, failure
 
     async def _search(self, query: str, question: asyncio.Task[list[float]] | None) -> list[Passage]:
         async with tenant_read_transaction(self._pool, self._organization_id) as conn:
@@ -201,8 +210,12 @@ class KnowledgeLookup:
         }
 
     async def search(self, query: str) -> list[str]:
-        """The texts of the passages that best match `query`, best first."""
-        return [passage.content for passage in await self.passages(query)]
+        """The texts of the passages that best match `query`, best first; KnowledgeUnavailable when the search could
+        not be made (the model is then told so, not that nothing matched)."""
+        found, failure = await self._look_up(query)
+        if failure is not None:
+            raise KnowledgeUnavailable(failure)
+        return [passage.content for passage in found]
 
 
 def _discard(task: asyncio.Task[list[float]]) -> None:

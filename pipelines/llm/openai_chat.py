@@ -36,7 +36,7 @@ from config.agent import OpenAILLMConfig
 from media.dtmf import DIGITS_HELP, InvalidDigits, check_digits
 from pipelines.clients import CloseClient
 from pipelines.conversation.transfer_rules import NO_TRANSFERS, Refusal, TransferRules, builtin_functions
-from pipelines.knowledge import KnowledgeSource, format_passages
+from pipelines.knowledge import KnowledgeSource, KnowledgeUnavailable, format_passages
 from pipelines.llm.base import (
     ConversationTurn,
     EndCall,
@@ -425,7 +425,10 @@ class OpenAIChatLLM:
         """The messages with the passages that match the caller's last words placed before them, if any match."""
         if self._knowledge is None or not conversation or conversation[-1].role != "caller":
             return messages
-        passages = await self._knowledge.search(conversation[-1].text) if conversation[-1].text else []
+        try:
+            passages = await self._knowledge.search(conversation[-1].text) if conversation[-1].text else []
+        except KnowledgeUnavailable:
+            passages = []  # the reply goes on without them (the lookup has logged why)
         if not passages:
             return messages
         note: ChatCompletionMessageParam = {

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from pipelines.knowledge import KnowledgeUnavailable
 from pipelines.llm.base import ConversationTurn, EndCall, LLMEvent, SendDtmf, TextDelta, TransferCall
 from pipelines.paths.graph import (
     Edge,
@@ -81,7 +82,8 @@ class KnowledgeLookup(Protocol):
     """The agent's knowledge bases, searched by a knowledge node (the seam the knowledge-base work implements)."""
 
     async def search(self, query: str) -> list[str]:
-        """Passages answering `query`, best first; empty when nothing fits."""
+        """Passages answering `query`, best first; empty when nothing fits (pipelines.knowledge.KnowledgeUnavailable
+        when the search could not be made)."""
         ...
 
 
@@ -340,7 +342,7 @@ class PathEngine:
                 events.append(TransferCall(data.number, f"conversation path node {node_id}"))
                 return events
             if isinstance(data, KnowledgeData):
-                self.passages = await self.knowledge.search(heard) if self.knowledge is not None and heard else []
+                self.passages = await self._passages(heard)
                 if not self.passages:
                     events.append(TextDelta(data.fallback))
                 return events
@@ -357,6 +359,16 @@ class PathEngine:
                 return events
             node_id, edge_id = following[0].target, following[0].id
         return events
+
+    async def _passages(self, heard: str) -> list[str]:
+        """The knowledge base's passages for what the caller said; none when it could not be searched (the node
+        says its fallback, as when nothing matched)."""
+        if self.knowledge is None or not heard:
+            return []
+        try:
+            return await self.knowledge.search(heard)
+        except KnowledgeUnavailable:
+            return []
 
     def _enter(self, node_id: str, edge_id: str | None) -> None:
         """The call is at `node_id` now, come by `edge_id`: a step of the trace (told to `on_step`)."""
