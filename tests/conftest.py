@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -16,7 +17,9 @@ from pipelines.clients import ProviderClients
 from storage.embedded import start_embedded
 from tests.browser import missing_browser
 from tests.databases import TestDatabases
+from tests.engine_server import running_engine
 from tests.fakes.twilio import FakeTwilio
+from tests.test_api_auth import Api
 
 
 @pytest.fixture(scope="session")
@@ -94,3 +97,10 @@ async def twilio() -> AsyncIterator[FakeTwilio]:
     """A fake Twilio REST API on loopback for the module (a module may define its own, e.g. with an auth token)."""
     async with FakeTwilio() as fake:
         yield fake
+
+
+@pytest.fixture(scope="module")
+async def api(db_url: str) -> AsyncIterator[Api]:
+    """The engine's /v1 API, served on this module's database (a module that needs another engine defines its own)."""
+    async with running_engine(db_url) as base, aiohttp.ClientSession() as session:
+        yield Api(session, base)

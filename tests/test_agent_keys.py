@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 
-import aiohttp
 import asyncpg
 import pytest
 
@@ -17,7 +15,6 @@ from pipelines.clients import ProviderClients
 from pipelines.errors import PipelineUnavailable, ProviderKeyMissing
 from pipelines.registry import ProviderKeys, check_pipeline, provider_key
 from storage import agents
-from tests.engine_server import running_engine
 from tests.test_api_auth import Api, Tenant, make_tenant
 
 ACME = "clx7acme0000000000000000a"
@@ -145,12 +142,6 @@ async def test_a_call_of_another_organizations_agent_cannot_run_on_acmes_key(
         check_pipeline(parse_agent_configuration(thief.configuration), provider_keys(settings, thief_bundle))
     assert f"llm: openai: {variable} is not a key this organization's agents may use" in str(refused.value)
     assert ACME_KEY not in str(refused.value)
-
-
-@pytest.fixture(scope="module")
-async def api(db_url: str) -> AsyncIterator[Api]:
-    async with running_engine(db_url) as base, aiohttp.ClientSession() as session:
-        yield Api(session, base)
 
 
 async def test_an_agent_naming_another_organizations_variable_is_not_saved(

@@ -3,24 +3,14 @@ real server and real PostgreSQL, until the account is ACTIVE again."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import aiohttp
 import asyncpg
-import pytest
 
 from storage import api_keys, organizations, users
 from storage.enums import UserRole, UserStatus
-from tests.engine_server import running_engine
 from tests.test_api_auth import Api, assert_error
 from tests.test_api_cli import dialtone
-
-
-@pytest.fixture(scope="module")
-async def api(db_url: str) -> AsyncIterator[Api]:
-    async with running_engine(db_url) as base, aiohttp.ClientSession() as session:
-        yield Api(session, base)
 
 
 async def member_key(pool: asyncpg.Pool, status: UserStatus, slug: str) -> tuple[str, str, str]:

@@ -9,9 +9,9 @@ import asyncpg
 from storage import api_keys, users
 from storage.enums import UserRole, UserStatus
 from tests.test_api_auth import Api, Tenant, assert_error, make_tenant
-from tests.test_api_resources import acme, api
+from tests.test_api_resources import acme
 
-__all__ = ["acme", "api"]  # that module's fixtures: one engine, and an organization with an OWNER and a VIEWER
+__all__ = ["acme"]  # that module's organization with an OWNER and a VIEWER (the engine is conftest's `api`)
 
 PERMISSIONS = ("canWrite", "writeRefusal", "canListen", "listenRefusal")
 """What the answer says the key may do, and why not."""

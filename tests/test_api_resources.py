@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
 
-import aiohttp
 import asyncpg
 import pytest
 
 from storage import voices
-from tests.engine_server import running_engine
 from tests.test_api_auth import Api, Tenant, assert_error, make_tenant
-
-
-@pytest.fixture(scope="module")
-async def api(db_url: str) -> AsyncIterator[Api]:
-    async with running_engine(db_url) as base, aiohttp.ClientSession() as session:
-        yield Api(session, base)
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,14 @@ is saved with a warning."""
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import asyncpg
 import pytest
 
 from config.agent import parse_agent_configuration
 from pipelines.conversation.transfer_rules import TransferRules
 from pipelines.paths.transfer_check import UnmakeableTransfer, unmakeable_transfers
-from tests.engine_server import running_engine
 from tests.paths import EVERY_TYPE_EDGES, EVERY_TYPE_NODES, TRANSFER_TO
 from tests.test_api_auth import Api, Tenant, assert_error, make_tenant
 
@@ -22,12 +19,6 @@ OTHER_DESK = "+15557650000"
 ALLOWS_THE_PATH = {"transfer": {"destinations": [{"number": TRANSFER_TO, "label": "Front desk"}]}}
 ALLOWS_ANOTHER = {"transfer": {"destinations": [{"number": OTHER_DESK, "label": "Back office"}]}}
 TRANSFER_FIELD = f"nodes[{next(i for i, n in enumerate(EVERY_TYPE_NODES) if n['type'] == 'transfer')}].data.number"
-
-
-@pytest.fixture(scope="module")
-async def api(db_url: str) -> AsyncIterator[Api]:
-    async with running_engine(db_url) as base, aiohttp.ClientSession() as session:
-        yield Api(session, base)
 
 
 @pytest.fixture(scope="module")

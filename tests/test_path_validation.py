@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import asyncpg
 import pytest
 
 from pipelines.paths.graph import MAX_ID_CHARS, read_path
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
-from tests.engine_server import running_engine
 from tests.paths import EVERY_TYPE_EDGES, EVERY_TYPE_NODES, TRANSFER_TO
 from tests.test_api_auth import Api, Tenant, assert_error, make_tenant
-
-
-@pytest.fixture(scope="module")
-async def api(db_url: str) -> AsyncIterator[Api]:
-    async with running_engine(db_url) as base, aiohttp.ClientSession() as session:
-        yield Api(session, base)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,6 @@ The table goes through POST /v1/calls, a campaign's CSV import, POST /v1/phone-n
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import aiohttp
 import asyncpg
 import pytest
 from openai import AsyncOpenAI
@@ -18,7 +15,6 @@ from config.phone import InvalidPhoneNumber, e164
 from pipelines.conversation.transfer_rules import TransferRules
 from pipelines.llm.base import ConversationTurn, TransferCall
 from pipelines.llm.openai_chat import OpenAIChatLLM
-from tests.engine_server import running_engine
 from tests.fakes.openai_chat import FakeOpenAI, ToolCall
 from tests.test_api_auth import Api, Tenant, make_tenant
 from tests.test_api_campaigns import new_campaign
@@ -99,12 +95,6 @@ def test_a_wrong_length_is_named(given: str, reason: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the entry points
-
-
-@pytest.fixture(scope="module")
-async def api(db_url: str) -> AsyncIterator[Api]:
-    async with running_engine(db_url) as base, aiohttp.ClientSession() as session:
-        yield Api(session, base)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,8 @@ offline synthesizer and the Realtime session."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import asyncpg
 import pytest
 
@@ -20,14 +18,7 @@ from pipelines.registry import ProviderContext, ProviderKeys, build_pipeline
 from pipelines.tts.espeak import EspeakTTS, speak_ulaw
 from storage import voices
 from storage.enums import VoiceStatus
-from tests.engine_server import running_engine
 from tests.test_api_auth import Api, Tenant, assert_error, make_tenant
-
-
-@pytest.fixture(scope="module")
-async def api(db_url: str) -> AsyncIterator[Api]:
-    async with running_engine(db_url) as base, aiohttp.ClientSession() as session:
-        yield Api(session, base)
 
 
 @pytest.fixture(scope="module")

@@ -365,15 +365,7 @@ async def test_a_transfer_twilio_may_have_made_keeps_its_leg_and_a_refused_one_r
     async with serve(app) as base:
         twilio = TwilioCalls(ACCOUNT, TOKEN, api_base=base, timeout=0.3)
         try:
-            transfer = PaidTransfer(
-                pool,
-                twilio,
-                organization_id=organization_id,
-                call_log_id=opened.id,
-                max_minutes=2,
-                rates=RATES,
-                action_url="http://127.0.0.1:9/twilio/dial",
-            )
+            transfer = two_minute_transfer(pool, twilio, organization_id, opened.id)
             assert not await transfer(opened.call_id, BILLING)
         finally:
             answered.set()
@@ -381,6 +373,21 @@ async def test_a_transfer_twilio_may_have_made_keeps_its_leg_and_a_refused_one_r
     # Unconfirmed: the leg's action request or the sweep settles it; refused: its credits are back at once.
     assert await transfer_legs.reserved_leg_credits(pool, call_log_id=opened.id) == held_after
     assert await balance(pool, organization_id) == 100 - RATE - (held_after or 0)
+
+
+def two_minute_transfer(
+    pool: asyncpg.Pool, twilio: TwilioCalls, organization_id: str, call_log_id: str
+) -> PaidTransfer:
+    """A transfer of the organization's call, its leg limited to two minutes, at the module's rates."""
+    return PaidTransfer(
+        pool,
+        twilio,
+        organization_id=organization_id,
+        call_log_id=call_log_id,
+        max_minutes=2,
+        rates=RATES,
+        action_url="http://127.0.0.1:9/twilio/dial",
+    )
 
 
 UK_PREMIUM = "+449012345678"  # phonenumbers reads it as premium-rate (tests/test_dial_policy.py checks the reading)
@@ -392,15 +399,7 @@ async def transfer_to(pool: asyncpg.Pool, organization_id: str, to: str) -> tupl
     async with call_updates() as (api_base, updates):
         twilio = TwilioCalls(ACCOUNT, TOKEN, api_base=api_base, timeout=2.0)
         try:
-            transfer = PaidTransfer(
-                pool,
-                twilio,
-                organization_id=organization_id,
-                call_log_id=opened.id,
-                max_minutes=2,
-                rates=RATES,
-                action_url="http://127.0.0.1:9/twilio/dial",
-            )
+            transfer = two_minute_transfer(pool, twilio, organization_id, opened.id)
             made = await transfer(opened.call_id, to)
         finally:
             await twilio.close()
