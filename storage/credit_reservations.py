@@ -91,8 +91,9 @@ async def extend_reservation(db: Queryable, *, call_log_id: str) -> bool:
 async def settle_reservation(db: Queryable, *, organization_id: str, call_log_id: str, minutes: int) -> int | None:
     """End a call's reservation: charge `minutes` started minutes at its rate and return the rest to the balance.
 
-    A call that ran past what it reserved is charged what the balance holds, never below zero. Returns the new
-    balance, or None when the call holds no reservation (settled already, or it never reserved).
+    A call that ran past what it reserved is charged what the balance holds, never below zero. The call's rate stays
+    in its CallLog's metadata (`creditsPerMinute`), for minutes charged after its end (`charge_after_end`). Returns
+    the new balance, or None when the call holds no reservation (settled already, or it never reserved).
     """
     if minutes < 0:
         raise ValueError(f"minutes to charge cannot be negative, got {minutes}")
@@ -102,6 +103,11 @@ async def settle_reservation(db: Queryable, *, organization_id: str, call_log_id
             DELETE FROM "CreditReservation" r USING "CallLog" c
             WHERE r."callLogId" = $2 AND c."id" = r."callLogId" AND c."organizationId" = $1
             RETURNING r."credits", r."creditsPerMinute"
+        ), rated AS (
+            UPDATE "CallLog" c
+            SET "metadata" = c."metadata" || jsonb_build_object('creditsPerMinute', held."creditsPerMinute")
+            FROM held
+            WHERE c."id" = $2
         )
         UPDATE "Organization" o
         SET "credits" = GREATEST(o."credits" + held."credits" - held."creditsPerMinute" * $3, 0)
@@ -119,7 +125,8 @@ async def settle_reservation(db: Queryable, *, organization_id: str, call_log_id
 async def charge_after_end(
     db: Queryable, *, organization_id: str, call_log_id: str, minutes: int, rates: Mapping[str, int], marker: str
 ) -> bool:
-    """Charge an ended call `minutes` more started minutes at its organization's plan rate, once: the CallLog's
+    """Charge an ended call `minutes` more started minutes at the rate it paid (the `creditsPerMinute` its settlement
+    kept; the organization's plan rate in `rates` for a call settled before it was kept), once: the CallLog's
     metadata gets `marker` (the minutes) in the same statement, and a call that has it already is not charged again.
     For time Twilio ran the call after its media session ended (the voicemail message it speaks after the beep).
 
@@ -133,10 +140,12 @@ async def charge_after_end(
         WITH marked AS (
             UPDATE "CallLog" SET "metadata" = "metadata" || jsonb_build_object($5::text, $3::integer)
             WHERE "id" = $2 AND "organizationId" = $1 AND NOT ("metadata" ? $5::text)
-            RETURNING "id"
+            RETURNING ("metadata" ->> 'creditsPerMinute')::integer AS "paid"
         )
         UPDATE "Organization" o
-        SET "credits" = GREATEST(o."credits" - $3 * ($4::jsonb ->> o."plan"::text)::integer, 0)
+        SET "credits" = GREATEST(
+            o."credits" - $3 * COALESCE(marked."paid", ($4::jsonb ->> o."plan"::text)::integer), 0
+        )
         FROM marked
         WHERE o."id" = $1
         RETURNING o."credits"
@@ -157,16 +166,22 @@ async def settle_orphaned_reservations(db: Queryable, *, call_log_ids: Sequence[
     A call whose media stream started (its CallLog names an engine node) started its first minute, and every minute
     but the last it reserved (each next minute is reserved in the last seconds of the one before): it pays those, at
     least one, and may be undercharged a minute, never overcharged. A call whose stream never started pays nothing.
+    Each keeps its rate in its CallLog's metadata, as `settle_reservation` keeps it.
     """
     await db.execute(
         """
         WITH held AS (
             DELETE FROM "CreditReservation" r USING "CallLog" c
             WHERE r."callLogId" = ANY($1::text[]) AND c."id" = r."callLogId"
-            RETURNING c."organizationId", r."credits",
+            RETURNING c."id", c."organizationId", r."credits", r."creditsPerMinute",
                       CASE WHEN c."metadata" ? 'engineNode'
                            THEN GREATEST(r."credits" - r."creditsPerMinute", r."creditsPerMinute")
                            ELSE 0 END AS "charged"
+        ), rated AS (
+            UPDATE "CallLog" c
+            SET "metadata" = c."metadata" || jsonb_build_object('creditsPerMinute', held."creditsPerMinute")
+            FROM held
+            WHERE c."id" = held."id"
         ), owed AS (
             SELECT "organizationId", sum("credits" - "charged") AS "credits" FROM held GROUP BY "organizationId"
         )

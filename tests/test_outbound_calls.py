@@ -598,8 +598,10 @@ async def test_the_completed_callback_gives_a_voicemail_call_its_end_reason_whoe
     assert row["duration"] == (12 if session_ran else 21)
 
 
-async def voicemail_call(pool: asyncpg.Pool, slug: str, **metadata: str) -> tuple[organizations.Organization, CallLog]:
-    """An outbound call of a new organization with 10 credits at one a minute, on which a machine took a message."""
+async def voicemail_call(
+    pool: asyncpg.Pool, slug: str, *, rate: int = 1, **metadata: str
+) -> tuple[organizations.Organization, CallLog]:
+    """An outbound call of a new organization with 10 credits at `rate` a minute, on which a machine took a message."""
     org = await organizations.create_organization(pool, name=slug, slug=slug, credits=10)
     log = await call_logs.create_call_log(
         pool,
@@ -608,7 +610,7 @@ async def voicemail_call(pool: asyncpg.Pool, slug: str, **metadata: str) -> tupl
         call_id="CA" + secrets.token_hex(16),
         agent_id=await make_agent(pool, org.id),
         metadata={"voicemail": "voicemail_left", "answeredBy": "machine_end_beep", **metadata},
-        credit_rates={"free": 1, "pro": 1, "enterprise": 1},
+        credit_rates={"free": rate, "pro": rate, "enterprise": rate},
     )
     return org, log
 
@@ -629,12 +631,14 @@ async def test_a_voicemail_left_without_a_media_stream_pays_the_minutes_twilio_r
     assert balance == 8  # two started minutes at one credit a minute
 
 
+@pytest.mark.parametrize("rate", [1, 3])
 async def test_a_voicemail_message_spoken_after_the_session_pays_the_minutes_twilio_ran_it_past_the_session(
-    engine: str, twilio: FakeTwilio, pool: asyncpg.Pool
+    engine: str, twilio: FakeTwilio, pool: asyncpg.Pool, rate: int
 ) -> None:
     # The media session heard the machine, ended at 50 s (one minute charged), and Twilio spoke the message after the
-    # beep: 95 s in all by Twilio's clock, so a second minute was started.
-    org, log = await voicemail_call(pool, "voicemail-after", engineNode="node-a")
+    # beep: 95 s in all by Twilio's clock, so a second minute was started. It is charged at the rate the call paid,
+    # also when that is no longer the engine's rate for the plan (1 credit a minute here).
+    org, log = await voicemail_call(pool, f"voicemail-after-{rate}", rate=rate, engineNode="node-a")
     await call_logs.finalize_call_log(
         pool,
         organization_id=org.id,
@@ -644,7 +648,7 @@ async def test_a_voicemail_message_spoken_after_the_session_pays_the_minutes_twi
         metadata={"endReason": "voicemail_left"},
         minutes_charged=1,
     )
-    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org.id) == 9
+    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org.id) == 10 - rate
     fields = {"CallSid": log.call_id, "CallStatus": "completed", "CallDuration": "95", "AccountSid": twilio.account_sid}
 
     assert await post_status(engine, twilio, log.id, fields) == 204
@@ -652,7 +656,8 @@ async def test_a_voicemail_message_spoken_after_the_session_pays_the_minutes_twi
 
     row = await call_log_row(pool, log.id)
     assert (row["status"], row["duration"], row["metadata"]["voicemailMinutesCharged"]) == ("COMPLETED", 50, 1)
-    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org.id) == 8
+    assert row["metadata"]["creditsPerMinute"] == rate
+    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org.id) == 10 - 2 * rate
 
 
 async def test_many_concurrent_calls_are_each_dialed_once(
