@@ -167,11 +167,23 @@ async def open_watch(db: Queryable, watch: Watch, *, node: str, until: datetime)
 
 
 async def expire_watch(db: Queryable, *, organization_id: str, watch_id: str, until: datetime) -> None:
-    """Move a lease's end to `until`: later while its stream is open, sooner once it closed."""
+    """Move a lease's end to `until`: sooner, as its stream closes (open streams' leases are `renew_watches`')."""
     await db.execute(
         'UPDATE "LiveCallWatch" SET "expiresAt" = $3 WHERE "id" = $2 AND "organizationId" = $1',
         organization_id,
         watch_id,
+        until,
+    )
+
+
+async def renew_watches(db: Queryable, *, node: str, watch_ids: Sequence[str], until: datetime) -> None:
+    """Move the end of the leases `watch_ids` of engine process `node`'s open streams to `until`, in one statement
+    for all of them. Unscoped by design, like `current_watches`: a process's streams watch any organization, and
+    only leases that process opened (its `node`) are renewed."""
+    await db.execute(
+        'UPDATE "LiveCallWatch" SET "expiresAt" = $3 WHERE "id" = ANY($2::text[]) AND "node" = $1',
+        node,
+        list(watch_ids),
         until,
     )
 

@@ -104,6 +104,32 @@ async def test_leases_are_current_until_they_expire_and_closing_one_ends_it_soon
     assert later == {Watch(tenant.organization_id, call_log_id)}
 
 
+async def test_one_renewal_extends_a_process_s_leases_of_every_organization_and_no_other_process_s(
+    pool: asyncpg.Pool,
+) -> None:
+    ours, theirs = await make_tenant(pool, "Renewed"), await make_tenant(pool, "AlsoRenewed")
+    now = datetime.now(UTC).replace(microsecond=0)  # leases end at a millisecond
+    soon, later = now + timedelta(seconds=5), now + timedelta(seconds=30)
+    leases = {}
+    for tenant in (ours, theirs):
+        async with tenant_transaction(pool, tenant.organization_id) as db:
+            for node in ("n1", "n2"):
+                leases[tenant.organization_id, node] = await live_call_events.open_watch(
+                    db, Watch(tenant.organization_id, None), node=node, until=soon
+                )
+    await live_call_events.renew_watches(pool, node="n1", watch_ids=list(leases.values()), until=later)
+    ends = {
+        key: await pool.fetchval('SELECT "expiresAt" FROM "LiveCallWatch" WHERE "id" = $1', watch_id)
+        for key, watch_id in leases.items()
+    }
+    assert ends == {
+        (ours.organization_id, "n1"): later,
+        (theirs.organization_id, "n1"): later,
+        (ours.organization_id, "n2"): soon,
+        (theirs.organization_id, "n2"): soon,
+    }
+
+
 async def test_pruning_deletes_old_events_and_expired_leases(pool: asyncpg.Pool) -> None:
     tenant = await make_tenant(pool, "Pruned")
     call_log_id = await new_call(pool, tenant.organization_id)

@@ -47,6 +47,7 @@ MAX_QUEUED: Final = 10_000
 """Events waiting for the database beyond this are dropped, oldest first (logged): memory stays bounded."""
 WATCH_LEASE: Final = timedelta(seconds=30)
 WATCH_RENEW_SECONDS: Final = 10.0
+"""How often each process renews the leases of all its open streams, in one statement."""
 TOOL_RESULT_CHARS: Final = 1000
 """A tool.call event carries this much of the function's result."""
 RECONNECT_GRACE: Final = timedelta(seconds=15)
@@ -83,6 +84,9 @@ class LiveEvents:
         self._dropped = 0
         self._queued = asyncio.Event()
         self._feeds: dict[str, EventFeed] = {}
+        self._leases: set[str] = set()  # the ids of this process's open streams' leases
+        self._renewing = asyncio.Lock()  # held while a renewal of them is under way
+        self._renewal: asyncio.Task[None] | None = None  # renews them while there are any
         self._refresh_now = asyncio.Event()
         self._control: ControlChannel | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -130,9 +134,10 @@ class LiveEvents:
         if self._control is not None:
             self._control.unsubscribe(WATCH_CHANNEL, self._on_watch)
             self._control.unsubscribe(EVENT_CHANNEL, self._on_events)
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._renewal] if self._renewal is not None else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._queue:
@@ -243,8 +248,9 @@ class LiveEvents:
     async def watch(
         self, watch: Watch, tenant: Callable[[], AbstractAsyncContextManager[Connection]]
     ) -> AsyncIterator[FeedReader]:
-        """Hold a stream's lease (through `tenant` transactions) while the block runs, announced to every process;
-        yield the stream's reader of its organization's feed (its `wake` set when events for it may be new)."""
+        """Hold a stream's lease while the block runs (taken and let go through `tenant` transactions, renewed with
+        those of this process's other streams), announced to every process; yield the stream's reader of its
+        organization's feed (its `wake` set when events for it may be new)."""
         organization_id = watch.organization_id
         async with tenant() as db:
             watch_id = await live_call_events.open_watch(
@@ -256,31 +262,42 @@ class LiveEvents:
             self._feeds[organization_id] = EventFeed(self._pool, organization_id)
         feed = self._feeds[organization_id]
         reader = feed.join(watch.call_log_id)
-        renewal = asyncio.create_task(self._renew(watch_id, organization_id, tenant), name="live-events-lease")
+        self._leases.add(watch_id)
+        if self._renewal is None or self._renewal.done():
+            self._renewal = asyncio.create_task(self._renew_leases(), name="live-events-leases")
         try:
             yield reader
         finally:
-            renewal.cancel()
+            self._leases.discard(watch_id)
             if feed.leave(reader):
                 del self._feeds[organization_id]
+            async with self._renewing:  # a renewal under way may hold the lease: closing must not be undone by it
+                pass
             with contextlib.suppress(*DATABASE_ERRORS):  # it expires by itself
                 async with tenant() as db:
                     await live_call_events.expire_watch(
                         db, organization_id=organization_id, watch_id=watch_id, until=self._clock() + RECONNECT_GRACE
                     )
 
-    async def _renew(
-        self, watch_id: str, organization_id: str, tenant: Callable[[], AbstractAsyncContextManager[Connection]]
-    ) -> None:
-        while True:
+    async def _renew_leases(self) -> None:
+        """Renew the leases of every open stream of this process, in one statement every WATCH_RENEW_SECONDS, until
+        none is left."""
+        while self._leases:
             await asyncio.sleep(WATCH_RENEW_SECONDS)
-            try:
-                async with tenant() as db:
-                    await live_call_events.expire_watch(
-                        db, organization_id=organization_id, watch_id=watch_id, until=self._clock() + WATCH_LEASE
+            if not self._leases:
+                return
+            async with self._renewing:
+                leases = list(self._leases)
+                try:
+                    await live_call_events.renew_watches(
+                        self._pool, node=self.node_id, watch_ids=leases, until=self._clock() + WATCH_LEASE
                     )
-            except DATABASE_ERRORS as exc:
-                log.warning("live events: a stream's lease could not be renewed (%s)", type(exc).__name__)
+                except DATABASE_ERRORS as exc:
+                    log.warning(
+                        "live events: %d streams' leases could not be renewed (%s)", len(leases), type(exc).__name__
+                    )
+                except Exception:  # the streams' leases must not lapse for good: renew again next time
+                    log.exception("live events: renewing %d streams' leases failed", len(leases))
 
 
 class CallEvents:
