@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -170,14 +171,25 @@ async def authenticate_holder(
     """
     if not _KEY_FORMAT.fullmatch(plaintext):
         return None
-    row = await db.fetchrow(
+    key_hash = hash_key(plaintext)
+    holders = await authenticate_holders(db, key_hashes=[key_hash], now=now, touch_interval=touch_interval)
+    return holders.get(key_hash)
+
+
+async def authenticate_holders(
+    db: Queryable, *, key_hashes: Sequence[str], now: datetime, touch_interval: timedelta
+) -> dict[str, ApiKeyHolder]:
+    """`authenticate_holder` for many keys in one statement, given by their stored form (`hash_key`): the holder of
+    each key still accepted, by that form; a key unknown, revoked or expired is absent."""
+    rows = await db.fetch(
         f"""
         WITH found AS (
             SELECT {_COLUMNS_OF_K}, m."role" AS "memberRole", u."status" AS "userStatus"
             FROM "ApiKey" k
             JOIN "User" u ON u."id" = k."userId"
             LEFT JOIN "UserOrganization" m ON m."userId" = k."userId" AND m."organizationId" = k."organizationId"
-            WHERE k."key" = $1 AND k."status" = 'ACTIVE' AND (k."expirationDate" IS NULL OR k."expirationDate" > $2)
+            WHERE k."key" = ANY($1::text[]) AND k."status" = 'ACTIVE'
+              AND (k."expirationDate" IS NULL OR k."expirationDate" > $2)
         ), touched AS (
             UPDATE "ApiKey" k SET "lastUsedAt" = $2
             FROM found
@@ -186,15 +198,16 @@ async def authenticate_holder(
         )
         SELECT * FROM found
         """,
-        hash_key(plaintext),
+        list(key_hashes),
         now,
         touch_interval,
     )
-    if row is None:
-        return None
-    return ApiKeyHolder(
-        api_key=ApiKey.from_row(row), member_role=row["memberRole"], user_status=UserStatus(row["userStatus"])
-    )
+    return {
+        row["key"]: ApiKeyHolder(
+            api_key=ApiKey.from_row(row), member_role=row["memberRole"], user_status=UserStatus(row["userStatus"])
+        )
+        for row in rows
+    }
 
 
 async def list_api_keys_page(

@@ -22,7 +22,7 @@ import pytest
 import websockets
 
 from config.settings import load_settings
-from engine.api import auth
+from engine.api import key_watch
 from engine.api.resources.live_call_listen import KEY_LOST
 from engine.call.audio_tap import CALL_ENDED, CHUNK_BYTES, LISTENER_TOO_SLOW
 from engine.call.listen_relay import LISTEN_AUDIO_CHANNEL
@@ -454,7 +454,7 @@ async def test_a_listener_whose_key_loses_the_right_to_listen_is_stopped_while_t
     monkeypatch: pytest.MonkeyPatch,
     take_away: Callable[[asyncpg.Pool, Tenant], Awaitable[None]],
 ) -> None:
-    monkeypatch.setattr(auth, "KEY_RECHECK_SECONDS", 0.2)
+    monkeypatch.setattr(key_watch, "KEY_RECHECK_SECONDS", 0.2)
     tenant = await make_tenant(pool, "Refused")
     number, _ = await make_line(pool, tenant.organization_id, firstSentence="Hello from the line.")
     async with aiohttp.ClientSession() as session:

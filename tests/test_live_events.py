@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from twilio.request_validator import RequestValidator
 
-from engine.api import auth
+from engine.api import key_watch
 from engine.api.resources import live_call_events as live_call_events_api
 from engine.call import live_events
 from engine.simulator import Dtmf, HangUp, Pause, Say
@@ -258,7 +258,7 @@ async def test_another_organization_gets_404_and_sees_none_of_the_events(
 async def test_a_stream_ends_once_its_key_is_revoked(
     engine: str, pool: asyncpg.Pool, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(auth, "KEY_RECHECK_SECONDS", 0.2)
+    monkeypatch.setattr(key_watch, "KEY_RECHECK_SECONDS", 0.2)
     tenant = await make_tenant(pool, "Revoked")
     async with EventStream(session, f"{engine}/v1/live-calls/events", tenant.owner_key) as stream:
         await api_keys.revoke_api_key(pool, organization_id=tenant.organization_id, key_id=tenant.owner_key_id)
@@ -390,7 +390,7 @@ async def test_a_client_that_reads_nothing_is_cut_off_and_stops_holding_its_leas
 async def test_a_stream_whose_client_reads_nothing_ends_once_its_key_is_revoked(
     engine: str, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(auth, "KEY_RECHECK_SECONDS", 0.2)
+    monkeypatch.setattr(key_watch, "KEY_RECHECK_SECONDS", 0.2)
     monkeypatch.setattr(live_events, "WATCH_RENEW_SECONDS", 0.2)
     monkeypatch.setattr(live_call_events_api, "STALLED_SECONDS", 3600.0)  # only the revocation can end it
     tenant, speaking = await organization_with_a_call(engine, pool, "Stuck")

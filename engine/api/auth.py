@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 from dataclasses import dataclass
@@ -13,10 +12,9 @@ from aiohttp.typedefs import Handler, Middleware
 
 from engine.api.errors import ApiError
 from engine.server.appkeys import DATABASE, SETTINGS
-from storage.api_keys import authenticate_holder
+from storage.api_keys import ApiKeyHolder, authenticate_holder
 from storage.api_rate_limits import RequestCount, count_request
 from storage.enums import UserRole
-from storage.errors import DATABASE_ERRORS
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 """ApiKey.lastUsedAt is rewritten at most this often per key, so busy keys cost no write per request."""
@@ -47,9 +45,6 @@ CALLER = web.RequestKey("api_caller", Caller)
 
 RATE_LIMIT_HEADERS = web.RequestKey("api_rate_limit_headers", dict[str, str])
 """The X-RateLimit-* headers of a counted request, added to whatever answers it (errors included)."""
-
-KEY_RECHECK_SECONDS = 5.0
-"""How often a stream or socket that outlives its request asks again whether its key may still have it."""
 
 KEY_SUBPROTOCOL = "dialtone.key."
 """A WebSocket opened by a browser, which cannot set headers, offers its key as this subprotocol + base64url(key)."""
@@ -119,26 +114,6 @@ def writer_refusal(caller: Caller, doing: str | None = None) -> str | None:
     return message
 
 
-async def until_key_lost(request: web.Request, *, writer: bool = False) -> None:
-    """Return once the request's key would be refused if presented now (revoked, expired, its user gone or not
-    ACTIVE; with `writer`, its user no longer an OWNER or ADMIN), checked every KEY_RECHECK_SECONDS.
-
-    Keys are checked as a request starts; a stream or socket that stays open for hours races this with its work
-    and closes when it returns, so that revoking a key ends what it has open. A database that cannot answer for a
-    moment ends nothing.
-    """
-    while True:
-        await asyncio.sleep(KEY_RECHECK_SECONDS)
-        try:
-            caller = await _caller(request)
-        except ApiError:
-            return
-        except DATABASE_ERRORS:
-            continue
-        if writer and not caller.can_write:
-            return
-
-
 def rate_limit_headers(counted: RequestCount, limit: int) -> dict[str, str]:
     """The `X-RateLimit-*` headers: the key's limit a minute, what is left of it, and seconds until it resets."""
     return {
@@ -153,7 +128,7 @@ async def add_rate_limit_headers(request: web.Request, response: web.StreamRespo
     response.headers.update(request.get(RATE_LIMIT_HEADERS, {}))
 
 
-def _presented_key(request: web.Request) -> str | None:
+def presented_key(request: web.Request) -> str | None:
     """The key of `Authorization: Bearer`, or on a WebSocket upgrade of a `dialtone.key.<base64url>` subprotocol."""
     scheme, _, plaintext = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and plaintext.strip():
@@ -173,7 +148,7 @@ def _presented_key(request: web.Request) -> str | None:
 
 
 async def _caller(request: web.Request) -> Caller:
-    plaintext = _presented_key(request)
+    plaintext = presented_key(request)
     if plaintext is None:
         raise _with_challenge(
             unauthorized(
@@ -188,6 +163,12 @@ async def _caller(request: web.Request) -> Caller:
         now=datetime.now(UTC),
         touch_interval=LAST_USED_RESOLUTION,
     )
+    return accepted_caller(holder)
+
+
+def accepted_caller(holder: ApiKeyHolder | None) -> Caller:
+    """The caller a presented key makes, as `authenticate_holder` found its holder; 401 (ApiError) if the key is
+    refused: unknown, revoked or expired (None), or its user no longer an ACTIVE member of the key's organization."""
     if holder is None:
         raise _with_challenge(unauthorized("the API key is not valid: unknown, revoked or expired"))
     if holder.member_role is None:

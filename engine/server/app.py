@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from config.settings import Settings
+from engine.api.key_watch import key_watch_context
 from engine.api.routes import add_api_routes
 from engine.call import media_socket
 from engine.call.control_channel import control_channel_context
@@ -66,6 +67,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app[CLOCK] = clock or functools.partial(datetime.now, UTC)
     app[DRAIN] = Drain()  # `dialtone serve` drains it on SIGTERM (engine.server.cli)
     app.cleanup_ctx.append(_database_context(apply_migrations))
+    app.cleanup_ctx.append(key_watch_context)  # the keys of the API's open streams and sockets
     app.cleanup_ctx.append(call_log_spill_context)  # before recovery: a stopped run's spilled ends come first
     app.cleanup_ctx.append(recovery_context)
     app.cleanup_ctx.append(webhook_delivery_context)

@@ -10,8 +10,8 @@ from typing import Any, Final
 from aiohttp import web
 from pydantic import Field
 
-from engine.api.auth import until_key_lost
 from engine.api.errors import ApiError
+from engine.api.key_watch import until_key_lost
 from engine.api.models import RequestModel
 from engine.api.operations import ApiCall, Resource, Streamed
 from engine.call.live_event_feed import READ_LIMIT

@@ -11,8 +11,8 @@ from typing import Any, Final
 from aiohttp import ChainMapProxy, web
 from pydantic import Field
 
-from engine.api.auth import until_key_lost
 from engine.api.errors import ApiError, conflict
+from engine.api.key_watch import until_key_lost
 from engine.api.live_call_commands import live_call, other_holding_node
 from engine.api.models import RequestModel
 from engine.api.operations import ApiCall, Resource
