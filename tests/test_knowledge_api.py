@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -424,3 +425,69 @@ async def test_search_needs_a_question(api: Api, acme: Tenant) -> None:
     status, body = await api.call("POST", "/knowledge-bases", acme.owner_key, json={"name": "X", "language": "klingon"})
     assert status == 422
     assert_error(body, "validation_error", "language")
+
+
+@asynccontextmanager
+async def passages_locked(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """Every passage locked away (as a migration or VACUUM FULL would): a search waits for as long as this lasts."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        async with conn.transaction():
+            await conn.execute('LOCK TABLE "KnowledgeBaseChunk" IN ACCESS EXCLUSIVE MODE')
+            yield conn
+    finally:
+        await conn.close()
+
+
+async def searchable_kb(api: Api, tenant: Tenant, name: str, content: str) -> str:
+    kb = await new_kb(api, tenant, name)
+    _, document = await api.call(
+        "POST",
+        f"/knowledge-bases/{kb['id']}/documents",
+        tenant.owner_key,
+        json={"name": name, "type": "TEXT", "content": content},
+    )
+    assert (await settled(api, tenant, kb["id"], document["id"]))["status"] == "READY"
+    return kb["id"]  # type: ignore[no-any-return]
+
+
+async def test_a_search_the_database_cannot_serve_in_time_is_a_503_not_an_empty_list(
+    api: Api, db_url: str, acme: Tenant
+) -> None:
+    # It answered 200 with no passage, as if nothing matched, while a call's model is told the knowledge base
+    # cannot be searched right now.
+    kb_id = await searchable_kb(api, acme, "Tide tables", "The Basalt pier floods at high tide.")
+    async with passages_locked(db_url):
+        status, body = await api.call("GET", f"/knowledge-bases/{kb_id}/search?q=basalt+pier", acme.owner_key)
+    assert status == 503
+    assert_error(body, "unavailable")
+    assert body["error"]["message"] == (
+        "the knowledge base cannot be searched right now: the search took over 2 s; try again"
+    )
+    assert [passage["content"] for passage in await search(api, acme, kb_id, "basalt+pier")] == [
+        "The Basalt pier floods at high tide."
+    ]
+
+
+async def test_a_search_whose_database_connection_is_lost_is_a_503_not_an_empty_list(
+    api: Api, db_url: str, acme: Tenant
+) -> None:
+    kb_id = await searchable_kb(api, acme, "Ferries", "The Gneiss ferry leaves at dawn.")
+    async with passages_locked(db_url) as admin:
+        searching = asyncio.create_task(
+            api.call("GET", f"/knowledge-bases/{kb_id}/search?q=gneiss+ferry", acme.owner_key)
+        )
+        for _ in range(100):  # the search's connection, waiting for the lock, is cut (a server restart, a failover)
+            if await admin.fetchval(
+                """SELECT count(pg_terminate_backend("pid")) FROM pg_stat_activity
+                   WHERE "wait_event_type" = 'Lock' AND "query" LIKE '%KnowledgeBaseTerm%'"""
+            ):
+                break
+            await asyncio.sleep(0.01)
+            await admin.execute("SELECT pg_stat_clear_snapshot()")  # else the transaction sees its first reading
+        else:
+            raise AssertionError("the search never reached the database")
+        status, body = await searching
+    assert status == 503
+    assert_error(body, "unavailable")
+    assert body["error"]["message"].startswith("the knowledge base cannot be searched right now: the database is")

@@ -32,6 +32,7 @@ from pipelines.knowledge import (
     NO_PASSAGES,
     SEARCH_UNAVAILABLE,
     KnowledgeFunction,
+    KnowledgeUnavailable,
     PassageAnswerer,
     answer_from_passage,
 )
@@ -185,7 +186,7 @@ async def test_a_private_address_is_refused_unless_allowed(pool: asyncpg.Pool) -
     assert status == "ERROR" and error is not None and "127.0.0.1" in error
 
 
-async def test_a_search_the_database_cannot_serve_in_time_gives_no_passages_and_the_next_one_works(
+async def test_a_search_the_database_cannot_serve_in_time_is_unavailable_and_the_next_one_works(
     pool: asyncpg.Pool, db_url: str
 ) -> None:
     org = await insert_organization(pool)
@@ -197,7 +198,8 @@ async def test_a_search_the_database_cannot_serve_in_time_gives_no_passages_and_
     try:
         lookup = KnowledgeLookup(busy, organization_id=org, knowledge_base_ids=[kb], timeout_s=0.3)
         async with busy.acquire():  # every connection of the pool is taken: the search cannot get one
-            assert await asyncio.wait_for(lookup.passages("onyx vault"), 10) == []
+            with pytest.raises(KnowledgeUnavailable, match=r"the search took over 0\.3 s"):
+                await asyncio.wait_for(lookup.passages("onyx vault"), 10)
             # The model is told the search could not be made, not that nothing matched; the offline answerer and a
             # path's knowledge node go on as with no passage.
             assert await asyncio.wait_for(KnowledgeFunction(lookup).run({"query": "onyx vault"}), 10) == (

@@ -20,8 +20,10 @@ from engine.knowledge.ingestion import IngestionSettings, IngestionWorker
 from engine.knowledge.lookup import KnowledgeLookup
 from engine.knowledge.unreadable import UnreadableDocument
 from pipelines.clients import ProviderClients
+from pipelines.knowledge import KnowledgeUnavailable
 from storage import Pool, knowledge_bases, organizations
 from storage.enums import DocumentType
+from storage.errors import DatabaseUnavailable
 from storage.knowledge_bases import KnowledgeBaseDocument
 from storage.migrate import migrate
 from storage.pool import database
@@ -84,6 +86,8 @@ async def _search(pool: Pool, args: argparse.Namespace, settings: Settings, orga
             pool, organization_id=organization_id, knowledge_base_ids=[kb_id], limit=args.limit, embedder=embedder
         )
         passages = await lookup.passages(args.query)
+    except KnowledgeUnavailable as exc:
+        raise DatabaseUnavailable(f"the knowledge base cannot be searched right now: {exc}") from None
     finally:
         await clients.aclose()
     for passage in passages:

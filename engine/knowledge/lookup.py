@@ -7,7 +7,9 @@ made is kept in `retrievals`, so what an answer came from can be recorded with t
 With an embedder (vector search on), the question is embedded while its full-text search runs; the passages
 nearest its embedding are then fused with the full-text ones (storage.knowledge_search.fuse_rankings). A question
 whose embedding does not come in time, or fails, is answered by full-text alone, counted in
-dialtone_knowledge_vector_fallbacks_total.
+dialtone_knowledge_vector_fallbacks_total. A search the database cannot serve (unreachable, or slower than the
+lookup's timeout) raises KnowledgeUnavailable, to every caller alike: the call's model is told the knowledge base
+cannot be searched now, the API answers 503, and neither takes it for a search that found nothing.
 """
 
 from __future__ import annotations
@@ -74,12 +76,14 @@ class KnowledgeLookup:
         self._taken = 0
 
     async def passages(self, query: str) -> list[Passage]:
-        """The passages that best match `query`, best first, with where each comes from.
+        """The passages that best match `query`, best first, with where each comes from; empty when none does.
 
-        A database that cannot be reached, or that does not answer within the lookup's timeout, gives no passages
-        (the call goes on without them), logged.
+        KnowledgeUnavailable, logged, when the database cannot be reached or does not answer within the lookup's
+        timeout: never an empty answer, which would say that nothing matches.
         """
-        found, _ = await self._look_up(query)
+        found, failure = await self._look_up(query)
+        if failure is not None:
+            raise KnowledgeUnavailable(failure)
         return found
 
     async def _look_up(self, query: str) -> tuple[list[Passage], str | None]:
@@ -93,11 +97,11 @@ class KnowledgeLookup:
         try:
             async with asyncio.timeout(self._timeout_s):
                 found = await self._search(query, question)
+        except TimeoutError:  # before TRANSIENT_ERRORS, which holds it too
+            failure = f"the search took over {self._timeout_s:g} s"
+            found = []
         except TRANSIENT_ERRORS as exc:
             failure = f"the database is unavailable ({type(exc).__name__})"
-            found = []
-        except TimeoutError:
-            failure = f"the search took over {self._timeout_s:g} s"
             found = []
         finally:
             if question is not None:
@@ -212,10 +216,7 @@ class KnowledgeLookup:
     async def search(self, query: str) -> list[str]:
         """The texts of the passages that best match `query`, best first; KnowledgeUnavailable when the search could
         not be made (the model is then told so, not that nothing matched)."""
-        found, failure = await self._look_up(query)
-        if failure is not None:
-            raise KnowledgeUnavailable(failure)
-        return [passage.content for passage in found]
+        return [passage.content for passage in await self.passages(query)]
 
 
 def _discard(task: asyncio.Task[list[float]]) -> None:

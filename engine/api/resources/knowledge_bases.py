@@ -16,6 +16,7 @@ from engine.knowledge.ingestion import INGESTION_WORKER, KNOWLEDGE_EMBEDDER
 from engine.knowledge.lookup import KnowledgeLookup
 from engine.knowledge.unreadable import UnreadableDocument
 from engine.server.appkeys import DATABASE, SETTINGS
+from pipelines.knowledge import KnowledgeUnavailable
 from storage import knowledge_bases
 from storage.enums import DocumentType
 from storage.knowledge_bases import DocumentLimitReached, KnowledgeBase, KnowledgeBaseDocument
@@ -316,7 +317,11 @@ class SearchResults(ResponseModel):
 )
 async def search_knowledge_base(call: ApiCall) -> SearchResults:
     """The passages that best answer `q`, best first, found as a call finds them: full-text search in the knowledge
-    base's language, fused with vector search when the engine has an embedding model."""
+    base's language, fused with vector search when the engine has an embedding model.
+
+    503 `unavailable` when the database cannot serve the search (unreachable, or slower than a call would wait for
+    it), rather than an empty list that would say nothing matches.
+    """
     query = call.query_as(SearchQuery)
     async with call.tenant() as db:
         knowledge_base = await knowledge_bases.get_knowledge_base(
@@ -331,7 +336,12 @@ async def search_knowledge_base(call: ApiCall) -> SearchResults:
         limit=query.limit,
         embedder=call.app.get(KNOWLEDGE_EMBEDDER),
     )
-    return SearchResults(data=await lookup.passages(query.q))
+    try:
+        return SearchResults(data=await lookup.passages(query.q))
+    except KnowledgeUnavailable as exc:
+        raise ApiError(
+            503, "unavailable", f"the knowledge base cannot be searched right now: {exc}; try again"
+        ) from None
 
 
 @resource.delete("/knowledge-bases/{knowledgeBaseId}/documents/{documentId}", summary="Delete a document")
