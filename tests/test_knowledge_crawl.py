@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
 
-from engine.knowledge.crawl import CrawlLimits
+from engine.knowledge.crawl import CrawlLimits, crawl_site
 from engine.knowledge.extract_process import IN_THREAD_MAX, ExtractLimits
 from engine.knowledge.ingestion import IngestionSettings, IngestionWorker
 from storage import knowledge_bases
@@ -204,3 +205,21 @@ async def test_a_text_page_is_read_in_the_charset_it_declares(pool: asyncpg.Pool
     await ingest_once(pool, quick(crawl=CrawlLimits(allow_private=True)))
     assert await status_of(pool, document_id) == ("READY", None)
     assert await text_of(pool, document_id) == "Crème brûlée costs four euros at the Café Opale."
+
+
+PUBLIC_SITE = "http://93.184.215.14"
+"""A public address for the site, which the private-address guard lets through: the test reaches it through a
+forward proxy on loopback (the `site` server answers for any host), so nothing leaves the machine."""
+
+
+async def test_a_robots_txt_that_redirects_to_a_private_address_is_not_followed_and_taken_as_none(site: Site) -> None:
+    # The crawl failed for good ("robots.txt could not be fetched (10.0.0.7 is not a public address)"): a site whose
+    # server sends robots.txt to an internal host (a proxy's misconfigured base URL) could never be read. As RFC 9309
+    # has a robots.txt behind redirects a crawler does not follow (more than five) "unavailable", it forbids nothing.
+    site.redirects["/robots.txt"] = "http://10.0.0.7/robots.txt"
+    site.pages["/"] = html("The Agate bridge is closed on Sundays.", "/hours")
+    site.pages["/hours"] = html("The Jasper ferry leaves at noon.")
+    async with aiohttp.ClientSession(proxy=site.base) as session:
+        crawled = [page.url async for page in crawl_site(session, f"{PUBLIC_SITE}/", CrawlLimits())]
+    assert crawled == [f"{PUBLIC_SITE}/", f"{PUBLIC_SITE}/hours"]
+    assert site.asked["/robots.txt"] == 1, "the redirect to the private address is not followed"

@@ -114,11 +114,13 @@ async def _robots(session: aiohttp.ClientSession, start: str, limits: CrawlLimit
     unreachable = f"{robots_url} could not be fetched"
     try:
         fetched = await _fetch(session, robots_url, limits)
-    except UnsafeURL as exc:
-        raise CrawlFailed(f"{unreachable} ({exc})", permanent=True) from None
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise CrawlFailed(f"{unreachable} ({exc or type(exc).__name__})", permanent=False) from None
-    except CrawlFailed:  # too many redirects, too large: taken as no robots.txt, as a missing one
+    except (CrawlFailed, UnsafeURL) as exc:
+        # Too many redirects, a redirect to an address the guard refuses, too large: none to be had, which RFC 9309
+        # (2.3.1.2, 2.3.1.3) calls unavailable, as a missing one is: nothing is forbidden. The guard still holds for
+        # every page.
+        log.info("knowledge crawl: %s taken as no robots.txt (%s)", robots_url, exc)
         parser.parse([])
         return parser
     if fetched.status in {401, 403}:  # as urllib.robotparser reads it: a site that hides its rules forbids all
