@@ -146,9 +146,11 @@ async def test_passages_whose_embedding_keeps_failing_wait_for_a_later_round(
     fake.embedding_failures.extend([503, 503])
     backing_off = quick(retry_initial=timedelta(milliseconds=500))
     worker = IngestionWorker(pool, backing_off, embedder=embedder(client, max_attempts=2))
+    failed_rounds = metrics.REGISTRY.get_sample_value("dialtone_knowledge_embedding_failures_total") or 0.0
     await worker.run_once()
     await worker.run_once()  # within the wait after a failed round: no request
     assert await pending(pool) == 1 and len(fake.embedding_requests) == 2
+    assert metrics.REGISTRY.get_sample_value("dialtone_knowledge_embedding_failures_total") == failed_rounds + 1
     found = await search_passages(pool, organization_id=org, knowledge_base_ids=[kb], query="telescopes", limit=3)
     assert [passage.document_id for passage in found] == [document_id]  # full-text search does not wait for them
     await asyncio.sleep(0.55)

@@ -37,6 +37,7 @@ from engine.knowledge.extract_process import (
 )
 from engine.knowledge.unreadable import UnreadableDocument
 from engine.server.appkeys import DATABASE, DRAIN, PROVIDER_CLIENTS, SETTINGS
+from engine.server.metrics import KNOWLEDGE_EMBEDDING_FAILURES
 from pipelines.http_bodies import decoded
 from pipelines.url_safety import PublicAddressResolver
 from storage import Pool, knowledge_ingestion
@@ -175,6 +176,7 @@ class IngestionWorker:
         try:
             await embed_pending_passages(self._pool, embedder)
         except EmbeddingFailed as exc:  # the passages keep full-text search and wait for a later round
+            KNOWLEDGE_EMBEDDING_FAILURES.inc()
             self._embedding_failures += 1
             wait = min(self._settings.retry_initial * 2 ** (self._embedding_failures - 1), _RETRY_MAX)
             self._embed_after = asyncio.get_running_loop().time() + wait.total_seconds()

@@ -42,6 +42,12 @@ KNOWLEDGE_VECTOR_FALLBACKS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+KNOWLEDGE_EMBEDDING_FAILURES = Counter(
+    "dialtone_knowledge_embedding_failures_total",
+    "Rounds of embedding knowledge passages that failed after their retries (an embedding API down, refusing the "
+    "engine's key, or refusing a setting); the passages wait for a later round and are found by full-text meanwhile.",
+    registry=REGISTRY,
+)
 CALLS_LIVE = Gauge("dialtone_calls_live", "Calls with a media stream running on this engine.", registry=REGISTRY)
 CALLS_ENDED = Counter(
     "dialtone_calls_ended_total", "Calls finished by this engine, by final status.", ["status"], registry=REGISTRY
