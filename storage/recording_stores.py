@@ -207,6 +207,19 @@ class ObjectRecordingStore:
         await self._exit_stack.aclose()
 
 
+async def remove_recording(store: RecordingStore, *, key: str | None, local_file: Path | None) -> None:
+    """Remove a recording from where it is kept: the object under `key` in `store` (None when it was never uploaded)
+    and the file `local_file` on this disk (None when it is not kept there). What is already gone counts as removed;
+    RecordingStoreError when the store or the disk refuses, so the caller can try again later."""
+    if local_file is not None:
+        try:
+            await asyncio.to_thread(local_file.unlink, missing_ok=True)
+        except OSError as exc:
+            raise RecordingStoreError(f"{local_file}: could not remove the recording ({exc.strerror or exc})") from exc
+    if key is not None:
+        await store.delete(key)
+
+
 def _describe(exc: BaseException) -> str:
     response = getattr(exc, "response", None)
     if isinstance(response, dict) and "Error" in response:

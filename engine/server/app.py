@@ -40,6 +40,7 @@ from engine.twilio.rest import TwilioCalls
 from engine.workers.call_log_replay import call_log_spill_context
 from engine.workers.lost_calls import lost_calls_context
 from engine.workers.post_call import post_call_context
+from engine.workers.recording_deletions import recording_deletions_context
 from engine.workers.recording_io import recording_io_context
 from engine.workers.recording_uploads import recording_uploads_context
 from engine.workers.recordings import handle_recording, recordings_context
@@ -78,6 +79,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app.cleanup_ctx.append(recordings_context)
     app.cleanup_ctx.append(recording_io_context)
     app.cleanup_ctx.append(recording_uploads_context)  # before _calls_context: calls' ends record theirs
+    app.cleanup_ctx.append(recording_deletions_context)  # through the uploads' store, which closes after it
     app.cleanup_ctx.append(_offline_workers_context)  # before _calls_context: calls end before the workers stop
     app.cleanup_ctx.append(_calls_context)
     app.cleanup_ctx.append(lost_calls_context)  # calls recovery closed while this node was taken for dead end here

@@ -27,7 +27,13 @@ from media.recording import repair_wav_header
 from storage import Pool, call_recordings
 from storage.call_recordings import CallRecording, ClaimedUpload, RecordingStatus
 from storage.errors import DATABASE_ERRORS
-from storage.recording_stores import RecordingStore, RecordingStoreError, object_key, open_recording_store
+from storage.recording_stores import (
+    RecordingStore,
+    RecordingStoreError,
+    object_key,
+    open_recording_store,
+    remove_recording,
+)
 from storage.recordings import recording_files, recording_url
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,12 @@ RETENTION_BATCH = 500
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def retry_wait(settings: Settings, attempts: int) -> float:
+    """Seconds before trying again a recording's store after `attempts` failed tries: from
+    DIALTONE_RECORDING_UPLOAD_RETRY_INITIAL, doubling, up to DIALTONE_RECORDING_UPLOAD_RETRY_MAX."""
+    return min(settings.recording_upload_retry_initial * 2.0 ** (attempts - 1), settings.recording_upload_retry_max)
 
 
 def spool_id(state_dir: Path) -> str:
@@ -85,6 +97,11 @@ class RecordingUploads:
         self._key = key
         self._clock = clock
         self._wake = asyncio.Event()
+
+    @property
+    def spool(self) -> str:
+        """The id of this process's state folder, whose files it uploads and removes."""
+        return self._spool
 
     async def finished(self, *, organization_id: str, call_log_id: str, path: Path, size: int) -> bool:
         """Record a call's finished recording file; with object storage, wake the uploader for it. Whether it was.
@@ -193,10 +210,7 @@ class RecordingUploads:
                 raise RecordingStoreError(f"{path}: the local recording file is missing")
             await self.store.put(recording.object_key, path)
         except RecordingStoreError as exc:
-            wait = min(
-                self._settings.recording_upload_retry_initial * 2 ** (recording.attempt_count - 1),
-                self._settings.recording_upload_retry_max,
-            )
+            wait = retry_wait(self._settings, recording.attempt_count)
             log.warning("recording of call %s: %s; retrying in %.0f s", recording.call_log_id, exc, wait)
             await call_recordings.retry_later(
                 self._pool, claim, error=str(exc), next_attempt_at=self._clock() + timedelta(seconds=wait)
@@ -242,9 +256,9 @@ class RecordingUploads:
             return 0  # kept in a store this process is not configured for
         try:
             if local_only:
-                await asyncio.to_thread(Path(recording.local_path).unlink, missing_ok=True)
+                await remove_recording(self.store, key=None, local_file=Path(recording.local_path))
             else:
-                await self.store.delete(recording.object_key)
+                await remove_recording(self.store, key=recording.object_key, local_file=None)
         except RecordingStoreError as exc:
             log.warning("recording of call %s: not deleted yet (%s)", recording.call_log_id, exc)
             return 0

@@ -1,0 +1,231 @@
+"""Recordings go with their call, however the call is deleted: a CallLog or a whole organization deleted in SQL (as
+the dashboard does), outside the engine, has its recording removed from object storage and from the disk.
+
+The store is moto's S3 server on loopback, spoken to by the engine's real aiobotocore client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from config.settings import Settings, load_settings
+from engine.workers.recording_deletions import RecordingDeletions
+from engine.workers.recording_uploads import RecordingUploads, spool_id
+from storage import agents, call_recordings
+from storage.call_recordings import RecordingStatus
+from storage.organizations import create_organization, delete_organization
+from storage.recording_stores import ObjectRecordingStore, RecordingStore, object_key
+from storage.tenancy import tenant_transaction
+from tests.engine_server import running_engine
+from tests.s3_server import S3Server, s3_server
+from tests.test_api_auth import make_tenant
+from tests.test_calls_e2e import TOKEN, call, call_log, make_line
+from tests.test_recording_object_storage import WAV, make_bucket, recording_file, store_for
+from tests.test_repo_call_logs import open_call
+from tests.test_webhook_delivery import eventually
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    with s3_server() as server:
+        yield server
+
+
+async def keys_in(settings: Settings) -> list[str]:
+    """The keys of the objects in the settings' bucket."""
+    async with store_for(settings) as store:
+        assert isinstance(store, ObjectRecordingStore)
+        listed = await store._client.list_objects_v2(Bucket=settings.s3_bucket)
+    return [item["Key"] for item in listed.get("Contents", [])]
+
+
+async def queued(pool: asyncpg.Pool, organization_id: str) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        'SELECT * FROM "RecordingDeletion" WHERE "organizationId" = $1 ORDER BY "createdAt"', organization_id
+    )
+
+
+async def uploaded_recording(
+    pool: asyncpg.Pool, store: RecordingStore, settings: Settings, organization_id: str
+) -> tuple[str, Path]:
+    """A call whose recording is in the store (its local file removed by the upload); its id and that file's path."""
+    log = await open_call(pool, organization_id)
+    path = recording_file(settings, organization_id, log.id)
+    uploads = RecordingUploads(pool, store, settings, spool=spool_id(Path(settings.state_dir)))
+    await uploads.finished(organization_id=organization_id, call_log_id=log.id, path=path, size=len(WAV))
+    assert await uploads.upload_due() == 1
+    return log.id, path
+
+
+def deletions(pool: asyncpg.Pool, store: RecordingStore, settings: Settings, **kwargs: Any) -> RecordingDeletions:
+    return RecordingDeletions(pool, store, settings, spool=spool_id(Path(settings.state_dir)), **kwargs)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: a store there is down."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+async def test_a_call_log_deleted_in_sql_has_its_recording_removed_from_object_storage(
+    s3: S3Server, pool: asyncpg.Pool, db_url: str, tmp_path: Path
+) -> None:
+    overrides: dict[str, Any] = s3.settings("deleted-call", recording_upload_interval=0.05)
+    settings = load_settings(state_dir=tmp_path, **overrides)
+    await make_bucket(settings)
+    tenant = await make_tenant(pool, "Deleted")
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence="This call is recorded.")
+    async with running_engine(db_url, twilio_auth_token=TOKEN, state_dir=tmp_path, **overrides) as engine:
+        log = await call_log(pool, await call(engine, number))
+        key = f"recordings/{object_key(tenant.organization_id, log['id'])}"
+
+        async def in_bucket() -> bool:
+            return key in await keys_in(settings)
+
+        await eventually(in_bucket, "the call's recording in the bucket")
+
+        await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', log["id"])
+
+        async def gone() -> bool:
+            return not await in_bucket()
+
+        await eventually(gone, "the deleted call's recording gone from the bucket")
+        assert await queued(pool, tenant.organization_id) == []
+
+
+async def test_a_call_log_deleted_in_sql_has_its_recording_file_removed_from_the_local_store(
+    pool: asyncpg.Pool, db_url: str, tmp_path: Path
+) -> None:
+    tenant = await make_tenant(pool, "DeletedLocal")
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence="This call is recorded.")
+    async with running_engine(
+        db_url, twilio_auth_token=TOKEN, state_dir=tmp_path, recording_upload_interval=0.05
+    ) as engine:
+        log = await call_log(pool, await call(engine, number))
+        recording = await call_recordings.find_recording(pool, call_log_id=log["id"])
+        assert recording is not None and recording.status is RecordingStatus.STORED
+        path = Path(recording.local_path)
+        assert await asyncio.to_thread(path.is_file)
+
+        await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', log["id"])
+
+        async def gone() -> bool:
+            return not await asyncio.to_thread(path.exists)
+
+        await eventually(gone, "the deleted call's recording gone from the disk")
+        assert await queued(pool, tenant.organization_id) == []
+
+
+async def test_deleting_an_organization_removes_the_recordings_of_all_its_calls(
+    s3: S3Server, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    settings = load_settings(state_dir=tmp_path, **s3.settings("deleted-organization"))
+    await make_bucket(settings)
+    organization = await create_organization(pool, name="Leaving", slug="recordings-leaving")
+    async with store_for(settings) as store:
+        uploaded = [await uploaded_recording(pool, store, settings, organization.id) for _ in range(2)]
+        # One waits for its upload: its only copy is the local file.
+        waiting = await open_call(pool, organization.id)
+        waiting_file = recording_file(settings, organization.id, waiting.id)
+        await call_recordings.add_recording(
+            pool,
+            organization_id=organization.id,
+            call_log_id=waiting.id,
+            store="s3",
+            object_key=object_key(organization.id, waiting.id),
+            spool=spool_id(tmp_path),
+            local_path=str(waiting_file),
+            size=len(WAV),
+            stored=False,
+            now=datetime.now(UTC) + timedelta(days=1),
+        )
+        assert len(await keys_in(settings)) == 2
+
+        await delete_organization(pool, organization_id=organization.id)
+        assert len(await queued(pool, organization.id)) == 3  # the cascades fired the trigger for every recording
+
+        assert await deletions(pool, store, settings).delete_due() == 3
+    assert await keys_in(settings) == []
+    assert not waiting_file.exists()
+    assert all(not path.exists() for _, path in uploaded)
+    assert await queued(pool, organization.id) == []
+
+
+async def test_a_recording_is_removed_once_its_store_is_back_and_the_delete_never_waits_for_it(
+    s3: S3Server, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    overrides: dict[str, Any] = s3.settings("outage", recording_upload_retry_initial=0.01)
+    settings = load_settings(state_dir=tmp_path, **overrides)
+    down = load_settings(state_dir=tmp_path, **overrides | {"s3_endpoint_url": f"http://127.0.0.1:{closed_port()}"})
+    await make_bucket(settings)
+    organization = await create_organization(pool, name="Outage", slug="recordings-outage")
+    async with store_for(settings) as store:
+        call_log_id, _ = await uploaded_recording(pool, store, settings, organization.id)
+    await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', call_log_id)
+
+    async with store_for(down) as unreachable:
+        assert await deletions(pool, unreachable, down).delete_due() == 0
+    [row] = await queued(pool, organization.id)
+    assert row["attemptCount"] == 1 and row["lastError"] is not None and "delete failed" in row["lastError"]
+    assert len(await keys_in(settings)) == 1
+
+    await asyncio.sleep(0.05)  # the retry's wait
+    async with store_for(settings) as store:
+        assert await deletions(pool, store, settings).delete_due() == 1
+    assert await keys_in(settings) == []
+    assert await queued(pool, organization.id) == []
+
+
+async def test_a_recording_already_gone_from_its_store_counts_as_removed(
+    s3: S3Server, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    settings = load_settings(state_dir=tmp_path, **s3.settings("already-gone"))
+    await make_bucket(settings)
+    organization = await create_organization(pool, name="Gone", slug="recordings-already-gone")
+    async with store_for(settings) as store:
+        call_log_id, _ = await uploaded_recording(pool, store, settings, organization.id)
+        await store.delete(object_key(organization.id, call_log_id))
+        await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', call_log_id)
+        assert await deletions(pool, store, settings).delete_due() == 1
+    assert await queued(pool, organization.id) == []
+
+
+async def test_a_call_log_deleted_by_the_api_role_queues_its_recording_under_row_level_security(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    settings = load_settings(state_dir=tmp_path)
+    organization = await create_organization(pool, name="Tenant delete", slug="recordings-tenant-delete")
+    log = await open_call(pool, organization.id)
+    path = recording_file(settings, organization.id, log.id)
+    async with store_for(settings) as store:
+        uploads = RecordingUploads(pool, store, settings, spool=spool_id(tmp_path))
+        await uploads.finished(organization_id=organization.id, call_log_id=log.id, path=path, size=len(WAV))
+        async with tenant_transaction(pool, organization.id) as conn:
+            await conn.execute('DELETE FROM "CallLog" WHERE "id" = $1', log.id)
+        assert await deletions(pool, store, settings).delete_due() == 1
+    assert not path.exists()
+
+
+async def test_deleting_an_agent_keeps_its_calls_recordings(s3: S3Server, pool: asyncpg.Pool, tmp_path: Path) -> None:
+    settings = load_settings(state_dir=tmp_path)
+    tenant = await make_tenant(pool, "Agent gone")
+    _, agent_id = await make_line(pool, tenant.organization_id)
+    log = await open_call(pool, tenant.organization_id, agent_id=agent_id)
+    path = recording_file(settings, tenant.organization_id, log.id)
+    async with store_for(settings) as store:
+        uploads = RecordingUploads(pool, store, settings, spool=spool_id(tmp_path))
+        await uploads.finished(organization_id=tenant.organization_id, call_log_id=log.id, path=path, size=len(WAV))
+        await agents.delete_agent(pool, organization_id=tenant.organization_id, agent_id=agent_id)
+        assert await deletions(pool, store, settings).delete_due() == 0
+    assert path.is_file()
+    assert await call_recordings.find_recording(pool, call_log_id=log.id) is not None
