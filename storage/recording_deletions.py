@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from storage.call_recordings import CallRecording
 from storage.records import Queryable, Record, new_id
 
 _COLUMNS = (
@@ -41,6 +42,25 @@ class ClaimedDeletion:
 
     deletion: RecordingDeletion
     lease_token: str
+
+
+async def queue_object_deletion(db: Queryable, recording: CallRecording) -> None:
+    """Queue the removal of the object a recording was uploaded to after its row had gone (its call was deleted, or
+    retention deleted it, while the upload was under way). Unscoped: the engine's own upload worker."""
+    await db.execute(
+        """
+        INSERT INTO "RecordingDeletion" ("id", "organizationId", "callLogId", "store", "objectKey", "spool",
+                                         "localPath", "onDisk")
+        VALUES ($1, $2, $3, $4, $5, $6, $7, false)
+        """,
+        new_id(),
+        recording.organization_id,
+        recording.call_log_id,
+        recording.store,
+        recording.object_key,
+        recording.spool,
+        recording.local_path,
+    )
 
 
 async def claim_due(

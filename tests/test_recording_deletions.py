@@ -7,6 +7,7 @@ The store is moto's S3 server on loopback, spoken to by the engine's real aiobot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -197,6 +198,40 @@ async def test_a_recording_already_gone_from_its_store_counts_as_removed(
         await store.delete(object_key(organization.id, call_log_id))
         await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', call_log_id)
         assert await deletions(pool, store, settings).delete_due() == 1
+    assert await queued(pool, organization.id) == []
+
+
+async def test_a_recording_deleted_while_it_was_uploaded_is_removed_once_the_upload_lands(
+    s3: S3Server, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    settings = load_settings(state_dir=tmp_path, **s3.settings("mid-upload"))
+    await make_bucket(settings)
+    organization = await create_organization(pool, name="Mid upload", slug="recordings-mid-upload")
+    log = await open_call(pool, organization.id)
+    path = recording_file(settings, organization.id, log.id)
+    async with store_for(settings) as opened:
+        assert isinstance(opened, ObjectRecordingStore)
+
+        class DeletedDuringUpload(ObjectRecordingStore):
+            """The real store; the dashboard deletes the call, and its recording is removed, while the file goes up."""
+
+            async def put(self, key: str, source: Path) -> None:
+                in_flight = tmp_path / "in-flight.wav"  # the bytes already read, on their way to the bucket
+                await asyncio.to_thread(in_flight.write_bytes, await asyncio.to_thread(source.read_bytes))
+                await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', log.id)
+                assert await deletions(pool, opened, settings).delete_due() == 1  # nothing in the bucket yet
+                await super().put(key, in_flight)
+
+        store = DeletedDuringUpload(
+            opened._client, bucket="mid-upload", prefix="recordings/", exit_stack=contextlib.AsyncExitStack()
+        )
+        uploads = RecordingUploads(pool, store, settings, spool=spool_id(tmp_path))
+        await uploads.finished(organization_id=organization.id, call_log_id=log.id, path=path, size=len(WAV))
+        assert await uploads.upload_due() == 0
+        assert len(await keys_in(settings)) == 1  # it landed after its call was deleted
+
+        assert await deletions(pool, opened, settings).delete_due() == 1
+    assert await keys_in(settings) == []
     assert await queued(pool, organization.id) == []
 
 

@@ -24,7 +24,7 @@ from aiohttp import web
 from config.settings import Settings
 from engine.server.appkeys import DATABASE, RECORDING_KEY, SETTINGS
 from media.recording import repair_wav_header
-from storage import Pool, call_recordings
+from storage import Pool, call_recordings, recording_deletions
 from storage.call_recordings import CallRecording, ClaimedUpload, RecordingStatus
 from storage.errors import DATABASE_ERRORS
 from storage.recording_stores import (
@@ -217,12 +217,26 @@ class RecordingUploads:
             )
             return 0
         if not await call_recordings.mark_stored(self._pool, claim, now=self._clock()):
-            log.warning("recording of call %s: uploaded after its lease ran out", recording.call_log_id)
+            await self._lost(recording)
             return 0
         # Only now, with the store's confirmation recorded, may the local copy go.
         await asyncio.to_thread(path.unlink, missing_ok=True)
         log.info("recording of call %s uploaded (%d bytes)", recording.call_log_id, recording.bytes)
         return 1
+
+    async def _lost(self, recording: CallRecording) -> None:
+        """An upload whose row was no longer this worker's to mark stored: another worker's after the lease ran out,
+        or gone while the upload was under way (its call deleted, or retention deleted it). An object uploaded for a
+        recording gone is queued for removal: the deletion of its row could not remove an object not yet there."""
+        current = await call_recordings.find_recording(self._pool, call_log_id=recording.call_log_id)
+        if current is not None and current.id == recording.id and current.status is not RecordingStatus.DELETED:
+            log.warning("recording of call %s: uploaded after its lease ran out", recording.call_log_id)
+            return
+        await recording_deletions.queue_object_deletion(self._pool, recording)
+        log.warning(
+            "recording of call %s: deleted while it was uploaded; its object is queued for removal",
+            recording.call_log_id,
+        )
 
     async def expire(self) -> int:
         """Delete the recordings older than the retention period; how many were deleted.
