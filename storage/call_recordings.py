@@ -122,16 +122,21 @@ async def ended_without_recording(
     return [row["id"] for row in rows]
 
 
-async def kept_elsewhere(db: Queryable, *, files: list[tuple[str, str]]) -> list[str]:
+async def no_longer_needed(db: Queryable, *, files: list[tuple[str, str]]) -> list[str]:
     """Of these (organization id, call log id) recording files, the calls whose recording the local file is no longer
     needed for: uploaded to object storage, or deleted by retention (left by a process that died before it removed the
-    file). Unscoped: the engine looks at its own state folder's files."""
+    file), or whose call was deleted (a file its row's deletion did not know of: the recording of a call deleted while
+    it ran, or left by a killed process before anything recorded it). Unscoped: the engine looks at its own state
+    folder's files."""
     rows = await db.fetch(
         """
-        SELECT r."callLogId" FROM unnest($1::text[], $2::text[]) AS f("organizationId", "callLogId")
-        JOIN "CallRecording" r ON r."callLogId" = f."callLogId" AND r."organizationId" = f."organizationId"
+        SELECT f."callLogId" FROM unnest($1::text[], $2::text[]) AS f("organizationId", "callLogId")
+        LEFT JOIN "CallRecording" r ON r."callLogId" = f."callLogId" AND r."organizationId" = f."organizationId"
         WHERE r."status" = 'DELETED' OR (r."status" = 'STORED' AND r."store" <> 'local')
-        ORDER BY r."callLogId"
+           OR NOT EXISTS (
+               SELECT 1 FROM "CallLog" c WHERE c."id" = f."callLogId" AND c."organizationId" = f."organizationId"
+           )
+        ORDER BY f."callLogId"
         """,
         [organization_id for organization_id, _ in files],
         [call_log_id for _, call_log_id in files],

@@ -18,17 +18,20 @@ import asyncpg
 import pytest
 
 from config.settings import Settings, load_settings
+from engine.simulator import Pause
 from engine.workers.recording_deletions import RecordingDeletions
 from engine.workers.recording_uploads import RecordingUploads, spool_id
 from storage import agents, call_recordings
 from storage.call_recordings import RecordingStatus
 from storage.organizations import create_organization, delete_organization
 from storage.recording_stores import ObjectRecordingStore, RecordingStore, object_key
+from storage.recordings import recording_path
 from storage.tenancy import tenant_transaction
 from tests.engine_server import running_engine
 from tests.s3_server import S3Server, s3_server
 from tests.test_api_auth import make_tenant
 from tests.test_calls_e2e import TOKEN, call, call_log, make_line
+from tests.test_drain_processes import held_call
 from tests.test_recording_object_storage import WAV, make_bucket, recording_file, store_for
 from tests.test_repo_call_logs import open_call
 from tests.test_webhook_delivery import eventually
@@ -264,3 +267,25 @@ async def test_deleting_an_agent_keeps_its_calls_recordings(s3: S3Server, pool: 
         assert await deletions(pool, store, settings).delete_due() == 0
     assert path.is_file()
     assert await call_recordings.find_recording(pool, call_log_id=log.id) is not None
+
+
+async def test_the_recording_of_a_call_deleted_while_it_ran_is_removed_from_the_disk(
+    pool: asyncpg.Pool, db_url: str, tmp_path: Path
+) -> None:
+    tenant = await make_tenant(pool, "DeletedMidCall")
+    number, _ = await make_line(pool, tenant.organization_id, firstSentence="This call is recorded.")
+    settings = load_settings(state_dir=tmp_path)
+    async with running_engine(db_url, twilio_auth_token=TOKEN, state_dir=tmp_path) as engine:
+        caller = asyncio.create_task(call(engine, number, Pause(3_000)))
+        call_log_id = await held_call(pool, number)
+        path = recording_path(settings, tenant.organization_id, call_log_id)
+        await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', call_log_id)
+        await caller
+    # The call's end could not record a recording of a call gone: no row, no queued removal; the file alone is left.
+    assert await call_recordings.find_recording(pool, call_log_id=call_log_id) is None
+    async with running_engine(db_url, twilio_auth_token=TOKEN, state_dir=tmp_path):
+
+        async def gone() -> bool:
+            return not await asyncio.to_thread(path.exists)
+
+        await eventually(gone, "the recording of the deleted call gone from the disk")

@@ -157,20 +157,21 @@ class RecordingUploads:
             log.warning("recorded %d recordings that engine processes killed mid-call left behind", len(left))
         return len(left)
 
-    async def remove_copies_kept_elsewhere(self) -> int:
+    async def remove_unneeded_files(self) -> int:
         """Remove the local files of recordings already uploaded (or deleted by retention) that a process killed
-        between the store's confirmation and the file's removal left in the state folder; how many."""
+        between the store's confirmation and the file's removal left in the state folder, and those of calls deleted
+        that no recording row named (deleted while they ran, or before their file was adopted); how many."""
         files = await asyncio.to_thread(recording_files, self._settings)
         if not files:
             return 0
         paths = {call_log_id: path for _, call_log_id, path in files}
-        done = await call_recordings.kept_elsewhere(
+        done = await call_recordings.no_longer_needed(
             self._pool, files=[(organization_id, call_log_id) for organization_id, call_log_id, _ in files]
         )
         for call_log_id in done:
             await asyncio.to_thread(paths[call_log_id].unlink, missing_ok=True)
         if done:
-            log.warning("removed %d local recordings left behind after their upload", len(done))
+            log.warning("removed %d local recordings no longer needed (uploaded, expired, of deleted calls)", len(done))
         return len(done)
 
     async def _link(self, organization_id: str, call_log_id: str) -> None:
@@ -281,8 +282,8 @@ class RecordingUploads:
 
     async def run(self) -> None:
         """Upload due recordings when woken or every DIALTONE_RECORDING_UPLOAD_INTERVAL; hourly (and at once), record
-        those left behind by processes killed mid-call, remove local copies a killed process left after their upload,
-        and sweep the expired ones."""
+        those left behind by processes killed mid-call, remove local files no longer needed (copies a killed process
+        left after their upload, files of deleted calls), and sweep the expired ones."""
         next_sweep = self._clock()
         while True:
             try:
@@ -291,7 +292,7 @@ class RecordingUploads:
                 if self._clock() >= next_sweep:
                     next_sweep = self._clock() + RETENTION_INTERVAL
                     await self.adopt_left_behind()
-                    await self.remove_copies_kept_elsewhere()
+                    await self.remove_unneeded_files()
                     await self.expire()
             except DATABASE_ERRORS as exc:
                 log.warning("recording uploads: database unavailable (%s); retrying", exc)
