@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -289,3 +290,33 @@ async def test_the_recording_of_a_call_deleted_while_it_ran_is_removed_from_the_
             return not await asyncio.to_thread(path.exists)
 
         await eventually(gone, "the recording of the deleted call gone from the disk")
+
+
+async def test_a_role_with_no_rights_on_the_queue_still_deletes_a_recording_and_queues_its_removal(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # A dashboard may connect as a role of its own, granted what it deletes and nothing of the engine's tables.
+    settings = load_settings(state_dir=tmp_path)
+    organization = await create_organization(pool, name="Dashboard role", slug="recordings-dashboard-role")
+    log = await open_call(pool, organization.id)
+    path = recording_file(settings, organization.id, log.id)
+    async with store_for(settings) as store:
+        uploads = RecordingUploads(pool, store, settings, spool=spool_id(tmp_path))
+        await uploads.finished(organization_id=organization.id, call_log_id=log.id, path=path, size=len(WAV))
+    role = f"dialtone_dashboard_{secrets.token_hex(3)}"
+    async with pool.acquire() as conn:
+        rolled_back = conn.transaction()  # the role and all it did go at the end
+        await rolled_back.start()
+        try:
+            await conn.execute(f"CREATE ROLE {role} NOLOGIN")
+            await conn.execute(f'GRANT SELECT, DELETE ON "CallRecording" TO {role}')
+            await conn.execute(f"SET LOCAL ROLE {role}")
+            await conn.execute("SELECT set_config('app.organization_id', $1, true)", organization.id)  # its policy
+            assert await conn.execute('DELETE FROM "CallRecording" WHERE "callLogId" = $1', log.id) == "DELETE 1"
+            await conn.execute("RESET ROLE")
+            queued_paths = await conn.fetch(
+                'SELECT "localPath" FROM "RecordingDeletion" WHERE "organizationId" = $1', organization.id
+            )
+        finally:
+            await rolled_back.rollback()
+    assert [row["localPath"] for row in queued_paths] == [str(path)]
