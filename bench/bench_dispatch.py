@@ -24,10 +24,9 @@ from pathlib import Path
 import asyncpg
 
 from engine.campaigns.recipients_csv import open_recipients_file, read_recipients
-from storage import campaigns
+from storage import campaigns, dial_policies
 from storage.agents import create_agent
 from storage.campaigns import DialingRules, NewRecipient
-from storage.dial_policies import DEFAULT_POLICY
 from storage.embedded import start_embedded
 from storage.enums import CallerType, CampaignStatus
 from storage.migrate import migrate
@@ -120,12 +119,13 @@ async def _import(pool: asyncpg.Pool, tmp: Path) -> None:
         for n in range(IMPORT_ROWS):
             out.write(f"Person {n},+1917{2000000 + n},note {n},tier{n % 5}\n")
     began = time.perf_counter()
+    policy = await dial_policies.get_policy(pool, organization_id=org)  # as the API's import reads it
     with open_recipients_file(path) as stream:
         summary = await campaigns.import_recipients(
             pool,
             organization_id=org,
             campaign_id=campaign_id,
-            recipients=(row.recipient for row in read_recipients(stream, policy=DEFAULT_POLICY)),
+            recipients=(row.recipient for row in read_recipients(stream, policy=policy)),
         )
     elapsed = time.perf_counter() - began
     print(

@@ -15,15 +15,27 @@ businesses (France's 09, the UK's 056, Germany's 032) at the price of a geograph
 personal (forwarding), UAN, pager and voicemail-access numbers, and numbers of no known type, are the ranges whose
 revenue the called party shares: they need an OWNER's or ADMIN's deliberate opt-in (`allowed_kinds`). So do the
 international networks (+870, +881, +882, ...: satellite phones and the like, which phonenumbers calls mobile or
-VoIP but which are the dearest destinations there are). `allowed_countries` narrows calls to some countries.
+VoIP but which are the dearest destinations there are).
+
+The countries dialed are, by default, those of the organization's own phone numbers (`home_countries`: the region
+of each of its "PhoneNumber" rows, inbound-only ones included since an inbound call is transferred from its number;
+`_region_of` says how one outside every known range counts), as Twilio's Geo Permissions open a new account to its
+home country only. The region counts, not the country code: a US number does not open +1 876 (Jamaica) or +1 809
+(the Dominican Republic), numbers that look American but are billed as international calls, the classic one-ring
+and revenue-share fraud destinations. An organization without a number dials no country. `allowed_countries`, once
+an OWNER or ADMIN sets it, replaces the default (NULL is the default). `get_policy` reads the countries in the query
+that reads the policy, so every caller of `refusal` judges by the same countries at the cost of one query.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import json
+from collections.abc import Collection, Iterable
 from datetime import datetime
+from functools import lru_cache
 from typing import Final
 
+import asyncpg
 import phonenumbers
 from phonenumbers import geocoder
 
@@ -57,6 +69,10 @@ _INTERNATIONAL_NETWORKS: Final = "001"
 """phonenumbers' region of the numbers of no country (+800, +870, +881, +882, ...)."""
 _HOW_TO_ALLOW: Final = "an OWNER or ADMIN may change that: PATCH /v1/organization/dial-policy"
 _COLUMNS: Final = '"organizationId", "allowedKinds", "allowedCountries", "internationalNetworks", "updatedAt"'
+_OWN_NUMBERS: Final = (
+    'ARRAY(SELECT DISTINCT n."phoneNumber" FROM "PhoneNumber" n WHERE n."organizationId" = $1) AS "phoneNumbers"'
+)
+"""A column of the organization's own numbers (the default countries' source), beside a query of its policy."""
 
 
 class InvalidDialPolicy(ValueError):
@@ -74,12 +90,21 @@ class OutboundDialPolicy(Record):
     allowed_kinds: frozenset[NumberKind] = frozenset()
     """Opt-in kinds (OPT_IN_KINDS) dialed besides DEFAULT_KINDS."""
     allowed_countries: tuple[str, ...] | None = None
-    """ISO 3166 region codes ("GB"): only numbers of these countries are dialed; None: any country."""
+    """ISO 3166 region codes ("GB") an OWNER or ADMIN set: only numbers of these countries are dialed; None: the
+    default, `home_countries`."""
+    home_countries: tuple[str, ...] = ()
+    """The regions of the organization's own phone numbers, sorted (`get_policy` reads them): the countries dialed
+    while `allowed_countries` is None."""
     international_networks: bool = False
     """Whether numbers of the international networks (+870, +881, +882, ...) are dialed, of the kinds allowed; they are
     no country's, so `allowed_countries` does not narrow them."""
     updated_at: datetime | None = None
     """When an OWNER or ADMIN last set it; None for the default of an organization that never did."""
+
+    @property
+    def dialed_countries(self) -> tuple[str, ...]:
+        """The countries whose numbers are dialed: `allowed_countries` if set, else `home_countries`."""
+        return self.allowed_countries if self.allowed_countries is not None else self.home_countries
 
     def refusal(self, number: str) -> str | None:
         """Why a call to the E.164 `number` (as config.phone.e164 gives it) may not be placed, or None if it may.
@@ -100,25 +125,82 @@ class OutboundDialPolicy(Record):
                 f"{number} is a number of an international network (satellite phones and the like), not of a "
                 f"country; this organization does not dial those ({_HOW_TO_ALLOW})"
             )
-        if self.allowed_countries is not None and region not in self.allowed_countries:
-            where = geocoder.country_name_for_number(parsed, "en") or region or "no known country"
+        # A number in no range of its country code's plan is of no known country: only an organization that dials
+        # every country sharing the code (+1: the US, Canada and 23 others) dials it.
+        code = parsed.country_code or 0
+        regions = {region} if region else set(phonenumbers.region_codes_for_country_code(code))
+        dialed = self.dialed_countries
+        if regions and regions <= set(dialed):
+            return None
+        if region:
+            where = geocoder.country_name_for_number(parsed, "en") or region
+            widened = f", e.g. {json.dumps({'allowedCountries': sorted({*dialed, region})})}"
+        else:
+            where = f"no country phonenumbers can tell (+{code} is shared by {', '.join(sorted(regions))})"
+            widened = ""
+        if self.allowed_countries is not None:
             return (
-                f"{number} is in {where}; this organization dials only numbers in "
-                f"{', '.join(self.allowed_countries)} ({_HOW_TO_ALLOW})"
+                f"{number} is in {where}; this organization dials only numbers in {', '.join(dialed)} "
+                f"({_HOW_TO_ALLOW}{widened})"
             )
-        return None
+        if not dialed:
+            return (
+                f"{number} is in {where}; this organization has no phone number, and by default dials only the "
+                f"countries of its phone numbers ({_HOW_TO_ALLOW}{widened})"
+            )
+        return (
+            f"{number} is in {where}; by default this organization dials only the countries of its phone numbers, "
+            f"{', '.join(dialed)} ({_HOW_TO_ALLOW}{widened})"
+        )
 
 
 DEFAULT_POLICY: Final = OutboundDialPolicy()
-"""The policy of an organization that never set one: DEFAULT_KINDS, any country, no international network."""
+"""The policy of an organization that never set one, as it stands before its numbers are read: DEFAULT_KINDS, the
+countries of its numbers (none here), no international network."""
 
 
 async def get_policy(db: Queryable, *, organization_id: str) -> OutboundDialPolicy:
-    """The organization's policy; the default (organization_id filled in) if it never set one."""
-    row = await db.fetchrow(f'SELECT {_COLUMNS} FROM "OutboundDialPolicy" WHERE "organizationId" = $1', organization_id)
-    if row is None:
-        return DEFAULT_POLICY.model_copy(update={"organization_id": organization_id})
-    return OutboundDialPolicy.from_row(row)
+    """The organization's policy, its `home_countries` filled in; the default if it never set one. One query."""
+    row = await db.fetchrow(
+        f"""
+        SELECT {_OWN_NUMBERS}, p."allowedKinds", p."allowedCountries", p."internationalNetworks", p."updatedAt"
+        FROM (SELECT 1) AS one LEFT JOIN "OutboundDialPolicy" p ON p."organizationId" = $1
+        """,
+        organization_id,
+    )
+    assert row is not None
+    return _read_policy(organization_id, row)
+
+
+def _read_policy(organization_id: str, row: asyncpg.Record) -> OutboundDialPolicy:
+    """The policy of a row of `_COLUMNS` and `_OWN_NUMBERS`, the policy's columns all NULL for the default."""
+    home = _home_countries(row["phoneNumbers"])
+    if row["updatedAt"] is None:
+        return DEFAULT_POLICY.model_copy(update={"organization_id": organization_id, "home_countries": home})
+    return OutboundDialPolicy.from_row({**dict(row.items()), "organizationId": organization_id, "homeCountries": home})
+
+
+def _home_countries(numbers: Iterable[str]) -> tuple[str, ...]:
+    regions = {_region_of(number) for number in numbers}
+    return tuple(sorted(region for region in regions if region is not None))
+
+
+@lru_cache(maxsize=16384)
+def _region_of(number: str) -> str | None:
+    """The country of one of the organization's numbers; None for a number of no country, or not one (a row another
+    writer left unreadable opens nothing). Cached: a dispatcher asks for the same numbers at every dial.
+
+    A number outside every range phonenumbers knows counts as in the main country of its code (+1: the US): the
+    numbers an organization gets from its carrier are real, and its metadata lags new ranges (a new US area code)
+    behind the carriers. A number to dial gets no such benefit of the doubt (`refusal`)."""
+    try:
+        parsed = phonenumbers.parse(number)
+    except phonenumbers.NumberParseException:
+        return None
+    region = phonenumbers.region_code_for_number(parsed) or phonenumbers.region_code_for_country_code(
+        parsed.country_code or 0
+    )
+    return region if region in phonenumbers.SUPPORTED_REGIONS else None
 
 
 async def lock_policy(conn: Connection, *, organization_id: str) -> OutboundDialPolicy:
@@ -153,7 +235,9 @@ async def set_policy(
             )
     if countries == []:
         raise InvalidDialPolicy(
-            "allowedCountries", "an empty list of countries would dial nothing: give at least one, or null for any"
+            "allowedCountries",
+            "an empty list of countries would dial nothing: give at least one, or null for the default (the "
+            "countries of the organization's phone numbers)",
         )
     row = await db.fetchrow(
         f"""
@@ -162,7 +246,7 @@ async def set_policy(
         ON CONFLICT ("organizationId") DO UPDATE SET
             "allowedKinds" = EXCLUDED."allowedKinds", "allowedCountries" = EXCLUDED."allowedCountries",
             "internationalNetworks" = EXCLUDED."internationalNetworks"
-        RETURNING {_COLUMNS}
+        RETURNING {_COLUMNS}, {_OWN_NUMBERS}
         """,
         organization_id,
         sorted(set(allowed_kinds)),
@@ -170,4 +254,4 @@ async def set_policy(
         international_networks,
     )
     assert row is not None
-    return OutboundDialPolicy.from_row(row)
+    return _read_policy(organization_id, row)

@@ -34,7 +34,10 @@ async def api(engine: str) -> AsyncIterator[Api]:
 
 @pytest.fixture(scope="module")
 async def tenant(pool: asyncpg.Pool) -> Tenant:
-    return await make_tenant(pool, "Campaigner")
+    """An organization with a US number: by default it dials the US, where these tests' recipients are."""
+    tenant = await make_tenant(pool, "Campaigner")
+    await phone_numbers.create_phone_number(pool, organization_id=tenant.organization_id, phone_number="+15550177000")
+    return tenant
 
 
 async def new_campaign(api: Api, pool: asyncpg.Pool, tenant: Tenant, **fields: Any) -> dict[str, Any]:

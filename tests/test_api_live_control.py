@@ -332,6 +332,9 @@ async def test_a_call_no_engine_process_holds_yet_is_a_conflict(
     api: Api, pool: asyncpg.Pool, control: str, body: dict[str, Any]
 ) -> None:
     tenant = await make_tenant(pool, "Unheld")
+    await phone_numbers.create_phone_number(  # a US number: by default the organization dials BILLING's country
+        pool, organization_id=tenant.organization_id, phone_number=f"+1555557{next(_numbers):04d}"
+    )
     log = await open_call(pool, tenant.organization_id)
     status, answer = await api.call("POST", f"/live-calls/{log.id}/{control}", tenant.owner_key, json=body)
     assert status == 409

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -13,10 +14,21 @@ from engine.campaigns.cli import parse_days
 from storage import campaigns
 from storage.agents import create_agent
 from storage.enums import CallerType, CampaignStatus
+from storage.phone_numbers import create_phone_number
 from tests.test_repo_agents import insert_organization
 
 DIALTONE = [sys.executable, "-m", "engine.server.cli"]
 REPO = Path(__file__).resolve().parent.parent
+
+
+_numbers = itertools.count(100)
+
+
+async def us_organization(pool: asyncpg.Pool) -> str:
+    """An organization with a US number: by default it dials the US, where these files' numbers are."""
+    org = await insert_organization(pool)
+    await create_phone_number(pool, organization_id=org, phone_number=f"+1720555{next(_numbers):04d}")
+    return org
 
 
 async def dialtone(db_url: str, cwd: Path, *args: str, **settings: str) -> tuple[int, str, str]:
@@ -32,7 +44,7 @@ async def dialtone(db_url: str, cwd: Path, *args: str, **settings: str) -> tuple
 
 
 async def test_create_import_start_pause_stop_and_status(pool: asyncpg.Pool, db_url: str, tmp_path: Path) -> None:
-    org = await insert_organization(pool)
+    org = await us_organization(pool)
     slug = await pool.fetchval('SELECT "slug" FROM "Organization" WHERE "id" = $1', org)
     agent = await create_agent(pool, organization_id=org, name="Caller", caller_type=CallerType.OUTBOUND)
 
@@ -72,7 +84,7 @@ async def test_create_import_start_pause_stop_and_status(pool: asyncpg.Pool, db_
 
 
 async def test_mistakes_get_one_line_naming_what_is_wrong(pool: asyncpg.Pool, db_url: str, tmp_path: Path) -> None:
-    org = await insert_organization(pool)
+    org = await us_organization(pool)
     agent = await create_agent(pool, organization_id=org, name="Caller")
     code, _, err = await dialtone(
         db_url, tmp_path, "campaign", "create", "--org", org, "--agent", agent.id, "--name", "X", "--window", "9-5"
@@ -100,7 +112,7 @@ async def test_mistakes_get_one_line_naming_what_is_wrong(pool: asyncpg.Pool, db
 async def refused_import(pool: asyncpg.Pool, db_url: str, tmp_path: Path, csv: Path) -> str:
     """`dialtone campaign import` of `csv` into a new campaign, which must fail in one line importing nothing;
     its stderr."""
-    org = await insert_organization(pool)
+    org = await us_organization(pool)
     agent = await create_agent(pool, organization_id=org, name="Caller")
     campaign = await campaigns.create_campaign(pool, organization_id=org, batch_name="Refused", agent_id=agent.id)
     code, _, err = await dialtone(db_url, tmp_path, "campaign", "import", "--org", org, campaign.id, str(csv))

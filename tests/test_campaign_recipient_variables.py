@@ -17,10 +17,10 @@ from engine.campaigns.recipients_csv import read_recipients
 from engine.twilio.outbound_calls import MAX_VARIABLE_CHARS, MAX_VARIABLES, OutboundDeps
 from storage import campaigns, phone_numbers
 from storage.campaigns import NewRecipient
-from storage.dial_policies import DEFAULT_POLICY
 from storage.enums import RecipientStatus
 from tests.fakes.twilio import FakeTwilio
 from tests.test_api_auth import Api, Tenant, make_tenant
+from tests.test_dial_policy import at_home
 from tests.test_dispatch_do_not_call import deps, engine, new_organization  # noqa: F401 (fixtures)
 from tests.test_outbound_calls import make_agent
 
@@ -33,11 +33,14 @@ async def api(engine: str) -> AsyncIterator[Api]:  # noqa: F811
 
 @pytest.fixture(scope="module")
 async def tenant(pool: asyncpg.Pool) -> Tenant:
-    return await make_tenant(pool, "Variables")
+    """An organization with a US number: by default it dials the US, where these tests' numbers are."""
+    tenant = await make_tenant(pool, "Variables")
+    await phone_numbers.create_phone_number(pool, organization_id=tenant.organization_id, phone_number="+12125550178")
+    return tenant
 
 
 def parse(text: str) -> list[NewRecipient]:
-    return [row.recipient for row in read_recipients(io.StringIO(text), policy=DEFAULT_POLICY)]
+    return [row.recipient for row in read_recipients(io.StringIO(text), policy=at_home("US"))]
 
 
 def test_a_column_longer_than_a_call_carries_makes_its_row_an_error_naming_it() -> None:

@@ -12,15 +12,18 @@ from engine.campaigns.recipients_csv import RecipientsFileError, open_recipients
 from storage import campaigns
 from storage.agents import create_agent
 from storage.campaigns import Campaign
-from storage.dial_policies import DEFAULT_POLICY
 from storage.enums import CampaignStatus, RecipientStatus
 from storage.errors import ConstraintViolation
 from storage.records import Queryable
+from tests.test_dial_policy import at_home
 from tests.test_repo_agents import insert_organization
+
+US_AND_GERMANY = at_home("DE", "US")
+"""The policy of an organization with numbers in the US and Germany, the countries these files' numbers are in."""
 
 
 def parse(text: str, region: str | None = None) -> list[campaigns.NewRecipient]:
-    return [row.recipient for row in read_recipients(io.StringIO(text), default_region=region, policy=DEFAULT_POLICY)]
+    return [row.recipient for row in read_recipients(io.StringIO(text), default_region=region, policy=US_AND_GERMANY)]
 
 
 async def new_campaign(db: Queryable) -> Campaign:
@@ -46,7 +49,7 @@ def test_a_utf8_bom_does_not_hide_the_first_header(tmp_path: Path) -> None:
     path = tmp_path / "bom.csv"
     path.write_bytes("\ufeffphone,name\n+12125551234,Ada\n".encode())
     with open_recipients_file(path) as stream:
-        [row] = list(read_recipients(stream, policy=DEFAULT_POLICY))
+        [row] = list(read_recipients(stream, policy=US_AND_GERMANY))
     assert (row.recipient.phone_number, row.recipient.name) == ("+12125551234", "Ada")
 
 
@@ -92,7 +95,7 @@ def test_invalid_rows_are_kept_as_errors_with_the_reason() -> None:
 
 
 def test_blank_lines_are_skipped_and_line_numbers_kept() -> None:
-    rows = list(read_recipients(io.StringIO("phone\n+12125551234\n\n+12125551235\n"), policy=DEFAULT_POLICY))
+    rows = list(read_recipients(io.StringIO("phone\n+12125551234\n\n+12125551235\n"), policy=US_AND_GERMANY))
     assert [row.line for row in rows] == [2, 4]
 
 
@@ -113,7 +116,7 @@ def test_a_row_split_across_the_sniffed_sample_is_read_whole() -> None:
 
 def test_a_row_whose_quoted_notes_span_lines_is_named_by_the_line_it_starts_on() -> None:
     text = 'phone,notes\n12,"called twice;\nno answer"\n\n+12125550101,"a\nb\nc"\n'
-    bad, good = read_recipients(io.StringIO(text), policy=DEFAULT_POLICY)
+    bad, good = read_recipients(io.StringIO(text), policy=US_AND_GERMANY)
     assert (bad.line, good.line) == (2, 5)
     assert bad.recipient.error_reason is not None and bad.recipient.error_reason.startswith("line 2: ")
     assert (good.recipient.status, good.recipient.notes) == (RecipientStatus.READY, "a\nb\nc")
@@ -189,7 +192,7 @@ async def test_a_hundred_thousand_csv_rows_import_with_copy(pool: asyncpg.Pool, 
             pool,
             organization_id=campaign.organization_id,
             campaign_id=campaign.id,
-            recipients=(row.recipient for row in read_recipients(stream, policy=DEFAULT_POLICY)),
+            recipients=(row.recipient for row in read_recipients(stream, policy=US_AND_GERMANY)),
         )
     assert (summary.rows, summary.imported, summary.merged, summary.errors) == (100_002, 100_000, 1, 1)
     queued = await pool.fetchval(

@@ -1,5 +1,6 @@
-"""The outbound dial policy against toll fraud: POST /v1/calls and campaigns (import and dial) refuse premium-rate and
-the like unless the organization opted in, through one rule (storage.dial_policies), on the real server and database.
+"""The outbound dial policy against toll fraud: POST /v1/calls, campaigns (import and dial) and transfers refuse
+premium-rate and the like unless the organization opted in, and by default any country but those of its own numbers,
+through one rule (storage.dial_policies), on the real server and database.
 
 Numbers are phonenumbers' own example number of each type, so the tests follow its metadata rather than our guesses.
 """
@@ -40,6 +41,9 @@ def example(region: str, kind: int) -> str:
 
 UK_PREMIUM = example("GB", PhoneNumberType.PREMIUM_RATE)  # +44 90...
 UK_MOBILE = example("GB", PhoneNumberType.MOBILE)
+US_NUMBER = "+14155550123"
+JAMAICA = "+18765550123"  # +1 like the US, but Jamaica's: billed as an international call
+DOMINICAN_REPUBLIC = "+18095550123"
 POLICY_PATH = "/organization/dial-policy"
 
 _TYPES = {
@@ -68,11 +72,23 @@ def first_example(kind: NumberKind) -> str:
     raise AssertionError(f"no example of {kind}")
 
 
+def at_home(*countries: str) -> OutboundDialPolicy:
+    """The default policy of an organization with numbers in `countries`, as get_policy reads it."""
+    return DEFAULT_POLICY.model_copy(update={"home_countries": countries})
+
+
+def country_of(number: str) -> str:
+    region = phonenumbers.region_code_for_number(phonenumbers.parse(number))
+    assert region is not None, number
+    return region
+
+
 @pytest.mark.parametrize("kind", sorted(_TYPES))
 def test_the_default_policy_dials_plain_voip_and_toll_free_numbers_and_refuses_the_rest(kind: NumberKind) -> None:
     number = first_example(kind)
+    policy = at_home(country_of(number))
 
-    refusal = DEFAULT_POLICY.refusal(number)
+    refusal = policy.refusal(number)
 
     if kind in DEFAULT_KINDS:
         assert refusal is None
@@ -80,7 +96,51 @@ def test_the_default_policy_dials_plain_voip_and_toll_free_numbers_and_refuses_t
         assert refusal is not None and refusal.startswith(
             f"{number} is {kind.described}; this organization does not dial {kind.plural}"
         )
-        assert OutboundDialPolicy(allowed_kinds=frozenset({kind})).refusal(number) is None
+        assert policy.model_copy(update={"allowed_kinds": frozenset({kind})}).refusal(number) is None
+
+
+def test_by_default_only_the_countries_of_the_organizations_numbers_are_dialed_not_all_of_their_code() -> None:
+    # +1 876 and +1 809 look American, but are Jamaica's and the Dominican Republic's: international calls.
+    policy = at_home("US")
+
+    assert policy.refusal(US_NUMBER) is None
+    assert policy.refusal(JAMAICA) == (
+        f"{JAMAICA} is in Jamaica; by default this organization dials only the countries of its phone numbers, US "
+        "(an OWNER or ADMIN may change that: PATCH /v1/organization/dial-policy, "
+        'e.g. {"allowedCountries": ["JM", "US"]})'
+    )
+    assert (policy.refusal(DOMINICAN_REPUBLIC) or "").startswith(f"{DOMINICAN_REPUBLIC} is in Dominican Republic;")
+    assert (policy.refusal(UK_MOBILE) or "").startswith(f"{UK_MOBILE} is in United Kingdom;")
+    assert at_home("GB", "US").refusal(UK_MOBILE) is None
+
+
+def test_an_organization_without_a_number_dials_no_country_by_default() -> None:
+    assert (DEFAULT_POLICY.refusal(US_NUMBER) or "").startswith(
+        f"{US_NUMBER} is in United States; this organization has no phone number, and by default dials only the "
+        "countries of its phone numbers"
+    )
+
+
+def test_a_country_list_replaces_the_countries_of_the_organizations_numbers() -> None:
+    policy = at_home("US").model_copy(update={"allowed_countries": ("GB", "JM")})
+
+    assert policy.refusal(JAMAICA) is None
+    assert policy.refusal(UK_MOBILE) is None
+    assert (policy.refusal(US_NUMBER) or "").startswith(
+        f"{US_NUMBER} is in United States; this organization dials only"
+    )
+
+
+def test_a_number_of_no_known_country_is_dialed_only_by_an_organization_dialing_every_country_of_its_code() -> None:
+    # +1 555 is in no range of the plan: the US's, or Jamaica's? Only dialing all 25 countries of +1 covers it.
+    fictional = "+15555550100"
+    unclassified = frozenset({NumberKind.UNCLASSIFIED})
+    nanp = tuple(phonenumbers.region_codes_for_country_code(1))
+
+    refusal = at_home("US").model_copy(update={"allowed_kinds": unclassified}).refusal(fictional)
+
+    assert (refusal or "").startswith(f"{fictional} is in no country phonenumbers can tell (+1 is shared by AG, ")
+    assert OutboundDialPolicy(allowed_kinds=unclassified, allowed_countries=nanp).refusal(fictional) is None
 
 
 def test_numbers_of_no_known_type_and_international_networks_are_refused_unless_allowed() -> None:
@@ -91,8 +151,14 @@ def test_numbers_of_no_known_type_and_international_networks_are_refused_unless_
 
     assert (DEFAULT_POLICY.refusal(fictional) or "").startswith(f"{fictional} is a number of no known type;")
     assert "international network" in (DEFAULT_POLICY.refusal(satellite) or "")
-    assert OutboundDialPolicy(allowed_kinds=frozenset({NumberKind.UNCLASSIFIED})).refusal(fictional) is None
-    assert OutboundDialPolicy(international_networks=True).refusal(satellite) is None
+    nanp = tuple(phonenumbers.region_codes_for_country_code(1))  # no country known: every one of +1 (see below)
+    assert (
+        OutboundDialPolicy(allowed_kinds=frozenset({NumberKind.UNCLASSIFIED}), allowed_countries=nanp).refusal(
+            fictional
+        )
+        is None
+    )
+    assert OutboundDialPolicy(international_networks=True).refusal(satellite) is None  # no country to dial, none needed
 
 
 def test_a_country_list_dials_only_those_countries() -> None:
@@ -146,12 +212,19 @@ _caller_ids = iter(range(100, 1000))
 
 
 async def dialer_tenant(pool: asyncpg.Pool, name: str) -> tuple[Tenant, str, str]:
-    """An organization that can place calls: (tenant, an OUTBOUND agent's id, its caller id)."""
+    """An organization that can place calls, with a US number: (tenant, an OUTBOUND agent's id, its caller id)."""
     tenant = await make_tenant(pool, name, credits=500)
     number = await phone_numbers.create_phone_number(
         pool, organization_id=tenant.organization_id, phone_number=f"+14155550{next(_caller_ids):03d}"
     )
     return tenant, await make_agent(pool, tenant.organization_id), number.phone_number
+
+
+async def add_uk_number(pool: asyncpg.Pool, tenant: Tenant) -> None:
+    """Give the organization a UK number too: by default it then dials the UK as well."""
+    await phone_numbers.create_phone_number(
+        pool, organization_id=tenant.organization_id, phone_number=f"+44207946{next(_caller_ids):04d}"
+    )
 
 
 async def place(api: Api, tenant: Tenant, agent_id: str, caller_id: str, to: str) -> tuple[int, Any]:
@@ -178,6 +251,7 @@ async def test_the_api_refuses_a_premium_rate_number_and_dials_nothing(
 
 async def test_the_api_places_a_call_to_a_mobile_number(api: Api, pool: asyncpg.Pool, twilio: FakeTwilio) -> None:
     tenant, agent_id, caller_id = await dialer_tenant(pool, "Mobile")
+    await add_uk_number(pool, tenant)
 
     status, body = await place(api, tenant, agent_id, caller_id, UK_MOBILE)
 
@@ -186,13 +260,63 @@ async def test_the_api_places_a_call_to_a_mobile_number(api: Api, pool: asyncpg.
     await finished_log(pool, body["callLogId"])
 
 
+async def test_the_api_refuses_another_country_of_the_organizations_country_code_and_dials_nothing(
+    api: Api, pool: asyncpg.Pool, twilio: FakeTwilio
+) -> None:
+    tenant, agent_id, caller_id = await dialer_tenant(pool, "Caribbean")
+
+    status, body = await place(api, tenant, agent_id, caller_id, JAMAICA)
+
+    assert (status, body["error"]["field"]) == (422, "to"), body
+    assert body["error"]["message"] == f"to: {at_home('US').refusal(JAMAICA)}"
+    assert twilio.creates[JAMAICA] == 0
+    logs = await pool.fetchval('SELECT count(*) FROM "CallLog" WHERE "organizationId" = $1', tenant.organization_id)
+    assert logs == 0
+
+
+async def test_the_policy_shows_the_countries_of_the_organizations_numbers_as_its_default(
+    api: Api, pool: asyncpg.Pool
+) -> None:
+    tenant, _, _ = await dialer_tenant(pool, "Shown")
+    await add_uk_number(pool, tenant)
+    await phone_numbers.create_phone_number(  # in no range phonenumbers knows: its code's main country, the US
+        pool, organization_id=tenant.organization_id, phone_number=f"+15550188{next(_caller_ids):03d}"
+    )
+    numberless = await make_tenant(pool, "Numberless")
+
+    _, policy = await api.call("GET", POLICY_PATH, tenant.viewer_key)
+    _, none = await api.call("GET", POLICY_PATH, numberless.viewer_key)
+
+    assert (policy["defaultCountries"], policy["allowedCountries"], policy["updatedAt"]) == (["GB", "US"], None, None)
+    assert (none["defaultCountries"], none["allowedCountries"]) == ([], None)
+
+
+async def test_a_country_list_replaces_the_default_and_null_restores_it(
+    api: Api, pool: asyncpg.Pool, twilio: FakeTwilio
+) -> None:
+    tenant, agent_id, caller_id = await dialer_tenant(pool, "Islands")
+
+    status, policy = await api.call("PATCH", POLICY_PATH, tenant.owner_key, json={"allowedCountries": ["JM", "US"]})
+    assert (status, policy["allowedCountries"], policy["defaultCountries"]) == (200, ["JM", "US"], ["US"]), policy
+    placed, body = await place(api, tenant, agent_id, caller_id, JAMAICA)
+    assert placed == 201, body
+    await finished_log(pool, body["callLogId"])
+    status, policy = await api.call("PATCH", POLICY_PATH, tenant.owner_key, json={"allowedCountries": None})
+    refused, _ = await place(api, tenant, agent_id, caller_id, JAMAICA)
+
+    assert (status, policy["allowedCountries"]) == (200, None), policy
+    assert refused == 422
+
+
 async def test_an_organization_that_opts_in_dials_premium_rate_and_another_still_does_not(
     api: Api, pool: asyncpg.Pool, twilio: FakeTwilio
 ) -> None:
     opted, agent_id, caller_id = await dialer_tenant(pool, "OptedIn")
     other, other_agent, other_caller = await dialer_tenant(pool, "Careful")
 
-    status, policy = await api.call("PATCH", POLICY_PATH, opted.owner_key, json={"allowedKinds": ["premium_rate"]})
+    status, policy = await api.call(
+        "PATCH", POLICY_PATH, opted.owner_key, json={"allowedKinds": ["premium_rate"], "allowedCountries": ["GB"]}
+    )
     assert (status, policy["allowedKinds"]) == (200, ["premium_rate"]), policy
     placed, body = await place(api, opted, agent_id, caller_id, UK_PREMIUM)
     refused, _ = await place(api, other, other_agent, other_caller, UK_PREMIUM)
@@ -308,24 +432,46 @@ async def new_campaign(api: Api, tenant: Tenant, agent_id: str, caller_id: str) 
     return campaign_id
 
 
+async def import_csv(
+    api: Api, tenant: Tenant, agent_id: str, caller_id: str, csv: str
+) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+    """Import `csv` into a new campaign of the tenant: the answer's status and body, and the ERROR recipients."""
+    path = f"/campaigns/{await new_campaign(api, tenant, agent_id, caller_id)}/recipients"
+    status, summary = await api.call("POST", path, tenant.owner_key, json={"csv": csv})
+    _, page = await api.call("GET", f"{path}?status=ERROR", tenant.owner_key)
+    return status, summary, page["data"]
+
+
 async def test_a_campaign_import_keeps_a_premium_rate_row_as_an_error_naming_its_kind(
     api: Api, pool: asyncpg.Pool
 ) -> None:
     tenant, agent_id, caller_id = await dialer_tenant(pool, "Importer")
-    campaign_id = await new_campaign(api, tenant, agent_id, caller_id)
-    path = f"/campaigns/{campaign_id}/recipients"
+    await add_uk_number(pool, tenant)
 
-    status, summary = await api.call(
-        "POST", path, tenant.owner_key, json={"csv": f"phone,name\n{UK_MOBILE},Ann\n{UK_PREMIUM},Bob\n"}
+    status, summary, errors = await import_csv(
+        api, tenant, agent_id, caller_id, f"phone,name\n{UK_MOBILE},Ann\n{UK_PREMIUM},Bob\n"
     )
-    _, page = await api.call("GET", f"{path}?status=ERROR", tenant.owner_key)
 
     assert status == 200 and (summary["imported"], summary["errors"]) == (1, 1), summary
-    [refused] = page["data"]
+    [refused] = errors
     assert (refused["phoneNumber"], refused["state"], refused["error"]["at"]) == (UK_PREMIUM, "error", "line 3")
     assert refused["error"]["reason"].startswith(
         f"{UK_PREMIUM} is a premium-rate number; this organization does not dial premium-rate numbers"
     )
+
+
+async def test_a_campaign_import_keeps_a_row_of_another_country_of_the_same_code_as_an_error(
+    api: Api, pool: asyncpg.Pool
+) -> None:
+    tenant, agent_id, caller_id = await dialer_tenant(pool, "Caribbean importer")
+
+    status, summary, errors = await import_csv(
+        api, tenant, agent_id, caller_id, f"phone\n{US_NUMBER}\n{JAMAICA}\n{DOMINICAN_REPUBLIC}\n"
+    )
+
+    assert status == 200 and (summary["imported"], summary["errors"]) == (1, 2), summary
+    reasons = {row["phoneNumber"]: row["error"]["reason"] for row in errors}
+    assert reasons == {number: at_home("US").refusal(number) for number in (JAMAICA, DOMINICAN_REPUBLIC)}
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +495,9 @@ async def test_a_recipient_imported_while_allowed_is_not_dialed_once_the_policy_
 ) -> None:
     tenant, agent_id, caller_id = await dialer_tenant(pool, "Tightened")
     premium = example("GB", PhoneNumberType.PREMIUM_RATE)[:-1] + "9"  # a number no other test dials
-    await api.call("PATCH", POLICY_PATH, tenant.owner_key, json={"allowedKinds": ["premium_rate"]})
+    await api.call(
+        "PATCH", POLICY_PATH, tenant.owner_key, json={"allowedKinds": ["premium_rate"], "allowedCountries": ["GB"]}
+    )
     campaign_id = await new_campaign(api, tenant, agent_id, caller_id)
     path = f"/campaigns/{campaign_id}/recipients"
     _, summary = await api.call("POST", path, tenant.owner_key, json={"recipients": [{"phoneNumber": premium}]})

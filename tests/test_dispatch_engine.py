@@ -20,10 +20,9 @@ from engine.campaigns.recipients_csv import read_recipients
 from engine.simulator import Say
 from engine.twilio.outbound_calls import OutboundDeps
 from engine.twilio.rest import TwilioCalls
-from storage import agents, campaigns, conversation_paths, organizations, phone_numbers
+from storage import agents, campaigns, conversation_paths, dial_policies, organizations, phone_numbers
 from storage.campaigns import DialingRules
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
-from storage.dial_policies import DEFAULT_POLICY
 from storage.enums import CallerType, CampaignStatus
 from tests.engine_server import running_engine
 from tests.fakes.twilio import Answer, Busy, FakeTwilio, Refuse
@@ -75,7 +74,12 @@ async def booking_campaign(pool: asyncpg.Pool) -> campaigns.Campaign:
         pool,
         organization_id=org,
         campaign_id=campaign.id,
-        recipients=[row.recipient for row in read_recipients(io.StringIO(csv), policy=DEFAULT_POLICY)],
+        recipients=[
+            row.recipient
+            for row in read_recipients(
+                io.StringIO(csv), policy=await dial_policies.get_policy(pool, organization_id=org)
+            )
+        ],
     )
     return await campaigns.start_campaign(pool, organization_id=org, campaign_id=campaign.id)
 

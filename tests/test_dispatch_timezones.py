@@ -13,11 +13,11 @@ from engine.campaigns.dispatcher import CallingHours, CampaignDispatcher, Dispat
 from engine.campaigns.recipients_csv import make_recipient
 from engine.campaigns.windows import CallingWindow, recipient_timezone
 from engine.twilio.outbound_calls import OutboundDeps
-from storage import campaigns, phone_numbers
+from storage import campaigns, dial_policies, phone_numbers
 from storage.campaign_dispatch import QueuedRecipient
 from storage.campaigns import DialingRules
-from storage.dial_policies import DEFAULT_POLICY
 from tests.fakes.twilio import Busy, FakeTwilio
+from tests.test_dial_policy import country_of
 from tests.test_dispatch_do_not_call import deps, engine, new_organization  # noqa: F401 (fixtures)
 from tests.test_outbound_calls import make_agent
 
@@ -41,9 +41,17 @@ async def only_this_tests_campaigns(pool: asyncpg.Pool) -> None:
 
 
 async def new_york_campaign(pool: asyncpg.Pool, number: str) -> campaigns.Campaign:
-    """A started campaign calling `number` 09:00-17:00 in New York's time, the recipient imported as the API does."""
+    """A started campaign calling `number` 09:00-17:00 in New York's time, the recipient imported as the API does, by
+    an organization with a New York number that dials `number`'s country too."""
     organization_id = await new_organization(pool)
     await phone_numbers.create_phone_number(pool, organization_id=organization_id, phone_number="+12125550420")
+    policy = await dial_policies.set_policy(
+        pool,
+        organization_id=organization_id,
+        allowed_kinds=(),
+        allowed_countries=["US", country_of(number)],
+        international_networks=False,
+    )
     campaign = await campaigns.create_campaign(
         pool,
         organization_id=organization_id,
@@ -54,7 +62,7 @@ async def new_york_campaign(pool: asyncpg.Pool, number: str) -> campaigns.Campai
         rules=DialingRules(timezone="America/New_York"),
     )
     recipient = make_recipient(
-        "line 2", number, name=None, notes=None, variables={}, policy=DEFAULT_POLICY, default_region=None
+        "line 2", number, name=None, notes=None, variables={}, policy=policy, default_region=None
     )
     await campaigns.import_recipients(
         pool, organization_id=organization_id, campaign_id=campaign.id, recipients=[recipient]

@@ -7,6 +7,7 @@ The table goes through POST /v1/calls, a campaign's CSV import, POST /v1/phone-n
 from __future__ import annotations
 
 import asyncpg
+import phonenumbers
 import pytest
 from openai import AsyncOpenAI
 
@@ -119,11 +120,10 @@ async def test_calls_refuse_exactly_the_numbers_the_rule_refuses(
 
 @pytest.fixture(scope="module")
 async def unclassified_allowed(api: Api, tenant: Tenant) -> None:
-    """The tenant dials numbers of no known type (the table's fictional one), so that only config.phone's rule decides
-    here; the dial policy that refuses them by default is tests/test_dial_policy.py's."""
-    status, body = await api.call(
-        "PATCH", "/organization/dial-policy", tenant.owner_key, json={"allowedKinds": ["unclassified"]}
-    )
+    """The tenant dials numbers of no known type (the table's fictional one) in every country, so that only
+    config.phone's rule decides here; the dial policy that refuses them by default is tests/test_dial_policy.py's."""
+    everywhere = {"allowedKinds": ["unclassified"], "allowedCountries": sorted(phonenumbers.SUPPORTED_REGIONS)}
+    status, body = await api.call("PATCH", "/organization/dial-policy", tenant.owner_key, json=everywhere)
     assert status == 200, body
 
 

@@ -24,9 +24,8 @@ from engine.campaigns.dispatcher import CampaignDispatcher, DispatchTiming, Plac
 from engine.campaigns.recipients_csv import read_recipients
 from engine.twilio.outbound_calls import OutboundDeps
 from engine.twilio.rest import TwilioCalls
-from storage import agents, campaigns, phone_numbers
+from storage import agents, campaigns, dial_policies, phone_numbers
 from storage.campaigns import DialingRules, NewRecipient
-from storage.dial_policies import DEFAULT_POLICY
 from storage.enums import CallerType, CampaignStatus, PhoneNumberStatus
 from tests.engine_server import running_engine
 from tests.fakes.openai_chat import FakeOpenAI
@@ -272,7 +271,12 @@ async def test_a_campaign_call_speaks_from_the_agents_number_with_the_recipients
         pool,
         organization_id=org,
         campaign_id=campaign.id,
-        recipients=[row.recipient for row in read_recipients(io.StringIO(csv), policy=DEFAULT_POLICY)],
+        recipients=[
+            row.recipient
+            for row in read_recipients(
+                io.StringIO(csv), policy=await dial_policies.get_policy(pool, organization_id=org)
+            )
+        ],
     )
     await campaigns.start_campaign(pool, organization_id=org, campaign_id=campaign.id)
     await run_campaign(deps, pool, campaign.id)

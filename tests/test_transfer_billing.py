@@ -24,7 +24,7 @@ from engine.twilio.rest import CallLookupFailed, TwilioCalls
 from engine.twilio.signature import request_signature
 from engine.twilio.webhooks import TRANSFER_UNANSWERED
 from engine.workers.transfer_settlement import settle_overdue_legs
-from storage import call_logs, dial_policies, organizations, transfer_legs
+from storage import call_logs, dial_policies, organizations, phone_numbers, transfer_legs
 from storage.enums import CallStatus
 from storage.errors import NotFound
 from storage.events import create_event
@@ -77,8 +77,10 @@ async def line(db_url: str) -> AsyncIterator[Line]:
 
 
 async def organization(pool: asyncpg.Pool, credits: int) -> str:
+    """An organization with a US number: by default it dials the US (storage.dial_policies), where BILLING is."""
     n = next(_names)
     org = await organizations.create_organization(pool, name=f"Transfers {n}", slug=f"transfers-{n}", credits=credits)
+    await phone_numbers.create_phone_number(pool, organization_id=org.id, phone_number=f"+1303555{n:04d}")
     return org.id
 
 
@@ -406,14 +408,19 @@ async def transfer_to(pool: asyncpg.Pool, organization_id: str, to: str) -> tupl
     return made, updates, opened.id
 
 
+JAMAICA = "+18765550123"  # +1 like the US, but Jamaica's: billed as an international call
+
+
+@pytest.mark.parametrize("to", [UK_PREMIUM, JAMAICA], ids=["premium-rate", "another country of +1"])
 async def test_a_transfer_to_a_number_the_dial_policy_refuses_is_not_made_though_the_agent_lists_it(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool, to: str
 ) -> None:
-    # An agent may list a premium-rate number exactly (config.agent.TransferDestination), but the organization pays
-    # for the leg: without its OWNER's or ADMIN's opt-in (storage.dial_policies), Twilio is never asked to dial it.
+    # An agent may list a premium-rate number exactly (config.agent.TransferDestination), or a Jamaican one, but the
+    # organization pays for the leg: without its OWNER's or ADMIN's opt-in (storage.dial_policies), Twilio is never
+    # asked to dial it. Its number is American: by default it dials the US, not the other countries of +1.
     organization_id = await organization(pool, credits=100)
 
-    made, updates, call_log_id = await transfer_to(pool, organization_id, UK_PREMIUM)
+    made, updates, call_log_id = await transfer_to(pool, organization_id, to)
 
     assert not made
     assert updates == []
@@ -421,18 +428,25 @@ async def test_a_transfer_to_a_number_the_dial_policy_refuses_is_not_made_though
     assert await balance(pool, organization_id) == 100 - RATE  # only the call's own first minute
 
 
-async def test_a_transfer_to_a_premium_rate_number_is_made_once_the_organization_opts_in(pool: asyncpg.Pool) -> None:
+@pytest.mark.parametrize(
+    ("to", "kinds", "countries"),
+    [(UK_PREMIUM, [NumberKind.PREMIUM_RATE], ["GB", "US"]), (JAMAICA, [], ["JM", "US"])],
+    ids=["premium-rate", "another country of +1"],
+)
+async def test_a_transfer_is_made_once_the_organization_allows_the_number(
+    pool: asyncpg.Pool, to: str, kinds: list[NumberKind], countries: list[str]
+) -> None:
     organization_id = await organization(pool, credits=100)
     async with tenant_transaction(pool, organization_id) as conn:
         await dial_policies.set_policy(
             conn,
             organization_id=organization_id,
-            allowed_kinds=[NumberKind.PREMIUM_RATE],
-            allowed_countries=None,
+            allowed_kinds=kinds,
+            allowed_countries=countries,
             international_networks=False,
         )
 
-    made, updates, _ = await transfer_to(pool, organization_id, UK_PREMIUM)
+    made, updates, _ = await transfer_to(pool, organization_id, to)
 
     assert made
-    assert [dialed_number(update["Twiml"]) for update in updates] == [UK_PREMIUM]
+    assert [dialed_number(update["Twiml"]) for update in updates] == [to]

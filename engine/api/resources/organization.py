@@ -79,8 +79,13 @@ class DialPolicy(ResponseModel):
 
     default_kinds: list[NumberKind] = Field(description="Kinds every organization dials.")
     allowed_kinds: list[NumberKind] = Field(description="Kinds this organization dials besides the default ones.")
+    default_countries: list[str] = Field(
+        description="The countries of the organization's phone numbers (ISO 3166: GB, US; a US number is not "
+        "Jamaica's +1 876): the countries dialed while allowedCountries is null; none without a number."
+    )
     allowed_countries: list[str] | None = Field(
-        description="Only numbers of these countries (ISO 3166: GB, US) are dialed; null: any country."
+        description="Only numbers of these countries are dialed, set by an OWNER or ADMIN in place of "
+        "defaultCountries; null: the default, defaultCountries."
     )
     international_networks: bool = Field(
         description="Whether numbers of the international networks (+870, +881, +882, ...: satellite phones and the "
@@ -94,6 +99,7 @@ class DialPolicy(ResponseModel):
         return cls(
             default_kinds=sorted(DEFAULT_KINDS),
             allowed_kinds=sorted(policy.allowed_kinds),
+            default_countries=list(policy.home_countries),
             allowed_countries=list(policy.allowed_countries) if policy.allowed_countries is not None else None,
             international_networks=policy.international_networks,
             updated_at=policy.updated_at,
@@ -113,14 +119,19 @@ class DialPolicyUpdate(UpdateModel):
         + "; [] for none.",
     )
     allowed_countries: list[Country] | None = Field(
-        None, min_length=1, max_length=300, description="Dial only numbers of these countries; null: any country."
+        None,
+        min_length=1,
+        max_length=300,
+        description="Dial only numbers of these countries, replacing the list; null: the default, the countries of "
+        "the organization's phone numbers.",
     )
     international_networks: bool | None = None
 
 
 @resource.get("/organization/dial-policy", summary="The outbound dial policy", response=DialPolicy)
 async def get_dial_policy(call: ApiCall) -> DialPolicy:
-    """Which kinds of numbers, in which countries, the organization's calls may dial (the default until set)."""
+    """Which kinds of numbers, in which countries, the organization's calls may dial (the default until set: the
+    default kinds, in the countries of its phone numbers)."""
     async with call.tenant() as db:
         policy = await dial_policies.get_policy(db, organization_id=call.caller.organization_id)
     return DialPolicy.of(policy)
@@ -134,7 +145,8 @@ async def get_dial_policy(call: ApiCall) -> DialPolicy:
     errors=(422,),
 )
 async def update_dial_policy(call: ApiCall) -> DialPolicy:
-    """Allow more kinds of numbers (premium-rate, ...), narrow calls to some countries, or undo either.
+    """Allow more kinds of numbers (premium-rate, ...), dial other countries than those of the organization's numbers,
+    or undo either.
 
     An OWNER's or ADMIN's key only. It applies to the next call placed, campaign recipients already imported included
     (one the policy no longer allows ends `failed`, never dialed). 422 for a kind dialed anyway or an unknown country.
