@@ -7,10 +7,11 @@ and are never exceeded, whatever the number of processes. Decisions that need ti
 are the engine's (engine/campaigns/dispatcher.py); this module only reads and writes rows, in the caller's transaction.
 
 A recipient moves QUEUED -> DIALING (leased to one process, attempt counted) -> IN_CALL (a CallLog exists)
--> QUEUED again (retry) or DONE / FAILED. A recipient whose number is on the organization's do-not-call list
-(storage/do_not_call.py) goes to DO_NOT_CALL instead of being dialed: at the claim, or at the last check before
-the dial. Outcomes come from the CallLog, which Twilio's status callbacks and the call's media session finish, so
-attempts placed by a process that died are still reconciled.
+-> QUEUED again (retry) or DONE / FAILED, or CANCELED when its campaign was stopped before it was reached. A
+recipient whose number is on the organization's do-not-call list (storage/do_not_call.py) goes to DO_NOT_CALL
+instead of being dialed: at the claim, or at the last check before the dial. Outcomes come from the CallLog, which
+Twilio's status callbacks and the call's media session finish, so attempts placed by a process that died are still
+reconciled.
 """
 
 from __future__ import annotations
@@ -673,7 +674,9 @@ async def finish_attempt(
     """End a locked attempt with its outcome; retry the recipient or finish them, and the campaign if it is done.
 
     Runs in the caller's transaction. A finished recipient counts in completedCalls; a failed one also emits
-    recipient.failed. A stopped campaign never retries.
+    recipient.failed. A stopped campaign never retries: a recipient its retry policy would have called again is
+    CANCELED instead, as the stop did to those waiting then, neither counted nor announced; one reached is DONE, and
+    one whose attempts are spent FAILED, whatever the stop.
     """
     row = await conn.fetchrow(
         f"""
@@ -706,12 +709,9 @@ async def finish_attempt(
         'SELECT "attempts" FROM "CampaignRecipientDispatch" WHERE "recipientId" = $1 FOR UPDATE', row["recipientId"]
     )
     retry_at = None
-    if outcome is not AttemptOutcome.COMPLETED and campaign["campaignStatus"] in (
-        CampaignStatus.PLANNED,
-        CampaignStatus.CONTINUING,
-    ):
+    if outcome is not AttemptOutcome.COMPLETED:
         retry_at = dispatch.rules.retry.retry_at(outcome, attempts, ended_at)
-    if retry_at is not None:
+    if retry_at is not None and campaign["campaignStatus"] in (CampaignStatus.PLANNED, CampaignStatus.CONTINUING):
         await conn.execute(
             f"""
             UPDATE "CampaignRecipientDispatch" SET
@@ -726,7 +726,12 @@ async def finish_attempt(
         )
         # The campaign's clock is not moved: an idle campaign is looked at again every few seconds anyway.
         return
-    final = RecipientDispatchState.DONE if outcome is AttemptOutcome.COMPLETED else RecipientDispatchState.FAILED
+    if retry_at is not None:  # the stop, not the outcome, ends this recipient's calls
+        final, reason = RecipientDispatchState.CANCELED, STOPPED_REASON
+    elif outcome is AttemptOutcome.COMPLETED:
+        final = RecipientDispatchState.DONE
+    else:
+        final = RecipientDispatchState.FAILED
     await conn.execute(
         f"""
         UPDATE "CampaignRecipientDispatch" SET
@@ -738,6 +743,8 @@ async def finish_attempt(
         outcome,
         reason,
     )
+    if final is RecipientDispatchState.CANCELED:
+        return
     await conn.execute(
         """
         UPDATE "Campaign" SET

@@ -29,7 +29,7 @@ class RecipientDispatchState(StrEnum):
     INVALID = "INVALID"
     """An ERROR row of an import: never dialed."""
     CANCELED = "CANCELED"
-    """Its campaign was stopped before it was reached."""
+    """Its campaign was stopped before it was reached, while it waited for an attempt or during one."""
     DO_NOT_CALL = "DO_NOT_CALL"
     """Its number is on the organization's do-not-call list: never dialed (`lastReason` says why)."""
 
@@ -73,8 +73,14 @@ RECIPIENT_TRANSITIONS: Mapping[RecipientDispatchState, frozenset[RecipientDispat
             RecipientDispatchState.FAILED,
         }
     ),
+    # A call ends retried, reached, failed, or canceled (its campaign stopped meanwhile, the recipient not reached).
     RecipientDispatchState.IN_CALL: frozenset(
-        {RecipientDispatchState.QUEUED, RecipientDispatchState.DONE, RecipientDispatchState.FAILED}
+        {
+            RecipientDispatchState.QUEUED,
+            RecipientDispatchState.DONE,
+            RecipientDispatchState.FAILED,
+            RecipientDispatchState.CANCELED,
+        }
     ),
     RecipientDispatchState.DONE: frozenset(),
     RecipientDispatchState.FAILED: frozenset(),

@@ -338,9 +338,28 @@ async def test_stop_mid_flight_dials_nobody_new_and_reconciles_the_calls_in_flig
         await tick(dispatch)
     assert len(dialer.dials) == 2, "no dial after the stop, not even a retry"
     states = {n: (await recipient_state(pool, campaign.id, n))["state"] for n in NUMBERS[:5]}
-    assert sorted(states.values()) == ["CANCELED", "CANCELED", "CANCELED", "DONE", "FAILED"]
+    # The busy one would have been retried: the stop, not its outcome, ends its calls, as for those never dialed.
+    assert states[dialer.dials[0].phone_number] == "CANCELED"
+    assert states[dialer.dials[1].phone_number] == "DONE"
+    assert sorted(states.values()) == ["CANCELED", "CANCELED", "CANCELED", "CANCELED", "DONE"]
     stopped = await get(pool, campaign)
-    assert (stopped.status, stopped.completed_calls) == (CampaignStatus.STOPPED, 2)
+    assert (stopped.status, stopped.completed_calls) == (CampaignStatus.STOPPED, 1)
+
+
+async def test_a_call_whose_recipient_has_no_attempt_left_fails_though_its_campaign_stopped(
+    pool: asyncpg.Pool,
+) -> None:
+    policy = CampaignRetryPolicy(max_attempts=1, retry_on=frozenset({"busy"}))
+    campaign = await running_campaign(pool, NUMBERS[:1], rules=DialingRules(calls_per_second=50, retry=policy))
+    dialer = RecordingDialer(pool)
+    dispatch = dispatcher(pool, dialer)
+    await tick(dispatch)
+    await campaigns.stop_campaign(pool, organization_id=campaign.organization_id, campaign_id=campaign.id)
+    await end_call(pool, dialer.dials[0], CallStatus.MISSED, "busy")
+    await tick(dispatch)
+
+    state = await recipient_state(pool, campaign.id, NUMBERS[0])
+    assert (state["state"], state["attempts"], state["lastOutcome"]) == ("FAILED", 1, "busy")
 
 
 async def test_a_claim_whose_campaign_stopped_before_its_slot_is_not_dialed(pool: asyncpg.Pool) -> None:

@@ -21,11 +21,12 @@ from engine.simulator import Say
 from engine.twilio.outbound_calls import OutboundDeps
 from engine.twilio.rest import TwilioCalls
 from storage import agents, campaigns, conversation_paths, dial_policies, organizations, phone_numbers
-from storage.campaigns import DialingRules
+from storage.campaigns import STOPPED_REASON, CampaignRetryPolicy, DialingRules, NewRecipient
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
 from storage.enums import CallerType, CampaignStatus
+from storage.events import create_event
 from tests.engine_server import running_engine
-from tests.fakes.twilio import Answer, Busy, FakeTwilio, Refuse
+from tests.fakes.twilio import Answer, Busy, FakeTwilio, NoAnswer, Refuse
 
 OFFLINE = {"stt": {"provider": "sphinx"}, "llm": {"provider": "conversation_path"}, "tts": {"provider": "espeak"}}
 ANSWERS, BUSY, REFUSED = "+12125550171", "+12125550172", "+12125550173"
@@ -48,25 +49,31 @@ async def deps(db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio) -> AsyncIter
             await client.close()
 
 
-async def booking_campaign(pool: asyncpg.Pool) -> campaigns.Campaign:
-    org = (await organizations.create_organization(pool, name="Clinic", slug="clinic", credits=500)).id
-    await phone_numbers.create_phone_number(pool, organization_id=org, phone_number="+12125550170")
+async def calling_organization(pool: asyncpg.Pool, slug: str, caller_id: str) -> tuple[str, str]:
+    """An organization with the US number `caller_id` and an offline OUTBOUND agent: (its id, the agent's id)."""
+    org = (await organizations.create_organization(pool, name=slug.title(), slug=slug, credits=500)).id
+    await phone_numbers.create_phone_number(pool, organization_id=org, phone_number=caller_id)
     agent = await agents.create_agent(
         pool,
         organization_id=org,
-        name="Booker",
+        name="Caller",
         caller_type=CallerType.OUTBOUND,
         configuration=parse_agent_configuration(OFFLINE).to_json(),
     )
+    return org, agent.id
+
+
+async def booking_campaign(pool: asyncpg.Pool) -> campaigns.Campaign:
+    org, agent_id = await calling_organization(pool, "clinic", "+12125550170")
     path = await conversation_paths.create_conversation_path(
         pool, organization_id=org, name="booking", nodes=DEMO_PATH_NODES, edges=DEMO_PATH_EDGES
     )
-    await agents.link_conversation_path(pool, organization_id=org, agent_id=agent.id, conversation_path_id=path.id)
+    await agents.link_conversation_path(pool, organization_id=org, agent_id=agent_id, conversation_path_id=path.id)
     campaign = await campaigns.create_campaign(
         pool,
         organization_id=org,
         batch_name="Checkups",
-        agent_id=agent.id,
+        agent_id=agent_id,
         rules=DialingRules(max_concurrent_calls=3, calls_per_second=5),
     )
     csv = f"name,phone,doctor\nAnn,{ANSWERS},Dr Who\nBob,{BUSY},\nCy,{REFUSED},\n"
@@ -126,3 +133,61 @@ async def test_a_campaign_places_real_calls_and_completes_from_their_outcomes(
     }
     done = await campaigns.get_campaign(pool, organization_id=campaign.organization_id, campaign_id=campaign.id)
     assert (done.completed_calls, done.total_calls, done.progress) == (3, 3, 100)
+
+
+RINGING = "+12125550174"
+
+
+async def test_a_call_ringing_when_its_campaign_is_stopped_cancels_its_recipient_when_nobody_answers(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio
+) -> None:
+    # No-answer is retried, but the stop ends the campaign's calls: the recipient is CANCELED, like those the stop
+    # found waiting, not FAILED (nor counted, nor announced as recipient.failed).
+    org, agent_id = await calling_organization(pool, "stopped-clinic", "+12125550179")
+    await create_event(pool, organization_id=org, name="recipient.failed", webhook_url="https://hooks.example.com/x")
+    retry = CampaignRetryPolicy(max_attempts=3, retry_on=frozenset({"no-answer"}), delays_seconds=(0,))
+    campaign = await campaigns.create_campaign(
+        pool, organization_id=org, batch_name="Reminders", agent_id=agent_id, rules=DialingRules(retry=retry)
+    )
+    await campaigns.import_recipients(
+        pool, organization_id=org, campaign_id=campaign.id, recipients=[NewRecipient(phone_number=RINGING)]
+    )
+    await campaigns.start_campaign(pool, organization_id=org, campaign_id=campaign.id)
+    answered = asyncio.Event()  # never: it rings until the test lets it end unanswered
+    twilio.behave(RINGING, NoAnswer(until=answered))
+    dispatcher = CampaignDispatcher(pool, PlaceCallDialer(deps), timing=DispatchTiming(interval=timedelta(seconds=0.2)))
+    dispatcher.start()
+    try:
+        assert await recipient_state_becomes(pool, campaign.id, "IN_CALL")
+        await campaigns.stop_campaign(pool, organization_id=org, campaign_id=campaign.id)
+        answered.set()
+        assert await recipient_state_becomes(pool, campaign.id, "CANCELED")
+    finally:
+        await dispatcher.close()
+
+    row = await pool.fetchrow(
+        'SELECT "state", "attempts", "lastOutcome", "lastReason" FROM "CampaignRecipientDispatch" '
+        'WHERE "campaignId" = $1',
+        campaign.id,
+    )
+    assert row is not None
+    assert dict(row) == {"state": "CANCELED", "attempts": 1, "lastOutcome": "no-answer", "lastReason": STOPPED_REASON}
+    assert twilio.creates[RINGING] == 1
+    stopped = await campaigns.get_campaign(pool, organization_id=org, campaign_id=campaign.id)
+    assert (stopped.status, stopped.completed_calls) == (CampaignStatus.STOPPED, 0)
+    failed = await pool.fetchval(
+        """SELECT count(*) FROM "WebhookDelivery" WHERE "organizationId" = $1 AND "event" = 'recipient.failed'""", org
+    )
+    assert failed == 0
+
+
+async def recipient_state_becomes(pool: asyncpg.Pool, campaign_id: str, state: str) -> bool:
+    """Whether the campaign's one recipient reaches `state` within a minute."""
+    for _ in range(600):
+        now = await pool.fetchval(
+            'SELECT "state" FROM "CampaignRecipientDispatch" WHERE "campaignId" = $1', campaign_id
+        )
+        if now == state:
+            return True
+        await asyncio.sleep(0.1)
+    return False
