@@ -39,6 +39,13 @@ async def tenant(pool: asyncpg.Pool) -> Tenant:
     return tenant
 
 
+async def recipients_path(api: Api, pool: asyncpg.Pool, tenant: Tenant) -> str:
+    """The recipients of a new campaign of the tenant, as an API path."""
+    agent_id = await make_agent(pool, tenant.organization_id)
+    _, campaign = await api.call("POST", "/campaigns", tenant.owner_key, json={"batchName": "V", "agentId": agent_id})
+    return f"/campaigns/{campaign['id']}/recipients"
+
+
 def parse(text: str) -> list[NewRecipient]:
     return [row.recipient for row in read_recipients(io.StringIO(text), policy=at_home("US"))]
 
@@ -63,9 +70,7 @@ def test_long_notes_and_too_many_columns_are_errors_too() -> None:
 async def test_the_api_import_keeps_such_a_row_as_error_and_never_queues_it(
     api: Api, pool: asyncpg.Pool, tenant: Tenant
 ) -> None:
-    agent_id = await make_agent(pool, tenant.organization_id)
-    _, campaign = await api.call("POST", "/campaigns", tenant.owner_key, json={"batchName": "V", "agentId": agent_id})
-    path = f"/campaigns/{campaign['id']}/recipients"
+    path = await recipients_path(api, pool, tenant)
     csv = f"phone,plan\n+12125550185,gold\n+12125550186,{'y' * 5000}\n"
     status, summary = await api.call("POST", path, tenant.owner_key, json={"csv": csv})
     assert (status, summary) == (200, {"rows": 2, "imported": 1, "merged": 0, "errors": 1})
@@ -119,3 +124,37 @@ async def test_a_recipient_queued_with_variables_no_call_carries_fails_once_with
     assert row["lastReason"] == f"not dialed: variables.plan: at most {MAX_VARIABLE_CHARS} characters, got 2,001"
     assert await pool.fetchval('SELECT "status" FROM "Campaign" WHERE "id" = $1', campaign.id) == "COMPLETED"
     assert twilio.creates[number] == 0
+
+
+async def test_a_csv_column_named_like_a_built_in_prompt_variable_refuses_the_import_naming_it(
+    api: Api, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    # {{today}} would read the column's text on every call of the campaign: the user renames the column instead.
+    path = await recipients_path(api, pool, tenant)
+
+    status, body = await api.call(
+        "POST", path, tenant.owner_key, json={"csv": "name,phone,today\nAnn,+12125550191,x\n"}
+    )
+    _, page = await api.call("GET", path, tenant.owner_key)
+
+    assert (status, body["error"]["field"]) == (422, "csv"), body
+    assert body["error"]["message"] == (
+        "column 3 ('today'): a variable named 'today' would hide the built-in prompt variable {{today}} (the date of "
+        "the call), which every call fills in; rename the column (nothing was imported)"
+    )
+    assert page["data"] == []
+
+
+@pytest.mark.parametrize("name", ["customer", "customer.name", "call"])
+async def test_api_variables_named_like_a_built_in_prompt_variable_refuse_the_import_naming_them(
+    api: Api, pool: asyncpg.Pool, tenant: Tenant, name: str
+) -> None:
+    path = await recipients_path(api, pool, tenant)
+    recipients = [{"phoneNumber": "+12125550192"}, {"phoneNumber": "+12125550193", "variables": {name: "VIP"}}]
+
+    status, body = await api.call("POST", path, tenant.owner_key, json={"recipients": recipients})
+    _, page = await api.call("GET", path, tenant.owner_key)
+
+    assert (status, body["error"]["field"]) == (422, "recipients[1].variables"), body
+    assert f"a variable named {name!r} would hide the built-in prompt variable {{{{" in body["error"]["message"]
+    assert page["data"] == []

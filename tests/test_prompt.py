@@ -6,7 +6,15 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from pipelines.llm.prompt import RenderedPrompt, call_variables, render_prompt
+import pytest
+
+from pipelines.llm.prompt import (
+    STANDARD_VARIABLES,
+    RenderedPrompt,
+    call_variables,
+    hidden_standard_variable,
+    render_prompt,
+)
 
 # Tuesday, November 24, 2026, 20:04 UTC = 3:04 PM in New York (EST).
 MOMENT = datetime(2026, 11, 24, 20, 4, tzinfo=UTC)
@@ -135,3 +143,31 @@ def test_extra_dotted_keys_become_nested_variables() -> None:
 def test_extra_values_win_over_the_standard_ones() -> None:
     variables = standard(customer_name=None, extra={"customer": {"name": "Bo"}})
     assert render_prompt("{{customer.name}} {{customer.number}}", variables).text == "Bo +15551234567"
+
+
+def test_the_standard_variables_listed_are_the_ones_every_call_gets() -> None:
+    def leaves(variables: dict[str, Any], prefix: str = "") -> set[str]:
+        found: set[str] = set()
+        for key, value in variables.items():
+            found |= leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+        return found
+
+    assert leaves(standard()) == set(STANDARD_VARIABLES)
+
+
+@pytest.mark.parametrize(
+    ("name", "hidden"),
+    [
+        ("today", "today"),
+        ("now", "now"),
+        ("now.zone", "now"),  # a mapping in place of the text
+        ("customer", "customer.number"),  # a text in place of the mapping: name and number both lost
+        ("customer.name", "customer.name"),
+        ("call", "call.direction"),
+        ("customer.plan", None),  # added to the mapping, nothing hidden
+        ("Today", None),  # placeholders are case-sensitive
+        ("plan", None),
+    ],
+)
+def test_a_variable_hides_a_standard_one_when_their_dotted_names_overlap(name: str, hidden: str | None) -> None:
+    assert hidden_standard_variable(name) == hidden

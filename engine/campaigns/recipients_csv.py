@@ -2,7 +2,8 @@
 
 Rows stream through one at a time, so a large file never sits in memory. A row whose number is unusable is
 kept as an ERROR recipient with the reason, never dropped: one that is not a number, or one the organization's dial
-policy does not dial (storage.dial_policies, e.g. premium-rate); extra columns become the recipient's variables.
+policy does not dial (storage.dial_policies, e.g. premium-rate); extra columns become the recipient's variables,
+and a file with a column named like a built-in prompt variable (`today`, `customer`) is refused whole.
 Duplicates (the same E.164 number twice) are merged by the import that stores the rows.
 """
 
@@ -19,6 +20,7 @@ from typing import TextIO
 from config.phone import InvalidPhoneNumber, e164
 from engine.campaigns.windows import recipient_timezone
 from engine.twilio.outbound_calls import InvalidVariables, checked_variables
+from pipelines.llm.prompt import STANDARD_VARIABLES, hidden_standard_variable
 from storage.campaigns import NewRecipient, recipient_variables
 from storage.dial_policies import OutboundDialPolicy
 from storage.enums import RecipientStatus
@@ -59,13 +61,32 @@ class Columns:
             elif notes is None and key in _NOTES_ALIASES:
                 notes = index
             elif cell.strip():
-                variables.append((index, _variable_name(cell)))
+                variable = _variable_name(cell)
+                refusal = variable_name_refusal(variable)
+                if refusal is not None:
+                    raise RecipientsFileError(
+                        f"column {index + 1} ({cell.strip()!r}): {refusal}; rename the column (nothing was imported)"
+                    )
+                variables.append((index, variable))
         if phone is None:
             shown = ", ".join(repr(cell) for cell in header) or "nothing"
             raise RecipientsFileError(
                 f"no phone number column: the header has {shown}; name one of phone, phone_number or phoneNumber"
             )
         return cls(phone=phone, name=name, notes=notes, variables=tuple(variables))
+
+
+def variable_name_refusal(name: str) -> str | None:
+    """Why a recipient's variable may not be called `name`, or None: the one rule of a CSV file's columns and of the
+    API's `variables`. A variable named like a built-in prompt variable (`today`, `customer`, ...) would silently
+    replace it in every call's prompt, so the import is refused, naming it, rather than run with either value lost."""
+    hidden = hidden_standard_variable(name)
+    if hidden is None:
+        return None
+    return (
+        f"a variable named {name!r} would hide the built-in prompt variable {{{{{hidden}}}}} "
+        f"({STANDARD_VARIABLES[hidden]}), which every call fills in"
+    )
 
 
 def _normalise_header(cell: str) -> str:

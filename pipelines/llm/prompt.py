@@ -9,15 +9,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["RenderedPrompt", "call_variables", "render_prompt"]
+__all__ = ["STANDARD_VARIABLES", "RenderedPrompt", "call_variables", "hidden_standard_variable", "render_prompt"]
 
 log = logging.getLogger(__name__)
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _MISSING = object()
+
+STANDARD_VARIABLES: Final = {
+    "now": "the date and time of the call",
+    "today": "the date of the call",
+    "customer.number": "the other party's number",
+    "customer.name": "the other party's name",
+    "call.direction": "inbound or outbound",
+}
+"""The placeholders `call_variables` fills for every call, by dotted name, with what each holds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +81,21 @@ def call_variables(
         "call": {"direction": direction},
     }
     return _merged(standard, extra)
+
+
+def hidden_standard_variable(name: str) -> str | None:
+    """The standard variable a call variable named `name` would hide (`call_variables` lets `extra` win), or None.
+
+    `customer` hides `customer.name` (its value replaces the whole mapping), `now.zone` hides `now`; `customer.plan`
+    hides nothing, it adds to the mapping.
+    """
+    parts = [part.strip() for part in name.split(".")]
+    for standard in STANDARD_VARIABLES:
+        own = standard.split(".")
+        shared = min(len(parts), len(own))
+        if parts[:shared] == own[:shared]:
+            return standard
+    return None
 
 
 def _lookup(variables: Mapping[str, Any], name: str) -> Any:
