@@ -22,6 +22,10 @@ class UnsafeURL(ValueError):
     """A URL resolving to an address the engine must not call (loopback, private, link-local...)."""
 
 
+class UnresolvedHost(UnsafeURL):
+    """A URL whose host DNS did not resolve: no address to call, though one may come once DNS answers."""
+
+
 def check_public_address(host: str, address: str) -> None:
     """UnsafeURL unless `address` (what `host` resolved to, or `host` itself) is a public internet address."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone ("fe80::1%eth0")
@@ -77,7 +81,7 @@ async def ensure_public_url(url: str, *, allow_private: bool) -> None:
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise UnsafeURL(f"{host}: cannot be resolved ({exc})") from None
+        raise UnresolvedHost(f"{host}: cannot be resolved ({exc})") from None
     for info in infos:
         check_public_address(host, str(info[4][0]))
 

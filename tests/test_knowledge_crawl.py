@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from engine.knowledge.crawl import CrawlLimits, crawl_site
+from engine.knowledge.crawl import CrawlFailed, CrawlLimits, crawl_site
 from engine.knowledge.extract_process import IN_THREAD_MAX, ExtractLimits
 from engine.knowledge.ingestion import IngestionSettings, IngestionWorker
 from storage import knowledge_bases
@@ -223,3 +223,18 @@ async def test_a_robots_txt_that_redirects_to_a_private_address_is_not_followed_
         crawled = [page.url async for page in crawl_site(session, f"{PUBLIC_SITE}/", CrawlLimits())]
     assert crawled == [f"{PUBLIC_SITE}/", f"{PUBLIC_SITE}/hours"]
     assert site.asked["/robots.txt"] == 1, "the redirect to the private address is not followed"
+
+
+async def test_a_robots_txt_on_a_host_that_cannot_be_resolved_holds_the_crawl_back(site: Site) -> None:
+    # A robots.txt whose host DNS did not resolve (behind a redirect here; the site's own host, asked again, alike)
+    # was taken as none, as one redirected to a private address is: the site was crawled as if it forbade nothing.
+    # No answer from DNS is a network error, so the rules are unreachable (RFC 9309 2.3.1.4): retried, not ignored.
+    site.redirects["/robots.txt"] = "http://robots.invalid/robots.txt"
+    site.pages["/"] = html("The Agate bridge is closed on Sundays.", "/private/")
+    site.pages["/private/"] = html("Internal: the Basalt discount code is SECRET42.")
+    async with aiohttp.ClientSession(proxy=site.base) as session:
+        with pytest.raises(CrawlFailed) as failed:
+            [page.url async for page in crawl_site(session, f"{PUBLIC_SITE}/", CrawlLimits())]
+    assert not failed.value.permanent
+    assert str(failed.value).startswith(f"{PUBLIC_SITE}/robots.txt could not be fetched (robots.invalid: cannot be")
+    assert site.asked["/"] == site.asked["/private/"] == 0

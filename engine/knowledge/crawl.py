@@ -24,7 +24,7 @@ from urllib.robotparser import RobotFileParser
 import aiohttp
 
 from pipelines.http_bodies import read_at_most
-from pipelines.url_safety import UnsafeURL, ensure_public_url
+from pipelines.url_safety import UnresolvedHost, UnsafeURL, ensure_public_url
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ async def _robots(session: aiohttp.ClientSession, start: str, limits: CrawlLimit
     unreachable = f"{robots_url} could not be fetched"
     try:
         fetched = await _fetch(session, robots_url, limits)
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+    except (aiohttp.ClientError, TimeoutError, OSError, UnresolvedHost) as exc:  # a network error: unreachable
         raise CrawlFailed(f"{unreachable} ({exc or type(exc).__name__})", permanent=False) from None
     except (CrawlFailed, UnsafeURL) as exc:
         # Too many redirects, a redirect to an address the guard refuses, too large: none to be had, which RFC 9309
