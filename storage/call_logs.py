@@ -257,7 +257,8 @@ async def finalize_call_log(
     Ending it again with the same status returns the row unchanged; with another status, or to a status that
     is not final, raises InvalidCallTransition and changes nothing. The ending queues call.ended for webhook
     subscribers and settles the call's credit reservation in the same transaction: `minutes_charged` started
-    minutes are charged at its rate (none for a call that never connected), the rest returns to the balance.
+    minutes are charged at its rate (none for a call that never connected), the rest returns to the balance, and
+    the rate and the minutes stay in the metadata (credit_reservations.settlement_metadata).
     The live event streams watching the call are told its call.ended in that transaction too, unless `told_live`:
     its media session told them itself, after its last words.
     """
@@ -273,7 +274,10 @@ async def finalize_call_log(
                     "status" = $3,
                     "duration" = COALESCE($4, "duration"),
                     "recordingUrl" = COALESCE($5, "recordingUrl"),
-                    "metadata" = "metadata" || $6::jsonb
+                    "metadata" = "metadata" || $6::jsonb || COALESCE((
+                        SELECT {credit_reservations.settlement_metadata("r", "$7::integer")}
+                        FROM "CreditReservation" r WHERE r."callLogId" = $1
+                    ), '{{}}'::jsonb)
                 WHERE "id" = $1 AND "organizationId" = $2 AND "status" = 'IN_PROGRESS'
                 RETURNING {_COLUMNS}
                 """,
@@ -283,6 +287,7 @@ async def finalize_call_log(
                 duration,
                 recording_url,
                 metadata if metadata is not None else {},
+                minutes_charged,
             )
         if row is not None:
             ended = CallLog.from_row(row)

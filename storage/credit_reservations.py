@@ -91,9 +91,9 @@ async def extend_reservation(db: Queryable, *, call_log_id: str) -> bool:
 async def settle_reservation(db: Queryable, *, organization_id: str, call_log_id: str, minutes: int) -> int | None:
     """End a call's reservation: charge `minutes` started minutes at its rate and return the rest to the balance.
 
-    A call that ran past what it reserved is charged what the balance holds, never below zero. The call's rate stays
-    in its CallLog's metadata (`creditsPerMinute`), for minutes charged after its end (`charge_after_end`). Returns
-    the new balance, or None when the call holds no reservation (settled already, or it never reserved).
+    A call that ran past what it reserved is charged what the balance holds, never below zero. Returns the new
+    balance, or None when the call holds no reservation (settled already, or it never reserved). The caller keeps
+    the rate and the minutes in the CallLog's metadata (`settlement_metadata`), for minutes charged after its end.
     """
     if minutes < 0:
         raise ValueError(f"minutes to charge cannot be negative, got {minutes}")
@@ -103,11 +103,6 @@ async def settle_reservation(db: Queryable, *, organization_id: str, call_log_id
             DELETE FROM "CreditReservation" r USING "CallLog" c
             WHERE r."callLogId" = $2 AND c."id" = r."callLogId" AND c."organizationId" = $1
             RETURNING r."credits", r."creditsPerMinute"
-        ), rated AS (
-            UPDATE "CallLog" c
-            SET "metadata" = c."metadata" || jsonb_build_object('creditsPerMinute', held."creditsPerMinute")
-            FROM held
-            WHERE c."id" = $2
         )
         UPDATE "Organization" o
         SET "credits" = GREATEST(o."credits" + held."credits" - held."creditsPerMinute" * $3, 0)
@@ -120,6 +115,13 @@ async def settle_reservation(db: Queryable, *, organization_id: str, call_log_id
         minutes,
     )
     return balance
+
+
+def settlement_metadata(reservation: str, minutes: str) -> str:
+    """SQL of the CallLog metadata its settlement keeps, from the call's "CreditReservation" row named `reservation`
+    and the SQL of the minutes charged: `creditsPerMinute`, the rate the call paid, and `minutesCharged`, so that
+    minutes charged after the end (`charge_after_end`) are at that rate and never charge a minute twice."""
+    return f"""jsonb_build_object('creditsPerMinute', {reservation}."creditsPerMinute", 'minutesCharged', {minutes})"""
 
 
 async def charge_after_end(
@@ -166,10 +168,11 @@ async def settle_orphaned_reservations(db: Queryable, *, call_log_ids: Sequence[
     A call whose media stream started (its CallLog names an engine node) started its first minute, and every minute
     but the last it reserved (each next minute is reserved in the last seconds of the one before): it pays those, at
     least one, and may be undercharged a minute, never overcharged. A call whose stream never started pays nothing.
-    Each keeps its rate in its CallLog's metadata, as `settle_reservation` keeps it.
+    Each keeps its rate and the minutes charged in its CallLog's metadata, as `settlement_metadata` says.
     """
+    kept = settlement_metadata("held", 'held."charged" / NULLIF(held."creditsPerMinute", 0)')
     await db.execute(
-        """
+        f"""
         WITH held AS (
             DELETE FROM "CreditReservation" r USING "CallLog" c
             WHERE r."callLogId" = ANY($1::text[]) AND c."id" = r."callLogId"
@@ -177,9 +180,8 @@ async def settle_orphaned_reservations(db: Queryable, *, call_log_ids: Sequence[
                       CASE WHEN c."metadata" ? 'engineNode'
                            THEN GREATEST(r."credits" - r."creditsPerMinute", r."creditsPerMinute")
                            ELSE 0 END AS "charged"
-        ), rated AS (
-            UPDATE "CallLog" c
-            SET "metadata" = c."metadata" || jsonb_build_object('creditsPerMinute', held."creditsPerMinute")
+        ), kept AS (
+            UPDATE "CallLog" c SET "metadata" = c."metadata" || {kept}
             FROM held
             WHERE c."id" = held."id"
         ), owed AS (

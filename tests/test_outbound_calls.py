@@ -660,6 +660,30 @@ async def test_a_voicemail_message_spoken_after_the_session_pays_the_minutes_twi
     assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org.id) == 10 - 2 * rate
 
 
+async def test_a_voicemail_message_of_a_call_recovery_closed_pays_only_the_minutes_recovery_did_not(
+    engine: str, twilio: FakeTwilio, pool: asyncpg.Pool
+) -> None:
+    # The engine running the call was lost: recovery closed it and charged the one minute it surely started. Twilio's
+    # callback then says the call, voicemail message included, ran 95 s: two minutes, one of them paid already.
+    org, log = await voicemail_call(pool, "voicemail-recovered", engineNode="node-lost")
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            f"""UPDATE "CallLog" c SET "status" = 'FAILED',
+                "metadata" = c."metadata" || '{{"endReason": "engine_lost"}}'
+            WHERE c."id" = $1 RETURNING {call_logs.CALL_LOG_COLUMNS}""",
+            log.id,
+        )
+        await call_logs.after_bulk_ending(conn, rows)
+    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org.id) == 9
+    fields = {"CallSid": log.call_id, "CallStatus": "completed", "CallDuration": "95", "AccountSid": twilio.account_sid}
+
+    assert await post_status(engine, twilio, log.id, fields) == 204
+
+    row = await call_log_row(pool, log.id)
+    assert (row["metadata"]["minutesCharged"], row["metadata"]["voicemailMinutesCharged"]) == (1, 1)
+    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org.id) == 8
+
+
 async def test_many_concurrent_calls_are_each_dialed_once(
     deps: OutboundDeps, twilio: FakeTwilio, pool: asyncpg.Pool, organization_id: str, caller_id: str
 ) -> None:

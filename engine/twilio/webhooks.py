@@ -413,9 +413,13 @@ async def _charge_voicemail_message(
     pool: Pool, call_log: CallLog, callback: CallStatusCallback, credit_rates: Mapping[str, int]
 ) -> None:
     """Charge the minutes Twilio ran a call past its media session's end, where it spoke the voicemail message after
-    the beep: the started minutes of Twilio's `CallDuration` beyond those the session's end charged. Once, however
-    often Twilio sends the callback (`voicemailMinutesCharged` in the CallLog's metadata)."""
-    minutes = started_minutes(callback.duration_s or 0) - started_minutes(call_log.duration or 0)
+    the beep: the started minutes of Twilio's `CallDuration` beyond those the call's settlement charged (its
+    `minutesCharged`: the session's end, or recovery's for a call whose engine was lost). Once, however often Twilio
+    sends the callback (`voicemailMinutesCharged` in the CallLog's metadata)."""
+    charged = call_log.metadata.get("minutesCharged")
+    if not isinstance(charged, int):  # settled before the minutes were kept, or never reserved
+        charged = started_minutes(call_log.duration or 0)
+    minutes = started_minutes(callback.duration_s or 0) - charged
     if await credit_reservations.charge_after_end(
         pool,
         organization_id=call_log.organization_id,
