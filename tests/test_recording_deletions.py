@@ -255,6 +255,39 @@ async def test_a_call_log_deleted_by_the_api_role_queues_its_recording_under_row
     assert not path.exists()
 
 
+async def test_a_recording_row_pointed_elsewhere_by_the_api_role_removes_only_its_own_call_s_recording(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # Code running with the API role (a bug, or SQL) rewrites its organization's recording row to name another
+    # organization's file, then deletes the call: the worker removes the call's own recording, never that file.
+    settings = load_settings(state_dir=tmp_path)
+    mine, theirs = [
+        await create_organization(pool, name=name, slug=f"recordings-{name}-{secrets.token_hex(3)}")
+        for name in ("pointing", "pointed-at")
+    ]
+    paths = {}
+    async with store_for(settings) as store:
+        uploads = RecordingUploads(pool, store, settings, spool=spool_id(tmp_path))
+        for organization in (mine, theirs):
+            log = await open_call(pool, organization.id)
+            paths[organization.id] = (log.id, recording_file(settings, organization.id, log.id))
+            await uploads.finished(
+                organization_id=organization.id, call_log_id=log.id, path=paths[organization.id][1], size=len(WAV)
+            )
+        my_call, my_file = paths[mine.id]
+        async with tenant_transaction(pool, mine.id) as conn:
+            await conn.execute(
+                'UPDATE "CallRecording" SET "localPath" = $2, "objectKey" = $3 WHERE "callLogId" = $1',
+                my_call,
+                str(paths[theirs.id][1]),
+                object_key(theirs.id, paths[theirs.id][0]),
+            )
+            await conn.execute('DELETE FROM "CallLog" WHERE "id" = $1', my_call)
+        assert await deletions(pool, store, settings).delete_due() == 1
+    assert not my_file.exists()
+    assert paths[theirs.id][1].is_file()
+
+
 async def test_deleting_an_agent_keeps_its_calls_recordings(s3: S3Server, pool: asyncpg.Pool, tmp_path: Path) -> None:
     settings = load_settings(state_dir=tmp_path)
     tenant = await make_tenant(pool, "Agent gone")

@@ -13,13 +13,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from aiohttp import web
 
 from config.settings import Settings
 from engine.server.appkeys import DATABASE, SETTINGS
-from engine.workers.recording_uploads import RECORDING_UPLOADS, retry_wait
+from engine.workers.recording_uploads import RECORDING_UPLOADS, kept_at, retry_wait
 from storage import Pool, recording_deletions
 from storage.errors import DATABASE_ERRORS
 from storage.recording_deletions import ClaimedDeletion
@@ -76,10 +75,11 @@ class RecordingDeletions:
     async def _remove(self, claim: ClaimedDeletion) -> int:
         deletion = claim.deletion
         try:
+            key, path = kept_at(self._settings, deletion.organization_id, deletion.call_log_id)
             await remove_recording(
                 self._store,
-                key=deletion.object_key if deletion.store != "local" else None,
-                local_file=Path(deletion.local_path) if deletion.on_disk else None,
+                key=key if deletion.store != "local" else None,
+                local_file=path if deletion.on_disk else None,
             )
         except RecordingStoreError as exc:
             wait = retry_wait(self._settings, deletion.attempt_count)

@@ -34,7 +34,7 @@ from storage.recording_stores import (
     open_recording_store,
     remove_recording,
 )
-from storage.recordings import recording_files, recording_url
+from storage.recordings import recording_files, recording_path, recording_url
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,17 @@ def retry_wait(settings: Settings, attempts: int) -> float:
     """Seconds before trying again a recording's store after `attempts` failed tries: from
     DIALTONE_RECORDING_UPLOAD_RETRY_INITIAL, doubling, up to DIALTONE_RECORDING_UPLOAD_RETRY_MAX."""
     return min(settings.recording_upload_retry_initial * 2.0 ** (attempts - 1), settings.recording_upload_retry_max)
+
+
+def kept_at(settings: Settings, organization_id: str, call_log_id: str) -> tuple[str, Path]:
+    """Where a call's recording is kept: its key in the store, and its file in this process's state folder. Made from
+    the organization's and the call's ids, never read from the row's "objectKey" and "localPath": a row written
+    wrongly (by code or SQL with the API role's grants) must not point a worker at another organization's recording
+    or at another file of this host. RecordingStoreError for ids that are not an organization's and a call's."""
+    try:
+        return object_key(organization_id, call_log_id), recording_path(settings, organization_id, call_log_id)
+    except ValueError as exc:
+        raise RecordingStoreError(str(exc)) from None
 
 
 def spool_id(state_dir: Path) -> str:
@@ -205,11 +216,11 @@ class RecordingUploads:
 
     async def _upload(self, claim: ClaimedUpload) -> int:
         recording = claim.recording
-        path = Path(recording.local_path)
         try:
+            key, path = kept_at(self._settings, recording.organization_id, recording.call_log_id)
             if not await asyncio.to_thread(path.is_file):
                 raise RecordingStoreError(f"{path}: the local recording file is missing")
-            await self.store.put(recording.object_key, path)
+            await self.store.put(key, path)
         except RecordingStoreError as exc:
             wait = retry_wait(self._settings, recording.attempt_count)
             log.warning("recording of call %s: %s; retrying in %.0f s", recording.call_log_id, exc, wait)
@@ -270,10 +281,11 @@ class RecordingUploads:
         if not local_only and recording.store != self.store.name:
             return 0  # kept in a store this process is not configured for
         try:
+            key, path = kept_at(self._settings, recording.organization_id, recording.call_log_id)
             if local_only:
-                await remove_recording(self.store, key=None, local_file=Path(recording.local_path))
+                await remove_recording(self.store, key=None, local_file=path)
             else:
-                await remove_recording(self.store, key=recording.object_key, local_file=None)
+                await remove_recording(self.store, key=key, local_file=None)
         except RecordingStoreError as exc:
             log.warning("recording of call %s: not deleted yet (%s)", recording.call_log_id, exc)
             return 0

@@ -17,7 +17,7 @@ from storage import call_recordings
 from storage.api_keys import authenticate_holder
 from storage.call_recordings import RecordingStatus
 from storage.errors import DATABASE_ERRORS
-from storage.recording_stores import LocalFile, RecordingStoreError, RemoteLink
+from storage.recording_stores import LocalFile, RecordingStoreError, RemoteLink, object_key
 from storage.recordings import (
     RECORDING_ID,
     load_secret_key,
@@ -115,7 +115,8 @@ async def _locate(app: web.Application, organization_id: str, call_log_id: str) 
     store = app[RECORDING_UPLOADS].store
     if recording.store != store.name:
         raise RecordingStoreError(f"the recording is kept in the {recording.store} store, not configured here")
-    return await store.locate(recording.object_key, expires_in=app[SETTINGS].recording_link_ttl)
+    # The key is the call's, not the row's: a row written wrongly never serves another organization's recording.
+    return await store.locate(object_key(organization_id, call_log_id), expires_in=app[SETTINGS].recording_link_ttl)
 
 
 def _error(status: int, message: str) -> web.Response:
