@@ -238,3 +238,13 @@ async def test_a_robots_txt_on_a_host_that_cannot_be_resolved_holds_the_crawl_ba
     assert not failed.value.permanent
     assert str(failed.value).startswith(f"{PUBLIC_SITE}/robots.txt could not be fetched (robots.invalid: cannot be")
     assert site.asked["/"] == site.asked["/private/"] == 0
+
+
+async def test_a_start_page_whose_host_cannot_be_resolved_is_tried_again_not_failed_for_good() -> None:
+    # DNS not answering for the site's own name (a resolver's hiccup as much as a typo) is a network error: the
+    # document is retried like one, and ends ERROR only once its attempts are spent.
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(CrawlFailed) as failed:
+            [page.url async for page in crawl_site(session, "http://start.invalid/", CrawlLimits())]
+    assert not failed.value.permanent
+    assert "start.invalid: cannot be" in str(failed.value)

@@ -178,7 +178,8 @@ async def _allowed_start(
     try:
         await ensure_public_url(start, allow_private=limits.allow_private)
     except UnsafeURL as exc:
-        raise CrawlFailed(f"{start}: {exc}", permanent=True) from None
+        # A name DNS does not resolve now may resolve later (a resolver's hiccup): tried again, as network errors are.
+        raise CrawlFailed(f"{start}: {exc}", permanent=not isinstance(exc, UnresolvedHost)) from None
     try:
         async with asyncio.timeout_at(deadline):
             robots = await _robots(session, start, limits)
@@ -215,7 +216,7 @@ async def crawl_site(
                 fetched = await _fetch(session, url, limits)
         except (aiohttp.ClientError, TimeoutError, OSError, UnsafeURL, CrawlFailed) as exc:
             if url == start:
-                permanent = isinstance(exc, UnsafeURL | CrawlFailed)
+                permanent = isinstance(exc, UnsafeURL | CrawlFailed) and not isinstance(exc, UnresolvedHost)
                 raise CrawlFailed(
                     f"{url} could not be fetched ({exc or type(exc).__name__})", permanent=permanent
                 ) from None
