@@ -60,7 +60,11 @@ class Watch:
 
 
 async def record_events(db: Queryable, events: Sequence[NewEvent]) -> int:
-    """Insert `events` in one statement, in order; the largest id given (0 for none)."""
+    """Insert `events` in one statement, in order; the largest id given (0 for none).
+
+    The events of a call whose CallLog is gone (deleted while it ran, as the platform's dashboard does in SQL) are
+    left out: nothing could show them, and they must not cost the other calls' events of the batch.
+    """
     if not events:
         return 0
     async with transaction(db) as conn:
@@ -69,14 +73,20 @@ async def record_events(db: Queryable, events: Sequence[NewEvent]) -> int:
             return int(
                 await conn.fetchval(
                     """
-                    WITH inserted AS (
+                    WITH present AS (
+                        -- Locked as the foreign key's check locks them: a call deleted meanwhile is left out here
+                        -- instead of failing the whole batch there. An event naming another organization's call
+                        -- still reaches the check, and is refused.
+                        SELECT "id" FROM "CallLog" WHERE "id" = ANY($2::text[]) FOR KEY SHARE
+                    ), inserted AS (
                         INSERT INTO "LiveCallEvent" ("organizationId", "callLogId", "type", "data")
                         SELECT o, c, t, d::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
                             WITH ORDINALITY AS e(o, c, t, d, n)
+                        WHERE e.c IN (SELECT "id" FROM present)
                         ORDER BY n
                         RETURNING "id"
                     )
-                    SELECT max("id") FROM inserted
+                    SELECT coalesce(max("id"), 0) FROM inserted
                     """,
                     [e.organization_id for e in events],
                     [e.call_log_id for e in events],

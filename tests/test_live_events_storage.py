@@ -193,3 +193,16 @@ async def test_a_path_step_of_a_speculative_reply_is_told_once_confirmed_and_nev
         ("ask", None),
         ("billing", "to-billing"),
     ]
+
+
+async def test_the_events_of_a_call_deleted_while_it_ran_cost_no_other_call_its_events(pool: asyncpg.Pool) -> None:
+    tenant = await make_tenant(pool, "Deleted mid batch")
+    kept, deleted = await new_call(pool, tenant.organization_id), await new_call(pool, tenant.organization_id)
+    await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', deleted)  # as the platform's dashboard does
+    batch = [said(tenant.organization_id, deleted, "gone"), said(tenant.organization_id, kept, "kept")]
+    assert await live_call_events.record_events(pool, batch) > 0
+    async with tenant_transaction(pool, tenant.organization_id) as db:
+        events = await live_call_events.events_after(
+            db, organization_id=tenant.organization_id, call_log_id=None, after=0
+        )
+    assert [(event.call_log_id, event.data["text"]) for event in events] == [(kept, "kept")]
