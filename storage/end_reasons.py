@@ -58,6 +58,9 @@ class EndReason(StrEnum):
     INTERNAL_ERROR = "internal_error"
     ENGINE_SHUTDOWN = "engine_shutdown"
     ENGINE_LOST = "engine_lost"
+    CALL_DELETED = "call_deleted"
+    """The call's CallLog was deleted while it ran (the dashboard deletes rows in SQL): the engine hung it up. Never
+    stored, having nowhere to be: the engine's log says it."""
 
     @classmethod
     def read(cls, stored: object) -> EndReason | None:

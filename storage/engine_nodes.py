@@ -148,6 +148,21 @@ async def calls_closed_as_lost(db: Queryable, *, node_id: str, call_log_ids: lis
     return [str(row["id"]) for row in rows]
 
 
+async def calls_deleted(db: Queryable, *, call_log_ids: list[str]) -> list[str]:
+    """Of these calls a node runs, those whose CallLog no longer exists: deleted while they ran (the platform's
+    dashboard deletes rows in SQL, alone or with their organization). Unscoped by design, as `calls_closed_as_lost`."""
+    if not call_log_ids:
+        return []
+    rows = await db.fetch(
+        """
+        SELECT ids."id" FROM unnest($1::text[]) AS ids("id")
+        WHERE NOT EXISTS (SELECT 1 FROM "CallLog" c WHERE c."id" = ids."id")
+        """,
+        call_log_ids,
+    )
+    return [str(row["id"]) for row in rows]
+
+
 async def forget_dead_nodes(db: Queryable, *, older_than: timedelta, now: datetime | None = None) -> int:
     """Delete nodes not seen for `older_than` before `now` (the database's clock when None) that no IN_PROGRESS call
     names; return how many."""

@@ -29,7 +29,7 @@ from storage.call_logs import CallLog
 from storage.call_turns import list_turns
 from storage.end_reasons import MAX_DETAIL_CHARS, EndReason
 from storage.enums import CallStatus
-from storage.errors import DatabaseUnavailable
+from storage.errors import DatabaseUnavailable, NotFound
 from storage.pool import create_pool
 from storage.records import new_id
 from tests.databases import database_name
@@ -517,6 +517,28 @@ def test_a_spill_line_torn_by_a_crash_is_skipped(tmp_path: Path) -> None:
     path = tmp_path / "call.jsonl"
     path.write_text('{"call": {"callLogId": "c"}}\n{"turn": {"index": 0}}\n{"turn": {"ind')
     assert read_spill_file(path) == [{"call": {"callLogId": "c"}}, {"turn": {"index": 0}}]
+
+
+async def test_a_write_that_finds_the_call_log_deleted_tells_the_call_once_and_keeps_nothing(
+    pool: asyncpg.Pool,
+) -> None:
+    call, _ = await new_call(pool)
+    writer = writer_for(pool, call)
+    told: list[str] = []
+    writer.when_deleted(lambda: told.append(call.id))
+    writer.start()
+    await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', call.id)  # as the platform's dashboard does
+
+    async def nothing_waiting() -> bool:
+        return writer.pending_turns == 0
+
+    for index in range(3):
+        writer.record_turn(turn(index))
+        await eventually(nothing_waiting)
+    assert told == [call.id]
+    assert writer.lost_turns == 3
+    with pytest.raises(NotFound):
+        await writer.finish(completed(5))
 
 
 async def test_nothing_can_be_recorded_once_the_call_is_finished(pool: asyncpg.Pool) -> None:

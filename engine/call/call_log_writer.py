@@ -109,6 +109,8 @@ class CallLogWriter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._result: CallLog | None = None
+        self._deleted = False
+        self._on_deleted: list[Callable[[], None]] = []
 
     @classmethod
     def resume(
@@ -148,6 +150,11 @@ class CallLogWriter:
     def lost_turns(self) -> int:
         """Turns that could not be kept (buffer full, or refused by the database); also in metadata.lostTurns."""
         return self._lost_turns
+
+    def when_deleted(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once, when a write finds the CallLog deleted (the platform's dashboard deletes rows in SQL,
+        alone or with their organization): nothing of the call can be written any more."""
+        self._on_deleted.append(callback)
 
     def start(self) -> None:
         """Start the background task that writes what is recorded; call once, on the running event loop."""
@@ -302,6 +309,9 @@ class CallLogWriter:
 
     async def _flush(self, deadline: float | None) -> None:
         """Write pending turns and metadata in batches until none are left."""
+        if self._deleted:
+            self._drop_unwritable()
+            return
         while self._pending or self._metadata:
             if deadline is None and self._stop.is_set():
                 raise _Stopped
@@ -312,11 +322,7 @@ class CallLogWriter:
             except DatabaseUnavailable:
                 raise
             except NotFound:
-                # The call is gone (deleted with its organization): nothing of it can ever be written.
-                log.error("CallLog %s no longer exists; %d unwritten turns dropped", self._call_log_id, len(batch))
-                self._lost_turns += len(self._pending)
-                self._pending.clear()
-                self._metadata.clear()
+                self._call_log_deleted()
                 return
             except DATABASE_ERRORS:
                 # Refused, not failed: retrying the same batch would block every later turn and the call's end.
@@ -331,6 +337,22 @@ class CallLogWriter:
                 # A value replaced while the write was in flight is still to be written.
                 if key in self._metadata and self._metadata[key] is value:
                     del self._metadata[key]
+
+    def _call_log_deleted(self) -> None:
+        log.warning(
+            "CallLog %s was deleted while its call ran; its %d unwritten turns, and any to come, are dropped",
+            self._call_log_id,
+            len(self._pending),
+        )
+        self._deleted = True
+        self._drop_unwritable()
+        for callback in self._on_deleted:
+            callback()
+
+    def _drop_unwritable(self) -> None:
+        self._lost_turns += len(self._pending)
+        self._pending.clear()
+        self._metadata.clear()
 
     async def _finalize(self, outcome: CallOutcome) -> CallLog:
         ended, ended_now = await self._store.end(

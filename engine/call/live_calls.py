@@ -24,6 +24,10 @@ class LiveCall(Protocol):
         """End the call for a reason outside it (COMPLETED if `completed`, else FAILED)."""
         ...
 
+    def call_log_deleted(self) -> None:
+        """The call's CallLog was deleted while it ran: hang it up (through Twilio when the engine can)."""
+        ...
+
     def end_when_twilio_stops(self, reason: EndReason) -> None:
         """Stop speaking now; end with `reason` when Twilio's `stop` comes (it was redirected elsewhere)."""
         ...

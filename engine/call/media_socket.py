@@ -365,6 +365,8 @@ async def _wrap_up(
 
     Each step runs whatever the one before did: a recording that cannot be closed costs the recording, never the
     CallLog, and the analysis is queued even if the CallLog could not be finished (it waits for a finished one).
+    A CallLog deleted during the call (the platform's dashboard deletes rows in SQL) has nothing left to finish or
+    analyze: logged, never raised.
     """
     app = request.app
     if recorder is not None:
@@ -372,13 +374,21 @@ async def _wrap_up(
             outcome = await _close_recording(request, call_log, outcome, recorder)
         except Exception:
             log.exception("call %s: its recording could not be closed; the call ends without one", call_log.call_id)
-    deferred = False
+    analyze = True
     try:
         await writer.finish(outcome)
     except CallLogDeferred:
-        deferred = True  # kept in the spill and written later (logged); the post-call sweep finds the call then
+        analyze = False  # kept in the spill and written later (logged); the post-call sweep finds the call then
+    except NotFound:
+        analyze = False
+        log.warning(
+            "call %s: its CallLog %s was deleted during the call; it ended (%s) with nothing left to write",
+            call_log.call_id,
+            call_log.id,
+            outcome.end_reason.value,
+        )
     finally:
-        if not deferred:
+        if analyze:
             app[POST_CALL].submit(call_log.id)
 
 

@@ -122,6 +122,7 @@ class CallSession:
         self.opened = asyncio.Event()
         self._stream = stream
         self._writer = writer
+        writer.when_deleted(self.call_log_deleted)
         self._recorder = recorder
         self._twilio = TwilioControl(context.call_sid, hang_up=hang_up, transfer=transfer, rules=config.transfer)
         self._fallback = fallback
@@ -423,6 +424,20 @@ class CallSession:
         """End the call for a reason outside it: FAILED (the engine shutting down), or COMPLETED when someone
         hung it up on purpose (the API)."""
         self._end(CallStatus.COMPLETED if completed else CallStatus.FAILED, reason, detail)
+
+    def call_log_deleted(self) -> None:
+        """The call's CallLog was deleted while it ran (the platform's dashboard deletes rows in SQL): nothing more of
+        the call can be kept, and its credit reservation went with the row, so hang it up now, through Twilio when
+        the engine can."""
+        if not accepts(self._phase, PhaseEvent.WIND_DOWN):
+            return  # ending already
+        log.warning(
+            "call %s: its CallLog %s was deleted while the call ran: hanging up",
+            self.context.call_sid,
+            self.context.call_log_id,
+        )
+        self._wind_down(EndReason.CALL_DELETED, None)
+        self.spawn(self.hang_up(EndReason.CALL_DELETED), "hang-up")
 
     def end_when_twilio_stops(self, reason: EndReason) -> None:
         """Twilio is about to stop the stream for a reason decided outside the call (an answering machine took it):

@@ -26,7 +26,7 @@ from engine.server.appkeys import DATABASE, RECORDING_KEY, SETTINGS
 from media.recording import repair_wav_header
 from storage import Pool, call_recordings, recording_deletions
 from storage.call_recordings import CallRecording, ClaimedUpload, RecordingStatus
-from storage.errors import DATABASE_ERRORS
+from storage.errors import DATABASE_ERRORS, InvalidReference
 from storage.recording_stores import (
     RecordingStore,
     RecordingStoreError,
@@ -118,6 +118,7 @@ class RecordingUploads:
         """Record a call's finished recording file; with object storage, wake the uploader for it. Whether it was.
 
         A database that cannot take the row leaves the file where it is (served by this host): logged, never raised.
+        A call deleted while it ran (its CallLog, or its organization) has no row to name its file: removed at once.
         """
         try:
             await call_recordings.add_recording(
@@ -132,6 +133,10 @@ class RecordingUploads:
                 stored=not self.store.uploads,
                 now=self._clock(),
             )
+        except InvalidReference:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+            log.warning("recording of call %s removed: the call was deleted while it ran", call_log_id)
+            return False
         except DATABASE_ERRORS as exc:
             log.error("recording of call %s stays in %s: could not record it (%s)", call_log_id, path, exc)
             return False
