@@ -66,8 +66,12 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     DatabaseUnavailable,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,  # includes a connection closed under a query
-    asyncpg.exceptions.OperatorInterventionError,  # server shutting down, or starting up
+    asyncpg.exceptions.OperatorInterventionError,  # server shutting down, or starting up (cannot connect now)
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    # Refusals a connection meets as it opens, never a query: the database dropped or renamed, the role or its
+    # password changed. An operator's to fix; until then the database is as unavailable as a server that is down.
+    asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # and InvalidPasswordError
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
     OSError,
