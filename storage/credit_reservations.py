@@ -60,11 +60,12 @@ async def reserve_first_minute(
 
 async def extend_reservation(db: Queryable, *, call_log_id: str) -> bool:
     """Reserve one more minute for a running call at its rate; False when the balance cannot pay for it (or the
-    call's reservation is already settled)."""
+    call's reservation is already settled). NotFound when the CallLog is gone, and its reservation with it (deleted
+    while the call ran, as the platform's dashboard does in SQL)."""
     # The reservation is locked before the balance is touched, in the order its settlement takes them: an extension
     # racing the call's end either lands before it (and is returned by it) or finds the reservation gone and takes
     # nothing. Without the lock, it took the minute from a balance whose reservation had just been deleted.
-    extended: int | None = await db.fetchval(
+    row = await db.fetchrow(
         """
         WITH rate AS (
             SELECT c."organizationId", r."creditsPerMinute"
@@ -76,16 +77,23 @@ async def extend_reservation(db: Queryable, *, call_log_id: str) -> bool:
             FROM rate
             WHERE o."id" = rate."organizationId" AND o."credits" >= rate."creditsPerMinute"
             RETURNING rate."creditsPerMinute"
+        ), extended AS (
+            UPDATE "CreditReservation" r
+            SET "credits" = r."credits" + taken."creditsPerMinute"
+            FROM taken
+            WHERE r."callLogId" = $1
+            RETURNING r."credits"
         )
-        UPDATE "CreditReservation" r
-        SET "credits" = r."credits" + taken."creditsPerMinute"
-        FROM taken
-        WHERE r."callLogId" = $1
-        RETURNING r."credits"
+        SELECT EXISTS (SELECT 1 FROM extended) AS "extended",
+               EXISTS (SELECT 1 FROM "CallLog" WHERE "id" = $1) AS "present"
         """,
         call_log_id,
     )
-    return extended is not None
+    assert row is not None  # a SELECT without FROM: always one row
+    if not row["present"]:
+        raise NotFound("CallLog", call_log_id)
+    extended: bool = row["extended"]
+    return extended
 
 
 async def settle_reservation(db: Queryable, *, organization_id: str, call_log_id: str, minutes: int) -> int | None:

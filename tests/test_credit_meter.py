@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
 from engine.call.credit_meter import CreditMeter
 from storage import credit_reservations
+from storage.call_logs import CallLog
 from storage.end_reasons import EndReason
 from storage.pool import create_pool
 from tests.databases import database_name
@@ -56,6 +58,23 @@ async def metered(answers: list[bool | Exception], *, unpaid_minutes: int = 2) -
     return goodbyes, asked
 
 
+def meter_of(
+    db: asyncpg.Pool,
+    call: CallLog,
+    *,
+    say_goodbye: Callable[[EndReason], None],
+    hang_up: Callable[[EndReason], Awaitable[None]],
+) -> CreditMeter:
+    """A meter of `call` in slow tiny minutes, its reservation extended in the database through `db`."""
+    return CreditMeter(
+        call.call_id,
+        functools.partial(credit_reservations.extend_reservation, db, call_log_id=call.id),
+        say_goodbye=say_goodbye,
+        hang_up=hang_up,
+        minute_seconds=SLOW_MINUTE,
+    )
+
+
 async def test_a_database_that_cannot_be_asked_ends_the_call_after_the_unpaid_minutes() -> None:
     down = ConnectionRefusedError("database unreachable")
     goodbyes, asked = await metered([down, down, down, down])
@@ -88,13 +107,7 @@ async def test_a_database_that_stops_answering_ends_the_call_after_the_unpaid_mi
     await proxy.up()
     stalled = await create_pool(proxy.url(database_name(db_url)), min_size=1, max_size=2, timeout=2)
     goodbyes: list[EndReason] = []
-    meter = CreditMeter(
-        call.call_id,
-        functools.partial(credit_reservations.extend_reservation, stalled, call_log_id=call.id),
-        say_goodbye=goodbyes.append,
-        hang_up=hung_up,
-        minute_seconds=SLOW_MINUTE,
-    )
+    meter = meter_of(stalled, call, say_goodbye=goodbyes.append, hang_up=hung_up)
     proxy.stall()  # a partition: the meter's queries get no answer, and no error either
     task = asyncio.create_task(meter.run())
     try:
@@ -106,6 +119,24 @@ async def test_a_database_that_stops_answering_ends_the_call_after_the_unpaid_mi
         await proxy.down()
 
     assert goodbyes == [EndReason.INTERNAL_ERROR]
+
+
+async def test_a_call_whose_call_log_is_deleted_is_hung_up_at_its_next_extension_without_a_goodbye(
+    pool: asyncpg.Pool,
+) -> None:
+    org = await new_organization(pool, credits=100)
+    call = await open_paid_call(pool, org)
+    await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', call.id)  # its reservation goes with it
+    goodbyes: list[EndReason] = []
+    hang_ups: list[EndReason] = []
+
+    async def hang_up(reason: EndReason) -> None:
+        hang_ups.append(reason)
+
+    meter = meter_of(pool, call, say_goodbye=goodbyes.append, hang_up=hang_up)
+    await asyncio.wait_for(meter.run(), 20 * SLOW_MINUTE)
+
+    assert (goodbyes, hang_ups) == ([], [EndReason.CALL_DELETED])
 
 
 async def test_a_call_out_of_credits_is_hung_up_before_its_paid_time_is_over() -> None:

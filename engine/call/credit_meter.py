@@ -6,7 +6,8 @@ When the database cannot be asked, the call goes on unpaid for at most `UNPAID_M
 call's end charges them, as far as the balance holds), then says goodbye (INTERNAL_ERROR): an outage does not cut
 every caller off at once, and does not let calls run unpaid until their maximum duration either. A database that
 does not answer at all (a network partition: no error, ever) counts the same: an extension has until the paid minute
-runs out to be answered.
+runs out to be answered. A call whose CallLog is gone (deleted while it ran, its reservation with it) is hung up at
+once, without a goodbye: nothing pays for it any more.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from storage.end_reasons import EndReason
+from storage.errors import NotFound
 
 __all__ = [
     "CREDIT_LEAD_SECONDS",
@@ -41,7 +43,8 @@ UNPAID_MINUTES = 2
 """Minutes in a row a call may go on whose reservation could not be extended (the database unreachable)."""
 
 ExtendReservation = Callable[[], Awaitable[bool]]
-"""Reserve the call's next minute of credits; False when the organization cannot pay for it."""
+"""Reserve the call's next minute of credits; False when the organization cannot pay for it, NotFound when the call's
+CallLog is gone."""
 
 
 class CreditMeter:
@@ -72,6 +75,9 @@ class CreditMeter:
         loop = asyncio.get_running_loop()
         lead = min(CREDIT_LEAD_SECONDS, self._minute / 2)
         reason, paid_until = await self._paid_minutes(loop.time() - elapsed, lead)
+        if reason is EndReason.CALL_DELETED:
+            await self._hang_up(reason)
+            return
         self._say_goodbye(reason)
         # Out of credits, the call is cut off so that it ends within its paid time; ended because its minutes could
         # not be reserved (unpaid already), its goodbye has the lead.
@@ -100,6 +106,9 @@ class CreditMeter:
                     attempt = asyncio.ensure_future(self._extend())
                 try:
                     extended = await asyncio.wait_for(asyncio.shield(attempt), max(paid_until - loop.time(), 0.0))
+                except NotFound:
+                    log.warning("call %s: its CallLog was deleted, its credit reservation with it", self._call_sid)
+                    return EndReason.CALL_DELETED, paid_until
                 except Exception as exc:  # our database's trouble: the call goes on a while, the end settles it
                     why = str(exc) or "no answer before the paid minute ran out"
                     unpaid += 1
