@@ -66,6 +66,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     DatabaseUnavailable,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,  # includes a connection closed under a query
+    # A pooled connection the server ended (an administrator, a failover) taken for a query before asyncpg saw the
+    # end: "cannot switch to state 12; another operation (2) is in progress" (MagicStack/asyncpg#1069).
+    asyncpg.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,  # server shutting down, or starting up (cannot connect now)
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections
     # Refusals a connection meets as it opens, never a query: the database dropped or renamed, the role or its

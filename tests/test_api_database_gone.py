@@ -10,8 +10,6 @@ import aiohttp
 import asyncpg
 import pytest
 
-from storage.errors import TRANSIENT_ERRORS, DatabaseUnavailable
-from storage.pool import create_pool
 from tests.databases import TestDatabases, database_name
 from tests.engine_server import running_engine
 from tests.test_api_auth import Api, make_tenant
@@ -38,19 +36,37 @@ async def test_a_dropped_database_makes_the_api_unavailable_not_failing(database
     assert all(body["error"]["code"] == "unavailable" for _, body in answers)
 
 
-async def test_connections_the_server_refuses_count_as_the_database_unavailable(databases: TestDatabases) -> None:
+async def test_a_role_out_of_connections_makes_the_api_unavailable_not_failing(databases: TestDatabases) -> None:
+    # The engine connects as a role of its own, as on a managed server whose roles have connection limits (superusers
+    # have none). It bypasses row-level security as the schema's owner does.
     url = await databases.migrated()
-    role = f"limited_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(databases.server_url)
+    role = f"engine_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(url)
     try:
-        await admin.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0')
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN BYPASSRLS IN ROLE dialtone_api')
+        for grant in ("ALL ON ALL TABLES", "ALL ON ALL SEQUENCES"):
+            await admin.execute(f'GRANT {grant} IN SCHEMA public TO "{role}"')
+        pool = await databases.pool(url)
+        try:
+            tenant = await make_tenant(pool, "Crowded")
+        finally:
+            await pool.close()
         parts = urlsplit(url)
         as_role = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname or ''}"))
-        with pytest.raises(asyncpg.TooManyConnectionsError) as refused:
-            await asyncpg.connect(as_role)
-        assert isinstance(refused.value, TRANSIENT_ERRORS)
-        with pytest.raises(DatabaseUnavailable, match="too many connections"):
-            await create_pool(as_role)
+        async with running_engine(as_role, apply_migrations=False) as engine, aiohttp.ClientSession() as session:
+            api = Api(session, engine)
+            status, _ = await api.call("GET", "/agents", tenant.owner_key)
+            assert status == 200
+            await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
+            answers = [await api.call("GET", "/agents", tenant.owner_key) for _ in range(3)]
+            with pytest.raises(asyncpg.TooManyConnectionsError):  # what the engine's pool meets as it reconnects
+                await asyncpg.connect(as_role)
     finally:
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
+        await admin.execute(f'REVOKE ALL ON ALL TABLES IN SCHEMA public FROM "{role}"')
+        await admin.execute(f'REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM "{role}"')
         await admin.execute(f'DROP ROLE "{role}"')
         await admin.close()
+    assert [status for status, _ in answers] == [503] * 3
+    assert all(body["error"]["code"] == "unavailable" for _, body in answers)
