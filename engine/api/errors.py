@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from engine.api.models import ResponseModel
+from engine.server.body_deadline import BodyTooSlow
 from storage.errors import (
     TRANSIENT_ERRORS,
     AlreadyExists,
@@ -143,6 +144,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return exc.response()
+    except BodyTooSlow as exc:  # (engine.server.body_deadline closes the connection after this answer)
+        return ApiError(408, "request_timeout", str(exc)).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -12,6 +12,7 @@ from engine.api.errors import ErrorResponse
 from engine.api.idempotency import IDEMPOTENCY_HEADER, MAX_KEY_CHARS, key_description
 from engine.api.models import ID_PATTERN
 from engine.api.operations import Operation, Resource
+from engine.server.body_deadline import BODY_SECONDS
 
 _REF = "#/components/schemas/{model}"
 
@@ -21,6 +22,7 @@ _ERROR_DESCRIPTIONS = {
     402: "The organization has no credits left.",
     403: "The key's user is a VIEWER and the operation changes something (or is as sensitive: listening to a call).",
     404: "Nothing with that id in the caller's organization.",
+    408: f"The body did not arrive whole within {BODY_SECONDS:g} s; the connection is closed.",
     409: "The request clashes with the resource's current state.",
     413: "The body is too large.",
     415: "The body is not of the media type the operation takes (multipart/form-data for uploads).",
@@ -165,13 +167,13 @@ def _error_statuses(operation: Operation) -> list[int]:
     if operation.path_params:
         statuses.add(404)
     if operation.body is not None:
-        statuses |= {400, 413, 422}
+        statuses |= {400, 408, 413, 422}
     if operation.query is not None:
         statuses.add(422)
     if operation.idempotent:
         statuses |= {409, 422}  # a key still in flight; a key used with another body
     if operation.form is not None:
-        statuses |= {400, 413, 415, 422}
+        statuses |= {400, 408, 413, 415, 422}
     statuses.update(operation.errors)
     return sorted(statuses)
 

@@ -33,6 +33,7 @@ from engine.server.appkeys import (
     TWILIO,
     Clock,
 )
+from engine.server.body_deadline import body_deadline
 from engine.server.drain import Drain
 from engine.server.security_headers import add_security_headers
 from engine.twilio import webhooks as twilio_webhooks
@@ -63,7 +64,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
 
     `clock` tells the time of day agents' inbound hours are read at (default: the system's, in UTC).
     """
-    app = web.Application()
+    app = web.Application(middlewares=[body_deadline])  # every route's: the API's and Twilio's webhooks
     app[SETTINGS] = settings
     app[CLOCK] = clock or functools.partial(datetime.now, UTC)
     app[DRAIN] = Drain()  # `dialtone serve` drains it on SIGTERM (engine.server.cli)

@@ -1,0 +1,165 @@
+"""Request bodies have a deadline: a client that sends its headers and then trickles or stalls its body is answered
+408 (the API's error shape under /v1) and its connection closed, on every route that reads a body.
+
+Spoken over raw sockets to the real engine on loopback, since an HTTP client library sends its bodies whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+from yarl import URL
+
+from engine.server import body_deadline
+from tests.test_api_auth import Api, Tenant, assert_error, make_tenant
+
+DEADLINE_SECONDS = 0.5
+"""The engine's body deadline in these tests (a minute in production), set by the `short_deadline` fixture."""
+HANG_GUARD_SECONDS = 30
+"""How long a test waits for an answer before calling the engine hung: a failure, never a measure of speed."""
+DECLARED_LENGTH = 1000
+"""The Content-Length the slow requests declare: more than they ever send."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the server sent back before it closed the connection."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class SlowClient:
+    """One HTTP/1.1 connection on which a request's headers go out at once and its body as the test chooses."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def send_head(self, path: str, headers: dict[str, str], length: int = DECLARED_LENGTH) -> None:
+        lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {length}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        await self.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def trickle(self, byte: bytes) -> None:
+        """One byte after another, until the server stops reading: a body that is always arriving, never whole."""
+        with contextlib.suppress(ConnectionError):
+            while not self.reader.at_eof():
+                await self.send(byte)
+                await asyncio.sleep(DEADLINE_SECONDS / 10)
+
+    async def answer_then_close(self) -> Answer:
+        """Everything the server sends until it closes the connection."""
+        raw = await asyncio.wait_for(self.reader.read(), HANG_GUARD_SECONDS)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
+        return Answer(int(status_line.split()[1]), headers, body)
+
+
+@asynccontextmanager
+async def slow_client(base: str) -> AsyncIterator[SlowClient]:
+    url = URL(base)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        yield SlowClient(reader, writer)
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+def short_deadline(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(body_deadline, "BODY_SECONDS", DEADLINE_SECONDS)
+    return DEADLINE_SECONDS
+
+
+@pytest.fixture(scope="module")
+async def acme(pool: asyncpg.Pool) -> Tenant:
+    return await make_tenant(pool, "Acme")
+
+
+def _api_headers(tenant: Tenant, **extra: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tenant.owner_key}", "Content-Type": "application/json", **extra}
+
+
+def assert_timed_out_in_the_api_shape(answer: Answer) -> None:
+    assert answer.status == 408, answer
+    assert answer.headers["connection"].lower() == "close"
+    assert_error(json.loads(answer.body), "request_timeout")
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [("/v1/knowledge-bases", {}), ("/v1/calls", {"Idempotency-Key": "slow-body"})],
+    ids=["json", "json under an idempotency key"],
+)
+async def test_a_stalled_json_body_is_a_408_and_the_connection_is_closed(
+    api: Api, acme: Tenant, short_deadline: float, path: str, headers: dict[str, str]
+) -> None:
+    async with slow_client(api.base) as client:
+        await client.send_head(path, _api_headers(acme, **headers))
+        await client.send(b'{"name": "Sl')
+        answer = await client.answer_then_close()
+    assert_timed_out_in_the_api_shape(answer)
+    assert f"within {short_deadline:g} s" in json.loads(answer.body)["error"]["message"]
+
+
+async def test_a_trickled_json_body_is_a_408_though_every_byte_comes_in_time(
+    api: Api, acme: Tenant, short_deadline: float
+) -> None:
+    async with slow_client(api.base) as client:
+        await client.send_head("/v1/knowledge-bases", _api_headers(acme))
+        await client.send(b'{"name": "Slow", "description": "')
+        trickling = asyncio.create_task(client.trickle(b"x"))
+        answer = await client.answer_then_close()
+        await trickling
+    assert_timed_out_in_the_api_shape(answer)
+
+
+async def test_a_stalled_upload_is_a_408(api: Api, acme: Tenant, short_deadline: float) -> None:
+    status, kb = await api.call("POST", "/knowledge-bases", acme.owner_key, json={"name": "Uploads"})
+    assert status == 201, kb
+    boundary = "slowboundary"
+    headers = {"Authorization": f"Bearer {acme.owner_key}", "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    async with slow_client(api.base) as client:
+        await client.send_head(f"/v1/knowledge-bases/{kb['id']}/files", headers, length=100_000)
+        await client.send(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n'
+            "Content-Type: text/plain\r\n\r\nthe first words of a long file".encode()
+        )
+        answer = await client.answer_then_close()
+    assert_timed_out_in_the_api_shape(answer)
+
+
+async def test_a_stalled_twilio_webhook_body_is_a_408_and_the_connection_is_closed(
+    api: Api, short_deadline: float
+) -> None:
+    async with slow_client(api.base) as client:
+        await client.send_head("/twilio/voice", {"Content-Type": "application/x-www-form-urlencoded"})
+        await client.send(b"CallSid=CA0123&From=%2B1500")
+        answer = await client.answer_then_close()
+    assert answer.status == 408, answer
+    assert answer.headers["connection"].lower() == "close"
+    assert b"did not arrive whole" in answer.body
+
+
+async def test_a_body_sent_in_pieces_that_completes_is_read_as_usual(api: Api, acme: Tenant) -> None:
+    body = b'{"name": "In pieces"}'
+    async with slow_client(api.base) as client:
+        await client.send_head("/v1/knowledge-bases", _api_headers(acme), length=len(body))
+        await client.send(body[:5])
+        await asyncio.sleep(0.05)
+        await client.send(body[5:])
+        status_line = await asyncio.wait_for(client.reader.readline(), HANG_GUARD_SECONDS)
+    assert status_line.split()[1] == b"201"
