@@ -13,17 +13,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import aiohttp
 import asyncpg
 import pytest
 from yarl import URL
 
 from engine.server import body_deadline
+from tests.engine_server import running_engine
 from tests.test_api_auth import Api, Tenant, assert_error, make_tenant
+from tests.test_call_log_writer import eventually
 
 DEADLINE_SECONDS = 0.5
 """The engine's body deadline in these tests (a minute in production), set by the `short_deadline` fixture."""
 HANG_GUARD_SECONDS = 30
 """How long a test waits for an answer before calling the engine hung: a failure, never a measure of speed."""
+POOL_SIZE = 2
+"""The engine's database connections in the test of what a slow body holds."""
 DECLARED_LENGTH = 1000
 """The Content-Length the slow requests declare: more than they ever send."""
 
@@ -163,3 +168,29 @@ async def test_a_body_sent_in_pieces_that_completes_is_read_as_usual(api: Api, a
         await client.send(body[5:])
         status_line = await asyncio.wait_for(client.reader.readline(), HANG_GUARD_SECONDS)
     assert status_line.split()[1] == b"201"
+
+
+async def test_slow_idempotent_bodies_hold_no_database_connection_while_they_arrive(
+    db_url: str, pool: asyncpg.Pool
+) -> None:
+    # As many slow requests as the engine's pool has connections: had they taken them, the next request would wait
+    # for their deadline (a minute).
+    tenant = await make_tenant(pool, "Pooled")
+    async with (
+        asyncio.timeout(HANG_GUARD_SECONDS),
+        running_engine(db_url, db_pool_min=1, db_pool_max=POOL_SIZE) as base,
+        aiohttp.ClientSession() as session,
+        contextlib.AsyncExitStack() as clients,
+    ):
+        slow = [await clients.enter_async_context(slow_client(base)) for _ in range(POOL_SIZE)]
+        for n, client in enumerate(slow):
+            await client.send_head("/v1/calls", _api_headers(tenant, **{"Idempotency-Key": f"slow-body-{n}"}))
+            await client.send(b'{"agentId": "')
+        # The engine checked the key: both requests have reached their handlers, which wait for the bodies.
+        await eventually(
+            lambda: pool.fetchval('SELECT "lastUsedAt" IS NOT NULL FROM "ApiKey" WHERE id = $1', tenant.owner_key_id),
+            timeout=HANG_GUARD_SECONDS,
+        )
+        status, organization = await Api(session, base).call("GET", "/organization", tenant.owner_key)
+        assert status == 200, organization
+        assert not any(client.reader.at_eof() for client in slow)  # still waiting for their bodies

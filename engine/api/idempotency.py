@@ -86,9 +86,10 @@ async def idempotent(
     pool = request.config_dict[DATABASE].pool
     ttl = timedelta(seconds=request.config_dict[SETTINGS].idempotency_key_ttl)
     names = {"organization_id": organization_id, "operation": operation, "key": key}
+    body_hash = request_hash(await request.read())  # before the transaction: a slow body must hold no connection
     async with tenant_transaction(pool, organization_id) as db:
         claim = await idempotency_keys.claim_key(
-            db, request_hash=request_hash(await request.read()), ttl=ttl, in_flight_limit=IN_FLIGHT_LIMIT, **names
+            db, request_hash=body_hash, ttl=ttl, in_flight_limit=IN_FLIGHT_LIMIT, **names
         )
     match claim.state:
         case ClaimState.OTHER_REQUEST:
