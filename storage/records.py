@@ -39,7 +39,10 @@ def new_ids(count: int) -> list[str]:
 
 def storable_text(text: str) -> str:
     """`text` as a PostgreSQL text column or jsonb string can hold it: every NUL and lone surrogate (half an emoji,
-    which JSON can carry) becomes U+FFFD, and a surrogate pair that arrived split is joined into its character."""
+    which JSON can carry) becomes U+FFFD, and a surrogate pair that arrived split is joined into its character.
+
+    Also the text any UTF-8 body can carry (a model's request, a webhook): the call applies it where a recognizer's
+    words enter (engine.call.cascade)."""
     if not text.isascii():
         try:
             text.encode("utf-8")

@@ -162,26 +162,33 @@ async def test_a_call_through_deepgram_openai_and_elevenlabs(
     assert "dialtone_turn_latency_seconds_count" in text
 
 
-async def test_a_nul_in_what_was_said_costs_no_turn(
-    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
+@pytest.mark.parametrize(
+    ("heard", "stored"),
+    [
+        ("A table for two\x00 please.", "A table for two\ufffd please."),  # which PostgreSQL text cannot hold
+        ("A table for two \ud83d please.", "A table for two \ufffd please."),  # half an emoji: no UTF-8 body can
+    ],
+    ids=["nul", "lone surrogate"],
+)
+async def test_what_was_said_that_no_text_can_hold_costs_no_turn(  # noqa: PLR0917 (fixtures and parameters)
+    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str, heard: str, stored: str
 ) -> None:
-    # PostgreSQL text cannot hold a NUL; the recognizer's JSON or the model's can carry one ("\u0000").
+    # The recognizer's JSON or the model's can carry a NUL ("\\u0000") or a lone surrogate ("\\ud83d"): neither may
+    # reach the model's next request, the live events and webhooks, or the stored turns.
     number, _ = await make_line(pool, organization_id, firstSentence="Hello, this is the clinic.")
-    fakes.deepgram.transcripts.extend(["A table for two\x00 please."])
+    fakes.deepgram.transcripts.extend([heard])
     fakes.openai.replies.extend(["Booked for two\x00."])
     result = await call(engine, number, Say("a table for two please"), Pause(300))
     log = await finished_log(pool, result)
     assert log["status"] == "COMPLETED", log["metadata"]
+    assert fakes.openai.requests[-1]["messages"][-1] == {"role": "user", "content": stored}
     rows = await turns(pool, log["id"])
     assert [(r["speaker"], r["text"]) for r in rows] == [
         ("agent", "Hello, this is the clinic."),
-        ("caller", "A table for two\ufffd please."),
+        ("caller", stored),
         ("agent", "Booked for two\ufffd."),
     ]
-    assert log["transcript"].splitlines()[1:] == [
-        "Caller: A table for two\ufffd please.",
-        "Agent: Booked for two\ufffd.",
-    ]
+    assert log["transcript"].splitlines()[1:] == [f"Caller: {stored}", "Agent: Booked for two\ufffd."]
     assert "lostTurns" not in log["metadata"]
 
 

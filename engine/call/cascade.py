@@ -64,6 +64,7 @@ from pipelines.stt.base import EndOfTurn, FinalizesEarly, PromptSilence, SpeechS
 from pipelines.tools import OPT_OUT_CONFIRMATION
 from pipelines.tts.base import TTSError
 from storage.end_reasons import EndReason
+from storage.records import storable_text
 
 __all__ = ["PipelineDriver", "ending_of", "pipeline_driver"]
 
@@ -347,18 +348,24 @@ class PipelineDriver:
     # ------------------------------------------------------------------------------------------ caller side
 
     async def _listen(self) -> None:
-        """Consume the recognizer's events; a recognizer lost with no fallback left fails the call."""
+        """Consume the recognizer's events; a recognizer lost with no fallback left fails the call.
+
+        Here the recognizer's words enter the call: a NUL or a lone surrogate (half an emoji, which its JSON can carry)
+        becomes U+FFFD once, before the model's history, the live events, webhooks and stored turns, whose UTF-8
+        bodies and text columns cannot hold them.
+        """
         try:
             async for event in self._pipeline.stt.events():
                 match event:
                     case SpeechStarted():
                         self._host.activity()
                     case TranscriptUpdate(text=text, is_final=is_final, finalized=finalized):
+                        text = storable_text(text)
                         self._on_transcript(text, is_final)
                         if finalized:
                             self._maybe_speculate("" if is_final else text)
                     case EndOfTurn(text=text, at_ms=at_ms):
-                        self._caller_words.recognizer_ended(text)
+                        self._caller_words.recognizer_ended(storable_text(text))
                         self._end_turn_if_finished(at_ms, by_recognizer=True)
         except STTError as exc:
             self._host.fail(EndReason.STT_FAILED, str(exc))
