@@ -16,6 +16,7 @@ import pytest
 
 from config.agent import parse_agent_configuration
 from config.settings import load_settings
+from engine.workers import post_call
 from engine.workers.post_call import PostCallAnalyzer, PostCallDeps, analyze_call
 from pipelines.clients import ProviderClients
 from storage import agents, call_logs, call_turns, campaigns, events, organizations
@@ -320,6 +321,22 @@ async def test_openai_failing_is_recorded_and_not_raised(
 
     assert result.error == "OpenAI answered HTTP 500"
     assert (await metadata_of(pool, call_log_id))["analysis"]["error"] == "OpenAI answered HTTP 500"
+
+
+async def test_a_model_trickling_its_answer_past_the_deadline_is_recorded_as_an_error(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each byte comes long before the client's read timeout; the whole answer would take minutes.
+    monkeypatch.setattr(post_call, "ANSWER_SECONDS", 0.5)
+    monkeypatch.setattr(openai, "json_trickle_ms", 200)
+    agent_id = await make_agent(pool, organization_id, **CLOUD_LLM)
+    call_log_id = await finished_call(pool, organization_id, agent_id, BOOKED)
+
+    result = await analyze_call(deps, organization_id=organization_id, call_log_id=call_log_id)
+
+    assert result.error == "OpenAI did not answer within 0.5 s"
+    metadata = await metadata_of(pool, call_log_id)
+    assert metadata["analysis"]["error"] == result.error and "success" not in metadata
 
 
 async def test_a_running_call_or_another_organizations_call_is_refused(

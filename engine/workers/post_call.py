@@ -50,6 +50,11 @@ ANSWER_MAX_TOKENS: Final = 4096
 """The longest answer the model may give (the organization pays for it, and it is stored with the call and sent in
 call.analyzed): an answer cut there is not the JSON asked for, and is stored as the analysis's error."""
 
+ANSWER_SECONDS: Final = 60.0
+"""How long the model may take over its whole answer, retries included. The client's 20 s read timeout holds for
+each read, not the answer: a model (or a proxy) that trickles bytes would otherwise hold an analysis, and one of the
+analyzer's few places, for as long as it keeps trickling."""
+
 MAX_TRANSCRIPT_CHARS: Final = 60_000
 """The transcript sent for analysis is cut (keeping its start and end) beyond this many characters."""
 
@@ -292,9 +297,12 @@ async def _ask(
         "max_completion_tokens": ANSWER_MAX_TOKENS,
     }
     try:
-        answer = await client.post(
-            "/chat/completions", body=body, options={"security": {"bearer_auth": True}}, cast_to=bytes
-        )
+        async with asyncio.timeout(ANSWER_SECONDS):
+            answer = await client.post(
+                "/chat/completions", body=body, options={"security": {"bearer_auth": True}}, cast_to=bytes
+            )
+    except TimeoutError:
+        raise _AnalysisError(f"OpenAI did not answer within {ANSWER_SECONDS:g} s") from None
     except openai.APIStatusError as exc:
         raise _AnalysisError(f"OpenAI answered HTTP {exc.status_code}") from None
     except openai.APIError as exc:

@@ -75,7 +75,8 @@ class FakeOpenAI:
     Requests in JSON mode (`response_format: json_object`, as post-call analysis sends) are a separate kind, as
     they would be on a real server: recorded in `json_requests` and answered from `json_replies` (a FIFO of
     JSON texts; when empty, `default_json_reply`, after `json_delay_ms`), so an analysis that runs after one call
-    never takes a conversation reply scripted for the next.
+    never takes a conversation reply scripted for the next. With `json_trickle_ms`, their answers are sent one byte
+    at a time, that long apart: a model that keeps every read short and the whole answer long.
 
     `POST /v1/embeddings` answers every input with `hashed_embedding` (the request's `dimensions`, else the
     model's), as floats or base64 as asked. Controls: `embedding_failures` (a FIFO of HTTP statuses, e.g. 429 or
@@ -103,6 +104,7 @@ class FakeOpenAI:
         self.json_requests: list[dict[str, Any]] = []
         self.default_json_reply = json.dumps({"summary": "", "success": True, "reason": "The fake judged it."})
         self.json_delay_ms: float = 0
+        self.json_trickle_ms: float = 0
         self.fail_next = 0
         self.error_mid_stream = False
         self.break_mid_stream = False
@@ -163,7 +165,19 @@ class FakeOpenAI:
             steps = self._next_reply(body["messages"])
         if body.get("stream"):
             return await self._stream(request, body, steps)
+        if json_mode and self.json_trickle_ms:
+            return await self._trickle(request, json.dumps(self._completion(body, steps)).encode())
         return web.json_response(self._completion(body, steps))
+
+    async def _trickle(self, request: web.Request, answer: bytes) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(answer)
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):  # the client gave up waiting
+            for at in range(len(answer)):
+                await response.write(answer[at : at + 1])
+                await _sleep_ms(self.json_trickle_ms)
+        return response
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()
