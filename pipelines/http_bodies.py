@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import aiohttp
 
+from config.text import storable_text
+
 __all__ = ["decoded", "read_at_most"]
 
 
@@ -21,8 +23,12 @@ async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
 
 def decoded(body: bytes, charset: str | None) -> str:
     """`body` as text in the `charset` its reply declared (UTF-8 when it declares none, or one Python does not know);
-    bytes that do not decode become U+FFFD, so a reply of garbage is read rather than refused."""
+    bytes that do not decode become U+FFFD, so a reply of garbage is read rather than refused.
+
+    The text is `storable_text`: a charset such as UTF-7 decodes to lone surrogates, which would fail the model's
+    next request (a tool's reply) or the passage's row (a crawled page)."""
     try:
-        return body.decode(charset or "utf-8", errors="replace")
+        text = body.decode(charset or "utf-8", errors="replace")
     except LookupError:  # a charset Python does not know
-        return body.decode("utf-8", errors="replace")
+        text = body.decode("utf-8", errors="replace")
+    return storable_text(text)

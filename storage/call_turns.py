@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 import asyncpg
 
+from config.text import storable_text
 from storage.enums import CallStatus
 from storage.errors import NotFound, translate_errors
-from storage.records import Queryable, Record, new_ids, storable_text
+from storage.records import Queryable, Record, new_ids
 from storage.webhook_outbox import WebhookEvent, subscribed
 
 Speaker = Literal["caller", "agent"]

@@ -37,20 +37,6 @@ def new_ids(count: int) -> list[str]:
     return [letters[index] + rest[24 * index : 24 * index + 24] for index in range(count)]
 
 
-def storable_text(text: str) -> str:
-    """`text` as a PostgreSQL text column or jsonb string can hold it: every NUL and lone surrogate (half an emoji,
-    which JSON can carry) becomes U+FFFD, and a surrogate pair that arrived split is joined into its character.
-
-    Also the text any UTF-8 body can carry (a model's request, a webhook): the call applies it where a recognizer's
-    words enter (engine.call.cascade)."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-    return text.replace("\x00", "\ufffd")
-
-
 StoredJsonArray = Annotated[Any, WithJsonSchema({"type": "array", "items": {}})]
 """A `Json` column the API saves an array in, read as stored: the dashboard shares the table, and Prisma's `Json`
 takes any JSON value. A row holding another must still be read (to be refused by its user with a reason, shown,

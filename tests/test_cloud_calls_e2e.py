@@ -299,14 +299,23 @@ async def test_end_call_and_transfer_tools_control_the_call_through_twilio(
     assert dialed_number(updates[1]["Twiml"]) == "+14155550199"
 
 
-async def test_an_agent_function_calls_the_organizations_webhook(
-    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
+@pytest.mark.parametrize(
+    ("content_type", "answer", "told"),
+    [
+        ("application/json", b'{"slots": ["Tuesday 10:00"]}', '{"slots": ["Tuesday 10:00"]}'),
+        # A charset that decodes to half an emoji, which no request body to the model can carry.
+        ("text/plain; charset=utf-7", b"Tuesday 10:00 +2D0-", "Tuesday 10:00 \ufffd"),
+    ],
+    ids=["json", "utf-7 with a lone surrogate"],
+)
+async def test_an_agent_function_calls_the_organizations_webhook(  # noqa: PLR0917 (fixtures and parameters)
+    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str, content_type: str, answer: bytes, told: str
 ) -> None:
     received: list[dict[str, Any]] = []
 
     async def availability(request: web.Request) -> web.Response:
         received.append(await request.json())
-        return web.json_response({"slots": ["Tuesday 10:00"]})
+        return web.Response(body=answer, headers={"Content-Type": content_type})
 
     app = web.Application()
     app.router.add_post("/availability", availability)
@@ -331,11 +340,12 @@ async def test_an_agent_function_calls_the_organizations_webhook(
         fakes.openai.replies.extend([[ToolCall("check_availability", {"day": "Tuesday"})], "Tuesday at ten is free."])
         result = await call(engine, number, Say("is tuesday free"), Pause(300))
     log = await finished_log(pool, result)
+    assert log["status"] == "COMPLETED", log["metadata"]
     assert received and received[0]["arguments"] == {"day": "Tuesday"}
     assert received[0]["call"]["callLogId"] == log["id"]
     assert [r["text"] for r in await turns(pool, log["id"])][-1] == "Tuesday at ten is free."
     tool_messages = [m for m in fakes.openai.requests[-1]["messages"] if m["role"] == "tool"]
-    assert tool_messages and "Tuesday 10:00" in tool_messages[0]["content"]
+    assert tool_messages and tool_messages[0]["content"] == told
 
 
 async def test_deepgram_dropping_mid_call_reconnects_then_falls_back_without_losing_a_turn(

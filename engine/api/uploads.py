@@ -9,9 +9,9 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import ValidationError
 
+from config.text import storable_text
 from engine.api.errors import ApiError, validation_error
 from engine.api.models import RequestModel
-from storage.records import storable_text
 
 M = TypeVar("M", bound=RequestModel)
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from config.text import storable_text
 from engine.call.caller_reads import LATEST_FRAME_MS
 from engine.call.caller_words import CallerWords
 from engine.call.driver import (
@@ -64,7 +65,6 @@ from pipelines.stt.base import EndOfTurn, FinalizesEarly, PromptSilence, SpeechS
 from pipelines.tools import OPT_OUT_CONFIRMATION
 from pipelines.tts.base import TTSError
 from storage.end_reasons import EndReason
-from storage.records import storable_text
 
 __all__ = ["PipelineDriver", "ending_of", "pipeline_driver"]
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from config.text import storable_text
 from engine.knowledge.embeddings import EmbeddingFailed, OpenAIEmbedder
 from engine.server import metrics
 from pipelines.knowledge import KnowledgeUnavailable
@@ -28,7 +29,7 @@ from storage import Pool
 from storage.errors import TRANSIENT_ERRORS
 from storage.knowledge_embeddings import nearest_passages
 from storage.knowledge_search import Passage, frequent_words, fuse_rankings, search_passages
-from storage.records import Connection, storable_text
+from storage.records import Connection
 from storage.tenancy import tenant_read_transaction
 
 log = logging.getLogger(__name__)

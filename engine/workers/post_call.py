@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from config.agent import AgentConfiguration, AgentConfigurationError, OpenAILLMConfig, parse_agent_configuration
 from config.settings import Settings
+from config.text import storable_text
 from engine.call.setup import provider_keys
 from engine.server.appkeys import DATABASE, PROVIDER_CLIENTS, SETTINGS
 from engine.workers.recovery import NODE_ID
@@ -41,7 +42,7 @@ from storage.call_logs import CallLog
 from storage.end_reasons import VOICEMAIL, EndReason
 from storage.enums import CallStatus
 from storage.errors import DATABASE_ERRORS, NotFound
-from storage.records import Queryable, storable_text, transaction
+from storage.records import Queryable, transaction
 from storage.webhook_outbox import WebhookEvent
 
 log = logging.getLogger(__name__)
