@@ -1,5 +1,6 @@
 """Request bodies have a deadline: a client that sends its headers and then trickles or stalls its body is answered
-408 (the API's error shape under /v1) and its connection closed, on every route that reads a body.
+408 (the API's error shape under /v1) and its connection closed, on every route that reads a body; a connection
+whose headers never finish is closed too.
 
 Spoken over raw sockets to the real engine on loopback, since an HTTP client library sends its bodies whole.
 """
@@ -18,7 +19,7 @@ import asyncpg
 import pytest
 from yarl import URL
 
-from engine.server import body_deadline
+from engine.server import app, body_deadline
 from tests.engine_server import running_engine
 from tests.test_api_auth import Api, Tenant, assert_error, make_tenant
 from tests.test_call_log_writer import eventually
@@ -194,3 +195,10 @@ async def test_slow_idempotent_bodies_hold_no_database_connection_while_they_arr
         status, organization = await Api(session, base).call("GET", "/organization", tenant.owner_key)
         assert status == 200, organization
         assert not any(client.reader.at_eof() for client in slow)  # still waiting for their bodies
+
+
+async def test_a_connection_whose_headers_never_finish_is_closed(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app, "IDLE_CONNECTION_SECONDS", DEADLINE_SECONDS)  # read as the engine starts
+    async with running_engine(db_url) as base, slow_client(base) as client:
+        await client.send(b"POST /twilio/voice HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-")
+        assert await asyncio.wait_for(client.reader.read(), HANG_GUARD_SECONDS) == b""

@@ -58,13 +58,23 @@ log = logging.getLogger(__name__)
 
 CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 
+IDLE_CONNECTION_SECONDS = 75.0
+"""How long a connection may go without a request's whole headers (a new one, or one kept alive between requests)
+before it is closed: aiohttp's only bound on a client that trickles or stalls its headers (body reads have their own,
+engine.server.body_deadline). aiohttp's AppRunner leaves it at 3630 s, an hour of a socket per slow client; 75 s is
+`web.run_app`'s, still longer than the 60 s after which proxies (nginx, cloud load balancers) drop their idle
+connections, so a proxy never sends a request down one this side is closing."""
+
 
 def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Clock | None = None) -> web.Application:
     """Build the engine's application; the database opens when the app starts and closes when it stops.
 
     `clock` tells the time of day agents' inbound hours are read at (default: the system's, in UTC).
     """
-    app = web.Application(middlewares=[body_deadline])  # every route's: the API's and Twilio's webhooks
+    app = web.Application(
+        middlewares=[body_deadline],  # every route's: the API's and Twilio's webhooks
+        handler_args={"keepalive_timeout": IDLE_CONNECTION_SECONDS},
+    )
     app[SETTINGS] = settings
     app[CLOCK] = clock or functools.partial(datetime.now, UTC)
     app[DRAIN] = Drain()  # `dialtone serve` drains it on SIGTERM (engine.server.cli)
