@@ -149,3 +149,23 @@ async def _poll_health(url: str, attempts: int = 600) -> int:
             except aiohttp.ClientConnectionError:
                 await asyncio.sleep(0.1)
     pytest.fail(f"nothing answered at {url}")
+
+
+async def test_call_reaches_the_engine_on_the_port_serve_was_given_by_its_settings(db_url: str, tmp_path: Path) -> None:
+    # `DIALTONE_PORT=… make run`, then `dialtone call` in the same shell: both read the same settings.
+    port = _free_port()
+    env = _clean_env(DATABASE_URL=db_url, DIALTONE_PORT=str(port))
+    code, _, stderr = await _run("seed-demo", env=env, cwd=tmp_path)
+    assert code == 0, stderr
+    process = await asyncio.create_subprocess_exec(
+        *DIALTONE, "serve", env=env, cwd=tmp_path, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await _poll_health(f"http://127.0.0.1:{port}/health")
+        code, stdout, stderr = await _run("call", "--pause", "100", env=env, cwd=tmp_path)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 20)
+    assert code == 0, stdout + stderr
+    assert "webhook answered 200" in stdout
+    assert "call ended: caller hung up" in stdout

@@ -442,7 +442,7 @@ def test_the_call_command_keeps_steps_in_command_line_order() -> None:
     add_call_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["call", "--say", "hello", "--dtmf", "12", "--pause", "300", "--wav", "x.wav"])
     assert args.steps == [Say("hello"), Dtmf("12"), Pause(300), PlayWav("x.wav")]
-    assert (args.url, args.to, args.from_) == ("http://127.0.0.1:8080", "+15555550100", "+15005550006")
+    assert (args.to, args.from_) == ("+15555550100", "+15005550006")
 
 
 async def test_the_call_command_prints_the_conversation_and_saves_what_was_heard(

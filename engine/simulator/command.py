@@ -7,12 +7,17 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from yarl import URL
+
 from config.settings import Settings
 from engine.simulator.call import simulate_call
 from engine.simulator.results import CallEnding, SimEvent, SimulationError
 from engine.simulator.script import Dtmf, Pause, PlayWav, Say, Step
 
 __all__ = ["add_call_command", "run_call_command"]
+
+# `serve` on every address is reached on loopback.
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104 (read, never bound)
 
 
 class _StepAction(argparse.Action):
@@ -44,7 +49,9 @@ class _StepAction(argparse.Action):
 def add_call_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add `dialtone call`: place a simulated inbound call on a running engine, speaking Twilio's protocol."""
     call = subparsers.add_parser("call", help="place a simulated Twilio call on a running engine")
-    call.add_argument("--url", default="http://127.0.0.1:8080", help="the engine's base URL")
+    call.add_argument(
+        "--url", help="the engine's base URL (default: where `serve` listens, DIALTONE_HOST and DIALTONE_PORT)"
+    )
     call.add_argument(
         "--public-url", help="the URL the engine signs webhooks for (default: DIALTONE_PUBLIC_URL, --url)"
     )
@@ -72,14 +79,15 @@ async def run_call_command(args: argparse.Namespace, settings: Settings) -> int:
         if event.who != "twilio" or args.verbose:
             print(event, flush=True)
 
+    url = args.url or _engine_url(settings)
     try:
         result = await simulate_call(
-            args.url,
+            url,
             to=args.to,
             from_=args.from_,
             script=list(args.steps),
             auth_token=token,
-            public_url=args.public_url or settings.public_url or args.url,
+            public_url=args.public_url or settings.public_url or url,
             timeout_s=args.timeout,
             reply_timeout_s=args.reply_timeout,
             on_event=show,
@@ -94,3 +102,9 @@ async def run_call_command(args: argparse.Namespace, settings: Settings) -> int:
         await asyncio.to_thread(result.save_heard, args.save)
         print(f"saved what the caller heard to {args.save}", flush=True)
     return 0 if result.ending in (CallEnding.CALLER_HUNG_UP, CallEnding.ENGINE_CLOSED) else 1
+
+
+def _engine_url(settings: Settings) -> str:
+    """The base URL of the engine `dialtone serve` starts with these settings."""
+    host = _WILDCARDS.get(settings.host, settings.host)
+    return str(URL.build(scheme="http", host=host, port=settings.port))
