@@ -463,3 +463,20 @@ async def test_the_call_command_prints_the_conversation_and_saves_what_was_heard
     assert "] caller: presses 5" in out
     assert "] agent: speaking … (0.3 s)" in out
     assert (tmp_path / "h.wav").is_file()
+
+
+async def test_the_call_command_on_an_engine_serving_every_address_calls_it_on_loopback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async def agent(side: Agent) -> None:
+        await side.say(tone_ulaw(100))
+
+    parser = argparse.ArgumentParser()
+    add_call_command(parser.add_subparsers(dest="command"))
+    async with fake_engine(FakeEngine(agent=agent)) as engine:
+        port = int(engine.base_url.rsplit(":", 1)[1])
+        settings = load_settings(host="0.0.0.0", port=port, twilio_auth_token=TOKEN, public_url=None)  # noqa: S104
+        status = await run_call_command(parser.parse_args(["call", "--reply-timeout", "1"]), settings)
+    assert status == 0, capsys.readouterr().out
+    assert [form["To"] for form in engine.forms] == ["+15555550100"]
+    assert engine.signature_valid == [True]
