@@ -105,6 +105,7 @@ async def test_refusals_name_the_field_and_dial_nothing(
         assert status == expected, (payload, body)
         if field is not None:
             assert body["error"]["field"] == field, (payload, body)
+            assert "from_number" not in body["error"]["message"], body  # the API's names, not the code's
     status, body = await api.call(
         "POST", "/calls", tenant.viewer_key, json={"agentId": outbound, "fromNumber": caller_id, "to": to}
     )

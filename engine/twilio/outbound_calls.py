@@ -133,7 +133,7 @@ class NumberUnavailable(OutboundCallError):
     there is no default)."""
 
     def __init__(self, number: str | None, reason: str) -> None:
-        super().__init__(f"from_number {number}: {reason}" if number else f"from_number: {reason}")
+        super().__init__(f"fromNumber {number}: {reason}" if number else f"fromNumber: {reason}")
         self.number = number
         self.reason = reason
 
@@ -443,7 +443,7 @@ async def outbound_caller_id(db: Queryable, *, organization_id: str, number: str
     The one rule for a caller id: one of the organization's own numbers with outbound calls ENABLED. Raises
     InvalidNumber (field `from_number`) or NumberUnavailable.
     """
-    caller_id = dialable_number("from_number", number)
+    caller_id = dialable_number("fromNumber", number)
     found = await phone_numbers.find_by_number(db, number=caller_id)
     if found is None or found.organization_id != organization_id:
         raise NumberUnavailable(caller_id, "not a phone number of this organization")

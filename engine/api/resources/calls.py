@@ -103,7 +103,7 @@ async def create_call(call: ApiCall) -> PlacedCallResponse:
     body = call.body_as(CallCreate)
     try:
         if body.from_number is not None:  # bad input is a 422 even where no call can be placed
-            dialable_number("from_number", body.from_number)
+            dialable_number("fromNumber", body.from_number)
         dialable_number("to", body.to)
         # Twilio reaches this engine at DIALTONE_PUBLIC_URL, else where this request came in (as for webhooks).
         deps = OutboundDeps.from_app(call.app, public_url=public_base_url(call.request, call.app[SETTINGS]))
@@ -118,7 +118,7 @@ async def create_call(call: ApiCall) -> PlacedCallResponse:
             slot_wait=call.app[SETTINGS].call_slot_wait,
         )
     except InvalidNumber as exc:
-        raise unprocessable(str(exc), "fromNumber" if exc.field == "from_number" else "to") from None
+        raise unprocessable(str(exc), exc.field) from None
     except (DestinationRefused, OnDoNotCallList) as exc:
         raise unprocessable(str(exc), "to") from None
     except AgentNotFound as exc:
