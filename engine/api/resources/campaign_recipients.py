@@ -68,7 +68,10 @@ class RecipientView(ResponseModel):
     attempts: int = Field(description="Attempts so far; a dial that never reached Twilio does not count.")
     last_attempt_at: datetime | None
     last_call_log_id: str | None = Field(description="The CallLog of the last attempt, once it has one.")
-    next_attempt_at: datetime | None = Field(description="When it is due next; only while waiting.")
+    next_attempt_at: datetime | None = Field(
+        description="When it is due next (its calling window permitting); only while waiting. A recipient due since "
+        "it was added shows when it was added."
+    )
     last_outcome: str | None = Field(description="completed, busy, no-answer, voicemail or failed.")
     last_reason: str | None
     error: RecipientImportError | None
@@ -96,7 +99,8 @@ class RecipientView(ResponseModel):
             attempts=row.attempts,
             last_attempt_at=row.last_attempt_at,
             last_call_log_id=row.last_call_log_id,
-            next_attempt_at=row.next_attempt_at if state == "waiting" else None,
+            # Stored, "due at once" is the epoch (the dispatcher's marker): shown as when it became due, its adding.
+            next_attempt_at=max(row.next_attempt_at, row.created_at) if state == "waiting" else None,
             last_outcome=row.last_outcome,
             last_reason=None if state == "error" else row.last_reason,
             error=error,
