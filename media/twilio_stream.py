@@ -83,6 +83,8 @@ _TWILIO_MEDIA_HEAD = (
 _TWILIO_MEDIA = re.compile(_TWILIO_MEDIA_HEAD + r'([A-Za-z0-9+/=]*)"\}\}')
 # All but the payload, whose characters strict base64 decoding checks anyway (a third of the regex's time saved).
 _TWILIO_MEDIA_FIELDS = re.compile(_TWILIO_MEDIA_HEAD)
+_DTMF_DIGIT = re.compile(r"[0-9*#A-D]")
+"""A key of a telephone keypad (and the A-D of the 16-key one): what a `dtmf` message's digit can be."""
 
 
 # --------------------------------------------------------------------------------------------------- errors
@@ -642,7 +644,10 @@ class TwilioStream:
         track = dtmf.get("track", "inbound_track")
         if not isinstance(track, str):
             raise MalformedMessage("dtmf.track: expected a string")
-        return [DtmfReceived(_string(dtmf, "digit", "dtmf.digit"), track)]
+        digit = _string(dtmf, "digit", "dtmf.digit")
+        if not _DTMF_DIGIT.fullmatch(digit):  # it reaches the model as the caller's key: nothing else may pass as one
+            raise MalformedMessage(f"dtmf.digit: {digit[:20]!r} is not a keypad key (0-9, *, #, A-D)")
+        return [DtmfReceived(digit, track)]
 
     def _on_mark(self, message: dict[str, Any]) -> list[StreamEvent]:
         self._expect("mark", StreamState.STREAMING)
