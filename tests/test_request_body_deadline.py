@@ -202,3 +202,29 @@ async def test_a_connection_whose_headers_never_finish_is_closed(db_url: str, mo
     async with running_engine(db_url) as base, slow_client(base) as client:
         await client.send(b"POST /twilio/voice HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-")
         assert await asyncio.wait_for(client.reader.read(), HANG_GUARD_SECONDS) == b""
+
+
+async def test_an_upload_arriving_steadily_for_longer_than_the_deadline_is_read_whole(
+    api: Api, acme: Tenant, short_deadline: float
+) -> None:
+    # A large file on a slow uplink (10 MiB at 1 Mbit/s takes 84 s) is no stalled body: each piece comes well above
+    # the least rate a body must keep, so the whole upload may take several deadlines.
+    status, kb = await api.call("POST", "/knowledge-bases", acme.owner_key, json={"name": "Steady"})
+    assert status == 201, kb
+    boundary = "steadyboundary"
+    pieces = [f"line {n}: ".encode() + b"x" * 4000 + b"\n" for n in range(16)]
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="long.txt"\r\n'
+        "Content-Type: text/plain\r\n\r\n".encode()
+        + b"".join(pieces)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"Authorization": f"Bearer {acme.owner_key}", "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    piece_bytes = -(-len(body) // len(pieces))
+    async with slow_client(api.base) as client:
+        await client.send_head(f"/v1/knowledge-bases/{kb['id']}/files", headers, length=len(body))
+        for start in range(0, len(body), piece_bytes):  # four deadlines' time in all
+            await client.send(body[start : start + piece_bytes])
+            await asyncio.sleep(short_deadline / 4)
+        status_line = await asyncio.wait_for(client.reader.readline(), HANG_GUARD_SECONDS)
+    assert status_line.split()[1] == b"201", status_line

@@ -12,7 +12,7 @@ from engine.api.errors import ErrorResponse
 from engine.api.idempotency import IDEMPOTENCY_HEADER, MAX_KEY_CHARS, key_description
 from engine.api.models import ID_PATTERN
 from engine.api.operations import Operation, Resource
-from engine.server.body_deadline import BODY_SECONDS
+from engine.server.body_deadline import BODY_MIN_BYTES_PER_SECOND, BODY_SECONDS
 
 _REF = "#/components/schemas/{model}"
 
@@ -22,7 +22,10 @@ _ERROR_DESCRIPTIONS = {
     402: "The organization has no credits left.",
     403: "The key's user is a VIEWER and the operation changes something (or is as sensitive: listening to a call).",
     404: "Nothing with that id in the caller's organization.",
-    408: f"The body did not arrive whole within {BODY_SECONDS:g} s; the connection is closed.",
+    408: (
+        f"The body did not arrive whole within {BODY_SECONDS:g} s plus 1 s for every {BODY_MIN_BYTES_PER_SECOND} bytes "
+        "of it received; the connection is closed."
+    ),
     409: "The request clashes with the resource's current state.",
     413: "The body is too large.",
     415: "The body is not of the media type the operation takes (multipart/form-data for uploads).",
