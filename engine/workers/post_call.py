@@ -51,10 +51,11 @@ ANSWER_MAX_TOKENS: Final = 4096
 """The longest answer the model may give (the organization pays for it, and it is stored with the call and sent in
 call.analyzed): an answer cut there is not the JSON asked for, and is stored as the analysis's error."""
 
-ANSWER_SECONDS: Final = 60.0
+ANSWER_SECONDS: Final = 180.0
 """How long the model may take over its whole answer, retries included. The client's 20 s read timeout holds for
 each read, not the answer: a model (or a proxy) that trickles bytes would otherwise hold an analysis, and one of the
-analyzer's few places, for as long as it keeps trickling."""
+analyzer's few places, for as long as it keeps trickling. Long enough for an answer of ANSWER_MAX_TOKENS at a slow
+model's 50 tokens a second, retried once."""
 
 MAX_TRANSCRIPT_CHARS: Final = 60_000
 """The transcript sent for analysis is cut (keeping its start and end) beyond this many characters."""
