@@ -174,6 +174,7 @@ async def call_on(
     driver_close_s: float = 0.0,
     extension_s: float = 0.0,
     engine_settings: Mapping[str, Any] = {},
+    transfer_answer_after_stop: bool | None = None,
     **behaviour: Any,
 ) -> AsyncIterator[Rig]:
     """Run a call on `kind`'s driver; on exit the caller hangs up if it still runs and the CallLog is finished.
@@ -182,7 +183,9 @@ async def call_on(
     `low_water`, the call paces the reading of its socket, `low_water` standing in for the socket. The call keeps
     time by `clock`; its driver takes `driver_start_s` longer to start (a provider slow to connect) and
     `driver_close_s` longer to close, and each extension `extension_s` longer to be answered (a database under
-    load). The engine's settings are the test's fakes' plus `engine_settings`."""
+    load). The engine's settings are the test's fakes' plus `engine_settings`. Twilio answers a transfer request at
+    once, then leaves the stream; with `transfer_answer_after_stop` it leaves the stream first, and answers so once
+    the engine has read its `stop`."""
     async with AsyncExitStack() as stack:
         deepgram = await stack.enter_async_context(FakeDeepgram(api_key="dg"))
         openai = await stack.enter_async_context(FakeOpenAI(api_key=OPENAI_KEY))
@@ -245,7 +248,10 @@ async def call_on(
         async def transfer(call_sid: str, to: str) -> bool:
             transfers.append((call_sid, to))
             line.hang_up()  # the call leaves the stream for the <Dial>
-            return True
+            if transfer_answer_after_stop is None:
+                return True
+            await line.read_to_close()
+            return transfer_answer_after_stop
 
         stream = line.stream()
         session = CallSession(
@@ -528,8 +534,21 @@ async def test_an_answering_machine_verdict_stops_the_agent_and_ends_the_call_wi
     assert agent.interrupted and len(agent.text.split()) < len(LONG_ANSWER.split())
 
 
-async def test_transfer_call_hands_the_caller_over_once_the_agent_has_spoken(kind: str, pool: asyncpg.Pool) -> None:
-    async with call_on(kind, pool, transfer=TRANSFERS) as rig:
+@pytest.mark.parametrize(
+    ("answer_after_stop", "ending"),
+    [
+        (None, (EndReason.TRANSFERRED, "billing")),
+        # Twilio leaves the stream before it answers: the call ends as the answer says, the transfer made, or
+        # refused because the caller had hung up.
+        (True, (EndReason.TRANSFERRED, "billing")),
+        (False, (EndReason.CALLER_HANGUP, None)),
+    ],
+    ids=["answered-then-stop", "stop-then-made", "stop-then-refused"],
+)
+async def test_transfer_call_hands_the_caller_over_once_the_agent_has_spoken(
+    kind: str, pool: asyncpg.Pool, answer_after_stop: bool | None, ending: tuple[EndReason, str | None]
+) -> None:
+    async with call_on(kind, pool, transfer=TRANSFERS, transfer_answer_after_stop=answer_after_stop) as rig:
         rig.reply(
             "Putting you through.",
             tool="transfer_call",
@@ -537,11 +556,7 @@ async def test_transfer_call_hands_the_caller_over_once_the_agent_has_spoken(kin
         )
         rig.caller_says("Billing please")
         outcome = await rig.outcome()
-    assert (outcome.status, outcome.end_reason, outcome.end_detail) == (
-        CallStatus.COMPLETED,
-        EndReason.TRANSFERRED,
-        "billing",
-    )
+    assert (outcome.status, (outcome.end_reason, outcome.end_detail)) == (CallStatus.COMPLETED, ending)
     assert rig.transfers == [(rig.line.call_sid, "+14155550199")]
     assert any(t.text == "Putting you through." for t in await rig.turns())
 

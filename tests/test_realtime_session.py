@@ -76,6 +76,7 @@ class TwilioLine:
         self._sequence = 1
         self._clock: asyncio.Task[None] | None = None
         self._hung_up = False
+        self._read_to_close = asyncio.Event()
         self.dropped = False
 
     def stream(self) -> TwilioStream:
@@ -105,6 +106,7 @@ class TwilioLine:
         """What Twilio sends the engine, until the socket closes."""
         while (text := await self._inbox.get()) is not None:
             yield text
+        self._read_to_close.set()
 
     async def send(self, text: str) -> None:
         """The engine sends a frame to Twilio."""
@@ -145,6 +147,10 @@ class TwilioLine:
         stop = {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid}
         self._inbox.put_nowait(json.dumps(self._numbered({"event": "stop", "stop": stop})))
         self._inbox.put_nowait(None)
+
+    async def read_to_close(self) -> None:
+        """Until the engine has read every frame up to the socket's close."""
+        await self._read_to_close.wait()
 
     def drop(self) -> None:
         """The socket is lost with no `stop` (a network failure): nothing more arrives, and sending fails."""

@@ -151,6 +151,9 @@ class CallSession:
         self._greeting_wait: asyncio.TimerHandle | None = None
         self._ended = asyncio.Event()
         self._over = False  # _ended is set: checked for every frame, where a plain attribute is cheaper
+        self._transfers_asked = 0  # transfer requests Twilio has not answered yet
+        self._stopped_at: float | None = None
+        """When Twilio's `stop` came while a transfer request was unanswered: that answer says how the call ended."""
         self._reads = reads
         self._closely = True  # what `reads` was last told
         self._ignored_tracks: set[str] = set()  # the stream's tracks other than the caller's, once logged
@@ -204,8 +207,8 @@ class CallSession:
 
     async def hang_up(self, reason: EndReason, detail: str | None = None) -> None:
         """End the call from our side: through Twilio's REST API when we can, else by closing the stream."""
-        if self._ended.is_set():
-            return  # ended meanwhile, for a reason of its own
+        if self._ended.is_set() or self._stopped_at is not None:
+            return  # ended meanwhile, for a reason of its own, or Twilio left the stream for a transfer's <Dial>
         self._wind_down(reason, detail)
         if await self._twilio.hang_up():
             await await_twilio_stop(self._ended)
@@ -220,7 +223,7 @@ class CallSession:
     async def transfer(self, to: str, detail: str | None = None, *, asked: Mapping[str, Any] | None = None) -> bool:
         """Hand the caller to `to` through Twilio; False (the call goes on) when that cannot be done. A transfer
         the model asked for (`asked`, its `transfer_call` arguments) was told as done: its failure is told too."""
-        if not await self._transfer_started(to):
+        if not await self._transfer_started(to, detail):
             if asked is not None:
                 self.live.tool_call(TRANSFER_CALL, asked, transfer_failed(to))
             return False
@@ -319,7 +322,7 @@ class CallSession:
                 "to transfer it with"
             )
         await self._driver.interrupt("a transfer through the API")
-        if not await self._transfer_started(verdict.number):
+        if not await self._transfer_started(verdict.number, detail):
             if self._phase is CallPhase.RESPONDING:
                 self.move(PhaseEvent.YIELD)  # the agent stopped speaking: the caller has the floor
             raise TwilioRefused(f"Twilio did not transfer the call to {verdict.number}; the call goes on")
@@ -328,9 +331,25 @@ class CallSession:
         self.spawn(self._transferred(detail), "transfer")
         return verdict
 
-    async def _transfer_started(self, to: str) -> bool:
-        """Ask Twilio to take the caller to `to`, unless the call has ended meanwhile."""
-        return not self._ended.is_set() and await self._twilio.transfer(to)
+    async def _transfer_started(self, to: str, detail: str | None) -> bool:
+        """Ask Twilio to take the caller to `to`, unless the call has ended meanwhile.
+
+        Twilio may leave the stream for the `<Dial>` before it answers the request: a `stop` meanwhile ends the call
+        here, `transferred` when Twilio took the transfer, else (it refused: the caller had hung up) `caller_hangup`.
+        """
+        if self._ended.is_set():
+            return False
+        self._transfers_asked += 1
+        started = False
+        try:
+            started = await self._twilio.transfer(to)
+        finally:
+            self._transfers_asked -= 1
+            if self._stopped_at is not None and started:
+                self._end(CallStatus.COMPLETED, EndReason.TRANSFERRED, detail)
+            elif self._stopped_at is not None and not self._transfers_asked:
+                self._end(CallStatus.COMPLETED, EndReason.CALLER_HANGUP)
+        return started
 
     def _refuse_when_ending(self, what: str) -> None:
         if not accepts(self._phase, PhaseEvent.WIND_DOWN):
@@ -413,7 +432,7 @@ class CallSession:
         if self._ended.is_set():
             return
         self._status, self._reason, self._detail = status, reason, detail
-        self._ended_at = self.clock()
+        self._ended_at = self._stopped_at if self._stopped_at is not None else self.clock()
         self.move(PhaseEvent.END)
         self._over = True
         self._ended.set()
@@ -474,7 +493,8 @@ class CallSession:
                 self.receive_frame(text)
                 if self._over:
                     return
-            self._end(CallStatus.FAILED, EndReason.STREAM_LOST)
+            if self._stopped_at is None:  # after a `stop`, the transfer asked for ends the call
+                self._end(CallStatus.FAILED, EndReason.STREAM_LOST)
         except StreamProtocolError as exc:  # a frame the socket itself refused (too large, not UTF-8)
             self._protocol_error(exc)
         finally:
@@ -550,8 +570,11 @@ class CallSession:
             case Stopped():
                 # After our own hang-up Twilio sends `stop` too: keep the reason the agent ended for.
                 ending = self._phase is CallPhase.ENDING and self._reason is not None
-                reason = self._reason if ending and self._reason is not None else EndReason.CALLER_HANGUP
-                self._end(CallStatus.COMPLETED, reason, self._detail if ending else None)
+                if not ending and self._transfers_asked:
+                    self._stopped_at = self.clock()  # the transfer's answer ends the call (_transfer_started)
+                else:
+                    reason = self._reason if ending and self._reason is not None else EndReason.CALLER_HANGUP
+                    self._end(CallStatus.COMPLETED, reason, self._detail if ending else None)
             case _:
                 pass  # start (seen by the media socket) and unknown marks carry nothing the call acts on
 

@@ -1,0 +1,104 @@
+"""A transfer Twilio carries out by leaving the media stream before it answers the request that asked for it (the
+fake Twilio does what Twilio may: `stop` on the stream, then the REST answer): the call ends `transferred`, and its
+leg stays reserved for the dial's settlement. An outbound call placed through the fake Twilio, the Deepgram and
+OpenAI fakes behind their real SDKs, real PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from config.agent import parse_agent_configuration
+from config.settings import load_settings
+from engine.simulator import Pause, Say
+from engine.twilio.outbound_calls import OutboundDeps, PlacedCall, place_call
+from engine.twilio.rest import TwilioCalls
+from storage import agents, organizations, phone_numbers, transfer_legs
+from storage.enums import AgentStatus, CallerType
+from tests.engine_server import running_engine
+from tests.fakes.deepgram import FakeDeepgram
+from tests.fakes.openai_chat import FakeOpenAI, ToolCall
+from tests.fakes.twilio import Answer, FakeTwilio, dialed_number
+from tests.test_dispatch_do_not_call import twilio_settings
+from tests.test_opt_out_calls import CLOUD, DG_KEY, OPENAI_KEY, deepgram, openai
+from tests.test_outbound_calls import finished_log
+
+__all__ = ["deepgram", "openai"]  # that module's fixtures: the fakes behind the engine's Deepgram and OpenAI SDKs
+
+BILLING = "+14155550199"
+CALLEE = "+16465550777"
+RATE = 10
+
+
+@pytest.fixture(scope="module")
+def settings(twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI) -> dict[str, Any]:
+    """The engine's settings: the fakes, and one rate on every plan."""
+    return {
+        "dispatch_enabled": False,
+        "deepgram_api_key": DG_KEY,
+        "openai_api_key": OPENAI_KEY,
+        "deepgram_url": deepgram.url,
+        "openai_base_url": openai.base_url,
+        "credits_per_minute_free": RATE,
+        "credits_per_minute_pro": RATE,
+        "credits_per_minute_enterprise": RATE,
+        **twilio_settings(twilio),
+    }
+
+
+@pytest.fixture(scope="module")
+async def deps(
+    db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio, settings: dict[str, Any]
+) -> AsyncIterator[OutboundDeps]:
+    """The engine on loopback, and what place_call needs to place its calls through the fake Twilio."""
+    client = TwilioCalls(twilio.account_sid, twilio.auth_token, api_base=twilio.api_base)
+    async with running_engine(db_url, **settings) as engine:
+        try:
+            yield OutboundDeps(
+                pool=pool, settings=load_settings(database_url=db_url, **settings), twilio=client, public_url=engine
+            )
+        finally:
+            await client.close()
+
+
+async def test_a_transfer_twilio_makes_before_it_answers_the_request_ends_the_call_transferred(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    org = (await organizations.create_organization(pool, name="Stop", slug="transfer-stop", credits=1000)).id
+    caller_id = (
+        await phone_numbers.create_phone_number(pool, organization_id=org, phone_number="+15550199077")
+    ).phone_number
+    configuration = {
+        **CLOUD,
+        "firstSentence": "Hi, this is the clinic.",
+        "transfer": {"destinations": [{"number": BILLING, "label": "Billing"}], "maxMinutes": 5},
+    }
+    agent = await agents.create_agent(
+        pool,
+        organization_id=org,
+        name="caller",
+        status=AgentStatus.ACTIVE,
+        caller_type=CallerType.OUTBOUND,
+        configuration=parse_agent_configuration(configuration).to_json(),
+    )
+    deepgram.transcripts.extend(["Hello?", "Put me through to billing."])
+    openai.replies.append(
+        ["Transferring you now.", ToolCall("transfer_call", {"phone_number": BILLING, "reason": "billing"})]
+    )
+    twilio.behave(
+        CALLEE, Answer(greeting="Hello?", script=[Pause(1500), Say("put me through to billing"), Pause(20_000)])
+    )
+    placed = await place_call(deps, organization_id=org, agent_id=agent.id, from_number=caller_id, to=CALLEE)
+    assert isinstance(placed, PlacedCall)
+
+    call = await twilio.finished(placed.call_sid)
+    log = await finished_log(pool, placed.call_log_id)
+    [update] = call.updates
+    assert dialed_number(update["Twiml"]) == BILLING
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
+    assert log["metadata"]["endDetail"] == "billing"
+    # The leg waits for the dial's action request (or the sweep): five minutes of credits held.
+    assert await transfer_legs.reserved_leg_credits(pool, call_log_id=placed.call_log_id) == 5 * RATE
