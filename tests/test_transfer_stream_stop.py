@@ -1,13 +1,17 @@
 """A transfer Twilio carries out by leaving the media stream before it answers the request that asked for it (the
 fake Twilio does what Twilio may: `stop` on the stream, then the REST answer): the call ends `transferred`, and its
-leg stays reserved for the dial's settlement. An outbound call placed through the fake Twilio, the Deepgram and
-OpenAI fakes behind their real SDKs, real PostgreSQL."""
+leg stays reserved for the dial's settlement; a transfer asked through the API meanwhile is refused (409), not
+made twice. Outbound calls placed through the fake Twilio, the Deepgram and OpenAI fakes behind their real SDKs, real
+PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -22,6 +26,7 @@ from tests.engine_server import running_engine
 from tests.fakes.deepgram import FakeDeepgram
 from tests.fakes.openai_chat import FakeOpenAI, ToolCall
 from tests.fakes.twilio import Answer, FakeTwilio, dialed_number
+from tests.test_api_auth import Api, make_tenant
 from tests.test_dispatch_do_not_call import twilio_settings
 from tests.test_opt_out_calls import CLOUD, DG_KEY, OPENAI_KEY, deepgram, openai
 from tests.test_outbound_calls import finished_log
@@ -29,8 +34,8 @@ from tests.test_outbound_calls import finished_log
 __all__ = ["deepgram", "openai"]  # that module's fixtures: the fakes behind the engine's Deepgram and OpenAI SDKs
 
 BILLING = "+14155550199"
-CALLEE = "+16465550777"
 RATE = 10
+_numbers = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +69,19 @@ async def deps(
             await client.close()
 
 
-async def test_a_transfer_twilio_makes_before_it_answers_the_request_ends_the_call_transferred(
-    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
-) -> None:
-    org = (await organizations.create_organization(pool, name="Stop", slug="transfer-stop", credits=1000)).id
-    caller_id = (
-        await phone_numbers.create_phone_number(pool, organization_id=org, phone_number="+15550199077")
-    ).phone_number
+async def transfer_to_billing(
+    deps: OutboundDeps,
+    pool: asyncpg.Pool,
+    *,
+    twilio: FakeTwilio,
+    deepgram: FakeDeepgram,
+    openai: FakeOpenAI,
+    organization_id: str,
+) -> PlacedCall:
+    """An outbound call of the organization whose callee asks for billing; the model transfers them there."""
+    caller_id = await phone_numbers.create_phone_number(
+        pool, organization_id=organization_id, phone_number=f"+1555019{next(_numbers):04d}"
+    )
     configuration = {
         **CLOUD,
         "firstSentence": "Hi, this is the clinic.",
@@ -78,7 +89,7 @@ async def test_a_transfer_twilio_makes_before_it_answers_the_request_ends_the_ca
     }
     agent = await agents.create_agent(
         pool,
-        organization_id=org,
+        organization_id=organization_id,
         name="caller",
         status=AgentStatus.ACTIVE,
         caller_type=CallerType.OUTBOUND,
@@ -88,11 +99,22 @@ async def test_a_transfer_twilio_makes_before_it_answers_the_request_ends_the_ca
     openai.replies.append(
         ["Transferring you now.", ToolCall("transfer_call", {"phone_number": BILLING, "reason": "billing"})]
     )
+    callee = f"+1646555{next(_numbers):04d}"
     twilio.behave(
-        CALLEE, Answer(greeting="Hello?", script=[Pause(1500), Say("put me through to billing"), Pause(20_000)])
+        callee, Answer(greeting="Hello?", script=[Pause(1500), Say("put me through to billing"), Pause(20_000)])
     )
-    placed = await place_call(deps, organization_id=org, agent_id=agent.id, from_number=caller_id, to=CALLEE)
+    placed = await place_call(
+        deps, organization_id=organization_id, agent_id=agent.id, from_number=caller_id.phone_number, to=callee
+    )
     assert isinstance(placed, PlacedCall)
+    return placed
+
+
+async def test_a_transfer_twilio_makes_before_it_answers_the_request_ends_the_call_transferred(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    org = (await organizations.create_organization(pool, name="Stop", slug="transfer-stop", credits=1000)).id
+    placed = await transfer_to_billing(deps, pool, twilio=twilio, deepgram=deepgram, openai=openai, organization_id=org)
 
     call = await twilio.finished(placed.call_sid)
     log = await finished_log(pool, placed.call_log_id)
@@ -102,3 +124,31 @@ async def test_a_transfer_twilio_makes_before_it_answers_the_request_ends_the_ca
     assert log["metadata"]["endDetail"] == "billing"
     # The leg waits for the dial's action request (or the sweep): five minutes of credits held.
     assert await transfer_legs.reserved_leg_credits(pool, call_log_id=placed.call_log_id) == 5 * RATE
+
+
+async def test_a_transfer_through_the_api_while_the_models_is_under_way_is_a_conflict(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    tenant = await make_tenant(pool, "Both", credits=1000)
+    placed = await transfer_to_billing(
+        deps, pool, twilio=twilio, deepgram=deepgram, openai=openai, organization_id=tenant.organization_id
+    )
+    call = twilio.calls[placed.call_sid]
+    call.update_gate = asyncio.Event()  # Twilio holds the model's transfer request, unanswered
+    await asyncio.wait_for(call.updated.wait(), 60)
+    async with aiohttp.ClientSession() as session:
+        status, body = await Api(session, deps.public_url).call(
+            "POST", f"/live-calls/{placed.call_log_id}/transfer", tenant.owner_key, json={"to": BILLING}
+        )
+    call.update_gate.set()
+
+    assert status == 409, body
+    assert "a transfer is under way" in body["error"]["message"]
+    await twilio.finished(placed.call_sid)
+    log = await finished_log(pool, placed.call_log_id)
+    assert (log["status"], log["metadata"]["endReason"], log["metadata"]["endDetail"]) == (
+        "COMPLETED",
+        "transferred",
+        "billing",
+    )
+    assert len(call.updates) == 1

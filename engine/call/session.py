@@ -310,8 +310,8 @@ class CallSession:
     async def transfer_from_outside(self, to: str, detail: str) -> AllowedTransfer | Refusal:
         """Hand the caller to `to` if the agent's transfer rules allow it, the same rules as the model's
         `transfer_call` (their Refusal otherwise): the agent stops speaking, Twilio dials, and the call ends as
-        TRANSFERRED. ControlRefused when the call is ending or no Twilio account can transfer it; TwilioRefused when
-        Twilio did not."""
+        TRANSFERRED. ControlRefused when the call is ending, another transfer is under way, or no Twilio account can
+        transfer it; TwilioRefused when Twilio did not."""
         verdict = TransferRules.from_config(self.config.transfer).check(to)
         if isinstance(verdict, Refusal):
             return verdict
@@ -320,6 +320,10 @@ class CallSession:
             raise ControlRefused(
                 "the engine process holding the call has no Twilio account (TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN) "
                 "to transfer it with"
+            )
+        if self._transfers_asked:  # the model's, say: a second one would find its leg taken, and be refused
+            raise ControlRefused(
+                "a transfer is under way (Twilio has not answered it yet); the call is not transferred twice"
             )
         await self._driver.interrupt("a transfer through the API")
         if not await self._transfer_started(verdict.number, detail):

@@ -13,9 +13,10 @@ TwiML's `<Connect><Stream>` with the engine's simulator (20 ms frames, marks ech
 callbacks are posted signed, as form posts, for the events the call subscribed to. `POST .../Calls/{CallSid}.json`
 updates a live call (`Twiml`, `Status=completed`): the stream gets `stop`, and the update is recorded.
 `GET .../Calls.json` lists calls (filters `To`, `From`, `Status`; most recent first) and `GET .../Calls/{CallSid}.json`
-fetches one. `call_updates()` is the update endpoint alone, for calls the simulator places. `hold_create(number)`
-holds the next create to `number` until the test decides whether it reached Twilio (the call is created) or not
-(no call exists, as if the request never left): kill the engine in between.
+fetches one; a call's `update_gate` holds its updates until the test sets it. `call_updates()` is the update
+endpoint alone, for calls the simulator places. `hold_create(number)` holds the next create to `number` until the
+test decides whether it reached Twilio (the call is created) or not (no call exists, as if the request never left):
+kill the engine in between.
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ class FakeCall:
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     updated: asyncio.Event = field(default_factory=asyncio.Event)
+    update_gate: asyncio.Event | None = None
+    """When given, an update waits (recorded, `updated` set) until it is set before the fake acts on it and answers."""
     _live: StreamPeer | None = None
     _run_task: asyncio.Task[None] | None = None
     canceling: bool = False
@@ -297,6 +300,8 @@ class FakeTwilio:
             return _error(400, 21220, "Call is not in-progress. Cannot redirect.")
         call.updates.append(update)
         call.updated.set()
+        if call.update_gate is not None:
+            await call.update_gate.wait()
         if update.get("Status") in ("completed", "canceled") and call.answered_at is None:
             self._spawn(self._cancel(call), f"fake-twilio-cancel-{call.sid}")  # not answered yet: canceled
         elif call._live is not None:
