@@ -35,7 +35,7 @@ class EndReason(StrEnum):
     # The call could not be placed or started.
     TWILIO_REFUSED = "twilio_refused"
     TWILIO_UNREACHABLE = "twilio_unreachable"
-    PLACEMENT_INTERRUPTED = "placement_interrupted"
+    PLACEMENT_INTERRUPTED = "placement_interrupted"  # older rows only: an interrupted placement now waits for Twilio
     NOT_PLACED = "not_placed"  # its request never reached Twilio (dialer died, or no answer): Twilio has no such call
     STREAM_NEVER_STARTED = "stream_never_started"
     AGENT_DELETED = "agent_deleted"

@@ -37,6 +37,7 @@ from storage import agents, call_logs, conversation_paths, organizations, phone_
 from storage.call_logs import CallLog
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
 from storage.enums import AgentStatus, CallerType, CallStatus, CallType, PhoneNumberStatus, Plan
+from storage.events import create_event
 from tests.engine_server import running_engine
 from tests.fakes.twilio import Answer, Busy, Fail, FakeCall, FakeTwilio, Machine, NoAnswer, Refuse
 
@@ -285,6 +286,48 @@ async def test_twilio_unreachable_ends_the_call_log_failed_and_says_so(
     assert refused.value.code is None
     log = await call_log_row(pool, refused.value.call_log_id)
     assert (log["status"], log["metadata"]["endReason"]) == ("FAILED", "twilio_unreachable")
+
+
+async def test_a_placement_cancelled_while_twilio_has_the_request_is_the_call_twilio_makes(
+    deps: OutboundDeps, twilio: FakeTwilio, pool: asyncpg.Pool
+) -> None:
+    # The engine stops mid-request; Twilio had the request and makes the call, its CallSid arriving by callback.
+    org = await organizations.create_organization(pool, name="Interrupted", slug="interrupted", credits=10)
+    caller = await phone_numbers.create_phone_number(pool, organization_id=org.id, phone_number="+15550199002")
+    await create_event(pool, organization_id=org.id, name="call.started", webhook_url="https://hooks.example.com/s")
+    await create_event(pool, organization_id=org.id, name="call.ended", webhook_url="https://hooks.example.com/e")
+    agent_id = await make_agent(pool, org.id, firstSentence="Hi, this is the clinic.")
+    to = callee()
+    twilio.behave(to, Answer(greeting="Hello?", script=[Say("I would like to book an appointment")]))
+    held = twilio.hold_create(to)
+    placing = asyncio.create_task(
+        place_call(deps, organization_id=org.id, agent_id=agent_id, from_number=caller.phone_number, to=to)
+    )
+    await asyncio.wait_for(held.arrived.wait(), 10)
+    placing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await placing
+    [call_log_id] = await pool.fetchval('SELECT array_agg("id") FROM "CallLog" WHERE "phoneNumber" = $1', to)
+
+    held.release(create=True)
+    await asyncio.wait_for(held.settled.wait(), 10)
+    [call] = twilio.calls_to(to)
+    await twilio.finished(call.sid)
+    log = await finished_log(pool, call_log_id)
+
+    assert (log["callId"], log["status"]) == (call.sid, "COMPLETED"), log["metadata"]
+    turns = await pool.fetch('SELECT "speaker", "text" FROM "CallTurn" WHERE "callLogId" = $1', call_log_id)
+    assert any("book" in turn["text"] for turn in turns if turn["speaker"] == "caller")  # the callee had the agent
+    charged = log["metadata"]["minutesCharged"]
+    assert charged >= 1
+    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org.id) == 10 - charged
+    events = await pool.fetch(
+        """
+        SELECT "event" FROM "WebhookDelivery" WHERE "payload"->'data'->>'callLogId' = $1 ORDER BY "event"
+        """,
+        call_log_id,
+    )
+    assert [event["event"] for event in events] == ["call.ended", "call.started"]
 
 
 # ------------------------------------------------------------------------------------------------ voicemail

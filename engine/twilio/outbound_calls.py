@@ -14,7 +14,8 @@ these `metadata.endReason` values (`storage.end_reasons.EndReason`; a contract: 
   whose request Twilio never answered, and Twilio has no such call (FAILED; found out by listing Twilio's calls once
   the request can no longer be on its way, see engine/twilio/placement_lookup.py). A request Twilio did not answer
   raises PlacementUnconfirmed and leaves the CallLog IN_PROGRESS, waiting for the CallSid: the call's status
-  callbacks, or that lookup, adopt it if Twilio created it;
+  callbacks, or that lookup, adopt it if Twilio created it. A placement cancelled while its request is with Twilio
+  (the engine stopping) leaves it so too;
 - otherwise whatever the media session ended with (`path_end`, `caller_hangup`, ...), as for inbound calls.
 
 A number the organization's dial policy refuses (storage/dial_policies.py: premium-rate and the like, against toll
@@ -352,8 +353,9 @@ async def place_call(
         log.warning("outbound call %s to %s not placed: %s", call_log.id, _masked(callee), _masked_in(exc, callee))
         raise CallNotPlaced(call_log.id, exc.code, exc.message) from None
     except asyncio.CancelledError:
-        # Whether Twilio placed the call is unknown; the log must not stay IN_PROGRESS.
-        await asyncio.shield(call_logs.fail_unstarted(pool, call_log, EndReason.PLACEMENT_INTERRUPTED))
+        # The request may have reached Twilio, as an unanswered one may: failing the CallLog now would leave the call
+        # Twilio makes to a FAILED row whose stream is refused. It waits, IN_PROGRESS, for Twilio's word instead.
+        log.warning("outbound call %s to %s interrupted while Twilio was asked", call_log.id, _masked(callee))
         raise
     # A status callback may have stored the CallSid already (it knows the CallLog id from its URL).
     await call_logs.adopt_call_id(pool, call_log_id=call_log.id, call_id=call_sid)
