@@ -40,8 +40,9 @@ def _call_data(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
     }
 
 
-def call_ended_data(call: CallLog) -> dict[str, Any]:
-    """call.ended's data: the call, how it ended (the reason, and its detail for people) and what was said."""
+def call_ended_data(call: CallLog, transfer: Mapping[str, Any] | None) -> dict[str, Any]:
+    """call.ended's data: the call, how it ended (the reason, and its detail for people), what was said, and the
+    leg it was `transfer`red to, if any."""
     reason, detail = EndReason.parse(call.metadata.get("endReason"))
     return {
         **_call_data(call.model_dump(by_alias=True)),
@@ -52,6 +53,7 @@ def call_ended_data(call: CallLog) -> dict[str, Any]:
         "transcript": call.transcript,
         "recordingUrl": call.recording_url,
         "summary": call.metadata.get("summary"),
+        "transfer": dict(transfer) if transfer is not None else None,
     }
 
 
@@ -67,13 +69,18 @@ async def enqueue_call_started(conn: Queryable, call: CallLog) -> int:
     )
 
 
-async def enqueue_call_ended(conn: Queryable, call: CallLog) -> int:
-    """Queue call.ended for a call that has just ended; returns how many deliveries were queued."""
+async def enqueue_call_ended(conn: Queryable, call: CallLog, transfer: Mapping[str, Any] | None) -> int:
+    """Queue call.ended for a call that has just ended, with its `transfer` leg (storage.transfer_legs.legs_of);
+    returns how many deliveries were queued.
+
+    A transferred call's leg usually still runs when the call (the agent's part) ends: it is told with its
+    destination and time limit, and its settlement follows as transfer.ended.
+    """
     return await enqueue_event(
         conn,
         organization_id=call.organization_id,
         event=WebhookEvent.CALL_ENDED,
-        data=call_ended_data(call),
+        data=call_ended_data(call, transfer),
         agent_id=call.agent_id,
     )
 

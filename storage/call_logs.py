@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from storage import call_events, call_slots, credit_reservations, live_call_events
+from storage import call_events, call_slots, credit_reservations, live_call_events, transfer_legs
 from storage.end_reasons import EndReason, ending
 from storage.enums import CallStatus, CallType
 from storage.errors import InvalidReference, NotFound, StorageError, translate_errors
@@ -291,9 +291,10 @@ async def finalize_call_log(
             )
         if row is not None:
             ended = CallLog.from_row(row)
-            await call_events.enqueue_call_ended(conn, ended)
+            legs = await transfer_legs.legs_of(conn, [call_log_id])
+            await call_events.enqueue_call_ended(conn, ended, legs.get(call_log_id))
             if not told_live:
-                await _tell_live_streams_ended(conn, [ended])
+                await _tell_live_streams_ended(conn, [ended], legs)
             await credit_reservations.settle_reservation(
                 conn, organization_id=organization_id, call_log_id=call_log_id, minutes=minutes_charged
             )
@@ -425,15 +426,18 @@ async def after_bulk_ending(conn: Queryable, rows: list[asyncpg.Record]) -> None
     to the live event streams watching it (no media session will: none runs it), and settle its credit reservation
     on the minutes it surely started (only a call's own media session knows how long it ran)."""
     ended = CallLog.from_rows(rows)
+    legs = await transfer_legs.legs_of(conn, [call_log.id for call_log in ended])
     for call_log in ended:
-        await call_events.enqueue_call_ended(conn, call_log)
-    await _tell_live_streams_ended(conn, ended)
+        await call_events.enqueue_call_ended(conn, call_log, legs.get(call_log.id))
+    await _tell_live_streams_ended(conn, ended, legs)
     await credit_reservations.settle_orphaned_reservations(conn, call_log_ids=[row["id"] for row in rows])
 
 
-async def _tell_live_streams_ended(conn: Queryable, ended: list[CallLog]) -> None:
+async def _tell_live_streams_ended(
+    conn: Queryable, ended: list[CallLog], legs: Mapping[str, Mapping[str, Any]]
+) -> None:
     """call.ended, for the live event streams watching them, of calls no media session tells the end of (none ran
-    them, or the engine process running them died)."""
+    them, or the engine process running them died), with their transfer `legs` (transfer_legs.legs_of)."""
     now = datetime.now(UTC)
     told = [
         live_call_events.NewEvent.stamped(
@@ -444,6 +448,7 @@ async def _tell_live_streams_ended(conn: Queryable, ended: list[CallLog]) -> Non
                 "status": call_log.status.value,
                 "endReason": call_log.metadata.get("endReason"),
                 "durationSeconds": call_log.duration or 0,
+                "transfer": legs.get(call_log.id),
             },
             at=now,
         )

@@ -11,7 +11,7 @@ one SQL statement, and settling twice charges once.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,6 +27,7 @@ __all__ = [
     "OpenLeg",
     "SettledLeg",
     "TransferLeg",
+    "legs_of",
     "open_leg",
     "overdue_legs",
     "release_leg",
@@ -216,6 +217,20 @@ async def release_leg(db: Queryable, *, call_log_id: str) -> int | None:
         call_log_id,
     )
     return balance
+
+
+async def legs_of(db: Queryable, call_log_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The transfer legs of these calls, by CallLog id, as call.ended tells them: `to`, `dialStatus`,
+    `durationSeconds`, `timeLimitSeconds`, `creditsCharged` (how it went is null while the leg runs: its settlement
+    follows as transfer.ended). Calls without a leg are left out."""
+    rows = await db.fetch(
+        """
+        SELECT "callLogId", "to", "dialStatus", "durationSeconds", "timeLimitSeconds", "creditsCharged"
+        FROM "TransferLeg" WHERE "callLogId" = ANY($1::text[])
+        """,
+        list(call_log_ids),
+    )
+    return {row["callLogId"]: {name: value for name, value in row.items() if name != "callLogId"} for row in rows}
 
 
 async def reserved_leg_credits(db: Queryable, *, call_log_id: str) -> int | None:

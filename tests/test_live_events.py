@@ -86,6 +86,7 @@ async def test_an_organization_stream_follows_a_call_as_it_happens(
         "status": "COMPLETED",
         "endReason": "path_end",
         "durationSeconds": log["duration"],
+        "transfer": None,
     }
     assert events[-1] is ended
     assert all(event.data["at"].endswith("+00:00") for event in events)
@@ -500,6 +501,7 @@ async def test_a_call_whose_engine_process_died_is_told_ended_when_recovery_clos
             "status": "FAILED",
             "endReason": "engine_lost",
             "durationSeconds": 0,
+            "transfer": None,
         }
     assert told.data["callLogId"] == watched.id
 
@@ -527,4 +529,5 @@ async def test_a_call_twilio_ends_before_its_media_stream_started_is_told_ended(
         "status": "MISSED",
         "endReason": "canceled",
         "durationSeconds": 0,
+        "transfer": None,
     }

@@ -72,11 +72,12 @@ async def told_refused_and_went_on(
     return [row["text"] for row in await turns(pool, log["id"]) if row["speaker"] == "agent"]
 
 
-async def test_a_transfer_twilio_refuses_after_the_chat_model_started_it_is_told_and_the_call_goes_on(
-    db_url: str, pool: asyncpg.Pool, refusing_twilio: tuple[str, list[dict[str, str]]]
-) -> None:
-    api_base, updates = refusing_twilio
-    tenant = await make_tenant(pool, "Refused transfer (pipeline)")
+async def chat_model_transfer(
+    db_url: str, pool: asyncpg.Pool, api_base: str, name: str
+) -> tuple[CallResult, EventStream]:
+    """A call of a new organization `name` whose chat model transfers the caller to billing, through an engine whose
+    Twilio REST API is at `api_base`; the organization's live event stream, read until the call's call.ended."""
+    tenant = await make_tenant(pool, name)
     async with (
         running_fakes() as fakes,
         running_engine(db_url, **twilio_settings(api_base), **fakes.settings()) as base,
@@ -90,8 +91,27 @@ async def test_a_transfer_twilio_refuses_after_the_chat_model_started_it_is_told
         ):
             result = await call(base, number, Say("put me through to billing"), Pause(5000))
             await stream.until(lambda e: e.type == "call.ended")
+    return result, stream
+
+
+async def test_a_transfer_twilio_refuses_after_the_chat_model_started_it_is_told_and_the_call_goes_on(
+    db_url: str, pool: asyncpg.Pool, refusing_twilio: tuple[str, list[dict[str, str]]]
+) -> None:
+    api_base, updates = refusing_twilio
+    result, stream = await chat_model_transfer(db_url, pool, api_base, "Refused transfer (pipeline)")
     agent_said = await told_refused_and_went_on(pool, result, updates, stream)
     assert agent_said[-2:] == ["One moment.", TRANSFER_FAILED]
+
+
+async def test_call_ended_of_a_transferred_call_names_its_leg(db_url: str, pool: asyncpg.Pool) -> None:
+    async with call_updates() as (api_base, updates):
+        result, stream = await chat_model_transfer(db_url, pool, api_base, "Transferred (live)")
+    assert [update["sid"] for update in updates] == [result.call_sid]
+    [ended] = stream.of_type("call.ended")
+    assert ended.data["endReason"] == "transferred"
+    leg = ended.data["transfer"]  # the leg runs on: its settlement is the transfer.ended webhook's
+    assert (leg["to"], leg["dialStatus"], leg["durationSeconds"], leg["creditsCharged"]) == (BILLING, None, None, None)
+    assert leg["timeLimitSeconds"] > 0
 
 
 async def test_a_transfer_twilio_refuses_after_the_speech_to_speech_model_started_it_is_told_and_the_call_goes_on(

@@ -121,6 +121,16 @@ async def dial_ends(url: str, call_sid: str, status: str, duration_s: int | None
         return response.status, await response.text()
 
 
+async def queued_data(pool: asyncpg.Pool, organization_id: str, event: str) -> list[dict[str, Any]]:
+    """The data of each `event` delivery queued for the organization's subscribers."""
+    rows = await pool.fetch(
+        """SELECT "payload" FROM "WebhookDelivery" WHERE "organizationId" = $1 AND "event" = $2""",
+        organization_id,
+        event,
+    )
+    return [row["payload"]["data"] for row in rows]
+
+
 async def test_a_transfer_reserves_its_longest_leg_and_pays_for_the_minutes_it_talked(
     line: Line, pool: asyncpg.Pool
 ) -> None:
@@ -151,11 +161,7 @@ async def test_a_transfer_reserves_its_longest_leg_and_pays_for_the_minutes_it_t
     # Twilio retrying its request charges nothing more, and subscribers hear of the transfer's end once.
     assert (await dial_ends(dial.action, result.call_sid, "completed", 125))[0] == 200
     assert await balance(pool, organization_id) == 1000 - RATE - 3 * RATE
-    payloads = await pool.fetch(
-        """SELECT "payload" FROM "WebhookDelivery" WHERE "organizationId" = $1 AND "event" = 'transfer.ended'""",
-        organization_id,
-    )
-    assert [row["payload"]["data"] for row in payloads] == [
+    assert await queued_data(pool, organization_id, "transfer.ended") == [
         {
             "callLogId": log["id"],
             "agentId": log["agentId"],
@@ -167,6 +173,30 @@ async def test_a_transfer_reserves_its_longest_leg_and_pays_for_the_minutes_it_t
             "creditsCharged": 3 * RATE,
         }
     ]
+
+
+async def test_call_ended_of_a_transferred_call_names_its_leg_whose_settlement_follows_as_transfer_ended(
+    line: Line, pool: asyncpg.Pool
+) -> None:
+    organization_id = await organization(pool, credits=1000)
+    await create_event(pool, organization_id=organization_id, name="call.ended", webhook_url=HOOK_URL)
+    await call_log(pool, await transferred_call(line, pool, organization_id, max_minutes=30))
+
+    # Queued as the agent's part of the call ended, while the leg talks on.
+    [ended] = await queued_data(pool, organization_id, "call.ended")
+    assert (ended["endReason"], ended["transfer"]) == (
+        "transferred",
+        {"to": BILLING, "dialStatus": None, "durationSeconds": None, "timeLimitSeconds": 1800, "creditsCharged": None},
+    )
+
+
+async def test_call_ended_of_a_call_never_transferred_has_no_leg(line: Line, pool: asyncpg.Pool) -> None:
+    organization_id = await organization(pool, credits=RATE + RATE - 1)  # the transfer cannot pay a minute
+    await create_event(pool, organization_id=organization_id, name="call.ended", webhook_url=HOOK_URL)
+    await call_log(pool, await transferred_call(line, pool, organization_id, max_minutes=60))
+
+    [ended] = await queued_data(pool, organization_id, "call.ended")
+    assert ended["endReason"] != "transferred" and ended["transfer"] is None
 
 
 async def test_a_transfer_is_limited_to_what_the_credits_pay_for_and_an_unanswered_one_costs_nothing(

@@ -311,12 +311,17 @@ class CallEvents:
         self.organization_id = organization_id
         self.call_log_id = call_log_id
 
+    @property
+    def watched(self) -> bool:
+        """Whether anyone watches the call or its organization now: what an event would cost a query to tell."""
+        publisher = self._publisher
+        return publisher is not None and publisher.watching(self.organization_id, self.call_log_id)
+
     def emit(self, event_type: str, **data: Any) -> None:
         """Record an event of the call (its `callLogId` and `at` are added) if anyone watches it."""
         publisher = self._publisher
-        if publisher is None or not publisher.watching(self.organization_id, self.call_log_id):
-            return
-        publisher.record(self.organization_id, self.call_log_id, event_type, data)
+        if publisher is not None and self.watched:
+            publisher.record(self.organization_id, self.call_log_id, event_type, data)
 
     def tool_call(self, name: str, arguments: Mapping[str, Any], result: str) -> None:
         """An agent function was called (tool.call); `ok` unless its result is an error for the model."""

@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
@@ -60,7 +61,7 @@ from pipelines.registry import (
     plan_realtime,
     realtime_path,
 )
-from storage import Pool, agents, call_logs, credit_reservations, do_not_call
+from storage import Pool, agents, call_logs, credit_reservations, do_not_call, transfer_legs
 from storage.call_logs import CallLog
 from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
@@ -330,8 +331,20 @@ async def _run_claimed_call(  # noqa: PLR0917 (the stream's parts, as `_run_call
         status=outcome.status.value,
         endReason=outcome.end_reason.value,
         durationSeconds=call_seconds(outcome.duration_s),
+        transfer=await _transfer_leg(pool, call_log) if live.watched else None,
     )
     await _wrap_up(request, call_log, writer, outcome, recorder)
+
+
+async def _transfer_leg(pool: Pool, call_log: CallLog) -> dict[str, Any] | None:
+    """The call's transfer leg as call.ended tells it (storage.transfer_legs.legs_of), or None: it has none, or the
+    database cannot tell now (logged)."""
+    try:
+        legs = await transfer_legs.legs_of(pool, [call_log.id])
+    except DATABASE_ERRORS as exc:
+        log.warning("call %s: its transfer leg is left out of call.ended: %s", call_log.call_id, exc)
+        return None
+    return legs.get(call_log.id)
 
 
 async def _call_agent(pool: Pool, call_log: CallLog) -> agents.AgentBundle | None:
