@@ -28,6 +28,7 @@ from tests.fakes.openai_chat import FakeOpenAI, ToolCall
 from tests.fakes.twilio import Answer, FakeTwilio, dialed_number
 from tests.test_api_auth import Api, make_tenant
 from tests.test_dispatch_do_not_call import twilio_settings
+from tests.test_live_call_control_channel import held_by_a_node
 from tests.test_opt_out_calls import CLOUD, DG_KEY, OPENAI_KEY, deepgram, openai
 from tests.test_outbound_calls import finished_log
 
@@ -35,6 +36,8 @@ __all__ = ["deepgram", "openai"]  # that module's fixtures: the fakes behind the
 
 BILLING = "+14155550199"
 RATE = 10
+CONTROL_TIMEOUT = 1.0
+"""The API node's control timeout in the relay test: Twilio answers the holding node after it has passed."""
 _numbers = itertools.count(1)
 
 
@@ -77,8 +80,10 @@ async def transfer_to_billing(
     deepgram: FakeDeepgram,
     openai: FakeOpenAI,
     organization_id: str,
+    model_transfers: bool = True,
 ) -> PlacedCall:
-    """An outbound call of the organization whose callee asks for billing; the model transfers them there."""
+    """An outbound call of the organization whose callee asks for billing; the model transfers them there (or, not
+    `model_transfers`, only says it will)."""
     caller_id = await phone_numbers.create_phone_number(
         pool, organization_id=organization_id, phone_number=f"+1555019{next(_numbers):04d}"
     )
@@ -96,9 +101,8 @@ async def transfer_to_billing(
         configuration=parse_agent_configuration(configuration).to_json(),
     )
     deepgram.transcripts.extend(["Hello?", "Put me through to billing."])
-    openai.replies.append(
-        ["Transferring you now.", ToolCall("transfer_call", {"phone_number": BILLING, "reason": "billing"})]
-    )
+    transfer = ToolCall("transfer_call", {"phone_number": BILLING, "reason": "billing"})
+    openai.replies.append(["Transferring you now.", transfer] if model_transfers else ["One moment, please."])
     callee = f"+1646555{next(_numbers):04d}"
     twilio.behave(
         callee, Answer(greeting="Hello?", script=[Pause(1500), Say("put me through to billing"), Pause(20_000)])
@@ -152,3 +156,52 @@ async def test_a_transfer_through_the_api_while_the_models_is_under_way_is_a_con
         "billing",
     )
     assert len(call.updates) == 1
+
+
+async def test_a_transfer_relayed_to_the_node_holding_the_call_waits_for_twilios_answer(  # noqa: PLR0917 (fixtures)
+    deps: OutboundDeps,
+    db_url: str,
+    pool: asyncpg.Pool,
+    twilio: FakeTwilio,
+    deepgram: FakeDeepgram,
+    openai: FakeOpenAI,
+) -> None:
+    """The API's node waits for the holding node's acknowledgement as long as Twilio's request may take there: a
+    transfer Twilio answers after the control timeout is a 202, not a 409 'did not acknowledge' for a transfer made."""
+    tenant = await make_tenant(pool, "Relayed", credits=1000)
+    placed = await transfer_to_billing(
+        deps,
+        pool,
+        twilio=twilio,
+        deepgram=deepgram,
+        openai=openai,
+        organization_id=tenant.organization_id,
+        model_transfers=False,
+    )
+    call = twilio.calls[placed.call_sid]
+    call.update_gate = asyncio.Event()  # Twilio takes longer than the relay's control timeout to answer
+    await held_by_a_node(pool, tenant.organization_id)
+    for _ in range(600):  # the callee asks for billing; the model answers without transferring
+        if not openai.replies:
+            break
+        await asyncio.sleep(0.05)
+    async with (
+        running_engine(db_url, dispatch_enabled=False, control_timeout=CONTROL_TIMEOUT) as other,
+        aiohttp.ClientSession() as session,
+    ):
+        asked = asyncio.create_task(
+            Api(session, other).call(
+                "POST", f"/live-calls/{placed.call_log_id}/transfer", tenant.owner_key, json={"to": BILLING}
+            )
+        )
+        await asyncio.wait_for(call.updated.wait(), 60)
+        await asyncio.sleep(2 * CONTROL_TIMEOUT)
+        call.update_gate.set()
+        status, body = await asked
+
+    assert (status, body) == (202, {"callLogId": placed.call_log_id, "to": BILLING})
+    await twilio.finished(placed.call_sid)
+    log = await finished_log(pool, placed.call_log_id)
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
+    assert [dialed_number(update["Twiml"]) for update in call.updates] == [BILLING]
+

@@ -11,7 +11,7 @@ from aiohttp import ChainMapProxy, web
 from engine.api.errors import ApiError, conflict
 from engine.api.operations import ApiCall
 from engine.call.control_channel import CONTROL, ControlChannelError
-from engine.call.live_call_controls import REFUSAL
+from engine.call.live_call_controls import REFUSAL, WORK_SECONDS
 from engine.server.appkeys import DATABASE, LIVE_CALLS, SETTINGS
 from engine.workers.recovery import NODE_ID, NODE_TIMEOUT_KEY
 from storage import call_logs, engine_nodes
@@ -63,7 +63,8 @@ async def command_holding_node(
         if node is None:
             return None
         try:
-            ack = await app[CONTROL].send(node, log.id, command, args, timeout=app[SETTINGS].control_timeout)
+            timeout, work_seconds = app[SETTINGS].control_timeout, WORK_SECONDS.get(command, 0.0)
+            ack = await app[CONTROL].send(node, log.id, command, args, timeout=timeout, work_seconds=work_seconds)
         except ControlChannelError as exc:
             raise conflict(f"call {log.id}: {exc}") from None
     if ack.applied:

@@ -130,11 +130,22 @@ class ControlChannel:
         await self._pool.execute("SELECT pg_notify($1, $2)", channel, payload)
 
     async def send(
-        self, node_id: str, call_log_id: str, command: str, args: Mapping[str, Any], *, timeout: float
+        self,
+        node_id: str,
+        call_log_id: str,
+        command: str,
+        args: Mapping[str, Any],
+        *,
+        timeout: float,
+        work_seconds: float = 0.0,
     ) -> Acknowledgement:
         """Ask `node_id` to carry out `command` on the call and return its acknowledgement.
 
-        ControlChannelError when this process is not listening, or no acknowledgement comes within `timeout`.
+        The node must start it within `timeout`; a command whose work waits on something slower (a Twilio request)
+        names how long that may take, `work_seconds`, and is waited for that much longer, and `timeout` again for
+        the node's own steps around it and the acknowledgement's way back: the sender never gives up on a command
+        its node may still carry out. ControlChannelError when this process is not listening, or no acknowledgement
+        comes in that time.
         """
         if not self._listening.is_set():
             raise ControlChannelError("this engine process is not connected to the command channel")
@@ -145,6 +156,7 @@ class ControlChannel:
         )
         if len(payload.encode()) > MAX_PAYLOAD_BYTES:
             raise ValueError(f"command {command!r}: arguments too large for the command channel")
+        waited = timeout + work_seconds + (timeout if work_seconds else 0.0)
         future: asyncio.Future[Acknowledgement] = asyncio.get_running_loop().create_future()
         self._waiting[command_id] = future
         try:
@@ -154,10 +166,10 @@ class ControlChannel:
                 payload,
                 timeout,
             )
-            return await asyncio.wait_for(future, timeout=timeout)
+            return await asyncio.wait_for(future, timeout=waited)
         except TimeoutError:
             raise ControlChannelError(
-                f"engine node {node_id} did not acknowledge {command!r} within {timeout:g} s"
+                f"engine node {node_id} did not acknowledge {command!r} within {waited:g} s"
             ) from None
         finally:
             self._waiting.pop(command_id, None)

@@ -19,6 +19,7 @@ from engine.call.listen_relay import LEASE_SECONDS, LISTEN, LISTEN_RELAY
 from engine.call.live_calls import LiveCall
 from engine.call.twilio_control import TwilioRefused
 from engine.server.appkeys import LIVE_CALLS, TWILIO
+from engine.twilio.rest import REQUEST_TIMEOUT_SECONDS
 from pipelines.conversation.transfer_rules import Refusal
 from storage.end_reasons import EndReason
 
@@ -30,6 +31,11 @@ MESSAGE: Final = "message"
 """The command name of a message for the model's context: args `content`, `role`."""
 TRANSFER: Final = "transfer"
 """The command name of a transfer within the agent's rules: args `to`; result `to`, the number dialled."""
+
+WORK_SECONDS: Final[Mapping[str, float]] = {HANG_UP: REQUEST_TIMEOUT_SECONDS, TRANSFER: REQUEST_TIMEOUT_SECONDS}
+"""How long a command's own work may take on the node holding the call, by name, when it waits on a request to
+Twilio's REST API: its sender waits that much longer for the acknowledgement (engine.call.control_channel), so that
+it never answers as failed a hang-up or transfer Twilio then carries out. Other commands' work is quick."""
 
 REFUSAL: Final = "refusal"
 """The result key of a command not applied because the call refused it: `Refused`. Without it, the call was gone."""
