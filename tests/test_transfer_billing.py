@@ -425,8 +425,11 @@ def two_minute_transfer(
 UK_PREMIUM = "+449012345678"  # phonenumbers reads it as premium-rate (tests/test_dial_policy.py checks the reading)
 
 
-async def transfer_to(pool: asyncpg.Pool, organization_id: str, to: str) -> tuple[bool, list[dict[str, str]], str]:
-    """A paid transfer of one of the organization's calls to `to`: whether it was made, Twilio's updates, the call."""
+async def transfer_to(
+    pool: asyncpg.Pool, organization_id: str, to: str
+) -> tuple[bool | None, list[dict[str, str]], str]:
+    """A paid transfer of one of the organization's calls to `to`: whether it was made (None: unanswered), Twilio's
+    updates, the call."""
     opened = await open_call(pool, organization_id, credit_rates=RATES)
     async with call_updates() as (api_base, updates):
         twilio = TwilioCalls(ACCOUNT, TOKEN, api_base=api_base, timeout=2.0)

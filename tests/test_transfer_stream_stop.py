@@ -205,3 +205,26 @@ async def test_a_transfer_relayed_to_the_node_holding_the_call_waits_for_twilios
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
     assert [dialed_number(update["Twiml"]) for update in call.updates] == [BILLING]
 
+
+async def test_a_transfer_twilio_makes_without_answering_the_request_in_time_ends_the_call_transferred(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    """Twilio leaves the stream for the `<Dial>` but its answer to the request comes after the client gave up: its
+    record of the calls the `<Dial>` made says the call was transferred, and the leg stays held for its settlement."""
+    org = (await organizations.create_organization(pool, name="Late", slug="transfer-late", credits=1000)).id
+    placed = await transfer_to_billing(deps, pool, twilio=twilio, deepgram=deepgram, openai=openai, organization_id=org)
+    call = twilio.calls[placed.call_sid]
+    call.answer_gate = asyncio.Event()  # Twilio acts on the transfer, and answers only once the request timed out
+    try:
+        log = await finished_log(pool, placed.call_log_id)
+    finally:
+        call.answer_gate.set()
+
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
+    assert log["metadata"]["endDetail"] == "billing"
+    assert [dialed_number(update["Twiml"]) for update in call.updates] == [BILLING]
+    [dial] = twilio.dialed_calls[placed.call_sid]
+    assert dial.to == BILLING
+    # Billed once: the call's started minute, and the leg's five held until the dial's action request settles them.
+    assert await transfer_legs.reserved_leg_credits(pool, call_log_id=placed.call_log_id) == 5 * RATE
+    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 1000 - RATE - 5 * RATE

@@ -298,6 +298,7 @@ async def _run_claimed_call(  # noqa: PLR0917 (the stream's parts, as `_run_call
             if twilio is not None
             else None
         ),
+        dialed=twilio.dialed_calls if twilio is not None else None,
         extend_reservation=functools.partial(credit_reservations.extend_reservation, pool, call_log_id=call_log.id),
         opt_out=functools.partial(record_opt_out, pool, call_log),
         knowledge=prepared.knowledge.take_sources if prepared.knowledge is not None else None,

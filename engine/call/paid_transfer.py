@@ -47,9 +47,9 @@ class PaidTransfer:
         self._rates = rates
         self._action_url = action_url
 
-    async def __call__(self, call_sid: str, to: str) -> bool:
+    async def __call__(self, call_sid: str, to: str) -> bool | None:
         """Hand the caller to `to`; False (logged) when the dial policy, the credits or Twilio do not allow it, with
-        nothing reserved, or when Twilio did not answer, with the leg reserved until Twilio's record settles it."""
+        nothing reserved; None when Twilio did not answer, with the leg reserved until Twilio's record settles it."""
         try:
             policy = await dial_policies.get_policy(self._pool, organization_id=self._organization_id)
         except DATABASE_ERRORS as exc:
@@ -84,7 +84,7 @@ class PaidTransfer:
         except CallUnconfirmed as exc:
             # Twilio may be dialing: the leg stays reserved, and its action request (or the sweep) settles it.
             log.warning("call %s: transfer to %s unconfirmed: %s", call_sid, to, exc)
-            return False
+            return None
         if not transferred:
             await self._release(call_sid)
         return transferred

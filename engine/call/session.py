@@ -33,7 +33,7 @@ from engine.call.live_events import CallEvents
 from engine.call.outbound_audio import OutboundAudio, SendText, StreamTimeline
 from engine.call.phases import CallPhase, PhaseEvent, accepts, next_phase
 from engine.call.turns import TRANSCRIPTION_FAILED, TurnLog
-from engine.call.twilio_control import HangUp, Transfer, TwilioControl, TwilioRefused, await_twilio_stop
+from engine.call.twilio_control import Dialed, HangUp, Transfer, TwilioControl, TwilioRefused, await_twilio_stop
 from engine.server import metrics
 from media.g711 import BYTES_PER_MS
 from media.recording import StereoWavRecorder
@@ -95,6 +95,7 @@ class CallSession:
         recorder: StereoWavRecorder | None = None,
         hang_up: HangUp | None = None,
         transfer: Transfer | None = None,
+        dialed: Dialed | None = None,
         fallback: DriverFactory | None = None,
         extend_reservation: ExtendReservation | None = None,
         credit_minute_seconds: float = CREDIT_MINUTE_SECONDS,
@@ -108,6 +109,7 @@ class CallSession:
         takes over when the first one is lost for good (a speech-to-speech agent's pipeline stages).
         `extend_reservation` is called every `credit_minute_seconds` while the call runs; the call says goodbye
         (INSUFFICIENT_CREDITS) when it returns False. `opt_out` lists the other party when they opt out.
+        `dialed` reads Twilio's record of the calls a transfer made, for a transfer request Twilio did not answer.
         `knowledge` gives the knowledge searches made since it was last asked, stored with the agent turn they were
         made for. `live` is where the call's live events go (the API's event streams). `reads` paces the reading of
         the call's socket to what the driver is listening for (`ConversationDriver.listening_closely`)."""
@@ -124,7 +126,9 @@ class CallSession:
         self._writer = writer
         writer.when_deleted(self.call_log_deleted)
         self._recorder = recorder
-        self._twilio = TwilioControl(context.call_sid, hang_up=hang_up, transfer=transfer, rules=config.transfer)
+        self._twilio = TwilioControl(
+            context.call_sid, hang_up=hang_up, transfer=transfer, rules=config.transfer, dialed=dialed
+        )
         self._fallback = fallback
         self._opt_out = opt_out
         self._opt_out_writes: set[asyncio.Future[None]] = set()
@@ -153,7 +157,10 @@ class CallSession:
         self._over = False  # _ended is set: checked for every frame, where a plain attribute is cheaper
         self._transfers_asked = 0  # transfer requests Twilio has not answered yet
         self._stopped_at: float | None = None
-        """When Twilio's `stop` came while a transfer request was unanswered: that answer says how the call ended."""
+        """When Twilio's `stop` came while a transfer request was unanswered, or after one Twilio never answered: that
+        answer, or Twilio's record of the dial, says how the call ended."""
+        self._unconfirmed: tuple[str | None] | None = None
+        """The detail of a transfer request Twilio did not answer (it may be dialing), when there was one."""
         self._reads = reads
         self._closely = True  # what `reads` was last told
         self._ignored_tracks: set[str] = set()  # the stream's tracks other than the caller's, once logged
@@ -344,16 +351,32 @@ class CallSession:
         if self._ended.is_set():
             return False
         self._transfers_asked += 1
-        started = False
+        answer: bool | None = False
         try:
-            started = await self._twilio.transfer(to)
+            answer = await self._twilio.transfer(to)
         finally:
             self._transfers_asked -= 1
-            if self._stopped_at is not None and started:
+            if answer is None and self._unconfirmed is None:
+                self._unconfirmed = (detail,)
+            if self._stopped_at is not None and answer:
                 self._end(CallStatus.COMPLETED, EndReason.TRANSFERRED, detail)
             elif self._stopped_at is not None and not self._transfers_asked:
-                self._end(CallStatus.COMPLETED, EndReason.CALLER_HANGUP)
-        return started
+                self._end_after_stop()
+        return answer is True
+
+    def _end_after_stop(self) -> None:
+        """Twilio's `stop` came and no transfer request is unanswered: the caller hung up, unless Twilio made a
+        transfer it did not answer for, which its record of the dial tells."""
+        if self._unconfirmed is None:
+            self._end(CallStatus.COMPLETED, EndReason.CALLER_HANGUP)
+        else:
+            self.spawn(self._end_as_twilio_dialed(*self._unconfirmed), "transfer-lookup")
+
+    async def _end_as_twilio_dialed(self, detail: str | None) -> None:
+        if await self._twilio.dialed():
+            self._end(CallStatus.COMPLETED, EndReason.TRANSFERRED, detail)
+        else:
+            self._end(CallStatus.COMPLETED, EndReason.CALLER_HANGUP)
 
     def _refuse_when_ending(self, what: str) -> None:
         if not accepts(self._phase, PhaseEvent.WIND_DOWN):
@@ -574,8 +597,10 @@ class CallSession:
             case Stopped():
                 # After our own hang-up Twilio sends `stop` too: keep the reason the agent ended for.
                 ending = self._phase is CallPhase.ENDING and self._reason is not None
-                if not ending and self._transfers_asked:
-                    self._stopped_at = self.clock()  # the transfer's answer ends the call (_transfer_started)
+                if not ending and (self._transfers_asked or self._unconfirmed is not None):
+                    self._stopped_at = self.clock()  # the transfer's answer, or Twilio's record, ends the call
+                    if not self._transfers_asked:
+                        self._end_after_stop()
                 else:
                     reason = self._reason if ending and self._reason is not None else EndReason.CALLER_HANGUP
                     self._end(CallStatus.COMPLETED, reason, self._detail if ending else None)

@@ -9,18 +9,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from config.agent import TransferConfig
 from engine.call.driver import HANGUP_GRACE_SECONDS, ControlRefused
+from engine.twilio.rest import CallLookupFailed
 from pipelines.conversation.transfer_rules import Refusal, TransferRules
 
 log = logging.getLogger(__name__)
 
 HangUp = Callable[[str], Awaitable[bool]]
 """Hang up a call by its CallSid through Twilio's REST API; False when that could not be done."""
-Transfer = Callable[[str, str], Awaitable[bool]]
-"""Transfer a call (CallSid) to an E.164 number through Twilio's REST API; False when that failed."""
+Transfer = Callable[[str, str], Awaitable[bool | None]]
+"""Transfer a call (CallSid) to an E.164 number through Twilio's REST API; False when that failed, None when Twilio
+did not answer the request (it may be dialing)."""
+Dialed = Callable[[str], Awaitable[Sequence[object]]]
+"""The calls Twilio's record shows a call's (CallSid) `<Dial>` made; raises CallLookupFailed when it cannot say."""
 
 
 async def await_twilio_stop(ended: asyncio.Event) -> None:
@@ -37,13 +41,21 @@ class TwilioControl:
     """Hang-up and transfer of one call through Twilio's REST API, when the engine has credentials for it."""
 
     def __init__(
-        self, call_sid: str, *, hang_up: HangUp | None, transfer: Transfer | None, rules: TransferConfig | None
+        self,
+        call_sid: str,
+        *,
+        hang_up: HangUp | None,
+        transfer: Transfer | None,
+        rules: TransferConfig | None,
+        dialed: Dialed | None = None,
     ) -> None:
-        """Control the call `call_sid`; `rules` are the agent's transfer destinations."""
+        """Control the call `call_sid`; `rules` are the agent's transfer destinations; `dialed` reads Twilio's record
+        of the calls a transfer made."""
         self._call_sid = call_sid
         self._hang_up = hang_up
         self._transfer = transfer
         self._rules = rules
+        self._dialed = dialed
 
     @property
     def can_transfer(self) -> bool:
@@ -60,8 +72,9 @@ class TwilioControl:
             log.warning("call %s: hanging up through Twilio failed: %s", self._call_sid, exc)
             return False
 
-    async def transfer(self, to: str) -> bool:
-        """Ask Twilio to hand the caller to `to`; False when that cannot or may not be done (the call goes on)."""
+    async def transfer(self, to: str) -> bool | None:
+        """Ask Twilio to hand the caller to `to`; False when that cannot or may not be done (the call goes on), None
+        when Twilio did not answer the request (it may be dialing: `dialed` tells)."""
         if self._transfer is None:
             return False
         # The model's `transfer_call` is checked before it gets here (the refusal is the model's function result);
@@ -77,6 +90,16 @@ class TwilioControl:
         except Exception:
             log.exception("call %s: the transfer to %s failed", self._call_sid, to)
             return False
-        if not transferred:
+        if transferred is False:
             log.warning("call %s: transfer to %s failed", self._call_sid, to)
         return transferred
+
+    async def dialed(self) -> bool | None:
+        """Whether Twilio's record shows a call a transfer's `<Dial>` made; None when it cannot be asked."""
+        if self._dialed is None:
+            return None
+        try:
+            return bool(await self._dialed(self._call_sid))
+        except CallLookupFailed as exc:
+            log.warning("call %s: whether Twilio made the transfer is unknown: %s", self._call_sid, exc)
+            return None

@@ -11,12 +11,14 @@ answers 201 with a call resource shaped like Twilio's; each destination then beh
 TwiML's `<Connect><Stream>` with the engine's simulator (20 ms frames, marks echoed, caller lines spoken), `Busy`,
 `NoAnswer`, `Fail`, `Refuse` (an error at creation) or `Machine` (a greeting, then the async AMD verdict). Status
 callbacks are posted signed, as form posts, for the events the call subscribed to. `POST .../Calls/{CallSid}.json`
-updates a live call (`Twiml`, `Status=completed`): the stream gets `stop`, and the update is recorded.
-`GET .../Calls.json` lists calls (filters `To`, `From`, `Status`; most recent first) and `GET .../Calls/{CallSid}.json`
-fetches one; a call's `update_gate` holds its updates until the test sets it. `call_updates()` is the update
-endpoint alone, for calls the simulator places. `hold_create(number)` holds the next create to `number` until the
-test decides whether it reached Twilio (the call is created) or not (no call exists, as if the request never left):
-kill the engine in between.
+updates a live call (`Twiml`, `Status=completed`): the stream gets `stop`, and the update is recorded; TwiML that
+`<Dial>`s makes the dialed call (its `parent_call_sid` the call's; it stays `in-progress`: the far end of a dial is
+not scripted). `GET .../Calls.json` lists calls (filters `To`, `From`, `Status`, or `ParentCallSid` for the calls a
+`<Dial>` made; most recent first) and `GET .../Calls/{CallSid}.json` fetches one; a call's `update_gate` holds its
+updates until the test sets it, and its `answer_gate` holds the answer to an update the fake has acted on.
+`call_updates()` is the update endpoint alone, for calls the simulator places. `hold_create(number)` holds the next
+create to `number` until the test decides whether it reached Twilio (the call is created) or not (no call exists, as
+if the request never left): kill the engine in between.
 """
 
 from __future__ import annotations
@@ -163,6 +165,11 @@ class FakeCall:
     updated: asyncio.Event = field(default_factory=asyncio.Event)
     update_gate: asyncio.Event | None = None
     """When given, an update waits (recorded, `updated` set) until it is set before the fake acts on it and answers."""
+    answer_gate: asyncio.Event | None = None
+    """When given, an update is acted on (the stream gets `stop`, a `<Dial>` dials) but answered only once it is set:
+    the engine's request may time out meanwhile."""
+    parent_sid: str | None = None
+    """The call whose `<Dial>` made this one."""
     _live: StreamPeer | None = None
     _run_task: asyncio.Task[None] | None = None
     canceling: bool = False
@@ -195,6 +202,8 @@ class FakeTwilio:
         self.auth_token = auth_token or secrets.token_hex(16)
         self.default: Behaviour = Answer()
         self.calls: dict[str, FakeCall] = {}
+        self.dialed_calls: dict[str, list[FakeCall]] = {}
+        """The calls each call's `<Dial>` made, by the dialing call's CallSid."""
         self.creates: Counter[str] = Counter()
         self.api_base = ""
         self._behaviours: dict[str, Behaviour] = {}
@@ -307,7 +316,25 @@ class FakeTwilio:
         elif call._live is not None:
             with contextlib.suppress(Exception):  # the stream may be closing already
                 await call._live.hang_up()  # new TwiML (or a hang-up) ends <Connect><Stream>: Twilio sends stop
+            dial = dialed(update["Twiml"]) if "Twiml" in update else None
+            if dial is not None:
+                self._dial(call, dial.number)
+        if call.answer_gate is not None:
+            await call.answer_gate.wait()
         return web.json_response(self._resource(call))
+
+    def _dial(self, parent: FakeCall, to: str) -> None:
+        """The call a `<Dial>` of `parent` makes: answered, and left talking (nothing scripts its far end)."""
+        child = FakeCall(
+            sid="CA" + secrets.token_hex(16),
+            to=to,
+            from_=parent.from_,
+            params={},
+            behaviour=Answer(),
+            status="in-progress",
+            parent_sid=parent.sid,
+        )
+        self.dialed_calls.setdefault(parent.sid, []).append(child)
 
     async def _list(self, request: web.Request) -> web.Response:
         if not self._authenticated(request):
@@ -315,9 +342,12 @@ class FakeTwilio:
         query = dict(request.query)
         self.lookups.append(query)
         filters = {"To": "to", "From": "from_", "Status": "status"}
+        listed = (
+            self.calls.values() if "ParentCallSid" not in query else self.dialed_calls.get(query["ParentCallSid"], [])
+        )
         found = [
             call
-            for call in self.calls.values()
+            for call in listed
             if all(getattr(call, attr) == query[name] for name, attr in filters.items() if name in query)
         ]
         found.sort(key=lambda call: call.created_at, reverse=True)
@@ -365,7 +395,7 @@ class FakeTwilio:
             "price": None,
             "price_unit": "USD",
             "answered_by": None,
-            "parent_call_sid": None,
+            "parent_call_sid": call.parent_sid,
             "phone_number_sid": None,
             "caller_name": None,
             "forwarded_from": None,
