@@ -25,8 +25,8 @@ from storage.enums import AgentStatus, CallerType
 from tests.engine_server import running_engine
 from tests.fakes.deepgram import FakeDeepgram
 from tests.fakes.openai_chat import FakeOpenAI, ToolCall
-from tests.fakes.twilio import Answer, FakeTwilio, dialed_number
-from tests.test_api_auth import Api, make_tenant
+from tests.fakes.twilio import Answer, FakeCall, FakeTwilio, dialed_number
+from tests.test_api_auth import Api, Tenant, make_tenant
 from tests.test_dispatch_do_not_call import twilio_settings
 from tests.test_live_call_control_channel import held_by_a_node
 from tests.test_opt_out_calls import CLOUD, DG_KEY, OPENAI_KEY, deepgram, openai
@@ -34,6 +34,7 @@ from tests.test_outbound_calls import finished_log
 
 __all__ = ["deepgram", "openai"]  # that module's fixtures: the fakes behind the engine's Deepgram and OpenAI SDKs
 
+Fakes = tuple[FakeTwilio, FakeDeepgram, FakeOpenAI]
 BILLING = "+14155550199"
 RATE = 10
 CONTROL_TIMEOUT = 1.0
@@ -81,6 +82,7 @@ async def transfer_to_billing(
     openai: FakeOpenAI,
     organization_id: str,
     model_transfers: bool = True,
+    asks_after_ms: int = 1500,
 ) -> PlacedCall:
     """An outbound call of the organization whose callee asks for billing; the model transfers them there (or, not
     `model_transfers`, only says it will)."""
@@ -104,14 +106,36 @@ async def transfer_to_billing(
     transfer = ToolCall("transfer_call", {"phone_number": BILLING, "reason": "billing"})
     openai.replies.append(["Transferring you now.", transfer] if model_transfers else ["One moment, please."])
     callee = f"+1646555{next(_numbers):04d}"
-    twilio.behave(
-        callee, Answer(greeting="Hello?", script=[Pause(1500), Say("put me through to billing"), Pause(20_000)])
-    )
+    asks = Say("put me through to billing")
+    twilio.behave(callee, Answer(greeting="Hello?", script=[Pause(asks_after_ms), asks, Pause(20_000)]))
     placed = await place_call(
         deps, organization_id=organization_id, agent_id=agent.id, from_number=caller_id.phone_number, to=callee
     )
     assert isinstance(placed, PlacedCall)
     return placed
+
+
+async def held_call(
+    deps: OutboundDeps, pool: asyncpg.Pool, tenant: Tenant, fakes: Fakes, **options: Any
+) -> tuple[PlacedCall, FakeCall, asyncio.Event]:
+    """transfer_to_billing's call of the tenant (with `options`), once its node holds it; Twilio holds the call's
+    updates until the gate returned is set."""
+    twilio, deepgram, openai = fakes
+    placed = await transfer_to_billing(
+        deps, pool, twilio=twilio, deepgram=deepgram, openai=openai, organization_id=tenant.organization_id, **options
+    )
+    call = twilio.calls[placed.call_sid]
+    gate = call.update_gate = asyncio.Event()
+    await held_by_a_node(pool, tenant.organization_id)
+    return placed, call, gate
+
+
+async def model_answered(openai: FakeOpenAI) -> None:
+    """Once the model has taken the reply queued for it."""
+    for _ in range(600):
+        if not openai.replies:
+            return
+        await asyncio.sleep(0.05)
 
 
 async def test_a_transfer_twilio_makes_before_it_answers_the_request_ends_the_call_transferred(
@@ -169,22 +193,10 @@ async def test_a_transfer_relayed_to_the_node_holding_the_call_waits_for_twilios
     """The API's node waits for the holding node's acknowledgement as long as Twilio's request may take there: a
     transfer Twilio answers after the control timeout is a 202, not a 409 'did not acknowledge' for a transfer made."""
     tenant = await make_tenant(pool, "Relayed", credits=1000)
-    placed = await transfer_to_billing(
-        deps,
-        pool,
-        twilio=twilio,
-        deepgram=deepgram,
-        openai=openai,
-        organization_id=tenant.organization_id,
-        model_transfers=False,
-    )
-    call = twilio.calls[placed.call_sid]
-    call.update_gate = asyncio.Event()  # Twilio takes longer than the relay's control timeout to answer
-    await held_by_a_node(pool, tenant.organization_id)
-    for _ in range(600):  # the callee asks for billing; the model answers without transferring
-        if not openai.replies:
-            break
-        await asyncio.sleep(0.05)
+    fakes = (twilio, deepgram, openai)
+    # Twilio will answer the transfer after the relay's control timeout.
+    placed, call, gate = await held_call(deps, pool, tenant, fakes, model_transfers=False)
+    await model_answered(openai)  # the callee asks for billing; the model answers without transferring
     async with (
         running_engine(db_url, dispatch_enabled=False, control_timeout=CONTROL_TIMEOUT) as other,
         aiohttp.ClientSession() as session,
@@ -196,7 +208,7 @@ async def test_a_transfer_relayed_to_the_node_holding_the_call_waits_for_twilios
         )
         await asyncio.wait_for(call.updated.wait(), 60)
         await asyncio.sleep(2 * CONTROL_TIMEOUT)
-        call.update_gate.set()
+        gate.set()
         status, body = await asked
 
     assert (status, body) == (202, {"callLogId": placed.call_log_id, "to": BILLING})
@@ -228,3 +240,40 @@ async def test_a_transfer_twilio_makes_without_answering_the_request_in_time_end
     # Billed once: the call's started minute, and the leg's five held until the dial's action request settles them.
     assert await transfer_legs.reserved_leg_credits(pool, call_log_id=placed.call_log_id) == 5 * RATE
     assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 1000 - RATE - 5 * RATE
+
+
+async def test_the_models_transfer_while_the_apis_is_under_way_waits_for_it_and_tells_no_failure(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    """The model asks for a transfer while one asked through the API waits for Twilio: it does not ask a second one
+    (whose leg is taken, so refused), nor tell the caller a transfer failed; the caller goes where the API's takes
+    them."""
+    tenant = await make_tenant(pool, "Second", credits=1000)
+    fakes = (twilio, deepgram, openai)
+    # The callee asks for billing once the API's transfer waits for Twilio.
+    placed, call, gate = await held_call(deps, pool, tenant, fakes, asks_after_ms=4000)
+    async with aiohttp.ClientSession() as session:
+        asked = asyncio.create_task(
+            Api(session, deps.public_url).call(
+                "POST", f"/live-calls/{placed.call_log_id}/transfer", tenant.owner_key, json={"to": BILLING}
+            )
+        )
+        await asyncio.wait_for(call.updated.wait(), 60)
+        await model_answered(openai)  # the callee asks for billing meanwhile; the model transfers
+        await asyncio.sleep(4)  # the agent says "Transferring you now.", then asks for its transfer
+        gate.set()
+        status, _ = await asked
+
+    assert status == 202
+    await twilio.finished(placed.call_sid)
+    log = await finished_log(pool, placed.call_log_id)
+    assert (log["status"], log["metadata"]["endReason"], log["metadata"]["endDetail"]) == (
+        "COMPLETED",
+        "transferred",
+        "transferred through the API",
+    )
+    said = await pool.fetch(
+        """SELECT "text" FROM "CallTurn" WHERE "callLogId" = $1 AND "speaker" = 'agent' """, placed.call_log_id
+    )
+    assert not [row["text"] for row in said if row["text"].startswith("I'm sorry")]
+    assert len(call.updates) == 1

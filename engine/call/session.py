@@ -156,6 +156,8 @@ class CallSession:
         self._ended = asyncio.Event()
         self._over = False  # _ended is set: checked for every frame, where a plain attribute is cheaper
         self._transfers_asked = 0  # transfer requests Twilio has not answered yet
+        self._transfers_answered = asyncio.Event()  # set while no transfer request waits for Twilio's answer
+        self._transfers_answered.set()
         self._stopped_at: float | None = None
         """When Twilio's `stop` came while a transfer request was unanswered, or after one Twilio never answered: that
         answer, or Twilio's record of the dial, says how the call ended."""
@@ -229,7 +231,14 @@ class CallSession:
 
     async def transfer(self, to: str, detail: str | None = None, *, asked: Mapping[str, Any] | None = None) -> bool:
         """Hand the caller to `to` through Twilio; False (the call goes on) when that cannot be done. A transfer
-        the model asked for (`asked`, its `transfer_call` arguments) was told as done: its failure is told too."""
+        the model asked for (`asked`, its `transfer_call` arguments) was told as done: its failure is told too.
+
+        While another transfer (the API's) waits for Twilio, this one waits for it: the caller goes where that one
+        takes them (True), and only when Twilio refused it is this one asked for."""
+        if self._transfers_asked:
+            await self._transfers_answered.wait()
+            if self._ended.is_set() or self._reason is EndReason.TRANSFERRED:
+                return True  # handed over by the other transfer (or gone): nothing to tell the caller
         if not await self._transfer_started(to, detail):
             if asked is not None:
                 self.live.tool_call(TRANSFER_CALL, asked, transfer_failed(to))
@@ -351,11 +360,14 @@ class CallSession:
         if self._ended.is_set():
             return False
         self._transfers_asked += 1
+        self._transfers_answered.clear()
         answer: bool | None = False
         try:
             answer = await self._twilio.transfer(to)
         finally:
             self._transfers_asked -= 1
+            if not self._transfers_asked:
+                self._transfers_answered.set()
             if answer is None and self._unconfirmed is None:
                 self._unconfirmed = (detail,)
             if self._stopped_at is not None and answer:
