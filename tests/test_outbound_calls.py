@@ -293,7 +293,7 @@ async def test_a_placement_cancelled_while_twilio_has_the_request_is_the_call_tw
 ) -> None:
     # The engine stops mid-request; Twilio had the request and makes the call, its CallSid arriving by callback.
     org = await organizations.create_organization(pool, name="Interrupted", slug="interrupted", credits=10)
-    caller = await phone_numbers.create_phone_number(pool, organization_id=org.id, phone_number="+15550199002")
+    caller = await phone_numbers.create_phone_number(pool, organization_id=org.id, phone_number="+15550199006")
     await create_event(pool, organization_id=org.id, name="call.started", webhook_url="https://hooks.example.com/s")
     await create_event(pool, organization_id=org.id, name="call.ended", webhook_url="https://hooks.example.com/e")
     agent_id = await make_agent(pool, org.id, firstSentence="Hi, this is the clinic.")
