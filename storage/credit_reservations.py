@@ -1,8 +1,10 @@
 """Credit reservations: a call holds the credits of its next minute before it uses them, so no balance goes negative.
 
 A call reserves its first minute when its CallLog is created, extends the reservation one minute at a time while it
-runs, and its ending settles it: the minutes used are charged, the rest returns to the organization. Each change is
-one SQL statement, so concurrent calls can never reserve the same credit twice.
+runs, and its ending settles it: the minutes used are charged, the rest returns to the organization. A CallLog deleted
+while its call runs (the dashboard deletes rows in SQL) settles it at the deletion, by the rule of
+`settle_orphaned_reservations` (migration 0031). Each change is one SQL statement, so concurrent calls can never
+reserve the same credit twice.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ async def reserve_first_minute(
 
 async def extend_reservation(db: Queryable, *, call_log_id: str) -> bool:
     """Reserve one more minute for a running call at its rate; False when the balance cannot pay for it (or the
-    call's reservation is already settled). NotFound when the CallLog is gone, and its reservation with it (deleted
-    while the call ran, as the platform's dashboard does in SQL)."""
+    call's reservation is already settled). NotFound when the CallLog is gone (deleted while the call ran, as the
+    platform's dashboard does in SQL: its deletion settled the reservation, migration 0031)."""
     # The reservation is locked before the balance is touched, in the order its settlement takes them: an extension
     # racing the call's end either lands before it (and is returned by it) or finds the reservation gone and takes
     # nothing. Without the lock, it took the minute from a balance whose reservation had just been deleted.
@@ -176,7 +178,9 @@ async def settle_orphaned_reservations(db: Queryable, *, call_log_ids: Sequence[
     A call whose media stream started (its CallLog names an engine node) started its first minute, and every minute
     but the last it reserved (each next minute is reserved in the last seconds of the one before): it pays those, at
     least one, and may be undercharged a minute, never overcharged. A call whose stream never started pays nothing.
-    Each keeps its rate and the minutes charged in its CallLog's metadata, as `settlement_metadata` says.
+    The rule is the database's `dialtone_credits_surely_used` (migration 0031), which also settles the reservation of
+    a call whose CallLog is deleted. Each keeps its rate and the minutes charged in its CallLog's metadata, as
+    `settlement_metadata` says.
     """
     kept = settlement_metadata("held", 'held."charged" / NULLIF(held."creditsPerMinute", 0)')
     await db.execute(
@@ -185,9 +189,8 @@ async def settle_orphaned_reservations(db: Queryable, *, call_log_ids: Sequence[
             DELETE FROM "CreditReservation" r USING "CallLog" c
             WHERE r."callLogId" = ANY($1::text[]) AND c."id" = r."callLogId"
             RETURNING c."id", c."organizationId", r."credits", r."creditsPerMinute",
-                      CASE WHEN c."metadata" ? 'engineNode'
-                           THEN GREATEST(r."credits" - r."creditsPerMinute", r."creditsPerMinute")
-                           ELSE 0 END AS "charged"
+                      "dialtone_credits_surely_used"(r."credits", r."creditsPerMinute", c."metadata" ? 'engineNode')
+                          AS "charged"
         ), kept AS (
             UPDATE "CallLog" c SET "metadata" = c."metadata" || {kept}
             FROM held

@@ -4,8 +4,9 @@ the minutes it ran.
 A transfer opens its leg before Twilio is asked to dial: as many whole minutes as the balance pays for, up to the
 agent's limit, move from the organization's balance into the leg, and that length is the `<Dial>`'s time limit, so
 the leg can never run longer than it holds credits for. When the dial ends, its started minutes are charged at the
-call's rate and the rest returns to the balance; the CallLog's `metadata.transfer` says how it went. Each change is
-one SQL statement, and settling twice charges once.
+call's rate and the rest returns to the balance; the CallLog's `metadata.transfer` says how it went. A CallLog deleted
+while its leg is open (the dashboard deletes rows in SQL) leaves the leg detached ("DetachedTransferLeg", migration
+0031), settled the same way. Each change is one SQL statement, and settling twice charges once.
 """
 
 from __future__ import annotations
@@ -131,10 +132,13 @@ async def open_leg(
     )
 
 
-async def settle_leg(db: Queryable, *, call_log_id: str, dial_status: str, duration_seconds: int) -> SettledLeg | None:
+async def settle_leg(
+    db: Queryable, *, call_log_id: str, dial_status: str, duration_seconds: int, call_sid: str | None = None
+) -> SettledLeg | None:
     """End the call's open leg: charge its started minutes (`duration_seconds` of talk, never more than it holds)
     at its rate, return the rest to the balance, note the leg in the CallLog's `metadata.transfer`, and queue
-    transfer.ended for webhook subscribers, all in one transaction.
+    transfer.ended for webhook subscribers, all in one transaction. A leg its CallLog's deletion detached is settled
+    alike, with no CallLog left to note it in. With `call_sid`, only a leg of that Twilio call is settled.
 
     Returns None when the call has no open leg (settled already, or never opened): a second settlement charges
     nothing.
@@ -143,6 +147,7 @@ async def settle_leg(db: Queryable, *, call_log_id: str, dial_status: str, durat
         raise ValueError(f"a leg's duration cannot be negative, got {duration_seconds}")
     minutes = math.ceil(duration_seconds / 60)
     async with transaction(db) as conn:
+        # A leg is open in "TransferLeg" or detached, never both: its CallLog's deletion moves it in one statement.
         row = await conn.fetchrow(
             """
             WITH leg AS (
@@ -152,6 +157,7 @@ async def settle_leg(db: Queryable, *, call_log_id: str, dial_status: str, durat
                     "durationSeconds" = $3,
                     "creditsCharged" = LEAST("credits", "creditsPerMinute" * $4::integer)
                 WHERE "callLogId" = $1 AND "endedAt" IS NULL
+                  AND ($5::text IS NULL OR EXISTS (SELECT 1 FROM "CallLog" WHERE "id" = $1 AND "callId" = $5))
                 RETURNING "callLogId", "to", "credits", "creditsCharged", "timeLimitSeconds"
             ), call AS (
                 UPDATE "CallLog" c SET "metadata" = c."metadata" || jsonb_build_object('transfer', jsonb_build_object(
@@ -160,17 +166,30 @@ async def settle_leg(db: Queryable, *, call_log_id: str, dial_status: str, durat
                 FROM leg
                 WHERE c."id" = leg."callLogId"
                 RETURNING c."organizationId", c."agentId", c."campaignId"
+            ), detached AS (
+                DELETE FROM "DetachedTransferLeg"
+                WHERE "callLogId" = $1 AND ($5::text IS NULL OR "callId" = $5)
+                RETURNING "organizationId", "agentId", "campaignId", "to", "credits", "timeLimitSeconds",
+                          LEAST("credits", "creditsPerMinute" * $4::integer) AS "creditsCharged"
+            ), settled AS (
+                SELECT call."organizationId", call."agentId", call."campaignId", leg."to", leg."credits",
+                       leg."creditsCharged", leg."timeLimitSeconds"
+                FROM leg, call
+                UNION ALL
+                SELECT "organizationId", "agentId", "campaignId", "to", "credits", "creditsCharged", "timeLimitSeconds"
+                FROM detached
             )
-            UPDATE "Organization" o SET "credits" = o."credits" + leg."credits" - leg."creditsCharged"
-            FROM leg, call
-            WHERE o."id" = call."organizationId"
-            RETURNING o."credits", leg."creditsCharged", leg."to", leg."timeLimitSeconds",
-                      call."organizationId", call."agentId", call."campaignId"
+            UPDATE "Organization" o SET "credits" = o."credits" + settled."credits" - settled."creditsCharged"
+            FROM settled
+            WHERE o."id" = settled."organizationId"
+            RETURNING o."credits", settled."creditsCharged", settled."to", settled."timeLimitSeconds",
+                      settled."organizationId", settled."agentId", settled."campaignId"
             """,
             call_log_id,
             dial_status,
             duration_seconds,
             minutes,
+            call_sid,
         )
         if row is None:
             return None
@@ -242,14 +261,18 @@ async def reserved_leg_credits(db: Queryable, *, call_log_id: str) -> int | None
 
 
 async def overdue_legs(db: Queryable, *, now: datetime, grace: timedelta, limit: int = 100) -> list[OpenLeg]:
-    """Open legs whose time limit ran out more than `grace` before `now`: their dial has ended, but no settlement
-    came. Unscoped by design: the engine settles every organization's legs."""
+    """Open legs (detached ones too) whose time limit ran out more than `grace` before `now`: their dial has ended,
+    but no settlement came. Unscoped by design: the engine settles every organization's legs."""
     rows = await db.fetch(
         """
-        SELECT l."callLogId", c."callId", l."startedAt", l."timeLimitSeconds"
-        FROM "TransferLeg" l JOIN "CallLog" c ON c."id" = l."callLogId"
-        WHERE l."endedAt" IS NULL
-          AND l."startedAt" + make_interval(secs => l."timeLimitSeconds") + $2::interval < $1
+        SELECT * FROM (
+            SELECT l."callLogId", c."callId", l."startedAt", l."timeLimitSeconds"
+            FROM "TransferLeg" l JOIN "CallLog" c ON c."id" = l."callLogId"
+            WHERE l."endedAt" IS NULL
+            UNION ALL
+            SELECT "callLogId", "callId", "startedAt", "timeLimitSeconds" FROM "DetachedTransferLeg"
+        ) l
+        WHERE l."startedAt" + make_interval(secs => l."timeLimitSeconds") + $2::interval < $1
         ORDER BY l."startedAt"
         LIMIT $3
         """,

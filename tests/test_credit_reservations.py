@@ -11,6 +11,7 @@ from engine.call.call_log_writer import CallLogWriter
 from storage import agents, call_logs, credit_reservations, organizations
 from storage.call_logs import CallLog
 from storage.enums import CallStatus, CallType, Plan
+from storage.errors import NotFound
 from storage.organizations import InsufficientCredits
 from storage.records import new_id
 from tests.test_call_log_writer import completed
@@ -189,3 +190,24 @@ async def test_an_extension_racing_the_calls_settlement_takes_nothing_from_the_b
 
     assert not await extension
     assert await balance(pool, org) == 9  # the one minute used, and not a credit more
+
+
+async def test_a_deleted_call_pays_the_minutes_it_surely_started_and_the_rest_comes_back(pool: asyncpg.Pool) -> None:
+    # The dashboard deletes CallLog rows in SQL, also of running calls (migration 0031 settles their reservation).
+    org = await new_organization(pool, credits=10)
+    running = await open_paid_call(pool, org)
+    await pool.execute(
+        """UPDATE "CallLog" SET "metadata" = "metadata" || '{"engineNode": "node-a"}' WHERE "id" = $1""", running.id
+    )
+    for _ in range(2):
+        assert await credit_reservations.extend_reservation(pool, call_log_id=running.id)
+    never_connected = await open_paid_call(pool, org)
+    assert await balance(pool, org) == 10 - 3 - 1
+
+    await pool.execute('DELETE FROM "CallLog" WHERE "id" = ANY($1)', [running.id, never_connected.id])
+    # Three minutes held, the last reserved ahead: two are paid. The call whose stream never started pays nothing.
+    assert await balance(pool, org) == 10 - 2
+    with pytest.raises(NotFound):
+        await credit_reservations.extend_reservation(pool, call_log_id=running.id)
+    settled = await credit_reservations.settle_reservation(pool, organization_id=org, call_log_id=running.id, minutes=3)
+    assert settled is None and await balance(pool, org) == 10 - 2  # the call's own end finds nothing left to settle

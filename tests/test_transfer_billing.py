@@ -34,7 +34,7 @@ from storage.transfer_legs import TransferLeg
 from tests.engine_server import running_engine
 from tests.fakes.openai_chat import ToolCall
 from tests.fakes.server import serve
-from tests.fakes.twilio import call_updates, dialed, dialed_number
+from tests.fakes.twilio import Dialed, call_updates, dialed, dialed_number
 from tests.test_calls_e2e import call_log, turns
 from tests.test_cloud_calls_e2e import TOKEN, Fakes, call, make_line, running_fakes
 from tests.test_repo_call_logs import open_call
@@ -131,17 +131,26 @@ async def queued_data(pool: asyncpg.Pool, organization_id: str, event: str) -> l
     return [row["payload"]["data"] for row in rows]
 
 
-async def test_a_transfer_reserves_its_longest_leg_and_pays_for_the_minutes_it_talked(
-    line: Line, pool: asyncpg.Pool
-) -> None:
-    organization_id = await organization(pool, credits=1000)
+async def dialing_transfer(line: Line, pool: asyncpg.Pool, credits: int) -> tuple[CallResult, asyncpg.Record, Dialed]:
+    """A call transferred to billing (for at most 30 minutes) by an organization holding `credits` and subscribed to
+    transfer.ended; the call, its CallLog and the dial Twilio was asked for, which has not ended yet."""
+    organization_id = await organization(pool, credits=credits)
     await create_event(pool, organization_id=organization_id, name="transfer.ended", webhook_url=HOOK_URL)
     result = await transferred_call(line, pool, organization_id, max_minutes=30)
     log = await call_log(pool, result)
-    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred")
     update = next(u for u in line.updates if u["sid"] == result.call_sid)
     dial = dialed(update["Twiml"])
-    assert dial is not None and dial.number == BILLING
+    assert dial is not None
+    return result, log, dial
+
+
+async def test_a_transfer_reserves_its_longest_leg_and_pays_for_the_minutes_it_talked(
+    line: Line, pool: asyncpg.Pool
+) -> None:
+    result, log, dial = await dialing_transfer(line, pool, credits=1000)
+    organization_id = log["organizationId"]
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred")
+    assert dial.number == BILLING
     assert dial.time_limit_seconds == 30 * 60  # the agent's limit: the balance pays for more
     assert dial.action == f"{line.base}/twilio/dial?callLogId={log['id']}"
     # The agent's minute is charged; the leg's 30 minutes are held while it talks.
@@ -173,6 +182,54 @@ async def test_a_transfer_reserves_its_longest_leg_and_pays_for_the_minutes_it_t
             "creditsCharged": 3 * RATE,
         }
     ]
+
+
+async def test_a_transfer_whose_call_log_is_deleted_during_the_dial_is_charged_its_minutes_once(
+    line: Line, pool: asyncpg.Pool
+) -> None:
+    # The dashboard deletes CallLog rows in SQL; the leg Twilio is dialing is still paid for, once, by its action.
+    result, log, dial = await dialing_transfer(line, pool, credits=1000)
+    organization_id = log["organizationId"]
+    assert dial.action == f"{line.base}/twilio/dial?callLogId={log['id']}"
+    await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', log["id"])
+    assert await balance(pool, organization_id) == 1000 - RATE - 30 * RATE  # still held while it talks
+
+    status, twiml = await dial_ends(dial.action, result.call_sid, "completed", 125)
+    assert status == 200 and "<Hangup />" in twiml
+    assert await balance(pool, organization_id) == 1000 - RATE - 3 * RATE  # 125 s: three started minutes
+    assert (await dial_ends(dial.action, result.call_sid, "completed", 125))[0] == 200
+    assert await balance(pool, organization_id) == 1000 - RATE - 3 * RATE
+    assert [data["creditsCharged"] for data in await queued_data(pool, organization_id, "transfer.ended")] == [3 * RATE]
+    assert await pool.fetchval('SELECT count(*) FROM "DetachedTransferLeg" WHERE "callLogId" = $1', log["id"]) == 0
+
+
+async def test_a_leg_settled_before_its_call_log_is_deleted_goes_with_it_and_returns_nothing_more(
+    pool: asyncpg.Pool,
+) -> None:
+    organization_id = await organization(pool, credits=100)
+    opened = await open_call(pool, organization_id, credit_rates=RATES)
+    await open_leg(pool, organization_id, opened.id, 3)
+    await transfer_legs.settle_leg(pool, call_log_id=opened.id, dial_status="completed", duration_seconds=30)
+    await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', opened.id)
+    assert await pool.fetchval('SELECT count(*) FROM "TransferLeg" WHERE "callLogId" = $1', opened.id) == 0
+    assert await pool.fetchval('SELECT count(*) FROM "DetachedTransferLeg" WHERE "callLogId" = $1', opened.id) == 0
+    # The call's minute (its stream never started, so its reservation comes back whole) and the leg's one minute.
+    assert await balance(pool, organization_id) == 100 - RATE
+
+
+async def test_an_organization_deleted_with_a_call_whose_leg_is_open_leaves_nothing_behind(pool: asyncpg.Pool) -> None:
+    organization_id = await organization(pool, credits=100)
+    opened = await open_call(pool, organization_id, credit_rates=RATES)
+    await open_leg(pool, organization_id, opened.id, 3)
+    detached = await open_call(pool, organization_id, credit_rates=RATES)
+    await open_leg(pool, organization_id, detached.id, 3)
+    await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', detached.id)
+    await pool.execute('DELETE FROM "Organization" WHERE "id" = $1', organization_id)
+    for table in ("TransferLeg", "DetachedTransferLeg"):
+        left = await pool.fetchval(
+            f'SELECT count(*) FROM "{table}" WHERE "callLogId" = ANY($1)', [opened.id, detached.id]
+        )
+        assert left == 0, table
 
 
 async def test_call_ended_of_a_transferred_call_names_its_leg_whose_settlement_follows_as_transfer_ended(
@@ -366,6 +423,27 @@ async def test_the_sweep_settles_legs_whose_action_never_came_from_twilios_recor
     assert await transfer_legs.reserved_leg_credits(pool, call_log_id=recent.id) == 3 * RATE
     assert talked_log.status is CallStatus.IN_PROGRESS  # the call's own log is the media session's to end
     assert await balance(pool, organization_id) == 1000 - 4 * RATE - 2 * 3 * RATE - 2 * RATE
+
+
+async def test_the_sweep_settles_the_leg_of_a_call_log_deleted_during_the_dial(
+    pool: asyncpg.Pool, twilio_lookups: tuple[TwilioCalls, DialedCalls]
+) -> None:
+    twilio, known = twilio_lookups
+    organization_id = await organization(pool, credits=1000)
+    opened = await open_call(pool, organization_id, credit_rates=RATES)
+    await open_leg(pool, organization_id, opened.id, 3)
+    await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', opened.id)
+    known.children[opened.call_id] = [{"sid": "CA" + "b" * 32, "status": "completed", "duration": "70"}]
+    await pool.execute(
+        """UPDATE "DetachedTransferLeg" SET "startedAt" = "startedAt" - interval '10 minutes' WHERE "callLogId" = $1""",
+        opened.id,
+    )
+
+    for _ in range(2):  # settling twice charges once
+        await settle_overdue_legs(pool, twilio, now=datetime.now(UTC), grace=timedelta(minutes=5))
+        # Its stream never started: the call's minute came back with its deletion; the leg pays its two minutes.
+        assert await balance(pool, organization_id) == 1000 - 2 * RATE
+    assert await pool.fetchval('SELECT count(*) FROM "DetachedTransferLeg" WHERE "callLogId" = $1', opened.id) == 0
 
 
 async def test_a_call_list_twilio_will_not_give_is_a_lookup_failure(

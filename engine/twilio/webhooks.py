@@ -489,8 +489,9 @@ async def _close_unconnected(
 
 async def handle_dial_ended(request: web.Request) -> web.Response:
     """POST /twilio/dial: a transfer's `<Dial>` ended (its action URL names the CallLog). Its leg is settled: the
-    minutes it talked are charged, the rest of its reserved credits return (`storage.transfer_legs`). Then the call
-    ends; a caller the destination never answered hears why first.
+    minutes it talked are charged, the rest of its reserved credits return (`storage.transfer_legs`); a leg whose
+    CallLog was deleted during the dial is settled all the same. Then the call ends; a caller the destination never
+    answered hears why first.
 
     A settlement the database cannot take now is left to the sweep (`engine.workers.transfer_settlement`): the
     caller's call ends all the same.
@@ -501,17 +502,25 @@ async def handle_dial_ended(request: web.Request) -> web.Response:
         response.say(TRANSFER_UNANSWERED)
     response.hangup()
     pool = request.app[DATABASE].pool
+    call_log_id = request.query.get(CALL_LOG_PARAMETER)
     try:
-        call_log = await _callback_call_log(pool, ended.call_sid, request.query.get(CALL_LOG_PARAMETER))
-        if call_log is None:
-            log.warning("dial action for %s: no such call: ignored", ended.call_sid)
-            return twiml(response)
-        settled = await transfer_legs.settle_leg(
-            pool, call_log_id=call_log.id, dial_status=ended.dial_status, duration_seconds=ended.duration_s
-        )
+        call_log = await _callback_call_log(pool, ended.call_sid, call_log_id)
+        # A CallLog deleted during the dial (the dashboard deletes rows in SQL) left its leg detached, still to settle.
+        leg_of = call_log.id if call_log is not None else call_log_id
+        settled = None
+        if leg_of:
+            settled = await transfer_legs.settle_leg(
+                pool,
+                call_log_id=leg_of,
+                dial_status=ended.dial_status,
+                duration_seconds=ended.duration_s,
+                call_sid=ended.call_sid,
+            )
     except DATABASE_ERRORS as exc:
         log.warning("call %s: the transfer's end could not be recorded now (the sweep will): %s", ended.call_sid, exc)
         return twiml(response)
+    if call_log is None and settled is None:
+        log.warning("dial action for %s: no such call: ignored", ended.call_sid)
     if settled is not None:
         log.info(
             "call %s: transfer %s after %d s, %d credits charged",

@@ -1,0 +1,99 @@
+-- 0031: the credits a call holds do not go with its CallLog. The dashboard deletes "CallLog" rows in SQL, also of calls
+-- still running; the cascades took the call's "CreditReservation" (0011) and its open "TransferLeg" (0025) with the row,
+-- and with them every credit they held: a reserved minute the call never started, a transfer's whole time limit.
+--
+-- A trigger on "CallLog" now settles the call's reservation before the row goes, by the rule the recovery of lost
+-- calls uses ("dialtone_credits_surely_used"): a call whose media stream started (its CallLog names an engine node)
+-- pays every minute it reserved but the last, at least one; a call whose stream never started pays nothing; the rest
+-- returns to its organization. The engine hangs such a call up at once (it finds its CallLog gone), so it may be
+-- undercharged a minute, never overcharged.
+--
+-- A transfer's open leg is still dialed, and only Twilio knows how long it talks: the trigger moves it into
+-- "DetachedTransferLeg", with the organization and the call it belongs to, where the dial's action request (or the
+-- settlement sweep, from Twilio's record) settles it as it would have the leg. A leg already settled goes with its call,
+-- as before. An organization deleted with its calls keeps nothing.
+
+-- The credits a reservation holding `credits` at `per_minute` surely used: those of every minute reserved but the last
+-- (each next minute is reserved in the last seconds of the one before), at least one, when the call's stream started.
+CREATE FUNCTION "dialtone_credits_surely_used"("credits" integer, "per_minute" integer, "stream_started" boolean)
+    RETURNS integer LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN "stream_started" THEN GREATEST("credits" - "per_minute", "per_minute") ELSE 0 END
+$$;
+
+-- CreateTable
+CREATE TABLE "DetachedTransferLeg" (
+    "callLogId" TEXT NOT NULL,
+    "organizationId" TEXT NOT NULL,
+    "agentId" TEXT,
+    "campaignId" TEXT,
+    "callId" TEXT NOT NULL,
+    "to" TEXT NOT NULL,
+    "credits" INTEGER NOT NULL,
+    "creditsPerMinute" INTEGER NOT NULL,
+    "timeLimitSeconds" INTEGER NOT NULL,
+    "startedAt" TIMESTAMPTZ(3) NOT NULL,
+    "createdAt" TIMESTAMPTZ(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+
+    CONSTRAINT "DetachedTransferLeg_pkey" PRIMARY KEY ("callLogId"),
+    CONSTRAINT "DetachedTransferLeg_credits_check" CHECK ("credits" >= 0),
+    CONSTRAINT "DetachedTransferLeg_creditsPerMinute_check" CHECK ("creditsPerMinute" >= 0),
+    CONSTRAINT "DetachedTransferLeg_timeLimitSeconds_check" CHECK ("timeLimitSeconds" > 0)
+);
+
+-- AddForeignKey: the legs of a deleted organization go with it (nothing is left to pay or to pay back).
+ALTER TABLE "DetachedTransferLeg" ADD CONSTRAINT "DetachedTransferLeg_organizationId_fkey" FOREIGN KEY ("organizationId")
+    REFERENCES "Organization"("id") ON DELETE CASCADE ON UPDATE CASCADE;
+
+-- CreateIndex: an organization's detached legs.
+CREATE INDEX "DetachedTransferLeg_organizationId_idx" ON "DetachedTransferLeg"("organizationId");
+
+-- CreateIndex: the settlement sweep reads them oldest first, as it does the open legs.
+CREATE INDEX "DetachedTransferLeg_startedAt_idx" ON "DetachedTransferLeg"("startedAt");
+
+-- Row-level security: the API sees only its organization's rows (the same grants as every tenant table).
+ALTER TABLE "DetachedTransferLeg" ENABLE ROW LEVEL SECURITY;
+CREATE POLICY "DetachedTransferLeg_tenant_isolation" ON "DetachedTransferLeg"
+    USING ("organizationId" = current_setting('app.organization_id', true))
+    WITH CHECK ("organizationId" = current_setting('app.organization_id', true));
+GRANT SELECT, INSERT, UPDATE, DELETE ON "DetachedTransferLeg" TO dialtone_api;
+
+-- Settle a deleted call's reservation and detach its open leg. SECURITY DEFINER: whoever deletes the call (the API role
+-- under its organization's policy, a dashboard's role with no grant on the billing tables) must never have the DELETE
+-- refused for want of rights on them; the function's search_path is pinned to this schema below.
+CREATE FUNCTION "dialtone_keep_deleted_call_credits"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    WITH held AS (
+        DELETE FROM "CreditReservation" WHERE "callLogId" = OLD."id" RETURNING "credits", "creditsPerMinute"
+    )
+    UPDATE "Organization" o
+    SET "credits" = o."credits" + held."credits"
+                    - "dialtone_credits_surely_used"(held."credits", held."creditsPerMinute", OLD."metadata" ? 'engineNode')
+    FROM held
+    WHERE o."id" = OLD."organizationId";
+
+    -- Deleted with its organization (a cascade), the call's leg has nobody left to settle with: it goes with the call.
+    WITH leg AS (
+        DELETE FROM "TransferLeg" WHERE "callLogId" = OLD."id" AND "endedAt" IS NULL
+        RETURNING "to", "credits", "creditsPerMinute", "timeLimitSeconds", "startedAt"
+    )
+    INSERT INTO "DetachedTransferLeg" ("callLogId", "organizationId", "agentId", "campaignId", "callId", "to", "credits",
+                                       "creditsPerMinute", "timeLimitSeconds", "startedAt")
+    SELECT OLD."id", OLD."organizationId", OLD."agentId", OLD."campaignId", OLD."callId", leg."to", leg."credits",
+           leg."creditsPerMinute", leg."timeLimitSeconds", leg."startedAt"
+    FROM leg
+    WHERE EXISTS (SELECT 1 FROM "Organization" WHERE "id" = OLD."organizationId");
+    RETURN OLD;
+END
+$$;
+
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION "dialtone_keep_deleted_call_credits"() SET search_path = %I, pg_temp',
+                   current_schema());
+END
+$$;
+
+REVOKE ALL ON FUNCTION "dialtone_keep_deleted_call_credits"() FROM PUBLIC;
+
+CREATE TRIGGER "CallLog_keep_credits" BEFORE DELETE ON "CallLog"
+    FOR EACH ROW EXECUTE FUNCTION "dialtone_keep_deleted_call_credits"();
