@@ -670,8 +670,10 @@ async def finish_attempt(
     reason: str | None,
     ended_at: datetime,
     call_log_id: str | None,
+    retry: bool = True,
 ) -> None:
     """End a locked attempt with its outcome; retry the recipient or finish them, and the campaign if it is done.
+    Without `retry`, the recipient is finished whatever the retry policy says of the outcome.
 
     Runs in the caller's transaction. A finished recipient counts in completedCalls; a failed one also emits
     recipient.failed. A stopped campaign never retries: a recipient its retry policy would have called again is
@@ -709,7 +711,7 @@ async def finish_attempt(
         'SELECT "attempts" FROM "CampaignRecipientDispatch" WHERE "recipientId" = $1 FOR UPDATE', row["recipientId"]
     )
     retry_at = None
-    if outcome is not AttemptOutcome.COMPLETED:
+    if retry and outcome is not AttemptOutcome.COMPLETED:
         retry_at = dispatch.rules.retry.retry_at(outcome, attempts, ended_at)
     if retry_at is not None and campaign["campaignStatus"] in (CampaignStatus.PLANNED, CampaignStatus.CONTINUING):
         await conn.execute(
@@ -842,14 +844,20 @@ async def count_by_state(db: Queryable, *, organization_id: str, campaign_id: st
 async def reconcile_ended_calls(pool: asyncpg.Pool, *, limit: int = 200) -> int:
     """Finish placed attempts whose CallLog has ended (from any process); return how many.
 
+    A placed attempt whose CallLog is gone (the dashboard deletes rows in SQL, also of running calls; the engine hangs
+    such a call up) ends FAILED with the reason `call_deleted`, and its recipient is not called again, whatever the
+    retry policy: the organization deleted that call, and nothing tells whether it reached the recipient.
+
     Campaigns are taken in id order, so two processes reconciling at once lock them in the same order.
     """
     async with transaction(pool) as conn:
+        # A placed attempt always names its CallLog: one named by none lost it to the deletion (ON DELETE SET NULL).
         rows = await conn.fetch(
             f"""
-            SELECT a."id", l."id" AS "callLogId", l."status", l."metadata", l."updatedAt"
-            FROM "CampaignAttempt" a JOIN "CallLog" l ON l."id" = a."callLogId"
-            WHERE a."state" = '{AttemptState.PLACED}' AND l."status" <> 'IN_PROGRESS'
+            SELECT a."id", l."id" AS "callLogId", l."status", l."metadata",
+                   COALESCE(l."updatedAt", CURRENT_TIMESTAMP) AS "endedAt"
+            FROM "CampaignAttempt" a LEFT JOIN "CallLog" l ON l."id" = a."callLogId"
+            WHERE a."state" = '{AttemptState.PLACED}' AND (l."status" <> 'IN_PROGRESS' OR a."callLogId" IS NULL)
             ORDER BY a."campaignId", a."startedAt"
             LIMIT $1
             FOR UPDATE OF a SKIP LOCKED
@@ -857,15 +865,20 @@ async def reconcile_ended_calls(pool: asyncpg.Pool, *, limit: int = 200) -> int:
             limit,
         )
         for row in rows:
-            status = CallStatus(row["status"])
-            outcome = call_outcome(status, row["metadata"])
+            if row["callLogId"] is None:
+                outcome, reason, retry = AttemptOutcome.FAILED, EndReason.CALL_DELETED.value, False
+            else:
+                status = CallStatus(row["status"])
+                outcome = call_outcome(status, row["metadata"])
+                reason, retry = row["metadata"].get("endReason") or status.value.lower(), True
             await finish_attempt(
                 conn,
                 attempt_id=row["id"],
                 outcome=outcome,
-                reason=row["metadata"].get("endReason") or status.value.lower(),
-                ended_at=row["updatedAt"],
+                reason=reason,
+                ended_at=row["endedAt"],
                 call_log_id=row["callLogId"],
+                retry=retry,
             )
     return len(rows)
 

@@ -17,7 +17,7 @@ from config.agent import parse_agent_configuration
 from config.settings import load_settings
 from engine.campaigns.dispatcher import CampaignDispatcher, DispatchTiming, PlaceCallDialer
 from engine.campaigns.recipients_csv import read_recipients
-from engine.simulator import Say
+from engine.simulator import Pause, Say
 from engine.twilio.outbound_calls import OutboundDeps
 from engine.twilio.rest import TwilioCalls
 from storage import agents, campaigns, conversation_paths, dial_policies, organizations, phone_numbers
@@ -135,6 +135,34 @@ async def test_a_campaign_places_real_calls_and_completes_from_their_outcomes(
     assert (done.completed_calls, done.total_calls, done.progress) == (3, 3, 100)
 
 
+async def retrying_campaign(
+    pool: asyncpg.Pool, slug: str, caller_id: str, number: str, retry_on: str
+) -> campaigns.Campaign:
+    """A started campaign calling `number` up to 3 times, again at once after a `retry_on` outcome; its organization
+    subscribed to recipient.failed."""
+    org, agent_id = await calling_organization(pool, slug, caller_id)
+    await create_event(pool, organization_id=org, name="recipient.failed", webhook_url="https://hooks.example.com/x")
+    retry = CampaignRetryPolicy(max_attempts=3, retry_on=frozenset({retry_on}), delays_seconds=(0,))
+    campaign = await campaigns.create_campaign(
+        pool, organization_id=org, batch_name=f"{slug} calls", agent_id=agent_id, rules=DialingRules(retry=retry)
+    )
+    await campaigns.import_recipients(
+        pool, organization_id=org, campaign_id=campaign.id, recipients=[NewRecipient(phone_number=number)]
+    )
+    return await campaigns.start_campaign(pool, organization_id=org, campaign_id=campaign.id)
+
+
+async def the_recipient(pool: asyncpg.Pool, campaign_id: str) -> dict[str, Any]:
+    """Where the campaign's one recipient stands: its state, attempts, last outcome and last reason."""
+    row = await pool.fetchrow(
+        'SELECT "state", "attempts", "lastOutcome", "lastReason" FROM "CampaignRecipientDispatch" '
+        'WHERE "campaignId" = $1',
+        campaign_id,
+    )
+    assert row is not None
+    return dict(row)
+
+
 RINGING = "+12125550174"
 
 
@@ -143,16 +171,8 @@ async def test_a_call_ringing_when_its_campaign_is_stopped_cancels_its_recipient
 ) -> None:
     # No-answer is retried, but the stop ends the campaign's calls: the recipient is CANCELED, like those the stop
     # found waiting, not FAILED (nor counted, nor announced as recipient.failed).
-    org, agent_id = await calling_organization(pool, "stopped-clinic", "+12125550179")
-    await create_event(pool, organization_id=org, name="recipient.failed", webhook_url="https://hooks.example.com/x")
-    retry = CampaignRetryPolicy(max_attempts=3, retry_on=frozenset({"no-answer"}), delays_seconds=(0,))
-    campaign = await campaigns.create_campaign(
-        pool, organization_id=org, batch_name="Reminders", agent_id=agent_id, rules=DialingRules(retry=retry)
-    )
-    await campaigns.import_recipients(
-        pool, organization_id=org, campaign_id=campaign.id, recipients=[NewRecipient(phone_number=RINGING)]
-    )
-    await campaigns.start_campaign(pool, organization_id=org, campaign_id=campaign.id)
+    campaign = await retrying_campaign(pool, "stopped-clinic", "+12125550179", RINGING, "no-answer")
+    org = campaign.organization_id
     answered = asyncio.Event()  # never: it rings until the test lets it end unanswered
     twilio.behave(RINGING, NoAnswer(until=answered))
     dispatcher = CampaignDispatcher(pool, PlaceCallDialer(deps), timing=DispatchTiming(interval=timedelta(seconds=0.2)))
@@ -165,13 +185,12 @@ async def test_a_call_ringing_when_its_campaign_is_stopped_cancels_its_recipient
     finally:
         await dispatcher.close()
 
-    row = await pool.fetchrow(
-        'SELECT "state", "attempts", "lastOutcome", "lastReason" FROM "CampaignRecipientDispatch" '
-        'WHERE "campaignId" = $1',
-        campaign.id,
-    )
-    assert row is not None
-    assert dict(row) == {"state": "CANCELED", "attempts": 1, "lastOutcome": "no-answer", "lastReason": STOPPED_REASON}
+    assert await the_recipient(pool, campaign.id) == {
+        "state": "CANCELED",
+        "attempts": 1,
+        "lastOutcome": "no-answer",
+        "lastReason": STOPPED_REASON,
+    }
     assert twilio.creates[RINGING] == 1
     stopped = await campaigns.get_campaign(pool, organization_id=org, campaign_id=campaign.id)
     assert (stopped.status, stopped.completed_calls) == (CampaignStatus.STOPPED, 0)
@@ -191,3 +210,50 @@ async def recipient_state_becomes(pool: asyncpg.Pool, campaign_id: str, state: s
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+DELETED = "+12125550175"
+
+
+async def test_a_call_deleted_while_it_runs_fails_its_recipient_without_a_retry_and_the_campaign_completes(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio
+) -> None:
+    # The dashboard deletes CallLog rows in SQL, also of running calls: the attempt's CallLog is gone (its link set to
+    # NULL). The recipient ends FAILED for call_deleted though its policy retries failures: the organization deleted
+    # that call, and nothing tells whether it reached them.
+    campaign = await retrying_campaign(pool, "deleting-clinic", "+12125550178", DELETED, "failed")
+    org = campaign.organization_id
+    twilio.behave(DELETED, Answer(greeting="Hello?", script=[Say("Who is this?"), Pause(60_000)]))
+    dispatcher = CampaignDispatcher(pool, PlaceCallDialer(deps), timing=DispatchTiming(interval=timedelta(seconds=0.2)))
+    dispatcher.start()
+    try:
+        assert await recipient_state_becomes(pool, campaign.id, "IN_CALL")
+        call_log_id = None
+        for _ in range(600):  # the call is answered and its media session runs
+            call_log_id = await pool.fetchval(
+                """SELECT l."id" FROM "CallLog" l JOIN "CampaignAttempt" a ON a."callLogId" = l."id"
+                   WHERE a."campaignId" = $1 AND l."metadata" ? 'engineNode'""",
+                campaign.id,
+            )
+            if call_log_id is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert call_log_id is not None
+        await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', call_log_id)
+        assert await recipient_state_becomes(pool, campaign.id, "FAILED")
+    finally:
+        await dispatcher.close()
+
+    assert await the_recipient(pool, campaign.id) == {
+        "state": "FAILED",
+        "attempts": 1,
+        "lastOutcome": "failed",
+        "lastReason": "call_deleted",
+    }
+    assert twilio.creates[DELETED] == 1
+    done = await campaigns.get_campaign(pool, organization_id=org, campaign_id=campaign.id)
+    assert (done.status, done.completed_calls, done.progress) == (CampaignStatus.COMPLETED, 1, 100)
+    failed = await pool.fetch(
+        """SELECT "payload" FROM "WebhookDelivery" WHERE "organizationId" = $1 AND "event" = 'recipient.failed'""", org
+    )
+    assert [row["payload"]["data"]["reason"] for row in failed] == ["call_deleted"]
