@@ -492,27 +492,44 @@ async def hold_callee(conn: Connection, claim: Claim) -> None:
 
 
 async def record_placed(pool: asyncpg.Pool, claim: Claim, *, call_log_id: str, call_sid: str | None) -> bool:
-    """The dial created its CallLog: from now on the CallLog decides. False if the lease had been lost."""
-    async with transaction(pool) as conn:
-        attempt = await conn.fetchval(
-            f"""
-            UPDATE "CampaignAttempt" SET "state" = '{AttemptState.PLACED}', "callLogId" = $2, "callSid" = $3
-            WHERE "id" = $1 AND "state" IN ({_ATTEMPT_MOVES[AttemptState.PLACED]}) RETURNING "id"
-            """,
-            claim.attempt_id,
-            call_log_id,
-            call_sid,
-        )
-        if attempt is None:
-            return False
-        await conn.execute(
-            f"""
-            UPDATE "CampaignRecipientDispatch" SET
-                "state" = '{RecipientDispatchState.IN_CALL}', "leaseOwner" = NULL, "leaseExpiresAt" = NULL
-            WHERE "recipientId" = $1 AND "state" IN ({_RECIPIENT_MOVES[RecipientDispatchState.IN_CALL]})
-            """,
-            claim.recipient_id,
-        )
+    """The dial created its CallLog: from now on the CallLog decides. False if the lease had been lost.
+
+    A CallLog deleted since the dial wrote it (the dashboard deletes rows in SQL) ends the attempt as a placed call's
+    deleted CallLog does (`reconcile_ended_calls`): the call was placed all the same.
+    """
+    try:
+        async with transaction(pool) as conn:
+            attempt = await conn.fetchval(
+                f"""
+                UPDATE "CampaignAttempt" SET "state" = '{AttemptState.PLACED}', "callLogId" = $2, "callSid" = $3
+                WHERE "id" = $1 AND "state" IN ({_ATTEMPT_MOVES[AttemptState.PLACED]}) RETURNING "id"
+                """,
+                claim.attempt_id,
+                call_log_id,
+                call_sid,
+            )
+            if attempt is None:
+                return False
+            await conn.execute(
+                f"""
+                UPDATE "CampaignRecipientDispatch" SET
+                    "state" = '{RecipientDispatchState.IN_CALL}', "leaseOwner" = NULL, "leaseExpiresAt" = NULL
+                WHERE "recipientId" = $1 AND "state" IN ({_RECIPIENT_MOVES[RecipientDispatchState.IN_CALL]})
+                """,
+                claim.recipient_id,
+            )
+    except asyncpg.ForeignKeyViolationError:  # "callLogId" names a CallLog no more
+        async with transaction(pool) as conn:
+            now = await conn.fetchval(
+                f"""
+                SELECT CURRENT_TIMESTAMP FROM "CampaignAttempt"
+                WHERE "id" = $1 AND "state" = '{AttemptState.DIALING}' FOR UPDATE
+                """,
+                claim.attempt_id,
+            )
+            if now is None:
+                return False
+            await _finish_deleted_call(conn, claim.attempt_id, ended_at=now)
     return True
 
 
@@ -866,21 +883,33 @@ async def reconcile_ended_calls(pool: asyncpg.Pool, *, limit: int = 200) -> int:
         )
         for row in rows:
             if row["callLogId"] is None:
-                outcome, reason, retry = AttemptOutcome.FAILED, EndReason.CALL_DELETED.value, False
-            else:
-                status = CallStatus(row["status"])
-                outcome = call_outcome(status, row["metadata"])
-                reason, retry = row["metadata"].get("endReason") or status.value.lower(), True
+                await _finish_deleted_call(conn, row["id"], ended_at=row["endedAt"])
+                continue
+            status = CallStatus(row["status"])
+            outcome = call_outcome(status, row["metadata"])
             await finish_attempt(
                 conn,
                 attempt_id=row["id"],
                 outcome=outcome,
-                reason=reason,
+                reason=row["metadata"].get("endReason") or status.value.lower(),
                 ended_at=row["endedAt"],
                 call_log_id=row["callLogId"],
-                retry=retry,
             )
     return len(rows)
+
+
+async def _finish_deleted_call(conn: Connection, attempt_id: str, *, ended_at: datetime) -> None:
+    """End a locked attempt whose call's CallLog was deleted: FAILED, `call_deleted`, and never retried (the
+    organization deleted that call, and nothing tells whether it reached the recipient)."""
+    await finish_attempt(
+        conn,
+        attempt_id=attempt_id,
+        outcome=AttemptOutcome.FAILED,
+        reason=EndReason.CALL_DELETED.value,
+        ended_at=ended_at,
+        call_log_id=None,
+        retry=False,
+    )
 
 
 async def expire_leases(pool: asyncpg.Pool, *, now: datetime, limit: int = 200) -> tuple[int, int]:

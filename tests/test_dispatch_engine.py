@@ -212,6 +212,24 @@ async def recipient_state_becomes(pool: asyncpg.Pool, campaign_id: str, state: s
     return False
 
 
+async def failed_for_its_deleted_call(
+    pool: asyncpg.Pool, twilio: FakeTwilio, campaign: campaigns.Campaign, number: str
+) -> None:
+    """The campaign's one recipient, `number`, was dialed once and ended FAILED for its deleted call, counted; the
+    campaign completed."""
+    assert await the_recipient(pool, campaign.id) == {
+        "state": "FAILED",
+        "attempts": 1,
+        "lastOutcome": "failed",
+        "lastReason": "call_deleted",
+    }
+    assert twilio.creates[number] == 1
+    for placed in twilio.calls_to(number):
+        await twilio.finished(placed.sid)  # hung up by the engine, or its stream closed: it ends
+    done = await campaigns.get_campaign(pool, organization_id=campaign.organization_id, campaign_id=campaign.id)
+    assert (done.status, done.completed_calls, done.progress) == (CampaignStatus.COMPLETED, 1, 100)
+
+
 DELETED = "+12125550175"
 
 
@@ -244,16 +262,32 @@ async def test_a_call_deleted_while_it_runs_fails_its_recipient_without_a_retry_
     finally:
         await dispatcher.close()
 
-    assert await the_recipient(pool, campaign.id) == {
-        "state": "FAILED",
-        "attempts": 1,
-        "lastOutcome": "failed",
-        "lastReason": "call_deleted",
-    }
-    assert twilio.creates[DELETED] == 1
-    done = await campaigns.get_campaign(pool, organization_id=org, campaign_id=campaign.id)
-    assert (done.status, done.completed_calls, done.progress) == (CampaignStatus.COMPLETED, 1, 100)
+    await failed_for_its_deleted_call(pool, twilio, campaign, DELETED)
     failed = await pool.fetch(
         """SELECT "payload" FROM "WebhookDelivery" WHERE "organizationId" = $1 AND "event" = 'recipient.failed'""", org
     )
     assert [row["payload"]["data"]["reason"] for row in failed] == ["call_deleted"]
+
+
+DELETED_WHILE_DIALED = "+12125550176"
+
+
+async def test_a_call_deleted_while_twilio_is_asked_for_it_fails_its_recipient_without_a_retry(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio
+) -> None:
+    # The dialer writes the CallLog before it asks Twilio for the call: deleted in between, the call is placed all
+    # the same, and its recipient ends as one whose call was deleted while it ran.
+    campaign = await retrying_campaign(pool, "dialing-clinic", "+12125550177", DELETED_WHILE_DIALED, "failed")
+    twilio.behave(DELETED_WHILE_DIALED, Answer(greeting="Hello?", script=[Say("Who is this?"), Pause(20_000)]))
+    held = twilio.hold_create(DELETED_WHILE_DIALED)
+    dispatcher = CampaignDispatcher(pool, PlaceCallDialer(deps), timing=DispatchTiming(interval=timedelta(seconds=0.2)))
+    dispatcher.start()
+    try:
+        await asyncio.wait_for(held.arrived.wait(), 60)
+        await pool.execute('DELETE FROM "CallLog" WHERE "campaignId" = $1', campaign.id)
+        held.release(create=True)
+        assert await recipient_state_becomes(pool, campaign.id, "FAILED")
+    finally:
+        await dispatcher.close()
+
+    await failed_for_its_deleted_call(pool, twilio, campaign, DELETED_WHILE_DIALED)
