@@ -28,6 +28,7 @@ from storage.organizations import create_organization, delete_organization
 from storage.recording_stores import ObjectRecordingStore, RecordingStore, object_key
 from storage.recordings import recording_path
 from storage.tenancy import tenant_transaction
+from tests.databases import TestDatabases
 from tests.engine_server import running_engine
 from tests.s3_server import S3Server, s3_server
 from tests.test_api_auth import make_tenant
@@ -70,6 +71,26 @@ async def uploaded_recording(
     return log.id, path
 
 
+async def waiting_recording(pool: asyncpg.Pool, settings: Settings, organization_id: str) -> tuple[str, Path]:
+    """A call whose recording waits for its upload to object storage (not due for a day): its only copy is the local
+    file. Its id and that file's path."""
+    log = await open_call(pool, organization_id)
+    path = recording_file(settings, organization_id, log.id)
+    await call_recordings.add_recording(
+        pool,
+        organization_id=organization_id,
+        call_log_id=log.id,
+        store="s3",
+        object_key=object_key(organization_id, log.id),
+        spool=spool_id(Path(settings.state_dir)),
+        local_path=str(path),
+        size=len(WAV),
+        stored=False,
+        now=datetime.now(UTC) + timedelta(days=1),
+    )
+    return log.id, path
+
+
 def deletions(pool: asyncpg.Pool, store: RecordingStore, settings: Settings, **kwargs: Any) -> RecordingDeletions:
     return RecordingDeletions(pool, store, settings, spool=spool_id(Path(settings.state_dir)), **kwargs)
 
@@ -82,30 +103,37 @@ def closed_port() -> int:
     return port
 
 
+@pytest.mark.parametrize("deletion", ['DELETE FROM "CallLog" WHERE "id" = $1', 'TRUNCATE "CallLog" CASCADE'])
 async def test_a_call_log_deleted_in_sql_has_its_recording_removed_from_object_storage(
-    s3: S3Server, pool: asyncpg.Pool, db_url: str, tmp_path: Path
+    s3: S3Server, databases: TestDatabases, tmp_path: Path, deletion: str
 ) -> None:
-    overrides: dict[str, Any] = s3.settings("deleted-call", recording_upload_interval=0.05)
+    # Its own database: TRUNCATE empties the tables the module's other tests use.
+    overrides: dict[str, Any] = s3.settings(f"deleted-call-{secrets.token_hex(3)}", recording_upload_interval=0.05)
     settings = load_settings(state_dir=tmp_path, **overrides)
     await make_bucket(settings)
-    tenant = await make_tenant(pool, "Deleted")
-    number, _ = await make_line(pool, tenant.organization_id, firstSentence="This call is recorded.")
-    async with running_engine(db_url, twilio_auth_token=TOKEN, state_dir=tmp_path, **overrides) as engine:
-        log = await call_log(pool, await call(engine, number))
-        key = f"recordings/{object_key(tenant.organization_id, log['id'])}"
+    url = await databases.migrated()
+    pool = await databases.pool(url)
+    try:
+        tenant = await make_tenant(pool, "Deleted")
+        number, _ = await make_line(pool, tenant.organization_id, firstSentence="This call is recorded.")
+        async with running_engine(url, twilio_auth_token=TOKEN, state_dir=tmp_path, **overrides) as engine:
+            log = await call_log(pool, await call(engine, number))
+            key = f"recordings/{object_key(tenant.organization_id, log['id'])}"
 
-        async def in_bucket() -> bool:
-            return key in await keys_in(settings)
+            async def in_bucket() -> bool:
+                return key in await keys_in(settings)
 
-        await eventually(in_bucket, "the call's recording in the bucket")
+            await eventually(in_bucket, "the call's recording in the bucket")
 
-        await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', log["id"])
+            await pool.execute(deletion, *([log["id"]] if "$1" in deletion else []))
 
-        async def gone() -> bool:
-            return not await in_bucket()
+            async def gone() -> bool:
+                return not await in_bucket()
 
-        await eventually(gone, "the deleted call's recording gone from the bucket")
-        assert await queued(pool, tenant.organization_id) == []
+            await eventually(gone, "the deleted call's recording gone from the bucket")
+            assert await queued(pool, tenant.organization_id) == []
+    finally:
+        await pool.close()
 
 
 async def test_a_call_log_deleted_in_sql_has_its_recording_file_removed_from_the_local_store(
@@ -139,21 +167,7 @@ async def test_deleting_an_organization_removes_the_recordings_of_all_its_calls(
     organization = await create_organization(pool, name="Leaving", slug="recordings-leaving")
     async with store_for(settings) as store:
         uploaded = [await uploaded_recording(pool, store, settings, organization.id) for _ in range(2)]
-        # One waits for its upload: its only copy is the local file.
-        waiting = await open_call(pool, organization.id)
-        waiting_file = recording_file(settings, organization.id, waiting.id)
-        await call_recordings.add_recording(
-            pool,
-            organization_id=organization.id,
-            call_log_id=waiting.id,
-            store="s3",
-            object_key=object_key(organization.id, waiting.id),
-            spool=spool_id(tmp_path),
-            local_path=str(waiting_file),
-            size=len(WAV),
-            stored=False,
-            now=datetime.now(UTC) + timedelta(days=1),
-        )
+        _, waiting_file = await waiting_recording(pool, settings, organization.id)
         assert len(await keys_in(settings)) == 2
 
         await delete_organization(pool, organization_id=organization.id)
@@ -325,12 +339,18 @@ async def test_the_recording_of_a_call_deleted_while_it_ran_is_removed_from_the_
         await eventually(gone, "the recording of the deleted call gone from the disk")
 
 
+@pytest.mark.parametrize(
+    ("rights", "deletion"),
+    [("SELECT, DELETE", 'DELETE FROM "CallRecording"'), ("TRUNCATE", 'TRUNCATE "CallRecording"')],
+)
 async def test_a_role_with_no_rights_on_the_queue_still_deletes_a_recording_and_queues_its_removal(
-    pool: asyncpg.Pool, tmp_path: Path
+    pool: asyncpg.Pool, tmp_path: Path, rights: str, deletion: str
 ) -> None:
     # A dashboard may connect as a role of its own, granted what it deletes and nothing of the engine's tables.
     settings = load_settings(state_dir=tmp_path)
-    organization = await create_organization(pool, name="Dashboard role", slug="recordings-dashboard-role")
+    organization = await create_organization(
+        pool, name="Dashboard role", slug=f"recordings-dashboard-role-{rights[0].lower()}"
+    )
     log = await open_call(pool, organization.id)
     path = recording_file(settings, organization.id, log.id)
     async with store_for(settings) as store:
@@ -342,14 +362,56 @@ async def test_a_role_with_no_rights_on_the_queue_still_deletes_a_recording_and_
         await rolled_back.start()
         try:
             await conn.execute(f"CREATE ROLE {role} NOLOGIN")
-            await conn.execute(f'GRANT SELECT, DELETE ON "CallRecording" TO {role}')
+            await conn.execute(f'GRANT {rights} ON "CallRecording" TO {role}')
             await conn.execute(f"SET LOCAL ROLE {role}")
             await conn.execute("SELECT set_config('app.organization_id', $1, true)", organization.id)  # its policy
-            assert await conn.execute('DELETE FROM "CallRecording" WHERE "callLogId" = $1', log.id) == "DELETE 1"
+            await conn.execute(deletion)  # rolled back below, with the other tests' rows a TRUNCATE empties
             await conn.execute("RESET ROLE")
+            assert await conn.fetchval('SELECT count(*) FROM "CallRecording" WHERE "callLogId" = $1', log.id) == 0
             queued_paths = await conn.fetch(
                 'SELECT "localPath" FROM "RecordingDeletion" WHERE "organizationId" = $1', organization.id
             )
         finally:
             await rolled_back.rollback()
     assert [row["localPath"] for row in queued_paths] == [str(path)]
+
+
+@pytest.mark.parametrize(
+    "truncate", ['TRUNCATE "CallLog" CASCADE', 'TRUNCATE "CallRecording"', 'TRUNCATE "Organization" CASCADE']
+)
+async def test_truncated_calls_have_their_recordings_removed_from_object_storage_and_the_disk(
+    s3: S3Server, databases: TestDatabases, tmp_path: Path, truncate: str
+) -> None:
+    # TRUNCATE fires no row trigger; a statement-level one queues what it is about to empty, cascades included. Its
+    # own database: it empties tables the module's other tests use.
+    settings = load_settings(state_dir=tmp_path, **s3.settings(f"truncated-{secrets.token_hex(3)}"))
+    await make_bucket(settings)
+    pool = await databases.pool(await databases.migrated())
+    try:
+        organizations = [
+            await create_organization(pool, name=name, slug=f"recordings-truncated-{name}") for name in ("a", "b")
+        ]
+        async with store_for(settings) as store:
+            uploaded = [await uploaded_recording(pool, store, settings, o.id) for o in organizations]
+            expired_call, _ = await uploaded_recording(pool, store, settings, organizations[0].id)
+            expired = await call_recordings.find_recording(pool, call_log_id=expired_call)
+            assert expired is not None
+            await store.delete(object_key(organizations[0].id, expired_call))
+            await call_recordings.mark_deleted(pool, expired, now=datetime.now(UTC))  # retention's: nothing to queue
+            waiting, waiting_file = await waiting_recording(pool, settings, organizations[1].id)
+            assert len(await keys_in(settings)) == 2
+
+            await pool.execute(truncate)
+            assert await pool.fetchval('SELECT count(*) FROM "CallRecording"') == 0
+            rows = await pool.fetch('SELECT "callLogId", "onDisk" FROM "RecordingDeletion" ORDER BY "onDisk"')
+            assert {row["callLogId"]: row["onDisk"] for row in rows} == {
+                **{call_log_id: False for call_log_id, _ in uploaded},
+                waiting: True,
+            }
+
+            assert await deletions(pool, store, settings).delete_due() == 3
+        assert await keys_in(settings) == []
+        assert not waiting_file.exists()
+        assert await pool.fetchval('SELECT count(*) FROM "RecordingDeletion"') == 0
+    finally:
+        await pool.close()
