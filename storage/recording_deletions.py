@@ -1,9 +1,10 @@
 """Recordings to remove from their store because their call was deleted ("RecordingDeletion", migration 0030).
 
 A trigger queues a row whenever a "CallRecording" row goes (its CallLog or organization deleted, by the engine or
-in SQL by anyone else), and one for every recording a TRUNCATE empties (migration 0032). Workers `claim_due` the rows
-they can carry out with FOR UPDATE SKIP LOCKED under a lease, like the upload queue, and `forget` each once the
-recording is removed, or `retry_later` while the store fails.
+in SQL by anyone else), and one for every recording a TRUNCATE empties (migration 0032); a recording whose upload was
+under way is due only when that upload's lease ends, when what it uploaded is there to remove. Workers `claim_due`
+the rows they can carry out with FOR UPDATE SKIP LOCKED under a lease, like the upload queue, and `forget` each once
+the recording is removed, or `retry_later` while the store fails.
 """
 
 from __future__ import annotations

@@ -20,10 +20,12 @@ import pytest
 
 from config.settings import Settings, load_settings
 from engine.simulator import Pause
+from engine.workers import recording_uploads
 from engine.workers.recording_deletions import RecordingDeletions
 from engine.workers.recording_uploads import RecordingUploads, spool_id
 from storage import agents, call_recordings
 from storage.call_recordings import RecordingStatus
+from storage.errors import DATABASE_ERRORS
 from storage.organizations import create_organization, delete_organization
 from storage.recording_stores import ObjectRecordingStore, RecordingStore, object_key
 from storage.recordings import recording_path
@@ -32,6 +34,7 @@ from tests.databases import TestDatabases
 from tests.engine_server import running_engine
 from tests.s3_server import S3Server, s3_server
 from tests.test_api_auth import make_tenant
+from tests.test_call_log_writer import OnOffProxy, proxied_pool, proxy  # noqa: F401 (fixtures)
 from tests.test_calls_e2e import TOKEN, call, call_log, make_line
 from tests.test_drain_processes import held_call
 from tests.test_recording_object_storage import WAV, make_bucket, recording_file, store_for
@@ -219,38 +222,62 @@ async def test_a_recording_already_gone_from_its_store_counts_as_removed(
     assert await queued(pool, organization.id) == []
 
 
-async def test_a_recording_deleted_while_it_was_uploaded_is_removed_once_the_upload_lands(
-    s3: S3Server, pool: asyncpg.Pool, tmp_path: Path
+@pytest.mark.parametrize("outage", [False, True], ids=["database-up", "database-down-as-it-lands"])
+async def test_a_recording_deleted_while_it_was_uploaded_is_removed_once_the_upload_lands(  # noqa: PLR0917 (fixtures and parameters)
+    s3: S3Server,
+    pool: asyncpg.Pool,
+    proxy: OnOffProxy,  # noqa: F811
+    proxied_pool: asyncpg.Pool,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    outage: bool,
 ) -> None:
-    settings = load_settings(state_dir=tmp_path, **s3.settings("mid-upload"))
+    # The removal waits for the end of the upload's lease, within which the upload lands: ten minutes in production,
+    # ten seconds here.
+    monkeypatch.setattr(recording_uploads, "UPLOAD_LEASE", timedelta(seconds=10))
+    bucket = f"mid-upload-{secrets.token_hex(3)}"
+    settings = load_settings(state_dir=tmp_path, **s3.settings(bucket))
     await make_bucket(settings)
-    organization = await create_organization(pool, name="Mid upload", slug="recordings-mid-upload")
+    organization = await create_organization(pool, name="Mid upload", slug=f"recordings-{bucket}")
     log = await open_call(pool, organization.id)
     path = recording_file(settings, organization.id, log.id)
     async with store_for(settings) as opened:
         assert isinstance(opened, ObjectRecordingStore)
 
         class DeletedDuringUpload(ObjectRecordingStore):
-            """The real store; the dashboard deletes the call, and its recording is removed, while the file goes up."""
+            """The real store; the dashboard deletes the call while the file goes up, and the engine's deletion worker
+            passes meanwhile; with `outage`, the database goes as the object lands."""
 
             async def put(self, key: str, source: Path) -> None:
                 in_flight = tmp_path / "in-flight.wav"  # the bytes already read, on their way to the bucket
                 await asyncio.to_thread(in_flight.write_bytes, await asyncio.to_thread(source.read_bytes))
                 await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', log.id)
-                assert await deletions(pool, opened, settings).delete_due() == 1  # nothing in the bucket yet
+                await deletions(pool, opened, settings).delete_due()  # nothing in the bucket yet
                 await super().put(key, in_flight)
+                if outage:
+                    await proxy.down()
 
         store = DeletedDuringUpload(
-            opened._client, bucket="mid-upload", prefix="recordings/", exit_stack=contextlib.AsyncExitStack()
+            opened._client, bucket=bucket, prefix="recordings/", exit_stack=contextlib.AsyncExitStack()
         )
-        uploads = RecordingUploads(pool, store, settings, spool=spool_id(tmp_path))
+        uploads = RecordingUploads(proxied_pool, store, settings, spool=spool_id(tmp_path))
         await uploads.finished(organization_id=organization.id, call_log_id=log.id, path=path, size=len(WAV))
-        assert await uploads.upload_due() == 0
-        assert len(await keys_in(settings)) == 1  # it landed after its call was deleted
+        if outage:
+            with pytest.raises(DATABASE_ERRORS):  # the upload can tell no one its row is gone
+                await uploads.upload_due()
+            assert len(await keys_in(settings)) == 1  # it landed after its call was deleted
+        else:
+            assert await uploads.upload_due() == 0
+            assert len(await keys_in(settings)) == 1  # it landed after its call was deleted
+            assert await deletions(pool, opened, settings).delete_due() == 1  # the upload queued it, due at once
+            assert await keys_in(settings) == []
 
-        assert await deletions(pool, opened, settings).delete_due() == 1
-    assert await keys_in(settings) == []
-    assert await queued(pool, organization.id) == []
+        async def removed() -> bool:
+            await deletions(pool, opened, settings).delete_due()
+            return await keys_in(settings) == [] and await queued(pool, organization.id) == []
+
+        await eventually(removed, "the recording of the call deleted mid-upload removed")
+    assert not path.exists()
 
 
 async def test_a_call_log_deleted_by_the_api_role_queues_its_recording_under_row_level_security(

@@ -244,7 +244,8 @@ class RecordingUploads:
     async def _lost(self, recording: CallRecording) -> None:
         """An upload whose row was no longer this worker's to mark stored: another worker's after the lease ran out,
         or gone while the upload was under way (its call deleted, or retention deleted it). An object uploaded for a
-        recording gone is queued for removal: the deletion of its row could not remove an object not yet there."""
+        recording gone is queued for removal now: retention left it no queued removal, and the one its row's deletion
+        queued (migration 0032) waits only for the end of the upload's lease, which this upload may have outlived."""
         current = await call_recordings.find_recording(self._pool, call_log_id=recording.call_log_id)
         if current is not None and current.id == recording.id and current.status is not RecordingStatus.DELETED:
             log.warning("recording of call %s: uploaded after its lease ran out", recording.call_log_id)
