@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from config.text import storable_text
 from media.dtmf import DIGITS_PATTERN
 from pipelines.conversation.confirmation import turn_confirmed
 from pipelines.errors import ProviderError
@@ -304,9 +305,26 @@ async def _reply_text(response: aiohttp.ClientResponse) -> str:
 
 
 def parse_arguments(raw: str) -> dict[str, Any]:
-    """A function call's JSON arguments as a dict; invalid JSON (models do emit it) gives an empty dict."""
+    """A function call's JSON arguments as a dict; invalid JSON (models do emit it) gives an empty dict.
+
+    Every string in it is `storable_text`: an escape such as "\\ud83d" (half an emoji) reads as a lone surrogate,
+    which a path's variables, the stored call and the model's next request could not carry.
+    """
     try:
         value = json.loads(raw) if raw.strip() else {}
     except json.JSONDecodeError:
         return {}
-    return value if isinstance(value, dict) else {}
+    return _storable(value) if isinstance(value, dict) else {}
+
+
+def _storable(value: Any) -> Any:
+    """A parsed JSON value with every string in it (keys too) `storable_text`."""
+    match value:
+        case str():
+            return storable_text(value)
+        case dict():
+            return {storable_text(key): _storable(item) for key, item in value.items()}
+        case list():
+            return [_storable(item) for item in value]
+        case _:
+            return value

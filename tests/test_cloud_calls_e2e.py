@@ -107,6 +107,25 @@ async def make_line(pool: asyncpg.Pool, organization_id: str, **configuration: A
     return number.phone_number, agent.id
 
 
+async def link_calendar(pool: asyncpg.Pool, organization_id: str, agent_id: str, url: str) -> None:
+    """Give the agent the connected Tool `check_availability` (its `day`), answered by the webhook at `url`."""
+    tool = await tools.create_tool(
+        pool,
+        organization_id=organization_id,
+        name="Calendar",
+        is_connected=True,
+        configuration={
+            "function": {
+                "name": "check_availability",
+                "description": "Free appointment slots.",
+                "parameters": {"type": "object", "properties": {"day": {"type": "string"}}},
+            },
+            "webhook": {"url": url},
+        },
+    )
+    await agents.link_tool(pool, organization_id=organization_id, agent_id=agent_id, tool_id=tool.id)
+
+
 async def call(engine: str, number: str, *steps: Any, timeout_s: float = 60) -> CallResult:
     return await simulate_call(engine, to=number, from_=CALLER, script=steps, auth_token=TOKEN, timeout_s=timeout_s)
 
@@ -190,6 +209,27 @@ async def test_what_was_said_that_no_text_can_hold_costs_no_turn(  # noqa: PLR09
     ]
     assert log["transcript"].splitlines()[1:] == [f"Caller: {stored}", "Agent: Booked for two\ufffd."]
     assert "lostTurns" not in log["metadata"]
+
+
+async def test_a_model_reply_holding_half_an_emoji_is_spoken_stored_and_sent_back_as_a_replacement_character(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    # The model's JSON carries "\\ud83d" (a lone surrogate): the voice's request, the stored turn and the model's
+    # next request (which holds the reply) could not encode it, and the call ended FAILED.
+    number, _ = await make_line(pool, organization_id, firstSentence="Hello, this is the clinic.")
+    fakes.deepgram.transcripts.extend(["A table for two please.", "By the window."])
+    fakes.openai.replies.extend(["Booked for two \ud83d.", "Done."])
+    result = await call(engine, number, Say("a table for two please"), Pause(1500), Say("by the window"), Pause(300))
+    log = await finished_log(pool, result)
+    assert log["status"] == "COMPLETED", log["metadata"]
+    assert [(r["speaker"], r["text"]) for r in await turns(pool, log["id"])] == [
+        ("agent", "Hello, this is the clinic."),
+        ("caller", "A table for two please."),
+        ("agent", "Booked for two \ufffd."),
+        ("caller", "By the window."),
+        ("agent", "Done."),
+    ]
+    assert fakes.openai.requests[-1]["messages"][-2] == {"role": "assistant", "content": "Booked for two \ufffd."}
 
 
 async def test_barge_in_mid_sentence_cuts_the_agent_turn_at_the_words_heard(
@@ -299,17 +339,33 @@ async def test_end_call_and_transfer_tools_control_the_call_through_twilio(
     assert dialed_number(updates[1]["Twiml"]) == "+14155550199"
 
 
+SLOTS = b'{"slots": ["Tuesday 10:00"]}'
+TUESDAY = {"day": "Tuesday"}
+
+
 @pytest.mark.parametrize(
-    ("content_type", "answer", "told"),
+    ("arguments", "sent", "content_type", "answer", "told"),
     [
-        ("application/json", b'{"slots": ["Tuesday 10:00"]}', '{"slots": ["Tuesday 10:00"]}'),
+        (TUESDAY, TUESDAY, "application/json", SLOTS, SLOTS.decode()),
         # A charset that decodes to half an emoji, which no request body to the model can carry.
-        ("text/plain; charset=utf-7", b"Tuesday 10:00 +2D0-", "Tuesday 10:00 \ufffd"),
+        (TUESDAY, TUESDAY, "text/plain; charset=utf-7", b"Tuesday 10:00 +2D0-", "Tuesday 10:00 \ufffd"),
+        # Half an emoji in the model's arguments: in their text (the model's next request, which echoes them,
+        # could not be encoded), or escaped in a value (which a path's variables could not store).
+        ('{"day": "Tuesday \ud83d"}', {"day": "Tuesday \ufffd"}, "application/json", SLOTS, SLOTS.decode()),
+        ({"day": "Tuesday \ud83d"}, {"day": "Tuesday \ufffd"}, "application/json", SLOTS, SLOTS.decode()),
     ],
-    ids=["json", "utf-7 with a lone surrogate"],
+    ids=["json", "utf-7 with a lone surrogate", "arguments with a lone surrogate", "arguments with an escaped one"],
 )
 async def test_an_agent_function_calls_the_organizations_webhook(  # noqa: PLR0917 (fixtures and parameters)
-    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str, content_type: str, answer: bytes, told: str
+    engine: str,
+    fakes: Fakes,
+    pool: asyncpg.Pool,
+    organization_id: str,
+    arguments: str | dict[str, str],
+    sent: dict[str, str],
+    content_type: str,
+    answer: bytes,
+    told: str,
 ) -> None:
     received: list[dict[str, Any]] = []
 
@@ -321,27 +377,13 @@ async def test_an_agent_function_calls_the_organizations_webhook(  # noqa: PLR09
     app.router.add_post("/availability", availability)
     async with serve(app) as hook:
         number, agent_id = await make_line(pool, organization_id, firstSentence="Hi.")
-        tool = await tools.create_tool(
-            pool,
-            organization_id=organization_id,
-            name="Calendar",
-            is_connected=True,
-            configuration={
-                "function": {
-                    "name": "check_availability",
-                    "description": "Free appointment slots.",
-                    "parameters": {"type": "object", "properties": {"day": {"type": "string"}}},
-                },
-                "webhook": {"url": f"{hook}/availability"},
-            },
-        )
-        await agents.link_tool(pool, organization_id=organization_id, agent_id=agent_id, tool_id=tool.id)
+        await link_calendar(pool, organization_id, agent_id, f"{hook}/availability")
         fakes.deepgram.transcripts.extend(["Is Tuesday free?"])
-        fakes.openai.replies.extend([[ToolCall("check_availability", {"day": "Tuesday"})], "Tuesday at ten is free."])
+        fakes.openai.replies.extend([[ToolCall("check_availability", arguments)], "Tuesday at ten is free."])
         result = await call(engine, number, Say("is tuesday free"), Pause(300))
     log = await finished_log(pool, result)
     assert log["status"] == "COMPLETED", log["metadata"]
-    assert received and received[0]["arguments"] == {"day": "Tuesday"}
+    assert received and received[0]["arguments"] == sent
     assert received[0]["call"]["callLogId"] == log["id"]
     assert [r["text"] for r in await turns(pool, log["id"])][-1] == "Tuesday at ten is free."
     tool_messages = [m for m in fakes.openai.requests[-1]["messages"] if m["role"] == "tool"]

@@ -33,6 +33,7 @@ from openai.types.chat import (
 )
 
 from config.agent import OpenAILLMConfig
+from config.text import storable_text
 from media.dtmf import DIGITS_HELP, InvalidDigits, check_digits
 from pipelines.clients import CloseClient
 from pipelines.conversation.transfer_rules import NO_TRANSFERS, Refusal, TransferRules, builtin_functions
@@ -151,7 +152,11 @@ class _Completion:
     finish_reason: str | None = None
 
     def absorb(self, chunk: Mapping[str, Any]) -> list[str]:
-        """Take in one chunk (its JSON as sent); return the text to speak now."""
+        """Take in one chunk (its JSON as sent); return the text to speak now.
+
+        The text and the arguments are `storable_text`: JSON can carry a NUL or a lone surrogate ("\\ud83d", half an
+        emoji), which the voice's request, the stored turns and the model's next request could not.
+        """
         spoken: list[str] = []
         for choice in _objects(chunk.get("choices")):
             delta = choice.get("delta")
@@ -159,7 +164,7 @@ class _Completion:
                 # A refusal is what the model says instead of an answer: the caller should hear it too.
                 for key in ("content", "refusal"):
                     if text := _string(delta.get(key)):
-                        spoken.append(text)
+                        spoken.append(storable_text(text))
                 for fragment in _objects(delta.get("tool_calls")):
                     index = fragment.get("index")
                     call = self.calls.setdefault(index if isinstance(index, int) else 0, _FunctionCall())
@@ -168,7 +173,7 @@ class _Completion:
                     if isinstance(function, dict):
                         # The name comes whole in a call's first fragment; the arguments come in pieces.
                         call.name = call.name or _string(function.get("name"))
-                        call.arguments += _string(function.get("arguments"))
+                        call.arguments += storable_text(_string(function.get("arguments")))
             finish_reason = choice.get("finish_reason")
             if isinstance(finish_reason, str):
                 self.finish_reason = finish_reason
