@@ -113,6 +113,22 @@ async def test_refusals_name_the_field_and_dial_nothing(
     assert to not in twilio.creates
 
 
+@pytest.mark.parametrize("name", ["today", "customer", "customer.name", "call.direction", "now"])
+async def test_a_variable_named_like_a_built_in_prompt_variable_is_refused_naming_it_and_dials_nothing(  # noqa: PLR0917
+    api: Api, pool: asyncpg.Pool, twilio: FakeTwilio, tenant: Tenant, caller_id: str, name: str
+) -> None:
+    # It would replace the built-in in the call's prompt and first sentence ("Today is whenever."), or lose the
+    # user's value: either way the user meant data by it, and renaming it is theirs to do.
+    agent_id = await make_agent(pool, tenant.organization_id)
+    to = callee()
+    payload = {"agentId": agent_id, "fromNumber": caller_id, "to": to, "variables": {"plan": "gold", name: "x"}}
+    status, body = await api.call("POST", "/calls", tenant.owner_key, json=payload)
+    assert (status, body["error"]["field"]) == (422, "variables"), body
+    assert f"a variable named {name!r} would hide the built-in prompt variable {{{{" in body["error"]["message"]
+    assert body["error"]["message"].endswith("; rename it")
+    assert to not in twilio.creates
+
+
 async def test_no_credits_is_402_and_twilio_refusing_is_502_with_the_call_log_failed(
     api: Api, pool: asyncpg.Pool, twilio: FakeTwilio, caller_id: str
 ) -> None:

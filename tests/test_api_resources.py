@@ -106,6 +106,31 @@ async def test_an_agent_saved_with_a_bad_transfer_destination_is_refused_naming_
     assert "one '*' per remaining digit" in body["error"]["message"]
 
 
+async def test_an_agent_variable_named_like_a_built_in_prompt_variable_is_refused_naming_it(
+    api: Api, acme: Tenant
+) -> None:
+    # {{today}} would read "Monday special" in every call, or the user's "Monday special" would be lost: renamed.
+    variables = {"plan": "gold", "today": "Monday special"}
+    status, body = await api.call(
+        "POST", "/agents", acme.owner_key, json={"name": "Dated", "configuration": {"variables": variables}}
+    )
+    assert (status, body["error"]["field"]) == (422, "configuration.variables.today"), body
+    assert body["error"]["message"] == (
+        "body configuration.variables.today: a variable named 'today' would hide the built-in prompt variable "
+        "{{today}} (the date of the call), which every call fills in; rename it"
+    )
+
+    _, agent = await api.call("POST", "/agents", acme.owner_key, json={"name": "Dated"})
+    status, body = await api.call(
+        "PATCH", f"/agents/{agent['id']}", acme.owner_key, json={"configuration": {"variables": {"customer": "VIP"}}}
+    )
+    assert (status, body["error"]["field"]) == (422, "configuration.variables.customer"), body
+    status, body = await api.call(
+        "PATCH", f"/agents/{agent['id']}", acme.owner_key, json={"configuration": {"variables": {"customer.plan": "x"}}}
+    )
+    assert (status, body["configuration"]["variables"]) == (200, {"customer.plan": "x"})  # adds to {{customer.…}}
+
+
 async def test_an_update_cannot_null_a_required_field(api: Api, acme: Tenant) -> None:
     _, agent = await api.call("POST", "/agents", acme.owner_key, json={"name": "Keeps its name"})
     status, body = await api.call("PATCH", f"/agents/{agent['id']}", acme.owner_key, json={"name": None})

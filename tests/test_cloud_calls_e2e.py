@@ -232,6 +232,36 @@ async def test_a_model_reply_holding_half_an_emoji_is_spoken_stored_and_sent_bac
     assert fakes.openai.requests[-1]["messages"][-2] == {"role": "assistant", "content": "Booked for two \ufffd."}
 
 
+async def test_an_agent_stored_with_a_variable_named_like_a_built_in_still_calls_the_built_in_filling_it(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Saved before the API refused such names: the call runs, the built-ins fill their placeholders, and the log
+    # names the variables left out.
+    variables = {"today": "whenever", "customer": "VIP", "plan": "gold"}
+    number, _ = await make_line(
+        pool,
+        organization_id,
+        variables=variables,
+        firstSentence="Hello, today is {{today}}.",
+        prompt="The caller on {{customer.number}} has the {{plan}} plan; today is {{today}}.",
+    )
+    fakes.deepgram.transcripts.extend(["Is my plan active?"])
+    fakes.openai.replies.extend(["It is."])
+    with caplog.at_level(logging.WARNING, logger="engine.call.setup"):
+        result = await call(engine, number, Say("is my plan active"), Pause(300))
+    log = await finished_log(pool, result)
+    assert log["status"] == "COMPLETED", log["metadata"]
+    system = fakes.openai.requests[-1]["messages"][0]["content"]
+    assert system.startswith(f"The caller on {CALLER} has the gold plan; today is ") and "whenever" not in system
+    greeting = (await turns(pool, log["id"]))[0]["text"]
+    assert greeting.startswith("Hello, today is ") and "whenever" not in greeting
+    warnings = [r.getMessage() for r in caplog.records if "named like built-in prompt variables" in r.getMessage()]
+    assert warnings == [
+        f"call {result.call_sid}: variables named like built-in prompt variables are left out (the "
+        "built-ins fill them; rename them): today, customer"
+    ]
+
+
 async def test_barge_in_mid_sentence_cuts_the_agent_turn_at_the_words_heard(
     engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
 ) -> None:

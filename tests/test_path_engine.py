@@ -10,6 +10,7 @@ from pipelines.llm.base import ConversationTurn, EndCall, LLMEvent, SendDtmf, Te
 from pipelines.llm.conversation_path import ConversationPathLLM
 from pipelines.paths.engine import MAX_KEY_REPROMPTS, PathEngine, PathStep, UnknownWay
 from pipelines.paths.graph import PathInvalid, read_path
+from pipelines.paths.prompts import node_instructions
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
 from tests.paths import (
     ANSWER_FALLBACK,
@@ -243,6 +244,26 @@ async def test_a_way_that_does_not_leave_the_node_is_refused_with_the_ways_that_
     assert engine.node.id == "order" and engine.variables == {}
     await engine.move("order-named", variables={"order_number": " 42 ", "account": "9999", "empty": ""})
     assert engine.node.id == "listen" and engine.variables == {"order_number": "42"}
+
+
+async def test_what_a_stored_path_gathers_under_a_built_ins_name_never_hides_the_built_in() -> None:
+    # Saving such a path is refused (test_path_validation); one stored before runs, the built-in filling its
+    # placeholder: {{customer.number}} is the caller's line, not empty.
+    instructions = "Confirm the line {{customer.number}} and the {{plan}} plan."
+    node = {
+        "id": "ask",
+        "type": "prompt",
+        "data": {
+            "isStart": True,
+            "instructions": instructions,
+            "extractVariables": [{"name": "customer"}, {"name": "plan"}],
+        },
+    }
+    engine = PathEngine(read_path([node], [], strict=False), call_variables={"customer": {"number": "+15550100"}})
+    await engine.begin()
+    engine.remember({"customer": "VIP", "plan": "gold"})
+    assert engine.variables == {"customer": "VIP", "plan": "gold"}  # kept, and shown to the model as gathered
+    assert node_instructions(engine) == "Confirm the line +15550100 and the gold plan."
 
 
 def test_validation_lists_every_problem() -> None:

@@ -123,6 +123,26 @@ async def test_a_node_field_that_is_wrong_for_its_type_is_named(
     assert f"'{graph[index]['id']}'" in message
 
 
+@pytest.mark.parametrize(
+    ("index", "key", "value", "field"),
+    [
+        (1, "variable", "today", "nodes[1].data.variable"),  # a gather node's keys
+        (2, "variable", "now", "nodes[2].data.variable"),  # a webhook's reply
+        (0, "extractVariables", [{"name": "plan"}, {"name": "customer"}], "nodes[0].data.extractVariables.1.name"),
+    ],
+)
+async def test_a_variable_named_like_a_built_in_prompt_variable_is_refused_and_a_stored_one_still_runs(  # noqa: PLR0917
+    api: Api, acme: Tenant, index: int, key: str, value: Any, field: str
+) -> None:
+    # What the path gathers would take the built-in's place in the nodes' instructions ({{customer.name}} empty).
+    graph = nodes()
+    graph[index]["data"][key] = value
+    message = await refused(api, acme, graph, edges(), field)
+    assert f"'{graph[index]['id']}'" in message and "would hide the built-in prompt variable {{" in message
+    assert message.endswith("; rename it")
+    assert read_path(graph, edges(), strict=False).nodes[graph[index]["id"]]  # stored before the rule: it runs
+
+
 async def test_an_edge_out_of_an_end_node_is_refused(api: Api, acme: Tenant) -> None:
     graph = [*edges(), {"id": "after-end", "source": "goodbye", "target": "greet"}]
     message = await refused(api, acme, nodes(), graph, f"edges[{len(graph) - 1}].source")

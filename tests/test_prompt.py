@@ -12,6 +12,7 @@ from pipelines.llm.prompt import (
     STANDARD_VARIABLES,
     RenderedPrompt,
     call_variables,
+    hidden_names,
     hidden_standard_variable,
     render_prompt,
 )
@@ -140,9 +141,28 @@ def test_extra_dotted_keys_become_nested_variables() -> None:
     assert render_prompt("{{ recipient.notes }}/{{recipient.plan}}", variables).text == "VIP/gold"
 
 
-def test_extra_values_win_over_the_standard_ones() -> None:
-    variables = standard(customer_name=None, extra={"customer": {"name": "Bo"}})
-    assert render_prompt("{{customer.name}} {{customer.number}}", variables).text == "Bo +15551234567"
+def test_extra_values_never_hide_the_standard_ones() -> None:
+    # Refused wherever variables are given; stored before that rule, the built-in fills the placeholder.
+    extra = {
+        "today": "whenever",
+        "customer": {"name": "Bo", "email": "bo@example.com"},
+        "customer.number": "nobody",
+        "customer.plan": "gold",
+        "call": "x",
+        "now": {"zone": "UTC"},
+        "plan": "basic",
+    }
+    variables = standard(extra=extra)
+    rendered = render_prompt(
+        "{{today}}|{{now}}|{{customer.name}}|{{customer.number}}|{{customer.email}}|{{customer.plan}}|"
+        "{{call.direction}}|{{plan}}",
+        variables,
+    )
+    assert rendered.text == (
+        "Tuesday, November 24, 2026|Tuesday, November 24, 2026, 3:04 PM EST|Ann Lee|+15551234567|bo@example.com|"
+        "gold|inbound|basic"
+    )
+    assert hidden_names(extra) == ["today", "customer.name", "customer.number", "call", "now"]
 
 
 def test_the_standard_variables_listed_are_the_ones_every_call_gets() -> None:

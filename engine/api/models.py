@@ -19,6 +19,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from pipelines.llm.prompt import variable_name_refusal
+
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 """What a resource id in a path or a filter looks like (CUIDs, and the ids seeds choose)."""
 
@@ -113,3 +115,13 @@ Id = Annotated[str, Field(pattern=ID_PATTERN)]
 
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_8601), AfterValidator(_utc)]
 """A date and time with its UTC offset, e.g. 2026-11-01T09:30:00Z."""
+
+
+def no_built_in_names(variables: dict[str, str]) -> dict[str, str]:
+    """A request's prompt `variables`, or a ValueError naming the first one named like a built-in prompt variable
+    (`today`, `customer`: pipelines.llm.prompt.variable_name_refusal, the rule wherever variables are given)."""
+    for name in variables:
+        refusal = variable_name_refusal(name)
+        if refusal is not None:
+            raise ValueError(f"{refusal}; rename it")
+    return variables

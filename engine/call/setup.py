@@ -23,7 +23,7 @@ from pipelines.clients import ProviderClients
 from pipelines.fallback import OnFailover
 from pipelines.knowledge import KnowledgeFunction
 from pipelines.languages import language_instruction
-from pipelines.llm.prompt import call_variables, render_prompt
+from pipelines.llm.prompt import call_variables, hidden_names, render_prompt
 from pipelines.offline_workers import OfflineWork
 from pipelines.registry import PathSource, ProviderContext, ProviderKeys, VoiceChoice
 from pipelines.tools import ToolCallObserver, ToolRunner, agent_functions
@@ -162,11 +162,20 @@ async def prepare_call(
 def template_variables(config: AgentConfiguration, call_log: CallLog, now: datetime) -> dict[str, Any]:
     """What a call's `{{...}}` placeholders are filled from, in its prompt, first sentence and voicemail message alike:
     the call's own (`customer.name`, `now`...), the agent's `variables`, and the per-call ones on top
-    (CallLog.metadata.variables, e.g. a recipient's columns)."""
+    (CallLog.metadata.variables, e.g. a recipient's columns). A name that would hide a built-in (`today`), refused
+    when given but stored before that rule, is logged and left out: the built-in fills its placeholder."""
     extra: dict[str, Any] = dict(config.variables)
     per_call = call_log.metadata.get("variables")
     if isinstance(per_call, dict):
         extra.update(per_call)
+    hidden = hidden_names(extra)
+    if hidden:
+        log.warning(
+            "call %s: variables named like built-in prompt variables are left out (the built-ins fill them; "
+            "rename them): %s",
+            call_log.call_id,
+            ", ".join(hidden),
+        )
     return call_variables(
         now=now,
         timezone=config.timezone,

@@ -20,7 +20,7 @@ from typing import TextIO
 from config.phone import InvalidPhoneNumber, e164
 from engine.campaigns.windows import recipient_timezone
 from engine.twilio.outbound_calls import InvalidVariables, checked_variables
-from pipelines.llm.prompt import STANDARD_VARIABLES, hidden_standard_variable
+from pipelines.llm.prompt import variable_name_refusal
 from storage.campaigns import NewRecipient, recipient_variables
 from storage.dial_policies import OutboundDialPolicy
 from storage.enums import RecipientStatus
@@ -74,19 +74,6 @@ class Columns:
                 f"no phone number column: the header has {shown}; name one of phone, phone_number or phoneNumber"
             )
         return cls(phone=phone, name=name, notes=notes, variables=tuple(variables))
-
-
-def variable_name_refusal(name: str) -> str | None:
-    """Why a recipient's variable may not be called `name`, or None: the one rule of a CSV file's columns and of the
-    API's `variables`. A variable named like a built-in prompt variable (`today`, `customer`, ...) would silently
-    replace it in every call's prompt, so the import is refused, naming it, rather than run with either value lost."""
-    hidden = hidden_standard_variable(name)
-    if hidden is None:
-        return None
-    return (
-        f"a variable named {name!r} would hide the built-in prompt variable {{{{{hidden}}}}} "
-        f"({STANDARD_VARIABLES[hidden]}), which every call fills in"
-    )
 
 
 def _normalise_header(cell: str) -> str:

@@ -12,7 +12,16 @@ from decimal import Decimal
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["STANDARD_VARIABLES", "RenderedPrompt", "call_variables", "hidden_standard_variable", "render_prompt"]
+__all__ = [
+    "STANDARD_VARIABLES",
+    "RenderedPrompt",
+    "call_variables",
+    "hidden_names",
+    "hidden_standard_variable",
+    "render_prompt",
+    "variable_name_refusal",
+    "without_hidden",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +78,11 @@ def call_variables(
     """The standard variables of a call: `now`, `today`, `customer.number`, `customer.name`, `call.direction`.
 
     `now` reads like "Tuesday, November 24, 2026, 3:04 PM EST" in `timezone` (an IANA name; None or an unknown
-    name means UTC). `extra` (the agent's variables, a campaign recipient's columns) is merged on top, mapping
-    into mapping, so `{"recipient": {"notes": ...}}` and `{"recipient.notes": ...}` both give `{{recipient.notes}}`;
-    on a clash the `extra` value wins.
+    name means UTC). `extra` (the agent's variables, a call's or a campaign recipient's) is merged in, mapping
+    into mapping, so `{"recipient": {"notes": ...}}` and `{"recipient.notes": ...}` both give `{{recipient.notes}}`,
+    and `customer.plan` adds to `{{customer.…}}`. A name that would hide a standard variable (`today`, `customer`:
+    see hidden_standard_variable) is left out: the standard one always fills its placeholder. Such names are
+    refused wherever variables are saved (variable_name_refusal); only ones stored before that get here.
     """
     local = (now if now.tzinfo else now.replace(tzinfo=UTC)).astimezone(_zone(timezone))
     standard: dict[str, Any] = {
@@ -80,11 +91,11 @@ def call_variables(
         "customer": {"number": customer_number, "name": customer_name},
         "call": {"direction": direction},
     }
-    return _merged(standard, extra)
+    return _merged(standard, without_hidden(extra))
 
 
 def hidden_standard_variable(name: str) -> str | None:
-    """The standard variable a call variable named `name` would hide (`call_variables` lets `extra` win), or None.
+    """The standard variable a call variable named `name` would hide if it took its place, or None.
 
     `customer` hides `customer.name` (its value replaces the whole mapping), `now.zone` hides `now`; `customer.plan`
     hides nothing, it adds to the mapping.
@@ -96,6 +107,53 @@ def hidden_standard_variable(name: str) -> str | None:
         if parts[:shared] == own[:shared]:
             return standard
     return None
+
+
+def variable_name_refusal(name: str) -> str | None:
+    """Why a prompt variable may not be called `name`, or None: the one rule for every variable a user names (an
+    agent's `variables`, a call's, a campaign recipient's, a conversation path's). One named like a built-in prompt
+    variable (`today`, `customer`, ...) would take its place in every call's prompt, losing either the built-in or
+    the user's data, so it is refused where it is given, naming it."""
+    hidden = hidden_standard_variable(name)
+    if hidden is None:
+        return None
+    return (
+        f"a variable named {name!r} would hide the built-in prompt variable {{{{{hidden}}}}} "
+        f"({STANDARD_VARIABLES[hidden]}), which every call fills in"
+    )
+
+
+def without_hidden(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """`variables` without those named like a built-in prompt variable (variable_name_refusal), which the built-in
+    fills instead: what a call does with such a name stored before it was refused. A mapping's own values count
+    by their dotted names: `{"customer": {"plan": ...}}` adds `{{customer.plan}}` and stays."""
+    return _partition(variables, "")[0]
+
+
+def hidden_names(variables: Mapping[str, Any]) -> list[str]:
+    """The dotted names `without_hidden` leaves out of `variables`, in order."""
+    return _partition(variables, "")[1]
+
+
+def _partition(variables: Mapping[str, Any], prefix: str) -> tuple[dict[str, Any], list[str]]:
+    kept: dict[str, Any] = {}
+    hidden: list[str] = []
+    for key, value in variables.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and not _within_standard(name):
+            kept[key], below = _partition(value, f"{name}.")
+            hidden.extend(below)
+        elif hidden_standard_variable(name) is None:
+            kept[key] = value
+        else:
+            hidden.append(name)
+    return kept, hidden
+
+
+def _within_standard(name: str) -> bool:
+    """Whether `name` is a standard variable or a name below one (`now.zone`): a mapping there replaces it."""
+    parts = [part.strip() for part in name.split(".")]
+    return any(parts[: len(own)] == own for own in (standard.split(".") for standard in STANDARD_VARIABLES))
 
 
 def _lookup(variables: Mapping[str, Any], name: str) -> Any:

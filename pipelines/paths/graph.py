@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from pipelines.llm.prompt import variable_name_refusal
 from pipelines.paths.nodes import (
     EDGE_DATA,
     LEGACY_TYPES,
@@ -157,8 +158,9 @@ class Path:
 def read_path(nodes: Any, edges: Any, *, strict: bool = True) -> Path:
     """Read and check react-flow `nodes` and `edges` (JSON arrays); PathInvalid listing every problem.
 
-    `strict` (saving through the API) also refuses dangling edges and unreachable nodes; a call (`strict=False`)
-    runs a path saved before those checks existed, leaving out the edges that lead nowhere.
+    `strict` (saving through the API) also refuses dangling edges, unreachable nodes and variables named like a
+    built-in prompt variable; a call (`strict=False`) runs a path saved before those checks existed, leaving out
+    the edges that lead nowhere (and the built-in fills such a variable's placeholder: see prompts.node_instructions).
     """
     problems = [
         PathProblem(name, f"must be a JSON array of react-flow {name}, not {_json_kind(value)}")
@@ -172,6 +174,8 @@ def read_path(nodes: Any, edges: Any, *, strict: bool = True) -> Path:
         node = _read_node(index, item, problems, strict=strict)
         if node is None:
             continue
+        if strict:
+            _check_variable_names(index, node, problems)
         if node.id in read_nodes:
             problems.append(PathProblem(f"nodes[{index}].id", f"node id {node.id!r} is used by two nodes"))
             continue
@@ -234,6 +238,19 @@ def _read_node(index: int, item: Any, problems: list[PathProblem], *, strict: bo
             problems.append(PathProblem(path, f"node {node_id!r} ({kind}): {message}"))
         return None
     return Node(node_id, kind, data)  # type: ignore[arg-type]
+
+
+def _check_variable_names(index: int, node: Node, problems: list[PathProblem]) -> None:
+    """A problem for each variable the node gathers under a name that would hide a built-in prompt variable."""
+    data = node.data
+    named = [(f"extractVariables.{number}.name", spec.name) for number, spec in enumerate(data.extract_variables)]
+    if isinstance(data, GatherData | WebhookData) and data.variable is not None:
+        named.append(("variable", data.variable))
+    for field_name, name in named:
+        refusal = variable_name_refusal(name)
+        if refusal is not None:
+            message = f"node {node.id!r} ({node.kind}): {refusal}; rename it"
+            problems.append(PathProblem(f"nodes[{index}].data.{field_name}", message))
 
 
 def _read_edges(

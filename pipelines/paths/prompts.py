@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from pipelines.llm.prompt import render_prompt
+from pipelines.llm.prompt import render_prompt, without_hidden
 from pipelines.paths.engine import PathEngine
 from pipelines.paths.graph import (
     GatherData,
@@ -56,7 +56,8 @@ def node_instructions(engine: PathEngine) -> str:
             text = ""
         case _:
             text = node.text
-    return render_prompt(text, {**engine.call_variables, **engine.variables}).text if text else ""
+    # What the path gathered under a built-in's name (refused on saving, a path stored before) never hides it.
+    return render_prompt(text, {**engine.call_variables, **without_hidden(engine.variables)}).text if text else ""
 
 
 def system_prompt(instructions: str, agent_speech: str | None, engine: PathEngine) -> str:

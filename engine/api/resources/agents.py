@@ -15,6 +15,7 @@ from engine.api.pagination import Page, PageQuery, to_page
 from engine.api.path_transfers import TransferWarning, refuse_unmakeable_transfers, transfer_warnings
 from engine.api.resources.tools import ToolView
 from pipelines.languages import language_problems
+from pipelines.llm.prompt import variable_name_refusal
 from pipelines.registry import configuration_references, key_ref_problems
 from storage import agents, conversation_paths, tools, voices
 from storage.agents import Agent
@@ -78,7 +79,7 @@ def _configuration(data: dict[str, Any], organization_id: str) -> AgentConfigura
         config = parse_agent_configuration(data)
         # A language a provider cannot work in, or a key variable the organization may not use (another's), is refused
         # now, not when a call comes in. A key merely unset is not: it may be set by the first call.
-        problems = language_problems(config) + key_ref_problems(config, organization_id)
+        problems = language_problems(config) + key_ref_problems(config, organization_id) + _variable_problems(config)
         if problems:
             raise AgentConfigurationError(problems)
     except AgentConfigurationError as exc:
@@ -86,6 +87,16 @@ def _configuration(data: dict[str, Any], organization_id: str) -> AgentConfigura
         field = f"configuration.{path}" if path != "configuration" else path
         raise ApiError(422, "validation_error", f"body {field}: {message}", field) from None
     return config
+
+
+def _variable_problems(config: AgentConfiguration) -> list[tuple[str, str]]:
+    # Refused on saving only: an agent stored before still runs, the built-in filling its placeholder
+    # (pipelines.llm.prompt.call_variables).
+    return [
+        (f"variables.{name}", f"{refusal}; rename it")
+        for name in config.variables
+        if (refusal := variable_name_refusal(name)) is not None
+    ]
 
 
 _REFERENCED: dict[str, Callable[[Queryable, str, str], Awaitable[object]]] = {

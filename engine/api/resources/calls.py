@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints
 
 from engine.api.errors import ApiError, invalid_reference, unprocessable
-from engine.api.models import Id, RequestModel, ResponseModel
+from engine.api.models import Id, RequestModel, ResponseModel, no_built_in_names
 from engine.api.operations import ApiCall, Resource
 from engine.server.appkeys import SETTINGS
 from engine.twilio.outbound_calls import (
@@ -52,10 +52,11 @@ class CallCreate(RequestModel):
         "first), as for a campaign without a fromNumber; 422 if there is none.",
     )
     to: PhoneNumberText = Field(description="The number to dial, E.164 (e.g. +14155550100).")
-    variables: dict[VariableName, VariableValue] = Field(
+    variables: Annotated[dict[VariableName, VariableValue], AfterValidator(no_built_in_names)] = Field(
         default_factory=dict,
         max_length=100,
-        description="Per-call values the prompt reads as {{name}}; `name` is also the CallLog's customer.",
+        description="Per-call values the prompt reads as {{name}}; `name` is also the CallLog's customer. A name "
+        "like a built-in prompt variable (`now`, `today`, `customer`, `call`) is refused: rename it.",
     )
     campaign_id: Id | None = None
 

@@ -9,15 +9,15 @@ from contextlib import contextmanager
 from datetime import date, datetime
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
 from engine.api.errors import conflict, unprocessable
-from engine.api.models import Id, LongText, Name, RequestModel, ResponseModel
+from engine.api.models import Id, LongText, Name, RequestModel, ResponseModel, no_built_in_names
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
 from engine.api.path_transfers import refuse_unmakeable_transfers
 from engine.api.resources.calls import checked_caller_id
-from engine.campaigns.recipients_csv import RecipientsFileError, make_recipient, read_recipients, variable_name_refusal
+from engine.campaigns.recipients_csv import RecipientsFileError, make_recipient, read_recipients
 from engine.server.appkeys import SETTINGS
 from engine.twilio.outbound_calls import AgentUnavailable, usable_agent
 from storage import campaigns, dial_policies
@@ -124,16 +124,9 @@ class RecipientIn(RequestModel):
     phone_number: PhoneText
     name: ShortValue | None = None
     notes: ShortValue | None = None
-    variables: dict[VariableName, ShortValue] = Field(default_factory=dict, max_length=50)
-
-    @field_validator("variables")
-    @classmethod
-    def _no_built_in_name(cls, variables: dict[str, str]) -> dict[str, str]:
-        for name in variables:
-            refusal = variable_name_refusal(name)
-            if refusal is not None:
-                raise ValueError(f"{refusal}; rename it")
-        return variables
+    variables: Annotated[dict[VariableName, ShortValue], AfterValidator(no_built_in_names)] = Field(
+        default_factory=dict, max_length=50
+    )
 
 
 class RecipientsImport(RequestModel):
