@@ -8,7 +8,7 @@ import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -157,6 +157,24 @@ async def test_the_campaigns_summary_template_is_filled_and_success_judged_again
     assert "Book Ann in for a check-up." in prompt
     assert "Caller: Yes, Tuesday at ten works for me." in prompt
     assert await success_rate(pool, agent_id) == 100.0
+
+
+async def test_the_criteria_are_filled_as_the_calls_prompt_was_built_ins_and_all(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    # The agent's prompt is judged against as the call read it: {{customer.number}} and {{today}} filled, and a
+    # variable stored under a built-in's name (before such names were refused) left out there as in the call.
+    prompt = "Call {{customer.number}} about the {{plan}} plan on {{today}}."
+    variables = {"plan": "gold", "today": "whenever"}
+    agent_id = await make_agent(pool, organization_id, prompt=prompt, variables=variables, **CLOUD_LLM)
+    call_log_id = await finished_call(pool, organization_id, agent_id, BOOKED)
+    created: datetime = await pool.fetchval('SELECT "createdAt" FROM "CallLog" WHERE "id" = $1', call_log_id)
+
+    await analyze_call(deps, organization_id=organization_id, call_log_id=call_log_id)
+
+    asked = openai.json_requests[-1]["messages"][1]["content"]
+    day = created.astimezone(UTC).strftime("%A, %B %-d, %Y")
+    assert f"Call +15550104444 about the gold plan on {day}." in asked, asked
 
 
 async def test_a_call_whose_campaign_is_deleted_during_its_analysis_is_judged_on_the_agents_own_terms(

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from config.agent import AgentConfiguration, AgentConfigurationError, OpenAILLMConfig, parse_agent_configuration
 from config.settings import Settings
 from config.text import storable_text
-from engine.call.setup import provider_keys
+from engine.call.setup import provider_keys, template_variables
 from engine.server.appkeys import DATABASE, PROVIDER_CLIENTS, SETTINGS
 from engine.workers.recovery import NODE_ID
 from pipelines.clients import ProviderClients
@@ -167,8 +167,8 @@ async def analyze_call(deps: AnalysisDeps, *, organization_id: str, call_log_id:
     campaign = await campaigns.find_call_campaign(
         pool, organization_id=organization_id, campaign_id=call_log.campaign_id
     )
-    variables = call_log.metadata.get("variables")
-    variables = {**config.variables, **(variables if isinstance(variables, dict) else {})}
+    # Filled as the call's prompt was, as of the call's start: built-ins, the agent's variables, the call's own.
+    variables = template_variables(config, call_log, call_log.created_at)
     template = (campaign.post_call_summary if campaign and campaign.post_call_summary else None) or (
         config.post_call_summary
     )
