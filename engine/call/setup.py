@@ -97,7 +97,7 @@ async def prepare_call(
     campaign = await campaigns.find_call_campaign(
         db, organization_id=call_log.organization_id, campaign_id=call_log.campaign_id
     )
-    variables = template_variables(config, call_log, now or datetime.now(UTC))
+    variables = template_variables(config, call_log, now or datetime.now(UTC), tell_hidden=True)
     template = (campaign.task_prompt if campaign and campaign.task_prompt else None) or config.prompt
     rendered = render_prompt(template or DEFAULT_INSTRUCTIONS, variables)
     instructions = "\n\n".join(part for part in (rendered.text, language_instruction(config.language)) if part)
@@ -159,16 +159,19 @@ async def prepare_call(
     )
 
 
-def template_variables(config: AgentConfiguration, call_log: CallLog, now: datetime) -> dict[str, Any]:
+def template_variables(
+    config: AgentConfiguration, call_log: CallLog, now: datetime, *, tell_hidden: bool = False
+) -> dict[str, Any]:
     """What a call's `{{...}}` placeholders are filled from, in its prompt, first sentence and voicemail message alike:
     the call's own (`customer.name`, `now`...), the agent's `variables`, and the per-call ones on top
     (CallLog.metadata.variables, e.g. a recipient's columns). A name that would hide a built-in (`today`), refused
-    when given but stored before that rule, is logged and left out: the built-in fills its placeholder."""
+    when given but stored before that rule, is left out: the built-in fills its placeholder. The call's setup
+    (`tell_hidden`) logs which, once a call; its voicemail message and post-call analysis fill theirs alike."""
     extra: dict[str, Any] = dict(config.variables)
     per_call = call_log.metadata.get("variables")
     if isinstance(per_call, dict):
         extra.update(per_call)
-    hidden = hidden_names(extra)
+    hidden = hidden_names(extra) if tell_hidden else None
     if hidden:
         log.warning(
             "call %s: variables named like built-in prompt variables are left out (the built-ins fill them; "
