@@ -401,7 +401,9 @@ async def test_a_calls_recording_is_uploaded_and_served_by_a_redirect_to_object_
         row = None
         for _ in range(200):
             row = await call_recordings.find_recording(pool, call_log_id=log["id"])
-            if row is not None and row.status is RecordingStatus.STORED:
+            # Stored first, then its local copy removed (never the other way round).
+            stored = row is not None and row.status is RecordingStatus.STORED
+            if stored and row is not None and not await asyncio.to_thread(Path(row.local_path).exists):
                 break
             await asyncio.sleep(0.05)
         assert row is not None and row.status is RecordingStatus.STORED
