@@ -28,6 +28,11 @@ class LiveCall(Protocol):
         """The call's CallLog was deleted while it ran: hang it up (through Twilio when the engine can)."""
         ...
 
+    def cut_off(self, detail: str, *, hang_up_in: float) -> bool:
+        """The engine lost its database for so long that the other nodes may soon take the call for lost: say goodbye
+        and hang up within `hang_up_in` seconds (FAILED, ENGINE_LOST); False if it is ending already."""
+        ...
+
     def end_when_twilio_stops(self, reason: EndReason) -> None:
         """Stop speaking now; end with `reason` when Twilio's `stop` comes (it was redirected elsewhere)."""
         ...

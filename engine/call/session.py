@@ -167,6 +167,8 @@ class CallSession:
         self._closely = True  # what `reads` was last told
         self._ignored_tracks: set[str] = set()  # the stream's tracks other than the caller's, once logged
         self._status = CallStatus.COMPLETED
+        self._ending_status = CallStatus.COMPLETED
+        """The status the call ends with once its end is decided (`_wind_down`) and Twilio's `stop` comes."""
         self._reason: EndReason | None = None
         self._detail: str | None = None
         self._driver: ConversationDriver = driver(self)
@@ -214,14 +216,16 @@ class CallSession:
         task.add_done_callback(self._supervise)
         return task
 
-    async def hang_up(self, reason: EndReason, detail: str | None = None) -> None:
-        """End the call from our side: through Twilio's REST API when we can, else by closing the stream."""
+    async def hang_up(
+        self, reason: EndReason, detail: str | None = None, *, status: CallStatus = CallStatus.COMPLETED
+    ) -> None:
+        """End the call from our side, `status`: through Twilio's REST API when we can, else by closing the stream."""
         if self._ended.is_set() or self._stopped_at is not None:
             return  # ended meanwhile, for a reason of its own, or Twilio left the stream for a transfer's <Dial>
-        self._wind_down(reason, detail)
+        self._wind_down(reason, detail, status)
         if await self._twilio.hang_up():
             await await_twilio_stop(self._ended)
-        self._end(CallStatus.COMPLETED, reason, detail)  # without Twilio's word, closing the stream ends the call
+        self._end(status, reason, detail)  # without Twilio's word, closing the stream ends the call
 
     async def _hang_up_unpaid(self, reason: EndReason) -> None:
         """The credit meter's hang-up once the time paid for is over; not of a call Twilio is taking to a transfer,
@@ -460,11 +464,12 @@ class CallSession:
         log.log(level, "call %s: %s failed", self.context.call_sid, task.get_name(), exc_info=exc)
         self._end(CallStatus.FAILED, EndReason.INTERNAL_ERROR, type(exc).__name__)
 
-    def _wind_down(self, reason: EndReason, detail: str | None) -> None:
-        """The end is decided: no new turn starts; the reason holds unless the call ends otherwise first."""
+    def _wind_down(self, reason: EndReason, detail: str | None, status: CallStatus = CallStatus.COMPLETED) -> None:
+        """The end is decided: no new turn starts; the reason (and status) holds unless the call ends otherwise
+        first."""
         if accepts(self._phase, PhaseEvent.WIND_DOWN):
             self.move(PhaseEvent.WIND_DOWN)
-        self._reason, self._detail = reason, detail
+        self._reason, self._detail, self._ending_status = reason, detail, status
 
     def _end(self, status: CallStatus, reason: EndReason, detail: str | None = None) -> None:
         """Decide the call is over (first reason wins); run() then shuts everything down."""
@@ -496,6 +501,15 @@ class CallSession:
         )
         self._wind_down(EndReason.CALL_DELETED, None)
         self.spawn(self.hang_up(EndReason.CALL_DELETED), "hang-up")
+
+    def cut_off(self, detail: str, *, hang_up_in: float) -> bool:
+        """This engine has been cut off from the database so long that the other nodes may take its calls for lost
+        (FAILED, ENGINE_LOST) once `hang_up_in` seconds are over: say goodbye and hang up by then, ending the call as
+        they will, so that it never runs on with nobody able to bill or see it. False if it is ending already."""
+        if not accepts(self._phase, PhaseEvent.WIND_DOWN):
+            return False
+        self._say_goodbye(EndReason.ENGINE_LOST, detail, status=CallStatus.FAILED, within=hang_up_in)
+        return True
 
     def end_when_twilio_stops(self, reason: EndReason) -> None:
         """Twilio is about to stop the stream for a reason decided outside the call (an answering machine took it):
@@ -613,9 +627,10 @@ class CallSession:
                     self._stopped_at = self.clock()  # the transfer's answer, or Twilio's record, ends the call
                     if not self._transfers_asked:
                         self._end_after_stop()
+                elif ending and self._reason is not None:
+                    self._end(self._ending_status, self._reason, self._detail)
                 else:
-                    reason = self._reason if ending and self._reason is not None else EndReason.CALLER_HANGUP
-                    self._end(CallStatus.COMPLETED, reason, self._detail if ending else None)
+                    self._end(CallStatus.COMPLETED, EndReason.CALLER_HANGUP)
             case _:
                 pass  # start (seen by the media socket) and unknown marks carry nothing the call acts on
 
@@ -641,19 +656,31 @@ class CallSession:
 
     # ------------------------------------------------------------------------------------------- ending
 
-    def _say_goodbye(self, reason: EndReason) -> None:
-        """Stop whatever the agent was doing, say goodbye, then hang up."""
+    def _say_goodbye(
+        self,
+        reason: EndReason,
+        detail: str | None = None,
+        *,
+        status: CallStatus = CallStatus.COMPLETED,
+        within: float | None = None,
+    ) -> None:
+        """Stop whatever the agent was doing, say goodbye, then hang up, `status`; the goodbye is cut short once
+        `within` seconds are over (None: never)."""
         if not accepts(self._phase, PhaseEvent.WIND_DOWN):
             return
-        self._wind_down(reason, None)
+        self._wind_down(reason, detail, status)
         if self._greeting_wait is not None:
             self._greeting_wait.cancel()
-        self.spawn(self._goodbye(reason), "goodbye")
+        self.spawn(self._goodbye(reason, detail, status, within), "goodbye")
 
-    async def _goodbye(self, reason: EndReason) -> None:
-        await self._driver.interrupt(reason.value)
+    async def _goodbye(self, reason: EndReason, detail: str | None, status: CallStatus, within: float | None) -> None:
         try:
-            await self._driver.say(self.config.goodbye_sentence or DEFAULT_GOODBYE)
-        except Exception as exc:  # the goodbye is a courtesy: the call ends all the same
-            log.warning("call %s: the goodbye could not be said: %s", self.context.call_sid, exc)
-        await self.hang_up(reason)
+            async with asyncio.timeout(within):
+                await self._driver.interrupt(reason.value)
+                try:
+                    await self._driver.say(self.config.goodbye_sentence or DEFAULT_GOODBYE)
+                except Exception as exc:  # the goodbye is a courtesy: the call ends all the same
+                    log.warning("call %s: the goodbye could not be said: %s", self.context.call_sid, exc)
+        except TimeoutError:
+            log.warning("call %s: the goodbye was cut short after %.1f s", self.context.call_sid, within)
+        await self.hang_up(reason, detail, status=status)

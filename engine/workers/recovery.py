@@ -4,7 +4,8 @@ Every engine process registers as an EngineNode with a fresh id and heartbeats w
 every minute, it closes as FAILED the IN_PROGRESS calls of nodes that stopped heartbeating (a crash, a lost host)
 and of calls whose media stream never started, so nothing stays IN_PROGRESS forever. A node of this host whose
 process is gone is not waited for: its calls are closed at once. A node that was taken for dead but runs again ends
-the calls it finds closed (engine.workers.lost_calls, after each heartbeat).
+the calls it finds closed, and one cut off from the database ends its calls itself shortly before its heartbeat lease
+lapses (`lease_lapses_at`), so that they are never taken for lost while they run (engine.workers.lost_calls).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class NodeHeartbeat:
         self.node_id = node_id or new_id()
         self._hostname = socket.gethostname()
         self._pool = pool
-        self._heartbeat_interval = heartbeat_interval
+        self.heartbeat_interval = heartbeat_interval
         self._recovery_interval = recovery_interval
         self.node_timeout = node_timeout
         self._stream_timeout = stream_timeout
@@ -72,11 +73,22 @@ class NodeHeartbeat:
         """Heartbeats are stamped and judged by the database's clock (None) unless a clock is given (tests)."""
         self._task: asyncio.Task[None] | None = None
         self._after_beat: list[Callable[[], Awaitable[object]]] = []
+        self._last_taken_sent_at: float | None = None
+        """When (on the loop's clock) the last heartbeat the database took was sent: the database stamped it later."""
 
     def after_each_beat(self, check: Callable[[], Awaitable[object]]) -> None:
         """Run `check` after each heartbeat the database took (its transient database errors are retried with the
         next beat)."""
         self._after_beat.append(check)
+
+    @property
+    def lease_lapses_at(self) -> float:
+        """When (on the loop's clock) the other nodes may take this one for dead at the earliest, its heartbeats not
+        taken since: a node timeout after the last one the database took was sent (it was stamped later, by the
+        database's clock). Only a started node has one."""
+        if self._last_taken_sent_at is None:
+            raise RuntimeError(f"engine node {self.node_id} is not registered yet")
+        return self._last_taken_sent_at + self.node_timeout.total_seconds()
 
     async def start(self) -> None:
         """Register this node, close what dead nodes left open, and start heartbeating in the background."""
@@ -105,9 +117,11 @@ class NodeHeartbeat:
                 await engine_nodes.deregister_node(self._pool, node_id=node.id)
 
     async def _register(self) -> None:
+        sent_at = asyncio.get_running_loop().time()
         await engine_nodes.register_node(
             self._pool, node_id=self.node_id, hostname=self._hostname, pid=os.getpid(), now=self._stamp()
         )
+        self._last_taken_sent_at = sent_at
 
     def _stamp(self) -> datetime | None:
         """The instant to stamp a heartbeat with, or judge others' by: None for the database's clock."""
@@ -130,10 +144,13 @@ class NodeHeartbeat:
         next_recovery = self._clock() + self._recovery_interval
         missed = False
         while True:
-            await asyncio.sleep(self._heartbeat_interval.total_seconds())
+            await asyncio.sleep(self.heartbeat_interval.total_seconds())
             try:
                 # Heartbeat first: after an outage, this node must look alive before it judges the others.
-                if not await engine_nodes.heartbeat(self._pool, node_id=self.node_id, now=self._stamp()):
+                sent_at = asyncio.get_running_loop().time()
+                if await engine_nodes.heartbeat(self._pool, node_id=self.node_id, now=self._stamp()):
+                    self._last_taken_sent_at = sent_at
+                else:
                     log.warning("engine node %s was forgotten by the database; registering again", self.node_id)
                     await self._register()
                 if missed:

@@ -1,0 +1,126 @@
+"""A node cut off from the database, while Twilio and its callers still reach it: it ends its own calls before the
+other nodes take them for lost, and a short blip leaves them be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from engine.call.call_log_spill import SPILL_DIRNAME
+from engine.call.driver import DEFAULT_GOODBYE
+from engine.simulator import Pause
+from storage import engine_nodes, events, organizations
+from storage.enums import Plan
+from tests.databases import database_name
+from tests.test_call_log_writer import OnOffProxy, proxy  # noqa: F401 (fixtures)
+from tests.test_calls_e2e import call as simulated_call
+from tests.test_calls_e2e import finished_call_log, make_line
+from tests.test_drain_processes import Engine, engine, held_call
+
+STREAM_TIMEOUT = timedelta(minutes=10)
+NODE_TIMEOUT = 10.0
+HEARTBEAT_INTERVAL = 0.5
+
+
+def proxied_engine(through: OnOffProxy, db_url: str, tmp_path: Path) -> AbstractAsyncContextManager[Engine]:
+    """An engine whose database is behind `through`, heartbeating fast, with a short node timeout and finish."""
+    return engine(
+        through.url(database_name(db_url)),
+        tmp_path,
+        drain_seconds=1,
+        DIALTONE_NODE_HEARTBEAT_INTERVAL=str(HEARTBEAT_INTERVAL),
+        DIALTONE_NODE_TIMEOUT=str(NODE_TIMEOUT),
+        DIALTONE_CALL_LOG_FINISH_TIMEOUT="1",
+    )
+
+
+async def line(pool: asyncpg.Pool) -> tuple[str, str]:
+    """A number answered by an offline agent that waits for the caller as long as it may, of a new organization
+    with 100 credits; (the number, the organization's id)."""
+    org = await organizations.create_organization(
+        pool, name="Fenced", slug=f"fenced-{secrets.token_hex(4)}", plan=Plan.ENTERPRISE, credits=100
+    )
+    number, _ = await make_line(pool, org.id, firstSentence="Hello from the fenced line.", silenceTimeoutSeconds=600)
+    return number, org.id
+
+
+async def spill_written(state: Path) -> None:
+    """Return once the engine's spill holds no call's file (the database took them all)."""
+    for _ in range(600):
+        if not list((state / SPILL_DIRNAME).rglob("*.jsonl")):
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail("the spilled CallLog was never written")
+
+
+async def test_a_node_cut_off_from_the_database_ends_its_calls_itself_and_they_end_once_when_it_returns(
+    db_url: str,
+    pool: asyncpg.Pool,
+    proxy: OnOffProxy,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+) -> None:
+    number, org = await line(pool)
+    await events.create_event(pool, organization_id=org, name="call.ended", webhook_url="https://hooks.example/x")
+    async with proxied_engine(proxy, db_url, tmp_path) as node:
+        caller = asyncio.create_task(simulated_call(node.url, number, Pause(120_000), timeout_s=150))
+        call_log_id = await held_call(pool, number)
+        await proxy.down()  # the node's database is away; Twilio and the caller still reach it
+        for _ in range(600):  # another node's recovery, once the node's heartbeat is a node timeout old
+            if await engine_nodes.fail_orphaned_calls(
+                pool, node_timeout=timedelta(seconds=NODE_TIMEOUT), stream_timeout=STREAM_TIMEOUT
+            ):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("recovery never took the cut-off node's call for lost")
+        # The node ended the call itself, the database still away: no call runs on that nobody bills or sees.
+        done, _ = await asyncio.wait({caller}, timeout=30)
+        assert caller in done, "the cut-off node's call ran on after the others closed it as lost"
+        result = caller.result()
+        assert result.call_log_id == call_log_id
+        assert len(result.utterances) >= 2, "the caller heard no goodbye"
+        assert f"call {result.call_sid} ended: engine_lost (FAILED" in node.log()
+
+        await proxy.up()
+        await spill_written(tmp_path / "state")
+
+    ended = await finished_call_log(pool, call_log_id)
+    assert (ended["status"], ended["metadata"]["endReason"]) == ("FAILED", "engine_lost")
+    said = await pool.fetch(
+        'SELECT "text" FROM "CallTurn" WHERE "callLogId" = $1 AND "speaker" = $2 ORDER BY "index"', call_log_id, "agent"
+    )
+    assert [row["text"] for row in said][-1] == DEFAULT_GOODBYE  # its turns reached the database
+    told = await pool.fetch('SELECT "payload" FROM "WebhookDelivery" WHERE "event" = $1', "call.ended")
+    told_here = [json.loads(row["payload"]) if isinstance(row["payload"], str) else row["payload"] for row in told]
+    assert [data["data"]["callLogId"] for data in told_here].count(call_log_id) == 1
+    assert await pool.fetchval('SELECT count(*) FROM "CreditReservation" WHERE "callLogId" = $1', call_log_id) == 0
+    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 99
+
+
+async def test_a_short_database_blip_leaves_a_nodes_calls_running(
+    db_url: str,
+    pool: asyncpg.Pool,
+    proxy: OnOffProxy,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+) -> None:
+    number, _ = await line(pool)
+    async with proxied_engine(proxy, db_url, tmp_path) as node:
+        caller = asyncio.create_task(simulated_call(node.url, number, Pause(120_000), timeout_s=150))
+        call_log_id = await held_call(pool, number)
+        await proxy.down()
+        await asyncio.sleep(1.0)  # far less than the node timeout
+        await proxy.up()
+        await asyncio.sleep(NODE_TIMEOUT)  # past when a lease lost in the blip would have ended the call
+        assert not caller.done(), "a short database blip ended the call"
+        assert await pool.fetchval('SELECT "status" FROM "CallLog" WHERE "id" = $1', call_log_id) == "IN_PROGRESS"
+        caller.cancel()
+        await asyncio.gather(caller, return_exceptions=True)
+        assert "cut off from the database" not in node.log()
