@@ -42,14 +42,28 @@ def proxied_engine(through: OnOffProxy, db_url: str, tmp_path: Path) -> Abstract
     )
 
 
-async def line(pool: asyncpg.Pool) -> tuple[str, str]:
-    """A number answered by an offline agent that waits for the caller as long as it may, of a new organization
-    with 100 credits; (the number, the organization's id)."""
+async def line(pool: asyncpg.Pool, *, silence_timeout_s: int = 600) -> tuple[str, str]:
+    """A number answered by an offline agent that waits `silence_timeout_s` for a silent caller (by default as long
+    as it may), of a new organization with 100 credits; (the number, the organization's id)."""
     org = await organizations.create_organization(
         pool, name="Fenced", slug=f"fenced-{secrets.token_hex(4)}", plan=Plan.ENTERPRISE, credits=100
     )
-    number, _ = await make_line(pool, org.id, firstSentence="Hello from the fenced line.", silenceTimeoutSeconds=600)
+    number, _ = await make_line(
+        pool, org.id, firstSentence="Hello from the fenced line.", silenceTimeoutSeconds=silence_timeout_s
+    )
     return number, org.id
+
+
+async def goodbye_written(pool: asyncpg.Pool, call_log_id: str) -> None:
+    """Return once the call's last turn written is the agent's goodbye."""
+    for _ in range(600):
+        said = await pool.fetchval(
+            'SELECT "text" FROM "CallTurn" WHERE "callLogId" = $1 ORDER BY "index" DESC LIMIT 1', call_log_id
+        )
+        if said == DEFAULT_GOODBYE:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail("the call's goodbye never reached the database")
 
 
 async def spill_written(state: Path) -> None:
@@ -61,18 +75,25 @@ async def spill_written(state: Path) -> None:
     pytest.fail("the spilled CallLog was never written")
 
 
+@pytest.mark.parametrize("partitioned", [False, True], ids=["refused", "partitioned"])
 async def test_a_node_cut_off_from_the_database_ends_its_calls_itself_and_they_end_once_when_it_returns(
     db_url: str,
     pool: asyncpg.Pool,
     proxy: OnOffProxy,  # noqa: F811 (the fixture)
     tmp_path: Path,
+    partitioned: bool,
 ) -> None:
+    # Refused: every connection dropped and new ones refused. Partitioned: nothing answers, and nothing fails either.
     number, org = await line(pool)
     await events.create_event(pool, organization_id=org, name="call.ended", webhook_url="https://hooks.example/x")
     async with proxied_engine(proxy, db_url, tmp_path) as node:
         caller = asyncio.create_task(simulated_call(node.url, number, Pause(120_000), timeout_s=150))
         call_log_id = await held_call(pool, number)
-        await proxy.down()  # the node's database is away; Twilio and the caller still reach it
+        # The node's database is away; Twilio and the caller still reach it.
+        if partitioned:
+            proxy.stall()
+        else:
+            await proxy.down()
         for _ in range(600):  # another node's recovery, once the node's heartbeat is a node timeout old
             if await engine_nodes.fail_orphaned_calls(
                 pool, node_timeout=timedelta(seconds=NODE_TIMEOUT), stream_timeout=STREAM_TIMEOUT
@@ -89,15 +110,15 @@ async def test_a_node_cut_off_from_the_database_ends_its_calls_itself_and_they_e
         assert len(result.utterances) >= 2, "the caller heard no goodbye"
         assert f"call {result.call_sid} ended: engine_lost (FAILED" in node.log()
 
-        await proxy.up()
+        if partitioned:
+            proxy.flow()
+        else:
+            await proxy.up()
+        await goodbye_written(pool, call_log_id)  # its turns reach the database, from the spill or its writer
         await spill_written(tmp_path / "state")
 
     ended = await finished_call_log(pool, call_log_id)
     assert (ended["status"], ended["metadata"]["endReason"]) == ("FAILED", "engine_lost")
-    said = await pool.fetch(
-        'SELECT "text" FROM "CallTurn" WHERE "callLogId" = $1 AND "speaker" = $2 ORDER BY "index"', call_log_id, "agent"
-    )
-    assert [row["text"] for row in said][-1] == DEFAULT_GOODBYE  # its turns reached the database
     told = await pool.fetch('SELECT "payload" FROM "WebhookDelivery" WHERE "event" = $1', "call.ended")
     told_here = [json.loads(row["payload"]) if isinstance(row["payload"], str) else row["payload"] for row in told]
     assert [data["data"]["callLogId"] for data in told_here].count(call_log_id) == 1
@@ -124,3 +145,33 @@ async def test_a_short_database_blip_leaves_a_nodes_calls_running(
         caller.cancel()
         await asyncio.gather(caller, return_exceptions=True)
         assert "cut off from the database" not in node.log()
+
+
+async def test_a_call_the_agent_ends_while_the_database_does_not_answer_lets_its_caller_go_at_once(
+    db_url: str,
+    pool: asyncpg.Pool,
+    proxy: OnOffProxy,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+) -> None:
+    number, _ = await line(pool, silence_timeout_s=5)
+    async with engine(
+        proxy.url(database_name(db_url)), tmp_path, drain_seconds=1, DIALTONE_NODE_TIMEOUT="600"
+    ) as node:  # no fence: only the end of the call is at stake
+        caller = asyncio.create_task(simulated_call(node.url, number, Pause(120_000), timeout_s=150))
+        call_log_id = await held_call(pool, number)
+        proxy.stall()  # a partition: the end of the call cannot be written, nor fail, for a while
+        try:
+            # The agent hangs up on the silent caller (by closing the stream: the engine has no Twilio account).
+            done, _ = await asyncio.wait({caller}, timeout=30)
+            assert caller in done, "the caller was held on the line until the database answered"
+            assert f"call {caller.result().call_sid} ended: silence_timeout (COMPLETED" in node.log()
+        finally:
+            proxy.flow()
+        for _ in range(600):  # its writer's next attempt, once the database answers again
+            ended = await pool.fetchrow('SELECT "status", "metadata" FROM "CallLog" WHERE "id" = $1', call_log_id)
+            assert ended is not None
+            if ended["status"] != "IN_PROGRESS":
+                break
+            await asyncio.sleep(0.1)
+    assert ended is not None
+    assert (ended["status"], ended["metadata"]["endReason"]) == ("COMPLETED", "silence_timeout")

@@ -334,7 +334,14 @@ async def _run_claimed_call(  # noqa: PLR0917 (the stream's parts, as `_run_call
         durationSeconds=call_seconds(outcome.duration_s),
         transfer=await _transfer_leg(pool, call_log) if live.watched else None,
     )
-    await _wrap_up(request, call_log, writer, outcome, recorder)
+    # The call is over: its stream closes now (ending Twilio's call if nothing else did), while its end is written,
+    # not once the database has taken it, which may take the writer's whole patience while the database does not
+    # answer. (Closing waits for the other side's close frame, if it ever comes: not the wrap-up's business.)
+    closing = asyncio.create_task(ws.close(), name=f"close-stream-{call_log.id}")
+    try:
+        await _wrap_up(request, call_log, writer, outcome, recorder)
+    finally:
+        await closing
 
 
 async def _transfer_leg(pool: Pool, call_log: CallLog) -> dict[str, Any] | None:
