@@ -63,7 +63,9 @@ async def record_events(db: Queryable, events: Sequence[NewEvent]) -> int:
     """Insert `events` in one statement, in order; the largest id given (0 for none).
 
     The events of a call whose CallLog is gone (deleted while it ran, as the platform's dashboard does in SQL) are
-    left out: nothing could show them, and they must not cost the other calls' events of the batch.
+    left out: nothing could show them, and they must not cost the other calls' events of the batch. So is a call's
+    second call.ended: a node cut off from the database (or stopped) queues its call's end while recovery, elsewhere,
+    tells it as it closes the call lost; the first one written stands (inserts take turns under the write lock).
     """
     if not events:
         return 0
@@ -83,6 +85,8 @@ async def record_events(db: Queryable, events: Sequence[NewEvent]) -> int:
                         SELECT o, c, t, d::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
                             WITH ORDINALITY AS e(o, c, t, d, n)
                         WHERE e.c IN (SELECT "id" FROM present)
+                          AND NOT (e.t = 'call.ended' AND EXISTS (
+                              SELECT 1 FROM "LiveCallEvent" x WHERE x."callLogId" = e.c AND x."type" = e.t))
                         ORDER BY n
                         RETURNING "id"
                     )

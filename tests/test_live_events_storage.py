@@ -206,3 +206,18 @@ async def test_the_events_of_a_call_deleted_while_it_ran_cost_no_other_call_its_
             db, organization_id=tenant.organization_id, call_log_id=None, after=0
         )
     assert [(event.call_log_id, event.data["text"]) for event in events] == [(kept, "kept")]
+
+
+async def test_a_calls_end_is_recorded_once_whoever_tells_it_first(pool: asyncpg.Pool) -> None:
+    # Recovery told the end of a node's call as it closed it lost; the node, cut off from the database meanwhile,
+    # writes its own end (and what came before it) when the database returns.
+    tenant = await make_tenant(pool, "Ended twice")
+    call_log_id = await new_call(pool, tenant.organization_id)
+    ended = NewEvent(tenant.organization_id, call_log_id, "call.ended", {"status": "FAILED"})
+    await live_call_events.record_events(pool, [ended])
+    await live_call_events.record_events(pool, [said(tenant.organization_id, call_log_id, "goodbye"), ended])
+    async with tenant_transaction(pool, tenant.organization_id) as db:
+        events = await live_call_events.events_after(
+            db, organization_id=tenant.organization_id, call_log_id=call_log_id, after=0
+        )
+    assert [event.type for event in events] == ["call.ended", "caller.final"]

@@ -8,7 +8,7 @@ import asyncio
 import json
 import secrets
 from contextlib import AbstractAsyncContextManager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -17,7 +17,7 @@ import pytest
 from engine.call.call_log_spill import SPILL_DIRNAME
 from engine.call.driver import DEFAULT_GOODBYE
 from engine.simulator import Pause
-from storage import engine_nodes, events, organizations
+from storage import engine_nodes, events, live_call_events, organizations
 from storage.enums import Plan
 from tests.databases import database_name
 from tests.test_call_log_writer import OnOffProxy, proxy  # noqa: F401 (fixtures)
@@ -66,6 +66,22 @@ async def goodbye_written(pool: asyncpg.Pool, call_log_id: str) -> None:
     pytest.fail("the call's goodbye never reached the database")
 
 
+async def live_events_written(pool: asyncpg.Pool, call_log_id: str) -> None:
+    """Return once the live events the node queued while its database was away are written: after the call.ended
+    recovery told (the node writes its queue in one statement, its own call.ended last)."""
+    told = await pool.fetchval(
+        'SELECT min("id") FROM "LiveCallEvent" WHERE "callLogId" = $1 AND "type" = $2', call_log_id, "call.ended"
+    )
+    assert told is not None, "recovery told the live streams nothing"
+    for _ in range(600):
+        if await pool.fetchval(
+            'SELECT count(*) FROM "LiveCallEvent" WHERE "callLogId" = $1 AND "id" > $2', call_log_id, told
+        ):
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail("the node never wrote the live events it queued while its database was away")
+
+
 async def spill_written(state: Path) -> None:
     """Return once the engine's spill holds no call's file (the database took them all)."""
     for _ in range(600):
@@ -86,6 +102,9 @@ async def test_a_node_cut_off_from_the_database_ends_its_calls_itself_and_they_e
     # Refused: every connection dropped and new ones refused. Partitioned: nothing answers, and nothing fails either.
     number, org = await line(pool)
     await events.create_event(pool, organization_id=org, name="call.ended", webhook_url="https://hooks.example/x")
+    # A live event stream on another node watches the organization's calls all along.
+    watch = live_call_events.Watch(org, None)
+    await live_call_events.open_watch(pool, watch, node="another", until=datetime.now(UTC) + timedelta(hours=1))
     async with proxied_engine(proxy, db_url, tmp_path) as node:
         caller = asyncio.create_task(simulated_call(node.url, number, Pause(120_000), timeout_s=150))
         call_log_id = await held_call(pool, number)
@@ -116,12 +135,17 @@ async def test_a_node_cut_off_from_the_database_ends_its_calls_itself_and_they_e
             await proxy.up()
         await goodbye_written(pool, call_log_id)  # its turns reach the database, from the spill or its writer
         await spill_written(tmp_path / "state")
+        await live_events_written(pool, call_log_id)
 
     ended = await finished_call_log(pool, call_log_id)
     assert (ended["status"], ended["metadata"]["endReason"]) == ("FAILED", "engine_lost")
     told = await pool.fetch('SELECT "payload" FROM "WebhookDelivery" WHERE "event" = $1', "call.ended")
     told_here = [json.loads(row["payload"]) if isinstance(row["payload"], str) else row["payload"] for row in told]
     assert [data["data"]["callLogId"] for data in told_here].count(call_log_id) == 1
+    live = await pool.fetch(
+        'SELECT "data" FROM "LiveCallEvent" WHERE "callLogId" = $1 AND "type" = $2', call_log_id, "call.ended"
+    )
+    assert len(live) == 1, f"the live streams were told the call ended {len(live)} times"
     assert await pool.fetchval('SELECT count(*) FROM "CreditReservation" WHERE "callLogId" = $1', call_log_id) == 0
     assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 99
 
