@@ -130,6 +130,23 @@ async def held_call(
     return placed, call, gate
 
 
+async def transfer_answered_late(
+    deps: OutboundDeps, pool: asyncpg.Pool, fakes: Fakes, organization_id: str
+) -> tuple[PlacedCall, asyncpg.Record]:
+    """transfer_to_billing's call of the organization, whose transfer Twilio makes (`stop`, then its `<Dial>`) but
+    answers only once the request has timed out; and its CallLog once it has ended."""
+    twilio, deepgram, openai = fakes
+    placed = await transfer_to_billing(
+        deps, pool, twilio=twilio, deepgram=deepgram, openai=openai, organization_id=organization_id
+    )
+    call = twilio.calls[placed.call_sid]
+    call.answer_gate = asyncio.Event()
+    try:
+        return placed, await finished_log(pool, placed.call_log_id)
+    finally:
+        call.answer_gate.set()
+
+
 async def model_answered(openai: FakeOpenAI) -> None:
     """Once the model has taken the reply queued for it."""
     for _ in range(600):
@@ -224,22 +241,32 @@ async def test_a_transfer_twilio_makes_without_answering_the_request_in_time_end
     """Twilio leaves the stream for the `<Dial>` but its answer to the request comes after the client gave up: its
     record of the calls the `<Dial>` made says the call was transferred, and the leg stays held for its settlement."""
     org = (await organizations.create_organization(pool, name="Late", slug="transfer-late", credits=1000)).id
-    placed = await transfer_to_billing(deps, pool, twilio=twilio, deepgram=deepgram, openai=openai, organization_id=org)
-    call = twilio.calls[placed.call_sid]
-    call.answer_gate = asyncio.Event()  # Twilio acts on the transfer, and answers only once the request timed out
-    try:
-        log = await finished_log(pool, placed.call_log_id)
-    finally:
-        call.answer_gate.set()
+    placed, log = await transfer_answered_late(deps, pool, (twilio, deepgram, openai), org)
 
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
     assert log["metadata"]["endDetail"] == "billing"
-    assert [dialed_number(update["Twiml"]) for update in call.updates] == [BILLING]
+    assert [dialed_number(update["Twiml"]) for update in twilio.calls[placed.call_sid].updates] == [BILLING]
     [dial] = twilio.dialed_calls[placed.call_sid]
     assert dial.to == BILLING
     # Billed once: the call's started minute, and the leg's five held until the dial's action request settles them.
     assert await transfer_legs.reserved_leg_credits(pool, call_log_id=placed.call_log_id) == 5 * RATE
     assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 1000 - RATE - 5 * RATE
+
+
+async def test_a_transfer_twilio_makes_without_answering_the_request_in_time_tells_the_caller_no_failure(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    """Twilio has left the stream for the `<Dial>` when its answer to the model's transfer request fails to come: the
+    agent does not begin telling a caller who is gone (and may be talking to billing) that the transfer failed."""
+    org = (await organizations.create_organization(pool, name="Quiet", slug="transfer-quiet", credits=1000)).id
+    placed, log = await transfer_answered_late(deps, pool, (twilio, deepgram, openai), org)
+
+    assert log["metadata"]["endReason"] == "transferred", log["metadata"]
+    said = await pool.fetch(
+        """SELECT "text" FROM "CallTurn" WHERE "callLogId" = $1 AND "speaker" = 'agent' ORDER BY "index" """,
+        placed.call_log_id,
+    )
+    assert [row["text"] for row in said] == ["Hi, this is the clinic.", "Transferring you now."]
 
 
 async def test_the_models_transfer_while_the_apis_is_under_way_waits_for_it_and_tells_no_failure(

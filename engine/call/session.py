@@ -238,12 +238,15 @@ class CallSession:
         the model asked for (`asked`, its `transfer_call` arguments) was told as done: its failure is told too.
 
         While another transfer (the API's) waits for Twilio, this one waits for it: the caller goes where that one
-        takes them (True), and only when Twilio refused it is this one asked for."""
+        takes them (True), and only when Twilio refused it is this one asked for. Once Twilio has left the stream
+        (`stop`), nobody is left to tell a failure to: its answer, or its record of the dial, ends the call (True)."""
         if self._transfers_asked:
             await self._transfers_answered.wait()
-            if self._ended.is_set() or self._reason is EndReason.TRANSFERRED:
-                return True  # handed over by the other transfer (or gone): nothing to tell the caller
+        if self._ended.is_set() or self._stopped_at is not None or self._reason is EndReason.TRANSFERRED:
+            return True  # handed over by another transfer, or gone: nothing to tell the caller
         if not await self._transfer_started(to, detail):
+            if self._stopped_at is not None:  # Twilio left the stream while it was asked (it may have dialed)
+                return True
             if asked is not None:
                 self.live.tool_call(TRANSFER_CALL, asked, transfer_failed(to))
             return False
