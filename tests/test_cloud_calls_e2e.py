@@ -383,8 +383,16 @@ TUESDAY = {"day": "Tuesday"}
         # could not be encoded), or escaped in a value (which a path's variables could not store).
         ('{"day": "Tuesday \ud83d"}', {"day": "Tuesday \ufffd"}, "application/json", SLOTS, SLOTS.decode()),
         ({"day": "Tuesday \ud83d"}, {"day": "Tuesday \ufffd"}, "application/json", SLOTS, SLOTS.decode()),
+        # An emoji whose halves come in two of the stream's fragments (a server slicing its text by UTF-16 units).
+        ('{"day": "Tuesda\ud83d\ude00"}', {"day": "Tuesda\U0001f600"}, "application/json", SLOTS, SLOTS.decode()),
     ],
-    ids=["json", "utf-7 with a lone surrogate", "arguments with a lone surrogate", "arguments with an escaped one"],
+    ids=[
+        "json",
+        "utf-7 with a lone surrogate",
+        "arguments with a lone surrogate",
+        "arguments with an escaped one",
+        "arguments with an emoji split between fragments",
+    ],
 )
 async def test_an_agent_function_calls_the_organizations_webhook(  # noqa: PLR0917 (fixtures and parameters)
     engine: str,

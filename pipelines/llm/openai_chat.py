@@ -154,8 +154,9 @@ class _Completion:
     def absorb(self, chunk: Mapping[str, Any]) -> list[str]:
         """Take in one chunk (its JSON as sent); return the text to speak now.
 
-        The text and the arguments are `storable_text`: JSON can carry a NUL or a lone surrogate ("\\ud83d", half an
-        emoji), which the voice's request, the stored turns and the model's next request could not.
+        The text is `storable_text` (the arguments are once complete: `function_calls`): JSON can carry a NUL or a
+        lone surrogate ("\\ud83d", half an emoji), which the voice's request, the stored turns and the model's next
+        request could not.
         """
         spoken: list[str] = []
         for choice in _objects(chunk.get("choices")):
@@ -173,7 +174,7 @@ class _Completion:
                     if isinstance(function, dict):
                         # The name comes whole in a call's first fragment; the arguments come in pieces.
                         call.name = call.name or _string(function.get("name"))
-                        call.arguments += storable_text(_string(function.get("arguments")))
+                        call.arguments += _string(function.get("arguments"))
             finish_reason = choice.get("finish_reason")
             if isinstance(finish_reason, str):
                 self.finish_reason = finish_reason
@@ -181,10 +182,12 @@ class _Completion:
         return spoken
 
     def function_calls(self, ids: Iterator[int]) -> list[_FunctionCall]:
-        """The complete function calls in index order, each with an id (made up if the server sent none)."""
+        """The complete function calls in index order, each with an id (made up if the server sent none), their
+        arguments `storable_text`: made so whole, as an emoji whose halves came in two fragments stays one."""
         calls = [self.calls[index] for index in sorted(self.calls) if self.calls[index].name]
         for call in calls:
             call.id = call.id or f"call_{next(ids)}"
+            call.arguments = storable_text(call.arguments)
         return calls
 
 
