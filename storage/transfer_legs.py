@@ -147,6 +147,10 @@ async def settle_leg(
         raise ValueError(f"a leg's duration cannot be negative, got {duration_seconds}")
     minutes = math.ceil(duration_seconds / 60)
     async with transaction(db) as conn:
+        # The CallLog is locked first, in the order its deletion's trigger takes them (migration 0031: the CallLog,
+        # then its leg): taking the leg first, a settlement racing the deletion deadlocked with it. Once a deletion
+        # has gone before, this statement's snapshot finds the leg detached.
+        await conn.execute('SELECT FROM "CallLog" WHERE "id" = $1 FOR NO KEY UPDATE', call_log_id)
         # A leg is open in "TransferLeg" or detached, never both: its CallLog's deletion moves it in one statement.
         row = await conn.fetchrow(
             """

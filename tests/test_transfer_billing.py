@@ -203,6 +203,36 @@ async def test_a_transfer_whose_call_log_is_deleted_during_the_dial_is_charged_i
     assert await pool.fetchval('SELECT count(*) FROM "DetachedTransferLeg" WHERE "callLogId" = $1', log["id"]) == 0
 
 
+async def test_a_dial_ending_while_its_call_log_is_deleted_is_settled_by_its_action_not_left_to_the_sweep(
+    line: Line, pool: asyncpg.Pool, db_url: str
+) -> None:
+    # The deletion waits for a writer of the CallLog (its call's own), and the dial's action request comes meanwhile:
+    # both go through in turn. Taking the leg before the CallLog, the action deadlocked with the deletion's trigger
+    # (CallLog, then the leg) and left the settlement to the sweep, half an hour later.
+    result, log, dial = await dialing_transfer(line, pool, credits=1000)
+    assert dial.action is not None
+    writer, deleter = await asyncpg.connect(db_url), await asyncpg.connect(db_url)
+    try:
+        writing = writer.transaction()
+        await writing.start()
+        await writer.execute('SELECT 1 FROM "CallLog" WHERE "id" = $1 FOR NO KEY UPDATE', log["id"])
+        deleting = asyncio.create_task(deleter.execute('DELETE FROM "CallLog" WHERE "id" = $1', log["id"]))
+        await asyncio.sleep(0.3)  # the deletion waits for the writer
+        ending = asyncio.create_task(dial_ends(dial.action, result.call_sid, "completed", 125))
+        await asyncio.sleep(0.3)  # the action waits too
+        await writing.commit()
+        await deleting
+        assert (await ending)[0] == 200
+    finally:
+        await writer.close()
+        await deleter.close()
+
+    assert await balance(pool, log["organizationId"]) == 1000 - RATE - 3 * RATE  # 125 s: three started minutes
+    assert [data["creditsCharged"] for data in await queued_data(pool, log["organizationId"], "transfer.ended")] == [
+        3 * RATE
+    ]
+
+
 async def test_a_leg_settled_before_its_call_log_is_deleted_goes_with_it_and_returns_nothing_more(
     pool: asyncpg.Pool,
 ) -> None:
