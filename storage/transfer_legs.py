@@ -224,21 +224,29 @@ async def settle_leg(
 
 async def release_leg(db: Queryable, *, call_log_id: str) -> int | None:
     """Undo the call's open leg, which Twilio was not asked to dial after all (its request failed): every credit it
-    held returns, and the call may try another transfer. Returns the balance, or None when it had no open leg."""
-    balance: int | None = await db.fetchval(
-        """
-        WITH leg AS (
-            DELETE FROM "TransferLeg" l USING "CallLog" c
-            WHERE l."callLogId" = $1 AND l."endedAt" IS NULL AND c."id" = l."callLogId"
-            RETURNING l."credits", c."organizationId"
+    held returns, and the call may try another transfer. A leg its CallLog's deletion detached meanwhile returns
+    alike. Returns the balance, or None when it had no open leg."""
+    async with transaction(db) as conn:
+        # The CallLog first, in the order its deletion's trigger takes them, as `settle_leg` does.
+        await conn.execute('SELECT FROM "CallLog" WHERE "id" = $1 FOR NO KEY UPDATE', call_log_id)
+        balance: int | None = await conn.fetchval(
+            """
+            WITH leg AS (
+                DELETE FROM "TransferLeg" l USING "CallLog" c
+                WHERE l."callLogId" = $1 AND l."endedAt" IS NULL AND c."id" = l."callLogId"
+                RETURNING l."credits", c."organizationId"
+            ), detached AS (
+                DELETE FROM "DetachedTransferLeg" WHERE "callLogId" = $1 RETURNING "credits", "organizationId"
+            ), released AS (
+                SELECT * FROM leg UNION ALL SELECT * FROM detached
+            )
+            UPDATE "Organization" o SET "credits" = o."credits" + released."credits"
+            FROM released
+            WHERE o."id" = released."organizationId"
+            RETURNING o."credits"
+            """,
+            call_log_id,
         )
-        UPDATE "Organization" o SET "credits" = o."credits" + leg."credits"
-        FROM leg
-        WHERE o."id" = leg."organizationId"
-        RETURNING o."credits"
-        """,
-        call_log_id,
-    )
     return balance
 
 

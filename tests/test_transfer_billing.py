@@ -233,6 +233,35 @@ async def test_a_dial_ending_while_its_call_log_is_deleted_is_settled_by_its_act
     ]
 
 
+async def test_a_leg_released_while_its_call_log_is_deleted_returns_its_credits_at_once(
+    pool: asyncpg.Pool, db_url: str
+) -> None:
+    # Twilio refused the dial as the dashboard deleted the running call, whose organization another call's meter was
+    # charging: the deletion and the release both go through, and the leg's credits come back now, not from the
+    # sweep half an hour later. Taking the leg before the CallLog, the release deadlocked with the deletion's trigger.
+    organization_id = await organization(pool, credits=1000)
+    running = await open_call(pool, organization_id, credit_rates=RATES)
+    await open_leg(pool, organization_id, running.id, max_minutes=30)
+    meter, deleter = await asyncpg.connect(db_url), await asyncpg.connect(db_url)
+    try:
+        charging = meter.transaction()
+        await charging.start()
+        await meter.execute('SELECT 1 FROM "Organization" WHERE "id" = $1 FOR NO KEY UPDATE', organization_id)
+        deleting = asyncio.create_task(deleter.execute('DELETE FROM "CallLog" WHERE "id" = $1', running.id))
+        await asyncio.sleep(0.3)  # the deletion's trigger waits for the organization's row
+        releasing = asyncio.create_task(transfer_legs.release_leg(pool, call_log_id=running.id))
+        await asyncio.sleep(0.3)
+        await charging.commit()
+        await deleting
+        assert await releasing == 1000
+    finally:
+        await meter.close()
+        await deleter.close()
+
+    assert await balance(pool, organization_id) == 1000  # its stream never started: the reserved minute is back too
+    assert await pool.fetchval('SELECT count(*) FROM "DetachedTransferLeg" WHERE "callLogId" = $1', running.id) == 0
+
+
 async def test_a_leg_settled_before_its_call_log_is_deleted_goes_with_it_and_returns_nothing_more(
     pool: asyncpg.Pool,
 ) -> None:
