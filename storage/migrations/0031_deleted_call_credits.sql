@@ -50,12 +50,13 @@ CREATE INDEX "DetachedTransferLeg_organizationId_idx" ON "DetachedTransferLeg"("
 -- CreateIndex: the settlement sweep reads them oldest first, as it does the open legs.
 CREATE INDEX "DetachedTransferLeg_startedAt_idx" ON "DetachedTransferLeg"("startedAt");
 
--- Row-level security: the API sees only its organization's rows (the same grants as every tenant table).
+-- Billing is the owner role's work, as for "CreditReservation" (0011) and "TransferLeg" (0025): no grant, so
+-- dialtone_api cannot reach it (a leg it could write would be a refund it could make up). Row-level security is on
+-- all the same, with the tenant policy, should a grant ever be given.
 ALTER TABLE "DetachedTransferLeg" ENABLE ROW LEVEL SECURITY;
 CREATE POLICY "DetachedTransferLeg_tenant_isolation" ON "DetachedTransferLeg"
     USING ("organizationId" = current_setting('app.organization_id', true))
     WITH CHECK ("organizationId" = current_setting('app.organization_id', true));
-GRANT SELECT, INSERT, UPDATE, DELETE ON "DetachedTransferLeg" TO dialtone_api;
 
 -- Settle a deleted call's reservation and detach its open leg. SECURITY DEFINER: whoever deletes the call (the API role
 -- under its organization's policy, a dashboard's role with no grant on the billing tables) must never have the DELETE
