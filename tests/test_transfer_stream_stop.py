@@ -269,6 +269,40 @@ async def test_a_transfer_twilio_makes_without_answering_the_request_in_time_tel
     assert [row["text"] for row in said] == ["Hi, this is the clinic.", "Transferring you now."]
 
 
+async def test_a_transfer_through_the_api_that_twilio_makes_without_answering_in_time_is_a_504_not_a_refusal(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    """Twilio leaves the stream for the `<Dial>` but answers the API's transfer request only after it timed out: the
+    API does not say Twilio refused it and the call goes on (502) for a transfer the call then ends with."""
+    tenant = await make_tenant(pool, "Unanswered", credits=1000)
+    placed = await transfer_to_billing(
+        deps,
+        pool,
+        twilio=twilio,
+        deepgram=deepgram,
+        openai=openai,
+        organization_id=tenant.organization_id,
+        model_transfers=False,
+    )
+    call = twilio.calls[placed.call_sid]
+    gate = call.answer_gate = asyncio.Event()  # Twilio acts on the request, then holds its answer
+    await held_by_a_node(pool, tenant.organization_id)
+    await model_answered(openai)
+    try:
+        async with aiohttp.ClientSession() as session:
+            status, body = await Api(session, deps.public_url).call(
+                "POST", f"/live-calls/{placed.call_log_id}/transfer", tenant.owner_key, json={"to": BILLING}
+            )
+    finally:
+        gate.set()
+
+    assert (status, body["error"]["code"]) == (504, "twilio_timeout"), body
+    assert "may still make it" in body["error"]["message"]
+    log = await finished_log(pool, placed.call_log_id)
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
+    assert [dialed_number(update["Twiml"]) for update in call.updates] == [BILLING]
+
+
 async def test_the_models_transfer_while_the_apis_is_under_way_waits_for_it_and_tells_no_failure(
     deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
 ) -> None:

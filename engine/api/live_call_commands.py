@@ -18,7 +18,11 @@ from storage import call_logs, engine_nodes
 from storage.call_logs import CallLog
 from storage.enums import CallStatus
 
-_REFUSAL_STATUS = {"forbidden": (403, "forbidden"), "twilio": (502, "twilio_error")}
+_REFUSAL_STATUS = {
+    "forbidden": (403, "forbidden"),
+    "twilio": (502, "twilio_error"),
+    "twilio_unanswered": (504, "twilio_timeout"),
+}
 """The status of a command the call refused, by the kind its handler named (otherwise 409 conflict)."""
 
 
@@ -53,7 +57,7 @@ async def command_holding_node(
 
     ApiError when it was not carried out: 409 when the holding process stopped, does not answer, or no longer has
     the call, or the call refused the command (403 when the agent's rules forbid it, 502 when Twilio did not carry
-    it out).
+    it out, 504 when Twilio did not answer in time and may still carry it out).
     """
     app = call.app
     if log.id in app[LIVE_CALLS]:

@@ -17,7 +17,7 @@ from engine.call.control_channel import Acknowledgement, Handler
 from engine.call.driver import ControlRefused
 from engine.call.listen_relay import LEASE_SECONDS, LISTEN, LISTEN_RELAY
 from engine.call.live_calls import LiveCall
-from engine.call.twilio_control import TwilioRefused
+from engine.call.twilio_control import TwilioRefused, TwilioUnanswered
 from engine.server.appkeys import LIVE_CALLS, TWILIO
 from engine.twilio.rest import REQUEST_TIMEOUT_SECONDS
 from pipelines.conversation.transfer_rules import Refusal
@@ -39,9 +39,10 @@ it never answers as failed a hang-up or transfer Twilio then carries out. Other 
 
 REFUSAL: Final = "refusal"
 """The result key of a command not applied because the call refused it: `Refused`. Without it, the call was gone."""
-Refused = Literal["conflict", "forbidden", "twilio"]
+Refused = Literal["conflict", "forbidden", "twilio", "twilio_unanswered"]
 """conflict: the call cannot do it now (it is ending, its model takes no messages...); forbidden: the agent's rules
-do not allow it (a transfer to a number they do not list); twilio: Twilio's REST API did not carry it out."""
+do not allow it (a transfer to a number they do not list); twilio: Twilio's REST API did not carry it out;
+twilio_unanswered: Twilio's REST API did not answer in time, and may still carry it out."""
 
 EndedBy = Literal["twilio", "engine"]
 
@@ -81,6 +82,8 @@ def _on_session(app: web.Application, command: SessionCommand) -> Handler:
             return _gone(call_log_id)
         try:
             return await command(session, args)
+        except TwilioUnanswered as exc:
+            return refused("twilio_unanswered", f"call {call_log_id}: {exc}")
         except TwilioRefused as exc:
             return refused("twilio", f"call {call_log_id}: {exc}")
         except ControlRefused as exc:

@@ -33,7 +33,15 @@ from engine.call.live_events import CallEvents
 from engine.call.outbound_audio import OutboundAudio, SendText, StreamTimeline
 from engine.call.phases import CallPhase, PhaseEvent, accepts, next_phase
 from engine.call.turns import TRANSCRIPTION_FAILED, TurnLog
-from engine.call.twilio_control import Dialed, HangUp, Transfer, TwilioControl, TwilioRefused, await_twilio_stop
+from engine.call.twilio_control import (
+    Dialed,
+    HangUp,
+    Transfer,
+    TwilioControl,
+    TwilioRefused,
+    TwilioUnanswered,
+    await_twilio_stop,
+)
 from engine.server import metrics
 from media.g711 import BYTES_PER_MS
 from media.recording import StereoWavRecorder
@@ -349,17 +357,24 @@ class CallSession:
                 "a transfer is under way (Twilio has not answered it yet); the call is not transferred twice"
             )
         await self._driver.interrupt("a transfer through the API")
-        if not await self._transfer_started(verdict.number, detail):
+        started = await self._transfer_started(verdict.number, detail)
+        if not started:
             if self._phase is CallPhase.RESPONDING:
                 self.move(PhaseEvent.YIELD)  # the agent stopped speaking: the caller has the floor
+            if started is None:  # Twilio may be dialing: the call's end will say (transferred, or not)
+                raise TwilioUnanswered(
+                    f"Twilio did not answer the request to transfer the call to {verdict.number} in time; it may "
+                    "still make it: the call's end (endReason transferred) will tell"
+                )
             raise TwilioRefused(f"Twilio did not transfer the call to {verdict.number}; the call goes on")
         self.live.emit("call.transfer", to=verdict.number, detail=detail)  # the model's are told as its tool.call
         self._wind_down(EndReason.TRANSFERRED, detail)
         self.spawn(self._transferred(detail), "transfer")
         return verdict
 
-    async def _transfer_started(self, to: str, detail: str | None) -> bool:
-        """Ask Twilio to take the caller to `to`, unless the call has ended meanwhile.
+    async def _transfer_started(self, to: str, detail: str | None) -> bool | None:
+        """Ask Twilio to take the caller to `to`, unless the call has ended meanwhile: True when Twilio took it, None
+        when it did not answer in time (it may be dialing), False otherwise.
 
         Twilio may leave the stream for the `<Dial>` before it answers the request: a `stop` meanwhile ends the call
         here, `transferred` when Twilio took the transfer, else (it refused: the caller had hung up) `caller_hangup`.
@@ -381,7 +396,7 @@ class CallSession:
                 self._end(CallStatus.COMPLETED, EndReason.TRANSFERRED, detail)
             elif self._stopped_at is not None and not self._transfers_asked:
                 self._end_after_stop()
-        return answer is True
+        return answer
 
     def _end_after_stop(self) -> None:
         """Twilio's `stop` came and no transfer request is unanswered: the caller hung up, unless Twilio made a

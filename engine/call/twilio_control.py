@@ -37,6 +37,10 @@ class TwilioRefused(ControlRefused):
     """Twilio's REST API did not carry out a control asked from outside the call; the call goes on."""
 
 
+class TwilioUnanswered(TwilioRefused):
+    """Twilio's REST API did not answer a control asked from outside the call in time: it may still carry it out."""
+
+
 class TwilioControl:
     """Hang-up and transfer of one call through Twilio's REST API, when the engine has credentials for it."""
 

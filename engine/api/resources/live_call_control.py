@@ -116,14 +116,15 @@ async def message_live_call(call: ApiCall) -> MessageAccepted:
     response=TransferAccepted,
     status=202,
     body=TransferRequest,
-    errors=(403, 409, 502),
+    errors=(403, 409, 502, 504),
 )
 async def transfer_live_call(call: ApiCall) -> TransferAccepted:
     """Hand the caller to a number the agent's transfer rules allow, the rules its model's `transfer_call` obeys:
     the agent stops speaking and Twilio dials it. 422 for a number that is not E.164; 403 when the rules, or the
     organization's dial policy (GET /v1/organization/dial-policy), do not allow it; 409 when the call is
     not in progress or ending, or the engine process holding it has no Twilio account to transfer with; 502 when
-    Twilio did not make the transfer (the call goes on)."""
+    Twilio did not make the transfer (the call goes on); 504 when Twilio did not answer the request in time and may
+    still make it (the call's end says whether it did: `endReason` `transferred`)."""
     body = call.body_as(TransferRequest)
     log = await live_call(call)
     try:
