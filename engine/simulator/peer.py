@@ -132,6 +132,7 @@ class StreamPeer:
         self.chunk = 0
         self.frames_to_drop = 0  # inbound frames Twilio loses: counted as chunks, never sent
         self.send_lock = asyncio.Lock()
+        self.stop_sent = False  # Twilio sends nothing on a stream after its `stop`
         self.caller_audio: deque[_CallerAudio] = deque()
         self.current: AgentUtterance | None = None
         self.last_agent_audio_at = 0.0
@@ -150,11 +151,13 @@ class StreamPeer:
 
     async def _send(self, message: dict[str, Any], *, numbered: bool = True) -> None:
         async with self.send_lock:  # sequence numbers must reach the engine in order
-            if self.ws.closed:
+            # Closing the socket after `stop` first waits for the receiver to let go: no media may slip in meanwhile.
+            if self.ws.closed or self.stop_sent:
                 raise _StreamClosed
             if numbered:
                 self.sequence += 1
                 message = {"event": message["event"], "sequenceNumber": str(self.sequence), **message}
+            self.stop_sent = message["event"] == "stop"
             try:
                 await self.ws.send_str(json.dumps(message, separators=(",", ":")))
             except (ConnectionError, aiohttp.ClientError) as exc:
@@ -368,9 +371,10 @@ class StreamPeer:
 
     async def hang_up(self) -> None:
         """Hang up as Twilio does: `stop`, then close the socket with 1000."""
-        stop = {"accountSid": self.result.account_sid, "callSid": self.result.call_sid}
-        self._log("caller", "hangs up")
-        await self._send({"event": "stop", "streamSid": self.result.stream_sid, "stop": stop})
+        if not self.stop_sent:
+            stop = {"accountSid": self.result.account_sid, "callSid": self.result.call_sid}
+            self._log("caller", "hangs up")
+            await self._send({"event": "stop", "streamSid": self.result.stream_sid, "stop": stop})
         await self.ws.close(code=aiohttp.WSCloseCode.OK)
 
 
