@@ -1,7 +1,8 @@
 """Engine nodes: the processes sharing the database, their heartbeats, and the calls a dead one left behind.
 
 A node tags each call it runs with metadata.engineNode. When a node stops heartbeating, every call still
-IN_PROGRESS under its tag is closed as FAILED by whichever node looks next, so no call stays IN_PROGRESS forever.
+IN_PROGRESS under its tag is closed by whichever node looks next, so no call stays IN_PROGRESS forever: FAILED, or
+COMPLETED `transferred` when Twilio had taken its transfer (the caller was handed over as asked).
 
 Heartbeats are stamped, and judged, by the database's clock (`now=None`): one host's clock running ahead of
 another's by the node timeout would otherwise have it close the live calls of a healthy node. Tests pass `now`.
@@ -9,9 +10,11 @@ another's by the node timeout would otherwise have it close the live calls of a 
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from storage import call_logs
+from storage import call_logs, transfer_legs
 from storage.end_reasons import EndReason
 from storage.errors import translate_errors
 from storage.records import Queryable, Record, transaction
@@ -19,6 +22,8 @@ from storage.records import Queryable, Record, transaction
 _COLUMNS = '"id", "hostname", "pid", "startedAt", "lastSeenAt"'
 _NOW = "COALESCE({}::timestamptz, statement_timestamp())"
 """The given instant, or the database's clock when it is None (the parameter's placeholder goes in the braces)."""
+LOST_AFTER_TRANSFER = "the engine node running the call was lost after Twilio took its transfer"
+"""The `endDetail` of a call crash recovery closed as transferred."""
 
 
 class EngineNode(Record):
@@ -93,38 +98,87 @@ async def list_nodes_on_host(db: Queryable, *, hostname: str) -> list[EngineNode
     return EngineNode.from_rows(rows)
 
 
-async def fail_orphaned_calls(
-    db: Queryable, *, node_timeout: timedelta, stream_timeout: timedelta, now: datetime | None = None
-) -> int:
-    """Close as FAILED every IN_PROGRESS call no live node runs; return how many.
+_ORPHANED = f"""
+    c."status" = 'IN_PROGRESS'
+    AND CASE WHEN c."metadata" ? 'engineNode'
+             THEN NOT EXISTS (SELECT 1 FROM "EngineNode" n
+                              WHERE n."id" = c."metadata"->>'engineNode'
+                                AND n."lastSeenAt" >= {_NOW.format("$1")} - $2::interval)
+             ELSE c."timestamp" < {_NOW.format("$1")} - $3::interval END
+"""
+"""The IN_PROGRESS calls `c` no live node runs, given `now` ($1), the node timeout ($2) and the stream timeout ($3)."""
 
-    A call tagged with a node not seen within `node_timeout` ends with ENGINE_LOST; an untagged call that started
-    more than `stream_timeout` ago ends with STREAM_NEVER_STARTED (its media stream never opened). Calls of live
-    nodes, and untagged calls younger than `stream_timeout` (still waiting for their stream), are left alone. Each
-    closed call's call.ended is queued, and its credit reservation settled (an ENGINE_LOST call pays the minutes it
-    surely started, credit_reservations.settle_orphaned_reservations), in the same transaction. `now` is the
-    database's clock when None. Unscoped by design: recovery looks across every organization.
+
+@dataclass(frozen=True, slots=True)
+class OrphanedTransfer:
+    """An orphaned call whose transfer leg is still open: the transfer was asked, and Twilio took it or may have."""
+
+    call_log_id: str
+    call_sid: str
+
+
+async def orphaned_transfers(
+    db: Queryable, *, node_timeout: timedelta, stream_timeout: timedelta, now: datetime | None = None
+) -> list[OrphanedTransfer]:
+    """The calls `close_orphaned_calls` would close now whose transfer leg is open: whether Twilio made their
+    transfer only its record of the dial tells. Unscoped by design, as recovery is."""
+    rows = await db.fetch(
+        f"""
+        SELECT c."id", c."callId" FROM "CallLog" c JOIN "TransferLeg" l ON l."callLogId" = c."id"
+        WHERE l."endedAt" IS NULL AND c."metadata" ? 'engineNode' AND {_ORPHANED}
+        ORDER BY c."timestamp"
+        """,
+        now,
+        node_timeout,
+        stream_timeout,
+    )
+    return [OrphanedTransfer(call_log_id=row["id"], call_sid=row["callId"]) for row in rows]
+
+
+async def close_orphaned_calls(
+    db: Queryable,
+    *,
+    node_timeout: timedelta,
+    stream_timeout: timedelta,
+    now: datetime | None = None,
+    dialed: Collection[str] = (),
+) -> int:
+    """Close every IN_PROGRESS call no live node runs; return how many.
+
+    A call tagged with a node not seen within `node_timeout` was handed over if Twilio made its transfer: its leg
+    was settled from the dial Twilio made (not `not-dialed`), or its id is in `dialed` (Twilio's record shows its
+    transfer's dial, `orphaned_transfers`); it ends COMPLETED with TRANSFERRED, any other FAILED with ENGINE_LOST.
+    An untagged call that started more than `stream_timeout` ago ends FAILED with STREAM_NEVER_STARTED (its media
+    stream never opened). Calls of live nodes, and untagged calls younger than `stream_timeout` (still waiting for
+    their stream), are left alone. Each closed call's call.ended is queued, and its credit reservation settled (a
+    lost call pays the minutes it surely started, credit_reservations.settle_orphaned_reservations), in the same
+    transaction; a transfer's leg is left to its own settlement. `now` is the database's clock when None. Unscoped
+    by design: recovery looks across every organization.
     """
+    transferred = """(c."metadata" ? 'engineNode' AND (c."id" = ANY($4::text[]) OR EXISTS (
+        SELECT 1 FROM "TransferLeg" l WHERE l."callLogId" = c."id" AND l."endedAt" IS NOT NULL
+                                        AND l."dialStatus" <> $5)))"""
     async with transaction(db) as conn:
         rows = await conn.fetch(
             f"""
             UPDATE "CallLog" c SET
-                "status" = 'FAILED',
-                "metadata" = c."metadata" || jsonb_build_object(
-                    'endReason', CASE WHEN c."metadata" ? 'engineNode' THEN $3::text ELSE $4::text END)
-            WHERE c."status" = 'IN_PROGRESS'
-              AND CASE WHEN c."metadata" ? 'engineNode'
-                       THEN NOT EXISTS (SELECT 1 FROM "EngineNode" n
-                                        WHERE n."id" = c."metadata"->>'engineNode'
-                                          AND n."lastSeenAt" >= {_NOW.format("$1")} - $2::interval)
-                       ELSE c."timestamp" < {_NOW.format("$1")} - $5::interval END
+                "status" = CASE WHEN {transferred} THEN 'COMPLETED'::"CallStatus" ELSE 'FAILED'::"CallStatus" END,
+                "metadata" = c."metadata" || CASE
+                    WHEN {transferred} THEN jsonb_build_object('endReason', $6::text, 'endDetail', $9::text)
+                    WHEN c."metadata" ? 'engineNode' THEN jsonb_build_object('endReason', $7::text)
+                    ELSE jsonb_build_object('endReason', $8::text) END
+            WHERE {_ORPHANED}
             RETURNING {call_logs.CALL_LOG_COLUMNS}
             """,
             now,
             node_timeout,
+            stream_timeout,
+            list(dialed),
+            transfer_legs.NOT_DIALED,
+            EndReason.TRANSFERRED.value,
             EndReason.ENGINE_LOST.value,
             EndReason.STREAM_NEVER_STARTED.value,
-            stream_timeout,
+            LOST_AFTER_TRANSFER,
         )
         await call_logs.after_bulk_ending(conn, rows)
     return len(rows)

@@ -114,7 +114,7 @@ async def test_a_node_cut_off_from_the_database_ends_its_calls_itself_and_they_e
         else:
             await proxy.down()
         for _ in range(600):  # another node's recovery, once the node's heartbeat is a node timeout old
-            if await engine_nodes.fail_orphaned_calls(
+            if await engine_nodes.close_orphaned_calls(
                 pool, node_timeout=timedelta(seconds=NODE_TIMEOUT), stream_timeout=STREAM_TIMEOUT
             ):
                 break

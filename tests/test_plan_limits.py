@@ -155,7 +155,7 @@ async def test_the_calls_of_an_engine_that_died_free_their_slots_through_recover
     with pytest.raises(ConcurrentCallLimitReached):
         await open_call(pool, org)
 
-    await engine_nodes.fail_orphaned_calls(
+    await engine_nodes.close_orphaned_calls(
         pool, now=now, node_timeout=timedelta(seconds=30), stream_timeout=timedelta(minutes=5)
     )
 

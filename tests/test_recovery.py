@@ -87,7 +87,7 @@ async def test_only_calls_no_live_node_runs_are_failed_with_the_reason(own_pool:
     await set_started_at(own_pool, never_streamed.id, now - timedelta(minutes=20))
     still_ringing = await call_on(own_pool, org, None)
 
-    closed = await engine_nodes.fail_orphaned_calls(
+    closed = await engine_nodes.close_orphaned_calls(
         own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT
     )
 
@@ -112,7 +112,7 @@ async def test_calls_closed_by_recovery_are_announced_to_call_ended_subscribers(
     stale = await call_on(own_pool, org, None)
     await set_started_at(own_pool, stale.id, now - timedelta(days=2))
 
-    await engine_nodes.fail_orphaned_calls(own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT)
+    await engine_nodes.close_orphaned_calls(own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT)
     await call_logs.fail_stale_in_progress(own_pool, older_than=now - timedelta(days=1), reason=EndReason.ENGINE_LOST)
 
     rows = await own_pool.fetch('SELECT "payload" FROM "WebhookDelivery" WHERE "event" = $1', "call.ended")
@@ -140,7 +140,7 @@ async def test_calls_closed_by_recovery_pay_the_minutes_they_surely_started_and_
     await set_started_at(own_pool, never_streamed.id, now - timedelta(minutes=20))
     assert await own_pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 8
 
-    await engine_nodes.fail_orphaned_calls(own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT)
+    await engine_nodes.close_orphaned_calls(own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT)
     # The first call pays its one minute, the second two of its three, the one never streamed nothing.
     assert await own_pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 8 + 2 + 2
     await call_logs.fail_stale_in_progress(own_pool, older_than=now - timedelta(days=1), reason=EndReason.ENGINE_LOST)
@@ -160,7 +160,7 @@ async def test_a_finished_call_of_a_dead_node_is_left_as_it_ended(own_pool: asyn
         own_pool, organization_id=org, call_log_id=call.id, status=CallStatus.COMPLETED, duration=30
     )
     assert (
-        await engine_nodes.fail_orphaned_calls(
+        await engine_nodes.close_orphaned_calls(
             own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT
         )
         == 0
@@ -175,7 +175,7 @@ async def test_a_node_learns_which_of_its_calls_recovery_closed_as_lost(own_pool
     org = await insert_organization(own_pool)
     lost, ended_by_itself, of_other = [await call_on(own_pool, org, node) for node in ("paused", "paused", "other")]
     await call_logs.fail_unstarted(own_pool, ended_by_itself, EndReason.STREAM_LOST)
-    await engine_nodes.fail_orphaned_calls(own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT)
+    await engine_nodes.close_orphaned_calls(own_pool, now=now, node_timeout=NODE_TIMEOUT, stream_timeout=STREAM_TIMEOUT)
     held = [lost.id, ended_by_itself.id, of_other.id]
     assert await engine_nodes.calls_closed_as_lost(own_pool, node_id="paused", call_log_ids=held) == [lost.id]
 
@@ -416,7 +416,7 @@ async def test_a_node_that_runs_again_after_its_calls_were_closed_as_lost_ends_t
         node.process.send_signal(signal.SIGSTOP)  # it heartbeats no more: the others take it for dead
         try:
             for _ in range(300):  # another node's recovery, once the silence passed a (short) node timeout
-                if await engine_nodes.fail_orphaned_calls(
+                if await engine_nodes.close_orphaned_calls(
                     pool, node_timeout=timedelta(seconds=1), stream_timeout=STREAM_TIMEOUT
                 ):
                     break

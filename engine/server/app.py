@@ -81,6 +81,7 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app.cleanup_ctx.append(_database_context(apply_migrations))
     app.cleanup_ctx.append(key_watch_context)  # the keys of the API's open streams and sockets
     app.cleanup_ctx.append(call_log_spill_context)  # before recovery: a stopped run's spilled ends come first
+    app.cleanup_ctx.append(_twilio_context)  # before recovery: it asks whether lost calls' transfers were made
     app.cleanup_ctx.append(recovery_context)
     app.cleanup_ctx.append(webhook_delivery_context)
     # Contexts clean up in reverse order: the clients close after the calls and their post-call analyses.
@@ -94,11 +95,11 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     app.cleanup_ctx.append(_offline_workers_context)  # before _calls_context: calls end before the workers stop
     app.cleanup_ctx.append(_calls_context)
     app.cleanup_ctx.append(lost_calls_context)  # calls recovery closed while this node was taken for dead end here
-    app.cleanup_ctx.append(transfer_settlement_context)  # after _calls_context: it asks the app's Twilio client
+    app.cleanup_ctx.append(transfer_settlement_context)  # after _twilio_context: it asks the app's Twilio client
     app.cleanup_ctx.append(control_channel_context(live_call_handlers))  # commands for calls held here
     app.cleanup_ctx.append(listen_relay_context)  # listen-in audio across nodes, on the command channel
     app.cleanup_ctx.append(live_events_context)  # on the control channel's connection
-    app.cleanup_ctx.append(dispatcher_context)  # after _calls_context: it dials through the app's Twilio client
+    app.cleanup_ctx.append(dispatcher_context)  # after _twilio_context: it dials through the app's Twilio client
     # Before connections close at shutdown, running calls end and their CallLogs are finished.
     app.on_shutdown.append(_end_live_calls)
     app.on_shutdown.append(close_live_streams)
@@ -117,9 +118,9 @@ def create_app(settings: Settings, *, apply_migrations: bool = True, clock: Cloc
     return app
 
 
-async def _calls_context(app: web.Application) -> AsyncIterator[None]:
+async def _twilio_context(app: web.Application) -> AsyncIterator[None]:
+    """Twilio's REST client under TWILIO when the settings hold credentials; closed after everything that uses it."""
     settings = app[SETTINGS]
-    app[LIVE_CALLS] = LiveCalls()
     twilio = TwilioCalls.from_settings(settings)
     if twilio is not None:
         app[TWILIO] = twilio
@@ -130,9 +131,16 @@ async def _calls_context(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await app[LIVE_CALLS].end_all(EndReason.ENGINE_SHUTDOWN)
         if twilio is not None:
             await twilio.close()
+
+
+async def _calls_context(app: web.Application) -> AsyncIterator[None]:
+    app[LIVE_CALLS] = LiveCalls()
+    try:
+        yield
+    finally:
+        await app[LIVE_CALLS].end_all(EndReason.ENGINE_SHUTDOWN)
 
 
 async def _provider_clients_context(app: web.Application) -> AsyncIterator[None]:

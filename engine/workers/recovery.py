@@ -2,7 +2,10 @@
 
 Every engine process registers as an EngineNode with a fresh id and heartbeats while it runs. At start and then
 every minute, it closes as FAILED the IN_PROGRESS calls of nodes that stopped heartbeating (a crash, a lost host)
-and of calls whose media stream never started, so nothing stays IN_PROGRESS forever. A node of this host whose
+and of calls whose media stream never started, so nothing stays IN_PROGRESS forever; a lost call whose transfer
+Twilio had made (its leg settled from the dial, or Twilio's record of the dial, asked when its leg is still open)
+ends COMPLETED `transferred` instead. Twilio out of reach (or no Twilio account) delays nothing: such a call is then
+closed on its leg's evidence alone. A node of this host whose
 process is gone is not waited for: its calls are closed at once. A node that was taken for dead but runs again ends
 the calls it finds closed, and one cut off from the database ends its calls itself shortly before its heartbeat lease
 lapses (`lease_lapses_at`), so that they are never taken for lost while they run (engine.workers.lost_calls).
@@ -20,7 +23,8 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
-from engine.server.appkeys import DATABASE, SETTINGS
+from engine.server.appkeys import DATABASE, SETTINGS, TWILIO
+from engine.twilio.rest import CallLookupFailed, TwilioCalls
 from engine.workers.host_processes import process_is_gone
 from storage import Pool, engine_nodes
 from storage.errors import DATABASE_ERRORS, TRANSIENT_ERRORS, SchemaNotMigrated
@@ -58,7 +62,10 @@ class NodeHeartbeat:
         node_timeout: timedelta = NODE_TIMEOUT,
         stream_timeout: timedelta = STREAM_TIMEOUT,
         clock: Callable[[], datetime] | None = None,
+        twilio: TwilioCalls | None = None,
     ) -> None:
+        """`twilio` is asked whether the lost calls with an open transfer leg were transferred (without it, they are
+        closed as `engine_lost`)."""
         if heartbeat_interval >= node_timeout:
             raise ValueError("the heartbeat interval must be shorter than the node timeout, or live nodes look dead")
         self.node_id = node_id or new_id()
@@ -68,6 +75,7 @@ class NodeHeartbeat:
         self._recovery_interval = recovery_interval
         self.node_timeout = node_timeout
         self._stream_timeout = stream_timeout
+        self._twilio = twilio
         self._clock = clock or _utc_now
         self._stamp_clock = clock
         """Heartbeats are stamped and judged by the database's clock (None) unless a clock is given (tests)."""
@@ -101,13 +109,45 @@ class NodeHeartbeat:
         """Close the calls no live node runs; how many were closed."""
         await self._forget_gone_neighbours()
         now = self._stamp()
-        closed = await engine_nodes.fail_orphaned_calls(
-            self._pool, now=now, node_timeout=self.node_timeout, stream_timeout=self._stream_timeout
+        closed = await engine_nodes.close_orphaned_calls(
+            self._pool,
+            now=now,
+            node_timeout=self.node_timeout,
+            stream_timeout=self._stream_timeout,
+            dialed=await self._transfers_twilio_dialed(now),
         )
         if closed:
-            log.warning("closed %d calls left IN_PROGRESS by engine processes that stopped, as FAILED", closed)
+            log.warning("closed %d calls left IN_PROGRESS by engine processes that stopped", closed)
         await engine_nodes.forget_dead_nodes(self._pool, now=now, older_than=FORGET_NODES_AFTER)
         return closed
+
+    async def _transfers_twilio_dialed(self, now: datetime | None) -> list[str]:
+        """Of the lost calls whose transfer leg is open, those Twilio's record shows a dial of (the caller was handed
+        over). Once Twilio cannot be asked, the rest are not asked about: their calls end `engine_lost`, unproven."""
+        orphaned = await engine_nodes.orphaned_transfers(
+            self._pool, now=now, node_timeout=self.node_timeout, stream_timeout=self._stream_timeout
+        )
+        dialed: list[str] = []
+        for index, transfer in enumerate(orphaned):
+            if self._twilio is None:
+                log.warning(
+                    "lost call %s had asked for a transfer; with no Twilio account to ask whether it was made, it is "
+                    "closed as engine_lost",
+                    transfer.call_sid,
+                )
+                continue
+            try:
+                if await self._twilio.dialed_calls(transfer.call_sid):
+                    dialed.append(transfer.call_log_id)
+            except CallLookupFailed as exc:
+                log.warning(
+                    "whether Twilio made the transfers of %d lost calls is unknown (%s); they are closed as "
+                    "engine_lost",
+                    len(orphaned) - index,
+                    exc,
+                )
+                break
+        return dialed
 
     async def _forget_gone_neighbours(self) -> None:
         """Deregister the nodes of this host whose process is gone, so their calls count as orphaned right away."""
@@ -180,13 +220,14 @@ async def recovery_context(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: run this process as an engine node for the app's lifetime; its id under NODE_ID."""
     settings = app.get(SETTINGS)
     if settings is None:  # a bare app (tests of this context alone) runs on the defaults
-        heartbeat = NodeHeartbeat(app[DATABASE].pool)
+        heartbeat = NodeHeartbeat(app[DATABASE].pool, twilio=app.get(TWILIO))
     else:
         heartbeat = NodeHeartbeat(
             app[DATABASE].pool,
             heartbeat_interval=timedelta(seconds=settings.node_heartbeat_interval),
             recovery_interval=timedelta(seconds=settings.recovery_interval),
             node_timeout=timedelta(seconds=settings.node_timeout),
+            twilio=app.get(TWILIO),
         )
     app[NODE_TIMEOUT_KEY] = heartbeat.node_timeout
     app[NODE_ID] = heartbeat.node_id

@@ -1,0 +1,239 @@
+"""Crash recovery of a call whose engine process died while Twilio was taking its transfer: the caller was handed
+over as asked, so recovery closes the call COMPLETED `transferred` when the leg or Twilio's record shows the dial,
+and FAILED `engine_lost` otherwise. Real `dialtone serve` processes killed mid-transfer, the fake Twilio, Deepgram
+and OpenAI fakes behind their real SDKs, real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from config.settings import load_settings
+from engine.twilio.outbound_calls import OutboundDeps, PlacedCall
+from engine.twilio.rest import TwilioCalls
+from engine.workers.recovery import NodeHeartbeat
+from storage import call_logs, engine_nodes, events, organizations, transfer_legs
+from storage.call_logs import CallLog
+from storage.enums import CallStatus
+from tests.fakes.deepgram import FakeDeepgram
+from tests.fakes.engine_processes import free_port
+from tests.fakes.openai_chat import FakeOpenAI
+from tests.fakes.twilio import FakeTwilio
+from tests.test_calls_e2e import TOKEN
+from tests.test_drain_processes import Engine, engine
+from tests.test_live_call_control_channel import held_by_a_node
+from tests.test_opt_out_calls import DG_KEY, OPENAI_KEY, deepgram, openai
+from tests.test_outbound_calls import finished_log
+from tests.test_repo_call_logs import open_call
+from tests.test_transfer_stream_stop import BILLING, RATE, transfer_to_billing
+from tests.test_webhook_fairness import fresh
+
+__all__ = ["deepgram", "fresh", "openai"]  # fixtures: the fakes behind Deepgram and OpenAI, a database per test
+
+RATES = {"free": RATE, "pro": RATE, "enterprise": RATE}
+
+
+@pytest.fixture(scope="module")
+async def twilio() -> AsyncIterator[FakeTwilio]:
+    """The fake Twilio, signing its callbacks with the token the engine processes check."""
+    async with FakeTwilio(auth_token=TOKEN) as fake:
+        yield fake
+
+
+def environment(twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI) -> dict[str, str]:
+    """An engine process's settings: the fakes, and one rate on every plan."""
+    return {
+        "TWILIO_ACCOUNT_SID": twilio.account_sid,
+        "TWILIO_API_BASE": twilio.api_base,
+        "DEEPGRAM_API_KEY": DG_KEY,
+        "OPENAI_API_KEY": OPENAI_KEY,
+        "DEEPGRAM_URL": deepgram.url,
+        "OPENAI_BASE_URL": openai.base_url,
+        **{f"DIALTONE_CREDITS_PER_MINUTE_{plan}": str(RATE) for plan in ("FREE", "PRO", "ENTERPRISE")},
+    }
+
+
+@asynccontextmanager
+async def placing_through(
+    engine_url: str, database_url: str, pool: asyncpg.Pool, twilio: FakeTwilio
+) -> AsyncIterator[OutboundDeps]:
+    """What place_call needs to place calls through the fake Twilio that the engine at `engine_url` runs."""
+    client = TwilioCalls(twilio.account_sid, twilio.auth_token, api_base=twilio.api_base)
+    try:
+        yield OutboundDeps(
+            pool=pool,
+            settings=load_settings(
+                database_url=database_url,
+                twilio_account_sid=twilio.account_sid,
+                twilio_auth_token=twilio.auth_token,
+                twilio_api_base=twilio.api_base,
+                credits_per_minute_free=RATE,
+                credits_per_minute_pro=RATE,
+                credits_per_minute_enterprise=RATE,
+                deepgram_api_key=DG_KEY,
+                openai_api_key=OPENAI_KEY,
+            ),
+            twilio=client,
+            public_url=engine_url,
+        )
+    finally:
+        await client.close()
+
+
+async def killed_mid_transfer(
+    doomed: Engine,
+    database_url: str,
+    pool: asyncpg.Pool,
+    fakes: tuple[FakeTwilio, FakeDeepgram, FakeOpenAI],
+    organization_id: str,
+) -> PlacedCall:
+    """A call `doomed` runs whose model transfers the callee to billing; Twilio takes the transfer (the stream's
+    `stop`, its `<Dial>`) but has not answered the request yet when the process is killed."""
+    twilio, deepgram, openai = fakes
+    async with placing_through(doomed.url, database_url, pool, twilio) as deps:
+        placed = await transfer_to_billing(
+            deps, pool, twilio=twilio, deepgram=deepgram, openai=openai, organization_id=organization_id
+        )
+    call = twilio.calls[placed.call_sid]
+    call.answer_gate = asyncio.Event()  # acted on, answered only once the process is gone
+    await held_by_a_node(pool, organization_id)
+    for _ in range(600):
+        if twilio.dialed_calls.get(placed.call_sid):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("Twilio never dialed the transfer")
+    doomed.process.send_signal(signal.SIGKILL)
+    await doomed.process.wait()
+    call.answer_gate.set()
+    return placed
+
+
+async def test_a_call_whose_engine_was_killed_after_twilio_took_its_transfer_ends_transferred(
+    fresh: tuple[str, asyncpg.Pool],
+    twilio: FakeTwilio,
+    deepgram: FakeDeepgram,
+    openai: FakeOpenAI,
+    tmp_path: Path,
+) -> None:
+    database_url, pool = fresh
+    org = (await organizations.create_organization(pool, name="Killed", slug="killed-transfer", credits=1000)).id
+    await events.create_event(pool, organization_id=org, name="call.ended", webhook_url="https://hooks.example/x")
+    settings: dict[str, Any] = environment(twilio, deepgram, openai)
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "next").mkdir()
+    async with engine(database_url, tmp_path / "killed", drain_seconds=20, **settings) as doomed:
+        placed = await killed_mid_transfer(doomed, database_url, pool, (twilio, deepgram, openai), org)
+    still_open = await pool.fetchrow('SELECT "status" FROM "CallLog" WHERE "id" = $1', placed.call_log_id)
+    assert still_open is not None and still_open["status"] == "IN_PROGRESS", "the process died before its end"
+
+    async with engine(database_url, tmp_path / "next", drain_seconds=1, **settings):
+        ended = await finished_log(pool, placed.call_log_id)  # closed by its recovery at start
+
+    assert (ended["status"], ended["metadata"]["endReason"]) == ("COMPLETED", "transferred"), ended["metadata"]
+    # Its credit reservation is settled as recovery settles them; the leg waits for the dial's settlement.
+    assert await pool.fetchval('SELECT count(*) FROM "CreditReservation"') == 0
+    assert await transfer_legs.reserved_leg_credits(pool, call_log_id=placed.call_log_id) == 5 * RATE
+    told = await pool.fetch(
+        """SELECT "payload" FROM "WebhookDelivery" WHERE "event" = 'call.ended'
+           AND "payload"->'data'->>'callLogId' = $1""",
+        placed.call_log_id,
+    )
+    assert [row["payload"]["data"]["endReason"] for row in told] == ["transferred"]
+    # The dial's action request (or the sweep) settles the leg, once.
+    settled = await transfer_legs.settle_leg(
+        pool, call_log_id=placed.call_log_id, dial_status="completed", duration_seconds=90, call_sid=placed.call_sid
+    )
+    assert settled is not None and settled.credits_charged == 2 * RATE
+    assert (
+        await transfer_legs.settle_leg(
+            pool, call_log_id=placed.call_log_id, dial_status="completed", duration_seconds=90, call_sid=placed.call_sid
+        )
+        is None
+    )
+
+
+async def lost_call_with_a_transfer(pool: asyncpg.Pool) -> CallLog:
+    """A call of an engine node that died (on another host) after opening the call's transfer leg to billing."""
+    await engine_nodes.register_node(
+        pool, node_id="dead", hostname="elsewhere", pid=1, now=datetime.now(UTC) - timedelta(minutes=5)
+    )
+    slug = f"lost-{secrets.token_hex(4)}"
+    org = (await organizations.create_organization(pool, name="Lost", slug=slug, credits=1000)).id
+    call = await open_call(pool, org, metadata={"engineNode": "dead"}, credit_rates=RATES)
+    await transfer_legs.open_leg(pool, organization_id=org, call_log_id=call.id, to=BILLING, max_minutes=5, rates=RATES)
+    return call
+
+
+async def recovered(pool: asyncpg.Pool, twilio: TwilioCalls | None, call: CallLog) -> CallLog:
+    """`call` once a node asking `twilio` has recovered the calls of dead nodes."""
+    await NodeHeartbeat(pool, twilio=twilio).recover()
+    return await call_logs.get_call_log(pool, organization_id=call.organization_id, call_log_id=call.id)
+
+
+@asynccontextmanager
+async def unreachable_twilio() -> AsyncIterator[TwilioCalls]:
+    """A Twilio client whose API root nothing listens on."""
+    client = TwilioCalls("AC" + "0" * 32, "token", api_base=f"http://127.0.0.1:{free_port()}")
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def test_a_lost_call_whose_transfer_twilio_never_dialed_ends_engine_lost(
+    fresh: tuple[str, asyncpg.Pool], twilio: FakeTwilio
+) -> None:
+    _, pool = fresh
+    call = await lost_call_with_a_transfer(pool)  # the node died before Twilio was asked
+    client = TwilioCalls(twilio.account_sid, twilio.auth_token, api_base=twilio.api_base)
+    try:
+        ended = await recovered(pool, client, call)
+    finally:
+        await client.close()
+    assert (ended.status, ended.metadata["endReason"]) == (CallStatus.FAILED, "engine_lost")
+    assert any(lookup.get("ParentCallSid") == call.call_id for lookup in twilio.lookups), "Twilio was asked"
+    # Its leg waits for the sweep, which finds no dial and returns every credit.
+    assert await transfer_legs.reserved_leg_credits(pool, call_log_id=call.id) == 5 * RATE
+
+
+async def test_a_lost_call_whose_open_transfer_twilio_cannot_be_asked_about_is_closed_engine_lost(
+    fresh: tuple[str, asyncpg.Pool],
+) -> None:
+    _, pool = fresh
+    lost = [await lost_call_with_a_transfer(pool) for _ in range(2)]
+    async with unreachable_twilio() as client:
+        await NodeHeartbeat(pool, twilio=client).recover()
+    ended = await pool.fetch(
+        'SELECT "status", "metadata" FROM "CallLog" WHERE "id" = ANY($1::text[])', [c.id for c in lost]
+    )
+    assert [(row["status"], row["metadata"]["endReason"]) for row in ended] == [("FAILED", "engine_lost")] * 2
+
+
+@pytest.mark.parametrize(
+    ("dial_status", "closed_as"),
+    [
+        ("completed", ("COMPLETED", "transferred")),
+        ("no-answer", ("COMPLETED", "transferred")),
+        (transfer_legs.NOT_DIALED, ("FAILED", "engine_lost")),
+    ],
+)
+async def test_a_lost_call_whose_leg_is_settled_ends_as_its_dial_went_without_asking_twilio(
+    fresh: tuple[str, asyncpg.Pool], dial_status: str, closed_as: tuple[str, str]
+) -> None:
+    _, pool = fresh
+    call = await lost_call_with_a_transfer(pool)
+    await transfer_legs.settle_leg(pool, call_log_id=call.id, dial_status=dial_status, duration_seconds=30)
+    async with unreachable_twilio() as client:
+        ended = await recovered(pool, client, call)
+    assert (ended.status.value, ended.metadata["endReason"]) == closed_as
