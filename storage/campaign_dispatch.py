@@ -59,6 +59,9 @@ ATTEMPT_CALL_LOG = f"""
     ORDER BY l."createdAt" DESC LIMIT 1
 """
 """The CallLog a DIALING attempt `a` of recipient `rd` wrote, if any: a subquery (the dialer names the recipient)."""
+CALL_LOG_WRITTEN = "CallLog written: Twilio may have been asked for the call"
+"""The reason of an attempt whose dial wrote its CallLog (`hold_lease`), until the attempt ends: Twilio may have the
+call even once that CallLog is deleted, so the attempt is never given back as one that never reached Twilio."""
 # The condition of each move: the states the tables let a row leave for the target.
 _RECIPIENT_MOVES = {state: sql_states(sources(RECIPIENT_TRANSITIONS, state)) for state in RecipientDispatchState}
 _ATTEMPT_MOVES = {state: sql_states(sources(ATTEMPT_TRANSITIONS, state)) for state in AttemptState}
@@ -451,7 +454,10 @@ class LeaseLost(Exception):
 async def hold_lease(conn: Connection, claim: Claim) -> None:
     """In the transaction that writes a dial's CallLog, before it: lock the recipient's dispatch row while the claim
     still holds it, so that the lease's expiry waits for the CallLog and then follows it rather than queueing the
-    recipient again. LeaseLost when the claim no longer holds it."""
+    recipient again. LeaseLost when the claim no longer holds it.
+
+    The attempt's reason becomes CALL_LOG_WRITTEN, committed with the CallLog or not at all: a CallLog deleted later
+    (the dashboard deletes rows in SQL) does not make the attempt look like one that never reached Twilio."""
     held = await conn.fetchval(
         f"""
         SELECT true FROM "CampaignRecipientDispatch" rd
@@ -463,6 +469,7 @@ async def hold_lease(conn: Connection, claim: Claim) -> None:
     )
     if not held:
         raise LeaseLost(claim)
+    await conn.execute('UPDATE "CampaignAttempt" SET "reason" = $2 WHERE "id" = $1', claim.attempt_id, CALL_LOG_WRITTEN)
 
 
 class CalleeInCall(Exception):
@@ -916,16 +923,19 @@ async def expire_leases(pool: asyncpg.Pool, *, now: datetime, limit: int = 200) 
     """Settle leases whose process went away; return (requeued without an attempt, followed to a CallLog).
 
     The dialer creates the CallLog (with the recipient in its metadata) before it asks Twilio for the call,
-    and renews its lease right before. So an expired lease with no CallLog for its attempt means Twilio was
+    and renews its lease right before. So an expired lease whose attempt wrote no CallLog means Twilio was
     never asked: the recipient is queued again and the attempt does not count. With a CallLog that holds a
     CallSid, the call exists: the attempt counts and follows that CallLog like any placed call. A CallLog still
     without a CallSid is left alone here: only Twilio knows whether the request arrived, and the engine asks
-    it (storage/campaign_placements.py, engine/twilio/placement_lookup.py).
+    it (storage/campaign_placements.py, engine/twilio/placement_lookup.py). An attempt that wrote its CallLog
+    (CALL_LOG_WRITTEN), deleted since, may have been placed: it ends as a placed call whose CallLog is deleted
+    does (`reconcile_ended_calls`), its recipient FAILED and never dialed again; it counts in neither number.
     """
     async with transaction(pool) as conn:
         rows = await conn.fetch(
             f"""
-            SELECT rd."recipientId", rd."campaignId", a."id" AS "attemptId", a."startedAt", l."id" AS "callLogId"
+            SELECT rd."recipientId", rd."campaignId", a."id" AS "attemptId", a."startedAt", l."id" AS "callLogId",
+                   a."reason" IS NOT DISTINCT FROM $4 AS "callLogWritten"
             FROM "CampaignRecipientDispatch" rd
             JOIN "CampaignAttempt" a ON a."recipientId" = rd."recipientId" AND a."state" = '{AttemptState.DIALING}'
             LEFT JOIN "CallLog" l ON l."id" = ({ATTEMPT_CALL_LOG})
@@ -938,9 +948,15 @@ async def expire_leases(pool: asyncpg.Pool, *, now: datetime, limit: int = 200) 
             now,
             limit,
             PENDING_CALL_ID_PREFIX,
+            CALL_LOG_WRITTEN,
         )
         requeued = followed = 0
         for row in rows:
+            if row["callLogId"] is None and row["callLogWritten"]:
+                # This statement sees the CallLog, which its snapshot may predate (written as the row was locked).
+                if not await _call_log_exists(conn, row["attemptId"]):
+                    await _finish_deleted_call(conn, row["attemptId"], ended_at=now)
+                continue  # one just written: the next expiry follows it, or Twilio is asked about it
             if row["callLogId"] is None:
                 await _abandon(
                     conn, row["attemptId"], row["recipientId"], to=RecipientDispatchState.QUEUED, reason="lease expired"
@@ -965,3 +981,16 @@ async def expire_leases(pool: asyncpg.Pool, *, now: datetime, limit: int = 200) 
             )
             followed += 1
     return requeued, followed
+
+
+async def _call_log_exists(conn: Connection, attempt_id: str) -> bool:
+    """Whether the DIALING attempt's CallLog exists."""
+    found: bool = await conn.fetchval(
+        f"""
+        SELECT EXISTS ({ATTEMPT_CALL_LOG}) FROM "CampaignAttempt" a
+        JOIN "CampaignRecipientDispatch" rd ON rd."recipientId" = a."recipientId"
+        WHERE a."id" = $1
+        """,
+        attempt_id,
+    )
+    return found

@@ -5,6 +5,8 @@ webhooks on loopback, the fake Twilio.
   queue, for another engine to dial) writes nothing and dials nobody.
 - A create request Twilio never answers (a time-out: it may have arrived) leaves the CallLog waiting for Twilio's
   word rather than FAILED and the recipient retried: when Twilio did create the call, it is adopted and followed.
+- That CallLog deleted before Twilio's word (the dashboard deletes rows in SQL) does not make the recipient look never
+  dialed: it ends FAILED `call_deleted`, not dialed again.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -22,11 +25,12 @@ from config.settings import load_settings
 from engine.campaigns.dispatcher import CampaignDispatcher, DialResult, DispatchTiming, PlaceCallDialer
 from engine.twilio.outbound_calls import OutboundDeps
 from engine.twilio.rest import TwilioCalls
-from storage import campaign_dispatch, organizations
+from storage import campaign_dispatch, campaigns, organizations
 from storage.campaign_dispatch import Claim
 from storage.campaigns import DialingRules
+from storage.enums import CampaignStatus
 from tests.engine_server import running_engine
-from tests.fakes.twilio import FakeTwilio, NoAnswer
+from tests.fakes.twilio import FakeTwilio, HeldCreate, NoAnswer
 from tests.test_dispatch_claims import Clock, recipient_state
 from tests.test_dispatch_do_not_call import outbound_deps, started_campaign, twilio_settings
 
@@ -92,10 +96,22 @@ async def test_a_dial_that_stalls_past_its_lease_writes_nothing_and_dials_nobody
     assert attempt == "ABANDONED"
 
 
-async def test_a_create_twilio_never_answered_is_followed_not_failed_and_not_dialed_again(
-    db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio, engine: str
-) -> None:
-    number = "+12125557102"
+@dataclass
+class UnansweredDial:
+    """A campaign's one dial whose create request Twilio held past the client's patience: it waits for Twilio's word."""
+
+    campaign: campaigns.Campaign
+    dispatcher: CampaignDispatcher
+    clock: Clock
+    held: HeldCreate
+
+
+@asynccontextmanager
+async def unanswered_dial(
+    db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio, engine: str, number: str
+) -> AsyncIterator[UnansweredDial]:
+    """A started campaign calling `number`, its dial made and given up on while Twilio holds the request; the call
+    Twilio may make rings until the end of the block."""
     ringing = asyncio.Event()
     twilio.behave(number, NoAnswer(until=ringing))
     held = twilio.hold_create(number)
@@ -113,6 +129,18 @@ async def test_a_create_twilio_never_answered_is_followed_not_failed_and_not_dia
         await dispatcher.tick()
         await asyncio.wait_for(held.arrived.wait(), 10)
         await dispatcher.drain()  # the client gave up on Twilio's answer
+        yield UnansweredDial(campaign, dispatcher, clock, held)
+    finally:
+        ringing.set()
+        await impatient.close()
+
+
+async def test_a_create_twilio_never_answered_is_followed_not_failed_and_not_dialed_again(
+    db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio, engine: str
+) -> None:
+    number = "+12125557102"
+    async with unanswered_dial(db_url, pool, twilio, engine, number) as dial:
+        campaign, dispatcher, clock, held = dial.campaign, dial.dispatcher, dial.clock, dial.held
         [waiting] = await campaign_logs(pool, campaign.id)
         assert waiting["status"] == "IN_PROGRESS", waiting["metadata"]  # not FAILED: Twilio may have the call
         state = await recipient_state(pool, campaign.id, number)
@@ -132,12 +160,39 @@ async def test_a_create_twilio_never_answered_is_followed_not_failed_and_not_dia
         attempt = await pool.fetchrow(
             'SELECT "state", "callLogId" FROM "CampaignAttempt" WHERE "recipientId" = $1', state["recipientId"]
         )
-    finally:
-        ringing.set()
-        await impatient.close()
 
     assert twilio.creates[number] == 1
     [log] = await campaign_logs(pool, campaign.id)
     assert (log["status"], log["callId"]) == ("IN_PROGRESS", created.sid)
     assert (state["state"], state["attempts"]) == ("IN_CALL", 1)
     assert attempt is not None and attempt["state"] == "PLACED"
+
+
+async def test_a_call_deleted_before_twilio_confirmed_it_is_not_dialed_again(
+    db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio, engine: str
+) -> None:
+    # Twilio did not answer the create; the CallLog waiting for its word is deleted (the dashboard deletes rows in
+    # SQL); Twilio had the request and made the call. The lease's expiry finds no CallLog, but the attempt tells it
+    # was written: the recipient ends FAILED as one whose call was deleted, and is not dialed a second time.
+    number = "+12125557103"
+    async with unanswered_dial(db_url, pool, twilio, engine, number) as dial:
+        await pool.execute('DELETE FROM "CallLog" WHERE "campaignId" = $1', dial.campaign.id)
+        dial.held.release(create=True)  # it had arrived: Twilio makes the call
+        await asyncio.wait_for(dial.held.settled.wait(), 10)
+        for _ in range(3):  # the lease expires; later ticks would dial a recipient queued again
+            dial.clock.now += LEASE + timedelta(seconds=1)
+            await dial.dispatcher.tick()
+            await dial.dispatcher.drain()
+        state = await recipient_state(pool, dial.campaign.id, number)
+        campaign = await campaigns.get_campaign(
+            pool, organization_id=dial.campaign.organization_id, campaign_id=dial.campaign.id
+        )
+
+    assert twilio.creates[number] == 1
+    assert (state["state"], state["attempts"], state["lastOutcome"], state["lastReason"]) == (
+        "FAILED",
+        1,
+        "failed",
+        "call_deleted",
+    )
+    assert (campaign.status, campaign.completed_calls) == (CampaignStatus.COMPLETED, 1)
