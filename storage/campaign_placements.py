@@ -110,11 +110,13 @@ async def adopt_placement(pool: asyncpg.Pool, placement: UnresolvedDial, *, owne
     """Twilio created the call: store its CallSid on the CallLog and follow it like any placed call.
 
     False if `owner` no longer holds the lookup lease (someone else settled it). A status callback that stored
-    a CallSid meanwhile wins: the attempt then follows the CallLog with that one.
+    a CallSid meanwhile wins: the attempt then follows the CallLog with that one. NotFound if the CallLog was deleted
+    since it was taken: the lookup lease's expiry ends the attempt as one whose CallLog is deleted (expire_leases).
     """
     async with transaction(pool) as conn:
         if not await _holds(conn, placement, owner):
             return False
+        await placements.locked_call_log(conn, placement)
         stored = call_sid if await placements.adopt(conn, placement, call_sid) else None
         await conn.execute(
             f"""

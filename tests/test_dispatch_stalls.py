@@ -5,8 +5,8 @@ webhooks on loopback, the fake Twilio.
   queue, for another engine to dial) writes nothing and dials nobody.
 - A create request Twilio never answers (a time-out: it may have arrived) leaves the CallLog waiting for Twilio's
   word rather than FAILED and the recipient retried: when Twilio did create the call, it is adopted and followed.
-- That CallLog deleted before Twilio's word (the dashboard deletes rows in SQL) does not make the recipient look never
-  dialed: it ends FAILED `call_deleted`, not dialed again.
+- That CallLog deleted before Twilio's word (the dashboard deletes rows in SQL), or while Twilio is asked for it,
+  does not make the recipient look never dialed: it ends FAILED `call_deleted`, not dialed again.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ import pytest
 from config.settings import load_settings
 from engine.campaigns.dispatcher import CampaignDispatcher, DialResult, DispatchTiming, PlaceCallDialer
 from engine.twilio.outbound_calls import OutboundDeps
-from engine.twilio.rest import TwilioCalls
+from engine.twilio.placement_lookup import LOOKUP_LEASE, REQUEST_SETTLED, PlacementLookup
+from engine.twilio.rest import TwilioCall, TwilioCalls
 from storage import campaign_dispatch, campaigns, organizations
 from storage.campaign_dispatch import Claim
 from storage.campaigns import DialingRules
 from storage.enums import CampaignStatus
 from tests.engine_server import running_engine
+from tests.fakes.engine_processes import free_port
 from tests.fakes.twilio import FakeTwilio, HeldCreate, NoAnswer
 from tests.test_dispatch_claims import Clock, recipient_state
 from tests.test_dispatch_do_not_call import outbound_deps, started_campaign, twilio_settings
@@ -111,7 +113,7 @@ async def unanswered_dial(
     db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio, engine: str, number: str
 ) -> AsyncIterator[UnansweredDial]:
     """A started campaign calling `number`, its dial made and given up on while Twilio holds the request; the call
-    Twilio may make rings until the end of the block."""
+    Twilio may make rings until the end of the block. Twilio's callbacks reach `engine` (a dead port: none do)."""
     ringing = asyncio.Event()
     twilio.behave(number, NoAnswer(until=ringing))
     held = twilio.hold_create(number)
@@ -196,3 +198,44 @@ async def test_a_call_deleted_before_twilio_confirmed_it_is_not_dialed_again(
         "call_deleted",
     )
     assert (campaign.status, campaign.completed_calls) == (CampaignStatus.COMPLETED, 1)
+
+
+@dataclass
+class DeletingWhileAsked:
+    """Twilio's Calls list, asked as the dashboard deletes the campaign's CallLogs (in SQL) under the lookup."""
+
+    pool: asyncpg.Pool
+    twilio: TwilioCalls
+    campaign_id: str
+
+    async def calls_between(self, *, to: str, from_: str, limit: int = 50) -> list[TwilioCall]:
+        await self.pool.execute('DELETE FROM "CallLog" WHERE "campaignId" = $1', self.campaign_id)
+        return await self.twilio.calls_between(to=to, from_=from_, limit=limit)
+
+
+async def test_a_call_deleted_while_twilio_is_asked_whether_it_exists_is_not_dialed_again(
+    db_url: str, pool: asyncpg.Pool, twilio: FakeTwilio
+) -> None:
+    # Twilio made the call but its callbacks were lost, so the lookup finds it; the CallLog is deleted under the
+    # lookup. The lookup leaves it (nothing to adopt), and its lease's expiry ends the recipient FAILED as one whose
+    # call was deleted: not dialed a second time.
+    number = "+12125557104"
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    async with unanswered_dial(db_url, pool, twilio, nowhere, number) as dial:
+        dial.held.release(create=True)  # it had arrived: Twilio makes the call, and tells nobody
+        await asyncio.wait_for(dial.held.settled.wait(), 10)
+        client = TwilioCalls(twilio.account_sid, twilio.auth_token, api_base=twilio.api_base)
+        try:
+            lookup = PlacementLookup(pool, DeletingWhileAsked(pool, client, dial.campaign.id))
+            dial.clock.now += LEASE + REQUEST_SETTLED
+            assert await lookup.settle(now=dial.clock.now, owner="looker") == (0, 0)
+        finally:
+            await client.close()
+        for _ in range(3):  # the lookup's lease expires; later ticks would dial a recipient queued again
+            dial.clock.now += LOOKUP_LEASE + timedelta(seconds=1)
+            await dial.dispatcher.tick()
+            await dial.dispatcher.drain()
+        state = await recipient_state(pool, dial.campaign.id, number)
+
+    assert twilio.creates[number] == 1
+    assert (state["state"], state["attempts"], state["lastReason"]) == ("FAILED", 1, "call_deleted")
