@@ -29,6 +29,7 @@ from storage.enums import CallStatus
 from storage.errors import NotFound
 from storage.events import create_event
 from storage.organizations import InsufficientCredits
+from storage.records import Queryable
 from storage.tenancy import tenant_transaction
 from storage.transfer_legs import TransferLeg
 from tests.engine_server import running_engine
@@ -91,8 +92,8 @@ async def open_leg(pool: asyncpg.Pool, organization_id: str, call_log_id: str, m
     )
 
 
-async def balance(pool: asyncpg.Pool, organization_id: str) -> int:
-    credits: int = await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', organization_id)
+async def balance(db: Queryable, organization_id: str) -> int:
+    credits: int = await db.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', organization_id)
     return credits
 
 
@@ -260,6 +261,27 @@ async def test_a_leg_released_while_its_call_log_is_deleted_returns_its_credits_
 
     assert await balance(pool, organization_id) == 1000  # its stream never started: the reserved minute is back too
     assert await pool.fetchval('SELECT count(*) FROM "DetachedTransferLeg" WHERE "callLogId" = $1', running.id) == 0
+
+
+async def test_a_truncate_of_the_call_logs_keeps_the_credits_their_calls_hold(pool: asyncpg.Pool) -> None:
+    # TRUNCATE fires no row trigger: a statement trigger settles the calls' reservations and detaches their open legs.
+    organization_id = await organization(pool, credits=100)
+    opened = await open_call(pool, organization_id, credit_rates=RATES)
+    await open_leg(pool, organization_id, opened.id, 3)
+    assert await balance(pool, organization_id) == 100 - RATE - 3 * RATE
+    async with pool.acquire() as conn:
+        truncation = conn.transaction()  # rolled back: the module's other tests keep their rows
+        await truncation.start()
+        try:
+            await conn.execute('TRUNCATE "CallLog" CASCADE')
+            kept = await balance(conn, organization_id)
+            detached = await conn.fetchval(
+                'SELECT "credits" FROM "DetachedTransferLeg" WHERE "callLogId" = $1', opened.id
+            )
+        finally:
+            await truncation.rollback()
+    # The call's minute comes back (its stream never started); the leg's three stay held, detached, for its dial.
+    assert (kept, detached) == (100 - 3 * RATE, 3 * RATE)
 
 
 async def test_a_leg_settled_before_its_call_log_is_deleted_goes_with_it_and_returns_nothing_more(

@@ -11,7 +11,8 @@
 -- A transfer's open leg is still dialed, and only Twilio knows how long it talks: the trigger moves it into
 -- "DetachedTransferLeg", with the organization and the call it belongs to, where the dial's action request (or the
 -- settlement sweep, from Twilio's record) settles it as it would have the leg. A leg already settled goes with its call,
--- as before. An organization deleted with its calls keeps nothing.
+-- as before. An organization deleted with its calls keeps nothing. A `TRUNCATE "CallLog"` (or one cascading to it)
+-- keeps the credits of the calls it empties alike, by a statement trigger.
 
 -- The credits a reservation holding `credits` at `per_minute` surely used: those of every minute reserved but the last
 -- (each next minute is reserved in the last seconds of the one before), at least one, when the call's stream started.
@@ -58,43 +59,76 @@ CREATE POLICY "DetachedTransferLeg_tenant_isolation" ON "DetachedTransferLeg"
     USING ("organizationId" = current_setting('app.organization_id', true))
     WITH CHECK ("organizationId" = current_setting('app.organization_id', true));
 
--- Settle a deleted call's reservation and detach its open leg. SECURITY DEFINER: whoever deletes the call (the API role
--- under its organization's policy, a dashboard's role with no grant on the billing tables) must never have the DELETE
--- refused for want of rights on them; the function's search_path is pinned to this schema below.
-CREATE FUNCTION "dialtone_keep_deleted_call_credits"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+-- Settle the reservations of the calls `ids` and detach their open legs, before their CallLogs go. Called by the
+-- triggers below only (no grant): it runs as the owner role, whose work billing is.
+CREATE FUNCTION "dialtone_keep_calls_credits"("ids" text[]) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     WITH held AS (
-        DELETE FROM "CreditReservation" WHERE "callLogId" = OLD."id" RETURNING "credits", "creditsPerMinute"
+        DELETE FROM "CreditReservation" r USING "CallLog" c
+        WHERE r."callLogId" = ANY("ids") AND c."id" = r."callLogId"
+        RETURNING c."organizationId",
+                  r."credits" - "dialtone_credits_surely_used"(r."credits", r."creditsPerMinute",
+                                                               c."metadata" ? 'engineNode') AS "back"
+    ), owed AS (
+        SELECT "organizationId", sum("back")::integer AS "back" FROM held GROUP BY "organizationId"
     )
-    UPDATE "Organization" o
-    SET "credits" = o."credits" + held."credits"
-                    - "dialtone_credits_surely_used"(held."credits", held."creditsPerMinute", OLD."metadata" ? 'engineNode')
-    FROM held
-    WHERE o."id" = OLD."organizationId";
+    UPDATE "Organization" o SET "credits" = o."credits" + owed."back"
+    FROM owed
+    WHERE o."id" = owed."organizationId";
 
-    -- Deleted with its organization (a cascade), the call's leg has nobody left to settle with: it goes with the call.
+    -- Deleted with its organization (a cascade), a call's leg has nobody left to settle with: it goes with the call.
     WITH leg AS (
-        DELETE FROM "TransferLeg" WHERE "callLogId" = OLD."id" AND "endedAt" IS NULL
-        RETURNING "to", "credits", "creditsPerMinute", "timeLimitSeconds", "startedAt"
+        DELETE FROM "TransferLeg" l USING "CallLog" c
+        WHERE l."callLogId" = ANY("ids") AND l."endedAt" IS NULL AND c."id" = l."callLogId"
+        RETURNING c."id", c."organizationId", c."agentId", c."campaignId", c."callId", l."to", l."credits",
+                  l."creditsPerMinute", l."timeLimitSeconds", l."startedAt"
     )
     INSERT INTO "DetachedTransferLeg" ("callLogId", "organizationId", "agentId", "campaignId", "callId", "to", "credits",
                                        "creditsPerMinute", "timeLimitSeconds", "startedAt")
-    SELECT OLD."id", OLD."organizationId", OLD."agentId", OLD."campaignId", OLD."callId", leg."to", leg."credits",
+    SELECT leg."id", leg."organizationId", leg."agentId", leg."campaignId", leg."callId", leg."to", leg."credits",
            leg."creditsPerMinute", leg."timeLimitSeconds", leg."startedAt"
-    FROM leg
-    WHERE EXISTS (SELECT 1 FROM "Organization" WHERE "id" = OLD."organizationId");
+    FROM leg JOIN "Organization" o ON o."id" = leg."organizationId";
+END
+$$;
+
+-- A deleted call's credits. SECURITY DEFINER: whoever deletes the call (the API role under its organization's
+-- policy, a dashboard's role with no grant on the billing tables) must never have the DELETE refused for want of
+-- rights on them; the function's search_path is pinned to this schema below.
+CREATE FUNCTION "dialtone_keep_deleted_call_credits"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    PERFORM "dialtone_keep_calls_credits"(ARRAY[OLD."id"]);
     RETURN OLD;
 END
 $$;
 
-DO $$
+-- TRUNCATE fires no row trigger: the credits of every call a `TRUNCATE "CallLog"` (or one cascading to it) empties
+-- are kept by a statement trigger, which still sees the rows. An organization truncated in the same statement
+-- takes its detached legs with it, as a deleted one does.
+CREATE FUNCTION "dialtone_keep_truncated_calls_credits"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
-    EXECUTE format('ALTER FUNCTION "dialtone_keep_deleted_call_credits"() SET search_path = %I, pg_temp',
-                   current_schema());
+    PERFORM "dialtone_keep_calls_credits"(ARRAY(
+        SELECT "callLogId" FROM "CreditReservation"
+        UNION SELECT "callLogId" FROM "TransferLeg" WHERE "endedAt" IS NULL
+    ));
+    RETURN NULL;
 END
 $$;
 
-REVOKE ALL ON FUNCTION "dialtone_keep_deleted_call_credits"() FROM PUBLIC;
+DO $$
+DECLARE
+    keeping TEXT;
+BEGIN
+    FOREACH keeping IN ARRAY ARRAY['dialtone_keep_calls_credits(text[])', 'dialtone_keep_deleted_call_credits()',
+                                   'dialtone_keep_truncated_calls_credits()']
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_temp', keeping, current_schema());
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', keeping);
+    END LOOP;
+END
+$$;
 
 CREATE TRIGGER "CallLog_keep_credits" BEFORE DELETE ON "CallLog"
     FOR EACH ROW EXECUTE FUNCTION "dialtone_keep_deleted_call_credits"();
+
+CREATE TRIGGER "CallLog_keep_truncated_credits" BEFORE TRUNCATE ON "CallLog"
+    FOR EACH STATEMENT EXECUTE FUNCTION "dialtone_keep_truncated_calls_credits"();
