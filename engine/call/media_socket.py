@@ -327,18 +327,18 @@ async def _run_claimed_call(  # noqa: PLR0917 (the stream's parts, as `_run_call
         app[LIVE_CALLS].remove(call_log.id)
         metrics.CALLS_LIVE.dec()
     metrics.CALLS_ENDED.labels(outcome.status.value).inc()
-    live.emit(
-        "call.ended",
-        status=outcome.status.value,
-        endReason=outcome.end_reason.value,
-        durationSeconds=call_seconds(outcome.duration_s),
-        transfer=await _transfer_leg(pool, call_log) if live.watched else None,
-    )
-    # The call is over: its stream closes now (ending Twilio's call if nothing else did), while its end is written,
-    # not once the database has taken it, which may take the writer's whole patience while the database does not
-    # answer. (Closing waits for the other side's close frame, if it ever comes: not the wrap-up's business.)
+    # The call is over: its stream closes now (ending Twilio's call if nothing else did), while its end is told and
+    # written, not once the database has answered, which may take the writer's whole patience while the database does
+    # not. (Closing waits for the other side's close frame, if it ever comes: not the wrap-up's business.)
     closing = asyncio.create_task(ws.close(), name=f"close-stream-{call_log.id}")
     try:
+        live.emit(
+            "call.ended",
+            status=outcome.status.value,
+            endReason=outcome.end_reason.value,
+            durationSeconds=call_seconds(outcome.duration_s),
+            transfer=await _transfer_leg(pool, call_log) if live.watched else None,
+        )
         await _wrap_up(request, call_log, writer, outcome, recorder)
     finally:
         await closing
