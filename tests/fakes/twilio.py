@@ -11,7 +11,9 @@ answers 201 with a call resource shaped like Twilio's; each destination then beh
 TwiML's `<Connect><Stream>` with the engine's simulator (20 ms frames, marks echoed, caller lines spoken), `Busy`,
 `NoAnswer`, `Fail`, `Refuse` (an error at creation) or `Machine` (a greeting, then the async AMD verdict). Status
 callbacks are posted signed, as form posts, for the events the call subscribed to. `POST .../Calls/{CallSid}.json`
-updates a live call (`Twiml`, `Status=completed`): the stream gets `stop`, and the update is recorded; TwiML that
+updates a live call (`Twiml`, `Status=completed`): the stream gets `stop` (a call answered but not yet streaming never
+streams), and the update is recorded; `Status=canceled` (or `completed`) ends a call not answered yet `canceled`, and
+leaves an answered one as it is; TwiML that
 `<Dial>`s makes the dialed call (its `parent_call_sid` the call's; it stays `in-progress`: the far end of a dial is
 not scripted). `GET .../Calls.json` lists calls (filters `To`, `From`, `Status`, or `ParentCallSid` for the calls a
 `<Dial>` made; most recent first) and `GET .../Calls/{CallSid}.json` fetches one; a call's `update_gate` holds its
@@ -68,6 +70,7 @@ class Answer:
 
     The script is the simulator's (`Say`, `Dtmf`, `Pause`, `HangUp`); each `Say` waits for the agent's reply first.
     With answering-machine detection requested, the verdict `human` is posted `verdict_after_ms` after the answer.
+    With `until`, it rings until the test sets that event instead of `ring_ms`.
     """
 
     script: Sequence[Step] = ()
@@ -75,6 +78,7 @@ class Answer:
     ring_ms: int = 100
     verdict_after_ms: int = 1500
     timeout_s: float = 90.0
+    until: asyncio.Event | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +174,8 @@ class FakeCall:
     the engine's request may time out meanwhile."""
     parent_sid: str | None = None
     """The call whose `<Dial>` made this one."""
+    hung_up_on_answer: bool = False
+    """Completed through the API once answered, before its stream opened: it never opens."""
     _live: StreamPeer | None = None
     _run_task: asyncio.Task[None] | None = None
     canceling: bool = False
@@ -311,8 +317,13 @@ class FakeTwilio:
         call.updated.set()
         if call.update_gate is not None:
             await call.update_gate.wait()
-        if update.get("Status") in ("completed", "canceled") and call.answered_at is None:
+        status = update.get("Status")
+        if status in ("completed", "canceled") and call.answered_at is None:
             self._spawn(self._cancel(call), f"fake-twilio-cancel-{call.sid}")  # not answered yet: canceled
+        elif status == "canceled":
+            pass  # as Twilio: canceling does not affect a call already answered
+        elif status == "completed" and call._live is None:
+            call.hung_up_on_answer = True  # answered, its stream not open yet
         elif call._live is not None:
             with contextlib.suppress(Exception):  # the stream may be closing already
                 await call._live.hang_up()  # new TwiML (or a hang-up) ends <Connect><Stream>: Twilio sends stop
@@ -438,7 +449,10 @@ class FakeTwilio:
                     await self._end(call, "no-answer", sip=487)
                 case Fail(sip_response_code=sip):
                     await self._end(call, "failed", sip=sip)
-                case Answer(ring_ms=ring_ms) | Machine(ring_ms=ring_ms):
+                case Answer(ring_ms=ring_ms, until=until):
+                    await (until.wait() if until is not None else asyncio.sleep(ring_ms / 1000))
+                    await self._answer(call, call.behaviour)
+                case Machine(ring_ms=ring_ms):
                     await asyncio.sleep(ring_ms / 1000)
                     await self._answer(call, call.behaviour)
                 case Refuse():
@@ -461,6 +475,9 @@ class FakeTwilio:
             )
         call.answered_at = time.monotonic()
         await self._post_status(call, "answered", "in-progress")
+        if call.hung_up_on_answer:  # the engine hung up as the answer was posted: Twilio connects nothing
+            await self._end(call, "completed")
+            return
         twiml = _first(call.params, "Twiml") or ""
         parsed = parse_twiml(twiml, self.api_base)
         if parsed.stream_url is None:
