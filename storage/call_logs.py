@@ -487,6 +487,18 @@ async def adopt_call_id(db: Queryable, *, call_log_id: str, call_id: str) -> Cal
     return CallLog.from_row(row) if row is not None else None
 
 
+async def call_log_exists(db: Queryable, *, call_log_id: str, call_id: str) -> bool:
+    """Whether a call log has the id `call_log_id` or the provider call id `call_id` (whatever its organization).
+
+    Unscoped by design, as `adopt_call_id`: a status callback whose signed URL names a CallLog that is gone (deleted
+    in SQL, as the dashboard does) knows nothing else of it.
+    """
+    found: bool = await db.fetchval(
+        'SELECT EXISTS (SELECT 1 FROM "CallLog" WHERE "id" = $1 OR "callId" = $2)', call_log_id, call_id
+    )
+    return found
+
+
 async def claim_stream(db: Queryable, *, call_log_id: str, call_id: str, node_id: str) -> CallLog | None:
     """Take a call for the media stream engine node `node_id` has just seen start: the call's first write.
 

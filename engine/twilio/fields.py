@@ -64,7 +64,7 @@ class IncomingCall:
             raise InvalidTwilioField("To", "missing")
         return cls(
             call_sid=_call_sid(form),
-            account_sid=_optional(form, "AccountSid", _ACCOUNT_SID, "AC followed by 32 hex digits"),
+            account_sid=_account_sid(form),
             caller=_address(form, "From"),
             called=called,
             caller_name=_text(form, "CallerName"),
@@ -75,9 +75,11 @@ class IncomingCall:
 
 @dataclass(frozen=True, slots=True)
 class CallStatusCallback:
-    """A call status callback: the call, Twilio's CallStatus, and (when it ended) its length and SIP code."""
+    """A call status callback: the call, its account, Twilio's CallStatus, and (when it ended) its length and SIP
+    code."""
 
     call_sid: str
+    account_sid: str | None
     status: str
     duration_s: int | None
     sip_response_code: str | None
@@ -90,6 +92,7 @@ class CallStatusCallback:
             raise InvalidTwilioField("CallStatus", "missing")
         return cls(
             call_sid=_call_sid(form),
+            account_sid=_account_sid(form),
             status=status,
             duration_s=_number(form, "CallDuration"),
             sip_response_code=_optional(form, "SipResponseCode", _SIP_CODE, "a three-digit SIP status"),
@@ -148,6 +151,10 @@ def _string(form: Form, name: str) -> str | None:
     if not isinstance(value, str):
         raise InvalidTwilioField(name, f"expected text, got {type(value).__name__}")
     return value
+
+
+def _account_sid(form: Form) -> str | None:
+    return _optional(form, "AccountSid", _ACCOUNT_SID, "AC followed by 32 hex digits")
 
 
 def _optional(form: Form, name: str, shape: re.Pattern[str], described: str) -> str | None:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from http import HTTPStatus
 
 import aiohttp
 from twilio.base.exceptions import TwilioException, TwilioRestException
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_SECONDS = 10
 """How long a request to Twilio may take before the client gives up on it."""
+OUTBOUND_API = "outbound-api"
+"""The direction of a call created through the REST API, as `place_call` creates every call."""
 
 
 class CallRefused(Exception):
@@ -51,6 +54,8 @@ class TwilioCall:
     from_: str
     status: str
     created_at: datetime
+    direction: str
+    """`OUTBOUND_API` for a call created through the API, `inbound`, `outbound-dial` for a `<Dial>`'s."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,17 @@ def _refusal(exc: TwilioException) -> str:
     if isinstance(exc, TwilioRestException):
         return f"{exc.status} {exc.msg}"
     return " ".join(str(arg) for arg in exc.args)
+
+
+def _twilio_call(call: CallInstance) -> TwilioCall:
+    return TwilioCall(
+        sid=call.sid,
+        to=call.to,
+        from_=call._from,
+        status=str(call.status),
+        created_at=call.date_created,
+        direction=str(call.direction),
+    )
 
 
 def _seconds(duration: str | None) -> int:
@@ -170,13 +186,22 @@ class TwilioCalls:
         would miss it; callers filter on `created_at`. Raises CallLookupFailed when Twilio cannot answer.
         """
         found = await self._list_calls(limit, to=to, from_=from_)
-        return [
-            TwilioCall(
-                sid=call.sid, to=call.to, from_=call._from, status=str(call.status), created_at=call.date_created
-            )
-            for call in found
-            if call.sid and isinstance(call.date_created, datetime)
-        ]
+        return [_twilio_call(call) for call in found if call.sid and isinstance(call.date_created, datetime)]
+
+    async def fetch_call(self, call_sid: str) -> TwilioCall | None:
+        """The call as Twilio holds it for this account; None when this account has no such call.
+
+        Raises CallLookupFailed when Twilio cannot answer.
+        """
+        try:
+            call = await asyncio.wait_for(self._client.calls(call_sid).fetch_async(), self._timeout)
+        except TwilioException as exc:
+            if isinstance(exc, TwilioRestException) and exc.status == HTTPStatus.NOT_FOUND:
+                return None
+            raise CallLookupFailed(f"Twilio refused to look call {call_sid} up: {_refusal(exc)}") from None
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+            raise CallLookupFailed(f"could not reach Twilio to look call {call_sid} up: {exc}") from None
+        return _twilio_call(call)
 
     async def run_twiml(self, call_sid: str, twiml: str, *, action: str) -> bool:
         """Replace what a live call does with `twiml` (e.g. a message, then `<Hangup/>`); False (logged) if refused."""
@@ -185,6 +210,11 @@ class TwilioCalls:
     async def hang_up(self, call_sid: str) -> bool:
         """Ask Twilio to end a call; False (logged) if Twilio refused or could not be reached."""
         return await self._update(call_sid, "hang up", status="completed")
+
+    async def cancel(self, call_sid: str) -> bool:
+        """Ask Twilio to stop a call that is queued or ringing (one answered meanwhile goes on: Twilio leaves it);
+        False (logged) if Twilio refused or could not be reached."""
+        return await self._update(call_sid, "cancel", status="canceled")
 
     async def transfer(
         self,

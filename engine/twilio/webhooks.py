@@ -20,7 +20,7 @@ from engine.call.setup import provider_keys, template_variables
 from engine.server.appkeys import CLOCK, DATABASE, DRAIN, LIVE_CALLS, SETTINGS, TWILIO
 from engine.twilio.fields import CallStatusCallback, DialEnded, Form, IncomingCall, InvalidTwilioField, MachineVerdict
 from engine.twilio.inbound_routing import choose_inbound_agent
-from engine.twilio.rest import TwilioCalls
+from engine.twilio.rest import OUTBOUND_API, CallLookupFailed, TwilioCalls
 from engine.twilio.signature import public_base_url, signed_form
 from pipelines.llm.prompt import render_prompt
 from pipelines.registry import PipelineUnavailable, check_pipeline
@@ -326,13 +326,17 @@ async def handle_status(request: web.Request) -> web.Response:
     got that far. Inbound: busy, no-answer and canceled become MISSED, failed becomes FAILED, and a call that
     completed without its media stream ever reaching an engine node is FAILED with that reason. Outbound calls
     (their callback URL names the CallLog) end the same way with Twilio's status as the end reason; see
-    `_outbound_status`.
+    `_outbound_status`. An outbound call still alive whose CallLog no longer exists is hung up
+    (`_hang_up_orphaned_call`).
     """
     callback = await _webhook_fields(request, CallStatusCallback.read)
     status = callback.status
     pool = request.app[DATABASE].pool
-    call_log = await _callback_call_log(pool, callback.call_sid, request.query.get(CALL_LOG_PARAMETER))
+    call_log_id = request.query.get(CALL_LOG_PARAMETER)
+    call_log = await _callback_call_log(pool, callback.call_sid, call_log_id)
     if call_log is None:
+        if call_log_id and status in _ALIVE_STATUSES:
+            await _hang_up_orphaned_call(request.app, callback, call_log_id)
         return web.Response(status=204)
     if call_log.call_type is CallType.OUTBOUND:
         await _outbound_status(pool, call_log, callback, request.app.get(TWILIO), request.app[SETTINGS].credit_rates)
@@ -458,6 +462,48 @@ async def _hang_up_late_call(call_log: CallLog, callback: CallStatusCallback, tw
         call_log.id,
         "hung up" if hung_up else "could not be hung up",
         callback.status,
+    )
+
+
+async def _hang_up_orphaned_call(app: web.Application, callback: CallStatusCallback, call_log_id: str) -> None:
+    """Hang up a call Twilio is making for the CallLog `call_log_id`, which no longer exists (deleted in SQL, as the
+    dashboard does, before Twilio created the call or while it rang): nobody runs it, and its stream would be
+    refused once the callee answered. Canceled while queued or ringing, completed once answered.
+
+    Only a call of this engine's: the callback is signed (Twilio's signature covers the URL, whose CallLog id only
+    `place_call` writes, and the CallSid in the body; an engine with no Twilio client checks no signature and hangs
+    nothing up), it names this engine's Twilio account, no CallLog has the id (one that holds another CallSid is not
+    this call's) nor the CallSid, and Twilio holds the call for this account as an API call still alive. Asking
+    Twilio first also makes a retried callback, or one of a call hung up already, change and log nothing.
+    """
+    settings, twilio, pool = app[SETTINGS], app.get(TWILIO), app[DATABASE].pool
+    if twilio is None or callback.account_sid != settings.twilio_account_sid:
+        return
+    if await call_logs.call_log_exists(pool, call_log_id=call_log_id, call_id=callback.call_sid):
+        return
+    try:
+        call = await twilio.fetch_call(callback.call_sid)
+    except CallLookupFailed as exc:
+        log.warning(
+            "call %s is %s for CallLog %s, which no longer exists, and cannot be hung up now (a later callback will "
+            "try again): %s",
+            callback.call_sid,
+            callback.status,
+            call_log_id,
+            exc,
+        )
+        return
+    if call is None or call.direction != OUTBOUND_API or call.status not in _ALIVE_STATUSES:
+        log.debug("call %s of deleted CallLog %s: nothing to hang up (%s)", callback.call_sid, call_log_id, call)
+        return
+    answered = call.status == "in-progress"
+    done = await (twilio.hang_up(call.sid) if answered else twilio.cancel(call.sid))
+    log.warning(
+        "call %s was %s for CallLog %s, which no longer exists: %s",
+        call.sid,
+        call.status,
+        call_log_id,
+        ("completed" if answered else "canceled") if done else "it could not be hung up",
     )
 
 
