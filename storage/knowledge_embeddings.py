@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from storage.knowledge_ingestion import MAX_ERROR_CHARS
 from storage.knowledge_search import PASSAGE_COLUMNS, Passage
@@ -57,6 +58,11 @@ async def vector_search_available(db: Queryable) -> bool:
     return bool(found)
 
 
+_WAITING = """("embeddingModel" IS NULL OR "embeddingModel" < $1 OR "embeddingModel" > $1)
+    AND "embeddingModel" IS DISTINCT FROM $2"""
+"""A passage still to embed by the model whose key is $1 and refused key $2. `< OR > OR IS NULL` rather than
+IS DISTINCT FROM, so the "embeddingModel" index finds them."""
+
 _CLAIM_WINDOW = 16
 """How many batches' worth of the oldest waiting passages a claim looks through for ones no other process holds."""
 
@@ -70,14 +76,11 @@ async def claim_pending(conn: Connection, *, model: EmbeddingModel, limit: int) 
     whose lock that takes first) wait for the embedding API's answer; a passage deleted meanwhile is simply not
     stored (`store_embeddings`).
     """
-    # `< OR > OR IS NULL` rather than IS DISTINCT FROM, so the "embeddingModel" index finds them.
-    pending = """("embeddingModel" IS NULL OR "embeddingModel" < $1 OR "embeddingModel" > $1)
-        AND "embeddingModel" IS DISTINCT FROM $2"""
     # The lock is taken as rows are read, in the materialized CTE's order: only as many as the claim uses.
     locked = await conn.fetch(
         f"""
         WITH oldest AS MATERIALIZED (
-            SELECT "id" FROM "KnowledgeBaseChunk" WHERE {pending} ORDER BY "createdAt", "id" LIMIT $3 * {_CLAIM_WINDOW}
+            SELECT "id" FROM "KnowledgeBaseChunk" WHERE {_WAITING} ORDER BY "createdAt", "id" LIMIT $3 * {_CLAIM_WINDOW}
         )
         SELECT "id" FROM oldest WHERE pg_try_advisory_xact_lock(hashtext('dialtone.embedding:' || "id")) LIMIT $3
         """,
@@ -92,7 +95,7 @@ async def claim_pending(conn: Connection, *, model: EmbeddingModel, limit: int) 
     rows = await conn.fetch(
         f"""
         SELECT "id", "content" FROM "KnowledgeBaseChunk"
-        WHERE "id" = ANY($3::text[]) AND {pending}
+        WHERE "id" = ANY($3::text[]) AND {_WAITING}
         ORDER BY "createdAt", "id"
         """,
         model.key,
@@ -100,6 +103,40 @@ async def claim_pending(conn: Connection, *, model: EmbeddingModel, limit: int) 
         [row["id"] for row in locked],
     )
     return [PendingPassage(row["id"], row["content"]) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingProgress:
+    """How many of a document's (or a knowledge base's) passages there are, and how many still wait for an
+    embedding by the model (those it refused are not waiting: they are found by full-text only)."""
+
+    passages: int
+    waiting: int
+
+
+async def embedding_progress(
+    db: Queryable,
+    *,
+    organization_id: str,
+    model: EmbeddingModel,
+    by: Literal["documentId", "knowledgeBaseId"],
+    ids: Sequence[str],
+) -> dict[str, EmbeddingProgress]:
+    """The organization's documents or knowledge bases (`by`) among `ids` that have passages, each with its
+    progress towards an embedding of every passage by `model`."""
+    rows = await db.fetch(
+        f"""
+        SELECT "{by}" AS "id", count(*)::int AS "passages", count(*) FILTER (WHERE {_WAITING})::int AS "waiting"
+        FROM "KnowledgeBaseChunk"
+        WHERE "{by}" = ANY($3::text[]) AND "organizationId" = $4
+        GROUP BY "{by}"
+        """,
+        model.key,
+        model.refused_key,
+        list(ids),
+        organization_id,
+    )
+    return {row["id"]: EmbeddingProgress(row["passages"], row["waiting"]) for row in rows}
 
 
 async def store_embeddings(

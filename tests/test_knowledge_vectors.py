@@ -33,7 +33,7 @@ from engine.knowledge.lookup import KnowledgeLookup
 from engine.server import metrics
 from pipelines.clients import ProviderClients
 from storage import knowledge_bases
-from storage.knowledge_embeddings import EmbeddingModel, nearest_passages, vector_search_available
+from storage.knowledge_embeddings import EmbeddingModel, claim_pending, nearest_passages, vector_search_available
 from storage.knowledge_search import Passage, fuse_rankings, search_passages
 from storage.migrate import migrate
 from storage.pool import create_pool
@@ -433,3 +433,29 @@ async def test_a_new_document_is_indexed_while_a_slow_embedding_api_works_throug
     finally:
         await worker.stop()
         fake.embedding_delay_ms = 0
+
+
+async def test_why_embedding_fails_is_kept_until_vectors_are_made_not_cleared_by_a_round_that_found_none_free(
+    pool: asyncpg.Pool, fake: FakeOpenAI
+) -> None:
+    org = await insert_organization(pool)
+    await text_document(pool, org, "The Agate kiosk sells maps.")
+    await ingest(pool, None)
+    refused = AsyncOpenAI(api_key="sk-revoked", base_url=fake.base_url)
+    worker = IngestionWorker(pool, quick(retry_initial=timedelta(0)), embedder=embedder(refused))
+    try:
+        await worker.run_once()
+        assert worker.embedding_failure == (
+            "the embedding API refused the engine's key (HTTP 401); vectors resume once the key works"
+        )
+        fake.api_key = "sk-revoked"  # the provider takes the key again, but another process holds every passage
+        async with pool.acquire() as conn, conn.transaction():
+            assert await claim_pending(conn, model=MODEL, limit=1000)
+            await worker.run_once()
+            assert worker.embedding_failure is not None, "nothing was embedded: the passages still wait"
+        await worker.run_once()
+        assert worker.embedding_failure is None and await pending(pool) == 0
+    finally:
+        fake.api_key = "sk-embed"
+        await worker.stop()
+        await refused.close()

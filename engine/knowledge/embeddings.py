@@ -47,6 +47,9 @@ _REFUSED: Final = (openai.BadRequestError, openai.UnprocessableEntityError)
 """The API refusing the texts themselves (past the model's token limit, content it rejects): sent again unchanged,
 they would be refused again."""
 
+_KEY_REFUSED: Final = (openai.AuthenticationError, openai.PermissionDeniedError)
+"""The API refusing the engine's key (401), or what the key may do (403: no access to the model, say)."""
+
 
 class EmbeddingFailed(Exception):
     """The embedding provider gave no vectors (after the retries, for passages); the message says why."""
@@ -137,6 +140,8 @@ class OpenAIEmbedder:
                 wait *= 2
             except _REFUSED as exc:
                 raise EmbeddingRefused(_describe_refusal(exc)) from None
+            except _KEY_REFUSED as exc:
+                raise EmbeddingFailed(f"{_describe(exc)}; vectors resume once the key works") from None
             except openai.APIError as exc:
                 raise EmbeddingFailed(_describe(exc)) from None
         raise AssertionError("unreachable: max_attempts is at least 1")
@@ -163,6 +168,8 @@ class OpenAIEmbedder:
 
 def _describe(exc: openai.APIError) -> str:
     match exc:
+        case openai.AuthenticationError() | openai.PermissionDeniedError():
+            return f"the embedding API refused the engine's key (HTTP {exc.status_code})"
         case openai.APIStatusError(status_code=status):
             return f"the embedding API answered HTTP {status}"
         case openai.APITimeoutError():
@@ -220,8 +227,16 @@ async def embed_pending_passages(pool: Pool, embedder: OpenAIEmbedder) -> int:
             if refusals and not vectors:
                 # Every text refused, one by one: more likely a setting the API refuses (a `dimensions` the model
                 # does not take) than the texts. They wait, as on any failure; a bad one alone waits for company.
+                # The API's words stay in the log: they may quote passages, and the failure is told to every
+                # organization whose passages wait.
+                log.warning(
+                    "the embedding API refused each of %d passages on its own, the first: %s",
+                    len(refusals),
+                    next(iter(refusals.values())),
+                )
                 raise EmbeddingFailed(
-                    f"the embedding API refused every passage of a batch: {next(iter(refusals.values()))}"
+                    "the embedding API refused every passage of a batch, taken for a setting of the engine's it "
+                    "refuses; vectors resume once it is changed"
                 )
             stored = await store_embeddings(
                 conn, model=embedder.model, chunk_ids=list(vectors), vectors=list(vectors.values())

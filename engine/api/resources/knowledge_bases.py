@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, TypeVar
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -20,7 +21,9 @@ from pipelines.knowledge import KnowledgeUnavailable
 from storage import knowledge_bases
 from storage.enums import DocumentType
 from storage.knowledge_bases import DocumentLimitReached, KnowledgeBase, KnowledgeBaseDocument
+from storage.knowledge_embeddings import EmbeddingProgress, embedding_progress
 from storage.knowledge_search import Passage
+from storage.records import Connection
 
 resource = Resource("Knowledge bases", "Documents (files, web pages, texts) agents may look things up in.")
 
@@ -31,6 +34,76 @@ SearchLanguage = Literal[
     "spanish", "swedish", "tamil", "turkish",
 ]  # fmt: skip
 """PostgreSQL's text-search configurations: how a knowledge base's words are stemmed and which are stop words."""
+
+
+class VectorProgress(ResponseModel):
+    """How far vector search has come with the passages: those without an embedding yet are found by full-text
+    search alone meanwhile."""
+
+    status: Literal["EMBEDDING", "WAITING", "READY"] = Field(
+        description="READY: every passage has its embedding (but those the model refused, named in their document's "
+        "`error`); EMBEDDING: some are being embedded; WAITING: the embedding API fails (`reason` says why) and they "
+        "are embedded once it works, nothing to upload again."
+    )
+    waiting_passages: int = Field(description="Passages without an embedding yet.")
+    reason: str | None = Field(
+        description="Why they wait (WAITING), e.g. the embedding API refusing the engine's key; null otherwise."
+    )
+
+    @classmethod
+    def of(cls, progress: EmbeddingProgress, failure: str | None) -> VectorProgress:
+        """The progress of passages, with `failure` the reason the engine's last round of embedding failed."""
+        if not progress.waiting:
+            return cls(status="READY", waiting_passages=0, reason=None)
+        if failure is None:
+            return cls(status="EMBEDDING", waiting_passages=progress.waiting, reason=None)
+        return cls(status="WAITING", waiting_passages=progress.waiting, reason=failure)
+
+
+_VECTORS_DESCRIPTION = (
+    "How far vector search has come with its passages; null when the engine searches by full-text alone "
+    "(no DIALTONE_KB_EMBEDDING_MODEL) or no passage has been read yet."
+)
+
+
+class KnowledgeBaseView(KnowledgeBase):
+    """A knowledge base with how far its passages' embeddings have come."""
+
+    vectors: VectorProgress | None = Field(description=_VECTORS_DESCRIPTION)
+
+
+class DocumentView(KnowledgeBaseDocument):
+    """A document with how far its passages' embeddings have come."""
+
+    vectors: VectorProgress | None = Field(description=_VECTORS_DESCRIPTION)
+
+
+View = TypeVar("View", KnowledgeBaseView, DocumentView)
+
+
+async def _with_vectors(
+    call: ApiCall, db: Connection, view: type[View], records: Sequence[KnowledgeBase | KnowledgeBaseDocument]
+) -> list[View]:
+    """The records as `view`s, each with its passages' progress towards their embeddings, read in `db`."""
+    embedder = call.app.get(KNOWLEDGE_EMBEDDER)
+    progress: dict[str, EmbeddingProgress] = {}
+    if embedder is not None and records:
+        progress = await embedding_progress(
+            db,
+            organization_id=call.caller.organization_id,
+            model=embedder.model,
+            by="knowledgeBaseId" if view is KnowledgeBaseView else "documentId",
+            ids=[record.id for record in records],
+        )
+    worker = call.app.get(INGESTION_WORKER)
+    failure = worker.embedding_failure if worker is not None else None
+    return [
+        view(
+            **record.model_dump(),
+            vectors=VectorProgress.of(progress[record.id], failure) if record.id in progress else None,
+        )
+        for record in records
+    ]
 
 
 class KnowledgeBaseCreate(RequestModel):
@@ -80,56 +153,62 @@ class DocumentCreate(RequestModel):
         return self
 
 
-@resource.get("/knowledge-bases", summary="List knowledge bases", response=Page[KnowledgeBase], query=PageQuery)
-async def list_knowledge_bases(call: ApiCall) -> Page[KnowledgeBase]:
+@resource.get("/knowledge-bases", summary="List knowledge bases", response=Page[KnowledgeBaseView], query=PageQuery)
+async def list_knowledge_bases(call: ApiCall) -> Page[KnowledgeBaseView]:
     """The organization's knowledge bases, newest first."""
     query = call.query_as(PageQuery)
     async with call.tenant() as db:
         rows = await knowledge_bases.list_knowledge_bases_page(
             db, organization_id=call.caller.organization_id, limit=query.fetch_limit, before=query.position()
         )
-    return to_page(Page[KnowledgeBase], rows, query)
+        views = await _with_vectors(call, db, KnowledgeBaseView, rows)
+    return to_page(Page[KnowledgeBaseView], views, query)
 
 
-@resource.post("/knowledge-bases", summary="Create a knowledge base", response=KnowledgeBase, body=KnowledgeBaseCreate)
-async def create_knowledge_base(call: ApiCall) -> KnowledgeBase:
+@resource.post(
+    "/knowledge-bases", summary="Create a knowledge base", response=KnowledgeBaseView, body=KnowledgeBaseCreate
+)
+async def create_knowledge_base(call: ApiCall) -> KnowledgeBaseView:
     """Create an empty knowledge base."""
     body = call.body_as(KnowledgeBaseCreate)
     async with call.tenant() as db:
-        return await knowledge_bases.create_knowledge_base(
+        created = await knowledge_bases.create_knowledge_base(
             db,
             organization_id=call.caller.organization_id,
             name=body.name,
             description=body.description,
             language=body.language,
         )
+    return KnowledgeBaseView(**created.model_dump(), vectors=None)  # no passage yet
 
 
-@resource.get("/knowledge-bases/{knowledgeBaseId}", summary="Get a knowledge base", response=KnowledgeBase)
-async def get_knowledge_base(call: ApiCall) -> KnowledgeBase:
-    """One knowledge base, with the count of each kind of document in it."""
+@resource.get("/knowledge-bases/{knowledgeBaseId}", summary="Get a knowledge base", response=KnowledgeBaseView)
+async def get_knowledge_base(call: ApiCall) -> KnowledgeBaseView:
+    """One knowledge base, with the count of each kind of document in it and how far its vectors have come."""
     async with call.tenant() as db:
-        return await knowledge_bases.get_knowledge_base(
+        found = await knowledge_bases.get_knowledge_base(
             db, organization_id=call.caller.organization_id, knowledge_base_id=call.path["knowledgeBaseId"]
         )
+        return (await _with_vectors(call, db, KnowledgeBaseView, [found]))[0]
 
 
 @resource.patch(
     "/knowledge-bases/{knowledgeBaseId}",
     summary="Update a knowledge base",
-    response=KnowledgeBase,
+    response=KnowledgeBaseView,
     body=KnowledgeBaseUpdate,
 )
-async def update_knowledge_base(call: ApiCall) -> KnowledgeBase:
+async def update_knowledge_base(call: ApiCall) -> KnowledgeBaseView:
     """Rename a knowledge base or change its description."""
     changes = call.body_as(KnowledgeBaseUpdate).changes()
     async with call.tenant() as db:
-        return await knowledge_bases.update_knowledge_base(
+        updated = await knowledge_bases.update_knowledge_base(
             db,
             organization_id=call.caller.organization_id,
             knowledge_base_id=call.path["knowledgeBaseId"],
             changes=changes,
         )
+        return (await _with_vectors(call, db, KnowledgeBaseView, [updated]))[0]
 
 
 @resource.delete("/knowledge-bases/{knowledgeBaseId}", summary="Delete a knowledge base")
@@ -144,10 +223,10 @@ async def delete_knowledge_base(call: ApiCall) -> None:
 @resource.get(
     "/knowledge-bases/{knowledgeBaseId}/documents",
     summary="List a knowledge base's documents",
-    response=Page[KnowledgeBaseDocument],
+    response=Page[DocumentView],
     query=PageQuery,
 )
-async def list_documents(call: ApiCall) -> Page[KnowledgeBaseDocument]:
+async def list_documents(call: ApiCall) -> Page[DocumentView]:
     """The knowledge base's documents, newest first."""
     query = call.query_as(PageQuery)
     async with call.tenant() as db:
@@ -162,7 +241,8 @@ async def list_documents(call: ApiCall) -> Page[KnowledgeBaseDocument]:
             limit=query.fetch_limit,
             before=query.position(),
         )
-    return to_page(Page[KnowledgeBaseDocument], rows, query)
+        views = await _with_vectors(call, db, DocumentView, rows)
+    return to_page(Page[DocumentView], views, query)
 
 
 def _queued(call: ApiCall) -> None:
@@ -178,11 +258,11 @@ def _limit_reached(exc: DocumentLimitReached) -> ApiError:
 @resource.post(
     "/knowledge-bases/{knowledgeBaseId}/documents",
     summary="Add a web page or a text",
-    response=KnowledgeBaseDocument,
+    response=DocumentView,
     body=DocumentCreate,
     errors=(409,),
 )
-async def add_document(call: ApiCall) -> KnowledgeBaseDocument:
+async def add_document(call: ApiCall) -> DocumentView:
     """Add a WEBSITE (crawled from its url) or a TEXT; it is PROCESSING until ingested, then READY or ERROR.
 
     409 `document_limit` when the knowledge base already holds 100 documents. Files go to the files endpoint.
@@ -199,7 +279,7 @@ async def add_document(call: ApiCall) -> KnowledgeBaseDocument:
     except DocumentLimitReached as exc:
         raise _limit_reached(exc) from None
     _queued(call)
-    return document
+    return DocumentView(**document.model_dump(), vectors=None)  # no passage yet
 
 
 class FileForm(RequestModel):
@@ -211,11 +291,11 @@ class FileForm(RequestModel):
 @resource.post(
     "/knowledge-bases/{knowledgeBaseId}/files",
     summary="Upload a file",
-    response=KnowledgeBaseDocument,
+    response=DocumentView,
     form=FileForm,
     errors=(409,),
 )
-async def upload_file(call: ApiCall) -> KnowledgeBaseDocument:
+async def upload_file(call: ApiCall) -> DocumentView:
     """Upload a PDF, DOCX, HTML, CSV, Markdown or text file (multipart/form-data, its bytes in `file`).
 
     Its type and size are read from the bytes. 413 past DIALTONE_KB_MAX_FILE_BYTES, 422 for a type not
@@ -250,32 +330,34 @@ async def upload_file(call: ApiCall) -> KnowledgeBaseDocument:
     except DocumentLimitReached as exc:
         raise _limit_reached(exc) from None
     _queued(call)
-    return document
+    return DocumentView(**document.model_dump(), vectors=None)  # no passage yet
 
 
 @resource.get(
     "/knowledge-bases/{knowledgeBaseId}/documents/{documentId}",
     summary="Get a document",
-    response=KnowledgeBaseDocument,
+    response=DocumentView,
 )
-async def get_document(call: ApiCall) -> KnowledgeBaseDocument:
-    """One document: its status (PROCESSING, READY, ERROR) and, in ERROR, why."""
+async def get_document(call: ApiCall) -> DocumentView:
+    """One document: its status (PROCESSING, READY, ERROR) and, in ERROR, why; how far its vectors have come, and
+    why they wait when they do."""
     async with call.tenant() as db:
-        return await knowledge_bases.get_document(
+        document = await knowledge_bases.get_document(
             db,
             organization_id=call.caller.organization_id,
             knowledge_base_id=call.path["knowledgeBaseId"],
             document_id=call.path["documentId"],
         )
+        return (await _with_vectors(call, db, DocumentView, [document]))[0]
 
 
 @resource.post(
     "/knowledge-bases/{knowledgeBaseId}/documents/{documentId}/reingest",
     summary="Re-crawl or re-read a document",
-    response=KnowledgeBaseDocument,
+    response=DocumentView,
     status=200,
 )
-async def reingest_document(call: ApiCall) -> KnowledgeBaseDocument:
+async def reingest_document(call: ApiCall) -> DocumentView:
     """Read the document again (a website is re-crawled); its passages stay searchable until replaced."""
     async with call.tenant() as db:
         document = await knowledge_bases.reingest_document(
@@ -284,8 +366,9 @@ async def reingest_document(call: ApiCall) -> KnowledgeBaseDocument:
             knowledge_base_id=call.path["knowledgeBaseId"],
             document_id=call.path["documentId"],
         )
+        view = (await _with_vectors(call, db, DocumentView, [document]))[0]
     _queued(call)
-    return document
+    return view
 
 
 QUESTION_MAX_LENGTH = 2000
