@@ -16,6 +16,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from engine.server import metrics
 from tests.engine_server import running_engine
 from tests.fakes.openai_chat import FakeOpenAI
 from tests.test_api_auth import Api, Tenant, make_tenant
@@ -97,8 +98,11 @@ async def test_a_refused_key_is_shown_on_the_documents_and_cleared_once_the_key_
     assert await vectors_of(api, acme, f"/knowledge-bases/{kb['id']}", "WAITING") == waiting
     code, listed = await api.call("GET", f"/knowledge-bases/{kb['id']}/documents", acme.owner_key)
     assert code == 200 and listed["data"][0]["vectors"] == waiting
-    # Meanwhile the knowledge base is searched by full-text.
+    # Meanwhile the knowledge base is searched by full-text: the question's embedding is refused too.
+    fallbacks = metrics.KNOWLEDGE_VECTOR_FALLBACKS.labels("error")
+    before = fallbacks._value.get()
     assert [p["documentId"] for p in await search(api, acme, kb["id"], "larimar+gallery")] == [document_id]
+    assert fallbacks._value.get() == before + 1
 
     fake.api_key = ENGINE_KEY  # the provider takes the key again: nothing to upload again
     ready = await vectors_of(api, acme, document_path, "READY")
