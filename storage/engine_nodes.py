@@ -142,12 +142,15 @@ async def close_orphaned_calls(
     stream_timeout: timedelta,
     now: datetime | None = None,
     dialed: Collection[str] = (),
+    looked_up: Collection[str] | None = None,
 ) -> int:
     """Close every IN_PROGRESS call no live node runs; return how many.
 
     A call tagged with a node not seen within `node_timeout` was handed over if Twilio made its transfer: its leg
     was settled from the dial Twilio made (not `not-dialed`), or its id is in `dialed` (Twilio's record shows its
     transfer's dial, `orphaned_transfers`); it ends COMPLETED with TRANSFERRED, any other FAILED with ENGINE_LOST.
+    With `looked_up` (the calls `orphaned_transfers` gave, whose dials were then looked for), a call whose leg is
+    open but was not among them is left for the next pass: it was lost while Twilio was being asked.
     An untagged call that started more than `stream_timeout` ago ends FAILED with STREAM_NEVER_STARTED (its media
     stream never opened). Calls of live nodes, and untagged calls younger than `stream_timeout` (still waiting for
     their stream), are left alone. Each closed call's call.ended is queued, and its credit reservation settled (a
@@ -168,6 +171,8 @@ async def close_orphaned_calls(
                     WHEN c."metadata" ? 'engineNode' THEN jsonb_build_object('endReason', $7::text)
                     ELSE jsonb_build_object('endReason', $8::text) END
             WHERE {_ORPHANED}
+              AND ($10::text[] IS NULL OR c."id" = ANY($10::text[]) OR NOT (c."metadata" ? 'engineNode' AND EXISTS (
+                  SELECT 1 FROM "TransferLeg" l WHERE l."callLogId" = c."id" AND l."endedAt" IS NULL)))
             RETURNING {call_logs.CALL_LOG_COLUMNS}
             """,
             now,
@@ -179,6 +184,7 @@ async def close_orphaned_calls(
             EndReason.ENGINE_LOST.value,
             EndReason.STREAM_NEVER_STARTED.value,
             LOST_AFTER_TRANSFER,
+            None if looked_up is None else list(looked_up),
         )
         await call_logs.after_bulk_ending(conn, rows)
     return len(rows)

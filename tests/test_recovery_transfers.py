@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 
 from config.settings import load_settings
+from engine.simulator import Pause
 from engine.twilio.outbound_calls import OutboundDeps, PlacedCall
 from engine.twilio.rest import TwilioCalls
 from engine.workers.recovery import NodeHeartbeat
@@ -28,10 +29,13 @@ from storage.enums import CallStatus
 from tests.fakes.deepgram import FakeDeepgram
 from tests.fakes.engine_processes import free_port
 from tests.fakes.openai_chat import FakeOpenAI
-from tests.fakes.twilio import FakeTwilio
+from tests.fakes.twilio import Answer, FakeCall, FakeTwilio
 from tests.test_calls_e2e import TOKEN
-from tests.test_drain_processes import Engine, engine
+from tests.test_calls_e2e import call as simulated_call
+from tests.test_drain_processes import Engine, engine, held_call
 from tests.test_live_call_control_channel import held_by_a_node
+from tests.test_node_fencing import STREAM_TIMEOUT
+from tests.test_node_fencing import line as fenced_line
 from tests.test_opt_out_calls import DG_KEY, OPENAI_KEY, deepgram, openai
 from tests.test_outbound_calls import finished_log
 from tests.test_repo_call_logs import open_call
@@ -48,6 +52,14 @@ async def twilio() -> AsyncIterator[FakeTwilio]:
     """The fake Twilio, signing its callbacks with the token the engine processes check."""
     async with FakeTwilio(auth_token=TOKEN) as fake:
         yield fake
+
+
+@pytest.fixture
+def fakes(
+    twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> tuple[FakeTwilio, FakeDeepgram, FakeOpenAI]:
+    """The fakes an engine process talks to: Twilio, Deepgram and OpenAI."""
+    return twilio, deepgram, openai
 
 
 def environment(twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI) -> dict[str, str]:
@@ -120,20 +132,16 @@ async def killed_mid_transfer(
 
 
 async def test_a_call_whose_engine_was_killed_after_twilio_took_its_transfer_ends_transferred(
-    fresh: tuple[str, asyncpg.Pool],
-    twilio: FakeTwilio,
-    deepgram: FakeDeepgram,
-    openai: FakeOpenAI,
-    tmp_path: Path,
+    fresh: tuple[str, asyncpg.Pool], fakes: tuple[FakeTwilio, FakeDeepgram, FakeOpenAI], tmp_path: Path
 ) -> None:
     database_url, pool = fresh
     org = (await organizations.create_organization(pool, name="Killed", slug="killed-transfer", credits=1000)).id
     await events.create_event(pool, organization_id=org, name="call.ended", webhook_url="https://hooks.example/x")
-    settings: dict[str, Any] = environment(twilio, deepgram, openai)
+    settings: dict[str, Any] = environment(*fakes)
     (tmp_path / "killed").mkdir()
     (tmp_path / "next").mkdir()
     async with engine(database_url, tmp_path / "killed", drain_seconds=20, **settings) as doomed:
-        placed = await killed_mid_transfer(doomed, database_url, pool, (twilio, deepgram, openai), org)
+        placed = await killed_mid_transfer(doomed, database_url, pool, fakes, org)
     still_open = await pool.fetchrow('SELECT "status" FROM "CallLog" WHERE "id" = $1', placed.call_log_id)
     assert still_open is not None and still_open["status"] == "IN_PROGRESS", "the process died before its end"
 
@@ -196,11 +204,8 @@ async def test_a_lost_call_whose_transfer_twilio_never_dialed_ends_engine_lost(
 ) -> None:
     _, pool = fresh
     call = await lost_call_with_a_transfer(pool)  # the node died before Twilio was asked
-    client = TwilioCalls(twilio.account_sid, twilio.auth_token, api_base=twilio.api_base)
-    try:
+    async with client_of(twilio) as client:
         ended = await recovered(pool, client, call)
-    finally:
-        await client.close()
     assert (ended.status, ended.metadata["endReason"]) == (CallStatus.FAILED, "engine_lost")
     assert any(lookup.get("ParentCallSid") == call.call_id for lookup in twilio.lookups), "Twilio was asked"
     # Its leg waits for the sweep, which finds no dial and returns every credit.
@@ -237,3 +242,103 @@ async def test_a_lost_call_whose_leg_is_settled_ends_as_its_dial_went_without_as
     async with unreachable_twilio() as client:
         ended = await recovered(pool, client, call)
     assert (ended.status.value, ended.metadata["endReason"]) == closed_as
+
+
+@asynccontextmanager
+async def slow_twilio(twilio: FakeTwilio) -> AsyncIterator[asyncio.Event]:
+    """The fake Twilio answering no lookup until the returned event is set (or the block is left)."""
+    twilio.lookup_gate = answer = asyncio.Event()
+    try:
+        yield answer
+    finally:
+        answer.set()
+        twilio.lookup_gate = None
+
+
+@asynccontextmanager
+async def client_of(twilio: FakeTwilio) -> AsyncIterator[TwilioCalls]:
+    """A Twilio client of the fake's account."""
+    client = TwilioCalls(twilio.account_sid, twilio.auth_token, api_base=twilio.api_base)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def asked_about(twilio: FakeTwilio, call: CallLog) -> None:
+    """Return once Twilio has been asked which calls `call`'s `<Dial>` made."""
+    for _ in range(600):
+        if any(lookup.get("ParentCallSid") == call.call_id for lookup in twilio.lookups):
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"Twilio was never asked about the transfer of {call.call_id}")
+
+
+async def test_a_lost_call_whose_transfer_twilio_does_not_tell_within_the_lookup_budget_ends_engine_lost(
+    fresh: tuple[str, asyncpg.Pool], twilio: FakeTwilio
+) -> None:
+    _, pool = fresh
+    lost = [await lost_call_with_a_transfer(pool) for _ in range(6)]
+    async with client_of(twilio) as client, slow_twilio(twilio):
+        node = NodeHeartbeat(pool, twilio=client, transfer_lookup_budget=timedelta(seconds=0.5))
+        assert await node.recover() == len(lost)  # while Twilio still holds the lookups
+    ended = await pool.fetch(
+        'SELECT "status", "metadata" FROM "CallLog" WHERE "id" = ANY($1::text[])', [c.id for c in lost]
+    )
+    assert [(row["status"], row["metadata"]["endReason"]) for row in ended] == [("FAILED", "engine_lost")] * 6
+
+
+async def test_a_call_lost_while_twilio_is_asked_about_others_is_closed_by_the_next_pass_as_twilio_tells(
+    fresh: tuple[str, asyncpg.Pool], twilio: FakeTwilio
+) -> None:
+    _, pool = fresh
+    first = await lost_call_with_a_transfer(pool)
+    async with client_of(twilio) as client, slow_twilio(twilio) as answer:
+        node = NodeHeartbeat(pool, twilio=client)
+        recovery = asyncio.create_task(node.recover())
+        await asked_about(twilio, first)
+        later = await lost_call_with_a_transfer(pool)  # lost while Twilio is being asked: nobody asked about it yet
+        dialed = FakeCall(
+            sid=f"CA{secrets.token_hex(16)}", to=BILLING, from_="+15550100000", params={}, behaviour=Answer()
+        )
+        twilio.dialed_calls[later.call_id] = [dialed]  # Twilio took its transfer
+        answer.set()
+        assert await recovery == 1
+        closed = await call_logs.get_call_log(pool, organization_id=first.organization_id, call_log_id=first.id)
+        assert (closed.status, closed.metadata["endReason"]) == (CallStatus.FAILED, "engine_lost")
+        waiting = await call_logs.get_call_log(pool, organization_id=later.organization_id, call_log_id=later.id)
+        assert waiting.status is CallStatus.IN_PROGRESS
+        ended = await recovered(pool, client, later)  # the next pass asks about it
+    assert (ended.status, ended.metadata["endReason"]) == (CallStatus.COMPLETED, "transferred")
+
+
+async def test_a_node_whose_recovery_waits_on_twilio_keeps_heartbeating_and_its_live_call_runs(
+    fresh: tuple[str, asyncpg.Pool], fakes: tuple[FakeTwilio, FakeDeepgram, FakeOpenAI], tmp_path: Path
+) -> None:
+    database_url, pool = fresh
+    twilio = fakes[0]
+    number, _ = await fenced_line(pool)
+    node_timeout = timedelta(seconds=6)
+    async with engine(
+        database_url,
+        tmp_path,
+        drain_seconds=1,
+        DIALTONE_NODE_HEARTBEAT_INTERVAL="0.5",
+        DIALTONE_NODE_TIMEOUT=str(node_timeout.total_seconds()),
+        DIALTONE_RECOVERY_INTERVAL="1",
+        **environment(*fakes),
+    ) as node:
+        caller = asyncio.create_task(simulated_call(node.url, number, Pause(120_000), timeout_s=150))
+        call_log_id = await held_call(pool, number)
+        async with slow_twilio(twilio):
+            lost = [await lost_call_with_a_transfer(pool) for _ in range(3)]
+            await asked_about(twilio, lost[0])  # the node's recovery waits on Twilio
+            # Another node's recovery looks all along, for twice the node timeout: the node is never taken for lost.
+            for _ in range(int(2 * node_timeout.total_seconds() / 0.2)):
+                await engine_nodes.close_orphaned_calls(pool, node_timeout=node_timeout, stream_timeout=STREAM_TIMEOUT)
+                await asyncio.sleep(0.2)
+            assert await pool.fetchval('SELECT "status" FROM "CallLog" WHERE "id" = $1', call_log_id) == "IN_PROGRESS"
+            assert not caller.done(), "the node's live call ended while its recovery waited on Twilio"
+            assert "cut off from the database" not in node.log()
+        caller.cancel()
+        await asyncio.gather(caller, return_exceptions=True)

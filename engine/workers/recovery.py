@@ -5,7 +5,9 @@ every minute, it closes as FAILED the IN_PROGRESS calls of nodes that stopped he
 and of calls whose media stream never started, so nothing stays IN_PROGRESS forever; a lost call whose transfer
 Twilio had made (its leg settled from the dial, or Twilio's record of the dial, asked when its leg is still open)
 ends COMPLETED `transferred` instead. Twilio out of reach (or no Twilio account) delays nothing: such a call is then
-closed on its leg's evidence alone. A node of this host whose
+closed on its leg's evidence alone. Recovery runs beside the heartbeat, never in its way: Twilio is asked a few calls
+at a time, for a bounded time in all (a lookup still unanswered then is given up, as if Twilio could not be asked),
+and a slow Twilio never keeps this node from heartbeating. A node of this host whose
 process is gone is not waited for: its calls are closed at once. A node that was taken for dead but runs again ends
 the calls it finds closed, and one cut off from the database ends its calls itself shortly before its heartbeat lease
 lapses (`lease_lapses_at`), so that they are never taken for lost while they run (engine.workers.lost_calls).
@@ -18,15 +20,16 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
 from engine.server.appkeys import DATABASE, SETTINGS, TWILIO
-from engine.twilio.rest import CallLookupFailed, TwilioCalls
+from engine.twilio.rest import REQUEST_TIMEOUT_SECONDS, CallLookupFailed, TwilioCalls
 from engine.workers.host_processes import process_is_gone
 from storage import Pool, engine_nodes
+from storage.engine_nodes import OrphanedTransfer
 from storage.errors import DATABASE_ERRORS, TRANSIENT_ERRORS, SchemaNotMigrated
 from storage.records import new_id
 
@@ -43,6 +46,11 @@ RECOVERY_INTERVAL = timedelta(minutes=1)
 NODE_TIMEOUT = timedelta(seconds=60)
 STREAM_TIMEOUT = timedelta(minutes=10)
 FORGET_NODES_AFTER = timedelta(days=1)
+TRANSFER_LOOKUPS_AT_ONCE = 4
+"""How many lost calls' transfers recovery asks Twilio about at once."""
+TRANSFER_LOOKUP_BUDGET = timedelta(seconds=2 * REQUEST_TIMEOUT_SECONDS)
+"""How long a recovery pass waits for Twilio's records of the lost calls' transfers in all; a call whose record is not
+in by then ends as if Twilio could not be asked (`engine_lost`)."""
 
 
 def _utc_now() -> datetime:
@@ -63,9 +71,10 @@ class NodeHeartbeat:
         stream_timeout: timedelta = STREAM_TIMEOUT,
         clock: Callable[[], datetime] | None = None,
         twilio: TwilioCalls | None = None,
+        transfer_lookup_budget: timedelta = TRANSFER_LOOKUP_BUDGET,
     ) -> None:
-        """`twilio` is asked whether the lost calls with an open transfer leg were transferred (without it, they are
-        closed as `engine_lost`)."""
+        """`twilio` is asked whether the lost calls with an open transfer leg were transferred, for at most
+        `transfer_lookup_budget` a recovery pass (without it, or past it, they are closed as `engine_lost`)."""
         if heartbeat_interval >= node_timeout:
             raise ValueError("the heartbeat interval must be shorter than the node timeout, or live nodes look dead")
         self.node_id = node_id or new_id()
@@ -76,10 +85,13 @@ class NodeHeartbeat:
         self.node_timeout = node_timeout
         self._stream_timeout = stream_timeout
         self._twilio = twilio
+        self._transfer_lookup_budget = transfer_lookup_budget
         self._clock = clock or _utc_now
         self._stamp_clock = clock
         """Heartbeats are stamped and judged by the database's clock (None) unless a clock is given (tests)."""
         self._task: asyncio.Task[None] | None = None
+        self._recovery: asyncio.Task[int] | None = None
+        """The recovery pass under way beside the heartbeat, if any: one at a time."""
         self._after_beat: list[Callable[[], Awaitable[object]]] = []
         self._last_taken_sent_at: float | None = None
         """When (on the loop's clock) the last heartbeat the database took was sent: the database stamped it later."""
@@ -99,55 +111,89 @@ class NodeHeartbeat:
         return self._last_taken_sent_at + self.node_timeout.total_seconds()
 
     async def start(self) -> None:
-        """Register this node, close what dead nodes left open, and start heartbeating in the background."""
+        """Register this node, start heartbeating in the background, and close what dead nodes left open (the node
+        heartbeats meanwhile, however long Twilio takes to say which lost calls it transferred)."""
         await self._register()
-        await self.recover()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"engine-node-{self.node_id}")
         log.info("engine node %s registered", self.node_id)
+        self._recovery = self._recovery_task(self.recover())
+        try:
+            await self._recovery
+        except BaseException:
+            await self._stop_tasks()
+            raise
 
     async def recover(self) -> int:
         """Close the calls no live node runs; how many were closed."""
         await self._forget_gone_neighbours()
         now = self._stamp()
+        looked_up, dialed = await self._transfers_twilio_dialed(now)
         closed = await engine_nodes.close_orphaned_calls(
             self._pool,
             now=now,
             node_timeout=self.node_timeout,
             stream_timeout=self._stream_timeout,
-            dialed=await self._transfers_twilio_dialed(now),
+            dialed=dialed,
+            looked_up=looked_up,
         )
         if closed:
             log.warning("closed %d calls left IN_PROGRESS by engine processes that stopped", closed)
         await engine_nodes.forget_dead_nodes(self._pool, now=now, older_than=FORGET_NODES_AFTER)
         return closed
 
-    async def _transfers_twilio_dialed(self, now: datetime | None) -> list[str]:
-        """Of the lost calls whose transfer leg is open, those Twilio's record shows a dial of (the caller was handed
-        over). Once Twilio cannot be asked, the rest are not asked about: their calls end `engine_lost`, unproven."""
+    async def _transfers_twilio_dialed(self, now: datetime | None) -> tuple[list[str], list[str]]:
+        """The lost calls whose transfer leg is open, and of those the ones Twilio's record shows a dial of (the caller
+        was handed over). The others end `engine_lost`, unproven: no Twilio account, Twilio could not be asked, or
+        it did not answer within the lookup budget."""
         orphaned = await engine_nodes.orphaned_transfers(
             self._pool, now=now, node_timeout=self.node_timeout, stream_timeout=self._stream_timeout
         )
-        dialed: list[str] = []
-        for index, transfer in enumerate(orphaned):
-            if self._twilio is None:
+        looked_up = [transfer.call_log_id for transfer in orphaned]
+        if self._twilio is None:
+            for transfer in orphaned:
                 log.warning(
                     "lost call %s had asked for a transfer; with no Twilio account to ask whether it was made, it is "
                     "closed as engine_lost",
                     transfer.call_sid,
                 )
-                continue
-            try:
-                if await self._twilio.dialed_calls(transfer.call_sid):
-                    dialed.append(transfer.call_log_id)
-            except CallLookupFailed as exc:
-                log.warning(
-                    "whether Twilio made the transfers of %d lost calls is unknown (%s); they are closed as "
-                    "engine_lost",
-                    len(orphaned) - index,
-                    exc,
-                )
-                break
-        return dialed
+            return looked_up, []
+        return looked_up, await self._dials_twilio_shows(self._twilio, orphaned)
+
+    async def _dials_twilio_shows(self, twilio: TwilioCalls, orphaned: list[OrphanedTransfer]) -> list[str]:
+        """Of the `orphaned` calls, those Twilio's record shows a dial of: asked TRANSFER_LOOKUPS_AT_ONCE at a time,
+        for the lookup budget in all. Once Twilio cannot be asked, the rest are not asked about; a lookup still
+        unanswered when the budget is spent is given up. Either way, those calls' transfers are unknown."""
+        slots = asyncio.Semaphore(TRANSFER_LOOKUPS_AT_ONCE)
+
+        async def dialed(transfer: OrphanedTransfer) -> bool:
+            async with slots:
+                return bool(await twilio.dialed_calls(transfer.call_sid))
+
+        loop = asyncio.get_running_loop()
+        lookups = {loop.create_task(dialed(transfer)): transfer for transfer in orphaned}
+        if not lookups:
+            return []
+        try:
+            done, _ = await asyncio.wait(
+                lookups, timeout=self._transfer_lookup_budget.total_seconds(), return_when=asyncio.FIRST_EXCEPTION
+            )
+        finally:
+            for lookup in lookups:
+                lookup.cancel()
+            await asyncio.gather(*lookups, return_exceptions=True)
+        failures = [exc for lookup in done if (exc := lookup.exception()) is not None]
+        for exc in failures:
+            if not isinstance(exc, CallLookupFailed):
+                raise exc
+        answered = [lookup for lookup in done if lookup.exception() is None]
+        if unknown := len(orphaned) - len(answered):
+            why = failures[0] if failures else f"Twilio did not answer within {self._transfer_lookup_budget}"
+            log.warning(
+                "whether Twilio made the transfers of %d lost calls is unknown (%s); they are closed as engine_lost",
+                unknown,
+                why,
+            )
+        return [lookups[lookup].call_log_id for lookup in answered if lookup.result()]
 
     async def _forget_gone_neighbours(self) -> None:
         """Deregister the nodes of this host whose process is gone, so their calls count as orphaned right away."""
@@ -168,21 +214,40 @@ class NodeHeartbeat:
         return self._stamp_clock() if self._stamp_clock is not None else None
 
     async def stop(self) -> None:
-        """Stop heartbeating and deregister; calls this node still holds are closed by the next node's recovery."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop heartbeating (and any recovery under way) and deregister; calls this node still holds are closed by
+        the next node's recovery."""
+        await self._stop_tasks()
         try:
             await engine_nodes.deregister_node(self._pool, node_id=self.node_id)
         except DATABASE_ERRORS as exc:
             # Whatever the database says at shutdown, the node times out instead: nothing is lost.
             log.warning("engine node %s could not deregister (%s); it will time out instead", self.node_id, exc)
 
+    async def _stop_tasks(self) -> None:
+        for task in (self._task, self._recovery):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._recovery = None
+
+    def _recovery_task(self, recovery: Coroutine[object, object, int]) -> asyncio.Task[int]:
+        return asyncio.get_running_loop().create_task(recovery, name=f"engine-node-recovery-{self.node_id}")
+
+    async def _recover_beside(self) -> int:
+        """A recovery pass of the heartbeat's, its failure logged: the next pass tries again."""
+        try:
+            return await self.recover()
+        except TRANSIENT_ERRORS as exc:
+            log.warning("engine node %s: recovery failed (%s: %s); retrying", self.node_id, type(exc).__name__, exc)
+        except Exception:  # recovery must outlive any one bad pass
+            log.exception("engine node %s: recovery pass failed", self.node_id)
+        return 0
+
     async def _run(self) -> None:
         next_recovery = self._clock() + self._recovery_interval
         missed = False
+        begun: asyncio.Task[int] | None = None  # the last recovery pass this loop began
         while True:
             await asyncio.sleep(self.heartbeat_interval.total_seconds())
             try:
@@ -198,13 +263,18 @@ class NodeHeartbeat:
                     # be seen again before their calls are judged orphaned.
                     missed = False
                     next_recovery = max(next_recovery, self._clock() + self.node_timeout)
-                if self._clock() >= next_recovery:
+                if self._clock() >= next_recovery and (self._recovery is None or self._recovery.done()):
+                    # Beside the heartbeat, not in its way: Twilio may take its time to answer recovery's lookups.
                     next_recovery = self._clock() + self._recovery_interval
-                    await self.recover()
+                    self._recovery = begun = self._recovery_task(self._recover_beside())
                 for check in self._after_beat:
                     await check()
             except TRANSIENT_ERRORS as exc:
                 missed = True
+                if begun is not None:
+                    # A pass this loop began before the outage would judge the others as soon as it ends, before
+                    # they could heartbeat again.
+                    begun.cancel()
                 log.warning(
                     "engine node %s: heartbeat failed (%s: %s); retrying", self.node_id, type(exc).__name__, exc
                 )

@@ -17,7 +17,8 @@ leaves an answered one as it is; TwiML that
 `<Dial>`s makes the dialed call (its `parent_call_sid` the call's; it stays `in-progress`: the far end of a dial is
 not scripted). `GET .../Calls.json` lists calls (filters `To`, `From`, `Status`, or `ParentCallSid` for the calls a
 `<Dial>` made; most recent first) and `GET .../Calls/{CallSid}.json` fetches one; a call's `update_gate` holds its
-updates until the test sets it, and its `answer_gate` holds the answer to an update the fake has acted on.
+updates until the test sets it, and its `answer_gate` holds the answer to an update the fake has acted on;
+`lookup_gate` holds every call list request (recorded in `lookups` as it comes) until the test sets it.
 `call_updates()` is the update endpoint alone, for calls the simulator places. `hold_create(number)` holds the next
 create to `number` until the test decides whether it reached Twilio (the call is created) or not (no call exists, as
 if the request never left): kill the engine in between.
@@ -216,6 +217,8 @@ class FakeTwilio:
         self._holds: dict[str, HeldCreate] = {}
         self.lookups: list[dict[str, str]] = []
         """The query of every call list request, in order."""
+        self.lookup_gate: asyncio.Event | None = None
+        """When given, a call list request waits (recorded in `lookups`) until it is set: a Twilio slow to answer."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._exit_stack = contextlib.AsyncExitStack()
         self._http: aiohttp.ClientSession | None = None
@@ -352,6 +355,8 @@ class FakeTwilio:
             return _error(401, 20003, "Authenticate")
         query = dict(request.query)
         self.lookups.append(query)
+        if self.lookup_gate is not None:
+            await self.lookup_gate.wait()
         filters = {"To": "to", "From": "from_", "Status": "status"}
         listed = (
             self.calls.values() if "ParentCallSid" not in query else self.dialed_calls.get(query["ParentCallSid"], [])
