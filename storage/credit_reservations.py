@@ -179,7 +179,9 @@ async def settle_orphaned_reservations(db: Queryable, *, call_log_ids: Sequence[
     but the last it reserved (each next minute is reserved in the last seconds of the one before): it pays those, at
     least one, and may be undercharged a minute, never overcharged. A call whose stream never started pays nothing.
     The rule is the database's `dialtone_credits_surely_used` (migration 0031), which also settles the reservation of
-    a call whose CallLog is deleted. Each keeps its rate and the minutes charged in its CallLog's metadata, as
+    a call whose CallLog is deleted. A call closed with the duration of its stream known (recovery of a transferred
+    call, storage.engine_nodes.close_orphaned_calls) pays its started minutes instead, as its own end would have,
+    within what it reserved. Each keeps its rate and the minutes charged in its CallLog's metadata, as
     `settlement_metadata` says.
     """
     kept = settlement_metadata("held", 'held."charged" / NULLIF(held."creditsPerMinute", 0)')
@@ -188,9 +190,10 @@ async def settle_orphaned_reservations(db: Queryable, *, call_log_ids: Sequence[
         WITH held AS (
             DELETE FROM "CreditReservation" r USING "CallLog" c
             WHERE r."callLogId" = ANY($1::text[]) AND c."id" = r."callLogId"
-            RETURNING c."id", c."organizationId", r."credits", r."creditsPerMinute",
-                      "dialtone_credits_surely_used"(r."credits", r."creditsPerMinute", c."metadata" ? 'engineNode')
-                          AS "charged"
+            RETURNING c."id", c."organizationId", r."credits", r."creditsPerMinute", GREATEST(
+                "dialtone_credits_surely_used"(r."credits", r."creditsPerMinute", c."metadata" ? 'engineNode'),
+                CASE WHEN c."metadata" ? 'engineNode' AND c."duration" IS NOT NULL THEN
+                    LEAST(r."credits", ceil(c."duration" / 60.0)::integer * r."creditsPerMinute") END) AS "charged"
         ), kept AS (
             UPDATE "CallLog" c SET "metadata" = c."metadata" || {kept}
             FROM held

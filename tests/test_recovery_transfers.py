@@ -7,6 +7,7 @@ and OpenAI fakes behind their real SDKs, real PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import signal
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from engine.simulator import Pause
 from engine.twilio.outbound_calls import OutboundDeps, PlacedCall
 from engine.twilio.rest import TwilioCalls
 from engine.workers.recovery import NodeHeartbeat
-from storage import call_logs, engine_nodes, events, organizations, transfer_legs
+from storage import call_logs, credit_reservations, engine_nodes, events, organizations, transfer_legs
 from storage.call_logs import CallLog
 from storage.enums import CallStatus
 from tests.fakes.deepgram import FakeDeepgram
@@ -38,7 +39,7 @@ from tests.test_node_fencing import STREAM_TIMEOUT
 from tests.test_node_fencing import line as fenced_line
 from tests.test_opt_out_calls import DG_KEY, OPENAI_KEY, deepgram, openai
 from tests.test_outbound_calls import finished_log
-from tests.test_repo_call_logs import open_call
+from tests.test_repo_call_logs import open_call, set_started_at
 from tests.test_transfer_stream_stop import BILLING, RATE, transfer_to_billing
 from tests.test_webhook_fairness import fresh
 
@@ -158,6 +159,11 @@ async def test_a_call_whose_engine_was_killed_after_twilio_took_its_transfer_end
         placed.call_log_id,
     )
     assert [row["payload"]["data"]["endReason"] for row in told] == ["transferred"]
+    # The agent's part of the call ran from its start to its transfer's leg, as a transfer that ends normally does.
+    leg_opened = await pool.fetchval('SELECT "startedAt" FROM "TransferLeg" WHERE "callLogId" = $1', placed.call_log_id)
+    ran = math.ceil((leg_opened - ended["timestamp"]).total_seconds())
+    assert ran >= 1 and ended["duration"] == ran
+    assert told[0]["payload"]["data"]["duration"] == ran
     # The dial's action request (or the sweep) settles the leg, once.
     settled = await transfer_legs.settle_leg(
         pool, call_log_id=placed.call_log_id, dial_status="completed", duration_seconds=90, call_sid=placed.call_sid
@@ -179,6 +185,21 @@ async def lost_call_with_a_transfer(pool: asyncpg.Pool) -> CallLog:
     slug = f"lost-{secrets.token_hex(4)}"
     org = (await organizations.create_organization(pool, name="Lost", slug=slug, credits=1000)).id
     call = await open_call(pool, org, metadata={"engineNode": "dead"}, credit_rates=RATES)
+    await transfer_legs.open_leg(pool, organization_id=org, call_log_id=call.id, to=BILLING, max_minutes=5, rates=RATES)
+    return call
+
+
+async def lost_call_transferred_after(pool: asyncpg.Pool, talked: timedelta) -> CallLog:
+    """A call of an engine node that died (on another host) after its agent talked for `talked` and opened the call's
+    transfer leg to billing, every minute it started reserved."""
+    await engine_nodes.register_node(
+        pool, node_id="dead", hostname="elsewhere", pid=1, now=datetime.now(UTC) - timedelta(minutes=5)
+    )
+    org = (await organizations.create_organization(pool, name="Lost", slug="lost-talked", credits=1000)).id
+    call = await open_call(pool, org, metadata={"engineNode": "dead"}, credit_rates=RATES)
+    await set_started_at(pool, call.id, datetime.now(UTC) - talked)
+    for _ in range(math.ceil(talked.total_seconds() / 60) - 1):  # its meter reserved each next minute as it ran
+        assert await credit_reservations.extend_reservation(pool, call_log_id=call.id)
     await transfer_legs.open_leg(pool, organization_id=org, call_log_id=call.id, to=BILLING, max_minutes=5, rates=RATES)
     return call
 
@@ -342,3 +363,21 @@ async def test_a_node_whose_recovery_waits_on_twilio_keeps_heartbeating_and_its_
             assert "cut off from the database" not in node.log()
         caller.cancel()
         await asyncio.gather(caller, return_exceptions=True)
+
+
+async def test_a_lost_call_closed_transferred_lasts_and_pays_as_a_transfer_that_ends_normally(
+    fresh: tuple[str, asyncpg.Pool],
+) -> None:
+    _, pool = fresh
+    call = await lost_call_transferred_after(pool, timedelta(seconds=100))
+    await transfer_legs.settle_leg(pool, call_log_id=call.id, dial_status="completed", duration_seconds=30)
+    balance = await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', call.organization_id)
+
+    ended = await recovered(pool, None, call)
+
+    assert (ended.status, ended.metadata["endReason"]) == (CallStatus.COMPLETED, "transferred")
+    # Its agent talked 100 s before the transfer (the leg's opening; Twilio's `stop` follows it): two started minutes,
+    # both of them reserved, so nothing returns.
+    assert ended.duration is not None and 100 <= ended.duration <= 101
+    assert (ended.metadata["minutesCharged"], ended.metadata["creditsPerMinute"]) == (2, RATE)
+    assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', call.organization_id) == balance
