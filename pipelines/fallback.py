@@ -25,6 +25,7 @@ from pipelines.llm.base import (
 )
 from pipelines.streams import closing_stream
 from pipelines.stt.base import (
+    MAX_REPLAY_MS,
     EndOfTurn,
     FinalizesEarly,
     PromptSilence,
@@ -68,6 +69,13 @@ def _next_provider(stage: str, chain: list[tuple[str, Any]], index: int, on_fail
     return index + 1
 
 
+REPLAY_LEAD_IN_MS = 500
+"""Audio kept from before the first frame of a turn the engine's VAD called voiced, which may miss a soft onset."""
+
+TRIM_EVERY_MS = 5_000
+"""The replay buffer is trimmed in bulk, once per this much audio at most: no memmove per frame."""
+
+
 class FallbackSTT:
     """Speech-to-text over several recognizers, in order; the caller's current turn survives a switch."""
 
@@ -75,20 +83,24 @@ class FallbackSTT:
         self,
         providers: Sequence[tuple[str, Callable[[], SpeechToText]]],
         *,
-        replay_ms: int = 10_000,
+        max_replay_ms: int = MAX_REPLAY_MS,
         on_failover: OnFailover | None = None,
     ) -> None:
-        """`providers` are (name, factory) pairs; at most `replay_ms` of the current turn is replayed on a switch."""
+        """`providers` are (name, factory) pairs; on a switch the next hears the caller's unconfirmed turn again,
+        from its first voiced frame (less `REPLAY_LEAD_IN_MS`), at most its last `max_replay_ms`."""
         self._providers = list(providers)
         self._index = -1
         self._active: SpeechToText | None = None
-        # The caller's audio of the turn in progress, bounded: it ends where the audio received so far ends, and
-        # begins where the last turn taken ended (see `turn_taken`), on the call's timeline.
+        # The caller's audio of the turn in progress: it ends where the audio received so far ends, and begins where
+        # the last turn taken ended (see `turn_taken`), on the call's timeline, less the silence before the turn's
+        # speech and, past `max_replay_ms`, its oldest speech (see `_trim`). It holds at most `TRIM_EVERY_MS` more.
         self._recent = bytearray()
         self._received_bytes = 0
         self._voiced_to = 0  # where the last audio the engine's VAD heard the caller in ends (bytes into the call)
+        self._speech_from: int | None = None  # where the turn's first voiced audio begins, if any came yet (bytes)
         self._words_to_ms = 0  # where the final words the active recognizer gave so far end (call's timeline)
-        self._max_recent = replay_ms * BYTES_PER_MS
+        self._max_recent = max_replay_ms * BYTES_PER_MS
+        self._trim_at = TRIM_EVERY_MS * BYTES_PER_MS  # the length of `_recent` that calls for a trim
         self._offset_ms = 0  # where the active recognizer's stream began on the call's timeline
         self._on_failover = on_failover
         self._switch_listeners: list[Callable[[], None]] = []
@@ -105,11 +117,27 @@ class FallbackSTT:
         self._forget_before(self._words_to_ms)
 
     def _forget_before(self, at_ms: int) -> None:
-        """Keep for a replay only the audio from `at_ms` on the call's timeline."""
+        """Keep for a replay only the audio from `at_ms` on the call's timeline: a new turn starts there."""
+        boundary = at_ms * BYTES_PER_MS
         start = self._received_bytes - len(self._recent)
-        drop = min(at_ms * BYTES_PER_MS - start, len(self._recent))
+        drop = min(boundary - start, len(self._recent))
         if drop > 0:
             del self._recent[:drop]
+        if self._speech_from is not None and self._speech_from < boundary:
+            # Where the caller's voice came back after it is not known: the new turn's speech may start at once.
+            self._speech_from = boundary if self._voiced_to > boundary else None
+
+    def _trim(self) -> None:
+        """Drop the silence before the turn's speech (all but `REPLAY_LEAD_IN_MS`) and, once the turn is longer
+        than the replay's bound, its oldest audio."""
+        received = self._received_bytes
+        speech_from = self._speech_from if self._speech_from is not None else received
+        keep_from = max(speech_from - REPLAY_LEAD_IN_MS * BYTES_PER_MS, received - self._max_recent)
+        keep_from -= keep_from % BYTES_PER_MS  # whole milliseconds: the next recognizer's timeline starts there
+        drop = keep_from - (received - len(self._recent))
+        if drop > 0:
+            del self._recent[:drop]
+        self._trim_at = len(self._recent) + TRIM_EVERY_MS * BYTES_PER_MS
 
     def when_switched(self, listener: Callable[[], None]) -> None:
         """Call `listener` each time a fallback recognizer takes over mid-call, as soon as it listens: before any
@@ -133,7 +161,17 @@ class FallbackSTT:
                 errors.append(f"{name}: {exc}")
                 continue
             self._active = candidate
+            if replay:
+                self._trim()
             replay_from = self._received_bytes - (len(self._recent) if replay else 0)
+            if replay and self._speech_from is not None and self._speech_from < replay_from:
+                log.warning(
+                    "stt %s takes over a caller turn of %d s: it hears only its last %d s again (the words before are "
+                    "lost)",
+                    name,
+                    (self._received_bytes - self._speech_from) // (1000 * BYTES_PER_MS),
+                    len(self._recent) // (1000 * BYTES_PER_MS),
+                )
             self._offset_ms = replay_from // BYTES_PER_MS
             if replay and self._recent:
                 # Not called speech when it holds none: a recognizer may rightly say nothing to silence (DeepgramSTT
@@ -148,9 +186,11 @@ class FallbackSTT:
         self._received_bytes += len(ulaw)
         self._recent += ulaw
         if voiced:
+            if self._speech_from is None:
+                self._speech_from = self._received_bytes - len(ulaw)
             self._voiced_to = self._received_bytes
-        if len(self._recent) > 2 * self._max_recent:  # trimmed in bulk: no memmove per frame
-            del self._recent[: len(self._recent) - self._max_recent]
+        if len(self._recent) > self._trim_at:
+            self._trim()
         if self._active is not None:
             self._active.send_audio(ulaw, voiced=voiced)
 
@@ -180,8 +220,11 @@ class FallbackSTT:
                         case EndOfTurn(at_ms=at_ms):
                             # Up to where the turn ended, not all received: the caller may have spoken on since.
                             self._forget_before(at_ms)
-                        case TranscriptUpdate(is_final=True, at_ms=at_ms):
+                        case TranscriptUpdate(is_final=True, at_ms=at_ms, text=text):
                             self._words_to_ms = max(self._words_to_ms, at_ms)
+                            if text.strip() and self._speech_from is None:
+                                # Words in what the VAD called silence: what is left of it belongs to the turn.
+                                self._speech_from = self._received_bytes - len(self._recent)
                     yield event
                 return
             except STTError as exc:

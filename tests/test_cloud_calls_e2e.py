@@ -30,6 +30,7 @@ from tests.fakes.server import serve
 from tests.fakes.twilio import call_updates, dialed_number
 from tests.test_calls_e2e import call_log as finished_log
 from tests.test_calls_e2e import turns
+from tests.test_realtime_session import until
 
 TOKEN = "cloud-auth-token-0123456789abcdef"
 CALLER = "+14155550123"
@@ -480,30 +481,41 @@ async def test_deepgram_dropping_mid_call_reconnects_then_falls_back_without_los
     assert [r["text"] for r in agents_] == ["Hi."] + ["I heard you."] * 3
 
 
-async def test_a_turn_the_engine_took_on_its_own_silence_is_not_taken_again_from_the_fallback_recognizer(
-    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
-) -> None:
-    # Deepgram with neither endpointing nor UtteranceEnd never ends a turn: the engine's silence takes each one.
-    number, agent_id = await make_line(
+async def deepgram_then_sphinx_line(pool: asyncpg.Pool, organization_id: str, *keyphrases: str) -> tuple[str, str]:
+    """A line whose agent listens with Deepgram, then PocketSphinx favouring `keyphrases`; (number, agent id).
+
+    Deepgram with neither endpointing nor UtteranceEnd never ends a turn: the engine's silence takes each one."""
+    return await make_line(
         pool,
         organization_id,
         firstSentence="Hi.",
         stt=[
             {"provider": "deepgram", "endpointing": False, "interim_results": False},
-            {"provider": "sphinx", "keyphrases": ["first question", "second question"]},
+            {"provider": "sphinx", "keyphrases": list(keyphrases)},
         ],
     )
+
+
+async def deepgram_lost_for_good(fakes: Fakes, running: asyncio.Task[CallResult]) -> CallResult:
+    """Drop every Deepgram socket and refuse new ones (PocketSphinx takes over) until the `running` call ends."""
+    fakes.deepgram.refuse = True
+    try:
+        await fakes.deepgram.drop_all()
+        return await running
+    finally:
+        fakes.deepgram.refuse = False
+
+
+async def test_a_turn_the_engine_took_on_its_own_silence_is_not_taken_again_from_the_fallback_recognizer(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    number, agent_id = await deepgram_then_sphinx_line(pool, organization_id, "first question", "second question")
     fakes.deepgram.transcripts.extend(["First question."])
     fakes.openai.default_reply = "I heard you."
     running = asyncio.create_task(call(engine, number, Say("first question"), Say("second question"), Pause(300)))
     await caller_turns_taken(pool, agent_id, 1)
     # Deepgram is lost for good: PocketSphinx takes over, hearing the caller's turn in progress replayed.
-    fakes.deepgram.refuse = True
-    try:
-        await fakes.deepgram.drop_all()
-        result = await running
-    finally:
-        fakes.deepgram.refuse = False
+    result = await deepgram_lost_for_good(fakes, running)
     log = await finished_log(pool, result)
     assert log["status"] == "COMPLETED", log["metadata"]
     rows = [(r["speaker"], r["text"]) for r in await turns(pool, log["id"])]
@@ -580,3 +592,28 @@ async def test_a_realtime_agent_answers_speech_to_speech_with_both_sides_in_the_
     assert session["audio"]["output"]["format"] == {"type": "audio/pcmu"}
     assert session["instructions"].startswith("You answer for the bakery on ")
     assert rows[1]["latencyMs"] is not None and result.utterances
+
+
+async def test_a_fallback_recognizer_taking_over_a_long_turn_hears_it_from_its_first_word(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    # Without the recognizer's end of turn, the caller's long turn stays unconfirmed until the engine's silence.
+    number, agent_id = await deepgram_then_sphinx_line(pool, organization_id, "my name is alice")
+    fakes.deepgram.transcripts.extend(["Hello."])
+    fakes.openai.default_reply = "I heard you."
+    long_turn = "my name is alice " + "one two three four five six seven eight nine ten eleven twelve " * 5
+    script = [Say("hello"), Pause(7000), Say(long_turn + "thank you"), Pause(1500)]  # 18.6 s of words, no pause
+    running = asyncio.create_task(call(engine, number, *script))
+    await caller_turns_taken(pool, agent_id, 1)
+    # Deepgram is lost for good 20.5 s after its final "Hello." (13.5 s into the long turn): after its three reconnect
+    # attempts (1.4 s), PocketSphinx takes over while the caller still speaks, over 20 s after the last turn taken.
+    listen = fakes.deepgram.listens[-1]
+    hello = next(m for m in listen.sent if m["type"] == "Results" and m["is_final"])
+    lost_at_ms = round((hello["start"] + hello["duration"]) * 1000) + 20_500
+    await until(lambda: listen.bytes_received >= lost_at_ms * BYTES_PER_MS, timeout=60)
+    log = await finished_log(pool, await deepgram_lost_for_good(fakes, running))
+    assert log["status"] == "COMPLETED", log["metadata"]
+    callers = [r["text"] for r in await turns(pool, log["id"]) if r["speaker"] == "caller"]
+    assert callers[0] == "Hello.", callers
+    # One turn, heard by PocketSphinx from its first words: the replay held the whole turn, not its last seconds.
+    assert len(callers) == 2 and callers[1].startswith("my name is alice"), callers

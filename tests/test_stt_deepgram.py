@@ -453,13 +453,7 @@ async def test_a_fallback_recognizer_hears_the_audio_after_the_last_turn_taken_n
     fake: FakeDeepgram,
 ) -> None:
     async with FakeDeepgram(api_key=API_KEY, transcripts=["for four"]) as second:
-        stt = FallbackSTT(
-            [
-                # Without endpointing or UtteranceEnd, the first never ends a turn: the engine's silence does.
-                ("deepgram", lambda: recognizer(fake, endpointing=False, interim_results=False)),
-                ("deepgram", lambda: recognizer(second)),
-            ]
-        )
+        stt = _unended_then(fake, second)
         await stt.start()
         events: list[STTEvent] = []
         listening = asyncio.create_task(_collect_into(stt, events))
@@ -479,7 +473,20 @@ async def test_a_fallback_recognizer_hears_the_audio_after_the_last_turn_taken_n
     ends = [event for event in events if isinstance(event, EndOfTurn)]
     # Only the caller's new words, on the call's timeline: 1400 ms in, 400 ms long, then 300 ms of endpointing.
     assert ends == [EndOfTurn(text="for four", at_ms=2100)]
-    assert second.bytes_received == [(2200 - 600) * 8]  # the audio from the end of the turn taken
+    # The audio after the turn taken, less the silence before the caller spoke again but its last half second.
+    assert second.bytes_received == [(2200 - 900) * 8]
+
+
+def _unended_then(fake: FakeDeepgram, second: FakeDeepgram, **options: Any) -> FallbackSTT:
+    """A recognizer on `fake` that never ends a turn (no endpointing, UtteranceEnd or interim results: the engine's
+    silence ends them, and it says nothing during unbroken speech), then one on `second`."""
+    return FallbackSTT(
+        [
+            ("deepgram", lambda: recognizer(fake, endpointing=False, interim_results=False)),
+            ("deepgram", lambda: recognizer(second)),
+        ],
+        **options,
+    )
 
 
 async def _collect_into(stt: FallbackSTT, events: list[STTEvent]) -> None:
@@ -654,3 +661,43 @@ async def test_without_endpointing_the_silence_that_completes_utterance_end_goes
     assert isinstance(events[-1], EndOfTurn)
     assert before_utterance_end <= 10  # 200 ms batches, then frame by frame from 900 ms
     assert far_from_speech <= 1000 // 200 + 1
+
+
+async def _fallback_after_a_drop(
+    fake: FakeDeepgram, second: FakeDeepgram, before: Sequence[tuple[bytes, bool]], **options: Any
+) -> int:
+    """Audio the second of two Deepgram recognizers receives when the first is lost for good after `before`
+    (frames with the VAD's verdict) and the caller then speaks 400 ms more: the replay and what came after it."""
+    stt = _unended_then(fake, second, **options)
+    await stt.start()
+    listening = asyncio.create_task(_collect_into(stt, []))
+    for frame, voiced in before:
+        stt.send_audio(frame, voiced=voiced)
+    await asyncio.sleep(0)
+    fake.refuse = True
+    await fake.drop_all()
+    await until(lambda: second.connections == 1)
+    await feed(stt, speech(400))
+    await stt.close()
+    listening.cancel()
+    return sum(second.bytes_received)
+
+
+async def test_a_fallback_recognizer_hears_a_long_turn_in_progress_whole_without_the_silence_before_it(
+    fake: FakeDeepgram,
+) -> None:
+    async with FakeDeepgram(api_key=API_KEY) as second:
+        listened = [(frame, False) for frame in silent_frames(12_000)]  # the caller listens to the agent
+        spoke = [(frame, True) for frame in speech(25_000)]  # then speaks 25 s without a pause
+        received = await _fallback_after_a_drop(fake, second, listened + spoke)
+    assert received == (500 + 25_000 + 400) * 8  # the whole turn, from half a second before its first voiced frame
+
+
+async def test_of_a_turn_longer_than_the_replay_bound_the_fallback_hears_the_last_part(
+    fake: FakeDeepgram, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FakeDeepgram(api_key=API_KEY) as second:
+        spoke = [(frame, True) for frame in speech(9_000)]
+        received = await _fallback_after_a_drop(fake, second, spoke, max_replay_ms=4_000)
+    assert received == (4_000 + 400) * 8
+    assert "takes over a caller turn of 9 s: it hears only its last 4 s again" in caplog.text

@@ -9,6 +9,7 @@ from typing import Protocol, runtime_checkable
 from pipelines.errors import STTError
 
 __all__ = [
+    "MAX_REPLAY_MS",
     "EndOfTurn",
     "FinalizesEarly",
     "STTError",
@@ -17,6 +18,11 @@ __all__ = [
     "SpeechToText",
     "TranscriptUpdate",
 ]
+
+MAX_REPLAY_MS = 30_000
+"""The most of a caller's unconfirmed speech a recognizer hears again in one piece (240 KB of μ-law): a Deepgram
+socket replacing a dropped one, a fallback recognizer taking over a turn in progress. Of a longer stretch, the last
+this much; every recognizer takes this much at once."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from config.agent import DeepgramSTTConfig
 from media.g711 import BYTES_PER_MS, SAMPLE_RATE
 from pipelines.clients import CloseClient, ProviderClients
 from pipelines.loop_waits import SingleWaiterQueue, Wakeup
-from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, STTEvent, TranscriptUpdate
+from pipelines.stt.base import MAX_REPLAY_MS, EndOfTurn, SpeechStarted, STTError, STTEvent, TranscriptUpdate
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class DeepgramSTT:
         api_key: str,
         url: str,
         reconnect_delays: Sequence[float] = (0.1, 0.3, 1.0),
-        max_replay_ms: int = 10_000,
+        max_replay_ms: int = MAX_REPLAY_MS,
         keepalive_seconds: float = 3.0,
         silent_socket_seconds: float = 5.0,
         stable_socket_seconds: float = STABLE_SOCKET_SECONDS,

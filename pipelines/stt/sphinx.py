@@ -25,7 +25,7 @@ from media.resample import resample
 from media.vad import SpeechStarted as VadSpeechStarted
 from media.vad import SpeechStopped, VoiceActivityDetector
 from pipelines.offline_workers import OfflineWork, OfflineWorkError
-from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, STTEvent, TranscriptUpdate
+from pipelines.stt.base import MAX_REPLAY_MS, EndOfTurn, SpeechStarted, STTError, STTEvent, TranscriptUpdate
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,9 @@ TAIL_MS = 200
 MAX_UTTERANCE_MS = 20_000
 """An utterance this long is decoded as a turn even if the caller has not paused."""
 
-MAX_BACKLOG_MS = 30_000
-"""Speech a call may have waiting for a decode; past it the oldest waiting utterances are dropped."""
+MAX_BACKLOG_MS = MAX_REPLAY_MS
+"""Speech a call may have waiting for a decode (a fallback's replay of a turn comes at once); past it the oldest
+waiting utterances are dropped."""
 
 KEYPHRASE_WEIGHT = 30
 """How many times each keyphrase (and each of its words) counts in the vocabulary's language-model corpus."""
