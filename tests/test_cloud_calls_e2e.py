@@ -233,6 +233,22 @@ async def test_a_model_reply_holding_half_an_emoji_is_spoken_stored_and_sent_bac
     assert fakes.openai.requests[-1]["messages"][-2] == {"role": "assistant", "content": "Booked for two \ufffd."}
 
 
+async def test_an_emoji_whose_halves_come_in_two_deltas_of_the_models_stream_is_spoken_and_stored_whole(
+    engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    # A server slicing its text by UTF-16 units sends "\\ud83d" at the end of one delta and "\\ude00" at the start of
+    # the next: each half alone is no character, together they are one.
+    number, _ = await make_line(pool, organization_id, firstSentence="Hello, this is the clinic.")
+    fakes.deepgram.transcripts.extend(["A table for two please."])
+    fakes.openai.replies.append(["Booked for two \ud83d", "\ude00 at noon."])
+    result = await call(engine, number, Say("a table for two please"), Pause(300))
+    log = await finished_log(pool, result)
+    assert log["status"] == "COMPLETED", log["metadata"]
+    said = "Booked for two \U0001f600 at noon."
+    assert [(r["speaker"], r["text"]) for r in await turns(pool, log["id"])][-1] == ("agent", said)
+    assert [spoken.text.strip() for spoken in fakes.elevenlabs.texts][-1] == said
+
+
 async def test_an_agent_stored_with_a_variable_named_like_a_built_in_still_calls_the_built_in_filling_it(
     engine: str, fakes: Fakes, pool: asyncpg.Pool, organization_id: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -147,6 +147,22 @@ async def test_text_is_yielded_delta_by_delta_in_order(fake: FakeOpenAI, client:
     assert events == said("Sure, we're open nine to five. Anything else?")
 
 
+async def test_an_emoji_split_between_two_deltas_is_yielded_whole_with_the_second(
+    fake: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    fake.replies.append(["Booked \ud83d", "\ude00 for two."])  # the halves in two deltas, as JSON escapes
+    events = await respond(model(client), caller("A table for two?"))
+    assert events == [TextDelta("Booked"), TextDelta(" "), TextDelta("\U0001f600"), *said(" for two.")]
+
+
+async def test_half_an_emoji_ending_the_stream_is_said_as_a_replacement_character(
+    fake: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    fake.replies.append("Booked \ud83d")
+    events = await respond(model(client), caller("A table for two?"))
+    assert spoken(events) == "Booked \ufffd"
+
+
 async def test_the_request_carries_instructions_conversation_tools_and_settings(
     fake: FakeOpenAI, client: AsyncOpenAI, tools: ToolRunner
 ) -> None:

@@ -150,13 +150,16 @@ class _Completion:
     text: list[str] = field(default_factory=list)
     calls: dict[int, _FunctionCall] = field(default_factory=dict)
     finish_reason: str | None = None
+    split_half: str = ""
+    """The first half of a surrogate pair that ended the last text delta, waiting for its second in the next."""
 
     def absorb(self, chunk: Mapping[str, Any]) -> list[str]:
         """Take in one chunk (its JSON as sent); return the text to speak now.
 
         The text is `storable_text` (the arguments are once complete: `function_calls`): JSON can carry a NUL or a
         lone surrogate ("\\ud83d", half an emoji), which the voice's request, the stored turns and the model's next
-        request could not.
+        request could not. An emoji whose halves come in two deltas (a server slicing its text by UTF-16 units)
+        comes whole, with the second.
         """
         spoken: list[str] = []
         for choice in _objects(chunk.get("choices")):
@@ -164,8 +167,8 @@ class _Completion:
             if isinstance(delta, dict):
                 # A refusal is what the model says instead of an answer: the caller should hear it too.
                 for key in ("content", "refusal"):
-                    if text := _string(delta.get(key)):
-                        spoken.append(storable_text(text))
+                    if (text := _string(delta.get(key))) and (whole := self._whole(text)):
+                        spoken.append(whole)
                 for fragment in _objects(delta.get("tool_calls")):
                     index = fragment.get("index")
                     call = self.calls.setdefault(index if isinstance(index, int) else 0, _FunctionCall())
@@ -180,6 +183,21 @@ class _Completion:
                 self.finish_reason = finish_reason
         self.text.extend(spoken)
         return spoken
+
+    def _whole(self, text: str) -> str:
+        """`text` after the half held from the last delta, less a first half it ends with, `storable_text`."""
+        text, self.split_half = self.split_half + text, ""
+        if "\ud800" <= text[-1] <= "\udbff":
+            text, self.split_half = text[:-1], text[-1]
+        return storable_text(text)
+
+    def ended(self) -> list[str]:
+        """The text still to speak once the stream ended: a held half whose second never came, as U+FFFD."""
+        if not self.split_half:
+            return []
+        self.split_half = ""
+        self.text.append("\ufffd")
+        return ["\ufffd"]
 
     def function_calls(self, ids: Iterator[int]) -> list[_FunctionCall]:
         """The complete function calls in index order, each with an id (made up if the server sent none), their
@@ -312,6 +330,8 @@ class OpenAIChatLLM:
                             self.usage.add(usage)
                         for text in completion.absorb(chunk):
                             yield text
+                    for text in completion.ended():
+                        yield text
             finally:
                 # However the stream is left (end, error, barge-in cancellation), its HTTP response is closed.
                 await response.aclose()
