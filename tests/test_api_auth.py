@@ -252,12 +252,15 @@ async def test_a_method_the_path_does_not_take_is_a_json_405(api: Api, acme: Ten
         assert_error(await response.json(), "method_not_allowed")
 
 
-async def test_a_body_over_the_size_limit_is_a_json_413(api: Api, acme: Tenant) -> None:
+async def test_a_body_over_the_size_limit_is_a_json_413_naming_the_limit(api: Api, acme: Tenant) -> None:
     status, body = await api.call(
         "POST", "/knowledge-bases", acme.owner_key, json={"name": "Big", "description": "x" * 2_000_000}
     )
     assert status == 413
     assert_error(body, "payload_too_large")
+    assert body["error"]["message"] == (
+        "the request body is larger than 1048576 bytes, the most one request may carry; send it in smaller requests"
+    )
 
 
 async def test_a_body_that_is_not_json_is_400(api: Api, acme: Tenant) -> None:

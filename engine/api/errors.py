@@ -150,7 +150,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
-        message = {404: f"no such resource: {request.path}", 405: f"{request.method} is not allowed on {request.path}"}
+        message = {
+            404: f"no such resource: {request.path}",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: f"the request body is larger than {request.client_max_size} bytes, the most one request may carry; "
+            "send it in smaller requests",
+        }
         error = ApiError(exc.status, code, message.get(exc.status, exc.reason))
         response = error.response()
         if exc.status == 405 and "Allow" in exc.headers:
