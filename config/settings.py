@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -335,7 +336,29 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         config_file = Path(os.environ.get(CONFIG_FILE_ENV) or DEFAULT_CONFIG_FILE)
         environment = _EnvironmentVariables(settings_cls)
-        return (init_settings, environment, TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return (init_settings, environment, _SettingsFile(settings_cls, config_file))
+
+
+class _SettingsFile(TomlConfigSettingsSource):
+    """The settings file, whose every key must name a setting: a misspelt one is refused, not silently ignored."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        super().__init__(settings_cls, toml_file=path)
+        # Keys are matched without regard to case, by the setting's own name or its environment variable's.
+        names = {
+            str(name).lower(): field
+            for field, info in settings_cls.model_fields.items()
+            if isinstance(info.validation_alias, AliasChoices)
+            for name in info.validation_alias.choices
+        }
+        unknown = [key for key in self.toml_data if key.lower() not in names]
+        if unknown:  # load_settings names the file before this message
+            raise ValueError("; ".join(_not_a_setting(key, sorted(set(names.values()))) for key in unknown))
+
+
+def _not_a_setting(key: str, fields: list[str]) -> str:
+    close = difflib.get_close_matches(key.lower(), fields, n=1)
+    return f"{key!r} is not a setting" + (f" (did you mean {close[0]}?)" if close else "")
 
 
 class _EnvironmentVariables(EnvSettingsSource):

@@ -156,6 +156,28 @@ def test_a_malformed_settings_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp
     assert str(caught.value).startswith(f"{path}: ")
 
 
+def test_a_misspelt_key_in_the_settings_file_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Ignored, it would leave the engine on its embedded database while the operator believes it uses this one.
+    path = settings_file(monkeypatch, tmp_path, 'databse_url = "postgresql://dialtone@db.internal:5432/dialtone"\n')
+
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+
+    assert str(caught.value) == f"{path}: 'databse_url' is not a setting (did you mean database_url?)"
+
+
+def test_the_settings_file_takes_the_variables_names_in_any_case(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    settings_file(monkeypatch, tmp_path, 'DIALTONE_PORT = 9002\ndialtone_s3_prefix = "calls/"\n')
+
+    settings = load_settings()
+
+    assert (settings.port, settings.s3_prefix) == (9002, "calls/")
+
+
 def test_the_twilio_auth_token_is_not_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TWILIO_AUTH_TOKEN", TOKEN)
 
