@@ -105,6 +105,20 @@ async def test_serve_answers_health_and_stops_cleanly_on_sigterm(db_url: str, tm
     assert "Traceback" not in log
 
 
+async def test_serve_on_a_port_in_use_names_the_setting_to_change(db_url: str, tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, _, stderr = await _run("serve", "--port", str(port), env=_clean_env(DATABASE_URL=db_url), cwd=tmp_path)
+
+    assert code == 1
+    assert stderr.splitlines()[-1] == (
+        f"dialtone: DIALTONE_PORT: cannot listen on 127.0.0.1:{port} (address already in use); "
+        "choose another port with DIALTONE_PORT (or --port)"
+    )
+
+
 async def test_serve_logs_requests_without_the_signature_of_a_recording_link(db_url: str, tmp_path: Path) -> None:
     port = _free_port()
     secret_key = "k" * 64

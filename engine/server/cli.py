@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -83,7 +85,10 @@ async def _serve(settings: Settings, *, apply_migrations: bool) -> None:
     gc.set_threshold(20_000, 20, 20)
     try:
         site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=10)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # main() prints the message alone
+            raise OSError(exc.errno, _cannot_listen(settings, exc)) from None
         host, port = runner.addresses[0][:2]
         log.info("Dialtone listening on http://%s:%d (Ctrl-C or SIGTERM to stop)", host, port)
         stopping, stop_now = asyncio.Event(), asyncio.Event()
@@ -104,6 +109,15 @@ async def _serve(settings: Settings, *, apply_migrations: bool) -> None:
     finally:
         await runner.cleanup()
     log.info("stopped")
+
+
+def _cannot_listen(settings: Settings, exc: OSError) -> str:
+    """Why `serve` cannot listen, naming the setting to change (most often: another process holds the port)."""
+    cause = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    where = f"cannot listen on {settings.host}:{settings.port} ({cause})"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"DIALTONE_HOST: {where}; give an address of this machine with DIALTONE_HOST (or --host)"
+    return f"DIALTONE_PORT: {where}; choose another port with DIALTONE_PORT (or --port)"
 
 
 async def _migrate(settings: Settings) -> None:
