@@ -12,8 +12,10 @@ from typing import Any
 
 from config.agent import parse_agent_configuration
 from storage import agents, api_keys, conversation_paths, organizations, phone_numbers, users, voices
+from storage.agents import Agent
 from storage.enums import AgentStatus, CallerType, Plan, UserRole, UserStatus
 from storage.errors import AlreadyExists
+from storage.phone_numbers import PhoneNumber
 from storage.records import Queryable, transaction
 
 DEMO_SLUG = "demo"
@@ -148,6 +150,8 @@ class DemoSeed:
     owner_password: str | None
     api_key: str | None
     created: list[str] = field(default_factory=list)
+    moved_from: str | None = None
+    """The number the agent answered before this run moved it to `phone_number`."""
 
     def describe(self) -> str:
         """Lines for the terminal; the secrets appear only on the run that created them."""
@@ -160,12 +164,21 @@ class DemoSeed:
             lines.append(f"  owner password (shown once): {self.owner_password}")
         if self.api_key:
             lines.append(f"  API key (shown once, stored only as a hash): {self.api_key}")
-        lines.append("  created: " + ", ".join(self.created) if self.created else "  already seeded: nothing new")
+        if self.created:
+            lines.append("  created: " + ", ".join(self.created))
+        if self.moved_from:
+            lines.append(f"  moved the agent from {self.moved_from} to {self.phone_number}")
+        if not self.created and not self.moved_from:
+            lines.append("  already seeded: nothing new")
         return "\n".join(lines)
 
 
-async def seed_demo(db: Queryable, *, phone_number: str = DEMO_PHONE_NUMBER) -> DemoSeed:
-    """Create whatever part of the demo is missing, in one transaction; safe to run concurrently."""
+async def seed_demo(db: Queryable, *, phone_number: str | None = None) -> DemoSeed:
+    """Create whatever part of the demo is missing, in one transaction; safe to run concurrently.
+
+    The agent answers `phone_number` when one is given (moved there from the number it answered), else the number
+    it already answers, else DEMO_PHONE_NUMBER: a run without a number never undoes a run with one.
+    """
     created: list[str] = []
     async with transaction(db) as conn:
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", _SEED_LOCK)
@@ -216,14 +229,9 @@ async def seed_demo(db: Queryable, *, phone_number: str = DEMO_PHONE_NUMBER) -> 
             )
             voice_ids[(voice.provider, voice.provider_voice_id)] = row.id
 
-        number = await phone_numbers.find_by_number(conn, number=phone_number)
-        if number is None:
-            number = await phone_numbers.create_phone_number(
-                conn, organization_id=org_id, phone_number=phone_number, label="Demo line"
-            )
-            created.append("phone number")
-        elif number.organization_id != org_id:
-            raise AlreadyExists("PhoneNumber", "phoneNumber", number.phone_number)
+        existing = [a for a in await agents.list_agents(conn, organization_id=org_id) if a.name == DEMO_AGENT_NAME]
+        agent = existing[0] if existing else None
+        number = await _demo_number(conn, org_id, agent, phone_number, created)
 
         paths = [
             p
@@ -244,10 +252,8 @@ async def seed_demo(db: Queryable, *, phone_number: str = DEMO_PHONE_NUMBER) -> 
             )
             created.append("conversation path")
 
-        existing = [a for a in await agents.list_agents(conn, organization_id=org_id) if a.name == DEMO_AGENT_NAME]
-        if existing:
-            agent = existing[0]
-        else:
+        moved_from = None
+        if agent is None:
             agent = await agents.create_agent(
                 conn,
                 organization_id=org_id,
@@ -261,6 +267,8 @@ async def seed_demo(db: Queryable, *, phone_number: str = DEMO_PHONE_NUMBER) -> 
                 configuration=parse_agent_configuration(DEMO_AGENT_CONFIGURATION).to_json(),
             )
             created.append("agent")
+        else:
+            agent, moved_from = await _answering(conn, org_id, agent, number)
         await agents.link_conversation_path(
             conn, organization_id=org_id, agent_id=agent.id, conversation_path_id=path.id
         )
@@ -273,4 +281,37 @@ async def seed_demo(db: Queryable, *, phone_number: str = DEMO_PHONE_NUMBER) -> 
         owner_password=password,
         api_key=api_key,
         created=created,
+        moved_from=moved_from,
     )
+
+
+async def _demo_number(
+    conn: Queryable, org_id: str, agent: Agent | None, phone_number: str | None, created: list[str]
+) -> PhoneNumber:
+    """The number the demo agent is to answer: the one given, else its own, else DEMO_PHONE_NUMBER (made if new)."""
+    if phone_number is None and agent is not None and agent.phone_number_id is not None:
+        return await phone_numbers.get_phone_number(conn, organization_id=org_id, phone_number_id=agent.phone_number_id)
+    wanted = phone_number or DEMO_PHONE_NUMBER
+    number = await phone_numbers.find_by_number(conn, number=wanted)
+    if number is None:
+        created.append("phone number")
+        return await phone_numbers.create_phone_number(
+            conn, organization_id=org_id, phone_number=wanted, label="Demo line"
+        )
+    if number.organization_id != org_id:
+        raise AlreadyExists("PhoneNumber", "phoneNumber", number.phone_number)
+    return number
+
+
+async def _answering(conn: Queryable, org_id: str, agent: Agent, number: PhoneNumber) -> tuple[Agent, str | None]:
+    """The agent, now answering `number`; and the number it answered before this move (None if it did not move)."""
+    if agent.phone_number_id == number.id:
+        return agent, None
+    before = None
+    if agent.phone_number_id is not None:
+        old = await phone_numbers.get_phone_number(conn, organization_id=org_id, phone_number_id=agent.phone_number_id)
+        before = old.phone_number
+    moved = await agents.update_agent(
+        conn, organization_id=org_id, agent_id=agent.id, changes={"phone_number_id": number.id}
+    )
+    return moved, before

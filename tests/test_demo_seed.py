@@ -77,6 +77,49 @@ async def test_running_it_again_creates_nothing_and_shows_no_secret(databases: T
     assert "already seeded" in second.describe()
 
 
+async def test_a_number_given_to_a_seeded_demo_is_the_one_its_agent_answers(databases: TestDatabases) -> None:
+    pool = await databases.pool(await databases.migrated())
+    try:
+        first = await seed_demo(pool)
+        moved = await seed_demo(pool, phone_number="+15555550177")
+        new_number = await phone_numbers.find_by_number(pool, number="+15555550177")
+        old_number = await phone_numbers.find_by_number(pool, number=DEMO_PHONE_NUMBER)
+        assert new_number is not None and old_number is not None
+        answering_new = await agents.find_inbound_agent(pool, phone_number_id=new_number.id)
+        answering_old = await agents.find_inbound_agent(pool, phone_number_id=old_number.id)
+    finally:
+        await pool.close()
+    assert answering_new is not None
+    assert answering_new.id == first.agent_id
+    assert answering_old is None
+    assert moved.describe().splitlines()[1:] == [
+        f"  inbound agent 'Front desk (offline)' ({first.agent_id}) answers +15555550177",
+        "  owner owner@demo.dialtone.dev",
+        "  created: phone number",
+        f"  moved the agent from {DEMO_PHONE_NUMBER} to +15555550177",
+    ]
+
+
+async def test_a_run_without_a_number_leaves_the_agent_on_the_number_it_was_given(
+    databases: TestDatabases,
+) -> None:
+    # `make run` seeds without a number at every start: it must not take the demo back to +15555550100.
+    pool = await databases.pool(await databases.migrated())
+    try:
+        await seed_demo(pool)
+        await seed_demo(pool, phone_number="+15555550177")
+        again = await seed_demo(pool)
+        number = await phone_numbers.find_by_number(pool, number="+15555550177")
+        assert number is not None
+        answering = await agents.find_inbound_agent(pool, phone_number_id=number.id)
+    finally:
+        await pool.close()
+    assert answering is not None
+    assert answering.id == again.agent_id
+    assert again.phone_number == "+15555550177"
+    assert "already seeded: nothing new" in again.describe()
+
+
 async def test_concurrent_runs_seed_one_demo(databases: TestDatabases) -> None:
     pool = await databases.pool(await databases.migrated())
     try:

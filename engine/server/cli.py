@@ -57,7 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     add_api_key_command(commands)
 
     seed = commands.add_parser("seed-demo", help="create the demo organization, agent and number (idempotent)")
-    seed.add_argument("--phone-number", default=None, help="the demo's inbound number, E.164 (default +15555550100)")
+    seed.add_argument(
+        "--phone-number",
+        default=None,
+        help="the demo's inbound number, E.164: its agent moves to it (default: the number it answers, "
+        "+15555550100 for a new demo)",
+    )
     return parser
 
 
@@ -147,12 +152,12 @@ async def _status(settings: Settings) -> None:
 
 
 async def _seed_demo(settings: Settings, phone_number: str | None) -> None:
-    from storage.demo import DEMO_PHONE_NUMBER, seed_demo
+    from storage.demo import seed_demo
 
     async with database(settings) as db:
         async with db.pool.acquire() as conn:
             await migrate(conn)
-        result = await seed_demo(db.pool, phone_number=phone_number or DEMO_PHONE_NUMBER)
+        result = await seed_demo(db.pool, phone_number=phone_number)
     print(result.describe())
 
 
