@@ -81,6 +81,10 @@ async def test_create_import_start_pause_stop_and_status(pool: asyncpg.Pool, db_
     assert code == 0, err
     stopped = await campaigns.get_campaign(pool, organization_id=org, campaign_id=campaign_id)
     assert stopped.status == CampaignStatus.STOPPED
+    # Watching a campaign that places no more calls shows its last state and ends, rather than redraw it for ever.
+    code, out, err = await dialtone(db_url, tmp_path, "campaign", "status", "--org", org, campaign_id)
+    assert code == 0, err
+    assert out.count("STOPPED") == 1
 
 
 async def test_mistakes_get_one_line_naming_what_is_wrong(pool: asyncpg.Pool, db_url: str, tmp_path: Path) -> None:

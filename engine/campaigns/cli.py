@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import TextIO
+from typing import Final, TextIO
 
 from config.settings import Settings
 from engine.campaigns.recipients_csv import ParsedRow, not_utf8, open_recipients_file, read_recipients
@@ -19,7 +19,8 @@ from engine.campaigns.windows import InvalidWindow, parse_time_of_day
 from engine.twilio.outbound_calls import OutboundCallError, outbound_caller_id, usable_agent
 from storage import Pool, campaign_dispatch, campaigns, dial_policies, organizations
 from storage.campaign_states import RecipientDispatchState
-from storage.campaigns import CampaignRetryPolicy, DialingRules, NewRecipient
+from storage.campaigns import Campaign, CampaignRetryPolicy, DialingRules, NewRecipient
+from storage.enums import CampaignStatus
 from storage.pool import database
 from storage.records import transaction
 
@@ -73,7 +74,7 @@ def add_campaign_command(commands: argparse._SubParsersAction[argparse.ArgumentP
         if name == "pause":
             action.add_argument("--reason", default="paused by request", help="shown in status")
 
-    status = actions.add_parser("status", help="progress, live until Ctrl-C")
+    status = actions.add_parser("status", help="progress, live until the campaign ends (or Ctrl-C)")
     _organization(status)
     status.add_argument("campaign_id")
     status.add_argument("--once", action="store_true", help="print once and exit (for scripts)")
@@ -266,21 +267,26 @@ async def _import(pool: Pool, organization_id: str, campaign_id: str, path: Path
     )
 
 
+_ENDED: Final = frozenset({CampaignStatus.COMPLETED, CampaignStatus.STOPPED})
+"""A campaign in these states places no more calls: a live status has nothing more to show."""
+
+
 async def _status(pool: Pool, organization_id: str, campaign_id: str, *, once: bool, interval: float) -> None:
     live = not once and sys.stdout.isatty()
     while True:
-        text = await describe(pool, organization_id, campaign_id)
+        campaign = await campaigns.get_campaign(pool, organization_id=organization_id, campaign_id=campaign_id)
+        text = await describe(pool, campaign)
         if live:
             sys.stdout.write("\x1b[H\x1b[2J")  # home and clear: the view redraws in place
         print(text, flush=True)
-        if once:
+        if once or campaign.status in _ENDED:
             return
         await asyncio.sleep(interval)
 
 
-async def describe(pool: Pool, organization_id: str, campaign_id: str) -> str:
+async def describe(pool: Pool, campaign: Campaign) -> str:
     """The campaign's status as the CLI shows it: lifecycle, progress, pause, recipients by state."""
-    campaign = await campaigns.get_campaign(pool, organization_id=organization_id, campaign_id=campaign_id)
+    organization_id, campaign_id = campaign.organization_id, campaign.id
     dispatch = await campaigns.get_dispatch_state(pool, organization_id=organization_id, campaign_id=campaign_id)
     counts = await campaign_dispatch.count_by_state(pool, organization_id=organization_id, campaign_id=campaign_id)
     filled = campaign.progress * _BAR_WIDTH // 100
