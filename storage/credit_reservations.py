@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from storage.enums import Plan
 from storage.errors import NotFound
 from storage.organizations import shortfall
-from storage.records import Queryable
+from storage.records import Queryable, transaction
 
 
 def check_rates(rates: Mapping[str, int]) -> None:
@@ -182,31 +182,33 @@ async def settle_orphaned_reservations(db: Queryable, *, call_log_ids: Sequence[
     a call whose CallLog is deleted. A call closed with the duration of its stream known (recovery of a transferred
     call, storage.engine_nodes.close_orphaned_calls) pays its started minutes instead, as its own end would have,
     within what it reserved. Each keeps its rate and the minutes charged in its CallLog's metadata, as
-    `settlement_metadata` says.
+    `settlement_metadata` says. The caller has locked the CallLogs (it ended them): the organizations' rows are taken
+    last, in id order, as every settlement of several calls takes them (migration 0033).
     """
     kept = settlement_metadata("held", 'held."charged" / NULLIF(held."creditsPerMinute", 0)')
-    await db.execute(
-        f"""
-        WITH held AS (
-            DELETE FROM "CreditReservation" r USING "CallLog" c
-            WHERE r."callLogId" = ANY($1::text[]) AND c."id" = r."callLogId"
-            RETURNING c."id", c."organizationId", r."credits", r."creditsPerMinute", GREATEST(
-                "dialtone_credits_surely_used"(r."credits", r."creditsPerMinute", c."metadata" ? 'engineNode'),
-                CASE WHEN c."metadata" ? 'engineNode' AND c."duration" IS NOT NULL THEN
-                    LEAST(r."credits", ceil(c."duration" / 60.0)::integer * r."creditsPerMinute") END) AS "charged"
-        ), kept AS (
-            UPDATE "CallLog" c SET "metadata" = c."metadata" || {kept}
-            FROM held
-            WHERE c."id" = held."id"
-        ), owed AS (
-            SELECT "organizationId", sum("credits" - "charged") AS "credits" FROM held GROUP BY "organizationId"
+    async with transaction(db) as conn:
+        await conn.execute(
+            f"""
+            WITH held AS (
+                DELETE FROM "CreditReservation" r USING "CallLog" c
+                WHERE r."callLogId" = ANY($1::text[]) AND c."id" = r."callLogId"
+                RETURNING c."id", c."organizationId", r."credits", r."creditsPerMinute", GREATEST(
+                    "dialtone_credits_surely_used"(r."credits", r."creditsPerMinute", c."metadata" ? 'engineNode'),
+                    CASE WHEN c."metadata" ? 'engineNode' AND c."duration" IS NOT NULL THEN
+                        LEAST(r."credits", ceil(c."duration" / 60.0)::integer * r."creditsPerMinute") END) AS "charged"
+            ), kept AS (
+                UPDATE "CallLog" c SET "metadata" = c."metadata" || {kept}
+                FROM held
+                WHERE c."id" = held."id"
+            )
+            INSERT INTO "CreditReturn" ("callLogId", "organizationId", "credits")
+            SELECT "id", "organizationId", "credits" - "charged" FROM held
+            """,
+            list(call_log_ids),
         )
-        UPDATE "Organization" o SET "credits" = o."credits" + owed."credits"
-        FROM owed
-        WHERE o."id" = owed."organizationId"
-        """,
-        list(call_log_ids),
-    )
+        # The organizations' rows last, in id order, as a deletion of CallLogs takes them (migration 0033): two
+        # settlements of several organizations never take them in opposite orders.
+        await conn.execute('SELECT "dialtone_return_credits"()')
 
 
 async def reserved_credits(db: Queryable, *, call_log_id: str) -> int | None:

@@ -85,39 +85,48 @@ async def open_leg(
     if max_minutes < 1:
         raise ValueError(f"a transfer needs at least one minute, got {max_minutes}")
     check_rates(rates)
-    row = await db.fetchrow(
-        """
-        WITH terms AS (
-            SELECT o."credits",
-                   COALESCE(r."creditsPerMinute", ($5::jsonb ->> o."plan"::text)::integer) AS "perMinute"
-            FROM "CallLog" c
-            JOIN "Organization" o ON o."id" = c."organizationId"
-            LEFT JOIN "CreditReservation" r ON r."callLogId" = c."id"
-            WHERE c."id" = $2 AND c."organizationId" = $1
-        ), minutes AS (
-            SELECT "perMinute", CASE WHEN "perMinute" = 0 THEN $4::integer
-                                     ELSE LEAST($4::integer, "credits" / "perMinute") END AS "minutes"
-            FROM terms
-        ), taken AS (
-            UPDATE "Organization" o SET "credits" = o."credits" - minutes."minutes" * minutes."perMinute"
-            FROM minutes
-            WHERE o."id" = $1 AND minutes."minutes" >= 1
-              AND o."credits" >= minutes."minutes" * minutes."perMinute"
-            RETURNING minutes."minutes", minutes."perMinute"
-        ), held AS (
-            INSERT INTO "TransferLeg" ("callLogId", "to", "credits", "creditsPerMinute", "timeLimitSeconds")
-            SELECT $2, $3, taken."minutes" * taken."perMinute", taken."perMinute", taken."minutes" * 60 FROM taken
-            RETURNING "timeLimitSeconds", "credits"
+    async with transaction(db) as conn:
+        # The CallLog first, in the order its deletion takes them (migration 0033: the CallLog, then the
+        # organization): taking the organization's row first and the CallLog's for the leg's foreign key after, the
+        # leg deadlocked with a deletion of its call. A call deleted meanwhile is not found below.
+        await conn.execute(
+            'SELECT FROM "CallLog" WHERE "id" = $1 AND "organizationId" = $2 FOR KEY SHARE',
+            call_log_id,
+            organization_id,
         )
-        SELECT terms."perMinute", held."timeLimitSeconds", held."credits"
-        FROM terms LEFT JOIN held ON true
-        """,
-        organization_id,
-        call_log_id,
-        to,
-        max_minutes,
-        dict(rates),
-    )
+        row = await conn.fetchrow(
+            """
+            WITH terms AS (
+                SELECT o."credits",
+                       COALESCE(r."creditsPerMinute", ($5::jsonb ->> o."plan"::text)::integer) AS "perMinute"
+                FROM "CallLog" c
+                JOIN "Organization" o ON o."id" = c."organizationId"
+                LEFT JOIN "CreditReservation" r ON r."callLogId" = c."id"
+                WHERE c."id" = $2 AND c."organizationId" = $1
+            ), minutes AS (
+                SELECT "perMinute", CASE WHEN "perMinute" = 0 THEN $4::integer
+                                         ELSE LEAST($4::integer, "credits" / "perMinute") END AS "minutes"
+                FROM terms
+            ), taken AS (
+                UPDATE "Organization" o SET "credits" = o."credits" - minutes."minutes" * minutes."perMinute"
+                FROM minutes
+                WHERE o."id" = $1 AND minutes."minutes" >= 1
+                  AND o."credits" >= minutes."minutes" * minutes."perMinute"
+                RETURNING minutes."minutes", minutes."perMinute"
+            ), held AS (
+                INSERT INTO "TransferLeg" ("callLogId", "to", "credits", "creditsPerMinute", "timeLimitSeconds")
+                SELECT $2, $3, taken."minutes" * taken."perMinute", taken."perMinute", taken."minutes" * 60 FROM taken
+                RETURNING "timeLimitSeconds", "credits"
+            )
+            SELECT terms."perMinute", held."timeLimitSeconds", held."credits"
+            FROM terms LEFT JOIN held ON true
+            """,
+            organization_id,
+            call_log_id,
+            to,
+            max_minutes,
+            dict(rates),
+        )
     if row is None:
         raise NotFound("CallLog", call_log_id)
     per_minute: int = row["perMinute"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
+from typing import Any
 
 import asyncpg
 import pytest
@@ -170,13 +172,18 @@ async def test_rates_must_price_every_plan(pool: asyncpg.Pool) -> None:
         )
 
 
-async def blocked_on_a_lock(pool: asyncpg.Pool) -> None:
-    """Return once some statement on the database waits for a lock another transaction holds."""
+async def blocked_on_a_lock(
+    pool: asyncpg.Pool, *, waiting: int = 1, unless_done: Collection[asyncio.Future[Any]] = ()
+) -> None:
+    """Return once `waiting` statements on the database wait for a lock another transaction holds (or as soon as one
+    of `unless_done` is done)."""
     for _ in range(1000):
-        if await pool.fetchval("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted)"):
+        if any(task.done() for task in unless_done):
+            return
+        if await pool.fetchval("SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted") >= waiting:
             return
         await asyncio.sleep(0.01)
-    raise AssertionError("no statement waited for a lock within 10 s")
+    raise AssertionError(f"{waiting} statements did not wait for a lock within 10 s")
 
 
 async def test_an_extension_racing_the_calls_settlement_takes_nothing_from_the_balance(pool: asyncpg.Pool) -> None:

@@ -35,7 +35,7 @@ TENANT_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
 ORGANIZATION_PRIVILEGES = frozenset({"SELECT"})
 ORGANIZATION_UPDATABLE_COLUMNS = frozenset({"name", "slug"})
 READ_ONLY_TABLES = frozenset({"User"})
-BILLING_TABLES = frozenset({"DetachedTransferLeg"})
+BILLING_TABLES = frozenset({"CreditReturn", "DetachedTransferLeg"})
 """Tables with an "organizationId" that only the owner role touches (billing: a row the API role could write would
 be credits it could make up): no grant at all, row-level security on all the same."""
 USER_SECRET_COLUMNS = frozenset({"password", "twoFactorSecret"})
