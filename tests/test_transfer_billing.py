@@ -642,3 +642,26 @@ async def test_a_transfer_is_made_once_the_organization_allows_the_number(
 
     assert made
     assert [dialed_number(update["Twiml"]) for update in updates] == [to]
+
+
+@pytest.mark.parametrize("table", ["CreditReservation", "TransferLeg"])
+async def test_a_truncate_of_the_credits_running_calls_hold_is_refused_and_names_the_safe_way(
+    pool: asyncpg.Pool, table: str
+) -> None:
+    # Emptied alone (no CallLog truncated with them), a reservation and an open leg lost the credits they held.
+    organization_id = await organization(pool, credits=100)
+    opened = await open_call(pool, organization_id, credit_rates=RATES)
+    await open_leg(pool, organization_id, opened.id, 3)
+    async with pool.acquire() as conn:
+        truncation = conn.transaction()  # rolled back: had it gone through, the module's other tests keep their rows
+        await truncation.start()
+        try:
+            with pytest.raises(asyncpg.ObjectInUseError) as refused:
+                await conn.execute(f'TRUNCATE "{table}"')
+        finally:
+            await truncation.rollback()
+
+    assert f'TRUNCATE "{table}" refused' in str(refused.value)
+    assert 'TRUNCATE "CallLog" CASCADE' in refused.value.as_dict()["hint"]
+    assert await balance(pool, organization_id) == 100 - RATE - 3 * RATE
+    assert await transfer_legs.reserved_leg_credits(pool, call_log_id=opened.id) == 3 * RATE

@@ -1,4 +1,4 @@
--- 0033: billing takes its locks in one order.
+-- 0033: billing takes its locks in one order, and a TRUNCATE of the tables holding credits alone is refused.
 --
 -- The order: the calls' "CallLog" rows, then their "CreditReservation" or "TransferLeg" rows, then the "Organization"
 -- rows whose balance changes, last and in id order. 0031's row trigger took the organization's row with each deleted
@@ -8,6 +8,10 @@
 -- "deadlock detected", the dashboard's deletion or the engine's billing. The row trigger now settles the reservation
 -- into "CreditReturn", and a statement trigger returns what it holds once the statement has taken every CallLog it
 -- deletes. The engine's recovery (credit_reservations.settle_orphaned_reservations) returns credits the same way.
+--
+-- "CreditReservation" and "TransferLeg" hold credits taken from balances; a TRUNCATE of either alone (no CallLog with
+-- it) lost them. It is refused while they hold any, with the safe way in the error: deleting the calls (or
+-- `TRUNCATE "CallLog" CASCADE`) settles them.
 
 -- CreateTable: credits settled reservations return to their organizations, kept from the settlement until the
 -- organizations' rows are locked, in id order, by "dialtone_return_credits" in the same statement: rows never outlive
@@ -100,13 +104,36 @@ BEGIN
 END
 $$;
 
+-- Refuse a TRUNCATE of "CreditReservation" or "TransferLeg" that would empty rows holding credits: running calls'
+-- reservations, open legs. One of "CallLog" (or cascading to it) has settled them by then, its trigger firing first.
+CREATE FUNCTION "dialtone_refuse_truncating_held_credits"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    holding bigint;
+BEGIN
+    IF TG_TABLE_NAME = 'CreditReservation' THEN
+        SELECT count(*) INTO holding FROM "CreditReservation";
+    ELSE
+        SELECT count(*) INTO holding FROM "TransferLeg" WHERE "endedAt" IS NULL;
+    END IF;
+    IF holding > 0 THEN
+        RAISE EXCEPTION 'TRUNCATE "%" refused: % of its rows hold credits of running calls, which it would lose',
+                        TG_TABLE_NAME, holding
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Delete their calls instead (DELETE FROM "CallLog" WHERE ..., or TRUNCATE "CallLog" CASCADE): '
+                         'that settles what they hold and returns the rest to their organizations.';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
 DO $$
 DECLARE
     keeping TEXT;
 BEGIN
     FOREACH keeping IN ARRAY ARRAY['dialtone_keep_calls_credits(text[])', 'dialtone_return_credits()',
                                    'dialtone_return_deleted_calls_credits()',
-                                   'dialtone_keep_truncated_calls_credits()']
+                                   'dialtone_keep_truncated_calls_credits()',
+                                   'dialtone_refuse_truncating_held_credits()']
     LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_temp', keeping, current_schema());
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', keeping);
@@ -116,3 +143,9 @@ $$;
 
 CREATE TRIGGER "CallLog_return_deleted_credits" AFTER DELETE ON "CallLog"
     FOR EACH STATEMENT EXECUTE FUNCTION "dialtone_return_deleted_calls_credits"();
+
+CREATE TRIGGER "CreditReservation_refuse_truncate" BEFORE TRUNCATE ON "CreditReservation"
+    FOR EACH STATEMENT EXECUTE FUNCTION "dialtone_refuse_truncating_held_credits"();
+
+CREATE TRIGGER "TransferLeg_refuse_truncate" BEFORE TRUNCATE ON "TransferLeg"
+    FOR EACH STATEMENT EXECUTE FUNCTION "dialtone_refuse_truncating_held_credits"();
