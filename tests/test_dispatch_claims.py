@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from engine.campaigns.dispatcher import CampaignBlocked, CampaignDispatcher, DialRefused, DialResult, DispatchTiming
-from storage import call_logs, campaigns
+from storage import call_logs, campaign_dispatch, campaigns
 from storage.agents import create_agent
 from storage.campaign_dispatch import RECIPIENT_METADATA_KEY, Claim
 from storage.campaigns import Campaign, CampaignRetryPolicy, DialingRules, NewRecipient
@@ -445,6 +445,40 @@ async def test_an_expired_lease_with_a_call_log_follows_the_call(pool: asyncpg.P
     )
     await tick(dispatcher(pool, survivor, clock))
     assert (await get(pool, campaign)).status == CampaignStatus.COMPLETED
+
+
+async def test_a_call_log_written_as_the_lease_expires_is_left_to_its_dial_not_requeued(pool: asyncpg.Pool) -> None:
+    # The dial writes its CallLog (Twilio not asked yet) in the transaction that holds its lease, and commits it while
+    # another process expires that lease: the expiry passes the recipient by, and after the commit neither gives it
+    # back nor counts it (only Twilio knows whether the request arrived: the placement lookup asks).
+    campaign = await running_campaign(pool, NUMBERS[:1])
+    clock = Clock(datetime.now(UTC))
+    slow = dispatcher(pool, RecordingDialer(pool), clock)
+    [claim] = await slow.tick()
+    for task in list(slow._dials):  # the dial is taken over by hand below
+        task.cancel()
+    await slow.drain()
+    clock.now += timedelta(seconds=31)
+    async with pool.acquire() as dial, dial.transaction():
+        await campaign_dispatch.hold_lease(dial, claim)
+        await call_logs.create_call_log(
+            dial,
+            organization_id=claim.organization_id,
+            call_type=CallType.OUTBOUND,
+            call_id=call_logs.pending_call_id(),
+            agent_id=claim.agent_id,
+            campaign_id=claim.campaign_id,
+            phone_number=claim.phone_number,
+            metadata={RECIPIENT_METADATA_KEY: claim.recipient_id},
+        )
+        assert await campaign_dispatch.expire_leases(pool, now=clock.now) == (0, 0)
+
+    assert await campaign_dispatch.expire_leases(pool, now=clock.now) == (0, 0)
+    state = await recipient_state(pool, campaign.id, NUMBERS[0])
+    assert (state["state"], state["attempts"]) == ("DIALING", 1)
+    attempt = await pool.fetchrow('SELECT "state", "reason" FROM "CampaignAttempt" WHERE "id" = $1', claim.attempt_id)
+    assert attempt is not None
+    assert (attempt["state"], attempt["reason"]) == ("DIALING", campaign_dispatch.CALL_LOG_WRITTEN)
 
 
 async def test_the_last_recipient_completes_the_campaign_and_emits_the_event(pool: asyncpg.Pool) -> None:
