@@ -17,7 +17,9 @@ leaves an answered one as it is; TwiML that
 `<Dial>`s makes the dialed call (its `parent_call_sid` the call's; it stays `in-progress`: the far end of a dial is
 not scripted). `GET .../Calls.json` lists calls (filters `To`, `From`, `Status`, or `ParentCallSid` for the calls a
 `<Dial>` made; most recent first) and `GET .../Calls/{CallSid}.json` fetches one; a call's `update_gate` holds its
-updates until the test sets it, and its `answer_gate` holds the answer to an update the fake has acted on;
+updates until the test sets it (its `abandoned` is set if the engine gives up on one meanwhile), and its
+`answer_gate` holds the answer to an update the fake has acted on. Updates are acted on one at a time in the order
+they came; `Status=completed` ends the calls the call's `<Dial>` made, as Twilio ends the whole call.
 `lookup_gate` holds every call list request (recorded in `lookups` as it comes) until the test sets it.
 `call_updates()` is the update endpoint alone, for calls the simulator places. `hold_create(number)` holds the next
 create to `number` until the test decides whether it reached Twilio (the call is created) or not (no call exists, as
@@ -173,12 +175,17 @@ class FakeCall:
     answer_gate: asyncio.Event | None = None
     """When given, an update is acted on (the stream gets `stop`, a `<Dial>` dials) but answered only once it is set:
     the engine's request may time out meanwhile."""
+    acted: int = 0
+    """How many of `updates` the fake has acted on."""
+    abandoned: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the engine gave up on an update held at `update_gate` (it closed the request's connection)."""
     parent_sid: str | None = None
     """The call whose `<Dial>` made this one."""
     hung_up_on_answer: bool = False
     """Completed through the API once answered, before its stream opened: it never opens."""
     _live: StreamPeer | None = None
     _run_task: asyncio.Task[None] | None = None
+    _updates_acted: asyncio.Condition = field(default_factory=asyncio.Condition)
     canceling: bool = False
 
     def param(self, name: str) -> str | None:
@@ -316,11 +323,29 @@ class FakeTwilio:
         update = {key: str(value) for key, value in form.items()}
         if call.finished.is_set() or call.status in ("completed", "busy", "no-answer", "failed", "canceled"):
             return _error(400, 21220, "Call is not in-progress. Cannot redirect.")
+        turn = len(call.updates)
         call.updates.append(update)
         call.updated.set()
         if call.update_gate is not None:
-            await call.update_gate.wait()
+            await _held(request, call.update_gate, call.abandoned)
+        # As Twilio, a call's updates are acted on one at a time, in the order they came.
+        async with call._updates_acted:
+            await call._updates_acted.wait_for(lambda: call.acted == turn)
+            try:
+                await self._act(call, update)
+            finally:
+                call.acted += 1
+                call._updates_acted.notify_all()
+        if call.answer_gate is not None:
+            await call.answer_gate.wait()
+        return web.json_response(self._resource(call))
+
+    async def _act(self, call: FakeCall, update: Mapping[str, str]) -> None:
         status = update.get("Status")
+        if status == "completed":
+            for child in self.dialed_calls.get(call.sid, []):
+                if child.status == "in-progress":
+                    child.status = "completed"  # the whole call ends: the caller is cut off from whom it was dialing
         if status in ("completed", "canceled") and call.answered_at is None:
             self._spawn(self._cancel(call), f"fake-twilio-cancel-{call.sid}")  # not answered yet: canceled
         elif status == "canceled":
@@ -333,9 +358,6 @@ class FakeTwilio:
             dial = dialed(update["Twiml"]) if "Twiml" in update else None
             if dial is not None:
                 self._dial(call, dial.number)
-        if call.answer_gate is not None:
-            await call.answer_gate.wait()
-        return web.json_response(self._resource(call))
 
     def _dial(self, parent: FakeCall, to: str) -> None:
         """The call a `<Dial>` of `parent` makes: answered, and left talking (nothing scripts its far end)."""
@@ -583,6 +605,18 @@ class FakeTwilio:
                 return response.status
         except aiohttp.ClientError:
             return 0
+
+
+async def _held(request: web.Request, gate: asyncio.Event, abandoned: asyncio.Event) -> None:
+    """Wait for `gate`; set `abandoned` if the client gives up on the request meanwhile (its connection closes)."""
+    while not gate.is_set():
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            abandoned.set()
+            await gate.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(gate.wait(), 0.05)
 
 
 def _multi(form: MultiDictProxy[Any]) -> dict[str, list[str]]:
