@@ -56,6 +56,15 @@ def transfer_failed(number: str) -> str:
     return f"{TOOL_ERROR_PREFIX}the transfer to {number} did not go through; the call goes on"
 
 
+def transfer_unconfirmed(number: str) -> str:
+    """What a started `transfer_call` came to when Twilio neither answered the request in time nor shows the call it
+    dialed: it may still go through (the caller then leaves this call), and meanwhile the call goes on."""
+    return (
+        f"{TOOL_ERROR_PREFIX}the transfer to {number} is unconfirmed: Twilio did not answer in time and may still "
+        "make it, handing the caller over; meanwhile the call goes on"
+    )
+
+
 ToolCallObserver = Callable[[str, Mapping[str, Any], str], None]
 """Told of each function call: its name, its arguments and the result the model gets."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -83,9 +83,12 @@ async def transfer_to_billing(
     organization_id: str,
     model_transfers: bool = True,
     asks_after_ms: int = 1500,
+    stays_ms: int = 20_000,
+    agent_settings: Mapping[str, Any] | None = None,
 ) -> PlacedCall:
-    """An outbound call of the organization whose callee asks for billing; the model transfers them there (or, not
-    `model_transfers`, only says it will)."""
+    """An outbound call of the organization whose callee asks for billing, then stays `stays_ms` on the line; the
+    model transfers them there (or, not `model_transfers`, only says it will). `agent_settings` are the agent's
+    configuration beyond its transfers."""
     caller_id = await phone_numbers.create_phone_number(
         pool, organization_id=organization_id, phone_number=f"+1555019{next(_numbers):04d}"
     )
@@ -93,6 +96,7 @@ async def transfer_to_billing(
         **CLOUD,
         "firstSentence": "Hi, this is the clinic.",
         "transfer": {"destinations": [{"number": BILLING, "label": "Billing"}], "maxMinutes": 5},
+        **(agent_settings or {}),
     }
     agent = await agents.create_agent(
         pool,
@@ -107,7 +111,7 @@ async def transfer_to_billing(
     openai.replies.append(["Transferring you now.", transfer] if model_transfers else ["One moment, please."])
     callee = f"+1646555{next(_numbers):04d}"
     asks = Say("put me through to billing")
-    twilio.behave(callee, Answer(greeting="Hello?", script=[Pause(asks_after_ms), asks, Pause(20_000)]))
+    twilio.behave(callee, Answer(greeting="Hello?", script=[Pause(asks_after_ms), asks, Pause(stays_ms)]))
     placed = await place_call(
         deps, organization_id=organization_id, agent_id=agent.id, from_number=caller_id.phone_number, to=callee
     )

@@ -693,10 +693,11 @@ class PipelineDriver:
     async def _transfer(self, ending: _Ending) -> None:
         """Hand the caller over; if that fails the agent says so and the call goes on (`transfer_not_made`)."""
         assert ending.transfer_to is not None
-        if await self._host.transfer(ending.transfer_to, ending.detail, asked=ending.asked):
+        made = await self._host.transfer(ending.transfer_to, ending.detail, asked=ending.asked)
+        if made:
             return
         if self._host.phase is CallPhase.RESPONDING:
             self._host.move(PhaseEvent.YIELD)
-        after = transfer_not_made(self._host.config, self._pipeline.path)
+        after = transfer_not_made(self._host.config, self._pipeline.path, unconfirmed=made is None)
         then = _Ending(EndReason.PATH_END) if after.ends_call else None
         self._start_reply([after.words], ask_model=False, reply_to=None, then=then)

@@ -27,6 +27,8 @@ from storage.end_reasons import EndReason
 
 DEFAULT_GOODBYE = "Thank you for calling. Goodbye."
 TRANSFER_FAILED = "I'm sorry, I couldn't transfer your call right now."
+TRANSFER_UNCONFIRMED = "I'm sorry, your transfer hasn't gone through yet. If it does, you'll be connected."
+"""What the caller hears when Twilio did not confirm a transfer it may still make."""
 DEFAULT_APOLOGY = "Sorry, I had a problem on my end. Could you say that again?"
 """What the caller hears when a provider fails in the middle of a reply and the next one takes over."""
 HANGUP_GRACE_SECONDS = 5.0
@@ -41,14 +43,18 @@ class TransferNotMade:
     ends_call: bool = False
 
 
-def transfer_not_made(config: AgentConfiguration, path: PathEngine | None) -> TransferNotMade:
+def transfer_not_made(
+    config: AgentConfiguration, path: PathEngine | None, *, unconfirmed: bool = False
+) -> TransferNotMade:
     """After a transfer that was not made (the agent's rules refused the number, Twilio did not redirect the call,
-    or the credits could not pay for the leg), in every driver: the caller is told (TRANSFER_FAILED) and the call
-    goes on. The path, if the transfer was its transfer node's, goes back to the node the call came from; a path
-    that began with its transfer has nowhere to go on, and the call ends (PATH_END) after the agent's goodbye."""
+    or the credits could not pay for the leg), in every driver: the caller is told (TRANSFER_FAILED, or, when Twilio
+    did not confirm a transfer it may still make, TRANSFER_UNCONFIRMED) and the call goes on. The path, if the
+    transfer was its transfer node's, goes back to the node the call came from; a path that began with its transfer
+    has nowhere to go on, and the call ends (PATH_END) after the agent's goodbye."""
+    words = TRANSFER_UNCONFIRMED if unconfirmed else TRANSFER_FAILED
     if path is None or path.transfer_not_made():
-        return TransferNotMade(TRANSFER_FAILED)
-    return TransferNotMade(f"{TRANSFER_FAILED} {config.goodbye_sentence or DEFAULT_GOODBYE}", ends_call=True)
+        return TransferNotMade(words)
+    return TransferNotMade(f"{words} {config.goodbye_sentence or DEFAULT_GOODBYE}", ends_call=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +134,12 @@ class CallHost(Protocol):
         """End the call from our side now (the driver has let the last words play)."""
         ...
 
-    async def transfer(self, to: str, detail: str | None = None, *, asked: Mapping[str, Any] | None = None) -> bool:
-        """Hand the caller to `to`; False when that failed and the call goes on. `asked`: the arguments of the
-        model's `transfer_call` that asked for it, whose tool.call event then tells the failure too."""
+    async def transfer(
+        self, to: str, detail: str | None = None, *, asked: Mapping[str, Any] | None = None
+    ) -> bool | None:
+        """Hand the caller to `to`; False when that failed and the call goes on, None when Twilio did not confirm it
+        (it may still make it; the call goes on meanwhile). `asked`: the arguments of the model's `transfer_call` that
+        asked for it, whose tool.call event then tells what it came to too."""
         ...
 
     def fail(self, reason: EndReason, detail: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Final, Literal
 from aiohttp import ChainMapProxy, web
 
 from engine.call.control_channel import Acknowledgement, Handler
-from engine.call.driver import ControlRefused
+from engine.call.driver import HANGUP_GRACE_SECONDS, ControlRefused
 from engine.call.listen_relay import LEASE_SECONDS, LISTEN, LISTEN_RELAY
 from engine.call.live_calls import LiveCall
 from engine.call.twilio_control import TwilioRefused, TwilioUnanswered
@@ -32,7 +32,10 @@ MESSAGE: Final = "message"
 TRANSFER: Final = "transfer"
 """The command name of a transfer within the agent's rules: args `to`; result `to`, the number dialled."""
 
-WORK_SECONDS: Final[Mapping[str, float]] = {HANG_UP: REQUEST_TIMEOUT_SECONDS, TRANSFER: REQUEST_TIMEOUT_SECONDS}
+WORK_SECONDS: Final[Mapping[str, float]] = {
+    HANG_UP: REQUEST_TIMEOUT_SECONDS + HANGUP_GRACE_SECONDS,  # a call with an unanswered transfer: Twilio's record,
+    TRANSFER: REQUEST_TIMEOUT_SECONDS,  # then the `stop` of the transfer it shows (CallSession.hang_up)
+}
 """How long a command's own work may take on the node holding the call, by name, when it waits on a request to
 Twilio's REST API: its sender waits that much longer for the acknowledgement (engine.call.control_channel), so that
 it never answers as failed a hang-up or transfer Twilio then carries out. Other commands' work is quick."""
@@ -50,14 +53,18 @@ SessionCommand = Callable[[LiveCall, Mapping[str, Any]], Awaitable[Acknowledgeme
 
 
 async def hang_up_here(app: web.Application | ChainMapProxy, call_log_id: str, call_sid: str | None) -> EndedBy | None:
-    """End the call if this process holds it: through Twilio when it can, else by closing the stream; None if the
-    call does not run here (or, without Twilio, is still being set up here)."""
+    """End the call if this process holds it: through Twilio when it can, else (or when a transfer request of it
+    went unanswered, CallSession.hang_up) by closing the stream; None if the call does not run here (or, without
+    Twilio, is still being set up here)."""
     session = app[LIVE_CALLS].get(call_log_id)
     twilio = app.get(TWILIO)
     if session is None:
         if app[LIVE_CALLS].starting(call_log_id) and twilio is not None and call_sid and await twilio.hang_up(call_sid):
             return "twilio"  # its session, once set up, reads Twilio's stop
         return None
+    if session.transfer_unconfirmed:  # Twilio's hang-up would cut the caller off from a transfer it made late
+        await session.hang_up(EndReason.API_HANGUP)
+        return "engine"
     if twilio is not None and call_sid and await twilio.hang_up(call_sid):
         return "twilio"
     session.end_from_outside(EndReason.API_HANGUP, completed=True)

@@ -24,6 +24,15 @@ class LiveCall(Protocol):
         """End the call for a reason outside it (COMPLETED if `completed`, else FAILED)."""
         ...
 
+    @property
+    def transfer_unconfirmed(self) -> bool:
+        """Whether Twilio left a transfer request of the call unanswered (it may have carried it out, or may yet)."""
+        ...
+
+    async def hang_up(self, reason: EndReason, detail: str | None = None) -> None:
+        """End the call from our side, never cutting the caller off from a transfer Twilio made."""
+        ...
+
     def call_log_deleted(self) -> None:
         """The call's CallLog was deleted while it ran: hang it up (through Twilio when the engine can)."""
         ...

@@ -32,6 +32,7 @@ from pipelines.tools import (
     ToolRunner,
     parse_arguments,
     transfer_failed,
+    transfer_unconfirmed,
     transferring,
 )
 from storage.do_not_call import DoNotCallSource
@@ -253,10 +254,12 @@ class ModelFunctions:
         if transfer_to is None:
             await self._host.hang_up(EndReason.AGENT_HANGUP, detail)
             return
-        if await self._host.transfer(transfer_to, detail, asked=asked):
+        made = await self._host.transfer(transfer_to, detail, asked=asked)
+        if made:
             return
         self.ending = None
         channel = self._channel()
         if channel is not None:
-            await channel.send_function_output(call_id, f"{transfer_failed(transfer_to)}; tell the caller")
+            told = transfer_failed(transfer_to) if made is False else transfer_unconfirmed(transfer_to)
+            await channel.send_function_output(call_id, f"{told}; tell the caller")
             await channel.create_response()

@@ -142,14 +142,16 @@ class RealtimePath:
                     await self._host.hang_up(EndReason.PATH_END, None)
                 case TransferCall(to=to, reason=reason):
                     await self._flush(words, say_text=True)
-                    if not await self._host.transfer(to, reason):  # the call checks the agent's rules too
-                        await self._transfer_not_made()
+                    made = await self._host.transfer(to, reason)  # the call checks the agent's rules too
+                    if not made:
+                        await self._transfer_not_made(unconfirmed=made is None)
         await self._flush(words, say_text)
         return " ".join(word for word in words if word)
 
-    async def _transfer_not_made(self) -> None:
-        """The transfer node's transfer was not made: tell the caller; the path goes back, or is over."""
-        after = transfer_not_made(self._host.config, self._path.engine)
+    async def _transfer_not_made(self, *, unconfirmed: bool) -> None:
+        """The transfer node's transfer was not made (or Twilio did not confirm it): tell the caller; the path goes
+        back, or is over."""
+        after = transfer_not_made(self._host.config, self._path.engine, unconfirmed=unconfirmed)
         await self._say(after.words)
         if after.ends_call:
             await self._host.hang_up(EndReason.PATH_END, None)

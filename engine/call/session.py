@@ -34,6 +34,7 @@ from engine.call.outbound_audio import OutboundAudio, SendText, StreamTimeline
 from engine.call.phases import CallPhase, PhaseEvent, accepts, next_phase
 from engine.call.turns import TRANSCRIPTION_FAILED, TurnLog
 from engine.call.twilio_control import (
+    UNANSWERED_TRANSFER_WAIT_SECONDS,
     Dialed,
     HangUp,
     Transfer,
@@ -60,7 +61,7 @@ from media.twilio_stream import (
 )
 from pipelines.conversation.transfer_rules import AllowedTransfer, Refusal, TransferRules
 from pipelines.llm.base import MessageRole
-from pipelines.tools import TRANSFER_CALL, transfer_failed
+from pipelines.tools import TRANSFER_CALL, transfer_failed, transfer_unconfirmed
 from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus
@@ -227,13 +228,34 @@ class CallSession:
     async def hang_up(
         self, reason: EndReason, detail: str | None = None, *, status: CallStatus = CallStatus.COMPLETED
     ) -> None:
-        """End the call from our side, `status`: through Twilio's REST API when we can, else by closing the stream."""
+        """End the call from our side, `status`: through Twilio's REST API when we can, else by closing the stream.
+        A call with a transfer Twilio never answered for is not ended through its REST API (`_hang_up_past`)."""
         if self._ended.is_set() or self._stopped_at is not None:
             return  # ended meanwhile, for a reason of its own, or Twilio left the stream for a transfer's <Dial>
         self._wind_down(reason, detail, status)
+        if self._unconfirmed is not None:
+            await self._hang_up_past(*self._unconfirmed, reason=reason, detail=detail, status=status)
+            return
         if await self._twilio.hang_up():
             await await_twilio_stop(self._ended)
         self._end(status, reason, detail)  # without Twilio's word, closing the stream ends the call
+
+    @property
+    def transfer_unconfirmed(self) -> bool:
+        """Whether Twilio left a transfer request of the call unanswered (it may have carried it out, or may yet)."""
+        return self._unconfirmed is not None
+
+    async def _hang_up_past(
+        self, transfer_detail: str | None, *, reason: EndReason, detail: str | None, status: CallStatus
+    ) -> None:
+        """Hang up a call with a transfer Twilio did not answer for, which it may have carried out, or may yet: its
+        REST API's hang-up would then cut the caller off from whom the `<Dial>` reached. When its record shows the
+        dialed call, the call ends TRANSFERRED as Twilio leaves our stream; else closing our stream ends it, which
+        ends a call still on it (its TwiML has nothing after `<Connect>`) and leaves alone a `<Dial>` made meanwhile."""
+        if await self._twilio.dialed():
+            await self._transferred(transfer_detail)
+        else:
+            self._end(status, reason, detail)
 
     async def _hang_up_unpaid(self, reason: EndReason) -> None:
         """The credit meter's hang-up once the time paid for is over; not of a call Twilio is taking to a transfer,
@@ -241,9 +263,13 @@ class CallSession:
         if self._reason is not EndReason.TRANSFERRED:
             await self.hang_up(reason)
 
-    async def transfer(self, to: str, detail: str | None = None, *, asked: Mapping[str, Any] | None = None) -> bool:
-        """Hand the caller to `to` through Twilio; False (the call goes on) when that cannot be done. A transfer
-        the model asked for (`asked`, its `transfer_call` arguments) was told as done: its failure is told too.
+    async def transfer(
+        self, to: str, detail: str | None = None, *, asked: Mapping[str, Any] | None = None
+    ) -> bool | None:
+        """Hand the caller to `to` through Twilio; False (the call goes on) when that cannot be done, None when
+        Twilio neither answered in time nor shows in its record that it dialed (it may still: the call goes on
+        meanwhile). A transfer the model asked for (`asked`, its `transfer_call` arguments) was told as done: what
+        it came to instead is told too.
 
         While another transfer (the API's) waits for Twilio, this one waits for it: the caller goes where that one
         takes them (True), and only when Twilio refused it is this one asked for. Once Twilio has left the stream
@@ -252,14 +278,18 @@ class CallSession:
             await self._transfers_answered.wait()
         if self._ended.is_set() or self._stopped_at is not None or self._reason is EndReason.TRANSFERRED:
             return True  # handed over by another transfer, or gone: nothing to tell the caller
-        if not await self._transfer_started(to, detail):
-            if self._stopped_at is not None:  # Twilio left the stream while it was asked (it may have dialed)
-                return True
-            if asked is not None:
-                self.live.tool_call(TRANSFER_CALL, asked, transfer_failed(to))
-            return False
-        await self._transferred(detail)
-        return True
+        made = await self._transfer_started(to, detail)
+        if made is None and self._stopped_at is None:  # ask Twilio's record before telling anyone it failed
+            made = await self._twilio.dialed_within(UNANSWERED_TRANSFER_WAIT_SECONDS, self._ended)
+        if made:
+            await self._transferred(detail)
+            return True
+        if self._stopped_at is not None or self._ended.is_set():  # Twilio left the stream (it may have dialed)
+            return True
+        if asked is not None:
+            told = transfer_failed(to) if made is False else transfer_unconfirmed(to)
+            self.live.tool_call(TRANSFER_CALL, asked, told)
+        return made
 
     async def _transferred(self, detail: str | None) -> None:
         """Twilio took the caller to the transfer: no new turn starts, and the call ends as it leaves our stream."""
@@ -399,16 +429,24 @@ class CallSession:
         return answer
 
     def _end_after_stop(self) -> None:
-        """Twilio's `stop` came and no transfer request is unanswered: the caller hung up, unless Twilio made a
-        transfer it did not answer for, which its record of the dial tells."""
+        """Twilio's `stop` came and no transfer request is unanswered: the caller hung up (or the call ends as it was
+        ending), unless Twilio made a transfer it did not answer for, which its record of the dial tells."""
         if self._unconfirmed is None:
-            self._end(CallStatus.COMPLETED, EndReason.CALLER_HANGUP)
+            self._end_stopped()
         else:
             self.spawn(self._end_as_twilio_dialed(*self._unconfirmed), "transfer-lookup")
 
     async def _end_as_twilio_dialed(self, detail: str | None) -> None:
         if await self._twilio.dialed():
             self._end(CallStatus.COMPLETED, EndReason.TRANSFERRED, detail)
+        else:
+            self._end_stopped()
+
+    def _end_stopped(self) -> None:
+        """Twilio's `stop` came, and no transfer took the caller: the call ends as it was ending, else the caller hung
+        up."""
+        if self._phase is CallPhase.ENDING and self._reason is not None:
+            self._end(self._ending_status, self._reason, self._detail)
         else:
             self._end(CallStatus.COMPLETED, EndReason.CALLER_HANGUP)
 
@@ -639,16 +677,15 @@ class CallSession:
             case MediaGap(missing_ms=missing_ms):
                 self._writer.note_media_gap(missing_ms)
             case Stopped():
-                # After our own hang-up Twilio sends `stop` too: keep the reason the agent ended for.
+                # After our own hang-up Twilio sends `stop` too: keep the reason the agent ended for. A call with a
+                # transfer Twilio did not answer for is never hung up through Twilio: its `stop` may be that transfer's.
                 ending = self._phase is CallPhase.ENDING and self._reason is not None
-                if not ending and (self._transfers_asked or self._unconfirmed is not None):
+                if (self._transfers_asked and not ending) or self._unconfirmed is not None:
                     self._stopped_at = self.clock()  # the transfer's answer, or Twilio's record, ends the call
                     if not self._transfers_asked:
                         self._end_after_stop()
-                elif ending and self._reason is not None:
-                    self._end(self._ending_status, self._reason, self._detail)
                 else:
-                    self._end(CallStatus.COMPLETED, EndReason.CALLER_HANGUP)
+                    self._end_stopped()
             case _:
                 pass  # start (seen by the media socket) and unknown marks carry nothing the call acts on
 

@@ -1,7 +1,8 @@
 """A call's controls through Twilio's REST API: hang it up, or hand the caller to a number the agent may transfer to.
 
 Either way Twilio then sends the stream's `stop`; the call waits a little for it (never forever). Without Twilio
-credentials there is no REST API: a hang-up closes the stream instead, and transfers cannot be made.
+credentials there is no REST API: a hang-up closes the stream instead, and transfers cannot be made. A transfer
+request Twilio did not answer in time may still be carried out: its record of the calls the `<Dial>` made tells.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from engine.twilio.rest import CallLookupFailed
 from pipelines.conversation.transfer_rules import Refusal, TransferRules
 
 log = logging.getLogger(__name__)
+
+UNANSWERED_TRANSFER_WAIT_SECONDS = 5.0
+"""How long Twilio's record is asked again about a transfer request it did not answer in time, before the call is told
+that the transfer's fate is unknown."""
+DIALED_LOOKUP_INTERVAL_SECONDS = 1.0
+"""How often Twilio's record is asked meanwhile."""
 
 HangUp = Callable[[str], Awaitable[bool]]
 """Hang up a call by its CallSid through Twilio's REST API; False when that could not be done."""
@@ -97,6 +104,21 @@ class TwilioControl:
         if transferred is False:
             log.warning("call %s: transfer to %s failed", self._call_sid, to)
         return transferred
+
+    async def dialed_within(self, seconds: float, gone: asyncio.Event) -> bool | None:
+        """Whether Twilio carried out a transfer it did not answer for, its record asked again for up to `seconds`:
+        True once the record shows the call its `<Dial>` made, None while it does not (or `gone` is set meanwhile:
+        the call ended, and its end says how)."""
+        if self._dialed is None:
+            return None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while not gone.is_set():
+                    if await self.dialed():
+                        return True
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(gone.wait(), DIALED_LOOKUP_INTERVAL_SECONDS)
+        return None
 
     async def dialed(self) -> bool | None:
         """Whether Twilio's record shows a call a transfer's `<Dial>` made; None when it cannot be asked."""

@@ -1,0 +1,171 @@
+"""A transfer whose request Twilio does not answer in time (the fake Twilio holds it, then acts on it when the test
+says): the model is told what Twilio's record shows, never a failure Twilio may yet undo by handing the caller over;
+and a call whose transfer's fate is unknown is never ended in a way that would cut the caller off from where Twilio
+took them. Outbound calls placed through the fake Twilio, the Deepgram and OpenAI fakes behind their real SDKs, real
+PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from engine.call.driver import TRANSFER_FAILED
+from engine.twilio.outbound_calls import OutboundDeps, PlacedCall
+from pipelines.tools import transfer_unconfirmed, transferring
+from storage import transfer_legs
+from tests.fakes.deepgram import FakeDeepgram
+from tests.fakes.openai_chat import FakeOpenAI
+from tests.fakes.twilio import FakeCall, FakeTwilio, dialed_number
+from tests.sse_client import EventStream
+from tests.test_api_auth import Api, Tenant, make_tenant
+from tests.test_outbound_calls import finished_log
+from tests.test_transfer_stream_stop import (
+    BILLING,
+    RATE,
+    Fakes,
+    deepgram,
+    deps,
+    held_call,
+    openai,
+    settings,
+)
+
+__all__ = ["deepgram", "deps", "openai", "settings"]  # that module's fixtures: the engine and the fakes behind it
+
+
+async def held_transfer(
+    deps: OutboundDeps, pool: asyncpg.Pool, fakes: Fakes, tenant: Tenant, **options: Any
+) -> tuple[PlacedCall, FakeCall, asyncio.Event]:
+    """held_call's call (its model's transfer request held by Twilio until the gate returned is set), whose callee
+    stays on the line a minute."""
+    return await held_call(deps, pool, tenant, fakes, stays_ms=60_000, **options)
+
+
+@contextlib.asynccontextmanager
+async def events(deps: OutboundDeps, tenant: Tenant) -> AsyncIterator[EventStream]:
+    """The tenant's live event stream."""
+    async with (
+        aiohttp.ClientSession() as session,
+        EventStream(session, f"{deps.public_url}/v1/live-calls/events", tenant.owner_key) as stream,
+    ):
+        yield stream
+
+
+async def ended_or_updated_again(call: FakeCall) -> None:
+    """Once the call has ended, or the engine has asked Twilio for something after its transfer."""
+    while not call.finished.is_set() and len(call.updates) < 2:  # noqa: ASYNC110 (two conditions of the fake's)
+        await asyncio.sleep(0.05)
+
+
+def transfer_results(stream: EventStream) -> list[str]:
+    """What the stream's transfer_call tool.call events told."""
+    return [event.data["result"] for event in stream.of_type("tool.call") if event.data["name"] == "transfer_call"]
+
+
+async def test_a_transfer_twilio_makes_just_after_its_request_timed_out_is_not_told_as_failed(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    """The engine gives up waiting for Twilio's answer, and Twilio then leaves the stream for the `<Dial>`: the engine
+    asks Twilio's record before it tells anyone, so neither the model nor the tool.call events hear of a failure,
+    and the agent does not start telling the caller it could not transfer them."""
+    tenant = await make_tenant(pool, "Late dial", credits=1000)
+    async with events(deps, tenant) as stream:
+        placed, call, gate = await held_transfer(deps, pool, (twilio, deepgram, openai), tenant)
+        await asyncio.wait_for(call.abandoned.wait(), 60)  # the engine's request to Twilio timed out
+        gate.set()  # then Twilio carries it out: `stop` on the stream, and its <Dial>
+        log = await finished_log(pool, placed.call_log_id)
+        await stream.until(lambda event: event.type == "call.ended")
+
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
+    assert transfer_results(stream) == [transferring(BILLING)]
+    said = await pool.fetch(
+        """SELECT "text" FROM "CallTurn" WHERE "callLogId" = $1 AND "speaker" = 'agent' """, placed.call_log_id
+    )
+    assert TRANSFER_FAILED not in [row["text"] for row in said]
+    [dial] = twilio.dialed_calls[placed.call_sid]
+    assert (dial.to, dial.status) == (BILLING, "in-progress")
+
+
+async def test_a_transfer_twilio_never_answers_is_told_as_unconfirmed_not_failed(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    """Twilio neither answers the request nor shows a dialed call in its record: the model hears that the transfer
+    is unconfirmed and may still go through, not that it failed; the call goes on, its leg held."""
+    tenant = await make_tenant(pool, "Unconfirmed", credits=1000)
+    async with events(deps, tenant) as stream:
+        placed, call, gate = await held_transfer(deps, pool, (twilio, deepgram, openai), tenant)
+        try:
+            told = await stream.until(
+                lambda event: event.type == "tool.call" and event.data["result"] != transferring(BILLING), timeout=90
+            )
+            async with aiohttp.ClientSession() as session:
+                status, _ = await Api(session, deps.public_url).call(
+                    "POST", f"/live-calls/{placed.call_log_id}/hangup", tenant.owner_key
+                )
+        finally:
+            gate.set()
+
+    assert (told.data["ok"], told.data["result"]) == (False, transfer_unconfirmed(BILLING))
+    assert status == 202
+    assert await transfer_legs.reserved_leg_credits(pool, call_log_id=placed.call_log_id) == 5 * RATE
+    assert [dialed_number(update["Twiml"]) for update in call.updates if "Twiml" in update] == [BILLING]
+
+
+async def test_a_call_whose_transfer_twilio_has_not_answered_is_hung_up_without_cutting_a_late_transfer(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    """The call is hung up (through the API) while Twilio still holds the transfer request it never answered, and
+    Twilio then acts on what it holds: the engine did not ask Twilio to complete the call, which would have cut the
+    caller off from a `<Dial>` made first; it closed its stream, which ends a call still on it and no other."""
+    tenant = await make_tenant(pool, "Hung up", credits=1000)
+    async with events(deps, tenant) as stream:
+        placed, call, gate = await held_transfer(deps, pool, (twilio, deepgram, openai), tenant)
+        try:
+            await stream.until(
+                lambda event: event.type == "tool.call" and event.data["result"] != transferring(BILLING), timeout=90
+            )
+            async with aiohttp.ClientSession() as session:
+                hang_up = asyncio.create_task(
+                    Api(session, deps.public_url).call(
+                        "POST", f"/live-calls/{placed.call_log_id}/hangup", tenant.owner_key
+                    )
+                )
+                await asyncio.wait_for(ended_or_updated_again(call), 60)
+                gate.set()  # Twilio acts on what it holds, in order: the transfer first
+                status, body = await hang_up
+        finally:
+            gate.set()
+        log = await finished_log(pool, placed.call_log_id)
+
+    assert status == 202, body
+    assert [dial.status for dial in twilio.dialed_calls.get(placed.call_sid, [])] in ([], ["in-progress"])
+    assert [update for update in call.updates if update.get("Status") == "completed"] == []
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "api_hangup"), log["metadata"]
+
+
+async def test_a_transfer_twilio_makes_while_the_agent_says_goodbye_ends_the_call_transferred(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    """The call reaches its longest length while Twilio holds the transfer request it never answered, and Twilio
+    carries it out as the agent says goodbye: Twilio's record of the `<Dial>`, not the goodbye, says how the call
+    ended, and the leg stays held for the dial's settlement."""
+    tenant = await make_tenant(pool, "Goodbye", credits=1000)
+    async with events(deps, tenant) as stream:
+        placed, call, gate = await held_transfer(
+            deps, pool, (twilio, deepgram, openai), tenant, agent_settings={"maxDurationSeconds": 30}
+        )
+        try:
+            await stream.until(lambda event: event.type == "call.state" and event.data["state"] == "ending", timeout=90)
+            assert call.abandoned.is_set()  # the engine had given up on Twilio's answer before the call's end came
+        finally:
+            gate.set()  # Twilio carries the transfer out: `stop` on the stream while the goodbye plays, and its <Dial>
+        log = await finished_log(pool, placed.call_log_id)
+
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
+    assert [dial.status for dial in twilio.dialed_calls[placed.call_sid]] == ["in-progress"]
+    assert await transfer_legs.reserved_leg_credits(pool, call_log_id=placed.call_log_id) == 5 * RATE
