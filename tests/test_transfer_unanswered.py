@@ -169,3 +169,32 @@ async def test_a_transfer_twilio_makes_while_the_agent_says_goodbye_ends_the_cal
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
     assert [dial.status for dial in twilio.dialed_calls[placed.call_sid]] == ["in-progress"]
     assert await transfer_legs.reserved_leg_credits(pool, call_log_id=placed.call_log_id) == 5 * RATE
+
+
+async def test_a_call_hung_up_while_twilio_holds_its_transfer_request_is_not_cut_off_from_the_transfer(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    """The call is hung up (through the API) while its transfer request waits for Twilio's answer, and Twilio then
+    carries the transfer out: the hang-up waited for that answer instead of asking Twilio to complete the call, which
+    would have cut the caller off from the `<Dial>`; the call ends transferred, its leg held for the dial."""
+    tenant = await make_tenant(pool, "Hung up early", credits=1000)
+    placed, call, gate = await held_transfer(deps, pool, (twilio, deepgram, openai), tenant)
+    try:
+        await asyncio.wait_for(call.updated.wait(), 60)  # Twilio holds the transfer request
+        async with aiohttp.ClientSession() as session:
+            hang_up = asyncio.create_task(
+                Api(session, deps.public_url).call("POST", f"/live-calls/{placed.call_log_id}/hangup", tenant.owner_key)
+            )
+            with contextlib.suppress(TimeoutError):  # the hang-up reaches Twilio, or waits in the engine
+                await asyncio.wait_for(ended_or_updated_again(call), 3)
+            gate.set()  # Twilio acts on what it holds, in order: the transfer first
+            status, body = await hang_up
+    finally:
+        gate.set()
+    log = await finished_log(pool, placed.call_log_id)
+
+    assert status == 202, body
+    assert [dial.status for dial in twilio.dialed_calls[placed.call_sid]] == ["in-progress"]
+    assert [update for update in call.updates if update.get("Status") == "completed"] == []
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
+    assert await transfer_legs.reserved_leg_credits(pool, call_log_id=placed.call_log_id) == 5 * RATE

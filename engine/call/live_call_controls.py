@@ -33,8 +33,9 @@ TRANSFER: Final = "transfer"
 """The command name of a transfer within the agent's rules: args `to`; result `to`, the number dialled."""
 
 WORK_SECONDS: Final[Mapping[str, float]] = {
-    HANG_UP: REQUEST_TIMEOUT_SECONDS + HANGUP_GRACE_SECONDS,  # a call with an unanswered transfer: Twilio's record,
-    TRANSFER: REQUEST_TIMEOUT_SECONDS,  # then the `stop` of the transfer it shows (CallSession.hang_up)
+    # A call with a transfer request out: its answer, Twilio's record, then the `stop` it shows (CallSession.hang_up).
+    HANG_UP: 2 * REQUEST_TIMEOUT_SECONDS + HANGUP_GRACE_SECONDS,
+    TRANSFER: REQUEST_TIMEOUT_SECONDS,
 }
 """How long a command's own work may take on the node holding the call, by name, when it waits on a request to
 Twilio's REST API: its sender waits that much longer for the acknowledgement (engine.call.control_channel), so that
@@ -53,16 +54,16 @@ SessionCommand = Callable[[LiveCall, Mapping[str, Any]], Awaitable[Acknowledgeme
 
 
 async def hang_up_here(app: web.Application | ChainMapProxy, call_log_id: str, call_sid: str | None) -> EndedBy | None:
-    """End the call if this process holds it: through Twilio when it can, else (or when a transfer request of it
-    went unanswered, CallSession.hang_up) by closing the stream; None if the call does not run here (or, without
-    Twilio, is still being set up here)."""
+    """End the call if this process holds it: through Twilio when it can, else by closing the stream, or, while a
+    transfer request of it waits for Twilio's answer or went unanswered, as CallSession.hang_up does; None if the
+    call does not run here (or, without Twilio, is still being set up here)."""
     session = app[LIVE_CALLS].get(call_log_id)
     twilio = app.get(TWILIO)
     if session is None:
         if app[LIVE_CALLS].starting(call_log_id) and twilio is not None and call_sid and await twilio.hang_up(call_sid):
             return "twilio"  # its session, once set up, reads Twilio's stop
         return None
-    if session.transfer_unconfirmed:  # Twilio's hang-up would cut the caller off from a transfer it made late
+    if session.transfer_unsettled:  # Twilio's hang-up would cut the caller off from a transfer it makes
         await session.hang_up(EndReason.API_HANGUP)
         return "engine"
     if twilio is not None and call_sid and await twilio.hang_up(call_sid):

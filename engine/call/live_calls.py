@@ -25,8 +25,8 @@ class LiveCall(Protocol):
         ...
 
     @property
-    def transfer_unconfirmed(self) -> bool:
-        """Whether Twilio left a transfer request of the call unanswered (it may have carried it out, or may yet)."""
+    def transfer_unsettled(self) -> bool:
+        """Whether a transfer request of the call waits for Twilio's answer, or went unanswered."""
         ...
 
     async def hang_up(self, reason: EndReason, detail: str | None = None) -> None:

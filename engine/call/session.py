@@ -229,10 +229,15 @@ class CallSession:
         self, reason: EndReason, detail: str | None = None, *, status: CallStatus = CallStatus.COMPLETED
     ) -> None:
         """End the call from our side, `status`: through Twilio's REST API when we can, else by closing the stream.
-        A call with a transfer Twilio never answered for is not ended through its REST API (`_hang_up_past`)."""
+        Twilio's hang-up would cut the caller off from a transfer it makes: a transfer request waiting for Twilio's
+        answer is waited for, and a call with one Twilio never answered is ended otherwise (`_hang_up_past`)."""
         if self._ended.is_set() or self._stopped_at is not None:
             return  # ended meanwhile, for a reason of its own, or Twilio left the stream for a transfer's <Dial>
         self._wind_down(reason, detail, status)
+        if self._transfers_asked:
+            await self._transfers_answered.wait()
+            if self._ended.is_set() or self._stopped_at is not None or self._reason is EndReason.TRANSFERRED:
+                return  # Twilio took the caller to the transfer
         if self._unconfirmed is not None:
             await self._hang_up_past(*self._unconfirmed, reason=reason, detail=detail, status=status)
             return
@@ -241,9 +246,10 @@ class CallSession:
         self._end(status, reason, detail)  # without Twilio's word, closing the stream ends the call
 
     @property
-    def transfer_unconfirmed(self) -> bool:
-        """Whether Twilio left a transfer request of the call unanswered (it may have carried it out, or may yet)."""
-        return self._unconfirmed is not None
+    def transfer_unsettled(self) -> bool:
+        """Whether a transfer request of the call waits for Twilio's answer, or went unanswered (Twilio may have
+        carried it out, or may yet)."""
+        return bool(self._transfers_asked) or self._unconfirmed is not None
 
     async def _hang_up_past(
         self, transfer_detail: str | None, *, reason: EndReason, detail: str | None, status: CallStatus
@@ -678,9 +684,8 @@ class CallSession:
                 self._writer.note_media_gap(missing_ms)
             case Stopped():
                 # After our own hang-up Twilio sends `stop` too: keep the reason the agent ended for. A call with a
-                # transfer Twilio did not answer for is never hung up through Twilio: its `stop` may be that transfer's.
-                ending = self._phase is CallPhase.ENDING and self._reason is not None
-                if (self._transfers_asked and not ending) or self._unconfirmed is not None:
+                # transfer request out (or unanswered) is not hung up through Twilio: its `stop` may be the transfer's.
+                if self._transfers_asked or self._unconfirmed is not None:
                     self._stopped_at = self.clock()  # the transfer's answer, or Twilio's record, ends the call
                     if not self._transfers_asked:
                         self._end_after_stop()
