@@ -301,6 +301,9 @@ class ToolRunner:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("tool %s failed: %s", function.tool_id, type(exc).__name__)
             return f"{TOOL_ERROR_PREFIX}the {name} service could not be reached ({type(exc).__name__})"
+        except ValueError as exc:  # a host name aiohttp cannot encode ("crm..example.com"), private addresses allowed
+            log.warning("tool %s: its webhook URL cannot be used: %s", function.tool_id, exc)
+            return f"{TOOL_ERROR_PREFIX}the {name} service address is not a valid URL"
 
 
 async def _reply_text(response: aiohttp.ClientResponse) -> str:

@@ -82,6 +82,8 @@ async def ensure_public_url(url: str, *, allow_private: bool) -> None:
         infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise UnresolvedHost(f"{host}: cannot be resolved ({exc})") from None
+    except UnicodeError:  # a label empty or longer than 63 characters ("crm..example.com"): no name DNS can be asked
+        raise UnsafeURL(f"{host} is not a valid host name") from None
     for info in infos:
         check_public_address(host, str(info[4][0]))
 

@@ -141,16 +141,28 @@ async def test_a_crawl_slower_than_the_lease_ends_within_it_and_reads_the_site_o
     assert 1 < sum(site.asked[path] for path in slow) < len(slow)
 
 
-async def test_a_link_or_a_redirect_that_is_not_a_url_costs_only_itself(pool: asyncpg.Pool, site: Site) -> None:
-    # urljoin refuses "http://[oops" (ValueError): one such link, or such a Location, failed the whole site.
+# urljoin refuses "http://[oops" (ValueError), and aiohttp a host with an empty label (UnicodeError): one such link,
+# or such a Location, failed the whole site.
+@pytest.mark.parametrize("location", ["http://[oops", "http://docs..example.com/"])
+async def test_a_link_or_a_redirect_that_is_not_a_url_costs_only_itself(
+    pool: asyncpg.Pool, site: Site, location: str
+) -> None:
     site.pages["/"] = html("The Agate bridge is closed on Sundays.", "http://[oops/", "/moved", "/ferry")
     site.pages["/ferry"] = html("The Jasper ferry leaves at noon.")
-    site.redirects["/moved"] = "http://[oops"
+    site.redirects["/moved"] = location
     document_id = await website_document(pool, f"{site.base}/")
     await ingest_once(pool, quick(crawl=CrawlLimits(allow_private=True)))
     assert await status_of(pool, document_id) == ("READY", None)
     assert "Jasper ferry" in await text_of(pool, document_id)
     assert site.asked["/moved"] == 1
+
+
+async def test_a_start_page_whose_host_name_cannot_be_encoded_fails_for_good_saying_so() -> None:
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(CrawlFailed) as failed:
+            [page.url async for page in crawl_site(session, "http://docs..example.com/", CrawlLimits())]
+    assert failed.value.permanent
+    assert "docs..example.com is not a valid host name" in str(failed.value)
 
 
 async def test_a_long_page_is_read_within_the_reading_limits_of_a_file(pool: asyncpg.Pool, site: Site) -> None:

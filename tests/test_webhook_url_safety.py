@@ -140,3 +140,30 @@ async def test_a_tool_webhook_redirect_is_an_error_and_is_not_followed() -> None
 
     assert result.startswith(f"{TOOL_ERROR_PREFIX}the lookup service answered HTTP 307")
     assert [r.path for r in receiver.received] == ["/hook"]
+
+
+async def test_a_host_name_that_cannot_be_encoded_is_refused_as_unsafe() -> None:
+    # An empty label or one over 63 characters made the lookup raise UnicodeError, which no caller expected.
+    with pytest.raises(UnsafeURL, match=r"crm\.\.example\.com is not a valid host name"):
+        await ensure_public_url("http://crm..example.com/hook", allow_private=False)
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+async def test_a_tool_whose_webhook_host_cannot_be_encoded_answers_the_model_with_an_error(allow_private: bool) -> None:
+    # The UnicodeError of "crm..example.com" left ToolRunner.run, failing the model's reply (and the call's turn)
+    # where a broken Tool must only give the model an error to act on.
+    clients = ProviderClients()
+    function = AgentFunction(
+        tool_id="t1",
+        spec=FunctionSpec("lookup", "Look a customer up.", {"type": "object"}),
+        url="http://crm..example.com/hook",
+        method="POST",
+        headers={},
+        timeout_seconds=5,
+    )
+    session = clients.http(allow_private=allow_private)
+    tools = ToolRunner([function], call={}, session=session, allow_private=allow_private)
+    result = await tools.run("lookup", {})
+    await clients.aclose()
+
+    assert result.startswith(f"{TOOL_ERROR_PREFIX}the lookup service address is not")

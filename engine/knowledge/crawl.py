@@ -116,7 +116,7 @@ async def _robots(session: aiohttp.ClientSession, start: str, limits: CrawlLimit
         fetched = await _fetch(session, robots_url, limits)
     except (aiohttp.ClientError, TimeoutError, OSError, UnresolvedHost) as exc:  # a network error: unreachable
         raise CrawlFailed(f"{unreachable} ({exc or type(exc).__name__})", permanent=False) from None
-    except (CrawlFailed, UnsafeURL) as exc:
+    except (CrawlFailed, ValueError) as exc:  # UnsafeURL among them, and a host name that cannot be encoded
         # Too many redirects, a redirect to an address the guard refuses, too large: none to be had, which RFC 9309
         # (2.3.1.2, 2.3.1.3) calls unavailable, as a missing one is: nothing is forbidden. The guard still holds for
         # every page.
@@ -214,9 +214,10 @@ async def crawl_site(
         try:
             async with asyncio.timeout_at(deadline):
                 fetched = await _fetch(session, url, limits)
-        except (aiohttp.ClientError, TimeoutError, OSError, UnsafeURL, CrawlFailed) as exc:
+        # ValueError: UnsafeURL, and a host name that cannot be encoded ("docs..example.com") behind a redirect.
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, CrawlFailed) as exc:
             if url == start:
-                permanent = isinstance(exc, UnsafeURL | CrawlFailed) and not isinstance(exc, UnresolvedHost)
+                permanent = isinstance(exc, ValueError | CrawlFailed) and not isinstance(exc, UnresolvedHost)
                 raise CrawlFailed(
                     f"{url} could not be fetched ({exc or type(exc).__name__})", permanent=permanent
                 ) from None
