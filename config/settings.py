@@ -38,7 +38,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
-    database_url: str | None = _env("DATABASE_URL", "database_url")
+    database_url: str | None = _env("DATABASE_URL", "database_url", repr=False)  # its password with it
     state_dir: Path = _env("DIALTONE_STATE_DIR", "state_dir", Path(".dialtone"))
     host: str = _env("DIALTONE_HOST", "host", "127.0.0.1")
     port: int = _env("DIALTONE_PORT", "port", 8080, ge=1, le=65535)
@@ -399,5 +399,14 @@ def _describe(exc: ValidationError) -> str:
         message = str(error["msg"]).removeprefix("Value error, ")
         given = error.get("input")
         shown = "" if given is None or any(word in name for word in ("SECRET", "TOKEN", "KEY")) else f" (got {given!r})"
-        lines.append(f"{name}: {message}{shown}")
+        lines.append(f"{name}: {message}{_without_passwords(shown)}")
     return "; ".join(lines)
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/?#@\s]*:)[^\s]*@")
+_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)\S+", re.IGNORECASE)
+
+
+def _without_passwords(text: str) -> str:
+    """`text` with the password of any URL in it ("postgres://user:***@host") or libpq keyword string hidden."""
+    return _KEYWORD_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))

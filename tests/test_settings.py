@@ -207,6 +207,33 @@ def test_a_bad_twilio_auth_token_is_named_without_its_value(monkeypatch: pytest.
     assert TOKEN not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres ql://dialtone:pg-pass-5e1f@db.internal:5432/dialtone",  # a typo in the scheme
+        "mysql://dialtone:pg-pass-5e1f@db.internal/dialtone",
+        "host=db.internal user=dialtone password=pg-pass-5e1f",  # libpq's keyword form, which asyncpg does not read
+    ],
+)
+def test_a_bad_database_url_is_named_without_its_password(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    # The error quoted the URL as given, password and all, on the process's stderr and in its logs.
+    message = error_of(monkeypatch, "DATABASE_URL", url)
+
+    assert message.startswith("DATABASE_URL: must be a postgresql:// URL")
+    assert "pg-pass-5e1f" not in message
+    assert "db.internal" in message
+
+
+def test_the_database_password_is_not_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://dialtone:pg-pass-5e1f@db.internal/dialtone")
+
+    settings = load_settings()
+
+    assert settings.database_url == "postgresql://dialtone:pg-pass-5e1f@db.internal/dialtone"
+    assert "pg-pass-5e1f" not in repr(settings)
+    assert "pg-pass-5e1f" not in str(settings)
+
+
 def test_each_plan_has_a_credit_rate_a_minute_set_by_its_own_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings().credit_rates == {"free": 1, "pro": 1, "enterprise": 1}
     monkeypatch.setenv("DIALTONE_CREDITS_PER_MINUTE_PRO", "3")
