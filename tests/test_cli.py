@@ -11,10 +11,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
+from config.settings import load_settings
+from storage import call_recordings
 from storage.migrate import load_migrations
+from storage.recording_stores import object_key
 from storage.recordings import sign_recording_url
+from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, s3_server
+from tests.test_api_auth import make_tenant
+from tests.test_recording_object_storage import WAV, make_bucket, store_for
+from tests.test_repo_call_logs import open_call
 
 DIALTONE = [sys.executable, "-m", "engine.server.cli"]
 REPO = Path(__file__).resolve().parent.parent
@@ -151,6 +159,68 @@ async def test_serve_logs_requests_without_the_signature_of_a_recording_link(db_
     assert signature not in log
     assert f'"POST /twilio/voice HTTP/1.1" {posted}' in log, log
     assert "Unhandled exception" not in log and "Traceback" not in log
+
+
+async def test_serve_at_debug_logs_neither_the_presigned_link_of_a_recording_nor_the_s3_secret(
+    db_url: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # botocore logs every signature it makes at DEBUG, the presigned link's among them ("botocore.auth: Signature:"),
+    # next to the request it signs: a log reader could download the recording the link is for.
+    tenant = await make_tenant(pool, "Logged")
+    call = await open_call(pool, tenant.organization_id)
+    port = _free_port()
+    with s3_server() as s3:
+        settings = load_settings(state_dir=tmp_path, **s3.settings("debug"))
+        await make_bucket(settings)
+        source = tmp_path / "call.wav"
+        source.write_bytes(WAV)
+        key = object_key(tenant.organization_id, call.id)
+        async with store_for(settings) as store:
+            await store.put(key, source)
+        await call_recordings.add_recording(
+            pool,
+            organization_id=tenant.organization_id,
+            call_log_id=call.id,
+            store="s3",
+            object_key=key,
+            spool="test",
+            local_path=str(source),
+            size=len(WAV),
+            stored=True,
+            now=datetime.now(UTC),
+        )
+        env = _clean_env(
+            DATABASE_URL=db_url,
+            DIALTONE_LOG_LEVEL="DEBUG",
+            DIALTONE_RECORDING_STORE="s3",
+            DIALTONE_S3_BUCKET="debug",
+            DIALTONE_S3_ENDPOINT_URL=s3.endpoint_url,
+            DIALTONE_S3_ACCESS_KEY_ID=ACCESS_KEY_ID,
+            DIALTONE_S3_SECRET_ACCESS_KEY=SECRET_ACCESS_KEY,
+        )
+        process = await asyncio.create_subprocess_exec(
+            *DIALTONE, "serve", "--port", str(port), env=env, cwd=tmp_path, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            await _poll_health(f"http://127.0.0.1:{port}/health")
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(
+                    f"http://127.0.0.1:{port}/recordings/{call.id}.wav",
+                    headers={"Authorization": f"Bearer {tenant.owner_key}"},
+                    allow_redirects=False,
+                ) as response,
+            ):
+                status, location = response.status, response.headers.get("Location", "")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    log = stderr.decode()
+    assert status == 302, log
+    signature = location.rsplit("X-Amz-Signature=", 1)[1]
+    assert signature not in log
+    assert SECRET_ACCESS_KEY not in log
+    assert tenant.owner_key not in log
 
 
 async def _poll_health(url: str, attempts: int = 600) -> int:

@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LOGGING_CREDENTIALS = ("botocore", "aiobotocore")
+"""Libraries whose DEBUG lines carry credentials: botocore logs every signature it makes, each presigned recording
+link's among them, beside the request it signs. They log at INFO at most, even under DIALTONE_LOG_LEVEL=DEBUG."""
+
+
 def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level,
@@ -73,6 +78,8 @@ def _configure_logging(settings: Settings) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for name in _LOGGING_CREDENTIALS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 async def _serve(settings: Settings, *, apply_migrations: bool) -> None:
