@@ -268,7 +268,11 @@ async def _start_stream_during(
     taken its CallLog, reads its agent: a lock that reading waits for is held until then. The stream ends at once
     (Twilio's stop)."""
     call_sid, call_log_id, media_url = answered
-    async with pool.acquire() as changing, aiohttp.ClientSession() as http, http.ws_connect(media_url) as ws:
+    async with (
+        pool.acquire() as changing,
+        aiohttp.ClientSession() as http,
+        http.ws_connect(media_url, headers=signed_upgrade(media_url)) as ws,
+    ):
         transaction = changing.transaction()
         await transaction.start()
         await changing.execute('LOCK TABLE "Tool" IN ACCESS EXCLUSIVE MODE')
@@ -338,6 +342,11 @@ async def _answered_call(engine: str, number: str) -> tuple[str, str, str]:
     call_log_id = twiml.split('name="callLogId" value="')[1].split('"')[0]
     media_url = twiml.split('url="')[1].split('"')[0]
     return call_sid, call_log_id, media_url
+
+
+def signed_upgrade(media_url: str) -> dict[str, str]:
+    """The header Twilio opens the media WebSocket at `media_url` with: its signature of the URL."""
+    return {"X-Twilio-Signature": RequestValidator(TOKEN).compute_signature(media_url, {})}
 
 
 def _start(call_sid: str, call_log_id: str) -> str:
@@ -412,7 +421,7 @@ async def test_malformed_input_fails_only_that_call_while_another_carries_on(
     async def malformed_call(kind: str) -> tuple[str, dict[str, str]]:
         bad_number, _ = await make_line(pool, organization_id)
         call_sid, call_log_id, media_url = await _answered_call(engine, bad_number)
-        async with aiohttp.ClientSession() as http, http.ws_connect(media_url) as ws:
+        async with aiohttp.ClientSession() as http, http.ws_connect(media_url, headers=signed_upgrade(media_url)) as ws:
             await ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
             await ws.send_str(_start(call_sid, call_log_id))
             await asyncio.sleep(0.3)
@@ -439,7 +448,7 @@ async def test_media_before_start_closes_the_stream_and_the_status_callback_fail
     number, _ = await make_line(pool, organization_id)
     call_sid, call_log_id, media_url = await _answered_call(engine, number)
     async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(media_url) as ws:
+        async with http.ws_connect(media_url, headers=signed_upgrade(media_url)) as ws:
             await ws.send_str(_MALFORMED["invalid_base64"].replace("%%%not base64%%%", "//8="))
             message = await ws.receive(timeout=10)
         assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)

@@ -29,6 +29,7 @@ from tests.test_calls_e2e import (
     call_log,
     finished_call_log,
     make_line,
+    signed_upgrade,
 )
 
 CONNECTED = json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
@@ -72,7 +73,7 @@ async def test_a_frame_that_breaks_a_parser_before_start_closes_the_stream_witho
     _, _, media_url = await _answered_call(engine, number)
     caplog.set_level(logging.WARNING)
     async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(media_url) as ws:
+        async with http.ws_connect(media_url, headers=signed_upgrade(media_url)) as ws:
             await ws.send_str(CONNECTED)
             await ws.send_str(_MALFORMED[kind])
             await until_closed(ws)
@@ -90,7 +91,7 @@ async def test_media_sent_faster_than_real_time_fails_that_call_while_another_ca
     bad_number, _ = await make_line(pool, organization_id)
     good = asyncio.create_task(call(engine, good_number, Say("what are your opening hours"), Say("no thanks bye")))
     call_sid, call_log_id, media_url = await _answered_call(engine, bad_number)
-    async with aiohttp.ClientSession() as http, http.ws_connect(media_url) as ws:
+    async with aiohttp.ClientSession() as http, http.ws_connect(media_url, headers=signed_upgrade(media_url)) as ws:
         await ws.send_str(CONNECTED)
         await ws.send_str(_start(call_sid, call_log_id))
         for chunk in range(1, 3001):  # a minute of audio, as fast as the socket takes it
@@ -115,7 +116,7 @@ async def test_a_timestamp_far_in_the_future_fails_the_call_and_its_recording_st
 ) -> None:
     number, _ = await make_line(pool, organization_id)
     call_sid, call_log_id, media_url = await _answered_call(engine, number)
-    async with aiohttp.ClientSession() as http, http.ws_connect(media_url) as ws:
+    async with aiohttp.ClientSession() as http, http.ws_connect(media_url, headers=signed_upgrade(media_url)) as ws:
         await ws.send_str(CONNECTED)
         await ws.send_str(_start(call_sid, call_log_id))
         await ws.send_str(media(1, 0))
@@ -137,7 +138,7 @@ async def test_a_recording_that_cannot_be_closed_still_finishes_the_call_log_and
         call_sid, call_log_id, media_url = await _answered_call(engine, number)
         path = recording_path(load_settings(database_url=db_url, state_dir=str(tmp_path)), organization_id, call_log_id)
         path.mkdir(parents=True)  # a folder where the WAV file should go: closing the recording fails
-        async with aiohttp.ClientSession() as http, http.ws_connect(media_url) as ws:
+        async with aiohttp.ClientSession() as http, http.ws_connect(media_url, headers=signed_upgrade(media_url)) as ws:
             await ws.send_str(CONNECTED)
             await ws.send_str(_start(call_sid, call_log_id))
             for chunk in range(1, 11):
@@ -167,7 +168,10 @@ async def test_media_streams_racing_for_one_call_run_it_once(
     for _ in range(3):  # the streams of a call race anew each time
         call_sid, call_log_id, media_url = await _answered_call(engine, number)
         async with aiohttp.ClientSession() as http, contextlib.AsyncExitStack() as sockets:
-            streams = [await sockets.enter_async_context(http.ws_connect(media_url)) for _ in range(3)]
+            streams = [
+                await sockets.enter_async_context(http.ws_connect(media_url, headers=signed_upgrade(media_url)))
+                for _ in range(3)
+            ]
             for ws in streams:
                 await ws.send_str(CONNECTED)
             await asyncio.gather(*(ws.send_str(_start(call_sid, call_log_id)) for ws in streams))

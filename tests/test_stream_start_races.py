@@ -21,7 +21,7 @@ from engine.server.app import create_app
 from storage import organizations
 from storage.enums import Plan
 from tests.engine_server import running_engine
-from tests.test_calls_e2e import TOKEN, _answered_call, _start, finished_call_log, make_line
+from tests.test_calls_e2e import TOKEN, _answered_call, _start, finished_call_log, make_line, signed_upgrade
 
 CONNECTED = json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
 SETUP_TABLE = '"AgentTool"'
@@ -93,7 +93,7 @@ async def test_a_caller_hanging_up_while_the_call_is_set_up_completes_the_call_a
     engine, _ = engines
     number, _ = await make_line(pool, organization_id)
     call_sid, call_log_id, media_url = await _answered_call(engine, number)
-    async with aiohttp.ClientSession() as http, http.ws_connect(media_url) as ws:
+    async with aiohttp.ClientSession() as http, http.ws_connect(media_url, headers=signed_upgrade(media_url)) as ws:
         async with slow_setup(pool) as holder:
             await ws.send_str(CONNECTED)
             await ws.send_str(_start(call_sid, call_log_id))
@@ -132,8 +132,8 @@ async def test_two_streams_for_one_call_on_two_engines_run_it_once(
     second_url = media_url.replace(first.removeprefix("http://"), second.removeprefix("http://"))
     async with (
         aiohttp.ClientSession() as http,
-        http.ws_connect(media_url) as one,
-        http.ws_connect(second_url) as other,
+        http.ws_connect(media_url, headers=signed_upgrade(media_url)) as one,
+        http.ws_connect(second_url, headers=signed_upgrade(second_url)) as other,
     ):
         async with slow_setup(pool) as holder:
             await one.send_str(CONNECTED)
@@ -165,7 +165,7 @@ async def test_a_call_whose_setup_fails_after_its_stream_took_it_ends_failed_at_
     engine, _ = engines
     number, _ = await make_line(pool, organization_id)
     call_sid, call_log_id, media_url = await _answered_call(engine, number)
-    async with aiohttp.ClientSession() as http, http.ws_connect(media_url) as ws:
+    async with aiohttp.ClientSession() as http, http.ws_connect(media_url, headers=signed_upgrade(media_url)) as ws:
         async with slow_setup(pool) as holder:
             await ws.send_str(CONNECTED)
             await ws.send_str(_start(call_sid, call_log_id))
@@ -205,7 +205,7 @@ async def test_a_call_still_being_set_up_when_the_engine_stops_is_ended_with_the
         engine = f"http://{host}:{port}"
         number, _ = await make_line(pool, organization_id, firstSentence="Hello from a stopping engine.")
         call_sid, call_log_id, media_url = await _answered_call(engine, number)
-        async with aiohttp.ClientSession() as http, http.ws_connect(media_url) as ws:
+        async with aiohttp.ClientSession() as http, http.ws_connect(media_url, headers=signed_upgrade(media_url)) as ws:
             async with slow_setup(pool) as holder:
                 await ws.send_str(CONNECTED)
                 await ws.send_str(_start(call_sid, call_log_id))

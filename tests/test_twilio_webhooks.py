@@ -272,14 +272,9 @@ async def test_twenty_calls_ringing_at_once_for_three_credits_get_three_streams_
     assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', org) == 3
 
 
-async def test_a_media_socket_lost_without_stop_fails_the_call_with_that_reason(
-    engine: str, pool: asyncpg.Pool
-) -> None:
-    number = await _line(pool)
-    form = _ring(number)
-    _, twiml = await _post(engine, "/twilio/voice", form)
-    call_log_id = twiml.split('name="callLogId" value="')[1].split('"')[0]
-    start = {
+def _stream_start(form: dict[str, str], call_log_id: str) -> dict[str, Any]:
+    """Twilio's `start` message of the call `form` rang for, naming its CallLog."""
+    return {
         "event": "start",
         "sequenceNumber": "1",
         "streamSid": "MZ" + "4" * 32,
@@ -292,9 +287,27 @@ async def test_a_media_socket_lost_without_stop_fails_the_call_with_that_reason(
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
         },
     }
+
+
+async def _answered(engine: str, pool: asyncpg.Pool) -> tuple[dict[str, str], str]:
+    """A call rung to a new line and answered with a stream: the webhook's form and the call's CallLog id."""
+    form = _ring(await _line(pool))
+    _, twiml = await _post(engine, "/twilio/voice", form)
+    return form, twiml.split('name="callLogId" value="')[1].split('"')[0]
+
+
+def _media_url(engine: str) -> str:
+    return engine.replace("http://", "ws://") + "/twilio/media"
+
+
+async def test_a_media_socket_lost_without_stop_fails_the_call_with_that_reason(
+    engine: str, pool: asyncpg.Pool
+) -> None:
+    form, call_log_id = await _answered(engine, pool)
+    signature = RequestValidator(TOKEN).compute_signature(_media_url(engine), {})
     async with aiohttp.ClientSession() as http:
-        ws = await http.ws_connect(engine.replace("http://", "ws://") + "/twilio/media")
-        await ws.send_str(json.dumps(start))
+        ws = await http.ws_connect(_media_url(engine), headers={"X-Twilio-Signature": signature})
+        await ws.send_str(json.dumps(_stream_start(form, call_log_id)))
         await ws.receive(timeout=10)  # the agent starts speaking
         await ws.close()
     for _ in range(100):
@@ -305,6 +318,23 @@ async def test_a_media_socket_lost_without_stop_fails_the_call_with_that_reason(
 
     assert row is not None
     assert (row["status"], row["metadata"]["endReason"]) == ("FAILED", "stream_lost")
+
+
+async def test_a_media_socket_without_twilios_signature_is_refused_and_the_call_waits_for_twilios(
+    engine: str, pool: asyncpg.Pool
+) -> None:
+    # The signature was checked only when the header came: a socket without one, naming a ringing call's CallSid
+    # and CallLog id, took the call's stream (its audio both ways) before Twilio's own socket could.
+    form, call_log_id = await _answered(engine, pool)
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            ws = await http.ws_connect(_media_url(engine))
+            await ws.send_str(json.dumps(_stream_start(form, call_log_id)))
+            await ws.receive(timeout=10)
+    assert refused.value.status == 403
+    row = await pool.fetchrow('SELECT "status", "metadata" FROM "CallLog" WHERE "id" = $1', call_log_id)
+    assert row is not None and row["status"] == "IN_PROGRESS"
+    assert "engineNode" not in row["metadata"]  # no stream has taken the call: Twilio's still can
 
 
 # ------------------------------------------------------------------------------------------- hostile input

@@ -43,7 +43,7 @@ from engine.server.appkeys import (
     SETTINGS,
     TWILIO,
 )
-from engine.twilio.signature import SIGNATURE_HEADER, public_base_url, signature_is_valid
+from engine.twilio.signature import public_base_url, signature_is_valid
 from engine.twilio.webhooks import CALL_LOG_PARAMETER, DIAL_PATH, callback_url
 from engine.workers.call_log_replay import CALL_LOG_SPILL
 from engine.workers.post_call import POST_CALL
@@ -90,8 +90,8 @@ async def handle_media(request: web.Request) -> web.StreamResponse:
     """GET /twilio/media (WebSocket): one call's audio both ways, for as long as the call lasts."""
     request.app[DRAIN].refuse_new_call("media stream")  # before the upgrade: the load balancer tries another engine
     settings = request.app[SETTINGS]
-    if SIGNATURE_HEADER in request.headers and not signature_is_valid(request, settings):
-        log.warning("media WebSocket with a bad signature from %s: refused", request.remote)
+    if not signature_is_valid(request, settings):  # Twilio signs the upgrade: one without a signature is not its
+        log.warning("media WebSocket with a missing or bad signature from %s: refused", request.remote)
         raise web.HTTPForbidden(text="invalid Twilio signature")
     ws = FrameSocket(max_msg_size=WEBSOCKET_MAX_MESSAGE, autoping=True)
     await ws.prepare(request)
