@@ -107,7 +107,9 @@ async def _socket(http: aiohttp.ClientSession, base: str, frame: str, *, started
         call_sid, call_log_id, media_url = await _answer(http, base)
         opening.append(_start(call_sid, call_log_id))
     try:
-        async with http.ws_connect(media_url) as ws:
+        # Signed as Twilio signs the upgrade: an unsigned one is refused before any frame is read.
+        signature = RequestValidator(TOKEN).compute_signature(media_url, {})
+        async with http.ws_connect(media_url, headers={"X-Twilio-Signature": signature}) as ws:
             for text in [*opening, frame]:
                 await ws.send_str(text)
             while (await ws.receive(timeout=30)).type not in (
