@@ -75,3 +75,16 @@ EVERY_TYPE_EDGES: list[dict[str, Any]] = [
     {"id": "menu-done", "source": "menu", "target": "goodbye"},
     {"id": "to-person", "source": "human", "target": "transfer"},
 ]
+
+PASSING_LOOP_NODES: list[dict[str, Any]] = [
+    {"id": "menu", "type": "speak", "data": {"isStart": True, "text": GREETING}},
+    {"id": "tones", "type": "press_digits", "data": {"digits": "0"}},
+    {"id": "check", "type": "webhook", "data": {"tool": "lookup_account"}},
+]
+PASSING_LOOP_EDGES: list[dict[str, Any]] = [
+    {"id": "to-tones", "source": "menu", "target": "tones", "data": {"keywords": ["agent"]}},
+    {"id": "to-check", "source": "tones", "target": "check"},
+    {"id": "again", "source": "check", "target": "tones"},
+]
+"""A path the API refuses, as another writer may store it: the caller's "agent" plays a tone and calls a webhook,
+then the tone again, and so on: no node on the loop waits for the caller, and no way leaves it."""

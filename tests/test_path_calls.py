@@ -49,6 +49,8 @@ from tests.paths import (
     GREETING,
     HUMAN,
     ORDER,
+    PASSING_LOOP_EDGES,
+    PASSING_LOOP_NODES,
     TRANSFER_TO,
 )
 from tests.test_calls_e2e import call_log as finished_log
@@ -509,6 +511,37 @@ async def test_a_path_that_begins_with_a_transfer_not_made_ends_the_call_with_th
         ("agent", f"{TRANSFER_FAILED} {GOODBYE}", "desk"),  # nowhere to go back to: the path is over
     ]
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
+
+
+# --------------------------------------------------------------------------------------------------- loops
+
+
+@pytest.mark.parametrize("driver", ["offline", "openai", "realtime"])
+async def test_a_loop_passed_through_without_the_caller_ends_the_call_naming_it(rig: PathRig, driver: str) -> None:
+    rig.accounts.status = 500  # the webhook keeps failing
+    rig.fakes.deepgram.transcripts.extend(["Agent.", "Hello?"])
+    rig.fakes.openai.replies.extend([[follow("to-tones")], [follow("to-tones")]])
+    stages: dict[str, Any] = {"llm": {"provider": "conversation_path"}} if driver == "offline" else {}
+    async with FakeRealtime(api_key=OPENAI_KEY) as fake:
+        realtime = {"openai_base_url": fake.base_url} if driver == "realtime" else {}  # else the chat model's fake
+        if realtime:
+            stages["realtime"] = REALTIME
+        async with rig.engine(**realtime) as engine:
+            fake.reply(GREETING)
+            fake.reply_tool("follow_path", {"way": "to-tones"})
+            fake.caller_says("Agent.")
+            line = await rig.line(**stages)
+            await rig.pool.execute(
+                'UPDATE "ConversationPath" SET "nodes" = $1, "edges" = $2 WHERE "id" = $3',
+                PASSING_LOOP_NODES,
+                PASSING_LOOP_EDGES,
+                line.path_id,
+            )
+            _, log, _ = await rig.call(engine, line, Say("agent"), Say("hello")).finished()
+    assert log["status"] == "COMPLETED"
+    assert log["metadata"]["endReason"] == "agent_hangup"
+    assert "without stopping for the caller, round a loop" in log["metadata"]["endDetail"]
+    assert 0 < len(rig.accounts.received) <= 20  # the webhook was called a bounded number of times, once a call
 
 
 # --------------------------------------------------------------------------------------------------- gather timeout

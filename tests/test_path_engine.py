@@ -23,6 +23,8 @@ from tests.paths import (
     HUMAN,
     KEY_TIMEOUT_S,
     ORDER,
+    PASSING_LOOP_EDGES,
+    PASSING_LOOP_NODES,
     TRANSFER_TO,
 )
 
@@ -264,6 +266,16 @@ async def test_what_a_stored_path_gathers_under_a_built_ins_name_never_hides_the
     engine.remember({"customer": "VIP", "plan": "gold"})
     assert engine.variables == {"customer": "VIP", "plan": "gold"}  # kept, and shown to the model as gathered
     assert node_instructions(engine) == "Confirm the line +15550100 and the gold plan."
+
+
+async def test_a_loop_passed_through_without_the_caller_ends_the_call_instead_of_spinning() -> None:
+    queue = Accounts("error: the lookup_account service answered HTTP 503")
+    engine = PathEngine(read_path(PASSING_LOOP_NODES, PASSING_LOOP_EDGES, strict=False), tools=queue)
+    await engine.begin()
+    events = await engine.move("to-tones")
+    [ending] = [event for event in events if isinstance(event, EndCall)]
+    assert events[-1] == ending and "round a loop at node" in ending.reason
+    assert 0 < len(queue.calls) <= 20
 
 
 def test_validation_lists_every_problem() -> None:

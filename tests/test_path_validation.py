@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.paths.graph import MAX_ID_CHARS, read_path
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
-from tests.paths import EVERY_TYPE_EDGES, EVERY_TYPE_NODES, TRANSFER_TO
+from tests.paths import EVERY_TYPE_EDGES, EVERY_TYPE_NODES, PASSING_LOOP_EDGES, PASSING_LOOP_NODES, TRANSFER_TO
 from tests.test_api_auth import Api, Tenant, assert_error, make_tenant
 
 
@@ -147,6 +147,23 @@ async def test_an_edge_out_of_an_end_node_is_refused(api: Api, acme: Tenant) -> 
     graph = [*edges(), {"id": "after-end", "source": "goodbye", "target": "greet"}]
     message = await refused(api, acme, nodes(), graph, f"edges[{len(graph) - 1}].source")
     assert "'after-end'" in message
+
+
+async def test_a_loop_a_call_would_go_round_without_the_caller_is_refused(api: Api, acme: Tenant) -> None:
+    # Touch tones and a webhook need nobody to answer: round and round, the call would never stop.
+    message = await refused(api, acme, PASSING_LOOP_NODES, PASSING_LOOP_EDGES, "nodes[1]")
+    assert "'tones' → 'check' → 'tones'" in message and "give one of them an edge" in message
+
+
+async def test_a_webhook_retried_on_failure_with_a_way_on_success_is_saved(api: Api, acme: Tenant) -> None:
+    graph_nodes = [*PASSING_LOOP_NODES, {"id": "bye", "type": "end", "data": {"text": "Goodbye."}}]
+    graph_edges = [edge for edge in PASSING_LOOP_EDGES if edge["id"] != "again"] + [
+        {"id": "retry", "source": "check", "target": "tones", "data": {"result": "failure"}},
+        {"id": "done", "source": "check", "target": "bye", "data": {"result": "success"}},
+    ]
+    body = {"name": "Retry", "nodes": graph_nodes, "edges": graph_edges}
+    status, saved = await api.call("POST", "/conversation-paths", acme.owner_key, json=body)
+    assert status == 201, saved
 
 
 async def test_a_patch_that_breaks_the_path_is_refused_and_changes_nothing(api: Api, acme: Tenant) -> None:

@@ -30,6 +30,7 @@ from engine.call.driver import (
     ControlRefused,
     ConversationUnavailable,
     DriverFactory,
+    end_call_reason,
     opt_out_source,
     transfer_not_made,
 )
@@ -90,9 +91,7 @@ def ending_of(event: EndCall | TransferCall) -> _Ending:
     words as the detail, or a transfer."""
     if isinstance(event, TransferCall):
         return _Ending(EndReason.TRANSFERRED, event.reason or None, transfer_to=event.to, asked=event.asked)
-    if event.reason == EndReason.PATH_END:
-        return _Ending(EndReason.PATH_END)
-    return _Ending(EndReason.AGENT_HANGUP, event.reason or None)
+    return _Ending(*end_call_reason(event))
 
 
 def pipeline_driver(pipeline: Pipeline, *, first_sentence: str | None) -> DriverFactory:

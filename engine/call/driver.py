@@ -20,7 +20,7 @@ from engine.call.outbound_audio import OutboundAudio, StreamTimeline
 from engine.call.phases import CallPhase, PhaseEvent
 from engine.call.turns import TurnLog
 from media.twilio_stream import MarkFlushed, MarkPlayed, PlaybackClock
-from pipelines.llm.base import MessageRole, OptOut
+from pipelines.llm.base import EndCall, MessageRole, OptOut
 from pipelines.paths.engine import PathEngine
 from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
@@ -55,6 +55,14 @@ def transfer_not_made(
     if path is None or path.transfer_not_made():
         return TransferNotMade(words)
     return TransferNotMade(f"{words} {config.goodbye_sentence or DEFAULT_GOODBYE}", ends_call=True)
+
+
+def end_call_reason(event: EndCall) -> tuple[EndReason, str | None]:
+    """How a model's or a path's end of the call is recorded, in every driver: the path's end, or the agent's
+    hang-up with the words it ended with (the model's, or why the path gave up) as the detail."""
+    if event.reason == EndReason.PATH_END:
+        return EndReason.PATH_END, None
+    return EndReason.AGENT_HANGUP, event.reason or None
 
 
 @dataclass(frozen=True, slots=True)

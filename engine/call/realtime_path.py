@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
-from engine.call.driver import CallHost, transfer_not_made
+from engine.call.driver import CallHost, end_call_reason, transfer_not_made
 from pipelines.llm.base import EndCall, LLMEvent, SendDtmf, TextDelta, TransferCall
 from pipelines.paths.chat import ChatPath
 from pipelines.paths.graph import KnowledgeData
@@ -139,7 +139,7 @@ class RealtimePath:
                     self.press_keys(digits)
                 case EndCall():
                     await self._flush(words, say_text=True)
-                    await self._host.hang_up(EndReason.PATH_END, None)
+                    await self._host.hang_up(*end_call_reason(event))
                 case TransferCall(to=to, reason=reason):
                     await self._flush(words, say_text=True)
                     made = await self._host.transfer(to, reason)  # the call checks the agent's rules too

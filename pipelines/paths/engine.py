@@ -23,6 +23,7 @@ the number, Twilio does not redirect the call, the credits cannot pay for the le
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from pipelines.paths.graph import (
     PromptData,
     TransferData,
     WebhookData,
+    result_edges,
 )
 
 __all__ = [
@@ -56,6 +58,8 @@ __all__ = [
     "Way",
 ]
 
+log = logging.getLogger(__name__)
+
 GLOBAL_PREFIX: Final = "global:"
 """A way to a global node is named `global:<node id>`."""
 PATH_END: Final = "path_end"
@@ -63,7 +67,8 @@ PATH_END: Final = "path_end"
 MAX_KEY_REPROMPTS: Final = 2
 """Times a gather node says its text again when its wait for a first key runs out."""
 _MAX_PASS_THROUGH: Final = 20
-"""Nodes passed through in one arrival at most (a loop of webhook nodes must not spin forever)."""
+"""Nodes passed through in one arrival at most: a loop of them (a webhook retried on failure that keeps failing, or
+a path stored before such loops were refused) ends the call instead of spinning."""
 _KEY = re.compile(r"\[DTMF ([0-9*#A-Da-d])\]")
 _SPOKEN_DIGITS: Final = {
     **{str(digit): str(digit) for digit in range(10)},
@@ -351,13 +356,19 @@ class PathEngine:
                 following = self.path.outgoing(node_id)
             elif isinstance(data, WebhookData):
                 following = await self._call_webhook(data, node_id)
-            elif isinstance(data, GlobalData) and not data.text and not data.instructions:
+            elif node.passes_through:
                 following = self.path.outgoing(node_id)  # a global node with nothing to say only routes
             else:
                 return events  # speak, prompt, wait, gather, global: the caller's answer moves on
             if not following:
                 return events
             node_id, edge_id = following[0].target, following[0].id
+        reason = (
+            f"the conversation path went through {_MAX_PASS_THROUGH} nodes without stopping for the caller, "
+            f"round a loop at node {self._current!r}"
+        )
+        log.warning("%s: the call is ended", reason)
+        events.append(EndCall(reason))
         return events
 
     async def _passages(self, heard: str) -> list[str]:
@@ -388,8 +399,7 @@ class PathEngine:
         if data.variable is not None:
             self.variables[data.variable] = reply
         result = "failure" if reply.startswith("error:") else "success"
-        edges = self.path.outgoing(node_id)
-        return [edge for edge in edges if edge.result == result] or [edge for edge in edges if edge.result is None]
+        return result_edges(self.path.outgoing(node_id), result)
 
 
 def _keys(heard: str) -> str:

@@ -57,6 +57,7 @@ __all__ = [
     "WaitData",
     "WebhookData",
     "read_path",
+    "result_edges",
 ]
 
 
@@ -96,6 +97,15 @@ class Node:
     def ends_call(self) -> bool:
         """Whether arriving here ends the call (an end node, or a stock node marked `endCall`)."""
         return isinstance(self.data, EndData) or (isinstance(self.data, LegacyData) and self.data.end_call)
+
+    @property
+    def passes_through(self) -> bool:
+        """Whether a call arriving here moves on at once, without the caller: touch tones, a webhook, or a global
+        node with nothing to say (`passing_edges` names where it may go)."""
+        data = self.data
+        if isinstance(data, GlobalData):
+            return not data.text and not data.instructions
+        return isinstance(data, PressDigitsData | WebhookData)
 
     @property
     def text(self) -> str:
@@ -186,6 +196,8 @@ def read_path(nodes: Any, edges: Any, *, strict: bool = True) -> Path:
     start = _start(read_nodes, read_edges, problems) if read_nodes else ""
     if strict and start and not problems:
         _check_reachable(read_nodes, read_edges, start, problems)
+    if strict and start and not problems:
+        _check_way_out(read_nodes, read_edges, problems)
     if problems:
         raise PathInvalid(problems)
     return Path(read_nodes, read_edges, start)
@@ -361,6 +373,58 @@ def _check_reachable(nodes: Mapping[str, Node], edges: Sequence[Edge], start: st
             problems.append(
                 PathProblem(f"nodes[{index}]", f"node {node_id!r} cannot be reached from the start node {start!r}")
             )
+
+
+def result_edges(edges: Sequence[Edge], result: str) -> list[Edge]:
+    """The edges out of a webhook node that its call's `result` (success or failure) may take, first one first:
+    those marked with it, else those marked with none."""
+    return [edge for edge in edges if edge.result == result] or [edge for edge in edges if edge.result is None]
+
+
+def _passing_targets(node: Node, outgoing: Sequence[Edge]) -> set[str]:
+    """Where a call passing through `node` may go next: its first edge, or a webhook's first for each result."""
+    if isinstance(node.data, WebhookData):
+        taken = (result_edges(outgoing, result) for result in ("success", "failure"))
+        return {edges[0].target for edges in taken if edges}
+    return {outgoing[0].target} if outgoing else set()
+
+
+def _check_way_out(nodes: Mapping[str, Node], edges: Sequence[Edge], problems: list[PathProblem]) -> None:
+    """A problem for each node passed through (touch tones, webhooks, silent global nodes) from which the call can
+    only go round a loop of such nodes: it would never stop to say anything, hear the caller or end."""
+    outgoing = _outgoing_edges(edges)
+    following = {
+        node_id: _passing_targets(node, outgoing.get(node_id, ()))
+        for node_id, node in nodes.items()
+        if node.passes_through
+    }
+    leading_to: dict[str, list[str]] = {}
+    for node_id, targets in following.items():
+        for target in targets:
+            leading_to.setdefault(target, []).append(node_id)
+    # Stopping nodes, and those passed through to one, have a way out: walk back from the stopping ones.
+    way_out = {node_id for node_id in nodes if not following.get(node_id)}
+    frontier = list(way_out)
+    while frontier:
+        for node_id in leading_to.get(frontier.pop(), ()):
+            if node_id not in way_out:
+                way_out.add(node_id)
+                frontier.append(node_id)
+    for index, (node_id, node) in enumerate(nodes.items()):
+        if node_id in way_out:
+            continue
+        loop = [node_id]
+        while (after := min(following[loop[-1]])) not in loop:
+            loop.append(after)
+        round_trip = " → ".join(repr(name) for name in [*loop, after])
+        problems.append(
+            PathProblem(
+                f"nodes[{index}]",
+                f"node {node_id!r} ({node.kind}) leads only round nodes a call passes through without the caller "
+                f"({round_trip}): it would never stop to speak, listen or end; give one of them an edge to a node "
+                "that does",
+            )
+        )
 
 
 def _outgoing_edges(edges: Sequence[Edge]) -> dict[str, list[Edge]]:
