@@ -166,6 +166,26 @@ async def test_a_webhook_retried_on_failure_with_a_way_on_success_is_saved(api: 
     assert status == 201, saved
 
 
+@pytest.mark.parametrize(
+    ("source", "data", "rule"),
+    [
+        ("tones", {}, "node 'tones' (press_digits) always follows its first edge, 'to-check'"),
+        ("check", {}, "node 'check' (webhook) follows its first edge for each result ('again' on success, 'again'"),
+    ],
+)
+async def test_an_edge_out_of_a_node_passed_through_that_no_call_can_take_is_refused(
+    api: Api, acme: Tenant, source: str, data: dict[str, Any], rule: str
+) -> None:
+    # Tones and webhooks pass on by their first edge (a webhook's first for each result): a second is never taken.
+    graph_nodes = [*PASSING_LOOP_NODES, {"id": "bye", "type": "end", "data": {"text": "Goodbye."}}]
+    graph_edges = [edge for edge in PASSING_LOOP_EDGES if edge["id"] != "again"] + [
+        {"id": "again", "source": "check", "target": "bye"},
+        {"id": "unused", "source": source, "target": "bye", "data": data},
+    ]
+    message = await refused(api, acme, graph_nodes, graph_edges, "edges[3]")
+    assert message.startswith(f"edges[3]: edge 'unused' is never taken: {rule}")
+
+
 async def test_a_patch_that_breaks_the_path_is_refused_and_changes_nothing(api: Api, acme: Tenant) -> None:
     status, path = await api.call(
         "POST", "/conversation-paths", acme.owner_key, json={"name": "Keep", "nodes": nodes(), "edges": edges()}

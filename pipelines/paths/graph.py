@@ -198,6 +198,7 @@ def read_path(nodes: Any, edges: Any, *, strict: bool = True) -> Path:
         _check_reachable(read_nodes, read_edges, start, problems)
     if strict and start and not problems:
         _check_way_out(read_nodes, read_edges, problems)
+        _check_edges_taken(read_nodes, read_edges, problems)
     if problems:
         raise PathInvalid(problems)
     return Path(read_nodes, read_edges, start)
@@ -425,6 +426,31 @@ def _check_way_out(nodes: Mapping[str, Node], edges: Sequence[Edge], problems: l
                 "that does",
             )
         )
+
+
+def _check_edges_taken(nodes: Mapping[str, Node], edges: Sequence[Edge], problems: list[PathProblem]) -> None:
+    """A problem for each edge out of a node passed through that no call can take: such a node follows its first
+    edge (a webhook its first for each result), so a second one is a branch nothing decides."""
+    outgoing = _outgoing_edges(edges)
+    index = {edge.id: number for number, edge in enumerate(edges)}
+    for node_id, node in nodes.items():
+        leaving = outgoing.get(node_id, [])
+        if not node.passes_through or len(leaving) < 2:
+            continue
+        if isinstance(node.data, WebhookData):
+            taken = [result_edges(leaving, result) for result in ("success", "failure")]
+            if not all(taken):
+                continue  # a result with no edge leaves the call at the node, where any of its edges is a way on
+            rule = f"follows its first edge for each result ({taken[0][0].id!r} on success, {taken[1][0].id!r} on "
+            rule += "failure); mark the edges with data.result success or failure, or remove this one"
+            chosen = {taken[0][0].id, taken[1][0].id}
+        else:
+            rule = f"always follows its first edge, {leaving[0].id!r}; remove the others"
+            chosen = {leaving[0].id}
+        for edge in leaving:
+            if edge.id not in chosen:
+                message = f"edge {edge.id!r} is never taken: node {node_id!r} ({node.kind}) {rule}"
+                problems.append(PathProblem(f"edges[{index[edge.id]}]", message))
 
 
 def _outgoing_edges(edges: Sequence[Edge]) -> dict[str, list[Edge]]:

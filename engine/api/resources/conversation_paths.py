@@ -19,7 +19,8 @@ resource = Resource(
     "Conversation paths",
     "Conversation flows: the flow builder's nodes and edges, kept as saved once checked: one start node, edges "
     "between existing nodes, every node reachable, no loop of nodes passed through without the caller (press_digits, "
-    "webhook, a silent global node) without a way out, and each node's `data` valid for its `type` (speak, prompt, "
+    "webhook, a silent global node) without a way out nor an edge out of one that no call takes, and each node's "
+    "`data` valid for its `type` (speak, prompt, "
     "wait, gather, end, transfer, webhook, knowledge, press_digits, global, or react-flow's default/input/output). "
     "A 422 names the node or edge and the field. A path with no nodes and no edges is a draft.",
 )
