@@ -155,11 +155,20 @@ async def test_a_loop_a_call_would_go_round_without_the_caller_is_refused(api: A
     assert "'tones' → 'check' → 'tones'" in message and "give one of them an edge" in message
 
 
-async def test_a_webhook_retried_on_failure_with_a_way_on_success_is_saved(api: Api, acme: Tenant) -> None:
+@pytest.mark.parametrize(
+    "done",
+    [
+        {"source": "check", "data": {"result": "success"}},
+        {"source": "menu", "data": {"keywords": ["bye"]}},  # no success edge: the call stays at the webhook node
+    ],
+)
+async def test_a_webhook_retried_on_failure_that_stops_on_success_is_saved(
+    api: Api, acme: Tenant, done: dict[str, Any]
+) -> None:
     graph_nodes = [*PASSING_LOOP_NODES, {"id": "bye", "type": "end", "data": {"text": "Goodbye."}}]
     graph_edges = [edge for edge in PASSING_LOOP_EDGES if edge["id"] != "again"] + [
         {"id": "retry", "source": "check", "target": "tones", "data": {"result": "failure"}},
-        {"id": "done", "source": "check", "target": "bye", "data": {"result": "success"}},
+        {"id": "done", "target": "bye", **done},
     ]
     body = {"name": "Retry", "nodes": graph_nodes, "edges": graph_edges}
     status, saved = await api.call("POST", "/conversation-paths", acme.owner_key, json=body)

@@ -383,10 +383,11 @@ def result_edges(edges: Sequence[Edge], result: str) -> list[Edge]:
 
 
 def _passing_targets(node: Node, outgoing: Sequence[Edge]) -> set[str]:
-    """Where a call passing through `node` may go next: its first edge, or a webhook's first for each result."""
+    """Where a call passing through `node` may go next: its first edge, or a webhook's first for each result;
+    none when the call may stop there (no edge to follow, or none for one of the webhook's results)."""
     if isinstance(node.data, WebhookData):
-        taken = (result_edges(outgoing, result) for result in ("success", "failure"))
-        return {edges[0].target for edges in taken if edges}
+        taken = [result_edges(outgoing, result) for result in ("success", "failure")]
+        return {edges[0].target for edges in taken} if all(taken) else set()
     return {outgoing[0].target} if outgoing else set()
 
 
