@@ -250,9 +250,30 @@ async def link_recording(db: Queryable, *, organization_id: str, call_log_id: st
     )
 
 
-async def mark_deleted(db: Queryable, recording: CallRecording, *, now: datetime) -> None:
-    """The recording is gone from its store: DELETED, and its call log no longer links to it."""
+async def mark_deleted(db: Queryable, recording: CallRecording, *, now: datetime, object_removed: bool) -> None:
+    """The recording is gone: DELETED, and its call log no longer links to it.
+
+    Unless the caller removed its object (`object_removed`), an object its uploads may have put is queued for removal
+    ("RecordingDeletion"), due when the row's upload lease ends, as for a recording deleted with its call (migration
+    0032): a PENDING recording whose upload was tried can be in the store all the same, its process killed (or the
+    store's answer lost) between the store taking it and the row saying so, and one uploaded since the caller read it
+    is STORED now. Never tried, it has no object: nothing is queued.
+    """
     async with transaction(db) as conn:
+        if not object_removed:
+            await conn.execute(
+                """
+                INSERT INTO "RecordingDeletion" ("id", "organizationId", "callLogId", "store", "objectKey", "spool",
+                                                 "localPath", "onDisk", "nextAttemptAt")
+                SELECT $2, "organizationId", "callLogId", "store", "objectKey", "spool", "localPath", false,
+                       GREATEST(CURRENT_TIMESTAMP, "leasedUntil")
+                FROM "CallRecording"
+                WHERE "id" = $1 AND "store" <> 'local' AND "attemptCount" > 0 AND "status" <> 'DELETED'
+                FOR UPDATE
+                """,
+                recording.id,
+                new_id(),
+            )
         await conn.execute(
             """
             UPDATE "CallRecording" SET "status" = 'DELETED', "deletedAt" = $2, "leaseToken" = NULL,

@@ -424,7 +424,7 @@ async def test_truncated_calls_have_their_recordings_removed_from_object_storage
             expired = await call_recordings.find_recording(pool, call_log_id=expired_call)
             assert expired is not None
             await store.delete(object_key(organizations[0].id, expired_call))
-            await call_recordings.mark_deleted(pool, expired, now=datetime.now(UTC))  # retention's: nothing to queue
+            await call_recordings.mark_deleted(pool, expired, now=datetime.now(UTC), object_removed=True)
             waiting, waiting_file = await waiting_recording(pool, settings, organizations[1].id)
             assert len(await keys_in(settings)) == 2
 

@@ -493,6 +493,6 @@ async def test_a_recording_waiting_for_its_upload_is_served_by_the_node_that_has
             assert response.status == 404
         row = await call_recordings.find_recording(pool, call_log_id=log.id)
         assert row is not None
-        await call_recordings.mark_deleted(pool, row, now=datetime.now(UTC))
+        await call_recordings.mark_deleted(pool, row, now=datetime.now(UTC), object_removed=False)
         async with http.get(f"{holder}/recordings/{log.id}.wav") as response:
             assert response.status == 404

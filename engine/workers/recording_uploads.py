@@ -295,7 +295,7 @@ class RecordingUploads:
         except RecordingStoreError as exc:
             log.warning("recording of call %s: not deleted yet (%s)", recording.call_log_id, exc)
             return 0
-        await call_recordings.mark_deleted(self._pool, recording, now=self._clock())
+        await call_recordings.mark_deleted(self._pool, recording, now=self._clock(), object_removed=not local_only)
         return 1
 
     async def run(self) -> None:
