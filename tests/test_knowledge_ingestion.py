@@ -386,16 +386,19 @@ async def test_passages_keep_their_search_vector_in_the_row(pool: asyncpg.Pool) 
     assert storage == b"m"
 
 
-def _raw_pdf(content: bytes) -> bytes:
-    """A one-page PDF whose page draws `content` (a content stream, Flate-compressed), built byte by byte."""
+def _raw_pdf(content: bytes, *, pages: int = 1) -> bytes:
+    """A PDF whose `pages` pages each draw `content` (one content stream, Flate-compressed), built byte by byte."""
     stream = zlib.compress(content)
+    page = (
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 3 0 R"
+        b" /Resources << /Font << /F1 4 0 R >> >> >>"
+    )
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
-        b" /Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(b"%d 0 R" % (5 + n) for n in range(pages)), pages),
         b"<< /Filter /FlateDecode /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream),
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        *[page] * pages,
     ]
     out = bytearray(b"%PDF-1.4\n")
     offsets = []

@@ -16,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +29,9 @@ from engine.knowledge.unreadable import UnreadableDocument
 
 # The parsers (engine.knowledge.extract and its libraries, a quarter of a CPU second to import) are imported only
 # where a file is read, so a child that only cuts text starts in a tenth of the time.
+
+PARENT_CHECK_SECONDS = 0.5
+"""How often a reading process checks that the engine that started it is still there to take its answer."""
 
 IN_THREAD_MAX = 64 * 1024
 """The longest text (in characters) cut in a thread of the engine: its longest regular-expression call is well
@@ -97,7 +103,8 @@ async def _in_child(
     args: list[str], data: bytes, sizes: PassageSizes, limits: ExtractLimits, *, doing: str
 ) -> dict[str, Any]:
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", __name__, str(limits.max_memory), str(sizes.size), str(sizes.overlap), *args,
+        sys.executable, "-m", __name__, str(os.getpid()), str(limits.max_memory), str(sizes.size), str(sizes.overlap),
+        *args,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -141,8 +148,21 @@ def _answer(data: bytes, args: list[str], sizes: PassageSizes, max_memory: int) 
     return {"chunks": chunks, "mime_type": mime_type}
 
 
+def _end_with(parent: int) -> None:
+    """End this process once `parent` is gone: the engine enforces the time limit, and an engine killed (SIGKILL, the
+    OOM killer) would otherwise leave it reading a costly file on, for minutes or hours, for nobody."""
+
+    def watch() -> None:
+        while os.getppid() == parent:  # an orphan is adopted by init or a subreaper
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _main() -> None:
-    max_memory, size, overlap, *args = sys.argv[1:]
+    parent, max_memory, size, overlap, *args = sys.argv[1:]
+    _end_with(int(parent))
     data = sys.stdin.buffer.read()
     resource.setrlimit(resource.RLIMIT_AS, (int(max_memory), int(max_memory)))
     answer = _answer(data, args, PassageSizes(int(size), int(overlap)), int(max_memory))
