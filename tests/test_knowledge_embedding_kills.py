@@ -7,31 +7,22 @@ process's transaction), every other passage once.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from tests.fakes.openai_chat import FakeOpenAI
 from tests.test_drain_processes import engine
 from tests.test_knowledge_ingestion import text_document
 from tests.test_knowledge_vectors import MODEL, pending
+from tests.test_outbound_post_call import OPENAI_KEY, openai
 from tests.test_repo_agents import insert_organization
 from tests.test_webhook_delivery import eventually
 from tests.test_webhook_fairness import fresh
 
-__all__ = ["fresh"]  # fixture: a database per test
+__all__ = ["fresh", "openai"]  # fixtures: a database per test, the fake OpenAI
 
-OPENAI_KEY = "sk-embed-kill"
 BATCH = 3
-
-
-@pytest.fixture
-async def openai() -> AsyncIterator[FakeOpenAI]:
-    """The fake OpenAI's embeddings."""
-    async with FakeOpenAI(api_key=OPENAI_KEY) as fake:
-        yield fake
 
 
 async def test_a_batch_whose_engine_was_killed_before_storing_its_vectors_is_embedded_again_and_no_other(

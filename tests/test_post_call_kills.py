@@ -8,27 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from storage import events, organizations
 from tests.fakes.openai_chat import FakeOpenAI
 from tests.test_drain_processes import engine
-from tests.test_outbound_post_call import BOOKED, CLOUD_LLM, OPENAI_KEY, finished_call, make_agent, metadata_of
+from tests.test_outbound_post_call import (
+    BOOKED,
+    CLOUD_LLM,
+    OPENAI_KEY,
+    finished_call,
+    make_agent,
+    metadata_of,
+    openai,
+)
 from tests.test_webhook_delivery import eventually
 from tests.test_webhook_fairness import fresh
 
-__all__ = ["fresh"]  # fixture: a database per test
-
-
-@pytest.fixture(scope="module")
-async def openai() -> AsyncIterator[FakeOpenAI]:
-    """The fake OpenAI."""
-    async with FakeOpenAI(api_key=OPENAI_KEY) as fake:
-        yield fake
+__all__ = ["fresh", "openai"]  # fixtures: a database per test, the fake OpenAI
 
 
 async def test_an_analysis_killed_while_the_model_answers_is_taken_over_stored_and_announced_once(
