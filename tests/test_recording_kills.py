@@ -1,7 +1,8 @@
-"""Recording uploads of a `dialtone serve` killed at the worst instant: the store has taken the object, the row does
-not say so yet. A proxy in front of the S3 store (moto on loopback) passes the object's PUT through and holds the
-store's answer; the process is SIGKILLed while it waits, and a new process on the same database and state folder
-finishes the work: nothing is lost, and nothing stays in the bucket that no row accounts for.
+"""Recording uploads and removals of a `dialtone serve` killed at the worst instant: the store has taken (or deleted)
+the object, the row does not say so yet. A proxy in front of the S3 store (moto on loopback) passes the object's PUT
+or DELETE through and holds the store's answer; the process is SIGKILLed while it waits, and a new process on the
+same database and state folder finishes the work: nothing is lost, and nothing stays in the bucket that no row
+accounts for.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from storage.recordings import recording_path
 from tests.fakes.server import serve
 from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server, s3_server
 from tests.test_drain_processes import engine
-from tests.test_recording_deletions import keys_in
+from tests.test_recording_deletions import keys_in, uploaded_recording
 from tests.test_recording_object_storage import WAV, make_bucket, recording_file, store_for
 from tests.test_repo_call_logs import open_call
 from tests.test_webhook_delivery import eventually
@@ -47,14 +48,16 @@ def s3() -> Iterator[S3Server]:
 
 
 class HoldingS3Proxy:
-    """Forwards S3 requests to the store; an object's PUT reaches the store, and its answer is held for ever."""
+    """Forwards S3 requests to the store; an object's `held` request (PUT, DELETE) reaches the store, and its answer
+    is held for ever."""
 
-    def __init__(self, store_url: str) -> None:
+    def __init__(self, store_url: str, held: str) -> None:
         self._store_url = store_url
-        self.object_landed = asyncio.Event()
+        self._held = held
+        self.store_acted = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Forward `request`; for an object's PUT, signal that the store has it and never answer."""
+        """Forward `request`; for an object's held request, signal that the store has acted and never answer."""
         headers = {name: value for name, value in request.headers.items() if name.lower() not in _HOP_BY_HOP}
         body = await request.read()
         async with (
@@ -65,17 +68,17 @@ class HoldingS3Proxy:
         ):
             status, answer_headers, answer_body = answer.status, answer.headers.copy(), await answer.read()
         bucket_and_key = request.path.strip("/").split("/", 1)
-        if request.method == "PUT" and len(bucket_and_key) == 2 and status == 200:
-            self.object_landed.set()
+        if request.method == self._held and len(bucket_and_key) == 2 and status < 300:
+            self.store_acted.set()
             await asyncio.Event().wait()  # the uploader waits for the store's answer until it is killed
         kept = {name: value for name, value in answer_headers.items() if name.lower() not in _HOP_BY_HOP}
         return web.Response(status=status, headers=kept, body=answer_body)
 
 
 @asynccontextmanager
-async def holding_proxy(store_url: str) -> AsyncIterator[tuple[str, HoldingS3Proxy]]:
-    """A HoldingS3Proxy in front of `store_url` on loopback: its URL, and the proxy."""
-    proxy = HoldingS3Proxy(store_url)
+async def holding_proxy(store_url: str, held: str) -> AsyncIterator[tuple[str, HoldingS3Proxy]]:
+    """A HoldingS3Proxy in front of `store_url` on loopback, holding the answers to `held`: its URL, and the proxy."""
+    proxy = HoldingS3Proxy(store_url, held)
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     async with serve(app) as url:
@@ -110,10 +113,10 @@ async def killed_after_the_store_took_it(
         uploads = RecordingUploads(pool, store, settings, spool=spool_id(settings.state_dir), clock=lambda: made)
         assert await uploads.finished(organization_id=organization.id, call_log_id=call.id, path=path, size=len(WAV))
     async with (
-        holding_proxy(s3.endpoint_url) as (proxy_url, proxy),
+        holding_proxy(s3.endpoint_url, "PUT") as (proxy_url, proxy),
         engine(database_url, tmp_path, drain_seconds=1, **store_environment(settings, proxy_url)) as doomed,
     ):
-        await asyncio.wait_for(proxy.object_landed.wait(), 60)
+        await asyncio.wait_for(proxy.store_acted.wait(), 60)
         doomed.process.kill()  # SIGKILL: the store has the object, the row does not say so
         await doomed.process.wait()
     row = await call_recordings.find_recording(pool, call_log_id=call.id)
@@ -176,3 +179,35 @@ async def test_a_recording_retention_deletes_while_a_killed_upload_left_its_obje
 
         await eventually(bucket_empty, "the object the killed upload put to be removed")
     assert await pool.fetchval('SELECT count(*) FROM "RecordingDeletion" WHERE "callLogId" = $1', call_log_id) == 0
+
+
+async def test_a_removal_killed_after_the_store_deleted_the_object_is_finished_by_the_next_process(
+    s3: S3Server, fresh: tuple[str, asyncpg.Pool], tmp_path: Path
+) -> None:
+    database_url, pool = fresh
+    settings = load_settings(state_dir=tmp_path / "state", **s3.settings(f"removed-{secrets.token_hex(3)}"))
+    await make_bucket(settings)
+    organization = await create_organization(pool, name="Removed", slug=f"killed-removal-{secrets.token_hex(3)}")
+    async with store_for(settings) as store:
+        call_log_id, _ = await uploaded_recording(pool, store, settings, organization.id)
+    await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', call_log_id)  # as the dashboard does; queued
+    async with (
+        holding_proxy(s3.endpoint_url, "DELETE") as (proxy_url, proxy),
+        engine(database_url, tmp_path, drain_seconds=1, **store_environment(settings, proxy_url)) as doomed,
+    ):
+        await asyncio.wait_for(proxy.store_acted.wait(), 60)
+        doomed.process.kill()  # SIGKILL: the object is gone, its queued removal is not
+        await doomed.process.wait()
+    assert await keys_in(settings) == []
+    assert await pool.fetchval('SELECT count(*) FROM "RecordingDeletion" WHERE "callLogId" = $1', call_log_id) == 1
+    await lease_run_out(pool, "RecordingDeletion", call_log_id)
+    async with engine(database_url, tmp_path, drain_seconds=1, **store_environment(settings, s3.endpoint_url)):
+
+        async def forgotten() -> bool:
+            queued: int = await pool.fetchval(
+                'SELECT count(*) FROM "RecordingDeletion" WHERE "callLogId" = $1', call_log_id
+            )
+            return queued == 0
+
+        await eventually(forgotten, "the next process to finish the removal")
+    assert await keys_in(settings) == []
