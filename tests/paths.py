@@ -1,4 +1,4 @@
-"""Conversation paths the path tests share: one with a node of every type, in react-flow JSON."""
+"""Conversation paths the path tests share, in react-flow JSON: a node of every type, lines holding variables."""
 
 from __future__ import annotations
 
@@ -88,3 +88,32 @@ PASSING_LOOP_EDGES: list[dict[str, Any]] = [
 ]
 """A path the API refuses, as another writer may store it: the caller's "agent" plays a tone and calls a webhook,
 then the tone again, and so on: no node on the loop waits for the caller, and no way leaves it."""
+
+VARIABLES_PATH_NODES: list[dict[str, Any]] = [
+    {
+        "id": "greet",
+        "type": "speak",
+        "data": {
+            "isStart": True,
+            "text": "Hi {{customer.name}}, this is Acme about your {{ plan }} plan. Which order is it about?",
+            "extractVariables": [{"name": "order_number", "description": "The order's number"}],
+        },
+    },
+    {
+        "id": "code",
+        "type": "gather",
+        "data": {"text": "Order {{order_number}}: enter your two digit code.", "variable": "code", "digitCount": 2},
+    },
+    {"id": "bye", "type": "end", "data": {"text": "Code {{code}} is noted{{nowhere}}, {{customer.name}}. Goodbye!"}},
+]
+VARIABLES_PATH_EDGES: list[dict[str, Any]] = [
+    {
+        "id": "named",
+        "source": "greet",
+        "target": "code",
+        "data": {"condition": "The caller named an order", "digit": 1},  # offline: the caller presses 1
+    },
+    {"id": "got-code", "source": "code", "target": "bye"},
+]
+"""A path whose every line holds `{{…}}`: the call's variables (`customer.name`, the agent's `plan`), what a node
+before gathered (`order_number` the model extracted, the keys into `code`), and a name nothing answers."""

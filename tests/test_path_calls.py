@@ -31,6 +31,7 @@ from engine.simulator import CallResult, Dtmf, Pause, Say, Step, simulate_call
 from engine.twilio.outbound_calls import OutboundDeps, place_call
 from engine.twilio.rest import TwilioCalls
 from pipelines.llm.conversation_path import REPROMPT_PREFIX
+from pipelines.realtime.openai_realtime import say_exactly
 from pipelines.tools import transfer_failed
 from storage import agents, campaigns, conversation_paths, organizations, phone_numbers, tools
 from storage.demo import DEMO_PATH_NAME, seed_demo
@@ -52,6 +53,8 @@ from tests.paths import (
     PASSING_LOOP_EDGES,
     PASSING_LOOP_NODES,
     TRANSFER_TO,
+    VARIABLES_PATH_EDGES,
+    VARIABLES_PATH_NODES,
 )
 from tests.test_calls_e2e import call_log as finished_log
 from tests.test_calls_e2e import finished_call_log, turns
@@ -510,6 +513,82 @@ async def test_a_path_that_begins_with_a_transfer_not_made_ends_the_call_with_th
         ("agent", HUMAN, "desk"),
         ("agent", f"{TRANSFER_FAILED} {GOODBYE}", "desk"),  # nowhere to go back to: the path is over
     ]
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
+
+
+# --------------------------------------------------------------------------------------------------- variables
+
+
+async def variables_line(rig: PathRig, **configuration: Any) -> PathLine:
+    """A line whose agent (`plan` gold among its variables) follows the variables path."""
+    line = await rig.line(variables={"plan": "gold"}, **configuration)
+    await rig.pool.execute(
+        'UPDATE "ConversationPath" SET "nodes" = $1, "edges" = $2 WHERE "id" = $3',
+        VARIABLES_PATH_NODES,
+        VARIABLES_PATH_EDGES,
+        line.path_id,
+    )
+    return line
+
+
+async def test_a_paths_lines_are_said_with_the_calls_and_the_paths_variables_filled_in_an_openai_call(
+    rig: PathRig,
+) -> None:
+    before = len(rig.fakes.openai.requests)
+    rig.fakes.deepgram.transcripts.append("It is order A 42.")
+    rig.fakes.openai.replies.append([follow("named", order_number="A-42")])
+    async with rig.engine() as engine:
+        line = await variables_line(rig)
+        _, log, ended = await rig.call(engine, line, Say("it is order a forty two"), Dtmf("57")).finished()
+
+    greeting = f"Hi {CALLER}, this is Acme about your gold plan. Which order is it about?"
+    assert [row for row in ended if row[0] == "agent"] == [
+        ("agent", greeting, "greet", None),
+        ("agent", "Order A-42: enter your two digit code.", "code", "named"),
+        ("agent", f"Code 57 is noted, {CALLER}. Goodbye!", "bye", "got-code"),  # a name nothing answers says nothing
+    ]
+    spoken = " ".join(said.text.strip() for said in rig.fakes.elevenlabs.texts)  # what the voice was given
+    assert greeting in spoken and "{" not in spoken
+    system = rig.fakes.openai.requests[before]["messages"][0]["content"]
+    assert f"You just said, word for word: {greeting!r}" in system  # and what the model is told was said
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
+    assert log["metadata"]["conversationPath"]["variables"] == {"order_number": "A-42", "code": "57"}
+
+
+async def test_a_paths_lines_are_said_with_the_calls_and_the_paths_variables_filled_in_an_offline_call(
+    rig: PathRig,
+) -> None:
+    offline = {"stt": {"provider": "sphinx"}, "llm": {"provider": "conversation_path"}, "tts": {"provider": "espeak"}}
+    async with rig.engine() as engine:
+        line = await variables_line(rig, **offline)
+        _, log, ended = await rig.call(engine, line, Dtmf("1"), Dtmf("57")).finished()
+
+    assert [row for row in ended if row[0] == "agent"] == [
+        ("agent", f"Hi {CALLER}, this is Acme about your gold plan. Which order is it about?", "greet", None),
+        ("agent", "Order : enter your two digit code.", "code", "named"),  # the offline model extracts nothing
+        ("agent", f"Code 57 is noted, {CALLER}. Goodbye!", "bye", "got-code"),
+    ]
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
+    assert log["metadata"]["conversationPath"]["variables"] == {"code": "57"}
+
+
+async def test_a_realtime_model_is_asked_to_say_a_paths_lines_with_their_variables_filled(rig: PathRig) -> None:
+    greeting = f"Hi {CALLER}, this is Acme about your gold plan. Which order is it about?"
+    ask_code = "Order A-42: enter your two digit code."
+    goodbye = f"Code 57 is noted, {CALLER}. Goodbye!"
+    async with FakeRealtime(api_key=OPENAI_KEY) as fake:
+        fake.reply(greeting)
+        fake.reply_tool("follow_path", {"way": "named", "variables": {"order_number": "A-42"}})
+        fake.reply(ask_code)
+        fake.caller_says("It is order A 42.")
+        fake.reply(goodbye)
+        async with rig.engine(openai_base_url=fake.base_url) as engine:
+            line = await variables_line(rig, realtime=REALTIME)
+            _, log, _ = await rig.call(engine, line, Say("it is order a forty two"), Dtmf("57")).finished()
+        asked = [event["response"].get("instructions", "") for event in fake.of_type("response.create")]
+
+    said = [text for text in asked if text.startswith("Say exactly")]
+    assert said == [say_exactly(greeting), say_exactly(ask_code), say_exactly(goodbye)]
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "path_end")
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import pytest
 
 from pipelines.llm.base import ConversationTurn, EndCall, LLMEvent, SendDtmf, TextDelta, TransferCall
-from pipelines.llm.conversation_path import ConversationPathLLM
+from pipelines.llm.conversation_path import REPROMPT_PREFIX, ConversationPathLLM
 from pipelines.paths.engine import MAX_KEY_REPROMPTS, PathEngine, PathStep, UnknownWay
 from pipelines.paths.graph import PathInvalid, read_path
 from pipelines.paths.prompts import node_instructions
@@ -266,6 +266,51 @@ async def test_what_a_stored_path_gathers_under_a_built_ins_name_never_hides_the
     engine.remember({"customer": "VIP", "plan": "gold"})
     assert engine.variables == {"customer": "VIP", "plan": "gold"}  # kept, and shown to the model as gathered
     assert node_instructions(engine) == "Confirm the line +15550100 and the gold plan."
+
+
+async def test_a_nodes_words_are_filled_once_so_a_callers_words_holding_braces_are_said_as_they_are() -> None:
+    nodes = [
+        {
+            "id": "ask",
+            "type": "speak",
+            "data": {"isStart": True, "text": "Your name, {{customer.name}}?", "extractVariables": [{"name": "nick"}]},
+        },
+        {"id": "desk", "type": "transfer", "data": {"number": TRANSFER_TO, "text": "One moment, {{nick}}{{gone}}."}},
+    ]
+    edges = [{"id": "named", "source": "ask", "target": "desk"}]
+    engine = PathEngine(read_path(nodes, edges), call_variables={"customer": {"name": "Ann"}, "plan": "gold"})
+
+    assert await engine.begin() == [TextDelta("Your name, Ann?")]
+    assert await engine.move("named", variables={"nick": "{{plan}}"}) == [
+        TextDelta("One moment, {{plan}}."),  # the caller's words, not the plan; a name nothing answers says nothing
+        TransferCall(TRANSFER_TO, "conversation path node desk"),
+    ]
+
+
+async def test_a_line_whose_every_word_is_a_variable_without_a_value_says_nothing() -> None:
+    nodes = [{"id": "hello", "type": "end", "data": {"isStart": True, "text": "{{greeting}}"}}]
+    engine = PathEngine(read_path(nodes, []))
+    assert await engine.begin() == [EndCall("path_end")]
+
+
+async def test_the_offline_model_fills_its_reprompt_and_a_knowledge_nodes_fallback_but_not_the_passages() -> None:
+    nodes = [
+        {"id": "ask", "type": "speak", "data": {"isStart": True, "text": "Question, {{customer.name}}?"}},
+        {"id": "kb", "type": "knowledge", "data": {"fallback": "Nothing on that, {{customer.name}}."}},
+    ]
+    edges = [{"id": "asked", "source": "ask", "target": "kb", "data": {"keywords": ["question"]}}]
+    shelf = Shelf(["Refunds take {{days}} days."])
+    engine = PathEngine(read_path(nodes, edges), knowledge=shelf, call_variables={"customer": {"name": "Ann"}})
+    model = ConversationPathLLM.on_engine(engine)
+
+    assert [event async for event in model.respond([])] == [TextDelta("Question, Ann?")]
+    missed = [event async for event in model.respond([ConversationTurn("caller", "hm")])]
+    assert missed == [TextDelta(f"{REPROMPT_PREFIX}Question, Ann?")]
+    asking = engine.checkpoint()
+    assert await engine.move("asked", heard="a question about parcels") == [TextDelta("Nothing on that, Ann.")]
+    engine.rewind(asking)
+    await engine.move("asked", heard="a question about refunds")
+    assert node_instructions(engine).endswith("Passages:\n- Refunds take {{days}} days.")  # told as found
 
 
 async def test_a_loop_passed_through_without_the_caller_ends_the_call_instead_of_spinning() -> None:

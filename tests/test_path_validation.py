@@ -11,7 +11,15 @@ import pytest
 
 from pipelines.paths.graph import MAX_ID_CHARS, read_path
 from storage.demo import DEMO_PATH_EDGES, DEMO_PATH_NODES
-from tests.paths import EVERY_TYPE_EDGES, EVERY_TYPE_NODES, PASSING_LOOP_EDGES, PASSING_LOOP_NODES, TRANSFER_TO
+from tests.paths import (
+    EVERY_TYPE_EDGES,
+    EVERY_TYPE_NODES,
+    PASSING_LOOP_EDGES,
+    PASSING_LOOP_NODES,
+    TRANSFER_TO,
+    VARIABLES_PATH_EDGES,
+    VARIABLES_PATH_NODES,
+)
 from tests.test_api_auth import Api, Tenant, assert_error, make_tenant
 
 
@@ -47,6 +55,13 @@ async def test_a_path_with_every_node_type_is_saved_as_sent(api: Api, acme: Tena
     )
     assert status == 201, path
     assert path["nodes"] == EVERY_TYPE_NODES and path["edges"] == EVERY_TYPE_EDGES
+
+
+async def test_a_path_whose_lines_hold_variables_is_saved_as_sent(api: Api, acme: Tenant) -> None:
+    body = {"name": "Variables", "nodes": VARIABLES_PATH_NODES, "edges": VARIABLES_PATH_EDGES}
+    status, path = await api.call("POST", "/conversation-paths", acme.owner_key, json=body)
+    assert status == 201, path
+    assert path["nodes"] == VARIABLES_PATH_NODES
 
 
 async def test_the_demo_path_and_an_empty_draft_are_accepted(api: Api, acme: Tenant) -> None:

@@ -2,7 +2,8 @@
 
 The path engine (pipelines.paths.engine) holds the call's place; this model chooses its moves without a language
 model: an edge (or a global node) is taken when the caller's words hit one of its keywords or its DTMF digit
-(pipelines.paths.offline), keys pressed at a gather node are collected, and a node says its `text` as written.
+(pipelines.paths.offline), keys pressed at a gather node are collected, and a node says its `text` as written, its
+`{{…}}` filled (PathEngine.fill).
 A prompt node says its `text` (the line written for offline calls); a knowledge node the best passage found.
 """
 
@@ -169,7 +170,7 @@ class ConversationPathLLM:
 
     def opening(self) -> str | None:
         """The start node's text, which the agent says right after its first sentence; None when it has none."""
-        return self._path.nodes[self._path.start].text or None
+        return self._engine.fill(self._path.nodes[self._path.start].text) or None
 
     def checkpoint(self) -> object:
         """Where the path is (the engine's place and the misses counted there), for `rewind`."""
@@ -214,7 +215,7 @@ class ConversationPathLLM:
         if engine.keys_timed_out:  # the gather node's wait for a key ran out: its digits so far, or its text again
             return self._spoken(await engine.press(unread) or [])
         if heard is None:
-            return _say(engine.node.text)
+            return _say(engine.fill(engine.node.text))
         return await self._route(heard, unread)
 
     async def _route(self, heard: str, unread: str) -> list[LLMEvent]:
@@ -237,8 +238,8 @@ class ConversationPathLLM:
         node = self._engine.node
         if isinstance(node.data, KnowledgeData) and self._engine.passages:
             return [*events, TextDelta(self._engine.passages[0])]
-        if isinstance(node.data, PromptData) and node.text and not any(isinstance(e, TextDelta) for e in events):
-            return [*events, TextDelta(node.text)]
+        if isinstance(node.data, PromptData) and not any(isinstance(e, TextDelta) for e in events):
+            return [*events, *_say(self._engine.fill(node.text))]
         return events
 
     def _miss(self, node: Node) -> list[LLMEvent]:
@@ -248,7 +249,8 @@ class ConversationPathLLM:
         give_up_at = self._max_misses * (2 if self._fallback_reply else 1)
         if self._misses >= give_up_at:
             return [TextDelta(NO_MATCH_GOODBYE), EndCall(reason="no_match")]
-        return _say(REPROMPT_PREFIX + node.text if node.text else REPROMPT_PREFIX.strip())
+        words = self._engine.fill(node.text)
+        return _say(REPROMPT_PREFIX + words if words else REPROMPT_PREFIX.strip())
 
     def _choose(self, heard: str) -> str | None:
         """The way the caller's words pick; else the one way out that asks for nothing (a wait node's edge), but

@@ -1,10 +1,11 @@
 """One call's position on a conversation path, and the moves that change it; driven by any language model.
 
 The engine is pure: it holds where the call is, the call's variables and the trace of nodes and edges, and turns
-arriving at a node into call events (verbatim speech, touch tones, hang-up, transfer). The two things a node may
-reach outside the call are injected: the agent's Tools (`ToolCaller`, a webhook node) and its knowledge bases
-(`KnowledgeLookup`, a knowledge node). Knowledge bases do not exist yet: with no lookup, a knowledge node says its
-fallback line, and the knowledge-base work plugs its search in through that Protocol.
+arriving at a node into call events (verbatim speech with its `{{…}}` filled as the agent's first sentence is,
+`fill`; touch tones, hang-up, transfer). The two things a node may reach outside the call are injected: the agent's
+Tools (`ToolCaller`, a webhook node) and its knowledge bases (`KnowledgeLookup`, a knowledge node). Knowledge bases
+do not exist yet: with no lookup, a knowledge node says its fallback line, and the knowledge-base work plugs its
+search in through that Protocol.
 
 A model moves the call with `move(way)`: a way is an outgoing edge of the current node (by edge id) or a global
 node (`global:<node id>`), reachable from anywhere. Nodes that need no caller (press digits, webhook, a global
@@ -31,6 +32,7 @@ from typing import Any, Final, Protocol
 
 from pipelines.knowledge import KnowledgeUnavailable
 from pipelines.llm.base import ConversationTurn, EndCall, LLMEvent, SendDtmf, TextDelta, TransferCall
+from pipelines.llm.prompt import render_prompt, without_hidden
 from pipelines.paths.graph import (
     Edge,
     EndData,
@@ -160,7 +162,7 @@ class PathEngine:
     """What the path gathered: keys, the model's extracted variables, webhook replies."""
     call_variables: Mapping[str, Any] = field(default_factory=dict)
     """The call's own variables (as the agent's prompt has them): a node's `{{…}}` finds them where the path has
-    gathered nothing of that name."""
+    gathered nothing of that name (`fill`)."""
     steps: list[PathStep] = field(default_factory=list)
     """The trace: every node arrived at, with the edge taken to it."""
     passages: list[str] = field(default_factory=list)
@@ -206,6 +208,13 @@ class PathEngine:
                 data = node.data
                 ways.append(Way(GLOBAL_PREFIX + node.id, node.id, data.condition, tuple(data.keywords)))
         return ways
+
+    def fill(self, text: str) -> str:
+        """`text` of a node (what it says, its instructions) with its `{{…}}` filled as the agent's prompt and first
+        sentence are (pipelines.llm.prompt.render_prompt): from what the path gathered, else the call's variables;
+        a name neither has says nothing. One pass: a value holding `{{x}}` (a caller's words) is said as it is."""
+        # What the path gathered under a built-in's name (refused on saving, a path stored before) never hides it.
+        return render_prompt(text, {**self.call_variables, **without_hidden(self.variables)}).text
 
     def checkpoint(self) -> PathCheckpoint:
         """The call's place now: node, trace length, variables, passages, digits gathered, caller turns read."""
@@ -309,7 +318,8 @@ class PathEngine:
                 return await self._gathered(data)  # the caller stopped pressing (or spoke): the digits so far
             if timed_out:
                 self._gathering.reprompts += 1
-                return [TextDelta(self.node.text)] if self.node.text else []
+                words = self.fill(self.node.text)
+                return [TextDelta(words)] if words else []
             return None
         for key in keys:
             if data.terminator is not None and key == data.terminator:
@@ -334,8 +344,9 @@ class PathEngine:
             self._enter(node_id, edge_id)
             node = self.node
             data = node.data
-            if node.text and not isinstance(data, KnowledgeData | PromptData):  # a prompt's text is offline-only
-                events.append(TextDelta(node.text))
+            # A prompt's text is offline-only; a line whose every word is a variable without a value says nothing.
+            if not isinstance(data, KnowledgeData | PromptData) and (words := self.fill(node.text)):
+                events.append(TextDelta(words))
             if isinstance(data, EndData) or node.ends_call:
                 events.append(EndCall(PATH_END))
                 return events
@@ -348,8 +359,8 @@ class PathEngine:
                 return events
             if isinstance(data, KnowledgeData):
                 self.passages = await self._passages(heard)
-                if not self.passages:
-                    events.append(TextDelta(data.fallback))
+                if not self.passages and (words := self.fill(data.fallback)):
+                    events.append(TextDelta(words))
                 return events
             if isinstance(data, PressDigitsData):
                 events.append(SendDtmf(data.digits))

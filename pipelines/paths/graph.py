@@ -170,7 +170,7 @@ def read_path(nodes: Any, edges: Any, *, strict: bool = True) -> Path:
 
     `strict` (saving through the API) also refuses dangling edges, unreachable nodes and variables named like a
     built-in prompt variable; a call (`strict=False`) runs a path saved before those checks existed, leaving out
-    the edges that lead nowhere (and the built-in fills such a variable's placeholder: see prompts.node_instructions).
+    the edges that lead nowhere (and the built-in fills such a variable's placeholder: see PathEngine.fill).
     """
     problems = [
         PathProblem(name, f"must be a JSON array of react-flow {name}, not {_json_kind(value)}")

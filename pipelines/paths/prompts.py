@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from pipelines.llm.prompt import render_prompt, without_hidden
 from pipelines.paths.engine import PathEngine
 from pipelines.paths.graph import (
     GatherData,
@@ -32,32 +31,32 @@ FOLLOW_PATH: Final = "follow_path"
 
 
 def node_instructions(engine: PathEngine) -> str:
-    """What the model should do at the current node, variables filled in."""
+    """What the model should do at the current node, the node's own words with their variables filled in."""
     node = engine.node
     data = node.data
     match data:
         case PromptData(instructions=instructions) | GlobalData(instructions=str() as instructions):
-            text = instructions
+            return engine.fill(instructions)
         case KnowledgeData(instructions=instructions, fallback=fallback):
-            if engine.passages:
-                found = "\n".join(f"- {passage}" for passage in engine.passages)
-                text = f"{instructions or 'Answer the caller from these passages only.'}\nPassages:\n{found}"
-            else:
-                text = f"Nothing was found for the caller's question; you already said: {fallback!r}."
+            if not engine.passages:
+                return f"Nothing was found for the caller's question; you already said: {engine.fill(fallback)!r}."
+            # The passages are the knowledge base's text, told as found: only the node's own words are filled.
+            found = "\n".join(f"- {passage}" for passage in engine.passages)
+            asked = engine.fill(instructions) if instructions else "Answer the caller from these passages only."
+            return f"{asked}\nPassages:\n{found}"
         case GatherData(variable=variable):
-            text = (
+            return (
                 f"The caller is entering digits on the keypad into {variable!r}; wait for them, do not read them out."
             )
         case SpeakData() | LegacyData() | GlobalData():
-            text = f"You just said, word for word: {node.text!r}. Listen to the caller's answer." if node.text else ""
+            said = engine.fill(node.text)
+            return f"You just said, word for word: {said!r}. Listen to the caller's answer." if said else ""
         case WaitData():
-            text = "Listen to the caller; let them speak first."
+            return "Listen to the caller; let them speak first."
         case WebhookData():
-            text = ""
+            return ""
         case _:
-            text = node.text
-    # What the path gathered under a built-in's name (refused on saving, a path stored before) never hides it.
-    return render_prompt(text, {**engine.call_variables, **without_hidden(engine.variables)}).text if text else ""
+            return engine.fill(node.text)
 
 
 def system_prompt(instructions: str, agent_speech: str | None, engine: PathEngine) -> str:
