@@ -211,14 +211,20 @@ async def test_dtmf_digits_are_caller_input(engine: str, pool: asyncpg.Pool, org
 async def test_a_call_reaching_its_maximum_duration_ends_with_a_goodbye(
     engine: str, pool: asyncpg.Pool, organization_id: str
 ) -> None:
-    number, _ = await make_line(pool, organization_id, maxDurationSeconds=10, goodbyeSentence="Time is up. Goodbye.")
+    number, _ = await make_line(
+        pool,
+        organization_id,
+        maxDurationSeconds=10,
+        goodbyeSentence="Time is up. Goodbye from {{ company }}.",  # filled as the first sentence is
+        variables={"company": "Acme"},
+    )
     result = await call(engine, number, Pause(20_000))
     log = await call_log(pool, result)
     rows = await turns(pool, log["id"])
 
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "max_duration")
     assert rows[-1]["speaker"] == "agent"
-    assert rows[-1]["text"] == "Time is up. Goodbye."
+    assert rows[-1]["text"] == "Time is up. Goodbye from Acme."
     assert 10 <= log["duration"] <= 20
 
 

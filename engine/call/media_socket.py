@@ -243,6 +243,7 @@ async def _run_claimed_call(  # noqa: PLR0917 (the stream's parts, as `_run_call
             embedder=app.get(KNOWLEDGE_EMBEDDER),
             on_tool_call=live.tool_call,
         )
+        config = prepared.config  # its goodbye and apology filled from the call's variables
         realtime = _realtime_plan(config, prepared)
         twilio = app.get(TWILIO)
         driver, fallback = _drivers(config, prepared, realtime=realtime, can_transfer=twilio is not None)

@@ -47,6 +47,9 @@ class PreparedCall:
     """Everything the session of one call is built from."""
 
     context: ProviderContext
+    config: AgentConfiguration
+    """The agent's configuration with the lines it says word for word (`goodbyeSentence`, `apologySentence`) filled
+    from the call's variables, as the first sentence is."""
     first_sentence: str | None
     paths: list[PathSource]
     voice: VoiceChoice | None
@@ -107,6 +110,11 @@ async def prepare_call(
         campaign.first_sentence if campaign and campaign.first_sentence else None
     ) or config.first_sentence
     first_sentence = render_prompt(first_template, variables).text if first_template else None
+    spoken = {
+        name: render_prompt(line, variables).text
+        for name in ("goodbye_sentence", "apology_sentence")
+        if (line := getattr(config, name))
+    }
 
     knowledge = None
     if bundle.knowledge_bases and isinstance(db, Pool):
@@ -151,6 +159,7 @@ async def prepare_call(
     )
     return PreparedCall(
         context=context,
+        config=config.model_copy(update=spoken) if spoken else config,
         first_sentence=first_sentence,
         paths=await call_paths(db, bundle, campaign_path_id=campaign.conversation_path_id if campaign else None),
         voice=_ready_voice(bundle, call_log),
