@@ -762,3 +762,17 @@ async def test_a_wrong_api_key_fails_the_call_without_quoting_the_key(pool: asyn
     assert key not in outcome.end_detail and "sk-wrong" not in outcome.end_detail
     assert fake.refused == 1
     assert (await stored(call)).status is CallStatus.FAILED
+
+
+async def test_a_call_that_ends_while_the_connection_is_being_reopened_leaves_no_realtime_session_open(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    async with realtime_call(pool, fake) as call:
+        await until(lambda: bool(fake.of_type("session.update")))
+        fake.confirm_delay_ms = 5000  # the reopened session is slow to be configured
+        await fake.drop_all()
+        await until(lambda: len(fake.of_type("session.update")) == 2)
+        call.line.hang_up()  # the caller leaves meanwhile
+        outcome = await call.outcome()
+    assert outcome.end_reason == "caller_hangup"
+    await until(lambda: fake.open_sessions == 0, timeout=3)

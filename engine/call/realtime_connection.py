@@ -137,12 +137,18 @@ class RealtimeConnection:
             except Exception:  # a connection failing to close must not stop the CallLog being finished
                 log.exception("call %s: closing the Realtime connection failed", self._host.context.call_sid)
 
-    async def _connect(self) -> RealtimeChannel:
+    async def _connect(self, *, replay: bool = False) -> RealtimeChannel:
+        """Open and configure a session (replaying the conversation so far as text, if asked); closed again if that
+        fails or the call ends meanwhile, so that no session outlives its call."""
         channel = await open_realtime(self._client, self._realtime.model)
         try:
             await channel.configure(self._session_update())
-        except (RealtimeUnavailable, RealtimeConnectionLost):
-            await channel.close()
+            if replay:
+                for speaker, text in self._host.turns.heard:
+                    await channel.send_history(speaker, text)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await channel.close()
             raise
         return channel
 
@@ -171,9 +177,7 @@ class RealtimeConnection:
         if self._reconnects < RECONNECTS:
             self._reconnects += 1
             try:
-                channel = await self._connect()
-                for speaker, text in self._host.turns.heard:
-                    await channel.send_history(speaker, text)
+                channel = await self._connect(replay=True)
             except (RealtimeUnavailable, RealtimeConnectionLost) as exc:
                 why = f"{why}; reconnecting failed: {exc}"
                 channel = None

@@ -7,8 +7,8 @@ base64) with a VAD on audio time, answers each caller turn, or each `response.cr
 chunks faster than real time, with its transcript), transcribes the caller's turns word by word
 (`conversation.item.input_audio_transcription.delta`, then `.completed`) when the session asks for transcription,
 cancels a reply the caller talks over, refuses a `session.update` naming a voice the API does not know (an `error`
-naming the update's event id and the field, the session left as it was), and records every client event in
-`received`.
+naming the update's event id and the field, the session left as it was), applies an update after
+`confirm_delay_ms`, and records every client event in `received`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import itertools
 import json
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -135,6 +135,8 @@ class FakeRealtime:
         self.sent: list[dict[str, Any]] = []
         """Every server event sent, in order (audio deltas included)."""
         self.truncations: list[Truncation] = []
+        self.confirm_delay_ms = 0
+        """How long the server takes to apply a `session.update` (and answer `session.updated`)."""
         self._replies: deque[Reply] = deque()
         self._transcripts: deque[str] = deque()
         self._sockets: set[web.WebSocketResponse] = set()
@@ -189,6 +191,11 @@ class FakeRealtime:
     def duration_ms(self, text: str) -> int:
         """How long the fake's speech of `text` lasts."""
         return self.ms_per_char * len(text)
+
+    @property
+    def open_sessions(self) -> int:
+        """Connections still open."""
+        return len(self._sockets)
 
     async def drop_all(self) -> None:
         """Drop every open connection abruptly: no close frame, as when the network fails."""
@@ -292,16 +299,10 @@ class _Connection:
 
     async def handle(self, event: dict[str, Any]) -> None:
         match event.get("type"):
+            case "session.update" if self.fake.confirm_delay_ms:
+                self.spawn(self.update_session(event, delay_ms=self.fake.confirm_delay_ms))
             case "session.update":
-                session = event.get("session") or {}
-                voice = ((session.get("audio") or {}).get("output") or {}).get("voice")
-                if voice is not None and voice not in VOICES:
-                    supported = ", ".join(f"'{name}'" for name in sorted(VOICES))
-                    message = f"Invalid value: '{voice}'. Supported values are: {supported}."
-                    await self.error("invalid_value", message, event, param="session.audio.output.voice")
-                    return
-                self.session.update(session)
-                await self.send({"type": "session.updated", "session": self.session})
+                await self.update_session(event)
             case "input_audio_buffer.append":
                 await self.hear(base64.b64decode(event["audio"]))
             case "response.create":
@@ -322,6 +323,25 @@ class _Connection:
                 await self.truncate(event)
             case other:
                 await self.error("unknown_event", f"Unknown client event {other!r}.", event)
+
+    async def update_session(self, event: dict[str, Any], *, delay_ms: int = 0) -> None:
+        """Apply a `session.update` after `delay_ms` (reading on meanwhile), or refuse a voice the API doesn't know."""
+        await asyncio.sleep(delay_ms / 1000)
+        session = event.get("session") or {}
+        voice = ((session.get("audio") or {}).get("output") or {}).get("voice")
+        if voice is not None and voice not in VOICES:
+            supported = ", ".join(f"'{name}'" for name in sorted(VOICES))
+            message = f"Invalid value: '{voice}'. Supported values are: {supported}."
+            await self.error("invalid_value", message, event, param="session.audio.output.voice")
+            return
+        self.session.update(session)
+        await self.send({"type": "session.updated", "session": self.session})
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run part of the session's work beside the reading of client events (cancelled when the session ends)."""
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def truncate(self, event: dict[str, Any]) -> None:
         item_id, audio_end_ms = str(event.get("item_id")), int(event.get("audio_end_ms", 0))
@@ -380,9 +400,7 @@ class _Connection:
         item = {"id": item_id, "type": "message", "role": "user", "content": [{"type": "input_audio"}]}
         await self.send({"type": "conversation.item.added", "item": item})
         if self.input.get("transcription"):
-            task = asyncio.create_task(self.transcribe(item_id))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.spawn(self.transcribe(item_id))
         if detection.get("create_response", True) and not self.generating:
             self.start_response()
 
