@@ -23,7 +23,7 @@ from openai import AsyncOpenAI
 
 from config.agent import AgentConfiguration, parse_agent_configuration
 from engine.call.call_log_writer import CallOutcome
-from engine.call.realtime import UNTRANSCRIBED, realtime_driver
+from engine.call.realtime import TRANSCRIPTION_FAILED, UNTRANSCRIBED, realtime_driver
 from engine.call.session import CallContext, CallSession
 from engine.simulator import PlaybackQueue
 from media.dtmf import dtmf_audio
@@ -776,3 +776,51 @@ async def test_a_call_that_ends_while_the_connection_is_being_reopened_leaves_no
         outcome = await call.outcome()
     assert outcome.end_reason == "caller_hangup"
     await until(lambda: fake.open_sessions == 0, timeout=3)
+
+
+async def test_a_response_the_server_fails_reopens_the_session_and_the_caller_is_answered(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    fake.caller_says("I need an appointment")
+    fake.reply_fails()
+    fake.reply(ANSWER)
+    async with realtime_call(pool, fake) as call:
+        call.line.say(speech(600))
+        turns = await call.wait_for_turns(2)
+    assert len(fake.models) == 2  # the session that failed the reply was replaced
+    # Its transcript of the caller's words went with it; the model answers all the same.
+    assert [(t.speaker, t.text) for t in turns] == [("caller", TRANSCRIPTION_FAILED), ("agent", ANSWER)]
+    assert (await stored(call)).metadata["endReason"] == "caller_hangup"
+
+
+async def test_a_model_that_fails_every_response_fails_the_call_naming_the_error(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    for _ in range(2):
+        fake.reply_fails("rate_limit_exceeded", "Rate limit reached for gpt-realtime.")
+    async with realtime_call(pool, fake) as call:
+        call.line.say(speech(600))
+        outcome = await call.outcome(timeout=10)
+    assert (outcome.status, outcome.end_reason) == (CallStatus.FAILED, "realtime_failed")
+    assert outcome.end_detail is not None and "rate_limit_exceeded" in outcome.end_detail
+    assert (await stored(call)).metadata["endReason"] == "realtime_failed"
+
+
+async def test_a_connection_dropped_before_the_callers_words_were_transcribed_still_answers_the_caller(
+    pool: asyncpg.Pool,
+) -> None:
+    # The model is still to speak, and the caller's words to be transcribed, when the connection drops.
+    async with FakeRealtime(first_audio_delay_ms=3000, transcription_delay_ms=3000) as fake:
+        fake.reply(ANSWER)
+        fake.reply("Sorry, could you say that again?")
+        async with realtime_call(pool, fake) as call:
+            call.line.say(speech(600))
+            await until(lambda: bool(fake.sent_of_type("response.created")))
+            await fake.drop_all()
+            turns = await call.wait_for_turns(2)
+    assert [(t.speaker, t.text) for t in turns] == [
+        ("caller", TRANSCRIPTION_FAILED),
+        ("agent", "Sorry, could you say that again?"),
+    ]
+    replayed = [event["item"] for event in fake.of_type("conversation.item.create")]
+    assert [(item["role"], item["content"][0]["text"]) for item in replayed] == [("user", TRANSCRIPTION_FAILED)]

@@ -124,7 +124,7 @@ class RealtimeDriver:
             realtime=realtime,
             instructions=lambda: self._path.instructions(instructions) if self._path else instructions,
             functions=lambda: offered(self._path, [*self._functions.builtins(), *(tools.specs if tools else [])]),
-            on_lost=functools.partial(self._cut_agent, "connection lost", barge_in=False, model=None),
+            on_lost=self._session_lost,
             on_reopened=self._reopened,
         )
         self._spawn = self._connection.spawn
@@ -286,6 +286,14 @@ class RealtimeDriver:
 
     # ------------------------------------------------------------------------------------------ the call
 
+    async def _session_lost(self) -> None:
+        """The model's session is gone: the agent stops, and the caller's turns it had yet to transcribe never will
+        be (settled as failed, so that the conversation replayed to the next session has them, in order)."""
+        await self._cut_agent("connection lost", barge_in=False, model=None)
+        self._caller_speaking = False
+        for item_id in list(self._caller_turns):
+            await self._on_caller_event(CallerTranscriptFailed(item_id, "the Realtime session was lost"))
+
     async def _reopened(self, channel: RealtimeChannel) -> None:
         """Go on conversing on a reopened connection; answer the caller if they were waiting for it."""
         self._spawn(self._converse(channel), "realtime")
@@ -410,7 +418,7 @@ class RealtimeDriver:
         response = self._voice.response(event.response_id)
         for call in event.function_calls:  # any whose arguments event was missed
             await self._functions.called(call)
-        if event.status not in ("completed", "cancelled"):
+        if event.status not in ("completed", "cancelled", "failed"):  # a failed one loses the session (the channel's)
             log.warning("call %s: a Realtime response ended %s", self._host.context.call_sid, event.status or "unknown")
         self._voice.response_done(response)
         self._settle()

@@ -125,7 +125,7 @@ class RealtimeConnection:
         """The connection dropped: reopen it once in the background (unless that is under way or the call ended)."""
         if self._closed or self._reconnecting is not None or self._host.phase is CallPhase.ENDED:
             return
-        log.warning("call %s: the Realtime connection dropped: %s", self._host.context.call_sid, exc)
+        log.warning("call %s: the Realtime session was lost: %s", self._host.context.call_sid, exc)
         metrics.PROVIDER_ERRORS.labels("realtime", self._realtime.provider).inc()
         self._reconnecting = self._host.spawn(self._reconnect(str(exc)), "realtime-reconnect")
 

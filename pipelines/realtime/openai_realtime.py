@@ -40,6 +40,7 @@ __all__ = [
     "RealtimeConnectionLost",
     "RealtimeError",
     "RealtimeEvent",
+    "RealtimeResponseFailed",
     "RealtimeSessionRefused",
     "RealtimeUnavailable",
     "ResponseCreated",
@@ -88,6 +89,10 @@ class RealtimeSessionRefused(RealtimeUnavailable):
 
 class RealtimeConnectionLost(RealtimeError):
     """The Realtime connection closed during the call."""
+
+
+class RealtimeResponseFailed(RealtimeConnectionLost):
+    """The server failed a response (a rate limit, a server error): the session is taken for lost, like a closed one."""
 
 
 def session_update(
@@ -245,11 +250,13 @@ class FunctionCall:
 
 @dataclass(frozen=True, slots=True)
 class ResponseDone:
-    """A response ended: `completed`, `cancelled`, `failed` or `incomplete`, with its function calls."""
+    """A response ended: `completed`, `cancelled`, `failed` or `incomplete`, with its function calls (and, when it
+    failed, the server's error)."""
 
     response_id: str
     status: str
     function_calls: tuple[FunctionCall, ...]
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +338,10 @@ def _response_done(event: Mapping[str, Any]) -> ResponseDone:
     output = response.get("output")
     items = [item for item in output if isinstance(item, dict)] if isinstance(output, list) else []
     calls = tuple(_function_call(response_id, item) for item in items if item.get("type") == "function_call")
-    return ResponseDone(response_id, _text(response, "status"), calls)
+    error = _object(_object(response, "status_details"), "error")
+    code = _text(error, "code") or _text(error, "type")
+    message = ": ".join(filter(None, [code, _text(error, "message")]))
+    return ResponseDone(response_id, _text(response, "status"), calls, message)
 
 
 def _server_error(event: Mapping[str, Any]) -> ServerError:
@@ -521,7 +531,8 @@ class RealtimeChannel:
         await self.send_event({"type": "conversation.item.create", "item": item})
 
     async def events(self) -> AsyncGenerator[RealtimeEvent, None]:
-        """The server events a call acts on, until the connection closes (RealtimeConnectionLost)."""
+        """The server events a call acts on, until the connection closes (RealtimeConnectionLost) or, once the call
+        has acted on it, the server failed a response (RealtimeResponseFailed)."""
         while True:
             try:
                 data = await self._connection.recv_bytes()
@@ -531,6 +542,9 @@ class RealtimeChannel:
             if event is not None:
                 self._track(event)
                 yield event
+                if isinstance(event, ResponseDone) and event.status == "failed":
+                    why = event.error or "no error given"
+                    raise RealtimeResponseFailed(f"{self._host} failed a response ({why})", provider="openai")
 
     def _track(self, event: RealtimeEvent) -> None:
         """Keep count of the responses the server has under way, and of those cancelled (for `create_response`)."""

@@ -46,6 +46,8 @@ class Reply:
     text: str | None = None
     tool: str | None = None
     arguments: Mapping[str, Any] = field(default_factory=dict)
+    failure: Mapping[str, str] | None = None
+    """The reply fails instead (`response.done` with status `failed` and this error: type, code, message)."""
 
 
 @dataclass
@@ -169,6 +171,10 @@ class FakeRealtime:
     def reply_tool(self, name: str, arguments: Mapping[str, Any], *, text: str | None = None) -> None:
         """The model's next reply (after saying `text`, if given) calls function `name`."""
         self._replies.append(Reply(text=text, tool=name, arguments=arguments))
+
+    def reply_fails(self, code: str = "server_error", message: str = "The server had an error.") -> None:
+        """The model's next reply fails before it says anything (as on a rate limit or a server error)."""
+        self._replies.append(Reply(failure={"type": code, "code": code, "message": message}))
 
     def caller_says(self, transcript: str) -> None:
         """The transcript of the caller's next turn (default "hello")."""
@@ -440,6 +446,11 @@ class _Connection:
         await self.send({"type": "response.created", "response": {"id": response_id, "status": "in_progress"}})
         output: list[dict[str, Any]] = []
         status = "completed"
+        if reply.failure is not None:
+            details = {"type": "failed", "error": dict(reply.failure)}
+            response = {"id": response_id, "object": "realtime.response", "status": "failed", "output": output}
+            await self.send({"type": "response.done", "response": {**response, "status_details": details}})
+            return
         if reply.text:
             item = await self.speak(response_id, reply.text)
             output.append(item)
