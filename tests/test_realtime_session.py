@@ -824,3 +824,35 @@ async def test_a_connection_dropped_before_the_callers_words_were_transcribed_st
     ]
     replayed = [event["item"] for event in fake.of_type("conversation.item.create")]
     assert [(item["role"], item["content"][0]["text"]) for item in replayed] == [("user", TRANSCRIPTION_FAILED)]
+
+
+async def test_a_function_result_that_comes_while_the_model_answers_the_caller_is_answered_after_it(
+    pool: asyncpg.Pool,
+) -> None:
+    requests: list[dict[str, Any]] = []
+
+    async def availability(request: web.Request) -> web.Response:
+        requests.append(await request.json())
+        await asyncio.sleep(2.0)  # a slow CRM
+        return web.json_response({"free": ["19:00"]})
+
+    app = web.Application()
+    app.router.add_post("/availability", availability)
+    spec = FunctionSpec("check_availability", "Free slots on a day.", {"type": "object", "properties": {}})
+    async with serve(app) as url, aiohttp.ClientSession() as http, FakeRealtime(speedup=1.0) as fake:
+        function = AgentFunction("tool_1", spec, f"{url}/availability", "POST", {}, 5.0)
+        tools = ToolRunner([function], call={"callSid": "CA-test"}, allow_private=True, session=http)
+        fake.reply_tool("check_availability", {"day": "friday"})
+        fake.reply(LONG_ANSWER)  # to the caller who speaks while the CRM is asked; still generating when it answers
+        fake.reply("Friday at seven is free.")
+        async with realtime_call(pool, fake, tools=tools) as call:
+            call.line.say(speech(500))
+            await until(lambda: bool(requests))
+            call.line.say(speech(500))
+            turns = await call.wait_for_turns(4, timeout=20)
+
+    assert fake.sent_of_type("error") == []
+    assert len(requests) == 1
+    (output,) = fake.of_type("conversation.item.create")
+    assert output["item"]["output"] == '{"free": ["19:00"]}'
+    assert [(t.speaker, t.text) for t in turns][2:] == [("agent", LONG_ANSWER), ("agent", "Friday at seven is free.")]

@@ -72,6 +72,10 @@ CANCEL_WAIT_SECONDS: Final = 2.0
 """How long a `response.create` waits for the server to end the responses just cancelled (it ends them in moments,
 and refuses a second response meanwhile: `conversation_already_has_active_response`)."""
 
+ANSWER_WAIT_SECONDS: Final = 10.0
+"""How long a `response.create` waits for the server to finish generating a response it is giving (one its VAD
+started for the caller, say, while a function ran): generation runs ahead of playback, so it ends in seconds."""
+
 _APPEND_PREFIX: Final = '{"type":"input_audio_buffer.append","audio":"'
 
 
@@ -439,8 +443,8 @@ class RealtimeChannel:
         self._host = host
         self._active: set[str] = set()  # responses the server has created and not yet ended
         self._cancelled: set[str] = set()  # of those, the ones cancelled
-        self._cancels_ended = asyncio.Event()
-        self._cancels_ended.set()
+        self._idle = asyncio.Event()  # no response under way
+        self._idle.set()
         self._session_updates = itertools.count(1)
 
     async def send_event(self, event: Mapping[str, Any]) -> None:
@@ -483,10 +487,12 @@ class RealtimeChannel:
         await self._send(_APPEND_PREFIX + base64.b64encode(ulaw).decode("ascii") + '"}')
 
     async def create_response(self, instructions: str | None = None) -> None:
-        """Ask for a response, with instructions for this one only if given, once the server has ended the ones just
-        cancelled (waiting at most CANCEL_WAIT_SECONDS)."""
+        """Ask for a response, with instructions for this one only if given, once the server has ended the ones under
+        way, which it would refuse it for (waiting at most CANCEL_WAIT_SECONDS when they were all cancelled, else
+        ANSWER_WAIT_SECONDS)."""
+        wait = CANCEL_WAIT_SECONDS if self._active <= self._cancelled else ANSWER_WAIT_SECONDS
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._cancels_ended.wait(), CANCEL_WAIT_SECONDS)
+            await asyncio.wait_for(self._idle.wait(), wait)
         event: dict[str, Any] = {"type": "response.create"}
         if instructions is not None:
             event["response"] = {"instructions": instructions}
@@ -500,7 +506,6 @@ class RealtimeChannel:
         await self.send_event(event)
         if response_id in self._active:
             self._cancelled.add(response_id)
-            self._cancels_ended.clear()
 
     async def truncate(self, item_id: str, audio_end_ms: int) -> None:
         """Cut an assistant item's audio (and the transcript the model remembers) at what the caller heard."""
@@ -551,11 +556,12 @@ class RealtimeChannel:
         match event:
             case ResponseCreated(response_id=response_id):
                 self._active.add(response_id)
+                self._idle.clear()
             case ResponseDone(response_id=response_id):
                 self._active.discard(response_id)
                 self._cancelled.discard(response_id)
-                if not self._cancelled:
-                    self._cancels_ended.set()
+                if not self._active:
+                    self._idle.set()
 
     async def close(self) -> None:
         """Close the connection (the session ends with it), not waiting long for the server's goodbye."""
