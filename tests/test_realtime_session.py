@@ -856,3 +856,97 @@ async def test_a_function_result_that_comes_while_the_model_answers_the_caller_i
     (output,) = fake.of_type("conversation.item.create")
     assert output["item"]["output"] == '{"free": ["19:00"]}'
     assert [(t.speaker, t.text) for t in turns][2:] == [("agent", LONG_ANSWER), ("agent", "Friday at seven is free.")]
+
+
+def webhook_tools(url: str, http: aiohttp.ClientSession, *names: str) -> ToolRunner:
+    """The agent's functions `names`, each POSTing to `url`/<name>."""
+    functions = [
+        AgentFunction(f"tool_{name}", FunctionSpec(name, name, {"type": "object"}), f"{url}/{name}", "POST", {}, 5.0)
+        for name in names
+    ]
+    return ToolRunner(functions, call={"callSid": "CA-test"}, allow_private=True, session=http)
+
+
+async def test_two_functions_called_in_one_response_run_once_each_and_the_model_hears_each_result_once(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    requests: list[str] = []
+
+    async def availability(request: web.Request) -> web.Response:
+        requests.append(request.path)
+        await asyncio.sleep(1.0)  # slower than the other
+        return web.json_response({"free": ["19:00"]})
+
+    async def book(request: web.Request) -> web.Response:
+        requests.append(request.path)
+        return web.Response(status=500, text="database down")
+
+    app = web.Application()
+    app.router.add_post("/check_availability", availability)
+    app.router.add_post("/book", book)
+    async with serve(app) as url, aiohttp.ClientSession() as http:
+        fake.reply_tools(("check_availability", {"day": "friday"}), ("book", {"time": "19:00"}))
+        fake.reply("Seven is free, but I could not book it.")
+        async with realtime_call(pool, fake, tools=webhook_tools(url, http, "check_availability", "book")) as call:
+            call.line.say(speech(500))
+            turns = await call.wait_for_turns(2)
+
+    assert sorted(requests) == ["/book", "/check_availability"]
+    assert fake.sent_of_type("response.function_call_arguments.delta")  # the arguments came in pieces
+    called = {event["call_id"]: event["name"] for event in fake.sent_of_type("response.function_call_arguments.done")}
+    outputs = {event["item"]["call_id"]: event["item"]["output"] for event in fake.of_type("conversation.item.create")}
+    assert len(fake.of_type("conversation.item.create")) == 2
+    assert {called[call_id]: output for call_id, output in outputs.items()} == {
+        "check_availability": '{"free": ["19:00"]}',
+        "book": "error: the book service answered HTTP 500: database down",
+    }
+    assert len(fake.of_type("response.create")) == 1  # one answer, once both results are in
+    assert fake.sent_of_type("error") == []
+    assert turns[-1].text == "Seven is free, but I could not book it."
+
+
+async def test_a_caller_who_hangs_up_while_a_function_runs_ends_the_call_at_once(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    asked, answer = asyncio.Event(), asyncio.Event()
+
+    async def stuck(request: web.Request) -> web.Response:
+        asked.set()
+        await answer.wait()  # not before the call has ended
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/lookup", stuck)
+    async with serve(app) as url, aiohttp.ClientSession() as http:
+        fake.reply_tool("lookup", {})
+        async with realtime_call(pool, fake, tools=webhook_tools(url, http, "lookup")) as call:
+            call.line.say(speech(500))
+            await asyncio.wait_for(asked.wait(), 10)
+            call.line.hang_up()
+            outcome = await call.outcome(timeout=5)
+        answer.set()
+    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, "caller_hangup")
+    assert fake.of_type("conversation.item.create") == [] and fake.of_type("response.create") == []
+    await until(lambda: fake.open_sessions == 0, timeout=3)
+
+
+async def test_a_caller_who_hangs_up_while_the_agent_speaks_ends_the_session_with_what_they_heard_recorded(
+    pool: asyncpg.Pool,
+) -> None:
+    async with FakeRealtime(speedup=1.0) as fake:  # the answer is still being generated when the caller leaves
+        fake.reply(LONG_ANSWER)
+        async with realtime_call(pool, fake) as call:
+            call.line.say(speech(500))
+            await until(lambda: call.line.heard_ms >= 1000)
+            call.line.hang_up()
+            outcome = await call.outcome(timeout=5)
+            sent_by_the_end = call.line.agent_bytes_received
+        assert fake.open_sessions == 0  # closed as the call ended, the reply unfinished
+        await asyncio.sleep(0.3)
+        assert call.line.agent_bytes_received == sent_by_the_end
+    assert outcome.end_reason == "caller_hangup"
+    caller, agent = await call.turns()
+    assert (caller.speaker, agent.speaker, agent.interrupted) == ("caller", "agent", True)
+    heard_words, all_words = agent.text.split(), LONG_ANSWER.split()
+    assert 0 < len(heard_words) < len(all_words) and heard_words == all_words[: len(heard_words)]
+    assert 0 < agent.end_ms - agent.start_ms <= call.line.heard_ms

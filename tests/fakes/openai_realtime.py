@@ -21,7 +21,7 @@ import re
 from collections import deque
 from collections.abc import Coroutine, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -35,17 +35,21 @@ DEFAULT_SILENCE_MS = 500
 """server_vad's silence_duration_ms when the session names none."""
 VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"})
 """The voices the API knows; a `session.update` naming another is refused (`invalid_value`) and not applied."""
+RATE_LIMITS = [
+    {"name": "requests", "limit": 1000, "remaining": 999, "reset_seconds": 0.06},
+    {"name": "tokens", "limit": 40000, "remaining": 39000, "reset_seconds": 1.5},
+]
+"""What `rate_limits.updated` says after each response (the API sends it then; a call has nothing to do with it)."""
 VOICE_HZ = (440, 550, 660)
 """The pitches of the model's voice, one reply after the other: a test can tell replies apart in what was heard."""
 
 
 @dataclass(frozen=True)
 class Reply:
-    """What the model says next: `text` (spoken), then a function call `tool(arguments)`, either or both."""
+    """What the model says next: `text` (spoken), then its function `calls` (name, arguments) in order."""
 
     text: str | None = None
-    tool: str | None = None
-    arguments: Mapping[str, Any] = field(default_factory=dict)
+    calls: tuple[tuple[str, Mapping[str, Any]], ...] = ()
     failure: Mapping[str, str] | None = None
     """The reply fails instead (`response.done` with status `failed` and this error: type, code, message)."""
 
@@ -170,7 +174,11 @@ class FakeRealtime:
 
     def reply_tool(self, name: str, arguments: Mapping[str, Any], *, text: str | None = None) -> None:
         """The model's next reply (after saying `text`, if given) calls function `name`."""
-        self._replies.append(Reply(text=text, tool=name, arguments=arguments))
+        self._replies.append(Reply(text=text, calls=((name, arguments),)))
+
+    def reply_tools(self, *calls: tuple[str, Mapping[str, Any]], text: str | None = None) -> None:
+        """The model's next reply (after saying `text`, if given) calls these functions, one after the other."""
+        self._replies.append(Reply(text=text, calls=calls))
 
     def reply_fails(self, code: str = "server_error", message: str = "The server had an error.") -> None:
         """The model's next reply fails before it says anything (as on a rate limit or a server error)."""
@@ -456,10 +464,11 @@ class _Connection:
             output.append(item)
             if item["status"] == "incomplete":
                 status = "cancelled"
-        if reply.tool and status == "completed":
-            output.append(await self.call(response_id, len(output), reply))
+        for name, arguments in reply.calls if status == "completed" else ():
+            output.append(await self.call(response_id, len(output), name, arguments))
         response = {"id": response_id, "object": "realtime.response", "status": status, "output": output}
         await self.send({"type": "response.done", "response": response})
+        await self.send({"type": "rate_limits.updated", "rate_limits": RATE_LIMITS})
 
     async def speak(self, response_id: str, text: str) -> dict[str, Any]:
         fake = self.fake
@@ -496,10 +505,11 @@ class _Connection:
         await self.send({"type": "response.output_item.done", "response_id": response_id, "item": item})
         return item
 
-    async def call(self, response_id: str, output_index: int, reply: Reply) -> dict[str, Any]:
+    async def call(self, response_id: str, output_index: int, name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+        """A function call: its item, its arguments streamed in pieces (`.delta`), then whole (`.done`)."""
         item_id, call_id = self.fake.next_id("item"), self.fake.next_id("call")
-        arguments = json.dumps(dict(reply.arguments))
-        item = {"id": item_id, "type": "function_call", "call_id": call_id, "name": reply.tool, "arguments": ""}
+        arguments = json.dumps(dict(given))
+        item = {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "arguments": ""}
         await self.send(
             {
                 "type": "response.output_item.added",
@@ -508,16 +518,12 @@ class _Connection:
                 "item": item,
             }
         )
+        where = {"response_id": response_id, "item_id": item_id, "output_index": output_index, "call_id": call_id}
+        for start in range(0, len(arguments), 8):
+            piece = arguments[start : start + 8]
+            await self.send({"type": "response.function_call_arguments.delta", **where, "delta": piece})
         await self.send(
-            {
-                "type": "response.function_call_arguments.done",
-                "response_id": response_id,
-                "item_id": item_id,
-                "output_index": output_index,
-                "call_id": call_id,
-                "name": reply.tool,
-                "arguments": arguments,
-            }
+            {"type": "response.function_call_arguments.done", **where, "name": name, "arguments": arguments}
         )
         item = {**item, "arguments": arguments, "status": "completed"}
         await self.send({"type": "response.output_item.done", "response_id": response_id, "item": item})
