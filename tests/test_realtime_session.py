@@ -257,9 +257,11 @@ async def realtime_call(
     transfer: bool = True,
     tools: ToolRunner | None = None,
     clock: Callable[[], float] = time.monotonic,
+    outbound: bool = False,
 ) -> AsyncIterator[Call]:
-    """Run a CallSession on the Realtime driver against `fake` on a Twilio line; on exit the caller hangs up if the
-    call still runs, and the CallLog is finished with the outcome.
+    """Run a CallSession on the Realtime driver against `fake` on a Twilio line (a call the agent placed, waiting for
+    the callee's hello, when `outbound`); on exit the caller hangs up if the call still runs, and the CallLog is
+    finished with the outcome.
     """
     line = TwilioLine()
     log, agent_id = await new_call(pool)
@@ -281,7 +283,7 @@ async def realtime_call(
     config = config or agent_configuration()
     assert config.realtime
     session = CallSession(
-        context=CallContext(log.id, log.organization_id, agent_id, line.call_sid),
+        context=CallContext(log.id, log.organization_id, agent_id, line.call_sid, outbound=outbound),
         config=config,
         driver=realtime_driver(
             client=client,
@@ -950,3 +952,18 @@ async def test_a_caller_who_hangs_up_while_the_agent_speaks_ends_the_session_wit
     heard_words, all_words = agent.text.split(), LONG_ANSWER.split()
     assert 0 < len(heard_words) < len(all_words) and heard_words == all_words[: len(heard_words)]
     assert 0 < agent.end_ms - agent.start_ms <= call.line.heard_ms
+
+
+async def test_a_session_update_the_server_refuses_mid_call_fails_the_call_naming_the_refusal(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    async with realtime_call(pool, fake, outbound=True) as call:
+        await until(lambda: bool(fake.of_type("session.update")))  # the model holds its replies for the callee's hello
+        fake.refused_update = {"code": "invalid_value", "message": "Invalid value.", "param": "session.instructions"}
+        call.line.say(speech(500))  # "Hello?": the model is to answer by itself from now on; the server refuses
+        outcome = await call.outcome(timeout=10)
+    assert (outcome.status, outcome.end_reason) == (CallStatus.FAILED, "realtime_failed")
+    assert outcome.end_detail is not None
+    assert "refused the session's configuration: invalid_value" in outcome.end_detail
+    assert "session.instructions" in outcome.end_detail
+    assert fake.open_sessions == 0

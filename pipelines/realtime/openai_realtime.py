@@ -43,6 +43,7 @@ __all__ = [
     "RealtimeResponseFailed",
     "RealtimeSessionRefused",
     "RealtimeUnavailable",
+    "RealtimeUpdateRefused",
     "ResponseCreated",
     "ResponseDone",
     "ServerError",
@@ -97,6 +98,11 @@ class RealtimeConnectionLost(RealtimeError):
 
 class RealtimeResponseFailed(RealtimeConnectionLost):
     """The server failed a response (a rate limit, a server error): the session is taken for lost, like a closed one."""
+
+
+class RealtimeUpdateRefused(RealtimeConnectionLost):
+    """The server refused a `session.update` during the call (the path's next node, the callee's hello): the session
+    no longer runs as the call needs, so it is taken for lost, like a closed one."""
 
 
 def session_update(
@@ -446,6 +452,7 @@ class RealtimeChannel:
         self._idle = asyncio.Event()  # no response under way
         self._idle.set()
         self._session_updates = itertools.count(1)
+        self._updates_sent: set[str] = set()  # the event ids of the session updates sent, which a refusal names
 
     async def send_event(self, event: Mapping[str, Any]) -> None:
         """Send any client event."""
@@ -455,6 +462,7 @@ class RealtimeChannel:
         """Send a `session_update` under an event id of its own, which the server's error names if it refuses it;
         that id."""
         event_id = f"session_update_{next(self._session_updates)}"
+        self._updates_sent.add(event_id)
         await self.send_event({**update, "event_id": event_id})
         return event_id
 
@@ -537,7 +545,8 @@ class RealtimeChannel:
 
     async def events(self) -> AsyncGenerator[RealtimeEvent, None]:
         """The server events a call acts on, until the connection closes (RealtimeConnectionLost) or, once the call
-        has acted on it, the server failed a response (RealtimeResponseFailed)."""
+        has acted on it, the server failed a response (RealtimeResponseFailed) or refused a session update
+        (RealtimeUpdateRefused)."""
         while True:
             try:
                 data = await self._connection.recv_bytes()
@@ -547,9 +556,14 @@ class RealtimeChannel:
             if event is not None:
                 self._track(event)
                 yield event
-                if isinstance(event, ResponseDone) and event.status == "failed":
-                    why = event.error or "no error given"
-                    raise RealtimeResponseFailed(f"{self._host} failed a response ({why})", provider="openai")
+                match event:
+                    case ResponseDone(status="failed", error=error):
+                        why = error or "no error given"
+                        raise RealtimeResponseFailed(f"{self._host} failed a response ({why})", provider="openai")
+                    case ServerError(event_id=event_id) if event_id in self._updates_sent:
+                        raise RealtimeUpdateRefused(
+                            f"{self._host} refused the session's configuration: {event}", provider="openai"
+                        )
 
     def _track(self, event: RealtimeEvent) -> None:
         """Keep count of the responses the server has under way, and of those cancelled (for `create_response`)."""

@@ -143,6 +143,9 @@ class FakeRealtime:
         self.truncations: list[Truncation] = []
         self.confirm_delay_ms = 0
         """How long the server takes to apply a `session.update` (and answer `session.updated`)."""
+        self.refused_update: Mapping[str, str] | None = None
+        """When set, every `session.update` is refused with this error (code, message, param), as the API refuses
+        one it finds invalid."""
         self._replies: deque[Reply] = deque()
         self._transcripts: deque[str] = deque()
         self._sockets: set[web.WebSocketResponse] = set()
@@ -341,6 +344,10 @@ class _Connection:
     async def update_session(self, event: dict[str, Any], *, delay_ms: int = 0) -> None:
         """Apply a `session.update` after `delay_ms` (reading on meanwhile), or refuse a voice the API doesn't know."""
         await asyncio.sleep(delay_ms / 1000)
+        if self.fake.refused_update is not None:
+            refusal = self.fake.refused_update
+            await self.error(refusal["code"], refusal["message"], event, param=refusal.get("param"))
+            return
         session = event.get("session") or {}
         voice = ((session.get("audio") or {}).get("output") or {}).get("voice")
         if voice is not None and voice not in VOICES:
