@@ -24,7 +24,7 @@ from openai import AsyncOpenAI
 from config.agent import AgentConfiguration, parse_agent_configuration
 from engine.call.call_log_writer import CallOutcome
 from engine.call.realtime import TRANSCRIPTION_FAILED, UNTRANSCRIBED, realtime_driver
-from engine.call.session import CallContext, CallSession
+from engine.call.session import CREDIT_MINUTE_SECONDS, CallContext, CallSession, ExtendReservation
 from engine.simulator import PlaybackQueue
 from media.dtmf import dtmf_audio
 from media.g711 import BYTES_PER_MS, FRAME_BYTES, FRAME_MS, ULAW_SILENCE, pcm16_to_ulaw
@@ -258,6 +258,8 @@ async def realtime_call(
     tools: ToolRunner | None = None,
     clock: Callable[[], float] = time.monotonic,
     outbound: bool = False,
+    extend_reservation: ExtendReservation | None = None,
+    credit_minute_seconds: float = CREDIT_MINUTE_SECONDS,
 ) -> AsyncIterator[Call]:
     """Run a CallSession on the Realtime driver against `fake` on a Twilio line (a call the agent placed, waiting for
     the callee's hello, when `outbound`); on exit the caller hangs up if the call still runs, and the CallLog is
@@ -299,6 +301,8 @@ async def realtime_call(
         hang_up=hang_up_call if hang_up else None,
         transfer=transfer_call if transfer else None,
         clock=clock,
+        extend_reservation=extend_reservation,
+        credit_minute_seconds=credit_minute_seconds,
     )
     line.start()
     task = asyncio.create_task(session.run(line.frames()))
@@ -967,3 +971,25 @@ async def test_a_session_update_the_server_refuses_mid_call_fails_the_call_namin
     assert "refused the session's configuration: invalid_value" in outcome.end_detail
     assert "session.instructions" in outcome.end_detail
     assert fake.open_sessions == 0
+
+
+async def test_a_call_out_of_credits_while_the_agent_speaks_says_goodbye_and_is_cut_off(
+    pool: asyncpg.Pool,
+) -> None:
+    async def no_more_credits() -> bool:
+        return False
+
+    async with FakeRealtime(speedup=1.0) as fake:  # the answer is still being generated when the credits run out
+        fake.reply(LONG_ANSWER)
+        fake.reply(LONG_ANSWER)  # a goodbye too long for the paid time left
+        async with realtime_call(pool, fake, extend_reservation=no_more_credits, credit_minute_seconds=4.0) as call:
+            call.line.say(speech(400))
+            outcome = await call.outcome(timeout=10)
+        assert fake.open_sessions == 0
+    assert (outcome.status, outcome.end_reason) == (CallStatus.COMPLETED, "insufficient_credits")
+    assert len(call.hang_ups) == 1
+    assert [(t.speaker, t.interrupted) for t in await call.turns()] == [
+        ("caller", False),
+        ("agent", True),  # the answer, cut for the goodbye
+        ("agent", True),  # the goodbye, cut by the hang-up
+    ]
