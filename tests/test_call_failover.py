@@ -74,6 +74,26 @@ async def test_a_realtime_agent_whose_model_is_lost_goes_on_through_its_fallback
     assert "I need an appointment" in str(rig.openai.requests[-1]["messages"])
 
 
+async def test_a_realtime_agent_whose_model_fails_its_responses_goes_on_through_its_fallback_pipeline(
+    pool: asyncpg.Pool,
+) -> None:
+    async with call_on("realtime", pool, **PIPELINE) as rig:
+        for _ in range(2):  # in the first session and in the one reopened
+            rig.realtime.reply_fails("rate_limit_exceeded", "Rate limit reached for gpt-realtime.")
+        rig.caller_says("I need an appointment")
+        await rig.wait_for_turns(2)  # the caller's turn, then the apology, spoken by the pipeline's synthesizer
+        await until(lambda: rig.line.agent_bytes_received > 0 and rig.line.playback.queued_bytes == 0, timeout=15)
+        rig.openai.replies.append("Tuesday at ten is free.")  # the pipeline's model answers from now on
+        await asyncio.sleep(0.5)
+        rig.deepgram.transcripts.append("Tuesday please")
+        rig.line.say(speech(600))
+        turns = await rig.wait_for_turns(4, timeout=20)
+    spoken = [(t.speaker, t.text) for t in turns]
+    assert spoken[1] == ("agent", DEFAULT_APOLOGY)
+    assert spoken[2:] == [("caller", "Tuesday please"), ("agent", "Tuesday at ten is free.")]
+    assert len(rig.realtime.models) == 2
+
+
 async def test_a_realtime_agent_whose_model_cannot_be_reached_at_all_runs_on_its_fallback_pipeline(
     pool: asyncpg.Pool,
 ) -> None:
