@@ -9,6 +9,7 @@ import asyncio
 import asyncpg
 
 from engine.call.driver import DEFAULT_APOLOGY
+from storage.call_turns import CallTurn
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus
 from tests.speech import spoken_frames
@@ -52,6 +53,18 @@ async def test_a_model_failing_mid_reply_with_no_other_ends_the_call_failed_nami
     assert outcome.end_detail
 
 
+async def the_pipeline_answers_next(rig: Rig, *, apology_at: int) -> list[CallTurn]:
+    """Once the pipeline's apology (turn `apology_at`) has played, the caller speaks and the pipeline's model answers:
+    the turns up to that answer."""
+    await rig.wait_for_turns(apology_at + 1)  # the apology, spoken by the pipeline's synthesizer
+    await until(lambda: rig.line.agent_bytes_received > 0 and rig.line.playback.queued_bytes == 0, timeout=15)
+    rig.openai.replies.append("Tuesday at ten is free.")  # the pipeline's model answers from now on
+    await asyncio.sleep(0.5)
+    rig.deepgram.transcripts.append("Tuesday please")
+    rig.line.say(speech(600))
+    return await rig.wait_for_turns(apology_at + 3, timeout=20)
+
+
 async def test_a_realtime_agent_whose_model_is_lost_goes_on_through_its_fallback_pipeline(pool: asyncpg.Pool) -> None:
     async with call_on("realtime", pool, **PIPELINE) as rig:
         rig.reply("Sure, what day works for you?")
@@ -59,13 +72,7 @@ async def test_a_realtime_agent_whose_model_is_lost_goes_on_through_its_fallback
         await rig.wait_for_turns(2)
         rig.realtime.api_key = "sk-rotated"  # the model cannot be reached again
         await rig.realtime.drop_all()
-        await until(lambda: rig.line.agent_bytes_received > 0 and rig.line.playback.queued_bytes == 0, timeout=15)
-        await rig.wait_for_turns(3)  # the apology, spoken by the pipeline's synthesizer
-        rig.openai.replies.append("Tuesday at ten is free.")  # the pipeline's model answers from now on
-        await asyncio.sleep(0.5)
-        rig.deepgram.transcripts.append("Tuesday please")
-        rig.line.say(speech(600))
-        turns = await rig.wait_for_turns(5, timeout=20)
+        turns = await the_pipeline_answers_next(rig, apology_at=2)
     spoken = [(t.speaker, t.text) for t in turns]
     assert spoken[2] == ("agent", DEFAULT_APOLOGY)
     assert spoken[3][0] == "caller"
@@ -81,13 +88,7 @@ async def test_a_realtime_agent_whose_model_fails_its_responses_goes_on_through_
         for _ in range(2):  # in the first session and in the one reopened
             rig.realtime.reply_fails("rate_limit_exceeded", "Rate limit reached for gpt-realtime.")
         rig.caller_says("I need an appointment")
-        await rig.wait_for_turns(2)  # the caller's turn, then the apology, spoken by the pipeline's synthesizer
-        await until(lambda: rig.line.agent_bytes_received > 0 and rig.line.playback.queued_bytes == 0, timeout=15)
-        rig.openai.replies.append("Tuesday at ten is free.")  # the pipeline's model answers from now on
-        await asyncio.sleep(0.5)
-        rig.deepgram.transcripts.append("Tuesday please")
-        rig.line.say(speech(600))
-        turns = await rig.wait_for_turns(4, timeout=20)
+        turns = await the_pipeline_answers_next(rig, apology_at=1)
     spoken = [(t.speaker, t.text) for t in turns]
     assert spoken[1] == ("agent", DEFAULT_APOLOGY)
     assert spoken[2:] == [("caller", "Tuesday please"), ("agent", "Tuesday at ten is free.")]
