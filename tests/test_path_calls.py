@@ -841,6 +841,8 @@ async def test_the_realtime_model_follows_the_path_through_session_updates_to_a_
     assert rig.accounts.received[0]["arguments"] == {"account": "1234"}
     assert not any("pressed" in str(item) for item in items)  # the gather node took the keys, not the model
     assert ended[-1][1:4] == (HUMAN, "transfer", "to-person")  # the global node passed through to its transfer
+    assert fake.sent_of_type("error") == []  # every update applied: none named the voice once the model had spoken
+    assert [update["audio"]["output"].get("voice") for update in updates[1:]] == [None] * (len(updates) - 1)
     assert (log["metadata"]["endReason"], log["metadata"]["conversationPath"]["node"]) == ("transferred", "transfer")
     [update] = rig.twilio_updates
     assert update["sid"] == result.call_sid and dialed_number(update["Twiml"]) == TRANSFER_TO

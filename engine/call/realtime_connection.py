@@ -107,12 +107,12 @@ class RealtimeConnection:
     async def refresh(self) -> None:
         """Send the session's instructions and functions again (they changed, e.g. the path moved)."""
         if self.channel is not None:
-            await self.channel.update_session(self._session_update())
+            await self.channel.update_session(self._session_update(voice=False))
 
     async def release_replies(self, channel: RealtimeChannel) -> None:
         """Let the model answer the caller by itself from now on, if it was told not to."""
         if self.holding_replies:
-            await channel.update_session(self._session_update())
+            await channel.update_session(self._session_update(voice=False))
 
     async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
         """Run a task of the driver; a lost connection leads to one reconnect (then a hand-over), not a crash."""
@@ -152,7 +152,7 @@ class RealtimeConnection:
             raise
         return channel
 
-    def _session_update(self) -> dict[str, Any]:
+    def _session_update(self, *, voice: bool = True) -> dict[str, Any]:
         # While a callee may still say hello, the engine decides when the model speaks.
         self.holding_replies = self._host.phase is CallPhase.AWAITING_GREETING
         return session_update(
@@ -161,6 +161,7 @@ class RealtimeConnection:
             tools=self._functions(),
             interrupt_response=False,  # barge-in is the engine's (on_caller_audio), by the agent's threshold
             create_response=not self.holding_replies,
+            voice=voice,
         )
 
     async def _reconnect(self, why: str) -> None:

@@ -112,11 +112,14 @@ def session_update(
     tools: Sequence[FunctionSpec] = (),
     interrupt_response: bool = True,
     create_response: bool = True,
+    voice: bool = True,
 ) -> dict[str, Any]:
     """The GA `session.update` for a phone call: mu-law in and out, the configured turn detection, voice and tools.
 
     `interrupt_response` lets the server cancel its reply when the caller starts talking (barge-in enabled);
     `create_response` lets it answer each caller turn by itself (off while the engine waits for a callee's hello).
+    Without `voice`, the update leaves the session's voice as it is: the API does not let it change once the model
+    has spoken, so only a session's first update names it.
     """
     turn_detection: dict[str, Any] = {
         "type": config.turn_detection,
@@ -132,7 +135,9 @@ def session_update(
         audio_input["transcription"] = {"model": config.transcription_model}
         if config.language:
             audio_input["transcription"]["language"] = config.language
-    audio_output: dict[str, Any] = {"format": dict(MULAW), "voice": config.voice}
+    audio_output: dict[str, Any] = {"format": dict(MULAW)}
+    if voice:
+        audio_output["voice"] = config.voice
     if config.speed is not None:
         audio_output["speed"] = config.speed
     session: dict[str, Any] = {

@@ -7,8 +7,9 @@ base64) with a VAD on audio time, answers each caller turn, or each `response.cr
 chunks faster than real time, with its transcript), transcribes the caller's turns word by word
 (`conversation.item.input_audio_transcription.delta`, then `.completed`) when the session asks for transcription,
 cancels a reply the caller talks over, refuses a `session.update` naming a voice the API does not know (an `error`
-naming the update's event id and the field, the session left as it was), applies an update after
-`confirm_delay_ms`, and records every client event in `received`.
+naming the update's event id and the field, the session left as it was) and one naming the voice once the model
+has spoken (the API does not let it change then; whether it lets the same voice be named again is not documented,
+so the fake does not), applies an update after `confirm_delay_ms`, and records every client event in `received`.
 """
 
 from __future__ import annotations
@@ -354,6 +355,10 @@ class _Connection:
             supported = ", ".join(f"'{name}'" for name in sorted(VOICES))
             message = f"Invalid value: '{voice}'. Supported values are: {supported}."
             await self.error("invalid_value", message, event, param="session.audio.output.voice")
+            return
+        if voice is not None and any(self.item_audio_ms.values()):
+            message = "Cannot update a conversation's voice if assistant audio is present."
+            await self.error("cannot_update_voice", message, event, param="session.audio.output.voice")
             return
         self.session.update(session)
         await self.send({"type": "session.updated", "session": self.session})
