@@ -1,7 +1,8 @@
 """A small loopback load balancer that also passes WebSockets, standing for nginx in front of engine processes.
 
-Requests and WebSocket upgrades go round-robin to the backends, skipping one that refuses the connection; a
-WebSocket is relayed message by message both ways until either side closes.
+Requests and WebSocket upgrades go round-robin to the backends, skipping one that refuses the connection, with their
+headers (an upgrade's Twilio signature too); a WebSocket is relayed message by message both ways until either side
+closes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from tests.fakes.server import serve
 
 Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 _HOP_BY_HOP = {"host", "content-length", "connection", "upgrade", "transfer-encoding", "keep-alive"}
+_HANDSHAKE = {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
+"""An upgrade's own headers, made afresh for the upstream one; its others (Twilio's signature) pass as nginx's do."""
 
 
 @asynccontextmanager
@@ -49,7 +52,10 @@ async def websocket_load_balancer(backends: list[str]) -> AsyncIterator[str]:
         async def relay(request: web.Request) -> web.StreamResponse:
             for backend in order():
                 try:
-                    upstream = await http.ws_connect(backend.replace("http", "ws", 1) + request.path_qs)
+                    upstream = await http.ws_connect(
+                        backend.replace("http", "ws", 1) + request.path_qs,
+                        headers={k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP | _HANDSHAKE},
+                    )
                 except aiohttp.ClientConnectionError:
                     continue
                 downstream = web.WebSocketResponse()
