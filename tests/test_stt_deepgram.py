@@ -680,6 +680,9 @@ async def _fallback_after_a_drop(
     await feed(stt, speech(400))
     await stt.close()
     listening.cancel()
+    # The audio goes before CloseStream on the socket: once the fake has read that, it has counted all of it (close()
+    # itself waits only CLOSE_GRACE_SECONDS for the server, which a loaded machine may take longer to answer in).
+    await until(lambda: second.closed_cleanly == 1)
     return sum(second.bytes_received)
 
 
