@@ -11,11 +11,12 @@ import pytest
 
 from config.agent import parse_agent_configuration
 from pipelines.conversation.transfer_rules import TransferRules
-from pipelines.paths.transfer_check import UnmakeableTransfer, unmakeable_transfers
+from pipelines.paths.transfer_check import TransferNode, UnmakeableTransfer, unmakeable_transfers
+from storage import phone_numbers
 from tests.paths import EVERY_TYPE_EDGES, EVERY_TYPE_NODES, TRANSFER_TO
 from tests.test_api_auth import Api, Tenant, assert_error, make_tenant
 
-OTHER_DESK = "+15557650000"
+OTHER_DESK = "+16505557650"
 ALLOWS_THE_PATH = {"transfer": {"destinations": [{"number": TRANSFER_TO, "label": "Front desk"}]}}
 ALLOWS_ANOTHER = {"transfer": {"destinations": [{"number": OTHER_DESK, "label": "Back office"}]}}
 TRANSFER_FIELD = f"nodes[{next(i for i, n in enumerate(EVERY_TYPE_NODES) if n['type'] == 'transfer')}].data.number"
@@ -23,7 +24,10 @@ TRANSFER_FIELD = f"nodes[{next(i for i, n in enumerate(EVERY_TYPE_NODES) if n['t
 
 @pytest.fixture(scope="module")
 async def acme(pool: asyncpg.Pool) -> Tenant:
-    return await make_tenant(pool, "Transfer Checks Inc")
+    """An organization with a US number, so its dial policy dials the US numbers these paths transfer to."""
+    tenant = await make_tenant(pool, "Transfer Checks Inc")
+    await phone_numbers.create_phone_number(pool, organization_id=tenant.organization_id, phone_number="+14155550100")
+    return tenant
 
 
 def graph(number: str = TRANSFER_TO) -> dict[str, Any]:
@@ -63,7 +67,7 @@ def test_the_transfer_nodes_the_rules_refuse_are_listed_with_the_rules_reason() 
     rules = TransferRules.from_config(parse_agent_configuration(ALLOWS_ANOTHER).transfer)
     refused = unmakeable_transfers(graph()["nodes"], graph()["edges"], rules)
     assert refused == [
-        UnmakeableTransfer("transfer", TRANSFER_FIELD, TRANSFER_TO, rules.check(TRANSFER_TO).message)  # type: ignore[union-attr]
+        UnmakeableTransfer(TransferNode("transfer", TRANSFER_FIELD, TRANSFER_TO), rules.check(TRANSFER_TO).message)  # type: ignore[union-attr]
     ]
     assert "is not a number this agent may transfer to" in refused[0].reason
     allowed = TransferRules.from_config(parse_agent_configuration(ALLOWS_THE_PATH).transfer)
@@ -196,3 +200,60 @@ async def test_another_organization_neither_sees_the_warnings_nor_links_the_path
     )
     assert (status, body["error"]["code"]) == (422, "invalid_reference"), body
     assert "transfers to" not in body["error"]["message"]
+
+
+PREMIUM_RATE = "+19005550123"
+UK_DESK = "+442079460000"
+
+
+async def test_a_path_or_an_agent_whose_transfer_the_dial_policy_refuses_is_saved_with_a_warning(
+    api: Api, acme: Tenant
+) -> None:
+    # Whatever an agent's rules say, the organization's dial policy refuses a premium-rate number and a country the
+    # organization does not dial (acme has a US number only): every call that reaches such a transfer fails it.
+    status, path = await api.call(
+        "POST", "/conversation-paths", acme.owner_key, json={"name": "Premium", **graph(PREMIUM_RATE)}
+    )
+    assert status == 201, path
+    [warning] = path["warnings"]
+    assert (warning["agentId"], warning["conversationPathId"], warning["nodeId"], warning["field"]) == (
+        None,
+        path["id"],
+        "transfer",
+        TRANSFER_FIELD,
+    )
+    assert warning["number"] == PREMIUM_RATE
+    assert f"transfers to {PREMIUM_RATE}, which the organization's dial policy refuses: " in warning["message"]
+    assert "premium-rate" in warning["message"] and "PATCH /v1/organization/dial-policy" in warning["message"]
+    status, saved = await api.call("PATCH", f"/conversation-paths/{path['id']}", acme.owner_key, json=graph())
+    assert (status, saved["warnings"]) == (200, [])
+
+    destinations = {"transfer": {"destinations": [
+        {"number": TRANSFER_TO, "label": "Front desk"}, {"number": UK_DESK, "label": "London office"}
+    ]}}  # fmt: skip
+    status, agent = await api.call(
+        "POST", "/agents", acme.owner_key, json={"name": "Desk", "configuration": destinations}
+    )
+    assert status == 201, agent
+    [warning] = agent["warnings"]
+    assert (warning["agentId"], warning["conversationPathId"], warning["nodeId"], warning["field"]) == (
+        agent["id"],
+        None,
+        None,
+        "configuration.transfer.destinations[1].number",
+    )
+    assert f"'London office' (configuration.transfer.destinations[1].number) is {UK_DESK}" in warning["message"]
+    assert "United Kingdom" in warning["message"]
+
+    # Once an OWNER opens the country, the same configuration saves with no warning.
+    status, policy = await api.call(
+        "PATCH", "/organization/dial-policy", acme.owner_key, json={"allowedCountries": ["GB", "US"]}
+    )
+    assert status == 200, policy
+    status, saved = await api.call(
+        "PATCH", f"/agents/{agent['id']}", acme.owner_key, json={"configuration": destinations}
+    )
+    assert (status, saved["warnings"]) == (200, [])
+    status, saved = await api.call("PATCH", f"/agents/{agent['id']}", acme.owner_key, json={"name": "Desk 2"})
+    assert (status, saved["warnings"]) == (200, [])
+    await api.call("PATCH", "/organization/dial-policy", acme.owner_key, json={"allowedCountries": None})

@@ -6,32 +6,43 @@ when the agent's transfer rules refuse one of the path's transfer nodes. Changin
 a change may be the first half of two (an operator switching a destination edits the agent, then the path) or
 touch a path several agents share, and the rules still refuse each transfer when a call reaches it. One rule
 decides both, `pipelines.paths.transfer_check.unmakeable_transfers`.
+
+A transfer the organization's dial policy refuses (storage.dial_policies: a country it does not dial, a premium-rate
+number) is never made either, whichever agent reaches it: saving a path or an agent's configuration lists those
+transfer nodes and exact destinations in `warnings` too (`dial_policy_warnings`), never a refusal, since the policy
+is an OWNER's or ADMIN's to change and may be opened after the save. The verdict is the policy's own `refusal`, the
+one every transfer obeys when a call makes it (engine/call/paid_transfer.py).
 """
 
 from __future__ import annotations
 
-from config.agent import AgentConfigurationError, parse_agent_configuration
+from config.agent import AgentConfiguration, AgentConfigurationError, parse_agent_configuration
 from engine.api.errors import ApiError, unprocessable
 from engine.api.models import ResponseModel
 from pipelines.conversation.transfer_rules import TransferRules
-from pipelines.paths.transfer_check import unmakeable_transfers
-from storage import agents, conversation_paths
+from pipelines.paths.transfer_check import refused_by_dial_policy, unmakeable_transfers
+from storage import agents, conversation_paths, dial_policies
 from storage.agents import Agent
 from storage.conversation_paths import ConversationPath
 from storage.records import Queryable
 
-__all__ = ["TransferWarning", "refuse_unmakeable_transfers", "transfer_warnings"]
+__all__ = ["TransferWarning", "dial_policy_warnings", "refuse_unmakeable_transfers", "transfer_warnings"]
 
 
 class TransferWarning(ResponseModel):
-    """A transfer node of a path an agent follows that the agent's transfer rules refuse: every call that reaches
-    it fails its transfer (the caller hears an apology and the path goes back)."""
+    """A transfer no call can make: a transfer node of a path an agent follows that the agent's transfer rules
+    refuse, or a path's transfer node or an agent's destination that the organization's dial policy refuses. Every
+    call that reaches it fails its transfer (the caller hears an apology, and a path goes back)."""
 
-    agent_id: str
-    conversation_path_id: str
-    node_id: str
+    agent_id: str | None
+    """The agent whose rules refuse the node, or whose destination the dial policy refuses; None for a path's node
+    the dial policy refuses (whichever agent follows the path)."""
+    conversation_path_id: str | None
+    """The path of the node; None for an agent's destination."""
+    node_id: str | None
     field: str
-    """The JSON path of the node's number in the path (`nodes[3].data.number`)."""
+    """The JSON path of the number in the path (`nodes[3].data.number`) or in the agent
+    (`configuration.transfer.destinations[0].number`)."""
     number: str
     message: str
 
@@ -46,12 +57,13 @@ def _warnings(agent: Agent, path: ConversationPath) -> list[TransferWarning]:
         TransferWarning(
             agent_id=agent.id,
             conversation_path_id=path.id,
-            node_id=found.node_id,
-            field=found.field,
-            number=found.number,
+            node_id=found.node.node_id,
+            field=found.node.field,
+            number=found.node.number,
             message=(
-                f"conversation path {path.id} node {found.node_id!r} ({found.field}) transfers to {found.number}, "
-                f"which agent {agent.id}'s transfer rules refuse: {found.reason.removeprefix('error: ')} "
+                f"conversation path {path.id} node {found.node.node_id!r} ({found.node.field}) transfers to "
+                f"{found.node.number}, which agent {agent.id}'s transfer rules refuse: "
+                f"{found.reason.removeprefix('error: ')} "
                 f"(add it to the agent's configuration.transfer.destinations, or change the node's number)"
             ),
         )
@@ -68,6 +80,52 @@ async def transfer_warnings(
         db, organization_id=organization_id, agent_id=agent_id, conversation_path_id=conversation_path_id
     )
     return [warning for pairing in pairings for warning in _warnings(pairing.agent, pairing.conversation_path)]
+
+
+async def dial_policy_warnings(
+    db: Queryable,
+    *,
+    organization_id: str,
+    path: ConversationPath | None = None,
+    agent_id: str | None = None,
+    configuration: AgentConfiguration | None = None,
+) -> list[TransferWarning]:
+    """The transfer nodes of `path`, or the exact destinations of agent `agent_id`'s `configuration`, that the
+    organization's dial policy refuses, as the transaction sees the policy."""
+    policy = await dial_policies.get_policy(db, organization_id=organization_id)
+    found = []
+    if path is not None:
+        for refused in refused_by_dial_policy(path.nodes, path.edges, policy.refusal):
+            node = refused.node
+            found.append(
+                TransferWarning(
+                    agent_id=None,
+                    conversation_path_id=path.id,
+                    node_id=node.node_id,
+                    field=node.field,
+                    number=node.number,
+                    message=f"conversation path {path.id} node {node.node_id!r} ({node.field}) transfers to "
+                    f"{node.number}, which the organization's dial policy refuses: {refused.reason}",
+                )
+            )
+    if configuration is not None and configuration.transfer is not None:
+        for index, destination in enumerate(configuration.transfer.destinations):
+            reason = None if destination.number is None else policy.refusal(destination.number)
+            if destination.number is None or reason is None:
+                continue
+            field = f"configuration.transfer.destinations[{index}].number"
+            found.append(
+                TransferWarning(
+                    agent_id=agent_id,
+                    conversation_path_id=None,
+                    node_id=None,
+                    field=field,
+                    number=destination.number,
+                    message=f"agent {agent_id}'s transfer destination {destination.label!r} ({field}) is "
+                    f"{destination.number}, which the organization's dial policy refuses: {reason}",
+                )
+            )
+    return found
 
 
 async def refuse_unmakeable_transfers(

@@ -12,7 +12,12 @@ from engine.api.errors import ApiError, conflict, invalid_reference, not_found
 from engine.api.models import Id, LongText, Name, RequestModel, ResponseModel, ShortText, UpdateModel
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
-from engine.api.path_transfers import TransferWarning, refuse_unmakeable_transfers, transfer_warnings
+from engine.api.path_transfers import (
+    TransferWarning,
+    dial_policy_warnings,
+    refuse_unmakeable_transfers,
+    transfer_warnings,
+)
 from engine.api.resources.tools import ToolView
 from pipelines.languages import language_problems
 from pipelines.llm.prompt import variable_name_refusal
@@ -66,11 +71,12 @@ class AgentUpdate(UpdateModel):
 
 
 class SavedAgent(Agent):
-    """An agent as saved, with the transfer nodes of the paths it follows that its transfer rules refuse."""
+    """An agent as saved, with the transfers it can never make."""
 
     warnings: list[TransferWarning] = Field(
-        description="Transfer nodes of paths this agent follows (linked, or named by a running campaign) that its "
-        "transfer rules refuse: every call that reaches one fails its transfer. The change is saved."
+        description="Transfers this agent can never make: its exact transfer destinations the organization's dial "
+        "policy refuses, and transfer nodes of paths it follows (linked, or named by a running campaign) that its "
+        "transfer rules refuse. Every call that reaches one fails its transfer. The change is saved."
     )
 
 
@@ -151,15 +157,16 @@ async def list_agents(call: ApiCall) -> Page[Agent]:
     return to_page(Page[Agent], rows, query)
 
 
-@resource.post("/agents", summary="Create an agent", response=Agent, body=AgentCreate)
-async def create_agent(call: ApiCall) -> Agent:
-    """Create an agent; its phone number and voice must be the organization's (or a system voice)."""
+@resource.post("/agents", summary="Create an agent", response=SavedAgent, body=AgentCreate)
+async def create_agent(call: ApiCall) -> SavedAgent:
+    """Create an agent; its phone number and voice must be the organization's (or a system voice); `warnings` names
+    its transfer destinations the organization's dial policy refuses."""
     body = call.body_as(AgentCreate)
     configuration = _configuration(body.configuration, call.caller.organization_id)
     async with call.tenant() as db:
         await _check_references(db, call.caller.organization_id, configuration)
         await _check_voice(db, call.caller.organization_id, body.voice_id)
-        return await agents.create_agent(
+        agent = await agents.create_agent(
             db,
             organization_id=call.caller.organization_id,
             name=body.name,
@@ -171,6 +178,10 @@ async def create_agent(call: ApiCall) -> Agent:
             voice_id=body.voice_id,
             configuration=configuration.to_json(),
         )
+        warnings = await dial_policy_warnings(
+            db, organization_id=call.caller.organization_id, agent_id=agent.id, configuration=configuration
+        )
+    return SavedAgent(**agent.model_dump(), warnings=warnings)
 
 
 @resource.get("/agents/{agentId}", summary="Get an agent", response=Agent)
@@ -182,7 +193,8 @@ async def get_agent(call: ApiCall) -> Agent:
 
 @resource.patch("/agents/{agentId}", summary="Update an agent", response=SavedAgent, body=AgentUpdate)
 async def update_agent(call: ApiCall) -> SavedAgent:
-    """Change some of an agent's fields; `warnings` names the transfer nodes of its paths it cannot make."""
+    """Change some of an agent's fields; `warnings` names the transfers it cannot make (its destinations the dial
+    policy refuses, when its configuration changes; the transfer nodes of its paths its rules refuse)."""
     changes = call.body_as(AgentUpdate).changes()
     organization_id = call.caller.organization_id
     configuration = _configuration(changes["configuration"], organization_id) if "configuration" in changes else None
@@ -196,6 +208,10 @@ async def update_agent(call: ApiCall) -> SavedAgent:
             db, organization_id=organization_id, agent_id=call.path["agentId"], changes=changes
         )
         warnings = await transfer_warnings(db, organization_id=organization_id, agent_id=agent.id)
+        if configuration is not None:
+            warnings[:0] = await dial_policy_warnings(
+                db, organization_id=organization_id, agent_id=agent.id, configuration=configuration
+            )
     return SavedAgent(**agent.model_dump(), warnings=warnings)
 
 

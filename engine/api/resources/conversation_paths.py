@@ -10,7 +10,12 @@ from engine.api.errors import ApiError, unprocessable
 from engine.api.models import LongText, Name, RequestModel, ShortText, UpdateModel
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
-from engine.api.path_transfers import TransferWarning, refuse_unmakeable_transfers, transfer_warnings
+from engine.api.path_transfers import (
+    TransferWarning,
+    dial_policy_warnings,
+    refuse_unmakeable_transfers,
+    transfer_warnings,
+)
 from pipelines.paths.graph import PathInvalid, read_path
 from storage import agents, conversation_paths
 from storage.conversation_paths import ConversationPath
@@ -51,11 +56,12 @@ class ConversationPathUpdate(UpdateModel):
 
 
 class SavedConversationPath(ConversationPath):
-    """A path as saved, with the transfer nodes that agents following it cannot make."""
+    """A path as saved, with the transfer nodes no call can make."""
 
     warnings: list[TransferWarning] = Field(
-        description="Transfer nodes of this path that the transfer rules of an agent following it (linked, or with a "
-        "running campaign naming it) refuse: every such call that reaches one fails its transfer. The change is saved."
+        description="Transfer nodes of this path that the organization's dial policy refuses, and those the transfer "
+        "rules of an agent following it (linked, or with a running campaign naming it) refuse: every such call that "
+        "reaches one fails its transfer. The change is saved."
     )
 
 
@@ -73,16 +79,22 @@ async def list_conversation_paths(call: ApiCall) -> Page[ConversationPath]:
 
 
 @resource.post(
-    "/conversation-paths", summary="Create a conversation path", response=ConversationPath, body=ConversationPathCreate
+    "/conversation-paths",
+    summary="Create a conversation path",
+    response=SavedConversationPath,
+    body=ConversationPathCreate,
 )
-async def create_conversation_path(call: ApiCall) -> ConversationPath:
-    """Create a conversation path."""
+async def create_conversation_path(call: ApiCall) -> SavedConversationPath:
+    """Create a conversation path; `warnings` names its transfer nodes the organization's dial policy refuses."""
     body = call.body_as(ConversationPathCreate)
     _check_graph(body.nodes, body.edges)
+    organization_id = call.caller.organization_id
     async with call.tenant() as db:
-        return await conversation_paths.create_conversation_path(
-            db, organization_id=call.caller.organization_id, **body.model_dump()
+        path = await conversation_paths.create_conversation_path(
+            db, organization_id=organization_id, **body.model_dump()
         )
+        warnings = await dial_policy_warnings(db, organization_id=organization_id, path=path)
+    return SavedConversationPath(**path.model_dump(), warnings=warnings)
 
 
 @resource.get("/conversation-paths/{conversationPathId}", summary="Get a conversation path", response=ConversationPath)
@@ -116,7 +128,10 @@ async def update_conversation_path(call: ApiCall) -> SavedConversationPath:
             conversation_path_id=call.path["conversationPathId"],
             changes=changes,
         )
-        warnings = await transfer_warnings(db, organization_id=organization_id, conversation_path_id=path.id)
+        warnings = [
+            *await dial_policy_warnings(db, organization_id=organization_id, path=path),
+            *await transfer_warnings(db, organization_id=organization_id, conversation_path_id=path.id),
+        ]
     return SavedConversationPath(**path.model_dump(), warnings=warnings)
 
 
