@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,6 +163,50 @@ async def test_a_reply_with_no_caller_turn_restates_the_current_node() -> None:
 async def test_recognition_slips_still_route_to_booking(heard: str) -> None:
     call = Call(demo_path())
     assert text_of(await call.caller_says(heard)) == BOOK
+
+
+def large_branch(ways: int, phrases_each: int) -> ConversationPathLLM:
+    """A start node with `ways` ways out: way i's keywords "desk i", "extension i", then made-up words, but for the
+    ways `_NAMED` gives names of their own."""
+    rng = random.Random(5)  # noqa: S311 - reproducible made-up keywords, not a secret
+    nodes: list[dict[str, Any]] = [{"id": "start", "type": "speak", "data": {"text": "Who for?", "isStart": True}}]
+    edges: list[dict[str, Any]] = []
+    for way in range(ways):
+        nodes.append({"id": f"end{way}", "type": "end", "data": {"text": f"Connecting you to team {way}."}})
+        made_up = (" ".join(_made_up_word(rng) for _ in range(rng.randint(1, 3))) for _ in range(phrases_each))
+        keywords = [f"desk {way}", f"extension {way}", *_NAMED.get(way, ()), *made_up][:phrases_each]
+        edges.append({"id": f"e{way}", "source": "start", "target": f"end{way}", "data": {"keywords": keywords}})
+    return ConversationPathLLM(nodes, edges)
+
+
+_NAMED = {412: ["warranty claims"], 88: ["appointment"]}
+
+
+def _made_up_word(rng: random.Random) -> str:
+    return "".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(rng.randint(6, 9)))
+
+
+@pytest.mark.parametrize(
+    ("heard", "team"),
+    [
+        ("the extension 731 please", 731),  # exact words
+        ("desk 131", 131),
+        ("put me through to warrenty claim", 412),  # a near-miss of a long word
+        ("i need an appoint meant", 88),  # a long word the recogniser split in two
+    ],
+)
+async def test_a_branch_of_thousands_of_keywords_still_routes(heard: str, team: int) -> None:
+    # 1,000 ways out of one node with 10 keyword phrases each: as many as a large path may put before a caller.
+    call = Call(large_branch(1000, 10))
+    assert text_of(await call.caller_says(heard)) == f"Connecting you to team {team}."
+
+
+async def test_numbers_in_keywords_are_never_near_misses() -> None:
+    # "desk 731" is not heard as "desk 131" (nor as "desk 7310"), run together or not; desk 131's caller reaches it.
+    call = Call(large_branch(1000, 4))
+    assert text_of(await call.caller_says("desk seven three one")) == "Connecting you to team 731."
+    call = Call(large_branch(1000, 4))
+    assert text_of(await call.caller_says("desk 73 1")) == "Connecting you to team 731."
 
 
 async def test_a_day_split_in_two_by_the_recogniser_still_routes() -> None:

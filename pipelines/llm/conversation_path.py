@@ -107,6 +107,9 @@ class ConversationPathLLM:
         """
         self._engine = engine or PathEngine(runnable_path(nodes, edges), tools=tools, knowledge=knowledge)
         self._path = self._engine.path
+        self._edges = {edge.id: edge for edge in self._path.edges}
+        self._choosers: dict[str, tuple[list[tuple[str, tuple[str, ...], str | None]], KeywordChooser]] = {}
+        """By node id: its ways out (key, keywords, digit) and their chooser, made once (a branch may be large)."""
         self._answer = answer
         self._fallback_reply = fallback_reply
         self._max_misses = max(1, max_misses)
@@ -255,9 +258,12 @@ class ConversationPathLLM:
     def _choose(self, heard: str) -> str | None:
         """The way the caller's words pick; else the one way out that asks for nothing (a wait node's edge), but
         not a gather node's: the keys take that one, once they are complete."""
-        ways = self._engine.ways()
-        keyed = [(way.key, self._keywords_of(way), way.digit) for way in ways]
-        chosen = KeywordChooser(keyed).choose(heard)
+        node_id = self._engine.node.id
+        if node_id not in self._choosers:
+            keyed = [(way.key, self._keywords_of(way), way.digit) for way in self._engine.ways()]
+            self._choosers[node_id] = (keyed, KeywordChooser(keyed))
+        keyed, chooser = self._choosers[node_id]
+        chosen = chooser.choose(heard)
         if chosen is not None:
             return chosen
         if isinstance(self._engine.node.data, GatherData):
@@ -268,8 +274,7 @@ class ConversationPathLLM:
     def _keywords_of(self, way: Way) -> tuple[str, ...]:
         if way.key.startswith(GLOBAL_PREFIX):
             return _global_keywords(self._path.nodes[way.target])
-        edge = next(edge for edge in self._path.edges if edge.id == way.key)
-        return edge_keywords(edge)
+        return edge_keywords(self._edges[way.key])
 
 
 def _global_keywords(node: Node) -> tuple[str, ...]:

@@ -1,17 +1,28 @@
 """The offline way of choosing an edge: the caller's words against each edge's keywords (or its DTMF digit).
 
 Matching is deliberately forgiving of speech recognition: words are lowercased, stemmed, number words become
-digits, and long words match near-misses ("appoint meant"). An edge without keywords is matched on the content
-words of its label or condition ("Book / reschedule").
+digits, and long words match near-misses ("appoint meant"). Numbers never do: a keyword holding a digit ("desk
+731", "option 2") is heard only with those very digits, so a caller asking for extension 731 is not routed to 131.
+An edge without keywords is matched on the content words of its label or condition ("Book / reschedule").
+
+A branch may have thousands of keywords (a path may have 5,000 edges, each with its own), and the choice runs on the
+event loop that carries every call's audio: the near-misses are found by rapidfuzz over the branch's vocabulary at
+once (in C++), never word pair by word pair in Python, so a large branch costs milliseconds, not seconds, of every
+other call's time. Its `ratio` is difflib's 2·M/T with M the longest common subsequence (difflib's matching blocks may
+find fewer), so every near-miss difflib would accept is one here too.
 """
 
 from __future__ import annotations
 
-import difflib
+import functools
 import re
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
+
+import numpy as np
+from rapidfuzz import fuzz, process
 
 from pipelines.paths.graph import Edge
 
@@ -77,36 +88,59 @@ def _stem(word: str) -> str:
 
 
 def normalize_words(text: str) -> list[str]:
-    """Lowercase, drop punctuation, turn number words into digits and stem: the words the matcher compares."""
+    """Lowercase, drop punctuation, turn number words into digits and stem: the words the matcher compares.
+
+    Numbers said digit by digit are one number ("seven three one", "73 1" -> "731"), as a recogniser writes an
+    extension or an option either way."""
     lowered = text.lower().replace("'", "").replace("\u2019", "")
     for symbol, word in _SYMBOLS.items():
         lowered = lowered.replace(symbol, word)
-    words = _NOT_WORD.sub(" ", lowered).split()
-    return [_stem(_SYNONYMS.get(word, _NUMBER_WORDS.get(word, word))) for word in words]
+    words: list[str] = []
+    for raw in _NOT_WORD.sub(" ", lowered).split():
+        word = _stem(_SYNONYMS.get(raw, _NUMBER_WORDS.get(raw, raw)))
+        if word.isdigit() and words and words[-1].isdigit():
+            words[-1] += word
+        else:
+            words.append(word)
+    return words
 
 
-def _similar(keyword: str, heard: str) -> bool:
-    if keyword == heard:
-        return True
-    if len(keyword) < _FUZZY_MIN_LENGTH or len(heard) < _FUZZY_MIN_LENGTH:
-        return False
-    return difflib.SequenceMatcher(None, keyword, heard, autojunk=False).ratio() >= _FUZZY_RATIO
+@functools.lru_cache(maxsize=65_536)
+def _keyword_phrase(keyword: str) -> tuple[str, ...]:
+    """`normalize_words` of a keyword, kept: every call on a path normalizes the same keywords at each node."""
+    return tuple(normalize_words(keyword))
 
 
-def _phrase_heard(keyword: Sequence[str], heard: Sequence[str]) -> bool:
-    """Whether the keyword's words occur in order in what was heard, allowing a long word to be split by ASR."""
-    size = len(keyword)
-    for start in range(len(heard) - size + 1):
-        if all(_similar(word, heard[start + offset]) for offset, word in enumerate(keyword)):
-            return True
-    joined = "".join(keyword)
-    if len(joined) < _FUZZY_MIN_LENGTH:
-        return False
-    for start in range(len(heard)):
-        for count in range(2, _MAX_JOINED_TOKENS + 1):
-            if start + count <= len(heard) and _similar(joined, "".join(heard[start : start + count])):
-                return True
-    return False
+def _fuzzy(word: str) -> bool:
+    """Whether `word` may match a near-miss: long enough, and no digit in it."""
+    return len(word) >= _FUZZY_MIN_LENGTH and not any(character.isdigit() for character in word)
+
+
+def _near_misses(heard: Sequence[str], vocabulary: Sequence[str]) -> Iterable[tuple[int, str]]:
+    """(index in `heard`, word of `vocabulary`) for each pair alike enough to count as one (both `_fuzzy`, and a
+    ratio of at least `_FUZZY_RATIO`); `vocabulary` holds only `_fuzzy` words."""
+    long_heard = [index for index, word in enumerate(heard) if _fuzzy(word)]
+    if not long_heard or not vocabulary:
+        return
+    scores = process.cdist(
+        [heard[index] for index in long_heard],
+        vocabulary,
+        scorer=fuzz.ratio,
+        score_cutoff=_FUZZY_RATIO * 100 - 1e-6,  # as a float ratio of exactly 0.85 is kept
+        dtype=np.float32,
+        workers=1,
+    )
+    for row, column in zip(*np.nonzero(scores), strict=True):
+        yield long_heard[row], vocabulary[column]
+
+
+def _join_runs(words: Sequence[str]) -> list[str]:
+    """Every run of 2 to `_MAX_JOINED_TOKENS` words joined (what a long word split by ASR looks like)."""
+    return [
+        "".join(words[start : start + count])
+        for count in range(2, _MAX_JOINED_TOKENS + 1)
+        for start in range(len(words) - count + 1)
+    ]
 
 
 def edge_keywords(edge: Edge) -> tuple[str, ...]:
@@ -133,26 +167,52 @@ class _Choice:
 
 
 class KeywordChooser:
-    """Picks, among ways out (by key), the one whose keywords the caller's words hit most."""
+    """Picks, among ways out (by key), the one whose keywords the caller's words hit most.
+
+    A keyword phrase is heard when its words occur in order in what was heard, each the same word or, both being
+    at least `_FUZZY_MIN_LENGTH` long with no digit, a near-miss; or when the phrase's words run together are the
+    same as two or three heard words run together, or (at least that long, with no digit) a near-miss of them
+    ("appoint meant").
+    """
 
     def __init__(self, choices: Sequence[tuple[str, Sequence[str], str | None]]) -> None:
         """`choices`: (key, keywords, DTMF digit or None) in order; on a tie the first wins."""
         compiled: list[_Choice] = []
         for key, keywords, digit in choices:
-            phrases = [tuple(normalize_words(keyword)) for keyword in keywords]
+            phrases = [_keyword_phrase(keyword) for keyword in keywords]
             if digit is not None:
-                phrases.append(tuple(normalize_words(digit)))
+                phrases.append(_keyword_phrase(digit))
             compiled.append(_Choice(key, tuple(phrase for phrase in phrases if phrase)))
         self._choices = compiled
+        every = {phrase for choice in compiled for phrase in choice.phrases}
+        self._vocabulary = sorted({word for phrase in every for word in phrase if _fuzzy(word)})
+        self._joined = sorted({joined for phrase in every if _fuzzy(joined := "".join(phrase))})
 
     def choose(self, heard: str) -> str | None:
         """The key of the best-matching way out, or None when the words hit none."""
         words = normalize_words(heard)
+        at: defaultdict[str, set[int]] = defaultdict(set)
+        for index, word in enumerate(words):
+            at[word].add(index)
+        for index, word in _near_misses(words, self._vocabulary):
+            at[word].add(index)
+        runs = _join_runs(words)
+        joined_heard = {*runs, *(joined for _, joined in _near_misses(runs, self._joined))}
         best: str | None = None
         best_score = (0, 0)
         for choice in self._choices:
-            hits = [phrase for phrase in choice.phrases if _phrase_heard(phrase, words)]
+            hits = [phrase for phrase in choice.phrases if _phrase_heard(phrase, at, joined_heard)]
             score = (len(hits), sum(len("".join(phrase)) for phrase in hits))
             if score > best_score:  # strictly better: on a tie the first keeps it
                 best, best_score = choice.key, score
         return best
+
+
+def _phrase_heard(phrase: Sequence[str], at: Mapping[str, set[int]], joined_heard: set[str]) -> bool:
+    """Whether the phrase's words occur in order (`at`: where each word, or a near-miss of it, was heard), or its
+    words run together are among `joined_heard` (heard words run together, and the near-misses of those)."""
+    first, rest = phrase[0], phrase[1:]
+    for start in at.get(first, ()):
+        if all(start + offset in at.get(word, ()) for offset, word in enumerate(rest, 1)):
+            return True
+    return "".join(phrase) in joined_heard
