@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -571,27 +572,60 @@ async def store_analysis(db: Queryable, *, organization_id: str, call_log_id: st
     return status != "UPDATE 0"
 
 
-async def claim_for_analysis(db: Queryable, *, call_log_id: str, node_id: str, stale_after: timedelta) -> str | None:
-    """Take an ended call's post-call analysis for engine node `node_id`; its organization id, or None.
+@dataclass(frozen=True, slots=True)
+class AnalysisClaim:
+    """A call's post-call analysis taken by a node: the call's organization, and which attempt this is (1 first)."""
+
+    organization_id: str
+    attempt: int
+
+
+async def claim_for_analysis(
+    db: Queryable, *, call_log_id: str, node_id: str, stale_after: timedelta
+) -> AnalysisClaim | None:
+    """Take an ended call's post-call analysis for engine node `node_id`, counting the attempt; None if not taken.
 
     None if the call is still IN_PROGRESS, already analyzed (metadata.analysis), or claimed by a node less than
-    `stale_after` ago: one node analyzes each call, and a claim left by a node that died is taken over.
+    `stale_after` ago: one node analyzes each call, and a claim left by a node that died, or one put off
+    (`put_off_analysis`), is taken over once stale. Each claim counts one attempt in metadata.analysisClaim.attempts.
     Unscoped by design: it runs on behalf of the engine, as calls end.
     """
-    organization_id: str | None = await db.fetchval(
+    row = await db.fetchrow(
         """
-        UPDATE "CallLog" SET "metadata" = "metadata"
-            || jsonb_build_object('analysisClaim', jsonb_build_object('node', $2::text, 'at', now()))
+        UPDATE "CallLog" SET "metadata" = "metadata" || jsonb_build_object('analysisClaim', jsonb_build_object(
+                'node', $2::text, 'at', now(),
+                'attempts', COALESCE(("metadata" -> 'analysisClaim' ->> 'attempts')::int, 0) + 1,
+                'lastError', "metadata" -> 'analysisClaim' -> 'lastError'))
         WHERE "id" = $1 AND "status" <> 'IN_PROGRESS' AND NOT ("metadata" ? 'analysis')
           AND (NOT ("metadata" ? 'analysisClaim')
                OR ("metadata" -> 'analysisClaim' ->> 'at')::timestamptz < now() - $3::interval)
-        RETURNING "organizationId"
+        RETURNING "organizationId", ("metadata" -> 'analysisClaim' ->> 'attempts')::int AS "attempt"
         """,
         call_log_id,
         node_id,
         stale_after,
     )
-    return organization_id
+    return None if row is None else AnalysisClaim(row["organizationId"], row["attempt"])
+
+
+async def put_off_analysis(
+    db: Queryable, *, call_log_id: str, node_id: str, stale_after: timedelta, retry_in: timedelta, error: str
+) -> bool:
+    """Leave node `node_id`'s claim on the call's analysis to go stale `retry_in` from now (the sweep then takes it
+    up again), noting `error` as why; whether the claim was still the node's and the call unanalyzed."""
+    status = await db.execute(
+        """
+        UPDATE "CallLog" SET "metadata" = jsonb_set("metadata", '{analysisClaim}', ("metadata" -> 'analysisClaim')
+                || jsonb_build_object('at', now() - $3::interval + $4::interval, 'lastError', $5::text))
+        WHERE "id" = $1 AND "metadata" -> 'analysisClaim' ->> 'node' = $2 AND NOT ("metadata" ? 'analysis')
+        """,
+        call_log_id,
+        node_id,
+        stale_after,
+        retry_in,
+        error,
+    )
+    return status == "UPDATE 1"
 
 
 async def awaiting_analysis(db: Queryable, *, ended_within: timedelta, stale_after: timedelta, limit: int) -> list[str]:

@@ -457,3 +457,74 @@ async def test_the_sweep_takes_up_analyses_a_dead_engine_left_undone(
     assert "success" in await metadata_of(pool, never_queued)
     assert "success" in await metadata_of(pool, claimed_by_the_dead)
     assert "analysis" not in await metadata_of(pool, claimed_just_now)  # its engine may still be at it
+
+
+async def test_a_model_failing_for_a_passing_reason_is_asked_again_later_then_its_failure_stored(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # OpenAI's server errors (and rate limits) pass: the call is put off and the sweep asks again, up to
+    # ANALYSIS_ATTEMPTS times, before the failure becomes the call's analysis.
+    monkeypatch.setattr(post_call, "RETRY_DELAYS", (timedelta(milliseconds=200), timedelta(milliseconds=400)))
+    agent_id = await make_agent(pool, organization_id, **CLOUD_LLM)
+    recovers = await finished_call(pool, organization_id, agent_id, BOOKED)
+    analyzer = PostCallAnalyzer(deps, node_id="retrying", stale_after=timedelta(minutes=10))
+    asked = len(openai.json_requests)
+
+    openai.fail_next = 2  # the shared client retries once: the first attempt fails
+    analyzer.submit(recovers)
+    await analyzer.close()
+    metadata = await metadata_of(pool, recovers)
+    assert "analysis" not in metadata and "success" not in metadata
+    claim = metadata["analysisClaim"]
+    assert (claim["attempts"], claim["lastError"]) == (1, "OpenAI answered HTTP 500")
+    # The sweep submits what it finds unanalyzed (other tests' calls too): submitted here as it would.
+    analyzer.submit(recovers)
+    await analyzer.close()
+    assert (await metadata_of(pool, recovers))["analysisClaim"]["attempts"] == 1  # put off: not taken up yet
+    await asyncio.sleep(0.3)
+    analyzer.submit(recovers)
+    await analyzer.close()
+    metadata = await metadata_of(pool, recovers)
+    assert metadata["success"] is True and "error" not in metadata["analysis"]
+    assert metadata["analysisClaim"]["attempts"] == 2
+    assert len(openai.json_requests) == asked + 3
+
+    never = await finished_call(pool, organization_id, agent_id, BOOKED)
+    openai.fail_next = 2 * post_call.ANALYSIS_ATTEMPTS
+    try:
+        analyzer.submit(never)
+        await analyzer.close()
+        for delay in (0.3, 0.5):
+            assert "analysis" not in await metadata_of(pool, never)
+            await asyncio.sleep(delay)
+            analyzer.submit(never)
+            await analyzer.close()
+    finally:
+        openai.fail_next = 0
+    metadata = await metadata_of(pool, never)
+    assert metadata["analysis"]["error"] == "OpenAI answered HTTP 500"
+    assert metadata["analysisClaim"]["attempts"] == post_call.ANALYSIS_ATTEMPTS
+    asked = len(openai.json_requests)
+    analyzer.submit(never)
+    await analyzer.close()
+    assert len(openai.json_requests) == asked  # stored: never asked again
+    awaiting = await call_logs.awaiting_analysis(
+        pool, ended_within=timedelta(hours=1), stale_after=timedelta(0), limit=10_000
+    )
+    assert never not in awaiting and recovers not in awaiting  # no sweep takes either up again
+
+
+async def test_a_failure_that_asking_again_cannot_mend_is_stored_at_once(
+    deps: PostCallDeps, openai: FakeOpenAI, pool: asyncpg.Pool, organization_id: str
+) -> None:
+    agent_id = await make_agent(pool, organization_id, **CLOUD_LLM)
+    call_log_id = await finished_call(pool, organization_id, agent_id, BOOKED)
+    openai.json_replies.append("This is not JSON.")
+    analyzer = PostCallAnalyzer(deps, node_id="no-retry")
+
+    analyzer.submit(call_log_id)
+    await analyzer.close()
+
+    metadata = await metadata_of(pool, call_log_id)
+    assert "not the JSON asked for" in metadata["analysis"]["error"]
+    assert metadata["analysisClaim"]["attempts"] == 1

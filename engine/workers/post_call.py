@@ -57,6 +57,13 @@ each read, not the answer: a model (or a proxy) that trickles bytes would otherw
 analyzer's few places, for as long as it keeps trickling. Long enough for an answer of ANSWER_MAX_TOKENS at a slow
 model's 50 tokens a second, retried once."""
 
+ANALYSIS_ATTEMPTS: Final = 3
+"""How many times the analyzer asks the model about a call whose request failed for a passing reason (HTTP 408, 409,
+429 or 5xx, no answer in time, OpenAI unreachable) before it stores the failure as the call's analysis."""
+RETRY_DELAYS: Final = (timedelta(minutes=1), timedelta(minutes=5))
+"""How long the analyzer waits after the first and second passing failure before asking again (the sweep takes the
+call up then, on whichever engine process runs it first)."""
+
 MAX_TRANSCRIPT_CHARS: Final = 60_000
 """The transcript sent for analysis is cut (keeping its start and end) beyond this many characters."""
 
@@ -116,6 +123,8 @@ class CallAnalysis:
     reason: str | None = None
     skipped: str | None = None
     error: str | None = None
+    retry: bool = False
+    """The request failed for a passing reason and nothing was stored: the call is to be analyzed again later."""
 
 
 class _Verdict(BaseModel):
@@ -135,12 +144,16 @@ class _Verdict(BaseModel):
         return storable_text(text)
 
 
-async def analyze_call(deps: AnalysisDeps, *, organization_id: str, call_log_id: str) -> CallAnalysis:
+async def analyze_call(
+    deps: AnalysisDeps, *, organization_id: str, call_log_id: str, retry_later: bool = False
+) -> CallAnalysis:
     """Summarize and judge one finished call of the organization and store the result (the agent's successRate follows).
 
     NotFound if the organization has no such call; a call still IN_PROGRESS raises ValueError. Model failures
     (unreachable, refusing, answering something that is not the JSON asked for) are stored in
-    `metadata.analysis.error` and returned, never raised: the call itself is over and stays as it is. A call that
+    `metadata.analysis.error` and returned, never raised: the call itself is over and stays as it is; with
+    `retry_later`, a failure for a passing reason (a rate limit, a server error, no answer in time) stores nothing
+    and returns `retry`, for the caller to ask again later (PostCallAnalyzer does). A call that
     has an analysis by the time this one is stored (another engine took it over and finished first) keeps it: nothing
     is stored or announced twice.
     """
@@ -187,6 +200,9 @@ async def analyze_call(deps: AnalysisDeps, *, organization_id: str, call_log_id:
     try:
         verdict = await _ask(deps, option, api_key, messages)
     except _AnalysisError as exc:
+        if retry_later and exc.passing:
+            log.warning("CallLog %s: post-call analysis failed, to be asked again: %s", call_log.id, exc)
+            return CallAnalysis(call_log.id, error=str(exc), retry=True)
         log.warning("CallLog %s: post-call analysis failed: %s", call_log.id, exc)
         await _store(pool, call_log, {"analysis": {"error": str(exc), "model": option.model, "at": _now()}})
         return CallAnalysis(call_log.id, error=str(exc))
@@ -281,7 +297,16 @@ def _messages(*, template: str | None, criteria: str, transcript: str) -> list[C
 
 
 class _AnalysisError(Exception):
-    """The model could not give an analysis; the message says why (never the key)."""
+    """The model could not give an analysis; the message says why (never the key). `passing`: asking again later
+    may well succeed (a rate limit, a server error, no answer in time, OpenAI unreachable)."""
+
+    def __init__(self, message: str, *, passing: bool = False) -> None:
+        super().__init__(message)
+        self.passing = passing
+
+
+_PASSING_STATUSES: Final = frozenset({408, 409, 429})
+"""HTTP statuses, besides 5xx, that say "not now" rather than "never" (the SDK retries the same ones)."""
 
 
 async def _ask(
@@ -304,11 +329,12 @@ async def _ask(
                 "/chat/completions", body=body, options={"security": {"bearer_auth": True}}, cast_to=bytes
             )
     except TimeoutError:
-        raise _AnalysisError(f"OpenAI did not answer within {ANSWER_SECONDS:g} s") from None
+        raise _AnalysisError(f"OpenAI did not answer within {ANSWER_SECONDS:g} s", passing=True) from None
     except openai.APIStatusError as exc:
-        raise _AnalysisError(f"OpenAI answered HTTP {exc.status_code}") from None
-    except openai.APIError as exc:
-        raise _AnalysisError(f"OpenAI could not be reached: {type(exc).__name__}") from None
+        passing = exc.status_code in _PASSING_STATUSES or exc.status_code >= 500
+        raise _AnalysisError(f"OpenAI answered HTTP {exc.status_code}", passing=passing) from None
+    except openai.APIError as exc:  # connection errors and time-outs: the request had no answer
+        raise _AnalysisError(f"OpenAI could not be reached: {type(exc).__name__}", passing=True) from None
     content = _answer_text(answer)
     if not content:
         raise _AnalysisError("the model gave no answer")
@@ -362,7 +388,9 @@ class PostCallAnalyzer:
     Each analysis first claims its call (metadata.analysisClaim), so that of several engine processes exactly one
     analyzes it. Every `sweep_seconds` the analyzer also takes up calls that started within `sweep_window` and
     ended with no analysis and no live claim: those whose process died with their analysis queued or running
-    (a claim goes stale after `stale_after`). Shutting down waits `grace_seconds` for running analyses.
+    (a claim goes stale after `stale_after`), and those whose model request failed for a passing reason, put off by
+    `RETRY_DELAYS` until their `ANALYSIS_ATTEMPTS`th attempt, whose failure is stored. Shutting down waits
+    `grace_seconds` for running analyses.
     """
 
     def __init__(
@@ -397,11 +425,26 @@ class PostCallAnalyzer:
     async def _analyze(self, call_log_id: str) -> None:
         async with self._slots:
             try:
-                organization_id = await call_logs.claim_for_analysis(
+                claim = await call_logs.claim_for_analysis(
                     self._deps.pool, call_log_id=call_log_id, node_id=self._node_id, stale_after=self._stale_after
                 )
-                if organization_id is not None:
-                    await analyze_call(self._deps, organization_id=organization_id, call_log_id=call_log_id)
+                if claim is None:
+                    return
+                result = await analyze_call(
+                    self._deps,
+                    organization_id=claim.organization_id,
+                    call_log_id=call_log_id,
+                    retry_later=claim.attempt < ANALYSIS_ATTEMPTS,
+                )
+                if result.retry:
+                    await call_logs.put_off_analysis(
+                        self._deps.pool,
+                        call_log_id=call_log_id,
+                        node_id=self._node_id,
+                        stale_after=self._stale_after,
+                        retry_in=RETRY_DELAYS[min(claim.attempt, len(RETRY_DELAYS)) - 1],
+                        error=result.error or "",
+                    )
             except Exception:  # one call's analysis must never take the engine down
                 log.exception("CallLog %s: post-call analysis failed", call_log_id)
 
