@@ -9,7 +9,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
@@ -35,7 +35,7 @@ class Database:
     call_writes: asyncpg.Pool | None = None
     """A few connections for the live calls' CallLog writers, given back without asyncpg's reset query (see
     `create_pool(stateless=True)`): the writers' statements are most of a busy engine's queries. None: use `pool`."""
-    url: str = ""
+    url: str = field(default="", repr=False)  # its password with it: `location` says where, for a traceback or print
     """The connection URL (with its password: never log it), for the few dedicated connections beside the pools."""
 
     @property

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 import asyncpg
 import pytest
 
 from config.settings import Settings
-from storage.pool import create_pool, database, open_database
+from storage.pool import create_pool, database, describe_location, open_database
 
 
 async def _application_name_after_release(url: str, *, stateless: bool) -> str:
@@ -58,3 +60,15 @@ async def test_open_database_gives_the_call_writers_their_own_stateless_pool(db_
 async def test_commands_open_no_pool_for_calls(db_url: str) -> None:
     async with database(Settings(database_url=db_url)) as db:
         assert db.call_writes is None and db.call_log_pool is db.pool
+
+
+async def test_a_database_printed_shows_where_it_points_but_not_its_password(db_url: str) -> None:
+    parts = urlsplit(db_url)
+    password = parts.password or "not-for-tracebacks"
+    netloc = f"{parts.username or 'postgres'}:{password}@{parts.netloc.rpartition('@')[2]}"
+    with_password = urlunsplit(parts._replace(netloc=netloc))  # the server trusts its socket: any password connects
+    async with database(Settings(database_url=with_password)) as db:
+        assert await db.pool.fetchval("SELECT 1") == 1
+        shown = repr(db)
+    assert password not in shown
+    assert describe_location(with_password) in shown
