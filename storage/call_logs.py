@@ -505,7 +505,9 @@ async def claim_stream(db: Queryable, *, call_log_id: str, call_id: str, node_id
 
     The stream names the call twice, by CallSid and by CallLog id (an outbound call whose CallSid is not stored yet
     adopts it here, as `adopt_call_id` does); the call must be IN_PROGRESS and taken by no stream yet. One
-    conditional UPDATE tags it with the node (metadata.engineNode) and queues call.started with it, so of two
+    conditional UPDATE tags it with the node (metadata.engineNode) and the instant, by the database's clock, its
+    stream started (metadata.streamStartedAt: an outbound call's answer, which its `timestamp`, the dial, is not),
+    and queues call.started with it, so of two
     streams racing for one call, on one node or on two, exactly one wins; from then on the call is that node's to
     end (or recovery's, should the node die), not a status callback's. Returns the call taken, or None: no such
     call, not in progress, or taken already. Unscoped by design: the stream knows only what Twilio sent.
@@ -516,7 +518,8 @@ async def claim_stream(db: Queryable, *, call_log_id: str, call_id: str, node_id
                 f"""
                 UPDATE "CallLog" SET
                     "callId" = $2,
-                    "metadata" = "metadata" || jsonb_build_object('engineNode', $3::text)
+                    "metadata" = "metadata" || jsonb_build_object(
+                        'engineNode', $3::text, 'streamStartedAt', statement_timestamp())
                 WHERE "id" = $1 AND ("callId" = $2 OR starts_with("callId", $4))
                   AND "status" = 'IN_PROGRESS' AND NOT "metadata" ? 'engineNode'
                 RETURNING {_COLUMNS}

@@ -159,13 +159,13 @@ async def close_orphaned_calls(
     by design: recovery looks across every organization.
 
     A call closed as transferred gets the duration a transfer that ends normally gets, the agent's part of the call,
-    and pays its started minutes: from the call's start (its `timestamp`, the `startedAt` call.started and call.ended
-    tell) to its leg's opening (`TransferLeg.startedAt`). The leg is opened just before Twilio is asked to dial, and
-    the call's media session ends at Twilio's `stop`, which follows once Twilio acts on that request: of what the
-    database holds, it is the last instant the agent surely still had the caller. (The leg's settlement is later, by
-    the whole dial; and it may not have come yet.) An outbound call's `timestamp` is when it was dialed (nothing
-    stores when its stream started), so its duration counts its ringing too; the minutes it pays are never more than
-    its meter had reserved as it ran.
+    and pays its started minutes: from its media stream's start (`metadata.streamStartedAt`, `call_logs.claim_stream`:
+    a media session's duration runs from there, and an outbound call's ringing does not count) to its leg's opening
+    (`TransferLeg.startedAt`). The leg is opened just before Twilio is asked to dial, and the call's media session
+    ends at Twilio's `stop`, which follows once Twilio acts on that request: of what the database holds, it is the
+    last instant the agent surely still had the caller. (The leg's settlement is later, by the whole dial; and it may
+    not have come yet.) A call whose stream an engine without `streamStartedAt` took (one of an earlier version)
+    runs from its `timestamp` instead. The minutes it pays are never more than its meter had reserved as it ran.
     """
     transferred = """(c."metadata" ? 'engineNode' AND (c."id" = ANY($4::text[]) OR EXISTS (
         SELECT 1 FROM "TransferLeg" l WHERE l."callLogId" = c."id" AND l."endedAt" IS NOT NULL
@@ -176,7 +176,8 @@ async def close_orphaned_calls(
             UPDATE "CallLog" c SET
                 "status" = CASE WHEN {transferred} THEN 'COMPLETED'::"CallStatus" ELSE 'FAILED'::"CallStatus" END,
                 "duration" = CASE WHEN {transferred} THEN (
-                    SELECT ceil(GREATEST(extract(EPOCH FROM l."startedAt" - c."timestamp"), 0))::integer
+                    SELECT ceil(GREATEST(extract(EPOCH FROM l."startedAt" - COALESCE(
+                        (c."metadata"->>'streamStartedAt')::timestamptz, c."timestamp")), 0))::integer
                     FROM "TransferLeg" l WHERE l."callLogId" = c."id") ELSE c."duration" END,
                 "metadata" = c."metadata" || CASE
                     WHEN {transferred} THEN jsonb_build_object('endReason', $6::text, 'endDetail', $9::text)

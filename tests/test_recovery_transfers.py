@@ -46,6 +46,8 @@ from tests.test_webhook_fairness import fresh
 __all__ = ["deepgram", "fresh", "openai"]  # fixtures: the fakes behind Deepgram and OpenAI, a database per test
 
 RATES = {"free": RATE, "pro": RATE, "enterprise": RATE}
+RINGS_MS = 4000
+"""How long the callee's phone rings before an outbound call is answered, when its ringing must show."""
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +111,22 @@ async def killed_mid_transfer(
     pool: asyncpg.Pool,
     fakes: tuple[FakeTwilio, FakeDeepgram, FakeOpenAI],
     organization_id: str,
+    *,
+    ring_ms: int = 100,
 ) -> PlacedCall:
-    """A call `doomed` runs whose model transfers the callee to billing; Twilio takes the transfer (the stream's
-    `stop`, its `<Dial>`) but has not answered the request yet when the process is killed."""
+    """A call `doomed` runs whose model transfers the callee (who answers after `ring_ms`) to billing; Twilio takes
+    the transfer (the stream's `stop`, its `<Dial>`) but has not answered the request yet when the process is killed.
+    """
     twilio, deepgram, openai = fakes
     async with placing_through(doomed.url, database_url, pool, twilio) as deps:
         placed = await transfer_to_billing(
-            deps, pool, twilio=twilio, deepgram=deepgram, openai=openai, organization_id=organization_id
+            deps,
+            pool,
+            twilio=twilio,
+            deepgram=deepgram,
+            openai=openai,
+            organization_id=organization_id,
+            ring_ms=ring_ms,
         )
     call = twilio.calls[placed.call_sid]
     call.answer_gate = asyncio.Event()  # acted on, answered only once the process is gone
@@ -142,7 +153,7 @@ async def test_a_call_whose_engine_was_killed_after_twilio_took_its_transfer_end
     (tmp_path / "killed").mkdir()
     (tmp_path / "next").mkdir()
     async with engine(database_url, tmp_path / "killed", drain_seconds=20, **settings) as doomed:
-        placed = await killed_mid_transfer(doomed, database_url, pool, fakes, org)
+        placed = await killed_mid_transfer(doomed, database_url, pool, fakes, org, ring_ms=RINGS_MS)
     still_open = await pool.fetchrow('SELECT "status" FROM "CallLog" WHERE "id" = $1', placed.call_log_id)
     assert still_open is not None and still_open["status"] == "IN_PROGRESS", "the process died before its end"
 
@@ -159,10 +170,13 @@ async def test_a_call_whose_engine_was_killed_after_twilio_took_its_transfer_end
         placed.call_log_id,
     )
     assert [row["payload"]["data"]["endReason"] for row in told] == ["transferred"]
-    # The agent's part of the call ran from its start to its transfer's leg, as a transfer that ends normally does.
+    # The agent's part of the call ran from its answer (its stream's start) to its transfer's leg, as a transfer that
+    # ends normally does: the callee's phone ringing is not part of it.
     leg_opened = await pool.fetchval('SELECT "startedAt" FROM "TransferLeg" WHERE "callLogId" = $1', placed.call_log_id)
-    ran = math.ceil((leg_opened - ended["timestamp"]).total_seconds())
+    answered = datetime.fromisoformat(ended["metadata"]["streamStartedAt"])
+    ran = math.ceil((leg_opened - answered).total_seconds())
     assert ran >= 1 and ended["duration"] == ran
+    assert math.ceil((leg_opened - ended["timestamp"]).total_seconds()) >= ran + RINGS_MS // 1000 - 1  # it rang
     assert told[0]["payload"]["data"]["duration"] == ran
     # The dial's action request (or the sweep) settles the leg, once.
     settled = await transfer_legs.settle_leg(

@@ -85,10 +85,11 @@ async def transfer_to_billing(
     asks_after_ms: int = 1500,
     stays_ms: int = 20_000,
     agent_settings: Mapping[str, Any] | None = None,
+    ring_ms: int = 100,
 ) -> PlacedCall:
-    """An outbound call of the organization whose callee asks for billing, then stays `stays_ms` on the line; the
-    model transfers them there (or, not `model_transfers`, only says it will). `agent_settings` are the agent's
-    configuration beyond its transfers."""
+    """An outbound call of the organization whose callee answers after `ring_ms`, asks for billing, then stays
+    `stays_ms` on the line; the model transfers them there (or, not `model_transfers`, only says it will).
+    `agent_settings` are the agent's configuration beyond its transfers."""
     caller_id = await phone_numbers.create_phone_number(
         pool, organization_id=organization_id, phone_number=f"+1555019{next(_numbers):04d}"
     )
@@ -111,7 +112,9 @@ async def transfer_to_billing(
     openai.replies.append(["Transferring you now.", transfer] if model_transfers else ["One moment, please."])
     callee = f"+1646555{next(_numbers):04d}"
     asks = Say("put me through to billing")
-    twilio.behave(callee, Answer(greeting="Hello?", script=[Pause(asks_after_ms), asks, Pause(stays_ms)]))
+    twilio.behave(
+        callee, Answer(greeting="Hello?", script=[Pause(asks_after_ms), asks, Pause(stays_ms)], ring_ms=ring_ms)
+    )
     placed = await place_call(
         deps, organization_id=organization_id, agent_id=agent.id, from_number=caller_id.phone_number, to=callee
     )
