@@ -7,6 +7,8 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -235,8 +237,10 @@ async def _poll_health(url: str, attempts: int = 600) -> int:
     pytest.fail(f"nothing answered at {url}")
 
 
-async def test_call_reaches_the_engine_on_the_port_serve_was_given_by_its_settings(db_url: str, tmp_path: Path) -> None:
-    # `DIALTONE_PORT=… make run`, then `dialtone call` in the same shell: both read the same settings.
+@asynccontextmanager
+async def _serving_the_demo(db_url: str, tmp_path: Path) -> AsyncIterator[dict[str, str]]:
+    """`dialtone seed-demo`, then `dialtone serve` on a port of its settings, running for the block: the settings a
+    `dialtone call` in the same shell has (`DIALTONE_PORT=… make run`, then `dialtone call`)."""
     port = _free_port()
     env = _clean_env(DATABASE_URL=db_url, DIALTONE_PORT=str(port))
     code, _, stderr = await _run("seed-demo", env=env, cwd=tmp_path)
@@ -246,10 +250,27 @@ async def test_call_reaches_the_engine_on_the_port_serve_was_given_by_its_settin
     )
     try:
         await _poll_health(f"http://127.0.0.1:{port}/health")
-        code, stdout, stderr = await _run("call", "--pause", "100", env=env, cwd=tmp_path)
+        yield env
     finally:
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.communicate(), 20)
+
+
+async def test_call_reaches_the_engine_on_the_port_serve_was_given_by_its_settings(db_url: str, tmp_path: Path) -> None:
+    async with _serving_the_demo(db_url, tmp_path) as env:
+        code, stdout, stderr = await _run("call", "--pause", "100", env=env, cwd=tmp_path)
     assert code == 0, stdout + stderr
     assert "webhook answered 200" in stdout
     assert "call ended: caller hung up" in stdout
+
+
+async def test_call_prints_the_conversation_with_the_agents_words(db_url: str, tmp_path: Path) -> None:
+    async with _serving_the_demo(db_url, tmp_path) as env:
+        code, stdout, stderr = await _run(
+            "call", "--say", "I would like to book an appointment", env=env, cwd=tmp_path, timeout=120
+        )
+    assert code == 0, stdout + stderr
+    conversation = stdout.partition("\nconversation (CallLog ")[2].splitlines()[1:]
+    # The demo agent's greeting, then the caller's words as the engine heard them, then the agent's answer.
+    assert conversation[0].startswith("  Agent: Thanks for calling the Dialtone demo front desk."), stdout
+    assert [line.split(":")[0] for line in conversation[:3]] == ["  Agent", "  Caller", "  Agent"], stdout

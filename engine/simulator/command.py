@@ -13,11 +13,18 @@ from config.settings import Settings
 from engine.simulator.call import simulate_call
 from engine.simulator.results import CallEnding, SimEvent, SimulationError
 from engine.simulator.script import Dtmf, Pause, PlayWav, Say, Step
+from storage import call_logs, phone_numbers
+from storage.embedded import PGDATA_DIRNAME
+from storage.enums import CallStatus
+from storage.errors import DATABASE_ERRORS
+from storage.pool import database
 
 __all__ = ["add_call_command", "run_call_command"]
 
 # `serve` on every address is reached on loopback.
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104 (read, never bound)
+_CALL_LOG_PATIENCE_S = 10.0
+"""How long the command waits, after the stream has closed, for the engine to write the call's last turns."""
 
 
 class _StepAction(argparse.Action):
@@ -98,10 +105,44 @@ async def run_call_command(args: argparse.Namespace, settings: Settings) -> int:
     ending = result.ending.value if result.ending else "unknown"
     heard = sum(u.duration_s for u in result.utterances)
     print(f"call ended: {ending}; agent spoke {len(result.utterances)} time(s), {heard:.1f} s", flush=True)
+    if result.call_log_id is not None:
+        print(await _conversation(settings, called=args.to, call_log_id=result.call_log_id), flush=True)
     if args.save:
         await asyncio.to_thread(result.save_heard, args.save)
         print(f"saved what the caller heard to {args.save}", flush=True)
     return 0 if result.ending in (CallEnding.CALLER_HUNG_UP, CallEnding.ENGINE_CLOSED) else 1
+
+
+async def _conversation(settings: Settings, *, called: str, call_log_id: str) -> str:
+    """The call's conversation as the engine wrote it (`CallLog.transcript`: the words of every turn, the agent's
+    too), read from the database the settings name once the call has ended; else a line saying why it is not shown.
+    """
+    if settings.database_url is None and not (settings.state_dir / PGDATA_DIRNAME / "postmaster.pid").exists():
+        # Not the engine's database: starting an embedded server here would make an empty one.
+        return f"conversation not shown: no embedded database runs in {settings.state_dir} and DATABASE_URL is unset"
+    try:
+        async with database(settings) as db:
+            number = await phone_numbers.find_by_number(db.pool, number=called)
+            if number is None:
+                return f"conversation not shown: {called} is not a number of the database at {db.location}"
+            loop = asyncio.get_running_loop()
+            give_up_at = loop.time() + _CALL_LOG_PATIENCE_S
+            while True:
+                call = await call_logs.get_call_log(
+                    db.pool, organization_id=number.organization_id, call_log_id=call_log_id
+                )
+                if call.status is not CallStatus.IN_PROGRESS or loop.time() >= give_up_at:
+                    break
+                await asyncio.sleep(0.2)
+    except DATABASE_ERRORS as exc:
+        return f"conversation not shown: {exc}"
+    still = (
+        " (the call is still in progress: its last turns may be missing)"
+        if call.status is CallStatus.IN_PROGRESS
+        else ""
+    )
+    lines = (call.transcript or "").splitlines() or ["(nothing was said)"]
+    return "\n".join([f"conversation (CallLog {call_log_id}){still}:", *(f"  {line}" for line in lines)])
 
 
 def _engine_url(settings: Settings) -> str:
