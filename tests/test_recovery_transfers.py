@@ -27,10 +27,12 @@ from engine.workers.recovery import NodeHeartbeat
 from storage import call_logs, credit_reservations, engine_nodes, events, organizations, transfer_legs
 from storage.call_logs import CallLog
 from storage.enums import CallStatus
+from storage.pool import create_pool
 from tests.fakes.deepgram import FakeDeepgram
 from tests.fakes.engine_processes import free_port
 from tests.fakes.openai_chat import FakeOpenAI
 from tests.fakes.twilio import Answer, FakeCall, FakeTwilio
+from tests.test_call_log_writer import OnOffProxy
 from tests.test_calls_e2e import TOKEN
 from tests.test_calls_e2e import call as simulated_call
 from tests.test_drain_processes import Engine, engine, held_call
@@ -395,3 +397,68 @@ async def test_a_lost_call_closed_transferred_lasts_and_pays_as_a_transfer_that_
     assert ended.duration is not None and 100 <= ended.duration <= 101
     assert (ended.metadata["minutesCharged"], ended.metadata["creditsPerMinute"]) == (2, RATE)
     assert await pool.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', call.organization_id) == balance
+
+
+async def test_a_pass_a_heartbeat_outage_interrupts_is_cancelled_and_the_next_one_closes_its_calls_once(
+    fresh: tuple[str, asyncpg.Pool], twilio: FakeTwilio, postgres_server_url: str
+) -> None:
+    _, pool = fresh
+    proxy = OnOffProxy(postgres_server_url)
+    await proxy.up()
+    proxied = await create_pool(
+        proxy.url(await pool.fetchval("SELECT current_database()")), min_size=1, max_size=2, timeout=1
+    )
+    async with client_of(twilio) as client:
+        node = NodeHeartbeat(
+            proxied,
+            heartbeat_interval=timedelta(seconds=0.05),
+            recovery_interval=timedelta(seconds=0.1),
+            node_timeout=timedelta(seconds=1),
+            twilio=client,
+        )
+        await node.start()
+        try:
+            async with slow_twilio(twilio) as answer:
+                lost = await lost_call_with_a_transfer(pool)
+                await events.create_event(
+                    pool, organization_id=lost.organization_id, name="call.ended", webhook_url="https://hooks.example/x"
+                )
+                await engine_nodes.register_node(
+                    pool, node_id="neighbour", hostname="elsewhere", pid=2, now=datetime.now(UTC)
+                )
+                running = await open_call(pool, lost.organization_id, metadata={"engineNode": "neighbour"})
+                await asked_about(twilio, lost)  # a pass of the node's waits on Twilio
+                await proxy.down()  # the database is away for both nodes, longer than the node timeout
+                await asyncio.sleep(1.5)
+                await proxy.up()
+                twilio.dialed_calls[lost.call_id] = [
+                    FakeCall(
+                        sid=f"CA{secrets.token_hex(16)}",
+                        to=BILLING,
+                        from_="+15550100000",
+                        params={},
+                        behaviour=Answer(),
+                    )
+                ]
+                answer.set()  # the interrupted pass, had it gone on, would judge the neighbour now
+                await asyncio.sleep(0.3)  # the neighbour's first heartbeat after the outage comes a little later
+                for _ in range(10):
+                    await engine_nodes.heartbeat(pool, node_id="neighbour", now=datetime.now(UTC))
+                    await asyncio.sleep(0.2)
+            assert await pool.fetchval('SELECT "status" FROM "CallLog" WHERE "id" = $1', running.id) == "IN_PROGRESS"
+            ended = await finished_log(pool, lost.id)  # the next pass asks Twilio again, and closes it
+        finally:
+            await node.stop()
+            proxied.terminate()
+            await proxy.down()
+    assert (ended["status"], ended["metadata"]["endReason"]) == ("COMPLETED", "transferred")
+    asked = [lookup for lookup in twilio.lookups if lookup.get("ParentCallSid") == lost.call_id]
+    assert len(asked) >= 2, "the next pass asked Twilio again"
+    told = await pool.fetchval(
+        """SELECT count(*) FROM "WebhookDelivery" WHERE "event" = 'call.ended'
+           AND "payload"->'data'->>'callLogId' = $1""",
+        lost.id,
+    )
+    assert told == 1
+    assert await credit_reservations.reserved_credits(pool, call_log_id=lost.id) is None
+    assert ended["metadata"]["minutesCharged"] == 1  # settled once: the minute it surely started

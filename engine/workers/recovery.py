@@ -51,6 +51,9 @@ TRANSFER_LOOKUPS_AT_ONCE = 4
 TRANSFER_LOOKUP_BUDGET = timedelta(seconds=2 * REQUEST_TIMEOUT_SECONDS)
 """How long a recovery pass waits for Twilio's records of the lost calls' transfers in all; a call whose record is not
 in by then ends as if Twilio could not be asked (`engine_lost`)."""
+# Neither is a setting: only the calls a node lost between asking Twilio for their transfer and Twilio's `stop` are
+# looked up, a handful a crash; four at a time answer dozens within the budget without holding much of the account's
+# REST concurrency, and the budget only bounds how long Twilio's silence delays the others' closing.
 
 
 def _utc_now() -> datetime:
