@@ -465,6 +465,24 @@ async def test_the_call_command_prints_the_conversation_and_saves_what_was_heard
     assert (tmp_path / "h.wav").is_file()
 
 
+async def test_the_call_command_without_a_database_to_read_says_why_the_conversation_is_not_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def agent(side: Agent) -> None:
+        await side.say(tone_ulaw(100))
+
+    parser = argparse.ArgumentParser()
+    add_call_command(parser.add_subparsers(dest="command"))
+    settings = load_settings(twilio_auth_token=TOKEN, public_url=None, database_url=None, state_dir=tmp_path / "state")
+    async with fake_engine(FakeEngine(agent=agent)) as engine:
+        args = parser.parse_args(["call", "--url", engine.base_url, "--reply-timeout", "1"])
+        status = await run_call_command(args, settings)
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert f"conversation not shown: no embedded database runs in {tmp_path / 'state'}" in out
+    assert not (tmp_path / "state").exists(), "an empty embedded database was started"
+
+
 async def test_the_call_command_on_an_engine_serving_every_address_calls_it_on_loopback(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

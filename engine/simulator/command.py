@@ -117,7 +117,10 @@ async def _conversation(settings: Settings, *, called: str, call_log_id: str) ->
     """The call's conversation as the engine wrote it (`CallLog.transcript`: the words of every turn, the agent's
     too), read from the database the settings name once the call has ended; else a line saying why it is not shown.
     """
-    if settings.database_url is None and not (settings.state_dir / PGDATA_DIRNAME / "postmaster.pid").exists():
+    if (
+        settings.database_url is None
+        and not (settings.state_dir.expanduser() / PGDATA_DIRNAME / "postmaster.pid").exists()
+    ):
         # Not the engine's database: starting an embedded server here would make an empty one.
         return f"conversation not shown: no embedded database runs in {settings.state_dir} and DATABASE_URL is unset"
     try:
