@@ -16,7 +16,7 @@ from engine.simulator.script import Dtmf, Pause, PlayWav, Say, Step
 from storage import call_logs, phone_numbers
 from storage.embedded import PGDATA_DIRNAME
 from storage.enums import CallStatus
-from storage.errors import DATABASE_ERRORS
+from storage.errors import DATABASE_ERRORS, NotFound
 from storage.pool import database
 
 __all__ = ["add_call_command", "run_call_command"]
@@ -137,6 +137,8 @@ async def _conversation(settings: Settings, *, called: str, call_log_id: str) ->
                 if call.status is not CallStatus.IN_PROGRESS or loop.time() >= give_up_at:
                     break
                 await asyncio.sleep(0.2)
+    except NotFound:
+        return f"conversation not shown: CallLog {call_log_id} is not in the database at {db.location}"
     except DATABASE_ERRORS as exc:
         return f"conversation not shown: {exc}"
     still = (
