@@ -3,8 +3,9 @@
 A call reserves its first minute when its CallLog is created, extends the reservation one minute at a time while it
 runs, and its ending settles it: the minutes used are charged, the rest returns to the organization. A CallLog deleted
 while its call runs (the dashboard deletes rows in SQL) settles it at the deletion, by the rule of
-`settle_orphaned_reservations` (migration 0031). Each change is one SQL statement, so concurrent calls can never
-reserve the same credit twice.
+`settle_orphaned_reservations` (migration 0031); a reservation deleted any other way while its call is IN_PROGRESS is
+refused (migration 0035). Each change is one SQL statement, so concurrent calls can never reserve the same credit
+twice.
 """
 
 from __future__ import annotations
@@ -102,8 +103,10 @@ async def settle_reservation(db: Queryable, *, organization_id: str, call_log_id
     """End a call's reservation: charge `minutes` started minutes at its rate and return the rest to the balance.
 
     A call that ran past what it reserved is charged what the balance holds, never below zero. Returns the new
-    balance, or None when the call holds no reservation (settled already, or it never reserved). The caller keeps
-    the rate and the minutes in the CallLog's metadata (`settlement_metadata`), for minutes charged after its end.
+    balance, or None when the call holds no reservation (settled already, or it never reserved). The caller has
+    ended the CallLog in the same transaction (the database refuses to delete the reservation of a call still
+    IN_PROGRESS, migration 0035), and keeps the rate and the minutes in its metadata (`settlement_metadata`), for
+    minutes charged after its end.
     """
     if minutes < 0:
         raise ValueError(f"minutes to charge cannot be negative, got {minutes}")

@@ -191,7 +191,9 @@ async def test_an_extension_racing_the_calls_settlement_takes_nothing_from_the_b
     call = await open_paid_call(pool, org)
     async with pool.acquire() as conn, conn.transaction():
         # The call ends (one minute used) while its meter asks for the next minute, which waits for the ending.
-        await credit_reservations.settle_reservation(conn, organization_id=org, call_log_id=call.id, minutes=1)
+        await call_logs.finalize_call_log(
+            conn, organization_id=org, call_log_id=call.id, status=CallStatus.COMPLETED, duration=30, minutes_charged=1
+        )
         extension = asyncio.create_task(credit_reservations.extend_reservation(pool, call_log_id=call.id))
         await blocked_on_a_lock(pool)
 
@@ -218,3 +220,20 @@ async def test_a_deleted_call_pays_the_minutes_it_surely_started_and_the_rest_co
         await credit_reservations.extend_reservation(pool, call_log_id=running.id)
     settled = await credit_reservations.settle_reservation(pool, organization_id=org, call_log_id=running.id, minutes=3)
     assert settled is None and await balance(pool, org) == 10 - 2  # the call's own end finds nothing left to settle
+
+
+async def test_a_deletion_of_running_calls_reservations_is_refused_and_names_the_safe_way(pool: asyncpg.Pool) -> None:
+    # Deleted in SQL, a running call's reservation took its credits with it: none came back, and the call's end
+    # found nothing to charge.
+    org = await new_organization(pool, credits=10)
+    running = await open_paid_call(pool, org)
+    assert await credit_reservations.extend_reservation(pool, call_log_id=running.id)
+
+    with pytest.raises(asyncpg.ObjectInUseError) as refused:
+        await pool.execute('DELETE FROM "CreditReservation" WHERE "callLogId" = $1', running.id)
+
+    assert 'DELETE FROM "CreditReservation" refused' in str(refused.value)
+    assert 'DELETE FROM "CallLog"' in refused.value.as_dict()["hint"]
+    assert await credit_reservations.reserved_credits(pool, call_log_id=running.id) == 2
+    await finish(pool, running, 55)  # it ends in its first minute, the next one reserved ahead
+    assert await balance(pool, org) == 10 - 1

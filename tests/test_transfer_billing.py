@@ -5,6 +5,7 @@ what they pay for (the agent's `transfer.maxMinutes` at most), and it is charged
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from storage.enums import CallStatus
 from storage.errors import NotFound
 from storage.events import create_event
 from storage.organizations import InsufficientCredits
-from storage.records import Queryable
+from storage.records import Connection, Queryable
 from storage.tenancy import tenant_transaction
 from storage.transfer_legs import TransferLeg
 from tests.engine_server import running_engine
@@ -665,3 +666,40 @@ async def test_a_truncate_of_the_credits_running_calls_hold_is_refused_and_names
     assert 'TRUNCATE "CallLog" CASCADE' in refused.value.as_dict()["hint"]
     assert await balance(pool, organization_id) == 100 - RATE - 3 * RATE
     assert await transfer_legs.reserved_leg_credits(pool, call_log_id=opened.id) == 3 * RATE
+
+
+@contextlib.asynccontextmanager
+async def rolled_back(conn: Connection) -> AsyncIterator[None]:
+    """A transaction on `conn`, rolled back at the end: had a TRUNCATE in it gone through, the module's other tests
+    keep their rows."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        yield
+    finally:
+        await transaction.rollback()
+
+
+async def test_a_truncate_of_the_detached_legs_is_refused_unless_their_organizations_go_with_them(
+    pool: asyncpg.Pool,
+) -> None:
+    # A leg its call's deletion detached is still dialed: emptied alone, the table lost the credits it holds for it.
+    organization_id = await organization(pool, credits=100)
+    opened = await open_call(pool, organization_id, credit_rates=RATES)
+    await open_leg(pool, organization_id, opened.id, 3)
+    await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', opened.id)
+    async with pool.acquire() as conn:
+        async with rolled_back(conn):
+            with pytest.raises(asyncpg.ObjectInUseError) as refused:
+                await conn.execute('TRUNCATE "DetachedTransferLeg"')
+        async with rolled_back(conn):
+            # An organization gone has nothing left to pay or to pay back: its detached legs go with it.
+            await conn.execute('TRUNCATE "Organization" CASCADE')
+            left = await conn.fetchval('SELECT count(*) FROM "DetachedTransferLeg"')
+
+    assert 'TRUNCATE "DetachedTransferLeg" refused' in str(refused.value)
+    assert "settlement sweep" in refused.value.as_dict()["hint"]
+    assert left == 0
+    assert await balance(pool, organization_id) == 100 - 3 * RATE  # the call's minute back, the leg's three held
+    detached = 'SELECT "credits" FROM "DetachedTransferLeg" WHERE "callLogId" = $1'
+    assert await pool.fetchval(detached, opened.id) == 3 * RATE
