@@ -6,7 +6,9 @@ agent's limit, move from the organization's balance into the leg, and that lengt
 the leg can never run longer than it holds credits for. When the dial ends, its started minutes are charged at the
 call's rate and the rest returns to the balance; the CallLog's `metadata.transfer` says how it went. A CallLog deleted
 while its leg is open (the dashboard deletes rows in SQL) leaves the leg detached ("DetachedTransferLeg", migration
-0031), settled the same way. Each change is one SQL statement, and settling twice charges once.
+0031), settled the same way. Each change is one SQL statement, and settling twice charges once. A leg's credits return
+through "CreditReturn" when its row is deleted (released, or settled detached): the database refuses a deletion of a
+leg still dialed that does not hand them there (migration 0035).
 """
 
 from __future__ import annotations
@@ -179,24 +181,26 @@ async def settle_leg(
                 FROM leg
                 WHERE c."id" = leg."callLogId"
                 RETURNING c."organizationId", c."agentId", c."campaignId"
+            ), paid AS (
+                UPDATE "Organization" o SET "credits" = o."credits" + leg."credits" - leg."creditsCharged"
+                FROM leg, call
+                WHERE o."id" = call."organizationId"
+                RETURNING o."credits"
             ), detached AS (
                 DELETE FROM "DetachedTransferLeg"
                 WHERE "callLogId" = $1 AND ($5::text IS NULL OR "callId" = $5)
                 RETURNING "organizationId", "agentId", "campaignId", "to", "credits", "timeLimitSeconds",
                           LEAST("credits", "creditsPerMinute" * $4::integer) AS "creditsCharged"
-            ), settled AS (
-                SELECT call."organizationId", call."agentId", call."campaignId", leg."to", leg."credits",
-                       leg."creditsCharged", leg."timeLimitSeconds"
-                FROM leg, call
-                UNION ALL
-                SELECT "organizationId", "agentId", "campaignId", "to", "credits", "creditsCharged", "timeLimitSeconds"
-                FROM detached
+            ), returned AS (
+                INSERT INTO "CreditReturn" ("callLogId", "organizationId", "credits")
+                SELECT $1, "organizationId", "credits" - "creditsCharged" FROM detached
             )
-            UPDATE "Organization" o SET "credits" = o."credits" + settled."credits" - settled."creditsCharged"
-            FROM settled
-            WHERE o."id" = settled."organizationId"
-            RETURNING o."credits", settled."creditsCharged", settled."to", settled."timeLimitSeconds",
-                      settled."organizationId", settled."agentId", settled."campaignId"
+            SELECT paid."credits", leg."creditsCharged", leg."to", leg."timeLimitSeconds",
+                   call."organizationId", call."agentId", call."campaignId"
+            FROM leg, call, paid
+            UNION ALL
+            SELECT NULL, "creditsCharged", "to", "timeLimitSeconds", "organizationId", "agentId", "campaignId"
+            FROM detached
             """,
             call_log_id,
             dial_status,
@@ -206,6 +210,7 @@ async def settle_leg(
         )
         if row is None:
             return None
+        balance: int = row["credits"] if row["credits"] is not None else await _returned(conn, row["organizationId"])
         await enqueue_event(
             conn,
             organization_id=row["organizationId"],
@@ -227,7 +232,7 @@ async def settle_leg(
         dial_status=dial_status,
         duration_seconds=duration_seconds,
         credits_charged=row["creditsCharged"],
-        balance=row["credits"],
+        balance=balance,
     )
 
 
@@ -238,24 +243,33 @@ async def release_leg(db: Queryable, *, call_log_id: str) -> int | None:
     async with transaction(db) as conn:
         # The CallLog first, in the order its deletion's trigger takes them, as `settle_leg` does.
         await conn.execute('SELECT FROM "CallLog" WHERE "id" = $1 FOR NO KEY UPDATE', call_log_id)
-        balance: int | None = await conn.fetchval(
+        organization_id: str | None = await conn.fetchval(
             """
             WITH leg AS (
                 DELETE FROM "TransferLeg" l USING "CallLog" c
                 WHERE l."callLogId" = $1 AND l."endedAt" IS NULL AND c."id" = l."callLogId"
-                RETURNING l."credits", c."organizationId"
+                RETURNING l."callLogId", c."organizationId", l."credits"
             ), detached AS (
-                DELETE FROM "DetachedTransferLeg" WHERE "callLogId" = $1 RETURNING "credits", "organizationId"
-            ), released AS (
-                SELECT * FROM leg UNION ALL SELECT * FROM detached
+                DELETE FROM "DetachedTransferLeg" WHERE "callLogId" = $1
+                RETURNING "callLogId", "organizationId", "credits"
             )
-            UPDATE "Organization" o SET "credits" = o."credits" + released."credits"
-            FROM released
-            WHERE o."id" = released."organizationId"
-            RETURNING o."credits"
+            INSERT INTO "CreditReturn" ("callLogId", "organizationId", "credits")
+            SELECT * FROM leg UNION ALL SELECT * FROM detached
+            RETURNING "organizationId"
             """,
             call_log_id,
         )
+        if organization_id is None:
+            return None
+        return await _returned(conn, organization_id)
+
+
+async def _returned(conn: Queryable, organization_id: str) -> int:
+    """Give the organizations what this transaction's "CreditReturn" rows hold (migration 0033), and return the
+    balance of `organization_id` after. A leg's deletion hands its credits to "CreditReturn" in its own statement:
+    one that does not is refused (migration 0035), as it would lose them."""
+    await conn.execute('SELECT "dialtone_return_credits"()')
+    balance: int = await conn.fetchval('SELECT "credits" FROM "Organization" WHERE "id" = $1', organization_id)
     return balance
 
 

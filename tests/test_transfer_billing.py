@@ -703,3 +703,27 @@ async def test_a_truncate_of_the_detached_legs_is_refused_unless_their_organizat
     assert await balance(pool, organization_id) == 100 - 3 * RATE  # the call's minute back, the leg's three held
     detached = 'SELECT "credits" FROM "DetachedTransferLeg" WHERE "callLogId" = $1'
     assert await pool.fetchval(detached, opened.id) == 3 * RATE
+
+
+@pytest.mark.parametrize("detached", [False, True], ids=["open leg", "detached leg"])
+async def test_a_deletion_of_a_leg_still_dialed_is_refused_and_its_dial_still_pays(
+    pool: asyncpg.Pool, detached: bool
+) -> None:
+    # Deleted in SQL, a leg still dialed took the credits it held with it: its dial's end found nothing to settle.
+    organization_id = await organization(pool, credits=100)
+    opened = await open_call(pool, organization_id, credit_rates=RATES)
+    await open_leg(pool, organization_id, opened.id, 3)
+    table = "TransferLeg"
+    if detached:
+        await pool.execute('DELETE FROM "CallLog" WHERE "id" = $1', opened.id)
+        table = "DetachedTransferLeg"
+
+    with pytest.raises(asyncpg.ObjectInUseError) as refused:
+        await pool.execute(f'DELETE FROM "{table}" WHERE "callLogId" = $1', opened.id)
+
+    assert f'DELETE FROM "{table}" refused' in str(refused.value)
+    assert "settlement sweep" in refused.value.as_dict()["hint"]
+    settled = await transfer_legs.settle_leg(pool, call_log_id=opened.id, dial_status="completed", duration_seconds=70)
+    assert settled is not None and settled.credits_charged == 2 * RATE
+    # Two minutes of the leg; the call's own minute is held while it runs, or came back with its deletion.
+    assert await balance(pool, organization_id) == 100 - 2 * RATE - (0 if detached else RATE)
