@@ -6,6 +6,7 @@ CallLog in the test database. Whatever the driver, a call behaves the same to th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import socket
@@ -683,3 +684,21 @@ async def test_a_stream_lost_in_the_middle_of_a_reply_ends_the_call_quietly(
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
     agent = (await rig.turns())[1]
     assert agent.interrupted  # what was heard before the line went is kept
+
+
+async def test_a_sql_deletion_of_a_running_calls_reservation_neither_ends_the_call_nor_loses_its_credits(
+    kind: str, pool: asyncpg.Pool
+) -> None:
+    # Deleted in SQL (migration 0035 refuses it), the reservation took the credits it held, and the call's next
+    # extension, finding it gone, ended the call as out of credits though the balance could pay for many more.
+    async with call_on(kind, pool, credits=10, credit_minute_s=1.0) as rig:
+        await until(lambda: len(rig.extensions_at) >= 1)
+        with contextlib.suppress(asyncpg.ObjectInUseError):
+            await pool.execute('DELETE FROM "CreditReservation" WHERE "callLogId" = $1', rig.log.id)
+        extended = len(rig.extensions_at)
+        await until(lambda: len(rig.extensions_at) > extended + 1 or rig.task.done())
+        assert not rig.task.done(), rig.task.result()
+        finished = await rig.finish()
+    assert finished.metadata.get("endReason") != EndReason.INSUFFICIENT_CREDITS.value
+    organization = await organizations.get_organization(pool, organization_id=rig.log.organization_id)
+    assert organization.credits == 10 - 1  # its one started (real) minute; every other reserved minute returned
