@@ -5,7 +5,8 @@ Migration 0021 adds "KnowledgeBaseChunk"."embedding" (a pgvector `vector`) only 
 `vector_search_available` tells whether it did. Each embedding is stored with the model that made it
 ("embeddingModel", an `EmbeddingModel.key`), so passages embedded by another model are embedded again and never
 compared with a question embedded by this one. A passage the model refuses (`record_refusals`) records its
-`refused_key` instead: this model never claims it again, another model tries it afresh.
+`refused_key` instead: this model never claims it again, another model tries it afresh. Why the last round of a
+model failed is kept for every engine to tell (`record_embedding_failure`, migration 0036) until one makes vectors.
 """
 
 from __future__ import annotations
@@ -137,6 +138,33 @@ async def embedding_progress(
         organization_id,
     )
     return {row["id"]: EmbeddingProgress(row["passages"], row["waiting"]) for row in rows}
+
+
+async def record_embedding_failure(db: Queryable, *, model: EmbeddingModel, reason: str) -> None:
+    """Record why a round embedding passages by `model` failed (migration 0036), for every engine to tell."""
+    await db.execute(
+        """
+        INSERT INTO "KnowledgeEmbeddingFailure" ("model", "reason") VALUES ($1, left($2, $3))
+        ON CONFLICT ("model") DO UPDATE SET "reason" = EXCLUDED."reason", "failedAt" = EXCLUDED."failedAt"
+        """,
+        model.key,
+        reason,
+        MAX_ERROR_CHARS,
+    )
+
+
+async def clear_embedding_failure(db: Queryable, *, model: EmbeddingModel) -> None:
+    """Forget why embedding by `model` failed: a round has made vectors since."""
+    await db.execute('DELETE FROM "KnowledgeEmbeddingFailure" WHERE "model" = $1', model.key)
+
+
+async def embedding_failure(db: Queryable, *, model: EmbeddingModel) -> str | None:
+    """Why the last round embedding passages by `model` failed, whichever engine ran it; None when a round has made
+    vectors since (or none failed)."""
+    reason: str | None = await db.fetchval(
+        'SELECT "reason" FROM "KnowledgeEmbeddingFailure" WHERE "model" = $1', model.key
+    )
+    return reason
 
 
 async def store_embeddings(

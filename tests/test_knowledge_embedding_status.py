@@ -154,3 +154,33 @@ async def test_a_setting_the_api_refuses_for_every_passage_is_shown_as_the_reaso
         document_id = await text_document(api, acme, kb["id"], "The Amber hall seats two hundred.")
         waiting = await vectors_of(api, acme, f"/knowledge-bases/{kb['id']}/documents/{document_id}", "WAITING")
         assert waiting["reason"].startswith("the embedding API refused every passage of a batch")
+
+
+@asynccontextmanager
+async def passages_held(pool: asyncpg.Pool, document_id: str) -> AsyncIterator[None]:
+    """Hold the document's passages as an embedding round of another engine does while its request runs (the
+    advisory locks of storage.knowledge_embeddings.claim_pending), so no engine under test claims them."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            """SELECT pg_advisory_xact_lock(hashtext('dialtone.embedding:' || "id"))
+               FROM "KnowledgeBaseChunk" WHERE "documentId" = $1""",
+            document_id,
+        )
+        yield
+
+
+async def test_why_vectors_wait_is_told_by_a_process_that_has_not_failed_a_round_itself(
+    db_url: str, fake: FakeOpenAI, pool: asyncpg.Pool, acme: Tenant
+) -> None:
+    async with engine_api(db_url, fake) as api:
+        kb = await new_kb(api, acme)
+        document_id = await text_document(api, acme, kb["id"], "The Obsidian ferry leaves at noon.")
+        document_path = f"/knowledge-bases/{kb['id']}/documents/{document_id}"
+        waiting = await vectors_of(api, acme, document_path, "WAITING")
+    # A restarted engine, or another node, whose rounds find the passages held by another node's: the reason is
+    # the one the failing round recorded, not EMBEDDING as if all were well.
+    async with passages_held(pool, document_id), engine_api(db_url, fake) as api:
+        code, document = await api.call("GET", document_path, acme.owner_key)
+        assert code == 200 and document["vectors"] == waiting
+        code, body = await api.call("GET", f"/knowledge-bases/{kb['id']}", acme.owner_key)
+        assert code == 200 and body["vectors"] == waiting

@@ -33,7 +33,13 @@ from engine.knowledge.lookup import KnowledgeLookup
 from engine.server import metrics
 from pipelines.clients import ProviderClients
 from storage import knowledge_bases
-from storage.knowledge_embeddings import EmbeddingModel, claim_pending, nearest_passages, vector_search_available
+from storage.knowledge_embeddings import (
+    EmbeddingModel,
+    claim_pending,
+    embedding_failure,
+    nearest_passages,
+    vector_search_available,
+)
 from storage.knowledge_search import Passage, fuse_rankings, search_passages
 from storage.migrate import migrate
 from storage.pool import create_pool
@@ -445,16 +451,16 @@ async def test_why_embedding_fails_is_kept_until_vectors_are_made_not_cleared_by
     worker = IngestionWorker(pool, quick(retry_initial=timedelta(0)), embedder=embedder(refused))
     try:
         await worker.run_once()
-        assert worker.embedding_failure == (
+        assert await embedding_failure(pool, model=MODEL) == (
             "the embedding API refused the engine's key (HTTP 401); vectors resume once the key works"
         )
         fake.api_key = "sk-revoked"  # the provider takes the key again, but another process holds every passage
         async with pool.acquire() as conn, conn.transaction():
             assert await claim_pending(conn, model=MODEL, limit=1000)
             await worker.run_once()
-            assert worker.embedding_failure is not None, "nothing was embedded: the passages still wait"
+            assert await embedding_failure(pool, model=MODEL) is not None, "nothing was embedded: the passages wait"
         await worker.run_once()
-        assert worker.embedding_failure is None and await pending(pool) == 0
+        assert await embedding_failure(pool, model=MODEL) is None and await pending(pool) == 0
     finally:
         fake.api_key = "sk-embed"
         await worker.stop()

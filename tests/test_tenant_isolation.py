@@ -667,6 +667,8 @@ async def test_engine_tables_are_out_of_the_api_roles_reach(pool: asyncpg.Pool, 
             'DELETE FROM "EngineNode"',
             'SELECT * FROM "SchemaMigration"',
             'DELETE FROM "SchemaMigration"',
+            'SELECT * FROM "KnowledgeEmbeddingFailure"',
+            'DELETE FROM "KnowledgeEmbeddingFailure"',
             *(f'TRUNCATE "{table}" CASCADE' for table in await tenant_tables(pool)),
         ):
             message = await refusal(conn, sql)

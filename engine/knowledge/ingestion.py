@@ -10,8 +10,9 @@ long crawled page or text (a page that cannot be read so is skipped); short ones
 the event loop that carries calls. The worker looks for due documents every `poll_interval`, and at once when this
 process's API queues one (`wake`). With an embedder (vector search on), a second loop beside it embeds the passages
 not yet embedded by its model, in batches (engine/knowledge/embeddings.py): new ones, and all of them after a change
-of model; a slow or failing embedding API never holds new documents back. Why its last round failed is kept until
-it makes vectors again (`embedding_failure`): the API tells it with the documents whose passages wait.
+of model; a slow or failing embedding API never holds new documents back. Why a round failed is kept in the
+database until a round, this process's or another's, makes vectors again (storage.knowledge_embeddings.
+record_embedding_failure): every engine's API tells it with the documents whose passages wait.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pipelines.url_safety import PublicAddressResolver
 from storage import Pool, knowledge_ingestion
 from storage.enums import DocumentType
 from storage.errors import TRANSIENT_ERRORS
+from storage.knowledge_embeddings import clear_embedding_failure, record_embedding_failure
 from storage.knowledge_ingestion import ClaimedDocument
 
 log = logging.getLogger(__name__)
@@ -111,9 +113,6 @@ class IngestionWorker:
         self._settings = settings
         self._embedder = embedder
         self._embedding_failures = 0
-        self.embedding_failure: str | None = None
-        """Why embedding failed, from its failed round until a later round makes vectors: what the passages waiting
-        for theirs are told to wait for."""
         self._embed_after = 0.0
         """Event-loop time before which embedding is not tried again, after a failure (backing off like documents)."""
         self._wake = asyncio.Event()
@@ -181,16 +180,16 @@ class IngestionWorker:
             embedded = await embed_pending_passages(self._pool, embedder)
         except EmbeddingFailed as exc:  # the passages keep full-text search and wait for a later round
             KNOWLEDGE_EMBEDDING_FAILURES.inc()
-            self.embedding_failure = str(exc)
             self._embedding_failures += 1
             wait = min(self._settings.retry_initial * 2 ** (self._embedding_failures - 1), _RETRY_MAX)
             self._embed_after = asyncio.get_running_loop().time() + wait.total_seconds()
             log.warning("knowledge passages not embedded yet: %s; next try in %.0f s", exc, wait.total_seconds())
+            await record_embedding_failure(self._pool, model=embedder.model, reason=str(exc))
         else:
             self._embedding_failures = 0
             # Not on a round that embedded nothing: another process may hold the waiting passages, failing alike.
             if embedded:
-                self.embedding_failure = None
+                await clear_embedding_failure(self._pool, model=embedder.model)
 
     async def _run(self) -> None:
         # Embedding runs beside ingestion, not after it: a slow or hanging embedding API, or every passage to embed

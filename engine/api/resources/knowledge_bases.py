@@ -21,7 +21,7 @@ from pipelines.knowledge import KnowledgeUnavailable
 from storage import knowledge_bases
 from storage.enums import DocumentType
 from storage.knowledge_bases import DocumentLimitReached, KnowledgeBase, KnowledgeBaseDocument
-from storage.knowledge_embeddings import EmbeddingProgress, embedding_progress
+from storage.knowledge_embeddings import EmbeddingProgress, embedding_failure, embedding_progress
 from storage.knowledge_search import Passage
 from storage.records import Connection
 
@@ -81,22 +81,39 @@ class DocumentView(KnowledgeBaseDocument):
 View = TypeVar("View", KnowledgeBaseView, DocumentView)
 
 
-async def _with_vectors(
+async def _vector_progress(
     call: ApiCall, db: Connection, view: type[View], records: Sequence[KnowledgeBase | KnowledgeBaseDocument]
-) -> list[View]:
-    """The records as `view`s, each with its passages' progress towards their embeddings, read in `db`."""
+) -> dict[str, EmbeddingProgress]:
+    """How far the records' passages are towards their embeddings (by record id), read in the organization's `db`;
+    empty with vector search off."""
     embedder = call.app.get(KNOWLEDGE_EMBEDDER)
-    progress: dict[str, EmbeddingProgress] = {}
-    if embedder is not None and records:
-        progress = await embedding_progress(
-            db,
-            organization_id=call.caller.organization_id,
-            model=embedder.model,
-            by="knowledgeBaseId" if view is KnowledgeBaseView else "documentId",
-            ids=[record.id for record in records],
-        )
-    worker = call.app.get(INGESTION_WORKER)
-    failure = worker.embedding_failure if worker is not None else None
+    if embedder is None or not records:
+        return {}
+    return await embedding_progress(
+        db,
+        organization_id=call.caller.organization_id,
+        model=embedder.model,
+        by="knowledgeBaseId" if view is KnowledgeBaseView else "documentId",
+        ids=[record.id for record in records],
+    )
+
+
+async def _with_vectors(
+    call: ApiCall,
+    view: type[View],
+    records: Sequence[KnowledgeBase | KnowledgeBaseDocument],
+    progress: dict[str, EmbeddingProgress],
+) -> list[View]:
+    """The records as `view`s with their `progress` (`_vector_progress`) and, where passages wait, why.
+
+    Why is whichever engine's last failed round said (storage.knowledge_embeddings.embedding_failure), read once the
+    organization's transaction is over: an engine table, out of the API role's reach, read on the engine's own
+    connection (never a second one held at once).
+    """
+    embedder = call.app.get(KNOWLEDGE_EMBEDDER)
+    failure = None
+    if embedder is not None and any(found.waiting for found in progress.values()):
+        failure = await embedding_failure(call.app[DATABASE].pool, model=embedder.model)
     return [
         view(
             **record.model_dump(),
@@ -161,8 +178,8 @@ async def list_knowledge_bases(call: ApiCall) -> Page[KnowledgeBaseView]:
         rows = await knowledge_bases.list_knowledge_bases_page(
             db, organization_id=call.caller.organization_id, limit=query.fetch_limit, before=query.position()
         )
-        views = await _with_vectors(call, db, KnowledgeBaseView, rows)
-    return to_page(Page[KnowledgeBaseView], views, query)
+        progress = await _vector_progress(call, db, KnowledgeBaseView, rows)
+    return to_page(Page[KnowledgeBaseView], await _with_vectors(call, KnowledgeBaseView, rows, progress), query)
 
 
 @resource.post(
@@ -189,7 +206,8 @@ async def get_knowledge_base(call: ApiCall) -> KnowledgeBaseView:
         found = await knowledge_bases.get_knowledge_base(
             db, organization_id=call.caller.organization_id, knowledge_base_id=call.path["knowledgeBaseId"]
         )
-        return (await _with_vectors(call, db, KnowledgeBaseView, [found]))[0]
+        progress = await _vector_progress(call, db, KnowledgeBaseView, [found])
+    return (await _with_vectors(call, KnowledgeBaseView, [found], progress))[0]
 
 
 @resource.patch(
@@ -208,7 +226,8 @@ async def update_knowledge_base(call: ApiCall) -> KnowledgeBaseView:
             knowledge_base_id=call.path["knowledgeBaseId"],
             changes=changes,
         )
-        return (await _with_vectors(call, db, KnowledgeBaseView, [updated]))[0]
+        progress = await _vector_progress(call, db, KnowledgeBaseView, [updated])
+    return (await _with_vectors(call, KnowledgeBaseView, [updated], progress))[0]
 
 
 @resource.delete("/knowledge-bases/{knowledgeBaseId}", summary="Delete a knowledge base")
@@ -241,8 +260,8 @@ async def list_documents(call: ApiCall) -> Page[DocumentView]:
             limit=query.fetch_limit,
             before=query.position(),
         )
-        views = await _with_vectors(call, db, DocumentView, rows)
-    return to_page(Page[DocumentView], views, query)
+        progress = await _vector_progress(call, db, DocumentView, rows)
+    return to_page(Page[DocumentView], await _with_vectors(call, DocumentView, rows, progress), query)
 
 
 def _queued(call: ApiCall) -> None:
@@ -348,7 +367,8 @@ async def get_document(call: ApiCall) -> DocumentView:
             knowledge_base_id=call.path["knowledgeBaseId"],
             document_id=call.path["documentId"],
         )
-        return (await _with_vectors(call, db, DocumentView, [document]))[0]
+        progress = await _vector_progress(call, db, DocumentView, [document])
+    return (await _with_vectors(call, DocumentView, [document], progress))[0]
 
 
 @resource.post(
@@ -366,9 +386,9 @@ async def reingest_document(call: ApiCall) -> DocumentView:
             knowledge_base_id=call.path["knowledgeBaseId"],
             document_id=call.path["documentId"],
         )
-        view = (await _with_vectors(call, db, DocumentView, [document]))[0]
+        progress = await _vector_progress(call, db, DocumentView, [document])
     _queued(call)
-    return view
+    return (await _with_vectors(call, DocumentView, [document], progress))[0]
 
 
 QUESTION_MAX_LENGTH = 2000
