@@ -22,6 +22,7 @@ from engine.simulator import CallResult, Pause, Say, simulate_call
 from storage import agents, conversation_paths, knowledge_bases, organizations, phone_numbers
 from storage.enums import AgentStatus, CallerType, DocumentType
 from storage.knowledge_search import search_passages
+from tests.databases import TestDatabases
 from tests.engine_server import running_engine
 from tests.fakes.deepgram import FakeDeepgram
 from tests.fakes.elevenlabs import FakeElevenLabs
@@ -299,3 +300,71 @@ async def test_a_search_for_words_the_database_cannot_hold_is_still_answered(
     assert last["text"] == "From our documents: The premium plan costs forty nine dollars a month."
     (retrieval,) = last["knowledge"]["retrievals"]
     assert {p["documentId"] for p in retrieval["passages"]} == {document_id}
+
+
+async def test_while_the_embedding_key_is_refused_calls_stop_sending_questions_and_resume_once_it_works(
+    databases: TestDatabases,
+) -> None:
+    # Every caller turn sent its question to the embedding API, refused like the passages before it: a refused
+    # request per turn, in the call's time and on the provider.
+    engine_key = "sk-revoked"
+    db_url = await databases.migrated()  # no other engine embeds the passage with a key that works
+    pool = await databases.pool(db_url)
+    try:
+        await refused_then_working_key(db_url, pool, engine_key)
+    finally:
+        await pool.close()
+
+
+async def refused_then_working_key(db_url: str, pool: asyncpg.Pool, engine_key: str) -> None:
+    """Calls to an engine whose embedding key the API refuses, then takes again."""
+
+    def questions_sent(fake: FakeOpenAI) -> list[str]:
+        return [r["input"][0] for r in fake.embedding_requests if r["input"] != [PRICES]]
+
+    async with (
+        FakeOpenAI(api_key="sk-another") as openai,
+        running_engine(
+            db_url,
+            twilio_auth_token=TOKEN,
+            openai_api_key=engine_key,
+            openai_base_url=openai.base_url,
+            kb_ingest_poll_interval=0.05,
+            kb_embedding_model="text-embedding-3-small",
+            kb_embedding_dimensions=256,
+        ) as base,
+    ):
+        number, _, document_id = await line_with_knowledge(
+            pool, {**OFFLINE, "firstSentence": "Hello."}, PRICES, name="Refused key", embedded=False
+        )
+        for _ in range(200):  # the ingestion worker's round is refused: the engine knows its key is
+            if openai.embedding_requests:
+                break
+            await asyncio.sleep(0.05)
+        result = await call(
+            base,
+            number,
+            Say("how much does the premium plan cost"),
+            Pause(1500),
+            Say("is the basic plan free"),
+            Pause(1500),
+            Say("how much does the premium plan cost"),
+            Pause(2500),
+        )
+        assert questions_sent(openai) == []
+        said = [(r["speaker"], r["text"]) for r in await turns(pool, (await finished_log(pool, result))["id"])]
+        assert ("agent", "The premium plan costs forty nine dollars a month.") in said, said  # by full-text
+
+        openai.api_key = engine_key  # the provider takes the key again: the waiting passage is embedded ...
+        for _ in range(400):
+            embedded = 'SELECT bool_and("embeddingModel" IS NOT NULL) FROM "KnowledgeBaseChunk" WHERE "documentId" = $1'
+            if await pool.fetchval(embedded, document_id):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the passage was never embedded once the key worked")
+        # ... and questions are embedded again.
+        result = await call(base, number, Say("how much does the premium plan cost"), Pause(2500))
+        assert len(questions_sent(openai)) == 1
+        said = [(r["speaker"], r["text"]) for r in await turns(pool, (await finished_log(pool, result))["id"])]
+        assert ("agent", "The premium plan costs forty nine dollars a month.") in said, said

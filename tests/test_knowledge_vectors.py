@@ -23,6 +23,9 @@ from pydantic import ValidationError
 
 from config.settings import Settings
 from engine.knowledge.embeddings import (
+    KEY_RETRY_INITIAL,
+    KEY_RETRY_MAX,
+    EmbeddingFailed,
     EmbeddingSettings,
     OpenAIEmbedder,
     embed_pending_passages,
@@ -461,6 +464,100 @@ async def test_why_embedding_fails_is_kept_until_vectors_are_made_not_cleared_by
             assert await embedding_failure(pool, model=MODEL) is not None, "nothing was embedded: the passages wait"
         await worker.run_once()
         assert await embedding_failure(pool, model=MODEL) is None and await pending(pool) == 0
+    finally:
+        fake.api_key = "sk-embed"
+        await worker.stop()
+        await refused.close()
+
+
+class Clock:
+    """A clock the test moves forward by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_questions_are_not_sent_while_the_key_is_refused_but_one_now_and_then_until_it_works(
+    fake: FakeOpenAI,
+) -> None:
+    refused = AsyncOpenAI(api_key="sk-revoked", base_url=fake.base_url)
+    clock = Clock()
+    settings = EmbeddingSettings(model=MODEL, send_dimensions=True, question_timeout=2.0)
+    questions = OpenAIEmbedder(refused, settings, clock=clock)
+
+    async def asked(text: str) -> bool:
+        """Whether the question reached the API (it fails either way while the key is refused)."""
+        before = len(fake.embedding_requests)
+        with pytest.raises(EmbeddingFailed, match="refused the engine's key"):
+            await questions.embed_question(text)
+        return len(fake.embedding_requests) > before
+
+    try:
+        assert await asked("the first question")  # how the engine learns its key is refused
+        assert questions.key_refused == "the embedding API refused the engine's key (HTTP 401)"
+        assert not await asked("a second")
+        clock.now += KEY_RETRY_INITIAL - 1
+        assert not await asked("a third")
+        clock.now += 1
+        assert await asked("one to learn whether the key works now")
+        clock.now += KEY_RETRY_INITIAL  # refused again: the wait doubled
+        assert not await asked("too soon")
+        clock.now += KEY_RETRY_INITIAL
+        assert await asked("one more")
+        for _ in range(4):  # however many refusals, never longer apart than KEY_RETRY_MAX
+            clock.now += KEY_RETRY_MAX
+            assert await asked("and one more")
+
+        fake.api_key = "sk-revoked"  # the provider takes the key again
+        assert not await asked("still within the wait")
+        clock.now += KEY_RETRY_MAX
+        assert await questions.embed_question("the premium plan") == pytest.approx(
+            hashed_embedding("the premium plan", MODEL.dimensions), abs=1e-6
+        )
+        assert questions.key_refused is None
+        requests = len(fake.embedding_requests)
+        await questions.embed_question("the basic plan")  # every question is sent again
+        assert len(fake.embedding_requests) == requests + 1
+    finally:
+        fake.api_key = "sk-embed"
+        await refused.close()
+
+
+async def test_a_key_refused_to_the_passages_stops_the_questions_and_a_question_it_takes_wakes_the_passages(
+    pool: asyncpg.Pool, fake: FakeOpenAI
+) -> None:
+    org = await insert_organization(pool)
+    await text_document(pool, org, "The Peridot ferry sails at dawn.")
+    await ingest(pool, None)
+    refused = AsyncOpenAI(api_key="sk-revoked", base_url=fake.base_url)
+    clock = Clock()
+    shared = OpenAIEmbedder(refused, EmbeddingSettings(model=MODEL, send_dimensions=True), clock=clock)
+    # The worker would try its passages again only in an hour: only the question that gets through can wake it.
+    worker = IngestionWorker(pool, quick(retry_initial=timedelta(hours=1)), embedder=shared)
+    worker.start()
+    try:
+        for _ in range(400):
+            if shared.key_refused is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert shared.key_refused is not None, "the worker's round was never refused"
+        requests = len(fake.embedding_requests)
+        with pytest.raises(EmbeddingFailed):
+            await shared.embed_question("when does the ferry sail")
+        assert len(fake.embedding_requests) == requests  # the worker's refusal was enough to know
+
+        fake.api_key = "sk-revoked"
+        clock.now += KEY_RETRY_INITIAL
+        await shared.embed_question("when does the ferry sail")
+        for _ in range(400):
+            if not await pending(pool):
+                break
+            await asyncio.sleep(0.05)
+        assert await pending(pool) == 0
+        assert await embedding_failure(pool, model=MODEL) is None
     finally:
         fake.api_key = "sk-embed"
         await worker.stop()

@@ -4,7 +4,10 @@ Passages are embedded by the ingestion worker, in batches, each request retried 
 server error or a lost connection (`embed_pending_passages`); never on a call's audio path. A batch the API refuses
 (400, 422) is split until the passages it refuses on their own are found: those are set aside, the others embedded.
 A caller's question is embedded once, with a short timeout and no retry, while its full-text search runs
-(engine/knowledge/lookup.py): the call falls back to full-text alone rather than wait.
+(engine/knowledge/lookup.py): the call falls back to full-text alone rather than wait. Once the API has refused the
+engine's key (to a question or to the passages), questions are not sent at all, but one now and then
+(`KEY_RETRY_INITIAL`, doubling up to `KEY_RETRY_MAX`) to learn whether the key works again; any request it takes
+ends that at once.
 
 On with DIALTONE_KB_EMBEDDING_MODEL, on a database with pgvector (migration 0021); `embedder_from_settings` says
 plainly in the log when vector search is off and why.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -49,6 +53,13 @@ they would be refused again."""
 
 _KEY_REFUSED: Final = (openai.AuthenticationError, openai.PermissionDeniedError)
 """The API refusing the engine's key (401), or what the key may do (403: no access to the model, say)."""
+
+KEY_RETRY_INITIAL: Final = 60.0
+"""Seconds, after the API refused the engine's key, before a caller's question is sent to it again (to learn whether
+the key works now); each refusal of such a question doubles the wait."""
+KEY_RETRY_MAX: Final = 600.0
+"""The longest wait between two questions sent to learn whether a refused key works again (the ingestion worker
+tries its passages at least as often)."""
 
 
 class EmbeddingFailed(Exception):
@@ -99,12 +110,27 @@ class OpenAIEmbedder:
         settings: EmbeddingSettings,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """Embed through `client` as `settings` say; `sleep` waits between attempts (tests pass their own)."""
+        """Embed through `client` as `settings` say; `sleep` waits between attempts and `clock` tells the time in
+        seconds (tests pass their own)."""
         # Retries are ours (counted, with backoff, none for questions): the SDK's own are turned off.
         self._client = client.with_options(max_retries=0, timeout=settings.request_timeout)
         self.settings = settings
         self._sleep = sleep
+        self._clock = clock
+        self.key_refused: str | None = None
+        """Why the API refused the engine's key, from its refusal until it takes a request again; None otherwise."""
+        self._question_refusals = 0
+        self._next_question_at = 0.0
+        """While the key is refused: `clock` time before which no question is sent."""
+        self._question_in_flight = False
+        self._key_listeners: list[Callable[[], None]] = []
+
+    def on_key_accepted(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever the API takes a request again after refusing the engine's key (the ingestion
+        worker then embeds what waited without waiting out its backoff)."""
+        self._key_listeners.append(listener)
 
     @property
     def model(self) -> EmbeddingModel:
@@ -120,12 +146,29 @@ class OpenAIEmbedder:
         return vectors
 
     async def embed_question(self, text: str) -> list[float]:
-        """The vector of a caller's question: one attempt within `question_timeout` (TimeoutError past it)."""
-        async with asyncio.timeout(self.settings.question_timeout):
-            try:
-                return (await self._request([text]))[0]
-            except openai.APIError as exc:
-                raise EmbeddingFailed(_describe(exc)) from None
+        """The vector of a caller's question: one attempt within `question_timeout` (TimeoutError past it).
+
+        EmbeddingFailed at once, no request sent, while the API refuses the engine's key: but one question every
+        `KEY_RETRY_INITIAL` (doubling up to `KEY_RETRY_MAX`) is sent, to learn whether it takes the key again.
+        """
+        refused = self.key_refused
+        if refused is not None and (self._question_in_flight or self._clock() < self._next_question_at):
+            raise EmbeddingFailed(f"{refused}; questions are not sent until it works")
+        self._question_in_flight = refused is not None
+        try:
+            async with asyncio.timeout(self.settings.question_timeout):
+                try:
+                    return (await self._request([text]))[0]
+                except _KEY_REFUSED as exc:
+                    self._question_refusals += 1
+                    raise EmbeddingFailed(_describe(exc)) from None
+                except openai.APIError as exc:
+                    raise EmbeddingFailed(_describe(exc)) from None
+        finally:
+            self._question_in_flight = False
+            if self.key_refused is not None:
+                wait = min(KEY_RETRY_INITIAL * 2 ** max(self._question_refusals - 1, 0), KEY_RETRY_MAX)
+                self._next_question_at = max(self._next_question_at, self._clock() + wait)
 
     async def _with_retries(self, batch: Sequence[str]) -> list[list[float]]:
         wait = self.settings.retry_initial
@@ -148,12 +191,17 @@ class OpenAIEmbedder:
 
     async def _request(self, texts: Sequence[str]) -> list[list[float]]:
         model = self.settings.model
-        if self.settings.send_dimensions:
-            response = await self._client.embeddings.create(
-                model=model.name, input=list(texts), dimensions=model.dimensions
-            )
-        else:
-            response = await self._client.embeddings.create(model=model.name, input=list(texts))
+        try:
+            if self.settings.send_dimensions:
+                response = await self._client.embeddings.create(
+                    model=model.name, input=list(texts), dimensions=model.dimensions
+                )
+            else:
+                response = await self._client.embeddings.create(model=model.name, input=list(texts))
+        except _KEY_REFUSED as exc:
+            self._refused(_describe(exc))
+            raise
+        self._accepted()
         if len(response.data) != len(texts):
             raise EmbeddingFailed(f"{model.name} returned {len(response.data)} embeddings for {len(texts)} texts")
         vectors = [list(item.embedding) for item in sorted(response.data, key=lambda item: item.index)]
@@ -164,6 +212,21 @@ class OpenAIEmbedder:
                 "(check DIALTONE_KB_EMBEDDING_DIMENSIONS)"
             )
         return vectors
+
+    def _refused(self, reason: str) -> None:
+        if self.key_refused is None:
+            log.warning("%s: callers' questions are searched by full-text alone until it works", reason)
+            self._next_question_at = self._clock() + KEY_RETRY_INITIAL
+        self.key_refused = reason
+
+    def _accepted(self) -> None:
+        if self.key_refused is None:
+            return
+        log.info("the embedding API takes the engine's key again: questions and passages are embedded again")
+        self.key_refused = None
+        self._question_refusals = 0
+        for listener in self._key_listeners:
+            listener()
 
 
 def _describe(exc: openai.APIError) -> str:

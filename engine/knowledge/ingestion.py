@@ -120,6 +120,8 @@ class IngestionWorker:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        if embedder is not None:
+            embedder.on_key_accepted(self._key_accepted)
 
     def start(self) -> None:
         """Start ingesting on the running event loop."""
@@ -190,6 +192,13 @@ class IngestionWorker:
             # Not on a round that embedded nothing: another process may hold the waiting passages, failing alike.
             if embedded:
                 await clear_embedding_failure(self._pool, model=embedder.model)
+
+    def _key_accepted(self) -> None:
+        """The embedding API takes the engine's key again (a caller's question got through): embed what waited now,
+        not once the backoff of refused rounds is out."""
+        self._embedding_failures = 0
+        self._embed_after = 0.0
+        self._embed_wake.set()
 
     async def _run(self) -> None:
         # Embedding runs beside ingestion, not after it: a slow or hanging embedding API, or every passage to embed
