@@ -469,12 +469,12 @@ def realtime_path(paths: Sequence[PathSource], context: ProviderContext) -> Chat
 
 def _conversation_path(option: ConversationPathLLMConfig, key: str | None, build: _Build) -> LanguageModel:
     path = _choose_path(option, build.paths)
-    if path is None:
-        return SimpleResponder()
     knowledge = build.context.knowledge
-    runner = ConversationPathLLM.on_engine(
-        build.engine(path), option, answer=PassageAnswerer(knowledge) if knowledge is not None else None
-    )
+    answer = PassageAnswerer(knowledge) if knowledge is not None else None
+    if path is None:
+        build.keywords.extend(build.context.knowledge_vocabulary)
+        return SimpleResponder(answer=answer)
+    runner = ConversationPathLLM.on_engine(build.engine(path), option, answer=answer)
     build.keywords.extend([*runner.keywords(), *RECOGNIZER_PHRASES])  # a callee asking to opt out is heard
     build.keywords.extend(build.context.knowledge_vocabulary)
     return runner

@@ -187,6 +187,22 @@ async def test_the_offline_agent_answers_from_its_knowledge_base(engine: str, po
     assert rows[0]["knowledge"] is None
 
 
+async def test_the_offline_agent_without_a_conversation_path_answers_from_its_knowledge_base(
+    engine: str, pool: asyncpg.Pool
+) -> None:
+    # With no path, the offline model's fixed rules answered every question "I'm not able to answer it on this
+    # line", never looking in the knowledge base linked to the agent.
+    number, _, document_id = await line_with_knowledge(
+        pool, {**OFFLINE, "firstSentence": "Hello."}, PRICES, name="Offline, no path", with_path=False
+    )
+    result = await call(engine, number, Say("how much does the premium plan cost"), Pause(2500))
+    rows = await turns(pool, (await finished_log(pool, result))["id"])
+    said = [(r["speaker"], r["text"]) for r in rows]
+    assert ("agent", "The premium plan costs forty nine dollars a month.") in said, said
+    answer = next(r for r in rows if r["text"].startswith("The premium plan"))
+    assert answer["knowledge"]["retrievals"][0]["passages"][0]["documentId"] == document_id
+
+
 async def test_the_cloud_agent_calls_search_knowledge_base(
     engine: str, pool: asyncpg.Pool, fakes: tuple[FakeDeepgram, ReadingOpenAI, FakeElevenLabs]
 ) -> None:

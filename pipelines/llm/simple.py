@@ -1,8 +1,9 @@
-"""The language model of last resort: a few fixed rules for an agent that has no conversation path."""
+"""The language model of last resort: a few fixed rules for an agent that has no conversation path, and the agent's
+knowledge bases for what the rules cannot answer."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Final
 
 from pipelines.llm.base import ConversationTurn, EndCall, LLMEvent, TextDelta
@@ -38,23 +39,27 @@ class SimpleResponder:
     scripted_opening = True
     """respond([]) gives the opening words."""
 
-    def __init__(self, *, goodbye: str = GOODBYE) -> None:
-        """Create the responder; `goodbye` is what it says before ending the call."""
+    def __init__(self, *, goodbye: str = GOODBYE, answer: Callable[[str], Awaitable[str | None]] | None = None) -> None:
+        """Create the responder; `goodbye` is what it says before ending the call, and `answer`, when given, answers
+        what no rule but the question's or the last does, when it can (from the agent's knowledge bases:
+        pipelines.knowledge.PassageAnswerer)."""
         self._goodbye = goodbye
+        self._answer = answer
 
     def opening(self) -> str | None:
         """Nothing to add after the agent's first sentence."""
         return None
 
     async def respond(self, conversation: Sequence[ConversationTurn]) -> AsyncIterator[LLMEvent]:
-        """Answer the caller's last turn by the first rule that applies."""
-        for event in self._reply(conversation):
+        """Answer the caller's last turn by the first rule that applies; a question, or words no other rule takes,
+        from the knowledge answerer first, when it has an answer."""
+        for event in await self._reply(conversation):
             yield event
 
     async def close(self) -> None:
         """Nothing to release."""
 
-    def _reply(self, conversation: Sequence[ConversationTurn]) -> list[LLMEvent]:
+    async def _reply(self, conversation: Sequence[ConversationTurn]) -> list[LLMEvent]:
         if not conversation or conversation[-1].role != "caller":
             return [TextDelta(HELLO)]
         text = conversation[-1].text
@@ -65,6 +70,8 @@ class SimpleResponder:
             return [TextDelta(YOU_ARE_WELCOME)]
         if _GREETING_WORDS.intersection(words) or _has_phrase(words, _GREETING_PHRASES):
             return [TextDelta(HELLO)]
+        if self._answer is not None and (answer := await self._answer(text)):
+            return [TextDelta(answer)]
         if text.rstrip().endswith("?") or (words and words[0] in _QUESTION_WORDS):
             return [TextDelta(HOLDING_ANSWER)]
         return [TextDelta(FALLBACK)]
