@@ -562,3 +562,29 @@ async def test_a_key_refused_to_the_passages_stops_the_questions_and_a_question_
         fake.api_key = "sk-embed"
         await worker.stop()
         await refused.close()
+
+
+async def test_a_key_without_quota_is_taken_as_refused_not_as_a_passing_rate_limit(
+    pool: asyncpg.Pool, fake: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    # OpenAI answers a key whose account has no quota left with 429 insufficient_quota, on every request until the
+    # billing is fixed: it was retried like a rate limit, and every caller's question was still sent.
+    org = await insert_organization(pool)
+    await text_document(pool, org, "The Jasper quay is open all night.")
+    await ingest(pool, None)
+    clock = Clock()
+    shared = OpenAIEmbedder(client, EmbeddingSettings(model=MODEL, send_dimensions=True), clock=clock)
+    worker = IngestionWorker(pool, quick(retry_initial=timedelta(hours=1)), embedder=shared)
+    fake.embedding_quota_exhausted = True
+    try:
+        await worker.run_once()
+        assert len(fake.embedding_requests) == 1  # not retried: a few seconds later it has no quota either
+        reason = await embedding_failure(pool, model=MODEL)
+        assert reason is not None and "quota" in reason and "HTTP 429" in reason
+        assert shared.key_refused is not None
+        with pytest.raises(EmbeddingFailed, match="quota"):
+            await shared.embed_question("is the quay open at night")
+        assert len(fake.embedding_requests) == 1  # no question sent meanwhile
+    finally:
+        fake.embedding_quota_exhausted = False
+        await worker.stop()

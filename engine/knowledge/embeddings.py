@@ -5,9 +5,9 @@ server error or a lost connection (`embed_pending_passages`); never on a call's 
 (400, 422) is split until the passages it refuses on their own are found: those are set aside, the others embedded.
 A caller's question is embedded once, with a short timeout and no retry, while its full-text search runs
 (engine/knowledge/lookup.py): the call falls back to full-text alone rather than wait. Once the API has refused the
-engine's key (to a question or to the passages), questions are not sent at all, but one now and then
-(`KEY_RETRY_INITIAL`, doubling up to `KEY_RETRY_MAX`) to learn whether the key works again; any request it takes
-ends that at once.
+engine's key (401, 403, or a 429 saying its account has no quota left; to a question or to the passages), questions
+are not sent at all, but one now and then (`KEY_RETRY_INITIAL`, doubling up to `KEY_RETRY_MAX`) to learn whether the
+key works again; any request it takes ends that at once.
 
 On with DIALTONE_KB_EMBEDDING_MODEL, on a database with pgvector (migration 0021); `embedder_from_settings` says
 plainly in the log when vector search is off and why.
@@ -53,6 +53,14 @@ they would be refused again."""
 
 _KEY_REFUSED: Final = (openai.AuthenticationError, openai.PermissionDeniedError)
 """The API refusing the engine's key (401), or what the key may do (403: no access to the model, say)."""
+_NO_QUOTA: Final = "insufficient_quota"
+"""The code of the 429 the API answers every request with while the key's account has no quota left (billing): a
+refused key, not a rate limit that passes within seconds."""
+
+
+class _KeyRefused(Exception):
+    """The API refused the engine's key (`_KEY_REFUSED`, or a 429 `_NO_QUOTA`); the message says how."""
+
 
 KEY_RETRY_INITIAL: Final = 60.0
 """Seconds, after the API refused the engine's key, before a caller's question is sent to it again (to learn whether
@@ -159,9 +167,9 @@ class OpenAIEmbedder:
             async with asyncio.timeout(self.settings.question_timeout):
                 try:
                     return (await self._request([text]))[0]
-                except _KEY_REFUSED as exc:
+                except _KeyRefused as exc:
                     self._question_refusals += 1
-                    raise EmbeddingFailed(_describe(exc)) from None
+                    raise EmbeddingFailed(str(exc)) from None
                 except openai.APIError as exc:
                     raise EmbeddingFailed(_describe(exc)) from None
         finally:
@@ -183,8 +191,8 @@ class OpenAIEmbedder:
                 wait *= 2
             except _REFUSED as exc:
                 raise EmbeddingRefused(_describe_refusal(exc)) from None
-            except _KEY_REFUSED as exc:
-                raise EmbeddingFailed(f"{_describe(exc)}; vectors resume once the key works") from None
+            except _KeyRefused as exc:
+                raise EmbeddingFailed(f"{exc}; vectors resume once the key works") from None
             except openai.APIError as exc:
                 raise EmbeddingFailed(_describe(exc)) from None
         raise AssertionError("unreachable: max_attempts is at least 1")
@@ -198,8 +206,10 @@ class OpenAIEmbedder:
                 )
             else:
                 response = await self._client.embeddings.create(model=model.name, input=list(texts))
-        except _KEY_REFUSED as exc:
-            self._refused(_describe(exc))
+        except openai.APIStatusError as exc:
+            if isinstance(exc, _KEY_REFUSED) or (isinstance(exc, openai.RateLimitError) and exc.code == _NO_QUOTA):
+                self._refused(_describe(exc))
+                raise _KeyRefused(_describe(exc)) from None
             raise
         self._accepted()
         if len(response.data) != len(texts):
@@ -233,6 +243,8 @@ def _describe(exc: openai.APIError) -> str:
     match exc:
         case openai.AuthenticationError() | openai.PermissionDeniedError():
             return f"the embedding API refused the engine's key (HTTP {exc.status_code})"
+        case openai.RateLimitError(code=code) if code == _NO_QUOTA:
+            return f"the embedding API refused the engine's key: its account has no quota left (HTTP 429 {_NO_QUOTA})"
         case openai.APIStatusError(status_code=status):
             return f"the embedding API answered HTTP {status}"
         case openai.APITimeoutError():

@@ -52,6 +52,11 @@ _TOO_LONG = (
     "0 for the completion). Please reduce your prompt; or completion length."
 )
 """The real API's message when an embedding input is past the model's token limit (HTTP 400)."""
+_QUOTA_EXCEEDED = (
+    "You exceeded your current quota, please check your plan and billing details. For more information on this "
+    "error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors."
+)
+"""The real API's message when the key's account has no quota left (HTTP 429, code insufficient_quota)."""
 _EMBEDDING_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072}
 
 
@@ -82,7 +87,8 @@ class FakeOpenAI:
     model's), as floats or base64 as asked. Controls: `embedding_failures` (a FIFO of HTTP statuses, e.g. 429 or
     500, the next embedding requests get instead), `embedding_refused_marker` (a request with an input containing
     it is refused with 400, as the real API refuses an input past the model's token limit, whatever else the
-    batch holds), `embedding_delay_ms`. Observations: `embedding_requests`.
+    batch holds), `embedding_quota_exhausted` (every request answered 429 `insufficient_quota`, as the real API
+    answers a key whose account has no quota left), `embedding_delay_ms`. Observations: `embedding_requests`.
     """
 
     def __init__(
@@ -113,6 +119,7 @@ class FakeOpenAI:
         self.embedding_requests: list[dict[str, Any]] = []
         self.embedding_failures: deque[int] = deque()
         self.embedding_refused_marker: str | None = None
+        self.embedding_quota_exhausted = False
         self.embedding_delay_ms: float = 0
         self.aborted_streams = 0
         self.stream_aborted = asyncio.Event()
@@ -185,6 +192,8 @@ class FakeOpenAI:
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
         await _sleep_ms(self.embedding_delay_ms)
+        if self.embedding_quota_exhausted:
+            return _error(429, _QUOTA_EXCEEDED, "insufficient_quota", "insufficient_quota")
         if self.embedding_failures:
             status = self.embedding_failures.popleft()
             kind = "rate_limit_exceeded" if status == 429 else "server_error"
