@@ -150,6 +150,8 @@ class _RemoteCall:
     listeners: list[TapListener] = field(default_factory=list)
     next_sequence: int | None = None
     renewal: asyncio.Task[None] | None = None
+    ended: str | None = None
+    """Why its audio ended, once it has (its end marker can come before the acknowledgement of its first lease)."""
 
 
 class ListenRelay:
@@ -210,8 +212,10 @@ class ListenRelay:
             except BaseException:
                 self._end(call_log_id, remote, NODE_LOST)  # listeners that joined meanwhile
                 raise
-            if self._remote.get(call_log_id) is remote:
-                remote.renewal = asyncio.create_task(self._renew(call_log_id, remote), name=f"listen-{call_log_id}")
+            if remote.ended is not None:
+                listener.end(remote.ended)  # the call ended as its node took the lease: nothing will follow
+                return
+            remote.renewal = asyncio.create_task(self._renew(call_log_id, remote), name=f"listen-{call_log_id}")
         remote.listeners.append(listener)
 
     def leave(self, call_log_id: str, listener: TapListener) -> None:
@@ -220,7 +224,7 @@ class ListenRelay:
         if remote is None or listener not in remote.listeners:
             return  # its call's audio ended already
         remote.listeners.remove(listener)
-        if not remote.listeners:
+        if not remote.listeners and remote.renewal is not None:  # (while its first lease is asked, the asker is next)
             self._forget(call_log_id, remote)
             task = asyncio.create_task(self._release(call_log_id, remote), name=f"listen-release-{call_log_id}")
             self._tasks.add(task)
@@ -292,6 +296,7 @@ class ListenRelay:
                     self.leave(call_log_id, listener)
 
     def _end(self, call_log_id: str, remote: _RemoteCall, reason: str) -> None:
+        remote.ended = reason
         self._forget(call_log_id, remote)
         for listener in remote.listeners:
             listener.end(reason)
