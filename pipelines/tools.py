@@ -65,6 +65,12 @@ def transfer_unconfirmed(number: str) -> str:
     )
 
 
+def transfer_not_done(number: str, made: bool | None) -> str:
+    """What a started transfer that did not take the caller came to, in every driver's words to the model: failed
+    (`made` False: Twilio did not carry it out) or unconfirmed (None: it may still go through)."""
+    return transfer_failed(number) if made is False else transfer_unconfirmed(number)
+
+
 ToolCallObserver = Callable[[str, Mapping[str, Any], str], None]
 """Told of each function call: its name, its arguments and the result the model gets."""
 

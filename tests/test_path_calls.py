@@ -26,13 +26,13 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from config.settings import load_settings
-from engine.call.driver import TRANSFER_FAILED
+from engine.call.driver import TRANSFER_FAILED, TRANSFER_UNCONFIRMED
 from engine.simulator import CallResult, Dtmf, Pause, Say, Step, simulate_call
 from engine.twilio.outbound_calls import OutboundDeps, place_call
 from engine.twilio.rest import TwilioCalls
 from pipelines.llm.conversation_path import REPROMPT_PREFIX
 from pipelines.realtime.openai_realtime import say_exactly
-from pipelines.tools import transfer_failed
+from pipelines.tools import transfer_failed, transfer_unconfirmed
 from storage import agents, campaigns, conversation_paths, organizations, phone_numbers, tools
 from storage.demo import DEMO_PATH_NAME, seed_demo
 from storage.enums import AgentStatus, CallerType, Plan
@@ -917,6 +917,39 @@ async def test_a_realtime_path_transfer_not_made_is_told_to_the_caller_and_the_p
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "caller_hangup")
     told = f"{transfer_failed(TRANSFER_TO)}; the caller was told, and the call is back at step 'greet'"
     assert told in outputs  # the model hears where the call is
+
+
+async def test_a_realtime_path_transfer_twilio_leaves_unconfirmed_is_told_as_unconfirmed_not_failed(
+    rig: PathRig,
+) -> None:
+    """Twilio neither answers the transfer node's request in time nor shows a dialed call in its record: the model's
+    `follow_path` result says the transfer is unconfirmed (it may still go through), as the caller hears, not that
+    it did not go through."""
+    held = asyncio.Event()
+    async with FakeRealtime(api_key=OPENAI_KEY) as fake:
+        fake.reply(GREETING)
+        fake.caller_says("Can I talk to a person?")
+        fake.reply_tool("follow_path", {"way": "global:human"})
+        fake.reply(HUMAN)
+        fake.reply(TRANSFER_UNCONFIRMED)
+        try:
+            async with (
+                call_updates(unanswered=held) as (api, updates),
+                rig.engine(twilio_api_base=api, openai_base_url=fake.base_url) as engine,
+            ):
+                line = await rig.line(realtime=REALTIME)
+                # The request times out (10 s), then Twilio's record is asked for 5 s more.
+                steps: list[Step] = [Say("can i talk to a person"), Pause(20_000)]
+                _, log, ended = await rig.call(engine, line, *steps).finished()
+        finally:
+            held.set()
+        outputs = [event["item"].get("output") or "" for event in fake.of_type("conversation.item.create")]
+
+    assert [row[1] for row in ended if row[0] == "agent"] == [GREETING, HUMAN, TRANSFER_UNCONFIRMED]
+    assert dialed_number(updates[0]["Twiml"]) == TRANSFER_TO
+    told = f"{transfer_unconfirmed(TRANSFER_TO)}; the caller was told, and the call is back at step 'greet'"
+    assert told in outputs, outputs
+    assert log["metadata"]["endReason"] == "caller_hangup"
 
 
 async def test_a_realtime_calls_gather_node_asks_again_then_takes_the_keys_so_far_when_its_wait_runs_out(

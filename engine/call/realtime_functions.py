@@ -31,8 +31,7 @@ from pipelines.tools import (
     FunctionSpec,
     ToolRunner,
     parse_arguments,
-    transfer_failed,
-    transfer_unconfirmed,
+    transfer_not_done,
     transferring,
 )
 from storage.do_not_call import DoNotCallSource
@@ -260,6 +259,5 @@ class ModelFunctions:
         self.ending = None
         channel = self._channel()
         if channel is not None:
-            told = transfer_failed(transfer_to) if made is False else transfer_unconfirmed(transfer_to)
-            await channel.send_function_output(call_id, f"{told}; tell the caller")
+            await channel.send_function_output(call_id, f"{transfer_not_done(transfer_to, made)}; tell the caller")
             await channel.create_response()

@@ -22,7 +22,7 @@ from engine.call.driver import CallHost, end_call_reason, transfer_not_made
 from pipelines.llm.base import EndCall, LLMEvent, SendDtmf, TextDelta, TransferCall
 from pipelines.paths.chat import ChatPath
 from pipelines.paths.graph import KnowledgeData
-from pipelines.tools import FunctionSpec, transfer_failed
+from pipelines.tools import FunctionSpec, transfer_not_done
 from storage.end_reasons import EndReason
 
 __all__ = ["TRANSCRIPT_WAIT_S", "RealtimePath", "offered"]
@@ -52,6 +52,7 @@ class RealtimePath:
         self.press_keys: Callable[[str], str] = lambda digits: "error: no keypad"
         """Plays touch tones (the driver's, set once its functions exist)."""
         self._turn: tuple[str, asyncio.Future[None]] | None = None  # the caller's latest turn: item id, transcribed
+        self._not_done: str | None = None  # what the latest move's transfer came to, when it did not take the caller
 
     def caller_turn_ended(self, item_id: str) -> None:
         """The caller's turn `item_id` ended; its words are unknown until `heard`."""
@@ -83,15 +84,12 @@ class RealtimePath:
         """Carry out `follow_path`: (what the model is told, whether it should speak next)."""
         await self._words_for(arguments.get("way"))
         move = await self._path.follow(arguments)
+        self._not_done = None
         await self._act(move.events, say_text=True)
         await self._refresh()
         engine = self._path.engine
-        transfer = next((event for event in move.events if isinstance(event, TransferCall)), None)
-        if transfer is not None and not engine.ended:  # not made: the caller was told, the path went back
-            return (
-                f"{transfer_failed(transfer.to)}; the caller was told, and the call is back at step {engine.node.id!r}",
-                False,
-            )
+        if self._not_done is not None and not engine.ended:  # the caller was told, the path went back
+            return f"{self._not_done}; the caller was told, and the call is back at step {engine.node.id!r}", False
         return move.result, move.model_speaks
 
     async def _words_for(self, way: object) -> None:
@@ -144,6 +142,7 @@ class RealtimePath:
                     await self._flush(words, say_text=True)
                     made = await self._host.transfer(to, reason)  # the call checks the agent's rules too
                     if not made:
+                        self._not_done = transfer_not_done(to, made)
                         await self._transfer_not_made(unconfirmed=made is None)
         await self._flush(words, say_text)
         return " ".join(word for word in words if word)

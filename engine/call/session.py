@@ -61,7 +61,7 @@ from media.twilio_stream import (
 )
 from pipelines.conversation.transfer_rules import AllowedTransfer, Refusal, TransferRules
 from pipelines.llm.base import MessageRole
-from pipelines.tools import TRANSFER_CALL, transfer_failed, transfer_unconfirmed
+from pipelines.tools import TRANSFER_CALL, transfer_not_done
 from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus
@@ -293,8 +293,7 @@ class CallSession:
         if self._stopped_at is not None or self._ended.is_set():  # Twilio left the stream (it may have dialed)
             return True
         if asked is not None:
-            told = transfer_failed(to) if made is False else transfer_unconfirmed(to)
-            self.live.tool_call(TRANSFER_CALL, asked, told)
+            self.live.tool_call(TRANSFER_CALL, asked, transfer_not_done(to, made))
         return made
 
     async def _transferred(self, detail: str | None) -> None:

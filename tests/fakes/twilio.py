@@ -390,19 +390,7 @@ class FakeTwilio:
         ]
         found.sort(key=lambda call: call.created_at, reverse=True)
         size = int(query.get("PageSize", "50"))
-        uri = f"/{API_VERSION}/Accounts/{self.account_sid}/Calls.json"
-        page = {
-            "calls": [self._resource(call) for call in found[:size]],
-            "start": 0,
-            "end": max(0, min(size, len(found)) - 1),
-            "page": 0,
-            "page_size": size,
-            "first_page_uri": f"{uri}?PageSize={size}&Page=0",
-            "next_page_uri": None,
-            "previous_page_uri": None,
-            "uri": request.path_qs,
-        }
-        return web.json_response(page)
+        return _calls_page(request, [self._resource(call) for call in found[:size]], size)
 
     async def _fetch(self, request: web.Request) -> web.Response:
         if not self._authenticated(request):
@@ -619,6 +607,23 @@ async def _held(request: web.Request, gate: asyncio.Event, abandoned: asyncio.Ev
             await asyncio.wait_for(gate.wait(), 0.05)
 
 
+def _calls_page(request: web.Request, calls: list[dict[str, Any]], size: int) -> web.Response:
+    """The first (only) page of a calls list request, holding `calls` (at most `size`)."""
+    uri = f"/{API_VERSION}/Accounts/{request.match_info['account']}/Calls.json"
+    page = {
+        "calls": calls,
+        "start": 0,
+        "end": max(0, len(calls) - 1),
+        "page": 0,
+        "page_size": size,
+        "first_page_uri": f"{uri}?PageSize={size}&Page=0",
+        "next_page_uri": None,
+        "previous_page_uri": None,
+        "uri": request.path_qs,
+    }
+    return web.json_response(page)
+
+
 def _multi(form: MultiDictProxy[Any]) -> dict[str, list[str]]:
     params: dict[str, list[str]] = {}
     for key, value in form.items():
@@ -675,20 +680,29 @@ def _error(status: int, code: int, message: str) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def call_updates(*, refuse: Refuse | None = None) -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+async def call_updates(
+    *, refuse: Refuse | None = None, unanswered: asyncio.Event | None = None
+) -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
     """Twilio's REST API for updates of calls it did not place (the simulator's): yields its base URL and the list
     of updates, each the call's `sid` and the form posted (`Twiml`, `Status`); the stream is left as it is.
-    With `refuse`, every update is recorded and answered with that error instead."""
+    With `refuse`, every update is recorded and answered with that error instead; with `unanswered`, every update is
+    recorded and its answer held until it is set (the engine gives up on it first). The calls list shows no call."""
     updates: list[dict[str, str]] = []
 
     async def update_call(request: web.Request) -> web.Response:
         form = await request.post()
         updates.append({"sid": request.match_info["call_sid"], **{k: str(v) for k, v in form.items()}})
+        if unanswered is not None:
+            await unanswered.wait()
         if refuse is not None:
             return _error(refuse.status, refuse.code, refuse.message)
         return web.json_response({"sid": request.match_info["call_sid"], "status": "in-progress"})
 
+    async def list_calls(request: web.Request) -> web.Response:
+        return _calls_page(request, [], int(request.query.get("PageSize", "50")))
+
     app = web.Application()
     app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{call_sid}.json", update_call)
+    app.router.add_get("/2010-04-01/Accounts/{account}/Calls.json", list_calls)
     async with serve(app) as base:
         yield base, updates
