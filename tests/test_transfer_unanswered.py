@@ -31,6 +31,7 @@ from tests.test_transfer_stream_stop import (
     deepgram,
     deps,
     held_call,
+    model_answered,
     openai,
     settings,
 )
@@ -175,3 +176,33 @@ async def test_a_call_hung_up_while_twilio_holds_its_transfer_request_is_not_cut
     assert [update for update in call.updates if update.get("Status") == "completed"] == []
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
     assert await transfer_legs.reserved_leg_credits(pool, call_log_id=placed.call_log_id) == 5 * RATE
+
+
+async def test_a_transfer_through_the_api_twilio_never_answers_asks_its_record_then_answers_unconfirmed(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    """The API's transfer follows the model's rule: Twilio neither answers the request nor shows a dialed call in
+    its record, asked after the request timed out; the API answers 504 `twilio_unconfirmed`, the call goes on,
+    its leg held until Twilio's record settles it."""
+    tenant = await make_tenant(pool, "API unconfirmed", credits=1000)
+    placed, call, gate = await held_transfer(deps, pool, (twilio, deepgram, openai), tenant, model_transfers=False)
+    await model_answered(openai)
+    try:
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, deps.public_url)
+            path = f"/live-calls/{placed.call_log_id}"
+            status, body = await api.call("POST", f"{path}/transfer", tenant.owner_key, json={"to": BILLING})
+            held = await transfer_legs.reserved_leg_credits(pool, call_log_id=placed.call_log_id)
+            hung_up, _ = await api.call("POST", f"{path}/hangup", tenant.owner_key)
+    finally:
+        gate.set()
+    log = await finished_log(pool, placed.call_log_id)
+
+    assert (status, body["error"]["code"]) == (504, "twilio_unconfirmed"), body
+    assert "may still make it" in body["error"]["message"]
+    assert call.abandoned.is_set()  # the request timed out, and then
+    assert any(lookup.get("ParentCallSid") == placed.call_sid for lookup in twilio.lookups)  # the record was asked
+    assert held == 5 * RATE
+    assert hung_up == 202
+    assert [update for update in call.updates if update.get("Status") == "completed"] == []
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "api_hangup"), log["metadata"]

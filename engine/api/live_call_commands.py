@@ -21,7 +21,7 @@ from storage.enums import CallStatus
 _REFUSAL_STATUS = {
     "forbidden": (403, "forbidden"),
     "twilio": (502, "twilio_error"),
-    "twilio_unanswered": (504, "twilio_timeout"),
+    "twilio_unanswered": (504, "twilio_unconfirmed"),
 }
 """The status of a command the call refused, by the kind its handler named (otherwise 409 conflict)."""
 
@@ -57,7 +57,8 @@ async def command_holding_node(
 
     ApiError when it was not carried out: 409 when the holding process stopped, does not answer, or no longer has
     the call, or the call refused the command (403 when the agent's rules forbid it, 502 when Twilio did not carry
-    it out, 504 when Twilio did not answer in time and may still carry it out).
+    it out, 504 `twilio_unconfirmed` when Twilio did not answer in time, nor its record show the transfer made, and
+    may still make it).
     """
     app = call.app
     if log.id in app[LIVE_CALLS]:

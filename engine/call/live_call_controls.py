@@ -17,7 +17,7 @@ from engine.call.control_channel import Acknowledgement, Handler
 from engine.call.driver import HANGUP_GRACE_SECONDS, ControlRefused
 from engine.call.listen_relay import LEASE_SECONDS, LISTEN, LISTEN_RELAY
 from engine.call.live_calls import LiveCall
-from engine.call.twilio_control import TwilioRefused, TwilioUnanswered
+from engine.call.twilio_control import UNANSWERED_TRANSFER_WAIT_SECONDS, TwilioRefused, TwilioUnanswered
 from engine.server.appkeys import LIVE_CALLS, TWILIO
 from engine.twilio.rest import REQUEST_TIMEOUT_SECONDS
 from pipelines.conversation.transfer_rules import Refusal
@@ -35,7 +35,8 @@ TRANSFER: Final = "transfer"
 WORK_SECONDS: Final[Mapping[str, float]] = {
     # A call with a transfer request out: its answer, Twilio's record, then the `stop` it shows (CallSession.hang_up).
     HANG_UP: 2 * REQUEST_TIMEOUT_SECONDS + HANGUP_GRACE_SECONDS,
-    TRANSFER: REQUEST_TIMEOUT_SECONDS,
+    # Twilio's answer; unanswered, its record asked again, or, once it left the stream, asked about the call's end.
+    TRANSFER: 2 * REQUEST_TIMEOUT_SECONDS + UNANSWERED_TRANSFER_WAIT_SECONDS,
 }
 """How long a command's own work may take on the node holding the call, by name, when it waits on a request to
 Twilio's REST API: its sender waits that much longer for the acknowledgement (engine.call.control_channel), so that
@@ -46,7 +47,8 @@ REFUSAL: Final = "refusal"
 Refused = Literal["conflict", "forbidden", "twilio", "twilio_unanswered"]
 """conflict: the call cannot do it now (it is ending, its model takes no messages...); forbidden: the agent's rules
 do not allow it (a transfer to a number they do not list); twilio: Twilio's REST API did not carry it out;
-twilio_unanswered: Twilio's REST API did not answer in time, and may still carry it out."""
+twilio_unanswered: Twilio's REST API did not answer in time, nor its record show it carried out (a transfer), and
+may still carry it out."""
 
 EndedBy = Literal["twilio", "engine"]
 

@@ -10,6 +10,7 @@ for good, the pipeline the agent lists as its fallback. The audio path (one call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -44,6 +45,7 @@ from engine.call.twilio_control import (
     await_twilio_stop,
 )
 from engine.server import metrics
+from engine.twilio.rest import REQUEST_TIMEOUT_SECONDS
 from media.g711 import BYTES_PER_MS
 from media.recording import StereoWavRecorder
 from media.twilio_stream import (
@@ -284,9 +286,7 @@ class CallSession:
             await self._transfers_answered.wait()
         if self._ended.is_set() or self._stopped_at is not None or self._reason is EndReason.TRANSFERRED:
             return True  # handed over by another transfer, or gone: nothing to tell the caller
-        made = await self._transfer_started(to, detail)
-        if made is None and self._stopped_at is None:  # ask Twilio's record before telling anyone it failed
-            made = await self._twilio.dialed_within(UNANSWERED_TRANSFER_WAIT_SECONDS, self._ended)
+        made = await self._transfer_made(to, detail)
         if made:
             await self._transferred(detail)
             return True
@@ -392,20 +392,40 @@ class CallSession:
                 "a transfer is under way (Twilio has not answered it yet); the call is not transferred twice"
             )
         await self._driver.interrupt("a transfer through the API")
-        started = await self._transfer_started(verdict.number, detail)
-        if not started:
+        made = await self._transfer_made(verdict.number, detail)
+        if made is None and (self._stopped_at is not None or self._ended.is_set()):
+            made = await self._ended_transferred()  # Twilio left the stream: its record says why
+        if not made:
             if self._phase is CallPhase.RESPONDING:
                 self.move(PhaseEvent.YIELD)  # the agent stopped speaking: the caller has the floor
-            if started is None:  # Twilio may be dialing: the call's end will say (transferred, or not)
+            if made is None:  # Twilio may be dialing: the call's end will say (transferred, or not)
                 raise TwilioUnanswered(
-                    f"Twilio did not answer the request to transfer the call to {verdict.number} in time; it may "
-                    "still make it: the call's end (endReason transferred) will tell"
+                    f"Twilio did not answer the request to transfer the call to {verdict.number} in time, nor does "
+                    f"its record show the call dialed after {UNANSWERED_TRANSFER_WAIT_SECONDS:g} s more; it may still "
+                    "make it: the call goes on, and its end (endReason transferred) will tell"
                 )
             raise TwilioRefused(f"Twilio did not transfer the call to {verdict.number}; the call goes on")
         self.live.emit("call.transfer", to=verdict.number, detail=detail)  # the model's are told as its tool.call
         self._wind_down(EndReason.TRANSFERRED, detail)
         self.spawn(self._transferred(detail), "transfer")
         return verdict
+
+    async def _transfer_made(self, to: str, detail: str | None) -> bool | None:
+        """Every transfer's one rule (the model's, a path's, the API's): ask Twilio (`_transfer_started`), and when it
+        does not answer in time, ask its record of the dial for up to UNANSWERED_TRANSFER_WAIT_SECONDS more before
+        anyone is told: True when Twilio took the caller, None when neither says so (it may still), else False."""
+        made = await self._transfer_started(to, detail)
+        if made is None and self._stopped_at is None:
+            made = await self._twilio.dialed_within(UNANSWERED_TRANSFER_WAIT_SECONDS, self._ended)
+        return made
+
+    async def _ended_transferred(self) -> bool | None:
+        """Twilio left the stream after a transfer request it did not answer: whether the call, once its end is
+        decided from Twilio's record (`_end_after_stop`), ended transferred; None if that takes too long to tell."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), REQUEST_TIMEOUT_SECONDS)
+            return self._reason is EndReason.TRANSFERRED
+        return None
 
     async def _transfer_started(self, to: str, detail: str | None) -> bool | None:
         """Ask Twilio to take the caller to `to`, unless the call has ended meanwhile: True when Twilio took it, None

@@ -123,8 +123,10 @@ async def transfer_live_call(call: ApiCall) -> TransferAccepted:
     the agent stops speaking and Twilio dials it. 422 for a number that is not E.164; 403 when the rules, or the
     organization's dial policy (GET /v1/organization/dial-policy), do not allow it; 409 when the call is
     not in progress or ending, or the engine process holding it has no Twilio account to transfer with; 502 when
-    Twilio did not make the transfer (the call goes on); 504 when Twilio did not answer the request in time and may
-    still make it (the call's end says whether it did: `endReason` `transferred`)."""
+    Twilio did not make the transfer (the call goes on). Twilio's request unanswered in time, the transfer follows
+    the rule of the agent's own: Twilio's record of the calls the transfer dialed is asked for 5 s more, and a
+    dialed call is a transfer made (202); else 504 `twilio_unconfirmed`: Twilio may still make it, the call goes
+    on meanwhile, and its end says whether it did (`endReason` `transferred`)."""
     body = call.body_as(TransferRequest)
     log = await live_call(call)
     try:
