@@ -206,3 +206,50 @@ async def test_a_transfer_through_the_api_twilio_never_answers_asks_its_record_t
     assert hung_up == 202
     assert [update for update in call.updates if update.get("Status") == "completed"] == []
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "api_hangup"), log["metadata"]
+
+
+async def credits_held(pool: asyncpg.Pool, organization_id: str, call_log_id: str) -> int:
+    """The organization's balance with what its call holds: its credit reservation and its open transfer leg."""
+    held: int = await pool.fetchval(
+        """
+        SELECT o."credits"
+             + COALESCE((SELECT "credits" FROM "CreditReservation" WHERE "callLogId" = $2), 0)
+             + COALESCE((SELECT sum("credits") FROM "TransferLeg" WHERE "callLogId" = $2 AND "endedAt" IS NULL), 0)
+        FROM "Organization" o WHERE o."id" = $1
+        """,
+        organization_id,
+        call_log_id,
+    )
+    return held
+
+
+async def test_a_transfer_after_one_twilio_never_made_settles_that_one_by_its_record_and_is_made(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    """The model's transfer request never reached Twilio (it went unanswered, and Twilio's record shows no dialed
+    call); a transfer asked through the API then asks the record again, returns the first one's leg, and is made:
+    the call ends transferred with one leg held, the first one's credits back in the balance."""
+    tenant = await make_tenant(pool, "Second try", credits=1000)
+    async with events(deps, tenant) as stream:
+        placed, call, gate = await held_transfer(deps, pool, (twilio, deepgram, openai), tenant)
+        call.lose_abandoned = True
+        try:
+            await stream.until(
+                lambda event: event.type == "tool.call" and event.data["result"] != transferring(BILLING), timeout=90
+            )
+        finally:
+            gate.set()  # the request the engine gave up on never reached Twilio
+        before = await credits_held(pool, tenant.organization_id, placed.call_log_id)
+        async with aiohttp.ClientSession() as session:
+            status, body = await Api(session, deps.public_url).call(
+                "POST", f"/live-calls/{placed.call_log_id}/transfer", tenant.owner_key, json={"to": BILLING}
+            )
+        after = await credits_held(pool, tenant.organization_id, placed.call_log_id)
+        log = await finished_log(pool, placed.call_log_id)
+
+    assert (status, body) == (202, {"callLogId": placed.call_log_id, "to": BILLING}), body
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
+    [dial] = twilio.dialed_calls[placed.call_sid]
+    assert (dial.to, dial.status) == (BILLING, "in-progress")
+    assert await transfer_legs.reserved_leg_credits(pool, call_log_id=placed.call_log_id) == 5 * RATE
+    assert after == before  # one leg held at a time: the first one's credits returned as the second's were taken

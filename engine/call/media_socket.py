@@ -260,6 +260,19 @@ async def _run_claimed_call(  # noqa: PLR0917 (the stream's parts, as `_run_call
         app[RECORDING_IO].add(recorder)
 
     send: SendText = ws.send_str  # called directly: no coroutine of ours around each frame sent
+    paid = (
+        PaidTransfer(
+            pool,
+            twilio,
+            organization_id=call_log.organization_id,
+            call_log_id=call_log.id,
+            max_minutes=config.transfer.max_minutes if config.transfer is not None else DEFAULT_TRANSFER_MINUTES,
+            rates=settings.credit_rates,
+            action_url=callback_url(public_base_url(request, settings), DIAL_PATH, call_log.id),
+        )
+        if twilio is not None
+        else None
+    )
 
     writer = CallLogWriter(
         app[DATABASE].call_log_pool,
@@ -286,20 +299,9 @@ async def _run_claimed_call(  # noqa: PLR0917 (the stream's parts, as `_run_call
         writer=writer,
         recorder=recorder,
         hang_up=twilio.hang_up if twilio is not None else None,
-        transfer=(
-            PaidTransfer(
-                pool,
-                twilio,
-                organization_id=call_log.organization_id,
-                call_log_id=call_log.id,
-                max_minutes=config.transfer.max_minutes if config.transfer is not None else DEFAULT_TRANSFER_MINUTES,
-                rates=settings.credit_rates,
-                action_url=callback_url(public_base_url(request, settings), DIAL_PATH, call_log.id),
-            )
-            if twilio is not None
-            else None
-        ),
+        transfer=paid,
         dialed=twilio.dialed_calls if twilio is not None else None,
+        release_transfer=paid.release if paid is not None else None,
         extend_reservation=functools.partial(credit_reservations.extend_reservation, pool, call_log_id=call_log.id),
         opt_out=functools.partial(record_opt_out, pool, call_log),
         knowledge=prepared.knowledge.take_sources if prepared.knowledge is not None else None,

@@ -86,10 +86,12 @@ class PaidTransfer:
             log.warning("call %s: transfer to %s unconfirmed: %s", call_sid, to, exc)
             return None
         if not transferred:
-            await self._release(call_sid)
+            await self.release(call_sid)
         return transferred
 
-    async def _release(self, call_sid: str) -> None:
+    async def release(self, call_sid: str) -> None:
+        """Return the credits of the call's open leg, which Twilio did not dial: its request failed, or went
+        unanswered and Twilio's record shows no dialed call (another transfer may then be made); a failure is logged."""
         try:
             await transfer_legs.release_leg(self._pool, call_log_id=self._call_log_id)
         except DATABASE_ERRORS as exc:  # the settlement sweep finds no dialed call for the leg, and charges nothing

@@ -38,6 +38,7 @@ from engine.call.twilio_control import (
     UNANSWERED_TRANSFER_WAIT_SECONDS,
     Dialed,
     HangUp,
+    Release,
     Transfer,
     TwilioControl,
     TwilioRefused,
@@ -107,6 +108,7 @@ class CallSession:
         hang_up: HangUp | None = None,
         transfer: Transfer | None = None,
         dialed: Dialed | None = None,
+        release_transfer: Release | None = None,
         fallback: DriverFactory | None = None,
         extend_reservation: ExtendReservation | None = None,
         credit_minute_seconds: float = CREDIT_MINUTE_SECONDS,
@@ -120,7 +122,8 @@ class CallSession:
         takes over when the first one is lost for good (a speech-to-speech agent's pipeline stages).
         `extend_reservation` is called every `credit_minute_seconds` while the call runs; the call says goodbye
         (INSUFFICIENT_CREDITS) when it returns False. `opt_out` lists the other party when they opt out.
-        `dialed` reads Twilio's record of the calls a transfer made, for a transfer request Twilio did not answer.
+        `dialed` reads Twilio's record of the calls a transfer made, for a transfer request Twilio did not answer;
+        `release_transfer` returns the credits of such a transfer when the record shows it was not made.
         `knowledge` gives the knowledge searches made since it was last asked, stored with the agent turn they were
         made for. `live` is where the call's live events go (the API's event streams). `reads` paces the reading of
         the call's socket to what the driver is listening for (`ConversationDriver.listening_closely`)."""
@@ -138,7 +141,12 @@ class CallSession:
         writer.when_deleted(self.call_log_deleted)
         self._recorder = recorder
         self._twilio = TwilioControl(
-            context.call_sid, hang_up=hang_up, transfer=transfer, rules=config.transfer, dialed=dialed
+            context.call_sid,
+            hang_up=hang_up,
+            transfer=transfer,
+            rules=config.transfer,
+            dialed=dialed,
+            release=release_transfer,
         )
         self._fallback = fallback
         self._opt_out = opt_out
@@ -284,9 +292,11 @@ class CallSession:
         (`stop`), nobody is left to tell a failure to: its answer, or its record of the dial, ends the call (True)."""
         if self._transfers_asked:
             await self._transfers_answered.wait()
+        await self._settle_unconfirmed()
         if self._ended.is_set() or self._stopped_at is not None or self._reason is EndReason.TRANSFERRED:
             return True  # handed over by another transfer, or gone: nothing to tell the caller
-        made = await self._transfer_made(to, detail)
+        # An earlier transfer whose fate Twilio's record cannot tell holds the leg: this one is not asked.
+        made = await self._transfer_made(to, detail) if self._unconfirmed is None else None
         if made:
             await self._transferred(detail)
             return True
@@ -391,6 +401,18 @@ class CallSession:
             raise ControlRefused(
                 "a transfer is under way (Twilio has not answered it yet); the call is not transferred twice"
             )
+        await self._settle_unconfirmed()
+        if self._reason is EndReason.TRANSFERRED:
+            raise ControlRefused(
+                "Twilio made the call's earlier transfer (its record shows the call it dialed): the call is "
+                "transferred, not transferred again"
+            )
+        self._refuse_when_ending("cannot be transferred")
+        if self._unconfirmed is not None:
+            raise ControlRefused(
+                "an earlier transfer of the call is unconfirmed, and Twilio's record cannot tell now whether it was "
+                "made; the call is not transferred twice: try again in a moment"
+            )
         await self._driver.interrupt("a transfer through the API")
         made = await self._transfer_made(verdict.number, detail)
         if made is None and (self._stopped_at is not None or self._ended.is_set()):
@@ -409,6 +431,20 @@ class CallSession:
         self._wind_down(EndReason.TRANSFERRED, detail)
         self.spawn(self._transferred(detail), "transfer")
         return verdict
+
+    async def _settle_unconfirmed(self) -> None:
+        """Before another transfer, settle the one Twilio left unconfirmed, if any, by its record: made, the call ends
+        transferred (the caller went there); not made, its leg's credits return and it is forgotten, so that another
+        may be asked; the record unreadable, it stays unconfirmed (its leg held)."""
+        if self._unconfirmed is None:
+            return
+        made = await self._twilio.earlier_transfer_made()
+        if made and self._unconfirmed is not None:
+            detail = self._unconfirmed[0]
+            self._wind_down(EndReason.TRANSFERRED, detail)
+            self.spawn(self._transferred(detail), "transfer")
+        elif made is False:
+            self._unconfirmed = None
 
     async def _transfer_made(self, to: str, detail: str | None) -> bool | None:
         """Every transfer's one rule (the model's, a path's, the API's): ask Twilio (`_transfer_started`), and when it

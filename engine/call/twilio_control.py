@@ -30,6 +30,8 @@ HangUp = Callable[[str], Awaitable[bool]]
 Transfer = Callable[[str, str], Awaitable[bool | None]]
 """Transfer a call (CallSid) to an E.164 number through Twilio's REST API; False when that failed, None when Twilio
 did not answer the request (it may be dialing)."""
+Release = Callable[[str], Awaitable[None]]
+"""Return the credits held for a call's (CallSid) transfer that Twilio did not dial."""
 Dialed = Callable[[str], Awaitable[Sequence[object]]]
 """The calls Twilio's record shows a call's (CallSid) `<Dial>` made; raises CallLookupFailed when it cannot say."""
 
@@ -59,14 +61,16 @@ class TwilioControl:
         transfer: Transfer | None,
         rules: TransferConfig | None,
         dialed: Dialed | None = None,
+        release: Release | None = None,
     ) -> None:
         """Control the call `call_sid`; `rules` are the agent's transfer destinations; `dialed` reads Twilio's record
-        of the calls a transfer made."""
+        of the calls a transfer made; `release` returns the credits of a transfer Twilio did not dial."""
         self._call_sid = call_sid
         self._hang_up = hang_up
         self._transfer = transfer
         self._rules = rules
         self._dialed = dialed
+        self._release = release
 
     @property
     def can_transfer(self) -> bool:
@@ -119,6 +123,14 @@ class TwilioControl:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(gone.wait(), DIALED_LOOKUP_INTERVAL_SECONDS)
         return None
+
+    async def earlier_transfer_made(self) -> bool | None:
+        """Before another transfer, whether Twilio made the one it did not answer for, by its record: True, False (its
+        leg's credits are then returned, and another may be asked), or None when the record cannot say."""
+        made = await self.dialed()
+        if made is False and self._release is not None:
+            await self._release(self._call_sid)
+        return made
 
     async def dialed(self) -> bool | None:
         """Whether Twilio's record shows a call a transfer's `<Dial>` made; None when it cannot be asked."""

@@ -17,7 +17,8 @@ leaves an answered one as it is; TwiML that
 `<Dial>`s makes the dialed call (its `parent_call_sid` the call's; it stays `in-progress`: the far end of a dial is
 not scripted). `GET .../Calls.json` lists calls (filters `To`, `From`, `Status`, or `ParentCallSid` for the calls a
 `<Dial>` made; most recent first) and `GET .../Calls/{CallSid}.json` fetches one; a call's `update_gate` holds its
-updates until the test sets it (its `abandoned` is set if the engine gives up on one meanwhile), and its
+updates until the test sets it (its `abandoned` is set if the engine gives up on one meanwhile, which with
+`lose_abandoned` is never acted on), and its
 `answer_gate` holds the answer to an update the fake has acted on. Updates are acted on one at a time in the order
 they came; `Status=completed` ends the calls the call's `<Dial>` made, as Twilio ends the whole call.
 `lookup_gate` holds every call list request (recorded in `lookups` as it comes) until the test sets it.
@@ -179,6 +180,8 @@ class FakeCall:
     """How many of `updates` the fake has acted on."""
     abandoned: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the engine gave up on an update held at `update_gate` (it closed the request's connection)."""
+    lose_abandoned: bool = False
+    """When set, an update the engine gave up on at `update_gate` is never acted on: it never reached Twilio."""
     parent_sid: str | None = None
     """The call whose `<Dial>` made this one."""
     hung_up_on_answer: bool = False
@@ -326,13 +329,15 @@ class FakeTwilio:
         turn = len(call.updates)
         call.updates.append(update)
         call.updated.set()
+        lost = False
         if call.update_gate is not None:
-            await _held(request, call.update_gate, call.abandoned)
+            lost = await _held(request, call.update_gate, call.abandoned) and call.lose_abandoned
         # As Twilio, a call's updates are acted on one at a time, in the order they came.
         async with call._updates_acted:
             await call._updates_acted.wait_for(lambda: call.acted == turn)
             try:
-                await self._act(call, update)
+                if not lost:
+                    await self._act(call, update)
             finally:
                 call.acted += 1
                 call._updates_acted.notify_all()
@@ -595,16 +600,18 @@ class FakeTwilio:
             return 0
 
 
-async def _held(request: web.Request, gate: asyncio.Event, abandoned: asyncio.Event) -> None:
-    """Wait for `gate`; set `abandoned` if the client gives up on the request meanwhile (its connection closes)."""
+async def _held(request: web.Request, gate: asyncio.Event, abandoned: asyncio.Event) -> bool:
+    """Wait for `gate`; set `abandoned` if the client gives up on the request meanwhile (its connection closes), and
+    then return True."""
     while not gate.is_set():
         transport = request.transport
         if transport is None or transport.is_closing():
             abandoned.set()
             await gate.wait()
-            return
+            return True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(gate.wait(), 0.05)
+    return False
 
 
 def _calls_page(request: web.Request, calls: list[dict[str, Any]], size: int) -> web.Response:
