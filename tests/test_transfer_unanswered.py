@@ -253,3 +253,39 @@ async def test_a_transfer_after_one_twilio_never_made_settles_that_one_by_its_re
     assert (dial.to, dial.status) == (BILLING, "in-progress")
     assert await transfer_legs.reserved_leg_credits(pool, call_log_id=placed.call_log_id) == 5 * RATE
     assert after == before  # one leg held at a time: the first one's credits returned as the second's were taken
+
+
+async def test_a_transfer_twilio_makes_late_while_its_record_cannot_be_read_still_ends_the_call_transferred(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    """The transfer is unconfirmed; Twilio then carries it out (`stop`, its `<Dial>`) while its record does not
+    answer: the call's end asks the record again until it answers, and ends transferred, not caller_hangup."""
+    tenant = await make_tenant(pool, "Record down", credits=1000)
+    async with events(deps, tenant) as stream:
+        placed, _, gate = await held_transfer(deps, pool, (twilio, deepgram, openai), tenant)
+        record = asyncio.Event()  # Twilio's record of dialed calls, held from the transfer's end on
+        try:
+            await stream.until(
+                lambda event: event.type == "tool.call" and event.data["result"] != transferring(BILLING), timeout=90
+            )
+            asked = len(twilio.lookups)
+            twilio.lookup_gate = record  # the record answers nothing: the engine's lookups time out
+            gate.set()  # Twilio carries the transfer out
+            await asyncio.wait_for(asked_again_or_ended(twilio, asked, pool, placed.call_log_id), 90)
+        finally:
+            twilio.lookup_gate = None
+            record.set()
+            gate.set()
+        log = await finished_log(pool, placed.call_log_id)
+
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
+    assert [dial.to for dial in twilio.dialed_calls[placed.call_sid]] == [BILLING]
+
+
+async def asked_again_or_ended(twilio: FakeTwilio, asked: int, pool: asyncpg.Pool, call_log_id: str) -> None:
+    """Once Twilio's record has been asked twice since `asked` lookups (the first gave up), or the call has ended."""
+    while len(twilio.lookups) < asked + 2:
+        status = await pool.fetchval('SELECT "status" FROM "CallLog" WHERE "id" = $1', call_log_id)
+        if status != "IN_PROGRESS":
+            return
+        await asyncio.sleep(0.1)

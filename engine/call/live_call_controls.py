@@ -17,7 +17,12 @@ from engine.call.control_channel import Acknowledgement, Handler
 from engine.call.driver import HANGUP_GRACE_SECONDS, ControlRefused
 from engine.call.listen_relay import LEASE_SECONDS, LISTEN, LISTEN_RELAY
 from engine.call.live_calls import LiveCall
-from engine.call.twilio_control import UNANSWERED_TRANSFER_WAIT_SECONDS, TwilioRefused, TwilioUnanswered
+from engine.call.twilio_control import (
+    DIALED_LOOKUP_RETRY_SECONDS,
+    UNANSWERED_TRANSFER_WAIT_SECONDS,
+    TwilioRefused,
+    TwilioUnanswered,
+)
 from engine.server.appkeys import LIVE_CALLS, TWILIO
 from engine.twilio.rest import REQUEST_TIMEOUT_SECONDS
 from pipelines.conversation.transfer_rules import Refusal
@@ -33,8 +38,9 @@ TRANSFER: Final = "transfer"
 """The command name of a transfer within the agent's rules: args `to`; result `to`, the number dialled."""
 
 WORK_SECONDS: Final[Mapping[str, float]] = {
-    # A call with a transfer request out: its answer, Twilio's record, then the `stop` it shows (CallSession.hang_up).
-    HANG_UP: 2 * REQUEST_TIMEOUT_SECONDS + HANGUP_GRACE_SECONDS,
+    # A call with a transfer request out: its answer, Twilio's record (asked again while it cannot be read), then the
+    # `stop` it shows (CallSession.hang_up).
+    HANG_UP: REQUEST_TIMEOUT_SECONDS + DIALED_LOOKUP_RETRY_SECONDS + HANGUP_GRACE_SECONDS,
     # Twilio's answer; unanswered, its record asked again, or, once it left the stream, asked about the call's end.
     TRANSFER: 2 * REQUEST_TIMEOUT_SECONDS + UNANSWERED_TRANSFER_WAIT_SECONDS,
 }

@@ -52,6 +52,7 @@ from media.recording import StereoWavRecorder
 from media.twilio_stream import (
     CALLER_TRACK,
     DtmfReceived,
+    InvalidState,
     MarkFlushed,
     MarkPlayed,
     MediaGap,
@@ -268,10 +269,11 @@ class CallSession:
         REST API's hang-up would then cut the caller off from whom the `<Dial>` reached. When its record shows the
         dialed call, the call ends TRANSFERRED as Twilio leaves our stream; else closing our stream ends it, which
         ends a call still on it (its TwiML has nothing after `<Connect>`) and leaves alone a `<Dial>` made meanwhile."""
-        if await self._twilio.dialed():
+        made = await self._twilio.dialed_known()
+        if made:
             await self._transferred(transfer_detail)
         else:
-            self._end(status, reason, detail)
+            self._end(status, reason, detail if made is False else _transfer_unknown(detail))
 
     async def _hang_up_unpaid(self, reason: EndReason) -> None:
         """The credit meter's hang-up once the time paid for is over; not of a call Twilio is taking to a transfer,
@@ -498,18 +500,19 @@ class CallSession:
             self.spawn(self._end_as_twilio_dialed(*self._unconfirmed), "transfer-lookup")
 
     async def _end_as_twilio_dialed(self, detail: str | None) -> None:
-        if await self._twilio.dialed():
+        made = await self._twilio.dialed_known()
+        if made:
             self._end(CallStatus.COMPLETED, EndReason.TRANSFERRED, detail)
         else:
-            self._end_stopped()
+            self._end_stopped(unknown=made is None)
 
-    def _end_stopped(self) -> None:
-        """Twilio's `stop` came, and no transfer took the caller: the call ends as it was ending, else the caller hung
-        up."""
+    def _end_stopped(self, *, unknown: bool = False) -> None:
+        """Twilio's `stop` came, and no transfer took the caller (or, `unknown`, Twilio's record could not tell): the
+        call ends as it was ending, else the caller hung up."""
         if self._phase is CallPhase.ENDING and self._reason is not None:
-            self._end(self._ending_status, self._reason, self._detail)
+            self._end(self._ending_status, self._reason, _transfer_unknown(self._detail) if unknown else self._detail)
         else:
-            self._end(CallStatus.COMPLETED, EndReason.CALLER_HANGUP)
+            self._end(CallStatus.COMPLETED, EndReason.CALLER_HANGUP, _transfer_unknown(None) if unknown else None)
 
     def _refuse_when_ending(self, what: str) -> None:
         if not accepts(self._phase, PhaseEvent.WIND_DOWN):
@@ -576,6 +579,11 @@ class CallSession:
         if task.cancelled() or task.exception() is None:
             return
         exc = task.exception()
+        if self._stopped_at is not None and isinstance(exc, InvalidState):
+            # Twilio left the stream for a transfer's <Dial> (or the caller hung up) while the agent spoke: the
+            # transfer's answer, or Twilio's record, ends the call; its words have no one to go to.
+            log.debug("call %s: %s stopped with the stream: %s", self.context.call_sid, task.get_name(), exc)
+            return
         # Once the call has ended, a task failing on its way out (a send to a closed socket) is no news.
         level = logging.DEBUG if self._ended.is_set() else logging.ERROR
         log.log(level, "call %s: %s failed", self.context.call_sid, task.get_name(), exc_info=exc)
@@ -799,3 +807,12 @@ class CallSession:
         except TimeoutError:
             log.warning("call %s: the goodbye was cut short after %.1f s", self.context.call_sid, within)
         await self.hang_up(reason, detail, status=status)
+
+
+TRANSFER_UNKNOWN = "whether Twilio made the call's unconfirmed transfer is unknown: its record could not be read"
+"""The end detail (after the call's own) of a call that ended without Twilio's record telling whether a transfer
+request it did not answer for was made."""
+
+
+def _transfer_unknown(detail: str | None) -> str:
+    return f"{detail}; {TRANSFER_UNKNOWN}" if detail else TRANSFER_UNKNOWN

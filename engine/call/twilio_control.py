@@ -24,6 +24,9 @@ UNANSWERED_TRANSFER_WAIT_SECONDS = 5.0
 that the transfer's fate is unknown."""
 DIALED_LOOKUP_INTERVAL_SECONDS = 1.0
 """How often Twilio's record is asked meanwhile."""
+DIALED_LOOKUP_RETRY_SECONDS = 30.0
+"""How long the end of a call with such a transfer keeps asking Twilio's record whether it was made, while the record
+cannot be read, before the call ends without knowing."""
 
 HangUp = Callable[[str], Awaitable[bool]]
 """Hang up a call by its CallSid through Twilio's REST API; False when that could not be done."""
@@ -131,6 +134,20 @@ class TwilioControl:
         if made is False and self._release is not None:
             await self._release(self._call_sid)
         return made
+
+    async def dialed_known(self) -> bool | None:
+        """Whether Twilio's record shows a call a transfer's `<Dial>` made, asked again while it cannot be read (for
+        up to DIALED_LOOKUP_RETRY_SECONDS); None when it could not be read."""
+        if self._dialed is None:
+            return None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DIALED_LOOKUP_RETRY_SECONDS):
+                while True:
+                    made = await self.dialed()
+                    if made is not None:
+                        return made
+                    await asyncio.sleep(DIALED_LOOKUP_INTERVAL_SECONDS)
+        return None
 
     async def dialed(self) -> bool | None:
         """Whether Twilio's record shows a call a transfer's `<Dial>` made; None when it cannot be asked."""
