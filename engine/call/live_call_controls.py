@@ -41,8 +41,9 @@ WORK_SECONDS: Final[Mapping[str, float]] = {
     # A call with a transfer request out: its answer, Twilio's record (asked again while it cannot be read), then the
     # `stop` it shows (CallSession.hang_up).
     HANG_UP: REQUEST_TIMEOUT_SECONDS + DIALED_LOOKUP_RETRY_SECONDS + HANGUP_GRACE_SECONDS,
-    # Twilio's answer; unanswered, its record asked again, or, once it left the stream, asked about the call's end.
-    TRANSFER: 2 * REQUEST_TIMEOUT_SECONDS + UNANSWERED_TRANSFER_WAIT_SECONDS,
+    # Twilio's record of an earlier transfer left unconfirmed, Twilio's answer; unanswered, its record asked again,
+    # or, once it left the stream, asked about the call's end.
+    TRANSFER: 3 * REQUEST_TIMEOUT_SECONDS + UNANSWERED_TRANSFER_WAIT_SECONDS,
 }
 """How long a command's own work may take on the node holding the call, by name, when it waits on a request to
 Twilio's REST API: its sender waits that much longer for the acknowledgement (engine.call.control_channel), so that

@@ -122,7 +122,8 @@ async def transfer_live_call(call: ApiCall) -> TransferAccepted:
     """Hand the caller to a number the agent's transfer rules allow, the rules its model's `transfer_call` obeys:
     the agent stops speaking and Twilio dials it. 422 for a number that is not E.164; 403 when the rules, or the
     organization's dial policy (GET /v1/organization/dial-policy), do not allow it; 409 when the call is
-    not in progress or ending, or the engine process holding it has no Twilio account to transfer with; 502 when
+    not in progress or ending, the engine process holding it has no Twilio account to transfer with, or an earlier
+    transfer Twilio left unconfirmed was made after all (or its record cannot tell yet); 502 when
     Twilio did not make the transfer (the call goes on). Twilio's request unanswered in time, the transfer follows
     the rule of the agent's own: Twilio's record of the calls the transfer dialed is asked for 5 s more, and a
     dialed call is a transfer made (202); else 504 `twilio_unconfirmed`: Twilio may still make it, the call goes
