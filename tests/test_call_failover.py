@@ -9,6 +9,7 @@ import asyncio
 import asyncpg
 
 from engine.call.driver import DEFAULT_APOLOGY
+from engine.call.realtime_connection import RECONNECTS_PER_WINDOW
 from storage.call_turns import CallTurn
 from storage.end_reasons import EndReason
 from storage.enums import CallStatus
@@ -85,14 +86,14 @@ async def test_a_realtime_agent_whose_model_fails_its_responses_goes_on_through_
     pool: asyncpg.Pool,
 ) -> None:
     async with call_on("realtime", pool, **PIPELINE) as rig:
-        for _ in range(2):  # in the first session and in the one reopened
+        for _ in range(RECONNECTS_PER_WINDOW + 1):  # in the first session and in each one reopened
             rig.realtime.reply_fails("rate_limit_exceeded", "Rate limit reached for gpt-realtime.")
         rig.caller_says("I need an appointment")
         turns = await the_pipeline_answers_next(rig, apology_at=1)
     spoken = [(t.speaker, t.text) for t in turns]
     assert spoken[1] == ("agent", DEFAULT_APOLOGY)
     assert spoken[2:] == [("caller", "Tuesday please"), ("agent", "Tuesday at ten is free.")]
-    assert len(rig.realtime.models) == 2
+    assert len(rig.realtime.models) == RECONNECTS_PER_WINDOW + 1
 
 
 async def test_a_realtime_agent_whose_model_cannot_be_reached_at_all_runs_on_its_fallback_pipeline(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import secrets
 import time
@@ -22,8 +23,10 @@ from aiohttp import web
 from openai import AsyncOpenAI
 
 from config.agent import AgentConfiguration, parse_agent_configuration
+from engine.call import realtime_connection
 from engine.call.call_log_writer import CallOutcome
 from engine.call.realtime import TRANSCRIPTION_FAILED, UNTRANSCRIBED, realtime_driver
+from engine.call.realtime_connection import RECONNECTS_PER_WINDOW
 from engine.call.session import CREDIT_MINUTE_SECONDS, CallContext, CallSession, ExtendReservation
 from engine.simulator import PlaybackQueue
 from media.dtmf import dtmf_audio
@@ -804,14 +807,52 @@ async def test_a_response_the_server_fails_reopens_the_session_and_the_caller_is
 async def test_a_model_that_fails_every_response_fails_the_call_naming_the_error(
     pool: asyncpg.Pool, fake: FakeRealtime
 ) -> None:
-    for _ in range(2):
+    for _ in range(RECONNECTS_PER_WINDOW + 1):  # the first session's and each reopened one's
         fake.reply_fails("rate_limit_exceeded", "Rate limit reached for gpt-realtime.")
     async with realtime_call(pool, fake) as call:
         call.line.say(speech(600))
         outcome = await call.outcome(timeout=10)
     assert (outcome.status, outcome.end_reason) == (CallStatus.FAILED, "realtime_failed")
     assert outcome.end_detail is not None and "rate_limit_exceeded" in outcome.end_detail
+    assert f"lost {RECONNECTS_PER_WINDOW + 1} times within 60 s" in outcome.end_detail
+    assert len(fake.models) == RECONNECTS_PER_WINDOW + 1
     assert (await stored(call)).metadata["endReason"] == "realtime_failed"
+
+
+async def test_a_connection_dropped_after_a_failed_response_is_reopened_again(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    fake.caller_says("I need an appointment")
+    fake.reply_fails()
+    fake.reply(ANSWER)
+    fake.reply("Tuesday at ten is free.")
+    async with realtime_call(pool, fake) as call:
+        call.line.say(speech(600))
+        await call.wait_for_turns(2)  # answered on the session reopened after the failed response
+        await fake.drop_all()  # and later the network fails
+        await until(lambda: len(fake.of_type("session.update")) == 3)
+        call.line.say(speech(600))
+        turns = await call.wait_for_turns(4)
+    assert len(fake.models) == 3
+    assert [t.speaker for t in turns] == ["caller", "agent", "caller", "agent"]
+    assert turns[3].text == "Tuesday at ten is free."
+    assert (await stored(call)).metadata["endReason"] == "caller_hangup"
+
+
+async def test_sessions_lost_further_apart_than_the_window_are_each_reopened(
+    pool: asyncpg.Pool, fake: FakeRealtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(realtime_connection, "RECONNECT_WINDOW_SECONDS", 0.5)
+    async with realtime_call(pool, fake) as call:
+        for opened in range(1, RECONNECTS_PER_WINDOW + 2):
+            await until(functools.partial(lambda n: len(fake.of_type("session.update")) == n, opened))
+            await fake.drop_all()
+            await asyncio.sleep(0.6)  # the next loss comes after the window has moved past this one
+        await until(lambda: len(fake.of_type("session.update")) == RECONNECTS_PER_WINDOW + 2)
+        call.line.say(speech(600))
+        turns = await call.wait_for_turns(2)
+    assert [t.speaker for t in turns] == ["caller", "agent"]
+    assert (await stored(call)).metadata["endReason"] == "caller_hangup"
 
 
 async def test_a_connection_dropped_before_the_callers_words_were_transcribed_still_answers_the_caller(

@@ -1,5 +1,6 @@
 """A call's connection to OpenAI Realtime: opened and configured, fed the caller's audio in batches, and reopened
-once when it drops, with the conversation so far replayed as text; if that fails too, the call is handed over.
+when it drops (a few times a minute at most), with the conversation so far replayed as text; past that, or if
+reopening fails, the call is handed over.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
@@ -28,12 +30,17 @@ from storage.end_reasons import EndReason
 
 log = logging.getLogger(__name__)
 
-RECONNECTS: Final = 1
-"""How many times a lost connection is reopened (with the conversation replayed) before the call hands over."""
+RECONNECTS_PER_WINDOW: Final = 2
+"""How many times a lost session is reopened (with the conversation replayed) within `RECONNECT_WINDOW_SECONDS`;
+one lost once more within the window hands the call over. A budget per call would let one failed response early
+on send a drop half an hour later straight to the fallback; a budget per window still stops a model that fails
+every response after a few seconds of the caller waiting."""
+RECONNECT_WINDOW_SECONDS: Final = 60.0
+"""The sliding window `RECONNECTS_PER_WINDOW` counts over."""
 
 
 class RealtimeConnection:
-    """The model's session for one call: its channel, the caller audio on its way to it, and its one reconnect."""
+    """The model's session for one call: its channel, the caller audio on its way to it, and its reconnects."""
 
     def __init__(
         self,
@@ -64,7 +71,7 @@ class RealtimeConnection:
         """The model was told not to answer by itself (awaiting a callee's hello)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._reconnects = 0
+        self._reconnected_at: deque[float] = deque()  # clock times of the reconnects within the window
         self._reconnecting: asyncio.Task[None] | None = None
         self._audio_out = bytearray()  # caller audio the sender has yet to send
         self._audio_ready = asyncio.Event()
@@ -115,14 +122,14 @@ class RealtimeConnection:
             await channel.update_session(self._session_update(voice=False))
 
     async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run a task of the driver; a lost connection leads to one reconnect (then a hand-over), not a crash."""
+        """Run a task of the driver; a lost connection leads to a reconnect (or a hand-over), not a crash."""
         try:
             await work
         except RealtimeConnectionLost as exc:
             self._lost(exc)
 
     def _lost(self, exc: RealtimeConnectionLost) -> None:
-        """The connection dropped: reopen it once in the background (unless that is under way or the call ended)."""
+        """The connection dropped: reopen it in the background (unless that is under way or the call ended)."""
         if self._closed or self._reconnecting is not None or self._host.phase is CallPhase.ENDED:
             return
         log.warning("call %s: the Realtime session was lost: %s", self._host.context.call_sid, exc)
@@ -165,7 +172,8 @@ class RealtimeConnection:
         )
 
     async def _reconnect(self, why: str) -> None:
-        """Reopen the model's session once, replaying the conversation so far; else hand the call over."""
+        """Reopen the model's session, replaying the conversation so far, unless the window's budget is spent (or
+        reopening fails): then hand the call over."""
         lost = self.channel
         self.channel = None
         for task in [task for task in self._tasks if not task.done() and task is not asyncio.current_task()]:
@@ -175,13 +183,19 @@ class RealtimeConnection:
             with contextlib.suppress(Exception):
                 await lost.close()
         channel: RealtimeChannel | None = None
-        if self._reconnects < RECONNECTS:
-            self._reconnects += 1
+        now = self._host.clock()
+        recent = self._reconnected_at
+        while recent and recent[0] <= now - RECONNECT_WINDOW_SECONDS:
+            recent.popleft()
+        if len(recent) < RECONNECTS_PER_WINDOW:
+            recent.append(now)
             try:
                 channel = await self._connect(replay=True)
             except (RealtimeUnavailable, RealtimeConnectionLost) as exc:
                 why = f"{why}; reconnecting failed: {exc}"
                 channel = None
+        else:
+            why = f"{why}; lost {len(recent) + 1} times within {RECONNECT_WINDOW_SECONDS:g} s"
         if channel is None:
             self._reconnecting = None
             await self._host.hand_over(EndReason.REALTIME_FAILED, why)
