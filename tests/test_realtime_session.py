@@ -690,6 +690,21 @@ async def test_an_agent_function_calls_its_webhook_and_the_model_answers_with_th
     assert turns[1].latency_ms is not None  # the caller waited through the function call too
 
 
+async def test_a_line_said_as_the_callers_turn_ends_is_said_after_the_models_answer_not_taken_for_it(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    line = "A colleague will call you back within the hour."
+    fake.response_created_delay_ms = 300  # the server's answer to the caller is under way before the engine knows
+    fake.reply(ANSWER)
+    fake.reply(line)
+    async with realtime_call(pool, fake) as call:
+        call.line.say(speech(600))
+        await until(lambda: bool(fake.sent_of_type("input_audio_buffer.speech_stopped")))
+        await call.session.say_line(line, interrupt=False)  # the server refuses it: its own answer is under way
+        turns = await call.wait_for_turns(3)
+    assert [(t.speaker, t.text) for t in turns] == [("caller", "hello"), ("agent", ANSWER), ("agent", line)]
+
+
 # --------------------------------------------------------------------------------------------------- failures
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
+from dataclasses import dataclass
 from typing import Final
 
 from openai import AsyncOpenAI
@@ -72,6 +74,22 @@ INAUDIBLE: Final = "[inaudible]"
 """A caller turn whose transcription is empty."""
 # Errors the server answers to a cancel or truncate that raced with its own barge-in handling: expected, not news.
 _RACE_ERRORS: Final = frozenset({"response_cancel_not_active", "item_truncate_invalid_item_id"})
+_ACTIVE_RESPONSE: Final = "conversation_already_has_active_response"
+LINE_METADATA_KEY: Final = "dialtone_line"
+"""The `response.create` metadata key naming a line `say()` asked for, which its `response.created` carries back:
+a response the server's VAD started for the caller meanwhile is not the line."""
+SAY_ATTEMPTS: Final = 3
+"""How often `say()` asks for its line when the server refuses it for a response of its own under way (the
+caller's turn ended just as the line was asked for): each time once that response is over."""
+
+
+@dataclass(slots=True)
+class _PendingLine:
+    """A line `say()` asked for: the id of its latest `response.create`, and its response once it has started (None
+    when the server refused that request)."""
+
+    request_id: str
+    started: asyncio.Future[ModelResponse | None]
 
 
 def realtime_driver(
@@ -116,7 +134,8 @@ class RealtimeDriver:
         self._host = host
         self._realtime = realtime
         self._first_sentence = first_sentence
-        self._said: asyncio.Future[ModelResponse] | None = None
+        self._lines: dict[str, _PendingLine] = {}  # lines asked for and not started yet, by their metadata tag
+        self._line_ids = itertools.count(1)
         self._voice = ModelVoice(host, on_idle=self._settle)
         self._connection = RealtimeConnection(
             host,
@@ -230,17 +249,34 @@ class RealtimeDriver:
         await self._cut_agent(why, barge_in=False, model=self._connection.channel)
 
     async def say(self, text: str) -> None:
-        """Have the model say `text` word for word and wait (bounded) until it was heard."""
+        """Have the model say `text` word for word and wait (bounded) until it was heard.
+
+        The line's response is told from others by its metadata: a response the server's VAD starts for the caller
+        meanwhile is not waited on as the line, and a request the server refuses for it is made again after it.
+        """
         channel = self._connection.channel
         if channel is None:
             return
-        said: asyncio.Future[ModelResponse] = asyncio.get_running_loop().create_future()
-        self._said = said
-        await channel.create_response(say_exactly(text))
+        call_sid = self._host.context.call_sid
+        tag = f"line_{next(self._line_ids)}"
+        response: ModelResponse | None = None
         try:
-            response = await asyncio.wait_for(said, timeout=RESPONSE_GRACE_SECONDS)
-        except TimeoutError:
-            log.warning("call %s: the model did not start saying %r", self._host.context.call_sid, text[:40])
+            for attempt in range(1, SAY_ATTEMPTS + 1):
+                line = self._lines[tag] = _PendingLine(f"{tag}_{attempt}", asyncio.get_running_loop().create_future())
+                await channel.create_response(
+                    say_exactly(text), metadata={LINE_METADATA_KEY: tag}, event_id=line.request_id
+                )
+                try:
+                    response = await asyncio.wait_for(line.started, timeout=RESPONSE_GRACE_SECONDS)
+                except TimeoutError:
+                    log.warning("call %s: the model did not start saying %r", call_sid, text[:40])
+                    return
+                if response is not None:
+                    break
+        finally:
+            self._lines.pop(tag, None)
+        if response is None:
+            log.warning("call %s: the model refused %d times to say %r", call_sid, SAY_ATTEMPTS, text[:40])
             return
         await self._voice.finished(response)
 
@@ -357,7 +393,8 @@ class RealtimeDriver:
             case CallerTranscriptDelta(item_id=item_id, delta=delta):
                 self._on_caller_words(item_id, delta)
             case ServerError(code=code):
-                level = logging.DEBUG if code in _RACE_ERRORS else logging.WARNING
+                line_refused = code == _ACTIVE_RESPONSE and self._line_refused(event.event_id)
+                level = logging.DEBUG if code in _RACE_ERRORS or line_refused else logging.WARNING
                 log.log(level, "call %s: Realtime error %s", self._host.context.call_sid, event)
             case _:
                 await self._on_agent_event(event)
@@ -395,8 +432,8 @@ class RealtimeDriver:
                 self._voice.transcript_done(item_id, transcript)
             case AudioDone(item_id=item_id):
                 self._voice.audio_done(item_id)
-            case ResponseCreated(response_id=response_id):
-                self._on_response_created(response_id)
+            case ResponseCreated(response_id=response_id, metadata=metadata):
+                self._on_response_created(response_id, metadata.get(LINE_METADATA_KEY))
             case OutputItemAdded(response_id=response_id, item_id=item_id, item_type="message"):
                 self._voice.item_added(response_id, item_id)
             case FunctionCall():
@@ -406,13 +443,22 @@ class RealtimeDriver:
             case _:
                 pass  # function_call output items: their arguments come complete in FunctionCall
 
-    def _on_response_created(self, response_id: str) -> None:
+    def _on_response_created(self, response_id: str, line_tag: str | None) -> None:
         response = self._voice.created(response_id, self._reply_to)
         self._reply_to = None
         if accepts(self._host.phase, PhaseEvent.REPLY):
             self._host.move(PhaseEvent.REPLY)
-        if self._said is not None and not self._said.done():
-            self._said.set_result(response)
+        line = self._lines.get(line_tag) if line_tag else None
+        if line is not None and not line.started.done():
+            line.started.set_result(response)
+
+    def _line_refused(self, request_id: str) -> bool:
+        """The server refused a line's request (a response of its own was under way): `say()` asks again."""
+        for line in self._lines.values():
+            if line.request_id == request_id and not line.started.done():
+                line.started.set_result(None)
+                return True
+        return False
 
     async def _on_response_done(self, event: ResponseDone) -> None:
         response = self._voice.response(event.response_id)

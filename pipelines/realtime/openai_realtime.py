@@ -16,7 +16,7 @@ import itertools
 import json
 import logging
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
@@ -203,9 +203,11 @@ class CallerTranscriptFailed:
 
 @dataclass(frozen=True, slots=True)
 class ResponseCreated:
-    """The model started a response."""
+    """The model started a response; `metadata` is what the `response.create` that asked for it attached (none for
+    one the server's VAD started for the caller)."""
 
     response_id: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +361,12 @@ def _response_done(event: Mapping[str, Any]) -> ResponseDone:
     return ResponseDone(response_id, _text(response, "status"), calls, message)
 
 
+def _response_created(event: Mapping[str, Any]) -> ResponseCreated:
+    response = _object(event, "response")
+    metadata = {key: value for key, value in _object(response, "metadata").items() if isinstance(value, str)}
+    return ResponseCreated(_text(response, "id"), metadata)
+
+
 def _server_error(event: Mapping[str, Any]) -> ServerError:
     error = _object(event, "error")
     return ServerError(
@@ -381,7 +389,7 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any]], RealtimeEvent]] = {
     "conversation.item.input_audio_transcription.failed": lambda e: CallerTranscriptFailed(
         _text(e, "item_id"), _text(_object(e, "error"), "message")
     ),
-    "response.created": lambda e: ResponseCreated(_text(_object(e, "response"), "id")),
+    "response.created": _response_created,
     "response.output_item.added": lambda e: OutputItemAdded(
         _text(e, "response_id"), _text(_object(e, "item"), "id"), _text(_object(e, "item"), "type")
     ),
@@ -456,6 +464,7 @@ class RealtimeChannel:
         self._cancelled: set[str] = set()  # of those, the ones cancelled
         self._idle = asyncio.Event()  # no response under way
         self._idle.set()
+        self._unseen_active = False  # a response.create was refused for a response whose response.created is to come
         self._session_updates = itertools.count(1)
         self._updates_sent: set[str] = set()  # the event ids of the session updates sent, which a refusal names
 
@@ -499,16 +508,30 @@ class RealtimeChannel:
         """Add caller audio (mu-law 8 kHz) to the input buffer; the call's hot path, so one string, no dict."""
         await self._send(_APPEND_PREFIX + base64.b64encode(ulaw).decode("ascii") + '"}')
 
-    async def create_response(self, instructions: str | None = None) -> None:
+    async def create_response(
+        self, instructions: str | None = None, *, metadata: Mapping[str, str] | None = None, event_id: str = ""
+    ) -> None:
         """Ask for a response, with instructions for this one only if given, once the server has ended the ones under
         way, which it would refuse it for (waiting at most CANCEL_WAIT_SECONDS when they were all cancelled, else
-        ANSWER_WAIT_SECONDS)."""
-        wait = CANCEL_WAIT_SECONDS if self._active <= self._cancelled else ANSWER_WAIT_SECONDS
+        ANSWER_WAIT_SECONDS).
+
+        `metadata` comes back in its `ResponseCreated` (telling it from one the server's VAD started meanwhile);
+        `event_id` names the request in the server's error if it refuses it (one of its own started meanwhile).
+        """
+        cancelled_only = self._active <= self._cancelled and not self._unseen_active
+        wait = CANCEL_WAIT_SECONDS if cancelled_only else ANSWER_WAIT_SECONDS
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), wait)
         event: dict[str, Any] = {"type": "response.create"}
+        if event_id:
+            event["event_id"] = event_id
+        response: dict[str, Any] = {}
         if instructions is not None:
-            event["response"] = {"instructions": instructions}
+            response["instructions"] = instructions
+        if metadata:
+            response["metadata"] = dict(metadata)
+        if response:
+            event["response"] = response
         await self.send_event(event)
 
     async def cancel_response(self, response_id: str | None = None) -> None:
@@ -575,12 +598,19 @@ class RealtimeChannel:
         match event:
             case ResponseCreated(response_id=response_id):
                 self._active.add(response_id)
+                self._unseen_active = False
                 self._idle.clear()
             case ResponseDone(response_id=response_id):
                 self._active.discard(response_id)
                 self._cancelled.discard(response_id)
+                self._unseen_active = False
                 if not self._active:
                     self._idle.set()
+            case ServerError(code="conversation_already_has_active_response"):
+                # The server started a response (its VAD's, for the caller) that its events have yet to announce:
+                # not idle until that one is done, though none is known yet.
+                self._unseen_active = True
+                self._idle.clear()
 
     async def close(self) -> None:
         """Close the connection (the session ends with it), not waiting long for the server's goodbye."""

@@ -144,6 +144,9 @@ class FakeRealtime:
         self.truncations: list[Truncation] = []
         self.confirm_delay_ms = 0
         """How long the server takes to apply a `session.update` (and answer `session.updated`)."""
+        self.response_created_delay_ms = 0
+        """How long a response the server started reaches the client as `response.created` (the network's latency):
+        a `response.create` that comes meanwhile is refused, a response being under way already."""
         self.refused_update: Mapping[str, str] | None = None
         """When set, every `session.update` is refused with this error (code, message, param), as the API refuses
         one it finds invalid."""
@@ -327,7 +330,7 @@ class _Connection:
                 if self.generating:
                     await self.error("conversation_already_has_active_response", "A response is in progress.", event)
                 else:
-                    self.start_response()
+                    self.start_response(event.get("response") or {})
             case "response.cancel":
                 if self.generating and not self.cancelling:
                     self.cancelling = True
@@ -457,13 +460,18 @@ class _Connection:
 
     # Responses
 
-    def start_response(self) -> None:
+    def start_response(self, asked: Mapping[str, Any] | None = None) -> None:
+        """Start a response: the server VAD's for a caller's turn, or the one a `response.create` asked for (its
+        `metadata` comes back in the response, as the API's does)."""
         self.cancelling = False
-        self.response = asyncio.create_task(self.respond(self.fake.next_id("resp")))
+        metadata = dict((asked or {}).get("metadata") or {})
+        self.response = asyncio.create_task(self.respond(self.fake.next_id("resp"), metadata))
 
-    async def respond(self, response_id: str) -> None:
+    async def respond(self, response_id: str, metadata: Mapping[str, Any]) -> None:
         reply = self.fake.next_reply()
-        await self.send({"type": "response.created", "response": {"id": response_id, "status": "in_progress"}})
+        await asyncio.sleep(self.fake.response_created_delay_ms / 1000)
+        created = {"id": response_id, "status": "in_progress", "metadata": dict(metadata) or None}
+        await self.send({"type": "response.created", "response": created})
         output: list[dict[str, Any]] = []
         status = "completed"
         if reply.failure is not None:
