@@ -12,7 +12,7 @@ import pytest
 
 from pipelines.offline_workers import INLINE, OfflineWork, OfflineWorkers
 from pipelines.stt.base import EndOfTurn, SpeechStarted, STTError, STTEvent, TranscriptUpdate
-from pipelines.stt.sphinx import SphinxSTT, Utterance, UtteranceBacklog
+from pipelines.stt.sphinx import MAX_UTTERANCE_MS, SphinxSTT, Utterance, UtteranceBacklog
 from tests.speech import events_after, noise_frames, silent_frames, spoken_frames
 
 KEYPHRASES = ["book an appointment", "opening hours", "tuesday", "yes", "goodbye"]
@@ -104,6 +104,21 @@ async def test_the_end_of_turn_waits_for_the_configured_silence(pool: OfflineWor
     [end] = [event for event in events if isinstance(event, EndOfTurn)]
     assert isinstance(events[0], SpeechStarted)
     assert end.at_ms > events[0].at_ms
+
+
+async def test_a_caller_talking_on_past_the_longest_utterance_is_one_turn_not_two(pool: OfflineWorkers) -> None:
+    # A caller who never pauses for the end-of-turn silence: their speech is decoded in stretches of at most
+    # MAX_UTTERANCE_MS, but the turn ends once, when they pause, with all of it (not mid-sentence, to be answered
+    # while they still talk).
+    stt = SphinxSTT(keyphrases=KEYPHRASES, work=pool)
+    await stt.start()
+    speech = await spoken_frames(", ".join(["I would like to book an appointment"] * 12) + ", goodbye")
+    assert len(speech) * 20 > MAX_UTTERANCE_MS + 2000
+    events = await events_after(stt, silent_frames(500) + speech + silent_frames(1000))
+    [end] = [event for event in events if isinstance(event, EndOfTurn)]
+    assert end.at_ms >= 500 + len(speech) * 20 - 1000  # when the caller stopped, not 20 s in
+    assert "appointment" in end.text.split() and "goodbye" in end.text.split()
+    assert [type(event) for event in events] == [SpeechStarted, TranscriptUpdate, EndOfTurn]
 
 
 async def test_concurrent_recognizers_share_the_workers() -> None:

@@ -41,7 +41,8 @@ TAIL_MS = 200
 """Silence kept after the VAD's speech end; more trailing silence measured worse (spurious short words)."""
 
 MAX_UTTERANCE_MS = 20_000
-"""An utterance this long is decoded as a turn even if the caller has not paused."""
+"""A stretch of speech this long is decoded even if the caller has not paused: its words come final, and the turn
+goes on until the caller pauses (the decoder takes one utterance at a time, and its memory grows with it)."""
 
 MAX_BACKLOG_MS = MAX_REPLAY_MS
 """Speech a call may have waiting for a decode (a fallback's replay of a turn comes at once); past it the oldest
@@ -319,7 +320,10 @@ class Utterance:
     pcm8k: npt.NDArray[np.int16]
     at_ms: int
     ends_turn: bool = True
-    """False for the speech so far cut by `finalize_now`: its words are final, the turn goes on."""
+    """False for the speech so far cut while the caller speaks on (`finalize_now`, `MAX_UTTERANCE_MS`): its words
+    are final, the turn goes on."""
+    finalized: bool = False
+    """The answer to `finalize_now`: its words come as a `TranscriptUpdate` with `finalized`, even when none."""
 
 
 def _length_ms(utterance: Utterance) -> int:
@@ -413,7 +417,7 @@ class SphinxSTT:
         self._events: asyncio.Queue[STTEvent | STTError | object] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
-        self._turn_words: list[str] = []  # final words of the turn's stretches cut by finalize_now
+        self._turn_words: list[str] = []  # final words of the turn's stretches cut while the caller spoke on
 
     @property
     def punctuates(self) -> bool:
@@ -428,7 +432,7 @@ class SphinxSTT:
         speech_end_ms = self._vad.elapsed_ms
         frames, self._utterance = self._utterance, []
         self._utterance_start_ms = speech_end_ms
-        self._backlog.put(Utterance(np.concatenate(frames), speech_end_ms, ends_turn=False))
+        self._backlog.put(Utterance(np.concatenate(frames), speech_end_ms, ends_turn=False, finalized=True))
 
     async def start(self) -> None:
         """Build (or reuse) the keyphrase vocabulary where decoding runs; STTError if it cannot be built."""
@@ -481,14 +485,16 @@ class SphinxSTT:
             case SpeechStopped(at_ms=at_ms):
                 self._end_utterance(at_ms)
             case None if self._vad.speaking and self._vad.elapsed_ms - self._utterance_start_ms >= MAX_UTTERANCE_MS:
-                self._end_utterance(self._vad.elapsed_ms)
+                # The caller talks on without a pause: decode what they said so far, not as the end of their turn
+                # (the agent would answer them mid-sentence).
+                self._end_utterance(self._vad.elapsed_ms, ends_turn=False)
                 self._utterance_start_ms = self._vad.elapsed_ms
 
-    def _end_utterance(self, speech_end_ms: int) -> None:
+    def _end_utterance(self, speech_end_ms: int, *, ends_turn: bool = True) -> None:
         keep_frames = (speech_end_ms + TAIL_MS - self._utterance_start_ms) // FRAME_MS
         frames = self._utterance[: max(keep_frames, 1)]
         self._utterance = []
-        self._backlog.put(Utterance(np.concatenate(frames), speech_end_ms))
+        self._backlog.put(Utterance(np.concatenate(frames), speech_end_ms, ends_turn=ends_turn))
 
     async def _recognize_utterances(self) -> None:
         # One decode of this call in flight at a time: the rest wait in its bounded backlog, not in the workers' queue.
@@ -500,9 +506,12 @@ class SphinxSTT:
                 return
             if not utterance.ends_turn:
                 self._turn_words += [text] if text else []
-                self._events.put_nowait(
-                    TranscriptUpdate(text=text, is_final=True, at_ms=utterance.at_ms, finalized=True)
-                )
+                if utterance.finalized:
+                    self._events.put_nowait(
+                        TranscriptUpdate(text=text, is_final=True, at_ms=utterance.at_ms, finalized=True)
+                    )
+                # A stretch cut for its length is not announced: the engine would take its words for the whole turn
+                # on its own silence after the caller's, while the rest of their speech is still being decoded.
                 continue
             if text:
                 self._events.put_nowait(TranscriptUpdate(text=text, is_final=True, at_ms=utterance.at_ms))
