@@ -181,6 +181,8 @@ class ProviderContext:
     voice_ids: Mapping[str, str] = field(default_factory=dict)
     """ElevenLabs voice ids by lower-cased voice name (Voice rows the organization may use)."""
     on_failover: OnFailover | None = None
+    on_replay_lost: Callable[[str, int], None] | None = None
+    """Told (provider, ms) when a recognizer reconnecting could not hear some of the caller's speech again."""
     default_region: str | None = None
     """Region (e.g. "US") to read phone numbers the model gives without a country code in."""
     offline_work: OfflineWork = INLINE
@@ -416,6 +418,7 @@ def _deepgram(option: DeepgramSTTConfig, key: str | None, build: _Build) -> Spee
         api_key=key or "",
         url=settings.deepgram_url,
         silent_socket_seconds=settings.deepgram_silent_socket_timeout,
+        on_replay_lost=functools.partial(context.on_replay_lost, "deepgram") if context.on_replay_lost else None,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -291,6 +292,27 @@ async def test_replay_audio_holds_only_what_no_final_result_covers(fake: FakeDee
     await collect(stt, is_end_of_turn)
     assert len(stt.replay_audio()) == (500 - 300) * 8  # the silence after the final's span
     await stt.close()
+
+
+async def test_a_reconnect_after_a_stretch_longer_than_the_replay_bound_says_what_it_cannot_replay(
+    fake: FakeDeepgram, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 2.5 s of speech with no final result (the caller talks on): the replay holds only its last second.
+    lost_ms: list[int] = []
+    stt = recognizer(fake, max_replay_ms=1000, on_replay_lost=lost_ms.append)
+    await stt.start()
+    await feed(stt, speech(2500))
+    await until(lambda: fake.bytes_received[0] >= 2300 * 8)
+    with caplog.at_level(logging.WARNING, logger="pipelines.stt.deepgram"):
+        await fake.drop_all()
+        await until(lambda: fake.connections == 2)
+        await feed(stt, silent_frames(600))
+        await collect(stt, is_end_of_turn)
+    await stt.close()
+    assert fake.bytes_received[1] >= 1000 * 8  # the last second again, then what came after
+    lost = [r.getMessage() for r in caplog.records if "are lost" in r.getMessage()]
+    assert len(lost) == 1 and "only the last 1000 ms" in lost[0] and "the 1500 ms before it are lost" in lost[0]
+    assert lost_ms == [1500]
 
 
 def test_replay_audio_is_bounded() -> None:

@@ -151,6 +151,7 @@ async def prepare_call(
         tools=runner,
         voice_ids=voice_ids,
         on_failover=on_failover or count_failover,
+        on_replay_lost=count_replay_lost,
         default_region=_region(bundle.phone_number.phone_number if bundle.phone_number else call_log.phone_number),
         offline_work=offline_work,
         knowledge=knowledge,
@@ -240,6 +241,11 @@ def _region(number: str | None) -> str | None:
         return phonenumbers.region_code_for_number(phonenumbers.parse(number)) or None
     except phonenumbers.NumberParseException:
         return None
+
+
+def count_replay_lost(provider: str, lost_ms: int) -> None:
+    """Count the caller's speech a recognizer could not hear again after a drop (it logs the loss itself)."""
+    metrics.STT_REPLAY_LOST_MS.labels(provider).inc(lost_ms)
 
 
 def count_failover(stage: str, failed: str, replacement: str) -> None:

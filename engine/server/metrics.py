@@ -70,6 +70,14 @@ PROVIDER_ERRORS = Counter(
     "dialtone_provider_errors_total", "Provider failures seen by calls.", ["stage", "provider"], registry=REGISTRY
 )
 
+STT_REPLAY_LOST_MS = Counter(
+    "dialtone_stt_replay_lost_ms_total",
+    "Milliseconds of callers' speech a recognizer could not hear again after a drop (no final result for longer "
+    "than the replay bound, 30 s): words lost from the turn.",
+    ["provider"],
+    registry=REGISTRY,
+)
+
 INBOUND_MEDIA_GAPS = Counter(
     "dialtone_inbound_media_gaps_total",
     "Times Twilio skipped chunks of a caller's audio (its warning 31930), over all calls.",

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -150,6 +150,7 @@ class DeepgramSTT:
         keepalive_seconds: float = 3.0,
         silent_socket_seconds: float = 5.0,
         stable_socket_seconds: float = STABLE_SOCKET_SECONDS,
+        on_replay_lost: Callable[[int], None] | None = None,
     ) -> None:
         """Create a recognizer for `config` at Deepgram base `url`; nothing connects until `start()`.
 
@@ -162,6 +163,9 @@ class DeepgramSTT:
         (with interim results on, as they are by default: without them Deepgram may rightly say nothing until the
         caller pauses); reconnecting stops after `SILENT_SOCKETS_TO_FAIL` such sockets in a row. The attempts start
         afresh once a socket has said something or served `stable_socket_seconds`.
+
+        A new socket that cannot hear some of that audio again (no final result for longer than `max_replay_ms`)
+        logs how much, and tells `on_replay_lost(ms)`.
         """
         self._client = clients.deepgram(api_key, url)
         self._host = urlsplit(url).netloc
@@ -174,6 +178,8 @@ class DeepgramSTT:
         # where that socket's own timeline starts, `_replayed_to` where its replay ends.
         self._audio = bytearray()
         self._audio_start = 0
+        self._final_to = 0  # where the last final result ends on the stream, in bytes: audio before it is heard
+        self._on_replay_lost = on_replay_lost
         self._sent_to = 0
         self._origin = 0
         self._replayed_to = 0
@@ -366,6 +372,19 @@ class DeepgramSTT:
     async def _stream(self, socket: AsyncV1SocketClient) -> str:
         """Serve one socket until it closes; return why it closed."""
         # A new socket hears the unconfirmed audio again from its beginning: its time zero is there.
+        if self._opened is not None and self._opened.done() and self._audio_start > self._final_to:
+            lost_ms = (self._audio_start - self._final_to) // BYTES_PER_MS
+            log.warning(
+                "deepgram at %s: the new socket hears again only the last %d ms of the caller's audio that no final "
+                "result covered; the %d ms before it are lost (no final result for over %d ms)",
+                self._host,
+                len(self._audio) // BYTES_PER_MS,
+                lost_ms,
+                self._max_replay_bytes // BYTES_PER_MS,
+            )
+            if self._on_replay_lost is not None:
+                self._on_replay_lost(lost_ms)
+            self._final_to = self._audio_start  # told once
         self._origin = self._sent_to = self._audio_start
         self._replayed_to = self._audio_start + len(self._audio)
         self._socket = socket
@@ -538,6 +557,7 @@ class DeepgramSTT:
 
     def _confirm(self, through: int) -> None:
         """Forget the audio up to stream offset `through`: a final result covers it, it will never be replayed."""
+        self._final_to = max(self._final_to, through)
         drop = min(through - self._audio_start, len(self._audio))
         if drop > 0:
             del self._audio[:drop]
