@@ -300,10 +300,47 @@ async def finalize_call_log(
                 conn, organization_id=organization_id, call_log_id=call_log_id, minutes=minutes_charged
             )
             return ended
+    # Ended by something else first (a dashboard's UPDATE, a status callback racing this end): the reservation it
+    # left, if any, is settled all the same, on the minutes this ending charges.
+    await settle_ended_call(
+        db, organization_id=organization_id, call_log_id=call_log_id, minutes_charged=minutes_charged
+    )
     current = await get_call_log(db, organization_id=organization_id, call_log_id=call_log_id)
     if current.status == status:
         return current
     raise InvalidCallTransition(call_log_id, current.status, status)
+
+
+async def settle_ended_call(
+    db: Queryable, *, organization_id: str, call_log_id: str, minutes_charged: int
+) -> int | None:
+    """Settle the credit reservation of a call that was ended (its CallLog given a final status) by anything but its
+    own ending, which settles it (`finalize_call_log`): an operator's or a dashboard's `UPDATE "CallLog" SET
+    "status" = ...` while it ran, a status callback racing it. `minutes_charged` started minutes are charged at its
+    rate, as its own end would have, the rest returns, and the rate and the minutes stay in its metadata
+    (credit_reservations.settlement_metadata). The CallLog is locked first, then the reservation, then the
+    organization (migration 0033). The new balance, or None when the call holds no reservation (settled already, or
+    still IN_PROGRESS: its end settles it).
+    """
+    async with transaction(db) as conn:
+        with translate_errors():
+            kept = await conn.execute(
+                f"""
+                UPDATE "CallLog" c
+                SET "metadata" = c."metadata" || {credit_reservations.settlement_metadata("r", "$3::integer")}
+                FROM "CreditReservation" r
+                WHERE c."id" = $1 AND c."organizationId" = $2 AND c."status" <> 'IN_PROGRESS'
+                  AND r."callLogId" = c."id"
+                """,
+                call_log_id,
+                organization_id,
+                minutes_charged,
+            )
+        if kept == "UPDATE 0":
+            return None
+        return await credit_reservations.settle_reservation(
+            conn, organization_id=organization_id, call_log_id=call_log_id, minutes=minutes_charged
+        )
 
 
 async def fail_unstarted(

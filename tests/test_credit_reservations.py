@@ -237,3 +237,41 @@ async def test_a_deletion_of_running_calls_reservations_is_refused_and_names_the
     assert await credit_reservations.reserved_credits(pool, call_log_id=running.id) == 2
     await finish(pool, running, 55)  # it ends in its first minute, the next one reserved ahead
     assert await balance(pool, org) == 10 - 1
+
+
+async def three_minutes_held_ended_by_hand(pool: asyncpg.Pool, organization_id: str) -> CallLog:
+    """A running call holding three minutes of credits, then set COMPLETED in SQL (by an operator)."""
+    call = await open_paid_call(pool, organization_id)
+    for _ in range(2):
+        assert await credit_reservations.extend_reservation(pool, call_log_id=call.id)
+    await pool.execute('UPDATE "CallLog" SET "status" = \'COMPLETED\' WHERE "id" = $1', call.id)
+    return call
+
+
+async def test_an_ending_that_finds_its_call_ended_by_hand_still_settles_the_reservation(pool: asyncpg.Pool) -> None:
+    org = await new_organization(pool, credits=10)
+    call = await three_minutes_held_ended_by_hand(pool, org)
+
+    with pytest.raises(call_logs.InvalidCallTransition):  # a status callback: the call never connected
+        await call_logs.finalize_call_log(
+            pool, organization_id=org, call_log_id=call.id, status=CallStatus.MISSED, duration=0
+        )
+
+    assert await balance(pool, org) == 10  # nothing connected: the three reserved minutes come back
+    assert await credit_reservations.reserved_credits(pool, call_log_id=call.id) is None
+    stored = await call_logs.get_call_log(pool, organization_id=org, call_log_id=call.id)
+    assert stored.status is CallStatus.COMPLETED
+    assert (stored.metadata["minutesCharged"], stored.metadata["creditsPerMinute"]) == (0, 1)
+
+
+async def test_an_ending_with_the_status_set_by_hand_charges_its_minutes_once(pool: asyncpg.Pool) -> None:
+    org = await new_organization(pool, credits=10)
+    call = await three_minutes_held_ended_by_hand(pool, org)
+
+    for _ in range(2):  # the second ending (a retry) finds nothing left to settle
+        await call_logs.finalize_call_log(
+            pool, organization_id=org, call_log_id=call.id, status=CallStatus.COMPLETED, minutes_charged=2
+        )
+
+    assert await balance(pool, org) == 8
+    assert await credit_reservations.reserved_credits(pool, call_log_id=call.id) is None

@@ -76,6 +76,14 @@ class CallLogStore:
                 # Ended already: by an earlier attempt whose acknowledgement was lost, or by crash recovery.
                 if current is not outcome.status:
                     log.warning("CallLog %s was already %s; left as it is", self._call_log_id, current)
+                # Ended by something else while the call ran (an operator's UPDATE): the credits it still holds are
+                # settled on the minutes it ran, as its own ending would have.
+                await call_logs.settle_ended_call(
+                    conn,
+                    organization_id=self._organization_id,
+                    call_log_id=self._call_log_id,
+                    minutes_charged=started_minutes(call_seconds(outcome.duration_s)),
+                )
                 ended = await call_logs.get_call_log(
                     conn, organization_id=self._organization_id, call_log_id=self._call_log_id
                 )
