@@ -4,13 +4,16 @@ A call reserves its first minute when its CallLog is created, extends the reserv
 runs, and its ending settles it: the minutes used are charged, the rest returns to the organization. A CallLog deleted
 while its call runs (the dashboard deletes rows in SQL) settles it at the deletion, by the rule of
 `settle_orphaned_reservations` (migration 0031); a reservation deleted any other way while its call is IN_PROGRESS is
-refused (migration 0035). Each change is one SQL statement, so concurrent calls can never reserve the same credit
-twice.
+refused (migration 0035). A call whose CallLog something else ended while it ran (an operator's UPDATE of its
+status) is settled at its own end all the same (call_logs.settle_ended_call), or by recovery's sweep when nothing
+ends it (`settle_stranded_reservations`). Each change is one SQL statement, so concurrent calls can never reserve the
+same credit twice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 
 from storage.enums import Plan
 from storage.errors import NotFound
@@ -212,6 +215,39 @@ async def settle_orphaned_reservations(db: Queryable, *, call_log_ids: Sequence[
         # The organizations' rows last, in id order, as a deletion of CallLogs takes them (migration 0033): two
         # settlements of several organizations never take them in opposite orders.
         await conn.execute('SELECT "dialtone_return_credits"()')
+
+
+async def settle_stranded_reservations(
+    db: Queryable, *, idle_for: timedelta, now: datetime | None = None, limit: int = 500
+) -> int:
+    """Settle the reservations that calls ended by something else than their own end left behind, and nothing will
+    settle now: their CallLog is no longer IN_PROGRESS (an operator's `UPDATE "CallLog" SET "status" = ...` while
+    they ran) and no meter has extended them for `idle_for` before `now` (the database's clock when None), so no
+    media session runs them any more (it died with its node, or never started). Each pays by the rule of
+    `settle_orphaned_reservations`; how many were settled, at most `limit` a pass.
+
+    Safe with several engine nodes sweeping at once and with the calls' own ends: the CallLogs are locked first
+    (one another node or an ending holds is left to it), then the reservations, then the organizations (migration
+    0033), and a reservation settled already is not there to settle again. Unscoped by design, as recovery is.
+    """
+    async with transaction(db) as conn:
+        rows = await conn.fetch(
+            """
+            SELECT c."id" FROM "CallLog" c JOIN "CreditReservation" r ON r."callLogId" = c."id"
+            WHERE c."status" <> 'IN_PROGRESS'
+              AND r."updatedAt" < COALESCE($1::timestamptz, statement_timestamp()) - $2::interval
+            ORDER BY c."id"
+            LIMIT $3
+            FOR NO KEY UPDATE OF c SKIP LOCKED
+            """,
+            now,
+            idle_for,
+            limit,
+        )
+        stranded = [row["id"] for row in rows]
+        if stranded:
+            await settle_orphaned_reservations(conn, call_log_ids=stranded)
+    return len(stranded)
 
 
 async def reserved_credits(db: Queryable, *, call_log_id: str) -> int | None:

@@ -5,9 +5,10 @@ every minute, it closes as FAILED the IN_PROGRESS calls of nodes that stopped he
 and of calls whose media stream never started, so nothing stays IN_PROGRESS forever; a lost call whose transfer
 Twilio had made (its leg settled from the dial, or Twilio's record of the dial, asked when its leg is still open)
 ends COMPLETED `transferred` instead. Twilio out of reach (or no Twilio account) delays nothing: such a call is then
-closed on its leg's evidence alone. Recovery runs beside the heartbeat, never in its way: Twilio is asked a few calls
-at a time, for a bounded time in all (a lookup still unanswered then is given up, as if Twilio could not be asked),
-and a slow Twilio never keeps this node from heartbeating. A node of this host whose
+closed on its leg's evidence alone. Each pass also settles the credit reservations that calls ended outside the
+engine left held (credit_reservations.settle_stranded_reservations). Recovery runs beside the heartbeat, never in its
+way: Twilio is asked a few calls at a time, for a bounded time in all (a lookup still unanswered then is given up, as
+if Twilio could not be asked), and a slow Twilio never keeps this node from heartbeating. A node of this host whose
 process is gone is not waited for: its calls are closed at once. A node that was taken for dead but runs again ends
 the calls it finds closed, and one cut off from the database ends its calls itself shortly before its heartbeat lease
 lapses (`lease_lapses_at`), so that they are never taken for lost while they run (engine.workers.lost_calls).
@@ -25,10 +26,11 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
+from engine.call.credit_meter import CREDIT_MINUTE_SECONDS, UNPAID_MINUTES
 from engine.server.appkeys import DATABASE, SETTINGS, TWILIO
 from engine.twilio.rest import REQUEST_TIMEOUT_SECONDS, CallLookupFailed, TwilioCalls
 from engine.workers.host_processes import process_is_gone
-from storage import Pool, engine_nodes
+from storage import Pool, credit_reservations, engine_nodes
 from storage.engine_nodes import OrphanedTransfer
 from storage.errors import DATABASE_ERRORS, TRANSIENT_ERRORS, SchemaNotMigrated
 from storage.records import new_id
@@ -46,6 +48,10 @@ RECOVERY_INTERVAL = timedelta(minutes=1)
 NODE_TIMEOUT = timedelta(seconds=60)
 STREAM_TIMEOUT = timedelta(minutes=10)
 FORGET_NODES_AFTER = timedelta(days=1)
+STRANDED_RESERVATION_IDLE = timedelta(seconds=CREDIT_MINUTE_SECONDS * (UNPAID_MINUTES + 2))
+"""How long the reservation of a call ended outside the engine must have gone unextended before recovery settles
+it: a running call's meter extends it every minute, and ends the call after `UNPAID_MINUTES` failed extensions in a
+row, within the next minute."""
 TRANSFER_LOOKUPS_AT_ONCE = 4
 """How many lost calls' transfers recovery asks Twilio about at once."""
 TRANSFER_LOOKUP_BUDGET = timedelta(seconds=2 * REQUEST_TIMEOUT_SECONDS)
@@ -141,6 +147,11 @@ class NodeHeartbeat:
         )
         if closed:
             log.warning("closed %d calls left IN_PROGRESS by engine processes that stopped", closed)
+        stranded = await credit_reservations.settle_stranded_reservations(
+            self._pool, idle_for=STRANDED_RESERVATION_IDLE, now=now
+        )
+        if stranded:
+            log.warning("settled the credit reservations of %d calls ended outside the engine", stranded)
         await engine_nodes.forget_dead_nodes(self._pool, now=now, older_than=FORGET_NODES_AFTER)
         return closed
 
