@@ -289,3 +289,46 @@ async def asked_again_or_ended(twilio: FakeTwilio, asked: int, pool: asyncpg.Poo
         if status != "IN_PROGRESS":
             return
         await asyncio.sleep(0.1)
+
+
+async def test_a_hang_up_told_no_dial_as_twilio_leaves_for_the_transfer_ends_the_call_transferred(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    """The call is hung up (through the API; the max-duration goodbye's hang-up is the same) with its transfer
+    unconfirmed, and Twilio's record, asked by the hang-up, answers that it dialed nobody; before that answer comes,
+    Twilio carries the transfer out (`stop`, its `<Dial>`): the stale answer does not decide the end, the record asked
+    after the `stop` does, and the call ends transferred, not api_hangup."""
+    tenant = await make_tenant(pool, "Stale record", credits=1000)
+    async with events(deps, tenant) as stream:
+        placed, _, gate = await held_transfer(deps, pool, (twilio, deepgram, openai), tenant)
+        answers = asyncio.Queue[asyncio.Event]()
+        held: list[asyncio.Event] = []
+        try:
+            await stream.until(
+                lambda event: event.type == "tool.call" and event.data["result"] != transferring(BILLING), timeout=90
+            )
+            twilio.lookup_answers = answers
+            async with aiohttp.ClientSession() as session:
+                hang_up = asyncio.create_task(
+                    Api(session, deps.public_url).call(
+                        "POST", f"/live-calls/{placed.call_log_id}/hangup", tenant.owner_key
+                    )
+                )
+                held.append(await asyncio.wait_for(answers.get(), 60))  # the hang-up's lookup: no dial, on its way
+                gate.set()  # Twilio carries the transfer out: `stop` on the stream, then its <Dial>
+                held.append(await asyncio.wait_for(answers.get(), 60))  # the lookup the engine makes after the stop
+                held[0].set()
+                status, body = await hang_up  # answered once the engine has read the hang-up's lookup
+            held[1].set()
+            log = await finished_log(pool, placed.call_log_id)
+        finally:
+            twilio.lookup_answers = None
+            for answer in held:
+                answer.set()
+            while not answers.empty():
+                answers.get_nowait().set()
+            gate.set()
+
+    assert status == 202, body
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
+    assert [dial.to for dial in twilio.dialed_calls[placed.call_sid]] == [BILLING]

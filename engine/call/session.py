@@ -268,11 +268,13 @@ class CallSession:
         """Hang up a call with a transfer Twilio did not answer for, which it may have carried out, or may yet: its
         REST API's hang-up would then cut the caller off from whom the `<Dial>` reached. When its record shows the
         dialed call, the call ends TRANSFERRED as Twilio leaves our stream; else closing our stream ends it, which
-        ends a call still on it (its TwiML has nothing after `<Connect>`) and leaves alone a `<Dial>` made meanwhile."""
+        ends a call still on it (its TwiML has nothing after `<Connect>`) and leaves alone a `<Dial>` made meanwhile.
+        When Twilio leaves the stream while its record is asked, that answer may predate the `<Dial>`: the record asked
+        after the `stop` (`_end_after_stop`) ends the call instead, transferred or with this reason."""
         made = await self._twilio.dialed_known()
         if made:
             await self._transferred(transfer_detail)
-        else:
+        elif self._stopped_at is None:
             self._end(status, reason, detail if made is False else _transfer_unknown(detail))
 
     async def _hang_up_unpaid(self, reason: EndReason) -> None:

@@ -21,7 +21,9 @@ updates until the test sets it (its `abandoned` is set if the engine gives up on
 `lose_abandoned` is never acted on), and its
 `answer_gate` holds the answer to an update the fake has acted on. Updates are acted on one at a time in the order
 they came; `Status=completed` ends the calls the call's `<Dial>` made, as Twilio ends the whole call.
-`lookup_gate` holds every call list request (recorded in `lookups` as it comes) until the test sets it.
+`lookup_gate` holds every call list request (recorded in `lookups` as it comes) until the test sets it;
+`lookup_answers`, when given, has each call list request answered as the record stood when it came, but only once the
+test sets the event the fake queues there for it: an answer still on its way while the call changes.
 `call_updates()` is the update endpoint alone, for calls the simulator places. `hold_create(number)` holds the next
 create to `number` until the test decides whether it reached Twilio (the call is created) or not (no call exists, as
 if the request never left): kill the engine in between.
@@ -229,6 +231,9 @@ class FakeTwilio:
         """The query of every call list request, in order."""
         self.lookup_gate: asyncio.Event | None = None
         """When given, a call list request waits (recorded in `lookups`) until it is set: a Twilio slow to answer."""
+        self.lookup_answers: asyncio.Queue[asyncio.Event] | None = None
+        """When given, each call list request is answered as the record stood when it came, once the test sets the
+        event queued here for it (in the order the requests came)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._exit_stack = contextlib.AsyncExitStack()
         self._http: aiohttp.ClientSession | None = None
@@ -395,7 +400,12 @@ class FakeTwilio:
         ]
         found.sort(key=lambda call: call.created_at, reverse=True)
         size = int(query.get("PageSize", "50"))
-        return _calls_page(request, [self._resource(call) for call in found[:size]], size)
+        page = _calls_page(request, [self._resource(call) for call in found[:size]], size)
+        if self.lookup_answers is not None:
+            sent = asyncio.Event()
+            self.lookup_answers.put_nowait(sent)
+            await sent.wait()
+        return page
 
     async def _fetch(self, request: web.Request) -> web.Response:
         if not self._authenticated(request):
