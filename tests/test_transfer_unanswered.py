@@ -332,3 +332,36 @@ async def test_a_hang_up_told_no_dial_as_twilio_leaves_for_the_transfer_ends_the
     assert status == 202, body
     assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
     assert [dial.to for dial in twilio.dialed_calls[placed.call_sid]] == [BILLING]
+
+
+async def test_a_transfer_twilio_makes_late_before_its_record_shows_the_dial_ends_the_call_transferred(
+    deps: OutboundDeps, pool: asyncpg.Pool, twilio: FakeTwilio, deepgram: FakeDeepgram, openai: FakeOpenAI
+) -> None:
+    """The transfer is unconfirmed; Twilio then carries it out (`stop`), but its record, asked as the `stop` comes,
+    does not show the `<Dial>`'s call yet: the engine asks it again for a while before it decides the caller hung
+    up, and the call ends transferred."""
+    tenant = await make_tenant(pool, "Record behind", credits=1000)
+    async with events(deps, tenant) as stream:
+        placed, call, gate = await held_transfer(deps, pool, (twilio, deepgram, openai), tenant)
+        answers = asyncio.Queue[asyncio.Event]()
+        try:
+            await stream.until(
+                lambda event: event.type == "tool.call" and event.data["result"] != transferring(BILLING), timeout=90
+            )
+            call.dials_late = True
+            twilio.lookup_answers = answers
+            gate.set()  # Twilio carries the transfer out: `stop` on the stream; its record does not show the dial yet
+            stale = await asyncio.wait_for(answers.get(), 60)  # the engine's lookup after the stop: no dial
+            twilio.lookup_answers = None
+            twilio.record_dials(call)
+            stale.set()
+            log = await finished_log(pool, placed.call_log_id)
+        finally:
+            twilio.lookup_answers = None
+            while not answers.empty():
+                answers.get_nowait().set()
+            twilio.record_dials(call)
+            gate.set()
+
+    assert (log["status"], log["metadata"]["endReason"]) == ("COMPLETED", "transferred"), log["metadata"]
+    assert [dial.to for dial in twilio.dialed_calls[placed.call_sid]] == [BILLING]

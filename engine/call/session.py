@@ -502,7 +502,7 @@ class CallSession:
             self.spawn(self._end_as_twilio_dialed(*self._unconfirmed), "transfer-lookup")
 
     async def _end_as_twilio_dialed(self, detail: str | None) -> None:
-        made = await self._twilio.dialed_known()
+        made = await self._twilio.dialed_after_stop(self._ended)
         if made:
             self._end(CallStatus.COMPLETED, EndReason.TRANSFERRED, detail)
         else:

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 UNANSWERED_TRANSFER_WAIT_SECONDS = 5.0
 """How long Twilio's record is asked again about a transfer request it did not answer in time, before the call is told
-that the transfer's fate is unknown."""
+that the transfer's fate is unknown; and, once Twilio has left the stream, while the record shows no dial yet."""
 DIALED_LOOKUP_INTERVAL_SECONDS = 1.0
 """How often Twilio's record is asked meanwhile."""
 DIALED_LOOKUP_RETRY_SECONDS = 30.0
@@ -148,6 +148,15 @@ class TwilioControl:
                         return made
                     await asyncio.sleep(DIALED_LOOKUP_INTERVAL_SECONDS)
         return None
+
+    async def dialed_after_stop(self, gone: asyncio.Event) -> bool | None:
+        """Whether Twilio's record shows a call a transfer's `<Dial>` made, once Twilio has left the stream: as
+        `dialed_known`, and while it shows none, asked again for up to UNANSWERED_TRANSFER_WAIT_SECONDS (until `gone`
+        is set), since the record may not show the `<Dial>` yet as the stream's `stop` comes."""
+        made = await self.dialed_known()
+        if made is False and await self.dialed_within(UNANSWERED_TRANSFER_WAIT_SECONDS, gone):
+            return True
+        return made
 
     async def dialed(self) -> bool | None:
         """Whether Twilio's record shows a call a transfer's `<Dial>` made; None when it cannot be asked."""

@@ -21,6 +21,7 @@ updates until the test sets it (its `abandoned` is set if the engine gives up on
 `lose_abandoned` is never acted on), and its
 `answer_gate` holds the answer to an update the fake has acted on. Updates are acted on one at a time in the order
 they came; `Status=completed` ends the calls the call's `<Dial>` made, as Twilio ends the whole call.
+A call that `dials_late` keeps its `<Dial>`s out of the record until `record_dials(call)`.
 `lookup_gate` holds every call list request (recorded in `lookups` as it comes) until the test sets it;
 `lookup_answers`, when given, has each call list request answered as the record stood when it came, but only once the
 test sets the event the fake queues there for it: an answer still on its way while the call changes.
@@ -188,6 +189,11 @@ class FakeCall:
     """The call whose `<Dial>` made this one."""
     hung_up_on_answer: bool = False
     """Completed through the API once answered, before its stream opened: it never opens."""
+    dials_late: bool = False
+    """When set, the calls this call's `<Dial>`s make enter the record (`dialed_calls`) only when the test calls
+    `FakeTwilio.record_dials`: Twilio's record behind the stream's `stop`."""
+    unrecorded_dials: list[str] = field(default_factory=list)
+    """The numbers of its `<Dial>`s made while `dials_late`, not in the record yet."""
     _live: StreamPeer | None = None
     _run_task: asyncio.Task[None] | None = None
     _updates_acted: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -366,8 +372,16 @@ class FakeTwilio:
             with contextlib.suppress(Exception):  # the stream may be closing already
                 await call._live.hang_up()  # new TwiML (or a hang-up) ends <Connect><Stream>: Twilio sends stop
             dial = dialed(update["Twiml"]) if "Twiml" in update else None
-            if dial is not None:
+            if dial is not None and call.dials_late:
+                call.unrecorded_dials.append(dial.number)
+            elif dial is not None:
                 self._dial(call, dial.number)
+
+    def record_dials(self, call: FakeCall) -> None:
+        """Put the calls `call`'s `<Dial>`s made while it `dials_late` in the record."""
+        for number in call.unrecorded_dials:
+            self._dial(call, number)
+        call.unrecorded_dials.clear()
 
     def _dial(self, parent: FakeCall, to: str) -> None:
         """The call a `<Dial>` of `parent` makes: answered, and left talking (nothing scripts its far end)."""
