@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -164,6 +164,53 @@ class AgentFunction:
     timeout_seconds: float
 
 
+class InvalidToolFunction(ValueError):
+    """A Tool's `function` or `webhook` no call could use; `problems` are (field in the configuration, message)."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{field}: {message}" for field, message in problems))
+        self.problems = list(problems)
+
+
+def tool_function(tool_id: str, configuration: Mapping[str, Any]) -> AgentFunction | None:
+    """The function a Tool's configuration defines; None for a Tool without `function` (credentials only).
+
+    One check for the API saving a Tool and for a call reading it: InvalidToolFunction for one no call could use.
+    """
+    if "function" not in configuration:
+        return None
+    problems: list[tuple[str, str]] = []
+    function = _part(_FunctionPart, configuration, "function", problems)
+    webhook = _part(_WebhookPart, configuration, "webhook", problems)
+    if function is None or webhook is None:
+        raise InvalidToolFunction(problems)
+    if function.name in BUILTIN_NAMES:
+        raise InvalidToolFunction([("function.name", f"{function.name!r} is a built-in function")])
+    return AgentFunction(
+        tool_id=tool_id,
+        spec=FunctionSpec(function.name, function.description, function.parameters),
+        url=webhook.url,
+        method=webhook.method,
+        headers=webhook.headers,
+        timeout_seconds=webhook.timeout_seconds,
+    )
+
+
+_Part = TypeVar("_Part", bound=_Strict)
+
+
+def _part(
+    model: type[_Part], configuration: Mapping[str, Any], key: str, problems: list[tuple[str, str]]
+) -> _Part | None:
+    """`configuration[key]` read as `model`; None, with its problems added (fields from the configuration), if it
+    cannot be."""
+    try:
+        return model.model_validate(configuration.get(key))
+    except ValidationError as exc:
+        problems += [(".".join(map(str, (key, *e["loc"]))), e["msg"]) for e in exc.errors(include_url=False)]
+        return None
+
+
 def agent_functions(tools: Sequence[Any]) -> list[AgentFunction]:
     """The functions among an agent's Tools (rows with `id`, `name` and `configuration`).
 
@@ -174,26 +221,12 @@ def agent_functions(tools: Sequence[Any]) -> list[AgentFunction]:
         configuration = tool.configuration if tool.configuration is not None else {}
         if not isinstance(configuration, Mapping):
             raise ToolConfigurationError(f"tool {tool.name!r} ({tool.id}): its configuration is not a JSON object")
-        if "function" not in configuration:
-            continue
         try:
-            function = _FunctionPart.model_validate(configuration["function"])
-            webhook = _WebhookPart.model_validate(configuration.get("webhook"))
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ToolConfigurationError(f"tool {tool.name!r} ({tool.id}): {problems}") from None
-        if function.name in BUILTIN_NAMES:
-            raise ToolConfigurationError(f"tool {tool.name!r} ({tool.id}): {function.name!r} is a built-in function")
-        functions.append(
-            AgentFunction(
-                tool_id=tool.id,
-                spec=FunctionSpec(function.name, function.description, function.parameters),
-                url=webhook.url,
-                method=webhook.method,
-                headers=webhook.headers,
-                timeout_seconds=webhook.timeout_seconds,
-            )
-        )
+            function = tool_function(tool.id, configuration)
+        except InvalidToolFunction as exc:
+            raise ToolConfigurationError(f"tool {tool.name!r} ({tool.id}): {exc}") from None
+        if function is not None:
+            functions.append(function)
     return functions
 
 

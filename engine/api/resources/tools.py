@@ -10,9 +10,11 @@ from typing import Any
 
 from pydantic import Field
 
+from engine.api.errors import ApiError
 from engine.api.models import LongText, Name, RequestModel, ResponseModel, ShortText, UpdateModel, Url
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
+from pipelines.tools import InvalidToolFunction, tool_function
 from storage import tools
 from storage.tools import Tool
 
@@ -68,6 +70,18 @@ class ToolUpdate(UpdateModel):
     configuration: dict[str, Any] | None = None
 
 
+def _check_function(configuration: dict[str, Any]) -> None:
+    """422 naming the field when the configuration's `function` or `webhook` could not serve a call."""
+    try:
+        tool_function("", configuration)
+    except InvalidToolFunction as exc:
+        (path, message), *more = exc.problems
+        if more:
+            message += f" (and {len(more)} more problem{'s' if len(more) > 1 else ''})"
+        field = f"configuration.{path}"
+        raise ApiError(422, "validation_error", f"body {field}: {message}", field) from None
+
+
 @resource.get("/tools", summary="List tools", response=Page[ToolView], query=PageQuery)
 async def list_tools(call: ApiCall) -> Page[ToolView]:
     """The organization's tools, newest first."""
@@ -83,6 +97,7 @@ async def list_tools(call: ApiCall) -> Page[ToolView]:
 async def create_tool(call: ApiCall) -> ToolView:
     """Create a tool."""
     body = call.body_as(ToolCreate)
+    _check_function(body.configuration)
     async with call.tenant() as db:
         tool = await tools.create_tool(db, organization_id=call.caller.organization_id, **body.model_dump())
     return ToolView.of(tool)
@@ -100,6 +115,8 @@ async def get_tool(call: ApiCall) -> ToolView:
 async def update_tool(call: ApiCall) -> ToolView:
     """Change some of a tool's fields."""
     changes = call.body_as(ToolUpdate).changes()
+    if "configuration" in changes:
+        _check_function(changes["configuration"])
     async with call.tenant() as db:
         tool = await tools.update_tool(
             db, organization_id=call.caller.organization_id, tool_id=call.path["toolId"], changes=changes
