@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
@@ -366,6 +367,15 @@ def parse_arguments(raw: str) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return _storable(value) if isinstance(value, dict) else {}
+
+
+def unreadable_arguments(name: str, raw: str, parsed: Mapping[str, Any]) -> str | None:
+    """The result the model gets when it calls an agent function (not a built-in, which reads what it can) with
+    arguments that are not a JSON object, for it to call again: they never reach a webhook as `{}`. None when `raw`
+    was one (`parsed` being what `parse_arguments` made of it)."""
+    if parsed or re.sub(r"\s", "", raw) in {"", "{}"}:  # parse_arguments gives {} for "{}" and for what is not JSON
+        return None
+    return f"{TOOL_ERROR_PREFIX}the arguments were not a JSON object; call {name} again"
 
 
 def _storable(value: Any) -> Any:

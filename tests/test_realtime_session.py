@@ -969,6 +969,34 @@ async def test_two_functions_called_in_one_response_run_once_each_and_the_model_
     assert turns[-1].text == "Seven is free, but I could not book it."
 
 
+async def test_a_function_call_whose_arguments_are_not_a_json_object_is_sent_back_to_the_model_not_to_the_webhook(
+    pool: asyncpg.Pool, fake: FakeRealtime
+) -> None:
+    requests: list[Any] = []
+
+    async def book(request: web.Request) -> web.Response:
+        requests.append(await request.json())
+        return web.json_response({"booked": True})
+
+    app = web.Application()
+    app.router.add_post("/book", book)
+    async with serve(app) as url, aiohttp.ClientSession() as http:
+        fake.reply_tool("book", '{"time": "19:00", "name": "Ada')  # cut off: not JSON
+        fake.reply_tool("book", {"time": "19:00", "name": "Ada"})
+        fake.reply("Booked for seven.")
+        async with realtime_call(pool, fake, tools=webhook_tools(url, http, "book")) as call:
+            call.line.say(speech(500))
+            turns = await call.wait_for_turns(2)
+
+    assert requests == [
+        {"function": "book", "arguments": {"time": "19:00", "name": "Ada"}, "call": {"callSid": "CA-test"}}
+    ]
+    first, second = (event["item"]["output"] for event in fake.of_type("conversation.item.create"))
+    assert first == "error: the arguments were not a JSON object; call book again"
+    assert second == '{"booked": true}'
+    assert turns[-1].text == "Booked for seven."
+
+
 async def test_a_caller_who_hangs_up_while_a_function_runs_ends_the_call_at_once(
     pool: asyncpg.Pool, fake: FakeRealtime
 ) -> None:

@@ -33,6 +33,7 @@ from pipelines.tools import (
     parse_arguments,
     transfer_not_done,
     transferring,
+    unreadable_arguments,
 )
 from storage.do_not_call import DoNotCallSource
 from storage.end_reasons import EndReason
@@ -122,6 +123,8 @@ class ModelFunctions:
                 await self._tools.carried_out(call.name, arguments, carried_out)
         elif call.name == FOLLOW_PATH and self._path is not None:
             self._owe(response, call.call_id, functools.partial(self._follow, response, arguments))
+        elif (unreadable := unreadable_arguments(call.name, call.arguments, arguments)) is not None:
+            self._owe(response, call.call_id, _constant(unreadable))
         elif self._tools is None:
             self._owe(response, call.call_id, _constant(f"error: there is no function named {call.name!r}"))
         else:

@@ -16,7 +16,6 @@ import contextlib
 import itertools
 import json
 import logging
-import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
@@ -64,6 +63,7 @@ from pipelines.tools import (
     chat_tools,
     parse_arguments,
     transferring,
+    unreadable_arguments,
 )
 
 __all__ = [
@@ -478,8 +478,8 @@ class OpenAIChatLLM:
             return outcome
         if call.name == FOLLOW_PATH:
             return await self._follow(arguments)
-        if _malformed(call.arguments, arguments):
-            return _Outcome(result=f"error: the arguments were not a JSON object; call {call.name} again")
+        if (unreadable := unreadable_arguments(call.name, call.arguments, arguments)) is not None:
+            return _Outcome(result=unreadable)
         if self._tools is None:
             return _Outcome(result=f"error: there is no function named {call.name!r}")
         return _Outcome(result=await self._tools.run(call.name, arguments))
@@ -552,11 +552,6 @@ def _present(body: dict[str, Any]) -> dict[str, Any]:
 
 def _text(value: Any) -> str:
     return value.strip() if isinstance(value, str) else "" if value is None else str(value)
-
-
-def _malformed(raw: str, parsed: Mapping[str, Any]) -> bool:
-    # parse_arguments gives {} both for "{}" and for text that is no JSON object.
-    return not parsed and re.sub(r"\s", "", raw) not in {"", "{}"}
 
 
 def _message(exc: openai.APIError) -> str:

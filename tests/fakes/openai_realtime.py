@@ -47,10 +47,11 @@ VOICE_HZ = (440, 550, 660)
 
 @dataclass(frozen=True)
 class Reply:
-    """What the model says next: `text` (spoken), then its function `calls` (name, arguments) in order."""
+    """What the model says next: `text` (spoken), then its function `calls` (name, arguments) in order; arguments
+    given as a string are sent as they are (the model's JSON, which may be malformed)."""
 
     text: str | None = None
-    calls: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    calls: tuple[tuple[str, Mapping[str, Any] | str], ...] = ()
     failure: Mapping[str, str] | None = None
     """The reply fails instead (`response.done` with status `failed` and this error: type, code, message)."""
 
@@ -179,11 +180,11 @@ class FakeRealtime:
         """The model's next reply says `text`."""
         self._replies.append(Reply(text=text))
 
-    def reply_tool(self, name: str, arguments: Mapping[str, Any], *, text: str | None = None) -> None:
+    def reply_tool(self, name: str, arguments: Mapping[str, Any] | str, *, text: str | None = None) -> None:
         """The model's next reply (after saying `text`, if given) calls function `name`."""
         self._replies.append(Reply(text=text, calls=((name, arguments),)))
 
-    def reply_tools(self, *calls: tuple[str, Mapping[str, Any]], text: str | None = None) -> None:
+    def reply_tools(self, *calls: tuple[str, Mapping[str, Any] | str], text: str | None = None) -> None:
         """The model's next reply (after saying `text`, if given) calls these functions, one after the other."""
         self._replies.append(Reply(text=text, calls=calls))
 
@@ -525,10 +526,12 @@ class _Connection:
         await self.send({"type": "response.output_item.done", "response_id": response_id, "item": item})
         return item
 
-    async def call(self, response_id: str, output_index: int, name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    async def call(
+        self, response_id: str, output_index: int, name: str, given: Mapping[str, Any] | str
+    ) -> dict[str, Any]:
         """A function call: its item, its arguments streamed in pieces (`.delta`), then whole (`.done`)."""
         item_id, call_id = self.fake.next_id("item"), self.fake.next_id("call")
-        arguments = json.dumps(dict(given))
+        arguments = given if isinstance(given, str) else json.dumps(dict(given))
         item = {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "arguments": ""}
         await self.send(
             {
