@@ -8,6 +8,7 @@ A Tool without `function` only holds credentials (`apiKey`) for `api_key_ref: "t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -291,6 +292,8 @@ class ToolRunner:
         self._call = dict(call)
         self._allow_private = allow_private
         self._session = session
+        self._cut: list[tuple[str, dict[str, Any], asyncio.Future[str]]] = []
+        """Webhooks sent by a reply that was cut before they answered (see `cut_short`)."""
 
     @property
     def specs(self) -> list[FunctionSpec]:
@@ -298,8 +301,35 @@ class ToolRunner:
         return [*(f.spec for f in self._local.values()), *(f.spec for f in self._functions.values())]
 
     async def run(self, name: str, arguments: Mapping[str, Any]) -> str:
-        """Call function `name` with `arguments`; return the webhook's reply (or an error) as text."""
-        result = await self._answer(name, arguments)
+        """Call function `name` with `arguments`; return the webhook's reply (or an error) as text.
+
+        A webhook once sent is seen through even when the reply that called it is cut (the caller spoke again): it
+        may already have acted, so its answer is kept for `cut_short`, and told like any other.
+        """
+        local = self._local.get(name)
+        if local is not None:
+            return self._told(name, arguments, await local.run(arguments))
+        function = self._functions.get(name)
+        if function is None:
+            return self._told(name, arguments, f"{TOOL_ERROR_PREFIX}there is no function named {name!r}")
+        await turn_confirmed()  # a speculative reply's webhook waits for the caller's turn (and dies with the reply)
+        sent = asyncio.ensure_future(self._webhook(function, name, arguments))
+        try:
+            return await asyncio.shield(sent)
+        except asyncio.CancelledError:
+            self._cut.append((name, dict(arguments), sent))
+            raise
+
+    async def cut_short(self) -> list[tuple[str, dict[str, Any], str]]:
+        """The functions (name, arguments, result) whose webhook was sent by a reply cut before it answered, once
+        they have answered; each is given once. The model is to hear what they did, or it would ask again."""
+        cut, self._cut = self._cut, []
+        return [(name, arguments, await sent) for name, arguments, sent in cut]
+
+    async def _webhook(self, function: AgentFunction, name: str, arguments: Mapping[str, Any]) -> str:
+        return self._told(name, arguments, await self._post(function, name, arguments))
+
+    def _told(self, name: str, arguments: Mapping[str, Any], result: str) -> str:
         if self._observe is not None:
             self._observe(name, arguments, result)
         return result
@@ -312,14 +342,7 @@ class ToolRunner:
         if self._observe is not None:
             self._observe(name, arguments, result)
 
-    async def _answer(self, name: str, arguments: Mapping[str, Any]) -> str:
-        local = self._local.get(name)
-        if local is not None:
-            return await local.run(arguments)
-        function = self._functions.get(name)
-        if function is None:
-            return f"{TOOL_ERROR_PREFIX}there is no function named {name!r}"
-        await turn_confirmed()  # a speculative reply's webhook waits for the caller's turn (and dies with the reply)
+    async def _post(self, function: AgentFunction, name: str, arguments: Mapping[str, Any]) -> str:
         try:
             await ensure_public_url(function.url, allow_private=self._allow_private)
             async with self._session.request(

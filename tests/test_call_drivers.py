@@ -16,8 +16,10 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
 from config.agent import AgentConfiguration, parse_agent_configuration
 from config.settings import load_settings
@@ -33,6 +35,7 @@ from engine.workers.post_call import PostCallDeps, analyze_call
 from media.g711 import BYTES_PER_MS, FRAME_MS
 from pipelines.clients import ProviderClients
 from pipelines.registry import ProviderContext, ProviderKeys, build_pipeline
+from pipelines.tools import ToolRunner
 from storage import agents, credit_reservations, organizations
 from storage.call_logs import CallLog
 from storage.call_turns import CallTurn, list_turns
@@ -41,8 +44,9 @@ from storage.enums import CallStatus
 from tests.fakes.deepgram import FakeDeepgram
 from tests.fakes.openai_chat import FakeOpenAI, ToolCall
 from tests.fakes.openai_realtime import FakeRealtime
+from tests.fakes.server import serve
 from tests.test_call_log_writer import new_call, writer_for
-from tests.test_realtime_session import TwilioLine, speech, until
+from tests.test_realtime_session import TwilioLine, speech, until, webhook_tools
 
 DRIVERS = ["pipeline", "realtime"]
 OPENAI_KEY = "sk-drivers"
@@ -176,6 +180,7 @@ async def call_on(
     extension_s: float = 0.0,
     engine_settings: Mapping[str, Any] = {},
     transfer_answer_after_stop: bool | None = None,
+    tools: ToolRunner | None = None,
     **behaviour: Any,
 ) -> AsyncIterator[Rig]:
     """Run a call on `kind`'s driver; on exit the caller hangs up if it still runs and the CallLog is finished.
@@ -186,7 +191,7 @@ async def call_on(
     `driver_close_s` longer to close, and each extension `extension_s` longer to be answered (a database under
     load). The engine's settings are the test's fakes' plus `engine_settings`. Twilio answers a transfer request at
     once, then leaves the stream; with `transfer_answer_after_stop` it leaves the stream first, and answers so once
-    the engine has read its `stop`."""
+    the engine has read its `stop`. `tools` are the agent's own functions."""
     async with AsyncExitStack() as stack:
         deepgram = await stack.enter_async_context(FakeDeepgram(api_key="dg"))
         openai = await stack.enter_async_context(FakeOpenAI(api_key=OPENAI_KEY))
@@ -208,7 +213,7 @@ async def call_on(
         clients = ProviderClients()
         stack.push_async_callback(clients.aclose)
         context = ProviderContext(
-            keys=ProviderKeys(settings, organization_id=None), clients=clients, instructions="Front desk."
+            keys=ProviderKeys(settings, organization_id=None), clients=clients, instructions="Front desk.", tools=tools
         )
         driver: DriverFactory
         fallback: DriverFactory | None = None
@@ -222,6 +227,7 @@ async def call_on(
                 client=client,
                 realtime=config.realtime[0],
                 instructions="You are the front desk.",
+                tools=tools,
                 first_sentence=config.first_sentence,
             )
         else:
@@ -702,3 +708,37 @@ async def test_a_sql_deletion_of_a_running_calls_reservation_neither_ends_the_ca
     assert finished.metadata.get("endReason") != EndReason.INSUFFICIENT_CREDITS.value
     organization = await organizations.get_organization(pool, organization_id=rig.log.organization_id)
     assert organization.credits == 10 - 1  # its one started (real) minute; every other reserved minute returned
+
+
+async def test_a_webhook_the_caller_talks_over_runs_once_and_the_model_hears_what_it_did(
+    kind: str, pool: asyncpg.Pool
+) -> None:
+    booked: list[Any] = []
+    answer = asyncio.Event()
+
+    async def book(request: web.Request) -> web.Response:
+        booked.append(await request.json())
+        await answer.wait()  # the booking is made; the reply comes once the caller has spoken again
+        return web.json_response({"booked": "19:00"})
+
+    app = web.Application()
+    app.router.add_post("/book", book)
+    async with (
+        serve(app) as url,
+        aiohttp.ClientSession() as http,
+        call_on(kind, pool, tools=webhook_tools(url, http, "book")) as rig,
+    ):
+        rig.reply(tool="book", arguments={"time": "19:00"})
+        rig.reply("You are booked for seven.")
+        rig.reply("You are booked for seven.")
+        rig.caller_says("Book me at seven please.")
+        await until(lambda: len(booked) == 1, timeout=15)
+        rig.caller_says("Are you still there?")
+        await asyncio.sleep(1.5)  # the caller's second turn is in
+        answer.set()
+        turns = await rig.wait_for_turns(3)
+        results = rig.function_results()
+
+    assert [request["arguments"] for request in booked] == [{"time": "19:00"}]
+    assert results == ['{"booked": "19:00"}']
+    assert ("agent", "You are booked for seven.") in [(turn.speaker, turn.text) for turn in turns]

@@ -352,6 +352,7 @@ class OpenAIChatLLM:
             yield event
         if not prelude.model_speaks:
             return
+        await self._hear_cut_short(anchor)
         messages = await self._with_knowledge(self._messages(conversation), conversation)
         spoken_tail = ""  # the last text said, so rounds of one reply join with a space
         for round_number in range(MAX_TOOL_ROUNDS + 1):
@@ -387,6 +388,14 @@ class OpenAIChatLLM:
             messages = [*messages, _assistant_calls("".join(completion.text) or None, calls), *results]
             if self._path is not None:
                 messages[0] = {"role": "system", "content": self._system_prompt()}  # the node may have changed
+
+    async def _hear_cut_short(self, anchor: int) -> None:
+        """Give the model what the webhooks of a reply cut while they ran answered (they may have acted), before the
+        caller's last turn, in every later request: kept apart from the exchanges, which a discarded reply rewinds."""
+        for name, arguments, result in await self._tools.cut_short() if self._tools is not None else ():
+            call = _FunctionCall(f"call_{next(self._call_ids)}", name, json.dumps(arguments))
+            after = max(anchor - 1, 0)
+            self._added += [(after, _assistant_calls(None, [call])), (after, _tool_result(call, result))]
 
     def checkpoint(self) -> object:
         """The exchanges remembered and the place on the path (if any) now, for `rewind`."""
