@@ -251,3 +251,20 @@ async def test_a_delete_racing_a_stop_waits_for_it_and_deadlocks_nothing(
     assert stopped.status is CampaignStatus.STOPPED
     assert (await deletion)[0] == 204
     assert (await api.call("GET", f"/campaigns/{campaign_id}", tenant.owner_key))[0] == 404
+
+
+async def test_two_csv_columns_that_would_share_a_variable_are_a_422_naming_both(
+    api: Api, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    campaign = await new_campaign(api, pool, tenant)
+    path = f"/campaigns/{campaign['id']}/recipients"
+    # Both headers become {{plan_type}}; neither column's values may be dropped without a word.
+    csv = "phone,plan type,plan-type\n+12125550191,gold,silver\n"
+    status, body = await api.call("POST", path, tenant.owner_key, json={"csv": csv})
+    assert (status, body["error"]["field"]) == (422, "csv"), body
+    assert body["error"]["message"] == (
+        "columns 2 ('plan type') and 3 ('plan-type') would both be the variable {{plan_type}}; "
+        "rename one (nothing was imported)"
+    )
+    _, page = await api.call("GET", path, tenant.owner_key)
+    assert page["data"] == []  # nothing imported

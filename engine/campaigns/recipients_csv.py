@@ -49,9 +49,11 @@ class Columns:
 
     @classmethod
     def from_header(cls, header: list[str]) -> Columns:
-        """Match header cells to fields by alias (case, spaces, dashes ignored); RecipientsFileError without phone."""
+        """Match header cells to fields by alias (case, spaces, dashes ignored); RecipientsFileError without phone,
+        or for a column named like a built-in prompt variable, or two that would be one variable."""
         phone = name = notes = None
         variables: list[tuple[int, str]] = []
+        columns_by_variable: dict[str, int] = {}
         for index, cell in enumerate(header):
             key = _normalise_header(cell)
             if phone is None and key in _PHONE_ALIASES:
@@ -66,6 +68,12 @@ class Columns:
                 if refusal is not None:
                     raise RecipientsFileError(
                         f"column {index + 1} ({cell.strip()!r}): {refusal}; rename the column (nothing was imported)"
+                    )
+                if (first := columns_by_variable.setdefault(variable, index)) != index:
+                    # One would silently overwrite the other's value in every row.
+                    raise RecipientsFileError(
+                        f"columns {first + 1} ({header[first].strip()!r}) and {index + 1} ({cell.strip()!r}) would "
+                        f"both be the variable {{{{{variable}}}}}; rename one (nothing was imported)"
                     )
                 variables.append((index, variable))
         if phone is None:
