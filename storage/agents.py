@@ -13,7 +13,7 @@ from storage.enums import AgentStatus, CallerType
 from storage.errors import InvalidReference, NotFound, translate_errors
 from storage.knowledge_bases import KnowledgeBaseWithDocuments
 from storage.phone_numbers import PhoneNumber
-from storage.records import Queryable, Record, StoredJsonObject, new_id
+from storage.records import Queryable, Record, StoredJsonObject, new_id, transaction
 from storage.tools import Tool
 from storage.voices import Voice
 
@@ -206,20 +206,53 @@ async def _update(db: Queryable, organization_id: str, agent_id: str, assignment
 
 
 async def delete_agent(db: Queryable, *, organization_id: str, agent_id: str) -> None:
-    """Delete an agent (its CallLogs stay, unlinked); InvalidReference while a campaign still uses it."""
+    """Delete an agent (its CallLogs stay, unlinked); InvalidReference naming the campaigns that still use it."""
     try:
-        with translate_errors():
-            deleted = await db.fetchval(
-                'DELETE FROM "Agent" WHERE "id" = $1 AND "organizationId" = $2 RETURNING "id"',
-                agent_id,
-                organization_id,
-            )
+        # A savepoint: the refused DELETE leaves the caller's transaction usable to say which campaigns refused it.
+        async with transaction(db) as conn:
+            with translate_errors():
+                deleted = await conn.fetchval(
+                    'DELETE FROM "Agent" WHERE "id" = $1 AND "organizationId" = $2 RETURNING "id"',
+                    agent_id,
+                    organization_id,
+                )
     except InvalidReference as exc:
-        raise InvalidReference(
-            f"Agent {agent_id} is still used by a campaign; delete the campaign or give it another agent first"
-        ) from exc.__cause__
+        raise InvalidReference(await _campaigns_using(db, organization_id, agent_id)) from exc.__cause__
     if deleted is None:
         raise NotFound("Agent", agent_id)
+
+
+_CAMPAIGNS_NAMED = 3
+"""How many of the campaigns that keep an agent from its deletion the refusal names; it counts the others."""
+
+
+async def _campaigns_using(db: Queryable, organization_id: str, agent_id: str) -> str:
+    """Why the agent cannot be deleted: the campaigns that use it, named, since a campaign's agent cannot be changed."""
+    rows = await db.fetch(
+        """
+        SELECT "id", "batchName", "status", count(*) OVER ()::int AS "total" FROM "Campaign"
+        WHERE "agentId" = $1 AND "organizationId" = $2
+        ORDER BY "createdAt", "id"
+        LIMIT $3
+        """,
+        agent_id,
+        organization_id,
+        _CAMPAIGNS_NAMED,
+    )
+    if not rows:  # the one that refused the deletion was deleted since
+        return f"Agent {agent_id} was used by a campaign, whose agent cannot be changed; delete the agent again"
+    total = rows[0]["total"]
+    named = ", ".join(f"{row['batchName']!r} ({row['id']}, {row['status']})" for row in rows)
+    more = f" and {total - len(rows):,} more" if total > len(rows) else ""
+    if total == 1:
+        return (
+            f"Agent {agent_id} is used by campaign {named}, whose agent cannot be changed; "
+            "delete that campaign first (its calls stay in the call logs)"
+        )
+    return (
+        f"Agent {agent_id} is used by {total:,} campaigns: {named}{more}, whose agent cannot be changed; "
+        "delete those campaigns first (their calls stay in the call logs)"
+    )
 
 
 # Each kind of resource an agent links to: its join table and the join table's column for it.

@@ -268,3 +268,39 @@ async def test_two_csv_columns_that_would_share_a_variable_are_a_422_naming_both
     )
     _, page = await api.call("GET", path, tenant.owner_key)
     assert page["data"] == []  # nothing imported
+
+
+async def test_deleting_an_agent_a_campaign_uses_is_a_409_naming_the_campaign(
+    api: Api, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    campaign = await new_campaign(api, pool, tenant)
+    agent_id = campaign["agentId"]
+    status, body = await api.call("DELETE", f"/agents/{agent_id}", tenant.owner_key)
+    # A campaign's agent cannot be changed: the way out is the campaign's deletion, and the answer says which one.
+    assert (status, body["error"]["message"]) == (
+        409,
+        f"Agent {agent_id} is used by campaign 'Check-ups' ({campaign['id']}, DRAFT), whose agent cannot be "
+        "changed; delete that campaign first (its calls stay in the call logs)",
+    ), body
+    await api.call("DELETE", f"/campaigns/{campaign['id']}", tenant.owner_key)
+    assert (await api.call("DELETE", f"/agents/{agent_id}", tenant.owner_key))[0] == 204
+
+
+async def test_an_agent_many_campaigns_use_is_refused_naming_three_and_counting_the_rest(
+    api: Api, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    first = await new_campaign(api, pool, tenant)
+    agent_id = first["agentId"]
+    for name in ("Renewals", "Surveys", "Reminders"):
+        status, _ = await api.call(
+            "POST", "/campaigns", tenant.owner_key, json={"batchName": name, "agentId": agent_id}
+        )
+        assert status == 201
+    await api.call("POST", f"/campaigns/{first['id']}/stop", tenant.owner_key)  # finished ones count too
+    status, body = await api.call("DELETE", f"/agents/{agent_id}", tenant.owner_key)
+    message = body["error"]["message"]
+    assert status == 409 and message.startswith(f"Agent {agent_id} is used by 4 campaigns: 'Check-ups' ("), body
+    assert f"({first['id']}, STOPPED)" in message and "'Surveys'" in message and "'Reminders'" not in message
+    assert message.endswith(
+        " and 1 more, whose agent cannot be changed; delete those campaigns first (their calls stay in the call logs)"
+    )

@@ -164,7 +164,7 @@ async def test_deleting_a_tool_or_path_removes_only_their_agent_links(pool: asyn
 async def test_an_agent_a_campaign_uses_cannot_be_deleted(pool: asyncpg.Pool) -> None:
     tenant = await build_tenant(pool)
     org = tenant.organization_id
-    with pytest.raises(InvalidReference, match=f"Agent {tenant.agent.id} is still used by a campaign"):
+    with pytest.raises(InvalidReference, match=f"Agent {tenant.agent.id} is used by campaign "):
         await agents.delete_agent(pool, organization_id=org, agent_id=tenant.agent.id)
     assert await agents.get_agent(pool, organization_id=org, agent_id=tenant.agent.id) == tenant.agent
 
