@@ -13,7 +13,7 @@ from typing import Final
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumber, PhoneNumberType, ValidationResult
 
-__all__ = ["InvalidPhoneNumber", "NumberKind", "e164", "number_kind"]
+__all__ = ["InvalidPhoneNumber", "NumberKind", "e164", "number_kind", "region_code"]
 
 _EXAMPLE: Final = "+14155550100"
 
@@ -61,6 +61,21 @@ def e164(raw: str, *, region: str | None = None) -> str:
     if verdict != ValidationResult.IS_POSSIBLE:
         raise InvalidPhoneNumber(raw, _LENGTH_VERDICTS.get(verdict, "not a possible number"))
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def region_code(text: str) -> str:
+    """`text` as the ISO 3166 code of a region `e164` reads numbers in ("us" → "US"), or a ValueError naming it.
+
+    Checked where it is given: a region no number is read in would turn every national number of an import into an
+    error row, and "UK" (the United Kingdom is GB) reads like one.
+    """
+    code = text.strip().upper()
+    if code not in phonenumbers.SUPPORTED_REGIONS:
+        raise ValueError(
+            f"{text!r} is not a region numbers are read in: give its ISO 3166 code, e.g. US, GB (the United Kingdom) "
+            "or DE"
+        )
+    return code
 
 
 def _parse_error(exc: NumberParseException, text: str, region: str | None) -> str:

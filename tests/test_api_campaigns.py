@@ -253,21 +253,29 @@ async def test_a_delete_racing_a_stop_waits_for_it_and_deadlocks_nothing(
     assert (await api.call("GET", f"/campaigns/{campaign_id}", tenant.owner_key))[0] == 404
 
 
+async def refused_import(api: Api, pool: asyncpg.Pool, tenant: Tenant, request: dict[str, Any]) -> dict[str, Any]:
+    """POST `request` to a new campaign's recipients, which must be a 422 importing nothing; its error."""
+    campaign = await new_campaign(api, pool, tenant)
+    path = f"/campaigns/{campaign['id']}/recipients"
+    status, body = await api.call("POST", path, tenant.owner_key, json=request)
+    assert status == 422, body
+    _, page = await api.call("GET", path, tenant.owner_key)
+    assert page["data"] == []  # nothing imported
+    error: dict[str, Any] = body["error"]
+    return error
+
+
 async def test_two_csv_columns_that_would_share_a_variable_are_a_422_naming_both(
     api: Api, pool: asyncpg.Pool, tenant: Tenant
 ) -> None:
-    campaign = await new_campaign(api, pool, tenant)
-    path = f"/campaigns/{campaign['id']}/recipients"
     # Both headers become {{plan_type}}; neither column's values may be dropped without a word.
     csv = "phone,plan type,plan-type\n+12125550191,gold,silver\n"
-    status, body = await api.call("POST", path, tenant.owner_key, json={"csv": csv})
-    assert (status, body["error"]["field"]) == (422, "csv"), body
-    assert body["error"]["message"] == (
+    error = await refused_import(api, pool, tenant, {"csv": csv})
+    assert (error["field"], error["message"]) == (
+        "csv",
         "columns 2 ('plan type') and 3 ('plan-type') would both be the variable {{plan_type}}; "
-        "rename one (nothing was imported)"
+        "rename one (nothing was imported)",
     )
-    _, page = await api.call("GET", path, tenant.owner_key)
-    assert page["data"] == []  # nothing imported
 
 
 async def test_deleting_an_agent_a_campaign_uses_is_a_409_naming_the_campaign(
@@ -304,3 +312,15 @@ async def test_an_agent_many_campaigns_use_is_refused_naming_three_and_counting_
     assert message.endswith(
         " and 1 more, whose agent cannot be changed; delete those campaigns first (their calls stay in the call logs)"
     )
+
+
+async def test_a_default_region_no_number_is_read_in_is_a_422_and_adds_no_recipient(
+    api: Api, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    # "UK" reads like the United Kingdom's code, which is GB: every row would be kept as an ERROR no request removes.
+    csv = "phone,name\n020 7183 8750,Ann\n07700 900123,Bob\n"
+    error = await refused_import(api, pool, tenant, {"csv": csv, "defaultRegion": "UK"})
+    assert error["field"] == "defaultRegion"
+    assert error["message"].endswith(
+        "'UK' is not a region numbers are read in: give its ISO 3166 code, e.g. US, GB (the United Kingdom) or DE"
+    ), error

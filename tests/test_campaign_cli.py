@@ -149,3 +149,27 @@ def test_days_read_as_names_ranges_or_numbers() -> None:
     assert parse_days("mon-fri") == frozenset({1, 2, 3, 4, 5})
     assert parse_days("sat,sun") == frozenset({6, 7})
     assert parse_days("1,3-4") == frozenset({1, 3, 4})
+
+
+async def test_a_region_no_number_is_read_in_is_one_line_and_imports_nothing_and_a_lowercase_one_is_read(
+    pool: asyncpg.Pool, db_url: str, tmp_path: Path
+) -> None:
+    org = await us_organization(pool)
+    agent = await create_agent(pool, organization_id=org, name="Caller")
+    campaign = await campaigns.create_campaign(pool, organization_id=org, batch_name="Regions", agent_id=agent.id)
+    people = tmp_path / "people.csv"
+    people.write_text("phone\n(212) 555-0181\n212.555.0182\n", encoding="utf-8")
+    args = ("campaign", "import", "--org", org, campaign.id, str(people), "--region")
+
+    code, _, err = await dialtone(db_url, tmp_path, *args, "UK")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "--region: 'UK' is not a region numbers are read in" in err and "GB (the United Kingdom)" in err
+    assert await campaigns.list_recipients(pool, organization_id=org, campaign_id=campaign.id) == []
+
+    code, _, err = await dialtone(db_url, tmp_path, *args, "us")
+    assert code == 0, err
+    imported = await campaigns.list_recipients(pool, organization_id=org, campaign_id=campaign.id)
+    assert sorted((r.phone_number, r.status) for r in imported) == [
+        ("+12125550181", "READY"),
+        ("+12125550182", "READY"),
+    ]

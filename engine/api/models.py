@@ -19,6 +19,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from config.phone import region_code
 from pipelines.llm.prompt import variable_name_refusal
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -115,6 +116,9 @@ Id = Annotated[str, Field(pattern=ID_PATTERN)]
 
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_8601), AfterValidator(_utc)]
 """A date and time with its UTC offset, e.g. 2026-11-01T09:30:00Z."""
+
+Region = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$"), AfterValidator(region_code)]
+"""The region (ISO 3166, e.g. US) numbers written without a +country code are read in: one config.phone reads."""
 
 
 def no_built_in_names(variables: dict[str, str]) -> dict[str, str]:

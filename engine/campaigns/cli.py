@@ -13,6 +13,7 @@ from datetime import date
 from pathlib import Path
 from typing import Final, TextIO
 
+from config.phone import region_code
 from config.settings import Settings
 from engine.campaigns.recipients_csv import ParsedRow, not_utf8, open_recipients_file, read_recipients
 from engine.campaigns.windows import InvalidWindow, parse_time_of_day
@@ -246,8 +247,17 @@ def _tracked(rows: Iterator[ParsedRow], stream: TextIO, bar: ProgressBar) -> Ite
         yield row.recipient
 
 
+def region_option(given: str | None) -> str | None:
+    """The `--region` of an import as config.phone reads it ("us" is US); ValueError naming one it cannot read."""
+    try:
+        return region_code(given) if given is not None else None
+    except ValueError as exc:
+        raise ValueError(f"--region: {exc}") from None
+
+
 async def _import(pool: Pool, organization_id: str, campaign_id: str, path: Path, region: str | None) -> None:
     began = time.monotonic()
+    region = region_option(region)
     policy = await dial_policies.get_policy(pool, organization_id=organization_id)
     with open_recipients_file(path) as stream:
         bar = ProgressBar(total_bytes=os.fstat(stream.fileno()).st_size, out=sys.stderr)

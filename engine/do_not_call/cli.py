@@ -8,7 +8,7 @@ from pathlib import Path
 
 from config.phone import e164
 from config.settings import Settings
-from engine.campaigns.cli import organization_id_of
+from engine.campaigns.cli import organization_id_of, region_option
 from engine.campaigns.recipients_csv import not_utf8
 from engine.do_not_call.csv_import import read_do_not_call
 from storage import Pool, do_not_call
@@ -96,7 +96,7 @@ async def _import(pool: Pool, organization_id: str, path: Path, *, reason: str |
         raise await asyncio.to_thread(not_utf8, path) from None
     except OSError as exc:
         raise ValueError(f"{path}: {exc.strerror or exc}") from None
-    parsed = read_do_not_call(text, default_region=region, reason=reason)
+    parsed = read_do_not_call(text, default_region=region_option(region), reason=reason)
     added = await do_not_call.add_entries(
         pool, organization_id=organization_id, numbers=parsed.numbers, source=DoNotCallSource.CSV_IMPORT
     )

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
 from engine.api.errors import conflict, unprocessable
-from engine.api.models import Id, LongText, Name, RequestModel, ResponseModel, no_built_in_names
+from engine.api.models import Id, LongText, Name, Region, RequestModel, ResponseModel, no_built_in_names
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
 from engine.api.path_transfers import refuse_unmakeable_transfers
@@ -45,7 +45,6 @@ PhoneText = Annotated[str, StringConstraints(max_length=64, pattern=r"^[^\x00]*$
 ShortValue = Annotated[str, StringConstraints(max_length=2000, pattern=r"^[^\x00]*$")]
 VariableName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")]
 Outcome = Literal["busy", "no-answer", "failed", "voicemail"]
-Region = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
 _DEFAULT_RETRY_ON: tuple[Outcome, ...] = ("busy", "no-answer", "failed")
 
 

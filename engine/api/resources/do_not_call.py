@@ -9,7 +9,7 @@ from pydantic import Field, StringConstraints
 
 from config.phone import InvalidPhoneNumber, e164
 from engine.api.errors import unprocessable
-from engine.api.models import RequestModel, ResponseModel, ShortText
+from engine.api.models import Region, RequestModel, ResponseModel, ShortText
 from engine.api.operations import ApiCall, Resource
 from engine.api.pagination import Page, PageQuery, to_page
 from engine.campaigns.recipients_csv import RecipientsFileError
@@ -24,7 +24,6 @@ resource = Resource(
 )
 
 Reason = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00]*$")]
-Region = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
 
 
 class DoNotCallQuery(PageQuery):
