@@ -369,7 +369,9 @@ async def test_nobody_listening_costs_no_published_audio(engines: Engines, db_ur
         await conn.execute("SELECT 1")  # NOTIFYs sent before this have reached the connection
     finally:
         await conn.close()
-    assert result.media_frames_sent >= 100
+    # Audio flowed both ways (how many caller frames depends on the machine: the simulator keeps real time, skipping
+    # frames when its loop stalls), and none of it was published.
+    assert result.media_frames_sent > 0 and result.utterances, "no audio flowed"
     assert published == []
 
 
