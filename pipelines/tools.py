@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from config.text import storable_text
 from media.dtmf import DIGITS_PATTERN
@@ -145,6 +147,20 @@ class _FunctionPart(_Strict):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
     description: str = ""
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, parameters: dict[str, Any]) -> dict[str, Any]:
+        # OpenAI refuses a request whose function's parameters are not a JSON Schema of an object, and so every
+        # reply of the call's model: refused where the Tool is saved, and named where a call reads it.
+        if parameters.get("type") != "object":
+            raise ValueError('must be a JSON Schema of an object ({"type": "object", "properties": {...}})')
+        try:
+            Draft202012Validator.check_schema(parameters)
+        except SchemaError as exc:
+            at = "/".join(map(str, exc.path))
+            raise ValueError(f"is not a JSON Schema: {exc.message}{f' (at {at})' if at else ''}") from None
+        return parameters
 
 
 class _WebhookPart(_Strict):

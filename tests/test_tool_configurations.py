@@ -40,6 +40,15 @@ BAD = [
         "configuration.webhook.timeoutSeconds",
     ),
     ({**GOOD, "webhook": {"url": "https://crm.example.com", "retries": 3}}, "configuration.webhook.retries"),
+    # OpenAI refuses a function whose parameters are not a JSON Schema of an object, and with it every request.
+    (
+        {**GOOD, "function": {"name": "book", "parameters": {"type": "array", "items": {}}}},
+        "configuration.function.parameters",
+    ),
+    (
+        {**GOOD, "function": {"name": "book", "parameters": {"type": "object", "properties": {"day": {"type": 7}}}}},
+        "configuration.function.parameters",
+    ),
 ]
 
 
